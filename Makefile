@@ -1,0 +1,15 @@
+PYTHON ?= python3
+
+.PHONY: setup demo test lint
+
+setup:
+	PYTHON=$(PYTHON) bash scripts/setup.sh
+
+demo: setup
+	$(PYTHON) -m opinionpool.demo
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+
+lint:
+	$(PYTHON) -m ruff check opinionpool tests benchmarks

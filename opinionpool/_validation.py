@@ -1,0 +1,89 @@
+"""Argument checks shared by the whole library.
+
+Every public entry point validates its inputs before doing any work, raising ``ValueError`` with a
+message that names the argument and shows the offending value. Checks synchronise with the device
+(they read tensor values), so they can be switched off globally for speed, as with
+``torch.distributions.Distribution.set_default_validate_args``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_VALIDATE = True
+
+
+def set_validate_args(value: bool) -> None:
+    """Switch argument validation on or off for every call that does not set ``validate_args``."""
+    global _VALIDATE
+    _VALIDATE = bool(value)
+
+
+def validation_enabled(validate_args: bool | None = None) -> bool:
+    return _VALIDATE if validate_args is None else bool(validate_args)
+
+
+def describe(value: torch.Tensor, mask: torch.Tensor | None = None) -> str:
+    """A short description of the offending entries of ``value`` (``mask`` marks them)."""
+    value = value.detach()
+    if mask is None:
+        mask = torch.ones_like(value, dtype=torch.bool)
+    bad = value[mask]
+    shown = ", ".join(f"{v:.6g}" for v in bad.flatten()[:4].tolist())
+    extra = f" (and {bad.numel() - 4} more)" if bad.numel() > 4 else ""
+    where = ""
+    if value.dim() > 0:
+        first = tuple(int(i) for i in mask.nonzero()[0].tolist())
+        where = f" first at index {first}"
+    return f"[{shown}]{extra}{where}"
+
+
+def check_finite(name: str, value: torch.Tensor) -> None:
+    bad = ~torch.isfinite(value)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be finite, got non-finite values {describe(value, bad)}")
+
+
+def check_positive(name: str, value: torch.Tensor) -> None:
+    bad = ~(value > 0) | torch.isinf(value)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be positive and finite, got {describe(value, bad)}")
+
+
+def check_in_open_unit_interval(name: str, value: torch.Tensor) -> None:
+    bad = ~((value > 0) & (value < 1))
+    if bool(bad.any()):
+        raise ValueError(f"{name} must lie in (0, 1), got {describe(value, bad)}")
+
+
+def check_probabilities(name: str, value: torch.Tensor) -> None:
+    bad = ~((value >= 0) & (value <= 1))
+    if bool(bad.any()):
+        raise ValueError(f"{name} must lie in [0, 1], got {describe(value, bad)}")
+
+
+def check_weights(name: str, weights: torch.Tensor, num_experts: int) -> None:
+    """Non-negative, finite weights over the last dimension, not all zero, of the right length."""
+    if weights.dim() == 0 or weights.shape[-1] != num_experts:
+        raise ValueError(
+            f"{name} must have {num_experts} entries in its last dimension (one per expert), "
+            f"got shape {tuple(weights.shape)}"
+        )
+    bad = ~(weights >= 0) | torch.isinf(weights)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be non-negative and finite, got {describe(weights, bad)}")
+    all_zero = (weights == 0).all(dim=-1)
+    if bool(all_zero.any()):
+        first = tuple(int(i) for i in all_zero.nonzero()[0].tolist()) if all_zero.dim() else ()
+        raise ValueError(f"{name} must not be all zero (all-zero weight vector at batch index {first})")
+
+
+def check_alpha(alpha) -> float:
+    """Hölder exponents are real numbers or +-inf; NaN and non-numbers are rejected."""
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be a real number, got {alpha!r}") from None
+    if value != value:
+        raise ValueError(f"alpha must be a real number, got {alpha!r}")
+    return value

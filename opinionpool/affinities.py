@@ -1,0 +1,122 @@
+r"""Closed-form affinities and divergences between experts of one exponential family.
+
+For :math:`a \in (0, 1)` the Chernoff coefficient is
+:math:`C_a(p, q) = \int p^a q^{1-a} = \exp(A(a\eta_p + (1-a)\eta_q) - aA(\eta_p) - (1-a)A(\eta_q))`,
+computed by each family's ``combine`` (Gaussians analytically cancel the large terms). Everything
+is returned in log-space where it can underflow, batched over the experts' batch shapes, and
+differentiable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributions import kl_divergence as torch_kl
+
+from ._validation import check_weights, validation_enabled
+from .experts import as_experts
+from .families import MultivariateNormalFamily
+from .families.gaussian import _DiagonalGaussianBase
+
+
+def _pair(p, q):
+    experts = as_experts([p, q])
+    return experts.family, experts.params, experts.expert_dim
+
+
+def log_multi_chernoff_coefficient(experts, weights, validate_args=None) -> torch.Tensor:
+    r""":math:`\log\int\prod_j q_j^{w_j}` for weights :math:`w_j \ge 0` summing to one."""
+    experts = as_experts(experts, validate_args)
+    params = experts.params
+    w = torch.as_tensor(weights, dtype=params.dtype, device=params.device)
+    if validation_enabled(validate_args):
+        check_weights("weights", w, experts.num_experts)
+        total = w.sum(-1)
+        if not bool(torch.allclose(total, torch.ones_like(total), atol=1e-6)):
+            raise ValueError(f"weights must sum to one, got sums {total.detach().flatten()[:4].tolist()}")
+    log_w = torch.where(w > 0, torch.log(torch.where(w > 0, w, torch.ones_like(w))), -math.inf)
+    batch = torch.broadcast_shapes(experts.batch_shape, log_w.shape[:-1])
+    params = params.expand(batch + params.shape[experts.expert_dim:])
+    _, log_c = experts.family.combine(params.unsqueeze(len(batch)),
+                                      log_w.expand(batch + (experts.num_experts,)).unsqueeze(-2))
+    return log_c.squeeze(-1)
+
+
+def log_chernoff_coefficient(p, q, a: float = 0.5) -> torch.Tensor:
+    r""":math:`\log\int p^a q^{1-a}`. For ``a`` outside ``[0, 1]`` the integral may diverge, which raises."""
+    a = float(a)
+    if a != a:
+        raise ValueError(f"a must be a real number, got {a!r}")
+    if 0 < a < 1:
+        return log_multi_chernoff_coefficient([p, q], [a, 1 - a], validate_args=False)
+    family, params, k = _pair(p, q)
+    if a in (0.0, 1.0):
+        return torch.zeros(params.shape[:k], dtype=params.dtype, device=params.device)
+    eta = family.to_natural(params)
+    eta_p, eta_q = eta.select(k, 0), eta.select(k, 1)
+    combined = a * eta_p + (1 - a) * eta_q
+    if not bool(family.natural_domain(combined).all()):
+        raise ValueError(f"the Chernoff integral of order a={a} diverges for these {family.name} experts "
+                         "(a * eta_p + (1 - a) * eta_q leaves the natural parameter space)")
+    return (family.log_normalizer(combined) - a * family.log_normalizer(eta_p)
+            - (1 - a) * family.log_normalizer(eta_q))
+
+
+def log_bhattacharyya_coefficient(p, q) -> torch.Tensor:
+    r"""Log Hellinger affinity :math:`\log\int\sqrt{pq}`."""
+    return log_chernoff_coefficient(p, q, 0.5)
+
+
+def bhattacharyya_coefficient(p, q) -> torch.Tensor:
+    return log_bhattacharyya_coefficient(p, q).exp()
+
+
+def hellinger_distance(p, q) -> torch.Tensor:
+    r""":math:`H(p, q) = \sqrt{1 - \int\sqrt{pq}}` (so that :math:`0 \le H \le 1`)."""
+    return torch.sqrt((-torch.expm1(log_bhattacharyya_coefficient(p, q))).clamp_min(0))
+
+
+def kl_divergence(p, q) -> torch.Tensor:
+    r""":math:`KL(p\|q)` in Bregman form :math:`A(\eta_q) - A(\eta_p) - \langle\eta_q-\eta_p, \nabla A(\eta_p)\rangle`
+    (Gaussians use the algebraically equal form without large cancelling terms)."""
+    family, params, k = _pair(p, q)
+    params_p, params_q = params.select(k, 0), params.select(k, 1)
+    if isinstance(family, _DiagonalGaussianBase):
+        loc_p, lv_p = family.split(params_p)
+        loc_q, lv_q = family.split(params_q)
+        ratio = lv_p - lv_q
+        kl = 0.5 * (torch.expm1(ratio) - ratio + (loc_p - loc_q) ** 2 * torch.exp(-lv_q))
+        return kl.sum(-1) if family.num_features else kl
+    if isinstance(family, MultivariateNormalFamily):
+        return torch_kl(family.distribution(params_p), family.distribution(params_q))
+    eta_p, eta_q = family.to_natural(params_p), family.to_natural(params_q)
+    return (family.log_normalizer(eta_q) - family.log_normalizer(eta_p)
+            - ((eta_q - eta_p) * family.mean_parameters(eta_p)).sum(-1))
+
+
+def renyi_divergence(p, q, a: float) -> torch.Tensor:
+    r"""Rényi divergence of order ``a``: :math:`\frac{1}{a-1}\log\int p^a q^{1-a}` (``a = 1`` is KL)."""
+    if float(a) == 1.0:
+        return kl_divergence(p, q)
+    if not float(a) > 0:
+        raise ValueError(f"the Rényi order a must be positive, got {a!r}")
+    return log_chernoff_coefficient(p, q, a) / (float(a) - 1)
+
+
+def amari_alpha_divergence(p, q, a: float) -> torch.Tensor:
+    r"""Amari :math:`\alpha`-divergence :math:`\frac{1 - \int p^a q^{1-a}}{a(1-a)}`; ``a=1`` is
+    :math:`KL(p\|q)` and ``a=0`` is :math:`KL(q\|p)`; ``a=1/2`` is four times the squared Hellinger distance."""
+    a = float(a)
+    if a == 1.0:
+        return kl_divergence(p, q)
+    if a == 0.0:
+        return kl_divergence(q, p)
+    return -torch.expm1(log_chernoff_coefficient(p, q, a)) / (a * (1 - a))
+
+
+__all__ = [
+    "log_multi_chernoff_coefficient", "log_chernoff_coefficient", "log_bhattacharyya_coefficient",
+    "bhattacharyya_coefficient", "hellinger_distance", "kl_divergence", "renyi_divergence",
+    "amari_alpha_divergence",
+]

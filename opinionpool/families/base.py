@@ -1,0 +1,263 @@
+r"""The exponential-family interface every expert family implements.
+
+A family is a set of densities :math:`q_\eta(z) = h(z)\exp(\eta^\top T(z) - A(\eta))` with fixed
+structure (event shape, a Binomial ``total_count`` ...). Each expert is stored as a *parameter
+tensor* of shape ``batch_shape + param_shape``; for most families that tensor is the natural
+parameter :math:`\eta` itself, while Gaussian families store ``(loc, log variance)`` or
+``(loc, precision)`` so that every pooling formula can be evaluated in log-space without the
+catastrophic cancellations of :math:`A(\eta)` differences.
+
+Everything pooling needs is derived from the log-normaliser:
+
+* ``combine`` gives the *geometric* combination :math:`\prod_j q_j^{w_j}` of experts as a family
+  member plus the log multi-expert Chernoff coefficient :math:`\log\int\prod_j q_j^{w_j}`;
+* ``mean_parameters`` is :math:`\nabla A(\eta) = E[T(z)]` (autograd unless a family overrides it);
+* ``natural_from_mean`` inverts it (closed form where one exists, otherwise damped Newton);
+* ``moment_match`` projects a mixture of family members back onto the family (the M-projection,
+  which matches :math:`E[T(z)]`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._validation import describe
+
+
+def _expand_weights(log_weights: torch.Tensor, num_trailing: int) -> torch.Tensor:
+    return log_weights.reshape(log_weights.shape + (1,) * num_trailing)
+
+
+def weighted_sum(log_weights: torch.Tensor, values: torch.Tensor, dim: int) -> torch.Tensor:
+    """``sum_k exp(log_weights_k) * values_k`` where zero weights contribute exactly zero.
+
+    ``log_weights`` has the reduced dimension last; ``values`` has it at ``dim`` followed by
+    trailing dimensions. Zero weights multiply possibly infinite placeholders, hence the ``where``.
+    """
+    dim = dim % values.dim()
+    w = _expand_weights(log_weights.exp(), values.dim() - dim - 1)
+    return torch.where(w > 0, w * values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(dim)
+
+
+class ExponentialFamily:
+    """Base class of expert families. Subclasses describe one family with fixed structure."""
+
+    name = "exponential family"
+    #: whether the family has numeric moments (mean/variance of z), e.g. not Categorical
+    has_numeric_moments = True
+    #: whether z is a continuous vector whose covariance matrix is meaningful
+    multivariate = False
+
+    def __init__(self, event_shape=(), param_shape=(1,)):
+        self.event_shape = torch.Size(event_shape)
+        self.param_shape = torch.Size(param_shape)
+
+    # ----------------------------------------------------------------- identity
+    def _key(self) -> tuple:
+        return ()
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._key()))
+
+    def __repr__(self) -> str:
+        key = ", ".join(str(k) for k in self._key())
+        return f"{type(self).__name__}({key})"
+
+    # ------------------------------------------------------- natural structure
+    def to_natural(self, params: torch.Tensor) -> torch.Tensor:
+        """Natural parameters, flattened to ``batch_shape + (p,)``."""
+        return params
+
+    def from_natural(self, natural: torch.Tensor) -> torch.Tensor:
+        return natural
+
+    def log_normalizer(self, natural: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sufficient_statistic(self, value: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_base_measure(self, value: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def natural_domain(self, natural: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of natural parameters inside the (open, convex) natural parameter space."""
+        return torch.isfinite(self.log_normalizer(natural)) & torch.isfinite(natural).all(-1)
+
+    def mean_parameters(self, natural: torch.Tensor) -> torch.Tensor:
+        r""":math:`\nabla A(\eta) = E[T(z)]`, by automatic differentiation of the log-normaliser."""
+        with torch.enable_grad():
+            eta = natural if natural.requires_grad else natural.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(
+                self.log_normalizer(eta).sum(), eta, create_graph=natural.requires_grad
+            )
+        return grad
+
+    def natural_from_mean(self, mean_params: torch.Tensor, init: torch.Tensor | None = None,
+                          tol: float | None = None, max_iter: int = 100) -> torch.Tensor:
+        """Inverse of ``mean_parameters`` by damped Newton on the convex ``A(eta) - <eta, m>``.
+
+        ``init`` must lie in the natural parameter space (pools start from the mixture-weighted
+        average of their components' natural parameters, which does by convexity). The result is
+        differentiable in ``mean_params`` through one final Newton step (implicit function theorem).
+        """
+        if init is None:
+            raise ValueError(f"{self.name}: natural_from_mean needs an initial natural parameter `init`")
+        return newton_inverse(self, mean_params, init, tol=tol, max_iter=max_iter)
+
+    # -------------------------------------------------------------- densities
+    def log_prob(self, params: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        eta = self.to_natural(params)
+        return (self.log_base_measure(value) + (eta * self.sufficient_statistic(value)).sum(-1)
+                - self.log_normalizer(eta))
+
+    def distribution(self, params: torch.Tensor):
+        """The ``torch.distributions`` object (or equivalent) for ``params``."""
+        raise NotImplementedError
+
+    def params_from_distribution(self, dist) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def match(cls, dist) -> ExponentialFamily | None:
+        """The family instance ``dist`` belongs to, or ``None``."""
+        return None
+
+    def check_params(self, params: torch.Tensor, name: str) -> None:
+        """Raise ``ValueError`` naming ``name`` if some parameters are outside the family."""
+        eta = self.to_natural(params)
+        bad = ~self.natural_domain(eta)
+        if bool(bad.any()):
+            raise ValueError(f"{name}: natural parameters outside the {self.name} parameter space at "
+                             f"{describe(eta.reshape(bad.shape + (-1,))[..., 0], bad)}")
+
+    # ---------------------------------------------------------------- pooling
+    def combine(self, params: torch.Tensor, log_weights: torch.Tensor):
+        r"""Geometric combinations of experts.
+
+        ``params``: ``(..., C, S) + param_shape``, S experts per combination; ``log_weights``:
+        ``(..., C, S)``, rows summing to one (``-inf`` for an unused slot). Returns the parameters of
+        the normalised family member :math:`\propto \prod_s q_s^{w_s}`, shape
+        ``(..., C) + param_shape``, and :math:`\log \int \prod_s q_s^{w_s}`, shape ``(..., C)``.
+        """
+        eta = self.to_natural(params)
+        combined = weighted_sum(log_weights, eta, dim=-2)
+        log_norm = self.log_normalizer(eta)
+        log_c = self.log_normalizer(combined) - weighted_sum(log_weights, log_norm, dim=-1)
+        return self.from_natural(combined), log_c
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        return self.distribution(params).mean
+
+    def variance(self, params: torch.Tensor) -> torch.Tensor:
+        return self.distribution(params).variance
+
+    def _require_numeric_moments(self):
+        if not self.has_numeric_moments:
+            raise ValueError(f"{self.name} experts have no numeric mean or variance; "
+                             "use moment_match() for the pooled distribution")
+
+    def mixture_mean(self, log_pi: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Mean of the mixture with log-weights ``log_pi`` (``(..., C)``) and components ``params``."""
+        self._require_numeric_moments()
+        means = self.mean(params)
+        return shifted_weighted_mean(log_pi, means, dim=log_pi.dim() - 1)
+
+    def mixture_variance(self, log_pi: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Within-plus-between variance of the mixture, never E[z^2] - E[z]^2."""
+        self._require_numeric_moments()
+        k = log_pi.dim() - 1
+        means = self.mean(params)
+        mean = shifted_weighted_mean(log_pi, means, dim=k)
+        dev = means - mean.unsqueeze(k)
+        return weighted_sum(log_pi, self.variance(params) + dev * dev, dim=k)
+
+    def mixture_covariance(self, log_pi: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"{self.name} experts are not multivariate continuous; use mixture_variance")
+
+    def moment_match(self, log_pi: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Parameters of the family member with the mixture's expected sufficient statistics."""
+        k = log_pi.dim() - 1
+        eta = self.to_natural(params)
+        target = weighted_sum(log_pi, self.mean_parameters(eta), dim=k)
+        init = weighted_sum(log_pi, eta, dim=k)
+        return self.from_natural(self.natural_from_mean(target, init=init))
+
+    def sample(self, params: torch.Tensor, sample_shape=torch.Size()) -> torch.Tensor:
+        return self.distribution(params).sample(sample_shape)
+
+
+def shifted_weighted_mean(log_pi: torch.Tensor, values: torch.Tensor, dim: int) -> torch.Tensor:
+    """``sum_k pi_k values_k`` computed around the heaviest component.
+
+    Shifting by a reference value makes a single component (or identical components) come out
+    bit-exact, whereas ``sum_k pi_k v_k`` rounds through ``sum_k pi_k != 1``.
+    """
+    dim = dim % values.dim()
+    num_trailing = values.dim() - dim - 1
+    heaviest = log_pi.argmax(dim=-1, keepdim=True)
+    index = heaviest.reshape(heaviest.shape + (1,) * num_trailing).expand(
+        values.shape[:dim] + (1,) + values.shape[dim + 1:])
+    reference = values.gather(dim, index)
+    total = weighted_sum(log_pi, torch.ones_like(log_pi), dim=-1)
+    spread = weighted_sum(log_pi, values - reference, dim=dim)
+    return reference.squeeze(dim) + spread / _expand_weights(total, num_trailing)
+
+
+def newton_inverse(family: ExponentialFamily, mean_params: torch.Tensor, init: torch.Tensor,
+                   tol: float | None = None, max_iter: int = 100) -> torch.Tensor:
+    """Solve ``family.mean_parameters(eta) = mean_params`` by damped (backtracking) Newton."""
+    target = mean_params.detach()
+    shape = target.shape
+    p = shape[-1]
+    target = target.reshape(-1, p)
+    eta = init.detach().expand(shape).reshape(-1, p).clone()
+    if tol is None:
+        tol = 1e-11 if target.dtype == torch.float64 else 2e-5
+
+    def objective(x):
+        value = family.log_normalizer(x) - (x * target).sum(-1)
+        return torch.where(family.natural_domain(x), value, torch.full_like(value, float("inf")))
+
+    residual = None
+    for _ in range(max_iter):
+        with torch.enable_grad():
+            x = eta.requires_grad_(True)
+            grad = family.mean_parameters(x)
+            residual = grad - target
+            jac = torch.stack([torch.autograd.grad(residual[:, i].sum(), x, retain_graph=True)[0]
+                               for i in range(p)], dim=-2)
+        residual = residual.detach()
+        eta = eta.detach()
+        scale = 1.0 + target.abs().amax(-1)
+        if bool((residual.abs().amax(-1) <= tol * scale).all()):
+            break
+        step = torch.linalg.solve(jac.detach(), residual.unsqueeze(-1)).squeeze(-1)
+        f0 = objective(eta)
+        slope = (residual * step).sum(-1)
+        t = torch.ones(eta.shape[0], dtype=eta.dtype, device=eta.device)
+        for _ in range(60):
+            candidate = eta - t.unsqueeze(-1) * step
+            accepted = objective(candidate) <= f0 - 1e-4 * t * slope + 1e-12 * f0.abs()
+            if bool(accepted.all()):
+                break
+            t = torch.where(accepted, t, t / 2)
+        eta = torch.where(accepted.unsqueeze(-1), candidate, eta)
+    else:
+        worst = residual.abs().amax(-1).max().item() if residual is not None else float("nan")
+        raise RuntimeError(f"{family.name}: mean-to-natural Newton solve did not converge in {max_iter} "
+                           f"iterations (largest residual {worst:.3g})")
+    eta = eta.reshape(shape)
+    if not mean_params.requires_grad:
+        return eta
+    # One Newton step with the graph attached gives d eta / d m = (Hessian of A)^-1.
+    with torch.enable_grad():
+        x = eta.detach().reshape(-1, p).requires_grad_(True)
+        grad = family.mean_parameters(x)
+        jac = torch.stack([torch.autograd.grad(grad[:, i].sum(), x, retain_graph=True)[0]
+                           for i in range(p)], dim=-2)
+    correction = torch.linalg.solve(jac.detach(), (grad.detach() - mean_params.reshape(-1, p)).unsqueeze(-1))
+    return (x.detach() - correction.squeeze(-1)).reshape(shape)

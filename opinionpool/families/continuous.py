@@ -1,0 +1,251 @@
+"""Non-Gaussian continuous families, parametrised by their natural parameters.
+
+=============  ====================  ====================  ==================================
+family         natural eta           statistic T(z)        log-normaliser A(eta)
+=============  ====================  ====================  ==================================
+Exponential    -rate                 z                     -log(-eta)
+Gamma          (a - 1, -rate)        (log z, z)            lgamma(a) - a log(rate)
+Beta           (a - 1, b - 1)        (log z, log(1 - z))   lgamma(a) + lgamma(b) - lgamma(a+b)
+Dirichlet      alpha - 1             log z                 sum lgamma(alpha) - lgamma(sum alpha)
+VonMises       kappa (cos m, sin m)  (cos z, sin z)        log(2 pi I0(kappa))
+=============  ====================  ====================  ==================================
+
+All base measures are 1 (Lebesgue on the support). Gamma, Beta, Dirichlet and VonMises have no
+closed-form inverse mean map; it is solved by the damped Newton iteration of the base class.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributions import Beta, Dirichlet, Exponential, Gamma, VonMises
+
+from .._validation import check_positive
+from .base import ExponentialFamily, weighted_sum
+
+
+def _zeros(value, shape):
+    return torch.zeros(shape, dtype=value.dtype, device=value.device)
+
+
+class ExponentialDistFamily(ExponentialFamily):
+    name = "Exponential"
+
+    def __init__(self):
+        super().__init__(event_shape=(), param_shape=(1,))
+
+    @classmethod
+    def match(cls, dist):
+        return cls() if type(dist) is Exponential else None
+
+    def params_from_distribution(self, dist):
+        check_positive("Exponential rate", dist.rate)
+        return (-dist.rate).unsqueeze(-1)
+
+    def distribution(self, params):
+        return Exponential(-params[..., 0], validate_args=False)
+
+    def log_normalizer(self, natural):
+        return -torch.log(-natural[..., 0])
+
+    def natural_domain(self, natural):
+        return natural[..., 0] < 0
+
+    def sufficient_statistic(self, value):
+        return value.unsqueeze(-1)
+
+    def log_base_measure(self, value):
+        return _zeros(value, value.shape)
+
+    def mean_parameters(self, natural):
+        return -1 / natural
+
+    def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
+        return -1 / mean_params
+
+
+class GammaFamily(ExponentialFamily):
+    name = "Gamma"
+
+    def __init__(self):
+        super().__init__(event_shape=(), param_shape=(2,))
+
+    @classmethod
+    def match(cls, dist):
+        return cls() if type(dist) is Gamma else None
+
+    def params_from_distribution(self, dist):
+        check_positive("Gamma concentration", dist.concentration)
+        check_positive("Gamma rate", dist.rate)
+        return torch.stack((dist.concentration - 1, -dist.rate), dim=-1)
+
+    def distribution(self, params):
+        return Gamma(params[..., 0] + 1, -params[..., 1], validate_args=False)
+
+    def log_normalizer(self, natural):
+        a, rate = natural[..., 0] + 1, -natural[..., 1]
+        return torch.lgamma(a) - a * torch.log(rate)
+
+    def natural_domain(self, natural):
+        return (natural[..., 0] > -1) & (natural[..., 1] < 0)
+
+    def sufficient_statistic(self, value):
+        return torch.stack((torch.log(value), value), dim=-1)
+
+    def log_base_measure(self, value):
+        return _zeros(value, value.shape)
+
+    def mean_parameters(self, natural):
+        a, rate = natural[..., 0] + 1, -natural[..., 1]
+        return torch.stack((torch.digamma(a) - torch.log(rate), a / rate), dim=-1)
+
+
+class BetaFamily(ExponentialFamily):
+    name = "Beta"
+
+    def __init__(self):
+        super().__init__(event_shape=(), param_shape=(2,))
+
+    @classmethod
+    def match(cls, dist):
+        return cls() if type(dist) is Beta else None
+
+    def params_from_distribution(self, dist):
+        check_positive("Beta concentration1", dist.concentration1)
+        check_positive("Beta concentration0", dist.concentration0)
+        return torch.stack((dist.concentration1 - 1, dist.concentration0 - 1), dim=-1)
+
+    def distribution(self, params):
+        return Beta(params[..., 0] + 1, params[..., 1] + 1, validate_args=False)
+
+    def log_normalizer(self, natural):
+        a, b = natural[..., 0] + 1, natural[..., 1] + 1
+        return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
+
+    def natural_domain(self, natural):
+        return (natural > -1).all(-1)
+
+    def sufficient_statistic(self, value):
+        return torch.stack((torch.log(value), torch.log1p(-value)), dim=-1)
+
+    def log_base_measure(self, value):
+        return _zeros(value, value.shape)
+
+    def mean_parameters(self, natural):
+        a, b = natural[..., 0] + 1, natural[..., 1] + 1
+        total = torch.digamma(a + b)
+        return torch.stack((torch.digamma(a) - total, torch.digamma(b) - total), dim=-1)
+
+
+class DirichletFamily(ExponentialFamily):
+    name = "Dirichlet"
+    multivariate = True
+
+    def __init__(self, num_categories: int):
+        super().__init__(event_shape=(num_categories,), param_shape=(num_categories,))
+        self.num_categories = num_categories
+
+    def _key(self):
+        return (self.num_categories,)
+
+    @classmethod
+    def match(cls, dist):
+        return cls(dist.event_shape[-1]) if type(dist) is Dirichlet else None
+
+    def params_from_distribution(self, dist):
+        check_positive("Dirichlet concentration", dist.concentration)
+        return dist.concentration - 1
+
+    def distribution(self, params):
+        return Dirichlet(params + 1, validate_args=False)
+
+    def log_normalizer(self, natural):
+        alpha = natural + 1
+        return torch.lgamma(alpha).sum(-1) - torch.lgamma(alpha.sum(-1))
+
+    def natural_domain(self, natural):
+        return (natural > -1).all(-1)
+
+    def sufficient_statistic(self, value):
+        return torch.log(value)
+
+    def log_base_measure(self, value):
+        return _zeros(value, value.shape[:-1])
+
+    def mean_parameters(self, natural):
+        alpha = natural + 1
+        return torch.digamma(alpha) - torch.digamma(alpha.sum(-1, keepdim=True))
+
+    def mixture_covariance(self, log_pi, params):
+        k = log_pi.dim() - 1
+        dist = self.distribution(params)
+        mean = dist.mean
+        conc = params + 1
+        total = conc.sum(-1, keepdim=True)
+        cov = (torch.diag_embed(mean) - mean.unsqueeze(-1) * mean.unsqueeze(-2)) / (total + 1).unsqueeze(-1)
+        mixture_mean = weighted_sum(log_pi, mean, dim=k)
+        dev = mean - mixture_mean.unsqueeze(k)
+        return weighted_sum(log_pi, cov + dev.unsqueeze(-1) * dev.unsqueeze(-2), dim=k)
+
+
+class VonMisesFamily(ExponentialFamily):
+    """Circular experts. ``mean`` is the circular mean and ``variance`` the circular variance
+    ``1 - |E[exp(i z)]|``, as in ``torch.distributions.VonMises``."""
+
+    name = "VonMises"
+
+    def __init__(self):
+        super().__init__(event_shape=(), param_shape=(2,))
+
+    @classmethod
+    def match(cls, dist):
+        return cls() if type(dist) is VonMises else None
+
+    def params_from_distribution(self, dist):
+        check_positive("VonMises concentration", dist.concentration)
+        return torch.stack((dist.concentration * torch.cos(dist.loc), dist.concentration * torch.sin(dist.loc)), -1)
+
+    @staticmethod
+    def _polar(natural):
+        kappa = torch.linalg.vector_norm(natural, dim=-1)
+        return torch.atan2(natural[..., 1], natural[..., 0]), kappa
+
+    def distribution(self, params):
+        loc, kappa = self._polar(params)
+        return VonMises(loc, kappa, validate_args=False)
+
+    def log_normalizer(self, natural):
+        kappa = torch.linalg.vector_norm(natural, dim=-1)
+        return math.log(2 * math.pi) + torch.log(torch.special.i0e(kappa)) + kappa
+
+    def natural_domain(self, natural):
+        return torch.isfinite(natural).all(-1)
+
+    def sufficient_statistic(self, value):
+        return torch.stack((torch.cos(value), torch.sin(value)), dim=-1)
+
+    def log_base_measure(self, value):
+        return _zeros(value, value.shape)
+
+    def mean_parameters(self, natural):
+        kappa = torch.linalg.vector_norm(natural, dim=-1, keepdim=True)
+        safe = kappa.clamp_min(1e-6)
+        ratio = torch.special.i1e(safe) / torch.special.i0e(safe) / safe
+        # I1(k)/(k I0(k)) -> 1/2 as k -> 0, where the gradient of A is eta / 2
+        factor = torch.where(kappa > 1e-6, ratio, torch.full_like(ratio, 0.5))
+        return factor * natural
+
+    def mean(self, params):
+        return self._polar(params)[0]
+
+    def variance(self, params):
+        return 1 - torch.linalg.vector_norm(self.mean_parameters(params), dim=-1)
+
+    def mixture_mean(self, log_pi, params):
+        m = weighted_sum(log_pi, self.mean_parameters(params), dim=log_pi.dim() - 1)
+        return torch.atan2(m[..., 1], m[..., 0])
+
+    def mixture_variance(self, log_pi, params):
+        m = weighted_sum(log_pi, self.mean_parameters(params), dim=log_pi.dim() - 1)
+        return 1 - torch.linalg.vector_norm(m, dim=-1)

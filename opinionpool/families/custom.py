@@ -1,0 +1,140 @@
+"""User-defined exponential families.
+
+A user supplies the log-normaliser (a torch function of the natural parameters), the sufficient
+statistic and the log base measure; mean parameters come from autograd of the log-normaliser and
+their inverse from the damped Newton solve of the base class. Experts of such a family are
+:class:`ExponentialFamilyDistribution` objects, accepted everywhere built-in experts are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.distributions import Distribution, constraints
+
+from .._validation import check_finite, validation_enabled
+from .base import ExponentialFamily
+
+
+class CustomFamily(ExponentialFamily):
+    """An exponential family defined by its log-normaliser.
+
+    Args:
+        log_normalizer: ``A(eta)``, maps ``(..., p)`` natural parameters to ``(...)``.
+        sufficient_statistic: ``T(z)``, maps values ``(...) + event_shape`` to ``(..., p)``.
+        log_base_measure: ``log h(z)``, maps values to ``(...)``.
+        num_params: ``p``, the length of the natural parameter vector.
+        event_shape: shape of one value ``z``.
+        natural_domain: optional predicate on ``eta`` (boolean ``(...)``); by default, where ``A`` is finite.
+        mean, variance: optional functions of ``eta`` giving the mean and variance of ``z``.
+        sampler: optional ``(eta, sample_shape) -> samples``.
+        name: used in messages and ``repr``.
+    """
+
+    def __init__(self, log_normalizer: Callable, sufficient_statistic: Callable, log_base_measure: Callable,
+                 num_params: int, event_shape=(), natural_domain: Callable | None = None,
+                 mean: Callable | None = None, variance: Callable | None = None,
+                 sampler: Callable | None = None, name: str = "custom exponential family"):
+        super().__init__(event_shape=event_shape, param_shape=(num_params,))
+        self._log_normalizer = log_normalizer
+        self._sufficient_statistic = sufficient_statistic
+        self._log_base_measure = log_base_measure
+        self._natural_domain = natural_domain
+        self._mean = mean
+        self._variance = variance
+        self._sampler = sampler
+        self.name = name
+        self.has_numeric_moments = mean is not None
+
+    def _key(self):
+        return (id(self),)
+
+    def __repr__(self):
+        return f"CustomFamily(name={self.name!r}, num_params={self.param_shape[0]})"
+
+    def log_normalizer(self, natural):
+        return self._log_normalizer(natural)
+
+    def sufficient_statistic(self, value):
+        return self._sufficient_statistic(value)
+
+    def log_base_measure(self, value):
+        return self._log_base_measure(value)
+
+    def natural_domain(self, natural):
+        if self._natural_domain is not None:
+            return self._natural_domain(natural)
+        return super().natural_domain(natural)
+
+    def expert(self, natural, validate_args=None) -> ExponentialFamilyDistribution:
+        """An expert (a ``torch.distributions.Distribution``) with natural parameters ``natural``."""
+        return ExponentialFamilyDistribution(self, natural, validate_args=validate_args)
+
+    def distribution(self, params):
+        return ExponentialFamilyDistribution(self, params, validate_args=False)
+
+    def mean(self, params):
+        if self._mean is None:
+            raise ValueError(f"{self.name}: no `mean` function was given to CustomFamily")
+        return self._mean(params)
+
+    def variance(self, params):
+        if self._variance is None:
+            raise ValueError(f"{self.name}: no `variance` function was given to CustomFamily")
+        return self._variance(params)
+
+    def sample(self, params, sample_shape=torch.Size()):
+        if self._sampler is None:
+            raise NotImplementedError(f"{self.name}: no `sampler` was given to CustomFamily")
+        return self._sampler(params, torch.Size(sample_shape))
+
+
+class ExponentialFamilyDistribution(Distribution):
+    """A member of any :class:`ExponentialFamily`, as a ``torch.distributions.Distribution``.
+
+    ``log_prob`` is ``log h(z) + <eta, T(z)> - A(eta)``; mean, variance and sampling are those the
+    family provides.
+    """
+
+    arg_constraints = {"params": constraints.real_vector}
+    has_rsample = False
+
+    def __init__(self, family: ExponentialFamily, params: torch.Tensor, validate_args=None):
+        self.family = family
+        self.params = params
+        n = len(family.param_shape)
+        if tuple(params.shape[params.dim() - n:]) != tuple(family.param_shape):
+            raise ValueError(f"params must end in the family's parameter shape {tuple(family.param_shape)}, "
+                             f"got shape {tuple(params.shape)}")
+        if validation_enabled(validate_args):
+            check_finite("params", params)
+            family.check_params(params, "params")
+        super().__init__(batch_shape=params.shape[: params.dim() - n], event_shape=family.event_shape,
+                         validate_args=False)
+
+    @property
+    def natural_params(self):
+        return self.family.to_natural(self.params)
+
+    def log_prob(self, value):
+        return self.family.log_prob(self.params, value)
+
+    @property
+    def mean(self):
+        return self.family.mean(self.params)
+
+    @property
+    def variance(self):
+        return self.family.variance(self.params)
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return self.family.sample(self.params, sample_shape)
+
+    def expand(self, batch_shape, _instance=None):
+        shape = torch.Size(batch_shape) + self.family.param_shape
+        return ExponentialFamilyDistribution(self.family, self.params.expand(shape), validate_args=False)
+
+    def __repr__(self):
+        return f"ExponentialFamilyDistribution(family={self.family!r}, batch_shape={tuple(self.batch_shape)})"

@@ -1,0 +1,189 @@
+"""Discrete families; every one has a closed-form inverse mean map.
+
+=============  =================  ============  ====================  ==================
+family         natural eta        T(z)          A(eta)                log h(z)
+=============  =================  ============  ====================  ==================
+Poisson        log rate           z             exp(eta)              -lgamma(z + 1)
+Bernoulli      logit              z             softplus(eta)         0
+Binomial(n)    logit              z             n softplus(eta)       log C(n, z)
+Categorical    log-probabilities  one-hot(z)    logsumexp(eta)        0
+=============  =================  ============  ====================  ==================
+
+Categorical uses the (non-minimal) normalised log-probabilities as natural parameters; the
+inverse mean map picks the representative with ``logsumexp(eta) = 0``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import Bernoulli, Binomial, Categorical, Poisson
+
+from .._validation import check_finite, check_positive, check_probabilities
+from .base import ExponentialFamily
+
+
+class PoissonFamily(ExponentialFamily):
+    name = "Poisson"
+
+    def __init__(self):
+        super().__init__(event_shape=(), param_shape=(1,))
+
+    @classmethod
+    def match(cls, dist):
+        return cls() if type(dist) is Poisson else None
+
+    def params_from_distribution(self, dist):
+        check_positive("Poisson rate", dist.rate)
+        return torch.log(dist.rate).unsqueeze(-1)
+
+    def distribution(self, params):
+        return Poisson(torch.exp(params[..., 0]), validate_args=False)
+
+    def log_normalizer(self, natural):
+        return torch.exp(natural[..., 0])
+
+    def sufficient_statistic(self, value):
+        return value.unsqueeze(-1)
+
+    def log_base_measure(self, value):
+        return -torch.lgamma(value + 1)
+
+    def mean_parameters(self, natural):
+        return torch.exp(natural)
+
+    def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
+        return torch.log(mean_params)
+
+
+class BernoulliFamily(ExponentialFamily):
+    name = "Bernoulli"
+
+    def __init__(self):
+        super().__init__(event_shape=(), param_shape=(1,))
+
+    @classmethod
+    def match(cls, dist):
+        return cls() if type(dist) is Bernoulli else None
+
+    def params_from_distribution(self, dist):
+        if "logits" in dist.__dict__:
+            check_finite("Bernoulli logits", dist.logits)
+        else:
+            check_probabilities("Bernoulli probs", dist.probs)
+        return dist.logits.unsqueeze(-1)
+
+    def distribution(self, params):
+        return Bernoulli(logits=params[..., 0], validate_args=False)
+
+    def log_normalizer(self, natural):
+        return F.softplus(natural[..., 0])
+
+    def sufficient_statistic(self, value):
+        return value.unsqueeze(-1)
+
+    def log_base_measure(self, value):
+        return torch.zeros_like(value)
+
+    def mean_parameters(self, natural):
+        return torch.sigmoid(natural)
+
+    def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
+        return torch.logit(mean_params)
+
+
+class BinomialFamily(ExponentialFamily):
+    """Binomial experts sharing one ``total_count``."""
+
+    name = "Binomial"
+
+    def __init__(self, total_count: int):
+        super().__init__(event_shape=(), param_shape=(1,))
+        self.total_count = int(total_count)
+
+    def _key(self):
+        return (self.total_count,)
+
+    @classmethod
+    def match(cls, dist):
+        if type(dist) is not Binomial:
+            return None
+        counts = torch.as_tensor(dist.total_count)
+        first = counts.flatten()[0]
+        if not bool((counts == first).all()) or first != first.round() or first < 0:
+            raise ValueError("Binomial experts must share one non-negative integer total_count, got "
+                             f"total_count={counts.unique().tolist()}")
+        return cls(int(first))
+
+    def params_from_distribution(self, dist):
+        if "logits" in dist.__dict__:
+            check_finite("Binomial logits", dist.logits)
+        else:
+            check_probabilities("Binomial probs", dist.probs)
+        return dist.logits.unsqueeze(-1)
+
+    def distribution(self, params):
+        return Binomial(self.total_count, logits=params[..., 0], validate_args=False)
+
+    def log_normalizer(self, natural):
+        return self.total_count * F.softplus(natural[..., 0])
+
+    def sufficient_statistic(self, value):
+        return value.unsqueeze(-1)
+
+    def log_base_measure(self, value):
+        n = self.total_count
+        return torch.lgamma(torch.full_like(value, n + 1.0)) - torch.lgamma(value + 1) - torch.lgamma(n - value + 1)
+
+    def mean_parameters(self, natural):
+        return self.total_count * torch.sigmoid(natural)
+
+    def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
+        return torch.logit(mean_params / self.total_count)
+
+
+class CategoricalFamily(ExponentialFamily):
+    name = "Categorical"
+    has_numeric_moments = False
+
+    def __init__(self, num_categories: int):
+        super().__init__(event_shape=(), param_shape=(num_categories,))
+        self.num_categories = num_categories
+
+    def _key(self):
+        return (self.num_categories,)
+
+    @classmethod
+    def match(cls, dist):
+        return cls(dist.logits.shape[-1]) if type(dist) is Categorical else None
+
+    def params_from_distribution(self, dist):
+        if "logits" in dist.__dict__:
+            check_finite("Categorical logits", dist.logits)
+        else:
+            check_probabilities("Categorical probs", dist.probs)
+        return dist.logits
+
+    def distribution(self, params):
+        return Categorical(logits=params, validate_args=False)
+
+    def log_normalizer(self, natural):
+        return torch.logsumexp(natural, dim=-1)
+
+    def natural_domain(self, natural):
+        return torch.isfinite(self.log_normalizer(natural))
+
+    def sufficient_statistic(self, value):
+        return F.one_hot(value.long(), self.num_categories).to(torch.get_default_dtype())
+
+    def log_base_measure(self, value):
+        return torch.zeros(value.shape, dtype=torch.get_default_dtype(), device=value.device)
+
+    def log_prob(self, params, value):
+        return self.distribution(params).log_prob(value)
+
+    def mean_parameters(self, natural):
+        return torch.softmax(natural, dim=-1)
+
+    def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
+        return torch.log(mean_params / mean_params.sum(-1, keepdim=True))

@@ -1,0 +1,371 @@
+r"""Gaussian families: scalar ``Normal``, diagonal ``Independent(Normal, 1)`` and full ``MultivariateNormal``.
+
+Diagonal Gaussians are stored as ``(loc, log variance)`` and every formula is written in terms of
+``log w_j - log var_j`` (a log precision weight), so that precisions of ``exp(30)``, means of
+``1e3`` and latent sizes of thousands stay finite and accurate in float32. For a geometric
+combination with weights :math:`w_j` (summing to one):
+
+.. math::
+    \tau = \sum_j w_j \tau_j,\quad \mu = \sum_j \omega_j \mu_j,\ \omega_j = w_j\tau_j/\tau,\quad
+    \log\!\int\!\prod_j q_j^{w_j} = -\tfrac12\sum_j w_j\tau_j(\mu_j-\mu)^2
+        - \tfrac12\bigl(\log\tau - \textstyle\sum_j w_j\log\tau_j\bigr)
+
+which is :math:`A(\bar\eta) - \sum_j w_j A(\eta_j)` with the cancellations done analytically.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributions import Independent, MultivariateNormal, Normal
+
+from .._validation import check_finite, check_positive
+from .base import ExponentialFamily, shifted_weighted_mean, weighted_sum
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch.Tensor, num_features: int):
+    """Geometric combination of diagonal Gaussians along dim ``-1 - num_features``.
+
+    Returns ``(loc, logvar)`` of the combination and the log Chernoff coefficient summed over the
+    ``num_features`` trailing feature dimensions.
+    """
+    k = loc.dim() - 1 - num_features
+    lw = log_weights.reshape(log_weights.shape + (1,) * num_features)
+    log_precision_weight = lw - logvar
+    log_precision = torch.logsumexp(log_precision_weight, dim=k)
+    log_omega = log_precision_weight - log_precision.unsqueeze(k)
+    omega = log_omega.exp()
+    mean = _shifted_mean_along(log_omega, loc, k)
+    dev = (loc - mean.unsqueeze(k)) * torch.exp(0.5 * log_precision).unsqueeze(k)
+    quad = (omega * dev * dev).sum(k)
+    w = lw.exp().expand_as(logvar)
+    weighted_logvar = torch.where(w > 0, w * logvar, torch.zeros((), dtype=loc.dtype, device=loc.device))
+    log_det = log_precision + weighted_logvar.sum(k)
+    log_c = -0.5 * (quad + log_det)
+    if num_features:
+        log_c = log_c.sum(tuple(range(-num_features, 0)))
+    return mean, -log_precision, log_c
+
+
+def _shifted_mean_along(log_w: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
+    """``sum_j w_j values_j`` along dim ``k`` (weights differ per trailing entry), around the heaviest."""
+    heaviest = log_w.argmax(dim=k, keepdim=True)
+    reference = values.gather(k, heaviest)
+    w = log_w.exp()
+    spread = torch.where(w > 0, w * (values - reference), torch.zeros((), dtype=values.dtype,
+                                                                     device=values.device)).sum(k)
+    return reference.squeeze(k) + spread / w.sum(k)
+
+
+def gaussian_mixture_moments(log_pi: torch.Tensor, loc: torch.Tensor, logvar: torch.Tensor, num_features: int):
+    """Mean and log variance of a mixture of diagonal Gaussians (components along dim ``log_pi.dim()-1``).
+
+    Variance as within-plus-between, rescaled by the largest component variance so neither tiny
+    nor huge variances under- or overflow.
+    """
+    k = log_pi.dim() - 1
+    lp = log_pi.reshape(log_pi.shape + (1,) * num_features)
+    mean = shifted_weighted_mean(log_pi, loc, dim=k)
+    scale = logvar.amax(dim=k, keepdim=True)
+    dev = (loc - mean.unsqueeze(k)) * torch.exp(-0.5 * scale)
+    pi = lp.exp()
+    scaled = (pi * (torch.exp(logvar - scale) + dev * dev)).sum(k)
+    return mean, scale.squeeze(k) + torch.log(scaled)
+
+
+class _DiagonalGaussianBase(ExponentialFamily):
+    """Shared implementation of scalar and diagonal Gaussians: params ``(..., 2, *features)``."""
+
+    num_features = 0
+
+    def split(self, params):
+        return params.select(-1 - self.num_features, 0), params.select(-1 - self.num_features, 1)
+
+    def join(self, loc, logvar):
+        return torch.stack((loc, logvar), dim=-1 - self.num_features)
+
+    def to_natural(self, params):
+        loc, logvar = self.split(params)
+        precision = torch.exp(-logvar)
+        eta = torch.stack((loc * precision, -0.5 * precision), dim=-1)
+        return eta.flatten(-1 - self.num_features) if self.num_features else eta
+
+    def from_natural(self, natural):
+        if self.num_features:
+            natural = natural.unflatten(-1, (-1, 2))
+        eta1, eta2 = natural[..., 0], natural[..., 1]
+        logvar = -torch.log(-2 * eta2)
+        return self.join(eta1 * torch.exp(logvar), logvar)
+
+    def log_normalizer(self, natural):
+        eta = natural.unflatten(-1, (-1, 2)) if self.num_features else natural.unsqueeze(-2)
+        a = -eta[..., 0] ** 2 / (4 * eta[..., 1]) - 0.5 * torch.log(-2 * eta[..., 1])
+        return a.sum(-1)
+
+    def natural_domain(self, natural):
+        eta = natural.unflatten(-1, (-1, 2)) if self.num_features else natural.unsqueeze(-2)
+        return ((eta[..., 1] < 0) & torch.isfinite(eta).all(-1)).all(-1)
+
+    def sufficient_statistic(self, value):
+        t = torch.stack((value, value * value), dim=-1)
+        return t.flatten(-2) if self.num_features else t
+
+    def log_base_measure(self, value):
+        d = value.shape[-1] if self.num_features else 1
+        return torch.full(value.shape[: value.dim() - self.num_features], -0.5 * d * _LOG_2PI,
+                          dtype=value.dtype, device=value.device)
+
+    def mean_parameters(self, natural):
+        params = self.from_natural(natural)
+        loc, logvar = self.split(params)
+        m = torch.stack((loc, loc * loc + torch.exp(logvar)), dim=-1)
+        return m.flatten(-2) if self.num_features else m
+
+    def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
+        m = mean_params.unflatten(-1, (-1, 2)) if self.num_features else mean_params
+        loc = m[..., 0]
+        precision = 1 / (m[..., 1] - loc * loc)
+        eta = torch.stack((loc * precision, -0.5 * precision), dim=-1)
+        return eta.flatten(-2) if self.num_features else eta
+
+    def check_params(self, params, name):
+        loc, logvar = self.split(params)
+        check_finite(f"{name} loc", loc)
+        check_finite(f"{name} log-variance", logvar)
+
+    def combine(self, params, log_weights):
+        loc, logvar = self.split(params)
+        mean, logvar_c, log_c = gaussian_combine(loc, logvar, log_weights, self.num_features)
+        return self.join(mean, logvar_c), log_c
+
+    def mean(self, params):
+        return self.split(params)[0]
+
+    def variance(self, params):
+        return torch.exp(self.split(params)[1])
+
+    def mixture_mean(self, log_pi, params):
+        return shifted_weighted_mean(log_pi, self.split(params)[0], dim=log_pi.dim() - 1)
+
+    def mixture_variance(self, log_pi, params):
+        loc, logvar = self.split(params)
+        return torch.exp(gaussian_mixture_moments(log_pi, loc, logvar, self.num_features)[1])
+
+    def moment_match(self, log_pi, params):
+        loc, logvar = self.split(params)
+        return self.join(*gaussian_mixture_moments(log_pi, loc, logvar, self.num_features))
+
+    def log_prob(self, params, value):
+        loc, logvar = self.split(params)
+        lp = -0.5 * ((value - loc) ** 2 * torch.exp(-logvar) + logvar + _LOG_2PI)
+        return lp.sum(-1) if self.num_features else lp
+
+
+class NormalFamily(_DiagonalGaussianBase):
+    """Scalar ``torch.distributions.Normal`` experts; params ``(..., 2)`` = ``(loc, log variance)``."""
+
+    name = "Normal"
+    num_features = 0
+
+    def __init__(self):
+        super().__init__(event_shape=(), param_shape=(2,))
+
+    @classmethod
+    def match(cls, dist):
+        return cls() if type(dist) is Normal else None
+
+    def params_from_distribution(self, dist):
+        check_finite("Normal loc", dist.loc)
+        check_positive("Normal scale", dist.scale)
+        return self.join(dist.loc, 2 * torch.log(dist.scale))
+
+    def distribution(self, params):
+        loc, logvar = self.split(params)
+        return Normal(loc, torch.exp(0.5 * logvar), validate_args=False)
+
+    def mixture_covariance(self, log_pi, params):
+        raise ValueError("Normal experts are scalar; use variance")
+
+
+class DiagonalNormalFamily(_DiagonalGaussianBase):
+    """``Independent(Normal, 1)`` experts of dimension ``dim``; params ``(..., 2, dim)``."""
+
+    name = "diagonal Normal"
+    num_features = 1
+    multivariate = True
+
+    def __init__(self, dim: int):
+        super().__init__(event_shape=(dim,), param_shape=(2, dim))
+        self.dim = dim
+
+    def _key(self):
+        return (self.dim,)
+
+    @classmethod
+    def match(cls, dist):
+        if isinstance(dist, Independent) and type(dist.base_dist) is Normal:
+            if dist.reinterpreted_batch_ndims != 1:
+                raise ValueError("Independent(Normal) experts must reinterpret exactly one batch dimension "
+                                 f"as the event, got reinterpreted_batch_ndims={dist.reinterpreted_batch_ndims}")
+            return cls(dist.event_shape[-1])
+        return None
+
+    def params_from_distribution(self, dist):
+        base = dist.base_dist
+        check_finite("Normal loc", base.loc)
+        check_positive("Normal scale", base.scale)
+        loc, scale = torch.broadcast_tensors(base.loc, base.scale)
+        return self.join(loc, 2 * torch.log(scale))
+
+    def distribution(self, params):
+        loc, logvar = self.split(params)
+        return Independent(Normal(loc, torch.exp(0.5 * logvar), validate_args=False), 1)
+
+    def mixture_covariance(self, log_pi, params):
+        k = log_pi.dim() - 1
+        loc, logvar = self.split(params)
+        mean = shifted_weighted_mean(log_pi, loc, dim=k)
+        dev = loc - mean.unsqueeze(k)
+        within = torch.diag_embed(torch.exp(logvar))
+        return weighted_sum(log_pi, within + dev.unsqueeze(-1) * dev.unsqueeze(-2), dim=k)
+
+
+class MultivariateNormalFamily(ExponentialFamily):
+    """Full-covariance Gaussians of dimension ``dim``; params ``(..., dim, dim + 1)`` = ``[loc | precision]``."""
+
+    name = "MultivariateNormal"
+    multivariate = True
+
+    def __init__(self, dim: int):
+        super().__init__(event_shape=(dim,), param_shape=(dim, dim + 1))
+        self.dim = dim
+
+    def _key(self):
+        return (self.dim,)
+
+    @staticmethod
+    def split(params):
+        return params[..., 0], params[..., 1:]
+
+    @staticmethod
+    def join(loc, precision):
+        return torch.cat((loc.unsqueeze(-1), precision), dim=-1)
+
+    @classmethod
+    def match(cls, dist):
+        return cls(dist.event_shape[-1]) if type(dist) is MultivariateNormal else None
+
+    def params_from_distribution(self, dist):
+        precision = dist.precision_matrix
+        loc = dist.loc.expand(precision.shape[:-1])
+        return self.join(loc, precision)
+
+    def distribution(self, params):
+        loc, precision = self.split(params)
+        return MultivariateNormal(loc, precision_matrix=precision, validate_args=False)
+
+    def check_params(self, params, name):
+        loc, precision = self.split(params)
+        check_finite(f"{name} loc", loc)
+        check_finite(f"{name} precision", precision)
+        _, info = torch.linalg.cholesky_ex(precision)
+        if bool((info != 0).any()):
+            raise ValueError(f"{name}: covariance matrices must be symmetric positive definite")
+
+    def to_natural(self, params):
+        loc, precision = self.split(params)
+        h = (precision @ loc.unsqueeze(-1)).squeeze(-1)
+        return torch.cat((h, (-0.5 * precision).flatten(-2)), dim=-1)
+
+    def from_natural(self, natural):
+        d = self.dim
+        h, minus_half_p = natural[..., :d], natural[..., d:].unflatten(-1, (d, d))
+        precision = -2 * minus_half_p
+        loc = torch.cholesky_solve(h.unsqueeze(-1), torch.linalg.cholesky(precision)).squeeze(-1)
+        return self.join(loc, precision)
+
+    def log_normalizer(self, natural):
+        loc, precision = self.split(self.from_natural(natural))
+        chol = torch.linalg.cholesky(precision)
+        quad = (loc.unsqueeze(-2) @ precision @ loc.unsqueeze(-1))[..., 0, 0]
+        return 0.5 * quad - torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+
+    def natural_domain(self, natural):
+        d = self.dim
+        precision = -2 * natural[..., d:].unflatten(-1, (d, d))
+        _, info = torch.linalg.cholesky_ex(precision)
+        return (info == 0) & torch.isfinite(natural).all(-1)
+
+    def sufficient_statistic(self, value):
+        return torch.cat((value, (value.unsqueeze(-1) * value.unsqueeze(-2)).flatten(-2)), dim=-1)
+
+    def log_base_measure(self, value):
+        return torch.full(value.shape[:-1], -0.5 * self.dim * _LOG_2PI, dtype=value.dtype, device=value.device)
+
+    def mean_parameters(self, natural):
+        loc, precision = self.split(self.from_natural(natural))
+        cov = torch.cholesky_inverse(torch.linalg.cholesky(precision))
+        second = cov + loc.unsqueeze(-1) * loc.unsqueeze(-2)
+        return torch.cat((loc, second.flatten(-2)), dim=-1)
+
+    def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
+        d = self.dim
+        loc = mean_params[..., :d]
+        cov = mean_params[..., d:].unflatten(-1, (d, d)) - loc.unsqueeze(-1) * loc.unsqueeze(-2)
+        return self.to_natural(self.join(loc, _spd_inverse(cov)))
+
+    def combine(self, params, log_weights):
+        k = params.dim() - 3  # expert axis of (..., C, S, d, d + 1)
+        loc, precision = self.split(params)
+        w = log_weights.exp()
+        wp = torch.where(w[..., None, None] > 0, w[..., None, None] * precision, torch.zeros_like(precision))
+        combined = wp.sum(k)
+        chol = torch.linalg.cholesky(combined)
+        heaviest = log_weights.argmax(dim=-1, keepdim=True)  # reference point for an exact single expert
+        reference = loc.gather(k, heaviest.unsqueeze(-1).expand(*heaviest.shape, self.dim))
+        rhs = (wp @ (loc - reference).unsqueeze(-1)).sum(k)
+        mean = reference.squeeze(k) + torch.cholesky_solve(rhs, chol).squeeze(-1)
+        dev = loc - mean.unsqueeze(k)
+        quad = (dev.unsqueeze(-2) @ wp @ dev.unsqueeze(-1))[..., 0, 0].sum(-1)
+        log_det_combined = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+        log_det_experts = 2 * torch.log(torch.diagonal(torch.linalg.cholesky(precision), dim1=-2, dim2=-1)).sum(-1)
+        weighted = torch.where(w > 0, w * log_det_experts, torch.zeros_like(w)).sum(-1)
+        log_c = -0.5 * quad - 0.5 * (log_det_combined - weighted)
+        return self.join(mean, combined), log_c
+
+    def log_prob(self, params, value):
+        return self.distribution(params).log_prob(value)
+
+    def mean(self, params):
+        return self.split(params)[0]
+
+    def covariance(self, params):
+        return torch.cholesky_inverse(torch.linalg.cholesky(self.split(params)[1]))
+
+    def variance(self, params):
+        return torch.diagonal(self.covariance(params), dim1=-2, dim2=-1)
+
+    def mixture_mean(self, log_pi, params):
+        return shifted_weighted_mean(log_pi, self.split(params)[0], dim=log_pi.dim() - 1)
+
+    def mixture_covariance(self, log_pi, params):
+        k = log_pi.dim() - 1
+        loc = self.split(params)[0]
+        mean = shifted_weighted_mean(log_pi, loc, dim=k)
+        dev = loc - mean.unsqueeze(k)
+        return weighted_sum(log_pi, self.covariance(params) + dev.unsqueeze(-1) * dev.unsqueeze(-2), dim=k)
+
+    def mixture_variance(self, log_pi, params):
+        return torch.diagonal(self.mixture_covariance(log_pi, params), dim1=-2, dim2=-1)
+
+    def moment_match(self, log_pi, params):
+        mean = self.mixture_mean(log_pi, params)
+        return self.join(mean, _spd_inverse(self.mixture_covariance(log_pi, params)))
+
+
+def _spd_inverse(matrix: torch.Tensor) -> torch.Tensor:
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(matrix))
+    return 0.5 * (inverse + inverse.transpose(-1, -2))

@@ -1,0 +1,138 @@
+"""Functional Gaussian pooling on ``(mu, logvar)`` tensors: the hot path of multimodal VAEs.
+
+Every function takes unimodal posteriors as tensors ``mu`` and ``logvar`` of equal shape, the
+experts along ``dim`` and the latent dimension last; optional pooling ``weights`` (along the expert
+axis, broadcastable, may require grad) and a boolean ``mask`` of present experts with the shape of
+``mu`` minus its last dimension (``False`` = a missing modality for that sample). ``prior_expert=True``
+appends a standard-normal expert that is always present, so samples with no observed modality are
+allowed. The math is the object API's (``opinionpool.holder``) for diagonal Gaussians, shared code,
+without the wrapping.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._validation import check_alpha, check_finite, check_weights, validation_enabled
+from .families.gaussian import DiagonalNormalFamily, gaussian_combine, gaussian_mixture_moments
+from .pool import DEFAULT_MAX_COMPONENTS, exact_order, holder_components, normalized_log_weights, num_components
+
+
+class GaussianMixture(NamedTuple):
+    """A diagonal-Gaussian mixture: ``log_weights (..., K)``, ``loc`` and ``logvar`` ``(..., K, D)``."""
+
+    log_weights: torch.Tensor
+    loc: torch.Tensor
+    logvar: torch.Tensor
+
+
+def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):
+    if mu.shape != logvar.shape:
+        raise ValueError(f"mu and logvar must have the same shape, got mu {tuple(mu.shape)} and "
+                         f"logvar {tuple(logvar.shape)}")
+    if mu.dim() < 2:
+        raise ValueError(f"mu must have an expert axis and a latent axis, got shape {tuple(mu.shape)}")
+    dim = dim % mu.dim()
+    if dim == mu.dim() - 1:
+        raise ValueError(f"dim={dim} is the latent (last) axis; the experts must be along another axis")
+    num_experts = mu.shape[dim]
+    mu, logvar = mu.movedim(dim, -2), logvar.movedim(dim, -2)
+    if mask is not None:
+        mask = torch.as_tensor(mask, device=mu.device)
+        expected = tuple(mu.shape[:-2]) + (num_experts,)
+        if mask.dtype != torch.bool or tuple(mask.movedim(dim, -1).shape) != expected:
+            raise ValueError(f"mask must be a boolean tensor of shape {tuple(mu.movedim(-2, dim).shape[:-1])} "
+                             f"(mu without its last axis), got {mask.dtype} of shape {tuple(mask.shape)}")
+        mask = mask.movedim(dim, -1)
+    if validate:
+        present_mu = mu if mask is None else mu[mask]
+        present_logvar = logvar if mask is None else logvar[mask]
+        check_finite("mu", present_mu)
+        check_finite("logvar", present_logvar)
+        if weights is not None:
+            check_weights("weights", torch.as_tensor(weights), num_experts + (1 if prior_expert else 0))
+    if mask is not None:
+        keep = mask.unsqueeze(-1)
+        mu = torch.where(keep, mu, torch.zeros((), dtype=mu.dtype, device=mu.device))
+        logvar = torch.where(keep, logvar, torch.zeros((), dtype=mu.dtype, device=mu.device))
+    if prior_expert:
+        zeros = torch.zeros(mu.shape[:-2] + (1, mu.shape[-1]), dtype=mu.dtype, device=mu.device)
+        mu, logvar = torch.cat((mu, zeros), -2), torch.cat((logvar, zeros), -2)
+        if mask is not None:
+            mask = torch.cat((mask, torch.ones(mask.shape[:-1] + (1,), dtype=torch.bool, device=mask.device)), -1)
+        num_experts += 1
+    if validate and mask is not None and not bool(mask.any(-1).all()):
+        empty = (~mask.any(-1)).nonzero()[0].tolist()
+        raise ValueError(f"mask leaves no present expert for the sample at batch index {tuple(empty)}; "
+                         "pass prior_expert=True to fall back on the prior")
+    return mu, logvar, mask, num_experts
+
+
+def _log_weights(weights, num_experts, mask, like, validate=False):
+    return normalized_log_weights(weights, num_experts, dtype=like.dtype, device=like.device, mask=mask,
+                                  validate=validate)
+
+
+def holder_mixture(mu, logvar, alpha=0.5, *, dim=0, weights=None, mask=None, prior_expert=False,
+                   max_components: int = DEFAULT_MAX_COMPONENTS, validate_args=None) -> GaussianMixture:
+    """The exact Hölder pool (``alpha`` = 0 or 1/n) as a normalised Gaussian mixture."""
+    validate = validation_enabled(validate_args)
+    alpha = check_alpha(alpha)
+    order = exact_order(alpha)
+    if order is None:
+        raise NotImplementedError(f"alpha={alpha!r} has no closed form (exact for alpha = 0 and 1/n only)")
+    mu, logvar, mask, m = _prepare(mu, logvar, dim, weights, mask, prior_expert, validate)
+    if num_components(order, m) > max_components:
+        raise ValueError(f"alpha={alpha!r} with {m} experts gives {num_components(order, m)} components, more "
+                         f"than max_components={max_components}")
+    family = DiagonalNormalFamily(mu.shape[-1])
+    log_weights = _log_weights(weights, m, mask, mu)
+    log_mix, components = holder_components(family, torch.stack((mu, logvar), -2), log_weights, order)
+    loc, logvar_k = family.split(components)
+    return GaussianMixture(torch.log_softmax(log_mix, -1), loc, logvar_k)
+
+
+def holder(mu, logvar, alpha=0.5, **kwargs):
+    """The Hölder pool moment-matched to one diagonal Gaussian: returns ``(mu, logvar)``.
+
+    ``alpha=0.5`` is the Hellinger aggregation of HELVAE; ``alpha=0`` the log-linear pool; ``alpha=1``
+    the moment-matched mixture of experts.
+    """
+    mixture = holder_mixture(mu, logvar, alpha, **kwargs)
+    return gaussian_mixture_moments(mixture.log_weights, mixture.loc, mixture.logvar, 1)
+
+
+def hellinger(mu, logvar, **kwargs):
+    """Hellinger aggregation (HELVAE): Hölder ``alpha=1/2`` moment-matched, returns ``(mu, logvar)``."""
+    return holder(mu, logvar, 0.5, **kwargs)
+
+
+def moe(mu, logvar, *, dim=0, weights=None, mask=None, prior_expert=False, validate_args=None) -> GaussianMixture:
+    """The mixture of experts: components are the present experts with the normalised weights."""
+    validate = validation_enabled(validate_args)
+    mu, logvar, mask, m = _prepare(mu, logvar, dim, weights, mask, prior_expert, validate)
+    log_weights = _log_weights(weights, m, mask, mu)
+    return GaussianMixture(log_weights.expand(mu.shape[:-1]), mu, logvar)
+
+
+def poe(mu, logvar, *, dim=0, weights=None, mask=None, prior_expert=False, validate_args=None):
+    """Product of experts (precisions add up; weights default to one and are *not* normalised)."""
+    validate = validation_enabled(validate_args)
+    mu, logvar, mask, m = _prepare(mu, logvar, dim, weights, mask, prior_expert, validate)
+    w = torch.ones(m, dtype=mu.dtype, device=mu.device) if weights is None else \
+        torch.as_tensor(weights, dtype=mu.dtype, device=mu.device)
+    present = w > 0 if mask is None else (w > 0) & mask
+    log_w = torch.where(present, torch.log(torch.where(present, w, torch.ones_like(w))), -torch.inf)
+    log_w = log_w.expand(mu.shape[:-1])
+    loc, logvar_p, _ = gaussian_combine(mu, logvar, log_w, 1)
+    return loc, logvar_p
+
+
+def log_bhattacharyya(mu1, logvar1, mu2, logvar2):
+    """Log Bhattacharyya coefficient of two diagonal Gaussians (summed over the last axis)."""
+    mu = torch.stack(torch.broadcast_tensors(mu1, mu2), -2)
+    logvar = torch.stack(torch.broadcast_tensors(logvar1, logvar2), -2)
+    half = torch.full(mu.shape[:-1], -0.6931471805599453, dtype=mu.dtype, device=mu.device)
+    return gaussian_combine(mu, logvar, half, 1)[2]
