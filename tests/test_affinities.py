@@ -1,0 +1,118 @@
+"""Affinities and divergences against quadrature, with unequal scales and both argument orders."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from reference import log_bc_diag_gauss
+from scipy import integrate, stats
+from torch.distributions import Beta, Exponential, Gamma, Independent, Normal, Poisson
+
+import opinionpool as op
+
+PAIRS = {
+    "Normal": (lambda: (Normal(torch.tensor(0.3), torch.tensor(0.7)), Normal(torch.tensor(-1.2), torch.tensor(1.9))),
+               (stats.norm(0.3, 0.7).pdf, stats.norm(-1.2, 1.9).pdf), (-40, 40)),
+    "Gamma": (lambda: (Gamma(torch.tensor(2.5), torch.tensor(1.5)), Gamma(torch.tensor(4.0), torch.tensor(0.8))),
+              (stats.gamma(2.5, scale=1 / 1.5).pdf, stats.gamma(4.0, scale=1 / 0.8).pdf), (0, np.inf)),
+    "Beta": (lambda: (Beta(torch.tensor(2.0), torch.tensor(5.0)), Beta(torch.tensor(3.0), torch.tensor(1.5))),
+             (stats.beta(2.0, 5.0).pdf, stats.beta(3.0, 1.5).pdf), (0, 1)),
+    "Exponential": (lambda: (Exponential(torch.tensor(0.4)), Exponential(torch.tensor(2.5))),
+                    (stats.expon(scale=1 / 0.4).pdf, stats.expon(scale=1 / 2.5).pdf), (0, np.inf)),
+}
+
+
+def quad(f, lo, hi):
+    return integrate.quad(f, lo, hi, limit=400, epsabs=0, epsrel=1e-12)[0]
+
+
+@pytest.mark.parametrize("a", [0.3, 0.5, 0.8])
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_chernoff_and_divergences_against_quadrature(name, a):
+    make, (fp, fq), (lo, hi) = PAIRS[name]
+    p, q = make()
+    c = quad(lambda z: fp(z) ** a * fq(z) ** (1 - a), lo, hi)
+    assert op.log_chernoff_coefficient(p, q, a).item() == pytest.approx(math.log(c), rel=1e-9)
+    # swapped arguments give the coefficient of order 1 - a, not of order a
+    c_swapped = quad(lambda z: fq(z) ** a * fp(z) ** (1 - a), lo, hi)
+    assert op.log_chernoff_coefficient(q, p, a).item() == pytest.approx(math.log(c_swapped), rel=1e-9)
+    assert op.renyi_divergence(p, q, a).item() == pytest.approx(math.log(c) / (a - 1), rel=1e-9)
+    assert op.amari_alpha_divergence(p, q, a).item() == pytest.approx((1 - c) / (a * (1 - a)), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_kl_hellinger_bhattacharyya_against_quadrature(name):
+    make, (fp, fq), (lo, hi) = PAIRS[name]
+    p, q = make()
+
+    def kl_integrand(z):
+        a, b = fp(z), fq(z)
+        return a * (math.log(a) - math.log(b)) if a > 0 and b > 0 else 0.0
+
+    kl = quad(kl_integrand, lo, hi)
+    bc = quad(lambda z: math.sqrt(fp(z) * fq(z)), lo, hi)
+    assert op.kl_divergence(p, q).item() == pytest.approx(kl, rel=1e-9)
+    assert op.bhattacharyya_coefficient(p, q).item() == pytest.approx(bc, rel=1e-9)
+    assert op.hellinger_distance(p, q).item() == pytest.approx(math.sqrt(1 - bc), rel=1e-9)
+    assert op.amari_alpha_divergence(p, q, 1.0).item() == pytest.approx(kl, rel=1e-9)
+    assert op.renyi_divergence(p, q, 1.0).item() == pytest.approx(kl, rel=1e-9)
+
+
+def test_renyi_order_above_one_and_divergent_orders():
+    p = Normal(torch.tensor(0.3), torch.tensor(0.7))
+    q = Normal(torch.tensor(-1.2), torch.tensor(1.9))
+    c = quad(lambda z: stats.norm(0.3, 0.7).pdf(z) ** 2 / stats.norm(-1.2, 1.9).pdf(z), -40, 40)
+    assert op.renyi_divergence(p, q, 2.0).item() == pytest.approx(math.log(c), rel=1e-9)
+    with pytest.raises(ValueError, match="diverges"):
+        op.renyi_divergence(q, p, 2.0)  # the wider expert over the narrower one is not integrable
+
+
+def test_poisson_affinity_by_exact_sum():
+    p, q = Poisson(torch.tensor(1.5)), Poisson(torch.tensor(6.0))
+    k = np.arange(0, 300)
+    c = np.sum(stats.poisson(1.5).pmf(k) ** 0.3 * stats.poisson(6.0).pmf(k) ** 0.7)
+    kl = np.sum(stats.poisson(1.5).pmf(k) * (stats.poisson(1.5).logpmf(k) - stats.poisson(6.0).logpmf(k)))
+    assert op.log_chernoff_coefficient(p, q, 0.3).item() == pytest.approx(math.log(c), rel=1e-10)
+    assert op.kl_divergence(p, q).item() == pytest.approx(kl, rel=1e-10)
+
+
+def test_multi_expert_chernoff_against_quadrature():
+    locs, scales, w = (0.0, 2.0, -1.0), (1.0, 0.5, 2.0), (0.2, 0.3, 0.5)
+    experts = [Normal(torch.tensor(m), torch.tensor(s)) for m, s in zip(locs, scales)]
+    value = quad(lambda z: np.prod([stats.norm(m, s).pdf(z) ** wi for m, s, wi in zip(locs, scales, w)]), -40, 40)
+    assert op.log_multi_chernoff_coefficient(experts, w).item() == pytest.approx(math.log(value), rel=1e-10)
+    with pytest.raises(ValueError, match="sum to one"):
+        op.log_multi_chernoff_coefficient(experts, [0.2, 0.3, 0.6])
+
+
+def test_high_dimensional_bhattacharyya_stays_in_log_space():
+    g = torch.Generator().manual_seed(0)
+    mu1, mu2 = torch.randn(512, generator=g), torch.randn(512, generator=g) + 2.0
+    var1, var2 = torch.rand(512, generator=g) + 0.1, torch.rand(512, generator=g) + 0.1
+    p, q = Independent(Normal(mu1, var1.sqrt()), 1), Independent(Normal(mu2, var2.sqrt()), 1)
+    log_bc = op.log_bhattacharyya_coefficient(p, q)
+    expected = log_bc_diag_gauss(mu1.numpy(), var1.numpy(), mu2.numpy(), var2.numpy())
+    assert expected < math.log(1e-300)  # the coefficient itself underflows float64
+    assert log_bc.item() == pytest.approx(expected, rel=1e-12)
+    fn = op.functional.log_bhattacharyya(mu1, var1.log(), mu2, var2.log())
+    assert fn.item() == pytest.approx(expected, rel=1e-12)
+    assert op.bhattacharyya_coefficient(p, q).item() == 0.0
+    assert op.hellinger_distance(p, q).item() == 1.0
+
+
+def test_full_gaussian_affinities_against_closed_forms():
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(3, 3, generator=g), torch.randn(3, 3, generator=g)
+    s1, s2 = a @ a.T + 0.5 * torch.eye(3), b @ b.T + 0.5 * torch.eye(3)
+    m1, m2 = torch.randn(3, generator=g), torch.randn(3, generator=g)
+    from torch.distributions import MultivariateNormal
+    p, q = MultivariateNormal(m1, s1), MultivariateNormal(m2, s2)
+    # Bhattacharyya distance of two Gaussians, the textbook form with the averaged covariance
+    s = (s1 + s2) / 2
+    d = (m1 - m2)
+    db = d @ torch.linalg.solve(s, d) / 8 + 0.5 * torch.log(torch.det(s) / torch.sqrt(torch.det(s1) * torch.det(s2)))
+    assert op.log_bhattacharyya_coefficient(p, q).item() == pytest.approx(-db.item(), rel=1e-10)
+    kl = 0.5 * (torch.trace(torch.linalg.solve(s2, s1)) + (m2 - m1) @ torch.linalg.solve(s2, m2 - m1) - 3
+                + torch.logdet(s2) - torch.logdet(s1))
+    assert op.kl_divergence(p, q).item() == pytest.approx(kl.item(), rel=1e-10)

@@ -1,0 +1,163 @@
+"""Exact Hölder pools against independent quadrature / exact sums (float64, asymmetric weights)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from reference import power_mean, quad_moments, sum_moments
+from scipy import integrate, stats
+from torch.distributions import (
+    Bernoulli,
+    Beta,
+    Binomial,
+    Categorical,
+    Exponential,
+    Gamma,
+    Normal,
+    Poisson,
+    VonMises,
+)
+
+import opinionpool
+
+WEIGHTS = [0.2, 0.3, 0.5]
+ALPHAS = [0, 1 / 4, 1 / 3, 1 / 2, 1]
+RTOL = 1e-9
+
+# name: (torch experts, scipy pdfs, integration bounds, sufficient statistic T(z) as numpy columns)
+CONTINUOUS = {
+    "Normal": (
+        lambda: [Normal(torch.tensor(0.0), torch.tensor(1.0)), Normal(torch.tensor(2.0), torch.tensor(0.5)),
+                 Normal(torch.tensor(-1.0), torch.tensor(2.0))],
+        [stats.norm(0, 1).pdf, stats.norm(2, 0.5).pdf, stats.norm(-1, 2).pdf],
+        (-40, 40), lambda z: [z, z * z],
+    ),
+    "Exponential": (
+        lambda: [Exponential(torch.tensor(r)) for r in (0.5, 2.0, 1.3)],
+        [stats.expon(scale=1 / r).pdf for r in (0.5, 2.0, 1.3)],
+        (0, np.inf), lambda z: [z],
+    ),
+    "Gamma": (
+        lambda: [Gamma(torch.tensor(a), torch.tensor(b)) for a, b in ((2.0, 1.0), (3.5, 2.0), (1.5, 0.7))],
+        [stats.gamma(a, scale=1 / b).pdf for a, b in ((2.0, 1.0), (3.5, 2.0), (1.5, 0.7))],
+        (0, np.inf), lambda z: [np.log(z), z],
+    ),
+    "Beta": (
+        lambda: [Beta(torch.tensor(a), torch.tensor(b)) for a, b in ((2.0, 3.0), (5.0, 1.5), (1.5, 1.5))],
+        [stats.beta(a, b).pdf for a, b in ((2.0, 3.0), (5.0, 1.5), (1.5, 1.5))],
+        (0, 1), lambda z: [np.log(z), np.log1p(-z)],
+    ),
+}
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("name", list(CONTINUOUS))
+def test_continuous_pool_matches_quadrature(name, alpha):
+    experts, pdfs, (lo, hi), _ = CONTINUOUS[name]
+    pool = opinionpool.holder(experts(), alpha=alpha, weights=WEIGHTS)
+    log_z, mean, var = quad_moments(pdfs, WEIGHTS, alpha, lo, hi)
+    assert pool.log_normalizer.item() == pytest.approx(log_z, rel=RTOL, abs=1e-12)
+    assert pool.mean.item() == pytest.approx(mean, rel=RTOL)
+    assert pool.variance.item() == pytest.approx(var, rel=RTOL)
+
+
+@pytest.mark.parametrize("alpha", [0, 1 / 3, 1 / 2, 1])
+@pytest.mark.parametrize("name", ["Exponential", "Gamma", "Beta"])
+def test_moment_match_matches_expected_statistics(name, alpha):
+    """The M-projection has the pool's E[T(z)], each side integrated independently."""
+    experts, pdfs, (lo, hi), statistic = CONTINUOUS[name]
+    pool = opinionpool.holder(experts(), alpha=alpha, weights=WEIGHTS)
+    matched = pool.moment_match()
+    assert type(matched) is type(experts()[0])
+    log_z = pool.log_normalizer.item()
+
+    def pooled(z):
+        return float(power_mean(np.array([f(z) for f in pdfs]), WEIGHTS, alpha)) / math.exp(log_z)
+
+    def matched_pdf(z):
+        return math.exp(matched.log_prob(torch.tensor(z)).item())
+
+    for i in range(len(statistic(1.0))):
+        want = integrate.quad(lambda z: statistic(z)[i] * pooled(z), lo, hi, limit=400, epsrel=1e-12)[0]
+        got = integrate.quad(lambda z: statistic(z)[i] * matched_pdf(z), lo, hi, limit=400, epsrel=1e-12)[0]
+        assert got == pytest.approx(want, rel=1e-8, abs=1e-10)
+
+
+@pytest.mark.parametrize("alpha", [0, 1 / 3, 1 / 2, 1])
+def test_normal_moment_match_is_mean_and_variance(alpha):
+    experts, pdfs, (lo, hi), _ = CONTINUOUS["Normal"]
+    matched = opinionpool.holder(experts(), alpha=alpha, weights=WEIGHTS).moment_match()
+    _, mean, var = quad_moments(pdfs, WEIGHTS, alpha, lo, hi)
+    assert isinstance(matched, Normal)
+    assert matched.mean.item() == pytest.approx(mean, rel=RTOL)
+    assert matched.variance.item() == pytest.approx(var, rel=RTOL)
+
+
+@pytest.mark.parametrize("alpha", [0, 1 / 3, 1 / 2, 1])
+def test_von_mises_pool_circular_moments(alpha):
+    params = ((0.3, 2.0), (2.0, 0.5), (-1.5, 4.0))
+    experts = [VonMises(torch.tensor(m), torch.tensor(k)) for m, k in params]
+    pdfs = [stats.vonmises(k, loc=m).pdf for m, k in params]
+    pool = opinionpool.holder(experts, alpha=alpha, weights=WEIGHTS)
+
+    def pooled(z):
+        return float(power_mean(np.array([f(z) for f in pdfs]), WEIGHTS, alpha))
+
+    z0 = integrate.quad(pooled, -np.pi, np.pi, limit=400, epsrel=1e-12)[0]
+    c = integrate.quad(lambda z: np.cos(z) * pooled(z), -np.pi, np.pi, limit=400, epsrel=1e-12)[0] / z0
+    s = integrate.quad(lambda z: np.sin(z) * pooled(z), -np.pi, np.pi, limit=400, epsrel=1e-12)[0] / z0
+    assert pool.log_normalizer.item() == pytest.approx(math.log(z0), rel=RTOL, abs=1e-12)
+    assert pool.mean.item() == pytest.approx(math.atan2(s, c), rel=RTOL)
+    assert pool.variance.item() == pytest.approx(1 - math.hypot(c, s), rel=RTOL)
+    matched = pool.moment_match()  # Newton solve of I1/I0(kappa) = |E exp(iz)|
+    r = torch.special.i1e(matched.concentration) / torch.special.i0e(matched.concentration)
+    assert r.item() == pytest.approx(math.hypot(c, s), rel=1e-8)
+    assert matched.loc.item() == pytest.approx(math.atan2(s, c), rel=1e-9)
+
+
+DISCRETE = {
+    "Poisson": (lambda: [Poisson(torch.tensor(r)) for r in (1.5, 4.0, 0.7)],
+                [stats.poisson(r).pmf for r in (1.5, 4.0, 0.7)], np.arange(0, 200)),
+    "Bernoulli": (lambda: [Bernoulli(torch.tensor(p)) for p in (0.2, 0.7, 0.9)],
+                  [stats.bernoulli(p).pmf for p in (0.2, 0.7, 0.9)], np.arange(0, 2)),
+    "Binomial": (lambda: [Binomial(7, torch.tensor(p)) for p in (0.2, 0.5, 0.9)],
+                 [stats.binom(7, p).pmf for p in (0.2, 0.5, 0.9)], np.arange(0, 8)),
+}
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("name", list(DISCRETE))
+def test_discrete_pool_matches_exact_sums(name, alpha):
+    experts, pmfs, support = DISCRETE[name]
+    pool = opinionpool.holder(experts(), alpha=alpha, weights=WEIGHTS)
+    log_z, mean, var, probs = sum_moments(pmfs, WEIGHTS, alpha, support)
+    assert pool.log_normalizer.item() == pytest.approx(log_z, rel=RTOL, abs=1e-12)
+    assert pool.mean.item() == pytest.approx(mean, rel=RTOL)
+    assert pool.variance.item() == pytest.approx(var, rel=RTOL)
+    pooled_pmf = pool.log_prob(torch.as_tensor(support, dtype=torch.float64)).exp().numpy()
+    np.testing.assert_allclose(pooled_pmf, probs, rtol=1e-9, atol=1e-15)
+    matched = pool.moment_match()
+    assert matched.mean.item() == pytest.approx(mean, rel=1e-9)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_categorical_pool_probabilities(alpha):
+    probs = np.array([[0.1, 0.2, 0.3, 0.4], [0.6, 0.1, 0.1, 0.2], [0.05, 0.05, 0.7, 0.2]])
+    experts = [Categorical(torch.tensor(p)) for p in probs]
+    pool = opinionpool.holder(experts, alpha=alpha, weights=WEIGHTS)
+    pooled = power_mean(probs, WEIGHTS, alpha)
+    assert pool.log_normalizer.item() == pytest.approx(math.log(pooled.sum()), rel=RTOL, abs=1e-12)
+    matched = pool.moment_match()  # a mixture of categoricals is a categorical: exact
+    np.testing.assert_allclose(matched.probs.numpy(), pooled / pooled.sum(), rtol=1e-10)
+    with pytest.raises(ValueError, match="no numeric mean"):
+        pool.mean
+
+
+def test_log_prob_integrates_to_one_and_matches_mixture_form():
+    experts, _, (lo, hi), _ = CONTINUOUS["Gamma"]
+    pool = opinionpool.holder(experts(), alpha=1 / 3, weights=WEIGHTS)
+    total = integrate.quad(lambda z: math.exp(pool.log_prob(torch.tensor(z)).item()), lo, hi, limit=400)[0]
+    assert total == pytest.approx(1.0, rel=1e-9)
+    z = torch.linspace(0.05, 8, 50)
+    torch.testing.assert_close(pool.log_prob(z), pool.as_mixture().log_prob(z), rtol=1e-10, atol=1e-12)
