@@ -17,7 +17,13 @@ import torch
 
 from ._validation import check_alpha, check_finite, check_weights, validation_enabled
 from .families.gaussian import DiagonalNormalFamily, gaussian_combine, gaussian_mixture_moments
-from .pool import DEFAULT_MAX_COMPONENTS, exact_order, holder_components, normalized_log_weights, num_components
+from .pool import (
+    DEFAULT_MAX_COMPONENTS,
+    exact_order,
+    holder_components,
+    normalized_log_weights,
+    num_components,
+)
 
 
 class GaussianMixture(NamedTuple):

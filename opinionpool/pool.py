@@ -51,19 +51,22 @@ def _compositions(order: int, num_experts: int):
     """All ``k`` with ``sum k = order`` over ``num_experts`` experts, as (expert index, count) pairs
     padded to ``min(order, num_experts)`` slots (padding has count 0)."""
     slots = min(order, num_experts)
-    indices, counts = [], []
+    indices, counts, log_multinomial = [], [], []
     for combo in itertools.combinations_with_replacement(range(num_experts), order):
         items = sorted(Counter(combo).items())
+        log_multinomial.append(math.lgamma(order + 1) - sum(math.lgamma(c + 1) for _, c in items))
         items += [(0, 0)] * (slots - len(items))
         indices.append([i for i, _ in items])
         counts.append([c for _, c in items])
-    return indices, counts
+    return indices, counts, log_multinomial
 
 
-def compositions(order: int, num_experts: int, device=None):
-    indices, counts = _compositions(order, num_experts)
+def compositions(order: int, num_experts: int, device=None, dtype=None):
+    """``(index, count)`` tensors of shape ``(C, S)`` and the log multinomial coefficients ``(C,)``."""
+    indices, counts, log_multinomial = _compositions(order, num_experts)
     return (torch.tensor(indices, dtype=torch.long, device=device),
-            torch.tensor(counts, dtype=torch.long, device=device))
+            torch.tensor(counts, dtype=torch.long, device=device),
+            torch.tensor(log_multinomial, dtype=dtype, device=device))
 
 
 def normalized_log_weights(weights, num_experts: int, *, dtype, device, mask=None,
@@ -96,7 +99,7 @@ def holder_components(family: ExponentialFamily, params: torch.Tensor, log_weigh
     if order == 0:
         combined, log_c = family.combine(params.unsqueeze(len(batch)), log_weights.unsqueeze(-2))
         return log_c, combined
-    index, counts = compositions(order, num_experts, device=params.device)
+    index, counts, log_multinomial = compositions(order, num_experts, device=params.device, dtype=params.dtype)
     gathered = params.index_select(len(batch), index.flatten()).unflatten(len(batch), tuple(index.shape))
     if order == 1:
         components = gathered.squeeze(len(batch) + 1)
@@ -105,7 +108,6 @@ def holder_components(family: ExponentialFamily, params: torch.Tensor, log_weigh
         used = counts > 0
         log_w = torch.where(used, torch.log(counts.to(params.dtype) / order), -math.inf)
         components, log_c = family.combine(gathered, log_w.expand(batch + tuple(index.shape)))
-    log_multinomial = math.lgamma(order + 1) - torch.lgamma(counts.to(params.dtype) + 1).sum(-1)
     picked = log_weights[..., index]
     zero = torch.zeros((), dtype=params.dtype, device=params.device)
     log_lambda_power = torch.where(counts > 0, counts * picked, zero).sum(-1)

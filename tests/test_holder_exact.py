@@ -161,3 +161,24 @@ def test_log_prob_integrates_to_one_and_matches_mixture_form():
     assert total == pytest.approx(1.0, rel=1e-9)
     z = torch.linspace(0.05, 8, 50)
     torch.testing.assert_close(pool.log_prob(z), pool.as_mixture().log_prob(z), rtol=1e-10, atol=1e-12)
+
+
+def test_samples_follow_the_pool_density():
+    """Samples from the mixture form against the CDF integrated from the experts' power mean."""
+    experts, pdfs, (lo, hi), _ = CONTINUOUS["Normal"]
+    pool = opinionpool.holder(experts(), alpha=1 / 2, weights=WEIGHTS)
+    torch.manual_seed(11)
+    samples = pool.sample((20000,)).numpy()
+    log_z = pool.log_normalizer.item()
+
+    def cdf(x):
+        return integrate.quad(lambda z: float(power_mean(np.array([f(z) for f in pdfs]), WEIGHTS, 0.5)),
+                              lo, x, limit=200)[0] / math.exp(log_z)
+
+    grid = np.linspace(-8, 8, 161)
+    table = np.array([cdf(x) for x in grid])
+    result = stats.kstest(samples, lambda x: np.interp(x, grid, table))
+    assert result.pvalue > 1e-3
+    # Monte Carlo mean within 4 standard errors of the closed form
+    standard_error = samples.std() / math.sqrt(samples.size)
+    assert abs(samples.mean() - pool.mean.item()) < 4 * standard_error

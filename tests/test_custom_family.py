@@ -1,0 +1,89 @@
+"""A user-defined family works wherever built-in families do, and agrees with them."""
+
+import pytest
+import torch
+from torch.distributions import Exponential, Gamma
+
+import opinionpool
+from opinionpool import CustomFamily
+
+
+def exponential_family():
+    return CustomFamily(
+        log_normalizer=lambda eta: -torch.log(-eta[..., 0]),
+        sufficient_statistic=lambda z: z.unsqueeze(-1),
+        log_base_measure=lambda z: torch.zeros_like(z),
+        num_params=1,
+        natural_domain=lambda eta: eta[..., 0] < 0,
+        mean=lambda eta: -1 / eta[..., 0],
+        variance=lambda eta: 1 / eta[..., 0] ** 2,
+        sampler=lambda eta, shape: Exponential(-eta[..., 0]).sample(shape),
+        name="user Exponential",
+    )
+
+
+def gamma_family():
+    """Gamma without any closed-form mean map: autograd gives E[T], damped Newton inverts it."""
+    def log_normalizer(eta):
+        a = eta[..., 0] + 1
+        return torch.lgamma(a) - a * torch.log(-eta[..., 1])
+
+    return CustomFamily(log_normalizer, lambda z: torch.stack((torch.log(z), z), -1), lambda z: torch.zeros_like(z),
+                        num_params=2, natural_domain=lambda eta: (eta[..., 0] > -1) & (eta[..., 1] < 0),
+                        mean=lambda eta: (eta[..., 0] + 1) / -eta[..., 1], name="user Gamma")
+
+
+RATES = (0.5, 2.0, 1.3)
+WEIGHTS = [0.2, 0.3, 0.5]
+
+
+@pytest.mark.parametrize("alpha", [0, 1 / 3, 1 / 2, 1])
+def test_custom_exponential_equals_builtin(alpha):
+    fam = exponential_family()
+    custom = opinionpool.holder([fam.expert(torch.tensor([-r])) for r in RATES], alpha=alpha, weights=WEIGHTS)
+    builtin = opinionpool.holder([Exponential(torch.tensor(r)) for r in RATES], alpha=alpha, weights=WEIGHTS)
+    torch.testing.assert_close(custom.log_normalizer, builtin.log_normalizer, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(custom.mean, builtin.mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(custom.variance, builtin.variance, rtol=1e-12, atol=1e-14)
+    z = torch.linspace(0.01, 5, 20)
+    torch.testing.assert_close(custom.log_prob(z), builtin.log_prob(z), rtol=1e-12, atol=1e-12)
+    matched = custom.moment_match()
+    assert matched.family is fam
+    torch.testing.assert_close(matched.natural_params[..., 0], -builtin.moment_match().rate, rtol=1e-10, atol=0)
+    assert custom.sample((5,)).shape == (5,)
+
+
+@pytest.mark.parametrize("alpha", [0, 1 / 2, 1])
+def test_custom_gamma_newton_inverse_equals_builtin(alpha):
+    params = ((2.0, 1.0), (3.5, 2.0), (1.5, 0.7))
+    fam = gamma_family()
+    custom = opinionpool.holder(fam.expert(torch.tensor([[a - 1, -b] for a, b in params])), alpha=alpha,
+                                weights=WEIGHTS)
+    builtin = opinionpool.holder([Gamma(torch.tensor(a), torch.tensor(b)) for a, b in params], alpha=alpha,
+                                 weights=WEIGHTS)
+    torch.testing.assert_close(custom.log_normalizer, builtin.log_normalizer, rtol=1e-12, atol=1e-14)
+    matched, reference = custom.moment_match(), builtin.moment_match()
+    torch.testing.assert_close(matched.natural_params[..., 0] + 1, reference.concentration, rtol=1e-9, atol=0)
+    torch.testing.assert_close(-matched.natural_params[..., 1], reference.rate, rtol=1e-9, atol=0)
+    b = opinionpool.bhattacharyya_coefficient(fam.expert(torch.tensor([1.0, -1.0])), fam.expert(torch.tensor([2.5, -2.0])))
+    b_ref = opinionpool.bhattacharyya_coefficient(Gamma(torch.tensor(2.0), torch.tensor(1.0)),
+                                                  Gamma(torch.tensor(3.5), torch.tensor(2.0)))
+    torch.testing.assert_close(b, b_ref, rtol=1e-12, atol=0)
+
+
+def test_custom_family_errors():
+    fam = exponential_family()
+    with pytest.raises(ValueError, match="outside the user Exponential parameter space"):
+        fam.expert(torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="parameter shape"):
+        fam.expert(torch.tensor([1.0, 2.0]).reshape(1, 2))
+    other = exponential_family()
+    with pytest.raises(ValueError, match="one family"):
+        opinionpool.holder([fam.expert(torch.tensor([-1.0])), other.expert(torch.tensor([-1.0]))])
+    no_moments = gamma_family()
+    no_moments._variance = None
+    pool = opinionpool.holder([no_moments.expert(torch.tensor([1.0, -1.0]))] * 2)
+    with pytest.raises(ValueError, match="no `variance` function"):
+        pool.variance
+    with pytest.raises(NotImplementedError, match="no `sampler`"):
+        pool.sample()

@@ -1,0 +1,155 @@
+"""The functional (mu, logvar) API: agreement with the object API, masks, prior expert, gradients."""
+
+import pytest
+import torch
+from torch.distributions import Independent, Normal
+
+import opinionpool
+import opinionpool.functional as F
+
+
+def random_experts(m=4, b=3, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, b, d, generator=g) * 2, torch.randn(m, b, d, generator=g)
+
+
+@pytest.mark.parametrize("alpha", [0, 1 / 3, 1 / 2, 1])
+def test_functional_holder_equals_object_moment_match(alpha):
+    mu, logvar = random_experts()
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    loc, lv = F.holder(mu, logvar, alpha, dim=0, weights=w)
+    experts = Independent(Normal(mu.movedim(0, 1), (0.5 * logvar).exp().movedim(0, 1)), 1)
+    matched = opinionpool.holder(experts, alpha=alpha, weights=w).moment_match()
+    torch.testing.assert_close(loc, matched.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lv.exp(), matched.variance, rtol=1e-12, atol=1e-12)
+
+
+def test_paper_formula_for_hellinger_aggregation():
+    """HELVAE eqs. (16) and (20) with uniform weights, written out independently."""
+    mu, logvar = random_experts(m=3, b=2, d=4, seed=1)
+    var = logvar.exp()
+    m = mu.shape[0]
+    num, sq, z = mu.sum(0).clone(), (mu**2 + var).sum(0).clone(), torch.full(mu.shape[1:2], float(m))
+    for i in range(m):
+        for j in range(i + 1, m):
+            s = torch.exp((0.5 * torch.log(2 * (var[i] * var[j]).sqrt() / (var[i] + var[j]))
+                           - 0.25 * (mu[i] - mu[j]) ** 2 / (var[i] + var[j])).sum(-1, keepdim=True))
+            mu_ij = (mu[i] * var[j] + mu[j] * var[i]) / (var[i] + var[j])
+            var_ij = 2 * var[i] * var[j] / (var[i] + var[j])
+            num = num + 2 * mu_ij * s
+            sq = sq + 2 * (mu_ij**2 + var_ij) * s
+            z = z + 2 * s.squeeze(-1)
+    mean = num / z.unsqueeze(-1)
+    variance = sq / z.unsqueeze(-1) - mean**2
+    loc, lv = F.hellinger(mu, logvar)
+    torch.testing.assert_close(loc, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lv.exp(), variance, rtol=1e-10, atol=1e-12)
+
+
+def test_poe_is_the_precision_weighted_product():
+    mu, logvar = random_experts()
+    loc, lv = F.poe(mu, logvar, prior_expert=True)
+    precision = (-logvar).exp().sum(0) + 1.0
+    torch.testing.assert_close(lv, -precision.log(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loc, (mu * (-logvar).exp()).sum(0) / precision, rtol=1e-12, atol=1e-12)
+    product = opinionpool.poe(Independent(Normal(mu.movedim(0, 1), (0.5 * logvar).exp().movedim(0, 1)), 1))
+    loc2, lv2 = F.poe(mu, logvar)
+    torch.testing.assert_close(product.mean, loc2, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0, 1 / 2, 1])
+def test_mask_equals_dropping_the_missing_experts(alpha):
+    mu, logvar = random_experts()
+    mask = torch.tensor([[True, False, True], [True, True, False], [False, True, True], [True, True, True]])
+    mu_masked = torch.where(mask.unsqueeze(-1), mu, torch.full_like(mu, float("nan")))  # garbage is ignored
+    loc, lv = F.holder(mu_masked, logvar, alpha, mask=mask, weights=[0.1, 0.2, 0.3, 0.4])
+    for b in range(3):
+        keep = mask[:, b]
+        w = torch.tensor([0.1, 0.2, 0.3, 0.4])[keep]
+        ref_loc, ref_lv = F.holder(mu[keep, b], logvar[keep, b], alpha, weights=w)
+        torch.testing.assert_close(loc[b], ref_loc, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lv[b], ref_lv, rtol=1e-12, atol=1e-12)
+
+
+def test_mask_with_no_expert_needs_the_prior():
+    mu, logvar = random_experts(m=2, b=2)
+    mask = torch.tensor([[True, False], [True, False]])
+    with pytest.raises(ValueError, match="no present expert"):
+        F.hellinger(mu, logvar, mask=mask)
+    loc, lv = F.hellinger(mu, logvar, mask=mask, prior_expert=True)
+    torch.testing.assert_close(loc[1], torch.zeros(5), rtol=0, atol=0)  # only the prior is left
+    torch.testing.assert_close(lv[1], torch.zeros(5), rtol=0, atol=1e-15)
+
+
+def test_gradcheck_functional_aggregators():
+    mu, logvar = random_experts(m=3, b=2, d=3, seed=4)
+    w = torch.tensor([0.2, 0.3, 0.5], requires_grad=True)
+    mu.requires_grad_(True)
+    logvar.requires_grad_(True)
+    for alpha in (0, 1 / 3, 1 / 2, 1):
+        assert torch.autograd.gradcheck(lambda m, v, w, a=alpha: F.holder(m, v, a, weights=w), (mu, logvar, w))
+    assert torch.autograd.gradcheck(lambda m, v: F.poe(m, v, prior_expert=True), (mu, logvar))
+    mask = torch.tensor([[True, True], [False, True], [True, False]])
+    assert torch.autograd.gradcheck(lambda m, v, w: F.hellinger(m, v, weights=w, mask=mask), (mu, logvar, w))
+
+
+def test_gradcheck_object_moment_match():
+    g = torch.Generator().manual_seed(2)
+    loc = torch.randn(3, 2, generator=g).requires_grad_(True)
+    scale = (torch.rand(3, 2, generator=g) + 0.5).requires_grad_(True)
+
+    def diag(loc, scale):
+        q = opinionpool.holder(Independent(Normal(loc, scale), 1), alpha=0.5, weights=[0.2, 0.3, 0.5]).moment_match()
+        return q.mean, q.variance
+
+    assert torch.autograd.gradcheck(diag, (loc, scale))
+
+    def full(loc, scale):
+        pool = opinionpool.holder(Independent(Normal(loc, scale), 1), alpha=1 / 3, weights=[0.2, 0.3, 0.5])
+        return pool.moment_match("gaussian").covariance_matrix, pool.log_normalizer
+
+    assert torch.autograd.gradcheck(full, (loc, scale))
+    from torch.distributions import Gamma
+    conc = torch.tensor([2.0, 3.5, 1.5], requires_grad=True)
+    rate = torch.tensor([1.0, 2.0, 0.7], requires_grad=True)
+
+    def gamma(conc, rate):  # through the damped-Newton inverse mean map
+        q = opinionpool.holder(Gamma(conc, rate), alpha=0.5, weights=[0.2, 0.3, 0.5]).moment_match()
+        return q.concentration, q.rate
+
+    assert torch.autograd.gradcheck(gamma, (conc, rate))
+
+
+def test_learnable_weights_receive_gradients():
+    mu, logvar = random_experts()
+    raw = torch.zeros(4, requires_grad=True)
+    loc, lv = F.hellinger(mu, logvar, weights=torch.softmax(raw, 0))
+    (loc.sum() + lv.sum()).backward()
+    assert raw.grad is not None and torch.isfinite(raw.grad).all() and raw.grad.abs().sum() > 0
+
+
+def test_holder_mixture_is_normalised_and_matches_object_components():
+    mu, logvar = random_experts(m=3)
+    mix = F.holder_mixture(mu, logvar, 1 / 2)
+    assert mix.log_weights.shape == (3, 6) and mix.loc.shape == (3, 6, 5)
+    torch.testing.assert_close(mix.log_weights.exp().sum(-1), torch.ones(3), rtol=0, atol=1e-14)
+    experts = Independent(Normal(mu.movedim(0, 1), (0.5 * logvar).exp().movedim(0, 1)), 1)
+    pool = opinionpool.holder(experts, alpha=0.5)
+    torch.testing.assert_close(mix.log_weights, pool.log_mixture_weights, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mix.loc, pool.component_params[..., 0, :], rtol=1e-12, atol=1e-12)
+    moe = F.moe(mu, logvar)
+    torch.testing.assert_close(moe.log_weights.exp(), torch.full((3, 3), 1 / 3), rtol=1e-15, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_cpu(dtype):
+    mu, logvar = random_experts(m=5, b=8, d=64)
+    mu, logvar = mu.to(dtype), logvar.to(dtype)
+    cpu = F.hellinger(mu, logvar)
+    gpu = F.hellinger(mu.cuda(), logvar.cuda())
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0])
+    torch.testing.assert_close(gpu[1].cpu(), cpu[1])
+    pool = opinionpool.holder(Independent(Normal(mu.cuda().movedim(0, 1), (0.5 * logvar.cuda()).exp().movedim(0, 1)), 1),
+                              alpha=0.5)
+    assert pool.moment_match().mean.device.type == "cuda"
