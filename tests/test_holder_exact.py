@@ -79,8 +79,8 @@ def test_moment_match_matches_expected_statistics(name, alpha):
         return math.exp(matched.log_prob(torch.tensor(z)).item())
 
     for i in range(len(statistic(1.0))):
-        want = integrate.quad(lambda z: statistic(z)[i] * pooled(z), lo, hi, limit=400, epsrel=1e-12)[0]
-        got = integrate.quad(lambda z: statistic(z)[i] * matched_pdf(z), lo, hi, limit=400, epsrel=1e-12)[0]
+        want = integrate.quad(lambda z, i=i: statistic(z)[i] * pooled(z), lo, hi, limit=400, epsrel=1e-12)[0]
+        got = integrate.quad(lambda z, i=i: statistic(z)[i] * matched_pdf(z), lo, hi, limit=400, epsrel=1e-12)[0]
         assert got == pytest.approx(want, rel=1e-8, abs=1e-10)
 
 
