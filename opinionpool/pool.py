@@ -100,14 +100,20 @@ def holder_components(family: ExponentialFamily, params: torch.Tensor, log_weigh
         combined, log_c = family.combine(params.unsqueeze(len(batch)), log_weights.unsqueeze(-2))
         return log_c, combined
     index, counts, log_multinomial = compositions(order, num_experts, device=params.device, dtype=params.dtype)
-    gathered = params.index_select(len(batch), index.flatten()).unflatten(len(batch), tuple(index.shape))
-    if order == 1:
-        components = gathered.squeeze(len(batch) + 1)
-        log_c = torch.zeros(batch + (index.shape[0],), dtype=params.dtype, device=params.device)
-    else:
-        used = counts > 0
-        log_w = torch.where(used, torch.log(counts.to(params.dtype) / order), -math.inf)
-        components, log_c = family.combine(gathered, log_w.expand(batch + tuple(index.shape)))
+    # Compositions on one expert are that expert (Chernoff coefficient 1); only the others are combined.
+    single = counts[:, 0] == order
+    order_rows = torch.cat((single.nonzero().squeeze(-1), (~single).nonzero().squeeze(-1)))
+    index, counts, log_multinomial = index[order_rows], counts[order_rows], log_multinomial[order_rows]
+    num_single = int(single.sum())
+    singles = params.index_select(len(batch), index[:num_single, 0])
+    components, log_c = singles, torch.zeros(batch + (num_single,), dtype=params.dtype, device=params.device)
+    if num_single < index.shape[0]:
+        multi_index, multi_counts = index[num_single:], counts[num_single:]
+        gathered = params.index_select(len(batch), multi_index.flatten()).unflatten(len(batch), tuple(multi_index.shape))
+        log_w = torch.where(multi_counts > 0, torch.log(multi_counts.to(params.dtype) / order), -math.inf)
+        combined, combined_log_c = family.combine(gathered, log_w.expand(batch + tuple(multi_index.shape)))
+        components = torch.cat((components, combined), dim=len(batch))
+        log_c = torch.cat((log_c, combined_log_c), dim=-1)
     picked = log_weights[..., index]
     zero = torch.zeros((), dtype=params.dtype, device=params.device)
     log_lambda_power = torch.where(counts > 0, counts * picked, zero).sum(-1)

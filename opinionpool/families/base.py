@@ -29,14 +29,14 @@ def _expand_weights(log_weights: torch.Tensor, num_trailing: int) -> torch.Tenso
 
 
 def weighted_sum(log_weights: torch.Tensor, values: torch.Tensor, dim: int) -> torch.Tensor:
-    """``sum_k exp(log_weights_k) * values_k`` where zero weights contribute exactly zero.
+    """``sum_k exp(log_weights_k) * values_k`` over ``dim`` of ``values``.
 
-    ``log_weights`` has the reduced dimension last; ``values`` has it at ``dim`` followed by
-    trailing dimensions. Zero weights multiply possibly infinite placeholders, hence the ``where``.
+    ``log_weights`` ends with the reduced dimension and broadcasts against ``values`` up to it;
+    ``values`` must be finite (zero weights then contribute exactly zero).
     """
     dim = dim % values.dim()
     w = _expand_weights(log_weights.exp(), values.dim() - dim - 1)
-    return torch.where(w > 0, w * values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(dim)
+    return (w * values).sum(dim)
 
 
 class ExponentialFamily:
@@ -191,18 +191,15 @@ class ExponentialFamily:
 
 
 def shifted_weighted_mean(log_pi: torch.Tensor, values: torch.Tensor, dim: int) -> torch.Tensor:
-    """``sum_k pi_k values_k`` computed around the heaviest component.
+    """``sum_k pi_k values_k`` computed around the first component.
 
     Shifting by a reference value makes a single component (or identical components) come out
     bit-exact, whereas ``sum_k pi_k v_k`` rounds through ``sum_k pi_k != 1``.
     """
     dim = dim % values.dim()
     num_trailing = values.dim() - dim - 1
-    heaviest = log_pi.argmax(dim=-1, keepdim=True)
-    index = heaviest.reshape(heaviest.shape + (1,) * num_trailing).expand(
-        values.shape[:dim] + (1,) + values.shape[dim + 1:])
-    reference = values.gather(dim, index)
-    total = weighted_sum(log_pi, torch.ones_like(log_pi), dim=-1)
+    reference = values.narrow(dim, 0, 1)
+    total = log_pi.exp().sum(-1)
     spread = weighted_sum(log_pi, values - reference, dim=dim)
     return reference.squeeze(dim) + spread / _expand_weights(total, num_trailing)
 

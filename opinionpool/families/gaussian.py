@@ -41,9 +41,7 @@ def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch
     mean = _shifted_mean_along(log_omega, loc, k)
     dev = (loc - mean.unsqueeze(k)) * torch.exp(0.5 * log_precision).unsqueeze(k)
     quad = (omega * dev * dev).sum(k)
-    w = lw.exp().expand_as(logvar)
-    weighted_logvar = torch.where(w > 0, w * logvar, torch.zeros((), dtype=loc.dtype, device=loc.device))
-    log_det = log_precision + weighted_logvar.sum(k)
+    log_det = log_precision + (lw.exp() * logvar).sum(k)
     log_c = -0.5 * (quad + log_det)
     if num_features:
         log_c = log_c.sum(tuple(range(-num_features, 0)))
@@ -51,12 +49,11 @@ def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch
 
 
 def _shifted_mean_along(log_w: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
-    """``sum_j w_j values_j`` along dim ``k`` (weights differ per trailing entry), around the heaviest."""
-    heaviest = log_w.argmax(dim=k, keepdim=True)
-    reference = values.gather(k, heaviest)
+    """``sum_j w_j values_j`` along dim ``k`` (weights differ per trailing entry), around the first slot
+    (always a used expert), so that one expert, or identical experts, come out exactly."""
+    reference = values.narrow(k, 0, 1)
     w = log_w.exp()
-    spread = torch.where(w > 0, w * (values - reference), torch.zeros((), dtype=values.dtype,
-                                                                     device=values.device)).sum(k)
+    spread = (w * (values - reference)).sum(k)
     return reference.squeeze(k) + spread / w.sum(k)
 
 
@@ -324,8 +321,7 @@ class MultivariateNormalFamily(ExponentialFamily):
         wp = torch.where(w[..., None, None] > 0, w[..., None, None] * precision, torch.zeros_like(precision))
         combined = wp.sum(k)
         chol = torch.linalg.cholesky(combined)
-        heaviest = log_weights.argmax(dim=-1, keepdim=True)  # reference point for an exact single expert
-        reference = loc.gather(k, heaviest.unsqueeze(-1).expand(*heaviest.shape, self.dim))
+        reference = loc.narrow(k, 0, 1)  # the first slot is always a used expert: one expert comes out exactly
         rhs = (wp @ (loc - reference).unsqueeze(-1)).sum(k)
         mean = reference.squeeze(k) + torch.cholesky_solve(rhs, chol).squeeze(-1)
         dev = loc - mean.unsqueeze(k)
