@@ -135,7 +135,8 @@ class _DiagonalGaussianBase(ExponentialFamily):
 
     def combine(self, params, log_weights):
         loc, logvar = self.split(params)
-        mean, logvar_c, log_c = gaussian_combine(loc, logvar, log_weights, self.num_features)
+        # contiguous copies: the (loc, logvar) slices are strided, which slows every later op severalfold
+        mean, logvar_c, log_c = gaussian_combine(loc.contiguous(), logvar.contiguous(), log_weights, self.num_features)
         return self.join(mean, logvar_c), log_c
 
     def mean(self, params):
