@@ -11,6 +11,7 @@ without the wrapping.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -142,3 +143,57 @@ def log_bhattacharyya(mu1, logvar1, mu2, logvar2):
     logvar = torch.stack(torch.broadcast_tensors(logvar1, logvar2), -2)
     half = torch.full(mu.shape[:-1], -0.6931471805599453, dtype=mu.dtype, device=mu.device)
     return gaussian_combine(mu, logvar, half, 1)[2]
+
+
+def wasserstein_barycenter(mu, logvar, *, dim=0, weights=None, mask=None, prior_expert=False, validate_args=None):
+    """2-Wasserstein barycenter of diagonal Gaussians: mean ``sum w mu``, standard deviation ``sum w sigma``."""
+    validate = validation_enabled(validate_args)
+    mu, logvar, mask, m = _prepare(mu, logvar, dim, weights, mask, prior_expert, validate)
+    log_weights = _log_weights(weights, m, mask, mu).unsqueeze(-1)
+    loc = (log_weights.exp() * mu).sum(-2)
+    return loc, 2 * torch.logsumexp(log_weights + 0.5 * logvar, dim=-2)
+
+
+def all_subsets(num_experts: int, device=None) -> torch.Tensor:
+    """The ``2^M - 1`` non-empty subsets of ``M`` experts as a boolean ``(2^M - 1, M)`` tensor, ordered by
+    size, then lexicographically (the order of ``itertools.combinations``)."""
+    members = torch.zeros(2**num_experts - 1, num_experts, dtype=torch.bool)
+    rows = [subset for size in range(1, num_experts + 1) for subset in itertools.combinations(range(num_experts), size)]
+    for row, subset in enumerate(rows):
+        members[row, list(subset)] = True
+    return members.to(device)
+
+
+def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, validate_args=None,
+                   **kwargs) -> GaussianMixture:
+    """Uniform mixture over subsets of experts, each aggregated by ``aggregator`` (MoPoE, MoHELVAE, MWB-VAE).
+
+    ``aggregator`` is a function of this module returning ``(mu, logvar)`` (``poe``, ``hellinger``, ``holder``,
+    ``wasserstein_barycenter``), called once on all subsets at once. ``subsets`` is a boolean ``(K, M)``
+    tensor (default: all non-empty subsets). With a per-sample ``mask`` a subset keeps only its present
+    experts, and subsets with none present get mixture weight zero.
+    """
+    validate = validation_enabled(validate_args)
+    mu, logvar, mask, m = _prepare(mu, logvar, dim, None, mask, False, validate)
+    if subsets is None:
+        subsets = all_subsets(m, device=mu.device)
+    subsets = torch.as_tensor(subsets, device=mu.device)
+    if subsets.dtype != torch.bool or subsets.dim() != 2 or subsets.shape[1] != m or not bool(subsets.any(-1).all()):
+        raise ValueError(f"subsets must be a boolean (K, {m}) tensor of non-empty subsets, got {subsets.dtype} "
+                         f"of shape {tuple(subsets.shape)}")
+    k = subsets.shape[0]
+    batch = mu.shape[:-2]
+    member = subsets.reshape((1,) * len(batch) + subsets.shape)
+    if mask is not None:
+        member = member & mask.unsqueeze(-2)
+    member = member.expand(batch + (k, m))
+    empty = ~member.any(-1)
+    # an empty subset is given a stand-in member so that its (discarded) aggregate stays finite
+    first = torch.zeros(m, dtype=torch.bool, device=mu.device)
+    first[0] = True
+    member = torch.where(empty.unsqueeze(-1), first, member)
+    expand = batch + (k,) + mu.shape[-2:]
+    loc, lv = aggregator(mu.unsqueeze(-3).expand(expand), logvar.unsqueeze(-3).expand(expand), dim=-2,
+                         mask=member, validate_args=False, **kwargs)
+    log_weights = torch.where(empty, -torch.inf, 0.0).to(mu.dtype)
+    return GaussianMixture(torch.log_softmax(log_weights, -1), loc, lv)

@@ -1,0 +1,106 @@
+"""Wasserstein barycenters and subset mixtures against independent computations."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import sqrtm
+from torch.distributions import Independent, MultivariateNormal, Normal
+
+import opinionpool
+import opinionpool.functional as F
+
+
+def numpy_barycenter(covs, weights, iterations=2000):
+    """The Álvarez-Esteban fixed point written independently with scipy's matrix square root."""
+    s = np.eye(covs.shape[-1])
+    for _ in range(iterations):
+        root = np.real(sqrtm(s))
+        inner = sum(w * np.real(sqrtm(root @ c @ root)) for w, c in zip(weights, covs))
+        root_inv = np.linalg.inv(root)
+        s_new = root_inv @ inner @ inner @ root_inv
+        if np.abs(s_new - s).max() < 1e-14:
+            return s_new
+        s = s_new
+    return s
+
+
+def test_full_covariance_barycenter_against_scipy_fixed_point():
+    rng = np.random.default_rng(0)
+    covs = []
+    for _ in range(3):
+        a = rng.normal(size=(3, 3))
+        covs.append(a @ a.T + 0.3 * np.eye(3))
+    covs = np.array(covs)
+    locs = rng.normal(size=(3, 3))
+    w = np.array([0.2, 0.3, 0.5])
+    bary = opinionpool.wasserstein_barycenter(MultivariateNormal(torch.tensor(locs), torch.tensor(covs)), weights=w)
+    np.testing.assert_allclose(bary.covariance_matrix.numpy(), numpy_barycenter(covs, w), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(bary.mean.numpy(), (w[:, None] * locs).sum(0), rtol=1e-12)
+    # the fixed-point equation itself holds
+    s = bary.covariance_matrix.numpy()
+    root = np.real(sqrtm(s))
+    residual = sum(wi * np.real(sqrtm(root @ c @ root)) for wi, c in zip(w, covs)) - s
+    assert np.abs(residual).max() < 1e-8
+
+
+def test_diagonal_barycenter_averages_standard_deviations_and_agrees_with_full():
+    mu = torch.tensor([[0.0, 1.0], [2.0, -1.0], [1.0, 3.0]])
+    sd = torch.tensor([[0.5, 2.0], [1.5, 0.3], [1.0, 1.0]])
+    w = torch.tensor([0.2, 0.3, 0.5])
+    bary = opinionpool.wasserstein_barycenter(Independent(Normal(mu, sd), 1), weights=w)
+    torch.testing.assert_close(bary.stddev, (w[:, None] * sd).sum(0), rtol=1e-14, atol=0)
+    full = opinionpool.wasserstein_barycenter(MultivariateNormal(mu, torch.diag_embed(sd**2)), weights=w)
+    torch.testing.assert_close(full.covariance_matrix, torch.diag_embed(bary.variance), rtol=1e-9, atol=1e-12)
+    loc, logvar = F.wasserstein_barycenter(mu.unsqueeze(1), (2 * sd.log()).unsqueeze(1), weights=w)
+    torch.testing.assert_close(loc[0], bary.mean, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(logvar[0].exp(), bary.variance, rtol=1e-13, atol=0)
+
+
+def test_barycenter_non_convergence_is_an_error():
+    rng = np.random.default_rng(1)
+    covs = np.array([(lambda a: a @ a.T + 0.1 * np.eye(3))(rng.normal(size=(3, 3))) for _ in range(2)])
+    with pytest.raises(RuntimeError, match="did not converge in 1 iterations"):
+        opinionpool.wasserstein_barycenter(MultivariateNormal(torch.zeros(2, 3), torch.tensor(covs)), max_iter=1)
+    with pytest.raises(ValueError, match="needs Gaussian experts"):
+        opinionpool.wasserstein_barycenter([torch.distributions.Poisson(torch.tensor(1.0))] * 2)
+
+
+@pytest.mark.parametrize("aggregator", [F.hellinger, F.poe, F.wasserstein_barycenter])
+def test_subset_mixture_against_brute_force(aggregator):
+    g = torch.Generator().manual_seed(0)
+    m, b, d = 4, 3, 2
+    mu, logvar = torch.randn(m, b, d, generator=g), torch.randn(m, b, d, generator=g)
+    mask = torch.tensor([[True, True, False], [False, True, True], [True, True, True], [True, False, True]])
+    mix = F.subset_mixture(aggregator, mu, logvar, mask=mask)
+    subsets = [s for r in range(1, m + 1) for s in itertools.combinations(range(m), r)]
+    assert mix.loc.shape == (b, len(subsets), d)
+    for sample in range(b):
+        present = {j for j in range(m) if mask[j, sample]}
+        kept = [s for s in subsets if set(s) & present]
+        expected = {tuple(sorted(set(s) & present)) for s in kept}
+        weights = mix.log_weights[sample].exp()
+        assert weights.sum().item() == pytest.approx(1.0, abs=1e-12)
+        assert int((weights > 0).sum()) == len(kept)
+        for k, s in enumerate(subsets):
+            members = sorted(set(s) & present)
+            if not members:
+                assert weights[k] == 0
+                continue
+            assert weights[k].item() == pytest.approx(1 / len(kept), rel=1e-12)
+            ref_loc, ref_lv = aggregator(mu[members, sample], logvar[members, sample])
+            torch.testing.assert_close(mix.loc[sample, k], ref_loc, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(mix.logvar[sample, k], ref_lv, rtol=1e-12, atol=1e-12)
+        assert expected  # every sample has at least one non-empty effective subset
+
+
+def test_subset_mixture_gradients_are_finite_with_empty_subsets():
+    mu = torch.randn(3, 2, 4, requires_grad=True)
+    logvar = torch.randn(3, 2, 4, requires_grad=True)
+    mask = torch.tensor([[True, False], [False, False], [True, True]])
+    mix = F.subset_mixture(F.hellinger, mu, logvar, mask=mask)
+    (mix.log_weights.exp().unsqueeze(-1) * (mix.loc + mix.logvar)).sum().backward()
+    assert torch.isfinite(mu.grad).all() and torch.isfinite(logvar.grad).all()
+    with pytest.raises(ValueError, match="subsets must be a boolean"):
+        F.subset_mixture(F.hellinger, mu, logvar, subsets=torch.zeros(2, 3, dtype=torch.bool))
