@@ -9,8 +9,6 @@ differentiable.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.distributions import kl_divergence as torch_kl
 
@@ -18,6 +16,7 @@ from ._validation import check_weights, validation_enabled
 from .experts import as_experts
 from .families import MultivariateNormalFamily
 from .families.gaussian import _DiagonalGaussianBase
+from .pool import geometric_combination, log_of_weights
 
 
 def _pair(p, q):
@@ -35,12 +34,7 @@ def log_multi_chernoff_coefficient(experts, weights, validate_args=None) -> torc
         total = w.sum(-1)
         if not bool(torch.allclose(total, torch.ones_like(total), atol=1e-6)):
             raise ValueError(f"weights must sum to one, got sums {total.detach().flatten()[:4].tolist()}")
-    log_w = torch.where(w > 0, torch.log(torch.where(w > 0, w, torch.ones_like(w))), -math.inf)
-    batch = torch.broadcast_shapes(experts.batch_shape, log_w.shape[:-1])
-    params = params.expand(batch + params.shape[experts.expert_dim:])
-    _, log_c = experts.family.combine(params.unsqueeze(len(batch)),
-                                      log_w.expand(batch + (experts.num_experts,)).unsqueeze(-2))
-    return log_c.squeeze(-1)
+    return geometric_combination(experts, log_of_weights(w))[1]
 
 
 def log_chernoff_coefficient(p, q, a: float = 0.5) -> torch.Tensor:

@@ -22,6 +22,7 @@ from .pool import (
     DEFAULT_MAX_COMPONENTS,
     exact_order,
     holder_components,
+    log_of_weights,
     normalized_log_weights,
     num_components,
 )
@@ -130,9 +131,7 @@ def poe(mu, logvar, *, dim=0, weights=None, mask=None, prior_expert=False, valid
     mu, logvar, mask, m = _prepare(mu, logvar, dim, weights, mask, prior_expert, validate)
     w = torch.ones(m, dtype=mu.dtype, device=mu.device) if weights is None else \
         torch.as_tensor(weights, dtype=mu.dtype, device=mu.device)
-    present = w > 0 if mask is None else (w > 0) & mask
-    log_w = torch.where(present, torch.log(torch.where(present, w, torch.ones_like(w))), -torch.inf)
-    log_w = log_w.expand(mu.shape[:-1])
+    log_w = log_of_weights(w, mask).expand(mu.shape[:-1])
     loc, logvar_p, _ = gaussian_combine(mu, logvar, log_w, 1)
     return loc, logvar_p
 

@@ -81,10 +81,26 @@ def normalized_log_weights(weights, num_experts: int, *, dtype, device, mask=Non
         w = torch.as_tensor(weights, dtype=dtype, device=device)
         if validate:
             check_weights("weights", w, num_experts)
-    present = w > 0 if mask is None else (w > 0) & mask
-    log_w = torch.where(present, torch.log(torch.where(present, w, torch.ones_like(w))),
-                        torch.full_like(w, -math.inf))
+    log_w = log_of_weights(w, mask)
     return log_w - torch.logsumexp(log_w, dim=-1, keepdim=True)
+
+
+def log_of_weights(weights: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+    """``log(weights)`` with ``-inf`` for zero weights and absent experts, never evaluating ``log(0)``
+    (whose gradient would be infinite)."""
+    keep = weights > 0 if present is None else (weights > 0) & present
+    return torch.where(keep, torch.log(torch.where(keep, weights, torch.ones_like(weights))),
+                       torch.full_like(weights, -math.inf))
+
+
+def geometric_combination(experts: Experts, log_weights: torch.Tensor):
+    """The family member proportional to ``prod_j q_j^(w_j)`` and ``log int prod_j q_j^(w_j)`` (meaningful
+    when the weights sum to one), for log-weights ``(..., M)`` broadcasting against the experts' batch."""
+    batch = torch.broadcast_shapes(experts.batch_shape, log_weights.shape[:-1])
+    params = experts.params.expand(batch + experts.params.shape[experts.expert_dim:])
+    log_weights = log_weights.expand(batch + (experts.num_experts,))
+    combined, log_c = experts.family.combine(params.unsqueeze(len(batch)), log_weights.unsqueeze(-2))
+    return combined.squeeze(len(batch)), log_c.squeeze(-1)
 
 
 def holder_components(family: ExponentialFamily, params: torch.Tensor, log_weights: torch.Tensor, order: int):
@@ -272,11 +288,7 @@ def poe(experts, weights=None, validate_args: bool | None = None):
         w = torch.as_tensor(weights, dtype=params.dtype, device=params.device)
         if validate:
             check_weights("weights", w, m)
-    log_w = torch.where(w > 0, torch.log(torch.where(w > 0, w, torch.ones_like(w))), torch.full_like(w, -math.inf))
-    batch = torch.broadcast_shapes(experts.batch_shape, log_w.shape[:-1])
-    params = params.expand(batch + params.shape[experts.expert_dim:])
-    combined, _ = experts.family.combine(params.unsqueeze(len(batch)), log_w.expand(batch + (m,)).unsqueeze(-2))
-    combined = combined.squeeze(len(batch))
+    combined, _ = geometric_combination(experts, log_of_weights(w))
     family = experts.family
     if validate and not bool(family.natural_domain(family.to_natural(combined)).all()):
         raise ValueError(f"the product of these {family.name} experts is not normalisable (its natural parameter "
