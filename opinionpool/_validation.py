@@ -8,9 +8,13 @@ message that names the argument and shows the offending value. Checks synchronis
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
 _VALIDATE = True
+_SKIP = threading.local()
 
 
 def set_validate_args(value: bool) -> None:
@@ -21,6 +25,22 @@ def set_validate_args(value: bool) -> None:
 
 def validation_enabled(validate_args: bool | None = None) -> bool:
     return _VALIDATE if validate_args is None else bool(validate_args)
+
+
+@contextlib.contextmanager
+def checks_enabled(enabled: bool):
+    """Within the block, the ``check_*`` functions do nothing unless ``enabled`` (used around the
+    conversion of distributions, whose parameter checks live in each family)."""
+    previous = getattr(_SKIP, "value", False)
+    _SKIP.value = not enabled
+    try:
+        yield
+    finally:
+        _SKIP.value = previous
+
+
+def _skipped() -> bool:
+    return getattr(_SKIP, "value", False)
 
 
 def describe(value: torch.Tensor, mask: torch.Tensor | None = None) -> str:
@@ -39,24 +59,32 @@ def describe(value: torch.Tensor, mask: torch.Tensor | None = None) -> str:
 
 
 def check_finite(name: str, value: torch.Tensor) -> None:
+    if _skipped():
+        return
     bad = ~torch.isfinite(value)
     if bool(bad.any()):
         raise ValueError(f"{name} must be finite, got non-finite values {describe(value, bad)}")
 
 
 def check_positive(name: str, value: torch.Tensor) -> None:
+    if _skipped():
+        return
     bad = ~(value > 0) | torch.isinf(value)
     if bool(bad.any()):
         raise ValueError(f"{name} must be positive and finite, got {describe(value, bad)}")
 
 
 def check_in_open_unit_interval(name: str, value: torch.Tensor) -> None:
+    if _skipped():
+        return
     bad = ~((value > 0) & (value < 1))
     if bool(bad.any()):
         raise ValueError(f"{name} must lie in (0, 1), got {describe(value, bad)}")
 
 
 def check_probabilities(name: str, value: torch.Tensor) -> None:
+    if _skipped():
+        return
     bad = ~((value >= 0) & (value <= 1))
     if bool(bad.any()):
         raise ValueError(f"{name} must lie in [0, 1], got {describe(value, bad)}")

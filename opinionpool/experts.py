@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import Distribution
 
-from ._validation import validation_enabled
+from ._validation import checks_enabled, validation_enabled
 from .families import ExponentialFamily, family_of, params_of
 
 
@@ -36,6 +36,15 @@ def as_experts(experts, validate_args: bool | None = None) -> Experts:
     dimension indexes the experts (as for ``MixtureSameFamily``)."""
     if isinstance(experts, Experts):
         return experts
+    validate = validation_enabled(validate_args)
+    with checks_enabled(validate):
+        family, params = _convert(experts)
+    if validate:
+        family.check_params(params, "experts")
+    return Experts(family, params)
+
+
+def _convert(experts):
     if isinstance(experts, Distribution):
         family = family_of(experts)
         if len(experts.batch_shape) == 0:
@@ -65,6 +74,4 @@ def as_experts(experts, validate_args: bool | None = None) -> Experts:
     else:
         raise ValueError("experts must be a list of torch.distributions objects of one family or one batched "
                          f"distribution, got {type(experts).__name__}")
-    if validation_enabled(validate_args):
-        family.check_params(params, "experts")
-    return Experts(family, params)
+    return family, params

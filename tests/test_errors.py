@@ -100,3 +100,13 @@ def test_unnormalisable_product_and_moments():
         pool.moment_match("laplace")
     diag = Independent(Normal(torch.zeros(2, 3), torch.ones(2, 3)), 1)
     assert opinionpool.holder(diag).covariance_matrix.shape == (3, 3)
+
+
+def test_switching_validation_off_skips_distribution_checks():
+    bad = Normal(torch.tensor(0.0), torch.tensor(-1.0), validate_args=False)
+    with pytest.raises(ValueError, match="Normal scale"):
+        opinionpool.holder([bad] + normals(1))
+    pool = opinionpool.holder([bad] + normals(1), validate_args=False)  # the caller took responsibility
+    assert torch.isnan(pool.mean)
+    with pytest.raises(ValueError, match="Normal scale"):
+        opinionpool.holder([bad] + normals(1))  # the switch was local to that call
