@@ -78,9 +78,10 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):
     return mu, logvar, mask, num_experts
 
 
-def _log_weights(weights, num_experts, mask, like, validate=False):
+def _log_weights(weights, num_experts, mask, like):
+    """Normalised log-weights; the weights were validated by ``_prepare``."""
     return normalized_log_weights(weights, num_experts, dtype=like.dtype, device=like.device, mask=mask,
-                                  validate=validate)
+                                  validate=False)
 
 
 def holder_mixture(mu, logvar, alpha=0.5, *, dim=0, weights=None, mask=None, prior_expert=False,
