@@ -113,8 +113,8 @@ def holder_components(family: ExponentialFamily, params: torch.Tensor, log_weigh
     params = params.expand(batch + params.shape[expert_dim:])
     log_weights = log_weights.expand(batch + (num_experts,))
     if order == 0:
-        combined, log_c = family.combine(params.unsqueeze(len(batch)), log_weights.unsqueeze(-2))
-        return log_c, combined
+        combined, log_c = geometric_combination(Experts(family, params), log_weights)
+        return log_c.unsqueeze(-1), combined.unsqueeze(len(batch))
     index, counts, log_multinomial = compositions(order, num_experts, device=params.device, dtype=params.dtype)
     # Compositions on one expert are that expert (Chernoff coefficient 1); only the others are combined.
     single = counts[:, 0] == order
