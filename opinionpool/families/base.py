@@ -191,17 +191,21 @@ class ExponentialFamily:
 
 
 def shifted_weighted_mean(log_pi: torch.Tensor, values: torch.Tensor, dim: int) -> torch.Tensor:
-    """``sum_k pi_k values_k`` computed around the first component.
-
-    Shifting by a reference value makes a single component (or identical components) come out
-    bit-exact, whereas ``sum_k pi_k v_k`` rounds through ``sum_k pi_k != 1``.
-    """
+    """``sum_k pi_k values_k`` over ``dim`` of ``values``, for log-weights ``(..., K)`` that end with that dim."""
     dim = dim % values.dim()
-    num_trailing = values.dim() - dim - 1
+    return shifted_mean_along(_expand_weights(log_pi, values.dim() - dim - 1), values, dim)
+
+
+def shifted_mean_along(log_w: torch.Tensor, values: torch.Tensor, dim: int) -> torch.Tensor:
+    """``sum_k w_k values_k / sum_k w_k`` along ``dim``, computed around the first entry.
+
+    ``log_w`` broadcasts against ``values``. Shifting by a reference value makes a single component
+    (or identical components) come out bit-exact, whereas ``sum_k w_k v_k`` rounds through
+    ``sum_k w_k != 1``.
+    """
     reference = values.narrow(dim, 0, 1)
-    total = log_pi.exp().sum(-1)
-    spread = weighted_sum(log_pi, values - reference, dim=dim)
-    return reference.squeeze(dim) + spread / _expand_weights(total, num_trailing)
+    w = log_w.exp()
+    return reference.squeeze(dim) + (w * (values - reference)).sum(dim) / w.sum(dim)
 
 
 def newton_inverse(family: ExponentialFamily, mean_params: torch.Tensor, init: torch.Tensor,

@@ -21,7 +21,7 @@ import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 from .._validation import check_finite, check_positive
-from .base import ExponentialFamily, shifted_weighted_mean, weighted_sum
+from .base import ExponentialFamily, shifted_mean_along, shifted_weighted_mean, weighted_sum
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -38,7 +38,7 @@ def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch
     log_precision = torch.logsumexp(log_precision_weight, dim=k)
     log_omega = log_precision_weight - log_precision.unsqueeze(k)
     omega = log_omega.exp()
-    mean = _shifted_mean_along(log_omega, loc, k)
+    mean = shifted_mean_along(log_omega, loc, k)  # around slot 0, which every composition uses
     dev = (loc - mean.unsqueeze(k)) * torch.exp(0.5 * log_precision).unsqueeze(k)
     quad = (omega * dev * dev).sum(k)
     log_det = log_precision + (lw.exp() * logvar).sum(k)
@@ -46,15 +46,6 @@ def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch
     if num_features:
         log_c = log_c.sum(tuple(range(-num_features, 0)))
     return mean, -log_precision, log_c
-
-
-def _shifted_mean_along(log_w: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
-    """``sum_j w_j values_j`` along dim ``k`` (weights differ per trailing entry), around the first slot
-    (always a used expert), so that one expert, or identical experts, come out exactly."""
-    reference = values.narrow(k, 0, 1)
-    w = log_w.exp()
-    spread = (w * (values - reference)).sum(k)
-    return reference.squeeze(k) + spread / w.sum(k)
 
 
 def gaussian_mixture_moments(log_pi: torch.Tensor, loc: torch.Tensor, logvar: torch.Tensor, num_features: int):
@@ -322,7 +313,7 @@ class MultivariateNormalFamily(ExponentialFamily):
         wp = torch.where(w[..., None, None] > 0, w[..., None, None] * precision, torch.zeros_like(precision))
         combined = wp.sum(k)
         chol = torch.linalg.cholesky(combined)
-        reference = loc.narrow(k, 0, 1)  # the first slot is always a used expert: one expert comes out exactly
+        reference = loc.narrow(k, 0, 1)  # shift by slot 0 so that one expert, or identical ones, come out exactly
         rhs = (wp @ (loc - reference).unsqueeze(-1)).sum(k)
         mean = reference.squeeze(k) + torch.cholesky_solve(rhs, chol).squeeze(-1)
         dev = loc - mean.unsqueeze(k)
