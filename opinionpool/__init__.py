@@ -25,13 +25,14 @@ from .affinities import (
 )
 from .experts import Experts, as_experts
 from .families import CustomFamily, ExponentialFamily, ExponentialFamilyDistribution, family_of
-from .pool import DEFAULT_MAX_COMPONENTS, HolderPool, hellinger, holder, moe, poe
+from .numerical import Estimate, PoolEstimate, log_power_mean
+from .pool import DEFAULT_MAX_COMPONENTS, HolderPool, NumericalHolderPool, hellinger, holder, moe, poe
 from .wasserstein import wasserstein_barycenter
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "holder", "HolderPool", "poe", "moe", "hellinger", "functional", "set_validate_args",
+    "holder", "HolderPool", "NumericalHolderPool", "PoolEstimate", "Estimate", "log_power_mean", "poe", "moe", "hellinger", "functional", "set_validate_args",
     "log_chernoff_coefficient", "log_multi_chernoff_coefficient", "log_bhattacharyya_coefficient",
     "bhattacharyya_coefficient", "hellinger_distance", "kl_divergence", "renyi_divergence",
     "amari_alpha_divergence", "ExponentialFamily", "CustomFamily", "ExponentialFamilyDistribution",

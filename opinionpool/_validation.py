@@ -115,3 +115,10 @@ def check_alpha(alpha) -> float:
     if value != value:
         raise ValueError(f"alpha must be a real number, got {alpha!r}")
     return value
+
+
+def check_num_samples(name: str, value) -> int:
+    """A positive integer sample budget."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer number of samples, got {value!r}")
+    return value

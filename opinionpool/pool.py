@@ -11,6 +11,10 @@ Exact cases:
   The pool is therefore an exact finite mixture with :math:`\binom{n+M-1}{M-1}` components;
   :math:`\alpha = 1` is the mixture of experts.
 
+Every other alpha (and ``+-inf``) goes through the numerical engine of :mod:`opinionpool.numerical`
+(:class:`NumericalHolderPool`), whose importance sampler and rejection sampler use the exact pools
+above as envelopes.
+
 All mixture weights are handled as log-weights (``log_mixture_weights``) so that Chernoff
 coefficients far below the float range (routine at latent size 512) never underflow to zero.
 """
@@ -25,9 +29,23 @@ from functools import lru_cache
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, MultivariateNormal, Normal
 
-from ._validation import check_alpha, check_weights, validation_enabled
+from ._validation import check_alpha, check_num_samples, check_weights, validation_enabled
 from .experts import Experts, as_experts
 from .families import ExponentialFamily
+from .numerical import (
+    Envelope,
+    PoolEstimate,
+    check_method,
+    check_quantities,
+    enumeration_estimate,
+    expert_log_probs,
+    grid_estimate,
+    importance_estimate,
+    log_power_mean,
+    quadrature_estimate,
+    rejection_sample,
+    seeded,
+)
 
 DEFAULT_MAX_COMPONENTS = 4096
 
@@ -136,8 +154,127 @@ def holder_components(family: ExponentialFamily, params: torch.Tensor, log_weigh
     return log_multinomial + log_lambda_power + log_c, components
 
 
-class HolderPool:
-    r"""The Hölder pool of a set of experts (see the module docstring for the exact cases).
+class _Pool:
+    """What every Hölder pool shares: experts, normalised weights, the pooled density and the numerical engine."""
+
+    def __init__(self, experts, alpha, weights, validate_args):
+        self.alpha = check_alpha(alpha)
+        self._validate = validation_enabled(validate_args)
+        self.experts: Experts = as_experts(experts, validate_args=self._validate)
+        self.family = self.experts.family
+        params = self.experts.params
+        self.log_weights = normalized_log_weights(weights, self.experts.num_experts, dtype=params.dtype,
+                                                  device=params.device, validate=self._validate)
+
+    @property
+    def event_shape(self) -> torch.Size:
+        return self.family.event_shape
+
+    @property
+    def stddev(self) -> torch.Tensor:
+        return self.variance.sqrt()
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        r""":math:`\frac1\alpha\log\sum_j\lambda_j q_j(z)^\alpha - \log Z`, from the experts' densities
+        directly (independent of how ``log Z`` was obtained)."""
+        log_u = log_power_mean(expert_log_probs(self.family, self.experts.params, value), self.log_weights, self.alpha)
+        return log_u - self.log_normalizer
+
+    # ------------------------------------------------------------ numerical engine
+    def estimate(self, quantities=None, method: str = "auto", num_samples: int = 100_000, seed: int | None = None,
+                 generator: torch.Generator | None = None, rtol: float = 1e-11) -> PoolEstimate:
+        """The normaliser and moments by the numerical engine, each with its error (see
+        :mod:`opinionpool.numerical`). Works for exact pools too, which is how the engine is validated.
+
+        Args:
+            quantities: among ``"mean"``, ``"variance"``, ``"covariance"``, ``"expected_statistic"``
+                (``E[T(z)]``); by default mean and variance (``E[T(z)]`` for families without numeric moments).
+            method: ``"auto"``, ``"enumeration"``, ``"quadrature"``, ``"grid"`` or ``"importance"``.
+            num_samples: importance samples (ignored by the deterministic methods).
+            seed, generator: make the sampling reproducible (same seed, same answer); default: the global RNG.
+            rtol: relative tolerance of the 1-D adaptive quadrature.
+        """
+        if quantities is None:
+            quantities = ("mean", "variance") if self.family.has_numeric_moments else ("expected_statistic",)
+        wanted = check_quantities(self.family, quantities)
+        method = check_method(self.family, method)
+        args = (self.family, self.experts.params, self.log_weights, self.alpha, wanted)
+        if method == "enumeration":
+            return enumeration_estimate(*args)
+        if method == "quadrature":
+            return quadrature_estimate(*args, rtol=rtol)
+        if method == "grid":
+            return grid_estimate(*args)
+        check_num_samples("num_samples", num_samples)
+        params = self.experts.params
+        with seeded(seed, generator, params.device):
+            return importance_estimate(*args[:4], self.envelope(), wanted, num_samples)
+
+    def envelope(self) -> Envelope:
+        """A normalised exact pool ``p`` of the same experts and ``B`` with ``u <= B p`` (the power-mean
+        inequalities): ``M_alpha <= M_(1/n)`` for ``0 < alpha <= 1``, ``n = floor(1/alpha)`` (or the largest
+        ``n`` within ``max_components``); ``M_alpha <= lambda_min^(1/alpha - 1) M_1`` for ``alpha > 1``;
+        ``max_j q_j <= sum_j q_j``; ``M_alpha <= M_0`` for ``alpha < 0`` (and ``min_j q_j`` for ``-inf``)."""
+        a = self.alpha
+        lw = self.log_weights
+        present = lw > -math.inf
+        uniform = present.to(lw.dtype)
+        if a == math.inf:
+            proposal = HolderPool(self.experts, 1, uniform, validate_args=False)
+            return Envelope(proposal, torch.log(uniform.sum(-1)), "max_j q_j <= sum_j q_j")
+        if a >= 1:
+            proposal = HolderPool(self.experts, 1, lw.exp(), validate_args=False)
+            log_min = torch.where(present, lw, torch.full_like(lw, math.inf)).amin(-1)
+            return Envelope(proposal, (1 / a - 1) * log_min, f"M_{a:g} <= lambda_min^(1/alpha - 1) M_1")
+        if a > 0:
+            order = self._envelope_order()
+            proposal = HolderPool(self.experts, 1 / order, lw.exp(), validate_args=False,
+                                  max_components=self._max_components)
+            return Envelope(proposal, proposal.log_normalizer, f"M_{a:g} <= M_(1/{order})")
+        weights = uniform if a == -math.inf else lw.exp()
+        proposal = HolderPool(self.experts, 0, weights, validate_args=False)
+        return Envelope(proposal, proposal.log_normalizer, f"M_{a:g} <= M_0 (log-linear pool)")
+
+    def _envelope_order(self) -> int:
+        """The largest ``n <= 1/alpha`` whose exact pool has at most ``max_components`` components."""
+        order = max(1, math.floor(1 / self.alpha * (1 + 1e-12)))
+        while order > 1 and num_components(order, self.experts.num_experts) > self._max_components:
+            order -= 1
+        return order
+
+    def normalizer_bounds(self):
+        """A certified bracket ``(lower, upper)`` of ``log Z`` from the neighbouring exact pools
+        (``Z`` is non-decreasing in alpha); ``-inf`` where no closed-form lower bound exists (alpha < 0)."""
+        a = self.alpha
+        lw = self.log_weights
+        present = lw > -math.inf
+        count = present.sum(-1).to(lw.dtype)
+        order = exact_order(a)
+        if order is not None and not (order > 0 and num_components(order, self.experts.num_experts)
+                                      > self._max_components):
+            log_z = HolderPool(self.experts, a, lw.exp(), validate_args=False,
+                               max_components=self._max_components).log_normalizer
+            return log_z, log_z
+        minus_inf = torch.full_like(count, -math.inf)
+        if a < 0:
+            weights = present.to(lw.dtype) if a == -math.inf else lw.exp()
+            return minus_inf, HolderPool(self.experts, 0, weights, validate_args=False).log_normalizer
+        if a > 1:
+            log_min = torch.where(present, lw, torch.full_like(lw, math.inf)).amin(-1)
+            upper = torch.log(count) if a == math.inf else torch.minimum((1 / a - 1) * log_min, torch.log(count))
+            return torch.zeros_like(count), upper
+        upper = self.envelope().log_bound
+        below = self._envelope_order() + 1
+        if num_components(below, self.experts.num_experts) <= self._max_components:
+            lower = HolderPool(self.experts, 1 / below, lw.exp(), validate_args=False,
+                               max_components=self._max_components).log_normalizer
+        else:
+            lower = HolderPool(self.experts, 0, lw.exp(), validate_args=False).log_normalizer
+        return lower, upper
+
+
+class HolderPool(_Pool):
+    r"""The exact Hölder pool (``alpha = 0`` or ``1/n``; see the module docstring).
 
     Attributes are tensors with shape ``batch_shape`` (``log_normalizer``) or
     ``batch_shape + event_shape`` (``mean``, ``variance``); the finite-mixture form is available as
@@ -146,39 +283,29 @@ class HolderPool:
 
     def __init__(self, experts, alpha=0.5, weights=None, *, max_components: int = DEFAULT_MAX_COMPONENTS,
                  validate_args: bool | None = None):
-        alpha = check_alpha(alpha)
-        validate = validation_enabled(validate_args)
-        order = exact_order(alpha)
+        order = exact_order(check_alpha(alpha))
         if order is None:
             raise NotImplementedError(
                 f"alpha={alpha!r} has no closed form: exact Hölder pools exist for alpha = 0 and alpha = 1/n "
-                "(n = 1, 2, ...); the numerical engine for other alpha is not implemented yet")
-        experts = as_experts(experts, validate_args=validate)
+                "(n = 1, 2, ...); use opinionpool.holder, which estimates other alpha numerically")
+        super().__init__(experts, alpha, weights, validate_args)
+        experts = self.experts
         count = num_components(order, experts.num_experts)
         if count > max_components:
             raise ValueError(f"alpha={alpha!r} with {experts.num_experts} experts gives {count} mixture components, "
                              f"more than max_components={max_components}; raise max_components to allow it")
-        self.experts: Experts = experts
-        self.family = experts.family
-        self.alpha = alpha
+        self._max_components = max_components
         self.order = order
-        params = experts.params
-        self.log_weights = normalized_log_weights(weights, experts.num_experts, dtype=params.dtype,
-                                                  device=params.device, validate=validate)
-        log_mix, self.component_params = holder_components(self.family, params, self.log_weights, order)
+        log_mix, self.component_params = holder_components(self.family, experts.params, self.log_weights, order)
         self.log_normalizer = torch.logsumexp(log_mix, dim=-1)
         self.log_mixture_weights = log_mix - self.log_normalizer.unsqueeze(-1)
-        if validate and not bool(torch.isfinite(self.log_normalizer).all()):
+        if self._validate and not bool(torch.isfinite(self.log_normalizer).all()):
             raise ValueError("the pool's log-normaliser is not finite; check the experts for extreme parameters")
 
     # ------------------------------------------------------------------ shapes
     @property
     def batch_shape(self) -> torch.Size:
         return self.log_normalizer.shape
-
-    @property
-    def event_shape(self) -> torch.Size:
-        return self.family.event_shape
 
     @property
     def num_components(self) -> int:
@@ -198,10 +325,6 @@ class HolderPool:
         return self.family.mixture_variance(self.log_mixture_weights, self.component_params)
 
     @property
-    def stddev(self) -> torch.Tensor:
-        return self.variance.sqrt()
-
-    @property
     def covariance_matrix(self) -> torch.Tensor:
         if not self.family.multivariate:
             raise ValueError(f"covariance_matrix needs multivariate experts; {self.family.name} experts are scalar "
@@ -209,27 +332,18 @@ class HolderPool:
         return self.family.mixture_covariance(self.log_mixture_weights, self.component_params)
 
     # -------------------------------------------------------------- densities
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        r""":math:`\frac1\alpha\log\sum_j\lambda_j q_j(z)^\alpha - \log Z`, from the experts' densities
-        directly (independent of the mixture expansion)."""
-        event_dims = len(self.event_shape)
-        expert_log_prob = self.family.log_prob(self.experts.params, value.unsqueeze(value.dim() - event_dims))
-        if self.order == 0:
-            w = self.log_weights.exp()
-            pooled = torch.where(w > 0, w * expert_log_prob, torch.zeros_like(expert_log_prob)).sum(-1)
-        else:
-            pooled = torch.logsumexp(self.log_weights + self.alpha * expert_log_prob, dim=-1) / self.alpha
-        return pooled - self.log_normalizer
-
     def as_mixture(self) -> MixtureSameFamily:
         """The pool as a ``torch.distributions.MixtureSameFamily`` (one component for ``alpha=0``)."""
         components = self.family.distribution(self.component_params)
         return MixtureSameFamily(Categorical(logits=self.log_mixture_weights), components, validate_args=False)
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        if self.order == 0:
-            return self.family.sample(self.component_params.squeeze(len(self.batch_shape)), sample_shape)
-        return self.as_mixture().sample(sample_shape)
+        """Samples ``sample_shape + batch_shape + event_shape``: a component index, then that component."""
+        sample_shape = torch.Size(sample_shape)
+        index = Categorical(logits=self.log_mixture_weights).sample(sample_shape)
+        components = self.component_params.reshape((-1,) + self.component_params.shape[len(self.batch_shape):])
+        chosen = components[torch.arange(components.shape[0], device=index.device), index.reshape(-1, components.shape[0])]
+        return self.family.sample(chosen.reshape(sample_shape + self.batch_shape + self.family.param_shape))
 
     def moment_match(self, family: str | None = None):
         """Project the pool onto one distribution by matching moments (the KL M-projection).
@@ -238,28 +352,146 @@ class HolderPool:
         with the pool's mean and (co)variance; ``"diag_gaussian"``: a Gaussian with its marginal means
         and variances. The result is a ``torch.distributions`` object.
         """
-        log_pi, components = self.log_mixture_weights, self.component_params
         if family is None:
-            return self.family.distribution(self.family.moment_match(log_pi, components))
-        if family not in ("gaussian", "diag_gaussian"):
-            raise ValueError(f"family must be None, 'gaussian' or 'diag_gaussian', got {family!r}")
-        if not self.family.has_numeric_moments:
-            raise ValueError(f"{self.family.name} experts have no numeric moments to match with a Gaussian")
-        mean = self.mean
-        if not self.family.multivariate:
-            return Normal(mean, self.variance.sqrt(), validate_args=False)
-        if family == "diag_gaussian":
-            return Independent(Normal(mean, self.variance.sqrt(), validate_args=False), 1)
-        return MultivariateNormal(mean, covariance_matrix=self.covariance_matrix, validate_args=False)
+            return self.family.distribution(self.family.moment_match(self.log_mixture_weights, self.component_params))
+        return gaussian_projection(self, family)
 
     def __repr__(self) -> str:
         return (f"HolderPool(family={self.family!r}, alpha={self.alpha!r}, num_experts={self.experts.num_experts}, "
                 f"num_components={self.num_components}, batch_shape={tuple(self.batch_shape)})")
 
 
-def holder(experts, alpha=0.5, weights=None, **kwargs) -> HolderPool:
-    r"""The Hölder pool :math:`q \propto (\sum_j \lambda_j q_j^\alpha)^{1/\alpha}` with weights normalised to one."""
-    return HolderPool(experts, alpha=alpha, weights=weights, **kwargs)
+class NumericalHolderPool(_Pool):
+    r"""A Hölder pool for any real alpha or ``+-inf``, by the numerical engine.
+
+    The same interface as :class:`HolderPool`: ``log_normalizer``, ``mean``, ``variance``,
+    ``covariance_matrix``, ``log_prob``, ``sample`` (exact: rejection from the envelope, or the
+    enumerated probabilities for discrete experts) and ``moment_match``. Those values come from one
+    :meth:`estimate` with this pool's ``method``, ``num_samples`` and ``seed``, computed on first use;
+    call :meth:`estimate` directly for their errors. Values are not differentiable.
+    """
+
+    def __init__(self, experts, alpha, weights=None, *, method: str = "auto", num_samples: int = 100_000,
+                 seed: int = 0, max_components: int = DEFAULT_MAX_COMPONENTS, validate_args: bool | None = None):
+        super().__init__(experts, alpha, weights, validate_args)
+        self.method = check_method(self.family, method)
+        if self.method == "importance":
+            check_num_samples("num_samples", num_samples)
+        self.num_samples = num_samples
+        self.seed = seed
+        self._max_components = max_components
+        self._summary: PoolEstimate | None = None
+
+    @property
+    def summary(self) -> PoolEstimate:
+        """The estimate behind this pool's attributes (with errors)."""
+        if self._summary is None:
+            wanted = set()
+            if self.family.has_numeric_moments:
+                wanted |= {"mean", "variance"}
+                if self.family.multivariate:
+                    wanted.add("covariance")
+            if not self.family.gaussian:
+                wanted.add("expected_statistic")
+            self._summary = self.estimate(wanted, method=self.method, num_samples=self.num_samples, seed=self.seed)
+            if not bool(torch.isfinite(self._summary.log_normalizer.value).all()):
+                raise ValueError(f"the estimated log-normaliser of the alpha={self.alpha!r} pool is not finite; "
+                                 "the experts may not overlap enough for a numerical estimate")
+        return self._summary
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self.experts.batch_shape
+
+    @property
+    def log_normalizer(self) -> torch.Tensor:
+        return self.summary.log_normalizer.value
+
+    def _moment(self, name):
+        if not self.family.has_numeric_moments:
+            raise ValueError(f"{self.family.name} experts have no numeric {name}; use moment_match() "
+                             "or estimate(['expected_statistic'])")
+        return getattr(self.summary, name).value
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._moment("mean")
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self._moment("variance")
+
+    @property
+    def covariance_matrix(self) -> torch.Tensor:
+        if not self.family.multivariate:
+            raise ValueError(f"covariance_matrix needs multivariate experts; {self.family.name} experts are scalar "
+                             "(use variance)")
+        return self._moment("covariance")
+
+    def sample(self, sample_shape=torch.Size(), seed: int | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Exact samples ``sample_shape + batch_shape + event_shape``."""
+        sample_shape = torch.Size(sample_shape)
+        count = sample_shape.numel()
+        check_num_samples("sample_shape", count)
+        params = self.experts.params
+        with seeded(seed, generator, params.device), torch.no_grad():
+            if self.family.discrete:
+                values, _ = self.family.support_values(params)
+                batch = self.batch_shape
+                points = values.reshape(values.shape[:1] + (1,) * len(batch)).expand(values.shape[:1] + batch)
+                log_u = log_power_mean(expert_log_probs(self.family, params, points), self.log_weights, self.alpha)
+                index = Categorical(logits=log_u.movedim(0, -1)).sample(sample_shape)
+                return values[index]
+            samples = rejection_sample(self.family, params, self.log_weights, self.alpha, self.envelope(), count)
+        return samples.reshape(sample_shape + samples.shape[1:])
+
+    def moment_match(self, family: str | None = None):
+        """As :meth:`HolderPool.moment_match`, from the estimated moments (``E[T(z)]`` for non-Gaussian families)."""
+        if family is not None or self.family.gaussian:
+            if family is None:
+                family = "gaussian" if self.family.multivariate else "diag_gaussian"
+            return gaussian_projection(self, family)
+        stat = self.summary.expected_statistic.value
+        init = geometric_combination(self.experts, self.log_weights)[0]
+        natural = self.family.natural_from_mean(stat, init=self.family.to_natural(init))
+        return self.family.distribution(self.family.from_natural(natural))
+
+    def __repr__(self) -> str:
+        return (f"NumericalHolderPool(family={self.family!r}, alpha={self.alpha!r}, "
+                f"num_experts={self.experts.num_experts}, method={self.method!r}, batch_shape={tuple(self.batch_shape)})")
+
+
+def gaussian_projection(pool, family: str):
+    """The Gaussian with the pool's mean and (co)variance (``"gaussian"``) or marginal variances (``"diag_gaussian"``)."""
+    if family not in ("gaussian", "diag_gaussian"):
+        raise ValueError(f"family must be None, 'gaussian' or 'diag_gaussian', got {family!r}")
+    if not pool.family.has_numeric_moments:
+        raise ValueError(f"{pool.family.name} experts have no numeric moments to match with a Gaussian")
+    mean = pool.mean
+    if not pool.family.multivariate:
+        return Normal(mean, pool.variance.sqrt(), validate_args=False)
+    if family == "diag_gaussian":
+        return Independent(Normal(mean, pool.variance.sqrt(), validate_args=False), 1)
+    return MultivariateNormal(mean, covariance_matrix=pool.covariance_matrix, validate_args=False)
+
+
+def holder(experts, alpha=0.5, weights=None, *, method: str = "auto", num_samples: int = 100_000, seed: int = 0,
+           max_components: int = DEFAULT_MAX_COMPONENTS, validate_args: bool | None = None):
+    r"""The Hölder pool :math:`q \propto (\sum_j \lambda_j q_j^\alpha)^{1/\alpha}` with weights normalised to one.
+
+    With ``method="auto"``: exact (:class:`HolderPool`) for ``alpha = 0`` and ``alpha = 1/n`` within
+    ``max_components`` mixture components; otherwise, including ``+-inf``, a :class:`NumericalHolderPool`.
+    Naming a ``method`` (see :mod:`opinionpool.numerical`) forces the numerical engine, for any alpha.
+    """
+    order = exact_order(check_alpha(alpha))
+    if method == "auto" and order is not None:
+        experts = as_experts(experts, validate_args=validate_args)
+        if num_components(order, experts.num_experts) <= max_components:
+            return HolderPool(experts, alpha=alpha, weights=weights, max_components=max_components,
+                              validate_args=validate_args)
+    return NumericalHolderPool(experts, alpha=alpha, weights=weights, method=method, num_samples=num_samples,
+                               seed=seed, max_components=max_components, validate_args=validate_args)
 
 
 def moe(experts, weights=None, **kwargs) -> MixtureSameFamily:

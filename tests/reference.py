@@ -10,9 +10,13 @@ from scipy import integrate, special, stats
 
 
 def power_mean(densities: np.ndarray, weights: np.ndarray, alpha: float) -> np.ndarray:
-    """(sum_j w_j q_j^alpha)^(1/alpha) over the first axis (alpha = 0: weighted geometric mean)."""
+    """(sum_j w_j q_j^alpha)^(1/alpha) over the first axis (alpha = 0: weighted geometric mean;
+    +-inf: max / min over experts with positive weight)."""
     w = np.asarray(weights, dtype=float).reshape((-1,) + (1,) * (densities.ndim - 1))
     w = w / w.sum()
+    if np.isinf(alpha):
+        present = densities[np.asarray(weights).ravel() > 0]
+        return present.max(0) if alpha > 0 else present.min(0)
     if alpha == 0:
         with np.errstate(divide="ignore"):
             return np.exp((w * np.log(densities)).sum(0))

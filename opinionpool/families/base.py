@@ -47,6 +47,14 @@ class ExponentialFamily:
     has_numeric_moments = True
     #: whether z is a continuous vector whose covariance matrix is meaningful
     multivariate = False
+    #: scalar continuous families: the interval carrying the density (used by 1-D quadrature)
+    support_interval: tuple[float, float] | None = None
+    #: whether z is discrete (the numerical engine then sums over ``support_values``)
+    discrete = False
+    #: whether the family is Gaussian (a pool is then moment-matched from its mean and covariance)
+    gaussian = False
+    #: whether z is an angle (mean and variance are then the circular ones, derived from E[T(z)])
+    circular = False
 
     def __init__(self, event_shape=(), param_shape=(1,)):
         self.event_shape = torch.Size(event_shape)
@@ -188,6 +196,11 @@ class ExponentialFamily:
 
     def sample(self, params: torch.Tensor, sample_shape=torch.Size()) -> torch.Tensor:
         return self.distribution(params).sample(sample_shape)
+
+    def support_values(self, params: torch.Tensor):
+        """Discrete families: the values ``(K,) + event_shape`` to sum over for experts ``params``,
+        and a bound ``(batch)`` on ``sum_j E_j[(1 + |z|)^2; z not listed]`` (zero when nothing is left out)."""
+        raise NotImplementedError(f"{self.name} experts are not discrete")
 
 
 def shifted_weighted_mean(log_pi: torch.Tensor, values: torch.Tensor, dim: int) -> torch.Tensor:

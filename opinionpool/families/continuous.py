@@ -31,6 +31,7 @@ def _zeros(value, shape):
 
 class ExponentialDistFamily(ExponentialFamily):
     name = "Exponential"
+    support_interval = (0.0, math.inf)
 
     def __init__(self):
         super().__init__(event_shape=(), param_shape=(1,))
@@ -67,6 +68,7 @@ class ExponentialDistFamily(ExponentialFamily):
 
 class GammaFamily(ExponentialFamily):
     name = "Gamma"
+    support_interval = (0.0, math.inf)
 
     def __init__(self):
         super().__init__(event_shape=(), param_shape=(2,))
@@ -103,6 +105,7 @@ class GammaFamily(ExponentialFamily):
 
 class BetaFamily(ExponentialFamily):
     name = "Beta"
+    support_interval = (0.0, 1.0)
 
     def __init__(self):
         super().__init__(event_shape=(), param_shape=(2,))
@@ -194,6 +197,8 @@ class VonMisesFamily(ExponentialFamily):
     ``1 - |E[exp(i z)]|``, as in ``torch.distributions.VonMises``."""
 
     name = "VonMises"
+    support_interval = (-math.pi, math.pi)
+    circular = True
 
     def __init__(self):
         super().__init__(event_shape=(), param_shape=(2,))

@@ -29,13 +29,16 @@ class CustomFamily(ExponentialFamily):
         natural_domain: optional predicate on ``eta`` (boolean ``(...)``); by default, where ``A`` is finite.
         mean, variance: optional functions of ``eta`` giving the mean and variance of ``z``.
         sampler: optional ``(eta, sample_shape) -> samples``.
+        support_interval: for a scalar continuous family, the interval ``(lower, upper)`` carrying the
+            density; it lets the numerical engine integrate pools of these experts by quadrature.
         name: used in messages and ``repr``.
     """
 
     def __init__(self, log_normalizer: Callable, sufficient_statistic: Callable, log_base_measure: Callable,
                  num_params: int, event_shape=(), natural_domain: Callable | None = None,
                  mean: Callable | None = None, variance: Callable | None = None,
-                 sampler: Callable | None = None, name: str = "custom exponential family"):
+                 sampler: Callable | None = None, support_interval: tuple[float, float] | None = None,
+                 name: str = "custom exponential family"):
         super().__init__(event_shape=event_shape, param_shape=(num_params,))
         self._log_normalizer = log_normalizer
         self._sufficient_statistic = sufficient_statistic
@@ -44,6 +47,13 @@ class CustomFamily(ExponentialFamily):
         self._mean = mean
         self._variance = variance
         self._sampler = sampler
+        if support_interval is not None:
+            if tuple(event_shape) != ():
+                raise ValueError(f"support_interval is for scalar families, got event_shape={tuple(event_shape)}")
+            lower, upper = (float(x) for x in support_interval)
+            if not lower < upper:
+                raise ValueError(f"support_interval must be (lower, upper) with lower < upper, got {support_interval!r}")
+            self.support_interval = (lower, upper)
         self.name = name
         self.has_numeric_moments = mean is not None
 

@@ -15,6 +15,8 @@ inverse mean map picks the representative with ``logsumexp(eta) = 0``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.distributions import Bernoulli, Binomial, Categorical, Poisson
@@ -23,8 +25,17 @@ from .._validation import check_finite, check_positive, check_probabilities
 from .base import ExponentialFamily
 
 
+def _listed(values: torch.Tensor, params: torch.Tensor, param_dims: int = 1):
+    """Support values that leave nothing out: the bound is zero for every expert batch."""
+    batch = params.shape[: params.dim() - param_dims - 1]
+    return values, torch.zeros(batch, dtype=params.dtype, device=params.device)
+
+
 class PoissonFamily(ExponentialFamily):
+    """Poisson experts; the numerical engine truncates the support where the tail is below 1e-30."""
+
     name = "Poisson"
+    discrete = True
 
     def __init__(self):
         super().__init__(event_shape=(), param_shape=(1,))
@@ -55,9 +66,19 @@ class PoissonFamily(ExponentialFamily):
     def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
         return torch.log(mean_params)
 
+    def support_values(self, params):
+        rate = torch.exp(params[..., 0])  # (batch, M)
+        largest = float(rate.max())
+        last = math.ceil(largest + 50 * math.sqrt(largest) + 80)
+        # E[(1+z)^2; z > K] = P(z > K) + 3 r P(z >= K) + r^2 P(z >= K - 1) <= (1 + 3r + r^2) P(z >= K - 1)
+        tail = torch.special.gammainc(torch.full_like(rate, last - 1.0), rate)
+        bound = ((1 + 3 * rate + rate * rate) * tail).sum(-1)
+        return torch.arange(last + 1, dtype=params.dtype, device=params.device), bound
+
 
 class BernoulliFamily(ExponentialFamily):
     name = "Bernoulli"
+    discrete = True
 
     def __init__(self):
         super().__init__(event_shape=(), param_shape=(1,))
@@ -91,11 +112,15 @@ class BernoulliFamily(ExponentialFamily):
     def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
         return torch.logit(mean_params)
 
+    def support_values(self, params):
+        return _listed(torch.arange(2, dtype=params.dtype, device=params.device), params)
+
 
 class BinomialFamily(ExponentialFamily):
     """Binomial experts sharing one ``total_count``."""
 
     name = "Binomial"
+    discrete = True
 
     def __init__(self, total_count: int):
         super().__init__(event_shape=(), param_shape=(1,))
@@ -141,10 +166,14 @@ class BinomialFamily(ExponentialFamily):
     def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
         return torch.logit(mean_params / self.total_count)
 
+    def support_values(self, params):
+        return _listed(torch.arange(self.total_count + 1, dtype=params.dtype, device=params.device), params)
+
 
 class CategoricalFamily(ExponentialFamily):
     name = "Categorical"
     has_numeric_moments = False
+    discrete = True
 
     def __init__(self, num_categories: int):
         super().__init__(event_shape=(), param_shape=(num_categories,))
@@ -187,3 +216,6 @@ class CategoricalFamily(ExponentialFamily):
 
     def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
         return torch.log(mean_params / mean_params.sum(-1, keepdim=True))
+
+    def support_values(self, params):
+        return _listed(torch.arange(self.num_categories, device=params.device), params)

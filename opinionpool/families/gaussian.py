@@ -68,6 +68,7 @@ class _DiagonalGaussianBase(ExponentialFamily):
     """Shared implementation of scalar and diagonal Gaussians: params ``(..., 2, *features)``."""
 
     num_features = 0
+    gaussian = True
 
     def split(self, params):
         return params.select(-1 - self.num_features, 0), params.select(-1 - self.num_features, 1)
@@ -158,6 +159,7 @@ class NormalFamily(_DiagonalGaussianBase):
 
     name = "Normal"
     num_features = 0
+    support_interval = (-math.inf, math.inf)
 
     def __init__(self):
         super().__init__(event_shape=(), param_shape=(2,))
@@ -227,6 +229,7 @@ class MultivariateNormalFamily(ExponentialFamily):
 
     name = "MultivariateNormal"
     multivariate = True
+    gaussian = True
 
     def __init__(self, dim: int):
         super().__init__(event_shape=(dim,), param_shape=(dim, dim + 1))
