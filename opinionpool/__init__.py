@@ -32,7 +32,8 @@ from .wasserstein import wasserstein_barycenter
 __version__ = "0.1.0"
 
 __all__ = [
-    "holder", "HolderPool", "NumericalHolderPool", "PoolEstimate", "Estimate", "log_power_mean", "poe", "moe", "hellinger", "functional", "set_validate_args",
+    "holder", "HolderPool", "NumericalHolderPool", "PoolEstimate", "Estimate", "log_power_mean",
+    "poe", "moe", "hellinger", "functional", "set_validate_args",
     "log_chernoff_coefficient", "log_multi_chernoff_coefficient", "log_bhattacharyya_coefficient",
     "bhattacharyya_coefficient", "hellinger_distance", "kl_divergence", "renyi_divergence",
     "amari_alpha_divergence", "ExponentialFamily", "CustomFamily", "ExponentialFamilyDistribution",

@@ -278,8 +278,10 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol):
 
     def integrate_terms(terms, center, scale):
         def f(z):
-            e = math.exp(log_u(z) - shift) / scale
-            return e * terms((z - center) / scale, z)
+            value = terms((z - center) / scale, z)
+            if not lower < z < upper:  # an endpoint (measure zero) where a density may be infinite
+                return np.zeros_like(value)
+            return math.exp(log_u(z) - shift) / scale * value
         result, error = integrate.quad_vec(f, lower, upper, epsabs=0, epsrel=rtol, points=points or None,
                                            norm="max", limit=2000)
         return result, error
