@@ -20,9 +20,10 @@ def test_code_block_runs(path, index, code, capsys):
     exec(compile(code, f"{path.name}[{index}]", "exec"), {})
 
 
-def test_package_docstring_example():
+@pytest.mark.parametrize("module", ["opinionpool", "opinionpool.symbolic"])
+def test_module_docstring_examples(module):
     import doctest
+    import importlib
 
-    import opinionpool
-    result = doctest.testmod(opinionpool, verbose=False)
+    result = doctest.testmod(importlib.import_module(module), verbose=False)
     assert result.attempted > 0 and result.failed == 0
