@@ -379,3 +379,19 @@ def test_engine_errors_name_the_problem():
                                      alpha=2.0)
     with pytest.raises(ValueError, match="Categorical experts have no numeric mean"):
         categorical.estimate(["mean"])
+
+
+def test_batched_experts_match_one_pool_at_a_time():
+    g = torch.Generator().manual_seed(8)
+    loc, scale = torch.randn(2, 3, generator=g), 0.5 + torch.rand(2, 3, generator=g)
+    batched = opinionpool.holder(Normal(loc, scale), alpha=-1.0, weights=WEIGHTS)
+    assert batched.batch_shape == (2,) and batched.sample((5,), seed=0).shape == (5, 2)
+    loc2, scale2 = torch.randn(2, 3, 2, generator=g), 0.5 + torch.rand(2, 3, 2, generator=g)
+    grid = opinionpool.holder(Independent(Normal(loc2, scale2), 1), alpha=2.0, weights=WEIGHTS)
+    for b in range(2):
+        single = opinionpool.holder(Normal(loc[b], scale[b]), alpha=-1.0, weights=WEIGHTS)
+        assert rel(batched.log_normalizer[b], single.log_normalizer) < 1e-12
+        assert rel(batched.variance[b], single.variance) < 1e-12
+        single = opinionpool.holder(Independent(Normal(loc2[b], scale2[b]), 1), alpha=2.0, weights=WEIGHTS)
+        assert rel(grid.log_normalizer[b], single.log_normalizer) < 1e-12
+        assert torch.allclose(grid.covariance_matrix[b], single.covariance_matrix, rtol=1e-12, atol=1e-15)
