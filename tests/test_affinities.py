@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from reference import log_bc_diag_gauss
 from scipy import integrate, stats
 from torch.distributions import Beta, Exponential, Gamma, Independent, Normal, Poisson
 
 import opinionpool as op
+from validation.reference import log_bc_diag_gauss
 
 PAIRS = {
     "Normal": (lambda: (Normal(torch.tensor(0.3), torch.tensor(0.7)), Normal(torch.tensor(-1.2), torch.tensor(1.9))),

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from reference import power_mean, quad_moments, sum_moments
 from scipy import integrate, stats
 from torch.distributions import (
     Bernoulli,
@@ -20,6 +19,7 @@ from torch.distributions import (
 )
 
 import opinionpool
+from validation.reference import power_mean, quad_moments, sum_moments
 
 WEIGHTS = [0.2, 0.3, 0.5]
 ALPHAS = [0, 1 / 4, 1 / 3, 1 / 2, 1]

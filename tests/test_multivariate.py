@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from reference import power_mean
 from scipy import integrate, stats
 from torch.distributions import Dirichlet, Independent, MultivariateNormal, Normal
 
 import opinionpool
+from validation.reference import power_mean
 
 WEIGHTS = np.array([0.2, 0.3, 0.5])
 GRID = np.linspace(-12, 12, 1201)

@@ -7,7 +7,6 @@ import mpmath
 import numpy as np
 import pytest
 import torch
-from reference import power_mean, quad_moments, sum_moments
 from scipy import integrate, stats
 from torch.distributions import (
     Bernoulli,
@@ -25,6 +24,7 @@ from torch.distributions import (
 
 import opinionpool
 from opinionpool.numerical import Envelope, log_power_mean, rejection_sample
+from validation.reference import power_mean, quad_moments, sum_moments
 
 WEIGHTS = [0.2, 0.3, 0.5]
 NON_EXACT = [2.0, -1.0, 0.3, 3.7, -0.01, math.inf, -math.inf]

@@ -98,7 +98,7 @@ def test_hellinger_pairwise_weights_follow_the_paper():
     var = torch.tensor([0.5, 0.6, 0.2]).unsqueeze(-1).expand(3, 2)
     lam = torch.tensor([0.2, 0.3, 0.5])
     pool = opinionpool.holder(Independent(Normal(mu, var.sqrt()), 1), alpha=0.5, weights=lam)
-    from reference import log_bc_diag_gauss
+    from validation.reference import log_bc_diag_gauss
     s = {(i, j): math.exp(log_bc_diag_gauss(mu[i].numpy(), var[i].numpy(), mu[j].numpy(), var[j].numpy()))
          for i in range(3) for j in range(i + 1, 3)}
     z = sum(lam[j].item() ** 2 for j in range(3)) + sum(2 * lam[i].item() * lam[j].item() * v for (i, j), v in s.items())
