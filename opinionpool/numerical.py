@@ -37,7 +37,7 @@ SMALL_ALPHA = 1e-3
 METHODS = ("enumeration", "quadrature", "grid", "importance")
 #: Gaussian pools up to this dimension are integrated on a grid by default
 MAX_GRID_DIM = 3
-_GRID_NODES_PER_DIM = {1: 4000, 2: 400, 3: 96}
+_GRID_NODES_PER_DIM = {1: 4000, 2: 800, 3: 140}
 _GRID_CHUNK = 1 << 16
 
 
@@ -314,13 +314,15 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol):
 
 
 # ---------------------------------------------------------------------------------- grid
-def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: int = 12) -> PoolEstimate:
+def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: int = 10) -> PoolEstimate:
     """Tensor-product Gauss–Legendre quadrature for Gaussian pools of dimension <= 3, one pool at a time.
 
     The box spans every present expert's mean +- 12 marginal standard deviations (outside it the
-    pool, bounded by ``max_j q_j`` for ``alpha > 0`` and by ``min_j q_j`` below, has mass < 1e-30);
-    panels are at most 2 of the narrowest expert's standard deviations wide. The reported error is
-    the difference from the rule with ``nodes_per_panel - 4`` nodes on the same panels.
+    pool, bounded by ``max_j q_j`` for ``alpha > 0`` and by ``min_j q_j`` below, has mass < 1e-30).
+    A first pass on panels about two expert standard deviations wide locates the pool; the second
+    pass adds panels across the pool's own core (+-10 of its standard deviations), which matters
+    for ``alpha < 0`` pools, narrower than every expert. The reported error is the difference from
+    the rule with ``nodes_per_panel - 4`` nodes on the same panels.
     """
     n_param = len(family.param_shape)
     batch = params.shape[: params.dim() - n_param - 1]
@@ -328,8 +330,10 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
     flat_lw = log_weights.expand(batch + log_weights.shape[-1:]).reshape(-1, log_weights.shape[-1])
     rows = []
     for p, lw in zip(flat_params, flat_lw):
-        fine = _grid_one(family, p, lw, alpha, wanted, nodes_per_panel)
-        coarse = _grid_one(family, p, lw, alpha, wanted, nodes_per_panel - 4)
+        first = _grid_one(family, p, lw, alpha, {"mean", "variance"}, nodes_per_panel, _grid_edges(family, p, lw))
+        edges = _grid_edges(family, p, lw, first["mean"], first["variance"].sqrt())
+        fine = _grid_one(family, p, lw, alpha, wanted, nodes_per_panel, edges)
+        coarse = _grid_one(family, p, lw, alpha, wanted, nodes_per_panel - 4, edges)
         rows.append({name: Estimate(fine[name], (fine[name] - coarse[name]).abs()) for name in fine})
     log_z = torch.stack([r["log_normalizer"].value for r in rows]).reshape(batch)
     log_z_err = torch.stack([r["log_normalizer"].error for r in rows]).reshape(batch)
@@ -342,26 +346,39 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
     return _finish("grid", "quadrature error estimate", log_z, log_z_err, stats, wanted)
 
 
-def _grid_one(family, params, log_weights, alpha, wanted, nodes_per_panel):
+def _grid_edges(family, params, log_weights, centre=None, spread=None, nodes_per_panel: int = 10):
+    """Panel edges per dimension: uniform over the experts' box, plus a refined block over the pool's core."""
     present = log_weights > -math.inf
     loc = family.mean(params)[present]
     sd = family.variance(params)[present].sqrt()
     if loc.dim() == 1:  # scalar Normal experts
         loc, sd = loc.unsqueeze(-1), sd.unsqueeze(-1)
     dim = loc.shape[-1]
-    max_nodes = _GRID_NODES_PER_DIM[dim]
-    gl_nodes, gl_weights = np.polynomial.legendre.leggauss(nodes_per_panel)
-    axes, axis_weights = [], []
+    max_panels = max(2, _GRID_NODES_PER_DIM[dim] // nodes_per_panel)
+    all_edges = []
     for d in range(dim):
         lower = float((loc[:, d] - 12 * sd[:, d]).min())
         upper = float((loc[:, d] + 12 * sd[:, d]).max())
-        max_panels = max(1, max_nodes // nodes_per_panel)
-        width = max(2 * float(sd[:, d].min()), (upper - lower) / max_panels)
-        edges = np.linspace(lower, upper, int(math.ceil((upper - lower) / width)) + 1)
+        budget = max_panels if centre is None else max_panels // 2
+        count = max(1, min(budget, math.ceil((upper - lower) / (2 * float(sd[:, d].min())))))
+        edges = np.linspace(lower, upper, count + 1)
+        if centre is not None:
+            c, s = float(centre.reshape(-1)[d]), float(spread.reshape(-1)[d])
+            core = np.linspace(max(lower, c - 10 * s), min(upper, c + 10 * s), max(2, max_panels - count) + 1)
+            edges = np.union1d(edges, core)
+        all_edges.append(edges)
+    return all_edges
+
+
+def _grid_one(family, params, log_weights, alpha, wanted, nodes_per_panel, edges_per_dim):
+    gl_nodes, gl_weights = np.polynomial.legendre.leggauss(nodes_per_panel)
+    axes, axis_weights = [], []
+    for edges in edges_per_dim:
         half = 0.5 * np.diff(edges)
         mid = 0.5 * (edges[1:] + edges[:-1])
         axes.append(torch.tensor((mid[:, None] + half[:, None] * gl_nodes).ravel(), dtype=params.dtype))
         axis_weights.append(torch.tensor((half[:, None] * gl_weights).ravel(), dtype=params.dtype))
+    dim = len(edges_per_dim)
     grid = torch.cartesian_prod(*axes).reshape(-1, dim).to(params.device)
     log_node_w = torch.cartesian_prod(*[w.log() for w in axis_weights]).reshape(-1, dim).sum(-1).to(params.device)
     value_shape = () if family.event_shape == () else (dim,)

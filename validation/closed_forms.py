@@ -1,0 +1,276 @@
+"""Every family and alpha in {0, 1/4, 1/3, 1/2, 1, 2, -1}: the library's normaliser, mean, variance and
+moment-matched statistics against (a) independent quadrature or exact sums and (b) Monte Carlo.
+
+The references never call opinionpool: densities come from scipy.stats, quadrature from scipy, and the
+Monte Carlo draws from the equal-weight mixture of the experts (numpy), reweighted to the pool by the power
+mean of the experts' densities. The power mean is at most M times that mixture for every alpha, so the
+weights are bounded and the standard errors are honest.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy import integrate, stats
+from torch.distributions import (
+    Bernoulli,
+    Beta,
+    Binomial,
+    Categorical,
+    Dirichlet,
+    Exponential,
+    Gamma,
+    Independent,
+    MultivariateNormal,
+    Normal,
+    Poisson,
+    VonMises,
+)
+
+import opinionpool
+
+from .reference import power_mean
+from .report import Z_TOLERANCE, Check, compare
+
+ALPHAS = (0.0, 0.25, 1 / 3, 0.5, 1.0, 2.0, -1.0)
+WEIGHTS = np.array([0.2, 0.3, 0.5])
+QUAD_TOLERANCE = 1e-8
+
+
+@dataclass
+class Case:
+    """One family: torch experts, the same experts in scipy, and how to integrate over their support."""
+
+    name: str
+    experts: Callable[[], list]
+    scipy: list
+    domain: str  # "real", "positive", "unit", "circle", "discrete", "plane", "simplex"
+    support: np.ndarray | None = None  # discrete support
+    statistic: Callable | None = None  # T(z) for the moment-matching check (numpy)
+
+    def logpdf(self, z):
+        if self.domain == "discrete":
+            return np.array([d.logpmf(z) for d in self.scipy])
+        if self.domain == "simplex":
+            return np.array([d.logpdf(z.T) for d in self.scipy])
+        return np.array([d.logpdf(z) for d in self.scipy])
+
+    def sample_mixture(self, n, rng):
+        which = rng.integers(len(self.scipy), size=n)
+        draws = [np.asarray(d.rvs(size=n, random_state=rng)) for d in self.scipy]
+        z = np.choose(which, draws) if draws[0].ndim == 1 else np.stack(draws)[which, np.arange(n)]
+        if self.domain == "circle":
+            z = np.mod(z + np.pi, 2 * np.pi) - np.pi
+        return z
+
+
+def _t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def cases() -> list[Case]:
+    mvn_cov = [np.array([[1.0, 0.4], [0.4, 0.5]]), np.array([[0.3, -0.1], [-0.1, 0.8]]),
+               np.array([[2.0, 0.0], [0.0, 0.2]])]
+    mvn_loc = [np.array([0.0, 0.5]), np.array([1.5, -0.5]), np.array([-1.0, 1.0])]
+    diag_loc, diag_sd = np.array([[0.0, 0.0], [1.0, 0.2], [4.0, 0.0]]), np.array([[0.7, 0.9], [0.8, 0.5], [0.45, 1.2]])
+    return [
+        Case("Normal", lambda: [Normal(_t(m), _t(s)) for m, s in ((0.0, 1.0), (2.0, 0.5), (-1.0, 2.0))],
+             [stats.norm(m, s) for m, s in ((0.0, 1.0), (2.0, 0.5), (-1.0, 2.0))], "real"),
+        Case("Exponential", lambda: [Exponential(_t(r)) for r in (0.5, 2.0, 5.0)],
+             [stats.expon(scale=1 / r) for r in (0.5, 2.0, 5.0)], "positive", statistic=lambda z: [z]),
+        Case("Gamma", lambda: [Gamma(_t(a), _t(b)) for a, b in ((2.0, 1.0), (5.0, 3.0), (1.5, 0.5))],
+             [stats.gamma(a, scale=1 / b) for a, b in ((2.0, 1.0), (5.0, 3.0), (1.5, 0.5))], "positive",
+             statistic=lambda z: [np.log(z), z]),
+        Case("Beta", lambda: [Beta(_t(a), _t(b)) for a, b in ((2.0, 3.0), (5.0, 1.5), (30.0, 40.0))],
+             [stats.beta(a, b) for a, b in ((2.0, 3.0), (5.0, 1.5), (30.0, 40.0))], "unit",
+             statistic=lambda z: [np.log(z), np.log1p(-z)]),
+        Case("VonMises", lambda: [VonMises(_t(m), _t(k)) for m, k in ((0.5, 2.0), (-2.0, 4.0), (2.8, 0.7))],
+             [stats.vonmises(k, loc=m) for m, k in ((0.5, 2.0), (-2.0, 4.0), (2.8, 0.7))], "circle",
+             statistic=lambda z: [np.cos(z), np.sin(z)]),
+        Case("Poisson", lambda: [Poisson(_t(r)) for r in (3.0, 10.0, 0.5)],
+             [stats.poisson(r) for r in (3.0, 10.0, 0.5)], "discrete", np.arange(400), statistic=lambda z: [z]),
+        Case("Binomial", lambda: [Binomial(12, _t(p)) for p in (0.2, 0.7, 0.45)],
+             [stats.binom(12, p) for p in (0.2, 0.7, 0.45)], "discrete", np.arange(13), statistic=lambda z: [z]),
+        Case("Bernoulli", lambda: [Bernoulli(_t(p)) for p in (0.2, 0.7, 0.45)],
+             [stats.bernoulli(p) for p in (0.2, 0.7, 0.45)], "discrete", np.arange(2), statistic=lambda z: [z]),
+        Case("Categorical", lambda: [Categorical(probs=_t(p)) for p in ((0.1, 0.6, 0.3), (0.5, 0.2, 0.3),
+                                                                        (0.05, 0.15, 0.8))],
+             [stats.rv_discrete(values=(np.arange(3), p)) for p in ((0.1, 0.6, 0.3), (0.5, 0.2, 0.3),
+                                                                   (0.05, 0.15, 0.8))],
+             "discrete", np.arange(3), statistic=lambda z: [z == 0, z == 1, z == 2]),
+        Case("Independent(Normal) 2-D", lambda: [Independent(Normal(_t(m), _t(s)), 1) for m, s in zip(diag_loc, diag_sd)],
+             [stats.multivariate_normal(m, np.diag(s**2)) for m, s in zip(diag_loc, diag_sd)], "plane"),
+        Case("MultivariateNormal 2-D", lambda: [MultivariateNormal(_t(m), _t(c)) for m, c in zip(mvn_loc, mvn_cov)],
+             [stats.multivariate_normal(m, c) for m, c in zip(mvn_loc, mvn_cov)], "plane"),
+        Case("Dirichlet K=3", lambda: [Dirichlet(_t(c)) for c in ((2.0, 3.0, 4.0), (6.0, 2.0, 2.0), (3.0, 3.0, 9.0))],
+             [stats.dirichlet(c) for c in ((2.0, 3.0, 4.0), (6.0, 2.0, 2.0), (3.0, 3.0, 9.0))], "simplex"),
+    ]
+
+
+# ----------------------------------------------------------------------------- references
+def quadrature_reference(case: Case, alpha: float):
+    """log Z, mean, variance (or E[T] for circular/categorical) of the pool by quadrature or exact sums;
+    ``None`` for the simplex (Monte Carlo only)."""
+    if case.domain == "simplex":
+        return None
+    if case.domain == "discrete":
+        z = case.support
+        u = power_mean(np.exp(case.logpdf(z)), WEIGHTS, alpha)
+        total = u.sum()
+        p = u / total
+        mean = (p * z).sum()
+        out = {"log Z": math.log(total), "mean": mean, "variance": (p * (z - mean) ** 2).sum()}
+        out["E[T]"] = [(p * t).sum() for t in case.statistic(z)]
+        return out
+    if case.domain == "plane":
+        sd = np.array([np.sqrt(np.diag(d.cov)) for d in case.scipy])
+        loc = np.array([d.mean for d in case.scipy])
+        lo, hi = (loc - 12 * sd).min(0), (loc + 12 * sd).max(0)
+        x, y = np.meshgrid(np.linspace(lo[0], hi[0], 1201), np.linspace(lo[1], hi[1], 1201), indexing="ij")
+        cell = (x[1, 0] - x[0, 0]) * (y[0, 1] - y[0, 0])
+        pts = np.stack((x.ravel(), y.ravel()), -1)
+        u = power_mean(np.exp(case.logpdf(pts)), WEIGHTS, alpha)
+        total = u.sum() * cell  # trapezoid rule; the integrand vanishes on the box edges
+        p = u * cell / total
+        mean = p @ pts
+        var = p @ (pts - mean) ** 2
+        return {"log Z": math.log(total), "mean": mean, "variance": var}
+    lower, upper = {"real": (-np.inf, np.inf), "positive": (0, np.inf), "unit": (0, 1), "circle": (-np.pi, np.pi)}[
+        case.domain]
+    points = [float(d.mean()) for d in case.scipy] if case.domain in ("unit",) else None
+
+    def pooled(z):
+        return float(power_mean(np.exp(case.logpdf(np.array([z])))[:, 0], WEIGHTS, alpha))
+
+    opts = dict(epsabs=0, epsrel=1e-12, limit=400, points=points)
+    if case.domain == "real":  # finite limits so the breakpoints can be used
+        lower, upper = -60.0, 60.0
+        opts["points"] = [float(d.mean()) for d in case.scipy]
+    z0 = integrate.quad(pooled, lower, upper, **opts)[0]
+    out = {"log Z": math.log(z0)}
+    if case.domain != "circle":
+        mean = integrate.quad(lambda z: z * pooled(z), lower, upper, **opts)[0] / z0
+        out["mean"] = mean
+        out["variance"] = integrate.quad(lambda z: (z - mean) ** 2 * pooled(z), lower, upper, **opts)[0] / z0
+    if case.statistic is not None:
+        out["E[T]"] = [integrate.quad(lambda z, k=k: case.statistic(z)[k] * pooled(z), lower, upper, **opts)[0] / z0
+                       for k in range(len(case.statistic(1.0)))]
+    return out
+
+
+def monte_carlo_reference(case: Case, alpha: float, num_samples: int, seed: int):
+    """Importance sampling from the experts' equal-weight mixture: estimates with standard errors."""
+    rng = np.random.default_rng(seed)
+    z = case.sample_mixture(num_samples, rng)
+    log_q = case.logpdf(z)  # (M, N)
+    log_mix = np.logaddexp.reduce(log_q, axis=0) - math.log(len(case.scipy))
+    with np.errstate(divide="ignore"):
+        log_u = np.log(power_mean(np.exp(log_q), WEIGHTS, alpha))
+    w = np.exp(log_u - log_mix)
+    z_hat = w.mean()
+    out = {"log Z": (math.log(z_hat), w.std(ddof=1) / (z_hat * math.sqrt(num_samples)))}
+    p = w / w.sum()
+    zz = z.astype(float)
+    pw = p if zz.ndim == 1 else p[:, None]
+    if case.domain not in ("circle", "simplex") or case.domain == "simplex":
+        mean = (pw * zz).sum(0)
+        dev2 = (zz - mean) ** 2
+        var = (pw * dev2).sum(0)
+        out["mean"] = (mean, np.sqrt((pw**2 * dev2).sum(0)))
+        out["variance"] = (var, np.sqrt((pw**2 * (dev2 - var) ** 2).sum(0)))
+    if case.domain == "circle":
+        stats_t = [np.cos(zz), np.sin(zz)]
+        out["E[T]"] = [((p * t).sum(), np.sqrt((p**2 * (t - (p * t).sum()) ** 2).sum())) for t in stats_t]
+    return out
+
+
+# --------------------------------------------------------------------------------- checks
+def _library(case: Case, alpha: float):
+    pool = opinionpool.holder(case.experts(), alpha=alpha, weights=WEIGHTS.tolist())
+    family = pool.family
+    out = {"log Z": float(pool.log_normalizer)}
+    if family.has_numeric_moments and not family.circular:
+        out["mean"] = pool.mean.detach().numpy()
+        out["variance"] = pool.variance.detach().numpy()
+    matched = pool.moment_match()
+    if not family.gaussian:
+        params = family.params_from_distribution(matched) if not hasattr(matched, "params") else matched.params
+        out["E[T]"] = family.mean_parameters(family.to_natural(params)).detach().numpy()
+        if family.name == "Categorical":
+            out["E[T]"] = matched.probs.detach().numpy()
+    return out, type(pool).__name__
+
+
+def run(num_samples: int = 200_000, seed: int = 0, families=None, alphas=ALPHAS, progress=None) -> tuple[list, list]:
+    """All closed-form checks; returns the checks and the per-case z-scores (for the figure)."""
+    checks, zscores = [], []
+    selected = [c for c in cases() if families is None or c.name in families]
+    jobs = [(case, alpha) for case in selected for alpha in alphas]
+    for case, alpha in (progress(jobs) if progress else jobs):
+        group = f"{case.name}, alpha={alpha:.4g}"
+        start = time.perf_counter()
+        lib, kind = _library(case, alpha)
+        lib_seconds = time.perf_counter() - start
+        quad = quadrature_reference(case, alpha)
+        mc = monte_carlo_reference(case, alpha, num_samples, seed)
+        note = kind if kind == "HolderPool" else "numerical engine"
+        for name, value in lib.items():
+            got = np.atleast_1d(value)
+            if quad is not None and name in quad:
+                ref = np.atleast_1d(quad[name])
+                for i, (g, r) in enumerate(zip(got, ref)):
+                    label = f"{name}[{i}]" if len(got) > 1 else name
+                    rel_kind = "relative" if name == "variance" else "absolute"
+                    tolerance = QUAD_TOLERANCE if name != "E[T]" else 1e-7
+                    checks.append(compare(group, f"{label} vs quadrature", g, r, rel_kind, tolerance,
+                                          seconds=lib_seconds, note=note))
+            if name in mc:
+                if name == "E[T]":
+                    ref, se = np.array([v for v, _ in mc[name]]), np.array([s for _, s in mc[name]])
+                else:
+                    ref, se = np.atleast_1d(mc[name][0]), np.atleast_1d(mc[name][1])
+                for i, (g, r, s) in enumerate(zip(got, ref, se)):
+                    label = f"{name}[{i}]" if len(got) > 1 else name
+                    check = compare(group, f"{label} vs Monte Carlo", g, r, "z-score", Z_TOLERANCE,
+                                    standard_error=float(s), seconds=lib_seconds, note=note)
+                    checks.append(check)
+                    zscores.append((case.name, alpha, label, check.error))
+    return checks, zscores
+
+
+# ----------------------------------------------------------------------------- affinities
+def affinity_checks(num_samples: int = 200_000, seed: int = 1) -> list[Check]:
+    """Bhattacharyya coefficient, KL and Renyi(0.7) between the first two experts of each family vs Monte Carlo
+    under the first expert."""
+    checks = []
+    rng = np.random.default_rng(seed)
+    for case in cases():
+        experts = case.experts()
+        p, q = experts[0], experts[1]
+        start = time.perf_counter()
+        library = {
+            "Bhattacharyya coefficient": float(opinionpool.bhattacharyya_coefficient(p, q)),
+            "KL(p||q)": float(opinionpool.kl_divergence(p, q)),
+            "log Chernoff(0.7)": float(opinionpool.log_chernoff_coefficient(p, q, 0.7)),
+        }
+        seconds = time.perf_counter() - start
+        z = np.asarray(case.scipy[0].rvs(size=num_samples, random_state=rng))
+        if case.domain == "circle":
+            z = np.mod(z + np.pi, 2 * np.pi) - np.pi
+        log_q = case.logpdf(z)
+        log_ratio = log_q[1] - log_q[0]
+        samples = {"Bhattacharyya coefficient": np.exp(0.5 * log_ratio), "KL(p||q)": -log_ratio,
+                   "log Chernoff(0.7)": np.exp(0.3 * log_ratio)}
+        for name, values in samples.items():
+            mean, se = values.mean(), values.std(ddof=1) / math.sqrt(num_samples)
+            got = library[name]
+            if name.startswith("log"):  # delta method on the log of a mean
+                mean, se = math.log(mean), se / mean
+            checks.append(compare(f"affinities, {case.name}", f"{name} vs Monte Carlo", got, mean, "z-score",
+                                  Z_TOLERANCE, standard_error=se, seconds=seconds))
+    return checks

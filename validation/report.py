@@ -1,0 +1,101 @@
+"""Checks, the Markdown report and atomic file writes shared by the validation scripts."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: a Monte Carlo check fails beyond this many standard errors (about 7e-6 two-sided for a normal z-score)
+Z_TOLERANCE = 4.5
+
+
+@dataclass
+class Check:
+    """One comparison of a library value with an independent reference.
+
+    ``kind`` is ``"relative"`` (``error`` = |got - ref| / |ref| against ``tolerance``), ``"absolute"``, or
+    ``"z-score"`` (``error`` = (got - ref) / standard error of the Monte Carlo reference).
+    """
+
+    group: str
+    name: str
+    got: float
+    reference: float
+    kind: str
+    error: float
+    tolerance: float
+    seconds: float = 0.0
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return math.isfinite(self.error) and abs(self.error) <= self.tolerance
+
+
+def compare(group, name, got, reference, kind, tolerance, *, standard_error=None, seconds=0.0, note="") -> Check:
+    got, reference = float(got), float(reference)
+    if kind == "relative":
+        error = abs(got - reference) / max(abs(reference), 1e-300)
+    elif kind == "absolute":
+        error = abs(got - reference)
+    elif kind == "z-score":
+        error = (got - reference) / standard_error if standard_error > 0 else (0.0 if got == reference else math.inf)
+    else:
+        raise ValueError(f"kind must be 'relative', 'absolute' or 'z-score', got {kind!r}")
+    return Check(group, name, got, reference, kind, error, tolerance, seconds, note)
+
+
+@dataclass
+class Report:
+    title: str
+    sections: list = field(default_factory=list)  # (heading, markdown text)
+    checks: list = field(default_factory=list)
+
+    def add(self, heading: str, text: str) -> None:
+        self.sections.append((heading, text))
+
+    @property
+    def failed(self) -> list:
+        return [c for c in self.checks if not c.passed]
+
+    def markdown(self) -> str:
+        lines = [f"# {self.title}", "",
+                 f"{len(self.checks)} checks, {len(self.failed)} failed. Relative and absolute errors are against "
+                 f"independent quadrature or exact sums; z-scores are (library - Monte Carlo) / standard error, "
+                 f"failing beyond {Z_TOLERANCE}.", ""]
+        for heading, text in self.sections:
+            lines += [f"## {heading}", "", text, ""]
+        lines += ["## Every check", "", "| group | check | library | reference | kind | error | tolerance | s | ok |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for c in self.checks:
+            lines.append(f"| {c.group} | {c.name} | {c.got:.10g} | {c.reference:.10g} | {c.kind} | {c.error:.2e} | "
+                         f"{c.tolerance:.1e} | {c.seconds:.2f} | {'yes' if c.passed else '**NO**'} |")
+        return "\n".join(lines) + "\n"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: never a truncated file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_figure_atomic(figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        figure.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
