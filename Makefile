@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test validate lint
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -11,5 +11,8 @@ demo: setup
 test: setup
 	$(PYTHON) -m pytest -q tests
 
+validate: setup
+	$(PYTHON) -m validation
+
 lint:
-	$(PYTHON) -m ruff check opinionpool tests benchmarks
+	$(PYTHON) -m ruff check opinionpool tests benchmarks validation

@@ -191,6 +191,7 @@ def monte_carlo_reference(case: Case, alpha: float, num_samples: int, seed: int)
 
 # --------------------------------------------------------------------------------- checks
 def _library(case: Case, alpha: float):
+    """The library's values, and the standard errors of those that are themselves Monte Carlo estimates."""
     pool = opinionpool.holder(case.experts(), alpha=alpha, weights=WEIGHTS.tolist())
     family = pool.family
     out = {"log Z": float(pool.log_normalizer)}
@@ -203,7 +204,12 @@ def _library(case: Case, alpha: float):
         out["E[T]"] = family.mean_parameters(family.to_natural(params)).detach().numpy()
         if family.name == "Categorical":
             out["E[T]"] = matched.probs.detach().numpy()
-    return out, type(pool).__name__
+    errors = {}
+    summary = getattr(pool, "summary", None)
+    if summary is not None and summary.error_kind == "standard error":
+        errors = {"log Z": summary.log_normalizer.error.numpy(), "mean": summary.mean.error.numpy(),
+                  "variance": summary.variance.error.numpy()}
+    return out, errors, "HolderPool" if summary is None else f"numerical engine ({summary.method})"
 
 
 def run(num_samples: int = 200_000, seed: int = 0, families=None, alphas=ALPHAS, progress=None) -> tuple[list, list]:
@@ -214,11 +220,10 @@ def run(num_samples: int = 200_000, seed: int = 0, families=None, alphas=ALPHAS,
     for case, alpha in (progress(jobs) if progress else jobs):
         group = f"{case.name}, alpha={alpha:.4g}"
         start = time.perf_counter()
-        lib, kind = _library(case, alpha)
+        lib, lib_errors, note = _library(case, alpha)
         lib_seconds = time.perf_counter() - start
         quad = quadrature_reference(case, alpha)
         mc = monte_carlo_reference(case, alpha, num_samples, seed)
-        note = kind if kind == "HolderPool" else "numerical engine"
         for name, value in lib.items():
             got = np.atleast_1d(value)
             if quad is not None and name in quad:
@@ -234,6 +239,8 @@ def run(num_samples: int = 200_000, seed: int = 0, families=None, alphas=ALPHAS,
                     ref, se = np.array([v for v, _ in mc[name]]), np.array([s for _, s in mc[name]])
                 else:
                     ref, se = np.atleast_1d(mc[name][0]), np.atleast_1d(mc[name][1])
+                # an importance-sampling library value carries its own standard error: combine both
+                se = np.hypot(se, np.atleast_1d(lib_errors.get(name, 0.0)))
                 for i, (g, r, s) in enumerate(zip(got, ref, se)):
                     label = f"{name}[{i}]" if len(got) > 1 else name
                     check = compare(group, f"{label} vs Monte Carlo", g, r, "z-score", Z_TOLERANCE,

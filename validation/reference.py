@@ -20,7 +20,8 @@ def power_mean(densities: np.ndarray, weights: np.ndarray, alpha: float) -> np.n
     if alpha == 0:
         with np.errstate(divide="ignore"):
             return np.exp((w * np.log(densities)).sum(0))
-    return ((w * densities**alpha).sum(0)) ** (1 / alpha)
+    with np.errstate(divide="ignore", over="ignore"):  # q = 0 with alpha < 0: inf, whose power -> 0 is right
+        return ((w * densities**alpha).sum(0)) ** (1 / alpha)
 
 
 def quad_moments(pdfs, weights, alpha, lower, upper, points=None):

@@ -68,11 +68,12 @@ class Report:
                  f"failing beyond {Z_TOLERANCE}.", ""]
         for heading, text in self.sections:
             lines += [f"## {heading}", "", text, ""]
-        lines += ["## Every check", "", "| group | check | library | reference | kind | error | tolerance | s | ok |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["## Every check", "",
+                  "| group | check | library (how) | library | reference | kind | error | tolerance | s | ok |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for c in self.checks:
-            lines.append(f"| {c.group} | {c.name} | {c.got:.10g} | {c.reference:.10g} | {c.kind} | {c.error:.2e} | "
-                         f"{c.tolerance:.1e} | {c.seconds:.2f} | {'yes' if c.passed else '**NO**'} |")
+            lines.append(f"| {c.group} | {c.name} | {c.note} | {c.got:.10g} | {c.reference:.10g} | {c.kind} | "
+                         f"{c.error:.2e} | {c.tolerance:.1e} | {c.seconds:.2f} | {'yes' if c.passed else '**NO**'} |")
         return "\n".join(lines) + "\n"
 
 

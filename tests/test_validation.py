@@ -1,0 +1,43 @@
+"""The validation command itself: it writes its report, figures and CSV, and its exit status reports failures."""
+
+import csv
+
+import pytest
+
+from validation import closed_forms, paper
+from validation.__main__ import main
+from validation.report import compare, write_text_atomic
+
+
+def test_quick_validation_writes_report_figures_and_csv(tmp_path):
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "0 failed" in report and "The paper's claims, checked" in report
+    for name in ("zscores.png", "quadrature_errors.png", "figure1.png", "figures2_7.png"):
+        assert (tmp_path / "figures" / name).stat().st_size > 10_000
+    rows = list(csv.DictReader((tmp_path / "figures" / "expert_sweep.csv").open()))
+    assert len(rows) == 4 * 3 * len(paper.AGGREGATORS)
+    assert {r["aggregator"] for r in rows} == set(paper.AGGREGATORS)
+
+
+def test_a_failing_check_sets_the_exit_status(tmp_path, monkeypatch):
+    monkeypatch.setattr(closed_forms, "QUAD_TOLERANCE", 0.0)  # no float agrees to zero error
+    assert main(["--quick", "--out", str(tmp_path)]) == 1
+    assert "**NO**" in (tmp_path / "report.md").read_text()
+
+
+def test_claims_detect_a_violation():
+    rows = paper.expert_sweep(3, [0, 1])
+    assert dict((c, ok) for c, ok, _ in paper.claims(rows))["PoE has the highest NLL once a bad expert is present"]
+    doctored = [r if r[2] != "PoE" or r[1] == 0 else r[:3] + (0.0,) + r[4:] for r in rows]
+    verdicts = dict((c, ok) for c, ok, _ in paper.claims(doctored))
+    assert not verdicts["PoE has the highest NLL once a bad expert is present"]
+
+
+def test_report_helpers_reject_bad_input_and_write_atomically(tmp_path):
+    with pytest.raises(ValueError, match="kind must be"):
+        compare("g", "n", 1.0, 1.0, "percent", 0.1)
+    assert not compare("g", "n", 1.0, 2.0, "z-score", 4.5, standard_error=0.0).passed
+    target = tmp_path / "sub" / "out.txt"
+    write_text_atomic(target, "hello")
+    assert target.read_text() == "hello" and list(target.parent.iterdir()) == [target]
