@@ -256,16 +256,15 @@ def quadrature_estimate(family, params, log_weights, alpha, wanted, rtol: float 
 def _quadrature_one(family, params, log_weights, alpha, wanted, rtol):
     lower, upper = family.support_interval
     present = log_weights > -math.inf
-    means = family.mean(params)[present].tolist()
+    mu, var = _expert_moments(family, params[present])
     finite = math.isfinite(lower) and math.isfinite(upper)
     if finite:
         center, scale = 0.5 * (lower + upper), 0.5 * (upper - lower)
     else:
         w = log_weights[present].exp()
-        mu = family.mean(params)[present]
         center = float((w * mu).sum())
-        scale = float((w * (family.variance(params)[present] + (mu - center) ** 2)).sum().sqrt())
-    points = sorted({min(max(m, lower), upper) for m in means} - {lower, upper})
+        scale = float((w * (var + (mu - center) ** 2)).sum().sqrt())
+    points = sorted({min(max(m, lower), upper) for m in mu.tolist()} - {lower, upper})
 
     def log_u(z: float) -> float:
         value = torch.tensor(z, dtype=params.dtype, device=params.device)
@@ -311,6 +310,25 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol):
             out["mean"] = (math.atan2(value[1], value[0]), float(error[0]) / length)
             out["variance"] = (1 - length, float(error[0]))
     return {k: v for k, v in out.items() if k == "log_normalizer" or k in wanted}
+
+
+def _expert_moments(family, params):
+    """Means and variances of scalar experts ``(M,) + param_shape``: the family's, or by quadrature of each
+    expert's density for families that do not provide them (e.g. a ``CustomFamily`` without ``mean``)."""
+    if family.has_numeric_moments and not family.circular:
+        return family.mean(params), family.variance(params)
+    lower, upper = family.support_interval
+    moments = []
+    for p in params:
+        def density(z, k, p=p):
+            value = torch.tensor(z, dtype=p.dtype, device=p.device)
+            return z**k * math.exp(float(family.log_prob(p, value)))
+
+        mass, first, second = (integrate.quad(density, lower, upper, args=(k,), limit=200)[0] for k in range(3))
+        mean = first / mass
+        moments.append((mean, max(second / mass - mean * mean, 0.0)))
+    return (torch.tensor([m for m, _ in moments], dtype=params.dtype),
+            torch.tensor([v for _, v in moments], dtype=params.dtype))
 
 
 # ---------------------------------------------------------------------------------- grid
