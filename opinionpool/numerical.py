@@ -39,6 +39,8 @@ METHODS = ("enumeration", "quadrature", "grid", "importance")
 MAX_GRID_DIM = 3
 _GRID_NODES_PER_DIM = {1: 4000, 2: 800, 3: 140}
 _GRID_CHUNK = 1 << 16
+#: the refined panels span the pool's mean +- this many of its standard deviations
+_CORE_WIDTH = 12.0
 
 
 def log_power_mean(log_values: torch.Tensor, log_weights: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -348,8 +350,11 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
     flat_lw = log_weights.expand(batch + log_weights.shape[-1:]).reshape(-1, log_weights.shape[-1])
     rows = []
     for p, lw in zip(flat_params, flat_lw):
-        first = _grid_one(family, p, lw, alpha, {"mean", "variance"}, nodes_per_panel, _grid_edges(family, p, lw))
-        edges = _grid_edges(family, p, lw, first["mean"], first["variance"].sqrt())
+        first = _grid_one(family, p, lw, alpha, {"mean", "variance"}, nodes_per_panel, _grid_edges(family, p, lw),
+                          core_width=_CORE_WIDTH)
+        # all panels on the pool's core when the first pass puts (numerically) no mass outside it
+        core_only = bool(first["log_mass_outside_core"] - first["log_normalizer"] < math.log(1e-16))
+        edges = _grid_edges(family, p, lw, first["mean"], first["variance"].sqrt(), core_only=core_only)
         fine = _grid_one(family, p, lw, alpha, wanted, nodes_per_panel, edges)
         coarse = _grid_one(family, p, lw, alpha, wanted, nodes_per_panel - 4, edges)
         rows.append({name: Estimate(fine[name], (fine[name] - coarse[name]).abs()) for name in fine})
@@ -364,8 +369,10 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
     return _finish("grid", "quadrature error estimate", log_z, log_z_err, stats, wanted)
 
 
-def _grid_edges(family, params, log_weights, centre=None, spread=None, nodes_per_panel: int = 10):
-    """Panel edges per dimension: uniform over the experts' box, plus a refined block over the pool's core."""
+def _grid_edges(family, params, log_weights, centre=None, spread=None, nodes_per_panel: int = 10,
+                core_only: bool = False):
+    """Panel edges per dimension: uniform over the experts' box, plus a refined block over the pool's core
+    (``centre +- _CORE_WIDTH spread``); only the core block with ``core_only``."""
     present = log_weights > -math.inf
     loc = family.mean(params)[present]
     sd = family.variance(params)[present].sqrt()
@@ -382,13 +389,17 @@ def _grid_edges(family, params, log_weights, centre=None, spread=None, nodes_per
         edges = np.linspace(lower, upper, count + 1)
         if centre is not None:
             c, s = float(centre.reshape(-1)[d]), float(spread.reshape(-1)[d])
-            core = np.linspace(max(lower, c - 10 * s), min(upper, c + 10 * s), max(2, max_panels - count) + 1)
-            edges = np.union1d(edges, core)
+            core_lower, core_upper = max(lower, c - _CORE_WIDTH * s), min(upper, c + _CORE_WIDTH * s)
+            if core_only:
+                edges = np.linspace(core_lower, core_upper, max_panels + 1)
+            else:
+                edges = np.union1d(edges, np.linspace(core_lower, core_upper, max(2, max_panels - count) + 1))
         all_edges.append(edges)
     return all_edges
 
 
-def _grid_one(family, params, log_weights, alpha, wanted, nodes_per_panel, edges_per_dim):
+def _grid_one(family, params, log_weights, alpha, wanted, nodes_per_panel, edges_per_dim, core_width=None):
+    """The rule on the given panels; with ``core_width`` also the log-mass outside mean +- core_width sd."""
     gl_nodes, gl_weights = np.polynomial.legendre.leggauss(nodes_per_panel)
     axes, axis_weights = [], []
     for edges in edges_per_dim:
@@ -407,7 +418,12 @@ def _grid_one(family, params, log_weights, alpha, wanted, nodes_per_panel, edges
     ]) + log_node_w
     points = grid.reshape(grid.shape[:1] + value_shape)
     log_z, stats = _point_statistics(family, points, log_w, wanted, standard_errors=False)
-    return {"log_normalizer": log_z, **{name: est.value for name, est in stats.items() if name in wanted}}
+    out = {"log_normalizer": log_z, **{name: est.value for name, est in stats.items() if name in wanted}}
+    if core_width is not None:
+        spread = core_width * stats["variance"].value.sqrt().reshape(-1)
+        outside = ((grid - stats["mean"].value.reshape(-1)).abs() > spread).any(-1)
+        out["log_mass_outside_core"] = torch.logsumexp(torch.where(outside, log_w, -math.inf), dim=0)
+    return out
 
 
 # ----------------------------------------------------------------------------- importance
