@@ -1,0 +1,120 @@
+"""Every model is an aggregator from ``opinionpool.functional`` plus an objective from ``objectives``.
+
+=========  ==============================================  ===========================
+model      aggregator (``opinionpool.functional``)          objective
+=========  ==============================================  ===========================
+helvae     ``hellinger`` (Hölder 1/2, moment-matched)       ``joint_elbo``
+holder     ``holder(alpha)`` (exact alpha = 0 or 1/n)        ``joint_elbo``
+mohelvae   ``hellinger`` on every modality subset           ``subset_mixture_elbo``
+mvae       ``poe`` with a prior expert                      ``mvae_elbo``
+mopoe      ``poe`` on every modality subset                 ``subset_mixture_elbo``
+mwbvae     ``wasserstein_barycenter`` on every subset       ``subset_mixture_elbo``
+mmvae      ``moe``                                          ``mmvae_elbo``
+=========  ==============================================  ===========================
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+import opinionpool.functional as F
+
+from . import objectives
+
+MODELS = {
+    "helvae": (lambda alpha: F.hellinger, objectives.joint_elbo),
+    "holder": (lambda alpha: functools.partial(F.holder, alpha=alpha), objectives.joint_elbo),
+    "mohelvae": (lambda alpha: F.hellinger, objectives.subset_mixture_elbo),
+    "mvae": (lambda alpha: functools.partial(F.poe, prior_expert=True), objectives.mvae_elbo),
+    "mopoe": (lambda alpha: F.poe, objectives.subset_mixture_elbo),
+    "mwbvae": (lambda alpha: F.wasserstein_barycenter, objectives.subset_mixture_elbo),
+    "mmvae": (lambda alpha: F.moe, objectives.mmvae_elbo),
+}
+#: models whose aggregator takes (learnable) pooling weights over the modalities
+WEIGHTED = ("helvae", "holder", "mohelvae")
+
+
+class MultimodalVAE(nn.Module):
+    """Encoders and decoders per modality, an aggregator and an objective.
+
+    Args:
+        encoders, decoders: one module per modality (``encoder(x_m) -> (mu, logvar)``, ``decoder(z) -> loc``).
+        model: a key of ``MODELS``.
+        beta: weight of the KL term.
+        alpha: the Hölder exponent of ``model="holder"`` (0 or 1/n).
+        learnable_weights: learn the pooling weights over modalities (``helvae``, ``holder``, ``mohelvae``).
+        reconstruction_weights: per-modality likelihood weights (default: relative dimensionality, all ones
+            for modalities of equal size).
+    """
+
+    def __init__(self, encoders: nn.ModuleList, decoders: nn.ModuleList, model: str = "helvae", beta: float = 1.0,
+                 alpha: float = 0.5, learnable_weights: bool = False, reconstruction_weights=None):
+        super().__init__()
+        if model not in MODELS:
+            raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
+        if len(encoders) != len(decoders):
+            raise ValueError(f"{len(encoders)} encoders but {len(decoders)} decoders; they must pair up")
+        if learnable_weights and model not in WEIGHTED:
+            raise ValueError(f"learnable_weights needs one of {WEIGHTED}, got model={model!r}")
+        if model == "holder":
+            from opinionpool.pool import exact_order
+
+            if exact_order(alpha) is None:
+                raise ValueError(f"model='holder' needs alpha = 0 or 1/n (exact pools), got alpha={alpha!r}")
+        self.encoders, self.decoders = encoders, decoders
+        self.model, self.beta, self.alpha = model, float(beta), float(alpha)
+        make_aggregator, self.objective = MODELS[model]
+        self._aggregator = make_aggregator(alpha)
+        self.pool_logits = nn.Parameter(torch.zeros(len(encoders))) if learnable_weights else None
+        weights = torch.ones(len(encoders)) if reconstruction_weights is None else \
+            torch.as_tensor(reconstruction_weights, dtype=torch.float32)
+        self.register_buffer("reconstruction_weights", weights)
+
+    @property
+    def num_modalities(self) -> int:
+        return len(self.encoders)
+
+    def aggregate(self, mu, logvar, **kwargs):
+        """The model's pooling of unimodal posteriors ``(M, B, D)`` (in float32, also under autocast)."""
+        if self.pool_logits is not None:
+            kwargs["weights"] = torch.softmax(self.pool_logits.float(), 0)
+        kwargs.setdefault("dim", 0)
+        kwargs.setdefault("validate_args", False)
+        return self._aggregator(mu.float(), logvar.float(), **kwargs)
+
+    def encode(self, x: torch.Tensor):
+        """Unimodal posteriors ``(mu, logvar)``, each ``(M, B, D)``, from ``x`` ``(B, M, ...)``."""
+        if x.shape[1] != self.num_modalities:
+            raise ValueError(f"x has {x.shape[1]} modalities but the model has {self.num_modalities}")
+        stats = [encoder(x[:, m]) for m, encoder in enumerate(self.encoders)]
+        return torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
+
+    def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> dict:
+        """Loss and its terms for a batch ``x`` ``(B, M, ...)`` with present modalities ``(M, B)`` (default all)."""
+        if present is None:
+            present = torch.ones(self.num_modalities, x.shape[0], dtype=torch.bool, device=x.device)
+        mu, logvar = self.encode(x)
+        terms = self.objective(x.transpose(0, 1), present, mu, logvar, self.decoders, self.reconstruction_weights,
+                               self.aggregate)
+        loss = -(terms.reconstruction - self.beta * terms.kl).mean()
+        return {"loss": loss, "reconstruction": terms.reconstruction.mean().detach(), "kl": terms.kl.mean().detach()}
+
+    @torch.no_grad()
+    def posterior(self, x: torch.Tensor, present: torch.Tensor | None = None):
+        """The joint posterior as a mean and log-variance ``(B, D)`` (mixtures: their moment-matched Gaussian)."""
+        from opinionpool.families.gaussian import gaussian_mixture_moments
+
+        if present is None:
+            present = torch.ones(self.num_modalities, x.shape[0], dtype=torch.bool, device=x.device)
+        mu, logvar = self.encode(x)
+        if self.model in ("mohelvae", "mopoe", "mwbvae"):
+            mixture = F.subset_mixture(self.aggregate, mu.float(), logvar.float(), dim=0, mask=present,
+                                       validate_args=False)
+        elif self.model == "mmvae":
+            mixture = self.aggregate(mu, logvar, mask=present)
+        else:
+            return self.aggregate(mu, logvar, mask=present)
+        return gaussian_mixture_moments(mixture.log_weights, mixture.loc, mixture.logvar, 1)
