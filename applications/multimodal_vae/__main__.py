@@ -1,0 +1,52 @@
+"""Command line of the multimodal VAE application.
+
+    python -m applications.multimodal_vae train --preset polymnist-helvae [--set key=value ...] [--resume]
+    python -m applications.multimodal_vae presets
+    python -m applications.multimodal_vae build-polymnist [--root data/polymnist] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import available_presets, load_config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m applications.multimodal_vae", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a model from a preset")
+    train.add_argument("--preset", required=True, help=f"one of: {', '.join(available_presets())}")
+    train.add_argument("--config", help="a YAML file merged over the preset")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a configuration key, e.g. --set train.epochs=10 (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
+    commands.add_parser("presets", help="list the presets")
+    build = commands.add_parser("build-polymnist", help="build the offline PolyMNIST")
+    build.add_argument("--root", default="data/polymnist")
+    build.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    if args.command == "presets":
+        print("\n".join(available_presets()))
+        return 0
+    if args.command == "build-polymnist":
+        from .build_polymnist import main as build_main
+
+        build_main(["--root", args.root, "--seed", str(args.seed)])
+        return 0
+    try:
+        config = load_config(args.preset, args.overrides, args.config)
+    except ValueError as error:
+        parser.error(str(error))
+    from .train import train as run_training
+
+    run_dir = run_training(config, resume=args.resume)
+    print(f"run written to {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Typed configuration (OmegaConf structured configs): presets are YAML files in ``presets/``, overridden with
+``--set key=value``. Unknown presets and keys, and values of the wrong type, are errors before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PRESETS = Path(__file__).resolve().parent / "presets"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "polymnist"
+    root: str = "data/polymnist"
+    #: build the offline PolyMNIST at ``root`` if nothing is there
+    build_offline: bool = True
+    num_modalities: int = 5
+    #: probability of dropping each modality per training sample (at least one is kept)
+    drop_rate: float = 0.0
+    #: use only the first N training tuples (None: all)
+    train_subset: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "helvae"
+    latent_dim: int = 512
+    beta: float = 2.5
+    alpha: float = 0.5
+    learnable_weights: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    batch_size: int = 256
+    lr: float = 5e-4
+    seed: int = 0
+    #: "auto" (CUDA when available), "cpu" or "cuda"
+    device: str = "auto"
+    #: stop after this many optimiser steps or minutes (None: no limit), checkpointing first
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    checkpoint_every: int = 1
+    num_threads: int | None = None
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs"
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def load_config(preset: str | None = None, overrides=(), path: str | Path | None = None) -> Config:
+    """The preset (or a YAML file ``path``) merged over the defaults, then the ``key=value`` overrides."""
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    if preset is not None:
+        file = PRESETS / f"{preset}.yaml"
+        if not file.is_file():
+            raise ValueError(f"unknown preset {preset!r}; available: {', '.join(available_presets())}")
+        layers.append(OmegaConf.load(file))
+    if path is not None:
+        layers.append(OmegaConf.load(path))
+    try:
+        config = OmegaConf.merge(*layers, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as error:
+        raise ValueError(f"invalid configuration: {error}".split("\n    full_key")[0]) from None
+    _check(config)
+    return OmegaConf.to_object(config)
+
+
+def _check(config) -> None:
+    from .models import MODELS
+
+    if config.model.name not in MODELS:
+        raise ValueError(f"model.name must be one of {sorted(MODELS)}, got {config.model.name!r}")
+    for key in ("epochs", "batch_size", "checkpoint_every"):
+        if getattr(config.train, key) < 1:
+            raise ValueError(f"train.{key} must be a positive integer, got {getattr(config.train, key)}")
+    if config.train.lr <= 0:
+        raise ValueError(f"train.lr must be positive, got {config.train.lr}")
+    if config.train.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {config.train.device!r}")
+    if not 0 <= config.data.drop_rate < 1:
+        raise ValueError(f"data.drop_rate must lie in [0, 1), got {config.data.drop_rate}")
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

@@ -1,0 +1,113 @@
+"""Training of the multimodal VAE application on a tiny tensor-layout fixture: CLI, exact resume, NaN stop,
+and errors before any work starts."""
+
+import csv
+
+import pytest
+import torch
+
+from applications.multimodal_vae.__main__ import main
+from applications.multimodal_vae.config import load_config
+from applications.multimodal_vae.data import LayoutError
+from applications.multimodal_vae.train import TrainingDiverged, train
+
+
+@pytest.fixture(autouse=True)
+def _float32():
+    torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture
+def tiny_root(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    split = tmp_path / "data" / "train"
+    split.mkdir(parents=True)
+    for m in range(3):
+        torch.save(torch.randint(0, 256, (24, 3, 28, 28), dtype=torch.uint8, generator=g), split / f"m{m}.pt")
+    torch.save(torch.randint(0, 10, (24,), generator=g), split / "labels.pt")
+    return tmp_path
+
+
+def tiny_config(root, name="run", **train):
+    overrides = [f"data.root={root / 'data'}", "data.build_offline=false", "data.num_modalities=3",
+                 "model.latent_dim=4", "train.batch_size=8", "train.epochs=2", "train.device=cpu",
+                 f"output_dir={root / 'runs'}", f"name={name}", "data.drop_rate=0.3"]
+    overrides += [f"train.{k}={v}" for k, v in train.items()]
+    return load_config("polymnist-helvae", overrides)
+
+
+def losses(run_dir):
+    with open(run_dir / "metrics.csv") as handle:
+        return [(int(r["step"]), r["loss"]) for r in csv.DictReader(handle)]
+
+
+def test_resume_continues_exactly(tiny_root):
+    full = train(tiny_config(tiny_root, "full"), show_progress=False)
+    first = train(tiny_config(tiny_root, "split", max_steps=4), show_progress=False)  # stops inside epoch 2
+    assert [s for s, _ in losses(first)] == [1, 2, 3, 4]
+    resumed = train(tiny_config(tiny_root, "split"), resume=True, show_progress=False)
+    assert losses(resumed) == losses(full) and len(losses(full)) == 6
+    for name in ("checkpoint.pt", "config.yaml", "samples.png"):
+        assert (full / name).stat().st_size > 0
+    with pytest.raises(FileExistsError, match="already holds a run; pass --resume"):
+        train(tiny_config(tiny_root, "full"), show_progress=False)
+    with pytest.raises(ValueError, match="the configuration differs"):
+        train(load_config("polymnist-helvae", [f"data.root={tiny_root / 'data'}", "data.build_offline=false",
+                                               "data.num_modalities=3", "model.latent_dim=4", "train.batch_size=8",
+                                               f"output_dir={tiny_root / 'runs'}", "name=full", "model.beta=1.0"]),
+              resume=True, show_progress=False)
+
+
+def test_nan_loss_stops_without_writing_weights(tiny_root, monkeypatch):
+    from applications.multimodal_vae import models
+
+    calls = {"n": 0}
+    original = models.MultimodalVAE.forward
+
+    def poisoned(self, x, present=None):
+        out = original(self, x, present)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(models.MultimodalVAE, "forward", poisoned)
+    config = tiny_config(tiny_root, "nan")
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss nan at step 5 \(epoch 2, batch 2\); no weights were "
+                                               r"written; last good checkpoint: .*checkpoint.pt \(step 3\)"):
+        train(config, show_progress=False)
+    assert torch.load(tiny_root / "runs" / "nan" / "checkpoint.pt", weights_only=False)["step"] == 3
+
+
+def test_errors_before_any_work(tiny_root, capsys):
+    with pytest.raises(ValueError, match="unknown preset 'polymnist-nope'; available: .*polymnist-helvae"):
+        load_config("polymnist-nope")
+    with pytest.raises(ValueError, match="invalid configuration: Key 'nme' not in 'ModelConfig'"):
+        load_config("polymnist-helvae", ["model.nme=3"])
+    with pytest.raises(ValueError, match="invalid configuration: Value 'abc' .*could not be converted to Integer"):
+        load_config("polymnist-helvae", ["train.epochs=abc"])
+    with pytest.raises(ValueError, match="model.name must be one of"):
+        load_config("polymnist-helvae", ["model.name=jmvae"])
+    config = tiny_config(tiny_root, "layout")
+    config.data.root = str(tiny_root / "missing")
+    with pytest.raises(LayoutError, match="expected a folder .*missing/train"):
+        train(config, show_progress=False)
+    config = tiny_config(tiny_root, "count")
+    config.data.num_modalities = 5
+    with pytest.raises(LayoutError, match="holds 3 modalities but the model expects 5"):
+        train(config, show_progress=False)
+    assert not (tiny_root / "runs").exists()  # nothing was written
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "polymnist-helvae", "--set", "train.lr=-1"])
+    assert "train.lr must be positive" in capsys.readouterr().err
+
+
+def test_command_line_trains_and_lists_presets(tiny_root, capsys):
+    assert main(["presets"]) == 0
+    assert "polymnist-mohelvae" in capsys.readouterr().out
+    args = ["train", "--preset", "polymnist-mopoe", "--set", f"data.root={tiny_root / 'data'}",
+            "--set", "data.build_offline=false", "--set", "data.num_modalities=3", "--set", "model.latent_dim=4",
+            "--set", "train.batch_size=12", "--set", "train.epochs=1", "--set", f"output_dir={tiny_root / 'runs'}"]
+    assert main(args) == 0
+    run = tiny_root / "runs" / "polymnist-mopoe"
+    assert "name: mopoe" in (run / "config.yaml").read_text() and len(losses(run)) == 2
