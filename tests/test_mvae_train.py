@@ -20,11 +20,12 @@ def _float32():
 @pytest.fixture
 def tiny_root(tmp_path):
     g = torch.Generator().manual_seed(0)
-    split = tmp_path / "data" / "train"
-    split.mkdir(parents=True)
-    for m in range(3):
-        torch.save(torch.randint(0, 256, (24, 3, 28, 28), dtype=torch.uint8, generator=g), split / f"m{m}.pt")
-    torch.save(torch.randint(0, 10, (24,), generator=g), split / "labels.pt")
+    for name, count in (("train", 24), ("test", 10)):
+        split = tmp_path / "data" / name
+        split.mkdir(parents=True)
+        for m in range(3):
+            torch.save(torch.randint(0, 256, (count, 3, 28, 28), dtype=torch.uint8, generator=g), split / f"m{m}.pt")
+        torch.save(torch.randint(0, 10, (count,), generator=g), split / "labels.pt")
     return tmp_path
 
 
@@ -111,3 +112,13 @@ def test_command_line_trains_and_lists_presets(tiny_root, capsys):
     assert main(args) == 0
     run = tiny_root / "runs" / "polymnist-mopoe"
     assert "name: mopoe" in (run / "config.yaml").read_text() and len(losses(run)) == 2
+
+
+def test_evaluation_writes_a_report(tiny_root, capsys):
+    run = train(tiny_config(tiny_root, "evaluated", evaluate_at_end="true"), show_progress=False)
+    report = (run / "report.md").read_text()
+    assert "Conditional coherence" in report and "| m2 |" in report and "chance 0.1" in report
+    assert list((tiny_root / "data").glob(".digit-classifiers-3m.pt"))  # cached for the next evaluation
+    (run / "report.md").unlink()
+    assert main(["evaluate", "--run", str(run)]) == 0
+    assert "conditional coherence (cross-modal)" in capsys.readouterr().out and (run / "report.md").exists()

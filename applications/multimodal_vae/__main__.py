@@ -1,6 +1,7 @@
 """Command line of the multimodal VAE application.
 
     python -m applications.multimodal_vae train --preset polymnist-helvae [--set key=value ...] [--resume]
+    python -m applications.multimodal_vae evaluate --run runs/NAME
     python -m applications.multimodal_vae presets
     python -m applications.multimodal_vae build-polymnist [--root data/polymnist] [--seed 0]
 """
@@ -23,6 +24,8 @@ def main(argv=None) -> int:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a configuration key, e.g. --set train.epochs=10 (repeatable)")
     train.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
+    evaluate = commands.add_parser("evaluate", help="conditional coherence of a trained run; writes report.md")
+    evaluate.add_argument("--run", required=True, help="the run folder (holding config.yaml and checkpoint.pt)")
     commands.add_parser("presets", help="list the presets")
     build = commands.add_parser("build-polymnist", help="build the offline PolyMNIST")
     build.add_argument("--root", default="data/polymnist")
@@ -36,6 +39,16 @@ def main(argv=None) -> int:
         from .build_polymnist import main as build_main
 
         build_main(["--root", args.root, "--seed", str(args.seed)])
+        return 0
+    if args.command == "evaluate":
+        from tqdm import tqdm
+
+        from .evaluation import evaluate_run
+        from .train import load_run
+
+        config, model = load_run(args.run)
+        result = evaluate_run(args.run, config, model, progress=tqdm)
+        print(f"conditional coherence (cross-modal): {result['cross_modal']:.3f}; report: {args.run}/report.md")
         return 0
     try:
         config = load_config(args.preset, args.overrides, args.config)

@@ -47,6 +47,8 @@ class TrainConfig:
     max_minutes: float | None = None
     checkpoint_every: int = 1
     num_threads: int | None = None
+    #: measure conditional coherence on the test split when training ends, and write report.md
+    evaluate_at_end: bool = False
 
 
 @dataclass

@@ -207,4 +207,20 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
             epoch, position = epoch + 1, 0
         if stop or epoch % config.train.checkpoint_every == 0 or epoch == config.train.epochs:
             save()
+    if config.train.evaluate_at_end:
+        from .evaluation import evaluate_run
+
+        result = evaluate_run(run_dir, config, model, progress=tqdm if show_progress else None)
+        print(f"conditional coherence (cross-modal): {result['cross_modal']:.3f}; report: {run_dir / 'report.md'}")
     return run_dir
+
+
+def load_run(run_dir: Path):
+    """``(config, model)`` of a finished or interrupted run, from its ``config.yaml`` and checkpoint."""
+    from .config import load_config
+
+    config = load_config(path=Path(run_dir) / "config.yaml")
+    model = make_model(config)
+    state = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    return config, model
