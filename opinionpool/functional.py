@@ -164,14 +164,16 @@ def all_subsets(num_experts: int, device=None) -> torch.Tensor:
     return members.to(device)
 
 
-def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, validate_args=None,
-                   **kwargs) -> GaussianMixture:
+def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, prior_on_full_subset=False,
+                   validate_args=None, **kwargs) -> GaussianMixture:
     """Uniform mixture over subsets of experts, each aggregated by ``aggregator`` (MoPoE, MoHELVAE, MWB-VAE).
 
     ``aggregator`` is a function of this module returning ``(mu, logvar)`` (``poe``, ``hellinger``, ``holder``,
     ``wasserstein_barycenter``), called once on all subsets at once. ``subsets`` is a boolean ``(K, M)``
     tensor (default: all non-empty subsets). With a per-sample ``mask`` a subset keeps only its present
-    experts, and subsets with none present get mixture weight zero.
+    experts, and subsets with none present get mixture weight zero. ``prior_on_full_subset=True`` adds a
+    standard-normal expert to the subset of all experts only, as the MoPoE code does (``prior_expert=True`` is
+    passed on to ``aggregator`` and adds it to every subset).
     """
     validate = validation_enabled(validate_args)
     mu, logvar, mask, m = _prepare(mu, logvar, dim, None, mask, False, validate)
@@ -187,6 +189,14 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, va
     if mask is not None:
         member = member & mask.unsqueeze(-2)
     member = member.expand(batch + (k, m))
+    if prior_on_full_subset:  # an extra standard-normal expert, a member of the full subset only
+        if kwargs.get("weights") is not None:
+            raise ValueError("prior_on_full_subset does not combine with pooling weights (one per expert)")
+        zeros = torch.zeros(batch + (1, mu.shape[-1]), dtype=mu.dtype, device=mu.device)
+        mu, logvar = torch.cat((mu, zeros), -2), torch.cat((logvar, zeros), -2)
+        full = subsets.all(-1).reshape((1,) * len(batch) + (k, 1)).expand(batch + (k, 1))
+        member = torch.cat((member, full), -1)
+        m += 1
     empty = ~member.any(-1)
     # an empty subset is given a stand-in member so that its (discarded) aggregate stays finite
     first = torch.zeros(m, dtype=torch.bool, device=mu.device)

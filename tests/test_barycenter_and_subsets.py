@@ -104,3 +104,18 @@ def test_subset_mixture_gradients_are_finite_with_empty_subsets():
     assert torch.isfinite(mu.grad).all() and torch.isfinite(logvar.grad).all()
     with pytest.raises(ValueError, match="subsets must be a boolean"):
         F.subset_mixture(F.hellinger, mu, logvar, subsets=torch.zeros(2, 3, dtype=torch.bool))
+
+
+def test_prior_expert_on_the_full_subset_only_as_in_mopoe():
+    g = torch.Generator().manual_seed(2)
+    m, b, d = 3, 2, 4
+    mu, logvar = torch.randn(m, b, d, generator=g), torch.randn(m, b, d, generator=g)
+    mix = F.subset_mixture(F.poe, mu, logvar, prior_on_full_subset=True)
+    subsets = [s for r in range(1, m + 1) for s in itertools.combinations(range(m), r)]
+    for k, s in enumerate(subsets):
+        with_prior = len(s) == m
+        ref_loc, ref_lv = F.poe(mu[list(s)], logvar[list(s)], prior_expert=with_prior)
+        torch.testing.assert_close(mix.loc[:, k], ref_loc, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(mix.logvar[:, k], ref_lv, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="prior_on_full_subset does not combine with pooling weights"):
+        F.subset_mixture(F.hellinger, mu, logvar, prior_on_full_subset=True, weights=torch.ones(m))

@@ -7,7 +7,7 @@ helvae     ``hellinger`` (Hölder 1/2, moment-matched)       ``joint_elbo``
 holder     ``holder(alpha)`` (exact alpha = 0 or 1/n)        ``joint_elbo``
 mohelvae   ``hellinger`` on every modality subset           ``subset_mixture_elbo``
 mvae       ``poe`` with a prior expert                      ``mvae_elbo``
-mopoe      ``poe`` on every modality subset                 ``subset_mixture_elbo``
+mopoe      ``poe`` on every subset (prior on the full one)  ``subset_mixture_elbo``
 mwbvae     ``wasserstein_barycenter`` on every subset       ``subset_mixture_elbo``
 mmvae      ``moe``                                          ``mmvae_elbo``
 =========  ==============================================  ===========================
@@ -29,7 +29,7 @@ MODELS = {
     "holder": (lambda alpha: functools.partial(F.holder, alpha=alpha), objectives.joint_elbo),
     "mohelvae": (lambda alpha: F.hellinger, objectives.subset_mixture_elbo),
     "mvae": (lambda alpha: functools.partial(F.poe, prior_expert=True), objectives.mvae_elbo),
-    "mopoe": (lambda alpha: F.poe, objectives.subset_mixture_elbo),
+    "mopoe": (lambda alpha: F.poe, functools.partial(objectives.subset_mixture_elbo, prior_on_full_subset=True)),
     "mwbvae": (lambda alpha: F.wasserstein_barycenter, objectives.subset_mixture_elbo),
     "mmvae": (lambda alpha: F.moe, objectives.mmvae_elbo),
 }
@@ -112,7 +112,7 @@ class MultimodalVAE(nn.Module):
         mu, logvar = self.encode(x)
         if self.model in ("mohelvae", "mopoe", "mwbvae"):
             mixture = F.subset_mixture(self.aggregate, mu.float(), logvar.float(), dim=0, mask=present,
-                                       validate_args=False)
+                                       prior_on_full_subset=self.model == "mopoe", validate_args=False)
         elif self.model == "mmvae":
             mixture = self.aggregate(mu, logvar, mask=present)
         else:

@@ -74,13 +74,15 @@ def mvae_elbo(x, present, mu, logvar, decoders, weights, aggregate) -> Terms:
     return Terms(rec, kl)
 
 
-def subset_mixture_elbo(x, present, mu, logvar, decoders, weights, aggregate) -> Terms:
+def subset_mixture_elbo(x, present, mu, logvar, decoders, weights, aggregate, prior_on_full_subset=False) -> Terms:
     """MoPoE, MoHELVAE, MWB-VAE: the uniform mixture over modality subsets of ``aggregate``. Stratified as in
     MoPoE: the batch is cut into contiguous chunks, one subset per chunk (a sample whose subset has no present
-    modality draws from its non-empty subsets instead); the KL is the average of the subset KLs."""
+    modality draws from its non-empty subsets instead); the KL is the average of the subset KLs.
+    ``prior_on_full_subset``: a standard-normal expert joins the subset of all modalities (MoPoE)."""
     from opinionpool.functional import subset_mixture
 
-    mixture = subset_mixture(aggregate, mu, logvar, dim=0, mask=present, validate_args=False)
+    mixture = subset_mixture(aggregate, mu, logvar, dim=0, mask=present, prior_on_full_subset=prior_on_full_subset,
+                             validate_args=False)
     batch, num_subsets = mixture.log_weights.shape
     chosen = torch.arange(batch, device=mu.device) * num_subsets // batch
     valid = torch.isfinite(mixture.log_weights)
