@@ -15,4 +15,4 @@ validate: setup
 	$(PYTHON) -m validation
 
 lint:
-	$(PYTHON) -m ruff check opinionpool tests benchmarks validation
+	$(PYTHON) -m ruff check opinionpool tests benchmarks validation applications
