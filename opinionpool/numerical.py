@@ -217,14 +217,21 @@ def _finish(method, error_kind, log_z, log_z_err, stats, wanted, **extra) -> Poo
 
 
 # --------------------------------------------------------------------------- enumeration
-def enumeration_estimate(family, params, log_weights, alpha, wanted) -> PoolEstimate:
+def enumerate_support(family, params, log_weights, alpha):
+    """The discrete support: its ``values`` ``(K,) + event_shape``, the same broadcast to points
+    ``(K,) + batch + event_shape``, the pool's unnormalised log-density there ``(K,) + batch``, and the
+    family's tail bound (see ``support_values``)."""
     values, tail_bound = family.support_values(params)
     batch = params.shape[: params.dim() - len(family.param_shape) - 1]
     points = values.reshape(values.shape[:1] + (1,) * len(batch) + values.shape[1:])
     points = points.expand(values.shape[:1] + batch + values.shape[1:])
     log_u = log_power_mean(expert_log_probs(family, params, points), log_weights, alpha)
-    points = points.to(params.dtype)
-    log_z, stats = _point_statistics(family, points, log_u, wanted, standard_errors=False)
+    return values, points, log_u, tail_bound
+
+
+def enumeration_estimate(family, params, log_weights, alpha, wanted) -> PoolEstimate:
+    _, points, log_u, tail_bound = enumerate_support(family, params, log_weights, alpha)
+    log_z, stats = _point_statistics(family, points.to(params.dtype), log_u, wanted, standard_errors=False)
     # u <= max_j q_j <= sum_j q_j, so the left-out mass, mean and second moment are within the bound
     relative = tail_bound / log_z.exp()
     spread = (1 + stats["mean"].value.abs()) ** 2 if "mean" in stats else 1
@@ -237,22 +244,35 @@ def enumeration_estimate(family, params, log_weights, alpha, wanted) -> PoolEsti
 
 
 # ---------------------------------------------------------------------------- quadrature
-def quadrature_estimate(family, params, log_weights, alpha, wanted, rtol: float = 1e-11) -> PoolEstimate:
-    """Adaptive quadrature (``scipy.integrate.quad_vec``), one pool at a time."""
-    n_param = len(family.param_shape)
-    batch = params.shape[: params.dim() - n_param - 1]
+def _each_pool(family, params, log_weights):
+    """The batch shape and the ``(params, log_weights)`` of every pool in it, for methods that work one pool at a time."""
+    batch = params.shape[: params.dim() - len(family.param_shape) - 1]
     flat_params = params.reshape((-1,) + params.shape[len(batch):])
     flat_lw = log_weights.expand(batch + log_weights.shape[-1:]).reshape(-1, log_weights.shape[-1])
-    rows = [_quadrature_one(family, p, lw, alpha, wanted, rtol) for p, lw in zip(flat_params, flat_lw)]
+    return batch, list(zip(flat_params, flat_lw))
 
-    def stack(values):
-        return torch.tensor(values, dtype=params.dtype, device=params.device).reshape(batch + np.shape(values[0]))
 
-    log_z = stack([r["log_normalizer"][0] for r in rows])
-    log_z_err = stack([r["log_normalizer"][1] for r in rows])
-    stats = {name: Estimate(stack([r[name][0] for r in rows]), stack([r[name][1] for r in rows]))
-             for name in rows[0] if name != "log_normalizer"}
-    return _finish("quadrature", "quadrature error estimate", log_z, log_z_err, stats, wanted)
+def _stack_pools(method, rows, batch, wanted) -> PoolEstimate:
+    """One ``PoolEstimate`` from per-pool dictionaries of ``Estimate`` s (quadrature-type errors)."""
+    def stack(name, field):
+        values = torch.stack([getattr(r[name], field) for r in rows])
+        return values.reshape(batch + values.shape[1:])
+
+    stats = {name: Estimate(stack(name, "value"), stack(name, "error")) for name in rows[0] if name != "log_normalizer"}
+    return _finish(method, "quadrature error estimate", stack("log_normalizer", "value"),
+                   stack("log_normalizer", "error"), stats, wanted)
+
+
+def quadrature_estimate(family, params, log_weights, alpha, wanted, rtol: float = 1e-11) -> PoolEstimate:
+    """Adaptive quadrature (``scipy.integrate.quad_vec``), one pool at a time."""
+    batch, pools = _each_pool(family, params, log_weights)
+
+    def as_tensors(row):
+        return {name: Estimate(*(torch.tensor(v, dtype=params.dtype, device=params.device) for v in pair))
+                for name, pair in row.items()}
+
+    rows = [as_tensors(_quadrature_one(family, p, lw, alpha, wanted, rtol)) for p, lw in pools]
+    return _stack_pools("quadrature", rows, batch, wanted)
 
 
 def _quadrature_one(family, params, log_weights, alpha, wanted, rtol):
@@ -344,12 +364,9 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
     for ``alpha < 0`` pools, narrower than every expert. The reported error is the difference from
     the rule with ``nodes_per_panel - 4`` nodes on the same panels.
     """
-    n_param = len(family.param_shape)
-    batch = params.shape[: params.dim() - n_param - 1]
-    flat_params = params.reshape((-1,) + params.shape[len(batch):])
-    flat_lw = log_weights.expand(batch + log_weights.shape[-1:]).reshape(-1, log_weights.shape[-1])
+    batch, pools = _each_pool(family, params, log_weights)
     rows = []
-    for p, lw in zip(flat_params, flat_lw):
+    for p, lw in pools:
         first = _grid_one(family, p, lw, alpha, {"mean", "variance"}, nodes_per_panel, _grid_edges(family, p, lw),
                           core_width=_CORE_WIDTH)
         # all panels on the pool's core when the first pass puts (numerically) no mass outside it
@@ -358,15 +375,7 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
         fine = _grid_one(family, p, lw, alpha, wanted, nodes_per_panel, edges)
         coarse = _grid_one(family, p, lw, alpha, wanted, nodes_per_panel - 4, edges)
         rows.append({name: Estimate(fine[name], (fine[name] - coarse[name]).abs()) for name in fine})
-    log_z = torch.stack([r["log_normalizer"].value for r in rows]).reshape(batch)
-    log_z_err = torch.stack([r["log_normalizer"].error for r in rows]).reshape(batch)
-    stats = {}
-    for name in rows[0]:
-        if name != "log_normalizer":
-            value = torch.stack([r[name].value for r in rows])
-            error = torch.stack([r[name].error for r in rows])
-            stats[name] = Estimate(value.reshape(batch + value.shape[1:]), error.reshape(batch + error.shape[1:]))
-    return _finish("grid", "quadrature error estimate", log_z, log_z_err, stats, wanted)
+    return _stack_pools("grid", rows, batch, wanted)
 
 
 def _grid_edges(family, params, log_weights, centre=None, spread=None, nodes_per_panel: int = 10,

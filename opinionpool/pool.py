@@ -37,6 +37,7 @@ from .numerical import (
     PoolEstimate,
     check_method,
     check_quantities,
+    enumerate_support,
     enumeration_estimate,
     expert_log_probs,
     grid_estimate,
@@ -154,6 +155,11 @@ def holder_components(family: ExponentialFamily, params: torch.Tensor, log_weigh
     return log_multinomial + log_lambda_power + log_c, components
 
 
+def _log_smallest_weight(log_weights: torch.Tensor) -> torch.Tensor:
+    """``log lambda_min`` over the experts with positive weight."""
+    return torch.where(log_weights > -math.inf, log_weights, torch.full_like(log_weights, math.inf)).amin(-1)
+
+
 class _Pool:
     """What every Hölder pool shares: experts, normalised weights, the pooled density and the numerical engine."""
 
@@ -224,8 +230,7 @@ class _Pool:
             return Envelope(proposal, torch.log(uniform.sum(-1)), "max_j q_j <= sum_j q_j")
         if a >= 1:
             proposal = HolderPool(self.experts, 1, lw.exp(), validate_args=False)
-            log_min = torch.where(present, lw, torch.full_like(lw, math.inf)).amin(-1)
-            return Envelope(proposal, (1 / a - 1) * log_min, f"M_{a:g} <= lambda_min^(1/alpha - 1) M_1")
+            return Envelope(proposal, (1 / a - 1) * _log_smallest_weight(lw), f"M_{a:g} <= lambda_min^(1/alpha - 1) M_1")
         if a > 0:
             order = self._envelope_order()
             proposal = HolderPool(self.experts, 1 / order, lw.exp(), validate_args=False,
@@ -260,7 +265,7 @@ class _Pool:
             weights = present.to(lw.dtype) if a == -math.inf else lw.exp()
             return minus_inf, HolderPool(self.experts, 0, weights, validate_args=False).log_normalizer
         if a > 1:
-            log_min = torch.where(present, lw, torch.full_like(lw, math.inf)).amin(-1)
+            log_min = _log_smallest_weight(lw)
             upper = torch.log(count) if a == math.inf else torch.minimum((1 / a - 1) * log_min, torch.log(count))
             return torch.zeros_like(count), upper
         upper = self.envelope().log_bound
@@ -437,10 +442,7 @@ class NumericalHolderPool(_Pool):
         params = self.experts.params
         with seeded(seed, generator, params.device), torch.no_grad():
             if self.family.discrete:
-                values, _ = self.family.support_values(params)
-                batch = self.batch_shape
-                points = values.reshape(values.shape[:1] + (1,) * len(batch)).expand(values.shape[:1] + batch)
-                log_u = log_power_mean(expert_log_probs(self.family, params, points), self.log_weights, self.alpha)
+                values, _, log_u, _ = enumerate_support(self.family, params, self.log_weights, self.alpha)
                 index = Categorical(logits=log_u.movedim(0, -1)).sample(sample_shape)
                 return values[index]
             samples = rejection_sample(self.family, params, self.log_weights, self.alpha, self.envelope(), count)
