@@ -77,26 +77,22 @@ class Report:
         return "\n".join(lines) + "\n"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: never a truncated file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def save_figure_atomic(figure, path: Path) -> None:
+def _atomic(path: Path, write) -> None:
+    """``write(temporary_path)`` in the same folder, then rename: never a truncated file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     try:
-        figure.savefig(tmp, dpi=120, bbox_inches="tight")
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_figure_atomic(figure, path: Path) -> None:
+    _atomic(path, lambda tmp: figure.savefig(tmp, dpi=120, bbox_inches="tight"))

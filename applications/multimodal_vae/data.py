@@ -15,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .files import atomic_write
 
 _PNG_NAME = re.compile(r"^(\d+)\.(\d)\.png$")
 
@@ -107,10 +108,7 @@ def _cached_png_tree(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
         return stored["images"], stored["labels"]
     images, labels = read_png_tree(split_dir)
     try:
-        fd, tmp = tempfile.mkstemp(dir=split_dir, prefix=".decoded-", suffix=".tmp")
-        os.close(fd)
-        torch.save({"images": images, "labels": labels}, tmp)
-        os.replace(tmp, cache)
+        atomic_write(cache, lambda tmp: torch.save({"images": images, "labels": labels}, tmp))
     except OSError:  # a read-only dataset folder: work without the cache
         pass
     return images, labels

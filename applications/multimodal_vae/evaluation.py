@@ -12,8 +12,12 @@ the mean including self-reconstruction.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from .files import atomic_write, write_text
 
 
 class DigitClassifier(nn.Module):
@@ -96,10 +100,6 @@ def coherence_summary(matrix: torch.Tensor) -> dict:
 
 def classifiers_for(config, train_data, progress=None) -> nn.ModuleList:
     """The digit classifiers for ``config``'s dataset, trained once and cached beside the data (atomically)."""
-    import os
-    import tempfile
-    from pathlib import Path
-
     cache = Path(config.data.root) / f".digit-classifiers-{train_data.num_modalities}m.pt"
     classifiers = nn.ModuleList(DigitClassifier() for _ in range(train_data.num_modalities))
     if cache.exists():
@@ -107,10 +107,7 @@ def classifiers_for(config, train_data, progress=None) -> nn.ModuleList:
         return classifiers.eval()
     classifiers = train_classifiers(train_data.images, train_data.labels, epochs=3, progress=progress)
     try:
-        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".digit-classifiers-", suffix=".tmp")
-        os.close(fd)
-        torch.save(classifiers.state_dict(), tmp)
-        os.replace(tmp, cache)
+        atomic_write(cache, lambda tmp: torch.save(classifiers.state_dict(), tmp))
     except OSError:  # a read-only data folder: keep the classifiers in memory only
         pass
     return classifiers
@@ -118,9 +115,7 @@ def classifiers_for(config, train_data, progress=None) -> nn.ModuleList:
 
 def evaluate_run(run_dir, config, model, progress=None) -> dict:
     """Classifier accuracy and conditional coherence on the test split; writes ``report.md`` in ``run_dir``."""
-    from pathlib import Path
-
-    from .train import load_dataset, write_text
+    from .train import load_dataset
 
     train_data, test_data = load_dataset(config, "train"), load_dataset(config, "test")
     classifiers = classifiers_for(config, train_data, progress)

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 import opinionpool.functional as F
+from opinionpool.families.gaussian import gaussian_mixture_moments
+from opinionpool.pool import exact_order
 
 from . import objectives
 
@@ -59,11 +61,8 @@ class MultimodalVAE(nn.Module):
             raise ValueError(f"{len(encoders)} encoders but {len(decoders)} decoders; they must pair up")
         if learnable_weights and model not in WEIGHTED:
             raise ValueError(f"learnable_weights needs one of {WEIGHTED}, got model={model!r}")
-        if model == "holder":
-            from opinionpool.pool import exact_order
-
-            if exact_order(alpha) is None:
-                raise ValueError(f"model='holder' needs alpha = 0 or 1/n (exact pools), got alpha={alpha!r}")
+        if model == "holder" and exact_order(alpha) is None:
+            raise ValueError(f"model='holder' needs alpha = 0 or 1/n (exact pools), got alpha={alpha!r}")
         self.encoders, self.decoders = encoders, decoders
         self.model, self.beta, self.alpha = model, float(beta), float(alpha)
         make_aggregator, self.objective = MODELS[model]
@@ -105,8 +104,6 @@ class MultimodalVAE(nn.Module):
     @torch.no_grad()
     def posterior(self, x: torch.Tensor, present: torch.Tensor | None = None):
         """The joint posterior as a mean and log-variance ``(B, D)`` (mixtures: their moment-matched Gaussian)."""
-        from opinionpool.families.gaussian import gaussian_mixture_moments
-
         if present is None:
             present = torch.ones(self.num_modalities, x.shape[0], dtype=torch.bool, device=x.device)
         mu, logvar = self.encode(x)

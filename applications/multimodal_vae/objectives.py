@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from opinionpool.functional import subset_mixture
+
 LAPLACE_SCALE = 0.75
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -79,8 +81,6 @@ def subset_mixture_elbo(x, present, mu, logvar, decoders, weights, aggregate, pr
     MoPoE: the batch is cut into contiguous chunks, one subset per chunk (a sample whose subset has no present
     modality draws from its non-empty subsets instead); the KL is the average of the subset KLs.
     ``prior_on_full_subset``: a standard-normal expert joins the subset of all modalities (MoPoE)."""
-    from opinionpool.functional import subset_mixture
-
     mixture = subset_mixture(aggregate, mu, logvar, dim=0, mask=present, prior_on_full_subset=prior_on_full_subset,
                              validate_args=False)
     batch, num_subsets = mixture.log_weights.shape

@@ -12,8 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 
 from .config import Config, to_yaml
 from .data import PolyMNIST, modality_mask
+from .files import atomic_write, write_text
 from .models import MultimodalVAE
 from .networks import make_networks
 
@@ -30,30 +29,6 @@ METRIC_FIELDS = ("epoch", "step", "loss", "reconstruction", "kl", "seconds")
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; no weights were written after it."""
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_text(path: Path, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as handle:
-            handle.write(text)
-
-    _atomic(path, write)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -123,7 +98,7 @@ def sample_grid(model: MultimodalVAE, images: torch.Tensor, path: Path) -> None:
     rows = torch.cat((x.transpose(0, 1), generated.transpose(0, 1)))  # (2M, B, 3, 28, 28)
     grid = rows.permute(0, 3, 1, 4, 2).reshape(rows.shape[0] * 28, rows.shape[1] * 28, 3)
     image = Image.fromarray((grid.cpu().numpy() * 255).round().astype("uint8"))
-    _atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def train(config: Config, resume: bool = False, show_progress: bool = True) -> Path:
@@ -159,11 +134,14 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
         epoch, position, step = state["epoch"], state["position"], state["step"]
     write_text(run_dir / "config.yaml", to_yaml(config))
     metrics = _read_metrics(run_dir / "metrics.csv", step)
+    saved_step = step if resume else None
 
     def save():
+        nonlocal saved_step
+        saved_step = step
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                  "epoch": epoch, "position": position, "step": step, "config": asdict(config)}
-        _atomic(checkpoint_path, lambda tmp: torch.save(state, tmp))
+        atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
         _write_metrics(run_dir / "metrics.csv", metrics)
         sample_grid(model, images, run_dir / "samples.png")
 
@@ -185,8 +163,7 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
             out = model(x, present)
             loss_value = out["loss"].item()
             if not math.isfinite(loss_value):
-                last = f"{checkpoint_path} (step {torch.load(checkpoint_path, weights_only=False)['step']})" \
-                    if checkpoint_path.exists() else "none yet"
+                last = "none yet" if saved_step is None else f"{checkpoint_path} (step {saved_step})"
                 raise TrainingDiverged(f"non-finite loss {loss_value} at step {step + 1} (epoch {epoch + 1}, "
                                        f"batch {b + 1}); no weights were written; last good checkpoint: {last}")
             optimizer.zero_grad(set_to_none=True)
