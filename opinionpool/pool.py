@@ -255,8 +255,7 @@ class _Pool:
         present = lw > -math.inf
         count = present.sum(-1).to(lw.dtype)
         order = exact_order(a)
-        if order is not None and not (order > 0 and num_components(order, self.experts.num_experts)
-                                      > self._max_components):
+        if order is not None and num_components(order, self.experts.num_experts) <= self._max_components:
             log_z = HolderPool(self.experts, a, lw.exp(), validate_args=False,
                                max_components=self._max_components).log_normalizer
             return log_z, log_z
@@ -319,6 +318,10 @@ class HolderPool(_Pool):
     @property
     def mixture_weights(self) -> torch.Tensor:
         return self.log_mixture_weights.exp()
+
+    def normalizer_bounds(self):
+        """Exact: ``(log_normalizer, log_normalizer)``."""
+        return self.log_normalizer, self.log_normalizer
 
     # ---------------------------------------------------------------- moments
     @property
