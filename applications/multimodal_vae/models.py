@@ -9,7 +9,7 @@ mohelvae   ``hellinger`` on every modality subset           ``subset_mixture_elb
 mvae       ``poe`` with a prior expert                      ``mvae_elbo``
 mopoe      ``poe`` on every subset (prior on the full one)  ``subset_mixture_elbo``
 mwbvae     ``wasserstein_barycenter`` on every subset       ``subset_mixture_elbo``
-mmvae      ``moe``                                          ``mmvae_elbo``
+mmvae      ``moe``                                          ``mmvae_objective`` (ELBO, IWAE, DReG)
 =========  ==============================================  ===========================
 """
 
@@ -33,10 +33,30 @@ MODELS = {
     "mvae": (lambda alpha: functools.partial(F.poe, prior_expert=True), objectives.mvae_elbo),
     "mopoe": (lambda alpha: F.poe, functools.partial(objectives.subset_mixture_elbo, prior_on_full_subset=True)),
     "mwbvae": (lambda alpha: F.wasserstein_barycenter, objectives.subset_mixture_elbo),
-    "mmvae": (lambda alpha: F.moe, objectives.mmvae_elbo),
+    "mmvae": (lambda alpha: F.moe, objectives.mmvae_objective),
 }
+#: models whose objective takes several importance samples
+MULTI_SAMPLE = ("mmvae",)
 #: models whose aggregator takes (learnable) pooling weights over the modalities
 WEIGHTED = ("helvae", "holder", "mohelvae")
+
+
+def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = False, num_samples: int = 1,
+                  estimator: str = "elbo") -> None:
+    """Raise ``ValueError`` naming the option when the combination is not a model this module builds."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
+    if learnable_weights and model not in WEIGHTED:
+        raise ValueError(f"learnable_weights needs one of {WEIGHTED}, got model={model!r}")
+    if model == "holder" and exact_order(alpha) is None:
+        raise ValueError(f"model='holder' needs alpha = 0 or 1/n (exact pools), got alpha={alpha!r}")
+    if estimator not in objectives.ESTIMATORS:
+        raise ValueError(f"estimator must be one of {objectives.ESTIMATORS}, got {estimator!r}")
+    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if model not in MULTI_SAMPLE and (num_samples != 1 or estimator != "elbo"):
+        raise ValueError(f"num_samples and estimator apply to {MULTI_SAMPLE}; model={model!r} got "
+                         f"num_samples={num_samples!r}, estimator={estimator!r}")
 
 
 class MultimodalVAE(nn.Module):
@@ -50,27 +70,33 @@ class MultimodalVAE(nn.Module):
         learnable_weights: learn the pooling weights over modalities (``helvae``, ``holder``, ``mohelvae``).
         reconstruction_weights: per-modality likelihood weights (default: relative dimensionality, all ones
             for modalities of equal size).
+        num_samples, estimator: importance samples per modality and the bound (``"elbo"``, ``"iwae"``,
+            ``"dreg"``) of ``mmvae``.
+        likelihood, likelihood_scale: the decoders' fixed-scale likelihood (``objectives.Likelihood``).
+
+    Under autocast the networks run in reduced precision; the aggregation, the KL and the log-likelihoods are
+    computed in float32 (or float64 for a float64 model).
     """
 
     def __init__(self, encoders: nn.ModuleList, decoders: nn.ModuleList, model: str = "helvae", beta: float = 1.0,
-                 alpha: float = 0.5, learnable_weights: bool = False, reconstruction_weights=None):
+                 alpha: float = 0.5, learnable_weights: bool = False, reconstruction_weights=None,
+                 num_samples: int = 1, estimator: str = "elbo", likelihood: str = "laplace",
+                 likelihood_scale: float = objectives.LAPLACE_SCALE):
         super().__init__()
-        if model not in MODELS:
-            raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
+        check_options(model, alpha, learnable_weights, num_samples, estimator)
         if len(encoders) != len(decoders):
             raise ValueError(f"{len(encoders)} encoders but {len(decoders)} decoders; they must pair up")
-        if learnable_weights and model not in WEIGHTED:
-            raise ValueError(f"learnable_weights needs one of {WEIGHTED}, got model={model!r}")
-        if model == "holder" and exact_order(alpha) is None:
-            raise ValueError(f"model='holder' needs alpha = 0 or 1/n (exact pools), got alpha={alpha!r}")
         self.encoders, self.decoders = encoders, decoders
         self.model, self.beta, self.alpha = model, float(beta), float(alpha)
-        make_aggregator, self.objective = MODELS[model]
+        make_aggregator, objective = MODELS[model]
+        if model in MULTI_SAMPLE:
+            objective = functools.partial(objective, beta=self.beta, num_samples=int(num_samples),
+                                          estimator=estimator)
+        self.objective = objective
         self._aggregator = make_aggregator(alpha)
         self.pool_logits = nn.Parameter(torch.zeros(len(encoders))) if learnable_weights else None
-        weights = torch.ones(len(encoders)) if reconstruction_weights is None else \
-            torch.as_tensor(reconstruction_weights, dtype=torch.float32)
-        self.register_buffer("reconstruction_weights", weights)
+        weights = torch.ones(len(encoders)) if reconstruction_weights is None else reconstruction_weights
+        self.likelihood = objectives.Likelihood(weights, likelihood, likelihood_scale)
 
     @property
     def num_modalities(self) -> int:
@@ -79,26 +105,28 @@ class MultimodalVAE(nn.Module):
     def aggregate(self, mu, logvar, **kwargs):
         """The model's pooling of unimodal posteriors ``(M, B, D)`` (in float32, also under autocast)."""
         if self.pool_logits is not None:
-            kwargs["weights"] = torch.softmax(self.pool_logits.float(), 0)
+            kwargs["weights"] = torch.softmax(self.pool_logits, 0)
         kwargs.setdefault("dim", 0)
         kwargs.setdefault("validate_args", False)
-        return self._aggregator(mu.float(), logvar.float(), **kwargs)
+        with torch.autocast(mu.device.type, enabled=False):
+            return self._aggregator(objectives.full_precision(mu), objectives.full_precision(logvar), **kwargs)
 
     def encode(self, x: torch.Tensor):
         """Unimodal posteriors ``(mu, logvar)``, each ``(M, B, D)``, from ``x`` ``(B, M, ...)``."""
         if x.shape[1] != self.num_modalities:
             raise ValueError(f"x has {x.shape[1]} modalities but the model has {self.num_modalities}")
         stats = [encoder(x[:, m]) for m, encoder in enumerate(self.encoders)]
-        return torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
+        mu, logvar = torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
+        return objectives.full_precision(mu), objectives.full_precision(logvar)
 
     def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> dict:
         """Loss and its terms for a batch ``x`` ``(B, M, ...)`` with present modalities ``(M, B)`` (default all)."""
         if present is None:
             present = torch.ones(self.num_modalities, x.shape[0], dtype=torch.bool, device=x.device)
         mu, logvar = self.encode(x)
-        terms = self.objective(x.transpose(0, 1), present, mu, logvar, self.decoders, self.reconstruction_weights,
-                               self.aggregate)
-        loss = -(terms.reconstruction - self.beta * terms.kl).mean()
+        terms = self.objective(x.transpose(0, 1), present, mu, logvar, self.decoders, self.likelihood, self.aggregate)
+        objective = terms.reconstruction - self.beta * terms.kl if terms.objective is None else terms.objective
+        loss = -objective.mean()
         return {"loss": loss, "reconstruction": terms.reconstruction.mean().detach(), "kl": terms.kl.mean().detach()}
 
     @torch.no_grad()
@@ -108,7 +136,7 @@ class MultimodalVAE(nn.Module):
             present = torch.ones(self.num_modalities, x.shape[0], dtype=torch.bool, device=x.device)
         mu, logvar = self.encode(x)
         if self.model in ("mohelvae", "mopoe", "mwbvae"):
-            mixture = F.subset_mixture(self.aggregate, mu.float(), logvar.float(), dim=0, mask=present,
+            mixture = F.subset_mixture(self.aggregate, mu, logvar, dim=0, mask=present,
                                        prior_on_full_subset=self.model == "mopoe", validate_args=False)
         elif self.model == "mmvae":
             mixture = self.aggregate(mu, logvar, mask=present)
