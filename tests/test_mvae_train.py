@@ -2,9 +2,11 @@
 and errors before any work starts."""
 
 import csv
+import math
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from applications.multimodal_vae.__main__ import main
 from applications.multimodal_vae.config import load_config
@@ -15,18 +17,6 @@ from applications.multimodal_vae.train import TrainingDiverged, train
 @pytest.fixture(autouse=True)
 def _float32():
     torch.set_default_dtype(torch.float32)
-
-
-@pytest.fixture
-def tiny_root(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    for name, count in (("train", 24), ("test", 10)):
-        split = tmp_path / "data" / name
-        split.mkdir(parents=True)
-        for m in range(3):
-            torch.save(torch.randint(0, 256, (count, 3, 28, 28), dtype=torch.uint8, generator=g), split / f"m{m}.pt")
-        torch.save(torch.randint(0, 10, (count,), generator=g), split / "labels.pt")
-    return tmp_path
 
 
 def tiny_config(root, name="run", **train):
@@ -50,6 +40,14 @@ def test_resume_continues_exactly(tiny_root):
     assert losses(resumed) == losses(full) and len(losses(full)) == 6
     for name in ("checkpoint.pt", "config.yaml", "samples.png"):
         assert (full / name).stat().st_size > 0
+    # TensorBoard holds the same losses, once per step across the interruption
+    for run in (full, resumed):
+        board = EventAccumulator(str(run / "tensorboard"))
+        board.Reload()
+        scalars = board.Scalars("train/loss")
+        assert [e.step for e in scalars] == [s for s, _ in losses(run)]
+        assert all(math.isclose(e.value, float(v), rel_tol=1e-6) for e, (_, v) in zip(scalars, losses(run)))
+        assert "samples" in board.Tags()["images"]
     with pytest.raises(FileExistsError, match="already holds a run; pass --resume"):
         train(tiny_config(tiny_root, "full"), show_progress=False)
     with pytest.raises(ValueError, match="the configuration differs"):
@@ -87,7 +85,7 @@ def test_errors_before_any_work(tiny_root, capsys):
         load_config("polymnist-helvae", ["model.nme=3"])
     with pytest.raises(ValueError, match="invalid configuration: Value 'abc' .*could not be converted to Integer"):
         load_config("polymnist-helvae", ["train.epochs=abc"])
-    with pytest.raises(ValueError, match="model.name must be one of"):
+    with pytest.raises(ValueError, match="model must be one of"):
         load_config("polymnist-helvae", ["model.name=jmvae"])
     config = tiny_config(tiny_root, "layout")
     config.data.root = str(tiny_root / "missing")
@@ -107,11 +105,24 @@ def test_command_line_trains_and_lists_presets(tiny_root, capsys):
     assert main(["presets"]) == 0
     assert "polymnist-mohelvae" in capsys.readouterr().out
     args = ["train", "--preset", "polymnist-mopoe", "--set", f"data.root={tiny_root / 'data'}",
-            "--set", "data.build_offline=false", "--set", "data.num_modalities=3", "--set", "model.latent_dim=4",
-            "--set", "train.batch_size=12", "--set", "train.epochs=1", "--set", f"output_dir={tiny_root / 'runs'}"]
+            "data.build_offline=false", "data.num_modalities=3", "model.latent_dim=4", "train.batch_size=12",
+            "train.epochs=1", f"output_dir={tiny_root / 'runs'}", "--set", "train.tensorboard=false"]
     assert main(args) == 0
     run = tiny_root / "runs" / "polymnist-mopoe"
     assert "name: mopoe" in (run / "config.yaml").read_text() and len(losses(run)) == 2
+    assert not (run / "tensorboard").exists()
+
+
+def test_mmvae_dreg_in_bf16_from_the_command_line(tiny_root):
+    args = ["train", "--preset", "polymnist-mmvae", "--set", f"data.root={tiny_root / 'data'}",
+            "data.build_offline=false", "data.num_modalities=3", "model.latent_dim=4", "train.batch_size=12",
+            "train.epochs=1", f"output_dir={tiny_root / 'runs'}", "model.num_samples=3", "model.estimator=dreg",
+            "train.precision=bf16", "train.device=cpu"]
+    assert main(args) == 0
+    rows = losses(tiny_root / "runs" / "polymnist-mmvae")
+    assert len(rows) == 2 and all(math.isfinite(float(v)) for _, v in rows)
+    with pytest.raises(SystemExit):
+        main(args[:-2] + ["model.estimator=vimco"])
 
 
 def test_evaluation_writes_a_report(tiny_root, capsys):

@@ -1,6 +1,7 @@
 """Command line of the multimodal VAE application.
 
     python -m applications.multimodal_vae train --preset polymnist-helvae [--set key=value ...] [--resume]
+    torchrun --nproc_per_node N -m applications.multimodal_vae train ...   (distributed data parallel)
     python -m applications.multimodal_vae evaluate --run runs/NAME
     python -m applications.multimodal_vae presets
     python -m applications.multimodal_vae build-polymnist [--root data/polymnist] [--seed 0]
@@ -21,8 +22,8 @@ def main(argv=None) -> int:
     train = commands.add_parser("train", help="train a model from a preset")
     train.add_argument("--preset", required=True, help=f"one of: {', '.join(available_presets())}")
     train.add_argument("--config", help="a YAML file merged over the preset")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a configuration key, e.g. --set train.epochs=10 (repeatable)")
+    train.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                       help="override configuration keys, e.g. --set train.epochs=10 model.beta=1.0")
     train.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
     evaluate = commands.add_parser("evaluate", help="conditional coherence of a trained run; writes report.md")
     evaluate.add_argument("--run", required=True, help="the run folder (holding config.yaml and checkpoint.pt)")

@@ -32,6 +32,12 @@ class ModelConfig:
     beta: float = 2.5
     alpha: float = 0.5
     learnable_weights: bool = False
+    #: the decoders' fixed-scale likelihood: "laplace" (the papers') or "normal" (learns digits faster)
+    likelihood: str = "laplace"
+    likelihood_scale: float = 0.75
+    #: MMVAE: importance samples per modality and the bound ("elbo", "iwae" or "dreg")
+    num_samples: int = 1
+    estimator: str = "elbo"
 
 
 @dataclass
@@ -47,6 +53,12 @@ class TrainConfig:
     max_minutes: float | None = None
     checkpoint_every: int = 1
     num_threads: int | None = None
+    #: "fp32", or "bf16" for autocast of the networks (aggregation, KL and likelihoods stay in float32)
+    precision: str = "fp32"
+    #: compile the encoders and decoders with torch.compile
+    compile: bool = False
+    #: write TensorBoard event files in the run folder
+    tensorboard: bool = True
     #: measure conditional coherence on the test split when training ends, and write report.md
     evaluate_at_end: bool = False
 
@@ -84,10 +96,13 @@ def load_config(preset: str | None = None, overrides=(), path: str | Path | None
 
 
 def _check(config) -> None:
-    from .models import MODELS
+    from .models import check_options
 
-    if config.model.name not in MODELS:
-        raise ValueError(f"model.name must be one of {sorted(MODELS)}, got {config.model.name!r}")
+    model = config.model
+    try:
+        check_options(model.name, model.alpha, model.learnable_weights, model.num_samples, model.estimator)
+    except ValueError as error:
+        raise ValueError(f"invalid model options: {error}") from None
     for key in ("epochs", "batch_size", "checkpoint_every"):
         if getattr(config.train, key) < 1:
             raise ValueError(f"train.{key} must be a positive integer, got {getattr(config.train, key)}")
@@ -95,6 +110,11 @@ def _check(config) -> None:
         raise ValueError(f"train.lr must be positive, got {config.train.lr}")
     if config.train.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {config.train.device!r}")
+    if config.model.likelihood not in ("laplace", "normal") or not config.model.likelihood_scale > 0:
+        raise ValueError(f"model.likelihood must be 'laplace' or 'normal' with a positive model.likelihood_scale, "
+                         f"got {config.model.likelihood!r} with scale {config.model.likelihood_scale}")
+    if config.train.precision not in ("fp32", "bf16"):
+        raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {config.train.precision!r}")
     if not 0 <= config.data.drop_rate < 1:
         raise ValueError(f"data.drop_rate must lie in [0, 1), got {config.data.drop_rate}")
 

@@ -1,10 +1,16 @@
 """Training: one loop for every model, with atomic checkpoints, exact resume and a NaN stop.
 
 A run lives in ``{output_dir}/{name}/``: ``config.yaml`` (the resolved configuration), ``checkpoint.pt``,
-``metrics.csv`` (one row per optimiser step) and ``samples.png`` (inputs, and every modality generated from the
-first modality alone). Every file is written to a temporary file and renamed. A checkpoint stores the model,
-the optimiser, the global RNG state and the position in the epoch; the data order of an epoch is a function of
-(seed, epoch), so a resumed run continues exactly where an uninterrupted one would be.
+``metrics.csv`` (one row per optimiser step), ``samples.png`` (inputs, their reconstructions from all modalities,
+and every modality generated from the first modality alone) and ``tensorboard/`` (the same scalars and grids).
+Every file is written to a temporary file and renamed. A checkpoint stores the model, the optimiser, the RNG
+states and the position in the epoch; the data order of an epoch is a function of (seed, epoch), so a resumed
+run continues exactly where an uninterrupted one would be.
+
+Distributed data parallel: started by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), every process takes
+an equal share of each batch (NCCL on GPUs, gloo on the CPU), gradients are averaged, only rank 0 writes, and
+the replicas are checked to be bitwise identical at the end. Each rank draws its own noise, seeded by (seed,
+rank, step), so a distributed run resumes deterministically but not onto the stream of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -12,11 +18,13 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .config import Config, to_yaml
 from .data import PolyMNIST, modality_mask
@@ -25,6 +33,7 @@ from .models import MultimodalVAE
 from .networks import make_networks
 
 METRIC_FIELDS = ("epoch", "step", "loss", "reconstruction", "kl", "seconds")
+SCALARS = ("loss", "reconstruction", "kl")
 
 
 class TrainingDiverged(RuntimeError):
@@ -55,7 +64,30 @@ def load_dataset(config: Config, split: str = "train") -> PolyMNIST:
 def make_model(config: Config) -> MultimodalVAE:
     encoders, decoders = make_networks(config.data.dataset, config.data.num_modalities, config.model.latent_dim)
     return MultimodalVAE(encoders, decoders, config.model.name, beta=config.model.beta, alpha=config.model.alpha,
-                         learnable_weights=config.model.learnable_weights)
+                         learnable_weights=config.model.learnable_weights, num_samples=config.model.num_samples,
+                         estimator=config.model.estimator, likelihood=config.model.likelihood,
+                         likelihood_scale=config.model.likelihood_scale)
+
+
+def _start_replicas(device: torch.device) -> tuple[int, int, torch.device]:
+    """``(rank, world_size, device)``; joins the process group when launched by ``torchrun``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _check_replicas_identical(model: torch.nn.Module, rank: int) -> None:
+    flat = torch.cat([t.detach().reshape(-1).double() for t in model.state_dict().values()])
+    reference = flat.clone()
+    dist.broadcast(reference, 0)
+    if not torch.equal(flat, reference):
+        raise RuntimeError(f"replica {rank} differs from replica 0 after training "
+                           f"(max |difference| {float((flat - reference).abs().max()):.3g})")
 
 
 def _without_budget(config: dict) -> dict:
@@ -83,22 +115,26 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
 
 
 @torch.no_grad()
-def sample_grid(model: MultimodalVAE, images: torch.Tensor, path: Path) -> None:
-    """Rows: the inputs of every modality, then every modality generated from modality 0 alone."""
+def sample_grid(model: MultimodalVAE, images: torch.Tensor, path: Path) -> torch.Tensor:
+    """Blocks of rows: the inputs of every modality, their reconstructions from all modalities (posterior mean),
+    then every modality generated from modality 0 alone. Writes a PNG and returns the ``(H, W, 3)`` grid."""
     from PIL import Image
 
     model.eval()
     x = images[:, :8].transpose(0, 1).float() / 255  # (B, M, 3, 28, 28)
-    present = torch.zeros(model.num_modalities, x.shape[0], dtype=torch.bool, device=x.device)
-    present[0] = True
+    only_first = torch.zeros(model.num_modalities, x.shape[0], dtype=torch.bool, device=x.device)
+    only_first[0] = True
+    blocks = [x.transpose(0, 1)]
     with torch.random.fork_rng(devices=[]):
-        mu, _ = model.posterior(x, present)
-        generated = torch.stack([decoder(mu) for decoder in model.decoders], 1).clamp(0, 1)
+        for present in (None, only_first):
+            mu, _ = model.posterior(x, present)
+            blocks.append(torch.stack([decoder(mu) for decoder in model.decoders]).float().clamp(0, 1))
     model.train()
-    rows = torch.cat((x.transpose(0, 1), generated.transpose(0, 1)))  # (2M, B, 3, 28, 28)
-    grid = rows.permute(0, 3, 1, 4, 2).reshape(rows.shape[0] * 28, rows.shape[1] * 28, 3)
-    image = Image.fromarray((grid.cpu().numpy() * 255).round().astype("uint8"))
+    rows = torch.cat(blocks)  # (3M, B, 3, 28, 28)
+    grid = rows.permute(0, 3, 1, 4, 2).reshape(rows.shape[0] * 28, rows.shape[1] * 28, 3).cpu()
+    image = Image.fromarray((grid.numpy() * 255).round().astype("uint8"))
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    return grid
 
 
 def train(config: Config, resume: bool = False, show_progress: bool = True) -> Path:
@@ -111,9 +147,22 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another name")
     if resume and not checkpoint_path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.train.batch_size % world:
+        raise ValueError(f"train.batch_size {config.train.batch_size} must be a multiple of the {world} processes")
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
-    device = resolve_device(config.train.device)
+    rank, world, device = _start_replicas(resolve_device(config.train.device))
+    try:
+        return _train(config, run_dir, resume, show_progress and rank == 0, rank, world, device, tqdm)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) -> Path:
+    checkpoint_path = run_dir / "checkpoint.pt"
+    batch_size = config.train.batch_size
     data = load_dataset(config)
     images, labels = data.images, data.labels
     if config.data.train_subset is not None:
@@ -121,6 +170,9 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
     images = images.to(device)
     torch.manual_seed(config.train.seed)
     model = make_model(config).to(device)
+    if config.train.compile:
+        for net in (*model.encoders, *model.decoders):
+            net.compile()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     epoch, position, step = 0, 0, 0
     if resume:
@@ -131,23 +183,44 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         epoch, position, step = state["epoch"], state["position"], state["step"]
-    write_text(run_dir / "config.yaml", to_yaml(config))
+    if world > 1:
+        torch.manual_seed((config.train.seed * 1_000_003 + step) * world + rank)
+        network = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    else:
+        network = model
+    writes = rank == 0
+    board = None
+    if writes:
+        write_text(run_dir / "config.yaml", to_yaml(config))
+        if config.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            board = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if resume else None)
     metrics = _read_metrics(run_dir / "metrics.csv", step)
     saved_step = step if resume else None
 
     def save():
         nonlocal saved_step
         saved_step = step
+        if not writes:
+            return
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                  "epoch": epoch, "position": position, "step": step, "config": asdict(config)}
         atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
         _write_metrics(run_dir / "metrics.csv", metrics)
-        sample_grid(model, images, run_dir / "samples.png")
+        grid = sample_grid(model, images, run_dir / "samples.png")
+        if board is not None:
+            board.add_image("samples", grid, step, dataformats="HWC")
+            board.flush()
 
     n = images.shape[1]
-    batch_size = config.train.batch_size
-    batches_per_epoch = math.ceil(n / batch_size)
+    # distributed: every batch is complete, so each process takes an equal share
+    batches_per_epoch = n // batch_size if world > 1 else math.ceil(n / batch_size)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.precision == "bf16")
     start = time.perf_counter()
     stop = False
     model.train()
@@ -156,12 +229,17 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
         bar = tqdm(range(position, batches_per_epoch), desc=f"epoch {epoch + 1}/{config.train.epochs}",
                    unit="batch", disable=not show_progress)
         for b in bar:
-            index = order[b * batch_size:(b + 1) * batch_size].to(device)
+            index = order[b * batch_size:(b + 1) * batch_size][rank::world].to(device)
             x = images[:, index].transpose(0, 1).float() / 255
             present = modality_mask(x.shape[0], model.num_modalities, config.data.drop_rate).to(device)
             tic = time.perf_counter()
-            out = model(x, present)
-            loss_value = out["loss"].item()
+            with autocast:
+                out = network(x, present)
+            values = torch.stack([out[key].detach().float() for key in SCALARS])
+            if world > 1:
+                dist.all_reduce(values)
+                values /= world
+            loss_value, reconstruction_value, kl_value = values.tolist()
             if not math.isfinite(loss_value):
                 last = "none yet" if saved_step is None else f"{checkpoint_path} (step {saved_step})"
                 raise TrainingDiverged(f"non-finite loss {loss_value} at step {step + 1} (epoch {epoch + 1}, "
@@ -173,10 +251,16 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
             position = b + 1
             seconds = time.perf_counter() - tic
             metrics.append({"epoch": epoch + 1, "step": step, "loss": f"{loss_value:.9g}",
-                            "reconstruction": f"{float(out['reconstruction']):.9g}", "kl": f"{float(out['kl']):.9g}",
+                            "reconstruction": f"{reconstruction_value:.9g}", "kl": f"{kl_value:.9g}",
                             "seconds": f"{seconds:.4f}"})
-            bar.set_postfix(loss=f"{loss_value:.1f}", samples_per_s=f"{x.shape[0] / seconds:.0f}")
+            if board is not None:
+                for key, value in zip(SCALARS, (loss_value, reconstruction_value, kl_value)):
+                    board.add_scalar(f"train/{key}", value, step)
+                board.add_scalar("train/samples_per_second", x.shape[0] * world / seconds, step)
+            bar.set_postfix(loss=f"{loss_value:.1f}", samples_per_s=f"{x.shape[0] * world / seconds:.0f}")
             over_time = config.train.max_minutes is not None and time.perf_counter() - start > 60 * config.train.max_minutes
+            if world > 1:  # every process stops at the same step
+                over_time = _all_any(over_time, device)
             if (config.train.max_steps is not None and step >= config.train.max_steps) or over_time:
                 stop = True
                 break
@@ -184,12 +268,23 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
             epoch, position = epoch + 1, 0
         if stop or epoch % config.train.checkpoint_every == 0 or epoch == config.train.epochs:
             save()
-    if config.train.evaluate_at_end:
+    if world > 1:
+        _check_replicas_identical(model, rank)
+    if board is not None:
+        board.close()
+    if config.train.evaluate_at_end and writes:
         from .evaluation import evaluate_run
 
         result = evaluate_run(run_dir, config, model, progress=tqdm if show_progress else None)
         print(f"conditional coherence (cross-modal): {result['cross_modal']:.3f}; report: {run_dir / 'report.md'}")
     return run_dir
+
+
+def _all_any(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any process."""
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def load_run(run_dir: Path):

@@ -1,0 +1,136 @@
+"""Training-step time and peak memory of the multimodal VAEs on PolyMNIST-shaped batches (one run, same nets).
+
+Every model gets the same encoders/decoders (the MoPoE PolyMNIST nets), batch and device. Times are medians of
+forward + backward + Adam step, measured round-robin (one step of each model in turn) so that machine noise hits
+every model alike; ratios are to HELVAE. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` per model; on
+the CPU the peak resident set of a fresh process running a few steps of that model alone, minus the same process
+before its first step.
+
+Usage:
+    python benchmarks/bench_mvae.py                              # CPU: batch 128, latent 64, 2 threads
+    python benchmarks/bench_mvae.py --device cuda --batch 256 --latent 512
+Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from applications.multimodal_vae.models import MultimodalVAE  # noqa: E402
+from applications.multimodal_vae.networks import make_networks  # noqa: E402
+
+#: label -> (model, options)
+MODELS = {
+    "helvae": ("helvae", {}),
+    "mohelvae": ("mohelvae", {}),
+    "mopoe": ("mopoe", {}),
+    "mwbvae": ("mwbvae", {}),
+    "mvae": ("mvae", {}),
+    "mmvae (K=1)": ("mmvae", {}),
+    "mmvae (K=10, DReG)": ("mmvae", {"num_samples": 10, "estimator": "dreg"}),
+}
+
+
+def build(label, latent, device, modalities=5):
+    name, options = MODELS[label]
+    torch.manual_seed(0)
+    encoders, decoders = make_networks("polymnist", modalities, latent)
+    model = MultimodalVAE(encoders, decoders, name, beta=2.5, **options).to(device)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def step(model, optimizer, x, sync):
+    tic = time.perf_counter()
+    loss = model(x)["loss"]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    sync()
+    return time.perf_counter() - tic
+
+
+def batch(size, device, modalities=5):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randint(0, 256, (size, modalities, 3, 28, 28), generator=g).float() / 255).to(device)
+
+
+def peak_memory_mib(label, args) -> float:
+    """Peak memory of training ``label`` alone (MiB)."""
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        model, optimizer = build(label, args.latent, args.device)
+        x = batch(args.batch, args.device)
+        before = torch.cuda.max_memory_allocated()
+        for _ in range(3):
+            step(model, optimizer, x, torch.cuda.synchronize)
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    out = subprocess.run([sys.executable, __file__, "--memory-of", label, "--batch", str(args.batch),
+                          "--latent", str(args.latent), "--threads", str(args.threads)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["mib"]
+
+
+def memory_child(args) -> None:
+    torch.set_num_threads(args.threads)
+    model, optimizer = build(args.memory_of, args.latent, "cpu")
+    x = batch(args.batch, "cpu")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3):
+        step(model, optimizer, x, lambda: None)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"mib": (peak - before) / 1024}))  # ru_maxrss is in KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--latent", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--memory-of", choices=list(MODELS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_of:
+        return memory_child(args)
+    from tqdm import tqdm
+
+    torch.set_num_threads(args.threads)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    built = {label: build(label, args.latent, args.device) for label in args.models}
+    x = batch(args.batch, args.device)
+    times = {label: [] for label in args.models}
+    for r in tqdm(range(args.warmup + args.repeats), desc="round-robin steps", unit="round"):
+        for label, (model, optimizer) in built.items():
+            seconds = step(model, optimizer, x, sync)
+            if r >= args.warmup:
+                times[label].append(seconds)
+    del built
+    memory = {label: peak_memory_mib(label, args) for label in tqdm(args.models, desc="peak memory", unit="model")}
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
+    print(f"\n{device}; batch {args.batch}, latent {args.latent}, 5 modalities; median of {args.repeats} steps; "
+          f"torch {torch.__version__}\n")
+    median = {label: statistics.median(t) for label, t in times.items()}
+    reference = median.get("helvae")
+    print("| model | median s / step | HELVAE / model | peak memory (MiB) |")
+    print("|---|---|---|---|")
+    for label in args.models:
+        ratio = f"{reference / median[label]:.2f}" if reference else "-"
+        print(f"| {label} | {median[label]:.4f} | {ratio} | {memory[label]:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
