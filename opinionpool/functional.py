@@ -12,6 +12,7 @@ without the wrapping.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import NamedTuple
 
 import torch
@@ -27,13 +28,38 @@ from .pool import (
     num_components,
 )
 
+_LOG_2PI = math.log(2 * math.pi)
+
 
 class GaussianMixture(NamedTuple):
-    """A diagonal-Gaussian mixture: ``log_weights (..., K)``, ``loc`` and ``logvar`` ``(..., K, D)``."""
+    """A diagonal-Gaussian mixture: ``log_weights (..., K)``, ``loc`` and ``logvar`` ``(..., K, D)``.
+
+    Components with weight zero (``log_weights = -inf``, e.g. masked experts) are never sampled and add
+    nothing to the density."""
 
     log_weights: torch.Tensor
     loc: torch.Tensor
     logvar: torch.Tensor
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Log-density at ``z`` ``(sample..., ..., D)`` -> ``(sample..., ...)`` (log-sum-exp over components)."""
+        diff = z.unsqueeze(-2) - self.loc
+        components = -0.5 * (diff * diff * torch.exp(-self.logvar) + self.logvar + _LOG_2PI).sum(-1)
+        return torch.logsumexp(self.log_weights + components, -1)
+
+    def sample(self, sample_shape=(), generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reparameterised within the chosen component: ``sample_shape + batch + (D,)``."""
+        sample_shape = torch.Size(sample_shape)
+        batch, (k, d) = self.log_weights.shape[:-1], self.loc.shape[-2:]
+        count = max(sample_shape.numel(), 1)
+        probs = torch.softmax(self.log_weights.detach(), -1).reshape(-1, k)
+        index = torch.multinomial(probs, count, replacement=True, generator=generator)  # (prod(batch), S)
+        index = index.T.reshape(sample_shape + batch)
+        gather = index.unsqueeze(-1).unsqueeze(-1).expand(sample_shape + batch + (1, d))
+        loc = self.loc.expand(sample_shape + self.loc.shape).gather(-2, gather).squeeze(-2)
+        logvar = self.logvar.expand(sample_shape + self.logvar.shape).gather(-2, gather).squeeze(-2)
+        noise = torch.randn(loc.shape, dtype=loc.dtype, device=loc.device, generator=generator)
+        return loc + torch.exp(0.5 * logvar) * noise
 
 
 def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):

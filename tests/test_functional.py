@@ -153,3 +153,37 @@ def test_cuda_matches_cpu(dtype):
     pool = opinionpool.holder(Independent(Normal(mu.cuda().movedim(0, 1), (0.5 * logvar.cuda()).exp().movedim(0, 1)), 1),
                               alpha=0.5)
     assert pool.moment_match().mean.device.type == "cuda"
+
+
+def _mixture():
+    log_weights = torch.log(torch.tensor([[0.15, 0.85, 0.0], [0.5, 0.2, 0.3]]))
+    loc = torch.tensor([[[-2.0, 0.5], [1.0, 3.0], [500.0, 500.0]], [[0.0, 0.0], [4.0, -1.0], [-3.0, 2.0]]])
+    logvar = torch.log(torch.tensor([[[0.3, 2.0], [1.5, 0.1], [1.0, 1.0]], [[1.0, 0.5], [0.2, 3.0], [2.0, 0.7]]]))
+    return F.GaussianMixture(log_weights, loc, logvar)
+
+
+def test_gaussian_mixture_log_prob_matches_torch_distributions():
+    mixture = _mixture()
+    reference = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=mixture.log_weights),
+        torch.distributions.Independent(torch.distributions.Normal(mixture.loc, torch.exp(0.5 * mixture.logvar)), 1))
+    z = torch.randn(5, 2, 2) * 3
+    assert torch.allclose(mixture.log_prob(z), reference.log_prob(z), rtol=1e-12, atol=1e-12)
+
+
+def test_gaussian_mixture_samples_have_the_mixture_moments_and_skip_zero_weights():
+    from opinionpool.families.gaussian import gaussian_mixture_moments
+
+    mixture = _mixture()
+    n = 200_000
+    z = mixture.sample((n,), generator=torch.Generator().manual_seed(3))
+    assert z.shape == (n, 2, 2)
+    assert (z[:, 0].abs() < 100).all()  # the weight-zero component at 500 is never drawn
+    mean, logvar = gaussian_mixture_moments(mixture.log_weights, mixture.loc, mixture.logvar, 1)
+    variance = logvar.exp()
+    standard_error = (variance / n).sqrt()
+    assert ((z.mean(0) - mean).abs() < 4 * standard_error).all()
+    fourth = ((z - mean) ** 4).mean(0)  # standard error of the sample variance from the fourth moment
+    assert ((z.var(0) - variance).abs() < 4 * ((fourth - variance**2) / n).sqrt()).all()
+    again = mixture.sample((n,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(z, again)
