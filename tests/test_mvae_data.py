@@ -13,6 +13,7 @@ from PIL import Image
 
 from applications.multimodal_vae import build_polymnist as builder
 from applications.multimodal_vae.data import LayoutError, PolyMNIST, detect_layout, modality_mask
+from applications.multimodal_vae.files import sha256
 
 
 def write_png_tree(root, split, images, labels, order=None):
@@ -130,7 +131,7 @@ def test_mnist_loader_verifies_and_restores_bytes(tmp_path, monkeypatch):
     wheel, raw = fake_mnist_wheel(tmp_path)
     with pytest.raises(ValueError, match="SHA-256 .* does not match"):
         builder.load_mnist(wheel)
-    monkeypatch.setattr(builder, "MNIST_SHA256", builder.sha256(raw))
+    monkeypatch.setattr(builder, "MNIST_SHA256", sha256(raw))
     train_x, train_y, test_x, test_y = builder.load_mnist(wheel)
     assert train_x.shape == (6, 28, 28) and train_x.dtype == np.uint8
     assert (train_x[:4] == 3).all() and (train_x[4:] == 255).all()  # round(256 x) restores the bytes

