@@ -129,17 +129,23 @@ class MultimodalVAE(nn.Module):
         loss = -objective.mean()
         return {"loss": loss, "reconstruction": terms.reconstruction.mean().detach(), "kl": terms.kl.mean().detach()}
 
-    @torch.no_grad()
-    def posterior(self, x: torch.Tensor, present: torch.Tensor | None = None):
-        """The joint posterior as a mean and log-variance ``(B, D)`` (mixtures: their moment-matched Gaussian)."""
+    def posterior_mixture(self, x: torch.Tensor, present: torch.Tensor | None = None) -> F.GaussianMixture:
+        """The joint posterior ``q(z | X)`` as a mixture over ``(B, K, D)`` (one component for the Gaussian pools)."""
         if present is None:
             present = torch.ones(self.num_modalities, x.shape[0], dtype=torch.bool, device=x.device)
         mu, logvar = self.encode(x)
         if self.model in ("mohelvae", "mopoe", "mwbvae"):
-            mixture = F.subset_mixture(self.aggregate, mu, logvar, dim=0, mask=present,
-                                       prior_on_full_subset=self.model == "mopoe", validate_args=False)
-        elif self.model == "mmvae":
-            mixture = self.aggregate(mu, logvar, mask=present)
-        else:
+            return F.subset_mixture(self.aggregate, mu, logvar, dim=0, mask=present,
+                                    prior_on_full_subset=self.model == "mopoe", validate_args=False)
+        if self.model == "mmvae":
             return self.aggregate(mu, logvar, mask=present)
+        loc, logvar = self.aggregate(mu, logvar, mask=present)
+        return F.GaussianMixture(torch.zeros_like(loc[..., :1]), loc.unsqueeze(-2), logvar.unsqueeze(-2))
+
+    @torch.no_grad()
+    def posterior(self, x: torch.Tensor, present: torch.Tensor | None = None):
+        """The joint posterior as a mean and log-variance ``(B, D)`` (mixtures: their moment-matched Gaussian)."""
+        mixture = self.posterior_mixture(x, present)
+        if mixture.loc.shape[-2] == 1:
+            return mixture.loc[..., 0, :], mixture.logvar[..., 0, :]
         return gaussian_mixture_moments(mixture.log_weights, mixture.loc, mixture.logvar, 1)
