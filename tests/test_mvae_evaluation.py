@@ -1,22 +1,31 @@
-"""Evaluation of the multimodal VAE application: classifiers and the conditional-coherence bookkeeping."""
+"""Evaluation of the multimodal VAE application on models with known answers: a perfect generator gets coherence 1,
+a broken modality gets chance, disagreeing decoders get no unconditional coherence; summaries, probes and pooling
+diagnostics against hand computations; evaluation is deterministic."""
 
+import math
+
+import pytest
 import torch
 from torch import nn
 
 from applications.multimodal_vae.evaluation import (
     DigitClassifier,
     accuracy,
-    coherence_summary,
-    conditional_coherence,
+    all_subsets,
+    coherence,
+    cross_coherence,
+    latent_probe,
+    pooling_diagnostics,
+    summarise_coherence,
+    unconditional_coherence,
 )
+from applications.multimodal_vae.models import MultimodalVAE
+from applications.multimodal_vae.networks import make_networks
 
 
-def test_classifier_shape_and_eval_mode_is_deterministic():
-    classifier = DigitClassifier()
-    x = torch.rand(4, 3, 28, 28)
-    assert classifier(x).shape == (4, 10)
-    classifier.eval()
-    assert torch.equal(classifier(x), classifier(x))  # dropout off
+@pytest.fixture(autouse=True)
+def _float32():
+    torch.set_default_dtype(torch.float32)
 
 
 class PixelCode(nn.Module):
@@ -26,30 +35,39 @@ class PixelCode(nn.Module):
         return x[:, 0, 0, :10] * 10
 
 
-class StubModel(nn.Module):
-    """Posterior mean = one-hot digit read from the conditioning modality; modality 1 is 'broken' (reads nothing)."""
+class CodeEncoder(nn.Module):
+    """Posterior mean: the one-hot digit code read from the image (times 10), nearly deterministic; a broken
+    encoder always says digit 0."""
 
-    num_modalities = 3
-
-    def __init__(self):
+    def __init__(self, broken=False):
         super().__init__()
+        self.broken = broken
         self.anchor = nn.Parameter(torch.zeros(()))
-        self.decoders = nn.ModuleList(DecodeCode() for _ in range(3))
 
-    def posterior(self, x, present):
-        source = int(present[:, 0].nonzero()[0])
-        code = x[:, source, 0, 0, :10]
-        if source == 1:
+    def forward(self, x):
+        code = x[:, 0, 0, :10].clone()
+        if self.broken:
             code = torch.zeros_like(code)
             code[:, 0] = 1
-        return code, torch.zeros_like(code)
+        return 10 * code, torch.full_like(code, -30.0)
 
 
-class DecodeCode(nn.Module):
-    def forward(self, mu):
-        image = torch.zeros(mu.shape[0], 3, 28, 28)
-        image[:, 0, 0, :10] = mu
+class CodeDecoder(nn.Module):
+    """Writes z / 10 into the ten code pixels, rolled by ``shift`` positions."""
+
+    def __init__(self, shift=0):
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, z):
+        image = torch.zeros(z.shape[:-1] + (3, 28, 28))
+        image[..., 0, 0, :10] = torch.roll(z / 10, self.shift, -1)
         return image
+
+
+def code_model(name="helvae", broken=(), shifts=(0, 0, 0)):
+    encoders = nn.ModuleList(CodeEncoder(m in broken) for m in range(3))
+    return MultimodalVAE(encoders, nn.ModuleList(CodeDecoder(s) for s in shifts), name)
 
 
 def coded_images(labels, modalities=3):
@@ -58,14 +76,105 @@ def coded_images(labels, modalities=3):
     return images
 
 
-def test_conditional_coherence_counts_source_target_pairs():
-    labels = torch.arange(100) % 10
-    images = coded_images(labels)
-    classifiers = nn.ModuleList(PixelCode() for _ in range(3))
-    assert torch.equal(accuracy(classifiers, images, labels), torch.ones(3))
-    matrix = conditional_coherence(StubModel(), classifiers, images, labels, batch_size=30)
+LABELS = torch.arange(100) % 10
+CLASSIFIERS = nn.ModuleList(PixelCode() for _ in range(3))
+
+
+def test_classifier_shape_and_eval_mode_is_deterministic():
+    classifier = DigitClassifier()
+    x = torch.rand(4, 3, 28, 28)
+    assert classifier(x).shape == (4, 10)
+    classifier.eval()
+    assert torch.equal(classifier(x), classifier(x))  # dropout off
+    assert torch.equal(accuracy(CLASSIFIERS, coded_images(LABELS), LABELS), torch.ones(3))
+
+
+@pytest.mark.parametrize("name", ["helvae", "mopoe", "mmvae", "mvae"])
+def test_a_perfect_generator_has_coherence_one(name):
+    result = coherence(code_model(name), CLASSIFIERS, coded_images(LABELS), LABELS, batch_size=30)
+    assert result["subsets"] == all_subsets(3) and len(result["subsets"]) == 7
+    assert torch.equal(result["accuracy"], torch.ones(7, 3))
+    summary = summarise_coherence(result, 3)
+    assert summary["overall"] == 1 and summary["per_size"] == {1: (1.0, 0.0), 2: (1.0, 0.0)}
+
+
+def test_a_broken_modality_generates_at_chance_and_summaries_follow():
+    result = coherence(code_model("helvae", broken=(1,)), CLASSIFIERS, coded_images(LABELS), LABELS, batch_size=30)
+    matrix = cross_coherence(result, 3)
     assert torch.allclose(matrix[0], torch.ones(3)) and torch.allclose(matrix[2], torch.ones(3))
     assert torch.allclose(matrix[1], torch.full((3,), 0.1))  # the broken source always says 0
-    summary = coherence_summary(matrix)
-    assert abs(summary["cross_modal"] - (4 * 1 + 2 * 0.1) / 6) < 1e-6
-    assert abs(summary["all"] - (6 + 0.3) / 9) < 1e-6
+    summary = summarise_coherence(result, 3)
+    # single inputs: {m0} -> 1, {m1} -> 0.1, {m2} -> 1; pairs {m0,m1} and {m1,m2} pool a wrong expert
+    singles = [summary["per_subset"][(s,)] for s in range(3)]
+    assert singles == pytest.approx([1, 0.1, 1])
+    assert summary["per_size"][1][0] == pytest.approx(0.7)
+    assert summary["per_size"][1][1] == pytest.approx(math.sqrt(((0.3) ** 2 * 2 + 0.6**2) / 3))
+    pairs = [summary["per_subset"][s] for s in [(0, 1), (0, 2), (1, 2)]]
+    outside = [row for s, row in zip(result["subsets"], result["accuracy"].tolist()) if len(s) == 2]
+    assert pairs == pytest.approx([outside[0][2], outside[1][1], outside[2][0]])
+    assert summary["overall"] == pytest.approx((sum(singles) * 2 + sum(pairs)) / 9)
+
+
+def test_unconditional_coherence_counts_agreement():
+    agreeing = unconditional_coherence(code_model(), CLASSIFIERS, latent_dim=10, num_samples=2000)
+    assert agreeing == 1.0
+    disagreeing = unconditional_coherence(code_model(shifts=(0, 1, 2)), CLASSIFIERS, latent_dim=10, num_samples=2000)
+    assert disagreeing < 0.01  # only when every z is negative do all decoders show nothing (p = 2^-10)
+
+
+def test_evaluation_is_deterministic_on_a_real_model():
+    torch.manual_seed(0)
+    encoders, decoders = make_networks("polymnist", 3, 4)
+    model = MultimodalVAE(encoders, decoders, "mohelvae")
+    classifiers = nn.ModuleList(DigitClassifier() for _ in range(3))
+    images = torch.randint(0, 256, (3, 20, 3, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (20,))
+    first = coherence(model, classifiers, images, labels, batch_size=7, seed=4)
+    torch.manual_seed(123)  # the global RNG state does not matter
+    second = coherence(model, classifiers, images, labels, batch_size=7, seed=4)
+    assert torch.equal(first["accuracy"], second["accuracy"])
+    assert model.training and not classifiers.training  # restored / kept in eval mode
+
+
+def test_latent_probe_reads_the_digit_from_perfect_posteriors():
+    train_labels = torch.arange(200) % 10
+    scores = latent_probe(code_model("helvae", broken=(1,)), coded_images(train_labels), train_labels,
+                          coded_images(LABELS), LABELS, [(0,), (1,), (0, 1, 2)], examples=50)
+    assert scores[(0,)] == 1.0 and scores[(0, 1, 2)] == 1.0
+    assert scores[(1,)] == pytest.approx(0.1)  # a constant representation: one class
+    with pytest.raises(ValueError, match="probe examples must be -1 .* got 5"):
+        latent_probe(code_model(), coded_images(train_labels), train_labels, coded_images(LABELS), LABELS, [(0,)], 5)
+
+
+def test_pooling_diagnostics_of_identical_and_distant_experts():
+    class Fixed(nn.Module):
+        def __init__(self, mean, logvar):
+            super().__init__()
+            self.mean, self.logvar = torch.tensor(mean), torch.tensor(logvar)
+
+        def forward(self, x):
+            return self.mean.expand(x.shape[0], -1), self.logvar.expand(x.shape[0], -1)
+
+    images = coded_images(LABELS[:8])
+    same = MultimodalVAE(nn.ModuleList(Fixed([0.3, -1.0], [0.2, -0.5]) for _ in range(3)),
+                         nn.ModuleList(CodeDecoder() for _ in range(3)), "helvae")
+    diagnostics = pooling_diagnostics(same, images)
+    assert diagnostics["mean_log_bhattacharyya"] == pytest.approx(0, abs=1e-6)
+    assert diagnostics["pairwise_mass"] == pytest.approx(2 / 3, rel=1e-6)  # (M - 1) / M for identical experts
+    means = [[0.0, 0.0], [3.0, 0.0], [0.0, -2.0]]
+    logvars = [[0.0, 0.0], [0.5, 0.0], [0.0, -0.5]]
+    apart = MultimodalVAE(nn.ModuleList(Fixed(m, v) for m, v in zip(means, logvars)),
+                          nn.ModuleList(CodeDecoder() for _ in range(3)), "helvae")
+    diagnostics = pooling_diagnostics(apart, images)
+
+    def log_bc(m1, v1, m2, v2):  # closed form for diagonal Gaussians
+        s1, s2 = torch.tensor(v1).exp(), torch.tensor(v2).exp()
+        d = torch.tensor(m1) - torch.tensor(m2)
+        return float((-d**2 / (4 * (s1 + s2)) + 0.5 * torch.log(2 * (s1 * s2).sqrt() / (s1 + s2))).sum())
+
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    expected = sum(log_bc(means[i], logvars[i], means[j], logvars[j]) for i, j in pairs) / 3
+    assert diagnostics["mean_log_bhattacharyya"] == pytest.approx(expected, rel=1e-5)
+    bc = [math.exp(log_bc(means[i], logvars[i], means[j], logvars[j])) for i, j in pairs]
+    # Hellinger pool with weights 1/3: self terms 1/9 each, ordered pairs 1/9 * BC each
+    assert diagnostics["pairwise_mass"] == pytest.approx(2 * sum(bc) / (3 + 2 * sum(bc)), rel=1e-5)

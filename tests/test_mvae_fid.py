@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from applications.multimodal_vae.fid import FIDError, InceptionFeatures, default_weights, frechet_distance, statistics
+from applications.multimodal_vae.fid import (
+    FIDError,
+    InceptionFeatures,
+    default_weights,
+    fid_from_features,
+    frechet_distance,
+    statistics,
+)
 
 WHEEL_CACHE = Path(__file__).resolve().parents[1] / "data" / ".wheels"
 
@@ -40,6 +47,19 @@ def test_a_set_against_itself_is_zero_within_rounding():
     features = np.random.default_rng(1).normal(size=(500, 20)) @ np.random.default_rng(2).normal(size=(20, 20))
     mean, cov = statistics(features)
     assert frechet_distance(mean, cov, mean, cov) < 1e-9 * np.trace(cov)
+
+
+def test_the_low_rank_shortcut_equals_the_matrix_square_root():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(12, 40)) @ rng.normal(size=(40, 40))
+    b = rng.normal(size=(9, 40)) * 2 + 1
+    full = frechet_distance(*statistics(a), *statistics(b))
+    assert fid_from_features(a, b) == pytest.approx(full, rel=1e-6)
+    assert fid_from_features(a, a) < 1e-9 * np.trace(statistics(a)[1])
+    many_a, many_b = rng.normal(size=(300, 5)), rng.normal(size=(200, 5)) + 0.5  # n > d: the direct path
+    assert fid_from_features(many_a, many_b) == frechet_distance(*statistics(many_a), *statistics(many_b))
+    with pytest.raises(FIDError, match="features_b has non-finite entries"):
+        fid_from_features(a, np.full((3, 40), np.inf))
 
 
 def test_failures_are_loud():

@@ -2,6 +2,7 @@
 and errors before any work starts."""
 
 import csv
+import json
 import math
 
 import pytest
@@ -126,10 +127,23 @@ def test_mmvae_dreg_in_bf16_from_the_command_line(tiny_root):
 
 
 def test_evaluation_writes_a_report(tiny_root, capsys):
-    run = train(tiny_config(tiny_root, "evaluated", evaluate_at_end="true"), show_progress=False)
+    config = tiny_config(tiny_root, "evaluated", evaluate_at_end="true")
+    config.eval.probe_examples, config.eval.likelihood_samples, config.eval.unconditional_samples = 10, 3, 20
+    run = train(config, show_progress=False)
     report = (run / "report.md").read_text()
-    assert "Conditional coherence" in report and "| m2 |" in report and "chance 0.1" in report
-    assert list((tiny_root / "data").glob(".digit-classifiers-3m.pt"))  # cached for the next evaluation
+    for section in ("Conditional coherence", "| m2 |", "chance 0.1", "Unconditional coherence", "Log-likelihood",
+                    "Latent probe", "Pooling diagnostics", "| {m0,m1,m2} |"):
+        assert section in report, section
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(metrics["coherence"]["per_subset"]) == 6 and metrics["test_examples"] == 10
+    assert list((tiny_root / "data").glob(".digit-classifiers-v2-3m.pt"))  # cached for the next evaluation
+    with open(run / "pooling.csv") as handle:  # diagnostics at every checkpoint
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2"]
     (run / "report.md").unlink()
-    assert main(["evaluate", "--run", str(run)]) == 0
-    assert "conditional coherence (cross-modal)" in capsys.readouterr().out and (run / "report.md").exists()
+    assert main(["evaluate", "--run", str(run), "--set", "eval.subsets=single", "eval.probe_examples=10",
+                 "eval.likelihood_samples=2"]) == 0
+    assert "conditional coherence: one input" in capsys.readouterr().out and (run / "report.md").exists()
+    assert len(json.loads((run / "metrics.json").read_text())["coherence"]["per_subset"]) == 3
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--run", str(run), "--set", "train.lr=1"])
+    assert "evaluate --set takes eval.* keys only" in capsys.readouterr().err

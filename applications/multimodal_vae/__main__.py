@@ -2,7 +2,7 @@
 
     python -m applications.multimodal_vae train --preset polymnist-helvae [--set key=value ...] [--resume]
     torchrun --nproc_per_node N -m applications.multimodal_vae train ...   (distributed data parallel)
-    python -m applications.multimodal_vae evaluate --run runs/NAME
+    python -m applications.multimodal_vae evaluate --run runs/NAME [--set eval.key=value ...]
     python -m applications.multimodal_vae presets
     python -m applications.multimodal_vae build-polymnist [--root data/polymnist] [--seed 0]
 """
@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     train.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
     evaluate = commands.add_parser("evaluate", help="conditional coherence of a trained run; writes report.md")
     evaluate.add_argument("--run", required=True, help="the run folder (holding config.yaml and checkpoint.pt)")
+    evaluate.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                          help="override evaluation keys, e.g. --set eval.fid_samples=10000 eval.subsets=single")
     commands.add_parser("presets", help="list the presets")
     build = commands.add_parser("build-polymnist", help="build the offline PolyMNIST")
     build.add_argument("--root", default="data/polymnist")
@@ -45,11 +47,15 @@ def main(argv=None) -> int:
         from tqdm import tqdm
 
         from .evaluation import evaluate_run
-        from .train import load_run
+        from .train import load_run, summary_line
 
-        config, model = load_run(args.run)
-        result = evaluate_run(args.run, config, model, progress=tqdm)
-        print(f"conditional coherence (cross-modal): {result['cross_modal']:.3f}; report: {args.run}/report.md")
+        if any(not o.startswith("eval.") for o in args.overrides):
+            parser.error(f"evaluate --set takes eval.* keys only, got {args.overrides}")
+        try:
+            config, model = load_run(args.run, args.overrides)
+        except ValueError as error:
+            parser.error(str(error))
+        print(summary_line(evaluate_run(args.run, config, model, progress=tqdm), args.run))
         return 0
     try:
         config = load_config(args.preset, args.overrides, args.config)

@@ -64,11 +64,31 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    #: evaluate on the first N test tuples (None: the whole test split)
+    test_examples: int | None = None
+    #: conditioning subsets for coherence and probes: "all" non-empty subsets, or "single" (each modality
+    #: alone, and all of them)
+    subsets: str = "all"
+    unconditional_samples: int = 1000
+    #: importance samples K and test tuples for the log-likelihoods
+    likelihood_samples: int = 12
+    likelihood_examples: int = 1000
+    #: training tuples for the latent probe (-1: the whole training split)
+    probe_examples: int = 500
+    #: generated samples per FID (0: skip FID); a TorchScript Inception file (empty: the checked default)
+    fid_samples: int = 0
+    fid_weights: str = ""
+    seed: int = 0
+
+
+@dataclass
 class Config:
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs"
 
 
@@ -115,6 +135,15 @@ def _check(config) -> None:
                          f"got {config.model.likelihood!r} with scale {config.model.likelihood_scale}")
     if config.train.precision not in ("fp32", "bf16"):
         raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {config.train.precision!r}")
+    if config.eval.subsets not in ("all", "single"):
+        raise ValueError(f"eval.subsets must be 'all' or 'single', got {config.eval.subsets!r}")
+    for key in ("unconditional_samples", "likelihood_samples", "likelihood_examples"):
+        if getattr(config.eval, key) < 1:
+            raise ValueError(f"eval.{key} must be a positive integer, got {getattr(config.eval, key)}")
+    if config.eval.fid_samples < 0 or config.eval.fid_samples == 1:
+        raise ValueError(f"eval.fid_samples must be 0 (skip) or at least 2, got {config.eval.fid_samples}")
+    if config.eval.probe_examples != -1 and config.eval.probe_examples < 10:
+        raise ValueError(f"eval.probe_examples must be -1 (all) or at least 10, got {config.eval.probe_examples}")
     if not 0 <= config.data.drop_rate < 1:
         raise ValueError(f"data.drop_rate must lie in [0, 1), got {config.data.drop_rate}")
 

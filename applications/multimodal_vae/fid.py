@@ -8,7 +8,12 @@ checked by SHA-256, and the file is read with ``torch.jit.load`` without importi
 
 Generated images are quantised to 8 bits before the features are taken, as the reference pipelines do (they
 save PNGs first); images are resized to 299x299 bilinearly. The Fréchet distance uses ``scipy.linalg.sqrtm`` and
-**fails loudly** on a non-finite or materially complex result instead of returning NaN.
+**fails loudly** on a non-finite or materially complex result instead of returning NaN. With fewer samples than
+feature dimensions (CPU runs) ``fid_from_features`` takes an exact shortcut: the covariances have rank < n, and
+``tr (C_a C_b)^(1/2)`` is the nuclear norm of the centred cross-Gram matrix ``A B^T / sqrt((n-1)(m-1))`` (its
+singular values squared are the non-zero eigenvalues of ``C_a C_b``): an ``n x m`` SVD instead of a 2048 x 2048
+square root, real by construction. FID from a few hundred samples is strongly biased upwards; compare such
+numbers only with each other.
 """
 
 from __future__ import annotations
@@ -114,3 +119,60 @@ def frechet_distance(mean_a, cov_a, mean_b, cov_b, imaginary_tolerance: float = 
     if not np.isfinite(distance) or distance < -1e-8 * max(traces, 1.0):
         raise FIDError(f"the Fréchet distance is {distance}")
     return max(distance, 0.0)  # a rounding-level negative value is 0
+
+
+def fid_from_features(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """FID between two feature sets ``(n, d)`` and ``(m, d)``; the low-rank shortcut when ``min(n, m) <= d``."""
+    for name, value in (("features_a", features_a), ("features_b", features_b)):
+        if value.ndim != 2 or value.shape[0] < 2:
+            raise ValueError(f"{name} must be (N >= 2, d), got shape {value.shape}")
+        if not np.isfinite(value).all():
+            raise FIDError(f"{name} has non-finite entries")
+    if features_a.shape[1] != features_b.shape[1]:
+        raise ValueError(f"feature dimensions differ: {features_a.shape[1]} and {features_b.shape[1]}")
+    n, m, d = features_a.shape[0], features_b.shape[0], features_a.shape[1]
+    if min(n, m) > d:
+        return frechet_distance(*statistics(features_a), *statistics(features_b))
+    a = features_a - features_a.mean(0)
+    b = features_b - features_b.mean(0)
+    root_trace = scipy.linalg.svdvals(a @ b.T).sum() / np.sqrt((n - 1) * (m - 1))
+    traces = (a * a).sum() / (n - 1) + (b * b).sum() / (m - 1)
+    distance = float(((features_a.mean(0) - features_b.mean(0)) ** 2).sum() + traces - 2 * root_trace)
+    if not np.isfinite(distance) or distance < -1e-8 * max(traces, 1.0):
+        raise FIDError(f"the Fréchet distance is {distance}")
+    return max(distance, 0.0)
+
+
+@torch.no_grad()
+def fid_scores(model, images: torch.Tensor, real_images: torch.Tensor, settings, cache: Path, progress=None) -> dict:
+    """FID per target modality of unconditional generations (prior samples) and of conditional generations from
+    random subsets of each size that exclude the target, averaged over targets; real statistics from
+    ``real_images`` (the test split). ``settings``: ``fid_samples``, ``fid_weights`` (a TorchScript file, or
+    empty for the default), ``seed``."""
+    weights = Path(settings.fid_weights) if settings.fid_weights else default_weights(cache)
+    device = model.likelihood.weights.device
+    inception = InceptionFeatures(weights, device)
+    m, n = model.num_modalities, min(settings.fid_samples, images.shape[1])
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    choice = torch.Generator().manual_seed(settings.seed)
+    real = [inception(real_images[t, :n]) for t in range(m)]
+    was_training = model.training
+    model.eval()
+    x = (images[:, :n].float() / 255).transpose(0, 1).to(device)
+    mu, logvar = model.encode(x)
+    prior = torch.randn(n, mu.shape[-1], generator=generator, device=device)
+    scores = {"unconditional": [], **{k: [] for k in range(1, m)}}
+    for t, decoder in enumerate(progress(model.decoders, desc="FID targets") if progress else model.decoders):
+        scores["unconditional"].append(fid_from_features(inception(decoder(prior).float()), real[t]))
+        others = [s for s in range(m) if s != t]
+        for k in range(1, m):
+            present = torch.zeros(m, n, dtype=torch.bool, device=device)
+            for i in range(n):  # a random size-k subset of the other modalities per tuple
+                chosen = torch.randperm(m - 1, generator=choice)[:k]
+                present[[others[j] for j in chosen.tolist()], i] = True
+            z = model.pool(mu, logvar, present).sample(generator=generator)
+            scores[k].append(fid_from_features(inception(decoder(z).float()), real[t]))
+    model.train(was_training)
+    return {"samples": n, "weights": str(weights.name), "unconditional": float(np.mean(scores["unconditional"])),
+            "per_target_unconditional": scores["unconditional"],
+            "per_size": {k: float(np.mean(scores[k])) for k in range(1, m)}}

@@ -133,7 +133,10 @@ class MultimodalVAE(nn.Module):
         """The joint posterior ``q(z | X)`` as a mixture over ``(B, K, D)`` (one component for the Gaussian pools)."""
         if present is None:
             present = torch.ones(self.num_modalities, x.shape[0], dtype=torch.bool, device=x.device)
-        mu, logvar = self.encode(x)
+        return self.pool(*self.encode(x), present)
+
+    def pool(self, mu: torch.Tensor, logvar: torch.Tensor, present: torch.Tensor) -> F.GaussianMixture:
+        """The joint posterior from unimodal posteriors ``(M, B, D)`` and present modalities ``(M, B)``."""
         if self.model in ("mohelvae", "mopoe", "mwbvae"):
             return F.subset_mixture(self.aggregate, mu, logvar, dim=0, mask=present,
                                     prior_on_full_subset=self.model == "mopoe", validate_args=False)

@@ -28,12 +28,15 @@ import torch.distributed as dist
 
 from .config import Config, to_yaml
 from .data import PolyMNIST, modality_mask
+from .evaluation import pooling_diagnostics
 from .files import atomic_write, write_text
 from .models import MultimodalVAE
 from .networks import make_networks
 
 METRIC_FIELDS = ("epoch", "step", "loss", "reconstruction", "kl", "seconds")
 SCALARS = ("loss", "reconstruction", "kl")
+#: pooling diagnostics at every checkpoint (see ``evaluation.pooling_diagnostics``)
+POOLING_FIELDS = ("epoch", "step", "mean_log_bhattacharyya", "pairwise_mass")
 
 
 class TrainingDiverged(RuntimeError):
@@ -91,24 +94,26 @@ def _check_replicas_identical(model: torch.nn.Module, rank: int) -> None:
 
 
 def _without_budget(config: dict) -> dict:
-    train = {k: v for k, v in config["train"].items() if k not in ("epochs", "max_steps", "max_minutes")}
-    return {**config, "train": train}
+    """The settings a resumed run must share with its checkpoint (not its budget or its evaluation)."""
+    train = {k: v for k, v in config["train"].items()
+             if k not in ("epochs", "max_steps", "max_minutes", "evaluate_at_end")}
+    return {**{k: v for k, v in config.items() if k != "eval"}, "train": train}
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
+def _read_csv(path: Path, up_to_step: int) -> list[dict]:
     if not path.exists():
         return []
     with open(path) as handle:
         return [row for row in csv.DictReader(handle) if int(row["step"]) <= up_to_step]
 
 
-def _write_metrics(path: Path, rows: list[dict]) -> None:
+def _write_csv(path: Path, rows: list[dict], fields) -> None:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=METRIC_FIELDS)
+    writer = csv.DictWriter(out, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, out.getvalue())
@@ -199,7 +204,8 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
             from torch.utils.tensorboard import SummaryWriter
 
             board = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if resume else None)
-    metrics = _read_metrics(run_dir / "metrics.csv", step)
+    metrics = _read_csv(run_dir / "metrics.csv", step)
+    pooling = _read_csv(run_dir / "pooling.csv", step)
     saved_step = step if resume else None
 
     def save():
@@ -211,10 +217,15 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
                  "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                  "epoch": epoch, "position": position, "step": step, "config": asdict(config)}
         atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
-        _write_metrics(run_dir / "metrics.csv", metrics)
+        _write_csv(run_dir / "metrics.csv", metrics, METRIC_FIELDS)
         grid = sample_grid(model, images, run_dir / "samples.png")
+        diagnostics = pooling_diagnostics(model, images[:, :500])
+        pooling.append({"epoch": epoch, "step": step, **{k: f"{v:.6g}" for k, v in diagnostics.items()}})
+        _write_csv(run_dir / "pooling.csv", pooling, POOLING_FIELDS)
         if board is not None:
             board.add_image("samples", grid, step, dataformats="HWC")
+            for key, value in diagnostics.items():
+                board.add_scalar(f"pooling/{key}", value, step)
             board.flush()
 
     n = images.shape[1]
@@ -275,8 +286,8 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
     if config.train.evaluate_at_end and writes:
         from .evaluation import evaluate_run
 
-        result = evaluate_run(run_dir, config, model, progress=tqdm if show_progress else None)
-        print(f"conditional coherence (cross-modal): {result['cross_modal']:.3f}; report: {run_dir / 'report.md'}")
+        metrics = evaluate_run(run_dir, config, model, progress=tqdm if show_progress else None)
+        print(summary_line(metrics, run_dir))
     return run_dir
 
 
@@ -287,11 +298,17 @@ def _all_any(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
-def load_run(run_dir: Path):
-    """``(config, model)`` of a finished or interrupted run, from its ``config.yaml`` and checkpoint."""
+def summary_line(metrics: dict, run_dir: Path) -> str:
+    return (f"conditional coherence: one input, cross-modal {metrics['cross_coherence']['cross_modal']:.3f}; "
+            f"all subsets {metrics['coherence']['overall']:.3f}; report: {Path(run_dir) / 'report.md'}")
+
+
+def load_run(run_dir: Path, overrides=()):
+    """``(config, model)`` of a finished or interrupted run, from its ``config.yaml`` (with ``key=value``
+    ``overrides``) and checkpoint."""
     from .config import load_config
 
-    config = load_config(path=Path(run_dir) / "config.yaml")
+    config = load_config(path=Path(run_dir) / "config.yaml", overrides=overrides)
     model = make_model(config)
     state = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
