@@ -1,11 +1,18 @@
 PYTHON ?= python3
 
-.PHONY: setup demo test validate lint
+.PHONY: setup demo showcase test validate lint
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
 
+# The main job: build the offline PolyMNIST (cached in data/), train HELVAE on the CPU within its budget and
+# write runs/polymnist-helvae-cpu-<time>/ (checkpoint, metrics.csv, samples.png, report.md with coherence).
 demo: setup
+	$(PYTHON) -m applications.multimodal_vae train --preset polymnist-helvae-cpu \
+		--set name=polymnist-helvae-cpu-$$(date +%Y%m%d-%H%M%S)
+
+# The library's showcase: Hölder pools of every family for alpha from -inf to +inf.
+showcase: setup
 	$(PYTHON) -m opinionpool.demo
 
 test: setup

@@ -89,3 +89,33 @@ def test_the_real_inception_weights_load_offline_and_are_deterministic():
     assert not np.allclose(features[0], features[1])
     floats = images.float() / 255  # float images are quantised to the same bytes
     np.testing.assert_allclose(inception(floats), features, rtol=1e-5, atol=1e-6)
+
+
+def test_fid_scores_of_a_copying_generator(tmp_path):
+    """Conditional generations that copy the real images exactly have FID 0; prior noise does not."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from applications.multimodal_vae.fid import fid_scores
+    from applications.multimodal_vae.models import MultimodalVAE
+
+    class Flatten(nn.Module):
+        def forward(self, x):
+            flat = x.reshape(x.shape[0], -1)
+            return flat, torch.full_like(flat, -40.0)
+
+    class Unflatten(nn.Module):
+        def forward(self, z):
+            return z.reshape(z.shape[:-1] + (3, 28, 28))
+
+    torch.set_default_dtype(torch.float32)
+    model = MultimodalVAE(nn.ModuleList(Flatten() for _ in range(3)), nn.ModuleList(Unflatten() for _ in range(3)))
+    g = torch.Generator().manual_seed(0)
+    one = torch.randint(0, 256, (1, 6, 3, 28, 28), dtype=torch.uint8, generator=g)
+    images = one.expand(3, -1, -1, -1, -1)  # every modality shows the same image: every subset copies it
+    settings = SimpleNamespace(fid_samples=6, fid_weights=str(default_weights(WHEEL_CACHE)), seed=0)
+    scores = fid_scores(model, images, images, settings, tmp_path)
+    assert scores["samples"] == 6 and set(scores["per_size"]) == {1, 2}
+    assert scores["per_size"][1] < 1e-3 and scores["per_size"][2] < 1e-3
+    assert scores["unconditional"] > 10

@@ -147,3 +147,15 @@ def test_evaluation_writes_a_report(tiny_root, capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "--run", str(run), "--set", "train.lr=1"])
     assert "evaluate --set takes eval.* keys only" in capsys.readouterr().err
+
+
+def test_compiled_networks_train_like_eager_ones(tiny_root):
+    eager = train(tiny_config(tiny_root, "eager", max_steps=2, tensorboard="false"), show_progress=False)
+    compiled = train(tiny_config(tiny_root, "compiled", max_steps=2, tensorboard="false", compile="true"),
+                     show_progress=False)
+    assert [s for s, _ in losses(compiled)] == [1, 2]
+    for (_, a), (_, b) in zip(losses(eager), losses(compiled)):
+        assert math.isclose(float(a), float(b), rel_tol=1e-4)
+    eager_state = torch.load(eager / "checkpoint.pt", weights_only=False)["model"]
+    compiled_state = torch.load(compiled / "checkpoint.pt", weights_only=False)["model"]
+    assert eager_state.keys() == compiled_state.keys()  # compiled in place: checkpoints stay interchangeable

@@ -3,6 +3,7 @@
     python -m applications.multimodal_vae train --preset polymnist-helvae [--set key=value ...] [--resume]
     torchrun --nproc_per_node N -m applications.multimodal_vae train ...   (distributed data parallel)
     python -m applications.multimodal_vae evaluate --run runs/NAME [--set eval.key=value ...]
+    python -m applications.multimodal_vae sweep --preset polymnist-cpu [--set key=value ...]
     python -m applications.multimodal_vae presets
     python -m applications.multimodal_vae build-polymnist [--root data/polymnist] [--seed 0]
 """
@@ -29,14 +30,29 @@ def main(argv=None) -> int:
     evaluate.add_argument("--run", required=True, help="the run folder (holding config.yaml and checkpoint.pt)")
     evaluate.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                           help="override evaluation keys, e.g. --set eval.fid_samples=10000 eval.subsets=single")
-    commands.add_parser("presets", help="list the presets")
+    sweep = commands.add_parser("sweep", help="train and evaluate a grid of models x beta x seeds, then summarise")
+    sweep.add_argument("--preset", required=True, help="a sweep preset (sweeps/*.yaml)")
+    sweep.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                       help="override sweep keys, e.g. --set seeds=[0] betas=[2.5]")
+    commands.add_parser("presets", help="list the run and sweep presets")
     build = commands.add_parser("build-polymnist", help="build the offline PolyMNIST")
     build.add_argument("--root", default="data/polymnist")
     build.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     if args.command == "presets":
-        print("\n".join(available_presets()))
+        from .sweep import available_sweeps
+
+        print("runs:\n  " + "\n  ".join(available_presets()) + "\nsweeps:\n  " + "\n  ".join(available_sweeps()))
+        return 0
+    if args.command == "sweep":
+        from .sweep import load_sweep, run_sweep
+
+        try:
+            sweep_config = load_sweep(args.preset, args.overrides)
+        except ValueError as error:
+            parser.error(str(error))
+        print(f"sweep written to {run_sweep(sweep_config)}")
         return 0
     if args.command == "build-polymnist":
         from .build_polymnist import main as build_main

@@ -208,14 +208,15 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
     pooling = _read_csv(run_dir / "pooling.csv", step)
     saved_step = step if resume else None
 
-    def save():
+    def save(finished: bool):
         nonlocal saved_step
         saved_step = step
         if not writes:
             return
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                 "epoch": epoch, "position": position, "step": step, "config": asdict(config)}
+                 "epoch": epoch, "position": position, "step": step, "config": asdict(config),
+                 "finished": finished}
         atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
         _write_csv(run_dir / "metrics.csv", metrics, METRIC_FIELDS)
         grid = sample_grid(model, images, run_dir / "samples.png")
@@ -278,7 +279,7 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
         if position == batches_per_epoch:
             epoch, position = epoch + 1, 0
         if stop or epoch % config.train.checkpoint_every == 0 or epoch == config.train.epochs:
-            save()
+            save(finished=stop or epoch == config.train.epochs)
     if world > 1:
         _check_replicas_identical(model, rank)
     if board is not None:

@@ -1,0 +1,259 @@
+"""Experiments: a grid of models x beta x seeds, trained (resumably), evaluated, and summarised with plots.
+
+``python -m applications.multimodal_vae sweep --preset polymnist-cpu [--set key=value ...]`` reads
+``sweeps/{preset}.yaml``. Every run is an ordinary run folder under ``{output_dir}/{name}/`` named
+``{model}-beta{beta}-seed{seed}``: a finished run with ``metrics.json`` is skipped, an interrupted one resumes from
+its checkpoint, a trained but unevaluated one is only evaluated. The sweep then writes ``results.csv`` (one row
+per run), ``report.md`` (mean ± std over seeds) and the figures of the HELVAE paper's experiments: coherence vs
+FID and vs log-likelihood with Pareto fronts (Figure 3), metrics vs beta (Figure 6), coherence and FID vs the
+number of input modalities (Figure 5), and seconds per training batch per model (Table 6; medians of the
+per-step times logged by training, all runs on the device the sweep ran on).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import PRESETS, load_config
+from .files import atomic_write, write_text
+
+SWEEPS = PRESETS.parent / "sweeps"
+FIELDS = ("model", "beta", "seed", "coherence", "cross_coherence", "unconditional_coherence", "log_likelihood",
+          "conditional_log_likelihood", "probe_all", "probe_single", "fid_unconditional", "pairwise_mass",
+          "seconds_per_batch", "coherence_by_inputs", "fid_by_inputs")
+
+
+@dataclass
+class SweepConfig:
+    name: str = "sweep"
+    #: the run preset every run starts from, and overrides applied to every run
+    base: str = "polymnist-helvae-cpu"
+    overrides: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=lambda: ["helvae", "mopoe"])
+    betas: list[float] = field(default_factory=lambda: [1.0, 2.5])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    output_dir: str = "runs"
+
+
+def available_sweeps() -> list[str]:
+    return sorted(p.stem for p in SWEEPS.glob("*.yaml"))
+
+
+def load_sweep(preset: str, overrides=()) -> SweepConfig:
+    file = SWEEPS / f"{preset}.yaml"
+    if not file.is_file():
+        raise ValueError(f"unknown sweep preset {preset!r}; available: {', '.join(available_sweeps())}")
+    try:
+        sweep = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepConfig), OmegaConf.load(file),
+                                                    OmegaConf.from_dotlist(list(overrides))))
+    except OmegaConfBaseException as error:
+        raise ValueError(f"invalid sweep configuration: {error}".split("\n    full_key")[0]) from None
+    for key in ("models", "betas", "seeds"):
+        if not getattr(sweep, key):
+            raise ValueError(f"sweep {key} must not be empty")
+    for model, beta, seed in grid(sweep):  # every run's configuration is valid before anything trains
+        run_config(sweep, model, beta, seed)
+    return sweep
+
+
+def grid(sweep: SweepConfig):
+    return [(model, beta, seed) for model in sweep.models for beta in sweep.betas for seed in sweep.seeds]
+
+
+def run_config(sweep: SweepConfig, model: str, beta: float, seed: int):
+    return load_config(sweep.base, [*sweep.overrides, f"model.name={model}", f"model.beta={beta}",
+                                    f"train.seed={seed}", f"name={model}-beta{beta}-seed{seed}",
+                                    f"output_dir={Path(sweep.output_dir) / sweep.name}",
+                                    "train.evaluate_at_end=false"])
+
+
+def run_sweep(sweep: SweepConfig, show_progress: bool = True) -> Path:
+    """Train and evaluate every run of the grid that is not finished; write the summary. Returns its folder."""
+    from tqdm import tqdm
+
+    from .evaluation import evaluate_run
+    from .train import load_run, train
+
+    folder = Path(sweep.output_dir) / sweep.name
+    rows = []
+    for model, beta, seed in tqdm(grid(sweep), desc=f"sweep {sweep.name}", unit="run", disable=not show_progress):
+        config = run_config(sweep, model, beta, seed)
+        run_dir = folder / config.name
+        if not (run_dir / "metrics.json").exists():
+            checkpoint = run_dir / "checkpoint.pt"
+            finished = checkpoint.exists() and torch.load(checkpoint, weights_only=False, map_location="cpu").get(
+                "finished", False)
+            if not finished:
+                train(config, resume=checkpoint.exists(), show_progress=show_progress)
+            _, trained = load_run(run_dir)
+            evaluate_run(run_dir, config, trained, progress=tqdm if show_progress else None)
+        rows.append(result_row(run_dir, model, beta, seed))
+    write_results(folder, rows)
+    return folder
+
+
+def result_row(run_dir: Path, model: str, beta: float, seed: int) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    with open(run_dir / "metrics.csv") as handle:
+        seconds = [float(row["seconds"]) for row in csv.DictReader(handle)]
+    probe = metrics["latent_probe"]
+    full = max(probe, key=len)
+    singles = [v for k, v in probe.items() if k.count(",") == 0]
+    fid = metrics.get("fid", {})
+    return {"model": model, "beta": beta, "seed": seed, "coherence": metrics["coherence"]["overall"],
+            "cross_coherence": metrics["cross_coherence"]["cross_modal"],
+            "unconditional_coherence": metrics["unconditional_coherence"],
+            "log_likelihood": metrics["log_likelihood"]["joint"],
+            "conditional_log_likelihood": metrics["log_likelihood"]["given_one_modality"],
+            "probe_all": probe[full], "probe_single": statistics.mean(singles),
+            "fid_unconditional": fid.get("unconditional", float("nan")),
+            "pairwise_mass": metrics["pooling"]["pairwise_mass"],
+            "seconds_per_batch": statistics.median(seconds[1:] or seconds),
+            "coherence_by_inputs": json.dumps({k: v[0] for k, v in metrics["coherence"]["per_size"].items()}),
+            "fid_by_inputs": json.dumps(fid.get("per_size", {}))}
+
+
+def _mean_std(values):
+    values = [v for v in values if v == v]  # drop NaN (a metric that was not computed)
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """``(model, beta) -> {metric: (mean, std)}`` over seeds, including per-input-count curves."""
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["beta"]), []).append(row)
+    summary = {}
+    for key, members in groups.items():
+        entry = {f: _mean_std([m[f] for m in members]) for f in FIELDS[3:13]}
+        for curve in ("coherence_by_inputs", "fid_by_inputs"):
+            per_run = [json.loads(m[curve]) for m in members]
+            sizes = sorted({k for run in per_run for k in run}, key=int)
+            entry[curve] = {int(k): _mean_std([run[k] for run in per_run if k in run]) for k in sizes}
+        entry["seeds"] = len(members)
+        summary[key] = entry
+    return summary
+
+
+def pareto_front(points: list[tuple[float, float]], maximise_y: bool) -> list[int]:
+    """Indices of the points not dominated (x = coherence, maximised; y maximised or minimised), sorted by x."""
+    sign = 1 if maximise_y else -1
+    front = [i for i, (x, y) in enumerate(points)
+             if not any(x2 >= x and sign * y2 >= sign * y and (x2, y2) != (x, y) for x2, y2 in points)]
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def write_results(folder: Path, rows: list[dict]) -> None:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(folder / "results.csv", out.getvalue())
+    summary = aggregate(rows)
+    figures = plot(folder, summary)
+    write_text(folder / "report.md", render(summary, figures, folder))
+
+
+def _save(figure, path: Path) -> None:
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+
+
+def plot(folder: Path, summary: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(summary)
+    models = sorted({m for m, _ in keys})
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(models)}
+    written = []
+    for metric, label, maximise in (("fid_unconditional", "FID (unconditional, lower is better)", False),
+                                    ("log_likelihood", "log p(X) (higher is better)", True)):
+        points = [(summary[k]["coherence"][0], summary[k][metric][0]) for k in keys]
+        if all(y != y for _, y in points):
+            continue
+        figure, axis = plt.subplots(figsize=(5, 4))
+        for k, (x, y) in zip(keys, points):
+            axis.errorbar(x, y, xerr=summary[k]["coherence"][1], yerr=summary[k][metric][1], fmt="o",
+                          color=colours[k[0]], label=k[0])
+            axis.annotate(f"β={k[1]:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = [i for i in pareto_front(points, maximise) if points[i][1] == points[i][1]]
+        axis.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=1, label="Pareto front")
+        handles = dict(zip(*reversed(axis.get_legend_handles_labels())))
+        axis.legend(handles.values(), handles.keys(), fontsize=7)
+        axis.set(xlabel="conditional coherence", ylabel=label)
+        name = f"coherence_vs_{metric}.png"
+        _save(figure, folder / name)
+        plt.close(figure)
+        written.append(name)
+    metrics = [("coherence", "conditional coherence"), ("log_likelihood", "log p(X)"), ("probe_all", "probe (all)"),
+               ("fid_unconditional", "FID")]
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5))
+    for axis, (metric, label) in zip(axes, metrics):
+        for model in models:
+            betas = sorted(b for m, b in keys if m == model)
+            values = [summary[(model, b)][metric] for b in betas]
+            axis.errorbar(betas, [v[0] for v in values], yerr=[v[1] for v in values], marker="o", label=model,
+                          color=colours[model], capsize=2)
+        axis.set(xlabel="β", ylabel=label)
+    axes[0].legend(fontsize=7)
+    _save(figure, folder / "metrics_vs_beta.png")
+    plt.close(figure)
+    written.append("metrics_vs_beta.png")
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for axis, (curve, label) in zip(axes, (("coherence_by_inputs", "conditional coherence"),
+                                           ("fid_by_inputs", "conditional FID"))):
+        for model in models:
+            beta = max(b for m, b in keys if m == model)
+            points = summary[(model, beta)][curve]
+            if points:
+                sizes = sorted(points)
+                axis.errorbar(sizes, [points[s][0] for s in sizes], yerr=[points[s][1] for s in sizes], marker="o",
+                              label=f"{model} (β={beta:g})", color=colours[model], capsize=2)
+        axis.set(xlabel="number of input modalities", ylabel=label)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
+    _save(figure, folder / "synergy.png")
+    plt.close(figure)
+    written.append("synergy.png")
+    return written
+
+
+def _cell(value) -> str:
+    mean, std = value
+    return "–" if mean != mean else f"{mean:.3f} ± {std:.3f}" if abs(mean) < 10 else f"{mean:.1f} ± {std:.1f}"
+
+
+def render(summary: dict, figures: list[str], folder: Path) -> str:
+    columns = [("coherence", "coherence (all subsets)"), ("cross_coherence", "one input"),
+               ("unconditional_coherence", "unconditional"), ("log_likelihood", "log p(X)"),
+               ("conditional_log_likelihood", "log p(X_rest | x_m)"), ("probe_all", "probe (all)"),
+               ("fid_unconditional", "FID"), ("pairwise_mass", "pairwise mass")]
+    lines = [f"# Sweep `{folder.name}`", "", "Mean ± std over seeds; every metric as defined in "
+             "`applications/multimodal_vae/evaluation.py` (see each run's report.md for its protocol).", "",
+             "| model | β | seeds | " + " | ".join(c for _, c in columns) + " |",
+             "|---" * (len(columns) + 3) + "|"]
+    for key in sorted(summary):
+        entry = summary[key]
+        lines.append(f"| {key[0]} | {key[1]:g} | {entry['seeds']} | "
+                     + " | ".join(_cell(entry[f]) for f, _ in columns) + " |")
+    timing = {}
+    for (model, _), entry in summary.items():
+        timing.setdefault(model, []).append(entry["seconds_per_batch"][0])
+    lines += ["", "Seconds per training batch (median of the logged step times, same device, one sweep):", "",
+              "| model | s / batch |", "|---|---|"]
+    lines += [f"| {model} | {statistics.median(values):.4f} |" for model, values in sorted(timing.items())]
+    lines += [""] + [f"![{name}]({name})" for name in figures] + [""]
+    return "\n".join(lines)
