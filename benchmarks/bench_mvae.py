@@ -2,9 +2,10 @@
 
 Every model gets the same encoders/decoders (the MoPoE PolyMNIST nets), batch and device. Times are medians of
 forward + backward + Adam step, measured round-robin (one step of each model in turn) so that machine noise hits
-every model alike; ratios are to HELVAE. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` per model; on
-the CPU the peak resident set of a fresh process running a few steps of that model alone, minus the same process
-before its first step.
+every model alike; ratios are to HELVAE. Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over a
+few steps of that model alone, minus what it held before; on the CPU (whose allocator gives no peak) the bytes of
+the distinct tensors autograd saves for the backward pass in one step (the activation memory, which dominates
+and grows with the batch), counted with ``torch.autograd.graph.saved_tensors_hooks``.
 
 Usage:
     python benchmarks/bench_mvae.py                              # CPU: batch 128, latent 64, 2 threads
@@ -15,10 +16,7 @@ Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,36 +59,31 @@ def step(model, optimizer, x, sync):
 
 
 def batch(size, device, modalities=5):
-    g = torch.Generator().manual_seed(1)
-    return (torch.randint(0, 256, (size, modalities, 3, 28, 28), generator=g).float() / 255).to(device)
+    return torch.rand(size, modalities, 3, 28, 28, generator=torch.Generator().manual_seed(1)).to(device)
 
 
-def peak_memory_mib(label, args) -> float:
-    """Peak memory of training ``label`` alone (MiB)."""
+def memory_mib(label, args) -> float:
+    """Training memory of ``label`` alone (MiB): CUDA peak, or CPU saved activations."""
+    model, optimizer = build(label, args.latent, args.device)
+    x = batch(args.batch, args.device)
     if args.device == "cuda":
-        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        model, optimizer = build(label, args.latent, args.device)
-        x = batch(args.batch, args.device)
-        before = torch.cuda.max_memory_allocated()
+        before = torch.cuda.memory_allocated()
         for _ in range(3):
             step(model, optimizer, x, torch.cuda.synchronize)
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    out = subprocess.run([sys.executable, __file__, "--memory-of", label, "--batch", str(args.batch),
-                          "--latent", str(args.latent), "--threads", str(args.threads)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)["mib"]
+    storages = {}
 
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
 
-def memory_child(args) -> None:
-    torch.set_num_threads(args.threads)
-    model, optimizer = build(args.memory_of, args.latent, "cpu")
-    x = batch(args.batch, "cpu")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(3):
-        step(model, optimizer, x, lambda: None)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"mib": (peak - before) / 1024}))  # ru_maxrss is in KiB on Linux
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(x)["loss"]
+    loss.backward()
+    return sum(storages.values()) / 2**20
 
 
 def main() -> None:
@@ -102,10 +95,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--memory-of", choices=list(MODELS), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.memory_of:
-        return memory_child(args)
     from tqdm import tqdm
 
     torch.set_num_threads(args.threads)
@@ -119,13 +109,14 @@ def main() -> None:
             if r >= args.warmup:
                 times[label].append(seconds)
     del built
-    memory = {label: peak_memory_mib(label, args) for label in tqdm(args.models, desc="peak memory", unit="model")}
+    memory = {label: memory_mib(label, args) for label in tqdm(args.models, desc="memory", unit="model")}
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
     print(f"\n{device}; batch {args.batch}, latent {args.latent}, 5 modalities; median of {args.repeats} steps; "
           f"torch {torch.__version__}\n")
     median = {label: statistics.median(t) for label, t in times.items()}
     reference = median.get("helvae")
-    print("| model | median s / step | HELVAE / model | peak memory (MiB) |")
+    kind = "peak CUDA memory" if args.device == "cuda" else "saved activations"
+    print(f"| model | median s / step | HELVAE / model | {kind} (MiB) |")
     print("|---|---|---|---|")
     for label in args.models:
         ratio = f"{reference / median[label]:.2f}" if reference else "-"

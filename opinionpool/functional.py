@@ -112,7 +112,8 @@ def _log_weights(weights, num_experts, mask, like):
 
 def holder_mixture(mu, logvar, alpha=0.5, *, dim=0, weights=None, mask=None, prior_expert=False,
                    max_components: int = DEFAULT_MAX_COMPONENTS, validate_args=None) -> GaussianMixture:
-    """The exact Hölder pool (``alpha`` = 0 or 1/n) as a normalised Gaussian mixture."""
+    """The exact Hölder pool (``alpha`` = 0 or 1/n) as a normalised Gaussian mixture. For ``alpha = 1/n`` the
+    first ``M`` components are the experts themselves; the others combine two or more experts."""
     validate = validation_enabled(validate_args)
     alpha = check_alpha(alpha)
     order = exact_order(alpha)

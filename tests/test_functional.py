@@ -187,3 +187,12 @@ def test_gaussian_mixture_samples_have_the_mixture_moments_and_skip_zero_weights
     assert ((z.var(0) - variance).abs() < 4 * ((fourth - variance**2) / n).sqrt()).all()
     again = mixture.sample((n,), generator=torch.Generator().manual_seed(3))
     assert torch.equal(z, again)
+
+
+def test_holder_mixture_lists_the_experts_first():
+    mu, logvar = torch.randn(3, 4, 2), torch.randn(3, 4, 2)  # experts along dim 0
+    for alpha in (0.5, 1 / 3):
+        mixture = F.holder_mixture(mu, logvar, alpha, dim=0, weights=torch.tensor([0.2, 0.5, 0.3]))
+        assert torch.allclose(mixture.loc[:, :3], mu.movedim(0, 1)) and torch.allclose(mixture.logvar[:, :3],
+                                                                                        logvar.movedim(0, 1))
+        assert not torch.allclose(mixture.loc[:, 3], mu[0]) and mixture.loc.shape[1] > 3

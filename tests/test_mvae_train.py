@@ -136,7 +136,7 @@ def test_evaluation_writes_a_report(tiny_root, capsys):
         assert section in report, section
     metrics = json.loads((run / "metrics.json").read_text())
     assert len(metrics["coherence"]["per_subset"]) == 6 and metrics["test_examples"] == 10
-    assert list((tiny_root / "data").glob(".digit-classifiers-v2-3m.pt"))  # cached for the next evaluation
+    assert list((tiny_root / "data").glob(".digit-classifiers-v3-3m.pt"))  # cached for the next evaluation
     with open(run / "pooling.csv") as handle:  # diagnostics at every checkpoint
         assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2"]
     (run / "report.md").unlink()

@@ -4,8 +4,9 @@ Conventions (stated in every report):
 
 * **Classifiers**: one digit classifier per modality, trained by the application on the training split and cached
   beside the data with its test accuracy; always used in eval mode (the MoPoE and HELVAE evaluation code leave
-  dropout active). Architecture: two stride-2 convolutions (32, 64 channels) and a 128-unit layer; the MoPoE
-  classifier (10 and 20 channels) reaches only 0.94-0.96 on the offline PolyMNIST in the same number of epochs.
+  dropout active). Architecture: two stride-2 convolutions (32, 64 channels) and a 128-unit layer, 5 epochs with a
+  one-cycle learning rate: 0.976-0.985 test accuracy on the offline PolyMNIST; the MoPoE classifier (10 and 20
+  channels) reaches only 0.94-0.96 there in 4 epochs.
 * **Generations** are samples ``z ~ q(z | X_S)`` of the model's joint posterior given the subset ``S`` (mixture
   posteriors are sampled by component), decoded to the raw decoder output clamped to [0, 1]; seeded.
 * **Conditional coherence**: for every non-empty subset ``S`` and every target ``t`` outside it, the fraction of
@@ -55,8 +56,9 @@ class DigitClassifier(nn.Module):
 
 
 def train_classifiers(images: torch.Tensor, labels: torch.Tensor, epochs: int = CLASSIFIER_EPOCHS,
-                      batch_size: int = 128, lr: float = 2e-3, seed: int = 0, progress=None) -> nn.ModuleList:
-    """One classifier per modality on uint8 ``images`` ``(M, N, 3, 28, 28)``; returned in eval mode."""
+                      batch_size: int = 128, lr: float = 3e-3, seed: int = 0, progress=None) -> nn.ModuleList:
+    """One classifier per modality on uint8 ``images`` ``(M, N, 3, 28, 28)`` (Adam, one-cycle learning rate
+    peaking at ``lr``); returned in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -64,6 +66,7 @@ def train_classifiers(images: torch.Tensor, labels: torch.Tensor, epochs: int = 
         optimizer = torch.optim.Adam(classifiers.parameters(), lr=lr)
         n = images.shape[1]
         starts = [start for _ in range(epochs) for start in range(0, n, batch_size)]
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=len(starts))
         order = None
         for start in progress(starts, desc="digit classifiers", unit="batch") if progress else starts:
             if start == 0:
@@ -74,6 +77,7 @@ def train_classifiers(images: torch.Tensor, labels: torch.Tensor, epochs: int = 
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            schedule.step()
     return classifiers.eval()
 
 
@@ -93,7 +97,7 @@ def classifiers_for(root, train_data, test_data, progress=None) -> tuple[nn.Modu
     """The digit classifiers for the dataset at ``root`` and their test accuracies, trained once and cached
     beside the data (atomically)."""
     m = train_data.num_modalities
-    cache = Path(root) / f".digit-classifiers-v2-{m}m.pt"
+    cache = Path(root) / f".digit-classifiers-v3-{m}m.pt"
     classifiers = nn.ModuleList(DigitClassifier() for _ in range(m))
     if cache.exists():
         stored = torch.load(cache, weights_only=True)

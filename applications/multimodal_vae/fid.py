@@ -18,6 +18,7 @@ numbers only with each other.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import zipfile
 from pathlib import Path
@@ -143,6 +144,18 @@ def fid_from_features(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return max(distance, 0.0)
 
 
+_REAL_FEATURES: dict[tuple, np.ndarray] = {}
+
+
+def _real_features(inception: InceptionFeatures, images: torch.Tensor) -> np.ndarray:
+    """Features of real images, memoised per process by weights and image bytes (a sweep evaluates many runs
+    against the same test images; Inception is slow on a CPU)."""
+    key = (str(inception.weights), str(inception.device), hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest())
+    if key not in _REAL_FEATURES:
+        _REAL_FEATURES[key] = inception(images)
+    return _REAL_FEATURES[key]
+
+
 @torch.no_grad()
 def fid_scores(model, images: torch.Tensor, real_images: torch.Tensor, settings, cache: Path, progress=None) -> dict:
     """FID per target modality of unconditional generations (prior samples) and of conditional generations from
@@ -155,7 +168,7 @@ def fid_scores(model, images: torch.Tensor, real_images: torch.Tensor, settings,
     m, n = model.num_modalities, min(settings.fid_samples, images.shape[1])
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     choice = torch.Generator().manual_seed(settings.seed)
-    real = [inception(real_images[t, :n]) for t in range(m)]
+    real = [_real_features(inception, real_images[t, :n]) for t in range(m)]
     was_training = model.training
     model.eval()
     x = (images[:, :n].float() / 255).transpose(0, 1).to(device)

@@ -166,6 +166,7 @@ def write_results(folder: Path, rows: list[dict]) -> None:
 
 
 def _save(figure, path: Path) -> None:
+    figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
@@ -239,7 +240,7 @@ def _cell(value) -> str:
 def render(summary: dict, figures: list[str], folder: Path) -> str:
     columns = [("coherence", "coherence (all subsets)"), ("cross_coherence", "one input"),
                ("unconditional_coherence", "unconditional"), ("log_likelihood", "log p(X)"),
-               ("conditional_log_likelihood", "log p(X_rest | x_m)"), ("probe_all", "probe (all)"),
+               ("conditional_log_likelihood", "log p(X_rest \\| x_m)"), ("probe_all", "probe (all)"),
                ("fid_unconditional", "FID"), ("pairwise_mass", "pairwise mass")]
     lines = [f"# Sweep `{folder.name}`", "", "Mean ± std over seeds; every metric as defined in "
              "`applications/multimodal_vae/evaluation.py` (see each run's report.md for its protocol).", "",
