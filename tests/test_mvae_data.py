@@ -34,15 +34,23 @@ def random_tuples(num_modalities=3, n=12, seed=0):
 def test_png_tree_is_paired_by_integer_index(tmp_path):
     images, labels = random_tuples(n=12)  # indices 0..11: "10" sorts before "2" as text
     write_png_tree(tmp_path, "train", images, labels)
-    data = PolyMNIST(tmp_path, "train", num_modalities=3)
+    shown = []
+
+    def progress(iterable, total, desc, unit):
+        shown.append((total, desc, unit))
+        return iterable
+
+    data = PolyMNIST(tmp_path, "train", num_modalities=3, progress=progress)
+    assert shown == [(12, f"decoding train/m{m}", "png") for m in range(3)]
     assert data.layout == "png" and len(data) == 12 and data.num_modalities == 3
     for i in (0, 2, 10, 11):
         x, y = data[i]
         assert int(y) == labels[i]
         assert torch.equal((x * 255).round().to(torch.uint8), torch.from_numpy(images[:, i]))
     # the decoded cache gives the same tensors on the next load
-    again = PolyMNIST(tmp_path, "train")
+    again = PolyMNIST(tmp_path, "train", progress=progress)
     assert torch.equal(again.images, data.images) and list((tmp_path / "train").glob(".decoded-*.pt"))
+    assert len(shown) == 3  # nothing decoded again
 
 
 def test_tensor_layout_reads_the_same_tuples(tmp_path):

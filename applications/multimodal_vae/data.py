@@ -68,8 +68,9 @@ def detect_layout(root: Path, split: str) -> str:
                       f"m0.pt + labels.pt (tensor layout); it contains {sorted(p.name for p in split_dir.iterdir())}")
 
 
-def read_png_tree(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``(M, N, 3, 28, 28)`` and labels ``(N,)`` from a PNG tree, paired by sorted index."""
+def read_png_tree(split_dir: Path, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``(M, N, 3, 28, 28)`` and labels ``(N,)`` from a PNG tree, paired by sorted index (``progress``: a
+    tqdm-like wrapper for the decoding loop)."""
     from PIL import Image
 
     folders = _modality_folders(split_dir, "png")
@@ -88,7 +89,9 @@ def read_png_tree(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     names = [[index[i][1] for i in order] for index in indexes]
     images = torch.empty((len(folders), len(order), 3, 28, 28), dtype=torch.uint8)
     for m, folder in enumerate(folders):
-        for n, name in enumerate(names[m]):
+        files = enumerate(names[m])
+        for n, name in progress(files, total=len(order), desc=f"decoding {split_dir.name}/{folder.name}",
+                                unit="png") if progress else files:
             array = torch.from_numpy(np.asarray(Image.open(folder / name).convert("RGB")).copy())
             if array.shape != (28, 28, 3):
                 raise LayoutError(f"{folder / name}: expected a 28x28 RGB image, got shape {tuple(array.shape)}")
@@ -97,7 +100,7 @@ def read_png_tree(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-def _cached_png_tree(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def _cached_png_tree(split_dir: Path, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``read_png_tree`` with a decoded cache keyed by the file names (written atomically)."""
     listing = "\n".join(f"{folder.name}/{name}" for folder in _modality_folders(split_dir, "png")
                         for name in sorted(os.listdir(folder)))
@@ -106,7 +109,7 @@ def _cached_png_tree(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if cache.exists():
         stored = torch.load(cache, weights_only=True)
         return stored["images"], stored["labels"]
-    images, labels = read_png_tree(split_dir)
+    images, labels = read_png_tree(split_dir, progress)
     try:
         atomic_write(cache, lambda tmp: torch.save({"images": images, "labels": labels}, tmp))
     except OSError:  # a read-only dataset folder: work without the cache
@@ -136,15 +139,16 @@ class PolyMNIST(Dataset):
         root: folder holding ``train/`` and ``test/`` in either layout.
         split: ``"train"`` or ``"test"``.
         num_modalities: if given, must equal the number of modalities on disk.
+        progress: a tqdm-like wrapper showing the first decoding of a PNG tree (later loads hit the cache).
     """
 
-    def __init__(self, root, split: str = "train", num_modalities: int | None = None):
+    def __init__(self, root, split: str = "train", num_modalities: int | None = None, progress=None):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         self.root = Path(root)
         self.layout = detect_layout(self.root, split)
         split_dir = self.root / split
-        self.images, self.labels = (_cached_png_tree(split_dir) if self.layout == "png"
+        self.images, self.labels = (_cached_png_tree(split_dir, progress) if self.layout == "png"
                                     else read_tensor_files(split_dir))
         if num_modalities is not None and self.images.shape[0] != num_modalities:
             raise LayoutError(f"{split_dir} holds {self.images.shape[0]} modalities but the model expects "

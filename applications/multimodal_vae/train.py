@@ -52,16 +52,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_dataset(config: Config, split: str = "train") -> PolyMNIST:
+    from tqdm import tqdm
+
     root = Path(config.data.root)
     if config.data.dataset != "polymnist":
         raise ValueError(f"data.dataset {config.data.dataset!r} has no loader yet; available: 'polymnist'")
     if config.data.build_offline and not root.exists():
-        from tqdm import tqdm
-
         from .build_polymnist import build
 
         build(root, progress=tqdm)
-    return PolyMNIST(root, split, num_modalities=config.data.num_modalities)
+    return PolyMNIST(root, split, num_modalities=config.data.num_modalities, progress=tqdm)
 
 
 def make_model(config: Config) -> MultimodalVAE:
