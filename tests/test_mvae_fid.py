@@ -12,6 +12,7 @@ from applications.multimodal_vae.fid import (
     default_weights,
     fid_from_features,
     frechet_distance,
+    random_subsets,
     statistics,
 )
 
@@ -119,3 +120,12 @@ def test_fid_scores_of_a_copying_generator(tmp_path):
     assert scores["samples"] == 6 and set(scores["per_size"]) == {1, 2}
     assert scores["per_size"][1] < 1e-3 and scores["per_size"][2] < 1e-3
     assert scores["unconditional"] > 10
+
+
+def test_random_subsets_exclude_the_target_and_are_uniform():
+    mask = random_subsets(5, 40_000, 2, exclude=3, generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (5, 40_000) and (mask.sum(0) == 2).all() and not mask[3].any()
+    frequency = mask.double().mean(1)  # each of the 4 others is in a 2-subset with probability 1/2
+    assert torch.allclose(frequency[[0, 1, 2, 4]], torch.full((4,), 0.5), atol=4 * (0.25 / 40_000) ** 0.5)
+    pairs = {tuple(col.nonzero().squeeze(-1).tolist()) for col in mask.T[:500]}
+    assert len(pairs) == 6  # all C(4, 2) subsets occur

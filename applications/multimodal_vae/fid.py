@@ -144,6 +144,14 @@ def fid_from_features(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return max(distance, 0.0)
 
 
+def random_subsets(num_modalities: int, count: int, size: int, exclude: int, generator=None) -> torch.Tensor:
+    """``(M, count)`` mask: for each tuple a uniformly random ``size``-subset of the modalities other than
+    ``exclude`` (the first ``size`` of a random permutation)."""
+    others = torch.tensor([s for s in range(num_modalities) if s != exclude])
+    chosen = others[torch.rand(count, num_modalities - 1, generator=generator).argsort(-1)[:, :size]]
+    return torch.zeros(count, num_modalities, dtype=torch.bool).scatter_(1, chosen, True).T
+
+
 _REAL_FEATURES: dict[tuple, np.ndarray] = {}
 
 
@@ -177,12 +185,8 @@ def fid_scores(model, images: torch.Tensor, real_images: torch.Tensor, settings,
     scores = {"unconditional": [], **{k: [] for k in range(1, m)}}
     for t, decoder in enumerate(progress(model.decoders, desc="FID targets") if progress else model.decoders):
         scores["unconditional"].append(fid_from_features(inception(decoder(prior).float()), real[t]))
-        others = [s for s in range(m) if s != t]
         for k in range(1, m):
-            present = torch.zeros(m, n, dtype=torch.bool, device=device)
-            for i in range(n):  # a random size-k subset of the other modalities per tuple
-                chosen = torch.randperm(m - 1, generator=choice)[:k]
-                present[[others[j] for j in chosen.tolist()], i] = True
+            present = random_subsets(m, n, k, exclude=t, generator=choice).to(device)
             z = model.pool(mu, logvar, present).sample(generator=generator)
             scores[k].append(fid_from_features(inception(decoder(z).float()), real[t]))
     model.train(was_training)
