@@ -45,7 +45,7 @@ def test_every_model_trains_a_step_with_missing_modalities(name):
     out = model(x, present)
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
-    if name != "mmvae":  # MMVAE's "kl" is a one-sample estimate and may be negative
+    if name not in ("mmvae", "holder_mixture"):  # their "kl" is a one-sample estimate and may be negative
         assert out["kl"] >= 0
     for pname, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
@@ -206,3 +206,26 @@ def test_bf16_autocast_keeps_the_pooling_and_the_objective_in_float32():
         mixed = model(x, present)
     assert mu.dtype == pooled[0].dtype == pooled[1].dtype == mixed["loss"].dtype == torch.float32
     assert torch.isfinite(mixed["loss"]) and abs(mixed["loss"].item() / full.item() - 1) < 0.02
+
+
+def test_holder_mixture_samples_the_exact_pool_and_estimates_its_kl():
+    model = make("holder_mixture", alpha=0.5)
+    x = batch()
+    mixture = model.posterior_mixture(x)
+    assert mixture.loc.shape == (6, 6, 8)  # 3 experts + 3 pairs for alpha = 1/2
+    mu, logvar = model.encode(x)
+    reference = F.holder_mixture(mu, logvar, 0.5, dim=0)
+    assert torch.equal(mixture.log_weights, reference.log_weights) and torch.equal(mixture.loc, reference.loc)
+    # with one modality present the pool is that expert: the KL estimate averages to its closed form
+    present = torch.zeros(3, 6, dtype=torch.bool)
+    present[1] = True
+    with torch.no_grad():
+        estimates = []
+        for seed in range(400):
+            torch.manual_seed(seed)
+            estimates.append(objectives.mixture_elbo(x.transpose(0, 1), present, mu, logvar, model.decoders,
+                                                     model.likelihood, model.aggregate).kl)
+        estimates = torch.stack(estimates)
+    exact = objectives.kl_to_standard_normal(mu[1], logvar[1])
+    error = estimates.std(0) / math.sqrt(len(estimates))
+    assert ((estimates.mean(0) - exact).abs() < 4 * error + 1e-4).all()

@@ -1,16 +1,17 @@
 """Every model is an aggregator from ``opinionpool.functional`` plus an objective from ``objectives``.
 
-=========  ==============================================  ===========================
-model      aggregator (``opinionpool.functional``)          objective
-=========  ==============================================  ===========================
-helvae     ``hellinger`` (Hölder 1/2, moment-matched)       ``joint_elbo``
-holder     ``holder(alpha)`` (exact alpha = 0 or 1/n)        ``joint_elbo``
-mohelvae   ``hellinger`` on every modality subset           ``subset_mixture_elbo``
-mvae       ``poe`` with a prior expert                      ``mvae_elbo``
-mopoe      ``poe`` on every subset (prior on the full one)  ``subset_mixture_elbo``
-mwbvae     ``wasserstein_barycenter`` on every subset       ``subset_mixture_elbo``
-mmvae      ``moe``                                          ``mmvae_objective`` (ELBO, IWAE, DReG)
-=========  ==============================================  ===========================
+==============  ==============================================  ======================================
+model           aggregator (``opinionpool.functional``)          objective
+==============  ==============================================  ======================================
+helvae          ``hellinger`` (Hölder 1/2, moment-matched)       ``joint_elbo``
+holder          ``holder(alpha)`` (exact alpha = 0 or 1/n)        ``joint_elbo``
+holder_mixture  ``holder_mixture(alpha)``, the exact pool        ``mixture_elbo``
+mohelvae        ``hellinger`` on every modality subset           ``subset_mixture_elbo``
+mvae            ``poe`` with a prior expert                      ``mvae_elbo``
+mopoe           ``poe`` on every subset (prior on the full one)  ``subset_mixture_elbo``
+mwbvae          ``wasserstein_barycenter`` on every subset       ``subset_mixture_elbo``
+mmvae           ``moe``                                          ``mmvae_objective`` (ELBO, IWAE, DReG)
+==============  ==============================================  ======================================
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from . import objectives
 MODELS = {
     "helvae": (lambda alpha: F.hellinger, objectives.joint_elbo),
     "holder": (lambda alpha: functools.partial(F.holder, alpha=alpha), objectives.joint_elbo),
+    "holder_mixture": (lambda alpha: functools.partial(F.holder_mixture, alpha=alpha), objectives.mixture_elbo),
     "mohelvae": (lambda alpha: F.hellinger, objectives.subset_mixture_elbo),
     "mvae": (lambda alpha: functools.partial(F.poe, prior_expert=True), objectives.mvae_elbo),
     "mopoe": (lambda alpha: F.poe, functools.partial(objectives.subset_mixture_elbo, prior_on_full_subset=True)),
@@ -38,7 +40,7 @@ MODELS = {
 #: models whose objective takes several importance samples
 MULTI_SAMPLE = ("mmvae",)
 #: models whose aggregator takes (learnable) pooling weights over the modalities
-WEIGHTED = ("helvae", "holder", "mohelvae")
+WEIGHTED = ("helvae", "holder", "holder_mixture", "mohelvae")
 
 
 def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = False, num_samples: int = 1,
@@ -48,8 +50,8 @@ def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = Fals
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
     if learnable_weights and model not in WEIGHTED:
         raise ValueError(f"learnable_weights needs one of {WEIGHTED}, got model={model!r}")
-    if model == "holder" and exact_order(alpha) is None:
-        raise ValueError(f"model='holder' needs alpha = 0 or 1/n (exact pools), got alpha={alpha!r}")
+    if model in ("holder", "holder_mixture") and exact_order(alpha) is None:
+        raise ValueError(f"model={model!r} needs alpha = 0 or 1/n (exact pools), got alpha={alpha!r}")
     if estimator not in objectives.ESTIMATORS:
         raise ValueError(f"estimator must be one of {objectives.ESTIMATORS}, got {estimator!r}")
     if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
@@ -66,8 +68,8 @@ class MultimodalVAE(nn.Module):
         encoders, decoders: one module per modality (``encoder(x_m) -> (mu, logvar)``, ``decoder(z) -> loc``).
         model: a key of ``MODELS``.
         beta: weight of the KL term.
-        alpha: the Hölder exponent of ``model="holder"`` (0 or 1/n).
-        learnable_weights: learn the pooling weights over modalities (``helvae``, ``holder``, ``mohelvae``).
+        alpha: the Hölder exponent of ``model="holder"`` / ``"holder_mixture"`` (0 or 1/n).
+        learnable_weights: learn the pooling weights over modalities (the models in ``WEIGHTED``).
         reconstruction_weights: per-modality likelihood weights (default: relative dimensionality, all ones
             for modalities of equal size).
         num_samples, estimator: importance samples per modality and the bound (``"elbo"``, ``"iwae"``,
@@ -140,7 +142,7 @@ class MultimodalVAE(nn.Module):
         if self.model in ("mohelvae", "mopoe", "mwbvae"):
             return F.subset_mixture(self.aggregate, mu, logvar, dim=0, mask=present,
                                     prior_on_full_subset=self.model == "mopoe", validate_args=False)
-        if self.model == "mmvae":
+        if self.model in ("mmvae", "holder_mixture"):
             return self.aggregate(mu, logvar, mask=present)
         loc, logvar = self.aggregate(mu, logvar, mask=present)
         return F.GaussianMixture(torch.zeros_like(loc[..., :1]), loc.unsqueeze(-2), logvar.unsqueeze(-2))

@@ -99,6 +99,16 @@ def joint_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms
     return Terms(likelihood(x, present, z, decoders), kl_to_standard_normal(joint_mu, joint_logvar))
 
 
+def mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
+    """The Hölder VAE with the exact pool as its posterior (``aggregate`` = ``opinionpool.functional.holder_mixture``):
+    ``z`` is sampled by component (a component by its weight, reparameterised within it; the choice itself carries
+    no gradient), and ``kl`` is the single-sample estimate ``log q(z|X) - log p(z)`` with the exact mixture density."""
+    mixture = aggregate(mu, logvar, mask=present)
+    z = mixture.sample()
+    log_p = -0.5 * (z * z + _LOG_2PI).sum(-1)
+    return Terms(likelihood(x, present, z, decoders), mixture.log_prob(z) - log_p)
+
+
 def mvae_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
     """MVAE: the joint ELBO of the product with a prior expert plus, for each present modality, the ELBO of its
     own posterior (times the prior) reconstructing that modality alone."""
