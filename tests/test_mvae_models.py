@@ -229,3 +229,18 @@ def test_holder_mixture_samples_the_exact_pool_and_estimates_its_kl():
     exact = objectives.kl_to_standard_normal(mu[1], logvar[1])
     error = estimates.std(0) / math.sqrt(len(estimates))
     assert ((estimates.mean(0) - exact).abs() < 4 * error + 1e-4).all()
+
+
+def test_evaluating_restores_the_previous_mode_also_on_errors():
+    from applications.multimodal_vae.models import evaluating
+
+    model = make("helvae")
+    with pytest.raises(RuntimeError, match="inside"):
+        with evaluating(model):
+            assert not model.training and not model.encoders[0].training
+            raise RuntimeError("inside")
+    assert model.training and model.encoders[0].training
+    model.eval()
+    with evaluating(model):
+        pass
+    assert not model.training

@@ -88,6 +88,10 @@ def test_errors_before_any_work(tiny_root, capsys):
         load_config("polymnist-helvae", ["train.epochs=abc"])
     with pytest.raises(ValueError, match="model must be one of"):
         load_config("polymnist-helvae", ["model.name=jmvae"])
+    with pytest.raises(ValueError, match="invalid model options: likelihood must be one of .* got 'gauss'"):
+        load_config("polymnist-helvae", ["model.likelihood=gauss"])
+    with pytest.raises(ValueError, match="likelihood scale must be positive, got 0.0"):
+        load_config("polymnist-helvae", ["model.likelihood_scale=0"])
     config = tiny_config(tiny_root, "layout")
     config.data.root = str(tiny_root / "missing")
     with pytest.raises(LayoutError, match="expected a folder .*missing/train"):

@@ -120,7 +120,8 @@ def _check(config) -> None:
 
     model = config.model
     try:
-        check_options(model.name, model.alpha, model.learnable_weights, model.num_samples, model.estimator)
+        check_options(model.name, model.alpha, model.learnable_weights, model.num_samples, model.estimator,
+                      model.likelihood, model.likelihood_scale)
     except ValueError as error:
         raise ValueError(f"invalid model options: {error}") from None
     for key in ("epochs", "batch_size", "checkpoint_every"):
@@ -130,9 +131,6 @@ def _check(config) -> None:
         raise ValueError(f"train.lr must be positive, got {config.train.lr}")
     if config.train.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {config.train.device!r}")
-    if config.model.likelihood not in ("laplace", "normal") or not config.model.likelihood_scale > 0:
-        raise ValueError(f"model.likelihood must be 'laplace' or 'normal' with a positive model.likelihood_scale, "
-                         f"got {config.model.likelihood!r} with scale {config.model.likelihood_scale}")
     if config.train.precision not in ("fp32", "bf16"):
         raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {config.train.precision!r}")
     if config.eval.subsets not in ("all", "single"):

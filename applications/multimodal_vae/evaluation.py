@@ -38,6 +38,7 @@ import opinionpool.functional as F
 from opinionpool.families.gaussian import gaussian_mixture_moments
 
 from .files import atomic_write, write_text
+from .models import evaluating
 
 CLASSIFIER_EPOCHS = 5
 
@@ -114,8 +115,9 @@ def classifiers_for(root, train_data, test_data, progress=None) -> tuple[nn.Modu
 
 
 def all_subsets(num_modalities: int) -> list[tuple[int, ...]]:
-    """Non-empty subsets of the modalities, by size, then lexicographically."""
-    return [s for k in range(1, num_modalities + 1) for s in itertools.combinations(range(num_modalities), k)]
+    """Non-empty subsets of the modalities as tuples, in ``opinionpool.functional.all_subsets``'s order (by size,
+    then lexicographically)."""
+    return [tuple(row.nonzero().squeeze(-1).tolist()) for row in F.all_subsets(num_modalities)]
 
 
 def subset_mask(subset, num_modalities: int, batch: int, device=None) -> torch.Tensor:
@@ -124,10 +126,10 @@ def subset_mask(subset, num_modalities: int, batch: int, device=None) -> torch.T
     return present
 
 
-def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, device):
+def _inputs(images: torch.Tensor, batch_size: int, device):
+    """``(start, x)`` for consecutive batches of uint8 ``images`` ``(M, N, ...)``, ``x`` float ``(B, M, ...)``."""
     for start in range(0, images.shape[1], batch_size):
-        x = (images[:, start:start + batch_size].float() / 255).transpose(0, 1).to(device)
-        yield x, labels[start:start + batch_size].to(device)
+        yield start, (images[:, start:start + batch_size].float() / 255).transpose(0, 1).to(device)
 
 
 @torch.no_grad()
@@ -135,22 +137,21 @@ def coherence(model, classifiers: nn.ModuleList, images: torch.Tensor, labels: t
               subsets: list[tuple[int, ...]] | None = None, batch_size: int = 500, seed: int = 0) -> dict:
     """``accuracy[i, t]``: how often modality ``t`` generated from ``subsets[i]`` shows the true digit (targets
     inside the subset are reconstructions)."""
-    was_training = model.training
-    model.eval()
     classifiers.eval()
     m = model.num_modalities
     subsets = all_subsets(m) if subsets is None else subsets
     device = model.likelihood.weights.device
     generator = torch.Generator(device=device).manual_seed(seed)
     hits = torch.zeros(len(subsets), m)
-    for x, y in _batches(images, labels, batch_size, device):
-        mu, logvar = model.encode(x)
-        for i, subset in enumerate(subsets):
-            z = model.pool(mu, logvar, subset_mask(subset, m, x.shape[0], device)).sample(generator=generator)
-            for t, decoder in enumerate(model.decoders):
-                predicted = classifiers[t](decoder(z).float().clamp(0, 1)).argmax(-1)
-                hits[i, t] += (predicted == y).sum().cpu()
-    model.train(was_training)
+    with evaluating(model):
+        for start, x in _inputs(images, batch_size, device):
+            y = labels[start:start + x.shape[0]].to(device)
+            mu, logvar = model.encode(x)
+            for i, subset in enumerate(subsets):
+                z = model.pool(mu, logvar, subset_mask(subset, m, x.shape[0], device)).sample(generator=generator)
+                for t, decoder in enumerate(model.decoders):
+                    predicted = classifiers[t](decoder(z).float().clamp(0, 1)).argmax(-1)
+                    hits[i, t] += (predicted == y).sum().cpu()
     return {"subsets": subsets, "accuracy": hits / images.shape[1]}
 
 
@@ -179,17 +180,15 @@ def cross_coherence(result: dict, num_modalities: int) -> torch.Tensor:
 def unconditional_coherence(model, classifiers: nn.ModuleList, latent_dim: int, num_samples: int = 1000,
                             batch_size: int = 500, seed: int = 0) -> float:
     """Fraction of prior samples whose generated modalities all get the same predicted digit."""
-    was_training = model.training
-    model.eval()
     device = model.likelihood.weights.device
     generator = torch.Generator(device=device).manual_seed(seed)
     agree = 0
-    for start in range(0, num_samples, batch_size):
-        z = torch.randn(min(batch_size, num_samples - start), latent_dim, generator=generator, device=device)
-        predicted = torch.stack([classifiers[t](decoder(z).float().clamp(0, 1)).argmax(-1)
-                                 for t, decoder in enumerate(model.decoders)])
-        agree += int((predicted == predicted[0]).all(0).sum())
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, num_samples, batch_size):
+            z = torch.randn(min(batch_size, num_samples - start), latent_dim, generator=generator, device=device)
+            predicted = torch.stack([classifiers[t](decoder(z).float().clamp(0, 1)).argmax(-1)
+                                     for t, decoder in enumerate(model.decoders)])
+            agree += int((predicted == predicted[0]).all(0).sum())
     return agree / num_samples
 
 
@@ -198,8 +197,7 @@ def posterior_means(model, images: torch.Tensor, subsets, batch_size: int = 500)
     """``subset -> (N, D)`` moment-matched posterior means given that subset, on the CPU."""
     device = model.likelihood.weights.device
     means = {s: [] for s in subsets}
-    for start in range(0, images.shape[1], batch_size):
-        x = (images[:, start:start + batch_size].float() / 255).transpose(0, 1).to(device)
+    for _, x in _inputs(images, batch_size, device):
         mu, logvar = model.encode(x)
         for s in subsets:
             mixture = model.pool(mu, logvar, subset_mask(s, model.num_modalities, x.shape[0], device))
@@ -234,11 +232,10 @@ def pooling_diagnostics(model, images: torch.Tensor, batch_size: int = 500) -> d
     pool's mass in its pairwise components, all modalities present."""
     device = model.likelihood.weights.device
     m = model.num_modalities
+    pairs = list(itertools.combinations(range(m), 2))
     log_bc, pairwise, count = 0.0, 0.0, 0
-    for start in range(0, images.shape[1], batch_size):
-        x = (images[:, start:start + batch_size].float() / 255).transpose(0, 1).to(device)
+    for _, x in _inputs(images, batch_size, device):
         mu, logvar = model.encode(x)
-        pairs = list(itertools.combinations(range(m), 2))
         log_bc += float(sum(F.log_bhattacharyya(mu[i], logvar[i], mu[j], logvar[j]).sum() for i, j in pairs)) / len(pairs)
         mixture = F.holder_mixture(mu.double(), logvar.double(), 0.5, dim=0, validate_args=False)
         pairwise += float(-torch.expm1(torch.logsumexp(mixture.log_weights[..., :m], -1)).sum())
@@ -252,7 +249,6 @@ def _subset_name(subset) -> str:
 
 def evaluate_run(run_dir, config, model, progress=None) -> dict:
     """Every metric of ``config.eval`` on the test split; writes ``metrics.json`` and ``report.md`` in ``run_dir``."""
-    from .marginal_likelihood import log_likelihood
     from .train import load_dataset
 
     settings = config.eval
@@ -292,7 +288,7 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
                          settings.probe_examples, settings.seed)
     metrics["latent_probe"] = {_subset_name(s): v for s, v in probe.items()}
     done()
-    metrics["log_likelihood"] = _likelihoods(model, images[:, :settings.likelihood_examples], settings, log_likelihood)
+    metrics["log_likelihood"] = _likelihoods(model, images[:, :settings.likelihood_examples], settings)
     done()
     metrics["pooling"] = pooling_diagnostics(model, images[:, :1000])
     done()
@@ -310,12 +306,14 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
     return metrics
 
 
-def _likelihoods(model, images, settings, log_likelihood) -> dict:
+def _likelihoods(model, images, settings) -> dict:
+    from .marginal_likelihood import log_likelihood
+
     device = model.likelihood.weights.device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     joint, conditional = [], []
     m = model.num_modalities
-    for x, _ in _batches(images, torch.zeros(images.shape[1], dtype=torch.long), 100, device):
+    for _, x in _inputs(images, 100, device):
         joint.append(log_likelihood(model, x, num_samples=settings.likelihood_samples, generator=generator))
         given = [log_likelihood(model, x, condition=subset_mask((s,), m, x.shape[0], device),
                                 targets=~subset_mask((s,), m, x.shape[0], device),

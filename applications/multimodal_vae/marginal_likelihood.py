@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from .objectives import full_precision
+from .models import evaluating
+from .objectives import full_precision, standard_normal_log_prob
 
 
 def _check(num_samples: int, chunk_size: int) -> None:
@@ -41,8 +42,6 @@ def log_likelihood(model, x: torch.Tensor, condition: torch.Tensor | None = None
         num_samples: ``K``; chunk_size: samples decoded at once.
     """
     _check(num_samples, chunk_size)
-    was_training = model.training
-    model.eval()
     everything = torch.ones(model.num_modalities, x.shape[0], dtype=torch.bool, device=x.device)
     condition = everything if condition is None else condition
     targets = everything if targets is None else targets
@@ -50,18 +49,17 @@ def log_likelihood(model, x: torch.Tensor, condition: torch.Tensor | None = None
     if conditional and (condition & targets).any():
         raise ValueError("condition and targets must be disjoint for a conditional likelihood "
                          "(or equal, for the joint likelihood)")
-    proposal = model.posterior_mixture(x, condition)
     modalities_first = x.transpose(0, 1)
     chunks = []
-    for start in range(0, num_samples, chunk_size):
-        count = min(chunk_size, num_samples - start)
-        z = proposal.sample((count,), generator=generator)  # (k, B, D)
-        log_weight = full_precision(model.likelihood(modalities_first, targets, z, model.decoders)).double()
-        if not conditional:
-            log_prior = -0.5 * (z.double() ** 2 + math.log(2 * math.pi)).sum(-1)
-            log_weight = log_weight + log_prior - proposal.log_prob(z).double()
-        chunks.append(torch.logsumexp(log_weight, 0))
-    model.train(was_training)
+    with evaluating(model):
+        proposal = model.posterior_mixture(x, condition)
+        for start in range(0, num_samples, chunk_size):
+            count = min(chunk_size, num_samples - start)
+            z = proposal.sample((count,), generator=generator)  # (k, B, D)
+            log_weight = full_precision(model.likelihood(modalities_first, targets, z, model.decoders)).double()
+            if not conditional:
+                log_weight = log_weight + standard_normal_log_prob(z.double()) - proposal.log_prob(z).double()
+            chunks.append(torch.logsumexp(log_weight, 0))
     estimate = torch.logsumexp(torch.stack(chunks), 0) - math.log(num_samples)
     if not torch.isfinite(estimate).all():
         raise FloatingPointError(f"non-finite log-likelihood estimate for {int((~torch.isfinite(estimate)).sum())} "

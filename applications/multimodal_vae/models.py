@@ -16,6 +16,7 @@ mmvae           ``moe``                                          ``mmvae_objecti
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -43,9 +44,22 @@ MULTI_SAMPLE = ("mmvae",)
 WEIGHTED = ("helvae", "holder", "holder_mixture", "mohelvae")
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """``model`` in eval mode for the block, back in its previous mode afterwards (also on an error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = False, num_samples: int = 1,
-                  estimator: str = "elbo") -> None:
+                  estimator: str = "elbo", likelihood: str = "laplace",
+                  likelihood_scale: float = objectives.LAPLACE_SCALE) -> None:
     """Raise ``ValueError`` naming the option when the combination is not a model this module builds."""
+    objectives.Likelihood.check(likelihood, likelihood_scale)
     if model not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
     if learnable_weights and model not in WEIGHTED:
@@ -85,7 +99,7 @@ class MultimodalVAE(nn.Module):
                  num_samples: int = 1, estimator: str = "elbo", likelihood: str = "laplace",
                  likelihood_scale: float = objectives.LAPLACE_SCALE):
         super().__init__()
-        check_options(model, alpha, learnable_weights, num_samples, estimator)
+        check_options(model, alpha, learnable_weights, num_samples, estimator, likelihood, likelihood_scale)
         if len(encoders) != len(decoders):
             raise ValueError(f"{len(encoders)} encoders but {len(decoders)} decoders; they must pair up")
         self.encoders, self.decoders = encoders, decoders

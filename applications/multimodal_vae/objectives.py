@@ -60,12 +60,16 @@ class Likelihood(nn.Module):
 
     def __init__(self, weights: torch.Tensor, family: str = "laplace", scale: float = LAPLACE_SCALE):
         super().__init__()
-        if family not in self.FAMILIES:
-            raise ValueError(f"likelihood must be one of {sorted(self.FAMILIES)}, got {family!r}")
-        if not scale > 0:
-            raise ValueError(f"likelihood scale must be positive, got {scale!r}")
+        self.check(family, scale)
         self.family, self.scale = family, float(scale)
         self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float32))
+
+    @classmethod
+    def check(cls, family: str, scale: float) -> None:
+        if family not in cls.FAMILIES:
+            raise ValueError(f"likelihood must be one of {sorted(cls.FAMILIES)}, got {family!r}")
+        if not scale > 0:
+            raise ValueError(f"likelihood scale must be positive, got {scale!r}")
 
     def log_prob(self, x: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
         return self.FAMILIES[self.family](x, full_precision(loc), self.scale)
@@ -88,6 +92,11 @@ def normal_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> 
     return -0.5 * ((z - mu) ** 2 * torch.exp(-logvar) + logvar + _LOG_2PI).sum(-1)
 
 
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """``log N(z; 0, I)`` summed over the latent axis (the prior)."""
+    return -0.5 * (z * z + _LOG_2PI).sum(-1)
+
+
 def reparameterise(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
@@ -105,7 +114,7 @@ def mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Ter
     no gradient), and ``kl`` is the single-sample estimate ``log q(z|X) - log p(z)`` with the exact mixture density."""
     mixture = aggregate(mu, logvar, mask=present)
     z = mixture.sample()
-    log_p = -0.5 * (z * z + _LOG_2PI).sum(-1)
+    log_p = standard_normal_log_prob(z)
     return Terms(likelihood(x, present, z, decoders), mixture.log_prob(z) - log_p)
 
 
@@ -174,7 +183,7 @@ def mmvae_objective(x, present, mu, logvar, decoders, likelihood, aggregate, bet
         z = reparameterise(mu[m].expand(num_samples, *mu[m].shape), logvar[m].expand(num_samples, *mu[m].shape))
         log_q = torch.logsumexp(mixture.log_weights + normal_log_prob(z.unsqueeze(-2), mixture.loc, mixture.logvar),
                                 dim=-1)
-        log_p = -0.5 * (z * z + _LOG_2PI).sum(-1)
+        log_p = standard_normal_log_prob(z)
         log_lik = likelihood(x, present, z, decoders)  # (K, B)
         log_w = log_lik + beta * (log_p - log_q)
         if estimator == "elbo":

@@ -28,9 +28,9 @@ import torch.distributed as dist
 
 from .config import Config, to_yaml
 from .data import PolyMNIST, modality_mask
-from .evaluation import pooling_diagnostics
+from .evaluation import pooling_diagnostics, subset_mask
 from .files import atomic_write, write_text
-from .models import MultimodalVAE
+from .models import MultimodalVAE, evaluating
 from .networks import make_networks
 
 METRIC_FIELDS = ("epoch", "step", "loss", "reconstruction", "kl", "seconds")
@@ -125,16 +125,12 @@ def sample_grid(model: MultimodalVAE, images: torch.Tensor, path: Path) -> torch
     then every modality generated from modality 0 alone. Writes a PNG and returns the ``(H, W, 3)`` grid."""
     from PIL import Image
 
-    model.eval()
     x = images[:, :8].transpose(0, 1).float() / 255  # (B, M, 3, 28, 28)
-    only_first = torch.zeros(model.num_modalities, x.shape[0], dtype=torch.bool, device=x.device)
-    only_first[0] = True
     blocks = [x.transpose(0, 1)]
-    with torch.random.fork_rng(devices=[]):
-        for present in (None, only_first):
+    with torch.random.fork_rng(devices=[]), evaluating(model):
+        for present in (None, subset_mask((0,), model.num_modalities, x.shape[0], x.device)):
             mu, _ = model.posterior(x, present)
             blocks.append(torch.stack([decoder(mu) for decoder in model.decoders]).float().clamp(0, 1))
-    model.train()
     rows = torch.cat(blocks)  # (3M, B, 3, 28, 28)
     grid = rows.permute(0, 3, 1, 4, 2).reshape(rows.shape[0] * 28, rows.shape[1] * 28, 3).cpu()
     image = Image.fromarray((grid.numpy() * 255).round().astype("uint8"))
@@ -287,8 +283,8 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
     if config.train.evaluate_at_end and writes:
         from .evaluation import evaluate_run
 
-        metrics = evaluate_run(run_dir, config, model, progress=tqdm if show_progress else None)
-        print(summary_line(metrics, run_dir))
+        result = evaluate_run(run_dir, config, model, progress=tqdm if show_progress else None)
+        print(summary_line(result, run_dir))
     return run_dir
 
 
