@@ -77,7 +77,7 @@ def test_failures_are_loud():
 
 def test_the_real_inception_weights_load_offline_and_are_deterministic():
     weights = default_weights(WHEEL_CACHE)
-    with pytest.raises(FileNotFoundError, match="weights: no Inception TorchScript file"):
+    with pytest.raises(FileNotFoundError, match="weights: no Inception weights file"):
         InceptionFeatures(weights.with_name("missing.pt"))
     inception = InceptionFeatures(weights, batch_size=2)
     g = torch.Generator().manual_seed(0)
@@ -129,3 +129,69 @@ def test_random_subsets_exclude_the_target_and_are_uniform():
     assert torch.allclose(frequency[[0, 1, 2, 4]], torch.full((4,), 0.5), atol=4 * (0.25 / 40_000) ** 0.5)
     pairs = {tuple(col.nonzero().squeeze(-1).tolist()) for col in mask.T[:500]}
     assert len(pairs) == 6  # all C(4, 2) subsets occur
+
+
+def _pytorch_fid_state_dict(torchscript: torch.jit.ScriptModule) -> dict:
+    """The TorchScript file's TensorFlow-named weights renamed into pytorch-fid's (torchvision's) layout, written
+    here from the two graphs' block structure, independently of ``inception.py``."""
+    stem = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3", "conv_3": "Conv2d_3b_1x1",
+            "conv_4": "Conv2d_4a_3x3"}
+    block_a = {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
+               "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2", "tower_1.conv_2": "branch3x3dbl_3",
+               "tower_2.conv": "branch_pool"}
+    block_b = {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
+               "tower.conv_2": "branch3x3dbl_3"}
+    block_c = {"conv": "branch1x1", "tower_2.conv": "branch_pool",
+               **{f"tower.{c}": f"branch7x7_{i + 1}" for i, c in enumerate(["conv", "conv_1", "conv_2"])},
+               **{f"tower_1.{c}": f"branch7x7dbl_{i + 1}"
+                  for i, c in enumerate(["conv", "conv_1", "conv_2", "conv_3", "conv_4"])}}
+    block_d = {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
+               **{f"tower_1.{c}": f"branch7x7x3_{i + 1}" for i, c in enumerate(["conv", "conv_1", "conv_2", "conv_3"])}}
+    block_e = {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
+               "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1",
+               "tower_1_conv_1": "branch3x3dbl_2", "tower_1_mixed_conv": "branch3x3dbl_3a",
+               "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"}
+    blocks = dict(zip(["mixed"] + [f"mixed_{i}" for i in range(1, 11)],
+                      [("Mixed_5b", block_a), ("Mixed_5c", block_a), ("Mixed_5d", block_a), ("Mixed_6a", block_b),
+                       ("Mixed_6b", block_c), ("Mixed_6c", block_c), ("Mixed_6d", block_c), ("Mixed_6e", block_c),
+                       ("Mixed_7a", block_d), ("Mixed_7b", block_e), ("Mixed_7c", block_e)]))
+    tensors = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean", "var": "bn.running_var"}
+    state = {}
+    for key, value in torchscript.state_dict().items():
+        path, tensor = key.removeprefix("net.layers.").rsplit(".", 1)
+        block, _, rest = path.partition(".")
+        name = stem[path] if path in stem else f"{blocks[block][0]}.{blocks[block][1][rest]}"
+        state[f"{name}.{tensors[tensor]}"] = value
+        if tensor == "beta":  # TensorFlow's batch norm has no scale
+            state[f"{name}.bn.weight"] = torch.ones_like(value)
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)  # pytorch-fid's classifier
+    return state
+
+
+def test_pytorch_fid_weights_give_the_features_of_the_same_network_in_torchscript(tmp_path):
+    """The default TorchScript file and pytorch-fid's file hold the same TensorFlow weights: renamed into pytorch-fid's
+    layout and run through ``FIDInceptionV3`` they must give the TorchScript's features (same input scaling)."""
+    weights = default_weights(WHEEL_CACHE)
+    state = _pytorch_fid_state_dict(torch.jit.load(str(weights)))
+    pth = tmp_path / "pt_inception-2015-12-05.pth"
+    torch.save(state, pth)
+    from applications.multimodal_vae.fid import is_torchscript
+    from applications.multimodal_vae.inception import load_pytorch_fid
+
+    assert is_torchscript(weights) and not is_torchscript(pth)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 299, 299, generator=g, dtype=torch.float32) * 2 - 1
+    expected = torch.jit.load(str(weights))(x)
+    got = load_pytorch_fid(pth)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8, generator=g)
+    # through InceptionFeatures the two files differ only in the input scaling (127.5 vs 128): close, not equal
+    a, b = InceptionFeatures(weights)(images), InceptionFeatures(pth)(images)
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max() and not np.array_equal(a, b)
+
+    broken = dict(state)
+    del broken["Mixed_7c.branch_pool.bn.running_var"]
+    broken["extra.weight"] = torch.zeros(1)
+    torch.save(broken, pth)
+    with pytest.raises(ValueError, match=r"missing \['Mixed_7c.branch_pool.bn.running_var'\], unknown \['extra.weight'\]"):
+        InceptionFeatures(pth)

@@ -76,7 +76,8 @@ class EvalConfig:
     likelihood_examples: int = 1000
     #: training tuples for the latent probe (-1: the whole training split)
     probe_examples: int = 500
-    #: generated samples per FID (0: skip FID); a TorchScript Inception file (empty: the checked default)
+    #: generated samples per FID (0: skip FID); an Inception file, TorchScript or pytorch-fid's .pth
+    #: (empty: the checked default)
     fid_samples: int = 0
     fid_weights: str = ""
     seed: int = 0

