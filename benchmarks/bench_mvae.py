@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from applications.multimodal_vae.data import polymnist_modalities  # noqa: E402
 from applications.multimodal_vae.models import MultimodalVAE  # noqa: E402
 from applications.multimodal_vae.networks import make_networks  # noqa: E402
 
@@ -43,7 +44,7 @@ MODELS = {
 def build(label, latent, device, modalities=5):
     name, options = MODELS[label]
     torch.manual_seed(0)
-    encoders, decoders = make_networks("polymnist", modalities, latent)
+    encoders, decoders = make_networks(polymnist_modalities(modalities), latent)
     model = MultimodalVAE(encoders, decoders, name, beta=2.5, **options).to(device)
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 

@@ -26,7 +26,7 @@ def replica(rank, world, port, root, out):
     torch.set_default_dtype(torch.float32)
     built = []
     make_model = training.make_model
-    training.make_model = lambda config: built.append(make_model(config)) or built[-1]
+    training.make_model = lambda config, modalities: built.append(make_model(config, modalities)) or built[-1]
     config = tiny_config(root, "ddp", num_threads=1, epochs=2)
     training.train(config, show_progress=False)
     torch.save(built[0].state_dict(), f"{out}/rank{rank}.pt")
@@ -49,11 +49,12 @@ def test_two_gloo_replicas_stay_identical(tiny_root, tmp_path):
 
 
 def training_initial_state(root):
+    from applications.multimodal_vae.data import polymnist_modalities
     from applications.multimodal_vae.train import make_model
 
     config = tiny_config(root, "init")
     torch.manual_seed(config.train.seed)
-    return make_model(config).state_dict()
+    return make_model(config, polymnist_modalities(config.data.num_modalities)).state_dict()
 
 
 def test_torchrun_launches_the_command_line(tiny_root):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from applications.multimodal_vae.data import polymnist_modalities
 from applications.multimodal_vae.evaluation import (
     DigitClassifier,
     accuracy,
@@ -124,7 +125,7 @@ def test_unconditional_coherence_counts_agreement():
 
 def test_evaluation_is_deterministic_on_a_real_model():
     torch.manual_seed(0)
-    encoders, decoders = make_networks("polymnist", 3, 4)
+    encoders, decoders = make_networks(polymnist_modalities(3), 4)
     model = MultimodalVAE(encoders, decoders, "mohelvae")
     classifiers = nn.ModuleList(DigitClassifier() for _ in range(3))
     images = torch.randint(0, 256, (3, 20, 3, 28, 28), dtype=torch.uint8)
@@ -158,14 +159,14 @@ def test_pooling_diagnostics_of_identical_and_distant_experts():
     images = coded_images(LABELS[:8])
     same = MultimodalVAE(nn.ModuleList(Fixed([0.3, -1.0], [0.2, -0.5]) for _ in range(3)),
                          nn.ModuleList(CodeDecoder() for _ in range(3)), "helvae")
-    diagnostics = pooling_diagnostics(same, images)
+    diagnostics = pooling_diagnostics(same, [t.float() / 255 for t in images])
     assert diagnostics["mean_log_bhattacharyya"] == pytest.approx(0, abs=1e-6)
     assert diagnostics["pairwise_mass"] == pytest.approx(2 / 3, rel=1e-6)  # (M - 1) / M for identical experts
     means = [[0.0, 0.0], [3.0, 0.0], [0.0, -2.0]]
     logvars = [[0.0, 0.0], [0.5, 0.0], [0.0, -0.5]]
     apart = MultimodalVAE(nn.ModuleList(Fixed(m, v) for m, v in zip(means, logvars)),
                           nn.ModuleList(CodeDecoder() for _ in range(3)), "helvae")
-    diagnostics = pooling_diagnostics(apart, images)
+    diagnostics = pooling_diagnostics(apart, [t.float() / 255 for t in images])
 
     def log_bc(m1, v1, m2, v2):  # closed form for diagonal Gaussians
         s1, s2 = torch.tensor(v1).exp(), torch.tensor(v2).exp()

@@ -7,6 +7,7 @@ import torch
 
 import opinionpool.functional as F
 from applications.multimodal_vae import objectives
+from applications.multimodal_vae.data import Modality, polymnist_modalities
 from applications.multimodal_vae.models import MODELS, MultimodalVAE
 from applications.multimodal_vae.networks import PolyMNISTDecoder, PolyMNISTEncoder, make_networks
 
@@ -18,7 +19,7 @@ def _float32():
 
 def make(model="helvae", modalities=3, latent=8, **kwargs):
     torch.manual_seed(0)
-    encoders, decoders = make_networks("polymnist", modalities, latent)
+    encoders, decoders = make_networks(polymnist_modalities(modalities), latent)
     return MultimodalVAE(encoders, decoders, model, beta=2.5, **kwargs)
 
 
@@ -31,8 +32,8 @@ def test_networks_shapes():
     mu, logvar = PolyMNISTEncoder(16)(torch.rand(5, 3, 28, 28))
     assert mu.shape == logvar.shape == (5, 16)
     assert PolyMNISTDecoder(16)(torch.randn(2, 5, 16)).shape == (2, 5, 3, 28, 28)
-    with pytest.raises(ValueError, match="no networks for dataset 'cub'"):
-        make_networks("cub", 2, 8)
+    with pytest.raises(ValueError, match=r"no networks for modality 'odd' of shape \(3, 30, 30\)"):
+        make_networks([Modality("odd", (3, 30, 30))], 8)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -111,7 +112,7 @@ def test_learnable_weights_receive_gradients():
 
 
 def test_bad_configurations_are_rejected():
-    encoders, decoders = make_networks("polymnist", 2, 4)
+    encoders, decoders = make_networks(polymnist_modalities(2), 4)
     with pytest.raises(ValueError, match="model must be one of"):
         MultimodalVAE(encoders, decoders, "jmvae")
     with pytest.raises(ValueError, match=r"alpha = 0 or 1/n .* got alpha=0.3"):
@@ -133,7 +134,7 @@ def test_bad_configurations_are_rejected():
 def mmvae_terms(model, x, present, seed=7):
     torch.manual_seed(seed)
     mu, logvar = model.encode(x)
-    return model.objective(x.transpose(0, 1), present, mu, logvar, model.decoders, model.likelihood,
+    return model.objective(list(x.unbind(1)), present, mu, logvar, model.decoders, model.likelihood,
                            model.aggregate)
 
 
@@ -223,7 +224,7 @@ def test_holder_mixture_samples_the_exact_pool_and_estimates_its_kl():
         estimates = []
         for seed in range(400):
             torch.manual_seed(seed)
-            estimates.append(objectives.mixture_elbo(x.transpose(0, 1), present, mu, logvar, model.decoders,
+            estimates.append(objectives.mixture_elbo(list(x.unbind(1)), present, mu, logvar, model.decoders,
                                                      model.likelihood, model.aggregate).kl)
         estimates = torch.stack(estimates)
     exact = objectives.kl_to_standard_normal(mu[1], logvar[1])

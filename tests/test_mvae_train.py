@@ -98,7 +98,7 @@ def test_errors_before_any_work(tiny_root, capsys):
         train(config, show_progress=False)
     config = tiny_config(tiny_root, "count")
     config.data.num_modalities = 5
-    with pytest.raises(LayoutError, match="holds 3 modalities but the model expects 5"):
+    with pytest.raises(LayoutError, match=r"\(polymnist\) holds 3 modalities but data.num_modalities is 5"):
         train(config, show_progress=False)
     assert not (tiny_root / "runs").exists()  # nothing was written
     with pytest.raises(SystemExit):

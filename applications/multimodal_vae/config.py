@@ -14,6 +14,7 @@ PRESETS = Path(__file__).resolve().parent / "presets"
 
 @dataclass
 class DataConfig:
+    #: "polymnist", "mnist_svhn_text", "celeba" or "cub" (see data.DATASETS)
     dataset: str = "polymnist"
     root: str = "data/polymnist"
     #: build the offline PolyMNIST at ``root`` if nothing is there
@@ -93,6 +94,10 @@ class Config:
     output_dir: str = "runs"
 
 
+#: datasets ``evaluate`` supports (its coherence classifiers and FID are PolyMNIST's)
+EVALUATED = ("polymnist",)
+
+
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS.glob("*.yaml"))
 
@@ -117,8 +122,14 @@ def load_config(preset: str | None = None, overrides=(), path: str | Path | None
 
 
 def _check(config) -> None:
+    from .data import DATASETS
     from .models import check_options
 
+    if config.data.dataset not in DATASETS:
+        raise ValueError(f"data.dataset must be one of {sorted(DATASETS)}, got {config.data.dataset!r}")
+    if config.train.evaluate_at_end and config.data.dataset not in EVALUATED:
+        raise ValueError(f"train.evaluate_at_end: the evaluation is built for {EVALUATED}, not "
+                         f"data.dataset={config.data.dataset!r}")
     model = config.model
     try:
         check_options(model.name, model.alpha, model.learnable_weights, model.num_samples, model.estimator,

@@ -1,5 +1,11 @@
 """Datasets of the multimodal VAE application, and the missing-modality mask.
 
+Every dataset is a ``MultimodalDataset``: a description of each modality (``Modality``: an image ``(C, H, W)`` or
+a token sequence ``(L,)`` over a vocabulary), one stored tensor per modality (uint8 images, int64 tokens) and the
+labels; ``gather(index)`` returns a batch as one model input per modality (images as floats in [0, 1]). Modalities
+have their own shapes, so a batch is a list, not one stacked tensor. The other datasets (MNIST-SVHN-Text, bimodal
+CelebA, CUB image-captions) live in their own modules; ``load`` picks one by name.
+
 PolyMNIST is read from either layout in circulation, detected from what is on disk:
 
 * PNG tree: ``{root}/{split}/m{k}/{index}.{digit}.png`` (the original release, and this project's offline build);
@@ -15,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +35,80 @@ _PNG_NAME = re.compile(r"^(\d+)\.(\d)\.png$")
 
 class LayoutError(ValueError):
     """A dataset folder that is not in the layout the loader expects."""
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One modality: ``shape`` ``(C, H, W)`` for an image; ``(L,)`` for a token sequence with ``vocabulary_size``
+    tokens (``vocabulary``: their strings, to render text)."""
+
+    name: str
+    shape: tuple[int, ...]
+    vocabulary: tuple[str, ...] | None = None
+
+    @property
+    def is_text(self) -> bool:
+        return self.vocabulary is not None
+
+    @property
+    def size(self) -> int:
+        """Its data dimension, a text as its one-hot array (as MoPoE counts it for reconstruction weights)."""
+        size = 1
+        for n in self.shape:
+            size *= n
+        return size * (len(self.vocabulary) if self.is_text else 1)
+
+
+def reconstruction_weights(modalities) -> torch.Tensor:
+    """Likelihood weights by relative dimensionality: the largest modality gets 1 and every other one
+    ``largest size / its size`` (MoPoE's ``rec_weights``), so each modality counts as much as the largest."""
+    sizes = torch.tensor([float(m.size) for m in modalities])
+    return sizes.max() / sizes
+
+
+class MultimodalDataset(Dataset):
+    """Aligned tuples of modalities.
+
+    Args:
+        modalities: a ``Modality`` per modality.
+        arrays: a stored tensor per modality, uint8 images ``(N_m, C, H, W)`` or int64 tokens ``(N_m, L)``.
+        labels: ``(N, ...)``, one per tuple.
+        rows: per modality, ``None`` (row ``i`` of tuple ``i``) or an int64 ``(N,)`` map from tuple to stored row
+            (CUB: ten captions share an image).
+    """
+
+    def __init__(self, modalities, arrays, labels: torch.Tensor, rows=None):
+        self.modalities = tuple(modalities)
+        self.arrays = list(arrays)
+        self.labels = labels
+        self.rows = list(rows) if rows is not None else [None] * len(self.arrays)
+        if not len(self.modalities) == len(self.arrays) == len(self.rows):
+            raise ValueError(f"{len(self.modalities)} modalities, {len(self.arrays)} arrays and {len(self.rows)} row "
+                             "maps; they must pair up")
+
+    @property
+    def num_modalities(self) -> int:
+        return len(self.modalities)
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def to(self, device) -> "MultimodalDataset":
+        """The stored tensors moved to ``device`` (in place; batches are then gathered there)."""
+        self.arrays = [a.to(device) for a in self.arrays]
+        self.rows = [None if r is None else r.to(device) for r in self.rows]
+        return self
+
+    def gather(self, index: torch.Tensor) -> list[torch.Tensor]:
+        """The model inputs of tuples ``index``: float images in [0, 1], int64 tokens."""
+        batch = []
+        for array, rows in zip(self.arrays, self.rows):
+            values = array[index if rows is None else rows[index.to(rows.device)]]
+            batch.append(values.float() / 255 if values.dtype == torch.uint8 else values)
+        return batch
+
+    def __getitem__(self, index):
+        return [x[0] for x in self.gather(torch.tensor([index]))], self.labels[index]
 
 
 def _png_index(folder: Path) -> dict[int, tuple[int, str]]:
@@ -100,21 +181,30 @@ def read_png_tree(split_dir: Path, progress=None) -> tuple[torch.Tensor, torch.T
     return images, labels
 
 
+def cached_tensors(folder: Path, listing: str, build) -> dict:
+    """``build()`` (a dict of tensors) cached in ``folder`` as ``.decoded-<hash of listing>.pt``, written atomically;
+    a changed ``listing`` (the source files) rebuilds it, a read-only folder goes without the cache."""
+    cache = Path(folder) / f".decoded-{hashlib.sha256(listing.encode()).hexdigest()[:16]}.pt"
+    if cache.exists():
+        return torch.load(cache, weights_only=True)
+    tensors = build()
+    try:
+        atomic_write(cache, lambda tmp: torch.save(tensors, tmp))
+    except OSError:
+        pass
+    return tensors
+
+
 def _cached_png_tree(split_dir: Path, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``read_png_tree`` with a decoded cache keyed by the file names (written atomically)."""
     listing = "\n".join(f"{folder.name}/{name}" for folder in _modality_folders(split_dir, "png")
                         for name in sorted(os.listdir(folder)))
-    key = hashlib.sha256(listing.encode()).hexdigest()[:16]
-    cache = split_dir / f".decoded-{key}.pt"
-    if cache.exists():
-        stored = torch.load(cache, weights_only=True)
-        return stored["images"], stored["labels"]
-    images, labels = read_png_tree(split_dir, progress)
-    try:
-        atomic_write(cache, lambda tmp: torch.save({"images": images, "labels": labels}, tmp))
-    except OSError:  # a read-only dataset folder: work without the cache
-        pass
-    return images, labels
+
+    def build():
+        images, labels = read_png_tree(split_dir, progress)
+        return {"images": images, "labels": labels}
+
+    stored = cached_tensors(split_dir, listing, build)
+    return stored["images"], stored["labels"]
 
 
 def read_tensor_files(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,8 +222,13 @@ def read_tensor_files(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(modalities), labels
 
 
-class PolyMNIST(Dataset):
-    """PolyMNIST tuples: ``(images, label)`` with ``images`` a float tensor ``(M, 3, 28, 28)`` in [0, 1].
+def polymnist_modalities(num_modalities: int) -> list[Modality]:
+    return [Modality(f"m{k}", (3, 28, 28)) for k in range(num_modalities)]
+
+
+class PolyMNIST(MultimodalDataset):
+    """PolyMNIST tuples of ``M`` images ``(3, 28, 28)`` sharing a digit; ``images`` holds all of them as uint8
+    ``(M, N, 3, 28, 28)``; an item is ``(images, label)`` with ``images`` a float tensor ``(M, 3, 28, 28)`` in [0, 1].
 
     Args:
         root: folder holding ``train/`` and ``test/`` in either layout.
@@ -148,21 +243,37 @@ class PolyMNIST(Dataset):
         self.root = Path(root)
         self.layout = detect_layout(self.root, split)
         split_dir = self.root / split
-        self.images, self.labels = (_cached_png_tree(split_dir, progress) if self.layout == "png"
-                                    else read_tensor_files(split_dir))
-        if num_modalities is not None and self.images.shape[0] != num_modalities:
-            raise LayoutError(f"{split_dir} holds {self.images.shape[0]} modalities but the model expects "
+        images, labels = (_cached_png_tree(split_dir, progress) if self.layout == "png"
+                          else read_tensor_files(split_dir))
+        if num_modalities is not None and images.shape[0] != num_modalities:
+            raise LayoutError(f"{split_dir} holds {images.shape[0]} modalities but the model expects "
                               f"{num_modalities}")
+        super().__init__(polymnist_modalities(images.shape[0]), images.unbind(0), labels)
+        self.images = images
 
-    @property
-    def num_modalities(self) -> int:
-        return self.images.shape[0]
-
-    def __len__(self) -> int:
-        return self.images.shape[1]
+    def to(self, device) -> "PolyMNIST":
+        self.images = self.images.to(device)
+        self.arrays = list(self.images.unbind(0))
+        return self
 
     def __getitem__(self, index):
         return self.images[:, index].float() / 255, self.labels[index]
+
+
+#: dataset name -> (module, class) of its loader
+DATASETS = {"polymnist": ("data", "PolyMNIST"), "mnist_svhn_text": ("mnist_svhn_text", "MNISTSVHNText"),
+            "celeba": ("celeba", "CelebA"), "cub": ("cub", "CUB")}
+
+
+def open_dataset(name: str, root, split: str, progress=None) -> MultimodalDataset:
+    """The ``split`` of dataset ``name`` (a key of ``DATASETS``) read from ``root``."""
+    import importlib
+
+    if name not in DATASETS:
+        raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {name!r}")
+    module, cls = DATASETS[name]
+    loader = getattr(importlib.import_module(f"{__package__}.{module}"), cls)
+    return loader(root, split) if name == "mnist_svhn_text" else loader(root, split, progress=progress)
 
 
 def modality_mask(batch_size: int, num_modalities: int, drop_rate: float,

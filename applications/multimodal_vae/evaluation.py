@@ -227,20 +227,17 @@ def latent_probe(model, train_images, train_labels, test_images, test_labels, su
 
 
 @torch.no_grad()
-def pooling_diagnostics(model, images: torch.Tensor, batch_size: int = 500) -> dict:
+def pooling_diagnostics(model, x) -> dict:
     """Mean log Bhattacharyya coefficient between pairs of unimodal posteriors and the fraction of the Hellinger
-    pool's mass in its pairwise components, all modalities present."""
-    device = model.likelihood.weights.device
+    pool's mass in its pairwise components, all modalities of the batch ``x`` (a model input) present."""
     m = model.num_modalities
     pairs = list(itertools.combinations(range(m), 2))
-    log_bc, pairwise, count = 0.0, 0.0, 0
-    for _, x in _inputs(images, batch_size, device):
+    with evaluating(model):
         mu, logvar = model.encode(x)
-        log_bc += float(sum(F.log_bhattacharyya(mu[i], logvar[i], mu[j], logvar[j]).sum() for i, j in pairs)) / len(pairs)
-        mixture = F.holder_mixture(mu.double(), logvar.double(), 0.5, dim=0, validate_args=False)
-        pairwise += float(-torch.expm1(torch.logsumexp(mixture.log_weights[..., :m], -1)).sum())
-        count += x.shape[0]
-    return {"mean_log_bhattacharyya": log_bc / count, "pairwise_mass": pairwise / count}
+    log_bc = sum(F.log_bhattacharyya(mu[i], logvar[i], mu[j], logvar[j]) for i, j in pairs) / len(pairs)
+    mixture = F.holder_mixture(mu.double(), logvar.double(), 0.5, dim=0, validate_args=False)
+    pairwise = -torch.expm1(torch.logsumexp(mixture.log_weights[..., :m], -1))
+    return {"mean_log_bhattacharyya": float(log_bc.mean()), "pairwise_mass": float(pairwise.mean())}
 
 
 def _subset_name(subset) -> str:
@@ -249,8 +246,12 @@ def _subset_name(subset) -> str:
 
 def evaluate_run(run_dir, config, model, progress=None) -> dict:
     """Every metric of ``config.eval`` on the test split; writes ``metrics.json`` and ``report.md`` in ``run_dir``."""
+    from .config import EVALUATED
     from .train import load_dataset
 
+    if config.data.dataset not in EVALUATED:
+        raise ValueError(f"evaluate: the metrics are built for {EVALUATED} (digit classifiers, image FID), not "
+                         f"data.dataset={config.data.dataset!r}")
     settings = config.eval
     train_data, test_data = load_dataset(config, "train"), load_dataset(config, "test")
     classifiers, classifier_accuracy = classifiers_for(config.data.root, train_data, test_data, progress)
@@ -290,7 +291,7 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
     done()
     metrics["log_likelihood"] = _likelihoods(model, images[:, :settings.likelihood_examples], settings)
     done()
-    metrics["pooling"] = pooling_diagnostics(model, images[:, :1000])
+    metrics["pooling"] = pooling_diagnostics(model, [t.to(device).float() / 255 for t in images[:, :1000]])
     done()
     if settings.fid_samples:
         from .fid import fid_scores

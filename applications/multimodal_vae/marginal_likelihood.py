@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .models import evaluating
+from .models import as_modalities, evaluating
 from .objectives import full_precision, standard_normal_log_prob
 
 
@@ -30,10 +30,10 @@ def _check(num_samples: int, chunk_size: int) -> None:
 
 
 @torch.no_grad()
-def log_likelihood(model, x: torch.Tensor, condition: torch.Tensor | None = None,
+def log_likelihood(model, x, condition: torch.Tensor | None = None,
                    targets: torch.Tensor | None = None, num_samples: int = 1000, chunk_size: int = 100,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-sample estimates ``(B,)`` for a batch ``x`` ``(B, M, ...)``.
+    """Per-sample estimates ``(B,)`` for a batch ``x`` (a tensor per modality, or stacked ``(B, M, ...)``).
 
     Args:
         condition: ``(M, B)`` modalities the proposal sees (default: all); with ``targets`` of the same shape and
@@ -42,21 +42,21 @@ def log_likelihood(model, x: torch.Tensor, condition: torch.Tensor | None = None
         num_samples: ``K``; chunk_size: samples decoded at once.
     """
     _check(num_samples, chunk_size)
-    everything = torch.ones(model.num_modalities, x.shape[0], dtype=torch.bool, device=x.device)
+    x = as_modalities(x)
+    everything = torch.ones(model.num_modalities, x[0].shape[0], dtype=torch.bool, device=x[0].device)
     condition = everything if condition is None else condition
     targets = everything if targets is None else targets
     conditional = not torch.equal(condition, targets)
     if conditional and (condition & targets).any():
         raise ValueError("condition and targets must be disjoint for a conditional likelihood "
                          "(or equal, for the joint likelihood)")
-    modalities_first = x.transpose(0, 1)
     chunks = []
     with evaluating(model):
         proposal = model.posterior_mixture(x, condition)
         for start in range(0, num_samples, chunk_size):
             count = min(chunk_size, num_samples - start)
             z = proposal.sample((count,), generator=generator)  # (k, B, D)
-            log_weight = full_precision(model.likelihood(modalities_first, targets, z, model.decoders)).double()
+            log_weight = full_precision(model.likelihood(x, targets, z, model.decoders)).double()
             if not conditional:
                 log_weight = log_weight + standard_normal_log_prob(z.double()) - proposal.log_prob(z).double()
             chunks.append(torch.logsumexp(log_weight, 0))

@@ -27,6 +27,7 @@ from opinionpool.families.gaussian import gaussian_mixture_moments
 from opinionpool.pool import exact_order
 
 from . import objectives
+from .data import reconstruction_weights
 
 MODELS = {
     "helvae": (lambda alpha: F.hellinger, objectives.joint_elbo),
@@ -42,6 +43,12 @@ MODELS = {
 MULTI_SAMPLE = ("mmvae",)
 #: models whose aggregator takes (learnable) pooling weights over the modalities
 WEIGHTED = ("helvae", "holder", "holder_mixture", "mohelvae")
+
+
+def as_modalities(x) -> list[torch.Tensor]:
+    """Model inputs as one tensor per modality, each ``(B, ...)``: a list or tuple as given, a stacked tensor
+    ``(B, M, ...)`` (modalities of one shape, like PolyMNIST) split along its second axis."""
+    return list(x.unbind(1)) if isinstance(x, torch.Tensor) else list(x)
 
 
 @contextlib.contextmanager
@@ -79,13 +86,15 @@ class MultimodalVAE(nn.Module):
     """Encoders and decoders per modality, an aggregator and an objective.
 
     Args:
-        encoders, decoders: one module per modality (``encoder(x_m) -> (mu, logvar)``, ``decoder(z) -> loc``).
+        encoders, decoders: one module per modality (``encoder(x_m) -> (mu, logvar)``, ``decoder(z) -> loc`` for
+            an image, logits for a text).
         model: a key of ``MODELS``.
         beta: weight of the KL term.
         alpha: the Hölder exponent of ``model="holder"`` / ``"holder_mixture"`` (0 or 1/n).
         learnable_weights: learn the pooling weights over modalities (the models in ``WEIGHTED``).
-        reconstruction_weights: per-modality likelihood weights (default: relative dimensionality, all ones
-            for modalities of equal size).
+        modalities: the ``data.Modality`` of each encoder: its likelihood weight is by relative dimensionality
+            (``data.reconstruction_weights``) and text modalities get a categorical likelihood (default: images of
+            equal size, all weights 1).
         num_samples, estimator: importance samples per modality and the bound (``"elbo"``, ``"iwae"``,
             ``"dreg"``) of ``mmvae``.
         likelihood, likelihood_scale: the decoders' fixed-scale likelihood (``objectives.Likelihood``).
@@ -95,7 +104,7 @@ class MultimodalVAE(nn.Module):
     """
 
     def __init__(self, encoders: nn.ModuleList, decoders: nn.ModuleList, model: str = "helvae", beta: float = 1.0,
-                 alpha: float = 0.5, learnable_weights: bool = False, reconstruction_weights=None,
+                 alpha: float = 0.5, learnable_weights: bool = False, modalities=None,
                  num_samples: int = 1, estimator: str = "elbo", likelihood: str = "laplace",
                  likelihood_scale: float = objectives.LAPLACE_SCALE):
         super().__init__()
@@ -111,8 +120,13 @@ class MultimodalVAE(nn.Module):
         self.objective = objective
         self._aggregator = make_aggregator(alpha)
         self.pool_logits = nn.Parameter(torch.zeros(len(encoders))) if learnable_weights else None
-        weights = torch.ones(len(encoders)) if reconstruction_weights is None else reconstruction_weights
-        self.likelihood = objectives.Likelihood(weights, likelihood, likelihood_scale)
+        if modalities is None:
+            weights, text = torch.ones(len(encoders)), None
+        else:
+            if len(modalities) != len(encoders):
+                raise ValueError(f"{len(modalities)} modalities but {len(encoders)} encoders; they must pair up")
+            weights, text = reconstruction_weights(modalities), [m.is_text for m in modalities]
+        self.likelihood = objectives.Likelihood(weights, likelihood, likelihood_scale, text)
 
     @property
     def num_modalities(self) -> int:
@@ -127,29 +141,33 @@ class MultimodalVAE(nn.Module):
         with torch.autocast(mu.device.type, enabled=False):
             return self._aggregator(objectives.full_precision(mu), objectives.full_precision(logvar), **kwargs)
 
-    def encode(self, x: torch.Tensor):
-        """Unimodal posteriors ``(mu, logvar)``, each ``(M, B, D)``, from ``x`` ``(B, M, ...)``."""
-        if x.shape[1] != self.num_modalities:
-            raise ValueError(f"x has {x.shape[1]} modalities but the model has {self.num_modalities}")
-        stats = [encoder(x[:, m]) for m, encoder in enumerate(self.encoders)]
+    def _everything(self, x) -> torch.Tensor:
+        """All modalities present, ``(M, B)``."""
+        first = as_modalities(x)[0]
+        return torch.ones(self.num_modalities, first.shape[0], dtype=torch.bool, device=first.device)
+
+    def encode(self, x):
+        """Unimodal posteriors ``(mu, logvar)``, each ``(M, B, D)``, from inputs ``x`` (see ``as_modalities``)."""
+        x = as_modalities(x)
+        if len(x) != self.num_modalities:
+            raise ValueError(f"x has {len(x)} modalities but the model has {self.num_modalities}")
+        stats = [encoder(x_m) for x_m, encoder in zip(x, self.encoders)]
         mu, logvar = torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
         return objectives.full_precision(mu), objectives.full_precision(logvar)
 
-    def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> dict:
-        """Loss and its terms for a batch ``x`` ``(B, M, ...)`` with present modalities ``(M, B)`` (default all)."""
-        if present is None:
-            present = torch.ones(self.num_modalities, x.shape[0], dtype=torch.bool, device=x.device)
+    def forward(self, x, present: torch.Tensor | None = None) -> dict:
+        """Loss and its terms for a batch ``x`` (a tensor per modality, or stacked ``(B, M, ...)``) with present
+        modalities ``(M, B)`` (default all)."""
+        present = self._everything(x) if present is None else present
         mu, logvar = self.encode(x)
-        terms = self.objective(x.transpose(0, 1), present, mu, logvar, self.decoders, self.likelihood, self.aggregate)
+        terms = self.objective(as_modalities(x), present, mu, logvar, self.decoders, self.likelihood, self.aggregate)
         objective = terms.reconstruction - self.beta * terms.kl if terms.objective is None else terms.objective
         loss = -objective.mean()
         return {"loss": loss, "reconstruction": terms.reconstruction.mean().detach(), "kl": terms.kl.mean().detach()}
 
-    def posterior_mixture(self, x: torch.Tensor, present: torch.Tensor | None = None) -> F.GaussianMixture:
+    def posterior_mixture(self, x, present: torch.Tensor | None = None) -> F.GaussianMixture:
         """The joint posterior ``q(z | X)`` as a mixture over ``(B, K, D)`` (one component for the Gaussian pools)."""
-        if present is None:
-            present = torch.ones(self.num_modalities, x.shape[0], dtype=torch.bool, device=x.device)
-        return self.pool(*self.encode(x), present)
+        return self.pool(*self.encode(x), self._everything(x) if present is None else present)
 
     def pool(self, mu: torch.Tensor, logvar: torch.Tensor, present: torch.Tensor) -> F.GaussianMixture:
         """The joint posterior from unimodal posteriors ``(M, B, D)`` and present modalities ``(M, B)``."""
@@ -162,7 +180,7 @@ class MultimodalVAE(nn.Module):
         return F.GaussianMixture(torch.zeros_like(loc[..., :1]), loc.unsqueeze(-2), logvar.unsqueeze(-2))
 
     @torch.no_grad()
-    def posterior(self, x: torch.Tensor, present: torch.Tensor | None = None):
+    def posterior(self, x, present: torch.Tensor | None = None):
         """The joint posterior as a mean and log-variance ``(B, D)`` (mixtures: their moment-matched Gaussian)."""
         mixture = self.posterior_mixture(x, present)
         if mixture.loc.shape[-2] == 1:

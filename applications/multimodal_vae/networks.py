@@ -1,8 +1,18 @@
-"""Encoders and decoders, one pair per modality type.
+"""Encoders and decoders, one pair per modality type, chosen by the modality's shape (``make_networks``).
 
-PolyMNIST: the convolutional nets of the MoPoE code (conv 3->32->64->128, kernel 3, stride 2, padding 1, so
-28->14->7->4; flatten 2048 -> linear 512 -> ReLU -> linear heads for the mean and the log-variance), and the
-mirrored decoder with transposed convolutions whose raw output is the Laplace location.
+Every encoder maps its input to ``(mu, logvar)``, each ``(B, latent_dim)``; every decoder maps ``(..., latent_dim)``
+to the likelihood's parameter: the raw image location (Laplace or normal, as in the MoPoE code) or logits over
+the vocabulary per text position ``(..., L, V)``.
+
+- PolyMNIST ``(3, 28, 28)``: the convolutional nets of the MoPoE code (conv 3->32->64->128, kernel 3, stride 2,
+  padding 1, so 28->14->7->4; flatten 2048 -> linear 512 -> ReLU -> linear heads), mirrored by transposed
+  convolutions.
+- MNIST ``(1, 28, 28)``: MoPoE's fully connected nets (784 -> 400 -> heads; 400 -> 784).
+- SVHN ``(3, 32, 32)``: MoPoE's conv nets (3->32->64->64, kernel 4, stride 2, then a 4x4 conv to 128).
+- 64x64 RGB (CelebA, CUB): four stride-2 convolutions 3->32->64->128->256 (64->4), linear 512, mirrored. The
+  papers use residual blocks here; these plain nets have the same resolution schedule, not their weights' layout.
+- Text ``(L,)``: one-hot characters or words -> a 1x1 convolution to 128 channels -> stride-2 convolutions down
+  to length <= 8 -> linear heads; the decoder mirrors it and ends in logits.
 """
 
 from __future__ import annotations
@@ -48,13 +58,112 @@ class PolyMNISTDecoder(nn.Module):
         return self.deconv(h).reshape(lead + (3, 28, 28))
 
 
-NETWORKS = {"polymnist": (PolyMNISTEncoder, PolyMNISTDecoder)}
+class _Heads(nn.Module):
+    """``features`` then linear heads for the mean and the log-variance."""
+
+    def __init__(self, features: nn.Module, width: int, latent_dim: int):
+        super().__init__()
+        self.features = features
+        self.mean = nn.Linear(width, latent_dim)
+        self.logvar = nn.Linear(width, latent_dim)
+
+    def forward(self, x: torch.Tensor):
+        h = self.features(x)
+        return self.mean(h), self.logvar(h)
 
 
-def make_networks(dataset: str, num_modalities: int, latent_dim: int):
-    """``(encoders, decoders)`` as ``nn.ModuleList`` s for ``dataset``."""
-    if dataset not in NETWORKS:
-        raise ValueError(f"no networks for dataset {dataset!r}; known: {sorted(NETWORKS)}")
-    encoder, decoder = NETWORKS[dataset]
-    return (nn.ModuleList(encoder(latent_dim) for _ in range(num_modalities)),
-            nn.ModuleList(decoder(latent_dim) for _ in range(num_modalities)))
+class _Decoder(nn.Module):
+    """``body`` applied to ``(N, latent_dim)`` with the leading axes of ``z`` flattened and restored."""
+
+    def __init__(self, body: nn.Module, output_shape: tuple[int, ...]):
+        super().__init__()
+        self.body, self.output_shape = body, tuple(output_shape)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        lead = z.shape[:-1]
+        return self.body(z.reshape(-1, z.shape[-1])).reshape(lead + self.output_shape)
+
+
+def mnist_networks(latent_dim: int, hidden: int = 400):
+    encoder = _Heads(nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU()), hidden, latent_dim)
+    decoder = _Decoder(nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, 784)), (1, 28, 28))
+    return encoder, decoder
+
+
+def svhn_networks(latent_dim: int):
+    encoder = _Heads(nn.Sequential(
+        nn.Conv2d(3, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),  # 32 -> 16 -> 8
+        nn.Conv2d(64, 64, 4, 2, 1), nn.ReLU(), nn.Conv2d(64, 128, 4, 1, 0), nn.ReLU(), nn.Flatten(),  # 4 -> 1
+    ), 128, latent_dim)
+    decoder = _Decoder(nn.Sequential(
+        nn.Linear(latent_dim, 128), nn.ReLU(), nn.Unflatten(1, (128, 1, 1)),
+        nn.ConvTranspose2d(128, 64, 4, 1, 0), nn.ReLU(), nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.ReLU(),
+        nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(32, 3, 4, 2, 1),
+    ), (3, 32, 32))
+    return encoder, decoder
+
+
+def image64_networks(latent_dim: int, hidden: int = 512):
+    channels = (3, 32, 64, 128, 256)
+    down = [layer for a, b in zip(channels, channels[1:]) for layer in (nn.Conv2d(a, b, 4, 2, 1), nn.ReLU())]
+    encoder = _Heads(nn.Sequential(*down, nn.Flatten(), nn.Linear(256 * 16, hidden), nn.ReLU()), hidden, latent_dim)
+    up = []
+    for a, b in zip(channels[:0:-1], channels[-2::-1]):
+        up += [nn.ConvTranspose2d(a, b, 4, 2, 1), nn.ReLU()]
+    decoder = _Decoder(nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, 256 * 16), nn.ReLU(),
+                                     nn.Unflatten(1, (256, 4, 4)), *up[:-1]), (3, 64, 64))
+    return encoder, decoder
+
+
+class _OneHot(nn.Module):
+    """Token ids ``(B, L)`` -> one-hot channels ``(B, V, L)`` in the default float type."""
+
+    def __init__(self, vocabulary_size: int):
+        super().__init__()
+        self.vocabulary_size = vocabulary_size
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        one_hot = nn.functional.one_hot(ids, self.vocabulary_size).to(torch.get_default_dtype())
+        return one_hot.transpose(1, 2)
+
+
+def text_networks(latent_dim: int, length: int, vocabulary_size: int, channels: int = 128, hidden: int = 512):
+    halvings = 0
+    while length >> halvings > 8 and (length >> halvings) % 2 == 0:
+        halvings += 1
+    short = length >> halvings
+    down = [layer for _ in range(halvings) for layer in (nn.Conv1d(channels, channels, 4, 2, 1), nn.ReLU())]
+    encoder = _Heads(nn.Sequential(
+        _OneHot(vocabulary_size), nn.Conv1d(vocabulary_size, channels, 1), nn.ReLU(), *down, nn.Flatten(),
+        nn.Linear(channels * short, hidden), nn.ReLU()), hidden, latent_dim)
+    up = [layer for _ in range(halvings) for layer in (nn.ConvTranspose1d(channels, channels, 4, 2, 1), nn.ReLU())]
+    decoder = _Decoder(nn.Sequential(
+        nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, channels * short), nn.ReLU(),
+        nn.Unflatten(1, (channels, short)), *up, nn.Conv1d(channels, vocabulary_size, 1), _Transpose()),
+        (length, vocabulary_size))
+    return encoder, decoder
+
+
+class _Transpose(nn.Module):
+    """``(B, V, L)`` -> ``(B, L, V)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2)
+
+
+IMAGE_NETWORKS = {(3, 28, 28): lambda d: (PolyMNISTEncoder(d), PolyMNISTDecoder(d)), (1, 28, 28): mnist_networks,
+                  (3, 32, 32): svhn_networks, (3, 64, 64): image64_networks}
+
+
+def make_networks(modalities, latent_dim: int):
+    """``(encoders, decoders)`` as ``nn.ModuleList`` s, one pair per ``data.Modality``."""
+    pairs = []
+    for modality in modalities:
+        if modality.is_text:
+            pairs.append(text_networks(latent_dim, modality.shape[0], len(modality.vocabulary)))
+        elif tuple(modality.shape) in IMAGE_NETWORKS:
+            pairs.append(IMAGE_NETWORKS[tuple(modality.shape)](latent_dim))
+        else:
+            raise ValueError(f"no networks for modality {modality.name!r} of shape {tuple(modality.shape)}; image "
+                             f"shapes with networks: {sorted(IMAGE_NETWORKS)}")
+    return nn.ModuleList(p[0] for p in pairs), nn.ModuleList(p[1] for p in pairs)

@@ -3,8 +3,9 @@
 Every objective returns per-sample terms; the pooling itself always comes from ``opinionpool.functional``
 (passed in as ``aggregate`` functions), never from a copy here. Conventions: images have a Laplace likelihood
 with fixed scale 0.75 on the raw decoder output (as in the MoPoE and HELVAE code; a fixed-scale normal is the
-alternative, see ``Likelihood``); ``beta`` weights the KL (or, for MMVAE, the ``log p(z) - log q(z|X)`` part);
-modalities are weighted by relative dimensionality.
+alternative, see ``Likelihood``), text a categorical one; ``beta`` weights the KL (or, for MMVAE, the
+``log p(z) - log q(z|X)`` part); modalities are weighted by relative dimensionality. ``x`` is a sequence with one
+tensor per modality (``(B, ...)`` each).
 """
 
 from __future__ import annotations
@@ -47,22 +48,32 @@ def normal_image_log_likelihood(x: torch.Tensor, loc: torch.Tensor, scale: float
     return (-0.5 * ((x - loc) / scale) ** 2 - math.log(scale) - 0.5 * _LOG_2PI).flatten(-3).sum(-1)
 
 
-class Likelihood(nn.Module):
-    """The decoders' likelihood: ``sum_m w_m [m present] log p(x_m | z)`` with a fixed-scale ``family`` on the raw
-    decoder output, ``"laplace"`` (the papers' choice, scale 0.75) or ``"normal"``.
+def categorical_log_likelihood(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``log Cat(ids; softmax(logits))`` summed over the sequence: ``ids`` ``(B, L)``, ``logits`` ``(..., B, L, V)``."""
+    log_probs = torch.log_softmax(logits, -1)
+    return log_probs.gather(-1, ids.expand(log_probs.shape[:-1]).unsqueeze(-1)).squeeze(-1).sum(-1)
 
-    Why the alternative: under a Laplace likelihood the optimal output is a per-pixel *median*, which ignores a
-    digit stroke wherever the latent does not yet make it more likely than not; the digit is learned slowly (on
-    PolyMNIST, a unimodal VAE's self-coherence is 0.13-0.27 after 2 000 steps). A normal likelihood's *mean*
-    shows the stroke from the start (0.74 after 2 000 steps), which is what a CPU budget needs."""
+
+class Likelihood(nn.Module):
+    """The decoders' likelihood: ``sum_m w_m [m present] log p(x_m | z)``. Images have a fixed-scale ``family`` on
+    the raw decoder output, ``"laplace"`` (the papers' choice, scale 0.75) or ``"normal"``; text modalities
+    (``text[m]``) a categorical over the vocabulary at every position (the decoder gives logits).
+
+    Why the normal alternative: under a Laplace likelihood the optimal output is a per-pixel *median*, which
+    ignores a digit stroke wherever the latent does not yet make it more likely than not; the digit is learned
+    slowly (on PolyMNIST, a unimodal VAE's self-coherence is 0.13-0.27 after 2 000 steps). A normal likelihood's
+    *mean* shows the stroke from the start (0.74 after 2 000 steps), which is what a CPU budget needs."""
 
     FAMILIES = {"laplace": laplace_log_likelihood, "normal": normal_image_log_likelihood}
 
-    def __init__(self, weights: torch.Tensor, family: str = "laplace", scale: float = LAPLACE_SCALE):
+    def __init__(self, weights: torch.Tensor, family: str = "laplace", scale: float = LAPLACE_SCALE, text=None):
         super().__init__()
         self.check(family, scale)
         self.family, self.scale = family, float(scale)
         self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float32))
+        self.text = tuple(bool(t) for t in text) if text is not None else (False,) * self.weights.numel()
+        if len(self.text) != self.weights.numel():
+            raise ValueError(f"{self.weights.numel()} weights but {len(self.text)} text flags; they must pair up")
 
     @classmethod
     def check(cls, family: str, scale: float) -> None:
@@ -71,14 +82,17 @@ class Likelihood(nn.Module):
         if not scale > 0:
             raise ValueError(f"likelihood scale must be positive, got {scale!r}")
 
-    def log_prob(self, x: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
-        return self.FAMILIES[self.family](x, full_precision(loc), self.scale)
+    def log_prob(self, x: torch.Tensor, output: torch.Tensor, modality: int = 0) -> torch.Tensor:
+        """``log p(x_m | decoder output)`` summed over the modality's axes."""
+        if self.text[modality]:
+            return categorical_log_likelihood(x, full_precision(output))
+        return self.FAMILIES[self.family](x, full_precision(output), self.scale)
 
-    def forward(self, x: torch.Tensor, present: torch.Tensor, z: torch.Tensor, decoders) -> torch.Tensor:
-        """``x`` ``(M, B, ...)``, ``present`` ``(M, B)``, ``z`` ``(..., B, D)`` -> ``(..., B)``."""
+    def forward(self, x, present: torch.Tensor, z: torch.Tensor, decoders) -> torch.Tensor:
+        """``x`` a tensor per modality ``(B, ...)``, ``present`` ``(M, B)``, ``z`` ``(..., B, D)`` -> ``(..., B)``."""
         total = torch.zeros(z.shape[:-1], dtype=full_precision(z).dtype, device=z.device)
         for m, decoder in enumerate(decoders):
-            log_lik = self.log_prob(x[m], decoder(z))
+            log_lik = self.log_prob(x[m], decoder(z), m)
             total = total + self.weights[m] * torch.where(present[m], log_lik, torch.zeros_like(log_lik))
         return total
 

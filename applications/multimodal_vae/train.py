@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, to_yaml
-from .data import PolyMNIST, modality_mask
+from .data import LayoutError, Modality, MultimodalDataset, modality_mask, polymnist_modalities
 from .evaluation import pooling_diagnostics, subset_mask
 from .files import atomic_write, write_text
 from .models import MultimodalVAE, evaluating
@@ -51,25 +51,33 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_dataset(config: Config, split: str = "train") -> PolyMNIST:
+def load_dataset(config: Config, split: str = "train") -> MultimodalDataset:
+    """``config.data.dataset``'s ``split``; the offline PolyMNIST is built first when asked and missing."""
     from tqdm import tqdm
 
+    from .data import DATASETS, open_dataset
+
     root = Path(config.data.root)
-    if config.data.dataset != "polymnist":
-        raise ValueError(f"data.dataset {config.data.dataset!r} has no loader yet; available: 'polymnist'")
-    if config.data.build_offline and not root.exists():
+    if config.data.dataset not in DATASETS:
+        raise ValueError(f"data.dataset must be one of {sorted(DATASETS)}, got {config.data.dataset!r}")
+    if config.data.dataset == "polymnist" and config.data.build_offline and not root.exists():
         from .build_polymnist import build
 
         build(root, progress=tqdm)
-    return PolyMNIST(root, split, num_modalities=config.data.num_modalities, progress=tqdm)
+    data = open_dataset(config.data.dataset, root, split, progress=tqdm)
+    if data.num_modalities != config.data.num_modalities:
+        raise LayoutError(f"{root} ({config.data.dataset}) holds {data.num_modalities} modalities but "
+                          f"data.num_modalities is {config.data.num_modalities}")
+    return data
 
 
-def make_model(config: Config) -> MultimodalVAE:
-    encoders, decoders = make_networks(config.data.dataset, config.data.num_modalities, config.model.latent_dim)
+def make_model(config: Config, modalities) -> MultimodalVAE:
+    """The model of ``config`` for ``modalities`` (a ``data.Modality`` each, from the dataset)."""
+    encoders, decoders = make_networks(modalities, config.model.latent_dim)
     return MultimodalVAE(encoders, decoders, config.model.name, beta=config.model.beta, alpha=config.model.alpha,
-                         learnable_weights=config.model.learnable_weights, num_samples=config.model.num_samples,
-                         estimator=config.model.estimator, likelihood=config.model.likelihood,
-                         likelihood_scale=config.model.likelihood_scale)
+                         learnable_weights=config.model.learnable_weights, modalities=modalities,
+                         num_samples=config.model.num_samples, estimator=config.model.estimator,
+                         likelihood=config.model.likelihood, likelihood_scale=config.model.likelihood_scale)
 
 
 def _start_replicas(device: torch.device) -> tuple[int, int, torch.device]:
@@ -120,22 +128,46 @@ def _write_csv(path: Path, rows: list[dict], fields) -> None:
 
 
 @torch.no_grad()
-def sample_grid(model: MultimodalVAE, images: torch.Tensor, path: Path) -> torch.Tensor:
-    """Blocks of rows: the inputs of every modality, their reconstructions from all modalities (posterior mean),
-    then every modality generated from modality 0 alone. Writes a PNG and returns the ``(H, W, 3)`` grid."""
+def sample_grid(model: MultimodalVAE, x, modalities, path: Path) -> torch.Tensor:
+    """For up to 8 tuples ``x``: the inputs of every modality, their reconstructions from all modalities (posterior
+    mean), then every modality generated from modality 0 alone. Images go into a PNG grid (one block of rows each,
+    padded to a common size; its ``(H, W, 3)`` array is returned), texts into ``samples.txt`` beside it."""
     from PIL import Image
 
-    x = images[:, :8].transpose(0, 1).float() / 255  # (B, M, 3, 28, 28)
-    blocks = [x.transpose(0, 1)]
+    x = [t[:8] for t in x]
+    outputs = [x]
     with torch.random.fork_rng(devices=[]), evaluating(model):
-        for present in (None, subset_mask((0,), model.num_modalities, x.shape[0], x.device)):
+        for present in (None, subset_mask((0,), model.num_modalities, x[0].shape[0], x[0].device)):
             mu, _ = model.posterior(x, present)
-            blocks.append(torch.stack([decoder(mu) for decoder in model.decoders]).float().clamp(0, 1))
-    rows = torch.cat(blocks)  # (3M, B, 3, 28, 28)
-    grid = rows.permute(0, 3, 1, 4, 2).reshape(rows.shape[0] * 28, rows.shape[1] * 28, 3).cpu()
-    image = Image.fromarray((grid.numpy() * 255).round().astype("uint8"))
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+            outputs.append([decoder(mu).float() for decoder in model.decoders])
+    images = [m for m, modality in enumerate(modalities) if not modality.is_text]
+    height = max([modalities[m].shape[1] for m in images], default=0)
+    width = max([modalities[m].shape[2] for m in images], default=0)
+    rows = [torch.nn.functional.pad(block[m].clamp(0, 1).expand(-1, 3, -1, -1),
+                                    (0, width - modalities[m].shape[2], 0, height - modalities[m].shape[1]))
+            for block in outputs for m in images]
+    grid = torch.zeros(0, 0, 3)
+    if rows:
+        stacked = torch.stack(rows).cpu()  # (rows, B, 3, H, W)
+        grid = stacked.permute(0, 3, 1, 4, 2).reshape(stacked.shape[0] * height, stacked.shape[1] * width, 3)
+        image = Image.fromarray((grid.numpy() * 255).round().astype("uint8"))
+        atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    texts = [m for m, modality in enumerate(modalities) if modality.is_text]
+    if texts:
+        lines = []
+        for m in texts:
+            titles = ("input", "reconstruction", f"from {modalities[0].name}")
+            for title, block, is_input in zip(titles, outputs, (True, False, False)):
+                ids = block[m] if is_input else block[m].argmax(-1)
+                lines += [f"{modalities[m].name} {title}: {render_text(row, modalities[m])}" for row in ids]
+        write_text(path.with_suffix(".txt"), "\n".join(lines) + "\n")
     return grid
+
+
+def render_text(ids: torch.Tensor, modality: Modality) -> str:
+    from .text import ALPHABET, decode_characters, decode_words
+
+    return decode_characters(ids) if modality.vocabulary == ALPHABET else decode_words(ids, modality.vocabulary)
 
 
 def train(config: Config, resume: bool = False, show_progress: bool = True) -> Path:
@@ -164,13 +196,10 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
 def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) -> Path:
     checkpoint_path = run_dir / "checkpoint.pt"
     batch_size = config.train.batch_size
-    data = load_dataset(config)
-    images, labels = data.images, data.labels
-    if config.data.train_subset is not None:
-        images, labels = images[:, : config.data.train_subset], labels[: config.data.train_subset]
-    images = images.to(device)
+    data = load_dataset(config).to(device)
+    n = len(data) if config.data.train_subset is None else min(config.data.train_subset, len(data))
     torch.manual_seed(config.train.seed)
-    model = make_model(config).to(device)
+    model = make_model(config, data.modalities).to(device)
     if config.train.compile:
         for net in (*model.encoders, *model.decoders):
             net.compile()
@@ -212,20 +241,21 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                  "epoch": epoch, "position": position, "step": step, "config": asdict(config),
-                 "finished": finished}
+                 "modalities": [asdict(m) for m in data.modalities], "finished": finished}
         atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
         _write_csv(run_dir / "metrics.csv", metrics, METRIC_FIELDS)
-        grid = sample_grid(model, images, run_dir / "samples.png")
-        diagnostics = pooling_diagnostics(model, images[:, :500])
+        shown = data.gather(torch.arange(min(n, 500), device=device))
+        grid = sample_grid(model, shown, data.modalities, run_dir / "samples.png")
+        diagnostics = pooling_diagnostics(model, shown)
         pooling.append({"epoch": epoch, "step": step, **{k: f"{v:.6g}" for k, v in diagnostics.items()}})
         _write_csv(run_dir / "pooling.csv", pooling, POOLING_FIELDS)
-        if board is not None:
+        if board is not None and grid.numel():
             board.add_image("samples", grid, step, dataformats="HWC")
+        if board is not None:
             for key, value in diagnostics.items():
                 board.add_scalar(f"pooling/{key}", value, step)
             board.flush()
 
-    n = images.shape[1]
     # distributed: every batch is complete, so each process takes an equal share
     batches_per_epoch = n // batch_size if world > 1 else math.ceil(n / batch_size)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.precision == "bf16")
@@ -238,8 +268,9 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
                    unit="batch", disable=not show_progress)
         for b in bar:
             index = order[b * batch_size:(b + 1) * batch_size][rank::world].to(device)
-            x = images[:, index].transpose(0, 1).float() / 255
-            present = modality_mask(x.shape[0], model.num_modalities, config.data.drop_rate).to(device)
+            x = data.gather(index)
+            batch = x[0].shape[0]
+            present = modality_mask(batch, model.num_modalities, config.data.drop_rate).to(device)
             tic = time.perf_counter()
             with autocast:
                 out = network(x, present)
@@ -264,8 +295,8 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
             if board is not None:
                 for key, value in zip(SCALARS, (loss_value, reconstruction_value, kl_value)):
                     board.add_scalar(f"train/{key}", value, step)
-                board.add_scalar("train/samples_per_second", x.shape[0] * world / seconds, step)
-            bar.set_postfix(loss=f"{loss_value:.1f}", samples_per_s=f"{x.shape[0] * world / seconds:.0f}")
+                board.add_scalar("train/samples_per_second", batch * world / seconds, step)
+            bar.set_postfix(loss=f"{loss_value:.1f}", samples_per_s=f"{batch * world / seconds:.0f}")
             over_time = config.train.max_minutes is not None and time.perf_counter() - start > 60 * config.train.max_minutes
             if world > 1:  # every process stops at the same step
                 over_time = _all_any(over_time, device)
@@ -306,7 +337,10 @@ def load_run(run_dir: Path, overrides=()):
     from .config import load_config
 
     config = load_config(path=Path(run_dir) / "config.yaml", overrides=overrides)
-    model = make_model(config)
     state = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    modalities = ([Modality(m["name"], tuple(m["shape"]), m["vocabulary"] and tuple(m["vocabulary"]))
+                   for m in state["modalities"]] if "modalities" in state
+                  else polymnist_modalities(config.data.num_modalities))  # checkpoints from before heterogeneous data
+    model = make_model(config, modalities)
     model.load_state_dict(state["model"])
     return config, model

@@ -1,0 +1,74 @@
+"""Text as token sequences: characters (MNIST-SVHN-Text, bimodal CelebA, as in the MoPoE code) and words (CUB
+captions, as in the MMVAE code), with no downloaded tokenizer data.
+
+A sequence is stored as int64 token ids ``(L,)``; the encoders one-hot them and the decoders return logits over
+the vocabulary (a categorical likelihood per position).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import torch
+
+#: the character vocabulary: id 0 is padding, then lowercase letters, digits, space and punctuation
+PAD_CHARACTER = "\0"
+ALPHABET = (PAD_CHARACTER,) + tuple("abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?'\"-()&*+/[]_#")
+_CHARACTER_ID = {c: i for i, c in enumerate(ALPHABET)}
+
+
+def encode_characters(text: str, length: int) -> torch.Tensor:
+    """``(length,)`` character ids of ``text`` (lowercased), padded; an error names a character outside
+    ``ALPHABET`` or a text longer than ``length``."""
+    text = text.lower()
+    if len(text) > length:
+        raise ValueError(f"text of {len(text)} characters does not fit length {length}: {text!r}")
+    unknown = sorted(set(text) - _CHARACTER_ID.keys())
+    if unknown:
+        raise ValueError(f"characters {unknown} of {text!r} are not in the alphabet")
+    ids = torch.zeros(length, dtype=torch.long)
+    ids[: len(text)] = torch.tensor([_CHARACTER_ID[c] for c in text], dtype=torch.long)
+    return ids
+
+
+def decode_characters(ids: torch.Tensor) -> str:
+    return "".join(ALPHABET[i] for i in ids.tolist()).replace(PAD_CHARACTER, "")
+
+
+_WORD = re.compile(r"[a-z0-9]+|'[a-z]+|[^\sa-z0-9]")
+
+#: CUB's special words (the MMVAE vocabulary's): unknown word, padding, end of sentence
+UNKNOWN, PAD, END = "<exc>", "<pad>", "<eos>"
+
+
+def tokenise(sentence: str) -> list[str]:
+    """Lowercase words, numbers, clitics (``'s``) and single punctuation marks, by a regular expression."""
+    return _WORD.findall(sentence.lower())
+
+
+def build_vocabulary(sentences, min_count: int = 3) -> tuple[str, ...]:
+    """The special words, then the words occurring at least ``min_count`` times, most frequent first (ties
+    alphabetically, so the vocabulary does not depend on the order of the sentences)."""
+    counts = Counter(word for sentence in sentences for word in tokenise(sentence))
+    words = sorted((w for w, c in counts.items() if c >= min_count and w not in (UNKNOWN, PAD, END)),
+                   key=lambda w: (-counts[w], w))
+    return (UNKNOWN, PAD, END, *words)
+
+
+def encode_words(sentence: str, vocabulary, length: int) -> torch.Tensor:
+    """``(length,)`` word ids: the first ``length - 1`` words (unknown ones as ``<exc>``), ``<eos>``, padding."""
+    index = {w: i for i, w in enumerate(vocabulary)} if not isinstance(vocabulary, dict) else vocabulary
+    words = tokenise(sentence)[: length - 1]
+    ids = [index.get(w, index[UNKNOWN]) for w in words] + [index[END]]
+    return torch.tensor(ids + [index[PAD]] * (length - len(ids)), dtype=torch.long)
+
+
+def decode_words(ids: torch.Tensor, vocabulary) -> str:
+    words = []
+    for i in ids.tolist():
+        if vocabulary[i] == END:
+            break
+        if vocabulary[i] != PAD:
+            words.append(vocabulary[i])
+    return " ".join(words)
