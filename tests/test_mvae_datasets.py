@@ -1,0 +1,236 @@
+"""MNIST-SVHN-Text, bimodal CelebA and CUB image-captions read from tiny fixtures written here in the released
+layouts; their text encodings, likelihood weights, and a few training steps of each from the command line."""
+
+import gzip
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from PIL import Image
+
+from applications.multimodal_vae import text
+from applications.multimodal_vae.__main__ import main
+from applications.multimodal_vae.celeba import CelebA
+from applications.multimodal_vae.cub import CUB
+from applications.multimodal_vae.data import LayoutError, Modality, reconstruction_weights
+from applications.multimodal_vae.mnist_svhn_text import DIGIT_NAMES, MNISTSVHNText
+from applications.multimodal_vae.objectives import Likelihood
+from applications.multimodal_vae.train import load_run
+
+
+@pytest.fixture(autouse=True)
+def _float32():
+    torch.set_default_dtype(torch.float32)
+
+
+def _idx(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_mnist_svhn(root, rng, pairs=(("train", 12), ("test", 6))):
+    """MNIST idx files (train gzipped, test plain), SVHN .mat files (digit 0 stored as 10), MMVAE's index files."""
+    (root / "MNIST" / "raw").mkdir(parents=True)
+    (root / "SVHN").mkdir()
+    stored = {}
+    for split, count in pairs:
+        mnist = rng.integers(0, 256, (count + 3, 28, 28))
+        mnist_labels = rng.integers(0, 10, count + 3)
+        svhn = rng.integers(0, 256, (32, 32, 3, count + 5))
+        svhn_labels = rng.integers(0, 10, count + 5)
+        prefix = "train" if split == "train" else "t10k"
+        for name, array in ((f"{prefix}-images-idx3-ubyte", mnist), (f"{prefix}-labels-idx1-ubyte", mnist_labels)):
+            data = _idx(array)
+            if split == "train":
+                (root / "MNIST" / "raw" / f"{name}.gz").write_bytes(gzip.compress(data))
+            else:
+                (root / "MNIST" / "raw" / name).write_bytes(data)
+        scipy.io.savemat(root / "SVHN" / f"{split}_32x32.mat",
+                         {"X": svhn.astype(np.uint8), "y": np.where(svhn_labels == 0, 10, svhn_labels)[:, None]})
+        # pair every MNIST image with an SVHN image of the same digit, in a shuffled order
+        mnist_index, svhn_index = [], []
+        for i in rng.permutation(count + 3)[:count]:
+            same = np.flatnonzero(svhn_labels == mnist_labels[i])
+            if same.size:
+                mnist_index.append(int(i))
+                svhn_index.append(int(rng.choice(same)))
+        torch.save(torch.tensor(mnist_index), root / f"{split}-ms-mnist-idx.pt")
+        torch.save(torch.tensor(svhn_index), root / f"{split}-ms-svhn-idx.pt")
+        stored[split] = (mnist, mnist_labels, svhn, mnist_index, svhn_index)
+    return stored
+
+
+def test_mnist_svhn_text_pairs_files_as_released(tmp_path):
+    stored = write_mnist_svhn(tmp_path, np.random.default_rng(0))
+    for split in ("train", "test"):
+        mnist, labels, svhn, mnist_index, svhn_index = stored[split]
+        data = MNISTSVHNText(tmp_path, split)
+        assert [m.name for m in data.modalities] == ["mnist", "svhn", "text"] and len(data) == len(mnist_index)
+        x = data.gather(torch.arange(len(data)))
+        assert x[0].shape == (len(data), 1, 28, 28) and x[1].shape == (len(data), 3, 32, 32)
+        np.testing.assert_array_equal((x[0][:, 0] * 255).round().numpy(), mnist[mnist_index])
+        np.testing.assert_array_equal((x[1] * 255).round().numpy(), svhn[..., svhn_index].transpose(3, 2, 0, 1))
+        assert data.labels.tolist() == labels[mnist_index].tolist()
+        for row, digit in zip(x[2], data.labels.tolist()):
+            name = DIGIT_NAMES[digit]
+            decoded = "".join(text.ALPHABET[i] for i in row.tolist())
+            start = decoded.index(name)
+            assert decoded.replace(text.PAD_CHARACTER, "") == name and 0 <= start <= 8 - 1 - len(name)
+    again = MNISTSVHNText(tmp_path, "train")
+    assert torch.equal(again.gather(torch.arange(len(again)))[2], MNISTSVHNText(tmp_path, "train").arrays[2])
+
+
+def test_mnist_svhn_text_rejects_pairs_of_different_digits_and_missing_files(tmp_path):
+    stored = write_mnist_svhn(tmp_path, np.random.default_rng(1))
+    _, labels, _, mnist_index, svhn_index = stored["test"]
+    other = next(i for i in range(len(labels)) if labels[i] != labels[mnist_index[0]])
+    torch.save(torch.tensor([other] + mnist_index[1:]), tmp_path / "test-ms-mnist-idx.pt")
+    with pytest.raises(LayoutError, match=r"test-ms-svhn-idx.pt: 1 pairs join different digits .*\[\(0, "):
+        MNISTSVHNText(tmp_path, "test")
+    (tmp_path / "SVHN" / "train_32x32.mat").unlink()
+    with pytest.raises(LayoutError, match="expected the SVHN file .*train_32x32.mat"):
+        MNISTSVHNText(tmp_path, "train")
+    with pytest.raises(LayoutError, match=r"expected .*t10k-images-idx3-ubyte \(or .*\.gz\) in the torchvision MNIST"):
+        MNISTSVHNText(tmp_path / "elsewhere", "test")
+
+
+ATTRIBUTES = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Smiling", "Wearing_Hat"]
+
+
+def write_celeba(root, rng, count=6):
+    """178x218 JPEGs whose centre 148x148 square has one colour and the border another; attribute and partition
+    lists in CelebA's formats (partition 0, 1, 2 in turn)."""
+    folder = root / "img_align_celeba"
+    folder.mkdir(parents=True)
+    colours, attributes = [], rng.integers(0, 2, (count, len(ATTRIBUTES)))
+    for i in range(count):
+        colour = rng.integers(0, 256, 3)
+        image = np.zeros((218, 178, 3), dtype=np.uint8)
+        image[:] = 255 - colour
+        top, left = (218 - 148) // 2, (178 - 148) // 2
+        image[top:top + 148, left:left + 148] = colour
+        Image.fromarray(image).save(folder / f"{i + 1:06d}.jpg", quality=100)
+        colours.append(colour)
+    lines = [str(count), " ".join(ATTRIBUTES)]
+    lines += [f"{i + 1:06d}.jpg " + " ".join("1" if a else "-1" for a in row) for i, row in enumerate(attributes)]
+    (root / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
+    (root / "list_eval_partition.txt").write_text("".join(f"{i + 1:06d}.jpg {i % 3}\n" for i in range(count)))
+    return np.array(colours), attributes
+
+
+def test_celeba_reads_the_released_files(tmp_path):
+    colours, attributes = write_celeba(tmp_path, np.random.default_rng(2))
+    data = CelebA(tmp_path, "train")
+    chosen = [0, 3]  # partition 0
+    assert len(data) == 2 and data.labels.tolist() == attributes[chosen].tolist()
+    image, tokens = data.gather(torch.arange(2))
+    assert image.shape == (2, 3, 64, 64) and tokens.shape == (2, 256)
+    # the centre crop holds only the inner colour (JPEG-level error)
+    np.testing.assert_allclose((image * 255).mean((2, 3)).numpy(), colours[chosen], atol=3)
+    for row, attrs in zip(tokens, attributes[chosen]):
+        expected = ", ".join(name.lower().replace("_", " ") for name, on in zip(ATTRIBUTES, attrs) if on)
+        assert text.decode_characters(row) == expected
+    assert len(CelebA(tmp_path, "test")) == 2  # partition 1, the split the papers evaluate on
+    assert list((tmp_path / "img_align_celeba").glob(".decoded-*.pt"))
+    assert torch.equal(CelebA(tmp_path, "train").arrays[0], data.arrays[0])  # from the cache
+    for cache in (tmp_path / "img_align_celeba").glob(".decoded-*.pt"):
+        cache.unlink()
+    (tmp_path / "img_align_celeba" / "000005.jpg").unlink()
+    with pytest.raises(LayoutError, match="000005.jpg is listed in list_attr_celeba.txt but missing"):
+        CelebA(tmp_path, "test")
+    (tmp_path / "list_eval_partition.txt").unlink()
+    with pytest.raises(LayoutError, match="expected .*list_eval_partition.txt"):
+        CelebA(tmp_path, "train")
+
+
+CAPTIONS = ["this bird is red with a short beak.", "a small bird with red wings.", "the bird's beak is short.",
+            "red bird, black tail.", "a bird with a black crown."]
+
+
+def write_cub(root, rng, images={"train": 2, "test": 1}):
+    captions = {}
+    for split, count in images.items():
+        for k in range(count):
+            folder = root / split / f"{k + 1:03d}.Class_{k}"
+            folder.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (50, 40, 3), dtype=np.uint8)).save(folder / f"bird_{k}.jpg")
+        lines = [CAPTIONS[(i * 3 + len(split)) % len(CAPTIONS)] for i in range(10 * count)]
+        name = "text_trainvalclasses.txt" if split == "train" else "text_testclasses.txt"
+        (root / name).write_text("\n".join(lines) + "\n")
+        captions[split] = lines
+    return captions
+
+
+def test_cub_builds_its_vocabulary_from_the_training_captions(tmp_path):
+    captions = write_cub(tmp_path, np.random.default_rng(3))
+    data = CUB(tmp_path, "train")
+    counts = {}
+    for line in captions["train"]:
+        for word in text.tokenise(line):
+            counts[word] = counts.get(word, 0) + 1
+    assert set(data.vocabulary[3:]) == {w for w, c in counts.items() if c >= 3}
+    assert data.vocabulary[:3] == ("<exc>", "<pad>", "<eos>")
+    assert len(data) == 20 and data.labels.tolist() == [k // 10 for k in range(20)]
+    image, tokens = data.gather(torch.tensor([0, 9, 10, 19]))
+    assert image.shape == (4, 3, 64, 64)
+    assert torch.equal(image[0], image[1]) and torch.equal(image[2], image[3]) and not torch.equal(image[0], image[2])
+    assert tokens.shape == (4, 32)
+    assert text.decode_words(tokens[0], data.vocabulary) == " ".join(
+        w if w in data.vocabulary else "<exc>" for w in text.tokenise(captions["train"][0]))
+    test = CUB(tmp_path, "test")
+    assert test.vocabulary == data.vocabulary and len(test) == 10
+    assert text.tokenise("The bird's wings, 2 of them.") == ["the", "bird", "'s", "wings", ",", "2", "of", "them", "."]
+    (tmp_path / "text_testclasses.txt").write_text("\n".join(captions["test"][:9]) + "\n")
+    with pytest.raises(LayoutError, match="has 9 captions but .* has 1 images; expected 10 captions per image"):
+        CUB(tmp_path, "test")
+
+
+def test_text_encodings_are_checked():
+    assert text.decode_characters(text.encode_characters("Smiling, hat", 16)) == "smiling, hat"
+    with pytest.raises(ValueError, match="does not fit length 4"):
+        text.encode_characters("smiling", 4)
+    with pytest.raises(ValueError, match=r"characters \['é'\]"):
+        text.encode_characters("café", 8)
+    vocabulary = text.build_vocabulary(["a b b c c c"] * 3, min_count=4)
+    assert vocabulary == ("<exc>", "<pad>", "<eos>", "c", "b")  # by frequency
+    ids = text.encode_words("c a b b b", vocabulary, 4)
+    assert ids.tolist() == [3, 0, 4, 2]  # three words, unknown as <exc>, then <eos>
+    assert text.encode_words("b", vocabulary, 4).tolist() == [4, 2, 1, 1]
+
+
+def test_categorical_likelihood_and_weights_by_relative_dimensionality():
+    modalities = [Modality("mnist", (1, 28, 28)), Modality("svhn", (3, 32, 32)), Modality("text", (8,), text.ALPHABET)]
+    weights = reconstruction_weights(modalities)
+    v = len(text.ALPHABET)
+    torch.testing.assert_close(weights, torch.tensor([3072 / 784, 1.0, 3072 / (8 * v)]))
+    likelihood = Likelihood(weights, text=[False, False, True])
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 8, v, generator=g, dtype=torch.float64)
+    ids = torch.randint(v, (5, 8), generator=g)
+    expected = torch.distributions.Categorical(logits=logits).log_prob(ids).sum(-1)
+    torch.testing.assert_close(likelihood.log_prob(ids, logits, 2), expected)
+    with pytest.raises(ValueError, match="3 weights but 2 text flags"):
+        Likelihood(weights, text=[False, True])
+
+
+@pytest.mark.parametrize("dataset", ["mnist_svhn_text", "celeba", "cub"])
+def test_each_dataset_trains_from_the_command_line(tmp_path, dataset, capsys):
+    rng = np.random.default_rng(4)
+    root = tmp_path / dataset
+    {"mnist_svhn_text": write_mnist_svhn, "celeba": write_celeba, "cub": write_cub}[dataset](root, rng)
+    m = 3 if dataset == "mnist_svhn_text" else 2
+    main(["train", "--preset", f"{dataset}-helvae", "--set", f"data.root={root}", f"output_dir={tmp_path / 'runs'}",
+          "name=run", "train.batch_size=2", "train.max_steps=2", "train.device=cpu", "model.latent_dim=4",
+          "data.drop_rate=0.5", "train.tensorboard=false"])
+    run = tmp_path / "runs" / "run"
+    for name in ("checkpoint.pt", "metrics.csv", "samples.png", "samples.txt", "pooling.csv"):
+        assert (run / name).stat().st_size > 0, name
+    assert "input:" in (run / "samples.txt").read_text()
+    config, model = load_run(run)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert len(model.encoders) == m and config.data.dataset == dataset
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state["model"].items())
+    with pytest.raises(LayoutError, match=f"holds {m} modalities but data.num_modalities is 5"):
+        main(["train", "--preset", f"{dataset}-helvae", "--set", f"data.root={root}", "data.num_modalities=5",
+              f"output_dir={tmp_path / 'runs'}", "name=other"])
