@@ -148,9 +148,9 @@ CAPTIONS = ["this bird is red with a short beak.", "a small bird with red wings.
             "red bird, black tail.", "a bird with a black crown."]
 
 
-def write_cub(root, rng, images={"train": 2, "test": 1}):
+def write_cub(root, rng, images=(("train", 2), ("test", 1))):
     captions = {}
-    for split, count in images.items():
+    for split, count in images:
         for k in range(count):
             folder = root / split / f"{k + 1:03d}.Class_{k}"
             folder.mkdir(parents=True)
