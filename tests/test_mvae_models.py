@@ -9,7 +9,7 @@ import opinionpool.functional as F
 from applications.multimodal_vae import objectives
 from applications.multimodal_vae.data import Modality, polymnist_modalities
 from applications.multimodal_vae.models import MODELS, MultimodalVAE
-from applications.multimodal_vae.networks import PolyMNISTDecoder, PolyMNISTEncoder, make_networks
+from applications.multimodal_vae.networks import PolyMNISTDecoder, PolyMNISTEncoder, ResidualBlock, make_networks
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +32,28 @@ def test_networks_shapes():
     mu, logvar = PolyMNISTEncoder(16)(torch.rand(5, 3, 28, 28))
     assert mu.shape == logvar.shape == (5, 16)
     assert PolyMNISTDecoder(16)(torch.randn(2, 5, 16)).shape == (2, 5, 3, 28, 28)
-    with pytest.raises(ValueError, match=r"no networks for modality 'odd' of shape \(3, 30, 30\)"):
+    with pytest.raises(ValueError, match=r"no conv networks for modality 'odd' of shape \(3, 30, 30\)"):
         make_networks([Modality("odd", (3, 30, 30))], 8)
+    with pytest.raises(ValueError, match=r"no resnet networks for modality 'svhn' of shape \(3, 32, 32\)"):
+        make_networks([Modality("svhn", (3, 32, 32))], 8, "resnet")
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        make_networks(polymnist_modalities(1), 8, "vit")
+
+
+def test_resnet_networks_follow_the_mmvae_plus_layout():
+    (encoder,), (decoder,) = make_networks(polymnist_modalities(1), 16, "resnet")
+    mu, logvar = encoder(torch.rand(5, 3, 28, 28))
+    assert mu.shape == logvar.shape == (5, 16)
+    assert decoder(torch.randn(2, 5, 16)).shape == (2, 5, 3, 28, 28)
+    assert encoder.mean.in_features == 256 * 7 * 7  # 64 -> 128 -> 256 channels, 28 -> 14 -> 7
+    (encoder,), (decoder,) = make_networks([Modality("image", (3, 64, 64))], 16, "resnet")
+    assert encoder.mean.in_features == 256 * 2 * 2  # five halvings, at most 256 channels
+    assert decoder(torch.randn(3, 16)).shape == (3, 3, 64, 64)
+    block = ResidualBlock(4, 4)
+    x = torch.randn(2, 4, 5, 5)
+    expected = x + 0.1 * block.conv_1(torch.nn.functional.leaky_relu(
+        block.conv_0(torch.nn.functional.leaky_relu(x, 0.2)), 0.2))
+    torch.testing.assert_close(block(x), expected)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

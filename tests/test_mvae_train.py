@@ -22,7 +22,8 @@ def _float32():
 
 def tiny_config(root, name="run", **train):
     overrides = [f"data.root={root / 'data'}", "data.build_offline=false", "data.num_modalities=3",
-                 "model.latent_dim=4", "train.batch_size=8", "train.epochs=2", "train.device=cpu",
+                 "model.latent_dim=4",
+                 "model.architecture=conv", "train.batch_size=8", "train.epochs=2", "train.device=cpu",
                  f"output_dir={root / 'runs'}", f"name={name}", "data.drop_rate=0.3"]
     overrides += [f"train.{k}={v}" for k, v in train.items()]
     return load_config("polymnist-helvae", overrides)
@@ -53,7 +54,8 @@ def test_resume_continues_exactly(tiny_root):
         train(tiny_config(tiny_root, "full"), show_progress=False)
     with pytest.raises(ValueError, match="the configuration differs"):
         train(load_config("polymnist-helvae", [f"data.root={tiny_root / 'data'}", "data.build_offline=false",
-                                               "data.num_modalities=3", "model.latent_dim=4", "train.batch_size=8",
+                                               "data.num_modalities=3", "model.latent_dim=4",
+                                               "model.architecture=conv", "train.batch_size=8",
                                                f"output_dir={tiny_root / 'runs'}", "name=full", "model.beta=1.0"]),
               resume=True, show_progress=False)
 
@@ -110,7 +112,8 @@ def test_command_line_trains_and_lists_presets(tiny_root, capsys):
     assert main(["presets"]) == 0
     assert "polymnist-mohelvae" in capsys.readouterr().out
     args = ["train", "--preset", "polymnist-mopoe", "--set", f"data.root={tiny_root / 'data'}",
-            "data.build_offline=false", "data.num_modalities=3", "model.latent_dim=4", "train.batch_size=12",
+            "data.build_offline=false", "data.num_modalities=3", "model.latent_dim=4",
+            "model.architecture=conv", "train.batch_size=12",
             "train.epochs=1", f"output_dir={tiny_root / 'runs'}", "--set", "train.tensorboard=false"]
     assert main(args) == 0
     run = tiny_root / "runs" / "polymnist-mopoe"
@@ -120,7 +123,8 @@ def test_command_line_trains_and_lists_presets(tiny_root, capsys):
 
 def test_mmvae_dreg_in_bf16_from_the_command_line(tiny_root):
     args = ["train", "--preset", "polymnist-mmvae", "--set", f"data.root={tiny_root / 'data'}",
-            "data.build_offline=false", "data.num_modalities=3", "model.latent_dim=4", "train.batch_size=12",
+            "data.build_offline=false", "data.num_modalities=3", "model.latent_dim=4",
+            "model.architecture=conv", "train.batch_size=12",
             "train.epochs=1", f"output_dir={tiny_root / 'runs'}", "model.num_samples=3", "model.estimator=dreg",
             "train.precision=bf16", "train.device=cpu"]
     assert main(args) == 0

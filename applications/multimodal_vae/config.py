@@ -29,6 +29,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "helvae"
+    #: image networks: "conv" (the MoPoE code's) or "resnet" (the MMVAE+ code's, used by the HELVAE paper)
+    architecture: str = "conv"
     latent_dim: int = 512
     beta: float = 2.5
     alpha: float = 0.5
@@ -136,6 +138,8 @@ def _check(config) -> None:
                       model.likelihood, model.likelihood_scale)
     except ValueError as error:
         raise ValueError(f"invalid model options: {error}") from None
+    if model.architecture not in ("conv", "resnet"):
+        raise ValueError(f"model.architecture must be 'conv' or 'resnet', got {model.architecture!r}")
     for key in ("epochs", "batch_size", "checkpoint_every"):
         if getattr(config.train, key) < 1:
             raise ValueError(f"train.{key} must be a positive integer, got {getattr(config.train, key)}")

@@ -13,6 +13,11 @@ the vocabulary per text position ``(..., L, V)``.
   papers use residual blocks here; these plain nets have the same resolution schedule, not their weights' layout.
 - Text ``(L,)``: one-hot characters or words -> a 1x1 convolution to 128 channels -> stride-2 convolutions down
   to length <= 8 -> linear heads; the decoder mirrors it and ends in logits.
+- ``architecture="resnet"`` (PolyMNIST and 64x64 images): the residual nets of the MMVAE+ code, which the HELVAE
+  paper uses: a 3x3 convolution to 64 channels, a residual block, then (average pool 3/2, residual block doubling
+  the channels up to 256) down to 7x7 (PolyMNIST) or 2x2 (64x64), linear heads; the decoder mirrors it with
+  nearest-neighbour upsampling. A residual block is ``shortcut(x) + 0.1 * conv(lrelu(conv(lrelu(x))))`` with
+  leaky ReLUs of slope 0.2 and a 1x1 shortcut when the channel count changes.
 """
 
 from __future__ import annotations
@@ -151,19 +156,70 @@ class _Transpose(nn.Module):
         return x.transpose(1, 2)
 
 
-IMAGE_NETWORKS = {(3, 28, 28): lambda d: (PolyMNISTEncoder(d), PolyMNISTDecoder(d)), (1, 28, 28): mnist_networks,
-                  (3, 32, 32): svhn_networks, (3, 64, 64): image64_networks}
+def _leaky(x: torch.Tensor) -> torch.Tensor:
+    return nn.functional.leaky_relu(x, 0.2)
 
 
-def make_networks(modalities, latent_dim: int):
-    """``(encoders, decoders)`` as ``nn.ModuleList`` s, one pair per ``data.Modality``."""
+class ResidualBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        hidden = min(in_channels, out_channels)
+        self.conv_0 = nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.conv_1 = nn.Conv2d(hidden, out_channels, 3, padding=1)
+        self.shortcut = (nn.Conv2d(in_channels, out_channels, 1, bias=False) if in_channels != out_channels
+                         else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shortcut(x) + 0.1 * self.conv_1(_leaky(self.conv_0(_leaky(x))))
+
+
+class _Leaky(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _leaky(x)
+
+
+def resnet_networks(latent_dim: int, channels: int, size: int, smallest: int, base: int = 64, widest: int = 256):
+    """The MMVAE+ residual image nets for ``channels x size x size`` images, downsampled to ``smallest``."""
+    layers = 0
+    while size >> layers > smallest:
+        layers += 1
+    if size >> layers != smallest or size % (1 << layers):
+        raise ValueError(f"size {size} does not halve to {smallest}")
+    width = [min(base << i, widest) for i in range(layers + 1)]
+    down = [nn.Conv2d(channels, base, 3, padding=1), ResidualBlock(base, base)]
+    for i in range(layers):
+        down += [nn.AvgPool2d(3, stride=2, padding=1), ResidualBlock(width[i], width[i + 1])]
+    features = width[-1] * smallest * smallest
+    encoder = _Heads(nn.Sequential(*down, nn.Flatten()), features, latent_dim)
+    up = [nn.Linear(latent_dim, features), nn.Unflatten(1, (width[-1], smallest, smallest))]
+    for i in range(layers, 0, -1):
+        up += [ResidualBlock(width[i], width[i - 1]), nn.Upsample(scale_factor=2)]
+    up += [ResidualBlock(base, base), _Leaky(), nn.Conv2d(base, channels, 3, padding=1)]
+    return encoder, _Decoder(nn.Sequential(*up), (channels, size, size))
+
+
+#: architecture -> image shape -> networks
+IMAGE_NETWORKS = {
+    "conv": {(3, 28, 28): lambda d: (PolyMNISTEncoder(d), PolyMNISTDecoder(d)), (1, 28, 28): mnist_networks,
+             (3, 32, 32): svhn_networks, (3, 64, 64): image64_networks},
+    "resnet": {(3, 28, 28): lambda d: resnet_networks(d, 3, 28, 7),
+               (3, 64, 64): lambda d: resnet_networks(d, 3, 64, 2)},
+}
+
+
+def make_networks(modalities, latent_dim: int, architecture: str = "conv"):
+    """``(encoders, decoders)`` as ``nn.ModuleList`` s, one pair per ``data.Modality``; ``architecture`` picks the
+    image nets (``"conv"`` or ``"resnet"``)."""
+    if architecture not in IMAGE_NETWORKS:
+        raise ValueError(f"architecture must be one of {sorted(IMAGE_NETWORKS)}, got {architecture!r}")
+    known = IMAGE_NETWORKS[architecture]
     pairs = []
     for modality in modalities:
         if modality.is_text:
             pairs.append(text_networks(latent_dim, modality.shape[0], len(modality.vocabulary)))
-        elif tuple(modality.shape) in IMAGE_NETWORKS:
-            pairs.append(IMAGE_NETWORKS[tuple(modality.shape)](latent_dim))
+        elif tuple(modality.shape) in known:
+            pairs.append(known[tuple(modality.shape)](latent_dim))
         else:
-            raise ValueError(f"no networks for modality {modality.name!r} of shape {tuple(modality.shape)}; image "
-                             f"shapes with networks: {sorted(IMAGE_NETWORKS)}")
+            raise ValueError(f"no {architecture} networks for modality {modality.name!r} of shape "
+                             f"{tuple(modality.shape)}; image shapes with {architecture} networks: {sorted(known)}")
     return nn.ModuleList(p[0] for p in pairs), nn.ModuleList(p[1] for p in pairs)

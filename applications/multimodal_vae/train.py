@@ -73,7 +73,7 @@ def load_dataset(config: Config, split: str = "train") -> MultimodalDataset:
 
 def make_model(config: Config, modalities) -> MultimodalVAE:
     """The model of ``config`` for ``modalities`` (a ``data.Modality`` each, from the dataset)."""
-    encoders, decoders = make_networks(modalities, config.model.latent_dim)
+    encoders, decoders = make_networks(modalities, config.model.latent_dim, config.model.architecture)
     return MultimodalVAE(encoders, decoders, config.model.name, beta=config.model.beta, alpha=config.model.alpha,
                          learnable_weights=config.model.learnable_weights, modalities=modalities,
                          num_samples=config.model.num_samples, estimator=config.model.estimator,
