@@ -2,6 +2,9 @@
 layouts; their text encodings, likelihood weights, and a few training steps of each from the command line."""
 
 import gzip
+import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +17,16 @@ from applications.multimodal_vae.__main__ import main
 from applications.multimodal_vae.celeba import CelebA
 from applications.multimodal_vae.cub import CUB
 from applications.multimodal_vae.data import LayoutError, Modality, reconstruction_weights
+from applications.multimodal_vae.fid import default_weights
 from applications.multimodal_vae.mnist_svhn_text import DIGIT_NAMES, MNISTSVHNText
 from applications.multimodal_vae.objectives import Likelihood
-from applications.multimodal_vae.train import load_run
+from applications.multimodal_vae.train import load_dataset, load_run
+
+WHEEL_CACHE = Path(__file__).resolve().parents[1] / "data" / ".wheels"
+
+
+def model_modalities(run):
+    return load_dataset(load_run(run)[0], "test").modalities
 
 
 @pytest.fixture(autouse=True)
@@ -231,6 +241,27 @@ def test_each_dataset_trains_from_the_command_line(tmp_path, dataset, capsys):
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert len(model.encoders) == m and config.data.dataset == dataset
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state["model"].items())
+    # evaluation: coherence and probes where a digit is shared (MNIST-SVHN-Text), likelihoods everywhere, FID
+    # for the image modalities (MNIST's grey images repeated to three channels)
+    weights = default_weights(WHEEL_CACHE)
+    main(["evaluate", "--run", str(run), "--set", "eval.test_examples=4", "eval.likelihood_samples=3",
+          "eval.likelihood_examples=3", "eval.probe_examples=-1", "eval.unconditional_samples=10",
+          "eval.fid_samples=2", f"eval.fid_weights={weights}"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    report = (run / "report.md").read_text()
+    assert metrics["modalities"] == [modality.name for modality in model_modalities(run)]
+    likelihood = metrics["log_likelihood"]
+    assert math.isfinite(likelihood["joint"]) and likelihood["examples"] == min(3, metrics["test_examples"])
+    assert metrics["fid"]["targets"] == [n for n in metrics["modalities"] if n not in ("text", "caption")]
+    if dataset == "mnist_svhn_text":
+        assert len(metrics["classifier_accuracy"]) == 3 and 0 <= metrics["coherence"]["overall"] <= 1
+        assert set(metrics["latent_probe"]) == {"{mnist}", "{svhn}", "{text}", "{mnist,svhn}", "{mnist,text}",
+                                                "{svhn,text}", "{mnist,svhn,text}"}
+        assert "| from \\ to | mnist | svhn | text |" in report
+        assert (root / ".digit-classifiers-mnist_svhn_text-v1.pt").exists()
+    else:
+        assert "coherence" not in metrics and f"{dataset} has none" in metrics["not_computed"]
+        assert "Not computed: coherence and the latent probe" in report
     with pytest.raises(LayoutError, match=f"holds {m} modalities but data.num_modalities is 5"):
         main(["train", "--preset", f"{dataset}-helvae", "--set", f"data.root={root}", "data.num_modalities=5",
               f"output_dir={tmp_path / 'runs'}", "name=other"])

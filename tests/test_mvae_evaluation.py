@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from applications.multimodal_vae.data import polymnist_modalities
+from applications.multimodal_vae.data import MultimodalDataset, polymnist_modalities
 from applications.multimodal_vae.evaluation import (
     DigitClassifier,
     accuracy,
@@ -71,10 +71,11 @@ def code_model(name="helvae", broken=(), shifts=(0, 0, 0)):
     return MultimodalVAE(encoders, nn.ModuleList(CodeDecoder(s) for s in shifts), name)
 
 
-def coded_images(labels, modalities=3):
+def coded_data(labels, modalities=3):
+    """PolyMNIST-shaped tuples whose images carry their digit as a bright code pixel."""
     images = torch.zeros(modalities, len(labels), 3, 28, 28, dtype=torch.uint8)
     images[:, torch.arange(len(labels)), 0, 0, labels] = 255
-    return images
+    return MultimodalDataset(polymnist_modalities(modalities), images.unbind(0), labels, num_classes=10)
 
 
 LABELS = torch.arange(100) % 10
@@ -87,12 +88,12 @@ def test_classifier_shape_and_eval_mode_is_deterministic():
     assert classifier(x).shape == (4, 10)
     classifier.eval()
     assert torch.equal(classifier(x), classifier(x))  # dropout off
-    assert torch.equal(accuracy(CLASSIFIERS, coded_images(LABELS), LABELS), torch.ones(3))
+    assert torch.equal(accuracy(CLASSIFIERS, coded_data(LABELS)), torch.ones(3))
 
 
 @pytest.mark.parametrize("name", ["helvae", "mopoe", "mmvae", "mvae"])
 def test_a_perfect_generator_has_coherence_one(name):
-    result = coherence(code_model(name), CLASSIFIERS, coded_images(LABELS), LABELS, batch_size=30)
+    result = coherence(code_model(name), CLASSIFIERS, coded_data(LABELS), batch_size=30)
     assert result["subsets"] == all_subsets(3) and len(result["subsets"]) == 7
     assert torch.equal(result["accuracy"], torch.ones(7, 3))
     summary = summarise_coherence(result, 3)
@@ -100,7 +101,7 @@ def test_a_perfect_generator_has_coherence_one(name):
 
 
 def test_a_broken_modality_generates_at_chance_and_summaries_follow():
-    result = coherence(code_model("helvae", broken=(1,)), CLASSIFIERS, coded_images(LABELS), LABELS, batch_size=30)
+    result = coherence(code_model("helvae", broken=(1,)), CLASSIFIERS, coded_data(LABELS), batch_size=30)
     matrix = cross_coherence(result, 3)
     assert torch.allclose(matrix[0], torch.ones(3)) and torch.allclose(matrix[2], torch.ones(3))
     assert torch.allclose(matrix[1], torch.full((3,), 0.1))  # the broken source always says 0
@@ -117,9 +118,10 @@ def test_a_broken_modality_generates_at_chance_and_summaries_follow():
 
 
 def test_unconditional_coherence_counts_agreement():
-    agreeing = unconditional_coherence(code_model(), CLASSIFIERS, latent_dim=10, num_samples=2000)
+    agreeing = unconditional_coherence(code_model(), CLASSIFIERS, polymnist_modalities(3), latent_dim=10, num_samples=2000)
     assert agreeing == 1.0
-    disagreeing = unconditional_coherence(code_model(shifts=(0, 1, 2)), CLASSIFIERS, latent_dim=10, num_samples=2000)
+    disagreeing = unconditional_coherence(code_model(shifts=(0, 1, 2)), CLASSIFIERS, polymnist_modalities(3),
+                                          latent_dim=10, num_samples=2000)
     assert disagreeing < 0.01  # only when every z is negative do all decoders show nothing (p = 2^-10)
 
 
@@ -129,22 +131,22 @@ def test_evaluation_is_deterministic_on_a_real_model():
     model = MultimodalVAE(encoders, decoders, "mohelvae")
     classifiers = nn.ModuleList(DigitClassifier() for _ in range(3))
     images = torch.randint(0, 256, (3, 20, 3, 28, 28), dtype=torch.uint8)
-    labels = torch.randint(0, 10, (20,))
-    first = coherence(model, classifiers, images, labels, batch_size=7, seed=4)
+    data = MultimodalDataset(polymnist_modalities(3), images.unbind(0), torch.randint(0, 10, (20,)), num_classes=10)
+    first = coherence(model, classifiers, data, batch_size=7, seed=4)
     torch.manual_seed(123)  # the global RNG state does not matter
-    second = coherence(model, classifiers, images, labels, batch_size=7, seed=4)
+    second = coherence(model, classifiers, data, batch_size=7, seed=4)
     assert torch.equal(first["accuracy"], second["accuracy"])
     assert model.training and not classifiers.training  # restored / kept in eval mode
 
 
 def test_latent_probe_reads_the_digit_from_perfect_posteriors():
     train_labels = torch.arange(200) % 10
-    scores = latent_probe(code_model("helvae", broken=(1,)), coded_images(train_labels), train_labels,
-                          coded_images(LABELS), LABELS, [(0,), (1,), (0, 1, 2)], examples=50)
+    scores = latent_probe(code_model("helvae", broken=(1,)), coded_data(train_labels), coded_data(LABELS),
+                          [(0,), (1,), (0, 1, 2)], examples=50)
     assert scores[(0,)] == 1.0 and scores[(0, 1, 2)] == 1.0
     assert scores[(1,)] == pytest.approx(0.1)  # a constant representation: one class
     with pytest.raises(ValueError, match="probe examples must be -1 .* got 5"):
-        latent_probe(code_model(), coded_images(train_labels), train_labels, coded_images(LABELS), LABELS, [(0,)], 5)
+        latent_probe(code_model(), coded_data(train_labels), coded_data(LABELS), [(0,)], 5)
 
 
 def test_pooling_diagnostics_of_identical_and_distant_experts():
@@ -156,17 +158,17 @@ def test_pooling_diagnostics_of_identical_and_distant_experts():
         def forward(self, x):
             return self.mean.expand(x.shape[0], -1), self.logvar.expand(x.shape[0], -1)
 
-    images = coded_images(LABELS[:8])
+    x = coded_data(LABELS[:8]).gather(torch.arange(8))
     same = MultimodalVAE(nn.ModuleList(Fixed([0.3, -1.0], [0.2, -0.5]) for _ in range(3)),
                          nn.ModuleList(CodeDecoder() for _ in range(3)), "helvae")
-    diagnostics = pooling_diagnostics(same, [t.float() / 255 for t in images])
+    diagnostics = pooling_diagnostics(same, x)
     assert diagnostics["mean_log_bhattacharyya"] == pytest.approx(0, abs=1e-6)
     assert diagnostics["pairwise_mass"] == pytest.approx(2 / 3, rel=1e-6)  # (M - 1) / M for identical experts
     means = [[0.0, 0.0], [3.0, 0.0], [0.0, -2.0]]
     logvars = [[0.0, 0.0], [0.5, 0.0], [0.0, -0.5]]
     apart = MultimodalVAE(nn.ModuleList(Fixed(m, v) for m, v in zip(means, logvars)),
                           nn.ModuleList(CodeDecoder() for _ in range(3)), "helvae")
-    diagnostics = pooling_diagnostics(apart, [t.float() / 255 for t in images])
+    diagnostics = pooling_diagnostics(apart, x)
 
     def log_bc(m1, v1, m2, v2):  # closed form for diagonal Gaussians
         s1, s2 = torch.tensor(v1).exp(), torch.tensor(v2).exp()
@@ -179,3 +181,59 @@ def test_pooling_diagnostics_of_identical_and_distant_experts():
     bc = [math.exp(log_bc(means[i], logvars[i], means[j], logvars[j])) for i, j in pairs]
     # Hellinger pool with weights 1/3: self terms 1/9 each, ordered pairs 1/9 * BC each
     assert diagnostics["pairwise_mass"] == pytest.approx(2 * sum(bc) / (3 + 2 * sum(bc)), rel=1e-5)
+
+
+def test_a_perfect_generator_of_images_and_text_has_coherence_one():
+    """Heterogeneous modalities: a grey image carrying the digit as a code pixel and the digit's name as characters.
+    Generated text is classified from its most likely characters."""
+    from applications.multimodal_vae.data import Modality
+    from applications.multimodal_vae.mnist_svhn_text import DIGIT_NAMES, TEXT_LENGTH
+    from applications.multimodal_vae.text import ALPHABET, encode_characters
+
+    names = torch.stack([encode_characters(name, TEXT_LENGTH) for name in DIGIT_NAMES])  # (10, 8)
+
+    class TextCode(nn.Module):
+        """Encoder: the digit whose name the text spells, as a one-hot code times 10."""
+
+        def forward(self, ids):
+            digit = (ids.unsqueeze(1) == names).all(-1).float().argmax(-1)
+            code = nn.functional.one_hot(digit, 10).float()
+            return 10 * code, torch.full_like(code, -30.0)
+
+    class TextDecoder(nn.Module):
+        """Logits that spell the name of the digit in z's code (plus ``shift``)."""
+
+        def __init__(self, shift=0):
+            super().__init__()
+            self.shift = shift
+
+        def forward(self, z):
+            return 20 * nn.functional.one_hot(names[(z.argmax(-1) + self.shift) % 10], len(ALPHABET)).float()
+
+    class TextClassifier(nn.Module):
+        def forward(self, ids):
+            return (ids.unsqueeze(1) == names).all(-1).float()
+
+    class GreyCode(nn.Module):
+        def forward(self, x):
+            return 10 * x[:, 0, 0, :10], torch.full_like(x[:, 0, 0, :10], -30.0)
+
+    class GreyDecoder(nn.Module):
+        def forward(self, z):
+            image = torch.zeros(z.shape[:-1] + (1, 28, 28))
+            image[..., 0, 0, :10] = z / 10
+            return image
+
+    modalities = [Modality("grey", (1, 28, 28)), Modality("text", (TEXT_LENGTH,), ALPHABET)]
+    images = torch.zeros(len(LABELS), 1, 28, 28, dtype=torch.uint8)
+    images[torch.arange(len(LABELS)), 0, 0, LABELS] = 255
+    data = MultimodalDataset(modalities, [images, names[LABELS]], LABELS, num_classes=10)
+    model = MultimodalVAE(nn.ModuleList([GreyCode(), TextCode()]), nn.ModuleList([GreyDecoder(), TextDecoder()]),
+                          "mopoe", modalities=modalities)
+    classifiers = nn.ModuleList([PixelCode(), TextClassifier()])
+    result = coherence(model, classifiers, data, batch_size=30)
+    assert torch.equal(result["accuracy"], torch.ones(3, 2))
+    # a decoder that spells the next digit's name is always wrong, and only from the text output
+    model.decoders[1] = TextDecoder(shift=1)
+    result = coherence(model, classifiers, data, batch_size=30)
+    assert torch.equal(result["accuracy"], torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]))

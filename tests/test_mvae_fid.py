@@ -98,6 +98,7 @@ def test_fid_scores_of_a_copying_generator(tmp_path):
 
     from torch import nn
 
+    from applications.multimodal_vae.data import MultimodalDataset, polymnist_modalities
     from applications.multimodal_vae.fid import fid_scores
     from applications.multimodal_vae.models import MultimodalVAE
 
@@ -113,10 +114,11 @@ def test_fid_scores_of_a_copying_generator(tmp_path):
     torch.set_default_dtype(torch.float32)
     model = MultimodalVAE(nn.ModuleList(Flatten() for _ in range(3)), nn.ModuleList(Unflatten() for _ in range(3)))
     g = torch.Generator().manual_seed(0)
-    one = torch.randint(0, 256, (1, 6, 3, 28, 28), dtype=torch.uint8, generator=g)
-    images = one.expand(3, -1, -1, -1, -1)  # every modality shows the same image: every subset copies it
+    one = torch.randint(0, 256, (6, 3, 28, 28), dtype=torch.uint8, generator=g)
+    # every modality shows the same image: every subset copies it
+    data = MultimodalDataset(polymnist_modalities(3), [one] * 3, torch.zeros(6, dtype=torch.long))
     settings = SimpleNamespace(fid_samples=6, fid_weights=str(default_weights(WHEEL_CACHE)), seed=0)
-    scores = fid_scores(model, images, images, settings, tmp_path)
+    scores = fid_scores(model, data, data, settings, tmp_path)
     assert scores["samples"] == 6 and set(scores["per_size"]) == {1, 2}
     assert scores["per_size"][1] < 1e-3 and scores["per_size"][2] < 1e-3
     assert scores["unconditional"] > 10

@@ -96,10 +96,6 @@ class Config:
     output_dir: str = "runs"
 
 
-#: datasets ``evaluate`` supports (its coherence classifiers and FID are PolyMNIST's)
-EVALUATED = ("polymnist",)
-
-
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS.glob("*.yaml"))
 
@@ -129,9 +125,6 @@ def _check(config) -> None:
 
     if config.data.dataset not in DATASETS:
         raise ValueError(f"data.dataset must be one of {sorted(DATASETS)}, got {config.data.dataset!r}")
-    if config.train.evaluate_at_end and config.data.dataset not in EVALUATED:
-        raise ValueError(f"train.evaluate_at_end: the evaluation is built for {EVALUATED}, not "
-                         f"data.dataset={config.data.dataset!r}")
     model = config.model
     try:
         check_options(model.name, model.alpha, model.learnable_weights, model.num_samples, model.estimator,

@@ -75,10 +75,13 @@ class MultimodalDataset(Dataset):
         labels: ``(N, ...)``, one per tuple.
         rows: per modality, ``None`` (row ``i`` of tuple ``i``) or an int64 ``(N,)`` map from tuple to stored row
             (CUB: ten captions share an image).
+        num_classes: when ``labels`` is one class per tuple shared by every modality (a digit), the number of
+            classes; what coherence and the latent probe need. ``None`` otherwise (CelebA's attributes, CUB).
     """
 
-    def __init__(self, modalities, arrays, labels: torch.Tensor, rows=None):
+    def __init__(self, modalities, arrays, labels: torch.Tensor, rows=None, num_classes: int | None = None):
         self.modalities = tuple(modalities)
+        self.num_classes = num_classes
         self.arrays = list(arrays)
         self.labels = labels
         self.rows = list(rows) if rows is not None else [None] * len(self.arrays)
@@ -109,6 +112,16 @@ class MultimodalDataset(Dataset):
 
     def __getitem__(self, index):
         return [x[0] for x in self.gather(torch.tensor([index]))], self.labels[index]
+
+    def select(self, index: torch.Tensor) -> "MultimodalDataset":
+        """The tuples ``index`` as a dataset sharing the stored tensors (no copy)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        rows = [index.to(a.device) if r is None else r[index.to(r.device)] for a, r in zip(self.arrays, self.rows)]
+        return MultimodalDataset(self.modalities, self.arrays, self.labels[index.to(self.labels.device)], rows,
+                                 self.num_classes)
+
+    def head(self, n: int) -> "MultimodalDataset":
+        return self.select(torch.arange(min(n, len(self))))
 
 
 def _png_index(folder: Path) -> dict[int, tuple[int, str]]:
@@ -248,7 +261,7 @@ class PolyMNIST(MultimodalDataset):
         if num_modalities is not None and images.shape[0] != num_modalities:
             raise LayoutError(f"{split_dir} holds {images.shape[0]} modalities but the model expects "
                               f"{num_modalities}")
-        super().__init__(polymnist_modalities(images.shape[0]), images.unbind(0), labels)
+        super().__init__(polymnist_modalities(images.shape[0]), images.unbind(0), labels, num_classes=10)
         self.images = images
 
     def to(self, device) -> "PolyMNIST":

@@ -86,11 +86,13 @@ class InceptionFeatures:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, progress=None) -> np.ndarray:
-        """``images``: uint8 ``(N, 3, H, W)`` (or float in [0, 1], quantised to 8 bits first)."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(images.shape)}")
+        """``images``: uint8 ``(N, C, H, W)`` with 3 channels, or 1 (grey, repeated), or float in [0, 1]
+        (quantised to 8 bits first)."""
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images must have shape (N, 3 or 1, H, W), got {tuple(images.shape)}")
         if images.is_floating_point():
             images = quantise(images)
+        images = images.expand(-1, 3, -1, -1)
         starts = range(0, images.shape[0], self.batch_size)
         features = []
         for start in progress(starts, desc="inception features", unit="batch") if progress else starts:
@@ -176,36 +178,43 @@ _REAL_FEATURES: dict[tuple, np.ndarray] = {}
 def _real_features(inception: InceptionFeatures, images: torch.Tensor) -> np.ndarray:
     """Features of real images, memoised per process by weights and image bytes (a sweep evaluates many runs
     against the same test images; Inception is slow on a CPU)."""
-    key = (str(inception.weights), str(inception.device), hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest())
+    digest = hashlib.sha256(images.cpu().contiguous().numpy().tobytes()).hexdigest()
+    key = (str(inception.weights), str(inception.device), digest)
     if key not in _REAL_FEATURES:
         _REAL_FEATURES[key] = inception(images)
     return _REAL_FEATURES[key]
 
 
 @torch.no_grad()
-def fid_scores(model, images: torch.Tensor, real_images: torch.Tensor, settings, cache: Path, progress=None) -> dict:
-    """FID per target modality of unconditional generations (prior samples) and of conditional generations from
-    random subsets of each size that exclude the target, averaged over targets; real statistics from
-    ``real_images`` (the test split). ``settings``: ``fid_samples``, ``fid_weights`` (a TorchScript or pytorch-fid
-    file, or empty for the default), ``seed``."""
+def fid_scores(model, data, real_data, settings, cache: Path, progress=None) -> dict:
+    """FID per image modality of unconditional generations (prior samples) and of conditional generations from
+    random subsets of each size that exclude the target, averaged over the image targets; generations are
+    conditioned on the tuples of ``data``, real statistics come from ``real_data`` (the test split).
+    ``settings``: ``fid_samples``, ``fid_weights`` (a TorchScript or pytorch-fid file, or empty for the default),
+    ``seed``."""
     weights = Path(settings.fid_weights) if settings.fid_weights else default_weights(cache)
     device = model.likelihood.weights.device
     inception = InceptionFeatures(weights, device)
-    m, n = model.num_modalities, min(settings.fid_samples, images.shape[1])
+    m, n = model.num_modalities, min(settings.fid_samples, len(data), len(real_data))
+    targets = [t for t, modality in enumerate(data.modalities) if not modality.is_text]
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     choice = torch.Generator().manual_seed(settings.seed)
-    real = [_real_features(inception, real_images[t, :n]) for t in range(m)]
-    x = (images[:, :n].float() / 255).transpose(0, 1).to(device)
+    first = torch.arange(n)
+    real_batch = real_data.gather(first)
+    real = {t: _real_features(inception, quantise(real_batch[t])) for t in targets}
+    x = [t.to(device) for t in data.gather(first)]
     scores = {"unconditional": [], **{k: [] for k in range(1, m)}}
     with evaluating(model):
         mu, logvar = model.encode(x)
         prior = torch.randn(n, mu.shape[-1], generator=generator, device=device)
-        for t, decoder in enumerate(progress(model.decoders, desc="FID targets") if progress else model.decoders):
+        for t in progress(targets, desc="FID targets") if progress else targets:
+            decoder = model.decoders[t]
             scores["unconditional"].append(fid_from_features(inception(decoder(prior).float()), real[t]))
             for k in range(1, m):
                 present = random_subsets(m, n, k, exclude=t, generator=choice).to(device)
                 z = model.pool(mu, logvar, present).sample(generator=generator)
                 scores[k].append(fid_from_features(inception(decoder(z).float()), real[t]))
-    return {"samples": n, "weights": str(weights.name), "unconditional": float(np.mean(scores["unconditional"])),
+    return {"samples": n, "weights": str(weights.name), "targets": [data.modalities[t].name for t in targets],
+            "unconditional": float(np.mean(scores["unconditional"])),
             "per_target_unconditional": scores["unconditional"],
             "per_size": {k: float(np.mean(scores[k])) for k in range(1, m)}}

@@ -109,4 +109,4 @@ class MNISTSVHNText(MultimodalDataset):
         modalities = [Modality("mnist", (1, 28, 28)), Modality("svhn", (3, 32, 32)),
                       Modality("text", (TEXT_LENGTH,), ALPHABET)]
         arrays = [torch.from_numpy(mnist.copy()).unsqueeze(1), torch.from_numpy(svhn), digit_texts(labels, text_seed)]
-        super().__init__(modalities, arrays, labels, rows=[pairs[0], pairs[1], None])
+        super().__init__(modalities, arrays, labels, rows=[pairs[0], pairs[1], None], num_classes=10)

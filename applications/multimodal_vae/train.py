@@ -327,6 +327,9 @@ def _all_any(flag: bool, device: torch.device) -> bool:
 
 
 def summary_line(metrics: dict, run_dir: Path) -> str:
+    if "coherence" not in metrics:
+        return (f"log p(X) {metrics['log_likelihood']['joint']:.1f} (no coherence: {metrics['not_computed']}); "
+                f"report: {Path(run_dir) / 'report.md'}")
     return (f"conditional coherence: one input, cross-modal {metrics['cross_coherence']['cross_modal']:.3f}; "
             f"all subsets {metrics['coherence']['overall']:.3f}; report: {Path(run_dir) / 'report.md'}")
 
