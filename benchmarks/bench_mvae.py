@@ -1,6 +1,7 @@
 """Training-step time and peak memory of the multimodal VAEs on PolyMNIST-shaped batches (one run, same nets).
 
-Every model gets the same encoders/decoders (the MoPoE PolyMNIST nets), batch and device. Times are medians of
+Every model gets the same encoders/decoders (the MoPoE PolyMNIST nets, ``--latent`` outputs; MMVAE+ splits them
+into a shared and a modality-specific half), batch and device. Times are medians of
 forward + backward + Adam step, measured round-robin (one step of each model in turn) so that machine noise hits
 every model alike; ratios are to HELVAE. Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over a
 few steps of that model alone, minus what it held before; on the CPU (whose allocator gives no peak) the bytes of
@@ -38,11 +39,14 @@ MODELS = {
     "mvae": ("mvae", {}),
     "mmvae (K=1)": ("mmvae", {}),
     "mmvae (K=10, DReG)": ("mmvae", {"num_samples": 10, "estimator": "dreg"}),
+    "mmvaeplus (K=1)": ("mmvaeplus", {}),
 }
 
 
 def build(label, latent, device, modalities=5):
     name, options = MODELS[label]
+    if name == "mmvaeplus":  # half of the encoder outputs are the modality-specific latents (32 + 32 in MMVAE+)
+        options = {**options, "private_dim": latent // 2}
     torch.manual_seed(0)
     encoders, decoders = make_networks(polymnist_modalities(modalities), latent)
     model = MultimodalVAE(encoders, decoders, name, beta=2.5, **options).to(device)

@@ -19,7 +19,9 @@ def _float32():
 
 def make(model="helvae", modalities=3, latent=8, **kwargs):
     torch.manual_seed(0)
-    encoders, decoders = make_networks(polymnist_modalities(modalities), latent)
+    if model == "mmvaeplus":
+        kwargs.setdefault("private_dim", 3)
+    encoders, decoders = make_networks(polymnist_modalities(modalities), latent + kwargs.get("private_dim", 0))
     return MultimodalVAE(encoders, decoders, model, beta=2.5, **kwargs)
 
 
@@ -66,7 +68,7 @@ def test_every_model_trains_a_step_with_missing_modalities(name):
     out = model(x, present)
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
-    if name not in ("mmvae", "holder_mixture"):  # their "kl" is a one-sample estimate and may be negative
+    if name not in ("mmvae", "mmvaeplus", "holder_mixture"):  # their "kl" is a one-sample estimate, may be < 0
         assert out["kl"] >= 0
     for pname, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
@@ -143,7 +145,7 @@ def test_bad_configurations_are_rejected():
         MultimodalVAE(encoders, decoders[:1])
     with pytest.raises(ValueError, match="x has 3 modalities but the model has 2"):
         MultimodalVAE(encoders, decoders)(batch(modalities=3))
-    with pytest.raises(ValueError, match=r"num_samples and estimator apply to \('mmvae',\); model='helvae'"):
+    with pytest.raises(ValueError, match=r"num_samples and estimator apply to \('mmvae', 'mmvaeplus'\); model='helvae'"):
         MultimodalVAE(encoders, decoders, "helvae", num_samples=4)
     with pytest.raises(ValueError, match="estimator must be one of .* got 'vimco'"):
         MultimodalVAE(encoders, decoders, "mmvae", estimator="vimco")
@@ -211,6 +213,66 @@ def test_dreg_has_the_iwae_decoder_gradient_and_its_own_encoder_gradient():
     for name in grads["iwae"]:
         assert torch.isfinite(grads["dreg"][name]).all(), name
         if name.startswith("decoders."):  # sum_k w_k grad log p(X|z_k) in both estimators
+            assert torch.allclose(grads["dreg"][name], grads["iwae"][name], rtol=1e-9, atol=1e-12), name
+    assert not torch.allclose(grads["dreg"]["encoders.1.mean.weight"], grads["iwae"]["encoders.1.mean.weight"])
+
+
+def test_mmvae_plus_elbo_against_an_independent_computation():
+    """One draw per modality, in float64: the shared latent is scored by the mixture of the present unimodal
+    posteriors, the private one by its own; the other modalities decode with auxiliary draws."""
+    torch.set_default_dtype(torch.float64)
+    x, present = batch().double(), present_with_gaps()
+    model = make("mmvaeplus").double()
+    with torch.no_grad():
+        model.auxiliary_logscale.copy_(torch.linspace(-0.5, 0.4, 9).reshape(3, 3))
+    torch.manual_seed(11)
+    terms = model.objective(list(x.unbind(1)), present, *model._encode(x), model.decoders, model.likelihood,
+                            model.aggregate, auxiliary_logscale=model.auxiliary_logscale)
+    assert mu_shape(model, x) == (3, 6, 8)
+    mu, logvar = model._encode(x)
+    normal = torch.distributions.Normal
+    torch.manual_seed(11)
+    expected = torch.zeros(6)
+    count = present.sum(0).double()
+    for m in range(3):
+        u = mu[m] + torch.exp(0.5 * logvar[m]) * torch.randn(1, *mu[m].shape)
+        z, w = u[..., :8], u[..., 8:]
+        scale = torch.exp(0.5 * logvar)
+        log_q_shared = torch.stack([normal(mu[j, :, :8], scale[j, :, :8]).log_prob(z).sum(-1) for j in range(3)])
+        log_q_shared = torch.logsumexp(torch.where(present[:, None, :], log_q_shared, -torch.inf), 0) - count.log()
+        log_q = log_q_shared + normal(mu[m, :, 8:], scale[m, :, 8:]).log_prob(w).sum(-1)
+        log_p = normal(0.0, 1.0).log_prob(u).sum(-1)
+        log_lik = 0
+        for d in range(3):
+            private = w if d == m else torch.randn_like(w) * model.auxiliary_logscale[d].exp()
+            loc = model.decoders[d].decoder(torch.cat([z, private], -1))
+            term = torch.distributions.Laplace(loc, 0.75).log_prob(x[:, d]).flatten(-3).sum(-1)
+            log_lik = log_lik + torch.where(present[d], term, 0)
+        expected += present[m] * (log_lik + 2.5 * (log_p - log_q)).mean(0) / count
+    torch.testing.assert_close(terms.objective, expected)
+    # generation from the shared latent alone draws the private one from its prior
+    assert model.decoders[0](torch.randn(4, 8)).shape == (4, 3, 28, 28)
+    with pytest.raises(ValueError, match=r"private_dim > 0 .* goes with the models \('mmvaeplus',\); model='mmvae'"):
+        make("mmvae", private_dim=2)
+    with pytest.raises(ValueError, match="model='mmvaeplus' got private_dim=0"):
+        make("mmvaeplus", private_dim=0)
+
+
+def mu_shape(model, x):
+    return tuple(model.encode(x)[0].shape)
+
+
+def test_mmvae_plus_dreg_has_the_iwae_decoder_gradient():
+    x, present = batch().double(), present_with_gaps()
+    grads = {}
+    for estimator in ("iwae", "dreg"):
+        model = make("mmvaeplus", num_samples=4, estimator=estimator).double()
+        torch.manual_seed(3)
+        model(x, present)["loss"].backward()
+        grads[estimator] = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for name in grads["iwae"]:
+        assert torch.isfinite(grads["dreg"][name]).all(), name
+        if name.startswith("decoders.") or name == "auxiliary_logscale":
             assert torch.allclose(grads["dreg"][name], grads["iwae"][name], rtol=1e-9, atol=1e-12), name
     assert not torch.allclose(grads["dreg"]["encoders.1.mean.weight"], grads["iwae"]["encoders.1.mean.weight"])
 

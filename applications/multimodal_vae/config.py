@@ -38,9 +38,11 @@ class ModelConfig:
     #: the decoders' fixed-scale likelihood: "laplace" (the papers') or "normal" (learns digits faster)
     likelihood: str = "laplace"
     likelihood_scale: float = 0.75
-    #: MMVAE: importance samples per modality and the bound ("elbo", "iwae" or "dreg")
+    #: MMVAE, MMVAE+: importance samples per modality and the bound ("elbo", "iwae" or "dreg")
     num_samples: int = 1
     estimator: str = "elbo"
+    #: MMVAE+: size of each modality-specific latent (latent_dim is the shared one)
+    private_dim: int = 0
 
 
 @dataclass
@@ -128,7 +130,7 @@ def _check(config) -> None:
     model = config.model
     try:
         check_options(model.name, model.alpha, model.learnable_weights, model.num_samples, model.estimator,
-                      model.likelihood, model.likelihood_scale)
+                      model.likelihood, model.likelihood_scale, model.private_dim)
     except ValueError as error:
         raise ValueError(f"invalid model options: {error}") from None
     if model.architecture not in ("conv", "resnet"):

@@ -11,6 +11,7 @@ mvae            ``poe`` with a prior expert                      ``mvae_elbo``
 mopoe           ``poe`` on every subset (prior on the full one)  ``subset_mixture_elbo``
 mwbvae          ``wasserstein_barycenter`` on every subset       ``subset_mixture_elbo``
 mmvae           ``moe``                                          ``mmvae_objective`` (ELBO, IWAE, DReG)
+mmvaeplus       ``moe`` on the shared latent                     ``mmvae_plus_objective`` (+ private latents)
 ==============  ==============================================  ======================================
 """
 
@@ -38,9 +39,12 @@ MODELS = {
     "mopoe": (lambda alpha: F.poe, functools.partial(objectives.subset_mixture_elbo, prior_on_full_subset=True)),
     "mwbvae": (lambda alpha: F.wasserstein_barycenter, objectives.subset_mixture_elbo),
     "mmvae": (lambda alpha: F.moe, objectives.mmvae_objective),
+    "mmvaeplus": (lambda alpha: F.moe, objectives.mmvae_plus_objective),
 }
 #: models whose objective takes several importance samples
-MULTI_SAMPLE = ("mmvae",)
+MULTI_SAMPLE = ("mmvae", "mmvaeplus")
+#: models with modality-specific latents
+PRIVATE = ("mmvaeplus",)
 #: models whose aggregator takes (learnable) pooling weights over the modalities
 WEIGHTED = ("helvae", "holder", "holder_mixture", "mohelvae")
 
@@ -64,7 +68,7 @@ def evaluating(model: nn.Module):
 
 def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = False, num_samples: int = 1,
                   estimator: str = "elbo", likelihood: str = "laplace",
-                  likelihood_scale: float = objectives.LAPLACE_SCALE) -> None:
+                  likelihood_scale: float = objectives.LAPLACE_SCALE, private_dim: int = 0) -> None:
     """Raise ``ValueError`` naming the option when the combination is not a model this module builds."""
     objectives.Likelihood.check(likelihood, likelihood_scale)
     if model not in MODELS:
@@ -77,9 +81,28 @@ def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = Fals
         raise ValueError(f"estimator must be one of {objectives.ESTIMATORS}, got {estimator!r}")
     if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if isinstance(private_dim, bool) or int(private_dim) != private_dim or private_dim < 0:
+        raise ValueError(f"private_dim must be a non-negative integer, got {private_dim!r}")
+    if (model in PRIVATE) != (private_dim > 0):
+        raise ValueError(f"private_dim > 0 (modality-specific latents) goes with the models {PRIVATE}; model={model!r} "
+                         f"got private_dim={private_dim!r}")
     if model not in MULTI_SAMPLE and (num_samples != 1 or estimator != "elbo"):
         raise ValueError(f"num_samples and estimator apply to {MULTI_SAMPLE}; model={model!r} got "
                          f"num_samples={num_samples!r}, estimator={estimator!r}")
+
+
+class PrivateLatent(nn.Module):
+    """A decoder of ``(z, w)``: the shared latent and a modality-specific one of size ``private_dim``; given ``z``
+    alone (generation), ``w`` is drawn from its standard-normal prior."""
+
+    def __init__(self, decoder: nn.Module, private_dim: int):
+        super().__init__()
+        self.decoder, self.private_dim = decoder, private_dim
+
+    def forward(self, z: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        if w is None:
+            w = torch.randn(z.shape[:-1] + (self.private_dim,), dtype=z.dtype, device=z.device)
+        return self.decoder(torch.cat([z, w], -1))
 
 
 class MultimodalVAE(nn.Module):
@@ -98,6 +121,8 @@ class MultimodalVAE(nn.Module):
         num_samples, estimator: importance samples per modality and the bound (``"elbo"``, ``"iwae"``,
             ``"dreg"``) of ``mmvae``.
         likelihood, likelihood_scale: the decoders' fixed-scale likelihood (``objectives.Likelihood``).
+        private_dim: MMVAE+'s modality-specific latent size: the encoders' last ``private_dim`` outputs and the
+            decoders' last inputs; ``encode``, the pooling and generation see the shared part only.
 
     Under autocast the networks run in reduced precision; the aggregation, the KL and the log-likelihoods are
     computed in float32 (or float64 for a float64 model).
@@ -106,17 +131,25 @@ class MultimodalVAE(nn.Module):
     def __init__(self, encoders: nn.ModuleList, decoders: nn.ModuleList, model: str = "helvae", beta: float = 1.0,
                  alpha: float = 0.5, learnable_weights: bool = False, modalities=None,
                  num_samples: int = 1, estimator: str = "elbo", likelihood: str = "laplace",
-                 likelihood_scale: float = objectives.LAPLACE_SCALE):
+                 likelihood_scale: float = objectives.LAPLACE_SCALE, private_dim: int = 0):
         super().__init__()
-        check_options(model, alpha, learnable_weights, num_samples, estimator, likelihood, likelihood_scale)
+        check_options(model, alpha, learnable_weights, num_samples, estimator, likelihood, likelihood_scale,
+                      private_dim)
         if len(encoders) != len(decoders):
             raise ValueError(f"{len(encoders)} encoders but {len(decoders)} decoders; they must pair up")
+        self.private_dim = int(private_dim)
+        if self.private_dim:
+            decoders = nn.ModuleList(PrivateLatent(decoder, self.private_dim) for decoder in decoders)
+            # MMVAE+'s auxiliary distributions of the modality-specific latents in cross-reconstructions
+            self.auxiliary_logscale = nn.Parameter(torch.zeros(len(encoders), self.private_dim))
         self.encoders, self.decoders = encoders, decoders
         self.model, self.beta, self.alpha = model, float(beta), float(alpha)
         make_aggregator, objective = MODELS[model]
         if model in MULTI_SAMPLE:
             objective = functools.partial(objective, beta=self.beta, num_samples=int(num_samples),
                                           estimator=estimator)
+        if self.private_dim:
+            objective = functools.partial(objective, private_dim=self.private_dim)
         self.objective = objective
         self._aggregator = make_aggregator(alpha)
         self.pool_logits = nn.Parameter(torch.zeros(len(encoders))) if learnable_weights else None
@@ -147,7 +180,15 @@ class MultimodalVAE(nn.Module):
         return torch.ones(self.num_modalities, first.shape[0], dtype=torch.bool, device=first.device)
 
     def encode(self, x):
-        """Unimodal posteriors ``(mu, logvar)``, each ``(M, B, D)``, from inputs ``x`` (see ``as_modalities``)."""
+        """Unimodal posteriors ``(mu, logvar)`` of the shared latent, each ``(M, B, D)``, from inputs ``x`` (see
+        ``as_modalities``)."""
+        mu, logvar = self._encode(x)
+        if self.private_dim:
+            return mu[..., :-self.private_dim], logvar[..., :-self.private_dim]
+        return mu, logvar
+
+    def _encode(self, x):
+        """Every encoder output, modality-specific latents included."""
         x = as_modalities(x)
         if len(x) != self.num_modalities:
             raise ValueError(f"x has {len(x)} modalities but the model has {self.num_modalities}")
@@ -159,8 +200,10 @@ class MultimodalVAE(nn.Module):
         """Loss and its terms for a batch ``x`` (a tensor per modality, or stacked ``(B, M, ...)``) with present
         modalities ``(M, B)`` (default all)."""
         present = self._everything(x) if present is None else present
-        mu, logvar = self.encode(x)
-        terms = self.objective(as_modalities(x), present, mu, logvar, self.decoders, self.likelihood, self.aggregate)
+        mu, logvar = self._encode(x)
+        extra = {"auxiliary_logscale": self.auxiliary_logscale} if self.private_dim else {}
+        terms = self.objective(as_modalities(x), present, mu, logvar, self.decoders, self.likelihood, self.aggregate,
+                               **extra)
         objective = terms.reconstruction - self.beta * terms.kl if terms.objective is None else terms.objective
         loss = -objective.mean()
         return {"loss": loss, "reconstruction": terms.reconstruction.mean().detach(), "kl": terms.kl.mean().detach()}
@@ -174,7 +217,7 @@ class MultimodalVAE(nn.Module):
         if self.model in ("mohelvae", "mopoe", "mwbvae"):
             return F.subset_mixture(self.aggregate, mu, logvar, dim=0, mask=present,
                                     prior_on_full_subset=self.model == "mopoe", validate_args=False)
-        if self.model in ("mmvae", "holder_mixture"):
+        if self.model in ("mmvae", "mmvaeplus", "holder_mixture"):
             return self.aggregate(mu, logvar, mask=present)
         loc, logvar = self.aggregate(mu, logvar, mask=present)
         return F.GaussianMixture(torch.zeros_like(loc[..., :1]), loc.unsqueeze(-2), logvar.unsqueeze(-2))

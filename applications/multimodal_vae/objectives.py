@@ -88,11 +88,15 @@ class Likelihood(nn.Module):
             return categorical_log_likelihood(x, full_precision(output))
         return self.FAMILIES[self.family](x, full_precision(output), self.scale)
 
-    def forward(self, x, present: torch.Tensor, z: torch.Tensor, decoders) -> torch.Tensor:
-        """``x`` a tensor per modality ``(B, ...)``, ``present`` ``(M, B)``, ``z`` ``(..., B, D)`` -> ``(..., B)``."""
-        total = torch.zeros(z.shape[:-1], dtype=full_precision(z).dtype, device=z.device)
+    def forward(self, x, present: torch.Tensor, z, decoders) -> torch.Tensor:
+        """``x`` a tensor per modality ``(B, ...)``, ``present`` ``(M, B)``, ``z`` ``(..., B, D)`` -> ``(..., B)``;
+        ``z`` may instead be a list with each decoder's arguments (a tuple), as MMVAE+ decodes with
+        modality-specific latents."""
+        inputs = z if isinstance(z, list) else [(z,)] * len(decoders)
+        first = inputs[0][0]
+        total = torch.zeros(first.shape[:-1], dtype=full_precision(first).dtype, device=first.device)
         for m, decoder in enumerate(decoders):
-            log_lik = self.log_prob(x[m], decoder(z), m)
+            log_lik = self.log_prob(x[m], decoder(*inputs[m]), m)
             total = total + self.weights[m] * torch.where(present[m], log_lik, torch.zeros_like(log_lik))
         return total
 
@@ -183,34 +187,80 @@ def mmvae_objective(x, present, mu, logvar, decoders, likelihood, aggregate, bet
       their square. Its ``objective`` is a surrogate with that gradient; ``reconstruction`` and ``kl`` are the
       sample means of ``log p(X|z)`` and ``log q(z|X) - log p(z)`` in every case.
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+    _check_estimator(estimator, num_samples)
     mixture = aggregate(mu, logvar, mask=present)  # components: the unimodal posteriors, uniform over present
     if estimator == "dreg":
-        mixture = mixture._replace(log_weights=mixture.log_weights.detach(), loc=mixture.loc.detach(),
-                                   logvar=mixture.logvar.detach())
+        mixture = _detached(mixture)
     count = present.sum(0).clamp_min(1).float()
     rec, kl, objective = (torch.zeros(mu.shape[1], device=mu.device) for _ in range(3))
     for m in range(mu.shape[0]):
         z = reparameterise(mu[m].expand(num_samples, *mu[m].shape), logvar[m].expand(num_samples, *mu[m].shape))
-        log_q = torch.logsumexp(mixture.log_weights + normal_log_prob(z.unsqueeze(-2), mixture.loc, mixture.logvar),
-                                dim=-1)
+        log_q = mixture.log_prob(z)
         log_p = standard_normal_log_prob(z)
         log_lik = likelihood(x, present, z, decoders)  # (K, B)
         log_w = log_lik + beta * (log_p - log_q)
-        if estimator == "elbo":
-            bound = log_w.mean(0)
-        elif estimator == "iwae":
-            bound = torch.logsumexp(log_w, 0) - math.log(num_samples)
-        else:
-            normalised = torch.softmax(log_w, 0).detach()
-            if z.requires_grad:
-                z.register_hook(lambda grad, w=normalised: grad * w.unsqueeze(-1))
-            bound = (normalised * log_w).sum(0)
         here = present[m].float() / count
         rec = rec + here * log_lik.mean(0)
         kl = kl + here * (log_q - log_p).mean(0)
-        objective = objective + here * bound
+        objective = objective + here * _bound(log_w, estimator, (z,))
+    return Terms(rec, kl, objective)
+
+
+def _check_estimator(estimator: str, num_samples: int) -> None:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+
+
+def _detached(mixture):
+    return mixture._replace(log_weights=mixture.log_weights.detach(), loc=mixture.loc.detach(),
+                            logvar=mixture.logvar.detach())
+
+
+def _bound(log_w: torch.Tensor, estimator: str, latents) -> torch.Tensor:
+    """The per-sample bound from log-weights ``(K, B)``; for DReG, hooks on the reparameterised ``latents``
+    weight their gradient by the squared normalised weights."""
+    if estimator == "elbo":
+        return log_w.mean(0)
+    if estimator == "iwae":
+        return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
+    normalised = torch.softmax(log_w, 0).detach()
+    for latent in latents:
+        if latent.requires_grad:
+            latent.register_hook(lambda grad, w=normalised: grad * w.unsqueeze(-1))
+    return (normalised * log_w).sum(0)
+
+
+def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate, beta=1.0, num_samples=1,
+                         estimator="elbo", private_dim=1, auxiliary_logscale=None) -> Terms:
+    """MMVAE+ (Palumbo et al., 2023): every posterior is over a shared ``z`` (the first ``D - private_dim``
+    coordinates) and a modality-specific ``w_m`` (the last ``private_dim``). For every present modality ``m``,
+    ``K`` draws ``(z, w_m) ~ q_m`` reconstruct ``x_m`` from ``(z, w_m)`` and every other present ``x_d`` from
+    ``(z, w~_d)`` with ``w~_d`` drawn from a learnable auxiliary ``N(0, exp(2 auxiliary_logscale[d]))``; the
+    log-weights are ``log p(X | ...) + beta (log p(z) + log p(w_m) - log q(z|X) - log q(w_m|x_m))`` with ``q(z|X)``
+    the mixture of the present unimodal ``q(z|x_d)`` (``aggregate`` = ``opinionpool.functional.moe`` on the shared
+    coordinates), bounded as in ``mmvae_objective``. Gaussian posteriors here; the MMVAE+ code uses Laplace ones."""
+    _check_estimator(estimator, num_samples)
+    shared = mu.shape[-1] - private_dim
+    mixture = aggregate(mu[..., :shared], logvar[..., :shared], mask=present)
+    own_mu, own_logvar = mu[..., shared:], logvar[..., shared:]
+    if estimator == "dreg":
+        mixture = _detached(mixture)
+        own_mu, own_logvar = own_mu.detach(), own_logvar.detach()
+    count = present.sum(0).clamp_min(1).float()
+    rec, kl, objective = (torch.zeros(mu.shape[1], device=mu.device) for _ in range(3))
+    for m in range(mu.shape[0]):
+        u = reparameterise(mu[m].expand(num_samples, *mu[m].shape), logvar[m].expand(num_samples, *mu[m].shape))
+        z, w = u[..., :shared], u[..., shared:]
+        inputs = [(z, w) if d == m else (z, torch.randn_like(w) * auxiliary_logscale[d].exp())
+                  for d in range(mu.shape[0])]
+        log_q = mixture.log_prob(z) + normal_log_prob(w, own_mu[m], own_logvar[m])
+        log_p = standard_normal_log_prob(z) + standard_normal_log_prob(w)
+        log_lik = likelihood(x, present, inputs, decoders)  # (K, B)
+        log_w = log_lik + beta * (log_p - log_q)
+        here = present[m].float() / count
+        rec = rec + here * log_lik.mean(0)
+        kl = kl + here * (log_q - log_p).mean(0)
+        objective = objective + here * _bound(log_w, estimator, (u,))
     return Terms(rec, kl, objective)

@@ -73,11 +73,12 @@ def load_dataset(config: Config, split: str = "train") -> MultimodalDataset:
 
 def make_model(config: Config, modalities) -> MultimodalVAE:
     """The model of ``config`` for ``modalities`` (a ``data.Modality`` each, from the dataset)."""
-    encoders, decoders = make_networks(modalities, config.model.latent_dim, config.model.architecture)
-    return MultimodalVAE(encoders, decoders, config.model.name, beta=config.model.beta, alpha=config.model.alpha,
-                         learnable_weights=config.model.learnable_weights, modalities=modalities,
-                         num_samples=config.model.num_samples, estimator=config.model.estimator,
-                         likelihood=config.model.likelihood, likelihood_scale=config.model.likelihood_scale)
+    model = config.model
+    encoders, decoders = make_networks(modalities, model.latent_dim + model.private_dim, model.architecture)
+    return MultimodalVAE(encoders, decoders, model.name, beta=model.beta, alpha=model.alpha,
+                         learnable_weights=model.learnable_weights, modalities=modalities,
+                         num_samples=model.num_samples, estimator=model.estimator, likelihood=model.likelihood,
+                         likelihood_scale=model.likelihood_scale, private_dim=model.private_dim)
 
 
 def _start_replicas(device: torch.device) -> tuple[int, int, torch.device]:
