@@ -71,3 +71,15 @@ def test_sweep_presets_and_errors(capsys):
     with pytest.raises(SystemExit):
         main(["sweep", "--preset", "polymnist-cpu", "--set", "betas=[]"])
     assert "sweep betas must not be empty" in capsys.readouterr().err
+
+
+def test_the_gpu_sweep_gives_mmvae_plus_its_latent_split():
+    sweep = load_sweep("polymnist-gpu")
+    assert "mmvaeplus" in sweep.models
+    from applications.multimodal_vae.sweep import run_config
+
+    config = run_config(sweep, "mmvaeplus", 2.5, 0)
+    assert (config.model.latent_dim, config.model.private_dim) == (32, 32)
+    assert run_config(sweep, "helvae", 2.5, 0).model.private_dim == 0
+    with pytest.raises(ValueError, match=r"model_overrides name models not in the sweep: \['mmvaeplus'\]"):
+        load_sweep("polymnist-gpu", ["models=[helvae]"])

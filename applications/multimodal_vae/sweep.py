@@ -39,6 +39,8 @@ class SweepConfig:
     base: str = "polymnist-helvae-cpu"
     overrides: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=lambda: ["helvae", "mopoe"])
+    #: overrides for one model only (after ``overrides``), e.g. MMVAE+'s latent split
+    model_overrides: dict[str, list[str]] = field(default_factory=dict)
     betas: list[float] = field(default_factory=lambda: [1.0, 2.5])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     output_dir: str = "runs"
@@ -60,6 +62,9 @@ def load_sweep(preset: str, overrides=()) -> SweepConfig:
     for key in ("models", "betas", "seeds"):
         if not getattr(sweep, key):
             raise ValueError(f"sweep {key} must not be empty")
+    unknown = sorted(set(sweep.model_overrides) - set(sweep.models))
+    if unknown:
+        raise ValueError(f"sweep model_overrides name models not in the sweep: {unknown}")
     for model, beta, seed in grid(sweep):  # every run's configuration is valid before anything trains
         run_config(sweep, model, beta, seed)
     return sweep
@@ -70,7 +75,8 @@ def grid(sweep: SweepConfig):
 
 
 def run_config(sweep: SweepConfig, model: str, beta: float, seed: int):
-    return load_config(sweep.base, [*sweep.overrides, f"model.name={model}", f"model.beta={beta}",
+    own = sweep.model_overrides.get(model, [])
+    return load_config(sweep.base, [*sweep.overrides, *own, f"model.name={model}", f"model.beta={beta}",
                                     f"train.seed={seed}", f"name={model}-beta{beta}-seed{seed}",
                                     f"output_dir={Path(sweep.output_dir) / sweep.name}",
                                     "train.evaluate_at_end=false"])
