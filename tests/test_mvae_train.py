@@ -10,9 +10,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from applications.multimodal_vae.__main__ import main
-from applications.multimodal_vae.config import load_config
+from applications.multimodal_vae.config import available_presets, load_config
 from applications.multimodal_vae.data import LayoutError
-from applications.multimodal_vae.train import TrainingDiverged, train
+from applications.multimodal_vae.train import TrainingDiverged, load_run, train
 
 
 @pytest.fixture(autouse=True)
@@ -119,6 +119,20 @@ def test_command_line_trains_and_lists_presets(tiny_root, capsys):
     run = tiny_root / "runs" / "polymnist-mopoe"
     assert "name: mopoe" in (run / "config.yaml").read_text() and len(losses(run)) == 2
     assert not (run / "tensorboard").exists()
+
+
+@pytest.mark.parametrize("preset", sorted(p for p in available_presets() if p.startswith("polymnist-")))
+def test_every_polymnist_preset_trains_from_the_command_line(tiny_root, preset):
+    """Every model's paper preset (ResNets included) takes two steps on the tiny fixture and can be reloaded."""
+    args = ["train", "--preset", preset, "--set", f"data.root={tiny_root / 'data'}", "data.build_offline=false",
+            "data.num_modalities=3", "model.latent_dim=8", "train.batch_size=4", "train.max_steps=2", "train.device=cpu",
+            "train.evaluate_at_end=false", "train.max_minutes=null", "train.tensorboard=false",
+            f"output_dir={tiny_root / 'runs'}", "name=run"]
+    assert main(args) == 0
+    run = tiny_root / "runs" / "run"
+    assert [step for step, _ in losses(run)] == [1, 2] and all(math.isfinite(float(v)) for _, v in losses(run))
+    config, model = load_run(run)
+    assert config.model.name == load_config(preset).model.name and model.num_modalities == 3
 
 
 def test_mmvae_dreg_in_bf16_from_the_command_line(tiny_root):
