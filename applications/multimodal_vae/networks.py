@@ -22,6 +22,8 @@ the vocabulary per text position ``(..., L, V)``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -89,35 +91,43 @@ class _Decoder(nn.Module):
         return self.body(z.reshape(-1, z.shape[-1])).reshape(lead + self.output_shape)
 
 
-def mnist_networks(latent_dim: int, hidden: int = 400):
-    encoder = _Heads(nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU()), hidden, latent_dim)
-    decoder = _Decoder(nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, 784)), (1, 28, 28))
-    return encoder, decoder
+def mnist_encoder(latent_dim: int, hidden: int = 400) -> nn.Module:
+    return _Heads(nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU()), hidden, latent_dim)
 
 
-def svhn_networks(latent_dim: int):
-    encoder = _Heads(nn.Sequential(
+def mnist_decoder(latent_dim: int, hidden: int = 400) -> nn.Module:
+    return _Decoder(nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, 784)), (1, 28, 28))
+
+
+def svhn_encoder(latent_dim: int) -> nn.Module:
+    return _Heads(nn.Sequential(
         nn.Conv2d(3, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),  # 32 -> 16 -> 8
         nn.Conv2d(64, 64, 4, 2, 1), nn.ReLU(), nn.Conv2d(64, 128, 4, 1, 0), nn.ReLU(), nn.Flatten(),  # 4 -> 1
     ), 128, latent_dim)
-    decoder = _Decoder(nn.Sequential(
+
+
+def svhn_decoder(latent_dim: int) -> nn.Module:
+    return _Decoder(nn.Sequential(
         nn.Linear(latent_dim, 128), nn.ReLU(), nn.Unflatten(1, (128, 1, 1)),
         nn.ConvTranspose2d(128, 64, 4, 1, 0), nn.ReLU(), nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.ReLU(),
         nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(32, 3, 4, 2, 1),
     ), (3, 32, 32))
-    return encoder, decoder
 
 
-def image64_networks(latent_dim: int, hidden: int = 512):
-    channels = (3, 32, 64, 128, 256)
-    down = [layer for a, b in zip(channels, channels[1:]) for layer in (nn.Conv2d(a, b, 4, 2, 1), nn.ReLU())]
-    encoder = _Heads(nn.Sequential(*down, nn.Flatten(), nn.Linear(256 * 16, hidden), nn.ReLU()), hidden, latent_dim)
-    up = []
-    for a, b in zip(channels[:0:-1], channels[-2::-1]):
-        up += [nn.ConvTranspose2d(a, b, 4, 2, 1), nn.ReLU()]
-    decoder = _Decoder(nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, 256 * 16), nn.ReLU(),
-                                     nn.Unflatten(1, (256, 4, 4)), *up[:-1]), (3, 64, 64))
-    return encoder, decoder
+_IMAGE64_CHANNELS = (3, 32, 64, 128, 256)
+
+
+def image64_encoder(latent_dim: int, hidden: int = 512) -> nn.Module:
+    c = _IMAGE64_CHANNELS
+    down = [layer for a, b in zip(c, c[1:]) for layer in (nn.Conv2d(a, b, 4, 2, 1), nn.ReLU())]
+    return _Heads(nn.Sequential(*down, nn.Flatten(), nn.Linear(256 * 16, hidden), nn.ReLU()), hidden, latent_dim)
+
+
+def image64_decoder(latent_dim: int, hidden: int = 512) -> nn.Module:
+    c = _IMAGE64_CHANNELS
+    up = [layer for a, b in zip(c[:0:-1], c[-2::-1]) for layer in (nn.ConvTranspose2d(a, b, 4, 2, 1), nn.ReLU())]
+    return _Decoder(nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, 256 * 16), nn.ReLU(),
+                                  nn.Unflatten(1, (256, 4, 4)), *up[:-1]), (3, 64, 64))
 
 
 class _OneHot(nn.Module):
@@ -132,21 +142,32 @@ class _OneHot(nn.Module):
         return one_hot.transpose(1, 2)
 
 
-def text_networks(latent_dim: int, length: int, vocabulary_size: int, channels: int = 128, hidden: int = 512):
+def _halvings(length: int) -> int:
+    """Stride-2 steps that bring a sequence of ``length`` to at most 8 positions (while it stays even)."""
     halvings = 0
     while length >> halvings > 8 and (length >> halvings) % 2 == 0:
         halvings += 1
-    short = length >> halvings
+    return halvings
+
+
+def text_encoder(latent_dim: int, length: int, vocabulary_size: int, channels: int = 128,
+                 hidden: int = 512) -> nn.Module:
+    halvings = _halvings(length)
     down = [layer for _ in range(halvings) for layer in (nn.Conv1d(channels, channels, 4, 2, 1), nn.ReLU())]
-    encoder = _Heads(nn.Sequential(
+    return _Heads(nn.Sequential(
         _OneHot(vocabulary_size), nn.Conv1d(vocabulary_size, channels, 1), nn.ReLU(), *down, nn.Flatten(),
-        nn.Linear(channels * short, hidden), nn.ReLU()), hidden, latent_dim)
+        nn.Linear(channels * (length >> halvings), hidden), nn.ReLU()), hidden, latent_dim)
+
+
+def text_decoder(latent_dim: int, length: int, vocabulary_size: int, channels: int = 128,
+                 hidden: int = 512) -> nn.Module:
+    halvings = _halvings(length)
+    short = length >> halvings
     up = [layer for _ in range(halvings) for layer in (nn.ConvTranspose1d(channels, channels, 4, 2, 1), nn.ReLU())]
-    decoder = _Decoder(nn.Sequential(
+    return _Decoder(nn.Sequential(
         nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, channels * short), nn.ReLU(),
         nn.Unflatten(1, (channels, short)), *up, nn.Conv1d(channels, vocabulary_size, 1), _Transpose()),
         (length, vocabulary_size))
-    return encoder, decoder
 
 
 class _Transpose(nn.Module):
@@ -178,32 +199,42 @@ class _Leaky(nn.Module):
         return _leaky(x)
 
 
-def resnet_networks(latent_dim: int, channels: int, size: int, smallest: int, base: int = 64, widest: int = 256):
-    """The MMVAE+ residual image nets for ``channels x size x size`` images, downsampled to ``smallest``."""
+def _resnet_widths(size: int, smallest: int, base: int, widest: int) -> list[int]:
     layers = 0
     while size >> layers > smallest:
         layers += 1
     if size >> layers != smallest or size % (1 << layers):
         raise ValueError(f"size {size} does not halve to {smallest}")
-    width = [min(base << i, widest) for i in range(layers + 1)]
+    return [min(base << i, widest) for i in range(layers + 1)]
+
+
+def resnet_encoder(latent_dim: int, channels: int, size: int, smallest: int, base: int = 64,
+                   widest: int = 256) -> nn.Module:
+    """The MMVAE+ residual image encoder for ``channels x size x size`` images, downsampled to ``smallest``."""
+    width = _resnet_widths(size, smallest, base, widest)
     down = [nn.Conv2d(channels, base, 3, padding=1), ResidualBlock(base, base)]
-    for i in range(layers):
+    for i in range(len(width) - 1):
         down += [nn.AvgPool2d(3, stride=2, padding=1), ResidualBlock(width[i], width[i + 1])]
-    features = width[-1] * smallest * smallest
-    encoder = _Heads(nn.Sequential(*down, nn.Flatten()), features, latent_dim)
-    up = [nn.Linear(latent_dim, features), nn.Unflatten(1, (width[-1], smallest, smallest))]
-    for i in range(layers, 0, -1):
+    return _Heads(nn.Sequential(*down, nn.Flatten()), width[-1] * smallest * smallest, latent_dim)
+
+
+def resnet_decoder(latent_dim: int, channels: int, size: int, smallest: int, base: int = 64,
+                   widest: int = 256) -> nn.Module:
+    width = _resnet_widths(size, smallest, base, widest)
+    up = [nn.Linear(latent_dim, width[-1] * smallest * smallest), nn.Unflatten(1, (width[-1], smallest, smallest))]
+    for i in range(len(width) - 1, 0, -1):
         up += [ResidualBlock(width[i], width[i - 1]), nn.Upsample(scale_factor=2)]
     up += [ResidualBlock(base, base), _Leaky(), nn.Conv2d(base, channels, 3, padding=1)]
-    return encoder, _Decoder(nn.Sequential(*up), (channels, size, size))
+    return _Decoder(nn.Sequential(*up), (channels, size, size))
 
 
-#: architecture -> image shape -> networks
+#: architecture -> image shape -> (encoder, decoder) constructors taking the latent size
 IMAGE_NETWORKS = {
-    "conv": {(3, 28, 28): lambda d: (PolyMNISTEncoder(d), PolyMNISTDecoder(d)), (1, 28, 28): mnist_networks,
-             (3, 32, 32): svhn_networks, (3, 64, 64): image64_networks},
-    "resnet": {(3, 28, 28): lambda d: resnet_networks(d, 3, 28, 7),
-               (3, 64, 64): lambda d: resnet_networks(d, 3, 64, 2)},
+    "conv": {(3, 28, 28): (PolyMNISTEncoder, PolyMNISTDecoder), (1, 28, 28): (mnist_encoder, mnist_decoder),
+             (3, 32, 32): (svhn_encoder, svhn_decoder), (3, 64, 64): (image64_encoder, image64_decoder)},
+    "resnet": {shape: (functools.partial(resnet_encoder, channels=3, size=shape[1], smallest=smallest),
+                       functools.partial(resnet_decoder, channels=3, size=shape[1], smallest=smallest))
+               for shape, smallest in (((3, 28, 28), 7), ((3, 64, 64), 2))},
 }
 
 
@@ -213,13 +244,17 @@ def make_networks(modalities, latent_dim: int, architecture: str = "conv"):
     if architecture not in IMAGE_NETWORKS:
         raise ValueError(f"architecture must be one of {sorted(IMAGE_NETWORKS)}, got {architecture!r}")
     known = IMAGE_NETWORKS[architecture]
-    pairs = []
+    constructors = []
     for modality in modalities:
         if modality.is_text:
-            pairs.append(text_networks(latent_dim, modality.shape[0], len(modality.vocabulary)))
+            text = {"length": modality.shape[0], "vocabulary_size": len(modality.vocabulary)}
+            constructors.append((functools.partial(text_encoder, **text), functools.partial(text_decoder, **text)))
         elif tuple(modality.shape) in known:
-            pairs.append(known[tuple(modality.shape)](latent_dim))
+            constructors.append(known[tuple(modality.shape)])
         else:
             raise ValueError(f"no {architecture} networks for modality {modality.name!r} of shape "
                              f"{tuple(modality.shape)}; image shapes with {architecture} networks: {sorted(known)}")
-    return nn.ModuleList(p[0] for p in pairs), nn.ModuleList(p[1] for p in pairs)
+    # every encoder, then every decoder: the order the random initialisation has always been drawn in, so runs
+    # (and the numbers in docs/results.md) reproduce across versions
+    return (nn.ModuleList(encoder(latent_dim) for encoder, _ in constructors),
+            nn.ModuleList(decoder(latent_dim) for _, decoder in constructors))
