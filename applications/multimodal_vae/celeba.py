@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .data import LayoutError, Modality, MultimodalDataset, cached_tensors
+from .data import LayoutError, Modality, MultimodalDataset, cached_tensors, decode_images
 from .text import ALPHABET, encode_characters
 
 IMAGE_SIZE, CROP = 64, 148
@@ -47,17 +47,6 @@ def attribute_text(names, attributes: torch.Tensor) -> str:
     return ", ".join(name.lower().replace("_", " ") for name, on in zip(names, attributes.tolist()) if on)
 
 
-def load_face(path: Path) -> torch.Tensor:
-    """``(3, 64, 64)`` uint8: centre crop 148x148, bilinear resize."""
-    import numpy as np
-    from PIL import Image
-
-    image = Image.open(path).convert("RGB")
-    left, top = (image.width - CROP) // 2, (image.height - CROP) // 2
-    image = image.crop((left, top, left + CROP, top + CROP)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-
-
 class CelebA(MultimodalDataset):
     """Faces and their attribute texts; ``labels`` ``(N, 40)``, ``attribute_names`` their names."""
 
@@ -80,13 +69,8 @@ class CelebA(MultimodalDataset):
                               f"{sorted(p.name for p in root.iterdir())}")
 
         def build():
-            rows = progress(chosen, desc=f"decoding CelebA {split}", unit="jpg") if progress else chosen
-            images = torch.empty(len(chosen), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
-            for k, i in enumerate(rows):
-                if not (folder / files[i]).is_file():
-                    raise LayoutError(f"CelebA: {folder / files[i]} is listed in list_attr_celeba.txt but missing")
-                images[k] = load_face(folder / files[i])
-            return {"images": images}
+            return {"images": decode_images([folder / files[i] for i in chosen], IMAGE_SIZE, CROP, progress,
+                                            f"decoding CelebA {split}", "list_attr_celeba.txt")}
 
         images = cached_tensors(folder, f"{split}\n" + "\n".join(files[i] for i in chosen), build)["images"]
         labels = attributes[chosen]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .data import LayoutError, Modality, MultimodalDataset, cached_tensors
+from .data import LayoutError, Modality, MultimodalDataset, cached_tensors, decode_images
 from .text import build_vocabulary, encode_words
 
 IMAGE_SIZE = 64
@@ -40,14 +40,6 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 
 
-def load_bird(path: Path) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
-
-    image = Image.open(path).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-
-
 class CUB(MultimodalDataset):
     """Caption-image tuples; ``vocabulary`` the word list (from the training captions, whatever the split)."""
 
@@ -63,11 +55,7 @@ class CUB(MultimodalDataset):
                               f"has {len(files)} images; expected {CAPTIONS_PER_IMAGE} captions per image")
 
         def build():
-            paths = progress(files, desc=f"decoding CUB {split}", unit="jpg") if progress else files
-            images = torch.empty(len(files), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
-            for k, path in enumerate(paths):
-                images[k] = load_bird(path)
-            return {"images": images}
+            return {"images": decode_images(files, IMAGE_SIZE, progress=progress, desc=f"decoding CUB {split}")}
 
         listing = "\n".join(str(p.relative_to(root)) for p in files)
         images = cached_tensors(root / split, listing, build)["images"]

@@ -208,6 +208,25 @@ def cached_tensors(folder: Path, listing: str, build) -> dict:
     return tensors
 
 
+def decode_images(paths, size: int, crop: int | None = None, progress=None, desc: str = "decoding",
+                  listed_in: str = "the file list") -> torch.Tensor:
+    """uint8 ``(N, 3, size, size)`` from image files: RGB, optionally a centred ``crop x crop`` square first, then a
+    bilinear resize. A missing file is a ``LayoutError`` naming it and the list (``listed_in``) it came from."""
+    from PIL import Image
+
+    images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    for k, path in enumerate(progress(paths, desc=desc, unit="image") if progress else paths):
+        if not Path(path).is_file():
+            raise LayoutError(f"{path} is listed in {listed_in} but missing")
+        image = Image.open(path).convert("RGB")
+        if crop is not None:
+            left, top = (image.width - crop) // 2, (image.height - crop) // 2
+            image = image.crop((left, top, left + crop, top + crop))
+        image = image.resize((size, size), Image.BILINEAR)
+        images[k] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    return images
+
+
 def _cached_png_tree(split_dir: Path, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     listing = "\n".join(f"{folder.name}/{name}" for folder in _modality_folders(split_dir, "png")
                         for name in sorted(os.listdir(folder)))
