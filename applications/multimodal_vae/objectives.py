@@ -187,23 +187,8 @@ def mmvae_objective(x, present, mu, logvar, decoders, likelihood, aggregate, bet
       their square. Its ``objective`` is a surrogate with that gradient; ``reconstruction`` and ``kl`` are the
       sample means of ``log p(X|z)`` and ``log q(z|X) - log p(z)`` in every case.
     """
-    _check_estimator(estimator, num_samples)
-    mixture = aggregate(mu, logvar, mask=present)  # components: the unimodal posteriors, uniform over present
-    if estimator == "dreg":
-        mixture = _detached(mixture)
-    count = present.sum(0).clamp_min(1).float()
-    rec, kl, objective = (torch.zeros(mu.shape[1], device=mu.device) for _ in range(3))
-    for m in range(mu.shape[0]):
-        z = reparameterise(mu[m].expand(num_samples, *mu[m].shape), logvar[m].expand(num_samples, *mu[m].shape))
-        log_q = mixture.log_prob(z)
-        log_p = standard_normal_log_prob(z)
-        log_lik = likelihood(x, present, z, decoders)  # (K, B)
-        log_w = log_lik + beta * (log_p - log_q)
-        here = present[m].float() / count
-        rec = rec + here * log_lik.mean(0)
-        kl = kl + here * (log_q - log_p).mean(0)
-        objective = objective + here * _bound(log_w, estimator, (z,))
-    return Terms(rec, kl, objective)
+    return mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate, beta, num_samples, estimator,
+                                private_dim=0)
 
 
 def _check_estimator(estimator: str, num_samples: int) -> None:
@@ -240,7 +225,8 @@ def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate
     ``(z, w~_d)`` with ``w~_d`` drawn from a learnable auxiliary ``N(0, exp(2 auxiliary_logscale[d]))``; the
     log-weights are ``log p(X | ...) + beta (log p(z) + log p(w_m) - log q(z|X) - log q(w_m|x_m))`` with ``q(z|X)``
     the mixture of the present unimodal ``q(z|x_d)`` (``aggregate`` = ``opinionpool.functional.moe`` on the shared
-    coordinates), bounded as in ``mmvae_objective``. Gaussian posteriors here; the MMVAE+ code uses Laplace ones."""
+    coordinates), bounded as in ``mmvae_objective``. Gaussian posteriors here; the MMVAE+ code uses Laplace ones.
+    With ``private_dim=0`` it is ``mmvae_objective``: the decoders get ``z`` alone."""
     _check_estimator(estimator, num_samples)
     shared = mu.shape[-1] - private_dim
     mixture = aggregate(mu[..., :shared], logvar[..., :shared], mask=present)
@@ -253,8 +239,8 @@ def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate
     for m in range(mu.shape[0]):
         u = reparameterise(mu[m].expand(num_samples, *mu[m].shape), logvar[m].expand(num_samples, *mu[m].shape))
         z, w = u[..., :shared], u[..., shared:]
-        inputs = [(z, w) if d == m else (z, torch.randn_like(w) * auxiliary_logscale[d].exp())
-                  for d in range(mu.shape[0])]
+        inputs = z if not private_dim else [
+            (z, w) if d == m else (z, torch.randn_like(w) * auxiliary_logscale[d].exp()) for d in range(mu.shape[0])]
         log_q = mixture.log_prob(z) + normal_log_prob(w, own_mu[m], own_logvar[m])
         log_p = standard_normal_log_prob(z) + standard_normal_log_prob(w)
         log_lik = likelihood(x, present, inputs, decoders)  # (K, B)
