@@ -42,6 +42,33 @@ def test_networks_shapes():
         make_networks(polymnist_modalities(1), 8, "vit")
 
 
+def test_leaky_relu_conv_networks_keep_the_initialisation_and_pass_negative_inputs():
+    modalities = [*polymnist_modalities(1), Modality("text", (16,), tuple("abcdefgh"))]
+    torch.manual_seed(0)
+    plain = make_networks(modalities, 8)
+    torch.manual_seed(0)
+    leaky = make_networks(modalities, 8, "conv", "leaky_relu")
+    for a, b in zip(plain, leaky):
+        for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+            torch.testing.assert_close(p, q, msg=name)
+        assert any(isinstance(m, torch.nn.ReLU) for m in a.modules())
+        assert not any(isinstance(m, torch.nn.ReLU) for m in b.modules())
+    slopes = {m.negative_slope for net in leaky for m in net.modules() if isinstance(m, torch.nn.LeakyReLU)}
+    assert slopes == {0.2}
+    # the decoders differ exactly where a hidden pre-activation is negative
+    z = torch.randn(4, 8)
+    decoder, leaky_decoder = plain[1][0], leaky[1][0]
+    pre = decoder.project[0](z)
+    expected_hidden = torch.where(pre > 0, pre, 0.2 * pre)
+    torch.testing.assert_close(leaky_decoder.project[1](leaky_decoder.project[0](z)), expected_hidden)
+    assert (pre < 0).any()
+    with pytest.raises(ValueError, match=r"activation must be one of \('leaky_relu',\) for resnet networks, "
+                                         r"got 'relu'"):
+        make_networks(polymnist_modalities(1), 8, "resnet", "relu")
+    with pytest.raises(ValueError, match="activation must be one of .* got 'gelu'"):
+        make_networks(polymnist_modalities(1), 8, "conv", "gelu")
+
+
 def test_resnet_networks_follow_the_mmvae_plus_layout():
     (encoder,), (decoder,) = make_networks(polymnist_modalities(1), 16, "resnet")
     mu, logvar = encoder(torch.rand(5, 3, 28, 28))

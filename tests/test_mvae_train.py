@@ -94,6 +94,9 @@ def test_errors_before_any_work(tiny_root, capsys):
         load_config("polymnist-helvae", ["model.likelihood=gauss"])
     with pytest.raises(ValueError, match="likelihood scale must be positive, got 0.0"):
         load_config("polymnist-helvae", ["model.likelihood_scale=0"])
+    with pytest.raises(ValueError, match=r"model.activation must be one of \('leaky_relu',\) for resnet networks, "
+                                         r"got 'relu'"):
+        load_config("polymnist-helvae", ["model.activation=relu"])  # the paper preset's ResNets
     config = tiny_config(tiny_root, "layout")
     config.data.root = str(tiny_root / "missing")
     with pytest.raises(LayoutError, match="expected a folder .*missing/train"):

@@ -31,6 +31,9 @@ class ModelConfig:
     name: str = "helvae"
     #: image networks: "conv" (the MoPoE code's) or "resnet" (the MMVAE+ code's, used by the HELVAE paper)
     architecture: str = "conv"
+    #: the nets' nonlinearity: None (the architecture's own: ReLU for conv, leaky ReLU for resnet) or, for conv,
+    #: "relu" or "leaky_relu" (slope 0.2)
+    activation: str | None = None
     latent_dim: int = 512
     beta: float = 2.5
     alpha: float = 0.5
@@ -124,6 +127,7 @@ def load_config(preset: str | None = None, overrides=(), path: str | Path | None
 def _check(config) -> None:
     from .data import DATASETS
     from .models import check_options
+    from .networks import ACTIVATIONS
 
     if config.data.dataset not in DATASETS:
         raise ValueError(f"data.dataset must be one of {sorted(DATASETS)}, got {config.data.dataset!r}")
@@ -135,6 +139,9 @@ def _check(config) -> None:
         raise ValueError(f"invalid model options: {error}") from None
     if model.architecture not in ("conv", "resnet"):
         raise ValueError(f"model.architecture must be 'conv' or 'resnet', got {model.architecture!r}")
+    if model.activation is not None and model.activation not in ACTIVATIONS[model.architecture]:
+        raise ValueError(f"model.activation must be one of {ACTIVATIONS[model.architecture]} for "
+                         f"{model.architecture} networks, got {model.activation!r}")
     for key in ("epochs", "batch_size", "checkpoint_every"):
         if getattr(config.train, key) < 1:
             raise ValueError(f"train.{key} must be a positive integer, got {getattr(config.train, key)}")

@@ -376,9 +376,10 @@ def _likelihoods(model, data, settings) -> dict:
 def render_report(config, metrics: dict) -> str:
     names = metrics["modalities"]
     ll, pooling = metrics["log_likelihood"], metrics["pooling"]
+    nets = config.model.architecture + (f", {config.model.activation}" if config.model.activation else "")
     lines = [
         f"# {config.name}", "",
-        f"Model `{config.model.name}` ({config.model.architecture} nets), latent {config.model.latent_dim}, beta "
+        f"Model `{config.model.name}` ({nets} nets), latent {config.model.latent_dim}, beta "
         f"{config.model.beta}, image likelihood {config.model.likelihood}({config.model.likelihood_scale}); dataset "
         f"`{config.data.dataset}` at `{config.data.root}` (modalities {', '.join(names)}); {metrics['test_examples']} "
         "test tuples.", ""]

@@ -18,6 +18,11 @@ the vocabulary per text position ``(..., L, V)``.
   the channels up to 256) down to 7x7 (PolyMNIST) or 2x2 (64x64), linear heads; the decoder mirrors it with
   nearest-neighbour upsampling. A residual block is ``shortcut(x) + 0.1 * conv(lrelu(conv(lrelu(x))))`` with
   leaky ReLUs of slope 0.2 and a 1x1 shortcut when the channel count changes.
+
+``activation="leaky_relu"`` gives the conv nets leaky ReLUs of the ResNets' slope (0.2) in place of their ReLUs. Why
+it is there: in HELVAE's mixture regime one encoder carries the reconstruction first, and the consensus pressure on
+the others switches their ReLUs off for every input, so they stay dead for thousands of steps (see the CPU preset).
+The activation has no parameters: the initialisation is the same either way.
 """
 
 from __future__ import annotations
@@ -238,11 +243,19 @@ IMAGE_NETWORKS = {
 }
 
 
-def make_networks(modalities, latent_dim: int, architecture: str = "conv"):
+#: architecture -> the activations it can use, its own first
+ACTIVATIONS = {"conv": ("relu", "leaky_relu"), "resnet": ("leaky_relu",)}
+
+
+def make_networks(modalities, latent_dim: int, architecture: str = "conv", activation: str | None = None):
     """``(encoders, decoders)`` as ``nn.ModuleList`` s, one pair per ``data.Modality``; ``architecture`` picks the
-    image nets (``"conv"`` or ``"resnet"``)."""
+    image nets (``"conv"`` or ``"resnet"``), ``activation`` their nonlinearity (``None``: the architecture's own,
+    see ``ACTIVATIONS``)."""
     if architecture not in IMAGE_NETWORKS:
         raise ValueError(f"architecture must be one of {sorted(IMAGE_NETWORKS)}, got {architecture!r}")
+    if activation is not None and activation not in ACTIVATIONS[architecture]:
+        raise ValueError(f"activation must be one of {ACTIVATIONS[architecture]} for {architecture} networks, "
+                         f"got {activation!r}")
     known = IMAGE_NETWORKS[architecture]
     constructors = []
     for modality in modalities:
@@ -256,5 +269,17 @@ def make_networks(modalities, latent_dim: int, architecture: str = "conv"):
                              f"{tuple(modality.shape)}; image shapes with {architecture} networks: {sorted(known)}")
     # every encoder, then every decoder: the order the random initialisation has always been drawn in, so runs
     # (and the numbers in docs/results.md) reproduce across versions
-    return (nn.ModuleList(encoder(latent_dim) for encoder, _ in constructors),
-            nn.ModuleList(decoder(latent_dim) for _, decoder in constructors))
+    encoders = nn.ModuleList(encoder(latent_dim) for encoder, _ in constructors)
+    decoders = nn.ModuleList(decoder(latent_dim) for _, decoder in constructors)
+    if activation == "leaky_relu":
+        _leaky_relus(encoders)
+        _leaky_relus(decoders)
+    return encoders, decoders
+
+
+def _leaky_relus(net: nn.Module) -> None:
+    """Swap every ``nn.ReLU`` of ``net`` for a leaky ReLU of slope 0.2, in place."""
+    for module in net.modules():
+        for name, child in module.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(module, name, nn.LeakyReLU(0.2))
