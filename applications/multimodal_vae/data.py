@@ -227,16 +227,25 @@ def decode_images(paths, size: int, crop: int | None = None, progress=None, desc
     return images
 
 
-def _cached_png_tree(split_dir: Path, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-    listing = "\n".join(f"{folder.name}/{name}" for folder in _modality_folders(split_dir, "png")
-                        for name in sorted(os.listdir(folder)))
+def _png_listing(split_dir: Path) -> str:
+    return "\n".join(f"{folder.name}/{name}" for folder in _modality_folders(split_dir, "png")
+                     for name in sorted(os.listdir(folder)))
 
+
+def _cached_png_tree(split_dir: Path, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     def build():
         images, labels = read_png_tree(split_dir, progress)
         return {"images": images, "labels": labels}
 
-    stored = cached_tensors(split_dir, listing, build)
+    stored = cached_tensors(split_dir, _png_listing(split_dir), build)
     return stored["images"], stored["labels"]
+
+
+def store_decoded_png_tree(split_dir: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Cache ``images`` uint8 ``(M, N, 3, 28, 28)`` and ``labels`` ``(N,)`` as the decoding of the PNG tree at
+    ``split_dir``, which must have been written from exactly them (PNG is lossless): the offline builder saves the
+    loader its first decoding."""
+    cached_tensors(split_dir, _png_listing(split_dir), lambda: {"images": images, "labels": labels.long()})
 
 
 def read_tensor_files(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
