@@ -127,7 +127,7 @@ def load_config(preset: str | None = None, overrides=(), path: str | Path | None
 def _check(config) -> None:
     from .data import DATASETS
     from .models import check_options
-    from .networks import ACTIVATIONS
+    from .networks import check_activation
 
     if config.data.dataset not in DATASETS:
         raise ValueError(f"data.dataset must be one of {sorted(DATASETS)}, got {config.data.dataset!r}")
@@ -139,9 +139,10 @@ def _check(config) -> None:
         raise ValueError(f"invalid model options: {error}") from None
     if model.architecture not in ("conv", "resnet"):
         raise ValueError(f"model.architecture must be 'conv' or 'resnet', got {model.architecture!r}")
-    if model.activation is not None and model.activation not in ACTIVATIONS[model.architecture]:
-        raise ValueError(f"model.activation must be one of {ACTIVATIONS[model.architecture]} for "
-                         f"{model.architecture} networks, got {model.activation!r}")
+    try:
+        check_activation(model.architecture, model.activation)
+    except ValueError as error:
+        raise ValueError(f"model.{error}") from None
     for key in ("epochs", "batch_size", "checkpoint_every"):
         if getattr(config.train, key) < 1:
             raise ValueError(f"train.{key} must be a positive integer, got {getattr(config.train, key)}")

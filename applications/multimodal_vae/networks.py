@@ -247,15 +247,20 @@ IMAGE_NETWORKS = {
 ACTIVATIONS = {"conv": ("relu", "leaky_relu"), "resnet": ("leaky_relu",)}
 
 
+def check_activation(architecture: str, activation: str | None) -> None:
+    """A ``ValueError`` naming ``activation`` unless ``architecture`` (a key of ``IMAGE_NETWORKS``) can use it."""
+    if activation is not None and activation not in ACTIVATIONS[architecture]:
+        raise ValueError(f"activation must be one of {ACTIVATIONS[architecture]} for {architecture} networks, "
+                         f"got {activation!r}")
+
+
 def make_networks(modalities, latent_dim: int, architecture: str = "conv", activation: str | None = None):
     """``(encoders, decoders)`` as ``nn.ModuleList`` s, one pair per ``data.Modality``; ``architecture`` picks the
     image nets (``"conv"`` or ``"resnet"``), ``activation`` their nonlinearity (``None``: the architecture's own,
     see ``ACTIVATIONS``)."""
     if architecture not in IMAGE_NETWORKS:
         raise ValueError(f"architecture must be one of {sorted(IMAGE_NETWORKS)}, got {architecture!r}")
-    if activation is not None and activation not in ACTIVATIONS[architecture]:
-        raise ValueError(f"activation must be one of {ACTIVATIONS[architecture]} for {architecture} networks, "
-                         f"got {activation!r}")
+    check_activation(architecture, activation)
     known = IMAGE_NETWORKS[architecture]
     constructors = []
     for modality in modalities:
