@@ -7,7 +7,7 @@ Compares, on the same inputs and in one run:
   * the object API: opinionpool.holder(Independent(Normal), alpha=0.5).moment_match()
 
 Usage: python benchmarks/bench_aggregators.py [--batch 256 --experts 5 --latent 512 --repeats 50]
-Prints a Markdown table of medians (ms) and ratios.
+Prints a Markdown table of medians (ms) and ratios; ``--docs docs/benchmarks.md`` also splices it into that page.
 """
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.distributions import Independent, Normal
 
 import opinionpool
 import opinionpool.functional as F
+
+from doc_tables import splice_file
 
 
 def official_hellinger(mu: torch.Tensor, logvar: torch.Tensor):
@@ -70,6 +73,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--docs", type=Path, metavar="PAGE",
+                        help="also splice the tables into PAGE between its <!-- table: bench_aggregators --> markers")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
@@ -88,14 +93,16 @@ def main() -> None:
         medians[name] = statistics.median(time_fn(fn, mu, logvar, args.repeats)) * 1e3
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, {args.dtype}, "
           f"batch {args.batch}, experts {args.experts}, latent {args.latent}, {args.repeats} repeats (forward+backward)")
-    print("\n| aggregator | median ms |\n|---|---|")
-    for name, ms in medians.items():
-        print(f"| {name} | {ms:.3f} |")
     h = medians["functional hellinger"]
-    print("\n| ratio | value | target |\n|---|---|---|")
-    print(f"| hellinger / poe | {h / medians['functional poe']:.2f} | <= 2 |")
-    print(f"| hellinger / official port | {h / medians['official formula (port)']:.2f} | <= 1 |")
-    print(f"| object API / functional | {medians['object API hellinger'] / h:.2f} | <= 1.5 |")
+    table = "\n".join([
+        "| aggregator | median ms |", "|---|---|", *(f"| {name} | {ms:.3f} |" for name, ms in medians.items()), "",
+        "| ratio | value | target |", "|---|---|---|",
+        f"| hellinger / poe | {h / medians['functional poe']:.2f} | <= 2 |",
+        f"| hellinger / official port | {h / medians['official formula (port)']:.2f} | <= 1 |",
+        f"| object API / functional | {medians['object API hellinger'] / h:.2f} | <= 1.5 |"])
+    print("\n" + table)
+    if args.docs:
+        splice_file(args.docs, "bench_aggregators", table)
 
 
 if __name__ == "__main__":

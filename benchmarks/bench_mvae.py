@@ -11,7 +11,8 @@ and grows with the batch), counted with ``torch.autograd.graph.saved_tensors_hoo
 Usage:
     python benchmarks/bench_mvae.py                              # CPU: batch 128, latent 64, 2 threads
     python benchmarks/bench_mvae.py --device cuda --batch 256 --latent 512
-Prints a Markdown table.
+Prints Markdown tables (steps, memory, the ratios with their targets); ``--docs docs/benchmarks.md`` also splices
+them into that page.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from applications.multimodal_vae.data import polymnist_modalities  # noqa: E402
 from applications.multimodal_vae.models import MultimodalVAE  # noqa: E402
 from applications.multimodal_vae.networks import make_networks  # noqa: E402
 
+from doc_tables import splice_file  # noqa: E402
+
 #: label -> (model, options)
 MODELS = {
     "helvae": ("helvae", {}),
@@ -41,6 +44,9 @@ MODELS = {
     "mmvae (K=10, DReG)": ("mmvae", {"num_samples": 10, "estimator": "dreg"}),
     "mmvaeplus (K=1)": ("mmvaeplus", {}),
 }
+
+#: (label, name in the ratio table, target): HELVAE's step time over the model's
+RATIO_TARGETS = (("mopoe", "MoPoE", "<= 0.9"), ("mmvae (K=10, DReG)", "MMVAE with K = 10 (DReG)", "<= 0.35"))
 
 
 def build(label, latent, device, modalities=5):
@@ -100,6 +106,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--docs", type=Path, metavar="PAGE",
+                        help="also splice the tables into PAGE between its <!-- table: bench_mvae --> markers")
     args = parser.parse_args()
     from tqdm import tqdm
 
@@ -116,16 +124,23 @@ def main() -> None:
     del built
     memory = {label: memory_mib(label, args) for label in tqdm(args.models, desc="memory", unit="model")}
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
-    print(f"\n{device}; batch {args.batch}, latent {args.latent}, 5 modalities; median of {args.repeats} steps; "
-          f"torch {torch.__version__}\n")
     median = {label: statistics.median(t) for label, t in times.items()}
     reference = median.get("helvae")
     kind = "peak CUDA memory" if args.device == "cuda" else "saved activations"
-    print(f"| model | median s / step | HELVAE / model | {kind} (MiB) |")
-    print("|---|---|---|---|")
+    lines = [f"{device}; batch {args.batch}, latent {args.latent}, 5 modalities; median of {args.repeats} steps; "
+             f"torch {torch.__version__}", "",
+             f"| model | median s / step | HELVAE / model | {kind} (MiB) |", "|---|---|---|---|"]
     for label in args.models:
         ratio = f"{reference / median[label]:.2f}" if reference else "-"
-        print(f"| {label} | {median[label]:.4f} | {ratio} | {memory[label]:.0f} |")
+        lines.append(f"| {label} | {median[label]:.4f} | {ratio} | {memory[label]:.0f} |")
+    targets = [(label, f"HELVAE / {title}", target) for label, title, target in RATIO_TARGETS if label in median]
+    if reference and targets:
+        lines += ["", "| ratio (HELVAE step time / model's) | value | target |", "|---|---|---|",
+                  *(f"| {title} | {reference / median[label]:.2f} | {target} |" for label, title, target in targets)]
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.docs:
+        splice_file(args.docs, "bench_mvae", table)
 
 
 if __name__ == "__main__":

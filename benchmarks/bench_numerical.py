@@ -4,7 +4,7 @@ normaliser + mean + variance from 1e5 importance samples, in under 1 s on 2 CPU 
 Also times the deterministic methods on typical inputs: 1-D adaptive quadrature and the 2-D / 3-D
 grid. Every row is the median of ``--repeats`` runs in float64, each with a fresh seed.
 
-Usage: python benchmarks/bench_numerical.py [--repeats 7 --samples 100000]
+Usage: python benchmarks/bench_numerical.py [--repeats 7 --samples 100000] [--docs docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.distributions import Independent, Normal
 
 import opinionpool
+
+from doc_tables import splice_file
 
 
 def diagonal_experts(dim: int, count: int, seed: int = 0):
@@ -40,6 +43,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--samples", type=int, default=100_000)
+    parser.add_argument("--docs", type=Path, metavar="PAGE",
+                        help="also splice the tables into PAGE between its <!-- table: bench_numerical --> markers")
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
     rows = []
@@ -61,10 +66,11 @@ def main():
     rows.append(("quadrature, 1-D, M=5", 2.0, median_seconds(lambda s: pool.estimate(method="quadrature"), 3),
                  f"error(log Z) {float(result.log_normalizer.error):.2g}"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64\n")
-    print("| case | alpha | median (s) | accuracy |")
-    print("|---|---|---|---|")
-    for case, alpha, seconds, note in rows:
-        print(f"| {case} | {alpha:g} | {seconds:.3f} | {note} |")
+    table = "\n".join(["| case | alpha | median (s) | accuracy |", "|---|---|---|---|",
+                       *(f"| {case} | {alpha:g} | {seconds:.3f} | {note} |" for case, alpha, seconds, note in rows)])
+    print(table)
+    if args.docs:
+        splice_file(args.docs, "bench_numerical", table)
 
 
 if __name__ == "__main__":

@@ -27,3 +27,42 @@ def test_module_docstring_examples(module):
 
     result = doctest.testmod(importlib.import_module(module), verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+PAGES = sorted({*DOCS, *ROOT.glob("*/README.md"), *ROOT.glob("applications/*/README.md")})
+MAX_LINES = 2000
+
+
+@pytest.mark.parametrize("path", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_page_is_one_page(path):
+    """One H1 and at most 2 000 lines: an edit with an empty search string once filled a page with copies."""
+    text = path.read_text()
+    outside_code = re.sub(r"```.*?```", "", text, flags=re.S)
+    h1 = re.findall(r"^# ", outside_code, flags=re.M)
+    assert len(h1) == 1, f"{path} has {len(h1)} H1 headings"
+    assert text.count("\n") <= MAX_LINES, f"{path} has {text.count(chr(10))} lines (at most {MAX_LINES})"
+
+
+def test_docs_do_not_link_outside_the_repository():
+    for path in PAGES:
+        assert "../shared" not in path.read_text(), path
+
+
+def test_benchmark_tables_are_spliced_between_their_markers():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from doc_tables import splice
+
+    page = "# B\n\nprose\n<!-- table: t -->\nold\n<!-- end table: t -->\nmore prose\n"
+    assert splice(page, "t", "| new |\n") == "# B\n\nprose\n<!-- table: t -->\n| new |\n<!-- end table: t -->\nmore prose\n"
+    for bad_page in ("# B\n", page + page, "<!-- end table: t -->\n<!-- table: t -->\n"):
+        with pytest.raises(ValueError, match="'t'"):
+            splice(bad_page, "t", "| new |")
+    with pytest.raises(ValueError, match="name"):
+        splice(page, "", "| new |")
+    with pytest.raises(ValueError, match="empty"):
+        splice(page, "t", "\n")
+    benchmarks_page = (ROOT / "docs" / "benchmarks.md").read_text()
+    for name in ("bench_aggregators", "bench_numerical", "bench_mvae"):
+        assert splice(benchmarks_page, name, "| x |").count("| x |") == 1
