@@ -1,8 +1,10 @@
 """Typed configuration (OmegaConf structured configs): presets are YAML files in ``presets/``, overridden with
-``--set key=value``. Unknown presets and keys, and values of the wrong type, are errors before any work starts."""
+``--set key=value``. Unknown presets and keys, values of the wrong type (named by their key) or out of range
+(``RANGES``), and run names that would leave ``output_dir`` are errors before any work starts."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,9 +121,72 @@ def load_config(preset: str | None = None, overrides=(), path: str | Path | None
     try:
         config = OmegaConf.merge(*layers, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as error:
-        raise ValueError(f"invalid configuration: {error}".split("\n    full_key")[0]) from None
+        message = str(error).split("\n    full_key")[0]
+        key = getattr(error, "full_key", None)  # OmegaConf's message alone drops the section (``lr`` of ``train.lr``)
+        raise ValueError(f"invalid configuration: {message}" + (f" (key {key})" if key else "")) from None
     _check(config)
     return OmegaConf.to_object(config)
+
+
+#: The numeric options' ranges, checked before any work: key -> (lowest, highest, ends excluded ("low", "high"),
+#: None allowed). Every float must also be finite. Bounds beyond plain positivity, and why:
+#: - data.drop_rate below 1: at least one modality of each sample is kept.
+#: - model.beta in (0, 1000]: beta = 0 drops the KL term, and with it what keeps the posterior variances from
+#:   collapsing and the prior meaningful for unconditional generation; the papers use 1-10.
+#: - model.alpha in [0, 1]: the Hölder exponents the pools are defined for (the exact ones are 0 and 1/n).
+#: - model.likelihood_scale in [1e-3, 1e3]: pixels lie in [0, 1] in steps of 1/255 ~ 0.004; a scale far below the
+#:   step describes noise 8-bit images cannot have, one far above their range a flat likelihood.
+#: - train.lr in (0, 1]: Adam moves every weight by about lr per step, so an lr above 1 exceeds the weights' scale.
+#: - seeds in [0, 2**32): train.seed times 1 000 003 plus the epoch must stay a valid 64-bit generator seed.
+RANGES = {
+    "data.num_modalities": (1, math.inf, (), False),
+    "data.drop_rate": (0.0, 1.0, ("high",), False),
+    "data.train_subset": (1, math.inf, (), True),
+    "model.latent_dim": (1, math.inf, (), False),
+    "model.beta": (0.0, 1000.0, ("low",), False),
+    "model.alpha": (0.0, 1.0, (), False),
+    "model.likelihood_scale": (1e-3, 1e3, (), False),
+    "train.epochs": (1, math.inf, (), False),
+    "train.batch_size": (1, math.inf, (), False),
+    "train.lr": (0.0, 1.0, ("low",), False),
+    "train.seed": (0, 2**32, ("high",), False),
+    "train.max_steps": (1, math.inf, (), True),
+    "train.max_minutes": (0.0, math.inf, ("low",), True),
+    "train.checkpoint_every": (1, math.inf, (), False),
+    "train.num_threads": (1, math.inf, (), True),
+    "eval.test_examples": (1, math.inf, (), True),
+    "eval.unconditional_samples": (1, math.inf, (), False),
+    "eval.likelihood_samples": (1, math.inf, (), False),
+    "eval.likelihood_examples": (1, math.inf, (), False),
+    "eval.seed": (0, 2**32, ("high",), False),
+}
+
+
+def _check_range(key: str, value) -> None:
+    low, high, excluded, optional = RANGES[key]
+    shown = [f"{v:g}" if isinstance(v, float) else str(v) for v in (low, high)]
+    if value is None and optional:
+        return
+    # written as "inside" so that NaN falls outside
+    if ((low < value if "low" in excluded else low <= value) and (value < high if "high" in excluded else value <= high)
+            and (isinstance(value, int) or math.isfinite(value))):
+        return
+    if isinstance(low, int) and (low, high) == (1, math.inf):
+        allowed = "a positive integer"
+    elif math.isinf(high):
+        allowed = "positive and finite" if "low" in excluded and low == 0 else f"at least {shown[0]} and finite"
+    elif (low, excluded) == (0, ("low",)):
+        allowed = f"positive and at most {shown[1]}"
+    else:
+        allowed = f"in {'(' if 'low' in excluded else '['}{shown[0]}, {shown[1]}{')' if 'high' in excluded else ']'}"
+    raise ValueError(f"{key} must be {allowed}" + (" (or null)" if optional else "") + f", got {value!r}")
+
+
+def _check_name(name: str) -> None:
+    """The run folder is ``{output_dir}/{name}``: a name that is not one plain path component (empty, ``.``,
+    ``..``, absolute, or with a separator of any platform) would write elsewhere or into ``output_dir`` itself."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute():
+        raise ValueError(f"name must be one folder name (no path separators, not '.' or '..'), got {name!r}")
 
 
 def _check(config) -> None:
@@ -129,6 +194,7 @@ def _check(config) -> None:
     from .models import check_options
     from .networks import check_activation
 
+    _check_name(config.name)
     if config.data.dataset not in DATASETS:
         raise ValueError(f"data.dataset must be one of {sorted(DATASETS)}, got {config.data.dataset!r}")
     model = config.model
@@ -143,26 +209,19 @@ def _check(config) -> None:
         check_activation(model.architecture, model.activation)
     except ValueError as error:
         raise ValueError(f"model.{error}") from None
-    for key in ("epochs", "batch_size", "checkpoint_every"):
-        if getattr(config.train, key) < 1:
-            raise ValueError(f"train.{key} must be a positive integer, got {getattr(config.train, key)}")
-    if config.train.lr <= 0:
-        raise ValueError(f"train.lr must be positive, got {config.train.lr}")
+    for key in RANGES:
+        section, option = key.split(".")
+        _check_range(key, getattr(getattr(config, section), option))
     if config.train.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {config.train.device!r}")
     if config.train.precision not in ("fp32", "bf16"):
         raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {config.train.precision!r}")
     if config.eval.subsets not in ("all", "single"):
         raise ValueError(f"eval.subsets must be 'all' or 'single', got {config.eval.subsets!r}")
-    for key in ("unconditional_samples", "likelihood_samples", "likelihood_examples"):
-        if getattr(config.eval, key) < 1:
-            raise ValueError(f"eval.{key} must be a positive integer, got {getattr(config.eval, key)}")
     if config.eval.fid_samples < 0 or config.eval.fid_samples == 1:
         raise ValueError(f"eval.fid_samples must be 0 (skip) or at least 2, got {config.eval.fid_samples}")
     if config.eval.probe_examples != -1 and config.eval.probe_examples < 10:
         raise ValueError(f"eval.probe_examples must be -1 (all) or at least 10, got {config.eval.probe_examples}")
-    if not 0 <= config.data.drop_rate < 1:
-        raise ValueError(f"data.drop_rate must lie in [0, 1), got {config.data.drop_rate}")
 
 
 def to_yaml(config: Config) -> str:

@@ -276,8 +276,34 @@ def _subset_name(subset, names) -> str:
     return "{" + ",".join(names[t] for t in subset) + "}"
 
 
+def training_status(run_dir) -> dict | None:
+    """``{"steps", "planned_steps", "stopped_by"}`` of the run's checkpoint: the steps taken and asked for, and the
+    limit that stopped training short of them (None: none did); None for a checkpoint from before they were stored,
+    or no checkpoint."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if "planned_steps" not in state:
+        return None
+    return {"steps": state["step"], "planned_steps": state["planned_steps"], "stopped_by": state["stopped_by"]}
+
+
+def training_notice(training: dict | None) -> str | None:
+    """What to tell the reader of the metrics when training took fewer steps than planned (None otherwise)."""
+    if training is None or training["steps"] >= training["planned_steps"]:
+        return None
+    reached = f"{training['steps']} of {training['planned_steps']} planned steps"
+    why = (f"training stopped early at {training['stopped_by']} (wall-clock limit): {reached}"
+           if training["stopped_by"] else f"training did not finish: {reached} (resume it with --resume)")
+    return (f"{why}; these metrics are those of a partly trained model, not comparable with those of runs that "
+            "completed their steps (such as the figures in docs/results.md)")
+
+
 def evaluate_run(run_dir, config, model, progress=None) -> dict:
-    """Every metric of ``config.eval`` on the test split; writes ``metrics.json`` and ``report.md`` in ``run_dir``."""
+    """Every metric of ``config.eval`` on the test split; writes ``metrics.json`` and ``report.md`` in ``run_dir``.
+    ``metrics["training"]`` holds ``training_status(run_dir)`` (when known); the report opens with a notice when
+    training stopped short of its planned steps."""
     from .train import load_dataset
 
     settings = config.eval
@@ -296,6 +322,9 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
     metrics = {"test_examples": n, "modalities": names, "protocol": {
         "generations": "samples of q(z|X_S), seeded", "probe_examples": settings.probe_examples,
         "likelihood_samples": settings.likelihood_samples, "subsets": settings.subsets}}
+    training = training_status(run_dir)
+    if training is not None:
+        metrics["training"] = training
 
     def done():
         if bar is not None:
@@ -383,6 +412,9 @@ def render_report(config, metrics: dict) -> str:
         f"{config.model.beta}, image likelihood {config.model.likelihood}({config.model.likelihood_scale}); dataset "
         f"`{config.data.dataset}` at `{config.data.root}` (modalities {', '.join(names)}); {metrics['test_examples']} "
         "test tuples.", ""]
+    notice = training_notice(metrics.get("training"))
+    if notice:
+        lines += [f"**Warning: {notice[0].upper() + notice[1:]}.**", ""]
     if "coherence" in metrics:
         coherence_ = metrics["coherence"]
         matrix = metrics["cross_coherence"]["matrix"]

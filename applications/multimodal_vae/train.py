@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from .config import Config, to_yaml
 from .data import LayoutError, Modality, MultimodalDataset, modality_mask, polymnist_modalities
-from .evaluation import pooling_diagnostics, subset_mask
+from .evaluation import pooling_diagnostics, subset_mask, training_notice
 from .files import atomic_write, write_text
 from .models import MultimodalVAE, evaluating
 from .networks import make_networks
@@ -243,7 +243,8 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                  "epoch": epoch, "position": position, "step": step, "config": asdict(config),
-                 "modalities": [asdict(m) for m in data.modalities], "finished": finished}
+                 "modalities": [asdict(m) for m in data.modalities], "finished": finished,
+                 "planned_steps": planned, "stopped_by": stopped_by}
         atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
         _write_csv(run_dir / "metrics.csv", metrics, METRIC_FIELDS)
         shown = data.gather(torch.arange(min(n, 500), device=device))
@@ -260,15 +261,21 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
 
     # distributed: every batch is complete, so each process takes an equal share
     batches_per_epoch = n // batch_size if world > 1 else math.ceil(n / batch_size)
+    # the steps the configuration asks for; the report says when the wall-clock guard stopped short of them
+    planned = config.train.epochs * batches_per_epoch
+    if config.train.max_steps is not None:
+        planned = min(planned, config.train.max_steps)
+    stopped_by = None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.precision == "bf16")
     start = time.perf_counter()
     stop = False
     model.train()
+    # one bar over the planned steps, so that its estimate is the time left for the whole training
+    bar = tqdm(total=planned, initial=step, unit="step", disable=not show_progress)
     while epoch < config.train.epochs and not stop:
         order = epoch_order(n, config.train.seed, epoch)
-        bar = tqdm(range(position, batches_per_epoch), desc=f"epoch {epoch + 1}/{config.train.epochs}",
-                   unit="batch", disable=not show_progress)
-        for b in bar:
+        bar.set_description(f"epoch {epoch + 1}/{math.ceil(planned / max(batches_per_epoch, 1))}")
+        for b in range(position, batches_per_epoch):
             index = order[b * batch_size:(b + 1) * batch_size][rank::world].to(device)
             x = data.gather(index)
             batch = x[0].shape[0]
@@ -289,6 +296,7 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
             out["loss"].backward()
             optimizer.step()
             step += 1
+            bar.update()
             position = b + 1
             seconds = time.perf_counter() - tic
             metrics.append({"epoch": epoch + 1, "step": step, "loss": f"{loss_value:.9g}",
@@ -304,11 +312,17 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
                 over_time = _all_any(over_time, device)
             if (config.train.max_steps is not None and step >= config.train.max_steps) or over_time:
                 stop = True
+                if over_time and step < planned:
+                    stopped_by = f"train.max_minutes={config.train.max_minutes}"
                 break
         if position == batches_per_epoch:
             epoch, position = epoch + 1, 0
         if stop or epoch % config.train.checkpoint_every == 0 or epoch == config.train.epochs:
             save(finished=stop or epoch == config.train.epochs)
+    bar.close()
+    notice = training_notice({"steps": step, "planned_steps": planned, "stopped_by": stopped_by})
+    if notice and writes:
+        print(f"warning: {notice}")
     if world > 1:
         _check_replicas_identical(model, rank)
     if board is not None:
@@ -329,11 +343,13 @@ def _all_any(flag: bool, device: torch.device) -> bool:
 
 
 def summary_line(metrics: dict, run_dir: Path) -> str:
+    notice = training_notice(metrics.get("training"))
+    warning = f"\nwarning: {notice}" if notice else ""
     if "coherence" not in metrics:
         return (f"log p(X) {metrics['log_likelihood']['joint']:.1f} (no coherence: {metrics['not_computed']}); "
-                f"report: {Path(run_dir) / 'report.md'}")
+                f"report: {Path(run_dir) / 'report.md'}{warning}")
     return (f"conditional coherence: one input, cross-modal {metrics['cross_coherence']['cross_modal']:.3f}; "
-            f"all subsets {metrics['coherence']['overall']:.3f}; report: {Path(run_dir) / 'report.md'}")
+            f"all subsets {metrics['coherence']['overall']:.3f}; report: {Path(run_dir) / 'report.md'}{warning}")
 
 
 def load_run(run_dir: Path, overrides=()):

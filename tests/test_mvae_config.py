@@ -1,0 +1,195 @@
+"""The multimodal VAE application's configuration checks (every option's range, keys named in type errors, run
+names that stay inside output_dir) and the training budget of the main command (a number of steps; a run stopped
+early by the wall-clock guard says so on the console and in its report)."""
+
+import dataclasses
+import json
+import math
+import re
+import typing
+
+import pytest
+import torch
+
+from applications.multimodal_vae import config as config_module
+from applications.multimodal_vae.__main__ import main
+from applications.multimodal_vae.config import load_config
+from applications.multimodal_vae.train import train
+
+
+@pytest.fixture(autouse=True)
+def _float32():
+    torch.set_default_dtype(torch.float32)
+
+
+# (override, the key the error must name); every one of these trained, or failed late with a raw error, before
+BAD = [
+    ("model.beta=-1", "model.beta"), ("model.beta=0", "model.beta"), ("model.beta=1001", "model.beta"),
+    ("model.alpha=nan", "model.alpha"), ("model.alpha=-0.5", "model.alpha"), ("model.alpha=1.5", "model.alpha"),
+    ("model.latent_dim=0", "model.latent_dim"), ("model.likelihood_scale=inf", "model.likelihood_scale"),
+    ("model.likelihood_scale=1e-9", "model.likelihood_scale"),
+    ("train.lr=inf", "train.lr"), ("train.lr=nan", "train.lr"), ("train.lr=1e30", "train.lr"),
+    ("train.lr=1.5", "train.lr"),
+    ("train.max_steps=0", "train.max_steps"), ("train.max_steps=-3", "train.max_steps"),
+    ("train.max_minutes=-1", "train.max_minutes"), ("train.max_minutes=0", "train.max_minutes"),
+    ("train.max_minutes=inf", "train.max_minutes"), ("train.max_minutes=nan", "train.max_minutes"),
+    ("train.num_threads=-1", "train.num_threads"), ("train.num_threads=0", "train.num_threads"),
+    ("train.seed=-1", "train.seed"), (f"train.seed={2**32}", "train.seed"),
+    ("data.train_subset=-2", "data.train_subset"), ("data.train_subset=0", "data.train_subset"),
+    ("data.num_modalities=0", "data.num_modalities"), ("data.drop_rate=nan", "data.drop_rate"),
+    ("data.drop_rate=-0.1", "data.drop_rate"), ("data.drop_rate=1", "data.drop_rate"),
+    ("eval.test_examples=0", "eval.test_examples"), ("eval.test_examples=-5", "eval.test_examples"),
+    (f"eval.seed={2**32}", "eval.seed"),
+]
+
+
+@pytest.mark.parametrize("override, key", BAD)
+def test_values_out_of_range_fail_in_the_config_check(override, key):
+    value = override.split("=", 1)[1]
+    with pytest.raises(ValueError, match=rf"^{re.escape(key)} must be .*, got "):
+        load_config("polymnist-helvae-cpu", [override])
+    shown = str(float(value)) if key in FLOAT_KEYS else value
+    with pytest.raises(ValueError, match=re.escape(f"got {shown}")):
+        load_config("polymnist-helvae-cpu", [override])
+
+
+def _fields():
+    """``(key, type)`` of every option of every section, from the dataclasses themselves."""
+    hints = typing.get_type_hints(config_module.Config)
+    for section in dataclasses.fields(config_module.Config):
+        if dataclasses.is_dataclass(hints[section.name]):
+            for option, kind in typing.get_type_hints(hints[section.name]).items():
+                yield f"{section.name}.{option}", kind
+
+
+FLOAT_KEYS = [key for key, kind in _fields() if float in (typing.get_args(kind) or (kind,))]
+INT_KEYS = [key for key, kind in _fields() if int in (typing.get_args(kind) or (kind,))]
+
+
+def test_every_float_option_is_found():
+    # the systematic tests below cover these; a float option added later is covered without listing it
+    assert {"model.beta", "model.alpha", "model.likelihood_scale", "train.lr", "train.max_minutes",
+            "data.drop_rate"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_option_must_be_finite(key, value):
+    with pytest.raises(ValueError, match=re.escape(key.split(".")[1].replace("_", " ")) + "|" + re.escape(key)):
+        load_config("polymnist-helvae-cpu", [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("key", INT_KEYS)
+def test_every_integer_option_refuses_a_negative_value(key):
+    option = key.split(".")[1]
+    with pytest.raises(ValueError, match=f"{re.escape(key)}|{option}"):
+        load_config("polymnist-helvae-cpu", [f"{key}=-5"])
+
+
+@pytest.mark.parametrize("override", [
+    "train.lr=1", "train.lr=1e-9", "model.alpha=0", "model.alpha=1", "model.beta=1000", "model.beta=1e-6",
+    "model.likelihood_scale=1e-3", "model.likelihood_scale=1000", "data.drop_rate=0", "data.drop_rate=0.999",
+    "train.max_minutes=null", "train.max_minutes=1e-9", "train.max_steps=null", "train.max_steps=1",
+    f"train.seed={2**32 - 1}", "train.seed=0", "eval.seed=0", "data.train_subset=null", "data.train_subset=1",
+    "train.num_threads=null", "train.num_threads=1", "eval.test_examples=1", "name=helvae-beta2.5-seed0",
+    "name=polymnist-helvae-cpu-20250101-120000", "name=.hidden",
+])
+def test_values_at_the_documented_bounds_are_accepted(override):
+    key, value = override.split("=", 1)
+    config = load_config("polymnist-helvae-cpu", [override])
+    section, option = key.split(".") if "." in key else (None, key)
+    got = getattr(getattr(config, section) if section else config, option)
+    if value == "null":
+        assert got is None
+    elif key == "name":
+        assert got == value
+    else:
+        assert got == float(value)
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", ".", "a/b", "a\\b", "/tmp/x", "sub/../x"])
+def test_run_names_that_leave_the_output_folder_are_refused(name, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"^name must be one folder name .*got " + re.escape(repr(name))):
+        load_config("polymnist-helvae-cpu", [f"name={name}", f"output_dir={tmp_path / 'runs'}"])
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "polymnist-helvae-cpu", "--set", f"name={name}",
+              f"output_dir={tmp_path / 'runs' / 'inner'}", "data.build_offline=false", f"data.root={tmp_path / 'no'}"])
+    assert "name must be one folder name" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written, inside output_dir or beside it
+
+
+@pytest.mark.parametrize("override, key", [("train.lr=abc", "train.lr"), ("data.train_subset=x", "data.train_subset"),
+                                           ("train.compile=maybe", "train.compile"), ("eval.seed=1.5", "eval.seed"),
+                                           ("model.nme=3", "model.nme")])
+def test_type_errors_name_the_key(override, key, capsys):
+    with pytest.raises(ValueError, match=r"^invalid configuration: .*\(key " + re.escape(key) + r"\)$"):
+        load_config("polymnist-helvae-cpu", [override])
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "polymnist-helvae-cpu", "--set", override])
+    assert f"(key {key})" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, key", [("model.beta=-1", "model.beta"), ("train.lr=inf", "train.lr"),
+                                           ("data.train_subset=0", "data.train_subset"),
+                                           ("train.max_steps=0", "train.max_steps")])
+def test_the_command_line_writes_nothing_for_a_bad_value(override, key, tiny_root, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "polymnist-helvae-cpu", "--set", f"data.root={tiny_root / 'data'}",
+              "data.build_offline=false", "data.num_modalities=3", f"output_dir={tiny_root / 'runs'}", override])
+    assert f"{key} must be" in capsys.readouterr().err
+    assert not (tiny_root / "runs").exists()
+
+
+def test_the_main_command_trains_a_fixed_number_of_steps():
+    """The CPU preset's budget is the documented 1 870 steps; a wall-clock limit is only a guard that would let a
+    machine four times slower than the documented ~0.25 s per step finish."""
+    config = load_config("polymnist-helvae-cpu")
+    assert config.train.max_steps == 1870
+    assert config.train.max_minutes is None or config.train.max_minutes * 60 >= 1870 * 4 * 0.25
+    # the CPU sweep's runs also have a budget in steps, not in minutes
+    from applications.multimodal_vae.sweep import grid, load_sweep, run_config
+
+    sweep = load_sweep("polymnist-cpu")
+    for point in grid(sweep):
+        run = run_config(sweep, *point)
+        assert run.train.max_steps is not None
+        assert run.train.max_minutes is None or run.train.max_minutes * 60 >= run.train.max_steps * 4 * 0.25
+
+
+def _tiny(root, name, **train):
+    # 24 training tuples in batches of 8: 3 steps per epoch, 6 planned in 2 epochs
+    overrides = [f"data.root={root / 'data'}", "data.build_offline=false", "data.num_modalities=3",
+                 "model.latent_dim=4", "model.architecture=conv", "train.batch_size=8", "train.epochs=2",
+                 "train.device=cpu", "train.tensorboard=false", f"output_dir={root / 'runs'}", f"name={name}",
+                 "train.evaluate_at_end=true", "eval.probe_examples=10", "eval.likelihood_samples=2",
+                 "eval.unconditional_samples=20", "eval.likelihood_examples=4", "eval.subsets=single"]
+    return load_config("polymnist-helvae", overrides + [f"train.{k}={v}" for k, v in train.items()])
+
+
+def test_a_run_stopped_by_the_wall_clock_guard_says_so(tiny_root, capsys):
+    run = train(_tiny(tiny_root, "early", max_minutes=1e-9), show_progress=True)  # over time after one step
+    out, err = capsys.readouterr()
+    notice = "training stopped early at train.max_minutes=1e-09 (wall-clock limit): 1 of 6 planned steps"
+    assert f"warning: {notice}" in out and "not comparable" in out
+    assert re.search(r"\b1/6\b", err)  # the progress bar runs over the 6 planned steps, not over one epoch's 3
+    report = (run / "report.md").read_text()
+    assert "Training stopped early at train.max_minutes=1e-09 (wall-clock limit): 1 of 6 planned steps" in report
+    assert "not comparable with those of runs that completed their steps" in report
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["training"] == {"steps": 1, "planned_steps": 6, "stopped_by": "train.max_minutes=1e-09"}
+    # evaluating the run again, from the command line, keeps the notice
+    (run / "report.md").unlink()
+    assert main(["evaluate", "--run", str(run)]) == 0
+    assert notice in capsys.readouterr().out and notice[1:] in (run / "report.md").read_text()
+
+
+@pytest.mark.parametrize("train_budget, steps", [({"epochs": 1}, 3), ({"max_steps": 2}, 2)])
+def test_a_run_that_completes_its_steps_has_no_notice(tiny_root, capsys, train_budget, steps):
+    run = train(_tiny(tiny_root, "complete", max_minutes=60, **train_budget), show_progress=False)
+    out = capsys.readouterr().out
+    assert "stopped early" not in out and "warning" not in out
+    report = (run / "report.md").read_text()
+    assert "stopped early" not in report.lower() and "not comparable" not in report
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["training"] == {"steps": steps, "planned_steps": steps, "stopped_by": None}
+    assert math.isfinite(metrics["log_likelihood"]["joint"])
