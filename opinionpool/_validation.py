@@ -107,15 +107,19 @@ def check_weights(name: str, weights: torch.Tensor, num_experts: int) -> None:
 
 def check_real(name: str, value) -> float:
     """A real number (or +-inf) as a float: bools, complex numbers, strings and NaN are rejected."""
+    given = value
+    if not isinstance(value, (torch.Tensor, numbers.Number)) and hasattr(value, "__array__"):
+        with contextlib.suppress(TypeError, ValueError, RuntimeError):  # a numpy array, as a tensor
+            value = torch.as_tensor(value)
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() \
             and value.dtype != torch.bool:
         number = float(value)
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         number = float(value)
     else:
-        raise ValueError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+        raise ValueError(f"{name} must be a real number, got {given!r} of type {type(given).__name__}")
     if number != number:
-        raise ValueError(f"{name} must be a real number, got {value!r}")
+        raise ValueError(f"{name} must be a real number, got {given!r}")
     return number
 
 

@@ -5,6 +5,7 @@ import contextlib
 import math
 import signal
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import MultivariateNormal, Normal
@@ -164,6 +165,10 @@ def test_alpha_must_be_a_real_number():
     # real numbers of any kind still work
     assert opinionpool.holder(two_normals(), alpha=torch.tensor(0.5)).alpha == 0.5
     assert opinionpool.holder(two_normals(), alpha=1).alpha == 1.0
+    assert opinionpool.holder(two_normals(), alpha=np.array(0.5)).alpha == 0.5
+    assert opinionpool.holder(two_normals(), alpha=np.float32(0.25)).alpha == 0.25
+    with pytest.raises(ValueError, match=r"alpha must be a real number, got array\(\[0.5, 1. \]\) of type ndarray"):
+        opinionpool.holder(two_normals(), alpha=np.array([0.5, 1.0]))
 
 
 def test_max_components_must_be_a_positive_integer():
