@@ -9,6 +9,7 @@ message that names the argument and shows the offending value. Checks synchronis
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 
 import torch
@@ -44,15 +45,13 @@ def _skipped() -> bool:
 
 
 def describe(value: torch.Tensor, mask: torch.Tensor | None = None) -> str:
-    """A short description of the offending entries of ``value`` (``mask`` marks them)."""
+    """A short description of the offending entries of ``value`` (``mask`` marks them; all by default)."""
     value = value.detach()
-    if mask is None:
-        mask = torch.ones_like(value, dtype=torch.bool)
-    bad = value[mask]
+    bad = value.flatten() if mask is None else value[mask]
     shown = ", ".join(f"{v:.6g}" for v in bad.flatten()[:4].tolist())
     extra = f" (and {bad.numel() - 4} more)" if bad.numel() > 4 else ""
     where = ""
-    if value.dim() > 0:
+    if mask is not None and value.dim() > 0:
         first = tuple(int(i) for i in mask.nonzero()[0].tolist())
         where = f" first at index {first}"
     return f"[{shown}]{extra}{where}"
@@ -106,15 +105,34 @@ def check_weights(name: str, weights: torch.Tensor, num_experts: int) -> None:
         raise ValueError(f"{name} must not be all zero (all-zero weight vector at batch index {first})")
 
 
+def check_real(name: str, value) -> float:
+    """A real number (or +-inf) as a float: bools, complex numbers, strings and NaN are rejected."""
+    given = value
+    if not isinstance(value, (torch.Tensor, numbers.Number)) and hasattr(value, "__array__"):
+        with contextlib.suppress(TypeError, ValueError, RuntimeError):  # a numpy array, as a tensor
+            value = torch.as_tensor(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() \
+            and value.dtype != torch.bool:
+        number = float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise ValueError(f"{name} must be a real number, got {given!r} of type {type(given).__name__}")
+    if number != number:
+        raise ValueError(f"{name} must be a real number, got {given!r}")
+    return number
+
+
 def check_alpha(alpha) -> float:
     """Hölder exponents are real numbers or +-inf; NaN and non-numbers are rejected."""
-    try:
-        value = float(alpha)
-    except (TypeError, ValueError):
-        raise ValueError(f"alpha must be a real number, got {alpha!r}") from None
-    if value != value:
-        raise ValueError(f"alpha must be a real number, got {alpha!r}")
-    return value
+    return check_real("alpha", alpha)
+
+
+def check_positive_int(name: str, value) -> int:
+    """A positive integer (bools are rejected, though Python counts them as integers)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def check_num_samples(name: str, value) -> int:
@@ -122,3 +140,14 @@ def check_num_samples(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer number of samples, got {value!r}")
     return value
+
+
+def real_tensor(name: str, value, *, dtype=None, device=None) -> torch.Tensor:
+    """``torch.as_tensor(value, dtype, device)``, refusing complex input, whose imaginary part the cast
+    would drop with only a warning (a dtype check: no device synchronisation)."""
+    raw = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if raw.is_complex():
+        imaginary = raw.imag != 0
+        shown = describe(raw, imaginary) if bool(imaginary.any()) else describe(raw)
+        raise ValueError(f"{name} must be real, got a {raw.dtype} tensor {shown}")
+    return torch.as_tensor(value, dtype=dtype, device=device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.distributions import kl_divergence as torch_kl
 
-from ._validation import check_weights, validation_enabled
+from ._validation import check_real, check_weights, real_tensor, validation_enabled
 from .experts import as_experts
 from .families import MultivariateNormalFamily
 from .families.gaussian import _DiagonalGaussianBase
@@ -28,7 +28,7 @@ def log_multi_chernoff_coefficient(experts, weights, validate_args=None) -> torc
     r""":math:`\log\int\prod_j q_j^{w_j}` for weights :math:`w_j \ge 0` summing to one."""
     experts = as_experts(experts, validate_args)
     params = experts.params
-    w = torch.as_tensor(weights, dtype=params.dtype, device=params.device)
+    w = real_tensor("weights", weights, dtype=params.dtype, device=params.device)
     if validation_enabled(validate_args):
         check_weights("weights", w, experts.num_experts)
         total = w.sum(-1)
@@ -39,12 +39,11 @@ def log_multi_chernoff_coefficient(experts, weights, validate_args=None) -> torc
 
 def log_chernoff_coefficient(p, q, a: float = 0.5) -> torch.Tensor:
     r""":math:`\log\int p^a q^{1-a}`. For ``a`` outside ``[0, 1]`` the integral may diverge, which raises."""
-    a = float(a)
-    if a != a:
-        raise ValueError(f"a must be a real number, got {a!r}")
-    if 0 < a < 1:
-        return log_multi_chernoff_coefficient([p, q], [a, 1 - a], validate_args=False)
-    family, params, k = _pair(p, q)
+    a = check_real("a", a)
+    experts = as_experts([p, q])  # validates p and q (unless validation is off)
+    if 0 < a < 1:  # the weights (a, 1 - a) are valid by construction
+        return log_multi_chernoff_coefficient(experts, [a, 1 - a], validate_args=False)
+    family, params, k = experts.family, experts.params, experts.expert_dim
     if a in (0.0, 1.0):
         return torch.zeros(params.shape[:k], dtype=params.dtype, device=params.device)
     eta = family.to_natural(params)
@@ -91,17 +90,18 @@ def kl_divergence(p, q) -> torch.Tensor:
 
 def renyi_divergence(p, q, a: float) -> torch.Tensor:
     r"""Rényi divergence of order ``a``: :math:`\frac{1}{a-1}\log\int p^a q^{1-a}` (``a = 1`` is KL)."""
-    if float(a) == 1.0:
+    a = check_real("a", a)
+    if a == 1.0:
         return kl_divergence(p, q)
-    if not float(a) > 0:
-        raise ValueError(f"the Rényi order a must be positive, got {a!r}")
-    return log_chernoff_coefficient(p, q, a) / (float(a) - 1)
+    if not a > 0:
+        raise ValueError(f"the Rényi order a must be positive, got a={a!r}")
+    return log_chernoff_coefficient(p, q, a) / (a - 1)
 
 
 def amari_alpha_divergence(p, q, a: float) -> torch.Tensor:
     r"""Amari :math:`\alpha`-divergence :math:`\frac{1 - \int p^a q^{1-a}}{a(1-a)}`; ``a=1`` is
     :math:`KL(p\|q)` and ``a=0`` is :math:`KL(q\|p)`; ``a=1/2`` is four times the squared Hellinger distance."""
-    a = float(a)
+    a = check_real("a", a)
     if a == 1.0:
         return kl_divergence(p, q)
     if a == 0.0:

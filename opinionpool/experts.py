@@ -53,7 +53,7 @@ def _convert(experts):
         params = params_of(experts, family)
     elif isinstance(experts, (list, tuple)):
         if len(experts) == 0:
-            raise ValueError("experts must not be empty")
+            raise ValueError(f"experts must not be empty, got {experts!r}")
         families = [family_of(d) for d in experts]
         family = families[0]
         for index, other in enumerate(families[1:], start=1):

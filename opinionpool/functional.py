@@ -13,20 +13,32 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
 
-from ._validation import check_alpha, check_finite, check_weights, validation_enabled
+from ._validation import (
+    check_alpha,
+    check_finite,
+    check_positive_int,
+    check_weights,
+    describe,
+    real_tensor,
+    validation_enabled,
+)
 from .families.gaussian import DiagonalNormalFamily, gaussian_combine, gaussian_mixture_moments
 from .pool import (
     DEFAULT_MAX_COMPONENTS,
+    check_max_components,
     exact_order,
     holder_components,
     log_of_weights,
     normalized_log_weights,
-    num_components,
 )
+
+#: the default cap on the number of subsets of ``subset_mixture`` (``2^M - 1`` for all subsets of ``M`` experts)
+DEFAULT_MAX_SUBSETS = 2**16
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -62,16 +74,29 @@ class GaussianMixture(NamedTuple):
         return loc + torch.exp(0.5 * logvar) * noise
 
 
-def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):
+def _layout(mu, logvar, dim):
+    """Shape checks only (no data is read): the expert axis ``dim`` as a non-negative index, and the number of experts."""
     if mu.shape != logvar.shape:
         raise ValueError(f"mu and logvar must have the same shape, got mu {tuple(mu.shape)} and "
                          f"logvar {tuple(logvar.shape)}")
     if mu.dim() < 2:
         raise ValueError(f"mu must have an expert axis and a latent axis, got shape {tuple(mu.shape)}")
-    dim = dim % mu.dim()
-    if dim == mu.dim() - 1:
-        raise ValueError(f"dim={dim} is the latent (last) axis; the experts must be along another axis")
-    num_experts = mu.shape[dim]
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise ValueError(f"dim must be an integer axis of mu, got {dim!r}")
+    if not -mu.dim() <= dim < mu.dim():  # an out-of-range dim would otherwise wrap round onto another axis
+        raise ValueError(f"dim={dim} is out of range for mu of shape {tuple(mu.shape)} (dim must lie in "
+                         f"[{-mu.dim()}, {mu.dim() - 1}])")
+    axis = int(dim) % mu.dim()
+    if axis == mu.dim() - 1:
+        raise ValueError(f"dim={dim} is the latent (last) axis of mu of shape {tuple(mu.shape)}; the experts must be "
+                         "along another axis")
+    return axis, mu.shape[axis]
+
+
+def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):
+    dim, num_experts = _layout(mu, logvar, dim)
+    if weights is not None:
+        weights = real_tensor("weights", weights)
     mu, logvar = mu.movedim(dim, -2), logvar.movedim(dim, -2)
     if mask is not None:
         mask = torch.as_tensor(mask, device=mu.device)
@@ -86,7 +111,7 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):
         check_finite("mu", present_mu)
         check_finite("logvar", present_logvar)
         if weights is not None:
-            check_weights("weights", torch.as_tensor(weights), num_experts + (1 if prior_expert else 0))
+            check_weights("weights", weights, num_experts + (1 if prior_expert else 0))
     if mask is not None:
         keep = mask.unsqueeze(-1)
         mu = torch.where(keep, mu, torch.zeros((), dtype=mu.dtype, device=mu.device))
@@ -101,7 +126,20 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):
         empty = (~mask.any(-1)).nonzero()[0].tolist()
         raise ValueError(f"mask leaves no present expert for the sample at batch index {tuple(empty)}; "
                          "pass prior_expert=True to fall back on the prior")
+    if validate and mask is not None and weights is not None:
+        _check_present_weights(weights, mask)
     return mu, logvar, mask, num_experts
+
+
+def _check_present_weights(weights, present):
+    """Every sample needs a present expert of positive weight: otherwise its pool is 0/0 (NaN)."""
+    weighted = (weights.to(present.device) > 0) & present
+    uncovered = ~weighted.any(-1)
+    if bool(uncovered.any()):
+        index = tuple(uncovered.nonzero()[0].tolist())
+        row = weights.expand(weighted.shape)[index]
+        raise ValueError(f"weights {describe(row)} give zero weight to every present expert (mask "
+                         f"{present.expand(weighted.shape)[index].tolist()}) of the sample at batch index {index}")
 
 
 def _log_weights(weights, num_experts, mask, like):
@@ -116,13 +154,12 @@ def holder_mixture(mu, logvar, alpha=0.5, *, dim=0, weights=None, mask=None, pri
     first ``M`` components are the experts themselves; the others combine two or more experts."""
     validate = validation_enabled(validate_args)
     alpha = check_alpha(alpha)
+    check_positive_int("max_components", max_components)
     order = exact_order(alpha)
     if order is None:
         raise NotImplementedError(f"alpha={alpha!r} has no closed form (exact for alpha = 0 and 1/n only)")
+    check_max_components(alpha, order, _layout(mu, logvar, dim)[1] + (1 if prior_expert else 0), max_components)
     mu, logvar, mask, m = _prepare(mu, logvar, dim, weights, mask, prior_expert, validate)
-    if num_components(order, m) > max_components:
-        raise ValueError(f"alpha={alpha!r} with {m} experts gives {num_components(order, m)} components, more "
-                         f"than max_components={max_components}")
     family = DiagonalNormalFamily(mu.shape[-1])
     log_weights = _log_weights(weights, m, mask, mu)
     log_mix, components = holder_components(family, torch.stack((mu, logvar), -2), log_weights, order)
@@ -158,14 +195,27 @@ def poe(mu, logvar, *, dim=0, weights=None, mask=None, prior_expert=False, valid
     validate = validation_enabled(validate_args)
     mu, logvar, mask, m = _prepare(mu, logvar, dim, weights, mask, prior_expert, validate)
     w = torch.ones(m, dtype=mu.dtype, device=mu.device) if weights is None else \
-        torch.as_tensor(weights, dtype=mu.dtype, device=mu.device)
+        real_tensor("weights", weights, dtype=mu.dtype, device=mu.device)
     log_w = log_of_weights(w, mask).expand(mu.shape[:-1])
     loc, logvar_p, _ = gaussian_combine(mu, logvar, log_w, 1)
     return loc, logvar_p
 
 
-def log_bhattacharyya(mu1, logvar1, mu2, logvar2):
+def log_bhattacharyya(mu1, logvar1, mu2, logvar2, *, validate_args=None):
     """Log Bhattacharyya coefficient of two diagonal Gaussians (summed over the last axis)."""
+    named = {"mu1": mu1, "logvar1": logvar1, "mu2": mu2, "logvar2": logvar2}
+    for name, value in named.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            shown = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{name} must be a tensor with a latent (last) axis, got {shown}")
+    try:
+        torch.broadcast_shapes(*(value.shape for value in named.values()))
+    except RuntimeError:
+        shapes = ", ".join(f"{name} {tuple(value.shape)}" for name, value in named.items())
+        raise ValueError(f"mu1, logvar1, mu2 and logvar2 must broadcast together, got {shapes}") from None
+    if validation_enabled(validate_args):
+        for name, value in named.items():
+            check_finite(name, value)
     mu = torch.stack(torch.broadcast_tensors(mu1, mu2), -2)
     logvar = torch.stack(torch.broadcast_tensors(logvar1, logvar2), -2)
     half = torch.full(mu.shape[:-1], -0.6931471805599453, dtype=mu.dtype, device=mu.device)
@@ -181,9 +231,31 @@ def wasserstein_barycenter(mu, logvar, *, dim=0, weights=None, mask=None, prior_
     return loc, 2 * torch.logsumexp(log_weights + 0.5 * logvar, dim=-2)
 
 
-def all_subsets(num_experts: int, device=None) -> torch.Tensor:
+def _check_subset_count(name: str, count, max_subsets: int) -> None:
+    check_positive_int("max_subsets", max_subsets)
+    if count > max_subsets:
+        raise ValueError(f"{name} gives {count} subsets, more than max_subsets={max_subsets}; pass a list of "
+                         "subsets or raise max_subsets to allow it")
+
+
+def _check_subset_weights(weights, positive, member, empty, subsets, prior_expert):
+    """Every subset with a present expert needs one of positive weight (or a prior expert of positive weight):
+    otherwise its pool is 0/0 (NaN)."""
+    covered = (member & positive).any(-1) | empty
+    if prior_expert:
+        covered = covered | (weights.to(positive.device)[..., -1:] > 0)
+    if not bool(covered.all()):
+        index = tuple(int(i) for i in (~covered).nonzero()[0].tolist())
+        experts = subsets[index[-1]].nonzero().squeeze(-1).tolist()
+        raise ValueError(f"weights {describe(weights)} give zero weight to every present expert of subset {experts} "
+                         f"(at batch index {index[:-1]}); drop that subset from subsets or give it a positive weight")
+
+
+def all_subsets(num_experts: int, device=None, *, max_subsets: int = DEFAULT_MAX_SUBSETS) -> torch.Tensor:
     """The ``2^M - 1`` non-empty subsets of ``M`` experts as a boolean ``(2^M - 1, M)`` tensor, ordered by
-    size, then lexicographically (the order of ``itertools.combinations``)."""
+    size, then lexicographically (the order of ``itertools.combinations``). Refuses more than ``max_subsets``."""
+    num_experts = check_positive_int("num_experts", num_experts)
+    _check_subset_count(f"num_experts={num_experts} (2^{num_experts} - 1)", 2**num_experts - 1, max_subsets)
     members = torch.zeros(2**num_experts - 1, num_experts, dtype=torch.bool)
     rows = [subset for size in range(1, num_experts + 1) for subset in itertools.combinations(range(num_experts), size)]
     for row, subset in enumerate(rows):
@@ -192,7 +264,7 @@ def all_subsets(num_experts: int, device=None) -> torch.Tensor:
 
 
 def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, prior_on_full_subset=False,
-                   validate_args=None, **kwargs) -> GaussianMixture:
+                   max_subsets: int = DEFAULT_MAX_SUBSETS, validate_args=None, **kwargs) -> GaussianMixture:
     """Uniform mixture over subsets of experts, each aggregated by ``aggregator`` (MoPoE, MoHELVAE, MWB-VAE).
 
     ``aggregator`` is a function of this module returning ``(mu, logvar)`` (``poe``, ``hellinger``, ``holder``,
@@ -200,16 +272,33 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
     tensor (default: all non-empty subsets). With a per-sample ``mask`` a subset keeps only its present
     experts, and subsets with none present get mixture weight zero. ``prior_on_full_subset=True`` adds a
     standard-normal expert to the subset of all experts only, as the MoPoE code does (``prior_expert=True`` is
-    passed on to ``aggregator`` and adds it to every subset).
+    passed on to ``aggregator`` and adds it to every subset). ``weights`` (in ``kwargs``) must give every subset a
+    present expert of positive weight.
+
+    The work and memory grow with the number of subsets, ``2^M - 1`` by default: more than ``max_subsets``
+    (default ``DEFAULT_MAX_SUBSETS = 2**16``, i.e. up to 16 experts) raises ``ValueError`` before any work; pass
+    fewer ``subsets`` or raise ``max_subsets``.
     """
     validate = validation_enabled(validate_args)
+    weights, prior_expert = kwargs.get("weights"), kwargs.get("prior_expert", False)
+    _, m = _layout(mu, logvar, dim)
+    if subsets is None:
+        _check_subset_count(f"subsets=None (all 2^{m} - 1 subsets of the {m} experts)", 2**m - 1, max_subsets)
+    if weights is not None:  # checked here: the aggregator is called without checks
+        weights = real_tensor("weights", weights)
+        if prior_on_full_subset:
+            raise ValueError(f"prior_on_full_subset does not combine with pooling weights (one per expert), got "
+                             f"weights {describe(weights)}")
+        if validate:
+            check_weights("weights", weights, m + (1 if prior_expert else 0))
     mu, logvar, mask, m = _prepare(mu, logvar, dim, None, mask, False, validate)
     if subsets is None:
-        subsets = all_subsets(m, device=mu.device)
+        subsets = all_subsets(m, device=mu.device, max_subsets=max_subsets)
     subsets = torch.as_tensor(subsets, device=mu.device)
     if subsets.dtype != torch.bool or subsets.dim() != 2 or subsets.shape[1] != m or not bool(subsets.any(-1).all()):
         raise ValueError(f"subsets must be a boolean (K, {m}) tensor of non-empty subsets, got {subsets.dtype} "
                          f"of shape {tuple(subsets.shape)}")
+    _check_subset_count(f"subsets of shape {tuple(subsets.shape)}", subsets.shape[0], max_subsets)
     k = subsets.shape[0]
     batch = mu.shape[:-2]
     member = subsets.reshape((1,) * len(batch) + subsets.shape)
@@ -217,17 +306,22 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
         member = member & mask.unsqueeze(-2)
     member = member.expand(batch + (k, m))
     if prior_on_full_subset:  # an extra standard-normal expert, a member of the full subset only
-        if kwargs.get("weights") is not None:
-            raise ValueError("prior_on_full_subset does not combine with pooling weights (one per expert)")
         zeros = torch.zeros(batch + (1, mu.shape[-1]), dtype=mu.dtype, device=mu.device)
         mu, logvar = torch.cat((mu, zeros), -2), torch.cat((logvar, zeros), -2)
         full = subsets.all(-1).reshape((1,) * len(batch) + (k, 1)).expand(batch + (k, 1))
         member = torch.cat((member, full), -1)
         m += 1
     empty = ~member.any(-1)
-    # an empty subset is given a stand-in member so that its (discarded) aggregate stays finite
-    first = torch.zeros(m, dtype=torch.bool, device=mu.device)
-    first[0] = True
+    if weights is not None:
+        positive = weights.to(mu.device)[..., :m] > 0
+        if validate:
+            _check_subset_weights(weights, positive, member, empty, subsets, prior_expert)
+    # an empty subset is given a stand-in member (of positive weight) so that its discarded aggregate stays finite
+    if weights is None:
+        first = torch.zeros(m, dtype=torch.bool, device=mu.device)
+        first[0] = True
+    else:
+        first = torch.nn.functional.one_hot(positive.to(torch.uint8).argmax(-1), m).to(torch.bool)
     member = torch.where(empty.unsqueeze(-1), first, member)
     expand = batch + (k,) + mu.shape[-2:]
     loc, lv = aggregator(mu.unsqueeze(-3).expand(expand), logvar.unsqueeze(-3).expand(expand), dim=-2,

@@ -133,10 +133,11 @@ def check_quantities(family: ExponentialFamily, quantities) -> frozenset:
     if unknown:
         raise ValueError(f"quantities must be among {sorted(known)}, got {sorted(unknown)}")
     if wanted & {"mean", "variance", "covariance"} and not family.has_numeric_moments:
-        raise ValueError(f"{family.name} experts have no numeric mean, variance or covariance; "
-                         "ask for 'expected_statistic' instead")
+        raise ValueError(f"quantities={sorted(wanted)}: {family.name} experts have no numeric mean, variance or "
+                         "covariance; ask for 'expected_statistic' instead")
     if "covariance" in wanted and not family.multivariate:
-        raise ValueError(f"a covariance needs multivariate continuous experts, got {family.name} (use variance)")
+        raise ValueError(f"quantities={sorted(wanted)}: a covariance needs multivariate continuous experts, got "
+                         f"{family.name} (use variance)")
     return wanted
 
 

@@ -21,15 +21,23 @@ coefficients far below the float range (routine at latent size 512) never underf
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections import Counter
+import sys
+from fractions import Fraction
 from functools import lru_cache
 
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, MultivariateNormal, Normal
 
-from ._validation import check_alpha, check_num_samples, check_weights, validation_enabled
+from ._validation import (
+    check_alpha,
+    check_num_samples,
+    check_positive_int,
+    check_weights,
+    describe,
+    real_tensor,
+    validation_enabled,
+)
 from .experts import Experts, as_experts
 from .families import ExponentialFamily
 from .numerical import (
@@ -57,12 +65,50 @@ def exact_order(alpha: float) -> int | None:
         return 0
     if not (0 < alpha <= 1) or math.isinf(alpha):
         return None
-    n = round(1 / alpha)
-    return n if abs(1 / alpha - n) <= 1e-9 * n else None
+    inverse = 1 / alpha
+    if math.isinf(inverse):  # subnormal alpha: 1/alpha overflows a float, but is exactly a (huge) integer
+        return round(1 / Fraction(alpha))
+    n = round(inverse)
+    return n if abs(inverse - n) <= 1e-9 * n else None
 
 
 def num_components(order: int, num_experts: int) -> int:
+    """``binom(order + M - 1, M - 1)``; an exact integer, so bound it first (``within_max_components``)."""
     return 1 if order == 0 else math.comb(order + num_experts - 1, num_experts - 1)
+
+
+def log_num_components(order: int, num_experts: int) -> float:
+    """``log binom(order + M - 1, M - 1)`` in floating point, without forming the integer (``alpha = 1e-12``
+    gives ``order = 10**12``, a subnormal alpha ``order = 2**1074``)."""
+    k = min(order, num_experts - 1)
+    return math.fsum(math.log(order + num_experts - 1 - i) for i in range(k)) - math.lgamma(k + 1)
+
+
+def within_max_components(order: int, num_experts: int, max_components: int) -> bool:
+    """Whether the exact pool of order ``order`` has at most ``max_components`` components (decided in
+    log-space first, so that a huge order costs nothing)."""
+    if log_num_components(order, num_experts) > math.log(max_components) + 1e-9:
+        return False
+    return num_components(order, num_experts) <= max_components
+
+
+def _format_count(log_count: float, exact) -> str:
+    """An integer in full up to 15 digits, else as ``about 2.02e+323`` (from its natural log)."""
+    if log_count < 15 * math.log(10):
+        return str(exact())
+    exponent = math.floor(log_count / math.log(10))
+    return f"about {math.exp(log_count - exponent * math.log(10)):.3g}e+{exponent}"
+
+
+def check_max_components(alpha, order: int, num_experts: int, max_components: int) -> None:
+    """Refuse, before anything is built, an exact pool with more than ``max_components`` components."""
+    if within_max_components(order, num_experts, max_components):
+        return
+    count = _format_count(log_num_components(order, num_experts), lambda: num_components(order, num_experts))
+    n = _format_count(math.log(order), lambda: order)
+    raise ValueError(f"alpha={alpha!r} is 1/n with n={n}, whose exact pool of {num_experts} experts has "
+                     f"binom(n + {num_experts - 1}, {num_experts - 1}) = {count} mixture components, more than "
+                     f"max_components={max_components}; raise max_components to allow it")
 
 
 @lru_cache(maxsize=128)
@@ -71,13 +117,21 @@ def _compositions(order: int, num_experts: int):
     padded to ``min(order, num_experts)`` slots (padding has count 0)."""
     slots = min(order, num_experts)
     indices, counts, log_multinomial = [], [], []
-    for combo in itertools.combinations_with_replacement(range(num_experts), order):
-        items = sorted(Counter(combo).items())
+    # The count vectors k in decreasing lexicographic order (that of itertools.combinations_with_replacement),
+    # each from the previous in O(M): the cost is O(C M), not O(C n) (n runs to max_components for two experts).
+    k = [order] + [0] * (num_experts - 1)
+    while True:
+        items = [(i, c) for i, c in enumerate(k) if c]
         log_multinomial.append(math.lgamma(order + 1) - sum(math.lgamma(c + 1) for _, c in items))
         items += [(0, 0)] * (slots - len(items))
         indices.append([i for i, _ in items])
         counts.append([c for _, c in items])
-    return indices, counts, log_multinomial
+        last = next((i for i in range(num_experts - 2, -1, -1) if k[i]), None)
+        if last is None:
+            return indices, counts, log_multinomial
+        tail = sum(k[last + 1:])
+        k[last] -= 1
+        k[last + 1:] = [tail + 1] + [0] * (num_experts - last - 2)
 
 
 def compositions(order: int, num_experts: int, device=None, dtype=None):
@@ -97,7 +151,7 @@ def normalized_log_weights(weights, num_experts: int, *, dtype, device, mask=Non
     if weights is None:
         w = torch.ones(num_experts, dtype=dtype, device=device)
     else:
-        w = torch.as_tensor(weights, dtype=dtype, device=device)
+        w = real_tensor("weights", weights, dtype=dtype, device=device)
         if validate:
             check_weights("weights", w, num_experts)
     log_w = log_of_weights(w, mask)
@@ -131,6 +185,8 @@ def holder_components(family: ExponentialFamily, params: torch.Tensor, log_weigh
     batch = torch.broadcast_shapes(params.shape[:expert_dim], log_weights.shape[:-1])
     params = params.expand(batch + params.shape[expert_dim:])
     log_weights = log_weights.expand(batch + (num_experts,))
+    if num_experts == 1:  # one expert is its own pool at every order (a huge order would not fit a count tensor)
+        order = min(order, 1)
     if order == 0:
         combined, log_c = geometric_combination(Experts(family, params), log_weights)
         return log_c.unsqueeze(-1), combined.unsqueeze(len(batch))
@@ -241,11 +297,19 @@ class _Pool:
         return Envelope(proposal, proposal.log_normalizer, f"M_{a:g} <= M_0 (log-linear pool)")
 
     def _envelope_order(self) -> int:
-        """The largest ``n <= 1/alpha`` whose exact pool has at most ``max_components`` components."""
-        order = max(1, math.floor(1 / self.alpha * (1 + 1e-12)))
-        while order > 1 and num_components(order, self.experts.num_experts) > self._max_components:
-            order -= 1
-        return order
+        """The largest ``n <= 1/alpha`` whose exact pool has at most ``max_components`` components (1 if none),
+        by bisection: ``1/alpha`` may be ``10**12`` or overflow to ``inf``, and no order above ``max_components``
+        fits (``binom(n + M - 1, M - 1) > n`` for two experts or more)."""
+        cap = self._max_components
+        inverse = 1 / self.alpha
+        low, high = 1, cap if inverse >= cap else max(1, math.floor(inverse * (1 + 1e-12)))
+        while low < high:
+            middle = (low + high + 1) // 2
+            if within_max_components(middle, self.experts.num_experts, cap):
+                low = middle
+            else:
+                high = middle - 1
+        return low
 
     def normalizer_bounds(self):
         """A certified bracket ``(lower, upper)`` of ``log Z`` from the neighbouring exact pools
@@ -255,7 +319,7 @@ class _Pool:
         present = lw > -math.inf
         count = present.sum(-1).to(lw.dtype)
         order = exact_order(a)
-        if order is not None and num_components(order, self.experts.num_experts) <= self._max_components:
+        if order is not None and within_max_components(order, self.experts.num_experts, self._max_components):
             log_z = HolderPool(self.experts, a, lw.exp(), validate_args=False,
                                max_components=self._max_components).log_normalizer
             return log_z, log_z
@@ -283,6 +347,8 @@ class HolderPool(_Pool):
     Attributes are tensors with shape ``batch_shape`` (``log_normalizer``) or
     ``batch_shape + event_shape`` (``mean``, ``variance``); the finite-mixture form is available as
     ``log_mixture_weights`` / ``component_params`` and as a ``MixtureSameFamily`` via ``as_mixture()``.
+    An order whose pool has more than ``max_components`` components raises ``ValueError`` (with the count)
+    before anything is built.
     """
 
     def __init__(self, experts, alpha=0.5, weights=None, *, max_components: int = DEFAULT_MAX_COMPONENTS,
@@ -292,19 +358,19 @@ class HolderPool(_Pool):
             raise NotImplementedError(
                 f"alpha={alpha!r} has no closed form: exact Hölder pools exist for alpha = 0 and alpha = 1/n "
                 "(n = 1, 2, ...); use opinionpool.holder, which estimates other alpha numerically")
+        check_positive_int("max_components", max_components)
+        experts = as_experts(experts, validate_args=validation_enabled(validate_args))
+        check_max_components(alpha, order, experts.num_experts, max_components)
         super().__init__(experts, alpha, weights, validate_args)
-        experts = self.experts
-        count = num_components(order, experts.num_experts)
-        if count > max_components:
-            raise ValueError(f"alpha={alpha!r} with {experts.num_experts} experts gives {count} mixture components, "
-                             f"more than max_components={max_components}; raise max_components to allow it")
         self._max_components = max_components
         self.order = order
         log_mix, self.component_params = holder_components(self.family, experts.params, self.log_weights, order)
         self.log_normalizer = torch.logsumexp(log_mix, dim=-1)
         self.log_mixture_weights = log_mix - self.log_normalizer.unsqueeze(-1)
-        if self._validate and not bool(torch.isfinite(self.log_normalizer).all()):
-            raise ValueError("the pool's log-normaliser is not finite; check the experts for extreme parameters")
+        finite = torch.isfinite(self.log_normalizer)
+        if self._validate and not bool(finite.all()):
+            raise ValueError("experts: the pool's log-normaliser is not finite, got "
+                             f"{describe(self.log_normalizer, ~finite)}; check the experts for extreme parameters")
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -376,11 +442,17 @@ class NumericalHolderPool(_Pool):
     ``covariance_matrix``, ``log_prob``, ``sample`` (exact: rejection from the envelope, or the
     enumerated probabilities for discrete experts) and ``moment_match``. Those values come from one
     :meth:`estimate` with this pool's ``method``, ``num_samples`` and ``seed``, computed on first use;
-    call :meth:`estimate` directly for their errors. Values are not differentiable.
+    call :meth:`estimate` directly for their errors. Values are not differentiable. A subnormal alpha
+    (``0 < |alpha| < 2.2e-308``) is refused: ``alpha * log q_j`` would keep too few digits (use ``alpha=0``).
     """
 
     def __init__(self, experts, alpha, weights=None, *, method: str = "auto", num_samples: int = 100_000,
                  seed: int = 0, max_components: int = DEFAULT_MAX_COMPONENTS, validate_args: bool | None = None):
+        check_positive_int("max_components", max_components)
+        if 0 < abs(check_alpha(alpha)) < sys.float_info.min:
+            raise ValueError(f"alpha={alpha!r} is subnormal, too small for the numerical engine (alpha * log q_j "
+                             "loses its significant digits); this pool differs from the log-linear pool by O(alpha), "
+                             "so pass alpha=0")
         super().__init__(experts, alpha, weights, validate_args)
         self.method = check_method(self.family, method)
         if self.method == "importance":
@@ -402,9 +474,11 @@ class NumericalHolderPool(_Pool):
             if not self.family.gaussian:
                 wanted.add("expected_statistic")
             self._summary = self.estimate(wanted, method=self.method, num_samples=self.num_samples, seed=self.seed)
-            if not bool(torch.isfinite(self._summary.log_normalizer.value).all()):
-                raise ValueError(f"the estimated log-normaliser of the alpha={self.alpha!r} pool is not finite; "
-                                 "the experts may not overlap enough for a numerical estimate")
+            log_z = self._summary.log_normalizer.value
+            finite = torch.isfinite(log_z)
+            if not bool(finite.all()):
+                raise ValueError(f"the estimated log-normaliser of the alpha={self.alpha!r} pool is not finite, got "
+                                 f"{describe(log_z, ~finite)}; the experts may not overlap enough for a numerical estimate")
         return self._summary
 
     @property
@@ -472,7 +546,7 @@ def gaussian_projection(pool, family: str):
     if family not in ("gaussian", "diag_gaussian"):
         raise ValueError(f"family must be None, 'gaussian' or 'diag_gaussian', got {family!r}")
     if not pool.family.has_numeric_moments:
-        raise ValueError(f"{pool.family.name} experts have no numeric moments to match with a Gaussian")
+        raise ValueError(f"family={family!r} needs numeric moments, but {pool.family.name} experts have none")
     mean = pool.mean
     if not pool.family.multivariate:
         return Normal(mean, pool.variance.sqrt(), validate_args=False)
@@ -490,9 +564,10 @@ def holder(experts, alpha=0.5, weights=None, *, method: str = "auto", num_sample
     Naming a ``method`` (see :mod:`opinionpool.numerical`) forces the numerical engine, for any alpha.
     """
     order = exact_order(check_alpha(alpha))
+    check_positive_int("max_components", max_components)
     if method == "auto" and order is not None:
         experts = as_experts(experts, validate_args=validate_args)
-        if num_components(order, experts.num_experts) <= max_components:
+        if within_max_components(order, experts.num_experts, max_components):
             return HolderPool(experts, alpha=alpha, weights=weights, max_components=max_components,
                               validate_args=validate_args)
     return NumericalHolderPool(experts, alpha=alpha, weights=weights, method=method, num_samples=num_samples,
@@ -522,12 +597,13 @@ def poe(experts, weights=None, validate_args: bool | None = None):
     if weights is None:
         w = torch.ones(m, dtype=params.dtype, device=params.device)
     else:
-        w = torch.as_tensor(weights, dtype=params.dtype, device=params.device)
+        w = real_tensor("weights", weights, dtype=params.dtype, device=params.device)
         if validate:
             check_weights("weights", w, m)
     combined, _ = geometric_combination(experts, log_of_weights(w))
     family = experts.family
     if validate and not bool(family.natural_domain(family.to_natural(combined)).all()):
-        raise ValueError(f"the product of these {family.name} experts is not normalisable (its natural parameter "
-                         "leaves the parameter space); use weights summing to one, e.g. holder(experts, alpha=0)")
+        raise ValueError(f"experts: the product of these {family.name} experts with weights {describe(w)} is not "
+                         "normalisable (its natural parameter leaves the parameter space); use weights summing to one, "
+                         "e.g. holder(experts, alpha=0)")
     return family.distribution(combined)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
 
-from ._validation import validation_enabled
+from ._validation import check_positive_int, check_real, validation_enabled
 from .experts import as_experts
 from .families import DiagonalNormalFamily, MultivariateNormalFamily, NormalFamily
 from .pool import normalized_log_weights
@@ -27,6 +27,7 @@ def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
 def covariance_barycenter(covariances: torch.Tensor, weights: torch.Tensor, *, tol: float = 1e-10,
                           max_iter: int = 500) -> torch.Tensor:
     """Fixed point of the barycenter equation; ``covariances`` ``(..., M, d, d)``, ``weights`` ``(..., M)``."""
+    _check_tolerances(tol, max_iter)
     w = weights.unsqueeze(-1).unsqueeze(-1)
     sigma = (w * _sqrtm_psd(covariances)).sum(-3)
     sigma = sigma @ sigma  # the commuting-case answer is a good start
@@ -44,9 +45,16 @@ def covariance_barycenter(covariances: torch.Tensor, weights: torch.Tensor, *, t
                        f"(last relative change {float(change):.3g} > tol={tol})")
 
 
+def _check_tolerances(tol, max_iter) -> None:
+    check_positive_int("max_iter", max_iter)
+    if tol is not None and not 0 < check_real("tol", tol) < float("inf"):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+
+
 def wasserstein_barycenter(experts, weights=None, *, tol: float | None = None, max_iter: int = 500,
                            validate_args: bool | None = None):
     """The 2-Wasserstein barycenter of Gaussian experts, as a ``torch.distributions`` object."""
+    _check_tolerances(tol, max_iter)
     experts = as_experts(experts, validate_args)
     family, params = experts.family, experts.params
     log_w = normalized_log_weights(weights, experts.num_experts, dtype=params.dtype, device=params.device,

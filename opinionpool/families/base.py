@@ -113,7 +113,7 @@ class ExponentialFamily:
         differentiable in ``mean_params`` through one final Newton step (implicit function theorem).
         """
         if init is None:
-            raise ValueError(f"{self.name}: natural_from_mean needs an initial natural parameter `init`")
+            raise ValueError(f"{self.name}: natural_from_mean needs an initial natural parameter `init`, got init=None")
         return newton_inverse(self, mean_params, init, tol=tol, max_iter=max_iter)
 
     # -------------------------------------------------------------- densities

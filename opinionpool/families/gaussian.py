@@ -265,7 +265,8 @@ class MultivariateNormalFamily(ExponentialFamily):
         check_finite(f"{name} precision", precision)
         _, info = torch.linalg.cholesky_ex(precision)
         if bool((info != 0).any()):
-            raise ValueError(f"{name}: covariance matrices must be symmetric positive definite")
+            raise ValueError(f"{name}: covariance matrices must be symmetric positive definite; the one at index "
+                             f"{tuple((info != 0).nonzero()[0].tolist())} is not")
 
     def to_natural(self, params):
         loc, precision = self.split(params)
