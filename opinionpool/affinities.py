@@ -9,6 +9,7 @@ differentiable.
 
 from __future__ import annotations
 
+import numpy
 import torch
 from torch.distributions import kl_divergence as torch_kl
 
@@ -83,9 +84,51 @@ def kl_divergence(p, q) -> torch.Tensor:
         return kl.sum(-1) if family.num_features else kl
     if isinstance(family, MultivariateNormalFamily):
         return torch_kl(family.distribution(params_p), family.distribution(params_q))
-    eta_p, eta_q = family.to_natural(params_p), family.to_natural(params_q)
-    return (family.log_normalizer(eta_q) - family.log_normalizer(eta_p)
-            - ((eta_q - eta_p) * family.mean_parameters(eta_p)).sum(-1))
+    # float64 inside: the natural parameters of nearly equal float32 experts would differ by rounding noise
+    wide = params.dtype if params.dtype == torch.float64 else torch.float64
+    eta_p, eta_q = family.to_natural(params_p.to(wide)), family.to_natural(params_q.to(wide))
+    return bregman_divergence(family, eta_p, eta_q).to(params.dtype)
+
+
+#: Gauss-Legendre rule on [0, 1] for the integral form of Taylor's remainder in ``bregman_divergence``
+_NODES, _WEIGHTS = (torch.from_numpy(x) for x in numpy.polynomial.legendre.leggauss(16))
+_NODES, _WEIGHTS = (_NODES + 1) / 2, _WEIGHTS / 2
+#: below this fraction of the terms it is computed from, the direct Bregman form has lost too many digits
+_CANCELLATION = 1e-3
+
+
+def bregman_divergence(family, eta_p: torch.Tensor, eta_q: torch.Tensor) -> torch.Tensor:
+    r""":math:`A(\eta_q) - A(\eta_p) - \langle\eta_q - \eta_p, \nabla A(\eta_p)\rangle`, accurate also for nearly
+    equal experts.
+
+    The direct form subtracts terms of the size of :math:`A` to get a second-order quantity, so for nearly equal
+    experts it keeps few digits or turns negative. Where it falls below ``1e-3`` of its terms, the integral form
+    of Taylor's remainder :math:`\int_0^1 (1-t)\,\delta^\top\nabla^2A(\eta_p + t\delta)\,\delta\,dt`
+    (:math:`\delta = \eta_q - \eta_p`; 16-point Gauss-Legendre, the curvature by double differentiation of
+    :math:`A`) is used instead: a positive integrand, no cancellation, and on so short a path the rule is exact to
+    rounding."""
+    delta = eta_q - eta_p
+    log_normalizer_p, log_normalizer_q = family.log_normalizer(eta_p), family.log_normalizer(eta_q)
+    linear = (delta * family.mean_parameters(eta_p)).sum(-1)
+    direct = log_normalizer_q - log_normalizer_p - linear
+    scale = log_normalizer_q.abs() + log_normalizer_p.abs() + linear.abs()
+    cancelled = (direct.abs() < _CANCELLATION * scale).detach()
+    if not bool(cancelled.any()):
+        return direct
+    return torch.where(cancelled, _taylor_remainder(family, eta_p, delta), direct)
+
+
+def _taylor_remainder(family, eta_p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    nodes = _NODES.to(eta_p).reshape((-1,) + (1,) * eta_p.dim())
+    weights = (_WEIGHTS.to(eta_p) * (1 - _NODES.to(eta_p))).reshape((-1,) + (1,) * (eta_p.dim() - 1))
+    keep_graph = eta_p.requires_grad or delta.requires_grad
+    with torch.enable_grad():
+        step = torch.zeros(nodes.shape[:1] + eta_p.shape[:-1] + (1,), dtype=eta_p.dtype, device=eta_p.device,
+                           requires_grad=True)
+        along = family.log_normalizer(eta_p + (nodes + step) * delta)  # A on the path, moved by `step` along delta
+        (slope,) = torch.autograd.grad(along.sum(), step, create_graph=True)
+        (curvature,) = torch.autograd.grad(slope.sum(), step, create_graph=keep_graph)
+    return (weights * curvature.squeeze(-1)).sum(0)
 
 
 def renyi_divergence(p, q, a: float) -> torch.Tensor:

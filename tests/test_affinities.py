@@ -116,3 +116,26 @@ def test_full_gaussian_affinities_against_closed_forms():
     kl = 0.5 * (torch.trace(torch.linalg.solve(s2, s1)) + (m2 - m1) @ torch.linalg.solve(s2, m2 - m1) - 3
                 + torch.logdet(s2) - torch.logdet(s1))
     assert op.kl_divergence(p, q).item() == pytest.approx(kl.item(), rel=1e-10)
+
+
+def test_kl_of_nearly_equal_experts_keeps_its_digits_and_gradient():
+    """The Bregman form cancels for nearly equal experts (it gave a negative KL); the remainder form does not."""
+    import mpmath
+
+    r1, r2 = 100.0, 100.001
+    with mpmath.workdps(40):
+        exact = float(mpmath.mpf(r1) * mpmath.log(mpmath.mpf(r1) / mpmath.mpf(r2)) - r1 + mpmath.mpf(r2))
+    rate = torch.tensor(r2, dtype=torch.float64, requires_grad=True)
+    kl = op.kl_divergence(Poisson(torch.tensor(r1, dtype=torch.float64)), Poisson(rate))
+    assert float(kl) == pytest.approx(exact, rel=1e-8)
+    kl.backward()
+    assert float(rate.grad) == pytest.approx(1 - r1 / r2, rel=1e-8)  # d/dr2 of r1 log(r1/r2) - r1 + r2
+    # float32 experts: computed in float64 from the float32 parameters, so positive and close to their KL
+    low = op.kl_divergence(Poisson(torch.tensor(r1, dtype=torch.float32)), Poisson(torch.tensor(r2, dtype=torch.float32)))
+    assert low.dtype == torch.float32 and 0 < float(low) == pytest.approx(exact, rel=0.05)
+    # far apart the direct form is kept: equal to the closed form
+    far = op.kl_divergence(Gamma(torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)),
+                           Gamma(torch.tensor(5.0, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64)))
+    closed = ((2.0 - 5.0) * float(torch.digamma(torch.tensor(2.0, dtype=torch.float64))) - math.lgamma(2.0)
+              + math.lgamma(5.0) + 5.0 * (math.log(1.0) - math.log(3.0)) + 2.0 * (3.0 - 1.0) / 1.0)
+    assert float(far) == pytest.approx(closed, rel=1e-12)
