@@ -337,6 +337,35 @@ def test_sigterm_and_sigint_save_at_the_next_step_then_stop(tiny_root, monkeypat
     assert finite_checkpoint(tiny_root / "runs" / "int" / "checkpoint.pt")["step"] == 4
 
 
+def interrupted_replica(rank, world, port, root, out):
+    """One of two gloo processes; only rank 1 receives SIGTERM (at its second step)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_default_dtype(torch.float32)
+    if rank == 1:
+        signal_at_step(pytest.MonkeyPatch(), signal.SIGTERM, 2)
+    try:
+        train(tiny_config(root, "ddp", num_threads=1, tensorboard="false"), show_progress=False)
+        outcome = "finished"
+    except TrainingInterrupted as stop:
+        outcome = str(stop)
+    (out / f"rank{rank}.txt").write_text(outcome)
+
+
+@pytest.mark.slow
+@posix_only
+def test_a_signal_to_one_replica_stops_every_replica_at_the_same_step(tiny_root, tmp_path):
+    import torch.multiprocessing as mp
+    from test_mvae_distributed import free_port
+
+    mp.spawn(interrupted_replica, args=(2, free_port(), tiny_root, tmp_path), nprocs=2)
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.txt").read_text().startswith("SIGTERM: training stopped after step 2; ")
+    state = finite_checkpoint(tiny_root / "runs" / "ddp" / "checkpoint.pt")
+    assert (state["step"], state["finished"]) == (2, False)
+    assert [s for s, _ in losses(tiny_root / "runs" / "ddp")] == [1, 2]
+
+
 KILLER = r"""
 import json, os, signal, sys
 

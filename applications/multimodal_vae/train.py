@@ -284,13 +284,13 @@ class _StopRequests:
     def handle(self, signum, frame):
         if self.deferred and self.signum is None:
             self.signum = signum
-            print(f"{signal.Signals(signum).name}: stopping after this step and a checkpoint "
-                  f"(SIGINT again to stop at once)", flush=True)
+            print(f"{signal.Signals(signum).name}: stopping after this step and a checkpoint (SIGINT again to stop "
+                  "at once)", flush=True)
             return
         if self.deferred and signum != signal.SIGINT:
             return  # already stopping
-        raise TrainingInterrupted(f"{signal.Signals(signum).name}: training stopped at once; the run folder holds "
-                                  "its last checkpoint", signum)
+        raise TrainingInterrupted(f"{signal.Signals(signum).name}: training stopped at once; the run folder keeps "
+                                  "its last checkpoint, if any", signum)
 
 
 @contextlib.contextmanager
@@ -307,9 +307,8 @@ def _stop_requests():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
-def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, requests=None) -> Path:
+def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, requests) -> Path:
     checkpoint_path = run_dir / "checkpoint.pt"
-    requests = _StopRequests() if requests is None else requests
     writes = rank == 0
     if writes:  # what a killed run left
         remove_orphaned_temporaries(run_dir, RUN_FILES)
@@ -361,7 +360,7 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, re
         nonlocal saved_step
         # the last line of defence: a checkpoint never holds non-finite weights (every process agrees)
         finite = _all_finite([*model.state_dict().values(), *_tensors(optimizer.state_dict()["state"])])
-        if (_any_across([not finite], device)[0] if world > 1 else not finite):
+        if _all_any(not finite, device) if world > 1 else not finite:
             raise TrainingDiverged(f"non-finite weights at step {step} (epoch {epoch + 1}); refusing to save them; "
                                    f"no weights were written; last good checkpoint: {last_good()}")
         if writes:
@@ -437,14 +436,15 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, re
                 board.add_scalar("train/samples_per_second", batch * world / seconds, step)
             bar.set_postfix(loss=f"{loss_value:.1f}", samples_per_s=f"{batch * world / seconds:.0f}")
             over_time = config.train.max_minutes is not None and time.perf_counter() - start > 60 * config.train.max_minutes
-            interrupted = requests.signum is not None
-            if world > 1:  # every process stops at the same step
-                over_time, interrupted, bad_parameters = _any_across([over_time, interrupted, bad_parameters], device)
+            signum = requests.signum or 0
+            if world > 1:  # every process stops at the same step, for the same reason (one collective)
+                over_time, signum, bad_parameters = _max_across([over_time, signum, bad_parameters], device)
+                requests.signum = int(signum) or None
             if bad_parameters:
                 raise TrainingDiverged(f"non-finite parameters after the optimiser step {where} (loss {loss_value:.6g}; "
                                        f"is train.lr {config.train.lr:g} too large?); no weights were written; last "
                                        f"good checkpoint: {last_good()}")
-            if (config.train.max_steps is not None and step >= config.train.max_steps) or over_time or interrupted:
+            if (config.train.max_steps is not None and step >= config.train.max_steps) or over_time or signum:
                 stop = True
                 break
         if position == batches_per_epoch:
@@ -471,14 +471,14 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, re
 
 def _all_any(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` holds on any process."""
-    return _any_across([flag], device)[0]
+    return bool(_max_across([flag], device)[0])
 
 
-def _any_across(flags, device: torch.device) -> list[bool]:
-    """Whether each of ``flags`` holds on any process (one collective for all of them)."""
-    value = torch.tensor([float(f) for f in flags], device=device)
+def _max_across(values, device: torch.device) -> list[float]:
+    """The maximum over the processes of each of ``values`` (flags or small integers; one collective for all)."""
+    value = torch.tensor([float(v) for v in values], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in value.tolist()]
+    return value.tolist()
 
 
 def _all_finite(tensors) -> torch.Tensor:
