@@ -299,7 +299,9 @@ def _stop_requests():
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
         yield requests
         return
-    previous = {s: signal.signal(s, requests.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    # a signal ignored by whoever started us (SIGINT for a background job of a script) stays ignored
+    previous = {s: signal.signal(s, requests.handle) for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield requests
     finally:
