@@ -238,7 +238,7 @@ def test_each_dataset_trains_from_the_command_line(tmp_path, dataset, capsys):
         assert (run / name).stat().st_size > 0, name
     assert "input:" in (run / "samples.txt").read_text()
     config, model = load_run(run)
-    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert len(model.encoders) == m and config.data.dataset == dataset
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state["model"].items())
     # evaluation: coherence and probes where a digit is shared (MNIST-SVHN-Text), likelihoods everywhere, FID

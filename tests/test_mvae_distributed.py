@@ -44,7 +44,7 @@ def test_two_gloo_replicas_stay_identical(tiny_root, tmp_path):
     # only rank 0 wrote: one checkpoint, and one metrics row per step (2 epochs x 24 // 8 batches)
     run = tiny_root / "runs" / "ddp"
     assert [step for step, _ in losses(run)] == list(range(1, 7))
-    saved = torch.load(run / "checkpoint.pt", weights_only=False)
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(saved["model"][k], first[k]) for k in first)
 
 

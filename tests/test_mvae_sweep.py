@@ -37,15 +37,19 @@ def test_a_sweep_trains_evaluates_and_summarises_once(tiny_root):
     for figure in ("coherence_vs_log_likelihood.png", "metrics_vs_beta.png", "synergy.png"):
         assert (folder / figure).stat().st_size > 0 and f"]({figure})" in report
     assert not (folder / "coherence_vs_fid_unconditional.png").exists()  # FID was not computed
-    # a second call skips finished runs; a run without metrics is evaluated again, not retrained
+    # a second call skips finished runs; a run without metrics, or without its report (killed between the two),
+    # is evaluated again, not retrained
     redo = folder / "mopoe-beta1.0-seed1" / "metrics.json"
-    stamps = {p: p.stat().st_mtime_ns for p in folder.glob("*/metrics.json") if p != redo}
+    unreported = folder / "helvae-beta2.5-seed0" / "report.md"
+    stamps = {p: p.stat().st_mtime_ns for p in folder.glob("*/metrics.json") if p.parent not in (redo.parent,
+                                                                                                  unreported.parent)}
     redo.unlink()
-    checkpoint = (folder / "mopoe-beta1.0-seed1" / "checkpoint.pt").stat().st_mtime_ns
+    unreported.unlink()
+    checkpoints = {p: p.stat().st_mtime_ns for p in folder.glob("*/checkpoint.pt")}
     run_sweep(tiny_sweep(tiny_root), show_progress=False)
-    assert len(stamps) == 7 and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
-    assert redo.exists()
-    assert (folder / "mopoe-beta1.0-seed1" / "checkpoint.pt").stat().st_mtime_ns == checkpoint
+    assert len(stamps) == 6 and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert redo.exists() and unreported.exists()
+    assert len(checkpoints) == 8 and all(p.stat().st_mtime_ns == t for p, t in checkpoints.items())
 
 
 def test_pareto_front_and_aggregation_by_hand():

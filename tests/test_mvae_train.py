@@ -78,7 +78,7 @@ def test_nan_loss_stops_without_writing_weights(tiny_root, monkeypatch):
     with pytest.raises(TrainingDiverged, match=r"non-finite loss nan at step 5 \(epoch 2, batch 2\); no weights were "
                                                r"written; last good checkpoint: .*checkpoint.pt \(step 3\)"):
         train(config, show_progress=False)
-    assert torch.load(tiny_root / "runs" / "nan" / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert torch.load(tiny_root / "runs" / "nan" / "checkpoint.pt", weights_only=True)["step"] == 3
 
 
 def test_errors_before_any_work(tiny_root, capsys):
@@ -181,6 +181,6 @@ def test_compiled_networks_train_like_eager_ones(tiny_root):
     assert [s for s, _ in losses(compiled)] == [1, 2]
     for (_, a), (_, b) in zip(losses(eager), losses(compiled)):
         assert math.isclose(float(a), float(b), rel_tol=1e-4)
-    eager_state = torch.load(eager / "checkpoint.pt", weights_only=False)["model"]
-    compiled_state = torch.load(compiled / "checkpoint.pt", weights_only=False)["model"]
+    eager_state = torch.load(eager / "checkpoint.pt", weights_only=True)["model"]
+    compiled_state = torch.load(compiled / "checkpoint.pt", weights_only=True)["model"]
     assert eager_state.keys() == compiled_state.keys()  # compiled in place: checkpoints stay interchangeable

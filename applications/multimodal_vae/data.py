@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .files import atomic_write
+from .files import UnreadableFile, load_checked, remove_orphaned_temporaries, save_checked
 
 _PNG_NAME = re.compile(r"^(\d+)\.(\d)\.png$")
 
@@ -195,14 +196,23 @@ def read_png_tree(split_dir: Path, progress=None) -> tuple[torch.Tensor, torch.T
 
 
 def cached_tensors(folder: Path, listing: str, build) -> dict:
-    """``build()`` (a dict of tensors) cached in ``folder`` as ``.decoded-<hash of listing>.pt``, written atomically;
-    a changed ``listing`` (the source files) rebuilds it, a read-only folder goes without the cache."""
+    """``build()`` (a dict of tensors) cached in ``folder`` as ``.decoded-<hash of listing>.pt``, written atomically
+    with its SHA-256; a changed ``listing`` (the source files) rebuilds it, and so does a cache that is truncated,
+    corrupted or holds more than tensors (with a warning naming it); a read-only folder goes without the cache."""
     cache = Path(folder) / f".decoded-{hashlib.sha256(listing.encode()).hexdigest()[:16]}.pt"
+    remove_orphaned_temporaries(folder, [cache.name])  # of a process killed while writing it
     if cache.exists():
-        return torch.load(cache, weights_only=True)
+        try:
+            stored = load_checked(cache)
+            if stored and all(isinstance(v, torch.Tensor) for v in stored.values()):
+                return stored
+            problem = f"{cache} holds {sorted(stored)}, not a dict of tensors"
+        except UnreadableFile as error:
+            problem = str(error)
+        warnings.warn(f"{problem}; rebuilding it", stacklevel=2)
     tensors = build()
     try:
-        atomic_write(cache, lambda tmp: torch.save(tensors, tmp))
+        save_checked(cache, tensors)
     except OSError:
         pass
     return tensors

@@ -33,6 +33,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ from torch import nn
 import opinionpool.functional as F
 from opinionpool.families.gaussian import gaussian_mixture_moments
 
-from .files import atomic_write, write_text
+from .files import UnreadableFile, load_checked, remove_orphaned_temporaries, save_checked, write_text
 from .models import evaluating
 
 CLASSIFIER_EPOCHS = 5
@@ -138,15 +139,19 @@ def classifiers_for(root, dataset: str, train_data, test_data, progress=None) ->
     name = f".digit-classifiers-v3-{m}m.pt" if dataset == "polymnist" else f".digit-classifiers-{dataset}-v1.pt"
     cache = Path(root) / name
     classifiers = nn.ModuleList(make_classifier(modality, train_data.num_classes) for modality in train_data.modalities)
+    remove_orphaned_temporaries(root, [name])  # of a process killed while writing the cache
     if cache.exists():
-        stored = torch.load(cache, weights_only=True)
-        classifiers.load_state_dict(stored["state"])
-        return classifiers.eval(), stored["test_accuracy"]
+        try:  # a truncated, corrupted or unsafe cache is trained again
+            stored = load_checked(cache)
+            classifiers.load_state_dict(stored["state"])
+            return classifiers.eval(), list(stored["test_accuracy"])
+        except (UnreadableFile, KeyError, TypeError, RuntimeError) as error:
+            problem = str(error) if isinstance(error, UnreadableFile) else f"{cache} does not hold them ({error})"
+            warnings.warn(f"{problem}; training the classifiers again", stacklevel=2)
     classifiers = train_classifiers(train_data, progress=progress)
     test_accuracy = accuracy(classifiers, test_data).tolist()
     try:
-        atomic_write(cache, lambda tmp: torch.save({"state": classifiers.state_dict(),
-                                                    "test_accuracy": test_accuracy}, tmp))
+        save_checked(cache, {"state": classifiers.state_dict(), "test_accuracy": test_accuracy})
     except OSError:  # a read-only data folder: keep the classifiers in memory only
         pass
     return classifiers, test_accuracy
@@ -283,7 +288,7 @@ def training_status(run_dir) -> dict | None:
     path = Path(run_dir) / "checkpoint.pt"
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    state = load_checked(path, map_location="cpu")
     if "planned_steps" not in state:
         return None
     return {"steps": state["step"], "planned_steps": state["planned_steps"], "stopped_by": state["stopped_by"]}

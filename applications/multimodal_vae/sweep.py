@@ -2,12 +2,13 @@
 
 ``python -m applications.multimodal_vae sweep --preset polymnist-cpu [--set key=value ...]`` reads
 ``sweeps/{preset}.yaml``. Every run is an ordinary run folder under ``{output_dir}/{name}/`` named
-``{model}-beta{beta}-seed{seed}``: a finished run with ``metrics.json`` is skipped, an interrupted one resumes from
-its checkpoint, a trained but unevaluated one is only evaluated. The sweep then writes ``results.csv`` (one row
-per run), ``report.md`` (mean ± std over seeds) and the figures of the HELVAE paper's experiments: coherence vs
-FID and vs log-likelihood with Pareto fronts (Figure 3), metrics vs beta (Figure 6), coherence and FID vs the
-number of input modalities (Figure 5), and seconds per training batch per model (Table 6; medians of the
-per-step times logged by training, all runs on the device the sweep ran on).
+``{model}-beta{beta}-seed{seed}``: a run with all its outputs (``RUN_OUTPUTS``) is skipped, an interrupted one
+resumes from its checkpoint, a trained but unevaluated one (or one whose report is missing) is only evaluated.
+The sweep then writes ``results.csv`` (one row per run), ``report.md`` (mean ± std over seeds) and the figures
+of the HELVAE paper's experiments: coherence vs FID and vs log-likelihood with Pareto fronts (Figure 3), metrics
+vs beta (Figure 6), coherence and FID vs the number of input modalities (Figure 5), and seconds per training
+batch per model (Table 6; medians of the per-step times logged by training, all runs on the device the sweep ran
+on).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -30,6 +30,9 @@ SWEEPS = PRESETS.parent / "sweeps"
 FIELDS = ("model", "beta", "seed", "coherence", "cross_coherence", "unconditional_coherence", "log_likelihood",
           "conditional_log_likelihood", "probe_all", "probe_single", "fid_unconditional", "pairwise_mass",
           "seconds_per_batch", "coherence_by_inputs", "fid_by_inputs")
+#: what a run of the sweep has when it is done: its training log and its evaluation (metrics.json is written
+#: before report.md, so a run killed between them is evaluated again)
+RUN_OUTPUTS = ("metrics.csv", "metrics.json", "report.md")
 
 
 @dataclass
@@ -87,17 +90,16 @@ def run_sweep(sweep: SweepConfig, show_progress: bool = True) -> Path:
     from tqdm import tqdm
 
     from .evaluation import evaluate_run
-    from .train import load_run, train
+    from .train import load_checkpoint, load_run, train
 
     folder = Path(sweep.output_dir) / sweep.name
     rows = []
     for model, beta, seed in tqdm(grid(sweep), desc=f"sweep {sweep.name}", unit="run", disable=not show_progress):
         config = run_config(sweep, model, beta, seed)
         run_dir = folder / config.name
-        if not (run_dir / "metrics.json").exists():
+        if not all((run_dir / name).exists() for name in RUN_OUTPUTS):
             checkpoint = run_dir / "checkpoint.pt"
-            finished = checkpoint.exists() and torch.load(checkpoint, weights_only=False, map_location="cpu").get(
-                "finished", False)
+            finished = checkpoint.exists() and load_checkpoint(checkpoint).get("finished", False)
             if not finished:
                 train(config, resume=checkpoint.exists(), show_progress=show_progress)
             _, trained = load_run(run_dir)

@@ -3,9 +3,18 @@
 A run lives in ``{output_dir}/{name}/``: ``config.yaml`` (the resolved configuration), ``checkpoint.pt``,
 ``metrics.csv`` (one row per optimiser step), ``samples.png`` (inputs, their reconstructions from all modalities,
 and every modality generated from the first modality alone) and ``tensorboard/`` (the same scalars and grids).
-Every file is written to a temporary file and renamed. A checkpoint stores the model, the optimiser, the RNG
-states and the position in the epoch; the data order of an epoch is a function of (seed, epoch), so a resumed
-run continues exactly where an uninterrupted one would be.
+Every file is written to a temporary file, flushed to the disk and renamed; at each save the logs are written
+first and the checkpoint last (it is the commit point: a resumed run drops the log rows past its step), so a kill
+at any moment loses no row and leaves no half-written file (temporaries of killed processes are removed at the next
+start). A checkpoint stores the model, the optimiser, the RNG states and the position in the epoch as plain
+tensors, numbers and strings (loaded with ``weights_only=True``: loading never runs code) with a SHA-256 of its
+contents, checked on load; the data order of an epoch is a function of (seed, epoch), so a resumed run continues
+exactly where an uninterrupted one would be. A run folder can be moved or renamed and resumed from its new place.
+
+Divergence: the loss, the gradients and the parameters after each step are checked to be finite; a non-finite one
+stops training (``TrainingDiverged``) before any weights are written, and ``save`` refuses non-finite weights.
+SIGINT and SIGTERM stop training at the next step boundary after a checkpoint (``TrainingInterrupted``); a
+second SIGINT stops at once.
 
 Distributed data parallel: started by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), every process takes
 an equal share of each batch (NCCL on GPUs, gloo on the CPU), gradients are averaged, only rank 0 writes, and
@@ -15,10 +24,14 @@ rank, step), so a distributed run resumes deterministically but not onto the str
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +42,7 @@ import torch.distributed as dist
 from .config import Config, to_yaml
 from .data import LayoutError, Modality, MultimodalDataset, modality_mask, polymnist_modalities
 from .evaluation import pooling_diagnostics, subset_mask, training_notice
-from .files import atomic_write, write_text
+from .files import UnreadableFile, atomic_write, load_checked, remove_orphaned_temporaries, save_checked, write_text
 from .models import MultimodalVAE, evaluating
 from .networks import make_networks
 
@@ -37,10 +50,21 @@ METRIC_FIELDS = ("epoch", "step", "loss", "reconstruction", "kl", "seconds")
 SCALARS = ("loss", "reconstruction", "kl")
 #: pooling diagnostics at every checkpoint (see ``evaluation.pooling_diagnostics``)
 POOLING_FIELDS = ("epoch", "step", "mean_log_bhattacharyya", "pairwise_mass")
+#: the files ``train`` writes in a run folder (and ``evaluate`` beside them), whose orphaned temporaries it removes
+RUN_FILES = ("checkpoint.pt", "config.yaml", "metrics.csv", "pooling.csv", "samples.png", "samples.txt",
+             "metrics.json", "report.md")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; no weights were written after it."""
+    """The loss, a gradient or a parameter became NaN or infinite; no weights were written after it."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training (after a checkpoint when it came during the training loop)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,10 +128,62 @@ def _check_replicas_identical(model: torch.nn.Module, rank: int) -> None:
 
 
 def _without_budget(config: dict) -> dict:
-    """The settings a resumed run must share with its checkpoint (not its budget or its evaluation)."""
+    """The settings a resumed run must share with its checkpoint (not its budget, its evaluation, or where its
+    folder is: a moved or renamed run folder resumes)."""
     train = {k: v for k, v in config["train"].items()
              if k not in ("epochs", "max_steps", "max_minutes", "evaluate_at_end")}
-    return {**{k: v for k, v in config.items() if k != "eval"}, "train": train}
+    return {**{k: v for k, v in config.items() if k not in ("eval", "output_dir", "name")}, "train": train}
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "(missing)"
+
+
+_MISSING = _Missing()
+
+
+def _differences(saved, new, prefix: str = "") -> list[str]:
+    """``key: saved X, now Y`` for every dotted key whose value differs between two nested dicts."""
+    if not (isinstance(saved, dict) and isinstance(new, dict)):
+        return [] if saved == new else [f"{prefix}: saved {saved!r}, now {new!r}"]
+    found = []
+    for key in sorted(saved.keys() | new.keys(), key=str):
+        found += _differences(saved.get(key, _MISSING), new.get(key, _MISSING), f"{prefix}.{key}" if prefix else str(key))
+    return found
+
+
+def load_checkpoint(path: Path) -> dict:
+    """The checkpoint at ``path`` on the CPU, loaded without running code and checked (its SHA-256 when it holds
+    one, finite values, the keys a checkpoint has); an ``UnreadableFile`` naming it and saying what to do."""
+    advice = (f"; it cannot be resumed or evaluated: restore an intact copy of it, or remove {path} and train the run "
+              "again")
+    try:
+        state = load_checked(path, map_location="cpu")
+    except UnreadableFile as error:
+        raise UnreadableFile(f"{error}{advice}") from None
+    missing = [k for k in ("model", "optimizer", "rng", "epoch", "position", "step", "config") if k not in state]
+    if missing or not isinstance(state["model"], dict):
+        raise UnreadableFile(f"{path} is not a training checkpoint (missing {missing}){advice}")
+    return state
+
+
+def _describe(value) -> str:
+    return f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _restore_model(model: torch.nn.Module, saved: dict, path: Path) -> None:
+    """Load ``saved`` into ``model`` after checking that it holds every tensor with its shape and dtype (checkpoints
+    from before checksums are checked by this and by finiteness only)."""
+    expected = model.state_dict()
+    problems = [f"{k}: missing" for k in expected if k not in saved]
+    problems += [f"{k}: unexpected" for k in saved if k not in expected]
+    problems += [f"{k}: saved {_describe(v)}, model {_describe(expected[k])}" for k, v in saved.items()
+                 if k in expected and _describe(v) != _describe(expected[k])]
+    if problems:
+        raise UnreadableFile(f"{path} does not fit the model of its configuration ({'; '.join(problems[:5])}"
+                             f"{'; ...' if len(problems) > 5 else ''})")
+    model.load_state_dict(saved)
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -189,14 +265,55 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
         torch.set_num_threads(config.train.num_threads)
     rank, world, device = _start_replicas(resolve_device(config.train.device))
     try:
-        return _train(config, run_dir, resume, show_progress and rank == 0, rank, world, device, tqdm)
+        with _stop_requests() as requests:
+            return _train(config, run_dir, resume, show_progress and rank == 0, rank, world, device, tqdm, requests)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) -> Path:
+class _StopRequests:
+    """SIGINT and SIGTERM during training. While ``deferred`` (the training loop), the first one is recorded in
+    ``signum`` and the loop stops at the next step boundary after a checkpoint; otherwise, and for a second SIGINT,
+    ``TrainingInterrupted`` is raised at once (nothing is lost: every file is written atomically)."""
+
+    def __init__(self):
+        self.signum = None
+        self.deferred = False
+
+    def handle(self, signum, frame):
+        if self.deferred and self.signum is None:
+            self.signum = signum
+            print(f"{signal.Signals(signum).name}: stopping after this step and a checkpoint (SIGINT again to stop "
+                  "at once)", flush=True)
+            return
+        if self.deferred and signum != signal.SIGINT:
+            return  # already stopping
+        raise TrainingInterrupted(f"{signal.Signals(signum).name}: training stopped at once; the run folder keeps "
+                                  "its last checkpoint, if any", signum)
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    requests = _StopRequests()
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield requests
+        return
+    # a signal ignored by whoever started us (SIGINT for a background job of a script) stays ignored
+    previous = {s: signal.signal(s, requests.handle) for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield requests
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, requests) -> Path:
     checkpoint_path = run_dir / "checkpoint.pt"
+    writes = rank == 0
+    if writes:  # what a killed run left
+        remove_orphaned_temporaries(run_dir, RUN_FILES)
     batch_size = config.train.batch_size
     data = load_dataset(config).to(device)
     n = len(data) if config.data.train_subset is None else min(config.data.train_subset, len(data))
@@ -208,11 +325,13 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     epoch, position, step = 0, 0, 0
     if resume:
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        if _without_budget(state["config"]) != _without_budget(asdict(config)):
-            raise ValueError(f"--resume: the configuration differs from the one saved in {checkpoint_path} "
-                             "(only train.epochs, train.max_steps and train.max_minutes may change)")
-        model.load_state_dict(state["model"])
+        state = load_checkpoint(checkpoint_path)
+        differences = _differences(_without_budget(state["config"]), _without_budget(asdict(config)))
+        if differences:
+            raise ValueError(f"--resume: the configuration differs from the one saved in {checkpoint_path}: "
+                             f"{'; '.join(differences)} (only train.epochs, train.max_steps and train.max_minutes "
+                             "may change)")
+        _restore_model(model, state["model"], checkpoint_path)
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
@@ -223,10 +342,11 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
         network = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     else:
         network = model
-    writes = rank == 0
     board = None
     if writes:
         write_text(run_dir / "config.yaml", to_yaml(config))
+        if not resume:  # the events of a run killed before its first checkpoint
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
         if config.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -235,29 +355,38 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
     pooling = _read_csv(run_dir / "pooling.csv", step)
     saved_step = step if resume else None
 
+    def last_good() -> str:
+        return "none yet" if saved_step is None else f"{checkpoint_path} (step {saved_step})"
+
     def save(finished: bool):
         nonlocal saved_step
+        # the last line of defence: a checkpoint never holds non-finite weights (every process agrees)
+        finite = _all_finite([*model.state_dict().values(), *_tensors(optimizer.state_dict()["state"])])
+        if _all_any(not finite, device) if world > 1 else not finite:
+            raise TrainingDiverged(f"non-finite weights at step {step} (epoch {epoch + 1}); refusing to save them; "
+                                   f"no weights were written; last good checkpoint: {last_good()}")
+        if writes:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                     "epoch": epoch, "position": position, "step": step, "config": asdict(config),
+                     "modalities": [asdict(m) for m in data.modalities], "finished": finished,
+                     "planned_steps": planned, "stopped_by": stopped_by}
+            # the logs first, the checkpoint last: a kill in between leaves rows past the checkpoint's step, which
+            # a resumed run drops, never a checkpoint whose rows are missing
+            _write_csv(run_dir / "metrics.csv", metrics, METRIC_FIELDS)
+            shown = data.gather(torch.arange(min(n, 500), device=device))
+            grid = sample_grid(model, shown, data.modalities, run_dir / "samples.png")
+            diagnostics = pooling_diagnostics(model, shown)
+            pooling.append({"epoch": epoch, "step": step, **{k: f"{v:.6g}" for k, v in diagnostics.items()}})
+            _write_csv(run_dir / "pooling.csv", pooling, POOLING_FIELDS)
+            if board is not None and grid.numel():
+                board.add_image("samples", grid, step, dataformats="HWC")
+            if board is not None:
+                for key, value in diagnostics.items():
+                    board.add_scalar(f"pooling/{key}", value, step)
+                board.flush()
+            save_checked(checkpoint_path, state)
         saved_step = step
-        if not writes:
-            return
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                 "epoch": epoch, "position": position, "step": step, "config": asdict(config),
-                 "modalities": [asdict(m) for m in data.modalities], "finished": finished,
-                 "planned_steps": planned, "stopped_by": stopped_by}
-        atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
-        _write_csv(run_dir / "metrics.csv", metrics, METRIC_FIELDS)
-        shown = data.gather(torch.arange(min(n, 500), device=device))
-        grid = sample_grid(model, shown, data.modalities, run_dir / "samples.png")
-        diagnostics = pooling_diagnostics(model, shown)
-        pooling.append({"epoch": epoch, "step": step, **{k: f"{v:.6g}" for k, v in diagnostics.items()}})
-        _write_csv(run_dir / "pooling.csv", pooling, POOLING_FIELDS)
-        if board is not None and grid.numel():
-            board.add_image("samples", grid, step, dataformats="HWC")
-        if board is not None:
-            for key, value in diagnostics.items():
-                board.add_scalar(f"pooling/{key}", value, step)
-            board.flush()
 
     # distributed: every batch is complete, so each process takes an equal share
     batches_per_epoch = n // batch_size if world > 1 else math.ceil(n / batch_size)
@@ -269,6 +398,7 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.precision == "bf16")
     start = time.perf_counter()
     stop = False
+    requests.deferred = True
     model.train()
     # one bar over the planned steps, so that its estimate is the time left for the whole training
     bar = tqdm(total=planned, initial=step, unit="step", disable=not show_progress)
@@ -283,18 +413,26 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
             tic = time.perf_counter()
             with autocast:
                 out = network(x, present)
-            values = torch.stack([out[key].detach().float() for key in SCALARS])
-            if world > 1:
-                dist.all_reduce(values)
-                values /= world
-            loss_value, reconstruction_value, kl_value = values.tolist()
-            if not math.isfinite(loss_value):
-                last = "none yet" if saved_step is None else f"{checkpoint_path} (step {saved_step})"
-                raise TrainingDiverged(f"non-finite loss {loss_value} at step {step + 1} (epoch {epoch + 1}, "
-                                       f"batch {b + 1}); no weights were written; last good checkpoint: {last}")
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
+            # the step is taken only with a finite loss and finite gradients (on every process: the flag is summed)
+            grads_finite = _all_finite([p.grad for p in model.parameters() if p.grad is not None])
+            values = torch.stack([*(out[key].detach().float() for key in SCALARS),
+                                  (~grads_finite).float().to(out["loss"].device)])
+            if world > 1:
+                dist.all_reduce(values)
+                values[:len(SCALARS)] /= world
+            loss_value, reconstruction_value, kl_value, bad_gradients = values.tolist()
+            where = f"at step {step + 1} (epoch {epoch + 1}, batch {b + 1})"
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(f"non-finite loss {loss_value} {where}; no weights were written; "
+                                       f"last good checkpoint: {last_good()}")
+            if bad_gradients:
+                raise TrainingDiverged(f"non-finite gradients {where} behind the finite loss {loss_value:.6g}; the "
+                                       f"step was not taken; no weights were written; last good checkpoint: "
+                                       f"{last_good()}")
             optimizer.step()
+            bad_parameters = not bool(_all_finite(list(model.parameters())))
             step += 1
             bar.update()
             position = b + 1
@@ -308,9 +446,15 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
                 board.add_scalar("train/samples_per_second", batch * world / seconds, step)
             bar.set_postfix(loss=f"{loss_value:.1f}", samples_per_s=f"{batch * world / seconds:.0f}")
             over_time = config.train.max_minutes is not None and time.perf_counter() - start > 60 * config.train.max_minutes
-            if world > 1:  # every process stops at the same step
-                over_time = _all_any(over_time, device)
-            if (config.train.max_steps is not None and step >= config.train.max_steps) or over_time:
+            signum = requests.signum or 0
+            if world > 1:  # every process stops at the same step, for the same reason (one collective)
+                over_time, signum, bad_parameters = _max_across([over_time, signum, bad_parameters], device)
+                requests.signum = int(signum) or None
+            if bad_parameters:
+                raise TrainingDiverged(f"non-finite parameters after the optimiser step {where} (loss {loss_value:.6g}; "
+                                       f"is train.lr {config.train.lr:g} too large?); no weights were written; last "
+                                       f"good checkpoint: {last_good()}")
+            if (config.train.max_steps is not None and step >= config.train.max_steps) or over_time or signum:
                 stop = True
                 if over_time and step < planned:
                     stopped_by = f"train.max_minutes={config.train.max_minutes}"
@@ -318,15 +462,21 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
         if position == batches_per_epoch:
             epoch, position = epoch + 1, 0
         if stop or epoch % config.train.checkpoint_every == 0 or epoch == config.train.epochs:
-            save(finished=stop or epoch == config.train.epochs)
+            # a run stopped by a signal is not finished: a sweep resumes it
+            save(finished=(stop and requests.signum is None) or epoch == config.train.epochs)
+    requests.deferred = False
     bar.close()
     notice = training_notice({"steps": step, "planned_steps": planned, "stopped_by": stopped_by})
-    if notice and writes:
+    if notice and writes and requests.signum is None:
         print(f"warning: {notice}")
     if world > 1:
         _check_replicas_identical(model, rank)
     if board is not None:
         board.close()
+    if requests.signum is not None:
+        name = signal.Signals(requests.signum).name
+        raise TrainingInterrupted(f"{name}: training stopped after step {step}; {checkpoint_path} holds it; "
+                                  "continue with --resume", requests.signum)
     if config.train.evaluate_at_end and writes:
         from .evaluation import evaluate_run
 
@@ -337,9 +487,30 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm) ->
 
 def _all_any(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` holds on any process."""
-    value = torch.tensor([float(flag)], device=device)
+    return bool(_max_across([flag], device)[0])
+
+
+def _max_across(values, device: torch.device) -> list[float]:
+    """The maximum over the processes of each of ``values`` (flags or small integers; one collective for all)."""
+    value = torch.tensor([float(v) for v in values], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return value.tolist()
+
+
+def _all_finite(tensors) -> torch.Tensor:
+    """A boolean scalar on the tensors' device: every floating tensor in ``tensors`` is finite. (Their minima and
+    maxima are: NaN propagates into both, an infinity shows in one; one pass each, many times faster than
+    ``isfinite().all()`` on the CPU, and unlike a sum it cannot overflow.)"""
+    extremes = [e.float() for t in tensors if t.is_floating_point() and t.numel() for e in torch.aminmax(t.detach())]
+    return torch.stack(extremes).isfinite().all() if extremes else torch.tensor(True)
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors in a nest of dicts and lists (an optimiser's state)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return [t for item in items for t in _tensors(item)]
 
 
 def summary_line(metrics: dict, run_dir: Path) -> str:
@@ -358,10 +529,11 @@ def load_run(run_dir: Path, overrides=()):
     from .config import load_config
 
     config = load_config(path=Path(run_dir) / "config.yaml", overrides=overrides)
-    state = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    checkpoint_path = Path(run_dir) / "checkpoint.pt"
+    state = load_checkpoint(checkpoint_path)
     modalities = ([Modality(m["name"], tuple(m["shape"]), m["vocabulary"] and tuple(m["vocabulary"]))
                    for m in state["modalities"]] if "modalities" in state
                   else polymnist_modalities(config.data.num_modalities))  # checkpoints from before heterogeneous data
     model = make_model(config, modalities)
-    model.load_state_dict(state["model"])
+    _restore_model(model, state["model"], checkpoint_path)
     return config, model

@@ -1,0 +1,505 @@
+"""Reliability of the multimodal VAE application's files and training loop: loading never runs code, damaged
+checkpoints and caches are caught (caches rebuilt), the NaN stop is true, and a kill or a signal at any moment
+loses nothing (the fault-injection test SIGKILLs tiny runs inside every write of ``save``)."""
+
+import csv
+import json
+import math
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+import torch
+from test_mvae_train import losses, tiny_config
+
+from applications.multimodal_vae import files
+from applications.multimodal_vae.__main__ import main
+from applications.multimodal_vae.config import to_yaml
+from applications.multimodal_vae.data import cached_tensors
+from applications.multimodal_vae.files import UnreadableFile, owner_tag
+from applications.multimodal_vae.train import TrainingDiverged, TrainingInterrupted, load_run, train
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="needs POSIX processes and signals")
+
+
+@pytest.fixture(autouse=True)
+def _float32():
+    torch.set_default_dtype(torch.float32)
+
+
+class CreatesAFile:
+    """Unpickling it opens (so creates) ``path`` for writing: what a hostile checkpoint could do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def run_files(run):
+    return sorted(p.name for p in run.iterdir())
+
+
+def finite_checkpoint(path) -> dict:
+    state = torch.load(path, weights_only=True)
+    assert all(v.isfinite().all() for v in state["model"].values())
+    return state
+
+
+# 1. loading files never runs code; damaged files are caught
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_everywhere(tiny_root):
+    from applications.multimodal_vae.sweep import SweepConfig, run_sweep
+
+    marker = tiny_root / "pwned"
+    config = tiny_config(tiny_root, "hostile")
+    run = tiny_root / "runs" / "hostile"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(config))
+    torch.save({"model": {}, "step": 1, "payload": CreatesAFile(marker)}, run / "checkpoint.pt")
+    refused = r"refusing to load .*hostile/checkpoint.pt: it holds objects other than tensors.*could run code"
+    with pytest.raises(UnreadableFile, match=refused):  # evaluate
+        load_run(run)
+    with pytest.raises(UnreadableFile, match=refused):  # train --resume
+        train(config, resume=True, show_progress=False)
+    sweep = SweepConfig(name="s", base="polymnist-helvae", overrides=[f"data.root={tiny_root / 'data'}"],
+                        models=["helvae"], betas=[1.0], seeds=[0], output_dir=str(tiny_root / "sweeps"))
+    sweep_run = tiny_root / "sweeps" / "s" / "helvae-beta1.0-seed0"
+    sweep_run.mkdir(parents=True)
+    shutil.copy(run / "checkpoint.pt", sweep_run / "checkpoint.pt")
+    with pytest.raises(UnreadableFile, match=refused.replace("hostile", "helvae-beta1.0-seed0")):
+        run_sweep(sweep, show_progress=False)
+    assert not marker.exists()
+    # the file is live: unpickling its payload without the safe loader creates the marker
+    with zipfile.ZipFile(run / "checkpoint.pt") as archive:
+        payload = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    pickle.loads(payload)
+    assert marker.exists()
+
+
+def test_truncated_bit_flipped_and_old_checkpoints(tiny_root):
+    config = tiny_config(tiny_root, "damaged", epochs=1, tensorboard="false")
+    run = train(config, show_progress=False)
+    path = run / "checkpoint.pt"
+    good = path.read_bytes()
+    state = torch.load(path, weights_only=True)
+    key = max(state["model"], key=lambda k: state["model"][k].numel())
+    tensor = state["model"][key]
+
+    path.write_bytes(good[:len(good) // 2])
+    for attempt in (lambda: load_run(run), lambda: train(config, resume=True, show_progress=False)):
+        with pytest.raises(UnreadableFile, match=r"damaged/checkpoint.pt is truncated or corrupted .*restore an "
+                                                 r"intact copy of it, or remove .*checkpoint.pt and train"):
+            attempt()
+
+    # one flipped bit in the lowest mantissa byte of a weight: still finite, and torch.load accepts the file
+    offset = good.find(tensor.numpy().tobytes())
+    assert offset > 0
+    flipped = bytearray(good)
+    flipped[offset] ^= 1
+    path.write_bytes(bytes(flipped))
+    changed = torch.load(path, weights_only=True)["model"][key]
+    assert changed.isfinite().all() and (changed != tensor).sum() == 1
+    with pytest.raises(UnreadableFile, match=r"damaged/checkpoint.pt is corrupted: its contents do not match the "
+                                             r"SHA-256 stored in it"):
+        load_run(run)
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "polymnist-helvae", "--set", *overrides_of(tiny_root, "damaged", epochs=2),
+              "--resume"])
+
+    # a checkpoint from before checksums loads, with its values checked
+    del state["sha256"]
+    torch.save(state, path)
+    _, model = load_run(run)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state["model"].items())
+    state["model"][key] = tensor.clone().index_fill_(0, torch.tensor([0]), float("nan"))
+    torch.save(state, path)
+    with pytest.raises(UnreadableFile, match=rf"damaged/checkpoint.pt holds non-finite values in model.{key}"):
+        load_run(run)
+    state["model"][key] = tensor[:1].clone()
+    torch.save(state, path)
+    with pytest.raises(UnreadableFile, match=rf"does not fit the model of its configuration \({key}: saved "):
+        load_run(run)
+
+
+def overrides_of(root, name, **train):
+    overrides = [f"data.root={root / 'data'}", "data.build_offline=false", "data.num_modalities=3",
+                 "model.latent_dim=4", "model.architecture=conv", "train.batch_size=8", "train.device=cpu",
+                 f"output_dir={root / 'runs'}", f"name={name}", "data.drop_rate=0.3", "train.tensorboard=false"]
+    return overrides + [f"train.{k}={v}" for k, v in train.items()]
+
+
+def test_a_damaged_data_cache_is_rebuilt(tmp_path):
+    built = []
+
+    def build():
+        built.append(1)
+        return {"images": torch.arange(24, dtype=torch.uint8).reshape(2, 3, 4), "labels": torch.arange(2)}
+
+    expected = build()
+    built.clear()
+    assert all(torch.equal(cached_tensors(tmp_path, "listing", build)[k], v) for k, v in expected.items())
+    (cache,) = tmp_path.glob(".decoded-*.pt")
+    assert len(built) == 1 and torch.equal(cached_tensors(tmp_path, "listing", build)["images"], expected["images"])
+    assert len(built) == 1  # loaded, not rebuilt
+    good = cache.read_bytes()
+    offset = good.find(expected["images"].numpy().tobytes())
+    flipped = bytearray(good)
+    flipped[offset + 5] ^= 4
+    for damaged, why in ((good[:len(good) // 3], "is truncated or corrupted"),
+                         (bytes(flipped), "is corrupted: its contents do not match the SHA-256")):
+        cache.write_bytes(damaged)
+        with pytest.warns(UserWarning, match=rf"{cache.name} {why}.*; rebuilding it"):
+            again = cached_tensors(tmp_path, "listing", build)
+        assert all(torch.equal(again[k], v) for k, v in expected.items())
+        assert cache.read_bytes() != damaged and cached_tensors(tmp_path, "listing", build)["labels"].tolist() == [0, 1]
+    assert len(built) == 3
+
+
+def test_a_damaged_classifier_cache_is_trained_again(tiny_root, monkeypatch):
+    from applications.multimodal_vae import evaluation
+    from applications.multimodal_vae.data import PolyMNIST
+
+    train_data, test_data = (PolyMNIST(tiny_root / "data", split) for split in ("train", "test"))
+    trained = []
+    original = evaluation.train_classifiers
+    monkeypatch.setattr(evaluation, "train_classifiers",
+                        lambda *a, **k: trained.append(1) or original(*a, **k, epochs=1))
+    first, accuracy = evaluation.classifiers_for(tiny_root / "data", "polymnist", train_data, test_data)
+    cache = tiny_root / "data" / ".digit-classifiers-v3-3m.pt"
+    good = cache.read_bytes()
+    assert evaluation.classifiers_for(tiny_root / "data", "polymnist", train_data, test_data)[1] == accuracy
+    assert len(trained) == 1
+    cache.write_bytes(good[:len(good) - 100])
+    with pytest.warns(UserWarning, match=r"digit-classifiers-v3-3m.pt is truncated or corrupted .*training the "
+                                         r"classifiers again"):
+        again, accuracy_again = evaluation.classifiers_for(tiny_root / "data", "polymnist", train_data, test_data)
+    assert len(trained) == 2 and accuracy_again == accuracy
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert files.load_checked(cache)["test_accuracy"] == accuracy  # rewritten, intact
+
+
+# 2. the NaN stop is true
+
+
+class NanGradient(torch.autograd.Function):
+    """The identity whose backward pass returns NaN: a NaN gradient behind a finite loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_a_nan_gradient_behind_a_finite_loss_stops_before_the_checkpoint_is_overwritten(tiny_root, monkeypatch):
+    from applications.multimodal_vae import models
+
+    calls = {"n": 0}
+    original = models.MultimodalVAE.forward
+
+    def poisoned(self, x, present=None):
+        out = original(self, x, present)
+        calls["n"] += 1
+        if calls["n"] == 6:  # the last step of epoch 2, just before its checkpoint
+            out["loss"] = NanGradient.apply(out["loss"])
+        return out
+
+    monkeypatch.setattr(models.MultimodalVAE, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"non-finite gradients at step 6 \(epoch 2, batch 3\) behind the finite "
+                                               r"loss [0-9.]+; the step was not taken; no weights were written; last "
+                                               r"good checkpoint: .*nan/checkpoint.pt \(step 3\)"):
+        train(tiny_config(tiny_root, "nan", epochs=3, tensorboard="false"), show_progress=False)
+    assert finite_checkpoint(tiny_root / "runs" / "nan" / "checkpoint.pt")["step"] == 3
+
+
+def test_an_infinite_learning_rate_mid_run_stops_with_the_last_finite_checkpoint(tiny_root, monkeypatch):
+    steps = {"n": 0}
+    original = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        steps["n"] += 1
+        if steps["n"] == 5:  # as a config check would not see: the learning rate blows up mid-run
+            for group in self.param_groups:
+                group["lr"] = float("inf")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    with pytest.raises(TrainingDiverged, match=r"non-finite parameters after the optimiser step at step 5 \(epoch 2, "
+                                               r"batch 2\) .*no weights were written; last good checkpoint: "
+                                               r".*lr/checkpoint.pt \(step 3\)"):
+        train(tiny_config(tiny_root, "lr", tensorboard="false"), show_progress=False)
+    assert finite_checkpoint(tiny_root / "runs" / "lr" / "checkpoint.pt")["step"] == 3
+
+
+def test_save_refuses_a_non_finite_optimiser_state(tiny_root, monkeypatch):
+    """What the per-step checks do not see (the optimiser's moments) is still never written."""
+    steps = {"n": 0}
+    original = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        steps["n"] += 1
+        if steps["n"] == 3:
+            next(iter(self.state.values()))["exp_avg_sq"].fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    with pytest.raises(TrainingDiverged, match=r"non-finite weights at step 3 \(epoch 2\); refusing to save them; no "
+                                               r"weights were written; last good checkpoint: none yet"):
+        train(tiny_config(tiny_root, "moments", tensorboard="false"), show_progress=False)
+    assert not (tiny_root / "runs" / "moments" / "checkpoint.pt").exists()
+
+
+# 6. nothing lost on a kill, a signal or a move
+
+
+def test_a_moved_run_resumes_and_a_changed_setting_is_named(tiny_root):
+    train(tiny_config(tiny_root, "before", max_steps=2, tensorboard="false"), show_progress=False)
+    moved = tiny_root / "elsewhere"
+    moved.mkdir()
+    (tiny_root / "runs" / "before").rename(moved / "after")
+    config = tiny_config(tiny_root, "after", tensorboard="false")
+    config.output_dir = str(moved)
+    run = train(config, resume=True, show_progress=False)
+    assert run == moved / "after" and [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
+    saved_beta = config.model.beta
+    config.model.beta, config.data.drop_rate = saved_beta + 1, 0.0
+    with pytest.raises(ValueError, match=rf"the configuration differs from the one saved in .*after/checkpoint.pt: "
+                                         rf"data.drop_rate: saved 0.3, now 0.0; model.beta: saved {saved_beta}, now "
+                                         rf"{saved_beta + 1} \(only"):
+        train(config, resume=True, show_progress=False)
+
+
+@pytest.fixture
+def signals_fail_the_test():
+    """SIGTERM raises here instead of killing pytest, should training not handle it."""
+
+    class Unhandled(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Unhandled(f"signal {signum} reached the test")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def signal_at_step(monkeypatch, signum, at):
+    steps = {"n": 0}
+    original = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        steps["n"] += 1
+        if steps["n"] == at:
+            os.kill(os.getpid(), signum)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+
+
+@posix_only
+def test_sigterm_and_sigint_save_at_the_next_step_then_stop(tiny_root, monkeypatch, capsys, signals_fail_the_test):
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal_at_step(monkeypatch, signal.SIGTERM, 2)
+    args = ["train", "--preset", "polymnist-helvae", "--set", *overrides_of(tiny_root, "term", epochs=2)]
+    assert main(args) == 128 + signal.SIGTERM
+    run = tiny_root / "runs" / "term"
+    assert "SIGTERM: training stopped after step 2; " in capsys.readouterr().err
+    state = finite_checkpoint(run / "checkpoint.pt")
+    assert (state["step"], state["finished"]) == (2, False) and [s for s, _ in losses(run)] == [1, 2]
+    monkeypatch.undo()
+    assert main(args + ["--resume"]) == 0 and [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
+
+    signal_at_step(monkeypatch, signal.SIGINT, 4)
+    with pytest.raises(TrainingInterrupted, match="SIGINT: training stopped after step 4"):
+        train(tiny_config(tiny_root, "int", tensorboard="false"), show_progress=False)
+    assert finite_checkpoint(tiny_root / "runs" / "int" / "checkpoint.pt")["step"] == 4
+
+
+def interrupted_replica(rank, world, port, root, out):
+    """One of two gloo processes; only rank 1 receives SIGTERM (at its second step)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_default_dtype(torch.float32)
+    if rank == 1:
+        signal_at_step(pytest.MonkeyPatch(), signal.SIGTERM, 2)
+    try:
+        train(tiny_config(root, "ddp", num_threads=1, tensorboard="false"), show_progress=False)
+        outcome = "finished"
+    except TrainingInterrupted as stop:
+        outcome = str(stop)
+    (out / f"rank{rank}.txt").write_text(outcome)
+
+
+@pytest.mark.slow
+@posix_only
+def test_a_signal_to_one_replica_stops_every_replica_at_the_same_step(tiny_root, tmp_path):
+    import torch.multiprocessing as mp
+    from test_mvae_distributed import free_port
+
+    mp.spawn(interrupted_replica, args=(2, free_port(), tiny_root, tmp_path), nprocs=2)
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.txt").read_text().startswith("SIGTERM: training stopped after step 2; ")
+    state = finite_checkpoint(tiny_root / "runs" / "ddp" / "checkpoint.pt")
+    assert (state["step"], state["finished"]) == (2, False)
+    assert [s for s, _ in losses(tiny_root / "runs" / "ddp")] == [1, 2]
+
+
+KILLER = r"""
+import json, os, signal, sys
+
+import applications.multimodal_vae.files as files
+import applications.multimodal_vae.train as training
+from applications.multimodal_vae.config import load_config
+
+overrides, limit = json.loads(sys.argv[1])
+atomic_write = files.atomic_write
+killed = []
+for k in range(1, limit + 1):
+    pid = os.fork()  # this parent never runs a torch op, so forking is safe
+    if pid == 0:
+        count = [0]
+
+        def killing(path, write):
+            count[0] += 1
+            if count[0] != k:
+                return atomic_write(path, write)
+
+            def write_then_die(tmp):
+                write(tmp)
+                os.kill(os.getpid(), signal.SIGKILL)  # written, not yet renamed
+
+            return atomic_write(path, write_then_die)
+
+        files.atomic_write = training.atomic_write = killing
+        training.train(load_config("polymnist-helvae", overrides + [f"name=kill{k}"]), show_progress=False)
+        os._exit(0)
+    status = os.waitpid(pid, 0)[1]
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        break  # the run finished before a k-th write: every write has been cut
+    if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
+        sys.exit(f"run kill{k} ended with status {status}")
+    killed.append(k)
+print(json.dumps(killed))
+"""
+
+
+@pytest.mark.slow
+@posix_only
+def test_fault_injection_sigkill_inside_every_write_loses_nothing(tiny_root):
+    """Fault injection: SIGKILL a tiny run inside each of its atomic writes (after the temporary file is written,
+    before its rename), then restart it: every metric row exactly once and as in an uninterrupted run, TensorBoard
+    without duplicate steps, finite verified weights, no temporary file left."""
+    # 2 epochs of 2 steps (16 of the 24 training tuples): a checkpoint after steps 2 and 4
+    overrides = [o for o in overrides_of(tiny_root, "-", epochs=2) if not o.startswith(("name=", "train.tensorboard"))]
+    overrides.append("data.train_subset=16")
+    config = tiny_config(tiny_root, "reference")
+    config.data.train_subset = 16
+    reference = train(config, show_progress=False)  # the same settings, TensorBoard on
+    path = os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", KILLER, json.dumps([overrides, 20])], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "PYTHONPATH": path})
+    assert result.returncode == 0, result.stderr[-3000:]
+    killed = json.loads(result.stdout.strip().splitlines()[-1])
+    # config.yaml, then per save (after epochs 1 and 2): metrics.csv, samples.png, pooling.csv, checkpoint.pt
+    assert killed == list(range(1, 10))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from applications.multimodal_vae.train import load_checkpoint
+
+    for k in killed:
+        run = tiny_root / "runs" / f"kill{k}"
+        assert any(name.endswith(".tmp") for name in run_files(run)), k  # the kill left a temporary file
+        checkpoint = run / "checkpoint.pt"
+        if checkpoint.exists():
+            assert load_checkpoint(checkpoint)["step"] == 2, k  # the first save was committed, not the second
+        config.name = f"kill{k}"
+        train(config, resume=checkpoint.exists(), show_progress=False)
+        assert [s for s, _ in losses(run)] == [1, 2, 3, 4], k
+        assert all(math.isclose(float(a), float(b), rel_tol=1e-5) for (_, a), (_, b) in zip(losses(run),
+                                                                                          losses(reference))), k
+        with open(run / "pooling.csv") as handle:
+            assert [row["step"] for row in csv.DictReader(handle)] == ["2", "4"], k
+        assert not [name for name in run_files(run) if name.endswith(".tmp")], k
+        assert load_checkpoint(checkpoint)["step"] == 4
+        board = EventAccumulator(str(run / "tensorboard"))
+        board.Reload()
+        assert [e.step for e in board.Scalars("train/loss")] == [1, 2, 3, 4], k
+
+
+# files: fsync before the rename, orphans of killed writers
+
+
+def test_atomic_write_flushes_the_file_then_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")
+                                                                        if os.path.exists("/proc/self/fd") else fd))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
+    files.write_text(tmp_path / "out.txt", "hello")
+    assert (tmp_path / "out.txt").read_text() == "hello"
+    kinds = [e[0] for e in events]
+    assert kinds == ["fsync", "replace", "fsync"]
+    if os.path.exists("/proc/self/fd"):
+        assert events[0][1] == events[1][1] and events[2][1] == str(tmp_path)
+
+
+@posix_only
+def test_orphaned_temporaries_and_builds_are_removed_and_live_ones_kept(tmp_path):
+    from applications.multimodal_vae.build_polymnist import build
+
+    host = socket.gethostname()
+    dead, old = f"{dead_pid()}@{host}", time.time() - 2 * 86400
+    run = tmp_path / "run"
+    run.mkdir()
+    orphans = [".checkpoint.pt.abc123.tmp", f".checkpoint.pt.{dead}.x_1y.tmp", f".metrics.csv.{dead}.q.tmp",
+               ".checkpoint.pt.1@elsewhere.old.tmp"]
+    kept = [f".checkpoint.pt.{owner_tag()}.live.tmp", ".checkpoint.pt.1@elsewhere.new.tmp", ".notes.abc.tmp"]
+    for name in orphans + kept:
+        (run / name).write_text("x")
+    os.utime(run / ".checkpoint.pt.1@elsewhere.old.tmp", (old, old))
+    removed = files.remove_orphaned_temporaries(run, ["checkpoint.pt", "metrics.csv"])
+    assert sorted(p.name for p in removed) == sorted(orphans) and run_files(run) == sorted(kept)
+
+    root = tmp_path / "polymnist"
+    root.mkdir()
+    (root / "BUILD_INFO.json").write_text(json.dumps({"recipe_version": -1}))
+    stale = [".polymnist.building-abc123", f".polymnist.building-{dead}-k2j_x"]
+    live = [f".polymnist.building-{owner_tag()}-live1", ".polymnist-other.building-abc"]
+    for name in stale + live:
+        (tmp_path / name / "train").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="holds a different PolyMNIST build"):
+        build(root)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(live + ["polymnist", "run"])
+
+
+def test_train_removes_what_a_killed_run_left(tiny_root):
+    run = tiny_root / "runs" / "leftovers"
+    (run / "tensorboard").mkdir(parents=True)
+    (run / "tensorboard" / "events.out.tfevents.0.old").write_bytes(b"stale")
+    (run / ".checkpoint.pt.abc123.tmp").write_bytes(b"partial")
+    train(tiny_config(tiny_root, "leftovers", max_steps=1), show_progress=False)
+    assert not (run / ".checkpoint.pt.abc123.tmp").exists()
+    assert not (run / "tensorboard" / "events.out.tfevents.0.old").exists()
