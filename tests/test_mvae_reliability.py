@@ -93,7 +93,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_everywhere(tiny_root):
     assert marker.exists()
 
 
-def test_truncated_bit_flipped_and_old_checkpoints(tiny_root):
+def test_truncated_bit_flipped_and_old_checkpoints(tiny_root, capsys):
     config = tiny_config(tiny_root, "damaged", epochs=1, tensorboard="false")
     run = train(config, show_progress=False)
     path = run / "checkpoint.pt"
@@ -122,6 +122,7 @@ def test_truncated_bit_flipped_and_old_checkpoints(tiny_root):
     with pytest.raises(SystemExit):
         main(["train", "--preset", "polymnist-helvae", "--set", *overrides_of(tiny_root, "damaged", epochs=2),
               "--resume"])
+    assert "train: error: " in capsys.readouterr().err
 
     # a checkpoint from before checksums loads, with its values checked
     del state["sha256"]
