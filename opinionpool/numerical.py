@@ -142,6 +142,17 @@ def check_method(family: ExponentialFamily, method: str) -> str:
     return method
 
 
+def check_rtol(rtol) -> float:
+    """A relative tolerance: a real number in (0, 1)."""
+    try:
+        value = float(rtol)
+    except (TypeError, ValueError):
+        raise ValueError(f"rtol must be a real number in (0, 1), got {rtol!r}") from None
+    if isinstance(rtol, bool) or not 0 < value < 1:
+        raise ValueError(f"rtol must be a real number in (0, 1), got {rtol!r}")
+    return value
+
+
 def check_quantities(family: ExponentialFamily, quantities) -> frozenset:
     known = {"mean", "variance", "covariance", "expected_statistic"}
     wanted = frozenset(quantities)
@@ -169,6 +180,27 @@ def seeded(seed: int | None, generator: torch.Generator | None, device: torch.de
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def differentiable_log_normalizer(family, params, log_weights, alpha, log_z: torch.Tensor, nodes) -> torch.Tensor:
+    r"""``log_z`` (a detached estimate) carrying the gradient :math:`\nabla_\theta \log Z = E_{pool}[\nabla_\theta
+    \log u]` with respect to ``params`` and ``log_weights``, the expectation taken over the estimate's own weighted
+    points ``nodes`` (see :attr:`PoolEstimate.nodes`): for a quadrature rule or an exact sum this is the exact
+    gradient of the estimate; for importance samples, the self-normalised estimate from the same samples."""
+    points, log_w = nodes
+    with torch.no_grad():
+        pi = torch.softmax(log_w, dim=0)
+        # points of zero weight are moved to the heaviest one, so that log u and its gradient are finite everywhere
+        extra = points.dim() - pi.dim()
+        heaviest = pi.argmax(0, keepdim=True).reshape((1,) + pi.shape[1:] + (1,) * extra)
+        heaviest = torch.gather(points, 0, heaviest.expand((1,) + points.shape[1:]))
+        keep = (pi > 0).reshape(pi.shape + (1,) * extra)
+        points = torch.where(keep, points, heaviest)
+    high = torch.float64
+    points = points.to(high) if points.is_floating_point() else points
+    log_u = log_power_mean(expert_log_probs(family, params.to(high), points), log_weights.to(high), alpha)
+    surrogate = torch.where(pi > 0, pi.to(high) * log_u, torch.zeros_like(log_u)).sum(0)
+    return log_z + (surrogate - surrogate.detach()).to(log_z.dtype)
 
 
 # --------------------------------------------------------------------- weighted point sets
@@ -245,7 +277,7 @@ def enumerate_support(family, params, log_weights, alpha):
     return values, points, log_u, tail_bound
 
 
-def enumeration_estimate(family, params, log_weights, alpha, wanted) -> PoolEstimate:
+def enumeration_estimate(family, params, log_weights, alpha, wanted, keep_nodes: bool = False) -> PoolEstimate:
     _, points, log_u, tail_bound = enumerate_support(family, params, log_weights, alpha)
     log_z, stats = _point_statistics(family, points.to(params.dtype), log_u, wanted, standard_errors=False)
     # u <= max_j q_j <= sum_j q_j, so the left-out mass, mean and second moment are within the bound
@@ -256,7 +288,7 @@ def enumeration_estimate(family, params, log_weights, alpha, wanted) -> PoolEsti
         extra = est.value.dim() - bound.dim()
         stats[name] = Estimate(est.value, bound.reshape(bound.shape + (1,) * extra).expand(est.value.shape))
     kind = "truncation bound" if bool((tail_bound > 0).any()) else "exact"
-    return _finish("enumeration", kind, log_z, relative, stats, wanted)
+    return _finish("enumeration", kind, log_z, relative, stats, wanted, nodes=(points, log_u) if keep_nodes else None)
 
 
 # ---------------------------------------------------------------------------- quadrature
@@ -553,7 +585,8 @@ def _expert_moments(family, params):
 
 
 # ---------------------------------------------------------------------------------- grid
-def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: int = 10) -> PoolEstimate:
+def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: int = 10,
+                  keep_nodes: bool = False) -> PoolEstimate:
     """Tensor-product Gauss–Legendre quadrature for Gaussian pools of dimension <= 3, one pool at a time.
 
     The box spans every present expert's mean +- 12 marginal standard deviations (outside it the
@@ -564,7 +597,7 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
     the rule with ``nodes_per_panel - 4`` nodes on the same panels.
     """
     batch, pools = _each_pool(family, params, log_weights)
-    rows = []
+    rows, nodes = [], []
     for p, lw in pools:
         first = _grid_one(family, p, lw, alpha, {"mean", "variance"}, nodes_per_panel, _grid_edges(family, p, lw),
                           core_width=_CORE_WIDTH)
@@ -573,8 +606,11 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
         edges = _grid_edges(family, p, lw, first["mean"], first["variance"].sqrt(), core_only=core_only)
         fine = _grid_one(family, p, lw, alpha, wanted, nodes_per_panel, edges)
         coarse = _grid_one(family, p, lw, alpha, wanted, nodes_per_panel - 4, edges)
+        nodes.append(fine.pop("nodes"))
+        coarse.pop("nodes")
         rows.append({name: Estimate(fine[name], (fine[name] - coarse[name]).abs()) for name in fine})
-    return _stack_pools("grid", rows, batch, wanted)
+    est = _stack_pools("grid", rows, batch, wanted)
+    return replace(est, nodes=_pad_nodes(nodes, batch, params.device)) if keep_nodes else est
 
 
 def _grid_edges(family, params, log_weights, centre=None, spread=None, nodes_per_panel: int = 10,
@@ -627,6 +663,7 @@ def _grid_one(family, params, log_weights, alpha, wanted, nodes_per_panel, edges
     points = grid.reshape(grid.shape[:1] + value_shape)
     log_z, stats = _point_statistics(family, points, log_w, wanted, standard_errors=False)
     out = {"log_normalizer": log_z, **{name: est.value for name, est in stats.items() if name in wanted}}
+    out["nodes"] = (points, log_w)
     if core_width is not None:
         spread = core_width * stats["variance"].value.sqrt().reshape(-1)
         outside = ((grid - stats["mean"].value.reshape(-1)).abs() > spread).any(-1)
@@ -662,7 +699,7 @@ def _log_target_and_ratio(family, params, log_weights, alpha, envelope, z, chunk
 
 
 def importance_estimate(family, params, log_weights, alpha, envelope: Envelope, wanted, num_samples: int,
-                        chunk_size: int = 8192) -> PoolEstimate:
+                        chunk_size: int = 8192, keep_nodes: bool = False) -> PoolEstimate:
     """Importance sampling from the envelope's proposal: ``Z = E_p[u/p]`` (unbiased, bounded weights)
     and self-normalised moments, each with its delta-method standard error."""
     with torch.no_grad():
@@ -674,8 +711,8 @@ def importance_estimate(family, params, log_weights, alpha, envelope: Envelope, 
         rel_se = w.std(0) / (w.mean(0) * math.sqrt(num_samples))
         ess = w.sum(0) ** 2 / (w * w).sum(0)
         _, stats = _point_statistics(family, z.to(params.dtype), log_w, wanted, standard_errors=True)
-    return _finish("importance", "standard error", log_z, rel_se, stats, wanted,
-                   effective_sample_size=ess, num_samples=num_samples)
+    return _finish("importance", "standard error", log_z, rel_se, stats, wanted, effective_sample_size=ess,
+                   num_samples=num_samples, nodes=(z, log_w) if keep_nodes else None)
 
 
 def rejection_sample(family, params, log_weights, alpha, envelope: Envelope, num_samples: int,
