@@ -52,6 +52,8 @@ from .numerical import (
 )
 
 DEFAULT_MAX_COMPONENTS = 4096
+#: estimates are checked against the bracket from exact pools of at most this many components (a quick check)
+_CHECK_COMPONENTS = 256
 
 
 def exact_order(alpha: float) -> int | None:
@@ -254,7 +256,7 @@ class _Pool:
     def _check_bounds(self, est: PoolEstimate) -> None:
         """Never return an estimate that contradicts the certified bracket of ``log Z`` (beyond its error)."""
         value, error = est.log_normalizer
-        lower, upper = self.normalizer_bounds()
+        lower, upper = self._bounds(min(self._max_components, _CHECK_COMPONENTS))
         slack = 8 * error + 64 * torch.finfo(value.dtype).eps * (1 + value.abs())
         bad = (value < lower - slack) | (value > upper + slack)
         if bool(bad.any()):
@@ -289,24 +291,34 @@ class _Pool:
         proposal = HolderPool(self.experts, 0, weights, validate_args=False)
         return Envelope(proposal, proposal.log_normalizer, f"M_{a:g} <= M_0 (log-linear pool)")
 
-    def _envelope_order(self) -> int:
+    def _envelope_order(self, max_components: int | None = None) -> int:
         """The largest ``n <= 1/alpha`` whose exact pool has at most ``max_components`` components."""
+        limit = self._max_components if max_components is None else max_components
         order = max(1, math.floor(1 / self.alpha * (1 + 1e-12)))
-        while order > 1 and num_components(order, self.experts.num_experts) > self._max_components:
-            order -= 1
-        return order
+        count = self.experts.num_experts
+        if num_components(order, count) <= limit:
+            return order
+        low, high = 1, order  # bisection: the count grows with the order, and 1/alpha can be 10^7
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if num_components(middle, count) <= limit else (low, middle)
+        return low
 
     def normalizer_bounds(self):
         """A certified bracket ``(lower, upper)`` of ``log Z`` from the neighbouring exact pools
         (``Z`` is non-decreasing in alpha); ``-inf`` where no closed-form lower bound exists (alpha < 0)."""
+        return self._bounds(self._max_components)
+
+    def _bounds(self, max_components: int):
+        """:meth:`normalizer_bounds` from exact pools of at most ``max_components`` components."""
         a = self.alpha
         lw = self.log_weights
         present = lw > -math.inf
         count = present.sum(-1).to(lw.dtype)
         order = exact_order(a)
-        if order is not None and num_components(order, self.experts.num_experts) <= self._max_components:
+        if order is not None and num_components(order, self.experts.num_experts) <= max_components:
             log_z = HolderPool(self.experts, a, lw.exp(), validate_args=False,
-                               max_components=self._max_components).log_normalizer
+                               max_components=max_components).log_normalizer
             return log_z, log_z
         minus_inf = torch.full_like(count, -math.inf)
         if a < 0:
@@ -316,11 +328,13 @@ class _Pool:
             log_min = _log_smallest_weight(lw)
             upper = torch.log(count) if a == math.inf else torch.minimum((1 / a - 1) * log_min, torch.log(count))
             return torch.zeros_like(count), upper
-        upper = self.envelope().log_bound
-        below = self._envelope_order() + 1
-        if num_components(below, self.experts.num_experts) <= self._max_components:
+        above = self._envelope_order(max_components)
+        upper = HolderPool(self.experts, 1 / above, lw.exp(), validate_args=False,
+                           max_components=max_components).log_normalizer
+        below = above + 1
+        if num_components(below, self.experts.num_experts) <= max_components:
             lower = HolderPool(self.experts, 1 / below, lw.exp(), validate_args=False,
-                               max_components=self._max_components).log_normalizer
+                               max_components=max_components).log_normalizer
         else:
             lower = HolderPool(self.experts, 0, lw.exp(), validate_args=False).log_normalizer
         return lower, upper
@@ -368,7 +382,7 @@ class HolderPool(_Pool):
     def mixture_weights(self) -> torch.Tensor:
         return self.log_mixture_weights.exp()
 
-    def normalizer_bounds(self):
+    def _bounds(self, max_components: int):
         """Exact: ``(log_normalizer, log_normalizer)``."""
         return self.log_normalizer, self.log_normalizer
 
