@@ -6,8 +6,9 @@ closed form. Every method here reduces to integrals of the unnormalised pooled d
 
 * ``"enumeration"``: discrete families, an exact sum over the support (Poisson truncated where the
   stated tail bound is negligible);
-* ``"quadrature"``: scalar continuous families, ``scipy.integrate.quad_vec`` on the standardised
-  variable, to about 1e-11 relative;
+* ``"quadrature"``: scalar continuous families, an adaptive Gauss–Legendre rule split at every expert and
+  at the pool's highest point (:func:`_quadrature_one`), in float64 whatever the experts' dtype, to the
+  relative tolerance ``rtol`` (1e-11 by default);
 * ``"grid"``: Gaussians of dimension up to 3, tensor-product Gauss–Legendre panels on a box adapted
   to the experts; the error is the difference from a lower-order rule on the same panels;
 * ``"importance"``: any dimension, importance sampling from a *normalised* exact pool :math:`p` whose
@@ -16,7 +17,9 @@ closed form. Every method here reduces to integrals of the unnormalised pooled d
   the same envelope gives an exact rejection sampler (acceptance probability :math:`u / (B p)`).
 
 Results are returned as :class:`PoolEstimate`: each quantity with its error (a standard error for
-importance sampling, an error estimate for quadrature, a bound for a truncated sum).
+importance sampling, an error estimate for quadrature, a bound for a truncated sum). Every method is a
+weighted point set, so the gradient of ``log Z`` is the pool's expectation of the gradient of ``log u``
+over the same points (:func:`differentiable_log_normalizer`).
 """
 
 from __future__ import annotations

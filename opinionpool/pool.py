@@ -198,8 +198,8 @@ class _Pool:
         if self._validate:
             if not bool(inside.all()):
                 bad = inside.reshape(inside.shape + (1,) * len(family.event_shape)).expand(value.shape)
-                raise ValueError(f"value must lie in the support {family.support} of the {family.name} pool, got "
-                                 f"{describe(value, ~bad)}")
+                raise ValueError(f"value must lie in the support {family.support_constraint} of the {family.name} "
+                                 f"pool, got {describe(value, ~bad)}")
         else:  # evaluate the density at a point of the support instead, so that no NaN (or NaN gradient) appears
             event_dims = len(family.event_shape)
             nan = torch.isnan(value)

@@ -129,7 +129,7 @@ class ExponentialFamily:
         return self.log_base_measure(value) + product.sum(-1) - self.log_normalizer(eta)
 
     @property
-    def support(self) -> constraints.Constraint:
+    def support_constraint(self) -> constraints.Constraint:
         """The values ``z`` can take, as a ``torch.distributions`` constraint (by default the closed
         ``support_interval``, or every real vector)."""
         if self.support_interval is not None:
@@ -138,7 +138,7 @@ class ExponentialFamily:
 
     def in_support(self, value: torch.Tensor) -> torch.Tensor:
         """Whether each value (``(...) + event_shape``) lies in the support: a boolean tensor of shape ``(...)``."""
-        inside = self.support.check(value)
+        inside = self.support_constraint.check(value)
         extra = inside.dim() - (value.dim() - len(self.event_shape))
         return inside.flatten(-extra).all(-1) if extra > 0 else inside
 

@@ -144,7 +144,7 @@ class BetaFamily(ExponentialFamily):
 class DirichletFamily(ExponentialFamily):
     name = "Dirichlet"
     multivariate = True
-    support = constraints.simplex
+    support_constraint = constraints.simplex
 
     def __init__(self, num_categories: int):
         super().__init__(event_shape=(num_categories,), param_shape=(num_categories,))
@@ -203,7 +203,7 @@ class VonMisesFamily(ExponentialFamily):
     name = "VonMises"
     support_interval = (-math.pi, math.pi)
     #: any angle, as for torch's VonMises (the density is periodic); the engine integrates over one period
-    support = constraints.real
+    support_constraint = constraints.real
     circular = True
 
     def __init__(self):

@@ -36,7 +36,7 @@ class PoissonFamily(ExponentialFamily):
 
     name = "Poisson"
     discrete = True
-    support = constraints.nonnegative_integer
+    support_constraint = constraints.nonnegative_integer
 
     def __init__(self):
         super().__init__(event_shape=(), param_shape=(1,))
@@ -80,7 +80,7 @@ class PoissonFamily(ExponentialFamily):
 class BernoulliFamily(ExponentialFamily):
     name = "Bernoulli"
     discrete = True
-    support = constraints.boolean
+    support_constraint = constraints.boolean
 
     def __init__(self):
         super().__init__(event_shape=(), param_shape=(1,))
@@ -132,7 +132,7 @@ class BinomialFamily(ExponentialFamily):
         return (self.total_count,)
 
     @property
-    def support(self):
+    def support_constraint(self):
         return constraints.integer_interval(0, self.total_count)
 
     @classmethod
@@ -189,7 +189,7 @@ class CategoricalFamily(ExponentialFamily):
         return (self.num_categories,)
 
     @property
-    def support(self):
+    def support_constraint(self):
         return constraints.integer_interval(0, self.num_categories - 1)
 
     @classmethod
