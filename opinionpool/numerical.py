@@ -6,8 +6,9 @@ closed form. Every method here reduces to integrals of the unnormalised pooled d
 
 * ``"enumeration"``: discrete families, an exact sum over the support (Poisson truncated where the
   stated tail bound is negligible);
-* ``"quadrature"``: scalar continuous families, ``scipy.integrate.quad_vec`` on the standardised
-  variable, to about 1e-11 relative;
+* ``"quadrature"``: scalar continuous families, an adaptive Gauss–Legendre rule split at every expert and
+  at the pool's highest point (:func:`_quadrature_one`), in float64 whatever the experts' dtype, to the
+  relative tolerance ``rtol`` (1e-11 by default);
 * ``"grid"``: Gaussians of dimension up to 3, tensor-product Gauss–Legendre panels on a box adapted
   to the experts; the error is the difference from a lower-order rule on the same panels;
 * ``"importance"``: any dimension, importance sampling from a *normalised* exact pool :math:`p` whose
@@ -16,19 +17,22 @@ closed form. Every method here reduces to integrals of the unnormalised pooled d
   the same envelope gives an exact rejection sampler (acceptance probability :math:`u / (B p)`).
 
 Results are returned as :class:`PoolEstimate`: each quantity with its error (a standard error for
-importance sampling, an error estimate for quadrature, a bound for a truncated sum).
+importance sampling, an error estimate for quadrature, a bound for a truncated sum). Every method is a
+weighted point set, so the gradient of ``log Z`` is the pool's expectation of the gradient of ``log u``
+over the same points (:func:`differentiable_log_normalizer`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy import integrate
+from scipy import integrate, optimize
 
 from .families import ExponentialFamily
 
@@ -41,6 +45,16 @@ _GRID_NODES_PER_DIM = {1: 4000, 2: 800, 3: 140}
 _GRID_CHUNK = 1 << 16
 #: the refined panels span the pool's mean +- this many of its standard deviations
 _CORE_WIDTH = 12.0
+#: default relative tolerance of the 1-D quadrature (reached in float64 whatever the experts' dtype)
+DEFAULT_RTOL = 1e-11
+_GL_ORDER = 10
+_MAX_ROUNDS = 200
+_MAX_PANELS = 20_000
+#: initial quadrature edges at each expert's mean plus these multiples of its standard deviation (and minus)
+_EXPERT_OFFSETS = np.array([0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
+_SCAN_POINTS = 4001
+#: and where log u has dropped by these amounts from its highest point
+_LEVELS = (0.5, 2.0, 8.0, 32.0, 128.0)
 
 
 def log_power_mean(log_values: torch.Tensor, log_weights: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -97,6 +111,11 @@ class PoolEstimate:
     expected_statistic: Estimate | None = None
     effective_sample_size: torch.Tensor | None = None
     num_samples: int | None = None
+    #: evaluations of the pooled density (quadrature)
+    num_evaluations: int | None = None
+    #: ``(points, log_w)``: the weighted points ``(P,) + batch + event`` behind the estimate, with
+    #: ``log_w`` ``(P,) + batch`` proportional to the pool's mass there (kept on request, for gradients)
+    nodes: tuple | None = field(default=None, repr=False, compare=False)
 
 
 def default_method(family: ExponentialFamily) -> str:
@@ -124,6 +143,17 @@ def check_method(family: ExponentialFamily, method: str) -> str:
     if method == "importance" and family.discrete:
         raise ValueError(f"method='importance' is for continuous experts; use 'enumeration' for {family.name}")
     return method
+
+
+def check_rtol(rtol) -> float:
+    """A relative tolerance: a real number in (0, 1)."""
+    try:
+        value = float(rtol)
+    except (TypeError, ValueError):
+        raise ValueError(f"rtol must be a real number in (0, 1), got {rtol!r}") from None
+    if isinstance(rtol, bool) or not 0 < value < 1:
+        raise ValueError(f"rtol must be a real number in (0, 1), got {rtol!r}")
+    return value
 
 
 def check_quantities(family: ExponentialFamily, quantities) -> frozenset:
@@ -154,6 +184,27 @@ def seeded(seed: int | None, generator: torch.Generator | None, device: torch.de
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def differentiable_log_normalizer(family, params, log_weights, alpha, log_z: torch.Tensor, nodes) -> torch.Tensor:
+    r"""``log_z`` (a detached estimate) carrying the gradient :math:`\nabla_\theta \log Z = E_{pool}[\nabla_\theta
+    \log u]` with respect to ``params`` and ``log_weights``, the expectation taken over the estimate's own weighted
+    points ``nodes`` (see :attr:`PoolEstimate.nodes`): for a quadrature rule or an exact sum this is the exact
+    gradient of the estimate; for importance samples, the self-normalised estimate from the same samples."""
+    points, log_w = nodes
+    with torch.no_grad():
+        pi = torch.softmax(log_w, dim=0)
+        # points of zero weight are moved to the heaviest one, so that log u and its gradient are finite everywhere
+        extra = points.dim() - pi.dim()
+        heaviest = pi.argmax(0, keepdim=True).reshape((1,) + pi.shape[1:] + (1,) * extra)
+        heaviest = torch.gather(points, 0, heaviest.expand((1,) + points.shape[1:]))
+        keep = (pi > 0).reshape(pi.shape + (1,) * extra)
+        points = torch.where(keep, points, heaviest)
+    high = torch.float64
+    points = points.to(high) if points.is_floating_point() else points
+    log_u = log_power_mean(expert_log_probs(family, params.to(high), points), log_weights.to(high), alpha)
+    surrogate = torch.where(pi > 0, pi.to(high) * log_u, torch.zeros_like(log_u)).sum(0)
+    return log_z + (surrogate - surrogate.detach()).to(log_z.dtype)
 
 
 # --------------------------------------------------------------------- weighted point sets
@@ -230,7 +281,7 @@ def enumerate_support(family, params, log_weights, alpha):
     return values, points, log_u, tail_bound
 
 
-def enumeration_estimate(family, params, log_weights, alpha, wanted) -> PoolEstimate:
+def enumeration_estimate(family, params, log_weights, alpha, wanted, keep_nodes: bool = False) -> PoolEstimate:
     _, points, log_u, tail_bound = enumerate_support(family, params, log_weights, alpha)
     log_z, stats = _point_statistics(family, points.to(params.dtype), log_u, wanted, standard_errors=False)
     # u <= max_j q_j <= sum_j q_j, so the left-out mass, mean and second moment are within the bound
@@ -241,7 +292,7 @@ def enumeration_estimate(family, params, log_weights, alpha, wanted) -> PoolEsti
         extra = est.value.dim() - bound.dim()
         stats[name] = Estimate(est.value, bound.reshape(bound.shape + (1,) * extra).expand(est.value.shape))
     kind = "truncation bound" if bool((tail_bound > 0).any()) else "exact"
-    return _finish("enumeration", kind, log_z, relative, stats, wanted)
+    return _finish("enumeration", kind, log_z, relative, stats, wanted, nodes=(points, log_u) if keep_nodes else None)
 
 
 # ---------------------------------------------------------------------------- quadrature
@@ -253,7 +304,7 @@ def _each_pool(family, params, log_weights):
     return batch, list(zip(flat_params, flat_lw))
 
 
-def _stack_pools(method, rows, batch, wanted) -> PoolEstimate:
+def _stack_pools(method, rows, batch, wanted, **extra) -> PoolEstimate:
     """One ``PoolEstimate`` from per-pool dictionaries of ``Estimate`` s (quadrature-type errors)."""
     def stack(name, field):
         values = torch.stack([getattr(r[name], field) for r in rows])
@@ -261,78 +312,261 @@ def _stack_pools(method, rows, batch, wanted) -> PoolEstimate:
 
     stats = {name: Estimate(stack(name, "value"), stack(name, "error")) for name in rows[0] if name != "log_normalizer"}
     return _finish(method, "quadrature error estimate", stack("log_normalizer", "value"),
-                   stack("log_normalizer", "error"), stats, wanted)
+                   stack("log_normalizer", "error"), stats, wanted, **extra)
 
 
-def quadrature_estimate(family, params, log_weights, alpha, wanted, rtol: float = 1e-11) -> PoolEstimate:
-    """Adaptive quadrature (``scipy.integrate.quad_vec``), one pool at a time."""
-    batch, pools = _each_pool(family, params, log_weights)
+def quadrature_estimate(family, params, log_weights, alpha, wanted, rtol: float = DEFAULT_RTOL,
+                        keep_nodes: bool = False) -> PoolEstimate:
+    """Adaptive Gauss–Legendre quadrature (see :func:`_quadrature_one`), one pool at a time, in float64
+    whatever the experts' dtype (the results come back in that dtype)."""
+    batch, pools = _each_pool(family, params.detach().to(torch.float64), log_weights.detach().to(torch.float64))
+    rows, nodes, evaluations = [], [], 0
+    for p, lw in pools:
+        row, points, log_w, count = _quadrature_one(family, p, lw, alpha, wanted, rtol)
+        rows.append({name: Estimate(*(torch.as_tensor(v, dtype=params.dtype, device=params.device) for v in pair))
+                     for name, pair in row.items()})
+        nodes.append((points, log_w))
+        evaluations += count
+    est = _stack_pools("quadrature", rows, batch, wanted, num_evaluations=evaluations)
+    if not keep_nodes:
+        return est
+    return replace(est, nodes=_pad_nodes(nodes, batch, params.device))
 
-    def as_tensors(row):
-        return {name: Estimate(*(torch.tensor(v, dtype=params.dtype, device=params.device) for v in pair))
-                for name, pair in row.items()}
 
-    rows = [as_tensors(_quadrature_one(family, p, lw, alpha, wanted, rtol)) for p, lw in pools]
-    return _stack_pools("quadrature", rows, batch, wanted)
+def _pad_nodes(nodes, batch, device):
+    """Per-pool node sets ``[(points (P_i,) + event, log_w (P_i,))]`` as one ``(P,) + batch + event`` set, padded
+    with each pool's first point at weight zero."""
+    size = max(points.shape[0] for points, _ in nodes)
+    padded_points, padded_log_w = [], []
+    for points, log_w in nodes:
+        extra = size - points.shape[0]
+        padded_points.append(torch.cat((points, points[:1].expand((extra,) + points.shape[1:]))))
+        padded_log_w.append(torch.cat((log_w, torch.full((extra,), -math.inf, dtype=log_w.dtype))))
+    points = torch.stack(padded_points, dim=1)
+    log_w = torch.stack(padded_log_w, dim=1)
+    return (points.reshape((size,) + batch + points.shape[2:]).to(device), log_w.reshape((size,) + batch).to(device))
 
 
 def _quadrature_one(family, params, log_weights, alpha, wanted, rtol):
+    """One pool's normaliser and moments from a positive rule ``sum_i w_i u(z_i)`` built adaptively.
+
+    The line is first split where the pool's mass can be: around every present expert (its mean +- up to
+    64 of its standard deviations), where the largest (``alpha = inf``) or smallest (``-inf``) expert
+    changes, and around the pool's highest point, found by scanning the experts' span and refining with
+    Brent's method (for ``alpha < 0`` the pool can sit far from every expert, narrower than all of them),
+    with edges where ``log u`` has dropped by 0.5 ... 128. Tails beyond the outer edges are mapped onto
+    ``[0, 1)``. Every panel's 10-point Gauss–Legendre rule on its two halves is compared with the 10- and
+    7-point rules on the whole panel, and the worst panels bisected until the total difference, for the
+    integrands ``u``, ``u t``, ``u t^2`` (``t`` the standardised variable) and ``u T(z)`` when asked, is at
+    most ``rtol`` of each integral of ``|.|``. Everything is evaluated in log-space relative to the largest
+    ``log u`` seen, so experts hundreds of standard deviations apart neither overflow nor vanish.
+
+    Returns the per-quantity ``(value, error)`` pairs, the final rule's nodes and log-masses
+    ``log w_i + log u(z_i)`` (float64 tensors), and the number of evaluations of ``u``.
+    """
     lower, upper = family.support_interval
     present = log_weights > -math.inf
     mu, var = _expert_moments(family, params[present])
-    finite = math.isfinite(lower) and math.isfinite(upper)
-    if finite:
-        center, scale = 0.5 * (lower + upper), 0.5 * (upper - lower)
-    else:
-        w = log_weights[present].exp()
-        center = float((w * mu).sum())
-        scale = float((w * (var + (mu - center) ** 2)).sum().sqrt())
-    points = sorted({min(max(m, lower), upper) for m in mu.tolist()} - {lower, upper})
+    mu = mu.to(torch.float64).cpu().numpy()
+    sd = np.sqrt(np.maximum(var.to(torch.float64).cpu().numpy(), 0.0))
+    sd = np.maximum(sd, 1e-12 * (1 + np.abs(mu)))
+    count = 0
 
-    def log_u(z: float) -> float:
-        value = torch.tensor(z, dtype=params.dtype, device=params.device)
-        return float(log_power_mean(expert_log_probs(family, params, value), log_weights, alpha))
+    def log_u(z: np.ndarray, experts: bool = False):
+        """``log u(z)``, ``-inf`` outside the open support; with ``experts`` also the present experts' ``log q_j``."""
+        nonlocal count
+        z = np.asarray(z, dtype=np.float64)
+        inside = (z > lower) & (z < upper)  # endpoints have measure zero and a density may be infinite there
+        value = torch.as_tensor(np.where(inside, z, _interior_point(lower, upper)), device=params.device)
+        with torch.no_grad():
+            ell = expert_log_probs(family, params, value)
+            out = np.where(inside, log_power_mean(ell, log_weights, alpha).cpu().numpy(), -math.inf)
+        count += z.size
+        return (out, ell[..., present].cpu().numpy()) if experts else out
 
-    shift = max(log_u(p) for p in points) if points else log_u(center)
-    if not math.isfinite(shift):
-        raise ValueError("the pooled density vanishes at every expert's mean; the experts do not overlap "
-                         f"(alpha={alpha!r}), so the pool is not normalisable numerically")
+    edges, shift = _quadrature_edges(log_u, mu, sd, lower, upper, alpha)
+    tail_scale = float(sd.max())
+    # panels in x-space: kind 0 is z = x; kind +-1 the tail z = origin +- scale x / (1 - x), x in [0, 1)
+    a, b = edges[:-1], edges[1:]
+    kind, origin = np.zeros(a.shape), np.zeros(a.shape)
+    tail_x = np.array([0.0, 0.5, 0.9, 0.99, 1.0])
+    for sign, bound, end in ((-1.0, lower, edges[0]), (1.0, upper, edges[-1])):
+        if math.isinf(bound):
+            a = np.concatenate((a, tail_x[:-1]))
+            b = np.concatenate((b, tail_x[1:]))
+            kind = np.concatenate((kind, np.full(4, sign)))
+            origin = np.concatenate((origin, np.full(4, end)))
 
-    def integrate_terms(terms, center, scale):
-        def f(z):
-            value = terms((z - center) / scale, z)
-            if not lower < z < upper:  # an endpoint (measure zero) where a density may be infinite
-                return np.zeros_like(value)
-            return math.exp(log_u(z) - shift) / scale * value
-        result, error = integrate.quad_vec(f, lower, upper, epsabs=0, epsrel=rtol, points=points or None,
-                                           norm="max", limit=2000)
-        return result, error
+    gl_t, gl_w = np.polynomial.legendre.leggauss(_GL_ORDER)
+    low_t, low_w = np.polynomial.legendre.leggauss(_GL_ORDER - 3)
+    whole_t, whole_w = np.concatenate((gl_t, low_t)), np.concatenate((gl_w, low_w))
+    half_t = np.concatenate((0.5 * gl_t - 0.5, 0.5 * gl_t + 0.5))  # the two halves' nodes on [-1, 1]
+    half_w = np.concatenate((0.5 * gl_w, 0.5 * gl_w))
 
-    out = {}
-    # pass 1 around the experts' centre; pass 2 centred at the pool's mean and rescaled to its spread,
-    # so that the variance is not a difference of nearly equal numbers
-    (i0, i1, i2), err = integrate_terms(lambda u, z: np.array([1.0, u, u * u]), center, scale)
-    out["log_normalizer"] = (shift + math.log(scale) + math.log(i0), err / i0)
-    if wanted & {"mean", "variance"} and not family.circular:
-        mean = center + scale * i1 / i0
-        rough = scale * scale * (i2 / i0 - (i1 / i0) ** 2)
-        scale2 = math.sqrt(rough) if rough > 0 else scale
-        (j0, j1, j2), err2 = integrate_terms(lambda u, z: np.array([1.0, u, u * u]), mean, scale2)
-        offset = j1 / j0
-        out["mean"] = (mean + scale2 * offset, scale2 * err2 / j0 * (1 + abs(offset)))
-        out["variance"] = (scale2**2 * (j2 / j0 - offset**2), scale2**2 * err2 / j0 * (2 + j2 / j0))
-    if family.circular or "expected_statistic" in wanted:
-        def statistic(u, z):
-            return family.sufficient_statistic(torch.tensor(z, dtype=params.dtype)).cpu().numpy()
+    def panel_nodes(a, b, kind, origin, t, w):
+        x = 0.5 * (a + b)[:, None] + 0.5 * (b - a)[:, None] * t
+        tail = kind[:, None] != 0
+        xt = np.where(tail, x, 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(tail, origin[:, None] + kind[:, None] * tail_scale * xt / (1 - xt), x)
+            log_jac = np.where(tail, math.log(tail_scale) - 2 * np.log1p(-xt), 0.0)
+        return z, np.log(0.5 * (b - a))[:, None] + np.log(w) + log_jac
 
-        stat, err_t = integrate_terms(statistic, center, scale)
-        value, error = stat / i0, np.full_like(stat, err_t / i0 * (1 + np.abs(stat / i0).max()))
+    def evaluate(a, b, kind, origin):
+        z_whole, lw_whole = panel_nodes(a, b, kind, origin, whole_t, whole_w)
+        z_half, lw_half = panel_nodes(a, b, kind, origin, half_t, half_w)
+        lu = log_u(np.concatenate((z_whole, z_half), axis=1).ravel()).reshape(len(a), -1)
+        whole = len(whole_t)
+        return z_whole, lw_whole + lu[:, :whole], z_half, lw_half + lu[:, whole:]
+
+    want_stat = family.circular or "expected_statistic" in wanted
+
+    def integrands(z):
+        """``(P, n, K)``: 1, t, t^2 (t standardised by the current estimate) and T(z) when asked."""
+        t = (z - centre) / spread
+        parts = [np.ones_like(z), t, t * t]
+        if want_stat:
+            stat = family.sufficient_statistic(torch.as_tensor(z.ravel())).reshape(z.shape + (-1,))
+            return np.concatenate((np.stack(parts, -1), stat.to(torch.float64).cpu().numpy()), -1)
+        return np.stack(parts, -1)
+
+    z_whole, lm_whole, z_half, lm_half = evaluate(a, b, kind, origin)
+    w = np.exp(log_weights[present].cpu().numpy())
+    centre = float((w * mu).sum() / w.sum())
+    spread = float(np.sqrt((w * (sd**2 + (mu - centre) ** 2)).sum() / w.sum()))
+    for round_ in itertools.count():
+        shift = max(shift, float(lm_half.max()), float(lm_whole.max()))
+        m_whole, m_half = np.exp(lm_whole - shift), np.exp(lm_half - shift)
+        total = m_half.sum()
+        if not total > 0:
+            raise ValueError("the pooled density vanishes numerically wherever the experts put their mass "
+                             f"(alpha={alpha!r}); the pool is not normalisable numerically")
+        pi = m_half / total
+        centre_new = float((pi * z_half).sum())
+        spread_sq = float((pi * (z_half - centre_new) ** 2).sum())
+        if spread_sq > 0 and math.isfinite(spread_sq):
+            centre, spread = centre_new, math.sqrt(spread_sq)
+        g_whole, g_half = integrands(z_whole), integrands(z_half)
+        i_whole = m_whole[..., None] * g_whole
+        i_high, i_low = i_whole[:, :_GL_ORDER].sum(1), i_whole[:, _GL_ORDER:].sum(1)
+        i_half = (m_half[..., None] * g_half).sum(1)
+        scale = (m_half[..., None] * np.abs(g_half)).sum((0, 1))
+        # two comparisons: one alone can agree by accident (e.g. at the kink of a max or min of densities)
+        diff = np.maximum(np.abs(i_high - i_half), np.abs(i_low - i_half))
+        panel_error = (diff / np.where(scale > 0, scale, 1.0)).max(-1)
+        error = panel_error.sum()
+        if error <= rtol or len(a) >= _MAX_PANELS or round_ >= _MAX_ROUNDS:
+            break
+        # bisect the worst panels until the others' errors add up to at most rtol / 4 (panels at the
+        # resolution of float64 cannot be split further)
+        splittable = (b - a) > 1e-13 * np.maximum(np.abs(a), np.abs(b)) + 1e-300
+        order = np.argsort(-np.where(splittable, panel_error, -1.0))
+        needed = error - rtol / 4
+        chosen = order[: int(np.searchsorted(np.cumsum(panel_error[order]), needed)) + 1]
+        chosen = chosen[splittable[chosen]]
+        if len(chosen) == 0:
+            break
+        keep = np.ones(len(a), dtype=bool)
+        keep[chosen] = False
+        mid = 0.5 * (a[chosen] + b[chosen])
+        na = np.concatenate((a[chosen], mid))
+        nb = np.concatenate((mid, b[chosen]))
+        nk = np.concatenate((kind[chosen], kind[chosen]))
+        no = np.concatenate((origin[chosen], origin[chosen]))
+        new = evaluate(na, nb, nk, no)
+        a, b, kind, origin = (np.concatenate((x[keep], y)) for x, y in ((a, na), (b, nb), (kind, nk), (origin, no)))
+        z_whole, lm_whole, z_half, lm_half = (np.concatenate((x[keep], y)) for x, y in
+                                              zip((z_whole, lm_whole, z_half, lm_half), new))
+
+    points = torch.as_tensor(z_half.ravel())
+    log_mass = torch.as_tensor(lm_half.ravel())
+    relative = diff.sum(0) / total  # per integrand, relative to the normaliser
+    out = {"log_normalizer": (shift + math.log(total), relative[0])}
+    _, stats = _point_statistics(family, points, log_mass, wanted, standard_errors=False)
+    if "mean" in stats and not family.circular:
+        mean, variance = float(stats["mean"].value), float(stats["variance"].value)
+        tbar = (mean - centre) / spread
+        out["mean"] = (mean, spread * (relative[1] + abs(tbar) * relative[0]))
+        out["variance"] = (variance, spread**2 * (relative[2] + 2 * abs(tbar) * relative[1]
+                                                  + (tbar**2 + variance / spread**2) * relative[0]))
+    if want_stat:
+        value = stats["expected_statistic"].value.numpy()
+        error = relative[3:] + np.abs(value) * relative[0]
         out["expected_statistic"] = (value.tolist(), error.tolist())
         if family.circular:
             length = float(np.hypot(value[0], value[1]))
-            out["mean"] = (math.atan2(value[1], value[0]), float(error[0]) / length)
-            out["variance"] = (1 - length, float(error[0]))
-    return {k: v for k, v in out.items() if k == "log_normalizer" or k in wanted}
+            out["mean"] = (float(stats["mean"].value), float(np.hypot(*error[:2])) / length)
+            out["variance"] = (float(stats["variance"].value), float(np.hypot(*error[:2])))
+    out = {k: v for k, v in out.items() if k == "log_normalizer" or k in wanted}
+    return out, points, log_mass, count
+
+
+def _interior_point(lower: float, upper: float) -> float:
+    """A point strictly inside the support, evaluated in place of the points outside it."""
+    if math.isfinite(lower) and math.isfinite(upper):
+        return 0.5 * (lower + upper)
+    if math.isfinite(lower):
+        return lower + 1.0
+    return upper - 1.0 if math.isfinite(upper) else 0.0
+
+
+def _quadrature_edges(log_u, mu, sd, lower, upper, alpha):
+    """The initial panel edges (finite, sorted, inside the support) and the largest ``log u`` found."""
+    offsets = np.concatenate((-_EXPERT_OFFSETS[::-1], _EXPERT_OFFSETS[1:]))
+    expert_points = (mu[:, None] + sd[:, None] * offsets).ravel()
+    expert_points = expert_points[(expert_points > lower) & (expert_points < upper)]
+    if len(expert_points) == 0:  # experts far narrower than their distance to a bound
+        expert_points = np.clip(mu, np.nextafter(lower, upper), np.nextafter(upper, lower))
+    scan = np.linspace(expert_points.min(), expert_points.max(), _SCAN_POINTS)
+    points = np.unique(np.concatenate((expert_points, scan)))
+    values, ell = log_u(points, experts=True)
+    switches = []
+    if math.isinf(alpha):  # u = max_j q_j (min_j q_j) has a kink wherever the largest (smallest) expert changes
+        active = ell.argmax(-1) if alpha > 0 else ell.argmin(-1)
+        for k in np.nonzero(active[1:] != active[:-1])[0]:
+            i, j = active[k], active[k + 1]
+
+            def gap(z, i=i, j=j):
+                lp = log_u(np.array([z]), experts=True)[1][0]
+                return lp[i] - lp[j]
+
+            if gap(points[k]) * gap(points[k + 1]) <= 0:
+                switches.append(optimize.brentq(gap, points[k], points[k + 1], xtol=1e-300, rtol=1e-15))
+    best = int(np.argmax(values))
+    if not math.isfinite(values[best]):
+        raise ValueError("the pooled density vanishes numerically wherever the experts put their mass "
+                         f"(alpha={alpha!r}); the pool is not normalisable numerically")
+
+    def negative(z):
+        value = float(log_u(np.array([z]))[0])
+        return -value if math.isfinite(value) else math.inf
+
+    left, right = points[max(best - 1, 0)], points[min(best + 1, len(points) - 1)]
+    if right > left:
+        refined = optimize.minimize_scalar(negative, bounds=(left, right), method="bounded",
+                                           options={"xatol": 1e-12 * (1 + abs(points[best]))})
+        if -refined.fun > values[best]:
+            points = np.append(points, refined.x)
+            values = np.append(values, -refined.fun)
+            order = np.argsort(points)
+            points, values = points[order], values[order]
+            best = int(np.argmax(values))
+    top = float(values[best])
+    crossings = []
+    for level in _LEVELS:  # where log u has dropped by `level` on each side of the highest point
+        target = top - level
+        for step in (-1, 1):
+            index = best
+            while 0 <= index + step < len(points) and values[index + step] >= target:
+                index += step
+            outer = index + step
+            if not 0 <= outer < len(points):
+                continue
+            crossings.append(optimize.brentq(lambda z, target=target: max(-negative(z) - target, -1e300),
+                                             points[index], points[outer], xtol=1e-300, rtol=1e-13))
+    edges = np.concatenate((expert_points, [points[best]], crossings, switches,
+                            [x for x in (lower, upper) if math.isfinite(x)]))
+    return np.unique(edges[(edges >= lower) & (edges <= upper)]), top
 
 
 def _expert_moments(family, params):
@@ -355,7 +589,8 @@ def _expert_moments(family, params):
 
 
 # ---------------------------------------------------------------------------------- grid
-def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: int = 10) -> PoolEstimate:
+def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: int = 10,
+                  keep_nodes: bool = False) -> PoolEstimate:
     """Tensor-product Gauss–Legendre quadrature for Gaussian pools of dimension <= 3, one pool at a time.
 
     The box spans every present expert's mean +- 12 marginal standard deviations (outside it the
@@ -366,7 +601,7 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
     the rule with ``nodes_per_panel - 4`` nodes on the same panels.
     """
     batch, pools = _each_pool(family, params, log_weights)
-    rows = []
+    rows, nodes = [], []
     for p, lw in pools:
         first = _grid_one(family, p, lw, alpha, {"mean", "variance"}, nodes_per_panel, _grid_edges(family, p, lw),
                           core_width=_CORE_WIDTH)
@@ -375,8 +610,11 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
         edges = _grid_edges(family, p, lw, first["mean"], first["variance"].sqrt(), core_only=core_only)
         fine = _grid_one(family, p, lw, alpha, wanted, nodes_per_panel, edges)
         coarse = _grid_one(family, p, lw, alpha, wanted, nodes_per_panel - 4, edges)
+        nodes.append(fine.pop("nodes"))
+        coarse.pop("nodes")
         rows.append({name: Estimate(fine[name], (fine[name] - coarse[name]).abs()) for name in fine})
-    return _stack_pools("grid", rows, batch, wanted)
+    est = _stack_pools("grid", rows, batch, wanted)
+    return replace(est, nodes=_pad_nodes(nodes, batch, params.device)) if keep_nodes else est
 
 
 def _grid_edges(family, params, log_weights, centre=None, spread=None, nodes_per_panel: int = 10,
@@ -429,6 +667,7 @@ def _grid_one(family, params, log_weights, alpha, wanted, nodes_per_panel, edges
     points = grid.reshape(grid.shape[:1] + value_shape)
     log_z, stats = _point_statistics(family, points, log_w, wanted, standard_errors=False)
     out = {"log_normalizer": log_z, **{name: est.value for name, est in stats.items() if name in wanted}}
+    out["nodes"] = (points, log_w)
     if core_width is not None:
         spread = core_width * stats["variance"].value.sqrt().reshape(-1)
         outside = ((grid - stats["mean"].value.reshape(-1)).abs() > spread).any(-1)
@@ -464,7 +703,7 @@ def _log_target_and_ratio(family, params, log_weights, alpha, envelope, z, chunk
 
 
 def importance_estimate(family, params, log_weights, alpha, envelope: Envelope, wanted, num_samples: int,
-                        chunk_size: int = 8192) -> PoolEstimate:
+                        chunk_size: int = 8192, keep_nodes: bool = False) -> PoolEstimate:
     """Importance sampling from the envelope's proposal: ``Z = E_p[u/p]`` (unbiased, bounded weights)
     and self-normalised moments, each with its delta-method standard error."""
     with torch.no_grad():
@@ -476,8 +715,8 @@ def importance_estimate(family, params, log_weights, alpha, envelope: Envelope, 
         rel_se = w.std(0) / (w.mean(0) * math.sqrt(num_samples))
         ess = w.sum(0) ** 2 / (w * w).sum(0)
         _, stats = _point_statistics(family, z.to(params.dtype), log_w, wanted, standard_errors=True)
-    return _finish("importance", "standard error", log_z, rel_se, stats, wanted,
-                   effective_sample_size=ess, num_samples=num_samples)
+    return _finish("importance", "standard error", log_z, rel_se, stats, wanted, effective_sample_size=ess,
+                   num_samples=num_samples, nodes=(z, log_w) if keep_nodes else None)
 
 
 def rejection_sample(family, params, log_weights, alpha, envelope: Envelope, num_samples: int,

@@ -41,10 +41,13 @@ from ._validation import (
 from .experts import Experts, as_experts
 from .families import ExponentialFamily
 from .numerical import (
+    DEFAULT_RTOL,
     Envelope,
     PoolEstimate,
     check_method,
     check_quantities,
+    check_rtol,
+    differentiable_log_normalizer,
     enumerate_support,
     enumeration_estimate,
     expert_log_probs,
@@ -57,6 +60,8 @@ from .numerical import (
 )
 
 DEFAULT_MAX_COMPONENTS = 4096
+#: estimates are checked against the bracket from exact pools of at most this many components (a quick check)
+_CHECK_COMPONENTS = 256
 
 
 def exact_order(alpha: float) -> int | None:
@@ -238,13 +243,33 @@ class _Pool:
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         r""":math:`\frac1\alpha\log\sum_j\lambda_j q_j(z)^\alpha - \log Z`, from the experts' densities
-        directly (independent of how ``log Z`` was obtained)."""
-        log_u = log_power_mean(expert_log_probs(self.family, self.experts.params, value), self.log_weights, self.alpha)
-        return log_u - self.log_normalizer
+        directly (independent of how ``log Z`` was obtained).
+
+        Values outside the experts' support raise a ``ValueError`` naming them when validation is on (as
+        ``torch.distributions`` do) and give ``-inf`` when it is off (as scipy does); NaN values give NaN.
+        """
+        family = self.family
+        value = torch.as_tensor(value, device=self.experts.params.device)
+        inside = family.in_support(value)
+        if self._validate:
+            if not bool(inside.all()):
+                bad = inside.reshape(inside.shape + (1,) * len(family.event_shape)).expand(value.shape)
+                raise ValueError(f"value must lie in the support {family.support_constraint} of the {family.name} "
+                                 f"pool, got {describe(value, ~bad)}")
+        else:  # evaluate the density at a point of the support instead, so that no NaN (or NaN gradient) appears
+            event_dims = len(family.event_shape)
+            nan = torch.isnan(value)
+            nan = nan.flatten(-event_dims).any(-1) if event_dims else nan
+            value = torch.where(inside.reshape(inside.shape + (1,) * event_dims), value, family.support_fill(value))
+        log_u = log_power_mean(expert_log_probs(family, self.experts.params, value), self.log_weights, self.alpha)
+        log_p = log_u - self.log_normalizer
+        if self._validate:
+            return log_p
+        return torch.where(inside, log_p, torch.where(nan, math.nan, -math.inf).to(log_p.dtype))
 
     # ------------------------------------------------------------ numerical engine
     def estimate(self, quantities=None, method: str = "auto", num_samples: int = 100_000, seed: int | None = None,
-                 generator: torch.Generator | None = None, rtol: float = 1e-11) -> PoolEstimate:
+                 generator: torch.Generator | None = None, rtol: float = DEFAULT_RTOL) -> PoolEstimate:
         """The normaliser and moments by the numerical engine, each with its error (see
         :mod:`opinionpool.numerical`). Works for exact pools too, which is how the engine is validated.
 
@@ -254,23 +279,49 @@ class _Pool:
             method: ``"auto"``, ``"enumeration"``, ``"quadrature"``, ``"grid"`` or ``"importance"``.
             num_samples: importance samples (ignored by the deterministic methods).
             seed, generator: make the sampling reproducible (same seed, same answer); default: the global RNG.
-            rtol: relative tolerance of the 1-D adaptive quadrature.
+            rtol: relative tolerance of the 1-D adaptive quadrature (reached in float64 whatever the dtype).
+
+        The values carry no gradient. Raises ``RuntimeError`` if the estimated ``log Z`` falls outside the
+        certified bracket :meth:`normalizer_bounds` by more than eight times its stated error.
         """
         if quantities is None:
             quantities = ("mean", "variance") if self.family.has_numeric_moments else ("expected_statistic",)
         wanted = check_quantities(self.family, quantities)
         method = check_method(self.family, method)
-        args = (self.family, self.experts.params, self.log_weights, self.alpha, wanted)
-        if method == "enumeration":
-            return enumeration_estimate(*args)
-        if method == "quadrature":
-            return quadrature_estimate(*args, rtol=rtol)
-        if method == "grid":
-            return grid_estimate(*args)
-        check_num_samples("num_samples", num_samples)
+        rtol = check_rtol(rtol)
+        if method == "importance":
+            check_num_samples("num_samples", num_samples)
+        return self._estimate(wanted, method, num_samples, seed, generator, rtol)
+
+    def _estimate(self, wanted, method, num_samples, seed, generator, rtol, keep_nodes: bool = False) -> PoolEstimate:
         params = self.experts.params
-        with seeded(seed, generator, params.device):
-            return importance_estimate(*args[:4], self.envelope(), wanted, num_samples)
+        args = (self.family, params, self.log_weights, self.alpha, wanted)
+        with torch.no_grad():
+            if method == "enumeration":
+                est = enumeration_estimate(*args, keep_nodes=keep_nodes)
+            elif method == "quadrature":
+                est = quadrature_estimate(*args, rtol=rtol, keep_nodes=keep_nodes)
+            elif method == "grid":
+                est = grid_estimate(*args, keep_nodes=keep_nodes)
+            else:
+                with seeded(seed, generator, params.device):
+                    est = importance_estimate(*args[:4], self.envelope(), wanted, num_samples, keep_nodes=keep_nodes)
+            self._check_bounds(est)
+        return est
+
+    def _check_bounds(self, est: PoolEstimate) -> None:
+        """Never return an estimate that contradicts the certified bracket of ``log Z`` (beyond its error)."""
+        value, error = est.log_normalizer
+        lower, upper = self._bounds(min(self._max_components, _CHECK_COMPONENTS))
+        slack = 8 * error + 64 * torch.finfo(value.dtype).eps * (1 + value.abs())
+        bad = (value < lower - slack) | (value > upper + slack)
+        if bool(bad.any()):
+            index = tuple(int(i) for i in bad.nonzero()[0].tolist())
+            raise RuntimeError(
+                f"the {est.method} estimate of log Z = {float(value[index]):.10g} (stated error {float(error[index]):.3g}) "
+                f"lies outside the certified bracket [{float(lower[index]):.10g}, {float(upper[index]):.10g}]"
+                f"{f' at batch index {index}' if index else ''}; the {est.method} missed part of the pool's mass "
+                "(try another method, or a smaller rtol)")
 
     def envelope(self) -> Envelope:
         """A normalised exact pool ``p`` of the same experts and ``B`` with ``u <= B p`` (the power-mean
@@ -296,11 +347,11 @@ class _Pool:
         proposal = HolderPool(self.experts, 0, weights, validate_args=False)
         return Envelope(proposal, proposal.log_normalizer, f"M_{a:g} <= M_0 (log-linear pool)")
 
-    def _envelope_order(self) -> int:
+    def _envelope_order(self, max_components: int | None = None) -> int:
         """The largest ``n <= 1/alpha`` whose exact pool has at most ``max_components`` components (1 if none),
         by bisection: ``1/alpha`` may be ``10**12`` or overflow to ``inf``, and no order above ``max_components``
         fits (``binom(n + M - 1, M - 1) > n`` for two experts or more)."""
-        cap = self._max_components
+        cap = self._max_components if max_components is None else max_components
         inverse = 1 / self.alpha
         low, high = 1, cap if inverse >= cap else max(1, math.floor(inverse * (1 + 1e-12)))
         while low < high:
@@ -314,14 +365,18 @@ class _Pool:
     def normalizer_bounds(self):
         """A certified bracket ``(lower, upper)`` of ``log Z`` from the neighbouring exact pools
         (``Z`` is non-decreasing in alpha); ``-inf`` where no closed-form lower bound exists (alpha < 0)."""
+        return self._bounds(self._max_components)
+
+    def _bounds(self, max_components: int):
+        """:meth:`normalizer_bounds` from exact pools of at most ``max_components`` components."""
         a = self.alpha
         lw = self.log_weights
         present = lw > -math.inf
         count = present.sum(-1).to(lw.dtype)
         order = exact_order(a)
-        if order is not None and within_max_components(order, self.experts.num_experts, self._max_components):
+        if order is not None and within_max_components(order, self.experts.num_experts, max_components):
             log_z = HolderPool(self.experts, a, lw.exp(), validate_args=False,
-                               max_components=self._max_components).log_normalizer
+                               max_components=max_components).log_normalizer
             return log_z, log_z
         minus_inf = torch.full_like(count, -math.inf)
         if a < 0:
@@ -331,11 +386,13 @@ class _Pool:
             log_min = _log_smallest_weight(lw)
             upper = torch.log(count) if a == math.inf else torch.minimum((1 / a - 1) * log_min, torch.log(count))
             return torch.zeros_like(count), upper
-        upper = self.envelope().log_bound
-        below = self._envelope_order() + 1
-        if num_components(below, self.experts.num_experts) <= self._max_components:
+        above = self._envelope_order(max_components)
+        upper = HolderPool(self.experts, 1 / above, lw.exp(), validate_args=False,
+                           max_components=max_components).log_normalizer
+        below = above + 1
+        if num_components(below, self.experts.num_experts) <= max_components:
             lower = HolderPool(self.experts, 1 / below, lw.exp(), validate_args=False,
-                               max_components=self._max_components).log_normalizer
+                               max_components=max_components).log_normalizer
         else:
             lower = HolderPool(self.experts, 0, lw.exp(), validate_args=False).log_normalizer
         return lower, upper
@@ -385,7 +442,7 @@ class HolderPool(_Pool):
     def mixture_weights(self) -> torch.Tensor:
         return self.log_mixture_weights.exp()
 
-    def normalizer_bounds(self):
+    def _bounds(self, max_components: int):
         """Exact: ``(log_normalizer, log_normalizer)``."""
         return self.log_normalizer, self.log_normalizer
 
@@ -427,7 +484,8 @@ class HolderPool(_Pool):
         and variances. The result is a ``torch.distributions`` object.
         """
         if family is None:
-            return self.family.distribution(self.family.moment_match(self.log_mixture_weights, self.component_params))
+            return self.family.distribution(self.family.moment_match(self.log_mixture_weights, self.component_params),
+                                            validate_args=self._validate)
         return gaussian_projection(self, family)
 
     def __repr__(self) -> str:
@@ -442,12 +500,18 @@ class NumericalHolderPool(_Pool):
     ``covariance_matrix``, ``log_prob``, ``sample`` (exact: rejection from the envelope, or the
     enumerated probabilities for discrete experts) and ``moment_match``. Those values come from one
     :meth:`estimate` with this pool's ``method``, ``num_samples`` and ``seed``, computed on first use;
-    call :meth:`estimate` directly for their errors. Values are not differentiable. A subnormal alpha
-    (``0 < |alpha| < 2.2e-308``) is refused: ``alpha * log q_j`` would keep too few digits (use ``alpha=0``).
+    call :meth:`estimate` directly for their errors.
+
+    ``log_normalizer`` and ``log_prob`` are differentiable in the experts' parameters and the weights:
+    :math:`\nabla\log Z = E_{pool}[\nabla\log u]`, the expectation taken over the estimate's own points
+    (the exact gradient of the quadrature rule, grid or sum; the self-normalised estimate from the same
+    samples for importance sampling). ``mean``, ``variance`` and the other values carry no gradient. A subnormal
+    alpha (``0 < |alpha| < 2.2e-308``) is refused: ``alpha * log q_j`` would keep too few digits (use ``alpha=0``).
     """
 
     def __init__(self, experts, alpha, weights=None, *, method: str = "auto", num_samples: int = 100_000,
-                 seed: int = 0, max_components: int = DEFAULT_MAX_COMPONENTS, validate_args: bool | None = None):
+                 seed: int = 0, max_components: int = DEFAULT_MAX_COMPONENTS, rtol: float = DEFAULT_RTOL,
+                 validate_args: bool | None = None):
         check_positive_int("max_components", max_components)
         if 0 < abs(check_alpha(alpha)) < sys.float_info.min:
             raise ValueError(f"alpha={alpha!r} is subnormal, too small for the numerical engine (alpha * log q_j "
@@ -457,6 +521,7 @@ class NumericalHolderPool(_Pool):
         self.method = check_method(self.family, method)
         if self.method == "importance":
             check_num_samples("num_samples", num_samples)
+        self.rtol = check_rtol(rtol)
         self.num_samples = num_samples
         self.seed = seed
         self._max_components = max_components
@@ -473,7 +538,8 @@ class NumericalHolderPool(_Pool):
                     wanted.add("covariance")
             if not self.family.gaussian:
                 wanted.add("expected_statistic")
-            self._summary = self.estimate(wanted, method=self.method, num_samples=self.num_samples, seed=self.seed)
+            self._summary = self._estimate(frozenset(wanted), self.method, self.num_samples, self.seed, None, self.rtol,
+                                           keep_nodes=self._differentiable)
             log_z = self._summary.log_normalizer.value
             finite = torch.isfinite(log_z)
             if not bool(finite.all()):
@@ -486,8 +552,16 @@ class NumericalHolderPool(_Pool):
         return self.experts.batch_shape
 
     @property
+    def _differentiable(self) -> bool:
+        return self.experts.params.requires_grad or self.log_weights.requires_grad
+
+    @property
     def log_normalizer(self) -> torch.Tensor:
-        return self.summary.log_normalizer.value
+        value = self.summary.log_normalizer.value
+        if not (self._differentiable and torch.is_grad_enabled()):
+            return value
+        return differentiable_log_normalizer(self.family, self.experts.params, self.log_weights, self.alpha, value,
+                                             self.summary.nodes)
 
     def _moment(self, name):
         if not self.family.has_numeric_moments:
@@ -534,7 +608,7 @@ class NumericalHolderPool(_Pool):
         stat = self.summary.expected_statistic.value
         init = geometric_combination(self.experts, self.log_weights)[0]
         natural = self.family.natural_from_mean(stat, init=self.family.to_natural(init))
-        return self.family.distribution(self.family.from_natural(natural))
+        return self.family.distribution(self.family.from_natural(natural), validate_args=self._validate)
 
     def __repr__(self) -> str:
         return (f"NumericalHolderPool(family={self.family!r}, alpha={self.alpha!r}, "
@@ -547,31 +621,33 @@ def gaussian_projection(pool, family: str):
         raise ValueError(f"family must be None, 'gaussian' or 'diag_gaussian', got {family!r}")
     if not pool.family.has_numeric_moments:
         raise ValueError(f"family={family!r} needs numeric moments, but {pool.family.name} experts have none")
-    mean = pool.mean
+    mean, validate = pool.mean, pool._validate
     if not pool.family.multivariate:
-        return Normal(mean, pool.variance.sqrt(), validate_args=False)
+        return Normal(mean, pool.variance.sqrt(), validate_args=validate)
     if family == "diag_gaussian":
-        return Independent(Normal(mean, pool.variance.sqrt(), validate_args=False), 1)
-    return MultivariateNormal(mean, covariance_matrix=pool.covariance_matrix, validate_args=False)
+        return Independent(Normal(mean, pool.variance.sqrt(), validate_args=validate), 1, validate_args=validate)
+    return MultivariateNormal(mean, covariance_matrix=pool.covariance_matrix, validate_args=validate)
 
 
 def holder(experts, alpha=0.5, weights=None, *, method: str = "auto", num_samples: int = 100_000, seed: int = 0,
-           max_components: int = DEFAULT_MAX_COMPONENTS, validate_args: bool | None = None):
+           max_components: int = DEFAULT_MAX_COMPONENTS, rtol: float = DEFAULT_RTOL, validate_args: bool | None = None):
     r"""The Hölder pool :math:`q \propto (\sum_j \lambda_j q_j^\alpha)^{1/\alpha}` with weights normalised to one.
 
     With ``method="auto"``: exact (:class:`HolderPool`) for ``alpha = 0`` and ``alpha = 1/n`` within
     ``max_components`` mixture components; otherwise, including ``+-inf``, a :class:`NumericalHolderPool`.
-    Naming a ``method`` (see :mod:`opinionpool.numerical`) forces the numerical engine, for any alpha.
+    Naming a ``method`` (see :mod:`opinionpool.numerical`) forces the numerical engine, for any alpha;
+    ``rtol`` is its 1-D quadrature's relative tolerance.
     """
     order = exact_order(check_alpha(alpha))
     check_positive_int("max_components", max_components)
+    check_rtol(rtol)
     if method == "auto" and order is not None:
         experts = as_experts(experts, validate_args=validate_args)
         if within_max_components(order, experts.num_experts, max_components):
             return HolderPool(experts, alpha=alpha, weights=weights, max_components=max_components,
                               validate_args=validate_args)
     return NumericalHolderPool(experts, alpha=alpha, weights=weights, method=method, num_samples=num_samples,
-                               seed=seed, max_components=max_components, validate_args=validate_args)
+                               seed=seed, max_components=max_components, rtol=rtol, validate_args=validate_args)
 
 
 def moe(experts, weights=None, **kwargs) -> MixtureSameFamily:
@@ -606,4 +682,4 @@ def poe(experts, weights=None, validate_args: bool | None = None):
         raise ValueError(f"experts: the product of these {family.name} experts with weights {describe(w)} is not "
                          "normalisable (its natural parameter leaves the parameter space); use weights summing to one, "
                          "e.g. holder(experts, alpha=0)")
-    return family.distribution(combined)
+    return family.distribution(combined, validate_args=validate)

@@ -19,7 +19,10 @@ Everything pooling needs is derived from the log-normaliser:
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch.distributions import constraints
 
 from .._validation import describe
 
@@ -32,11 +35,12 @@ def weighted_sum(log_weights: torch.Tensor, values: torch.Tensor, dim: int) -> t
     """``sum_k exp(log_weights_k) * values_k`` over ``dim`` of ``values``.
 
     ``log_weights`` ends with the reduced dimension and broadcasts against ``values`` up to it;
-    ``values`` must be finite (zero weights then contribute exactly zero).
+    zero weights contribute exactly zero, even against infinite values.
     """
     dim = dim % values.dim()
     w = _expand_weights(log_weights.exp(), values.dim() - dim - 1)
-    return (w * values).sum(dim)
+    # a zero weight times an infinite value (a Categorical category of probability zero) contributes zero
+    return torch.where(w > 0, w * values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(dim)
 
 
 class ExponentialFamily:
@@ -119,11 +123,39 @@ class ExponentialFamily:
     # -------------------------------------------------------------- densities
     def log_prob(self, params: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         eta = self.to_natural(params)
-        return (self.log_base_measure(value) + (eta * self.sufficient_statistic(value)).sum(-1)
-                - self.log_normalizer(eta))
+        stat = self.sufficient_statistic(value)
+        # 0 * log(0) = 0 at the edge of the support (e.g. a Beta(1, b) at z = 0), never NaN
+        product = torch.where(eta == 0, torch.zeros((), dtype=eta.dtype, device=eta.device), eta * stat)
+        return self.log_base_measure(value) + product.sum(-1) - self.log_normalizer(eta)
 
-    def distribution(self, params: torch.Tensor):
-        """The ``torch.distributions`` object (or equivalent) for ``params``."""
+    @property
+    def support_constraint(self) -> constraints.Constraint:
+        """The values ``z`` can take, as a ``torch.distributions`` constraint (by default the closed
+        ``support_interval``, or every real vector)."""
+        if self.support_interval is not None:
+            return constraints.interval(*self.support_interval)
+        return constraints.independent(constraints.real, len(self.event_shape)) if self.event_shape else constraints.real
+
+    def in_support(self, value: torch.Tensor) -> torch.Tensor:
+        """Whether each value (``(...) + event_shape``) lies in the support: a boolean tensor of shape ``(...)``."""
+        inside = self.support_constraint.check(value)
+        extra = inside.dim() - (value.dim() - len(self.event_shape))
+        return inside.flatten(-extra).all(-1) if extra > 0 else inside
+
+    def support_fill(self, value: torch.Tensor) -> torch.Tensor:
+        """A point of the support, shaped like ``value``, evaluated in place of values outside the support."""
+        lower, upper = self.support_interval or (-math.inf, math.inf)
+        if math.isfinite(lower) and math.isfinite(upper):
+            point = 0.5 * (lower + upper)
+        elif math.isfinite(lower) or math.isfinite(upper):
+            point = lower + 1.0 if math.isfinite(lower) else upper - 1.0
+        else:
+            point = 0.0
+        return torch.full_like(value, point)
+
+    def distribution(self, params: torch.Tensor, validate_args: bool = False):
+        """The ``torch.distributions`` object (or equivalent) for ``params``; with ``validate_args`` it checks
+        its parameters and, in ``log_prob``, that values lie in its support."""
         raise NotImplementedError
 
     def params_from_distribution(self, dist) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributions import Beta, Dirichlet, Exponential, Gamma, VonMises
+from torch.distributions import Beta, Dirichlet, Exponential, Gamma, VonMises, constraints
 
 from .._validation import check_positive
 from .base import ExponentialFamily, weighted_sum
@@ -44,8 +44,8 @@ class ExponentialDistFamily(ExponentialFamily):
         check_positive("Exponential rate", dist.rate)
         return (-dist.rate).unsqueeze(-1)
 
-    def distribution(self, params):
-        return Exponential(-params[..., 0], validate_args=False)
+    def distribution(self, params, validate_args: bool = False):
+        return Exponential(-params[..., 0], validate_args=validate_args)
 
     def log_normalizer(self, natural):
         return -torch.log(-natural[..., 0])
@@ -82,8 +82,8 @@ class GammaFamily(ExponentialFamily):
         check_positive("Gamma rate", dist.rate)
         return torch.stack((dist.concentration - 1, -dist.rate), dim=-1)
 
-    def distribution(self, params):
-        return Gamma(params[..., 0] + 1, -params[..., 1], validate_args=False)
+    def distribution(self, params, validate_args: bool = False):
+        return Gamma(params[..., 0] + 1, -params[..., 1], validate_args=validate_args)
 
     def log_normalizer(self, natural):
         a, rate = natural[..., 0] + 1, -natural[..., 1]
@@ -119,8 +119,8 @@ class BetaFamily(ExponentialFamily):
         check_positive("Beta concentration0", dist.concentration0)
         return torch.stack((dist.concentration1 - 1, dist.concentration0 - 1), dim=-1)
 
-    def distribution(self, params):
-        return Beta(params[..., 0] + 1, params[..., 1] + 1, validate_args=False)
+    def distribution(self, params, validate_args: bool = False):
+        return Beta(params[..., 0] + 1, params[..., 1] + 1, validate_args=validate_args)
 
     def log_normalizer(self, natural):
         a, b = natural[..., 0] + 1, natural[..., 1] + 1
@@ -144,6 +144,7 @@ class BetaFamily(ExponentialFamily):
 class DirichletFamily(ExponentialFamily):
     name = "Dirichlet"
     multivariate = True
+    support_constraint = constraints.simplex
 
     def __init__(self, num_categories: int):
         super().__init__(event_shape=(num_categories,), param_shape=(num_categories,))
@@ -160,8 +161,11 @@ class DirichletFamily(ExponentialFamily):
         check_positive("Dirichlet concentration", dist.concentration)
         return dist.concentration - 1
 
-    def distribution(self, params):
-        return Dirichlet(params + 1, validate_args=False)
+    def support_fill(self, value):
+        return torch.full_like(value, 1 / self.num_categories)
+
+    def distribution(self, params, validate_args: bool = False):
+        return Dirichlet(params + 1, validate_args=validate_args)
 
     def log_normalizer(self, natural):
         alpha = natural + 1
@@ -198,6 +202,8 @@ class VonMisesFamily(ExponentialFamily):
 
     name = "VonMises"
     support_interval = (-math.pi, math.pi)
+    #: any angle, as for torch's VonMises (the density is periodic); the engine integrates over one period
+    support_constraint = constraints.real
     circular = True
 
     def __init__(self):
@@ -216,9 +222,9 @@ class VonMisesFamily(ExponentialFamily):
         kappa = torch.linalg.vector_norm(natural, dim=-1)
         return torch.atan2(natural[..., 1], natural[..., 0]), kappa
 
-    def distribution(self, params):
+    def distribution(self, params, validate_args: bool = False):
         loc, kappa = self._polar(params)
-        return VonMises(loc, kappa, validate_args=False)
+        return VonMises(loc, kappa, validate_args=validate_args)
 
     def log_normalizer(self, natural):
         kappa = torch.linalg.vector_norm(natural, dim=-1)

@@ -81,8 +81,8 @@ class CustomFamily(ExponentialFamily):
         """An expert (a ``torch.distributions.Distribution``) with natural parameters ``natural``."""
         return ExponentialFamilyDistribution(self, natural, validate_args=validate_args)
 
-    def distribution(self, params):
-        return ExponentialFamilyDistribution(self, params, validate_args=False)
+    def distribution(self, params, validate_args: bool = False):
+        return ExponentialFamilyDistribution(self, params, validate_args=validate_args)
 
     def mean(self, params):
         if self._mean is None:

@@ -19,7 +19,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.distributions import Bernoulli, Binomial, Categorical, Poisson
+from torch.distributions import Bernoulli, Binomial, Categorical, Poisson, constraints
 
 from .._validation import check_finite, check_positive, check_probabilities
 from .base import ExponentialFamily
@@ -36,6 +36,7 @@ class PoissonFamily(ExponentialFamily):
 
     name = "Poisson"
     discrete = True
+    support_constraint = constraints.nonnegative_integer
 
     def __init__(self):
         super().__init__(event_shape=(), param_shape=(1,))
@@ -48,8 +49,8 @@ class PoissonFamily(ExponentialFamily):
         check_positive("Poisson rate", dist.rate)
         return torch.log(dist.rate).unsqueeze(-1)
 
-    def distribution(self, params):
-        return Poisson(torch.exp(params[..., 0]), validate_args=False)
+    def distribution(self, params, validate_args: bool = False):
+        return Poisson(torch.exp(params[..., 0]), validate_args=validate_args)
 
     def log_normalizer(self, natural):
         return torch.exp(natural[..., 0])
@@ -79,6 +80,7 @@ class PoissonFamily(ExponentialFamily):
 class BernoulliFamily(ExponentialFamily):
     name = "Bernoulli"
     discrete = True
+    support_constraint = constraints.boolean
 
     def __init__(self):
         super().__init__(event_shape=(), param_shape=(1,))
@@ -94,8 +96,8 @@ class BernoulliFamily(ExponentialFamily):
             check_probabilities("Bernoulli probs", dist.probs)
         return dist.logits.unsqueeze(-1)
 
-    def distribution(self, params):
-        return Bernoulli(logits=params[..., 0], validate_args=False)
+    def distribution(self, params, validate_args: bool = False):
+        return Bernoulli(logits=params[..., 0], validate_args=validate_args)
 
     def log_normalizer(self, natural):
         return F.softplus(natural[..., 0])
@@ -129,6 +131,10 @@ class BinomialFamily(ExponentialFamily):
     def _key(self):
         return (self.total_count,)
 
+    @property
+    def support_constraint(self):
+        return constraints.integer_interval(0, self.total_count)
+
     @classmethod
     def match(cls, dist):
         if type(dist) is not Binomial:
@@ -147,8 +153,8 @@ class BinomialFamily(ExponentialFamily):
             check_probabilities("Binomial probs", dist.probs)
         return dist.logits.unsqueeze(-1)
 
-    def distribution(self, params):
-        return Binomial(self.total_count, logits=params[..., 0], validate_args=False)
+    def distribution(self, params, validate_args: bool = False):
+        return Binomial(self.total_count, logits=params[..., 0], validate_args=validate_args)
 
     def log_normalizer(self, natural):
         return self.total_count * F.softplus(natural[..., 0])
@@ -182,19 +188,28 @@ class CategoricalFamily(ExponentialFamily):
     def _key(self):
         return (self.num_categories,)
 
+    @property
+    def support_constraint(self):
+        return constraints.integer_interval(0, self.num_categories - 1)
+
     @classmethod
     def match(cls, dist):
-        return cls(dist.logits.shape[-1]) if type(dist) is Categorical else None
+        return cls(dist.param_shape[-1]) if type(dist) is Categorical else None
 
     def params_from_distribution(self, dist):
-        if "logits" in dist.__dict__:
+        # which parameter the user gave (both are cached in __dict__ once read)
+        if dist.__dict__.get("probs") is not getattr(dist, "_param", None):
             check_finite("Categorical logits", dist.logits)
-        else:
-            check_probabilities("Categorical probs", dist.probs)
-        return dist.logits
+            return dist.logits
+        check_probabilities("Categorical probs", dist.probs)
+        # log(probs), -inf for a zero probability (torch's logits clamp it to about 1e-16, which would give the
+        # category mass in every pool); log(0) itself is never evaluated, so gradients stay finite
+        probs = dist.probs
+        positive = probs > 0
+        return torch.where(positive, torch.log(torch.where(positive, probs, torch.ones_like(probs))), -math.inf)
 
-    def distribution(self, params):
-        return Categorical(logits=params, validate_args=False)
+    def distribution(self, params, validate_args: bool = False):
+        return Categorical(logits=params, validate_args=validate_args)
 
     def log_normalizer(self, natural):
         return torch.logsumexp(natural, dim=-1)

@@ -173,9 +173,9 @@ class NormalFamily(_DiagonalGaussianBase):
         check_positive("Normal scale", dist.scale)
         return self.join(dist.loc, 2 * torch.log(dist.scale))
 
-    def distribution(self, params):
+    def distribution(self, params, validate_args: bool = False):
         loc, logvar = self.split(params)
-        return Normal(loc, torch.exp(0.5 * logvar), validate_args=False)
+        return Normal(loc, torch.exp(0.5 * logvar), validate_args=validate_args)
 
     def mixture_covariance(self, log_pi, params):
         raise ValueError("Normal experts are scalar; use variance")
@@ -211,9 +211,10 @@ class DiagonalNormalFamily(_DiagonalGaussianBase):
         loc, scale = torch.broadcast_tensors(base.loc, base.scale)
         return self.join(loc, 2 * torch.log(scale))
 
-    def distribution(self, params):
+    def distribution(self, params, validate_args: bool = False):
         loc, logvar = self.split(params)
-        return Independent(Normal(loc, torch.exp(0.5 * logvar), validate_args=False), 1)
+        normal = Normal(loc, torch.exp(0.5 * logvar), validate_args=validate_args)
+        return Independent(normal, 1, validate_args=validate_args)
 
     def mixture_covariance(self, log_pi, params):
         k = log_pi.dim() - 1
@@ -255,9 +256,9 @@ class MultivariateNormalFamily(ExponentialFamily):
         loc = dist.loc.expand(precision.shape[:-1])
         return self.join(loc, precision)
 
-    def distribution(self, params):
+    def distribution(self, params, validate_args: bool = False):
         loc, precision = self.split(params)
-        return MultivariateNormal(loc, precision_matrix=precision, validate_args=False)
+        return MultivariateNormal(loc, precision_matrix=precision, validate_args=validate_args)
 
     def check_params(self, params, name):
         loc, precision = self.split(params)
