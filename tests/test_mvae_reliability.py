@@ -468,7 +468,7 @@ def test_atomic_write_flushes_the_file_then_the_rename(tmp_path, monkeypatch):
 
 @posix_only
 def test_orphaned_temporaries_and_builds_are_removed_and_live_ones_kept(tmp_path):
-    from applications.multimodal_vae.build_polymnist import build
+    from applications.multimodal_vae.data.build_polymnist import build
 
     host = socket.gethostname()
     dead, old = f"{dead_pid()}@{host}", time.time() - 2 * 86400

@@ -85,7 +85,7 @@ def load_dataset(config: Config, split: str = "train") -> MultimodalDataset:
     if config.data.dataset not in DATASETS:
         raise ValueError(f"data.dataset must be one of {sorted(DATASETS)}, got {config.data.dataset!r}")
     if config.data.dataset == "polymnist" and config.data.build_offline and not root.exists():
-        from .build_polymnist import build
+        from .data.build_polymnist import build
 
         build(root, progress=tqdm)
     data = open_dataset(config.data.dataset, root, split, progress=tqdm)
@@ -243,7 +243,7 @@ def sample_grid(model: MultimodalVAE, x, modalities, path: Path) -> torch.Tensor
 
 
 def render_text(ids: torch.Tensor, modality: Modality) -> str:
-    from .text import ALPHABET, decode_characters, decode_words
+    from .data.text import ALPHABET, decode_characters, decode_words
 
     return decode_characters(ids) if modality.vocabulary == ALPHABET else decode_words(ids, modality.vocabulary)
 

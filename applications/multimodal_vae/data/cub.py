@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .data import LayoutError, Modality, MultimodalDataset, cached_tensors, decode_images
+from .core import LayoutError, Modality, MultimodalDataset, cached_tensors, decode_images
 from .text import build_vocabulary, encode_words
 
 IMAGE_SIZE = 64

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import LayoutError, Modality, MultimodalDataset
+from .core import LayoutError, Modality, MultimodalDataset
 from .text import ALPHABET, encode_characters
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

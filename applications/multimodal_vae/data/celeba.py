@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .data import LayoutError, Modality, MultimodalDataset, cached_tensors, decode_images
+from .core import LayoutError, Modality, MultimodalDataset, cached_tensors, decode_images
 from .text import ALPHABET, encode_characters
 
 IMAGE_SIZE, CROP = 64, 148

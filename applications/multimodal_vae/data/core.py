@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .files import UnreadableFile, load_checked, remove_orphaned_temporaries, save_checked
+from ..files import UnreadableFile, load_checked, remove_orphaned_temporaries, save_checked
 
 _PNG_NAME = re.compile(r"^(\d+)\.(\d)\.png$")
 
@@ -312,7 +312,7 @@ class PolyMNIST(MultimodalDataset):
 
 
 #: dataset name -> (module, class) of its loader
-DATASETS = {"polymnist": ("data", "PolyMNIST"), "mnist_svhn_text": ("mnist_svhn_text", "MNISTSVHNText"),
+DATASETS = {"polymnist": ("core", "PolyMNIST"), "mnist_svhn_text": ("mnist_svhn_text", "MNISTSVHNText"),
             "celeba": ("celeba", "CelebA"), "cub": ("cub", "CUB")}
 
 

@@ -43,8 +43,8 @@ from torch import nn
 import opinionpool.functional as F
 from opinionpool.families.gaussian import gaussian_mixture_moments
 
-from .files import UnreadableFile, load_checked, remove_orphaned_temporaries, save_checked, write_text
-from .models import evaluating
+from ..files import UnreadableFile, load_checked, remove_orphaned_temporaries, save_checked, write_text
+from ..models import evaluating
 
 CLASSIFIER_EPOCHS = 5
 
@@ -67,7 +67,7 @@ class EncoderClassifier(nn.Module):
 
     def __init__(self, modality, num_classes: int = 10):
         super().__init__()
-        from .networks import make_networks
+        from ..networks import make_networks
 
         self.encoder = make_networks([modality], num_classes)[0][0]
 
@@ -309,7 +309,7 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
     """Every metric of ``config.eval`` on the test split; writes ``metrics.json`` and ``report.md`` in ``run_dir``.
     ``metrics["training"]`` holds ``training_status(run_dir)`` (when known); the report opens with a notice when
     training stopped short of its planned steps."""
-    from .train import load_dataset
+    from ..train import load_dataset
 
     settings = config.eval
     train_data, test_data = load_dataset(config, "train"), load_dataset(config, "test")
@@ -388,7 +388,7 @@ def _label_metrics(metrics, model, config, train_data, test_data, evaluated, sub
 
 
 def _likelihoods(model, data, settings) -> dict:
-    from .marginal_likelihood import log_likelihood
+    from .likelihood import log_likelihood
 
     device = model.likelihood.weights.device
     generator = torch.Generator(device=device).manual_seed(settings.seed)

@@ -21,8 +21,8 @@ import math
 
 import torch
 
-from .models import as_modalities, evaluating
-from .objectives import full_precision, standard_normal_log_prob
+from ..models import as_modalities, evaluating
+from ..objectives import full_precision, standard_normal_log_prob
 
 
 def _check(num_samples: int, chunk_size: int) -> None:
