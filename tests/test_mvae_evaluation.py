@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from applications.multimodal_vae.data import MultimodalDataset, polymnist_modalities
+from applications.multimodal_vae.data import subset_tuples as all_subsets
 from applications.multimodal_vae.evaluation import (
     DigitClassifier,
     accuracy,
-    all_subsets,
     coherence,
     cross_coherence,
     latent_probe,

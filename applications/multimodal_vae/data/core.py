@@ -1,4 +1,4 @@
-"""The generic dataset machinery of the multimodal VAE application, and the missing-modality mask.
+"""The generic dataset machinery of the multimodal VAE application, the missing-modality mask and subsets.
 
 Every dataset is a ``MultimodalDataset``: a description of each modality (``Modality``: an image ``(C, H, W)`` or
 a token sequence ``(L,)`` over a vocabulary), one stored tensor per modality (uint8 images, int64 tokens) and the
@@ -18,10 +18,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+import opinionpool.functional as opf
+
 from ..files import UnreadableFile, load_checked, remove_orphaned_temporaries, save_checked
 
 __all__ = ["LayoutError", "Modality", "MultimodalDataset", "cached_tensors", "decode_images", "modality_mask",
-           "reconstruction_weights"]
+           "reconstruction_weights", "subset_mask", "subset_tuples"]
 
 class LayoutError(ValueError):
     """A dataset folder that is not in the layout the loader expects."""
@@ -165,4 +167,17 @@ def modality_mask(batch_size: int, num_modalities: int, drop_rate: float,
     present = torch.rand(num_modalities, batch_size, generator=generator) >= drop_rate
     keep = torch.randint(num_modalities, (batch_size,), generator=generator)
     present[keep, torch.arange(batch_size)] = True
+    return present
+
+
+def subset_tuples(num_modalities: int) -> list[tuple[int, ...]]:
+    """Non-empty subsets of the modalities as tuples of indices, in ``opinionpool.functional.all_subsets``'s order
+    (by size, then lexicographically; that function returns them as a boolean mask)."""
+    return [tuple(row.nonzero().squeeze(-1).tolist()) for row in opf.all_subsets(num_modalities)]
+
+
+def subset_mask(subset, num_modalities: int, batch: int, device=None) -> torch.Tensor:
+    """Boolean ``(num_modalities, batch)`` mask of present modalities: those of ``subset`` in every sample."""
+    present = torch.zeros(num_modalities, batch, dtype=torch.bool, device=device)
+    present[list(subset)] = True
     return present

@@ -43,8 +43,12 @@ from torch import nn
 import opinionpool.functional as F
 from opinionpool.families.gaussian import gaussian_mixture_moments
 
+from ..data import load_dataset, subset_mask, subset_tuples
 from ..files import UnreadableFile, load_checked, remove_orphaned_temporaries, save_checked, write_text
 from ..models import evaluating
+from ..networks import make_networks
+from .fid import fid_scores
+from .likelihood import log_likelihood
 
 CLASSIFIER_EPOCHS = 5
 
@@ -67,8 +71,6 @@ class EncoderClassifier(nn.Module):
 
     def __init__(self, modality, num_classes: int = 10):
         super().__init__()
-        from ..networks import make_networks
-
         self.encoder = make_networks([modality], num_classes)[0][0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,18 +159,6 @@ def classifiers_for(root, dataset: str, train_data, test_data, progress=None) ->
     return classifiers, test_accuracy
 
 
-def all_subsets(num_modalities: int) -> list[tuple[int, ...]]:
-    """Non-empty subsets of the modalities as tuples, in ``opinionpool.functional.all_subsets``'s order (by size,
-    then lexicographically)."""
-    return [tuple(row.nonzero().squeeze(-1).tolist()) for row in F.all_subsets(num_modalities)]
-
-
-def subset_mask(subset, num_modalities: int, batch: int, device=None) -> torch.Tensor:
-    present = torch.zeros(num_modalities, batch, dtype=torch.bool, device=device)
-    present[list(subset)] = True
-    return present
-
-
 @torch.no_grad()
 def coherence(model, classifiers: nn.ModuleList, data, subsets: list[tuple[int, ...]] | None = None,
               batch_size: int = 500, seed: int = 0) -> dict:
@@ -176,7 +166,7 @@ def coherence(model, classifiers: nn.ModuleList, data, subsets: list[tuple[int, 
     tuple of ``data`` (targets inside the subset are reconstructions)."""
     classifiers.eval()
     m = model.num_modalities
-    subsets = all_subsets(m) if subsets is None else subsets
+    subsets = subset_tuples(m) if subsets is None else subsets
     device = model.likelihood.weights.device
     generator = torch.Generator(device=device).manual_seed(seed)
     hits = torch.zeros(len(subsets), m)
@@ -309,8 +299,6 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
     """Every metric of ``config.eval`` on the test split; writes ``metrics.json`` and ``report.md`` in ``run_dir``.
     ``metrics["training"]`` holds ``training_status(run_dir)`` (when known); the report opens with a notice when
     training stopped short of its planned steps."""
-    from ..train import load_dataset
-
     settings = config.eval
     train_data, test_data = load_dataset(config, "train"), load_dataset(config, "test")
     device = model.likelihood.weights.device
@@ -318,7 +306,7 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
     evaluated = test_data.head(n)
     m = model.num_modalities
     names = [modality.name for modality in test_data.modalities]
-    subsets = all_subsets(m) if settings.subsets == "all" else [(s,) for s in range(m)] + [tuple(range(m))]
+    subsets = subset_tuples(m) if settings.subsets == "all" else [(s,) for s in range(m)] + [tuple(range(m))]
     labelled = test_data.num_classes is not None
     images = [t for t, modality in enumerate(test_data.modalities) if not modality.is_text]
     steps = ((["classifiers", "coherence", "unconditional", "probe"] if labelled else []) + ["likelihood", "pooling"]
@@ -346,8 +334,6 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
         torch.arange(min(n, 1000)))])
     done()
     if settings.fid_samples and images:
-        from .fid import fid_scores
-
         cache = Path(config.data.root).parent / ".wheels"
         metrics["fid"] = fid_scores(model, evaluated, test_data, settings, cache, progress)
         done()
@@ -388,8 +374,6 @@ def _label_metrics(metrics, model, config, train_data, test_data, evaluated, sub
 
 
 def _likelihoods(model, data, settings) -> dict:
-    from .likelihood import log_likelihood
-
     device = model.likelihood.weights.device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     joint, conditional = [], []
