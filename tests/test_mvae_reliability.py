@@ -173,8 +173,8 @@ def test_a_damaged_data_cache_is_rebuilt(tmp_path):
 
 
 def test_a_damaged_classifier_cache_is_trained_again(tiny_root, monkeypatch):
-    from applications.multimodal_vae import evaluation
     from applications.multimodal_vae.data import PolyMNIST
+    from applications.multimodal_vae.evaluation import classifiers as evaluation  # where train_classifiers is looked up
 
     train_data, test_data = (PolyMNIST(tiny_root / "data", split) for split in ("train", "test"))
     trained = []

@@ -14,6 +14,7 @@ from .core import (
     LayoutError,
     Modality,
     MultimodalDataset,
+    batches,
     cached_tensors,
     decode_images,
     modality_mask,
@@ -33,7 +34,7 @@ from .polymnist import (
 )
 
 __all__ = ["CUB", "DATASETS", "CelebA", "LayoutError", "MNISTSVHNText", "Modality", "MultimodalDataset",
-           "PolyMNIST", "cached_tensors", "decode_images", "detect_layout", "load_dataset", "modality_mask",
+           "PolyMNIST", "batches", "cached_tensors", "decode_images", "detect_layout", "load_dataset", "modality_mask",
            "open_dataset", "polymnist_modalities", "read_png_tree", "read_tensor_files", "reconstruction_weights",
            "store_decoded_png_tree", "subset_mask", "subset_tuples"]
 

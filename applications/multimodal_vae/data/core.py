@@ -22,7 +22,7 @@ import opinionpool.functional as opf
 
 from ..files import UnreadableFile, load_checked, remove_orphaned_temporaries, save_checked
 
-__all__ = ["LayoutError", "Modality", "MultimodalDataset", "cached_tensors", "decode_images", "modality_mask",
+__all__ = ["LayoutError", "Modality", "MultimodalDataset", "batches", "cached_tensors", "decode_images", "modality_mask",
            "reconstruction_weights", "subset_mask", "subset_tuples"]
 
 class LayoutError(ValueError):
@@ -181,3 +181,11 @@ def subset_mask(subset, num_modalities: int, batch: int, device=None) -> torch.T
     present = torch.zeros(num_modalities, batch, dtype=torch.bool, device=device)
     present[list(subset)] = True
     return present
+
+
+def batches(data, batch_size: int, device, shuffle: torch.Generator | None = None):
+    """``(index, x)`` for consecutive (or, with ``shuffle``, random) batches of ``data``; ``x`` on ``device``."""
+    order = torch.randperm(len(data), generator=shuffle) if shuffle is not None else torch.arange(len(data))
+    for start in range(0, len(data), batch_size):
+        index = order[start:start + batch_size]
+        yield index, [x.to(device) for x in data.gather(index)]

@@ -1,5 +1,9 @@
 """Evaluation of a trained multimodal VAE: coherence, FID, log-likelihood, latent probes and pooling diagnostics.
 
+``evaluate_run`` computes them all and writes the report; each lives in its module: ``classifiers`` (what reads
+the generations), ``labelled`` (coherence and the latent probe), ``likelihood``, ``fid`` (with ``inception``)
+and ``diagnostics`` (pooling diagnostics; whether training completed).
+
 Conventions (stated in every report):
 
 * **Which metrics**: every metric needs only the model and the data except coherence and the latent probe, which
@@ -30,269 +34,44 @@ Conventions (stated in every report):
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
 
-import opinionpool.functional as F
-from opinionpool.families.gaussian import gaussian_mixture_moments
-
-from ..data import load_dataset, subset_mask, subset_tuples
-from ..files import UnreadableFile, load_checked, remove_orphaned_temporaries, save_checked, write_text
-from ..models import evaluating
-from ..networks import make_networks
+from ..data import batches, load_dataset, subset_mask, subset_tuples
+from ..files import write_text
+from .classifiers import (
+    CLASSIFIER_EPOCHS,
+    DigitClassifier,
+    EncoderClassifier,
+    accuracy,
+    classifier_input,
+    classifiers_for,
+    make_classifier,
+    train_classifiers,
+)
+from .diagnostics import pooling_diagnostics, training_notice, training_status
 from .fid import fid_scores
+from .labelled import (
+    coherence,
+    cross_coherence,
+    latent_probe,
+    posterior_means,
+    summarise_coherence,
+    unconditional_coherence,
+)
 from .likelihood import log_likelihood
 
-CLASSIFIER_EPOCHS = 5
-
-
-class DigitClassifier(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(3, 32, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, 10),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class EncoderClassifier(nn.Module):
-    """A modality's encoder network with ``num_classes`` outputs; its mean head gives the logits."""
-
-    def __init__(self, modality, num_classes: int = 10):
-        super().__init__()
-        self.encoder = make_networks([modality], num_classes)[0][0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)[0]
-
-
-def make_classifier(modality, num_classes: int = 10) -> nn.Module:
-    if not modality.is_text and tuple(modality.shape) == (3, 28, 28):
-        return DigitClassifier()
-    return EncoderClassifier(modality, num_classes)
-
-
-def classifier_input(modality, output: torch.Tensor) -> torch.Tensor:
-    """What a classifier reads from a decoder output: the image clamped to [0, 1], or the most likely tokens."""
-    return output.argmax(-1) if modality.is_text else output.float().clamp(0, 1)
-
-
-def _batches(data, batch_size: int, device, shuffle: torch.Generator | None = None):
-    """``(index, x)`` for consecutive (or, with ``shuffle``, random) batches of ``data``; ``x`` on ``device``."""
-    order = torch.randperm(len(data), generator=shuffle) if shuffle is not None else torch.arange(len(data))
-    for start in range(0, len(data), batch_size):
-        index = order[start:start + batch_size]
-        yield index, [x.to(device) for x in data.gather(index)]
-
-
-def train_classifiers(data, epochs: int = CLASSIFIER_EPOCHS, batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
-                      progress=None) -> nn.ModuleList:
-    """One classifier per modality of ``data`` for its labels (Adam, one-cycle learning rate peaking at ``lr``);
-    returned in eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        classifiers = nn.ModuleList(make_classifier(m, data.num_classes) for m in data.modalities)
-        optimizer = torch.optim.Adam(classifiers.parameters(), lr=lr)
-        total = epochs * math.ceil(len(data) / batch_size)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total)
-        bar = progress(total=total, desc="digit classifiers", unit="batch") if progress else None
-        for _ in range(epochs):
-            for index, x in _batches(data, batch_size, "cpu", shuffle=generator):
-                y = data.labels[index]
-                loss = sum(nn.functional.cross_entropy(c(x_m), y) for x_m, c in zip(x, classifiers))
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                if bar is not None:
-                    bar.update()
-        if bar is not None:
-            bar.close()
-    return classifiers.eval()
-
-
-@torch.no_grad()
-def accuracy(classifiers: nn.ModuleList, data, batch_size: int = 1000) -> torch.Tensor:
-    """Per-modality accuracy of the classifiers on ``data``."""
-    classifiers.eval()
-    correct = torch.zeros(len(classifiers))
-    for index, x in _batches(data, batch_size, "cpu"):
-        for m, classifier in enumerate(classifiers):
-            correct[m] += (classifier(x[m]).argmax(-1) == data.labels[index]).sum()
-    return correct / len(data)
-
-
-def classifiers_for(root, dataset: str, train_data, test_data, progress=None) -> tuple[nn.ModuleList, list[float]]:
-    """The digit classifiers for the dataset at ``root`` and their test accuracies, trained once and cached
-    beside the data (atomically)."""
-    m = train_data.num_modalities
-    name = f".digit-classifiers-v3-{m}m.pt" if dataset == "polymnist" else f".digit-classifiers-{dataset}-v1.pt"
-    cache = Path(root) / name
-    classifiers = nn.ModuleList(make_classifier(modality, train_data.num_classes) for modality in train_data.modalities)
-    remove_orphaned_temporaries(root, [name])  # of a process killed while writing the cache
-    if cache.exists():
-        try:  # a truncated, corrupted or unsafe cache is trained again
-            stored = load_checked(cache)
-            classifiers.load_state_dict(stored["state"])
-            return classifiers.eval(), list(stored["test_accuracy"])
-        except (UnreadableFile, KeyError, TypeError, RuntimeError) as error:
-            problem = str(error) if isinstance(error, UnreadableFile) else f"{cache} does not hold them ({error})"
-            warnings.warn(f"{problem}; training the classifiers again", stacklevel=2)
-    classifiers = train_classifiers(train_data, progress=progress)
-    test_accuracy = accuracy(classifiers, test_data).tolist()
-    try:
-        save_checked(cache, {"state": classifiers.state_dict(), "test_accuracy": test_accuracy})
-    except OSError:  # a read-only data folder: keep the classifiers in memory only
-        pass
-    return classifiers, test_accuracy
-
-
-@torch.no_grad()
-def coherence(model, classifiers: nn.ModuleList, data, subsets: list[tuple[int, ...]] | None = None,
-              batch_size: int = 500, seed: int = 0) -> dict:
-    """``accuracy[i, t]``: how often modality ``t`` generated from ``subsets[i]`` shows the true label of the
-    tuple of ``data`` (targets inside the subset are reconstructions)."""
-    classifiers.eval()
-    m = model.num_modalities
-    subsets = subset_tuples(m) if subsets is None else subsets
-    device = model.likelihood.weights.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    hits = torch.zeros(len(subsets), m)
-    with evaluating(model):
-        for index, x in _batches(data, batch_size, device):
-            y = data.labels[index].to(device)
-            mu, logvar = model.encode(x)
-            for i, subset in enumerate(subsets):
-                z = model.pool(mu, logvar, subset_mask(subset, m, len(index), device)).sample(generator=generator)
-                for t, decoder in enumerate(model.decoders):
-                    predicted = classifiers[t](classifier_input(data.modalities[t], decoder(z))).argmax(-1)
-                    hits[i, t] += (predicted == y).sum().cpu()
-    return {"subsets": subsets, "accuracy": hits / len(data)}
-
-
-def summarise_coherence(result: dict, num_modalities: int) -> dict:
-    """Per subset (mean over targets outside it), per subset size (mean, std) and overall (all (S, t) pairs)."""
-    per_subset, pairs = {}, []
-    for subset, row in zip(result["subsets"], result["accuracy"].tolist()):
-        outside = [row[t] for t in range(num_modalities) if t not in subset]
-        if outside:
-            per_subset[subset] = float(np.mean(outside))
-            pairs += outside
-    per_size = {}
-    for k in sorted({len(s) for s in per_subset}):
-        values = [v for s, v in per_subset.items() if len(s) == k]
-        per_size[k] = (float(np.mean(values)), float(np.std(values)))
-    return {"per_subset": per_subset, "per_size": per_size, "overall": float(np.mean(pairs)) if pairs else math.nan}
-
-
-def cross_coherence(result: dict, num_modalities: int) -> torch.Tensor:
-    """The one-input ``(M, M)`` matrix ``[source, target]`` from a coherence result."""
-    rows = {s: r for s, r in zip(result["subsets"], result["accuracy"])}
-    return torch.stack([rows[(s,)] for s in range(num_modalities)])
-
-
-@torch.no_grad()
-def unconditional_coherence(model, classifiers: nn.ModuleList, modalities, latent_dim: int, num_samples: int = 1000,
-                            batch_size: int = 500, seed: int = 0) -> float:
-    """Fraction of prior samples whose generated modalities all get the same predicted label."""
-    device = model.likelihood.weights.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    agree = 0
-    with evaluating(model):
-        for start in range(0, num_samples, batch_size):
-            z = torch.randn(min(batch_size, num_samples - start), latent_dim, generator=generator, device=device)
-            predicted = torch.stack([classifiers[t](classifier_input(modalities[t], decoder(z))).argmax(-1)
-                                     for t, decoder in enumerate(model.decoders)])
-            agree += int((predicted == predicted[0]).all(0).sum())
-    return agree / num_samples
-
-
-@torch.no_grad()
-def posterior_means(model, data, subsets, batch_size: int = 500) -> dict:
-    """``subset -> (N, D)`` moment-matched posterior means given that subset, on the CPU."""
-    device = model.likelihood.weights.device
-    means = {s: [] for s in subsets}
-    for index, x in _batches(data, batch_size, device):
-        mu, logvar = model.encode(x)
-        for s in subsets:
-            mixture = model.pool(mu, logvar, subset_mask(s, model.num_modalities, len(index), device))
-            mean, _ = gaussian_mixture_moments(mixture.log_weights, mixture.loc, mixture.logvar, 1)
-            means[s].append(mean.cpu())
-    return {s: torch.cat(v) for s, v in means.items()}
-
-
-def latent_probe(model, train_data, test_data, subsets, examples: int = 500, seed: int = 0) -> dict:
-    """Test accuracy of a logistic regression on posterior means, per subset (``examples=-1``: all training)."""
-    from sklearn.linear_model import LogisticRegression
-
-    n = len(train_data)
-    if examples != -1 and not 10 <= examples <= n:
-        raise ValueError(f"probe examples must be -1 (all) or between 10 and {n}, got {examples}")
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.arange(n) if examples == -1 else torch.randperm(n, generator=generator)[:examples]
-    train_data = train_data.select(index)
-    train_means = posterior_means(model, train_data, subsets)
-    test_means = posterior_means(model, test_data, subsets)
-    scores = {}
-    for s in subsets:
-        probe = LogisticRegression(max_iter=2000)
-        probe.fit(train_means[s].double().numpy(), train_data.labels.cpu().numpy())
-        scores[s] = float(probe.score(test_means[s].double().numpy(), test_data.labels.cpu().numpy()))
-    return scores
-
-
-@torch.no_grad()
-def pooling_diagnostics(model, x) -> dict:
-    """Mean log Bhattacharyya coefficient between pairs of unimodal posteriors and the fraction of the Hellinger
-    pool's mass in its pairwise components, all modalities of the batch ``x`` (a model input) present."""
-    m = model.num_modalities
-    pairs = list(itertools.combinations(range(m), 2))
-    with evaluating(model):
-        mu, logvar = model.encode(x)
-    log_bc = sum(F.log_bhattacharyya(mu[i], logvar[i], mu[j], logvar[j]) for i, j in pairs) / len(pairs)
-    mixture = F.holder_mixture(mu.double(), logvar.double(), 0.5, dim=0, validate_args=False)
-    pairwise = -torch.expm1(torch.logsumexp(mixture.log_weights[..., :m], -1))
-    return {"mean_log_bhattacharyya": float(log_bc.mean()), "pairwise_mass": float(pairwise.mean())}
+__all__ = ["CLASSIFIER_EPOCHS", "DigitClassifier", "EncoderClassifier", "accuracy", "classifier_input",
+           "classifiers_for", "coherence", "cross_coherence", "evaluate_run", "fid_scores", "latent_probe",
+           "log_likelihood", "make_classifier", "pooling_diagnostics", "posterior_means", "render_report",
+           "summarise_coherence", "train_classifiers", "training_notice", "training_status", "unconditional_coherence"]
 
 
 def _subset_name(subset, names) -> str:
     return "{" + ",".join(names[t] for t in subset) + "}"
-
-
-def training_status(run_dir) -> dict | None:
-    """``{"steps", "planned_steps", "stopped_by"}`` of the run's checkpoint: the steps taken and asked for, and the
-    limit that stopped training short of them (None: none did); None for a checkpoint from before they were stored,
-    or no checkpoint."""
-    path = Path(run_dir) / "checkpoint.pt"
-    if not path.exists():
-        return None
-    state = load_checked(path, map_location="cpu")
-    if "planned_steps" not in state:
-        return None
-    return {"steps": state["step"], "planned_steps": state["planned_steps"], "stopped_by": state["stopped_by"]}
-
-
-def training_notice(training: dict | None) -> str | None:
-    """What to tell the reader of the metrics when training took fewer steps than planned (None otherwise)."""
-    if training is None or training["steps"] >= training["planned_steps"]:
-        return None
-    reached = f"{training['steps']} of {training['planned_steps']} planned steps"
-    why = (f"training stopped early at {training['stopped_by']} (wall-clock limit): {reached}"
-           if training["stopped_by"] else f"training did not finish: {reached} (resume it with --resume)")
-    return (f"{why}; these metrics are those of a partly trained model, not comparable with those of runs that "
-            "completed their steps (such as the figures in docs/results.md)")
 
 
 def evaluate_run(run_dir, config, model, progress=None) -> dict:
@@ -378,7 +157,7 @@ def _likelihoods(model, data, settings) -> dict:
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     joint, conditional = [], []
     m = model.num_modalities
-    for index, x in _batches(data, 100, device):
+    for index, x in batches(data, 100, device):
         b = len(index)
         joint.append(log_likelihood(model, x, num_samples=settings.likelihood_samples, generator=generator))
         given = [log_likelihood(model, x, condition=subset_mask((s,), m, b, device),
