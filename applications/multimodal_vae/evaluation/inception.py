@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
+__all__ = ["FIDInceptionV3", "load_pytorch_fid"]
+
 
 class BasicConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, **kwargs):

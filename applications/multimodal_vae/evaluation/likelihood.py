@@ -24,6 +24,8 @@ import torch
 from ..models import as_modalities, evaluating
 from ..objectives import full_precision, standard_normal_log_prob
 
+__all__ = ["log_likelihood"]
+
 
 def _check(num_samples: int, chunk_size: int) -> None:
     if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
