@@ -251,7 +251,7 @@ def render(summary: dict, figures: list[str], folder: Path) -> str:
                ("conditional_log_likelihood", "log p(X_rest \\| x_m)"), ("probe_all", "probe (all)"),
                ("fid_unconditional", "FID"), ("pairwise_mass", "pairwise mass")]
     lines = [f"# Sweep `{folder.name}`", "", "Mean ± std over seeds; every metric as defined in "
-             "`applications/multimodal_vae/evaluation.py` (see each run's report.md for its protocol).", "",
+             "`applications/multimodal_vae/evaluation/` (see each run's report.md for its protocol).", "",
              "| model | β | seeds | " + " | ".join(c for _, c in columns) + " |",
              "|---" * (len(columns) + 3) + "|"]
     for key in sorted(summary):
