@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from applications.multimodal_vae import build_polymnist as builder
 from applications.multimodal_vae.data import (
     LayoutError,
     PolyMNIST,
@@ -20,6 +19,7 @@ from applications.multimodal_vae.data import (
     read_png_tree,
     store_decoded_png_tree,
 )
+from applications.multimodal_vae.data import build_polymnist as builder
 from applications.multimodal_vae.files import sha256
 
 

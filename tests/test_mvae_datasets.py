@@ -12,15 +12,14 @@ import scipy.io
 import torch
 from PIL import Image
 
-from applications.multimodal_vae import text
 from applications.multimodal_vae.__main__ import main
-from applications.multimodal_vae.celeba import CelebA
-from applications.multimodal_vae.cub import CUB
-from applications.multimodal_vae.data import LayoutError, Modality, reconstruction_weights
-from applications.multimodal_vae.fid import default_weights
-from applications.multimodal_vae.mnist_svhn_text import DIGIT_NAMES, MNISTSVHNText
+from applications.multimodal_vae.data import LayoutError, Modality, load_dataset, reconstruction_weights, text
+from applications.multimodal_vae.data.celeba import CelebA
+from applications.multimodal_vae.data.cub import CUB
+from applications.multimodal_vae.data.mnist_svhn_text import DIGIT_NAMES, MNISTSVHNText
+from applications.multimodal_vae.evaluation.fid import default_weights
 from applications.multimodal_vae.objectives import Likelihood
-from applications.multimodal_vae.train import load_dataset, load_run
+from applications.multimodal_vae.train import load_run
 
 WHEEL_CACHE = Path(__file__).resolve().parents[1] / "data" / ".wheels"
 

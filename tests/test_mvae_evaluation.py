@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from applications.multimodal_vae.data import MultimodalDataset, polymnist_modalities
+from applications.multimodal_vae.data import subset_tuples as all_subsets
 from applications.multimodal_vae.evaluation import (
     DigitClassifier,
     accuracy,
-    all_subsets,
     coherence,
     cross_coherence,
     latent_probe,
@@ -187,8 +187,8 @@ def test_a_perfect_generator_of_images_and_text_has_coherence_one():
     """Heterogeneous modalities: a grey image carrying the digit as a code pixel and the digit's name as characters.
     Generated text is classified from its most likely characters."""
     from applications.multimodal_vae.data import Modality
-    from applications.multimodal_vae.mnist_svhn_text import DIGIT_NAMES, TEXT_LENGTH
-    from applications.multimodal_vae.text import ALPHABET, encode_characters
+    from applications.multimodal_vae.data.mnist_svhn_text import DIGIT_NAMES, TEXT_LENGTH
+    from applications.multimodal_vae.data.text import ALPHABET, encode_characters
 
     names = torch.stack([encode_characters(name, TEXT_LENGTH) for name in DIGIT_NAMES])  # (10, 8)
 

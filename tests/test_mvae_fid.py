@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from applications.multimodal_vae.fid import (
+from applications.multimodal_vae.evaluation.fid import (
     FIDError,
     InceptionFeatures,
     default_weights,
@@ -99,7 +99,7 @@ def test_fid_scores_of_a_copying_generator(tmp_path):
     from torch import nn
 
     from applications.multimodal_vae.data import MultimodalDataset, polymnist_modalities
-    from applications.multimodal_vae.fid import fid_scores
+    from applications.multimodal_vae.evaluation.fid import fid_scores
     from applications.multimodal_vae.models import MultimodalVAE
 
     class Flatten(nn.Module):
@@ -177,8 +177,8 @@ def test_pytorch_fid_weights_give_the_features_of_the_same_network_in_torchscrip
     state = _pytorch_fid_state_dict(torch.jit.load(str(weights)))
     pth = tmp_path / "pt_inception-2015-12-05.pth"
     torch.save(state, pth)
-    from applications.multimodal_vae.fid import is_torchscript
-    from applications.multimodal_vae.inception import load_pytorch_fid
+    from applications.multimodal_vae.evaluation.fid import is_torchscript
+    from applications.multimodal_vae.evaluation.inception import load_pytorch_fid
 
     assert is_torchscript(weights) and not is_torchscript(pth)
     g = torch.Generator().manual_seed(1)

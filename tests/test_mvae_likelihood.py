@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from applications.multimodal_vae.marginal_likelihood import log_likelihood
+from applications.multimodal_vae.evaluation.likelihood import log_likelihood
 from applications.multimodal_vae.models import MultimodalVAE
 
 SIGMA = 0.5

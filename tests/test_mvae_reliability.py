@@ -174,8 +174,8 @@ def test_a_damaged_data_cache_is_rebuilt(tmp_path):
 
 
 def test_a_damaged_classifier_cache_is_trained_again(tiny_root, monkeypatch):
-    from applications.multimodal_vae import evaluation
     from applications.multimodal_vae.data import PolyMNIST
+    from applications.multimodal_vae.evaluation import classifiers as evaluation  # where train_classifiers is looked up
 
     train_data, test_data = (PolyMNIST(tiny_root / "data", split) for split in ("train", "test"))
     trained = []
@@ -469,7 +469,7 @@ def test_atomic_write_flushes_the_file_then_the_rename(tmp_path, monkeypatch):
 
 @posix_only
 def test_orphaned_temporaries_and_builds_are_removed_and_live_ones_kept(tmp_path):
-    from applications.multimodal_vae.build_polymnist import build
+    from applications.multimodal_vae.data.build_polymnist import build
 
     host = socket.gethostname()
     dead, old = f"{dead_pid()}@{host}", time.time() - 2 * 86400

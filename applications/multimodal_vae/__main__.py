@@ -62,7 +62,7 @@ def main(argv=None) -> int:
             return _stopped(stop)
         return 0
     if args.command == "build-polymnist":
-        from .build_polymnist import main as build_main
+        from .data.build_polymnist import main as build_main
 
         build_main(["--root", args.root, "--seed", str(args.seed)])
         return 0

@@ -11,6 +11,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .data import DATASETS
+from .models import check_options
+from .networks import check_activation
+
 PRESETS = Path(__file__).resolve().parent / "presets"
 
 
@@ -190,10 +194,6 @@ def _check_name(name: str) -> None:
 
 
 def _check(config) -> None:
-    from .data import DATASETS
-    from .models import check_options
-    from .networks import check_activation
-
     _check_name(config.name)
     if config.data.dataset not in DATASETS:
         raise ValueError(f"data.dataset must be one of {sorted(DATASETS)}, got {config.data.dataset!r}")

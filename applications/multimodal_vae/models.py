@@ -23,7 +23,7 @@ import functools
 import torch
 from torch import nn
 
-import opinionpool.functional as F
+import opinionpool.functional as opf
 from opinionpool.families.gaussian import gaussian_mixture_moments
 from opinionpool.pool import exact_order
 
@@ -31,15 +31,15 @@ from . import objectives
 from .data import reconstruction_weights
 
 MODELS = {
-    "helvae": (lambda alpha: F.hellinger, objectives.joint_elbo),
-    "holder": (lambda alpha: functools.partial(F.holder, alpha=alpha), objectives.joint_elbo),
-    "holder_mixture": (lambda alpha: functools.partial(F.holder_mixture, alpha=alpha), objectives.mixture_elbo),
-    "mohelvae": (lambda alpha: F.hellinger, objectives.subset_mixture_elbo),
-    "mvae": (lambda alpha: functools.partial(F.poe, prior_expert=True), objectives.mvae_elbo),
-    "mopoe": (lambda alpha: F.poe, functools.partial(objectives.subset_mixture_elbo, prior_on_full_subset=True)),
-    "mwbvae": (lambda alpha: F.wasserstein_barycenter, objectives.subset_mixture_elbo),
-    "mmvae": (lambda alpha: F.moe, objectives.mmvae_objective),
-    "mmvaeplus": (lambda alpha: F.moe, objectives.mmvae_plus_objective),
+    "helvae": (lambda alpha: opf.hellinger, objectives.joint_elbo),
+    "holder": (lambda alpha: functools.partial(opf.holder, alpha=alpha), objectives.joint_elbo),
+    "holder_mixture": (lambda alpha: functools.partial(opf.holder_mixture, alpha=alpha), objectives.mixture_elbo),
+    "mohelvae": (lambda alpha: opf.hellinger, objectives.subset_mixture_elbo),
+    "mvae": (lambda alpha: functools.partial(opf.poe, prior_expert=True), objectives.mvae_elbo),
+    "mopoe": (lambda alpha: opf.poe, functools.partial(objectives.subset_mixture_elbo, prior_on_full_subset=True)),
+    "mwbvae": (lambda alpha: opf.wasserstein_barycenter, objectives.subset_mixture_elbo),
+    "mmvae": (lambda alpha: opf.moe, objectives.mmvae_objective),
+    "mmvaeplus": (lambda alpha: opf.moe, objectives.mmvae_plus_objective),
 }
 #: models whose objective takes several importance samples
 MULTI_SAMPLE = ("mmvae", "mmvaeplus")
@@ -208,19 +208,19 @@ class MultimodalVAE(nn.Module):
         loss = -objective.mean()
         return {"loss": loss, "reconstruction": terms.reconstruction.mean().detach(), "kl": terms.kl.mean().detach()}
 
-    def posterior_mixture(self, x, present: torch.Tensor | None = None) -> F.GaussianMixture:
+    def posterior_mixture(self, x, present: torch.Tensor | None = None) -> opf.GaussianMixture:
         """The joint posterior ``q(z | X)`` as a mixture over ``(B, K, D)`` (one component for the Gaussian pools)."""
         return self.pool(*self.encode(x), self._everything(x) if present is None else present)
 
-    def pool(self, mu: torch.Tensor, logvar: torch.Tensor, present: torch.Tensor) -> F.GaussianMixture:
+    def pool(self, mu: torch.Tensor, logvar: torch.Tensor, present: torch.Tensor) -> opf.GaussianMixture:
         """The joint posterior from unimodal posteriors ``(M, B, D)`` and present modalities ``(M, B)``."""
         if self.model in ("mohelvae", "mopoe", "mwbvae"):
-            return F.subset_mixture(self.aggregate, mu, logvar, dim=0, mask=present,
+            return opf.subset_mixture(self.aggregate, mu, logvar, dim=0, mask=present,
                                     prior_on_full_subset=self.model == "mopoe", validate_args=False)
         if self.model in ("mmvae", "mmvaeplus", "holder_mixture"):
             return self.aggregate(mu, logvar, mask=present)
         loc, logvar = self.aggregate(mu, logvar, mask=present)
-        return F.GaussianMixture(torch.zeros_like(loc[..., :1]), loc.unsqueeze(-2), logvar.unsqueeze(-2))
+        return opf.GaussianMixture(torch.zeros_like(loc[..., :1]), loc.unsqueeze(-2), logvar.unsqueeze(-2))
 
     @torch.no_grad()
     def posterior(self, x, present: torch.Tensor | None = None):

@@ -19,10 +19,11 @@ the vocabulary per text position ``(..., L, V)``.
   nearest-neighbour upsampling. A residual block is ``shortcut(x) + 0.1 * conv(lrelu(conv(lrelu(x))))`` with
   leaky ReLUs of slope 0.2 and a 1x1 shortcut when the channel count changes.
 
-``activation="leaky_relu"`` gives the conv nets leaky ReLUs of the ResNets' slope (0.2) in place of their ReLUs. Why
-it is there: in HELVAE's mixture regime one encoder carries the reconstruction first, and the consensus pressure on
-the others switches their ReLUs off for every input, so they stay dead for thousands of steps (see the CPU preset).
-The activation has no parameters: the initialisation is the same either way.
+``activation="leaky_relu"`` swaps every ReLU of every encoder and decoder (image and text nets alike) for a leaky
+ReLU of the ResNets' slope (0.2). Why it is there: in HELVAE's mixture regime one encoder carries the reconstruction
+first, and the consensus pressure on the others switches their ReLUs off for every input, so they stay dead for
+thousands of steps (see the CPU preset). The activation has no parameters: the initialisation is the same either
+way.
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import PRESETS, load_config
+from .evaluation import evaluate_run
 from .files import atomic_write, write_text
+from .train import load_checkpoint, load_run, train
 
 SWEEPS = PRESETS.parent / "sweeps"
 FIELDS = ("model", "beta", "seed", "coherence", "cross_coherence", "unconditional_coherence", "log_likelihood",
@@ -89,8 +91,6 @@ def run_sweep(sweep: SweepConfig, show_progress: bool = True) -> Path:
     """Train and evaluate every run of the grid that is not finished; write the summary. Returns its folder."""
     from tqdm import tqdm
 
-    from .evaluation import evaluate_run
-    from .train import load_checkpoint, load_run, train
 
     folder = Path(sweep.output_dir) / sweep.name
     rows = []
@@ -251,7 +251,7 @@ def render(summary: dict, figures: list[str], folder: Path) -> str:
                ("conditional_log_likelihood", "log p(X_rest \\| x_m)"), ("probe_all", "probe (all)"),
                ("fid_unconditional", "FID"), ("pairwise_mass", "pairwise mass")]
     lines = [f"# Sweep `{folder.name}`", "", "Mean ± std over seeds; every metric as defined in "
-             "`applications/multimodal_vae/evaluation.py` (see each run's report.md for its protocol).", "",
+             "`applications/multimodal_vae/evaluation/` (see each run's report.md for its protocol).", "",
              "| model | β | seeds | " + " | ".join(c for _, c in columns) + " |",
              "|---" * (len(columns) + 3) + "|"]
     for key in sorted(summary):

@@ -39,9 +39,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .config import Config, to_yaml
-from .data import LayoutError, Modality, MultimodalDataset, modality_mask, polymnist_modalities
-from .evaluation import pooling_diagnostics, subset_mask, training_notice
+from .config import Config, load_config, to_yaml
+from .data import Modality, load_dataset, modality_mask, polymnist_modalities, subset_mask
+from .data.text import ALPHABET, decode_characters, decode_words
+from .evaluation import evaluate_run, pooling_diagnostics, training_notice
 from .files import UnreadableFile, atomic_write, load_checked, remove_orphaned_temporaries, save_checked, write_text
 from .models import MultimodalVAE, evaluating
 from .networks import make_networks
@@ -73,26 +74,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device='cuda' but no CUDA device is available")
     return torch.device(name)
-
-
-def load_dataset(config: Config, split: str = "train") -> MultimodalDataset:
-    """``config.data.dataset``'s ``split``; the offline PolyMNIST is built first when asked and missing."""
-    from tqdm import tqdm
-
-    from .data import DATASETS, open_dataset
-
-    root = Path(config.data.root)
-    if config.data.dataset not in DATASETS:
-        raise ValueError(f"data.dataset must be one of {sorted(DATASETS)}, got {config.data.dataset!r}")
-    if config.data.dataset == "polymnist" and config.data.build_offline and not root.exists():
-        from .build_polymnist import build
-
-        build(root, progress=tqdm)
-    data = open_dataset(config.data.dataset, root, split, progress=tqdm)
-    if data.num_modalities != config.data.num_modalities:
-        raise LayoutError(f"{root} ({config.data.dataset}) holds {data.num_modalities} modalities but "
-                          f"data.num_modalities is {config.data.num_modalities}")
-    return data
 
 
 def make_model(config: Config, modalities) -> MultimodalVAE:
@@ -243,8 +224,6 @@ def sample_grid(model: MultimodalVAE, x, modalities, path: Path) -> torch.Tensor
 
 
 def render_text(ids: torch.Tensor, modality: Modality) -> str:
-    from .text import ALPHABET, decode_characters, decode_words
-
     return decode_characters(ids) if modality.vocabulary == ALPHABET else decode_words(ids, modality.vocabulary)
 
 
@@ -478,8 +457,6 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, re
         raise TrainingInterrupted(f"{name}: training stopped after step {step}; {checkpoint_path} holds it; "
                                   "continue with --resume", requests.signum)
     if config.train.evaluate_at_end and writes:
-        from .evaluation import evaluate_run
-
         result = evaluate_run(run_dir, config, model, progress=tqdm if show_progress else None)
         print(summary_line(result, run_dir))
     return run_dir
@@ -526,8 +503,6 @@ def summary_line(metrics: dict, run_dir: Path) -> str:
 def load_run(run_dir: Path, overrides=()):
     """``(config, model)`` of a finished or interrupted run, from its ``config.yaml`` (with ``key=value``
     ``overrides``) and checkpoint."""
-    from .config import load_config
-
     config = load_config(path=Path(run_dir) / "config.yaml", overrides=overrides)
     checkpoint_path = Path(run_dir) / "checkpoint.pt"
     state = load_checkpoint(checkpoint_path)

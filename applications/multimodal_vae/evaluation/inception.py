@@ -13,8 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from torch import nn
+
+__all__ = ["FIDInceptionV3", "load_pytorch_fid"]
 
 
 class BasicConv2d(nn.Module):
@@ -24,11 +26,11 @@ class BasicConv2d(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
 
     def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+        return nnf.relu(self.bn(self.conv(x)))
 
 
 def _average_pool(x):
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    return nnf.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
 class InceptionA(nn.Module):
@@ -58,7 +60,7 @@ class InceptionB(nn.Module):
 
     def forward(self, x):
         return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+                          nnf.max_pool2d(x, kernel_size=3, stride=2)], 1)
 
 
 class InceptionC(nn.Module):
@@ -98,7 +100,7 @@ class InceptionD(nn.Module):
     def forward(self, x):
         branch7x7x3 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
         return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), branch7x7x3,
-                          F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+                          nnf.max_pool2d(x, kernel_size=3, stride=2)], 1)
 
 
 class InceptionE(nn.Module):
@@ -120,7 +122,7 @@ class InceptionE(nn.Module):
     def forward(self, x):
         a = self.branch3x3_1(x)
         b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _average_pool(x)
+        pooled = nnf.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _average_pool(x)
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a), self.branch3x3dbl_3a(b),
                           self.branch3x3dbl_3b(b), self.branch_pool(pooled)], 1)
 
@@ -149,12 +151,12 @@ class FIDInceptionV3(nn.Module):
 
     def forward(self, x):
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(x, kernel_size=3, stride=2)
-        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), kernel_size=3, stride=2)
+        x = nnf.max_pool2d(x, kernel_size=3, stride=2)
+        x = nnf.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), kernel_size=3, stride=2)
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
                       self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return nnf.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
 #: entries of a pytorch-fid file that the features do not use (the 1008-way classifier, BatchNorm counters)

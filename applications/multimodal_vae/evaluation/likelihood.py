@@ -21,8 +21,10 @@ import math
 
 import torch
 
-from .models import as_modalities, evaluating
-from .objectives import full_precision, standard_normal_log_prob
+from ..models import as_modalities, evaluating
+from ..objectives import full_precision, standard_normal_log_prob
+
+__all__ = ["log_likelihood"]
 
 
 def _check(num_samples: int, chunk_size: int) -> None:

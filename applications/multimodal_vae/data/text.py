@@ -12,6 +12,9 @@ from collections import Counter
 
 import torch
 
+__all__ = ["ALPHABET", "PAD_CHARACTER", "build_vocabulary", "decode_characters", "decode_words", "encode_characters",
+           "encode_words", "tokenise"]
+
 #: the character vocabulary: id 0 is padding, then lowercase letters, digits, space and punctuation
 PAD_CHARACTER = "\0"
 ALPHABET = (PAD_CHARACTER,) + tuple("abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?'\"-()&*+/[]_#")

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .data import LayoutError, Modality, MultimodalDataset, cached_tensors, decode_images
+from .core import LayoutError, Modality, MultimodalDataset, cached_tensors, decode_images
 from .text import ALPHABET, encode_characters
+
+__all__ = ["CelebA", "attribute_text", "read_attributes"]
 
 IMAGE_SIZE, CROP = 64, 148
 TEXT_LENGTH = 256

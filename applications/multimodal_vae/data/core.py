@@ -1,0 +1,191 @@
+"""The generic dataset machinery of the multimodal VAE application, the missing-modality mask and subsets.
+
+Every dataset is a ``MultimodalDataset``: a description of each modality (``Modality``: an image ``(C, H, W)`` or
+a token sequence ``(L,)`` over a vocabulary), one stored tensor per modality (uint8 images, int64 tokens) and the
+labels; ``gather(index)`` returns a batch as one model input per modality (images as floats in [0, 1]). Modalities
+have their own shapes, so a batch is a list, not one stacked tensor. Decoded image files are cached next to them as
+one uint8 tensor file (``cached_tensors``, rebuilt if the file list changes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+import opinionpool.functional as opf
+
+from ..files import UnreadableFile, load_checked, remove_orphaned_temporaries, save_checked
+
+__all__ = ["LayoutError", "Modality", "MultimodalDataset", "batches", "cached_tensors", "decode_images", "modality_mask",
+           "reconstruction_weights", "subset_mask", "subset_tuples"]
+
+class LayoutError(ValueError):
+    """A dataset folder that is not in the layout the loader expects."""
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One modality: ``shape`` ``(C, H, W)`` for an image; ``(L,)`` for a token sequence with ``vocabulary_size``
+    tokens (``vocabulary``: their strings, to render text)."""
+
+    name: str
+    shape: tuple[int, ...]
+    vocabulary: tuple[str, ...] | None = None
+
+    @property
+    def is_text(self) -> bool:
+        return self.vocabulary is not None
+
+    @property
+    def size(self) -> int:
+        """Its data dimension, a text as its one-hot array (as MoPoE counts it for reconstruction weights)."""
+        size = 1
+        for n in self.shape:
+            size *= n
+        return size * (len(self.vocabulary) if self.is_text else 1)
+
+
+def reconstruction_weights(modalities) -> torch.Tensor:
+    """Likelihood weights by relative dimensionality: the largest modality gets 1 and every other one
+    ``largest size / its size`` (MoPoE's ``rec_weights``), so each modality counts as much as the largest."""
+    sizes = torch.tensor([float(m.size) for m in modalities])
+    return sizes.max() / sizes
+
+
+class MultimodalDataset(Dataset):
+    """Aligned tuples of modalities.
+
+    Args:
+        modalities: a ``Modality`` per modality.
+        arrays: a stored tensor per modality, uint8 images ``(N_m, C, H, W)`` or int64 tokens ``(N_m, L)``.
+        labels: ``(N, ...)``, one per tuple.
+        rows: per modality, ``None`` (row ``i`` of tuple ``i``) or an int64 ``(N,)`` map from tuple to stored row
+            (CUB: ten captions share an image).
+        num_classes: when ``labels`` is one class per tuple shared by every modality (a digit), the number of
+            classes; what coherence and the latent probe need. ``None`` otherwise (CelebA's attributes, CUB).
+    """
+
+    def __init__(self, modalities, arrays, labels: torch.Tensor, rows=None, num_classes: int | None = None):
+        self.modalities = tuple(modalities)
+        self.num_classes = num_classes
+        self.arrays = list(arrays)
+        self.labels = labels
+        self.rows = list(rows) if rows is not None else [None] * len(self.arrays)
+        if not len(self.modalities) == len(self.arrays) == len(self.rows):
+            raise ValueError(f"{len(self.modalities)} modalities, {len(self.arrays)} arrays and {len(self.rows)} row "
+                             "maps; they must pair up")
+
+    @property
+    def num_modalities(self) -> int:
+        return len(self.modalities)
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def to(self, device) -> "MultimodalDataset":
+        """The stored tensors moved to ``device`` (in place; batches are then gathered there)."""
+        self.arrays = [a.to(device) for a in self.arrays]
+        self.rows = [None if r is None else r.to(device) for r in self.rows]
+        return self
+
+    def gather(self, index: torch.Tensor) -> list[torch.Tensor]:
+        """The model inputs of tuples ``index``: float images in [0, 1], int64 tokens."""
+        batch = []
+        for array, rows in zip(self.arrays, self.rows):
+            values = array[index if rows is None else rows[index.to(rows.device)]]
+            batch.append(values.float() / 255 if values.dtype == torch.uint8 else values)
+        return batch
+
+    def __getitem__(self, index):
+        return [x[0] for x in self.gather(torch.tensor([index]))], self.labels[index]
+
+    def select(self, index: torch.Tensor) -> "MultimodalDataset":
+        """The tuples ``index`` as a dataset sharing the stored tensors (no copy)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        rows = [index.to(a.device) if r is None else r[index.to(r.device)] for a, r in zip(self.arrays, self.rows)]
+        return MultimodalDataset(self.modalities, self.arrays, self.labels[index.to(self.labels.device)], rows,
+                                 self.num_classes)
+
+    def head(self, n: int) -> "MultimodalDataset":
+        return self.select(torch.arange(min(n, len(self))))
+
+
+def cached_tensors(folder: Path, listing: str, build) -> dict:
+    """``build()`` (a dict of tensors) cached in ``folder`` as ``.decoded-<hash of listing>.pt``, written atomically
+    with its SHA-256; a changed ``listing`` (the source files) rebuilds it, and so does a cache that is truncated,
+    corrupted or holds more than tensors (with a warning naming it); a read-only folder goes without the cache."""
+    cache = Path(folder) / f".decoded-{hashlib.sha256(listing.encode()).hexdigest()[:16]}.pt"
+    remove_orphaned_temporaries(folder, [cache.name])  # of a process killed while writing it
+    if cache.exists():
+        try:
+            stored = load_checked(cache)
+            if stored and all(isinstance(v, torch.Tensor) for v in stored.values()):
+                return stored
+            problem = f"{cache} holds {sorted(stored)}, not a dict of tensors"
+        except UnreadableFile as error:
+            problem = str(error)
+        warnings.warn(f"{problem}; rebuilding it", stacklevel=2)
+    tensors = build()
+    try:
+        save_checked(cache, tensors)
+    except OSError:
+        pass
+    return tensors
+
+
+def decode_images(paths, size: int, crop: int | None = None, progress=None, desc: str = "decoding",
+                  listed_in: str = "the file list") -> torch.Tensor:
+    """uint8 ``(N, 3, size, size)`` from image files: RGB, optionally a centred ``crop x crop`` square first, then a
+    bilinear resize. A missing file is a ``LayoutError`` naming it and the list (``listed_in``) it came from."""
+    from PIL import Image
+
+    images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    for k, path in enumerate(progress(paths, desc=desc, unit="image") if progress else paths):
+        if not Path(path).is_file():
+            raise LayoutError(f"{path} is listed in {listed_in} but missing")
+        image = Image.open(path).convert("RGB")
+        if crop is not None:
+            left, top = (image.width - crop) // 2, (image.height - crop) // 2
+            image = image.crop((left, top, left + crop, top + crop))
+        image = image.resize((size, size), Image.BILINEAR)
+        images[k] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    return images
+
+
+def modality_mask(batch_size: int, num_modalities: int, drop_rate: float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Boolean ``(num_modalities, batch_size)`` mask of present modalities: each modality is dropped with
+    probability ``drop_rate``, independently, but every sample keeps at least one (chosen uniformly)."""
+    if not 0 <= drop_rate < 1:
+        raise ValueError(f"drop_rate must lie in [0, 1), got {drop_rate!r}")
+    present = torch.rand(num_modalities, batch_size, generator=generator) >= drop_rate
+    keep = torch.randint(num_modalities, (batch_size,), generator=generator)
+    present[keep, torch.arange(batch_size)] = True
+    return present
+
+
+def subset_tuples(num_modalities: int) -> list[tuple[int, ...]]:
+    """Non-empty subsets of the modalities as tuples of indices, in ``opinionpool.functional.all_subsets``'s order
+    (by size, then lexicographically; that function returns them as a boolean mask)."""
+    return [tuple(row.nonzero().squeeze(-1).tolist()) for row in opf.all_subsets(num_modalities)]
+
+
+def subset_mask(subset, num_modalities: int, batch: int, device=None) -> torch.Tensor:
+    """Boolean ``(num_modalities, batch)`` mask of present modalities: those of ``subset`` in every sample."""
+    present = torch.zeros(num_modalities, batch, dtype=torch.bool, device=device)
+    present[list(subset)] = True
+    return present
+
+
+def batches(data, batch_size: int, device, shuffle: torch.Generator | None = None):
+    """``(index, x)`` for consecutive (or, with ``shuffle``, random) batches of ``data``; ``x`` on ``device``."""
+    order = torch.randperm(len(data), generator=shuffle) if shuffle is not None else torch.arange(len(data))
+    for start in range(0, len(data), batch_size):
+        index = order[start:start + batch_size]
+        yield index, [x.to(device) for x in data.gather(index)]

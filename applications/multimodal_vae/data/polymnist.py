@@ -1,0 +1,172 @@
+"""PolyMNIST: tuples of M images (3, 28, 28) sharing an MNIST digit, each on its own background.
+
+PolyMNIST is read from either layout in circulation, detected from what is on disk:
+
+* PNG tree: ``{root}/{split}/m{k}/{index}.{digit}.png`` (the original release, and this project's offline build,
+  ``build_polymnist``);
+* tensor files: ``{root}/{split}/m{k}.pt`` (``(N, 3, 28, 28)``, uint8 or float in [0, 1]) and ``labels.pt``.
+
+PNG files are paired by their integer index after sorting (never by the order of a directory listing), and the
+digit in every file name must agree across modalities; a mismatch is an error naming the files. Decoded PNG
+trees are cached next to the images as one uint8 tensor file (rebuilt if the file list changes).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .core import LayoutError, Modality, MultimodalDataset, cached_tensors
+
+__all__ = ["PolyMNIST", "detect_layout", "polymnist_modalities", "read_png_tree", "read_tensor_files",
+           "store_decoded_png_tree"]
+
+_PNG_NAME = re.compile(r"^(\d+)\.(\d)\.png$")
+
+
+def _png_index(folder: Path) -> dict[int, tuple[int, str]]:
+    """``index -> (digit, file name)`` for the PNG files of one modality folder."""
+    entries = {}
+    for name in os.listdir(folder):
+        match = _PNG_NAME.match(name)
+        if match is None:
+            if name.endswith(".png"):
+                raise LayoutError(f"{folder / name}: PNG name not of the form '{{index}}.{{digit}}.png'")
+            continue
+        entries[int(match.group(1))] = (int(match.group(2)), name)
+    return entries
+
+
+def _modality_folders(split_dir: Path, kind: str) -> list[Path]:
+    found = sorted((p for p in split_dir.glob("m*") if re.fullmatch(r"m\d+" + (r"\.pt" if kind == "pt" else ""), p.name)),
+                   key=lambda p: int(re.sub(r"\D", "", p.stem)))
+    expected = [split_dir / (f"m{k}.pt" if kind == "pt" else f"m{k}") for k in range(len(found))]
+    if found != expected:
+        raise LayoutError(f"{split_dir}: modality entries must be numbered m0, m1, ... without gaps, found "
+                          f"{[p.name for p in found]}")
+    return found
+
+
+def detect_layout(root: Path, split: str) -> str:
+    """``"png"`` or ``"pt"``; a ``LayoutError`` saying what was expected and what was found otherwise."""
+    split_dir = Path(root) / split
+    if not split_dir.is_dir():
+        found = sorted(p.name for p in Path(root).iterdir()) if Path(root).is_dir() else "nothing (no such folder)"
+        raise LayoutError(f"PolyMNIST: expected a folder {split_dir} holding m0/ ... (PNG layout) or m0.pt ... and "
+                          f"labels.pt (tensor layout); {root} contains {found}")
+    if (split_dir / "m0").is_dir():
+        return "png"
+    if (split_dir / "m0.pt").is_file() and (split_dir / "labels.pt").is_file():
+        return "pt"
+    raise LayoutError(f"PolyMNIST: {split_dir} has neither m0/ (PNG layout: m{{k}}/{{index}}.{{digit}}.png) nor "
+                      f"m0.pt + labels.pt (tensor layout); it contains {sorted(p.name for p in split_dir.iterdir())}")
+
+
+def read_png_tree(split_dir: Path, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``(M, N, 3, 28, 28)`` and labels ``(N,)`` from a PNG tree, paired by sorted index (``progress``: a
+    tqdm-like wrapper for the decoding loop)."""
+    from PIL import Image
+
+    folders = _modality_folders(split_dir, "png")
+    indexes = [_png_index(folder) for folder in folders]
+    reference = indexes[0]
+    for folder, index in zip(folders[1:], indexes[1:]):
+        if index.keys() != reference.keys():
+            missing = sorted(reference.keys() - index.keys())[:5]
+            extra = sorted(index.keys() - reference.keys())[:5]
+            raise LayoutError(f"{folder}: indices differ from {folders[0]} (missing {missing}, extra {extra})")
+        for i, (digit, name) in index.items():
+            if digit != reference[i][0]:
+                raise LayoutError(f"label mismatch at index {i}: {folders[0] / reference[i][1]} says digit "
+                                  f"{reference[i][0]} but {folder / name} says {digit}")
+    order = sorted(reference)
+    names = [[index[i][1] for i in order] for index in indexes]
+    images = torch.empty((len(folders), len(order), 3, 28, 28), dtype=torch.uint8)
+    for m, folder in enumerate(folders):
+        files = enumerate(names[m])
+        for n, name in progress(files, total=len(order), desc=f"decoding {split_dir.name}/{folder.name}",
+                                unit="png") if progress else files:
+            array = torch.from_numpy(np.asarray(Image.open(folder / name).convert("RGB")).copy())
+            if array.shape != (28, 28, 3):
+                raise LayoutError(f"{folder / name}: expected a 28x28 RGB image, got shape {tuple(array.shape)}")
+            images[m, n] = array.permute(2, 0, 1)
+    labels = torch.tensor([reference[i][0] for i in order], dtype=torch.long)
+    return images, labels
+
+
+def _png_listing(split_dir: Path) -> str:
+    return "\n".join(f"{folder.name}/{name}" for folder in _modality_folders(split_dir, "png")
+                     for name in sorted(os.listdir(folder)))
+
+
+def _cached_png_tree(split_dir: Path, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def build():
+        images, labels = read_png_tree(split_dir, progress)
+        return {"images": images, "labels": labels}
+
+    stored = cached_tensors(split_dir, _png_listing(split_dir), build)
+    return stored["images"], stored["labels"]
+
+
+def store_decoded_png_tree(split_dir: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Cache ``images`` uint8 ``(M, N, 3, 28, 28)`` and ``labels`` ``(N,)`` as the decoding of the PNG tree at
+    ``split_dir``, which must have been written from exactly them (PNG is lossless): the offline builder saves the
+    loader its first decoding."""
+    cached_tensors(split_dir, _png_listing(split_dir), lambda: {"images": images, "labels": labels.long()})
+
+
+def read_tensor_files(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    files = _modality_folders(split_dir, "pt")
+    labels = torch.load(split_dir / "labels.pt", weights_only=True).long().reshape(-1)
+    modalities = []
+    for path in files:
+        tensor = torch.load(path, weights_only=True)
+        if tensor.dim() != 4 or tuple(tensor.shape[1:]) != (3, 28, 28) or tensor.shape[0] != labels.shape[0]:
+            raise LayoutError(f"{path}: expected shape ({labels.shape[0]}, 3, 28, 28) to match labels.pt, "
+                              f"got {tuple(tensor.shape)}")
+        if tensor.is_floating_point():
+            tensor = (tensor.clamp(0, 1) * 255).round().to(torch.uint8)
+        modalities.append(tensor)
+    return torch.stack(modalities), labels
+
+
+def polymnist_modalities(num_modalities: int) -> list[Modality]:
+    return [Modality(f"m{k}", (3, 28, 28)) for k in range(num_modalities)]
+
+
+class PolyMNIST(MultimodalDataset):
+    """PolyMNIST tuples of ``M`` images ``(3, 28, 28)`` sharing a digit; ``images`` holds all of them as uint8
+    ``(M, N, 3, 28, 28)``; an item is ``(images, label)`` with ``images`` a float tensor ``(M, 3, 28, 28)`` in [0, 1].
+
+    Args:
+        root: folder holding ``train/`` and ``test/`` in either layout.
+        split: ``"train"`` or ``"test"``.
+        num_modalities: if given, must equal the number of modalities on disk.
+        progress: a tqdm-like wrapper showing the first decoding of a PNG tree (later loads hit the cache).
+    """
+
+    def __init__(self, root, split: str = "train", num_modalities: int | None = None, progress=None):
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        self.root = Path(root)
+        self.layout = detect_layout(self.root, split)
+        split_dir = self.root / split
+        images, labels = (_cached_png_tree(split_dir, progress) if self.layout == "png"
+                          else read_tensor_files(split_dir))
+        if num_modalities is not None and images.shape[0] != num_modalities:
+            raise LayoutError(f"{split_dir} holds {images.shape[0]} modalities but the model expects "
+                              f"{num_modalities}")
+        super().__init__(polymnist_modalities(images.shape[0]), images.unbind(0), labels, num_classes=10)
+        self.images = images
+
+    def to(self, device) -> "PolyMNIST":
+        self.images = self.images.to(device)
+        self.arrays = list(self.images.unbind(0))
+        return self
+
+    def __getitem__(self, index):
+        return self.images[:, index].float() / 255, self.labels[index]

@@ -1,0 +1,222 @@
+"""Evaluation of a trained multimodal VAE: coherence, FID, log-likelihood, latent probes and pooling diagnostics.
+
+``evaluate_run`` computes them all and writes the report; each lives in its module: ``classifiers`` (what reads
+the generations), ``labelled`` (coherence and the latent probe), ``likelihood``, ``fid`` (with ``inception``)
+and ``diagnostics`` (pooling diagnostics; whether training completed).
+
+Conventions (stated in every report):
+
+* **Which metrics**: every metric needs only the model and the data except coherence and the latent probe, which
+  need one class label per tuple shared by all modalities (``MultimodalDataset.num_classes``: PolyMNIST and
+  MNIST-SVHN-Text, a digit); for CelebA (40 attributes) and CUB (no label) the report says they are not computed.
+  FID is computed for the image modalities.
+* **Classifiers**: one digit classifier per modality, trained by the application on the training split and cached
+  beside the data with its test accuracy; always used in eval mode (the MoPoE and HELVAE evaluation code leave
+  dropout active). PolyMNIST: two stride-2 convolutions (32, 64 channels) and a 128-unit layer, 5 epochs with a
+  one-cycle learning rate: 0.976-0.985 test accuracy on the offline PolyMNIST; the MoPoE classifier (10 and 20
+  channels) reaches only 0.94-0.96 there in 4 epochs. Other modalities (MNIST, SVHN, text): the modality's
+  encoder network with its mean head as the logits. A generated text is classified from its most likely tokens.
+* **Generations** are samples ``z ~ q(z | X_S)`` of the model's joint posterior given the subset ``S`` (mixture
+  posteriors are sampled by component), decoded to the raw decoder output clamped to [0, 1]; seeded.
+* **Conditional coherence**: for every non-empty subset ``S`` and every target ``t`` outside it, the fraction of
+  generations whose predicted digit is the true one; summarised per subset, per subset size (mean and std over
+  the subsets of that size) and overall (mean over all (S, t) pairs). The one-input matrix (MMVAE+ cross-
+  coherence) has self-reconstruction on its diagonal; its "cross-modal" mean excludes the diagonal.
+* **Unconditional coherence**: the fraction of prior samples ``z ~ N(0, I)`` on which all classifiers agree.
+* **Latent probe**: a logistic regression (scikit-learn) on posterior means given each subset, fitted on
+  ``probe_examples`` random training tuples (500 as in the HELVAE paper; -1: the whole training split), tested
+  on the evaluated test tuples.
+* **Pooling diagnostics** (all modalities present): the mean log Bhattacharyya coefficient between pairs of
+  unimodal posteriors, and the fraction of the Hellinger pool's mass in its pairwise components (the first M
+  components of ``opinionpool.functional.holder_mixture`` are the experts themselves). When the experts stop
+  overlapping (large latents), the pairwise mass vanishes and HELVAE becomes a moment-matched mixture.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..data import batches, load_dataset, subset_mask, subset_tuples
+from ..files import write_text
+from .classifiers import (
+    CLASSIFIER_EPOCHS,
+    DigitClassifier,
+    EncoderClassifier,
+    accuracy,
+    classifier_input,
+    classifiers_for,
+    make_classifier,
+    train_classifiers,
+)
+from .diagnostics import pooling_diagnostics, training_notice, training_status
+from .fid import fid_scores
+from .labelled import (
+    coherence,
+    cross_coherence,
+    latent_probe,
+    posterior_means,
+    summarise_coherence,
+    unconditional_coherence,
+)
+from .likelihood import log_likelihood
+
+__all__ = ["CLASSIFIER_EPOCHS", "DigitClassifier", "EncoderClassifier", "accuracy", "classifier_input",
+           "classifiers_for", "coherence", "cross_coherence", "evaluate_run", "fid_scores", "latent_probe",
+           "log_likelihood", "make_classifier", "pooling_diagnostics", "posterior_means", "render_report",
+           "summarise_coherence", "train_classifiers", "training_notice", "training_status", "unconditional_coherence"]
+
+
+def _subset_name(subset, names) -> str:
+    return "{" + ",".join(names[t] for t in subset) + "}"
+
+
+def evaluate_run(run_dir, config, model, progress=None) -> dict:
+    """Every metric of ``config.eval`` on the test split; writes ``metrics.json`` and ``report.md`` in ``run_dir``.
+    ``metrics["training"]`` holds ``training_status(run_dir)`` (when known); the report opens with a notice when
+    training stopped short of its planned steps."""
+    settings = config.eval
+    train_data, test_data = load_dataset(config, "train"), load_dataset(config, "test")
+    device = model.likelihood.weights.device
+    n = len(test_data) if settings.test_examples is None else min(settings.test_examples, len(test_data))
+    evaluated = test_data.head(n)
+    m = model.num_modalities
+    names = [modality.name for modality in test_data.modalities]
+    subsets = subset_tuples(m) if settings.subsets == "all" else [(s,) for s in range(m)] + [tuple(range(m))]
+    labelled = test_data.num_classes is not None
+    images = [t for t, modality in enumerate(test_data.modalities) if not modality.is_text]
+    steps = ((["classifiers", "coherence", "unconditional", "probe"] if labelled else []) + ["likelihood", "pooling"]
+             + (["fid"] if settings.fid_samples and images else []))
+    bar = progress(total=len(steps), desc="evaluation", unit="metric") if progress else None
+    metrics = {"test_examples": n, "modalities": names, "protocol": {
+        "generations": "samples of q(z|X_S), seeded", "probe_examples": settings.probe_examples,
+        "likelihood_samples": settings.likelihood_samples, "subsets": settings.subsets}}
+    training = training_status(run_dir)
+    if training is not None:
+        metrics["training"] = training
+
+    def done():
+        if bar is not None:
+            bar.update()
+
+    if labelled:
+        _label_metrics(metrics, model, config, train_data, test_data, evaluated, subsets, progress, done)
+    else:
+        metrics["not_computed"] = (f"coherence and the latent probe need one class label per tuple shared by the "
+                                   f"modalities; {config.data.dataset} has none")
+    metrics["log_likelihood"] = _likelihoods(model, evaluated.head(settings.likelihood_examples), settings)
+    done()
+    metrics["pooling"] = pooling_diagnostics(model, [x.to(device) for x in evaluated.head(1000).gather(
+        torch.arange(min(n, 1000)))])
+    done()
+    if settings.fid_samples and images:
+        cache = Path(config.data.root).parent / ".wheels"
+        metrics["fid"] = fid_scores(model, evaluated, test_data, settings, cache, progress)
+        done()
+    if bar is not None:
+        bar.close()
+    run_dir = Path(run_dir)
+    write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+    write_text(run_dir / "report.md", render_report(config, metrics))
+    return metrics
+
+
+def _label_metrics(metrics, model, config, train_data, test_data, evaluated, subsets, progress, done) -> None:
+    """Classifier accuracy, conditional, cross-modal and unconditional coherence and the latent probe."""
+    settings, m = config.eval, model.num_modalities
+    names = metrics["modalities"]
+    classifiers, classifier_accuracy = classifiers_for(config.data.root, config.data.dataset, train_data, test_data,
+                                                       progress)
+    classifiers = classifiers.to(model.likelihood.weights.device)
+    metrics["classifier_accuracy"] = classifier_accuracy
+    done()
+    result = coherence(model, classifiers, evaluated, subsets, seed=settings.seed)
+    summary = summarise_coherence(result, m)
+    metrics["coherence"] = {"overall": summary["overall"],
+                            "per_size": {str(k): v for k, v in summary["per_size"].items()},
+                            "per_subset": {_subset_name(s, names): v for s, v in summary["per_subset"].items()}}
+    matrix = cross_coherence(result, m)
+    off = ~torch.eye(m, dtype=torch.bool)
+    metrics["cross_coherence"] = {"matrix": matrix.tolist(), "cross_modal": float(matrix[off].mean()),
+                                  "with_self": float(matrix.mean())}
+    done()
+    metrics["unconditional_coherence"] = unconditional_coherence(
+        model, classifiers, evaluated.modalities, config.model.latent_dim, settings.unconditional_samples,
+        seed=settings.seed)
+    done()
+    probe = latent_probe(model, train_data, evaluated, subsets, settings.probe_examples, settings.seed)
+    metrics["latent_probe"] = {_subset_name(s, names): v for s, v in probe.items()}
+    done()
+
+
+def _likelihoods(model, data, settings) -> dict:
+    device = model.likelihood.weights.device
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    joint, conditional = [], []
+    m = model.num_modalities
+    for index, x in batches(data, 100, device):
+        b = len(index)
+        joint.append(log_likelihood(model, x, num_samples=settings.likelihood_samples, generator=generator))
+        given = [log_likelihood(model, x, condition=subset_mask((s,), m, b, device),
+                                targets=~subset_mask((s,), m, b, device),
+                                num_samples=settings.likelihood_samples, generator=generator) for s in range(m)]
+        conditional.append(torch.stack(given).mean(0))
+    joint, conditional = torch.cat(joint), torch.cat(conditional)
+    return {"joint": float(joint.mean()), "joint_std_error": float(joint.std() / math.sqrt(len(joint))),
+            "given_one_modality": float(conditional.mean()), "num_samples": settings.likelihood_samples,
+            "examples": len(data)}
+
+
+def render_report(config, metrics: dict) -> str:
+    names = metrics["modalities"]
+    ll, pooling = metrics["log_likelihood"], metrics["pooling"]
+    nets = config.model.architecture + (f", {config.model.activation}" if config.model.activation else "")
+    lines = [
+        f"# {config.name}", "",
+        f"Model `{config.model.name}` ({nets} nets), latent {config.model.latent_dim}, beta "
+        f"{config.model.beta}, image likelihood {config.model.likelihood}({config.model.likelihood_scale}); dataset "
+        f"`{config.data.dataset}` at `{config.data.root}` (modalities {', '.join(names)}); {metrics['test_examples']} "
+        "test tuples.", ""]
+    notice = training_notice(metrics.get("training"))
+    if notice:
+        lines += [f"**Warning: {notice[0].upper() + notice[1:]}.**", ""]
+    if "coherence" in metrics:
+        coherence_ = metrics["coherence"]
+        matrix = metrics["cross_coherence"]["matrix"]
+        rows = ["| from \\ to | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        rows += [f"| {names[s]} | " + " | ".join(f"{v:.3f}" for v in matrix[s]) + " |" for s in range(len(names))]
+        sizes = ["| inputs | coherence (mean ± std over subsets) |", "|---|---|"]
+        sizes += [f"| {k} | {mean:.3f} ± {std:.3f} |" for k, (mean, std) in coherence_["per_size"].items()]
+        probe = ["| subset | probe accuracy |", "|---|---|"]
+        probe += [f"| {s} | {v:.3f} |" for s, v in metrics["latent_probe"].items()]
+        lines += [
+            f"**Conditional coherence** (generations are posterior samples): overall {coherence_['overall']:.3f}; "
+            f"one input, cross-modal {metrics['cross_coherence']['cross_modal']:.3f} (with self-reconstruction "
+            f"{metrics['cross_coherence']['with_self']:.3f}); chance 0.1.", "",
+            *sizes, "", "One input (rows) to each output (columns):", "", *rows, "",
+            f"**Unconditional coherence** (all classifiers agree on a prior sample): "
+            f"{metrics['unconditional_coherence']:.3f}.", "",
+            f"**Latent probe** (logistic regression on posterior means, {metrics['protocol']['probe_examples']} "
+            "training tuples; -1 = all):", "", *probe, ""]
+    else:
+        lines += [f"Not computed: {metrics['not_computed']}.", ""]
+    lines += [
+        f"**Log-likelihood** (importance sampling, K = {ll['num_samples']}, {ll['examples']} tuples): "
+        f"log p(X) = {ll['joint']:.1f} ± {ll['joint_std_error']:.1f}; log p(X_rest | one modality) = "
+        f"{ll['given_one_modality']:.1f} (mean over the conditioning modalities).", "",
+        f"**Pooling diagnostics** (all modalities): mean log Bhattacharyya coefficient between experts "
+        f"{pooling['mean_log_bhattacharyya']:.2f}; Hellinger-pool mass in pairwise components "
+        f"{pooling['pairwise_mass']:.3f}.", ""]
+    if "fid" in metrics:
+        fid = metrics["fid"]
+        lines += [f"**FID** ({fid['samples']} samples per image modality, {fid['weights']}): unconditional "
+                  f"{fid['unconditional']:.1f}; conditional by number of inputs: "
+                  + ", ".join(f"{k}: {v:.1f}" for k, v in fid["per_size"].items()) + ".", ""]
+    if "classifier_accuracy" in metrics:
+        lines += ["Digit classifiers (eval mode), test accuracy per modality: "
+                  + ", ".join(f"{name} {a:.3f}" for name, a in zip(names, metrics["classifier_accuracy"])) + ".", ""]
+    lines += ["![samples](samples.png)", ""]
+    return "\n".join(lines)

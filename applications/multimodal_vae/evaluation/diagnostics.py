@@ -1,0 +1,53 @@
+"""Diagnostics of a run: how much the experts overlap (``pooling_diagnostics``, at every checkpoint and in the
+report) and whether training completed its planned steps (``training_status``, ``training_notice``)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+
+import opinionpool.functional as opf
+
+from ..files import load_checked
+from ..models import evaluating
+
+__all__ = ["pooling_diagnostics", "training_notice", "training_status"]
+
+@torch.no_grad()
+def pooling_diagnostics(model, x) -> dict:
+    """Mean log Bhattacharyya coefficient between pairs of unimodal posteriors and the fraction of the Hellinger
+    pool's mass in its pairwise components, all modalities of the batch ``x`` (a model input) present."""
+    m = model.num_modalities
+    pairs = list(itertools.combinations(range(m), 2))
+    with evaluating(model):
+        mu, logvar = model.encode(x)
+    log_bc = sum(opf.log_bhattacharyya(mu[i], logvar[i], mu[j], logvar[j]) for i, j in pairs) / len(pairs)
+    mixture = opf.holder_mixture(mu.double(), logvar.double(), 0.5, dim=0, validate_args=False)
+    pairwise = -torch.expm1(torch.logsumexp(mixture.log_weights[..., :m], -1))
+    return {"mean_log_bhattacharyya": float(log_bc.mean()), "pairwise_mass": float(pairwise.mean())}
+
+
+def training_status(run_dir) -> dict | None:
+    """``{"steps", "planned_steps", "stopped_by"}`` of the run's checkpoint: the steps taken and asked for, and the
+    limit that stopped training short of them (None: none did); None for a checkpoint from before they were stored,
+    or no checkpoint."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.exists():
+        return None
+    state = load_checked(path, map_location="cpu")
+    if "planned_steps" not in state:
+        return None
+    return {"steps": state["step"], "planned_steps": state["planned_steps"], "stopped_by": state["stopped_by"]}
+
+
+def training_notice(training: dict | None) -> str | None:
+    """What to tell the reader of the metrics when training took fewer steps than planned (None otherwise)."""
+    if training is None or training["steps"] >= training["planned_steps"]:
+        return None
+    reached = f"{training['steps']} of {training['planned_steps']} planned steps"
+    why = (f"training stopped early at {training['stopped_by']} (wall-clock limit): {reached}"
+           if training["stopped_by"] else f"training did not finish: {reached} (resume it with --resume)")
+    return (f"{why}; these metrics are those of a partly trained model, not comparable with those of runs that "
+            "completed their steps (such as the figures in docs/results.md)")
