@@ -177,7 +177,7 @@ def coherence(model, classifiers: nn.ModuleList, data, subsets: list[tuple[int, 
     classifiers.eval()
     m = model.num_modalities
     subsets = all_subsets(m) if subsets is None else subsets
-    device = model.likelihood.weights.device
+    device = model.device
     generator = torch.Generator(device=device).manual_seed(seed)
     hits = torch.zeros(len(subsets), m)
     with evaluating(model):
@@ -217,7 +217,7 @@ def cross_coherence(result: dict, num_modalities: int) -> torch.Tensor:
 def unconditional_coherence(model, classifiers: nn.ModuleList, modalities, latent_dim: int, num_samples: int = 1000,
                             batch_size: int = 500, seed: int = 0) -> float:
     """Fraction of prior samples whose generated modalities all get the same predicted label."""
-    device = model.likelihood.weights.device
+    device = model.device
     generator = torch.Generator(device=device).manual_seed(seed)
     agree = 0
     with evaluating(model):
@@ -232,7 +232,7 @@ def unconditional_coherence(model, classifiers: nn.ModuleList, modalities, laten
 @torch.no_grad()
 def posterior_means(model, data, subsets, batch_size: int = 500) -> dict:
     """``subset -> (N, D)`` moment-matched posterior means given that subset, on the CPU."""
-    device = model.likelihood.weights.device
+    device = model.device
     means = {s: [] for s in subsets}
     for index, x in _batches(data, batch_size, device):
         mu, logvar = model.encode(x)
@@ -313,7 +313,7 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
 
     settings = config.eval
     train_data, test_data = load_dataset(config, "train"), load_dataset(config, "test")
-    device = model.likelihood.weights.device
+    device = model.device
     n = len(test_data) if settings.test_examples is None else min(settings.test_examples, len(test_data))
     evaluated = test_data.head(n)
     m = model.num_modalities
@@ -365,7 +365,7 @@ def _label_metrics(metrics, model, config, train_data, test_data, evaluated, sub
     names = metrics["modalities"]
     classifiers, classifier_accuracy = classifiers_for(config.data.root, config.data.dataset, train_data, test_data,
                                                        progress)
-    classifiers = classifiers.to(model.likelihood.weights.device)
+    classifiers = classifiers.to(model.device)
     metrics["classifier_accuracy"] = classifier_accuracy
     done()
     result = coherence(model, classifiers, evaluated, subsets, seed=settings.seed)
@@ -390,7 +390,7 @@ def _label_metrics(metrics, model, config, train_data, test_data, evaluated, sub
 def _likelihoods(model, data, settings) -> dict:
     from .marginal_likelihood import log_likelihood
 
-    device = model.likelihood.weights.device
+    device = model.device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     joint, conditional = [], []
     m = model.num_modalities

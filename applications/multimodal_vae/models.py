@@ -228,6 +228,12 @@ class MultimodalVAE(nn.Module):
     def num_modalities(self) -> int:
         return len(self.encoders)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives: the device of the likelihood weights, a buffer every model has (one without
+        parameters too)."""
+        return self.likelihood.weights.device
+
     def aggregate(self, mu, logvar, **kwargs):
         """The model's pooling of unimodal posteriors ``(M, B, D)`` (in float32, also under autocast)."""
         if self.pool_logits is not None:
