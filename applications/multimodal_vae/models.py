@@ -1,24 +1,14 @@
-"""Every model is an aggregator from ``opinionpool.functional`` plus an objective from ``objectives``.
+"""Every model is an aggregator from ``opinionpool.functional`` plus an objective from ``objectives``; ``MODELS``
+holds one ``ModelSpec`` per model, the only place a model is described (the table below is rendered from it).
 
-==============  ==============================================  ======================================
-model           aggregator (``opinionpool.functional``)          objective
-==============  ==============================================  ======================================
-helvae          ``hellinger`` (Hölder 1/2, moment-matched)       ``joint_elbo``
-holder          ``holder(alpha)`` (exact alpha = 0 or 1/n)        ``joint_elbo``
-holder_mixture  ``holder_mixture(alpha)``, the exact pool        ``mixture_elbo``
-mohelvae        ``hellinger`` on every modality subset           ``subset_mixture_elbo``
-mvae            ``poe`` with a prior expert                      ``mvae_elbo``
-mopoe           ``poe`` on every subset (prior on the full one)  ``subset_mixture_elbo``
-mwbvae          ``wasserstein_barycenter`` on every subset       ``subset_mixture_elbo``
-mmvae           ``moe``                                          ``mmvae_objective`` (ELBO, IWAE, DReG)
-mmvaeplus       ``moe`` on the shared latent                     ``mmvae_plus_objective`` (+ private latents)
-==============  ==============================================  ======================================
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -30,23 +20,92 @@ from opinionpool.pool import exact_order
 from . import objectives
 from .data import reconstruction_weights
 
-MODELS = {
-    "helvae": (lambda alpha: opf.hellinger, objectives.joint_elbo),
-    "holder": (lambda alpha: functools.partial(opf.holder, alpha=alpha), objectives.joint_elbo),
-    "holder_mixture": (lambda alpha: functools.partial(opf.holder_mixture, alpha=alpha), objectives.mixture_elbo),
-    "mohelvae": (lambda alpha: opf.hellinger, objectives.subset_mixture_elbo),
-    "mvae": (lambda alpha: functools.partial(opf.poe, prior_expert=True), objectives.mvae_elbo),
-    "mopoe": (lambda alpha: opf.poe, functools.partial(objectives.subset_mixture_elbo, prior_on_full_subset=True)),
-    "mwbvae": (lambda alpha: opf.wasserstein_barycenter, objectives.subset_mixture_elbo),
-    "mmvae": (lambda alpha: opf.moe, objectives.mmvae_objective),
-    "mmvaeplus": (lambda alpha: opf.moe, objectives.mmvae_plus_objective),
+__all__ = ["MODELS", "POSTERIORS", "ModelSpec", "MultimodalVAE", "PrivateLatent", "as_modalities", "check_options",
+           "evaluating"]
+
+#: what ``aggregate`` returns and how ``pool`` turns it into the joint posterior
+POSTERIORS = ("gaussian", "mixture", "subsets")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One model.
+
+    Args:
+        aggregator: the pooling of unimodal posteriors ``(mu, logvar, dim=, mask=, ...)``.
+        objective: a function of ``objectives`` (``(x, present, mu, logvar, decoders, likelihood, aggregate, ...)``).
+        posterior: what the aggregator pools into: ``"gaussian"`` (a mean and log-variance), ``"mixture"`` (a
+            ``GaussianMixture``), ``"subsets"`` (a Gaussian per modality subset, mixed by ``subset_mixture``).
+        aggregator_doc, objective_doc: the model's row in the module's table.
+        exact_alpha: the aggregator takes ``alpha``, which must be 0 or 1/n (an exact pool).
+        weighted: the aggregator takes (learnable) pooling weights over the modalities.
+        multi_sample: the objective takes several importance samples and an estimator.
+        private: modality-specific latents beside the shared one (``private_dim > 0``).
+        prior_on_full_subset: a standard-normal expert joins the subset of all modalities (``"subsets"`` only).
+    """
+
+    aggregator: Callable
+    objective: Callable
+    posterior: str
+    aggregator_doc: str
+    objective_doc: str
+    exact_alpha: bool = False
+    weighted: bool = False
+    multi_sample: bool = False
+    private: bool = False
+    prior_on_full_subset: bool = False
+
+    def __post_init__(self):
+        if self.posterior not in POSTERIORS:
+            raise ValueError(f"posterior must be one of {POSTERIORS}, got {self.posterior!r}")
+        if self.prior_on_full_subset and self.posterior != "subsets":
+            raise ValueError(f"prior_on_full_subset needs posterior='subsets', got posterior={self.posterior!r}")
+
+    def make_aggregator(self, alpha: float) -> Callable:
+        return functools.partial(self.aggregator, alpha=alpha) if self.exact_alpha else self.aggregator
+
+
+MODELS: dict[str, ModelSpec] = {
+    "helvae": ModelSpec(opf.hellinger, objectives.joint_elbo, "gaussian",
+                        "``hellinger`` (Hölder 1/2, moment-matched)", "``joint_elbo``", weighted=True),
+    "holder": ModelSpec(opf.holder, objectives.joint_elbo, "gaussian",
+                        "``holder(alpha)`` (exact alpha = 0 or 1/n)", "``joint_elbo``", exact_alpha=True, weighted=True),
+    "holder_mixture": ModelSpec(opf.holder_mixture, objectives.mixture_elbo, "mixture",
+                                "``holder_mixture(alpha)``, the exact pool", "``mixture_elbo``", exact_alpha=True,
+                                weighted=True),
+    "mohelvae": ModelSpec(opf.hellinger, objectives.subset_mixture_elbo, "subsets",
+                          "``hellinger`` on every modality subset", "``subset_mixture_elbo``", weighted=True),
+    "mvae": ModelSpec(functools.partial(opf.poe, prior_expert=True), objectives.mvae_elbo, "gaussian",
+                      "``poe`` with a prior expert", "``mvae_elbo``"),
+    "mopoe": ModelSpec(opf.poe, objectives.subset_mixture_elbo, "subsets",
+                       "``poe`` on every subset (prior on the full one)", "``subset_mixture_elbo``",
+                       prior_on_full_subset=True),
+    "mwbvae": ModelSpec(opf.wasserstein_barycenter, objectives.subset_mixture_elbo, "subsets",
+                        "``wasserstein_barycenter`` on every subset", "``subset_mixture_elbo``"),
+    "mmvae": ModelSpec(opf.moe, objectives.mmvae_objective, "mixture",
+                       "``moe``", "``mmvae_objective`` (ELBO, IWAE, DReG)", multi_sample=True),
+    "mmvaeplus": ModelSpec(opf.moe, objectives.mmvae_plus_objective, "mixture",
+                           "``moe`` on the shared latent", "``mmvae_plus_objective`` (+ private latents)",
+                           multi_sample=True, private=True),
 }
-#: models whose objective takes several importance samples
-MULTI_SAMPLE = ("mmvae", "mmvaeplus")
-#: models with modality-specific latents
-PRIVATE = ("mmvaeplus",)
-#: models whose aggregator takes (learnable) pooling weights over the modalities
-WEIGHTED = ("helvae", "holder", "holder_mixture", "mohelvae")
+
+
+def _models_with(flag: str) -> tuple[str, ...]:
+    return tuple(name for name, spec in MODELS.items() if getattr(spec, flag))
+
+
+def _table() -> str:
+    """The models as a reStructuredText table."""
+    rows = [("model", "aggregator (``opinionpool.functional``)", "objective")]
+    rows += [(name, spec.aggregator_doc, spec.objective_doc) for name, spec in MODELS.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    rule = "  ".join("=" * w for w in widths)
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([rule, lines[0], rule, *lines[1:], rule]) + "\n"
+
+
+if __doc__ is not None:  # None under python -OO
+    __doc__ += _table()
 
 
 def as_modalities(x) -> list[torch.Tensor]:
@@ -73,9 +132,10 @@ def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = Fals
     objectives.Likelihood.check(likelihood, likelihood_scale)
     if model not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
-    if learnable_weights and model not in WEIGHTED:
-        raise ValueError(f"learnable_weights needs one of {WEIGHTED}, got model={model!r}")
-    if model in ("holder", "holder_mixture") and exact_order(alpha) is None:
+    spec = MODELS[model]
+    if learnable_weights and not spec.weighted:
+        raise ValueError(f"learnable_weights needs one of {_models_with('weighted')}, got model={model!r}")
+    if spec.exact_alpha and exact_order(alpha) is None:
         raise ValueError(f"model={model!r} needs alpha = 0 or 1/n (exact pools), got alpha={alpha!r}")
     if estimator not in objectives.ESTIMATORS:
         raise ValueError(f"estimator must be one of {objectives.ESTIMATORS}, got {estimator!r}")
@@ -83,11 +143,11 @@ def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = Fals
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     if isinstance(private_dim, bool) or int(private_dim) != private_dim or private_dim < 0:
         raise ValueError(f"private_dim must be a non-negative integer, got {private_dim!r}")
-    if (model in PRIVATE) != (private_dim > 0):
-        raise ValueError(f"private_dim > 0 (modality-specific latents) goes with the models {PRIVATE}; model={model!r} "
-                         f"got private_dim={private_dim!r}")
-    if model not in MULTI_SAMPLE and (num_samples != 1 or estimator != "elbo"):
-        raise ValueError(f"num_samples and estimator apply to {MULTI_SAMPLE}; model={model!r} got "
+    if spec.private != (private_dim > 0):
+        raise ValueError(f"private_dim > 0 (modality-specific latents) goes with the models {_models_with('private')}; "
+                         f"model={model!r} got private_dim={private_dim!r}")
+    if not spec.multi_sample and (num_samples != 1 or estimator != "elbo"):
+        raise ValueError(f"num_samples and estimator apply to {_models_with('multi_sample')}; model={model!r} got "
                          f"num_samples={num_samples!r}, estimator={estimator!r}")
 
 
@@ -114,7 +174,7 @@ class MultimodalVAE(nn.Module):
         model: a key of ``MODELS``.
         beta: weight of the KL term.
         alpha: the Hölder exponent of ``model="holder"`` / ``"holder_mixture"`` (0 or 1/n).
-        learnable_weights: learn the pooling weights over modalities (the models in ``WEIGHTED``).
+        learnable_weights: learn the pooling weights over modalities (the models whose spec is ``weighted``).
         modalities: the ``data.Modality`` of each encoder: its likelihood weight is by relative dimensionality
             (``data.reconstruction_weights``) and text modalities get a categorical likelihood (default: images of
             equal size, all weights 1).
@@ -144,14 +204,17 @@ class MultimodalVAE(nn.Module):
             self.auxiliary_logscale = nn.Parameter(torch.zeros(len(encoders), self.private_dim))
         self.encoders, self.decoders = encoders, decoders
         self.model, self.beta, self.alpha = model, float(beta), float(alpha)
-        make_aggregator, objective = MODELS[model]
-        if model in MULTI_SAMPLE:
+        self.spec = spec = MODELS[model]
+        objective = spec.objective
+        if spec.prior_on_full_subset:
+            objective = functools.partial(objective, prior_on_full_subset=True)
+        if spec.multi_sample:
             objective = functools.partial(objective, beta=self.beta, num_samples=int(num_samples),
                                           estimator=estimator)
         if self.private_dim:
             objective = functools.partial(objective, private_dim=self.private_dim)
         self.objective = objective
-        self._aggregator = make_aggregator(alpha)
+        self._aggregator = spec.make_aggregator(alpha)
         self.pool_logits = nn.Parameter(torch.zeros(len(encoders))) if learnable_weights else None
         if modalities is None:
             weights, text = torch.ones(len(encoders)), None
@@ -164,6 +227,12 @@ class MultimodalVAE(nn.Module):
     @property
     def num_modalities(self) -> int:
         return len(self.encoders)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives: the device of the likelihood weights, a buffer every model has (one without
+        parameters too)."""
+        return self.likelihood.weights.device
 
     def aggregate(self, mu, logvar, **kwargs):
         """The model's pooling of unimodal posteriors ``(M, B, D)`` (in float32, also under autocast)."""
@@ -214,10 +283,10 @@ class MultimodalVAE(nn.Module):
 
     def pool(self, mu: torch.Tensor, logvar: torch.Tensor, present: torch.Tensor) -> opf.GaussianMixture:
         """The joint posterior from unimodal posteriors ``(M, B, D)`` and present modalities ``(M, B)``."""
-        if self.model in ("mohelvae", "mopoe", "mwbvae"):
+        if self.spec.posterior == "subsets":
             return opf.subset_mixture(self.aggregate, mu, logvar, dim=0, mask=present,
-                                    prior_on_full_subset=self.model == "mopoe", validate_args=False)
-        if self.model in ("mmvae", "mmvaeplus", "holder_mixture"):
+                                      prior_on_full_subset=self.spec.prior_on_full_subset, validate_args=False)
+        if self.spec.posterior == "mixture":
             return self.aggregate(mu, logvar, mask=present)
         loc, logvar = self.aggregate(mu, logvar, mask=present)
         return opf.GaussianMixture(torch.zeros_like(loc[..., :1]), loc.unsqueeze(-2), logvar.unsqueeze(-2))

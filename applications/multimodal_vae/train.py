@@ -12,7 +12,8 @@ contents, checked on load; the data order of an epoch is a function of (seed, ep
 exactly where an uninterrupted one would be. A run folder can be moved or renamed and resumed from its new place.
 
 Divergence: the loss, the gradients and the parameters after each step are checked to be finite; a non-finite one
-stops training (``TrainingDiverged``) before any weights are written, and ``save`` refuses non-finite weights.
+stops training (``TrainingDiverged``) before any weights are written, and ``RunWriter.save`` refuses
+non-finite weights.
 SIGINT and SIGTERM stop training at the next step boundary after a checkpoint (``TrainingInterrupted``); a
 second SIGINT stops at once.
 
@@ -40,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, load_config, to_yaml
-from .data import Modality, load_dataset, modality_mask, polymnist_modalities, subset_mask
+from .data import Modality, MultimodalDataset, load_dataset, modality_mask, polymnist_modalities, subset_mask
 from .data.text import ALPHABET, decode_characters, decode_words
 from .evaluation import evaluate_run, pooling_diagnostics, training_notice
 from .files import UnreadableFile, atomic_write, load_checked, remove_orphaned_temporaries, save_checked, write_text
@@ -289,7 +290,6 @@ def _stop_requests():
 
 
 def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, requests) -> Path:
-    checkpoint_path = run_dir / "checkpoint.pt"
     writes = rank == 0
     if writes:  # what a killed run left
         remove_orphaned_temporaries(run_dir, RUN_FILES)
@@ -302,164 +302,228 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, re
         for net in (*model.encoders, *model.decoders):
             net.compile()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
-    epoch, position, step = 0, 0, 0
-    if resume:
-        state = load_checkpoint(checkpoint_path)
-        differences = _differences(_without_budget(state["config"]), _without_budget(asdict(config)))
-        if differences:
-            raise ValueError(f"--resume: the configuration differs from the one saved in {checkpoint_path}: "
-                             f"{'; '.join(differences)} (only train.epochs, train.max_steps and train.max_minutes "
-                             "may change)")
-        _restore_model(model, state["model"], checkpoint_path)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
-        epoch, position, step = state["epoch"], state["position"], state["step"]
-    if world > 1:
-        torch.manual_seed((config.train.seed * 1_000_003 + step) * world + rank)
-        network = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    else:
-        network = model
-    board = None
-    if writes:
-        write_text(run_dir / "config.yaml", to_yaml(config))
-        if not resume:  # the events of a run killed before its first checkpoint
-            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
-        if config.train.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            board = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if resume else None)
-    metrics = _read_csv(run_dir / "metrics.csv", step)
-    pooling = _read_csv(run_dir / "pooling.csv", step)
-    saved_step = step if resume else None
-
-    def last_good() -> str:
-        return "none yet" if saved_step is None else f"{checkpoint_path} (step {saved_step})"
-
-    def save(finished: bool):
-        nonlocal saved_step
-        # the last line of defence: a checkpoint never holds non-finite weights (every process agrees)
-        finite = _all_finite([*model.state_dict().values(), *_tensors(optimizer.state_dict()["state"])])
-        if _all_any(not finite, device) if world > 1 else not finite:
-            raise TrainingDiverged(f"non-finite weights at step {step} (epoch {epoch + 1}); refusing to save them; "
-                                   f"no weights were written; last good checkpoint: {last_good()}")
-        if writes:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                     "epoch": epoch, "position": position, "step": step, "config": asdict(config),
-                     "modalities": [asdict(m) for m in data.modalities], "finished": finished,
-                     "planned_steps": planned, "stopped_by": stopped_by}
-            # the logs first, the checkpoint last: a kill in between leaves rows past the checkpoint's step, which
-            # a resumed run drops, never a checkpoint whose rows are missing
-            _write_csv(run_dir / "metrics.csv", metrics, METRIC_FIELDS)
-            shown = data.gather(torch.arange(min(n, 500), device=device))
-            grid = sample_grid(model, shown, data.modalities, run_dir / "samples.png")
-            diagnostics = pooling_diagnostics(model, shown)
-            pooling.append({"epoch": epoch, "step": step, **{k: f"{v:.6g}" for k, v in diagnostics.items()}})
-            _write_csv(run_dir / "pooling.csv", pooling, POOLING_FIELDS)
-            if board is not None and grid.numel():
-                board.add_image("samples", grid, step, dataformats="HWC")
-            if board is not None:
-                for key, value in diagnostics.items():
-                    board.add_scalar(f"pooling/{key}", value, step)
-                board.flush()
-            save_checked(checkpoint_path, state)
-        saved_step = step
-
+    epoch, position, step = _restore(run_dir / "checkpoint.pt", config, model, optimizer) if resume else (0, 0, 0)
+    network = _replicate(model, config.train.seed, step, rank, world)
+    run = RunWriter(run_dir, config, data, n, resume, step, writes, world)
     # distributed: every batch is complete, so each process takes an equal share
     batches_per_epoch = n // batch_size if world > 1 else math.ceil(n / batch_size)
-    # the steps the configuration asks for; the report says when the wall-clock guard stopped short of them
-    planned = config.train.epochs * batches_per_epoch
-    if config.train.max_steps is not None:
-        planned = min(planned, config.train.max_steps)
-    stopped_by = None
+    stops = StopConditions(config.train, batches_per_epoch, requests, world, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.precision == "bf16")
-    start = time.perf_counter()
     stop = False
     requests.deferred = True
     model.train()
     # one bar over the planned steps, so that its estimate is the time left for the whole training
-    bar = tqdm(total=planned, initial=step, unit="step", disable=not show_progress)
+    bar = tqdm(total=stops.planned, initial=step, unit="step", disable=not show_progress)
     while epoch < config.train.epochs and not stop:
         order = epoch_order(n, config.train.seed, epoch)
-        bar.set_description(f"epoch {epoch + 1}/{math.ceil(planned / max(batches_per_epoch, 1))}")
+        bar.set_description(f"epoch {epoch + 1}/{math.ceil(stops.planned / max(batches_per_epoch, 1))}")
         for b in range(position, batches_per_epoch):
-            index = order[b * batch_size:(b + 1) * batch_size][rank::world].to(device)
-            x = data.gather(index)
+            where = f"at step {step + 1} (epoch {epoch + 1}, batch {b + 1})"
+            x = data.gather(order[b * batch_size:(b + 1) * batch_size][rank::world].to(device))
             batch = x[0].shape[0]
             present = modality_mask(batch, model.num_modalities, config.data.drop_rate).to(device)
             tic = time.perf_counter()
-            with autocast:
-                out = network(x, present)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            # the step is taken only with a finite loss and finite gradients (on every process: the flag is summed)
-            grads_finite = _all_finite([p.grad for p in model.parameters() if p.grad is not None])
-            values = torch.stack([*(out[key].detach().float() for key in SCALARS),
-                                  (~grads_finite).float().to(out["loss"].device)])
-            if world > 1:
-                dist.all_reduce(values)
-                values[:len(SCALARS)] /= world
-            loss_value, reconstruction_value, kl_value, bad_gradients = values.tolist()
-            where = f"at step {step + 1} (epoch {epoch + 1}, batch {b + 1})"
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(f"non-finite loss {loss_value} {where}; no weights were written; "
-                                       f"last good checkpoint: {last_good()}")
-            if bad_gradients:
-                raise TrainingDiverged(f"non-finite gradients {where} behind the finite loss {loss_value:.6g}; the "
-                                       f"step was not taken; no weights were written; last good checkpoint: "
-                                       f"{last_good()}")
-            optimizer.step()
-            bad_parameters = not bool(_all_finite(list(model.parameters())))
-            step += 1
+            scalars, bad_parameters = _step(network, model, optimizer, x, present, autocast, world, where, run)
+            step, position = step + 1, b + 1
             bar.update()
-            position = b + 1
             seconds = time.perf_counter() - tic
-            metrics.append({"epoch": epoch + 1, "step": step, "loss": f"{loss_value:.9g}",
-                            "reconstruction": f"{reconstruction_value:.9g}", "kl": f"{kl_value:.9g}",
-                            "seconds": f"{seconds:.4f}"})
-            if board is not None:
-                for key, value in zip(SCALARS, (loss_value, reconstruction_value, kl_value)):
-                    board.add_scalar(f"train/{key}", value, step)
-                board.add_scalar("train/samples_per_second", batch * world / seconds, step)
-            bar.set_postfix(loss=f"{loss_value:.1f}", samples_per_s=f"{batch * world / seconds:.0f}")
-            over_time = config.train.max_minutes is not None and time.perf_counter() - start > 60 * config.train.max_minutes
-            signum = requests.signum or 0
-            if world > 1:  # every process stops at the same step, for the same reason (one collective)
-                over_time, signum, bad_parameters = _max_across([over_time, signum, bad_parameters], device)
-                requests.signum = int(signum) or None
+            run.log_step(epoch + 1, step, scalars, seconds, batch * world / seconds)
+            bar.set_postfix(loss=f"{scalars[0]:.1f}", samples_per_s=f"{batch * world / seconds:.0f}")
+            over_time, signum, bad_parameters = stops.agree(bad_parameters)
             if bad_parameters:
-                raise TrainingDiverged(f"non-finite parameters after the optimiser step {where} (loss {loss_value:.6g}; "
+                raise TrainingDiverged(f"non-finite parameters after the optimiser step {where} (loss {scalars[0]:.6g}; "
                                        f"is train.lr {config.train.lr:g} too large?); no weights were written; last "
-                                       f"good checkpoint: {last_good()}")
-            if (config.train.max_steps is not None and step >= config.train.max_steps) or over_time or signum:
+                                       f"good checkpoint: {run.last_good()}")
+            if stops.reached(step, over_time, signum):
                 stop = True
-                if over_time and step < planned:
-                    stopped_by = f"train.max_minutes={config.train.max_minutes}"
                 break
         if position == batches_per_epoch:
             epoch, position = epoch + 1, 0
         if stop or epoch % config.train.checkpoint_every == 0 or epoch == config.train.epochs:
             # a run stopped by a signal is not finished: a sweep resumes it
-            save(finished=(stop and requests.signum is None) or epoch == config.train.epochs)
+            run.save(model, optimizer, epoch, position, step, stops.planned, stops.stopped_by,
+                     finished=(stop and requests.signum is None) or epoch == config.train.epochs)
     requests.deferred = False
     bar.close()
-    notice = training_notice({"steps": step, "planned_steps": planned, "stopped_by": stopped_by})
+    notice = training_notice({"steps": step, "planned_steps": stops.planned, "stopped_by": stops.stopped_by})
     if notice and writes and requests.signum is None:
         print(f"warning: {notice}")
     if world > 1:
         _check_replicas_identical(model, rank)
-    if board is not None:
-        board.close()
+    run.close()
     if requests.signum is not None:
         name = signal.Signals(requests.signum).name
-        raise TrainingInterrupted(f"{name}: training stopped after step {step}; {checkpoint_path} holds it; "
+        raise TrainingInterrupted(f"{name}: training stopped after step {step}; {run.checkpoint_path} holds it; "
                                   "continue with --resume", requests.signum)
     if config.train.evaluate_at_end and writes:
         result = evaluate_run(run_dir, config, model, progress=tqdm if show_progress else None)
         print(summary_line(result, run_dir))
     return run_dir
+
+
+def _restore(path: Path, config: Config, model: MultimodalVAE, optimizer) -> tuple[int, int, int]:
+    """Load the checkpoint at ``path`` (of the same configuration but for its budget) into the model, the optimiser
+    and the RNGs; ``(epoch, position, step)``: where training continues."""
+    state = load_checkpoint(path)
+    differences = _differences(_without_budget(state["config"]), _without_budget(asdict(config)))
+    if differences:
+        raise ValueError(f"--resume: the configuration differs from the one saved in {path}: "
+                         f"{'; '.join(differences)} (only train.epochs, train.max_steps and train.max_minutes "
+                         "may change)")
+    _restore_model(model, state["model"], path)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if model.device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), model.device)
+    return state["epoch"], state["position"], state["step"]
+
+
+def _replicate(model: MultimodalVAE, seed: int, step: int, rank: int, world: int) -> torch.nn.Module:
+    """The network the steps run: ``model`` itself, or its DDP wrapper with the rank's own noise (seeded by (seed,
+    rank, step))."""
+    if world == 1:
+        return model
+    torch.manual_seed((seed * 1_000_003 + step) * world + rank)
+    device = model.device
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _step(network, model: MultimodalVAE, optimizer, x, present, autocast, world: int, where: str,
+          run: RunWriter) -> tuple[tuple[float, float, float], bool]:
+    """One optimiser step on the batch ``x``; the loss terms ``SCALARS`` (averaged over the replicas) and whether
+    a parameter became non-finite (this replica). The step is taken only with a finite loss and finite gradients
+    on every replica (else ``TrainingDiverged``, ``where`` saying at which step)."""
+    with autocast:
+        out = network(x, present)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    # the flag of non-finite gradients travels with the loss terms (one collective; summed over the replicas)
+    grads_finite = _all_finite([p.grad for p in model.parameters() if p.grad is not None])
+    values = torch.stack([*(out[key].detach().float() for key in SCALARS),
+                          (~grads_finite).float().to(out["loss"].device)])
+    if world > 1:
+        dist.all_reduce(values)
+        values[:len(SCALARS)] /= world
+    loss_value, reconstruction_value, kl_value, bad_gradients = values.tolist()
+    if not math.isfinite(loss_value):
+        raise TrainingDiverged(f"non-finite loss {loss_value} {where}; no weights were written; "
+                               f"last good checkpoint: {run.last_good()}")
+    if bad_gradients:
+        raise TrainingDiverged(f"non-finite gradients {where} behind the finite loss {loss_value:.6g}; the "
+                               f"step was not taken; no weights were written; last good checkpoint: "
+                               f"{run.last_good()}")
+    optimizer.step()
+    bad_parameters = not bool(_all_finite(list(model.parameters())))
+    return (loss_value, reconstruction_value, kl_value), bad_parameters
+
+
+class StopConditions:
+    """When training stops early: ``train.max_steps``, the ``train.max_minutes`` wall-clock guard (``stopped_by``
+    names it when it stopped short of the ``planned`` steps) or a SIGINT/SIGTERM in ``requests``; the epochs are
+    the loop's. With replicas, every one stops at the same step for the same reason."""
+
+    def __init__(self, settings, batches_per_epoch: int, requests: _StopRequests, world: int, device: torch.device):
+        """``settings``: the ``train`` section of the configuration."""
+        self.max_steps, self.max_minutes = settings.max_steps, settings.max_minutes
+        # the steps the configuration asks for; the report says when the wall-clock guard stopped short of them
+        self.planned = settings.epochs * batches_per_epoch
+        if self.max_steps is not None:
+            self.planned = min(self.planned, self.max_steps)
+        self.requests, self.world, self.device = requests, world, device
+        self.stopped_by = None
+        self.start = time.perf_counter()
+
+    def agree(self, bad_parameters: bool) -> tuple[bool, int, bool]:
+        """``(over_time, signum, bad_parameters)``, each the maximum over the replicas (one collective for all)."""
+        over_time = self.max_minutes is not None and time.perf_counter() - self.start > 60 * self.max_minutes
+        signum = self.requests.signum or 0
+        if self.world > 1:
+            over_time, signum, bad_parameters = _max_across([over_time, signum, bad_parameters], self.device)
+            self.requests.signum = int(signum) or None
+        return over_time, signum, bad_parameters
+
+    def reached(self, step: int, over_time: bool, signum: int) -> bool:
+        """Whether training stops after ``step`` (``over_time`` and ``signum`` from ``agree``)."""
+        if not ((self.max_steps is not None and step >= self.max_steps) or over_time or signum):
+            return False
+        if over_time and step < self.planned:
+            self.stopped_by = f"train.max_minutes={self.max_minutes}"
+        return True
+
+
+class RunWriter:
+    """The files of a run folder: ``config.yaml``, ``metrics.csv``, ``pooling.csv``, the samples, TensorBoard and
+    the checkpoint. Only rank 0 (``writes``) writes; every replica checks the weights before a checkpoint.
+
+    At each ``save`` the logs are written first and the checkpoint last: it is the commit point (a resumed run drops
+    the log rows past its step), and it never holds non-finite weights."""
+
+    def __init__(self, run_dir: Path, config: Config, data: MultimodalDataset, n: int, resume: bool, step: int,
+                 writes: bool, world: int):
+        self.run_dir, self.checkpoint_path = run_dir, run_dir / "checkpoint.pt"
+        self.config, self.data, self.n, self.writes, self.world = config, data, n, writes, world
+        self.board = None
+        if writes:
+            write_text(run_dir / "config.yaml", to_yaml(config))
+            if not resume:  # the events of a run killed before its first checkpoint
+                shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+            if config.train.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.board = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if resume else None)
+        self.metrics = _read_csv(run_dir / "metrics.csv", step)
+        self.pooling = _read_csv(run_dir / "pooling.csv", step)
+        self.saved_step = step if resume else None
+
+    def last_good(self) -> str:
+        return "none yet" if self.saved_step is None else f"{self.checkpoint_path} (step {self.saved_step})"
+
+    def log_step(self, epoch: int, step: int, scalars, seconds: float, samples_per_second: float) -> None:
+        """The loss terms ``SCALARS`` of a step (in memory and TensorBoard; ``metrics.csv`` at the next ``save``)."""
+        loss_value, reconstruction_value, kl_value = scalars
+        self.metrics.append({"epoch": epoch, "step": step, "loss": f"{loss_value:.9g}",
+                             "reconstruction": f"{reconstruction_value:.9g}", "kl": f"{kl_value:.9g}",
+                             "seconds": f"{seconds:.4f}"})
+        if self.board is not None:
+            for key, value in zip(SCALARS, scalars):
+                self.board.add_scalar(f"train/{key}", value, step)
+            self.board.add_scalar("train/samples_per_second", samples_per_second, step)
+
+    def save(self, model: MultimodalVAE, optimizer, epoch: int, position: int, step: int, planned: int,
+             stopped_by: str | None, finished: bool) -> None:
+        """The logs, the samples, the pooling diagnostics, then the checkpoint of training at ``step``."""
+        device = model.device
+        # the last line of defence: a checkpoint never holds non-finite weights (every process agrees)
+        finite = _all_finite([*model.state_dict().values(), *_tensors(optimizer.state_dict()["state"])])
+        if _all_any(not finite, device) if self.world > 1 else not finite:
+            raise TrainingDiverged(f"non-finite weights at step {step} (epoch {epoch + 1}); refusing to save them; "
+                                   f"no weights were written; last good checkpoint: {self.last_good()}")
+        if self.writes:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                     "epoch": epoch, "position": position, "step": step, "config": asdict(self.config),
+                     "modalities": [asdict(m) for m in self.data.modalities], "finished": finished,
+                     "planned_steps": planned, "stopped_by": stopped_by}
+            # the logs first, the checkpoint last: a kill in between leaves rows past the checkpoint's step, which
+            # a resumed run drops, never a checkpoint whose rows are missing
+            _write_csv(self.run_dir / "metrics.csv", self.metrics, METRIC_FIELDS)
+            shown = self.data.gather(torch.arange(min(self.n, 500), device=device))
+            grid = sample_grid(model, shown, self.data.modalities, self.run_dir / "samples.png")
+            diagnostics = pooling_diagnostics(model, shown)
+            self.pooling.append({"epoch": epoch, "step": step, **{k: f"{v:.6g}" for k, v in diagnostics.items()}})
+            _write_csv(self.run_dir / "pooling.csv", self.pooling, POOLING_FIELDS)
+            if self.board is not None and grid.numel():
+                self.board.add_image("samples", grid, step, dataformats="HWC")
+            if self.board is not None:
+                for key, value in diagnostics.items():
+                    self.board.add_scalar(f"pooling/{key}", value, step)
+                self.board.flush()
+            save_checked(self.checkpoint_path, state)
+        self.saved_step = step
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def _all_any(flag: bool, device: torch.device) -> bool:

@@ -80,7 +80,7 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
     training stopped short of its planned steps."""
     settings = config.eval
     train_data, test_data = load_dataset(config, "train"), load_dataset(config, "test")
-    device = model.likelihood.weights.device
+    device = model.device
     n = len(test_data) if settings.test_examples is None else min(settings.test_examples, len(test_data))
     evaluated = test_data.head(n)
     m = model.num_modalities
@@ -130,7 +130,7 @@ def _label_metrics(metrics, model, config, train_data, test_data, evaluated, sub
     names = metrics["modalities"]
     classifiers, classifier_accuracy = classifiers_for(config.data.root, config.data.dataset, train_data, test_data,
                                                        progress)
-    classifiers = classifiers.to(model.likelihood.weights.device)
+    classifiers = classifiers.to(model.device)
     metrics["classifier_accuracy"] = classifier_accuracy
     done()
     result = coherence(model, classifiers, evaluated, subsets, seed=settings.seed)
@@ -153,7 +153,7 @@ def _label_metrics(metrics, model, config, train_data, test_data, evaluated, sub
 
 
 def _likelihoods(model, data, settings) -> dict:
-    device = model.likelihood.weights.device
+    device = model.device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     joint, conditional = [], []
     m = model.num_modalities

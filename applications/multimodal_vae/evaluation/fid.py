@@ -196,7 +196,7 @@ def fid_scores(model, data, real_data, settings, cache: Path, progress=None) -> 
     ``settings``: ``fid_samples``, ``fid_weights`` (a TorchScript or pytorch-fid file, or empty for the default),
     ``seed``."""
     weights = Path(settings.fid_weights) if settings.fid_weights else default_weights(cache)
-    device = model.likelihood.weights.device
+    device = model.device
     inception = InceptionFeatures(weights, device)
     m, n = model.num_modalities, min(settings.fid_samples, len(data), len(real_data))
     targets = [t for t, modality in enumerate(data.modalities) if not modality.is_text]

@@ -27,7 +27,7 @@ def coherence(model, classifiers: nn.ModuleList, data, subsets: list[tuple[int, 
     classifiers.eval()
     m = model.num_modalities
     subsets = subset_tuples(m) if subsets is None else subsets
-    device = model.likelihood.weights.device
+    device = model.device
     generator = torch.Generator(device=device).manual_seed(seed)
     hits = torch.zeros(len(subsets), m)
     with evaluating(model):
@@ -67,7 +67,7 @@ def cross_coherence(result: dict, num_modalities: int) -> torch.Tensor:
 def unconditional_coherence(model, classifiers: nn.ModuleList, modalities, latent_dim: int, num_samples: int = 1000,
                             batch_size: int = 500, seed: int = 0) -> float:
     """Fraction of prior samples whose generated modalities all get the same predicted label."""
-    device = model.likelihood.weights.device
+    device = model.device
     generator = torch.Generator(device=device).manual_seed(seed)
     agree = 0
     with evaluating(model):
@@ -82,7 +82,7 @@ def unconditional_coherence(model, classifiers: nn.ModuleList, modalities, laten
 @torch.no_grad()
 def posterior_means(model, data, subsets, batch_size: int = 500) -> dict:
     """``subset -> (N, D)`` moment-matched posterior means given that subset, on the CPU."""
-    device = model.likelihood.weights.device
+    device = model.device
     means = {s: [] for s in subsets}
     for index, x in batches(data, batch_size, device):
         mu, logvar = model.encode(x)
