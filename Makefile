@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: setup demo showcase test validate lint
+.PHONY: setup demo showcase test test-fast validate lint
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -17,6 +17,11 @@ showcase: setup
 
 test: setup
 	$(PYTHON) -m pytest -q tests
+
+# the inner loop: everything but the tests marked slow (torch.compile, DDP, every preset and dataset from the
+# command line, the fault injection); make test and .ci/run run them all
+test-fast: setup
+	$(PYTHON) -m pytest -q -m "not slow" tests
 
 validate: setup
 	$(PYTHON) -m validation

@@ -2,7 +2,7 @@ r"""Symbolic derivations of the library's closed forms, kept as code.
 
 Each function derives a closed form with sympy from the densities themselves (integrating or
 summing, never from the library's formulas) and returns the sympy expressions with their symbols.
-``tests/test_symbolic.py`` evaluates every result at random parameters and compares it with the
+``tests/opinionpool/test_symbolic.py`` evaluates every result at random parameters and compares it with the
 torch implementation in float64; together with the quadrature tests this is what "sympy-verified"
 means in the README.
 

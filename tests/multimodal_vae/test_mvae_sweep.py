@@ -4,15 +4,9 @@ import csv
 import math
 
 import pytest
-import torch
 
 from applications.multimodal_vae.__main__ import main
 from applications.multimodal_vae.sweep import SweepConfig, aggregate, load_sweep, pareto_front, run_sweep
-
-
-@pytest.fixture(autouse=True)
-def _float32():
-    torch.set_default_dtype(torch.float32)
 
 
 def tiny_sweep(root):

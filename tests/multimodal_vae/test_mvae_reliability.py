@@ -17,7 +17,7 @@ import zipfile
 
 import pytest
 import torch
-from test_mvae_train import losses, tiny_config
+from tiny_runs import losses, tiny_config
 
 from applications.multimodal_vae import files
 from applications.multimodal_vae.__main__ import main
@@ -28,10 +28,6 @@ from applications.multimodal_vae.train import TrainingDiverged, TrainingInterrup
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="needs POSIX processes and signals")
 
-
-@pytest.fixture(autouse=True)
-def _float32():
-    torch.set_default_dtype(torch.float32)
 
 
 class CreatesAFile:

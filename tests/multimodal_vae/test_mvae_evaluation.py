@@ -24,11 +24,6 @@ from applications.multimodal_vae.models import MultimodalVAE
 from applications.multimodal_vae.networks import make_networks
 
 
-@pytest.fixture(autouse=True)
-def _float32():
-    torch.set_default_dtype(torch.float32)
-
-
 class PixelCode(nn.Module):
     """Reads the digit written as the brightest of ten pixels of row 0 (a stand-in classifier)."""
 

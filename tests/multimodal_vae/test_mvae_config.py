@@ -9,18 +9,11 @@ import re
 import typing
 
 import pytest
-import torch
 
 from applications.multimodal_vae import config as config_module
 from applications.multimodal_vae.__main__ import main
 from applications.multimodal_vae.config import load_config
 from applications.multimodal_vae.train import train
-
-
-@pytest.fixture(autouse=True)
-def _float32():
-    torch.set_default_dtype(torch.float32)
-
 
 # (override, the key the error must name); every one of these trained, or failed late with a raw error, before
 BAD = [

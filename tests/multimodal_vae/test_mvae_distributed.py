@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_mvae_train import losses, tiny_config
+from tiny_runs import losses, tiny_config
 
 
 def free_port() -> int:
@@ -32,6 +32,7 @@ def replica(rank, world, port, root, out):
     torch.save(built[0].state_dict(), f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_two_gloo_replicas_stay_identical(tiny_root, tmp_path):
     mp.spawn(replica, args=(2, free_port(), tiny_root, tmp_path), nprocs=2)
     first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
@@ -57,6 +58,7 @@ def training_initial_state(root):
     return make_model(config, polymnist_modalities(config.data.num_modalities)).state_dict()
 
 
+@pytest.mark.slow
 def test_torchrun_launches_the_command_line(tiny_root):
     overrides = [f"data.root={tiny_root / 'data'}", "data.build_offline=false", "data.num_modalities=3",
                  "model.latent_dim=4",

@@ -28,10 +28,6 @@ def model_modalities(run):
     return load_dataset(load_run(run)[0], "test").modalities
 
 
-@pytest.fixture(autouse=True)
-def _float32():
-    torch.set_default_dtype(torch.float32)
-
 
 def _idx(array: np.ndarray) -> bytes:
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
@@ -223,6 +219,7 @@ def test_categorical_likelihood_and_weights_by_relative_dimensionality():
         Likelihood(weights, text=[False, True])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["mnist_svhn_text", "celeba", "cub"])
 def test_each_dataset_trains_from_the_command_line(tmp_path, dataset, capsys):
     rng = np.random.default_rng(4)

@@ -8,30 +8,12 @@ import math
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny_runs import losses, tiny_config
 
 from applications.multimodal_vae.__main__ import main
 from applications.multimodal_vae.config import available_presets, load_config
 from applications.multimodal_vae.data import LayoutError
 from applications.multimodal_vae.train import TrainingDiverged, load_run, train
-
-
-@pytest.fixture(autouse=True)
-def _float32():
-    torch.set_default_dtype(torch.float32)
-
-
-def tiny_config(root, name="run", **train):
-    overrides = [f"data.root={root / 'data'}", "data.build_offline=false", "data.num_modalities=3",
-                 "model.latent_dim=4",
-                 "model.architecture=conv", "train.batch_size=8", "train.epochs=2", "train.device=cpu",
-                 f"output_dir={root / 'runs'}", f"name={name}", "data.drop_rate=0.3"]
-    overrides += [f"train.{k}={v}" for k, v in train.items()]
-    return load_config("polymnist-helvae", overrides)
-
-
-def losses(run_dir):
-    with open(run_dir / "metrics.csv") as handle:
-        return [(int(r["step"]), r["loss"]) for r in csv.DictReader(handle)]
 
 
 def test_resume_continues_exactly(tiny_root):
@@ -124,6 +106,7 @@ def test_command_line_trains_and_lists_presets(tiny_root, capsys):
     assert not (run / "tensorboard").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(p for p in available_presets() if p.startswith("polymnist-")))
 def test_every_polymnist_preset_trains_from_the_command_line(tiny_root, preset):
     """Every model's paper preset (ResNets included) takes two steps on the tiny fixture and can be reloaded."""
@@ -174,6 +157,7 @@ def test_evaluation_writes_a_report(tiny_root, capsys):
     assert "evaluate --set takes eval.* keys only" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compiled_networks_train_like_eager_ones(tiny_root):
     eager = train(tiny_config(tiny_root, "eager", max_steps=2, tensorboard="false"), show_progress=False)
     compiled = train(tiny_config(tiny_root, "compiled", max_steps=2, tensorboard="false", compile="true"),

@@ -12,11 +12,6 @@ from applications.multimodal_vae.models import MODELS, MultimodalVAE
 from applications.multimodal_vae.networks import PolyMNISTDecoder, PolyMNISTEncoder, ResidualBlock, make_networks
 
 
-@pytest.fixture(autouse=True)
-def _float32():
-    torch.set_default_dtype(torch.float32)  # the application trains in float32
-
-
 def make(model="helvae", modalities=3, latent=8, **kwargs):
     torch.manual_seed(0)
     if model == "mmvaeplus":

@@ -1,0 +1,21 @@
+"""Tiny training runs for the application's tests (a helper module, not a test module)."""
+
+import csv
+
+from applications.multimodal_vae.config import load_config
+
+__all__ = ["losses", "tiny_config"]
+
+
+def tiny_config(root, name="run", **train):
+    overrides = [f"data.root={root / 'data'}", "data.build_offline=false", "data.num_modalities=3",
+                 "model.latent_dim=4",
+                 "model.architecture=conv", "train.batch_size=8", "train.epochs=2", "train.device=cpu",
+                 f"output_dir={root / 'runs'}", f"name={name}", "data.drop_rate=0.3"]
+    overrides += [f"train.{k}={v}" for k, v in train.items()]
+    return load_config("polymnist-helvae", overrides)
+
+
+def losses(run_dir):
+    with open(run_dir / "metrics.csv") as handle:
+        return [(int(r["step"]), r["loss"]) for r in csv.DictReader(handle)]
