@@ -28,10 +28,41 @@ from .evaluation import evaluate_run
 from .files import atomic_write, write_text
 from .train import load_checkpoint, load_run, train
 
+__all__ = ["CURVES", "FIELDS", "METRICS", "RUN_OUTPUTS", "SCALARS", "SWEEPS", "SweepConfig", "aggregate",
+           "available_sweeps", "grid", "load_sweep", "pareto_front", "plot", "render", "result_row", "run_config",
+           "run_sweep", "write_results"]
+
 SWEEPS = PRESETS.parent / "sweeps"
-FIELDS = ("model", "beta", "seed", "coherence", "cross_coherence", "unconditional_coherence", "log_likelihood",
-          "conditional_log_likelihood", "probe_all", "probe_single", "fid_unconditional", "pairwise_mass",
-          "seconds_per_batch", "coherence_by_inputs", "fid_by_inputs")
+
+
+def _optional(section: str, read):
+    """``read(metrics[section])``, or ``None`` when the run did not compute ``section``."""
+    return lambda metrics: read(metrics[section]) if section in metrics else None
+
+
+#: a run's scalar metrics, each read from its metrics.json; ``None`` where the run did not compute it: coherence and
+#: the latent probe need class labels (CelebA and CUB have none: ``not_computed`` says so), FID image modalities
+#: and ``eval.fid_samples > 0``
+METRICS = {
+    "coherence": _optional("coherence", lambda c: c["overall"]),
+    "cross_coherence": _optional("cross_coherence", lambda c: c["cross_modal"]),
+    "unconditional_coherence": _optional("unconditional_coherence", lambda u: u),
+    "log_likelihood": lambda metrics: metrics["log_likelihood"]["joint"],
+    "conditional_log_likelihood": lambda metrics: metrics["log_likelihood"]["given_one_modality"],
+    # the probe's subsets are named "m0,m1,...": the longest name is the full set
+    "probe_all": _optional("latent_probe", lambda p: p[max(p, key=len)]),
+    "probe_single": _optional("latent_probe", lambda p: statistics.mean(v for k, v in p.items() if "," not in k)),
+    "fid_unconditional": _optional("fid", lambda f: f["unconditional"]),
+    "pairwise_mass": lambda metrics: metrics["pooling"]["pairwise_mass"],
+}
+#: curves over the number of input modalities, as JSON objects (empty when not computed)
+CURVES = {
+    "coherence_by_inputs": _optional("coherence", lambda c: {k: v[0] for k, v in c["per_size"].items()}),
+    "fid_by_inputs": _optional("fid", lambda f: f.get("per_size", {})),
+}
+#: the columns averaged over seeds
+SCALARS = (*METRICS, "seconds_per_batch")
+FIELDS = ("model", "beta", "seed", *SCALARS, *CURVES)
 #: what a run of the sweep has when it is done: its training log and its evaluation (metrics.json is written
 #: before report.md, so a run killed between them is evaluated again)
 RUN_OUTPUTS = ("metrics.csv", "metrics.json", "report.md")
@@ -110,28 +141,18 @@ def run_sweep(sweep: SweepConfig, show_progress: bool = True) -> Path:
 
 
 def result_row(run_dir: Path, model: str, beta: float, seed: int) -> dict:
+    """One row of ``results.csv`` (``FIELDS``) from a run folder's metrics.json and metrics.csv; a metric the run
+    did not compute is ``None`` (an empty cell), a curve it did not compute ``{}``."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     with open(run_dir / "metrics.csv") as handle:
         seconds = [float(row["seconds"]) for row in csv.DictReader(handle)]
-    probe = metrics["latent_probe"]
-    full = max(probe, key=len)
-    singles = [v for k, v in probe.items() if k.count(",") == 0]
-    fid = metrics.get("fid", {})
-    return {"model": model, "beta": beta, "seed": seed, "coherence": metrics["coherence"]["overall"],
-            "cross_coherence": metrics["cross_coherence"]["cross_modal"],
-            "unconditional_coherence": metrics["unconditional_coherence"],
-            "log_likelihood": metrics["log_likelihood"]["joint"],
-            "conditional_log_likelihood": metrics["log_likelihood"]["given_one_modality"],
-            "probe_all": probe[full], "probe_single": statistics.mean(singles),
-            "fid_unconditional": fid.get("unconditional", float("nan")),
-            "pairwise_mass": metrics["pooling"]["pairwise_mass"],
+    return {"model": model, "beta": beta, "seed": seed, **{column: read(metrics) for column, read in METRICS.items()},
             "seconds_per_batch": statistics.median(seconds[1:] or seconds),
-            "coherence_by_inputs": json.dumps({k: v[0] for k, v in metrics["coherence"]["per_size"].items()}),
-            "fid_by_inputs": json.dumps(fid.get("per_size", {}))}
+            **{column: json.dumps(read(metrics) or {}) for column, read in CURVES.items()}}
 
 
 def _mean_std(values):
-    values = [v for v in values if v == v]  # drop NaN (a metric that was not computed)
+    values = [v for v in values if v is not None and v == v]  # drop a metric that was not computed (None or NaN)
     if not values:
         return float("nan"), float("nan")
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -144,8 +165,8 @@ def aggregate(rows: list[dict]) -> dict:
         groups.setdefault((row["model"], row["beta"]), []).append(row)
     summary = {}
     for key, members in groups.items():
-        entry = {f: _mean_std([m[f] for m in members]) for f in FIELDS[3:13]}
-        for curve in ("coherence_by_inputs", "fid_by_inputs"):
+        entry = {f: _mean_std([m[f] for m in members]) for f in SCALARS}
+        for curve in CURVES:
             per_run = [json.loads(m[curve]) for m in members]
             sizes = sorted({k for run in per_run for k in run}, key=int)
             entry[curve] = {int(k): _mean_std([run[k] for run in per_run if k in run]) for k in sizes}
@@ -178,7 +199,14 @@ def _save(figure, path: Path) -> None:
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
+def _computed(summary: dict, keys, metric: str) -> bool:
+    """Whether some run computed ``metric`` (its mean over seeds is not NaN for one of ``keys``)."""
+    return any(summary[k][metric][0] == summary[k][metric][0] for k in keys)
+
+
 def plot(folder: Path, summary: dict) -> list[str]:
+    """The figures (PNG files in ``folder``; their names are returned); a metric that no run computed is left
+    out, and a figure left with nothing to show is not drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,15 +218,16 @@ def plot(folder: Path, summary: dict) -> list[str]:
     written = []
     for metric, label, maximise in (("fid_unconditional", "FID (unconditional, lower is better)", False),
                                     ("log_likelihood", "log p(X) (higher is better)", True)):
-        points = [(summary[k]["coherence"][0], summary[k][metric][0]) for k in keys]
-        if all(y != y for _, y in points):
+        shown = [k for k in keys if all(summary[k][f][0] == summary[k][f][0] for f in ("coherence", metric))]
+        if not shown:
             continue
+        points = [(summary[k]["coherence"][0], summary[k][metric][0]) for k in shown]
         figure, axis = plt.subplots(figsize=(5, 4))
-        for k, (x, y) in zip(keys, points):
+        for k, (x, y) in zip(shown, points):
             axis.errorbar(x, y, xerr=summary[k]["coherence"][1], yerr=summary[k][metric][1], fmt="o",
                           color=colours[k[0]], label=k[0])
             axis.annotate(f"β={k[1]:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        front = [i for i in pareto_front(points, maximise) if points[i][1] == points[i][1]]
+        front = pareto_front(points, maximise)
         axis.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=1, label="Pareto front")
         handles = dict(zip(*reversed(axis.get_legend_handles_labels())))
         axis.legend(handles.values(), handles.keys(), fontsize=7)
@@ -207,36 +236,42 @@ def plot(folder: Path, summary: dict) -> list[str]:
         _save(figure, folder / name)
         plt.close(figure)
         written.append(name)
-    metrics = [("coherence", "conditional coherence"), ("log_likelihood", "log p(X)"), ("probe_all", "probe (all)"),
-               ("fid_unconditional", "FID")]
-    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5))
-    for axis, (metric, label) in zip(axes, metrics):
-        for model in models:
-            betas = sorted(b for m, b in keys if m == model)
-            values = [summary[(model, b)][metric] for b in betas]
-            axis.errorbar(betas, [v[0] for v in values], yerr=[v[1] for v in values], marker="o", label=model,
-                          color=colours[model], capsize=2)
-        axis.set(xlabel="β", ylabel=label)
-    axes[0].legend(fontsize=7)
-    _save(figure, folder / "metrics_vs_beta.png")
-    plt.close(figure)
-    written.append("metrics_vs_beta.png")
-    figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for axis, (curve, label) in zip(axes, (("coherence_by_inputs", "conditional coherence"),
-                                           ("fid_by_inputs", "conditional FID"))):
-        for model in models:
-            beta = max(b for m, b in keys if m == model)
-            points = summary[(model, beta)][curve]
-            if points:
-                sizes = sorted(points)
-                axis.errorbar(sizes, [points[s][0] for s in sizes], yerr=[points[s][1] for s in sizes], marker="o",
-                              label=f"{model} (β={beta:g})", color=colours[model], capsize=2)
-        axis.set(xlabel="number of input modalities", ylabel=label)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=7)
-    _save(figure, folder / "synergy.png")
-    plt.close(figure)
-    written.append("synergy.png")
+    metrics = [(metric, label) for metric, label in (("coherence", "conditional coherence"),
+                                                     ("log_likelihood", "log p(X)"), ("probe_all", "probe (all)"),
+                                                     ("fid_unconditional", "FID"))
+               if _computed(summary, keys, metric)]
+    if metrics:
+        figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
+        for axis, (metric, label) in zip(axes[0], metrics):
+            for model in models:
+                betas = sorted(b for m, b in keys if m == model)
+                values = [summary[(model, b)][metric] for b in betas]
+                axis.errorbar(betas, [v[0] for v in values], yerr=[v[1] for v in values], marker="o", label=model,
+                              color=colours[model], capsize=2)
+            axis.set(xlabel="β", ylabel=label)
+        axes[0, 0].legend(fontsize=7)
+        _save(figure, folder / "metrics_vs_beta.png")
+        plt.close(figure)
+        written.append("metrics_vs_beta.png")
+    curves = [(curve, label) for curve, label in (("coherence_by_inputs", "conditional coherence"),
+                                                  ("fid_by_inputs", "conditional FID"))
+              if any(summary[k][curve] for k in keys)]
+    if curves:
+        figure, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.5), squeeze=False)
+        for axis, (curve, label) in zip(axes[0], curves):
+            for model in models:
+                beta = max(b for m, b in keys if m == model)
+                points = summary[(model, beta)][curve]
+                if points:
+                    sizes = sorted(points)
+                    axis.errorbar(sizes, [points[s][0] for s in sizes], yerr=[points[s][1] for s in sizes],
+                                  marker="o", label=f"{model} (β={beta:g})", color=colours[model], capsize=2)
+            axis.set(xlabel="number of input modalities", ylabel=label)
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend(fontsize=7)
+        _save(figure, folder / "synergy.png")
+        plt.close(figure)
+        written.append("synergy.png")
     return written
 
 
@@ -258,6 +293,10 @@ def render(summary: dict, figures: list[str], folder: Path) -> str:
         entry = summary[key]
         lines.append(f"| {key[0]} | {key[1]:g} | {entry['seeds']} | "
                      + " | ".join(_cell(entry[f]) for f, _ in columns) + " |")
+    missing = [label for f, label in columns if not _computed(summary, summary, f)]
+    if missing:
+        lines += ["", f"Not computed by any run (–): {', '.join(missing)}; coherence and the latent probe need class "
+                  "labels, FID image modalities and eval.fid_samples > 0 (each run's metrics.json says which)."]
     timing = {}
     for (model, _), entry in summary.items():
         timing.setdefault(model, []).append(entry["seconds_per_batch"][0])

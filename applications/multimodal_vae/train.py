@@ -327,8 +327,9 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, re
             step, position = step + 1, b + 1
             bar.update()
             seconds = time.perf_counter() - tic
-            run.log_step(epoch + 1, step, scalars, seconds, batch * world / seconds)
-            bar.set_postfix(loss=f"{scalars[0]:.1f}", samples_per_s=f"{batch * world / seconds:.0f}")
+            speed = batch * world / seconds  # samples per second, all replicas together
+            run.log_step(epoch + 1, step, scalars, seconds, speed)
+            bar.set_postfix(loss=f"{scalars[0]:.1f}", samples_per_s=f"{speed:.0f}")
             over_time, signum, bad_parameters = stops.agree(bad_parameters)
             if bad_parameters:
                 raise TrainingDiverged(f"non-finite parameters after the optimiser step {where} (loss {scalars[0]:.6g}; "

@@ -1,12 +1,22 @@
 """Sweeps on the tiny fixture: every run trained and evaluated once, resumable, summarised with plots."""
 
 import csv
+import json
 import math
+import re
 
 import pytest
 
 from applications.multimodal_vae.__main__ import main
-from applications.multimodal_vae.sweep import SweepConfig, aggregate, load_sweep, pareto_front, run_sweep
+from applications.multimodal_vae.sweep import (
+    SweepConfig,
+    aggregate,
+    load_sweep,
+    pareto_front,
+    result_row,
+    run_sweep,
+    write_results,
+)
 
 
 def tiny_sweep(root):
@@ -81,3 +91,56 @@ def test_the_gpu_sweep_gives_mmvae_plus_its_latent_split():
     assert run_config(sweep, "helvae", 2.5, 0).model.private_dim == 0
     with pytest.raises(ValueError, match=r"model_overrides name models not in the sweep: \['mmvaeplus'\]"):
         load_sweep("polymnist-gpu", ["models=[helvae]"])
+
+
+def fake_run(folder, seed, log_likelihood, conditional, pairwise_mass, fid, seconds):
+    """A run folder as a sweep reads it, for a dataset without class labels (CelebA, CUB): its metrics.json has
+    no coherence and no latent probe."""
+    run = folder / f"helvae-beta1.0-seed{seed}"
+    run.mkdir(parents=True)
+    metrics = {"test_examples": 10, "modalities": ["image", "text"], "protocol": {"probe_examples": 10},
+               "not_computed": "coherence and the latent probe need one class label per tuple shared by the "
+                               "modalities; celeba has none",
+               "log_likelihood": {"joint": log_likelihood, "joint_std_error": 1.0, "given_one_modality": conditional,
+                                  "num_samples": 2, "examples": 10},
+               "pooling": {"mean_log_bhattacharyya": -0.25, "pairwise_mass": pairwise_mass},
+               "fid": {"unconditional": fid, "per_size": {"1": fid + 10}}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    rows = [{"epoch": 1, "step": s + 1, "loss": 1.0, "reconstruction": 1.0, "kl": 0.0, "seconds": t}
+            for s, t in enumerate(seconds)]
+    with open(run / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return run
+
+
+def test_a_sweep_without_coherence_or_probe_is_summarised_with_empty_cells(tmp_path):
+    runs = [fake_run(tmp_path, 0, -123.4, -60.5, 0.7, 80.0, [9.0, 0.5, 0.25, 0.75]),
+            fake_run(tmp_path, 1, -121.4, -58.5, 0.5, 84.0, [9.0, 1.0, 2.0])]
+    rows = [result_row(run, "helvae", 1.0, seed) for seed, run in enumerate(runs)]
+    missing = ("coherence", "cross_coherence", "unconditional_coherence", "probe_all", "probe_single")
+    assert all(rows[0][f] is None for f in missing)
+    assert (rows[0]["log_likelihood"], rows[0]["conditional_log_likelihood"], rows[0]["pairwise_mass"],
+            rows[0]["fid_unconditional"]) == (-123.4, -60.5, 0.7, 80.0)
+    # the first step (compilation, warm-up) is left out of the median
+    assert (rows[0]["seconds_per_batch"], rows[1]["seconds_per_batch"]) == (0.5, 1.5)
+    assert json.loads(rows[0]["coherence_by_inputs"]) == {} and json.loads(rows[0]["fid_by_inputs"]) == {"1": 90.0}
+    write_results(tmp_path, rows)
+    with open(tmp_path / "results.csv") as handle:
+        saved = list(csv.DictReader(handle))
+    assert [r["seed"] for r in saved] == ["0", "1"] and all(r[f] == "" for r in saved for f in missing)
+    assert float(saved[1]["fid_unconditional"]) == 84.0
+    report = (tmp_path / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| model |"))
+    row = next(line for line in report.splitlines() if line.startswith("| helvae |"))
+    cells = dict(zip(*([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in (header, row)), strict=True))
+    # mean and sample standard deviation over the two seeds, by hand: (-123.4, -121.4) -> -122.4 ± sqrt(2)
+    assert cells["log p(X)"] == "-122.4 ± 1.4" and cells["log p(X_rest \\| x_m)"] == "-59.5 ± 1.4"
+    assert cells["FID"] == "82.0 ± 2.8" and cells["pairwise mass"] == "0.600 ± 0.141"
+    assert all(cells[c] == "–" for c in ("coherence (all subsets)", "one input", "unconditional", "probe (all)"))
+    assert "Not computed by any run (–): coherence (all subsets), one input, unconditional, probe (all);" in report
+    # no coherence, so no coherence-vs-X figure; the metrics and the FID curve are drawn
+    assert not list(tmp_path.glob("coherence_vs_*.png"))
+    for figure in ("metrics_vs_beta.png", "synergy.png"):
+        assert (tmp_path / figure).stat().st_size > 0 and f"]({figure})" in report
