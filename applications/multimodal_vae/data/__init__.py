@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import build_polymnist
 from .celeba import CelebA
 from .core import (
     LayoutError,
@@ -60,7 +59,10 @@ def load_dataset(config, split: str = "train") -> MultimodalDataset:
     if config.data.dataset not in DATASETS:
         raise ValueError(f"data.dataset must be one of {sorted(DATASETS)}, got {config.data.dataset!r}")
     if config.data.dataset == "polymnist" and config.data.build_offline and not root.exists():
-        build_polymnist.build(root, progress=tqdm)
+        # imported here, not at the top: `python -m ...data.build_polymnist` would otherwise find it loaded
+        from .build_polymnist import build
+
+        build(root, progress=tqdm)
     data = open_dataset(config.data.dataset, root, split, progress=tqdm)
     if data.num_modalities != config.data.num_modalities:
         raise LayoutError(f"{root} ({config.data.dataset}) holds {data.num_modalities} modalities but "
