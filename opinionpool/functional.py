@@ -37,6 +37,12 @@ from .pool import (
     normalized_log_weights,
 )
 
+__all__ = [
+    "GaussianMixture", "holder", "hellinger", "holder_mixture", "moe", "poe", "wasserstein_barycenter",
+    "log_bhattacharyya", "subset_mixture", "all_subsets", "exact_order", "DEFAULT_MAX_COMPONENTS",
+    "DEFAULT_MAX_SUBSETS",
+]
+
 #: the default cap on the number of subsets of ``subset_mixture`` (``2^M - 1`` for all subsets of ``M`` experts)
 DEFAULT_MAX_SUBSETS = 2**16
 
@@ -58,6 +64,11 @@ class GaussianMixture(NamedTuple):
         diff = z.unsqueeze(-2) - self.loc
         components = -0.5 * (diff * diff * torch.exp(-self.logvar) + self.logvar + _LOG_2PI).sum(-1)
         return torch.logsumexp(self.log_weights + components, -1)
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, logvar)`` ``(..., D)`` of the moment-matched diagonal Gaussian: the mixture's mean and its
+        variance by the law of total variance (within plus between components), computed in log-space."""
+        return gaussian_mixture_moments(self.log_weights, self.loc, self.logvar, 1)
 
     def sample(self, sample_shape=(), generator: torch.Generator | None = None) -> torch.Tensor:
         """Reparameterised within the chosen component: ``sample_shape + batch + (D,)``."""
@@ -173,8 +184,7 @@ def holder(mu, logvar, alpha=0.5, **kwargs):
     ``alpha=0.5`` is the Hellinger aggregation of HELVAE; ``alpha=0`` the log-linear pool; ``alpha=1``
     the moment-matched mixture of experts.
     """
-    mixture = holder_mixture(mu, logvar, alpha, **kwargs)
-    return gaussian_mixture_moments(mixture.log_weights, mixture.loc, mixture.logvar, 1)
+    return holder_mixture(mu, logvar, alpha, **kwargs).moments()
 
 
 def hellinger(mu, logvar, **kwargs):

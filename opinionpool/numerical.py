@@ -36,6 +36,10 @@ from scipy import integrate, optimize
 
 from .families import ExponentialFamily
 
+__all__ = [
+    "Estimate", "PoolEstimate", "Envelope", "log_power_mean", "METHODS", "DEFAULT_RTOL", "MAX_GRID_DIM", "SMALL_ALPHA",
+]
+
 #: below this ``|alpha|`` the power mean is evaluated as ``log1p(sum w expm1(alpha l)) / alpha``
 SMALL_ALPHA = 1e-3
 METHODS = ("enumeration", "quadrature", "grid", "importance")

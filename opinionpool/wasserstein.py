@@ -18,6 +18,8 @@ from .experts import as_experts
 from .families import DiagonalNormalFamily, MultivariateNormalFamily, NormalFamily
 from .pool import normalized_log_weights
 
+__all__ = ["wasserstein_barycenter", "covariance_barycenter"]
+
 
 def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
     values, vectors = torch.linalg.eigh(matrix)

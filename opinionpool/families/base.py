@@ -26,6 +26,8 @@ from torch.distributions import constraints
 
 from .._validation import describe
 
+__all__ = ["ExponentialFamily"]
+
 
 def _expand_weights(log_weights: torch.Tensor, num_trailing: int) -> torch.Tensor:
     return log_weights.reshape(log_weights.shape + (1,) * num_trailing)

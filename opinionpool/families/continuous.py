@@ -24,6 +24,8 @@ from torch.distributions import Beta, Dirichlet, Exponential, Gamma, VonMises, c
 from .._validation import check_positive
 from .base import ExponentialFamily, weighted_sum
 
+__all__ = ["ExponentialDistFamily", "GammaFamily", "BetaFamily", "DirichletFamily", "VonMisesFamily"]
+
 
 def _zeros(value, shape):
     return torch.zeros(shape, dtype=value.dtype, device=value.device)

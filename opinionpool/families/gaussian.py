@@ -23,6 +23,8 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 from .._validation import check_finite, check_positive
 from .base import ExponentialFamily, shifted_mean_along, shifted_weighted_mean, weighted_sum
 
+__all__ = ["NormalFamily", "DiagonalNormalFamily", "MultivariateNormalFamily"]
+
 _LOG_2PI = math.log(2 * math.pi)
 
 
