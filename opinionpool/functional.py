@@ -12,7 +12,6 @@ without the wrapping.
 from __future__ import annotations
 
 import itertools
-import math
 import numbers
 from typing import NamedTuple
 
@@ -27,7 +26,8 @@ from ._validation import (
     real_tensor,
     validation_enabled,
 )
-from .families.gaussian import DiagonalNormalFamily, gaussian_combine, gaussian_mixture_moments
+from .constants import LOG_HALF
+from .families.gaussian import DiagonalNormalFamily, gaussian_combine, gaussian_mixture_moments, normal_log_density
 from .pool import (
     DEFAULT_MAX_COMPONENTS,
     check_max_components,
@@ -40,13 +40,17 @@ from .pool import (
 __all__ = [
     "GaussianMixture", "holder", "hellinger", "holder_mixture", "moe", "poe", "wasserstein_barycenter",
     "log_bhattacharyya", "subset_mixture", "all_subsets", "exact_order", "DEFAULT_MAX_COMPONENTS",
-    "DEFAULT_MAX_SUBSETS",
+    "DEFAULT_MAX_SUBSETS", "diag_gaussian_log_prob",
 ]
 
 #: the default cap on the number of subsets of ``subset_mixture`` (``2^M - 1`` for all subsets of ``M`` experts)
 DEFAULT_MAX_SUBSETS = 2**16
 
-_LOG_2PI = math.log(2 * math.pi)
+
+def diag_gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """``log N(z; mu, diag(exp(logvar)))`` summed over the latent (last) axis; the arguments broadcast. Zeros for
+    ``mu`` and ``logvar`` give the standard-normal prior."""
+    return normal_log_density(z, mu, logvar).sum(-1)
 
 
 class GaussianMixture(NamedTuple):
@@ -61,8 +65,7 @@ class GaussianMixture(NamedTuple):
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Log-density at ``z`` ``(sample..., ..., D)`` -> ``(sample..., ...)`` (log-sum-exp over components)."""
-        diff = z.unsqueeze(-2) - self.loc
-        components = -0.5 * (diff * diff * torch.exp(-self.logvar) + self.logvar + _LOG_2PI).sum(-1)
+        components = diag_gaussian_log_prob(z.unsqueeze(-2), self.loc, self.logvar)
         return torch.logsumexp(self.log_weights + components, -1)
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +231,7 @@ def log_bhattacharyya(mu1, logvar1, mu2, logvar2, *, validate_args=None):
             check_finite(name, value)
     mu = torch.stack(torch.broadcast_tensors(mu1, mu2), -2)
     logvar = torch.stack(torch.broadcast_tensors(logvar1, logvar2), -2)
-    half = torch.full(mu.shape[:-1], -0.6931471805599453, dtype=mu.dtype, device=mu.device)
+    half = torch.full(mu.shape[:-1], LOG_HALF, dtype=mu.dtype, device=mu.device)
     return gaussian_combine(mu, logvar, half, 1)[2]
 
 

@@ -1,5 +1,6 @@
 """The functional (mu, logvar) API: agreement with the object API, masks, prior expert, gradients."""
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import Independent, Normal
@@ -169,6 +170,20 @@ def test_gaussian_mixture_log_prob_matches_torch_distributions():
         torch.distributions.Independent(torch.distributions.Normal(mixture.loc, torch.exp(0.5 * mixture.logvar)), 1))
     z = torch.randn(5, 2, 2) * 3
     assert torch.allclose(mixture.log_prob(z), reference.log_prob(z), rtol=1e-12, atol=1e-12)
+
+
+def test_diag_gaussian_log_prob_is_the_summed_normal_log_density():
+    from scipy import stats
+
+    g = torch.Generator().manual_seed(4)
+    z, mu, logvar = torch.randn(5, 3, 4, generator=g) * 3, torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    expected = stats.norm.logpdf(z.numpy(), mu.numpy(), np.exp(0.5 * logvar.numpy())).sum(-1)
+    got = F.diag_gaussian_log_prob(z, mu, logvar)
+    assert got.shape == (5, 3)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-13, atol=1e-13)
+    zeros = torch.zeros(())  # the standard-normal prior, by broadcasting
+    np.testing.assert_allclose(F.diag_gaussian_log_prob(z, zeros, zeros).numpy(), stats.norm.logpdf(z.numpy()).sum(-1),
+                               rtol=1e-13, atol=1e-13)
 
 
 def test_gaussian_mixture_moments_are_the_law_of_total_variance():

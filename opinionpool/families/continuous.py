@@ -22,6 +22,7 @@ import torch
 from torch.distributions import Beta, Dirichlet, Exponential, Gamma, VonMises, constraints
 
 from .._validation import check_positive
+from ..constants import LOG_2PI
 from .base import ExponentialFamily, weighted_sum
 
 __all__ = ["ExponentialDistFamily", "GammaFamily", "BetaFamily", "DirichletFamily", "VonMisesFamily"]
@@ -230,7 +231,7 @@ class VonMisesFamily(ExponentialFamily):
 
     def log_normalizer(self, natural):
         kappa = torch.linalg.vector_norm(natural, dim=-1)
-        return math.log(2 * math.pi) + torch.log(torch.special.i0e(kappa)) + kappa
+        return LOG_2PI + torch.log(torch.special.i0e(kappa)) + kappa
 
     def natural_domain(self, natural):
         return torch.isfinite(natural).all(-1)
