@@ -27,7 +27,13 @@ from ._validation import (
     validation_enabled,
 )
 from .constants import LOG_HALF
-from .families.gaussian import DiagonalNormalFamily, gaussian_combine, gaussian_mixture_moments, normal_log_density
+from .families.gaussian import (
+    DiagonalNormalFamily,
+    gaussian_barycenter,
+    gaussian_combine,
+    gaussian_mixture_moments,
+    normal_log_density,
+)
 from .pool import (
     DEFAULT_MAX_COMPONENTS,
     check_max_components,
@@ -239,9 +245,7 @@ def wasserstein_barycenter(mu, logvar, *, dim=0, weights=None, mask=None, prior_
     """2-Wasserstein barycenter of diagonal Gaussians: mean ``sum w mu``, standard deviation ``sum w sigma``."""
     validate = validation_enabled(validate_args)
     mu, logvar, mask, m = _prepare(mu, logvar, dim, weights, mask, prior_expert, validate)
-    log_weights = _log_weights(weights, m, mask, mu).unsqueeze(-1)
-    loc = (log_weights.exp() * mu).sum(-2)
-    return loc, 2 * torch.logsumexp(log_weights + 0.5 * logvar, dim=-2)
+    return gaussian_barycenter(mu, logvar, _log_weights(weights, m, mask, mu), 1)
 
 
 def _check_subset_count(name: str, count, max_subsets: int) -> None:

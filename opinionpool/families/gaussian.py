@@ -54,6 +54,15 @@ def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch
     return mean, -log_precision, log_c
 
 
+def gaussian_barycenter(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch.Tensor, num_features: int):
+    """The 2-Wasserstein barycenter of diagonal Gaussians along dim ``-1 - num_features`` (weights summing to one):
+    the mean ``sum_j w_j mu_j`` and the standard deviation ``sum_j w_j sigma_j``, the latter as a log-variance
+    summed in log-space. Returns ``(loc, logvar)``."""
+    k = -1 - num_features  # from the right, so that weights with more batch dimensions than the experts broadcast
+    lw = log_weights.reshape(log_weights.shape + (1,) * num_features)
+    return (lw.exp() * loc).sum(k), 2 * torch.logsumexp(lw + 0.5 * logvar, dim=k)
+
+
 def gaussian_mixture_moments(log_pi: torch.Tensor, loc: torch.Tensor, logvar: torch.Tensor, num_features: int):
     """Mean and log variance of a mixture of diagonal Gaussians (components along dim ``log_pi.dim()-1``).
 
