@@ -250,16 +250,25 @@ class VonMisesFamily(ExponentialFamily):
         factor = torch.where(kappa > 1e-6, ratio, torch.full_like(ratio, 0.5))
         return factor * natural
 
+    @staticmethod
+    def _circular_moments(expected_statistic):
+        """The circular mean ``atan2(E sin z, E cos z)`` and variance ``1 - |E exp(iz)|``, as for torch's VonMises."""
+        m = expected_statistic
+        return torch.atan2(m[..., 1], m[..., 0]), 1 - torch.linalg.vector_norm(m, dim=-1)
+
+    def moments_from_statistic(self, expected_statistic, error):
+        spread = torch.linalg.vector_norm(error, dim=-1)
+        mean, variance = self._circular_moments(expected_statistic)
+        return (mean, spread / torch.linalg.vector_norm(expected_statistic, dim=-1)), (variance, spread)
+
     def mean(self, params):
         return self._polar(params)[0]
 
     def variance(self, params):
-        return 1 - torch.linalg.vector_norm(self.mean_parameters(params), dim=-1)
+        return self._circular_moments(self.mean_parameters(params))[1]
 
     def mixture_mean(self, log_pi, params):
-        m = weighted_sum(log_pi, self.mean_parameters(params), dim=log_pi.dim() - 1)
-        return torch.atan2(m[..., 1], m[..., 0])
+        return self._circular_moments(weighted_sum(log_pi, self.mean_parameters(params), dim=log_pi.dim() - 1))[0]
 
     def mixture_variance(self, log_pi, params):
-        m = weighted_sum(log_pi, self.mean_parameters(params), dim=log_pi.dim() - 1)
-        return 1 - torch.linalg.vector_norm(m, dim=-1)
+        return self._circular_moments(weighted_sum(log_pi, self.mean_parameters(params), dim=log_pi.dim() - 1))[1]
