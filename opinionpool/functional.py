@@ -113,6 +113,12 @@ def _layout(mu, logvar, dim):
     return axis, mu.shape[axis]
 
 
+def _with_prior_expert(mu, logvar):
+    """``mu``, ``logvar`` ``(..., M, D)`` with a standard-normal expert (mean 0, log-variance 0) appended as expert M."""
+    zeros = torch.zeros(mu.shape[:-2] + (1, mu.shape[-1]), dtype=mu.dtype, device=mu.device)
+    return torch.cat((mu, zeros), -2), torch.cat((logvar, zeros), -2)
+
+
 def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):
     dim, num_experts = _layout(mu, logvar, dim)
     if weights is not None:
@@ -137,8 +143,7 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):
         mu = torch.where(keep, mu, torch.zeros((), dtype=mu.dtype, device=mu.device))
         logvar = torch.where(keep, logvar, torch.zeros((), dtype=mu.dtype, device=mu.device))
     if prior_expert:
-        zeros = torch.zeros(mu.shape[:-2] + (1, mu.shape[-1]), dtype=mu.dtype, device=mu.device)
-        mu, logvar = torch.cat((mu, zeros), -2), torch.cat((logvar, zeros), -2)
+        mu, logvar = _with_prior_expert(mu, logvar)
         if mask is not None:
             mask = torch.cat((mask, torch.ones(mask.shape[:-1] + (1,), dtype=torch.bool, device=mask.device)), -1)
         num_experts += 1
@@ -323,8 +328,7 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
         member = member & mask.unsqueeze(-2)
     member = member.expand(batch + (k, m))
     if prior_on_full_subset:  # an extra standard-normal expert, a member of the full subset only
-        zeros = torch.zeros(batch + (1, mu.shape[-1]), dtype=mu.dtype, device=mu.device)
-        mu, logvar = torch.cat((mu, zeros), -2), torch.cat((logvar, zeros), -2)
+        mu, logvar = _with_prior_expert(mu, logvar)
         full = subsets.all(-1).reshape((1,) * len(batch) + (k, 1)).expand(batch + (k, 1))
         member = torch.cat((member, full), -1)
         m += 1
