@@ -25,6 +25,8 @@ import opinionpool.functional as F
 
 from doc_tables import splice_file
 
+__all__ = ["main", "official_hellinger", "object_api", "time_fn"]
+
 
 def official_hellinger(mu: torch.Tensor, logvar: torch.Tensor):
     """Port of the released HELVAE aggregator, for timing only (experts stacked as (M, B, D))."""

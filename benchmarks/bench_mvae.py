@@ -33,6 +33,8 @@ from applications.multimodal_vae.networks import make_networks  # noqa: E402
 
 from doc_tables import splice_file  # noqa: E402
 
+__all__ = ["main", "MODELS", "RATIO_TARGETS", "build", "step", "batch", "memory_mib"]
+
 #: label -> (model, options)
 MODELS = {
     "helvae": ("helvae", {}),

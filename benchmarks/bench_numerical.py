@@ -21,6 +21,8 @@ import opinionpool
 
 from doc_tables import splice_file
 
+__all__ = ["main", "diagonal_experts", "median_seconds"]
+
 
 def diagonal_experts(dim: int, count: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)

@@ -26,7 +26,7 @@ from .affinities import (
 from .experts import Experts, as_experts
 from .families import CustomFamily, ExponentialFamily, ExponentialFamilyDistribution, family_of
 from .numerical import Estimate, PoolEstimate, log_power_mean
-from .pool import DEFAULT_MAX_COMPONENTS, HolderPool, NumericalHolderPool, hellinger, holder, moe, poe
+from .pool import DEFAULT_MAX_COMPONENTS, HolderPool, NumericalHolderPool, exact_order, hellinger, holder, moe, poe
 from .wasserstein import wasserstein_barycenter
 
 __version__ = "0.1.0"
@@ -37,5 +37,5 @@ __all__ = [
     "log_chernoff_coefficient", "log_multi_chernoff_coefficient", "log_bhattacharyya_coefficient",
     "bhattacharyya_coefficient", "hellinger_distance", "kl_divergence", "renyi_divergence",
     "amari_alpha_divergence", "ExponentialFamily", "CustomFamily", "ExponentialFamilyDistribution",
-    "family_of", "Experts", "as_experts", "DEFAULT_MAX_COMPONENTS", "wasserstein_barycenter",
+    "family_of", "Experts", "as_experts", "DEFAULT_MAX_COMPONENTS", "wasserstein_barycenter", "exact_order",
 ]

@@ -14,6 +14,12 @@ import threading
 
 import torch
 
+__all__ = [
+    "set_validate_args", "validation_enabled", "checks_enabled", "describe", "check_finite", "check_positive",
+    "check_in_open_unit_interval", "check_probabilities", "check_weights", "check_real", "check_alpha",
+    "check_positive_int", "check_num_samples", "real_tensor",
+]
+
 _VALIDATE = True
 _SKIP = threading.local()
 

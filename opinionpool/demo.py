@@ -10,6 +10,8 @@ from torch.distributions import Independent, Normal
 
 import opinionpool
 
+__all__ = ["main"]
+
 
 def main() -> None:
     torch.set_default_dtype(torch.float64)

@@ -10,6 +10,8 @@ from torch.distributions import Distribution
 from ._validation import checks_enabled, validation_enabled
 from .families import ExponentialFamily, family_of, params_of
 
+__all__ = ["Experts", "as_experts"]
+
 
 @dataclass(frozen=True)
 class Experts:

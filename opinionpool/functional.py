@@ -12,7 +12,6 @@ without the wrapping.
 from __future__ import annotations
 
 import itertools
-import math
 import numbers
 from typing import NamedTuple
 
@@ -27,7 +26,14 @@ from ._validation import (
     real_tensor,
     validation_enabled,
 )
-from .families.gaussian import DiagonalNormalFamily, gaussian_combine, gaussian_mixture_moments
+from .constants import LOG_HALF
+from .families.gaussian import (
+    DiagonalNormalFamily,
+    gaussian_barycenter,
+    gaussian_combine,
+    gaussian_mixture_moments,
+    normal_log_density,
+)
 from .pool import (
     DEFAULT_MAX_COMPONENTS,
     check_max_components,
@@ -37,10 +43,20 @@ from .pool import (
     normalized_log_weights,
 )
 
+__all__ = [
+    "GaussianMixture", "holder", "hellinger", "holder_mixture", "moe", "poe", "wasserstein_barycenter",
+    "log_bhattacharyya", "subset_mixture", "all_subsets", "exact_order", "DEFAULT_MAX_COMPONENTS",
+    "DEFAULT_MAX_SUBSETS", "diag_gaussian_log_prob",
+]
+
 #: the default cap on the number of subsets of ``subset_mixture`` (``2^M - 1`` for all subsets of ``M`` experts)
 DEFAULT_MAX_SUBSETS = 2**16
 
-_LOG_2PI = math.log(2 * math.pi)
+
+def diag_gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """``log N(z; mu, diag(exp(logvar)))`` summed over the latent (last) axis; the arguments broadcast. Zeros for
+    ``mu`` and ``logvar`` give the standard-normal prior."""
+    return normal_log_density(z, mu, logvar).sum(-1)
 
 
 class GaussianMixture(NamedTuple):
@@ -55,9 +71,13 @@ class GaussianMixture(NamedTuple):
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Log-density at ``z`` ``(sample..., ..., D)`` -> ``(sample..., ...)`` (log-sum-exp over components)."""
-        diff = z.unsqueeze(-2) - self.loc
-        components = -0.5 * (diff * diff * torch.exp(-self.logvar) + self.logvar + _LOG_2PI).sum(-1)
+        components = diag_gaussian_log_prob(z.unsqueeze(-2), self.loc, self.logvar)
         return torch.logsumexp(self.log_weights + components, -1)
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, logvar)`` ``(..., D)`` of the moment-matched diagonal Gaussian: the mixture's mean and its
+        variance by the law of total variance (within plus between components), computed in log-space."""
+        return gaussian_mixture_moments(self.log_weights, self.loc, self.logvar, 1)
 
     def sample(self, sample_shape=(), generator: torch.Generator | None = None) -> torch.Tensor:
         """Reparameterised within the chosen component: ``sample_shape + batch + (D,)``."""
@@ -93,6 +113,12 @@ def _layout(mu, logvar, dim):
     return axis, mu.shape[axis]
 
 
+def _with_prior_expert(mu, logvar):
+    """``mu``, ``logvar`` ``(..., M, D)`` with a standard-normal expert (mean 0, log-variance 0) appended as expert M."""
+    zeros = torch.zeros(mu.shape[:-2] + (1, mu.shape[-1]), dtype=mu.dtype, device=mu.device)
+    return torch.cat((mu, zeros), -2), torch.cat((logvar, zeros), -2)
+
+
 def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):
     dim, num_experts = _layout(mu, logvar, dim)
     if weights is not None:
@@ -117,8 +143,7 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):
         mu = torch.where(keep, mu, torch.zeros((), dtype=mu.dtype, device=mu.device))
         logvar = torch.where(keep, logvar, torch.zeros((), dtype=mu.dtype, device=mu.device))
     if prior_expert:
-        zeros = torch.zeros(mu.shape[:-2] + (1, mu.shape[-1]), dtype=mu.dtype, device=mu.device)
-        mu, logvar = torch.cat((mu, zeros), -2), torch.cat((logvar, zeros), -2)
+        mu, logvar = _with_prior_expert(mu, logvar)
         if mask is not None:
             mask = torch.cat((mask, torch.ones(mask.shape[:-1] + (1,), dtype=torch.bool, device=mask.device)), -1)
         num_experts += 1
@@ -173,8 +198,7 @@ def holder(mu, logvar, alpha=0.5, **kwargs):
     ``alpha=0.5`` is the Hellinger aggregation of HELVAE; ``alpha=0`` the log-linear pool; ``alpha=1``
     the moment-matched mixture of experts.
     """
-    mixture = holder_mixture(mu, logvar, alpha, **kwargs)
-    return gaussian_mixture_moments(mixture.log_weights, mixture.loc, mixture.logvar, 1)
+    return holder_mixture(mu, logvar, alpha, **kwargs).moments()
 
 
 def hellinger(mu, logvar, **kwargs):
@@ -218,7 +242,7 @@ def log_bhattacharyya(mu1, logvar1, mu2, logvar2, *, validate_args=None):
             check_finite(name, value)
     mu = torch.stack(torch.broadcast_tensors(mu1, mu2), -2)
     logvar = torch.stack(torch.broadcast_tensors(logvar1, logvar2), -2)
-    half = torch.full(mu.shape[:-1], -0.6931471805599453, dtype=mu.dtype, device=mu.device)
+    half = torch.full(mu.shape[:-1], LOG_HALF, dtype=mu.dtype, device=mu.device)
     return gaussian_combine(mu, logvar, half, 1)[2]
 
 
@@ -226,9 +250,7 @@ def wasserstein_barycenter(mu, logvar, *, dim=0, weights=None, mask=None, prior_
     """2-Wasserstein barycenter of diagonal Gaussians: mean ``sum w mu``, standard deviation ``sum w sigma``."""
     validate = validation_enabled(validate_args)
     mu, logvar, mask, m = _prepare(mu, logvar, dim, weights, mask, prior_expert, validate)
-    log_weights = _log_weights(weights, m, mask, mu).unsqueeze(-1)
-    loc = (log_weights.exp() * mu).sum(-2)
-    return loc, 2 * torch.logsumexp(log_weights + 0.5 * logvar, dim=-2)
+    return gaussian_barycenter(mu, logvar, _log_weights(weights, m, mask, mu), 1)
 
 
 def _check_subset_count(name: str, count, max_subsets: int) -> None:
@@ -306,8 +328,7 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
         member = member & mask.unsqueeze(-2)
     member = member.expand(batch + (k, m))
     if prior_on_full_subset:  # an extra standard-normal expert, a member of the full subset only
-        zeros = torch.zeros(batch + (1, mu.shape[-1]), dtype=mu.dtype, device=mu.device)
-        mu, logvar = torch.cat((mu, zeros), -2), torch.cat((logvar, zeros), -2)
+        mu, logvar = _with_prior_expert(mu, logvar)
         full = subsets.all(-1).reshape((1,) * len(batch) + (k, 1)).expand(batch + (k, 1))
         member = torch.cat((member, full), -1)
         m += 1

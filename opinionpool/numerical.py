@@ -36,6 +36,10 @@ from scipy import integrate, optimize
 
 from .families import ExponentialFamily
 
+__all__ = [
+    "Estimate", "PoolEstimate", "Envelope", "log_power_mean", "METHODS", "DEFAULT_RTOL", "MAX_GRID_DIM", "SMALL_ALPHA",
+]
+
 #: below this ``|alpha|`` the power mean is evaluated as ``log1p(sum w expm1(alpha l)) / alpha``
 SMALL_ALPHA = 1e-3
 METHODS = ("enumeration", "quadrature", "grid", "importance")
@@ -228,11 +232,8 @@ def _point_statistics(family, points, log_w, wanted, standard_errors: bool):
         err = ((pi_s**2 * (stat - mean_stat) ** 2).sum(0)).sqrt() if standard_errors else zeros(mean_stat)
         out["expected_statistic"] = Estimate(mean_stat, err)
     if family.circular and wanted & {"mean", "variance"}:
-        # circular mean atan2(E sin, E cos) and variance 1 - |E exp(iz)|, as for torch's VonMises
-        m, e = out["expected_statistic"]
-        length = torch.linalg.vector_norm(m, dim=-1)
-        out["mean"] = Estimate(torch.atan2(m[..., 1], m[..., 0]), torch.linalg.vector_norm(e, dim=-1) / length)
-        out["variance"] = Estimate(1 - length, torch.linalg.vector_norm(e, dim=-1))
+        mean, variance = family.moments_from_statistic(*out["expected_statistic"])
+        out["mean"], out["variance"] = Estimate(*mean), Estimate(*variance)
         return log_total, out
     if wanted & {"mean", "variance", "covariance"}:
         mean = (pi_e * points).sum(0)
@@ -494,9 +495,8 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol):
         error = relative[3:] + np.abs(value) * relative[0]
         out["expected_statistic"] = (value.tolist(), error.tolist())
         if family.circular:
-            length = float(np.hypot(value[0], value[1]))
-            out["mean"] = (float(stats["mean"].value), float(np.hypot(*error[:2])) / length)
-            out["variance"] = (float(stats["variance"].value), float(np.hypot(*error[:2])))
+            moments = family.moments_from_statistic(torch.as_tensor(value), torch.as_tensor(error))
+            out["mean"], out["variance"] = ((float(v), float(e)) for v, e in moments)
     out = {k: v for k, v in out.items() if k == "log_normalizer" or k in wanted}
     return out, points, log_mass, count
 

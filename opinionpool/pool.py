@@ -59,6 +59,10 @@ from .numerical import (
     seeded,
 )
 
+__all__ = [
+    "holder", "HolderPool", "NumericalHolderPool", "poe", "moe", "hellinger", "exact_order", "DEFAULT_MAX_COMPONENTS",
+]
+
 DEFAULT_MAX_COMPONENTS = 4096
 #: estimates are checked against the bracket from exact pools of at most this many components (a quick check)
 _CHECK_COMPONENTS = 256

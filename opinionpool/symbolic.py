@@ -27,6 +27,8 @@ from sympy.printing.pytorch import TorchPrinter
 
 from .families.custom import CustomFamily
 
+__all__ = ["SymbolicFamily", "VerificationReport", "Check", "to_torch"]
+
 
 class _Printer(TorchPrinter):
     """torch printer that also writes ``polygamma(n, x)`` for n > 0 (mapped in ``_TORCH_FUNCTIONS``)."""

@@ -16,7 +16,10 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 from ._validation import check_positive_int, check_real, validation_enabled
 from .experts import as_experts
 from .families import DiagonalNormalFamily, MultivariateNormalFamily, NormalFamily
+from .families.gaussian import gaussian_barycenter
 from .pool import normalized_log_weights
+
+__all__ = ["wasserstein_barycenter", "covariance_barycenter"]
 
 
 def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
@@ -59,14 +62,11 @@ def wasserstein_barycenter(experts, weights=None, *, tol: float | None = None, m
     family, params = experts.family, experts.params
     log_w = normalized_log_weights(weights, experts.num_experts, dtype=params.dtype, device=params.device,
                                    validate=validation_enabled(validate_args))
-    w = log_w.exp()
     if isinstance(family, (NormalFamily, DiagonalNormalFamily)):
-        loc, logvar = family.split(params)
-        wk = w.reshape(w.shape + (1,) * family.num_features)
-        k = experts.expert_dim
-        mean, sd = (wk * loc).sum(k), (wk * torch.exp(0.5 * logvar)).sum(k)
-        base = Normal(mean, sd, validate_args=False)
+        mean, logvar = gaussian_barycenter(*family.split(params), log_w, family.num_features)
+        base = Normal(mean, torch.exp(0.5 * logvar), validate_args=False)
         return base if family.num_features == 0 else Independent(base, 1)
+    w = log_w.exp()
     if isinstance(family, MultivariateNormalFamily):
         loc = family.mean(params)
         mean = (w.unsqueeze(-1) * loc).sum(-2)

@@ -130,6 +130,22 @@ def test_von_mises_pool_statistics_match_quadrature():
                math.hypot(e_cos, e_sin)) < 1e-7
 
 
+def test_von_mises_quadrature_of_the_expected_statistic_alone():
+    """Asking only for E[T(z)] (no mean or variance) from the quadrature of a circular pool."""
+    locs, kappas = [0.5, -2.0], [2.0, 0.7]
+    pool = opinionpool.holder([VonMises(torch.tensor(m), torch.tensor(k)) for m, k in zip(locs, kappas)], alpha=2.0)
+    pdfs = [stats.vonmises(k, loc=m).pdf for m, k in zip(locs, kappas)]
+
+    def pooled(z):
+        return float(power_mean(np.array([f(z) for f in pdfs]), [0.5, 0.5], 2.0))
+
+    opts = dict(epsabs=0, epsrel=1e-12, limit=400)
+    z0 = integrate.quad(pooled, -np.pi, np.pi, **opts)[0]
+    expected = [integrate.quad(lambda z, f=f: f(z) * pooled(z), -np.pi, np.pi, **opts)[0] / z0 for f in (np.cos, np.sin)]
+    estimate = pool.estimate(["expected_statistic"], method="quadrature")
+    assert torch.allclose(estimate.expected_statistic.value, torch.tensor(expected), rtol=1e-9, atol=1e-12)
+
+
 def test_gamma_moment_match_reproduces_expected_statistic():
     experts = [Gamma(torch.tensor(a), torch.tensor(b)) for a, b in ((2.0, 1.0), (5.0, 3.0), (0.8, 0.5))]
     pool = opinionpool.holder(experts, alpha=2.0, weights=WEIGHTS)

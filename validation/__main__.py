@@ -21,6 +21,8 @@ from tqdm import tqdm
 from . import closed_forms, paper
 from .report import Z_TOLERANCE, Report, save_figure_atomic, write_text_atomic
 
+__all__ = ["main", "zscore_figure", "error_figure"]
+
 HERE = Path(__file__).resolve().parent
 
 

@@ -37,6 +37,8 @@ import opinionpool
 from .reference import power_mean
 from .report import Z_TOLERANCE, Check, compare
 
+__all__ = ["ALPHAS", "WEIGHTS", "Case", "cases", "quadrature_reference", "monte_carlo_reference", "run", "affinity_checks"]
+
 ALPHAS = (0.0, 0.25, 1 / 3, 0.5, 1.0, 2.0, -1.0)
 WEIGHTS = np.array([0.2, 0.3, 0.5])
 QUAD_TOLERANCE = 1e-8

@@ -23,6 +23,11 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 
 import opinionpool
 
+__all__ = [
+    "AGGREGATORS", "diagonal_experts", "pools", "metrics", "expert_sweep", "sweep_csv", "claims", "figure_1",
+    "figure_sweep",
+]
+
 AGGREGATORS = ("PoE", "MoE", "Hölder α=1/2", "Hellinger", "WB")
 GOOD_MEAN, GOOD_VAR = (0.0, 0.0), 0.5
 BAD_MEAN, BAD_VAR = (4.0, 4.0), 0.2

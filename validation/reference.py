@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import integrate, special, stats
 
+__all__ = ["power_mean", "quad_moments", "sum_moments", "gauss_pdf", "log_bc_diag_gauss", "log_binom"]
+
 
 def power_mean(densities: np.ndarray, weights: np.ndarray, alpha: float) -> np.ndarray:
     """(sum_j w_j q_j^alpha)^(1/alpha) over the first axis (alpha = 0: weighted geometric mean;

@@ -8,6 +8,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+__all__ = ["Z_TOLERANCE", "Check", "compare", "Report", "write_text_atomic", "save_figure_atomic"]
+
 #: a Monte Carlo check fails beyond this many standard errors (about 7e-6 two-sided for a normal z-score)
 Z_TOLERANCE = 4.5
 

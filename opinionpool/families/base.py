@@ -26,6 +26,8 @@ from torch.distributions import constraints
 
 from .._validation import describe
 
+__all__ = ["ExponentialFamily"]
+
 
 def _expand_weights(log_weights: torch.Tensor, num_trailing: int) -> torch.Tensor:
     return log_weights.reshape(log_weights.shape + (1,) * num_trailing)
@@ -57,7 +59,8 @@ class ExponentialFamily:
     discrete = False
     #: whether the family is Gaussian (a pool is then moment-matched from its mean and covariance)
     gaussian = False
-    #: whether z is an angle (mean and variance are then the circular ones, derived from E[T(z)])
+    #: whether z is an angle (mean and variance are then the circular ones, derived from E[T(z)] by
+    #: ``moments_from_statistic``)
     circular = False
 
     def __init__(self, event_shape=(), param_shape=(1,)):
@@ -199,6 +202,12 @@ class ExponentialFamily:
         if not self.has_numeric_moments:
             raise ValueError(f"{self.name} experts have no numeric mean or variance; "
                              "use moment_match() for the pooled distribution")
+
+    def moments_from_statistic(self, expected_statistic: torch.Tensor, error: torch.Tensor):
+        """``((mean, mean error), (variance, variance error))`` from ``E[T(z)]`` and its error, for families whose
+        mean and variance are functions of ``E[T(z)]`` (``circular``); the numerical engine takes every other
+        family's moments from its points directly."""
+        raise NotImplementedError(f"{self.name} experts' mean and variance are not functions of E[T(z)]")
 
     def mixture_mean(self, log_pi: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Mean of the mixture with log-weights ``log_pi`` (``(..., C)``) and components ``params``."""

@@ -22,7 +22,10 @@ import torch
 from torch.distributions import Beta, Dirichlet, Exponential, Gamma, VonMises, constraints
 
 from .._validation import check_positive
+from ..constants import LOG_2PI
 from .base import ExponentialFamily, weighted_sum
+
+__all__ = ["ExponentialDistFamily", "GammaFamily", "BetaFamily", "DirichletFamily", "VonMisesFamily"]
 
 
 def _zeros(value, shape):
@@ -228,7 +231,7 @@ class VonMisesFamily(ExponentialFamily):
 
     def log_normalizer(self, natural):
         kappa = torch.linalg.vector_norm(natural, dim=-1)
-        return math.log(2 * math.pi) + torch.log(torch.special.i0e(kappa)) + kappa
+        return LOG_2PI + torch.log(torch.special.i0e(kappa)) + kappa
 
     def natural_domain(self, natural):
         return torch.isfinite(natural).all(-1)
@@ -247,16 +250,25 @@ class VonMisesFamily(ExponentialFamily):
         factor = torch.where(kappa > 1e-6, ratio, torch.full_like(ratio, 0.5))
         return factor * natural
 
+    @staticmethod
+    def _circular_moments(expected_statistic):
+        """The circular mean ``atan2(E sin z, E cos z)`` and variance ``1 - |E exp(iz)|``, as for torch's VonMises."""
+        m = expected_statistic
+        return torch.atan2(m[..., 1], m[..., 0]), 1 - torch.linalg.vector_norm(m, dim=-1)
+
+    def moments_from_statistic(self, expected_statistic, error):
+        spread = torch.linalg.vector_norm(error, dim=-1)
+        mean, variance = self._circular_moments(expected_statistic)
+        return (mean, spread / torch.linalg.vector_norm(expected_statistic, dim=-1)), (variance, spread)
+
     def mean(self, params):
         return self._polar(params)[0]
 
     def variance(self, params):
-        return 1 - torch.linalg.vector_norm(self.mean_parameters(params), dim=-1)
+        return self._circular_moments(self.mean_parameters(params))[1]
 
     def mixture_mean(self, log_pi, params):
-        m = weighted_sum(log_pi, self.mean_parameters(params), dim=log_pi.dim() - 1)
-        return torch.atan2(m[..., 1], m[..., 0])
+        return self._circular_moments(weighted_sum(log_pi, self.mean_parameters(params), dim=log_pi.dim() - 1))[0]
 
     def mixture_variance(self, log_pi, params):
-        m = weighted_sum(log_pi, self.mean_parameters(params), dim=log_pi.dim() - 1)
-        return 1 - torch.linalg.vector_norm(m, dim=-1)
+        return self._circular_moments(weighted_sum(log_pi, self.mean_parameters(params), dim=log_pi.dim() - 1))[1]

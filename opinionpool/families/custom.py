@@ -16,6 +16,8 @@ from torch.distributions import Distribution, constraints
 from .._validation import check_finite, validation_enabled
 from .base import ExponentialFamily
 
+__all__ = ["CustomFamily", "ExponentialFamilyDistribution"]
+
 
 class CustomFamily(ExponentialFamily):
     """An exponential family defined by its log-normaliser.

@@ -24,6 +24,8 @@ from torch.distributions import Bernoulli, Binomial, Categorical, Poisson, const
 from .._validation import check_finite, check_positive, check_probabilities
 from .base import ExponentialFamily
 
+__all__ = ["PoissonFamily", "BernoulliFamily", "BinomialFamily", "CategoricalFamily"]
+
 
 def _listed(values: torch.Tensor, params: torch.Tensor, param_dims: int = 1):
     """Support values that leave nothing out: the bound is zero for every expert batch."""

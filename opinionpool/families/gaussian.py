@@ -21,9 +21,15 @@ import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 from .._validation import check_finite, check_positive
+from ..constants import LOG_2PI
 from .base import ExponentialFamily, shifted_mean_along, shifted_weighted_mean, weighted_sum
 
-_LOG_2PI = math.log(2 * math.pi)
+__all__ = ["NormalFamily", "DiagonalNormalFamily", "MultivariateNormalFamily"]
+
+
+def normal_log_density(value: torch.Tensor, loc: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``log N(value; loc, exp(logvar))`` (not summed; broadcasting): the one place it is written."""
+    return -0.5 * ((value - loc) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI)
 
 
 def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch.Tensor, num_features: int):
@@ -46,6 +52,15 @@ def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch
     if num_features:
         log_c = log_c.sum(tuple(range(-num_features, 0)))
     return mean, -log_precision, log_c
+
+
+def gaussian_barycenter(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch.Tensor, num_features: int):
+    """The 2-Wasserstein barycenter of diagonal Gaussians along dim ``-1 - num_features`` (weights summing to one):
+    the mean ``sum_j w_j mu_j`` and the standard deviation ``sum_j w_j sigma_j``, the latter as a log-variance
+    summed in log-space. Returns ``(loc, logvar)``."""
+    k = -1 - num_features  # from the right, so that weights with more batch dimensions than the experts broadcast
+    lw = log_weights.reshape(log_weights.shape + (1,) * num_features)
+    return (lw.exp() * loc).sum(k), 2 * torch.logsumexp(lw + 0.5 * logvar, dim=k)
 
 
 def gaussian_mixture_moments(log_pi: torch.Tensor, loc: torch.Tensor, logvar: torch.Tensor, num_features: int):
@@ -104,7 +119,7 @@ class _DiagonalGaussianBase(ExponentialFamily):
 
     def log_base_measure(self, value):
         d = value.shape[-1] if self.num_features else 1
-        return torch.full(value.shape[: value.dim() - self.num_features], -0.5 * d * _LOG_2PI,
+        return torch.full(value.shape[: value.dim() - self.num_features], -0.5 * d * LOG_2PI,
                           dtype=value.dtype, device=value.device)
 
     def mean_parameters(self, natural):
@@ -149,8 +164,7 @@ class _DiagonalGaussianBase(ExponentialFamily):
         return self.join(*gaussian_mixture_moments(log_pi, loc, logvar, self.num_features))
 
     def log_prob(self, params, value):
-        loc, logvar = self.split(params)
-        lp = -0.5 * ((value - loc) ** 2 * torch.exp(-logvar) + logvar + _LOG_2PI)
+        lp = normal_log_density(value, *self.split(params))
         return lp.sum(-1) if self.num_features else lp
 
 
@@ -297,7 +311,7 @@ class MultivariateNormalFamily(ExponentialFamily):
         return torch.cat((value, (value.unsqueeze(-1) * value.unsqueeze(-2)).flatten(-2)), dim=-1)
 
     def log_base_measure(self, value):
-        return torch.full(value.shape[:-1], -0.5 * self.dim * _LOG_2PI, dtype=value.dtype, device=value.device)
+        return torch.full(value.shape[:-1], -0.5 * self.dim * LOG_2PI, dtype=value.dtype, device=value.device)
 
     def mean_parameters(self, natural):
         loc, precision = self.split(self.from_natural(natural))

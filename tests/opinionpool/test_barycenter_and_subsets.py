@@ -58,6 +58,22 @@ def test_diagonal_barycenter_averages_standard_deviations_and_agrees_with_full()
     torch.testing.assert_close(logvar[0].exp(), bary.variance, rtol=1e-13, atol=0)
 
 
+def test_diagonal_barycenter_takes_one_weight_vector_per_batch_row():
+    """Weights ``(B, M)`` for experts without a batch: row b is the barycenter under weights[b] (sums written out)."""
+    mu = [[0.0, 1.0], [2.0, -1.0], [1.0, 1.0]]
+    sd = [[1.0, 2.0], [0.5, 1.0], [3.0, 0.2]]
+    w = [[0.2, 0.3, 0.5], [0.6, 0.2, 0.2]]
+    for experts in (Independent(Normal(torch.tensor(mu), torch.tensor(sd)), 1),
+                    [Normal(torch.tensor(m[0]), torch.tensor(s[0])) for m, s in zip(mu, sd)]):
+        bary = opinionpool.wasserstein_barycenter(experts, weights=torch.tensor(w))
+        columns = 2 if isinstance(experts, Independent) else 1
+        for b in range(2):
+            mean = [sum(w[b][j] * mu[j][d] for j in range(3)) for d in range(columns)]
+            stddev = [sum(w[b][j] * sd[j][d] for j in range(3)) for d in range(columns)]
+            assert bary.mean[b].reshape(-1).tolist() == pytest.approx(mean, rel=1e-14, abs=1e-15)
+            assert bary.stddev[b].reshape(-1).tolist() == pytest.approx(stddev, rel=1e-14)
+
+
 def test_barycenter_non_convergence_is_an_error():
     rng = np.random.default_rng(1)
     covs = np.array([(lambda a: a @ a.T + 0.1 * np.eye(3))(rng.normal(size=(3, 3))) for _ in range(2)])

@@ -1,5 +1,6 @@
 """The functional (mu, logvar) API: agreement with the object API, masks, prior expert, gradients."""
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import Independent, Normal
@@ -171,15 +172,43 @@ def test_gaussian_mixture_log_prob_matches_torch_distributions():
     assert torch.allclose(mixture.log_prob(z), reference.log_prob(z), rtol=1e-12, atol=1e-12)
 
 
-def test_gaussian_mixture_samples_have_the_mixture_moments_and_skip_zero_weights():
-    from opinionpool.families.gaussian import gaussian_mixture_moments
+def test_diag_gaussian_log_prob_is_the_summed_normal_log_density():
+    from scipy import stats
 
+    g = torch.Generator().manual_seed(4)
+    z, mu, logvar = torch.randn(5, 3, 4, generator=g) * 3, torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    expected = stats.norm.logpdf(z.numpy(), mu.numpy(), np.exp(0.5 * logvar.numpy())).sum(-1)
+    got = F.diag_gaussian_log_prob(z, mu, logvar)
+    assert got.shape == (5, 3)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-13, atol=1e-13)
+    zeros = torch.zeros(())  # the standard-normal prior, by broadcasting
+    np.testing.assert_allclose(F.diag_gaussian_log_prob(z, zeros, zeros).numpy(), stats.norm.logpdf(z.numpy()).sum(-1),
+                               rtol=1e-13, atol=1e-13)
+
+
+def test_gaussian_mixture_moments_are_the_law_of_total_variance():
+    """Mean sum_k w_k mu_k and variance sum_k w_k (var_k + mu_k^2) - mean^2, written out per coordinate in float64
+    (unequal weights; the weight-zero component far away must not count)."""
+    weights = [[0.15, 0.85, 0.0], [0.5, 0.2, 0.3]]
+    loc = [[[-2.0, 0.5], [1.0, 3.0], [500.0, 500.0]], [[0.0, 0.0], [4.0, -1.0], [-3.0, 2.0]]]
+    var = [[[0.3, 2.0], [1.5, 0.1], [1.0, 1.0]], [[1.0, 0.5], [0.2, 3.0], [2.0, 0.7]]]
+    mean, logvar = _mixture().moments()
+    assert mean.shape == logvar.shape == (2, 2)
+    for b in range(2):
+        for d in range(2):
+            m = sum(weights[b][k] * loc[b][k][d] for k in range(3))
+            second = sum(weights[b][k] * (var[b][k][d] + loc[b][k][d] ** 2) for k in range(3))
+            assert float(mean[b, d]) == pytest.approx(m, rel=1e-13, abs=1e-13)
+            assert float(logvar[b, d].exp()) == pytest.approx(second - m * m, rel=1e-12)
+
+
+def test_gaussian_mixture_samples_have_the_mixture_moments_and_skip_zero_weights():
     mixture = _mixture()
     n = 200_000
     z = mixture.sample((n,), generator=torch.Generator().manual_seed(3))
     assert z.shape == (n, 2, 2)
     assert (z[:, 0].abs() < 100).all()  # the weight-zero component at 500 is never drawn
-    mean, logvar = gaussian_mixture_moments(mixture.log_weights, mixture.loc, mixture.logvar, 1)
+    mean, logvar = mixture.moments()
     variance = logvar.exp()
     standard_error = (variance / n).sqrt()
     assert ((z.mean(0) - mean).abs() < 4 * standard_error).all()
