@@ -14,8 +14,6 @@ import torch
 from torch import nn
 
 import opinionpool.functional as opf
-from opinionpool.families.gaussian import gaussian_mixture_moments
-from opinionpool.pool import exact_order
 
 from . import objectives
 from .data import reconstruction_weights
@@ -135,7 +133,7 @@ def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = Fals
     spec = MODELS[model]
     if learnable_weights and not spec.weighted:
         raise ValueError(f"learnable_weights needs one of {_models_with('weighted')}, got model={model!r}")
-    if spec.exact_alpha and exact_order(alpha) is None:
+    if spec.exact_alpha and opf.exact_order(alpha) is None:
         raise ValueError(f"model={model!r} needs alpha = 0 or 1/n (exact pools), got alpha={alpha!r}")
     if estimator not in objectives.ESTIMATORS:
         raise ValueError(f"estimator must be one of {objectives.ESTIMATORS}, got {estimator!r}")
@@ -297,4 +295,4 @@ class MultimodalVAE(nn.Module):
         mixture = self.posterior_mixture(x, present)
         if mixture.loc.shape[-2] == 1:
             return mixture.loc[..., 0, :], mixture.logvar[..., 0, :]
-        return gaussian_mixture_moments(mixture.log_weights, mixture.loc, mixture.logvar, 1)
+        return mixture.moments()

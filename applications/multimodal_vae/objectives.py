@@ -16,10 +16,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+import opinionpool.functional as opf
+from opinionpool.constants import LOG_2PI
 from opinionpool.functional import subset_mixture
 
 LAPLACE_SCALE = 0.75
-_LOG_2PI = math.log(2 * math.pi)
 
 
 class Terms(NamedTuple):
@@ -45,7 +46,7 @@ def laplace_log_likelihood(x: torch.Tensor, loc: torch.Tensor, scale: float = LA
 
 def normal_image_log_likelihood(x: torch.Tensor, loc: torch.Tensor, scale: float) -> torch.Tensor:
     """``log N(x; loc, scale^2)`` summed over the three image axes."""
-    return (-0.5 * ((x - loc) / scale) ** 2 - math.log(scale) - 0.5 * _LOG_2PI).flatten(-3).sum(-1)
+    return (-0.5 * ((x - loc) / scale) ** 2 - math.log(scale) - 0.5 * LOG_2PI).flatten(-3).sum(-1)
 
 
 def categorical_log_likelihood(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -106,13 +107,10 @@ def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tenso
     return 0.5 * (mu * mu + torch.exp(logvar) - 1 - logvar).sum(-1)
 
 
-def normal_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    return -0.5 * ((z - mu) ** 2 * torch.exp(-logvar) + logvar + _LOG_2PI).sum(-1)
-
-
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     """``log N(z; 0, I)`` summed over the latent axis (the prior)."""
-    return -0.5 * (z * z + _LOG_2PI).sum(-1)
+    zero = z.new_zeros(())
+    return opf.diag_gaussian_log_prob(z, zero, zero)
 
 
 def reparameterise(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -241,7 +239,7 @@ def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate
         z, w = u[..., :shared], u[..., shared:]
         inputs = z if not private_dim else [
             (z, w) if d == m else (z, torch.randn_like(w) * auxiliary_logscale[d].exp()) for d in range(mu.shape[0])]
-        log_q = mixture.log_prob(z) + normal_log_prob(w, own_mu[m], own_logvar[m])
+        log_q = mixture.log_prob(z) + opf.diag_gaussian_log_prob(w, own_mu[m], own_logvar[m])
         log_p = standard_normal_log_prob(z) + standard_normal_log_prob(w)
         log_lik = likelihood(x, present, inputs, decoders)  # (K, B)
         log_w = log_lik + beta * (log_p - log_q)

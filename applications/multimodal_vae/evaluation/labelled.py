@@ -10,8 +10,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from opinionpool.families.gaussian import gaussian_mixture_moments
-
 from ..data import batches, subset_mask, subset_tuples
 from ..models import evaluating
 from .classifiers import classifier_input
@@ -88,7 +86,7 @@ def posterior_means(model, data, subsets, batch_size: int = 500) -> dict:
         mu, logvar = model.encode(x)
         for s in subsets:
             mixture = model.pool(mu, logvar, subset_mask(s, model.num_modalities, len(index), device))
-            mean, _ = gaussian_mixture_moments(mixture.log_weights, mixture.loc, mixture.logvar, 1)
+            mean, _ = mixture.moments()
             means[s].append(mean.cpu())
     return {s: torch.cat(v) for s, v in means.items()}
 
