@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import opinionpool.functional as F
+import opinionpool.functional as opf
 from applications.multimodal_vae import objectives
 from applications.multimodal_vae.data import Modality, polymnist_modalities
 from applications.multimodal_vae.models import MODELS, MultimodalVAE
@@ -116,7 +116,7 @@ def test_the_pooling_is_opinionpools():
     x = batch()
     mu, logvar = model.encode(x)
     joint = model.posterior(x)
-    expected = F.hellinger(mu, logvar, dim=0)
+    expected = opf.hellinger(mu, logvar, dim=0)
     assert torch.equal(joint[0], expected[0]) and torch.equal(joint[1], expected[1])
 
 
@@ -324,7 +324,7 @@ def test_holder_mixture_samples_the_exact_pool_and_estimates_its_kl():
     mixture = model.posterior_mixture(x)
     assert mixture.loc.shape == (6, 6, 8)  # 3 experts + 3 pairs for alpha = 1/2
     mu, logvar = model.encode(x)
-    reference = F.holder_mixture(mu, logvar, 0.5, dim=0)
+    reference = opf.holder_mixture(mu, logvar, 0.5, dim=0)
     assert torch.equal(mixture.log_weights, reference.log_weights) and torch.equal(mixture.loc, reference.loc)
     # with one modality present the pool is that expert: the KL estimate averages to its closed form
     present = torch.zeros(3, 6, dtype=torch.bool)
