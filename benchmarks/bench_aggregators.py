@@ -21,7 +21,7 @@ import torch
 from torch.distributions import Independent, Normal
 
 import opinionpool
-import opinionpool.functional as F
+import opinionpool.functional as opf
 
 from doc_tables import splice_file
 
@@ -85,8 +85,8 @@ def main() -> None:
     logvar = (torch.randn(shape, generator=g) * 0.5).to(args.device, dtype)
     opinionpool.set_validate_args(False)
     candidates = {
-        "functional hellinger": lambda m, v: F.hellinger(m, v),
-        "functional poe": lambda m, v: F.poe(m, v),
+        "functional hellinger": lambda m, v: opf.hellinger(m, v),
+        "functional poe": lambda m, v: opf.poe(m, v),
         "official formula (port)": official_hellinger,
         "object API hellinger": object_api,
     }

@@ -17,7 +17,7 @@ import torch
 __all__ = [
     "set_validate_args", "validation_enabled", "checks_enabled", "describe", "check_finite", "check_positive",
     "check_in_open_unit_interval", "check_probabilities", "check_weights", "check_real", "check_alpha",
-    "check_positive_int", "check_num_samples", "real_tensor",
+    "check_positive_int", "real_tensor",
 ]
 
 _VALIDATE = True
@@ -139,13 +139,6 @@ def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
-
-
-def check_num_samples(name: str, value) -> int:
-    """A positive integer sample budget."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer number of samples, got {value!r}")
-    return value
 
 
 def real_tensor(name: str, value, *, dtype=None, device=None) -> torch.Tensor:

@@ -31,7 +31,6 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Mul
 
 from ._validation import (
     check_alpha,
-    check_num_samples,
     check_positive_int,
     check_weights,
     describe,
@@ -294,7 +293,7 @@ class _Pool:
         method = check_method(self.family, method)
         rtol = check_rtol(rtol)
         if method == "importance":
-            check_num_samples("num_samples", num_samples)
+            num_samples = check_positive_int("num_samples", num_samples)
         return self._estimate(wanted, method, num_samples, seed, generator, rtol)
 
     def _estimate(self, wanted, method, num_samples, seed, generator, rtol, keep_nodes: bool = False) -> PoolEstimate:
@@ -524,7 +523,7 @@ class NumericalHolderPool(_Pool):
         super().__init__(experts, alpha, weights, validate_args)
         self.method = check_method(self.family, method)
         if self.method == "importance":
-            check_num_samples("num_samples", num_samples)
+            num_samples = check_positive_int("num_samples", num_samples)
         self.rtol = check_rtol(rtol)
         self.num_samples = num_samples
         self.seed = seed
@@ -593,7 +592,7 @@ class NumericalHolderPool(_Pool):
         """Exact samples ``sample_shape + batch_shape + event_shape``."""
         sample_shape = torch.Size(sample_shape)
         count = sample_shape.numel()
-        check_num_samples("sample_shape", count)
+        check_positive_int("sample_shape", count)
         params = self.experts.params
         with seeded(seed, generator, params.device), torch.no_grad():
             if self.family.discrete:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch.distributions import Bernoulli, Binomial, Categorical, Poisson, constraints
 
 from .._validation import check_finite, check_positive, check_probabilities
@@ -102,7 +101,7 @@ class BernoulliFamily(ExponentialFamily):
         return Bernoulli(logits=params[..., 0], validate_args=validate_args)
 
     def log_normalizer(self, natural):
-        return F.softplus(natural[..., 0])
+        return torch.nn.functional.softplus(natural[..., 0])
 
     def sufficient_statistic(self, value):
         return value.unsqueeze(-1)
@@ -159,7 +158,7 @@ class BinomialFamily(ExponentialFamily):
         return Binomial(self.total_count, logits=params[..., 0], validate_args=validate_args)
 
     def log_normalizer(self, natural):
-        return self.total_count * F.softplus(natural[..., 0])
+        return self.total_count * torch.nn.functional.softplus(natural[..., 0])
 
     def sufficient_statistic(self, value):
         return value.unsqueeze(-1)
@@ -220,7 +219,7 @@ class CategoricalFamily(ExponentialFamily):
         return torch.isfinite(self.log_normalizer(natural))
 
     def sufficient_statistic(self, value):
-        return F.one_hot(value.long(), self.num_categories).to(torch.get_default_dtype())
+        return torch.nn.functional.one_hot(value.long(), self.num_categories).to(torch.get_default_dtype())
 
     def log_base_measure(self, value):
         return torch.zeros(value.shape, dtype=torch.get_default_dtype(), device=value.device)

@@ -21,7 +21,7 @@ from applications.multimodal_vae.evaluation.fid import default_weights
 from applications.multimodal_vae.objectives import Likelihood
 from applications.multimodal_vae.train import load_run
 
-WHEEL_CACHE = Path(__file__).resolve().parents[1] / "data" / ".wheels"
+WHEEL_CACHE = Path(__file__).resolve().parents[2] / "data" / ".wheels"
 
 
 def model_modalities(run):

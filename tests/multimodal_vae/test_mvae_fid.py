@@ -16,7 +16,7 @@ from applications.multimodal_vae.evaluation.fid import (
     statistics,
 )
 
-WHEEL_CACHE = Path(__file__).resolve().parents[1] / "data" / ".wheels"
+WHEEL_CACHE = Path(__file__).resolve().parents[2] / "data" / ".wheels"
 
 
 def random_covariance(rng, d, scale):

@@ -9,7 +9,7 @@ from scipy.linalg import sqrtm
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 import opinionpool
-import opinionpool.functional as F
+import opinionpool.functional as opf
 
 
 def numpy_barycenter(covs, weights, iterations=2000):
@@ -53,7 +53,7 @@ def test_diagonal_barycenter_averages_standard_deviations_and_agrees_with_full()
     torch.testing.assert_close(bary.stddev, (w[:, None] * sd).sum(0), rtol=1e-14, atol=0)
     full = opinionpool.wasserstein_barycenter(MultivariateNormal(mu, torch.diag_embed(sd**2)), weights=w)
     torch.testing.assert_close(full.covariance_matrix, torch.diag_embed(bary.variance), rtol=1e-9, atol=1e-12)
-    loc, logvar = F.wasserstein_barycenter(mu.unsqueeze(1), (2 * sd.log()).unsqueeze(1), weights=w)
+    loc, logvar = opf.wasserstein_barycenter(mu.unsqueeze(1), (2 * sd.log()).unsqueeze(1), weights=w)
     torch.testing.assert_close(loc[0], bary.mean, rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(logvar[0].exp(), bary.variance, rtol=1e-13, atol=0)
 
@@ -83,13 +83,13 @@ def test_barycenter_non_convergence_is_an_error():
         opinionpool.wasserstein_barycenter([torch.distributions.Poisson(torch.tensor(1.0))] * 2)
 
 
-@pytest.mark.parametrize("aggregator", [F.hellinger, F.poe, F.wasserstein_barycenter])
+@pytest.mark.parametrize("aggregator", [opf.hellinger, opf.poe, opf.wasserstein_barycenter])
 def test_subset_mixture_against_brute_force(aggregator):
     g = torch.Generator().manual_seed(0)
     m, b, d = 4, 3, 2
     mu, logvar = torch.randn(m, b, d, generator=g), torch.randn(m, b, d, generator=g)
     mask = torch.tensor([[True, True, False], [False, True, True], [True, True, True], [True, False, True]])
-    mix = F.subset_mixture(aggregator, mu, logvar, mask=mask)
+    mix = opf.subset_mixture(aggregator, mu, logvar, mask=mask)
     subsets = [s for r in range(1, m + 1) for s in itertools.combinations(range(m), r)]
     assert mix.loc.shape == (b, len(subsets), d)
     for sample in range(b):
@@ -115,23 +115,23 @@ def test_subset_mixture_gradients_are_finite_with_empty_subsets():
     mu = torch.randn(3, 2, 4, requires_grad=True)
     logvar = torch.randn(3, 2, 4, requires_grad=True)
     mask = torch.tensor([[True, False], [False, False], [True, True]])
-    mix = F.subset_mixture(F.hellinger, mu, logvar, mask=mask)
+    mix = opf.subset_mixture(opf.hellinger, mu, logvar, mask=mask)
     (mix.log_weights.exp().unsqueeze(-1) * (mix.loc + mix.logvar)).sum().backward()
     assert torch.isfinite(mu.grad).all() and torch.isfinite(logvar.grad).all()
     with pytest.raises(ValueError, match="subsets must be a boolean"):
-        F.subset_mixture(F.hellinger, mu, logvar, subsets=torch.zeros(2, 3, dtype=torch.bool))
+        opf.subset_mixture(opf.hellinger, mu, logvar, subsets=torch.zeros(2, 3, dtype=torch.bool))
 
 
 def test_prior_expert_on_the_full_subset_only_as_in_mopoe():
     g = torch.Generator().manual_seed(2)
     m, b, d = 3, 2, 4
     mu, logvar = torch.randn(m, b, d, generator=g), torch.randn(m, b, d, generator=g)
-    mix = F.subset_mixture(F.poe, mu, logvar, prior_on_full_subset=True)
+    mix = opf.subset_mixture(opf.poe, mu, logvar, prior_on_full_subset=True)
     subsets = [s for r in range(1, m + 1) for s in itertools.combinations(range(m), r)]
     for k, s in enumerate(subsets):
         with_prior = len(s) == m
-        ref_loc, ref_lv = F.poe(mu[list(s)], logvar[list(s)], prior_expert=with_prior)
+        ref_loc, ref_lv = opf.poe(mu[list(s)], logvar[list(s)], prior_expert=with_prior)
         torch.testing.assert_close(mix.loc[:, k], ref_loc, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(mix.logvar[:, k], ref_lv, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="prior_on_full_subset does not combine with pooling weights"):
-        F.subset_mixture(F.hellinger, mu, logvar, prior_on_full_subset=True, weights=torch.ones(m))
+        opf.subset_mixture(opf.hellinger, mu, logvar, prior_on_full_subset=True, weights=torch.ones(m))

@@ -7,7 +7,7 @@ import torch
 from torch.distributions import Binomial, Exponential, Gamma, Independent, Normal, Poisson
 
 import opinionpool
-import opinionpool.functional as F
+import opinionpool.functional as opf
 
 
 def normals(m=3):
@@ -64,31 +64,31 @@ def test_shapes():
     with pytest.raises(ValueError, match=r"do not broadcast: \[\(3,\), \(4,\)\]"):
         opinionpool.holder([Normal(torch.zeros(3), torch.ones(3)), Normal(torch.zeros(4), torch.ones(4))])
     with pytest.raises(ValueError, match=r"mu \(3, 2, 4\) and logvar \(3, 2, 5\)"):
-        F.hellinger(torch.zeros(3, 2, 4), torch.zeros(3, 2, 5))
+        opf.hellinger(torch.zeros(3, 2, 4), torch.zeros(3, 2, 5))
     with pytest.raises(ValueError, match="needs a batch dimension"):
         opinionpool.holder(Normal(torch.tensor(0.0), torch.tensor(1.0)))
     with pytest.raises(ValueError, match="must not be empty"):
         opinionpool.holder([])
     with pytest.raises(ValueError, match="mask must be a boolean tensor of shape"):
-        F.hellinger(torch.zeros(3, 2, 4), torch.zeros(3, 2, 4), mask=torch.ones(2, 3, dtype=torch.bool))
+        opf.hellinger(torch.zeros(3, 2, 4), torch.zeros(3, 2, 4), mask=torch.ones(2, 3, dtype=torch.bool))
 
 
 def test_functional_non_finite_inputs():
     mu, logvar = torch.zeros(3, 2, 4), torch.zeros(3, 2, 4)
     with pytest.raises(ValueError, match=r"logvar must be finite.*nan"):
-        F.hellinger(mu, logvar.index_fill(2, torch.tensor([1]), math.nan))
+        opf.hellinger(mu, logvar.index_fill(2, torch.tensor([1]), math.nan))
     with pytest.raises(ValueError, match=r"mu must be finite.*inf"):
-        F.poe(mu.index_fill(0, torch.tensor([2]), math.inf), logvar)
+        opf.poe(mu.index_fill(0, torch.tensor([2]), math.inf), logvar)
 
 
 def test_validation_can_be_switched_off():
     opinionpool.set_validate_args(False)
     try:
-        F.hellinger(torch.zeros(3, 2, 4), torch.full((3, 2, 4), math.nan))  # no error: checks are off
+        opf.hellinger(torch.zeros(3, 2, 4), torch.full((3, 2, 4), math.nan))  # no error: checks are off
     finally:
         opinionpool.set_validate_args(True)
     with pytest.raises(ValueError):
-        F.hellinger(torch.zeros(3, 2, 4), torch.full((3, 2, 4), math.nan))
+        opf.hellinger(torch.zeros(3, 2, 4), torch.full((3, 2, 4), math.nan))
 
 
 def test_unnormalisable_product_and_moments():

@@ -6,7 +6,7 @@ import torch
 from torch.distributions import Independent, Normal
 
 import opinionpool
-import opinionpool.functional as F
+import opinionpool.functional as opf
 
 
 def random_experts(m=4, b=3, d=5, seed=0):
@@ -18,7 +18,7 @@ def random_experts(m=4, b=3, d=5, seed=0):
 def test_functional_holder_equals_object_moment_match(alpha):
     mu, logvar = random_experts()
     w = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    loc, lv = F.holder(mu, logvar, alpha, dim=0, weights=w)
+    loc, lv = opf.holder(mu, logvar, alpha, dim=0, weights=w)
     experts = Independent(Normal(mu.movedim(0, 1), (0.5 * logvar).exp().movedim(0, 1)), 1)
     matched = opinionpool.holder(experts, alpha=alpha, weights=w).moment_match()
     torch.testing.assert_close(loc, matched.mean, rtol=1e-12, atol=1e-12)
@@ -42,19 +42,19 @@ def test_paper_formula_for_hellinger_aggregation():
             z = z + 2 * s.squeeze(-1)
     mean = num / z.unsqueeze(-1)
     variance = sq / z.unsqueeze(-1) - mean**2
-    loc, lv = F.hellinger(mu, logvar)
+    loc, lv = opf.hellinger(mu, logvar)
     torch.testing.assert_close(loc, mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lv.exp(), variance, rtol=1e-10, atol=1e-12)
 
 
 def test_poe_is_the_precision_weighted_product():
     mu, logvar = random_experts()
-    loc, lv = F.poe(mu, logvar, prior_expert=True)
+    loc, lv = opf.poe(mu, logvar, prior_expert=True)
     precision = (-logvar).exp().sum(0) + 1.0
     torch.testing.assert_close(lv, -precision.log(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(loc, (mu * (-logvar).exp()).sum(0) / precision, rtol=1e-12, atol=1e-12)
     product = opinionpool.poe(Independent(Normal(mu.movedim(0, 1), (0.5 * logvar).exp().movedim(0, 1)), 1))
-    loc2, lv2 = F.poe(mu, logvar)
+    loc2, lv2 = opf.poe(mu, logvar)
     torch.testing.assert_close(product.mean, loc2, rtol=1e-12, atol=1e-12)
 
 
@@ -63,11 +63,11 @@ def test_mask_equals_dropping_the_missing_experts(alpha):
     mu, logvar = random_experts()
     mask = torch.tensor([[True, False, True], [True, True, False], [False, True, True], [True, True, True]])
     mu_masked = torch.where(mask.unsqueeze(-1), mu, torch.full_like(mu, float("nan")))  # garbage is ignored
-    loc, lv = F.holder(mu_masked, logvar, alpha, mask=mask, weights=[0.1, 0.2, 0.3, 0.4])
+    loc, lv = opf.holder(mu_masked, logvar, alpha, mask=mask, weights=[0.1, 0.2, 0.3, 0.4])
     for b in range(3):
         keep = mask[:, b]
         w = torch.tensor([0.1, 0.2, 0.3, 0.4])[keep]
-        ref_loc, ref_lv = F.holder(mu[keep, b], logvar[keep, b], alpha, weights=w)
+        ref_loc, ref_lv = opf.holder(mu[keep, b], logvar[keep, b], alpha, weights=w)
         torch.testing.assert_close(loc[b], ref_loc, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(lv[b], ref_lv, rtol=1e-12, atol=1e-12)
 
@@ -76,8 +76,8 @@ def test_mask_with_no_expert_needs_the_prior():
     mu, logvar = random_experts(m=2, b=2)
     mask = torch.tensor([[True, False], [True, False]])
     with pytest.raises(ValueError, match="no present expert"):
-        F.hellinger(mu, logvar, mask=mask)
-    loc, lv = F.hellinger(mu, logvar, mask=mask, prior_expert=True)
+        opf.hellinger(mu, logvar, mask=mask)
+    loc, lv = opf.hellinger(mu, logvar, mask=mask, prior_expert=True)
     torch.testing.assert_close(loc[1], torch.zeros(5), rtol=0, atol=0)  # only the prior is left
     torch.testing.assert_close(lv[1], torch.zeros(5), rtol=0, atol=1e-15)
 
@@ -88,10 +88,10 @@ def test_gradcheck_functional_aggregators():
     mu.requires_grad_(True)
     logvar.requires_grad_(True)
     for alpha in (0, 1 / 3, 1 / 2, 1):
-        assert torch.autograd.gradcheck(lambda m, v, w, a=alpha: F.holder(m, v, a, weights=w), (mu, logvar, w))
-    assert torch.autograd.gradcheck(lambda m, v: F.poe(m, v, prior_expert=True), (mu, logvar))
+        assert torch.autograd.gradcheck(lambda m, v, w, a=alpha: opf.holder(m, v, a, weights=w), (mu, logvar, w))
+    assert torch.autograd.gradcheck(lambda m, v: opf.poe(m, v, prior_expert=True), (mu, logvar))
     mask = torch.tensor([[True, True], [False, True], [True, False]])
-    assert torch.autograd.gradcheck(lambda m, v, w: F.hellinger(m, v, weights=w, mask=mask), (mu, logvar, w))
+    assert torch.autograd.gradcheck(lambda m, v, w: opf.hellinger(m, v, weights=w, mask=mask), (mu, logvar, w))
 
 
 def test_gradcheck_object_moment_match():
@@ -124,21 +124,21 @@ def test_gradcheck_object_moment_match():
 def test_learnable_weights_receive_gradients():
     mu, logvar = random_experts()
     raw = torch.zeros(4, requires_grad=True)
-    loc, lv = F.hellinger(mu, logvar, weights=torch.softmax(raw, 0))
+    loc, lv = opf.hellinger(mu, logvar, weights=torch.softmax(raw, 0))
     (loc.sum() + lv.sum()).backward()
     assert raw.grad is not None and torch.isfinite(raw.grad).all() and raw.grad.abs().sum() > 0
 
 
 def test_holder_mixture_is_normalised_and_matches_object_components():
     mu, logvar = random_experts(m=3)
-    mix = F.holder_mixture(mu, logvar, 1 / 2)
+    mix = opf.holder_mixture(mu, logvar, 1 / 2)
     assert mix.log_weights.shape == (3, 6) and mix.loc.shape == (3, 6, 5)
     torch.testing.assert_close(mix.log_weights.exp().sum(-1), torch.ones(3), rtol=0, atol=1e-14)
     experts = Independent(Normal(mu.movedim(0, 1), (0.5 * logvar).exp().movedim(0, 1)), 1)
     pool = opinionpool.holder(experts, alpha=0.5)
     torch.testing.assert_close(mix.log_weights, pool.log_mixture_weights, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(mix.loc, pool.component_params[..., 0, :], rtol=1e-12, atol=1e-12)
-    moe = F.moe(mu, logvar)
+    moe = opf.moe(mu, logvar)
     torch.testing.assert_close(moe.log_weights.exp(), torch.full((3, 3), 1 / 3), rtol=1e-15, atol=0)
 
 
@@ -147,8 +147,8 @@ def test_holder_mixture_is_normalised_and_matches_object_components():
 def test_cuda_matches_cpu(dtype):
     mu, logvar = random_experts(m=5, b=8, d=64)
     mu, logvar = mu.to(dtype), logvar.to(dtype)
-    cpu = F.hellinger(mu, logvar)
-    gpu = F.hellinger(mu.cuda(), logvar.cuda())
+    cpu = opf.hellinger(mu, logvar)
+    gpu = opf.hellinger(mu.cuda(), logvar.cuda())
     torch.testing.assert_close(gpu[0].cpu(), cpu[0])
     torch.testing.assert_close(gpu[1].cpu(), cpu[1])
     pool = opinionpool.holder(Independent(Normal(mu.cuda().movedim(0, 1), (0.5 * logvar.cuda()).exp().movedim(0, 1)), 1),
@@ -160,7 +160,7 @@ def _mixture():
     log_weights = torch.log(torch.tensor([[0.15, 0.85, 0.0], [0.5, 0.2, 0.3]]))
     loc = torch.tensor([[[-2.0, 0.5], [1.0, 3.0], [500.0, 500.0]], [[0.0, 0.0], [4.0, -1.0], [-3.0, 2.0]]])
     logvar = torch.log(torch.tensor([[[0.3, 2.0], [1.5, 0.1], [1.0, 1.0]], [[1.0, 0.5], [0.2, 3.0], [2.0, 0.7]]]))
-    return F.GaussianMixture(log_weights, loc, logvar)
+    return opf.GaussianMixture(log_weights, loc, logvar)
 
 
 def test_gaussian_mixture_log_prob_matches_torch_distributions():
@@ -178,11 +178,11 @@ def test_diag_gaussian_log_prob_is_the_summed_normal_log_density():
     g = torch.Generator().manual_seed(4)
     z, mu, logvar = torch.randn(5, 3, 4, generator=g) * 3, torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
     expected = stats.norm.logpdf(z.numpy(), mu.numpy(), np.exp(0.5 * logvar.numpy())).sum(-1)
-    got = F.diag_gaussian_log_prob(z, mu, logvar)
+    got = opf.diag_gaussian_log_prob(z, mu, logvar)
     assert got.shape == (5, 3)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-13, atol=1e-13)
     zeros = torch.zeros(())  # the standard-normal prior, by broadcasting
-    np.testing.assert_allclose(F.diag_gaussian_log_prob(z, zeros, zeros).numpy(), stats.norm.logpdf(z.numpy()).sum(-1),
+    np.testing.assert_allclose(opf.diag_gaussian_log_prob(z, zeros, zeros).numpy(), stats.norm.logpdf(z.numpy()).sum(-1),
                                rtol=1e-13, atol=1e-13)
 
 
@@ -221,7 +221,7 @@ def test_gaussian_mixture_samples_have_the_mixture_moments_and_skip_zero_weights
 def test_holder_mixture_lists_the_experts_first():
     mu, logvar = torch.randn(3, 4, 2), torch.randn(3, 4, 2)  # experts along dim 0
     for alpha in (0.5, 1 / 3):
-        mixture = F.holder_mixture(mu, logvar, alpha, dim=0, weights=torch.tensor([0.2, 0.5, 0.3]))
+        mixture = opf.holder_mixture(mu, logvar, alpha, dim=0, weights=torch.tensor([0.2, 0.5, 0.3]))
         assert torch.allclose(mixture.loc[:, :3], mu.movedim(0, 1)) and torch.allclose(mixture.logvar[:, :3],
                                                                                         logvar.movedim(0, 1))
         assert not torch.allclose(mixture.loc[:, 3], mu[0]) and mixture.loc.shape[1] > 3

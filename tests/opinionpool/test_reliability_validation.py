@@ -11,7 +11,7 @@ import torch
 from torch.distributions import MultivariateNormal, Normal
 
 import opinionpool
-import opinionpool.functional as F
+import opinionpool.functional as opf
 from opinionpool.families import ExponentialFamily, MultivariateNormalFamily, NormalFamily
 
 
@@ -43,17 +43,17 @@ def latents(m=3, batch=2, d=4):
 def test_present_experts_all_of_zero_weight_raise():
     mu, logvar = latents()
     mask = torch.tensor([[True, True], [False, True], [True, True]])  # sample 0 lacks expert 1
-    for pool in (F.hellinger, F.poe, F.wasserstein_barycenter, lambda *a, **k: F.moe(*a, **k).loc):
+    for pool in (opf.hellinger, opf.poe, opf.wasserstein_barycenter, lambda *a, **k: opf.moe(*a, **k).loc):
         with pytest.raises(ValueError, match=r"weights \[0, 1, 0\] give zero weight to every present expert "
                                              r"\(mask \[True, False, True\]\) of the sample at batch index \(0,\)"):
             pool(mu, logvar, weights=torch.tensor([0.0, 1.0, 0.0]), mask=mask)
     # a prior expert of zero weight does not help; one of positive weight does
     with pytest.raises(ValueError, match="give zero weight to every present expert"):
-        F.hellinger(mu, logvar, weights=torch.tensor([0.0, 1.0, 0.0, 0.0]), mask=mask, prior_expert=True)
-    loc, lv = F.hellinger(mu, logvar, weights=torch.tensor([0.0, 1.0, 0.0, 1.0]), mask=mask, prior_expert=True)
+        opf.hellinger(mu, logvar, weights=torch.tensor([0.0, 1.0, 0.0, 0.0]), mask=mask, prior_expert=True)
+    loc, lv = opf.hellinger(mu, logvar, weights=torch.tensor([0.0, 1.0, 0.0, 1.0]), mask=mask, prior_expert=True)
     assert torch.isfinite(loc).all() and torch.isfinite(lv).all()
     # sample 1 has expert 1 as its only expert of positive weight: the pool is that expert
-    loc, lv = F.hellinger(mu, logvar, weights=torch.tensor([0.0, 1.0, 0.0]), mask=torch.tensor([[True, True]] * 3))
+    loc, lv = opf.hellinger(mu, logvar, weights=torch.tensor([0.0, 1.0, 0.0]), mask=torch.tensor([[True, True]] * 3))
     torch.testing.assert_close(loc, mu[1], rtol=0, atol=1e-12)
     torch.testing.assert_close(lv, logvar[1], rtol=0, atol=1e-12)
 
@@ -63,30 +63,31 @@ def test_dim_out_of_range_is_refused_not_wrapped():
     for dim in (3, 4, -4, 7):
         with pytest.raises(ValueError, match=rf"dim={dim} is out of range for mu of shape \(3, 2, 4\) "
                                              r"\(dim must lie in \[-3, 2\]\)"):
-            F.hellinger(mu, logvar, dim=dim)
+            opf.hellinger(mu, logvar, dim=dim)
     with pytest.raises(ValueError, match=r"dim=4 is out of range"):
-        F.subset_mixture(F.poe, mu, logvar, dim=4)
+        opf.subset_mixture(opf.poe, mu, logvar, dim=4)
     with pytest.raises(ValueError, match=r"dim must be an integer axis of mu, got 1.0"):
-        F.poe(mu, logvar, dim=1.0)
+        opf.poe(mu, logvar, dim=1.0)
     with pytest.raises(ValueError, match=r"dim=-1 is the latent \(last\) axis of mu of shape \(3, 2, 4\)"):
-        F.poe(mu, logvar, dim=-1)
-    assert F.hellinger(mu, logvar, dim=-3)[0].shape == (2, 4)
+        opf.poe(mu, logvar, dim=-1)
+    assert opf.hellinger(mu, logvar, dim=-3)[0].shape == (2, 4)
 
 
 def test_subset_mixture_checks_weights():
     mu, logvar = latents()
     with pytest.raises(ValueError, match=r"weights must be non-negative and finite, got \[-1\]"):
-        F.subset_mixture(F.hellinger, mu, logvar, weights=torch.tensor([-1.0, 1.0, 1.0]))
+        opf.subset_mixture(opf.hellinger, mu, logvar, weights=torch.tensor([-1.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match=r"weights must have 3 entries.*got shape \(2,\)"):
-        F.subset_mixture(F.hellinger, mu, logvar, weights=torch.tensor([1.0, 1.0]))
+        opf.subset_mixture(opf.hellinger, mu, logvar, weights=torch.tensor([1.0, 1.0]))
     with pytest.raises(ValueError, match="weights must be real"):
-        F.subset_mixture(F.hellinger, mu, logvar, weights=torch.tensor([1.0, 1.0, 1j]))
+        opf.subset_mixture(opf.hellinger, mu, logvar, weights=torch.tensor([1.0, 1.0, 1j]))
     # the subset {0} of an expert of weight zero is 0/0
     with pytest.raises(ValueError, match=r"weights \[0, 1, 1\] give zero weight to every present expert of subset \[0\]"):
-        F.subset_mixture(F.hellinger, mu, logvar, weights=torch.tensor([0.0, 1.0, 1.0]))
+        opf.subset_mixture(opf.hellinger, mu, logvar, weights=torch.tensor([0.0, 1.0, 1.0]))
     subsets = torch.tensor([[False, True, False], [False, False, True]])
     mask = torch.tensor([[True, True], [False, True], [True, True]])  # sample 0: subset {1} is empty
-    mixture = F.subset_mixture(F.hellinger, mu, logvar, weights=torch.tensor([0.0, 1.0, 1.0]), subsets=subsets, mask=mask)
+    mixture = opf.subset_mixture(opf.hellinger, mu, logvar, weights=torch.tensor([0.0, 1.0, 1.0]), subsets=subsets,
+                                 mask=mask)
     # sample 0 is expert 2 alone; the empty subset's stand-in must not be expert 0 (weight zero: NaN)
     z = torch.zeros(2, 4)
     expected = Normal(mu[2, 0], torch.exp(0.5 * logvar[2, 0])).log_prob(z[0]).sum()
@@ -98,32 +99,32 @@ def test_subset_mixture_caps_the_number_of_subsets():
     mu = torch.zeros(22, 1, 2)
     with deadline(10), pytest.raises(ValueError, match=r"all 2\^22 - 1 subsets of the 22 experts\) gives 4194303 "
                                                         r"subsets, more than max_subsets=65536.*raise max_subsets"):
-        F.subset_mixture(F.poe, mu, mu)
+        opf.subset_mixture(opf.poe, mu, mu)
     mu, logvar = latents()
     with pytest.raises(ValueError, match="gives 7 subsets, more than max_subsets=6"):
-        F.subset_mixture(F.poe, mu, logvar, max_subsets=6)
-    assert F.subset_mixture(F.poe, mu, logvar, max_subsets=7).loc.shape == (2, 7, 4)
+        opf.subset_mixture(opf.poe, mu, logvar, max_subsets=6)
+    assert opf.subset_mixture(opf.poe, mu, logvar, max_subsets=7).loc.shape == (2, 7, 4)
     with pytest.raises(ValueError, match=r"num_experts=4 \(2\^4 - 1\) gives 15 subsets, more than max_subsets=14"):
-        F.all_subsets(4, max_subsets=14)
-    assert F.all_subsets(4, max_subsets=15).shape == (15, 4)
+        opf.all_subsets(4, max_subsets=14)
+    assert opf.all_subsets(4, max_subsets=15).shape == (15, 4)
     with pytest.raises(ValueError, match="max_subsets must be a positive integer, got 0"):
-        F.subset_mixture(F.poe, mu, logvar, max_subsets=0)
+        opf.subset_mixture(opf.poe, mu, logvar, max_subsets=0)
 
 
 def test_functional_log_bhattacharyya_validates():
     zeros = torch.zeros(2, 3)
     with pytest.raises(ValueError, match=r"logvar2 must be finite, got non-finite values \[nan, nan\] first at "
                                          r"index \(0, 2\)"):
-        F.log_bhattacharyya(zeros, zeros, zeros, zeros.index_fill(1, torch.tensor([2]), math.nan))
+        opf.log_bhattacharyya(zeros, zeros, zeros, zeros.index_fill(1, torch.tensor([2]), math.nan))
     with pytest.raises(ValueError, match=r"must broadcast together, got mu1 \(2, 3\), logvar1 \(2, 3\), mu2 \(4,\)"):
-        F.log_bhattacharyya(zeros, zeros, torch.zeros(4), torch.zeros(4))
+        opf.log_bhattacharyya(zeros, zeros, torch.zeros(4), torch.zeros(4))
     with pytest.raises(ValueError, match=r"mu1 must be a tensor with a latent \(last\) axis, got float"):
-        F.log_bhattacharyya(0.0, zeros, zeros, zeros)
-    F.log_bhattacharyya(zeros, zeros, zeros, torch.full((2, 3), math.nan), validate_args=False)  # checks off
+        opf.log_bhattacharyya(0.0, zeros, zeros, zeros)
+    opf.log_bhattacharyya(zeros, zeros, zeros, torch.full((2, 3), math.nan), validate_args=False)  # checks off
     # closed form for one dimension: BC = sqrt(2 s1 s2 / (s1^2 + s2^2)) exp(-(m1 - m2)^2 / (4 (s1^2 + s2^2)))
     m1, m2, v1, v2 = 0.3, -1.1, 0.5, 2.0
     expected = 0.5 * math.log(2 * math.sqrt(v1 * v2) / (v1 + v2)) - (m1 - m2) ** 2 / (4 * (v1 + v2))
-    value = F.log_bhattacharyya(torch.tensor([m1]), torch.tensor([math.log(v1)]), torch.tensor([m2]),
+    value = opf.log_bhattacharyya(torch.tensor([m1]), torch.tensor([math.log(v1)]), torch.tensor([m2]),
                                 torch.tensor([math.log(v2)]))
     assert abs(float(value) - expected) < 1e-12
 
@@ -161,7 +162,7 @@ def test_alpha_must_be_a_real_number():
         with pytest.raises(ValueError, match=pattern):
             opinionpool.HolderPool(two_normals(), alpha=alpha)
         with pytest.raises(ValueError, match=pattern):
-            F.holder(mu, logvar, alpha)
+            opf.holder(mu, logvar, alpha)
     # real numbers of any kind still work
     assert opinionpool.holder(two_normals(), alpha=torch.tensor(0.5)).alpha == 0.5
     assert opinionpool.holder(two_normals(), alpha=1).alpha == 1.0
@@ -182,7 +183,7 @@ def test_max_components_must_be_a_positive_integer():
         with pytest.raises(ValueError, match=pattern):
             opinionpool.NumericalHolderPool(two_normals(), alpha=0.3, max_components=bad)
         with pytest.raises(ValueError, match=pattern):
-            F.holder_mixture(mu, logvar, 0.5, max_components=bad)
+            opf.holder_mixture(mu, logvar, 0.5, max_components=bad)
 
 
 def test_complex_weights_are_refused():
@@ -198,9 +199,9 @@ def test_complex_weights_are_refused():
     with pytest.raises(ValueError, match=pattern):
         opinionpool.wasserstein_barycenter(two_normals(), weights)
     with pytest.raises(ValueError, match=r"weights must be real, got a torch.complex\d+ tensor"):
-        F.holder(mu, logvar, weights=torch.tensor([1.0, 1.0, 1.0 + 0j]))  # even a zero imaginary part
+        opf.holder(mu, logvar, weights=torch.tensor([1.0, 1.0, 1.0 + 0j]))  # even a zero imaginary part
     with pytest.raises(ValueError, match=pattern):
-        F.poe(mu, logvar, weights=[1.0, 1.0 + 0.5j, 1.0], validate_args=False)  # a type check: always on
+        opf.poe(mu, logvar, weights=[1.0, 1.0 + 0.5j, 1.0], validate_args=False)  # a type check: always on
 
 
 def test_barycenter_iteration_arguments():
@@ -231,7 +232,7 @@ def test_exact_order_past_the_component_cap_fails_fast_with_the_count():
             opinionpool.HolderPool(two_normals(), alpha=5e-324)
         # three experts: binom(10^12 + 2, 2) = (10^12 + 2)(10^12 + 1) / 2 = 5.0000000000015e23
         with pytest.raises(ValueError, match=r"binom\(n \+ 2, 2\) = about 5e\+23 mixture components"):
-            F.holder_mixture(mu, logvar, 1e-12)
+            opf.holder_mixture(mu, logvar, 1e-12)
         with pytest.raises(ValueError, match=r"n=5000, .* = 5001 mixture components, more than max_components=4096"):
             opinionpool.HolderPool(two_normals(), alpha=1 / 5000)
 
@@ -244,7 +245,7 @@ def test_one_expert_is_its_own_pool_at_any_order():
             pool = opinionpool.holder(expert, alpha=alpha)
             assert isinstance(pool, opinionpool.HolderPool) and pool.num_components == 1
             assert float(pool.mean) == 0.7 and abs(float(pool.variance) - 1.69) < 1e-12
-            loc, lv = F.holder(mu, logvar, alpha)
+            loc, lv = opf.holder(mu, logvar, alpha)
             torch.testing.assert_close(loc, mu[0], rtol=0, atol=1e-12)
             torch.testing.assert_close(lv, logvar[0], rtol=0, atol=1e-12)
 
@@ -285,10 +286,10 @@ def test_error_messages_name_the_argument_and_the_value():
         (lambda: opinionpool.poe([torch.distributions.Gamma(torch.tensor(0.5), torch.tensor(1.0))] * 2,
                                  weights=[1.0, 1.0]), r"experts: the product of these Gamma experts with weights \[1, 1\]"),
         (lambda: pool.moment_match("laplace"), r"family must be None, 'gaussian' or 'diag_gaussian', got 'laplace'"),
-        (lambda: F.subset_mixture(F.poe, *latents(), prior_on_full_subset=True, weights=[1.0, 2.0, 3.0]),
+        (lambda: opf.subset_mixture(opf.poe, *latents(), prior_on_full_subset=True, weights=[1.0, 2.0, 3.0]),
          r"prior_on_full_subset does not combine with pooling weights .*got weights \[1, 2, 3\]"),
         (lambda: opinionpool.renyi_divergence(*two_normals(), -0.5), r"the Rényi order a must be positive, got a=-0.5"),
-        (lambda: F.hellinger(*latents(), dim=5), r"dim=5 is out of range"),
+        (lambda: opf.hellinger(*latents(), dim=5), r"dim=5 is out of range"),
     ]
     for call, pattern in cases:
         with pytest.raises(ValueError, match=pattern):

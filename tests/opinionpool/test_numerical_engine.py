@@ -373,6 +373,17 @@ def test_infinite_alpha_ignores_positive_weights():
 
 
 # ---------------------------------------------------------------------------- errors
+def test_sample_budgets_are_checked_like_every_other_count():
+    """num_samples goes through the library's one positive-integer check: numpy integers count, bools do not."""
+    experts = [Normal(torch.tensor(m), torch.tensor(s)) for m, s in zip(NORMAL_MU, NORMAL_SD)]
+    pool = opinionpool.holder(experts, alpha=2.0, weights=WEIGHTS)
+    estimate = pool.estimate(method="importance", num_samples=np.int64(1000), seed=0)
+    assert estimate.num_samples == 1000
+    for bad in (True, 1000.0, -3):
+        with pytest.raises(ValueError, match=f"num_samples must be a positive integer, got {bad!r}"):
+            pool.estimate(method="importance", num_samples=bad)
+
+
 def test_engine_errors_name_the_problem():
     experts = [Normal(torch.tensor(m), torch.tensor(s)) for m, s in zip(NORMAL_MU, NORMAL_SD)]
     pool = opinionpool.holder(experts, alpha=2.0, weights=WEIGHTS)

@@ -4,16 +4,16 @@ sizes up to 4096, up to 16 experts; compared with the same computation in float6
 import pytest
 import torch
 
-import opinionpool.functional as F
+import opinionpool.functional as opf
 
 EPS32 = torch.finfo(torch.float32).eps
 
 
 def check_against_float64(mu64, logvar64, alpha, **kwargs):
-    loc64, lv64 = F.holder(mu64, logvar64, alpha, **kwargs)
+    loc64, lv64 = opf.holder(mu64, logvar64, alpha, **kwargs)
     mu32 = mu64.float().requires_grad_(True)
     lv32 = logvar64.float().requires_grad_(True)
-    loc32, lvout32 = F.holder(mu32, lv32, alpha, **kwargs)
+    loc32, lvout32 = opf.holder(mu32, lv32, alpha, **kwargs)
     assert torch.isfinite(loc32).all() and torch.isfinite(lvout32).all()
     (loc32.sum() + lvout32.sum()).backward()
     assert torch.isfinite(mu32.grad).all() and torch.isfinite(lv32.grad).all()
@@ -50,10 +50,10 @@ def test_float32_nearly_agreeing_sharp_experts(alpha):
 def test_single_and_identical_experts_exact_in_float32(alpha):
     mu = torch.tensor([[[30.0, -1e3, 0.5]]])
     logvar = torch.tensor([[[-10.0, -30.0, 30.0]]])
-    loc, lv = F.holder(mu, logvar, alpha)
+    loc, lv = opf.holder(mu, logvar, alpha)
     assert torch.equal(loc, mu[0])
     torch.testing.assert_close(lv, logvar[0], rtol=0, atol=4 * EPS32 * 30)
-    loc3, lv3 = F.holder(mu.expand(3, 1, 3), logvar.expand(3, 1, 3), alpha, weights=[0.2, 0.3, 0.5])
+    loc3, lv3 = opf.holder(mu.expand(3, 1, 3), logvar.expand(3, 1, 3), alpha, weights=[0.2, 0.3, 0.5])
     assert torch.equal(loc3, mu[0])
     torch.testing.assert_close(lv3, logvar[0], rtol=0, atol=8 * EPS32 * 30)
 
@@ -63,5 +63,5 @@ def test_tiny_log_variances_do_not_become_nan():
     mu = torch.tensor([[[1.0, 2.0]], [[1.0, 2.5]]])
     logvar = torch.tensor([[[-95.0, -120.0]], [[-90.0, -100.0]]])
     for alpha in (0, 0.5, 1):
-        loc, lv = F.holder(mu, logvar, alpha)
+        loc, lv = opf.holder(mu, logvar, alpha)
         assert torch.isfinite(loc).all() and torch.isfinite(lv).all()
