@@ -1,11 +1,13 @@
-"""The application's tests: float32 (the application trains in float32) and a tiny dataset on disk."""
+"""The application's tests: float32 where a module asks for it (the application trains in float32; the modules that
+check against float64 computations keep the root's float64) and a tiny dataset on disk."""
 
 import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
-def _float32():
+@pytest.fixture
+def float32_default():
+    """For modules that train or evaluate as the application does: ``pytestmark = usefixtures("float32_default")``."""
     torch.set_default_dtype(torch.float32)  # the root conftest restores the previous default afterwards
 
 

@@ -15,6 +15,8 @@ from applications.multimodal_vae.__main__ import main
 from applications.multimodal_vae.config import load_config
 from applications.multimodal_vae.train import train
 
+pytestmark = pytest.mark.usefixtures("float32_default")
+
 # (override, the key the error must name); every one of these trained, or failed late with a raw error, before
 BAD = [
     ("model.beta=-1", "model.beta"), ("model.beta=0", "model.beta"), ("model.beta=1001", "model.beta"),

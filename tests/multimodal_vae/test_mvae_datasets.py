@@ -21,6 +21,8 @@ from applications.multimodal_vae.evaluation.fid import default_weights
 from applications.multimodal_vae.objectives import Likelihood
 from applications.multimodal_vae.train import load_run
 
+pytestmark = pytest.mark.usefixtures("float32_default")
+
 WHEEL_CACHE = Path(__file__).resolve().parents[2] / "data" / ".wheels"
 
 

@@ -23,6 +23,8 @@ from applications.multimodal_vae.evaluation import (
 from applications.multimodal_vae.models import MultimodalVAE
 from applications.multimodal_vae.networks import make_networks
 
+pytestmark = pytest.mark.usefixtures("float32_default")
+
 
 class PixelCode(nn.Module):
     """Reads the digit written as the brightest of ten pixels of row 0 (a stand-in classifier)."""

@@ -11,6 +11,8 @@ from applications.multimodal_vae.data import Modality, polymnist_modalities
 from applications.multimodal_vae.models import MODELS, MultimodalVAE
 from applications.multimodal_vae.networks import PolyMNISTDecoder, PolyMNISTEncoder, ResidualBlock, make_networks
 
+pytestmark = pytest.mark.usefixtures("float32_default")
+
 
 def make(model="helvae", modalities=3, latent=8, **kwargs):
     torch.manual_seed(0)

@@ -26,6 +26,8 @@ from applications.multimodal_vae.data import cached_tensors
 from applications.multimodal_vae.files import UnreadableFile, owner_tag
 from applications.multimodal_vae.train import TrainingDiverged, TrainingInterrupted, load_run, train
 
+pytestmark = pytest.mark.usefixtures("float32_default")
+
 posix_only = pytest.mark.skipif(os.name != "posix", reason="needs POSIX processes and signals")
 
 
@@ -369,6 +371,7 @@ import json, os, signal, sys
 import applications.multimodal_vae.files as files
 import applications.multimodal_vae.train as training
 from applications.multimodal_vae.config import load_config
+
 
 overrides, limit = json.loads(sys.argv[1])
 atomic_write = files.atomic_write

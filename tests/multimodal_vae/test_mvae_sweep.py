@@ -18,6 +18,8 @@ from applications.multimodal_vae.sweep import (
     write_results,
 )
 
+pytestmark = pytest.mark.usefixtures("float32_default")
+
 
 def tiny_sweep(root):
     overrides = [f"data.root={root / 'data'}", "data.build_offline=false", "data.num_modalities=3",

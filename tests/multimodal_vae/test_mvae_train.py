@@ -15,6 +15,8 @@ from applications.multimodal_vae.config import available_presets, load_config
 from applications.multimodal_vae.data import LayoutError
 from applications.multimodal_vae.train import TrainingDiverged, load_run, train
 
+pytestmark = pytest.mark.usefixtures("float32_default")
+
 
 def test_resume_continues_exactly(tiny_root):
     full = train(tiny_config(tiny_root, "full"), show_progress=False)
