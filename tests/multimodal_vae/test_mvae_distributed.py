@@ -1,20 +1,13 @@
 """Distributed data parallel on the CPU: two gloo processes train the same model and stay bitwise identical."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from tiny_runs import losses, tiny_config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tiny_runs import free_port, losses, tiny_config
 
 
 def replica(rank, world, port, root, out):

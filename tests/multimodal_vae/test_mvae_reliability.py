@@ -17,7 +17,7 @@ import zipfile
 
 import pytest
 import torch
-from tiny_runs import losses, tiny_config
+from tiny_runs import free_port, losses, tiny_config
 
 from applications.multimodal_vae import files
 from applications.multimodal_vae.__main__ import main
@@ -290,7 +290,8 @@ def test_a_moved_run_resumes_and_a_changed_setting_is_named(tiny_root):
 
 @pytest.fixture
 def signals_fail_the_test():
-    """SIGTERM raises here instead of killing pytest, should training not handle it."""
+    """SIGTERM raises here instead of killing pytest, should training not handle it; SIGINT gets Python's default
+    handler (a background job starts with SIGINT ignored, and training rightly keeps an ignored signal ignored)."""
 
     class Unhandled(Exception):
         pass
@@ -298,9 +299,10 @@ def signals_fail_the_test():
     def handler(signum, frame):
         raise Unhandled(f"signal {signum} reached the test")
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, handler), signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
-    signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGTERM, previous[0])
+    signal.signal(signal.SIGINT, previous[1])
 
 
 def signal_at_step(monkeypatch, signum, at):
@@ -355,7 +357,6 @@ def interrupted_replica(rank, world, port, root, out):
 @posix_only
 def test_a_signal_to_one_replica_stops_every_replica_at_the_same_step(tiny_root, tmp_path):
     import torch.multiprocessing as mp
-    from test_mvae_distributed import free_port
 
     mp.spawn(interrupted_replica, args=(2, free_port(), tiny_root, tmp_path), nprocs=2)
     for rank in range(2):

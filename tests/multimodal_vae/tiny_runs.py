@@ -1,10 +1,11 @@
 """Tiny training runs for the application's tests (a helper module, not a test module)."""
 
 import csv
+import socket
 
 from applications.multimodal_vae.config import load_config
 
-__all__ = ["losses", "tiny_config"]
+__all__ = ["free_port", "losses", "tiny_config"]
 
 
 def tiny_config(root, name="run", **train):
@@ -19,3 +20,10 @@ def tiny_config(root, name="run", **train):
 def losses(run_dir):
     with open(run_dir / "metrics.csv") as handle:
         return [(int(r["step"]), r["loss"]) for r in csv.DictReader(handle)]
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
