@@ -97,9 +97,13 @@ class Likelihood(nn.Module):
         first = inputs[0][0]
         total = torch.zeros(first.shape[:-1], dtype=full_precision(first).dtype, device=first.device)
         for m, decoder in enumerate(decoders):
-            log_lik = self.log_prob(x[m], decoder(*inputs[m]), m)
-            total = total + self.weights[m] * torch.where(present[m], log_lik, torch.zeros_like(log_lik))
+            total = total + self.modality(x, present, inputs[m], decoder, m)
         return total
+
+    def modality(self, x, present: torch.Tensor, inputs: tuple, decoder: nn.Module, m: int) -> torch.Tensor:
+        """Modality ``m``'s term ``w_m [m present] log p(x_m | decoder(*inputs))`` ``(..., B)``: one decoder pass."""
+        log_lik = self.log_prob(x[m], decoder(*inputs), m)
+        return self.weights[m] * torch.where(present[m], log_lik, torch.zeros_like(log_lik))
 
 
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -136,7 +140,8 @@ def mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Ter
 
 def mvae_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
     """MVAE: the joint ELBO of the product with a prior expert plus, for each present modality, the ELBO of its
-    own posterior (times the prior) reconstructing that modality alone."""
+    own posterior (times the prior) reconstructing that modality alone: only its decoder runs (M + M decoder passes a
+    step, not M + M^2)."""
     terms = joint_elbo(x, present, mu, logvar, decoders, likelihood, aggregate)
     rec, kl = terms.reconstruction, terms.kl
     for m in range(mu.shape[0]):
@@ -144,7 +149,7 @@ def mvae_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
         only[m] = present[m]
         uni_mu, uni_logvar = aggregate(mu, logvar, mask=only)
         z = reparameterise(uni_mu, uni_logvar)
-        rec = rec + likelihood(x, only, z, decoders)
+        rec = rec + likelihood.modality(x, present, (z,), decoders[m], m)
         kl = kl + torch.where(present[m], kl_to_standard_normal(uni_mu, uni_logvar), torch.zeros_like(kl))
     return Terms(rec, kl)
 
