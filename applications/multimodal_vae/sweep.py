@@ -53,6 +53,7 @@ METRICS = {
     "probe_all": _optional("latent_probe", lambda p: p[max(p, key=len)]),
     "probe_single": _optional("latent_probe", lambda p: statistics.mean(v for k, v in p.items() if "," not in k)),
     "fid_unconditional": _optional("fid", lambda f: f["unconditional"]),
+    "kid_unconditional": _optional("fid", lambda f: f.get("kid_unconditional")),
     "pairwise_mass": lambda metrics: metrics["pooling"]["pairwise_mass"],
 }
 #: curves over the number of input modalities, as JSON objects (empty when not computed)

@@ -215,6 +215,10 @@ def render_report(config, metrics: dict) -> str:
         lines += [f"**FID** ({fid['samples']} samples per image modality, {fid['weights']}): unconditional "
                   f"{fid['unconditional']:.1f}; conditional by number of inputs: "
                   + ", ".join(f"{k}: {v:.1f}" for k, v in fid["per_size"].items()) + ".", ""]
+        if "kid_unconditional" in fid:
+            lines += [f"**KID** (x 1000, same samples): unconditional {1000 * fid['kid_unconditional']:.2f}; "
+                      "conditional by number of inputs: "
+                      + ", ".join(f"{k}: {1000 * v:.2f}" for k, v in fid["kid_per_size"].items()) + ".", ""]
     if "classifier_accuracy" in metrics:
         lines += ["Digit classifiers (eval mode), test accuracy per modality: "
                   + ", ".join(f"{name} {a:.3f}" for name, a in zip(names, metrics["classifier_accuracy"])) + ".", ""]
