@@ -64,7 +64,7 @@ def test_pareto_front_and_aggregation_by_hand():
     assert pareto_front(points, maximise_y=True) == [3, 1]  # higher is better
     base = {f: 0.0 for f in ("coherence", "cross_coherence", "unconditional_coherence", "log_likelihood",
                              "conditional_log_likelihood", "probe_all", "probe_single", "fid_unconditional",
-                             "pairwise_mass", "seconds_per_batch")}
+                             "kid_unconditional", "pairwise_mass", "seconds_per_batch")}
     rows = [{**base, "model": "a", "beta": 1.0, "seed": s, "coherence": c, "coherence_by_inputs": '{"1": %s}' % c,
              "fid_by_inputs": "{}"} for s, c in ((0, 0.2), (1, 0.4))]
     summary = aggregate(rows)[("a", 1.0)]
@@ -93,6 +93,27 @@ def test_the_gpu_sweep_gives_mmvae_plus_its_latent_split():
     assert run_config(sweep, "helvae", 2.5, 0).model.private_dim == 0
     with pytest.raises(ValueError, match=r"model_overrides name models not in the sweep: \['mmvaeplus'\]"):
         load_sweep("polymnist-gpu", ["models=[helvae]"])
+
+
+def test_a_sweep_label_can_be_a_variant_of_a_model_with_its_own_seeds():
+    from applications.multimodal_vae.sweep import grid, run_config
+
+    sweep = load_sweep("polymnist-cpu", ["models=[helvae,mmvae-k4]", "betas=[1.0]", "seeds=[0,1,2]",
+                                         "model_overrides={mmvae-k4: [model.name=mmvae, model.num_samples=4]}",
+                                         "model_seeds={mmvae-k4: [7]}"])
+    assert grid(sweep) == [("helvae", 1.0, 0), ("helvae", 1.0, 1), ("helvae", 1.0, 2), ("mmvae-k4", 1.0, 7)]
+    config = run_config(sweep, "mmvae-k4", 1.0, 7)
+    assert (config.model.name, config.model.num_samples, config.train.seed) == ("mmvae", 4, 7)
+    assert config.name == "mmvae-k4-beta1.0-seed7"
+    assert run_config(sweep, "helvae", 1.0, 0).model.name == "helvae"
+    with pytest.raises(ValueError, match="model must be one of"):  # a label that is no model needs model.name
+        load_sweep("polymnist-cpu", ["models=[helvae,fast]"])
+    with pytest.raises(ValueError, match=r"model_seeds name models not in the sweep: \['mopoe'\]"):
+        load_sweep("polymnist-cpu", ["models=[helvae]", "model_seeds={mopoe: [1]}"])
+    with pytest.raises(ValueError, match=r"model_seeds must not be empty, got none for \['helvae'\]"):
+        load_sweep("polymnist-cpu", ["model_seeds={helvae: []}"])
+    with pytest.raises(ValueError, match="must not repeat a label"):
+        load_sweep("polymnist-cpu", ["models=[helvae,helvae]"])
 
 
 def fake_run(folder, seed, log_likelihood, conditional, pairwise_mass, fid, seconds):
