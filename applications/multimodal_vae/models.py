@@ -18,8 +18,8 @@ import opinionpool.functional as opf
 from . import objectives
 from .data import reconstruction_weights
 
-__all__ = ["MODELS", "POSTERIORS", "ModelSpec", "MultimodalVAE", "PrivateLatent", "as_modalities", "check_options",
-           "evaluating"]
+__all__ = ["MODELS", "POSTERIORS", "ModelSpec", "MultimodalVAE", "PrivateLatent", "TopDownPrivate", "as_modalities",
+           "check_options", "evaluating"]
 
 #: what ``aggregate`` returns and how ``pool`` turns it into the joint posterior
 POSTERIORS = ("gaussian", "mixture", "subsets")
@@ -40,6 +40,9 @@ class ModelSpec:
         multi_sample: the objective takes several importance samples and an estimator.
         private: modality-specific latents beside the shared one (``private_dim > 0``).
         prior_on_full_subset: a standard-normal expert joins the subset of all modalities (``"subsets"`` only).
+        components: the objective takes ``members``, which experts make each component of the exact pool
+            (``opinionpool.functional.holder_mixture_members``; ``exact_alpha`` models).
+        top_down: the private posteriors are ``q(w_m | x_m, z)`` (``TopDownPrivate``; ``private`` models).
     """
 
     aggregator: Callable
@@ -52,12 +55,18 @@ class ModelSpec:
     multi_sample: bool = False
     private: bool = False
     prior_on_full_subset: bool = False
+    components: bool = False
+    top_down: bool = False
 
     def __post_init__(self):
         if self.posterior not in POSTERIORS:
             raise ValueError(f"posterior must be one of {POSTERIORS}, got {self.posterior!r}")
         if self.prior_on_full_subset and self.posterior != "subsets":
             raise ValueError(f"prior_on_full_subset needs posterior='subsets', got posterior={self.posterior!r}")
+        if self.components and not self.exact_alpha:
+            raise ValueError("components needs exact_alpha=True (the components of the exact pool)")
+        if self.top_down and not self.private:
+            raise ValueError("top_down needs private=True (it conditions the private posteriors on z)")
 
     def make_aggregator(self, alpha: float) -> Callable:
         return functools.partial(self.aggregator, alpha=alpha) if self.exact_alpha else self.aggregator
@@ -85,6 +94,18 @@ MODELS: dict[str, ModelSpec] = {
     "mmvaeplus": ModelSpec(opf.moe, objectives.mmvae_plus_objective, "mixture",
                            "``moe`` on the shared latent", "``mmvae_plus_objective`` (+ private latents)",
                            multi_sample=True, private=True),
+    "holder_stratified": ModelSpec(opf.holder_mixture, objectives.stratified_mixture_elbo, "mixture",
+                                   "``holder_mixture(alpha)``, the exact pool",
+                                   "``stratified_mixture_elbo`` (every component, weighted)", exact_alpha=True,
+                                   weighted=True),
+    "holderplus": ModelSpec(opf.holder_mixture, objectives.holder_plus_objective, "mixture",
+                            "``holder_mixture(alpha)`` on the shared latent",
+                            "``holder_plus_objective`` (+ private latents)", exact_alpha=True, weighted=True,
+                            multi_sample=True, private=True, components=True),
+    "holderplusplus": ModelSpec(opf.holder_mixture, objectives.holder_plus_objective, "mixture",
+                                "``holder_mixture(alpha)`` on the shared latent",
+                                "``holder_plus_objective`` (+ private latents given z)", exact_alpha=True,
+                                weighted=True, multi_sample=True, private=True, components=True, top_down=True),
 }
 
 
@@ -163,6 +184,29 @@ class PrivateLatent(nn.Module):
         return self.decoder(torch.cat([z, w], -1))
 
 
+class TopDownPrivate(nn.Module):
+    """Hölder++'s private posterior ``q(w | x, z)`` of one modality: the encoder's private statistics of ``x``
+    (``mu``, ``logvar``, each of size ``private_dim``) plus a correction computed from them and the shared ``z``
+    by a two-layer perceptron (``[mu, logvar, z]`` -> ``hidden`` (leaky ReLU, slope 0.2) -> ``2 private_dim``).
+    Its last layer starts at zero, so Hölder++ starts as Hölder+ and learns how ``z`` moves the private
+    posterior."""
+
+    def __init__(self, shared_dim: int, private_dim: int, hidden: int | None = None):
+        super().__init__()
+        hidden = 2 * (shared_dim + private_dim) if hidden is None else hidden
+        self.private_dim = private_dim
+        self.net = nn.Sequential(nn.Linear(2 * private_dim + shared_dim, hidden), nn.LeakyReLU(0.2),
+                                 nn.Linear(hidden, 2 * private_dim))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor):
+        """``mu``, ``logvar`` ``(B, P)`` and ``z`` ``(..., B, D)`` -> the posterior's ``(mu, logvar)``, ``(..., B, P)``."""
+        mu, logvar = mu.expand(z.shape[:-1] + mu.shape[-1:]), logvar.expand(z.shape[:-1] + logvar.shape[-1:])
+        delta = self.net(torch.cat([mu, logvar, z], -1))
+        return mu + delta[..., :self.private_dim], logvar + delta[..., self.private_dim:]
+
+
 class MultimodalVAE(nn.Module):
     """Encoders and decoders per modality, an aggregator and an objective.
 
@@ -181,6 +225,8 @@ class MultimodalVAE(nn.Module):
         likelihood, likelihood_scale: the decoders' fixed-scale likelihood (``objectives.Likelihood``).
         private_dim: MMVAE+'s modality-specific latent size: the encoders' last ``private_dim`` outputs and the
             decoders' last inputs; ``encode``, the pooling and generation see the shared part only.
+        latent_dim: the shared latent size; models with top-down private posteriors (Hölder++) need it for their
+            ``TopDownPrivate`` modules.
 
     Under autocast the networks run in reduced precision; the aggregation, the KL and the log-likelihoods are
     computed in float32 (or float64 for a float64 model).
@@ -189,7 +235,8 @@ class MultimodalVAE(nn.Module):
     def __init__(self, encoders: nn.ModuleList, decoders: nn.ModuleList, model: str = "helvae", beta: float = 1.0,
                  alpha: float = 0.5, learnable_weights: bool = False, modalities=None,
                  num_samples: int = 1, estimator: str = "elbo", likelihood: str = "laplace",
-                 likelihood_scale: float = objectives.LAPLACE_SCALE, private_dim: int = 0):
+                 likelihood_scale: float = objectives.LAPLACE_SCALE, private_dim: int = 0,
+                 latent_dim: int | None = None):
         super().__init__()
         check_options(model, alpha, learnable_weights, num_samples, estimator, likelihood, likelihood_scale,
                       private_dim)
@@ -203,6 +250,12 @@ class MultimodalVAE(nn.Module):
         self.encoders, self.decoders = encoders, decoders
         self.model, self.beta, self.alpha = model, float(beta), float(alpha)
         self.spec = spec = MODELS[model]
+        self.top_down = None
+        if spec.top_down:
+            if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+                raise ValueError(f"model={model!r} needs latent_dim (the shared latent size, a positive integer), "
+                                 f"got latent_dim={latent_dim!r}")
+            self.top_down = nn.ModuleList(TopDownPrivate(latent_dim, self.private_dim) for _ in encoders)
         objective = spec.objective
         if spec.prior_on_full_subset:
             objective = functools.partial(objective, prior_on_full_subset=True)
@@ -211,6 +264,8 @@ class MultimodalVAE(nn.Module):
                                           estimator=estimator)
         if self.private_dim:
             objective = functools.partial(objective, private_dim=self.private_dim)
+        if spec.components:
+            objective = functools.partial(objective, members=opf.holder_mixture_members(len(encoders), alpha))
         self.objective = objective
         self._aggregator = spec.make_aggregator(alpha)
         self.pool_logits = nn.Parameter(torch.zeros(len(encoders))) if learnable_weights else None
@@ -269,6 +324,8 @@ class MultimodalVAE(nn.Module):
         present = self._everything(x) if present is None else present
         mu, logvar = self._encode(x)
         extra = {"auxiliary_logscale": self.auxiliary_logscale} if self.private_dim else {}
+        if self.top_down is not None:
+            extra["top_down"] = self.top_down
         terms = self.objective(as_modalities(x), present, mu, logvar, self.decoders, self.likelihood, self.aggregate,
                                **extra)
         objective = terms.reconstruction - self.beta * terms.kl if terms.objective is None else terms.objective

@@ -253,3 +253,116 @@ def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate
         kl = kl + here * (log_q - log_p).mean(0)
         objective = objective + here * _bound(log_w, estimator, (u,))
     return Terms(rec, kl, objective)
+
+
+def _component_weights(mixture) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixture's weights ``pi`` as ``(C, B)`` (they carry their gradient) and which are positive (components
+    of absent modalities have weight zero and are skipped)."""
+    log_weights = mixture.log_weights.movedim(-1, 0)
+    return log_weights.exp(), torch.isfinite(log_weights)
+
+
+def _weighted_sum(weights: torch.Tensor, valid: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
+    """``sum_c pi_c terms_c`` over the components ``(C, B)``; a weight-zero component's term is replaced by 0
+    before the product, so an infinite one gives neither a NaN value nor a NaN gradient."""
+    return (weights * torch.where(valid, terms, torch.zeros_like(terms))).sum(0)
+
+
+def _component_draws(mixture, num_samples: int) -> torch.Tensor:
+    """``(K, C, B, D)``: ``K`` reparameterised draws from every component of the mixture (noise drawn in that
+    shape)."""
+    loc, logvar = mixture.loc.movedim(-2, 0), mixture.logvar.movedim(-2, 0)
+    noise = torch.randn((num_samples,) + loc.shape, dtype=loc.dtype, device=loc.device)
+    return loc + torch.exp(0.5 * logvar) * noise
+
+
+def stratified_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
+    """The Hölder VAE as the Hölder++ paper trains it (``aggregate`` = ``opinionpool.functional.holder_mixture``,
+    exact ``alpha`` = 0 or 1/n), stratified over the mixture's components: every sample draws one ``z_c`` from every
+    component ``c`` (reparameterised within it) and the terms are the weighted sums
+
+        ``reconstruction = sum_c pi_c log p(X | z_c)``,  ``kl = sum_c pi_c (log q(z_c | X) - log p(z_c))``
+
+    with ``q(z | X)`` the exact mixture density. It is the ELBO in expectation, as ``mixture_elbo`` (one component
+    drawn by its weight) is, but the weights ``pi_c`` (for ``alpha = 1/2``: ``c`` for the experts, ``2 c S_ij``
+    for the pairs, set by the encoders through the Bhattacharyya coefficients ``S_ij``) get their exact gradient
+    through the sum, where ``mixture_elbo``'s draw of a component carries none. Components of weight zero (those
+    of absent modalities) are skipped. Cost: ``C`` decoder passes per modality and sample (``C = M + M(M-1)/2``
+    for ``alpha = 1/2``)."""
+    mixture = aggregate(mu, logvar, mask=present)
+    weights, valid = _component_weights(mixture)
+    z = _component_draws(mixture, 1)[0]  # (C, B, D)
+    log_lik = likelihood(x, present, z, decoders)
+    kl = mixture.log_prob(z) - standard_normal_log_prob(z)
+    return Terms(_weighted_sum(weights, valid, log_lik), _weighted_sum(weights, valid, kl))
+
+
+def _detached_call(module: nn.Module, *args):
+    """``module(*args)`` with its parameters detached (DReG scores a density with its parameters stopped)."""
+    detached = {name: p.detach() for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, detached, args)
+
+
+def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate, beta=1.0, num_samples=1,
+                          estimator="elbo", private_dim=1, auxiliary_logscale=None, members=None,
+                          top_down=None) -> Terms:
+    """Hölder+ and Hölder++ (the Hölder++ paper): a shared ``z`` (the first ``D - private_dim`` coordinates of the
+    encoders' posteriors) pooled by the exact Hölder mixture (``aggregate`` = ``opinionpool.functional.
+    holder_mixture``), and a private ``w_n`` per modality (the last ``private_dim``), stratified over the mixture's
+    components as ``stratified_mixture_elbo``. For every component ``c`` (``members[c]``: its experts, from
+    ``opinionpool.functional.holder_mixture_members``), ``K = num_samples`` draws ``z ~ q_c`` reconstruct every
+    present ``x_n`` from ``(z, w_n)`` with
+
+    - ``w_n ~ q(w_n | x_n)`` (Hölder+) or ``q(w_n | x_n, z)`` (Hölder++: ``top_down[n]`` maps the encoder's
+      private statistics and ``z`` to it) if modality ``n`` is one of the component's experts (self-reconstruction:
+      ``n = j`` for the unimodal component ``j``, ``n in {i, j}`` for the pair ``(i, j)``),
+    - ``w_n ~ r_n = N(0, exp(2 auxiliary_logscale[n]))`` otherwise (cross-reconstruction; MMVAE+'s auxiliary
+      distribution, which keeps the private latents from carrying what the shared one should).
+
+    Log-weights ``log w_k = log p(X | z, w) + beta (log p(z) + sum_{n in c} log p(w_n) - log q(z | X) -
+    sum_{n in c} log q(w_n | ...))``: the exact mixture density of ``z`` and the private latents drawn from their
+    posteriors (``p`` standard normal). Per component the bound is, as in ``mmvae_objective``, ``"elbo"``
+    (``mean_k log w_k``), ``"iwae"`` (``log mean_k w_k``) or ``"dreg"`` (the IWAE value with the doubly
+    reparameterised gradient: the posteriors' parameters stopped inside ``log q``, every path gradient of a
+    draw weighted by the squared normalised weights; in Hölder++ the draws of ``w`` reach ``z`` through
+    ``top_down``, and each path is weighted once); the objective is ``sum_c pi_c bound_c``, so the weights
+    ``pi_c`` get their exact gradient. ``reconstruction`` and ``kl`` are the ``pi``-weighted sample means of
+    ``log p(X | z, w)`` and ``log q - log p``. Cost: ``C K`` decoder passes per modality and sample."""
+    _check_estimator(estimator, num_samples)
+    dreg = estimator == "dreg"
+    shared = mu.shape[-1] - private_dim
+    mixture = aggregate(mu[..., :shared], logvar[..., :shared], mask=present)
+    weights, valid = _component_weights(mixture)  # (C, B)
+    members = members.to(mu.device)
+    own_mu, own_logvar = mu[..., shared:], logvar[..., shared:]  # (M, B, P)
+    z = _component_draws(mixture, num_samples)  # (K, C, B, Ds)
+    # DReG: the log-weights see a copy of z whose gradient is weighted (once); w's parameters see z itself
+    z_in = z.clone() if dreg else z
+    log_q = (_detached(mixture) if dreg else mixture).log_prob(z_in)  # (K, C, B)
+    log_p = standard_normal_log_prob(z_in)
+    inputs, draws = [], [z_in]
+    for n in range(mu.shape[0]):
+        if top_down is None:
+            post_mu, post_logvar = own_mu[n], own_logvar[n]
+        else:
+            post_mu, post_logvar = top_down[n](own_mu[n], own_logvar[n], z)
+        shape = z.shape[:-1] + (private_dim,)
+        w = post_mu + torch.exp(0.5 * post_logvar) * torch.randn(shape, dtype=mu.dtype, device=mu.device)
+        auxiliary = torch.randn(shape, dtype=mu.dtype, device=mu.device) * auxiliary_logscale[n].exp()
+        if dreg and top_down is None:
+            post_mu, post_logvar = post_mu.detach(), post_logvar.detach()
+        elif dreg:
+            post_mu, post_logvar = _detached_call(top_down[n], own_mu[n].detach(), own_logvar[n].detach(), z_in)
+        member = members[:, n].view(-1, 1)  # (C, 1): modality n is one of component c's experts
+        zero = torch.zeros((), dtype=mu.dtype, device=mu.device)
+        log_q = log_q + torch.where(member, opf.diag_gaussian_log_prob(w, post_mu, post_logvar), zero)
+        log_p = log_p + torch.where(member, standard_normal_log_prob(w), zero)
+        inputs.append((z_in, torch.where(member.unsqueeze(-1), w, auxiliary)))
+        draws.append(w)
+    log_lik = likelihood(x, present, inputs, decoders)  # (K, C, B)
+    log_w = log_lik + beta * (log_p - log_q)
+    bound = _bound(log_w, estimator, draws)  # (C, B)
+    if dreg:  # the value is the IWAE bound, the gradient DReG's
+        bound = (torch.logsumexp(log_w, 0) - math.log(num_samples)).detach() + bound - bound.detach()
+    return Terms(_weighted_sum(weights, valid, log_lik.mean(0)), _weighted_sum(weights, valid, (log_q - log_p).mean(0)),
+                 _weighted_sum(weights, valid, bound))

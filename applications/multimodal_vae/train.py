@@ -85,7 +85,8 @@ def make_model(config: Config, modalities) -> MultimodalVAE:
     return MultimodalVAE(encoders, decoders, model.name, beta=model.beta, alpha=model.alpha,
                          learnable_weights=model.learnable_weights, modalities=modalities,
                          num_samples=model.num_samples, estimator=model.estimator, likelihood=model.likelihood,
-                         likelihood_scale=model.likelihood_scale, private_dim=model.private_dim)
+                         likelihood_scale=model.likelihood_scale, private_dim=model.private_dim,
+                         latent_dim=model.latent_dim)
 
 
 def _start_replicas(device: torch.device) -> tuple[int, int, torch.device]:

@@ -73,11 +73,17 @@ def test_pareto_front_and_aggregation_by_hand():
 
 
 def test_sweep_presets_and_errors(capsys):
-    assert load_sweep("polymnist-cpu").models == ["helvae", "mopoe"]
+    sweep = load_sweep("polymnist-cpu")
+    assert sweep.models == ["helvae", "mopoe", "holder_stratified", "holderplus", "holderplusplus"]
+    from applications.multimodal_vae.sweep import run_config
+
+    for model, private in (("holder_stratified", 0), ("holderplus", 32), ("holderplusplus", 32)):
+        config = run_config(sweep, model, 1.0, 0).model
+        assert (config.name, config.alpha, config.latent_dim, config.private_dim) == (model, 0.5, 32, private)
     with pytest.raises(ValueError, match="unknown sweep preset 'nope'"):
         load_sweep("nope")
     with pytest.raises(ValueError, match="model must be one of"):
-        load_sweep("polymnist-cpu", ["models=[helvae,jmvae]"])
+        load_sweep("polymnist-cpu", ["models=[helvae,holderplus,holderplusplus,jmvae]"])
     with pytest.raises(SystemExit):
         main(["sweep", "--preset", "polymnist-cpu", "--set", "betas=[]"])
     assert "sweep betas must not be empty" in capsys.readouterr().err
@@ -91,7 +97,7 @@ def test_the_gpu_sweep_gives_mmvae_plus_its_latent_split():
     config = run_config(sweep, "mmvaeplus", 2.5, 0)
     assert (config.model.latent_dim, config.model.private_dim) == (32, 32)
     assert run_config(sweep, "helvae", 2.5, 0).model.private_dim == 0
-    with pytest.raises(ValueError, match=r"model_overrides name models not in the sweep: \['mmvaeplus'\]"):
+    with pytest.raises(ValueError, match=r"model_overrides name models not in the sweep: \[.*'mmvaeplus'\]"):
         load_sweep("polymnist-gpu", ["models=[helvae]"])
 
 
