@@ -52,6 +52,8 @@ METRICS = {
     # the probe's subsets are named "m0,m1,...": the longest name is the full set
     "probe_all": _optional("latent_probe", lambda p: p[max(p, key=len)]),
     "probe_single": _optional("latent_probe", lambda p: statistics.mean(v for k, v in p.items() if "," not in k)),
+    # modality-specific latents only: the mean over modalities of the probe on w_m (decoupling: low is good)
+    "probe_private": _optional("private_latent_probe", lambda p: statistics.mean(p.values())),
     "fid_unconditional": _optional("fid", lambda f: f["unconditional"]),
     "pairwise_mass": lambda metrics: metrics["pooling"]["pairwise_mass"],
 }
@@ -284,6 +286,7 @@ def render(summary: dict, figures: list[str], folder: Path) -> str:
     columns = [("coherence", "coherence (all subsets)"), ("cross_coherence", "one input"),
                ("unconditional_coherence", "unconditional"), ("log_likelihood", "log p(X)"),
                ("conditional_log_likelihood", "log p(X_rest \\| x_m)"), ("probe_all", "probe (all)"),
+               ("probe_private", "probe (private w)"),
                ("fid_unconditional", "FID"), ("pairwise_mass", "pairwise mass")]
     lines = [f"# Sweep `{folder.name}`", "", "Mean ± std over seeds; every metric as defined in "
              "`applications/multimodal_vae/evaluation/` (see each run's report.md for its protocol).", "",

@@ -211,12 +211,14 @@ def fid_scores(model, data, real_data, settings, cache: Path, progress=None) -> 
         mu, logvar = model.encode(x)
         prior = torch.randn(n, mu.shape[-1], generator=generator, device=device)
         for t in progress(targets, desc="FID targets") if progress else targets:
-            decoder = model.decoders[t]
-            scores["unconditional"].append(fid_from_features(inception(decoder(prior).float()), real[t]))
+            generated = model.decode(prior, t, generator=generator).float()
+            scores["unconditional"].append(fid_from_features(inception(generated), real[t]))
             for k in range(1, m):
                 present = random_subsets(m, n, k, exclude=t, generator=choice).to(device)
                 z = model.pool(mu, logvar, present).sample(generator=generator)
-                scores[k].append(fid_from_features(inception(decoder(z).float()), real[t]))
+                # the target is outside the subset: its private latent (if any) comes from the prior
+                generated = model.decode(z, t, generator=generator).float()
+                scores[k].append(fid_from_features(inception(generated), real[t]))
     return {"samples": n, "weights": str(weights.name), "targets": [data.modalities[t].name for t in targets],
             "unconditional": float(np.mean(scores["unconditional"])),
             "per_target_unconditional": scores["unconditional"],
