@@ -296,10 +296,12 @@ def render(summary: dict, figures: list[str], folder: Path) -> str:
         entry = summary[key]
         lines.append(f"| {key[0]} | {key[1]:g} | {entry['seeds']} | "
                      + " | ".join(_cell(entry[f]) for f, _ in columns) + " |")
-    missing = [label for f, label in columns if not _computed(summary, summary, f)]
+    missing = [label for f, label in columns if f != "probe_private" and not _computed(summary, summary, f)]
     if missing:
         lines += ["", f"Not computed by any run (–): {', '.join(missing)}; coherence and the latent probe need class "
                   "labels, FID image modalities and eval.fid_samples > 0 (each run's metrics.json says which)."]
+    lines += ["", "probe (private w): the latent probe on the modality-specific latents, mean over modalities (models "
+              "with model.private_dim > 0 only; low is good: the private latents hold no label)."]
     timing = {}
     for (model, _), entry in summary.items():
         timing.setdefault(model, []).append(entry["seconds_per_batch"][0])

@@ -63,7 +63,8 @@ def test_pareto_front_and_aggregation_by_hand():
     assert pareto_front(points, maximise_y=False) == [2, 0, 4]  # FID: lower is better
     assert pareto_front(points, maximise_y=True) == [3, 1]  # higher is better
     base = {f: 0.0 for f in ("coherence", "cross_coherence", "unconditional_coherence", "log_likelihood",
-                             "conditional_log_likelihood", "probe_all", "probe_single", "fid_unconditional",
+                             "conditional_log_likelihood", "probe_all", "probe_single", "probe_private",
+                             "fid_unconditional",
                              "pairwise_mass", "seconds_per_batch")}
     rows = [{**base, "model": "a", "beta": 1.0, "seed": s, "coherence": c, "coherence_by_inputs": '{"1": %s}' % c,
              "fid_by_inputs": "{}"} for s, c in ((0, 0.2), (1, 0.4))]
@@ -73,7 +74,7 @@ def test_pareto_front_and_aggregation_by_hand():
 
 
 def test_sweep_presets_and_errors(capsys):
-    assert load_sweep("polymnist-cpu").models == ["helvae", "mopoe"]
+    assert load_sweep("polymnist-cpu").models == ["helvae", "mopoe", "mmvm", "mmvm_holder", "wbvae"]
     with pytest.raises(ValueError, match="unknown sweep preset 'nope'"):
         load_sweep("nope")
     with pytest.raises(ValueError, match="model must be one of"):
