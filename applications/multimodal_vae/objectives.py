@@ -121,11 +121,24 @@ def reparameterise(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
 
-def joint_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
-    """HELVAE and the moment-matched Hölder VAEs: one ELBO with the aggregated Gaussian posterior."""
-    joint_mu, joint_logvar = aggregate(mu, logvar, mask=present)
+def joint_elbo(x, present, mu, logvar, decoders, likelihood, aggregate, private_dim=0) -> Terms:
+    """HELVAE, the moment-matched Hölder VAEs and WB-VAE: one ELBO with the aggregated Gaussian posterior.
+
+    With ``private_dim`` (the last coordinates of each posterior, as in MMVAE+) every present modality ``n`` is
+    reconstructed from ``(z, w_n)`` with ``w_n ~ q(w_n | x_n)``, and ``kl`` adds ``KL(q(w_n | x_n) || N(0, I))``
+    of the present modalities. ``z`` is sampled after aggregation, from every present modality at once, so each
+    private latent only ever reconstructs its own modality: nothing stops ``w_n`` from carrying all of ``x_n``
+    (the shortcut the Hölder++ paper names; a missing modality is not reconstructed, so ``r_n`` is never used)."""
+    shared = mu.shape[-1] - private_dim
+    joint_mu, joint_logvar = aggregate(mu[..., :shared], logvar[..., :shared], mask=present)
     z = reparameterise(joint_mu, joint_logvar)
-    return Terms(likelihood(x, present, z, decoders), kl_to_standard_normal(joint_mu, joint_logvar))
+    kl = kl_to_standard_normal(joint_mu, joint_logvar)
+    if not private_dim:
+        return Terms(likelihood(x, present, z, decoders), kl)
+    own_mu, own_logvar = mu[..., shared:], logvar[..., shared:]
+    w = reparameterise(own_mu, own_logvar)
+    kl_private = torch.where(present, kl_to_standard_normal(own_mu, own_logvar), 0).sum(0)
+    return Terms(likelihood(x, present, [(z, w[n]) for n in range(len(decoders))], decoders), kl + kl_private)
 
 
 def mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
@@ -154,13 +167,22 @@ def mvae_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
     return Terms(rec, kl)
 
 
-def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate, prior_on_full_subset=False) -> Terms:
+def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate, prior_on_full_subset=False,
+                        private_dim=0, auxiliary_logscale=None) -> Terms:
     """MoPoE, MoHELVAE, MWB-VAE: the uniform mixture over modality subsets of ``aggregate``. Stratified as in
     MoPoE: the batch is cut into contiguous chunks, one subset per chunk (a sample whose subset has no present
     modality draws from its non-empty subsets instead); the KL is the average of the subset KLs.
-    ``prior_on_full_subset``: a standard-normal expert joins the subset of all modalities (MoPoE)."""
-    mixture = subset_mixture(aggregate, mu, logvar, dim=0, mask=present, prior_on_full_subset=prior_on_full_subset,
-                             validate_args=False)
+    ``prior_on_full_subset``: a standard-normal expert joins the subset of all modalities (MoPoE).
+
+    With ``private_dim`` (the last coordinates of each posterior, as in MMVAE+), ``z`` from the chosen subset
+    ``S`` reconstructs each present modality ``n`` from ``(z, w_n)``: ``w_n ~ q(w_n | x_n)`` if ``n`` is in ``S``,
+    else ``w_n`` from the auxiliary ``r_n = N(0, exp(2 auxiliary_logscale[n]))``; ``kl`` adds the KLs to
+    ``N(0, I)`` of the private latents drawn from their posteriors, averaged over the subsets as the shared KL
+    is (modality ``n``'s counts with the mixture weight of the subsets that hold it)."""
+    shared = mu.shape[-1] - private_dim
+    subsets = opf.all_subsets(mu.shape[0], mu.device)  # (K, M), the order of the mixture's components
+    mixture = subset_mixture(aggregate, mu[..., :shared], logvar[..., :shared], dim=0, mask=present,
+                             subsets=subsets, prior_on_full_subset=prior_on_full_subset, validate_args=False)
     batch, num_subsets = mixture.log_weights.shape
     chosen = torch.arange(batch, device=mu.device) * num_subsets // batch
     valid = torch.isfinite(mixture.log_weights)
@@ -170,7 +192,15 @@ def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate,
     z = reparameterise(mixture.loc[rows, chosen], mixture.logvar[rows, chosen])
     subset_kl = kl_to_standard_normal(mixture.loc, mixture.logvar)  # (B, K)
     kl = (mixture.log_weights.exp() * torch.where(valid, subset_kl, torch.zeros_like(subset_kl))).sum(-1)
-    return Terms(likelihood(x, present, z, decoders), kl)
+    if not private_dim:
+        return Terms(likelihood(x, present, z, decoders), kl)
+    own_mu, own_logvar = mu[..., shared:], logvar[..., shared:]
+    drawn = subsets[chosen].T & present  # (M, B): the modalities whose posterior gives w_n
+    auxiliary = torch.randn_like(own_mu) * auxiliary_logscale.exp().unsqueeze(1)
+    w = torch.where(drawn.unsqueeze(-1), reparameterise(own_mu, own_logvar), auxiliary)
+    holding = (mixture.log_weights.exp() @ subsets.to(mixture.log_weights.dtype)).T * present  # (M, B)
+    kl = kl + (holding * kl_to_standard_normal(own_mu, own_logvar)).sum(0)
+    return Terms(likelihood(x, present, [(z, w[n]) for n in range(len(decoders))], decoders), kl)
 
 
 ESTIMATORS = ("elbo", "iwae", "dreg")
@@ -366,3 +396,20 @@ def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregat
         bound = (torch.logsumexp(log_w, 0) - math.log(num_samples)).detach() + bound - bound.detach()
     return Terms(_weighted_sum(weights, valid, log_lik.mean(0)), _weighted_sum(weights, valid, (log_q - log_p).mean(0)),
                  _weighted_sum(weights, valid, bound))
+
+
+def mmvm_objective(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
+    """MMVM (Sutter et al., "Unity by Diversity: Improved Representation Learning in Multimodal VAEs", NeurIPS
+    2024): one latent ``z_m`` per modality, each decoded by its own decoder, tied by the data-dependent prior
+    ``h(z | X) = aggregate`` of the present unimodal posteriors (``opinionpool.functional.moe``: the paper's
+    ``(1/M) sum_m q(z | x_m)``; ``holder_mixture(alpha)`` for the Hölder priors). Per sample,
+    ``reconstruction = sum_m [m present] w_m log p(x_m | z_m)`` and ``kl = sum_m [m present] (log q(z_m | x_m) -
+    log h(z_m | X))`` with one reparameterised ``z_m ~ q(z_m | x_m)``: an unbiased one-sample estimate of
+    ``KL(q(z_m | x_m) || h(z_m | X))`` with the exact mixture density of ``h``. Gradients reach every encoder
+    through ``h`` too. Missing modalities neither get a term nor enter ``h`` (its components are the present
+    posteriors, reweighted); a sample with one present modality has ``h = q(z_m | x_m)`` and no KL at all."""
+    prior = aggregate(mu, logvar, mask=present)
+    z = reparameterise(mu, logvar)  # (M, B, D): z_m for every modality
+    log_q = opf.diag_gaussian_log_prob(z, mu, logvar)
+    kl = torch.where(present, log_q - prior.log_prob(z), 0).sum(0)
+    return Terms(likelihood(x, present, [(z[m],) for m in range(len(decoders))], decoders), kl)

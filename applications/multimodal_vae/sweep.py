@@ -52,6 +52,8 @@ METRICS = {
     # the probe's subsets are named "m0,m1,...": the longest name is the full set
     "probe_all": _optional("latent_probe", lambda p: p[max(p, key=len)]),
     "probe_single": _optional("latent_probe", lambda p: statistics.mean(v for k, v in p.items() if "," not in k)),
+    # modality-specific latents only: the mean over modalities of the probe on w_m (decoupling: low is good)
+    "probe_private": _optional("private_latent_probe", lambda p: statistics.mean(p.values())),
     "fid_unconditional": _optional("fid", lambda f: f["unconditional"]),
     "kid_unconditional": _optional("fid", lambda f: f.get("kid_unconditional")),
     "pairwise_mass": lambda metrics: metrics["pooling"]["pairwise_mass"],
@@ -299,6 +301,7 @@ def render(summary: dict, figures: list[str], folder: Path) -> str:
     columns = [("coherence", "coherence (all subsets)"), ("cross_coherence", "one input"),
                ("unconditional_coherence", "unconditional"), ("log_likelihood", "log p(X)"),
                ("conditional_log_likelihood", "log p(X_rest \\| x_m)"), ("probe_all", "probe (all)"),
+               ("probe_private", "probe (private w)"),
                ("fid_unconditional", "FID"), ("pairwise_mass", "pairwise mass")]
     lines = [f"# Sweep `{folder.name}`", "", "Mean ± std over seeds; every metric as defined in "
              "`applications/multimodal_vae/evaluation/` (see each run's report.md for its protocol).", "",
@@ -308,10 +311,12 @@ def render(summary: dict, figures: list[str], folder: Path) -> str:
         entry = summary[key]
         lines.append(f"| {key[0]} | {key[1]:g} | {entry['seeds']} | "
                      + " | ".join(_cell(entry[f]) for f, _ in columns) + " |")
-    missing = [label for f, label in columns if not _computed(summary, summary, f)]
+    missing = [label for f, label in columns if f != "probe_private" and not _computed(summary, summary, f)]
     if missing:
         lines += ["", f"Not computed by any run (–): {', '.join(missing)}; coherence and the latent probe need class "
                   "labels, FID image modalities and eval.fid_samples > 0 (each run's metrics.json says which)."]
+    lines += ["", "probe (private w): the latent probe on the modality-specific latents, mean over modalities (models "
+              "with model.private_dim > 0 only; low is good: the private latents hold no label)."]
     timing = {}
     for (model, _), entry in summary.items():
         timing.setdefault(model, []).append(entry["seconds_per_batch"][0])

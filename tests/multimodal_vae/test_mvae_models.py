@@ -278,7 +278,7 @@ def test_mmvae_plus_elbo_against_an_independent_computation():
     torch.testing.assert_close(terms.objective, expected)
     # generation from the shared latent alone draws the private one from its prior
     assert model.decoders[0](torch.randn(4, 8)).shape == (4, 3, 28, 28)
-    with pytest.raises(ValueError, match=r"private_dim > 0 .* goes with the models \('mmvaeplus',.*\); model='mmvae'"):
+    with pytest.raises(ValueError, match=r"private_dim > 0 .* goes with the models \('mmvaeplus', .*\); model='mmvae'"):
         make("mmvae", private_dim=2)
     with pytest.raises(ValueError, match="model='mmvaeplus' got private_dim=0"):
         make("mmvaeplus", private_dim=0)

@@ -63,8 +63,8 @@ def test_pareto_front_and_aggregation_by_hand():
     assert pareto_front(points, maximise_y=False) == [2, 0, 4]  # FID: lower is better
     assert pareto_front(points, maximise_y=True) == [3, 1]  # higher is better
     base = {f: 0.0 for f in ("coherence", "cross_coherence", "unconditional_coherence", "log_likelihood",
-                             "conditional_log_likelihood", "probe_all", "probe_single", "fid_unconditional",
-                             "kid_unconditional", "pairwise_mass", "seconds_per_batch")}
+                             "conditional_log_likelihood", "probe_all", "probe_single", "probe_private",
+                             "fid_unconditional", "kid_unconditional", "pairwise_mass", "seconds_per_batch")}
     rows = [{**base, "model": "a", "beta": 1.0, "seed": s, "coherence": c, "coherence_by_inputs": '{"1": %s}' % c,
              "fid_by_inputs": "{}"} for s, c in ((0, 0.2), (1, 0.4))]
     summary = aggregate(rows)[("a", 1.0)]
@@ -74,7 +74,8 @@ def test_pareto_front_and_aggregation_by_hand():
 
 def test_sweep_presets_and_errors(capsys):
     sweep = load_sweep("polymnist-cpu")
-    assert sweep.models == ["helvae", "mopoe", "holder_stratified", "holderplus", "holderplusplus"]
+    assert sweep.models == ["helvae", "mopoe", "holder_stratified", "holderplus", "holderplusplus", "mmvm",
+                            "mmvm_holder", "wbvae"]
     from applications.multimodal_vae.sweep import run_config
 
     for model, private in (("holder_stratified", 0), ("holderplus", 32), ("holderplusplus", 32)):

@@ -257,11 +257,12 @@ def fid_scores(model, data, real_data, settings, cache: Path, progress=None) -> 
         mu, logvar = model.encode(x)
         prior = torch.randn(n, mu.shape[-1], generator=generator, device=device)
         for t in progress(targets, desc="FID targets") if progress else targets:
-            decoder = model.decoders[t]
-            score("unconditional", decoder(prior), t)
+            score("unconditional", model.decode(prior, t, generator=generator), t)
             for k in range(1, m):
                 present = random_subsets(m, n, k, exclude=t, generator=choice).to(device)
-                score(k, decoder(model.pool(mu, logvar, present).sample(generator=generator)), t)
+                z = model.pool(mu, logvar, present).sample(generator=generator)
+                # the target is outside the subset: its private latent (if any) comes from the prior
+                score(k, model.decode(z, t, generator=generator), t)
     return {"samples": n, "weights": str(weights.name), "targets": [data.modalities[t].name for t in targets],
             "unconditional": float(np.mean(scores["unconditional"])),
             "per_target_unconditional": scores["unconditional"],
