@@ -45,6 +45,10 @@ MODELS = {
     "mmvae (K=1)": ("mmvae", {}),
     "mmvae (K=10, DReG)": ("mmvae", {"num_samples": 10, "estimator": "dreg"}),
     "mmvaeplus (K=1)": ("mmvaeplus", {}),
+    "holder_mixture (one draw)": ("holder_mixture", {"alpha": 0.5}),
+    "holder_stratified": ("holder_stratified", {"alpha": 0.5}),
+    "holderplus (K=1)": ("holderplus", {"alpha": 0.5}),
+    "holderplusplus (K=1)": ("holderplusplus", {"alpha": 0.5}),
     "mmvm": ("mmvm", {}),
     "mmvm_holder (alpha 1/2)": ("mmvm_holder", {"alpha": 0.5}),
     "wbvae": ("wbvae", {}),
@@ -58,9 +62,11 @@ RATIO_TARGETS = (("mopoe", "MoPoE", "<= 0.9"), ("mmvae (K=10, DReG)", "MMVAE wit
 
 def build(label, latent, device, modalities=5):
     name, options = MODELS[label]
-    if name == "mmvaeplus" or options.get("private_dim") == "half":
-        # half of the encoder outputs are the modality-specific latents (32 + 32 in MMVAE+)
+    if name in ("mmvaeplus", "holderplus", "holderplusplus") or options.get("private_dim") == "half":
+        # half of the encoder outputs are the modality-specific latents (32 + 32 in MMVAE+ and Hölder+/++)
         options = {**options, "private_dim": latent // 2}
+    if name == "holderplusplus":  # its top-down private encoders read the shared latent
+        options["latent_dim"] = latent - options["private_dim"]
     torch.manual_seed(0)
     encoders, decoders = make_networks(polymnist_modalities(modalities), latent)
     model = MultimodalVAE(encoders, decoders, name, beta=2.5, **options).to(device)

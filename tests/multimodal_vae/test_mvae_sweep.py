@@ -102,25 +102,29 @@ def test_the_gpu_sweep_gives_mmvae_plus_its_latent_split():
         load_sweep("polymnist-gpu", ["models=[helvae]"])
 
 
-def test_a_sweep_label_can_be_a_variant_of_a_model_with_its_own_seeds():
+def test_a_sweep_label_can_be_a_variant_of_a_model_with_its_own_seeds(tmp_path, monkeypatch):
+    from applications.multimodal_vae import sweep as sweeps
     from applications.multimodal_vae.sweep import grid, run_config
 
-    sweep = load_sweep("polymnist-cpu", ["models=[helvae,mmvae-k4]", "betas=[1.0]", "seeds=[0,1,2]",
-                                         "model_overrides={mmvae-k4: [model.name=mmvae, model.num_samples=4]}",
-                                         "model_seeds={mmvae-k4: [7]}"])
+    (tmp_path / "variants.yaml").write_text("base: polymnist-helvae-cpu\nmodels: [helvae, mmvae-k4]\nbetas: [1.0]\n"
+                                            "seeds: [0, 1, 2]\nmodel_overrides:\n"
+                                            "  mmvae-k4: [model.name=mmvae, model.num_samples=4]\n"
+                                            "model_seeds:\n  mmvae-k4: [7]\n")
+    monkeypatch.setattr(sweeps, "SWEEPS", tmp_path)
+    sweep = load_sweep("variants")
     assert grid(sweep) == [("helvae", 1.0, 0), ("helvae", 1.0, 1), ("helvae", 1.0, 2), ("mmvae-k4", 1.0, 7)]
     config = run_config(sweep, "mmvae-k4", 1.0, 7)
     assert (config.model.name, config.model.num_samples, config.train.seed) == ("mmvae", 4, 7)
     assert config.name == "mmvae-k4-beta1.0-seed7"
     assert run_config(sweep, "helvae", 1.0, 0).model.name == "helvae"
     with pytest.raises(ValueError, match="model must be one of"):  # a label that is no model needs model.name
-        load_sweep("polymnist-cpu", ["models=[helvae,fast]"])
-    with pytest.raises(ValueError, match=r"model_seeds name models not in the sweep: \['mopoe'\]"):
-        load_sweep("polymnist-cpu", ["models=[helvae]", "model_seeds={mopoe: [1]}"])
+        load_sweep("variants", ["models=[helvae,mmvae-k4,fast]"])
+    with pytest.raises(ValueError, match=r"model_seeds name models not in the sweep: \['other'\]"):
+        load_sweep("variants", ["model_seeds={other: [1]}"])
     with pytest.raises(ValueError, match=r"model_seeds must not be empty, got none for \['helvae'\]"):
-        load_sweep("polymnist-cpu", ["model_seeds={helvae: []}"])
+        load_sweep("variants", ["model_seeds={helvae: []}"])
     with pytest.raises(ValueError, match="must not repeat a label"):
-        load_sweep("polymnist-cpu", ["models=[helvae,helvae]"])
+        load_sweep("variants", ["models=[helvae,helvae,mmvae-k4]"])
 
 
 def fake_run(folder, seed, log_likelihood, conditional, pairwise_mass, fid, seconds):
