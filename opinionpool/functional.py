@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._hellinger import hellinger_moments
 from ._validation import (
     check_alpha,
     check_finite,
@@ -173,11 +174,9 @@ def _log_weights(weights, num_experts, mask, like):
                                   validate=False)
 
 
-def holder_mixture(mu, logvar, alpha=0.5, *, dim=0, weights=None, mask=None, prior_expert=False,
-                   max_components: int = DEFAULT_MAX_COMPONENTS, validate_args=None) -> GaussianMixture:
-    """The exact Hölder pool (``alpha`` = 0 or 1/n) as a normalised Gaussian mixture. For ``alpha = 1/n`` the
-    first ``M`` components are the experts themselves; the others combine two or more experts."""
-    validate = validation_enabled(validate_args)
+def _holder_setup(mu, logvar, alpha, dim, weights, mask, prior_expert, max_components, validate):
+    """The checks and preparation shared by ``holder_mixture`` and ``holder``: ``(order, mu, logvar, log_weights)``
+    with the experts along ``-2``."""
     alpha = check_alpha(alpha)
     check_positive_int("max_components", max_components)
     order = exact_order(alpha)
@@ -185,24 +184,52 @@ def holder_mixture(mu, logvar, alpha=0.5, *, dim=0, weights=None, mask=None, pri
         raise NotImplementedError(f"alpha={alpha!r} has no closed form (exact for alpha = 0 and 1/n only)")
     check_max_components(alpha, order, _layout(mu, logvar, dim)[1] + (1 if prior_expert else 0), max_components)
     mu, logvar, mask, m = _prepare(mu, logvar, dim, weights, mask, prior_expert, validate)
+    return order, mu, logvar, _log_weights(weights, m, mask, mu)
+
+
+def _components(mu, logvar, log_weights, order):
     family = DiagonalNormalFamily(mu.shape[-1])
-    log_weights = _log_weights(weights, m, mask, mu)
     log_mix, components = holder_components(family, torch.stack((mu, logvar), -2), log_weights, order)
     loc, logvar_k = family.split(components)
     return GaussianMixture(torch.log_softmax(log_mix, -1), loc, logvar_k)
 
 
-def holder(mu, logvar, alpha=0.5, **kwargs):
+def holder_mixture(mu, logvar, alpha=0.5, *, dim=0, weights=None, mask=None, prior_expert=False,
+                   max_components: int = DEFAULT_MAX_COMPONENTS, validate_args=None) -> GaussianMixture:
+    """The exact Hölder pool (``alpha`` = 0 or 1/n) as a normalised Gaussian mixture. For ``alpha = 1/n`` the
+    first ``M`` components are the experts themselves; the others combine two or more experts."""
+    order, mu, logvar, log_weights = _holder_setup(mu, logvar, alpha, dim, weights, mask, prior_expert,
+                                                   max_components, validation_enabled(validate_args))
+    return _components(mu, logvar, log_weights, order)
+
+
+def holder(mu, logvar, alpha=0.5, *, dim=0, weights=None, mask=None, prior_expert=False,
+           max_components: int = DEFAULT_MAX_COMPONENTS, validate_args=None, fused: bool = False):
     """The Hölder pool moment-matched to one diagonal Gaussian: returns ``(mu, logvar)``.
 
     ``alpha=0.5`` is the Hellinger aggregation of HELVAE; ``alpha=0`` the log-linear pool; ``alpha=1``
-    the moment-matched mixture of experts.
+    the moment-matched mixture of experts. Same arguments as ``holder_mixture``.
+
+    ``alpha=0.5`` runs as one autograd function (pairs recomputed in the backward pass, nothing of the size of the
+    components saved). ``fused=True`` compiles its forward and backward bodies with ``torch.compile``: the first
+    call for each number of experts, dtype, device and shape compiles (seconds), later calls reuse it; where
+    compilation fails it warns once and runs eagerly. Other orders ignore ``fused``.
     """
-    return holder_mixture(mu, logvar, alpha, **kwargs).moments()
+    order, mu, logvar, log_weights = _holder_setup(mu, logvar, alpha, dim, weights, mask, prior_expert,
+                                                   max_components, validation_enabled(validate_args))
+    if order == 2:
+        return hellinger_moments(mu, logvar, log_weights, fused=fused)
+    # means relative to one expert (of largest weight), so that component means keep the digits of their offsets
+    batch = torch.broadcast_shapes(mu.shape[:-2], log_weights.shape[:-1])
+    index = log_weights.expand(batch + log_weights.shape[-1:]).argmax(-1)
+    reference = mu.expand(batch + mu.shape[-2:]).gather(-2, index[..., None, None].expand(batch + (1, mu.shape[-1])))
+    offset, logvar_out = _components(mu - reference, logvar, log_weights, order).moments()
+    return reference.squeeze(-2) + offset, logvar_out
 
 
 def hellinger(mu, logvar, **kwargs):
-    """Hellinger aggregation (HELVAE): Hölder ``alpha=1/2`` moment-matched, returns ``(mu, logvar)``."""
+    """Hellinger aggregation (HELVAE): Hölder ``alpha=1/2`` moment-matched, returns ``(mu, logvar)`` (see
+    ``holder``, whose ``fused`` switch it takes)."""
     return holder(mu, logvar, 0.5, **kwargs)
 
 
@@ -221,7 +248,7 @@ def poe(mu, logvar, *, dim=0, weights=None, mask=None, prior_expert=False, valid
     w = torch.ones(m, dtype=mu.dtype, device=mu.device) if weights is None else \
         real_tensor("weights", weights, dtype=mu.dtype, device=mu.device)
     log_w = log_of_weights(w, mask).expand(mu.shape[:-1])
-    loc, logvar_p, _ = gaussian_combine(mu, logvar, log_w, 1)
+    loc, logvar_p, _ = gaussian_combine(mu, logvar, log_w, 1, need_log_c=False)
     return loc, logvar_p
 
 
