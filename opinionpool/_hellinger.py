@@ -27,7 +27,7 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["hellinger_moments", "pair_indices"]
+__all__ = ["hellinger_moments", "pair_components", "pair_indices"]
 
 _LOG2 = math.log(2.0)
 
@@ -101,7 +101,7 @@ def _forward(mu, logvar, log_w, i, j):
 
 def _backward(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar, i, j):
     x, _ = _reference(mu, log_w)
-    neg_log_s, loc_p, lv_p, (delta, ri, rj, big, t, z, quad) = _pairs(x, logvar, i, j)
+    neg_log_s, loc_p, lv_p, pair_terms = _pairs(x, logvar, i, j)
     m = log_w.shape[-1]
     pi_d, pi_p = pi[..., :m].unsqueeze(-1), pi[..., m:].unsqueeze(-1)
     q = torch.exp(-0.5 * logvar_out).unsqueeze(-2)
@@ -123,17 +123,57 @@ def _backward(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar,
     d_loc_p, d_lv_p, d_logit_p = component(pi_p, loc_p, lv_p)
     grad_log_w = 2 * d_logit_d
     grad_log_w = grad_log_w.index_add(-1, i, d_logit_p).index_add(-1, j, d_logit_p)
-    d_neg = d_logit_p.unsqueeze(-1)  # d loss / d logit_ij = -d loss / d(-log S_ij)
-    slope = 0.5 * z * t * big  # Delta / (2u) = d(-log S)/d mu_j
-    cross = d_loc_p * delta * ri * rj  # through the pair mean's weights
-    tanh_half = 0.25 * (ri - rj)  # d(1/2 log cosh((lv_i - lv_j) / 2)) / d lv_i
-    gx_i = d_loc_p * rj + d_neg * slope
-    gx_j = d_loc_p * ri - d_neg * slope
-    glv_i = cross + d_lv_p * rj - d_neg * (tanh_half - quad * ri)
-    glv_j = -cross + d_lv_p * ri - d_neg * (-tanh_half - quad * rj)
-    grad_mu = d_loc_d.index_add(-2, i, gx_i).index_add(-2, j, gx_j)
-    grad_logvar_in = d_lv_d.index_add(-2, i, glv_i).index_add(-2, j, glv_j)
+    gx_p, glv_p = _pair_backward(x, logvar, i, j, pair_terms, d_loc_p, d_lv_p, -d_logit_p)
+    grad_mu = d_loc_d.index_add(-2, i, gx_p[0]).index_add(-2, j, gx_p[1])
+    grad_logvar_in = d_lv_d.index_add(-2, i, glv_p[0]).index_add(-2, j, glv_p[1])
     return grad_mu, grad_logvar_in, grad_log_w
+
+
+def _pair_backward(x, logvar, i, j, pair_terms, d_loc, d_lv, d_neg_log_s):
+    """Chain rule from the pair quantities (mean ``d_loc``, log-variance ``d_lv``, ``-log S`` ``d_neg_log_s``) to
+    each pair's two experts: ``((d x_i, d x_j), (d logvar_i, d logvar_j))``, each ``(..., P, D)``."""
+    delta, ri, rj, big, t, z, quad = pair_terms
+    d_neg = d_neg_log_s.unsqueeze(-1)
+    slope = 0.5 * z * t * big  # Delta / (2u) = d(-log S)/d x_j
+    cross = d_loc * delta * ri * rj  # through the pair mean's weights: d loc / d logvar_i = Delta r_i r_j
+    tanh_half = 0.25 * (ri - rj)  # d(1/2 log cosh((lv_i - lv_j) / 2)) / d lv_i
+    gx = (d_loc * rj - d_neg * slope, d_loc * ri + d_neg * slope)
+    glv = (cross + d_lv * rj + d_neg * (tanh_half - quad * ri), -cross + d_lv * ri - d_neg * (tanh_half + quad * rj))
+    return gx, glv
+
+
+class _PairComponents(torch.autograd.Function):
+    """``(-log S, loc, logvar)`` of the pairs ``i < j`` of experts given as offsets ``x`` and ``logvar``
+    ``(..., M, D)``: ``(..., P)``, ``(..., P, D)``, ``(..., P, D)``; saves only its inputs."""
+
+    @staticmethod
+    def forward(ctx, x, logvar):
+        i, j = pair_indices(x.shape[-2], x.device)
+        ctx.save_for_backward(x, logvar)
+        return _pairs(x, logvar, i, j)[:3]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_neg_log_s, d_loc, d_lv):
+        x, logvar = ctx.saved_tensors
+        i, j = pair_indices(x.shape[-2], x.device)
+        pair_terms = _pairs(x, logvar, i, j)[3]
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        d_loc = zero if d_loc is None else d_loc
+        d_lv = zero if d_lv is None else d_lv
+        d_neg_log_s = torch.zeros(x.shape[:-2] + i.shape, dtype=x.dtype, device=x.device) if d_neg_log_s is None \
+            else d_neg_log_s
+        (gx_i, gx_j), (glv_i, glv_j) = _pair_backward(x, logvar, i, j, pair_terms, d_loc, d_lv, d_neg_log_s)
+        grad_x = torch.zeros_like(x).index_add(-2, i, gx_i).index_add(-2, j, gx_j)
+        grad_logvar = torch.zeros_like(logvar).index_add(-2, i, glv_i).index_add(-2, j, glv_j)
+        return grad_x, grad_logvar
+
+
+def pair_components(x: torch.Tensor, logvar: torch.Tensor):
+    """``(-log S_ij (..., P), loc_ij (..., P, D), logvar_ij (..., P, D))`` of the pairs ``i < j`` (``pair_indices``)
+    of diagonal Gaussians with means ``x`` (offsets from a common reference) and log-variances ``logvar``
+    ``(..., M, D)``; the backward pass recomputes them instead of saving them."""
+    return _PairComponents.apply(x, logvar)
 
 
 _COMPILED: dict[str, object] = {}

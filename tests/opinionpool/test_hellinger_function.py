@@ -3,7 +3,6 @@ the pool's mixture written out here, analytic gradients against finite differenc
 memory it keeps for the backward pass, and the opt-in compiled path."""
 
 import itertools
-import math
 import warnings
 
 import pytest
@@ -175,4 +174,3 @@ def test_compiled_path_equals_eager(m, monkeypatch):
     assert not hellinger_module._COMPILE_FAILED
     for eager, fused in zip(*results):
         torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
-    assert math.isfinite(float(results[1][0].sum()))
