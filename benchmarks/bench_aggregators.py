@@ -1,18 +1,25 @@
-"""Forward+backward time of the Gaussian aggregators on the VAE hot path (CPU, float32 by default).
+"""Forward+backward time and saved-for-backward memory of the Gaussian aggregators on the VAE hot path.
 
-Compares, on the same inputs and in one run:
-  * opinionpool.functional.hellinger (Hölder alpha=1/2, moment-matched)
-  * opinionpool.functional.poe (product of experts)
-  * a direct float32 port of the official HELVAE aggregator (E[z^2] - mu^2, all ordered pairs)
+Per shape (batch, experts, latent), on the same inputs:
+  * opinionpool.functional.poe (product of experts): the reference every ratio is taken to
+  * opinionpool.functional.hellinger (Hölder alpha=1/2, moment-matched), eager and with ``fused=True`` (``--fused``)
+  * a direct port of the official HELVAE aggregator (E[z^2] - mu^2, all ordered pairs)
   * the object API: opinionpool.holder(Independent(Normal), alpha=0.5).moment_match()
+  * subset_mixture over all 2^M - 1 subsets with poe (MoPoE) and hellinger (MoHELVAE), up to ``--max-subset-experts``
 
-Usage: python benchmarks/bench_aggregators.py [--batch 256 --experts 5 --latent 512 --repeats 50]
-Prints a Markdown table of medians (ms) and ratios; ``--docs docs/benchmarks.md`` also splices it into that page.
+Each round runs every candidate once in a fresh random order; a candidate's ratio is taken to PoE's time in the
+same round, and the table gives the median ratio with its interquartile range over rounds (robust to drifting
+machine load). One thread by default. Memory: the bytes of the tensors autograd saves for backward (each storage
+once), via ``torch.autograd.graph.saved_tensors_hooks``.
+
+Usage: python benchmarks/bench_aggregators.py [--shapes 128,5,64 256,3,512 256,5,512 256,10,512 --rounds 30]
+Prints a Markdown table; ``--docs docs/benchmarks.md`` also splices it into that page.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from pathlib import Path
@@ -25,7 +32,12 @@ import opinionpool.functional as opf
 
 from doc_tables import splice_file
 
-__all__ = ["main", "official_hellinger", "object_api", "time_fn"]
+__all__ = ["main", "official_hellinger", "object_api", "saved_bytes", "candidates", "measure"]
+
+SHAPES = ["128,5,64", "256,3,512", "256,5,512", "256,10,512"]
+#: the issue's targets, as ratios to PoE (time) at the shapes they were set for
+TARGETS = {("hellinger", 5): "<= 4", ("hellinger", 3): "<= 2.5", ("hellinger fused", 5): "<= 1.6",
+           ("hellinger fused", 10): "<= 2", ("MoHELVAE", 5): "<= 25", ("MoPoE", 5): "<= 4"}
 
 
 def official_hellinger(mu: torch.Tensor, logvar: torch.Tensor):
@@ -53,56 +65,103 @@ def object_api(mu: torch.Tensor, logvar: torch.Tensor):
     return q.base_dist.loc, 2 * torch.log(q.base_dist.scale)
 
 
-def time_fn(fn, mu, logvar, repeats: int, warmup: int = 5) -> list[float]:
-    times = []
-    for step in range(warmup + repeats):
-        a = mu.detach().requires_grad_(True)
-        b = logvar.detach().requires_grad_(True)
-        start = time.perf_counter()
-        loc, lv = fn(a, b)
-        (loc.sum() + lv.sum()).backward()
-        elapsed = time.perf_counter() - start
-        if step >= warmup:
-            times.append(elapsed)
-    return times
+def _subsets(aggregator):
+    def run(mu, logvar):
+        mixture = opf.subset_mixture(aggregator, mu, logvar)
+        return mixture.loc, mixture.logvar
+    return run
+
+
+def candidates(experts: int, fused: bool, max_subset_experts: int) -> dict:
+    found = {"poe": opf.poe, "hellinger": opf.hellinger}
+    if fused:
+        found["hellinger fused"] = lambda mu, logvar: opf.hellinger(mu, logvar, fused=True)
+    found["official port"] = official_hellinger
+    found["object API"] = object_api
+    if experts <= max_subset_experts:
+        found["MoPoE"] = _subsets(opf.poe)
+        found["MoHELVAE"] = _subsets(opf.hellinger)
+    return found
+
+
+def _step(fn, mu, logvar) -> float:
+    a = mu.detach().requires_grad_(True)
+    b = logvar.detach().requires_grad_(True)
+    start = time.perf_counter()
+    loc, lv = fn(a, b)
+    (loc.sum() + lv.sum()).backward()
+    return time.perf_counter() - start
+
+
+def saved_bytes(fn, mu, logvar) -> int:
+    """Bytes autograd keeps for backward in ``fn`` (each storage counted once)."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn(mu.detach().requires_grad_(True), logvar.detach().requires_grad_(True))
+    return sum(storages.values())
+
+
+def measure(found: dict, mu, logvar, rounds: int, warmup: int, rng: random.Random):
+    """Per candidate: (median ms, median ratio to poe, (q1, q3) of the ratio, saved MB)."""
+    names = list(found)
+    for _ in range(warmup):
+        for name in names:
+            _step(found[name], mu, logvar)
+    times = {name: [] for name in names}
+    for _ in range(rounds):
+        rng.shuffle(names)
+        for name in names:
+            times[name].append(_step(found[name], mu, logvar))
+    results = {}
+    for name in found:
+        ratios = [t / p for t, p in zip(times[name], times["poe"])]
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        results[name] = (statistics.median(times[name]) * 1e3, statistics.median(ratios), (q1, q3),
+                         saved_bytes(found[name], mu, logvar) / 2**20)
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--experts", type=int, default=5)
-    parser.add_argument("--latent", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--shapes", nargs="+", default=SHAPES, metavar="B,M,D")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fused", action="store_true", help="also time hellinger(fused=True) (compiles first)")
+    parser.add_argument("--max-subset-experts", type=int, default=5,
+                        help="time the subset mixtures (2^M - 1 subsets) up to this many experts")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--docs", type=Path, metavar="PAGE",
-                        help="also splice the tables into PAGE between its <!-- table: bench_aggregators --> markers")
+                        help="also splice the table into PAGE between its <!-- table: bench_aggregators --> markers")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    g = torch.Generator().manual_seed(0)
-    shape = (args.experts, args.batch, args.latent)
-    mu = torch.randn(shape, generator=g).to(args.device, dtype)
-    logvar = (torch.randn(shape, generator=g) * 0.5).to(args.device, dtype)
     opinionpool.set_validate_args(False)
-    candidates = {
-        "functional hellinger": lambda m, v: opf.hellinger(m, v),
-        "functional poe": lambda m, v: opf.poe(m, v),
-        "official formula (port)": official_hellinger,
-        "object API hellinger": object_api,
-    }
-    medians = {}
-    for name, fn in candidates.items():
-        medians[name] = statistics.median(time_fn(fn, mu, logvar, args.repeats)) * 1e3
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, {args.dtype}, "
-          f"batch {args.batch}, experts {args.experts}, latent {args.latent}, {args.repeats} repeats (forward+backward)")
-    h = medians["functional hellinger"]
-    table = "\n".join([
-        "| aggregator | median ms |", "|---|---|", *(f"| {name} | {ms:.3f} |" for name, ms in medians.items()), "",
-        "| ratio | value | target |", "|---|---|---|",
-        f"| hellinger / poe | {h / medians['functional poe']:.2f} | <= 2 |",
-        f"| hellinger / official port | {h / medians['official formula (port)']:.2f} | <= 1 |",
-        f"| object API / functional | {medians['object API hellinger'] / h:.2f} | <= 1.5 |"])
-    print("\n" + table)
+    rng = random.Random(args.seed)
+    rows = ["| shape (B, M, D) | aggregator | median ms | ratio to PoE (median [IQR]) | saved MB | target |",
+            "|---|---|---|---|---|---|"]
+    for shape in args.shapes:
+        batch, experts, latent = (int(n) for n in shape.split(","))
+        g = torch.Generator().manual_seed(args.seed)
+        mu = torch.randn(experts, batch, latent, generator=g).to(args.device, dtype)
+        logvar = (torch.randn(experts, batch, latent, generator=g) * 0.5).to(args.device, dtype)
+        found = candidates(experts, args.fused, args.max_subset_experts)
+        for name, (ms, ratio, (q1, q3), mb) in measure(found, mu, logvar, args.rounds, args.warmup, rng).items():
+            target = TARGETS.get((name, experts), "") if (batch, latent) == (256, 512) else ""
+            rows.append(f"| ({batch}, {experts}, {latent}) | {name} | {ms:.2f} | {ratio:.2f} [{q1:.2f}, {q3:.2f}] | "
+                        f"{mb:.2f} | {target} |")
+    header = (f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {args.device}, {args.dtype}, "
+              f"{args.rounds} rounds of forward+backward, candidates in random order each round")
+    table = header + "\n\n" + "\n".join(rows)
+    print(table)
     if args.docs:
         splice_file(args.docs, "bench_aggregators", table)
 

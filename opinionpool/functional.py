@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._hellinger import hellinger_moments, pair_components, pair_indices
 from ._validation import (
     check_alpha,
     check_finite,
@@ -175,11 +176,9 @@ def _log_weights(weights, num_experts, mask, like):
                                   validate=False)
 
 
-def holder_mixture(mu, logvar, alpha=0.5, *, dim=0, weights=None, mask=None, prior_expert=False,
-                   max_components: int = DEFAULT_MAX_COMPONENTS, validate_args=None) -> GaussianMixture:
-    """The exact Hölder pool (``alpha`` = 0 or 1/n) as a normalised Gaussian mixture. For ``alpha = 1/n`` the
-    first ``M`` components are the experts themselves; the others combine two or more experts."""
-    validate = validation_enabled(validate_args)
+def _holder_setup(mu, logvar, alpha, dim, weights, mask, prior_expert, max_components, validate):
+    """The checks and preparation shared by ``holder_mixture`` and ``holder``: ``(order, mu, logvar, log_weights)``
+    with the experts along ``-2``."""
     alpha = check_alpha(alpha)
     check_positive_int("max_components", max_components)
     order = exact_order(alpha)
@@ -187,8 +186,11 @@ def holder_mixture(mu, logvar, alpha=0.5, *, dim=0, weights=None, mask=None, pri
         raise NotImplementedError(f"alpha={alpha!r} has no closed form (exact for alpha = 0 and 1/n only)")
     check_max_components(alpha, order, _layout(mu, logvar, dim)[1] + (1 if prior_expert else 0), max_components)
     mu, logvar, mask, m = _prepare(mu, logvar, dim, weights, mask, prior_expert, validate)
+    return order, mu, logvar, _log_weights(weights, m, mask, mu)
+
+
+def _components(mu, logvar, log_weights, order):
     family = DiagonalNormalFamily(mu.shape[-1])
-    log_weights = _log_weights(weights, m, mask, mu)
     log_mix, components = holder_components(family, torch.stack((mu, logvar), -2), log_weights, order)
     loc, logvar_k = family.split(components)
     return GaussianMixture(torch.log_softmax(log_mix, -1), loc, logvar_k)
@@ -213,17 +215,42 @@ def holder_mixture_members(num_experts: int, alpha=0.5, *, prior_expert=False,
     return component_counts(order, num_experts, device) > 0
 
 
-def holder(mu, logvar, alpha=0.5, **kwargs):
+def holder_mixture(mu, logvar, alpha=0.5, *, dim=0, weights=None, mask=None, prior_expert=False,
+                   max_components: int = DEFAULT_MAX_COMPONENTS, validate_args=None) -> GaussianMixture:
+    """The exact Hölder pool (``alpha`` = 0 or 1/n) as a normalised Gaussian mixture. For ``alpha = 1/n`` the
+    first ``M`` components are the experts themselves; the others combine two or more experts."""
+    order, mu, logvar, log_weights = _holder_setup(mu, logvar, alpha, dim, weights, mask, prior_expert,
+                                                   max_components, validation_enabled(validate_args))
+    return _components(mu, logvar, log_weights, order)
+
+
+def holder(mu, logvar, alpha=0.5, *, dim=0, weights=None, mask=None, prior_expert=False,
+           max_components: int = DEFAULT_MAX_COMPONENTS, validate_args=None, fused: bool = False):
     """The Hölder pool moment-matched to one diagonal Gaussian: returns ``(mu, logvar)``.
 
     ``alpha=0.5`` is the Hellinger aggregation of HELVAE; ``alpha=0`` the log-linear pool; ``alpha=1``
-    the moment-matched mixture of experts.
+    the moment-matched mixture of experts. Same arguments as ``holder_mixture``.
+
+    ``alpha=0.5`` runs as one autograd function (pairs recomputed in the backward pass, nothing of the size of the
+    components saved). ``fused=True`` compiles its forward and backward bodies with ``torch.compile``: the first
+    call for each number of experts, dtype, device and shape compiles (seconds), later calls reuse it; where
+    compilation fails it warns once and runs eagerly. Other orders ignore ``fused``.
     """
-    return holder_mixture(mu, logvar, alpha, **kwargs).moments()
+    order, mu, logvar, log_weights = _holder_setup(mu, logvar, alpha, dim, weights, mask, prior_expert,
+                                                   max_components, validation_enabled(validate_args))
+    if order == 2:
+        return hellinger_moments(mu, logvar, log_weights, fused=fused)
+    # means relative to one expert (of largest weight), so that component means keep the digits of their offsets
+    batch = torch.broadcast_shapes(mu.shape[:-2], log_weights.shape[:-1])
+    index = log_weights.expand(batch + log_weights.shape[-1:]).argmax(-1)
+    reference = mu.expand(batch + mu.shape[-2:]).gather(-2, index[..., None, None].expand(batch + (1, mu.shape[-1])))
+    offset, logvar_out = _components(mu - reference, logvar, log_weights, order).moments()
+    return reference.squeeze(-2) + offset, logvar_out
 
 
 def hellinger(mu, logvar, **kwargs):
-    """Hellinger aggregation (HELVAE): Hölder ``alpha=1/2`` moment-matched, returns ``(mu, logvar)``."""
+    """Hellinger aggregation (HELVAE): Hölder ``alpha=1/2`` moment-matched, returns ``(mu, logvar)`` (see
+    ``holder``, whose ``fused`` switch it takes)."""
     return holder(mu, logvar, 0.5, **kwargs)
 
 
@@ -242,7 +269,7 @@ def poe(mu, logvar, *, dim=0, weights=None, mask=None, prior_expert=False, valid
     w = torch.ones(m, dtype=mu.dtype, device=mu.device) if weights is None else \
         real_tensor("weights", weights, dtype=mu.dtype, device=mu.device)
     log_w = log_of_weights(w, mask).expand(mu.shape[:-1])
-    loc, logvar_p, _ = gaussian_combine(mu, logvar, log_w, 1)
+    loc, logvar_p, _ = gaussian_combine(mu, logvar, log_w, 1, need_log_c=False)
     return loc, logvar_p
 
 
@@ -365,8 +392,97 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
     else:
         first = torch.nn.functional.one_hot(positive.to(torch.uint8).argmax(-1), m).to(torch.bool)
     member = torch.where(empty.unsqueeze(-1), first, member)
-    expand = batch + (k,) + mu.shape[-2:]
-    loc, lv = aggregator(mu.unsqueeze(-3).expand(expand), logvar.unsqueeze(-3).expand(expand), dim=-2,
-                         mask=member, validate_args=False, **kwargs)
+    shared = _shared_kind(aggregator, kwargs)
+    if shared is None:
+        expand = batch + (k,) + mu.shape[-2:]
+        loc, lv = aggregator(mu.unsqueeze(-3).expand(expand), logvar.unsqueeze(-3).expand(expand), dim=-2,
+                             mask=member, validate_args=False, **kwargs)
+    else:
+        if prior_expert:  # the aggregator's own prior expert: a member of every subset
+            mu, logvar = _with_prior_expert(mu, logvar)
+            member = torch.cat((member, torch.ones(member.shape[:-1] + (1,), dtype=torch.bool,
+                                                   device=member.device)), -1)
+        loc, lv = _SHARED[shared](mu, logvar, member, weights)
     log_weights = torch.where(empty, -torch.inf, 0.0).to(mu.dtype)
     return GaussianMixture(torch.log_softmax(log_weights, -1), loc, lv)
+
+
+def _shared_kind(aggregator, kwargs):
+    """Which shared-component computation stands for ``aggregator(**kwargs)`` on every subset, or ``None``."""
+    extra = set(kwargs) - {"weights", "prior_expert"}
+    if aggregator is hellinger and extra <= {"fused"}:
+        return "hellinger"
+    if aggregator is holder and extra <= {"alpha", "fused"} and exact_order(check_alpha(kwargs.get("alpha", 0.5))) == 2:
+        return "hellinger"
+    if aggregator is poe and not extra:
+        return "poe"
+    if aggregator is wasserstein_barycenter and not extra:
+        return "barycenter"
+    return None
+
+
+def _wide(dtype):
+    """float64 for the per-subset sums of float32 (or narrower) terms: the raw second moments of ``_subset_hellinger``
+    and sums of precisions spanning e^(+-88) keep their digits and range."""
+    return torch.float64 if torch.finfo(dtype).bits < 64 else dtype
+
+
+def _reference_offsets(mu, member):
+    """``mu`` relative to the first present expert of each sample: ``(offsets, reference (..., 1, D))``."""
+    index = member.any(-2).to(torch.uint8).argmax(-1)[..., None, None].expand(member.shape[:-2] + (1, mu.shape[-1]))
+    reference = mu.gather(-2, index)
+    return mu - reference, reference
+
+
+def _subset_weights(weights, member, dtype):
+    """Unnormalised pooling weights ``(..., K, M)`` broadcast like the generic path's (normalising within a subset
+    cancels in every pool), zero outside each subset."""
+    if weights is None:
+        return member.to(dtype)
+    w = weights.to(dtype=dtype, device=member.device)[..., :member.shape[-1]]
+    return torch.where(member, w, torch.zeros((), dtype=dtype, device=member.device))
+
+
+def _subset_hellinger(mu, logvar, member, weights):
+    """The order-1/2 pool of every subset from the components of the pool of all experts: a subset's components
+    are the experts and pairs inside it, with the same unnormalised weights ``w_i w_j S_ij``; a masked softmax
+    over the shared components gives each subset's mixture weights and one matrix product its moments."""
+    x, reference = _reference_offsets(mu, member)
+    i, j = pair_indices(x.shape[-2], x.device)
+    neg_log_s, loc_p, lv_p = pair_components(x, logvar)
+    log_w = log_of_weights(_subset_weights(weights, member, mu.dtype))  # (..., K, M), -inf outside the subset
+    logits = torch.cat((2 * log_w, log_w[..., i] + log_w[..., j] - LOG_HALF - neg_log_s.unsqueeze(-2)), -1)
+    wide = _wide(mu.dtype)
+    loc_c = torch.cat((x, loc_p), -2).to(wide)
+    stats = torch.cat((loc_c, loc_c * loc_c, torch.cat((logvar, lv_p), -2).to(wide).exp()), -1)
+    mean, second, within = (torch.softmax(logits, -1).to(wide) @ stats).chunk(3, -1)
+    mean = mean.contiguous()  # what the square keeps for backward is then this, not the whole product
+    # raw moments about the reference expert; in float64 the difference keeps its digits unless a subset's mean
+    # lies some 1e7 of its standard deviations from that expert
+    variance = within + (second - mean * mean)
+    return reference + mean.to(mu.dtype), variance.log().to(mu.dtype)
+
+
+def _subset_poe(mu, logvar, member, weights):
+    """Each subset's product of experts from per-expert precisions: one matrix product of the weighted membership
+    ``(..., K, M)`` with the precisions and the precision-weighted offsets."""
+    x, reference = _reference_offsets(mu, member)
+    wide = _wide(mu.dtype)
+    precision = (-logvar.to(wide)).exp()
+    sums = _subset_weights(weights, member, wide) @ torch.cat((precision, precision * x.to(wide)), -1)
+    total, weighted = sums.chunk(2, -1)
+    return reference + (weighted / total).to(mu.dtype), (-total.log()).to(mu.dtype)
+
+
+def _subset_barycenter(mu, logvar, member, weights):
+    """Each subset's 2-Wasserstein barycenter: weighted means of the experts' means and standard deviations, so one
+    matrix product of the weighted membership with both."""
+    x, reference = _reference_offsets(mu, member)
+    wide = _wide(mu.dtype)
+    w = _subset_weights(weights, member, wide)
+    sums = w @ torch.cat((x.to(wide), (0.5 * logvar.to(wide)).exp()), -1)
+    mean, sd = (sums / w.sum(-1, keepdim=True)).chunk(2, -1)
+    return reference + mean.to(mu.dtype), (2 * sd.log()).to(mu.dtype)
+
+
+_SHARED = {"hellinger": _subset_hellinger, "poe": _subset_poe, "barycenter": _subset_barycenter}

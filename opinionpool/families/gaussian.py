@@ -22,7 +22,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 
 from .._validation import check_finite, check_positive
 from ..constants import LOG_2PI
-from .base import ExponentialFamily, shifted_mean_along, shifted_weighted_mean, weighted_sum
+from .base import ExponentialFamily, shifted_weighted_mean, weighted_sum
 
 __all__ = ["NormalFamily", "DiagonalNormalFamily", "MultivariateNormalFamily"]
 
@@ -32,11 +32,19 @@ def normal_log_density(value: torch.Tensor, loc: torch.Tensor, logvar: torch.Ten
     return -0.5 * ((value - loc) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI)
 
 
-def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch.Tensor, num_features: int):
+def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch.Tensor, num_features: int,
+                     need_log_c: bool = True):
     """Geometric combination of diagonal Gaussians along dim ``-1 - num_features``.
 
     Returns ``(loc, logvar)`` of the combination and the log Chernoff coefficient summed over the
-    ``num_features`` trailing feature dimensions.
+    ``num_features`` trailing feature dimensions (meaningful for weights summing to one; ``None`` unless
+    ``need_log_c``).
+
+    Nothing large cancels: means are taken relative to slot 0 before differences are squared, and the
+    log-determinant term ``log sum_j w_j / v_j + sum_j w_j log v_j`` is computed from log-variances relative to the
+    sharpest expert, ``log1p(sum_j w_j expm1(-d_j)) + sum_j w_j d_j`` (``d_j >= 0``), whose error scales with the
+    spread of the log-variances, not with their size (for two experts of weight 1/2 it is
+    ``log cosh((lv_1 - lv_2) / 2)``).
     """
     k = loc.dim() - 1 - num_features
     lw = log_weights.reshape(log_weights.shape + (1,) * num_features)
@@ -44,10 +52,20 @@ def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch
     log_precision = torch.logsumexp(log_precision_weight, dim=k)
     log_omega = log_precision_weight - log_precision.unsqueeze(k)
     omega = log_omega.exp()
-    mean = shifted_mean_along(log_omega, loc, k)  # around slot 0, which every composition uses
-    dev = (loc - mean.unsqueeze(k)) * torch.exp(0.5 * log_precision).unsqueeze(k)
+    # around slot 0, which every composition uses: the offsets are small when the experts nearly coincide
+    offset = loc - loc.narrow(k, 0, 1)
+    mean_offset = (omega * offset).sum(k) / omega.sum(k)
+    mean = loc.select(k, 0) + mean_offset
+    if not need_log_c:
+        return mean, -log_precision, None
+    dev = (offset - mean_offset.unsqueeze(k)) * torch.exp(0.5 * log_precision).unsqueeze(k)
     quad = (omega * dev * dev).sum(k)
-    log_det = log_precision + (lw.exp() * logvar).sum(k)
+    w = lw.exp()
+    used = w > 0
+    sharpest = torch.where(used, logvar, torch.full((), math.inf, dtype=logvar.dtype, device=logvar.device))
+    spread = torch.where(used, logvar - sharpest.amin(k, keepdim=True), torch.zeros((), dtype=logvar.dtype,
+                                                                                         device=logvar.device))
+    log_det = torch.log1p((w * torch.expm1(-spread)).sum(k)) + (w * spread).sum(k)
     log_c = -0.5 * (quad + log_det)
     if num_features:
         log_c = log_c.sum(tuple(range(-num_features, 0)))

@@ -65,3 +65,59 @@ def test_tiny_log_variances_do_not_become_nan():
     for alpha in (0, 0.5, 1):
         loc, lv = opf.holder(mu, logvar, alpha)
         assert torch.isfinite(loc).all() and torch.isfinite(lv).all()
+
+
+def _coinciding_experts(num_experts=3, batch=2, dim=512, seed=11):
+    """float32 experts that nearly coincide: |mu| about 1e3, log-variances across [-30, 30] shared up to 1e-3,
+    means apart by a tenth of a standard deviation, rounded to multiples of the float32 spacing near the centre
+    (so that sharp dimensions coincide exactly instead of sitting whole ulps, i.e. many standard deviations, apart).
+    Returned in float64, every value exactly a float32."""
+    g = torch.Generator().manual_seed(seed)
+    logvar = torch.rand(1, batch, dim, generator=g) * 60 - 30 + torch.randn(num_experts, batch, dim, generator=g) * 1e-3
+    centre = ((torch.rand(1, batch, dim, generator=g) * 2 - 1) * 1e3).float().double()
+    spacing = (torch.nextafter(centre.float(), torch.tensor(float("inf"))).double() - centre).abs()
+    offset = torch.randn(num_experts, batch, dim, generator=g) * (0.5 * logvar).exp() * 0.1
+    mu = centre + torch.round(offset / spacing) * spacing
+    return mu.float().double(), logvar.float().double()
+
+
+def test_float32_hellinger_of_coinciding_experts_against_float64():
+    """The regime of issue 15: 512 dimensions of log-variances of size 30 made the log Bhattacharyya coefficient
+    cancel (off by 4e-2), and means of size 1e3 squared around a rounded pooled mean lost the sharp dimensions."""
+    mu64, logvar64 = _coinciding_experts()
+    mu64.requires_grad_(True)
+    logvar64.requires_grad_(True)
+    loc64, lv64 = opf.hellinger(mu64, logvar64)
+    mu32 = mu64.detach().float().requires_grad_(True)
+    logvar32 = logvar64.detach().float().requires_grad_(True)
+    loc32, lv32 = opf.hellinger(mu32, logvar32)
+    sd64 = (0.5 * lv64).exp()
+    assert ((loc32.double() - loc64).abs() <= torch.maximum(1e-5 * sd64, 2 * EPS32 * loc64.abs())).all()
+    torch.testing.assert_close(lv32.double(), lv64, rtol=0, atol=1e-5)
+    # gradients of a scale-free loss: d/dlogvar is dimensionless, d/dmu in units of 1/sd
+    probe = torch.randn(lv64.shape, generator=torch.Generator().manual_seed(3))
+    for lv, loc, inputs in ((lv64, loc64, (mu64, logvar64)), (lv32, loc32, (mu32, logvar32))):
+        ((lv * probe).sum() + (loc * probe * (-0.5 * lv).exp().detach()).sum()).backward(inputs=list(inputs))
+    sd_in = (0.5 * logvar64.detach()).exp()
+    torch.testing.assert_close(logvar32.grad.double(), logvar64.grad, rtol=0, atol=1e-4)
+    torch.testing.assert_close(mu32.grad.double() * sd_in, mu64.grad * sd_in, rtol=0, atol=1e-4)
+
+
+def test_float32_log_bhattacharyya_of_coinciding_experts_against_float64():
+    mu, logvar = _coinciding_experts(num_experts=2)
+    exact = opf.log_bhattacharyya(mu[0], logvar[0], mu[1], logvar[1])
+    approx = opf.log_bhattacharyya(mu[0].float(), logvar[0].float(), mu[1].float(), logvar[1].float())
+    assert (exact < -0.1).all()  # the coefficient is far from one: the regime tests the sum, not a trivial zero
+    torch.testing.assert_close(approx.double(), exact, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("alpha", [0, 1 / 3])
+def test_float32_generic_pools_of_coinciding_experts_against_float64(alpha):
+    """alpha = 0 and 1/3 combine experts in ``gaussian_combine`` too: their log Chernoff coefficients were the same
+    cancellation."""
+    mu64, logvar64 = _coinciding_experts()
+    loc64, lv64 = opf.holder(mu64, logvar64, alpha)
+    loc32, lv32 = opf.holder(mu64.float(), logvar64.float(), alpha)
+    sd64 = (0.5 * lv64).exp()
+    assert ((loc32.double() - loc64).abs() <= torch.maximum(1e-5 * sd64, 2 * EPS32 * loc64.abs())).all()
+    torch.testing.assert_close(lv32.double(), lv64, rtol=0, atol=1e-5)

@@ -1,0 +1,228 @@
+r"""The Hölder pool of order 1/2 of diagonal Gaussians, moment-matched, as one autograd function.
+
+The pool :math:`(\sum_j \lambda_j q_j^{1/2})^2` is the mixture of the experts (weights :math:`\lambda_j^2`) and of
+one geometric mean per pair :math:`i < j` (weights :math:`2\lambda_i\lambda_j S_{ij}`, :math:`S_{ij}` the
+Bhattacharyya coefficient), with, per dimension, :math:`\Delta = \mu_j - \mu_i`, :math:`u = v_i + v_j`:
+
+* :math:`\log S_{ij} = -\sum_d [\Delta^2 / (4u) + \tfrac12 \log\cosh((\log v_i - \log v_j)/2)]`, where
+  :math:`\log\cosh(a/2) = a/2 + \operatorname{log1p}(\operatorname{expm1}(-a)/2)` for :math:`a = |\log v_i - \log v_j|`
+  keeps its digits as the experts coincide (no terms of the size of the log-variances cancel);
+* the pair's mean :math:`(\mu_i v_j + \mu_j v_i)/u` and variance :math:`2 v_i v_j / u`.
+
+Means are taken relative to one present expert before any difference is squared. The forward pass builds the
+pair quantities as temporaries and keeps only the inputs, the output moments and the mixture weights; the backward
+pass recomputes the pair quantities and applies the analytic derivatives
+(:math:`\partial\log S/\partial\mu`, :math:`\partial m/\partial\log v = \Delta r_i r_j`, ...).
+
+``fused=True`` runs the forward and backward bodies through ``torch.compile`` (one compilation per number of
+experts, dtype, device and shape class: the first call of each takes seconds, later ones reuse it); without a
+working compiler it warns once and runs them eagerly.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from functools import lru_cache
+
+import torch
+
+__all__ = ["hellinger_moments", "pair_components", "pair_indices"]
+
+_LOG2 = math.log(2.0)
+
+
+@lru_cache(maxsize=64)
+def _pair_indices_cpu(num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    i, j = torch.triu_indices(num_experts, num_experts, 1)
+    return i, j
+
+
+def pair_indices(num_experts: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs ``i < j`` of ``num_experts`` experts as two index tensors, row by row."""
+    i, j = _pair_indices_cpu(num_experts)
+    return i.to(device), j.to(device)
+
+
+def _pairs(x, logvar, i, j):
+    """Per-pair quantities ``(..., P, D)``: offsets, the log-variance order, Delta^2/(4u) etc."""
+    xi, xj = x[..., i, :], x[..., j, :]
+    lvi, lvj = logvar[..., i, :], logvar[..., j, :]
+    dlv = lvi - lvj
+    a = dlv.abs()
+    em = torch.expm1(-a)
+    big = 1 / (2 + em)  # v_max / u
+    small = (1 + em) * big  # v_min / u
+    i_bigger = dlv >= 0
+    ri = torch.where(i_bigger, big, small)  # v_i / u: the weight of mu_j in the pair's mean
+    rj = torch.where(i_bigger, small, big)
+    delta = xj - xi
+    t = torch.exp(-0.5 * torch.maximum(lvi, lvj))
+    z = delta * t  # Delta / sqrt(v_max); Delta^2 / (4u) = z^2 big / 4
+    quad = 0.25 * z * z * big
+    log_cosh = 0.5 * a + torch.log1p(0.5 * em)
+    neg_log_s = (quad + 0.5 * log_cosh).sum(-1)
+    loc = xi * rj + xj * ri
+    lv = _LOG2 + torch.minimum(lvi, lvj) + torch.log(big)
+    return neg_log_s, loc, lv, (delta, ri, rj, big, t, z, quad)
+
+
+def _reference(mu, log_w):
+    """The offsets ``mu - mu_ref`` from the expert of largest weight (present by construction)."""
+    ref = log_w.argmax(-1, keepdim=True).unsqueeze(-1).expand(log_w.shape[:-1] + (1, mu.shape[-1]))
+    mu_ref = mu.gather(-2, ref)
+    return mu - mu_ref, mu_ref.squeeze(-2)
+
+
+def _mix(pi_d, pi_p, diag, pairs):
+    """``sum_c pi_c value_c`` over the expert and the pair components: ``(..., D)``."""
+    return (pi_d.unsqueeze(-2) @ diag).squeeze(-2) + (pi_p.unsqueeze(-2) @ pairs).squeeze(-2)
+
+
+def _forward(mu, logvar, log_w, i, j):
+    x, mu_ref = _reference(mu, log_w)
+    neg_log_s, loc_p, lv_p, _ = _pairs(x, logvar, i, j)
+    logits = torch.cat((2 * log_w, _LOG2 + log_w[..., i] + log_w[..., j] - neg_log_s), -1)
+    pi = torch.softmax(logits, -1)
+    m = log_w.shape[-1]
+    pi_d, pi_p = pi[..., :m], pi[..., m:]
+    offset = _mix(pi_d, pi_p, x, loc_p)
+    # rescaled by the largest present variance, so that tiny or huge variances neither under- nor overflow
+    present = (log_w > -math.inf).unsqueeze(-1)
+    scale = torch.where(present, logvar, torch.full((), -math.inf, dtype=logvar.dtype, device=logvar.device))
+    scale = scale.amax(-2)
+    h = torch.exp(-0.5 * scale).unsqueeze(-2)
+    dev_d, dev_p = (x - offset.unsqueeze(-2)) * h, (loc_p - offset.unsqueeze(-2)) * h
+    within = _mix(pi_d, pi_p, torch.exp(logvar - scale.unsqueeze(-2)), torch.exp(lv_p - scale.unsqueeze(-2)))
+    between = _mix(pi_d, pi_p, dev_d * dev_d, dev_p * dev_p)
+    logvar_out = scale + torch.log(within + between)
+    return mu_ref + offset, logvar_out, offset, pi
+
+
+def _backward(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar, i, j):
+    x, _ = _reference(mu, log_w)
+    neg_log_s, loc_p, lv_p, pair_terms = _pairs(x, logvar, i, j)
+    m = log_w.shape[-1]
+    pi_d, pi_p = pi[..., :m].unsqueeze(-1), pi[..., m:].unsqueeze(-1)
+    q = torch.exp(-0.5 * logvar_out).unsqueeze(-2)
+    g_m, g_l = grad_mean.unsqueeze(-2), grad_logvar.unsqueeze(-2)
+    g_l_total = grad_logvar.sum(-1, keepdim=True)
+
+    def component(pi_c, loc_c, lv_c):
+        """d/d(mean_c), d/d(logvar_c) and d/d(logit_c) of the loss through one set of components."""
+        dev = loc_c - offset.unsqueeze(-2)
+        p_dev = pi_c * dev
+        py = p_dev * q  # |py| <= sqrt(pi_c): no overflow where pi_c vanishes
+        rho = pi_c * torch.exp(lv_c - logvar_out.unsqueeze(-2))
+        d_loc = pi_c * g_m + 2 * g_l * py * q
+        d_lv = g_l * rho
+        d_logit = (g_m * p_dev + g_l * (rho + py * dev * q)).sum(-1) - pi_c.squeeze(-1) * g_l_total
+        return d_loc, d_lv, d_logit
+
+    d_loc_d, d_lv_d, d_logit_d = component(pi_d, x, logvar)
+    d_loc_p, d_lv_p, d_logit_p = component(pi_p, loc_p, lv_p)
+    grad_log_w = 2 * d_logit_d
+    grad_log_w = grad_log_w.index_add(-1, i, d_logit_p).index_add(-1, j, d_logit_p)
+    gx_p, glv_p = _pair_backward(x, logvar, i, j, pair_terms, d_loc_p, d_lv_p, -d_logit_p)
+    grad_mu = d_loc_d.index_add(-2, i, gx_p[0]).index_add(-2, j, gx_p[1])
+    grad_logvar_in = d_lv_d.index_add(-2, i, glv_p[0]).index_add(-2, j, glv_p[1])
+    return grad_mu, grad_logvar_in, grad_log_w
+
+
+def _pair_backward(x, logvar, i, j, pair_terms, d_loc, d_lv, d_neg_log_s):
+    """Chain rule from the pair quantities (mean ``d_loc``, log-variance ``d_lv``, ``-log S`` ``d_neg_log_s``) to
+    each pair's two experts: ``((d x_i, d x_j), (d logvar_i, d logvar_j))``, each ``(..., P, D)``."""
+    delta, ri, rj, big, t, z, quad = pair_terms
+    d_neg = d_neg_log_s.unsqueeze(-1)
+    slope = 0.5 * z * t * big  # Delta / (2u) = d(-log S)/d x_j
+    cross = d_loc * delta * ri * rj  # through the pair mean's weights: d loc / d logvar_i = Delta r_i r_j
+    tanh_half = 0.25 * (ri - rj)  # d(1/2 log cosh((lv_i - lv_j) / 2)) / d lv_i
+    gx = (d_loc * rj - d_neg * slope, d_loc * ri + d_neg * slope)
+    glv = (cross + d_lv * rj + d_neg * (tanh_half - quad * ri), -cross + d_lv * ri - d_neg * (tanh_half + quad * rj))
+    return gx, glv
+
+
+class _PairComponents(torch.autograd.Function):
+    """``(-log S, loc, logvar)`` of the pairs ``i < j`` of experts given as offsets ``x`` and ``logvar``
+    ``(..., M, D)``: ``(..., P)``, ``(..., P, D)``, ``(..., P, D)``; saves only its inputs."""
+
+    @staticmethod
+    def forward(ctx, x, logvar):
+        i, j = pair_indices(x.shape[-2], x.device)
+        ctx.save_for_backward(x, logvar)
+        return _pairs(x, logvar, i, j)[:3]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_neg_log_s, d_loc, d_lv):
+        x, logvar = ctx.saved_tensors
+        i, j = pair_indices(x.shape[-2], x.device)
+        pair_terms = _pairs(x, logvar, i, j)[3]
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        d_loc = zero if d_loc is None else d_loc
+        d_lv = zero if d_lv is None else d_lv
+        d_neg_log_s = torch.zeros(x.shape[:-2] + i.shape, dtype=x.dtype, device=x.device) if d_neg_log_s is None \
+            else d_neg_log_s
+        (gx_i, gx_j), (glv_i, glv_j) = _pair_backward(x, logvar, i, j, pair_terms, d_loc, d_lv, d_neg_log_s)
+        grad_x = torch.zeros_like(x).index_add(-2, i, gx_i).index_add(-2, j, gx_j)
+        grad_logvar = torch.zeros_like(logvar).index_add(-2, i, glv_i).index_add(-2, j, glv_j)
+        return grad_x, grad_logvar
+
+
+def pair_components(x: torch.Tensor, logvar: torch.Tensor):
+    """``(-log S_ij (..., P), loc_ij (..., P, D), logvar_ij (..., P, D))`` of the pairs ``i < j`` (``pair_indices``)
+    of diagonal Gaussians with means ``x`` (offsets from a common reference) and log-variances ``logvar``
+    ``(..., M, D)``; the backward pass recomputes them instead of saving them."""
+    return _PairComponents.apply(x, logvar)
+
+
+_COMPILED: dict[str, object] = {}
+_COMPILE_FAILED: list[str] = []
+
+
+def _compiled(name, fn):
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED[name]
+
+
+def _run(name, fn, fused, *args):
+    """``fn(*args)``, through ``torch.compile`` when ``fused`` and compilation works; else eagerly (with a warning
+    the first time compilation fails)."""
+    if fused and not _COMPILE_FAILED:
+        try:
+            return _compiled(name, fn)(*args)
+        except Exception as error:  # no compiler, an unsupported backend...: the eager body computes the same
+            _COMPILE_FAILED.append(repr(error))
+            warnings.warn(f"fused=True: torch.compile failed ({type(error).__name__}: {error}); running the "
+                          "Hellinger pool eagerly from now on", RuntimeWarning, stacklevel=4)
+    return fn(*args)
+
+
+class _HellingerMoments(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mu, logvar, log_w, fused):
+        i, j = pair_indices(mu.shape[-2], mu.device)
+        mean, logvar_out, offset, pi = _run("forward", _forward, fused, mu, logvar, log_w, i, j)
+        ctx.save_for_backward(mu, logvar, log_w, offset, logvar_out, pi)
+        ctx.fused = fused
+        return mean, logvar_out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_mean, grad_logvar):
+        mu, logvar, log_w, offset, logvar_out, pi = ctx.saved_tensors
+        i, j = pair_indices(mu.shape[-2], mu.device)
+        grads = _run("backward", _backward, ctx.fused, mu, logvar, log_w, offset, logvar_out, pi,
+                     grad_mean.contiguous(), grad_logvar.contiguous(), i, j)
+        return (*grads, None)
+
+
+def hellinger_moments(mu: torch.Tensor, logvar: torch.Tensor, log_weights: torch.Tensor, fused: bool = False):
+    """Moment-matched ``(mean, logvar)`` ``(..., D)`` of the order-1/2 pool of experts ``(..., M, D)`` with
+    log-weights ``(..., M)`` (``-inf`` for absent experts, at least one present; they broadcast)."""
+    batch = torch.broadcast_shapes(mu.shape[:-2], log_weights.shape[:-1])
+    mu = mu.expand(batch + mu.shape[-2:])
+    logvar = logvar.expand(batch + logvar.shape[-2:])
+    log_weights = log_weights.expand(batch + log_weights.shape[-1:])
+    return _HellingerMoments.apply(mu, logvar, log_weights, bool(fused))

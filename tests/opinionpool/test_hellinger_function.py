@@ -1,0 +1,176 @@
+"""The order-1/2 pool of diagonal Gaussians as one autograd function (``opinionpool._hellinger``): values against
+the pool's mixture written out here, analytic gradients against finite differences (gradcheck, float64), the
+memory it keeps for the backward pass, and the opt-in compiled path."""
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+import opinionpool._hellinger as hellinger_module
+import opinionpool.functional as opf
+
+
+def reference_hellinger(mu, logvar, weights=None, mask=None, prior_expert=False):
+    """The pool (sum_j w_j q_j^(1/2))^2 of experts (M, B, D) as its mixture, pair by pair, moment-matched."""
+    if prior_expert:
+        mu = torch.cat((mu, torch.zeros_like(mu[:1])))
+        logvar = torch.cat((logvar, torch.zeros_like(logvar[:1])))
+        if mask is not None:
+            mask = torch.cat((mask, torch.ones_like(mask[:1])))
+    m, batch, _ = mu.shape
+    w = torch.ones(batch, m) if weights is None else weights.expand(batch, m)
+    if mask is not None:
+        w = w * mask.T
+    means, variances = [], []
+    for b in range(batch):
+        weight, loc, var = [], [], []
+        for i, j in itertools.product(range(m), repeat=2):
+            vi, vj = logvar[i, b].exp(), logvar[j, b].exp()
+            log_s = (0.5 * torch.log(2 * (vi * vj).sqrt() / (vi + vj)) - (mu[i, b] - mu[j, b]) ** 2 / (4 * (vi + vj)))
+            weight.append(w[b, i] * w[b, j] * log_s.sum().exp())
+            loc.append((mu[i, b] * vj + mu[j, b] * vi) / (vi + vj))
+            var.append(2 * vi * vj / (vi + vj))
+        weight = torch.stack(weight) / sum(weight)
+        loc, var = torch.stack(loc), torch.stack(var)
+        mean = (weight[:, None] * loc).sum(0)
+        means.append(mean)
+        variances.append((weight[:, None] * (var + (loc - mean) ** 2)).sum(0))
+    return torch.stack(means), torch.stack(variances).log()
+
+
+def experts(m, batch=3, dim=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(m, batch, dim, generator=g) * 1.5
+    logvar = torch.randn(m, batch, dim, generator=g) * 0.7
+    weights = torch.rand(batch, m + 1, generator=g) + 0.2
+    mask = torch.rand(m, batch, generator=g) > 0.4
+    mask[0] = True
+    return mu, logvar, weights, mask
+
+
+CASES = [{}, {"weights": True}, {"mask": True}, {"mask": True, "weights": True},
+         {"mask": True, "weights": True, "prior_expert": True}]
+
+
+def arguments(case, m, weights, mask):
+    kwargs = {}
+    if case.get("weights"):
+        kwargs["weights"] = weights if case.get("prior_expert") else weights[:, :m]
+    if case.get("mask"):
+        kwargs["mask"] = mask
+    if case.get("prior_expert"):
+        kwargs["prior_expert"] = True
+    return kwargs
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+@pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(case) or "plain")
+def test_values_equal_the_written_out_mixture_and_the_generic_path(m, case):
+    mu, logvar, weights, mask = experts(m)
+    kwargs = arguments(case, m, weights, mask)
+    loc, lv = opf.hellinger(mu, logvar, **kwargs)
+    ref_loc, ref_lv = reference_hellinger(mu, logvar, **kwargs)
+    torch.testing.assert_close(loc, ref_loc, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lv, ref_lv, rtol=1e-12, atol=1e-12)
+    generic_loc, generic_lv = opf.holder_mixture(mu, logvar, 0.5, **kwargs).moments()
+    torch.testing.assert_close(loc, generic_loc, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(lv, generic_lv, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("m", [2, 3, 5])
+@pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(case) or "plain")
+def test_gradcheck_with_masks_weights_and_prior(m, case):
+    mu, logvar, weights, mask = experts(m, batch=2, dim=3, seed=m)
+    kwargs = arguments(case, m, weights, mask)
+    given = kwargs.pop("weights", None)
+    inputs = [mu.requires_grad_(True), logvar.requires_grad_(True)]
+    if given is not None:
+        inputs.append(given.clone().requires_grad_(True))
+
+    def pooled(mu, logvar, *maybe_weights):
+        return opf.hellinger(mu, logvar, weights=maybe_weights[0] if maybe_weights else None, **kwargs)
+
+    assert torch.autograd.gradcheck(pooled, inputs, fast_mode=m > 2)  # fast mode: a random direction of the vJp
+
+
+def test_gradients_of_shared_weights_and_of_well_separated_experts():
+    """Weights of shape (M,) broadcast over the batch (their gradient sums over it); far-apart sharp experts give
+    pair weights that underflow to zero without NaN gradients."""
+    mu, logvar, weights, _ = experts(3, batch=2, dim=3)
+    w = weights[0, :3].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda m, lv, w: opf.hellinger(m, lv, weights=w),
+                                    (mu.requires_grad_(True), logvar.requires_grad_(True), w))
+    far = torch.tensor([[[0.0, 5.0]], [[40.0, 5.0]]], requires_grad=True)
+    sharp = torch.tensor([[[-8.0, -9.0]], [[-8.5, -9.0]]], requires_grad=True)
+    loc, lv = opf.hellinger(far, sharp)
+    (loc.sum() + lv.sum()).backward()
+    assert torch.isfinite(far.grad).all() and torch.isfinite(sharp.grad).all()
+    assert torch.autograd.gradcheck(opf.hellinger, (far, sharp))
+
+
+def saved_bytes(fn, *inputs):
+    """Bytes autograd keeps for the backward pass of ``fn(*inputs)`` (each storage counted once)."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn(*inputs)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("m", [3, 5])
+def test_saved_memory_is_within_twice_the_product_of_experts(m):
+    mu, logvar, _, mask = experts(m, batch=64, dim=128)
+    inputs = (mu.float().requires_grad_(True), logvar.float().requires_grad_(True))
+    for kwargs in ({}, {"mask": mask}):
+        poe = saved_bytes(lambda a, b, kw=kwargs: opf.poe(a, b, **kw), *inputs)
+        hellinger = saved_bytes(lambda a, b, kw=kwargs: opf.hellinger(a, b, **kw), *inputs)
+        assert hellinger <= 2 * poe, (hellinger, poe)
+
+
+def test_fused_falls_back_with_a_warning_when_compilation_fails(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(hellinger_module, "_COMPILED", {})
+    monkeypatch.setattr(hellinger_module, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(torch, "compile", broken)
+    mu, logvar, weights, mask = experts(3)
+    mu.requires_grad_(True)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        loc, lv = opf.hellinger(mu, logvar, mask=mask, fused=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        loc_again, _ = opf.hellinger(mu, logvar, mask=mask, fused=True)
+    ref_loc, ref_lv = reference_hellinger(mu.detach(), logvar, mask=mask)
+    torch.testing.assert_close(loc, ref_loc)
+    torch.testing.assert_close(lv, ref_lv)
+    loc_again.sum().backward()
+    assert torch.isfinite(mu.grad).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("m", [2, 5])
+def test_compiled_path_equals_eager(m, monkeypatch):
+    """``fused=True`` through torch.compile: values and all three gradients as the eager function (M = 2 included:
+    compiling the eager autograd graph once gave a wrong log-variance gradient there)."""
+    monkeypatch.setattr(hellinger_module, "_COMPILED", {})
+    monkeypatch.setattr(hellinger_module, "_COMPILE_FAILED", [])
+    mu, logvar, weights, mask = experts(m, batch=4, dim=8, seed=m)
+    results = []
+    for fused in (False, True):
+        inputs = [t.float().clone().requires_grad_(True) for t in (mu, logvar, weights[:, :m])]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a fallback would compare eager with eager
+            loc, lv = opf.hellinger(*inputs[:2], weights=inputs[2], mask=mask, fused=fused)
+        (loc.sin().sum() + (lv * lv).sum()).backward()
+        results.append((loc, lv, *(t.grad for t in inputs)))
+    assert not hellinger_module._COMPILE_FAILED
+    for eager, fused in zip(*results):
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
