@@ -284,8 +284,6 @@ class MultimodalVAE(nn.Module):
                                  f"got latent_dim={latent_dim!r}")
             self.top_down = nn.ModuleList(TopDownPrivate(latent_dim, self.private_dim) for _ in encoders)
         objective = spec.objective
-        if spec.prior_on_full_subset:
-            objective = functools.partial(objective, prior_on_full_subset=True)
         if spec.multi_sample:
             objective = functools.partial(objective, beta=self.beta, num_samples=int(num_samples),
                                           estimator=estimator)
@@ -379,7 +377,8 @@ class MultimodalVAE(nn.Module):
         extra = {"auxiliary_logscale": self.auxiliary_logscale} if self.auxiliary_logscale is not None else {}
         if self.top_down is not None:
             extra["top_down"] = self.top_down
-        terms = self.objective(as_modalities(x), present, mu, logvar, self.decoders, self.likelihood, self.aggregate,
+        aggregate = self.pool_subsets if self.spec.posterior == "subsets" else self.aggregate
+        terms = self.objective(as_modalities(x), present, mu, logvar, self.decoders, self.likelihood, aggregate,
                                **extra)
         objective = terms.reconstruction - self.beta * terms.kl if terms.objective is None else terms.objective
         loss = -objective.mean()
@@ -389,11 +388,23 @@ class MultimodalVAE(nn.Module):
         """The joint posterior ``q(z | X)`` as a mixture over ``(B, K, D)`` (one component for the Gaussian pools)."""
         return self.pool(*self.encode(x), self._everything(x) if present is None else present)
 
+    def pool_subsets(self, mu: torch.Tensor, logvar: torch.Tensor, mask: torch.Tensor,
+                     subsets: torch.Tensor | None = None) -> opf.GaussianMixture:
+        """The uniform mixture over modality ``subsets`` (default all) of the model's aggregator (``"subsets"``
+        models), in float32 also under autocast. The aggregator itself goes to ``opinionpool.functional.
+        subset_mixture``, which then computes the components shared by all subsets once (poe, hellinger,
+        wasserstein_barycenter) instead of pooling a copy of the inputs per subset."""
+        kwargs = {} if self.pool_logits is None else {"weights": torch.softmax(self.pool_logits, 0)}
+        with torch.autocast(mu.device.type, enabled=False):
+            return opf.subset_mixture(self._aggregator, objectives.full_precision(mu),
+                                      objectives.full_precision(logvar), dim=0, mask=mask, subsets=subsets,
+                                      prior_on_full_subset=self.spec.prior_on_full_subset, validate_args=False,
+                                      **kwargs)
+
     def pool(self, mu: torch.Tensor, logvar: torch.Tensor, present: torch.Tensor) -> opf.GaussianMixture:
         """The joint posterior from unimodal posteriors ``(M, B, D)`` and present modalities ``(M, B)``."""
         if self.spec.posterior == "subsets":
-            return opf.subset_mixture(self.aggregate, mu, logvar, dim=0, mask=present,
-                                      prior_on_full_subset=self.spec.prior_on_full_subset, validate_args=False)
+            return self.pool_subsets(mu, logvar, present)
         if self.spec.posterior == "mixture":
             return self.aggregate(mu, logvar, mask=present)
         loc, logvar = self.aggregate(mu, logvar, mask=present)

@@ -18,7 +18,6 @@ from torch import nn
 
 import opinionpool.functional as opf
 from opinionpool.constants import LOG_2PI
-from opinionpool.functional import subset_mixture
 
 LAPLACE_SCALE = 0.75
 
@@ -167,12 +166,13 @@ def mvae_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
     return Terms(rec, kl)
 
 
-def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate, prior_on_full_subset=False,
-                        private_dim=0, auxiliary_logscale=None) -> Terms:
-    """MoPoE, MoHELVAE, MWB-VAE: the uniform mixture over modality subsets of ``aggregate``. Stratified as in
-    MoPoE: the batch is cut into contiguous chunks, one subset per chunk (a sample whose subset has no present
-    modality draws from its non-empty subsets instead); the KL is the average of the subset KLs.
-    ``prior_on_full_subset``: a standard-normal expert joins the subset of all modalities (MoPoE).
+def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate, private_dim=0,
+                        auxiliary_logscale=None) -> Terms:
+    """MoPoE, MoHELVAE, MWB-VAE: the uniform mixture over modality subsets, ``aggregate(mu, logvar, mask=,
+    subsets=)`` (``MultimodalVAE.pool_subsets``: ``opinionpool.functional.subset_mixture`` of the model's
+    aggregator, MoPoE's with a standard-normal expert in the subset of all modalities). Stratified as in MoPoE: the
+    batch is cut into contiguous chunks, one subset per chunk (a sample whose subset has no present modality draws
+    from its non-empty subsets instead); the KL is the average of the subset KLs.
 
     With ``private_dim`` (the last coordinates of each posterior, as in MMVAE+), ``z`` from the chosen subset
     ``S`` reconstructs each present modality ``n`` from ``(z, w_n)``: ``w_n ~ q(w_n | x_n)`` if ``n`` is in ``S``,
@@ -181,8 +181,7 @@ def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate,
     is (modality ``n``'s counts with the mixture weight of the subsets that hold it)."""
     shared = mu.shape[-1] - private_dim
     subsets = opf.all_subsets(mu.shape[0], mu.device)  # (K, M), the order of the mixture's components
-    mixture = subset_mixture(aggregate, mu[..., :shared], logvar[..., :shared], dim=0, mask=present,
-                             subsets=subsets, prior_on_full_subset=prior_on_full_subset, validate_args=False)
+    mixture = aggregate(mu[..., :shared], logvar[..., :shared], mask=present, subsets=subsets)
     batch, num_subsets = mixture.log_weights.shape
     chosen = torch.arange(batch, device=mu.device) * num_subsets // batch
     valid = torch.isfinite(mixture.log_weights)

@@ -328,6 +328,34 @@ def test_mvae_elbo_against_an_independent_computation_decoding_each_unimodal_ter
     torch.testing.assert_close(terms.kl, divergence)
 
 
+@pytest.mark.parametrize("name", ["mopoe", "mohelvae", "mwbvae"])
+def test_subset_models_pool_from_the_components_shared_by_all_subsets(name, monkeypatch):
+    """The model hands its aggregator itself to ``subset_mixture`` (not a wrapper), so the library mixes components
+    shared by all subsets; the result equals the per-subset pools of the generic path, learnable weights included."""
+    import opinionpool.functional as functional
+
+    weighted = MODELS[name].weighted
+    model = make(name, learnable_weights=weighted)
+    if weighted:
+        with torch.no_grad():
+            model.pool_logits.copy_(torch.tensor([0.4, -0.3, 0.1]))
+    x, present = batch(), present_with_gaps()
+    mu, logvar = model._encode(x)
+    shared = []
+    for kind, compute in functional._SHARED.items():
+        monkeypatch.setitem(functional._SHARED, kind, lambda *args, compute=compute, kind=kind: (
+            shared.append(kind), compute(*args))[1])
+    mixture = model.pool(mu, logvar, present)
+    assert len(shared) == 1
+    options = {"weights": torch.softmax(model.pool_logits, 0)} if weighted else {}
+    aggregator = model._aggregator
+    generic = opf.subset_mixture(lambda *args, **kwargs: aggregator(*args, **kwargs), mu, logvar, mask=present,
+                                 prior_on_full_subset=MODELS[name].prior_on_full_subset, **options)
+    assert len(shared) == 1  # the wrapper took the per-subset path
+    for got, expected in zip(mixture, generic):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def mu_shape(model, x):
     return tuple(model.encode(x)[0].shape)
 
