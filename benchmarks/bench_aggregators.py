@@ -21,16 +21,19 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.distributions import Independent, Normal
 
-import opinionpool
-import opinionpool.functional as opf
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from doc_tables import splice_file
+import opinionpool  # noqa: E402
+import opinionpool.functional as opf  # noqa: E402
+
+from doc_tables import splice_file  # noqa: E402
 
 __all__ = ["main", "official_hellinger", "object_api", "saved_bytes", "candidates", "measure"]
 
