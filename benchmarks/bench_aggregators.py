@@ -34,6 +34,7 @@ import opinionpool  # noqa: E402
 import opinionpool.functional as opf  # noqa: E402
 
 from doc_tables import splice_file  # noqa: E402
+from measure import saved_tensor_bytes  # noqa: E402
 
 __all__ = ["main", "official_hellinger", "object_api", "saved_bytes", "candidates", "measure"]
 
@@ -98,16 +99,7 @@ def _step(fn, mu, logvar) -> float:
 
 def saved_bytes(fn, mu, logvar) -> int:
     """Bytes autograd keeps for backward in ``fn`` (each storage counted once)."""
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn(mu.detach().requires_grad_(True), logvar.detach().requires_grad_(True))
-    return sum(storages.values())
+    return saved_tensor_bytes(lambda: fn(mu.detach().requires_grad_(True), logvar.detach().requires_grad_(True)))
 
 
 def measure(found: dict, mu, logvar, rounds: int, warmup: int, rng: random.Random):

@@ -32,6 +32,7 @@ from applications.multimodal_vae.models import MultimodalVAE  # noqa: E402
 from applications.multimodal_vae.networks import make_networks  # noqa: E402
 
 from doc_tables import splice_file  # noqa: E402
+from measure import saved_tensor_bytes  # noqa: E402
 
 __all__ = ["main", "MODELS", "RATIO_TARGETS", "build", "step", "batch", "memory_mib"]
 
@@ -98,17 +99,7 @@ def memory_mib(label, args) -> float:
         for _ in range(3):
             step(model, optimizer, x, torch.cuda.synchronize)
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(x)["loss"]
-    loss.backward()
-    return sum(storages.values()) / 2**20
+    return saved_tensor_bytes(lambda: model(x)["loss"]) / 2**20
 
 
 def main() -> None:
