@@ -38,6 +38,7 @@ from .families import ExponentialFamily
 
 __all__ = [
     "Estimate", "PoolEstimate", "Envelope", "log_power_mean", "METHODS", "DEFAULT_RTOL", "MAX_GRID_DIM", "SMALL_ALPHA",
+    "quadrature_log_mass", "quadrature_entropy",
 ]
 
 #: below this ``|alpha|`` the power mean is evaluated as ``log1p(sum w expm1(alpha l)) / alpha``
@@ -334,6 +335,19 @@ def quadrature_estimate(family, params, log_weights, alpha, wanted, rtol: float 
     return replace(est, nodes=_pad_nodes(nodes, batch, params.device))
 
 
+def quadrature_log_mass(family, params, log_weights, alpha, lower: float, upper: float, rtol: float = DEFAULT_RTOL):
+    """``log int_lower^upper u`` of one pool (``params`` ``(M,) + param_shape``, float64) and its relative error
+    estimate, by the adaptive rule of :func:`_quadrature_one`; ``-inf`` where ``u`` vanishes numerically on the
+    whole interval (a tail far beyond the pool's mass)."""
+    if not upper > lower:
+        return -math.inf, 0.0
+    try:
+        row = _quadrature_one(family, params, log_weights, alpha, frozenset(), rtol, interval=(lower, upper))[0]
+    except ValueError:  # raised only when u underflows at every point scanned in the interval
+        return -math.inf, 0.0
+    return row["log_normalizer"]
+
+
 def _pad_nodes(nodes, batch, device):
     """Per-pool node sets ``[(points (P_i,) + event, log_w (P_i,))]`` as one ``(P,) + batch + event`` set, padded
     with each pool's first point at weight zero."""
@@ -348,8 +362,10 @@ def _pad_nodes(nodes, batch, device):
     return (points.reshape((size,) + batch + points.shape[2:]).to(device), log_w.reshape((size,) + batch).to(device))
 
 
-def _quadrature_one(family, params, log_weights, alpha, wanted, rtol):
-    """One pool's normaliser and moments from a positive rule ``sum_i w_i u(z_i)`` built adaptively.
+def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=None, extra=None):
+    """One pool's normaliser and moments from a positive rule ``sum_i w_i u(z_i)`` built adaptively (over
+    ``interval``, a part ``(lower, upper)`` of the support, when given: the mass there, for the cdf; with
+    ``extra``, a function of a float64 array of points, also ``E_pool[extra]`` as ``"extra"``).
 
     The line is first split where the pool's mass can be: around every present expert (its mean +- up to
     64 of its standard deviations), where the largest (``alpha = inf``) or smallest (``-inf``) expert
@@ -365,7 +381,7 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol):
     Returns the per-quantity ``(value, error)`` pairs, the final rule's nodes and log-masses
     ``log w_i + log u(z_i)`` (float64 tensors), and the number of evaluations of ``u``.
     """
-    lower, upper = family.support_interval
+    lower, upper = family.support_interval if interval is None else interval
     present = log_weights > -math.inf
     mu, var = _expert_moments(family, params[present])
     mu = mu.to(torch.float64).cpu().numpy()
@@ -421,15 +437,21 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol):
         return z_whole, lw_whole + lu[:, :whole], z_half, lw_half + lu[:, whole:]
 
     want_stat = family.circular or "expected_statistic" in wanted
+    want_entropy = "entropy" in wanted
 
     def integrands(z):
-        """``(P, n, K)``: 1, t, t^2 (t standardised by the current estimate) and T(z) when asked."""
+        """``(P, n, K)``: 1, t, t^2 (t standardised by the current estimate), T(z) and log u(z) when asked."""
         t = (z - centre) / spread
-        parts = [np.ones_like(z), t, t * t]
+        parts = [np.stack([np.ones_like(z), t, t * t], -1)]
         if want_stat:
             stat = family.sufficient_statistic(torch.as_tensor(z.ravel())).reshape(z.shape + (-1,))
-            return np.concatenate((np.stack(parts, -1), stat.to(torch.float64).cpu().numpy()), -1)
-        return np.stack(parts, -1)
+            parts.append(stat.to(torch.float64).cpu().numpy())
+        if want_entropy:  # log u is singular where u vanishes (z log z at a Gamma's origin): it needs its own control
+            lu = log_u(z.ravel()).reshape(z.shape)
+            parts.append(np.where(np.isfinite(lu), lu, 0.0)[..., None])
+        if extra is not None:
+            parts.append(extra(z.ravel()).reshape(z.shape)[..., None])
+        return np.concatenate(parts, -1)
 
     z_whole, lm_whole, z_half, lm_half = evaluate(a, b, kind, origin)
     w = np.exp(log_weights[present].cpu().numpy())
@@ -497,8 +519,26 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol):
         if family.circular:
             moments = family.moments_from_statistic(torch.as_tensor(value), torch.as_tensor(error))
             out["mean"], out["variance"] = ((float(v), float(e)) for v, e in moments)
+    if want_entropy:
+        log_z, log_z_error = out["log_normalizer"]
+        lu = log_u(z_half.ravel()).reshape(z_half.shape)
+        mean_log_u = float((pi * np.where(np.isfinite(lu), lu, 0.0)).sum())
+        index = -2 if extra is not None else -1
+        out["entropy"] = (log_z - mean_log_u, log_z_error + relative[index] + abs(mean_log_u) * relative[0])
+    if extra is not None:
+        mean_extra = float((pi * extra(z_half.ravel()).reshape(z_half.shape)).sum())
+        out["extra"] = (mean_extra, relative[-1] + abs(mean_extra) * relative[0])
+        wanted = wanted | {"extra"}
     out = {k: v for k, v in out.items() if k == "log_normalizer" or k in wanted}
     return out, points, log_mass, count
+
+
+def quadrature_entropy(family, params, log_weights, alpha, rtol: float = DEFAULT_RTOL, log_other=None):
+    """``(entropy, error)`` of one scalar pool (``params`` ``(M,) + param_shape``, float64): ``log Z - E[log u]``
+    with ``int u log u`` among the integrands the adaptive rule of :func:`_quadrature_one` controls; with
+    ``log_other`` (a function of a float64 array) also ``(E_pool[log_other], error)`` from the same rule."""
+    row = _quadrature_one(family, params, log_weights, alpha, frozenset({"entropy"}), rtol, extra=log_other)[0]
+    return row["entropy"] if log_other is None else (row["entropy"], row["extra"])
 
 
 def _interior_point(lower: float, upper: float) -> float:
