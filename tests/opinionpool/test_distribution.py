@@ -170,3 +170,31 @@ def test_rsample_is_reparameterised_within_components():
     samples = mixture.rsample((3,))
     assert samples.shape == (3,) and samples.requires_grad
     assert not opinionpool.holder(Normal(loc, scale), 2.0).has_rsample
+
+
+@pytest.mark.parametrize("separation", [0.7, 40.0])
+def test_gaussian_mixture_moments_entropy_bounds_and_torch_distribution(separation):
+    from opinionpool.functional import GaussianMixture
+
+    w, loc, sd = np.array([0.2, 0.5, 0.3]), np.array([0.0, separation, -1.5 * separation]), np.array([1.0, 0.4, 2.0])
+    mixture = GaussianMixture(torch.tensor(np.log(w)), torch.tensor(loc)[:, None], torch.tensor(2 * np.log(sd))[:, None])
+    mean = w @ loc
+    torch.testing.assert_close(mixture.mean, torch.tensor([mean]))
+    torch.testing.assert_close(mixture.variance, torch.tensor([w @ (sd**2 + loc**2) - mean**2]))
+
+    def log_density(z):
+        return float(special.logsumexp(np.log(w) + stats.norm(loc, sd).logpdf(z)))
+
+    dist = mixture.to_distribution()
+    assert dist.event_shape == (1,) and dist.batch_shape == ()
+    z = torch.tensor([[-1.0], [0.3], [separation]])
+    torch.testing.assert_close(dist.log_prob(z), torch.tensor([log_density(float(x)) for x in z]))
+    edges = sorted(set(loc.tolist()))
+    pieces = [-np.inf] + edges + [np.inf]
+    entropy = sum(integrate.quad(lambda x: -math.exp(log_density(x)) * log_density(x), a, b, limit=200)[0]
+                  for a, b in zip(pieces[:-1], pieces[1:]))
+    lower, upper = mixture.entropy_bounds()
+    assert float(lower) <= entropy <= float(upper)
+    if separation > 10:  # far-apart components: H = sum_k w_k H_k + H(w), the upper bound
+        assert float(upper) == pytest.approx(w @ stats.norm(0, sd).entropy() - w @ np.log(w), rel=1e-12)
+        assert entropy == pytest.approx(float(upper), abs=1e-8)
