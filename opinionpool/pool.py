@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from dataclasses import replace
 from fractions import Fraction
 from functools import lru_cache
@@ -996,6 +997,11 @@ def holder(experts, alpha=0.5, weights=None, *, method: str = "auto", num_sample
         if within_max_components(order, experts.num_experts, max_components):
             return HolderPool(experts, alpha=alpha, weights=weights, max_components=max_components,
                               validate_args=validate_args)
+        count = _format_count(log_num_components(order, experts.num_experts),
+                              lambda: num_components(order, experts.num_experts))
+        warnings.warn(f"alpha={alpha!r} = 1/{order} has an exact pool of {count} mixture components, more than "
+                      f"max_components={max_components}; using the numerical engine instead (raise max_components "
+                      "for the exact pool)", stacklevel=2)
     return NumericalHolderPool(experts, alpha=alpha, weights=weights, method=method, num_samples=num_samples,
                                seed=seed, max_components=max_components, rtol=rtol, validate_args=validate_args)
 

@@ -198,3 +198,10 @@ def test_gaussian_mixture_moments_entropy_bounds_and_torch_distribution(separati
     if separation > 10:  # far-apart components: H = sum_k w_k H_k + H(w), the upper bound
         assert float(upper) == pytest.approx(w @ stats.norm(0, sd).entropy() - w @ np.log(w), rel=1e-12)
         assert entropy == pytest.approx(float(upper), abs=1e-8)
+
+
+def test_exact_order_past_max_components_warns_with_the_count():
+    experts = Normal(torch.tensor([0.0, 1.0, 3.0]), torch.tensor([1.0, 0.5, 2.0]))
+    with pytest.warns(UserWarning, match="5151 mixture components"):  # binom(100 + 2, 2)
+        pool = opinionpool.holder(experts, 1 / 100, max_components=10)
+    assert isinstance(pool, opinionpool.NumericalHolderPool)
