@@ -45,6 +45,11 @@ MODELS = {
     "mmvae (K=1)": ("mmvae", {}),
     "mmvae (K=10, DReG)": ("mmvae", {"num_samples": 10, "estimator": "dreg"}),
     "mmvaeplus (K=1)": ("mmvaeplus", {}),
+    "mmvm": ("mmvm", {}),
+    "mmvm_holder (alpha 1/2)": ("mmvm_holder", {"alpha": 0.5}),
+    "wbvae": ("wbvae", {}),
+    "helvae (private latents)": ("helvae", {"private_dim": "half"}),
+    "mopoe (private latents)": ("mopoe", {"private_dim": "half"}),
 }
 
 #: (label, name in the ratio table, target): HELVAE's step time over the model's
@@ -53,7 +58,8 @@ RATIO_TARGETS = (("mopoe", "MoPoE", "<= 0.9"), ("mmvae (K=10, DReG)", "MMVAE wit
 
 def build(label, latent, device, modalities=5):
     name, options = MODELS[label]
-    if name == "mmvaeplus":  # half of the encoder outputs are the modality-specific latents (32 + 32 in MMVAE+)
+    if name == "mmvaeplus" or options.get("private_dim") == "half":
+        # half of the encoder outputs are the modality-specific latents (32 + 32 in MMVAE+)
         options = {**options, "private_dim": latent // 2}
     torch.manual_seed(0)
     encoders, decoders = make_networks(polymnist_modalities(modalities), latent)

@@ -39,6 +39,7 @@ from .families.gaussian import (
 from .pool import (
     DEFAULT_MAX_COMPONENTS,
     check_max_components,
+    component_counts,
     exact_order,
     holder_components,
     log_of_weights,
@@ -46,7 +47,8 @@ from .pool import (
 )
 
 __all__ = [
-    "GaussianMixture", "holder", "hellinger", "holder_mixture", "moe", "poe", "wasserstein_barycenter",
+    "GaussianMixture", "holder", "hellinger", "holder_mixture", "holder_mixture_members", "moe", "poe",
+    "wasserstein_barycenter",
     "log_bhattacharyya", "subset_mixture", "all_subsets", "exact_order", "DEFAULT_MAX_COMPONENTS",
     "DEFAULT_MAX_SUBSETS", "diag_gaussian_log_prob",
 ]
@@ -227,6 +229,25 @@ def holder_mixture(mu, logvar, alpha=0.5, *, dim=0, weights=None, mask=None, pri
     log_mix, components = holder_components(family, torch.stack((mu, logvar), -2), log_weights, order)
     loc, logvar_k = family.split(components)
     return GaussianMixture(torch.log_softmax(log_mix, -1), loc, logvar_k)
+
+
+def holder_mixture_members(num_experts: int, alpha=0.5, *, prior_expert=False,
+                           max_components: int = DEFAULT_MAX_COMPONENTS, device=None) -> torch.Tensor:
+    """Which experts make each component of ``holder_mixture`` (same ``alpha``, number of experts and
+    ``prior_expert``): a boolean ``(C, M)`` tensor, row ``c`` for the mixture's component ``c`` (the prior expert,
+    if any, is the last column). For ``alpha = 1/n`` the first ``M`` rows are the experts themselves (the identity);
+    for ``alpha = 1/2`` the others are the pairs ``(i, j)``, ``i < j``, in lexicographic order. For ``alpha = 0``
+    the one component combines every expert. Absent experts (``mask``) do not change the rows: their components
+    have weight zero in the mixture."""
+    check_positive_int("num_experts", num_experts)
+    alpha = check_alpha(alpha)
+    check_positive_int("max_components", max_components)
+    order = exact_order(alpha)
+    if order is None:
+        raise NotImplementedError(f"alpha={alpha!r} has no closed form (exact for alpha = 0 and 1/n only)")
+    num_experts += 1 if prior_expert else 0
+    check_max_components(alpha, order, num_experts, max_components)
+    return component_counts(order, num_experts, device) > 0
 
 
 def holder(mu, logvar, alpha=0.5, **kwargs):

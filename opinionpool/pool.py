@@ -197,6 +197,28 @@ def geometric_combination(experts: Experts, log_weights: torch.Tensor):
     return combined.squeeze(len(batch)), log_c.squeeze(-1)
 
 
+def _components_layout(order: int, num_experts: int, device=None, dtype=None):
+    """``compositions`` in the order of the exact pool's components: the single-expert ones (each expert itself,
+    Chernoff coefficient 1, in expert order) first, then those that combine experts; and the number of the first."""
+    index, counts, log_multinomial = compositions(order, num_experts, device=device, dtype=dtype)
+    single = counts[:, 0] == order
+    order_rows = torch.cat((single.nonzero().squeeze(-1), (~single).nonzero().squeeze(-1)))
+    return index[order_rows], counts[order_rows], log_multinomial[order_rows], int(single.sum())
+
+
+def component_counts(order: int, num_experts: int, device=None) -> torch.Tensor:
+    """``(C, M)``: how often each expert enters each component of the exact pool of order ``order`` (``alpha =
+    1/order``; ``0``, the log-linear pool, is one component of all experts, each once), in the component order of
+    ``holder_components``."""
+    if num_experts == 1:
+        order = min(order, 1)
+    if order == 0:
+        return torch.ones(1, num_experts, dtype=torch.long, device=device)
+    index, counts, _, _ = _components_layout(order, num_experts, device)
+    table = torch.zeros(index.shape[0], num_experts, dtype=torch.long, device=device)
+    return table.scatter_add_(1, index, counts)
+
+
 def holder_components(family: ExponentialFamily, params: torch.Tensor, log_weights: torch.Tensor, order: int):
     """Unnormalised log mixture weights ``(..., C)`` and component parameters ``(..., C) + param_shape``
     of the exact Hölder pool of order ``order`` (``alpha = 1/order``; ``0`` is the log-linear pool)."""
@@ -211,12 +233,7 @@ def holder_components(family: ExponentialFamily, params: torch.Tensor, log_weigh
     if order == 0:
         combined, log_c = geometric_combination(Experts(family, params), log_weights)
         return log_c.unsqueeze(-1), combined.unsqueeze(len(batch))
-    index, counts, log_multinomial = compositions(order, num_experts, device=params.device, dtype=params.dtype)
-    # Compositions on one expert are that expert (Chernoff coefficient 1); only the others are combined.
-    single = counts[:, 0] == order
-    order_rows = torch.cat((single.nonzero().squeeze(-1), (~single).nonzero().squeeze(-1)))
-    index, counts, log_multinomial = index[order_rows], counts[order_rows], log_multinomial[order_rows]
-    num_single = int(single.sum())
+    index, counts, log_multinomial, num_single = _components_layout(order, num_experts, params.device, params.dtype)
     singles = params.index_select(len(batch), index[:num_single, 0])
     components, log_c = singles, torch.zeros(batch + (num_single,), dtype=params.dtype, device=params.device)
     if num_single < index.shape[0]:

@@ -18,8 +18,8 @@ import opinionpool.functional as opf
 from . import objectives
 from .data import reconstruction_weights
 
-__all__ = ["MODELS", "POSTERIORS", "ModelSpec", "MultimodalVAE", "PrivateLatent", "as_modalities", "check_options",
-           "evaluating"]
+__all__ = ["MODELS", "POSTERIORS", "ModelSpec", "MultimodalVAE", "PrivateLatent", "TopDownPrivate", "as_modalities",
+           "check_options", "evaluating"]
 
 #: what ``aggregate`` returns and how ``pool`` turns it into the joint posterior
 POSTERIORS = ("gaussian", "mixture", "subsets")
@@ -38,8 +38,13 @@ class ModelSpec:
         exact_alpha: the aggregator takes ``alpha``, which must be 0 or 1/n (an exact pool).
         weighted: the aggregator takes (learnable) pooling weights over the modalities.
         multi_sample: the objective takes several importance samples and an estimator.
-        private: modality-specific latents beside the shared one (``private_dim > 0``).
+        private: modality-specific latents beside the shared one (``private_dim > 0`` required).
+        optional_private: the model takes modality-specific latents (``private_dim >= 0``), with the networks of
+            MMVAE+ (``PrivateLatent``).
         prior_on_full_subset: a standard-normal expert joins the subset of all modalities (``"subsets"`` only).
+        components: the objective takes ``members``, which experts make each component of the exact pool
+            (``opinionpool.functional.holder_mixture_members``; ``exact_alpha`` models).
+        top_down: the private posteriors are ``q(w_m | x_m, z)`` (``TopDownPrivate``; ``private`` models).
     """
 
     aggregator: Callable
@@ -52,12 +57,25 @@ class ModelSpec:
     multi_sample: bool = False
     private: bool = False
     prior_on_full_subset: bool = False
+    components: bool = False
+    top_down: bool = False
+    optional_private: bool = False
 
     def __post_init__(self):
         if self.posterior not in POSTERIORS:
             raise ValueError(f"posterior must be one of {POSTERIORS}, got {self.posterior!r}")
         if self.prior_on_full_subset and self.posterior != "subsets":
             raise ValueError(f"prior_on_full_subset needs posterior='subsets', got posterior={self.posterior!r}")
+        if self.components and not self.exact_alpha:
+            raise ValueError("components needs exact_alpha=True (the components of the exact pool)")
+        if self.top_down and not self.private:
+            raise ValueError("top_down needs private=True (it conditions the private posteriors on z)")
+
+    @property
+    def auxiliary(self) -> bool:
+        """With modality-specific latents, the objective reconstructs modalities outside the sampled component
+        (mixtures, subsets) with MMVAE+'s auxiliary ``r_n``; a single Gaussian pool never does."""
+        return self.posterior != "gaussian"
 
     def make_aggregator(self, alpha: float) -> Callable:
         return functools.partial(self.aggregator, alpha=alpha) if self.exact_alpha else self.aggregator
@@ -65,26 +83,50 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "helvae": ModelSpec(opf.hellinger, objectives.joint_elbo, "gaussian",
-                        "``hellinger`` (Hölder 1/2, moment-matched)", "``joint_elbo``", weighted=True),
+                        "``hellinger`` (Hölder 1/2, moment-matched)", "``joint_elbo``", weighted=True,
+                        optional_private=True),
     "holder": ModelSpec(opf.holder, objectives.joint_elbo, "gaussian",
-                        "``holder(alpha)`` (exact alpha = 0 or 1/n)", "``joint_elbo``", exact_alpha=True, weighted=True),
+                        "``holder(alpha)`` (exact alpha = 0 or 1/n)", "``joint_elbo``", exact_alpha=True, weighted=True,
+                        optional_private=True),
     "holder_mixture": ModelSpec(opf.holder_mixture, objectives.mixture_elbo, "mixture",
                                 "``holder_mixture(alpha)``, the exact pool", "``mixture_elbo``", exact_alpha=True,
                                 weighted=True),
     "mohelvae": ModelSpec(opf.hellinger, objectives.subset_mixture_elbo, "subsets",
-                          "``hellinger`` on every modality subset", "``subset_mixture_elbo``", weighted=True),
+                          "``hellinger`` on every modality subset", "``subset_mixture_elbo``", weighted=True,
+                          optional_private=True),
     "mvae": ModelSpec(functools.partial(opf.poe, prior_expert=True), objectives.mvae_elbo, "gaussian",
                       "``poe`` with a prior expert", "``mvae_elbo``"),
     "mopoe": ModelSpec(opf.poe, objectives.subset_mixture_elbo, "subsets",
                        "``poe`` on every subset (prior on the full one)", "``subset_mixture_elbo``",
-                       prior_on_full_subset=True),
+                       prior_on_full_subset=True, optional_private=True),
     "mwbvae": ModelSpec(opf.wasserstein_barycenter, objectives.subset_mixture_elbo, "subsets",
-                        "``wasserstein_barycenter`` on every subset", "``subset_mixture_elbo``"),
+                        "``wasserstein_barycenter`` on every subset", "``subset_mixture_elbo``",
+                        optional_private=True),
     "mmvae": ModelSpec(opf.moe, objectives.mmvae_objective, "mixture",
                        "``moe``", "``mmvae_objective`` (ELBO, IWAE, DReG)", multi_sample=True),
     "mmvaeplus": ModelSpec(opf.moe, objectives.mmvae_plus_objective, "mixture",
                            "``moe`` on the shared latent", "``mmvae_plus_objective`` (+ private latents)",
                            multi_sample=True, private=True),
+    "holder_stratified": ModelSpec(opf.holder_mixture, objectives.stratified_mixture_elbo, "mixture",
+                                   "``holder_mixture(alpha)``, the exact pool",
+                                   "``stratified_mixture_elbo`` (every component, weighted)", exact_alpha=True,
+                                   weighted=True),
+    "holderplus": ModelSpec(opf.holder_mixture, objectives.holder_plus_objective, "mixture",
+                            "``holder_mixture(alpha)`` on the shared latent",
+                            "``holder_plus_objective`` (+ private latents)", exact_alpha=True, weighted=True,
+                            multi_sample=True, private=True, components=True),
+    "holderplusplus": ModelSpec(opf.holder_mixture, objectives.holder_plus_objective, "mixture",
+                                "``holder_mixture(alpha)`` on the shared latent",
+                                "``holder_plus_objective`` (+ private latents given z)", exact_alpha=True,
+                                weighted=True, multi_sample=True, private=True, components=True, top_down=True),
+    "mmvm": ModelSpec(opf.moe, objectives.mmvm_objective, "mixture",
+                      "``moe`` as the prior h(z_m | X) of unimodal latents", "``mmvm_objective``"),
+    "mmvm_holder": ModelSpec(opf.holder_mixture, objectives.mmvm_objective, "mixture",
+                             "``holder_mixture(alpha)`` as the prior h(z_m | X)", "``mmvm_objective``",
+                             exact_alpha=True, weighted=True),
+    "wbvae": ModelSpec(opf.wasserstein_barycenter, objectives.joint_elbo, "gaussian",
+                       "``wasserstein_barycenter`` of the present experts", "``joint_elbo``", weighted=True,
+                       optional_private=True),
 }
 
 
@@ -141,9 +183,13 @@ def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = Fals
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     if isinstance(private_dim, bool) or int(private_dim) != private_dim or private_dim < 0:
         raise ValueError(f"private_dim must be a non-negative integer, got {private_dim!r}")
-    if spec.private != (private_dim > 0):
-        raise ValueError(f"private_dim > 0 (modality-specific latents) goes with the models {_models_with('private')}; "
-                         f"model={model!r} got private_dim={private_dim!r}")
+    if private_dim > 0 and not (spec.private or spec.optional_private):
+        raise ValueError(f"private_dim > 0 (modality-specific latents) goes with the models "
+                         f"{_models_with('private') + _models_with('optional_private')}; model={model!r} got "
+                         f"private_dim={private_dim!r}")
+    if spec.private and private_dim == 0:
+        raise ValueError(f"private_dim > 0 (modality-specific latents) is required by the models "
+                         f"{_models_with('private')}; model={model!r} got private_dim=0")
     if not spec.multi_sample and (num_samples != 1 or estimator != "elbo"):
         raise ValueError(f"num_samples and estimator apply to {_models_with('multi_sample')}; model={model!r} got "
                          f"num_samples={num_samples!r}, estimator={estimator!r}")
@@ -163,6 +209,29 @@ class PrivateLatent(nn.Module):
         return self.decoder(torch.cat([z, w], -1))
 
 
+class TopDownPrivate(nn.Module):
+    """Hölder++'s private posterior ``q(w | x, z)`` of one modality: the encoder's private statistics of ``x``
+    (``mu``, ``logvar``, each of size ``private_dim``) plus a correction computed from them and the shared ``z``
+    by a two-layer perceptron (``[mu, logvar, z]`` -> ``hidden`` (leaky ReLU, slope 0.2) -> ``2 private_dim``).
+    Its last layer starts at zero, so Hölder++ starts as Hölder+ and learns how ``z`` moves the private
+    posterior."""
+
+    def __init__(self, shared_dim: int, private_dim: int, hidden: int | None = None):
+        super().__init__()
+        hidden = 2 * (shared_dim + private_dim) if hidden is None else hidden
+        self.private_dim = private_dim
+        self.net = nn.Sequential(nn.Linear(2 * private_dim + shared_dim, hidden), nn.LeakyReLU(0.2),
+                                 nn.Linear(hidden, 2 * private_dim))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor):
+        """``mu``, ``logvar`` ``(B, P)`` and ``z`` ``(..., B, D)`` -> the posterior's ``(mu, logvar)``, ``(..., B, P)``."""
+        mu, logvar = mu.expand(z.shape[:-1] + mu.shape[-1:]), logvar.expand(z.shape[:-1] + logvar.shape[-1:])
+        delta = self.net(torch.cat([mu, logvar, z], -1))
+        return mu + delta[..., :self.private_dim], logvar + delta[..., self.private_dim:]
+
+
 class MultimodalVAE(nn.Module):
     """Encoders and decoders per modality, an aggregator and an objective.
 
@@ -179,8 +248,11 @@ class MultimodalVAE(nn.Module):
         num_samples, estimator: importance samples per modality and the bound (``"elbo"``, ``"iwae"``,
             ``"dreg"``) of ``mmvae``.
         likelihood, likelihood_scale: the decoders' fixed-scale likelihood (``objectives.Likelihood``).
-        private_dim: MMVAE+'s modality-specific latent size: the encoders' last ``private_dim`` outputs and the
-            decoders' last inputs; ``encode``, the pooling and generation see the shared part only.
+        private_dim: the modality-specific latent size (MMVAE+; optional for the models whose spec is
+            ``optional_private``): the encoders' last ``private_dim`` outputs and the decoders' last inputs;
+            ``encode`` and the pooling see the shared part only, ``decode`` draws the private part.
+        latent_dim: the shared latent size; models with top-down private posteriors (Hölder++) need it for their
+            ``TopDownPrivate`` modules.
 
     Under autocast the networks run in reduced precision; the aggregation, the KL and the log-likelihoods are
     computed in float32 (or float64 for a float64 model).
@@ -189,20 +261,28 @@ class MultimodalVAE(nn.Module):
     def __init__(self, encoders: nn.ModuleList, decoders: nn.ModuleList, model: str = "helvae", beta: float = 1.0,
                  alpha: float = 0.5, learnable_weights: bool = False, modalities=None,
                  num_samples: int = 1, estimator: str = "elbo", likelihood: str = "laplace",
-                 likelihood_scale: float = objectives.LAPLACE_SCALE, private_dim: int = 0):
+                 likelihood_scale: float = objectives.LAPLACE_SCALE, private_dim: int = 0,
+                 latent_dim: int | None = None):
         super().__init__()
         check_options(model, alpha, learnable_weights, num_samples, estimator, likelihood, likelihood_scale,
                       private_dim)
         if len(encoders) != len(decoders):
             raise ValueError(f"{len(encoders)} encoders but {len(decoders)} decoders; they must pair up")
         self.private_dim = int(private_dim)
+        self.spec = spec = MODELS[model]
+        self.auxiliary_logscale = None
         if self.private_dim:
             decoders = nn.ModuleList(PrivateLatent(decoder, self.private_dim) for decoder in decoders)
-            # MMVAE+'s auxiliary distributions of the modality-specific latents in cross-reconstructions
-            self.auxiliary_logscale = nn.Parameter(torch.zeros(len(encoders), self.private_dim))
+            if spec.auxiliary:  # MMVAE+'s auxiliary distributions of the modality-specific latents
+                self.auxiliary_logscale = nn.Parameter(torch.zeros(len(encoders), self.private_dim))
         self.encoders, self.decoders = encoders, decoders
         self.model, self.beta, self.alpha = model, float(beta), float(alpha)
-        self.spec = spec = MODELS[model]
+        self.top_down = None
+        if spec.top_down:
+            if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+                raise ValueError(f"model={model!r} needs latent_dim (the shared latent size, a positive integer), "
+                                 f"got latent_dim={latent_dim!r}")
+            self.top_down = nn.ModuleList(TopDownPrivate(latent_dim, self.private_dim) for _ in encoders)
         objective = spec.objective
         if spec.prior_on_full_subset:
             objective = functools.partial(objective, prior_on_full_subset=True)
@@ -211,6 +291,8 @@ class MultimodalVAE(nn.Module):
                                           estimator=estimator)
         if self.private_dim:
             objective = functools.partial(objective, private_dim=self.private_dim)
+        if spec.components:
+            objective = functools.partial(objective, members=opf.holder_mixture_members(len(encoders), alpha))
         self.objective = objective
         self._aggregator = spec.make_aggregator(alpha)
         self.pool_logits = nn.Parameter(torch.zeros(len(encoders))) if learnable_weights else None
@@ -246,6 +328,32 @@ class MultimodalVAE(nn.Module):
         first = as_modalities(x)[0]
         return torch.ones(self.num_modalities, first.shape[0], dtype=torch.bool, device=first.device)
 
+    def private_posterior(self, x):
+        """``(mu, logvar)`` of the modality-specific latents, each ``(M, B, private_dim)`` (None without them)."""
+        if not self.private_dim:
+            return None
+        mu, logvar = self._encode(x)
+        return mu[..., -self.private_dim:], logvar[..., -self.private_dim:]
+
+    def decode(self, z: torch.Tensor, target: int, given: torch.Tensor | None = None, private=None,
+               generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
+        """Decoder ``target``'s output for the shared latent ``z`` ``(..., B, D)``, modality-specific latents drawn
+        as MMVAE+ generates: ``w`` from its posterior ``private`` (``private_posterior``) when ``given[target]``
+        (``(M, B)``; a reconstruction), else from its prior ``N(0, I)`` (a cross-modal or unconditional
+        generation; ``r_n`` only stands in for it in training). ``sample=False``: the posterior mean instead of a
+        draw. Draws use ``generator``. Without modality-specific latents: ``decoders[target](z)``."""
+        decoder = self.decoders[target]
+        if not self.private_dim:
+            return decoder(z)
+        shape = z.shape[:-1] + (self.private_dim,)
+        w = torch.randn(shape, generator=generator, dtype=z.dtype, device=z.device)
+        if given is not None and private is not None:
+            mu, logvar = private[0][target], private[1][target]
+            own = mu + torch.exp(0.5 * logvar) * torch.randn(shape, generator=generator, dtype=z.dtype,
+                                                             device=z.device) if sample else mu.expand(shape)
+            w = torch.where(given[target].unsqueeze(-1), own.to(z.dtype), w)
+        return decoder(z, w)
+
     def encode(self, x):
         """Unimodal posteriors ``(mu, logvar)`` of the shared latent, each ``(M, B, D)``, from inputs ``x`` (see
         ``as_modalities``)."""
@@ -268,7 +376,9 @@ class MultimodalVAE(nn.Module):
         modalities ``(M, B)`` (default all)."""
         present = self._everything(x) if present is None else present
         mu, logvar = self._encode(x)
-        extra = {"auxiliary_logscale": self.auxiliary_logscale} if self.private_dim else {}
+        extra = {"auxiliary_logscale": self.auxiliary_logscale} if self.auxiliary_logscale is not None else {}
+        if self.top_down is not None:
+            extra["top_down"] = self.top_down
         terms = self.objective(as_modalities(x), present, mu, logvar, self.decoders, self.likelihood, self.aggregate,
                                **extra)
         objective = terms.reconstruction - self.beta * terms.kl if terms.objective is None else terms.objective

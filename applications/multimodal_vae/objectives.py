@@ -97,9 +97,13 @@ class Likelihood(nn.Module):
         first = inputs[0][0]
         total = torch.zeros(first.shape[:-1], dtype=full_precision(first).dtype, device=first.device)
         for m, decoder in enumerate(decoders):
-            log_lik = self.log_prob(x[m], decoder(*inputs[m]), m)
-            total = total + self.weights[m] * torch.where(present[m], log_lik, torch.zeros_like(log_lik))
+            total = total + self.modality(x, present, inputs[m], decoder, m)
         return total
+
+    def modality(self, x, present: torch.Tensor, inputs: tuple, decoder: nn.Module, m: int) -> torch.Tensor:
+        """Modality ``m``'s term ``w_m [m present] log p(x_m | decoder(*inputs))`` ``(..., B)``: one decoder pass."""
+        log_lik = self.log_prob(x[m], decoder(*inputs), m)
+        return self.weights[m] * torch.where(present[m], log_lik, torch.zeros_like(log_lik))
 
 
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -117,11 +121,24 @@ def reparameterise(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
 
-def joint_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
-    """HELVAE and the moment-matched Hölder VAEs: one ELBO with the aggregated Gaussian posterior."""
-    joint_mu, joint_logvar = aggregate(mu, logvar, mask=present)
+def joint_elbo(x, present, mu, logvar, decoders, likelihood, aggregate, private_dim=0) -> Terms:
+    """HELVAE, the moment-matched Hölder VAEs and WB-VAE: one ELBO with the aggregated Gaussian posterior.
+
+    With ``private_dim`` (the last coordinates of each posterior, as in MMVAE+) every present modality ``n`` is
+    reconstructed from ``(z, w_n)`` with ``w_n ~ q(w_n | x_n)``, and ``kl`` adds ``KL(q(w_n | x_n) || N(0, I))``
+    of the present modalities. ``z`` is sampled after aggregation, from every present modality at once, so each
+    private latent only ever reconstructs its own modality: nothing stops ``w_n`` from carrying all of ``x_n``
+    (the shortcut the Hölder++ paper names; a missing modality is not reconstructed, so ``r_n`` is never used)."""
+    shared = mu.shape[-1] - private_dim
+    joint_mu, joint_logvar = aggregate(mu[..., :shared], logvar[..., :shared], mask=present)
     z = reparameterise(joint_mu, joint_logvar)
-    return Terms(likelihood(x, present, z, decoders), kl_to_standard_normal(joint_mu, joint_logvar))
+    kl = kl_to_standard_normal(joint_mu, joint_logvar)
+    if not private_dim:
+        return Terms(likelihood(x, present, z, decoders), kl)
+    own_mu, own_logvar = mu[..., shared:], logvar[..., shared:]
+    w = reparameterise(own_mu, own_logvar)
+    kl_private = torch.where(present, kl_to_standard_normal(own_mu, own_logvar), 0).sum(0)
+    return Terms(likelihood(x, present, [(z, w[n]) for n in range(len(decoders))], decoders), kl + kl_private)
 
 
 def mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
@@ -136,7 +153,8 @@ def mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Ter
 
 def mvae_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
     """MVAE: the joint ELBO of the product with a prior expert plus, for each present modality, the ELBO of its
-    own posterior (times the prior) reconstructing that modality alone."""
+    own posterior (times the prior) reconstructing that modality alone: only its decoder runs (M + M decoder passes a
+    step, not M + M^2)."""
     terms = joint_elbo(x, present, mu, logvar, decoders, likelihood, aggregate)
     rec, kl = terms.reconstruction, terms.kl
     for m in range(mu.shape[0]):
@@ -144,18 +162,27 @@ def mvae_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
         only[m] = present[m]
         uni_mu, uni_logvar = aggregate(mu, logvar, mask=only)
         z = reparameterise(uni_mu, uni_logvar)
-        rec = rec + likelihood(x, only, z, decoders)
+        rec = rec + likelihood.modality(x, present, (z,), decoders[m], m)
         kl = kl + torch.where(present[m], kl_to_standard_normal(uni_mu, uni_logvar), torch.zeros_like(kl))
     return Terms(rec, kl)
 
 
-def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate, prior_on_full_subset=False) -> Terms:
+def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate, prior_on_full_subset=False,
+                        private_dim=0, auxiliary_logscale=None) -> Terms:
     """MoPoE, MoHELVAE, MWB-VAE: the uniform mixture over modality subsets of ``aggregate``. Stratified as in
     MoPoE: the batch is cut into contiguous chunks, one subset per chunk (a sample whose subset has no present
     modality draws from its non-empty subsets instead); the KL is the average of the subset KLs.
-    ``prior_on_full_subset``: a standard-normal expert joins the subset of all modalities (MoPoE)."""
-    mixture = subset_mixture(aggregate, mu, logvar, dim=0, mask=present, prior_on_full_subset=prior_on_full_subset,
-                             validate_args=False)
+    ``prior_on_full_subset``: a standard-normal expert joins the subset of all modalities (MoPoE).
+
+    With ``private_dim`` (the last coordinates of each posterior, as in MMVAE+), ``z`` from the chosen subset
+    ``S`` reconstructs each present modality ``n`` from ``(z, w_n)``: ``w_n ~ q(w_n | x_n)`` if ``n`` is in ``S``,
+    else ``w_n`` from the auxiliary ``r_n = N(0, exp(2 auxiliary_logscale[n]))``; ``kl`` adds the KLs to
+    ``N(0, I)`` of the private latents drawn from their posteriors, averaged over the subsets as the shared KL
+    is (modality ``n``'s counts with the mixture weight of the subsets that hold it)."""
+    shared = mu.shape[-1] - private_dim
+    subsets = opf.all_subsets(mu.shape[0], mu.device)  # (K, M), the order of the mixture's components
+    mixture = subset_mixture(aggregate, mu[..., :shared], logvar[..., :shared], dim=0, mask=present,
+                             subsets=subsets, prior_on_full_subset=prior_on_full_subset, validate_args=False)
     batch, num_subsets = mixture.log_weights.shape
     chosen = torch.arange(batch, device=mu.device) * num_subsets // batch
     valid = torch.isfinite(mixture.log_weights)
@@ -165,7 +192,15 @@ def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate,
     z = reparameterise(mixture.loc[rows, chosen], mixture.logvar[rows, chosen])
     subset_kl = kl_to_standard_normal(mixture.loc, mixture.logvar)  # (B, K)
     kl = (mixture.log_weights.exp() * torch.where(valid, subset_kl, torch.zeros_like(subset_kl))).sum(-1)
-    return Terms(likelihood(x, present, z, decoders), kl)
+    if not private_dim:
+        return Terms(likelihood(x, present, z, decoders), kl)
+    own_mu, own_logvar = mu[..., shared:], logvar[..., shared:]
+    drawn = subsets[chosen].T & present  # (M, B): the modalities whose posterior gives w_n
+    auxiliary = torch.randn_like(own_mu) * auxiliary_logscale.exp().unsqueeze(1)
+    w = torch.where(drawn.unsqueeze(-1), reparameterise(own_mu, own_logvar), auxiliary)
+    holding = (mixture.log_weights.exp() @ subsets.to(mixture.log_weights.dtype)).T * present  # (M, B)
+    kl = kl + (holding * kl_to_standard_normal(own_mu, own_logvar)).sum(0)
+    return Terms(likelihood(x, present, [(z, w[n]) for n in range(len(decoders))], decoders), kl)
 
 
 ESTIMATORS = ("elbo", "iwae", "dreg")
@@ -248,3 +283,133 @@ def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate
         kl = kl + here * (log_q - log_p).mean(0)
         objective = objective + here * _bound(log_w, estimator, (u,))
     return Terms(rec, kl, objective)
+
+
+def _component_weights(mixture) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixture's weights ``pi`` as ``(C, B)`` (they carry their gradient) and which are positive (components
+    of absent modalities have weight zero and are skipped)."""
+    log_weights = mixture.log_weights.movedim(-1, 0)
+    return log_weights.exp(), torch.isfinite(log_weights)
+
+
+def _weighted_sum(weights: torch.Tensor, valid: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
+    """``sum_c pi_c terms_c`` over the components ``(C, B)``; a weight-zero component's term is replaced by 0
+    before the product, so an infinite one gives neither a NaN value nor a NaN gradient."""
+    return (weights * torch.where(valid, terms, torch.zeros_like(terms))).sum(0)
+
+
+def _component_draws(mixture, num_samples: int) -> torch.Tensor:
+    """``(K, C, B, D)``: ``K`` reparameterised draws from every component of the mixture (noise drawn in that
+    shape)."""
+    loc, logvar = mixture.loc.movedim(-2, 0), mixture.logvar.movedim(-2, 0)
+    noise = torch.randn((num_samples,) + loc.shape, dtype=loc.dtype, device=loc.device)
+    return loc + torch.exp(0.5 * logvar) * noise
+
+
+def stratified_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
+    """The Hölder VAE as the Hölder++ paper trains it (``aggregate`` = ``opinionpool.functional.holder_mixture``,
+    exact ``alpha`` = 0 or 1/n), stratified over the mixture's components: every sample draws one ``z_c`` from every
+    component ``c`` (reparameterised within it) and the terms are the weighted sums
+
+        ``reconstruction = sum_c pi_c log p(X | z_c)``,  ``kl = sum_c pi_c (log q(z_c | X) - log p(z_c))``
+
+    with ``q(z | X)`` the exact mixture density. It is the ELBO in expectation, as ``mixture_elbo`` (one component
+    drawn by its weight) is, but the weights ``pi_c`` (for ``alpha = 1/2``: ``c`` for the experts, ``2 c S_ij``
+    for the pairs, set by the encoders through the Bhattacharyya coefficients ``S_ij``) get their exact gradient
+    through the sum, where ``mixture_elbo``'s draw of a component carries none. Components of weight zero (those
+    of absent modalities) are skipped. Cost: ``C`` decoder passes per modality and sample (``C = M + M(M-1)/2``
+    for ``alpha = 1/2``)."""
+    mixture = aggregate(mu, logvar, mask=present)
+    weights, valid = _component_weights(mixture)
+    z = _component_draws(mixture, 1)[0]  # (C, B, D)
+    log_lik = likelihood(x, present, z, decoders)
+    kl = mixture.log_prob(z) - standard_normal_log_prob(z)
+    return Terms(_weighted_sum(weights, valid, log_lik), _weighted_sum(weights, valid, kl))
+
+
+def _detached_call(module: nn.Module, *args):
+    """``module(*args)`` with its parameters detached (DReG scores a density with its parameters stopped)."""
+    detached = {name: p.detach() for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, detached, args)
+
+
+def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate, beta=1.0, num_samples=1,
+                          estimator="elbo", private_dim=1, auxiliary_logscale=None, members=None,
+                          top_down=None) -> Terms:
+    """Hölder+ and Hölder++ (the Hölder++ paper): a shared ``z`` (the first ``D - private_dim`` coordinates of the
+    encoders' posteriors) pooled by the exact Hölder mixture (``aggregate`` = ``opinionpool.functional.
+    holder_mixture``), and a private ``w_n`` per modality (the last ``private_dim``), stratified over the mixture's
+    components as ``stratified_mixture_elbo``. For every component ``c`` (``members[c]``: its experts, from
+    ``opinionpool.functional.holder_mixture_members``), ``K = num_samples`` draws ``z ~ q_c`` reconstruct every
+    present ``x_n`` from ``(z, w_n)`` with
+
+    - ``w_n ~ q(w_n | x_n)`` (Hölder+) or ``q(w_n | x_n, z)`` (Hölder++: ``top_down[n]`` maps the encoder's
+      private statistics and ``z`` to it) if modality ``n`` is one of the component's experts (self-reconstruction:
+      ``n = j`` for the unimodal component ``j``, ``n in {i, j}`` for the pair ``(i, j)``),
+    - ``w_n ~ r_n = N(0, exp(2 auxiliary_logscale[n]))`` otherwise (cross-reconstruction; MMVAE+'s auxiliary
+      distribution, which keeps the private latents from carrying what the shared one should).
+
+    Log-weights ``log w_k = log p(X | z, w) + beta (log p(z) + sum_{n in c} log p(w_n) - log q(z | X) -
+    sum_{n in c} log q(w_n | ...))``: the exact mixture density of ``z`` and the private latents drawn from their
+    posteriors (``p`` standard normal). Per component the bound is, as in ``mmvae_objective``, ``"elbo"``
+    (``mean_k log w_k``), ``"iwae"`` (``log mean_k w_k``) or ``"dreg"`` (the IWAE value with the doubly
+    reparameterised gradient: the posteriors' parameters stopped inside ``log q``, every path gradient of a
+    draw weighted by the squared normalised weights; in Hölder++ the draws of ``w`` reach ``z`` through
+    ``top_down``, and each path is weighted once); the objective is ``sum_c pi_c bound_c``, so the weights
+    ``pi_c`` get their exact gradient. ``reconstruction`` and ``kl`` are the ``pi``-weighted sample means of
+    ``log p(X | z, w)`` and ``log q - log p``. Cost: ``C K`` decoder passes per modality and sample."""
+    _check_estimator(estimator, num_samples)
+    dreg = estimator == "dreg"
+    shared = mu.shape[-1] - private_dim
+    mixture = aggregate(mu[..., :shared], logvar[..., :shared], mask=present)
+    weights, valid = _component_weights(mixture)  # (C, B)
+    members = members.to(mu.device)
+    own_mu, own_logvar = mu[..., shared:], logvar[..., shared:]  # (M, B, P)
+    z = _component_draws(mixture, num_samples)  # (K, C, B, Ds)
+    # DReG: the log-weights see a copy of z whose gradient is weighted (once); w's parameters see z itself
+    z_in = z.clone() if dreg else z
+    log_q = (_detached(mixture) if dreg else mixture).log_prob(z_in)  # (K, C, B)
+    log_p = standard_normal_log_prob(z_in)
+    inputs, draws = [], [z_in]
+    for n in range(mu.shape[0]):
+        if top_down is None:
+            post_mu, post_logvar = own_mu[n], own_logvar[n]
+        else:
+            post_mu, post_logvar = top_down[n](own_mu[n], own_logvar[n], z)
+        shape = z.shape[:-1] + (private_dim,)
+        w = post_mu + torch.exp(0.5 * post_logvar) * torch.randn(shape, dtype=mu.dtype, device=mu.device)
+        auxiliary = torch.randn(shape, dtype=mu.dtype, device=mu.device) * auxiliary_logscale[n].exp()
+        if dreg and top_down is None:
+            post_mu, post_logvar = post_mu.detach(), post_logvar.detach()
+        elif dreg:
+            post_mu, post_logvar = _detached_call(top_down[n], own_mu[n].detach(), own_logvar[n].detach(), z_in)
+        member = members[:, n].view(-1, 1)  # (C, 1): modality n is one of component c's experts
+        zero = torch.zeros((), dtype=mu.dtype, device=mu.device)
+        log_q = log_q + torch.where(member, opf.diag_gaussian_log_prob(w, post_mu, post_logvar), zero)
+        log_p = log_p + torch.where(member, standard_normal_log_prob(w), zero)
+        inputs.append((z_in, torch.where(member.unsqueeze(-1), w, auxiliary)))
+        draws.append(w)
+    log_lik = likelihood(x, present, inputs, decoders)  # (K, C, B)
+    log_w = log_lik + beta * (log_p - log_q)
+    bound = _bound(log_w, estimator, draws)  # (C, B)
+    if dreg:  # the value is the IWAE bound, the gradient DReG's
+        bound = (torch.logsumexp(log_w, 0) - math.log(num_samples)).detach() + bound - bound.detach()
+    return Terms(_weighted_sum(weights, valid, log_lik.mean(0)), _weighted_sum(weights, valid, (log_q - log_p).mean(0)),
+                 _weighted_sum(weights, valid, bound))
+
+
+def mmvm_objective(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
+    """MMVM (Sutter et al., "Unity by Diversity: Improved Representation Learning in Multimodal VAEs", NeurIPS
+    2024): one latent ``z_m`` per modality, each decoded by its own decoder, tied by the data-dependent prior
+    ``h(z | X) = aggregate`` of the present unimodal posteriors (``opinionpool.functional.moe``: the paper's
+    ``(1/M) sum_m q(z | x_m)``; ``holder_mixture(alpha)`` for the Hölder priors). Per sample,
+    ``reconstruction = sum_m [m present] w_m log p(x_m | z_m)`` and ``kl = sum_m [m present] (log q(z_m | x_m) -
+    log h(z_m | X))`` with one reparameterised ``z_m ~ q(z_m | x_m)``: an unbiased one-sample estimate of
+    ``KL(q(z_m | x_m) || h(z_m | X))`` with the exact mixture density of ``h``. Gradients reach every encoder
+    through ``h`` too. Missing modalities neither get a term nor enter ``h`` (its components are the present
+    posteriors, reweighted); a sample with one present modality has ``h = q(z_m | x_m)`` and no KL at all."""
+    prior = aggregate(mu, logvar, mask=present)
+    z = reparameterise(mu, logvar)  # (M, B, D): z_m for every modality
+    log_q = opf.diag_gaussian_log_prob(z, mu, logvar)
+    kl = torch.where(present, log_q - prior.log_prob(z), 0).sum(0)
+    return Terms(likelihood(x, present, [(z[m],) for m in range(len(decoders))], decoders), kl)

@@ -52,7 +52,10 @@ METRICS = {
     # the probe's subsets are named "m0,m1,...": the longest name is the full set
     "probe_all": _optional("latent_probe", lambda p: p[max(p, key=len)]),
     "probe_single": _optional("latent_probe", lambda p: statistics.mean(v for k, v in p.items() if "," not in k)),
+    # modality-specific latents only: the mean over modalities of the probe on w_m (decoupling: low is good)
+    "probe_private": _optional("private_latent_probe", lambda p: statistics.mean(p.values())),
     "fid_unconditional": _optional("fid", lambda f: f["unconditional"]),
+    "kid_unconditional": _optional("fid", lambda f: f.get("kid_unconditional")),
     "pairwise_mass": lambda metrics: metrics["pooling"]["pairwise_mass"],
 }
 #: curves over the number of input modalities, as JSON objects (empty when not computed)
@@ -74,11 +77,15 @@ class SweepConfig:
     #: the run preset every run starts from, and overrides applied to every run
     base: str = "polymnist-helvae-cpu"
     overrides: list[str] = field(default_factory=list)
+    #: the runs' labels: a model name, or any label whose ``model_overrides`` set ``model.name`` (a variant, e.g.
+    #: ``mmvae-k10`` with ``model.name=mmvae`` and ``model.num_samples=10``)
     models: list[str] = field(default_factory=lambda: ["helvae", "mopoe"])
-    #: overrides for one model only (after ``overrides``), e.g. MMVAE+'s latent split
+    #: overrides for one label only (after ``overrides``), e.g. MMVAE+'s latent split
     model_overrides: dict[str, list[str]] = field(default_factory=dict)
     betas: list[float] = field(default_factory=lambda: [1.0, 2.5])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
+    #: seeds for one label only, instead of ``seeds`` (fewer for the slow models)
+    model_seeds: dict[str, list[int]] = field(default_factory=dict)
     output_dir: str = "runs"
 
 
@@ -98,21 +105,31 @@ def load_sweep(preset: str, overrides=()) -> SweepConfig:
     for key in ("models", "betas", "seeds"):
         if not getattr(sweep, key):
             raise ValueError(f"sweep {key} must not be empty")
-    unknown = sorted(set(sweep.model_overrides) - set(sweep.models))
-    if unknown:
-        raise ValueError(f"sweep model_overrides name models not in the sweep: {unknown}")
+    if len(set(sweep.models)) != len(sweep.models):
+        raise ValueError(f"sweep models must not repeat a label, got {sweep.models}")
+    for key in ("model_overrides", "model_seeds"):
+        unknown = sorted(set(getattr(sweep, key)) - set(sweep.models))
+        if unknown:
+            raise ValueError(f"sweep {key} name models not in the sweep: {unknown}")
+    empty = sorted(label for label, seeds in sweep.model_seeds.items() if not seeds)
+    if empty:
+        raise ValueError(f"sweep model_seeds must not be empty, got none for {empty}")
     for model, beta, seed in grid(sweep):  # every run's configuration is valid before anything trains
         run_config(sweep, model, beta, seed)
     return sweep
 
 
 def grid(sweep: SweepConfig):
-    return [(model, beta, seed) for model in sweep.models for beta in sweep.betas for seed in sweep.seeds]
+    """``(label, beta, seed)`` of every run, label by label."""
+    return [(model, beta, seed) for model in sweep.models for beta in sweep.betas
+            for seed in sweep.model_seeds.get(model, sweep.seeds)]
 
 
 def run_config(sweep: SweepConfig, model: str, beta: float, seed: int):
+    """The configuration of the run labelled ``model``: the label is the model's name unless its own overrides set
+    ``model.name``."""
     own = sweep.model_overrides.get(model, [])
-    return load_config(sweep.base, [*sweep.overrides, *own, f"model.name={model}", f"model.beta={beta}",
+    return load_config(sweep.base, [*sweep.overrides, f"model.name={model}", *own, f"model.beta={beta}",
                                     f"train.seed={seed}", f"name={model}-beta{beta}-seed{seed}",
                                     f"output_dir={Path(sweep.output_dir) / sweep.name}",
                                     "train.evaluate_at_end=false"])
@@ -284,6 +301,7 @@ def render(summary: dict, figures: list[str], folder: Path) -> str:
     columns = [("coherence", "coherence (all subsets)"), ("cross_coherence", "one input"),
                ("unconditional_coherence", "unconditional"), ("log_likelihood", "log p(X)"),
                ("conditional_log_likelihood", "log p(X_rest \\| x_m)"), ("probe_all", "probe (all)"),
+               ("probe_private", "probe (private w)"),
                ("fid_unconditional", "FID"), ("pairwise_mass", "pairwise mass")]
     lines = [f"# Sweep `{folder.name}`", "", "Mean ± std over seeds; every metric as defined in "
              "`applications/multimodal_vae/evaluation/` (see each run's report.md for its protocol).", "",
@@ -293,10 +311,12 @@ def render(summary: dict, figures: list[str], folder: Path) -> str:
         entry = summary[key]
         lines.append(f"| {key[0]} | {key[1]:g} | {entry['seeds']} | "
                      + " | ".join(_cell(entry[f]) for f, _ in columns) + " |")
-    missing = [label for f, label in columns if not _computed(summary, summary, f)]
+    missing = [label for f, label in columns if f != "probe_private" and not _computed(summary, summary, f)]
     if missing:
         lines += ["", f"Not computed by any run (–): {', '.join(missing)}; coherence and the latent probe need class "
                   "labels, FID image modalities and eval.fid_samples > 0 (each run's metrics.json says which)."]
+    lines += ["", "probe (private w): the latent probe on the modality-specific latents, mean over modalities (models "
+              "with model.private_dim > 0 only; low is good: the private latents hold no label)."]
     timing = {}
     for (model, _), entry in summary.items():
         timing.setdefault(model, []).append(entry["seconds_per_batch"][0])

@@ -85,7 +85,8 @@ def make_model(config: Config, modalities) -> MultimodalVAE:
     return MultimodalVAE(encoders, decoders, model.name, beta=model.beta, alpha=model.alpha,
                          learnable_weights=model.learnable_weights, modalities=modalities,
                          num_samples=model.num_samples, estimator=model.estimator, likelihood=model.likelihood,
-                         likelihood_scale=model.likelihood_scale, private_dim=model.private_dim)
+                         likelihood_scale=model.likelihood_scale, private_dim=model.private_dim,
+                         latent_dim=model.latent_dim)
 
 
 def _start_replicas(device: torch.device) -> tuple[int, int, torch.device]:
@@ -190,16 +191,21 @@ def _write_csv(path: Path, rows: list[dict], fields) -> None:
 @torch.no_grad()
 def sample_grid(model: MultimodalVAE, x, modalities, path: Path) -> torch.Tensor:
     """For up to 8 tuples ``x``: the inputs of every modality, their reconstructions from all modalities (posterior
-    mean), then every modality generated from modality 0 alone. Images go into a PNG grid (one block of rows each,
+    mean), then every modality generated from modality 0 alone (modality-specific latents: posterior means for
+    the given modalities, prior draws for the others). Images go into a PNG grid (one block of rows each,
     padded to a common size; its ``(H, W, 3)`` array is returned), texts into ``samples.txt`` beside it."""
     from PIL import Image
 
     x = [t[:8] for t in x]
     outputs = [x]
+    m = model.num_modalities
     with torch.random.fork_rng(devices=[]), evaluating(model):
-        for present in (None, subset_mask((0,), model.num_modalities, x[0].shape[0], x[0].device)):
+        private = model.private_posterior(x)
+        for present in (torch.ones(m, x[0].shape[0], dtype=torch.bool, device=x[0].device),
+                        subset_mask((0,), m, x[0].shape[0], x[0].device)):
             mu, _ = model.posterior(x, present)
-            outputs.append([decoder(mu).float() for decoder in model.decoders])
+            # a given modality's private latent at its posterior mean, the others' drawn from the prior
+            outputs.append([model.decode(mu, t, present, private, sample=False).float() for t in range(m)])
     images = [m for m, modality in enumerate(modalities) if not modality.is_text]
     height = max([modalities[m].shape[1] for m in images], default=0)
     width = max([modalities[m].shape[2] for m in images], default=0)

@@ -12,6 +12,7 @@ from applications.multimodal_vae.evaluation.fid import (
     default_weights,
     fid_from_features,
     frechet_distance,
+    kid_from_features,
     random_subsets,
     statistics,
 )
@@ -122,6 +123,55 @@ def test_fid_scores_of_a_copying_generator(tmp_path):
     assert scores["samples"] == 6 and set(scores["per_size"]) == {1, 2}
     assert scores["per_size"][1] < 1e-3 and scores["per_size"][2] < 1e-3
     assert scores["unconditional"] > 10
+    # KID of copies is the unbiased estimate for identical sets: -2 mean_{i != j} k(x_i, x_j) / n + ..., near 0
+    assert abs(scores["kid_per_size"][1]) < 0.2 * scores["kid_unconditional"]
+    assert scores["kid_unconditional"] > 0
+
+
+def unbiased_mmd2_by_loops(a, b):
+    """The unbiased squared MMD under scikit-learn's polynomial kernel (gamma 1/d, coef0 1, degree 3), term by term."""
+    from sklearn.metrics.pairwise import polynomial_kernel
+
+    def kernel(x, y):
+        return polynomial_kernel(x, y, degree=3, gamma=1 / a.shape[1], coef0=1)
+
+    n, m = len(a), len(b)
+    k_aa, k_bb, k_ab = kernel(a, a), kernel(b, b), kernel(a, b)
+    within_a = sum(k_aa[i, j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    within_b = sum(k_bb[i, j] for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    return within_a + within_b - 2 * k_ab.mean()
+
+
+def test_kid_is_the_unbiased_mmd_of_the_cubic_polynomial_kernel():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(30, 7))
+    b = 0.8 * rng.normal(size=(30, 7)) + 0.3
+    mean, std = kid_from_features(a, b, subsets=3, subset_size=1000)  # subsets of everything: one estimate
+    assert mean == pytest.approx(unbiased_mmd2_by_loops(a, b), rel=1e-12) and std == pytest.approx(0, abs=1e-15)
+    # averaging over random subsets is unbiased for the full-set estimate: within the error bar of the subset mean
+    mean, std = kid_from_features(a, b, subsets=4000, subset_size=10, seed=1)
+    assert abs(mean - unbiased_mmd2_by_loops(a, b)) < 4 * std / np.sqrt(4000)
+
+
+def test_kid_separates_distributions_and_is_near_zero_for_alike_ones():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(200, 16)), rng.normal(size=(200, 16))
+    alike, spread = kid_from_features(a, b, subsets=50, subset_size=100)
+    shifted, _ = kid_from_features(a, b + 0.5, subsets=50, subset_size=100)
+    assert abs(alike) < 3 * spread
+    assert shifted > 10 * spread
+
+
+def test_kid_rejects_bad_arguments():
+    a = np.zeros((5, 3))
+    with pytest.raises(ValueError, match="subsets must be a positive integer, got 0"):
+        kid_from_features(a, a, subsets=0)
+    with pytest.raises(ValueError, match="subset_size must be a positive integer, got 2.5"):
+        kid_from_features(a, a, subset_size=2.5)
+    with pytest.raises(ValueError, match="feature dimensions differ: 3 and 4"):
+        kid_from_features(a, np.zeros((5, 4)))
+    with pytest.raises(FIDError, match="features_b has non-finite entries"):
+        kid_from_features(a, np.full((5, 3), np.nan))
 
 
 def test_random_subsets_exclude_the_target_and_are_uniform():

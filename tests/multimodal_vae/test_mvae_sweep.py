@@ -63,8 +63,8 @@ def test_pareto_front_and_aggregation_by_hand():
     assert pareto_front(points, maximise_y=False) == [2, 0, 4]  # FID: lower is better
     assert pareto_front(points, maximise_y=True) == [3, 1]  # higher is better
     base = {f: 0.0 for f in ("coherence", "cross_coherence", "unconditional_coherence", "log_likelihood",
-                             "conditional_log_likelihood", "probe_all", "probe_single", "fid_unconditional",
-                             "pairwise_mass", "seconds_per_batch")}
+                             "conditional_log_likelihood", "probe_all", "probe_single", "probe_private",
+                             "fid_unconditional", "kid_unconditional", "pairwise_mass", "seconds_per_batch")}
     rows = [{**base, "model": "a", "beta": 1.0, "seed": s, "coherence": c, "coherence_by_inputs": '{"1": %s}' % c,
              "fid_by_inputs": "{}"} for s, c in ((0, 0.2), (1, 0.4))]
     summary = aggregate(rows)[("a", 1.0)]
@@ -73,11 +73,18 @@ def test_pareto_front_and_aggregation_by_hand():
 
 
 def test_sweep_presets_and_errors(capsys):
-    assert load_sweep("polymnist-cpu").models == ["helvae", "mopoe"]
+    sweep = load_sweep("polymnist-cpu")
+    assert sweep.models == ["helvae", "mopoe", "holder_stratified", "holderplus", "holderplusplus", "mmvm",
+                            "mmvm_holder", "wbvae"]
+    from applications.multimodal_vae.sweep import run_config
+
+    for model, private in (("holder_stratified", 0), ("holderplus", 32), ("holderplusplus", 32)):
+        config = run_config(sweep, model, 1.0, 0).model
+        assert (config.name, config.alpha, config.latent_dim, config.private_dim) == (model, 0.5, 32, private)
     with pytest.raises(ValueError, match="unknown sweep preset 'nope'"):
         load_sweep("nope")
     with pytest.raises(ValueError, match="model must be one of"):
-        load_sweep("polymnist-cpu", ["models=[helvae,jmvae]"])
+        load_sweep("polymnist-cpu", ["models=[helvae,holderplus,holderplusplus,jmvae]"])
     with pytest.raises(SystemExit):
         main(["sweep", "--preset", "polymnist-cpu", "--set", "betas=[]"])
     assert "sweep betas must not be empty" in capsys.readouterr().err
@@ -91,8 +98,29 @@ def test_the_gpu_sweep_gives_mmvae_plus_its_latent_split():
     config = run_config(sweep, "mmvaeplus", 2.5, 0)
     assert (config.model.latent_dim, config.model.private_dim) == (32, 32)
     assert run_config(sweep, "helvae", 2.5, 0).model.private_dim == 0
-    with pytest.raises(ValueError, match=r"model_overrides name models not in the sweep: \['mmvaeplus'\]"):
+    with pytest.raises(ValueError, match=r"model_overrides name models not in the sweep: \[.*'mmvaeplus'\]"):
         load_sweep("polymnist-gpu", ["models=[helvae]"])
+
+
+def test_a_sweep_label_can_be_a_variant_of_a_model_with_its_own_seeds():
+    from applications.multimodal_vae.sweep import grid, run_config
+
+    sweep = load_sweep("polymnist-cpu", ["models=[helvae,mmvae-k4]", "betas=[1.0]", "seeds=[0,1,2]",
+                                         "model_overrides={mmvae-k4: [model.name=mmvae, model.num_samples=4]}",
+                                         "model_seeds={mmvae-k4: [7]}"])
+    assert grid(sweep) == [("helvae", 1.0, 0), ("helvae", 1.0, 1), ("helvae", 1.0, 2), ("mmvae-k4", 1.0, 7)]
+    config = run_config(sweep, "mmvae-k4", 1.0, 7)
+    assert (config.model.name, config.model.num_samples, config.train.seed) == ("mmvae", 4, 7)
+    assert config.name == "mmvae-k4-beta1.0-seed7"
+    assert run_config(sweep, "helvae", 1.0, 0).model.name == "helvae"
+    with pytest.raises(ValueError, match="model must be one of"):  # a label that is no model needs model.name
+        load_sweep("polymnist-cpu", ["models=[helvae,fast]"])
+    with pytest.raises(ValueError, match=r"model_seeds name models not in the sweep: \['mopoe'\]"):
+        load_sweep("polymnist-cpu", ["models=[helvae]", "model_seeds={mopoe: [1]}"])
+    with pytest.raises(ValueError, match=r"model_seeds must not be empty, got none for \['helvae'\]"):
+        load_sweep("polymnist-cpu", ["model_seeds={helvae: []}"])
+    with pytest.raises(ValueError, match="must not repeat a label"):
+        load_sweep("polymnist-cpu", ["models=[helvae,helvae]"])
 
 
 def fake_run(folder, seed, log_likelihood, conditional, pairwise_mass, fid, seconds):

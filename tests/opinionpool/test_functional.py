@@ -225,3 +225,34 @@ def test_holder_mixture_lists_the_experts_first():
         assert torch.allclose(mixture.loc[:, :3], mu.movedim(0, 1)) and torch.allclose(mixture.logvar[:, :3],
                                                                                         logvar.movedim(0, 1))
         assert not torch.allclose(mixture.loc[:, 3], mu[0]) and mixture.loc.shape[1] > 3
+
+
+@pytest.mark.parametrize("alpha, num_experts", [(1 / 2, 3), (1 / 3, 3), (1 / 2, 4), (0, 3), (1 / 2, 1)])
+def test_holder_mixture_members_are_the_experts_each_component_depends_on(alpha, num_experts):
+    """Perturbing one expert moves exactly the components the members table gives it."""
+    mu, logvar = random_experts(m=num_experts, b=2, d=2)
+    members = opf.holder_mixture_members(num_experts, alpha)
+    base = opf.holder_mixture(mu, logvar, alpha, dim=0)
+    assert members.dtype == torch.bool and members.shape == (base.loc.shape[1], num_experts)
+    for j in range(num_experts):
+        moved_mu, moved_logvar = mu.clone(), logvar.clone()
+        moved_mu[j] += 1.0
+        moved_logvar[j] -= 0.5
+        moved = opf.holder_mixture(moved_mu, moved_logvar, alpha, dim=0)
+        changed = ((moved.loc != base.loc) | (moved.logvar != base.logvar)).any(-1).all(0)
+        assert torch.equal(changed, members[:, j]), j
+    if alpha == 1 / 2 and num_experts == 3:  # the experts, then the pairs in lexicographic order
+        expected = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]]
+        assert members.int().tolist() == expected
+    with_prior = opf.holder_mixture_members(num_experts, alpha, prior_expert=True)
+    assert with_prior.shape[1] == num_experts + 1
+    assert with_prior.shape[0] == opf.holder_mixture(mu, logvar, alpha, dim=0, prior_expert=True).loc.shape[1]
+
+
+def test_holder_mixture_members_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_experts must be a positive integer, got 0"):
+        opf.holder_mixture_members(0)
+    with pytest.raises(NotImplementedError, match="alpha=0.3 has no closed form"):
+        opf.holder_mixture_members(3, 0.3)
+    with pytest.raises(ValueError, match="max_components=10"):
+        opf.holder_mixture_members(5, 1 / 2, max_components=10)

@@ -25,7 +25,12 @@ Conventions (stated in every report):
 * **Unconditional coherence**: the fraction of prior samples ``z ~ N(0, I)`` on which all classifiers agree.
 * **Latent probe**: a logistic regression (scikit-learn) on posterior means given each subset, fitted on
   ``probe_examples`` random training tuples (500 as in the HELVAE paper; -1: the whole training split), tested
-  on the evaluated test tuples.
+  on the evaluated test tuples. Models with modality-specific latents are also probed on each private ``w_m``
+  (the posterior mean of ``q(w_m | x_m)``, same tuples): the Hölder++ paper's decoupling measure, high on the
+  shared latent and near chance on the private ones.
+* **Modality-specific latents** in generations: a target inside the conditioning subset (a reconstruction)
+  draws its ``w`` from its posterior, any other target (and unconditional generation) from the prior
+  ``N(0, I)``, as MMVAE+ generates (``MultimodalVAE.decode``).
 * **Pooling diagnostics** (all modalities present): the mean log Bhattacharyya coefficient between pairs of
   unimodal posteriors, and the fraction of the Hellinger pool's mass in its pairwise components (the first M
   components of ``opinionpool.functional.holder_mixture`` are the experts themselves). When the experts stop
@@ -59,6 +64,7 @@ from .labelled import (
     cross_coherence,
     latent_probe,
     posterior_means,
+    private_latent_probe,
     summarise_coherence,
     unconditional_coherence,
 )
@@ -66,7 +72,8 @@ from .likelihood import log_likelihood
 
 __all__ = ["CLASSIFIER_EPOCHS", "DigitClassifier", "EncoderClassifier", "accuracy", "classifier_input",
            "classifiers_for", "coherence", "cross_coherence", "evaluate_run", "fid_scores", "latent_probe",
-           "log_likelihood", "make_classifier", "pooling_diagnostics", "posterior_means", "render_report",
+           "log_likelihood", "make_classifier", "pooling_diagnostics", "posterior_means", "private_latent_probe",
+           "render_report",
            "summarise_coherence", "train_classifiers", "training_notice", "training_status", "unconditional_coherence"]
 
 
@@ -149,6 +156,9 @@ def _label_metrics(metrics, model, config, train_data, test_data, evaluated, sub
     done()
     probe = latent_probe(model, train_data, evaluated, subsets, settings.probe_examples, settings.seed)
     metrics["latent_probe"] = {_subset_name(s, names): v for s, v in probe.items()}
+    if model.private_dim:
+        private = private_latent_probe(model, train_data, evaluated, settings.probe_examples, settings.seed)
+        metrics["private_latent_probe"] = {names[t]: v for t, v in private.items()}
     done()
 
 
@@ -192,6 +202,10 @@ def render_report(config, metrics: dict) -> str:
         sizes += [f"| {k} | {mean:.3f} ± {std:.3f} |" for k, (mean, std) in coherence_["per_size"].items()]
         probe = ["| subset | probe accuracy |", "|---|---|"]
         probe += [f"| {s} | {v:.3f} |" for s, v in metrics["latent_probe"].items()]
+        if "private_latent_probe" in metrics:
+            probe += ["", "On each modality's private latent w (the decoupling measure: high on z, near chance on "
+                      "w):", "", "| private latent of | probe accuracy |", "|---|---|"]
+            probe += [f"| {t} | {v:.3f} |" for t, v in metrics["private_latent_probe"].items()]
         lines += [
             f"**Conditional coherence** (generations are posterior samples): overall {coherence_['overall']:.3f}; "
             f"one input, cross-modal {metrics['cross_coherence']['cross_modal']:.3f} (with self-reconstruction "
@@ -200,7 +214,7 @@ def render_report(config, metrics: dict) -> str:
             f"**Unconditional coherence** (all classifiers agree on a prior sample): "
             f"{metrics['unconditional_coherence']:.3f}.", "",
             f"**Latent probe** (logistic regression on posterior means, {metrics['protocol']['probe_examples']} "
-            "training tuples; -1 = all):", "", *probe, ""]
+            "training tuples; -1 = all), on the shared latent z given each subset:", "", *probe, ""]
     else:
         lines += [f"Not computed: {metrics['not_computed']}.", ""]
     lines += [
@@ -215,6 +229,10 @@ def render_report(config, metrics: dict) -> str:
         lines += [f"**FID** ({fid['samples']} samples per image modality, {fid['weights']}): unconditional "
                   f"{fid['unconditional']:.1f}; conditional by number of inputs: "
                   + ", ".join(f"{k}: {v:.1f}" for k, v in fid["per_size"].items()) + ".", ""]
+        if "kid_unconditional" in fid:
+            lines += [f"**KID** (x 1000, same samples): unconditional {1000 * fid['kid_unconditional']:.2f}; "
+                      "conditional by number of inputs: "
+                      + ", ".join(f"{k}: {1000 * v:.2f}" for k, v in fid["kid_per_size"].items()) + ".", ""]
     if "classifier_accuracy" in metrics:
         lines += ["Digit classifiers (eval mode), test accuracy per modality: "
                   + ", ".join(f"{name} {a:.3f}" for name, a in zip(names, metrics["classifier_accuracy"])) + ".", ""]

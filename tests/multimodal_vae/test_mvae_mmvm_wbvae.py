@@ -1,0 +1,368 @@
+"""MMVM (and MMVM with a Hölder prior), WB-VAE and the modality-specific latents of the pooled models: each
+objective against an independent float64 computation on a tiny linear model, generation with private latents,
+the probe on private latents, and every model from the command line (two steps, exact resume, evaluation)."""
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate
+from tiny_runs import losses
+from torch import nn
+
+from applications.multimodal_vae import objectives
+from applications.multimodal_vae.__main__ import main
+from applications.multimodal_vae.data import MultimodalDataset, polymnist_modalities
+from applications.multimodal_vae.evaluation import private_latent_probe
+from applications.multimodal_vae.models import MultimodalVAE, PrivateLatent
+
+M, B, D, P = 3, 7, 2, 2  # modalities, batch, shared latent, private latent
+SCALE = 0.75
+WEIGHTS = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)  # per-modality likelihood weights
+
+
+class LinearEncoder(nn.Module):
+    """``(B, 1, 2, 2)`` -> ``(mu, logvar)``: one linear map of the four pixels."""
+
+    def __init__(self, out: int, generator):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2 * out, 4, generator=generator, dtype=torch.float64) * 0.7)
+        self.bias = nn.Parameter(torch.randn(2 * out, generator=generator, dtype=torch.float64) * 0.3)
+
+    def forward(self, x):
+        h = x.flatten(1) @ self.weight.T + self.bias
+        return h.chunk(2, -1)
+
+
+class LinearDecoder(nn.Module):
+    """``(..., d)`` -> ``(..., 1, 2, 2)``."""
+
+    def __init__(self, latent: int, generator):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, latent, generator=generator, dtype=torch.float64))
+        self.bias = nn.Parameter(torch.randn(4, generator=generator, dtype=torch.float64) * 0.1)
+
+    def forward(self, z):
+        return (z @ self.weight.T + self.bias).unflatten(-1, (1, 2, 2))
+
+
+def linear_model(name, private_dim=0, **kwargs):
+    g = torch.Generator().manual_seed(4)
+    encoders = nn.ModuleList(LinearEncoder(D + private_dim, g) for _ in range(M))
+    decoders = nn.ModuleList(LinearDecoder(D + private_dim, g) for _ in range(M))
+    return MultimodalVAE(encoders, decoders, name, beta=2.0, private_dim=private_dim, **kwargs).double()
+
+
+def inputs():
+    g = torch.Generator().manual_seed(2)
+    x = [torch.rand(B, 1, 2, 2, generator=g, dtype=torch.float64) for _ in range(M)]
+    present = torch.ones(M, B, dtype=torch.bool)
+    present[2, 1] = False       # sample 1: {0, 1}
+    present[[0, 1], 2] = False  # sample 2: {2} alone
+    present[0, 4] = False       # sample 4: {1, 2}
+    present[2, 6] = False       # sample 6: {0, 1}
+    return x, present
+
+
+def terms_of(model, x, present, seed=9):
+    likelihood = objectives.Likelihood(WEIGHTS)
+    mu, logvar = model._encode(x)
+    extra = {"auxiliary_logscale": model.auxiliary_logscale} if model.auxiliary_logscale is not None else {}
+    torch.manual_seed(seed)
+    return model.objective(x, present, mu, logvar, model.decoders, likelihood, model.aggregate, **extra)
+
+
+def laplace(x, loc):
+    """log Laplace(x; loc, 0.75) summed over a modality, by hand."""
+    return (-(x - loc).abs() / SCALE - math.log(2 * SCALE)).flatten(-3).sum(-1)
+
+
+def normal_log_pdf(z, mu, sd):
+    return (-0.5 * ((z - mu) / sd) ** 2 - torch.log(sd) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def kl_standard(mu, sd):
+    return 0.5 * (mu**2 + sd**2 - 1 - torch.log(sd**2)).sum(-1)
+
+
+def unimodal(model, x):
+    stats_ = [encoder(x_m) for encoder, x_m in zip(model.encoders, x)]
+    return torch.stack([s[0] for s in stats_]), torch.stack([s[1] for s in stats_])
+
+
+def gaussian_pdf(z, mu, sd):
+    return np.exp(-0.5 * ((z - mu) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
+
+
+def bhattacharyya(mu1, sd1, mu2, sd2) -> float:
+    """∫ sqrt(q1 q2) of two diagonal Gaussians: per axis sqrt(2 s t / (s² + t²)) exp(-(a - b)² / (4 (s² + t²)))."""
+    return float(np.prod(np.sqrt(2 * sd1 * sd2 / (sd1**2 + sd2**2)) * np.exp(-(mu1 - mu2) ** 2 / (4 * (sd1**2 + sd2**2)))))
+
+
+def test_the_bhattacharyya_closed_form_by_quadrature():
+    mu1, sd1, mu2, sd2 = np.array([0.3, -1.0]), np.array([0.7, 1.4]), np.array([-0.5, 0.2]), np.array([1.1, 0.5])
+    by_axis = [integrate.quad(lambda u, i=i: math.sqrt(gaussian_pdf(u, mu1[i], sd1[i]) * gaussian_pdf(u, mu2[i], sd2[i])),
+                              -np.inf, np.inf, epsabs=1e-13)[0] for i in range(2)]
+    assert bhattacharyya(mu1, sd1, mu2, sd2) == pytest.approx(np.prod(by_axis), rel=1e-9)
+
+
+def mmvm_prior_log_density(z, mu, sd, members, alpha):
+    """log h(z) at one point: the Hölder pool (alpha 1 or 1/2) of the experts ``members`` with equal weights,
+    from the definition h ∝ (sum_j w_j q_j^alpha)^(1/alpha), normalised with the Bhattacharyya coefficients."""
+    z, mu, sd = z.detach().numpy(), mu.detach().numpy(), sd.detach().numpy()
+    q = np.array([np.prod(gaussian_pdf(z, mu[j], sd[j])) for j in members])
+    w = np.full(len(members), 1 / len(members))
+    if alpha == 1:
+        return math.log(np.sum(w * q))
+    bc = np.array([[bhattacharyya(mu[j], sd[j], mu[k], sd[k]) for k in members] for j in members])
+    return math.log(np.sum(w * np.sqrt(q)) ** 2 / (w @ bc @ w))
+
+
+@pytest.mark.parametrize("name, alpha", [("mmvm", 0.5), ("mmvm_holder", 1.0), ("mmvm_holder", 0.5)])
+def test_mmvm_objective_against_an_independent_computation(name, alpha):
+    """One z_m per modality from its own posterior, decoded by its own decoder; the KL estimate is
+    log q(z_m | x_m) - log h(z_m | X) with h the (Hölder) mixture of the present posteriors only."""
+    model = linear_model(name, alpha=alpha)
+    x, present = inputs()
+    terms = terms_of(model, x, present)
+    mu, logvar = unimodal(model, x)
+    sd = torch.exp(0.5 * logvar)
+    torch.manual_seed(9)
+    z = mu + sd * torch.randn(M, B, D, dtype=torch.float64)
+    rec = sum(present[m] * WEIGHTS[m] * laplace(x[m], model.decoders[m](z[m])) for m in range(M))
+    prior_alpha = 1.0 if name == "mmvm" else alpha  # mmvm is the paper's mixture prior, whatever model.alpha says
+    kl = torch.zeros(B, dtype=torch.float64)
+    for b in range(B):
+        members = [j for j in range(M) if present[j, b]]
+        for m in members:
+            log_q = float(normal_log_pdf(z[m, b], mu[m, b], sd[m, b]).detach())
+            kl[b] += log_q - mmvm_prior_log_density(z[m, b], mu[:, b], sd[:, b], members, prior_alpha)
+    torch.testing.assert_close(terms.reconstruction, rec.detach())
+    torch.testing.assert_close(terms.kl, kl, rtol=1e-8, atol=1e-8)
+    assert terms.kl[2] == 0  # one present modality: h is its own posterior
+
+
+def test_mmvm_kl_gradient_reaches_every_encoder_through_the_prior():
+    model = linear_model("mmvm")
+    x, present = inputs()
+    terms_of(model, x, present).kl.sum().backward()
+    got = [e.weight.grad.clone() for e in model.encoders]
+    model.zero_grad()
+    mu, logvar = unimodal(model, x)
+    sd = torch.exp(0.5 * logvar)
+    torch.manual_seed(9)
+    z = mu + sd * torch.randn(M, B, D, dtype=torch.float64)
+    log_qj = normal_log_pdf(z[:, None], mu[None], sd[None])  # [m, j, b]: log q_j(z_m)
+    log_h = torch.logsumexp(log_qj.masked_fill(~present[None], -math.inf), 1) - present.sum(0).log()
+    log_q = normal_log_pdf(z, mu, sd)
+    torch.where(present, log_q - log_h, 0).sum().backward()
+    for m in range(M):
+        torch.testing.assert_close(got[m], model.encoders[m].weight.grad)
+        assert got[m].abs().sum() > 0
+
+
+def test_mmvm_generates_from_the_given_modalitys_encoder_and_its_prior_is_opinionpools():
+    model = linear_model("mmvm_holder", alpha=0.5)
+    x, present = inputs()
+    mu, logvar = model.encode(x)
+    alone = torch.zeros(M, B, dtype=torch.bool)
+    alone[1] = True
+    mixture = model.posterior_mixture(x, alone)
+    weights = mixture.log_weights.exp()
+    assert torch.allclose(weights.sum(-1), torch.ones(B, dtype=torch.float64))
+    assert torch.allclose(weights[:, 1], torch.ones(B, dtype=torch.float64))  # encoder 1 alone
+    torch.testing.assert_close(mixture.loc[:, 1], mu[1])
+    torch.testing.assert_close(mixture.logvar[:, 1], logvar[1])
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_wbvae_elbo_and_weight_gradient_against_an_independent_computation(learnable):
+    model = linear_model("wbvae", learnable_weights=learnable)
+    if learnable:
+        with torch.no_grad():
+            model.pool_logits.copy_(torch.tensor([0.3, -0.8, 0.5]))
+    x, present = inputs()
+    terms = terms_of(model, x, present)
+    (terms.reconstruction - 2.0 * terms.kl).sum().backward()
+    got = model.pool_logits.grad.clone() if learnable else None
+    logits = model.pool_logits if learnable else torch.zeros(M, dtype=torch.float64)
+    mu, logvar = unimodal(model, x)
+    sd = torch.exp(0.5 * logvar)
+    # barycentric weights renormalised over the present modalities; mean sum w mu, standard deviation sum w sd
+    w = torch.exp(logits)[:, None] * present
+    w = w / w.sum(0)
+    joint_mu, joint_sd = (w[..., None] * mu).sum(0), (w[..., None] * sd).sum(0)
+    torch.manual_seed(9)
+    z = joint_mu + joint_sd * torch.randn(B, D, dtype=torch.float64)
+    rec = sum(present[m] * WEIGHTS[m] * laplace(x[m], model.decoders[m](z)) for m in range(M))
+    kl = kl_standard(joint_mu, joint_sd)
+    torch.testing.assert_close(terms.reconstruction, rec)
+    torch.testing.assert_close(terms.kl, kl)
+    if learnable:
+        model.zero_grad()
+        (rec - 2.0 * kl).sum().backward()
+        torch.testing.assert_close(got, model.pool_logits.grad)
+        assert got.abs().sum() > 0
+
+
+def test_joint_elbo_with_private_latents_against_an_independent_computation():
+    """WB-VAE with modality-specific latents: z after aggregation, each present modality decoded with its own
+    posterior's w (no r_n ever), and their KLs added."""
+    model = linear_model("wbvae", private_dim=P)
+    assert model.auxiliary_logscale is None  # a single Gaussian pool never reconstructs from r_n
+    x, present = inputs()
+    terms = terms_of(model, x, present)
+    mu, logvar = unimodal(model, x)
+    sd = torch.exp(0.5 * logvar)
+    w = present / present.sum(0)
+    joint_mu, joint_sd = (w[..., None] * mu[..., :D]).sum(0), (w[..., None] * sd[..., :D]).sum(0)
+    torch.manual_seed(9)
+    z = joint_mu + joint_sd * torch.randn(B, D, dtype=torch.float64)
+    private = mu[..., D:] + sd[..., D:] * torch.randn(M, B, P, dtype=torch.float64)
+    rec = sum(present[m] * WEIGHTS[m] * laplace(x[m], model.decoders[m].decoder(torch.cat([z, private[m]], -1)))
+              for m in range(M))
+    kl = kl_standard(joint_mu, joint_sd) + (present * kl_standard(mu[..., D:], sd[..., D:])).sum(0)
+    torch.testing.assert_close(terms.reconstruction, rec.detach())
+    torch.testing.assert_close(terms.kl, kl.detach())
+
+
+def test_subset_mixture_elbo_with_private_latents_against_an_independent_computation():
+    """MoPoE with modality-specific latents: z from the sample's subset S (contiguous chunks, one subset each);
+    w_n from q(w_n | x_n) for n in S, from r_n otherwise; the KL averages the subsets' KLs, and the private KL of
+    modality n counts with the weight of the subsets that hold it."""
+    model = linear_model("mopoe", private_dim=P)
+    with torch.no_grad():
+        model.auxiliary_logscale.copy_(torch.linspace(-0.6, 0.5, M * P).reshape(M, P))
+    x, present = inputs()
+    subsets = [s for k in range(1, M + 1) for s in itertools.combinations(range(M), k)]
+    chosen = [subsets[b * len(subsets) // B] for b in range(B)]
+    # the fixture gives every sample's chunk subset a present modality (no fallback draw decides)
+    assert all(any(present[n, b] for n in s) for b, s in enumerate(chosen))
+    terms = terms_of(model, x, present)
+    mu, logvar = unimodal(model, x)
+    sd = torch.exp(0.5 * logvar)
+
+    def poe(s, b):
+        """The subset's product of present experts, with a N(0, I) expert in the full subset (MoPoE)."""
+        members = [n for n in s if present[n, b]]
+        precision = sum(1 / sd[n, b, :D] ** 2 for n in members) + (len(s) == M)
+        mean = sum(mu[n, b, :D] / sd[n, b, :D] ** 2 for n in members) / precision
+        return mean, precision ** -0.5
+
+    torch.manual_seed(9)
+    torch.distributions.Categorical(logits=torch.zeros(B, len(subsets))).sample()  # the stratifier's fallback draw
+    eps_z = torch.randn(B, D, dtype=torch.float64)
+    eps_auxiliary = torch.randn(M, B, P, dtype=torch.float64)
+    eps_private = torch.randn(M, B, P, dtype=torch.float64)
+    rec, kl = torch.zeros(B, dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
+    for b in range(B):
+        mean, std = poe(chosen[b], b)
+        z = mean + std * eps_z[b]
+        for n in range(M):
+            if not present[n, b]:
+                continue
+            if n in chosen[b]:
+                w = mu[n, b, D:] + sd[n, b, D:] * eps_private[n, b]
+            else:
+                w = eps_auxiliary[n, b] * model.auxiliary_logscale[n].exp()
+            loc = model.decoders[n].decoder(torch.cat([z, w]))
+            rec[b] += WEIGHTS[n] * laplace(x[n][b:b + 1], loc[None])[0]
+        valid = [s for s in subsets if any(present[n, b] for n in s)]
+        for s in valid:
+            kl[b] += kl_standard(*poe(s, b)) / len(valid)
+            kl[b] += sum(kl_standard(mu[n, b, D:], sd[n, b, D:]) for n in s if present[n, b]) / len(valid)
+    torch.testing.assert_close(terms.reconstruction, rec.detach())
+    torch.testing.assert_close(terms.kl, kl.detach())
+
+
+def test_decode_draws_private_latents_from_the_posterior_only_for_given_modalities():
+    """Generation as MMVAE+: a given modality's w from its posterior, the others' from N(0, I)."""
+    model = linear_model("helvae", private_dim=P)
+    model.decoders = nn.ModuleList(PrivateLatent(nn.Identity(), P) for _ in range(M))  # decoder output = (z, w)
+    x, _ = inputs()
+    mu, logvar = model.private_posterior(x)
+    given = torch.zeros(M, B, dtype=torch.bool)
+    given[0, :4] = True
+    z = torch.zeros(B, D, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    out = model.decode(z, 0, given, (mu, logvar), generator=g)
+    g = torch.Generator().manual_seed(1)
+    prior = torch.randn(B, P, generator=g, dtype=torch.float64)
+    own = mu[0] + torch.exp(0.5 * logvar[0]) * torch.randn(B, P, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(out[:, D:], torch.where(given[0, :, None], own, prior))
+    means = model.decode(z, 0, given, (mu, logvar), sample=False)
+    torch.testing.assert_close(means[:4, D:], mu[0, :4])
+    # unconditional (no modality given): every w from the prior, reproducibly
+    first = model.decode(z, 1, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(first, model.decode(z, 1, generator=torch.Generator().manual_seed(3)))
+
+
+class CodePrivateEncoder(nn.Module):
+    """Shared part: the one-hot digit code (times 10); private part: the point of angle 2 pi k / 10 on a circle of
+    radius 10, ``k`` read from one background pixel (which carries the digit in one modality only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        code = 10 * x[:, 0, 0, :10].float()
+        angle = 2 * math.pi * torch.round(x[:, 1, 5, 5].float() * 255 / 25) / 10
+        private = 10 * torch.stack([torch.cos(angle), torch.sin(angle)], -1)
+        return torch.cat([code, private], -1), torch.full((len(x), 12), -30.0)
+
+
+@pytest.mark.usefixtures("float32_default")
+def test_private_latent_probe_reads_what_the_private_latents_hold():
+    g = torch.Generator().manual_seed(0)
+
+    def data(labels):
+        images = torch.randint(0, 250, (M, len(labels), 3, 28, 28), dtype=torch.uint8, generator=g)  # noise
+        images[:, torch.arange(len(labels)), 0, 0, :10] = 0
+        images[:, torch.arange(len(labels)), 0, 0, labels] = 255
+        images[2, :, 1, 5, 5] = (labels * 25).to(torch.uint8)  # modality 2's private latent holds the digit
+        return MultimodalDataset(polymnist_modalities(M), images.unbind(0), labels, num_classes=10)
+
+    encoders = nn.ModuleList(CodePrivateEncoder() for _ in range(M))
+    model = MultimodalVAE(encoders, nn.ModuleList(nn.Identity() for _ in range(M)), "helvae", private_dim=2)
+    scores = private_latent_probe(model, data(torch.arange(100) % 10), data(torch.arange(100) % 10), examples=100)
+    assert scores[2] == 1.0
+    assert scores[0] < 0.3 and scores[1] < 0.3  # noise: near chance (0.1)
+
+
+# every new model from the command line: two steps, the same two steps after a stop and a resume, an evaluation
+CLI_MODELS = {"mmvm": ("polymnist-mmvm-cpu", []), "mmvm-holder": ("polymnist-mmvm-holder-cpu", []),
+              "wbvae": ("polymnist-wbvae-cpu", ["model.learnable_weights=true"]),
+              "helvae-private": ("polymnist-helvae-cpu", ["model.private_dim=2"]),
+              "mopoe-private": ("polymnist-helvae-cpu", ["model.name=mopoe", "model.private_dim=2"])}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("float32_default")
+@pytest.mark.parametrize("case", sorted(CLI_MODELS))
+def test_new_models_train_resume_exactly_and_evaluate_from_the_command_line(tiny_root, case, capsys):
+    preset, extra = CLI_MODELS[case]
+    common = ["--set", f"data.root={tiny_root / 'data'}", "data.build_offline=false", "data.num_modalities=3",
+              "model.latent_dim=4", "train.batch_size=12", "train.device=cpu", "train.evaluate_at_end=false",
+              "train.max_minutes=null", "train.tensorboard=false", "train.num_threads=1", "data.drop_rate=0.3",
+              f"output_dir={tiny_root / 'runs'}", *extra]
+    assert main(["train", "--preset", preset, *common, "train.max_steps=2", "name=full"]) == 0
+    assert main(["train", "--preset", preset, *common, "train.max_steps=1", "name=split"]) == 0
+    assert main(["train", "--preset", preset, "--resume", *common, "train.max_steps=2", "name=split"]) == 0
+    full, split = tiny_root / "runs" / "full", tiny_root / "runs" / "split"
+    assert losses(split) == losses(full) and [s for s, _ in losses(full)] == [1, 2]
+    assert all(math.isfinite(float(v)) for _, v in losses(full))
+    assert main(["evaluate", "--run", str(full), "--set", "eval.subsets=single", "eval.probe_examples=10",
+                 "eval.likelihood_samples=2", "eval.likelihood_examples=4", "eval.unconditional_samples=10"]) == 0
+    metrics = json.loads((full / "metrics.json").read_text())
+    report = (full / "report.md").read_text()
+    assert 0 <= metrics["coherence"]["overall"] <= 1 and math.isfinite(metrics["log_likelihood"]["joint"])
+    private = "private" in case
+    assert ("private_latent_probe" in metrics) == private
+    assert ("On each modality's private latent w" in report) == private
+    if private:
+        assert sorted(metrics["private_latent_probe"]) == ["m0", "m1", "m2"]
+    capsys.readouterr()
