@@ -19,7 +19,8 @@ closed form. Every method here reduces to integrals of the unnormalised pooled d
 Results are returned as :class:`PoolEstimate`: each quantity with its error (a standard error for
 importance sampling, an error estimate for quadrature, a bound for a truncated sum). Every method is a
 weighted point set, so the gradient of ``log Z`` is the pool's expectation of the gradient of ``log u``
-over the same points (:func:`differentiable_log_normalizer`).
+over the same points, and that of a moment its covariance with the gradient of ``log u``
+(:func:`differentiable_estimates`).
 """
 
 from __future__ import annotations
@@ -62,25 +63,30 @@ _SCAN_POINTS = 4001
 _LEVELS = (0.5, 2.0, 8.0, 32.0, 128.0)
 
 
-def log_power_mean(log_values: torch.Tensor, log_weights: torch.Tensor, alpha: float) -> torch.Tensor:
+def log_power_mean(log_values: torch.Tensor, log_weights: torch.Tensor, alpha) -> torch.Tensor:
     r"""``log (sum_j w_j exp(alpha l_j))^(1/alpha)`` over the last dimension, for log-weights summing to one.
 
     ``alpha = 0`` is the weighted geometric mean, ``+inf`` / ``-inf`` the maximum / minimum over
     experts with positive weight. For ``0 < |alpha| < SMALL_ALPHA`` the form
     ``log1p(sum_j w_j expm1(alpha l_j)) / alpha`` keeps the ``O(alpha)`` terms that ``logsumexp``
-    would round away, so the pool tends continuously to the log-linear pool.
+    would round away, so the pool tends continuously to the log-linear pool. ``alpha`` may be a one-element
+    tensor, which then carries its gradient (except at 0 and +-inf, where the result does not depend on it).
     """
+    # the branch; the arithmetic below uses ``alpha`` itself, so that a tensor keeps its gradient
+    a = float(alpha.detach() if isinstance(alpha, torch.Tensor) else alpha)
     present = log_weights > -math.inf
-    if alpha == 0:
+    if a == 0:
         w = log_weights.exp()
         return torch.where(present, w * log_values, torch.zeros_like(log_values)).sum(-1)
-    if math.isinf(alpha):
-        fill = torch.full_like(log_values, -math.inf if alpha > 0 else math.inf)
+    if math.isinf(a):
+        fill = torch.full_like(log_values, -math.inf if a > 0 else math.inf)
         masked = torch.where(present, log_values, fill)
-        return masked.amax(-1) if alpha > 0 else masked.amin(-1)
+        return masked.amax(-1) if a > 0 else masked.amin(-1)
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.reshape(()).to(log_values.dtype)
     scaled = alpha * log_values
     general = torch.logsumexp(log_weights + scaled, dim=-1) / alpha
-    if abs(alpha) >= SMALL_ALPHA:
+    if abs(a) >= SMALL_ALPHA:
         return general
     bounded = scaled.clamp(-0.5, 0.5)  # where |alpha l| is larger the general form is accurate
     terms = torch.where(present, log_weights.exp() * torch.expm1(bounded), torch.zeros_like(bounded))
@@ -191,25 +197,78 @@ def seeded(seed: int | None, generator: torch.Generator | None, device: torch.de
         yield
 
 
-def differentiable_log_normalizer(family, params, log_weights, alpha, log_z: torch.Tensor, nodes) -> torch.Tensor:
-    r"""``log_z`` (a detached estimate) carrying the gradient :math:`\nabla_\theta \log Z = E_{pool}[\nabla_\theta
-    \log u]` with respect to ``params`` and ``log_weights``, the expectation taken over the estimate's own weighted
-    points ``nodes`` (see :attr:`PoolEstimate.nodes`): for a quadrature rule or an exact sum this is the exact
-    gradient of the estimate; for importance samples, the self-normalised estimate from the same samples."""
-    points, log_w = nodes
+class _NodeExpectations(torch.autograd.Function):
+    r"""Passes the engine's values ``outputs`` (``batch + (1 + K,)``: ``log Z``, then ``E_pool[f_k]``) through unchanged
+    and gives them the gradient of the weighted point set behind them. With ``pi_i`` the pool's normalised mass at
+    node ``i`` (rule weights and nodes held fixed), ``d log Z / d log u_i = pi_i`` and
+    ``d E[f_k] / d log u_i = pi_i (f_k(z_i) - E[f_k])``; autograd's chain through ``log u`` then gives
+    ``E_pool[d log u]`` and ``Cov_pool(f_k, d log u)``."""
+
+    @staticmethod
+    def forward(ctx, log_u, pi, f, outputs):
+        ctx.save_for_backward(pi, f)
+        return outputs.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        pi, f = ctx.saved_tensors
+        centred = f - (pi.unsqueeze(-1) * f).sum(0)
+        return pi * (grad[..., 0] + (grad[..., 1:] * centred).sum(-1)), None, None, None
+
+
+#: the quantities :func:`differentiable_estimates` can give a gradient
+DIFFERENTIABLE = ("log_normalizer", "mean", "variance", "covariance", "expected_statistic")
+
+
+def differentiable_estimates(family, params, log_weights, alpha, est: PoolEstimate, names) -> dict:
+    r"""The estimate's values for ``names`` (among :data:`DIFFERENTIABLE`) as tensors carrying their exact gradient
+    with respect to ``params``, ``log_weights`` and a tensor ``alpha``: :math:`\nabla\log Z = E_{pool}[\nabla\log u]`
+    and :math:`\nabla E_{pool}[f] = \mathrm{Cov}_{pool}(f, \nabla\log u)` (``f`` = ``z``, ``(z - mean)^2``, the
+    centred outer product or ``T(z)``), the pool's expectations taken over the estimate's own weighted points
+    ``est.nodes``: for a quadrature rule, grid or exact sum this is the exact gradient of the estimate (the rule's
+    nodes held fixed); for importance samples, the self-normalised estimate from the same samples. The values are
+    the estimate's own, unchanged (in ``params``' dtype); the gradient is computed in float64."""
+    points, log_w = est.nodes
+    high = torch.float64
     with torch.no_grad():
-        pi = torch.softmax(log_w, dim=0)
+        pi = torch.softmax(log_w.to(high), dim=0)
         # points of zero weight are moved to the heaviest one, so that log u and its gradient are finite everywhere
         extra = points.dim() - pi.dim()
         heaviest = pi.argmax(0, keepdim=True).reshape((1,) + pi.shape[1:] + (1,) * extra)
         heaviest = torch.gather(points, 0, heaviest.expand((1,) + points.shape[1:]))
-        keep = (pi > 0).reshape(pi.shape + (1,) * extra)
-        points = torch.where(keep, points, heaviest)
-    high = torch.float64
-    points = points.to(high) if points.is_floating_point() else points
-    log_u = log_power_mean(expert_log_probs(family, params.to(high), points), log_weights.to(high), alpha)
-    surrogate = torch.where(pi > 0, pi.to(high) * log_u, torch.zeros_like(log_u)).sum(0)
-    return log_z + (surrogate - surrogate.detach()).to(log_z.dtype)
+        points = torch.where((pi > 0).reshape(pi.shape + (1,) * extra), points, heaviest)
+        real = points.to(high)
+        flat = real.reshape(pi.shape + (-1,))
+        mean = (pi.unsqueeze(-1) * flat).sum(0)
+        parts, values, shapes = [], [est.log_normalizer.value.to(high).unsqueeze(-1)], []
+        for name in names:
+            if name == "log_normalizer":
+                continue
+            if name == "mean":
+                f = flat
+            elif name == "variance":
+                f = (flat - mean) ** 2
+            elif name == "covariance":
+                dev = flat - mean
+                f = (dev.unsqueeze(-1) * dev.unsqueeze(-2)).flatten(-2)
+            elif name == "expected_statistic":
+                f = family.sufficient_statistic(real).to(high)
+            else:
+                raise ValueError(f"names must be among {DIFFERENTIABLE}, got {name!r}")
+            value = getattr(est, name).value
+            parts.append(f)
+            values.append(value.to(high).reshape(pi.shape[1:] + (-1,)))
+            shapes.append((name, value.shape, f.shape[-1]))
+    ell = expert_log_probs(family, params.to(high), real if points.is_floating_point() else points)
+    log_u = log_power_mean(ell, log_weights.to(high), alpha)
+    f = torch.cat(parts, -1) if parts else pi.new_zeros(pi.shape + (0,))
+    out = _NodeExpectations.apply(log_u, pi, f, torch.cat(values, -1)).to(params.dtype)
+    result = {"log_normalizer": out[..., 0]}
+    start = 1
+    for name, shape, size in shapes:
+        result[name] = out[..., start:start + size].reshape(shape)
+        start += size
+    return result
 
 
 # --------------------------------------------------------------------- weighted point sets

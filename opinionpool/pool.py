@@ -57,7 +57,7 @@ from .numerical import (
     check_method,
     check_quantities,
     check_rtol,
-    differentiable_log_normalizer,
+    differentiable_estimates,
     enumerate_support,
     enumeration_estimate,
     expert_log_probs,
@@ -265,6 +265,8 @@ class _Pool(Distribution):
 
     def __init__(self, experts, alpha, weights, validate_args):
         self.alpha = check_alpha(alpha)
+        #: the alpha the pooled density is computed with: the tensor itself when one requiring grad is given
+        self._alpha = alpha if isinstance(alpha, torch.Tensor) and alpha.requires_grad else self.alpha
         self._validate = validation_enabled(validate_args)
         self.experts: Experts = as_experts(experts, validate_args=self._validate)
         self.family = self.experts.family
@@ -306,7 +308,7 @@ class _Pool(Distribution):
             nan = torch.isnan(value)
             nan = nan.flatten(-event_dims).any(-1) if event_dims else nan
             value = torch.where(inside.reshape(inside.shape + (1,) * event_dims), value, family.support_fill(value))
-        log_u = log_power_mean(expert_log_probs(family, self.experts.params, value), self.log_weights, self.alpha)
+        log_u = log_power_mean(expert_log_probs(family, self.experts.params, value), self.log_weights, self._alpha)
         log_p = log_u - self.log_normalizer
         if self._validate:
             return log_p
@@ -700,6 +702,11 @@ class HolderPool(_Pool):
         experts = as_experts(experts, validate_args=validation_enabled(validate_args))
         check_max_components(alpha, order, experts.num_experts, max_components)
         super().__init__(experts, alpha, weights, validate_args)
+        if self._alpha is not self.alpha:
+            warnings.warn(f"alpha={self.alpha!r} is exactly {'0' if order == 0 else f'1/{order}'}, so the exact pool is "
+                          "used, which carries no gradient with respect to alpha; NumericalHolderPool(experts, alpha) "
+                          "differentiates in alpha here too", stacklevel=3)
+            self._alpha = self.alpha
         self._max_components = max_components
         self.order = order
         log_mix, self.component_params = holder_components(self.family, experts.params, self.log_weights, order)
@@ -835,10 +842,13 @@ class NumericalHolderPool(_Pool):
     :meth:`estimate` with this pool's ``method``, ``num_samples`` and ``seed``, computed on first use;
     call :meth:`estimate` directly for their errors.
 
-    ``log_normalizer`` and ``log_prob`` are differentiable in the experts' parameters and the weights:
-    :math:`\nabla\log Z = E_{pool}[\nabla\log u]`, the expectation taken over the estimate's own points
-    (the exact gradient of the quadrature rule, grid or sum; the self-normalised estimate from the same
-    samples for importance sampling). ``mean``, ``variance`` and the other values carry no gradient. A subnormal
+    ``log_normalizer``, ``log_prob``, ``mean``, ``variance``, ``covariance_matrix`` and ``moment_match()`` are
+    differentiable in the experts' parameters, the weights and ``alpha`` when it is given as a tensor that requires
+    grad (at ``alpha = 0`` or ``+-inf`` the pool does not depend on it, and it gets no gradient):
+    :math:`\nabla\log Z = E_{pool}[\nabla\log u]` and :math:`\nabla E_{pool}[f] = \mathrm{Cov}_{pool}(f, \nabla\log u)`,
+    the expectations taken over the estimate's own points (the exact gradient of the quadrature rule, grid or sum;
+    the self-normalised estimate from the same samples for importance sampling); see
+    :func:`opinionpool.numerical.differentiable_estimates`. A subnormal
     alpha (``0 < |alpha| < 2.2e-308``) is refused: ``alpha * log q_j`` would keep too few digits (use ``alpha=0``).
     """
 
@@ -883,21 +893,28 @@ class NumericalHolderPool(_Pool):
 
     @property
     def _differentiable(self) -> bool:
-        return self.experts.params.requires_grad or self.log_weights.requires_grad
+        return self.experts.params.requires_grad or self.log_weights.requires_grad or self._alpha is not self.alpha
+
+    def _values(self, name: str) -> torch.Tensor:
+        """The summary's ``name`` (a field of :class:`PoolEstimate`), with its gradient when one is wanted."""
+        if not (self._differentiable and torch.is_grad_enabled()):
+            return getattr(self.summary, name).value
+        if self.family.circular and name in ("mean", "variance"):  # functions of E[T(z)]
+            stat = self._values("expected_statistic")
+            moments = self.family.moments_from_statistic(stat, torch.zeros_like(stat))
+            return moments[0 if name == "mean" else 1][0]
+        return differentiable_estimates(self.family, self.experts.params, self.log_weights, self._alpha, self.summary,
+                                        (name,))[name]
 
     @property
     def log_normalizer(self) -> torch.Tensor:
-        value = self.summary.log_normalizer.value
-        if not (self._differentiable and torch.is_grad_enabled()):
-            return value
-        return differentiable_log_normalizer(self.family, self.experts.params, self.log_weights, self.alpha, value,
-                                             self.summary.nodes)
+        return self._values("log_normalizer")
 
     def _moment(self, name):
         if not self.family.has_numeric_moments:
             raise ValueError(f"{self.family.name} experts have no numeric {name}; use moment_match() "
                              "or estimate(['expected_statistic'])")
-        return getattr(self.summary, name).value
+        return self._values(name)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -948,7 +965,7 @@ class NumericalHolderPool(_Pool):
             if family is None:
                 family = "gaussian" if self.family.multivariate else "diag_gaussian"
             return gaussian_projection(self, family)
-        stat = self.summary.expected_statistic.value
+        stat = self._values("expected_statistic")
         init = geometric_combination(self.experts, self.log_weights)[0]
         natural = self.family.natural_from_mean(stat, init=self.family.to_natural(init))
         return self.family.distribution(self.family.from_natural(natural), validate_args=self._validate)
