@@ -8,7 +8,8 @@ closed form. Every method here reduces to integrals of the unnormalised pooled d
   stated tail bound is negligible);
 * ``"quadrature"``: scalar continuous families, an adaptive Gauss–Legendre rule split at every expert and
   at the pool's highest point (:func:`_quadrature_one`), in float64 whatever the experts' dtype, to the
-  relative tolerance ``rtol`` (1e-11 by default);
+  relative tolerance ``rtol`` (1e-11 by default); a batch of pools is integrated in one vectorised pass
+  (:func:`_quadrature_batch`) for finite alpha;
 * ``"grid"``: Gaussians of dimension up to 3, tensor-product Gauss–Legendre panels on a box adapted
   to the experts; the error is the difference from a lower-order rule on the same panels;
 * ``"importance"``: any dimension, importance sampling from a *normalised* exact pool :math:`p` whose
@@ -378,20 +379,60 @@ def _stack_pools(method, rows, batch, wanted, **extra) -> PoolEstimate:
 
 def quadrature_estimate(family, params, log_weights, alpha, wanted, rtol: float = DEFAULT_RTOL,
                         keep_nodes: bool = False) -> PoolEstimate:
-    """Adaptive Gauss–Legendre quadrature (see :func:`_quadrature_one`), one pool at a time, in float64
-    whatever the experts' dtype (the results come back in that dtype)."""
+    """Adaptive Gauss–Legendre quadrature (see :func:`_quadrature_one`) in float64 whatever the experts' dtype (the
+    results come back in that dtype): every pool of the batch at once (:func:`_quadrature_batch`) for finite
+    ``alpha`` and families with closed-form moments, one pool at a time otherwise."""
     batch, pools = _each_pool(family, params.detach().to(torch.float64), log_weights.detach().to(torch.float64))
-    rows, nodes, evaluations = [], [], 0
-    for p, lw in pools:
-        row, points, log_w, count = _quadrature_one(family, p, lw, alpha, wanted, rtol)
-        rows.append({name: Estimate(*(torch.as_tensor(v, dtype=params.dtype, device=params.device) for v in pair))
-                     for name, pair in row.items()})
-        nodes.append((points, log_w))
+    if not _batched_supported(family, alpha):
+        rows, nodes, evaluations = [], [], 0
+        for p, lw in pools:
+            row, points, log_w, count = _quadrature_one(family, p, lw, alpha, wanted, rtol)
+            rows.append({name: Estimate(*(torch.as_tensor(v, dtype=params.dtype, device=params.device) for v in pair))
+                         for name, pair in row.items()})
+            nodes.append((points, log_w))
+            evaluations += count
+        est = _stack_pools("quadrature", rows, batch, wanted, num_evaluations=evaluations)
+        return replace(est, nodes=_pad_nodes(nodes, batch, params.device)) if keep_nodes else est
+    flat_params = torch.stack([p for p, _ in pools]).cpu()
+    flat_lw = torch.stack([lw for _, lw in pools]).cpu()
+    parts, nodes, evaluations = [], [], 0
+    for start in range(0, len(pools), _BATCH_POOLS):
+        chunk = slice(start, start + _BATCH_POOLS)
+        log_z, relative, centre, spread, stats, chunk_nodes, count, ok = _quadrature_batch(
+            family, flat_params[chunk], flat_lw[chunk], alpha, wanted, rtol)
+        if not bool(ok.all()):  # u vanishes numerically: the one-pool rule raises its error
+            index = int((~ok).nonzero()[0, 0])
+            _quadrature_one(family, flat_params[chunk][index], flat_lw[chunk][index], alpha, wanted, rtol)
+        out = {"log_normalizer": Estimate(log_z, relative[:, 0])}
+        if "mean" in stats:  # errors as in _quadrature_one, from the integrands' relative errors
+            mean, variance = stats["mean"].value, stats["variance"].value
+            tbar = ((mean - centre) / spread).abs()
+            out["mean"] = Estimate(mean, spread * (relative[:, 1] + tbar * relative[:, 0]))
+            out["variance"] = Estimate(variance, spread**2 * (relative[:, 2] + 2 * tbar * relative[:, 1]
+                                                              + (tbar**2 + variance / spread**2) * relative[:, 0]))
+        if "expected_statistic" in stats:
+            value = stats["expected_statistic"].value
+            out["expected_statistic"] = Estimate(value, relative[:, 3:] + value.abs() * relative[:, :1])
+        parts.append(out)
+        nodes.append(chunk_nodes)
         evaluations += count
-    est = _stack_pools("quadrature", rows, batch, wanted, num_evaluations=evaluations)
+
+    def joined(name, field):
+        value = torch.cat([getattr(part[name], field) for part in parts])
+        return value.reshape(batch + value.shape[1:]).to(device=params.device, dtype=params.dtype)
+
+    stats = {name: Estimate(joined(name, "value"), joined(name, "error")) for name in parts[0]}
+    log_normalizer = stats.pop("log_normalizer")
+    est = _finish("quadrature", "quadrature error estimate", *log_normalizer, stats, wanted,
+                  num_evaluations=evaluations)
     if not keep_nodes:
         return est
-    return replace(est, nodes=_pad_nodes(nodes, batch, params.device))
+    size = max(points.shape[0] for points, _ in nodes)
+    points = torch.cat([torch.cat((z, z[:1].expand(size - len(z), -1)))for z, _ in nodes], 1)
+    log_w = torch.cat([torch.cat((lw, torch.full((size - len(lw), lw.shape[1]), -math.inf, dtype=lw.dtype)))
+                       for _, lw in nodes], 1)
+    return replace(est, nodes=(points.reshape((size,) + batch).to(params.device),
+                               log_w.reshape((size,) + batch).to(params.device)))
 
 
 def quadrature_log_mass(family, params, log_weights, alpha, lower: float, upper: float, rtol: float = DEFAULT_RTOL):
@@ -598,6 +639,260 @@ def quadrature_entropy(family, params, log_weights, alpha, rtol: float = DEFAULT
     ``log_other`` (a function of a float64 array) also ``(E_pool[log_other], error)`` from the same rule."""
     row = _quadrature_one(family, params, log_weights, alpha, frozenset({"entropy"}), rtol, extra=log_other)[0]
     return row["entropy"] if log_other is None else (row["entropy"], row["extra"])
+
+
+# ------------------------------------------------------------------- batched quadrature
+#: pools integrated together by :func:`_quadrature_batch` (bounds the memory of one pass)
+_BATCH_POOLS = 256
+_GOLDEN_STEPS = 60
+#: the pools' highest point is looked for on this many points across the experts' span (and their own edges)
+_BATCH_SCAN_POINTS = 1025
+#: edges at these fractions of the distance from a finite end of the support where the pooled density grows
+_LADDER = torch.tensor([4.0**-k for k in range(1, 41)], dtype=torch.float64)
+_BISECTION_STEPS = 50
+
+
+def _batched_supported(family, alpha) -> bool:
+    """Whether :func:`_quadrature_batch` handles these pools (the per-pool rule handles the others: ``+-inf``, whose
+    kinks it locates one by one, and families without closed-form moments or with circular ones)."""
+    return math.isfinite(alpha) and family.has_numeric_moments and not family.circular
+
+
+def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
+    r"""The rule of :func:`_quadrature_one` for a batch of pools at once, every step vectorised over the pools
+    (``params`` ``(B, M) + param_shape`` and ``log_weights`` ``(B, M)``, float64; finite ``alpha``).
+
+    The same initial edges (every present expert's mean +- up to 64 of its standard deviations, the pool's highest
+    point on a scan of the experts' span refined by golden-section search, the points where ``log u`` has dropped
+    by 0.5 ... 128 by bisection, the support's finite ends), the same mapped tails, the same panel comparison (the
+    10-point rule on the two halves against the 10- and 7-point rules on the whole) and the same bisection of the
+    worst panels until the error for ``u``, ``u t``, ``u t^2`` (and ``u T(z)`` when asked) is at most ``rtol`` of
+    each integral of ``|.|``, pool by pool; panels are padded to a common count with empty ones (no mass).
+
+    Returns ``(log_z, relative, stats, (points, log_mass), count, ok)``: ``relative`` ``(B, K)`` the per-integrand
+    error relative to the normaliser, ``stats`` the :func:`_point_statistics` of the nodes, the nodes
+    ``(P, B)``, and ``ok`` ``(B,)`` false for pools where ``u`` vanished numerically (to be handled one by one).
+    """
+    lower, upper = family.support_interval
+    fill = _interior_point(lower, upper)
+    pools = params.shape[0]
+    high = torch.float64
+    count = 0
+
+    rows = torch.arange(pools)  # the pools still being refined
+
+    def log_u(z):
+        """``log u`` at points ``z`` ``(len(rows), ...)`` of each pool in ``rows``, ``-inf`` outside the open support."""
+        nonlocal count
+        flat = z.reshape(len(rows), -1).T
+        inside = (flat > lower) & (flat < upper)
+        with torch.no_grad():
+            ell = expert_log_probs(family, params[rows], torch.where(inside, flat, fill))
+            out = torch.where(inside, log_power_mean(ell, log_weights[rows], alpha), -math.inf)
+        count += flat.numel()
+        return out.T.reshape(z.shape)
+
+    present = log_weights > -math.inf
+    mu, var = family.mean(params).to(high), family.variance(params).to(high)
+    sd = var.clamp_min(0).sqrt()
+    sd = torch.maximum(sd, 1e-12 * (1 + mu.abs()))
+    offsets = torch.as_tensor(np.concatenate((-_EXPERT_OFFSETS[::-1], _EXPERT_OFFSETS[1:])), dtype=high)
+    expert_points = (mu.unsqueeze(-1) + sd.unsqueeze(-1) * offsets).reshape(pools, -1)
+    valid = ((expert_points > lower) & (expert_points < upper)
+             & present.unsqueeze(-1).expand(mu.shape + offsets.shape).reshape(pools, -1))
+    # experts far narrower than their distance to a bound: their means, clipped inside the support
+    clipped = mu.clamp(math.nextafter(lower, upper), math.nextafter(upper, lower))
+    none = ~valid.any(-1, keepdim=True)
+    expert_points = torch.where(none, clipped.repeat_interleave(len(offsets), -1), expert_points)
+    valid = valid | (none & present.repeat_interleave(len(offsets), -1))
+    span_lo = torch.where(valid, expert_points, math.inf).amin(-1, keepdim=True)
+    span_hi = torch.where(valid, expert_points, -math.inf).amax(-1, keepdim=True)
+    scan = span_lo + (span_hi - span_lo) * torch.linspace(0, 1, _BATCH_SCAN_POINTS, dtype=high)
+    points = torch.cat((scan, torch.where(valid, expert_points, span_lo)), -1).sort(-1).values
+    values = log_u(points)
+    top, best = values.max(-1)
+    last = points.shape[-1] - 1
+
+    # the highest point, refined between its neighbours on the scan (golden-section search, maximising)
+    lo = points.gather(-1, (best - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    hi = points.gather(-1, (best + 1).clamp_max(last).unsqueeze(-1)).squeeze(-1)
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(_GOLDEN_STEPS):
+        c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        left = log_u(torch.stack((c, d), -1)).diff(dim=-1).squeeze(-1) < 0  # u(c) > u(d): the peak is left of d
+        lo, hi = torch.where(left, lo, c), torch.where(left, d, hi)
+    peak = 0.5 * (lo + hi)
+    peak_value = log_u(peak.unsqueeze(-1)).squeeze(-1)
+    better = peak_value > top
+    top = torch.where(better, peak_value, top)
+    peak = torch.where(better, peak, points.gather(-1, best.unsqueeze(-1)).squeeze(-1))
+
+    # where log u has dropped by each level on either side of the highest point (bisection between scan points)
+    index = torch.arange(points.shape[-1])
+    brackets, found = [], []
+    for level in _LEVELS:
+        below = values < (top - level).unsqueeze(-1)
+        right = below & (index > best.unsqueeze(-1))
+        left = below & (index < best.unsqueeze(-1))
+        first = right.to(torch.int8).argmax(-1)
+        final = last - left.flip(-1).to(torch.int8).argmax(-1)
+        brackets += [(first - 1, first), ((final + 1).clamp_max(last), final)]
+        found += [right.any(-1), left.any(-1)]
+    inner = torch.stack([points.gather(-1, i.clamp_min(0).unsqueeze(-1)).squeeze(-1) for i, _ in brackets], -1)
+    outer = torch.stack([points.gather(-1, j.unsqueeze(-1)).squeeze(-1) for _, j in brackets], -1)
+    targets = (top.unsqueeze(-1) - torch.tensor(_LEVELS, dtype=high).repeat_interleave(2))
+    a, b = inner, outer  # log u(a) >= target > log u(b), whichever side
+    for _ in range(_BISECTION_STEPS):
+        middle = 0.5 * (a + b)
+        above = log_u(middle) >= targets
+        a, b = torch.where(above, middle, a), torch.where(above, b, middle)
+    crossings = torch.where(torch.stack(found, -1), 0.5 * (a + b), math.nan)
+
+    ends = torch.tensor([x for x in (lower, upper) if math.isfinite(x)], dtype=high).expand(pools, -1)
+    # a finite end towards which u grows, or where it is not negligible (a Gamma or Beta expert of shape below
+    # one, or of a non-integer shape: a singular derivative), is approached by edges in
+    # geometric progression, which the bisection would otherwise reach one round, over the whole batch, at a time
+    ladders = []
+    for end, nearest in ((lower, span_lo.squeeze(-1)), (upper, span_hi.squeeze(-1))):
+        if math.isfinite(end):
+            gap = nearest - end
+            probe = log_u(torch.stack((end + 1e-6 * gap, end + 1e-3 * gap), -1))
+            ladder = end + gap.unsqueeze(-1) * _LADDER
+            steep = (probe[:, 0] > probe[:, 1]) | (probe[:, 0] > top - 50)  # or u not negligible there
+            ladders.append(torch.where(steep.unsqueeze(-1), ladder, math.nan))
+    edges = torch.cat((torch.where(valid, expert_points, math.nan), peak.unsqueeze(-1), crossings, ends, *ladders), -1)
+    edges = torch.where((edges >= lower) & (edges <= upper), edges, math.nan).sort(-1).values  # NaN sorts last
+    a, b = edges[:, :-1], edges[:, 1:]
+    panel_valid = b > a  # False at NaN and at repeated edges
+    kind = torch.zeros_like(a)
+    origin = torch.zeros_like(a)
+    tail_scale = torch.where(present, sd, 0).amax(-1)
+    tail_x = torch.tensor([0.0, 0.5, 0.9, 0.99, 1.0], dtype=high)
+    first_edge = edges[:, 0]
+    last_edge = torch.where(torch.isnan(edges), -math.inf, edges).amax(-1)
+    for sign, bound, end in ((-1.0, lower, first_edge), (1.0, upper, last_edge)):
+        if math.isinf(bound):
+            a = torch.cat((a, tail_x[:-1].expand(pools, -1)), -1)
+            b = torch.cat((b, tail_x[1:].expand(pools, -1)), -1)
+            kind = torch.cat((kind, torch.full((pools, 4), sign, dtype=high)), -1)
+            origin = torch.cat((origin, end.unsqueeze(-1).expand(-1, 4)), -1)
+            panel_valid = torch.cat((panel_valid, torch.ones(pools, 4, dtype=torch.bool)), -1)
+
+    gl_t, gl_w = np.polynomial.legendre.leggauss(_GL_ORDER)
+    low_t, low_w = np.polynomial.legendre.leggauss(_GL_ORDER - 3)
+    whole_t = torch.as_tensor(np.concatenate((gl_t, low_t)), dtype=high)
+    whole_w = torch.as_tensor(np.concatenate((gl_w, low_w)), dtype=high)
+    half_t = torch.as_tensor(np.concatenate((0.5 * gl_t - 0.5, 0.5 * gl_t + 0.5)), dtype=high)
+    half_w = torch.as_tensor(np.concatenate((0.5 * gl_w, 0.5 * gl_w)), dtype=high)
+
+    def panel_nodes(a, b, kind, origin, ok, t, w):
+        x = 0.5 * (a + b).unsqueeze(-1) + 0.5 * (b - a).unsqueeze(-1) * t
+        tail = (kind != 0).unsqueeze(-1)
+        xt = torch.where(tail, x, 0.0)
+        scale = tail_scale[rows].reshape(-1, 1, 1)
+        z = torch.where(tail, origin.unsqueeze(-1) + kind.unsqueeze(-1) * scale * xt / (1 - xt), x)
+        log_jac = torch.where(tail, scale.log() - 2 * torch.log1p(-xt), 0.0)
+        width = torch.where(ok, 0.5 * (b - a), 1.0).log().unsqueeze(-1)
+        inside = ok.unsqueeze(-1) & (z > lower) & (z < upper)  # a node rounded onto an end has no mass
+        return torch.where(inside, z, fill), width + w.log() + log_jac
+
+    def evaluate(a, b, kind, origin, ok):
+        a, b = torch.where(ok, a, 0.0), torch.where(ok, b, 1.0)
+        z_whole, lw_whole = panel_nodes(a, b, kind, origin, ok, whole_t, whole_w)
+        z_half, lw_half = panel_nodes(a, b, kind, origin, ok, half_t, half_w)
+        lu = log_u(torch.cat((z_whole, z_half), -1))
+        empty = torch.where(ok, 0.0, -math.inf).unsqueeze(-1)
+        whole = len(whole_t)
+        return z_whole, lw_whole + lu[..., :whole] + empty, z_half, lw_half + lu[..., whole:] + empty
+
+    want_stat = "expected_statistic" in wanted
+
+    def integrands(z, centre, spread):
+        t = (z - centre.reshape(-1, 1, 1)) / spread.reshape(-1, 1, 1)
+        parts = [torch.ones_like(z).unsqueeze(-1), t.unsqueeze(-1), (t * t).unsqueeze(-1)]
+        if want_stat:
+            parts.append(family.sufficient_statistic(z.reshape(-1)).reshape(z.shape + (-1,)).to(high))
+        return torch.cat(parts, -1)
+
+    pick = (~panel_valid).to(torch.int8).argsort(dim=-1, stable=True)[:, :int(panel_valid.sum(-1).max())]
+    a, b, kind, origin, panel_valid = (x.gather(-1, pick) for x in (a, b, kind, origin, panel_valid))
+    state = [a, b, kind, origin, panel_valid, *evaluate(a, b, kind, origin, panel_valid)]
+    w = torch.where(present, log_weights.exp(), 0)
+    centre = (w * mu).sum(-1) / w.sum(-1)
+    spread = ((w * (sd**2 + (mu - centre.unsqueeze(-1)) ** 2)).sum(-1) / w.sum(-1)).sqrt()
+    shift = top
+    finished = []  # (rows, log_z, relative, centre, spread, z_half, lm_half, ok) of the pools done so far
+    for round_ in itertools.count():
+        a, b, kind, origin, panel_valid, z_whole, lm_whole, z_half, lm_half = state
+        shift = torch.maximum(shift, torch.maximum(lm_half.flatten(1).amax(-1), lm_whole.flatten(1).amax(-1)))
+        m_whole = (lm_whole - shift.reshape(-1, 1, 1)).exp()
+        m_half = (lm_half - shift.reshape(-1, 1, 1)).exp()
+        total = m_half.sum((1, 2))
+        ok = total > 0
+        pi = m_half / torch.where(ok, total, 1.0).reshape(-1, 1, 1)
+        centre_new = (pi * z_half).sum((1, 2))
+        spread_sq = (pi * (z_half - centre_new.reshape(-1, 1, 1)) ** 2).sum((1, 2))
+        update = ok & (spread_sq > 0) & torch.isfinite(spread_sq)
+        centre = torch.where(update, centre_new, centre)
+        spread = torch.where(update, spread_sq.clamp_min(0).sqrt(), spread)
+        g_whole, g_half = integrands(z_whole, centre, spread), integrands(z_half, centre, spread)
+        i_whole = m_whole.unsqueeze(-1) * g_whole
+        i_high, i_low = i_whole[:, :, :_GL_ORDER].sum(2), i_whole[:, :, _GL_ORDER:].sum(2)
+        i_half = (m_half.unsqueeze(-1) * g_half).sum(2)
+        scale = (m_half.unsqueeze(-1) * g_half.abs()).sum((1, 2))
+        diff = torch.maximum((i_high - i_half).abs(), (i_low - i_half).abs())
+        panel_error = (diff / torch.where(scale > 0, scale, 1.0).unsqueeze(1)).amax(-1)
+        error = panel_error.sum(-1)
+        done = ~ok | (error <= rtol) | (panel_valid.sum(-1) >= _MAX_PANELS) | (round_ >= _MAX_ROUNDS)
+        splittable = panel_valid & ((b - a) > 1e-13 * torch.maximum(a.abs(), b.abs()) + 1e-300)
+        key = torch.where(splittable, panel_error, -1.0)
+        order = key.argsort(-1, descending=True)
+        sorted_error = panel_error.gather(-1, order)
+        needed = (error - rtol / 4).unsqueeze(-1)
+        chosen_sorted = (sorted_error.cumsum(-1) - sorted_error < needed) & splittable.gather(-1, order)
+        # and, unlike the one-pool rule, every panel above its share of rtol: a round costs a pass over the batch
+        share = rtol / (4 * panel_valid.sum(-1, keepdim=True))
+        chosen = torch.zeros_like(chosen_sorted).scatter(-1, order, chosen_sorted) | (splittable & (panel_error > share))
+        done = done | ~chosen.any(-1)  # nothing left to split: the rule stays at its error
+        if bool(done.any()):
+            total_ok = torch.where(ok, total, 1.0)
+            finished.append((rows[done], (shift + total_ok.log())[done], (diff.sum(1) / total_ok.unsqueeze(-1))[done],
+                             centre[done], spread[done], z_half[done].flatten(1), lm_half[done].flatten(1), ok[done]))
+        if bool(done.all()):
+            break
+        # the pools still refined: their panels, with the chosen ones split in two
+        going = ~done
+        rows, shift, centre, spread = rows[going], shift[going], centre[going], spread[going]
+        chosen = chosen[going]
+        state = [x[going] for x in state]
+        a, b, kind, origin, panel_valid = state[:5]
+        width = int(chosen.sum(-1).max())
+        pick = (~chosen).to(torch.int8).argsort(dim=-1, stable=True)[:, :width]
+        ca, cb, ck, co, cv = (x.gather(-1, pick) for x in (a, b, kind, origin, chosen))
+        mid = 0.5 * (ca + cb)
+        new = [torch.cat(pair, -1) for pair in ((ca, mid), (mid, cb), (ck, ck), (co, co), (cv, cv))]
+        new += list(evaluate(*new))
+        merged = [torch.cat((x, y), 1) for x, y in zip(state, new)]
+        merged[4] = torch.cat((panel_valid & ~chosen, new[4]), -1)
+        alive = merged[4]
+        size = int(alive.sum(-1).max())
+        pick = (~alive).to(torch.int8).argsort(dim=-1, stable=True)[:, :size]
+        state = [x.gather(1, pick if x.dim() == 2 else pick.unsqueeze(-1).expand(-1, -1, x.shape[-1])) for x in merged]
+        alive = state[4].unsqueeze(-1)
+        state[6] = torch.where(alive, state[6], -math.inf)  # panels that were split carry no mass of their own
+        state[8] = torch.where(alive, state[8], -math.inf)
+
+    size = max(part[5].shape[1] for part in finished)
+    order = torch.cat([part[0] for part in finished]).argsort()
+    log_z, relative, centre, spread = (torch.cat([part[k] for part in finished])[order] for k in range(1, 5))
+    ok = torch.cat([part[7] for part in finished])[order]
+    z_half = torch.cat([torch.cat((part[5], part[5][:, :1].expand(-1, size - part[5].shape[1])), 1)
+                        for part in finished])[order]
+    lm_half = torch.cat([torch.nn.functional.pad(part[6], (0, size - part[6].shape[1]), value=-math.inf)
+                         for part in finished])[order]
+    nodes = (z_half.T, lm_half.T)
+    _, stats = _point_statistics(family, nodes[0], nodes[1], wanted, standard_errors=False)
+    return log_z, relative, centre, spread, stats, nodes, count, ok
 
 
 def _interior_point(lower: float, upper: float) -> float:
