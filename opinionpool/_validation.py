@@ -119,7 +119,7 @@ def check_real(name: str, value) -> float:
             value = torch.as_tensor(value)
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() \
             and value.dtype != torch.bool:
-        number = float(value)
+        number = float(value.detach())
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         number = float(value)
     else:

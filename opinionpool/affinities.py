@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import numpy
 import torch
+from torch.distributions import Distribution, register_kl
 from torch.distributions import kl_divergence as torch_kl
 
 from ._validation import check_real, check_weights, real_tensor, validation_enabled
 from .experts import as_experts
-from .families import MultivariateNormalFamily
+from .families import ExponentialFamilyDistribution, MultivariateNormalFamily, family_of
 from .families.gaussian import _DiagonalGaussianBase
-from .pool import geometric_combination, log_of_weights
+from .pool import HolderPool, NumericalHolderPool, geometric_combination, log_of_weights
 
 
 def _pair(p, q):
@@ -150,6 +151,33 @@ def amari_alpha_divergence(p, q, a: float) -> torch.Tensor:
     if a == 0.0:
         return kl_divergence(q, p)
     return -torch.expm1(log_chernoff_coefficient(p, q, a)) / (a * (1 - a))
+
+
+def _same_family(p, q) -> bool:
+    try:
+        return family_of(p) == family_of(q)
+    except ValueError:
+        return False
+
+
+# torch.distributions.kl_divergence reaches the closed forms above through these registrations
+@register_kl(ExponentialFamilyDistribution, ExponentialFamilyDistribution)
+def _kl_custom(p, q):
+    if p.family != q.family:
+        raise NotImplementedError(f"no KL divergence between {p.family.name} and {q.family.name} experts")
+    return kl_divergence(p, q)
+
+
+@register_kl(HolderPool, Distribution)
+@register_kl(NumericalHolderPool, Distribution)
+def _kl_pool(p, q):
+    """Closed form for the log-linear pool (one family member) against an expert of its family; otherwise the
+    estimate of :meth:`HolderPool.kl_estimate` (its error there)."""
+    if isinstance(p, HolderPool) and p.num_components == 1:
+        member = p.family.distribution(p.component_params.select(len(p.batch_shape), 0))
+        if _same_family(member, q):
+            return kl_divergence(member, q)
+    return p.kl_estimate(q).value
 
 
 __all__ = [

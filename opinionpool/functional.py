@@ -12,10 +12,12 @@ without the wrapping.
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
 from typing import NamedTuple
 
 import torch
+from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from ._hellinger import hellinger_moments, pair_components, pair_indices
 from ._validation import (
@@ -27,7 +29,7 @@ from ._validation import (
     real_tensor,
     validation_enabled,
 )
-from .constants import LOG_HALF
+from .constants import LOG_2PI, LOG_HALF
 from .families.gaussian import (
     DiagonalNormalFamily,
     gaussian_barycenter,
@@ -81,6 +83,41 @@ class GaussianMixture(NamedTuple):
         """``(mean, logvar)`` ``(..., D)`` of the moment-matched diagonal Gaussian: the mixture's mean and its
         variance by the law of total variance (within plus between components), computed in log-space."""
         return gaussian_mixture_moments(self.log_weights, self.loc, self.logvar, 1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The mixture's mean ``(..., D)``."""
+        return self.moments()[0]
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """The mixture's marginal variances ``(..., D)`` (law of total variance)."""
+        return self.moments()[1].exp()
+
+    def entropy_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""``(lower, upper)`` bounds ``(...)`` of the mixture's differential entropy (no closed form exists).
+
+        Lower: the larger of :math:`\sum_k w_k H_k` (concavity) and :math:`-\sum_i w_i \log\sum_j w_j
+        \int p_i p_j` (Jensen; Huber et al. 2008, "On entropy approximation for Gaussian mixture random vectors").
+        Upper: the smaller of :math:`\sum_k w_k H_k + H(w)` and the entropy of the moment-matched diagonal
+        Gaussian (the maximum entropy for the mixture's marginal variances)."""
+        present = self.log_weights > -math.inf
+        weights = torch.where(present, self.log_weights.exp(), torch.zeros_like(self.log_weights))
+        component_entropy = 0.5 * (LOG_2PI + 1 + self.logvar).sum(-1)
+        within = (weights * torch.where(present, component_entropy, torch.zeros_like(component_entropy))).sum(-1)
+        label_entropy = -(weights * torch.where(present, self.log_weights, torch.zeros_like(self.log_weights))).sum(-1)
+        matched = 0.5 * (LOG_2PI + 1 + self.moments()[1]).sum(-1)
+        # log int p_i p_j = log N(mu_i; mu_j, var_i + var_j)
+        pair_logvar = torch.logaddexp(self.logvar.unsqueeze(-2), self.logvar.unsqueeze(-3))
+        log_overlap = diag_gaussian_log_prob(self.loc.unsqueeze(-2), self.loc.unsqueeze(-3), pair_logvar)
+        inner = torch.logsumexp(self.log_weights.unsqueeze(-2) + log_overlap, -1)
+        jensen = -(weights * torch.where(present, inner, torch.zeros_like(inner))).sum(-1)
+        return torch.maximum(within, jensen), torch.minimum(within + label_entropy, matched)
+
+    def to_distribution(self) -> MixtureSameFamily:
+        """The mixture as a ``torch.distributions.MixtureSameFamily`` of diagonal Gaussians (event ``(D,)``)."""
+        components = Independent(Normal(self.loc, torch.exp(0.5 * self.logvar)), 1)
+        return MixtureSameFamily(Categorical(logits=self.log_weights), components)
 
     def sample(self, sample_shape=(), generator: torch.Generator | None = None) -> torch.Tensor:
         """Reparameterised within the chosen component: ``sample_shape + batch + (D,)``."""

@@ -8,7 +8,8 @@ closed form. Every method here reduces to integrals of the unnormalised pooled d
   stated tail bound is negligible);
 * ``"quadrature"``: scalar continuous families, an adaptive Gauss–Legendre rule split at every expert and
   at the pool's highest point (:func:`_quadrature_one`), in float64 whatever the experts' dtype, to the
-  relative tolerance ``rtol`` (1e-11 by default);
+  relative tolerance ``rtol`` (1e-11 by default); a batch of pools is integrated in one vectorised pass
+  (:func:`_quadrature_batch`) for finite alpha;
 * ``"grid"``: Gaussians of dimension up to 3, tensor-product Gauss–Legendre panels on a box adapted
   to the experts; the error is the difference from a lower-order rule on the same panels;
 * ``"importance"``: any dimension, importance sampling from a *normalised* exact pool :math:`p` whose
@@ -19,7 +20,8 @@ closed form. Every method here reduces to integrals of the unnormalised pooled d
 Results are returned as :class:`PoolEstimate`: each quantity with its error (a standard error for
 importance sampling, an error estimate for quadrature, a bound for a truncated sum). Every method is a
 weighted point set, so the gradient of ``log Z`` is the pool's expectation of the gradient of ``log u``
-over the same points (:func:`differentiable_log_normalizer`).
+over the same points, and that of a moment its covariance with the gradient of ``log u``
+(:func:`differentiable_estimates`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .families import ExponentialFamily
 
 __all__ = [
     "Estimate", "PoolEstimate", "Envelope", "log_power_mean", "METHODS", "DEFAULT_RTOL", "MAX_GRID_DIM", "SMALL_ALPHA",
+    "quadrature_log_mass", "quadrature_entropy",
 ]
 
 #: below this ``|alpha|`` the power mean is evaluated as ``log1p(sum w expm1(alpha l)) / alpha``
@@ -61,25 +64,30 @@ _SCAN_POINTS = 4001
 _LEVELS = (0.5, 2.0, 8.0, 32.0, 128.0)
 
 
-def log_power_mean(log_values: torch.Tensor, log_weights: torch.Tensor, alpha: float) -> torch.Tensor:
+def log_power_mean(log_values: torch.Tensor, log_weights: torch.Tensor, alpha) -> torch.Tensor:
     r"""``log (sum_j w_j exp(alpha l_j))^(1/alpha)`` over the last dimension, for log-weights summing to one.
 
     ``alpha = 0`` is the weighted geometric mean, ``+inf`` / ``-inf`` the maximum / minimum over
     experts with positive weight. For ``0 < |alpha| < SMALL_ALPHA`` the form
     ``log1p(sum_j w_j expm1(alpha l_j)) / alpha`` keeps the ``O(alpha)`` terms that ``logsumexp``
-    would round away, so the pool tends continuously to the log-linear pool.
+    would round away, so the pool tends continuously to the log-linear pool. ``alpha`` may be a one-element
+    tensor, which then carries its gradient (except at 0 and +-inf, where the result does not depend on it).
     """
+    # the branch; the arithmetic below uses ``alpha`` itself, so that a tensor keeps its gradient
+    a = float(alpha.detach() if isinstance(alpha, torch.Tensor) else alpha)
     present = log_weights > -math.inf
-    if alpha == 0:
+    if a == 0:
         w = log_weights.exp()
         return torch.where(present, w * log_values, torch.zeros_like(log_values)).sum(-1)
-    if math.isinf(alpha):
-        fill = torch.full_like(log_values, -math.inf if alpha > 0 else math.inf)
+    if math.isinf(a):
+        fill = torch.full_like(log_values, -math.inf if a > 0 else math.inf)
         masked = torch.where(present, log_values, fill)
-        return masked.amax(-1) if alpha > 0 else masked.amin(-1)
+        return masked.amax(-1) if a > 0 else masked.amin(-1)
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.reshape(()).to(log_values.dtype)
     scaled = alpha * log_values
     general = torch.logsumexp(log_weights + scaled, dim=-1) / alpha
-    if abs(alpha) >= SMALL_ALPHA:
+    if abs(a) >= SMALL_ALPHA:
         return general
     bounded = scaled.clamp(-0.5, 0.5)  # where |alpha l| is larger the general form is accurate
     terms = torch.where(present, log_weights.exp() * torch.expm1(bounded), torch.zeros_like(bounded))
@@ -190,25 +198,78 @@ def seeded(seed: int | None, generator: torch.Generator | None, device: torch.de
         yield
 
 
-def differentiable_log_normalizer(family, params, log_weights, alpha, log_z: torch.Tensor, nodes) -> torch.Tensor:
-    r"""``log_z`` (a detached estimate) carrying the gradient :math:`\nabla_\theta \log Z = E_{pool}[\nabla_\theta
-    \log u]` with respect to ``params`` and ``log_weights``, the expectation taken over the estimate's own weighted
-    points ``nodes`` (see :attr:`PoolEstimate.nodes`): for a quadrature rule or an exact sum this is the exact
-    gradient of the estimate; for importance samples, the self-normalised estimate from the same samples."""
-    points, log_w = nodes
+class _NodeExpectations(torch.autograd.Function):
+    r"""Passes the engine's values ``outputs`` (``batch + (1 + K,)``: ``log Z``, then ``E_pool[f_k]``) through unchanged
+    and gives them the gradient of the weighted point set behind them. With ``pi_i`` the pool's normalised mass at
+    node ``i`` (rule weights and nodes held fixed), ``d log Z / d log u_i = pi_i`` and
+    ``d E[f_k] / d log u_i = pi_i (f_k(z_i) - E[f_k])``; autograd's chain through ``log u`` then gives
+    ``E_pool[d log u]`` and ``Cov_pool(f_k, d log u)``."""
+
+    @staticmethod
+    def forward(ctx, log_u, pi, f, outputs):
+        ctx.save_for_backward(pi, f)
+        return outputs.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        pi, f = ctx.saved_tensors
+        centred = f - (pi.unsqueeze(-1) * f).sum(0)
+        return pi * (grad[..., 0] + (grad[..., 1:] * centred).sum(-1)), None, None, None
+
+
+#: the quantities :func:`differentiable_estimates` can give a gradient
+DIFFERENTIABLE = ("log_normalizer", "mean", "variance", "covariance", "expected_statistic")
+
+
+def differentiable_estimates(family, params, log_weights, alpha, est: PoolEstimate, names) -> dict:
+    r"""The estimate's values for ``names`` (among :data:`DIFFERENTIABLE`) as tensors carrying their exact gradient
+    with respect to ``params``, ``log_weights`` and a tensor ``alpha``: :math:`\nabla\log Z = E_{pool}[\nabla\log u]`
+    and :math:`\nabla E_{pool}[f] = \mathrm{Cov}_{pool}(f, \nabla\log u)` (``f`` = ``z``, ``(z - mean)^2``, the
+    centred outer product or ``T(z)``), the pool's expectations taken over the estimate's own weighted points
+    ``est.nodes``: for a quadrature rule, grid or exact sum this is the exact gradient of the estimate (the rule's
+    nodes held fixed); for importance samples, the self-normalised estimate from the same samples. The values are
+    the estimate's own, unchanged (in ``params``' dtype); the gradient is computed in float64."""
+    points, log_w = est.nodes
+    high = torch.float64
     with torch.no_grad():
-        pi = torch.softmax(log_w, dim=0)
+        pi = torch.softmax(log_w.to(high), dim=0)
         # points of zero weight are moved to the heaviest one, so that log u and its gradient are finite everywhere
         extra = points.dim() - pi.dim()
         heaviest = pi.argmax(0, keepdim=True).reshape((1,) + pi.shape[1:] + (1,) * extra)
         heaviest = torch.gather(points, 0, heaviest.expand((1,) + points.shape[1:]))
-        keep = (pi > 0).reshape(pi.shape + (1,) * extra)
-        points = torch.where(keep, points, heaviest)
-    high = torch.float64
-    points = points.to(high) if points.is_floating_point() else points
-    log_u = log_power_mean(expert_log_probs(family, params.to(high), points), log_weights.to(high), alpha)
-    surrogate = torch.where(pi > 0, pi.to(high) * log_u, torch.zeros_like(log_u)).sum(0)
-    return log_z + (surrogate - surrogate.detach()).to(log_z.dtype)
+        points = torch.where((pi > 0).reshape(pi.shape + (1,) * extra), points, heaviest)
+        real = points.to(high)
+        flat = real.reshape(pi.shape + (-1,))
+        mean = (pi.unsqueeze(-1) * flat).sum(0)
+        parts, values, shapes = [], [est.log_normalizer.value.to(high).unsqueeze(-1)], []
+        for name in names:
+            if name == "log_normalizer":
+                continue
+            if name == "mean":
+                f = flat
+            elif name == "variance":
+                f = (flat - mean) ** 2
+            elif name == "covariance":
+                dev = flat - mean
+                f = (dev.unsqueeze(-1) * dev.unsqueeze(-2)).flatten(-2)
+            elif name == "expected_statistic":
+                f = family.sufficient_statistic(real).to(high)
+            else:
+                raise ValueError(f"names must be among {DIFFERENTIABLE}, got {name!r}")
+            value = getattr(est, name).value
+            parts.append(f)
+            values.append(value.to(high).reshape(pi.shape[1:] + (-1,)))
+            shapes.append((name, value.shape, f.shape[-1]))
+    ell = expert_log_probs(family, params.to(high), real if points.is_floating_point() else points)
+    log_u = log_power_mean(ell, log_weights.to(high), alpha)
+    f = torch.cat(parts, -1) if parts else pi.new_zeros(pi.shape + (0,))
+    out = _NodeExpectations.apply(log_u, pi, f, torch.cat(values, -1)).to(params.dtype)
+    result = {"log_normalizer": out[..., 0]}
+    start = 1
+    for name, shape, size in shapes:
+        result[name] = out[..., start:start + size].reshape(shape)
+        start += size
+    return result
 
 
 # --------------------------------------------------------------------- weighted point sets
@@ -318,20 +379,73 @@ def _stack_pools(method, rows, batch, wanted, **extra) -> PoolEstimate:
 
 def quadrature_estimate(family, params, log_weights, alpha, wanted, rtol: float = DEFAULT_RTOL,
                         keep_nodes: bool = False) -> PoolEstimate:
-    """Adaptive Gauss–Legendre quadrature (see :func:`_quadrature_one`), one pool at a time, in float64
-    whatever the experts' dtype (the results come back in that dtype)."""
+    """Adaptive Gauss–Legendre quadrature (see :func:`_quadrature_one`) in float64 whatever the experts' dtype (the
+    results come back in that dtype): every pool of the batch at once (:func:`_quadrature_batch`) for finite
+    ``alpha`` and families with closed-form moments, one pool at a time otherwise."""
     batch, pools = _each_pool(family, params.detach().to(torch.float64), log_weights.detach().to(torch.float64))
-    rows, nodes, evaluations = [], [], 0
-    for p, lw in pools:
-        row, points, log_w, count = _quadrature_one(family, p, lw, alpha, wanted, rtol)
-        rows.append({name: Estimate(*(torch.as_tensor(v, dtype=params.dtype, device=params.device) for v in pair))
-                     for name, pair in row.items()})
-        nodes.append((points, log_w))
+    if not _batched_supported(family, alpha):
+        rows, nodes, evaluations = [], [], 0
+        for p, lw in pools:
+            row, points, log_w, count = _quadrature_one(family, p, lw, alpha, wanted, rtol)
+            rows.append({name: Estimate(*(torch.as_tensor(v, dtype=params.dtype, device=params.device) for v in pair))
+                         for name, pair in row.items()})
+            nodes.append((points, log_w))
+            evaluations += count
+        est = _stack_pools("quadrature", rows, batch, wanted, num_evaluations=evaluations)
+        return replace(est, nodes=_pad_nodes(nodes, batch, params.device)) if keep_nodes else est
+    flat_params = torch.stack([p for p, _ in pools]).cpu()
+    flat_lw = torch.stack([lw for _, lw in pools]).cpu()
+    parts, nodes, evaluations = [], [], 0
+    for start in range(0, len(pools), _BATCH_POOLS):
+        chunk = slice(start, start + _BATCH_POOLS)
+        log_z, relative, centre, spread, stats, chunk_nodes, count, ok = _quadrature_batch(
+            family, flat_params[chunk], flat_lw[chunk], alpha, wanted, rtol)
+        if not bool(ok.all()):  # u vanishes numerically: the one-pool rule raises its error
+            index = int((~ok).nonzero()[0, 0])
+            _quadrature_one(family, flat_params[chunk][index], flat_lw[chunk][index], alpha, wanted, rtol)
+        out = {"log_normalizer": Estimate(log_z, relative[:, 0])}
+        if "mean" in stats:  # errors as in _quadrature_one, from the integrands' relative errors
+            mean, variance = stats["mean"].value, stats["variance"].value
+            tbar = ((mean - centre) / spread).abs()
+            out["mean"] = Estimate(mean, spread * (relative[:, 1] + tbar * relative[:, 0]))
+            out["variance"] = Estimate(variance, spread**2 * (relative[:, 2] + 2 * tbar * relative[:, 1]
+                                                              + (tbar**2 + variance / spread**2) * relative[:, 0]))
+        if "expected_statistic" in stats:
+            value = stats["expected_statistic"].value
+            out["expected_statistic"] = Estimate(value, relative[:, 3:] + value.abs() * relative[:, :1])
+        parts.append(out)
+        nodes.append(chunk_nodes)
         evaluations += count
-    est = _stack_pools("quadrature", rows, batch, wanted, num_evaluations=evaluations)
+
+    def joined(name, field):
+        value = torch.cat([getattr(part[name], field) for part in parts])
+        return value.reshape(batch + value.shape[1:]).to(device=params.device, dtype=params.dtype)
+
+    stats = {name: Estimate(joined(name, "value"), joined(name, "error")) for name in parts[0]}
+    log_normalizer = stats.pop("log_normalizer")
+    est = _finish("quadrature", "quadrature error estimate", *log_normalizer, stats, wanted,
+                  num_evaluations=evaluations)
     if not keep_nodes:
         return est
-    return replace(est, nodes=_pad_nodes(nodes, batch, params.device))
+    size = max(points.shape[0] for points, _ in nodes)
+    points = torch.cat([torch.cat((z, z[:1].expand(size - len(z), -1)))for z, _ in nodes], 1)
+    log_w = torch.cat([torch.cat((lw, torch.full((size - len(lw), lw.shape[1]), -math.inf, dtype=lw.dtype)))
+                       for _, lw in nodes], 1)
+    return replace(est, nodes=(points.reshape((size,) + batch).to(params.device),
+                               log_w.reshape((size,) + batch).to(params.device)))
+
+
+def quadrature_log_mass(family, params, log_weights, alpha, lower: float, upper: float, rtol: float = DEFAULT_RTOL):
+    """``log int_lower^upper u`` of one pool (``params`` ``(M,) + param_shape``, float64) and its relative error
+    estimate, by the adaptive rule of :func:`_quadrature_one`; ``-inf`` where ``u`` vanishes numerically on the
+    whole interval (a tail far beyond the pool's mass)."""
+    if not upper > lower:
+        return -math.inf, 0.0
+    try:
+        row = _quadrature_one(family, params, log_weights, alpha, frozenset(), rtol, interval=(lower, upper))[0]
+    except ValueError:  # raised only when u underflows at every point scanned in the interval
+        return -math.inf, 0.0
+    return row["log_normalizer"]
 
 
 def _pad_nodes(nodes, batch, device):
@@ -348,8 +462,10 @@ def _pad_nodes(nodes, batch, device):
     return (points.reshape((size,) + batch + points.shape[2:]).to(device), log_w.reshape((size,) + batch).to(device))
 
 
-def _quadrature_one(family, params, log_weights, alpha, wanted, rtol):
-    """One pool's normaliser and moments from a positive rule ``sum_i w_i u(z_i)`` built adaptively.
+def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=None, extra=None):
+    """One pool's normaliser and moments from a positive rule ``sum_i w_i u(z_i)`` built adaptively (over
+    ``interval``, a part ``(lower, upper)`` of the support, when given: the mass there, for the cdf; with
+    ``extra``, a function of a float64 array of points, also ``E_pool[extra]`` as ``"extra"``).
 
     The line is first split where the pool's mass can be: around every present expert (its mean +- up to
     64 of its standard deviations), where the largest (``alpha = inf``) or smallest (``-inf``) expert
@@ -365,7 +481,7 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol):
     Returns the per-quantity ``(value, error)`` pairs, the final rule's nodes and log-masses
     ``log w_i + log u(z_i)`` (float64 tensors), and the number of evaluations of ``u``.
     """
-    lower, upper = family.support_interval
+    lower, upper = family.support_interval if interval is None else interval
     present = log_weights > -math.inf
     mu, var = _expert_moments(family, params[present])
     mu = mu.to(torch.float64).cpu().numpy()
@@ -421,15 +537,21 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol):
         return z_whole, lw_whole + lu[:, :whole], z_half, lw_half + lu[:, whole:]
 
     want_stat = family.circular or "expected_statistic" in wanted
+    want_entropy = "entropy" in wanted
 
     def integrands(z):
-        """``(P, n, K)``: 1, t, t^2 (t standardised by the current estimate) and T(z) when asked."""
+        """``(P, n, K)``: 1, t, t^2 (t standardised by the current estimate), T(z) and log u(z) when asked."""
         t = (z - centre) / spread
-        parts = [np.ones_like(z), t, t * t]
+        parts = [np.stack([np.ones_like(z), t, t * t], -1)]
         if want_stat:
             stat = family.sufficient_statistic(torch.as_tensor(z.ravel())).reshape(z.shape + (-1,))
-            return np.concatenate((np.stack(parts, -1), stat.to(torch.float64).cpu().numpy()), -1)
-        return np.stack(parts, -1)
+            parts.append(stat.to(torch.float64).cpu().numpy())
+        if want_entropy:  # log u is singular where u vanishes (z log z at a Gamma's origin): it needs its own control
+            lu = log_u(z.ravel()).reshape(z.shape)
+            parts.append(np.where(np.isfinite(lu), lu, 0.0)[..., None])
+        if extra is not None:
+            parts.append(extra(z.ravel()).reshape(z.shape)[..., None])
+        return np.concatenate(parts, -1)
 
     z_whole, lm_whole, z_half, lm_half = evaluate(a, b, kind, origin)
     w = np.exp(log_weights[present].cpu().numpy())
@@ -497,8 +619,280 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol):
         if family.circular:
             moments = family.moments_from_statistic(torch.as_tensor(value), torch.as_tensor(error))
             out["mean"], out["variance"] = ((float(v), float(e)) for v, e in moments)
+    if want_entropy:
+        log_z, log_z_error = out["log_normalizer"]
+        lu = log_u(z_half.ravel()).reshape(z_half.shape)
+        mean_log_u = float((pi * np.where(np.isfinite(lu), lu, 0.0)).sum())
+        index = -2 if extra is not None else -1
+        out["entropy"] = (log_z - mean_log_u, log_z_error + relative[index] + abs(mean_log_u) * relative[0])
+    if extra is not None:
+        mean_extra = float((pi * extra(z_half.ravel()).reshape(z_half.shape)).sum())
+        out["extra"] = (mean_extra, relative[-1] + abs(mean_extra) * relative[0])
+        wanted = wanted | {"extra"}
     out = {k: v for k, v in out.items() if k == "log_normalizer" or k in wanted}
     return out, points, log_mass, count
+
+
+def quadrature_entropy(family, params, log_weights, alpha, rtol: float = DEFAULT_RTOL, log_other=None):
+    """``(entropy, error)`` of one scalar pool (``params`` ``(M,) + param_shape``, float64): ``log Z - E[log u]``
+    with ``int u log u`` among the integrands the adaptive rule of :func:`_quadrature_one` controls; with
+    ``log_other`` (a function of a float64 array) also ``(E_pool[log_other], error)`` from the same rule."""
+    row = _quadrature_one(family, params, log_weights, alpha, frozenset({"entropy"}), rtol, extra=log_other)[0]
+    return row["entropy"] if log_other is None else (row["entropy"], row["extra"])
+
+
+# ------------------------------------------------------------------- batched quadrature
+#: pools integrated together by :func:`_quadrature_batch` (bounds the memory of one pass)
+_BATCH_POOLS = 256
+_GOLDEN_STEPS = 60
+#: the pools' highest point is looked for on this many points across the experts' span (and their own edges)
+_BATCH_SCAN_POINTS = 1025
+#: edges at these fractions of the distance from a finite end of the support where the pooled density grows
+_LADDER = torch.tensor([4.0**-k for k in range(1, 41)], dtype=torch.float64)
+_BISECTION_STEPS = 50
+
+
+def _batched_supported(family, alpha) -> bool:
+    """Whether :func:`_quadrature_batch` handles these pools (the per-pool rule handles the others: ``+-inf``, whose
+    kinks it locates one by one, and families without closed-form moments or with circular ones)."""
+    return math.isfinite(alpha) and family.has_numeric_moments and not family.circular
+
+
+def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
+    r"""The rule of :func:`_quadrature_one` for a batch of pools at once, every step vectorised over the pools
+    (``params`` ``(B, M) + param_shape`` and ``log_weights`` ``(B, M)``, float64; finite ``alpha``).
+
+    The same initial edges (every present expert's mean +- up to 64 of its standard deviations, the pool's highest
+    point on a scan of the experts' span refined by golden-section search, the points where ``log u`` has dropped
+    by 0.5 ... 128 by bisection, the support's finite ends), the same mapped tails, the same panel comparison (the
+    10-point rule on the two halves against the 10- and 7-point rules on the whole) and the same bisection of the
+    worst panels until the error for ``u``, ``u t``, ``u t^2`` (and ``u T(z)`` when asked) is at most ``rtol`` of
+    each integral of ``|.|``, pool by pool; panels are padded to a common count with empty ones (no mass).
+
+    Returns ``(log_z, relative, stats, (points, log_mass), count, ok)``: ``relative`` ``(B, K)`` the per-integrand
+    error relative to the normaliser, ``stats`` the :func:`_point_statistics` of the nodes, the nodes
+    ``(P, B)``, and ``ok`` ``(B,)`` false for pools where ``u`` vanished numerically (to be handled one by one).
+    """
+    lower, upper = family.support_interval
+    fill = _interior_point(lower, upper)
+    pools = params.shape[0]
+    high = torch.float64
+    count = 0
+
+    rows = torch.arange(pools)  # the pools still being refined
+
+    def log_u(z):
+        """``log u`` at points ``z`` ``(len(rows), ...)`` of each pool in ``rows``, ``-inf`` outside the open support."""
+        nonlocal count
+        flat = z.reshape(len(rows), -1).T
+        inside = (flat > lower) & (flat < upper)
+        with torch.no_grad():
+            ell = expert_log_probs(family, params[rows], torch.where(inside, flat, fill))
+            out = torch.where(inside, log_power_mean(ell, log_weights[rows], alpha), -math.inf)
+        count += flat.numel()
+        return out.T.reshape(z.shape)
+
+    present = log_weights > -math.inf
+    mu, var = family.mean(params).to(high), family.variance(params).to(high)
+    sd = var.clamp_min(0).sqrt()
+    sd = torch.maximum(sd, 1e-12 * (1 + mu.abs()))
+    offsets = torch.as_tensor(np.concatenate((-_EXPERT_OFFSETS[::-1], _EXPERT_OFFSETS[1:])), dtype=high)
+    expert_points = (mu.unsqueeze(-1) + sd.unsqueeze(-1) * offsets).reshape(pools, -1)
+    valid = ((expert_points > lower) & (expert_points < upper)
+             & present.unsqueeze(-1).expand(mu.shape + offsets.shape).reshape(pools, -1))
+    # experts far narrower than their distance to a bound: their means, clipped inside the support
+    clipped = mu.clamp(math.nextafter(lower, upper), math.nextafter(upper, lower))
+    none = ~valid.any(-1, keepdim=True)
+    expert_points = torch.where(none, clipped.repeat_interleave(len(offsets), -1), expert_points)
+    valid = valid | (none & present.repeat_interleave(len(offsets), -1))
+    span_lo = torch.where(valid, expert_points, math.inf).amin(-1, keepdim=True)
+    span_hi = torch.where(valid, expert_points, -math.inf).amax(-1, keepdim=True)
+    scan = span_lo + (span_hi - span_lo) * torch.linspace(0, 1, _BATCH_SCAN_POINTS, dtype=high)
+    points = torch.cat((scan, torch.where(valid, expert_points, span_lo)), -1).sort(-1).values
+    values = log_u(points)
+    top, best = values.max(-1)
+    last = points.shape[-1] - 1
+
+    # the highest point, refined between its neighbours on the scan (golden-section search, maximising)
+    lo = points.gather(-1, (best - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    hi = points.gather(-1, (best + 1).clamp_max(last).unsqueeze(-1)).squeeze(-1)
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(_GOLDEN_STEPS):
+        c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        left = log_u(torch.stack((c, d), -1)).diff(dim=-1).squeeze(-1) < 0  # u(c) > u(d): the peak is left of d
+        lo, hi = torch.where(left, lo, c), torch.where(left, d, hi)
+    peak = 0.5 * (lo + hi)
+    peak_value = log_u(peak.unsqueeze(-1)).squeeze(-1)
+    better = peak_value > top
+    top = torch.where(better, peak_value, top)
+    peak = torch.where(better, peak, points.gather(-1, best.unsqueeze(-1)).squeeze(-1))
+
+    # where log u has dropped by each level on either side of the highest point (bisection between scan points)
+    index = torch.arange(points.shape[-1])
+    brackets, found = [], []
+    for level in _LEVELS:
+        below = values < (top - level).unsqueeze(-1)
+        right = below & (index > best.unsqueeze(-1))
+        left = below & (index < best.unsqueeze(-1))
+        first = right.to(torch.int8).argmax(-1)
+        final = last - left.flip(-1).to(torch.int8).argmax(-1)
+        brackets += [(first - 1, first), ((final + 1).clamp_max(last), final)]
+        found += [right.any(-1), left.any(-1)]
+    inner = torch.stack([points.gather(-1, i.clamp_min(0).unsqueeze(-1)).squeeze(-1) for i, _ in brackets], -1)
+    outer = torch.stack([points.gather(-1, j.unsqueeze(-1)).squeeze(-1) for _, j in brackets], -1)
+    targets = (top.unsqueeze(-1) - torch.tensor(_LEVELS, dtype=high).repeat_interleave(2))
+    a, b = inner, outer  # log u(a) >= target > log u(b), whichever side
+    for _ in range(_BISECTION_STEPS):
+        middle = 0.5 * (a + b)
+        above = log_u(middle) >= targets
+        a, b = torch.where(above, middle, a), torch.where(above, b, middle)
+    crossings = torch.where(torch.stack(found, -1), 0.5 * (a + b), math.nan)
+
+    ends = torch.tensor([x for x in (lower, upper) if math.isfinite(x)], dtype=high).expand(pools, -1)
+    # a finite end towards which u grows, or where it is not negligible (a Gamma or Beta expert of shape below
+    # one, or of a non-integer shape: a singular derivative), is approached by edges in
+    # geometric progression, which the bisection would otherwise reach one round, over the whole batch, at a time
+    ladders = []
+    for end, nearest in ((lower, span_lo.squeeze(-1)), (upper, span_hi.squeeze(-1))):
+        if math.isfinite(end):
+            gap = nearest - end
+            probe = log_u(torch.stack((end + 1e-6 * gap, end + 1e-3 * gap), -1))
+            ladder = end + gap.unsqueeze(-1) * _LADDER
+            steep = (probe[:, 0] > probe[:, 1]) | (probe[:, 0] > top - 50)  # or u not negligible there
+            ladders.append(torch.where(steep.unsqueeze(-1), ladder, math.nan))
+    edges = torch.cat((torch.where(valid, expert_points, math.nan), peak.unsqueeze(-1), crossings, ends, *ladders), -1)
+    edges = torch.where((edges >= lower) & (edges <= upper), edges, math.nan).sort(-1).values  # NaN sorts last
+    a, b = edges[:, :-1], edges[:, 1:]
+    panel_valid = b > a  # False at NaN and at repeated edges
+    kind = torch.zeros_like(a)
+    origin = torch.zeros_like(a)
+    tail_scale = torch.where(present, sd, 0).amax(-1)
+    tail_x = torch.tensor([0.0, 0.5, 0.9, 0.99, 1.0], dtype=high)
+    first_edge = edges[:, 0]
+    last_edge = torch.where(torch.isnan(edges), -math.inf, edges).amax(-1)
+    for sign, bound, end in ((-1.0, lower, first_edge), (1.0, upper, last_edge)):
+        if math.isinf(bound):
+            a = torch.cat((a, tail_x[:-1].expand(pools, -1)), -1)
+            b = torch.cat((b, tail_x[1:].expand(pools, -1)), -1)
+            kind = torch.cat((kind, torch.full((pools, 4), sign, dtype=high)), -1)
+            origin = torch.cat((origin, end.unsqueeze(-1).expand(-1, 4)), -1)
+            panel_valid = torch.cat((panel_valid, torch.ones(pools, 4, dtype=torch.bool)), -1)
+
+    gl_t, gl_w = np.polynomial.legendre.leggauss(_GL_ORDER)
+    low_t, low_w = np.polynomial.legendre.leggauss(_GL_ORDER - 3)
+    whole_t = torch.as_tensor(np.concatenate((gl_t, low_t)), dtype=high)
+    whole_w = torch.as_tensor(np.concatenate((gl_w, low_w)), dtype=high)
+    half_t = torch.as_tensor(np.concatenate((0.5 * gl_t - 0.5, 0.5 * gl_t + 0.5)), dtype=high)
+    half_w = torch.as_tensor(np.concatenate((0.5 * gl_w, 0.5 * gl_w)), dtype=high)
+
+    def panel_nodes(a, b, kind, origin, ok, t, w):
+        x = 0.5 * (a + b).unsqueeze(-1) + 0.5 * (b - a).unsqueeze(-1) * t
+        tail = (kind != 0).unsqueeze(-1)
+        xt = torch.where(tail, x, 0.0)
+        scale = tail_scale[rows].reshape(-1, 1, 1)
+        z = torch.where(tail, origin.unsqueeze(-1) + kind.unsqueeze(-1) * scale * xt / (1 - xt), x)
+        log_jac = torch.where(tail, scale.log() - 2 * torch.log1p(-xt), 0.0)
+        width = torch.where(ok, 0.5 * (b - a), 1.0).log().unsqueeze(-1)
+        inside = ok.unsqueeze(-1) & (z > lower) & (z < upper)  # a node rounded onto an end has no mass
+        return torch.where(inside, z, fill), width + w.log() + log_jac
+
+    def evaluate(a, b, kind, origin, ok):
+        a, b = torch.where(ok, a, 0.0), torch.where(ok, b, 1.0)
+        z_whole, lw_whole = panel_nodes(a, b, kind, origin, ok, whole_t, whole_w)
+        z_half, lw_half = panel_nodes(a, b, kind, origin, ok, half_t, half_w)
+        lu = log_u(torch.cat((z_whole, z_half), -1))
+        empty = torch.where(ok, 0.0, -math.inf).unsqueeze(-1)
+        whole = len(whole_t)
+        return z_whole, lw_whole + lu[..., :whole] + empty, z_half, lw_half + lu[..., whole:] + empty
+
+    want_stat = "expected_statistic" in wanted
+
+    def integrands(z, centre, spread):
+        t = (z - centre.reshape(-1, 1, 1)) / spread.reshape(-1, 1, 1)
+        parts = [torch.ones_like(z).unsqueeze(-1), t.unsqueeze(-1), (t * t).unsqueeze(-1)]
+        if want_stat:
+            parts.append(family.sufficient_statistic(z.reshape(-1)).reshape(z.shape + (-1,)).to(high))
+        return torch.cat(parts, -1)
+
+    pick = (~panel_valid).to(torch.int8).argsort(dim=-1, stable=True)[:, :int(panel_valid.sum(-1).max())]
+    a, b, kind, origin, panel_valid = (x.gather(-1, pick) for x in (a, b, kind, origin, panel_valid))
+    state = [a, b, kind, origin, panel_valid, *evaluate(a, b, kind, origin, panel_valid)]
+    w = torch.where(present, log_weights.exp(), 0)
+    centre = (w * mu).sum(-1) / w.sum(-1)
+    spread = ((w * (sd**2 + (mu - centre.unsqueeze(-1)) ** 2)).sum(-1) / w.sum(-1)).sqrt()
+    shift = top
+    finished = []  # (rows, log_z, relative, centre, spread, z_half, lm_half, ok) of the pools done so far
+    for round_ in itertools.count():
+        a, b, kind, origin, panel_valid, z_whole, lm_whole, z_half, lm_half = state
+        shift = torch.maximum(shift, torch.maximum(lm_half.flatten(1).amax(-1), lm_whole.flatten(1).amax(-1)))
+        m_whole = (lm_whole - shift.reshape(-1, 1, 1)).exp()
+        m_half = (lm_half - shift.reshape(-1, 1, 1)).exp()
+        total = m_half.sum((1, 2))
+        ok = total > 0
+        pi = m_half / torch.where(ok, total, 1.0).reshape(-1, 1, 1)
+        centre_new = (pi * z_half).sum((1, 2))
+        spread_sq = (pi * (z_half - centre_new.reshape(-1, 1, 1)) ** 2).sum((1, 2))
+        update = ok & (spread_sq > 0) & torch.isfinite(spread_sq)
+        centre = torch.where(update, centre_new, centre)
+        spread = torch.where(update, spread_sq.clamp_min(0).sqrt(), spread)
+        g_whole, g_half = integrands(z_whole, centre, spread), integrands(z_half, centre, spread)
+        i_whole = m_whole.unsqueeze(-1) * g_whole
+        i_high, i_low = i_whole[:, :, :_GL_ORDER].sum(2), i_whole[:, :, _GL_ORDER:].sum(2)
+        i_half = (m_half.unsqueeze(-1) * g_half).sum(2)
+        scale = (m_half.unsqueeze(-1) * g_half.abs()).sum((1, 2))
+        diff = torch.maximum((i_high - i_half).abs(), (i_low - i_half).abs())
+        panel_error = (diff / torch.where(scale > 0, scale, 1.0).unsqueeze(1)).amax(-1)
+        error = panel_error.sum(-1)
+        done = ~ok | (error <= rtol) | (panel_valid.sum(-1) >= _MAX_PANELS) | (round_ >= _MAX_ROUNDS)
+        splittable = panel_valid & ((b - a) > 1e-13 * torch.maximum(a.abs(), b.abs()) + 1e-300)
+        key = torch.where(splittable, panel_error, -1.0)
+        order = key.argsort(-1, descending=True)
+        sorted_error = panel_error.gather(-1, order)
+        needed = (error - rtol / 4).unsqueeze(-1)
+        chosen_sorted = (sorted_error.cumsum(-1) - sorted_error < needed) & splittable.gather(-1, order)
+        # and, unlike the one-pool rule, every panel above its share of rtol: a round costs a pass over the batch
+        share = rtol / (4 * panel_valid.sum(-1, keepdim=True))
+        chosen = torch.zeros_like(chosen_sorted).scatter(-1, order, chosen_sorted) | (splittable & (panel_error > share))
+        done = done | ~chosen.any(-1)  # nothing left to split: the rule stays at its error
+        if bool(done.any()):
+            total_ok = torch.where(ok, total, 1.0)
+            finished.append((rows[done], (shift + total_ok.log())[done], (diff.sum(1) / total_ok.unsqueeze(-1))[done],
+                             centre[done], spread[done], z_half[done].flatten(1), lm_half[done].flatten(1), ok[done]))
+        if bool(done.all()):
+            break
+        # the pools still refined: their panels, with the chosen ones split in two
+        going = ~done
+        rows, shift, centre, spread = rows[going], shift[going], centre[going], spread[going]
+        chosen = chosen[going]
+        state = [x[going] for x in state]
+        a, b, kind, origin, panel_valid = state[:5]
+        width = int(chosen.sum(-1).max())
+        pick = (~chosen).to(torch.int8).argsort(dim=-1, stable=True)[:, :width]
+        ca, cb, ck, co, cv = (x.gather(-1, pick) for x in (a, b, kind, origin, chosen))
+        mid = 0.5 * (ca + cb)
+        new = [torch.cat(pair, -1) for pair in ((ca, mid), (mid, cb), (ck, ck), (co, co), (cv, cv))]
+        new += list(evaluate(*new))
+        merged = [torch.cat((x, y), 1) for x, y in zip(state, new)]
+        merged[4] = torch.cat((panel_valid & ~chosen, new[4]), -1)
+        alive = merged[4]
+        size = int(alive.sum(-1).max())
+        pick = (~alive).to(torch.int8).argsort(dim=-1, stable=True)[:, :size]
+        state = [x.gather(1, pick if x.dim() == 2 else pick.unsqueeze(-1).expand(-1, -1, x.shape[-1])) for x in merged]
+        alive = state[4].unsqueeze(-1)
+        state[6] = torch.where(alive, state[6], -math.inf)  # panels that were split carry no mass of their own
+        state[8] = torch.where(alive, state[8], -math.inf)
+
+    size = max(part[5].shape[1] for part in finished)
+    order = torch.cat([part[0] for part in finished]).argsort()
+    log_z, relative, centre, spread = (torch.cat([part[k] for part in finished])[order] for k in range(1, 5))
+    ok = torch.cat([part[7] for part in finished])[order]
+    z_half = torch.cat([torch.cat((part[5], part[5][:, :1].expand(-1, size - part[5].shape[1])), 1)
+                        for part in finished])[order]
+    lm_half = torch.cat([torch.nn.functional.pad(part[6], (0, size - part[6].shape[1]), value=-math.inf)
+                         for part in finished])[order]
+    nodes = (z_half.T, lm_half.T)
+    _, stats = _point_statistics(family, nodes[0], nodes[1], wanted, standard_errors=False)
+    return log_z, relative, centre, spread, stats, nodes, count, ok
 
 
 def _interior_point(lower: float, upper: float) -> float:

@@ -23,11 +23,21 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
+from dataclasses import replace
 from fractions import Fraction
 from functools import lru_cache
 
+import numpy as np
 import torch
-from torch.distributions import Categorical, Independent, MixtureSameFamily, MultivariateNormal, Normal
+from torch.distributions import (
+    Categorical,
+    Distribution,
+    Independent,
+    MixtureSameFamily,
+    MultivariateNormal,
+    Normal,
+)
 
 from ._validation import (
     check_alpha,
@@ -42,18 +52,21 @@ from .families import ExponentialFamily
 from .numerical import (
     DEFAULT_RTOL,
     Envelope,
+    Estimate,
     PoolEstimate,
     check_method,
     check_quantities,
     check_rtol,
-    differentiable_log_normalizer,
+    differentiable_estimates,
     enumerate_support,
     enumeration_estimate,
     expert_log_probs,
     grid_estimate,
     importance_estimate,
     log_power_mean,
+    quadrature_entropy,
     quadrature_estimate,
+    quadrature_log_mass,
     rejection_sample,
     seeded,
 )
@@ -241,11 +254,19 @@ def _log_smallest_weight(log_weights: torch.Tensor) -> torch.Tensor:
     return torch.where(log_weights > -math.inf, log_weights, torch.full_like(log_weights, math.inf)).amin(-1)
 
 
-class _Pool:
-    """What every Hölder pool shares: experts, normalised weights, the pooled density and the numerical engine."""
+class _Pool(Distribution):
+    """What every Hölder pool shares: experts, normalised weights, the pooled density and the numerical engine.
+
+    A ``torch.distributions.Distribution``: ``arg_constraints`` is empty because the experts and weights are
+    validated when the pool is built (by their family and :func:`check_weights`), not as attributes.
+    """
+
+    arg_constraints = {}
 
     def __init__(self, experts, alpha, weights, validate_args):
         self.alpha = check_alpha(alpha)
+        #: the alpha the pooled density is computed with: the tensor itself when one requiring grad is given
+        self._alpha = alpha if isinstance(alpha, torch.Tensor) and alpha.requires_grad else self.alpha
         self._validate = validation_enabled(validate_args)
         self.experts: Experts = as_experts(experts, validate_args=self._validate)
         self.family = self.experts.family
@@ -253,9 +274,14 @@ class _Pool:
         self.log_weights = normalized_log_weights(weights, self.experts.num_experts, dtype=params.dtype,
                                                   device=params.device, validate=self._validate)
 
+    def _init_distribution(self, batch_shape) -> None:
+        """Set torch's shapes; validation follows this pool's own setting (``arg_constraints`` is empty)."""
+        Distribution.__init__(self, torch.Size(batch_shape), self.family.event_shape, validate_args=False)
+        self._validate_args = self._validate
+
     @property
-    def event_shape(self) -> torch.Size:
-        return self.family.event_shape
+    def support(self):
+        return self.family.support_constraint
 
     @property
     def stddev(self) -> torch.Tensor:
@@ -276,16 +302,253 @@ class _Pool:
                 bad = inside.reshape(inside.shape + (1,) * len(family.event_shape)).expand(value.shape)
                 raise ValueError(f"value must lie in the support {family.support_constraint} of the {family.name} "
                                  f"pool, got {describe(value, ~bad)}")
+            self._validate_sample(value)  # torch's checks; only its shape check can fail here
         else:  # evaluate the density at a point of the support instead, so that no NaN (or NaN gradient) appears
             event_dims = len(family.event_shape)
             nan = torch.isnan(value)
             nan = nan.flatten(-event_dims).any(-1) if event_dims else nan
             value = torch.where(inside.reshape(inside.shape + (1,) * event_dims), value, family.support_fill(value))
-        log_u = log_power_mean(expert_log_probs(family, self.experts.params, value), self.log_weights, self.alpha)
+        log_u = log_power_mean(expert_log_probs(family, self.experts.params, value), self.log_weights, self._alpha)
         log_p = log_u - self.log_normalizer
         if self._validate:
             return log_p
         return torch.where(inside, log_p, torch.where(nan, math.nan, -math.inf).to(log_p.dtype))
+
+    # ------------------------------------------------------- scalar events: cdf, quantiles, intervals
+    def _require_scalar(self, what: str) -> None:
+        if self.family.event_shape != torch.Size() or not (self.family.discrete or self.family.support_interval):
+            raise ValueError(f"{what} needs scalar experts, got {self.family.name} experts with event_shape "
+                             f"{tuple(self.family.event_shape)}")
+
+    def _pools(self):
+        """Every pool of the batch as float64 ``(params (M,) + param_shape, log_weights (M,))``, flattened."""
+        params = self.experts.params.detach().to(torch.float64)
+        log_weights = self.log_weights.detach().to(torch.float64)
+        batch = self.batch_shape
+        params = params.expand(batch + params.shape[self.experts.expert_dim:]).reshape((-1,) + params.shape[len(batch):])
+        log_weights = log_weights.expand(batch + log_weights.shape[-1:]).reshape(-1, log_weights.shape[-1])
+        return params, log_weights
+
+    def _component_cdf_available(self) -> bool:
+        """Exact pools whose components have a closed-form torch ``cdf`` (Normal, Gamma, Exponential...)."""
+        return False
+
+    def cdf(self, value) -> torch.Tensor:
+        r"""``P(Z <= value)`` for scalar experts, shape ``broadcast(value, batch_shape)``.
+
+        Exact pools of Normal, Gamma or Exponential experts: the mixture of the components' cdfs (exact).
+        Discrete experts: the sum of the enumerated probabilities (exact up to the family's stated truncation
+        bound, e.g. the Poisson tail). Every other pool: the mass of ``(lower, value]`` by the adaptive quadrature of
+        :mod:`opinionpool.numerical` divided by that of the support, each to relative tolerance 1e-11 (the
+        smaller tail is integrated, so the error is relative to ``min(F, 1 - F)``). No gradient.
+        """
+        self._require_scalar("cdf")
+        params = self.experts.params
+        value = torch.as_tensor(value, dtype=params.dtype, device=params.device)
+        shape = torch.broadcast_shapes(value.shape, self.batch_shape)
+        if self._validate and bool(torch.isnan(value).any()):
+            raise ValueError(f"value must not be NaN, got {describe(value, torch.isnan(value))}")
+        with torch.no_grad():
+            if self.family.discrete:
+                return self._discrete_cdf(value.expand(shape))
+            if self._component_cdf_available():
+                return self._mixture_cdf(value.expand(shape))
+            return self._quadrature_cdf(value.expand(shape))
+
+    def _discrete_cdf(self, value):
+        values, _, log_u, _ = enumerate_support(self.family, self.experts.params.detach(), self.log_weights.detach(),
+                                                self.alpha)
+        log_z = torch.logsumexp(log_u, dim=0)
+        below = values.reshape(values.shape + (1,) * value.dim()) <= value
+        log_u = log_u.reshape(log_u.shape[:1] + (1,) * (value.dim() - log_u.dim() + 1) + log_u.shape[1:])
+        return torch.logsumexp(torch.where(below, log_u, -math.inf), dim=0).sub(log_z).exp().clamp(0, 1)
+
+    def _quadrature_cdf(self, value):
+        lower, upper = self.family.support_interval
+        pools = list(zip(*self._pools()))
+        flat = value.detach().to(torch.float64).reshape(-1, max(1, len(pools)))
+        out = torch.empty_like(flat)
+        for j, (params, log_weights) in enumerate(pools):
+            log_z = quadrature_log_mass(self.family, params, log_weights, self.alpha, lower, upper)[0]
+            out[:, j] = self._pool_cdf(params, log_weights, flat[:, j].clamp(lower, upper), log_z)
+        return out.reshape(value.shape).to(value.dtype)
+
+    def icdf(self, value) -> torch.Tensor:
+        """The quantile function for scalar experts: the smallest ``z`` with ``cdf(z) >= value`` (``value`` in
+        ``[0, 1]``), shape ``broadcast(value, batch_shape)``. A bracketed bisection on :meth:`cdf`, vectorised over
+        the values, to float64 resolution of ``z`` (discrete experts: an exact search over the support). No
+        gradient."""
+        self._require_scalar("icdf")
+        params = self.experts.params
+        q = torch.as_tensor(value, dtype=params.dtype, device=params.device)
+        if self._validate:
+            bad = ~((q >= 0) & (q <= 1))
+            if bool(bad.any()):
+                raise ValueError(f"value must be a probability in [0, 1], got {describe(q, bad)}")
+        q = q.expand(torch.broadcast_shapes(q.shape, self.batch_shape))
+        with torch.no_grad():
+            if self.family.discrete:
+                values, _, log_u, _ = enumerate_support(self.family, params.detach(), self.log_weights.detach(),
+                                                        self.alpha)
+                cumulative = torch.logcumsumexp(log_u, dim=0).sub(torch.logsumexp(log_u, dim=0)).exp()
+                cumulative = cumulative.reshape(cumulative.shape[:1] + (1,) * (q.dim() - cumulative.dim() + 1)
+                                                + cumulative.shape[1:])
+                index = (cumulative < q * (1 - 1e-12)).sum(0).clamp_max(len(values) - 1)
+                return values[index]
+            if self._component_cdf_available():
+                return self._bisect(q)
+            return self._quadrature_icdf(q)
+
+    def _bisect(self, q):
+        lower, upper = self.family.support_interval
+        mean, sd = self.mean.detach().expand(q.shape), self.stddev.detach().expand(q.shape)
+        lo = torch.full_like(q, lower) if math.isfinite(lower) else mean - 8 * sd
+        hi = torch.full_like(q, upper) if math.isfinite(upper) else mean + 8 * sd
+        for _ in range(64):  # widen the bracket until it holds every quantile (a no-op at finite support ends)
+            low_bad, high_bad = self.cdf(lo) > q, self.cdf(hi) < q
+            if not bool((low_bad | high_bad).any()):
+                break
+            lo = torch.where(low_bad, mean - 4 * (mean - lo), lo)
+            hi = torch.where(high_bad, mean + 4 * (hi - mean), hi)
+        for _ in range(100):
+            middle = 0.5 * (lo + hi)
+            below = self.cdf(middle) < q
+            lo, hi = torch.where(below, middle, lo), torch.where(below, hi, middle)
+        return torch.where(q <= 0, torch.full_like(q, lower), torch.where(q >= 1, torch.full_like(q, upper), hi))
+
+    def _quadrature_icdf(self, q):
+        """Quantiles from the quadrature's own nodes: the node where the cumulative mass crosses ``q`` is an anchor
+        whose cdf is computed accurately (:meth:`cdf`); from there ``F(z) = F(anchor) + int_anchor^z p`` with a
+        32-point Gauss-Legendre rule, solved by bisection between the neighbouring nodes."""
+        lower, upper = self.family.support_interval
+        pi, points, _, _ = self._node_expectation("quadrature", 1, 0, DEFAULT_RTOL)
+        pools = list(zip(*self._pools()))
+        pi, points = pi.reshape(pi.shape[0], -1), points.reshape(points.shape[0], -1)
+        flat = q.detach().to(torch.float64).reshape(-1, len(pools))
+        out = torch.empty_like(flat)
+        nodes, weights = (torch.as_tensor(x) for x in np.polynomial.legendre.leggauss(32))
+        for j, (params, log_weights) in enumerate(pools):
+            order = torch.argsort(points[:, j])
+            z, cumulative = points[order, j], torch.cumsum(pi[order, j], 0)
+            log_z = quadrature_log_mass(self.family, params, log_weights, self.alpha, lower, upper)[0]
+
+            def mass(a, b, params=params, log_weights=log_weights, log_z=log_z):
+                """``int_a^b p`` (signed) for tensors ``a``, ``b`` of one shape."""
+                half = 0.5 * (b - a)
+                x = (0.5 * (a + b)).unsqueeze(-1) + half.unsqueeze(-1) * nodes
+                log_u = log_power_mean(expert_log_probs(self.family, params, x), log_weights, self.alpha)
+                return half * (weights * (log_u - log_z).exp()).sum(-1)
+
+            target = flat[:, j]
+            i = torch.searchsorted(cumulative, target).clamp(0, len(z) - 1)
+            anchor = z[i]
+            start = self._pool_cdf(params, log_weights, anchor, log_z)
+            span = z[-1] - z[0]
+            lo = torch.where(i >= 2, z[(i - 2).clamp_min(0)], torch.full_like(anchor, max(lower, float(z[0] - span))))
+            hi = torch.where(i + 2 < len(z), z[(i + 2).clamp_max(len(z) - 1)],
+                             torch.full_like(anchor, min(upper, float(z[-1] + span))))
+            for _ in range(100):
+                middle = 0.5 * (lo + hi)
+                below = start + mass(anchor, middle) < target
+                lo, hi = torch.where(below, middle, lo), torch.where(below, hi, middle)
+            out[:, j] = torch.where(target <= 0, lower, torch.where(target >= 1, upper, hi))
+        return out.reshape(q.shape).to(q.dtype)
+
+    def _pool_cdf(self, params, log_weights, values, log_z):
+        """One pool's cdf at ``values`` (a 1-D float64 tensor) by adaptive quadrature of the smaller tail."""
+        lower, upper = self.family.support_interval
+        out = []
+        for x in values.tolist():
+            left = math.exp(quadrature_log_mass(self.family, params, log_weights, self.alpha, lower, x)[0] - log_z)
+            if left > 0.5:
+                left = 1 - math.exp(quadrature_log_mass(self.family, params, log_weights, self.alpha, x, upper)[0] - log_z)
+            out.append(min(max(left, 0.0), 1.0))
+        return torch.tensor(out, dtype=torch.float64)
+
+    def interval(self, level: float = 0.9):
+        """The central interval ``(icdf((1 - level) / 2), icdf((1 + level) / 2))`` of probability ``level``."""
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+            raise ValueError(f"level must be a probability in (0, 1), got {level!r}")
+        return self.icdf((1 - level) / 2), self.icdf((1 + level) / 2)
+
+    # ------------------------------------------------------------------ entropy and expectations
+    def _node_expectation(self, method, num_samples, seed, rtol):
+        """The engine's weighted points for this pool: ``(pi, points, log_u, estimate)`` with ``pi`` their
+        normalised weights ``(P,) + batch`` and ``log_u`` the unnormalised log-density there (float64)."""
+        method = check_method(self.family, method)
+        est = self._estimate(frozenset(), method, check_positive_int("num_samples", num_samples), seed, None,
+                             check_rtol(rtol), keep_nodes=True)
+        points, log_w = est.nodes
+        pi = torch.softmax(log_w.to(torch.float64), dim=0)
+        points = points.to(torch.float64) if points.is_floating_point() else points
+        params = self.experts.params.detach().to(torch.float64)
+        with torch.no_grad():
+            log_u = log_power_mean(expert_log_probs(self.family, params, points), self.log_weights.detach().to(
+                torch.float64), self.alpha)
+        return pi, points, log_u, est
+
+    def _expectation(self, pi, values, est):
+        """``E_pool[values]`` over the weighted points and its error (see :meth:`entropy_estimate`)."""
+        values = torch.where(pi > 0, values, torch.zeros_like(values))
+        mean = (pi * values).sum(0)
+        spread = (pi * (values - mean) ** 2).sum(0)
+        log_z_error = est.log_normalizer.error.to(torch.float64)
+        if est.method == "importance":
+            error = ((pi**2 * (values - mean) ** 2).sum(0) + log_z_error**2).sqrt()
+        else:
+            error = log_z_error * (1 + spread.sqrt())
+        return mean, error
+
+    def entropy_estimate(self, method: str = "auto", num_samples: int = 100_000, seed: int = 0,
+                         rtol: float = DEFAULT_RTOL) -> Estimate:
+        r"""The differential (or, for discrete experts, Shannon) entropy :math:`\log Z - E_{pool}[\log u]` with its
+        error (``method`` as in :meth:`estimate`): exact sums for discrete experts; for scalar continuous experts the
+        adaptive quadrature with :math:`\int u \log u` among the integrands whose error it controls (an error
+        estimate, to ``rtol``); on the grid (Gaussians up to dimension 3) the normaliser's error estimate scaled by
+        ``1 + sd_pool(log u)``; importance sampling otherwise, with the delta-method standard error (including that
+        of ``log Z``). No gradient."""
+        dtype = self.experts.params.dtype
+        if check_method(self.family, method) == "quadrature":
+            rows = torch.tensor([quadrature_entropy(self.family, p, lw, self.alpha, check_rtol(rtol))
+                                 for p, lw in zip(*self._pools())], dtype=torch.float64)
+            return Estimate(*(rows[:, i].reshape(self.batch_shape).to(dtype) for i in range(2)))
+        pi, _, log_u, est = self._node_expectation(method, num_samples, seed, rtol)
+        mean, error = self._expectation(pi, log_u, est)
+        return Estimate((est.log_normalizer.value.to(torch.float64) - mean).to(dtype), error.to(dtype))
+
+    def entropy(self) -> torch.Tensor:
+        """Exact for the log-linear pool (one family member, whose torch entropy is used); otherwise
+        ``entropy_estimate().value`` (deterministic: quadrature, grid or exact sums, or importance sampling with
+        seed 0); call :meth:`entropy_estimate` for its error."""
+        return self.entropy_estimate().value
+
+    def kl_estimate(self, other: Distribution, method: str = "auto", num_samples: int = 100_000, seed: int = 0,
+                    rtol: float = DEFAULT_RTOL) -> Estimate:
+        """``KL(pool || other)`` for any distribution ``other`` with a ``log_prob`` defined on the pool's support, as
+        ``E_pool[log p - log other]`` over the engine's weighted points (errors as :meth:`entropy_estimate`).
+        ``torch.distributions.kl_divergence(pool, other)`` gives the value."""
+        dtype = self.experts.params.dtype
+        if check_method(self.family, method) == "quadrature":
+            rows = []
+            for index, (p, lw) in enumerate(zip(*self._pools())):
+                def log_q(z, index=index):
+                    """``other``'s log-density at points ``z`` for pool ``index`` of the flattened batch."""
+                    batch_dims = len(other.batch_shape)
+                    z = torch.as_tensor(z, dtype=dtype).reshape((-1,) + (1,) * batch_dims)
+                    with torch.no_grad():
+                        values = other.log_prob(z).reshape(z.shape[0], -1)
+                    return values[:, index if values.shape[1] > 1 else 0].to(torch.float64).numpy()
+
+                (entropy, entropy_error), (cross, cross_error) = quadrature_entropy(
+                    self.family, p, lw, self.alpha, check_rtol(rtol), log_other=log_q)
+                rows.append((-entropy - cross, entropy_error + cross_error))
+            rows = torch.tensor(rows, dtype=torch.float64)
+            return Estimate(*(rows[:, i].reshape(self.batch_shape).to(dtype) for i in range(2)))
+        pi, points, log_u, est = self._node_expectation(method, num_samples, seed, rtol)
+        log_q = other.log_prob(points.to(dtype)).to(torch.float64)
+        log_z = est.log_normalizer.value.to(torch.float64)
+        mean, error = self._expectation(pi, log_u - log_z - log_q, est)
+        return Estimate(mean.to(dtype), error.to(dtype))
 
     # ------------------------------------------------------------ numerical engine
     def estimate(self, quantities=None, method: str = "auto", num_samples: int = 100_000, seed: int | None = None,
@@ -439,6 +702,11 @@ class HolderPool(_Pool):
         experts = as_experts(experts, validate_args=validation_enabled(validate_args))
         check_max_components(alpha, order, experts.num_experts, max_components)
         super().__init__(experts, alpha, weights, validate_args)
+        if self._alpha is not self.alpha:
+            warnings.warn(f"alpha={self.alpha!r} is exactly {'0' if order == 0 else f'1/{order}'}, so the exact pool is "
+                          "used, which carries no gradient with respect to alpha; NumericalHolderPool(experts, alpha) "
+                          "differentiates in alpha here too", stacklevel=3)
+            self._alpha = self.alpha
         self._max_components = max_components
         self.order = order
         log_mix, self.component_params = holder_components(self.family, experts.params, self.log_weights, order)
@@ -448,12 +716,9 @@ class HolderPool(_Pool):
         if self._validate and not bool(finite.all()):
             raise ValueError("experts: the pool's log-normaliser is not finite, got "
                              f"{describe(self.log_normalizer, ~finite)}; check the experts for extreme parameters")
+        self._init_distribution(self.log_normalizer.shape)
 
     # ------------------------------------------------------------------ shapes
-    @property
-    def batch_shape(self) -> torch.Size:
-        return self.log_normalizer.shape
-
     @property
     def num_components(self) -> int:
         return self.log_mixture_weights.shape[-1]
@@ -481,6 +746,61 @@ class HolderPool(_Pool):
             raise ValueError(f"covariance_matrix needs multivariate experts; {self.family.name} experts are scalar "
                              "(use variance)")
         return self.family.mixture_covariance(self.log_mixture_weights, self.component_params)
+
+    # ------------------------------------------------------ torch.distributions protocol
+    def _components(self):
+        return self.family.distribution(self.component_params)
+
+    def _component_cdf_available(self) -> bool:
+        return _has_method(self._components(), "cdf")
+
+    def _mixture_cdf(self, value):
+        cdf = self._components().cdf(value.unsqueeze(-1).clamp(*self.family.support_interval))
+        return (self.log_mixture_weights.exp() * cdf).sum(-1).clamp(0, 1)
+
+    @property
+    def has_rsample(self) -> bool:
+        return self._components().has_rsample
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Samples reparameterised within their component: a component is drawn by its weight (no gradient
+        flows through that discrete choice, nor to the mixture weights), then the component's own ``rsample``.
+        For ``alpha = 0`` (one component) this is the full reparameterisation gradient."""
+        shape = torch.Size(sample_shape) + self.batch_shape
+        index = Categorical(logits=self.log_mixture_weights.detach()).sample(torch.Size(sample_shape))
+        params = self.component_params
+        param_dims = len(self.family.param_shape)
+        params = params.expand(shape + params.shape[len(self.batch_shape):])
+        index = index.reshape(shape + (1,) * (param_dims + 1)).expand(shape + (1,) + params.shape[len(shape) + 1:])
+        chosen = torch.gather(params, len(shape), index).squeeze(len(shape))
+        return self.family.distribution(chosen).rsample()
+
+    @property
+    def mode(self) -> torch.Tensor:
+        """The log-linear pool's (one family member's) mode; a mixture's mode has no closed form."""
+        if self.num_components != 1:
+            raise NotImplementedError(f"the alpha={self.alpha!r} pool is a mixture of {self.num_components} "
+                                      "components, whose mode has no closed form")
+        return self._components().mode.squeeze(len(self.batch_shape))
+
+    def entropy(self) -> torch.Tensor:
+        """Exact for ``alpha = 0`` (one family member); otherwise as :meth:`entropy_estimate` states."""
+        if self.num_components == 1 and _has_method(self._components(), "entropy"):
+            return self._components().entropy().squeeze(-1)
+        return super().entropy()
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(HolderPool, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.__dict__.update(self.__dict__)
+        new.experts = _expand_experts(self.experts, batch_shape)
+        new.log_weights = self.log_weights.expand(batch_shape + self.log_weights.shape[-1:])
+        new.log_normalizer = self.log_normalizer.expand(batch_shape)
+        new.log_mixture_weights = self.log_mixture_weights.expand(batch_shape + self.log_mixture_weights.shape[-1:])
+        new.component_params = self.component_params.expand(
+            batch_shape + self.component_params.shape[len(self.batch_shape):])
+        new._init_distribution(batch_shape)
+        return new
 
     # -------------------------------------------------------------- densities
     def as_mixture(self) -> MixtureSameFamily:
@@ -522,10 +842,13 @@ class NumericalHolderPool(_Pool):
     :meth:`estimate` with this pool's ``method``, ``num_samples`` and ``seed``, computed on first use;
     call :meth:`estimate` directly for their errors.
 
-    ``log_normalizer`` and ``log_prob`` are differentiable in the experts' parameters and the weights:
-    :math:`\nabla\log Z = E_{pool}[\nabla\log u]`, the expectation taken over the estimate's own points
-    (the exact gradient of the quadrature rule, grid or sum; the self-normalised estimate from the same
-    samples for importance sampling). ``mean``, ``variance`` and the other values carry no gradient. A subnormal
+    ``log_normalizer``, ``log_prob``, ``mean``, ``variance``, ``covariance_matrix`` and ``moment_match()`` are
+    differentiable in the experts' parameters, the weights and ``alpha`` when it is given as a tensor that requires
+    grad (at ``alpha = 0`` or ``+-inf`` the pool does not depend on it, and it gets no gradient):
+    :math:`\nabla\log Z = E_{pool}[\nabla\log u]` and :math:`\nabla E_{pool}[f] = \mathrm{Cov}_{pool}(f, \nabla\log u)`,
+    the expectations taken over the estimate's own points (the exact gradient of the quadrature rule, grid or sum;
+    the self-normalised estimate from the same samples for importance sampling); see
+    :func:`opinionpool.numerical.differentiable_estimates`. A subnormal
     alpha (``0 < |alpha| < 2.2e-308``) is refused: ``alpha * log q_j`` would keep too few digits (use ``alpha=0``).
     """
 
@@ -546,6 +869,7 @@ class NumericalHolderPool(_Pool):
         self.seed = seed
         self._max_components = max_components
         self._summary: PoolEstimate | None = None
+        self._init_distribution(self.experts.batch_shape)
 
     @property
     def summary(self) -> PoolEstimate:
@@ -568,26 +892,29 @@ class NumericalHolderPool(_Pool):
         return self._summary
 
     @property
-    def batch_shape(self) -> torch.Size:
-        return self.experts.batch_shape
-
-    @property
     def _differentiable(self) -> bool:
-        return self.experts.params.requires_grad or self.log_weights.requires_grad
+        return self.experts.params.requires_grad or self.log_weights.requires_grad or self._alpha is not self.alpha
+
+    def _values(self, name: str) -> torch.Tensor:
+        """The summary's ``name`` (a field of :class:`PoolEstimate`), with its gradient when one is wanted."""
+        if not (self._differentiable and torch.is_grad_enabled()):
+            return getattr(self.summary, name).value
+        if self.family.circular and name in ("mean", "variance"):  # functions of E[T(z)]
+            stat = self._values("expected_statistic")
+            moments = self.family.moments_from_statistic(stat, torch.zeros_like(stat))
+            return moments[0 if name == "mean" else 1][0]
+        return differentiable_estimates(self.family, self.experts.params, self.log_weights, self._alpha, self.summary,
+                                        (name,))[name]
 
     @property
     def log_normalizer(self) -> torch.Tensor:
-        value = self.summary.log_normalizer.value
-        if not (self._differentiable and torch.is_grad_enabled()):
-            return value
-        return differentiable_log_normalizer(self.family, self.experts.params, self.log_weights, self.alpha, value,
-                                             self.summary.nodes)
+        return self._values("log_normalizer")
 
     def _moment(self, name):
         if not self.family.has_numeric_moments:
             raise ValueError(f"{self.family.name} experts have no numeric {name}; use moment_match() "
                              "or estimate(['expected_statistic'])")
-        return getattr(self.summary, name).value
+        return self._values(name)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -619,13 +946,26 @@ class NumericalHolderPool(_Pool):
             samples = rejection_sample(self.family, params, self.log_weights, self.alpha, self.envelope(), count)
         return samples.reshape(sample_shape + samples.shape[1:])
 
+    def expand(self, batch_shape, _instance=None):
+        """The same pools broadcast to ``batch_shape`` (the estimate behind the attributes, if computed, is
+        expanded too rather than recomputed)."""
+        new = self._get_checked_instance(NumericalHolderPool, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.__dict__.update(self.__dict__)
+        new.experts = _expand_experts(self.experts, batch_shape)
+        new.log_weights = self.log_weights.expand(batch_shape + self.log_weights.shape[-1:])
+        if self._summary is not None:
+            new._summary = _expand_estimate(self._summary, self.batch_shape, batch_shape)
+        new._init_distribution(batch_shape)
+        return new
+
     def moment_match(self, family: str | None = None):
         """As :meth:`HolderPool.moment_match`, from the estimated moments (``E[T(z)]`` for non-Gaussian families)."""
         if family is not None or self.family.gaussian:
             if family is None:
                 family = "gaussian" if self.family.multivariate else "diag_gaussian"
             return gaussian_projection(self, family)
-        stat = self.summary.expected_statistic.value
+        stat = self._values("expected_statistic")
         init = geometric_combination(self.experts, self.log_weights)[0]
         natural = self.family.natural_from_mean(stat, init=self.family.to_natural(init))
         return self.family.distribution(self.family.from_natural(natural), validate_args=self._validate)
@@ -633,6 +973,31 @@ class NumericalHolderPool(_Pool):
     def __repr__(self) -> str:
         return (f"NumericalHolderPool(family={self.family!r}, alpha={self.alpha!r}, "
                 f"num_experts={self.experts.num_experts}, method={self.method!r}, batch_shape={tuple(self.batch_shape)})")
+
+
+def _has_method(dist: Distribution, name: str) -> bool:
+    """Whether ``dist`` implements ``name`` (torch's base class raises ``NotImplementedError``)."""
+    return getattr(type(dist), name) is not getattr(Distribution, name)
+
+
+def _expand_experts(experts: Experts, batch_shape: torch.Size) -> Experts:
+    params = experts.params
+    return Experts(experts.family, params.expand(batch_shape + params.shape[experts.expert_dim:]))
+
+
+def _expand_estimate(est: PoolEstimate, old: torch.Size, new: torch.Size) -> PoolEstimate:
+    """Each tensor ``old + rest`` of the estimate as ``new + rest`` (nodes: ``(P,) + old + rest``)."""
+    def grow(t, lead=0):
+        return t.expand(t.shape[:lead] + new + t.shape[lead + len(old):])
+
+    fields = {name: Estimate(grow(e.value), grow(e.error)) for name in
+              ("log_normalizer", "mean", "variance", "covariance", "expected_statistic")
+              if (e := getattr(est, name)) is not None}
+    if est.effective_sample_size is not None:
+        fields["effective_sample_size"] = grow(est.effective_sample_size)
+    if est.nodes is not None:
+        fields["nodes"] = tuple(grow(t, 1) for t in est.nodes)
+    return replace(est, **fields)
 
 
 def gaussian_projection(pool, family: str):
@@ -666,6 +1031,11 @@ def holder(experts, alpha=0.5, weights=None, *, method: str = "auto", num_sample
         if within_max_components(order, experts.num_experts, max_components):
             return HolderPool(experts, alpha=alpha, weights=weights, max_components=max_components,
                               validate_args=validate_args)
+        count = _format_count(log_num_components(order, experts.num_experts),
+                              lambda: num_components(order, experts.num_experts))
+        warnings.warn(f"alpha={alpha!r} = 1/{order} has an exact pool of {count} mixture components, more than "
+                      f"max_components={max_components}; using the numerical engine instead (raise max_components "
+                      "for the exact pool)", stacklevel=2)
     return NumericalHolderPool(experts, alpha=alpha, weights=weights, method=method, num_samples=num_samples,
                                seed=seed, max_components=max_components, rtol=rtol, validate_args=validate_args)
 

@@ -88,8 +88,9 @@ def test_component_counts_and_cap():
     assert opinionpool.holder(dist, alpha=1 / 3).num_components == math.comb(7, 4)
     with pytest.raises(ValueError, match="max_components=10"):
         opinionpool.HolderPool(dist, alpha=1 / 3, max_components=10)
-    # past the cap, holder() hands the pool to the numerical engine instead
-    assert isinstance(opinionpool.holder(dist, alpha=1 / 3, max_components=10), opinionpool.NumericalHolderPool)
+    # past the cap, holder() hands the pool to the numerical engine instead, and says so
+    with pytest.warns(UserWarning, match="35 mixture components"):
+        assert isinstance(opinionpool.holder(dist, alpha=1 / 3, max_components=10), opinionpool.NumericalHolderPool)
 
 
 def test_hellinger_pairwise_weights_follow_the_paper():

@@ -1,0 +1,207 @@
+"""Pools are torch distributions: shapes, validation, cdf/icdf/interval, entropy, KL, rsample, expand, checked
+against independent float64 computations (scipy quadrature of the pooled density written out here, exact sums)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate, special, stats
+from torch.distributions import Beta, Distribution, Exponential, Gamma, Normal, Poisson, kl_divergence
+
+import opinionpool
+from opinionpool import CustomFamily
+
+WEIGHTS = [0.3, 0.7]
+
+
+def pooled_log_density(log_pdfs, weights, alpha, support=(-np.inf, np.inf)):
+    """The normalised Hölder pool of hand-written log-densities, normalised by scipy quadrature (independent of the
+    library)."""
+    log_w = np.log(weights)
+
+    def log_u(z):
+        ell = np.array([f(z) for f in log_pdfs])
+        if alpha == 0:
+            return float(np.dot(weights, ell))
+        return float(special.logsumexp(log_w + alpha * ell) / alpha)
+
+    log_mass = math.log(integrate.quad(lambda z: math.exp(log_u(z)), *support, limit=200, epsabs=0, epsrel=1e-12)[0])
+    return lambda z: log_u(z) - log_mass
+
+
+def scipy_cdf(log_density, x, lower=-np.inf):
+    return integrate.quad(lambda z: math.exp(log_density(z)), lower, x, limit=200, epsabs=1e-14, epsrel=1e-12)[0]
+
+
+def t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def normal(m, s):
+    return lambda z: -0.5 * ((z - m) / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi)
+
+
+def gamma(a, b):
+    return lambda z: a * math.log(b) + (a - 1) * math.log(z) - b * z - math.lgamma(a) if z > 0 else -math.inf
+
+
+def beta(a, b):
+    log_norm = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    return lambda z: log_norm + (a - 1) * math.log(z) + (b - 1) * math.log1p(-z) if 0 < z < 1 else -math.inf
+
+
+NORMALS = ([Normal(t(0.0), t(1.0)), Normal(t(2.0), t(0.5))], [normal(0, 1), normal(2, 0.5)], (-np.inf, np.inf))
+GAMMAS = ([Gamma(t(2.0), t(1.0)), Gamma(t(5.0), t(2.5))], [gamma(2, 1), gamma(5, 2.5)], (0, np.inf))
+BETAS = ([Beta(t(2.0), t(5.0)), Beta(t(4.0), t(1.5))], [beta(2, 5), beta(4, 1.5)], (0, 1))
+
+
+def test_pools_are_torch_distributions_with_torch_shapes():
+    experts = Gamma(torch.tensor([[2.0, 5.0], [3.0, 1.0]]), torch.tensor([[1.0, 2.5], [2.0, 0.5]]))
+    for alpha in (0.5, 2.0):
+        pool = opinionpool.holder(experts, alpha, weights=WEIGHTS)
+        assert isinstance(pool, Distribution)
+        assert pool.batch_shape == (2,) and pool.event_shape == ()
+        assert pool.support.check(torch.tensor([0.5, -1.0])).tolist() == [True, False]
+        assert pool.arg_constraints == {}
+        assert pool.sample((4, 3)).shape == (4, 3, 2)
+        assert pool.log_prob(torch.ones(5, 1)).shape == (5, 2)  # broadcast against the batch
+        with pytest.raises(ValueError, match="support"):
+            pool.log_prob(torch.tensor(-1.0))
+        with pytest.raises(ValueError):  # torch's shape check: (3,) does not broadcast with batch (2,)
+            pool.log_prob(torch.ones(3))
+        expanded = pool.expand((3, 2))
+        assert expanded.batch_shape == (3, 2)
+        z = torch.tensor([0.7, 3.0])
+        torch.testing.assert_close(expanded.log_prob(z), pool.log_prob(z).expand(3, 2))
+        torch.testing.assert_close(expanded.mean, pool.mean.expand(3, 2))
+
+
+@pytest.mark.parametrize("case, alpha", [(NORMALS, 0.5), (NORMALS, 2.0), (GAMMAS, 1.0), (GAMMAS, -1.0),
+                                         (BETAS, 0.5)])
+def test_cdf_icdf_and_interval_match_scipy_quadrature_of_the_pooled_density(case, alpha):
+    experts, pdfs, support = case
+    pool = opinionpool.holder(experts, alpha, weights=WEIGHTS)
+    density = pooled_log_density(pdfs, WEIGHTS, alpha, support)
+    mean = float(pool.mean)
+    xs = [mean - 1.0, mean, mean + 0.8] if support[0] == -np.inf else [0.3 * mean, mean, min(1.5 * mean, 0.99)]
+    expected = torch.tensor([scipy_cdf(density, x, support[0]) for x in xs])
+    torch.testing.assert_close(pool.cdf(torch.tensor(xs)), expected, rtol=1e-8, atol=1e-10)
+    levels = [0.05, 0.5, 0.9]
+    quantiles = pool.icdf(torch.tensor(levels))
+    # the quantile's cdf (by scipy) is the level, to within the density there times float64 resolution of z
+    for q, x in zip(levels, quantiles.tolist()):
+        assert scipy_cdf(density, x, support[0]) == pytest.approx(q, abs=1e-9)
+    low, high = pool.interval(0.9)
+    assert scipy_cdf(density, float(high), support[0]) - scipy_cdf(density, float(low), support[0]) == \
+        pytest.approx(0.9, abs=1e-7)
+
+
+def test_discrete_cdf_icdf_and_entropy_are_exact_sums():
+    rates, alpha = (2.0, 7.0), 0.5
+    pool = opinionpool.holder(Poisson(torch.tensor(rates)), alpha, weights=WEIGHTS)
+    k = np.arange(200)
+    u = np.dot(WEIGHTS, np.stack([stats.poisson(r).pmf(k) for r in rates]) ** alpha) ** (1 / alpha)
+    pmf = u / u.sum()
+    cumulative = np.cumsum(pmf)
+    torch.testing.assert_close(pool.cdf(torch.tensor([0.0, 3.5, 9.0])),
+                               torch.tensor([cumulative[0], cumulative[3], cumulative[9]]), rtol=1e-12, atol=1e-14)
+    levels = np.array([0.1, 0.5, 0.95])
+    expected = [float(np.argmax(cumulative >= q)) for q in levels]
+    assert pool.icdf(torch.tensor(levels)).tolist() == expected
+    entropy = -np.sum(pmf[pmf > 0] * np.log(pmf[pmf > 0]))
+    assert float(pool.entropy()) == pytest.approx(entropy, rel=1e-12)
+
+
+@pytest.mark.parametrize("case, alpha", [(NORMALS, 0.5), (GAMMAS, 2.0), (BETAS, -1.0)])
+def test_entropy_and_kl_match_scipy_quadrature(case, alpha):
+    experts, pdfs, support = case
+    pool = opinionpool.holder(experts, alpha, weights=WEIGHTS)
+    density = pooled_log_density(pdfs, WEIGHTS, alpha, support)
+
+    def integrand(f):
+        return lambda z: math.exp(density(z)) * f(z) if density(z) > -math.inf else 0.0
+
+    entropy = integrate.quad(integrand(lambda z: -density(z)), *support, limit=200)[0]
+    estimate = pool.entropy_estimate()
+    assert float(estimate.value) == pytest.approx(entropy, abs=1e-8)
+    assert float(estimate.error) < 1e-8
+    other, other_pdf = experts[1], pdfs[1]
+    kl = integrate.quad(integrand(lambda z: density(z) - other_pdf(z)), *support, limit=200)[0]
+    assert float(kl_divergence(pool, other)) == pytest.approx(kl, abs=1e-8)
+
+
+def test_log_linear_pool_has_closed_form_entropy_kl_and_mode():
+    # prod_j Gamma(a_j, b_j)^(w_j) is Gamma(sum_j w_j (a_j - 1) + 1, sum_j w_j b_j)
+    shapes, rates = np.array([2.0, 5.0]), np.array([1.0, 2.5])
+    w = np.array(WEIGHTS)
+    shape, rate = w @ (shapes - 1) + 1, w @ rates
+    pool = opinionpool.holder(Gamma(torch.tensor(shapes), torch.tensor(rates)), 0, weights=WEIGHTS)
+    assert float(pool.mode) == pytest.approx((shape - 1) / rate, rel=1e-12)
+    assert float(pool.entropy()) == pytest.approx(stats.gamma(shape, scale=1 / rate).entropy(), rel=1e-12)
+    q = Gamma(torch.tensor(3.0), torch.tensor(1.5))
+    kl = integrate.quad(lambda z: stats.gamma(shape, scale=1 / rate).pdf(z) * (
+        stats.gamma(shape, scale=1 / rate).logpdf(z) - stats.gamma(3, scale=1 / 1.5).logpdf(z)), 0, np.inf)[0]
+    assert float(kl_divergence(pool, q)) == pytest.approx(kl, rel=1e-9)
+    with pytest.raises(NotImplementedError, match="mode"):
+        _ = opinionpool.holder(Gamma(torch.tensor(shapes), torch.tensor(rates)), 0.5).mode
+
+
+def test_kl_divergence_between_custom_family_members_reaches_the_bregman_form():
+    family = CustomFamily(log_normalizer=lambda eta: -torch.log(-eta[..., 0]),
+                          sufficient_statistic=lambda z: z.unsqueeze(-1),
+                          log_base_measure=lambda z: torch.zeros_like(z), num_params=1,
+                          natural_domain=lambda eta: eta[..., 0] < 0, name="user Exponential")
+    p, q = family.expert(torch.tensor([-0.5])), family.expert(torch.tensor([-2.0]))
+    torch.testing.assert_close(kl_divergence(p, q), kl_divergence(Exponential(0.5), Exponential(2.0)))
+
+
+def test_rsample_is_reparameterised_within_components():
+    loc = torch.tensor([0.0, 2.0], requires_grad=True)
+    scale = torch.tensor([1.0, 0.5])
+    # alpha = 0: one Normal with precision-weighted mean, so d E[z] / d loc_j = w_j tau_j / sum_k w_k tau_k
+    pool = opinionpool.holder(Normal(loc, scale), 0, weights=WEIGHTS)
+    assert pool.has_rsample
+    z = pool.rsample((20_000,))
+    z.mean().backward()
+    tau = np.array(WEIGHTS) / scale.numpy() ** 2
+    torch.testing.assert_close(loc.grad, torch.tensor(tau / tau.sum()), rtol=1e-10, atol=1e-12)
+    mixture = opinionpool.holder(Normal(loc, scale), 0.5, weights=WEIGHTS)
+    samples = mixture.rsample((3,))
+    assert samples.shape == (3,) and samples.requires_grad
+    assert not opinionpool.holder(Normal(loc, scale), 2.0).has_rsample
+
+
+@pytest.mark.parametrize("separation", [0.7, 40.0])
+def test_gaussian_mixture_moments_entropy_bounds_and_torch_distribution(separation):
+    from opinionpool.functional import GaussianMixture
+
+    w, loc, sd = np.array([0.2, 0.5, 0.3]), np.array([0.0, separation, -1.5 * separation]), np.array([1.0, 0.4, 2.0])
+    mixture = GaussianMixture(torch.tensor(np.log(w)), torch.tensor(loc)[:, None], torch.tensor(2 * np.log(sd))[:, None])
+    mean = w @ loc
+    torch.testing.assert_close(mixture.mean, torch.tensor([mean]))
+    torch.testing.assert_close(mixture.variance, torch.tensor([w @ (sd**2 + loc**2) - mean**2]))
+
+    def log_density(z):
+        return float(special.logsumexp(np.log(w) + stats.norm(loc, sd).logpdf(z)))
+
+    dist = mixture.to_distribution()
+    assert dist.event_shape == (1,) and dist.batch_shape == ()
+    z = torch.tensor([[-1.0], [0.3], [separation]])
+    torch.testing.assert_close(dist.log_prob(z), torch.tensor([log_density(float(x)) for x in z]))
+    edges = sorted(set(loc.tolist()))
+    pieces = [-np.inf] + edges + [np.inf]
+    entropy = sum(integrate.quad(lambda x: -math.exp(log_density(x)) * log_density(x), a, b, limit=200)[0]
+                  for a, b in zip(pieces[:-1], pieces[1:]))
+    lower, upper = mixture.entropy_bounds()
+    assert float(lower) <= entropy <= float(upper)
+    if separation > 10:  # far-apart components: H = sum_k w_k H_k + H(w), the upper bound
+        assert float(upper) == pytest.approx(w @ stats.norm(0, sd).entropy() - w @ np.log(w), rel=1e-12)
+        assert entropy == pytest.approx(float(upper), abs=1e-8)
+
+
+def test_exact_order_past_max_components_warns_with_the_count():
+    experts = Normal(torch.tensor([0.0, 1.0, 3.0]), torch.tensor([1.0, 0.5, 2.0]))
+    with pytest.warns(UserWarning, match="5151 mixture components"):  # binom(100 + 2, 2)
+        pool = opinionpool.holder(experts, 1 / 100, max_components=10)
+    assert isinstance(pool, opinionpool.NumericalHolderPool)

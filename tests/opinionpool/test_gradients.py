@@ -1,0 +1,85 @@
+"""Gradients of numerical pools at every alpha outside {0, 1/n}: log-normaliser, mean, variance, log_prob and
+moment_match() with respect to the experts' parameters, the weights and a tensor alpha, against float64 central
+finite differences of the values themselves (asymmetric weights, unequal scales)."""
+
+import warnings
+
+import pytest
+import torch
+from torch.distributions import Gamma, Normal, Poisson
+
+import opinionpool
+
+
+def t(values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def normal_outputs(pool, value):
+    projected = pool.moment_match()
+    return [pool.log_normalizer, pool.mean, pool.variance, pool.log_prob(value).sum(), projected.loc, projected.scale]
+
+
+def shaped_outputs(pool, value):
+    projected = pool.moment_match()
+    params = [projected.concentration, projected.rate] if isinstance(projected, Gamma) else [projected.rate]
+    return [pool.log_normalizer, pool.mean, pool.variance, pool.log_prob(value).sum(), *params]
+
+
+CASES = {
+    # family: (make the experts from two parameter tensors, their values, observed values)
+    "normal": (lambda a, b: Normal(a, b), (t([0.0, 2.0]), t([1.0, 0.4])), t([0.3, 1.7])),
+    "gamma": (lambda a, b: Gamma(a, b), (t([2.0, 5.0]), t([1.0, 2.5])), t([0.7, 2.5])),
+    "poisson": (lambda a, b: Poisson(a * b), (t([1.5, 6.0]), t([1.0, 1.0])), t([0.0, 3.0, 7.0])),
+}
+
+
+def outputs(case, alpha, a, b, weights):
+    make, _, value = CASES[case]
+    pool = opinionpool.NumericalHolderPool(make(a, b), alpha=alpha, weights=weights)
+    assert not isinstance(pool, opinionpool.HolderPool)
+    return torch.stack([v.reshape(()) for v in (normal_outputs if case == "normal" else shaped_outputs)(pool, value)])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("alpha", [2.0, -1.0, 0.3])
+def test_gradients_match_finite_differences(case, alpha):
+    _, (a, b), _ = CASES[case]
+    inputs = [a, b, t([0.3, 0.7]), t(alpha)]
+    leaves = [x.clone().requires_grad_(True) for x in inputs]
+    values = outputs(case, leaves[3], *leaves[:3])
+    with torch.no_grad():
+        assert torch.allclose(values, outputs(case, alpha, *inputs[:3]), rtol=1e-9, atol=0)
+    step = 1e-5
+    for index, x in enumerate(inputs):
+        if case == "poisson" and index == 1:
+            continue  # the rate is a * b: one parameter suffices
+        grads = [torch.autograd.grad(v, leaves[index], retain_graph=True)[0] for v in values]
+        for k in range(x.numel()):
+            shift = torch.zeros_like(x).flatten()
+            shift[k] = step
+            shift = shift.reshape(x.shape)
+            moved = [[y + sign * shift if i == index else y for i, y in enumerate(inputs)] for sign in (1, -1)]
+            with torch.no_grad():
+                up, down = (outputs(case, m[3], *m[:3]) for m in moved)
+            reference = (up - down) / (2 * step)
+            got = torch.stack([g.reshape(-1)[k] for g in grads])
+            assert torch.allclose(got, reference, rtol=1e-6, atol=1e-7), (index, k, got, reference)
+
+
+def test_a_tensor_alpha_at_an_exact_order_stays_exact_and_says_so():
+    alpha = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    experts = Normal(t([0.0, 2.0]), t([1.0, 0.4]))
+    with pytest.warns(UserWarning, match=r"exactly 1/2.*no gradient with respect to alpha"):
+        exact = opinionpool.holder(experts, alpha=alpha, weights=t([0.3, 0.7]))
+    assert isinstance(exact, opinionpool.HolderPool) and not exact.log_normalizer.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        numerical = opinionpool.NumericalHolderPool(experts, alpha=alpha, weights=t([0.3, 0.7]))
+        (grad,) = torch.autograd.grad(numerical.log_normalizer, alpha)
+    # d log Z / d alpha at alpha = 1/2 by central differences of the exact pools on either side
+    step = 1e-5
+    up, down = (float(opinionpool.NumericalHolderPool(experts, alpha=0.5 + s, weights=t([0.3, 0.7])).log_normalizer)
+                for s in (step, -step))
+    assert float(grad) == pytest.approx((up - down) / (2 * step), rel=1e-6)
+    assert float(numerical.log_normalizer.detach()) == pytest.approx(float(exact.log_normalizer), rel=1e-10)
