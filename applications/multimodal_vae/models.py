@@ -377,8 +377,7 @@ class MultimodalVAE(nn.Module):
         extra = {"auxiliary_logscale": self.auxiliary_logscale} if self.auxiliary_logscale is not None else {}
         if self.top_down is not None:
             extra["top_down"] = self.top_down
-        aggregate = self.pool_subsets if self.spec.posterior == "subsets" else self.aggregate
-        terms = self.objective(as_modalities(x), present, mu, logvar, self.decoders, self.likelihood, aggregate,
+        terms = self.objective(as_modalities(x), present, mu, logvar, self.decoders, self.likelihood, self.pooling,
                                **extra)
         objective = terms.reconstruction - self.beta * terms.kl if terms.objective is None else terms.objective
         loss = -objective.mean()
@@ -387,6 +386,11 @@ class MultimodalVAE(nn.Module):
     def posterior_mixture(self, x, present: torch.Tensor | None = None) -> opf.GaussianMixture:
         """The joint posterior ``q(z | X)`` as a mixture over ``(B, K, D)`` (one component for the Gaussian pools)."""
         return self.pool(*self.encode(x), self._everything(x) if present is None else present)
+
+    @property
+    def pooling(self) -> Callable:
+        """What the objective pools with: ``pool_subsets`` for the ``"subsets"`` models, else ``aggregate``."""
+        return self.pool_subsets if self.spec.posterior == "subsets" else self.aggregate
 
     def pool_subsets(self, mu: torch.Tensor, logvar: torch.Tensor, mask: torch.Tensor,
                      subsets: torch.Tensor | None = None) -> opf.GaussianMixture:

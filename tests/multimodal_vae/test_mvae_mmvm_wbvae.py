@@ -72,7 +72,7 @@ def terms_of(model, x, present, seed=9):
     mu, logvar = model._encode(x)
     extra = {"auxiliary_logscale": model.auxiliary_logscale} if model.auxiliary_logscale is not None else {}
     torch.manual_seed(seed)
-    return model.objective(x, present, mu, logvar, model.decoders, likelihood, model.aggregate, **extra)
+    return model.objective(x, present, mu, logvar, model.decoders, likelihood, model.pooling, **extra)
 
 
 def laplace(x, loc):
