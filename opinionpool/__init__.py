@@ -25,6 +25,7 @@ from .affinities import (
 )
 from .experts import Experts, as_experts
 from .families import CustomFamily, ExponentialFamily, ExponentialFamilyDistribution, family_of
+from .forecast import CoverageTable, Disagreement, FitResult, coverage, crps, disagreement, fit_weights, pit
 from .numerical import Estimate, PoolEstimate, log_power_mean
 from .pool import DEFAULT_MAX_COMPONENTS, HolderPool, NumericalHolderPool, exact_order, hellinger, holder, moe, poe
 from .wasserstein import wasserstein_barycenter
@@ -38,4 +39,5 @@ __all__ = [
     "bhattacharyya_coefficient", "hellinger_distance", "kl_divergence", "renyi_divergence",
     "amari_alpha_divergence", "ExponentialFamily", "CustomFamily", "ExponentialFamilyDistribution",
     "family_of", "Experts", "as_experts", "DEFAULT_MAX_COMPONENTS", "wasserstein_barycenter", "exact_order",
+    "crps", "pit", "coverage", "CoverageTable", "disagreement", "Disagreement", "fit_weights", "FitResult",
 ]

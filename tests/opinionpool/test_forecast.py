@@ -1,0 +1,256 @@
+"""The forecaster's toolkit (opinionpool.forecast) against independent float64 computations: scipy quadrature of the
+CRPS integrand, the closed form of a Normal's CRPS, scipy's cdfs, quadrature of sqrt(pq), statistical tests with
+fixed seeds."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.integrate
+import scipy.optimize
+import scipy.special
+import scipy.stats
+import torch
+from torch.distributions import Gamma, Normal, Poisson
+
+import opinionpool as op
+
+LOCS = [[-1.0, 0.5, 2.0], [0.3, -0.4, 1.1]]
+SCALES = [[0.7, 1.3, 0.5], [1.0, 2.0, 0.8]]
+WEIGHTS = [0.5, 0.3, 0.2]
+OBS = [0.4, -2.5]
+
+
+def _normal_experts():
+    return Normal(torch.tensor(LOCS, dtype=torch.float64), torch.tensor(SCALES, dtype=torch.float64))
+
+
+def _holder_density(pdfs, weights, alpha):
+    """The unnormalised Hölder pool density from the experts' pdfs (a list of callables) by hand."""
+    def u(x):
+        values = np.stack([pdf(x) for pdf in pdfs])
+        w = np.asarray(weights)[:, None] / np.sum(weights)
+        if alpha == 0:
+            with np.errstate(divide="ignore"):  # pdfs underflowing far in the tails: log 0 = -inf, exp(-inf) = 0
+                return np.exp((w * np.log(values)).sum(0))
+        return ((w * values ** alpha).sum(0)) ** (1 / alpha)
+    return u
+
+
+def _crps_by_scipy(density, y, lower, upper, points=200_001):
+    """CRPS = int (F - 1{x >= y})^2 from a density on [lower, upper]: F by scipy's cumulative Simpson rule on a fine
+    grid through y, normalised by the total, the squared difference by Simpson's rule on each side of y."""
+    left, right = np.linspace(lower, y, points), np.linspace(y, upper, points)
+    x = np.concatenate((left, right[1:]))
+    f = scipy.integrate.cumulative_simpson(density(x), x=x, initial=0)
+    f = f / f[-1]
+    return (scipy.integrate.simpson(f[:points] ** 2, x=left)
+            + scipy.integrate.simpson((1 - f[points - 1:]) ** 2, x=right)), f[points - 1]
+
+
+# ---------------------------------------------------------------------------------------------------------- CRPS
+def test_crps_of_a_normal_matches_its_closed_form():
+    loc, scale = torch.tensor([0.0, 1.5, -2.0], dtype=torch.float64), torch.tensor([1.0, 0.3, 4.0], dtype=torch.float64)
+    y = np.array([0.2, 3.0, -9.0])
+    z = (y - loc.numpy()) / scale.numpy()
+    norm = scipy.stats.norm
+    expected = scale.numpy() * (z * (2 * norm.cdf(z) - 1) + 2 * norm.pdf(z) - 1 / math.sqrt(math.pi))
+    got = op.crps(Normal(loc, scale), torch.tensor(y))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 0.0])
+def test_crps_of_an_exact_gaussian_pool_matches_scipy_quadrature(alpha):
+    pool = op.holder(_normal_experts(), alpha, WEIGHTS)
+    got = op.crps(pool, torch.tensor(OBS, dtype=torch.float64))
+    for t, y in enumerate(OBS):
+        pdfs = [scipy.stats.norm(loc, scale).pdf for loc, scale in zip(LOCS[t], SCALES[t])]
+        expected, _ = _crps_by_scipy(_holder_density(pdfs, WEIGHTS, alpha), y, -20, 20)
+        assert float(got[t]) == pytest.approx(expected, rel=1e-8, abs=1e-10)
+
+
+def test_crps_of_a_numerical_pool_and_its_pit_match_scipy_quadrature():
+    alpha = 0.3
+    pool = op.holder(_normal_experts(), alpha, WEIGHTS)
+    y = torch.tensor(OBS, dtype=torch.float64)
+    got, u = op.crps(pool, y), op.pit(pool, y)
+    for t, obs in enumerate(OBS):
+        pdfs = [scipy.stats.norm(loc, scale).pdf for loc, scale in zip(LOCS[t], SCALES[t])]
+        expected, cdf = _crps_by_scipy(_holder_density(pdfs, WEIGHTS, alpha), obs, -20, 20)
+        assert float(got[t]) == pytest.approx(expected, rel=1e-7)
+        assert float(u[t]) == pytest.approx(cdf, abs=1e-8)
+
+
+def test_crps_of_a_gamma_pool_with_an_observation_beyond_the_bulk():
+    """Positive support (the panels start at 0) and an observation far in the right tail (the length term)."""
+    shapes, rates = [[3.0, 6.0]], [[1.0, 0.8]]
+    pool = op.holder(Gamma(torch.tensor(shapes, dtype=torch.float64), torch.tensor(rates, dtype=torch.float64)), 2.0,
+                     [0.7, 0.3])
+    for obs in (4.2, 120.0):
+        got = float(op.crps(pool, torch.tensor([obs], dtype=torch.float64))[0])
+        pdfs = [scipy.stats.gamma(a, scale=1 / b).pdf for a, b in zip(shapes[0], rates[0])]
+        expected, _ = _crps_by_scipy(_holder_density(pdfs, [0.7, 0.3], 2.0), obs, 0.0, obs + 60.0)
+        assert got == pytest.approx(expected, rel=1e-7)
+
+
+def test_crps_of_a_plain_torch_distribution_by_quadrature_of_scipy_cdf():
+    """torch's Gamma has no cdf: the density path, against scipy.integrate.quad of (F - 1{x >= y})^2 with scipy's
+    own Gamma cdf."""
+    dist = Gamma(torch.tensor([2.5, 9.0], dtype=torch.float64), torch.tensor([1.5, 2.0], dtype=torch.float64))
+    y = [0.3, 6.0]
+    got = op.crps(dist, torch.tensor(y, dtype=torch.float64))
+    for t, (a, b) in enumerate([(2.5, 1.5), (9.0, 2.0)]):
+        cdf = scipy.stats.gamma(a, scale=1 / b).cdf
+        expected = (scipy.integrate.quad(lambda x, cdf=cdf: cdf(x) ** 2, 0, y[t], epsabs=1e-13)[0]
+                    + scipy.integrate.quad(lambda x, cdf=cdf: (1 - cdf(x)) ** 2, y[t], np.inf, epsabs=1e-13)[0])
+        assert float(got[t]) == pytest.approx(expected, rel=1e-8)
+
+
+def test_crps_of_a_gaussian_mixture_is_differentiable_with_the_right_gradient():
+    loc = torch.tensor(LOCS, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(SCALES, dtype=torch.float64)
+    y = torch.tensor(OBS, dtype=torch.float64)
+    torch.autograd.gradcheck(lambda m: op.crps(op.holder(Normal(m, scale), 0.5, WEIGHTS), y), (loc,))
+
+
+# --------------------------------------------------------------------------------------------------- calibration
+def test_pit_of_a_correctly_specified_forecast_is_uniform_and_has_power():
+    """Kolmogorov-Smirnov at level 0.01 with a fixed seed: a calibrated forecast passes, one with twice the spread
+    fails (so the test can tell)."""
+    generator = torch.Generator().manual_seed(7)
+    n = 2000
+    loc = torch.randn(n, generator=generator, dtype=torch.float64) * 3
+    scale = torch.rand(n, generator=generator, dtype=torch.float64) + 0.5
+    y = loc + scale * torch.randn(n, generator=generator, dtype=torch.float64)
+    calibrated = op.pit(Normal(loc, scale), y)
+    np.testing.assert_allclose(calibrated.numpy(), scipy.stats.norm.cdf(y.numpy(), loc.numpy(), scale.numpy()),
+                               atol=1e-14)
+    assert scipy.stats.kstest(calibrated.numpy(), "uniform").pvalue > 0.01
+    assert scipy.stats.kstest(op.pit(Normal(loc, 2 * scale), y).numpy(), "uniform").pvalue < 0.01
+
+
+def test_coverage_of_a_calibrated_pool_matches_nominal_within_binomial_error():
+    """Observations drawn from the alpha = 1/2 pool itself; the table against intervals from scipy's quantiles of
+    the same mixture (found with brentq), and every level within 4 binomial standard errors."""
+    n = 3000
+    loc = torch.stack((torch.zeros(n), torch.full((n,), 2.0)), -1).to(torch.float64)
+    scale = torch.tensor([1.0, 0.5], dtype=torch.float64).expand(n, 2)
+    pool = op.holder(Normal(loc, scale), 0.5, [0.6, 0.4])
+    torch.manual_seed(11)
+    y = pool.sample()
+    table = op.coverage(pool, y)
+    assert table.count == n and table.levels == (0.5, 0.8, 0.9, 0.95)
+    for level, empirical, se in table.rows():
+        assert se == pytest.approx(math.sqrt(level * (1 - level) / n))
+        assert abs(empirical - level) < 4 * se
+    # the same table from the central intervals themselves, quantiles by brentq on the mixture cdf by hand
+    weights = pool.mixture_weights[0].numpy()
+    locs, logvars = pool.component_params[0, :, 0].numpy(), pool.component_params[0, :, 1].numpy()
+
+    def cdf(x):
+        return float((weights * scipy.stats.norm.cdf(x, locs, np.exp(0.5 * logvars))).sum())
+    for level, empirical, _ in table.rows():
+        lo = scipy.optimize.brentq(lambda x, p=(1 - level) / 2: cdf(x) - p, -20, 20, xtol=1e-13)
+        hi = scipy.optimize.brentq(lambda x, p=(1 + level) / 2: cdf(x) - p, -20, 20, xtol=1e-13)
+        assert empirical == pytest.approx(float(((y >= lo) & (y <= hi)).double().mean()))
+    assert "nominal" in str(table)
+
+
+# -------------------------------------------------------------------------------------------------- disagreement
+def test_disagreement_matches_quadrature_of_sqrt_pq():
+    result = op.disagreement(_normal_experts(), weights=WEIGHTS)
+    assert result.bhattacharyya.shape == (2, 3, 3) and result.pairwise_mass.shape == (2,)
+    lam = np.asarray(WEIGHTS)
+    for t in range(2):
+        dists = [scipy.stats.norm(loc, scale) for loc, scale in zip(LOCS[t], SCALES[t])]
+        bc = np.eye(3)
+        for i in range(3):
+            for j in range(i + 1, 3):
+                bc[i, j] = bc[j, i] = scipy.integrate.quad(lambda x, p=dists[i], q=dists[j]: math.sqrt(p.pdf(x) * q.pdf(x)),
+                                                           -np.inf, np.inf, epsabs=1e-13)[0]
+        np.testing.assert_allclose(result.bhattacharyya[t].numpy(), bc, rtol=1e-9)
+        np.testing.assert_allclose(result.hellinger[t].numpy(), np.sqrt(1 - bc), rtol=1e-8)
+        cross = sum(2 * lam[i] * lam[j] * bc[i, j] for i in range(3) for j in range(i + 1, 3))
+        assert float(result.pairwise_mass[t]) == pytest.approx(cross / (cross + (lam ** 2).sum()), rel=1e-10)
+
+
+def test_disagreement_of_gamma_experts_matches_quadrature():
+    shapes, rates = [2.0, 5.0], [1.0, 0.5]
+    result = op.disagreement(Gamma(torch.tensor(shapes, dtype=torch.float64), torch.tensor(rates, dtype=torch.float64)))
+    p, q = (scipy.stats.gamma(a, scale=1 / b) for a, b in zip(shapes, rates))
+    bc = scipy.integrate.quad(lambda x: math.sqrt(p.pdf(x) * q.pdf(x)), 0, np.inf, epsabs=1e-13)[0]
+    assert float(result.bhattacharyya[0, 1]) == pytest.approx(bc, rel=1e-9)
+    assert float(result.pairwise_mass) == pytest.approx(2 * 0.25 * bc / (0.5 + 2 * 0.25 * bc), rel=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------- fit_weights
+def _misspecified_panel(n, seed):
+    generator = torch.Generator().manual_seed(seed)
+    loc = torch.randn(n, generator=generator, dtype=torch.float64)
+    y = loc + torch.randn(n, generator=generator, dtype=torch.float64)
+    locs = torch.stack((loc, loc + 2.0, loc - 1.5), -1)
+    scales = torch.tensor([1.0, 1.0, 3.0], dtype=torch.float64).expand(n, 3)
+    return locs, scales, y
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.0])
+def test_fit_weights_finds_the_data_generating_expert(alpha):
+    locs, scales, y = _misspecified_panel(400, 5)
+    result = op.fit_weights(Normal(locs, scales), y, alpha=alpha)
+    assert float(result.weights[0]) > 0.9 and float(result.weights.sum()) == pytest.approx(1.0)
+    single = scipy.stats.norm.logpdf(y.numpy()[:, None], locs.numpy(), scales.numpy()).mean(0)
+    assert result.log_score >= single.max() - 1e-6
+    if alpha == 1.0:  # the linear pool's log score by hand from the fitted weights, and its standard error
+        scores = scipy.special.logsumexp(scipy.stats.norm.logpdf(y.numpy()[:, None], locs.numpy(), scales.numpy()),
+                                         b=result.weights.numpy(), axis=-1)
+        assert result.log_score == pytest.approx(scores.mean(), rel=1e-10)
+        assert result.standard_error == pytest.approx(scores.std(ddof=1) / math.sqrt(len(scores)), rel=1e-8)
+
+
+def test_fit_weights_prefers_the_mixture_when_the_truth_is_one():
+    """Data from a 50/50 mixture of two experts: the linear pool's weights are near (1/2, 1/2), and the pool scores
+    above each single expert by more than its standard error."""
+    generator = torch.Generator().manual_seed(1)
+    n = 600
+    pick = torch.rand(n, generator=generator) < 0.5
+    y = torch.where(pick, -2.0, 2.0).to(torch.float64) + 0.5 * torch.randn(n, generator=generator, dtype=torch.float64)
+    experts = Normal(torch.tensor([-2.0, 2.0], dtype=torch.float64).expand(n, 2),
+                     torch.tensor([0.5, 0.5], dtype=torch.float64).expand(n, 2))
+    result = op.fit_weights(experts, y, alpha=1.0)
+    assert abs(float(result.weights[0]) - 0.5) < 4 * 0.5 / math.sqrt(n)
+    single = scipy.stats.norm.logpdf(y.numpy()[:, None], [-2.0, 2.0], 0.5).mean(0)
+    assert result.log_score > single.max() + result.standard_error
+
+
+def test_fit_weights_learns_alpha_within_its_bounds_and_improves_the_score():
+    locs, scales, y = _misspecified_panel(30, 2)
+    start = op.holder(Normal(locs, scales), 0.5).log_prob(y).mean()
+    result = op.fit_weights(Normal(locs, scales), y, alpha=0.5, learn_alpha=True, alpha_bounds=(-2.0, 3.0), max_iter=3)
+    assert -2.0 < result.alpha < 3.0 and isinstance(result.pool, op.NumericalHolderPool)
+    assert result.log_score > float(start)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def test_bad_input_errors_name_the_argument_and_value():
+    experts = _normal_experts()
+    pool = op.holder(experts, 0.5)
+    with pytest.raises(TypeError, match="forecast must be a torch.distributions.Distribution.*list"):
+        op.crps([1.0], torch.zeros(2))
+    with pytest.raises(ValueError, match=r"observations must be finite, got \[nan\]"):
+        op.crps(pool, torch.tensor([0.0, math.nan]))
+    with pytest.raises(ValueError, match=r"observations of shape \(3,\) do not broadcast.*\(2,\)"):
+        op.pit(pool, torch.zeros(3))
+    with pytest.raises(TypeError, match="observations must be a tensor of real numbers, got str"):
+        op.pit(pool, "1.0")
+    with pytest.raises(ValueError, match="forecast must be a continuous distribution.*Poisson"):
+        op.crps(Poisson(torch.tensor([1.0])), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match=r"levels must be probabilities in \(0, 1\), got 1.5"):
+        op.coverage(pool, torch.zeros(2), levels=(0.5, 1.5))
+    with pytest.raises(ValueError, match=r"alpha must lie inside alpha_bounds=\(-1.0, 1.0\).*alpha=2.0"):
+        op.fit_weights(experts, torch.zeros(2), alpha=2.0, learn_alpha=True, alpha_bounds=(-1.0, 1.0))
+    with pytest.raises(ValueError, match=r"alpha_bounds must be two finite numbers.*\(1.0, 0.0\)"):
+        op.fit_weights(experts, torch.zeros(2), alpha_bounds=(1.0, 0.0))
+    with pytest.raises(ValueError, match="max_iter must be a positive integer, got 0"):
+        op.fit_weights(experts, torch.zeros(2), max_iter=0)
+    with pytest.raises(ValueError, match="alpha must be a real number"):
+        op.fit_weights(experts, torch.zeros(2), alpha=math.nan)
