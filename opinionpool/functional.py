@@ -402,7 +402,9 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
     if subsets is None:
         subsets = all_subsets(m, device=mu.device, max_subsets=max_subsets)
     subsets = torch.as_tensor(subsets, device=mu.device)
-    if subsets.dtype != torch.bool or subsets.dim() != 2 or subsets.shape[1] != m or not bool(subsets.any(-1).all()):
+    # reading the subsets' values (are they non-empty?) is validation: skipped with it, so that the rest traces
+    if subsets.dtype != torch.bool or subsets.dim() != 2 or subsets.shape[1] != m or \
+            (validate and not bool(subsets.any(-1).all())):
         raise ValueError(f"subsets must be a boolean (K, {m}) tensor of non-empty subsets, got {subsets.dtype} "
                          f"of shape {tuple(subsets.shape)}")
     _check_subset_count(f"subsets of shape {tuple(subsets.shape)}", subsets.shape[0], max_subsets)
@@ -427,7 +429,8 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
         first = torch.zeros(m, dtype=torch.bool, device=mu.device)
         first[0] = True
     else:
-        first = torch.nn.functional.one_hot(positive.to(torch.uint8).argmax(-1), m).to(torch.bool)
+        # not one_hot, which reads the indices to check their range (no vmap, no fullgraph compile)
+        first = positive.to(torch.uint8).argmax(-1, keepdim=True) == torch.arange(m, device=mu.device)
     member = torch.where(empty.unsqueeze(-1), first, member)
     shared = _shared_kind(aggregator, kwargs)
     if shared is None:
