@@ -376,7 +376,8 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
 
     ``aggregator`` is a function of this module returning ``(mu, logvar)`` (``poe``, ``hellinger``, ``holder``,
     ``wasserstein_barycenter``), called once on all subsets at once. ``subsets`` is a boolean ``(K, M)``
-    tensor (default: all non-empty subsets). With a per-sample ``mask`` a subset keeps only its present
+    tensor (default: all non-empty subsets; that none is empty is checked with the other arguments' values, when
+    validating). With a per-sample ``mask`` a subset keeps only its present
     experts, and subsets with none present get mixture weight zero. ``prior_on_full_subset=True`` adds a
     standard-normal expert to the subset of all experts only, as the MoPoE code does (``prior_expert=True`` is
     passed on to ``aggregator`` and adds it to every subset). ``weights`` (in ``kwargs``) must give every subset a
