@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from functools import lru_cache
 
 import torch
 
@@ -32,16 +31,11 @@ __all__ = ["hellinger_moments", "pair_components", "pair_indices"]
 _LOG2 = math.log(2.0)
 
 
-@lru_cache(maxsize=64)
-def _pair_indices_cpu(num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    i, j = torch.triu_indices(num_experts, num_experts, 1)
-    return i, j
-
-
 def pair_indices(num_experts: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pairs ``i < j`` of ``num_experts`` experts as two index tensors, row by row."""
-    i, j = _pair_indices_cpu(num_experts)
-    return i.to(device), j.to(device)
+    """The pairs ``i < j`` of ``num_experts`` experts as two index tensors, row by row. Made afresh at each call: a
+    cached tensor made inside a ``torch.func`` transform would outlive the transform's level."""
+    i, j = torch.triu_indices(num_experts, num_experts, 1, device=device)
+    return i, j
 
 
 def _pairs(x, logvar, i, j):
@@ -146,11 +140,17 @@ class _PairComponents(torch.autograd.Function):
     """``(-log S, loc, logvar)`` of the pairs ``i < j`` of experts given as offsets ``x`` and ``logvar``
     ``(..., M, D)``: ``(..., P)``, ``(..., P, D)``, ``(..., P, D)``; saves only its inputs."""
 
+    # forward and backward are plain batched tensor code: torch.func.vmap runs them on its batched tensors
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, logvar):
+    def forward(x, logvar):
         i, j = pair_indices(x.shape[-2], x.device)
-        ctx.save_for_backward(x, logvar)
         return _pairs(x, logvar, i, j)[:3]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -200,17 +200,26 @@ def _run(name, fn, fused, *args):
 
 
 class _HellingerMoments(torch.autograd.Function):
+    """``(mean, logvar, offset, pi)``: the pool's moments and, for the backward pass only (not differentiable),
+    the mean's offset from the reference expert and the mixture weights."""
+
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, mu, logvar, log_w, fused):
+    def forward(mu, logvar, log_w, fused):
         i, j = pair_indices(mu.shape[-2], mu.device)
-        mean, logvar_out, offset, pi = _run("forward", _forward, fused, mu, logvar, log_w, i, j)
+        return _run("forward", _forward, fused, mu, logvar, log_w, i, j)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        mu, logvar, log_w, ctx.fused = inputs
+        _, logvar_out, offset, pi = output
+        ctx.mark_non_differentiable(offset, pi)
         ctx.save_for_backward(mu, logvar, log_w, offset, logvar_out, pi)
-        ctx.fused = fused
-        return mean, logvar_out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_mean, grad_logvar):
+    def backward(ctx, grad_mean, grad_logvar, _grad_offset, _grad_pi):
         mu, logvar, log_w, offset, logvar_out, pi = ctx.saved_tensors
         i, j = pair_indices(mu.shape[-2], mu.device)
         grads = _run("backward", _backward, ctx.fused, mu, logvar, log_w, offset, logvar_out, pi,
@@ -225,4 +234,4 @@ def hellinger_moments(mu: torch.Tensor, logvar: torch.Tensor, log_weights: torch
     mu = mu.expand(batch + mu.shape[-2:])
     logvar = logvar.expand(batch + logvar.shape[-2:])
     log_weights = log_weights.expand(batch + log_weights.shape[-1:])
-    return _HellingerMoments.apply(mu, logvar, log_weights, bool(fused))
+    return _HellingerMoments.apply(mu, logvar, log_weights, bool(fused))[:2]

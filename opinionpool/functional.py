@@ -376,7 +376,8 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
 
     ``aggregator`` is a function of this module returning ``(mu, logvar)`` (``poe``, ``hellinger``, ``holder``,
     ``wasserstein_barycenter``), called once on all subsets at once. ``subsets`` is a boolean ``(K, M)``
-    tensor (default: all non-empty subsets). With a per-sample ``mask`` a subset keeps only its present
+    tensor (default: all non-empty subsets; that none is empty is checked with the other arguments' values, when
+    validating). With a per-sample ``mask`` a subset keeps only its present
     experts, and subsets with none present get mixture weight zero. ``prior_on_full_subset=True`` adds a
     standard-normal expert to the subset of all experts only, as the MoPoE code does (``prior_expert=True`` is
     passed on to ``aggregator`` and adds it to every subset). ``weights`` (in ``kwargs``) must give every subset a
@@ -402,7 +403,9 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
     if subsets is None:
         subsets = all_subsets(m, device=mu.device, max_subsets=max_subsets)
     subsets = torch.as_tensor(subsets, device=mu.device)
-    if subsets.dtype != torch.bool or subsets.dim() != 2 or subsets.shape[1] != m or not bool(subsets.any(-1).all()):
+    # reading the subsets' values (are they non-empty?) is validation: skipped with it, so that the rest traces
+    if subsets.dtype != torch.bool or subsets.dim() != 2 or subsets.shape[1] != m or \
+            (validate and not bool(subsets.any(-1).all())):
         raise ValueError(f"subsets must be a boolean (K, {m}) tensor of non-empty subsets, got {subsets.dtype} "
                          f"of shape {tuple(subsets.shape)}")
     _check_subset_count(f"subsets of shape {tuple(subsets.shape)}", subsets.shape[0], max_subsets)
@@ -427,7 +430,8 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
         first = torch.zeros(m, dtype=torch.bool, device=mu.device)
         first[0] = True
     else:
-        first = torch.nn.functional.one_hot(positive.to(torch.uint8).argmax(-1), m).to(torch.bool)
+        # not one_hot, which reads the indices to check their range (no vmap, no fullgraph compile)
+        first = positive.to(torch.uint8).argmax(-1, keepdim=True) == torch.arange(m, device=mu.device)
     member = torch.where(empty.unsqueeze(-1), first, member)
     shared = _shared_kind(aggregator, kwargs)
     if shared is None:

@@ -102,7 +102,8 @@ def log_num_components(order: int, num_experts: int) -> float:
     """``log binom(order + M - 1, M - 1)`` in floating point, without forming the integer (``alpha = 1e-12``
     gives ``order = 10**12``, a subnormal alpha ``order = 2**1074``)."""
     k = min(order, num_experts - 1)
-    return math.fsum(math.log(order + num_experts - 1 - i) for i in range(k)) - math.lgamma(k + 1)
+    # a list, not a generator: torch.compile traces a list of constants through math.fsum, not a generator
+    return math.fsum([math.log(order + num_experts - 1 - i) for i in range(k)]) - math.lgamma(k + 1)
 
 
 def within_max_components(order: int, num_experts: int, max_components: int) -> bool:
@@ -197,13 +198,23 @@ def geometric_combination(experts: Experts, log_weights: torch.Tensor):
     return combined.squeeze(len(batch)), log_c.squeeze(-1)
 
 
+@lru_cache(maxsize=128)
+def _layout_rows(order: int, num_experts: int) -> tuple[tuple[int, ...], int]:
+    """The rows of ``_compositions`` with the single-expert ones first (each in its original order), and their
+    number: found in Python, so that no tensor is read (``nonzero``, ``int``) where ``torch.compile`` traces."""
+    counts = _compositions(order, num_experts)[1]
+    single = [row for row, count in enumerate(counts) if count[0] == order]
+    return tuple(single + [row for row, count in enumerate(counts) if count[0] != order]), len(single)
+
+
 def _components_layout(order: int, num_experts: int, device=None, dtype=None):
     """``compositions`` in the order of the exact pool's components: the single-expert ones (each expert itself,
     Chernoff coefficient 1, in expert order) first, then those that combine experts; and the number of the first."""
-    index, counts, log_multinomial = compositions(order, num_experts, device=device, dtype=dtype)
-    single = counts[:, 0] == order
-    order_rows = torch.cat((single.nonzero().squeeze(-1), (~single).nonzero().squeeze(-1)))
-    return index[order_rows], counts[order_rows], log_multinomial[order_rows], int(single.sum())
+    indices, counts, log_multinomial = _compositions(order, num_experts)
+    rows, num_single = _layout_rows(order, num_experts)
+    return (torch.tensor([indices[row] for row in rows], dtype=torch.long, device=device),
+            torch.tensor([counts[row] for row in rows], dtype=torch.long, device=device),
+            torch.tensor([log_multinomial[row] for row in rows], dtype=dtype, device=device), num_single)
 
 
 def component_counts(order: int, num_experts: int, device=None) -> torch.Tensor:
