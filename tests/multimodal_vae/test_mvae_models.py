@@ -228,14 +228,21 @@ def test_mmvae_iwae_bound_is_above_the_elbo_on_the_same_draws():
     assert torch.allclose(iwae.double(), expected, rtol=1e-5)
 
 
-def test_dreg_has_the_iwae_decoder_gradient_and_its_own_encoder_gradient():
-    x, present = batch().double(), present_with_gaps()  # float64: the identity is exact up to rounding
+def gradients_by_estimator(name, num_samples):
+    """``{estimator: {parameter: gradient}}`` of the IWAE and DReG losses on the same draws, in float64 (where the
+    decoder-gradient identity holds up to rounding)."""
+    x, present = batch().double(), present_with_gaps()
     grads = {}
     for estimator in ("iwae", "dreg"):
-        model = make("mmvae", num_samples=5, estimator=estimator).double()
+        model = make(name, num_samples=num_samples, estimator=estimator).double()
         torch.manual_seed(3)
         model(x, present)["loss"].backward()
-        grads[estimator] = {name: p.grad.clone() for name, p in model.named_parameters()}
+        grads[estimator] = {parameter: p.grad.clone() for parameter, p in model.named_parameters()}
+    return grads
+
+
+def test_dreg_has_the_iwae_decoder_gradient_and_its_own_encoder_gradient():
+    grads = gradients_by_estimator("mmvae", 5)
     for name in grads["iwae"]:
         assert torch.isfinite(grads["dreg"][name]).all(), name
         if name.startswith("decoders."):  # sum_k w_k grad log p(X|z_k) in both estimators
@@ -361,13 +368,7 @@ def mu_shape(model, x):
 
 
 def test_mmvae_plus_dreg_has_the_iwae_decoder_gradient():
-    x, present = batch().double(), present_with_gaps()
-    grads = {}
-    for estimator in ("iwae", "dreg"):
-        model = make("mmvaeplus", num_samples=4, estimator=estimator).double()
-        torch.manual_seed(3)
-        model(x, present)["loss"].backward()
-        grads[estimator] = {name: p.grad.clone() for name, p in model.named_parameters()}
+    grads = gradients_by_estimator("mmvaeplus", 4)
     for name in grads["iwae"]:
         assert torch.isfinite(grads["dreg"][name]).all(), name
         if name.startswith("decoders.") or name == "auxiliary_logscale":
