@@ -3,7 +3,8 @@
     python -m applications.multimodal_vae train --preset polymnist-helvae [--set key=value ...] [--resume]
     torchrun --nproc_per_node N -m applications.multimodal_vae train ...   (distributed data parallel)
     python -m applications.multimodal_vae evaluate --run runs/NAME [--set eval.key=value ...]
-    python -m applications.multimodal_vae sweep --preset polymnist-cpu [--set key=value ...]
+    python -m applications.multimodal_vae sweep --preset polymnist-cpu [--set key=value ...] [--train-only]
+        [--stop-after MINUTES] [--summarise-only]     (several at once share the grid: one run each at a time)
     python -m applications.multimodal_vae presets
     python -m applications.multimodal_vae build-polymnist [--root data/polymnist] [--seed 0]
 
@@ -37,6 +38,14 @@ def main(argv=None) -> int:
     sweep.add_argument("--preset", required=True, help="a sweep preset (sweeps/*.yaml)")
     sweep.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                        help="override sweep keys, e.g. --set seeds=[0] betas=[2.5]")
+    sweep.add_argument("--train-only", action="store_true", help="train the runs, do not evaluate them (yet)")
+    sweep.add_argument("--stop-after", type=float, metavar="MINUTES",
+                       help="start no new run after MINUTES (the run under way completes); rerun to continue")
+    sweep.add_argument("--summarise-only", action="store_true",
+                       help="only write the summary of the runs finished so far")
+    sweep.add_argument("--workers", type=int, default=1,
+                       help="run the grid with this many processes at once (their logs: worker-N.log in the sweep "
+                            "folder); give each one thread per core, e.g. --set 'overrides=[train.num_threads=1]'")
     commands.add_parser("presets", help="list the run and sweep presets")
     build = commands.add_parser("build-polymnist", help="build the offline PolyMNIST")
     build.add_argument("--root", default="data/polymnist")
@@ -52,12 +61,26 @@ def main(argv=None) -> int:
         from .sweep import load_sweep, run_sweep
         from .train import TrainingInterrupted
 
+        if args.stop_after is not None and not args.stop_after > 0:
+            parser.error(f"--stop-after must be a positive number of minutes, got {args.stop_after}")
+        if args.workers < 1:
+            parser.error(f"--workers must be a positive integer, got {args.workers}")
         try:
             sweep_config = load_sweep(args.preset, args.overrides)
         except ValueError as error:
             parser.error(str(error))
+        if args.workers > 1 and not args.summarise_only:
+            from .sweep import run_workers
+
+            flags = ["--train-only"] * args.train_only + (["--stop-after", str(args.stop_after)]
+                                                          if args.stop_after is not None else [])
+            return run_workers(sweep_config, args.workers, ["--preset", args.preset, "--set", *args.overrides,
+                                                            *flags] if args.overrides else
+                               ["--preset", args.preset, *flags], train_only=args.train_only)
         try:
-            print(f"sweep written to {run_sweep(sweep_config)}")
+            folder = run_sweep(sweep_config, train_only=args.train_only, stop_after_minutes=args.stop_after,
+                               summarise_only=args.summarise_only)
+            print(f"sweep written to {folder}")
         except TrainingInterrupted as stop:
             return _stopped(stop)
         return 0

@@ -66,6 +66,8 @@ class TrainConfig:
     max_steps: int | None = None
     max_minutes: float | None = None
     checkpoint_every: int = 1
+    #: also log the pooling diagnostics (pooling.csv) every N steps, not only at checkpoints (None: only there)
+    diagnostics_every: int | None = None
     num_threads: int | None = None
     #: "fp32", or "bf16" for autocast of the networks (aggregation, KL and likelihoods stay in float32)
     precision: str = "fp32"
@@ -157,6 +159,7 @@ RANGES = {
     "train.max_steps": (1, math.inf, (), True),
     "train.max_minutes": (0.0, math.inf, ("low",), True),
     "train.checkpoint_every": (1, math.inf, (), False),
+    "train.diagnostics_every": (1, math.inf, (), True),
     "train.num_threads": (1, math.inf, (), True),
     "eval.test_examples": (1, math.inf, (), True),
     "eval.unconditional_samples": (1, math.inf, (), False),

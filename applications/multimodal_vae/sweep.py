@@ -13,10 +13,14 @@ on).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
+import socket
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import PRESETS, load_config
+from .data import load_dataset
 from .evaluation import evaluate_run
 from .files import atomic_write, write_text
 from .train import load_checkpoint, load_run, train
@@ -46,6 +51,9 @@ def _optional(section: str, read):
 METRICS = {
     "coherence": _optional("coherence", lambda c: c["overall"]),
     "cross_coherence": _optional("cross_coherence", lambda c: c["cross_modal"]),
+    # one input, its own modality reconstructed: the diagonal of the one-input matrix
+    "self_coherence": _optional("cross_coherence",
+                                lambda c: statistics.mean(row[i] for i, row in enumerate(c["matrix"]))),
     "unconditional_coherence": _optional("unconditional_coherence", lambda u: u),
     "log_likelihood": lambda metrics: metrics["log_likelihood"]["joint"],
     "conditional_log_likelihood": lambda metrics: metrics["log_likelihood"]["given_one_modality"],
@@ -86,6 +94,11 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     #: seeds for one label only, instead of ``seeds`` (fewer for the slow models)
     model_seeds: dict[str, list[int]] = field(default_factory=dict)
+    #: betas for one label only, instead of ``betas`` (e.g. one beta for the alpha study's variants)
+    model_betas: dict[str, list[float]] = field(default_factory=dict)
+    #: run the grid seed by seed (every label's first seed, then every label's second, ...) instead of label by
+    #: label, so that a sweep stopped half way has every model once rather than some models three times
+    breadth_first: bool = False
     output_dir: str = "runs"
 
 
@@ -94,7 +107,9 @@ def available_sweeps() -> list[str]:
 
 
 def load_sweep(preset: str, overrides=()) -> SweepConfig:
-    file = SWEEPS / f"{preset}.yaml"
+    """The sweep preset ``preset`` (a name in ``SWEEPS``, or the path of a YAML file of the same keys) with the
+    ``key=value`` overrides, checked: every run's configuration is valid before anything trains."""
+    file = Path(preset) if preset.endswith((".yaml", ".yml")) else SWEEPS / f"{preset}.yaml"
     if not file.is_file():
         raise ValueError(f"unknown sweep preset {preset!r}; available: {', '.join(available_sweeps())}")
     try:
@@ -107,22 +122,28 @@ def load_sweep(preset: str, overrides=()) -> SweepConfig:
             raise ValueError(f"sweep {key} must not be empty")
     if len(set(sweep.models)) != len(sweep.models):
         raise ValueError(f"sweep models must not repeat a label, got {sweep.models}")
-    for key in ("model_overrides", "model_seeds"):
+    for key in ("model_overrides", "model_seeds", "model_betas"):
         unknown = sorted(set(getattr(sweep, key)) - set(sweep.models))
         if unknown:
             raise ValueError(f"sweep {key} name models not in the sweep: {unknown}")
-    empty = sorted(label for label, seeds in sweep.model_seeds.items() if not seeds)
-    if empty:
-        raise ValueError(f"sweep model_seeds must not be empty, got none for {empty}")
+    for key in ("model_seeds", "model_betas"):
+        empty = sorted(label for label, values in getattr(sweep, key).items() if not values)
+        if empty:
+            raise ValueError(f"sweep {key} must not be empty, got none for {empty}")
     for model, beta, seed in grid(sweep):  # every run's configuration is valid before anything trains
         run_config(sweep, model, beta, seed)
     return sweep
 
 
 def grid(sweep: SweepConfig):
-    """``(label, beta, seed)`` of every run, label by label."""
-    return [(model, beta, seed) for model in sweep.models for beta in sweep.betas
+    """``(label, beta, seed)`` of every run: label by label, or (``breadth_first``) by the rank of the seed in the
+    label's seeds first."""
+    runs = [(model, beta, seed) for model in sweep.models for beta in sweep.model_betas.get(model, sweep.betas)
             for seed in sweep.model_seeds.get(model, sweep.seeds)]
+    if sweep.breadth_first:
+        rank = {(model, seed): sweep.model_seeds.get(model, sweep.seeds).index(seed) for model, _, seed in runs}
+        runs.sort(key=lambda run: rank[run[0], run[2]])  # stable: labels and betas keep their order within a rank
+    return runs
 
 
 def run_config(sweep: SweepConfig, model: str, beta: float, seed: int):
@@ -135,26 +156,139 @@ def run_config(sweep: SweepConfig, model: str, beta: float, seed: int):
                                     "train.evaluate_at_end=false"])
 
 
-def run_sweep(sweep: SweepConfig, show_progress: bool = True) -> Path:
-    """Train and evaluate every run of the grid that is not finished; write the summary. Returns its folder."""
+def run_sweep(sweep: SweepConfig, show_progress: bool = True, *, train_only: bool = False,
+              stop_after_minutes: float | None = None, summarise_only: bool = False) -> Path:
+    """Train and evaluate every run of the grid that is neither finished nor claimed by another process; then
+    write the summary of the runs finished so far (``results.csv``, ``report.md``, the figures). Returns its folder.
+
+    Several processes may run the same sweep at once (say one per core, each with ``train.num_threads=1``): a
+    process claims a run with a lock file beside it (``{run}.lock``, created exclusively, holding its process id)
+    and skips the runs others hold; the lock of a process that died is taken over. ``train_only`` trains without
+    evaluating (a later sweep evaluates); ``stop_after_minutes`` starts no new run after that many minutes (the run
+    under way completes); ``summarise_only`` only writes the summary."""
     from tqdm import tqdm
 
-
     folder = Path(sweep.output_dir) / sweep.name
-    rows = []
-    for model, beta, seed in tqdm(grid(sweep), desc=f"sweep {sweep.name}", unit="run", disable=not show_progress):
+    folder.mkdir(parents=True, exist_ok=True)
+    deadline = None if stop_after_minutes is None else time.monotonic() + 60 * stop_after_minutes
+    runs = [] if summarise_only else grid(sweep)
+    for model, beta, seed in tqdm(runs, desc=f"sweep {sweep.name}", unit="run", disable=not show_progress):
         config = run_config(sweep, model, beta, seed)
         run_dir = folder / config.name
-        if not all((run_dir / name).exists() for name in RUN_OUTPUTS):
-            checkpoint = run_dir / "checkpoint.pt"
-            finished = checkpoint.exists() and load_checkpoint(checkpoint).get("finished", False)
-            if not finished:
-                train(config, resume=checkpoint.exists(), show_progress=show_progress)
-            _, trained = load_run(run_dir)
-            evaluate_run(run_dir, config, trained, progress=tqdm if show_progress else None)
-        rows.append(result_row(run_dir, model, beta, seed))
-    write_results(folder, rows)
+        if _finished(run_dir) or (train_only and _trained(run_dir)):
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"sweep {sweep.name}: {stop_after_minutes:g} minutes passed; starting no new run")
+            break
+        with _claim(folder / f"{config.name}.lock") as claimed:
+            if not claimed:  # another process is on it
+                continue
+            if not _trained(run_dir):
+                train(config, resume=(run_dir / "checkpoint.pt").exists(), show_progress=show_progress)
+            if not train_only:
+                _, trained = load_run(run_dir)
+                evaluate_run(run_dir, config, trained, progress=tqdm if show_progress else None)
+    rows, missing = [], []
+    for model, beta, seed in grid(sweep):
+        run_dir = folder / run_config(sweep, model, beta, seed).name
+        if _finished(run_dir):
+            rows.append(result_row(run_dir, model, beta, seed))
+        else:
+            missing.append(run_dir.name)
+    write_results(folder, rows, missing)
     return folder
+
+
+def run_workers(sweep: SweepConfig, workers: int, arguments: list[str], train_only: bool = False) -> int:
+    """Run ``workers`` processes of ``python -m applications.multimodal_vae sweep *arguments`` on the same grid
+    (they share it through the runs' locks; each writes ``worker-N.log`` in the sweep folder), show the runs done,
+    then write the summary. Returns 0, or the first non-zero exit status of a worker (SIGINT or SIGTERM reaches
+    every worker: each saves its run's checkpoint and stops)."""
+    import signal
+    import subprocess
+    import sys
+
+    from tqdm import tqdm
+
+    folder = Path(sweep.output_dir) / sweep.name
+    folder.mkdir(parents=True, exist_ok=True)
+    load_dataset(run_config(sweep, *grid(sweep)[0]))  # builds the offline PolyMNIST once, not in every worker
+    command = [sys.executable, "-m", "applications.multimodal_vae", "sweep", *arguments]
+    logs = [open(folder / f"worker-{n}.log", "a") for n in range(workers)]
+    processes = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT) for log in logs]
+    print(f"{workers} workers on sweep {sweep.name}; their logs: {folder}/worker-*.log")
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: [p.send_signal(signum) for p in processes])
+    done = _trained if train_only else _finished
+    runs = [folder / run_config(sweep, *run).name for run in grid(sweep)]
+    try:
+        with tqdm(total=len(runs), desc=f"sweep {sweep.name}", unit="run") as bar:
+            while any(p.poll() is None for p in processes):
+                time.sleep(5)
+                bar.update(sum(map(done, runs)) - bar.n)
+    except KeyboardInterrupt:  # the workers got the SIGINT too: they checkpoint and stop
+        pass
+    finally:
+        statuses = [p.wait() for p in processes]
+        signal.signal(signal.SIGTERM, previous)
+        for log in logs:
+            log.close()
+    failed = [(n, status) for n, status in enumerate(statuses) if status]
+    if failed:
+        print("; ".join(f"worker {n} exited with status {status} (see {folder}/worker-{n}.log)"
+                        for n, status in failed), file=sys.stderr)
+        return failed[0][1]
+    print(f"sweep written to {run_sweep(sweep, summarise_only=True)}")
+    return 0
+
+
+def _finished(run_dir: Path) -> bool:
+    return all((run_dir / name).exists() for name in RUN_OUTPUTS)
+
+
+def _trained(run_dir: Path) -> bool:
+    checkpoint = run_dir / "checkpoint.pt"
+    return checkpoint.exists() and load_checkpoint(checkpoint).get("finished", False)
+
+
+@contextlib.contextmanager
+def _claim(lock: Path):
+    """Yields whether this process holds ``lock`` (created exclusively; removed on exit). A lock left by a process
+    of this machine that no longer runs is taken over."""
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _holder_alive(lock):
+                yield False
+                return
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(handle, "w") as file:
+            file.write(f"{os.getpid()} {socket.gethostname()}\n")
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    yield False
+
+
+def _holder_alive(lock: Path) -> bool:
+    """Whether the process named in ``lock`` may still run (always, for another machine's or an unreadable lock
+    that is being written)."""
+    try:
+        pid, host = lock.read_text().split()
+    except (OSError, ValueError):
+        return True
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def result_row(run_dir: Path, model: str, beta: float, seed: int) -> dict:
@@ -200,7 +334,9 @@ def pareto_front(points: list[tuple[float, float]], maximise_y: bool) -> list[in
     return sorted(front, key=lambda i: points[i][0])
 
 
-def write_results(folder: Path, rows: list[dict]) -> None:
+def write_results(folder: Path, rows: list[dict], missing=()) -> None:
+    """``results.csv``, the figures and ``report.md`` of the finished runs ``rows``; ``missing`` names the runs of
+    the grid not finished yet (the report lists them)."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=FIELDS)
     writer.writeheader()
@@ -208,7 +344,7 @@ def write_results(folder: Path, rows: list[dict]) -> None:
     write_text(folder / "results.csv", out.getvalue())
     summary = aggregate(rows)
     figures = plot(folder, summary)
-    write_text(folder / "report.md", render(summary, figures, folder))
+    write_text(folder / "report.md", render(summary, figures, folder, missing))
 
 
 def _save(figure, path: Path) -> None:
@@ -297,8 +433,9 @@ def _cell(value) -> str:
     return "–" if mean != mean else f"{mean:.3f} ± {std:.3f}" if abs(mean) < 10 else f"{mean:.1f} ± {std:.1f}"
 
 
-def render(summary: dict, figures: list[str], folder: Path) -> str:
+def render(summary: dict, figures: list[str], folder: Path, missing=()) -> str:
     columns = [("coherence", "coherence (all subsets)"), ("cross_coherence", "one input"),
+               ("self_coherence", "self (one input)"),
                ("unconditional_coherence", "unconditional"), ("log_likelihood", "log p(X)"),
                ("conditional_log_likelihood", "log p(X_rest \\| x_m)"), ("probe_all", "probe (all)"),
                ("probe_private", "probe (private w)"),
@@ -307,6 +444,9 @@ def render(summary: dict, figures: list[str], folder: Path) -> str:
              "`applications/multimodal_vae/evaluation/` (see each run's report.md for its protocol).", "",
              "| model | β | seeds | " + " | ".join(c for _, c in columns) + " |",
              "|---" * (len(columns) + 3) + "|"]
+    if missing:
+        lines[2:2] = [f"**Partial**: {len(missing)} run(s) of the grid not finished yet (rerun the sweep to continue): "
+                      + ", ".join(missing) + ".", ""]
     for key in sorted(summary):
         entry = summary[key]
         lines.append(f"| {key[0]} | {key[1]:g} | {entry['seeds']} | "

@@ -51,7 +51,7 @@ from .networks import make_networks
 METRIC_FIELDS = ("epoch", "step", "loss", "reconstruction", "kl", "seconds")
 SCALARS = ("loss", "reconstruction", "kl")
 #: pooling diagnostics at every checkpoint (see ``evaluation.pooling_diagnostics``)
-POOLING_FIELDS = ("epoch", "step", "mean_log_bhattacharyya", "pairwise_mass")
+POOLING_FIELDS = ("epoch", "step", "mean_log_bhattacharyya", "pairwise_mass", "own_cross_mass")
 #: the files ``train`` writes in a run folder (and ``evaluate`` beside them), whose orphaned temporaries it removes
 RUN_FILES = ("checkpoint.pt", "config.yaml", "metrics.csv", "pooling.csv", "samples.png", "samples.txt",
              "metrics.json", "report.md")
@@ -335,6 +335,8 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, re
             seconds = time.perf_counter() - tic
             speed = batch * world / seconds  # samples per second, all replicas together
             run.log_step(epoch + 1, step, scalars, seconds, speed)
+            if config.train.diagnostics_every and step % config.train.diagnostics_every == 0:
+                run.log_pooling(model, epoch, step)
             bar.set_postfix(loss=f"{scalars[0]:.1f}", samples_per_s=f"{speed:.0f}")
             over_time, signum, bad_parameters = stops.agree(bad_parameters)
             if bad_parameters:
@@ -514,19 +516,30 @@ class RunWriter:
             # the logs first, the checkpoint last: a kill in between leaves rows past the checkpoint's step, which
             # a resumed run drops, never a checkpoint whose rows are missing
             _write_csv(self.run_dir / "metrics.csv", self.metrics, METRIC_FIELDS)
-            shown = self.data.gather(torch.arange(min(self.n, 500), device=device))
-            grid = sample_grid(model, shown, self.data.modalities, self.run_dir / "samples.png")
-            diagnostics = pooling_diagnostics(model, shown)
-            self.pooling.append({"epoch": epoch, "step": step, **{k: f"{v:.6g}" for k, v in diagnostics.items()}})
+            grid = sample_grid(model, self._shown(device), self.data.modalities, self.run_dir / "samples.png")
+            self.log_pooling(model, epoch, step)
             _write_csv(self.run_dir / "pooling.csv", self.pooling, POOLING_FIELDS)
             if self.board is not None and grid.numel():
                 self.board.add_image("samples", grid, step, dataformats="HWC")
             if self.board is not None:
-                for key, value in diagnostics.items():
-                    self.board.add_scalar(f"pooling/{key}", value, step)
                 self.board.flush()
             save_checked(self.checkpoint_path, state)
         self.saved_step = step
+
+    def _shown(self, device):
+        """The first (up to) 500 training tuples: what the samples and the pooling diagnostics show."""
+        return self.data.gather(torch.arange(min(self.n, 500), device=device))
+
+    def log_pooling(self, model: MultimodalVAE, epoch: int, step: int) -> None:
+        """The pooling diagnostics at ``step`` (in memory and TensorBoard; ``pooling.csv`` at the next ``save``),
+        once per step."""
+        if not self.writes or (self.pooling and int(self.pooling[-1]["step"]) == step):
+            return
+        diagnostics = pooling_diagnostics(model, self._shown(model.device))
+        self.pooling.append({"epoch": epoch, "step": step, **{k: f"{v:.6g}" for k, v in diagnostics.items()}})
+        if self.board is not None:
+            for key, value in diagnostics.items():
+                self.board.add_scalar(f"pooling/{key}", value, step)
 
     def close(self) -> None:
         if self.board is not None:

@@ -62,7 +62,8 @@ def test_pareto_front_and_aggregation_by_hand():
     points = [(0.5, 100.0), (0.6, 120.0), (0.4, 90.0), (0.55, 130.0), (0.6, 110.0)]
     assert pareto_front(points, maximise_y=False) == [2, 0, 4]  # FID: lower is better
     assert pareto_front(points, maximise_y=True) == [3, 1]  # higher is better
-    base = {f: 0.0 for f in ("coherence", "cross_coherence", "unconditional_coherence", "log_likelihood",
+    base = {f: 0.0 for f in ("coherence", "cross_coherence", "self_coherence", "unconditional_coherence",
+                             "log_likelihood",
                              "conditional_log_likelihood", "probe_all", "probe_single", "probe_private",
                              "fid_unconditional", "kid_unconditional", "pairwise_mass", "seconds_per_batch")}
     rows = [{**base, "model": "a", "beta": 1.0, "seed": s, "coherence": c, "coherence_by_inputs": '{"1": %s}' % c,
@@ -153,7 +154,8 @@ def test_a_sweep_without_coherence_or_probe_is_summarised_with_empty_cells(tmp_p
     runs = [fake_run(tmp_path, 0, -123.4, -60.5, 0.7, 80.0, [9.0, 0.5, 0.25, 0.75]),
             fake_run(tmp_path, 1, -121.4, -58.5, 0.5, 84.0, [9.0, 1.0, 2.0])]
     rows = [result_row(run, "helvae", 1.0, seed) for seed, run in enumerate(runs)]
-    missing = ("coherence", "cross_coherence", "unconditional_coherence", "probe_all", "probe_single")
+    missing = ("coherence", "cross_coherence", "self_coherence", "unconditional_coherence", "probe_all",
+               "probe_single")
     assert all(rows[0][f] is None for f in missing)
     assert (rows[0]["log_likelihood"], rows[0]["conditional_log_likelihood"], rows[0]["pairwise_mass"],
             rows[0]["fid_unconditional"]) == (-123.4, -60.5, 0.7, 80.0)
@@ -172,8 +174,10 @@ def test_a_sweep_without_coherence_or_probe_is_summarised_with_empty_cells(tmp_p
     # mean and sample standard deviation over the two seeds, by hand: (-123.4, -121.4) -> -122.4 ± sqrt(2)
     assert cells["log p(X)"] == "-122.4 ± 1.4" and cells["log p(X_rest \\| x_m)"] == "-59.5 ± 1.4"
     assert cells["FID"] == "82.0 ± 2.8" and cells["pairwise mass"] == "0.600 ± 0.141"
-    assert all(cells[c] == "–" for c in ("coherence (all subsets)", "one input", "unconditional", "probe (all)"))
-    assert "Not computed by any run (–): coherence (all subsets), one input, unconditional, probe (all);" in report
+    assert all(cells[c] == "–" for c in ("coherence (all subsets)", "one input", "self (one input)", "unconditional",
+                                          "probe (all)"))
+    assert ("Not computed by any run (–): coherence (all subsets), one input, self (one input), unconditional, "
+            "probe (all);") in report
     # no coherence, so no coherence-vs-X figure; the metrics and the FID curve are drawn
     assert not list(tmp_path.glob("coherence_vs_*.png"))
     for figure in ("metrics_vs_beta.png", "synergy.png"):

@@ -17,16 +17,30 @@ __all__ = ["pooling_diagnostics", "training_notice", "training_status"]
 
 @torch.no_grad()
 def pooling_diagnostics(model, x) -> dict:
-    """Mean log Bhattacharyya coefficient between pairs of unimodal posteriors and the fraction of the Hellinger
-    pool's mass in its pairwise components, all modalities of the batch ``x`` (a model input) present."""
+    """How much the unimodal posteriors of the batch ``x`` (a model input, all modalities present) overlap:
+
+    * ``mean_log_bhattacharyya``: the mean log Bhattacharyya coefficient over pairs of experts;
+    * ``pairwise_mass``: the fraction of the Hellinger pool's (alpha = 1/2) mass in its pairwise components;
+    * ``own_cross_mass``: for a model pooling with its own exact ``alpha = 1/n``, 0 < alpha < 1 (the Hölder VAEs),
+      the fraction of that pool's mass in components combining two or more experts (NaN for other models).
+
+    A mass near 0 means the experts no longer overlap: the pool is then the mixture of the experts with weights
+    ``lambda_j^(1/alpha)`` (normalised), whatever ``alpha``."""
     m = model.num_modalities
     pairs = list(itertools.combinations(range(m), 2))
     with evaluating(model):
         mu, logvar = model.encode(x)
+    mu, logvar = mu.double(), logvar.double()
     log_bc = sum(opf.log_bhattacharyya(mu[i], logvar[i], mu[j], logvar[j]) for i, j in pairs) / len(pairs)
-    mixture = opf.holder_mixture(mu.double(), logvar.double(), 0.5, dim=0, validate_args=False)
-    pairwise = -torch.expm1(torch.logsumexp(mixture.log_weights[..., :m], -1))
-    return {"mean_log_bhattacharyya": float(log_bc.mean()), "pairwise_mass": float(pairwise.mean())}
+    return {"mean_log_bhattacharyya": float(log_bc.mean()), "pairwise_mass": _cross_mass(mu, logvar, 0.5),
+            "own_cross_mass": (_cross_mass(mu, logvar, model.alpha)
+                               if model.spec.exact_alpha and 0 < model.alpha < 1 else float("nan"))}
+
+
+def _cross_mass(mu, logvar, alpha) -> float:
+    """Mean over the batch of the exact Hölder pool's mass outside its single-expert components (its first M)."""
+    mixture = opf.holder_mixture(mu, logvar, alpha, dim=0, validate_args=False)
+    return float(-torch.expm1(torch.logsumexp(mixture.log_weights[..., :mu.shape[0]], -1)).mean())
 
 
 def training_status(run_dir) -> dict | None:

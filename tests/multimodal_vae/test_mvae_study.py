@@ -1,0 +1,187 @@
+"""The study's machinery: breadth-first grids, runs shared between processes through locks, training without
+evaluation, a time limit, partial summaries, the study preset, and the pooling diagnostics logged through
+training."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate
+
+from applications.multimodal_vae.__main__ import main
+from applications.multimodal_vae.evaluation.diagnostics import pooling_diagnostics
+from applications.multimodal_vae.sweep import SWEEPS, SweepConfig, grid, load_sweep, run_config, run_sweep
+
+pytestmark = pytest.mark.usefixtures("float32_default")
+
+
+def tiny(root, models=("helvae",), seeds=(0, 1), **fields):
+    overrides = [f"data.root={root / 'data'}", "data.build_offline=false", "data.num_modalities=3",
+                 "model.latent_dim=4", "model.architecture=conv", "train.batch_size=8", "train.epochs=1",
+                 "train.device=cpu", "train.tensorboard=false", "eval.probe_examples=10", "eval.likelihood_samples=2",
+                 "eval.unconditional_samples=20"]
+    return SweepConfig(name="tiny", base="polymnist-helvae", overrides=overrides, models=list(models), betas=[1.0],
+                       seeds=list(seeds), output_dir=str(root / "runs"), **fields)
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_breadth_first_grids_and_per_label_betas():
+    sweep = SweepConfig(models=["a", "b"], betas=[1.0, 2.5], seeds=[0, 1, 2], model_seeds={"b": [5]},
+                        model_betas={"b": [1.0]}, breadth_first=True)
+    assert grid(sweep) == [("a", 1.0, 0), ("a", 2.5, 0), ("b", 1.0, 5), ("a", 1.0, 1), ("a", 2.5, 1),
+                           ("a", 1.0, 2), ("a", 2.5, 2)]
+    sweep.breadth_first = False
+    assert grid(sweep)[:3] == [("a", 1.0, 0), ("a", 1.0, 1), ("a", 1.0, 2)] and grid(sweep)[-1] == ("b", 1.0, 5)
+
+
+def test_the_study_preset():
+    sweep = load_sweep("polymnist-cpu-study")
+    runs = grid(sweep)
+    labels = {label for label, _, _ in runs}
+    for model in ("helvae", "mohelvae", "mvae", "mmvae", "mopoe", "wbvae", "mwbvae", "mmvaeplus", "holder_stratified",
+                  "holderplus", "holderplusplus", "mmvm", "mmvm_holder"):
+        assert {(model, beta) for beta in (1.0, 2.5)} <= {(label, beta) for label, beta, _ in runs}
+    # the alpha study: moment-matched and exact mixture at alpha in {0, 1/4, 1/3, 1/2, 1}, 3 seeds, beta 1
+    studied = {}
+    for label in labels:
+        config = run_config(sweep, label, 1.0, 0).model
+        if config.name in ("holder", "holder_mixture", "helvae"):
+            studied.setdefault("holder_mixture" if config.name == "holder_mixture" else "holder", set()).add(
+                round(config.alpha, 6))
+    expected = {0.0, 0.25, round(1 / 3, 6), 0.5, 1.0}
+    assert studied["holder"] == expected and studied["holder_mixture"] | {0.0} == expected
+    assert all(sum(1 for r in runs if r[0] == label) == 3 for label in labels if label.startswith("holder"
+                                                                                                 ) and "-a" in label)
+    k4 = run_config(sweep, "mmvae-k4", 1.0, 0).model
+    assert (k4.name, k4.num_samples, k4.estimator) == ("mmvae", 4, "dreg")
+    # every run the same nets, latent size, batch, learning rate and steps
+    configs = [run_config(sweep, *run) for run in runs]
+    assert {(c.model.architecture, c.model.activation, c.model.latent_dim + c.model.private_dim, c.train.batch_size,
+             c.train.lr, c.train.max_steps) for c in configs} == {("conv", "leaky_relu", 32, 128, 2e-3, 1870)}
+    assert runs[0][2] == 0 and {label for label, _, seed in runs[:len(labels) * 2] if seed == 0} == labels
+
+
+def test_runs_are_shared_through_locks_and_summarised_when_partial(tiny_root):
+    sweep = tiny(tiny_root)
+    folder = tiny_root / "runs" / "tiny"
+    folder.mkdir(parents=True)
+    held = folder / "helvae-beta1.0-seed0.lock"
+    held.write_text(f"{os.getpid()} {os.uname().nodename}\n")  # a live process holds seed 0
+    run_sweep(sweep, show_progress=False)
+    assert not (folder / "helvae-beta1.0-seed0").exists() and (folder / "helvae-beta1.0-seed1" / "report.md").exists()
+    assert held.exists()
+    report = (folder / "report.md").read_text()
+    assert "**Partial**: 1 run(s) of the grid not finished yet" in report and "helvae-beta1.0-seed0" in report
+    with open(folder / "results.csv") as handle:
+        assert [row["seed"] for row in csv.DictReader(handle)] == ["1"]
+    held.write_text(f"{dead_pid()} {os.uname().nodename}\n")  # its process died: the lock is taken over
+    run_sweep(sweep, show_progress=False)
+    assert (folder / "helvae-beta1.0-seed0" / "report.md").exists() and not held.exists()
+    assert "Partial" not in (folder / "report.md").read_text()
+
+
+def test_train_only_then_evaluate_and_the_time_limit(tiny_root):
+    sweep = tiny(tiny_root)
+    folder = tiny_root / "runs" / "tiny"
+    run_sweep(sweep, show_progress=False, stop_after_minutes=1e-9)  # past the limit before the first run
+    assert not list(folder.glob("helvae-*"))
+    assert "**Partial**: 2 run(s)" in (folder / "report.md").read_text()
+    run_sweep(sweep, show_progress=False, train_only=True)
+    assert all((folder / f"helvae-beta1.0-seed{s}" / "checkpoint.pt").exists() for s in (0, 1))
+    assert not list(folder.glob("*/metrics.json"))
+    checkpoints = {p: p.stat().st_mtime_ns for p in folder.glob("*/checkpoint.pt")}
+    run_sweep(sweep, show_progress=False)  # evaluates, does not train again
+    assert len(list(folder.glob("*/report.md"))) == 2
+    assert all(p.stat().st_mtime_ns == t for p, t in checkpoints.items())
+    assert "Partial" not in (folder / "report.md").read_text()
+
+
+def test_sweep_command_line_checks(capsys):
+    for flags, message in ((["--workers", "0"], "--workers must be a positive integer, got 0"),
+                           (["--stop-after", "-1"], "--stop-after must be a positive number of minutes, got -1")):
+        with pytest.raises(SystemExit):
+            main(["sweep", "--preset", "polymnist-cpu-study", *flags])
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_two_step_study(tiny_root, tmp_path):
+    """The study preset shrunk to two steps on the tiny data, run by two processes at once from the command
+    line: every run is trained and evaluated once, and the summary covers them all."""
+    import yaml
+
+    study = yaml.safe_load((SWEEPS / "polymnist-cpu-study.yaml").read_text())
+    study.update(name="two-step", output_dir=str(tmp_path / "runs"), betas=[1.0], seeds=[0],
+                 models=["holder-a0.333", "holder_mixture-a0.25", "holderplusplus"],
+                 overrides=study["overrides"] + [f"data.root={tiny_root / 'data'}", "data.build_offline=false",
+                                                 "data.num_modalities=3", "train.max_steps=2", "train.batch_size=8",
+                                                 "train.diagnostics_every=1", "eval.probe_examples=10",
+                                                 "eval.likelihood_samples=2", "eval.likelihood_examples=4",
+                                                 "eval.unconditional_samples=20", "eval.test_examples=10"])
+    study["model_overrides"] = {k: v for k, v in study["model_overrides"].items() if k in study["models"]}
+    study["model_overrides"]["holderplusplus"] = ["model.latent_dim=16", "model.private_dim=16"]
+    for key in ("model_betas", "model_seeds"):
+        study[key] = {k: v for k, v in study[key].items() if k in study["models"]}
+    preset = tmp_path / "two-step.yaml"
+    preset.write_text(yaml.safe_dump(study))
+    result = subprocess.run([sys.executable, "-m", "applications.multimodal_vae", "sweep", "--preset", str(preset),
+                             "--workers", "2"], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    folder = tmp_path / "runs" / "two-step"
+    assert len(list(folder.glob("*/report.md"))) == 3 and len(list(folder.glob("worker-*.log"))) == 2
+    with open(folder / "results.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 3
+    with open(folder / "holder-a0.333-beta1.0-seed0" / "pooling.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [1, 2] and all(0 <= float(r["own_cross_mass"]) <= 1 for r in rows)
+    assert not list(folder.glob("*.lock"))
+
+
+def density(z, mean, logvar):
+    return math.exp(-0.5 * (z - mean) ** 2 / math.exp(logvar)) / math.sqrt(2 * math.pi * math.exp(logvar))
+
+
+def test_own_cross_mass_against_quadrature():
+    """The mass of the Hölder pool (alpha = 1/3) outside its single-expert components, 1 - sum_j lambda_j^3 / Z with
+    Z = int (sum_j lambda_j q_j^(1/3))^3 dz, by quadrature in one latent dimension."""
+    from applications.multimodal_vae.models import MultimodalVAE
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, mu, logvar):
+            super().__init__()
+            self.register_buffer("out", torch.tensor([[mu, logvar]]))
+
+        def forward(self, x):
+            return self.out.expand(x.shape[0], 2)
+
+    experts = [(-1.0, math.log(0.5)), (0.4, math.log(2.0)), (3.0, math.log(0.1))]
+    encoders = torch.nn.ModuleList(Fixed(*e) for e in experts)
+    decoders = torch.nn.ModuleList(torch.nn.Linear(1, 2) for _ in experts)
+    x = [torch.zeros(2, 2) for _ in experts]
+    for name, alpha in (("holder", 1 / 3), ("holder_mixture", 1 / 3), ("holder", 0.5)):
+        model = MultimodalVAE(encoders, decoders, name, alpha=alpha)
+        model.encode = lambda x: (torch.tensor([[[m]] * 2 for m, _ in experts]),
+                                  torch.tensor([[[v]] * 2 for _, v in experts]))
+        result = pooling_diagnostics(model, x)
+        n = round(1 / alpha)
+        z_total = integrate.quad(lambda z, a=alpha, n=n: sum(density(z, m, lv) ** a / 3 for m, lv in experts) ** n,
+                                 -30, 30, points=[m for m, _ in experts], limit=200, epsabs=1e-13)[0]
+        expected = 1 - 3 * (1 / 3) ** n / z_total
+        assert result["own_cross_mass"] == pytest.approx(expected, abs=1e-9)
+        if alpha == 0.5:
+            assert result["pairwise_mass"] == pytest.approx(expected, abs=1e-9)
+    model = MultimodalVAE(encoders, decoders, "mopoe")
+    model.encode = lambda x: (torch.zeros(3, 2, 1), torch.zeros(3, 2, 1))
+    assert math.isnan(pooling_diagnostics(model, x)["own_cross_mass"])
+    assert np.isfinite(pooling_diagnostics(model, x)["pairwise_mass"])
