@@ -5,6 +5,7 @@
     python -m applications.multimodal_vae evaluate --run runs/NAME [--set eval.key=value ...]
     python -m applications.multimodal_vae sweep --preset polymnist-cpu [--set key=value ...] [--train-only]
         [--stop-after MINUTES] [--summarise-only]     (several at once share the grid: one run each at a time)
+    python -m applications.multimodal_vae study --sweep runs/polymnist-cpu-study [--docs docs]
     python -m applications.multimodal_vae presets
     python -m applications.multimodal_vae build-polymnist [--root data/polymnist] [--seed 0]
 
@@ -46,6 +47,9 @@ def main(argv=None) -> int:
     sweep.add_argument("--workers", type=int, default=1,
                        help="run the grid with this many processes at once (their logs: worker-N.log in the sweep "
                             "folder); give each one thread per core, e.g. --set 'overrides=[train.num_threads=1]'")
+    study = commands.add_parser("study", help="the papers' claims and the alpha study checked on a sweep's runs")
+    study.add_argument("--sweep", required=True, help="the sweep folder (runs/NAME, holding results.csv)")
+    study.add_argument("--docs", help="also write DOCS/study.md and its figures in DOCS/figures/study/")
     commands.add_parser("presets", help="list the run and sweep presets")
     build = commands.add_parser("build-polymnist", help="build the offline PolyMNIST")
     build.add_argument("--root", default="data/polymnist")
@@ -83,6 +87,20 @@ def main(argv=None) -> int:
             print(f"sweep written to {folder}")
         except TrainingInterrupted as stop:
             return _stopped(stop)
+        return 0
+    if args.command == "study":
+        from pathlib import Path
+
+        from .study import write_study
+
+        folder = Path(args.sweep)
+        command = (f"python -m applications.multimodal_vae sweep --preset {folder.name} --workers 2; "
+                   f"python -m applications.multimodal_vae study --sweep {args.sweep}"
+                   + (f" --docs {args.docs}" if args.docs else ""))
+        try:
+            print(f"study written to {write_study(folder, args.docs, command)}")
+        except ValueError as error:
+            parser.error(str(error))
         return 0
     if args.command == "build-polymnist":
         from .data.build_polymnist import main as build_main

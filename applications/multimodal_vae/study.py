@@ -1,0 +1,398 @@
+"""The study's page: the papers' claims checked against a finished (or partly finished) sweep, and the alpha study.
+
+``python -m applications.multimodal_vae study --sweep runs/polymnist-cpu-study [--docs docs]`` reads the sweep's
+``results.csv`` and run folders and writes ``study.md`` with its figures beside them (``--docs``: into
+``docs/study.md`` and ``docs/figures/study/``, replacing the previous ones):
+
+* **The claims table**: each qualitative claim of the HELVAE, Hölder++ and MMVM papers that the study's models
+  can test, at each beta, as "holds", "does not hold", "not separable at this budget" (the difference of the
+  means is not larger than the sum of the two standard deviations over seeds, or a side has one seed) or "not run".
+* **The alpha study**: the moment-matched Hölder VAE (``holder``; alpha = 1/2 is HELVAE) and the exact-mixture
+  Hölder VAE (``holder_mixture``; alpha = 0 is the product, the same model as the moment-matched alpha = 0) for
+  each alpha, the pooling diagnostics at the end of training and through it (``pooling.csv``), and plots.
+
+Labels are read through the runs' ``config.yaml`` (model name and alpha), so sweeps that name variants
+differently are read alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .files import atomic_write, write_text
+from .sweep import SCALARS, _mean_std, aggregate
+
+__all__ = ["CLAIMS", "Claim", "alpha_runs", "compare", "main_labels", "mass_through_training", "render_study",
+           "write_study"]
+
+#: a verdict's words
+HOLDS, FAILS, NOT_SEPARABLE, NOT_RUN = "holds", "does not hold", "not separable at this budget", "not run"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """``better`` beats ``worse`` on ``metric`` (higher is better unless ``lower_is_better``), or with
+    ``at_least`` is not worse than it, as ``source`` says."""
+
+    text: str
+    source: str
+    better: str
+    worse: str
+    metric: str
+    lower_is_better: bool = False
+    at_least: bool = False
+
+
+HELVAE_PAPER = "HELVAE paper (Vo & Valera, AISTATS 2026), §6.2"
+CLAIMS = (
+    Claim("HELVAE's conditional coherence is above MoPoE's", HELVAE_PAPER, "helvae", "mopoe", "coherence"),
+    Claim("MoPoE's conditional coherence is above MVAE's", HELVAE_PAPER, "mopoe", "mvae", "coherence"),
+    Claim("HELVAE's unconditional coherence is above MoPoE's", HELVAE_PAPER, "helvae", "mopoe",
+          "unconditional_coherence"),
+    Claim("HELVAE's conditional coherence is above MMVAE+'s", HELVAE_PAPER, "helvae", "mmvaeplus", "coherence"),
+    Claim("MMVAE+'s log-likelihood is above HELVAE's", HELVAE_PAPER, "mmvaeplus", "helvae", "log_likelihood"),
+    Claim("MVAE's generations are of better quality (KID) than MoPoE's", HELVAE_PAPER, "mvae", "mopoe",
+          "kid_unconditional", lower_is_better=True),
+    Claim("MVAE's log-likelihood is above MoPoE's", HELVAE_PAPER, "mvae", "mopoe", "log_likelihood"),
+    Claim("MoHELVAE's conditional coherence is above HELVAE's", "HELVAE paper, Table 4 (on CelebA)", "mohelvae",
+          "helvae", "coherence"),
+    Claim("MoHELVAE's latent probe is above HELVAE's", "HELVAE paper, Table 4 (on CelebA)", "mohelvae", "helvae",
+          "probe_all"),
+    Claim("HELVAE's generations are of better quality (KID) than MoHELVAE's", "HELVAE paper, Table 4 (on CelebA)",
+          "helvae", "mohelvae", "kid_unconditional", lower_is_better=True),
+    Claim("Hölder+ generates better quality (KID) than the Hölder VAE", "Hölder++ paper (ICML 2026)", "holderplus",
+          "holder_stratified", "kid_unconditional", lower_is_better=True),
+    Claim("Hölder+ keeps the Hölder VAE's coherence (not below it)", "Hölder++ paper (ICML 2026)", "holderplus",
+          "holder_stratified", "coherence", at_least=True),
+    Claim("Hölder++ generates better quality (KID) than Hölder+", "Hölder++ paper (ICML 2026)", "holderplusplus",
+          "holderplus", "kid_unconditional", lower_is_better=True),
+    Claim("Hölder++ keeps Hölder+'s coherence (not below it)", "Hölder++ paper (ICML 2026)", "holderplusplus",
+          "holderplus", "coherence", at_least=True),
+    Claim("MMVM's latent probe (one input) is above MoPoE's", "MMVM paper (Sutter et al., NeurIPS 2024)", "mmvm",
+          "mopoe", "probe_single"),
+    Claim("MMVM's latent probe (one input) is above MVAE's", "MMVM paper (Sutter et al., NeurIPS 2024)", "mmvm",
+          "mvae", "probe_single"),
+    Claim("MMVM's latent probe (one input) is above MMVAE's", "MMVM paper (Sutter et al., NeurIPS 2024)", "mmvm",
+          "mmvae", "probe_single"),
+)
+#: the paper's "MVAE: worst coherence, best quality", checked against every other model of the sweep (raising
+#: beta trading quality for coherence, HELVAE paper §6.3, is checked per model in ``_verdict_rows``)
+EXTREMES = (("mvae", "coherence", "worst coherence"), ("mvae", "kid_unconditional", "best quality (lowest KID)"))
+
+METRIC_NAMES = {"coherence": "conditional coherence", "unconditional_coherence": "unconditional coherence",
+                "cross_coherence": "one-input cross coherence", "log_likelihood": "log p(X)",
+                "kid_unconditional": "KID x 1000", "fid_unconditional": "FID", "probe_all": "probe (all inputs)",
+                "probe_single": "probe (one input)", "pairwise_mass": "pairwise mass", "own_cross_mass":
+                "cross mass of its own pool", "seconds_per_batch": "s / step"}
+
+
+def _scaled(metric: str, value: float) -> float:
+    return 1000 * value if metric == "kid_unconditional" else value
+
+
+def _show(metric: str, entry) -> str:
+    mean, std = (_scaled(metric, v) for v in entry)
+    if mean != mean:
+        return "–"
+    if metric == "kid_unconditional":
+        return f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:.3f} ± {std:.3f}" if abs(mean) < 10 else f"{mean:.1f} ± {std:.1f}"
+
+
+def compare(summary: dict, better: str, worse: str, metric: str, beta: float, lower_is_better: bool = False,
+            at_least: bool = False):
+    """``(verdict, evidence)`` for "``better`` beats ``worse`` on ``metric`` at ``beta``": holds or does not hold
+    when the means differ by more than the sum of their standard deviations over seeds (both sides with two seeds
+    or more), otherwise not separable; not run when a side is missing or did not compute the metric. With
+    ``at_least`` the claim is "``better`` is not worse": it fails only when ``better`` is separably worse."""
+    a, b = summary.get((better, beta)), summary.get((worse, beta))
+    if a is None or b is None or any(e[metric][0] != e[metric][0] for e in (a, b)):
+        return NOT_RUN, "–"
+    (mean_a, std_a), (mean_b, std_b) = a[metric], b[metric]
+    evidence = f"{_show(metric, a[metric])} ({a['seeds']}) vs {_show(metric, b[metric])} ({b['seeds']})"
+    difference = (mean_b - mean_a) if lower_is_better else (mean_a - mean_b)
+    if min(a["seeds"], b["seeds"]) < 2:
+        return NOT_SEPARABLE, evidence
+    if abs(difference) <= std_a + std_b:
+        return (HOLDS if at_least else NOT_SEPARABLE), evidence
+    return (HOLDS if difference > 0 else FAILS), evidence
+
+
+def _config(run_dir: Path):
+    return OmegaConf.load(run_dir / "config.yaml")
+
+
+def main_labels(rows: list[dict], folder: Path) -> list[str]:
+    """The labels that are models of the comparison: a label named after its model (variants such as
+    ``holder-a0.25`` or ``mmvae-k4`` are left to their own tables)."""
+    labels = []
+    for row in rows:
+        label = row["model"]
+        if label not in labels and _config(folder / _run_name(row)).model.name == label:
+            labels.append(label)
+    return labels
+
+
+def _run_name(row: dict) -> str:
+    return f"{row['model']}-beta{float(row['beta'])}-seed{int(row['seed'])}"
+
+
+def alpha_runs(rows: list[dict], folder: Path) -> dict:
+    """``(family, alpha) -> [row, ...]`` for the alpha study's runs at beta 1 (family ``holder`` holds HELVAE at
+    1/2, ``holder_mixture`` the moment-matched alpha = 0, the same model)."""
+    runs = {}
+    for row in rows:
+        if float(row["beta"]) != 1.0:
+            continue
+        model = _config(folder / _run_name(row)).model
+        if model.name in ("helvae", "holder"):
+            key = ("holder", 0.5 if model.name == "helvae" else round(model.alpha, 4))
+        elif model.name == "holder_mixture":
+            key = ("holder_mixture", round(model.alpha, 4))
+        else:
+            continue
+        runs.setdefault(key, []).append(row)
+    for (family, alpha), members in list(runs.items()):
+        if family == "holder" and alpha == 0.0:
+            runs.setdefault(("holder_mixture", 0.0), members)
+    return runs
+
+
+def mass_through_training(folder: Path, rows: list[dict], column: str) -> tuple[list[int], list[tuple]]:
+    """Steps and ``(mean, std)`` over the runs ``rows`` of a ``pooling.csv`` column at the steps all runs logged."""
+    series = []
+    for row in rows:
+        with open(folder / _run_name(row) / "pooling.csv") as handle:
+            series.append({int(r["step"]): float(r[column]) for r in csv.DictReader(handle) if r.get(column)})
+    steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    return steps, [_mean_std([s[step] for s in series]) for step in steps]
+
+
+def _verdict_rows(summary: dict, labels: list[str], betas: list[float]) -> list[str]:
+    lines = ["| claim | source | β | verdict | evidence (mean ± std (seeds)) |", "|---|---|---|---|---|"]
+    for claim in CLAIMS:
+        for beta in betas:
+            verdict, evidence = compare(summary, claim.better, claim.worse, claim.metric, beta, claim.lower_is_better,
+                                        claim.at_least)
+            lines.append(f"| {claim.text} | {claim.source} | {beta:g} | {verdict} | {evidence} |")
+    for model, metric, what in EXTREMES:
+        for beta in betas:
+            others = [m for m in labels if m != model and (m, beta) in summary]
+            # the model is lowest when every other model is above it: "other beats model" on a higher-is-better
+            # metric, "model beats other" on a lower-is-better one
+            lower_better = metric == "kid_unconditional"
+            verdicts = [compare(summary, model if lower_better else other, other if lower_better else model, metric,
+                                beta, lower_better)[0] for other in others]
+            verdict = (NOT_RUN if (model, beta) not in summary or not verdicts or NOT_RUN in set(verdicts)
+                       else FAILS if FAILS in verdicts else HOLDS if set(verdicts) == {HOLDS} else NOT_SEPARABLE)
+            separated = sum(v == HOLDS for v in verdicts)
+            lines.append(f"| MVAE has the {what} of all models | {HELVAE_PAPER} | {beta:g} | {verdict} | "
+                         f"separated from {separated} of {len(others)} models |")
+    if len(betas) > 1:
+        low, high = min(betas), max(betas)
+        for model in labels:
+            for metric, what in (("coherence", "coherence rises"), ("kid_unconditional", "quality falls (KID rises)")):
+                if (model, low) in summary and (model, high) in summary:
+                    # both read "the metric is larger at the higher beta"
+                    pair = {("high", 0.0): summary[model, high], ("low", 0.0): summary[model, low]}
+                    verdict, evidence = compare(pair, "high", "low", metric, 0.0)
+                    lines.append(f"| {model}: raising β from {low:g} to {high:g}, {what} | HELVAE paper §6.3 | "
+                                 f"{low:g} → {high:g} | {verdict} | {evidence} |")
+    return lines
+
+
+def render_study(folder: Path, rows: list[dict], figures: dict, command: str) -> str:
+    """The Markdown of the study page (figures named relative to it)."""
+    summary = aggregate(rows)
+    labels = main_labels(rows, folder)
+    betas = sorted({float(r["beta"]) for r in rows if r["model"] in labels})
+    lines = [f"# The study `{folder.name}`", "",
+             "Written by `python -m applications.multimodal_vae study` from the sweep's runs; every number is a mean "
+             "± standard deviation over seeds (the number of seeds in parentheses). Machine: "
+             f"{_machine()}. Commit: `{_commit()}`. Command: `{command}`.", ""]
+    lines += ["## The papers' claims at this scale", "",
+              "A claim holds (or does not) when the two means differ by more than the sum of their standard "
+              "deviations over seeds and both sides have at least two seeds; otherwise it is not separable at this "
+              "budget.", "", *_verdict_rows(summary, labels, betas), ""]
+    columns = ("coherence", "unconditional_coherence", "cross_coherence", "log_likelihood", "kid_unconditional",
+               "fid_unconditional", "probe_all", "probe_single", "pairwise_mass", "seconds_per_batch")
+    lines += ["## Every model", "", "| model | β | seeds | " + " | ".join(METRIC_NAMES[c] for c in columns) + " |",
+              "|---" * (len(columns) + 3) + "|"]
+    for label in labels:
+        for beta in betas:
+            if (label, beta) in summary:
+                entry = summary[label, beta]
+                lines.append(f"| {label} | {beta:g} | {entry['seeds']} | "
+                             + " | ".join(_show(c, entry[c]) for c in columns) + " |")
+    lines += [""] + [f"![{name}]({figures[name]})" for name in ("pareto", "synergy") if name in figures] + [""]
+    alpha = alpha_runs(rows, folder)
+    if alpha:
+        lines += ["## The alpha study (β = 1)", "",
+                  "The moment-matched Hölder VAE (alpha = 1/2: HELVAE) and the exact-mixture Hölder VAE (one draw "
+                  "from the exact pool; alpha = 0 is the product, the same model as the moment-matched one). "
+                  "Pairwise mass: the share of the Hellinger pool of the trained experts in its pairwise components; "
+                  "own cross mass: the share of the model's own pool in components that combine experts.", "",
+                  "| pool | alpha | seeds | " + " | ".join(METRIC_NAMES[c] for c in (
+                      "coherence", "log_likelihood", "kid_unconditional", "pairwise_mass")) + " | final "
+                  + METRIC_NAMES["own_cross_mass"] + " |", "|---" * 8 + "|"]
+        for (family, value), members in sorted(alpha.items()):
+            entry = aggregate(members)
+            (key,) = entry
+            steps, own = mass_through_training(folder, members, "own_cross_mass")
+            own_cell = _show("own_cross_mass", own[-1]) if steps else "–"
+            lines.append(f"| {family} | {value:g} | {entry[key]['seeds']} | "
+                         + " | ".join(_show(c, entry[key][c]) for c in ("coherence", "log_likelihood",
+                                                                        "kid_unconditional", "pairwise_mass"))
+                         + f" | {own_cell} |")
+        lines += [""] + [f"![{name}]({figures[name]})" for name in ("alpha", "mass") if name in figures] + [""]
+    return "\n".join(lines)
+
+
+def _machine() -> str:
+    import os
+
+    import torch
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _plots(folder: Path, rows: list[dict], out: Path) -> dict:
+    """The study's figures in ``out``: per-model Pareto fronts over beta, coherence by number of inputs, the alpha
+    study's metrics and its masses through training. Returns ``{name: file name}`` of those drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .sweep import _save, pareto_front
+
+    summary = aggregate(rows)
+    labels = main_labels(rows, folder)
+    colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(labels)}
+    drawn = {}
+    panels = [(m, n, low) for m, n, low in (("log_likelihood", "log p(X) (higher is better)", False),
+                                             ("kid_unconditional", "KID x 1000 (lower is better)", True),
+                                             ("fid_unconditional", "FID (lower is better)", True))
+              if any(summary[k][m][0] == summary[k][m][0] for k in summary if k[0] in labels)]
+    if panels:
+        figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+        for axis, (metric, name, lower) in zip(axes[0], panels):
+            for label in labels:
+                keys = sorted(k for k in summary if k[0] == label and summary[k][metric][0] == summary[k][metric][0])
+                if not keys:
+                    continue
+                points = [(summary[k]["coherence"][0], _scaled(metric, summary[k][metric][0])) for k in keys]
+                for k, (x, y) in zip(keys, points):
+                    axis.errorbar(x, y, xerr=summary[k]["coherence"][1], yerr=_scaled(metric, summary[k][metric][1]),
+                                  fmt="o", color=colours[label], ms=4, capsize=2)
+                    axis.annotate(f"{k[1]:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+                front = pareto_front(points, maximise_y=not lower)
+                axis.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color=colours[label],
+                          lw=1, label=label)
+            axis.set(xlabel="conditional coherence", ylabel=name)
+        axes[0, -1].legend(fontsize=6, ncol=2)
+        figure.suptitle("Each model's Pareto front over β (points labelled by β)", fontsize=9)
+        _save(figure, out / "study_pareto.png")
+        plt.close(figure)
+        drawn["pareto"] = "study_pareto.png"
+    curves = {k: v["coherence_by_inputs"] for k, v in summary.items() if k[0] in labels and v["coherence_by_inputs"]}
+    if curves:
+        betas = sorted({b for _, b in curves})
+        figure, axes = plt.subplots(1, len(betas), figsize=(5 * len(betas), 4), squeeze=False)
+        for axis, beta in zip(axes[0], betas):
+            for label in labels:
+                points = curves.get((label, beta))
+                if points:
+                    sizes = sorted(points)
+                    axis.errorbar(sizes, [points[s][0] for s in sizes], yerr=[points[s][1] for s in sizes],
+                                  marker="o", ms=3, color=colours[label], label=label, capsize=2)
+            axis.set(xlabel="number of input modalities", ylabel="conditional coherence", title=f"β = {beta:g}")
+        axes[0, -1].legend(fontsize=6, ncol=2)
+        _save(figure, out / "study_synergy.png")
+        plt.close(figure)
+        drawn["synergy"] = "study_synergy.png"
+    alpha = alpha_runs(rows, folder)
+    if alpha:
+        metrics = [m for m in ("coherence", "log_likelihood", "kid_unconditional", "pairwise_mass")
+                   if any(r[m] not in (None, "") for members in alpha.values() for r in members)]
+        figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
+        for axis, metric in zip(axes[0], metrics):
+            for family, marker in (("holder", "o"), ("holder_mixture", "s")):
+                values = sorted((a, _mean_std([_number(r[metric]) for r in members]))
+                                for (f, a), members in alpha.items() if f == family)
+                if values:
+                    axis.errorbar([a for a, _ in values], [_scaled(metric, v[0]) for _, v in values],
+                                  yerr=[_scaled(metric, v[1]) for _, v in values], marker=marker, capsize=2,
+                                  label="moment-matched" if family == "holder" else "exact mixture")
+            axis.set(xlabel="α", ylabel=METRIC_NAMES[metric])
+        axes[0, 0].legend(fontsize=7)
+        _save(figure, out / "study_alpha.png")
+        plt.close(figure)
+        drawn["alpha"] = "study_alpha.png"
+        figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
+        for axis, column in zip(axes[0], ("pairwise_mass", "own_cross_mass")):
+            for (family, value), members in sorted(alpha.items()):
+                steps, series = mass_through_training(folder, members, column)
+                if steps and any(m == m for m, _ in series):
+                    axis.plot(steps, [m for m, _ in series], marker="o" if family == "holder" else "s", ms=2,
+                              ls="-" if family == "holder" else ":", label=f"{family} α={value:g}")
+            axis.set(xlabel="training step", ylabel=METRIC_NAMES[column], yscale="symlog",
+                     title=METRIC_NAMES[column] + " through training")
+            axis.set_yscale("symlog", linthresh=1e-3)
+        axes[0, 0].legend(fontsize=6)
+        _save(figure, out / "study_mass.png")
+        plt.close(figure)
+        drawn["mass"] = "study_mass.png"
+    return drawn
+
+
+def _number(cell) -> float:
+    return float("nan") if cell in (None, "") else float(cell)
+
+
+def _read_rows(folder: Path) -> list[dict]:
+    with open(folder / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        row["beta"], row["seed"] = float(row["beta"]), int(row["seed"])
+        for field in SCALARS:
+            row[field] = _number(row.get(field))
+    return rows
+
+
+def write_study(folder: Path, docs: Path | None = None, command: str = "") -> Path:
+    """Write ``study.md`` and its figures in the sweep ``folder`` (and, with ``docs``, ``docs/study.md`` with the
+    figures in ``docs/figures/study/``). Returns the page written last."""
+    folder = Path(folder)
+    if not (folder / "results.csv").is_file():
+        raise ValueError(f"--sweep {folder} holds no results.csv: run or summarise the sweep first")
+    rows = _read_rows(folder)
+    figures = _plots(folder, rows, folder)
+    page = folder / "study.md"
+    write_text(page, render_study(folder, rows, figures, command))
+    if docs is None:
+        return page
+    target = Path(docs) / "figures" / "study"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in figures.values():
+        atomic_write(target / name, lambda tmp, source=folder / name: shutil.copyfile(source, tmp))
+    linked = {key: f"figures/study/{name}" for key, name in figures.items()}
+    page = Path(docs) / "study.md"
+    write_text(page, render_study(folder, rows, linked, command))
+    return page
+

@@ -1,0 +1,100 @@
+"""The study page from a sweep's results: verdicts by hand, the alpha study's grouping, figures and the docs copy."""
+
+import json
+
+import pytest
+
+from applications.multimodal_vae.__main__ import main
+from applications.multimodal_vae.study import FAILS, HOLDS, NOT_RUN, NOT_SEPARABLE, compare
+from applications.multimodal_vae.sweep import FIELDS, SCALARS, write_results
+
+
+def entry(values, **others):
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return {"coherence": (mean, std), "seeds": len(values), **others}
+
+
+def test_verdicts_by_hand():
+    summary = {("a", 1.0): entry([0.80, 0.82, 0.84]), ("b", 1.0): entry([0.50, 0.52, 0.54]),
+               ("c", 1.0): entry([0.30, 0.60, 0.90]), ("d", 1.0): entry([0.1]),
+               ("e", 1.0): {"coherence": (float("nan"), float("nan")), "seeds": 2}}
+    assert compare(summary, "a", "b", "coherence", 1.0) == (HOLDS, "0.820 ± 0.020 (3) vs 0.520 ± 0.020 (3)")
+    assert compare(summary, "b", "a", "coherence", 1.0)[0] == FAILS
+    assert compare(summary, "a", "b", "coherence", 1.0, lower_is_better=True)[0] == FAILS
+    assert compare(summary, "b", "c", "coherence", 1.0)[0] == NOT_SEPARABLE  # 0.08 apart, spreads 0.02 + 0.3
+    assert compare(summary, "a", "d", "coherence", 1.0)[0] == NOT_SEPARABLE  # one seed: no spread to compare
+    assert compare(summary, "a", "e", "coherence", 1.0)[0] == NOT_RUN  # not computed
+    # "not worse": holds within the spread, fails only when separably worse
+    assert compare(summary, "b", "c", "coherence", 1.0, at_least=True)[0] == HOLDS
+    assert compare(summary, "b", "a", "coherence", 1.0, at_least=True)[0] == FAILS
+    assert compare(summary, "a", "b", "coherence", 1.0, at_least=True)[0] == HOLDS
+    assert compare(summary, "a", "d", "coherence", 1.0, at_least=True)[0] == NOT_SEPARABLE
+    assert compare(summary, "a", "b", "coherence", 2.5)[0] == NOT_RUN  # not in the sweep
+
+
+def fake_sweep(folder, runs):
+    """``runs``: (label, model name, alpha, beta, seed, metrics, masses through training)."""
+    rows = []
+    for label, name, alpha, beta, seed, metrics, masses in runs:
+        run = folder / f"{label}-beta{beta}-seed{seed}"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(f"model:\n  name: {name}\n  alpha: {alpha}\n")
+        (run / "pooling.csv").write_text("epoch,step,mean_log_bhattacharyya,pairwise_mass,own_cross_mass\n"
+                                         + "".join(f"0,{100 * (i + 1)},-1,{p},{o}\n" for i, (p, o) in
+                                                   enumerate(masses)))
+        row = {field: None for field in FIELDS}
+        row.update(model=label, beta=beta, seed=seed, coherence_by_inputs=json.dumps({"1": 0.5, "2": 0.6}),
+                   fid_by_inputs="{}", seconds_per_batch=0.2, **metrics)
+        rows.append(row)
+    write_results(folder, rows)
+
+
+def test_the_study_page(tmp_path, capsys):
+    folder = tmp_path / "runs" / "polymnist-cpu-study"
+    runs = []
+    for seed in range(3):
+        for beta in (1.0, 2.5):
+            runs += [("helvae", "helvae", 0.5, beta, seed, {"coherence": 0.8 + 0.02 * seed + 0.05 * (beta > 1),
+                                                            "kid_unconditional": 0.006 + 0.001 * seed,
+                                                            "pairwise_mass": 0.01}, [(0.2, 0.2), (0.01, 0.01)]),
+                     ("mopoe", "mopoe", 0.5, beta, seed, {"coherence": 0.5 + 0.02 * seed,
+                                                          "kid_unconditional": 0.020 + 0.001 * seed}, [(0.3, ""),
+                                                                                                     (0.1, "")]),
+                     ("mvae", "mvae", 0.5, beta, seed, {"coherence": 0.2 + 0.02 * seed,
+                                                        "kid_unconditional": 0.005 + 0.001 * seed}, [(0.5, ""),
+                                                                                                   (0.4, "")])]
+        runs += [("holder-a0", "holder", 0.0, 1.0, seed, {"coherence": 0.3}, [(0.9, ""), (0.9, "")]),
+                 ("holder_mixture-a0.25", "holder_mixture", 0.25, 1.0, seed, {"coherence": 0.6 + 0.01 * seed},
+                  [(0.4, 0.5), (0.2, 0.3)])]
+    fake_sweep(folder, runs)
+    assert main(["study", "--sweep", str(folder), "--docs", str(tmp_path / "docs")]) == 0
+    page = (tmp_path / "docs" / "study.md").read_text()
+    lines = page.splitlines()
+
+    def verdict(claim, beta):
+        row = next(line for line in lines if line.startswith(f"| {claim} |") and f"| {beta} |" in line)
+        return row.split(" | ")[3]
+
+    assert verdict("HELVAE's conditional coherence is above MoPoE's", "1") == HOLDS
+    assert verdict("MoPoE's conditional coherence is above MVAE's", "2.5") == HOLDS
+    assert verdict("HELVAE's conditional coherence is above MMVAE+'s", "1") == NOT_RUN
+    assert verdict("MVAE has the worst coherence of all models", "1") == HOLDS
+    assert verdict("MVAE has the best quality (lowest KID) of all models", "1") == NOT_SEPARABLE  # vs HELVAE
+    assert verdict("MVAE's generations are of better quality (KID) than MoPoE's", "1") == HOLDS
+    # beta: HELVAE's coherence rises by 0.05 against a spread of 0.02 + 0.02; MoPoE's does not move
+    assert "| helvae: raising β from 1 to 2.5, coherence rises | HELVAE paper §6.3 | 1 → 2.5 | holds |" in page
+    assert "| mopoe: raising β from 1 to 2.5, coherence rises | HELVAE paper §6.3 | 1 → 2.5 | not separable" in page
+    # the variants are in the alpha study, not among the models; alpha = 0 stands for both pools
+    assert not any(line.startswith("| holder-a0 |") for line in lines)
+    assert "| holder | 0 | 3 | 0.300 ± 0.000 |" in page and "| holder_mixture | 0 | 3 | 0.300 ± 0.000 |" in page
+    assert "| holder_mixture | 0.25 | 3 | 0.610 ± 0.010 |" in page and "| 0.300 ± 0.000 |" in page
+    assert "| holder | 0.5 | 3 | 0.820 ± 0.020 |" in page  # HELVAE at beta 1
+    for name in ("study_pareto.png", "study_synergy.png", "study_alpha.png", "study_mass.png"):
+        assert (tmp_path / "docs" / "figures" / "study" / name).stat().st_size > 0
+        assert f"](figures/study/{name})" in page
+    assert (folder / "study.md").exists()
+    with pytest.raises(SystemExit):
+        main(["study", "--sweep", str(tmp_path / "nothing")])
+    assert "holds no results.csv" in capsys.readouterr().err
+    assert set(SCALARS) <= set(FIELDS)
