@@ -11,13 +11,17 @@ and grows with the batch), counted with ``torch.autograd.graph.saved_tensors_hoo
 Usage:
     python benchmarks/bench_mvae.py                              # CPU: batch 128, latent 64, 2 threads
     python benchmarks/bench_mvae.py --device cuda --batch 256 --latent 512
+    python benchmarks/bench_mvae.py --sweep polymnist-cpu-study --docs docs/results.md
 Prints Markdown tables (steps, memory, the ratios with their targets); ``--docs docs/benchmarks.md`` also splices
-them into that page.
+them into that page. ``--sweep PRESET`` times instead one step of every label of that sweep preset, built from its
+own run configuration (networks, latent split, batch, threads), and what the whole grid costs in hours
+(``study_cost`` table).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -34,7 +38,7 @@ from applications.multimodal_vae.networks import make_networks  # noqa: E402
 from doc_tables import splice_file  # noqa: E402
 from measure import saved_tensor_bytes  # noqa: E402
 
-__all__ = ["main", "MODELS", "RATIO_TARGETS", "build", "step", "batch", "memory_mib"]
+__all__ = ["main", "MODELS", "RATIO_TARGETS", "build", "step", "batch", "memory_mib", "sweep_cost"]
 
 #: label -> (model, options)
 MODELS = {
@@ -102,6 +106,45 @@ def memory_mib(label, args) -> float:
     return saved_tensor_bytes(lambda: model(x)["loss"]) / 2**20
 
 
+def sweep_cost(preset: str, repeats: int, warmup: int) -> str:
+    """The ``study_cost`` table: each label of the sweep ``preset`` timed round-robin on its own configuration,
+    and the grid's hours on one process (runs x max_steps x s / step; evaluation not included)."""
+    from collections import Counter
+
+    from tqdm import tqdm
+
+    from applications.multimodal_vae.sweep import grid, load_sweep, run_config
+    from applications.multimodal_vae.train import make_model
+
+    sweep = load_sweep(preset)
+    runs = grid(sweep)
+    counts = Counter(label for label, _, _ in runs)
+    configs = {label: run_config(sweep, label, beta, seed) for label, beta, seed in reversed(runs)}
+    first = next(iter(configs.values()))
+    torch.set_num_threads(first.train.num_threads or torch.get_num_threads())
+    built = {}
+    for label in counts:
+        torch.manual_seed(0)
+        model = make_model(configs[label], polymnist_modalities(first.data.num_modalities))
+        built[label] = (model, torch.optim.Adam(model.parameters(), lr=configs[label].train.lr))
+    x = batch(first.train.batch_size, "cpu", first.data.num_modalities)
+    times = {label: [] for label in built}
+    for r in tqdm(range(warmup + repeats), desc=f"{preset}: round-robin steps", unit="round"):
+        for label, (model, optimizer) in built.items():
+            seconds = step(model, optimizer, x, lambda: None)
+            if r >= warmup:
+                times[label].append(seconds)
+    median = {label: statistics.median(t) for label, t in times.items()}
+    hours = {label: counts[label] * configs[label].train.max_steps * median[label] / 3600 for label in built}
+    lines = [f"`{preset}`: CPU, {torch.get_num_threads()} thread(s) per process, batch {first.train.batch_size}; "
+             f"median of {repeats} steps per label (round-robin); torch {torch.__version__}; load average "
+             f"{os.getloadavg()[0]:.1f} when it ended", "",
+             "| label | runs | s / step | hours of training |", "|---|---|---|---|"]
+    lines += [f"| {label} | {counts[label]} | {median[label]:.3f} | {hours[label]:.2f} |" for label in built]
+    lines += [f"| **all** | {len(runs)} | | **{sum(hours.values()):.1f}** |"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -112,9 +155,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--docs", type=Path, metavar="PAGE",
-                        help="also splice the tables into PAGE between its <!-- table: bench_mvae --> markers")
+                        help="also splice the tables into PAGE between its <!-- table: bench_mvae --> markers "
+                             "(with --sweep: its study_cost markers)")
+    parser.add_argument("--sweep", metavar="PRESET", help="time the labels of this sweep preset instead")
     args = parser.parse_args()
     from tqdm import tqdm
+
+    if args.sweep:
+        table = sweep_cost(args.sweep, args.repeats, args.warmup)
+        print("\n" + table)
+        if args.docs:
+            splice_file(args.docs, "study_cost", table)
+        return
 
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)

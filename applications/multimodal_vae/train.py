@@ -536,10 +536,12 @@ class RunWriter:
         if not self.writes or (self.pooling and int(self.pooling[-1]["step"]) == step):
             return
         diagnostics = pooling_diagnostics(model, self._shown(model.device))
-        self.pooling.append({"epoch": epoch, "step": step, **{k: f"{v:.6g}" for k, v in diagnostics.items()}})
+        self.pooling.append({"epoch": epoch, "step": step,
+                             **{k: "" if v is None else f"{v:.6g}" for k, v in diagnostics.items()}})
         if self.board is not None:
             for key, value in diagnostics.items():
-                self.board.add_scalar(f"pooling/{key}", value, step)
+                if value is not None:
+                    self.board.add_scalar(f"pooling/{key}", value, step)
 
     def close(self) -> None:
         if self.board is not None:

@@ -33,8 +33,10 @@ Conventions (stated in every report):
   ``N(0, I)``, as MMVAE+ generates (``MultimodalVAE.decode``).
 * **Pooling diagnostics** (all modalities present): the mean log Bhattacharyya coefficient between pairs of
   unimodal posteriors, and the fraction of the Hellinger pool's mass in its pairwise components (the first M
-  components of ``opinionpool.functional.holder_mixture`` are the experts themselves). When the experts stop
-  overlapping (large latents), the pairwise mass vanishes and HELVAE becomes a moment-matched mixture.
+  components of ``opinionpool.functional.holder_mixture`` are the experts themselves); for the Hölder VAEs at
+  alpha = 1/n, 0 < alpha < 1, also the mass of their own pool in components that combine experts. When the
+  experts stop overlapping (large latents), these masses vanish and the pool becomes a (moment-matched) mixture of
+  the experts. Training logs them at every checkpoint and every ``train.diagnostics_every`` steps (``pooling.csv``).
 """
 
 from __future__ import annotations
@@ -223,7 +225,10 @@ def render_report(config, metrics: dict) -> str:
         f"{ll['given_one_modality']:.1f} (mean over the conditioning modalities).", "",
         f"**Pooling diagnostics** (all modalities): mean log Bhattacharyya coefficient between experts "
         f"{pooling['mean_log_bhattacharyya']:.2f}; Hellinger-pool mass in pairwise components "
-        f"{pooling['pairwise_mass']:.3f}.", ""]
+        f"{pooling['pairwise_mass']:.3f}"
+        + (f"; mass of the model's own pool in components combining experts {pooling['own_cross_mass']:.3f}"
+           if pooling.get("own_cross_mass") is not None else "")
+        + ".", ""]
     if "fid" in metrics:
         fid = metrics["fid"]
         lines += [f"**FID** ({fid['samples']} samples per image modality, {fid['weights']}): unconditional "

@@ -22,7 +22,7 @@ def pooling_diagnostics(model, x) -> dict:
     * ``mean_log_bhattacharyya``: the mean log Bhattacharyya coefficient over pairs of experts;
     * ``pairwise_mass``: the fraction of the Hellinger pool's (alpha = 1/2) mass in its pairwise components;
     * ``own_cross_mass``: for a model pooling with its own exact ``alpha = 1/n``, 0 < alpha < 1 (the Hölder VAEs),
-      the fraction of that pool's mass in components combining two or more experts (NaN for other models).
+      the fraction of that pool's mass in components combining two or more experts (None for other models).
 
     A mass near 0 means the experts no longer overlap: the pool is then the mixture of the experts with weights
     ``lambda_j^(1/alpha)`` (normalised), whatever ``alpha``."""
@@ -34,7 +34,7 @@ def pooling_diagnostics(model, x) -> dict:
     log_bc = sum(opf.log_bhattacharyya(mu[i], logvar[i], mu[j], logvar[j]) for i, j in pairs) / len(pairs)
     return {"mean_log_bhattacharyya": float(log_bc.mean()), "pairwise_mass": _cross_mass(mu, logvar, 0.5),
             "own_cross_mass": (_cross_mass(mu, logvar, model.alpha)
-                               if model.spec.exact_alpha and 0 < model.alpha < 1 else float("nan"))}
+                               if model.spec.exact_alpha and 0 < model.alpha < 1 else None)}
 
 
 def _cross_mass(mu, logvar, alpha) -> float:
