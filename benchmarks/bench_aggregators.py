@@ -76,7 +76,8 @@ def _subsets(aggregator):
     return run
 
 
-def candidates(experts: int, fused: bool, max_subset_experts: int) -> dict:
+def candidates(experts: int, fused: bool, max_subset_experts: int, only=None) -> dict:
+    """The aggregators to time (``only``: a subset of their names; PoE, the reference, is always kept)."""
     found = {"poe": opf.poe, "hellinger": opf.hellinger}
     if fused:
         found["hellinger fused"] = lambda mu, logvar: opf.hellinger(mu, logvar, fused=True)
@@ -85,6 +86,8 @@ def candidates(experts: int, fused: bool, max_subset_experts: int) -> dict:
     if experts <= max_subset_experts:
         found["MoPoE"] = _subsets(opf.poe)
         found["MoHELVAE"] = _subsets(opf.hellinger)
+    if only:
+        found = {name: fn for name, fn in found.items() if name == "poe" or name in only}
     return found
 
 
@@ -131,6 +134,7 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true", help="also time hellinger(fused=True) (compiles first)")
     parser.add_argument("--max-subset-experts", type=int, default=5,
                         help="time the subset mixtures (2^M - 1 subsets) up to this many experts")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="time only these candidates (and poe), e.g. MoPoE")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -148,7 +152,7 @@ def main() -> None:
         g = torch.Generator().manual_seed(args.seed)
         mu = torch.randn(experts, batch, latent, generator=g).to(args.device, dtype)
         logvar = (torch.randn(experts, batch, latent, generator=g) * 0.5).to(args.device, dtype)
-        found = candidates(experts, args.fused, args.max_subset_experts)
+        found = candidates(experts, args.fused, args.max_subset_experts, args.only)
         for name, (ms, ratio, (q1, q3), mb) in measure(found, mu, logvar, args.rounds, args.warmup, rng).items():
             target = TARGETS.get((name, experts), "") if (batch, latent) == (256, 512) else ""
             rows.append(f"| ({batch}, {experts}, {latent}) | {name} | {ms:.2f} | {ratio:.2f} [{q1:.2f}, {q3:.2f}] | "

@@ -464,7 +464,7 @@ def _shared_kind(aggregator, kwargs):
 
 def _wide(dtype):
     """float64 for the per-subset sums of float32 (or narrower) terms: the raw second moments of ``_subset_hellinger``
-    and sums of precisions spanning e^(+-88) keep their digits and range."""
+    and the standard deviations of ``_subset_barycenter`` keep their digits and range."""
     return torch.float64 if torch.finfo(dtype).bits < 64 else dtype
 
 
@@ -504,15 +504,75 @@ def _subset_hellinger(mu, logvar, member, weights):
     return reference + mean.to(mu.dtype), variance.log().to(mu.dtype)
 
 
+def _span(dtype):
+    """Half the range of exponents ``_SubsetSums`` allows: about 80 in float32 (normal numbers reach e^(+-87)),
+    640 in float64."""
+    return 0.9 * math.log(torch.finfo(dtype).max)
+
+
+class _SubsetSums(torch.autograd.Function):
+    """Per subset, from pooling weights ``w (..., K, M)`` (zero outside the subset), the experts' offsets
+    ``x (..., M, D)`` from ``reference (..., 1, D)`` and log-precisions ``log_p (..., M, D)``: the precision-weighted
+    mean ``reference + sum_m w p x / sum_m w p`` and ``-log sum_m w p`` ``(..., K, D)``, in the inputs' dtype.
+
+    The precisions are scaled per (sample, dimension) by ``e^-shift``, ``shift`` the midpoint of the present
+    log-precisions' range but at least their largest less ``_span``: no scaled precision exceeds ``e^_span``, and when
+    the range is under ``2 _span`` (160 nats in float32) none falls below ``e^-_span``, so every subset's sum keeps its
+    digits whichever experts it holds (a shift by the largest alone would flush the sums of subsets of flat experts
+    to zero once the range passes 87 nats). Log-precisions further below the largest are raised to that floor (no
+    gradient there). The backward pass is analytic and saves the inputs, the mean and ``1 / sum``; outputs and
+    temporaries are written in place (each fresh ``(..., K, D)`` buffer costs as much as a pass over it)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(w, x, log_p, present, reference):
+        span = _span(log_p.dtype)
+        hidden = torch.full((), math.inf, dtype=log_p.dtype, device=log_p.device)
+        top = torch.where(present, log_p, -hidden).amax(-2, keepdim=True)
+        floor = top - 2 * span
+        clamped = log_p < floor
+        log_p = torch.maximum(log_p, floor)
+        bottom = torch.where(present, log_p, hidden).amin(-2, keepdim=True)
+        shift = torch.maximum(top - span, 0.5 * (top + bottom))
+        p = torch.exp(log_p - shift)
+        # weights scaled to a largest of one per subset: the scale cancels in the mean, its log is added back
+        w_top = w.amax(-1, keepdim=True)
+        wn = w / w_top
+        total = wn @ p
+        r = total.reciprocal()
+        mean = (wn @ (p * x)).mul_(r).add_(reference)
+        logvar = total.log_().add_(shift).add_(w_top.log()).neg_()
+        return mean, logvar, wn, w_top, p, r, clamped
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, x, _, _, reference = inputs
+        mean, _, wn, w_top, p, r, clamped = output
+        ctx.mark_non_differentiable(wn, w_top, p, r, clamped)
+        ctx.save_for_backward(x, reference, mean, wn, w_top, p, r, clamped)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_mean, g_lv, *_):
+        x, reference, mean, wn, w_top, p, r, clamped = ctx.saved_tensors
+        d_weighted = g_mean * r
+        # d sum = -(g_mean (mean - reference) + g_lv) / sum
+        d_total = (g_lv * r).addcmul_(d_weighted, mean).addcmul_(d_weighted, reference, value=-1).neg_()
+        wt = wn.transpose(-1, -2)
+        d_px = wt @ d_weighted
+        d_p = (wt @ d_total).addcmul_(d_px, x)
+        d_w = (d_total @ p.transpose(-1, -2)).add_(d_weighted @ (p * x).transpose(-1, -2)).div_(w_top)
+        d_log_p = torch.where(clamped, 0, d_p.mul_(p))
+        return d_w, d_px.mul_(p), d_log_p, None, g_mean.sum(-2, keepdim=True)
+
+
 def _subset_poe(mu, logvar, member, weights):
-    """Each subset's product of experts from per-expert precisions: one matrix product of the weighted membership
-    ``(..., K, M)`` with the precisions and the precision-weighted offsets."""
+    """Each subset's product of experts from per-expert precisions: matrix products of the weighted membership
+    ``(..., K, M)`` with the scaled precisions and precision-weighted offsets (``_SubsetSums``)."""
     x, reference = _reference_offsets(mu, member)
-    wide = _wide(mu.dtype)
-    precision = (-logvar.to(wide)).exp()
-    sums = _subset_weights(weights, member, wide) @ torch.cat((precision, precision * x.to(wide)), -1)
-    total, weighted = sums.chunk(2, -1)
-    return reference + (weighted / total).to(mu.dtype), (-total.log()).to(mu.dtype)
+    w = _subset_weights(weights, member, mu.dtype)
+    return _SubsetSums.apply(w, x, -logvar, member.any(-2).unsqueeze(-1), reference)[:2]
 
 
 def _subset_barycenter(mu, logvar, member, weights):

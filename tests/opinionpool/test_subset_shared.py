@@ -152,3 +152,62 @@ def test_float32_shared_hellinger_subsets_against_float64():
     sd = (0.5 * exact.logvar).exp()
     assert ((approx.loc.double() - exact.loc).abs() <= 1e-5 * sd + 4e-7 * exact.loc.abs()).all()
     torch.testing.assert_close(approx.logvar.double(), exact.logvar, rtol=0, atol=2e-5)
+
+
+def exact_subset_poe(mu, logvar, weights=None):
+    """Every subset's product of experts ``(B, K, D)`` in float64 by log-sum-exp over its members (independent of
+    the matrix products and the scaling of ``subset_mixture``)."""
+    m = mu.shape[0]
+    w = torch.ones(m, dtype=torch.float64) if weights is None else weights.double()
+    locs, lvs = [], []
+    for s in [s for r in range(1, m + 1) for s in itertools.combinations(range(m), r)]:
+        s = list(s)
+        log_terms = w[s].log()[:, None, None] - logvar[s].double()
+        log_total = log_terms.logsumexp(0)
+        locs.append(((log_terms - log_total).exp() * mu[s].double()).sum(0))
+        lvs.append(-log_total)
+    return torch.stack(locs, 1), torch.stack(lvs, 1)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_float32_mopoe_over_a_wide_range_of_precisions(weighted):
+    """Log-variances from -60 to 60 in the same dimension: scaled by the largest precision alone, the sums of the
+    subsets of flat experts (e^-120 of the largest) flush to zero in float32; scaled about the range's midpoint every
+    subset keeps its digits."""
+    g = torch.Generator().manual_seed(5)
+    mu = (torch.randn(4, 3, 8, generator=g) * 2).float()
+    logvar = torch.tensor([-60.0, -20.0, 25.0, 60.0])[:, None, None] + torch.randn(4, 3, 8, generator=g)
+    weights = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=torch.float32) if weighted else None
+    assert mu.dtype == torch.float32
+    mix = opf.subset_mixture(opf.poe, mu, logvar.float(), weights=weights)
+    loc, lv = exact_subset_poe(mu.double(), logvar.float().double(), weights)
+    assert torch.isfinite(mix.loc).all() and torch.isfinite(mix.logvar).all()
+    torch.testing.assert_close(mix.logvar.double(), lv, rtol=0, atol=1e-5)
+    torch.testing.assert_close(mix.loc.double(), loc, rtol=1e-5, atol=1e-5 * float((0.5 * lv).exp().max()))
+
+
+def test_float32_mopoe_beyond_the_range_stays_finite():
+    """Log-precisions more than 160 nats below the largest are raised to that floor: finite, and exact for the
+    subsets that hold a sharper expert."""
+    mu = torch.tensor([[[1.0]], [[2.0]]], dtype=torch.float32)
+    logvar = torch.tensor([[[-90.0]], [[100.0]]], dtype=torch.float32)
+    mix = opf.subset_mixture(opf.poe, mu, logvar)
+    assert torch.isfinite(mix.loc).all() and torch.isfinite(mix.logvar).all()
+    torch.testing.assert_close(mix.logvar[0, [0, 2]], torch.full((2, 1), -90.0, dtype=torch.float32))
+    torch.testing.assert_close(mix.loc[0], torch.tensor([[1.0], [2.0], [1.0]], dtype=torch.float32))
+    assert 60 <= mix.logvar[0, 1, 0] <= -90.0 + 160.5  # the flat expert alone: its variance capped by the floor
+
+
+def test_gradcheck_of_the_shared_poe_subsets():
+    """float64 finite differences of means, log-variances and weights, with a mask (empty subsets) and M = 2."""
+    for m, seed in ((3, 6), (2, 7)):
+        mu, logvar, mask, weights = data(m=m, b=3, d=2, seed=seed)
+        mask[:, 2] = torch.tensor([False] * (m - 1) + [True])
+
+        def loss(mu, logvar, w, mask=mask):
+            mix = opf.subset_mixture(opf.poe, mu, logvar, mask=mask, weights=w)
+            kept = torch.isfinite(mix.log_weights).unsqueeze(-1)
+            return torch.where(kept, mix.loc, 0), torch.where(kept, mix.logvar, 0)
+
+        inputs = [t.double().requires_grad_(True) for t in (mu, logvar, weights[:, None, :m])]
+        assert torch.autograd.gradcheck(loss, inputs)
