@@ -185,3 +185,11 @@ def test_own_cross_mass_against_quadrature():
     model.encode = lambda x: (torch.zeros(3, 2, 1), torch.zeros(3, 2, 1))
     assert pooling_diagnostics(model, x)["own_cross_mass"] is None
     assert np.isfinite(pooling_diagnostics(model, x)["pairwise_mass"])
+
+
+def test_the_quick_study_runs_are_the_full_studys():
+    full, quick = load_sweep("polymnist-cpu-study"), load_sweep("polymnist-cpu-study-quick")
+    assert quick.name == full.name and len(grid(quick)) == 3
+    assert set(grid(quick)) <= set(grid(full))
+    for run in grid(quick):
+        assert run_config(quick, *run) == run_config(full, *run)
