@@ -3,10 +3,12 @@ evaluation, a time limit, partial summaries, the study preset, and the pooling d
 training."""
 
 import csv
+import json
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +29,34 @@ def tiny(root, models=("helvae",), seeds=(0, 1), **fields):
                  "eval.unconditional_samples=20"]
     return SweepConfig(name="tiny", base="polymnist-helvae", overrides=overrides, models=list(models), betas=[1.0],
                        seeds=list(seeds), output_dir=str(root / "runs"), **fields)
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """The sweep's training and evaluation replaced by stubs that write the files it checks (its orchestration is
+    under test here; test_mvae_sweep trains and evaluates for real). Returns the calls, in order."""
+    from applications.multimodal_vae import sweep as sweeps
+
+    calls = []
+
+    def train(config, resume, show_progress):
+        run = Path(config.output_dir) / config.name
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "checkpoint.pt").write_text("finished")
+        (run / "metrics.csv").write_text("epoch,step,loss,reconstruction,kl,seconds\n1,1,1,1,0,0.5\n")
+        calls.append(("train", config.name, resume))
+
+    def evaluate_run(run_dir, config, model, progress=None):
+        metrics = {"log_likelihood": {"joint": -1.0, "given_one_modality": -2.0}, "pooling": {"pairwise_mass": 0.0}}
+        (Path(run_dir) / "metrics.json").write_text(json.dumps(metrics))
+        (Path(run_dir) / "report.md").write_text("report")
+        calls.append(("evaluate", config.name))
+
+    monkeypatch.setattr(sweeps, "train", train)
+    monkeypatch.setattr(sweeps, "evaluate_run", evaluate_run)
+    monkeypatch.setattr(sweeps, "load_run", lambda run_dir: (None, None))
+    monkeypatch.setattr(sweeps, "load_checkpoint", lambda path: {"finished": Path(path).read_text() == "finished"})
+    return calls
 
 
 def dead_pid() -> int:
@@ -51,27 +81,25 @@ def test_the_study_preset():
     for model in ("helvae", "mohelvae", "mvae", "mmvae", "mopoe", "wbvae", "mwbvae", "mmvaeplus", "holder_stratified",
                   "holderplus", "holderplusplus", "mmvm", "mmvm_holder"):
         assert {(model, beta) for beta in (1.0, 2.5)} <= {(label, beta) for label, beta, _ in runs}
+    configs = {run: run_config(sweep, *run) for run in runs}
     # the alpha study: moment-matched and exact mixture at alpha in {0, 1/4, 1/3, 1/2, 1}, 3 seeds, beta 1
     studied = {}
-    for label in labels:
-        config = run_config(sweep, label, 1.0, 0).model
-        if config.name in ("holder", "holder_mixture", "helvae"):
-            studied.setdefault("holder_mixture" if config.name == "holder_mixture" else "holder", set()).add(
-                round(config.alpha, 6))
+    for (_, beta, _), config in configs.items():
+        if config.model.name in ("holder", "holder_mixture", "helvae") and beta == 1.0:
+            family = "holder_mixture" if config.model.name == "holder_mixture" else "holder"
+            studied.setdefault(family, set()).add(round(config.model.alpha, 6))
     expected = {0.0, 0.25, round(1 / 3, 6), 0.5, 1.0}
     assert studied["holder"] == expected and studied["holder_mixture"] | {0.0} == expected
-    assert all(sum(1 for r in runs if r[0] == label) == 3 for label in labels if label.startswith("holder"
-                                                                                                 ) and "-a" in label)
-    k4 = run_config(sweep, "mmvae-k4", 1.0, 0).model
+    assert all(sum(1 for r in runs if r[0] == label) == 3 for label in labels if "-a" in label)
+    k4 = configs["mmvae-k4", 1.0, 0].model
     assert (k4.name, k4.num_samples, k4.estimator) == ("mmvae", 4, "dreg")
     # every run the same nets, latent size, batch, learning rate and steps
-    configs = [run_config(sweep, *run) for run in runs]
     assert {(c.model.architecture, c.model.activation, c.model.latent_dim + c.model.private_dim, c.train.batch_size,
-             c.train.lr, c.train.max_steps) for c in configs} == {("conv", "leaky_relu", 32, 128, 2e-3, 1870)}
+             c.train.lr, c.train.max_steps) for c in configs.values()} == {("conv", "leaky_relu", 32, 128, 2e-3, 1870)}
     assert runs[0][2] == 0 and {label for label, _, seed in runs[:len(labels) * 2] if seed == 0} == labels
 
 
-def test_runs_are_shared_through_locks_and_summarised_when_partial(tiny_root):
+def test_runs_are_shared_through_locks_and_summarised_when_partial(tiny_root, fake_training):
     sweep = tiny(tiny_root)
     folder = tiny_root / "runs" / "tiny"
     folder.mkdir(parents=True)
@@ -88,9 +116,11 @@ def test_runs_are_shared_through_locks_and_summarised_when_partial(tiny_root):
     run_sweep(sweep, show_progress=False)
     assert (folder / "helvae-beta1.0-seed0" / "report.md").exists() and not held.exists()
     assert "Partial" not in (folder / "report.md").read_text()
+    assert [c[:2] for c in fake_training] == [("train", "helvae-beta1.0-seed1"), ("evaluate", "helvae-beta1.0-seed1"),
+                                              ("train", "helvae-beta1.0-seed0"), ("evaluate", "helvae-beta1.0-seed0")]
 
 
-def test_train_only_then_evaluate_and_the_time_limit(tiny_root):
+def test_train_only_then_evaluate_and_the_time_limit(tiny_root, fake_training):
     sweep = tiny(tiny_root)
     folder = tiny_root / "runs" / "tiny"
     run_sweep(sweep, show_progress=False, stop_after_minutes=1e-9)  # past the limit before the first run
@@ -104,6 +134,12 @@ def test_train_only_then_evaluate_and_the_time_limit(tiny_root):
     assert len(list(folder.glob("*/report.md"))) == 2
     assert all(p.stat().st_mtime_ns == t for p, t in checkpoints.items())
     assert "Partial" not in (folder / "report.md").read_text()
+    assert [c[0] for c in fake_training] == ["train", "train", "evaluate", "evaluate"]
+    # an interrupted run (a checkpoint, not finished) resumes
+    (folder / "helvae-beta1.0-seed1" / "checkpoint.pt").write_text("interrupted")
+    (folder / "helvae-beta1.0-seed1" / "report.md").unlink()
+    run_sweep(sweep, show_progress=False)
+    assert fake_training[-2:] == [("train", "helvae-beta1.0-seed1", True), ("evaluate", "helvae-beta1.0-seed1")]
 
 
 def test_sweep_command_line_checks(capsys):
