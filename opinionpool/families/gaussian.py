@@ -344,21 +344,36 @@ class MultivariateNormalFamily(ExponentialFamily):
         return self.to_natural(self.join(loc, _spd_inverse(cov)))
 
     def combine(self, params, log_weights):
+        """As ``ExponentialFamily.combine``, with nothing large cancelling (the full-covariance counterpart of
+        ``gaussian_combine``): means are taken relative to slot 0, and the log-determinants relative to slot 0's
+        precision ``P_0 = L L^T``: with ``E_j = L^-1 (P_j - P_0) L^-T``, ``log det sum_j w_j P_j - sum_j w_j log det
+        P_j = log det (I + sum_j w_j E_j) - sum_j w_j log det (I + E_j)`` for weights summing to one, whose terms
+        vanish as the experts coincide instead of growing with their log-determinants."""
         k = params.dim() - 3  # expert axis of (..., C, S, d, d + 1)
         loc, precision = self.split(params)
         w = log_weights.exp()
-        wp = torch.where(w[..., None, None] > 0, w[..., None, None] * precision, torch.zeros_like(precision))
+        used = (w > 0)[..., None, None]
+        wp = torch.where(used, w[..., None, None] * precision, torch.zeros_like(precision))
         combined = wp.sum(k)
         chol = torch.linalg.cholesky(combined)
-        reference = loc.narrow(k, 0, 1)  # shift by slot 0 so that one expert, or identical ones, come out exactly
-        rhs = (wp @ (loc - reference).unsqueeze(-1)).sum(k)
-        mean = reference.squeeze(k) + torch.cholesky_solve(rhs, chol).squeeze(-1)
-        dev = loc - mean.unsqueeze(k)
+        # shift by slot 0 so that one expert, or identical ones, come out exactly
+        offset = loc - loc.narrow(k, 0, 1)
+        shift = torch.cholesky_solve((wp @ offset.unsqueeze(-1)).sum(k), chol).squeeze(-1)
+        mean = loc.select(k, 0) + shift
+        dev = offset - shift.unsqueeze(k)
         quad = (dev.unsqueeze(-2) @ wp @ dev.unsqueeze(-1))[..., 0, 0].sum(-1)
-        log_det_combined = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-        log_det_experts = 2 * torch.log(torch.diagonal(torch.linalg.cholesky(precision), dim1=-2, dim2=-1)).sum(-1)
-        weighted = torch.where(w > 0, w * log_det_experts, torch.zeros_like(w)).sum(-1)
-        log_c = -0.5 * quad - 0.5 * (log_det_combined - weighted)
+        precision_0 = precision.narrow(k, 0, 1)
+        chol_0 = torch.linalg.cholesky(precision_0)
+        # R_j - I = L^-1 (P_j - P_0) L^-T from the differences of the precisions (exact for nearby experts), and
+        # log det (I + E) as sum log1p(eigenvalues of E): both keep the digits of the small terms
+        half = torch.linalg.solve_triangular(chol_0, precision - precision_0, upper=False)
+        excess = torch.linalg.solve_triangular(chol_0, half.transpose(-1, -2), upper=False)
+        excess = torch.where(used, 0.5 * (excess + excess.transpose(-1, -2)), torch.zeros_like(excess))
+        log_det_relative = torch.log1p(torch.linalg.eigvalsh(excess)).sum(-1)
+        # the weights sum to one (up to the rounding of exp(log w), which is left out, as gaussian_combine does)
+        log_det_mixed = torch.log1p(torch.linalg.eigvalsh((w[..., None, None] * excess).sum(k))).sum(-1)
+        weighted = torch.where(w > 0, w * log_det_relative, torch.zeros_like(w)).sum(-1)
+        log_c = -0.5 * quad - 0.5 * (log_det_mixed - weighted)
         return self.join(mean, combined), log_c
 
     def log_prob(self, params, value):

@@ -1,6 +1,8 @@
 """float32 behaviour on the ranges VAEs produce: log-variances in [-30, 30], |mu| <= 1e3, latent
 sizes up to 4096, up to 16 experts; compared with the same computation in float64."""
 
+import math
+
 import pytest
 import torch
 
@@ -121,3 +123,35 @@ def test_float32_generic_pools_of_coinciding_experts_against_float64(alpha):
     sd64 = (0.5 * lv64).exp()
     assert ((loc32.double() - loc64).abs() <= torch.maximum(1e-5 * sd64, 2 * EPS32 * loc64.abs())).all()
     torch.testing.assert_close(lv32.double(), lv64, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim,scale,spread", [(16, 30.0, 0.05), (64, 60.0, 0.01), (32, -30.0, 0.02)])
+def test_float32_full_covariance_combine_of_coinciding_experts_against_float64(dim, scale, spread):
+    """``MultivariateNormalFamily.combine`` took ``log det sum_j w_j P_j - sum_j w_j log det P_j`` from
+    log-determinants of the size of the precisions' (here dim x scale): the cancellation of the diagonal case.
+    Nearly coinciding sharp (or flat) experts in float32 against a float64 computation by slogdet of the same
+    (float32) inputs, with weights that sum to one exactly in both."""
+    from opinionpool.families.gaussian import MultivariateNormalFamily
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(dim, dim, generator=g, dtype=torch.float64)
+    base = base @ base.T / dim + torch.eye(dim, dtype=torch.float64)
+    noise = [torch.randn(dim, dim, generator=g, dtype=torch.float64) for _ in range(3)]
+    precision = torch.stack([math.exp(scale) * (base + spread * a @ a.T / dim) for a in noise]).float().double()
+    loc = (1.0 + math.exp(-scale / 2) * torch.randn(3, dim, generator=g, dtype=torch.float64)).float().double()
+    weights = torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64)
+    combined = (weights[:, None, None] * precision).sum(0)
+    # offsets from expert 0, so that the reference's own rounding is not multiplied by the precisions
+    offset = loc - loc[0]
+    shift = torch.linalg.solve(combined, (weights[:, None, None] * precision @ offset[..., None]).sum(0))[..., 0]
+    mean, dev = loc[0] + shift, offset - shift
+    quad = (weights * torch.einsum("si,sij,sj->s", dev, precision, dev)).sum()
+    exact = -0.5 * quad - 0.5 * (torch.linalg.slogdet(combined)[1] - (weights * torch.linalg.slogdet(precision)[1]).sum())
+    family = MultivariateNormalFamily(dim)
+    params, log_weights = family.join(loc, precision).unsqueeze(0), weights.log().unsqueeze(0)
+    assert exact.abs() > 1e-4  # the coefficient is not one: the test checks its digits
+    _, log_c64 = family.combine(params, log_weights)
+    torch.testing.assert_close(log_c64[0], exact, rtol=1e-9, atol=1e-12)
+    combined32, log_c32 = family.combine(params.float(), log_weights.float())
+    torch.testing.assert_close(log_c32[0].double(), exact, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(combined32[0, :, 0].double(), mean, rtol=1e-6, atol=1e-5 * math.exp(-scale / 2))
