@@ -81,6 +81,16 @@ def test_every_integer_option_refuses_a_negative_value(key):
         load_config("polymnist-helvae-cpu", [f"{key}=-5"])
 
 
+@pytest.mark.parametrize("sizes", ["[0]", "[5]", "[2,2]", "[-1]"])
+def test_fid_sizes_must_be_distinct_numbers_of_inputs_below_the_number_of_modalities(sizes):
+    with pytest.raises(ValueError, match=r"^eval.fid_sizes must be distinct numbers of inputs in \[1, 4\] .*got "
+                       + re.escape(sizes.replace(",", ", "))):
+        load_config("polymnist-helvae-cpu", [f"eval.fid_sizes={sizes}", "data.num_modalities=5"])
+    assert load_config("polymnist-helvae-cpu", ["data.num_modalities=5"]).eval.fid_sizes is None  # all
+    assert load_config("polymnist-helvae-cpu", ["eval.fid_sizes=[4,1]"]).eval.fid_sizes == [4, 1]
+    assert load_config("polymnist-helvae-cpu", ["eval.fid_sizes=[]"]).eval.fid_sizes == []
+
+
 @pytest.mark.parametrize("override", [
     "train.lr=1", "train.lr=1e-9", "model.alpha=0", "model.alpha=1", "model.beta=1000", "model.beta=1e-6",
     "model.likelihood_scale=1e-3", "model.likelihood_scale=1000", "data.drop_rate=0", "data.drop_rate=0.999",

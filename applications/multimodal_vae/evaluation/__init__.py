@@ -121,7 +121,10 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
     done()
     if settings.fid_samples and images:
         cache = Path(config.data.root).parent / ".wheels"
-        metrics["fid"] = fid_scores(model, evaluated, test_data, settings, cache, progress)
+        # the real features are stored beside the data: every run of a sweep on it shares them
+        metrics["fid"] = fid_scores(model, evaluated, test_data, settings, cache, progress,
+                                    feature_cache=Path(config.data.root),
+                                    source=f"{config.data.dataset} at {Path(config.data.root).resolve()}, test split")
         done()
     if bar is not None:
         bar.close()
@@ -226,13 +229,17 @@ def render_report(config, metrics: dict) -> str:
         f"{pooling['pairwise_mass']:.3f}.", ""]
     if "fid" in metrics:
         fid = metrics["fid"]
+        conditional = ("; conditional by number of inputs: "
+                       + ", ".join(f"{k}: {v:.1f}" for k, v in fid["per_size"].items())
+                       if fid["per_size"] else " (conditional generations not scored: eval.fid_sizes)")
         lines += [f"**FID** ({fid['samples']} samples per image modality, {fid['weights']}): unconditional "
-                  f"{fid['unconditional']:.1f}; conditional by number of inputs: "
-                  + ", ".join(f"{k}: {v:.1f}" for k, v in fid["per_size"].items()) + ".", ""]
+                  f"{fid['unconditional']:.1f}{conditional}.", ""]
         if "kid_unconditional" in fid:
-            lines += [f"**KID** (x 1000, same samples): unconditional {1000 * fid['kid_unconditional']:.2f}; "
-                      "conditional by number of inputs: "
-                      + ", ".join(f"{k}: {1000 * v:.2f}" for k, v in fid["kid_per_size"].items()) + ".", ""]
+            conditional = ("; conditional by number of inputs: "
+                           + ", ".join(f"{k}: {1000 * v:.2f}" for k, v in fid["kid_per_size"].items())
+                           if fid["kid_per_size"] else "")
+            lines += [f"**KID** (x 1000, same samples): unconditional {1000 * fid['kid_unconditional']:.2f}"
+                      f"{conditional}.", ""]
     if "classifier_accuracy" in metrics:
         lines += ["Digit classifiers (eval mode), test accuracy per modality: "
                   + ", ".join(f"{name} {a:.3f}" for name, a in zip(names, metrics["classifier_accuracy"])) + ".", ""]
