@@ -186,6 +186,17 @@ def test_a_run_stopped_by_the_wall_clock_guard_says_so(tiny_root, capsys):
     (run / "report.md").unlink()
     assert main(["evaluate", "--run", str(run)]) == 0
     assert notice in capsys.readouterr().out and notice[1:] in (run / "report.md").read_text()
+    # the evaluation draws the labelled sample grid, and so does the grid command
+    from PIL import Image
+
+    assert "![sample grid](sample_grid.png)" in (run / "report.md").read_text()
+    with Image.open(run / "sample_grid.png") as png:
+        assert png.size[1] >= 3 * 6 * 28 * 3  # 3 modalities x 6 blocks of 28-pixel tiles, 3 x 3 per pixel
+    out = tiny_root / "grid.png"
+    assert main(["grid", "--run", str(run), "--columns", "3", "--scale", "2", "--out", str(out)]) == 0
+    with Image.open(out) as png:
+        assert 3 * 6 * 28 * 2 <= png.size[1] < 3 * 6 * 28 * 3
+    assert str(out) in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("train_budget, steps", [({"epochs": 1}, 3), ({"max_steps": 2}, 2)])

@@ -346,3 +346,59 @@ def test_pytorch_fid_weights_give_the_features_of_the_same_network_in_torchscrip
     torch.save(broken, pth)
     with pytest.raises(ValueError, match=r"missing \['Mixed_7c.branch_pool.bn.running_var'\], unknown \['extra.weight'\]"):
         InceptionFeatures(pth)
+
+
+def test_the_default_file_runs_as_the_folded_network_with_the_features_of_its_torchscript_graph():
+    """The fid-helper file is converted to ``FIDInceptionV3`` with its batch norms folded (faster on the CPU); its
+    features must be the TorchScript graph's on the same inputs, scaled here by hand."""
+    from torch import nn
+
+    from applications.multimodal_vae.evaluation.inception import FIDInceptionV3
+
+    weights = default_weights(WHEEL_CACHE)
+    inception = InceptionFeatures(weights)
+    assert isinstance(inception.network, FIDInceptionV3)
+    assert not any(isinstance(module, nn.BatchNorm2d) for module in inception.network.modules())
+    images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    x = torch.nn.functional.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        expected = torch.jit.load(str(weights))((x - 128) / 128).double().numpy()
+    np.testing.assert_allclose(inception(images), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_other_torchscript_files_run_as_they_are(tmp_path):
+    class ChannelMeans(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3)).repeat(1, 683)[:, :2048]
+
+    path = tmp_path / "other.pt"
+    torch.jit.save(torch.jit.script(ChannelMeans()), str(path))
+    inception = InceptionFeatures(path)
+    assert isinstance(inception.network, torch.jit.ScriptModule)
+    images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    means = ((images.double() - 128) / 128).mean((2, 3))  # bilinear resizing keeps a constant's mean, roughly
+    features = inception(images)
+    assert features.shape == (2, 2048)
+    np.testing.assert_allclose(features[:, :3], means.numpy(), atol=0.02)
+    np.testing.assert_array_equal(features[:, 3:6], features[:, :3])
+
+
+def test_folding_the_batch_norms_keeps_the_function():
+    from applications.multimodal_vae.evaluation.inception import FIDInceptionV3, fold_batch_norms
+
+    torch.manual_seed(0)
+    network = FIDInceptionV3().float()
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # statistics far from the identity
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 2.0)
+            module.bias.data.normal_()
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norms(network)
+    x = torch.rand(1, 3, 107, 107, dtype=torch.float32) * 2 - 1
+    with torch.no_grad():
+        expected = network.eval()(x)
+        got = fold_batch_norms(network)(x)
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in network.modules())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
