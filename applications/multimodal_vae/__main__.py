@@ -3,6 +3,7 @@
     python -m applications.multimodal_vae train --preset polymnist-helvae [--set key=value ...] [--resume]
     torchrun --nproc_per_node N -m applications.multimodal_vae train ...   (distributed data parallel)
     python -m applications.multimodal_vae evaluate --run runs/NAME [--set eval.key=value ...]
+    python -m applications.multimodal_vae grid --run runs/NAME [--columns 8] [--scale 3] [--out FILE]
     python -m applications.multimodal_vae sweep --preset polymnist-cpu [--set key=value ...] [--train-only]
         [--stop-after MINUTES] [--summarise-only]     (several at once share the grid: one run each at a time)
     python -m applications.multimodal_vae study --sweep runs/polymnist-cpu-study [--docs docs]
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .config import available_presets, load_config
 
@@ -35,6 +37,12 @@ def main(argv=None) -> int:
     evaluate.add_argument("--run", required=True, help="the run folder (holding config.yaml and checkpoint.pt)")
     evaluate.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                           help="override evaluation keys, e.g. --set eval.fid_samples=10000 eval.subsets=single")
+    grid = commands.add_parser("grid", help="draw the labelled sample grid of a trained run (sample_grid.png)")
+    grid.add_argument("--run", required=True, help="the run folder (holding config.yaml and checkpoint.pt)")
+    grid.add_argument("--columns", type=int, default=8, help="test tuples shown (the first ones)")
+    grid.add_argument("--scale", type=int, default=3, help="figure pixels per image pixel")
+    grid.add_argument("--out", help="the PNG to write (default: sample_grid.png in the run folder)")
+    grid.add_argument("--seed", type=int, default=0, help="seed of the generations")
     sweep = commands.add_parser("sweep", help="train and evaluate a grid of models x beta x seeds, then summarise")
     sweep.add_argument("--preset", required=True, help="a sweep preset (sweeps/*.yaml)")
     sweep.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -107,6 +115,8 @@ def main(argv=None) -> int:
 
         build_main(["--root", args.root, "--seed", str(args.seed)])
         return 0
+    if args.command == "grid":
+        return _grid(parser, args)
     if args.command == "evaluate":
         from tqdm import tqdm
 
@@ -136,6 +146,30 @@ def main(argv=None) -> int:
     except UnreadableFile as error:
         parser.exit(1, f"{parser.prog} train: error: {error}\n")
     print(f"run written to {run_dir}")
+    return 0
+
+
+def _grid(parser, args) -> int:
+    import torch
+
+    from .data import load_dataset
+    from .evaluation.grids import GRID_FILE, draw_sample_grid
+    from .train import load_run
+
+    for name in ("columns", "scale"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    try:
+        config, model = load_run(args.run)
+    except ValueError as error:
+        parser.error(str(error))
+    data = load_dataset(config, "test")
+    out = args.out or str(Path(args.run) / GRID_FILE)
+    shown = data.gather(torch.arange(min(args.columns, len(data))))
+    title = f"{config.name}: {config.model.name}, beta {config.model.beta:g}"
+    if not draw_sample_grid(model, shown, data.modalities, out, args.columns, args.scale, args.seed, title):
+        parser.exit(1, f"{parser.prog} grid: error: {config.data.dataset} has no image modality to draw\n")
+    print(f"sample grid written to {out}")
     return 0
 
 

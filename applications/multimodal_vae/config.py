@@ -96,6 +96,9 @@ class EvalConfig:
     #: (empty: the checked default)
     fid_samples: int = 0
     fid_weights: str = ""
+    #: the numbers of inputs whose conditional FID/KID is scored (None: every size 1 .. M-1; []: unconditional
+    #: generations only): each size costs an Inception pass over fid_samples images per image modality
+    fid_sizes: list[int] | None = None
     seed: int = 0
 
 
@@ -223,6 +226,12 @@ def _check(config) -> None:
         raise ValueError(f"eval.subsets must be 'all' or 'single', got {config.eval.subsets!r}")
     if config.eval.fid_samples < 0 or config.eval.fid_samples == 1:
         raise ValueError(f"eval.fid_samples must be 0 (skip) or at least 2, got {config.eval.fid_samples}")
+    sizes = config.eval.fid_sizes
+    if sizes is not None:
+        m = config.data.num_modalities
+        if len(set(sizes)) != len(sizes) or any(not 1 <= k < m for k in sizes):
+            raise ValueError(f"eval.fid_sizes must be distinct numbers of inputs in [1, {m - 1}] "
+                             f"(data.num_modalities = {m}), or null (all), got {list(sizes)}")
     if config.eval.probe_examples != -1 and config.eval.probe_examples < 10:
         raise ValueError(f"eval.probe_examples must be -1 (all) or at least 10, got {config.eval.probe_examples}")
 

@@ -81,6 +81,16 @@ def test_every_integer_option_refuses_a_negative_value(key):
         load_config("polymnist-helvae-cpu", [f"{key}=-5"])
 
 
+@pytest.mark.parametrize("sizes", ["[0]", "[5]", "[2,2]", "[-1]"])
+def test_fid_sizes_must_be_distinct_numbers_of_inputs_below_the_number_of_modalities(sizes):
+    with pytest.raises(ValueError, match=r"^eval.fid_sizes must be distinct numbers of inputs in \[1, 4\] .*got "
+                       + re.escape(sizes.replace(",", ", "))):
+        load_config("polymnist-helvae-cpu", [f"eval.fid_sizes={sizes}", "data.num_modalities=5"])
+    assert load_config("polymnist-helvae-cpu", ["data.num_modalities=5"]).eval.fid_sizes is None  # all
+    assert load_config("polymnist-helvae-cpu", ["eval.fid_sizes=[4,1]"]).eval.fid_sizes == [4, 1]
+    assert load_config("polymnist-helvae-cpu", ["eval.fid_sizes=[]"]).eval.fid_sizes == []
+
+
 @pytest.mark.parametrize("override", [
     "train.lr=1", "train.lr=1e-9", "model.alpha=0", "model.alpha=1", "model.beta=1000", "model.beta=1e-6",
     "model.likelihood_scale=1e-3", "model.likelihood_scale=1000", "data.drop_rate=0", "data.drop_rate=0.999",
@@ -176,6 +186,17 @@ def test_a_run_stopped_by_the_wall_clock_guard_says_so(tiny_root, capsys):
     (run / "report.md").unlink()
     assert main(["evaluate", "--run", str(run)]) == 0
     assert notice in capsys.readouterr().out and notice[1:] in (run / "report.md").read_text()
+    # the evaluation draws the labelled sample grid, and so does the grid command
+    from PIL import Image
+
+    assert "![sample grid](sample_grid.png)" in (run / "report.md").read_text()
+    with Image.open(run / "sample_grid.png") as png:
+        assert png.size[1] >= 3 * 6 * 28 * 3  # 3 modalities x 6 blocks of 28-pixel tiles, 3 x 3 per pixel
+    out = tiny_root / "grid.png"
+    assert main(["grid", "--run", str(run), "--columns", "3", "--scale", "2", "--out", str(out)]) == 0
+    with Image.open(out) as png:
+        assert 3 * 6 * 28 * 2 <= png.size[1] < 3 * 6 * 28 * 3
+    assert str(out) in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("train_budget, steps", [({"epochs": 1}, 3), ({"max_steps": 2}, 2)])

@@ -93,14 +93,12 @@ def test_the_real_inception_weights_load_offline_and_are_deterministic():
     np.testing.assert_allclose(inception(floats), features, rtol=1e-5, atol=1e-6)
 
 
-def test_fid_scores_of_a_copying_generator(tmp_path):
-    """Conditional generations that copy the real images exactly have FID 0; prior noise does not."""
-    from types import SimpleNamespace
-
+def _copying_model_and_data(count=6):
+    """Three modalities showing the same images, and a model whose every subset copies them exactly (encoders
+    flatten the image with a near-zero variance, decoders unflatten)."""
     from torch import nn
 
     from applications.multimodal_vae.data import MultimodalDataset, polymnist_modalities
-    from applications.multimodal_vae.evaluation.fid import fid_scores
     from applications.multimodal_vae.models import MultimodalVAE
 
     class Flatten(nn.Module):
@@ -115,9 +113,18 @@ def test_fid_scores_of_a_copying_generator(tmp_path):
     torch.set_default_dtype(torch.float32)
     model = MultimodalVAE(nn.ModuleList(Flatten() for _ in range(3)), nn.ModuleList(Unflatten() for _ in range(3)))
     g = torch.Generator().manual_seed(0)
-    one = torch.randint(0, 256, (6, 3, 28, 28), dtype=torch.uint8, generator=g)
+    one = torch.randint(0, 256, (count, 3, 28, 28), dtype=torch.uint8, generator=g)
     # every modality shows the same image: every subset copies it
-    data = MultimodalDataset(polymnist_modalities(3), [one] * 3, torch.zeros(6, dtype=torch.long))
+    return model, MultimodalDataset(polymnist_modalities(3), [one] * 3, torch.zeros(count, dtype=torch.long))
+
+
+def test_fid_scores_of_a_copying_generator(tmp_path):
+    """Conditional generations that copy the real images exactly have FID 0; prior noise does not."""
+    from types import SimpleNamespace
+
+    from applications.multimodal_vae.evaluation.fid import fid_scores
+
+    model, data = _copying_model_and_data()
     settings = SimpleNamespace(fid_samples=6, fid_weights=str(default_weights(WHEEL_CACHE)), seed=0)
     scores = fid_scores(model, data, data, settings, tmp_path)
     assert scores["samples"] == 6 and set(scores["per_size"]) == {1, 2}
@@ -126,6 +133,98 @@ def test_fid_scores_of_a_copying_generator(tmp_path):
     # KID of copies is the unbiased estimate for identical sets: -2 mean_{i != j} k(x_i, x_j) / n + ..., near 0
     assert abs(scores["kid_per_size"][1]) < 0.2 * scores["kid_unconditional"]
     assert scores["kid_unconditional"] > 0
+
+
+class CountingFeatures:
+    """A stand-in for ``InceptionFeatures`` that records its calls: the 147 means of 4x4 pixel blocks per channel
+    of the 8-bit images (cheap, and equal for equal images). ``real`` counts the calls on uint8 images (the real
+    features; generations come as floats)."""
+
+    real = 0
+    generated = 0
+
+    def __init__(self, weights, device="cpu", batch_size=100):
+        self.weights = weights
+
+    def __call__(self, images):
+        if images.is_floating_point():
+            CountingFeatures.generated += 1
+            images = (images.clamp(0, 1) * 255).round()
+        else:
+            CountingFeatures.real += 1
+        pooled = torch.nn.functional.avg_pool2d(images.double(), 4)
+        return pooled.reshape(images.shape[0], -1).numpy()
+
+
+@pytest.fixture
+def counting_inception(monkeypatch, tmp_path):
+    """``fid_scores`` with ``CountingFeatures`` and an empty per-process memo; yields a weights file."""
+    from applications.multimodal_vae.evaluation import fid
+
+    monkeypatch.setattr(fid, "InceptionFeatures", CountingFeatures)
+    monkeypatch.setattr(fid, "_REAL_FEATURES", {})
+    CountingFeatures.real = CountingFeatures.generated = 0
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"first weights")
+    return weights
+
+
+def test_fid_sizes_choose_the_conditioning_sizes_scored(counting_inception, tmp_path):
+    """Only the requested numbers of inputs are scored (and pay an Inception pass); None scores all 1 .. M-1."""
+    from types import SimpleNamespace
+
+    from applications.multimodal_vae.evaluation.fid import fid_scores
+
+    model, data = _copying_model_and_data()
+    for sizes, expected in ((None, {1, 2}), ([2], {2}), ([], set())):
+        CountingFeatures.generated = 0
+        settings = SimpleNamespace(fid_samples=6, fid_weights=str(counting_inception), seed=0, fid_sizes=sizes)
+        scores = fid_scores(model, data, data, settings, tmp_path)
+        assert set(scores["per_size"]) == expected and set(scores["kid_per_size"]) == expected
+        assert CountingFeatures.generated == 3 * (1 + len(expected))  # 3 image targets: unconditional + sizes
+        assert all(scores["per_size"][k] < 1e-6 for k in expected)  # copies: the same features
+    for bad in ([0], [3], [1, 1]):
+        settings = SimpleNamespace(fid_samples=6, fid_weights=str(counting_inception), seed=0, fid_sizes=bad)
+        with pytest.raises(ValueError, match="fid_sizes must be distinct integers in \\[1, 2\\]"):
+            fid_scores(model, data, data, settings, tmp_path)
+
+
+def test_real_features_are_stored_once_and_recomputed_when_stale_or_corrupted(counting_inception, tmp_path):
+    """The real features go to the feature cache on the first call and are read back on the next (also in a new
+    process: the memo is emptied); other n or other weights make other files; a corrupted file or one with
+    features of the wrong shape is recomputed, not trusted."""
+    from types import SimpleNamespace
+
+    from applications.multimodal_vae.evaluation import fid
+    from applications.multimodal_vae.files import save_checked
+
+    model, data = _copying_model_and_data()
+    store = tmp_path / "features"
+
+    def run(samples=6, expect_real=0):
+        fid._REAL_FEATURES.clear()  # as in a fresh process
+        CountingFeatures.real = 0
+        settings = SimpleNamespace(fid_samples=samples, fid_weights=str(counting_inception), seed=0, fid_sizes=[])
+        scores = fid.fid_scores(model, data, data, settings, tmp_path, feature_cache=store, source="tiny, test")
+        assert CountingFeatures.real == expect_real
+        return scores
+
+    first = run(expect_real=3)  # one per image target
+    files = sorted(store.glob("*.pt"))
+    assert len(files) == 3
+    assert run(expect_real=0) == first
+    run(samples=5, expect_real=3)  # other tuples: other files
+    assert len(list(store.glob("*.pt"))) == 6
+    counting_inception.write_bytes(b"other weights")
+    run(samples=5, expect_real=3)
+    assert len(list(store.glob("*.pt"))) == 9
+    counting_inception.write_bytes(b"first weights")
+    assert run(expect_real=0) == first
+    files[0].write_bytes(b"not a tensor file")
+    save_checked(files[1], {"features": torch.zeros(5, 147, dtype=torch.float64), "key": {}})
+    with pytest.warns(UserWarning, match="computing the real Inception features again"):
+        assert run(expect_real=2) == first
+    assert run(expect_real=0) == first  # rewritten
 
 
 def unbiased_mmd2_by_loops(a, b):
@@ -247,3 +346,59 @@ def test_pytorch_fid_weights_give_the_features_of_the_same_network_in_torchscrip
     torch.save(broken, pth)
     with pytest.raises(ValueError, match=r"missing \['Mixed_7c.branch_pool.bn.running_var'\], unknown \['extra.weight'\]"):
         InceptionFeatures(pth)
+
+
+def test_the_default_file_runs_as_the_folded_network_with_the_features_of_its_torchscript_graph():
+    """The fid-helper file is converted to ``FIDInceptionV3`` with its batch norms folded (faster on the CPU); its
+    features must be the TorchScript graph's on the same inputs, scaled here by hand."""
+    from torch import nn
+
+    from applications.multimodal_vae.evaluation.inception import FIDInceptionV3
+
+    weights = default_weights(WHEEL_CACHE)
+    inception = InceptionFeatures(weights)
+    assert isinstance(inception.network, FIDInceptionV3)
+    assert not any(isinstance(module, nn.BatchNorm2d) for module in inception.network.modules())
+    images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    x = torch.nn.functional.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        expected = torch.jit.load(str(weights))((x - 128) / 128).double().numpy()
+    np.testing.assert_allclose(inception(images), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_other_torchscript_files_run_as_they_are(tmp_path):
+    class ChannelMeans(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3)).repeat(1, 683)[:, :2048]
+
+    path = tmp_path / "other.pt"
+    torch.jit.save(torch.jit.script(ChannelMeans()), str(path))
+    inception = InceptionFeatures(path)
+    assert isinstance(inception.network, torch.jit.ScriptModule)
+    images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    means = ((images.double() - 128) / 128).mean((2, 3))  # bilinear resizing keeps a constant's mean, roughly
+    features = inception(images)
+    assert features.shape == (2, 2048)
+    np.testing.assert_allclose(features[:, :3], means.numpy(), atol=0.02)
+    np.testing.assert_array_equal(features[:, 3:6], features[:, :3])
+
+
+def test_folding_the_batch_norms_keeps_the_function():
+    from applications.multimodal_vae.evaluation.inception import FIDInceptionV3, fold_batch_norms
+
+    torch.manual_seed(0)
+    network = FIDInceptionV3().float()
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # statistics far from the identity
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 2.0)
+            module.bias.data.normal_()
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norms(network)
+    x = torch.rand(1, 3, 107, 107, dtype=torch.float32) * 2 - 1
+    with torch.no_grad():
+        expected = network.eval()(x)
+        got = fold_batch_norms(network)(x)
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in network.modules())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())

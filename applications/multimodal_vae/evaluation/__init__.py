@@ -2,7 +2,8 @@
 
 ``evaluate_run`` computes them all and writes the report; each lives in its module: ``classifiers`` (what reads
 the generations), ``labelled`` (coherence and the latent probe), ``likelihood``, ``fid`` (with ``inception``)
-and ``diagnostics`` (pooling diagnostics; whether training completed).
+``diagnostics`` (pooling diagnostics; whether training completed) and ``grids`` (the labelled sample grid,
+``sample_grid.png``).
 
 Conventions (stated in every report):
 
@@ -61,6 +62,7 @@ from .classifiers import (
 )
 from .diagnostics import pooling_diagnostics, training_notice, training_status
 from .fid import fid_scores
+from .grids import GRID_FILE, draw_sample_grid
 from .labelled import (
     coherence,
     cross_coherence,
@@ -73,9 +75,9 @@ from .labelled import (
 from .likelihood import log_likelihood
 
 __all__ = ["CLASSIFIER_EPOCHS", "DigitClassifier", "EncoderClassifier", "accuracy", "classifier_input",
-           "classifiers_for", "coherence", "cross_coherence", "evaluate_run", "fid_scores", "latent_probe",
-           "log_likelihood", "make_classifier", "pooling_diagnostics", "posterior_means", "private_latent_probe",
-           "render_report",
+           "classifiers_for", "coherence", "cross_coherence", "draw_sample_grid", "evaluate_run", "fid_scores",
+           "latent_probe", "log_likelihood", "make_classifier", "pooling_diagnostics", "posterior_means",
+           "private_latent_probe", "render_report",
            "summarise_coherence", "train_classifiers", "training_notice", "training_status", "unconditional_coherence"]
 
 
@@ -98,7 +100,7 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
     labelled = test_data.num_classes is not None
     images = [t for t, modality in enumerate(test_data.modalities) if not modality.is_text]
     steps = ((["classifiers", "coherence", "unconditional", "probe"] if labelled else []) + ["likelihood", "pooling"]
-             + (["fid"] if settings.fid_samples and images else []))
+             + (["fid"] if settings.fid_samples and images else []) + (["sample grid"] if images else []))
     bar = progress(total=len(steps), desc="evaluation", unit="metric") if progress else None
     metrics = {"test_examples": n, "modalities": names, "protocol": {
         "generations": "samples of q(z|X_S), seeded", "probe_examples": settings.probe_examples,
@@ -123,11 +125,20 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
     done()
     if settings.fid_samples and images:
         cache = Path(config.data.root).parent / ".wheels"
-        metrics["fid"] = fid_scores(model, evaluated, test_data, settings, cache, progress)
+        # the real features are stored beside the data: every run of a sweep on it shares them
+        metrics["fid"] = fid_scores(model, evaluated, test_data, settings, cache, progress,
+                                    feature_cache=Path(config.data.root),
+                                    source=f"{config.data.dataset} at {Path(config.data.root).resolve()}, test split")
+        done()
+    run_dir = Path(run_dir)
+    if images:
+        shown = evaluated.gather(torch.arange(min(n, 8)))
+        title = f"{config.name}: {config.model.name}, beta {config.model.beta:g}, {n} test tuples"
+        draw_sample_grid(model, shown, test_data.modalities, run_dir / GRID_FILE, seed=settings.seed, title=title)
+        metrics["sample_grid"] = GRID_FILE
         done()
     if bar is not None:
         bar.close()
-    run_dir = Path(run_dir)
     write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     write_text(run_dir / "report.md", render_report(config, metrics))
     return metrics
@@ -231,15 +242,23 @@ def render_report(config, metrics: dict) -> str:
         + ".", ""]
     if "fid" in metrics:
         fid = metrics["fid"]
+        conditional = ("; conditional by number of inputs: "
+                       + ", ".join(f"{k}: {v:.1f}" for k, v in fid["per_size"].items())
+                       if fid["per_size"] else " (conditional generations not scored: eval.fid_sizes)")
         lines += [f"**FID** ({fid['samples']} samples per image modality, {fid['weights']}): unconditional "
-                  f"{fid['unconditional']:.1f}; conditional by number of inputs: "
-                  + ", ".join(f"{k}: {v:.1f}" for k, v in fid["per_size"].items()) + ".", ""]
+                  f"{fid['unconditional']:.1f}{conditional}.", ""]
         if "kid_unconditional" in fid:
-            lines += [f"**KID** (x 1000, same samples): unconditional {1000 * fid['kid_unconditional']:.2f}; "
-                      "conditional by number of inputs: "
-                      + ", ".join(f"{k}: {1000 * v:.2f}" for k, v in fid["kid_per_size"].items()) + ".", ""]
+            conditional = ("; conditional by number of inputs: "
+                           + ", ".join(f"{k}: {1000 * v:.2f}" for k, v in fid["kid_per_size"].items())
+                           if fid["kid_per_size"] else "")
+            lines += [f"**KID** (x 1000, same samples): unconditional {1000 * fid['kid_unconditional']:.2f}"
+                      f"{conditional}.", ""]
     if "classifier_accuracy" in metrics:
         lines += ["Digit classifiers (eval mode), test accuracy per modality: "
                   + ", ".join(f"{name} {a:.3f}" for name, a in zip(names, metrics["classifier_accuracy"])) + ".", ""]
+    if "sample_grid" in metrics:
+        lines += ["Samples (rows: inputs, reconstructions from all modalities, generations from each modality alone, "
+                  "unconditional generations; columns: test tuples):", "", f"![sample grid]({metrics['sample_grid']})",
+                  ""]
     lines += ["![samples](samples.png)", ""]
     return "\n".join(lines)

