@@ -90,6 +90,9 @@ class SweepConfig:
     models: list[str] = field(default_factory=lambda: ["helvae", "mopoe"])
     #: overrides for one label only (after ``overrides``), e.g. MMVAE+'s latent split
     model_overrides: dict[str, list[str]] = field(default_factory=dict)
+    #: overrides applied to every run last, to change a preset from the command line without restating its
+    #: ``overrides``: ``--set 'extra_overrides=[train.epochs=2]'``
+    extra_overrides: list[str] = field(default_factory=list)
     betas: list[float] = field(default_factory=lambda: [1.0, 2.5])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     #: seeds for one label only, instead of ``seeds`` (fewer for the slow models)
@@ -150,7 +153,8 @@ def run_config(sweep: SweepConfig, model: str, beta: float, seed: int):
     """The configuration of the run labelled ``model``: the label is the model's name unless its own overrides set
     ``model.name``."""
     own = sweep.model_overrides.get(model, [])
-    return load_config(sweep.base, [*sweep.overrides, f"model.name={model}", *own, f"model.beta={beta}",
+    return load_config(sweep.base, [*sweep.overrides, f"model.name={model}", *own, *sweep.extra_overrides,
+                                    f"model.beta={beta}",
                                     f"train.seed={seed}", f"name={model}-beta{beta}-seed{seed}",
                                     f"output_dir={Path(sweep.output_dir) / sweep.name}",
                                     "train.evaluate_at_end=false"])

@@ -229,3 +229,13 @@ def test_the_quick_study_runs_are_the_full_studys():
     assert set(grid(quick)) <= set(grid(full))
     for run in grid(quick):
         assert run_config(quick, *run) == run_config(full, *run)
+
+
+def test_extra_overrides_change_every_run_without_restating_the_presets():
+    sweep = load_sweep("polymnist-gpu", ["name=smoke", "seeds=[0]", "betas=[2.5]",
+                                         'extra_overrides=["train.epochs=2","eval.fid_sizes=[1]"]'])
+    config = run_config(sweep, "mmvaeplus", 2.5, 0)
+    assert (config.train.epochs, config.eval.fid_sizes, config.train.device) == (2, [1], "cuda")
+    assert (config.data.build_offline, config.model.private_dim) == (False, 32)  # the preset's own stay
+    with pytest.raises(ValueError, match="train.epochs"):
+        load_sweep("polymnist-gpu", ['extra_overrides=["train.epochs=0"]'])
