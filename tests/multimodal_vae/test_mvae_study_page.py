@@ -68,6 +68,8 @@ def test_the_study_page(tmp_path, capsys):
                  ("holder_mixture-a0.25", "holder_mixture", 0.25, 1.0, seed, {"coherence": 0.6 + 0.01 * seed},
                   [(0.4, 0.5), (0.2, 0.3)])]
     fake_sweep(folder, runs)
+    grid = folder / "mopoe-beta2.5-seed1" / "sample_grid.png"  # the first seed's has none: the next one is shown
+    grid.write_bytes(b"png")
     assert main(["study", "--sweep", str(folder), "--docs", str(tmp_path / "docs")]) == 0
     page = (tmp_path / "docs" / "study.md").read_text()
     lines = page.splitlines()
@@ -93,7 +95,10 @@ def test_the_study_page(tmp_path, capsys):
     for name in ("study_pareto.png", "study_synergy.png", "study_alpha.png", "study_mass.png"):
         assert (tmp_path / "docs" / "figures" / "study" / name).stat().st_size > 0
         assert f"](figures/study/{name})" in page
-    assert (folder / "study.md").exists()
+    assert (folder / "study.md").exists() and "](mopoe-beta2.5-seed1/sample_grid.png)" in (folder / "study.md").read_text()
+    assert (tmp_path / "docs" / "figures" / "study" / "grid_mopoe.png").read_bytes() == b"png"
+    assert "![mopoe](figures/study/grid_mopoe.png)" in page and "grid_helvae" not in page
+    assert "**Not the papers' setting.**" in page
     with pytest.raises(SystemExit):
         main(["study", "--sweep", str(tmp_path / "nothing")])
     assert "holds no results.csv" in capsys.readouterr().err
