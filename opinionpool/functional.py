@@ -364,10 +364,14 @@ def all_subsets(num_experts: int, device=None, *, max_subsets: int = DEFAULT_MAX
     num_experts = check_positive_int("num_experts", num_experts)
     _check_subset_count(f"num_experts={num_experts} (2^{num_experts} - 1)", 2**num_experts - 1, max_subsets)
     members = torch.zeros(2**num_experts - 1, num_experts, dtype=torch.bool)
-    rows = [subset for size in range(1, num_experts + 1) for subset in itertools.combinations(range(num_experts), size)]
-    for row, subset in enumerate(rows):
+    for row, subset in enumerate(_subset_rows(num_experts)):
         members[row, list(subset)] = True
     return members.to(device)
+
+
+def _subset_rows(num_experts: int) -> list[tuple[int, ...]]:
+    """The experts of each subset of ``all_subsets(num_experts)``, in its order."""
+    return [subset for size in range(1, num_experts + 1) for subset in itertools.combinations(range(num_experts), size)]
 
 
 def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, prior_on_full_subset=False,
@@ -400,6 +404,9 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
         if validate:
             check_weights("weights", weights, m + (1 if prior_expert else 0))
     mu, logvar, mask, m = _prepare(mu, logvar, dim, None, mask, False, validate)
+    # each subset's experts as Python tuples, for the Hellinger pool's per-subset sums: read from a given tensor
+    # unless compiling (not traceable; the sums then visit every component)
+    rows = _subset_rows(m) if subsets is None else None
     if subsets is None:
         subsets = all_subsets(m, device=mu.device, max_subsets=max_subsets)
     subsets = torch.as_tensor(subsets, device=mu.device)
@@ -439,11 +446,22 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
         loc, lv = aggregator(mu.unsqueeze(-3).expand(expand), logvar.unsqueeze(-3).expand(expand), dim=-2,
                              mask=member, validate_args=False, **kwargs)
     else:
-        if prior_expert:  # the aggregator's own prior expert: a member of every subset
+        if prior_expert:  # the aggregator's own prior expert: a member of every subset but the empty ones, whose
+            # discarded aggregates are their stand-in's alone (one component: no spread, which the Hellinger sums
+            # rely on, as they visit only each subset's own components)
             mu, logvar = _with_prior_expert(mu, logvar)
-            member = torch.cat((member, torch.ones(member.shape[:-1] + (1,), dtype=torch.bool,
-                                                   device=member.device)), -1)
-        loc, lv = _SHARED[shared](mu, logvar, member, weights)
+            member = torch.cat((member, ~empty.unsqueeze(-1)), -1)
+        extra = ()
+        if shared == "hellinger":
+            if rows is None and not torch.compiler.is_compiling():
+                rows = [tuple(e for e, inside in enumerate(row) if inside) for row in subsets.tolist()]
+            if rows is not None:  # the added experts: the full subset's prior (column M), then the prior expert
+                experts = subsets.shape[1]
+                full = (experts,) if prior_on_full_subset else ()
+                prior = (member.shape[-1] - 1,) if prior_expert else ()
+                rows = [row + (full if len(row) == experts else ()) + prior for row in rows]
+            extra = (rows,)
+        loc, lv = _SHARED[shared](mu, logvar, member, weights, *extra)
     log_weights = torch.where(empty, -torch.inf, 0.0).to(mu.dtype)
     return GaussianMixture(torch.log_softmax(log_weights, -1), loc, lv)
 
@@ -463,8 +481,8 @@ def _shared_kind(aggregator, kwargs):
 
 
 def _wide(dtype):
-    """float64 for the per-subset sums of float32 (or narrower) terms: the raw second moments of ``_subset_hellinger``
-    and the standard deviations of ``_subset_barycenter`` keep their digits and range."""
+    """float64 for the per-subset sums of float32 (or narrower) terms: the standard deviations of
+    ``_subset_barycenter`` keep their digits and range."""
     return torch.float64 if torch.finfo(dtype).bits < 64 else dtype
 
 
@@ -484,24 +502,118 @@ def _subset_weights(weights, member, dtype):
     return torch.where(member, w, torch.zeros((), dtype=dtype, device=member.device))
 
 
-def _subset_hellinger(mu, logvar, member, weights):
+def _subset_components(rows, num_experts):
+    """Per subset, the indices of the shared components it can hold: its experts ``c < M`` and its pairs ``M + p``
+    (``p`` in ``pair_indices`` order); ``rows`` lists each subset's experts, or is ``None`` for all of them."""
+    if rows is None:
+        return (tuple(range(num_experts * (num_experts + 1) // 2)),)
+    index = {pair: num_experts + p for p, pair in enumerate(itertools.combinations(range(num_experts), 2))}
+    return tuple(tuple(row) + tuple(index[pair] for pair in itertools.combinations(row, 2)) for row in rows)
+
+
+def _subset_hellinger(mu, logvar, member, weights, rows=None):
     """The order-1/2 pool of every subset from the components of the pool of all experts: a subset's components
     are the experts and pairs inside it, with the same unnormalised weights ``w_i w_j S_ij``; a masked softmax
-    over the shared components gives each subset's mixture weights and one matrix product its moments."""
+    over the shared components gives each subset's mixture weights, matrix products its mean and mean variance,
+    and ``_SubsetMoments`` the spread of its components about its mean. ``rows``: each subset's experts (a superset
+    of ``member``'s, but for the stand-in member of an empty subset), or ``None`` when not known (every component
+    is then visited for every subset: the same result, more work)."""
     x, reference = _reference_offsets(mu, member)
     i, j = pair_indices(x.shape[-2], x.device)
     neg_log_s, loc_p, lv_p = pair_components(x, logvar)
     log_w = log_of_weights(_subset_weights(weights, member, mu.dtype))  # (..., K, M), -inf outside the subset
     logits = torch.cat((2 * log_w, log_w[..., i] + log_w[..., j] - LOG_HALF - neg_log_s.unsqueeze(-2)), -1)
-    wide = _wide(mu.dtype)
-    loc_c = torch.cat((x, loc_p), -2).to(wide)
-    stats = torch.cat((loc_c, loc_c * loc_c, torch.cat((logvar, lv_p), -2).to(wide).exp()), -1)
-    mean, second, within = (torch.softmax(logits, -1).to(wide) @ stats).chunk(3, -1)
-    mean = mean.contiguous()  # what the square keeps for backward is then this, not the whole product
-    # raw moments about the reference expert; in float64 the difference keeps its digits unless a subset's mean
-    # lies some 1e7 of its standard deviations from that expert
-    variance = within + (second - mean * mean)
-    return reference + mean.to(mu.dtype), variance.log().to(mu.dtype)
+    components = _subset_components(rows, x.shape[-2])
+    if len(components) == 1:
+        components = components * member.shape[-2]
+    # a subset of one component has no spread (its mean is that component's, exactly): nothing to visit
+    components = tuple(members if len(members) > 1 else () for members in components)
+    visited = torch.tensor([[c in members for c in range(logits.shape[-1])] for members in components],
+                           dtype=torch.bool, device=mu.device)
+    return _SubsetMoments.apply(logits, x, logvar, loc_p, lv_p, reference, visited, components)[:2]
+
+
+class _SubsetMoments(torch.autograd.Function):
+    """The moment-matched mixture of every subset ``(..., K, D)``, ``mean`` and ``logvar``, from the logits
+    ``(..., K, C)`` of the ``C = M + P`` shared components (experts ``x``, ``logvar`` ``(..., M, D)`` given as
+    offsets from ``reference (..., 1, D)``; pairs ``loc_p``, ``lv_p`` ``(..., P, D)``), in the inputs' dtype.
+
+    Each subset's variance is its components' mean variance plus their spread ``sum_c pi_c (loc_c - mean)^2``, a sum
+    of non-negative terms formed subset by subset over its own ``components`` (a tuple of indices per subset): raw
+    second moments would cancel, losing every digit in float32 once a subset's mean lies some 1e3 of its standard
+    deviations from the reference. Locations and variances are scaled per (sample, dimension) by ``e^(shift/2)``
+    and ``e^shift``, ``shift`` the midpoint of the experts' log-variance range (at least their largest less
+    ``_span``): no scaled variance overflows, and smaller ones are raised to ``e^-_span`` (no gradient there).
+    The backward pass is analytic (the spread's derivatives revisit the same (subset, component) pairs); fresh
+    ``(..., K, D)`` buffers, which cost as much as a pass over them, are kept to the two outputs, the mean in
+    scaled units (kept for backward) and one gradient."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, x, logvar, loc_p, lv_p, reference, visited, components):
+        span = _span(logvar.dtype)
+        top, bottom = logvar.amax(-2, keepdim=True), logvar.amin(-2, keepdim=True)
+        shift = torch.maximum(top - span, 0.5 * (top + bottom))
+        scale = torch.exp2(shift * (-0.5 / _LN2))  # e^(-shift/2); exp2 runs several times faster than exp
+        pi = torch.softmax(logits, -1)
+        loc_c = torch.cat((x, loc_p), -2).mul_(scale)
+        log_var_c = torch.cat((logvar, lv_p), -2).sub_(shift)
+        clamped = log_var_c < -span
+        var_c = log_var_c.clamp_min_(-span).mul_(1 / _LN2).exp2_()
+        mean = pi @ loc_c
+        var = pi @ var_c
+        for k, members in enumerate(components):
+            mean_k, var_k = mean[..., k, :], var[..., k, :]
+            for c in members:
+                var_k.addcmul_((loc_c[..., c, :] - mean_k).square_(), pi[..., k, c:c + 1])
+        mean_out = torch.addcdiv(reference, mean, scale)
+        return mean_out, var.log_().add_(shift), pi, loc_c, var_c, clamped, mean, shift, scale
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.components = inputs[-1]
+        ctx.num_experts = inputs[1].shape[-2]
+        ctx.visited = inputs[-2]
+        ctx.set_materialize_grads(False)  # no zero-filled (..., K, D) gradients for the extra outputs
+        _, logvar_out, pi, loc_c, var_c, clamped, mean, shift, scale = output
+        ctx.mark_non_differentiable(pi, loc_c, var_c, clamped, mean, shift, scale)
+        ctx.save_for_backward(pi, loc_c, var_c, clamped, mean, logvar_out, shift, scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_mean, g_lv, *_):
+        pi, loc_c, var_c, clamped, mean, logvar_out, shift, scale = ctx.saved_tensors
+        g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
+        g_lv = torch.zeros_like(mean) if g_lv is None else g_lv
+        b = (shift - logvar_out).mul_(1 / _LN2).exp2_().mul_(g_lv)  # d loss / d (scaled variance)
+        pi_t = pi.transpose(-1, -2)
+        # d loss / d (scaled location) c: sum_k pi_kc (a_k + 2 b_k dev_kc), with a_k = d loss / d mean_k (scaled)
+        # and dev_kc = loc_c - mean_k; that is sum_k pi_kc (2 u_kc - a_k), u_kc = a_k + b_k dev_kc, over the
+        # visited pairs (k, c), and pi_kc a_k over the others (where pi_kc or dev_kc is zero)
+        sign = torch.where(ctx.visited, -1.0, 1.0).to(pi.dtype)
+        d_loc = ((pi * sign).transpose(-1, -2) @ g_mean).div_(scale)
+        # d loss / d pi_kc, less what is common to every c of subset k (which the softmax's Jacobian removes):
+        # s_kc = sum_d u_kc dev_kc + b_k var_c over the visited pairs; zero elsewhere, where pi_kc is zero or one
+        # (then the softmax's Jacobian gives zero whatever s_kc)
+        s = torch.zeros_like(pi)
+        for k, members in enumerate(ctx.components):
+            mean_k, b_k = mean[..., k, :], b[..., k, :]
+            a_k = g_mean[..., k, :] / scale[..., 0, :]
+            for c in members:
+                dev = loc_c[..., c, :] - mean_k
+                u = torch.addcmul(a_k, dev, b_k)
+                d_loc[..., c, :].addcmul_(u, pi[..., k, c:c + 1], value=2)
+                s[..., k, c] = u.mul_(dev).addcmul_(b_k, var_c[..., c, :]).sum(-1)
+        d_logits = (s - (s * pi).sum(-1, keepdim=True)).mul_(pi)
+        d_loc.mul_(scale)
+        d_lv_c = (pi_t @ b).mul_(var_c).masked_fill_(clamped, 0)
+        m = ctx.num_experts
+        return (d_logits, d_loc[..., :m, :], d_lv_c[..., :m, :], d_loc[..., m:, :], d_lv_c[..., m:, :],
+                g_mean.sum(-2, keepdim=True), None, None)
+
+
+_LN2 = math.log(2.0)
 
 
 def _span(dtype):

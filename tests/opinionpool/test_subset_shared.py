@@ -3,6 +3,7 @@ components shared by all subsets instead of pooling copies of the inputs per sub
 gradients, as the per-subset computation, with masks, weights, prior experts; far less memory kept for backward."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -108,15 +109,18 @@ def test_gradients_equal_those_of_the_per_subset_path(aggregator):
         torch.testing.assert_close(shared, generic, rtol=1e-11, atol=1e-11)
 
 
-def test_gradcheck_of_the_shared_hellinger_subsets():
-    mu, logvar, mask, weights = data(m=3, b=2, d=2, seed=2)
+@pytest.mark.parametrize("m,seed,prior_expert", [(3, 2, False), (2, 9, False), (2, 10, True)])
+def test_gradcheck_of_the_shared_hellinger_subsets(m, seed, prior_expert):
+    """float64 finite differences of means, log-variances and weights, with a mask (empty subsets), M = 2 and the
+    prior expert; every output entry, the discarded aggregates of empty subsets included, carries its gradient."""
+    mu, logvar, mask, weights = data(m=m, b=3, d=2, seed=seed)
+    mask[:, 2] = torch.tensor([False] * (m - 1) + [True])
 
     def loss(mu, logvar, w):
-        mix = opf.subset_mixture(opf.hellinger, mu, logvar, mask=mask, weights=w)
-        kept = torch.isfinite(mix.log_weights).unsqueeze(-1)
-        return torch.where(kept, mix.loc, 0), torch.where(kept, mix.logvar, 0)
+        mix = opf.subset_mixture(opf.hellinger, mu, logvar, mask=mask, weights=w, prior_expert=prior_expert)
+        return mix.loc, mix.logvar
 
-    inputs = [t.clone().requires_grad_(True) for t in (mu, logvar, weights[:, None, :3])]
+    inputs = [t.clone().requires_grad_(True) for t in (mu, logvar, weights[:, None, :m + prior_expert])]
     assert torch.autograd.gradcheck(loss, inputs)
 
 
@@ -211,3 +215,70 @@ def test_gradcheck_of_the_shared_poe_subsets():
 
         inputs = [t.double().requires_grad_(True) for t in (mu, logvar, weights[:, None, :m])]
         assert torch.autograd.gradcheck(loss, inputs)
+
+
+def exact_subset_hellinger(mu, logvar):
+    """Every subset's alpha = 1/2 pool ``(B, K, D)`` in float64 from its components written out by hand (experts of
+    weight 1, pairs of weight 2 S_ij), its variance as mean variance plus the spread about its mean (two passes),
+    means taken from the subset's first expert: independent of the shared components of ``subset_mixture``."""
+    m = mu.shape[0]
+    mu, logvar = mu.double(), logvar.double()
+    locs, lvs = [], []
+    for s in [s for r in range(1, m + 1) for s in itertools.combinations(range(m), r)]:
+        x = mu[list(s)] - mu[s[0]]
+        v = logvar[list(s)].exp()
+        loc, var, log_w = list(x), list(v), [torch.zeros(mu.shape[1], dtype=torch.float64)] * len(s)
+        for a, b in itertools.combinations(range(len(s)), 2):
+            u = v[a] + v[b]
+            log_s = (-(x[b] - x[a]) ** 2 / (4 * u) - 0.5 * torch.log(u / (2 * (v[a] * v[b]).sqrt()))).sum(-1)
+            loc.append((x[a] * v[b] + x[b] * v[a]) / u)
+            var.append(2 * v[a] * v[b] / u)
+            log_w.append(math.log(2) + log_s)
+        pi = torch.softmax(torch.stack(log_w), 0)[..., None]
+        loc, var = torch.stack(loc), torch.stack(var)
+        mean = (pi * loc).sum(0)
+        locs.append(mu[s[0]] + mean)
+        lvs.append(((pi * var).sum(0) + (pi * (loc - mean) ** 2).sum(0)).log())
+    return torch.stack(locs, 1), torch.stack(lvs, 1)
+
+
+def hard_experts():
+    """|mu| ~ 1e3, log-variances across [-30, 30] per sample and dimension; in half the samples the experts nearly
+    coincide (a fraction of a standard deviation apart), in the other half they lie 10 to 300 standard deviations
+    apart. Rounded to float32."""
+    g = torch.Generator().manual_seed(8)
+    m, b, d = 4, 6, 16
+    base_lv = torch.rand(1, b, d, generator=g) * 60 - 30
+    logvar = base_lv + torch.rand(m, b, d, generator=g) - 0.5
+    sd = (0.5 * base_lv).exp()
+    spread = torch.where(torch.arange(b)[None, :, None] % 2 == 0, 0.3, 10 ** (1 + 1.5 * torch.rand(m, b, d, generator=g)))
+    mu = 1e3 * torch.sign(torch.randn(1, b, d, generator=g)) + torch.randn(m, b, d, generator=g) * spread * sd
+    return mu.float().double(), logvar.float().double()
+
+
+def test_float32_shared_hellinger_subsets_in_a_hard_regime():
+    """Nearly coinciding and far-apart experts with |mu| ~ 1e3 and log-variances in [-30, 30]: float32 within 1e-5
+    of the float64 pools in log-variance. Raw second moments about one expert (as float64 still affords) lose every
+    digit there in float32, which the test checks of its own naive float32 computation."""
+    mu, logvar = hard_experts()
+    loc, lv = exact_subset_hellinger(mu, logvar)
+    sd = (0.5 * lv).exp()
+    exact = opf.subset_mixture(opf.hellinger, mu, logvar)
+    torch.testing.assert_close(exact.logvar, lv, rtol=0, atol=1e-9)
+    assert ((exact.loc - loc).abs() <= 1e-9 * sd + 1e-15 * loc.abs()).all()
+    approx = opf.subset_mixture(opf.hellinger, mu.float(), logvar.float())
+    assert approx.loc.dtype == torch.float32
+    torch.testing.assert_close(approx.logvar.double(), lv, rtol=0, atol=1e-5)
+    # float32 rounds the means at the scale of the inputs' (|mu| ~ 1e3 or more, up to 1e3 standard deviations)
+    assert ((approx.loc.double() - loc).abs() <= 1e-5 * sd + 1.2e-7 * mu.abs().amax(0).unsqueeze(1)).all()
+    # the naive float32 path: raw moments of the same mixtures about the first expert
+    x = (mu - mu[:1]).float()
+    naive = []
+    for s in [s for r in range(1, 5) for s in itertools.combinations(range(4), r)]:
+        comps = opf.holder_mixture(x[list(s)], logvar[list(s)].float(), 0.5)
+        pi = comps.log_weights.exp().unsqueeze(-1)
+        mean = (pi * comps.loc).sum(-2)
+        second = (pi * (comps.loc**2 + comps.logvar.exp())).sum(-2)
+        naive.append((second - mean * mean).log())
+    naive = torch.stack(naive, 1).double()
+    assert not ((naive - lv).abs() <= 1e-3).all()
