@@ -14,9 +14,12 @@ pair quantities as temporaries and keeps only the inputs, the output moments and
 pass recomputes the pair quantities and applies the analytic derivatives
 (:math:`\partial\log S/\partial\mu`, :math:`\partial m/\partial\log v = \Delta r_i r_j`, ...).
 
-``fused=True`` runs the forward and backward bodies through ``torch.compile`` (one compilation per number of
-experts, dtype, device and shape class: the first call of each takes seconds, later ones reuse it); without a
-working compiler it warns once and runs them eagerly.
+``fused=True`` runs other bodies of the same mathematics through ``torch.compile``: the pairs unrolled in Python
+(``_forward_unrolled``, ``_backward_unrolled``), each a few ``(..., D)`` operations from per-expert terms, which
+the compiler fuses into one loop per body with no ``(..., P, D)`` tensor. One compilation per number of experts,
+dtype, device and shape: the first call of each takes tens of seconds at M = 5 and many minutes at M = 10 (the
+unrolled graph grows as M^2); later calls reuse it. Without a working compiler it warns once and runs the unrolled
+bodies eagerly.
 """
 
 from __future__ import annotations
@@ -46,10 +49,10 @@ def _pairs(x, logvar, i, j):
     a = dlv.abs()
     em = torch.expm1(-a)
     big = 1 / (2 + em)  # v_max / u
-    small = (1 + em) * big  # v_min / u
-    i_bigger = dlv >= 0
-    ri = torch.where(i_bigger, big, small)  # v_i / u: the weight of mu_j in the pair's mean
-    rj = torch.where(i_bigger, small, big)
+    # v_i / u (the weight of mu_j in the pair's mean) and v_j / u, each to a few ulps; sigmoid rather than a select
+    # from big and 1 - big: torch.where over pair-sized tensors is one of the slowest kernels on CPU
+    ri = torch.sigmoid(dlv)
+    rj = torch.sigmoid(-dlv)
     delta = xj - xi
     t = torch.exp(-0.5 * torch.maximum(lvi, lvj))
     z = delta * t  # Delta / sqrt(v_max); Delta^2 / (4u) = z^2 big / 4
@@ -57,7 +60,7 @@ def _pairs(x, logvar, i, j):
     log_cosh = 0.5 * a + torch.log1p(0.5 * em)
     neg_log_s = (quad + 0.5 * log_cosh).sum(-1)
     loc = xi * rj + xj * ri
-    lv = _LOG2 + torch.minimum(lvi, lvj) + torch.log(big)
+    lv = 0.5 * (lvi + lvj) - log_cosh  # log(2 v_i v_j / u), without a logarithm per element
     return neg_log_s, loc, lv, (delta, ri, rj, big, t, z, quad)
 
 
@@ -68,6 +71,15 @@ def _reference(mu, log_w):
     return mu - mu_ref, mu_ref.squeeze(-2)
 
 
+def _scale(x, logvar, log_w):
+    """``(..., D)``: the larger of the largest present log-variance and the log of the squared spread (twice the
+    largest present offset), so that variances and squared deviations, rescaled by it, are at most about one: tiny
+    variances do not underflow and deviations of many standard deviations do not overflow."""
+    absent = torch.zeros_like(log_w).masked_fill(log_w == -math.inf, -math.inf).unsqueeze(-1)
+    spread = (x.abs() + absent).amax(-2)
+    return torch.maximum((logvar + absent).amax(-2), 2 * torch.log(2 * spread))
+
+
 def _mix(pi_d, pi_p, diag, pairs):
     """``sum_c pi_c value_c`` over the expert and the pair components: ``(..., D)``."""
     return (pi_d.unsqueeze(-2) @ diag).squeeze(-2) + (pi_p.unsqueeze(-2) @ pairs).squeeze(-2)
@@ -75,19 +87,18 @@ def _mix(pi_d, pi_p, diag, pairs):
 
 def _forward(mu, logvar, log_w, i, j):
     x, mu_ref = _reference(mu, log_w)
-    neg_log_s, loc_p, lv_p, _ = _pairs(x, logvar, i, j)
+    neg_log_s, loc_p, _, pair_terms = _pairs(x, logvar, i, j)
     logits = torch.cat((2 * log_w, _LOG2 + log_w[..., i] + log_w[..., j] - neg_log_s), -1)
     pi = torch.softmax(logits, -1)
     m = log_w.shape[-1]
     pi_d, pi_p = pi[..., :m], pi[..., m:]
     offset = _mix(pi_d, pi_p, x, loc_p)
-    # rescaled by the largest present variance, so that tiny or huge variances neither under- nor overflow
-    present = (log_w > -math.inf).unsqueeze(-1)
-    scale = torch.where(present, logvar, torch.full((), -math.inf, dtype=logvar.dtype, device=logvar.device))
-    scale = scale.amax(-2)
+    scale = _scale(x, logvar, log_w)
     h = torch.exp(-0.5 * scale).unsqueeze(-2)
     dev_d, dev_p = (x - offset.unsqueeze(-2)) * h, (loc_p - offset.unsqueeze(-2)) * h
-    within = _mix(pi_d, pi_p, torch.exp(logvar - scale.unsqueeze(-2)), torch.exp(lv_p - scale.unsqueeze(-2)))
+    # the pairs' variances 2 v_i v_j / u = 2 min(v_i, v_j) v_max / u from the experts': no exponential per pair
+    v = torch.exp(logvar - scale.unsqueeze(-2))
+    within = _mix(pi_d, pi_p, v, 2 * torch.minimum(v[..., i, :], v[..., j, :]) * pair_terms[3])
     between = _mix(pi_d, pi_p, dev_d * dev_d, dev_p * dev_p)
     logvar_out = scale + torch.log(within + between)
     return mu_ref + offset, logvar_out, offset, pi
@@ -123,17 +134,119 @@ def _backward(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar,
     return grad_mu, grad_logvar_in, grad_log_w
 
 
+def _finite(value):
+    """``value`` with infinities clamped to the largest finite number of its dtype, so that a zero factor makes a
+    zero product (never ``0 * inf``)."""
+    big = torch.finfo(value.dtype).max
+    return value.clamp(-big, big)
+
+
 def _pair_backward(x, logvar, i, j, pair_terms, d_loc, d_lv, d_neg_log_s):
     """Chain rule from the pair quantities (mean ``d_loc``, log-variance ``d_lv``, ``-log S`` ``d_neg_log_s``) to
     each pair's two experts: ``((d x_i, d x_j), (d logvar_i, d logvar_j))``, each ``(..., P, D)``."""
     delta, ri, rj, big, t, z, quad = pair_terms
     d_neg = d_neg_log_s.unsqueeze(-1)
-    slope = 0.5 * z * t * big  # Delta / (2u) = d(-log S)/d x_j
+    # Delta / (2u) = d(-log S)/d x_j; both it and Delta^2 / (4u) may overflow only where S, hence d_neg, is zero
+    slope = _finite(0.5 * z * t * big)
+    quad = _finite(quad)
     cross = d_loc * delta * ri * rj  # through the pair mean's weights: d loc / d logvar_i = Delta r_i r_j
     tanh_half = 0.25 * (ri - rj)  # d(1/2 log cosh((lv_i - lv_j) / 2)) / d lv_i
     gx = (d_loc * rj - d_neg * slope, d_loc * ri + d_neg * slope)
     glv = (cross + d_lv * rj + d_neg * (tanh_half - quad * ri), -cross + d_lv * ri - d_neg * (tanh_half + quad * rj))
     return gx, glv
+
+
+def _unrolled_components(x, logvar, log_w):
+    """Per-expert ``(..., D)`` slices of the offsets ``x``, of ``g = exp(-logvar / 2) / 2`` and of the variances
+    relative to ``_scale``, the scale itself, and the pairs ``(i, j)``, ``i < j`` (row by row), each with its
+    ``(..., D)`` terms ``(r_i, Delta, z = Delta min(g_i, g_j), v_max / u, log cosh((logvar_i - logvar_j) / 2))``.
+
+    One Python loop over a static number of experts, which the compiler unrolls and fuses into a few loops over
+    ``(..., D)`` without any ``(..., P, D)`` tensor; each pair costs two transcendental functions (``expm1``,
+    ``log1p``), everything else comes from the per-expert terms."""
+    m = x.shape[-2]
+    scale = _scale(x, logvar, log_w)
+    xs = [x[..., k, :] for k in range(m)]
+    g = [0.5 * torch.exp(-0.5 * logvar[..., k, :]) for k in range(m)]
+    v = [torch.exp(logvar[..., k, :] - scale) for k in range(m)]
+    pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
+    terms = []
+    for i, j in pairs:
+        dlv = logvar[..., i, :] - logvar[..., j, :]
+        a = dlv.abs()
+        em = torch.expm1(-a)
+        big = 1 / (2 + em)
+        delta = xs[j] - xs[i]
+        lc = 0.5 * a + torch.log1p(0.5 * em)
+        terms.append((torch.where(dlv >= 0, big, 1 - big), delta, delta * torch.minimum(g[i], g[j]), big, lc))
+    return xs, g, v, scale, pairs, terms
+
+
+def _unrolled_mixture(xs, v, pairs, terms):
+    """The components' offsets and variances relative to the scale: the experts', then the pairs'."""
+    locs = xs + [xs[i] + ri * delta for (i, _), (ri, delta, *_) in zip(pairs, terms)]
+    var = v + [2 * torch.minimum(v[i], v[j]) * big for (i, j), (*_, big, _) in zip(pairs, terms)]
+    return locs, var
+
+
+def _forward_unrolled(mu, logvar, log_w):
+    """``_forward`` with the pairs unrolled (the body ``fused=True`` compiles): the same outputs, ``pi`` with the
+    pairs in ``pair_indices`` order."""
+    x, mu_ref = _reference(mu, log_w)
+    xs, g, v, scale, pairs, terms = _unrolled_components(x, logvar, log_w)
+    if pairs:
+        neg_log_s = torch.stack([(z * z * big + 0.5 * lc).sum(-1) for _, _, z, big, lc in terms], -1)
+        i, j = (list(k) for k in zip(*pairs))
+        logits = torch.cat((2 * log_w, _LOG2 + log_w[..., i] + log_w[..., j] - neg_log_s), -1)
+    else:
+        logits = 2 * log_w
+    pi = torch.softmax(logits, -1)
+    locs, var = _unrolled_mixture(xs, v, pairs, terms)
+    weights = [pi[..., c, None] for c in range(len(locs))]
+    offset = sum(w * loc for w, loc in zip(weights, locs))
+    h = torch.exp(-0.5 * scale)
+    spread = sum(w * (var_c + ((loc - offset) * h) ** 2) for w, var_c, loc in zip(weights, var, locs))
+    return mu_ref + offset, scale + torch.log(spread), offset, pi
+
+
+def _backward_unrolled(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar):
+    """``_backward`` with the pairs unrolled (the body ``fused=True`` compiles): one reduction over ``D`` for the
+    components' logits, then the gradients of every expert accumulated pair by pair (no ``index_add``)."""
+    x, _ = _reference(mu, log_w)
+    m = x.shape[-2]
+    xs, g, v, scale, pairs, terms = _unrolled_components(x, logvar, log_w)
+    locs, var = _unrolled_mixture(xs, v, pairs, terms)
+    q = torch.exp(-0.5 * logvar_out)
+    w = torch.exp(scale - logvar_out)  # variances relative to the scale -> relative to the pool's
+    d_loc, d_lv, d_logit = [], [], []
+    g_l_total = grad_logvar.sum(-1)
+    for c, (loc, var_c) in enumerate(zip(locs, var)):
+        p = pi[..., c, None]
+        dev = loc - offset
+        dev_q = dev * q  # |p dev_q| <= sqrt(p): no overflow where p vanishes
+        rho = p * var_c * w  # pi_c v_c / V
+        d_loc.append(p * (grad_mean + 2 * grad_logvar * dev_q * q))
+        d_lv.append(grad_logvar * rho)
+        d_logit.append((p * (dev * grad_mean + grad_logvar * dev_q * dev_q) + grad_logvar * rho).sum(-1)
+                       - pi[..., c] * g_l_total)
+    grad_x, grad_lv = d_loc[:m], d_lv[:m]
+    grad_log_w = [2 * d for d in d_logit[:m]]
+    for p, ((i, j), (ri, delta, z, big, _)) in enumerate(zip(pairs, terms)):
+        dl, dv, d_logit_p = d_loc[m + p], d_lv[m + p], d_logit[m + p]
+        d_neg = -d_logit_p.unsqueeze(-1)
+        rj = 1 - ri
+        grad_log_w[i] = grad_log_w[i] + d_logit_p
+        grad_log_w[j] = grad_log_w[j] + d_logit_p
+        t = torch.minimum(g[i], g[j])
+        slope = _finite(2 * z * t * big)  # Delta / (2u): as in _pair_backward
+        quad = _finite(z * z * big)  # Delta^2 / (4u)
+        cross = dl * delta * ri * rj
+        tanh_half = 0.25 * (ri - rj)
+        grad_x[i] = grad_x[i] + dl * rj - d_neg * slope
+        grad_x[j] = grad_x[j] + dl * ri + d_neg * slope
+        grad_lv[i] = grad_lv[i] + cross + dv * rj + d_neg * (tanh_half - quad * ri)
+        grad_lv[j] = grad_lv[j] - cross + dv * ri - d_neg * (tanh_half + quad * rj)
+    return torch.stack(grad_x, -2), torch.stack(grad_lv, -2), torch.stack(grad_log_w, -1)
 
 
 class _PairComponents(torch.autograd.Function):
@@ -186,10 +299,10 @@ def _compiled(name, fn):
     return _COMPILED[name]
 
 
-def _run(name, fn, fused, *args):
-    """``fn(*args)``, through ``torch.compile`` when ``fused`` and compilation works; else eagerly (with a warning
-    the first time compilation fails)."""
-    if fused and not _COMPILE_FAILED:
+def _run(name, fn, *args):
+    """``fn(*args)`` through ``torch.compile`` where compilation works; else eagerly (with a warning the first time
+    compilation fails)."""
+    if not _COMPILE_FAILED:
         try:
             return _compiled(name, fn)(*args)
         except Exception as error:  # no compiler, an unsupported backend...: the eager body computes the same
@@ -207,8 +320,10 @@ class _HellingerMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(mu, logvar, log_w, fused):
+        if fused:
+            return _run("forward", _forward_unrolled, mu, logvar, log_w)
         i, j = pair_indices(mu.shape[-2], mu.device)
-        return _run("forward", _forward, fused, mu, logvar, log_w, i, j)
+        return _forward(mu, logvar, log_w, i, j)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -221,9 +336,13 @@ class _HellingerMoments(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_mean, grad_logvar, _grad_offset, _grad_pi):
         mu, logvar, log_w, offset, logvar_out, pi = ctx.saved_tensors
-        i, j = pair_indices(mu.shape[-2], mu.device)
-        grads = _run("backward", _backward, ctx.fused, mu, logvar, log_w, offset, logvar_out, pi,
-                     grad_mean.contiguous(), grad_logvar.contiguous(), i, j)
+        grad_mean, grad_logvar = grad_mean.contiguous(), grad_logvar.contiguous()
+        if ctx.fused:
+            grads = _run("backward", _backward_unrolled, mu, logvar, log_w, offset, logvar_out, pi, grad_mean,
+                         grad_logvar)
+        else:
+            i, j = pair_indices(mu.shape[-2], mu.device)
+            grads = _backward(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar, i, j)
         return (*grads, None)
 
 

@@ -174,3 +174,45 @@ def test_compiled_path_equals_eager(m, monkeypatch):
     assert not hellinger_module._COMPILE_FAILED
     for eager, fused in zip(*results):
         torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+@pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(case) or "plain")
+def test_unrolled_bodies_of_the_fused_path_match_and_gradcheck(m, case, monkeypatch):
+    """``fused=True`` with compilation failing runs the unrolled bodies (the ones torch.compile fuses) eagerly: their
+    values equal the written-out mixture and their analytic gradients pass gradcheck (float64; masks, weights, the
+    prior expert, M = 1 and 2 included)."""
+    monkeypatch.setattr(hellinger_module, "_COMPILED", {})
+    monkeypatch.setattr(hellinger_module, "_COMPILE_FAILED", ["compilation disabled by the test"])
+    mu, logvar, weights, mask = experts(m, batch=2, dim=3, seed=m + 10)
+    kwargs = arguments(case, m, weights, mask)
+    loc, lv = opf.hellinger(mu, logvar, fused=True, **kwargs)
+    ref_loc, ref_lv = reference_hellinger(mu, logvar, **kwargs)
+    torch.testing.assert_close(loc, ref_loc, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lv, ref_lv, rtol=1e-12, atol=1e-12)
+    given = kwargs.pop("weights", None)
+    inputs = [mu.requires_grad_(True), logvar.requires_grad_(True)]
+    if given is not None:
+        inputs.append(given.clone().requires_grad_(True))
+
+    def pooled(mu, logvar, *maybe_weights):
+        return opf.hellinger(mu, logvar, weights=maybe_weights[0] if maybe_weights else None, fused=True, **kwargs)
+
+    assert torch.autograd.gradcheck(pooled, inputs, fast_mode=m > 2)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_float32_tiny_variances_far_apart_in_standard_deviations(fused, monkeypatch):
+    """float32 log-variances near -100 with means many standard deviations apart: the squared deviations, rescaled
+    by the largest variance alone, overflowed (NaN log-variance); rescaled by the spread too they do not."""
+    monkeypatch.setattr(hellinger_module, "_COMPILED", {})
+    monkeypatch.setattr(hellinger_module, "_COMPILE_FAILED", ["compilation disabled by the test"])
+    mu = torch.tensor([[[1.0, 2.0]], [[1.0, 2.5]]], dtype=torch.float64)
+    logvar = torch.tensor([[[-95.0, -120.0]], [[-90.0, -100.0]]], dtype=torch.float64)
+    loc64, lv64 = reference_hellinger(mu, logvar)
+    mu32, lv32 = mu.float().requires_grad_(True), logvar.float().requires_grad_(True)
+    loc, lv = opf.hellinger(mu32, lv32, fused=fused)
+    torch.testing.assert_close(loc.double(), loc64, rtol=1e-6, atol=0)
+    torch.testing.assert_close(lv.double(), lv64, rtol=1e-6, atol=0)
+    (loc.sum() + lv.sum()).backward()
+    assert torch.isfinite(mu32.grad).all() and torch.isfinite(lv32.grad).all()
