@@ -16,10 +16,11 @@ pass recomputes the pair quantities and applies the analytic derivatives
 
 ``fused=True`` runs other bodies of the same mathematics through ``torch.compile``: the pairs unrolled in Python
 (``_forward_unrolled``, ``_backward_unrolled``), each a few ``(..., D)`` operations from per-expert terms, which
-the compiler fuses into one loop per body with no ``(..., P, D)`` tensor. One compilation per number of experts,
-dtype, device and shape: the first call of each takes tens of seconds at M = 5 and many minutes at M = 10 (the
-unrolled graph grows as M^2); later calls reuse it. Without a working compiler it warns once and runs the unrolled
-bodies eagerly.
+the compiler fuses into one loop per body with no ``(..., P, D)`` tensor, up to ``UNROLL_MAX_EXPERTS`` experts
+(the unrolled graph grows as M^2: at M = 10 it compiles for many minutes); beyond, it compiles the pair-tensor
+bodies of the eager path. One compilation per number of experts, dtype, device and shape: the first call of each
+takes tens of seconds; later calls reuse it. Without a working compiler it warns once and runs the same bodies
+eagerly.
 """
 
 from __future__ import annotations
@@ -289,6 +290,10 @@ def pair_components(x: torch.Tensor, logvar: torch.Tensor):
     return _PairComponents.apply(x, logvar)
 
 
+#: ``fused=True`` unrolls the pairs up to this many experts; beyond, the graph (growing as M^2) takes many minutes
+#: to compile, and the compiled pair-tensor bodies (``_forward``, ``_backward``) are used instead
+UNROLL_MAX_EXPERTS = 6
+
 _COMPILED: dict[str, object] = {}
 _COMPILE_FAILED: list[str] = []
 
@@ -320,9 +325,11 @@ class _HellingerMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(mu, logvar, log_w, fused):
-        if fused:
+        if fused and mu.shape[-2] <= UNROLL_MAX_EXPERTS:
             return _run("forward", _forward_unrolled, mu, logvar, log_w)
         i, j = pair_indices(mu.shape[-2], mu.device)
+        if fused:
+            return _run("forward_pairs", _forward, mu, logvar, log_w, i, j)
         return _forward(mu, logvar, log_w, i, j)
 
     @staticmethod
@@ -337,12 +344,13 @@ class _HellingerMoments(torch.autograd.Function):
     def backward(ctx, grad_mean, grad_logvar, _grad_offset, _grad_pi):
         mu, logvar, log_w, offset, logvar_out, pi = ctx.saved_tensors
         grad_mean, grad_logvar = grad_mean.contiguous(), grad_logvar.contiguous()
-        if ctx.fused:
+        if ctx.fused and mu.shape[-2] <= UNROLL_MAX_EXPERTS:
             grads = _run("backward", _backward_unrolled, mu, logvar, log_w, offset, logvar_out, pi, grad_mean,
                          grad_logvar)
         else:
             i, j = pair_indices(mu.shape[-2], mu.device)
-            grads = _backward(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar, i, j)
+            arguments = (mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar, i, j)
+            grads = _run("backward_pairs", _backward, *arguments) if ctx.fused else _backward(*arguments)
         return (*grads, None)
 
 

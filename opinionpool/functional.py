@@ -230,7 +230,9 @@ def _components(mu, logvar, log_weights, order):
     family = DiagonalNormalFamily(mu.shape[-1])
     log_mix, components = holder_components(family, torch.stack((mu, logvar), -2), log_weights, order)
     loc, logvar_k = family.split(components)
-    return GaussianMixture(torch.log_softmax(log_mix, -1), loc, logvar_k)
+    # alpha = 0: the one component is the whole pool, even where its Chernoff coefficient underflows to zero
+    log_pi = torch.zeros_like(log_mix) if order == 0 else torch.log_softmax(log_mix, -1)
+    return GaussianMixture(log_pi, loc, logvar_k)
 
 
 def holder_mixture_members(num_experts: int, alpha=0.5, *, prior_expert=False,

@@ -84,16 +84,23 @@ def gaussian_barycenter(loc: torch.Tensor, logvar: torch.Tensor, log_weights: to
 def gaussian_mixture_moments(log_pi: torch.Tensor, loc: torch.Tensor, logvar: torch.Tensor, num_features: int):
     """Mean and log variance of a mixture of diagonal Gaussians (components along dim ``log_pi.dim()-1``).
 
-    Variance as within-plus-between, rescaled by the largest component variance so neither tiny
-    nor huge variances under- or overflow.
+    Variance as within-plus-between, rescaled by the larger of the largest component variance and the largest
+    squared deviation of a component's mean (components of weight zero left out), so that neither tiny variances
+    underflow nor deviations of many standard deviations overflow. The rescaling cancels exactly, so it carries no
+    gradient.
     """
     k = log_pi.dim() - 1
     lp = log_pi.reshape(log_pi.shape + (1,) * num_features)
     mean = shifted_weighted_mean(log_pi, loc, dim=k)
-    scale = logvar.amax(dim=k, keepdim=True)
-    dev = (loc - mean.unsqueeze(k)) * torch.exp(-0.5 * scale)
-    pi = lp.exp()
-    scaled = (pi * (torch.exp(logvar - scale) + dev * dev)).sum(k)
+    present = lp > -math.inf
+    offset = loc - mean.unsqueeze(k)
+    none = torch.full((), -math.inf, dtype=logvar.dtype, device=logvar.device)
+    largest_logvar = torch.where(present, logvar, none).amax(dim=k, keepdim=True)
+    largest_offset = torch.where(present, offset.abs(), torch.zeros_like(offset)).amax(dim=k, keepdim=True)
+    scale = torch.maximum(largest_logvar, 2 * torch.log(largest_offset)).detach()
+    dev = torch.where(present, offset * torch.exp(-0.5 * scale), torch.zeros_like(offset))
+    within = torch.where(present, torch.exp(logvar - scale), torch.zeros_like(logvar))
+    scaled = (lp.exp() * (within + dev * dev)).sum(k)
     return mean, scale.squeeze(k) + torch.log(scaled)
 
 

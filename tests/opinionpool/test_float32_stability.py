@@ -60,13 +60,21 @@ def test_single_and_identical_experts_exact_in_float32(alpha):
     torch.testing.assert_close(lv3, logvar[0], rtol=0, atol=8 * EPS32 * 30)
 
 
-def test_tiny_log_variances_do_not_become_nan():
-    """Below logvar -88 exp(-logvar) overflows float32; the log-space formulas stay finite."""
-    mu = torch.tensor([[[1.0, 2.0]], [[1.0, 2.5]]])
-    logvar = torch.tensor([[[-95.0, -120.0]], [[-90.0, -100.0]]])
-    for alpha in (0, 0.5, 1):
-        loc, lv = opf.holder(mu, logvar, alpha)
-        assert torch.isfinite(loc).all() and torch.isfinite(lv).all()
+@pytest.mark.parametrize("alpha", [0, 1 / 3, 1 / 2, 1])
+def test_tiny_log_variances_do_not_become_nan(alpha):
+    """Below logvar -88 exp(-logvar) overflows float32, and experts many standard deviations apart square
+    deviations past its range: the log-space formulas stay finite and agree with float64, gradients included.
+    (float32 is explicit: the tests' default dtype is float64.)"""
+    mu = torch.tensor([[[1.0, 2.0]], [[1.0, 2.5]]], dtype=torch.float32)
+    logvar = torch.tensor([[[-95.0, -120.0]], [[-90.0, -100.0]]], dtype=torch.float32)
+    mu32, lv32 = mu.clone().requires_grad_(True), logvar.clone().requires_grad_(True)
+    loc, lv = opf.holder(mu32, lv32, alpha)
+    assert torch.isfinite(loc).all() and torch.isfinite(lv).all()
+    (loc.sum() + lv.sum()).backward()
+    assert torch.isfinite(mu32.grad).all() and torch.isfinite(lv32.grad).all()
+    loc64, lv64 = opf.holder(mu.double(), logvar.double(), alpha)
+    torch.testing.assert_close(loc.double(), loc64, rtol=1e-6, atol=0)
+    torch.testing.assert_close(lv.double(), lv64, rtol=0, atol=1e-4)
 
 
 def _coinciding_experts(num_experts=3, batch=2, dim=512, seed=11):
