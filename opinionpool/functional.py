@@ -387,7 +387,8 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
     experts, and subsets with none present get mixture weight zero. ``prior_on_full_subset=True`` adds a
     standard-normal expert to the subset of all experts only, as the MoPoE code does (``prior_expert=True`` is
     passed on to ``aggregator`` and adds it to every subset). ``weights`` (in ``kwargs``) must give every subset a
-    present expert of positive weight.
+    present expert of positive weight; they broadcast against the subsets' pools, whose batch shape ends with the
+    subset axis: one weight per expert ``(M,)``, or per sample ``(B, 1, M)`` (not ``(B, M)``).
 
     The work and memory grow with the number of subsets, ``2^M - 1`` by default: more than ``max_subsets``
     (default ``DEFAULT_MAX_SUBSETS = 2**16``, i.e. up to 16 experts) raises ``ValueError`` before any work; pass
