@@ -27,7 +27,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .files import atomic_write, write_text
-from .sweep import SCALARS, _mean_std, aggregate
+from .sweep import SCALARS, _mean_std, aggregate, run_name
 
 __all__ = ["CLAIMS", "Claim", "alpha_runs", "compare", "main_labels", "mass_through_training", "render_study",
            "write_study"]
@@ -151,7 +151,7 @@ def main_labels(rows: list[dict], folder: Path) -> list[str]:
 
 
 def _run_name(row: dict) -> str:
-    return f"{row['model']}-beta{float(row['beta'])}-seed{int(row['seed'])}"
+    return run_name(row["model"], row["beta"], row["seed"])
 
 
 def alpha_runs(rows: list[dict], folder: Path) -> dict:

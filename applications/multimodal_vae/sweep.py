@@ -35,7 +35,7 @@ from .train import load_checkpoint, load_run, train
 
 __all__ = ["CURVES", "FIELDS", "METRICS", "RUN_OUTPUTS", "SCALARS", "SWEEPS", "SweepConfig", "aggregate",
            "available_sweeps", "grid", "load_sweep", "pareto_front", "plot", "render", "result_row", "run_config",
-           "run_sweep", "write_results"]
+           "run_name", "run_sweep", "run_workers", "write_results"]
 
 SWEEPS = PRESETS.parent / "sweeps"
 
@@ -149,13 +149,18 @@ def grid(sweep: SweepConfig):
     return runs
 
 
+def run_name(model: str, beta: float, seed: int) -> str:
+    """The folder name of the run labelled ``model`` at ``beta`` and ``seed`` (inside the sweep's folder)."""
+    return f"{model}-beta{float(beta)}-seed{int(seed)}"
+
+
 def run_config(sweep: SweepConfig, model: str, beta: float, seed: int):
     """The configuration of the run labelled ``model``: the label is the model's name unless its own overrides set
     ``model.name``."""
     own = sweep.model_overrides.get(model, [])
     return load_config(sweep.base, [*sweep.overrides, f"model.name={model}", *own, *sweep.extra_overrides,
                                     f"model.beta={beta}",
-                                    f"train.seed={seed}", f"name={model}-beta{beta}-seed{seed}",
+                                    f"train.seed={seed}", f"name={run_name(model, beta, seed)}",
                                     f"output_dir={Path(sweep.output_dir) / sweep.name}",
                                     "train.evaluate_at_end=false"])
 
@@ -194,7 +199,7 @@ def run_sweep(sweep: SweepConfig, show_progress: bool = True, *, train_only: boo
                 evaluate_run(run_dir, config, trained, progress=tqdm if show_progress else None)
     rows, missing = [], []
     for model, beta, seed in grid(sweep):
-        run_dir = folder / run_config(sweep, model, beta, seed).name
+        run_dir = folder / run_name(model, beta, seed)
         if _finished(run_dir):
             rows.append(result_row(run_dir, model, beta, seed))
         else:
@@ -223,7 +228,7 @@ def run_workers(sweep: SweepConfig, workers: int, arguments: list[str], train_on
     print(f"{workers} workers on sweep {sweep.name}; their logs: {folder}/worker-*.log")
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: [p.send_signal(signum) for p in processes])
     done = _trained if train_only else _finished
-    runs = [folder / run_config(sweep, *run).name for run in grid(sweep)]
+    runs = [folder / run_name(*run) for run in grid(sweep)]
     try:
         with tqdm(total=len(runs), desc=f"sweep {sweep.name}", unit="run") as bar:
             while any(p.poll() is None for p in processes):
