@@ -9,24 +9,27 @@ Bhattacharyya coefficient), with, per dimension, :math:`\Delta = \mu_j - \mu_i`,
   keeps its digits as the experts coincide (no terms of the size of the log-variances cancel);
 * the pair's mean :math:`(\mu_i v_j + \mu_j v_i)/u` and variance :math:`2 v_i v_j / u`.
 
-Means are taken relative to one present expert before any difference is squared. The forward pass builds the
-pair quantities as temporaries and keeps only the inputs, the output moments and the mixture weights; the backward
-pass recomputes the pair quantities and applies the analytic derivatives
-(:math:`\partial\log S/\partial\mu`, :math:`\partial m/\partial\log v = \Delta r_i r_j`, ...).
+Means are taken relative to one present expert before any difference is squared. The pairs are formed row by
+row (expert ``i`` against the experts after it, ``_rows``): slices of the inputs, never gathered copies. The
+forward pass keeps only the inputs, the output moments and the mixture weights; the backward pass recomputes the
+rows and applies the analytic derivatives (:math:`\partial\log S/\partial\mu`,
+:math:`\partial m/\partial\log v = \Delta r_i r_j`, ...). Eagerly on the CPU both passes work through the batch
+in slices of about ``CPU_CHUNK_BYTES`` per row of pairs, so that temporaries are reused from the allocator
+instead of being faulted in page by page.
 
-``fused=True`` runs other bodies of the same mathematics through ``torch.compile``: the pairs unrolled in Python
-(``_forward_unrolled``, ``_backward_unrolled``), each a few ``(..., D)`` operations from per-expert terms, which
-the compiler fuses into one loop per body with no ``(..., P, D)`` tensor, up to ``UNROLL_MAX_EXPERTS`` experts
-(the unrolled graph grows as M^2: at M = 10 it compiles for many minutes); beyond, it compiles the pair-tensor
-bodies of the eager path. One compilation per number of experts, dtype, device and shape: the first call of each
-takes tens of seconds; later calls reuse it. Without a working compiler it warns once and runs the same bodies
-eagerly.
+``fused=True`` runs the same mathematics through ``torch.compile``: up to ``UNROLL_MAX_EXPERTS`` experts the
+pairs unrolled in Python (``_forward_unrolled``, ``_backward_unrolled``), each a few ``(..., D)`` operations from
+per-expert terms, which the compiler fuses into one loop per body with no ``(..., P, D)`` tensor (this graph grows
+as M^2: at M = 10 it compiled for over 20 minutes); beyond, the row bodies of the eager path (M - 1 rows: minutes
+at M = 10). One compilation per number of experts, dtype, device and shape; later calls reuse it. Without a
+working compiler it warns once and runs the same bodies eagerly.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -42,27 +45,76 @@ def pair_indices(num_experts: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return i, j
 
 
-def _pairs(x, logvar, i, j):
-    """Per-pair quantities ``(..., P, D)``: offsets, the log-variance order, Delta^2/(4u) etc."""
-    xi, xj = x[..., i, :], x[..., j, :]
-    lvi, lvj = logvar[..., i, :], logvar[..., j, :]
-    dlv = lvi - lvj
-    a = dlv.abs()
-    em = torch.expm1(-a)
-    big = 1 / (2 + em)  # v_max / u
-    # v_i / u (the weight of mu_j in the pair's mean) and v_j / u, each to a few ulps; sigmoid rather than a select
-    # from big and 1 - big: torch.where over pair-sized tensors is one of the slowest kernels on CPU
-    ri = torch.sigmoid(dlv)
-    rj = torch.sigmoid(-dlv)
-    delta = xj - xi
-    t = torch.exp(-0.5 * torch.maximum(lvi, lvj))
-    z = delta * t  # Delta / sqrt(v_max); Delta^2 / (4u) = z^2 big / 4
-    quad = 0.25 * z * z * big
-    log_cosh = 0.5 * a + torch.log1p(0.5 * em)
-    neg_log_s = (quad + 0.5 * log_cosh).sum(-1)
-    loc = xi * rj + xj * ri
-    lv = 0.5 * (lvi + lvj) - log_cosh  # log(2 v_i v_j / u), without a logarithm per element
-    return neg_log_s, loc, lv, (delta, ri, rj, big, t, z, quad)
+class _Row(NamedTuple):
+    """The pairs ``(i, j)``, ``j > i``, of one expert ``i``: ``neg_log_s`` ``(..., n)``; the others ``(..., n, D)``,
+    ``n = M - 1 - i``."""
+
+    neg_log_s: torch.Tensor  # -log S_ij
+    loc: torch.Tensor  # the pair's mean offset x_i + r_i Delta
+    log_cosh: torch.Tensor  # log cosh((logvar_i - logvar_j) / 2)
+    delta: torch.Tensor  # Delta = x_j - x_i
+    r_i: torch.Tensor  # v_i / u, the weight of x_j in the pair's mean
+    r_j: torch.Tensor  # v_j / u
+    big: torch.Tensor  # v_max / u, in [1/2, 1]
+    t: torch.Tensor  # 1 / (2 sqrt(v_max))
+    z: torch.Tensor  # Delta t
+    quad: torch.Tensor  # Delta^2 / (4u) = z^2 big
+
+
+def _rows(x, logvar):
+    """The pairs ``i < j`` of experts with offsets ``x`` and log-variances ``logvar`` ``(..., M, D)``, one
+    ``_Row`` per ``i`` (together the pairs in ``pair_indices`` order). Each row broadcasts expert ``i`` against
+    the experts after it: slices, no gathered copies; each pair costs two transcendental functions (``expm1``,
+    ``log1p``) and two sigmoids, the square roots of the variances are taken once per expert. In-place and fused
+    operations (``addcmul``) where a temporary is not kept: on the CPU each pass and each operation's fixed cost
+    count."""
+    g = torch.exp(-0.5 * logvar).mul_(0.5)
+    rows = []
+    for i in range(x.shape[-2] - 1):
+        here, after = slice(i, i + 1), slice(i + 1, None)
+        dlv = logvar[..., here, :] - logvar[..., after, :]
+        a = dlv.abs()
+        em = torch.expm1(-a)
+        big = (em + 2).reciprocal_()
+        # sigmoids rather than a select from big and 1 - big: torch.where is one of the slowest CPU kernels, and
+        # 1 - big loses the digits of a small ratio
+        r_i = torch.sigmoid(dlv)
+        r_j = torch.sigmoid(dlv.neg_())
+        delta = x[..., after, :] - x[..., here, :]
+        t = torch.minimum(g[..., here, :], g[..., after, :])
+        z = delta * t
+        quad = (z * z).mul_(big)
+        log_cosh = torch.log1p(em.mul_(0.5)).add_(a, alpha=0.5)
+        neg_log_s = quad.sum(-1).add_(log_cosh.sum(-1), alpha=0.5)
+        loc = torch.addcmul(x[..., here, :], r_i, delta)
+        rows.append(_Row(neg_log_s, loc, log_cosh, delta, r_i, r_j, big, t, z, quad))
+    return rows
+
+
+def _row_backward(row, d_loc, d_lv, d_neg_log_s):
+    """Chain rule from one row's pair quantities (mean ``d_loc``, log-variance ``d_lv``, ``-log S``
+    ``d_neg_log_s``) to its experts: ``(d x_i, d x_j, d logvar_i, d logvar_j)``, ``(..., D)`` for expert ``i``
+    (summed over its pairs) and ``(..., n, D)`` for the experts after it. Consumes ``row``'s tensors."""
+    d_neg = d_neg_log_s.unsqueeze(-1)
+    top = torch.finfo(row.z.dtype).max
+    # Delta / (2u) = d(-log S)/d x_j and Delta^2 / (4u) overflow only where S, hence d_neg, is zero: clamped to
+    # finite numbers, a zero d_neg makes a zero product (never 0 * inf)
+    slope = (row.z * row.t).mul_(row.big).mul_(2).clamp_(-top, top)
+    quad = row.quad.clamp_(-top, top)
+    push = d_neg * slope
+    dx_i = torch.addcmul(push, d_loc, row.r_j, value=-1).neg_().sum(-2)
+    dx_j = push.addcmul_(d_loc, row.r_i)
+    cross = (d_loc * row.delta).mul_(row.r_i).mul_(row.r_j)  # d loc / d logvar_i = Delta r_i r_j
+    tanh_half = (row.r_i - row.r_j).mul_(0.25)  # d(1/2 log cosh((lv_i - lv_j) / 2)) / d lv_i
+    u_i = torch.addcmul(tanh_half, quad, row.r_i, value=-1)
+    u_j = tanh_half.addcmul_(quad, row.r_j)
+    dlv_i = torch.addcmul(cross, d_lv, row.r_j).addcmul_(d_neg, u_i).sum(-2)
+    dlv_j = cross.addcmul_(d_lv, row.r_i, value=-1).addcmul_(d_neg, u_j).neg_()
+    return dx_i, dx_j, dlv_i, dlv_j
+
+
+def _row_sizes(m):
+    return [m - 1 - i for i in range(m - 1)]
 
 
 def _reference(mu, log_w):
@@ -81,58 +133,80 @@ def _scale(x, logvar, log_w):
     return torch.maximum((logvar + absent).amax(-2), 2 * torch.log(2 * spread))
 
 
-def _mix(pi_d, pi_p, diag, pairs):
-    """``sum_c pi_c value_c`` over the expert and the pair components: ``(..., D)``."""
-    return (pi_d.unsqueeze(-2) @ diag).squeeze(-2) + (pi_p.unsqueeze(-2) @ pairs).squeeze(-2)
+def _mix(pi, values):
+    """``sum_c pi_c values_c``: ``(..., n)``, ``(..., n, D)`` -> ``(..., D)``."""
+    return (pi.unsqueeze(-2) @ values).squeeze(-2)
 
 
-def _forward(mu, logvar, log_w, i, j):
+def _pair_variances(v, rows):
+    """The pairs' variances ``2 v_i v_j / u = 2 min(v_i, v_j) v_max / u`` from the experts' ``v``, row by row."""
+    return [torch.minimum(v[..., i:i + 1, :], v[..., i + 1:, :]).mul_(row.big).mul_(2) for i, row in enumerate(rows)]
+
+
+def _forward(mu, logvar, log_w):
+    """``(mean, logvar, offset, pi)``: the pool's moments, the mean's offset from the reference expert and the
+    mixture weights (experts, then pairs in ``pair_indices`` order)."""
     x, mu_ref = _reference(mu, log_w)
-    neg_log_s, loc_p, _, pair_terms = _pairs(x, logvar, i, j)
-    logits = torch.cat((2 * log_w, _LOG2 + log_w[..., i] + log_w[..., j] - neg_log_s), -1)
-    pi = torch.softmax(logits, -1)
     m = log_w.shape[-1]
-    pi_d, pi_p = pi[..., :m], pi[..., m:]
-    offset = _mix(pi_d, pi_p, x, loc_p)
+    rows = _rows(x, logvar)
+    logits = torch.cat([2 * log_w] + [(log_w[..., i:i + 1] + log_w[..., i + 1:]).sub_(row.neg_log_s).add_(_LOG2)
+                                      for i, row in enumerate(rows)], -1)
+    pi = torch.softmax(logits, -1)
+    pis = pi.split([m] + _row_sizes(m), -1)
+    offset = sum((_mix(p, row.loc) for p, row in zip(pis[1:], rows)), _mix(pis[0], x))
     scale = _scale(x, logvar, log_w)
     h = torch.exp(-0.5 * scale).unsqueeze(-2)
-    dev_d, dev_p = (x - offset.unsqueeze(-2)) * h, (loc_p - offset.unsqueeze(-2)) * h
-    # the pairs' variances 2 v_i v_j / u = 2 min(v_i, v_j) v_max / u from the experts': no exponential per pair
-    v = torch.exp(logvar - scale.unsqueeze(-2))
-    within = _mix(pi_d, pi_p, v, 2 * torch.minimum(v[..., i, :], v[..., j, :]) * pair_terms[3])
-    between = _mix(pi_d, pi_p, dev_d * dev_d, dev_p * dev_p)
-    logvar_out = scale + torch.log(within + between)
-    return mu_ref + offset, logvar_out, offset, pi
+    v = torch.exp(logvar - scale.unsqueeze(-2))  # variances relative to the scale
+    centre = offset.unsqueeze(-2)
+
+    def spread(p, loc, var):
+        dev = (loc - centre).mul_(h)
+        return _mix(p, var.addcmul_(dev, dev))
+
+    pair_variances = _pair_variances(v, rows)
+    total = spread(pis[0], x, v)
+    for p, row, var in zip(pis[1:], rows, pair_variances):
+        total = total + spread(p, row.loc, var)
+    return mu_ref + offset, scale + torch.log(total), offset, pi
 
 
-def _backward(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar, i, j):
+def _backward(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar):
+    """Gradients of ``_forward``'s mean and log-variance with respect to ``mu``, ``logvar`` and ``log_w``."""
     x, _ = _reference(mu, log_w)
-    neg_log_s, loc_p, lv_p, pair_terms = _pairs(x, logvar, i, j)
     m = log_w.shape[-1]
-    pi_d, pi_p = pi[..., :m].unsqueeze(-1), pi[..., m:].unsqueeze(-1)
+    rows = _rows(x, logvar)
+    pis = pi.split([m] + _row_sizes(m), -1)
+    scale = _scale(x, logvar, log_w)
+    v = torch.exp(logvar - scale.unsqueeze(-2))
     q = torch.exp(-0.5 * logvar_out).unsqueeze(-2)
+    centre = offset.unsqueeze(-2)
     g_m, g_l = grad_mean.unsqueeze(-2), grad_logvar.unsqueeze(-2)
     g_l_total = grad_logvar.sum(-1, keepdim=True)
 
-    def component(pi_c, loc_c, lv_c):
-        """d/d(mean_c), d/d(logvar_c) and d/d(logit_c) of the loss through one set of components."""
-        dev = loc_c - offset.unsqueeze(-2)
-        p_dev = pi_c * dev
-        py = p_dev * q  # |py| <= sqrt(pi_c): no overflow where pi_c vanishes
-        rho = pi_c * torch.exp(lv_c - logvar_out.unsqueeze(-2))
-        d_loc = pi_c * g_m + 2 * g_l * py * q
-        d_lv = g_l * rho
-        d_logit = (g_m * p_dev + g_l * (rho + py * dev * q)).sum(-1) - pi_c.squeeze(-1) * g_l_total
-        return d_loc, d_lv, d_logit
+    def component(p, loc, rho):
+        """d/d(mean_c), d/d(logvar_c) and d/d(logit_c) of the loss through components of weights ``p`` ``(..., n)``,
+        means ``loc`` and ``rho = p_c v_c / V`` ``(..., n, D)`` (consumed)."""
+        dev = loc - centre
+        p_dev = p.unsqueeze(-1) * dev
+        w = (p_dev * q).mul_(q)  # p_c dev_c / V; |p_c dev_c q| <= sqrt(p_c): no overflow where p_c vanishes
+        g_w = g_l * w
+        d_lv = rho.mul_(g_l)
+        d_logit = torch.addcmul(d_lv, g_m, p_dev).addcmul_(g_w, dev).sum(-1) - p * g_l_total
+        return torch.mul(p.unsqueeze(-1), g_m).add_(g_w, alpha=2), d_lv, d_logit
 
-    d_loc_d, d_lv_d, d_logit_d = component(pi_d, x, logvar)
-    d_loc_p, d_lv_p, d_logit_p = component(pi_p, loc_p, lv_p)
-    grad_log_w = 2 * d_logit_d
-    grad_log_w = grad_log_w.index_add(-1, i, d_logit_p).index_add(-1, j, d_logit_p)
-    gx_p, glv_p = _pair_backward(x, logvar, i, j, pair_terms, d_loc_p, d_lv_p, -d_logit_p)
-    grad_mu = d_loc_d.index_add(-2, i, gx_p[0]).index_add(-2, j, gx_p[1])
-    grad_logvar_in = d_lv_d.index_add(-2, i, glv_p[0]).index_add(-2, j, glv_p[1])
-    return grad_mu, grad_logvar_in, grad_log_w
+    grad_x, grad_lv, d_logit = component(pis[0], x, pis[0].unsqueeze(-1) * torch.exp(logvar - logvar_out.unsqueeze(-2)))
+    grad_log_w = 2 * d_logit
+    to_pool = torch.exp(scale - logvar_out).unsqueeze(-2)  # relative variances -> fractions of the pool's
+    for i, (p, row, var) in enumerate(zip(pis[1:], rows, _pair_variances(v, rows))):
+        d_loc, d_lv, d_logit = component(p, row.loc, var.mul_(to_pool).mul_(p.unsqueeze(-1)))
+        grad_log_w[..., i] += d_logit.sum(-1)
+        grad_log_w[..., i + 1:] += d_logit
+        dx_i, dx_j, dlv_i, dlv_j = _row_backward(row, d_loc, d_lv, d_logit.neg_())
+        grad_x[..., i, :] += dx_i
+        grad_x[..., i + 1:, :] += dx_j
+        grad_lv[..., i, :] += dlv_i
+        grad_lv[..., i + 1:, :] += dlv_j
+    return grad_x, grad_lv, grad_log_w
 
 
 def _finite(value):
@@ -140,21 +214,6 @@ def _finite(value):
     zero product (never ``0 * inf``)."""
     big = torch.finfo(value.dtype).max
     return value.clamp(-big, big)
-
-
-def _pair_backward(x, logvar, i, j, pair_terms, d_loc, d_lv, d_neg_log_s):
-    """Chain rule from the pair quantities (mean ``d_loc``, log-variance ``d_lv``, ``-log S`` ``d_neg_log_s``) to
-    each pair's two experts: ``((d x_i, d x_j), (d logvar_i, d logvar_j))``, each ``(..., P, D)``."""
-    delta, ri, rj, big, t, z, quad = pair_terms
-    d_neg = d_neg_log_s.unsqueeze(-1)
-    # Delta / (2u) = d(-log S)/d x_j; both it and Delta^2 / (4u) may overflow only where S, hence d_neg, is zero
-    slope = _finite(0.5 * z * t * big)
-    quad = _finite(quad)
-    cross = d_loc * delta * ri * rj  # through the pair mean's weights: d loc / d logvar_i = Delta r_i r_j
-    tanh_half = 0.25 * (ri - rj)  # d(1/2 log cosh((lv_i - lv_j) / 2)) / d lv_i
-    gx = (d_loc * rj - d_neg * slope, d_loc * ri + d_neg * slope)
-    glv = (cross + d_lv * rj + d_neg * (tanh_half - quad * ri), -cross + d_lv * ri - d_neg * (tanh_half + quad * rj))
-    return gx, glv
 
 
 def _unrolled_components(x, logvar, log_w):
@@ -239,7 +298,7 @@ def _backward_unrolled(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, gra
         grad_log_w[i] = grad_log_w[i] + d_logit_p
         grad_log_w[j] = grad_log_w[j] + d_logit_p
         t = torch.minimum(g[i], g[j])
-        slope = _finite(2 * z * t * big)  # Delta / (2u): as in _pair_backward
+        slope = _finite(2 * z * t * big)  # Delta / (2u): as in _row_backward
         quad = _finite(z * z * big)  # Delta^2 / (4u)
         cross = dl * delta * ri * rj
         tanh_half = 0.25 * (ri - rj)
@@ -259,8 +318,14 @@ class _PairComponents(torch.autograd.Function):
 
     @staticmethod
     def forward(x, logvar):
-        i, j = pair_indices(x.shape[-2], x.device)
-        return _pairs(x, logvar, i, j)[:3]
+        rows = _rows(x, logvar)
+        if not rows:
+            empty = x[..., :0, :]
+            return x.new_zeros(x.shape[:-2] + (0,)), empty, empty.clone()
+        pair_logvar = [0.5 * (logvar[..., i:i + 1, :] + logvar[..., i + 1:, :]) - row.log_cosh
+                       for i, row in enumerate(rows)]  # log(2 v_i v_j / u), without a logarithm per pair
+        return (torch.cat([row.neg_log_s for row in rows], -1), torch.cat([row.loc for row in rows], -2),
+                torch.cat(pair_logvar, -2))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -270,16 +335,20 @@ class _PairComponents(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_neg_log_s, d_loc, d_lv):
         x, logvar = ctx.saved_tensors
-        i, j = pair_indices(x.shape[-2], x.device)
-        pair_terms = _pairs(x, logvar, i, j)[3]
+        rows = _rows(x, logvar)
+        sizes = _row_sizes(x.shape[-2])
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        d_loc = zero if d_loc is None else d_loc
-        d_lv = zero if d_lv is None else d_lv
-        d_neg_log_s = torch.zeros(x.shape[:-2] + i.shape, dtype=x.dtype, device=x.device) if d_neg_log_s is None \
-            else d_neg_log_s
-        (gx_i, gx_j), (glv_i, glv_j) = _pair_backward(x, logvar, i, j, pair_terms, d_loc, d_lv, d_neg_log_s)
-        grad_x = torch.zeros_like(x).index_add(-2, i, gx_i).index_add(-2, j, gx_j)
-        grad_logvar = torch.zeros_like(logvar).index_add(-2, i, glv_i).index_add(-2, j, glv_j)
+        d_locs = [zero] * len(sizes) if d_loc is None else d_loc.split(sizes, -2)
+        d_lvs = [zero] * len(sizes) if d_lv is None else d_lv.split(sizes, -2)
+        d_negs = [torch.zeros(x.shape[:-2] + (n,), dtype=x.dtype, device=x.device) for n in sizes] \
+            if d_neg_log_s is None else d_neg_log_s.split(sizes, -1)
+        grad_x, grad_logvar = torch.zeros_like(x), torch.zeros_like(logvar)
+        for i, (row, *grads) in enumerate(zip(rows, d_locs, d_lvs, d_negs)):
+            dx_i, dx_j, dlv_i, dlv_j = _row_backward(row, *grads)
+            grad_x[..., i, :] += dx_i
+            grad_x[..., i + 1:, :] += dx_j
+            grad_logvar[..., i, :] += dlv_i
+            grad_logvar[..., i + 1:, :] += dlv_j
         return grad_x, grad_logvar
 
 
@@ -290,8 +359,31 @@ def pair_components(x: torch.Tensor, logvar: torch.Tensor):
     return _PairComponents.apply(x, logvar)
 
 
+#: eager passes on the CPU work through the batch in slices whose largest row of pairs ``(rows, M - 1, D)`` stays
+#: near this many bytes: a fresh temporary of a megabyte or more costs a page fault per 4 KiB when first written,
+#: which made every elementwise pass several times slower than over reused memory, while smaller slices pay the
+#: fixed cost of each operation more often
+CPU_CHUNK_BYTES = 1 << 19
+
+
+def _by_rows(fn, batch, tensors, *constants):
+    """``fn(*tensors, *constants)`` with the batch axes ``batch`` of ``tensors`` flattened to one, on the CPU in
+    slices of rows (``CPU_CHUNK_BYTES``); the results concatenated and given the batch axes back."""
+    flat = [t.reshape((-1,) + t.shape[len(batch):]) for t in tensors]
+    rows = flat[0].shape[0]
+    m, d = tensors[0].shape[-2:]
+    step = rows if flat[0].device.type != "cpu" else \
+        max(1, CPU_CHUNK_BYTES // (max(1, m - 1) * d * flat[0].element_size()))
+    if step >= rows:
+        results = fn(*flat, *constants)
+    else:
+        parts = [fn(*(t[start:start + step] for t in flat), *constants) for start in range(0, rows, step)]
+        results = [torch.cat(part, 0) for part in zip(*parts)]
+    return tuple(r.reshape(batch + r.shape[1:]) for r in results)
+
+
 #: ``fused=True`` unrolls the pairs up to this many experts; beyond, the graph (growing as M^2) takes many minutes
-#: to compile, and the compiled pair-tensor bodies (``_forward``, ``_backward``) are used instead
+#: to compile, and the compiled row bodies (``_forward``, ``_backward``) are used instead
 UNROLL_MAX_EXPERTS = 6
 
 _COMPILED: dict[str, object] = {}
@@ -327,10 +419,9 @@ class _HellingerMoments(torch.autograd.Function):
     def forward(mu, logvar, log_w, fused):
         if fused and mu.shape[-2] <= UNROLL_MAX_EXPERTS:
             return _run("forward", _forward_unrolled, mu, logvar, log_w)
-        i, j = pair_indices(mu.shape[-2], mu.device)
         if fused:
-            return _run("forward_pairs", _forward, mu, logvar, log_w, i, j)
-        return _forward(mu, logvar, log_w, i, j)
+            return _run("forward_rows", _forward, mu, logvar, log_w)
+        return _by_rows(_forward, mu.shape[:-2], (mu, logvar, log_w))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -348,9 +439,9 @@ class _HellingerMoments(torch.autograd.Function):
             grads = _run("backward", _backward_unrolled, mu, logvar, log_w, offset, logvar_out, pi, grad_mean,
                          grad_logvar)
         else:
-            i, j = pair_indices(mu.shape[-2], mu.device)
-            arguments = (mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar, i, j)
-            grads = _run("backward_pairs", _backward, *arguments) if ctx.fused else _backward(*arguments)
+            tensors = (mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar)
+            grads = _run("backward_rows", _backward, *tensors) if ctx.fused else \
+                _by_rows(_backward, mu.shape[:-2], tensors)
         return (*grads, None)
 
 

@@ -156,10 +156,13 @@ def test_fused_falls_back_with_a_warning_when_compilation_fails(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("m", [2, 5])
-def test_compiled_path_equals_eager(m, monkeypatch):
+@pytest.mark.parametrize("m, unrolled", [(2, True), (5, True), (3, False)])
+def test_compiled_path_equals_eager(m, unrolled, monkeypatch):
     """``fused=True`` through torch.compile: values and all three gradients as the eager function (M = 2 included:
-    compiling the eager autograd graph once gave a wrong log-variance gradient there)."""
+    compiling the eager autograd graph once gave a wrong log-variance gradient there), with the unrolled bodies and
+    with the row bodies used beyond ``UNROLL_MAX_EXPERTS``."""
+    if not unrolled:
+        monkeypatch.setattr(hellinger_module, "UNROLL_MAX_EXPERTS", 1)
     monkeypatch.setattr(hellinger_module, "_COMPILED", {})
     monkeypatch.setattr(hellinger_module, "_COMPILE_FAILED", [])
     mu, logvar, weights, mask = experts(m, batch=4, dim=8, seed=m)
@@ -216,3 +219,27 @@ def test_float32_tiny_variances_far_apart_in_standard_deviations(fused, monkeypa
     torch.testing.assert_close(lv.double(), lv64, rtol=1e-6, atol=0)
     (loc.sum() + lv.sum()).backward()
     assert torch.isfinite(mu32.grad).all() and torch.isfinite(lv32.grad).all()
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_eager_pass_in_slices_of_the_batch_equals_one_pass_and_gradchecks(m, monkeypatch):
+    """On the CPU the eager function works through the batch in slices (``CPU_CHUNK_BYTES``): with two batch axes,
+    per-sample weights and masks, slices of two rows (the last one shorter) give the values and gradients of one
+    pass over the whole batch, and pass gradcheck."""
+    g = torch.Generator().manual_seed(m)
+    mu = torch.randn(m, 5, 3, 4, generator=g, dtype=torch.float64)
+    logvar = torch.randn(m, 5, 3, 4, generator=g, dtype=torch.float64)
+    weights = (torch.rand(5, 3, m, generator=g, dtype=torch.float64) + 0.2)
+    mask = torch.rand(m, 5, 3, generator=g) > 0.3
+    mask[0] = True
+    results = []
+    for chunk in (1 << 40, 2 * (m - 1) * 4 * 8):  # everything at once; two rows of (M - 1) pairs of float64
+        monkeypatch.setattr(hellinger_module, "CPU_CHUNK_BYTES", chunk)
+        inputs = [t.clone().requires_grad_(True) for t in (mu, logvar, weights)]
+        loc, lv = opf.hellinger(*inputs[:2], weights=inputs[2], mask=mask)
+        (loc.sin().sum() + (lv * lv).sum()).backward()
+        results.append((loc, lv, *(t.grad for t in inputs)))
+    for whole, sliced in zip(*results):
+        torch.testing.assert_close(sliced, whole, rtol=1e-13, atol=1e-13)
+    inputs = [t.clone().requires_grad_(True) for t in (mu, logvar, weights)]
+    assert torch.autograd.gradcheck(lambda a, b, w: opf.hellinger(a, b, weights=w, mask=mask), inputs)
