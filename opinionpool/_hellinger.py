@@ -33,6 +33,8 @@ from typing import NamedTuple
 
 import torch
 
+from ._batching import in_batch_slices
+
 __all__ = ["hellinger_moments", "pair_components", "pair_indices"]
 
 _LOG2 = math.log(2.0)
@@ -367,19 +369,10 @@ CPU_CHUNK_BYTES = 1 << 19
 
 
 def _by_rows(fn, batch, tensors, *constants):
-    """``fn(*tensors, *constants)`` with the batch axes ``batch`` of ``tensors`` flattened to one, on the CPU in
-    slices of rows (``CPU_CHUNK_BYTES``); the results concatenated and given the batch axes back."""
-    flat = [t.reshape((-1,) + t.shape[len(batch):]) for t in tensors]
-    rows = flat[0].shape[0]
+    """``fn(*tensors, *constants)`` in slices of the batch on the CPU, ``CPU_CHUNK_BYTES`` per row of pairs."""
     m, d = tensors[0].shape[-2:]
-    step = rows if flat[0].device.type != "cpu" else \
-        max(1, CPU_CHUNK_BYTES // (max(1, m - 1) * d * flat[0].element_size()))
-    if step >= rows:
-        results = fn(*flat, *constants)
-    else:
-        parts = [fn(*(t[start:start + step] for t in flat), *constants) for start in range(0, rows, step)]
-        results = [torch.cat(part, 0) for part in zip(*parts)]
-    return tuple(r.reshape(batch + r.shape[1:]) for r in results)
+    return in_batch_slices(fn, batch, tensors, constants, row_bytes=max(1, m - 1) * d * tensors[0].element_size(),
+                           budget=CPU_CHUNK_BYTES)
 
 
 #: ``fused=True`` unrolls the pairs up to this many experts; beyond, the graph (growing as M^2) takes many minutes

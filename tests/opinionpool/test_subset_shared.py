@@ -78,7 +78,10 @@ def options(option, weights, m):
 
 @pytest.mark.parametrize("aggregator,reference,extra", KINDS, ids=["hellinger", "holder", "poe", "barycenter"])
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
-def test_shared_components_equal_the_per_subset_pools(aggregator, reference, extra, option):
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole-batch", "one-row-slices"])
+def test_shared_components_equal_the_per_subset_pools(aggregator, reference, extra, option, sliced, monkeypatch):
+    if sliced:  # the CPU path through the batch in slices, here of one sample each
+        monkeypatch.setattr(opf, "SUBSET_SLICE_BYTES", 1)
     mu, logvar, mask, weights = data()
     kwargs = options(option, weights, mu.shape[0])
     call = dict(kwargs)
@@ -282,3 +285,38 @@ def test_float32_shared_hellinger_subsets_in_a_hard_regime():
         naive.append((second - mean * mean).log())
     naive = torch.stack(naive, 1).double()
     assert not ((naive - lv).abs() <= 1e-3).all()
+
+
+@pytest.mark.parametrize("aggregator", [opf.hellinger, opf.poe])
+def test_slices_of_a_batch_with_two_axes_give_the_values_and_gradients_of_one_pass(aggregator, monkeypatch):
+    """Two batch axes, per-sample masks and learnable per-sample weights (..., 1, M + 1) with a prior expert:
+    slices of two rows (the last one shorter) against one pass over the batch."""
+    g = torch.Generator().manual_seed(3)
+    m = 3
+    mu, logvar = torch.randn(m, 5, 3, 4, generator=g), torch.randn(m, 5, 3, 4, generator=g)
+    mask = torch.rand(m, 5, 3, generator=g) > 0.3
+    weights = torch.rand(5, 3, 1, m + 1, generator=g) + 0.2
+    results = []
+    for budget in (1 << 40, 2 * (2**m - 1) * 4 * 8):
+        monkeypatch.setattr(opf, "SUBSET_SLICE_BYTES", budget)
+        inputs = [t.clone().requires_grad_(True) for t in (mu, logvar, weights)]
+        mix = opf.subset_mixture(aggregator, inputs[0], inputs[1], mask=mask, weights=inputs[2], prior_expert=True)
+        kept = torch.isfinite(mix.log_weights).unsqueeze(-1)
+        ((mix.loc.sin() * kept).sum() + (mix.logvar.cos() * kept).sum()).backward()
+        results.append([mix.loc, mix.logvar, mix.log_weights] + [t.grad for t in inputs])
+    for whole, sliced in zip(*results):
+        torch.testing.assert_close(sliced, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_per_sample_prior_weight_covers_its_own_sample_only():
+    """Per-sample weights (B, 1, M + 1) with a prior expert: sample 0 gives the prior weight zero (its experts
+    cover every subset), sample 1 gives expert 0 weight zero (its prior covers subset {0}). Valid: the check once
+    broadcast one sample's prior weight against another's subsets and refused it. Sample 1 without its prior's
+    weight is refused, naming the subset."""
+    mu, logvar = torch.randn(2, 2, 3), torch.randn(2, 2, 3)
+    weights = torch.tensor([[[1.0, 1.0, 0.0]], [[0.0, 1.0, 1.0]]])
+    mix = opf.subset_mixture(opf.poe, mu, logvar, weights=weights, prior_expert=True)
+    assert torch.isfinite(mix.loc).all() and torch.isfinite(mix.logvar).all()
+    weights[1, 0, 2] = 0.0
+    with pytest.raises(ValueError, match=r"subset \[0\]"):
+        opf.subset_mixture(opf.poe, mu, logvar, weights=weights, prior_expert=True)
