@@ -96,22 +96,26 @@ def _rows(x, logvar):
 def _row_backward(row, d_loc, d_lv, d_neg_log_s):
     """Chain rule from one row's pair quantities (mean ``d_loc``, log-variance ``d_lv``, ``-log S``
     ``d_neg_log_s``) to its experts: ``(d x_i, d x_j, d logvar_i, d logvar_j)``, ``(..., D)`` for expert ``i``
-    (summed over its pairs) and ``(..., n, D)`` for the experts after it. Consumes ``row``'s tensors."""
+    (summed over its pairs) and ``(..., n, D)`` for the experts after it. Consumes ``row``'s tensors.
+
+    In place only where the tensor written depends on every input the operands depend on: under
+    ``torch.func.vmap`` an unbatched tensor cannot take a batched operand in place (the incoming gradients may be
+    batched where the experts are not, as in ``jacrev``, or the other way round)."""
     d_neg = d_neg_log_s.unsqueeze(-1)
     top = torch.finfo(row.z.dtype).max
     # Delta / (2u) = d(-log S)/d x_j and Delta^2 / (4u) overflow only where S, hence d_neg, is zero: clamped to
     # finite numbers, a zero d_neg makes a zero product (never 0 * inf)
-    slope = (row.z * row.t).mul_(row.big).mul_(2).clamp_(-top, top)
-    quad = row.quad.clamp_(-top, top)
+    slope = (row.z * row.t).mul_(row.big).mul_(2).clamp(-top, top)
+    quad = row.quad.clamp(-top, top)
     push = d_neg * slope
     dx_i = torch.addcmul(push, d_loc, row.r_j, value=-1).neg_().sum(-2)
-    dx_j = push.addcmul_(d_loc, row.r_i)
-    cross = (d_loc * row.delta).mul_(row.r_i).mul_(row.r_j)  # d loc / d logvar_i = Delta r_i r_j
+    dx_j = torch.addcmul(push, d_loc, row.r_i)
+    cross = d_loc * row.delta * (row.r_i * row.r_j)  # d loc / d logvar_i = Delta r_i r_j
     tanh_half = (row.r_i - row.r_j).mul_(0.25)  # d(1/2 log cosh((lv_i - lv_j) / 2)) / d lv_i
     u_i = torch.addcmul(tanh_half, quad, row.r_i, value=-1)
-    u_j = tanh_half.addcmul_(quad, row.r_j)
-    dlv_i = torch.addcmul(cross, d_lv, row.r_j).addcmul_(d_neg, u_i).sum(-2)
-    dlv_j = cross.addcmul_(d_lv, row.r_i, value=-1).addcmul_(d_neg, u_j).neg_()
+    u_j = torch.addcmul(tanh_half, quad, row.r_j)
+    dlv_i = torch.addcmul(torch.addcmul(cross, d_lv, row.r_j), d_neg, u_i).sum(-2)
+    dlv_j = torch.addcmul(torch.addcmul(cross, d_lv, row.r_i, value=-1), d_neg, u_j).neg_()
     return dx_i, dx_j, dlv_i, dlv_j
 
 
@@ -151,7 +155,7 @@ def _forward(mu, logvar, log_w):
     x, mu_ref = _reference(mu, log_w)
     m = log_w.shape[-1]
     rows = _rows(x, logvar)
-    logits = torch.cat([2 * log_w] + [(log_w[..., i:i + 1] + log_w[..., i + 1:]).sub_(row.neg_log_s).add_(_LOG2)
+    logits = torch.cat([2 * log_w] + [log_w[..., i:i + 1] + log_w[..., i + 1:] - row.neg_log_s + _LOG2
                                       for i, row in enumerate(rows)], -1)
     pi = torch.softmax(logits, -1)
     pis = pi.split([m] + _row_sizes(m), -1)
@@ -192,18 +196,28 @@ def _backward(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar)
         p_dev = p.unsqueeze(-1) * dev
         w = (p_dev * q).mul_(q)  # p_c dev_c / V; |p_c dev_c q| <= sqrt(p_c): no overflow where p_c vanishes
         g_w = g_l * w
-        d_lv = rho.mul_(g_l)
-        d_logit = torch.addcmul(d_lv, g_m, p_dev).addcmul_(g_w, dev).sum(-1) - p * g_l_total
-        return torch.mul(p.unsqueeze(-1), g_m).add_(g_w, alpha=2), d_lv, d_logit
+        d_lv = rho * g_l
+        d_logit = torch.addcmul(torch.addcmul(d_lv, g_m, p_dev), g_w, dev).sum(-1) - p * g_l_total
+        return torch.addcmul(2 * g_w, p.unsqueeze(-1), g_m), d_lv, d_logit
 
-    grad_x, grad_lv, d_logit = component(pis[0], x, pis[0].unsqueeze(-1) * torch.exp(logvar - logvar_out.unsqueeze(-2)))
+    expert_rho = pis[0].unsqueeze(-1) * torch.exp(logvar - logvar_out.unsqueeze(-2))
+    grad_x, grad_lv, d_logit = component(pis[0], x, expert_rho)
     grad_log_w = 2 * d_logit
-    to_pool = torch.exp(scale - logvar_out).unsqueeze(-2)  # relative variances -> fractions of the pool's
+    # the pool's variance relative to the scale (at least p_c v_c for every component: dividing by it never
+    # overflows, where its reciprocal would once it falls below e^-88 in float32)
+    total = torch.exp(logvar_out - scale).unsqueeze(-2)
     for i, (p, row, var) in enumerate(zip(pis[1:], rows, _pair_variances(v, rows))):
-        d_loc, d_lv, d_logit = component(p, row.loc, var.mul_(to_pool).mul_(p.unsqueeze(-1)))
+        d_loc, d_lv, d_logit = component(p, row.loc, var.mul_(p.unsqueeze(-1)).div_(total))
+        dx_i, dx_j, dlv_i, dlv_j = _row_backward(row, d_loc, d_lv, -d_logit)
+        if i == 0:
+            # row 0 reaches every expert: added out of place, so that the sums carry every input's vmap batching
+            # before the other rows are added in place
+            grad_log_w = grad_log_w + torch.cat((d_logit.sum(-1, keepdim=True), d_logit), -1)
+            grad_x = grad_x + torch.cat((dx_i.unsqueeze(-2), dx_j), -2)
+            grad_lv = grad_lv + torch.cat((dlv_i.unsqueeze(-2), dlv_j), -2)
+            continue
         grad_log_w[..., i] += d_logit.sum(-1)
         grad_log_w[..., i + 1:] += d_logit
-        dx_i, dx_j, dlv_i, dlv_j = _row_backward(row, d_loc, d_lv, d_logit.neg_())
         grad_x[..., i, :] += dx_i
         grad_x[..., i + 1:, :] += dx_j
         grad_lv[..., i, :] += dlv_i
@@ -322,7 +336,7 @@ class _PairComponents(torch.autograd.Function):
     def forward(x, logvar):
         rows = _rows(x, logvar)
         if not rows:
-            empty = x[..., :0, :]
+            empty = x.new_zeros(x.shape[:-2] + (0, x.shape[-1]))
             return x.new_zeros(x.shape[:-2] + (0,)), empty, empty.clone()
         pair_logvar = [0.5 * (logvar[..., i:i + 1, :] + logvar[..., i + 1:, :]) - row.log_cosh
                        for i, row in enumerate(rows)]  # log(2 v_i v_j / u), without a logarithm per pair
@@ -344,13 +358,17 @@ class _PairComponents(torch.autograd.Function):
         d_lvs = [zero] * len(sizes) if d_lv is None else d_lv.split(sizes, -2)
         d_negs = [torch.zeros(x.shape[:-2] + (n,), dtype=x.dtype, device=x.device) for n in sizes] \
             if d_neg_log_s is None else d_neg_log_s.split(sizes, -1)
-        grad_x, grad_logvar = torch.zeros_like(x), torch.zeros_like(logvar)
+        grad_x, grad_logvar = [], []
         for i, (row, *grads) in enumerate(zip(rows, d_locs, d_lvs, d_negs)):
             dx_i, dx_j, dlv_i, dlv_j = _row_backward(row, *grads)
-            grad_x[..., i, :] += dx_i
-            grad_x[..., i + 1:, :] += dx_j
-            grad_logvar[..., i, :] += dlv_i
-            grad_logvar[..., i + 1:, :] += dlv_j
+            # each row as a (..., M, D) term, summed out of place: the incoming gradients may carry a vmap
+            # batching that the inputs do not (jacrev), or the other way round
+            before = x.new_zeros(x.shape[:-2] + (i, x.shape[-1]))
+            grad_x.append(torch.cat((before, dx_i.unsqueeze(-2), dx_j), -2))
+            grad_logvar.append(torch.cat((before, dlv_i.unsqueeze(-2), dlv_j), -2))
+        if not grad_x:
+            return torch.zeros_like(x), torch.zeros_like(logvar)
+        grad_x, grad_logvar = sum(grad_x[1:], grad_x[0]), sum(grad_logvar[1:], grad_logvar[0])
         return grad_x, grad_logvar
 
 

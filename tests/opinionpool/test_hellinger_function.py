@@ -243,3 +243,63 @@ def test_eager_pass_in_slices_of_the_batch_equals_one_pass_and_gradchecks(m, mon
         torch.testing.assert_close(sliced, whole, rtol=1e-13, atol=1e-13)
     inputs = [t.clone().requires_grad_(True) for t in (mu, logvar, weights)]
     assert torch.autograd.gradcheck(lambda a, b, w: opf.hellinger(a, b, weights=w, mask=mask), inputs)
+
+
+@pytest.mark.parametrize("batched", ["mu", "logvar", "log_weights"])
+def test_vmap_over_one_argument_equals_a_loop(batched):
+    """``torch.func.vmap`` with one argument batched and the others shared: the forward and backward bodies must not
+    write a batched operand into an unbatched tensor in place."""
+    from torch.func import vmap
+
+    g = torch.Generator().manual_seed(1)
+    args = {"mu": torch.randn(3, 4, generator=g), "logvar": torch.randn(3, 4, generator=g),
+            "log_weights": torch.log(torch.rand(3, generator=g) + 0.2)}
+    stack = {"mu": torch.randn(5, 3, 4, generator=g), "logvar": torch.randn(5, 3, 4, generator=g),
+             "log_weights": torch.log(torch.rand(5, 3, generator=g) + 0.2)}[batched]
+    names = list(args)
+
+    def loss(*values):
+        mean, logvar = hellinger_module.hellinger_moments(*values)
+        return mean.sin().sum() + (logvar * logvar).sum()
+
+    def value_and_grads(one):
+        values = [one if name == batched else args[name] for name in names]
+        return torch.func.grad_and_value(loss, argnums=(0, 1, 2))(*values)
+
+    grads, value = vmap(value_and_grads)(stack)
+    for k in range(stack.shape[0]):
+        grads_k, value_k = value_and_grads(stack[k])
+        torch.testing.assert_close(value[k], value_k)
+        for got, want in zip(grads, grads_k):
+            torch.testing.assert_close(got[k], want)
+
+
+@pytest.mark.parametrize("output", [0, 1])
+def test_jacobians_of_one_output_by_jacrev_equal_autograd(output):
+    """``jacrev`` of the pool's mean (or log-variance) alone, and of the pairs' means alone: the other outputs'
+    incoming gradients are then unbatched zeros beside batched ones."""
+    g = torch.Generator().manual_seed(2)
+    mu, logvar = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    log_w = torch.log(torch.rand(3, generator=g) + 0.2)
+    pooled = lambda m: hellinger_module.hellinger_moments(m, logvar, log_w)[output]  # noqa: E731
+    torch.testing.assert_close(torch.func.jacrev(pooled)(mu), torch.autograd.functional.jacobian(pooled, mu))
+    pairs = lambda m: hellinger_module.pair_components(m, logvar)[1 + output]  # noqa: E731
+    torch.testing.assert_close(torch.func.jacrev(pairs)(mu), torch.autograd.functional.jacobian(pairs, mu))
+
+
+def test_float32_gradients_with_a_far_expert_of_negligible_weight():
+    """float32, a present expert 1e19 away with weight e^-50: the pool's variance relative to its scale falls below
+    e^-88, whose reciprocal overflowed and made every gradient NaN (0 * inf); the float64 gradients are the
+    reference, to 1e-4: in this regime the far expert's mixture weight (e^-100) and the variances relative to the
+    scale (e^-91) are subnormal float32 numbers with a few digits each."""
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        mu = torch.tensor([[0.0, 0.0], [1e19, 1e19]], dtype=dtype, requires_grad=True)
+        logvar = torch.zeros(2, 2, dtype=dtype, requires_grad=True)
+        log_w = torch.tensor([0.0, -50.0], dtype=dtype, requires_grad=True)
+        mean, lv = hellinger_module.hellinger_moments(mu, logvar, log_w)
+        (mean.sum() + lv.sum()).backward()
+        results.append((mean, lv, mu.grad, logvar.grad, log_w.grad))
+    for low, high in zip(*results):
+        assert torch.isfinite(low).all()
+        torch.testing.assert_close(low.double(), high, rtol=1e-4, atol=1e-4)
