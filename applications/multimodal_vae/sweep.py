@@ -255,8 +255,13 @@ def _finished(run_dir: Path) -> bool:
 
 
 def _trained(run_dir: Path) -> bool:
+    """Whether the run has its checkpoint of finished training. A run the wall-clock guard
+    (``train.max_minutes``) stopped is not: a later sweep resumes it (with a guard, one more chunk of time)."""
     checkpoint = run_dir / "checkpoint.pt"
-    return checkpoint.exists() and load_checkpoint(checkpoint).get("finished", False)
+    if not checkpoint.exists():
+        return False
+    state = load_checkpoint(checkpoint)
+    return state.get("finished", False) and not str(state.get("stopped_by") or "").startswith("train.max_minutes")
 
 
 @contextlib.contextmanager

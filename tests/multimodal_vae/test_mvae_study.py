@@ -239,3 +239,20 @@ def test_extra_overrides_change_every_run_without_restating_the_presets():
     assert (config.data.build_offline, config.model.private_dim) == (False, 32)  # the preset's own stay
     with pytest.raises(ValueError, match="train.epochs"):
         load_sweep("polymnist-gpu", ['extra_overrides=["train.epochs=0"]'])
+
+
+def test_a_run_the_wall_clock_stopped_is_resumed_and_the_study_has_no_wall_clock(tmp_path, monkeypatch):
+    """The CPU preset's 60-minute guard stopped the study's first runs part-way (650 and 1 078 of 1 870 steps on a
+    slow machine) and marked them finished: the study presets now train every run to its steps, and a train-only
+    sweep resumes a checkpoint the guard stopped (a max_steps stop or the last epoch is trained)."""
+    from applications.multimodal_vae import sweep as sweeps
+
+    for name in ("polymnist-cpu-study", "polymnist-cpu-study-quick"):
+        study = load_sweep(name)
+        assert {run_config(study, *run).train.max_minutes for run in grid(study)} == {None}
+    (tmp_path / "checkpoint.pt").write_text("stub")
+    for state, trained in (({"finished": True, "stopped_by": "train.max_minutes=60.0"}, False),
+                           ({"finished": True, "stopped_by": "train.max_steps=2"}, True),
+                           ({"finished": True, "stopped_by": None}, True), ({"finished": False}, False)):
+        monkeypatch.setattr(sweeps, "load_checkpoint", lambda path, state=state: state)
+        assert sweeps._trained(tmp_path) is trained, state
