@@ -19,7 +19,6 @@ from typing import NamedTuple
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from ._batching import in_batch_slices
 from ._hellinger import hellinger_moments, pair_components, pair_indices
 from ._validation import (
     check_alpha,
@@ -465,30 +464,9 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
                 prior = (member.shape[-1] - 1,) if prior_expert else ()
                 rows = [row + (full if len(row) == experts else ()) + prior for row in rows]
             extra = (rows,)
-        loc, lv = _shared_pools(_SHARED[shared], mu, logvar, member, weights, extra)
+        loc, lv = _SHARED[shared](mu, logvar, member, weights, *extra)
     log_weights = torch.where(empty, -torch.inf, 0.0).to(mu.dtype)
     return GaussianMixture(torch.log_softmax(log_weights, -1), loc, lv)
-
-
-#: on the CPU the subset mixtures' shared pools work through the batch in slices of about this many bytes of
-#: output ``(rows, K, D)``: fresh multi-megabyte temporaries are faulted in page by page (``_batching``)
-SUBSET_SLICE_BYTES = 1 << 21
-
-
-def _shared_pools(pool, mu, logvar, member, weights, extra):
-    """``pool(mu, logvar, member, weights, *extra)`` (a function of ``_SHARED``) in slices of the batch on the CPU;
-    per-sample weights ``(..., 1 or K, M)`` are sliced with the batch, one weight per expert ``(M,)`` is not."""
-    batch = member.shape[:-2]
-    tensors = [mu, logvar, member]
-    per_sample = weights is not None and weights.dim() >= 2
-    if per_sample:
-        tensors.append(weights.to(mu.device).expand(batch + weights.shape[-2:]))
-
-    def sliced(mu, logvar, member, *maybe_weights):
-        return pool(mu, logvar, member, maybe_weights[0] if per_sample else weights, *extra)
-
-    row_bytes = member.shape[-2] * mu.shape[-1] * mu.element_size()
-    return in_batch_slices(sliced, batch, tensors, row_bytes=row_bytes, budget=SUBSET_SLICE_BYTES)
 
 
 def _shared_kind(aggregator, kwargs):
