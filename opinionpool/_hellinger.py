@@ -33,8 +33,6 @@ from typing import NamedTuple
 
 import torch
 
-from ._batching import in_batch_slices
-
 __all__ = ["hellinger_moments", "pair_components", "pair_indices"]
 
 _LOG2 = math.log(2.0)
@@ -102,11 +100,9 @@ def _row_backward(row, d_loc, d_lv, d_neg_log_s):
     ``torch.func.vmap`` an unbatched tensor cannot take a batched operand in place (the incoming gradients may be
     batched where the experts are not, as in ``jacrev``, or the other way round)."""
     d_neg = d_neg_log_s.unsqueeze(-1)
-    top = torch.finfo(row.z.dtype).max
-    # Delta / (2u) = d(-log S)/d x_j and Delta^2 / (4u) overflow only where S, hence d_neg, is zero: clamped to
-    # finite numbers, a zero d_neg makes a zero product (never 0 * inf)
-    slope = (row.z * row.t).mul_(row.big).mul_(2).clamp(-top, top)
-    quad = row.quad.clamp(-top, top)
+    # Delta / (2u) = d(-log S)/d x_j and Delta^2 / (4u) overflow only where S, hence d_neg, is zero
+    slope = _finite((row.z * row.t).mul_(row.big).mul_(2))
+    quad = _finite(row.quad)
     push = d_neg * slope
     dx_i = torch.addcmul(push, d_loc, row.r_j, value=-1).neg_().sum(-2)
     dx_j = torch.addcmul(push, d_loc, row.r_i)
@@ -387,10 +383,19 @@ CPU_CHUNK_BYTES = 1 << 19
 
 
 def _by_rows(fn, batch, tensors, *constants):
-    """``fn(*tensors, *constants)`` in slices of the batch on the CPU, ``CPU_CHUNK_BYTES`` per row of pairs."""
+    """``fn(*tensors, *constants)``, a tuple of tensors, with the batch axes ``batch`` of ``tensors`` flattened to
+    one; on the CPU in slices of rows (``CPU_CHUNK_BYTES`` per row of pairs), the results concatenated. The
+    results get the batch axes back. Elsewhere (a GPU) and while compiling, one call."""
     m, d = tensors[0].shape[-2:]
-    return in_batch_slices(fn, batch, tensors, constants, row_bytes=max(1, m - 1) * d * tensors[0].element_size(),
-                           budget=CPU_CHUNK_BYTES)
+    rows = math.prod(batch)
+    flat = [t.reshape((rows,) + t.shape[len(batch):]) for t in tensors]
+    step = max(1, CPU_CHUNK_BYTES // (max(1, m - 1) * d * tensors[0].element_size()))
+    if flat[0].device.type != "cpu" or step >= rows or torch.compiler.is_compiling():
+        results = fn(*flat, *constants)
+    else:
+        parts = [fn(*(t[start:start + step] for t in flat), *constants) for start in range(0, rows, step)]
+        results = [torch.cat(part, 0) for part in zip(*parts)]
+    return tuple(r.reshape(batch + r.shape[1:]) for r in results)
 
 
 #: ``fused=True`` unrolls the pairs up to this many experts; beyond, the graph (growing as M^2) takes many minutes
