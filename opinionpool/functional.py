@@ -587,9 +587,8 @@ class _SubsetMoments(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_mean, g_lv, *_):
         pi, loc_c, var_c, clamped, mean, logvar_out, shift, scale = ctx.saved_tensors
-        g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
-        g_lv = torch.zeros_like(mean) if g_lv is None else g_lv
-        b = (shift - logvar_out).mul_(1 / _LN2).exp2_().mul_(g_lv)  # d loss / d (scaled variance)
+        g_mean, g_lv = _incoming(g_mean, g_lv, mean)
+        b = (shift - logvar_out).mul_(1 / _LN2).exp2_().mul(g_lv)  # d loss / d (scaled variance)
         pi_t = pi.transpose(-1, -2)
         # d loss / d (scaled location) c: sum_k pi_kc (a_k + 2 b_k dev_kc), with a_k = d loss / d mean_k (scaled)
         # and dev_kc = loc_c - mean_k; that is sum_k pi_kc (2 u_kc - a_k), u_kc = a_k + b_k dev_kc, over the
@@ -599,7 +598,7 @@ class _SubsetMoments(torch.autograd.Function):
         # d loss / d pi_kc, less what is common to every c of subset k (which the softmax's Jacobian removes):
         # s_kc = sum_d u_kc dev_kc + b_k var_c over the visited pairs; zero elsewhere, where pi_kc is zero or one
         # (then the softmax's Jacobian gives zero whatever s_kc)
-        s = torch.zeros_like(pi)
+        s_visited = []
         for k, members in enumerate(ctx.components):
             mean_k, b_k = mean[..., k, :], b[..., k, :]
             a_k = g_mean[..., k, :] / scale[..., 0, :]
@@ -607,7 +606,12 @@ class _SubsetMoments(torch.autograd.Function):
                 dev = loc_c[..., c, :] - mean_k
                 u = torch.addcmul(a_k, dev, b_k)
                 d_loc[..., c, :].addcmul_(u, pi[..., k, c:c + 1], value=2)
-                s[..., k, c] = u.mul_(dev).addcmul_(b_k, var_c[..., c, :]).sum(-1)
+                s_visited.append(u.mul_(dev).addcmul_(b_k, var_c[..., c, :]).sum(-1))
+        # placed out of place: under jacrev the incoming gradients are batched and the saved pi is not
+        s = torch.zeros_like(pi).flatten(-2)
+        if s_visited:
+            s = s.index_copy(-1, ctx.visited.flatten().nonzero().squeeze(-1), torch.stack(s_visited, -1))
+        s = s.unflatten(-1, pi.shape[-2:])
         d_logits = (s - (s * pi).sum(-1, keepdim=True)).mul_(pi)
         d_loc.mul_(scale)
         d_lv_c = (pi_t @ b).mul_(var_c).masked_fill_(clamped, 0)
@@ -617,6 +621,15 @@ class _SubsetMoments(torch.autograd.Function):
 
 
 _LN2 = math.log(2.0)
+
+
+def _incoming(g_mean, g_lv, like):
+    """The incoming gradients of a pool's mean and log-variance (tensors shaped like ``like``), a missing one as
+    zeros like the other: under ``jacrev`` or ``vmap`` of one output that is batched like the given one, so the
+    in-place updates that mix the two never write a batched tensor into an unbatched one."""
+    if g_mean is None and g_lv is None:
+        return torch.zeros_like(like), torch.zeros_like(like)
+    return (torch.zeros_like(g_lv) if g_mean is None else g_mean), (torch.zeros_like(g_mean) if g_lv is None else g_lv)
 
 
 def _span(dtype):
@@ -666,11 +679,13 @@ class _SubsetSums(torch.autograd.Function):
         mean, _, wn, w_top, p, r, clamped = output
         ctx.mark_non_differentiable(wn, w_top, p, r, clamped)
         ctx.save_for_backward(x, reference, mean, wn, w_top, p, r, clamped)
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_mean, g_lv, *_):
         x, reference, mean, wn, w_top, p, r, clamped = ctx.saved_tensors
+        g_mean, g_lv = _incoming(g_mean, g_lv, mean)
         d_weighted = g_mean * r
         # d sum = -(g_mean (mean - reference) + g_lv) / sum
         d_total = (g_lv * r).addcmul_(d_weighted, mean).addcmul_(d_weighted, reference, value=-1).neg_()

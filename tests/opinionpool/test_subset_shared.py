@@ -319,3 +319,52 @@ def test_per_sample_prior_weight_covers_its_own_sample_only():
     weights[1, 0, 2] = 0.0
     with pytest.raises(ValueError, match=r"subset \[0\]"):
         opf.subset_mixture(opf.poe, mu, logvar, weights=weights, prior_expert=True)
+
+
+SHARED = {"poe": (opf.poe, {}), "hellinger": (opf.hellinger, {}), "holder-1/3": (opf.holder, {"alpha": 1 / 3}),
+          "wasserstein": (opf.wasserstein_barycenter, {})}
+
+
+@pytest.mark.parametrize("name", SHARED)
+@pytest.mark.parametrize("output", [0, 1])
+def test_jacobians_of_one_output_by_jacrev_equal_autograd(name, output):
+    """``jacrev`` of the subsets' means (or log-variances) alone, in float64, with weights: the other output's
+    incoming gradient is then missing while this one is batched. The in-place updates of the shared paths'
+    backward passes once wrote it into unbatched tensors (``RuntimeError``)."""
+    aggregator, extra = SHARED[name]
+    g = torch.Generator().manual_seed(4)
+    mu, logvar = torch.randn(3, 4, dtype=torch.float64, generator=g), torch.randn(3, 4, dtype=torch.float64, generator=g)
+    weights = torch.rand(3, dtype=torch.float64, generator=g) + 0.2
+
+    def one_output(m):
+        mix = opf.subset_mixture(aggregator, m, logvar, weights=weights, validate_args=False, **extra)
+        return (mix.loc, mix.logvar)[output]
+
+    torch.testing.assert_close(torch.func.jacrev(one_output)(mu), torch.autograd.functional.jacobian(one_output, mu))
+
+
+@pytest.mark.parametrize("name", SHARED)
+@pytest.mark.parametrize("batched", ["mu", "logvar", "weights"])
+def test_vmap_over_one_argument_equals_a_loop(name, batched):
+    """``vmap`` of values and gradients with one argument batched and the others shared equals a loop."""
+    aggregator, extra = SHARED[name]
+    g = torch.Generator().manual_seed(5)
+    shapes = {"mu": (3, 4), "logvar": (3, 4), "weights": (3,)}
+    args = {k: torch.randn(*s, dtype=torch.float64, generator=g) for k, s in shapes.items()}
+    args["weights"] = args["weights"].abs() + 0.2
+    stack = torch.randn(4, *shapes[batched], dtype=torch.float64, generator=g)
+    stack = stack.abs() + 0.2 if batched == "weights" else stack
+
+    def loss(mu, logvar, weights):
+        mix = opf.subset_mixture(aggregator, mu, logvar, weights=weights, validate_args=False, **extra)
+        return mix.loc.sin().sum() + (mix.logvar * mix.logvar).sum()
+
+    def value_and_grads(one):
+        return torch.func.grad_and_value(loss, argnums=(0, 1, 2))(*[one if k == batched else v for k, v in args.items()])
+
+    grads, value = torch.func.vmap(value_and_grads)(stack)
+    for k in range(stack.shape[0]):
+        grads_k, value_k = value_and_grads(stack[k])
+        torch.testing.assert_close(value[k], value_k)
+        for got, want in zip(grads, grads_k):
+            torch.testing.assert_close(got[k], want)
