@@ -21,6 +21,7 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 
 from ._hellinger import hellinger_moments, pair_components, pair_indices
 from ._validation import (
+    all_finite,
     check_alpha,
     check_finite,
     check_positive_int,
@@ -172,10 +173,9 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):
                              f"(mu without its last axis), got {mask.dtype} of shape {tuple(mask.shape)}")
         mask = mask.movedim(dim, -1)
     if validate:
-        present_mu = mu if mask is None else mu[mask]
-        present_logvar = logvar if mask is None else logvar[mask]
-        check_finite("mu", present_mu)
-        check_finite("logvar", present_logvar)
+        for name, value in (("mu", mu), ("logvar", logvar)):
+            if not all_finite(value):  # absent experts may hold anything: then only the present ones are checked
+                check_finite(name, value if mask is None else value[mask])
         if weights is not None:
             check_weights("weights", weights, num_experts + (1 if prior_expert else 0))
     if mask is not None:

@@ -302,3 +302,30 @@ def test_non_positive_definite_covariance_names_the_index():
     with pytest.raises(ValueError, match=r"experts: covariance matrices must be symmetric positive definite; "
                                          r"the one at index \(1,\) is not"):
         family.check_params(family.join(torch.zeros(2, 2), precision), "experts")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_the_finite_check_by_a_sum_misses_nothing(dtype):
+    """``all_finite`` trusts a finite sum: every non-finite entry (infinities of both signs, whose sum is NaN, and
+    NaN) is still caught; finite entries whose sum overflows are not refused; an absent expert may hold NaN."""
+    from opinionpool._validation import all_finite
+
+    big = torch.finfo(dtype).max
+    for bad in (math.inf, -math.inf, math.nan):
+        value = torch.zeros(3, 4, 5, dtype=dtype)
+        value[1, 2, 3] = bad
+        assert not all_finite(value)
+        with pytest.raises(ValueError, match=r"mu must be finite.*first at index \(2, 1, 3\)"):
+            opf.poe(value.transpose(0, 1), torch.zeros(4, 3, 5, dtype=dtype), dim=1)
+    both = torch.tensor([math.inf, -math.inf, 1.0], dtype=dtype)
+    assert both.sum().isnan() and not all_finite(both)
+    huge = torch.full((2, 3, 2), big, dtype=dtype)
+    assert huge.sum().isinf() and all_finite(huge)
+    mu = torch.zeros(2, 3, 2, dtype=dtype)
+    mu[1, 0] = math.nan
+    mask = torch.tensor([[True, True, True], [False, True, True]])
+    loc, _ = opf.poe(mu, torch.zeros_like(mu), mask=mask)
+    assert torch.isfinite(loc).all()
+    mask[1, 0] = True
+    with pytest.raises(ValueError, match="mu must be finite"):
+        opf.poe(mu, torch.zeros_like(mu), mask=mask)
