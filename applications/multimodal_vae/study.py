@@ -27,7 +27,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .files import atomic_write, write_text
-from .sweep import SCALARS, _mean_std, aggregate, run_name
+from .sweep import SCALARS, aggregate, mean_std, run_name
 
 __all__ = ["CLAIMS", "Claim", "alpha_runs", "compare", "main_labels", "mass_through_training", "render_study",
            "write_study"]
@@ -182,7 +182,7 @@ def mass_through_training(folder: Path, rows: list[dict], column: str) -> tuple[
         with open(folder / _run_name(row) / "pooling.csv") as handle:
             series.append({int(r["step"]): float(r[column]) for r in csv.DictReader(handle) if r.get(column)})
     steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
-    return steps, [_mean_std([s[step] for s in series]) for step in steps]
+    return steps, [mean_std([s[step] for s in series]) for step in steps]
 
 
 def _verdict_rows(summary: dict, labels: list[str], betas: list[float]) -> list[str]:
@@ -350,7 +350,7 @@ def _plots(folder: Path, rows: list[dict], out: Path) -> dict:
         figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
         for axis, metric in zip(axes[0], metrics):
             for family, marker in (("holder", "o"), ("holder_mixture", "s")):
-                values = sorted((a, _mean_std([_number(r[metric]) for r in members]))
+                values = sorted((a, mean_std([_number(r[metric]) for r in members]))
                                 for (f, a), members in alpha.items() if f == family)
                 if values:
                     axis.errorbar([a for a, _ in values], [_scaled(metric, v[0]) for _, v in values],

@@ -35,8 +35,8 @@ from .files import atomic_write, write_text
 from .train import load_checkpoint, load_run, train
 
 __all__ = ["CURVES", "FIELDS", "METRICS", "RUN_OUTPUTS", "SCALARS", "SWEEPS", "SweepConfig", "aggregate",
-           "available_sweeps", "grid", "load_sweep", "pareto_front", "plot", "render", "result_row", "run_config",
-           "run_name", "run_sweep", "run_workers", "write_results"]
+           "available_sweeps", "grid", "load_sweep", "mean_std", "pareto_front", "plot", "render",
+           "result_row", "run_config", "run_name", "run_sweep", "run_workers", "write_results"]
 
 SWEEPS = PRESETS.parent / "sweeps"
 
@@ -268,10 +268,21 @@ def _trained(run_dir: Path) -> bool:
     """Whether the run has its checkpoint of finished training. A run the wall-clock guard
     (``train.max_minutes``) stopped is not: a later sweep resumes it (with a guard, one more chunk of time)."""
     checkpoint = run_dir / "checkpoint.pt"
-    if not checkpoint.exists():
+    try:
+        stat = checkpoint.stat()
+    except FileNotFoundError:
         return False
-    state = load_checkpoint(checkpoint)
-    return state.get("finished", False) and not str(state.get("stopped_by") or "").startswith("train.max_minutes")
+    # memoised by size and modification time: run_workers asks about every run every few seconds, and each answer
+    # would otherwise load and checksum the whole checkpoint
+    key = (str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _TRAINED:
+        state = load_checkpoint(checkpoint)
+        _TRAINED[key] = bool(state.get("finished", False)) and \
+            not str(state.get("stopped_by") or "").startswith("train.max_minutes")
+    return _TRAINED[key]
+
+
+_TRAINED: dict[tuple, bool] = {}
 
 
 @contextlib.contextmanager
@@ -326,7 +337,8 @@ def result_row(run_dir: Path, model: str, beta: float, seed: int) -> dict:
             **{column: json.dumps(read(metrics) or {}) for column, read in CURVES.items()}}
 
 
-def _mean_std(values):
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value) of the values that were computed; NaN for none."""
     values = [v for v in values if v is not None and v == v]  # drop a metric that was not computed (None or NaN)
     if not values:
         return float("nan"), float("nan")
@@ -340,11 +352,11 @@ def aggregate(rows: list[dict]) -> dict:
         groups.setdefault((row["model"], row["beta"]), []).append(row)
     summary = {}
     for key, members in groups.items():
-        entry = {f: _mean_std([m[f] for m in members]) for f in SCALARS}
+        entry = {f: mean_std([m[f] for m in members]) for f in SCALARS}
         for curve in CURVES:
             per_run = [json.loads(m[curve]) for m in members]
             sizes = sorted({k for run in per_run for k in run}, key=int)
-            entry[curve] = {int(k): _mean_std([run[k] for run in per_run if k in run]) for k in sizes}
+            entry[curve] = {int(k): mean_std([run[k] for run in per_run if k in run]) for k in sizes}
         entry["seeds"] = len(members)
         summary[key] = entry
     return summary

@@ -268,9 +268,11 @@ def test_a_run_the_wall_clock_stopped_is_resumed_and_the_study_has_no_wall_clock
     for name in ("polymnist-cpu-study", "polymnist-cpu-study-quick"):
         study = load_sweep(name)
         assert {run_config(study, *run).train.max_minutes for run in grid(study)} == {None}
-    (tmp_path / "checkpoint.pt").write_text("stub")
-    for state, trained in (({"finished": True, "stopped_by": "train.max_minutes=60.0"}, False),
-                           ({"finished": True, "stopped_by": "train.max_steps=2"}, True),
-                           ({"finished": True, "stopped_by": None}, True), ({"finished": False}, False)):
-        monkeypatch.setattr(sweeps, "load_checkpoint", lambda path, state=state: state)
-        assert sweeps._trained(tmp_path) is trained, state
+    loads = []
+    for n, (state, trained) in enumerate((({"finished": True, "stopped_by": "train.max_minutes=60.0"}, False),
+                                          ({"finished": True, "stopped_by": "train.max_steps=2"}, True),
+                                          ({"finished": True, "stopped_by": None}, True), ({"finished": False}, False))):
+        (tmp_path / "checkpoint.pt").write_text("stub" * (n + 1))  # a new checkpoint: its answer is not memoised
+        monkeypatch.setattr(sweeps, "load_checkpoint", lambda path, state=state: loads.append(path) or state)
+        assert sweeps._trained(tmp_path) is trained and sweeps._trained(tmp_path) is trained, state
+    assert len(loads) == 4  # each checkpoint loaded once, however often it is asked about
