@@ -76,8 +76,7 @@ def check_finite(name: str, value: torch.Tensor) -> None:
     if _skipped() or all_finite(value):
         return
     bad = ~torch.isfinite(value)
-    if bool(bad.any()):
-        raise ValueError(f"{name} must be finite, got non-finite values {describe(value, bad)}")
+    raise ValueError(f"{name} must be finite, got non-finite values {describe(value, bad)}")
 
 
 def check_positive(name: str, value: torch.Tensor) -> None:
