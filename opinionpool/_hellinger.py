@@ -17,18 +17,25 @@ rows and applies the analytic derivatives (:math:`\partial\log S/\partial\mu`,
 in slices of about ``CPU_CHUNK_BYTES`` per row of pairs, so that temporaries are reused from the allocator
 instead of being faulted in page by page.
 
-``fused=True`` runs the same mathematics through ``torch.compile``: up to ``UNROLL_MAX_EXPERTS`` experts the
-pairs unrolled in Python (``_forward_unrolled``, ``_backward_unrolled``), each a few ``(..., D)`` operations from
-per-expert terms, which the compiler fuses into one loop per body with no ``(..., P, D)`` tensor (this graph grows
-as M^2: at M = 10 it compiled for over 20 minutes); beyond, the row bodies of the eager path (M - 1 rows: minutes
-at M = 10). One compilation per number of experts, dtype, device and shape; later calls reuse it. Without a
-working compiler it warns once and runs the same bodies eagerly.
+``fused=True`` trades the eager passes for one fused pass per sample. On the CPU that is a C++ kernel
+(``_hellinger_kernel.cpp``, built with ``torch.utils.cpp_extension`` on first use, about a minute, then cached per
+machine): per sample, it forms each pair's terms in SIMD registers over the dimensions and never materialises a
+pair tensor; the Bhattacharyya term :math:`\sum_d \log((1 + e^{-a})/2)` is taken as the logarithm of a running
+product (one logarithm per 64 dimensions instead of one per pair and dimension). Elsewhere (a GPU) it runs the
+same mathematics through ``torch.compile``: up to ``UNROLL_MAX_EXPERTS`` experts the pairs unrolled in Python
+(``_forward_unrolled``, ``_backward_unrolled``), each a few ``(..., D)`` operations from per-expert terms, which
+the compiler fuses into one loop per body with no ``(..., P, D)`` tensor (this graph grows as M^2: at M = 10 it
+compiled for over 20 minutes on the CPU); beyond, the row bodies of the eager path. One compilation per number of
+experts, dtype, device and shape; later calls reuse it. Inside ``torch.func`` transforms (``vmap``, ``jacrev``),
+whose batched tensors the kernel cannot take, the eager bodies run. Where the kernel cannot be built or
+compilation fails it warns once and runs the same bodies eagerly.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -404,6 +411,47 @@ UNROLL_MAX_EXPERTS = 6
 
 _COMPILED: dict[str, object] = {}
 _COMPILE_FAILED: list[str] = []
+_KERNEL: list = []  # the loaded CPU kernel's operators, once built
+_KERNEL_FAILED: list[str] = []
+
+#: compiler flags per ``torch.backends.cpu.get_cpu_capability()``: the macro selects ATen's SIMD vectors (and
+#: SLEEF's vector transcendental functions) for that instruction set; anything else gets the portable vectors
+_ISA_FLAGS = {"AVX512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],
+              "AVX2": ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]}
+
+
+def _cpu_kernel():
+    """The fused CPU kernel's operators (``forward``, ``backward``), built on first use and cached by
+    ``torch.utils.cpp_extension`` (in ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); ``None``
+    where it cannot be built (with a warning the first time)."""
+    if not _KERNEL and not _KERNEL_FAILED:
+        capability = torch.backends.cpu.get_cpu_capability()
+        try:
+            from torch.utils import cpp_extension
+
+            cpp_extension.load(f"opinionpool_hellinger_{capability.lower()}",
+                               [str(Path(__file__).with_name("_hellinger_kernel.cpp"))],
+                               extra_cflags=["-O3"] + _ISA_FLAGS.get(capability, []), is_python_module=False)
+            _KERNEL.append(torch.ops.opinionpool_hellinger)
+        except Exception as error:  # no C++ compiler or ninja, headers missing...: the eager bodies compute the same
+            _KERNEL_FAILED.append(repr(error))
+            warnings.warn(f"fused=True: the CPU kernel could not be built ({type(error).__name__}: {error}); running "
+                          "the Hellinger pool eagerly from now on", RuntimeWarning, stacklevel=5)
+    return _KERNEL[0] if _KERNEL else None
+
+
+def _fused_path(*tensors):
+    """How ``fused=True`` runs on these tensors: ``"kernel"`` (the CPU kernel: float32 or float64 CPU tensors and a
+    kernel that builds), ``"compile"`` (``torch.compile``, on other devices) or ``"eager"``: inside ``torch.func``
+    transforms (the kernel has no batching rule, and compiled functions cannot be called under them), while
+    ``torch.compile`` traces (the kernel has no fake implementation; the outer compilation fuses the eager bodies),
+    on the CPU in other dtypes, or where the kernel does not build."""
+    first = tensors[0]
+    if torch.compiler.is_compiling() or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return "eager"
+    if first.device.type != "cpu":
+        return "compile"
+    return "kernel" if first.dtype in (torch.float32, torch.float64) and _cpu_kernel() is not None else "eager"
 
 
 def _compiled(name, fn):
@@ -425,6 +473,16 @@ def _run(name, fn, *args):
     return fn(*args)
 
 
+def _flat(tensors, batch):
+    """``tensors`` with the batch axes ``batch`` flattened to one, contiguous (the kernel's layout)."""
+    rows = math.prod(batch)
+    return [t.reshape((rows,) + t.shape[len(batch):]).contiguous() for t in tensors]
+
+
+def _unflat(tensors, batch):
+    return tuple(t.reshape(batch + t.shape[1:]) for t in tensors)
+
+
 class _HellingerMoments(torch.autograd.Function):
     """``(mean, logvar, offset, pi)``: the pool's moments and, for the backward pass only (not differentiable),
     the mean's offset from the reference expert and the mixture weights."""
@@ -433,10 +491,13 @@ class _HellingerMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(mu, logvar, log_w, fused):
-        if fused and mu.shape[-2] <= UNROLL_MAX_EXPERTS:
-            return _run("forward", _forward_unrolled, mu, logvar, log_w)
-        if fused:
-            return _run("forward_rows", _forward, mu, logvar, log_w)
+        path = _fused_path(mu, logvar, log_w) if fused else "eager"
+        if path == "kernel":
+            return _unflat(_KERNEL[0].forward(*_flat((mu, logvar, log_w), mu.shape[:-2])), mu.shape[:-2])
+        if path == "compile":
+            unrolled = mu.shape[-2] <= UNROLL_MAX_EXPERTS
+            return _run("forward" if unrolled else "forward_rows", _forward_unrolled if unrolled else _forward, mu,
+                        logvar, log_w)
         return _by_rows(_forward, mu.shape[:-2], (mu, logvar, log_w))
 
     @staticmethod
@@ -451,13 +512,17 @@ class _HellingerMoments(torch.autograd.Function):
     def backward(ctx, grad_mean, grad_logvar, _grad_offset, _grad_pi):
         mu, logvar, log_w, offset, logvar_out, pi = ctx.saved_tensors
         grad_mean, grad_logvar = grad_mean.contiguous(), grad_logvar.contiguous()
-        if ctx.fused and mu.shape[-2] <= UNROLL_MAX_EXPERTS:
-            grads = _run("backward", _backward_unrolled, mu, logvar, log_w, offset, logvar_out, pi, grad_mean,
-                         grad_logvar)
+        tensors = (mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar)
+        path = _fused_path(*tensors) if ctx.fused else "eager"
+        batch = mu.shape[:-2]
+        if path == "kernel":
+            grads = _unflat(_KERNEL[0].backward(*_flat(tensors, batch)), batch)
+        elif path == "compile":
+            unrolled = mu.shape[-2] <= UNROLL_MAX_EXPERTS
+            grads = _run("backward" if unrolled else "backward_rows", _backward_unrolled if unrolled else _backward,
+                         *tensors)
         else:
-            tensors = (mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar)
-            grads = _run("backward_rows", _backward, *tensors) if ctx.fused else \
-                _by_rows(_backward, mu.shape[:-2], tensors)
+            grads = _by_rows(_backward, batch, tensors)
         return (*grads, None)
 
 

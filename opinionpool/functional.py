@@ -271,9 +271,10 @@ def holder(mu, logvar, alpha=0.5, *, dim=0, weights=None, mask=None, prior_exper
     the moment-matched mixture of experts. Same arguments as ``holder_mixture``.
 
     ``alpha=0.5`` runs as one autograd function (pairs recomputed in the backward pass, nothing of the size of the
-    components saved). ``fused=True`` compiles its forward and backward bodies with ``torch.compile``: the first
-    call for each number of experts, dtype, device and shape compiles (seconds), later calls reuse it; where
-    compilation fails it warns once and runs eagerly. Other orders ignore ``fused``.
+    components saved). ``fused=True`` runs it as one fused pass per sample: on the CPU a C++ kernel built on first
+    use (about a minute, then cached per machine), elsewhere its forward and backward bodies through
+    ``torch.compile`` (the first call for each number of experts, dtype, device and shape compiles); where neither
+    works it warns once and runs eagerly. Other orders ignore ``fused``.
     """
     order, mu, logvar, log_weights = _holder_setup(mu, logvar, alpha, dim, weights, mask, prior_expert,
                                                    max_components, validation_enabled(validate_args))

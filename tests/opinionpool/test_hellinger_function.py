@@ -1,6 +1,7 @@
 """The order-1/2 pool of diagonal Gaussians as one autograd function (``opinionpool._hellinger``): values against
 the pool's mixture written out here, analytic gradients against finite differences (gradcheck, float64), the
-memory it keeps for the backward pass, and the opt-in compiled path."""
+memory it keeps for the backward pass, and the opt-in compiled path (``torch.compile``, as on a GPU; the CPU
+kernel is tested in ``test_hellinger_kernel.py``)."""
 
 import itertools
 import warnings
@@ -134,10 +135,16 @@ def test_saved_memory_is_within_twice_the_product_of_experts(m):
         assert hellinger <= 2 * poe, (hellinger, poe)
 
 
+def compile_path(monkeypatch):
+    """``fused=True`` through ``torch.compile`` (the path it takes on a GPU) instead of the CPU kernel."""
+    monkeypatch.setattr(hellinger_module, "_fused_path", lambda *tensors: "compile")
+
+
 def test_fused_falls_back_with_a_warning_when_compilation_fails(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
 
+    compile_path(monkeypatch)
     monkeypatch.setattr(hellinger_module, "_COMPILED", {})
     monkeypatch.setattr(hellinger_module, "_COMPILE_FAILED", [])
     monkeypatch.setattr(torch, "compile", broken)
@@ -161,6 +168,7 @@ def test_compiled_path_equals_eager(m, unrolled, monkeypatch):
     """``fused=True`` through torch.compile: values and all three gradients as the eager function (M = 2 included:
     compiling the eager autograd graph once gave a wrong log-variance gradient there), with the unrolled bodies and
     with the row bodies used beyond ``UNROLL_MAX_EXPERTS``."""
+    compile_path(monkeypatch)
     if not unrolled:
         monkeypatch.setattr(hellinger_module, "UNROLL_MAX_EXPERTS", 1)
     monkeypatch.setattr(hellinger_module, "_COMPILED", {})
@@ -185,6 +193,7 @@ def test_unrolled_bodies_of_the_fused_path_match_and_gradcheck(m, case, monkeypa
     """``fused=True`` with compilation failing runs the unrolled bodies (the ones torch.compile fuses) eagerly: their
     values equal the written-out mixture and their analytic gradients pass gradcheck (float64; masks, weights, the
     prior expert, M = 1 and 2 included)."""
+    compile_path(monkeypatch)
     monkeypatch.setattr(hellinger_module, "_COMPILED", {})
     monkeypatch.setattr(hellinger_module, "_COMPILE_FAILED", ["compilation disabled by the test"])
     mu, logvar, weights, mask = experts(m, batch=2, dim=3, seed=m + 10)

@@ -1,0 +1,200 @@
+"""The CPU kernel behind ``hellinger(..., fused=True)`` (``opinionpool/_hellinger_kernel.cpp``): values and
+gradients against the eager autograd function and the mixture written out pair by pair (float64, masks, weights,
+the prior expert, M = 1 to 10, latent sizes that are not a multiple of the SIMD width), gradcheck, the float32
+regimes of the eager tests, edges (experts far apart, tiny and huge variances), ``torch.func`` transforms (which
+run the eager bodies) and the warning when the kernel cannot be built.
+
+The kernel is built once per machine (about a minute); without a C++ compiler or ninja these tests are skipped
+with that reason, and the fallback test still runs."""
+
+import math
+import shutil
+import warnings
+
+import pytest
+import torch
+
+import opinionpool._hellinger as hellinger_module
+import opinionpool.functional as opf
+from tests.opinionpool.test_float32_stability import EPS32, _coinciding_experts
+from tests.opinionpool.test_hellinger_function import CASES, arguments, experts, reference_hellinger
+
+
+def _toolchain_missing():
+    from torch.utils import cpp_extension
+
+    if shutil.which(cpp_extension.get_cxx_compiler()) is None:
+        return f"no C++ compiler ({cpp_extension.get_cxx_compiler()})"
+    try:
+        cpp_extension.verify_ninja_availability()
+    except RuntimeError:
+        return "no ninja"
+    return None
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The built kernel; where a compiler and ninja exist, a failed build fails the tests instead of skipping."""
+    missing = _toolchain_missing()
+    if missing:
+        pytest.skip(f"the CPU kernel cannot be built here: {missing}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        built = hellinger_module._cpu_kernel()
+    assert built is not None, hellinger_module._KERNEL_FAILED
+    return built
+
+
+def both_paths(mu, logvar, inputs_grad, **kwargs):
+    """Values and gradients (of a loss using both outputs) of the eager function and of the kernel."""
+    results = []
+    for fused in (False, True):
+        inputs = [t.detach().clone().requires_grad_(True) for t in inputs_grad]
+        named = dict(zip(("mu", "logvar", "weights"), inputs))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a fallback would compare eager with eager
+            loc, lv = opf.hellinger(named.pop("mu", mu), named.pop("logvar", logvar), fused=fused,
+                                    **{**kwargs, **named})
+        (loc.sin().sum() + (lv * lv).sum()).backward()
+        results.append((loc, lv, *(t.grad for t in inputs)))
+    return results
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 10])
+@pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(case) or "plain")
+def test_kernel_equals_eager_and_the_written_out_mixture(kernel, m, case):
+    mu, logvar, weights, mask = experts(m, batch=3, dim=21, seed=m)  # 21: a partial SIMD vector at the end
+    mu, logvar, weights = mu.double(), logvar.double(), weights.double()
+    kwargs = arguments(case, m, weights, mask)
+    given = kwargs.pop("weights", None)
+    inputs = [mu, logvar] + ([given] if given is not None else [])
+    eager, fused = both_paths(mu, logvar, inputs, **kwargs)
+    for want, got in zip(eager, fused):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if m <= 5:
+        ref_loc, ref_lv = reference_hellinger(mu, logvar, weights=given, **kwargs)
+        torch.testing.assert_close(fused[0], ref_loc, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fused[1], ref_lv, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_kernel_gradcheck_with_mask_weights_and_prior(kernel, m):
+    mu, logvar, weights, mask = experts(m, batch=2, dim=3, seed=m + 20)
+    inputs = [t.double().requires_grad_(True) for t in (mu, logvar, weights)]
+
+    def pooled(a, b, w):
+        return opf.hellinger(a, b, weights=w, mask=mask, prior_expert=True, fused=True)
+
+    assert torch.autograd.gradcheck(pooled, inputs)
+
+
+def test_kernel_with_two_batch_axes_and_a_long_latent(kernel):
+    """Two batch axes (flattened for the kernel and restored), D = 1 000 (more than one running product of 64
+    vectors per lane), float32 against the eager float32 function."""
+    g = torch.Generator().manual_seed(5)
+    mu, logvar = torch.randn(4, 2, 3, 1000, generator=g), torch.randn(4, 2, 3, 1000, generator=g) * 2
+    weights = torch.rand(2, 3, 4, generator=g) + 0.1
+    eager, fused = both_paths(mu, logvar, [mu, logvar, weights])
+    for want, got in zip(eager, fused):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    assert fused[0].shape == (2, 3, 1000)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_float32_kernel_on_coinciding_experts_against_float64(kernel, fused):
+    """Issue 15's float32 regime (|mu| about 1e3, log-variances across [-30, 30], experts nearly coinciding, 512
+    dimensions): the kernel's log-variance within 1e-5 of the float64 pool, its mean within 1e-5 standard
+    deviations (or two float32 ulps of the mean), as the eager path."""
+    mu64, logvar64 = _coinciding_experts(num_experts=5)
+    loc64, lv64 = opf.hellinger(mu64, logvar64)
+    loc32, lv32 = opf.hellinger(mu64.float(), logvar64.float(), fused=fused)
+    sd64 = (0.5 * lv64).exp()
+    assert ((loc32.double() - loc64).abs() <= torch.maximum(1e-5 * sd64, 2 * EPS32 * loc64.abs())).all()
+    torch.testing.assert_close(lv32.double(), lv64, rtol=0, atol=1e-5)
+
+
+def test_kernel_at_the_edges_against_float64_eager(kernel):
+    """Experts 1e6 standard deviations apart (their pair weights underflow to zero), variances from e^-80 to e^80
+    and an expert of weight e^-60: finite values and gradients equal to the eager function's in float64 (to 1e-12
+    of each tensor's largest entry: a gradient with respect to the negligible weight is a difference of terms many
+    times its size, which the two paths sum in different orders)."""
+    mu = torch.tensor([[[0.0, 1.0, -3.0]], [[1e6, 1.0 + 1e-30, 2.0]], [[0.5, 1.0, 4.0]]], dtype=torch.float64)
+    logvar = torch.tensor([[[0.0, -80.0, 80.0]], [[0.0, -79.0, -80.0]], [[5.0, -80.0, 3.0]]], dtype=torch.float64)
+    weights = torch.tensor([1.0, math.exp(-60), 0.3], dtype=torch.float64)
+    eager, fused = both_paths(mu, logvar, [mu, logvar, weights])
+    for want, got in zip(eager, fused):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * want.abs().max().item())
+
+
+def test_float32_kernel_with_log_variances_far_below_the_largest(kernel):
+    """float32 log-variances from -60 to 60 at each dimension: the variances of two sharp experts relative to the
+    broad one underflow (e^-110), so the kernel takes their pair's ratios from expm1 instead; values and gradients
+    against the float64 eager pool."""
+    g = torch.Generator().manual_seed(8)
+    logvar = torch.stack([torch.full((2, 40), 50.0), torch.full((2, 40), -60.0), torch.full((2, 40), -59.0)])
+    logvar = (logvar + torch.rand(3, 2, 40, generator=g)).double()
+    logvar[:, :, ::3] = torch.rand(3, 2, 14, generator=g).double()  # lanes that take the division beside them
+    mu = (torch.randn(3, 2, 40, generator=g) * (0.5 * logvar).exp() * 0.3).float().double()
+    results = []
+    for dtype, fused in ((torch.float64, False), (torch.float32, True)):
+        inputs = [t.to(dtype).clone().requires_grad_(True) for t in (mu, logvar)]
+        loc, lv = opf.hellinger(*inputs, fused=fused)
+        (lv.sum() + (loc * (-0.5 * lv).exp().detach()).sum()).backward()
+        results.append((loc, lv, inputs[0].grad * (0.5 * logvar).exp(), inputs[1].grad))
+    sd = (0.5 * results[0][1]).exp()
+    assert ((results[1][0].double() - results[0][0]).abs() <= 1e-5 * sd).all()
+    torch.testing.assert_close(results[1][1].double(), results[0][1], rtol=0, atol=1e-5)
+    for low, high in zip(results[1][2:], results[0][2:]):
+        assert torch.isfinite(low).all()
+        torch.testing.assert_close(low.double(), high, rtol=0, atol=1e-4)
+
+
+def test_float32_kernel_gradients_with_a_far_expert_of_negligible_weight(kernel):
+    """The eager test of the same name, through the kernel: float32 against float64 to 1e-4."""
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        mu = torch.tensor([[0.0, 0.0], [1e19, 1e19]], dtype=dtype, requires_grad=True)
+        logvar = torch.zeros(2, 2, dtype=dtype, requires_grad=True)
+        log_w = torch.tensor([0.0, -50.0], dtype=dtype, requires_grad=True)
+        mean, lv = hellinger_module.hellinger_moments(mu, logvar, log_w, fused=True)
+        (mean.sum() + lv.sum()).backward()
+        results.append((mean, lv, mu.grad, logvar.grad, log_w.grad))
+    for low, high in zip(*results):
+        assert torch.isfinite(low).all()
+        torch.testing.assert_close(low.double(), high, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_func_transforms_run_the_eager_bodies(kernel):
+    """``vmap`` and ``jacrev`` with ``fused=True``: the kernel has no batching rule, so the eager bodies run (no
+    fallback warning, no attempt to compile) and the results equal plain autograd."""
+    g = torch.Generator().manual_seed(4)
+    mu, logvar = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(3, 6, generator=g)
+    log_w = torch.log(torch.rand(3, generator=g) + 0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        pooled = lambda m: hellinger_module.hellinger_moments(m, logvar.double(), log_w.double(), fused=True)[1]  # noqa: E731
+        torch.testing.assert_close(torch.func.jacrev(pooled)(mu), torch.autograd.functional.jacobian(pooled, mu))
+        stack = torch.randn(4, 3, 6, generator=g, dtype=torch.float64)
+        batched = torch.func.vmap(pooled)(stack)
+    torch.testing.assert_close(batched, torch.stack([pooled(s) for s in stack]))
+
+
+def test_a_kernel_that_cannot_be_built_warns_once_and_runs_eagerly(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(hellinger_module, "_KERNEL", [])
+    monkeypatch.setattr(hellinger_module, "_KERNEL_FAILED", [])
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    mu, logvar, weights, mask = experts(3)
+    with pytest.warns(RuntimeWarning, match="the CPU kernel could not be built"):
+        loc, lv = opf.hellinger(mu, logvar, mask=mask, fused=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        opf.hellinger(mu, logvar, mask=mask, fused=True)
+    ref_loc, ref_lv = reference_hellinger(mu, logvar, mask=mask)
+    torch.testing.assert_close(loc, ref_loc)
+    torch.testing.assert_close(lv, ref_lv)
