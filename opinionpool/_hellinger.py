@@ -20,20 +20,22 @@ instead of being faulted in page by page.
 ``fused=True`` trades the eager passes for one fused pass per sample. On the CPU that is a C++ kernel
 (``_hellinger_kernel.cpp``, built with ``torch.utils.cpp_extension`` on first use, about a minute, then cached per
 machine): per sample, it forms each pair's terms in SIMD registers over the dimensions and never materialises a
-pair tensor; the Bhattacharyya term :math:`\sum_d \log((1 + e^{-a})/2)` is taken as the logarithm of a running
-product (one logarithm per 64 dimensions instead of one per pair and dimension). Elsewhere (a GPU) it runs the
-same mathematics through ``torch.compile``: up to ``UNROLL_MAX_EXPERTS`` experts the pairs unrolled in Python
-(``_forward_unrolled``, ``_backward_unrolled``), each a few ``(..., D)`` operations from per-expert terms, which
-the compiler fuses into one loop per body with no ``(..., P, D)`` tensor (this graph grows as M^2: at M = 10 it
-compiled for over 20 minutes on the CPU); beyond, the row bodies of the eager path. One compilation per number of
-experts, dtype, device and shape; later calls reuse it. Inside ``torch.func`` transforms (``vmap``, ``jacrev``),
-whose batched tensors the kernel cannot take, the eager bodies run. Where the kernel cannot be built or
-compilation fails it warns once and runs the same bodies eagerly.
+pair tensor; a pair's ratios come from the experts' variances relative to the largest (a division, no
+transcendental function per pair and dimension) and the Bhattacharyya term :math:`\sum_d \log((1 + e^{-a})/2)`
+as the logarithm of a running product (one vector logarithm per 64 SIMD vectors of dimensions). Elsewhere (a GPU)
+it runs the same mathematics through ``torch.compile``: up to ``UNROLL_MAX_EXPERTS`` experts the pairs unrolled in
+Python (``_forward_unrolled``, ``_backward_unrolled``), each a few ``(..., D)`` operations from per-expert terms,
+which the compiler fuses into one loop per body with no ``(..., P, D)`` tensor (this graph grows as M^2: at M = 10
+it compiled for over 20 minutes on the CPU); beyond, the row bodies of the eager path. One compilation per number
+of experts, dtype, device and shape; later calls reuse it. On ``torch.func``-wrapped tensors (``vmap``; the
+backward pass under ``grad``, ``vjp``, ``jacrev``), which the kernel cannot take, the eager bodies run. Where the
+kernel cannot be built or compilation fails it warns once and runs the same bodies eagerly.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -425,11 +427,11 @@ def _cpu_kernel():
     ``torch.utils.cpp_extension`` (in ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); ``None``
     where it cannot be built (with a warning the first time)."""
     if not _KERNEL and not _KERNEL_FAILED:
-        capability = torch.backends.cpu.get_cpu_capability()
+        capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "NO AVX", "Z VECTOR"...
         try:
             from torch.utils import cpp_extension
 
-            cpp_extension.load(f"opinionpool_hellinger_{capability.lower()}",
+            cpp_extension.load("opinionpool_hellinger_" + re.sub(r"\W", "_", capability.lower()),
                                [str(Path(__file__).with_name("_hellinger_kernel.cpp"))],
                                extra_cflags=["-O3"] + _ISA_FLAGS.get(capability, []), is_python_module=False)
             _KERNEL.append(torch.ops.opinionpool_hellinger)
@@ -441,13 +443,15 @@ def _cpu_kernel():
 
 
 def _fused_path(*tensors):
-    """How ``fused=True`` runs on these tensors: ``"kernel"`` (the CPU kernel: float32 or float64 CPU tensors and a
-    kernel that builds), ``"compile"`` (``torch.compile``, on other devices) or ``"eager"``: inside ``torch.func``
-    transforms (the kernel has no batching rule, and compiled functions cannot be called under them), while
-    ``torch.compile`` traces (the kernel has no fake implementation; the outer compilation fuses the eager bodies),
-    on the CPU in other dtypes, or where the kernel does not build."""
+    """How ``fused=True`` runs on these tensors: ``"kernel"`` (the CPU kernel: CPU tensors all float32 or all
+    float64, and a kernel that builds), ``"compile"`` (``torch.compile``, on other devices) or ``"eager"``: on
+    ``torch.func``-wrapped tensors (the kernel has no batching rule, and compiled functions cannot be called under
+    the transforms), while ``torch.compile`` traces (the kernel has no fake implementation; the outer compilation
+    fuses the eager bodies), on the CPU in other or mixed dtypes or devices, or where the kernel does not build."""
     first = tensors[0]
     if torch.compiler.is_compiling() or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return "eager"
+    if any(t.dtype != first.dtype or t.device != first.device for t in tensors):
         return "eager"
     if first.device.type != "cpu":
         return "compile"

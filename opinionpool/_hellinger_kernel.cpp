@@ -1,10 +1,15 @@
 // The moment-matched Hölder pool of order 1/2 of diagonal Gaussians, forward and backward, as one pass per sample
 // over its experts' dimensions: the CPU kernel behind hellinger(..., fused=True). The mathematics, the names and
-// the order of operations are those of _forward and _backward in _hellinger.py (read that file first); here the
-// pairs are never materialised as tensors. Per sample and pass, each pair costs one expm1 per dimension; its
-// ratios v_max / u and v_min / u are kept in two buffers of P x D numbers for the later loop of the same pass.
-// One departure from the eager formula: sum_d log((1 + e^-a) / 2) is the logarithm of a running product (see
-// forward_sample), whose rounding error is a few float32 ulps per dimension rather than a fraction of one.
+// the order of operations follow _forward and _backward in _hellinger.py (read that file first); here the pairs
+// are never materialised as tensors. Per sample and pass, each pair costs a division per dimension (no
+// transcendental function, see store_ratios); its ratios r_i = v_i / u and r_j = v_j / u are kept in two buffers
+// of P rows for the later loop of the same pass. Where the eager formulas differ:
+// - the ratios come from the experts' variances relative to the largest at each dimension (the eager path uses
+//   sigmoids of the log-variance differences; this kernel falls back to expm1 where those underflow);
+// - sum_d log((1 + e^-a) / 2) is the logarithm of a running product (see forward_sample), whose rounding error is
+//   a few float32 ulps per dimension rather than a fraction of one;
+// - in the backward pass an expert's share of the pool's variance is p v / V from the variances relative to the
+//   scale, not p exp(logvar - logvar_out).
 //
 // Layout: mu, logvar (N, M, D), log_w (N, M), contiguous; pi (N, M + P) with the pairs i < j row by row.
 // Dimensions run in SIMD vectors (ATen's Vectorized: AVX2 / AVX-512 with SLEEF's transcendental functions when
@@ -31,16 +36,18 @@ struct Sample {
   int64_t m, d, stride, pairs;
   std::vector<T> x, lv, g, v, rel, scale, r_first, r_second;
   std::vector<int64_t> first, second;
-  // work space of the passes, allocated once per thread: a fresh large buffer per sample costs page faults
+  // work space of the passes, allocated once per call and parallel_for chunk, not per sample (fresh large buffers
+  // cost page faults); the backward pass's only where it runs
   std::vector<T> logits, rows_out, d_loc, d_lv;
   std::vector<Vectorized<T>> loc, var, d_logit;
 
-  Sample(int64_t m_, int64_t d_)
+  Sample(int64_t m_, int64_t d_, bool backward)
       : m(m_), d(d_), stride((d_ + Vectorized<T>::size() - 1) / Vectorized<T>::size() * Vectorized<T>::size()),
         pairs(m_ * (m_ - 1) / 2), x(m_ * stride), lv(m_ * stride), g(m_ * stride), v(m_ * stride), rel(m_ * stride),
         scale(stride),
-        r_first(pairs * stride), r_second(pairs * stride), logits(m_ + pairs), rows_out(2 * m_ * stride),
-        d_loc(pairs * stride), d_lv(pairs * stride), loc(pairs), var(pairs), d_logit(m_ + pairs) {
+        r_first(pairs * stride), r_second(pairs * stride), logits(m_ + pairs),
+        rows_out(backward ? 2 * m_ * stride : 0), d_loc(backward ? pairs * stride : 0),
+        d_lv(backward ? pairs * stride : 0), loc(pairs), var(pairs), d_logit(backward ? m_ + pairs : 0) {
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = i + 1; j < m; ++j) {
         first.push_back(i);
@@ -89,7 +96,7 @@ struct Sample {
   }
 };
 
-// factors of at most 2: a product of 64 stays a finite number in float32 (up to 2^128)
+// vectors per running product: factors of at most 2, so a lane's product of 64 stays finite in float32 (2^128)
 constexpr int64_t PRODUCT_TERMS = 64;
 
 template <typename T>
@@ -149,8 +156,8 @@ void forward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w, 
     const int64_t i = s.first[p], j = s.second[p];
     // -log S_ij = sum_d [Delta^2 / (4u) + a / 4 + log((1 + e^-a) / 2) / 2], a = |lv_i - lv_j|, where
     // (1 + e^-a) / 2 = 1 / (2 v_max / u): the last term as minus half the logarithm of a running product of
-    // factors 2 v_max / u in [1, 2], taken every PRODUCT_TERMS dimensions (a logarithm per pair and dimension took
-    // the largest share of the pass's time)
+    // factors 2 v_max / u in [1, 2] per SIMD lane, taken every PRODUCT_TERMS vectors (a logarithm per pair and
+    // dimension took the largest share of the pass's time)
     V total(0), product(1);
     int64_t terms = 0;
     for (int64_t c = 0; c < stride; c += vs) {
@@ -317,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Ten
   auto offset = at::empty({n, d}, mu.options()), pi = at::empty({n, m + m * (m - 1) / 2}, mu.options());
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "hellinger_forward", [&] {
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      Sample<scalar_t> s(m, d);
+      Sample<scalar_t> s(m, d, false);
       for (int64_t b = begin; b < end; ++b)
         forward_sample(s, mu.data_ptr<scalar_t>() + b * m * d, logvar.data_ptr<scalar_t>() + b * m * d,
                        log_w.data_ptr<scalar_t>() + b * m, mean.data_ptr<scalar_t>() + b * d,
@@ -340,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& mu, co
   auto grad_mu = at::empty_like(mu), grad_lv = at::empty_like(logvar), grad_log_w = at::empty_like(log_w);
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "hellinger_backward", [&] {
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      Sample<scalar_t> s(m, d);
+      Sample<scalar_t> s(m, d, true);
       for (int64_t b = begin; b < end; ++b)
         backward_sample(s, mu.data_ptr<scalar_t>() + b * m * d, logvar.data_ptr<scalar_t>() + b * m * d,
                         log_w.data_ptr<scalar_t>() + b * m, offset.data_ptr<scalar_t>() + b * d,

@@ -33,8 +33,9 @@ def _toolchain_missing():
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    """The built kernel; where a compiler and ninja exist, a failed build fails the tests instead of skipping."""
+def built_kernel():
+    """The built kernel's operators; where a compiler and ninja exist, a failed build fails the tests instead of
+    skipping them."""
     missing = _toolchain_missing()
     if missing:
         pytest.skip(f"the CPU kernel cannot be built here: {missing}")
@@ -45,17 +46,43 @@ def kernel():
     return built
 
 
-def both_paths(mu, logvar, inputs_grad, **kwargs):
-    """Values and gradients (of a loss using both outputs) of the eager function and of the kernel."""
+class CountingKernel:
+    """The kernel's operators, counting their calls: a test of the kernel must see it run, not the eager bodies."""
+
+    def __init__(self, operators):
+        self.operators, self.calls = operators, {"forward": 0, "backward": 0}
+
+    def forward(self, *args):
+        self.calls["forward"] += 1
+        return self.operators.forward(*args)
+
+    def backward(self, *args):
+        self.calls["backward"] += 1
+        return self.operators.backward(*args)
+
+
+@pytest.fixture
+def kernel(built_kernel, monkeypatch):
+    counting = CountingKernel(built_kernel)
+    monkeypatch.setattr(hellinger_module, "_KERNEL", [counting])
+    return counting
+
+
+def both_paths(kernel, mu, logvar, inputs_grad, **kwargs):
+    """Values and gradients (of a loss using both outputs) of the eager function and of the kernel, which must
+    have run once forward and once backward."""
     results = []
     for fused in (False, True):
         inputs = [t.detach().clone().requires_grad_(True) for t in inputs_grad]
         named = dict(zip(("mu", "logvar", "weights"), inputs))
+        before = dict(kernel.calls)
         with warnings.catch_warnings():
-            warnings.simplefilter("error", RuntimeWarning)  # a fallback would compare eager with eager
+            warnings.simplefilter("error", RuntimeWarning)
             loc, lv = opf.hellinger(named.pop("mu", mu), named.pop("logvar", logvar), fused=fused,
                                     **{**kwargs, **named})
         (loc.sin().sum() + (lv * lv).sum()).backward()
+        ran = {name: kernel.calls[name] - before[name] for name in before}
+        assert ran == ({"forward": 1, "backward": 1} if fused else {"forward": 0, "backward": 0}), ran
         results.append((loc, lv, *(t.grad for t in inputs)))
     return results
 
@@ -68,7 +95,7 @@ def test_kernel_equals_eager_and_the_written_out_mixture(kernel, m, case):
     kwargs = arguments(case, m, weights, mask)
     given = kwargs.pop("weights", None)
     inputs = [mu, logvar] + ([given] if given is not None else [])
-    eager, fused = both_paths(mu, logvar, inputs, **kwargs)
+    eager, fused = both_paths(kernel, mu, logvar, inputs, **kwargs)
     for want, got in zip(eager, fused):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     if m <= 5:
@@ -86,18 +113,42 @@ def test_kernel_gradcheck_with_mask_weights_and_prior(kernel, m):
         return opf.hellinger(a, b, weights=w, mask=mask, prior_expert=True, fused=True)
 
     assert torch.autograd.gradcheck(pooled, inputs)
+    assert kernel.calls["forward"] > 0 and kernel.calls["backward"] > 0
 
 
-def test_kernel_with_two_batch_axes_and_a_long_latent(kernel):
-    """Two batch axes (flattened for the kernel and restored), D = 1 000 (more than one running product of 64
-    vectors per lane), float32 against the eager float32 function."""
+def test_kernel_with_two_batch_axes(kernel):
+    """Two batch axes (flattened for the kernel and restored), float32 against the eager float32 function."""
     g = torch.Generator().manual_seed(5)
-    mu, logvar = torch.randn(4, 2, 3, 1000, generator=g), torch.randn(4, 2, 3, 1000, generator=g) * 2
+    mu, logvar = torch.randn(4, 2, 3, 100, generator=g), torch.randn(4, 2, 3, 100, generator=g) * 2
     weights = torch.rand(2, 3, 4, generator=g) + 0.1
-    eager, fused = both_paths(mu, logvar, [mu, logvar, weights])
+    eager, fused = both_paths(kernel, mu, logvar, [mu, logvar, weights])
     for want, got in zip(eager, fused):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
-    assert fused[0].shape == (2, 3, 1000)
+    assert fused[0].shape == (2, 3, 100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_running_product_over_long_latents(kernel, dtype):
+    """4 100 dimensions: more than 64 SIMD vectors per lane with AVX-512 (and AVX2, and no SIMD), so the running
+    product of each pair's Bhattacharyya factors is flushed into the logarithm several times.
+
+    Log-variances 0.15 apart (pairs' -log S from about 6 to 23, so their mixture weights show): the mixture weights
+    equal the eager ones. Log-variances about 8 apart (factors near 2): 2^128 overflows float32
+    after 128 vectors unless the product is flushed; every output stays finite and equals the eager one."""
+    g = torch.Generator().manual_seed(6)
+    mu = torch.randn(2, 3, 4100, generator=g, dtype=dtype) * 0.01
+    log_w = torch.log(torch.tensor([[0.5, 0.3, 0.2]], dtype=dtype)).expand(2, 3).contiguous()
+    rtol = 1e-10 if dtype == torch.float64 else 1e-4
+    for spread in (0.15, 8.0):
+        logvar = torch.tensor([0.0, spread, -spread], dtype=dtype)[:, None].expand(3, 4100)
+        logvar = (logvar + 0.01 * torch.randn(2, 3, 4100, generator=g, dtype=dtype)).contiguous()
+        got = kernel.forward(mu, logvar, log_w)
+        want = hellinger_module._forward(mu, logvar, log_w)
+        for name, a, b in zip(("mean", "logvar", "offset", "pi"), got, want):
+            assert torch.isfinite(a).all(), name
+            torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item(), msg=name)
+        if spread < 1:
+            assert (want[3][:, 3:] > 1e-15).all()  # the pairs' weights are visible
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -108,6 +159,7 @@ def test_float32_kernel_on_coinciding_experts_against_float64(kernel, fused):
     mu64, logvar64 = _coinciding_experts(num_experts=5)
     loc64, lv64 = opf.hellinger(mu64, logvar64)
     loc32, lv32 = opf.hellinger(mu64.float(), logvar64.float(), fused=fused)
+    assert kernel.calls["forward"] == int(fused)
     sd64 = (0.5 * lv64).exp()
     assert ((loc32.double() - loc64).abs() <= torch.maximum(1e-5 * sd64, 2 * EPS32 * loc64.abs())).all()
     torch.testing.assert_close(lv32.double(), lv64, rtol=0, atol=1e-5)
@@ -121,7 +173,7 @@ def test_kernel_at_the_edges_against_float64_eager(kernel):
     mu = torch.tensor([[[0.0, 1.0, -3.0]], [[1e6, 1.0 + 1e-30, 2.0]], [[0.5, 1.0, 4.0]]], dtype=torch.float64)
     logvar = torch.tensor([[[0.0, -80.0, 80.0]], [[0.0, -79.0, -80.0]], [[5.0, -80.0, 3.0]]], dtype=torch.float64)
     weights = torch.tensor([1.0, math.exp(-60), 0.3], dtype=torch.float64)
-    eager, fused = both_paths(mu, logvar, [mu, logvar, weights])
+    eager, fused = both_paths(kernel, mu, logvar, [mu, logvar, weights])
     for want, got in zip(eager, fused):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * want.abs().max().item())
@@ -134,7 +186,7 @@ def test_float32_kernel_with_log_variances_far_below_the_largest(kernel):
     g = torch.Generator().manual_seed(8)
     logvar = torch.stack([torch.full((2, 40), 50.0), torch.full((2, 40), -60.0), torch.full((2, 40), -59.0)])
     logvar = (logvar + torch.rand(3, 2, 40, generator=g)).double()
-    logvar[:, :, ::3] = torch.rand(3, 2, 14, generator=g).double()  # lanes that take the division beside them
+    logvar[:, :, 32:] = torch.rand(3, 2, 8, generator=g).double()  # a SIMD vector whose pairs all take the division
     mu = (torch.randn(3, 2, 40, generator=g) * (0.5 * logvar).exp() * 0.3).float().double()
     results = []
     for dtype, fused in ((torch.float64, False), (torch.float32, True)):
@@ -142,6 +194,7 @@ def test_float32_kernel_with_log_variances_far_below_the_largest(kernel):
         loc, lv = opf.hellinger(*inputs, fused=fused)
         (lv.sum() + (loc * (-0.5 * lv).exp().detach()).sum()).backward()
         results.append((loc, lv, inputs[0].grad * (0.5 * logvar).exp(), inputs[1].grad))
+    assert kernel.calls == {"forward": 1, "backward": 1}
     sd = (0.5 * results[0][1]).exp()
     assert ((results[1][0].double() - results[0][0]).abs() <= 1e-5 * sd).all()
     torch.testing.assert_close(results[1][1].double(), results[0][1], rtol=0, atol=1e-5)
@@ -160,14 +213,15 @@ def test_float32_kernel_gradients_with_a_far_expert_of_negligible_weight(kernel)
         mean, lv = hellinger_module.hellinger_moments(mu, logvar, log_w, fused=True)
         (mean.sum() + lv.sum()).backward()
         results.append((mean, lv, mu.grad, logvar.grad, log_w.grad))
+    assert kernel.calls == {"forward": 2, "backward": 2}
     for low, high in zip(*results):
         assert torch.isfinite(low).all()
         torch.testing.assert_close(low.double(), high, rtol=1e-4, atol=1e-4)
 
 
-def test_torch_func_transforms_run_the_eager_bodies(kernel):
-    """``vmap`` and ``jacrev`` with ``fused=True``: the kernel has no batching rule, so the eager bodies run (no
-    fallback warning, no attempt to compile) and the results equal plain autograd."""
+def test_torch_func_transforms_give_plain_autograd_results(kernel):
+    """``vmap`` and ``jacrev`` with ``fused=True``: the kernel has no batching rule, so the eager bodies run on the
+    wrapped tensors (no fallback warning, no attempt to compile) and the results equal plain autograd."""
     g = torch.Generator().manual_seed(4)
     mu, logvar = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(3, 6, generator=g)
     log_w = torch.log(torch.rand(3, generator=g) + 0.2)
