@@ -391,20 +391,31 @@ def pair_components(x: torch.Tensor, logvar: torch.Tensor):
 CPU_CHUNK_BYTES = 1 << 19
 
 
+def _flat(tensors, batch):
+    """``tensors`` with the batch axes ``batch`` flattened to one."""
+    rows = math.prod(batch)
+    return [t.reshape((rows,) + t.shape[len(batch):]) for t in tensors]
+
+
+def _unflat(tensors, batch):
+    """The inverse of ``_flat``: the first axis of each of ``tensors`` split back into ``batch``."""
+    return tuple(t.reshape(batch + t.shape[1:]) for t in tensors)
+
+
 def _by_rows(fn, batch, tensors, *constants):
     """``fn(*tensors, *constants)``, a tuple of tensors, with the batch axes ``batch`` of ``tensors`` flattened to
     one; on the CPU in slices of rows (``CPU_CHUNK_BYTES`` per row of pairs), the results concatenated. The
     results get the batch axes back. Elsewhere (a GPU) and while compiling, one call."""
     m, d = tensors[0].shape[-2:]
     rows = math.prod(batch)
-    flat = [t.reshape((rows,) + t.shape[len(batch):]) for t in tensors]
+    flat = _flat(tensors, batch)
     step = max(1, CPU_CHUNK_BYTES // (max(1, m - 1) * d * tensors[0].element_size()))
     if flat[0].device.type != "cpu" or step >= rows or torch.compiler.is_compiling():
         results = fn(*flat, *constants)
     else:
         parts = [fn(*(t[start:start + step] for t in flat), *constants) for start in range(0, rows, step)]
         results = [torch.cat(part, 0) for part in zip(*parts)]
-    return tuple(r.reshape(batch + r.shape[1:]) for r in results)
+    return _unflat(results, batch)
 
 
 #: ``fused=True`` unrolls the pairs up to this many experts; beyond, the graph (growing as M^2) takes many minutes
@@ -477,16 +488,6 @@ def _run(name, fn, *args):
     return fn(*args)
 
 
-def _flat(tensors, batch):
-    """``tensors`` with the batch axes ``batch`` flattened to one, contiguous (the kernel's layout)."""
-    rows = math.prod(batch)
-    return [t.reshape((rows,) + t.shape[len(batch):]).contiguous() for t in tensors]
-
-
-def _unflat(tensors, batch):
-    return tuple(t.reshape(batch + t.shape[1:]) for t in tensors)
-
-
 class _HellingerMoments(torch.autograd.Function):
     """``(mean, logvar, offset, pi)``: the pool's moments and, for the backward pass only (not differentiable),
     the mean's offset from the reference expert and the mixture weights."""
@@ -497,7 +498,8 @@ class _HellingerMoments(torch.autograd.Function):
     def forward(mu, logvar, log_w, fused):
         path = _fused_path(mu, logvar, log_w) if fused else "eager"
         if path == "kernel":
-            return _unflat(_KERNEL[0].forward(*_flat((mu, logvar, log_w), mu.shape[:-2])), mu.shape[:-2])
+            flat = (t.contiguous() for t in _flat((mu, logvar, log_w), mu.shape[:-2]))  # the kernel's layout
+            return _unflat(_KERNEL[0].forward(*flat), mu.shape[:-2])
         if path == "compile":
             unrolled = mu.shape[-2] <= UNROLL_MAX_EXPERTS
             return _run("forward" if unrolled else "forward_rows", _forward_unrolled if unrolled else _forward, mu,
@@ -520,7 +522,7 @@ class _HellingerMoments(torch.autograd.Function):
         path = _fused_path(*tensors) if ctx.fused else "eager"
         batch = mu.shape[:-2]
         if path == "kernel":
-            grads = _unflat(_KERNEL[0].backward(*_flat(tensors, batch)), batch)
+            grads = _unflat(_KERNEL[0].backward(*(t.contiguous() for t in _flat(tensors, batch))), batch)
         elif path == "compile":
             unrolled = mu.shape[-2] <= UNROLL_MAX_EXPERTS
             grads = _run("backward" if unrolled else "backward_rows", _backward_unrolled if unrolled else _backward,

@@ -100,16 +100,17 @@ struct Sample {
 constexpr int64_t PRODUCT_TERMS = 64;
 
 template <typename T>
-C10_ALWAYS_INLINE Vectorized<T> finite(const Vectorized<T>& value) {  // _finite: infinities to the largest finite number
+// _finite: infinities to the largest finite number
+C10_ALWAYS_INLINE Vectorized<T> finite(const Vectorized<T>& value) {
   const T big = std::numeric_limits<T>::max();
   return at::vec::clamp(value, Vectorized<T>(-big), Vectorized<T>(big));
 }
 
 // Stores r_i = v_i / u (the weight of x_j in the pair's mean) and r_j = v_j / u of pair p = (i, j) at dimensions
-// c, c + 1, ... for the later loops; sets them in r_i, r_j and returns v_max / u. From the experts' variances relative to the largest at
-// each dimension (a division, no transcendental function per pair), unless the larger of the two is subnormal or
-// zero there (log-variances more than about 87 below the largest in float32): then from
-// em = exp(-|lv_i - lv_j|) - 1, as _rows does.
+// c, c + 1, ... for the later loops; sets them in r_i, r_j and returns v_max / u. From the experts' variances
+// relative to the largest at each dimension (a division, no transcendental function per pair), unless the larger
+// of the two is subnormal or zero there (log-variances more than about 87 below the largest in float32): then
+// from em = exp(-|lv_i - lv_j|) - 1, as _rows does.
 template <typename T>
 C10_ALWAYS_INLINE Vectorized<T> store_ratios(Sample<T>& s, int64_t p, int64_t i, int64_t j, int64_t c,
                                                Vectorized<T>& r_i, Vectorized<T>& r_j) {
@@ -140,6 +141,17 @@ C10_ALWAYS_INLINE void ratios(const Sample<T>& s, int64_t p, int64_t c, Vectoriz
   r_i = Vectorized<T>::loadu(&s.r_first[p * s.stride + c]);
   r_j = Vectorized<T>::loadu(&s.r_second[p * s.stride + c]);
   big = at::vec::maximum(r_i, r_j);
+}
+
+// the mean offset x_i + r_i Delta and the variance 2 min(v_i, v_j) v_max / u (relative to the scale) of pair
+// (i, j) at dimensions c, ...
+template <typename T>
+C10_ALWAYS_INLINE void pair_moments(const Sample<T>& s, int64_t i, int64_t j, int64_t c, const Vectorized<T>& r_i,
+                                    const Vectorized<T>& big, Vectorized<T>& loc, Vectorized<T>& var) {
+  using V = Vectorized<T>;
+  const V x_i = V::loadu(&s.x[i * s.stride + c]);
+  loc = x_i + r_i * (V::loadu(&s.x[j * s.stride + c]) - x_i);
+  var = at::vec::minimum(V::loadu(&s.v[i * s.stride + c]), V::loadu(&s.v[j * s.stride + c])) * big * V(2);
 }
 
 template <typename T>
@@ -193,9 +205,7 @@ void forward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w, 
       const int64_t i = s.first[p], j = s.second[p];
       V big, r_i, r_j;
       ratios(s, p, c, big, r_i, r_j);
-      const V x_i = V::loadu(&s.x[i * stride + c]);
-      loc[p] = x_i + r_i * (V::loadu(&s.x[j * stride + c]) - x_i);
-      var[p] = at::vec::minimum(V::loadu(&s.v[i * stride + c]), V::loadu(&s.v[j * stride + c])) * big * V(2);
+      pair_moments(s, i, j, c, r_i, big, loc[p], var[p]);
       offset = offset + V(pi[m + p]) * loc[p];
     }
     const V h = (V::loadu(&s.scale[c]) * V(-0.5)).exp();
@@ -258,9 +268,8 @@ void backward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w,
       const int64_t i = s.first[p], j = s.second[p];
       V r_i, r_j;
       const V big = store_ratios(s, p, i, j, c, r_i, r_j);
-      const V x_i = V::loadu(&s.x[i * stride + c]);
-      const V loc = x_i + r_i * (V::loadu(&s.x[j * stride + c]) - x_i);
-      const V var = at::vec::minimum(V::loadu(&s.v[i * stride + c]), V::loadu(&s.v[j * stride + c])) * big * V(2);
+      V loc, var;
+      pair_moments(s, i, j, c, r_i, big, loc, var);
       component(pi[m + p], loc, var, &s.d_loc[p * stride + c], &s.d_lv[p * stride + c], d_logit[m + p]);
     }
   }
