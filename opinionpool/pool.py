@@ -39,6 +39,7 @@ from torch.distributions import (
     Normal,
 )
 
+from ._hellinger import hellinger_moments
 from ._validation import (
     check_alpha,
     check_positive_int,
@@ -48,7 +49,7 @@ from ._validation import (
     validation_enabled,
 )
 from .experts import Experts, as_experts
-from .families import ExponentialFamily
+from .families import DiagonalNormalFamily, ExponentialFamily, NormalFamily
 from .numerical import (
     DEFAULT_RTOL,
     Envelope,
@@ -720,14 +721,56 @@ class HolderPool(_Pool):
             self._alpha = self.alpha
         self._max_components = max_components
         self.order = order
-        log_mix, self.component_params = holder_components(self.family, experts.params, self.log_weights, order)
-        self.log_normalizer = torch.logsumexp(log_mix, dim=-1)
-        self.log_mixture_weights = log_mix - self.log_normalizer.unsqueeze(-1)
-        finite = torch.isfinite(self.log_normalizer)
-        if self._validate and not bool(finite.all()):
-            raise ValueError("experts: the pool's log-normaliser is not finite, got "
-                             f"{describe(self.log_normalizer, ~finite)}; check the experts for extreme parameters")
-        self._init_distribution(self.log_normalizer.shape)
+        self._mixture_cache = None
+        self._moments_cache = None
+        if not self._pairwise_gaussian:  # built (and checked) now; the Gaussian alpha = 1/2 pool waits until asked
+            self._mixture()
+        self._init_distribution(torch.broadcast_shapes(self.experts.batch_shape, self.log_weights.shape[:-1]))
+
+    # ------------------------------------------------------------ the mixture
+    @property
+    def _pairwise_gaussian(self) -> bool:
+        """Whether the pool's moments come from the alpha = 1/2 autograd function of diagonal Gaussians
+        (``functional.hellinger``): Normal or diagonal Normal experts at ``alpha = 1/2``. The same moments as the
+        mixture's, without building its ``M (M + 1) / 2`` components (built only when something else asks)."""
+        return self.order == 2 and type(self.family) in (NormalFamily, DiagonalNormalFamily)
+
+    def _mixture(self):
+        """``(log_normalizer, log_mixture_weights, component_params)``, built on first use."""
+        if self._mixture_cache is None:
+            log_mix, params = holder_components(self.family, self.experts.params, self.log_weights, self.order)
+            log_normalizer = torch.logsumexp(log_mix, dim=-1)
+            finite = torch.isfinite(log_normalizer)
+            if self._validate and not bool(finite.all()):
+                raise ValueError("experts: the pool's log-normaliser is not finite, got "
+                                 f"{describe(log_normalizer, ~finite)}; check the experts for extreme parameters")
+            self._mixture_cache = (log_normalizer, log_mix - log_normalizer.unsqueeze(-1), params)
+        return self._mixture_cache
+
+    @property
+    def log_normalizer(self) -> torch.Tensor:
+        return self._mixture()[0]
+
+    @property
+    def log_mixture_weights(self) -> torch.Tensor:
+        return self._mixture()[1]
+
+    @property
+    def component_params(self) -> torch.Tensor:
+        return self._mixture()[2]
+
+    def _moments(self):
+        """The moment-matched ``(mean, logvar)`` of the alpha = 1/2 pool of Gaussian experts (``_pairwise_gaussian``),
+        batch + event shaped."""
+        if self._moments_cache is None:
+            loc, logvar = self.family.split(self.experts.params)
+            if not self.family.event_shape:  # scalar Normal experts: one latent dimension
+                loc, logvar = loc.unsqueeze(-1), logvar.unsqueeze(-1)
+            mean, logvar = hellinger_moments(loc, logvar, self.log_weights)
+            if not self.family.event_shape:
+                mean, logvar = mean.squeeze(-1), logvar.squeeze(-1)
+            self._moments_cache = (mean, logvar)
+        return self._moments_cache
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -745,10 +788,14 @@ class HolderPool(_Pool):
     # ---------------------------------------------------------------- moments
     @property
     def mean(self) -> torch.Tensor:
+        if self._pairwise_gaussian:
+            return self._moments()[0]
         return self.family.mixture_mean(self.log_mixture_weights, self.component_params)
 
     @property
     def variance(self) -> torch.Tensor:
+        if self._pairwise_gaussian:
+            return self._moments()[1].exp()
         return self.family.mixture_variance(self.log_mixture_weights, self.component_params)
 
     @property
@@ -806,10 +853,13 @@ class HolderPool(_Pool):
         new.__dict__.update(self.__dict__)
         new.experts = _expand_experts(self.experts, batch_shape)
         new.log_weights = self.log_weights.expand(batch_shape + self.log_weights.shape[-1:])
-        new.log_normalizer = self.log_normalizer.expand(batch_shape)
-        new.log_mixture_weights = self.log_mixture_weights.expand(batch_shape + self.log_mixture_weights.shape[-1:])
-        new.component_params = self.component_params.expand(
-            batch_shape + self.component_params.shape[len(self.batch_shape):])
+        if self._mixture_cache is not None:
+            log_normalizer, log_mix, params = self._mixture_cache
+            new._mixture_cache = (log_normalizer.expand(batch_shape), log_mix.expand(batch_shape + log_mix.shape[-1:]),
+                                  params.expand(batch_shape + params.shape[len(self.batch_shape):]))
+        if self._moments_cache is not None:
+            event = self.family.event_shape
+            new._moments_cache = tuple(t.expand(batch_shape + event) for t in self._moments_cache)
         new._init_distribution(batch_shape)
         return new
 
@@ -835,8 +885,9 @@ class HolderPool(_Pool):
         and variances. The result is a ``torch.distributions`` object.
         """
         if family is None:
-            return self.family.distribution(self.family.moment_match(self.log_mixture_weights, self.component_params),
-                                            validate_args=self._validate)
+            params = self.family.join(*self._moments()) if self._pairwise_gaussian else \
+                self.family.moment_match(self.log_mixture_weights, self.component_params)
+            return self.family.distribution(params, validate_args=self._validate)
         return gaussian_projection(self, family)
 
     def __repr__(self) -> str:

@@ -13,6 +13,7 @@ from torch.distributions import (
     Categorical,
     Exponential,
     Gamma,
+    Independent,
     Normal,
     Poisson,
     VonMises,
@@ -92,6 +93,38 @@ def test_normal_moment_match_is_mean_and_variance(alpha):
     assert isinstance(matched, Normal)
     assert matched.mean.item() == pytest.approx(mean, rel=RTOL)
     assert matched.variance.item() == pytest.approx(var, rel=RTOL)
+
+
+@pytest.mark.parametrize("event", ["scalar", "diagonal"])
+def test_gaussian_half_pool_moments_build_no_components(event, monkeypatch):
+    """At alpha = 1/2 the moments of Normal and diagonal Normal experts come from the pairwise autograd function
+    (as in ``functional.hellinger``) without building the mixture's components, and equal the moments that torch's
+    ``MixtureSameFamily`` computes from those components once they are asked for (float64, asymmetric weights,
+    scales from e^-4 to e^4, one expert 40 away)."""
+    built = []
+    components = opinionpool.pool.holder_components
+    monkeypatch.setattr(opinionpool.pool, "holder_components", lambda *args: built.append(args) or components(*args))
+    g = torch.Generator().manual_seed(3)
+    loc = torch.randn(4, 3, 6, generator=g, dtype=torch.float64) * 3
+    loc[:, 2] += 40
+    scale = torch.exp(torch.empty(4, 3, 6, dtype=torch.float64).uniform_(-4, 4, generator=g))
+    experts = Normal(loc[..., 0], scale[..., 0]) if event == "scalar" else Independent(Normal(loc, scale), 1)
+    pool = opinionpool.holder(experts, alpha=0.5, weights=[0.15, 0.25, 0.6])
+    matched, diagonal, mean, variance = pool.moment_match(), pool.moment_match("diag_gaussian"), pool.mean, pool.variance
+    expanded = pool.expand((2, 4))
+    assert not built
+    assert type(matched) is type(experts)
+    mixture = pool.as_mixture()
+    assert len(built) == 1
+    for got in (matched, diagonal):
+        torch.testing.assert_close(got.mean, mixture.mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.variance, mixture.variance, rtol=1e-12, atol=0)
+    torch.testing.assert_close(mean, mixture.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(variance, mixture.variance, rtol=1e-12, atol=0)
+    torch.testing.assert_close(expanded.variance, variance.expand(expanded.batch_shape + expanded.event_shape))
+    torch.testing.assert_close(pool.expand((2, 4)).log_normalizer, pool.log_normalizer.expand(2, 4))
+    fresh = opinionpool.holder(experts, alpha=0.5, weights=[0.15, 0.25, 0.6]).expand((2, 4))
+    torch.testing.assert_close(fresh.mean, mean.expand(fresh.batch_shape + fresh.event_shape))
 
 
 @pytest.mark.parametrize("alpha", [0, 1 / 3, 1 / 2, 1])
