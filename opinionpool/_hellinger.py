@@ -14,7 +14,7 @@ row (expert ``i`` against the experts after it, ``_rows``): slices of the inputs
 forward pass keeps only the inputs, the output moments and the mixture weights; the backward pass recomputes the
 rows and applies the analytic derivatives (:math:`\partial\log S/\partial\mu`,
 :math:`\partial m/\partial\log v = \Delta r_i r_j`, ...). Eagerly on the CPU both passes work through the batch
-in slices of about ``CPU_CHUNK_BYTES`` per row of pairs, so that temporaries are reused from the allocator
+in slices of about ``_chunks.CPU_CHUNK_BYTES`` per row of pairs, so that temporaries are reused from the allocator
 instead of being faulted in page by page.
 
 ``fused=True`` trades the eager passes for one fused pass per sample. On the CPU that is a C++ kernel
@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from ._chunks import by_rows, flat, unflat
 
 __all__ = ["hellinger_moments", "pair_components", "pair_indices"]
 
@@ -384,38 +386,11 @@ def pair_components(x: torch.Tensor, logvar: torch.Tensor):
     return _PairComponents.apply(x, logvar)
 
 
-#: eager passes on the CPU work through the batch in slices whose largest row of pairs ``(rows, M - 1, D)`` stays
-#: near this many bytes: a fresh temporary of a megabyte or more costs a page fault per 4 KiB when first written,
-#: which made every elementwise pass several times slower than over reused memory, while smaller slices pay the
-#: fixed cost of each operation more often
-CPU_CHUNK_BYTES = 1 << 19
-
-
-def _flat(tensors, batch):
-    """``tensors`` with the batch axes ``batch`` flattened to one."""
-    rows = math.prod(batch)
-    return [t.reshape((rows,) + t.shape[len(batch):]) for t in tensors]
-
-
-def _unflat(tensors, batch):
-    """The inverse of ``_flat``: the first axis of each of ``tensors`` split back into ``batch``."""
-    return tuple(t.reshape(batch + t.shape[1:]) for t in tensors)
-
-
-def _by_rows(fn, batch, tensors, *constants):
-    """``fn(*tensors, *constants)``, a tuple of tensors, with the batch axes ``batch`` of ``tensors`` flattened to
-    one; on the CPU in slices of rows (``CPU_CHUNK_BYTES`` per row of pairs), the results concatenated. The
-    results get the batch axes back. Elsewhere (a GPU) and while compiling, one call."""
+def _by_rows(fn, batch, tensors):
+    """``fn(*tensors)`` through ``by_rows``, in slices of about ``_chunks.CPU_CHUNK_BYTES`` per row of pairs
+    ``(M - 1, D)`` of ``tensors[0]`` ``(..., M, D)``."""
     m, d = tensors[0].shape[-2:]
-    rows = math.prod(batch)
-    flat = _flat(tensors, batch)
-    step = max(1, CPU_CHUNK_BYTES // (max(1, m - 1) * d * tensors[0].element_size()))
-    if flat[0].device.type != "cpu" or step >= rows or torch.compiler.is_compiling():
-        results = fn(*flat, *constants)
-    else:
-        parts = [fn(*(t[start:start + step] for t in flat), *constants) for start in range(0, rows, step)]
-        results = [torch.cat(part, 0) for part in zip(*parts)]
-    return _unflat(results, batch)
+    return by_rows(fn, batch, tensors, row_elements=max(1, m - 1) * d)
 
 
 #: ``fused=True`` unrolls the pairs up to this many experts; beyond, the graph (growing as M^2) takes many minutes
@@ -498,8 +473,8 @@ class _HellingerMoments(torch.autograd.Function):
     def forward(mu, logvar, log_w, fused):
         path = _fused_path(mu, logvar, log_w) if fused else "eager"
         if path == "kernel":
-            flat = (t.contiguous() for t in _flat((mu, logvar, log_w), mu.shape[:-2]))  # the kernel's layout
-            return _unflat(_KERNEL[0].forward(*flat), mu.shape[:-2])
+            inputs = (t.contiguous() for t in flat((mu, logvar, log_w), mu.shape[:-2]))  # the kernel's layout
+            return unflat(_KERNEL[0].forward(*inputs), mu.shape[:-2])
         if path == "compile":
             unrolled = mu.shape[-2] <= UNROLL_MAX_EXPERTS
             return _run("forward" if unrolled else "forward_rows", _forward_unrolled if unrolled else _forward, mu,
@@ -522,7 +497,7 @@ class _HellingerMoments(torch.autograd.Function):
         path = _fused_path(*tensors) if ctx.fused else "eager"
         batch = mu.shape[:-2]
         if path == "kernel":
-            grads = _unflat(_KERNEL[0].backward(*(t.contiguous() for t in _flat(tensors, batch))), batch)
+            grads = unflat(_KERNEL[0].backward(*(t.contiguous() for t in flat(tensors, batch))), batch)
         elif path == "compile":
             unrolled = mu.shape[-2] <= UNROLL_MAX_EXPERTS
             grads = _run("backward" if unrolled else "backward_rows", _backward_unrolled if unrolled else _backward,

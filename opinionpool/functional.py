@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
+from ._chunks import by_rows
 from ._hellinger import hellinger_moments, pair_components, pair_indices
 from ._validation import (
     all_finite,
@@ -668,10 +669,7 @@ class _SubsetSums(torch.autograd.Function):
         # weights scaled to a largest of one per subset: the scale cancels in the mean, its log is added back
         w_top = w.amax(-1, keepdim=True)
         wn = w / w_top
-        total = wn @ p
-        r = total.reciprocal()
-        mean = (wn @ (p * x)).mul_(r).add_(reference)
-        logvar = total.log_().add_(shift).add_(w_top.log()).neg_()
+        mean, logvar, r = _by_subset_rows(_subset_sums, wn, p, p * x, reference, shift, w_top.log())
         return mean, logvar, wn, w_top, p, r, clamped
 
     @staticmethod
@@ -687,15 +685,40 @@ class _SubsetSums(torch.autograd.Function):
     def backward(ctx, g_mean, g_lv, *_):
         x, reference, mean, wn, w_top, p, r, clamped = ctx.saved_tensors
         g_mean, g_lv = _incoming(g_mean, g_lv, mean)
-        d_weighted = g_mean * r
-        # d sum = -(g_mean (mean - reference) + g_lv) / sum
-        d_total = (g_lv * r).addcmul_(d_weighted, mean).addcmul_(d_weighted, reference, value=-1).neg_()
-        wt = wn.transpose(-1, -2)
-        d_px = wt @ d_weighted
-        d_p = (wt @ d_total).addcmul_(d_px, x)
-        d_w = (d_total @ p.transpose(-1, -2)).add_(d_weighted @ (p * x).transpose(-1, -2)).div_(w_top)
+        d_w, d_px, d_p = _by_subset_rows(_subset_sums_backward, g_mean, g_lv, x, reference, mean, wn, w_top, p, r)
         d_log_p = torch.where(clamped, 0, d_p.mul_(p))
         return d_w, d_px.mul_(p), d_log_p, None, g_mean.sum(-2, keepdim=True)
+
+
+def _subset_sums(wn, p, px, reference, shift, log_w_top):
+    """``_SubsetSums``' mean, log-variance and ``1 / sum`` ``(..., K, D)`` from the scaled weights ``wn``, precisions
+    ``p`` and ``p x``."""
+    total = wn @ p
+    r = total.reciprocal()
+    mean = (wn @ px).mul_(r).add_(reference)
+    logvar = total.log_().add_(shift).add_(log_w_top).neg_()
+    return mean, logvar, r
+
+
+def _subset_sums_backward(g_mean, g_lv, x, reference, mean, wn, w_top, p, r):
+    """``(d wn-scaled w, d (p x), d p)`` of ``_SubsetSums`` from the incoming gradients ``g_mean``, ``g_lv``."""
+    d_weighted = g_mean * r
+    # d sum = -(g_mean (mean - reference) + g_lv) / sum
+    d_total = (g_lv * r).addcmul_(d_weighted, mean).addcmul_(d_weighted, reference, value=-1).neg_()
+    wt = wn.transpose(-1, -2)
+    d_px = wt @ d_weighted
+    d_p = (wt @ d_total).addcmul_(d_px, x)
+    d_w = (d_total @ p.transpose(-1, -2)).add_(d_weighted @ (p * x).transpose(-1, -2)).div_(w_top)
+    return d_w, d_px, d_p
+
+
+def _by_subset_rows(fn, *tensors):
+    """``fn(*tensors)`` of tensors ``(..., a, b)`` whose batch axes broadcast, through ``by_rows`` in slices of
+    about ``CPU_CHUNK_BYTES`` per ``(K, D)`` subset sum (the largest temporaries: fresh ones of many megabytes
+    made every pass several times slower): ``K`` is the rows of ``tensors[0]``, ``D`` the columns of ``tensors[1]``."""
+    batch = torch.broadcast_shapes(*(t.shape[:-2] for t in tensors))
+    batched = tuple(t.expand(batch + t.shape[-2:]) for t in tensors)
+    return by_rows(fn, batch, batched, row_elements=tensors[0].shape[-2] * tensors[1].shape[-1])
 
 
 def _subset_poe(mu, logvar, member, weights):

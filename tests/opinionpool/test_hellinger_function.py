@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+import opinionpool._chunks as chunks_module
 import opinionpool._hellinger as hellinger_module
 import opinionpool.functional as opf
 
@@ -243,7 +244,7 @@ def test_eager_pass_in_slices_of_the_batch_equals_one_pass_and_gradchecks(m, mon
     mask[0] = True
     results = []
     for chunk in (1 << 40, 2 * (m - 1) * 4 * 8):  # everything at once; two rows of (M - 1) pairs of float64
-        monkeypatch.setattr(hellinger_module, "CPU_CHUNK_BYTES", chunk)
+        monkeypatch.setattr(chunks_module, "CPU_CHUNK_BYTES", chunk)
         inputs = [t.clone().requires_grad_(True) for t in (mu, logvar, weights)]
         loc, lv = opf.hellinger(*inputs[:2], weights=inputs[2], mask=mask)
         (loc.sin().sum() + (lv * lv).sum()).backward()

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+import opinionpool._chunks as chunks_module
+import opinionpool.functional as functional_module
 import opinionpool.functional as opf
 
 
@@ -305,6 +307,40 @@ def test_two_batch_axes_give_the_values_and_gradients_of_one(aggregator):
         results.append([mix.loc.reshape(15, -1), mix.logvar.reshape(15, -1)] + [t.grad for t in inputs])
     for shaped, flat in zip(*results):
         torch.testing.assert_close(shaped, flat, rtol=1e-12, atol=1e-12)
+
+
+def test_mopoe_in_slices_of_the_batch_equals_one_pass_and_gradchecks(monkeypatch):
+    """On the CPU the subset sums of MoPoE work through the batch in slices (``CPU_CHUNK_BYTES`` per (K, D) sum):
+    with two batch axes, per-sample masks, weights and a prior expert, slices of two rows (the last one shorter)
+    give the values and gradients of one pass over the whole batch, and pass gradcheck."""
+    g = torch.Generator().manual_seed(4)
+    m, d = 3, 2
+    mu, logvar = torch.randn(m, 5, 3, d, generator=g, dtype=torch.float64), torch.randn(m, 5, 3, d, generator=g,
+                                                                                         dtype=torch.float64)
+    mask = torch.rand(m, 5, 3, generator=g) > 0.3
+    mask[0] = True
+    weights = torch.rand(5, 3, 1, m + 1, generator=g, dtype=torch.float64) + 0.2
+
+    def pooled(mu, logvar, weights):
+        mix = opf.subset_mixture(opf.poe, mu, logvar, mask=mask, weights=weights, prior_expert=True)
+        kept = torch.isfinite(mix.log_weights).unsqueeze(-1)
+        return torch.where(kept, mix.loc, 0), torch.where(kept, mix.logvar, 0)
+
+    results = []
+    for chunk in (1 << 40, 2 * (2**m - 1) * d * 8):  # everything at once; two rows of K = 7 subset sums of float64
+        monkeypatch.setattr(chunks_module, "CPU_CHUNK_BYTES", chunk)
+        inputs = [t.clone().requires_grad_(True) for t in (mu, logvar, weights)]
+        loc, lv = pooled(*inputs)
+        (loc.sin().sum() + (lv * lv).sum()).backward()
+        results.append((loc, lv, *(t.grad for t in inputs)))
+    for whole, sliced in zip(*results):
+        torch.testing.assert_close(sliced, whole, rtol=1e-13, atol=1e-13)
+    calls = []
+    body = functional_module._subset_sums
+    monkeypatch.setattr(functional_module, "_subset_sums", lambda *args: calls.append(args[0].shape[0]) or body(*args))
+    inputs = [t.clone().requires_grad_(True) for t in (mu, logvar, weights)]
+    assert torch.autograd.gradcheck(pooled, inputs)
+    assert calls[:8] == [2] * 7 + [1]  # 15 rows in slices of two
 
 
 def test_per_sample_prior_weight_covers_its_own_sample_only():
