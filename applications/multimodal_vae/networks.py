@@ -105,17 +105,17 @@ def mnist_decoder(latent_dim: int, hidden: int = 400) -> nn.Module:
     return _Decoder(nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, 784)), (1, 28, 28))
 
 
-def svhn_encoder(latent_dim: int) -> nn.Module:
+def svhn_encoder(latent_dim: int, hidden: int = 128) -> nn.Module:
     return _Heads(nn.Sequential(
         nn.Conv2d(3, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),  # 32 -> 16 -> 8
-        nn.Conv2d(64, 64, 4, 2, 1), nn.ReLU(), nn.Conv2d(64, 128, 4, 1, 0), nn.ReLU(), nn.Flatten(),  # 4 -> 1
-    ), 128, latent_dim)
+        nn.Conv2d(64, 64, 4, 2, 1), nn.ReLU(), nn.Conv2d(64, hidden, 4, 1, 0), nn.ReLU(), nn.Flatten(),  # 4 -> 1
+    ), hidden, latent_dim)
 
 
-def svhn_decoder(latent_dim: int) -> nn.Module:
+def svhn_decoder(latent_dim: int, hidden: int = 128) -> nn.Module:
     return _Decoder(nn.Sequential(
-        nn.Linear(latent_dim, 128), nn.ReLU(), nn.Unflatten(1, (128, 1, 1)),
-        nn.ConvTranspose2d(128, 64, 4, 1, 0), nn.ReLU(), nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.ReLU(),
+        nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Unflatten(1, (hidden, 1, 1)),
+        nn.ConvTranspose2d(hidden, 64, 4, 1, 0), nn.ReLU(), nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.ReLU(),
         nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(32, 3, 4, 2, 1),
     ), (3, 32, 32))
 
@@ -255,13 +255,25 @@ def check_activation(architecture: str, activation: str | None) -> None:
                          f"got {activation!r}")
 
 
-def make_networks(modalities, latent_dim: int, architecture: str = "conv", activation: str | None = None):
+def check_hidden(architecture: str, hidden: int | None) -> None:
+    """A ``ValueError`` naming ``hidden`` unless it is ``None`` or a positive width of ``conv`` nets."""
+    if hidden is not None and (architecture != "conv" or isinstance(hidden, bool) or not isinstance(hidden, int)
+                               or hidden < 1):
+        raise ValueError(f"hidden must be null or a positive integer width of conv networks, got {hidden!r} for "
+                         f"{architecture} networks")
+
+
+def make_networks(modalities, latent_dim: int, architecture: str = "conv", activation: str | None = None,
+                  hidden: int | None = None):
     """``(encoders, decoders)`` as ``nn.ModuleList`` s, one pair per ``data.Modality``; ``architecture`` picks the
     image nets (``"conv"`` or ``"resnet"``), ``activation`` their nonlinearity (``None``: the architecture's own,
-    see ``ACTIVATIONS``)."""
+    see ``ACTIVATIONS``), ``hidden`` the width of the conv nets' features before the heads and after the decoders'
+    first linear layer (``None``: each net's own, as in the MoPoE code: 512, 400 for MNIST, 128 for SVHN)."""
     if architecture not in IMAGE_NETWORKS:
         raise ValueError(f"architecture must be one of {sorted(IMAGE_NETWORKS)}, got {architecture!r}")
     check_activation(architecture, activation)
+    check_hidden(architecture, hidden)
+    width = {} if hidden is None else {"hidden": hidden}
     known = IMAGE_NETWORKS[architecture]
     constructors = []
     for modality in modalities:
@@ -275,8 +287,8 @@ def make_networks(modalities, latent_dim: int, architecture: str = "conv", activ
                              f"{tuple(modality.shape)}; image shapes with {architecture} networks: {sorted(known)}")
     # every encoder, then every decoder: the order the random initialisation has always been drawn in, so runs
     # (and the numbers in docs/results.md) reproduce across versions
-    encoders = nn.ModuleList(encoder(latent_dim) for encoder, _ in constructors)
-    decoders = nn.ModuleList(decoder(latent_dim) for _, decoder in constructors)
+    encoders = nn.ModuleList(encoder(latent_dim, **width) for encoder, _ in constructors)
+    decoders = nn.ModuleList(decoder(latent_dim, **width) for _, decoder in constructors)
     if activation == "leaky_relu":
         _leaky_relus(encoders)
         _leaky_relus(decoders)

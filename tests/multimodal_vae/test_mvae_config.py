@@ -22,7 +22,8 @@ BAD = [
     ("model.beta=-1", "model.beta"), ("model.beta=0", "model.beta"), ("model.beta=1001", "model.beta"),
     ("model.alpha=nan", "model.alpha"), ("model.alpha=-0.5", "model.alpha"), ("model.alpha=1.5", "model.alpha"),
     ("model.latent_dim=0", "model.latent_dim"), ("model.likelihood_scale=inf", "model.likelihood_scale"),
-    ("model.likelihood_scale=1e-9", "model.likelihood_scale"),
+    ("model.likelihood_scale=1e-9", "model.likelihood_scale"), ("model.hidden=0", "model.hidden"),
+    ("model.hidden=-4", "model.hidden"),
     ("train.lr=inf", "train.lr"), ("train.lr=nan", "train.lr"), ("train.lr=1e30", "train.lr"),
     ("train.lr=1.5", "train.lr"),
     ("train.max_steps=0", "train.max_steps"), ("train.max_steps=-3", "train.max_steps"),
@@ -164,7 +165,7 @@ def test_the_main_command_trains_a_fixed_number_of_steps():
 def _tiny(root, name, **train):
     # 24 training tuples in batches of 8: 3 steps per epoch, 6 planned in 2 epochs
     overrides = [f"data.root={root / 'data'}", "data.build_offline=false", "data.num_modalities=3",
-                 "model.latent_dim=4", "model.architecture=conv", "train.batch_size=8", "train.epochs=2",
+                 "model.latent_dim=4", "model.architecture=conv", "model.hidden=32", "train.batch_size=8", "train.epochs=2",
                  "train.device=cpu", "train.tensorboard=false", f"output_dir={root / 'runs'}", f"name={name}",
                  "train.evaluate_at_end=true", "eval.probe_examples=10", "eval.likelihood_samples=2",
                  "eval.unconditional_samples=20", "eval.likelihood_examples=4", "eval.subsets=single"]

@@ -4,13 +4,13 @@ layouts; their text encodings, likelihood weights, and a few training steps of e
 import gzip
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.io
 import torch
 from PIL import Image
+from tiny_runs import WHEEL_CACHE
 
 from applications.multimodal_vae.__main__ import main
 from applications.multimodal_vae.data import LayoutError, Modality, load_dataset, reconstruction_weights, text
@@ -22,9 +22,6 @@ from applications.multimodal_vae.objectives import Likelihood
 from applications.multimodal_vae.train import load_run
 
 pytestmark = pytest.mark.usefixtures("float32_default")
-
-WHEEL_CACHE = Path(__file__).resolve().parents[2] / "data" / ".wheels"
-
 
 def model_modalities(run):
     return load_dataset(load_run(run)[0], "test").modalities

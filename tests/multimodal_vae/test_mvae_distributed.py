@@ -55,7 +55,7 @@ def training_initial_state(root):
 def test_torchrun_launches_the_command_line(tiny_root):
     overrides = [f"data.root={tiny_root / 'data'}", "data.build_offline=false", "data.num_modalities=3",
                  "model.latent_dim=4",
-                 "model.architecture=conv", "train.batch_size=8", "train.epochs=1", "train.device=cpu",
+                 "model.architecture=conv", "model.hidden=32", "train.batch_size=8", "train.epochs=1", "train.device=cpu",
                  f"output_dir={tiny_root / 'runs'}", "name=torchrun", "train.num_threads=1"]
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),

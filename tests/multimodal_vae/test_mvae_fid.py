@@ -1,10 +1,10 @@
 """FID: the Fréchet distance against independent computations, loud failures, and the real Inception weights."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tiny_runs import WHEEL_CACHE
 
 from applications.multimodal_vae.evaluation.fid import (
     FIDError,
@@ -16,8 +16,6 @@ from applications.multimodal_vae.evaluation.fid import (
     random_subsets,
     statistics,
 )
-
-WHEEL_CACHE = Path(__file__).resolve().parents[2] / "data" / ".wheels"
 
 
 def random_covariance(rng, d, scale):

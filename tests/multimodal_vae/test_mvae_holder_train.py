@@ -22,7 +22,8 @@ def test_hoelder_models_train_resume_exactly_and_are_evaluated(tiny_root, preset
 
     def command(name, steps, *extra):
         return ["train", "--preset", preset, "--set", f"data.root={tiny_root / 'data'}", "data.build_offline=false",
-                "data.num_modalities=3", "data.drop_rate=0.3", "model.latent_dim=4", *private, "train.batch_size=8",
+                "data.num_modalities=3", "data.drop_rate=0.3", "model.latent_dim=4", "model.hidden=32", *private,
+                "train.batch_size=8",
                 f"train.max_steps={steps}", "train.device=cpu", "train.num_threads=1", "train.evaluate_at_end=false",
                 "train.max_minutes=null", "train.tensorboard=false", f"output_dir={tiny_root / 'runs'}", f"name={name}",
                 *extra]

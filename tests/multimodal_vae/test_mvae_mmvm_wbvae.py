@@ -346,7 +346,8 @@ CLI_MODELS = {"mmvm": ("polymnist-mmvm-cpu", []), "mmvm-holder": ("polymnist-mmv
 def test_new_models_train_resume_exactly_and_evaluate_from_the_command_line(tiny_root, case, capsys):
     preset, extra = CLI_MODELS[case]
     common = ["--set", f"data.root={tiny_root / 'data'}", "data.build_offline=false", "data.num_modalities=3",
-              "model.latent_dim=4", "train.batch_size=12", "train.device=cpu", "train.evaluate_at_end=false",
+              "model.latent_dim=4", "model.hidden=32", "train.batch_size=12", "train.device=cpu",
+              "train.evaluate_at_end=false",
               "train.max_minutes=null", "train.tensorboard=false", "train.num_threads=1", "data.drop_rate=0.3",
               f"output_dir={tiny_root / 'runs'}", *extra]
     assert main(["train", "--preset", preset, *common, "train.max_steps=2", "name=full"]) == 0

@@ -68,6 +68,33 @@ def test_leaky_relu_conv_networks_keep_the_initialisation_and_pass_negative_inpu
         make_networks(polymnist_modalities(1), 8, "conv", "gelu")
 
 
+def test_conv_networks_take_a_hidden_width():
+    """``hidden`` sets the width between the conv features and the heads of every conv net (the default, None, is
+    each net's own: the parameter count of the MoPoE code's PolyMNIST nets); resnet nets and non-widths are
+    refused, naming the value."""
+    modalities = [*polymnist_modalities(1), Modality("mnist", (1, 28, 28)), Modality("svhn", (3, 32, 32)),
+                  Modality("face", (3, 64, 64)), Modality("text", (16,), tuple("abcdefgh"))]
+    torch.manual_seed(0)
+    encoders, decoders = make_networks(modalities, 8, "conv", None, 32)
+    for modality, encoder, decoder in zip(modalities, encoders, decoders):
+        assert encoder.mean.in_features == encoder.logvar.in_features == 32, modality.name
+        x = torch.randint(0, 8, (5, 16)) if modality.is_text else torch.rand((5, *modality.shape))
+        mu, logvar = encoder(x)
+        assert mu.shape == logvar.shape == (5, 8)
+        out = decoder(torch.randn(2, 5, 8))
+        assert out.shape == ((2, 5, 16, 8) if modality.is_text else (2, 5, *modality.shape)), modality.name
+    default = make_networks(polymnist_modalities(1), 8)
+    # conv 3-32-64-128 and 2048 -> 512 -> heads; 8 -> 512 -> 2048 and the mirrored transposed convolutions
+    conv = (3 * 9 + 1) * 32 + (32 * 9 + 1) * 64 + (64 * 9 + 1) * 128
+    deconv = 128 * 64 * 9 + 64 + 64 * 32 * 9 + 32 + 32 * 3 * 9 + 3
+    expected = conv + 2049 * 512 + 2 * 513 * 8, 9 * 512 + 513 * 2048 + deconv
+    assert tuple(sum(p.numel() for p in nets[0].parameters()) for nets in default) == expected
+    for architecture, bad in (("resnet", 32), ("conv", 0), ("conv", 2.5), ("conv", True)):
+        with pytest.raises(ValueError, match=f"hidden must be null or a positive integer width of conv networks, "
+                                             f"got {bad!r} for {architecture} networks"):
+            make_networks(polymnist_modalities(1), 8, architecture, None, bad)
+
+
 def test_resnet_networks_follow_the_mmvae_plus_layout():
     (encoder,), (decoder,) = make_networks(polymnist_modalities(1), 16, "resnet")
     mu, logvar = encoder(torch.rand(5, 3, 28, 28))

@@ -140,8 +140,9 @@ def test_truncated_bit_flipped_and_old_checkpoints(tiny_root, capsys):
 
 def overrides_of(root, name, **train):
     overrides = [f"data.root={root / 'data'}", "data.build_offline=false", "data.num_modalities=3",
-                 "model.latent_dim=4", "model.architecture=conv", "train.batch_size=8", "train.device=cpu",
-                 f"output_dir={root / 'runs'}", f"name={name}", "data.drop_rate=0.3", "train.tensorboard=false"]
+                 "model.latent_dim=4", "model.architecture=conv", "model.hidden=32", "train.batch_size=8",
+                 "train.device=cpu", f"output_dir={root / 'runs'}", f"name={name}", "data.drop_rate=0.3",
+                 "train.tensorboard=false"]
     return overrides + [f"train.{k}={v}" for k, v in train.items()]
 
 
@@ -370,6 +371,7 @@ def test_a_signal_to_one_replica_stops_every_replica_at_the_same_step(tiny_root,
 KILLER = r"""
 import json, os, signal, sys
 
+import torch._dynamo  # noqa: F401  (imported once, before forking: the optimiser's constructor takes seconds to)
 import applications.multimodal_vae.files as files
 import applications.multimodal_vae.train as training
 from applications.multimodal_vae.config import load_config

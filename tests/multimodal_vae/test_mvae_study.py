@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 from scipy import integrate
+from tiny_runs import WHEEL_CACHE
 
 from applications.multimodal_vae.__main__ import main
 from applications.multimodal_vae.evaluation.diagnostics import pooling_diagnostics
+from applications.multimodal_vae.evaluation.fid import default_weights
 from applications.multimodal_vae.sweep import SWEEPS, SweepConfig, grid, load_sweep, run_config, run_sweep
 
 pytestmark = pytest.mark.usefixtures("float32_default")
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("float32_default")
 
 def tiny(root, models=("helvae",), seeds=(0, 1), **fields):
     overrides = [f"data.root={root / 'data'}", "data.build_offline=false", "data.num_modalities=3",
-                 "model.latent_dim=4", "model.architecture=conv", "train.batch_size=8", "train.epochs=1",
+                 "model.latent_dim=4", "model.architecture=conv", "model.hidden=32", "train.batch_size=8", "train.epochs=1",
                  "train.device=cpu", "train.tensorboard=false", "eval.probe_examples=10", "eval.likelihood_samples=2",
                  "eval.unconditional_samples=20"]
     return SweepConfig(name="tiny", base="polymnist-helvae", overrides=overrides, models=list(models), betas=[1.0],
@@ -181,7 +183,8 @@ def test_two_workers_share_a_two_step_study(tiny_root, tmp_path):
                                                  "data.num_modalities=3", "train.max_steps=2", "train.batch_size=8",
                                                  "train.diagnostics_every=1", "eval.probe_examples=10",
                                                  "eval.likelihood_samples=2", "eval.likelihood_examples=4",
-                                                 "eval.unconditional_samples=20", "eval.test_examples=10"])
+                                                 "eval.unconditional_samples=20", "eval.test_examples=10",
+                                                 "eval.fid_samples=4", f"eval.fid_weights={default_weights(WHEEL_CACHE)}"])
     study["model_overrides"] = {k: v for k, v in study["model_overrides"].items() if k in study["models"]}
     study["model_overrides"]["holderplusplus"] = ["model.latent_dim=16", "model.private_dim=16"]
     for key in ("model_betas", "model_seeds"):

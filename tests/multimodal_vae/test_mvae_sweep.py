@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("float32_default")
 def tiny_sweep(root):
     overrides = [f"data.root={root / 'data'}", "data.build_offline=false", "data.num_modalities=3",
                  "model.latent_dim=4",
-                 "model.architecture=conv", "train.batch_size=8", "train.epochs=1", "train.device=cpu",
+                 "model.architecture=conv", "model.hidden=32", "train.batch_size=8", "train.epochs=1", "train.device=cpu",
                  "train.tensorboard=false", "eval.probe_examples=10", "eval.likelihood_samples=2",
                  "eval.unconditional_samples=20"]
     return SweepConfig(name="tiny", base="polymnist-helvae", overrides=overrides, models=["helvae", "mopoe"],

@@ -39,7 +39,7 @@ def test_resume_continues_exactly(tiny_root):
     with pytest.raises(ValueError, match="the configuration differs"):
         train(load_config("polymnist-helvae", [f"data.root={tiny_root / 'data'}", "data.build_offline=false",
                                                "data.num_modalities=3", "model.latent_dim=4",
-                                               "model.architecture=conv", "train.batch_size=8",
+                                               "model.architecture=conv", "model.hidden=32", "train.batch_size=8",
                                                f"output_dir={tiny_root / 'runs'}", "name=full", "model.beta=1.0"]),
               resume=True, show_progress=False)
 
@@ -100,7 +100,7 @@ def test_command_line_trains_and_lists_presets(tiny_root, capsys):
     assert "polymnist-mohelvae" in capsys.readouterr().out
     args = ["train", "--preset", "polymnist-mopoe", "--set", f"data.root={tiny_root / 'data'}",
             "data.build_offline=false", "data.num_modalities=3", "model.latent_dim=4",
-            "model.architecture=conv", "train.batch_size=12",
+            "model.architecture=conv", "model.hidden=32", "train.batch_size=12",
             "train.epochs=1", f"output_dir={tiny_root / 'runs'}", "--set", "train.tensorboard=false"]
     assert main(args) == 0
     run = tiny_root / "runs" / "polymnist-mopoe"
@@ -126,7 +126,7 @@ def test_every_polymnist_preset_trains_from_the_command_line(tiny_root, preset):
 def test_mmvae_dreg_in_bf16_from_the_command_line(tiny_root):
     args = ["train", "--preset", "polymnist-mmvae", "--set", f"data.root={tiny_root / 'data'}",
             "data.build_offline=false", "data.num_modalities=3", "model.latent_dim=4",
-            "model.architecture=conv", "train.batch_size=12",
+            "model.architecture=conv", "model.hidden=32", "train.batch_size=12",
             "train.epochs=1", f"output_dir={tiny_root / 'runs'}", "model.num_samples=3", "model.estimator=dreg",
             "train.precision=bf16", "train.device=cpu"]
     assert main(args) == 0

