@@ -669,7 +669,12 @@ class _SubsetSums(torch.autograd.Function):
         # weights scaled to a largest of one per subset: the scale cancels in the mean, its log is added back
         w_top = w.amax(-1, keepdim=True)
         wn = w / w_top
-        mean, logvar, r = _by_subset_rows(_subset_sums, wn, p, p * x, reference, shift, w_top.log())
+        # in one pass, not in slices: its (..., K, D) tensors are the outputs and the saved 1 / sum, new memory either
+        # way (slices measured slower); the backward pass's temporaries are not
+        total = wn @ p
+        r = total.reciprocal()
+        mean = (wn @ (p * x)).mul_(r).add_(reference)
+        logvar = total.log_().add_(shift).add_(w_top.log()).neg_()
         return mean, logvar, wn, w_top, p, r, clamped
 
     @staticmethod
@@ -688,16 +693,6 @@ class _SubsetSums(torch.autograd.Function):
         d_w, d_px, d_p = _by_subset_rows(_subset_sums_backward, g_mean, g_lv, x, reference, mean, wn, w_top, p, r)
         d_log_p = torch.where(clamped, 0, d_p.mul_(p))
         return d_w, d_px.mul_(p), d_log_p, None, g_mean.sum(-2, keepdim=True)
-
-
-def _subset_sums(wn, p, px, reference, shift, log_w_top):
-    """``_SubsetSums``' mean, log-variance and ``1 / sum`` ``(..., K, D)`` from the scaled weights ``wn``, precisions
-    ``p`` and ``p x``."""
-    total = wn @ p
-    r = total.reciprocal()
-    mean = (wn @ px).mul_(r).add_(reference)
-    logvar = total.log_().add_(shift).add_(log_w_top).neg_()
-    return mean, logvar, r
 
 
 def _subset_sums_backward(g_mean, g_lv, x, reference, mean, wn, w_top, p, r):
