@@ -136,6 +136,13 @@ def _differences(saved, new, prefix: str = "") -> list[str]:
     return found
 
 
+def _with_defaults(saved, defaults):
+    """``saved`` (a nested dict) with the keys it lacks taken from ``defaults``."""
+    if not (isinstance(saved, dict) and isinstance(defaults, dict)):
+        return saved
+    return {**defaults, **{key: _with_defaults(value, defaults.get(key)) for key, value in saved.items()}}
+
+
 def load_checkpoint(path: Path) -> dict:
     """The checkpoint at ``path`` on the CPU, loaded without running code and checked (its SHA-256 when it holds
     one, finite values, the keys a checkpoint has); an ``UnreadableFile`` naming it and saying what to do."""
@@ -374,7 +381,9 @@ def _restore(path: Path, config: Config, model: MultimodalVAE, optimizer) -> tup
     """Load the checkpoint at ``path`` (of the same configuration but for its budget) into the model, the optimiser
     and the RNGs; ``(epoch, position, step)``: where training continues."""
     state = load_checkpoint(path)
-    differences = _differences(_without_budget(state["config"]), _without_budget(asdict(config)))
+    # an option added after the checkpoint was written is the default it ran with
+    saved = _with_defaults(state["config"], asdict(Config()))
+    differences = _differences(_without_budget(saved), _without_budget(asdict(config)))
     if differences:
         raise ValueError(f"--resume: the configuration differs from the one saved in {path}: "
                          f"{'; '.join(differences)} (only train.epochs, train.max_steps and train.max_minutes "

@@ -25,7 +25,7 @@ from applications.multimodal_vae.__main__ import main
 from applications.multimodal_vae.config import to_yaml
 from applications.multimodal_vae.data import cached_tensors
 from applications.multimodal_vae.files import UnreadableFile, owner_tag
-from applications.multimodal_vae.train import TrainingDiverged, TrainingInterrupted, load_run, train
+from applications.multimodal_vae.train import TrainingDiverged, TrainingInterrupted, load_checkpoint, load_run, train
 
 pytestmark = pytest.mark.usefixtures("float32_default")
 
@@ -287,6 +287,21 @@ def test_a_moved_run_resumes_and_a_changed_setting_is_named(tiny_root):
     with pytest.raises(ValueError, match=rf"the configuration differs from the one saved in .*after/checkpoint.pt: "
                                          rf"data.drop_rate: saved 0.3, now 0.0; model.beta: saved {saved_beta}, now "
                                          rf"{saved_beta + 1} \(only"):
+        train(config, resume=True, show_progress=False)
+    # a checkpoint written before an option existed ran with its default: model.activation (None here) resumes,
+    # model.hidden (32 here, not the default) is named
+    config.model.beta, config.data.drop_rate = saved_beta, 0.3
+    checkpoint = moved / "after" / "checkpoint.pt"
+    state = {k: v for k, v in load_checkpoint(checkpoint).items() if k != files.DIGEST_KEY}
+    del state["config"]["model"]["activation"]
+    files.save_checked(checkpoint, state)
+    config.train.epochs = 3
+    train(config, resume=True, show_progress=False)
+    assert [s for s, _ in losses(run)] == list(range(1, 10))
+    state = {k: v for k, v in load_checkpoint(checkpoint).items() if k != files.DIGEST_KEY}
+    del state["config"]["model"]["hidden"]
+    files.save_checked(checkpoint, state)
+    with pytest.raises(ValueError, match=r"differs from the one saved .*: model.hidden: saved None, now 32 \(only"):
         train(config, resume=True, show_progress=False)
 
 
