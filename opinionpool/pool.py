@@ -21,6 +21,7 @@ coefficients far below the float range (routine at latent size 512) never underf
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import warnings
@@ -723,6 +724,8 @@ class HolderPool(_Pool):
         self.order = order
         self._mixture_cache = None
         self._moments_cache = None
+        # what is built later is built as it would have been now: with or without autograd, in inference mode or not
+        self._modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         if not self._pairwise_gaussian:  # built (and checked) now; the Gaussian alpha = 1/2 pool waits until asked
             self._mixture()
         self._init_distribution(torch.broadcast_shapes(self.experts.batch_shape, self.log_weights.shape[:-1]))
@@ -735,16 +738,27 @@ class HolderPool(_Pool):
         mixture's, without building its ``M (M + 1) / 2`` components (built only when something else asks)."""
         return self.order == 2 and type(self.family) in (NormalFamily, DiagonalNormalFamily)
 
+    def _built_modes(self):
+        """Autograd and inference mode as when the pool was built (a first read under ``torch.no_grad`` must not
+        leave later reads without gradients)."""
+        grad, inference = self._modes
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.set_grad_enabled(grad))
+        stack.enter_context(torch.inference_mode(inference))
+        return stack
+
     def _mixture(self):
         """``(log_normalizer, log_mixture_weights, component_params)``, built on first use."""
         if self._mixture_cache is None:
-            log_mix, params = holder_components(self.family, self.experts.params, self.log_weights, self.order)
-            log_normalizer = torch.logsumexp(log_mix, dim=-1)
+            with self._built_modes():
+                log_mix, params = holder_components(self.family, self.experts.params, self.log_weights, self.order)
+                log_normalizer = torch.logsumexp(log_mix, dim=-1)
+                log_mix = log_mix - log_normalizer.unsqueeze(-1)
             finite = torch.isfinite(log_normalizer)
             if self._validate and not bool(finite.all()):
                 raise ValueError("experts: the pool's log-normaliser is not finite, got "
                                  f"{describe(log_normalizer, ~finite)}; check the experts for extreme parameters")
-            self._mixture_cache = (log_normalizer, log_mix - log_normalizer.unsqueeze(-1), params)
+            self._mixture_cache = (log_normalizer, log_mix, params)
         return self._mixture_cache
 
     @property
@@ -763,19 +777,21 @@ class HolderPool(_Pool):
         """The moment-matched ``(mean, logvar)`` of the alpha = 1/2 pool of Gaussian experts (``_pairwise_gaussian``),
         batch + event shaped."""
         if self._moments_cache is None:
-            loc, logvar = self.family.split(self.experts.params)
-            if not self.family.event_shape:  # scalar Normal experts: one latent dimension
-                loc, logvar = loc.unsqueeze(-1), logvar.unsqueeze(-1)
-            mean, logvar = hellinger_moments(loc, logvar, self.log_weights)
-            if not self.family.event_shape:
-                mean, logvar = mean.squeeze(-1), logvar.squeeze(-1)
-            self._moments_cache = (mean, logvar)
+            scalar = not self.family.event_shape  # scalar Normal experts: one latent dimension
+            with self._built_modes():
+                loc, logvar = self.family.split(self.experts.params)
+                if scalar:
+                    loc, logvar = loc.unsqueeze(-1), logvar.unsqueeze(-1)
+                mean, logvar = hellinger_moments(loc, logvar, self.log_weights)
+                self._moments_cache = (mean.squeeze(-1), logvar.squeeze(-1)) if scalar else (mean, logvar)
         return self._moments_cache
 
     # ------------------------------------------------------------------ shapes
     @property
     def num_components(self) -> int:
-        return self.log_mixture_weights.shape[-1]
+        # one expert is its own pool at every order (as holder_components builds it)
+        return num_components(min(self.order, 1) if self.experts.num_experts == 1 else self.order,
+                              self.experts.num_experts)
 
     @property
     def mixture_weights(self) -> torch.Tensor:

@@ -1,6 +1,5 @@
 """FID: the Fréchet distance against independent computations, loud failures, and the real Inception weights."""
 
-
 import numpy as np
 import pytest
 import torch

@@ -108,8 +108,12 @@ def test_gaussian_half_pool_moments_build_no_components(event, monkeypatch):
     loc = torch.randn(4, 3, 6, generator=g, dtype=torch.float64) * 3
     loc[:, 2] += 40
     scale = torch.exp(torch.empty(4, 3, 6, dtype=torch.float64).uniform_(-4, 4, generator=g))
-    experts = Normal(loc[..., 0], scale[..., 0]) if event == "scalar" else Independent(Normal(loc, scale), 1)
-    pool = opinionpool.holder(experts, alpha=0.5, weights=[0.15, 0.25, 0.6])
+    if event == "scalar":
+        loc, scale = loc[..., 0], scale[..., 0]
+    loc, scale = loc.requires_grad_(True), scale.requires_grad_(True)
+    weights = torch.tensor([0.15, 0.25, 0.6], dtype=torch.float64, requires_grad=True)
+    experts = Normal(loc, scale) if event == "scalar" else Independent(Normal(loc, scale), 1)
+    pool = opinionpool.holder(experts, alpha=0.5, weights=weights)
     matched, diagonal, mean, variance = pool.moment_match(), pool.moment_match("diag_gaussian"), pool.mean, pool.variance
     expanded = pool.expand((2, 4))
     assert not built
@@ -123,8 +127,42 @@ def test_gaussian_half_pool_moments_build_no_components(event, monkeypatch):
     torch.testing.assert_close(variance, mixture.variance, rtol=1e-12, atol=0)
     torch.testing.assert_close(expanded.variance, variance.expand(expanded.batch_shape + expanded.event_shape))
     torch.testing.assert_close(pool.expand((2, 4)).log_normalizer, pool.log_normalizer.expand(2, 4))
-    fresh = opinionpool.holder(experts, alpha=0.5, weights=[0.15, 0.25, 0.6]).expand((2, 4))
+    fresh = opinionpool.holder(experts, alpha=0.5, weights=weights).expand((2, 4))
     torch.testing.assert_close(fresh.mean, mean.expand(fresh.batch_shape + fresh.event_shape))
+    # and the same gradients with respect to the experts and the weights
+    probe = torch.linspace(-1, 1, mean.numel(), dtype=torch.float64).reshape(mean.shape)
+
+    def gradients(mean, variance):  # the two share the weights' normalisation: keep its graph for the second
+        loss = (mean * probe).sum() + (variance.log() * probe.flip(-1)).sum()
+        return torch.autograd.grad(loss, (loc, scale, weights), retain_graph=True)
+
+    for got, want in zip(gradients(mean, variance), gradients(mixture.mean, mixture.variance)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_lazily_built_pool_tensors_keep_the_autograd_mode_of_construction():
+    """The Gaussian alpha = 1/2 pool builds its moments and components on first use: a first read under
+    ``torch.no_grad`` or ``torch.inference_mode`` still gives later reads their gradients, as when built at once."""
+    loc = torch.tensor([[0.0, 1.0], [2.0, -1.0], [0.5, 0.5]], dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([[1.0, 0.5], [2.0, 1.0], [0.7, 1.3]], dtype=torch.float64, requires_grad=True)
+    z = torch.tensor([0.3, -0.2], dtype=torch.float64)
+
+    def pool():
+        return opinionpool.holder(Independent(Normal(loc, scale), 1), alpha=0.5, weights=[0.2, 0.3, 0.5])
+
+    def gradients(p):
+        return torch.autograd.grad(p.log_prob(z) + p.moment_match().mean.sum(), (loc, scale))
+
+    want = gradients(pool())
+    for mode in (torch.no_grad, torch.inference_mode):
+        late = pool()
+        with mode():
+            late.mean, late.log_normalizer
+        for got, expected in zip(gradients(late), want):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    with torch.no_grad():
+        frozen = pool()
+    assert not frozen.mean.requires_grad and not frozen.log_normalizer.requires_grad
 
 
 @pytest.mark.parametrize("alpha", [0, 1 / 3, 1 / 2, 1])

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import opinionpool._chunks as chunks_module
-import opinionpool.functional as functional_module
 import opinionpool.functional as opf
 
 
@@ -312,7 +311,8 @@ def test_two_batch_axes_give_the_values_and_gradients_of_one(aggregator):
 def test_mopoe_in_slices_of_the_batch_equals_one_pass_and_gradchecks(monkeypatch):
     """On the CPU the backward pass of MoPoE's subset sums works through the batch in slices (``CPU_CHUNK_BYTES``
     per (K, D) sum): with two batch axes, per-sample masks, weights and a prior expert, slices of two rows (the last
-    one shorter) give the values and gradients of one pass over the whole batch, and pass gradcheck."""
+    one shorter) give the gradients of one pass over the whole batch (the forward pass is one pass either way), and
+    pass gradcheck."""
     g = torch.Generator().manual_seed(4)
     m, d = 3, 2
     mu, logvar = torch.randn(m, 5, 3, d, generator=g, dtype=torch.float64), torch.randn(m, 5, 3, d, generator=g,
@@ -336,8 +336,8 @@ def test_mopoe_in_slices_of_the_batch_equals_one_pass_and_gradchecks(monkeypatch
     for whole, sliced in zip(*results):
         torch.testing.assert_close(sliced, whole, rtol=1e-13, atol=1e-13)
     calls = []
-    body = functional_module._subset_sums_backward
-    monkeypatch.setattr(functional_module, "_subset_sums_backward",
+    body = opf._subset_sums_backward
+    monkeypatch.setattr(opf, "_subset_sums_backward",
                         lambda *args: calls.append(args[0].shape[0]) or body(*args))
     inputs = [t.clone().requires_grad_(True) for t in (mu, logvar, weights)]
     assert torch.autograd.gradcheck(pooled, inputs)
