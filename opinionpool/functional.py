@@ -690,7 +690,12 @@ class _SubsetSums(torch.autograd.Function):
     def backward(ctx, g_mean, g_lv, *_):
         x, reference, mean, wn, w_top, p, r, clamped = ctx.saved_tensors
         g_mean, g_lv = _incoming(g_mean, g_lv, mean)
-        d_w, d_px, d_p = _by_subset_rows(_subset_sums_backward, g_mean, g_lv, x, reference, mean, wn, w_top, p, r)
+        # in slices of rows on the CPU: fresh (..., K, D) temporaries of many megabytes made every pass several
+        # times slower
+        batch = mean.shape[:-2]
+        tensors = (g_mean, g_lv, x, reference, mean, wn, w_top, p, r)
+        d_w, d_px, d_p = by_rows(_subset_sums_backward, batch, tuple(t.expand(batch + t.shape[-2:]) for t in tensors),
+                                 row_elements=mean.shape[-2] * mean.shape[-1])
         d_log_p = torch.where(clamped, 0, d_p.mul_(p))
         return d_w, d_px.mul_(p), d_log_p, None, g_mean.sum(-2, keepdim=True)
 
@@ -705,15 +710,6 @@ def _subset_sums_backward(g_mean, g_lv, x, reference, mean, wn, w_top, p, r):
     d_p = (wt @ d_total).addcmul_(d_px, x)
     d_w = (d_total @ p.transpose(-1, -2)).add_(d_weighted @ (p * x).transpose(-1, -2)).div_(w_top)
     return d_w, d_px, d_p
-
-
-def _by_subset_rows(fn, *tensors):
-    """``fn(*tensors)`` of tensors ``(..., a, b)`` whose batch axes broadcast, through ``by_rows`` in slices of
-    about ``CPU_CHUNK_BYTES`` per ``(K, D)`` subset sum (the largest temporaries: fresh ones of many megabytes
-    made every pass several times slower): ``K`` is the rows of ``tensors[0]``, ``D`` the columns of ``tensors[1]``."""
-    batch = torch.broadcast_shapes(*(t.shape[:-2] for t in tensors))
-    batched = tuple(t.expand(batch + t.shape[-2:]) for t in tensors)
-    return by_rows(fn, batch, batched, row_elements=tensors[0].shape[-2] * tensors[1].shape[-1])
 
 
 def _subset_poe(mu, logvar, member, weights):

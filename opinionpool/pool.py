@@ -232,6 +232,12 @@ def component_counts(order: int, num_experts: int, device=None) -> torch.Tensor:
     return table.scatter_add_(1, index, counts)
 
 
+def _built_order(order: int, num_experts: int) -> int:
+    """The order ``holder_components`` builds: one expert is its own pool at every order (a huge order would not
+    fit a count tensor)."""
+    return min(order, 1) if num_experts == 1 else order
+
+
 def holder_components(family: ExponentialFamily, params: torch.Tensor, log_weights: torch.Tensor, order: int):
     """Unnormalised log mixture weights ``(..., C)`` and component parameters ``(..., C) + param_shape``
     of the exact Hölder pool of order ``order`` (``alpha = 1/order``; ``0`` is the log-linear pool)."""
@@ -241,8 +247,7 @@ def holder_components(family: ExponentialFamily, params: torch.Tensor, log_weigh
     batch = torch.broadcast_shapes(params.shape[:expert_dim], log_weights.shape[:-1])
     params = params.expand(batch + params.shape[expert_dim:])
     log_weights = log_weights.expand(batch + (num_experts,))
-    if num_experts == 1:  # one expert is its own pool at every order (a huge order would not fit a count tensor)
-        order = min(order, 1)
+    order = _built_order(order, num_experts)
     if order == 0:
         combined, log_c = geometric_combination(Experts(family, params), log_weights)
         return log_c.unsqueeze(-1), combined.unsqueeze(len(batch))
@@ -738,14 +743,13 @@ class HolderPool(_Pool):
         mixture's, without building its ``M (M + 1) / 2`` components (built only when something else asks)."""
         return self.order == 2 and type(self.family) in (NormalFamily, DiagonalNormalFamily)
 
+    @contextlib.contextmanager
     def _built_modes(self):
         """Autograd and inference mode as when the pool was built (a first read under ``torch.no_grad`` must not
         leave later reads without gradients)."""
         grad, inference = self._modes
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.set_grad_enabled(grad))
-        stack.enter_context(torch.inference_mode(inference))
-        return stack
+        with torch.set_grad_enabled(grad), torch.inference_mode(inference):
+            yield
 
     def _mixture(self):
         """``(log_normalizer, log_mixture_weights, component_params)``, built on first use."""
@@ -789,9 +793,7 @@ class HolderPool(_Pool):
     # ------------------------------------------------------------------ shapes
     @property
     def num_components(self) -> int:
-        # one expert is its own pool at every order (as holder_components builds it)
-        return num_components(min(self.order, 1) if self.experts.num_experts == 1 else self.order,
-                              self.experts.num_experts)
+        return num_components(_built_order(self.order, self.experts.num_experts), self.experts.num_experts)
 
     @property
     def mixture_weights(self) -> torch.Tensor:
