@@ -2,6 +2,7 @@
 
 import csv
 
+import numpy as np
 import pytest
 
 from validation import closed_forms, paper
@@ -15,15 +16,33 @@ def test_quick_validation_writes_report_figures_and_csv(tmp_path):
     assert "0 failed" in report and "The paper's claims, checked" in report
     for name in ("zscores.png", "quadrature_errors.png", "figure1.png", "figures2_7.png"):
         assert (tmp_path / "figures" / name).stat().st_size > 10_000
-    rows = list(csv.DictReader((tmp_path / "figures" / "expert_sweep.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "figures" / "expert_sweep.csv").read_text().splitlines()))
     assert len(rows) == 4 * 3 * len(paper.AGGREGATORS)
     assert {r["aggregator"] for r in rows} == set(paper.AGGREGATORS)
 
 
 def test_a_failing_check_sets_the_exit_status(tmp_path, monkeypatch):
-    monkeypatch.setattr(closed_forms, "QUAD_TOLERANCE", 0.0)  # no float agrees to zero error
+    monkeypatch.setattr(closed_forms, "QUAD_TOLERANCE", 1e-300)  # far below any float64 rounding error
+    run = closed_forms.run  # one family (exact sums) is enough to fail, and quicker than the three of --quick
+    monkeypatch.setattr(closed_forms, "run", lambda samples, families, progress: run(samples, families=("Poisson",),
+                                                                                    progress=progress))
     assert main(["--quick", "--out", str(tmp_path)]) == 1
     assert "**NO**" in (tmp_path / "report.md").read_text()
+
+
+def test_the_quadrature_grid_of_the_mixtures_has_converged(monkeypatch):
+    """The NLL and Bhattacharyya coefficient of the two mixtures on the sweep's grid equal those on a grid of 2.5x
+    finer spacing, with two bad experts (the narrowest components) present."""
+    means = [paper.GOOD_MEAN] * 2 + [paper.BAD_MEAN] * 2
+    variances = [paper.GOOD_VAR] * 2 + [paper.BAD_VAR] * 2
+    pools = paper.pools(paper.diagonal_experts(means, variances))
+    for name in ("MoE", "Hölder α=1/2"):
+        nll, bc, trace, _ = paper.metrics(pools[name])
+        with monkeypatch.context() as patch:
+            patch.setattr(paper, "_GRID", np.linspace(paper._GRID[0], paper._GRID[-1], 1001))
+            fine = paper.metrics(pools[name])
+        assert abs(nll - fine[0]) < 1e-10 and abs(bc - fine[1]) < 1e-10 and trace == fine[2]
+        assert 0 < bc < 1 and nll > 0
 
 
 def test_claims_detect_a_violation():

@@ -8,7 +8,8 @@ each pool, the Bhattacharyya coefficient with the truth, and the sharpness (trac
 Gaussian pools (PoE, Hellinger, WB) use closed forms for all three metrics. The two mixtures (MoE, Hölder
 alpha = 1/2) have exact covariances, but their NLL and Bhattacharyya coefficient are integrals of a log
 or a square root of a mixture: those are computed by the trapezoid rule on a dense 2-D grid (spectrally
-accurate for these smooth integrands); the report says so.
+accurate for these smooth integrands: the narrowest component has standard deviation 0.45, nine grid spacings;
+a test checks the grid against one of spacing 0.02); the report says so.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ __all__ = [
 AGGREGATORS = ("PoE", "MoE", "Hölder α=1/2", "Hellinger", "WB")
 GOOD_MEAN, GOOD_VAR = (0.0, 0.0), 0.5
 BAD_MEAN, BAD_VAR = (4.0, 4.0), 0.2
-_GRID = np.linspace(-9.0, 11.0, 1001)
+_GRID = np.linspace(-9.0, 11.0, 401)  # spacing 0.05
 
 
 def diagonal_experts(means, variances):
