@@ -81,15 +81,21 @@ def test_full_gaussian_pool_against_grid(alpha):
 def test_dirichlet_pool_against_simplex_quadrature(alpha):
     conc = np.array([[2.0, 3.0, 1.5], [4.0, 1.5, 2.5], [1.5, 1.5, 5.0]])
     experts = Dirichlet(torch.tensor(conc))
-    # the Dirichlet density written out (scipy's frozen pdf re-validates its input on every call: minutes here)
-    log_norms = [math.lgamma(c.sum()) - sum(math.lgamma(a) for a in c) for c in conc]
-    pdfs = [lambda x, c=c, n=n: math.exp(n + float(np.dot(c - 1, np.log(x)))) for c, n in zip(conc, log_norms)]
+    # the pooled density written out in scalar Python, as (log normaliser, exponents) per expert: the integrand runs
+    # about 10^5 times per integral (scipy's frozen pdf re-validates its input on every call: minutes here; numpy
+    # arrays of three entries: 4x slower than this)
+    terms = [(math.lgamma(c.sum()) - sum(math.lgamma(a) for a in c), *(c - 1)) for c in conc]
+    w = WEIGHTS / WEIGHTS.sum()
 
     def pooled(x2, x1):
-        x = np.array([x1, x2, max(1 - x1 - x2, 0.0)])
-        if x[2] <= 0:
+        x3 = 1 - x1 - x2
+        if x3 <= 0:
             return 0.0
-        return float(power_mean(np.array([f(x) for f in pdfs]), WEIGHTS, alpha))
+        l1, l2, l3 = math.log(x1), math.log(x2), math.log(x3)
+        log_q = [n + a1 * l1 + a2 * l2 + a3 * l3 for n, a1, a2, a3 in terms]
+        if alpha == 0:
+            return math.exp(sum(wj * lq for wj, lq in zip(w, log_q)))
+        return sum(wj * math.exp(alpha * lq) for wj, lq in zip(w, log_q)) ** (1 / alpha)
 
     opts = dict(epsabs=0, epsrel=1e-11)
     z0 = integrate.dblquad(pooled, 0, 1, 0, lambda x1: 1 - x1, **opts)[0]
