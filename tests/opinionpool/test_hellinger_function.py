@@ -237,10 +237,10 @@ def test_eager_pass_in_slices_of_the_batch_equals_one_pass_and_gradchecks(m, mon
     per-sample weights and masks, slices of two rows (the last one shorter) give the values and gradients of one
     pass over the whole batch, and pass gradcheck."""
     g = torch.Generator().manual_seed(m)
-    mu = torch.randn(m, 5, 3, 4, generator=g, dtype=torch.float64)
-    logvar = torch.randn(m, 5, 3, 4, generator=g, dtype=torch.float64)
-    weights = (torch.rand(5, 3, m, generator=g, dtype=torch.float64) + 0.2)
-    mask = torch.rand(m, 5, 3, generator=g) > 0.3
+    mu = torch.randn(m, 3, 3, 4, generator=g, dtype=torch.float64)
+    logvar = torch.randn(m, 3, 3, 4, generator=g, dtype=torch.float64)
+    weights = (torch.rand(3, 3, m, generator=g, dtype=torch.float64) + 0.2)
+    mask = torch.rand(m, 3, 3, generator=g) > 0.3
     mask[0] = True
     results = []
     for chunk in (1 << 40, 2 * (m - 1) * 4 * 8):  # everything at once; two rows of (M - 1) pairs of float64
