@@ -289,7 +289,7 @@ def test_importance_sampling_is_calibrated_in_16_dimensions(alpha):
     pool = opinionpool.holder(experts, alpha=alpha, weights=weights)
     covered = 0
     for seed in range(100):
-        est = pool.estimate(method="importance", num_samples=100_000, seed=seed)
+        est = pool.estimate(method="importance", num_samples=30_000, seed=seed)
         value, se = float(est.log_normalizer.value), float(est.log_normalizer.error)
         assert abs(value - truth) < 0.01
         covered += abs(value - truth) <= 2 * se
