@@ -242,6 +242,12 @@ def test_own_cross_mass_against_quadrature():
     model.encode = lambda x: (torch.zeros(3, 2, 1), torch.zeros(3, 2, 1))
     assert pooling_diagnostics(model, x)["own_cross_mass"] is None
     assert np.isfinite(pooling_diagnostics(model, x)["pairwise_mass"])
+    # experts 20 standard deviations apart: Bhattacharyya coefficients s = e^-50 (neighbours) and s^4, so the
+    # pairwise mass 2 (2 s + s^4) / (3 + 2 (2 s + s^4)) of equal weights is tiny but positive, not 0 or -0
+    model.encode = lambda x: (torch.tensor([0.0, 20.0, 40.0]).reshape(3, 1, 1).expand(3, 2, 1), torch.zeros(3, 2, 1))
+    s = math.exp(-50)
+    mass = pooling_diagnostics(model, x)["pairwise_mass"]
+    assert mass == pytest.approx(2 * (2 * s + s**4) / (3 + 2 * (2 * s + s**4)), rel=1e-9)
 
 
 def test_the_quick_study_runs_are_the_full_studys():

@@ -38,9 +38,11 @@ def pooling_diagnostics(model, x) -> dict:
 
 
 def _cross_mass(mu, logvar, alpha) -> float:
-    """Mean over the batch of the exact Hölder pool's mass outside its single-expert components (its first M)."""
+    """Mean over the batch of the exact Hölder pool's mass outside its single-expert components (its first M), summed
+    from those components' own weights: a tiny mass keeps its digits (``1 - sum`` of the others would round it to
+    0, or below)."""
     mixture = opf.holder_mixture(mu, logvar, alpha, dim=0, validate_args=False)
-    return float(-torch.expm1(torch.logsumexp(mixture.log_weights[..., :mu.shape[0]], -1)).mean())
+    return float(torch.logsumexp(mixture.log_weights[..., mu.shape[0]:], -1).exp().mean())
 
 
 def training_status(run_dir) -> dict | None:
