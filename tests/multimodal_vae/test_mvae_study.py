@@ -179,12 +179,12 @@ def test_two_workers_share_a_two_step_study(tiny_root, tmp_path):
     study = yaml.safe_load((SWEEPS / "polymnist-cpu-study.yaml").read_text())
     study.update(name="two-step", output_dir=str(tmp_path / "runs"), betas=[1.0], seeds=[0],
                  models=["holder-a0.333", "holder_mixture-a0.25", "holderplusplus"],
-                 overrides=study["overrides"] + [f"data.root={tiny_root / 'data'}", "data.build_offline=false",
-                                                 "data.num_modalities=3", "train.max_steps=2", "train.batch_size=8",
-                                                 "train.diagnostics_every=1", "eval.probe_examples=10",
-                                                 "eval.likelihood_samples=2", "eval.likelihood_examples=4",
-                                                 "eval.unconditional_samples=20", "eval.test_examples=10",
-                                                 "eval.fid_samples=4", f"eval.fid_weights={default_weights(WHEEL_CACHE)}"])
+                 overrides=study["overrides"] + [
+                     f"data.root={tiny_root / 'data'}", "data.build_offline=false", "data.num_modalities=3",
+                     "model.hidden=32", "train.max_steps=2", "train.batch_size=8", "train.diagnostics_every=1",
+                     "eval.probe_examples=10", "eval.likelihood_samples=2", "eval.likelihood_examples=4",
+                     "eval.unconditional_samples=20", "eval.test_examples=10", "eval.fid_samples=4",
+                     f"eval.fid_weights={default_weights(WHEEL_CACHE)}"])
     study["model_overrides"] = {k: v for k, v in study["model_overrides"].items() if k in study["models"]}
     study["model_overrides"]["holderplusplus"] = ["model.latent_dim=16", "model.private_dim=16"]
     for key in ("model_betas", "model_seeds"):
