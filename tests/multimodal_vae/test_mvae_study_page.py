@@ -2,7 +2,9 @@
 
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from applications.multimodal_vae.__main__ import main
 from applications.multimodal_vae.study import FAILS, HOLDS, NOT_RUN, NOT_SEPARABLE, compare
@@ -69,7 +71,10 @@ def test_the_study_page(tmp_path, capsys):
                   [(0.4, 0.5), (0.2, 0.3)])]
     fake_sweep(folder, runs)
     grid = folder / "mopoe-beta2.5-seed1" / "sample_grid.png"  # the first seed's has none: the next one is shown
-    grid.write_bytes(b"png")
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (100, 4), dtype=np.uint8)[rng.integers(0, 100, (60, 40))]  # 100 colours
+    colours[..., 3] = 255
+    Image.fromarray(colours, "RGBA").save(grid)
     assert main(["study", "--sweep", str(folder), "--docs", str(tmp_path / "docs")]) == 0
     page = (tmp_path / "docs" / "study.md").read_text()
     lines = page.splitlines()
@@ -96,7 +101,9 @@ def test_the_study_page(tmp_path, capsys):
         assert (tmp_path / "docs" / "figures" / "study" / name).stat().st_size > 0
         assert f"](figures/study/{name})" in page
     assert (folder / "study.md").exists() and "](mopoe-beta2.5-seed1/sample_grid.png)" in (folder / "study.md").read_text()
-    assert (tmp_path / "docs" / "figures" / "study" / "grid_mopoe.png").read_bytes() == b"png"
+    with Image.open(tmp_path / "docs" / "figures" / "study" / "grid_mopoe.png") as published:
+        assert published.mode == "P" and published.size == (40, 60)  # 256 colours, the grid's size
+        assert np.array_equal(np.asarray(published.convert("RGB")), colours[..., :3])  # up to 256 colours: exact
     assert "![mopoe](figures/study/grid_mopoe.png)" in page and "grid_helvae" not in page
     assert "**Not the papers' setting.**" in page
     with pytest.raises(SystemExit):
