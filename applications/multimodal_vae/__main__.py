@@ -58,6 +58,8 @@ def main(argv=None) -> int:
     study = commands.add_parser("study", help="the papers' claims and the alpha study checked on a sweep's runs")
     study.add_argument("--sweep", required=True, help="the sweep folder (runs/NAME, holding results.csv)")
     study.add_argument("--docs", help="also write DOCS/study.md and its figures in DOCS/figures/study/")
+    study.add_argument("--preset", help="the sweep preset that ran the runs, named in the page's command (default: "
+                                        "the folder's name; a variant such as polymnist-cpu-study-quick shares it)")
     commands.add_parser("presets", help="list the run and sweep presets")
     build = commands.add_parser("build-polymnist", help="build the offline PolyMNIST")
     build.add_argument("--root", default="data/polymnist")
@@ -102,9 +104,9 @@ def main(argv=None) -> int:
         from .study import write_study
 
         folder = Path(args.sweep)
-        command = (f"python -m applications.multimodal_vae sweep --preset {folder.name} --workers 2; "
+        command = (f"python -m applications.multimodal_vae sweep --preset {args.preset or folder.name} --workers 2; "
                    f"python -m applications.multimodal_vae study --sweep {args.sweep}"
-                   + (f" --docs {args.docs}" if args.docs else ""))
+                   + (f" --preset {args.preset}" if args.preset else "") + (f" --docs {args.docs}" if args.docs else ""))
         try:
             print(f"study written to {write_study(folder, args.docs, command)}")
         except ValueError as error:

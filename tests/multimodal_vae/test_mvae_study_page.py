@@ -106,6 +106,11 @@ def test_the_study_page(tmp_path, capsys):
         assert np.array_equal(np.asarray(published.convert("RGB")), colours[..., :3])  # up to 256 colours: exact
     assert "![mopoe](figures/study/grid_mopoe.png)" in page and "grid_helvae" not in page
     assert "**Not the papers' setting.**" in page
+    assert "sweep --preset polymnist-cpu-study --workers 2; python -m applications.multimodal_vae study --sweep " in page
+    assert main(["study", "--sweep", str(folder), "--preset", "polymnist-cpu-study-quick"]) == 0  # a variant's runs
+    assert ("Command: `python -m applications.multimodal_vae sweep --preset polymnist-cpu-study-quick --workers 2; "
+            f"python -m applications.multimodal_vae study --sweep {folder} --preset polymnist-cpu-study-quick`"
+            in (folder / "study.md").read_text())
     with pytest.raises(SystemExit):
         main(["study", "--sweep", str(tmp_path / "nothing")])
     assert "holds no results.csv" in capsys.readouterr().err
