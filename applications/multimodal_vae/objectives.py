@@ -406,7 +406,11 @@ def mmvm_objective(x, present, mu, logvar, decoders, likelihood, aggregate) -> T
     log h(z_m | X))`` with one reparameterised ``z_m ~ q(z_m | x_m)``: an unbiased one-sample estimate of
     ``KL(q(z_m | x_m) || h(z_m | X))`` with the exact mixture density of ``h``. Gradients reach every encoder
     through ``h`` too. Missing modalities neither get a term nor enter ``h`` (its components are the present
-    posteriors, reweighted); a sample with one present modality has ``h = q(z_m | x_m)`` and no KL at all."""
+    posteriors, reweighted); a sample with one present modality has ``h = q(z_m | x_m)`` and no KL at all.
+
+    The authors' code minimises instead the convexity bound ``(1/M) sum_k KL(q(z_m | x_m) || q(z_m | x_k))``; the
+    exact KL here is at most ``log M`` and stops pulling far-apart posteriors together (docs/results.md, the CPU
+    study's status)."""
     prior = aggregate(mu, logvar, mask=present)
     z = reparameterise(mu, logvar)  # (M, B, D): z_m for every modality
     log_q = opf.diag_gaussian_log_prob(z, mu, logvar)
