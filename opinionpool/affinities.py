@@ -17,7 +17,7 @@ from torch.distributions import kl_divergence as torch_kl
 from ._validation import check_real, check_weights, real_tensor, validation_enabled
 from .experts import as_experts
 from .families import ExponentialFamilyDistribution, MultivariateNormalFamily, family_of
-from .families.gaussian import _DiagonalGaussianBase
+from .families.gaussian import _DiagonalGaussianBase, normal_kl
 from .pool import HolderPool, NumericalHolderPool, geometric_combination, log_of_weights
 
 
@@ -80,8 +80,7 @@ def kl_divergence(p, q) -> torch.Tensor:
     if isinstance(family, _DiagonalGaussianBase):
         loc_p, lv_p = family.split(params_p)
         loc_q, lv_q = family.split(params_q)
-        ratio = lv_p - lv_q
-        kl = 0.5 * (torch.expm1(ratio) - ratio + (loc_p - loc_q) ** 2 * torch.exp(-lv_q))
+        kl = normal_kl(loc_p, lv_p, loc_q, lv_q)
         return kl.sum(-1) if family.num_features else kl
     if isinstance(family, MultivariateNormalFamily):
         return torch_kl(family.distribution(params_p), family.distribution(params_q))

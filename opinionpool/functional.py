@@ -37,6 +37,7 @@ from .families.gaussian import (
     gaussian_barycenter,
     gaussian_combine,
     gaussian_mixture_moments,
+    normal_kl,
     normal_log_density,
 )
 from .pool import (
@@ -53,7 +54,7 @@ __all__ = [
     "GaussianMixture", "holder", "hellinger", "holder_mixture", "holder_mixture_members", "moe", "poe",
     "wasserstein_barycenter",
     "log_bhattacharyya", "subset_mixture", "all_subsets", "exact_order", "DEFAULT_MAX_COMPONENTS",
-    "DEFAULT_MAX_SUBSETS", "diag_gaussian_log_prob",
+    "DEFAULT_MAX_SUBSETS", "diag_gaussian_log_prob", "diag_gaussian_kl",
 ]
 
 #: the default cap on the number of subsets of ``subset_mixture`` (``2^M - 1`` for all subsets of ``M`` experts)
@@ -64,6 +65,13 @@ def diag_gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tens
     """``log N(z; mu, diag(exp(logvar)))`` summed over the latent (last) axis; the arguments broadcast. Zeros for
     ``mu`` and ``logvar`` give the standard-normal prior."""
     return normal_log_density(z, mu, logvar).sum(-1)
+
+
+def diag_gaussian_kl(mu_p: torch.Tensor, logvar_p: torch.Tensor, mu_q: torch.Tensor,
+                     logvar_q: torch.Tensor) -> torch.Tensor:
+    """``KL(N(mu_p, diag(exp(logvar_p))) || N(mu_q, diag(exp(logvar_q))))`` summed over the latent (last) axis; the
+    arguments broadcast."""
+    return normal_kl(mu_p, logvar_p, mu_q, logvar_q).sum(-1)
 
 
 class GaussianMixture(NamedTuple):

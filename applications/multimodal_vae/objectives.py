@@ -110,14 +110,6 @@ def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tenso
     return 0.5 * (mu * mu + torch.exp(logvar) - 1 - logvar).sum(-1)
 
 
-def kl_between_diag_gaussians(mu_p: torch.Tensor, logvar_p: torch.Tensor, mu_q: torch.Tensor,
-                              logvar_q: torch.Tensor) -> torch.Tensor:
-    """``KL(N(mu_p, exp(logvar_p)) || N(mu_q, exp(logvar_q)))`` summed over the latent axis (broadcasting; the
-    form without the cancelling ``logvar`` terms)."""
-    ratio = logvar_p - logvar_q
-    return 0.5 * (torch.expm1(ratio) - ratio + (mu_p - mu_q) ** 2 * torch.exp(-logvar_q)).sum(-1)
-
-
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     """``log N(z; 0, I)`` summed over the latent axis (the prior)."""
     zero = z.new_zeros(())
@@ -432,7 +424,7 @@ def mmvm_pairwise_objective(x, present, mu, logvar, decoders, likelihood, aggreg
     each term grows with the distance between the posteriors, so it keeps aligning the unimodal latent spaces.
     ``aggregate`` (``moe``) is the prior h for generation only."""
     z = reparameterise(mu, logvar)  # (M, B, D): z_m for every modality
-    pairs = kl_between_diag_gaussians(mu[:, None], logvar[:, None], mu[None], logvar[None])  # (M, M, B)
+    pairs = opf.diag_gaussian_kl(mu[:, None], logvar[:, None], mu[None], logvar[None])  # (M, M, B)
     both = present[:, None] & present[None]
     kl = torch.where(both, pairs, 0).sum((0, 1)) / present.sum(0).clamp_min(1)
     return Terms(likelihood(x, present, [(z[m],) for m in range(len(decoders))], decoders), kl)

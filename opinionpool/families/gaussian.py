@@ -32,6 +32,13 @@ def normal_log_density(value: torch.Tensor, loc: torch.Tensor, logvar: torch.Ten
     return -0.5 * ((value - loc) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI)
 
 
+def normal_kl(loc_p: torch.Tensor, logvar_p: torch.Tensor, loc_q: torch.Tensor, logvar_q: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``KL(N(loc_p, exp(logvar_p)) || N(loc_q, exp(logvar_q)))`` (not summed; broadcasting), in the
+    form without large cancelling terms: the one place it is written."""
+    ratio = logvar_p - logvar_q
+    return 0.5 * (torch.expm1(ratio) - ratio + (loc_p - loc_q) ** 2 * torch.exp(-logvar_q))
+
+
 def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch.Tensor, num_features: int,
                      need_log_c: bool = True):
     """Geometric combination of diagonal Gaussians along dim ``-1 - num_features``.

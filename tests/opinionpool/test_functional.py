@@ -186,6 +186,34 @@ def test_diag_gaussian_log_prob_is_the_summed_normal_log_density():
                                rtol=1e-13, atol=1e-13)
 
 
+def test_diag_gaussian_kl_against_the_textbook_form_in_high_precision_and_by_quadrature():
+    """KL(p || q) = log(s_q / s_p) + (s_p^2 + (m_p - m_q)^2) / (2 s_q^2) - 1/2 per axis, summed: in 50-digit mpmath
+    (so its cancellation costs nothing), over near-equal, far-apart, tiny and huge scales; one case by quadrature."""
+    import mpmath
+    from scipy import integrate, stats
+
+    mu_p = torch.tensor([[0.3, -1e3, 5.0], [1e-3, 40.0, 0.0]], dtype=torch.float64)
+    logvar_p = torch.tensor([[-0.4, 20.0, -30.0], [1e-9, -25.0, 3.0]], dtype=torch.float64)
+    mu_q = torch.tensor([[-0.2, -1e3 + 1e-4, 5.0], [0.0, -40.0, 0.0]], dtype=torch.float64)
+    logvar_q = torch.tensor([[0.7, 20.0 + 1e-7, 30.0], [0.0, 25.0, -3.0]], dtype=torch.float64)
+    mpmath.mp.dps = 50
+
+    def textbook(mp, lp, mq, lq):
+        mp, lp, mq, lq = (mpmath.mpf(float(v)) for v in (mp, lp, mq, lq))
+        return (lq - lp) / 2 + (mpmath.exp(lp) + (mp - mq) ** 2) / (2 * mpmath.exp(lq)) - mpmath.mpf(1) / 2
+
+    expected = [float(sum(textbook(*(t[b, d] for t in (mu_p, logvar_p, mu_q, logvar_q))) for d in range(3)))
+                for b in range(2)]
+    got = opf.diag_gaussian_kl(mu_p, logvar_p, mu_q, logvar_q)
+    assert got.shape == (2,)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+    p, q = stats.norm(0.3, np.exp(-0.2)), stats.norm(-0.2, np.exp(0.35))
+    by_quadrature = integrate.quad(lambda u: p.pdf(u) * (p.logpdf(u) - q.logpdf(u)), -np.inf, np.inf, epsabs=1e-13)[0]
+    assert float(opf.diag_gaussian_kl(mu_p[0, :1], logvar_p[0, :1], mu_q[0, :1], logvar_q[0, :1])) == pytest.approx(
+        by_quadrature, rel=1e-9)
+    assert float(opf.diag_gaussian_kl(mu_p, logvar_p, mu_p, logvar_p).abs().max()) == 0  # KL(p || p) = 0 exactly
+
+
 def test_gaussian_mixture_moments_are_the_law_of_total_variance():
     """Mean sum_k w_k mu_k and variance sum_k w_k (var_k + mu_k^2) - mean^2, written out per coordinate in float64
     (unequal weights; the weight-zero component far away must not count)."""
