@@ -121,6 +121,17 @@ def mmvm_prior_log_density(z, mu, sd, members, alpha):
     return math.log(np.sum(w * np.sqrt(q)) ** 2 / (w @ bc @ w))
 
 
+def mmvm_draws(model, x, present):
+    """By hand, what an MMVM objective draws under ``terms_of``'s seed: the unimodal posteriors' means and
+    standard deviations, one z_m from each (M, B, D), and the reconstruction term sum_m w_m [m present]
+    log p(x_m | z_m), each modality decoded from its own z_m."""
+    mu, logvar = unimodal(model, x)
+    sd = torch.exp(0.5 * logvar)
+    torch.manual_seed(9)
+    z = mu + sd * torch.randn(M, B, D, dtype=torch.float64)
+    return mu, sd, z, sum(present[m] * WEIGHTS[m] * laplace(x[m], model.decoders[m](z[m])) for m in range(M))
+
+
 @pytest.mark.parametrize("name, alpha", [("mmvm_holder", 1.0), ("mmvm_holder", 0.5)])
 def test_mmvm_objective_against_an_independent_computation(name, alpha):
     """One z_m per modality from its own posterior, decoded by its own decoder; the KL estimate is
@@ -128,11 +139,7 @@ def test_mmvm_objective_against_an_independent_computation(name, alpha):
     model = linear_model(name, alpha=alpha)
     x, present = inputs()
     terms = terms_of(model, x, present)
-    mu, logvar = unimodal(model, x)
-    sd = torch.exp(0.5 * logvar)
-    torch.manual_seed(9)
-    z = mu + sd * torch.randn(M, B, D, dtype=torch.float64)
-    rec = sum(present[m] * WEIGHTS[m] * laplace(x[m], model.decoders[m](z[m])) for m in range(M))
+    mu, sd, z, rec = mmvm_draws(model, x, present)
     kl = torch.zeros(B, dtype=torch.float64)
     for b in range(B):
         members = [j for j in range(M) if present[j, b]]
@@ -150,11 +157,7 @@ def test_mmvm_trains_with_the_authors_pairwise_kl_bound():
     model = linear_model("mmvm", alpha=0.5)  # mmvm's prior is the paper's mixture, whatever model.alpha says
     x, present = inputs()
     terms = terms_of(model, x, present)
-    mu, logvar = unimodal(model, x)
-    sd = torch.exp(0.5 * logvar)
-    torch.manual_seed(9)
-    z = mu + sd * torch.randn(M, B, D, dtype=torch.float64)
-    rec = sum(present[m] * WEIGHTS[m] * laplace(x[m], model.decoders[m](z[m])) for m in range(M))
+    mu, sd, z, rec = mmvm_draws(model, x, present)
     q = [torch.distributions.Normal(mu[m].detach(), sd[m].detach()) for m in range(M)]
     bound = torch.zeros(B, dtype=torch.float64)
     for b in range(B):
@@ -180,10 +183,7 @@ def test_mmvm_kl_gradient_reaches_every_encoder_through_the_prior():
     terms_of(model, x, present).kl.sum().backward()
     got = [e.weight.grad.clone() for e in model.encoders]
     model.zero_grad()
-    mu, logvar = unimodal(model, x)
-    sd = torch.exp(0.5 * logvar)
-    torch.manual_seed(9)
-    z = mu + sd * torch.randn(M, B, D, dtype=torch.float64)
+    mu, sd, z, _ = mmvm_draws(model, x, present)
     log_qj = normal_log_pdf(z[:, None], mu[None], sd[None])  # [m, j, b]: log q_j(z_m)
     log_h = torch.logsumexp(log_qj.masked_fill(~present[None], -math.inf), 1) - present.sum(0).log()
     log_q = normal_log_pdf(z, mu, sd)
