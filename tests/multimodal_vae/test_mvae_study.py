@@ -250,12 +250,13 @@ def test_own_cross_mass_against_quadrature():
     assert mass == pytest.approx(2 * (2 * s + s**4) / (3 + 2 * (2 * s + s**4)), rel=1e-9)
 
 
-def test_the_quick_study_runs_are_the_full_studys():
-    full, quick = load_sweep("polymnist-cpu-study"), load_sweep("polymnist-cpu-study-quick")
-    assert quick.name == full.name and len(grid(quick)) == 15
-    assert set(grid(quick)) <= set(grid(full))
-    for run in grid(quick):
-        assert run_config(quick, *run) == run_config(full, *run)
+@pytest.mark.parametrize("variant, runs", [("polymnist-cpu-study-quick", 15), ("polymnist-cpu-study-alpha", 27)])
+def test_a_study_variants_runs_are_the_full_studys(variant, runs):
+    full, part = load_sweep("polymnist-cpu-study"), load_sweep(variant)
+    assert part.name == full.name and len(grid(part)) == runs
+    assert set(grid(part)) <= set(grid(full))
+    for run in grid(part):
+        assert run_config(part, *run) == run_config(full, *run)
 
 
 def test_extra_overrides_change_every_run_without_restating_the_presets():
@@ -274,7 +275,7 @@ def test_a_run_the_wall_clock_stopped_is_resumed_and_the_study_has_no_wall_clock
     sweep resumes a checkpoint the guard stopped (a max_steps stop or the last epoch is trained)."""
     from applications.multimodal_vae import sweep as sweeps
 
-    for name in ("polymnist-cpu-study", "polymnist-cpu-study-quick"):
+    for name in ("polymnist-cpu-study", "polymnist-cpu-study-quick", "polymnist-cpu-study-alpha"):
         study = load_sweep(name)
         assert {run_config(study, *run).train.max_minutes for run in grid(study)} == {None}
     loads = []
