@@ -124,6 +124,18 @@ class GaussianMixture(NamedTuple):
         jensen = -(weights * torch.where(present, inner, torch.zeros_like(inner))).sum(-1)
         return torch.maximum(within, jensen), torch.minimum(within + label_entropy, matched)
 
+    def kl_upper_bound(self, loc: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        r"""An upper bound ``(...)`` of :math:`KL(N(loc, diag(exp(logvar))) \| p)` for this mixture ``p`` (no closed
+        form exists): :math:`\sum_k w_k KL(N \| p_k)`, by convexity of the KL in its second argument. Unlike the
+        KL itself (at most :math:`-\log w_k` when ``N`` is component ``k``), each term grows with the distance to
+        its component. ``loc`` and ``logvar`` ``(..., D)`` broadcast against the mixture's batch; components of
+        weight zero add nothing."""
+        present = self.log_weights > -math.inf
+        terms = diag_gaussian_kl(loc.unsqueeze(-2), logvar.unsqueeze(-2), self.loc, self.logvar)
+        terms = torch.where(present, terms, torch.zeros_like(terms))
+        weights = torch.where(present, self.log_weights.exp(), torch.zeros_like(self.log_weights))
+        return (weights * terms).sum(-1)
+
     def to_distribution(self) -> MixtureSameFamily:
         """The mixture as a ``torch.distributions.MixtureSameFamily`` of diagonal Gaussians (event ``(D,)``)."""
         components = Independent(Normal(self.loc, torch.exp(0.5 * self.logvar)), 1)

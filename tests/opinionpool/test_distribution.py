@@ -200,6 +200,37 @@ def test_gaussian_mixture_moments_entropy_bounds_and_torch_distribution(separati
         assert entropy == pytest.approx(float(upper), abs=1e-8)
 
 
+@pytest.mark.parametrize("separation", [0.7, 40.0])
+def test_gaussian_mixture_kl_upper_bound_against_quadrature_and_the_textbook_kl(separation):
+    from opinionpool.functional import GaussianMixture
+
+    w, loc, sd = np.array([0.2, 0.5, 0.3]), np.array([0.0, separation, -1.5 * separation]), np.array([1.0, 0.4, 2.0])
+    mixture = GaussianMixture(torch.tensor(np.log(w)), torch.tensor(loc)[:, None], torch.tensor(2 * np.log(sd))[:, None])
+    q_loc, q_sd = np.array([0.3, separation, 5.0]), np.array([0.8, 0.4, 3.0])  # the second is component 1 itself
+    got = mixture.kl_upper_bound(torch.tensor(q_loc)[:, None], torch.tensor(2 * np.log(q_sd))[:, None])
+    assert got.shape == (3,)
+    exact = []
+    for i in range(3):
+        textbook = np.log(sd / q_sd[i]) + (q_sd[i] ** 2 + (q_loc[i] - loc) ** 2) / (2 * sd**2) - 0.5
+        assert float(got[i]) == pytest.approx(w @ textbook, rel=1e-12)
+        q = stats.norm(q_loc[i], q_sd[i])
+        exact.append(integrate.quad(lambda z, q=q: q.pdf(z) * (q.logpdf(z) - special.logsumexp(np.log(w) + stats.norm(
+            loc, sd).logpdf(z))), q_loc[i] - 12 * q_sd[i], q_loc[i] + 12 * q_sd[i], limit=200, points=[q_loc[i]])[0])
+        assert exact[i] <= float(got[i]) + 1e-9
+    if separation > 10:  # q = component 1, far from the others: the KL is -log w_1, the bound grows with distance
+        assert exact[1] == pytest.approx(-math.log(w[1]), rel=1e-6) and float(got[1]) > 100
+    # a component of weight zero adds nothing, however far away (its KL alone would overflow to inf)
+    padded = GaussianMixture(torch.tensor([*np.log(w), -np.inf]), torch.tensor([*loc, 1e300])[:, None],
+                             torch.tensor([*(2 * np.log(sd)), -700.0])[:, None])
+    torch.testing.assert_close(padded.kl_upper_bound(torch.tensor(q_loc)[:, None],
+                                                     torch.tensor(2 * np.log(q_sd))[:, None]), got)
+    # a single component: the bound is the KL itself
+    single = GaussianMixture(torch.zeros(1, dtype=torch.float64), torch.tensor([[loc[2]]]),
+                             torch.tensor([[2 * np.log(sd[2])]]))
+    assert float(single.kl_upper_bound(torch.tensor([q_loc[0]]), torch.tensor([2 * np.log(q_sd[0])]))) == pytest.approx(
+        float(np.log(sd[2] / q_sd[0]) + (q_sd[0] ** 2 + (q_loc[0] - loc[2]) ** 2) / (2 * sd[2] ** 2) - 0.5), rel=1e-12)
+
+
 def test_exact_order_past_max_components_warns_with_the_count():
     experts = Normal(torch.tensor([0.0, 1.0, 3.0]), torch.tensor([1.0, 0.5, 2.0]))
     with pytest.warns(UserWarning, match="5151 mixture components"):  # binom(100 + 2, 2)
