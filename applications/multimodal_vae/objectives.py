@@ -402,29 +402,17 @@ def mmvm_objective(x, present, mu, logvar, decoders, likelihood, aggregate) -> T
     2024): one latent ``z_m`` per modality, each decoded by its own decoder, tied by the data-dependent prior
     ``h(z | X) = aggregate`` of the present unimodal posteriors (``opinionpool.functional.moe``: the paper's
     ``(1/M) sum_m q(z | x_m)``; ``holder_mixture(alpha)`` for the Hölder priors). Per sample,
-    ``reconstruction = sum_m [m present] w_m log p(x_m | z_m)`` and ``kl = sum_m [m present] (log q(z_m | x_m) -
-    log h(z_m | X))`` with one reparameterised ``z_m ~ q(z_m | x_m)``: an unbiased one-sample estimate of
-    ``KL(q(z_m | x_m) || h(z_m | X))`` with the exact mixture density of ``h``. Gradients reach every encoder
-    through ``h`` too. Missing modalities neither get a term nor enter ``h`` (its components are the present
-    posteriors, reweighted); a sample with one present modality has ``h = q(z_m | x_m)`` and no KL at all.
-
-    This exact KL is at most ``log M`` and stops pulling far-apart posteriors together; ``mmvm`` itself trains with
-    ``mmvm_pairwise_objective``, the authors' bound."""
+    ``reconstruction = sum_m [m present] w_m log p(x_m | z_m)`` with one reparameterised ``z_m ~ q(z_m | x_m)``,
+    and ``kl = sum_m [m present] sum_c pi_c KL(q(z_m | x_m) || h_c)`` over h's components ``h_c`` (weights
+    ``pi_c``; ``GaussianMixture.kl_upper_bound``), the convexity bound of ``KL(q(z_m | x_m) || h)`` that the
+    authors' code minimises (github.com/thomassutter/mmvmvae, ``MVMixedPriorVAE``). For ``moe`` it is
+    ``(1/|P|) sum_{k in P} KL(q(z_m | x_m) || q(z_m | x_k))`` over the present modalities ``P``; for the Hölder
+    pools the components are the experts and their geometric combinations (pairs at alpha = 1/2), and at alpha = 0
+    h is one Gaussian and the bound the KL itself. The exact KL is at most ``-log pi_m`` (``q(z_m | x_m)`` is a
+    component of h) and stops pulling far-apart posteriors together; each term of the bound grows with the
+    distance, so it keeps aligning the unimodal latent spaces. Missing modalities neither get a term nor enter h; a
+    sample with one present modality has ``h = q(z_m | x_m)`` and no KL."""
     prior = aggregate(mu, logvar, mask=present)
     z = reparameterise(mu, logvar)  # (M, B, D): z_m for every modality
-    log_q = opf.diag_gaussian_log_prob(z, mu, logvar)
-    kl = torch.where(present, log_q - prior.log_prob(z), 0).sum(0)
-    return Terms(likelihood(x, present, [(z[m],) for m in range(len(decoders))], decoders), kl)
-
-
-def mmvm_pairwise_objective(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
-    """MMVM as its authors train it (github.com/thomassutter/mmvmvae, ``MVMixedPriorVAE``): ``mmvm_objective`` with
-    ``KL(q(z_m | x_m) || h(z_m | X))`` replaced by its convexity bound ``(1/|P|) sum_{k in P} KL(q(z_m | x_m) ||
-    q(z_m | x_k))`` over the present modalities ``P``, in closed form. Unlike the exact KL (at most ``log |P|``),
-    each term grows with the distance between the posteriors, so it keeps aligning the unimodal latent spaces.
-    ``aggregate`` (``moe``) is the prior h for generation only."""
-    z = reparameterise(mu, logvar)  # (M, B, D): z_m for every modality
-    pairs = opf.diag_gaussian_kl(mu[:, None], logvar[:, None], mu[None], logvar[None])  # (M, M, B)
-    both = present[:, None] & present[None]
-    kl = torch.where(both, pairs, 0).sum((0, 1)) / present.sum(0).clamp_min(1)
+    kl = torch.where(present, prior.kl_upper_bound(mu, logvar), 0).sum(0)
     return Terms(likelihood(x, present, [(z[m],) for m in range(len(decoders))], decoders), kl)
