@@ -1,0 +1,3 @@
+"""Applications built on opinionpool."""
+
+__all__ = ["multimodal_vae"]

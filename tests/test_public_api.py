@@ -1,4 +1,5 @@
-"""Every module of the library, the validation scripts and the benchmarks says what it exports (``__all__``)."""
+"""Every module of the library, the application, the validation scripts and the benchmarks says what it exports
+(``__all__``)."""
 
 import ast
 import importlib
@@ -7,7 +8,8 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MODULES = sorted(path for folder in ("opinionpool", "validation", "benchmarks") for path in (ROOT / folder).rglob("*.py"))
+MODULES = sorted(path for folder in ("opinionpool", "applications", "validation", "benchmarks")
+                 for path in (ROOT / folder).rglob("*.py"))
 
 
 def _declared(tree: ast.Module) -> list[str]:

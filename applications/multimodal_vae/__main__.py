@@ -22,6 +22,8 @@ from pathlib import Path
 
 from .config import available_presets, load_config
 
+__all__ = ["main"]
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m applications.multimodal_vae", description=__doc__,

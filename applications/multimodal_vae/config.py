@@ -15,6 +15,9 @@ from .data import DATASETS
 from .models import check_options
 from .networks import check_activation, check_hidden
 
+__all__ = ["PRESETS", "RANGES", "Config", "DataConfig", "EvalConfig", "ModelConfig", "TrainConfig", "available_presets",
+           "load_config", "to_yaml"]
+
 PRESETS = Path(__file__).resolve().parent / "presets"
 
 

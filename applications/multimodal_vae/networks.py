@@ -33,6 +33,10 @@ import functools
 import torch
 from torch import nn
 
+__all__ = ["ACTIVATIONS", "IMAGE_NETWORKS", "PolyMNISTDecoder", "PolyMNISTEncoder", "ResidualBlock", "check_activation",
+           "check_hidden", "image64_decoder", "image64_encoder", "make_networks", "mnist_decoder", "mnist_encoder",
+           "resnet_decoder", "resnet_encoder", "svhn_decoder", "svhn_encoder", "text_decoder", "text_encoder"]
+
 
 class PolyMNISTEncoder(nn.Module):
     """``(B, 3, 28, 28)`` -> ``(mu, logvar)``, each ``(B, latent_dim)``."""

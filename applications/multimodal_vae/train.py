@@ -48,6 +48,10 @@ from .files import UnreadableFile, atomic_write, load_checked, remove_orphaned_t
 from .models import MultimodalVAE, evaluating
 from .networks import make_networks
 
+__all__ = ["METRIC_FIELDS", "POOLING_FIELDS", "RUN_FILES", "SCALARS", "RunWriter", "StopConditions", "TrainingDiverged",
+           "TrainingInterrupted", "epoch_order", "load_checkpoint", "load_run", "make_model", "render_text",
+           "resolve_device", "sample_grid", "summary_line", "train"]
+
 METRIC_FIELDS = ("epoch", "step", "loss", "reconstruction", "kl", "seconds")
 SCALARS = ("loss", "reconstruction", "kl")
 #: pooling diagnostics at every checkpoint (see ``evaluation.pooling_diagnostics``)
