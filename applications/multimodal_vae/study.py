@@ -186,6 +186,30 @@ def mass_through_training(folder: Path, rows: list[dict], column: str) -> tuple[
     return steps, [mean_std([s[step] for s in series]) for step in steps]
 
 
+#: ``compare``'s verdict read as the direction of a difference (the metric of the first side against the second's)
+DIRECTIONS = {HOLDS: "higher", FAILS: "lower", NOT_SEPARABLE: "not separable", NOT_RUN: NOT_RUN}
+ALPHA_METRICS = ("coherence", "log_likelihood", "kid_unconditional")
+
+
+def _alpha_difference_rows(alpha: dict) -> list[str]:
+    """Whether alpha changes the model: every moment-matched alpha against HELVAE's 1/2, and the exact mixture
+    against the moment-matched pool at each alpha, with the study's separation rule (``compare``)."""
+    summary = {(key, 1.0): next(iter(aggregate(members).values())) for key, members in alpha.items()}
+    pairs = [(("holder", a), ("holder", 0.5), f"moment-matched alpha = {a:g} vs 1/2 (HELVAE)")
+             for family, a in sorted(alpha) if family == "holder" and a != 0.5]
+    pairs += [(("holder_mixture", a), ("holder", a), f"exact mixture vs moment-matched at alpha = {a:g}")
+              for family, a in sorted(alpha) if family == "holder_mixture" and a != 0.0 and ("holder", a) in alpha]
+    lines = ["| comparison (the first against the second) | " + " | ".join(METRIC_NAMES[m] for m in ALPHA_METRICS)
+             + " |", "|---" * (len(ALPHA_METRICS) + 1) + "|"]
+    for first, second, text in pairs:
+        cells = []
+        for metric in ALPHA_METRICS:
+            verdict, evidence = compare(summary, first, second, metric, 1.0)
+            cells.append(DIRECTIONS[verdict] + (f": {evidence}" if verdict != NOT_RUN else ""))
+        lines.append(f"| {text} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _verdict_rows(summary: dict, labels: list[str], betas: list[float]) -> list[str]:
     lines = ["| claim | source | β | verdict | evidence (mean ± std (seeds)) |", "|---|---|---|---|---|"]
     for claim in CLAIMS:
@@ -269,6 +293,9 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
                          + " | ".join(_show(c, entry[key][c]) for c in ("coherence", "log_likelihood",
                                                                         "kid_unconditional", "pairwise_mass"))
                          + f" | {own_cell} |")
+        lines += ["", "Does alpha change the model? Each metric of the first model against the second's: higher or "
+                  "lower when the means differ by more than the sum of their standard deviations over seeds (two "
+                  "seeds or more on each side), otherwise not separable.", "", *_alpha_difference_rows(alpha)]
         lines += [""] + [f"![{name}]({figures[name]})" for name in ("alpha", "mass") if name in figures] + [""]
     return "\n".join(lines)
 

@@ -68,7 +68,8 @@ def test_the_study_page(tmp_path, capsys):
                                                                                                    (0.4, "")])]
         runs += [("holder-a0", "holder", 0.0, 1.0, seed, {"coherence": 0.3}, [(0.9, ""), (0.9, "")]),
                  ("holder_mixture-a0.25", "holder_mixture", 0.25, 1.0, seed, {"coherence": 0.6 + 0.01 * seed},
-                  [(0.4, 0.5), (0.2, 0.3)])]
+                  [(0.4, 0.5), (0.2, 0.3)]),
+                 ("holder-a0.25", "holder", 0.25, 1.0, seed, {"coherence": 0.61 + 0.005 * seed}, [(0.4, ""), (0.2, "")])]
     fake_sweep(folder, runs)
     grid = folder / "mopoe-beta2.5-seed1" / "sample_grid.png"  # the first seed's has none: the next one is shown
     rng = np.random.default_rng(0)
@@ -97,6 +98,13 @@ def test_the_study_page(tmp_path, capsys):
     assert "| holder | 0 | 3 | 0.300 ± 0.000 |" in page and "| holder_mixture | 0 | 3 | 0.300 ± 0.000 |" in page
     assert "| holder_mixture | 0.25 | 3 | 0.610 ± 0.010 |" in page and "| 0.300 ± 0.000 |" in page
     assert "| holder | 0.5 | 3 | 0.820 ± 0.020 |" in page  # HELVAE at beta 1
+    # does alpha change the model: 0.3 against HELVAE's 0.82 is lower; 0.61 against 0.615 is within the spreads
+    assert ("| moment-matched alpha = 0 vs 1/2 (HELVAE) | lower: 0.300 ± 0.000 (3) vs 0.820 ± 0.020 (3) | not run | "
+            "not run |") in page
+    assert "| moment-matched alpha = 0.25 vs 1/2 (HELVAE) | lower: 0.615 ± 0.005 (3) vs 0.820 ± 0.020 (3) |" in page
+    assert ("| exact mixture vs moment-matched at alpha = 0.25 | not separable: 0.610 ± 0.010 (3) vs 0.615 ± 0.005 "
+            "(3) |") in page
+    assert "exact mixture vs moment-matched at alpha = 0 |" not in page  # the same model
     for name in ("study_pareto.png", "study_synergy.png", "study_alpha.png", "study_mass.png"):
         assert (tmp_path / "docs" / "figures" / "study" / name).stat().st_size > 0
         assert f"](figures/study/{name})" in page
