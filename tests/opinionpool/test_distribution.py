@@ -219,11 +219,21 @@ def test_gaussian_mixture_kl_upper_bound_against_quadrature_and_the_textbook_kl(
         assert exact[i] <= float(got[i]) + 1e-9
     if separation > 10:  # q = component 1, far from the others: the KL is -log w_1, the bound grows with distance
         assert exact[1] == pytest.approx(-math.log(w[1]), rel=1e-6) and float(got[1]) > 100
-    # a component of weight zero adds nothing, however far away (its KL alone would overflow to inf)
-    padded = GaussianMixture(torch.tensor([*np.log(w), -np.inf]), torch.tensor([*loc, 1e300])[:, None],
-                             torch.tensor([*(2 * np.log(sd)), -700.0])[:, None])
-    torch.testing.assert_close(padded.kl_upper_bound(torch.tensor(q_loc)[:, None],
-                                                     torch.tensor(2 * np.log(q_sd))[:, None]), got)
+    # a component of weight zero adds nothing, however far away (its KL alone would overflow to inf) or undefined,
+    # to the bound or to its gradients
+    q_loc_t = torch.tensor(q_loc)[:, None].requires_grad_()
+    got = mixture.kl_upper_bound(q_loc_t, torch.tensor(2 * np.log(q_sd))[:, None])
+    (grad,) = torch.autograd.grad(got.sum(), q_loc_t)
+    for far, far_logvar in ((1e300, -700.0), (float("nan"), float("nan"))):
+        padded_loc = torch.tensor([*loc, far])[:, None].requires_grad_()
+        padded_logvar = torch.tensor([*(2 * np.log(sd)), far_logvar])[:, None].requires_grad_()
+        padded = GaussianMixture(torch.tensor([*np.log(w), -np.inf]), padded_loc, padded_logvar)
+        bound = padded.kl_upper_bound(q_loc_t, torch.tensor(2 * np.log(q_sd))[:, None])
+        torch.testing.assert_close(bound, got)
+        padded_grads = torch.autograd.grad(bound.sum(), (q_loc_t, padded_loc, padded_logvar))
+        torch.testing.assert_close(padded_grads[0], grad)
+        assert (padded_grads[1][-1] == 0).all() and (padded_grads[2][-1] == 0).all()
+        assert all(torch.isfinite(g).all() for g in padded_grads)
     # a single component: the bound is the KL itself
     single = GaussianMixture(torch.zeros(1, dtype=torch.float64), torch.tensor([[loc[2]]]),
                              torch.tensor([[2 * np.log(sd[2])]]))
