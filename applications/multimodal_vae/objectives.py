@@ -413,11 +413,16 @@ def mmvm_objective(x, present, mu, logvar, decoders, likelihood, aggregate) -> T
     authors' code minimises (github.com/thomassutter/mmvmvae, ``MVMixedPriorVAE``). For ``moe`` it is
     ``(1/|P|) sum_{k in P} KL(q(z_m | x_m) || q(z_m | x_k))`` over the present modalities ``P``; for the Hölder
     pools the components are the experts and their geometric combinations (pairs at alpha = 1/2), and at alpha = 0
-    h is one Gaussian and the bound the KL itself. The exact KL is at most ``-log pi_m`` (``q(z_m | x_m)`` is a
-    component of h) and stops pulling far-apart posteriors together; each term of the bound grows with the
-    distance, so it keeps aligning the unimodal latent spaces. Missing modalities neither get a term nor enter h; a
-    sample with one present modality has ``h = q(z_m | x_m)`` and no KL."""
+    h is one Gaussian and the bound the KL itself. For ``moe`` and alpha = 1/n, ``q(z_m | x_m)`` is a component of
+    h, so the exact KL is at most ``-log pi_m`` and stops pulling far-apart posteriors together; each term of the
+    bound grows with the distance, so it keeps aligning the unimodal latent spaces. With learnt pool weights the
+    bound is linear in them at alpha = 1 and favours putting the weight on the posterior the others are closest to.
+    Missing modalities neither get a term nor enter h; a sample with one present modality has ``h = q(z_m | x_m)``
+    and no KL."""
     prior = aggregate(mu, logvar, mask=present)
     z = reparameterise(mu, logvar)  # (M, B, D): z_m for every modality
-    kl = torch.where(present, prior.kl_upper_bound(mu, logvar), 0).sum(0)
+    # absent modalities' outputs enter as N(0, I), so that nothing they hold (an overflow) reaches the gradients
+    given = present.unsqueeze(-1)
+    bound = prior.kl_upper_bound(torch.where(given, mu, 0), torch.where(given, logvar, 0))
+    kl = torch.where(present, bound, 0).sum(0)
     return Terms(likelihood(x, present, [(z[m],) for m in range(len(decoders))], decoders), kl)
