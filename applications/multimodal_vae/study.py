@@ -91,7 +91,8 @@ METRIC_NAMES = {"coherence": "conditional coherence", "unconditional_coherence":
                 "cross_coherence": "one-input cross coherence", "log_likelihood": "log p(X)",
                 "kid_unconditional": "KID x 1000", "fid_unconditional": "FID", "probe_all": "probe (all inputs)",
                 "probe_single": "probe (one input)", "pairwise_mass": "pairwise mass", "own_cross_mass":
-                "cross mass of its own pool", "seconds_per_batch": "s / step"}
+                "cross mass of its own pool", "mean_log_bhattacharyya": "mean log Bhattacharyya coefficient",
+                "seconds_per_batch": "s / step"}
 
 
 def _scaled(metric: str, value: float) -> float:
@@ -104,6 +105,8 @@ def _show(metric: str, entry) -> str:
         return "–"
     if metric == "kid_unconditional":
         return f"{mean:.2f} ± {std:.2f}"
+    if metric in ("pairwise_mass", "own_cross_mass") and 0 < abs(mean) < 1e-3:  # masses fall to 1e-30 and below
+        return f"{mean:.1e} ± {std:.1e}"
     return f"{mean:.3f} ± {std:.3f}" if abs(mean) < 10 else f"{mean:.1f} ± {std:.1f}"
 
 
@@ -283,16 +286,19 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
                   "own cross mass: the share of the model's own pool in components that combine experts.", "",
                   "| pool | alpha | seeds | " + " | ".join(METRIC_NAMES[c] for c in (
                       "coherence", "log_likelihood", "kid_unconditional", "pairwise_mass")) + " | final "
-                  + METRIC_NAMES["own_cross_mass"] + " |", "|---" * 8 + "|"]
+                  + METRIC_NAMES["own_cross_mass"] + " | final " + METRIC_NAMES["mean_log_bhattacharyya"] + " |",
+                  "|---" * 9 + "|"]
         for (family, value), members in sorted(alpha.items()):
             entry = aggregate(members)
             (key,) = entry
-            steps, own = mass_through_training(folder, members, "own_cross_mass")
-            own_cell = _show("own_cross_mass", own[-1]) if steps else "–"
+            finals = []
+            for column in ("own_cross_mass", "mean_log_bhattacharyya"):
+                steps, series = mass_through_training(folder, members, column)
+                finals.append(_show(column, series[-1]) if steps else "–")
             lines.append(f"| {family} | {value:g} | {entry[key]['seeds']} | "
                          + " | ".join(_show(c, entry[key][c]) for c in ("coherence", "log_likelihood",
                                                                         "kid_unconditional", "pairwise_mass"))
-                         + f" | {own_cell} |")
+                         + " | " + " | ".join(finals) + " |")
         lines += ["", "Does alpha change the model? Each metric of the first model against the second's: higher or "
                   "lower when the means differ by more than the sum of their standard deviations over seeds (two "
                   "seeds or more on each side), otherwise not separable.", "", *_alpha_difference_rows(alpha)]
@@ -389,16 +395,21 @@ def _plots(folder: Path, rows: list[dict], out: Path) -> dict:
         _save(figure, out / "study_alpha.png")
         plt.close(figure)
         drawn["alpha"] = "study_alpha.png"
-        figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
-        for axis, column in zip(axes[0], ("pairwise_mass", "own_cross_mass")):
+        # masses fall by tens of orders of magnitude as the experts drift apart: log axes (the log Bhattacharyya
+        # coefficient, negative and spanning decades, on a symmetric-log one)
+        columns = ("pairwise_mass", "own_cross_mass", "mean_log_bhattacharyya")
+        figure, axes = plt.subplots(1, len(columns), figsize=(15, 3.8), squeeze=False)
+        for axis, column in zip(axes[0], columns):
             for (family, value), members in sorted(alpha.items()):
                 steps, series = mass_through_training(folder, members, column)
                 if steps and any(m == m for m, _ in series):
                     axis.plot(steps, [m for m, _ in series], marker="o" if family == "holder" else "s", ms=2,
                               ls="-" if family == "holder" else ":", label=f"{family} α={value:g}")
-            axis.set(xlabel="training step", ylabel=METRIC_NAMES[column], yscale="symlog",
-                     title=METRIC_NAMES[column] + " through training")
-            axis.set_yscale("symlog", linthresh=1e-3)
+            axis.set(xlabel="training step", ylabel=METRIC_NAMES[column], title=METRIC_NAMES[column] + " in training")
+            if column == "mean_log_bhattacharyya":
+                axis.set_yscale("symlog", linthresh=1.0)
+            else:
+                axis.set_yscale("log")
         axes[0, 0].legend(fontsize=6)
         _save(figure, out / "study_mass.png")
         plt.close(figure)

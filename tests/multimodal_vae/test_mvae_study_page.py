@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from applications.multimodal_vae.__main__ import main
-from applications.multimodal_vae.study import FAILS, HOLDS, NOT_RUN, NOT_SEPARABLE, compare
+from applications.multimodal_vae.study import FAILS, HOLDS, NOT_RUN, NOT_SEPARABLE, _show, compare
 from applications.multimodal_vae.sweep import FIELDS, SCALARS, write_results
 
 
@@ -33,6 +33,10 @@ def test_verdicts_by_hand():
     assert compare(summary, "a", "b", "coherence", 1.0, at_least=True)[0] == HOLDS
     assert compare(summary, "a", "d", "coherence", 1.0, at_least=True)[0] == NOT_SEPARABLE
     assert compare(summary, "a", "b", "coherence", 2.5)[0] == NOT_RUN  # not in the sweep
+    # masses that fell to nearly nothing keep their size instead of printing as 0.000
+    assert _show("pairwise_mass", (4.8e-27, 1.2e-27)) == "4.8e-27 ± 1.2e-27"
+    assert _show("pairwise_mass", (0.25, 0.01)) == "0.250 ± 0.010"
+    assert _show("own_cross_mass", (0.0, 0.0)) == "0.000 ± 0.000"
 
 
 def fake_sweep(folder, runs):
