@@ -6,7 +6,7 @@
     python -m applications.multimodal_vae grid --run runs/NAME [--columns 8] [--scale 3] [--out FILE]
     python -m applications.multimodal_vae sweep --preset polymnist-cpu [--set key=value ...] [--train-only]
         [--stop-after MINUTES] [--summarise-only]     (several at once share the grid: one run each at a time)
-    python -m applications.multimodal_vae study --sweep runs/polymnist-cpu-study [--docs docs]
+    python -m applications.multimodal_vae study --sweep runs/polymnist-cpu-study [--preset NAME ...] [--docs docs]
     python -m applications.multimodal_vae presets
     python -m applications.multimodal_vae build-polymnist [--root data/polymnist] [--seed 0]
 
@@ -60,8 +60,11 @@ def main(argv=None) -> int:
     study = commands.add_parser("study", help="the papers' claims and the alpha study checked on a sweep's runs")
     study.add_argument("--sweep", required=True, help="the sweep folder (runs/NAME, holding results.csv)")
     study.add_argument("--docs", help="also write DOCS/study.md and its figures in DOCS/figures/study/")
-    study.add_argument("--preset", help="the sweep preset that ran the runs, named in the page's command (default: "
-                                        "the folder's name; a variant such as polymnist-cpu-study-quick shares it)")
+    study.add_argument("--preset", nargs="+", help="the sweep presets that ran the runs (variants of one study, "
+                                                   "such as polymnist-cpu-study-quick and polymnist-cpu-study-alpha, "
+                                                   "share its folder): the study first summarises their finished "
+                                                   "runs together, and its page names them (default: the folder's "
+                                                   "results.csv as it is, and the preset of the folder's name)")
     commands.add_parser("presets", help="list the run and sweep presets")
     build = commands.add_parser("build-polymnist", help="build the offline PolyMNIST")
     build.add_argument("--root", default="data/polymnist")
@@ -104,12 +107,18 @@ def main(argv=None) -> int:
         from pathlib import Path
 
         from .study import write_study
+        from .sweep import load_sweep, summarise
 
         folder = Path(args.sweep)
-        command = (f"python -m applications.multimodal_vae sweep --preset {args.preset or folder.name} --workers 2; "
-                   f"python -m applications.multimodal_vae study --sweep {args.sweep}"
-                   + (f" --preset {args.preset}" if args.preset else "") + (f" --docs {args.docs}" if args.docs else ""))
+        presets = args.preset or [folder.name]
+        command = "; ".join([*(f"python -m applications.multimodal_vae sweep --preset {preset} --workers 2"
+                               for preset in presets),
+                             f"python -m applications.multimodal_vae study --sweep {args.sweep}"
+                             + (f" --preset {' '.join(args.preset)}" if args.preset else "")
+                             + (f" --docs {args.docs}" if args.docs else "")])
         try:
+            if args.preset:
+                summarise(folder, [load_sweep(preset) for preset in args.preset])
             print(f"study written to {write_study(folder, args.docs, command)}")
         except ValueError as error:
             parser.error(str(error))

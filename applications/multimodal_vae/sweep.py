@@ -36,7 +36,7 @@ from .train import load_checkpoint, load_run, train
 
 __all__ = ["CURVES", "FIELDS", "METRICS", "RUN_OUTPUTS", "SCALARS", "SWEEPS", "SweepConfig", "aggregate",
            "available_sweeps", "grid", "load_sweep", "mean_std", "pareto_front", "plot", "render",
-           "result_row", "run_config", "run_name", "run_sweep", "run_workers", "write_results"]
+           "result_row", "run_config", "run_name", "run_sweep", "run_workers", "summarise", "write_results"]
 
 SWEEPS = PRESETS.parent / "sweeps"
 
@@ -198,8 +198,20 @@ def run_sweep(sweep: SweepConfig, show_progress: bool = True, *, train_only: boo
             if not train_only:
                 _, trained = load_run(run_dir)
                 evaluate_run(run_dir, config, trained, progress=tqdm if show_progress else None)
+    return summarise(folder, [sweep])
+
+
+def summarise(folder: Path, sweeps: list[SweepConfig]) -> Path:
+    """Write in ``folder`` the summary (``results.csv``, ``report.md``, the figures) of the finished runs of the
+    union of the grids of ``sweeps``, variants of one study (the same ``name``, so the same folder); the report
+    lists the runs not finished. Returns the folder."""
+    names = sorted({sweep.name for sweep in sweeps})
+    if len(names) != 1:
+        raise ValueError(f"sweeps must be variants of one study (the same name) to be summarised together, got "
+                         f"the names {names}")
+    folder = Path(folder)
     rows, missing = [], []
-    for model, beta, seed in grid(sweep):
+    for model, beta, seed in dict.fromkeys(run for sweep in sweeps for run in grid(sweep)):
         run_dir = folder / run_name(model, beta, seed)
         if _finished(run_dir):
             rows.append(result_row(run_dir, model, beta, seed))

@@ -19,7 +19,7 @@ from tiny_runs import WHEEL_CACHE
 from applications.multimodal_vae.__main__ import main
 from applications.multimodal_vae.evaluation.diagnostics import pooling_diagnostics
 from applications.multimodal_vae.evaluation.fid import default_weights
-from applications.multimodal_vae.sweep import SWEEPS, SweepConfig, grid, load_sweep, run_config, run_sweep
+from applications.multimodal_vae.sweep import SWEEPS, SweepConfig, grid, load_sweep, run_config, run_sweep, summarise
 
 pytestmark = pytest.mark.usefixtures("float32_default")
 
@@ -120,6 +120,33 @@ def test_runs_are_shared_through_locks_and_summarised_when_partial(tiny_root, fa
     assert "Partial" not in (folder / "report.md").read_text()
     assert [c[:2] for c in fake_training] == [("train", "helvae-beta1.0-seed1"), ("evaluate", "helvae-beta1.0-seed1"),
                                               ("train", "helvae-beta1.0-seed0"), ("evaluate", "helvae-beta1.0-seed0")]
+
+
+def test_variants_of_one_study_are_summarised_together(tiny_root, fake_training):
+    """Each variant's own sweep summarises its grid; ``summarise`` the union of the variants' grids (what the
+    study page reads), and refuses sweeps of different studies."""
+    first, second = tiny(tiny_root, seeds=(0,)), tiny(tiny_root, models=("mopoe", "helvae"), seeds=(0, 1))
+    folder = tiny_root / "runs" / "tiny"
+    run_sweep(first, show_progress=False)
+    run_sweep(second, show_progress=False, stop_after_minutes=0)  # its runs not started: none finished of its own
+
+    def summarised():
+        with open(folder / "results.csv") as handle:
+            return [(row["model"], row["seed"]) for row in csv.DictReader(handle)]
+
+    assert summarised() == [("helvae", "0")]  # the second variant's grid holds helvae seed 0 too
+    assert "mopoe-beta1.0-seed0" in (folder / "report.md").read_text()  # listed as not finished
+    run_sweep(second, show_progress=False)
+    assert summarised() == [("mopoe", "0"), ("mopoe", "1"), ("helvae", "0"), ("helvae", "1")]
+    first.models = ["helvae", "wbvae"]
+    (folder / "wbvae-beta1.0-seed0").mkdir()  # not finished
+    assert summarise(folder, [first, second]) == folder
+    assert summarised() == [("helvae", "0"), ("mopoe", "0"), ("mopoe", "1"), ("helvae", "1")]  # the union, in order
+    assert "**Partial**: 1 run(s)" in (folder / "report.md").read_text()
+    other = tiny(tiny_root)
+    other.name = "other"
+    with pytest.raises(ValueError, match=r"the names \['other', 'tiny'\]"):
+        summarise(folder, [first, other])
 
 
 def test_train_only_then_evaluate_and_the_time_limit(tiny_root, fake_training):

@@ -119,11 +119,18 @@ def test_the_study_page(tmp_path, capsys):
     assert "![mopoe](figures/study/grid_mopoe.png)" in page and "grid_helvae" not in page
     assert "**Not the papers' setting.**" in page
     assert "sweep --preset polymnist-cpu-study --workers 2; python -m applications.multimodal_vae study --sweep " in page
-    assert main(["study", "--sweep", str(folder), "--preset", "polymnist-cpu-study-quick"]) == 0  # a variant's runs
+    # variants' runs: summarised together (none of these fakes is a finished run), the page names each variant
+    variants = ["polymnist-cpu-study-quick", "polymnist-cpu-study-alpha"]
+    assert main(["study", "--sweep", str(folder), "--preset", *variants]) == 0
     assert ("Command: `python -m applications.multimodal_vae sweep --preset polymnist-cpu-study-quick --workers 2; "
-            f"python -m applications.multimodal_vae study --sweep {folder} --preset polymnist-cpu-study-quick`"
+            "python -m applications.multimodal_vae sweep --preset polymnist-cpu-study-alpha --workers 2; "
+            f"python -m applications.multimodal_vae study --sweep {folder} --preset {' '.join(variants)}`"
             in (folder / "study.md").read_text())
+    assert "mvae-beta2.5-seed2" in (folder / "report.md").read_text()  # listed as not finished
     with pytest.raises(SystemExit):
         main(["study", "--sweep", str(tmp_path / "nothing")])
     assert "holds no results.csv" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["study", "--sweep", str(folder), "--preset", "polymnist-cpu", "polymnist-cpu-study-quick"])
+    assert "variants of one study" in capsys.readouterr().err
     assert set(SCALARS) <= set(FIELDS)
