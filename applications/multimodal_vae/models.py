@@ -374,6 +374,10 @@ class MultimodalVAE(nn.Module):
         modalities ``(M, B)`` (default all)."""
         present = self._everything(x) if present is None else present
         mu, logvar = self._encode(x)
+        # an absent modality's encoder output is no posterior: N(0, I) stands in for it, so that whatever it holds
+        # (an overflow) reaches neither the objective, which masks it late (draws, decoders, KLs), nor its gradients
+        given = present.unsqueeze(-1)
+        mu, logvar = torch.where(given, mu, 0), torch.where(given, logvar, 0)
         extra = {"auxiliary_logscale": self.auxiliary_logscale} if self.auxiliary_logscale is not None else {}
         if self.top_down is not None:
             extra["top_down"] = self.top_down

@@ -421,8 +421,5 @@ def mmvm_objective(x, present, mu, logvar, decoders, likelihood, aggregate) -> T
     and no KL."""
     prior = aggregate(mu, logvar, mask=present)
     z = reparameterise(mu, logvar)  # (M, B, D): z_m for every modality
-    # absent modalities' outputs enter as N(0, I), so that nothing they hold (an overflow) reaches the gradients
-    given = present.unsqueeze(-1)
-    bound = prior.kl_upper_bound(torch.where(given, mu, 0), torch.where(given, logvar, 0))
-    kl = torch.where(present, bound, 0).sum(0)
+    kl = torch.where(present, prior.kl_upper_bound(mu, logvar), 0).sum(0)
     return Terms(likelihood(x, present, [(z[m],) for m in range(len(decoders))], decoders), kl)

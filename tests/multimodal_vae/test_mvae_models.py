@@ -29,6 +29,37 @@ def batch(n=6, modalities=3, seed=1):
     return torch.rand(n, modalities, 3, 28, 28, generator=g)
 
 
+@pytest.mark.parametrize("name, private", [(name, False) for name in MODELS]
+                         + [(name, True) for name, spec in MODELS.items() if spec.optional_private])
+def test_absent_modalities_encoder_outputs_reach_neither_the_loss_nor_its_gradients(name, private):
+    """Whatever an absent modality's encoder puts out (an overflow, NaN), every model's loss and every gradient are
+    those of a harmless output: the objectives mask absent modalities only after drawing, decoding or scoring."""
+    model = make(name, **({"private_dim": 3} if private else {}))
+    x = batch()
+    present = torch.ones(3, 6, dtype=torch.bool)
+    present[0, 1] = present[2, 2] = present[1, 4] = present[2, 4] = False
+    encode = model._encode
+    results = []
+    for absent_mu, absent_logvar in ((0.0, 0.0), (3e38, 200.0), (math.nan, math.nan)):
+        def wild(x, absent_mu=absent_mu, absent_logvar=absent_logvar):
+            mu, logvar = encode(x)
+            return (mu.masked_fill(~present[..., None], absent_mu), logvar.masked_fill(~present[..., None], absent_logvar))
+
+        model._encode = wild
+        model.zero_grad()
+        torch.manual_seed(5)
+        loss = model(x, present)["loss"]
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss, grads), *others = results
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
+    for other_loss, other_grads in others:
+        torch.testing.assert_close(other_loss, loss)
+        assert len(other_grads) == len(grads)
+        for got, expected in zip(other_grads, grads):
+            torch.testing.assert_close(got, expected)
+
+
 def test_networks_shapes():
     mu, logvar = PolyMNISTEncoder(16)(torch.rand(5, 3, 28, 28))
     assert mu.shape == logvar.shape == (5, 16)
