@@ -131,11 +131,12 @@ class GaussianMixture(NamedTuple):
         its component. ``loc`` and ``logvar`` ``(..., D)`` broadcast against the mixture's batch; components of
         weight zero add nothing."""
         present = self.log_weights > -math.inf
-        # weight-zero components enter as N(0, I): their own parameters may be anything, and a KL of inf or NaN
-        # masked afterwards would still give NaN gradients
-        component_loc = torch.where(present.unsqueeze(-1), self.loc, torch.zeros_like(self.loc))
-        component_logvar = torch.where(present.unsqueeze(-1), self.logvar, torch.zeros_like(self.logvar))
-        terms = diag_gaussian_kl(loc.unsqueeze(-2), logvar.unsqueeze(-2), component_loc, component_logvar)
+        # a weight-zero component's parameters may be anything, and a KL of inf or NaN masked afterwards would still
+        # give NaN gradients: the query itself (detached) stands in for it, a KL of zero with zero gradient
+        loc, logvar = loc.unsqueeze(-2), logvar.unsqueeze(-2)
+        component_loc = torch.where(present.unsqueeze(-1), self.loc, loc.detach())
+        component_logvar = torch.where(present.unsqueeze(-1), self.logvar, logvar.detach())
+        terms = diag_gaussian_kl(loc, logvar, component_loc, component_logvar)
         weights = torch.where(present, self.log_weights.exp(), torch.zeros_like(self.log_weights))
         return (weights * terms).sum(-1)
 
