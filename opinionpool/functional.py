@@ -559,7 +559,9 @@ def _subset_hellinger(mu, logvar, member, weights, rows=None):
     components = tuple(members if len(members) > 1 else () for members in components)
     visited = torch.tensor([[c in members for c in range(logits.shape[-1])] for members in components],
                            dtype=torch.bool, device=mu.device)
-    return _SubsetMoments.apply(logits, x, logvar, loc_p, lv_p, reference, visited, components)[:2]
+    present = member.any(-2)  # the experts some subset holds; a component is present when all its experts are
+    present = torch.cat((present, present[..., i] & present[..., j]), -1).unsqueeze(-1)
+    return _SubsetMoments.apply(logits, x, logvar, loc_p, lv_p, reference, present, visited, components)[:2]
 
 
 class _SubsetMoments(torch.autograd.Function):
@@ -571,8 +573,10 @@ class _SubsetMoments(torch.autograd.Function):
     of non-negative terms formed subset by subset over its own ``components`` (a tuple of indices per subset): raw
     second moments would cancel, losing every digit in float32 once a subset's mean lies some 1e3 of its standard
     deviations from the reference. Locations and variances are scaled per (sample, dimension) by ``e^(shift/2)``
-    and ``e^shift``, ``shift`` the midpoint of the experts' log-variance range (at least their largest less
+    and ``e^shift``, ``shift`` the midpoint of the present experts' log-variance range (at least their largest less
     ``_span``): no scaled variance overflows, and smaller ones are raised to ``e^-_span`` (no gradient there).
+    Components of absent experts (``present (..., C, 1)`` false; weight zero in every subset) get variance zero,
+    whatever their stand-in parameters.
     The backward pass is analytic (the spread's derivatives revisit the same (subset, component) pairs); fresh
     ``(..., K, D)`` buffers, which cost as much as a pass over them, are kept to the two outputs, the mean in
     scaled units (kept for backward) and one gradient."""
@@ -580,16 +584,20 @@ class _SubsetMoments(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logits, x, logvar, loc_p, lv_p, reference, visited, components):
+    def forward(logits, x, logvar, loc_p, lv_p, reference, present, visited, components):
         span = _span(logvar.dtype)
-        top, bottom = logvar.amax(-2, keepdim=True), logvar.amin(-2, keepdim=True)
+        hidden = torch.full((), math.inf, dtype=logvar.dtype, device=logvar.device)
+        experts = present[..., :x.shape[-2], :]
+        top = torch.where(experts, logvar, -hidden).amax(-2, keepdim=True)
+        bottom = torch.where(experts, logvar, hidden).amin(-2, keepdim=True)
         shift = torch.maximum(top - span, 0.5 * (top + bottom))
         scale = torch.exp2(shift * (-0.5 / _LN2))  # e^(-shift/2); exp2 runs several times faster than exp
         pi = torch.softmax(logits, -1)
-        loc_c = torch.cat((x, loc_p), -2).mul_(scale)
-        log_var_c = torch.cat((logvar, lv_p), -2).sub_(shift)
-        clamped = log_var_c < -span
-        var_c = log_var_c.clamp_min_(-span).mul_(1 / _LN2).exp2_()
+        # out of place where the presence (batched under vmap when the weights are) meets unbatched tensors
+        loc_c = torch.cat((x, loc_p), -2) * scale
+        log_var_c = torch.cat((logvar, lv_p), -2) - shift
+        clamped = (log_var_c < -span) | ~present
+        var_c = torch.where(present, log_var_c.clamp_min_(-span).mul_(1 / _LN2).exp2_(), 0)
         mean = pi @ loc_c
         var = pi @ var_c
         for k, members in enumerate(components):
@@ -637,13 +645,14 @@ class _SubsetMoments(torch.autograd.Function):
         s = torch.zeros_like(pi).flatten(-2)
         if s_visited:
             s = s.index_copy(-1, ctx.visited.flatten().nonzero().squeeze(-1), torch.stack(s_visited, -1))
-        s = s.unflatten(-1, pi.shape[-2:])
+        # components of weight zero: their s (which may overflow) changes no gradient, but inf * 0 would
+        s = torch.where(pi > 0, s.unflatten(-1, pi.shape[-2:]), 0)
         d_logits = (s - (s * pi).sum(-1, keepdim=True)).mul_(pi)
         d_loc.mul_(scale)
         d_lv_c = (pi_t @ b).mul_(var_c).masked_fill_(clamped, 0)
         m = ctx.num_experts
         return (d_logits, d_loc[..., :m, :], d_lv_c[..., :m, :], d_loc[..., m:, :], d_lv_c[..., m:, :],
-                g_mean.sum(-2, keepdim=True), None, None)
+                g_mean.sum(-2, keepdim=True), None, None, None)
 
 
 _LN2 = math.log(2.0)
@@ -689,7 +698,9 @@ class _SubsetSums(torch.autograd.Function):
         log_p = torch.maximum(log_p, floor)
         bottom = torch.where(present, log_p, hidden).amin(-2, keepdim=True)
         shift = torch.maximum(top - span, 0.5 * (top + bottom))
-        p = torch.exp(log_p - shift)
+        # an absent expert's precision is zero, not exp of its stand-in log-precision less the shift (which the
+        # present experts set, and which overflows far from it; zero weights would then meet inf)
+        p = torch.where(present, torch.exp(log_p - shift), 0)
         # weights scaled to a largest of one per subset: the scale cancels in the mean, its log is added back
         w_top = w.amax(-1, keepdim=True)
         wn = w / w_top

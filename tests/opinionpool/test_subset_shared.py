@@ -203,6 +203,41 @@ def test_float32_mopoe_beyond_the_range_stays_finite():
     assert 60 <= mix.logvar[0, 1, 0] <= -90.0 + 160.5  # the flat expert alone: its variance capped by the floor
 
 
+@pytest.mark.parametrize("aggregator, reference", [(opf.poe, explicit_poe), (opf.hellinger, generic_hellinger)],
+                         ids=["poe", "hellinger"])
+@pytest.mark.parametrize("level", [90.0, -90.0, -170.0])
+def test_float32_subsets_with_a_masked_expert_far_from_the_present_ones(aggregator, reference, level):
+    """A masked expert stands in as N(0, 1) inside; present experts with log-variances near ``level`` put it some
+    e^90 away in variance, where float32 overflows: values and gradients must still be the per-subset pools' of the
+    present experts (float64), not NaN, nor shifted by the stand-in."""
+    g = torch.Generator().manual_seed(6)
+    logvar = (level + torch.rand(3, 2, 4, generator=g)).double()
+    mu = (torch.randn(3, 2, 4, generator=g) * (0.5 * logvar).exp()).float().double()
+    mask = torch.tensor([[True, True], [True, True], [False, True]])
+    coefficients = torch.randn(2, 7, 4, 2, generator=g, dtype=torch.float64)
+
+    def pooled(mu, logvar, aggregator):
+        mix = opf.subset_mixture(aggregator, mu, logvar, mask=mask)
+        kept = torch.isfinite(mix.log_weights)[..., None, None]
+        return mix, (torch.where(kept, torch.stack((mix.loc / (0.5 * mix.logvar).exp().detach(), mix.logvar), -1), 0)
+                     * coefficients.to(mu.dtype)).sum()
+
+    leaves = [t.float().requires_grad_() for t in (mu, logvar)]
+    mix, loss = pooled(*leaves, aggregator)
+    grads = torch.autograd.grad(loss, leaves)
+    assert all(torch.isfinite(t).all() for t in grads)
+    expected_loc, expected_lv = per_subset(reference, mu, logvar.float().double(), mask)
+    kept = ~expected_loc[..., 0].isnan()
+    assert torch.equal(torch.isfinite(mix.log_weights), kept)
+    torch.testing.assert_close(mix.logvar[kept].double(), expected_lv[kept], rtol=0, atol=2e-5)
+    sd = (0.5 * expected_lv[kept]).exp()
+    assert ((mix.loc[kept].double() - expected_loc[kept]).abs() <= 2e-5 * sd).all()
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    expected_grads = torch.autograd.grad(pooled(*wide, aggregator)[1], wide)
+    for got, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+
+
 def test_gradcheck_of_the_shared_poe_subsets():
     """float64 finite differences of means, log-variances and weights, with a mask (empty subsets) and M = 2."""
     for m, seed in ((3, 6), (2, 7)):
