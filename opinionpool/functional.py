@@ -203,8 +203,14 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):
                 check_finite(name, value if mask is None else value[mask])
         if weights is not None:
             check_weights("weights", weights, num_experts + (1 if prior_expert else 0))
-    if mask is not None:
-        keep = mask.unsqueeze(-1)
+    # absent experts, and those of weight zero, are no part of the pool: N(0, 1) stands in for whatever they hold
+    # (an overflow far from the present experts would otherwise meet a zero weight as inf * 0 = NaN, in the pool or
+    # in its gradients)
+    keep = None if mask is None else mask.unsqueeze(-1)
+    if weights is not None:
+        weighted = (weights.to(mu.device)[..., :num_experts] > 0).unsqueeze(-1)
+        keep = weighted if keep is None else keep & weighted
+    if keep is not None:
         mu = torch.where(keep, mu, torch.zeros((), dtype=mu.dtype, device=mu.device))
         logvar = torch.where(keep, logvar, torch.zeros((), dtype=mu.dtype, device=mu.device))
     if prior_expert:

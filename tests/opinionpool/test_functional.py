@@ -72,6 +72,36 @@ def test_mask_equals_dropping_the_missing_experts(alpha):
         torch.testing.assert_close(lv[b], ref_lv, rtol=1e-12, atol=1e-12)
 
 
+POOLS = {"hellinger": opf.hellinger, "holder 1/3": lambda m, v, **k: opf.holder(m, v, 1 / 3, **k),
+         "holder 0": lambda m, v, **k: opf.holder(m, v, 0.0, **k), "holder 1": lambda m, v, **k: opf.holder(m, v, 1.0, **k),
+         "poe": opf.poe, "barycenter": opf.wasserstein_barycenter,
+         "moe moments": lambda m, v, **k: opf.moe(m, v, **k).moments(),
+         "entropy bounds": lambda m, v, **k: opf.moe(m, v, **k).entropy_bounds(),
+         "mixture density": lambda m, v, **k: (opf.holder_mixture(m, v, 0.5, **k).log_prob(torch.zeros_like(m[0])),)}
+
+
+@pytest.mark.parametrize("name", POOLS)
+@pytest.mark.parametrize("level", [90.0, -90.0])
+def test_an_expert_of_weight_zero_is_dropped_whatever_it_holds(name, level):
+    """Weight zero is absence: in float32 an expert at log-variance 90 (or -90) among experts near 0 changes
+    neither the pool nor the gradients of the others, and gets zero gradients itself (it gave NaN ones)."""
+    g = torch.Generator().manual_seed(3)
+    mu = torch.randn(3, 2, 2, generator=g, dtype=torch.float32)
+    logvar = torch.randn(3, 2, 2, generator=g, dtype=torch.float32) * 0.3
+    logvar[2] = level
+    leaves = [mu.clone().requires_grad_(), logvar.clone().requires_grad_()]
+    pooled = POOLS[name](*leaves, weights=torch.tensor([0.3, 0.7, 0.0], dtype=torch.float32))
+    grads = torch.autograd.grad(sum(t.sum() for t in pooled), leaves)
+    kept = [t[:2].clone().requires_grad_() for t in (mu, logvar)]
+    expected = POOLS[name](*kept, weights=torch.tensor([0.3, 0.7], dtype=torch.float32))
+    expected_grads = torch.autograd.grad(sum(t.sum() for t in expected), kept)
+    for got, want in zip(pooled, expected):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(grads, expected_grads):
+        assert torch.isfinite(got).all() and (got[2] == 0).all()
+        torch.testing.assert_close(got[:2], want)
+
+
 def test_mask_with_no_expert_needs_the_prior():
     mu, logvar = random_experts(m=2, b=2)
     mask = torch.tensor([[True, False], [True, False]])
