@@ -41,8 +41,13 @@ def weighted_sum(log_weights: torch.Tensor, values: torch.Tensor, dim: int) -> t
     """
     dim = dim % values.dim()
     w = _expand_weights(log_weights.exp(), values.dim() - dim - 1)
-    # a zero weight times an infinite value (a Categorical category of probability zero) contributes zero
-    return torch.where(w > 0, w * values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(dim)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    # a zero weight times an infinite value (a Categorical category of probability zero) contributes zero; a
+    # positive one contributes the infinity itself, added apart: w * inf would give the weight the gradient
+    # 0 * inf = NaN wherever nothing downstream depends on that entry
+    finite = torch.isfinite(values)
+    total = torch.where(w > 0, w * torch.where(finite, values, zero), zero).sum(dim)
+    return total + torch.where((w > 0) & ~finite, values, zero).sum(dim)
 
 
 class ExponentialFamily:

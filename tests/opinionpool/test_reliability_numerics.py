@@ -220,13 +220,14 @@ def test_moment_matched_distributions_validate_their_values():
 P1, P2, W = np.array([0.0, 0.5, 0.5]), np.array([0.2, 0.3, 0.5]), np.array([0.4, 0.6])
 
 
-def by_hand(alpha):
+def by_hand(alpha, weights=W):
+    w = weights / weights.sum()  # the pool normalises its weights
     if alpha == 0:
         with np.errstate(divide="ignore"):
-            pooled = np.exp(W[0] * np.log(P1) + W[1] * np.log(P2))
+            pooled = np.exp(w[0] * np.log(P1) + w[1] * np.log(P2))
     else:
         with np.errstate(divide="ignore"):
-            pooled = (W[0] * P1**alpha + W[1] * P2**alpha) ** (1 / alpha)
+            pooled = (w[0] * P1**alpha + w[1] * P2**alpha) ** (1 / alpha)
     return pooled / pooled.sum()
 
 
@@ -240,6 +241,22 @@ def test_a_zero_probability_category_gets_exactly_its_pooled_mass(alpha):
         assert got[0] == 0.0 and expected[0] == 0.0
     assert np.allclose(got, expected, rtol=1e-12, atol=0)
     assert np.allclose(pool.moment_match().probs.numpy(), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("alpha", [0.0, -1.0, 2.0, 0.5, 1.0])
+def test_weight_gradients_with_a_zero_probability_category(alpha):
+    """The pooled probabilities' gradients in the weights, by central differences of the written-out pool: finite
+    although a category has probability zero (its natural parameter -inf gave the weights NaN gradients at alpha =
+    0, where the pool is the weights' geometric combination)."""
+    weights = torch.tensor(W.tolist(), requires_grad=True)
+    experts = [Categorical(probs=torch.tensor(P1)), Categorical(probs=torch.tensor(P2))]
+    log_probs = opinionpool.holder(experts, alpha=alpha, weights=weights).log_prob(torch.tensor([1, 2]))
+    step = 1e-6
+    for category, log_prob in zip((1, 2), log_probs):
+        (got,) = torch.autograd.grad(log_prob, weights, retain_graph=True)
+        expected = [(math.log(by_hand(alpha, W + step * e)[category]) - math.log(by_hand(alpha, W - step * e)[category]))
+                    / (2 * step) for e in np.eye(2)]
+        assert np.allclose(got.numpy(), expected, rtol=1e-6, atol=1e-9)
 
 
 # ------------------------------------------------------------------------ float32, rtol
