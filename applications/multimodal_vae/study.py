@@ -391,6 +391,8 @@ def _plots(folder: Path, rows: list[dict], out: Path) -> dict:
                                   yerr=[_scaled(metric, v[1]) for _, v in values], marker=marker, capsize=2,
                                   label="moment-matched" if family == "holder" else "exact mixture")
             axis.set(xlabel="α", ylabel=METRIC_NAMES[metric])
+            if metric == "pairwise_mass":  # from about 0.1 down to 1e-40
+                axis.set_yscale("log")
         axes[0, 0].legend(fontsize=7)
         _save(figure, out / "study_alpha.png")
         plt.close(figure)
@@ -398,13 +400,18 @@ def _plots(folder: Path, rows: list[dict], out: Path) -> dict:
         # masses fall by tens of orders of magnitude as the experts drift apart: log axes (the log Bhattacharyya
         # coefficient, negative and spanning decades, on a symmetric-log one)
         columns = ("pairwise_mass", "own_cross_mass", "mean_log_bhattacharyya")
+        # one colour per alpha, the same in every panel; the line style tells the pool (alpha = 0's runs once)
+        values = sorted({value for _, value in alpha})
+        colours = dict(zip(values, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
         figure, axes = plt.subplots(1, len(columns), figsize=(15, 3.8), squeeze=False)
         for axis, column in zip(axes[0], columns):
             for (family, value), members in sorted(alpha.items()):
                 steps, series = mass_through_training(folder, members, column)
-                if steps and any(m == m for m, _ in series):
-                    axis.plot(steps, [m for m, _ in series], marker="o" if family == "holder" else "s", ms=2,
-                              ls="-" if family == "holder" else ":", label=f"{family} α={value:g}")
+                if (family, value) == ("holder_mixture", 0.0) or not steps or not any(m == m for m, _ in series):
+                    continue
+                axis.plot(steps, [m for m, _ in series], marker="o" if family == "holder" else "s", ms=2,
+                          ls="-" if family == "holder" else ":", color=colours[value],
+                          label=f"{'moment-matched' if family == 'holder' else 'exact mixture'} α={value:g}")
             axis.set(xlabel="training step", ylabel=METRIC_NAMES[column], title=METRIC_NAMES[column] + " in training")
             if column == "mean_log_bhattacharyya":
                 axis.set_yscale("symlog", linthresh=1.0)
