@@ -131,12 +131,13 @@ class GaussianMixture(NamedTuple):
         its component. ``loc`` and ``logvar`` ``(..., D)`` broadcast against the mixture's batch; components of
         weight zero add nothing."""
         present = self.log_weights > -math.inf
-        # a weight-zero component's parameters may be anything, and a KL of inf or NaN masked afterwards would still
-        # give NaN gradients: the query itself (detached) stands in for it, a KL of zero with zero gradient
+        # a weight-zero component's parameters may be anything, and the query anything relative to them: a KL of
+        # inf or NaN masked afterwards would still give NaN gradients, so N(0, I) stands in on both sides there
+        keep = present.unsqueeze(-1)
+        zero = torch.zeros((), dtype=self.loc.dtype, device=self.loc.device)
         loc, logvar = loc.unsqueeze(-2), logvar.unsqueeze(-2)
-        component_loc = torch.where(present.unsqueeze(-1), self.loc, loc.detach())
-        component_logvar = torch.where(present.unsqueeze(-1), self.logvar, logvar.detach())
-        terms = diag_gaussian_kl(loc, logvar, component_loc, component_logvar)
+        terms = diag_gaussian_kl(torch.where(keep, loc, zero), torch.where(keep, logvar, zero),
+                                 torch.where(keep, self.loc, zero), torch.where(keep, self.logvar, zero))
         weights = torch.where(present, self.log_weights.exp(), torch.zeros_like(self.log_weights))
         return (weights * terms).sum(-1)
 
@@ -197,12 +198,6 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):
             raise ValueError(f"mask must be a boolean tensor of shape {tuple(mu.movedim(-2, dim).shape[:-1])} "
                              f"(mu without its last axis), got {mask.dtype} of shape {tuple(mask.shape)}")
         mask = mask.movedim(dim, -1)
-    if validate:
-        for name, value in (("mu", mu), ("logvar", logvar)):
-            if not all_finite(value):  # absent experts may hold anything: then only the present ones are checked
-                check_finite(name, value if mask is None else value[mask])
-        if weights is not None:
-            check_weights("weights", weights, num_experts + (1 if prior_expert else 0))
     # absent experts, and those of weight zero, are no part of the pool: N(0, 1) stands in for whatever they hold
     # (an overflow far from the present experts would otherwise meet a zero weight as inf * 0 = NaN, in the pool or
     # in its gradients)
@@ -210,6 +205,12 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):
     if weights is not None:
         weighted = (weights.to(mu.device)[..., :num_experts] > 0).unsqueeze(-1)
         keep = weighted if keep is None else keep & weighted
+    if validate:
+        for name, value in (("mu", mu), ("logvar", logvar)):
+            if not all_finite(value):  # absent experts may hold anything: then only the present ones are checked
+                check_finite(name, value if keep is None else torch.masked_select(value, keep))
+        if weights is not None:
+            check_weights("weights", weights, num_experts + (1 if prior_expert else 0))
     if keep is not None:
         mu = torch.where(keep, mu, torch.zeros((), dtype=mu.dtype, device=mu.device))
         logvar = torch.where(keep, logvar, torch.zeros((), dtype=mu.dtype, device=mu.device))
@@ -467,14 +468,21 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
         positive = weights.to(mu.device)[..., :m] > 0
         if validate:
             _check_subset_weights(weights, positive, member, empty, subsets, prior_expert)
-    # an empty subset is given a stand-in member (of positive weight) so that its discarded aggregate stays finite
-    if weights is None:
-        first = torch.zeros(m, dtype=torch.bool, device=mu.device)
-        first[0] = True
-    else:
-        # not one_hot, which reads the indices to check their range (no vmap, no fullgraph compile)
-        first = positive.to(torch.uint8).argmax(-1, keepdim=True) == torch.arange(m, device=mu.device)
+    # an empty subset is given a stand-in member so that its discarded aggregate stays finite: a present expert of
+    # positive weight where the sample has one (an absent one, N(0, 1) inside, could lie far from the present
+    # experts, whose range the shared paths' scaling spans)
+    # (candidates (..., 1, m): the subsets' axis, as per-sample weights have it)
+    candidates = torch.ones(1, m, dtype=torch.bool, device=mu.device) if weights is None else \
+        positive.reshape((1,) * (2 - positive.dim()) + positive.shape)
+    if mask is not None:
+        prior_column = torch.ones(mask.shape[:-1] + (m - mask.shape[-1],), dtype=torch.bool, device=mu.device)
+        candidates = candidates & torch.cat((mask, prior_column), -1).unsqueeze(-2)
+        candidates = candidates | ~candidates.any(-1, keepdim=True)  # none: any expert, its aggregate is discarded
+    # not one_hot, which reads the indices to check their range (no vmap, no fullgraph compile)
+    first = candidates.to(torch.uint8).argmax(-1, keepdim=True) == torch.arange(m, device=mu.device)
     member = torch.where(empty.unsqueeze(-1), first, member)
+    if weights is not None:  # an expert of weight zero takes no part, as in the pools themselves
+        member = member & positive
     shared = _shared_kind(aggregator, kwargs)
     if shared is None:
         expand = batch + (k,) + mu.shape[-2:]

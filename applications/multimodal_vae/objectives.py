@@ -5,7 +5,8 @@ Every objective returns per-sample terms; the pooling itself always comes from `
 with fixed scale 0.75 on the raw decoder output (as in the MoPoE and HELVAE code; a fixed-scale normal is the
 alternative, see ``Likelihood``), text a categorical one; ``beta`` weights the KL (or, for MMVAE, the
 ``log p(z) - log q(z|X)`` part); modalities are weighted by relative dimensionality. ``x`` is a sequence with one
-tensor per modality (``(B, ...)`` each).
+tensor per modality (``(B, ...)`` each). The objectives draw, decode and score every modality and mask the absent
+ones afterwards: their ``mu`` and ``logvar`` must be finite, as ``MultimodalVAE.forward`` makes them (N(0, I)).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def weighted_sum(log_weights: torch.Tensor, values: torch.Tensor, dim: int) -> t
     # 0 * inf = NaN wherever nothing downstream depends on that entry
     finite = torch.isfinite(values)
     total = torch.where(w > 0, w * torch.where(finite, values, zero), zero).sum(dim)
-    return total + torch.where((w > 0) & ~finite, values, zero).sum(dim)
+    return total + torch.where((w > 0) & ~finite, w.detach() * values, zero).sum(dim)
 
 
 class ExponentialFamily:

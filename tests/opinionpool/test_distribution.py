@@ -241,19 +241,22 @@ def test_gaussian_mixture_kl_upper_bound_against_quadrature_and_the_textbook_kl(
         float(np.log(sd[2] / q_sd[0]) + (q_sd[0] ** 2 + (q_loc[0] - loc[2]) ** 2) / (2 * sd[2] ** 2) - 0.5), rel=1e-12)
 
 
-def test_gaussian_mixture_kl_upper_bound_ignores_weight_zero_components_whatever_the_query():
-    """A masked expert's component has weight zero: a query far from it (log-variance 90 in float32, where
-    exp(90) overflows) gets the bound and gradients of the mixture without it."""
+@pytest.mark.parametrize("expert_level, query_level", [(90.0, 90.0), (0.0, -90.0), (0.0, 0.0)])
+def test_gaussian_mixture_kl_upper_bound_ignores_weight_zero_components_whatever_the_query(expert_level,
+                                                                                          query_level):
+    """A masked expert's component has weight zero: a query far from it or from N(0, I) (log-variances of +-90 in
+    float32, where exp(90) overflows) gets the bound and gradients of the mixture without it."""
     import opinionpool.functional as opf
 
     f32 = torch.float32
     mu = torch.tensor([[0.5, -1.0], [2.0, 0.3], [0.0, 0.0]], dtype=f32)[:, None]  # (M = 3, B = 1, D = 2)
-    logvar = torch.full((3, 1, 2), 90.0, dtype=f32)
+    logvar = torch.full((3, 1, 2), expert_level, dtype=f32)
     query_loc = torch.tensor([[1.0, 2.0]], dtype=f32, requires_grad=True)
-    query_logvar = torch.full((1, 2), 90.0, dtype=f32, requires_grad=True)
+    query_logvar = torch.full((1, 2), query_level, dtype=f32, requires_grad=True)
     masked = opf.moe(mu, logvar, mask=torch.tensor([[True], [True], [False]])).kl_upper_bound(query_loc, query_logvar)
     masked_grads = torch.autograd.grad(masked.sum(), (query_loc, query_logvar))
     two = opf.moe(mu[:2], logvar[:2]).kl_upper_bound(query_loc, query_logvar)
+    assert torch.isfinite(two).all()
     torch.testing.assert_close(masked, two)
     for got, expected in zip(masked_grads, torch.autograd.grad(two.sum(), (query_loc, query_logvar))):
         assert torch.isfinite(got).all()

@@ -259,6 +259,23 @@ def test_weight_gradients_with_a_zero_probability_category(alpha):
         assert np.allclose(got.numpy(), expected, rtol=1e-6, atol=1e-9)
 
 
+def test_weighted_sums_with_infinite_and_nan_values():
+    """sum_k w_k v_k: a zero weight hides an infinite or NaN value, a positive one passes it on (NaN stays NaN);
+    the values' gradient is w_k, the weights' finite (zero) where the value is infinite."""
+    from opinionpool.families.base import weighted_sum
+
+    log_w = torch.log(torch.tensor([0.25, 0.75, 0.0])).requires_grad_()
+    values = torch.tensor([[1.0, -math.inf, 2.0], [3.0, 4.0, math.nan], [math.nan, 1.0, 5.0],
+                           [math.inf, -math.inf, 0.0]]).T
+    values.requires_grad_()
+    total = weighted_sum(log_w, values, dim=0).tolist()
+    assert total[0] == -math.inf and total[1] == 3.75 and math.isnan(total[2]) and math.isnan(total[3])
+    total = weighted_sum(log_w, values, dim=0)
+    assert torch.equal(torch.autograd.grad(total[0], values, retain_graph=True)[0][:, 0], torch.tensor([0.25, 0.75, 0.0]))
+    (d_log_w,) = torch.autograd.grad(total[0], log_w)
+    assert torch.isfinite(d_log_w[:2]).all()
+
+
 # ------------------------------------------------------------------------ float32, rtol
 def test_float32_pools_integrate_in_float64_with_the_same_rule():
     def pool(dtype, **kwargs):

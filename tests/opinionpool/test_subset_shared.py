@@ -205,15 +205,18 @@ def test_float32_mopoe_beyond_the_range_stays_finite():
 
 @pytest.mark.parametrize("aggregator, reference", [(opf.poe, explicit_poe), (opf.hellinger, generic_hellinger)],
                          ids=["poe", "hellinger"])
-@pytest.mark.parametrize("level", [90.0, -90.0, -170.0])
-def test_float32_subsets_with_a_masked_expert_far_from_the_present_ones(aggregator, reference, level):
+@pytest.mark.parametrize("level", [90.0, -90.0, -170.0, 170.0])
+@pytest.mark.parametrize("masked", [2, 0], ids=["last masked", "first masked"])
+def test_float32_subsets_with_a_masked_expert_far_from_the_present_ones(aggregator, reference, level, masked):
     """A masked expert stands in as N(0, 1) inside; present experts with log-variances near ``level`` put it some
     e^90 away in variance, where float32 overflows: values and gradients must still be the per-subset pools' of the
-    present experts (float64), not NaN, nor shifted by the stand-in."""
+    present experts (float64), not NaN, nor shifted by the stand-in (also not when the masked expert is the first,
+    which used to stand in for the empty subsets' members)."""
     g = torch.Generator().manual_seed(6)
     logvar = (level + torch.rand(3, 2, 4, generator=g)).double()
     mu = (torch.randn(3, 2, 4, generator=g) * (0.5 * logvar).exp()).float().double()
-    mask = torch.tensor([[True, True], [True, True], [False, True]])
+    mask = torch.ones(3, 2, dtype=torch.bool)
+    mask[masked, 0] = False
     coefficients = torch.randn(2, 7, 4, 2, generator=g, dtype=torch.float64)
 
     def pooled(mu, logvar, aggregator):
@@ -236,6 +239,24 @@ def test_float32_subsets_with_a_masked_expert_far_from_the_present_ones(aggregat
     expected_grads = torch.autograd.grad(pooled(*wide, aggregator)[1], wide)
     for got, expected in zip(grads, expected_grads):
         torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("aggregator", [opf.poe, opf.hellinger], ids=["poe", "hellinger"])
+@pytest.mark.parametrize("level", [170.0, -170.0])
+def test_float32_subsets_with_an_expert_of_weight_zero_far_from_the_others(aggregator, level):
+    """Weight zero is absence in the shared subset paths too (with the prior expert covering a subset whose one
+    expert has weight zero): the pools equal the per-subset pools in float64."""
+    g = torch.Generator().manual_seed(6)
+    mu = torch.randn(3, 2, 4, generator=g, dtype=torch.float32)
+    logvar = torch.randn(3, 2, 4, generator=g, dtype=torch.float32) * 0.3
+    logvar[2] = level
+    weights = torch.tensor([0.3, 0.7, 0.0, 1.0], dtype=torch.float32)
+    mix = opf.subset_mixture(aggregator, mu, logvar, weights=weights, prior_expert=True)
+    per_subset_path = opf.subset_mixture(lambda m, v, **k: aggregator(m, v, **k), mu.double(), logvar.double(),
+                                         weights=weights.double(), prior_expert=True)
+    torch.testing.assert_close(mix.log_weights.double(), per_subset_path.log_weights)
+    torch.testing.assert_close(mix.logvar.double(), per_subset_path.logvar, rtol=0, atol=1e-5)
+    torch.testing.assert_close(mix.loc.double(), per_subset_path.loc, rtol=0, atol=1e-5)
 
 
 def test_gradcheck_of_the_shared_poe_subsets():
