@@ -600,11 +600,7 @@ class _SubsetMoments(torch.autograd.Function):
     @staticmethod
     def forward(logits, x, logvar, loc_p, lv_p, reference, present, visited, components):
         span = _span(logvar.dtype)
-        hidden = torch.full((), math.inf, dtype=logvar.dtype, device=logvar.device)
-        experts = present[..., :x.shape[-2], :]
-        top = torch.where(experts, logvar, -hidden).amax(-2, keepdim=True)
-        bottom = torch.where(experts, logvar, hidden).amin(-2, keepdim=True)
-        shift = torch.maximum(top - span, 0.5 * (top + bottom))
+        _, shift = _present_shift(logvar, present[..., :x.shape[-2], :], span)
         scale = torch.exp2(shift * (-0.5 / _LN2))  # e^(-shift/2); exp2 runs several times faster than exp
         pi = torch.softmax(logits, -1)
         # out of place where the presence (batched under vmap when the weights are) meets unbatched tensors
@@ -687,6 +683,16 @@ def _span(dtype):
     return 0.9 * math.log(torch.finfo(dtype).max)
 
 
+def _present_shift(values, present, span):
+    """``(top, shift)`` of the log-scales ``values (..., M, D)`` of the present experts (``present`` along ``-2``):
+    their largest and the midpoint of their range, but at least ``top - span``, by which the shared subset paths
+    scale each (sample, dimension) so that the present experts' scaled values lie within ``e^(+-span)``."""
+    hidden = torch.full((), math.inf, dtype=values.dtype, device=values.device)
+    top = torch.where(present, values, -hidden).amax(-2, keepdim=True)
+    bottom = torch.where(present, values, hidden).amin(-2, keepdim=True)
+    return top, torch.maximum(top - span, 0.5 * (top + bottom))
+
+
 class _SubsetSums(torch.autograd.Function):
     """Per subset, from pooling weights ``w (..., K, M)`` (zero outside the subset), the experts' offsets
     ``x (..., M, D)`` from ``reference (..., 1, D)`` and log-precisions ``log_p (..., M, D)``: the precision-weighted
@@ -705,13 +711,11 @@ class _SubsetSums(torch.autograd.Function):
     @staticmethod
     def forward(w, x, log_p, present, reference):
         span = _span(log_p.dtype)
-        hidden = torch.full((), math.inf, dtype=log_p.dtype, device=log_p.device)
-        top = torch.where(present, log_p, -hidden).amax(-2, keepdim=True)
+        # (raising the values below the floor leaves the shift as it is: it is at least top - span)
+        top, shift = _present_shift(log_p, present, span)
         floor = top - 2 * span
         clamped = log_p < floor
         log_p = torch.maximum(log_p, floor)
-        bottom = torch.where(present, log_p, hidden).amin(-2, keepdim=True)
-        shift = torch.maximum(top - span, 0.5 * (top + bottom))
         # an absent expert's precision is zero, not exp of its stand-in log-precision less the shift (which the
         # present experts set, and which overflows far from it; zero weights would then meet inf)
         p = torch.where(present, torch.exp(log_p - shift), 0)

@@ -194,10 +194,11 @@ DIRECTIONS = {HOLDS: "higher", FAILS: "lower", NOT_SEPARABLE: "not separable", N
 ALPHA_METRICS = ("coherence", "log_likelihood", "kid_unconditional")
 
 
-def _alpha_difference_rows(alpha: dict) -> list[str]:
+def _alpha_difference_rows(summary: dict) -> list[str]:
     """Whether alpha changes the model: every moment-matched alpha against HELVAE's 1/2, and the exact mixture
-    against the moment-matched pool at each alpha, with the study's separation rule (``compare``)."""
-    summary = {(key, 1.0): next(iter(aggregate(members).values())) for key, members in alpha.items()}
+    against the moment-matched pool at each alpha, with the study's separation rule (``compare``). ``summary``:
+    ``((family, alpha), 1.0) -> entry`` as ``aggregate`` gives for each of ``alpha_runs``' groups."""
+    alpha = {key for key, _ in summary}
     pairs = [(("holder", a), ("holder", 0.5), f"moment-matched alpha = {a:g} vs 1/2 (HELVAE)")
              for family, a in sorted(alpha) if family == "holder" and a != 0.5]
     pairs += [(("holder_mixture", a), ("holder", a), f"exact mixture vs moment-matched at alpha = {a:g}")
@@ -288,20 +289,20 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
                       "coherence", "log_likelihood", "kid_unconditional", "pairwise_mass")) + " | final "
                   + METRIC_NAMES["own_cross_mass"] + " | final " + METRIC_NAMES["mean_log_bhattacharyya"] + " |",
                   "|---" * 9 + "|"]
+        summary = {(key, 1.0): next(iter(aggregate(members).values())) for key, members in alpha.items()}
         for (family, value), members in sorted(alpha.items()):
-            entry = aggregate(members)
-            (key,) = entry
+            entry = summary[(family, value), 1.0]
             finals = []
             for column in ("own_cross_mass", "mean_log_bhattacharyya"):
                 steps, series = mass_through_training(folder, members, column)
                 finals.append(_show(column, series[-1]) if steps else "–")
-            lines.append(f"| {family} | {value:g} | {entry[key]['seeds']} | "
-                         + " | ".join(_show(c, entry[key][c]) for c in ("coherence", "log_likelihood",
-                                                                        "kid_unconditional", "pairwise_mass"))
+            lines.append(f"| {family} | {value:g} | {entry['seeds']} | "
+                         + " | ".join(_show(c, entry[c]) for c in ("coherence", "log_likelihood",
+                                                                   "kid_unconditional", "pairwise_mass"))
                          + " | " + " | ".join(finals) + " |")
         lines += ["", "Does alpha change the model? Each metric of the first model against the second's: higher or "
                   "lower when the means differ by more than the sum of their standard deviations over seeds (two "
-                  "seeds or more on each side), otherwise not separable.", "", *_alpha_difference_rows(alpha)]
+                  "seeds or more on each side), otherwise not separable.", "", *_alpha_difference_rows(summary)]
         lines += [""] + [f"![{name}]({figures[name]})" for name in ("alpha", "mass") if name in figures] + [""]
     return "\n".join(lines)
 
