@@ -113,7 +113,8 @@ class Likelihood(nn.Module):
 
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """``KL(N(mu, exp(logvar)) || N(0, I))`` summed over the latent axis."""
-    return 0.5 * (mu * mu + torch.exp(logvar) - 1 - logvar).sum(-1)
+    zero = mu.new_zeros(())
+    return opf.diag_gaussian_kl(mu, logvar, zero, zero)
 
 
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
