@@ -105,7 +105,7 @@ def _show(metric: str, entry) -> str:
         return "–"
     if metric == "kid_unconditional":
         return f"{mean:.2f} ± {std:.2f}"
-    if metric in ("pairwise_mass", "own_cross_mass") and 0 < abs(mean) < 1e-3:  # masses fall to 1e-30 and below
+    if metric in ("pairwise_mass", "own_cross_mass") and 0 < abs(mean) < 1e-2:  # masses fall to 1e-30 and below
         return f"{mean:.1e} ± {std:.1e}"
     return f"{mean:.3f} ± {std:.3f}" if abs(mean) < 10 else f"{mean:.1f} ± {std:.1f}"
 
@@ -120,6 +120,18 @@ SETTING = ("**Not the papers' setting.** This project's offline PolyMNIST (backg
            "with the papers', magnitudes cannot.")
 
 
+def _evidence(metric: str, first: dict, second: dict, between: str = "vs") -> str:
+    """Both sides' mean ± std with, in parentheses, the number of seeds that computed the metric."""
+    return " ".join((f"{_show(metric, first[metric])} ({first['computed'][metric]})", between,
+                     f"{_show(metric, second[metric])} ({second['computed'][metric]})"))
+
+
+def _cell(metric: str, entry: dict) -> str:
+    """A table cell: mean ± std, with the number of seeds that computed it where that is fewer than the row's."""
+    n = entry["computed"][metric]
+    return _show(metric, entry[metric]) + (f" ({n})" if 0 < n < entry["seeds"] else "")
+
+
 def compare(summary: dict, better: str, worse: str, metric: str, beta: float, lower_is_better: bool = False,
             at_least: bool = False):
     """``(verdict, evidence)`` for "``better`` beats ``worse`` on ``metric`` at ``beta``": holds or does not hold
@@ -130,9 +142,9 @@ def compare(summary: dict, better: str, worse: str, metric: str, beta: float, lo
     if a is None or b is None or any(e[metric][0] != e[metric][0] for e in (a, b)):
         return NOT_RUN, "–"
     (mean_a, std_a), (mean_b, std_b) = a[metric], b[metric]
-    evidence = f"{_show(metric, a[metric])} ({a['seeds']}) vs {_show(metric, b[metric])} ({b['seeds']})"
+    evidence = _evidence(metric, a, b)
     difference = (mean_b - mean_a) if lower_is_better else (mean_a - mean_b)
-    if min(a["seeds"], b["seeds"]) < 2:
+    if min(a["computed"][metric], b["computed"][metric]) < 2:  # seeds that computed the metric, not runs
         return NOT_SEPARABLE, evidence
     if abs(difference) <= std_a + std_b:
         return (HOLDS if at_least else NOT_SEPARABLE), evidence
@@ -239,9 +251,11 @@ def _verdict_rows(summary: dict, labels: list[str], betas: list[float]) -> list[
         for model in labels:
             for metric, what in (("coherence", "coherence rises"), ("kid_unconditional", "quality falls (KID rises)")):
                 if (model, low) in summary and (model, high) in summary:
-                    # both read "the metric is larger at the higher beta"
+                    # both read "the metric is larger at the higher beta"; the evidence reads from low to high
                     pair = {("high", 0.0): summary[model, high], ("low", 0.0): summary[model, low]}
                     verdict, evidence = compare(pair, "high", "low", metric, 0.0)
+                    if verdict != NOT_RUN:
+                        evidence = _evidence(metric, summary[model, low], summary[model, high], "→")
                     lines.append(f"| {model}: raising β from {low:g} to {high:g}, {what} | HELVAE paper §6.3 | "
                                  f"{low:g} → {high:g} | {verdict} | {evidence} |")
     return lines
@@ -254,22 +268,26 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
     betas = sorted({float(r["beta"]) for r in rows if r["model"] in labels})
     lines = [f"# The study `{folder.name}`", "",
              "Written by `python -m applications.multimodal_vae study` from the sweep's runs; every number is a mean "
-             "± standard deviation over seeds (the number of seeds in parentheses). Machine: "
+             "± sample standard deviation (n - 1) over seeds, with the number of seeds that computed it in "
+             "parentheses where it is not the row's. Machine: "
              f"{_machine()}. Commit: `{_commit()}`. Command: `{command}`.", "", SETTING, ""]
     lines += ["## The papers' claims at this scale", "",
               "A claim holds (or does not) when the two means differ by more than the sum of their standard "
-              "deviations over seeds and both sides have at least two seeds; otherwise it is not separable at this "
-              "budget.", "", *_verdict_rows(summary, labels, betas), ""]
+              "deviations over seeds and both sides have at least two seeds that computed the metric; otherwise it "
+              "is not separable at this budget. A claim that one model is not below another holds unless it is "
+              "separably below.", "", *_verdict_rows(summary, labels, betas), ""]
     columns = ("coherence", "unconditional_coherence", "cross_coherence", "log_likelihood", "kid_unconditional",
                "fid_unconditional", "probe_all", "probe_single", "pairwise_mass", "seconds_per_batch")
-    lines += ["## Every model", "", "| model | β | seeds | " + " | ".join(METRIC_NAMES[c] for c in columns) + " |",
+    lines += ["## Every model", "", "s / step: each run's median step time (mean ± std over seeds); the seeds of a "
+              "cell are the row's unless it names fewer.", "",
+              "| model | β | seeds | " + " | ".join(METRIC_NAMES[c] for c in columns) + " |",
               "|---" * (len(columns) + 3) + "|"]
     for label in labels:
         for beta in betas:
             if (label, beta) in summary:
                 entry = summary[label, beta]
                 lines.append(f"| {label} | {beta:g} | {entry['seeds']} | "
-                             + " | ".join(_show(c, entry[c]) for c in columns) + " |")
+                             + " | ".join(_cell(c, entry) for c in columns) + " |")
     lines += [""] + [f"![{name}]({figures[name]})" for name in ("pareto", "synergy") if name in figures] + [""]
     grids = [(key.split(":", 1)[1], path) for key, path in figures.items() if key.startswith("grid:")]
     if grids:
@@ -289,7 +307,9 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
                       "coherence", "log_likelihood", "kid_unconditional", "pairwise_mass")) + " | final "
                   + METRIC_NAMES["own_cross_mass"] + " | final " + METRIC_NAMES["mean_log_bhattacharyya"] + " |",
                   "|---" * 9 + "|"]
-        summary = {(key, 1.0): next(iter(aggregate(members).values())) for key, members in alpha.items()}
+        summary = {}  # one group per (pool, alpha), whatever the labels of its runs (e.g. helvae and holder-a0.5)
+        for key, members in alpha.items():
+            summary.update(aggregate([{**row, "model": key, "beta": 1.0} for row in members]))
         for (family, value), members in sorted(alpha.items()):
             entry = summary[(family, value), 1.0]
             finals = []
@@ -297,8 +317,8 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
                 steps, series = mass_through_training(folder, members, column)
                 finals.append(_show(column, series[-1]) if steps else "–")
             lines.append(f"| {family} | {value:g} | {entry['seeds']} | "
-                         + " | ".join(_show(c, entry[c]) for c in ("coherence", "log_likelihood",
-                                                                   "kid_unconditional", "pairwise_mass"))
+                         + " | ".join(_cell(c, entry) for c in ("coherence", "log_likelihood",
+                                                                "kid_unconditional", "pairwise_mass"))
                          + " | " + " | ".join(finals) + " |")
         lines += ["", "Does alpha change the model? Each metric of the first model against the second's: higher or "
                   "lower when the means differ by more than the sum of their standard deviations over seeds (two "

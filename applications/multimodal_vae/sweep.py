@@ -349,16 +349,22 @@ def result_row(run_dir: Path, model: str, beta: float, seed: int) -> dict:
             **{column: json.dumps(read(metrics) or {}) for column, read in CURVES.items()}}
 
 
+def _is_value(value) -> bool:
+    """Whether a run computed this metric (not None or NaN)."""
+    return value is not None and value == value
+
+
 def mean_std(values) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value) of the values that were computed; NaN for none."""
-    values = [v for v in values if v is not None and v == v]  # drop a metric that was not computed (None or NaN)
+    values = [v for v in values if _is_value(v)]
     if not values:
         return float("nan"), float("nan")
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def aggregate(rows: list[dict]) -> dict:
-    """``(model, beta) -> {metric: (mean, std)}`` over seeds, including per-input-count curves."""
+    """``(model, beta) -> {metric: (mean, std)}`` over seeds, including per-input-count curves, with ``seeds`` (the
+    runs) and ``computed`` (``metric -> `` the runs that computed it)."""
     groups = {}
     for row in rows:
         groups.setdefault((row["model"], row["beta"]), []).append(row)
@@ -370,6 +376,7 @@ def aggregate(rows: list[dict]) -> dict:
             sizes = sorted({k for run in per_run for k in run}, key=int)
             entry[curve] = {int(k): mean_std([run[k] for run in per_run if k in run]) for k in sizes}
         entry["seeds"] = len(members)
+        entry["computed"] = {f: sum(_is_value(m[f]) for m in members) for f in SCALARS}
         summary[key] = entry
     return summary
 

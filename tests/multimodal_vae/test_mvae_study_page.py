@@ -14,13 +14,15 @@ from applications.multimodal_vae.sweep import FIELDS, SCALARS, write_results
 def entry(values, **others):
     mean = sum(values) / len(values)
     std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return {"coherence": (mean, std), "seeds": len(values), **others}
+    return {"coherence": (mean, std), "seeds": len(values), "computed": {"coherence": len(values)}, **others}
 
 
 def test_verdicts_by_hand():
     summary = {("a", 1.0): entry([0.80, 0.82, 0.84]), ("b", 1.0): entry([0.50, 0.52, 0.54]),
                ("c", 1.0): entry([0.30, 0.60, 0.90]), ("d", 1.0): entry([0.1]),
-               ("e", 1.0): {"coherence": (float("nan"), float("nan")), "seeds": 2}}
+               ("e", 1.0): {"coherence": (float("nan"), float("nan")), "seeds": 2, "computed": {"coherence": 0}},
+               # three runs, one of which computed the metric: one seed, however far apart the means
+               ("f", 1.0): {**entry([0.1]), "seeds": 3}}
     assert compare(summary, "a", "b", "coherence", 1.0) == (HOLDS, "0.820 ± 0.020 (3) vs 0.520 ± 0.020 (3)")
     assert compare(summary, "b", "a", "coherence", 1.0)[0] == FAILS
     assert compare(summary, "a", "b", "coherence", 1.0, lower_is_better=True)[0] == FAILS
@@ -33,9 +35,11 @@ def test_verdicts_by_hand():
     assert compare(summary, "a", "b", "coherence", 1.0, at_least=True)[0] == HOLDS
     assert compare(summary, "a", "d", "coherence", 1.0, at_least=True)[0] == NOT_SEPARABLE
     assert compare(summary, "a", "b", "coherence", 2.5)[0] == NOT_RUN  # not in the sweep
+    assert compare(summary, "a", "f", "coherence", 1.0) == (NOT_SEPARABLE, "0.820 ± 0.020 (3) vs 0.100 ± 0.000 (1)")
     # masses that fell to nearly nothing keep their size instead of printing as 0.000
     assert _show("pairwise_mass", (4.8e-27, 1.2e-27)) == "4.8e-27 ± 1.2e-27"
     assert _show("pairwise_mass", (0.25, 0.01)) == "0.250 ± 0.010"
+    assert _show("pairwise_mass", (0.003, 0.00047)) == "3.0e-03 ± 4.7e-04"  # not 0.003 ± 0.000
     assert _show("own_cross_mass", (0.0, 0.0)) == "0.000 ± 0.000"
 
 
@@ -95,7 +99,8 @@ def test_the_study_page(tmp_path, capsys):
     assert verdict("MVAE has the best quality (lowest KID) of all models", "1") == NOT_SEPARABLE  # vs HELVAE
     assert verdict("MVAE's generations are of better quality (KID) than MoPoE's", "1") == HOLDS
     # beta: HELVAE's coherence rises by 0.05 against a spread of 0.02 + 0.02; MoPoE's does not move
-    assert "| helvae: raising β from 1 to 2.5, coherence rises | HELVAE paper §6.3 | 1 → 2.5 | holds |" in page
+    assert ("| helvae: raising β from 1 to 2.5, coherence rises | HELVAE paper §6.3 | 1 → 2.5 | holds | "
+            "0.820 ± 0.020 (3) → 0.870 ± 0.020 (3) |") in page  # the evidence reads from beta 1 to 2.5
     assert "| mopoe: raising β from 1 to 2.5, coherence rises | HELVAE paper §6.3 | 1 → 2.5 | not separable" in page
     # the variants are in the alpha study, not among the models; alpha = 0 stands for both pools
     assert not any(line.startswith("| holder-a0 |") for line in lines)
@@ -134,3 +139,18 @@ def test_the_study_page(tmp_path, capsys):
         main(["study", "--sweep", str(folder), "--preset", "polymnist-cpu", "polymnist-cpu-study-quick"])
     assert "variants of one study" in capsys.readouterr().err
     assert set(SCALARS) <= set(FIELDS)
+
+
+def test_the_alpha_table_pools_every_label_of_one_alpha_and_counts_the_seeds_that_computed_a_metric(tmp_path):
+    folder = tmp_path / "runs" / "polymnist-cpu-study"
+    masses = [(0.2, ""), (0.1, "")]
+    runs = [("helvae", "helvae", 0.5, 1.0, seed, {"coherence": 0.8 + 0.02 * seed}, masses) for seed in range(3)]
+    runs += [("holder-a0.5", "holder", 0.5, 1.0, 0, {"coherence": 0.86}, masses)]  # HELVAE under another label
+    runs += [("holder-a0.25", "holder", 0.25, 1.0, seed, {"coherence": 0.5, "kid_unconditional": 0.002 if seed else None},
+              masses) for seed in range(3)]
+    fake_sweep(folder, runs)
+    assert main(["study", "--sweep", str(folder)]) == 0
+    page = (folder / "study.md").read_text()
+    assert "| holder | 0.5 | 4 | 0.830 ± 0.026 |" in page  # stdev of 0.80, 0.82, 0.84, 0.86
+    assert "| holder | 0.25 | 3 | 0.500 ± 0.000 |" in page and "| 2.00 ± 0.00 (2) |" in page  # KID of two of three
+    assert "| moment-matched alpha = 0.25 vs 1/2 (HELVAE) | lower: 0.500 ± 0.000 (3) vs 0.830 ± 0.026 (4) |" in page
