@@ -327,11 +327,22 @@ class MultimodalVAE(nn.Module):
         return torch.ones(self.num_modalities, first.shape[0], dtype=torch.bool, device=first.device)
 
     def private_posterior(self, x):
-        """``(mu, logvar)`` of the modality-specific latents, each ``(M, B, private_dim)`` (None without them)."""
+        """The encoders' ``(mu, logvar)`` of the modality-specific latents, each ``(M, B, private_dim)`` (None
+        without them); Hölder++'s posterior also depends on the shared latent: ``private_given``."""
         if not self.private_dim:
             return None
         mu, logvar = self._encode(x)
         return mu[..., -self.private_dim:], logvar[..., -self.private_dim:]
+
+    def private_given(self, private, target: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Modality ``target``'s posterior ``(mu, logvar)`` of its modality-specific latent given the shared ``z``
+        ``(..., B, D)``, from ``private`` (``private_posterior``): the encoder's, through ``top_down`` for Hölder++
+        (``q(w | x, z)``, as it trains), each broadcast to ``(..., B, private_dim)``."""
+        mu, logvar = private[0][target], private[1][target]
+        if self.top_down is not None:
+            mu, logvar = self.top_down[target](mu, logvar, z)
+        shape = z.shape[:-1] + mu.shape[-1:]
+        return mu.expand(shape), logvar.expand(shape)
 
     def decode(self, z: torch.Tensor, target: int, given: torch.Tensor | None = None, private=None,
                generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
@@ -346,9 +357,9 @@ class MultimodalVAE(nn.Module):
         shape = z.shape[:-1] + (self.private_dim,)
         w = torch.randn(shape, generator=generator, dtype=z.dtype, device=z.device)
         if given is not None and private is not None:
-            mu, logvar = private[0][target], private[1][target]
+            mu, logvar = self.private_given(private, target, z)
             own = mu + torch.exp(0.5 * logvar) * torch.randn(shape, generator=generator, dtype=z.dtype,
-                                                             device=z.device) if sample else mu.expand(shape)
+                                                             device=z.device) if sample else mu
             w = torch.where(given[target].unsqueeze(-1), own.to(z.dtype), w)
         return decoder(z, w)
 

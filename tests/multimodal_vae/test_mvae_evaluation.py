@@ -234,3 +234,30 @@ def test_a_perfect_generator_of_images_and_text_has_coherence_one():
     model.decoders[1] = TextDecoder(shift=1)
     result = coherence(model, classifiers, data, batch_size=30)
     assert torch.equal(result["accuracy"], torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]))
+
+
+def test_hoelder_plus_plus_is_evaluated_with_its_private_posterior_given_z():
+    """Reconstructions and the private probe's means use q(w | x, z) through the top-down network, as Hölder++
+    trains, not the encoder's statistics alone."""
+    from applications.multimodal_vae.evaluation.labelled import private_means
+
+    torch.manual_seed(0)
+    encoders, decoders = make_networks(polymnist_modalities(3), 4 + 2)
+    model = MultimodalVAE(encoders, decoders, "holderplusplus", private_dim=2, latent_dim=4)
+    for net in model.top_down:
+        nn.init.normal_(net.net[-1].weight, std=0.5)
+    images = torch.randint(0, 256, (3, 6, 3, 28, 28), dtype=torch.uint8)
+    data = MultimodalDataset(polymnist_modalities(3), images.unbind(0), torch.randint(0, 10, (6,)), num_classes=10)
+    x = [t.float() / 255 for t in images.unbind(0)]
+    with torch.no_grad():
+        private = model.private_posterior(x)
+        z = torch.randn(6, 4)
+        given = torch.ones(3, 6, dtype=torch.bool)
+        w_mean = model.top_down[1](private[0][1], private[1][1], z)[0]
+        expected = model.decoders[1](z, w_mean)
+        assert torch.allclose(model.decode(z, 1, given, private, sample=False), expected)
+        assert not torch.allclose(expected, model.decoders[1](z, private[0][1]), atol=1e-3)
+        joint_mean = model.posterior(x)[0]
+        means = private_means(model, data, batch_size=4)
+        for m in range(3):
+            assert torch.allclose(means[m], model.top_down[m](private[0][m], private[1][m], joint_mean)[0], atol=1e-6)

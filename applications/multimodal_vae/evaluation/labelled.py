@@ -96,10 +96,17 @@ def posterior_means(model, data, subsets, batch_size: int = 500) -> dict:
 
 @torch.no_grad()
 def private_means(model, data, batch_size: int = 500) -> list[torch.Tensor]:
-    """The posterior means ``(N, private_dim)`` of each modality's modality-specific latent, on the CPU."""
+    """The posterior means ``(N, private_dim)`` of each modality's modality-specific latent, on the CPU; for
+    Hölder++, whose ``q(w | x, z)`` depends on the shared latent, given the mean of the joint posterior of ``z``."""
     means = []
-    for _, x in batches(data, batch_size, device=model.device):
-        means.append(model.private_posterior(x)[0].cpu())
+    with evaluating(model):
+        for _, x in batches(data, batch_size, device=model.device):
+            private = model.private_posterior(x)
+            mu = private[0]
+            if model.top_down is not None:
+                z = model.posterior(x)[0]
+                mu = torch.stack([model.private_given(private, m, z)[0] for m in range(model.num_modalities)])
+            means.append(mu.cpu())
     return list(torch.cat(means, 1).unbind(0))
 
 

@@ -89,10 +89,7 @@ def _private_draws(model, private, z: torch.Tensor, targets: torch.Tensor, gener
     ``sum_m [m a target] (log p(w_m) - log q(w_m | ...))`` ``(k, B)`` in float64."""
     inputs, log_ratio = [], torch.zeros(z.shape[:-1], dtype=torch.float64, device=z.device)
     for m in range(model.num_modalities):
-        mu, logvar = private[0][m], private[1][m]
-        if model.top_down is not None:
-            mu, logvar = model.top_down[m](mu, logvar, z)
-        mu, logvar = mu.expand(z.shape[:-1] + mu.shape[-1:]), logvar.expand(z.shape[:-1] + logvar.shape[-1:])
+        mu, logvar = model.private_given(private, m, z)
         w = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         inputs.append((z, w.to(z.dtype)))
         w, mu, logvar = w.double(), mu.double(), logvar.double()
