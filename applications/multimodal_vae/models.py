@@ -429,6 +429,22 @@ class MultimodalVAE(nn.Module):
         loc, logvar = self.aggregate(mu, logvar, mask=present)
         return opf.GaussianMixture(torch.zeros_like(loc[..., :1]), loc.unsqueeze(-2), logvar.unsqueeze(-2))
 
+    def conditional_posterior(self, mu: torch.Tensor, logvar: torch.Tensor, given: torch.Tensor) -> opf.GaussianMixture:
+        """``q(z | X_S)``, what the evaluation conditions on the modalities ``given`` ``(M, B)`` with (generation,
+        coherence, probes, conditional likelihoods): for the subset-mixture models, their aggregator on the given
+        modalities alone, with MoPoE's prior expert where every modality is given, as the MoPoE code (and HELVAE's
+        fork of it) conditions; not ``pool``'s mixture over the subsets of the given modalities (the training
+        posterior of a tuple with modalities missing, which puts most of its mass on fewer inputs). The other
+        models: ``pool``."""
+        if self.spec.posterior != "subsets":
+            return self.pool(mu, logvar, given)
+        if self.spec.prior_on_full_subset:
+            prior = mu.new_zeros((1,) + mu.shape[1:])
+            mu, logvar = torch.cat((mu, prior)), torch.cat((logvar, prior))
+            given = torch.cat((given, given.all(0, keepdim=True)))
+        loc, logvar = self.aggregate(mu, logvar, mask=given)
+        return opf.GaussianMixture(torch.zeros_like(loc[..., :1]), loc.unsqueeze(-2), logvar.unsqueeze(-2))
+
     @torch.no_grad()
     def posterior(self, x, present: torch.Tensor | None = None):
         """The joint posterior as a mean and log-variance ``(B, D)`` (mixtures: their moment-matched Gaussian)."""

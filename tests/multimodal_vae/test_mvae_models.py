@@ -192,6 +192,28 @@ def test_kl_to_standard_normal_against_torch_distributions_and_its_series_near_z
     assert torch.allclose(objectives.kl_to_standard_normal(torch.zeros_like(lv), lv), series, rtol=1e-9)
 
 
+@pytest.mark.parametrize("name, pool", [("mopoe", opf.poe), ("mohelvae", opf.hellinger),
+                                        ("mwbvae", opf.wasserstein_barycenter), ("helvae", opf.hellinger)])
+def test_the_evaluation_conditions_on_the_given_modalities_pool_as_the_mopoe_code_does(name, pool):
+    """q(z | X_S) of a subset-mixture model is its aggregator on S alone (MoPoE: with the prior expert when S holds
+    every modality), not the mixture over the subsets of S; per sample, written out with the given experts only."""
+    model = make(name)
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(3, 4, 8, generator=g), torch.randn(3, 4, 8, generator=g)
+    subsets = [(0,), (0, 1), (1, 2), (0, 1, 2)]
+    given = torch.tensor([[e in subset for subset in subsets] for e in range(3)])
+    posterior = model.conditional_posterior(mu, logvar, given)
+    assert posterior.loc.shape == (4, 1, 8)
+    for b, subset in enumerate(subsets):
+        rows = list(subset)
+        prior = name == "mopoe" and len(subset) == 3
+        loc, lv = pool(mu[rows, b], logvar[rows, b], dim=0, **({"prior_expert": True} if prior else {}))
+        torch.testing.assert_close(posterior.loc[b, 0], loc, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(posterior.logvar[b, 0], lv, rtol=1e-5, atol=1e-5)
+    if name != "helvae":  # pool: the training posterior with modalities missing, a mixture over the subsets of S
+        assert model.pool(mu, logvar, given).loc.shape[-2] > 1
+
+
 def test_helvae_with_one_modality_is_that_modalitys_vae():
     model = make("helvae")
     x = batch()

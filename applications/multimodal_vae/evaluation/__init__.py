@@ -17,17 +17,21 @@ Conventions (stated in every report):
   one-cycle learning rate: 0.976-0.985 test accuracy on the offline PolyMNIST; the MoPoE classifier (10 and 20
   channels) reaches only 0.94-0.96 there in 4 epochs. Other modalities (MNIST, SVHN, text): the modality's
   encoder network with its mean head as the logits. A generated text is classified from its most likely tokens.
-* **Generations** are samples ``z ~ q(z | X_S)`` of the model's joint posterior given the subset ``S`` (mixture
-  posteriors are sampled by component), decoded to the raw decoder output clamped to [0, 1]; seeded.
+* **Generations** are samples ``z ~ q(z | X_S)`` of the model's posterior given the subset ``S``
+  (``MultimodalVAE.conditional_posterior``; mixture posteriors are sampled by component), decoded to the raw
+  decoder output clamped to [0, 1]; seeded. For the subset-mixture models (MoPoE, MoHELVAE, MWB-VAE) that is
+  their aggregator on ``S`` (MoPoE: with the prior expert when ``S`` holds every modality), as the MoPoE and
+  HELVAE code condition, not the mixture over the subsets of ``S``.
 * **Conditional coherence**: for every non-empty subset ``S`` and every target ``t`` outside it, the fraction of
   generations whose predicted digit is the true one; summarised per subset, per subset size (mean and std over
   the subsets of that size) and overall (mean over all (S, t) pairs). The one-input matrix (MMVAE+ cross-
   coherence) has self-reconstruction on its diagonal; its "cross-modal" mean excludes the diagonal.
 * **Unconditional coherence**: the fraction of prior samples ``z ~ N(0, I)`` on which all classifiers agree.
-* **Latent probe**: a logistic regression (scikit-learn) on posterior means given each subset, fitted on
+* **Latent probe**: a logistic regression (scikit-learn) on the means of ``q(z | X_S)`` for each subset, fitted on
   ``probe_examples`` random training tuples (500 as in the HELVAE paper; -1: the whole training split), tested
   on the evaluated test tuples. Models with modality-specific latents are also probed on each private ``w_m``
-  (the posterior mean of ``q(w_m | x_m)``, same tuples): the Hölder++ paper's decoupling measure, high on the
+  (the posterior mean of ``q(w_m | x_m)``; Hölder++: of ``q(w_m | x_m, z)`` at the joint posterior's mean of
+  ``z``; same tuples): the Hölder++ paper's decoupling measure, high on the
   shared latent and near chance on the private ones.
 * **Modality-specific latents** in generations: a target inside the conditioning subset (a reconstruction)
   draws its ``w`` from its posterior, any other target (and unconditional generation) from the prior

@@ -336,7 +336,7 @@ def fid_scores(model, data, real_data, settings, cache: Path, progress=None, fea
             score("unconditional", model.decode(prior, t, generator=generator), t)
             for k in sizes:
                 present = random_subsets(m, n, k, exclude=t, generator=choice).to(device)
-                z = model.pool(mu, logvar, present).sample(generator=generator)
+                z = model.conditional_posterior(mu, logvar, present).sample(generator=generator)
                 # the target is outside the subset: its private latent (if any) comes from the prior
                 score(k, model.decode(z, t, generator=generator), t)
     return {"samples": n, "weights": str(weights.name), "targets": [data.modalities[t].name for t in targets],

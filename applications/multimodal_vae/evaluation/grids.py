@@ -67,7 +67,7 @@ def grid_images(model, x, modalities, seed: int = 0) -> dict[tuple[str, int], to
         shared_mu, shared_logvar = model.encode(x)
         for s in range(m):
             given = subset_mask((s,), m, b, device)
-            z = model.pool(shared_mu, shared_logvar, given).sample(generator=generator)
+            z = model.conditional_posterior(shared_mu, shared_logvar, given).sample(generator=generator)
             for t in targets:
                 out[f"from {s}", t] = model.decode(z, t, given, private, generator=generator)
         prior = torch.randn(b, shared_mu.shape[-1], generator=generator, device=device, dtype=shared_mu.dtype)

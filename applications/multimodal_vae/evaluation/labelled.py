@@ -35,7 +35,7 @@ def coherence(model, classifiers: nn.ModuleList, data, subsets: list[tuple[int, 
             private = model.private_posterior(x)
             for i, subset in enumerate(subsets):
                 given = subset_mask(subset, m, len(index), device)
-                z = model.pool(mu, logvar, given).sample(generator=generator)
+                z = model.conditional_posterior(mu, logvar, given).sample(generator=generator)
                 for t in range(m):
                     output = model.decode(z, t, given, private, generator)
                     predicted = classifiers[t](classifier_input(data.modalities[t], output)).argmax(-1)
@@ -88,7 +88,7 @@ def posterior_means(model, data, subsets, batch_size: int = 500) -> dict:
     for index, x in batches(data, batch_size, device):
         mu, logvar = model.encode(x)
         for s in subsets:
-            mixture = model.pool(mu, logvar, subset_mask(s, model.num_modalities, len(index), device))
+            mixture = model.conditional_posterior(mu, logvar, subset_mask(s, model.num_modalities, len(index), device))
             mean, _ = mixture.moments()
             means[s].append(mean.cpu())
     return {s: torch.cat(v) for s, v in means.items()}

@@ -6,8 +6,9 @@ the exact mixture density (``opinionpool.functional.GaussianMixture.log_prob``),
 The estimate is a stochastic lower bound of ``log p(X)`` in expectation that tightens as ``K`` grows (MoPoE used
 K = 12, MultiVae 1000).
 
-Conditional: ``log p(X_rest | X_S) ~ log (1/K) sum_k p(X_rest | z_k)`` with ``z_k ~ q(z | X_S)``, the encoder
-of the subset standing in for ``p(z | X_S)`` (the MoPoE convention).
+Conditional: ``log p(X_rest | X_S) ~ log (1/K) sum_k p(X_rest | z_k)`` with ``z_k ~ q(z | X_S)``
+(``MultimodalVAE.conditional_posterior``), the encoder of the subset standing in for ``p(z | X_S)`` (the MoPoE
+convention).
 
 Models with modality-specific latents (MMVAE+, Hölder+/++, ``model.private_dim > 0``): ``z`` is the shared
 latent, and each target modality's ``w_m`` is sampled from its own posterior ``q(w_m | x_m)`` (Hölder++:
@@ -64,7 +65,9 @@ def log_likelihood(model, x, condition: torch.Tensor | None = None,
                          "(or equal, for the joint likelihood)")
     chunks = []
     with evaluating(model):
-        proposal = model.posterior_mixture(x, condition)
+        # the joint's proposal is the model's posterior of the modalities scored; a conditional's, q(z | X_S)
+        proposal = (model.conditional_posterior(*model.encode(x), condition) if conditional
+                    else model.posterior_mixture(x, condition))
         private = model.private_posterior(x)
         for start in range(0, num_samples, chunk_size):
             count = min(chunk_size, num_samples - start)
