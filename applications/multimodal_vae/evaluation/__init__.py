@@ -246,7 +246,8 @@ def render_report(config, metrics: dict) -> str:
         + ".", ""]
     if "fid" in metrics:
         fid = metrics["fid"]
-        conditional = ("; conditional by number of inputs: "
+        conditional = ("; conditional by number of inputs (one FID per size over generations each from a random "
+                       "subset of that size, not a mean of per-subset FIDs): "
                        + ", ".join(f"{k}: {v:.1f}" for k, v in fid["per_size"].items())
                        if fid["per_size"] else " (conditional generations not scored: eval.fid_sizes)")
         lines += [f"**FID** ({fid['samples']} samples per image modality, {fid['weights']}): unconditional "

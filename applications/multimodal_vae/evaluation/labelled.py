@@ -68,6 +68,7 @@ def cross_coherence(result: dict, num_modalities: int) -> torch.Tensor:
 def unconditional_coherence(model, classifiers: nn.ModuleList, modalities, latent_dim: int, num_samples: int = 1000,
                             batch_size: int = 500, seed: int = 0) -> float:
     """Fraction of prior samples whose generated modalities all get the same predicted label."""
+    classifiers.eval()
     device = model.device
     generator = torch.Generator(device=device).manual_seed(seed)
     agree = 0
