@@ -447,8 +447,10 @@ class MultimodalVAE(nn.Module):
 
     @torch.no_grad()
     def posterior(self, x, present: torch.Tensor | None = None):
-        """The joint posterior as a mean and log-variance ``(B, D)`` (mixtures: their moment-matched Gaussian)."""
-        mixture = self.posterior_mixture(x, present)
+        """The posterior given the modalities ``present`` (default all) as the evaluation conditions on them
+        (``conditional_posterior``), as a mean and log-variance ``(B, D)`` (mixtures: their moment-matched
+        Gaussian)."""
+        mixture = self.conditional_posterior(*self.encode(x), self._everything(x) if present is None else present)
         if mixture.loc.shape[-2] == 1:
             return mixture.loc[..., 0, :], mixture.logvar[..., 0, :]
         return mixture.moments()

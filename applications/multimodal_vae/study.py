@@ -269,7 +269,7 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
     lines = [f"# The study `{folder.name}`", "",
              "Written by `python -m applications.multimodal_vae study` from the sweep's runs; every number is a mean "
              "± sample standard deviation (n - 1) over seeds, with the number of seeds that computed it in "
-             "parentheses where it is not the row's. Machine: "
+             "parentheses (in the tables only where that is fewer than the row's). Machine: "
              f"{_machine()}. Commit: `{_commit()}`. Command: `{command}`.", "", SETTING, ""]
     lines += ["## The papers' claims at this scale", "",
               "A claim holds (or does not) when the two means differ by more than the sum of their standard "

@@ -261,3 +261,37 @@ def test_hoelder_plus_plus_is_evaluated_with_its_private_posterior_given_z():
         means = private_means(model, data, batch_size=4)
         for m in range(3):
             assert torch.allclose(means[m], model.top_down[m](private[0][m], private[1][m], joint_mean)[0], atol=1e-6)
+
+
+def test_the_evaluation_conditions_subset_mixtures_on_the_given_modalities_pool_and_the_joint_on_the_mixture():
+    """Coherence, subset probes, grids and conditional likelihoods of MoPoE go through conditional_posterior (the
+    subset's own pool); only the joint likelihood's proposal is the training posterior (pool: the mixture)."""
+    from applications.multimodal_vae.evaluation.grids import grid_images
+    from applications.multimodal_vae.evaluation.labelled import posterior_means
+    from applications.multimodal_vae.evaluation.likelihood import log_likelihood
+
+    torch.manual_seed(0)
+    encoders, decoders = make_networks(polymnist_modalities(3), 4)
+    model = MultimodalVAE(encoders, decoders, "mopoe")
+    images = torch.randint(0, 256, (3, 6, 3, 28, 28), dtype=torch.uint8)
+    data = MultimodalDataset(polymnist_modalities(3), images.unbind(0), torch.randint(0, 10, (6,)), num_classes=10)
+    x = [t.float() / 255 for t in images.unbind(0)]
+    calls = {"pool": 0, "conditional": 0}
+    pool, conditional = model.pool, model.conditional_posterior
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    model.pool, model.conditional_posterior = counted("pool", pool), counted("conditional", conditional)
+    classifiers = nn.ModuleList(DigitClassifier() for _ in range(3))
+    coherence(model, classifiers, data, batch_size=6, seed=0)
+    posterior_means(model, data, [(0,), (1, 2), (0, 1, 2)])
+    grid_images(model, x, data.modalities)
+    one = torch.tensor([[True] * 6, [False] * 6, [False] * 6])
+    log_likelihood(model, x, condition=one, targets=~one, num_samples=2)
+    assert calls["pool"] == 0 and calls["conditional"] > 0
+    log_likelihood(model, x, num_samples=2)
+    assert calls["pool"] == 1
