@@ -232,6 +232,11 @@ class TopDownPrivate(nn.Module):
         return mu + delta[..., :self.private_dim], logvar + delta[..., self.private_dim:]
 
 
+def _one_component(loc: torch.Tensor, logvar: torch.Tensor) -> opf.GaussianMixture:
+    """A Gaussian pool ``(B, D)`` as a mixture of one component, as the mixture posteriors are given."""
+    return opf.GaussianMixture(torch.zeros_like(loc[..., :1]), loc.unsqueeze(-2), logvar.unsqueeze(-2))
+
+
 class MultimodalVAE(nn.Module):
     """Encoders and decoders per modality, an aggregator and an objective.
 
@@ -427,7 +432,7 @@ class MultimodalVAE(nn.Module):
         if self.spec.posterior == "mixture":
             return self.aggregate(mu, logvar, mask=present)
         loc, logvar = self.aggregate(mu, logvar, mask=present)
-        return opf.GaussianMixture(torch.zeros_like(loc[..., :1]), loc.unsqueeze(-2), logvar.unsqueeze(-2))
+        return _one_component(loc, logvar)
 
     def conditional_posterior(self, mu: torch.Tensor, logvar: torch.Tensor, given: torch.Tensor) -> opf.GaussianMixture:
         """``q(z | X_S)``, what the evaluation conditions on the modalities ``given`` ``(M, B)`` with (generation,
@@ -443,7 +448,7 @@ class MultimodalVAE(nn.Module):
             mu, logvar = torch.cat((mu, prior)), torch.cat((logvar, prior))
             given = torch.cat((given, given.all(0, keepdim=True)))
         loc, logvar = self.aggregate(mu, logvar, mask=given)
-        return opf.GaussianMixture(torch.zeros_like(loc[..., :1]), loc.unsqueeze(-2), logvar.unsqueeze(-2))
+        return _one_component(loc, logvar)
 
     @torch.no_grad()
     def posterior(self, x, present: torch.Tensor | None = None):

@@ -66,8 +66,7 @@ def log_likelihood(model, x, condition: torch.Tensor | None = None,
     chunks = []
     with evaluating(model):
         # the joint's proposal is the model's posterior of the modalities scored; a conditional's, q(z | X_S)
-        proposal = (model.conditional_posterior(*model.encode(x), condition) if conditional
-                    else model.posterior_mixture(x, condition))
+        proposal = (model.conditional_posterior if conditional else model.pool)(*model.encode(x), condition)
         private = model.private_posterior(x)
         for start in range(0, num_samples, chunk_size):
             count = min(chunk_size, num_samples - start)
