@@ -334,10 +334,16 @@ class MultimodalVAE(nn.Module):
     def private_posterior(self, x):
         """The encoders' ``(mu, logvar)`` of the modality-specific latents, each ``(M, B, private_dim)`` (None
         without them); Hölder++'s posterior also depends on the shared latent: ``private_given``."""
-        if not self.private_dim:
-            return None
+        return self.encode_with_private(x)[2]
+
+    def encode_with_private(self, x):
+        """``(mu, logvar, private)``: ``encode``'s and ``private_posterior``'s results from one pass of the
+        encoders (evaluation needs both for the models with modality-specific latents)."""
         mu, logvar = self._encode(x)
-        return mu[..., -self.private_dim:], logvar[..., -self.private_dim:]
+        if not self.private_dim:
+            return mu, logvar, None
+        shared, own = slice(None, -self.private_dim), slice(-self.private_dim, None)
+        return mu[..., shared], logvar[..., shared], (mu[..., own], logvar[..., own])
 
     def private_given(self, private, target: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Modality ``target``'s posterior ``(mu, logvar)`` of its modality-specific latent given the shared ``z``
@@ -371,10 +377,7 @@ class MultimodalVAE(nn.Module):
     def encode(self, x):
         """Unimodal posteriors ``(mu, logvar)`` of the shared latent, each ``(M, B, D)``, from inputs ``x`` (see
         ``as_modalities``)."""
-        mu, logvar = self._encode(x)
-        if self.private_dim:
-            return mu[..., :-self.private_dim], logvar[..., :-self.private_dim]
-        return mu, logvar
+        return self.encode_with_private(x)[:2]
 
     def _encode(self, x):
         """Every encoder output, modality-specific latents included."""

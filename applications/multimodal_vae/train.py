@@ -211,10 +211,10 @@ def sample_grid(model: MultimodalVAE, x, modalities, path: Path) -> torch.Tensor
     outputs = [x]
     m = model.num_modalities
     with torch.random.fork_rng(devices=[]), evaluating(model):
-        private = model.private_posterior(x)
+        shared_mu, shared_logvar, private = model.encode_with_private(x)
         for present in (torch.ones(m, x[0].shape[0], dtype=torch.bool, device=x[0].device),
                         subset_mask((0,), m, x[0].shape[0], x[0].device)):
-            mu, _ = model.posterior(x, present)
+            mu = model.conditional_posterior(shared_mu, shared_logvar, present).mean
             # a given modality's private latent at its posterior mean, the others' drawn from the prior
             outputs.append([model.decode(mu, t, present, private, sample=False).float() for t in range(m)])
     images = [m for m, modality in enumerate(modalities) if not modality.is_text]

@@ -214,6 +214,29 @@ def test_the_evaluation_conditions_on_the_given_modalities_pool_as_the_mopoe_cod
         assert model.pool(mu, logvar, given).loc.shape[-2] > 1
 
 
+@pytest.mark.parametrize("name", ["helvae", "mmvaeplus", "holderplusplus"])
+def test_encode_with_private_splits_one_pass_of_the_encoders(name):
+    """The shared statistics are the encoders' first ``latent`` outputs, the private ones the rest; each encoder
+    runs once (evaluation asked for both with two passes)."""
+    model, x = make(name), batch()
+    calls = []
+    for encoder in model.encoders:
+        encoder.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        mu, logvar, private = model.encode_with_private(x)
+        assert len(calls) == 3
+        stats = [encoder(x[:, m]) for m, encoder in enumerate(model.encoders)]
+    shared = 8
+    torch.testing.assert_close(mu, torch.stack([s[0][:, :shared] for s in stats]), rtol=0, atol=0)
+    torch.testing.assert_close(logvar, torch.stack([s[1][:, :shared] for s in stats]), rtol=0, atol=0)
+    if name == "helvae":
+        assert private is None and mu.shape == (3, 6, 8)
+    else:
+        torch.testing.assert_close(private[0], torch.stack([s[0][:, shared:] for s in stats]), rtol=0, atol=0)
+        torch.testing.assert_close(private[1], torch.stack([s[1][:, shared:] for s in stats]), rtol=0, atol=0)
+        assert private[0].shape == (3, 6, 3)
+
+
 def test_helvae_with_one_modality_is_that_modalitys_vae():
     model = make("helvae")
     x = batch()

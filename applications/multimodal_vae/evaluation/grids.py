@@ -59,12 +59,11 @@ def grid_images(model, x, modalities, seed: int = 0) -> dict[tuple[str, int], to
     generator = torch.Generator(device=device).manual_seed(seed)
     out = {("input", t): x[t].float() for t in targets}
     with evaluating(model):
-        private = model.private_posterior(x)
+        shared_mu, shared_logvar, private = model.encode_with_private(x)
         everything = torch.ones(m, b, dtype=torch.bool, device=device)
-        mu, _ = model.posterior(x, everything)
+        mu = model.conditional_posterior(shared_mu, shared_logvar, everything).mean
         for t in targets:
             out["all", t] = model.decode(mu, t, everything, private, generator=generator, sample=False)
-        shared_mu, shared_logvar = model.encode(x)
         for s in range(m):
             given = subset_mask((s,), m, b, device)
             z = model.conditional_posterior(shared_mu, shared_logvar, given).sample(generator=generator)

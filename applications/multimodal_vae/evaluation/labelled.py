@@ -31,8 +31,7 @@ def coherence(model, classifiers: nn.ModuleList, data, subsets: list[tuple[int, 
     with evaluating(model):
         for index, x in batches(data, batch_size, device):
             y = data.labels[index].to(device)
-            mu, logvar = model.encode(x)
-            private = model.private_posterior(x)
+            mu, logvar, private = model.encode_with_private(x)
             for i, subset in enumerate(subsets):
                 given = subset_mask(subset, m, len(index), device)
                 z = model.conditional_posterior(mu, logvar, given).sample(generator=generator)
@@ -102,10 +101,11 @@ def private_means(model, data, batch_size: int = 500) -> list[torch.Tensor]:
     means = []
     with evaluating(model):
         for _, x in batches(data, batch_size, device=model.device):
-            private = model.private_posterior(x)
+            shared_mu, shared_logvar, private = model.encode_with_private(x)
             mu = private[0]
             if model.top_down is not None:
-                z = model.posterior(x)[0]
+                everything = torch.ones(shared_mu.shape[:2], dtype=torch.bool, device=model.device)
+                z = model.conditional_posterior(shared_mu, shared_logvar, everything).mean
                 mu = torch.stack([model.private_given(private, m, z)[0] for m in range(model.num_modalities)])
             means.append(mu.cpu())
     return list(torch.cat(means, 1).unbind(0))

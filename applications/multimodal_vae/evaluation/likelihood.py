@@ -66,8 +66,8 @@ def log_likelihood(model, x, condition: torch.Tensor | None = None,
     chunks = []
     with evaluating(model):
         # the joint's proposal is the model's posterior of the modalities scored; a conditional's, q(z | X_S)
-        proposal = (model.conditional_posterior if conditional else model.pool)(*model.encode(x), condition)
-        private = model.private_posterior(x)
+        mu, logvar, private = model.encode_with_private(x)
+        proposal = (model.conditional_posterior if conditional else model.pool)(mu, logvar, condition)
         for start in range(0, num_samples, chunk_size):
             count = min(chunk_size, num_samples - start)
             z = proposal.sample((count,), generator=generator)  # (k, B, D)
