@@ -107,7 +107,9 @@ def bregman_divergence(family, eta_p: torch.Tensor, eta_q: torch.Tensor) -> torc
     (:math:`\delta = \eta_q - \eta_p`; 16-point Gauss-Legendre, the curvature by double differentiation of
     :math:`A`) is used instead: a positive integrand, no cancellation, and on so short a path the rule is exact to
     rounding."""
-    delta = eta_q - eta_p
+    # a category p gives probability zero (eta_p = -inf, mean parameter 0) adds nothing to the linear term: inf * 0
+    # would be NaN (and -inf - -inf for KL(p || p)); where only q gives it zero, delta stays -inf (KL = inf)
+    delta = torch.where(torch.isneginf(eta_p), 0, eta_q - eta_p)
     log_normalizer_p, log_normalizer_q = family.log_normalizer(eta_p), family.log_normalizer(eta_q)
     linear = (delta * family.mean_parameters(eta_p)).sum(-1)
     direct = log_normalizer_q - log_normalizer_p - linear

@@ -139,3 +139,21 @@ def test_kl_of_nearly_equal_experts_keeps_its_digits_and_gradient():
     closed = ((2.0 - 5.0) * float(torch.digamma(torch.tensor(2.0, dtype=torch.float64))) - math.lgamma(2.0)
               + math.lgamma(5.0) + 5.0 * (math.log(1.0) - math.log(3.0)) + 2.0 * (3.0 - 1.0) / 1.0)
     assert float(far) == pytest.approx(closed, rel=1e-12)
+
+
+def test_kl_of_categoricals_with_zero_probabilities_by_exact_sum():
+    """A category p gives probability zero adds nothing to KL(p || q) (its natural parameter is -inf: inf * 0 was
+    NaN), KL(p || p) is 0, and KL(q || p) is inf where q puts mass that p does not; the gradient in q's logits
+    is softmax - p."""
+    from torch.distributions import Categorical
+
+    p = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+    q_logits = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64).log().requires_grad_(True)
+    kl = op.kl_divergence(Categorical(probs=p), Categorical(logits=q_logits))
+    q = torch.softmax(q_logits.detach(), -1)
+    assert kl.item() == pytest.approx(sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist()) if pi),
+                                      rel=1e-12)
+    kl.backward()
+    torch.testing.assert_close(q_logits.grad, q - p, rtol=1e-12, atol=1e-14)
+    assert op.kl_divergence(Categorical(probs=p), Categorical(probs=p)).item() == 0
+    assert op.kl_divergence(Categorical(probs=q), Categorical(probs=p)).item() == math.inf
