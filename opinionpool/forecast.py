@@ -8,7 +8,8 @@ batch dimension indexes the experts), with the occasions on the batch axes befor
   closed form for Normal forecasts and Gaussian mixtures (exact Hölder pools of Normal experts, ``MixtureSameFamily``
   of Normals; Grimit et al. 2006, "The continuous ranked probability score for circular variables and its
   application to mesoscale forecast ensemble verification"), otherwise by quadrature of the density.
-* :func:`pit` and :func:`coverage`: probability integral transforms and a table of central-interval coverage.
+* :func:`pit` and :func:`coverage`: probability integral transforms and a table of central-interval coverage
+  (angles, for circular forecasts such as VonMises, on the period ``[-pi, pi)``).
 * :func:`disagreement`: pairwise Bhattacharyya and Hellinger matrices and the share of the ``alpha = 1/2`` pool's
   mass in its pairwise components.
 * :func:`fit_weights`: simplex weights (and optionally alpha) maximising the mean log score.
@@ -26,7 +27,7 @@ from torch.distributions import Distribution, MixtureSameFamily, Normal
 from ._validation import check_alpha, check_positive_int, describe, real_tensor
 from .affinities import log_multi_chernoff_coefficient
 from .experts import Experts, as_experts
-from .families import NormalFamily
+from .families import NormalFamily, family_of
 from .pool import HolderPool, NumericalHolderPool, _Pool, component_counts, holder
 
 __all__ = ["crps", "pit", "coverage", "CoverageTable", "disagreement", "Disagreement", "fit_weights", "FitResult"]
@@ -46,6 +47,18 @@ def _check_distribution(name: str, dist) -> None:
     if dist.event_shape != torch.Size() or discrete:
         raise ValueError(f"{name} must be a continuous distribution of scalar events, got {type(dist).__name__} with "
                          f"event_shape {tuple(dist.event_shape)}{' and a discrete support' if discrete else ''}")
+
+
+def _circular(dist: Distribution) -> bool:
+    """Whether ``dist`` is a forecast of angles (its family is ``circular``, as VonMises is)."""
+    if isinstance(dist, _Pool):
+        return dist.family.circular
+    if isinstance(dist, MixtureSameFamily):
+        return _circular(dist.component_distribution)
+    try:
+        return family_of(dist).circular
+    except ValueError:  # not one of the library's families: a distribution on the real line
+        return False
 
 
 def _observations(observations, batch_shape: torch.Size, dtype) -> torch.Tensor:
@@ -114,25 +127,30 @@ def _integration_matrix():
 
 
 def _support(dist: Distribution):
+    """float64 ``(lower, upper)`` bounds of the support, tensors broadcasting against ``batch_shape`` (a Uniform's
+    depend on its batched parameters)."""
     support = dist.support
-    return float(getattr(support, "lower_bound", -math.inf)), float(getattr(support, "upper_bound", math.inf))
+    return tuple(torch.as_tensor(getattr(support, name, default)).detach().to(torch.float64)
+                 for name, default in (("lower_bound", -math.inf), ("upper_bound", math.inf)))
 
 
-def _density_quadrature(dist: Distribution, y: torch.Tensor):
-    """``(crps, cdf at y)`` in float64 by panels of Gauss-Legendre quadrature of the density ``exp(log_prob)``.
+def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
+    """``(crps, cdf at y, total mass)`` in float64 by panels of Gauss-Legendre quadrature of the density ``exp(log_prob)``.
 
-    The panels cover ``[mean - 12 sd, mean + 12 sd]`` cut to the support, with the observation as a panel edge (so
+    The panels cover ``window`` (float64 ``(lo, hi)`` broadcasting against the batch), by default
+    ``[mean - 12 sd, mean + 12 sd]`` cut to the support, with the observation as a panel edge (so
     the step of the CRPS integrand falls between panels); the cdf at each node integrates the density's
     interpolating polynomial on its panel. Beyond that range the density is taken as zero; an observation outside
     it adds the exact length term ``(y - hi) * F(hi)^2`` (or ``(lo - y) * (1 - F(lo))^2``)."""
     t, w, integrate = _integration_matrix()
     shape = torch.broadcast_shapes(y.shape, dist.batch_shape)
     y = y.expand(shape).to(torch.float64)
-    with torch.no_grad():
-        mean, sd = dist.mean.detach().to(torch.float64), dist.stddev.detach().to(torch.float64)
-    lower, upper = _support(dist)
-    lo = (mean - _WIDTH * sd).clamp_min(lower).expand(shape)
-    hi = (mean + _WIDTH * sd).clamp_max(upper).expand(shape)
+    if window is None:
+        with torch.no_grad():
+            mean, sd = dist.mean.detach().to(torch.float64), dist.stddev.detach().to(torch.float64)
+        lower, upper = _support(dist)
+        window = torch.maximum(mean - _WIDTH * sd, lower), torch.minimum(mean + _WIDTH * sd, upper)
+    lo, hi = (bound.expand(shape) for bound in window)
     inside = y.clamp(torch.minimum(lo, hi), hi)
     steps = torch.linspace(0, 1, _PANELS + 1, dtype=torch.float64)
     edges = torch.sort(torch.cat((lo.unsqueeze(-1) + steps * (hi - lo).unsqueeze(-1), inside.unsqueeze(-1)), -1),
@@ -151,7 +169,26 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor):
     total = panel_mass.sum(-1)
     value = value + (y - hi).clamp_min(0) * total ** 2 + (lo - y).clamp_min(0)
     at_y = (torch.where(middle < y.unsqueeze(-1), panel_mass, torch.zeros_like(panel_mass))).sum(-1)
-    return value, at_y.clamp(0, 1)
+    return value, at_y.clamp(0, 1), total
+
+
+def _circular_pit(dist: Distribution, y: torch.Tensor) -> torch.Tensor:
+    """The mass of ``[-pi, y)`` (``y`` modulo ``2 pi``) under a circular forecast, by :func:`_density_quadrature`.
+
+    The density is periodic, so the quadrature covers one period ``[mean - pi, mean + pi)`` about the (circular)
+    mean, cut to ``mean +- 12 sd`` when narrower so that a concentrated forecast keeps its panels; ``-pi`` and ``y``
+    are mapped into that period and the mass between them read off the cumulative mass, wrapping past its end, over
+    the total (torch's VonMises normaliser is a polynomial approximation good to about 1e-7)."""
+    shape = torch.broadcast_shapes(y.shape, dist.batch_shape)
+    with torch.no_grad():
+        mean, sd = dist.mean.detach().to(torch.float64), dist.stddev.detach().to(torch.float64)
+    start, half = mean - math.pi, (_WIDTH * sd).clamp_max(math.pi)
+    angles = torch.stack((y.to(torch.float64).expand(shape), torch.full(shape, -math.pi, dtype=torch.float64)))
+    angles = start + torch.remainder(angles - start, 2 * math.pi)
+    _, (at_y, at_start), (total, _) = _density_quadrature(dist, angles, (mean - half, mean + half))
+    # decided by the order of the angles, not the sign of the difference, which rounding can flip when y ~ -pi
+    mass = torch.where(angles[0] >= angles[1], at_y - at_start, total - at_start + at_y)
+    return (mass / total).clamp(0, 1)
 
 
 def crps(forecast, observations) -> torch.Tensor:
@@ -168,8 +205,14 @@ def crps(forecast, observations) -> torch.Tensor:
     12 standard deviations is neglected (an error of at most that mass times the distance of the observation), and
     densities with an integrable singularity (a Gamma of shape below 1 at 0) or narrow modes far apart (much
     narrower than a panel) are resolved less accurately. No gradient on that path.
+
+    Circular forecasts (VonMises experts, pools and mixtures) are rejected with a ``ValueError``: the integral over
+    the real line counts the periodic density's mass once per period, and a CRPS of angles is a different score.
     """
     _check_distribution("forecast", forecast)
+    if _circular(forecast):
+        raise ValueError(f"forecast must not be circular: the CRPS integrates over the real line, got a "
+                         f"{type(forecast).__name__} forecast of angles; score it with log_prob or pit instead")
     y = _observations(observations, forecast.batch_shape, _dtype(forecast))
     mixture = _gaussian_mixture(forecast)
     if mixture is not None:
@@ -184,9 +227,15 @@ def pit(forecast, observations) -> torch.Tensor:
 
     The forecast's own ``cdf`` where it is vectorised (Normal, exact mixtures); numerical pools use the density
     quadrature of :func:`crps` (one vectorised pass over all occasions, error as stated there) instead of their
-    one-pool-at-a-time adaptive ``cdf``."""
+    one-pool-at-a-time adaptive ``cdf``.
+
+    Circular forecasts (VonMises experts, pools and mixtures): ``F(y)`` is the mass of ``[-pi, y)`` with ``y`` taken
+    modulo ``2 pi`` into the period ``[-pi, pi)`` (so ``y = pi`` gives 0), by the same quadrature over one
+    period."""
     _check_distribution("forecast", forecast)
     y = _observations(observations, forecast.batch_shape, _dtype(forecast))
+    if _circular(forecast):
+        return _circular_pit(forecast, y).to(y.dtype)
     if isinstance(forecast, NumericalHolderPool) or not _has_cdf(forecast):
         return _density_quadrature(forecast, y)[1].to(y.dtype)
     with torch.no_grad():
@@ -247,7 +296,8 @@ class Disagreement:
     Bhattacharyya coefficients :math:`\\int\\sqrt{q_i q_j}` and Hellinger distances :math:`\\sqrt{1 - BC}`;
     ``pairwise_mass``: ``batch_shape``, the share of the weighted ``alpha = 1/2`` pool's mass in its pairwise
     components :math:`2\\lambda_i\\lambda_j\\sqrt{q_iq_j}` (0 for experts that never overlap, where the pool is the
-    mixture with weights proportional to :math:`\\lambda_j^2`; ``1 - sum_j lambda_j^2`` for identical experts)."""
+    mixture with weights proportional to :math:`\\lambda_j^2`; ``1 - sum_j lambda_j^2`` for identical experts, so 0
+    for one expert)."""
 
     bhattacharyya: torch.Tensor
     hellinger: torch.Tensor
@@ -269,7 +319,8 @@ def disagreement(experts, weights=None, validate_args: bool | None = None) -> Di
     hellinger = torch.sqrt((-torch.expm1(log_bc)).clamp_min(0))
     pool = HolderPool(experts, alpha=0.5, weights=weights, validate_args=validate_args)
     counts = component_counts(2, m, device=params.device)
-    pairwise = counts.amax(-1) < 2
+    # components of two distinct experts (one expert's pool is its single component, counted [1], not a pair)
+    pairwise = (counts > 0).sum(-1) == 2
     pairwise_mass = torch.where(pairwise, pool.mixture_weights, torch.zeros_like(pool.mixture_weights)).sum(-1)
     return Disagreement(bhattacharyya, hellinger, pairwise_mass)
 

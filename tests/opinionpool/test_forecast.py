@@ -11,7 +11,7 @@ import scipy.optimize
 import scipy.special
 import scipy.stats
 import torch
-from torch.distributions import Gamma, Normal, Poisson
+from torch.distributions import Categorical, Gamma, MixtureSameFamily, Normal, Poisson, Uniform, VonMises
 
 import opinionpool as op
 
@@ -113,6 +113,29 @@ def test_crps_of_a_gaussian_mixture_is_differentiable_with_the_right_gradient():
     torch.autograd.gradcheck(lambda m: op.crps(op.holder(Normal(m, scale), 0.5, WEIGHTS), y), (loc,))
 
 
+def _uniform_crps_by_quad(a, b, y):
+    """int (F(x) - 1{x >= y})^2 dx for Uniform(a, b) by scipy quadrature, y inside [a, b]."""
+    return (scipy.integrate.quad(lambda x: ((x - a) / (b - a)) ** 2, a, y, epsabs=1e-14)[0]
+            + scipy.integrate.quad(lambda x: (1 - (x - a) / (b - a)) ** 2, y, b, epsabs=1e-14)[0])
+
+
+def test_crps_with_batched_support_bounds_matches_quadrature_and_closed_form():
+    """Uniform(a, b) has a support that depends on its batched parameters; its CRPS inside the support is
+    ((y - a)^3 + (b - y)^3) / (3 (b - a)^2): 1/12 and 1/6 for the first two."""
+    a, b, y = [0.0, 1.0, -2.0], [1.0, 3.0, 0.5], [0.5, 2.0, 0.1]
+    got = op.crps(Uniform(torch.tensor(a), torch.tensor(b)), torch.tensor(y))
+    np.testing.assert_allclose(got.numpy(), [_uniform_crps_by_quad(*args) for args in zip(a, b, y)], rtol=1e-9)
+    np.testing.assert_allclose(got[:2].numpy(), [1 / 12, 1 / 6], rtol=1e-9)
+
+
+def test_crps_rejects_circular_forecasts():
+    experts = VonMises(torch.tensor([0.3, -1.0]), torch.tensor([2.0, 5.0]))
+    mixture = MixtureSameFamily(Categorical(torch.tensor([0.5, 0.5])), experts)
+    for forecast in (experts, op.holder(experts, 0.5), op.NumericalHolderPool(experts, 0.3), mixture):
+        with pytest.raises(ValueError, match=f"forecast must not be circular.*{type(forecast).__name__}"):
+            op.crps(forecast, torch.tensor(0.75))
+
+
 # --------------------------------------------------------------------------------------------------- calibration
 def test_pit_of_a_correctly_specified_forecast_is_uniform_and_has_power():
     """Kolmogorov-Smirnov at level 0.01 with a fixed seed: a calibrated forecast passes, one with twice the spread
@@ -127,6 +150,47 @@ def test_pit_of_a_correctly_specified_forecast_is_uniform_and_has_power():
                                atol=1e-14)
     assert scipy.stats.kstest(calibrated.numpy(), "uniform").pvalue > 0.01
     assert scipy.stats.kstest(op.pit(Normal(loc, 2 * scale), y).numpy(), "uniform").pvalue < 0.01
+
+
+def _vonmises_pdf(x, loc, kappa):
+    """The von Mises density in a form that neither overflows nor underflows at large concentration."""
+    return np.exp(kappa * (np.cos(x - loc) - 1)) / (2 * np.pi * scipy.special.i0e(kappa))
+
+
+def _circular_pit_by_quad(density, y, points=()):
+    """The mass of [-pi, y) (y taken modulo 2 pi into [-pi, pi)) over the mass of [-pi, pi), by scipy quadrature."""
+    y = (y + math.pi) % (2 * math.pi) - math.pi
+    inside = [p for p in points if -math.pi < p < math.pi]
+    total = scipy.integrate.quad(density, -math.pi, math.pi, points=inside, epsabs=1e-14, limit=200)[0]
+    below = [p for p in inside if p < y]
+    return scipy.integrate.quad(density, -math.pi, y, points=below or None, epsabs=1e-14, limit=200)[0] / total
+
+
+def test_pit_of_a_von_mises_forecast_is_the_mass_of_one_period_up_to_the_angle():
+    """Angles: F(y) is the mass of [-pi, y) with y modulo 2 pi, including a forecast whose mass wraps past pi and a
+    concentrated one (standard deviation 0.003, far below a fifth of the period's panels)."""
+    loc, kappa = [0.3, 2.8, -1.0, 3.0], [2.0, 0.5, 1e5, 40.0]
+    angles = np.array([0.75, -3.0, -0.999, -3.1])
+    forecast = VonMises(torch.tensor(loc), torch.tensor(kappa))
+    expected = [_circular_pit_by_quad(lambda x, m=m, k=k: _vonmises_pdf(x, m, k), y, points=[m, m - 2 * math.pi])
+                for m, k, y in zip(loc, kappa, angles)]
+    for turns in (0, 1, -2):
+        got = op.pit(forecast, torch.tensor(angles + 2 * math.pi * turns))
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9, atol=1e-12)
+    # the period is [-pi, pi): pi is the angle -pi, the start
+    ends = op.pit(VonMises(torch.tensor(0.3), torch.tensor(2.0)), torch.tensor([-math.pi, math.pi]))
+    assert ends.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
+def test_pit_of_a_von_mises_pool_matches_quadrature_of_the_pooled_density(alpha):
+    loc, kappa = [0.3, 2.9, -2.0], [2.0, 6.0, 1.0]
+    experts = VonMises(torch.tensor(loc), torch.tensor(kappa))
+    forecast = op.holder(experts, alpha, WEIGHTS)
+    density = _holder_density([lambda x, m=m, k=k: _vonmises_pdf(x, m, k) for m, k in zip(loc, kappa)], WEIGHTS, alpha)
+    angles = np.array([0.75, -3.0, 3.1, -1.2, 7.0])
+    expected = [_circular_pit_by_quad(lambda x: float(density(np.atleast_1d(x))[0]), y, points=loc) for y in angles]
+    np.testing.assert_allclose(op.pit(forecast, torch.tensor(angles)).numpy(), expected, rtol=1e-8, atol=1e-10)
 
 
 def test_coverage_of_a_calibrated_pool_matches_nominal_within_binomial_error():
@@ -181,6 +245,15 @@ def test_disagreement_of_gamma_experts_matches_quadrature():
     bc = scipy.integrate.quad(lambda x: math.sqrt(p.pdf(x) * q.pdf(x)), 0, np.inf, epsabs=1e-13)[0]
     assert float(result.bhattacharyya[0, 1]) == pytest.approx(bc, rel=1e-9)
     assert float(result.pairwise_mass) == pytest.approx(2 * 0.25 * bc / (0.5 + 2 * 0.25 * bc), rel=1e-10)
+
+
+def test_disagreement_of_one_expert_has_no_pairwise_mass():
+    """One expert has no pairs: 1 - sum lambda^2 = 0, with or without batch axes."""
+    for loc, scale in (([0.3], [1.2]), ([[0.3], [-1.0]], [[1.2], [0.5]])):
+        result = op.disagreement(Normal(torch.tensor(loc), torch.tensor(scale)))
+        assert torch.equal(result.pairwise_mass, torch.zeros(result.pairwise_mass.shape, dtype=torch.float64))
+        assert result.pairwise_mass.shape == torch.tensor(loc).shape[:-1]
+        assert torch.allclose(result.bhattacharyya, torch.ones(1, 1, dtype=torch.float64))
 
 
 # --------------------------------------------------------------------------------------------------- fit_weights
