@@ -257,7 +257,8 @@ def holder_components(family: ExponentialFamily, params: torch.Tensor, log_weigh
     if num_single < index.shape[0]:
         multi_index, multi_counts = index[num_single:], counts[num_single:]
         gathered = params.index_select(len(batch), multi_index.flatten()).unflatten(len(batch), tuple(multi_index.shape))
-        log_w = torch.where(multi_counts > 0, torch.log(multi_counts.to(params.dtype) / order), -math.inf)
+        # in float64: the non-Gaussian families combine in float64, where float32 weights would not sum to one
+        log_w = torch.where(multi_counts > 0, torch.log(multi_counts.to(torch.float64) / order), -math.inf)
         combined, combined_log_c = family.combine(gathered, log_w.expand(batch + tuple(multi_index.shape)))
         components = torch.cat((components, combined), dim=len(batch))
         log_c = torch.cat((log_c, combined_log_c), dim=-1)

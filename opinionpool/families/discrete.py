@@ -33,7 +33,9 @@ def _listed(values: torch.Tensor, params: torch.Tensor, param_dims: int = 1):
 
 
 class PoissonFamily(ExponentialFamily):
-    """Poisson experts; the numerical engine truncates the support where the tail is below 1e-30."""
+    """Poisson experts, parameterised by their rate (its log, the natural parameter, would lose the digits that
+    tell nearly equal large rates apart in float32); the numerical engine truncates the support where the tail is
+    below 1e-30."""
 
     name = "Poisson"
     discrete = True
@@ -48,10 +50,16 @@ class PoissonFamily(ExponentialFamily):
 
     def params_from_distribution(self, dist):
         check_positive("Poisson rate", dist.rate)
-        return torch.log(dist.rate).unsqueeze(-1)
+        return dist.rate.unsqueeze(-1)
+
+    def to_natural(self, params):
+        return torch.log(params)
+
+    def from_natural(self, natural):
+        return torch.exp(natural)
 
     def distribution(self, params, validate_args: bool = False):
-        return Poisson(torch.exp(params[..., 0]), validate_args=validate_args)
+        return Poisson(params[..., 0], validate_args=validate_args)
 
     def log_normalizer(self, natural):
         return torch.exp(natural[..., 0])
@@ -69,7 +77,7 @@ class PoissonFamily(ExponentialFamily):
         return torch.log(mean_params)
 
     def support_values(self, params):
-        rate = torch.exp(params[..., 0])  # (batch, M)
+        rate = params[..., 0]  # (batch, M)
         largest = float(rate.max())
         last = math.ceil(largest + 50 * math.sqrt(largest) + 80)
         # E[(1+z)^2; z > K] = P(z > K) + 3 r P(z >= K) + r^2 P(z >= K - 1) <= (1 + 3r + r^2) P(z >= K - 1)

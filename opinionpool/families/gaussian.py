@@ -174,6 +174,7 @@ class _DiagonalGaussianBase(ExponentialFamily):
 
     def combine(self, params, log_weights):
         loc, logvar = self.split(params)
+        log_weights = log_weights.to(params.dtype)  # (float64 from callers whose weights sum to one)
         # contiguous copies: the (loc, logvar) slices are strided, which slows every later op severalfold
         mean, logvar_c, log_c = gaussian_combine(loc.contiguous(), logvar.contiguous(), log_weights, self.num_features)
         return self.join(mean, logvar_c), log_c
@@ -365,7 +366,7 @@ class MultivariateNormalFamily(ExponentialFamily):
         vanish as the experts coincide instead of growing with their log-determinants."""
         k = params.dim() - 3  # expert axis of (..., C, S, d, d + 1)
         loc, precision = self.split(params)
-        w = log_weights.exp()
+        w = log_weights.to(params.dtype).exp()
         used = (w > 0)[..., None, None]
         wp = torch.where(used, w[..., None, None] * precision, torch.zeros_like(precision))
         combined = wp.sum(k)
