@@ -76,16 +76,19 @@ def log_power_mean(log_values: torch.Tensor, log_weights: torch.Tensor, alpha) -
     # the branch; the arithmetic below uses ``alpha`` itself, so that a tensor keeps its gradient
     a = float(alpha.detach() if isinstance(alpha, torch.Tensor) else alpha)
     present = log_weights > -math.inf
+    # an absent expert contributes nothing: where its q_j = 0, w_j * log q_j (alpha = 0) or log w_j + alpha log q_j
+    # (alpha < 0: -inf + inf) would be NaN, and so would their gradients, however masked afterwards
+    finite = torch.where(present, log_values, torch.zeros_like(log_values))
     if a == 0:
         w = log_weights.exp()
-        return torch.where(present, w * log_values, torch.zeros_like(log_values)).sum(-1)
+        return torch.where(present, w * finite, torch.zeros_like(log_values)).sum(-1)
     if math.isinf(a):
         fill = torch.full_like(log_values, -math.inf if a > 0 else math.inf)
         masked = torch.where(present, log_values, fill)
         return masked.amax(-1) if a > 0 else masked.amin(-1)
     if isinstance(alpha, torch.Tensor):
         alpha = alpha.reshape(()).to(log_values.dtype)
-    scaled = alpha * log_values
+    scaled = alpha * finite
     general = torch.logsumexp(log_weights + scaled, dim=-1) / alpha
     if abs(a) >= SMALL_ALPHA:
         return general

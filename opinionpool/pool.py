@@ -950,7 +950,14 @@ class NumericalHolderPool(_Pool):
         self.seed = seed
         self._max_components = max_components
         self._summary: PoolEstimate | None = None
-        self._init_distribution(self.experts.batch_shape)
+        # weights with a batch shape of their own give one pool per row, as in HolderPool; the engine takes its batch
+        # from the experts' parameters, so both are broadcast to the common batch here (views, no copies)
+        batch = torch.broadcast_shapes(self.experts.batch_shape, self.log_weights.shape[:-1])
+        if batch != self.experts.batch_shape:
+            self.experts = _expand_experts(self.experts, batch)
+        if batch != self.log_weights.shape[:-1]:
+            self.log_weights = self.log_weights.expand(batch + self.log_weights.shape[-1:])
+        self._init_distribution(batch)
 
     @property
     def summary(self) -> PoolEstimate:
@@ -1043,8 +1050,9 @@ class NumericalHolderPool(_Pool):
     def moment_match(self, family: str | None = None):
         """As :meth:`HolderPool.moment_match`, from the estimated moments (``E[T(z)]`` for non-Gaussian families)."""
         if family is not None or self.family.gaussian:
-            if family is None:
-                family = "gaussian" if self.family.multivariate else "diag_gaussian"
+            if family is None:  # the experts' own family: diagonal Gaussians stay diagonal, as in HolderPool
+                diagonal = isinstance(self.family, (NormalFamily, DiagonalNormalFamily))
+                family = "diag_gaussian" if diagonal else "gaussian"
             return gaussian_projection(self, family)
         stat = self._values("expected_statistic")
         init = geometric_combination(self.experts, self.log_weights)[0]

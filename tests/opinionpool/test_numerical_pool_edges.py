@@ -1,0 +1,155 @@
+"""Edges of the numerical pool against independent float64 computations (scipy quadrature, exact sums, a dense
+grid): weights with a batch shape of their own, zero-weight experts of zero probability, and the projection of
+diagonal-Gaussian pools onto their own family."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate, stats
+from torch.distributions import Categorical, Independent, MultivariateNormal, Normal
+
+import opinionpool
+from opinionpool.numerical import log_power_mean
+
+
+def power_mean(densities, weights, alpha):
+    """``(sum_j w_j q_j^alpha)^(1/alpha)`` over the last axis, weights normalised to one (finite alpha != 0)."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    with np.errstate(divide="ignore"):  # a density that underflows to 0 gives u = 0 for alpha < 0 (0^alpha = inf)
+        return (np.asarray(densities, dtype=np.float64) ** alpha @ w) ** (1 / alpha)
+
+
+# ------------------------------------------------------------------ batched weights
+BATCHED_WEIGHTS = [[1.0, 1.0], [1.0, 3.0], [3.0, 1.0]]
+
+
+@pytest.mark.parametrize("alpha", [0.3, -0.7, 2.5])
+def test_batched_weights_give_one_pool_per_row(alpha):
+    locs, scales = [0.0, 2.0], [1.0, 0.5]
+    experts = [Normal(torch.tensor(m), torch.tensor(s)) for m, s in zip(locs, scales)]
+    pool = opinionpool.holder(experts, alpha=alpha, weights=BATCHED_WEIGHTS)
+    assert isinstance(pool, opinionpool.NumericalHolderPool)
+    assert pool.batch_shape == (3,)
+    z = torch.tensor([-1.0, 0.5, 2.0, 3.5])
+    log_prob = pool.log_prob(z.unsqueeze(-1))  # (4, 3): every point under every pool
+    assert log_prob.shape == (4, 3)
+    for row, weights in enumerate(BATCHED_WEIGHTS):
+        def u(x, k=0, weights=weights):
+            return x**k * power_mean([stats.norm.pdf(x, m, s) for m, s in zip(locs, scales)], weights, alpha)
+
+        opts = dict(points=locs, limit=200, epsabs=0, epsrel=1e-13)
+        mass = integrate.quad(u, -40, 40, **opts)[0]
+        mean = integrate.quad(u, -40, 40, args=(1,), **opts)[0] / mass
+        second = integrate.quad(u, -40, 40, args=(2,), **opts)[0] / mass
+        assert float(pool.log_normalizer[row]) == pytest.approx(math.log(mass), abs=1e-9)
+        assert float(pool.mean[row]) == pytest.approx(mean, abs=1e-9)
+        assert float(pool.variance[row]) == pytest.approx(second - mean**2, rel=1e-8)
+        expected = [math.log(u(float(x))) - math.log(mass) for x in z]
+        np.testing.assert_allclose(log_prob[:, row].numpy(), expected, rtol=0, atol=1e-9)
+
+
+def test_batched_weights_broadcast_with_batched_experts():
+    locs = torch.tensor([[0.0, 2.0], [1.0, -1.0]])  # batch (2,) of two experts
+    experts = Normal(locs, torch.ones(2, 2))
+    weights = torch.tensor([[[1.0, 1.0]], [[1.0, 4.0]], [[2.0, 1.0]]])  # batch (3, 1)
+    pool = opinionpool.holder(experts, alpha=-0.7, weights=weights)
+    assert pool.batch_shape == (3, 2)
+    for i in range(3):
+        for j in range(2):
+            def u(x, i=i, j=j):
+                return power_mean([stats.norm.pdf(x, float(m), 1.0) for m in locs[j]], weights[i, 0].numpy(), -0.7)
+
+            mass = integrate.quad(u, -40, 40, points=locs[j].tolist(), limit=200, epsabs=0, epsrel=1e-13)[0]
+            assert float(pool.log_normalizer[i, j]) == pytest.approx(math.log(mass), abs=1e-9)
+
+
+# ------------------------------------------------------- zero-weight experts of zero probability
+ZERO_PROBS = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+OTHER_PROBS = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("alpha", [-1.0, -0.5, 0.0, 1e-5, -1e-5, 0.5, 2.0, math.inf, -math.inf])
+def test_power_mean_ignores_an_absent_expert_of_zero_density(alpha):
+    # expert 0 is absent (weight zero) and has density zero: the power mean is expert 1's value exactly
+    log_values = torch.tensor([[-math.inf, -1.3], [-math.inf, 0.4]])
+    log_weights = torch.tensor([-math.inf, 0.0])
+    a = torch.tensor(alpha, requires_grad=True)
+    values = log_values.clone().requires_grad_(True)
+    got = log_power_mean(values, log_weights, a)
+    np.testing.assert_allclose(got.detach().numpy(), [-1.3, 0.4], rtol=0, atol=1e-15)
+    got.sum().backward()
+    assert torch.isfinite(values.grad).all()
+    assert a.grad is None or torch.isfinite(a.grad).all()  # at 0 and +-inf the mean does not depend on alpha
+
+
+@pytest.mark.parametrize("alpha", [-1.0, -0.5, 0.0, 0.5, 2.0])
+def test_zero_weight_expert_of_zero_probability_is_absent(alpha):
+    # weights (0, 1): the pool is the second expert, whatever the first one's zeros
+    probs = ZERO_PROBS.clone().requires_grad_(True)
+    weights = torch.tensor([0.0, 1.0], requires_grad=True)
+    pool = opinionpool.holder([Categorical(probs=probs), Categorical(probs=OTHER_PROBS)], alpha=alpha,
+                              weights=weights)
+    support = torch.arange(3)
+    log_prob = pool.log_prob(support)
+    assert float(pool.log_normalizer.detach()) == pytest.approx(math.log(float(OTHER_PROBS.sum())), abs=1e-14)
+    np.testing.assert_allclose(log_prob.detach().numpy(), np.log(OTHER_PROBS.numpy()), rtol=0, atol=1e-14)
+    (pool.log_normalizer + log_prob.sum()).backward()
+    assert torch.isfinite(probs.grad).all() and torch.isfinite(weights.grad).all()
+
+
+@pytest.mark.parametrize("alpha", [-1.0, -0.5, 2.0])
+def test_batched_rows_with_and_without_the_zero_probability_expert(alpha):
+    rows = [[0.0, 1.0], [1.0, 1.0], [1.0, 3.0]]
+    pool = opinionpool.holder([Categorical(probs=ZERO_PROBS), Categorical(probs=OTHER_PROBS)], alpha=alpha,
+                              weights=rows)
+    assert pool.batch_shape == (3,)
+    densities = np.stack([ZERO_PROBS.numpy(), OTHER_PROBS.numpy()], -1).astype(np.float64)
+    for row, weights in enumerate(rows):
+        w = np.asarray(weights) / sum(weights)
+        present = w > 0
+        u = power_mean(densities[:, present], w[present], alpha)  # 0^alpha = inf for alpha < 0: u = 0 there
+        assert float(pool.log_normalizer[row]) == pytest.approx(math.log(u.sum()), abs=1e-14)
+
+
+# ------------------------------------------------------------- moment matching onto the family
+def _diagonal_experts():
+    return [Independent(Normal(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.6])), 1),
+            Independent(Normal(torch.tensor([1.5, -0.5]), torch.tensor([0.5, 1.5])), 1)]
+
+
+@pytest.mark.parametrize("alpha", [2.5, -0.5])
+def test_diagonal_gaussian_moment_match_stays_diagonal(alpha):
+    weights = [0.3, 0.7]
+    pool = opinionpool.holder(_diagonal_experts(), alpha=alpha, weights=weights)
+    assert isinstance(pool, opinionpool.NumericalHolderPool)
+    matched = pool.moment_match()
+    assert type(matched) is Independent and type(matched.base_dist) is Normal
+    assert matched.event_shape == (2,)
+    # the pool's marginal moments by the trapezoid rule on a dense grid (exponentially accurate for these smooth,
+    # fast-decaying densities)
+    h = 0.01
+    x = np.arange(-12.0, 14.0 + h / 2, h)
+    y = np.arange(-16.0, 16.0 + h / 2, h)
+    gx, gy = np.meshgrid(x, y, indexing="ij")
+    densities = np.stack([stats.norm.pdf(gx, 0.0, 1.0) * stats.norm.pdf(gy, 1.0, 0.6),
+                          stats.norm.pdf(gx, 1.5, 0.5) * stats.norm.pdf(gy, -0.5, 1.5)], -1)
+    u = power_mean(densities, weights, alpha)
+    mass = u.sum()
+    mean = np.array([(gx * u).sum(), (gy * u).sum()]) / mass
+    variance = np.array([(gx**2 * u).sum(), (gy**2 * u).sum()]) / mass - mean**2
+    np.testing.assert_allclose(matched.mean.detach().numpy(), mean, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(matched.variance.detach().numpy(), variance, rtol=1e-8)
+    assert float(pool.log_normalizer) == pytest.approx(math.log(mass * h * h), abs=1e-8)
+    # the exact pool projects onto the same family
+    assert type(opinionpool.holder(_diagonal_experts(), alpha=0.5, weights=weights).moment_match()) is Independent
+
+
+def test_full_covariance_and_scalar_moment_match_keep_their_families():
+    full = [MultivariateNormal(torch.zeros(2), torch.tensor([[1.0, 0.3], [0.3, 2.0]])),
+            MultivariateNormal(torch.ones(2), torch.eye(2))]
+    assert type(opinionpool.holder(full, alpha=2.5).moment_match()) is MultivariateNormal
+    scalar = [Normal(torch.tensor(0.0), torch.tensor(1.0)), Normal(torch.tensor(2.0), torch.tensor(0.5))]
+    assert type(opinionpool.holder(scalar, alpha=2.5).moment_match()) is Normal
