@@ -27,11 +27,17 @@ def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
     return (vectors * values.clamp_min(0).sqrt().unsqueeze(-2)) @ vectors.transpose(-1, -2)
 
 
-def covariance_barycenter(covariances: torch.Tensor, weights: torch.Tensor, *, tol: float = 1e-10,
+def covariance_barycenter(covariances: torch.Tensor, weights: torch.Tensor, *, tol: float | None = None,
                           max_iter: int = 500) -> torch.Tensor:
-    """Fixed point of the barycenter equation; ``covariances`` ``(..., M, d, d)``, ``weights`` ``(..., M)``."""
+    """Fixed point of the barycenter equation; ``covariances`` ``(..., M, d, d)``, ``weights`` ``(..., M)``
+    broadcasting against each other. ``tol``: the relative change that stops the iteration (default 1e-10 in
+    float64, 1e-5 otherwise)."""
     _check_tolerances(tol, max_iter)
-    w = weights.unsqueeze(-1).unsqueeze(-1)
+    if tol is None:
+        tol = 1e-10 if covariances.dtype == torch.float64 else 1e-5
+    batch = torch.broadcast_shapes(covariances.shape[:-3], weights.shape[:-1])
+    covariances = covariances.expand(batch + covariances.shape[-3:])
+    w = weights.expand(batch + weights.shape[-1:]).unsqueeze(-1).unsqueeze(-1)
     sigma = (w * _sqrtm_psd(covariances)).sum(-3)
     sigma = sigma @ sigma  # the commuting-case answer is a good start
     for _ in range(max_iter):
@@ -70,8 +76,7 @@ def wasserstein_barycenter(experts, weights=None, *, tol: float | None = None, m
     if isinstance(family, MultivariateNormalFamily):
         loc = family.mean(params)
         mean = (w.unsqueeze(-1) * loc).sum(-2)
-        if tol is None:
-            tol = 1e-10 if params.dtype == torch.float64 else 1e-5
-        cov = covariance_barycenter(family.covariance(params), w.expand(loc.shape[:-1]), tol=tol, max_iter=max_iter)
+        # weights with a batch shape of their own broadcast against the experts' (one barycenter per row)
+        cov = covariance_barycenter(family.covariance(params), w, tol=tol, max_iter=max_iter)
         return MultivariateNormal(mean, covariance_matrix=cov, validate_args=False)
     raise ValueError(f"wasserstein_barycenter needs Gaussian experts, got {family.name} experts")

@@ -10,6 +10,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 
 import opinionpool
 import opinionpool.functional as opf
+from opinionpool.wasserstein import covariance_barycenter
 
 
 def numpy_barycenter(covs, weights, iterations=2000):
@@ -72,6 +73,24 @@ def test_diagonal_barycenter_takes_one_weight_vector_per_batch_row():
             stddev = [sum(w[b][j] * sd[j][d] for j in range(3)) for d in range(columns)]
             assert bary.mean[b].reshape(-1).tolist() == pytest.approx(mean, rel=1e-14, abs=1e-15)
             assert bary.stddev[b].reshape(-1).tolist() == pytest.approx(stddev, rel=1e-14)
+
+
+def test_full_covariance_barycenter_takes_one_weight_vector_per_batch_row():
+    """Weights ``(B, M)`` for full-covariance experts without a batch (they raised in an expand): row b is the
+    barycenter under weights[b], against the scipy fixed point; ``covariance_barycenter`` with its default tol."""
+    rng = np.random.default_rng(2)
+    covs = np.array([(lambda a: a @ a.T + 0.3 * np.eye(3))(rng.normal(size=(3, 3))) for _ in range(3)])
+    locs = rng.normal(size=(3, 3))
+    w = np.array([[0.2, 0.3, 0.5], [0.7, 0.1, 0.2]])
+    bary = opinionpool.wasserstein_barycenter(MultivariateNormal(torch.tensor(locs), torch.tensor(covs)),
+                                              weights=torch.tensor(w))
+    assert bary.batch_shape == (2,)
+    for b in range(2):
+        np.testing.assert_allclose(bary.covariance_matrix[b].numpy(), numpy_barycenter(covs, w[b]), rtol=1e-8,
+                                   atol=1e-10)
+        np.testing.assert_allclose(bary.mean[b].numpy(), (w[b][:, None] * locs).sum(0), rtol=1e-12)
+    direct = covariance_barycenter(torch.tensor(covs), torch.tensor(w))
+    np.testing.assert_allclose(direct.numpy(), bary.covariance_matrix.numpy(), rtol=1e-8, atol=1e-10)
 
 
 def test_barycenter_non_convergence_is_an_error():
