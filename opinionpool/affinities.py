@@ -44,20 +44,29 @@ def log_multi_chernoff_coefficient(experts, weights, validate_args=None) -> torc
     return geometric_combination(experts, log_of_weights(w))[1].to(params.dtype)
 
 
+def _order(a):
+    """``(a as a float, a to compute with)``: the tensor itself where one requiring grad is given (its gradient is
+    then carried), else the float."""
+    value = check_real("a", a)
+    return value, (a.reshape(()) if isinstance(a, torch.Tensor) and a.requires_grad else value)
+
+
 def log_chernoff_coefficient(p, q, a: float = 0.5) -> torch.Tensor:
-    r""":math:`\log\int p^a q^{1-a}`. For ``a`` outside ``[0, 1]`` the integral may diverge, which raises."""
-    a = check_real("a", a)
+    r""":math:`\log\int p^a q^{1-a}`. For ``a`` outside ``[0, 1]`` the integral may diverge, which raises. A tensor
+    ``a`` that requires grad receives its gradient."""
+    value, a = _order(a)
     experts = as_experts([p, q])  # validates p and q (unless validation is off)
-    if 0 < a < 1:  # the weights (a, 1 - a) are valid by construction
-        return log_multi_chernoff_coefficient(experts, [a, 1 - a], validate_args=False)
     family, params, k = experts.family, experts.params, experts.expert_dim
-    if a in (0.0, 1.0):
+    if 0 < value < 1:  # the weights (a, 1 - a) are valid by construction
+        weights = torch.stack((a, 1 - a)).to(params.dtype) if isinstance(a, torch.Tensor) else [a, 1 - a]
+        return log_multi_chernoff_coefficient(experts, weights, validate_args=False)
+    if value in (0.0, 1.0):
         return torch.zeros(params.shape[:k], dtype=params.dtype, device=params.device)
     eta = family.to_natural(params)
     eta_p, eta_q = eta.select(k, 0), eta.select(k, 1)
     combined = a * eta_p + (1 - a) * eta_q
     if not bool(family.natural_domain(combined).all()):
-        raise ValueError(f"the Chernoff integral of order a={a} diverges for these {family.name} experts "
+        raise ValueError(f"the Chernoff integral of order a={value} diverges for these {family.name} experts "
                          "(a * eta_p + (1 - a) * eta_q leaves the natural parameter space)")
     return (family.log_normalizer(combined) - a * family.log_normalizer(eta_p)
             - (1 - a) * family.log_normalizer(eta_q))
@@ -139,22 +148,24 @@ def _taylor_remainder(family, eta_p: torch.Tensor, delta: torch.Tensor) -> torch
 
 
 def renyi_divergence(p, q, a: float) -> torch.Tensor:
-    r"""Rényi divergence of order ``a``: :math:`\frac{1}{a-1}\log\int p^a q^{1-a}` (``a = 1`` is KL)."""
-    a = check_real("a", a)
-    if a == 1.0:
+    r"""Rényi divergence of order ``a``: :math:`\frac{1}{a-1}\log\int p^a q^{1-a}` (``a = 1`` is KL; a tensor ``a``
+    that requires grad receives its gradient away from 1)."""
+    value, a = _order(a)
+    if value == 1.0:
         return kl_divergence(p, q)
-    if not a > 0:
-        raise ValueError(f"the Rényi order a must be positive, got a={a!r}")
+    if not value > 0:
+        raise ValueError(f"the Rényi order a must be positive, got a={value!r}")
     return log_chernoff_coefficient(p, q, a) / (a - 1)
 
 
 def amari_alpha_divergence(p, q, a: float) -> torch.Tensor:
     r"""Amari :math:`\alpha`-divergence :math:`\frac{1 - \int p^a q^{1-a}}{a(1-a)}`; ``a=1`` is
-    :math:`KL(p\|q)` and ``a=0`` is :math:`KL(q\|p)`; ``a=1/2`` is four times the squared Hellinger distance."""
-    a = check_real("a", a)
-    if a == 1.0:
+    :math:`KL(p\|q)` and ``a=0`` is :math:`KL(q\|p)`; ``a=1/2`` is four times the squared Hellinger distance. A
+    tensor ``a`` that requires grad receives its gradient away from 0 and 1."""
+    value, a = _order(a)
+    if value == 1.0:
         return kl_divergence(p, q)
-    if a == 0.0:
+    if value == 0.0:
         return kl_divergence(q, p)
     return -torch.expm1(log_chernoff_coefficient(p, q, a)) / (a * (1 - a))
 

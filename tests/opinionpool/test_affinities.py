@@ -157,3 +157,20 @@ def test_kl_of_categoricals_with_zero_probabilities_by_exact_sum():
     torch.testing.assert_close(q_logits.grad, q - p, rtol=1e-12, atol=1e-14)
     assert op.kl_divergence(Categorical(probs=p), Categorical(probs=p)).item() == 0
     assert op.kl_divergence(Categorical(probs=q), Categorical(probs=p)).item() == math.inf
+
+
+@pytest.mark.parametrize("a", [0.3, 1.7])
+def test_a_tensor_order_receives_its_gradient(a):
+    """A tensor ``a`` that requires grad was read as a float, its gradient silently dropped: Chernoff, Rényi and
+    Amari against central differences in a, Gaussian (closed form) and Gamma (log-normaliser) experts."""
+    pairs = [(Normal(torch.tensor(0.3), torch.tensor(0.8)), Normal(torch.tensor(-0.5), torch.tensor(1.3))),
+             (Gamma(torch.tensor(2.0), torch.tensor(1.5)), Gamma(torch.tensor(3.5), torch.tensor(2.5)))]
+    for p, q in pairs:
+        for f in (op.log_chernoff_coefficient, op.renyi_divergence, op.amari_alpha_divergence):
+            order = torch.tensor(a, dtype=torch.float64, requires_grad=True)
+            value = f(p, q, order)
+            (grad,) = torch.autograd.grad(value, order)
+            h = 1e-6
+            central = (f(p, q, a + h) - f(p, q, a - h)).item() / (2 * h)
+            assert value.item() == pytest.approx(f(p, q, a).item(), rel=1e-14)
+            assert grad.item() == pytest.approx(central, rel=1e-6, abs=1e-9), (type(p).__name__, f.__name__)
