@@ -4,13 +4,14 @@
 family         natural eta        T(z)          A(eta)                log h(z)
 =============  =================  ============  ====================  ==================
 Poisson        log rate           z             exp(eta)              -lgamma(z + 1)
-Bernoulli      logit              z             softplus(eta)         0
-Binomial(n)    logit              z             n softplus(eta)       log C(n, z)
+Bernoulli      log(1 - p), log p  (1 - z, z)    logsumexp(eta)        0
+Binomial(n)    log(1 - p), log p  (n - z, z)    n logsumexp(eta)      log C(n, z)
 Categorical    log-probabilities  one-hot(z)    logsumexp(eta)        0
 =============  =================  ============  ====================  ==================
 
-Categorical uses the (non-minimal) normalised log-probabilities as natural parameters; the
-inverse mean map picks the representative with ``logsumexp(eta) = 0``.
+Bernoulli, Binomial and Categorical use the (non-minimal) log-probabilities as natural parameters, so that a
+probability of zero is an exact ``-inf`` (a logit cannot say p = 0 or 1); the inverse mean map picks the
+representative with ``logsumexp(eta) = 0``.
 """
 
 from __future__ import annotations
@@ -86,59 +87,120 @@ class PoissonFamily(ExponentialFamily):
         return torch.arange(last + 1, dtype=params.dtype, device=params.device), bound
 
 
-class BernoulliFamily(ExponentialFamily):
-    name = "Bernoulli"
+def _safe_log(x: torch.Tensor) -> torch.Tensor:
+    """``log(x)`` with ``-inf`` for ``x <= 0``, never evaluating ``log(0)`` (whose gradient would be infinite)."""
+    positive = x > 0
+    return torch.where(positive, torch.log(torch.where(positive, x, torch.ones_like(x))), -math.inf)
+
+
+class _CountFamily(ExponentialFamily):
+    """Bernoulli (``n = 1``) and Binomial(``n``) experts with the natural parameters ``(log(1 - p), log p)`` and
+    ``T(z) = (n - z, z)``, as Categorical: a probability 0 or 1 is an exact ``-inf`` entry (torch's ``logits`` clamp
+    it to about +-15.9 in float32, +-36 in float64, which gave the impossible outcome mass in every pool). Natural
+    parameters are defined up to a common shift (the pools' combinations are not normalised); ``A`` normalises."""
+
     discrete = True
+
+    def __init__(self, total_count: int = 1):
+        super().__init__(event_shape=(), param_shape=(2,))
+        self.total_count = int(total_count)
+
+    def _torch(self, validate_args, **param):
+        return Bernoulli(**param, validate_args=validate_args)
+
+    def params_from_distribution(self, dist):
+        # which parameter the user gave (torch caches the other in __dict__ once read)
+        if dist.__dict__.get("probs") is not getattr(dist, "_param", None):
+            check_finite(f"{self.name} logits", dist.logits)
+            logits = dist.logits
+            log_sigmoid = torch.nn.functional.logsigmoid
+            return torch.stack((log_sigmoid(-logits), log_sigmoid(logits)), dim=-1)
+        check_probabilities(f"{self.name} probs", dist.probs)
+        probs = dist.probs
+        below_one = probs < 1
+        log_complement = torch.where(below_one, torch.log1p(-torch.where(below_one, probs, torch.zeros_like(probs))),
+                                     -math.inf)
+        return torch.stack((log_complement, _safe_log(probs)), dim=-1)
+
+    def _probabilities(self, natural):
+        """``(1 - p, p)``, exact also where one of them is zero. An empty combination (``eta = (-inf, -inf)``: experts
+        that rule out each other's outcomes, whose combination has Chernoff coefficient zero and so weight exactly
+        zero in a pool) gets the placeholder ``(1/2, 1/2)`` rather than NaN, which the zero weight would not hide."""
+        empty = torch.isneginf(natural).all(-1, keepdim=True)
+        return torch.softmax(torch.where(empty, torch.zeros((), dtype=natural.dtype, device=natural.device), natural),
+                             dim=-1)
+
+    def distribution(self, params, validate_args: bool = False):
+        # torch's logits keep the digits of a probability near 0 or 1 (float32 rounds sigmoid(20) to 1), but cannot
+        # represent p = 0 or 1 (their log_prob is NaN there); such experts get probs, which torch represents exactly
+        if bool(torch.isfinite(params).all()):
+            return self._torch(validate_args, logits=params[..., 1] - params[..., 0])
+        return self._torch(validate_args, probs=self._probabilities(params)[..., 1])
+
+    def log_normalizer(self, natural):
+        return self.total_count * torch.logsumexp(natural, dim=-1)
+
+    def natural_domain(self, natural):
+        return torch.isfinite(torch.logsumexp(natural, dim=-1))
+
+    def sufficient_statistic(self, value):
+        if not value.is_floating_point():
+            value = value.to(torch.get_default_dtype())
+        return torch.stack((self.total_count - value, value), dim=-1)
+
+    def log_prob(self, params, value):
+        """``log q(value)``: ``-inf`` where the expert gives the value probability zero, never NaN (an entry of
+        ``eta`` that is ``-inf`` enters only where its statistic is positive)."""
+        if not value.is_floating_point():
+            value = value.to(params.dtype)
+        stat = self.sufficient_statistic(value)
+        product = torch.where(stat != 0, params * stat, torch.zeros((), dtype=params.dtype, device=params.device))
+        return self.log_base_measure(value) + product.sum(-1) - self.log_normalizer(params)
+
+    def mean_parameters(self, natural):
+        return self.total_count * self._probabilities(natural)
+
+    def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
+        # the representative with logsumexp(eta) = 0; a zero mean parameter (p = 0 or 1) gives an exact -inf
+        return _safe_log(mean_params / mean_params.sum(-1, keepdim=True))
+
+    def mean(self, params):
+        return self.total_count * self._probabilities(params)[..., 1]
+
+    def variance(self, params):
+        # n p (1 - p) from both probabilities: 1 - p of a p near one keeps its digits
+        probs = self._probabilities(params)
+        return self.total_count * probs[..., 0] * probs[..., 1]
+
+    def support_values(self, params):
+        return _listed(torch.arange(self.total_count + 1, dtype=params.dtype, device=params.device), params)
+
+
+class BernoulliFamily(_CountFamily):
+    name = "Bernoulli"
     support_constraint = constraints.boolean
 
     def __init__(self):
-        super().__init__(event_shape=(), param_shape=(1,))
+        super().__init__(total_count=1)
 
     @classmethod
     def match(cls, dist):
         return cls() if type(dist) is Bernoulli else None
 
-    def params_from_distribution(self, dist):
-        if "logits" in dist.__dict__:
-            check_finite("Bernoulli logits", dist.logits)
-        else:
-            check_probabilities("Bernoulli probs", dist.probs)
-        return dist.logits.unsqueeze(-1)
-
-    def distribution(self, params, validate_args: bool = False):
-        return Bernoulli(logits=params[..., 0], validate_args=validate_args)
-
-    def log_normalizer(self, natural):
-        return torch.nn.functional.softplus(natural[..., 0])
-
-    def sufficient_statistic(self, value):
-        return value.unsqueeze(-1)
-
     def log_base_measure(self, value):
         return torch.zeros_like(value)
 
-    def mean_parameters(self, natural):
-        return torch.sigmoid(natural)
 
-    def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
-        return torch.logit(mean_params)
-
-    def support_values(self, params):
-        return _listed(torch.arange(2, dtype=params.dtype, device=params.device), params)
-
-
-class BinomialFamily(ExponentialFamily):
+class BinomialFamily(_CountFamily):
     """Binomial experts sharing one ``total_count``."""
 
     name = "Binomial"
-    discrete = True
-
-    def __init__(self, total_count: int):
-        super().__init__(event_shape=(), param_shape=(1,))
-        self.total_count = int(total_count)
 
     def _key(self):
         return (self.total_count,)
+
+    def _torch(self, validate_args, **param):
+        return Binomial(self.total_count, **param, validate_args=validate_args)
 
     @property
     def support_constraint(self):
@@ -155,34 +217,9 @@ class BinomialFamily(ExponentialFamily):
                              f"total_count={counts.unique().tolist()}")
         return cls(int(first))
 
-    def params_from_distribution(self, dist):
-        if "logits" in dist.__dict__:
-            check_finite("Binomial logits", dist.logits)
-        else:
-            check_probabilities("Binomial probs", dist.probs)
-        return dist.logits.unsqueeze(-1)
-
-    def distribution(self, params, validate_args: bool = False):
-        return Binomial(self.total_count, logits=params[..., 0], validate_args=validate_args)
-
-    def log_normalizer(self, natural):
-        return self.total_count * torch.nn.functional.softplus(natural[..., 0])
-
-    def sufficient_statistic(self, value):
-        return value.unsqueeze(-1)
-
     def log_base_measure(self, value):
         n = self.total_count
         return torch.lgamma(torch.full_like(value, n + 1.0)) - torch.lgamma(value + 1) - torch.lgamma(n - value + 1)
-
-    def mean_parameters(self, natural):
-        return self.total_count * torch.sigmoid(natural)
-
-    def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
-        return torch.logit(mean_params / self.total_count)
-
-    def support_values(self, params):
-        return _listed(torch.arange(self.total_count + 1, dtype=params.dtype, device=params.device), params)
 
 
 class CategoricalFamily(ExponentialFamily):

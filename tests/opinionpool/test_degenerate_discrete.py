@@ -1,0 +1,263 @@
+"""Bernoulli and Binomial experts with a probability of exactly 0 or 1: the outcomes they rule out get exactly zero
+pooled mass where the pool says so (alpha <= 0), and exactly their pooled mass otherwise, in float64 and float32.
+torch's logits clamp such a probability to about +-15.9 (float32) or +-36 (float64), which gave the impossible
+outcome mass in every pool (P(1) = 0.011 for the log-linear pool of Bernoulli(0) and Bernoulli(0.6) in float32).
+
+References are the pools written out by hand: exact sums over the support in numpy, float64."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Bernoulli, Binomial
+from torch.distributions import kl_divergence as torch_kl
+
+import opinionpool
+from opinionpool.families import BernoulliFamily, BinomialFamily
+
+ALPHAS = [-1.0, 0.0, 0.5, 1.0, 2.0]
+DTYPES = [torch.float64, torch.float32]
+W = [0.3, 0.7]
+
+
+def pmf(n, p):
+    """The Binomial(n, p) probabilities of z = 0 .. n (Bernoulli: n = 1), exact at p = 0 and 1 (0 ** 0 = 1)."""
+    z = np.arange(n + 1)
+    return np.array([math.comb(n, k) for k in z]) * np.power(p, z) * np.power(1 - p, n - z)
+
+
+def by_hand(pmfs, weights, alpha):
+    """``(log Z, pooled probabilities, mean, variance)`` of the Hölder pool of the rows of ``pmfs``; experts of zero
+    weight are absent."""
+    w = np.asarray(weights, dtype=float)
+    w = w / w.sum()
+    q = np.asarray(pmfs, dtype=float)[w > 0]
+    w = w[w > 0]
+    with np.errstate(divide="ignore"):
+        if alpha == 0:
+            u = np.exp((w[:, None] * np.log(q)).sum(0))
+        else:
+            u = ((w[:, None] * q**alpha).sum(0)) ** (1 / alpha)
+    total = u.sum()
+    probs = u / total
+    z = np.arange(len(probs))
+    mean = (probs * z).sum()
+    return math.log(total), probs, mean, (probs * (z - mean) ** 2).sum()
+
+
+def experts_of(n, probs, dtype):
+    if n is None:
+        return [Bernoulli(torch.tensor(p, dtype=dtype)) for p in probs]
+    return [Binomial(n, torch.tensor(p, dtype=dtype)) for p in probs]
+
+
+def tolerance(dtype):
+    return 1e-12 if dtype == torch.float64 else 2e-5
+
+
+def check_pool(pool, n, probs, weights, alpha, dtype):
+    log_z, expected, mean, variance = by_hand([pmf(n or 1, p) for p in probs], weights, alpha)
+    support = torch.arange((n or 1) + 1, dtype=dtype)
+    got = pool.log_prob(support).exp()
+    assert got.dtype == dtype and not torch.isnan(got).any()
+    rtol = tolerance(dtype)
+    # an outcome of pooled mass zero gets exactly zero, every other one its mass
+    assert np.array_equal(got.numpy() == 0, expected == 0), (got, expected)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=rtol, atol=0)
+    assert float(pool.log_normalizer) == pytest.approx(log_z, rel=rtol, abs=rtol)
+    assert float(pool.mean) == pytest.approx(mean, rel=rtol, abs=rtol)
+    assert float(pool.variance) == pytest.approx(variance, rel=rtol, abs=rtol * (n or 1) ** 2)
+    matched = pool.moment_match()
+    assert float(matched.mean) == pytest.approx(mean, rel=rtol, abs=rtol)
+    if mean == 0 or mean == (n or 1):  # a point mass stays one
+        assert float(matched.probs) == mean / (n or 1)
+    return expected
+
+
+# ------------------------------------------------------------------------------- the reported cases
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_log_linear_pool_of_a_zero_probability_bernoulli(dtype):
+    pool = opinionpool.holder([Bernoulli(torch.tensor(0.0, dtype=dtype)), Bernoulli(torch.tensor(0.6, dtype=dtype))],
+                              alpha=0, weights=W)
+    assert float(pool.log_prob(torch.tensor(1.0, dtype=dtype)).exp()) == 0.0  # was 0.0110 in float32
+    assert float(pool.log_prob(torch.tensor(0.0, dtype=dtype))) == pytest.approx(0.0, abs=tolerance(dtype))
+    assert float(pool.mean) == 0.0 and float(pool.variance) == 0.0
+    assert float(pool.moment_match().probs) == 0.0
+    assert (pool.sample((200,)) == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_log_linear_pool_of_a_certain_binomial(dtype):
+    experts = [Binomial(5, torch.tensor(1.0, dtype=dtype)), Binomial(5, torch.tensor(0.5, dtype=dtype))]
+    pool = opinionpool.holder(experts, alpha=0)
+    below = pool.log_prob(torch.arange(5, dtype=dtype)).exp()
+    assert float(below.sum()) == 0.0  # was 0.0017 in float32
+    assert float(pool.log_prob(torch.tensor(5.0, dtype=dtype))) == pytest.approx(0.0, abs=tolerance(dtype))
+    assert float(pool.cdf(torch.tensor(4.0, dtype=dtype))) == 0.0
+    assert float(pool.mean) == 5.0 and float(pool.variance) == 0.0
+    assert float(pool.moment_match().probs) == 1.0
+    assert float(pool.log_normalizer) == pytest.approx(2.5 * math.log(0.5), rel=tolerance(dtype))
+
+
+# ------------------------------------------------------------------------------- every alpha
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("n", [None, 6])
+@pytest.mark.parametrize("degenerate", [0.0, 1.0])
+def test_pool_with_one_degenerate_expert_matches_exact_sums(degenerate, n, alpha, dtype):
+    probs = [degenerate, 0.35]
+    pool = opinionpool.holder(experts_of(n, probs, dtype), alpha=alpha, weights=W)
+    expected = check_pool(pool, n, probs, W, alpha, dtype)
+    ruled_out = pmf(n or 1, degenerate) == 0
+    if alpha <= 0:  # a zero of a positive-weight expert is a zero of the pool
+        assert (expected[ruled_out] == 0).all()
+    else:
+        assert (expected > 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("n", [None, 4])
+@pytest.mark.parametrize("degenerate", [0.0, 1.0])
+def test_experts_degenerate_at_the_same_point_pool_to_that_point(degenerate, n, alpha, dtype):
+    pool = opinionpool.holder(experts_of(n, [degenerate, degenerate], dtype), alpha=alpha, weights=W)
+    expected = check_pool(pool, n, [degenerate, degenerate], W, alpha, dtype)
+    assert expected.max() == 1.0
+    assert float(pool.log_normalizer) == pytest.approx(0.0, abs=tolerance(dtype)) and float(pool.variance) == 0.0
+    assert float(pool.mean) == degenerate * (n or 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("n", [None, 5])
+@pytest.mark.parametrize("degenerate", [0.0, 1.0])
+def test_a_zero_weight_degenerate_expert_is_absent(degenerate, n, alpha, dtype):
+    probs = [degenerate, 0.35]
+    pool = opinionpool.holder(experts_of(n, probs, dtype), alpha=alpha, weights=[0.0, 1.0])
+    expected = check_pool(pool, n, probs, [0.0, 1.0], alpha, dtype)
+    np.testing.assert_allclose(expected, pmf(n or 1, 0.35), rtol=1e-12)
+    assert float(pool.log_normalizer) == pytest.approx(0.0, abs=tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_three_experts_at_alpha_one_third_and_a_disjoint_pair(dtype):
+    """The exact pool of order 3 (ten components) with a p = 0 and a p = 1 expert: the combinations of the two
+    are empty (log Chernoff coefficient -inf) and drop out; at alpha <= 0 the pool of the two alone has no mass."""
+    probs, weights = [0.0, 1.0, 0.6], [0.2, 0.3, 0.5]
+    pool = opinionpool.holder(experts_of(5, probs, dtype), alpha=1 / 3, weights=weights)
+    check_pool(pool, 5, probs, weights, 1 / 3, dtype)
+    assert not torch.isnan(pool.component_params).any()
+    with pytest.raises(ValueError, match="not normalisable"):
+        opinionpool.poe(experts_of(None, [0.0, 1.0], dtype))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 2.0])
+def test_a_batch_of_pools_with_and_without_degenerate_experts(alpha):
+    rows = [[0.0, 0.6], [0.2, 0.6], [1.0, 1.0], [1.0, 0.3]]
+    pool = opinionpool.holder(Binomial(3, torch.tensor(rows)), alpha=alpha, weights=W)
+    got = pool.log_prob(torch.arange(4.0).unsqueeze(-1)).exp().T
+    for row, probs in zip(got, rows):
+        log_z, expected, mean, _ = by_hand([pmf(3, p) for p in probs], W, alpha)
+        assert np.array_equal(row.numpy() == 0, expected == 0)
+        np.testing.assert_allclose(row.numpy(), expected, rtol=1e-12, atol=0)
+    assert not torch.isnan(pool.mean).any() and not torch.isnan(pool.moment_match().probs).any()
+
+
+# ------------------------------------------------------------------------------- affinities
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [None, 5])
+def test_kl_and_bhattacharyya_with_degenerate_experts(n, dtype):
+    def exact_kl(p, q):
+        a, b = pmf(n or 1, p), pmf(n or 1, q)
+        if ((a > 0) & (b == 0)).any():
+            return math.inf
+        keep = a > 0
+        return float((a[keep] * np.log(a[keep] / b[keep])).sum())
+
+    def exact_log_bc(p, q):
+        total = np.sqrt(pmf(n or 1, p) * pmf(n or 1, q)).sum()
+        return math.log(total) if total > 0 else -math.inf
+
+    values = [0.0, 1.0, 0.25]
+    for p in values:
+        for q in values:
+            first, second = experts_of(n, [p, q], dtype)
+            kl = float(opinionpool.kl_divergence(first, second))
+            log_bc = float(opinionpool.log_bhattacharyya_coefficient(first, second))
+            expected_kl, expected_bc = exact_kl(p, q), exact_log_bc(p, q)
+            assert not (math.isnan(kl) or math.isnan(log_bc)), (p, q)
+            for got, expected in ((kl, expected_kl), (log_bc, expected_bc)):
+                if math.isinf(expected):
+                    assert got == expected, (p, q, got)
+                else:
+                    assert got == pytest.approx(expected, rel=tolerance(dtype), abs=tolerance(dtype)), (p, q)
+
+
+def test_kl_of_a_log_linear_pool_that_is_a_point_mass():
+    pool = opinionpool.holder([Bernoulli(torch.tensor(0.0)), Bernoulli(torch.tensor(0.6))], alpha=0, weights=W)
+    assert float(torch_kl(pool, Bernoulli(torch.tensor(0.25)))) == pytest.approx(-math.log(0.75), rel=1e-14)
+    assert float(torch_kl(pool, Bernoulli(torch.tensor(1.0)))) == math.inf
+
+
+# ------------------------------------------------------------------------------- the family itself
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_family_log_prob_is_exact_and_never_nan(dtype):
+    for family, n in ((BernoulliFamily(), 1), (BinomialFamily(3), 3)):
+        for p in (0.0, 1.0, 0.3):
+            dist = Bernoulli(torch.tensor(p, dtype=dtype)) if n == 1 else Binomial(n, torch.tensor(p, dtype=dtype))
+            params = family.params_from_distribution(dist)
+            got = family.log_prob(params, torch.arange(n + 1, dtype=dtype))
+            with np.errstate(divide="ignore"):
+                expected = np.log(pmf(n, p))
+            assert not torch.isnan(got).any()
+            np.testing.assert_allclose(got.numpy(), expected, rtol=tolerance(dtype), atol=tolerance(dtype))
+            back = family.distribution(params)
+            assert float(back.probs) == pytest.approx(p, rel=tolerance(dtype))
+            assert torch.equal(family.params_from_distribution(back), params) or p not in (0.0, 1.0)
+
+
+def test_logits_keep_their_digits():
+    """User logits give finite natural parameters, and a pool of finite ones returns logits (float32 would round
+    sigmoid(40) to probability 1)."""
+    experts = [Bernoulli(logits=torch.tensor(20.0, dtype=torch.float32))] * 2
+    product = opinionpool.poe(experts)
+    assert float(product.logits) == pytest.approx(40.0, rel=1e-6)
+    pool = opinionpool.holder(experts, alpha=0)
+    assert float(pool.log_prob(torch.tensor(0.0, dtype=torch.float32))) == pytest.approx(-20.0, rel=1e-6)
+    logits = torch.tensor([-3.0, 0.5, 800.0])
+    params = BinomialFamily(4).params_from_distribution(Binomial(4, logits=logits))
+    assert torch.isfinite(params).all()
+    np.testing.assert_allclose(params.exp().sum(-1).numpy(), 1.0, rtol=1e-15)
+    with pytest.raises(ValueError, match="logits"):
+        opinionpool.holder([Bernoulli(logits=torch.tensor(math.inf)), Bernoulli(logits=torch.tensor(0.0))])
+
+
+def test_expected_statistic_of_the_numerical_engine():
+    pool = opinionpool.holder(experts_of(4, [1.0, 0.3], torch.float64), alpha=2.0, weights=W)
+    _, _, mean, _ = by_hand([pmf(4, 1.0), pmf(4, 0.3)], W, 2.0)
+    stat = pool.estimate(["expected_statistic"]).expected_statistic.value
+    np.testing.assert_allclose(stat.numpy(), [4 - mean, mean], rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 2.0, -1.0])
+def test_gradients_in_interior_probabilities(alpha):
+    def pooled(p, q):
+        pool = opinionpool.holder([Binomial(3, p), Binomial(3, q)], alpha=alpha, weights=W)
+        return torch.cat((pool.log_prob(torch.arange(4.0)), pool.mean.reshape(1)))
+
+    p, q = torch.tensor(0.3, requires_grad=True), torch.tensor(0.8, requires_grad=True)
+    assert torch.autograd.gradcheck(pooled, (p, q))
+
+    def with_degenerate(q):
+        pool = opinionpool.holder([Bernoulli(torch.tensor(0.0)), Bernoulli(q)], alpha=alpha, weights=W)
+        mass = pool.log_prob(torch.tensor(0.0)) if alpha <= 0 else pool.log_prob(torch.arange(2.0))
+        return torch.cat((mass.reshape(-1), pool.mean.reshape(1), pool.variance.reshape(1)))
+
+    assert torch.autograd.gradcheck(with_degenerate, (q,))
+    # the degenerate expert's own probability gets a finite gradient too (the log of zero is never evaluated)
+    zero = torch.tensor(0.0, requires_grad=True)
+    pool = opinionpool.holder([Bernoulli(zero), Bernoulli(q)], alpha=alpha, weights=W)
+    grads = torch.autograd.grad(pool.log_prob(torch.tensor(0.0)) + pool.mean, (zero, q))
+    assert all(torch.isfinite(g) for g in grads)
