@@ -16,8 +16,8 @@ import torch
 
 __all__ = [
     "set_validate_args", "validation_enabled", "checks_enabled", "describe", "all_finite", "check_finite", "check_positive",
-    "check_in_open_unit_interval", "check_probabilities", "check_weights", "check_real", "check_alpha",
-    "check_positive_int", "real_tensor",
+    "check_in_open_unit_interval", "check_probabilities", "check_log_probabilities", "check_weights", "check_real",
+    "check_alpha", "check_positive_int", "real_tensor",
 ]
 
 _VALIDATE = True
@@ -77,6 +77,20 @@ def check_finite(name: str, value: torch.Tensor) -> None:
         return
     bad = ~torch.isfinite(value)
     raise ValueError(f"{name} must be finite, got non-finite values {describe(value, bad)}")
+
+
+def check_log_probabilities(name: str, value: torch.Tensor) -> None:
+    """Unnormalised log-probabilities over the last axis: finite or ``-inf`` (a probability of zero), with a finite
+    entry in every row."""
+    if _skipped():
+        return
+    bad = torch.isnan(value) | torch.isposinf(value)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be finite or -inf, got {describe(value, bad)}")
+    empty = torch.isneginf(value).all(-1)
+    if bool(empty.any()):
+        raise ValueError(f"{name} must have a finite entry in every row (all -inf: no probability anywhere), got "
+                         f"{describe(value, empty.unsqueeze(-1).expand(value.shape))}")
 
 
 def check_positive(name: str, value: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ import math
 import torch
 from torch.distributions import Bernoulli, Binomial, Categorical, Poisson, constraints
 
-from .._validation import check_finite, check_positive, check_probabilities
+from .._validation import check_finite, check_log_probabilities, check_positive, check_probabilities
 from .base import ExponentialFamily
 
 __all__ = ["PoissonFamily", "BernoulliFamily", "BinomialFamily", "CategoricalFamily"]
@@ -245,7 +245,8 @@ class CategoricalFamily(ExponentialFamily):
     def params_from_distribution(self, dist):
         # which parameter the user gave (both are cached in __dict__ once read)
         if dist.__dict__.get("probs") is not getattr(dist, "_param", None):
-            check_finite("Categorical logits", dist.logits)
+            # -inf logits are categories of probability zero, as probs of 0 are (torch accepts both)
+            check_log_probabilities("Categorical logits", dist.logits)
             return dist.logits
         check_probabilities("Categorical probs", dist.probs)
         # log(probs), -inf for a zero probability (torch's logits clamp it to about 1e-16, which would give the

@@ -261,3 +261,24 @@ def test_gradients_in_interior_probabilities(alpha):
     pool = opinionpool.holder([Bernoulli(zero), Bernoulli(q)], alpha=alpha, weights=W)
     grads = torch.autograd.grad(pool.log_prob(torch.tensor(0.0)) + pool.mean, (zero, q))
     assert all(torch.isfinite(g) for g in grads)
+
+
+def test_categorical_logits_of_minus_infinity_are_categories_of_probability_zero():
+    """torch accepts -inf logits (probability zero), as it accepts probs of 0; the library rejected them. The
+    log-linear pool against an exact sum; NaN, +inf and all -inf rows are rejected, naming the argument."""
+    from torch.distributions import Categorical
+
+    inf = math.inf
+    logits = torch.tensor([0.0, -inf, 1.0], dtype=torch.float64)
+    other = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    pooled = opinionpool.holder([Categorical(logits=logits), Categorical(probs=other)], alpha=0.0,
+                                weights=[0.4, 0.6]).moment_match()
+    p = np.exp([0.0, -inf, 1.0]) / np.exp([0.0, -inf, 1.0]).sum()
+    expected = p**0.4 * other.numpy() ** 0.6
+    np.testing.assert_allclose(pooled.probs.numpy(), expected / expected.sum(), rtol=1e-12, atol=0)
+    assert pooled.probs[1].item() == 0
+    for bad, message in (([0.0, math.nan, 1.0], "finite or -inf"), ([0.0, inf, 1.0], "finite or -inf"),
+                         ([-inf, -inf, -inf], "finite or -inf")):  # torch's normalisation makes this NaN
+        expert = Categorical(logits=torch.tensor(bad, dtype=torch.float64), validate_args=False)
+        with pytest.raises(ValueError, match=f"Categorical logits must .*{message}"):
+            opinionpool.holder([expert, Categorical(probs=other)], alpha=0.5)
