@@ -132,8 +132,10 @@ class ExponentialFamily:
     def log_prob(self, params: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         eta = self.to_natural(params)
         stat = self.sufficient_statistic(value)
-        # 0 * log(0) = 0 at the edge of the support (e.g. a Beta(1, b) at z = 0), never NaN
-        product = torch.where(eta == 0, torch.zeros((), dtype=eta.dtype, device=eta.device), eta * stat)
+        # 0 * log(0) = 0 at the edge of the support (e.g. a Beta(1, b) at z = 0), never NaN; a zero natural parameter
+        # elsewhere (a concentration of exactly 1, a VonMises loc of 0) keeps its gradient, the statistic
+        edge = (eta == 0) & ~torch.isfinite(stat)
+        product = eta * torch.where(edge, torch.zeros((), dtype=stat.dtype, device=stat.device), stat)
         return self.log_base_measure(value) + product.sum(-1) - self.log_normalizer(eta)
 
     @property
