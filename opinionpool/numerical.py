@@ -617,7 +617,8 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
                                                   + (tbar**2 + variance / spread**2) * relative[0]))
     if want_stat:
         value = stats["expected_statistic"].value.numpy()
-        error = relative[3:] + np.abs(value) * relative[0]
+        # the statistic's integrands only: the entropy's and extra's follow them
+        error = relative[3:3 + value.size] + np.abs(value) * relative[0]
         out["expected_statistic"] = (value.tolist(), error.tolist())
         if family.circular:
             moments = family.moments_from_statistic(torch.as_tensor(value), torch.as_tensor(error))
@@ -696,7 +697,7 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
         return out.T.reshape(z.shape)
 
     present = log_weights > -math.inf
-    mu, var = family.mean(params).to(high), family.variance(params).to(high)
+    mu, var = (x.to(high) for x in _expert_moments(family, params))
     sd = var.clamp_min(0).sqrt()
     sd = torch.maximum(sd, 1e-12 * (1 + mu.abs()))
     offsets = torch.as_tensor(np.concatenate((-_EXPERT_OFFSETS[::-1], _EXPERT_OFFSETS[1:])), dtype=high)
@@ -967,22 +968,35 @@ def _quadrature_edges(log_u, mu, sd, lower, upper, alpha):
 
 
 def _expert_moments(family, params):
-    """Means and variances of scalar experts ``(M,) + param_shape``: the family's, or by quadrature of each
-    expert's density for families that do not provide them (e.g. a ``CustomFamily`` without ``mean``)."""
-    if family.has_numeric_moments and not family.circular:
+    """Means and variances of scalar experts ``batch + param_shape``: the family's where it gives them, otherwise (a
+    ``CustomFamily`` without ``mean`` or ``variance``, a circular family) by quadrature of each expert's density; a
+    family's own mean is kept when only its variance is missing. They place the pool's panels."""
+    own_mean = family.has_numeric_moments and not family.circular
+    # CustomFamily's mean and variance are optional independently; the built-in families have both
+    if own_mean and getattr(family, "has_variance", True):
         return family.mean(params), family.variance(params)
+    batch = params.shape[: params.dim() - len(family.param_shape)]
+    flat = params.reshape((-1,) + tuple(family.param_shape))
+    own = family.mean(flat).tolist() if own_mean else [None] * len(flat)
     lower, upper = family.support_interval
     moments = []
-    for p in params:
+    for p, hint in zip(flat, own):
         def density(z, k, p=p):
             value = torch.tensor(z, dtype=p.dtype, device=p.device)
             return z**k * math.exp(float(family.log_prob(p, value)))
 
-        mass, first, second = (integrate.quad(density, lower, upper, args=(k,), limit=200)[0] for k in range(3))
-        mean = first / mass
-        moments.append((mean, max(second / mass - mean * mean, 0.0)))
-    return (torch.tensor([m for m, _ in moments], dtype=params.dtype),
-            torch.tensor([v for _, v in moments], dtype=params.dtype))
+        points = None if hint is None or not lower < hint < upper or math.isinf(lower - upper) else [hint]
+        mass, first, second = (integrate.quad(density, lower, upper, args=(k,), limit=200, points=points)[0]
+                               for k in range(3))
+        if not mass > 0:  # quad over the whole line can miss a narrow expert far from 0
+            raise ValueError(f"{family.name}: quadrature found no mass in the density of an expert "
+                             f"(params={p.tolist()!r}); give the family a `mean` (and `variance`) so that the "
+                             "numerical engine can place its panels")
+        mean = first / mass if hint is None else hint
+        moments.append((mean, max(second / mass - (first / mass) ** 2, 0.0)))
+    mean = torch.tensor([m for m, _ in moments], dtype=params.dtype, device=params.device)
+    variance = torch.tensor([v for _, v in moments], dtype=params.dtype, device=params.device)
+    return mean.reshape(batch), variance.reshape(batch)
 
 
 # ---------------------------------------------------------------------------------- grid

@@ -548,15 +548,26 @@ class _Pool(Distribution):
         ``torch.distributions.kl_divergence(pool, other)`` gives the value."""
         dtype = self.experts.params.dtype
         if check_method(self.family, method) == "quadrature":
+            batch = self.batch_shape
+            other_batch = getattr(other, "batch_shape", torch.Size())
+            try:
+                fits = torch.broadcast_shapes(other_batch, batch) == batch
+            except RuntimeError:
+                fits = False
+            if not fits:  # one KL per pool: other's batch must broadcast to the pool's, not widen it
+                raise ValueError(f"other must have a batch shape that broadcasts to the pool's {tuple(batch)}, "
+                                 f"got batch_shape={tuple(other_batch)}")
             rows = []
             for index, (p, lw) in enumerate(zip(*self._pools())):
                 def log_q(z, index=index):
                     """``other``'s log-density at points ``z`` for pool ``index`` of the flattened batch."""
-                    batch_dims = len(other.batch_shape)
-                    z = torch.as_tensor(z, dtype=dtype).reshape((-1,) + (1,) * batch_dims)
+                    # one singleton per pool batch dimension, so that a smaller batch of other's (e.g. (3,) or
+                    # (2, 1) for a (2, 3) pool) broadcasts to the pool's before the flattened pool index is taken
+                    z = torch.as_tensor(z, dtype=dtype).reshape((-1,) + (1,) * len(batch))
                     with torch.no_grad():
-                        values = other.log_prob(z).reshape(z.shape[0], -1)
-                    return values[:, index if values.shape[1] > 1 else 0].to(torch.float64).numpy()
+                        values = other.log_prob(z)
+                    values = values.expand((z.shape[0],) + batch).reshape(z.shape[0], -1)
+                    return values[:, index].to(torch.float64).numpy()
 
                 (entropy, entropy_error), (cross, cross_error) = quadrature_entropy(
                     self.family, p, lw, self.alpha, check_rtol(rtol), log_other=log_q)

@@ -58,6 +58,8 @@ class CustomFamily(ExponentialFamily):
             self.support_interval = (lower, upper)
         self.name = name
         self.has_numeric_moments = mean is not None
+        #: without it the numerical engine integrates each expert's variance (mean and variance are independent)
+        self.has_variance = variance is not None
 
     def _key(self):
         return (id(self),)

@@ -1,0 +1,138 @@
+"""Edge cases of the numerical engine, each against an independent float64 scipy quadrature."""
+
+import math
+
+import pytest
+import torch
+from scipy import integrate, special
+from torch.distributions import Normal, VonMises
+
+import opinionpool
+from opinionpool import CustomFamily
+
+ALPHA = 0.3
+
+
+def power_mean(densities, weights, alpha):
+    return sum(w * q**alpha for w, q in zip(weights, densities)) ** (1 / alpha)
+
+
+def log_power_mean(log_densities, weights, alpha):
+    """``log M_alpha`` from the experts' log-densities (no underflow in the tails)."""
+    return special.logsumexp([alpha * lq for lq in log_densities], b=weights) / alpha
+
+
+def quad_pool(u, lower, upper, points=None, functions=()):
+    """``log Z`` and ``E_pool[f]`` for each ``f`` of ``functions``, by scipy quad."""
+    kw = dict(epsabs=0, epsrel=1e-12, limit=400)
+    if points is not None:
+        kw["points"] = points
+    z = integrate.quad(u, lower, upper, **kw)[0]
+    return math.log(z), [integrate.quad(lambda x, f=f: u(x) * f(x), lower, upper, **kw)[0] / z for f in functions]
+
+
+def von_mises_density(loc, kappa):
+    # i0e: I0(k) e^-k, so that exp(k (cos - 1)) / (2 pi i0e(k)) = exp(k cos) / (2 pi I0(k)) without overflow
+    return lambda z: math.exp(kappa * (math.cos(z - loc) - 1)) / (2 * math.pi * special.i0e(kappa))
+
+
+def test_von_mises_entropy_and_kl_at_a_numerical_alpha():
+    """The entropy's and the statistic's integrands were mixed up for circular experts (a broadcast error)."""
+    experts = [(0.3, 2.0), (-1.0, 0.7)]
+    pool = opinionpool.holder([VonMises(torch.tensor(m, dtype=torch.float64), torch.tensor(k, dtype=torch.float64))
+                               for m, k in experts], alpha=ALPHA)
+    assert isinstance(pool, opinionpool.NumericalHolderPool)
+    densities = [von_mises_density(m, k) for m, k in experts]
+
+    def u(z):
+        return power_mean([q(z) for q in densities], (0.5, 0.5), ALPHA)
+
+    # torch's VonMises.log_prob approximates log I0 (to about 1e-7): the reference takes other's own log-density
+    other = VonMises(torch.tensor(0.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    log_z, (mean_log_u, mean_log_other) = quad_pool(
+        u, -math.pi, math.pi,
+        functions=(lambda z: math.log(u(z)), lambda z: float(other.log_prob(torch.tensor(z, dtype=torch.float64)))))
+    entropy = log_z - mean_log_u
+    kl = mean_log_u - log_z - mean_log_other
+    estimate = pool.entropy_estimate()
+    assert abs(float(estimate.value) - entropy) < 1e-9
+    assert float(estimate.error) < 1e-6
+    assert abs(float(pool.entropy()) - entropy) < 1e-9
+    result = pool.kl_estimate(other)
+    assert abs(float(result.value) - kl) < 1e-9
+
+
+LOCS = ((0.0, 0.5, 1.0), (-1.0, 2.0, 0.3))
+
+
+@pytest.mark.parametrize("other_loc", [(0.0, 1.0, 2.0), ((0.0,), (1.0,))], ids=["batch (3,)", "batch (2, 1)"])
+def test_kl_quadrature_broadcasts_a_smaller_batch_of_other(other_loc):
+    locs = torch.tensor(LOCS, dtype=torch.float64)
+    pool = opinionpool.holder([Normal(locs, 1.0), Normal(-locs, 2.0)], alpha=ALPHA)
+    other_loc = torch.tensor(other_loc, dtype=torch.float64)
+    result = pool.kl_estimate(Normal(other_loc, 1.5), method="quadrature")
+    assert result.value.shape == (2, 3)
+    other_locs = other_loc.expand(2, 3)
+    for i in range(2):
+        for j in range(3):
+            m, r = LOCS[i][j], float(other_locs[i, j])
+
+            def log_u(z, m=m):
+                return log_power_mean((-0.5 * (z - m) ** 2 - 0.5 * math.log(2 * math.pi),
+                                       -0.5 * ((z + m) / 2) ** 2 - math.log(2) - 0.5 * math.log(2 * math.pi)),
+                                      (0.5, 0.5), ALPHA)
+
+            log_z, (mean_log_u, mean_log_r) = quad_pool(
+                lambda z: math.exp(log_u(z)), -math.inf, math.inf,
+                functions=(log_u, lambda z, r=r: -0.5 * ((z - r) / 1.5) ** 2 - math.log(1.5)
+                           - 0.5 * math.log(2 * math.pi)))
+            assert abs(float(result.value[i, j]) - (mean_log_u - log_z - mean_log_r)) < 1e-9
+
+
+def test_kl_quadrature_rejects_a_wider_batch_of_other():
+    pool = opinionpool.holder([Normal(torch.tensor(LOCS), 1.0), Normal(-torch.tensor(LOCS), 2.0)], alpha=ALPHA)
+    with pytest.raises(ValueError, match=r"other must .*batch_shape=\(4,\)"):
+        pool.kl_estimate(Normal(torch.zeros(4), 1.0), method="quadrature")
+
+
+def gamma_without_variance():
+    """A Gamma family with ``mean`` but no ``variance`` (each is optional)."""
+    def log_normalizer(eta):
+        a = eta[..., 0] + 1
+        return torch.lgamma(a) - a * torch.log(-eta[..., 1])
+
+    return CustomFamily(log_normalizer, lambda z: torch.stack((torch.log(z), z), -1), lambda z: torch.zeros_like(z),
+                        num_params=2, natural_domain=lambda eta: (eta[..., 0] > -1) & (eta[..., 1] < 0),
+                        mean=lambda eta: (eta[..., 0] + 1) / -eta[..., 1], support_interval=(0.0, math.inf),
+                        name="user Gamma")
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one pool", "a batch of pools"])
+def test_custom_family_with_mean_but_no_variance(batched):
+    shapes = ((2.0, 1.0), (3.5, 2.0))
+    params = torch.tensor([[a - 1, -b] for a, b in shapes], dtype=torch.float64)
+    fam = gamma_without_variance()
+    pool = opinionpool.holder(fam.expert(params.expand(2, 2, 2) if batched else params), alpha=ALPHA)
+
+    def u(z):
+        return power_mean([b**a * z ** (a - 1) * math.exp(-b * z) / math.gamma(a) for a, b in shapes], (0.5, 0.5),
+                          ALPHA)
+
+    log_z, (mean, second) = quad_pool(u, 0, math.inf, functions=(lambda z: z, lambda z: z * z))
+    expected = torch.tensor([log_z, mean, second - mean * mean], dtype=torch.float64)
+    got = torch.stack([pool.log_normalizer, pool.mean, pool.variance]).reshape(3, -1)
+    torch.testing.assert_close(got, expected.unsqueeze(-1).expand_as(got), rtol=1e-10, atol=0)
+
+
+def test_custom_experts_without_mean_far_from_the_origin_raise_a_clear_error():
+    """A narrow expert far from 0 is missed by scipy's quad over the whole line (mass 0), which raised a
+    ZeroDivisionError: a ValueError now names the family and the expert and says how to help the engine."""
+    fam = CustomFamily(lambda e: -e[..., 0] ** 2 / (4 * e[..., 1]) - 0.5 * torch.log(-2 * e[..., 1]),
+                       lambda z: torch.stack((z, z * z), -1),
+                       lambda z: torch.full_like(z, -0.5 * math.log(2 * math.pi)),
+                       num_params=2, natural_domain=lambda e: e[..., 1] < 0, support_interval=(-math.inf, math.inf),
+                       name="user Normal")
+    experts = ((30.0, 0.1), (30.1, 0.2))
+    with pytest.raises(ValueError, match="user Normal: quadrature found no mass .* give the family a `mean`"):
+        opinionpool.holder(fam.expert(torch.tensor([[m / s**2, -0.5 / s**2] for m, s in experts],
+                                                   dtype=torch.float64)), alpha=ALPHA).log_normalizer
