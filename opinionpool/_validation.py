@@ -80,17 +80,13 @@ def check_finite(name: str, value: torch.Tensor) -> None:
 
 
 def check_log_probabilities(name: str, value: torch.Tensor) -> None:
-    """Unnormalised log-probabilities over the last axis: finite or ``-inf`` (a probability of zero), with a finite
-    entry in every row."""
+    """Normalised log-probabilities: finite or ``-inf`` (a probability of zero; a row of them all is NaN once
+    normalised, as torch's are)."""
     if _skipped():
         return
     bad = torch.isnan(value) | torch.isposinf(value)
     if bool(bad.any()):
         raise ValueError(f"{name} must be finite or -inf, got {describe(value, bad)}")
-    empty = torch.isneginf(value).all(-1)
-    if bool(empty.any()):
-        raise ValueError(f"{name} must have a finite entry in every row (all -inf: no probability anywhere), got "
-                         f"{describe(value, empty.unsqueeze(-1).expand(value.shape))}")
 
 
 def check_positive(name: str, value: torch.Tensor) -> None:

@@ -334,7 +334,7 @@ class MultimodalVAE(nn.Module):
     def private_posterior(self, x):
         """The encoders' ``(mu, logvar)`` of the modality-specific latents, each ``(M, B, private_dim)`` (None
         without them); Hölder++'s posterior also depends on the shared latent: ``private_given``."""
-        return self.encode_with_private(x)[2]
+        return self.encode_with_private(x)[2] if self.private_dim else None
 
     def encode_with_private(self, x):
         """``(mu, logvar, private)``: ``encode``'s and ``private_posterior``'s results from one pass of the

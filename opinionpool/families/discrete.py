@@ -101,7 +101,7 @@ class _CountFamily(ExponentialFamily):
 
     discrete = True
 
-    def __init__(self, total_count: int = 1):
+    def __init__(self, total_count: int):
         super().__init__(event_shape=(), param_shape=(2,))
         self.total_count = int(total_count)
 
@@ -114,7 +114,10 @@ class _CountFamily(ExponentialFamily):
             check_finite(f"{self.name} logits", dist.logits)
             logits = dist.logits
             log_sigmoid = torch.nn.functional.logsigmoid
-            return torch.stack((log_sigmoid(-logits), log_sigmoid(logits)), dim=-1)
+            params = torch.stack((log_sigmoid(-logits), log_sigmoid(logits)), dim=-1)
+            # the largest finite logit is how distribution() writes p = 0 or 1: read back as the exact -inf
+            big = torch.finfo(logits.dtype).max
+            return torch.where(torch.stack((logits >= big, logits <= -big), dim=-1), -math.inf, params)
         check_probabilities(f"{self.name} probs", dist.probs)
         probs = dist.probs
         below_one = probs < 1
@@ -131,11 +134,13 @@ class _CountFamily(ExponentialFamily):
                              dim=-1)
 
     def distribution(self, params, validate_args: bool = False):
-        # torch's logits keep the digits of a probability near 0 or 1 (float32 rounds sigmoid(20) to 1), but cannot
-        # represent p = 0 or 1 (their log_prob is NaN there); such experts get probs, which torch represents exactly
-        if bool(torch.isfinite(params).all()):
-            return self._torch(validate_args, logits=params[..., 1] - params[..., 0])
-        return self._torch(validate_args, probs=self._probabilities(params)[..., 1])
+        # logits, row by row: they keep the digits of a probability near 0 or 1 (float32 rounds sigmoid(20) to 1),
+        # and p = 0 or 1 (an infinite logit, whose log_prob torch makes NaN) gets the largest finite float: its
+        # probs are exactly 0 or 1, the impossible outcome's log_prob -3.4e38 in float32 rather than -inf (the
+        # family's own log_prob, which the pools use, is exact); an empty combination gets the placeholder 0
+        big = torch.finfo(params.dtype).max
+        logits = torch.nan_to_num(params[..., 1] - params[..., 0], nan=0.0, posinf=big, neginf=-big)
+        return self._torch(validate_args, logits=logits)
 
     def log_normalizer(self, natural):
         return self.total_count * torch.logsumexp(natural, dim=-1)
@@ -196,6 +201,9 @@ class BinomialFamily(_CountFamily):
 
     name = "Binomial"
 
+    def __init__(self, total_count: int):
+        super().__init__(total_count)
+
     def _key(self):
         return (self.total_count,)
 
@@ -250,10 +258,8 @@ class CategoricalFamily(ExponentialFamily):
             return dist.logits
         check_probabilities("Categorical probs", dist.probs)
         # log(probs), -inf for a zero probability (torch's logits clamp it to about 1e-16, which would give the
-        # category mass in every pool); log(0) itself is never evaluated, so gradients stay finite
-        probs = dist.probs
-        positive = probs > 0
-        return torch.where(positive, torch.log(torch.where(positive, probs, torch.ones_like(probs))), -math.inf)
+        # category mass in every pool)
+        return _safe_log(dist.probs)
 
     def distribution(self, params, validate_args: bool = False):
         return Categorical(logits=params, validate_args=validate_args)
@@ -277,7 +283,7 @@ class CategoricalFamily(ExponentialFamily):
         return torch.softmax(natural, dim=-1)
 
     def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
-        return torch.log(mean_params / mean_params.sum(-1, keepdim=True))
+        return _safe_log(mean_params / mean_params.sum(-1, keepdim=True))
 
     def support_values(self, params):
         return _listed(torch.arange(self.num_categories, device=params.device), params)

@@ -282,3 +282,18 @@ def test_categorical_logits_of_minus_infinity_are_categories_of_probability_zero
         expert = Categorical(logits=torch.tensor(bad, dtype=torch.float64), validate_args=False)
         with pytest.raises(ValueError, match=f"Categorical logits must .*{message}"):
             opinionpool.holder([expert, Categorical(probs=other)], alpha=0.5)
+
+
+def test_a_degenerate_row_leaves_the_other_rows_their_logits():
+    """The returned torch distribution is built from logits row by row: one row of probability 0 made every row
+    use probs, which torch clamps to a logit of +-15.9 in float32 (log q(0) -15.94 instead of -16.64)."""
+    p = torch.tensor([1 - 2.0**-24, 0.0], dtype=torch.float32)
+    experts = Bernoulli(probs=torch.stack((p, torch.full_like(p, 0.5)), -1))
+    pool = opinionpool.holder(experts, alpha=0.0)
+    matched = pool.moment_match()
+    zero = torch.zeros(2, dtype=torch.float32)
+    # the log-linear pool of equal weights: q(0) proportional to sqrt((1 - p) / 2), q(1) to sqrt(p / 2)
+    exact = [0.5 * math.log(2.0**-24) - math.log(math.sqrt(2.0**-24) + math.sqrt(1 - 2.0**-24)), 0.0]
+    np.testing.assert_allclose(matched.log_prob(zero).numpy(), exact, rtol=1e-5)
+    np.testing.assert_allclose(pool.log_prob(zero).numpy(), exact, rtol=1e-5)
+    assert matched.log_prob(torch.ones(2))[1].item() < -1e38  # p = 0: the largest finite logit
