@@ -263,10 +263,18 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
     rank, world, device = _start_replicas(resolve_device(config.train.device))
     try:
         with _stop_requests() as requests:
-            return _train(config, run_dir, resume, show_progress and rank == 0, rank, world, device, tqdm, requests)
-    finally:
+            result = _train(config, run_dir, resume, show_progress and rank == 0, rank, world, device, tqdm, requests)
+    except BaseException:
         if world > 1:
             dist.destroy_process_group()
+        raise
+    if world > 1:
+        # every replica past its last collective before any tears gloo down: a replica that tore down while the
+        # other was still in its final steps made that one abort at exit, rarely ("terminate called without an
+        # active exception")
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 class _StopRequests:
