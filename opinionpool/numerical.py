@@ -505,8 +505,25 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
         return (out, ell[..., present].cpu().numpy()) if experts else out
 
     edges, shift = _quadrature_edges(log_u, mu, sd, lower, upper, alpha)
+    # a finite end where u is singular (or not negligible) gets a ladder and an end panel, as in _quadrature_batch
+    end_of_kind = {}
+    for sign, end in ((1.0, lower), (-1.0, upper)):
+        inner = edges[(edges > lower) & (edges < upper)]
+        if math.isfinite(end) and len(inner):
+            gap = sign * ((inner.min() if sign > 0 else inner.max()) - end)
+            probe = log_u(end + sign * gap * np.array([1e-6, 1e-3]))
+            if probe[0] > probe[1] or probe[0] > shift - 50:
+                geometry = _end_panel_geometry(lambda z: torch.as_tensor(log_u(z.numpy())), sign, end,
+                                               torch.tensor([gap], dtype=torch.float64))
+                geometry = replace(geometry, steep=torch.ones(1, dtype=torch.bool))
+                reach = float(geometry.reach[0])
+                ladder = gap * _LADDER.numpy()
+                edges = np.unique(np.concatenate((edges[edges != end], end + sign * ladder[ladder > reach],
+                                                  [end + sign * reach])))
+                end_of_kind[2 * sign] = (end, geometry)
     tail_scale = float(sd.max())
-    # panels in x-space: kind 0 is z = x; kind +-1 the tail z = origin +- scale x / (1 - x), x in [0, 1)
+    # panels in x-space: kind 0 is z = x; kind +-1 the tail z = origin +- scale x / (1 - x), x in [0, 1); kind +-2
+    # the end panel of the lower (upper) end, x in [0, 1]
     a, b = edges[:-1], edges[1:]
     kind, origin = np.zeros(a.shape), np.zeros(a.shape)
     tail_x = np.array([0.0, 0.5, 0.9, 0.99, 1.0])
@@ -516,6 +533,9 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
             b = np.concatenate((b, tail_x[1:]))
             kind = np.concatenate((kind, np.full(4, sign)))
             origin = np.concatenate((origin, np.full(4, end)))
+    for end_kind, (end, _) in end_of_kind.items():
+        a, b = np.append(a, 0.0), np.append(b, 1.0)
+        kind, origin = np.append(kind, end_kind), np.append(origin, end)
 
     gl_t, gl_w = np.polynomial.legendre.leggauss(_GL_ORDER)
     low_t, low_w = np.polynomial.legendre.leggauss(_GL_ORDER - 3)
@@ -525,11 +545,17 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
 
     def panel_nodes(a, b, kind, origin, t, w):
         x = 0.5 * (a + b)[:, None] + 0.5 * (b - a)[:, None] * t
-        tail = kind[:, None] != 0
+        tail = np.abs(kind[:, None]) == 1
         xt = np.where(tail, x, 0.0)
         with np.errstate(divide="ignore", invalid="ignore"):
             z = np.where(tail, origin[:, None] + kind[:, None] * tail_scale * xt / (1 - xt), x)
             log_jac = np.where(tail, math.log(tail_scale) - 2 * np.log1p(-xt), 0.0)
+        for end_kind, (end, geometry) in end_of_kind.items():
+            at_end = kind == end_kind
+            if at_end.any():
+                z_end, log_jac_end = geometry.nodes(torch.zeros(1, dtype=torch.long), end, math.copysign(1.0, end_kind),
+                                                    torch.as_tensor(x[at_end]).unsqueeze(0))
+                z[at_end], log_jac[at_end] = z_end[0].numpy(), log_jac_end[0].numpy()
         return z, np.log(0.5 * (b - a))[:, None] + np.log(w) + log_jac
 
     def evaluate(a, b, kind, origin):
@@ -607,6 +633,11 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     points = torch.as_tensor(z_half.ravel())
     log_mass = torch.as_tensor(lm_half.ravel())
     relative = diff.sum(0) / total  # per integrand, relative to the normaliser
+    g = torch.as_tensor(np.abs(integrands(z_half))).reshape(1, -1, diff.shape[-1])
+    end_geometry = [(math.copysign(1.0, k), end, geometry) for k, (end, geometry) in end_of_kind.items()]
+    relative = relative + _unseen_errors(end_geometry, g, torch.as_tensor(lm_half.reshape(1, -1)),
+                                         torch.tensor([shift + math.log(total)]),
+                                         torch.as_tensor(z_half.reshape(1, -1)))[0].numpy()
     out = {"log_normalizer": (shift + math.log(total), relative[0])}
     _, stats = _point_statistics(family, points, log_mass, wanted, standard_errors=False)
     if "mean" in stats and not family.circular:
@@ -654,6 +685,108 @@ _BATCH_SCAN_POINTS = 1025
 #: edges at these fractions of the distance from a finite end of the support where the pooled density grows
 _LADDER = torch.tensor([4.0**-k for k in range(1, 41)], dtype=torch.float64)
 _BISECTION_STEPS = 50
+
+
+#: the smallest distance from an end at 0 (of a Gamma's or Beta's support) at which u is evaluated; log_prob of
+#: subnormal points loses digits
+_NEAREST_AT_ZERO = 1e-300
+#: and from an end elsewhere, relative to it: 256 float64 steps, so a point rounds by at most 1/512 of its distance
+_NEAREST_RELATIVE = 2.0**-44
+#: the rounding floor of the quadrature's error, per unit of |log mass| of a node
+_ROUNDING = 256 * np.finfo(np.float64).eps
+#: changes of the fitted exponent below this are rounding: the power law is taken as exact
+_EXPONENT_NOISE = 1e-12
+
+
+@dataclass(frozen=True)
+class _EndPanel:
+    """How a batch of pools is integrated within ``reach`` of a finite end of the support where it may be singular.
+
+    Near the end, at a distance ``d``, ``u ~ C d^exponent`` with ``exponent > -1`` (a Gamma of shape ``a`` has
+    ``a - 1``). The panel's variable ``x = (d / reach)^power`` with ``power = exponent + 1`` (clipped to
+    ``[1e-3, 1]``) makes such a power law constant in ``x``: Gauss–Legendre on ``x`` is exact for it and the
+    bisection sees what departs from it. Points are evaluated at ``end +- d`` rounded; the rounding (large next to an
+    end other than 0, where the representable points are about ``1e-16 |end|`` apart) is undone by the factor
+    ``(d / d_rounded)^exponent``, and below ``nearest`` the power law is extrapolated from ``nearest``: at a Beta's
+    end at 1 the points closer than ``2^-44`` are not distinct, and a Gamma of shape 0.01 has a thousandth of its
+    mass below 1e-300. The exponent is the slope of ``log u`` against ``log d`` over the ten octaves above
+    ``nearest``; ``deviation`` bounds its distance from the limit at the end: twice the rest of the geometric series
+    whose first terms are its changes over the next ten and twenty octaves, at a ratio of at least ``2^-10`` per ten
+    octaves (a pool's exponent converges as a power of ``d``, a smooth factor's as ``d``), infinite where they do
+    not shrink. The extrapolated mass is uncertain by ``2 deviation / power`` of
+    itself, at most all of it.
+    """
+
+    reach: torch.Tensor  # (pools,)
+    power: torch.Tensor
+    exponent: torch.Tensor
+    deviation: torch.Tensor
+    fitted: torch.Tensor  # False where u vanishes at the fitted points: nothing is extrapolated there
+    nearest: float
+    steep: torch.Tensor | None = None  # whether a pool uses the end panel at all
+
+    def nodes(self, rows, end, sign: float, x):
+        """Points and ``log`` of (Jacobian times the rounding and extrapolation factor) at panel variables ``x``
+        ``(len(rows), panels, nodes)`` in ``(0, 1]`` of the pools ``rows``; ``end`` broadcasts against ``x``."""
+        reach, power, exponent, fitted = (v[rows].reshape(-1, 1, 1) for v in (self.reach, self.power,
+                                                                                self.exponent, self.fitted))
+        log_x = x.log()
+        log_d = reach.log() + log_x / power
+        z = end + sign * log_d.exp().clamp_min(self.nearest)
+        log_rounded = (sign * (z - end)).log()  # exact: the difference of two nearby floats (Sterbenz)
+        correction = exponent * (log_d - log_rounded)
+        correction = torch.where(fitted | (log_d >= log_rounded), correction, -math.inf)
+        return z, (reach / power).log() + (1 / power - 1) * log_x + correction
+
+    def extrapolated(self, rows, end, sign: float, z):
+        """Which of the points ``z`` ``(len(rows), N)`` were extrapolated (they all sit at the nearest point)."""
+        return self.steep[rows].unsqueeze(-1) & (z == end + sign * self.nearest)
+
+
+def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor) -> _EndPanel:
+    """The :class:`_EndPanel` of the end ``end`` (``sign`` +1 for a lower end, -1 for an upper one) of pools whose
+    nearest expert edge lies ``gap`` ``(pools,)`` from it; ``log_u`` evaluates the pools at points ``(pools, n)``."""
+    nearest = _NEAREST_AT_ZERO if end == 0 else _NEAREST_RELATIVE * abs(end)
+    z = end + sign * nearest * 2.0 ** torch.tensor([0.0, 10.0, 20.0, 30.0], dtype=torch.float64)
+    log_distance = (sign * (z - end)).log()
+    slopes = log_u(z.expand(len(gap), -1)).diff(dim=-1) / log_distance.diff()
+    exponent = slopes[:, 0]
+    near, far = slopes[:, 1] - slopes[:, 0], slopes[:, 2] - slopes[:, 1]  # changes away from the end
+    # at least the ratio of a term linear in d (a smooth factor of the density, which a faster-shrinking term can
+    # hide in the far block)
+    ratio = (near / far).clamp_min(2.0**-10)
+    converging = (near / far >= 0) & (ratio < 1)
+    deviation = torch.where(converging, 2 * near.abs() * ratio / (1 - ratio).clamp_min(1e-300), math.inf)
+    deviation = torch.where(torch.maximum(near.abs(), far.abs()) <= _EXPONENT_NOISE, 0.0, deviation)
+    deviation = deviation.clamp_min(_EXPONENT_NOISE)
+    fitted = torch.isfinite(slopes).all(-1)
+    exponent = torch.where(fitted, exponent, 0.0)
+    # next to an end other than 0 points round by up to 1e-16 |end|: the panel reaches far enough for the rounding
+    # outside it to be negligible, its own corrected
+    shortest = 256 * nearest if end == 0 else 2.0**-8 * abs(end)
+    reach = torch.minimum((gap * _LADDER[-1]).clamp_min(shortest), 0.25 * gap)
+    return _EndPanel(reach=reach, power=(exponent + 1).clamp(1e-3, 1.0), exponent=exponent,
+                     deviation=torch.where(fitted, deviation, 0.0), fitted=fitted, nearest=nearest)
+
+
+def _unseen_errors(end_geometry, g, log_mass, log_z, points):
+    """The errors ``(pools, K)``, relative to the normaliser, that comparing rules cannot see: rounding (a few ulps
+    of each node's ``|log mass|``) and the mass extrapolated next to the ends (the ``(sign, end, _EndPanel)`` of
+    ``end_geometry``). ``g`` ``(pools, N, K)``: the integrands' absolute values at the nodes ``points`` ``(pools, N)``
+    of log-masses ``log_mass``; the integrands from the fourth on are evaluated at the nearest point where the mass
+    lies closer to the end (the statistic, ``log u``, another log-density), off by ``1 / power`` on average."""
+    share = (log_mass - log_z.unsqueeze(-1)).exp().unsqueeze(-1)
+    error = _ROUNDING * (share * g * (1 + log_mass.abs().unsqueeze(-1))).nan_to_num(posinf=0.0).sum(1)
+    rows = torch.arange(len(points))
+    for sign, end, geometry in end_geometry:
+        extrapolated = geometry.extrapolated(rows, end, sign, points).unsqueeze(-1)
+        if bool(extrapolated.any()):
+            mass = torch.where(extrapolated, share, 0.0)
+            uncertainty = (2 * geometry.deviation / geometry.power).clamp_max(1.0).reshape(-1, 1, 1)
+            part = (mass * g * uncertainty).sum(1)
+            part[:, 3:] += (mass * (g[..., 3:] + 1 / geometry.power.reshape(-1, 1, 1))).sum(1)
+            error = error + part
+    return error
 
 
 def _batched_supported(family, alpha) -> bool:
@@ -752,18 +885,25 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
         a, b = torch.where(above, middle, a), torch.where(above, b, middle)
     crossings = torch.where(torch.stack(found, -1), 0.5 * (a + b), math.nan)
 
-    ends = torch.tensor([x for x in (lower, upper) if math.isfinite(x)], dtype=high).expand(pools, -1)
-    # a finite end towards which u grows, or where it is not negligible (a Gamma or Beta expert of shape below
-    # one, or of a non-integer shape: a singular derivative), is approached by edges in
-    # geometric progression, which the bisection would otherwise reach one round, over the whole batch, at a time
-    ladders = []
-    for end, nearest in ((lower, span_lo.squeeze(-1)), (upper, span_hi.squeeze(-1))):
-        if math.isfinite(end):
-            gap = nearest - end
-            probe = log_u(torch.stack((end + 1e-6 * gap, end + 1e-3 * gap), -1))
-            ladder = end + gap.unsqueeze(-1) * _LADDER
-            steep = (probe[:, 0] > probe[:, 1]) | (probe[:, 0] > top - 50)  # or u not negligible there
-            ladders.append(torch.where(steep.unsqueeze(-1), ladder, math.nan))
+    # A finite end towards which u grows, or where it is not negligible (a Gamma or Beta expert of shape below
+    # one, or of a non-integer shape: a singular derivative), is approached by edges in geometric progression down
+    # to `reach` from it (which the bisection would otherwise reach one round, over the whole batch, at a time),
+    # and the rest is an end panel (:func:`_end_panel_geometry`).
+    end_columns = [(sign, end, nearest) for sign, end, nearest in ((1.0, lower, span_lo.squeeze(-1)),
+                                                                   (-1.0, upper, span_hi.squeeze(-1)))
+                   if math.isfinite(end)]
+    plain_ends, ladders, end_geometry = [], [], []
+    for sign, end, nearest in end_columns:
+        gap = sign * (nearest - end)
+        probe = log_u(torch.stack((end + sign * 1e-6 * gap, end + sign * 1e-3 * gap), -1))
+        steep = (probe[:, 0] > probe[:, 1]) | (probe[:, 0] > top - 50)  # or u not negligible there
+        geometry = _end_panel_geometry(log_u, sign, end, gap)
+        ladder = torch.cat((gap.unsqueeze(-1) * _LADDER, geometry.reach.unsqueeze(-1)), -1)
+        ladder = torch.where(ladder >= geometry.reach.unsqueeze(-1), end + sign * ladder, math.nan)
+        ladders.append(torch.where(steep.unsqueeze(-1), ladder, math.nan))
+        plain_ends.append(torch.where(steep, math.nan, end))
+        end_geometry.append((sign, end, replace(geometry, steep=steep)))
+    ends = torch.stack(plain_ends, -1) if plain_ends else torch.zeros(pools, 0, dtype=high)
     edges = torch.cat((torch.where(valid, expert_points, math.nan), peak.unsqueeze(-1), crossings, ends, *ladders), -1)
     edges = torch.where((edges >= lower) & (edges <= upper), edges, math.nan).sort(-1).values  # NaN sorts last
     a, b = edges[:, :-1], edges[:, 1:]
@@ -781,6 +921,15 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
             kind = torch.cat((kind, torch.full((pools, 4), sign, dtype=high)), -1)
             origin = torch.cat((origin, end.unsqueeze(-1).expand(-1, 4)), -1)
             panel_valid = torch.cat((panel_valid, torch.ones(pools, 4, dtype=torch.bool)), -1)
+    # kind +-2: the end panel of the lower (upper) end, x in [0, 1]
+    end_of_kind = {}
+    for sign, end, geometry in end_geometry:
+        end_of_kind[2 * sign] = geometry
+        a = torch.cat((a, torch.zeros(pools, 1, dtype=high)), -1)
+        b = torch.cat((b, torch.ones(pools, 1, dtype=high)), -1)
+        kind = torch.cat((kind, torch.full((pools, 1), 2 * sign, dtype=high)), -1)
+        origin = torch.cat((origin, torch.full((pools, 1), end, dtype=high)), -1)
+        panel_valid = torch.cat((panel_valid, geometry.steep.unsqueeze(-1)), -1)
 
     gl_t, gl_w = np.polynomial.legendre.leggauss(_GL_ORDER)
     low_t, low_w = np.polynomial.legendre.leggauss(_GL_ORDER - 3)
@@ -791,11 +940,17 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
 
     def panel_nodes(a, b, kind, origin, ok, t, w):
         x = 0.5 * (a + b).unsqueeze(-1) + 0.5 * (b - a).unsqueeze(-1) * t
-        tail = (kind != 0).unsqueeze(-1)
+        tail = (kind.abs() == 1).unsqueeze(-1)
         xt = torch.where(tail, x, 0.0)
         scale = tail_scale[rows].reshape(-1, 1, 1)
         z = torch.where(tail, origin.unsqueeze(-1) + kind.unsqueeze(-1) * scale * xt / (1 - xt), x)
         log_jac = torch.where(tail, scale.log() - 2 * torch.log1p(-xt), 0.0)
+        for end_kind, geometry in end_of_kind.items():
+            at_end = (kind == end_kind).unsqueeze(-1)
+            if bool(at_end.any()):
+                z_end, log_jac_end = geometry.nodes(rows, origin.unsqueeze(-1), math.copysign(1.0, end_kind),
+                                                    torch.where(at_end, x, 0.5))
+                z, log_jac = torch.where(at_end, z_end, z), torch.where(at_end, log_jac_end, log_jac)
         width = torch.where(ok, 0.5 * (b - a), 1.0).log().unsqueeze(-1)
         inside = ok.unsqueeze(-1) & (z > lower) & (z < upper)  # a node rounded onto an end has no mass
         return torch.where(inside, z, fill), width + w.log() + log_jac
@@ -894,6 +1049,8 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
                         for part in finished])[order]
     lm_half = torch.cat([torch.nn.functional.pad(part[6], (0, size - part[6].shape[1]), value=-math.inf)
                          for part in finished])[order]
+    g = integrands(z_half.unsqueeze(1), centre, spread).squeeze(1).abs()
+    relative = relative + _unseen_errors(end_geometry, g, lm_half, log_z, z_half)
     nodes = (z_half.T, lm_half.T)
     _, stats = _point_statistics(family, nodes[0], nodes[1], wanted, standard_errors=False)
     return log_z, relative, centre, spread, stats, nodes, count, ok
