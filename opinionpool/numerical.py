@@ -52,6 +52,9 @@ _GRID_NODES_PER_DIM = {1: 4000, 2: 800, 3: 140}
 _GRID_CHUNK = 1 << 16
 #: the refined panels span the pool's mean +- this many of its standard deviations
 _CORE_WIDTH = 12.0
+#: grid panels are split until they are at most this many standard deviations of the narrowest expert near them wide
+#: (10 Gauss–Legendre nodes integrate a Gaussian on a panel of two standard deviations to about 1e-16 of its mass)
+_GRID_PANEL_WIDTH = 2.0
 #: default relative tolerance of the 1-D quadrature (reached in float64 whatever the experts' dtype)
 DEFAULT_RTOL = 1e-11
 _GL_ORDER = 10
@@ -1171,11 +1174,21 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
     batch, pools = _each_pool(family, params, log_weights)
     rows, nodes = [], []
     for p, lw in pools:
-        first = _grid_one(family, p, lw, alpha, {"mean", "variance"}, nodes_per_panel, _grid_edges(family, p, lw),
+        first_edges = _grid_edges(family, p, lw)
+        first = _grid_one(family, p, lw, alpha, {"mean", "variance"}, nodes_per_panel, first_edges,
                           core_width=_CORE_WIDTH)
+        # a pool narrower than the first pass's nodes (alpha < 0 between experts far apart) is located, not resolved:
+        # its core is at least a few of those nodes wide
+        mean = first["mean"].reshape(-1).cpu().numpy()
+        spacing = []
+        for edges, m in zip(first_edges, mean):
+            index = int(np.clip(np.searchsorted(edges, m), 1, len(edges) - 1))
+            spacing.append((edges[index] - edges[index - 1]) / nodes_per_panel)
+        spread = torch.maximum(first["variance"].sqrt(), torch.as_tensor(spacing, dtype=p.dtype, device=p.device)
+                               .reshape(first["variance"].shape))
         # all panels on the pool's core when the first pass puts (numerically) no mass outside it
         core_only = bool(first["log_mass_outside_core"] - first["log_normalizer"] < math.log(1e-16))
-        edges = _grid_edges(family, p, lw, first["mean"], first["variance"].sqrt(), core_only=core_only)
+        edges = _grid_edges(family, p, lw, first["mean"], spread, core_only=core_only)
         fine = _grid_one(family, p, lw, alpha, wanted, nodes_per_panel, edges)
         coarse = _grid_one(family, p, lw, alpha, wanted, nodes_per_panel - 4, edges)
         nodes.append(fine.pop("nodes"))
@@ -1187,8 +1200,11 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
 
 def _grid_edges(family, params, log_weights, centre=None, spread=None, nodes_per_panel: int = 10,
                 core_only: bool = False):
-    """Panel edges per dimension: uniform over the experts' box, plus a refined block over the pool's core
-    (``centre +- _CORE_WIDTH spread``); only the core block with ``core_only``."""
+    """Panel edges per dimension over the experts' box (every present expert's mean +- 12 marginal standard
+    deviations), bisected where they are widest relative to the narrowest expert near them (:func:`_split_panels`),
+    so that experts of very different scales are each resolved within the node budget; with ``centre`` and
+    ``spread`` the pool's core (``centre +- _CORE_WIDTH spread``) counts as one more expert; with ``core_only`` the
+    box is cut to the core."""
     present = log_weights > -math.inf
     loc = family.mean(params)[present]
     sd = family.variance(params)[present].sqrt()
@@ -1198,20 +1214,31 @@ def _grid_edges(family, params, log_weights, centre=None, spread=None, nodes_per
     max_panels = max(2, _GRID_NODES_PER_DIM[dim] // nodes_per_panel)
     all_edges = []
     for d in range(dim):
-        lower = float((loc[:, d] - 12 * sd[:, d]).min())
-        upper = float((loc[:, d] + 12 * sd[:, d]).max())
-        budget = max_panels if centre is None else max_panels // 2
-        count = max(1, min(budget, math.ceil((upper - lower) / (2 * float(sd[:, d].min())))))
-        edges = np.linspace(lower, upper, count + 1)
+        centres, scales = loc[:, d].cpu().numpy(), sd[:, d].cpu().numpy()
+        lower, upper = float((centres - 12 * scales).min()), float((centres + 12 * scales).max())
         if centre is not None:
             c, s = float(centre.reshape(-1)[d]), float(spread.reshape(-1)[d])
-            core_lower, core_upper = max(lower, c - _CORE_WIDTH * s), min(upper, c + _CORE_WIDTH * s)
             if core_only:
-                edges = np.linspace(core_lower, core_upper, max_panels + 1)
-            else:
-                edges = np.union1d(edges, np.linspace(core_lower, core_upper, max(2, max_panels - count) + 1))
-        all_edges.append(edges)
+                lower, upper = max(lower, c - _CORE_WIDTH * s), min(upper, c + _CORE_WIDTH * s)
+            centres, scales = np.append(centres, c), np.append(scales, s * _CORE_WIDTH / 12)
+        all_edges.append(_split_panels(lower, upper, centres, scales, max_panels))
     return all_edges
+
+
+def _split_panels(lower: float, upper: float, centres, scales, max_panels: int):
+    """Edges from ``[lower, upper]`` by bisecting, one at a time, the panel widest in units of the narrowest
+    standard deviation among the experts (``centres``, ``scales``) whose +-8 standard deviations reach it, until every
+    panel is at most ``_GRID_PANEL_WIDTH`` of them wide or there are ``max_panels``."""
+    edges = [lower, upper]
+    while len(edges) - 1 < max_panels:
+        a, b = np.array(edges[:-1]), np.array(edges[1:])
+        near = (a[:, None] <= centres + 8 * scales) & (b[:, None] >= centres - 8 * scales)
+        widths = (b - a) / np.where(near, scales, np.inf).min(-1)
+        worst = int(np.argmax(widths))
+        if widths[worst] <= _GRID_PANEL_WIDTH:
+            break
+        edges.insert(worst + 1, 0.5 * (a[worst] + b[worst]))
+    return np.array(edges)
 
 
 def _grid_one(family, params, log_weights, alpha, wanted, nodes_per_panel, edges_per_dim, core_width=None):
