@@ -331,9 +331,17 @@ def _point_statistics(family, points, log_w, wanted, standard_errors: bool):
 
 
 def _finish(method, error_kind, log_z, log_z_err, stats, wanted, **extra) -> PoolEstimate:
-    return PoolEstimate(method=method, error_kind=error_kind, log_normalizer=Estimate(log_z, log_z_err),
-                        **{name: stats.get(name) for name in ("mean", "variance", "covariance", "expected_statistic")
-                           if name in wanted}, **extra)
+    """The estimate, each error with the rounding of its value to the dtype it is returned in when that is not float64
+    (a float32 result of a float64 computation is off by up to half an ulp, far more than the float64 rule's error)."""
+    def rounded(est: Estimate | None) -> Estimate | None:
+        if est is None or est.value.dtype == torch.float64 or not est.value.is_floating_point():
+            return est
+        return Estimate(est.value, est.error + torch.finfo(est.value.dtype).eps * est.value.abs())
+
+    return PoolEstimate(method=method, error_kind=error_kind, log_normalizer=rounded(Estimate(log_z, log_z_err)),
+                        **{name: rounded(stats.get(name)) for name in ("mean", "variance", "covariance",
+                                                                         "expected_statistic") if name in wanted},
+                        **extra)
 
 
 # --------------------------------------------------------------------------- enumeration
@@ -364,6 +372,13 @@ def enumeration_estimate(family, params, log_weights, alpha, wanted, keep_nodes:
 
 
 # ---------------------------------------------------------------------------- quadrature
+def _in_float64(params, log_weights):
+    """``params`` and ``log_weights`` in float64 for the deterministic rules, the weights renormalised: a lower
+    precision's weights sum to one only to its rounding, which would move ``log Z`` by ``log(sum) / alpha``."""
+    log_weights = log_weights.detach().to(torch.float64)
+    return params.detach().to(torch.float64), log_weights - torch.logsumexp(log_weights, -1, keepdim=True)
+
+
 def _each_pool(family, params, log_weights):
     """The batch shape and the ``(params, log_weights)`` of every pool in it, for methods that work one pool at a time."""
     batch = params.shape[: params.dim() - len(family.param_shape) - 1]
@@ -388,7 +403,7 @@ def quadrature_estimate(family, params, log_weights, alpha, wanted, rtol: float 
     """Adaptive Gauss–Legendre quadrature (see :func:`_quadrature_one`) in float64 whatever the experts' dtype (the
     results come back in that dtype): every pool of the batch at once (:func:`_quadrature_batch`) for finite
     ``alpha`` and families with closed-form moments, one pool at a time otherwise."""
-    batch, pools = _each_pool(family, params.detach().to(torch.float64), log_weights.detach().to(torch.float64))
+    batch, pools = _each_pool(family, *_in_float64(params, log_weights))
     if not _batched_supported(family, alpha):
         rows, nodes, evaluations = [], [], 0
         for p, lw in pools:
@@ -1162,16 +1177,18 @@ def _expert_moments(family, params):
 # ---------------------------------------------------------------------------------- grid
 def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: int = 10,
                   keep_nodes: bool = False) -> PoolEstimate:
-    """Tensor-product Gauss–Legendre quadrature for Gaussian pools of dimension <= 3, one pool at a time.
+    """Tensor-product Gauss–Legendre quadrature for Gaussian pools of dimension <= 3, one pool at a time, in float64
+    whatever the experts' dtype (the results come back in that dtype).
 
     The box spans every present expert's mean +- 12 marginal standard deviations (outside it the
-    pool, bounded by ``max_j q_j`` for ``alpha > 0`` and by ``min_j q_j`` below, has mass < 1e-30).
-    A first pass on panels about two expert standard deviations wide locates the pool; the second
-    pass adds panels across the pool's own core (+-10 of its standard deviations), which matters
-    for ``alpha < 0`` pools, narrower than every expert. The reported error is the difference from
-    the rule with ``nodes_per_panel - 4`` nodes on the same panels.
+    pool, bounded by ``max_j q_j`` for ``alpha > 0`` and by ``min_j q_j`` below, has mass < 1e-30), its axes split
+    by expert scale (:func:`_grid_edges`). A first pass locates the pool; the second splits the panels around the
+    pool's own core (+-12 of its standard deviations) too, which matters for ``alpha < 0`` pools, narrower than
+    every expert. The reported error is the difference from the rule with ``nodes_per_panel - 4`` nodes on the
+    same panels.
     """
-    batch, pools = _each_pool(family, params, log_weights)
+    dtype = params.dtype
+    batch, pools = _each_pool(family, *_in_float64(params, log_weights))
     rows, nodes = [], []
     for p, lw in pools:
         first_edges = _grid_edges(family, p, lw)
@@ -1193,7 +1210,8 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
         coarse = _grid_one(family, p, lw, alpha, wanted, nodes_per_panel - 4, edges)
         nodes.append(fine.pop("nodes"))
         coarse.pop("nodes")
-        rows.append({name: Estimate(fine[name], (fine[name] - coarse[name]).abs()) for name in fine})
+        rows.append({name: Estimate(fine[name].to(dtype), (fine[name] - coarse[name]).abs().to(dtype))
+                     for name in fine})
     est = _stack_pools("grid", rows, batch, wanted)
     return replace(est, nodes=_pad_nodes(nodes, batch, params.device)) if keep_nodes else est
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from scipy import integrate, special
-from torch.distributions import Normal, VonMises
+from torch.distributions import Gamma, Independent, Normal, VonMises
 
 import opinionpool
 from opinionpool import CustomFamily
@@ -136,3 +136,27 @@ def test_custom_experts_without_mean_far_from_the_origin_raise_a_clear_error():
     with pytest.raises(ValueError, match="user Normal: quadrature found no mass .* give the family a `mean`"):
         opinionpool.holder(fam.expert(torch.tensor([[m / s**2, -0.5 / s**2] for m, s in experts],
                                                    dtype=torch.float64)), alpha=ALPHA).log_normalizer
+
+
+@pytest.mark.parametrize("case", ["gamma quadrature", "normal quadrature", "2-D grid"])
+def test_float32_pools_state_errors_that_cover_their_rounding(case):
+    """A float32 pool is computed in float64 and returned in float32: its errors include that rounding (they were
+    the float64 rule's, 1e-12, against 5e-7 of rounding), and its weights, which sum to one only to float32's
+    rounding, are renormalised (log Z moved by log(sum) / alpha, 3e-8 here, 16 ulps)."""
+    def experts(dtype):
+        if case == "gamma quadrature":
+            return Gamma(torch.tensor([2.0, 5.0], dtype=dtype), torch.tensor([1.0, 3.0], dtype=dtype))
+        if case == "normal quadrature":
+            return Normal(torch.tensor([400.0, 403.0], dtype=dtype), torch.tensor([1.0, 2.5], dtype=dtype))
+        return Independent(Normal(torch.tensor([[0.0, 1.0], [2.0, 0.0]], dtype=dtype),
+                                  torch.tensor([[1.0, 2.0], [0.5, 1.0]], dtype=dtype)), 1)
+
+    method = case.split()[-1]
+    weights = torch.tensor([0.3, 0.7], dtype=torch.float32)
+    single = opinionpool.holder(experts(torch.float32), alpha=0.7, weights=weights).estimate(method=method)
+    double = opinionpool.holder(experts(torch.float64), alpha=0.7, weights=weights.double()).estimate(method=method)
+    for name in ("log_normalizer", "mean", "variance"):
+        value, error = getattr(single, name)
+        assert value.dtype == torch.float32
+        off = (value.double() - getattr(double, name).value).abs()
+        assert bool((off <= error.double()).all()), (name, off, error)
