@@ -712,6 +712,8 @@ _NEAREST_AT_ZERO = 1e-300
 _NEAREST_RELATIVE = 2.0**-44
 #: the rounding floor of the quadrature's error, per unit of |log mass| of a node
 _ROUNDING = 256 * np.finfo(np.float64).eps
+#: the end panel's exponent is fitted over blocks of this many octaves above the nearest point
+_FIT_OCTAVES = 6.0
 #: changes of the fitted exponent below this are rounding: the power law is taken as exact
 _EXPONENT_NOISE = 1e-12
 
@@ -722,39 +724,36 @@ class _EndPanel:
 
     Near the end, at a distance ``d``, ``u ~ C d^exponent`` with ``exponent > -1`` (a Gamma of shape ``a`` has
     ``a - 1``). The panel's variable ``x = (d / reach)^power`` with ``power = exponent + 1`` (clipped to
-    ``[1e-3, 1]``) makes such a power law constant in ``x``: Gauss–Legendre on ``x`` is exact for it and the
+    ``[1e-8, 1]``) makes such a power law constant in ``x``: Gauss–Legendre on ``x`` is exact for it and the
     bisection sees what departs from it. Points are evaluated at ``end +- d`` rounded; the rounding (large next to an
     end other than 0, where the representable points are about ``1e-16 |end|`` apart) is undone by the factor
     ``(d / d_rounded)^exponent``, and below ``nearest`` the power law is extrapolated from ``nearest``: at a Beta's
     end at 1 the points closer than ``2^-44`` are not distinct, and a Gamma of shape 0.01 has a thousandth of its
-    mass below 1e-300. The exponent is the slope of ``log u`` against ``log d`` over the ten octaves above
-    ``nearest``; ``deviation`` bounds its distance from the limit at the end: twice the rest of the geometric series
-    whose first terms are its changes over the next ten and twenty octaves, at a ratio of at least ``2^-10`` per ten
-    octaves (a pool's exponent converges as a power of ``d``, a smooth factor's as ``d``), infinite where they do
-    not shrink. The extrapolated mass is uncertain by ``2 deviation / power`` of
-    itself, at most all of it.
+    mass below 1e-300. The exponent is the slope of ``log u`` against ``log d`` over the first of three blocks of
+    ``octaves`` octaves above ``nearest`` (six, fewer where the pool's nearest expert edge is closer);
+    ``deviation`` bounds its distance from the limit at the end: twice the rest of the geometric series whose first
+    terms are its changes over the next two blocks, at a ratio of at least ``2^-octaves`` per block (a pool's
+    exponent converges as a power of ``d``, a smooth factor's as ``d``), infinite where they do not shrink or
+    cannot be fitted (then the extrapolation takes ``u`` as constant below ``nearest``). The extrapolated mass is
+    uncertain by ``2 deviation / power`` of itself, at most all of it.
     """
 
     reach: torch.Tensor  # (pools,)
     power: torch.Tensor
     exponent: torch.Tensor
     deviation: torch.Tensor
-    fitted: torch.Tensor  # False where u vanishes at the fitted points: nothing is extrapolated there
     nearest: float
     steep: torch.Tensor | None = None  # whether a pool uses the end panel at all
 
     def nodes(self, rows, end, sign: float, x):
         """Points and ``log`` of (Jacobian times the rounding and extrapolation factor) at panel variables ``x``
         ``(len(rows), panels, nodes)`` in ``(0, 1]`` of the pools ``rows``; ``end`` broadcasts against ``x``."""
-        reach, power, exponent, fitted = (v[rows].reshape(-1, 1, 1) for v in (self.reach, self.power,
-                                                                                self.exponent, self.fitted))
+        reach, power, exponent = (v[rows].reshape(-1, 1, 1) for v in (self.reach, self.power, self.exponent))
         log_x = x.log()
         log_d = reach.log() + log_x / power
         z = end + sign * log_d.exp().clamp_min(self.nearest)
         log_rounded = (sign * (z - end)).log()  # exact: the difference of two nearby floats (Sterbenz)
-        correction = exponent * (log_d - log_rounded)
-        correction = torch.where(fitted | (log_d >= log_rounded), correction, -math.inf)
-        return z, (reach / power).log() + (1 / power - 1) * log_x + correction
+        return z, (reach / power).log() + (1 / power - 1) * log_x + exponent * (log_d - log_rounded)
 
     def extrapolated(self, rows, end, sign: float, z):
         """Which of the points ``z`` ``(len(rows), N)`` were extrapolated (they all sit at the nearest point)."""
@@ -765,26 +764,28 @@ def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor) -> _E
     """The :class:`_EndPanel` of the end ``end`` (``sign`` +1 for a lower end, -1 for an upper one) of pools whose
     nearest expert edge lies ``gap`` ``(pools,)`` from it; ``log_u`` evaluates the pools at points ``(pools, n)``."""
     nearest = _NEAREST_AT_ZERO if end == 0 else _NEAREST_RELATIVE * abs(end)
-    z = end + sign * nearest * 2.0 ** torch.tensor([0.0, 10.0, 20.0, 30.0], dtype=torch.float64)
+    # three blocks of octaves above the nearest point, within a quarter of the gap
+    octaves = (torch.log2(0.25 * gap / nearest) / 3).clamp(max=_FIT_OCTAVES)
+    z = end + sign * nearest * 2.0 ** (octaves.clamp_min(1.0).unsqueeze(-1) * torch.arange(4, dtype=torch.float64))
     log_distance = (sign * (z - end)).log()
-    slopes = log_u(z.expand(len(gap), -1)).diff(dim=-1) / log_distance.diff()
+    slopes = log_u(z).diff(dim=-1) / log_distance.diff(dim=-1)
     exponent = slopes[:, 0]
     near, far = slopes[:, 1] - slopes[:, 0], slopes[:, 2] - slopes[:, 1]  # changes away from the end
     # at least the ratio of a term linear in d (a smooth factor of the density, which a faster-shrinking term can
     # hide in the far block)
-    ratio = (near / far).clamp_min(2.0**-10)
+    ratio = (near / far).clamp_min(2.0 ** -octaves.clamp_min(1.0))
     converging = (near / far >= 0) & (ratio < 1)
     deviation = torch.where(converging, 2 * near.abs() * ratio / (1 - ratio).clamp_min(1e-300), math.inf)
     deviation = torch.where(torch.maximum(near.abs(), far.abs()) <= _EXPONENT_NOISE, 0.0, deviation)
     deviation = deviation.clamp_min(_EXPONENT_NOISE)
-    fitted = torch.isfinite(slopes).all(-1)
-    exponent = torch.where(fitted, exponent, 0.0)
+    fitted = torch.isfinite(slopes).all(-1) & (octaves >= 1)
     # next to an end other than 0 points round by up to 1e-16 |end|: the panel reaches far enough for the rounding
     # outside it to be negligible, its own corrected
     shortest = 256 * nearest if end == 0 else 2.0**-8 * abs(end)
     reach = torch.minimum((gap * _LADDER[-1]).clamp_min(shortest), 0.25 * gap)
-    return _EndPanel(reach=reach, power=(exponent + 1).clamp(1e-3, 1.0), exponent=exponent,
-                     deviation=torch.where(fitted, deviation, 0.0), fitted=fitted, nearest=nearest)
+    exponent = torch.where(fitted, exponent, 0.0)
+    return _EndPanel(reach=reach, power=(exponent + 1).clamp(1e-8, 1.0), exponent=exponent,
+                     deviation=torch.where(fitted, deviation, math.inf), nearest=nearest)
 
 
 def _unseen_errors(end_geometry, g, log_mass, log_z, points):
@@ -794,15 +795,15 @@ def _unseen_errors(end_geometry, g, log_mass, log_z, points):
     of log-masses ``log_mass``; the integrands from the fourth on are evaluated at the nearest point where the mass
     lies closer to the end (the statistic, ``log u``, another log-density), off by ``1 / power`` on average."""
     share = (log_mass - log_z.unsqueeze(-1)).exp().unsqueeze(-1)
-    error = _ROUNDING * (share * g * (1 + log_mass.abs().unsqueeze(-1))).nan_to_num(posinf=0.0).sum(1)
+    error = _ROUNDING * torch.where(share > 0, share * g * (1 + log_mass.abs().unsqueeze(-1)), 0.0).sum(1)
     rows = torch.arange(len(points))
     for sign, end, geometry in end_geometry:
         extrapolated = geometry.extrapolated(rows, end, sign, points).unsqueeze(-1)
         if bool(extrapolated.any()):
             mass = torch.where(extrapolated, share, 0.0)
             uncertainty = (2 * geometry.deviation / geometry.power).clamp_max(1.0).reshape(-1, 1, 1)
-            part = (mass * g * uncertainty).sum(1)
-            part[:, 3:] += (mass * (g[..., 3:] + 1 / geometry.power.reshape(-1, 1, 1))).sum(1)
+            part = torch.where(mass > 0, mass * g * uncertainty, 0.0).sum(1)
+            part[:, 3:] += torch.where(mass > 0, mass * (g[..., 3:] + 1 / geometry.power.reshape(-1, 1, 1)), 0.0).sum(1)
             error = error + part
     return error
 

@@ -93,3 +93,57 @@ def test_identical_singular_experts_pool_to_themselves(family, shape, alpha):
                                 (est.mean.value, est.mean.error, mean)):
         assert abs(float(value) - truth) <= float(error), (float(value), truth, float(error))
         assert float(error) <= 1e-6
+
+
+@pytest.mark.parametrize("shape", [0.5, 0.2])
+def test_cdf_next_to_a_singular_end_at_one(shape):
+    """The cdf's tail integral over (x, 1) is narrower than the end panel's default fitting points: they stay
+    inside it (0.979952 at 1 - 1e-6 for shape 0.2 with the points outside, true 0.966797)."""
+    from scipy.special import betainc
+
+    experts = _experts("beta", [(shape, shape)] * 2)
+    pool = opinionpool.holder(experts, alpha=-1.0, weights=torch.tensor([0.3, 0.7], dtype=torch.float64))
+    x = torch.tensor([1 - 1e-4, 1 - 1e-6, 1 - 1e-9], dtype=torch.float64)
+    assert pool.cdf(x).tolist() == pytest.approx(betainc(shape, shape, x.numpy()).tolist(), rel=1e-9)
+
+
+def _beta_on(lower: float, upper: float):
+    """The Beta family moved onto ``(lower, upper)``, as a custom family (natural parameters ``(a - 1, b - 1)``)."""
+    width = upper - lower
+
+    def shapes(eta):
+        return eta[..., 0] + 1, eta[..., 1] + 1
+
+    def log_normalizer(eta):
+        a, b = shapes(eta)
+        return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b) + (a + b - 1) * math.log(width)
+
+    def mean(eta):
+        a, b = shapes(eta)
+        return lower + width * a / (a + b)
+
+    def variance(eta):
+        a, b = shapes(eta)
+        return width**2 * a * b / ((a + b) ** 2 * (a + b + 1))
+
+    return opinionpool.CustomFamily(log_normalizer, lambda z: torch.stack((torch.log(z - lower), torch.log(upper - z)), -1),
+                                    lambda z: torch.zeros_like(z), num_params=2, mean=mean, variance=variance,
+                                    natural_domain=lambda eta: (eta[..., 0] > -1) & (eta[..., 1] > -1),
+                                    support_interval=(lower, upper), name="moved Beta")
+
+
+@pytest.mark.parametrize("lower, upper, shape", [(1e6, 1e6 + 1, 0.5), (1e6, 1e6 + 1, 0.1), (2.0, 3.0, 0.1)])
+def test_singular_ends_far_from_zero(lower, upper, shape):
+    """Ends whose float64 neighbours are far apart relative to the support (1e6 with a support of width 1): the
+    pool equals the Beta pool moved there. Before the fitting points were kept inside the support, log Z was
+    -0.0768 +- 0.020 against -0.0478 for shape 0.5."""
+    params, weights = [(shape, shape), (2.0, 3.0)], torch.tensor([0.3, 0.7], dtype=torch.float64)
+    natural = torch.tensor([[a - 1, b - 1] for a, b in params], dtype=torch.float64)
+    moved = opinionpool.holder(_beta_on(lower, upper).expert(natural), alpha=0.7, weights=weights).estimate(
+        method="quadrature")
+    reference = _reference("beta", params, [0.3, 0.7], 0.7)
+    width = upper - lower
+    for name, truth in zip(("log_normalizer", "mean", "variance"),
+                           (reference[0], lower + width * reference[1], width**2 * reference[2])):
+        value, error = (float(v) for v in getattr(moved, name))
+        assert abs(value - truth) <= error and error <= 1e-4 * (1 + abs(truth)), (name, value, truth, error)
