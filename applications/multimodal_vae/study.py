@@ -76,6 +76,11 @@ CLAIMS = (
           "holderplus", "kid_unconditional", lower_is_better=True),
     Claim("Hölder++ keeps Hölder+'s coherence (not below it)", "Hölder++ paper (ICML 2026)", "holderplusplus",
           "holderplus", "coherence", at_least=True),
+    Claim("HELVAE's conditional coherence is above MWB-VAE's", HELVAE_PAPER, "helvae", "mwbvae", "coherence"),
+    Claim("HELVAE's generations are of better quality (KID) than MWB-VAE's", HELVAE_PAPER, "helvae", "mwbvae",
+          "kid_unconditional", lower_is_better=True),
+    Claim("MWB-VAE's conditional coherence is above WB-VAE's", "HELVAE paper, §2 (MWB-VAE \"improves performance "
+          "through mixtures of barycenters\"); WB-VAE paper (Qiu et al., AAAI 2025)", "mwbvae", "wbvae", "coherence"),
     Claim("MMVM's latent probe (one input) is above MoPoE's", "MMVM paper (Sutter et al., NeurIPS 2024)", "mmvm",
           "mopoe", "probe_single"),
     Claim("MMVM's latent probe (one input) is above MVAE's", "MMVM paper (Sutter et al., NeurIPS 2024)", "mmvm",
