@@ -22,15 +22,17 @@ def exponential_family():
     )
 
 
-def gamma_family():
-    """Gamma without any closed-form mean map: autograd gives E[T], damped Newton inverts it."""
+def gamma_family(support_interval=None):
+    """Gamma without any closed-form mean map: autograd gives E[T], damped Newton inverts it; a mean but no
+    variance (each is optional)."""
     def log_normalizer(eta):
         a = eta[..., 0] + 1
         return torch.lgamma(a) - a * torch.log(-eta[..., 1])
 
     return CustomFamily(log_normalizer, lambda z: torch.stack((torch.log(z), z), -1), lambda z: torch.zeros_like(z),
                         num_params=2, natural_domain=lambda eta: (eta[..., 0] > -1) & (eta[..., 1] < 0),
-                        mean=lambda eta: (eta[..., 0] + 1) / -eta[..., 1], name="user Gamma")
+                        mean=lambda eta: (eta[..., 0] + 1) / -eta[..., 1], support_interval=support_interval,
+                        name="user Gamma")
 
 
 RATES = (0.5, 2.0, 1.3)

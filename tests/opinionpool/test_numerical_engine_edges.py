@@ -9,6 +9,7 @@ from torch.distributions import Gamma, Independent, Normal, VonMises
 
 import opinionpool
 from opinionpool import CustomFamily
+from tests.opinionpool.test_custom_family import gamma_family
 
 ALPHA = 0.3
 
@@ -95,23 +96,11 @@ def test_kl_quadrature_rejects_a_wider_batch_of_other():
         pool.kl_estimate(Normal(torch.zeros(4), 1.0), method="quadrature")
 
 
-def gamma_without_variance():
-    """A Gamma family with ``mean`` but no ``variance`` (each is optional)."""
-    def log_normalizer(eta):
-        a = eta[..., 0] + 1
-        return torch.lgamma(a) - a * torch.log(-eta[..., 1])
-
-    return CustomFamily(log_normalizer, lambda z: torch.stack((torch.log(z), z), -1), lambda z: torch.zeros_like(z),
-                        num_params=2, natural_domain=lambda eta: (eta[..., 0] > -1) & (eta[..., 1] < 0),
-                        mean=lambda eta: (eta[..., 0] + 1) / -eta[..., 1], support_interval=(0.0, math.inf),
-                        name="user Gamma")
-
-
 @pytest.mark.parametrize("batched", [False, True], ids=["one pool", "a batch of pools"])
 def test_custom_family_with_mean_but_no_variance(batched):
     shapes = ((2.0, 1.0), (3.5, 2.0))
     params = torch.tensor([[a - 1, -b] for a, b in shapes], dtype=torch.float64)
-    fam = gamma_without_variance()
+    fam = gamma_family(support_interval=(0.0, math.inf))
     pool = opinionpool.holder(fam.expert(params.expand(2, 2, 2) if batched else params), alpha=ALPHA)
 
     def u(z):
