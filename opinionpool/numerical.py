@@ -529,15 +529,11 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
         inner = edges[(edges > lower) & (edges < upper)]
         if math.isfinite(end) and len(inner):
             gap = sign * ((inner.min() if sign > 0 else inner.max()) - end)
-            probe = log_u(end + sign * gap * np.array([1e-6, 1e-3]))
-            if probe[0] > probe[1] or probe[0] > shift - 50:
-                geometry = _end_panel_geometry(lambda z: torch.as_tensor(log_u(z.numpy())), sign, end,
-                                               torch.tensor([gap], dtype=torch.float64))
-                geometry = replace(geometry, steep=torch.ones(1, dtype=torch.bool))
-                reach = float(geometry.reach[0])
-                ladder = gap * _LADDER.numpy()
-                edges = np.unique(np.concatenate((edges[edges != end], end + sign * ladder[ladder > reach],
-                                                  [end + sign * reach])))
+            geometry, ladder = _end_panel_geometry(lambda z: torch.as_tensor(log_u(z.numpy())), sign, end,
+                                                   torch.tensor([gap], dtype=torch.float64), shift)
+            if bool(geometry.steep[0]):
+                ladder = ladder[0].numpy()
+                edges = np.unique(np.concatenate((edges[edges != end], ladder[~np.isnan(ladder)])))
                 end_of_kind[2 * sign] = (end, geometry)
     tail_scale = float(sd.max())
     # panels in x-space: kind 0 is z = x; kind +-1 the tail z = origin +- scale x / (1 - x), x in [0, 1); kind +-2
@@ -651,7 +647,7 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     points = torch.as_tensor(z_half.ravel())
     log_mass = torch.as_tensor(lm_half.ravel())
     relative = diff.sum(0) / total  # per integrand, relative to the normaliser
-    g = torch.as_tensor(np.abs(integrands(z_half))).reshape(1, -1, diff.shape[-1])
+    g = torch.as_tensor(np.abs(g_half)).reshape(1, -1, diff.shape[-1])  # the last round's, at these nodes
     end_geometry = [(math.copysign(1.0, k), end, geometry) for k, (end, geometry) in end_of_kind.items()]
     relative = relative + _unseen_errors(end_geometry, g, torch.as_tensor(lm_half.reshape(1, -1)),
                                          torch.tensor([shift + math.log(total)]),
@@ -743,7 +739,7 @@ class _EndPanel:
     exponent: torch.Tensor
     deviation: torch.Tensor
     nearest: float
-    steep: torch.Tensor | None = None  # whether a pool uses the end panel at all
+    steep: torch.Tensor  # whether a pool uses the end panel at all
 
     def nodes(self, rows, end, sign: float, x):
         """Points and ``log`` of (Jacobian times the rounding and extrapolation factor) at panel variables ``x``
@@ -760,9 +756,15 @@ class _EndPanel:
         return self.steep[rows].unsqueeze(-1) & (z == end + sign * self.nearest)
 
 
-def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor) -> _EndPanel:
+def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor, top) -> tuple[_EndPanel, torch.Tensor]:
     """The :class:`_EndPanel` of the end ``end`` (``sign`` +1 for a lower end, -1 for an upper one) of pools whose
-    nearest expert edge lies ``gap`` ``(pools,)`` from it; ``log_u`` evaluates the pools at points ``(pools, n)``."""
+    nearest expert edge lies ``gap`` ``(pools,)`` from it, and its ladder: edges ``(pools, len(_LADDER) + 1)`` in
+    geometric progression from that edge down to ``reach``, NaN where unused. ``log_u`` evaluates the pools at points
+    ``(pools, n)``; ``top`` is their highest ``log u``. A pool uses the end panel (``steep``) where ``u`` grows
+    towards the end or is not negligible next to it (a Gamma or Beta expert of shape below one, or of a non-integer
+    shape: a singular derivative)."""
+    probe = log_u(end + sign * gap.unsqueeze(-1) * torch.tensor([1e-6, 1e-3], dtype=torch.float64))
+    steep = (probe[:, 0] > probe[:, 1]) | (probe[:, 0] > top - 50)
     nearest = _NEAREST_AT_ZERO if end == 0 else _NEAREST_RELATIVE * abs(end)
     # three blocks of octaves above the nearest point, within a quarter of the gap
     octaves = (torch.log2(0.25 * gap / nearest) / 3).clamp(max=_FIT_OCTAVES)
@@ -784,8 +786,10 @@ def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor) -> _E
     shortest = 256 * nearest if end == 0 else 2.0**-8 * abs(end)
     reach = torch.minimum((gap * _LADDER[-1]).clamp_min(shortest), 0.25 * gap)
     exponent = torch.where(fitted, exponent, 0.0)
+    ladder = torch.cat((gap.unsqueeze(-1) * _LADDER, reach.unsqueeze(-1)), -1)
+    ladder = torch.where(steep.unsqueeze(-1) & (ladder >= reach.unsqueeze(-1)), end + sign * ladder, math.nan)
     return _EndPanel(reach=reach, power=(exponent + 1).clamp(1e-8, 1.0), exponent=exponent,
-                     deviation=torch.where(fitted, deviation, math.inf), nearest=nearest)
+                     deviation=torch.where(fitted, deviation, math.inf), nearest=nearest, steep=steep), ladder
 
 
 def _unseen_errors(end_geometry, g, log_mass, log_z, points):
@@ -904,24 +908,18 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
         a, b = torch.where(above, middle, a), torch.where(above, b, middle)
     crossings = torch.where(torch.stack(found, -1), 0.5 * (a + b), math.nan)
 
-    # A finite end towards which u grows, or where it is not negligible (a Gamma or Beta expert of shape below
-    # one, or of a non-integer shape: a singular derivative), is approached by edges in geometric progression down
-    # to `reach` from it (which the bisection would otherwise reach one round, over the whole batch, at a time),
-    # and the rest is an end panel (:func:`_end_panel_geometry`).
+    # A finite end where u is singular (or not negligible) is approached by edges in geometric progression down to
+    # `reach` from it (which the bisection would otherwise reach one round, over the whole batch, at a time), and
+    # the rest is an end panel (:func:`_end_panel_geometry`).
     end_columns = [(sign, end, nearest) for sign, end, nearest in ((1.0, lower, span_lo.squeeze(-1)),
                                                                    (-1.0, upper, span_hi.squeeze(-1)))
                    if math.isfinite(end)]
     plain_ends, ladders, end_geometry = [], [], []
     for sign, end, nearest in end_columns:
-        gap = sign * (nearest - end)
-        probe = log_u(torch.stack((end + sign * 1e-6 * gap, end + sign * 1e-3 * gap), -1))
-        steep = (probe[:, 0] > probe[:, 1]) | (probe[:, 0] > top - 50)  # or u not negligible there
-        geometry = _end_panel_geometry(log_u, sign, end, gap)
-        ladder = torch.cat((gap.unsqueeze(-1) * _LADDER, geometry.reach.unsqueeze(-1)), -1)
-        ladder = torch.where(ladder >= geometry.reach.unsqueeze(-1), end + sign * ladder, math.nan)
-        ladders.append(torch.where(steep.unsqueeze(-1), ladder, math.nan))
-        plain_ends.append(torch.where(steep, math.nan, end))
-        end_geometry.append((sign, end, replace(geometry, steep=steep)))
+        geometry, ladder = _end_panel_geometry(log_u, sign, end, sign * (nearest - end), top)
+        ladders.append(ladder)
+        plain_ends.append(torch.where(geometry.steep, math.nan, end))
+        end_geometry.append((sign, end, geometry))
     ends = torch.stack(plain_ends, -1) if plain_ends else torch.zeros(pools, 0, dtype=high)
     edges = torch.cat((torch.where(valid, expert_points, math.nan), peak.unsqueeze(-1), crossings, ends, *ladders), -1)
     edges = torch.where((edges >= lower) & (edges <= upper), edges, math.nan).sort(-1).values  # NaN sorts last
