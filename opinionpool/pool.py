@@ -51,11 +51,13 @@ from ._validation import (
 )
 from .experts import Experts, as_experts
 from .families import DiagonalNormalFamily, ExponentialFamily, NormalFamily
+from .families.base import safe_log
 from .numerical import (
     DEFAULT_RTOL,
     Envelope,
     Estimate,
     PoolEstimate,
+    _in_float64,
     check_method,
     check_quantities,
     check_rtol,
@@ -185,9 +187,8 @@ def normalized_log_weights(weights, num_experts: int, *, dtype, device, mask=Non
 def log_of_weights(weights: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
     """``log(weights)`` with ``-inf`` for zero weights and absent experts, never evaluating ``log(0)``
     (whose gradient would be infinite)."""
-    keep = weights > 0 if present is None else (weights > 0) & present
-    return torch.where(keep, torch.log(torch.where(keep, weights, torch.ones_like(weights))),
-                       torch.full_like(weights, -math.inf))
+    log_weights = safe_log(weights)
+    return log_weights if present is None else torch.where(present, log_weights, -math.inf)
 
 
 def geometric_combination(experts: Experts, log_weights: torch.Tensor):
@@ -341,8 +342,7 @@ class _Pool(Distribution):
 
     def _pools(self):
         """Every pool of the batch as float64 ``(params (M,) + param_shape, log_weights (M,))``, flattened."""
-        params = self.experts.params.detach().to(torch.float64)
-        log_weights = self.log_weights.detach().to(torch.float64)
+        params, log_weights = _in_float64(self.experts.params, self.log_weights)
         batch = self.batch_shape
         params = params.expand(batch + params.shape[self.experts.expert_dim:]).reshape((-1,) + params.shape[len(batch):])
         log_weights = log_weights.expand(batch + log_weights.shape[-1:]).reshape(-1, log_weights.shape[-1])

@@ -33,6 +33,12 @@ def _expand_weights(log_weights: torch.Tensor, num_trailing: int) -> torch.Tenso
     return log_weights.reshape(log_weights.shape + (1,) * num_trailing)
 
 
+def safe_log(x: torch.Tensor) -> torch.Tensor:
+    """``log(x)`` with ``-inf`` for ``x <= 0``, never evaluating ``log(0)`` (whose gradient would be infinite)."""
+    positive = x > 0
+    return torch.where(positive, torch.log(torch.where(positive, x, torch.ones_like(x))), -math.inf)
+
+
 def weighted_sum(log_weights: torch.Tensor, values: torch.Tensor, dim: int) -> torch.Tensor:
     """``sum_k exp(log_weights_k) * values_k`` over ``dim`` of ``values``.
 

@@ -22,7 +22,7 @@ import torch
 from torch.distributions import Bernoulli, Binomial, Categorical, Poisson, constraints
 
 from .._validation import check_finite, check_log_probabilities, check_positive, check_probabilities
-from .base import ExponentialFamily
+from .base import ExponentialFamily, safe_log
 
 __all__ = ["PoissonFamily", "BernoulliFamily", "BinomialFamily", "CategoricalFamily"]
 
@@ -87,12 +87,6 @@ class PoissonFamily(ExponentialFamily):
         return torch.arange(last + 1, dtype=params.dtype, device=params.device), bound
 
 
-def _safe_log(x: torch.Tensor) -> torch.Tensor:
-    """``log(x)`` with ``-inf`` for ``x <= 0``, never evaluating ``log(0)`` (whose gradient would be infinite)."""
-    positive = x > 0
-    return torch.where(positive, torch.log(torch.where(positive, x, torch.ones_like(x))), -math.inf)
-
-
 class _CountFamily(ExponentialFamily):
     """Bernoulli (``n = 1``) and Binomial(``n``) experts with the natural parameters ``(log(1 - p), log p)`` and
     ``T(z) = (n - z, z)``, as Categorical: a probability 0 or 1 is an exact ``-inf`` entry (torch's ``logits`` clamp
@@ -123,7 +117,7 @@ class _CountFamily(ExponentialFamily):
         below_one = probs < 1
         log_complement = torch.where(below_one, torch.log1p(-torch.where(below_one, probs, torch.zeros_like(probs))),
                                      -math.inf)
-        return torch.stack((log_complement, _safe_log(probs)), dim=-1)
+        return torch.stack((log_complement, safe_log(probs)), dim=-1)
 
     def _probabilities(self, natural):
         """``(1 - p, p)``, exact also where one of them is zero. An empty combination (``eta = (-inf, -inf)``: experts
@@ -167,7 +161,7 @@ class _CountFamily(ExponentialFamily):
 
     def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
         # the representative with logsumexp(eta) = 0; a zero mean parameter (p = 0 or 1) gives an exact -inf
-        return _safe_log(mean_params / mean_params.sum(-1, keepdim=True))
+        return safe_log(mean_params / mean_params.sum(-1, keepdim=True))
 
     def mean(self, params):
         return self.total_count * self._probabilities(params)[..., 1]
@@ -200,9 +194,6 @@ class BinomialFamily(_CountFamily):
     """Binomial experts sharing one ``total_count``."""
 
     name = "Binomial"
-
-    def __init__(self, total_count: int):
-        super().__init__(total_count)
 
     def _key(self):
         return (self.total_count,)
@@ -259,7 +250,7 @@ class CategoricalFamily(ExponentialFamily):
         check_probabilities("Categorical probs", dist.probs)
         # log(probs), -inf for a zero probability (torch's logits clamp it to about 1e-16, which would give the
         # category mass in every pool)
-        return _safe_log(dist.probs)
+        return safe_log(dist.probs)
 
     def distribution(self, params, validate_args: bool = False):
         return Categorical(logits=params, validate_args=validate_args)
@@ -283,7 +274,7 @@ class CategoricalFamily(ExponentialFamily):
         return torch.softmax(natural, dim=-1)
 
     def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
-        return _safe_log(mean_params / mean_params.sum(-1, keepdim=True))
+        return safe_log(mean_params / mean_params.sum(-1, keepdim=True))
 
     def support_values(self, params):
         return _listed(torch.arange(self.num_categories, device=params.device), params)
