@@ -131,7 +131,10 @@ def bregman_divergence(family, eta_p: torch.Tensor, eta_q: torch.Tensor) -> torc
     cancelled = (direct.abs() < _CANCELLATION * scale).detach()
     if not bool(cancelled.any()):
         return direct
-    return torch.where(cancelled, _taylor_remainder(family, eta_p, delta), direct)
+    # the curvature can overflow where the direct form is still good (a Gamma concentration of 1e-200: its curvature
+    # 1 / a^2 is infinite in float64, while the terms of the direct form are only about 460)
+    remainder = _taylor_remainder(family, eta_p, delta)
+    return torch.where(cancelled & torch.isfinite(remainder), remainder, direct)
 
 
 def _taylor_remainder(family, eta_p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -1168,6 +1168,19 @@ def poe(experts, weights=None, validate_args: bool | None = None):
             check_weights("weights", w, m)
     combined, _ = geometric_combination(experts, log_of_weights(w))
     family = experts.family
+    excess = w.sum(-1, keepdim=True) - 1
+    excess = torch.where(excess.abs() <= 16 * m * torch.finfo(w.dtype).eps, 0, excess)  # weights summing to one
+    if bool((excess != 0).any()):
+        # the product's base measure is h^(sum of weights), one h more per unit of excess, which the family's
+        # natural parameter absorbs where h is exp(<c, T(z)>) (Gamma's 1 / z); elsewhere the product leaves the family
+        natural = family.to_natural(combined)
+        shift = family.base_measure_natural(natural)
+        if shift is None:
+            raise ValueError(f"experts: the product of these {family.name} experts with weights {describe(w)} is not a "
+                             f"{family.name} distribution (their base measure does not cancel unless the weights sum "
+                             "to one); use weights summing to one, e.g. holder(experts, alpha=0)")
+        if bool((shift != 0).any()):
+            combined = family.from_natural(natural + excess * shift)
     if validate and not bool(family.natural_domain(family.to_natural(combined)).all()):
         raise ValueError(f"experts: the product of these {family.name} experts with weights {describe(w)} is not "
                          "normalisable (its natural parameter leaves the parameter space); use weights summing to one, "

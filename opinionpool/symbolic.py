@@ -150,7 +150,8 @@ class SymbolicFamily(CustomFamily):
             sufficient_statistic=lambda value: torch.stack([t(value) for t in stat_fns], dim=-1),
             log_base_measure=log_h_fn,
             num_params=len(etas), event_shape=(), natural_domain=natural_domain, mean=mean, variance=variance,
-            sampler=sampler, support_interval=(float(self.support[0]), float(self.support[1])), name=name)
+            sampler=sampler, support_interval=(float(self.support[0]), float(self.support[1])), name=name,
+            base_measure_natural=None if variable in self.log_base_measure_expr.free_symbols else [0.0] * len(etas))
 
     def __repr__(self):
         return f"SymbolicFamily(name={self.name!r}, natural_params={self.natural_symbols})"

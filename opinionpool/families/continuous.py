@@ -1,17 +1,20 @@
 """Non-Gaussian continuous families, parametrised by their natural parameters.
 
-=============  ====================  ====================  ==================================
-family         natural eta           statistic T(z)        log-normaliser A(eta)
-=============  ====================  ====================  ==================================
-Exponential    -rate                 z                     -log(-eta)
-Gamma          (a - 1, -rate)        (log z, z)            lgamma(a) - a log(rate)
-Beta           (a - 1, b - 1)        (log z, log(1 - z))   lgamma(a) + lgamma(b) - lgamma(a+b)
-Dirichlet      alpha - 1             log z                 sum lgamma(alpha) - lgamma(sum alpha)
-VonMises       kappa (cos m, sin m)  (cos z, sin z)        log(2 pi I0(kappa))
-=============  ====================  ====================  ==================================
+=============  ====================  ====================  =======================  ==================================
+family         natural eta           statistic T(z)        base measure h(z)        log-normaliser A(eta)
+=============  ====================  ====================  =======================  ==================================
+Exponential    -rate                 z                     1                        -log(-eta)
+Gamma          (a, -rate)            (log z, z)            1 / z                    lgamma(a) - a log(rate)
+Beta           (a, b)                (log z, log(1 - z))   1 / (z (1 - z))          lgamma(a) + lgamma(b) - lgamma(a+b)
+Dirichlet      alpha                 log z                 1 / prod z               sum lgamma(alpha) - lgamma(sum alpha)
+VonMises       kappa (cos m, sin m)  (cos z, sin z)        1 (on one period)        log(2 pi I0(kappa))
+=============  ====================  ====================  =======================  ==================================
 
-All base measures are 1 (Lebesgue on the support). Gamma, Beta, Dirichlet and VonMises have no
-closed-form inverse mean map; it is solved by the damped Newton iteration of the base class.
+Gamma, Beta and Dirichlet take their concentrations themselves as natural parameters, with the base measure
+carrying the ``z^-1``: the usual ``(a - 1, ...)`` would store a concentration of 1e-8 as ``-1`` in float32 (an
+expert outside the family) and cost a float64 concentration of 1e-8 half its digits. Every pool combines experts
+with weights summing to one, so a base measure other than 1 cancels from its normalisers. None of these families has
+a closed-form inverse mean map; it is solved by the damped Newton iteration of the base class.
 """
 
 from __future__ import annotations
@@ -30,6 +33,15 @@ __all__ = ["ExponentialDistFamily", "GammaFamily", "BetaFamily", "DirichletFamil
 
 def _zeros(value, shape):
     return torch.zeros(shape, dtype=value.dtype, device=value.device)
+
+
+def _power_terms(concentration, log_value):
+    """``(concentration - 1) * log z``, the density's power of ``z``, for ``log_prob``: at the end of the support
+    (``log z = -inf``) ``log h(z) + eta * T(z)`` would add ``+inf`` and ``-inf``, and a concentration of exactly one
+    contributes 0 there, not NaN."""
+    exponent = concentration - 1
+    edge = (exponent == 0) & torch.isinf(log_value)
+    return exponent * torch.where(edge, torch.zeros((), dtype=log_value.dtype, device=log_value.device), log_value)
 
 
 class ExponentialDistFamily(ExponentialFamily):
@@ -83,26 +95,32 @@ class GammaFamily(ExponentialFamily):
     def params_from_distribution(self, dist):
         check_positive("Gamma concentration", dist.concentration)
         check_positive("Gamma rate", dist.rate)
-        return torch.stack((dist.concentration - 1, -dist.rate), dim=-1)
+        return torch.stack((dist.concentration, -dist.rate), dim=-1)
 
     def distribution(self, params, validate_args: bool = False):
-        return Gamma(params[..., 0] + 1, -params[..., 1], validate_args=validate_args)
+        return Gamma(params[..., 0], -params[..., 1], validate_args=validate_args)
 
     def log_normalizer(self, natural):
-        a, rate = natural[..., 0] + 1, -natural[..., 1]
+        a, rate = natural[..., 0], -natural[..., 1]
         return torch.lgamma(a) - a * torch.log(rate)
 
     def natural_domain(self, natural):
-        return (natural[..., 0] > -1) & (natural[..., 1] < 0)
+        return (natural[..., 0] > 0) & (natural[..., 1] < 0) & torch.isfinite(natural).all(-1)
 
     def sufficient_statistic(self, value):
         return torch.stack((torch.log(value), value), dim=-1)
 
     def log_base_measure(self, value):
-        return _zeros(value, value.shape)
+        return -torch.log(value)
+
+    def log_prob(self, params, value):
+        return _power_terms(params[..., 0], torch.log(value)) + params[..., 1] * value - self.log_normalizer(params)
+
+    def base_measure_natural(self, natural):
+        return torch.stack((torch.full_like(natural[..., 0], -1.0), torch.zeros_like(natural[..., 1])), dim=-1)
 
     def mean_parameters(self, natural):
-        a, rate = natural[..., 0] + 1, -natural[..., 1]
+        a, rate = natural[..., 0], -natural[..., 1]
         return torch.stack((torch.digamma(a) - torch.log(rate), a / rate), dim=-1)
 
 
@@ -120,26 +138,33 @@ class BetaFamily(ExponentialFamily):
     def params_from_distribution(self, dist):
         check_positive("Beta concentration1", dist.concentration1)
         check_positive("Beta concentration0", dist.concentration0)
-        return torch.stack((dist.concentration1 - 1, dist.concentration0 - 1), dim=-1)
+        return torch.stack((dist.concentration1, dist.concentration0), dim=-1)
 
     def distribution(self, params, validate_args: bool = False):
-        return Beta(params[..., 0] + 1, params[..., 1] + 1, validate_args=validate_args)
+        return Beta(params[..., 0], params[..., 1], validate_args=validate_args)
 
     def log_normalizer(self, natural):
-        a, b = natural[..., 0] + 1, natural[..., 1] + 1
+        a, b = natural[..., 0], natural[..., 1]
         return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
 
     def natural_domain(self, natural):
-        return (natural > -1).all(-1)
+        return ((natural > 0) & torch.isfinite(natural)).all(-1)
 
     def sufficient_statistic(self, value):
         return torch.stack((torch.log(value), torch.log1p(-value)), dim=-1)
 
     def log_base_measure(self, value):
-        return _zeros(value, value.shape)
+        return -torch.log(value) - torch.log1p(-value)
+
+    def log_prob(self, params, value):
+        return (_power_terms(params[..., 0], torch.log(value)) + _power_terms(params[..., 1], torch.log1p(-value))
+                - self.log_normalizer(params))
+
+    def base_measure_natural(self, natural):
+        return torch.full_like(natural, -1.0)
 
     def mean_parameters(self, natural):
-        a, b = natural[..., 0] + 1, natural[..., 1] + 1
+        a, b = natural[..., 0], natural[..., 1]
         total = torch.digamma(a + b)
         return torch.stack((torch.digamma(a) - total, torch.digamma(b) - total), dim=-1)
 
@@ -162,37 +187,40 @@ class DirichletFamily(ExponentialFamily):
 
     def params_from_distribution(self, dist):
         check_positive("Dirichlet concentration", dist.concentration)
-        return dist.concentration - 1
+        return dist.concentration
 
     def support_fill(self, value):
         return torch.full_like(value, 1 / self.num_categories)
 
     def distribution(self, params, validate_args: bool = False):
-        return Dirichlet(params + 1, validate_args=validate_args)
+        return Dirichlet(params, validate_args=validate_args)
 
     def log_normalizer(self, natural):
-        alpha = natural + 1
-        return torch.lgamma(alpha).sum(-1) - torch.lgamma(alpha.sum(-1))
+        return torch.lgamma(natural).sum(-1) - torch.lgamma(natural.sum(-1))
 
     def natural_domain(self, natural):
-        return (natural > -1).all(-1)
+        return ((natural > 0) & torch.isfinite(natural)).all(-1)
 
     def sufficient_statistic(self, value):
         return torch.log(value)
 
     def log_base_measure(self, value):
-        return _zeros(value, value.shape[:-1])
+        return -torch.log(value).sum(-1)
+
+    def log_prob(self, params, value):
+        return _power_terms(params, torch.log(value)).sum(-1) - self.log_normalizer(params)
+
+    def base_measure_natural(self, natural):
+        return torch.full_like(natural, -1.0)
 
     def mean_parameters(self, natural):
-        alpha = natural + 1
-        return torch.digamma(alpha) - torch.digamma(alpha.sum(-1, keepdim=True))
+        return torch.digamma(natural) - torch.digamma(natural.sum(-1, keepdim=True))
 
     def mixture_covariance(self, log_pi, params):
         k = log_pi.dim() - 1
         dist = self.distribution(params)
         mean = dist.mean
-        conc = params + 1
-        total = conc.sum(-1, keepdim=True)
+        total = params.sum(-1, keepdim=True)
         cov = (torch.diag_embed(mean) - mean.unsqueeze(-1) * mean.unsqueeze(-2)) / (total + 1).unsqueeze(-1)
         mixture_mean = weighted_sum(log_pi, mean, dim=k)
         dev = mean - mixture_mean.unsqueeze(k)

@@ -8,7 +8,7 @@ their inverse from the damped Newton solve of the base class. Experts of such a 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.distributions import Distribution, constraints
@@ -34,13 +34,16 @@ class CustomFamily(ExponentialFamily):
         support_interval: for a scalar continuous family, the interval ``(lower, upper)`` carrying the
             density; it lets the numerical engine integrate pools of these experts by quadrature.
         name: used in messages and ``repr``.
+        base_measure_natural: the constant ``c`` (``p`` numbers) with ``log h(z) = <c, T(z)> + const``: zeros for a
+            constant ``h``. Products of experts with weights not summing to one (``opinionpool.poe``) need it; by
+            default ``h`` is taken as unknown and such products raise.
     """
 
     def __init__(self, log_normalizer: Callable, sufficient_statistic: Callable, log_base_measure: Callable,
                  num_params: int, event_shape=(), natural_domain: Callable | None = None,
                  mean: Callable | None = None, variance: Callable | None = None,
                  sampler: Callable | None = None, support_interval: tuple[float, float] | None = None,
-                 name: str = "custom exponential family"):
+                 name: str = "custom exponential family", base_measure_natural: Sequence[float] | None = None):
         super().__init__(event_shape=event_shape, param_shape=(num_params,))
         self._log_normalizer = log_normalizer
         self._sufficient_statistic = sufficient_statistic
@@ -57,6 +60,12 @@ class CustomFamily(ExponentialFamily):
                 raise ValueError(f"support_interval must be (lower, upper) with lower < upper, got {support_interval!r}")
             self.support_interval = (lower, upper)
         self.name = name
+        if base_measure_natural is not None:
+            base_measure_natural = tuple(float(c) for c in base_measure_natural)
+            if len(base_measure_natural) != num_params:
+                raise ValueError(f"base_measure_natural must have num_params={num_params} entries, got "
+                                 f"{base_measure_natural!r}")
+        self._base_measure_natural = base_measure_natural
         self.has_numeric_moments = mean is not None
         #: without it the numerical engine integrates each expert's variance (mean and variance are independent)
         self.has_variance = variance is not None
@@ -75,6 +84,11 @@ class CustomFamily(ExponentialFamily):
 
     def log_base_measure(self, value):
         return self._log_base_measure(value)
+
+    def base_measure_natural(self, natural):
+        if self._base_measure_natural is None:
+            return None
+        return torch.tensor(self._base_measure_natural, dtype=natural.dtype, device=natural.device).expand_as(natural)
 
     def natural_domain(self, natural):
         if self._natural_domain is not None:

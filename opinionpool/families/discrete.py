@@ -71,6 +71,9 @@ class PoissonFamily(ExponentialFamily):
     def log_base_measure(self, value):
         return -torch.lgamma(value + 1)
 
+    def base_measure_natural(self, natural):
+        return None  # 1 / z! is not exp(c z)
+
     def mean_parameters(self, natural):
         return torch.exp(natural)
 
@@ -219,6 +222,10 @@ class BinomialFamily(_CountFamily):
     def log_base_measure(self, value):
         n = self.total_count
         return torch.lgamma(torch.full_like(value, n + 1.0)) - torch.lgamma(value + 1) - torch.lgamma(n - value + 1)
+
+    def base_measure_natural(self, natural):
+        # the binomial coefficient is not exp(<c, T(z)>) for n > 1 (for n = 1 it is constant)
+        return torch.zeros_like(natural) if self.total_count == 1 else None
 
 
 class CategoricalFamily(ExponentialFamily):

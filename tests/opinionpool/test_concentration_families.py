@@ -1,0 +1,167 @@
+"""Gamma, Beta and Dirichlet take their concentrations as natural parameters (base measure 1 / z): tiny
+concentrations keep their digits in float32 and float64, and products with weights not summing to one carry the
+base measure's extra powers. References: scipy.stats densities, torch's KL, quadrature of the product."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate, stats
+from torch.distributions import Bernoulli, Beta, Binomial, Dirichlet, Gamma, Poisson
+
+import opinionpool
+from opinionpool import CustomFamily
+from tests.opinionpool.test_symbolic import symbolic_gamma
+
+POINT = 0.3
+DIRICHLET_POINT = (0.3, 0.5, 0.2)
+
+
+def tensor(x, dtype):
+    return torch.tensor(x, dtype=dtype)
+
+
+def gamma(a, dtype):
+    return Gamma(tensor(a, dtype), tensor(2.0, dtype))
+
+
+def beta(a, dtype):
+    return Beta(tensor(a, dtype), tensor(0.5, dtype))
+
+
+def dirichlet(a, dtype):
+    return Dirichlet(tensor([a, 0.5, 2.0], dtype))
+
+
+def reference_log_density(name, a):
+    """scipy's log density, in float64, of the expert the test builds with concentration ``a``."""
+    if name == "gamma":
+        return stats.gamma(a, scale=0.5).logpdf(POINT)
+    if name == "beta":
+        return stats.beta(a, 0.5).logpdf(POINT)
+    return stats.dirichlet([a, 0.5, 2.0]).logpdf(DIRICHLET_POINT)
+
+
+BUILDERS = {"gamma": gamma, "beta": beta, "dirichlet": dirichlet}
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+@pytest.mark.parametrize("dtype, a, tolerance", [(torch.float32, 1e-8, 2e-6), (torch.float32, 1e-5, 2e-6),
+                                                 (torch.float32, 0.1, 2e-6), (torch.float64, 1e-8, 1e-13),
+                                                 (torch.float64, 1e-17, 1e-13), (torch.float64, 1e-300, 1e-13)])
+def test_pools_of_tiny_concentrations_keep_their_digits(name, dtype, a, tolerance):
+    """The pool of two identical experts is the expert: its moment-matched log density equals scipy's in float64.
+    With concentration - 1 as the natural parameter, float32 stored 1e-8 as -1 (an expert outside the family) and
+    1e-5 lost 1.4e-3 of its log density; float64 lost half the digits of 1e-8 and rejected 1e-17."""
+    expert = BUILDERS[name](a, dtype)
+    point = tensor(DIRICHLET_POINT if name == "dirichlet" else POINT, dtype)
+    reference = reference_log_density(name, a)
+    scale = max(1.0, abs(reference))
+    for alpha in (0.5, 0.0, 1.0):
+        matched = opinionpool.holder([expert, expert], alpha=alpha, weights=[0.3, 0.7]).moment_match()
+        got = float(matched.log_prob(point))
+        assert abs(got - reference) <= tolerance * scale, (alpha, got, reference)
+    product = opinionpool.poe([expert, expert], weights=[0.3, 0.7])
+    assert abs(float(product.log_prob(point)) - reference) <= tolerance * scale
+
+
+@pytest.mark.parametrize("a", [1e-10, 1e-17, 1e-200])
+def test_kl_and_chernoff_of_tiny_concentrations(a):
+    """Against torch's closed-form KL (from the concentrations) and the Beta-function form of the Chernoff
+    coefficient, written here from scipy's gammaln."""
+    from scipy.special import gammaln
+
+    p, q = Gamma(tensor(a, torch.float64), tensor(1.0, torch.float64)), Gamma(tensor(3 * a, torch.float64),
+                                                                               tensor(2.0, torch.float64))
+    expected = float(torch.distributions.kl_divergence(p, q))
+    assert float(opinionpool.kl_divergence(p, q)) == pytest.approx(expected, rel=1e-12)
+    # int p^s q^(1-s) = Gamma(u) / (s r_p + (1 - s) r_q)^u * r_p^(s a_p) r_q^((1-s) a_q) / (Gamma(a_p)^s Gamma(a_q)^(1-s))
+    s, (ap, rp), (aq, rq) = 0.3, (a, 1.0), (3 * a, 2.0)
+    u = s * ap + (1 - s) * aq
+    log_c = (gammaln(u) - u * math.log(s * rp + (1 - s) * rq) + s * ap * math.log(rp) + (1 - s) * aq * math.log(rq)
+             - s * gammaln(ap) - (1 - s) * gammaln(aq))
+    assert float(opinionpool.log_chernoff_coefficient(p, q, s)) == pytest.approx(log_c, rel=1e-12, abs=1e-14)
+    b1, b2 = Beta(tensor(a, torch.float64), tensor(0.5, torch.float64)), Beta(tensor(2 * a, torch.float64),
+                                                                              tensor(0.5, torch.float64))
+    expected = float(torch.distributions.kl_divergence(b1, b2))
+    assert float(opinionpool.kl_divergence(b1, b2)) == pytest.approx(expected, rel=1e-12)
+
+
+def log_quadrature_product(experts, weights, lower, upper):
+    """``log prod_j q_j(z)^(w_j)`` at POINT minus the log of its integral, by scipy quad on the support (scipy
+    densities, split at the point so the singular ends are each integrated by an endpoint-aware rule)."""
+    def log_unnormalised(z):
+        return sum(w * d.logpdf(z) for w, d in zip(weights, experts))
+
+    peak = log_unnormalised(POINT)
+    total = sum(integrate.quad(lambda z: math.exp(log_unnormalised(z) - peak), lo, hi, epsabs=0, epsrel=1e-12,
+                               limit=200)[0] for lo, hi in ((lower, POINT), (POINT, upper)))
+    return -math.log(total)
+
+
+@pytest.mark.parametrize("weights", [[1.0, 1.0], [0.5, 2.0], [0.25, 0.5]])
+def test_products_with_unnormalised_weights(weights):
+    """``poe`` with weights summing to s has the base measure h^s: the Gamma and Beta products are the normalised
+    products of the densities (quadrature), and the Dirichlet product has concentration sum_j w_j (alpha_j - 1) + 1."""
+    gammas = [Gamma(tensor(2.0, torch.float64), tensor(1.0, torch.float64)),
+              Gamma(tensor(3.5, torch.float64), tensor(2.0, torch.float64))]
+    reference = log_quadrature_product([stats.gamma(2.0, scale=1.0), stats.gamma(3.5, scale=0.5)], weights, 0,
+                                       math.inf)
+    assert float(opinionpool.poe(gammas, weights=weights).log_prob(tensor(POINT, torch.float64))) == pytest.approx(
+        reference, rel=1e-9)
+    betas = [Beta(tensor(2.0, torch.float64), tensor(3.0, torch.float64)),
+             Beta(tensor(1.5, torch.float64), tensor(4.0, torch.float64))]
+    reference = log_quadrature_product([stats.beta(2.0, 3.0), stats.beta(1.5, 4.0)], weights, 0, 1)
+    assert float(opinionpool.poe(betas, weights=weights).log_prob(tensor(POINT, torch.float64))) == pytest.approx(
+        reference, rel=1e-9)
+    concentrations = np.array([[2.0, 1.5, 1.0], [3.0, 1.2, 4.0]])
+    product = opinionpool.poe([Dirichlet(torch.from_numpy(c)) for c in concentrations], weights=weights)
+    expected = (np.array(weights)[:, None] * (concentrations - 1)).sum(0) + 1
+    np.testing.assert_allclose(product.concentration.numpy(), expected, rtol=1e-14)
+
+
+def test_products_leaving_the_family_raise_and_normalised_ones_do_not():
+    """Poisson's 1 / z! and the binomial coefficient are not exp(<c, T(z)>): the product with weights not summing to
+    one is not a Poisson or Binomial (Conway-Maxwell-Poisson for two Poissons), so poe says so; weights summing to one
+    cancel the base measure and give the log-linear pool."""
+    poissons = [Poisson(tensor(2.0, torch.float64)), Poisson(tensor(5.0, torch.float64))]
+    with pytest.raises(ValueError, match=r"the product of these Poisson experts with weights \[1, 1\] is not a "
+                                         "Poisson distribution"):
+        opinionpool.poe(poissons)
+    product = opinionpool.poe(poissons, weights=[0.1, 0.9])
+    assert float(product.rate) == pytest.approx(2.0 ** 0.1 * 5.0 ** 0.9, rel=1e-14)
+    # rounding in the sum of the weights is not an excess
+    assert float(opinionpool.poe([poissons[0]] * 3, weights=[0.1, 0.2, 0.7]).rate) == pytest.approx(2.0, rel=1e-14)
+    with pytest.raises(ValueError, match="Binomial"):
+        opinionpool.poe([Binomial(3, tensor(0.2, torch.float64)), Binomial(3, tensor(0.4, torch.float64))])
+    # a Bernoulli's base measure is constant: p1 p2 / (p1 p2 + (1 - p1)(1 - p2))
+    both = opinionpool.poe([Bernoulli(tensor(0.2, torch.float64)), Bernoulli(tensor(0.4, torch.float64))])
+    assert float(both.probs) == pytest.approx(0.08 / (0.08 + 0.48), rel=1e-13)
+
+
+def custom_gamma(base_measure_natural):
+    """Gamma with the concentration as natural parameter and h(z) = 1 / z, as the builtin one."""
+    return CustomFamily(lambda eta: torch.lgamma(eta[..., 0]) - eta[..., 0] * torch.log(-eta[..., 1]),
+                        lambda z: torch.stack((torch.log(z), z), -1), lambda z: -torch.log(z), num_params=2,
+                        natural_domain=lambda eta: (eta[..., 0] > 0) & (eta[..., 1] < 0),
+                        base_measure_natural=base_measure_natural, name="user Gamma")
+
+
+def test_custom_and_symbolic_families_products():
+    """A custom family's products with unit weights need its base measure's c; without it (unknown) poe raises.
+    A symbolic family with a constant base measure (h = 1, natural parameter concentration - 1) knows it."""
+    params = torch.tensor([[2.0, -1.0], [3.5, -2.0]], dtype=torch.float64)
+    builtin = opinionpool.poe([Gamma(tensor(2.0, torch.float64), tensor(1.0, torch.float64)),
+                               Gamma(tensor(3.5, torch.float64), tensor(2.0, torch.float64))])
+    known = custom_gamma([-1.0, 0.0])
+    product = opinionpool.poe([known.expert(p) for p in params])
+    assert torch.allclose(product.params, torch.stack((builtin.concentration, -builtin.rate)), rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="user Gamma experts with weights"):
+        unknown = custom_gamma(None)
+        opinionpool.poe([unknown.expert(p) for p in params])
+    with pytest.raises(ValueError, match=r"base_measure_natural must have num_params=2 entries, got \(-1.0,\)"):
+        custom_gamma([-1.0])
+    family = symbolic_gamma()
+    product = opinionpool.poe([family.expert(p - torch.tensor([1.0, 0.0], dtype=torch.float64)) for p in params])
+    assert torch.allclose(product.params, torch.stack((builtin.concentration - 1, -builtin.rate)), rtol=1e-12, atol=0)
