@@ -1168,18 +1168,21 @@ def poe(experts, weights=None, validate_args: bool | None = None):
             check_weights("weights", w, m)
     combined, _ = geometric_combination(experts, log_of_weights(w))
     family = experts.family
+    # the product's base measure is h^(sum of weights), one h more per unit of excess, which the family's natural
+    # parameter absorbs where h is exp(<c, T(z)>) (Gamma's 1 / z); elsewhere the product leaves the family
     excess = w.sum(-1, keepdim=True) - 1
-    excess = torch.where(excess.abs() <= 16 * m * torch.finfo(w.dtype).eps, 0, excess)  # weights summing to one
-    if bool((excess != 0).any()):
-        # the product's base measure is h^(sum of weights), one h more per unit of excess, which the family's
-        # natural parameter absorbs where h is exp(<c, T(z)>) (Gamma's 1 / z); elsewhere the product leaves the family
+    rounding = excess.abs() <= m * torch.finfo(w.dtype).eps  # the rounding of a sum of m weights summing to one
+    if not bool(rounding.all()) or w.requires_grad:
         natural = family.to_natural(combined)
         shift = family.base_measure_natural(natural)
-        if shift is None:
+        if shift is None and not bool(rounding.all()):
             raise ValueError(f"experts: the product of these {family.name} experts with weights {describe(w)} is not a "
                              f"{family.name} distribution (their base measure does not cancel unless the weights sum "
                              "to one); use weights summing to one, e.g. holder(experts, alpha=0)")
-        if bool((shift != 0).any()):
+        if shift is not None and bool((shift != 0).any()):
+            # an excess within rounding shifts nothing (a concentration of 1e-17 would turn negative) but keeps its
+            # gradient, one per weight
+            excess = torch.where(rounding, excess - excess.detach(), excess)
             combined = family.from_natural(natural + excess * shift)
     if validate and not bool(family.natural_domain(family.to_natural(combined)).all()):
         raise ValueError(f"experts: the product of these {family.name} experts with weights {describe(w)} is not "

@@ -290,6 +290,10 @@ def shifted_mean_along(log_w: torch.Tensor, values: torch.Tensor, dim: int) -> t
     return reference.squeeze(dim) + (w * (values - reference)).sum(dim) / w.sum(dim)
 
 
+#: the Newton inverse's last step is at most this fraction of each natural parameter
+_STEP_TOLERANCE = 1e-10
+
+
 def newton_inverse(family: ExponentialFamily, mean_params: torch.Tensor, init: torch.Tensor,
                    tol: float | None = None, max_iter: int = 100) -> torch.Tensor:
     """Solve ``family.mean_parameters(eta) = mean_params`` by damped (backtracking) Newton, in float64 whatever the
@@ -319,10 +323,17 @@ def newton_inverse(family: ExponentialFamily, mean_params: torch.Tensor, init: t
                                for i in range(p)], dim=-2)
         residual = residual.detach()
         eta = eta.detach()
-        scale = 1.0 + target.abs().amax(-1)
-        if bool((residual.abs().amax(-1) <= tol * scale).all()):
+        # converged: every component's residual small beside its target, or the residual small beside the largest
+        # target and every component's step beside the component (the residual beside the largest target alone let a
+        # Dirichlet(0.5, 1e-17, 2e-17) stop with its first concentration at 0.15, not 0.56: the first mean parameter,
+        # -4e-17, carries it, beside a second one of -1e17)
+        converged = (residual.abs() <= tol * target.abs()).all(-1)
+        if bool(converged.all()):
             break
         step = torch.linalg.solve(jac.detach(), residual.unsqueeze(-1)).squeeze(-1)
+        settled = ((step.abs() <= _STEP_TOLERANCE * eta.abs()) | (eta == 0)).all(-1)
+        if bool((converged | (settled & (residual.abs().amax(-1) <= tol * (1.0 + target.abs().amax(-1))))).all()):
+            break
         f0 = objective(eta)
         slope = (residual * step).sum(-1)
         t = torch.ones(eta.shape[0], dtype=eta.dtype, device=eta.device)

@@ -165,3 +165,70 @@ def test_custom_and_symbolic_families_products():
     family = symbolic_gamma()
     product = opinionpool.poe([family.expert(p - torch.tensor([1.0, 0.0], dtype=torch.float64)) for p in params])
     assert torch.allclose(product.params, torch.stack((builtin.concentration - 1, -builtin.rate)), rtol=1e-12, atol=0)
+
+
+def test_the_products_weight_gradient_counts_the_base_measure():
+    """d concentration / d w_j = a_j - 1 also where the weights sum to one (the base measure's term has no value there
+    but keeps its gradient); gradcheck's finite differences are the reference."""
+    a, rate = torch.tensor([2.0, 3.5, 0.7], dtype=torch.float64), torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    weights = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(opinionpool.poe(Gamma(a, rate), weights=weights).concentration, weights)
+    np.testing.assert_allclose(grad.numpy(), (a - 1).numpy(), rtol=1e-14)
+    point = tensor(0.7, torch.float64)
+    assert torch.autograd.gradcheck(lambda w: opinionpool.poe(Gamma(a, rate), weights=w).log_prob(point), (weights,))
+    betas = Beta(torch.tensor([2.0, 1.5], dtype=torch.float64), torch.tensor([3.0, 4.0], dtype=torch.float64))
+    pair = torch.tensor([0.25, 0.75], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w: opinionpool.poe(betas, weights=w).log_prob(point), (pair,))
+
+
+def test_a_small_real_excess_of_float32_weights_is_not_rounding():
+    """100 float32 weights summing to 1.0001: the excess is the product's, not the sum's rounding."""
+    weights = torch.full((100,), 1.0001 / 100)
+    experts = Gamma(torch.full((100,), 0.01), torch.ones(100))
+    got = float(opinionpool.poe(experts, weights=weights).concentration)
+    expected = float((weights.double() * (0.01 - 1)).sum() + 1)  # sum_j w_j (a_j - 1) + 1
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_kl_that_float64_cannot_give_raises():
+    """Concentrations 1e-200 and 1.0000000001e-200: KL 5e-21 (mpmath), but the direct form cancels (it gave -4e-14)
+    and the curvature 1 / a^2 overflows; a clear error instead of a wrong number."""
+    p = Gamma(tensor(1e-200, torch.float64), tensor(1.0, torch.float64))
+    q = Gamma(tensor(1.0000000001e-200, torch.float64), tensor(1.0, torch.float64))
+    with pytest.raises(ValueError, match=r"Gamma KL divergence: neither form is accurate in torch.float64 .*1e-200"):
+        opinionpool.kl_divergence(p, q)
+
+
+def mpmath_moment_match(concentrations, weights):
+    """The Dirichlet (or Beta: two categories) whose E[log z] is the mixture's, by mpmath's findroot at 50 digits."""
+    import mpmath
+
+    mpmath.mp.dps = 50
+    rows = [[mpmath.mpf(c) for c in row] for row in concentrations]
+    weights = [mpmath.mpf(w) for w in weights]
+    target = [sum(w * (mpmath.digamma(row[k]) - mpmath.digamma(sum(row))) for w, row in zip(weights, rows))
+              for k in range(len(rows[0]))]
+
+    def equations(*alpha):
+        return [mpmath.digamma(alpha[k]) - mpmath.digamma(sum(alpha)) - target[k] for k in range(len(alpha))]
+
+    start = [sum(w * row[k] for w, row in zip(weights, rows)) for k in range(len(rows[0]))]
+    return [float(x) for x in mpmath.findroot(equations, start, tol=mpmath.mpf(10) ** -40, maxsteps=200)]
+
+
+@pytest.mark.parametrize("small", [1e-8, 1e-13, 1e-17])
+def test_moment_matching_tiny_concentrations_against_mpmath(small):
+    """E[log(1 - z)] = psi(b) - psi(a + b) of a Beta(1e-13, 0.5) is a difference of digammas near -2 equal to -5e-13:
+    it kept 4 digits (1e-15: none; 1e-17: the Newton solve failed); a Taylor series keeps them. The same for a
+    Dirichlet whose other concentrations are tiny. The mixture (alpha = 1) is moment-matched; the rest of the
+    error is the Newton solve's tolerance."""
+    beta_rows, weights = [[small, 0.5], [3 * small, 0.7]], [0.3, 0.7]
+    matched = opinionpool.holder(Beta(torch.tensor([r[0] for r in beta_rows], dtype=torch.float64),
+                                      torch.tensor([r[1] for r in beta_rows], dtype=torch.float64)),
+                                 alpha=1, weights=weights).moment_match()
+    expected = mpmath_moment_match(beta_rows, weights)
+    np.testing.assert_allclose([float(matched.concentration1), float(matched.concentration0)], expected, rtol=1e-9)
+    dirichlet_rows = [[0.5, small, 2 * small], [0.7, 3 * small, small]]
+    matched = opinionpool.holder(Dirichlet(torch.tensor(dirichlet_rows, dtype=torch.float64)), alpha=1,
+                                 weights=weights).moment_match()
+    np.testing.assert_allclose(matched.concentration.numpy(), mpmath_moment_match(dirichlet_rows, weights), rtol=1e-9)
