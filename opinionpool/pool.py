@@ -1154,7 +1154,9 @@ def poe(experts, weights=None, validate_args: bool | None = None):
     r"""Product of experts :math:`\propto \prod_j q_j^{w_j}` with *unnormalised* weights (default 1 each).
 
     This is the MVAE product (precisions add up for Gaussians). With weights normalised to one it
-    equals the log-linear pool ``holder(experts, alpha=0)``.
+    equals the log-linear pool ``holder(experts, alpha=0)``. Otherwise the product carries the base measure
+    ``h^(sum of weights)``, which stays in the family only where ``h`` is ``exp(<c, T(z)>)`` (constant, or Gamma's
+    ``1 / z``); products of Poisson or Binomial(n > 1) experts then raise a ``ValueError``.
     """
     validate = validation_enabled(validate_args)
     experts = as_experts(experts, validate_args=validate)
