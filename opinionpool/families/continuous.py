@@ -12,9 +12,10 @@ VonMises       kappa (cos m, sin m)  (cos z, sin z)        1 (on one period)    
 
 Gamma, Beta and Dirichlet take their concentrations themselves as natural parameters, with the base measure
 carrying the ``z^-1``: the usual ``(a - 1, ...)`` would store a concentration of 1e-8 as ``-1`` in float32 (an
-expert outside the family) and cost a float64 concentration of 1e-8 half its digits. Every pool combines experts
-with weights summing to one, so a base measure other than 1 cancels from its normalisers. None of these families has
-a closed-form inverse mean map; it is solved by the damped Newton iteration of the base class.
+expert outside the family) and cost a float64 concentration of 1e-8 half its digits. The pools combine experts
+with weights summing to one, where a base measure other than 1 cancels from the normalisers; a product with other
+weights (``poe``) absorbs the extra powers of ``h`` through ``base_measure_natural``. None of these families has a
+closed-form inverse mean map; it is solved by the damped Newton iteration of the base class.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ _SERIES_RATIO = 1e-4
 
 
 def _digamma_drop(x, y):
-    """``psi(x) - psi(x + y)`` for ``y >= 0``, keeping its digits where ``y`` is much smaller than ``x``."""
+    """``psi(x) - psi(x + y)`` for ``x > 0`` and ``y >= 0``, keeping its digits where ``y`` is much smaller than ``x``."""
     direct = torch.digamma(x) - torch.digamma(x + y)
     small = y < _SERIES_RATIO * x
     if not bool(small.any()):
