@@ -651,7 +651,9 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     end_geometry = [(math.copysign(1.0, k), end, geometry) for k, (end, geometry) in end_of_kind.items()]
     relative = relative + _unseen_errors(end_geometry, g, torch.as_tensor(lm_half.reshape(1, -1)),
                                          torch.tensor([shift + math.log(total)]),
-                                         torch.as_tensor(z_half.reshape(1, -1)))[0].numpy()
+                                         torch.as_tensor(z_half.reshape(1, -1)),
+                                         lambda z: torch.as_tensor(integrands(z.numpy())),
+                                         lambda z: torch.as_tensor(log_u(z.numpy())))[0].numpy()
     out = {"log_normalizer": (shift + math.log(total), relative[0])}
     _, stats = _point_statistics(family, points, log_mass, wanted, standard_errors=False)
     if "mean" in stats and not family.circular:
@@ -792,23 +794,34 @@ def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor, top) 
                      deviation=torch.where(fitted, deviation, math.inf), nearest=nearest, steep=steep), ladder
 
 
-def _unseen_errors(end_geometry, g, log_mass, log_z, points):
+def _unseen_errors(end_geometry, g, log_mass, log_z, points, integrands, log_u):
     """The errors ``(pools, K)``, relative to the normaliser, that comparing rules cannot see: rounding (a few ulps
     of each node's ``|log mass|``) and the mass extrapolated next to the ends (the ``(sign, end, _EndPanel)`` of
     ``end_geometry``). ``g`` ``(pools, N, K)``: the integrands' absolute values at the nodes ``points`` ``(pools, N)``
-    of log-masses ``log_mass``; the integrands from the fourth on are evaluated at the nearest point where the mass
-    lies closer to the end (the statistic, ``log u``, another log-density), off by ``1 / power`` on average."""
+    of log-masses ``log_mass``; ``integrands`` gives their signed values ``(pools, n, K)`` and ``log_u`` the pools'
+    ``log u`` ``(pools, n)`` at points ``(pools, n)``.
+
+    Below the nearest point ``n`` the rule sees every integrand ``f`` at ``n``, while the mass there,
+    ``u(n) n / power``, spreads as ``d^(power - 1)`` (``d`` the distance to the end). Over it ``f`` averages
+    ``f(n) - s / power`` if it is ``a + s log d`` (a statistic ``log z``, ``log u``, another log-density), and
+    less far if it is ``a + c d^k`` (``k > 0``: ``z`` itself); ``s`` is taken as ``f``'s change over the octave
+    above ``n`` divided by ``log 2`` (at least the slope for either shape). The exponent's uncertainty widens both
+    ``1 / power`` factors and adds its share of the mass times ``|f(n)|``."""
     share = (log_mass - log_z.unsqueeze(-1)).exp().unsqueeze(-1)
     error = _ROUNDING * torch.where(share > 0, share * g * (1 + log_mass.abs().unsqueeze(-1)), 0.0).sum(1)
     rows = torch.arange(len(points))
     for sign, end, geometry in end_geometry:
-        extrapolated = geometry.extrapolated(rows, end, sign, points).unsqueeze(-1)
+        extrapolated = geometry.extrapolated(rows, end, sign, points).any(-1)
         if bool(extrapolated.any()):
-            mass = torch.where(extrapolated, share, 0.0)
-            uncertainty = (2 * geometry.deviation / geometry.power).clamp_max(1.0).reshape(-1, 1, 1)
-            part = torch.where(mass > 0, mass * g * uncertainty, 0.0).sum(1)
-            part[:, 3:] += torch.where(mass > 0, mass * (g[..., 3:] + 1 / geometry.power.reshape(-1, 1, 1)), 0.0).sum(1)
-            error = error + part
+            octave = (end + sign * geometry.nearest * torch.tensor([1.0, 2.0], dtype=points.dtype)).expand(len(points), 2)
+            values = integrands(octave)
+            slope = (values[:, 1] - values[:, 0]).abs() / math.log(2)
+            uncertainty = (2 * geometry.deviation / geometry.power).clamp_max(1.0).unsqueeze(-1)
+            widened = (1 + uncertainty) / geometry.power.unsqueeze(-1)
+            distance = sign * (octave[:, :1] - end)
+            below = (log_u(octave[:, :1]) - log_z.unsqueeze(-1)).exp() * distance * widened
+            part = below * (values[:, 0].abs() * uncertainty + slope * widened)
+            error = error + torch.where(extrapolated.unsqueeze(-1), part, 0.0)
     return error
 
 
@@ -1067,7 +1080,9 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
     lm_half = torch.cat([torch.nn.functional.pad(part[6], (0, size - part[6].shape[1]), value=-math.inf)
                          for part in finished])[order]
     g = integrands(z_half.unsqueeze(1), centre, spread).squeeze(1).abs()
-    relative = relative + _unseen_errors(end_geometry, g, lm_half, log_z, z_half)
+    rows = torch.arange(pools)  # every pool, for log_u
+    relative = relative + _unseen_errors(end_geometry, g, lm_half, log_z, z_half,
+                                         lambda z: integrands(z.unsqueeze(1), centre, spread).squeeze(1), log_u)
     nodes = (z_half.T, lm_half.T)
     _, stats = _point_statistics(family, nodes[0], nodes[1], wanted, standard_errors=False)
     return log_z, relative, centre, spread, stats, nodes, count, ok
