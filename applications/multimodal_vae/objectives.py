@@ -94,21 +94,25 @@ class Likelihood(nn.Module):
             return categorical_log_likelihood(x, full_precision(output))
         return self.FAMILIES[self.family](x, full_precision(output), self.scale)
 
-    def forward(self, x, present: torch.Tensor, z, decoders) -> torch.Tensor:
+    def forward(self, x, present: torch.Tensor, z, decoders, weighted: bool = True) -> torch.Tensor:
         """``x`` a tensor per modality ``(B, ...)``, ``present`` ``(M, B)``, ``z`` ``(..., B, D)`` -> ``(..., B)``;
         ``z`` may instead be a list with each decoder's arguments (a tuple), as MMVAE+ decodes with
-        modality-specific latents."""
+        modality-specific latents. ``weighted=False`` drops the training weights ``w_m``: ``log p(X_present | z)``
+        itself, a normalised density (what evaluation scores)."""
         inputs = z if isinstance(z, list) else [(z,)] * len(decoders)
         first = inputs[0][0]
         total = torch.zeros(first.shape[:-1], dtype=full_precision(first).dtype, device=first.device)
         for m, decoder in enumerate(decoders):
-            total = total + self.modality(x, present, inputs[m], decoder, m)
+            total = total + self.modality(x, present, inputs[m], decoder, m, weighted)
         return total
 
-    def modality(self, x, present: torch.Tensor, inputs: tuple, decoder: nn.Module, m: int) -> torch.Tensor:
-        """Modality ``m``'s term ``w_m [m present] log p(x_m | decoder(*inputs))`` ``(..., B)``: one decoder pass."""
+    def modality(self, x, present: torch.Tensor, inputs: tuple, decoder: nn.Module, m: int,
+                 weighted: bool = True) -> torch.Tensor:
+        """Modality ``m``'s term ``w_m [m present] log p(x_m | decoder(*inputs))`` ``(..., B)`` (``w_m = 1`` unless
+        ``weighted``): one decoder pass."""
         log_lik = self.log_prob(x[m], decoder(*inputs), m)
-        return self.weights[m] * torch.where(present[m], log_lik, torch.zeros_like(log_lik))
+        log_lik = torch.where(present[m], log_lik, torch.zeros_like(log_lik))
+        return self.weights[m] * log_lik if weighted else log_lik
 
 
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,21 @@ def test_with_the_exact_posterior_every_importance_weight_is_the_marginal_likeli
     assert torch.allclose(estimate, exact_joint(x), rtol=0, atol=1e-9)
 
 
+def test_training_weights_of_unequal_modalities_do_not_enter_the_likelihood():
+    """Modalities of different sizes are balanced in training by weights w_m (MNIST-SVHN-Text: 3.92, 1, 6.74);
+    p(x_m | z)^(w_m) is not a density, so log p(X) stays the exact marginal likelihood (with the weights 3.92 and 1
+    it came out -14.65 for an exact -10.50)."""
+    x = data()
+    weighted = model("mvae")
+    weighted.likelihood.weights.copy_(torch.tensor([3.92, 1.0]))
+    generator = torch.Generator().manual_seed(1)
+    assert torch.allclose(log_likelihood(weighted, x, num_samples=3, generator=generator), exact_joint(x), rtol=0,
+                          atol=1e-9)
+    assert torch.allclose(log_likelihood(weighted, x, condition=torch.tensor([[True], [False]]).expand(2, 5),
+                                         targets=torch.tensor([[False], [True]]).expand(2, 5), num_samples=4000,
+                                         generator=generator), exact_conditional(x), atol=0.05)
+
+
 @pytest.mark.parametrize("name", ["helvae", "mopoe", "mmvae"])
 def test_approximate_posteriors_converge_to_the_marginal_likelihood(name):
     # a shifted encoder: the proposal is wrong, the estimate still converges (mixture densities are exact)

@@ -7,8 +7,9 @@ The estimate is a stochastic lower bound of ``log p(X)`` in expectation that tig
 K = 12, MultiVae 1000).
 
 Conditional: ``log p(X_rest | X_S) ~ log (1/K) sum_k p(X_rest | z_k)`` with ``z_k ~ q(z | X_S)``
-(``MultimodalVAE.conditional_posterior``), the encoder of the subset standing in for ``p(z | X_S)`` (the MoPoE
-convention).
+(``MultimodalVAE.conditional_posterior``), the encoder of the subset standing in for ``p(z | X_S)``. This is not
+the figure MoPoE's code reports per subset (``calc_log_likelihood_batch``): that is ``log p(X)`` of every
+modality with ``q(z | X_S)`` as the proposal, so the two are not to be compared.
 
 Models with modality-specific latents (MMVAE+, Hölder+/++, ``model.private_dim > 0``): ``z`` is the shared
 latent, and each target modality's ``w_m`` is sampled from its own posterior ``q(w_m | x_m)`` (Hölder++:
@@ -17,6 +18,9 @@ latent, and each target modality's ``w_m`` is sampled from its own posterior ``q
 its prior instead is also unbiased, but a poor proposal: at small ``K`` it biased these models' estimates far
 below the others'. MMVM has no data-independent prior: its estimate is that of the generative model ``N(0, I)``
 times the decoders, with ``h(z | X)`` as the proposal.
+
+The decoders' likelihoods enter unweighted: the training weights that balance modalities of different sizes
+(``Likelihood.weights``) would turn ``p(x_m | z)`` into ``p(x_m | z)^(w_m)``, not a density.
 
 Vectorised over the batch and over chunks of ``K`` (log-sum-exp accumulated across chunks), in float64 sums.
 """
@@ -72,10 +76,11 @@ def log_likelihood(model, x, condition: torch.Tensor | None = None,
             count = min(chunk_size, num_samples - start)
             z = proposal.sample((count,), generator=generator)  # (k, B, D)
             if private is None:
-                log_weight = full_precision(model.likelihood(x, targets, z, model.decoders)).double()
+                log_weight = full_precision(model.likelihood(x, targets, z, model.decoders, weighted=False)).double()
             else:
                 inputs, log_ratio = _private_draws(model, private, z, targets, generator)
-                log_weight = full_precision(model.likelihood(x, targets, inputs, model.decoders)).double() + log_ratio
+                log_lik = model.likelihood(x, targets, inputs, model.decoders, weighted=False)
+                log_weight = full_precision(log_lik).double() + log_ratio
             if not conditional:
                 log_weight = log_weight + standard_normal_log_prob(z.double()) - proposal.log_prob(z).double()
             chunks.append(torch.logsumexp(log_weight, 0))
