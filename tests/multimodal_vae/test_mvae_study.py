@@ -265,6 +265,17 @@ def test_own_cross_mass_against_quadrature():
         assert result["own_cross_mass"] == pytest.approx(expected, abs=1e-9)
         if alpha == 0.5:
             assert result["pairwise_mass"] == pytest.approx(expected, abs=1e-9)
+    # learned pooling weights (3, 0, 0 as logits): the model's own pool weights its experts by their softmax; the
+    # diagnostic used equal weights (0.629 where the model's pool has 0.152 in a case of the review)
+    model = MultimodalVAE(encoders, decoders, "holder_mixture", alpha=0.5, learnable_weights=True)
+    with torch.no_grad():
+        model.pool_logits.copy_(torch.tensor([3.0, 0.0, 0.0]))
+    model.encode = lambda x: (torch.tensor([[[m]] * 2 for m, _ in experts]), torch.tensor([[[v]] * 2 for _, v in experts]))
+    lam = torch.softmax(torch.tensor([3.0, 0.0, 0.0], dtype=torch.float64), 0).tolist()
+    z_total = integrate.quad(lambda z: sum(w * density(z, m, lv) ** 0.5 for w, (m, lv) in zip(lam, experts)) ** 2,
+                             -30, 30, points=[m for m, _ in experts], limit=200, epsabs=1e-13)[0]
+    expected = 1 - sum(w**2 for w in lam) / z_total
+    assert pooling_diagnostics(model, x)["own_cross_mass"] == pytest.approx(expected, abs=1e-9)
     model = MultimodalVAE(encoders, decoders, "mopoe")
     model.encode = lambda x: (torch.zeros(3, 2, 1), torch.zeros(3, 2, 1))
     assert pooling_diagnostics(model, x)["own_cross_mass"] is None

@@ -22,7 +22,8 @@ def pooling_diagnostics(model, x) -> dict:
     * ``mean_log_bhattacharyya``: the mean log Bhattacharyya coefficient over pairs of experts;
     * ``pairwise_mass``: the fraction of the Hellinger pool's (alpha = 1/2) mass in its pairwise components;
     * ``own_cross_mass``: for a model pooling with its own exact ``alpha = 1/n``, 0 < alpha < 1 (the Hölder VAEs),
-      the fraction of that pool's mass in components combining two or more experts (None for other models).
+      the fraction of that pool's mass in components combining two or more experts, with the model's pooling
+      weights when it learns them (None for other models).
 
     A mass near 0 means the experts no longer overlap: the pool is then the mixture of the experts with weights
     ``lambda_j^(1/alpha)`` (normalised), whatever ``alpha``."""
@@ -32,16 +33,17 @@ def pooling_diagnostics(model, x) -> dict:
         mu, logvar = model.encode(x)
     mu, logvar = mu.double(), logvar.double()
     log_bc = sum(opf.log_bhattacharyya(mu[i], logvar[i], mu[j], logvar[j]) for i, j in pairs) / len(pairs)
+    weights = None if model.pool_logits is None else torch.softmax(model.pool_logits.double(), 0)
     return {"mean_log_bhattacharyya": float(log_bc.mean()), "pairwise_mass": _cross_mass(mu, logvar, 0.5),
-            "own_cross_mass": (_cross_mass(mu, logvar, model.alpha)
+            "own_cross_mass": (_cross_mass(mu, logvar, model.alpha, weights)
                                if model.spec.exact_alpha and 0 < model.alpha < 1 else None)}
 
 
-def _cross_mass(mu, logvar, alpha) -> float:
+def _cross_mass(mu, logvar, alpha, weights=None) -> float:
     """Mean over the batch of the exact Hölder pool's mass outside its single-expert components (its first M), summed
     from those components' own weights: a tiny mass keeps its digits (``1 - sum`` of the others would round it to
     0, or below)."""
-    mixture = opf.holder_mixture(mu, logvar, alpha, dim=0, validate_args=False)
+    mixture = opf.holder_mixture(mu, logvar, alpha, dim=0, weights=weights, validate_args=False)
     return float(torch.logsumexp(mixture.log_weights[..., mu.shape[0]:], -1).exp().mean())
 
 
