@@ -361,7 +361,18 @@ class MultimodalVAE(nn.Module):
         as MMVAE+ generates: ``w`` from its posterior ``private`` (``private_posterior``) when ``given[target]``
         (``(M, B)``; a reconstruction), else from its prior ``N(0, I)`` (a cross-modal or unconditional
         generation; ``r_n`` only stands in for it in training). ``sample=False``: the posterior mean instead of a
-        draw. Draws use ``generator``. Without modality-specific latents: ``decoders[target](z)``."""
+        draw. Draws use ``generator``. Without modality-specific latents: ``decoders[target](z)``.
+
+        Raises ``FloatingPointError`` on a non-finite output: the metrics built on generations would otherwise read
+        it silently (a NaN image classifies as label 0 everywhere, so a diverged model scored unconditional
+        coherence 1, and FID saw black images)."""
+        output = self._decode(z, target, given, private, generator, sample)
+        if not bool(torch.isfinite(output).all()):
+            raise FloatingPointError(f"decoder {target} gave {int((~torch.isfinite(output)).sum())} non-finite "
+                                     f"outputs (of {output.numel()}): the model has diverged")
+        return output
+
+    def _decode(self, z, target, given, private, generator, sample):
         decoder = self.decoders[target]
         if not self.private_dim:
             return decoder(z)

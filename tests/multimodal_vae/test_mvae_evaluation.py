@@ -122,6 +122,23 @@ def test_unconditional_coherence_counts_agreement():
     assert disagreeing < 0.01  # only when every z is negative do all decoders show nothing (p = 2^-10)
 
 
+class DivergedDecoder(CodeDecoder):
+    """A decoder that has diverged off the posterior: NaN wherever |z| is large (prior samples reach it)."""
+
+    def forward(self, z):
+        image = super().forward(z)
+        return torch.where((z.abs() > 1).any(-1)[..., None, None, None], math.nan, image)
+
+
+def test_non_finite_generations_raise_instead_of_scoring():
+    """A NaN image classifies as label 0 under every classifier: all decoders "agreed", and a diverged model got
+    unconditional coherence 1 (and FID scored black images)."""
+    model = MultimodalVAE(nn.ModuleList(CodeEncoder() for _ in range(3)),
+                          nn.ModuleList(DivergedDecoder() for _ in range(3)), "helvae")
+    with pytest.raises(FloatingPointError, match="decoder 0 gave .* non-finite outputs"):
+        unconditional_coherence(model, CLASSIFIERS, polymnist_modalities(3), latent_dim=10, num_samples=100)
+
+
 def test_evaluation_is_deterministic_on_a_real_model():
     torch.manual_seed(0)
     encoders, decoders = make_networks(polymnist_modalities(3), 4)
