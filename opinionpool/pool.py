@@ -172,7 +172,8 @@ def normalized_log_weights(weights, num_experts: int, *, dtype, device, mask=Non
                            validate: bool = True) -> torch.Tensor:
     """Log of the pooling weights normalised to sum to one over present experts (``-inf`` for absent ones).
 
-    Zero weights become ``-inf`` without ever evaluating ``log(0)``, so gradients stay finite.
+    Zero weights become ``-inf`` without ever evaluating ``log(0)``, so gradients stay finite (a zero weight's
+    own gradient is zero: the expert is removed, see :func:`holder`).
     """
     if weights is None:
         w = torch.ones(num_experts, dtype=dtype, device=device)
@@ -1122,6 +1123,10 @@ def holder(experts, alpha=0.5, weights=None, *, method: str = "auto", num_sample
     ``max_components`` mixture components; otherwise, including ``+-inf``, a :class:`NumericalHolderPool`.
     Naming a ``method`` (see :mod:`opinionpool.numerical`) forces the numerical engine, for any alpha;
     ``rtol`` is its 1-D quadrature's relative tolerance.
+
+    A weight of exactly zero removes its expert: its gradient is zero, not the one-sided derivative at the edge of
+    the simplex (which can be nonzero). To learn weights that may leave zero, parametrise them, e.g. by a softmax
+    of free logits as :func:`opinionpool.fit_weights` does.
     """
     order = exact_order(check_alpha(alpha))
     check_positive_int("max_components", max_components)
