@@ -82,8 +82,18 @@ def bhattacharyya_coefficient(p, q) -> torch.Tensor:
 
 
 def hellinger_distance(p, q) -> torch.Tensor:
-    r""":math:`H(p, q) = \sqrt{1 - \int\sqrt{pq}}` (so that :math:`0 \le H \le 1`)."""
-    return torch.sqrt((-torch.expm1(log_bhattacharyya_coefficient(p, q))).clamp_min(0))
+    r""":math:`H(p, q) = \sqrt{1 - \int\sqrt{pq}}` (so that :math:`0 \le H \le 1`); between identical experts
+    its gradient is zero (``H`` is not differentiable there, like a norm at 0)."""
+    return hellinger_of(log_bhattacharyya_coefficient(p, q))
+
+
+def hellinger_of(log_bc: torch.Tensor) -> torch.Tensor:
+    """The Hellinger distance ``sqrt(1 - BC)`` from ``log BC``. Where ``BC = 1`` its gradient is zero: the square
+    root's infinite slope at 0 times a zero would be NaN, and NaN spreads to every input sharing the backward
+    pass (the diagonal of a pairwise matrix made all its gradients NaN)."""
+    gap = (-torch.expm1(log_bc)).clamp_min(0)
+    positive = gap > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, gap, 1.0)), 0.0)
 
 
 def kl_divergence(p, q) -> torch.Tensor:

@@ -18,14 +18,22 @@ batch dimension indexes the experts), with the occasions on the batch axes befor
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.distributions import Distribution, MixtureSameFamily, Normal
+from torch.distributions import (
+    Distribution,
+    Independent,
+    MixtureSameFamily,
+    Normal,
+    TransformedDistribution,
+    VonMises,
+)
 
 from ._validation import check_alpha, check_positive_int, describe, real_tensor
-from .affinities import log_multi_chernoff_coefficient
+from .affinities import hellinger_of, log_multi_chernoff_coefficient
 from .experts import Experts, as_experts
 from .families import NormalFamily, family_of
 from .pool import HolderPool, NumericalHolderPool, _Pool, component_counts, holder
@@ -36,6 +44,10 @@ __all__ = ["crps", "pit", "coverage", "CoverageTable", "disagreement", "Disagree
 _PANELS, _NODES = 128, 16
 #: the quadrature covers mean +- this many standard deviations (and the observation)
 _WIDTH = 12.0
+#: or, for forecasts with an icdf, the quantiles of log-odds +- this (levels 1e-13 and 1 - 1e-13)
+_LOG_ODDS = 30.0
+#: a total mass off 1 by more than this warns that the panels missed part of the density
+_MASS_TOLERANCE = 1e-6
 
 
 # ------------------------------------------------------------------------------------------------ input checks
@@ -81,9 +93,22 @@ def _observations(observations, batch_shape: torch.Size, dtype) -> torch.Tensor:
 
 
 def _dtype(dist: Distribution) -> torch.dtype:
+    """The forecast's floating dtype: a pool's experts', else its first floating parameter's (not ``dist.mean``,
+    which distributions such as a ``TransformedDistribution`` do not implement)."""
     if isinstance(dist, _Pool):
         return dist.experts.params.dtype
-    return dist.mean.dtype
+    for value in vars(dist).values():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.dtype
+    if isinstance(dist, (TransformedDistribution, Independent)):
+        return _dtype(dist.base_dist)
+    if isinstance(dist, MixtureSameFamily):
+        return _dtype(dist.component_distribution)
+    return torch.get_default_dtype()
+
+
+def _implements(dist: Distribution, method: str) -> bool:
+    return getattr(type(dist), method) is not getattr(Distribution, method)
 
 
 # --------------------------------------------------------------------------------------------------------- CRPS
@@ -134,27 +159,68 @@ def _support(dist: Distribution):
                  for name, default in (("lower_bound", -math.inf), ("upper_bound", math.inf)))
 
 
+@torch.no_grad()
+def _mean_and_sd(dist: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 mean and standard deviation (a float32 VonMises's are recomputed in float64: torch's float32 circular
+    variance rounds to 0 from a concentration of about 5e3)."""
+    if isinstance(dist, VonMises) and dist.loc.dtype != torch.float64:
+        dist = VonMises(dist.loc.double(), dist.concentration.double(), validate_args=False)
+    try:
+        return dist.mean.detach().to(torch.float64), dist.stddev.detach().to(torch.float64)
+    except NotImplementedError:
+        raise ValueError(f"the forecast ({type(dist).__name__}) implements neither icdf nor mean and stddev, which "
+                         "the quadrature needs to place its panels") from None
+
+
+@torch.no_grad()
+def _panel_edges(dist: Distribution, shape: torch.Size) -> torch.Tensor:
+    """Panel edges ``shape + (K + 1,)`` in float64 covering the forecast's mass: at the quantiles of equally spaced
+    log-odds from 1e-13 to 1 - 1e-13 (float32: 2.4e-7) where it has an ``icdf`` (the panels follow a skewed or
+    heavy-tailed density, finer towards its tails), else equally spaced over its mean +- 12 standard deviations,
+    cut to its support."""
+    lower, upper = _support(dist)
+    if _implements(dist, "icdf") and not isinstance(dist, _Pool):
+        dtype = _dtype(dist)
+        reach = min(_LOG_ODDS, -math.log(4 * torch.finfo(dtype).eps))  # 1 - level must stay representable
+        log_odds = torch.linspace(-reach, reach, _PANELS + 1, dtype=torch.float64)
+        levels = torch.sigmoid(log_odds).reshape((-1,) + (1,) * len(shape)).to(dtype)
+        edges = dist.icdf(levels.expand((-1,) + shape)).detach().to(torch.float64).movedim(0, -1)
+        edges = torch.maximum(torch.minimum(edges, upper.unsqueeze(-1)), lower.unsqueeze(-1))
+        if bool(torch.isfinite(edges).all()):
+            return edges
+    mean, sd = _mean_and_sd(dist)
+    bad = ~(torch.isfinite(mean) & torch.isfinite(sd))
+    if bool(bad.any()):
+        mean, sd = mean.expand(bad.shape), sd.expand(bad.shape)
+        raise ValueError(f"the forecast ({type(dist).__name__}) has no finite mean and standard deviation (mean "
+                         f"{describe(mean, bad)}, standard deviation {describe(sd, bad)}) "
+                         "and no icdf, which the quadrature needs to place its panels (a Student t of 2 degrees of "
+                         "freedom or fewer)")
+    lo, hi = torch.maximum(mean - _WIDTH * sd, lower).expand(shape), torch.minimum(mean + _WIDTH * sd, upper).expand(shape)
+    steps = torch.linspace(0, 1, _PANELS + 1, dtype=torch.float64)
+    return lo.unsqueeze(-1) + steps * (hi - lo).unsqueeze(-1)
+
+
 def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
     """``(crps, cdf at y, total mass)`` in float64 by panels of Gauss-Legendre quadrature of the density ``exp(log_prob)``.
 
-    The panels cover ``window`` (float64 ``(lo, hi)`` broadcasting against the batch), by default
-    ``[mean - 12 sd, mean + 12 sd]`` cut to the support, with the observation as a panel edge (so
-    the step of the CRPS integrand falls between panels); the cdf at each node integrates the density's
-    interpolating polynomial on its panel. Beyond that range the density is taken as zero; an observation outside
-    it adds the exact length term ``(y - hi) * F(hi)^2`` (or ``(lo - y) * (1 - F(lo))^2``)."""
+    The panels cover ``window`` (float64 ``(lo, hi)`` broadcasting against the batch) in equal steps, by default
+    those of :func:`_panel_edges`, with the observation as a panel edge (so the step of the CRPS integrand falls
+    between panels); the cdf at each node integrates the density's interpolating polynomial on its panel. Beyond
+    that range the density is taken as zero; an observation outside it adds the exact length term
+    ``(y - hi) * F(hi)^2`` (or ``(lo - y) * (1 - F(lo))^2``). By default, a total mass off 1 by more than 1e-6
+    warns: the panels missed part of the density."""
     t, w, integrate = _integration_matrix()
     shape = torch.broadcast_shapes(y.shape, dist.batch_shape)
     y = y.expand(shape).to(torch.float64)
     if window is None:
-        with torch.no_grad():
-            mean, sd = dist.mean.detach().to(torch.float64), dist.stddev.detach().to(torch.float64)
-        lower, upper = _support(dist)
-        window = torch.maximum(mean - _WIDTH * sd, lower), torch.minimum(mean + _WIDTH * sd, upper)
-    lo, hi = (bound.expand(shape) for bound in window)
+        grid = _panel_edges(dist, shape)
+    else:
+        lo, hi = (bound.expand(shape) for bound in window)
+        grid = lo.unsqueeze(-1) + torch.linspace(0, 1, _PANELS + 1, dtype=torch.float64) * (hi - lo).unsqueeze(-1)
+    lo, hi = grid[..., 0], grid[..., -1]
     inside = y.clamp(torch.minimum(lo, hi), hi)
-    steps = torch.linspace(0, 1, _PANELS + 1, dtype=torch.float64)
-    edges = torch.sort(torch.cat((lo.unsqueeze(-1) + steps * (hi - lo).unsqueeze(-1), inside.unsqueeze(-1)), -1),
-                       dim=-1).values  # shape + (K + 2,)
+    edges = torch.sort(torch.cat((grid, inside.unsqueeze(-1)), -1), dim=-1).values  # shape + (K + 2,)
     half, middle = 0.5 * (edges[..., 1:] - edges[..., :-1]), 0.5 * (edges[..., 1:] + edges[..., :-1])
     nodes = middle.unsqueeze(-1) + half.unsqueeze(-1) * t  # shape + (K + 1, G)
     points = nodes.flatten(-2).movedim(-1, 0)  # (P,) + shape, torch's sample layout for log_prob
@@ -169,6 +235,13 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
     total = panel_mass.sum(-1)
     value = value + (y - hi).clamp_min(0) * total ** 2 + (lo - y).clamp_min(0)
     at_y = (torch.where(middle < y.unsqueeze(-1), panel_mass, torch.zeros_like(panel_mass))).sum(-1)
+    if window is None:
+        defect = (total - 1).abs()
+        if not bool((defect <= _MASS_TOLERANCE).all()):
+            warnings.warn(f"the density quadrature of the {type(dist).__name__} forecast found a total mass off 1 by "
+                          f"up to {float(defect.max()):.3g}: its panels missed part of the density (mass beyond 12 "
+                          "standard deviations, or a density much narrower than a panel), so the CRPS and PIT are "
+                          "off by about as much; a forecast with an icdf gets panels at its quantiles", stacklevel=3)
     return value, at_y.clamp(0, 1), total
 
 
@@ -180,9 +253,11 @@ def _circular_pit(dist: Distribution, y: torch.Tensor) -> torch.Tensor:
     are mapped into that period and the mass between them read off the cumulative mass, wrapping past its end, over
     the total (torch's VonMises normaliser is a polynomial approximation good to about 1e-7)."""
     shape = torch.broadcast_shapes(y.shape, dist.batch_shape)
-    with torch.no_grad():
-        mean, sd = dist.mean.detach().to(torch.float64), dist.stddev.detach().to(torch.float64)
+    mean, sd = _mean_and_sd(dist)
     start, half = mean - math.pi, (_WIDTH * sd).clamp_max(math.pi)
+    if not bool((half > 0).all()):
+        raise ValueError(f"the circular forecast's standard deviation is not positive ({describe(sd, ~(half > 0))}): "
+                         "its panels would have no width")
     angles = torch.stack((y.to(torch.float64).expand(shape), torch.full(shape, -math.pi, dtype=torch.float64)))
     angles = start + torch.remainder(angles - start, 2 * math.pi)
     _, (at_y, at_start), (total, _) = _density_quadrature(dist, angles, (mean - half, mean + half))
@@ -198,13 +273,16 @@ def crps(forecast, observations) -> torch.Tensor:
     ``forecast`` is a pool or any ``torch.distributions`` object of scalar continuous events. Normal forecasts and
     Gaussian mixtures (exact Hölder pools of Normal experts, ``alpha = 0`` or ``1/n``; ``MixtureSameFamily`` of
     Normals) use the closed form of Grimit et al. (2006), differentiable in their parameters. Everything else is
-    integrated in float64 from the density (``log_prob``) on 128 panels of 16-point Gauss-Legendre rules over the
-    forecast's mean +- 12 standard deviations (cut to its support; the observation is a panel edge), with the cdf at
-    each node from the density's interpolating polynomial on its panel. Error: for densities that are smooth on the
-    scale of a panel (a fifth of a standard deviation) the rule is exact to about 1e-10 times the scale; mass beyond
-    12 standard deviations is neglected (an error of at most that mass times the distance of the observation), and
-    densities with an integrable singularity (a Gamma of shape below 1 at 0) or narrow modes far apart (much
-    narrower than a panel) are resolved less accurately. No gradient on that path.
+    integrated in float64 from the density (``log_prob``) on 128 panels of 16-point Gauss-Legendre rules (the
+    observation is a panel edge), with the cdf at each node from the density's interpolating polynomial on its
+    panel. The panels lie between the quantiles of equally spaced log-odds (levels 1e-13 to 1 - 1e-13) for a
+    torch distribution with an ``icdf`` (a LogNormal or a Cauchy: they follow skew and heavy tails), else equally
+    spaced over the forecast's mean +- 12 standard deviations cut to its support (pools; a forecast with neither
+    raises a ``ValueError``). Error: for densities smooth on the scale of a panel, about 1e-10 times the scale
+    (LogNormal(0, 3): 6e-12 relative; float32 forecasts about 1e-5, their own log density's rounding); the mass
+    beyond the panels is neglected (at most that mass times the distance of the observation). Densities with an
+    integrable singularity (a Gamma of shape below 1 at 0) or narrow modes far apart (much narrower than a panel)
+    are resolved less accurately: a total mass off 1 by more than 1e-6 warns. No gradient on that path.
 
     Circular forecasts (VonMises experts, pools and mixtures) are rejected with a ``ValueError``: the integral over
     the real line counts the periodic density's mass once per period, and a CRPS of angles is a different score.
@@ -238,8 +316,23 @@ def pit(forecast, observations) -> torch.Tensor:
         return _circular_pit(forecast, y).to(y.dtype)
     if isinstance(forecast, NumericalHolderPool) or not _has_cdf(forecast):
         return _density_quadrature(forecast, y)[1].to(y.dtype)
+    y = y.expand(torch.broadcast_shapes(y.shape, forecast.batch_shape))
+    if isinstance(forecast, _Pool):
+        with torch.no_grad():
+            return forecast.cdf(y).clamp(0, 1)
+    # a plain torch forecast validates its support: F is 0 below it and 1 above it
+    lower, upper = (bound.to(y.dtype) for bound in _support(forecast))
+    inside = (y > lower) & (y < upper)
     with torch.no_grad():
-        return forecast.cdf(y.expand(torch.broadcast_shapes(y.shape, forecast.batch_shape))).clamp(0, 1)
+        cdf = forecast.cdf(torch.where(inside, y, _interior(lower, upper).expand(y.shape)))
+    return torch.where(inside, cdf, (y >= upper).to(y.dtype)).clamp(0, 1)
+
+
+def _interior(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """A point inside ``(lower, upper)`` (bounds possibly infinite)."""
+    both = torch.isfinite(lower) & torch.isfinite(upper)
+    return torch.where(both, (lower + upper) / 2, torch.where(torch.isfinite(lower), lower + 1,
+                                                              torch.where(torch.isfinite(upper), upper - 1, 0.0)))
 
 
 def _has_cdf(dist: Distribution) -> bool:
@@ -247,7 +340,7 @@ def _has_cdf(dist: Distribution) -> bool:
         return _has_cdf(dist.component_distribution)
     if isinstance(dist, HolderPool):
         return dist._component_cdf_available()
-    return type(dist).cdf is not Distribution.cdf
+    return _implements(dist, "cdf")
 
 
 @dataclass(frozen=True)
@@ -316,7 +409,7 @@ def disagreement(experts, weights=None, validate_args: bool | None = None) -> Di
     pairs = Experts(experts.family, torch.stack((first, second), dim=k + 2))
     log_bc = log_multi_chernoff_coefficient(pairs, [0.5, 0.5], validate_args=False).clamp_max(0)
     bhattacharyya = log_bc.exp()
-    hellinger = torch.sqrt((-torch.expm1(log_bc)).clamp_min(0))
+    hellinger = hellinger_of(log_bc)
     pool = HolderPool(experts, alpha=0.5, weights=weights, validate_args=validate_args)
     counts = component_counts(2, m, device=params.device)
     # components of two distinct experts (one expert's pool is its single component, counted [1], not a pair)
@@ -355,8 +448,9 @@ def fit_weights(experts, observations, alpha=0.5, learn_alpha: bool = False, *, 
     maximise the mean log score :math:`\frac1n\sum_t \log q_t(y_t)` of the pooled forecasts, by torch's L-BFGS with
     a strong-Wolfe line search from equal weights and the given ``alpha``.
 
-    ``experts`` have the occasions on their batch axes (``batch_shape = observations.shape``) and the experts on
-    the rightmost batch axis; one weight vector is shared by all occasions. With ``learn_alpha=False`` the pool is
+    ``experts`` have the occasions on their batch axes (``batch_shape = observations.shape``, or one that
+    broadcasts to it: experts shared by all occasions) and the experts on the rightmost batch axis; one weight
+    vector is shared by all occasions. With ``learn_alpha=False`` the pool is
     :func:`opinionpool.holder` at ``alpha`` (exact at 0 and 1/n, whose gradients in the weights are exact); with
     ``learn_alpha=True`` a :class:`NumericalHolderPool` with a tensor alpha, whose gradients are those of its
     quadrature (the learned alpha is where that estimate's score is largest), kept inside the open interval
@@ -381,6 +475,10 @@ def fit_weights(experts, observations, alpha=0.5, learn_alpha: bool = False, *, 
         raise ValueError(f"experts must be continuous scalar experts, got {experts.family.name} experts")
     dtype = experts.params.dtype
     y = _observations(observations, experts.batch_shape, dtype)
+    if torch.broadcast_shapes(y.shape, experts.batch_shape) != y.shape:
+        # a (n, 1) column against (n,) occasions would score every observation under every occasion's pool
+        raise ValueError(f"observations of shape {tuple(y.shape)} must hold one observation per occasion: the experts' "
+                         f"batch_shape {tuple(experts.batch_shape)} (the occasions) must broadcast to it, not enlarge it")
     if y.numel() < 2:
         raise ValueError(f"observations must hold at least two occasions (for a standard error), got shape "
                          f"{tuple(y.shape)}")

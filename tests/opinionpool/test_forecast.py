@@ -256,6 +256,91 @@ def test_disagreement_of_one_expert_has_no_pairwise_mass():
         assert torch.allclose(result.bhattacharyya, torch.ones(1, 1, dtype=torch.float64))
 
 
+def test_hellinger_gradients_are_finite_off_and_on_the_diagonal():
+    """sqrt(1 - BC) has an infinite slope where BC = 1 (the diagonal, identical experts): its NaN used to reach every
+    input. Off the diagonal the gradient is the finite difference of the closed form
+    BC = sqrt(2 s1 s2 / (s1^2 + s2^2)) exp(-(m1 - m2)^2 / (4 (s1^2 + s2^2)))."""
+    loc = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    (gradient,) = torch.autograd.grad(op.disagreement(Normal(loc, scale)).hellinger[0, 1], loc)
+
+    def closed_form(m1, m2, s1=1.0, s2=2.0):
+        bc = math.sqrt(2 * s1 * s2 / (s1**2 + s2**2)) * math.exp(-((m1 - m2) ** 2) / (4 * (s1**2 + s2**2)))
+        return math.sqrt(1 - bc)
+
+    h = 1e-6
+    expected = [(closed_form(h, 1.0) - closed_form(-h, 1.0)) / (2 * h),
+                (closed_form(0.0, 1 + h) - closed_form(0.0, 1 - h)) / (2 * h)]
+    assert gradient.tolist() == pytest.approx(expected, rel=1e-6)
+    same = Normal(loc[0], scale[0])
+    (zero,) = torch.autograd.grad(op.hellinger_distance(same, Normal(loc[0] * 1, scale[0])), loc)
+    assert torch.equal(zero, torch.zeros(2, dtype=torch.float64))
+
+
+def test_crps_of_skewed_and_heavy_tailed_forecasts_with_an_icdf():
+    """Forecasts with an icdf get panels at their quantiles: LogNormal against the closed form of Baran and Lerch
+    (2015), Cauchy (no mean, finite CRPS) against scipy. Equal panels over mean +- 12 sd missed a LogNormal(0, 2.5)
+    by 9 %."""
+    from torch.distributions import Cauchy, LogNormal
+
+    def lognormal_crps(sigma, y):
+        z = math.log(y) / sigma
+        phi = scipy.stats.norm.cdf
+        return y * (2 * phi(z) - 1) - 2 * math.exp(sigma**2 / 2) * (phi(z - sigma) + phi(sigma / math.sqrt(2)) - 1)
+
+    for sigma, y in ((1.0, 1.0), (2.5, 5.0), (3.0, 0.1)):
+        forecast = LogNormal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64))
+        assert float(op.crps(forecast, torch.tensor(y, dtype=torch.float64))) == pytest.approx(lognormal_crps(sigma, y),
+                                                                                            rel=1e-10)
+    cauchy = Cauchy(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    expected = (scipy.integrate.quad(lambda x: scipy.stats.cauchy.cdf(x) ** 2, -np.inf, 0.5, limit=500)[0]
+                + scipy.integrate.quad(lambda x: scipy.stats.cauchy.sf(x) ** 2, 0.5, np.inf, limit=500)[0])
+    assert float(op.crps(cauchy, torch.tensor(0.5, dtype=torch.float64))) == pytest.approx(expected, rel=1e-9)
+
+
+def test_forecasts_the_quadrature_cannot_place_fail_or_warn_clearly():
+    """A Student t of 1.5 degrees of freedom has no standard deviation and torch gives it no icdf: a clear error
+    (it was a NaN CRPS, and a PIT of 0). A Gamma of shape 0.05 has most of its mass far below a panel's width: a
+    warning that the total mass is off."""
+    from torch.distributions import StudentT
+
+    with pytest.raises(ValueError, match=r"StudentT\) has no finite mean and standard deviation .*inf"):
+        op.crps(StudentT(torch.tensor(1.5, dtype=torch.float64)), torch.tensor(0.5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="no finite mean and standard deviation"):
+        op.pit(StudentT(torch.tensor(1.5, dtype=torch.float64), validate_args=False),
+               torch.tensor(0.5, dtype=torch.float64))
+    with pytest.warns(UserWarning, match="total mass off 1 by up to 0.6"):
+        op.crps(Gamma(torch.tensor(0.05, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)),
+                torch.tensor(0.5, dtype=torch.float64))
+
+
+def test_pit_of_plain_torch_forecasts_outside_their_support_and_without_a_mean():
+    """F is 0 below the support and 1 above it (torch's cdf rejected such observations, while crps took them), and a
+    TransformedDistribution, which has no mean, uses its cdf (it raised an empty NotImplementedError)."""
+    from torch.distributions import Exponential, ExpTransform, TransformedDistribution
+
+    uniform = Uniform(torch.tensor(0.0, dtype=torch.float32), torch.tensor(1.0, dtype=torch.float32))
+    assert op.pit(uniform, torch.tensor([1.5, -0.5, 0.25], dtype=torch.float32)).tolist() == [1.0, 0.0, 0.25]
+    y = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    assert op.pit(Exponential(torch.tensor(1.0, dtype=torch.float64)), y).tolist() == pytest.approx(
+        [0.0, 0.0, 1 - math.exp(-1)], rel=1e-12)
+    standard = Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    lognormal = TransformedDistribution(standard, [ExpTransform()])
+    expected = scipy.stats.lognorm(1.0).cdf(2.0)
+    assert float(op.pit(lognormal, torch.tensor(2.0, dtype=torch.float64))) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("concentration, tolerance", [(1e3, 1e-6), (5e3, 1e-6), (1e4, 1e-5), (1e5, 1e-2)])
+def test_pit_of_a_concentrated_float32_von_mises(concentration, tolerance):
+    """torch's float32 circular variance rounds to 0 from a concentration of about 5e3: the panels had no width and
+    the PIT was NaN (and coverage counted it as not covered). Reference: scipy's vonmises cdf, in float64. At 1e5
+    torch's float32 log density itself is off (1 - cos of a few thousandths rounds), hence the tolerance."""
+    forecast = VonMises(torch.tensor(-1.0, dtype=torch.float32), torch.tensor(concentration, dtype=torch.float32))
+    reference = scipy.stats.vonmises(concentration, loc=-1.0)
+    expected = reference.cdf(-0.99) - reference.cdf(-math.pi)
+    assert float(op.pit(forecast, torch.tensor(-0.99, dtype=torch.float32))) == pytest.approx(expected, abs=tolerance)
+
+
 # --------------------------------------------------------------------------------------------------- fit_weights
 def _misspecified_panel(n, seed):
     generator = torch.Generator().manual_seed(seed)
@@ -327,3 +412,6 @@ def test_bad_input_errors_name_the_argument_and_value():
         op.fit_weights(experts, torch.zeros(2), max_iter=0)
     with pytest.raises(ValueError, match="alpha must be a real number"):
         op.fit_weights(experts, torch.zeros(2), alpha=math.nan)
+    # a column of observations against a row of occasions scored every observation under every pool, silently
+    with pytest.raises(ValueError, match=r"observations of shape \(2, 1\) must hold one observation per occasion.*\(2,\)"):
+        op.fit_weights(experts, torch.zeros(2, 1, dtype=torch.float64))
