@@ -367,7 +367,11 @@ def coverage(forecast, observations, levels=(0.5, 0.8, 0.9, 0.95)) -> CoverageTa
     """How often the observations fall in the forecasts' central intervals of each nominal level.
 
     The central interval of level ``L`` is ``[F^-1((1 - L)/2), F^-1((1 + L)/2)]``, so for a continuous forecast it
-    holds ``y`` exactly when ``|F(y) - 1/2| <= L/2``: computed from :func:`pit`, without quantiles."""
+    holds ``y`` exactly when ``|F(y) - 1/2| <= L/2``: computed from :func:`pit`, without quantiles.
+
+    For circular forecasts ``F`` starts at ``-pi`` (see :func:`pit`), so the "central" arc is central in that cut,
+    not around the forecast's mean direction (for a forecast centred near ``+-pi`` it is the arc of low density).
+    Under calibration the PIT is uniform for any cut, so the nominal coverage still holds."""
     if isinstance(levels, (int, float)) and not isinstance(levels, bool):
         levels = (levels,)
     if not isinstance(levels, (tuple, list)) or not levels:
