@@ -48,6 +48,10 @@ _WIDTH = 12.0
 _LOG_ODDS = 30.0
 #: a total mass off 1 by more than this warns that the panels missed part of the density
 _MASS_TOLERANCE = 1e-6
+#: the panels beyond the equal ones towards an infinite end: their far edges, in units of the equal ones' span
+_TAIL_STEPS = torch.tensor([(2.0**k - 1) / 16 for k in range(1, 13)], dtype=torch.float64)
+#: how far each panel next to a finite end of the support reaches down in the log of the distance to it
+_LADDER_STEPS = torch.tensor([0.0] + [2.0**k for k in range(10)], dtype=torch.float64)
 
 
 # ------------------------------------------------------------------------------------------------ input checks
@@ -177,7 +181,8 @@ def _panel_edges(dist: Distribution, shape: torch.Size) -> torch.Tensor:
     """Panel edges ``shape + (K + 1,)`` in float64 covering the forecast's mass: at the quantiles of equally spaced
     log-odds from 1e-13 to 1 - 1e-13 (float32: 2.4e-7) where it has an ``icdf`` (the panels follow a skewed or
     heavy-tailed density, finer towards its tails), else equally spaced over its mean +- 12 standard deviations,
-    cut to its support."""
+    cut to its support, and panels of doubling width beyond towards an infinite end (zero width towards a finite
+    one)."""
     lower, upper = _support(dist)
     if _implements(dist, "icdf") and not isinstance(dist, _Pool):
         dtype = _dtype(dist)
@@ -198,7 +203,32 @@ def _panel_edges(dist: Distribution, shape: torch.Size) -> torch.Tensor:
                          "freedom or fewer)")
     lo, hi = torch.maximum(mean - _WIDTH * sd, lower).expand(shape), torch.minimum(mean + _WIDTH * sd, upper).expand(shape)
     steps = torch.linspace(0, 1, _PANELS + 1, dtype=torch.float64)
-    return lo.unsqueeze(-1) + steps * (hi - lo).unsqueeze(-1)
+    span = (hi - lo).unsqueeze(-1)
+    grid = lo.unsqueeze(-1) + steps * span
+    # towards an infinite end, panels of doubling width out to 256 spans: a skewed forecast (a Gamma of shape 0.05
+    # has a thousandth of its mass beyond 12 standard deviations) keeps its tail
+    beyond = span * _TAIL_STEPS
+    grid = torch.cat((torch.where(torch.isinf(lower).unsqueeze(-1), lo.unsqueeze(-1) - beyond.flip(-1), lo.unsqueeze(-1)),
+                      grid, torch.where(torch.isinf(upper).unsqueeze(-1), hi.unsqueeze(-1) + beyond, hi.unsqueeze(-1))),
+                     -1)
+    return grid
+
+
+def _end_ladder(bound: torch.Tensor, sign: float, near: torch.Tensor, active: torch.Tensor, y: torch.Tensor):
+    """Log-distance edges ``shape + (J + 1,)`` (increasing) of the panels between a finite end ``bound`` of the
+    support and the edge ``near`` of the first equal panel, where ``active``: ``s = log(sign (x - bound))`` from
+    ``log(sign (near - bound))`` down by 1, 2, 4, ... to the nearest distinct point (1e-300 from 0, ``2^-44 |bound|``
+    elsewhere), with the observation's own ``s`` as an edge when it lies there. Zero-width where not ``active``."""
+    top = torch.log((sign * (near - bound)).clamp_min(1e-300))
+    floor = torch.log(torch.clamp(2.0**-44 * bound.abs(), min=1e-300)).expand(top.shape)
+    reach = (top - floor).clamp_min(0)
+    drops = torch.minimum(_LADDER_STEPS.to(top), reach.unsqueeze(-1))
+    edges = top.unsqueeze(-1) - torch.cat((drops, reach.unsqueeze(-1)), -1)
+    distance = sign * (y - bound)
+    between = active & (distance > 0) & (sign * (near - y) > 0)
+    own = torch.where(between, torch.log(distance.clamp_min(1e-300)).clamp(min=floor, max=top), top)
+    edges = torch.sort(torch.cat((edges, own.unsqueeze(-1)), -1), dim=-1).values
+    return torch.where(active.unsqueeze(-1), edges, top.unsqueeze(-1).expand(edges.shape))
 
 
 def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
@@ -206,15 +236,29 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
 
     The panels cover ``window`` (float64 ``(lo, hi)`` broadcasting against the batch) in equal steps, by default
     those of :func:`_panel_edges`, with the observation as a panel edge (so the step of the CRPS integrand falls
-    between panels); the cdf at each node integrates the density's interpolating polynomial on its panel. Beyond
-    that range the density is taken as zero; an observation outside it adds the exact length term
-    ``(y - hi) * F(hi)^2`` (or ``(lo - y) * (1 - F(lo))^2``). By default, a total mass off 1 by more than 1e-6
-    warns: the panels missed part of the density."""
+    between panels); the cdf at each node integrates the density's interpolating polynomial on its panel. Where the
+    default panels start at a finite end of the support, the first of them is replaced by panels in the log of the
+    distance to that end (:func:`_end_ladder`), on which a power law ``d^(p - 1)``, as a Gamma or Beta of shape
+    below one has there, is smooth. Beyond the panels the density is taken as zero; an observation outside them
+    adds the exact length term ``(y - hi) * F(hi)^2`` (or ``(lo - y) * (1 - F(lo))^2``). By default, a total mass
+    off 1 by more than 1e-6 warns: the panels missed part of the density."""
     t, w, integrate = _integration_matrix()
     shape = torch.broadcast_shapes(y.shape, dist.batch_shape)
     y = y.expand(shape).to(torch.float64)
+    ladders = []  # (sign, bound, log-distance edges) of the ends the panels start at
     if window is None:
         grid = _panel_edges(dist, shape)
+        for sign, bound in zip((1.0, -1.0), _support(dist)):
+            bound = bound.expand(shape)
+            end = grid[..., 0] if sign > 0 else grid[..., -1]
+            active = torch.isfinite(bound) & (end == bound)
+            if bool(active.any()):
+                # the ladder covers the first panel of positive width, whose far edge is `near`
+                inner = sign * (grid - bound.unsqueeze(-1)) > 0
+                near = torch.where(inner, sign * grid, math.inf).amin(-1) * sign
+                ladders.append((sign, bound, _end_ladder(bound, sign, near, active, y)))
+                moved = torch.maximum(grid, near.unsqueeze(-1)) if sign > 0 else torch.minimum(grid, near.unsqueeze(-1))
+                grid = torch.where(active.unsqueeze(-1), moved, grid)
     else:
         lo, hi = (bound.expand(shape) for bound in window)
         grid = lo.unsqueeze(-1) + torch.linspace(0, 1, _PANELS + 1, dtype=torch.float64) * (hi - lo).unsqueeze(-1)
@@ -223,15 +267,32 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
     edges = torch.sort(torch.cat((grid, inside.unsqueeze(-1)), -1), dim=-1).values  # shape + (K + 2,)
     half, middle = 0.5 * (edges[..., 1:] - edges[..., :-1]), 0.5 * (edges[..., 1:] + edges[..., :-1])
     nodes = middle.unsqueeze(-1) + half.unsqueeze(-1) * t  # shape + (K + 1, G)
+    jacobian = half.unsqueeze(-1).expand(nodes.shape)  # dx / dt at each node
+    parts = [(nodes, jacobian, middle)]
+    for sign, bound, log_edges in ladders:
+        s_half = 0.5 * (log_edges[..., 1:] - log_edges[..., :-1])
+        s_middle = 0.5 * (log_edges[..., 1:] + log_edges[..., :-1])
+        # t runs towards larger x: up in s from the lower end, down in s from the upper one
+        s_nodes = s_middle.unsqueeze(-1) + sign * s_half.unsqueeze(-1) * t
+        ladder = (bound.unsqueeze(-1).unsqueeze(-1) + sign * s_nodes.exp(), s_half.unsqueeze(-1) * s_nodes.exp(),
+                  bound.unsqueeze(-1) + sign * s_middle.exp())
+        if sign < 0:  # in x order
+            ladder = tuple(x.flip(-2 if x.dim() > middle.dim() else -1) for x in ladder)
+        parts = [ladder] + parts if sign > 0 else parts + [ladder]
+        if sign > 0:
+            lo = torch.where(log_edges[..., -1] > log_edges[..., 0], bound, lo)
+        else:
+            hi = torch.where(log_edges[..., -1] > log_edges[..., 0], bound, hi)
+    nodes, jacobian, middle = (torch.cat(group, -2 if k < 2 else -1) for k, group in enumerate(zip(*parts)))
     points = nodes.flatten(-2).movedim(-1, 0)  # (P,) + shape, torch's sample layout for log_prob
     log_p = dist.log_prob(points.to(_dtype(dist))).detach().to(torch.float64)
     density = torch.where(torch.isfinite(log_p), log_p.exp(), torch.zeros_like(log_p)).movedim(0, -1)
-    density = density.unflatten(-1, nodes.shape[-2:])
-    panel_mass = half * (density * w).sum(-1)
+    mass_density = density.unflatten(-1, nodes.shape[-2:]) * jacobian  # per unit of t
+    panel_mass = (mass_density * w).sum(-1)
     start = torch.cumsum(panel_mass, -1) - panel_mass  # F at each panel's left edge
-    cdf = start.unsqueeze(-1) + half.unsqueeze(-1) * (density @ integrate.T)
+    cdf = start.unsqueeze(-1) + mass_density @ integrate.T
     above = (middle >= y.unsqueeze(-1)).to(torch.float64).unsqueeze(-1)
-    value = (half * (((cdf - above) ** 2) * w).sum(-1)).sum(-1)
+    value = (((cdf - above) ** 2) * jacobian * w).sum((-1, -2))
     total = panel_mass.sum(-1)
     value = value + (y - hi).clamp_min(0) * total ** 2 + (lo - y).clamp_min(0)
     at_y = (torch.where(middle < y.unsqueeze(-1), panel_mass, torch.zeros_like(panel_mass))).sum(-1)
