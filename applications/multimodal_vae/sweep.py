@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
@@ -172,8 +173,9 @@ def run_sweep(sweep: SweepConfig, show_progress: bool = True, *, train_only: boo
     write the summary of the runs finished so far (``results.csv``, ``report.md``, the figures). Returns its folder.
 
     Several processes may run the same sweep at once (say one per core, each with ``train.num_threads=1``): a
-    process claims a run with a lock file beside it (``{run}.lock``, created exclusively, holding its process id)
-    and skips the runs others hold; the lock of a process that died is taken over. ``train_only`` trains without
+    process claims a run with a lock file beside it (``{run}.lock``, an advisory lock naming its process) and skips
+    the runs others hold; the lock of a process that died is free. A run the wall-clock guard stopped short of its
+    steps is not evaluated: the next sweep resumes it. ``train_only`` trains without
     evaluating (a later sweep evaluates); ``stop_after_minutes`` starts no new run after that many minutes (the run
     under way completes); ``summarise_only`` only writes the summary."""
     from tqdm import tqdm
@@ -195,6 +197,10 @@ def run_sweep(sweep: SweepConfig, show_progress: bool = True, *, train_only: boo
                 continue
             if not _trained(run_dir):
                 train(config, resume=(run_dir / "checkpoint.pt").exists(), show_progress=show_progress)
+            if not _trained(run_dir):  # the wall-clock guard stopped it: a later sweep resumes it
+                print(f"sweep {sweep.name}: {config.name} stopped short of its steps; not evaluated (the next sweep "
+                      "resumes it)")
+                continue
             if not train_only:
                 _, trained = load_run(run_dir)
                 evaluate_run(run_dir, config, trained, progress=tqdm if show_progress else None)
@@ -299,43 +305,32 @@ _TRAINED: dict[tuple, bool] = {}
 
 @contextlib.contextmanager
 def _claim(lock: Path):
-    """Yields whether this process holds ``lock`` (created exclusively; removed on exit). A lock left by a process
-    of this machine that no longer runs is taken over."""
-    for _ in range(2):
+    """Yields whether this process holds ``lock``: an exclusive advisory lock (``flock``) on the file, which the
+    kernel releases when its holder dies, so a dead process's lock is free and two processes cannot both take it
+    over. The file names its holder (process id and host) for people; the holder removes it on exit, and a process
+    that locked the file just as it was removed locks the new one instead."""
+    while True:
+        handle = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _holder_alive(lock):
-                yield False
-                return
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(handle, "w") as file:
-            file.write(f"{os.getpid()} {socket.gethostname()}\n")
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            yield False
+            return
         try:
-            yield True
-        finally:
-            lock.unlink(missing_ok=True)
-        return
-    yield False
-
-
-def _holder_alive(lock: Path) -> bool:
-    """Whether the process named in ``lock`` may still run (always, for another machine's or an unreadable lock
-    that is being written)."""
+            current = os.stat(lock).st_ino == os.fstat(handle).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(handle)
     try:
-        pid, host = lock.read_text().split()
-    except (OSError, ValueError):
-        return True
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+        os.ftruncate(handle, 0)
+        os.write(handle, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)  # still holding it: nobody else can have it yet
+        os.close(handle)
 
 
 def result_row(run_dir: Path, model: str, beta: float, seed: int) -> dict:

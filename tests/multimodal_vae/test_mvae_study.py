@@ -3,6 +3,7 @@ evaluation, a time limit, partial summaries, the study preset, and the pooling d
 training."""
 
 import csv
+import fcntl
 import json
 import math
 import os
@@ -61,12 +62,6 @@ def fake_training(monkeypatch):
     return calls
 
 
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
 def test_breadth_first_grids_and_per_label_betas():
     sweep = SweepConfig(models=["a", "b"], betas=[1.0, 2.5], seeds=[0, 1, 2], model_seeds={"b": [5]},
                         model_betas={"b": [1.0]}, breadth_first=True)
@@ -106,7 +101,10 @@ def test_runs_are_shared_through_locks_and_summarised_when_partial(tiny_root, fa
     folder = tiny_root / "runs" / "tiny"
     folder.mkdir(parents=True)
     held = folder / "helvae-beta1.0-seed0.lock"
-    held.write_text(f"{os.getpid()} {os.uname().nodename}\n")  # a live process holds seed 0
+    holder = open(held, "w")  # a live process holds seed 0 (its own open file, as another process's would be)
+    holder.write(f"{os.getpid()} {os.uname().nodename}\n")
+    holder.flush()
+    fcntl.flock(holder, fcntl.LOCK_EX)
     run_sweep(sweep, show_progress=False)
     assert not (folder / "helvae-beta1.0-seed0").exists() and (folder / "helvae-beta1.0-seed1" / "report.md").exists()
     assert held.exists()
@@ -114,12 +112,45 @@ def test_runs_are_shared_through_locks_and_summarised_when_partial(tiny_root, fa
     assert "**Partial**: 1 run(s) of the grid not finished yet" in report and "helvae-beta1.0-seed0" in report
     with open(folder / "results.csv") as handle:
         assert [row["seed"] for row in csv.DictReader(handle)] == ["1"]
-    held.write_text(f"{dead_pid()} {os.uname().nodename}\n")  # its process died: the lock is taken over
+    holder.close()  # its process died: the kernel released the lock, and the file left behind is taken over
     run_sweep(sweep, show_progress=False)
     assert (folder / "helvae-beta1.0-seed0" / "report.md").exists() and not held.exists()
     assert "Partial" not in (folder / "report.md").read_text()
     assert [c[:2] for c in fake_training] == [("train", "helvae-beta1.0-seed1"), ("evaluate", "helvae-beta1.0-seed1"),
                                               ("train", "helvae-beta1.0-seed0"), ("evaluate", "helvae-beta1.0-seed0")]
+
+
+def test_a_lock_is_held_by_one_claimant_and_freed_by_the_kernel(tmp_path):
+    """Two claimants of a free lock (a file a dead worker left, empty because it died before writing it): one
+    holds it, the other is refused. Before, both could unlink the stale file and claim the run, and an empty file
+    was taken for a lock being written, so the run was skipped for ever."""
+    from applications.multimodal_vae.sweep import _claim
+
+    lock = tmp_path / "run.lock"
+    lock.write_text("")
+    with _claim(lock) as first, _claim(lock) as second:
+        assert (first, second) == (True, False)
+        assert lock.read_text().split()[0] == str(os.getpid())
+    assert not lock.exists()
+    with _claim(lock) as again:  # released: free again
+        assert again
+
+
+def test_a_run_the_wall_clock_guard_stopped_is_resumed_not_evaluated(tiny_root, fake_training, monkeypatch):
+    """The sweep evaluated a run the train.max_minutes guard had stopped, which marked it done for good (and its
+    partial numbers entered the report); now it stays unevaluated and the next sweep resumes it."""
+    from applications.multimodal_vae import sweep as sweeps
+
+    sweep = tiny(tiny_root, seeds=(0,))
+    guard = {"finished": True, "stopped_by": "train.max_minutes=60.0"}
+    monkeypatch.setattr(sweeps, "load_checkpoint", lambda path: guard if Path(path).read_text() == "finished" else {})
+    run_sweep(sweep, show_progress=False)
+    assert [c[0] for c in fake_training] == ["train"]
+    run_sweep(sweep, show_progress=False)
+    assert fake_training[1] == ("train", "helvae-beta1.0-seed0", True)  # resumed
+    guard["stopped_by"] = None  # this time it trained to its steps
+    run_sweep(sweep, show_progress=False)
+    assert [c[0] for c in fake_training] == ["train", "train", "train", "evaluate"]
 
 
 def test_variants_of_one_study_are_summarised_together(tiny_root, fake_training):
