@@ -126,6 +126,9 @@ def main(argv=None) -> int:
     if args.command == "build-polymnist":
         from .data.build_polymnist import main as build_main
 
+        if args.seed < 0:
+            parser.error(f"--seed must be a non-negative integer, got {args.seed}")
+
         build_main(["--root", args.root, "--seed", str(args.seed)])
         return 0
     if args.command == "grid":

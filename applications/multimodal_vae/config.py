@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -133,7 +134,12 @@ def load_config(preset: str | None = None, overrides=(), path: str | Path | None
             raise ValueError(f"unknown preset {preset!r}; available: {', '.join(available_presets())}")
         layers.append(OmegaConf.load(file))
     if path is not None:
-        layers.append(OmegaConf.load(path))
+        try:
+            layers.append(OmegaConf.load(path))
+        except FileNotFoundError:
+            raise ValueError(f"no configuration file at {path}") from None
+        except (OSError, OmegaConfBaseException, yaml.YAMLError) as error:
+            raise ValueError(f"cannot read the configuration file {path}: {error}") from None
     try:
         config = OmegaConf.merge(*layers, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as error:

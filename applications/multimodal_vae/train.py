@@ -332,9 +332,15 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, re
     run = RunWriter(run_dir, config, data, n, resume, step, writes, world)
     # distributed: every batch is complete, so each process takes an equal share
     batches_per_epoch = n // batch_size if world > 1 else math.ceil(n / batch_size)
+    if batches_per_epoch == 0:
+        raise ValueError(f"train.batch_size={batch_size} is more than the {n} training tuples: with {world} replicas "
+                         "every batch must be complete, so there would be no step")
     stops = StopConditions(config.train, batches_per_epoch, requests, world, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.precision == "bf16")
-    stop = False
+    # a run resumed at its max_steps (a signal stopped it after its last step) takes no further step
+    stop = config.train.max_steps is not None and step >= config.train.max_steps
+    if stop:
+        run.save(model, optimizer, epoch, position, step, stops.planned, stops.stopped_by, finished=True)
     requests.deferred = True
     model.train()
     # one bar over the planned steps, so that its estimate is the time left for the whole training
@@ -612,6 +618,8 @@ def load_run(run_dir: Path, overrides=()):
     ``overrides``) and checkpoint."""
     config = load_config(path=Path(run_dir) / "config.yaml", overrides=overrides)
     checkpoint_path = Path(run_dir) / "checkpoint.pt"
+    if not checkpoint_path.is_file():
+        raise ValueError(f"{run_dir} holds no checkpoint.pt: not a run, or one that has not saved yet")
     state = load_checkpoint(checkpoint_path)
     modalities = ([Modality(m["name"], tuple(m["shape"]), m["vocabulary"] and tuple(m["vocabulary"]))
                    for m in state["modalities"]] if "modalities" in state

@@ -9,6 +9,7 @@ import re
 import typing
 
 import pytest
+from omegaconf import OmegaConf
 
 from applications.multimodal_vae import config as config_module
 from applications.multimodal_vae.__main__ import main
@@ -133,6 +134,27 @@ def test_type_errors_name_the_key(override, key, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--preset", "polymnist-helvae-cpu", "--set", override])
     assert f"(key {key})" in capsys.readouterr().err
+
+
+def test_missing_or_broken_files_and_bad_seeds_are_command_line_errors(tmp_path, capsys):
+    """They ended in raw FileNotFoundError or YAML tracebacks; a negative build seed failed inside numpy after
+    downloading the build's wheels."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    train = ["train", "--preset", "polymnist-helvae-cpu", "--config"]
+    for argv, message in (([*train, str(tmp_path / "missing.yaml")], "no configuration file at"),
+                          ([*train, str(broken)], "cannot read the configuration file"),
+                          (["evaluate", "--run", str(tmp_path)], "no configuration file at"),
+                          (["build-polymnist", "--root", str(tmp_path / "data"), "--seed", "-1"],
+                           "--seed must be a non-negative integer, got -1")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err, argv
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(load_config("polymnist-helvae-cpu"))))
+    with pytest.raises(SystemExit):
+        main(["grid", "--run", str(tmp_path)])
+    assert "holds no checkpoint.pt" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.parametrize("override, key", [("model.beta=-1", "model.beta"), ("train.lr=inf", "train.lr"),

@@ -73,3 +73,19 @@ def test_batch_must_split_evenly_before_any_work(tiny_root, monkeypatch):
     with pytest.raises(ValueError, match="train.batch_size 7 must be a multiple of the 2 processes"):
         train(tiny_config(tiny_root, "odd", batch_size=7), show_progress=False)
     assert not (tiny_root / "runs").exists()
+
+
+def too_few(rank, world, port, root):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from applications.multimodal_vae.train import train
+
+    train(tiny_config(root, "few", num_threads=1, batch_size=32), show_progress=False)
+
+
+def test_replicas_with_fewer_tuples_than_a_batch_refuse_to_train(tiny_root):
+    """With replicas every batch is complete: 24 tuples and batch_size 32 gave no step at all, and the run was saved
+    as finished."""
+    with pytest.raises(Exception, match=r"train.batch_size=32 is more than the 24 training tuples"):
+        mp.spawn(too_few, args=(2, free_port(), tiny_root), nprocs=2)
+    assert not (tiny_root / "runs" / "few" / "checkpoint.pt").exists()

@@ -44,6 +44,22 @@ def test_resume_continues_exactly(tiny_root):
               resume=True, show_progress=False)
 
 
+def test_a_run_resumed_at_its_max_steps_takes_no_further_step(tiny_root):
+    """A sweep's SIGTERM during the last step saves step == max_steps unfinished; resuming took step max_steps + 1
+    (and a smaller max_steps two more), so the run no longer matched an uninterrupted one."""
+    from applications.multimodal_vae.files import load_checked, save_checked
+
+    first = train(tiny_config(tiny_root, "capped", max_steps=4), show_progress=False)
+    state = load_checked(first / "checkpoint.pt", map_location="cpu")
+    state["finished"] = False  # as a signal after the last step leaves it
+    save_checked(first / "checkpoint.pt", state)
+    for max_steps in (4, 2):
+        resumed = train(tiny_config(tiny_root, "capped", max_steps=max_steps), resume=True, show_progress=False)
+        assert [s for s, _ in losses(resumed)] == [1, 2, 3, 4]
+        again = load_checked(resumed / "checkpoint.pt", map_location="cpu")
+        assert (again["step"], again["finished"]) == (4, True)
+
+
 def test_nan_loss_stops_without_writing_weights(tiny_root, monkeypatch):
     from applications.multimodal_vae import models
 
