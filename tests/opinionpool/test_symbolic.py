@@ -278,15 +278,44 @@ def test_symbolic_family_gradient_matches_autograd_and_verifies():
     assert torch.allclose(family.mean_parameters(eta), builtin.mean_parameters(builtin_eta), rtol=1e-12, atol=0)
     assert torch.allclose(family.log_normalizer(eta), builtin.log_normalizer(builtin_eta), rtol=1e-12, atol=0)
     report = family.verify([(1, -2), (-0.5, -0.3)], symbolic=False)
-    assert report.passed and len(report.checks) == 6
-    assert all(c.method.startswith("mpmath") for c in report.checks)
+    assert report.passed and len(report.checks) == 10
+    assert all(c.method.startswith("mpmath") for c in report.checks if not c.name.startswith("torch"))
 
 
 def test_symbolic_verify_tries_sympy_first():
     z, eta = sp.symbols("z eta", real=True)
     family = SymbolicFamily(z, [eta], [z], -sp.log(-eta), support=(0, sp.oo), domain=[eta < 0])
     report = family.verify([(-2,), (-sp.Rational(1, 3),)])
-    assert report.passed and all(c.method == "symbolic" for c in report.checks)
+    assert report.passed and all(c.method == "symbolic" for c in report.checks if not c.name.startswith("torch"))
+
+
+def test_bessel_functions_of_higher_order_reach_torch_and_fractional_orders_raise():
+    """A cosine family on (-pi, pi) (von Mises with mean direction 0): A = log(2 pi I_0(eta)), whose second
+    derivative brings in I_2. Orders were truncated to int (I_(1/2) ran as I_0) and order 2 raised a KeyError.
+    References: scipy's iv and quadrature of the density."""
+    import scipy.integrate
+    import scipy.special
+
+    from opinionpool.symbolic import to_torch
+
+    x = sp.Symbol("x", positive=True)
+    point = torch.tensor(1.3, dtype=torch.float64)
+    for order in (2, 3, -2):
+        assert float(to_torch([x], sp.besseli(order, x))(point)) == pytest.approx(scipy.special.iv(order, 1.3), rel=1e-13)
+    with pytest.raises(ValueError, match="besseli of order 1/2 has no torch counterpart"):
+        to_torch([x], sp.besseli(sp.Rational(1, 2), x))
+    z, eta = sp.Symbol("z", real=True), sp.Symbol("eta", positive=True)
+    family = SymbolicFamily(z, [eta], [sp.cos(z)], sp.log(2 * sp.pi * sp.besseli(0, eta)), support=(-sp.pi, sp.pi),
+                            domain=[eta > 0], name="cosine")
+    assert family.verify([(sp.Rational(13, 10),)], symbolic=False).passed
+
+    def moment(k):
+        density = lambda t: math.exp(1.3 * math.cos(t)) / (2 * math.pi * scipy.special.i0(1.3))  # noqa: E731
+        return scipy.integrate.quad(lambda t: math.cos(t) ** k * density(t), -math.pi, math.pi, epsabs=1e-14)[0]
+
+    assert float(family.mean_parameters(torch.tensor([1.3], dtype=torch.float64))) == pytest.approx(moment(1), rel=1e-12)
+    curvature = to_torch([eta], family.hessian[0, 0])  # Var[cos z], with I_2 in it
+    assert float(curvature(point)) == pytest.approx(moment(2) - moment(1) ** 2, rel=1e-12)
 
 
 def test_symbolic_verify_says_where_a_normaliser_is_wrong():
