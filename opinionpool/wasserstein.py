@@ -11,9 +11,10 @@ Full covariances use the Álvarez-Esteban et al. (2016) iteration
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.distributions import Independent, MultivariateNormal, Normal
 
-from ._validation import check_positive_int, check_real, validation_enabled
+from ._validation import check_positive_int, check_real, check_weights, validation_enabled
 from .experts import as_experts
 from .families import DiagonalNormalFamily, MultivariateNormalFamily, NormalFamily
 from .families.gaussian import gaussian_barycenter
@@ -22,19 +23,49 @@ from .pool import normalized_log_weights
 __all__ = ["wasserstein_barycenter", "covariance_barycenter"]
 
 
+class _PSDSquareRoot(torch.autograd.Function):
+    """The symmetric square root ``S = U diag(sqrt(l)) U^T`` of a symmetric positive semi-definite matrix, with the
+    backward of ``S dS + dS S = dA``: in ``U``'s basis the gradient is divided by ``s_i + s_j``, never by a
+    difference of eigenvalues. ``eigh``'s own backward divides by ``l_i - l_j``, so an expert with a repeated
+    eigenvalue (an isotropic covariance, such as the prior's) got NaN gradients."""
+
+    @staticmethod
+    def forward(ctx, matrix):
+        values, vectors = torch.linalg.eigh(matrix)
+        roots = values.clamp_min(0).sqrt()
+        ctx.save_for_backward(roots, vectors)
+        return (vectors * roots.unsqueeze(-2)) @ vectors.transpose(-1, -2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        roots, vectors = ctx.saved_tensors
+        inner = vectors.transpose(-1, -2) @ (0.5 * (grad + grad.transpose(-1, -2))) @ vectors
+        sums = roots.unsqueeze(-1) + roots.unsqueeze(-2)
+        inner = torch.where(sums > 0, inner / torch.where(sums > 0, sums, 1.0), 0.0)
+        return vectors @ inner @ vectors.transpose(-1, -2)
+
+
 def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
-    values, vectors = torch.linalg.eigh(matrix)
-    return (vectors * values.clamp_min(0).sqrt().unsqueeze(-2)) @ vectors.transpose(-1, -2)
+    return _PSDSquareRoot.apply(matrix)
 
 
 def covariance_barycenter(covariances: torch.Tensor, weights: torch.Tensor, *, tol: float | None = None,
                           max_iter: int = 500) -> torch.Tensor:
-    """Fixed point of the barycenter equation; ``covariances`` ``(..., M, d, d)``, ``weights`` ``(..., M)``
-    broadcasting against each other. ``tol``: the relative change that stops the iteration (default 1e-10 in
-    float64, 1e-5 otherwise)."""
+    """Fixed point of the barycenter equation; ``covariances`` ``(..., M, d, d)`` (symmetric positive definite),
+    ``weights`` ``(..., M)`` (non-negative, normalised here to sum to one) broadcasting against each other.
+    Computed in float64 whatever the dtype (a float32 iteration lost the smallest eigenvalue of a covariance of
+    condition number 1e4 and failed to invert). ``tol``: the relative change, row by row, that stops the
+    iteration (default 1e-10 in float64, 1e-5 otherwise)."""
     _check_tolerances(tol, max_iter)
+    if covariances.dim() < 3 or covariances.shape[-1] != covariances.shape[-2]:
+        raise ValueError(f"covariances must be (..., M, d, d), got shape {tuple(covariances.shape)}")
+    check_weights("weights", weights, covariances.shape[-3])
     if tol is None:
         tol = 1e-10 if covariances.dtype == torch.float64 else 1e-5
+    dtype = covariances.dtype
+    covariances, weights = covariances.to(torch.float64), weights.to(torch.float64)
+    weights = weights / weights.sum(-1, keepdim=True)
     batch = torch.broadcast_shapes(covariances.shape[:-3], weights.shape[:-1])
     covariances = covariances.expand(batch + covariances.shape[-3:])
     w = weights.expand(batch + weights.shape[-1:]).unsqueeze(-1).unsqueeze(-1)
@@ -46,10 +77,11 @@ def covariance_barycenter(covariances: torch.Tensor, weights: torch.Tensor, *, t
         root_inv = torch.linalg.inv(root)
         updated = root_inv @ inner @ inner @ root_inv
         updated = 0.5 * (updated + updated.transpose(-1, -2))
-        change = (updated - sigma).abs().amax() / sigma.abs().amax().clamp_min(1e-300)
+        # each row's change relative to its own scale: one row of large covariances must not stop the others
+        change = ((updated - sigma).abs().amax((-1, -2)) / sigma.abs().amax((-1, -2)).clamp_min(1e-300)).max()
         sigma = updated
         if change <= tol:
-            return sigma
+            return sigma.to(dtype)
     raise RuntimeError(f"Wasserstein barycenter fixed point did not converge in {max_iter} iterations "
                        f"(last relative change {float(change):.3g} > tol={tol})")
 
