@@ -251,8 +251,11 @@ def holder_components(family: ExponentialFamily, params: torch.Tensor, log_weigh
     log_weights = log_weights.expand(batch + (num_experts,))
     order = _built_order(order, num_experts)
     if order == 0:
-        combined, log_c = geometric_combination(Experts(family, params), log_weights)
-        return log_c.unsqueeze(-1), combined.unsqueeze(len(batch))
+        # in float64 and renormalised there, as the components below: float32 weights sum to one only to 1e-7, and
+        # log Z takes that times the log-normaliser (0.27 for two identical Poisson(1e6) experts, whose pool has 0)
+        wide = log_weights.to(torch.float64)
+        combined, log_c = geometric_combination(Experts(family, params), wide - torch.logsumexp(wide, -1, keepdim=True))
+        return log_c.to(params.dtype).unsqueeze(-1), combined.unsqueeze(len(batch))
     index, counts, log_multinomial, num_single = _components_layout(order, num_experts, params.device, params.dtype)
     singles = params.index_select(len(batch), index[:num_single, 0])
     components, log_c = singles, torch.zeros(batch + (num_single,), dtype=params.dtype, device=params.device)

@@ -27,6 +27,16 @@ from .base import ExponentialFamily, safe_log
 __all__ = ["PoissonFamily", "BernoulliFamily", "BinomialFamily", "CategoricalFamily"]
 
 
+def _log_space_moment_match(log_pi: torch.Tensor, natural: torch.Tensor) -> torch.Tensor:
+    """The natural parameters (``log`` of the probabilities) of the member whose probabilities are the mixture's,
+    ``log sum_k pi_k softmax(eta_k)``, by log-sum-exp in float64: a probability that underflows (a logit of -800)
+    keeps its value and its gradient, where the probability-space mean and its ``log`` made it exactly zero. An
+    empty combination (every entry ``-inf``, weight zero) contributes nothing, not NaN."""
+    empty = torch.isneginf(natural).all(-1, keepdim=True)
+    log_probs = torch.log_softmax(torch.where(empty, torch.zeros((), dtype=natural.dtype), natural), dim=-1)
+    return torch.logsumexp(log_pi.unsqueeze(-1) + log_probs, dim=log_pi.dim() - 1)
+
+
 def _listed(values: torch.Tensor, params: torch.Tensor, param_dims: int = 1):
     """Support values that leave nothing out: the bound is zero for every expert batch."""
     batch = params.shape[: params.dim() - param_dims - 1]
@@ -112,8 +122,8 @@ class _CountFamily(ExponentialFamily):
             logits = dist.logits
             log_sigmoid = torch.nn.functional.logsigmoid
             params = torch.stack((log_sigmoid(-logits), log_sigmoid(logits)), dim=-1)
-            # the largest finite logit is how distribution() writes p = 0 or 1: read back as the exact -inf
-            big = torch.finfo(logits.dtype).max
+            # the largest logit is how distribution() writes p = 0 or 1: read back as the exact -inf
+            big = self._largest_logit(logits.dtype)
             return torch.where(torch.stack((logits >= big, logits <= -big), dim=-1), -math.inf, params)
         check_probabilities(f"{self.name} probs", dist.probs)
         probs = dist.probs
@@ -130,14 +140,19 @@ class _CountFamily(ExponentialFamily):
         return torch.softmax(torch.where(empty, torch.zeros((), dtype=natural.dtype, device=natural.device), natural),
                              dim=-1)
 
+    def _largest_logit(self, dtype) -> float:
+        """How ``distribution`` writes p = 0 or 1: a finite logit whose products with the counts (torch's Binomial
+        log_prob multiplies it by ``n`` and by the value) stay finite, so they cannot make inf - inf."""
+        return torch.finfo(dtype).max / (2 * (self.total_count + 1))
+
     def distribution(self, params, validate_args: bool = False):
         # logits, row by row: they keep the digits of a probability near 0 or 1 (float32 rounds sigmoid(20) to 1),
-        # and p = 0 or 1 (an infinite logit, whose log_prob torch makes NaN) gets the largest finite float: its
-        # probs are exactly 0 or 1, the impossible outcome's log_prob -3.4e38 in float32 rather than -inf (the
-        # family's own log_prob, which the pools use, is exact); an empty combination gets the placeholder 0
-        big = torch.finfo(params.dtype).max
+        # and p = 0 or 1 (an infinite logit, whose log_prob torch makes NaN) gets the largest logit n times which is
+        # finite: its probs are exactly 0 or 1, the impossible outcome's log_prob about -1e38 in float32 rather than
+        # -inf (the family's own log_prob, which the pools use, is exact); an empty combination gets the placeholder 0
+        big = self._largest_logit(params.dtype)
         logits = torch.nan_to_num(params[..., 1] - params[..., 0], nan=0.0, posinf=big, neginf=-big)
-        return self._torch(validate_args, logits=logits)
+        return self._torch(validate_args, logits=logits.clamp(-big, big))
 
     def log_normalizer(self, natural):
         return self.total_count * torch.logsumexp(natural, dim=-1)
@@ -165,6 +180,9 @@ class _CountFamily(ExponentialFamily):
     def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
         # the representative with logsumexp(eta) = 0; a zero mean parameter (p = 0 or 1) gives an exact -inf
         return safe_log(mean_params / mean_params.sum(-1, keepdim=True))
+
+    def moment_match(self, log_pi, params):
+        return _log_space_moment_match(log_pi.to(torch.float64), params.to(torch.float64)).to(params.dtype)
 
     def mean(self, params):
         return self.total_count * self._probabilities(params)[..., 1]
@@ -282,6 +300,9 @@ class CategoricalFamily(ExponentialFamily):
 
     def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
         return safe_log(mean_params / mean_params.sum(-1, keepdim=True))
+
+    def moment_match(self, log_pi, params):
+        return _log_space_moment_match(log_pi.to(torch.float64), params.to(torch.float64)).to(params.dtype)
 
     def support_values(self, params):
         return _listed(torch.arange(self.num_categories, device=params.device), params)

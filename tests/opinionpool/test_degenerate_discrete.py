@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.distributions import Bernoulli, Binomial
+from torch.distributions import Bernoulli, Binomial, Categorical
 from torch.distributions import kl_divergence as torch_kl
 
 import opinionpool
@@ -296,4 +296,31 @@ def test_a_degenerate_row_leaves_the_other_rows_their_logits():
     exact = [0.5 * math.log(2.0**-24) - math.log(math.sqrt(2.0**-24) + math.sqrt(1 - 2.0**-24)), 0.0]
     np.testing.assert_allclose(matched.log_prob(zero).numpy(), exact, rtol=1e-5)
     np.testing.assert_allclose(pool.log_prob(zero).numpy(), exact, rtol=1e-5)
-    assert matched.log_prob(torch.ones(2))[1].item() < -1e38  # p = 0: the largest finite logit
+    assert matched.log_prob(torch.ones(2))[1].item() < -1e37  # p = 0: a logit whose n + 1 multiples stay finite
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moment_matched_binomial_of_a_certain_expert_has_a_finite_log_prob(dtype):
+    """p = 1 was written as the largest float logit, which torch's Binomial log_prob multiplies by n: inf - inf = NaN
+    for the matched pool of Binomial(5, 1) and Binomial(5, 0.5) (a point mass at 5)."""
+    matched = opinionpool.holder(Binomial(5, torch.tensor([1.0, 0.5], dtype=dtype)), alpha=0).moment_match()
+    assert float(matched.log_prob(torch.tensor(5.0, dtype=dtype))) == 0.0
+    impossible = float(matched.log_prob(torch.tensor(4.0, dtype=dtype)))
+    assert impossible < -1e30 and math.isfinite(impossible)
+
+
+def test_moment_matching_keeps_probabilities_that_underflow():
+    """In probability space a logit of -800 became exactly 0 and its log -inf (with no gradient), and a mixture of
+    Bernoulli(logit 800) and Bernoulli(logit 790) gave log P(0) = -1.8e308. The mixture's log-probabilities by hand:
+    log sum_k pi_k p_k(c)."""
+    logits = torch.tensor([0.0, -800.0, 5.0], dtype=torch.float64, requires_grad=True)
+    matched = opinionpool.holder(Categorical(logits=logits.unsqueeze(0)), alpha=1.0).moment_match()
+    log_z = math.log(1 + math.exp(5))
+    assert float(matched.log_prob(torch.tensor(1))) == pytest.approx(-800 - log_z, rel=1e-14)
+    (gradient,) = torch.autograd.grad(matched.log_prob(torch.tensor(1)), logits)
+    expected = [-1 / (1 + math.exp(5)), 1.0, -math.exp(5) / (1 + math.exp(5))]  # d/dlogit of logit_1 - logsumexp
+    assert gradient.tolist() == pytest.approx(expected, rel=1e-12)
+    mixture = opinionpool.holder(Bernoulli(logits=torch.tensor([800.0, 790.0], dtype=torch.float64)), alpha=1.0)
+    expected_log_p0 = math.log(0.5) - 790 + math.log1p(math.exp(-10))  # 0.5 e^-800 + 0.5 e^-790
+    assert float(mixture.moment_match().log_prob(torch.tensor(0.0, dtype=torch.float64))) == pytest.approx(
+        expected_log_p0, rel=1e-14)

@@ -220,3 +220,19 @@ def test_float32_moment_matching_solves_to_float64_accuracy(family):
 
     got, want = (op.holder(experts(dtype), alpha=0.5).moment_match() for dtype in (torch.float32, torch.float64))
     torch.testing.assert_close(got.concentration.double(), want.concentration, rtol=2e-4, atol=0)
+
+
+@pytest.mark.parametrize("rates", [(1e6, 1e6), (3e7, 3.0001e7), (5.0, 40.0)])
+def test_float32_log_linear_pool_of_large_poisson_rates(rates):
+    """alpha = 0 combined the experts with float32 weights, which sum to one only to about 1e-7, and log Z takes that
+    times the log-normaliser (the rate): two identical Poisson(1e6) experts gave log Z = -0.273 for an exact 0. The
+    closed form: log sum_z prod_j q_j(z)^(w_j) = prod_j r_j^(w_j) - sum_j w_j r_j."""
+    from torch.distributions import Poisson
+
+    import opinionpool
+
+    weights = (0.3, 0.7)
+    pool = opinionpool.holder(Poisson(torch.tensor(rates, dtype=torch.float32)), alpha=0,
+                              weights=torch.tensor(weights, dtype=torch.float32))
+    exact = math.exp(sum(w * math.log(r) for w, r in zip(weights, rates))) - sum(w * r for w, r in zip(weights, rates))
+    assert float(pool.log_normalizer) == pytest.approx(exact, abs=1e-5)
