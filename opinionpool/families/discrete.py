@@ -90,14 +90,27 @@ class PoissonFamily(ExponentialFamily):
     def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
         return torch.log(mean_params)
 
+    def log_prob(self, params, value):
+        """``z log r - r - log z!`` in float64 (cast back): at a rate of 3e7 its terms are about 5e8, and float32
+        kept none of the digits of the result (+22.0 for -9.53)."""
+        dtype = torch.promote_types(params.dtype, value.dtype) if value.is_floating_point() else params.dtype
+        return super().log_prob(params.to(torch.float64), value.to(torch.float64)).to(dtype)
+
     def support_values(self, params):
         rate = params[..., 0]  # (batch, M)
-        largest = float(rate.max())
+        largest, smallest = float(rate.max()), float(rate.min())
+        first = max(0, math.floor(smallest - 50 * math.sqrt(smallest) - 80))
         last = math.ceil(largest + 50 * math.sqrt(largest) + 80)
+        if last >= 2 / torch.finfo(params.dtype).eps:  # consecutive integers stop being representable
+            raise ValueError(f"Poisson experts in {params.dtype} with a rate of {largest:.4g}: their support reaches "
+                             f"{last}, beyond the integers {params.dtype} represents; use float64 experts")
         # E[(1+z)^2; z > K] = P(z > K) + 3 r P(z >= K) + r^2 P(z >= K - 1) <= (1 + 3r + r^2) P(z >= K - 1)
         tail = torch.special.gammainc(torch.full_like(rate, last - 1.0), rate)
         bound = ((1 + 3 * rate + rate * rate) * tail).sum(-1)
-        return torch.arange(last + 1, dtype=params.dtype, device=params.device), bound
+        if first > 0:  # and below: E[(1+z)^2; z < first] <= (1 + first)^2 P(z <= first - 1)
+            below = torch.special.gammaincc(torch.full_like(rate, float(first)), rate)
+            bound = bound + ((1.0 + first) ** 2 * below).sum(-1)
+        return torch.arange(first, last + 1, dtype=params.dtype, device=params.device), bound
 
 
 class _CountFamily(ExponentialFamily):

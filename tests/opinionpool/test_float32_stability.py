@@ -236,3 +236,31 @@ def test_float32_log_linear_pool_of_large_poisson_rates(rates):
                               weights=torch.tensor(weights, dtype=torch.float32))
     exact = math.exp(sum(w * math.log(r) for w, r in zip(weights, rates))) - sum(w * r for w, r in zip(weights, rates))
     assert float(pool.log_normalizer) == pytest.approx(exact, abs=1e-5)
+
+
+def test_float32_poisson_pools_of_large_rates_agree_with_float64():
+    """A float32 Poisson's log-probability at a rate of 3e7 kept none of its digits (+22.0 for -9.53, scipy), and its
+    support, an arange from 0, repeated values above 2^24 and held 1e8 entries at a rate of 1e8. Now: float64 inside,
+    a support window around the rates (its lower tail in the bound), and a clear error beyond 2^24 in float32."""
+    import scipy.stats
+    from torch.distributions import Poisson
+
+    import opinionpool
+    from opinionpool.families import PoissonFamily
+
+    value = PoissonFamily().log_prob(torch.tensor([3e7], dtype=torch.float32), torch.tensor(3e7, dtype=torch.float32))
+    assert float(value) == pytest.approx(scipy.stats.poisson(3e7).logpmf(3e7), rel=1e-6)
+    weights = (0.3, 0.7)
+    for alpha in (0.3, -1.0):
+        pools = [opinionpool.holder(Poisson(torch.tensor([1e6, 1.001e6], dtype=dtype)), alpha=alpha,
+                                    weights=torch.tensor(weights, dtype=dtype)) for dtype in (torch.float32, torch.float64)]
+        point = torch.tensor(1e6)
+        assert float(pools[0].log_prob(point.float())) == pytest.approx(float(pools[1].log_prob(point.double())),
+                                                                       rel=1e-6)
+        assert float(pools[0].mean) == pytest.approx(float(pools[1].mean), rel=1e-6)
+        assert float(pools[0].variance) == pytest.approx(float(pools[1].variance), rel=1e-5)
+    large = opinionpool.holder(Poisson(torch.tensor([1e8, 1.0001e8], dtype=torch.float64)), alpha=0.3,
+                               weights=torch.tensor(weights, dtype=torch.float64))
+    assert 1e8 < float(large.mean) < 1.0001e8
+    with pytest.raises(ValueError, match="beyond the integers torch.float32 represents; use float64 experts"):
+        opinionpool.holder(Poisson(torch.tensor([3e7, 3.1e7], dtype=torch.float32)), alpha=0.3).mean
