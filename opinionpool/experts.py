@@ -52,6 +52,9 @@ def _convert(experts):
         if len(experts.batch_shape) == 0:
             raise ValueError("a single distribution passed as experts needs a batch dimension indexing the "
                              f"experts (its rightmost batch dimension), got batch_shape={tuple(experts.batch_shape)}")
+        if experts.batch_shape[-1] == 0:
+            raise ValueError(f"experts must not be empty: the rightmost batch dimension (the experts) of the "
+                             f"{type(experts).__name__} has size 0 (batch_shape={tuple(experts.batch_shape)})")
         params = params_of(experts, family)
     elif isinstance(experts, (list, tuple)):
         if len(experts) == 0:

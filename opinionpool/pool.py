@@ -185,6 +185,15 @@ def normalized_log_weights(weights, num_experts: int, *, dtype, device, mask=Non
     return log_w - torch.logsumexp(log_w, dim=-1, keepdim=True)
 
 
+def check_batches_broadcast(experts_batch: torch.Size, weights_batch: torch.Size) -> None:
+    """Weights with batch axes of their own must broadcast against the experts' (one weight vector per row)."""
+    try:
+        torch.broadcast_shapes(experts_batch, weights_batch)
+    except RuntimeError:
+        raise ValueError(f"weights with batch shape {tuple(weights_batch)} do not broadcast against the experts' "
+                         f"batch_shape {tuple(experts_batch)}") from None
+
+
 def log_of_weights(weights: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
     """``log(weights)`` with ``-inf`` for zero weights and absent experts, never evaluating ``log(0)``
     (whose gradient would be infinite)."""
@@ -297,6 +306,7 @@ class _Pool(Distribution):
         params = self.experts.params
         self.log_weights = normalized_log_weights(weights, self.experts.num_experts, dtype=params.dtype,
                                                   device=params.device, validate=self._validate)
+        check_batches_broadcast(self.experts.batch_shape, self.log_weights.shape[:-1])
 
     def _init_distribution(self, batch_shape) -> None:
         """Set torch's shapes; validation follows this pool's own setting (``arg_constraints`` is empty)."""

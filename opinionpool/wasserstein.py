@@ -18,7 +18,7 @@ from ._validation import check_positive_int, check_real, check_weights, validati
 from .experts import as_experts
 from .families import DiagonalNormalFamily, MultivariateNormalFamily, NormalFamily
 from .families.gaussian import gaussian_barycenter
-from .pool import normalized_log_weights
+from .pool import check_batches_broadcast, normalized_log_weights
 
 __all__ = ["wasserstein_barycenter", "covariance_barycenter"]
 
@@ -100,6 +100,7 @@ def wasserstein_barycenter(experts, weights=None, *, tol: float | None = None, m
     family, params = experts.family, experts.params
     log_w = normalized_log_weights(weights, experts.num_experts, dtype=params.dtype, device=params.device,
                                    validate=validation_enabled(validate_args))
+    check_batches_broadcast(experts.batch_shape, log_w.shape[:-1])
     if isinstance(family, (NormalFamily, DiagonalNormalFamily)):
         mean, logvar = gaussian_barycenter(*family.split(params), log_w, family.num_features)
         base = Normal(mean, torch.exp(0.5 * logvar), validate_args=False)

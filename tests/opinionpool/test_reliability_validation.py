@@ -329,3 +329,22 @@ def test_the_finite_check_by_a_sum_misses_nothing(dtype):
     mask[1, 0] = True
     with pytest.raises(ValueError, match="mu must be finite"):
         opf.poe(mu, torch.zeros_like(mu), mask=mask)
+
+
+def test_empty_experts_and_weights_of_another_batch_are_refused_up_front():
+    """A batched distribution of zero experts raised 'math domain error'; weights (5, 3) against experts (4, 3)
+    passed the checks and failed later inside torch."""
+    from torch.distributions import Poisson
+
+    with pytest.raises(ValueError, match=r"experts must not be empty.*Poisson has size 0"):
+        opinionpool.holder(Poisson(torch.ones(0)), alpha=0.5)
+    with pytest.raises(ValueError, match="experts must not be empty"):
+        opinionpool.wasserstein_barycenter(MultivariateNormal(torch.zeros(0, 2), torch.eye(2).expand(0, 2, 2),
+                                                              validate_args=False))
+    experts = Normal(torch.zeros(4, 3), torch.ones(4, 3))
+    for build in (lambda w: opinionpool.holder(experts, alpha=0.5, weights=w),
+                  lambda w: opinionpool.holder(experts, alpha=0.3, weights=w),
+                  lambda w: opinionpool.wasserstein_barycenter(experts, weights=w)):
+        with pytest.raises(ValueError, match=r"weights with batch shape \(5,\) do not broadcast against the experts' "
+                                             r"batch_shape \(4,\)"):
+            build(torch.ones(5, 3))
