@@ -33,7 +33,7 @@ from .config import PRESETS, load_config
 from .data import load_dataset
 from .evaluation import evaluate_run
 from .files import atomic_write, write_text
-from .train import load_checkpoint, load_run, train
+from .train import TrainingDiverged, load_checkpoint, load_run, train
 
 __all__ = ["CURVES", "FIELDS", "METRICS", "RUN_OUTPUTS", "SCALARS", "SWEEPS", "SweepConfig", "aggregate",
            "available_sweeps", "grid", "load_sweep", "mean_std", "pareto_front", "plot", "render",
@@ -167,6 +167,10 @@ def run_config(sweep: SweepConfig, model: str, beta: float, seed: int):
                                     "train.evaluate_at_end=false"])
 
 
+#: written in a run's folder when its training diverged: later sweeps skip it (and the report says so)
+DIVERGED = "diverged.txt"
+
+
 def run_sweep(sweep: SweepConfig, show_progress: bool = True, *, train_only: bool = False,
               stop_after_minutes: float | None = None, summarise_only: bool = False) -> Path:
     """Train and evaluate every run of the grid that is neither finished nor claimed by another process; then
@@ -175,7 +179,8 @@ def run_sweep(sweep: SweepConfig, show_progress: bool = True, *, train_only: boo
     Several processes may run the same sweep at once (say one per core, each with ``train.num_threads=1``): a
     process claims a run with a lock file beside it (``{run}.lock``, an advisory lock naming its process) and skips
     the runs others hold; the lock of a process that died is free. A run the wall-clock guard stopped short of its
-    steps is not evaluated: the next sweep resumes it. ``train_only`` trains without
+    steps is not evaluated: the next sweep resumes it. A run whose training diverges gets ``diverged.txt`` (the
+    error) and is skipped from then on, the others go on; the report lists it as diverged. ``train_only`` trains without
     evaluating (a later sweep evaluates); ``stop_after_minutes`` starts no new run after that many minutes (the run
     under way completes); ``summarise_only`` only writes the summary."""
     from tqdm import tqdm
@@ -187,7 +192,7 @@ def run_sweep(sweep: SweepConfig, show_progress: bool = True, *, train_only: boo
     for model, beta, seed in tqdm(runs, desc=f"sweep {sweep.name}", unit="run", disable=not show_progress):
         config = run_config(sweep, model, beta, seed)
         run_dir = folder / config.name
-        if _finished(run_dir) or (train_only and _trained(run_dir)):
+        if _finished(run_dir) or (train_only and _trained(run_dir)) or (run_dir / DIVERGED).exists():
             continue
         if deadline is not None and time.monotonic() > deadline:
             print(f"sweep {sweep.name}: {stop_after_minutes:g} minutes passed; starting no new run")
@@ -196,7 +201,14 @@ def run_sweep(sweep: SweepConfig, show_progress: bool = True, *, train_only: boo
             if not claimed:  # another process is on it
                 continue
             if not _trained(run_dir):
-                train(config, resume=(run_dir / "checkpoint.pt").exists(), show_progress=show_progress)
+                try:
+                    train(config, resume=(run_dir / "checkpoint.pt").exists(), show_progress=show_progress)
+                except TrainingDiverged as error:
+                    # a rerun would diverge again at the same step: mark it, and go on with the other runs
+                    write_text(run_dir / DIVERGED, f"{error}\n")
+                    print(f"sweep {sweep.name}: {config.name} diverged and is skipped from now on (delete "
+                          f"{run_dir / DIVERGED} to retry it): {error}")
+                    continue
             if not _trained(run_dir):  # the wall-clock guard stopped it: a later sweep resumes it
                 print(f"sweep {sweep.name}: {config.name} stopped short of its steps; not evaluated (the next sweep "
                       "resumes it)")
@@ -222,7 +234,7 @@ def summarise(folder: Path, sweeps: list[SweepConfig]) -> Path:
         if _finished(run_dir):
             rows.append(result_row(run_dir, model, beta, seed))
         else:
-            missing.append(run_dir.name)
+            missing.append(run_dir.name + (" (diverged)" if (run_dir / DIVERGED).exists() else ""))
     write_results(folder, rows, missing)
     return folder
 

@@ -153,6 +153,32 @@ def test_a_run_the_wall_clock_guard_stopped_is_resumed_not_evaluated(tiny_root, 
     assert [c[0] for c in fake_training] == ["train", "train", "train", "evaluate"]
 
 
+def test_a_diverging_run_is_marked_and_the_sweep_goes_on(tiny_root, fake_training, monkeypatch):
+    """TrainingDiverged stopped the whole sweep, and a rerun diverged again at the same step, so no later run ever
+    started."""
+    from applications.multimodal_vae import sweep as sweeps
+    from applications.multimodal_vae.train import TrainingDiverged
+
+    stub = sweeps.train
+
+    def train(config, resume, show_progress):
+        if config.name.endswith("seed0"):
+            (Path(config.output_dir) / config.name).mkdir(parents=True, exist_ok=True)
+            fake_training.append(("diverged", config.name))
+            raise TrainingDiverged("non-finite parameters after the optimiser step at step 3")
+        stub(config, resume, show_progress)
+
+    monkeypatch.setattr(sweeps, "train", train)
+    sweep = tiny(tiny_root)
+    run_sweep(sweep, show_progress=False)
+    run_sweep(sweep, show_progress=False)  # not retried
+    assert [c[:2] for c in fake_training] == [("diverged", "helvae-beta1.0-seed0"), ("train", "helvae-beta1.0-seed1"),
+                                              ("evaluate", "helvae-beta1.0-seed1")]
+    folder = tiny_root / "runs" / "tiny"
+    assert "step 3" in (folder / "helvae-beta1.0-seed0" / "diverged.txt").read_text()
+    assert "helvae-beta1.0-seed0 (diverged)" in (folder / "report.md").read_text()
+
+
 def test_variants_of_one_study_are_summarised_together(tiny_root, fake_training):
     """Each variant's own sweep summarises its grid; ``summarise`` the union of the variants' grids (what the
     study page reads), and refuses sweeps of different studies."""
