@@ -20,6 +20,7 @@ import math
 
 import torch
 from torch.distributions import Bernoulli, Binomial, Categorical, Poisson, constraints
+from torch.distributions.utils import probs_to_logits
 
 from .._validation import check_finite, check_log_probabilities, check_positive, check_probabilities
 from .base import ExponentialFamily, safe_log
@@ -35,6 +36,18 @@ def _log_space_moment_match(log_pi: torch.Tensor, natural: torch.Tensor) -> torc
     empty = torch.isneginf(natural).all(-1, keepdim=True)
     log_probs = torch.log_softmax(torch.where(empty, torch.zeros((), dtype=natural.dtype), natural), dim=-1)
     return torch.logsumexp(log_pi.unsqueeze(-1) + log_probs, dim=log_pi.dim() - 1)
+
+
+def _probs_given(dist, binary: bool) -> bool:
+    """Whether ``dist`` was built from ``probs`` (exact zeros and ones) rather than ``logits``. torch caches the
+    other parameter once read, and ``expand`` copies both and makes the logits ``_param``: then the probabilities
+    were given exactly when the cached logits are torch's (clamped) logits of the cached probabilities."""
+    cached = dist.__dict__
+    if "probs" not in cached:
+        return False
+    if "logits" not in cached or cached["probs"] is getattr(dist, "_param", None):
+        return True
+    return torch.equal(cached["logits"], probs_to_logits(cached["probs"], is_binary=binary))
 
 
 def _listed(values: torch.Tensor, params: torch.Tensor, param_dims: int = 1):
@@ -129,8 +142,7 @@ class _CountFamily(ExponentialFamily):
         return Bernoulli(**param, validate_args=validate_args)
 
     def params_from_distribution(self, dist):
-        # which parameter the user gave (torch caches the other in __dict__ once read)
-        if dist.__dict__.get("probs") is not getattr(dist, "_param", None):
+        if not _probs_given(dist, binary=True):
             check_finite(f"{self.name} logits", dist.logits)
             logits = dist.logits
             log_sigmoid = torch.nn.functional.logsigmoid
@@ -280,8 +292,7 @@ class CategoricalFamily(ExponentialFamily):
         return cls(dist.param_shape[-1]) if type(dist) is Categorical else None
 
     def params_from_distribution(self, dist):
-        # which parameter the user gave (both are cached in __dict__ once read)
-        if dist.__dict__.get("probs") is not getattr(dist, "_param", None):
+        if not _probs_given(dist, binary=False):
             # -inf logits are categories of probability zero, as probs of 0 are (torch accepts both)
             check_log_probabilities("Categorical logits", dist.logits)
             return dist.logits

@@ -324,3 +324,25 @@ def test_moment_matching_keeps_probabilities_that_underflow():
     expected_log_p0 = math.log(0.5) - 790 + math.log1p(math.exp(-10))  # 0.5 e^-800 + 0.5 e^-790
     assert float(mixture.moment_match().log_prob(torch.tensor(0.0, dtype=torch.float64))) == pytest.approx(
         expected_log_p0, rel=1e-14)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_experts_expanded_after_use_keep_their_exact_probabilities(dtype):
+    """torch caches the other parameter once read, and expand() makes the logits the parameter: experts given by
+    probabilities with exact zeros were read back from torch's clamped logits (the log-linear pool gave the ruled-out
+    outcome 4e-4 in float32). Experts given by logits keep them (logit 20 is not probability one)."""
+    bernoulli = Bernoulli(probs=torch.tensor([0.0, 0.6], dtype=dtype))
+    bernoulli.log_prob(torch.ones(2, dtype=dtype))
+    pool = opinionpool.holder(bernoulli.expand((2,)), alpha=0)
+    assert float(pool.log_prob(torch.tensor(1.0, dtype=dtype)).exp()) == 0.0
+    categorical = Categorical(probs=torch.tensor([[0.0, 1.0, 0.0], [0.2, 0.5, 0.3]], dtype=dtype))
+    categorical.log_prob(torch.tensor([1, 1]))
+    assert opinionpool.holder(categorical.expand((2,)), alpha=0).moment_match().probs.tolist() == [0.0, 1.0, 0.0]
+    logits = Bernoulli(logits=torch.tensor([20.0, -3.0], dtype=dtype))
+    logits.probs  # cached, rounded to exactly 1 in float32
+    # q(0) proportional to sqrt(sigmoid(-20) sigmoid(3)), q(1) to sqrt(sigmoid(20) sigmoid(-3))
+    log0 = 0.5 * (-math.log1p(math.exp(20)) - math.log1p(math.exp(-3)))
+    log1 = 0.5 * (-math.log1p(math.exp(-20)) - math.log1p(math.exp(3)))
+    expected = log0 - np.logaddexp(log0, log1)
+    got = float(opinionpool.holder(logits.expand((2,)), alpha=0).log_prob(torch.tensor(0.0, dtype=dtype)))
+    assert got == pytest.approx(expected, rel=1e-5 if dtype == torch.float32 else 1e-12)
