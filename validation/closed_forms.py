@@ -42,6 +42,8 @@ __all__ = ["ALPHAS", "WEIGHTS", "Case", "cases", "quadrature_reference", "monte_
 ALPHAS = (0.0, 0.25, 1 / 3, 0.5, 1.0, 2.0, -1.0)
 WEIGHTS = np.array([0.2, 0.3, 0.5])
 QUAD_TOLERANCE = 1e-8
+#: the Monte Carlo reference draws more until its effective sample size reaches this
+MIN_ESS = 10_000
 
 
 @dataclass
@@ -168,14 +170,25 @@ def quadrature_reference(case: Case, alpha: float):
 
 
 def monte_carlo_reference(case: Case, alpha: float, num_samples: int, seed: int):
-    """Importance sampling from the experts' equal-weight mixture: estimates with standard errors."""
+    """Importance sampling from the experts' equal-weight mixture: estimates with standard errors. Where the pool
+    lies away from the mixture (alpha < 0) few draws carry the weight, and the standard errors themselves come out
+    too small (at an effective sample size of 1 % of 20 000 draws the z-scores had a standard deviation of 1.4):
+    draws are added, up to 16 times ``num_samples``, until the effective sample size reaches ``MIN_ESS``."""
     rng = np.random.default_rng(seed)
-    z = case.sample_mixture(num_samples, rng)
-    log_q = case.logpdf(z)  # (M, N)
-    log_mix = np.logaddexp.reduce(log_q, axis=0) - math.log(len(case.scipy))
-    with np.errstate(divide="ignore"):
-        log_u = np.log(power_mean(np.exp(log_q), WEIGHTS, alpha))
-    w = np.exp(log_u - log_mix)
+    draws, weights = [], []
+    for _ in range(16):
+        z = case.sample_mixture(num_samples, rng)
+        log_q = case.logpdf(z)  # (M, N)
+        log_mix = np.logaddexp.reduce(log_q, axis=0) - math.log(len(case.scipy))
+        with np.errstate(divide="ignore"):
+            log_u = np.log(power_mean(np.exp(log_q), WEIGHTS, alpha))
+        draws.append(z)
+        weights.append(np.exp(log_u - log_mix))
+        w = np.concatenate(weights)
+        if w.sum() ** 2 / (w**2).sum() >= MIN_ESS:
+            break
+    z = np.concatenate(draws)
+    num_samples = len(w)
     z_hat = w.mean()
     out = {"log Z": (math.log(z_hat), w.std(ddof=1) / (z_hat * math.sqrt(num_samples)))}
     p = w / w.sum()
