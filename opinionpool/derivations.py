@@ -142,13 +142,22 @@ def beta_chernoff():
 
 @lru_cache(maxsize=None)
 def poisson_chernoff():
-    r""":math:`\log\sum_k q_1(k)^a q_2(k)^{1-a}` for Poisson experts with rates ``r1``, ``r2``, summed by sympy.
-    Returns ``((r1, r2, a), expr)``."""
+    r""":math:`\log\sum_k q_1(k)^a q_2(k)^{1-a}` for Poisson experts with rates ``r1``, ``r2``: the exponent
+    split from the two log-pmfs, the series summed by sympy. Returns ``((r1, r2, a), expr)``."""
     k = sp.Symbol("k", integer=True, nonnegative=True)
     r1, r2, a, x = sp.symbols("r_1 r_2 a x", positive=True)
-    constant = -a * r1 - (1 - a) * r2
-    series = sp.summation(x**k / sp.factorial(k), (k, 0, sp.oo))  # with x = r1^a r2^(1-a)
-    return (r1, r2, a), constant + sp.log(series.subs(x, r1**a * r2 ** (1 - a)))
+    log_factorial = sp.Symbol("log_factorial")  # log k!, a basis element like k
+
+    def log_poisson_pmf(r):
+        return k * sp.log(r) - r - log_factorial
+
+    (c_k, c_factorial), constant = _split_exponent(a * log_poisson_pmf(r1) + (1 - a) * log_poisson_pmf(r2),
+                                                   (k, log_factorial))
+    # the terms are exp(c_k k) / k!^(-c_factorial): a power series sympy sums once the exponent of k! is -1
+    if sp.simplify(c_factorial + 1) != 0:
+        raise RuntimeError(f"the Poisson terms carry k!^({-c_factorial}), not 1 / k!: not a power series")
+    series = sp.summation(x**k / sp.factorial(k), (k, 0, sp.oo))
+    return (r1, r2, a), constant + sp.log(series.subs(x, sp.exp(c_k)))
 
 
 @lru_cache(maxsize=None)
