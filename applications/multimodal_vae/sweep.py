@@ -32,7 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .config import PRESETS, load_config
 from .data import load_dataset
 from .evaluation import evaluate_run
-from .files import atomic_write, write_text
+from .files import UnreadableFile, atomic_write, write_text
 from .train import TrainingDiverged, load_checkpoint, load_run, train
 
 __all__ = ["CURVES", "FIELDS", "METRICS", "RUN_OUTPUTS", "SCALARS", "SWEEPS", "SweepConfig", "aggregate",
@@ -258,7 +258,7 @@ def run_workers(sweep: SweepConfig, workers: int, arguments: list[str], train_on
     processes = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT) for log in logs]
     print(f"{workers} workers on sweep {sweep.name}; their logs: {folder}/worker-*.log")
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: [p.send_signal(signum) for p in processes])
-    done = _trained if train_only else _finished
+    done = _trained_or_unreadable if train_only else _finished
     runs = [folder / run_name(*run) for run in grid(sweep)]
     try:
         with tqdm(total=len(runs), desc=f"sweep {sweep.name}", unit="run") as bar:
@@ -313,6 +313,15 @@ def _trained(run_dir: Path) -> bool:
 
 
 _TRAINED: dict[tuple, bool] = {}
+
+
+def _trained_or_unreadable(run_dir: Path) -> bool:
+    """``_trained`` for the progress monitor: a checkpoint it cannot read counts as not trained (the worker training
+    that run reports the error; the monitor must keep waiting for the workers rather than stop)."""
+    try:
+        return _trained(run_dir)
+    except UnreadableFile:
+        return False
 
 
 @contextlib.contextmanager

@@ -386,3 +386,15 @@ def test_a_run_the_wall_clock_stopped_is_resumed_and_the_study_has_no_wall_clock
         monkeypatch.setattr(sweeps, "load_checkpoint", lambda path, state=state: loads.append(path) or state)
         assert sweeps._trained(tmp_path) is trained and sweeps._trained(tmp_path) is trained, state
     assert len(loads) == 4  # each checkpoint loaded once, however often it is asked about
+
+
+def test_the_progress_monitor_survives_a_damaged_checkpoint(tmp_path):
+    """run_workers asks every few seconds whether each run is trained; an unreadable checkpoint raised out of its
+    loop, which then waited for every worker before reporting."""
+    from applications.multimodal_vae.files import UnreadableFile
+    from applications.multimodal_vae.sweep import _trained, _trained_or_unreadable
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UnreadableFile):
+        _trained(tmp_path)
+    assert _trained_or_unreadable(tmp_path) is False
