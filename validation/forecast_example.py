@@ -49,22 +49,24 @@ def forecasters(seed: int = 0):
 
 
 def run(seed: int = 0):
-    """The table rows ``(name, weights, alpha, log score, its s.e., CRPS, its s.e., 50% / 90% coverage)`` and the
-    PIT values of each forecast on the test split."""
+    """The table rows ``(name, weights, alpha, log score, its s.e., CRPS, its s.e., 50% / 90% coverage, and the
+    differences of log score and CRPS from the regression on all ten with their paired s.e.)`` and the PIT values of
+    each forecast on the test split."""
     locs, scales, y, (calibrate, test) = forecasters(seed)
 
     def experts(part):
         return Normal(torch.tensor(locs[part]), torch.tensor(scales[part]))
 
     y_cal, y_test = torch.tensor(y[calibrate]), torch.tensor(y[test])
-    rows, pits = [], {}
+    rows, pits, per_patient = [], {}, []
+    n = len(y_test)
 
     def score(name, pool, weights, alpha):
         log_scores, crps = pool.log_prob(y_test).detach(), op.crps(pool, y_test).detach()
         table = op.coverage(pool, y_test, levels=(0.5, 0.9))
-        n = len(y_test)
         rows.append((name, weights, alpha, float(log_scores.mean()), float(log_scores.std() / n ** 0.5),
                      float(crps.mean()), float(crps.std() / n ** 0.5), *table.empirical))
+        per_patient.append((log_scores, crps))
         pits[name] = op.pit(pool, y_test).numpy()
 
     for j, name in enumerate(FEATURES):
@@ -76,16 +78,25 @@ def run(seed: int = 0):
     fitted = op.fit_weights(experts(calibrate), y_cal, alpha=0.5, learn_alpha=True, max_iter=20)
     score("pool, learned alpha", op.holder(experts(test), fitted.alpha, fitted.weights), fitted.weights.tolist(),
           fitted.alpha)
-    return rows, pits
+    # differences from the regression on all ten, patient by patient: the forecasts score the same patients, so the
+    # standard error of a difference is that of the paired differences (as in a Diebold-Mariano comparison)
+    reference = per_patient[list(FEATURES).index("all ten")]
+    paired = []
+    for row, (log_scores, crps) in zip(rows, per_patient):
+        differences = [(values - base) for values, base in zip((log_scores, crps), reference)]
+        paired.append(row + tuple(x for d in differences for x in (float(d.mean()), float(d.std() / n ** 0.5))))
+    return paired, pits
 
 
 def _markdown(rows) -> str:
-    lines = ["| forecast | weights | alpha | log score (s.e.) | CRPS (s.e.) | 50% cover | 90% cover |",
-             "|---|---|---|---|---|---|---|"]
-    for name, weights, alpha, ls, ls_se, crps, crps_se, c50, c90 in rows:
+    lines = ["| forecast | weights | alpha | log score (s.e.) | CRPS (s.e.) | 50% cover | 90% cover "
+             "| log score - all ten (paired s.e.) | CRPS - all ten (paired s.e.) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, weights, alpha, ls, ls_se, crps, crps_se, c50, c90, dls, dls_se, dcrps, dcrps_se in rows:
         shown = ", ".join(f"{w:.2f}" for w in weights)
         lines.append(f"| {name} | {shown} | {'—' if alpha is None else f'{alpha:.3f}'} | {ls:.3f} ({ls_se:.3f}) | "
-                     f"{crps:.2f} ({crps_se:.2f}) | {c50:.2f} | {c90:.2f} |")
+                     f"{crps:.2f} ({crps_se:.2f}) | {c50:.2f} | {c90:.2f} | {dls:+.4f} ({dls_se:.4f}) | "
+                     f"{dcrps:+.3f} ({dcrps_se:.3f}) |")
     return "\n".join(lines)
 
 
