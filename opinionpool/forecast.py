@@ -17,6 +17,7 @@ batch dimension indexes the experts), with the occasions on the batch axes befor
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -97,10 +98,12 @@ def _observations(observations, batch_shape: torch.Size, dtype) -> torch.Tensor:
 
 
 def _dtype(dist: Distribution) -> torch.dtype:
-    """The forecast's floating dtype: a pool's experts', else its first floating parameter's (not ``dist.mean``,
-    which distributions such as a ``TransformedDistribution`` do not implement)."""
+    """The forecast's floating dtype: a pool's experts', else its mean's, else (a ``TransformedDistribution`` has no
+    mean) its first floating parameter's."""
     if isinstance(dist, _Pool):
         return dist.experts.params.dtype
+    with contextlib.suppress(NotImplementedError):
+        return dist.mean.dtype
     for value in vars(dist).values():
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             return value.dtype
@@ -376,7 +379,9 @@ def pit(forecast, observations) -> torch.Tensor:
     if _circular(forecast):
         return _circular_pit(forecast, y).to(y.dtype)
     if isinstance(forecast, NumericalHolderPool) or not _has_cdf(forecast):
-        return _density_quadrature(forecast, y)[1].to(y.dtype)
+        at_y = _density_quadrature(forecast, y)[1]
+        upper = _support(forecast)[1]  # F = 1 there, whatever mass the panels could not reach next to it
+        return torch.where(y.to(torch.float64) >= upper, 1.0, at_y).to(y.dtype)
     y = y.expand(torch.broadcast_shapes(y.shape, forecast.batch_shape))
     if isinstance(forecast, _Pool):
         with torch.no_grad():

@@ -198,7 +198,7 @@ def run_sweep(sweep: SweepConfig, show_progress: bool = True, *, train_only: boo
             print(f"sweep {sweep.name}: {stop_after_minutes:g} minutes passed; starting no new run")
             break
         with _claim(folder / f"{config.name}.lock") as claimed:
-            if not claimed or _finished(run_dir):  # another process is on it, or finished it as we looked
+            if not claimed or _finished(run_dir) or (run_dir / DIVERGED).exists():  # changed as we looked
                 continue
             if not _trained(run_dir):
                 try:

@@ -35,7 +35,12 @@ def _log_space_moment_match(log_pi: torch.Tensor, natural: torch.Tensor) -> torc
     empty combination (every entry ``-inf``, weight zero) contributes nothing, not NaN."""
     empty = torch.isneginf(natural).all(-1, keepdim=True)
     log_probs = torch.log_softmax(torch.where(empty, torch.zeros((), dtype=natural.dtype), natural), dim=-1)
-    return torch.logsumexp(log_pi.unsqueeze(-1) + log_probs, dim=log_pi.dim() - 1)
+    terms = log_pi.unsqueeze(-1) + log_probs
+    k = log_pi.dim() - 1
+    # a category every expert rules out: logsumexp's backward would compute exp(-inf - -inf) = NaN there
+    ruled_out = torch.isneginf(terms).all(k, keepdim=True)
+    pooled = torch.logsumexp(torch.where(ruled_out, torch.zeros((), dtype=terms.dtype), terms), dim=k)
+    return torch.where(ruled_out.squeeze(k), -math.inf, pooled)
 
 
 def _probs_given(dist, binary: bool) -> bool:

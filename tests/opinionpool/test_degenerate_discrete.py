@@ -346,3 +346,20 @@ def test_experts_expanded_after_use_keep_their_exact_probabilities(dtype):
     expected = log0 - np.logaddexp(log0, log1)
     got = float(opinionpool.holder(logits.expand((2,)), alpha=0).log_prob(torch.tensor(0.0, dtype=dtype)))
     assert got == pytest.approx(expected, rel=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_moment_matching_gradient_with_a_category_every_expert_rules_out():
+    """log-sum-exp over a column of -inf has a NaN backward (exp(-inf - -inf)), which spread to every input of the
+    log-space moment matching; against central differences."""
+    def matched_log_prob(probs):
+        return opinionpool.holder(Categorical(probs=probs), alpha=0.5).moment_match().log_prob(torch.tensor(1))
+
+    probs = torch.tensor([[0.0, 0.3, 0.7], [0.0, 0.6, 0.4]], dtype=torch.float64, requires_grad=True)
+    (gradient,) = torch.autograd.grad(matched_log_prob(probs), probs)
+    assert torch.isfinite(gradient).all()
+    h = 1e-6
+    for index in ((0, 1), (0, 2), (1, 1), (1, 2)):
+        step = torch.zeros_like(probs)
+        step[index] = h
+        central = (matched_log_prob(probs.detach() + step) - matched_log_prob(probs.detach() - step)) / (2 * h)
+        assert float(gradient[index]) == pytest.approx(float(central), rel=1e-6, abs=1e-9), index

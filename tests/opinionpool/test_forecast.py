@@ -11,7 +11,7 @@ import scipy.optimize
 import scipy.special
 import scipy.stats
 import torch
-from torch.distributions import Categorical, Gamma, MixtureSameFamily, Normal, Poisson, Uniform, VonMises
+from torch.distributions import Beta, Categorical, Gamma, MixtureSameFamily, Normal, Poisson, Uniform, VonMises
 
 import opinionpool as op
 
@@ -435,3 +435,15 @@ def test_bad_input_errors_name_the_argument_and_value():
     # a column of observations against a row of occasions scored every observation under every pool, silently
     with pytest.raises(ValueError, match=r"observations of shape \(2, 1\) must hold one observation per occasion.*\(2,\)"):
         op.fit_weights(experts, torch.zeros(2, 1, dtype=torch.float64))
+
+
+def test_pit_of_a_float64_beta_reaches_one_at_its_upper_end():
+    """torch's Beta has no cdf and keeps its parameters inside a Dirichlet: its dtype was read as the default
+    float32, so nodes within 6e-8 of 1 rounded to 1 and the PIT at 1 was 0.9607. The mass no float64 point reaches
+    next to 1 cannot be integrated, but F(1) is 1."""
+    forecast = Beta(torch.tensor(3.0, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64))
+    y = torch.tensor([1.0, 0.5, 1 - 1e-9], dtype=torch.float64)
+    with pytest.warns(UserWarning, match="total mass off 1"):  # the mass within 2^-44 of 1
+        got = op.pit(forecast, y)
+    assert got.dtype == torch.float64
+    assert got.tolist() == pytest.approx(scipy.stats.beta(3.0, 0.2).cdf(y.numpy()).tolist(), rel=1e-8)
