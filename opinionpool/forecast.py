@@ -37,6 +37,7 @@ from ._validation import check_alpha, check_positive_int, describe, real_tensor
 from .affinities import hellinger_of, log_multi_chernoff_coefficient
 from .experts import Experts, as_experts
 from .families import NormalFamily, family_of
+from .numerical import _interior_point
 from .pool import HolderPool, NumericalHolderPool, _Pool, component_counts, holder
 
 __all__ = ["crps", "pit", "coverage", "CoverageTable", "disagreement", "Disagreement", "fit_weights", "FitResult"]
@@ -390,15 +391,8 @@ def pit(forecast, observations) -> torch.Tensor:
     lower, upper = (bound.to(y.dtype) for bound in _support(forecast))
     inside = (y > lower) & (y < upper)
     with torch.no_grad():
-        cdf = forecast.cdf(torch.where(inside, y, _interior(lower, upper).expand(y.shape)))
+        cdf = forecast.cdf(torch.where(inside, y, _interior_point(lower, upper).expand(y.shape)))
     return torch.where(inside, cdf, (y >= upper).to(y.dtype)).clamp(0, 1)
-
-
-def _interior(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
-    """A point inside ``(lower, upper)`` (bounds possibly infinite)."""
-    both = torch.isfinite(lower) & torch.isfinite(upper)
-    return torch.where(both, (lower + upper) / 2, torch.where(torch.isfinite(lower), lower + 1,
-                                                              torch.where(torch.isfinite(upper), upper - 1, 0.0)))
 
 
 def _has_cdf(dist: Distribution) -> bool:

@@ -508,6 +508,7 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     mu = mu.to(torch.float64).cpu().numpy()
     sd = np.sqrt(np.maximum(var.to(torch.float64).cpu().numpy(), 0.0))
     sd = np.maximum(sd, 1e-12 * (1 + np.abs(mu)))
+    fill = _interior_point(*torch.tensor([lower, upper], dtype=torch.float64)).item()
     count = 0
 
     def log_u(z: np.ndarray, experts: bool = False):
@@ -515,7 +516,7 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
         nonlocal count
         z = np.asarray(z, dtype=np.float64)
         inside = (z > lower) & (z < upper)  # endpoints have measure zero and a density may be infinite there
-        value = torch.as_tensor(np.where(inside, z, _interior_point(lower, upper)), device=params.device)
+        value = torch.as_tensor(np.where(inside, z, fill), device=params.device)
         with torch.no_grad():
             ell = expert_log_probs(family, params, value)
             out = np.where(inside, log_power_mean(ell, log_weights, alpha).cpu().numpy(), -math.inf)
@@ -847,7 +848,7 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
     ``(P, B)``, and ``ok`` ``(B,)`` false for pools where ``u`` vanished numerically (to be handled one by one).
     """
     lower, upper = family.support_interval
-    fill = _interior_point(lower, upper)
+    fill = _interior_point(*torch.tensor([lower, upper], dtype=torch.float64)).item()
     pools = params.shape[0]
     high = torch.float64
     count = 0
@@ -1088,13 +1089,12 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
     return log_z, relative, centre, spread, stats, nodes, count, ok
 
 
-def _interior_point(lower: float, upper: float) -> float:
-    """A point strictly inside the support, evaluated in place of the points outside it."""
-    if math.isfinite(lower) and math.isfinite(upper):
-        return 0.5 * (lower + upper)
-    if math.isfinite(lower):
-        return lower + 1.0
-    return upper - 1.0 if math.isfinite(upper) else 0.0
+def _interior_point(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """A point strictly inside ``(lower, upper)``, elementwise (bounds possibly infinite), evaluated in place of points
+    outside a support: densities and cdfs may raise or be infinite there."""
+    both = torch.isfinite(lower) & torch.isfinite(upper)
+    return torch.where(both, (lower + upper) / 2, torch.where(torch.isfinite(lower), lower + 1,
+                                                              torch.where(torch.isfinite(upper), upper - 1, 0.0)))
 
 
 def _quadrature_edges(log_u, mu, sd, lower, upper, alpha):

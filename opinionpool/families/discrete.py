@@ -28,19 +28,29 @@ from .base import ExponentialFamily, safe_log
 __all__ = ["PoissonFamily", "BernoulliFamily", "BinomialFamily", "CategoricalFamily"]
 
 
-def _log_space_moment_match(log_pi: torch.Tensor, natural: torch.Tensor) -> torch.Tensor:
-    """The natural parameters (``log`` of the probabilities) of the member whose probabilities are the mixture's,
-    ``log sum_k pi_k softmax(eta_k)``, by log-sum-exp in float64: a probability that underflows (a logit of -800)
-    keeps its value and its gradient, where the probability-space mean and its ``log`` made it exactly zero. An
-    empty combination (every entry ``-inf``, weight zero) contributes nothing, not NaN."""
-    empty = torch.isneginf(natural).all(-1, keepdim=True)
-    log_probs = torch.log_softmax(torch.where(empty, torch.zeros((), dtype=natural.dtype), natural), dim=-1)
-    terms = log_pi.unsqueeze(-1) + log_probs
-    k = log_pi.dim() - 1
-    # a category every expert rules out: logsumexp's backward would compute exp(-inf - -inf) = NaN there
-    ruled_out = torch.isneginf(terms).all(k, keepdim=True)
-    pooled = torch.logsumexp(torch.where(ruled_out, torch.zeros((), dtype=terms.dtype), terms), dim=k)
-    return torch.where(ruled_out.squeeze(k), -math.inf, pooled)
+class _LogProbabilityFamily(ExponentialFamily):
+    """Families whose natural parameters are log-probabilities up to a common shift (Categorical, and Bernoulli and
+    Binomial through ``(log(1 - p), log p)``): the mean parameters are (multiples of) the probabilities, and moment
+    matching mixes them in log space."""
+
+    def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
+        # the representative with logsumexp(eta) = 0; a zero mean parameter (probability 0) gives an exact -inf
+        return safe_log(mean_params / mean_params.sum(-1, keepdim=True))
+
+    def moment_match(self, log_pi, params):
+        """The natural parameters (``log`` of the probabilities) of the member whose probabilities are the mixture's,
+        ``log sum_k pi_k softmax(eta_k)``, by log-sum-exp in float64: a probability that underflows (a logit of -800)
+        keeps its value and its gradient, where the probability-space mean and its ``log`` made it exactly zero. An
+        empty combination (every entry ``-inf``, weight zero) contributes nothing, not NaN."""
+        log_pi, natural = log_pi.to(torch.float64), params.to(torch.float64)
+        empty = torch.isneginf(natural).all(-1, keepdim=True)
+        log_probs = torch.log_softmax(torch.where(empty, torch.zeros((), dtype=natural.dtype), natural), dim=-1)
+        terms = log_pi.unsqueeze(-1) + log_probs
+        k = log_pi.dim() - 1
+        # a category every expert rules out: logsumexp's backward would compute exp(-inf - -inf) = NaN there
+        ruled_out = torch.isneginf(terms).all(k, keepdim=True)
+        pooled = torch.logsumexp(torch.where(ruled_out, torch.zeros((), dtype=terms.dtype), terms), dim=k)
+        return torch.where(ruled_out.squeeze(k), -math.inf, pooled).to(params.dtype)
 
 
 def _probs_given(dist, binary: bool) -> bool:
@@ -131,7 +141,7 @@ class PoissonFamily(ExponentialFamily):
         return torch.arange(first, last + 1, dtype=params.dtype, device=params.device), bound
 
 
-class _CountFamily(ExponentialFamily):
+class _CountFamily(_LogProbabilityFamily):
     """Bernoulli (``n = 1``) and Binomial(``n``) experts with the natural parameters ``(log(1 - p), log p)`` and
     ``T(z) = (n - z, z)``, as Categorical: a probability 0 or 1 is an exact ``-inf`` entry (torch's ``logits`` clamp
     it to about +-15.9 in float32, +-36 in float64, which gave the impossible outcome mass in every pool). Natural
@@ -207,13 +217,6 @@ class _CountFamily(ExponentialFamily):
     def mean_parameters(self, natural):
         return self.total_count * self._probabilities(natural)
 
-    def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
-        # the representative with logsumexp(eta) = 0; a zero mean parameter (p = 0 or 1) gives an exact -inf
-        return safe_log(mean_params / mean_params.sum(-1, keepdim=True))
-
-    def moment_match(self, log_pi, params):
-        return _log_space_moment_match(log_pi.to(torch.float64), params.to(torch.float64)).to(params.dtype)
-
     def mean(self, params):
         return self.total_count * self._probabilities(params)[..., 1]
 
@@ -276,7 +279,7 @@ class BinomialFamily(_CountFamily):
         return torch.zeros_like(natural) if self.total_count == 1 else None
 
 
-class CategoricalFamily(ExponentialFamily):
+class CategoricalFamily(_LogProbabilityFamily):
     name = "Categorical"
     has_numeric_moments = False
     discrete = True
@@ -327,11 +330,6 @@ class CategoricalFamily(ExponentialFamily):
     def mean_parameters(self, natural):
         return torch.softmax(natural, dim=-1)
 
-    def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
-        return safe_log(mean_params / mean_params.sum(-1, keepdim=True))
-
-    def moment_match(self, log_pi, params):
-        return _log_space_moment_match(log_pi.to(torch.float64), params.to(torch.float64)).to(params.dtype)
 
     def support_values(self, params):
         return _listed(torch.arange(self.num_categories, device=params.device), params)
