@@ -130,7 +130,18 @@ def bregman_divergence(family, eta_p: torch.Tensor, eta_q: torch.Tensor) -> torc
     of Taylor's remainder :math:`\int_0^1 (1-t)\,\delta^\top\nabla^2A(\eta_p + t\delta)\,\delta\,dt`
     (:math:`\delta = \eta_q - \eta_p`; 16-point Gauss-Legendre, the curvature by double differentiation of
     :math:`A`) is used instead: a positive integrand, no cancellation, and on so short a path the rule is exact to
-    rounding."""
+    rounding.
+
+    The gradients are the analytic ones, :math:`\nabla A(\eta_q) - \nabla A(\eta_p)` in :math:`\eta_q` (on short
+    paths :math:`\int_0^1 \nabla^2A(\eta_p + t\delta)\,\delta\,dt`, again free of cancellation) and
+    :math:`-\nabla^2A(\eta_p)\,\delta` in :math:`\eta_p`: second derivatives of :math:`A` only, where autograd
+    through the remainder form needs third ones, which overflow first (a Gamma concentration below about 1e-103 gave NaN
+    gradients beside a right value). A gradient that still overflows raises rather than turning into NaN."""
+    return _Bregman.apply(family, eta_p, eta_q)
+
+
+def _bregman_value(family, eta_p: torch.Tensor, eta_q: torch.Tensor):
+    """The divergence (no graph) and where it took the remainder form."""
     # a category p gives probability zero (eta_p = -inf, mean parameter 0) adds nothing to the linear term: inf * 0
     # would be NaN (and -inf - -inf for KL(p || p)); where only q gives it zero, delta stays -inf (KL = inf)
     delta = torch.where(torch.isneginf(eta_p), 0, eta_q - eta_p)
@@ -138,9 +149,9 @@ def bregman_divergence(family, eta_p: torch.Tensor, eta_q: torch.Tensor) -> torc
     linear = (delta * family.mean_parameters(eta_p)).sum(-1)
     direct = log_normalizer_q - log_normalizer_p - linear
     scale = log_normalizer_q.abs() + log_normalizer_p.abs() + linear.abs()
-    cancelled = (direct.abs() < _CANCELLATION * scale).detach()
+    cancelled = direct.abs() < _CANCELLATION * scale
     if not bool(cancelled.any()):
-        return direct
+        return direct, cancelled
     remainder = _taylor_remainder(family, eta_p, delta)
     overflowed = cancelled & ~torch.isfinite(remainder)
     if bool(overflowed.any()):
@@ -153,19 +164,63 @@ def bregman_divergence(family, eta_p: torch.Tensor, eta_q: torch.Tensor) -> torc
             raise ValueError(f"{family.name} KL divergence: neither form is accurate in {direct.dtype} for these "
                              "experts (the direct form cancels and the curvature of the log-normaliser overflows) "
                              f"(first natural parameter of p: {describe(eta_p[..., 0], lost)})")
-    return torch.where(cancelled & ~overflowed, remainder, direct)
+    short = cancelled & ~overflowed
+    return torch.where(short, remainder, direct), short
+
+
+class _Bregman(torch.autograd.Function):
+    """The Bregman divergence with its analytic gradients (see :func:`bregman_divergence`); twice differentiable
+    through autograd of the backward's own operations."""
+
+    @staticmethod
+    def forward(ctx, family, eta_p, eta_q):
+        with torch.no_grad():
+            value, short = _bregman_value(family, eta_p, eta_q)
+        ctx.family = family
+        ctx.save_for_backward(eta_p, eta_q, value, short)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        eta_p, eta_q, value, short = ctx.saved_tensors
+        family, create = ctx.family, torch.is_grad_enabled()
+        delta = torch.where(torch.isneginf(eta_p), 0, eta_q - eta_p)
+        with torch.enable_grad():
+            mean_q = family.mean_parameters(eta_q)
+            change = mean_q - family.mean_parameters(eta_p)
+            if bool(short.any()):
+                along = _curvature_times(family, eta_p + _NODES.to(eta_p).reshape((-1,) + (1,) * eta_p.dim()) * delta,
+                                         delta, create)
+                path = (_WEIGHTS.to(eta_p).reshape((-1,) + (1,) * eta_p.dim()) * along).sum(0)
+                change = torch.where(short.unsqueeze(-1), path, change)
+            grad_p = -_curvature_times(family, eta_p, delta, create)
+        grad_p, grad_q = grad.unsqueeze(-1) * grad_p, grad.unsqueeze(-1) * change
+        broken = torch.isfinite(value).unsqueeze(-1) & ~(torch.isfinite(grad_p) & torch.isfinite(grad_q))
+        if bool(broken.any()):
+            raise ValueError(f"{family.name} KL divergence: its gradient overflows in {eta_p.dtype} for these experts "
+                             "(the curvature of the log-normaliser is infinite) (first natural parameter of p: "
+                             f"{describe(eta_p[..., 0], broken.any(-1))})")
+        return None, grad_p, grad_q
+
+
+def _curvature_times(family, eta: torch.Tensor, direction: torch.Tensor, create: bool) -> torch.Tensor:
+    r""":math:`\nabla^2A(\eta)\,d`, by differentiating :math:`\nabla A(\eta)^\top d` (``eta`` may carry a
+    graph, kept where ``create``)."""
+    point = eta if eta.requires_grad else eta.detach().requires_grad_(True)
+    (slope,) = torch.autograd.grad(family.log_normalizer(point).sum(), point, create_graph=True)
+    (product,) = torch.autograd.grad((slope * direction).sum(), point, create_graph=create)
+    return product
 
 
 def _taylor_remainder(family, eta_p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     nodes = _NODES.to(eta_p).reshape((-1,) + (1,) * eta_p.dim())
     weights = (_WEIGHTS.to(eta_p) * (1 - _NODES.to(eta_p))).reshape((-1,) + (1,) * (eta_p.dim() - 1))
-    keep_graph = eta_p.requires_grad or delta.requires_grad
     with torch.enable_grad():
         step = torch.zeros(nodes.shape[:1] + eta_p.shape[:-1] + (1,), dtype=eta_p.dtype, device=eta_p.device,
                            requires_grad=True)
         along = family.log_normalizer(eta_p + (nodes + step) * delta)  # A on the path, moved by `step` along delta
         (slope,) = torch.autograd.grad(along.sum(), step, create_graph=True)
-        (curvature,) = torch.autograd.grad(slope.sum(), step, create_graph=keep_graph)
+        (curvature,) = torch.autograd.grad(slope.sum(), step)
     return (weights * curvature.squeeze(-1)).sum(0)
 
 

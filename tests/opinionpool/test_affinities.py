@@ -141,6 +141,26 @@ def test_kl_of_nearly_equal_experts_keeps_its_digits_and_gradient():
     assert float(far) == pytest.approx(closed, rel=1e-12)
 
 
+@pytest.mark.parametrize("gap", [1e-5, 0.7])
+def test_kl_is_twice_differentiable_in_both_forms(gap):
+    """Nearly equal experts (the remainder form) and distant ones (the direct form): first and second derivatives
+    of the analytic backward against finite differences, Gamma and Dirichlet."""
+    from torch.distributions import Dirichlet
+
+    first = torch.tensor([2.0, 1.5, 0.3], dtype=torch.float64, requires_grad=True)
+    second = (first.detach() + gap * torch.tensor([1.0, -0.5, 0.2], dtype=torch.float64)).requires_grad_(True)
+
+    def gamma_kl(p, q):
+        return op.kl_divergence(Gamma(p[0], p[1]), Gamma(q[0], q[1]))
+
+    def dirichlet_kl(p, q):
+        return op.kl_divergence(Dirichlet(p), Dirichlet(q))
+
+    for kl in (gamma_kl, dirichlet_kl):
+        assert torch.autograd.gradcheck(kl, (first, second))
+        assert torch.autograd.gradgradcheck(kl, (first, second))
+
+
 def test_kl_of_categoricals_with_zero_probabilities_by_exact_sum():
     """A category p gives probability zero adds nothing to KL(p || q) (its natural parameter is -inf: inf * 0 was
     NaN), KL(p || p) is 0, and KL(q || p) is inf where q puts mass that p does not; the gradient in q's logits

@@ -199,6 +199,31 @@ def test_kl_that_float64_cannot_give_raises():
         opinionpool.kl_divergence(p, q)
 
 
+@pytest.mark.parametrize("scale", [1e-50, 1e-110, 1e-150])
+def test_kl_gradient_of_tiny_concentrations_is_analytic(scale):
+    """KL(Gamma(a, 1) || Gamma(b, 1)) = (a - b) psi(a) - log Gamma(a) + log Gamma(b): d/da = (a - b) psi'(a) and
+    d/db = psi(b) - psi(a). Autograd through the remainder form needed third derivatives of log Gamma, which
+    overflow below about 1e-103 (NaN and -inf beside a right value)."""
+    a = tensor(scale, torch.float64).requires_grad_(True)
+    b = tensor(1.3 * scale, torch.float64).requires_grad_(True)
+    kl = opinionpool.kl_divergence(Gamma(a, tensor(1.0, torch.float64)), Gamma(b, tensor(1.0, torch.float64)))
+    grad_a, grad_b = torch.autograd.grad(kl, (a, b))
+    with torch.no_grad():
+        assert float(grad_a) == pytest.approx(float((a - b) * torch.polygamma(1, a)), rel=1e-12)
+        assert float(grad_b) == pytest.approx(float(torch.digamma(b) - torch.digamma(a)), rel=1e-12)
+
+
+def test_kl_gradient_that_overflows_raises():
+    """Below about 1e-154 the curvature 1 / a^2 is infinite in float64: the value is still right (direct form),
+    its gradient cannot be, and the backward pass says so rather than returning NaN."""
+    a = tensor(1e-160, torch.float64).requires_grad_(True)
+    kl = opinionpool.kl_divergence(Gamma(a, tensor(1.0, torch.float64)), Gamma(tensor(1.3e-160, torch.float64),
+                                                                              tensor(1.0, torch.float64)))
+    assert math.isfinite(float(kl))
+    with pytest.raises(ValueError, match=r"Gamma KL divergence: its gradient overflows in torch.float64 .*1e-160"):
+        kl.backward()
+
+
 def mpmath_moment_match(concentrations, weights):
     """The Dirichlet (or Beta: two categories) whose E[log z] is the mixture's, by mpmath's findroot at 50 digits."""
     import mpmath
