@@ -275,11 +275,11 @@ class MultimodalVAE(nn.Module):
             raise ValueError(f"{len(encoders)} encoders but {len(decoders)} decoders; they must pair up")
         self.private_dim = int(private_dim)
         self.spec = spec = MODELS[model]
-        self.auxiliary_logscale = None
+        self.auxiliary_logits = None
         if self.private_dim:
             decoders = nn.ModuleList(PrivateLatent(decoder, self.private_dim) for decoder in decoders)
             if spec.auxiliary:  # MMVAE+'s auxiliary distributions of the modality-specific latents
-                self.auxiliary_logscale = nn.Parameter(torch.zeros(len(encoders), self.private_dim))
+                self.auxiliary_logits = nn.Parameter(torch.zeros(len(encoders), self.private_dim))
         self.encoders, self.decoders = encoders, decoders
         self.model, self.beta, self.alpha = model, float(beta), float(alpha)
         self.top_down = None
@@ -399,6 +399,15 @@ class MultimodalVAE(nn.Module):
         mu, logvar = torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
         return objectives.full_precision(mu), objectives.full_precision(logvar)
 
+    def auxiliary_scale(self) -> torch.Tensor:
+        """The standard deviations ``(M, private_dim)`` of the auxiliary ``r_n`` that supply the private latents of
+        the modalities a draw does not reconstruct from their posteriors: learnable, but as in the MMVAE+ code
+        (``softmax(logits) * private_dim``) their mean over the coordinates is one, the prior's, from which the
+        evaluation draws the private latents of the modalities it generates. Free scales shrank in training (see
+        docs/results.md), so that the decoders learned private latents near zero and met the prior's wider ones at
+        evaluation."""
+        return torch.softmax(self.auxiliary_logits, dim=-1) * self.private_dim
+
     def forward(self, x, present: torch.Tensor | None = None) -> dict:
         """Loss and its terms for a batch ``x`` (a tensor per modality, or stacked ``(B, M, ...)``) with present
         modalities ``(M, B)`` (default all)."""
@@ -408,7 +417,7 @@ class MultimodalVAE(nn.Module):
         # (an overflow) reaches neither the objective, which masks it late (draws, decoders, KLs), nor its gradients
         given = present.unsqueeze(-1)
         mu, logvar = torch.where(given, mu, 0), torch.where(given, logvar, 0)
-        extra = {"auxiliary_logscale": self.auxiliary_logscale} if self.auxiliary_logscale is not None else {}
+        extra = {"auxiliary_scale": self.auxiliary_scale()} if self.auxiliary_logits is not None else {}
         if self.top_down is not None:
             extra["top_down"] = self.top_down
         terms = self.objective(as_modalities(x), present, mu, logvar, self.decoders, self.likelihood, self.pooling,

@@ -178,7 +178,7 @@ def mvae_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
 
 
 def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate, private_dim=0,
-                        auxiliary_logscale=None) -> Terms:
+                        auxiliary_scale=None) -> Terms:
     """MoPoE, MoHELVAE, MWB-VAE: the uniform mixture over modality subsets, ``aggregate(mu, logvar, mask=,
     subsets=)`` (``MultimodalVAE.pool_subsets``: ``opinionpool.functional.subset_mixture`` of the model's
     aggregator, MoPoE's with a standard-normal expert in the subset of all modalities). Stratified as in MoPoE: the
@@ -187,7 +187,7 @@ def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate,
 
     With ``private_dim`` (the last coordinates of each posterior, as in MMVAE+), ``z`` from the chosen subset
     ``S`` reconstructs each present modality ``n`` from ``(z, w_n)``: ``w_n ~ q(w_n | x_n)`` if ``n`` is in ``S``,
-    else ``w_n`` from the auxiliary ``r_n = N(0, exp(2 auxiliary_logscale[n]))``; ``kl`` adds the KLs to
+    else ``w_n`` from the auxiliary ``r_n = N(0, diag(auxiliary_scale[n])^2)``; ``kl`` adds the KLs to
     ``N(0, I)`` of the private latents drawn from their posteriors, averaged over the subsets as the shared KL
     is (modality ``n``'s counts with the mixture weight of the subsets that hold it)."""
     shared = mu.shape[-1] - private_dim
@@ -206,7 +206,7 @@ def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate,
         return Terms(likelihood(x, present, z, decoders), kl)
     own_mu, own_logvar = mu[..., shared:], logvar[..., shared:]
     drawn = subsets[chosen].T & present  # (M, B): the modalities whose posterior gives w_n
-    auxiliary = torch.randn_like(own_mu) * auxiliary_logscale.exp().unsqueeze(1)
+    auxiliary = torch.randn_like(own_mu) * auxiliary_scale.unsqueeze(1)
     w = torch.where(drawn.unsqueeze(-1), reparameterise(own_mu, own_logvar), auxiliary)
     holding = (mixture.log_weights.exp() @ subsets.to(mixture.log_weights.dtype)).T * present  # (M, B)
     kl = kl + (holding * kl_to_standard_normal(own_mu, own_logvar)).sum(0)
@@ -261,11 +261,11 @@ def _bound(log_w: torch.Tensor, estimator: str, latents) -> torch.Tensor:
 
 
 def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate, beta=1.0, num_samples=1,
-                         estimator="elbo", private_dim=1, auxiliary_logscale=None) -> Terms:
+                         estimator="elbo", private_dim=1, auxiliary_scale=None) -> Terms:
     """MMVAE+ (Palumbo et al., 2023): every posterior is over a shared ``z`` (the first ``D - private_dim``
     coordinates) and a modality-specific ``w_m`` (the last ``private_dim``). For every present modality ``m``,
     ``K`` draws ``(z, w_m) ~ q_m`` reconstruct ``x_m`` from ``(z, w_m)`` and every other present ``x_d`` from
-    ``(z, w~_d)`` with ``w~_d`` drawn from a learnable auxiliary ``N(0, exp(2 auxiliary_logscale[d]))``; the
+    ``(z, w~_d)`` with ``w~_d`` drawn from the learnable auxiliary ``N(0, diag(auxiliary_scale[d])^2)``; the
     log-weights are ``log p(X | ...) + beta (log p(z) + log p(w_m) - log q(z|X) - log q(w_m|x_m))`` with ``q(z|X)``
     the mixture of the present unimodal ``q(z|x_d)`` (``aggregate`` = ``opinionpool.functional.moe`` on the shared
     coordinates), bounded as in ``mmvae_objective``. Gaussian posteriors here; the MMVAE+ code uses Laplace ones.
@@ -283,7 +283,7 @@ def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate
         u = reparameterise(mu[m].expand(num_samples, *mu[m].shape), logvar[m].expand(num_samples, *mu[m].shape))
         z, w = u[..., :shared], u[..., shared:]
         inputs = z if not private_dim else [
-            (z, w) if d == m else (z, torch.randn_like(w) * auxiliary_logscale[d].exp()) for d in range(mu.shape[0])]
+            (z, w) if d == m else (z, torch.randn_like(w) * auxiliary_scale[d]) for d in range(mu.shape[0])]
         log_q = mixture.log_prob(z) + opf.diag_gaussian_log_prob(w, own_mu[m], own_logvar[m])
         log_p = standard_normal_log_prob(z) + standard_normal_log_prob(w)
         log_lik = likelihood(x, present, inputs, decoders)  # (K, B)
@@ -344,7 +344,7 @@ def _detached_call(module: nn.Module, *args):
 
 
 def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate, beta=1.0, num_samples=1,
-                          estimator="elbo", private_dim=1, auxiliary_logscale=None, members=None,
+                          estimator="elbo", private_dim=1, auxiliary_scale=None, members=None,
                           top_down=None) -> Terms:
     """Hölder+ and Hölder++ (the Hölder++ paper): a shared ``z`` (the first ``D - private_dim`` coordinates of the
     encoders' posteriors) pooled by the exact Hölder mixture (``aggregate`` = ``opinionpool.functional.
@@ -356,7 +356,7 @@ def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregat
     - ``w_n ~ q(w_n | x_n)`` (Hölder+) or ``q(w_n | x_n, z)`` (Hölder++: ``top_down[n]`` maps the encoder's
       private statistics and ``z`` to it) if modality ``n`` is one of the component's experts (self-reconstruction:
       ``n = j`` for the unimodal component ``j``, ``n in {i, j}`` for the pair ``(i, j)``),
-    - ``w_n ~ r_n = N(0, exp(2 auxiliary_logscale[n]))`` otherwise (cross-reconstruction; MMVAE+'s auxiliary
+    - ``w_n ~ r_n = N(0, diag(auxiliary_scale[n])^2)`` otherwise (cross-reconstruction; MMVAE+'s auxiliary
       distribution, which keeps the private latents from carrying what the shared one should).
 
     Log-weights ``log w_k = log p(X | z, w) + beta (log p(z) + sum_{n in c} log p(w_n) - log q(z | X) -
@@ -388,7 +388,7 @@ def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregat
             post_mu, post_logvar = top_down[n](own_mu[n], own_logvar[n], z)
         shape = z.shape[:-1] + (private_dim,)
         w = post_mu + torch.exp(0.5 * post_logvar) * torch.randn(shape, dtype=mu.dtype, device=mu.device)
-        auxiliary = torch.randn(shape, dtype=mu.dtype, device=mu.device) * auxiliary_logscale[n].exp()
+        auxiliary = torch.randn(shape, dtype=mu.dtype, device=mu.device) * auxiliary_scale[n]
         if dreg and top_down is None:
             post_mu, post_logvar = post_mu.detach(), post_logvar.detach()
         elif dreg:

@@ -157,7 +157,7 @@ def private_posterior(net, mu, logvar, z):
     return net(mu.expand(z.shape[:-1] + mu.shape[-1:]), logvar.expand(z.shape[:-1] + mu.shape[-1:]), z)
 
 
-def hoelder_plus_reference(x, mu, logvar, decoders, present, auxiliary_logscale, top_down, num_samples, estimator,
+def hoelder_plus_reference(x, mu, logvar, decoders, present, auxiliary_scale, top_down, num_samples, estimator,
                            shared, private, stop=False):
     """The Hölder+ / Hölder++ objective written out component by component from the sampling rule. With
     ``stop``, a surrogate with DReG's gradient in the encoders' outputs and the top-down nets: ``pi``'s gradient
@@ -189,7 +189,7 @@ def hoelder_plus_reference(x, mu, logvar, decoders, present, auxiliary_logscale,
                 log_q = log_q + Normal(q_mu, (0.5 * q_logvar).exp()).log_prob(w).sum(-1)
                 log_p = log_p + Normal(0.0, 1.0).log_prob(w).sum(-1)
             else:  # cross-reconstruction: the auxiliary r_n
-                w = noise[n][1][:, c] * auxiliary_logscale[n].exp()
+                w = noise[n][1][:, c] * auxiliary_scale[n]
             inputs.append((zc, w))
         log_w = likelihood(x, present, inputs, decoders) + BETA * (log_p - log_q)
         iwae = torch.logsumexp(log_w, 0) - math.log(k)
@@ -204,22 +204,22 @@ def hoelder_plus_reference(x, mu, logvar, decoders, present, auxiliary_logscale,
 
 def plus_model(top_down, shared=2, private=1, seed=0):
     x, mu, logvar, decoders, present = tiny(shared, private, seed=seed)
-    auxiliary_logscale = torch.tensor([[1.2], [-0.8], [0.5]], requires_grad=True)
+    auxiliary_scale = torch.tensor([[1.2], [0.4], [0.8]], requires_grad=True)
     nets = None
     if top_down:
         torch.manual_seed(seed + 1)
         nets = torch.nn.ModuleList(TopDownPrivate(shared, private, hidden=5) for _ in range(3))
         for net in nets:  # away from the zero start, so that z moves the private posterior
             torch.nn.init.normal_(net.net[-1].weight, std=0.5)
-    return x, mu, logvar, decoders, present, auxiliary_logscale, nets
+    return x, mu, logvar, decoders, present, auxiliary_scale, nets
 
 
 def run_plus(model, num_samples, estimator, seed=9, private=1):
-    x, mu, logvar, decoders, present, auxiliary_logscale, nets = model
+    x, mu, logvar, decoders, present, auxiliary_scale, nets = model
     torch.manual_seed(seed)
     return objectives.holder_plus_objective(
         x, present, mu, logvar, decoders, likelihood, aggregate, beta=BETA, num_samples=num_samples,
-        estimator=estimator, private_dim=private, auxiliary_logscale=auxiliary_logscale,
+        estimator=estimator, private_dim=private, auxiliary_scale=auxiliary_scale,
         members=opf.holder_mixture_members(3, 0.5), top_down=nets)
 
 
@@ -227,13 +227,13 @@ def run_plus(model, num_samples, estimator, seed=9, private=1):
 @pytest.mark.parametrize("estimator, num_samples", [("elbo", 1), ("elbo", 3), ("iwae", 3)])
 def test_hoelder_plus_objective_follows_the_per_component_sampling_rule(top_down, estimator, num_samples):
     model = plus_model(top_down)
-    x, mu, logvar, decoders, present, auxiliary_logscale, nets = model
+    x, mu, logvar, decoders, present, auxiliary_scale, nets = model
     terms = run_plus(model, num_samples, estimator)
     torch.manual_seed(9)
-    expected = hoelder_plus_reference(x, mu, logvar, decoders, present, auxiliary_logscale, nets, num_samples,
+    expected = hoelder_plus_reference(x, mu, logvar, decoders, present, auxiliary_scale, nets, num_samples,
                                       estimator, 2, 1)
     torch.testing.assert_close(terms.objective, expected)
-    parameters = [mu, logvar, auxiliary_logscale, *decoders.parameters(), *(nets.parameters() if nets else [])]
+    parameters = [mu, logvar, auxiliary_scale, *decoders.parameters(), *(nets.parameters() if nets else [])]
     got = torch.autograd.grad(terms.objective.sum(), parameters)
     want = torch.autograd.grad(expected.sum(), parameters)
     for g, w in zip(got, want):
@@ -248,17 +248,17 @@ def test_hoelder_plus_dreg_gradients(top_down):
     nets get pi's gradient times the IWAE value plus the path gradients weighted by the squared normalised
     weights (each path once, also where Hölder++'s private draws reach z through the top-down nets)."""
     model = plus_model(top_down)
-    x, mu, logvar, decoders, present, auxiliary_logscale, nets = model
+    x, mu, logvar, decoders, present, auxiliary_scale, nets = model
     iwae, dreg = run_plus(model, 4, "iwae"), run_plus(model, 4, "dreg")
     torch.testing.assert_close(dreg.objective, iwae.objective)  # DReG's value is the IWAE bound
-    decoder_side = [auxiliary_logscale, *decoders.parameters()]
+    decoder_side = [auxiliary_scale, *decoders.parameters()]
     for g, w in zip(torch.autograd.grad(dreg.objective.sum(), decoder_side, retain_graph=True),
                     torch.autograd.grad(iwae.objective.sum(), decoder_side, retain_graph=True)):
         torch.testing.assert_close(g, w)
     encoder_side = [mu, logvar, *(nets.parameters() if nets else [])]
     got = torch.autograd.grad(dreg.objective.sum(), encoder_side)
     torch.manual_seed(9)
-    surrogate = hoelder_plus_reference(x, mu, logvar, decoders, present, auxiliary_logscale, nets, 4, "dreg", 2, 1,
+    surrogate = hoelder_plus_reference(x, mu, logvar, decoders, present, auxiliary_scale, nets, 4, "dreg", 2, 1,
                                        stop=True)
     want = torch.autograd.grad(surrogate.sum(), encoder_side)
     for g, w in zip(got, want):

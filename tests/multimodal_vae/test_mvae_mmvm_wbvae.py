@@ -71,7 +71,7 @@ def inputs():
 def terms_of(model, x, present, seed=9):
     likelihood = objectives.Likelihood(WEIGHTS)
     mu, logvar = model._encode(x)
-    extra = {"auxiliary_logscale": model.auxiliary_logscale} if model.auxiliary_logscale is not None else {}
+    extra = {"auxiliary_scale": model.auxiliary_scale()} if model.auxiliary_logits is not None else {}
     torch.manual_seed(seed)
     return model.objective(x, present, mu, logvar, model.decoders, likelihood, model.pooling, **extra)
 
@@ -273,7 +273,7 @@ def test_joint_elbo_with_private_latents_against_an_independent_computation():
     """WB-VAE with modality-specific latents: z after aggregation, each present modality decoded with its own
     posterior's w (no r_n ever), and their KLs added."""
     model = linear_model("wbvae", private_dim=P)
-    assert model.auxiliary_logscale is None  # a single Gaussian pool never reconstructs from r_n
+    assert model.auxiliary_logits is None  # a single Gaussian pool never reconstructs from r_n
     x, present = inputs()
     terms = terms_of(model, x, present)
     mu, logvar = unimodal(model, x)
@@ -296,7 +296,7 @@ def test_subset_mixture_elbo_with_private_latents_against_an_independent_computa
     modality n counts with the weight of the subsets that hold it."""
     model = linear_model("mopoe", private_dim=P)
     with torch.no_grad():
-        model.auxiliary_logscale.copy_(torch.linspace(-0.6, 0.5, M * P).reshape(M, P))
+        model.auxiliary_logits.copy_(torch.linspace(-0.6, 0.5, M * P).reshape(M, P))
     x, present = inputs()
     subsets = [s for k in range(1, M + 1) for s in itertools.combinations(range(M), k)]
     chosen = [subsets[b * len(subsets) // B] for b in range(B)]
@@ -328,7 +328,7 @@ def test_subset_mixture_elbo_with_private_latents_against_an_independent_computa
             if n in chosen[b]:
                 w = mu[n, b, D:] + sd[n, b, D:] * eps_private[n, b]
             else:
-                w = eps_auxiliary[n, b] * model.auxiliary_logscale[n].exp()
+                w = eps_auxiliary[n, b] * P * torch.softmax(model.auxiliary_logits[n], -1)
             loc = model.decoders[n].decoder(torch.cat([z, w]))
             rec[b] += WEIGHTS[n] * laplace(x[n][b:b + 1], loc[None])[0]
         valid = [s for s in subsets if any(present[n, b] for n in s)]

@@ -375,10 +375,10 @@ def test_mmvae_plus_elbo_against_an_independent_computation():
     x, present = batch().double(), present_with_gaps()
     model = make("mmvaeplus").double()
     with torch.no_grad():
-        model.auxiliary_logscale.copy_(torch.linspace(-0.5, 0.4, 9).reshape(3, 3))
+        model.auxiliary_logits.copy_(torch.linspace(-0.5, 0.4, 9).reshape(3, 3))
     torch.manual_seed(11)
     terms = model.objective(list(x.unbind(1)), present, *model._encode(x), model.decoders, model.likelihood,
-                            model.aggregate, auxiliary_logscale=model.auxiliary_logscale)
+                            model.aggregate, auxiliary_scale=model.auxiliary_scale())
     assert mu_shape(model, x) == (3, 6, 8)
     mu, logvar = model._encode(x)
     normal = torch.distributions.Normal
@@ -395,7 +395,9 @@ def test_mmvae_plus_elbo_against_an_independent_computation():
         log_p = normal(0.0, 1.0).log_prob(u).sum(-1)
         log_lik = 0
         for d in range(3):
-            private = w if d == m else torch.randn_like(w) * model.auxiliary_logscale[d].exp()
+            # the auxiliary scales: softmax of the logits times the private size (3)
+            scales = 3 * model.auxiliary_logits[d].exp() / model.auxiliary_logits[d].exp().sum()
+            private = w if d == m else torch.randn_like(w) * scales
             loc = model.decoders[d].decoder(torch.cat([z, private], -1))
             term = torch.distributions.Laplace(loc, 0.75).log_prob(x[:, d]).flatten(-3).sum(-1)
             log_lik = log_lik + torch.where(present[d], term, 0)
@@ -485,11 +487,25 @@ def mu_shape(model, x):
     return tuple(model.encode(x)[0].shape)
 
 
+@pytest.mark.parametrize("name", ["mmvaeplus", "holderplus"])
+def test_auxiliary_scales_keep_the_prior_mean_scale(name):
+    """As in the MMVAE+ code, r_n's scales are learnable only in their shape: their mean over the private
+    coordinates is one, the prior's, which the evaluation uses (free scales shrank in training)."""
+    model = make(name)
+    with torch.no_grad():
+        model.auxiliary_logits.copy_(torch.randn(model.auxiliary_logits.shape) * 3 - 2)
+    scale = model.auxiliary_scale()
+    assert scale.shape == (3, model.private_dim) and (scale > 0).all()
+    torch.testing.assert_close(scale.mean(-1), torch.ones(3))
+    scale[0, 0].backward()
+    assert model.auxiliary_logits.grad[0].abs().sum() > 0 and model.auxiliary_logits.grad[1:].abs().sum() == 0
+
+
 def test_mmvae_plus_dreg_has_the_iwae_decoder_gradient():
     grads = gradients_by_estimator("mmvaeplus", 4)
     for name in grads["iwae"]:
         assert torch.isfinite(grads["dreg"][name]).all(), name
-        if name.startswith("decoders.") or name == "auxiliary_logscale":
+        if name.startswith("decoders.") or name == "auxiliary_logits":
             assert torch.allclose(grads["dreg"][name], grads["iwae"][name], rtol=1e-9, atol=1e-12), name
     assert not torch.allclose(grads["dreg"]["encoders.1.mean.weight"], grads["iwae"]["encoders.1.mean.weight"])
 
