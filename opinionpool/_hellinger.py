@@ -18,18 +18,18 @@ in slices of about ``_chunks.CPU_CHUNK_BYTES`` per row of pairs, so that tempora
 instead of being faulted in page by page.
 
 ``fused=True`` trades the eager passes for one fused pass per sample. On the CPU that is a C++ kernel
-(``_hellinger_kernel.cpp``, built with ``torch.utils.cpp_extension`` on first use, about a minute, then cached per
-machine): per sample, it forms each pair's terms in SIMD registers over the dimensions and never materialises a
-pair tensor; a pair's ratios come from the experts' variances relative to the largest (a division, no
-transcendental function per pair and dimension) and the Bhattacharyya term :math:`\sum_d \log((1 + e^{-a})/2)`
-as the logarithm of a running product (one vector logarithm per 64 SIMD vectors of dimensions). Elsewhere (a GPU)
-it runs the same mathematics through ``torch.compile``: up to ``UNROLL_MAX_EXPERTS`` experts the pairs unrolled in
-Python (``_forward_unrolled``, ``_backward_unrolled``), each a few ``(..., D)`` operations from per-expert terms,
-which the compiler fuses into one loop per body with no ``(..., P, D)`` tensor (this graph grows as M^2: at M = 10
-it compiled for over 20 minutes on the CPU); beyond, the row bodies of the eager path. One compilation per number
-of experts, dtype, device and shape; later calls reuse it. On ``torch.func``-wrapped tensors (``vmap``; the
-backward pass under ``grad``, ``vjp``, ``jacrev``), which the kernel cannot take, the eager bodies run. Where the
-kernel cannot be built or compilation fails it warns once and runs the same bodies eagerly.
+(``_hellinger_kernel.cpp``, built with ``torch.utils.cpp_extension`` on first use, then cached per machine;
+docs/benchmarks.md has its build time): per sample, it forms each pair's terms in SIMD registers over the dimensions
+and never materialises a pair tensor; a pair's ratios come from the experts' variances relative to the largest (a
+division, no transcendental function per pair and dimension) and the Bhattacharyya term :math:`\sum_d \log((1 +
+e^{-a})/2)` as the logarithm of a running product (one vector logarithm per 64 SIMD vectors of dimensions).
+Elsewhere (a GPU) it runs the same mathematics through ``torch.compile``: up to ``UNROLL_MAX_EXPERTS`` experts the
+pairs unrolled in Python (``_forward_unrolled``, ``_backward_unrolled``), each a few ``(..., D)`` operations from
+per-expert terms, which the compiler fuses into one loop per body with no ``(..., P, D)`` tensor (this graph, and
+its compile time, grow as M^2); beyond, the row bodies of the eager path. One compilation per number of experts,
+dtype, device and shape; later calls reuse it. On ``torch.func``-wrapped tensors (``vmap``; the backward pass under
+``grad``, ``vjp``, ``jacrev``), which the kernel cannot take, the eager bodies run. Where the kernel cannot be built
+or compilation fails it warns once and runs the same bodies eagerly.
 """
 
 from __future__ import annotations

@@ -304,7 +304,7 @@ def holder(mu, logvar, alpha=0.5, *, dim=0, weights=None, mask=None, prior_exper
 
     ``alpha=0.5`` runs as one autograd function (pairs recomputed in the backward pass, nothing of the size of the
     components saved). ``fused=True`` runs it as one fused pass per sample: on the CPU a C++ kernel built on first
-    use (about a minute, then cached per machine), elsewhere its forward and backward bodies through
+    use (then cached per machine), elsewhere its forward and backward bodies through
     ``torch.compile`` (the first call for each number of experts, dtype, device and shape compiles); where neither
     works it warns once and runs eagerly. Other orders ignore ``fused``.
     """
