@@ -3,9 +3,9 @@
     python -m applications.multimodal_vae train --preset polymnist-helvae [--set key=value ...] [--resume]
     torchrun --nproc_per_node N -m applications.multimodal_vae train ...   (distributed data parallel)
     python -m applications.multimodal_vae evaluate --run runs/NAME [--set eval.key=value ...]
-    python -m applications.multimodal_vae grid --run runs/NAME [--columns 8] [--scale 3] [--out FILE]
-    python -m applications.multimodal_vae sweep --preset polymnist-cpu [--set key=value ...] [--train-only]
-        [--stop-after MINUTES] [--summarise-only]     (several at once share the grid: one run each at a time)
+    python -m applications.multimodal_vae grid --run runs/NAME [--columns 8] [--scale 3] [--seed 0] [--out FILE]
+    python -m applications.multimodal_vae sweep --preset polymnist-cpu [--set key=value ...] [--workers N]
+        [--train-only] [--stop-after MINUTES] [--summarise-only]   (workers share the grid: one run each at a time)
     python -m applications.multimodal_vae study --sweep runs/polymnist-cpu-study [--preset NAME ...] [--docs docs]
     python -m applications.multimodal_vae presets
     python -m applications.multimodal_vae build-polymnist [--root data/polymnist] [--seed 0]
