@@ -303,7 +303,11 @@ def _point_statistics(family, points, log_w, wanted, standard_errors: bool):
         out["mean"], out["variance"] = Estimate(*mean), Estimate(*variance)
         return log_total, out
     if wanted & {"mean", "variance", "covariance"}:
-        mean = (pi_e * points).sum(0)
+        # relative to the heaviest point: points far from zero (1e6 +- 1) would otherwise lose to the sum's rounding
+        # digits their spread has
+        heaviest = points.gather(0, log_w.argmax(0, keepdim=True).reshape((1,) + pi.shape[1:] + (1,) * event_dims)
+                                 .expand((1,) + points.shape[1:]))[0]
+        mean = heaviest + (pi_e * (points - heaviest)).sum(0)
         dev = points - mean
         sq = dev * dev
         variance = (pi_e * sq).sum(0)
@@ -531,7 +535,9 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
         if math.isfinite(end) and len(inner):
             gap = sign * ((inner.min() if sign > 0 else inner.max()) - end)
             geometry, ladder = _end_panel_geometry(lambda z: torch.as_tensor(log_u(z.numpy())), sign, end,
-                                                   torch.tensor([gap], dtype=torch.float64), shift)
+                                                   torch.tensor([gap], dtype=torch.float64), shift,
+                                                   lambda z: torch.as_tensor(log_u(z.numpy(), experts=True)[1]),
+                                                   log_weights[present].unsqueeze(0), alpha)
             if bool(geometry.steep[0]):
                 ladder = ladder[0].numpy()
                 edges = np.unique(np.concatenate((edges[edges != end], ladder[~np.isnan(ladder)])))
@@ -653,8 +659,7 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     relative = relative + _unseen_errors(end_geometry, g, torch.as_tensor(lm_half.reshape(1, -1)),
                                          torch.tensor([shift + math.log(total)]),
                                          torch.as_tensor(z_half.reshape(1, -1)),
-                                         lambda z: torch.as_tensor(integrands(z.numpy())),
-                                         lambda z: torch.as_tensor(log_u(z.numpy())))[0].numpy()
+                                         lambda z: torch.as_tensor(integrands(z.numpy())))[0].numpy()
     out = {"log_normalizer": (shift + math.log(total), relative[0])}
     _, stats = _point_statistics(family, points, log_mass, wanted, standard_errors=False)
     if "mean" in stats and not family.circular:
@@ -726,15 +731,18 @@ class _EndPanel:
     ``[1e-8, 1]``) makes such a power law constant in ``x``: Gauss–Legendre on ``x`` is exact for it and the
     bisection sees what departs from it. Points are evaluated at ``end +- d`` rounded; the rounding (large next to an
     end other than 0, where the representable points are about ``1e-16 |end|`` apart) is undone by the factor
-    ``(d / d_rounded)^exponent``, and below ``nearest`` the power law is extrapolated from ``nearest``: at a Beta's
-    end at 1 the points closer than ``2^-44`` are not distinct, and a Gamma of shape 0.01 has a thousandth of its
-    mass below 1e-300. The exponent is the slope of ``log u`` against ``log d`` over the first of three blocks of
-    ``octaves`` octaves above ``nearest`` (six, fewer where the pool's nearest expert edge is closer);
-    ``deviation`` bounds its distance from the limit at the end: twice the rest of the geometric series whose first
-    terms are its changes over the next two blocks, at a ratio of at least ``2^-octaves`` per block (a pool's
-    exponent converges as a power of ``d``, a smooth factor's as ``d``), infinite where they do not shrink or
-    cannot be fitted (then the extrapolation takes ``u`` as constant below ``nearest``). The extrapolated mass is
-    uncertain by ``2 deviation / power`` of itself, at most all of it.
+    ``(d / d_rounded)^exponent``, and below ``nearest`` the experts' own power laws are extrapolated from
+    ``nearest`` and pooled there: at a Beta's end at 1 the points closer than ``2^-44`` are not distinct, a Gamma of
+    shape 0.01 has a thousandth of its mass below 1e-300, and which expert a pool follows can change below
+    ``nearest`` (the minimum of Beta(0.01, 0.01) and Beta(0.05, 0.03) switches at 2e-29 from 1: the pool's own law
+    extrapolated put twice the mass there). Each exponent (the pool's, for the variable, and each expert's) is the
+    slope of its ``log`` density against ``log d`` over the first of three blocks of ``octaves`` octaves above
+    ``nearest`` (six, fewer where the pool's nearest expert edge is closer); ``deviation`` bounds the experts'
+    exponents' distance from their limits at the end: twice the rest of the geometric series whose first terms are
+    their changes over the next two blocks, at a ratio of at least ``2^-octaves`` per block (a smooth factor's
+    converges as ``d``), infinite where they do not shrink or cannot be fitted (then the extrapolation takes ``u`` as
+    constant below ``nearest``). The extrapolated mass is uncertain by ``2 deviation / power`` of itself, at most
+    all of it.
     """
 
     reach: torch.Tensor  # (pools,)
@@ -743,29 +751,80 @@ class _EndPanel:
     deviation: torch.Tensor
     nearest: float
     steep: torch.Tensor  # whether a pool uses the end panel at all
+    # the experts' log-densities at `nearest` and exponents (pools, M), the pools' log-weights and alpha
+    expert_log_q: torch.Tensor
+    expert_exponent: torch.Tensor
+    log_weights: torch.Tensor
+    alpha: float
+    # at most the pool's local power anywhere below `nearest`: the panel variable's power, and 1 / depth_power
+    # bounds the mean depth E[log(nearest / d)] of the extrapolated mass (_depth_power)
+    depth_power: torch.Tensor
 
     def nodes(self, rows, end, sign: float, x):
         """Points and ``log`` of (Jacobian times the rounding and extrapolation factor) at panel variables ``x``
         ``(len(rows), panels, nodes)`` in ``(0, 1]`` of the pools ``rows``; ``end`` broadcasts against ``x``."""
-        reach, power, exponent = (v[rows].reshape(-1, 1, 1) for v in (self.reach, self.power, self.exponent))
+        reach, power, exponent = (v[rows].reshape(-1, 1, 1) for v in (self.reach, self.depth_power, self.exponent))
         log_x = x.log()
         log_d = reach.log() + log_x / power
         z = end + sign * log_d.exp().clamp_min(self.nearest)
         log_rounded = (sign * (z - end)).log()  # exact: the difference of two nearby floats (Sterbenz)
-        return z, (reach / power).log() + (1 / power - 1) * log_x + exponent * (log_d - log_rounded)
+        factor = exponent * (log_d - log_rounded)
+        below = log_d < math.log(self.nearest)
+        if bool(below.any()):
+            # u at the nearest point is the pool of the experts' values there: below it, the pool of their laws
+            pool_of = torch.arange(len(rows)).reshape(-1, 1, 1).expand(below.shape)[below]
+            ell, slope, log_w = (v[rows][pool_of] for v in (self.expert_log_q, self.expert_exponent, self.log_weights))
+            depth = (log_d - log_rounded)[below].unsqueeze(-1)  # from the point the experts were evaluated at
+            pooled = log_power_mean(ell + slope * depth, log_w, self.alpha) - log_power_mean(ell, log_w, self.alpha)
+            factor = factor.masked_scatter(below, torch.nan_to_num(pooled, nan=0.0, posinf=0.0))
+        return z, (reach / power).log() + (1 / power - 1) * log_x + factor
 
     def extrapolated(self, rows, end, sign: float, z):
         """Which of the points ``z`` ``(len(rows), N)`` were extrapolated (they all sit at the nearest point)."""
         return self.steep[rows].unsqueeze(-1) & (z == end + sign * self.nearest)
 
 
-def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor, top) -> tuple[_EndPanel, torch.Tensor]:
+def _depth_power(power, expert_exponent, log_weights, alpha: float) -> torch.Tensor:
+    """The pools' power below the nearest point at its smallest: the pool's slope in ``log d`` is a weighted average
+    of the experts' exponents whose weights move, as ``d`` shrinks, towards the least singular expert for
+    ``alpha < 0`` (so the pool's own power at the nearest point is the smallest) and towards the most singular one
+    for ``alpha > 0`` (whose power then bounds it; a pool's own power there, with the experts' powers far below,
+    mapped an integrand like ``x^-0.98`` onto the panel, which no bisection resolves)."""
+    if alpha <= 0:
+        return power
+    least = torch.where(log_weights > -math.inf, expert_exponent, math.inf).amin(-1)
+    return torch.minimum(power, (least + 1).clamp(1e-8, 1.0))
+
+
+def _exponent_fit(log_values: torch.Tensor, log_distance: torch.Tensor, octaves: torch.Tensor):
+    """``(exponent, deviation)`` of densities ``log_values`` ``(pools, 4, ...)`` at the distances ``log_distance``
+    ``(pools, 4)`` from an end (four points ``octaves`` octaves apart): the slope over the first block, and the
+    bound on its distance from the limit described in :class:`_EndPanel` (infinite where the slopes are not finite or
+    do not converge)."""
+    extra = (1,) * (log_values.dim() - 2)
+    spacing = log_distance.diff(dim=1).reshape(log_distance.shape[:1] + (3,) + extra)
+    slopes = log_values.diff(dim=1) / spacing
+    near, far = slopes[:, 1] - slopes[:, 0], slopes[:, 2] - slopes[:, 1]  # changes away from the end
+    # at least the ratio of a term linear in d (a smooth factor of the density, which a faster-shrinking term can
+    # hide in the far block)
+    floor = (2.0 ** -octaves.clamp_min(1.0)).reshape(octaves.shape + extra)
+    ratio = (near / far).clamp_min(floor)
+    converging = (near / far >= 0) & (ratio < 1)
+    deviation = torch.where(converging, 2 * near.abs() * ratio / (1 - ratio).clamp_min(1e-300), math.inf)
+    deviation = torch.where(torch.maximum(near.abs(), far.abs()) <= _EXPONENT_NOISE, 0.0, deviation)
+    deviation = torch.where(torch.isfinite(slopes).all(1), deviation.clamp_min(_EXPONENT_NOISE), math.inf)
+    return slopes[:, 0], deviation
+
+
+def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor, top, expert_log_q, log_weights,
+                        alpha) -> tuple[_EndPanel, torch.Tensor]:
     """The :class:`_EndPanel` of the end ``end`` (``sign`` +1 for a lower end, -1 for an upper one) of pools whose
     nearest expert edge lies ``gap`` ``(pools,)`` from it, and its ladder: edges ``(pools, len(_LADDER) + 1)`` in
     geometric progression from that edge down to ``reach``, NaN where unused. ``log_u`` evaluates the pools at points
-    ``(pools, n)``; ``top`` is their highest ``log u``. A pool uses the end panel (``steep``) where ``u`` grows
-    towards the end or is not negligible next to it (a Gamma or Beta expert of shape below one, or of a non-integer
-    shape: a singular derivative)."""
+    ``(pools, n)``, ``expert_log_q`` their experts' log-densities ``(pools, n, M)`` (of log-weights ``log_weights``
+    ``(pools, M)``, pooled at ``alpha``); ``top`` is the pools' highest ``log u``. A pool uses the end panel
+    (``steep``) where ``u`` grows towards the end or is not negligible next to it (a Gamma or Beta expert of shape
+    below one, or of a non-integer shape: a singular derivative)."""
     probe = log_u(end + sign * gap.unsqueeze(-1) * torch.tensor([1e-6, 1e-3], dtype=torch.float64))
     steep = (probe[:, 0] > probe[:, 1]) | (probe[:, 0] > top - 50)
     nearest = _NEAREST_AT_ZERO if end == 0 else _NEAREST_RELATIVE * abs(end)
@@ -773,17 +832,14 @@ def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor, top) 
     octaves = (torch.log2(0.25 * gap / nearest) / 3).clamp(max=_FIT_OCTAVES)
     z = end + sign * nearest * 2.0 ** (octaves.clamp_min(1.0).unsqueeze(-1) * torch.arange(4, dtype=torch.float64))
     log_distance = (sign * (z - end)).log()
-    slopes = log_u(z).diff(dim=-1) / log_distance.diff(dim=-1)
-    exponent = slopes[:, 0]
-    near, far = slopes[:, 1] - slopes[:, 0], slopes[:, 2] - slopes[:, 1]  # changes away from the end
-    # at least the ratio of a term linear in d (a smooth factor of the density, which a faster-shrinking term can
-    # hide in the far block)
-    ratio = (near / far).clamp_min(2.0 ** -octaves.clamp_min(1.0))
-    converging = (near / far >= 0) & (ratio < 1)
-    deviation = torch.where(converging, 2 * near.abs() * ratio / (1 - ratio).clamp_min(1e-300), math.inf)
-    deviation = torch.where(torch.maximum(near.abs(), far.abs()) <= _EXPONENT_NOISE, 0.0, deviation)
-    deviation = deviation.clamp_min(_EXPONENT_NOISE)
-    fitted = torch.isfinite(slopes).all(-1) & (octaves >= 1)
+    exponent, _ = _exponent_fit(log_u(z), log_distance, octaves)
+    expert_values = expert_log_q(z)  # (pools, 4, M)
+    expert_exponent, expert_deviation = _exponent_fit(expert_values, log_distance, octaves)
+    fitted = torch.isfinite(exponent) & (octaves >= 1)
+    # an expert with no density there neither moves the pool nor bounds its exponent
+    counted = (log_weights > -math.inf) & torch.isfinite(expert_values[:, 0])
+    expert_exponent = torch.where(counted & fitted.unsqueeze(-1), expert_exponent, 0.0)
+    deviation = torch.where(counted, expert_deviation, 0.0).amax(-1)
     # next to an end other than 0 points round by up to 1e-16 |end|: the panel reaches far enough for the rounding
     # outside it to be negligible, its own corrected
     shortest = 256 * nearest if end == 0 else 2.0**-8 * abs(end)
@@ -791,37 +847,46 @@ def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor, top) 
     exponent = torch.where(fitted, exponent, 0.0)
     ladder = torch.cat((gap.unsqueeze(-1) * _LADDER, reach.unsqueeze(-1)), -1)
     ladder = torch.where(steep.unsqueeze(-1) & (ladder >= reach.unsqueeze(-1)), end + sign * ladder, math.nan)
-    return _EndPanel(reach=reach, power=(exponent + 1).clamp(1e-8, 1.0), exponent=exponent,
-                     deviation=torch.where(fitted, deviation, math.inf), nearest=nearest, steep=steep), ladder
+    power = (exponent + 1).clamp(1e-8, 1.0)
+    return _EndPanel(reach=reach, power=power, exponent=exponent, deviation=torch.where(fitted, deviation, math.inf),
+                     nearest=nearest, steep=steep, expert_log_q=expert_values[:, 0], expert_exponent=expert_exponent,
+                     log_weights=log_weights, alpha=float(alpha),
+                     depth_power=_depth_power(power, expert_exponent, log_weights, float(alpha))), ladder
 
 
-def _unseen_errors(end_geometry, g, log_mass, log_z, points, integrands, log_u):
+def _unseen_errors(end_geometry, g, log_mass, log_z, points, integrands):
     """The errors ``(pools, K)``, relative to the normaliser, that comparing rules cannot see: rounding (a few ulps
     of each node's ``|log mass|``) and the mass extrapolated next to the ends (the ``(sign, end, _EndPanel)`` of
     ``end_geometry``). ``g`` ``(pools, N, K)``: the integrands' absolute values at the nodes ``points`` ``(pools, N)``
-    of log-masses ``log_mass``; ``integrands`` gives their signed values ``(pools, n, K)`` and ``log_u`` the pools'
-    ``log u`` ``(pools, n)`` at points ``(pools, n)``.
+    of log-masses ``log_mass``; ``integrands`` gives their signed values ``(pools, n, K)`` at points ``(pools, n)``.
 
-    Below the nearest point ``n`` the rule sees every integrand ``f`` at ``n``, while the mass there,
-    ``u(n) n / power``, spreads as ``d^(power - 1)`` (``d`` the distance to the end). Over it ``f`` averages
-    ``f(n) - s / power`` if it is ``a + s log d`` (a statistic ``log z``, ``log u``, another log-density), and
-    less far if it is ``a + c d^k`` (``k > 0``: ``z`` itself); ``s`` is taken as ``f``'s change over the octave
-    above ``n`` divided by ``log 2`` (at least the slope for either shape). The exponent's uncertainty widens both
-    ``1 / power`` factors and adds its share of the mass times ``|f(n)|``."""
+    Below the nearest point ``n`` the rule sees every integrand ``f`` at ``n``, while the mass there (the nodes'
+    that were extrapolated, at least ``u(n) n / power`` of the pool's own law) spreads down to the end, at a mean
+    depth ``E[log(n / d)]`` of at most ``1 / depth_power`` (``d`` the distance to the end; ``_depth_power``). Over
+    it ``f`` averages ``f(n) - s E[log(n / d)]`` if it is ``a + s log d`` (a statistic ``log z``, ``log u``, another
+    log-density), and less far if it is ``a + c d^k`` (``k > 0``: ``z`` itself); ``s`` is taken as ``f``'s change
+    over the octave above ``n`` divided by ``log 2`` (at least the slope for either shape). The exponents'
+    uncertainty widens the mass and the depth and adds its share of the mass times ``|f(n)|``."""
     share = (log_mass - log_z.unsqueeze(-1)).exp().unsqueeze(-1)
     error = _ROUNDING * torch.where(share > 0, share * g * (1 + log_mass.abs().unsqueeze(-1)), 0.0).sum(1)
     rows = torch.arange(len(points))
     for sign, end, geometry in end_geometry:
-        extrapolated = geometry.extrapolated(rows, end, sign, points).any(-1)
+        flags = geometry.extrapolated(rows, end, sign, points)
+        extrapolated = flags.any(-1)
         if bool(extrapolated.any()):
             octave = (end + sign * geometry.nearest * torch.tensor([1.0, 2.0], dtype=points.dtype)).expand(len(points), 2)
             values = integrands(octave)
             slope = (values[:, 1] - values[:, 0]).abs() / math.log(2)
-            uncertainty = (2 * geometry.deviation / geometry.power).clamp_max(1.0).unsqueeze(-1)
-            widened = (1 + uncertainty) / geometry.power.unsqueeze(-1)
+            power = geometry.depth_power
+            uncertainty = (2 * geometry.deviation / power).clamp_max(1.0).unsqueeze(-1)
+            # the nodes' extrapolated mass, or the pool's own power law's below the nearest point if more (exact
+            # for a pure power law, which the nodes' sum only approximates)
+            mass = torch.where(flags, (log_mass - log_z.unsqueeze(-1)).exp(), 0.0).sum(-1, keepdim=True)
+            log_u_nearest = log_power_mean(geometry.expert_log_q, geometry.log_weights, geometry.alpha)
             distance = sign * (octave[:, :1] - end)
-            below = (log_u(octave[:, :1]) - log_z.unsqueeze(-1)).exp() * distance * widened
-            part = below * (values[:, 0].abs() * uncertainty + slope * widened)
+            law = (log_u_nearest - log_z).exp().unsqueeze(-1) * distance / geometry.power.unsqueeze(-1)
+            below = torch.maximum(mass, torch.nan_to_num(law, nan=0.0)) * (1 + uncertainty)
+            part = below * (values[:, 0].abs() * uncertainty + slope * (1 + uncertainty) / power.unsqueeze(-1))
             error = error + torch.where(extrapolated.unsqueeze(-1), part, 0.0)
     return error
 
@@ -865,6 +930,11 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
             out = torch.where(inside, log_power_mean(ell, log_weights[rows], alpha), -math.inf)
         count += flat.numel()
         return out.T.reshape(z.shape)
+
+    def expert_log_q(z):
+        """The experts' ``log q_j`` ``(pools, n, M)`` at points ``z`` ``(pools, n)`` inside the support."""
+        with torch.no_grad():
+            return expert_log_probs(family, params, z.T).transpose(0, 1)
 
     present = log_weights > -math.inf
     mu, var = (x.to(high) for x in _expert_moments(family, params))
@@ -930,7 +1000,8 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
                    if math.isfinite(end)]
     plain_ends, ladders, end_geometry = [], [], []
     for sign, end, nearest in end_columns:
-        geometry, ladder = _end_panel_geometry(log_u, sign, end, sign * (nearest - end), top)
+        geometry, ladder = _end_panel_geometry(log_u, sign, end, sign * (nearest - end), top, expert_log_q,
+                                               log_weights, alpha)
         ladders.append(ladder)
         plain_ends.append(torch.where(geometry.steep, math.nan, end))
         end_geometry.append((sign, end, geometry))
@@ -980,7 +1051,7 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
             at_end = (kind == end_kind).unsqueeze(-1)
             if bool(at_end.any()):
                 z_end, log_jac_end = geometry.nodes(rows, origin.unsqueeze(-1), math.copysign(1.0, end_kind),
-                                                    torch.where(at_end, x, 0.5))
+                                                    torch.where(at_end, x, 1.0))  # 1: the panel's far end
                 z, log_jac = torch.where(at_end, z_end, z), torch.where(at_end, log_jac_end, log_jac)
         width = torch.where(ok, 0.5 * (b - a), 1.0).log().unsqueeze(-1)
         inside = ok.unsqueeze(-1) & (z > lower) & (z < upper)  # a node rounded onto an end has no mass
@@ -1083,7 +1154,7 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
     g = integrands(z_half.unsqueeze(1), centre, spread).squeeze(1).abs()
     rows = torch.arange(pools)  # every pool, for log_u
     relative = relative + _unseen_errors(end_geometry, g, lm_half, log_z, z_half,
-                                         lambda z: integrands(z.unsqueeze(1), centre, spread).squeeze(1), log_u)
+                                         lambda z: integrands(z.unsqueeze(1), centre, spread).squeeze(1))
     nodes = (z_half.T, lm_half.T)
     _, stats = _point_statistics(family, nodes[0], nodes[1], wanted, standard_errors=False)
     return log_z, relative, centre, spread, stats, nodes, count, ok
