@@ -194,8 +194,12 @@ class _Bregman(torch.autograd.Function):
                 path = (_WEIGHTS.to(eta_p).reshape((-1,) + (1,) * eta_p.dim()) * along).sum(0)
                 change = torch.where(short.unsqueeze(-1), path, change)
             grad_p = -_curvature_times(family, eta_p, delta, create)
-        grad_p, grad_q = grad.unsqueeze(-1) * grad_p, grad.unsqueeze(-1) * change
-        broken = torch.isfinite(value).unsqueeze(-1) & ~(torch.isfinite(grad_p) & torch.isfinite(grad_q))
+        # an entry nothing depends on (upstream gradient zero) gets zero, whatever its own gradient
+        upstream = grad.unsqueeze(-1)
+        used = upstream != 0
+        grad_p = torch.where(used, upstream * grad_p, torch.zeros((), dtype=grad_p.dtype, device=grad_p.device))
+        grad_q = torch.where(used, upstream * change, torch.zeros((), dtype=change.dtype, device=change.device))
+        broken = (torch.isfinite(value).unsqueeze(-1) & used) & ~(torch.isfinite(grad_p) & torch.isfinite(grad_q))
         if bool(broken.any()):
             raise ValueError(f"{family.name} KL divergence: its gradient overflows in {eta_p.dtype} for these experts "
                              "(the curvature of the log-normaliser is infinite) (first natural parameter of p: "
@@ -204,11 +208,13 @@ class _Bregman(torch.autograd.Function):
 
 
 def _curvature_times(family, eta: torch.Tensor, direction: torch.Tensor, create: bool) -> torch.Tensor:
-    r""":math:`\nabla^2A(\eta)\,d`, by differentiating :math:`\nabla A(\eta)^\top d` (``eta`` may carry a
-    graph, kept where ``create``)."""
-    point = eta if eta.requires_grad else eta.detach().requires_grad_(True)
+    r""":math:`\nabla^2A(\eta)\,d` row by row (``eta`` and ``d`` broadcast), as the derivative of
+    :math:`\nabla A(\eta)` along ``d`` (``eta`` and ``d`` may carry graphs, kept where ``create``: ``d`` enters as
+    the direction, not as a function of ``eta``)."""
+    shape = torch.broadcast_shapes(eta.shape, direction.shape)
+    point = eta.expand(shape) if eta.requires_grad else eta.detach().expand(shape).clone().requires_grad_(True)
     (slope,) = torch.autograd.grad(family.log_normalizer(point).sum(), point, create_graph=True)
-    (product,) = torch.autograd.grad((slope * direction).sum(), point, create_graph=create)
+    (product,) = torch.autograd.grad(slope, point, grad_outputs=direction.expand(shape), create_graph=create)
     return product
 
 

@@ -541,10 +541,10 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
             if bool(geometry.steep[0]):
                 ladder = ladder[0].numpy()
                 edges = np.unique(np.concatenate((edges[edges != end], ladder[~np.isnan(ladder)])))
-                end_of_kind[2 * sign] = (end, geometry)
+                end_of_kind[2 * sign] = end_of_kind[3 * sign] = (end, geometry)
     tail_scale = float(sd.max())
     # panels in x-space: kind 0 is z = x; kind +-1 the tail z = origin +- scale x / (1 - x), x in [0, 1); kind +-2
-    # the end panel of the lower (upper) end, x in [0, 1]
+    # the shallow end panel of the lower (upper) end, x in [shallow_start, 1], and +-3 its deep one, x in [0, 1]
     a, b = edges[:-1], edges[1:]
     kind, origin = np.zeros(a.shape), np.zeros(a.shape)
     tail_x = np.array([0.0, 0.5, 0.9, 0.99, 1.0])
@@ -554,8 +554,9 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
             b = np.concatenate((b, tail_x[1:]))
             kind = np.concatenate((kind, np.full(4, sign)))
             origin = np.concatenate((origin, np.full(4, end)))
-    for end_kind, (end, _) in end_of_kind.items():
-        a, b = np.append(a, 0.0), np.append(b, 1.0)
+    for end_kind, (end, geometry) in end_of_kind.items():
+        start = 0.0 if abs(end_kind) == 3 else float(geometry.shallow_start()[0])
+        a, b = np.append(a, start), np.append(b, 1.0)
         kind, origin = np.append(kind, end_kind), np.append(origin, end)
 
     gl_t, gl_w = np.polynomial.legendre.leggauss(_GL_ORDER)
@@ -575,7 +576,7 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
             at_end = kind == end_kind
             if at_end.any():
                 z_end, log_jac_end = geometry.nodes(torch.zeros(1, dtype=torch.long), end, math.copysign(1.0, end_kind),
-                                                    torch.as_tensor(x[at_end]).unsqueeze(0))
+                                                    torch.as_tensor(x[at_end]).unsqueeze(0), deep=abs(end_kind) == 3)
                 z[at_end], log_jac[at_end] = z_end[0].numpy(), log_jac_end[0].numpy()
         return z, np.log(0.5 * (b - a))[:, None] + np.log(w) + log_jac
 
@@ -655,7 +656,8 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     log_mass = torch.as_tensor(lm_half.ravel())
     relative = diff.sum(0) / total  # per integrand, relative to the normaliser
     g = torch.as_tensor(np.abs(g_half)).reshape(1, -1, diff.shape[-1])  # the last round's, at these nodes
-    end_geometry = [(math.copysign(1.0, k), end, geometry) for k, (end, geometry) in end_of_kind.items()]
+    end_geometry = [(math.copysign(1.0, k), end, geometry) for k, (end, geometry) in end_of_kind.items()
+                    if abs(k) == 2]
     relative = relative + _unseen_errors(end_geometry, g, torch.as_tensor(lm_half.reshape(1, -1)),
                                          torch.tensor([shift + math.log(total)]),
                                          torch.as_tensor(z_half.reshape(1, -1)),
@@ -729,20 +731,20 @@ class _EndPanel:
     Near the end, at a distance ``d``, ``u ~ C d^exponent`` with ``exponent > -1`` (a Gamma of shape ``a`` has
     ``a - 1``). The panel's variable ``x = (d / reach)^power`` with ``power = exponent + 1`` (clipped to
     ``[1e-8, 1]``) makes such a power law constant in ``x``: Gauss–Legendre on ``x`` is exact for it and the
-    bisection sees what departs from it. Points are evaluated at ``end +- d`` rounded; the rounding (large next to an
-    end other than 0, where the representable points are about ``1e-16 |end|`` apart) is undone by the factor
-    ``(d / d_rounded)^exponent``, and below ``nearest`` the experts' own power laws are extrapolated from
-    ``nearest`` and pooled there: at a Beta's end at 1 the points closer than ``2^-44`` are not distinct, a Gamma of
-    shape 0.01 has a thousandth of its mass below 1e-300, and which expert a pool follows can change below
-    ``nearest`` (the minimum of Beta(0.01, 0.01) and Beta(0.05, 0.03) switches at 2e-29 from 1: the pool's own law
-    extrapolated put twice the mass there). Each exponent (the pool's, for the variable, and each expert's) is the
-    slope of its ``log`` density against ``log d`` over the first of three blocks of ``octaves`` octaves above
-    ``nearest`` (six, fewer where the pool's nearest expert edge is closer); ``deviation`` bounds the experts'
-    exponents' distance from their limits at the end: twice the rest of the geometric series whose first terms are
-    their changes over the next two blocks, at a ratio of at least ``2^-octaves`` per block (a smooth factor's
-    converges as ``d``), infinite where they do not shrink or cannot be fitted (then the extrapolation takes ``u`` as
-    constant below ``nearest``). The extrapolated mass is uncertain by ``2 deviation / power`` of itself, at most
-    all of it.
+    bisection sees what departs from it. Points are evaluated at ``end +- d`` rounded; the rounding (large next to
+    an end other than 0, where the representable points are about ``1e-16 |end|`` apart) is undone by the factor
+    ``(d / d_rounded)^exponent``, and below ``nearest``, in a deep panel of its own (variable
+    ``(d / nearest)^depth_power``), the experts' own power laws are extrapolated from ``nearest`` and pooled there:
+    at a Beta's end at 1 the points closer than ``2^-44`` are not distinct, a Gamma of shape 0.01 has a thousandth
+    of its mass below 1e-300, and which expert a pool follows can change below ``nearest`` (the minimum of
+    Beta(0.01, 0.01) and Beta(0.05, 0.03) switches at 2e-29 from 1: the pool's own law extrapolated put twice the
+    mass there). Each exponent (the pool's, for the variable, and each expert's) is the slope of its ``log`` density
+    against ``log d`` over the first of three blocks of ``octaves`` octaves above ``nearest`` (six, fewer where the
+    pool's nearest expert edge is closer); ``deviation`` bounds the experts' exponents' distance from their limits
+    at the end: twice the rest of the geometric series whose first terms are their changes over the next two blocks,
+    at a ratio of at least ``2^-octaves`` per block (a smooth factor's converges as ``d``), infinite where they do
+    not shrink or cannot be fitted (then the extrapolation takes ``u`` as constant below ``nearest``). The
+    extrapolated mass is uncertain by ``2 deviation / power`` of itself, at most all of it.
     """
 
     reach: torch.Tensor  # (pools,)
@@ -756,28 +758,40 @@ class _EndPanel:
     expert_exponent: torch.Tensor
     log_weights: torch.Tensor
     alpha: float
-    # at most the pool's local power anywhere below `nearest`: the panel variable's power, and 1 / depth_power
-    # bounds the mean depth E[log(nearest / d)] of the extrapolated mass (_depth_power)
+    # at most the pool's local power anywhere below `nearest`: the deep panel's power, and 1 / depth_power bounds
+    # the mean depth E[log(nearest / d)] of the extrapolated mass (_depth_power)
     depth_power: torch.Tensor
 
-    def nodes(self, rows, end, sign: float, x):
+    def deep_top(self) -> torch.Tensor:
+        """``(pools,)`` where the deep panel ends and the shallow one starts: ``nearest``, or ``reach`` if closer."""
+        return self.reach.clamp_max(self.nearest)
+
+    def shallow_start(self) -> torch.Tensor:
+        """``(pools,)`` the shallow panel's smallest variable, ``x`` at the deep panel's top."""
+        return (self.deep_top() / self.reach) ** self.power
+
+    def nodes(self, rows, end, sign: float, x, deep: bool = False):
         """Points and ``log`` of (Jacobian times the rounding and extrapolation factor) at panel variables ``x``
-        ``(len(rows), panels, nodes)`` in ``(0, 1]`` of the pools ``rows``; ``end`` broadcasts against ``x``."""
-        reach, power, exponent = (v[rows].reshape(-1, 1, 1) for v in (self.reach, self.depth_power, self.exponent))
+        ``(len(rows), panels, nodes)`` of the pools ``rows``; ``end`` broadcasts against ``x``. The shallow panel
+        (``x`` in ``[shallow_start, 1]``) maps ``d = reach x^(1 / power)`` with the pool's own power; the deep one
+        (``deep``, ``x`` in ``[0, 1]``) ``d = deep_top x^(1 / depth_power)``, where every point is the nearest one and
+        the pool of the experts' extrapolated laws gives ``u``."""
+        source = (self.deep_top(), self.depth_power) if deep else (self.reach, self.power)
+        top, power, exponent = (v[rows].reshape(-1, 1, 1) for v in (*source, self.exponent))
         log_x = x.log()
-        log_d = reach.log() + log_x / power
+        log_d = top.log() + log_x / power
         z = end + sign * log_d.exp().clamp_min(self.nearest)
         log_rounded = (sign * (z - end)).log()  # exact: the difference of two nearby floats (Sterbenz)
         factor = exponent * (log_d - log_rounded)
-        below = log_d < math.log(self.nearest)
-        if bool(below.any()):
+        below = log_d < log_rounded
+        if deep and bool(below.any()):
             # u at the nearest point is the pool of the experts' values there: below it, the pool of their laws
             pool_of = torch.arange(len(rows)).reshape(-1, 1, 1).expand(below.shape)[below]
             ell, slope, log_w = (v[rows][pool_of] for v in (self.expert_log_q, self.expert_exponent, self.log_weights))
             depth = (log_d - log_rounded)[below].unsqueeze(-1)  # from the point the experts were evaluated at
             pooled = log_power_mean(ell + slope * depth, log_w, self.alpha) - log_power_mean(ell, log_w, self.alpha)
             factor = factor.masked_scatter(below, torch.nan_to_num(pooled, nan=0.0, posinf=0.0))
-        return z, (reach / power).log() + (1 / power - 1) * log_x + factor
+        return z, (top / power).log() + (1 / power - 1) * log_x + factor
 
     def extrapolated(self, rows, end, sign: float, z):
         """Which of the points ``z`` ``(len(rows), N)`` were extrapolated (they all sit at the nearest point)."""
@@ -788,8 +802,9 @@ def _depth_power(power, expert_exponent, log_weights, alpha: float) -> torch.Ten
     """The pools' power below the nearest point at its smallest: the pool's slope in ``log d`` is a weighted average
     of the experts' exponents whose weights move, as ``d`` shrinks, towards the least singular expert for
     ``alpha < 0`` (so the pool's own power at the nearest point is the smallest) and towards the most singular one
-    for ``alpha > 0`` (whose power then bounds it; a pool's own power there, with the experts' powers far below,
-    mapped an integrand like ``x^-0.98`` onto the panel, which no bisection resolves)."""
+    for ``alpha > 0`` (whose power then bounds it; the pool's own power at the nearest point, with an expert's far
+    below, mapped an integrand like ``x^-0.98`` onto the panel, which no bisection resolves, while that expert's
+    power for the whole end panel crowded every node towards the end, where a regular pool has no mass)."""
     if alpha <= 0:
         return power
     least = torch.where(log_weights > -math.inf, expert_exponent, math.inf).amin(-1)
@@ -1023,15 +1038,18 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
             kind = torch.cat((kind, torch.full((pools, 4), sign, dtype=high)), -1)
             origin = torch.cat((origin, end.unsqueeze(-1).expand(-1, 4)), -1)
             panel_valid = torch.cat((panel_valid, torch.ones(pools, 4, dtype=torch.bool)), -1)
-    # kind +-2: the end panel of the lower (upper) end, x in [0, 1]
+    # kind +-2: the shallow end panel of the lower (upper) end, x in [shallow_start, 1]; +-3 its deep one, x in [0, 1]
     end_of_kind = {}
     for sign, end, geometry in end_geometry:
-        end_of_kind[2 * sign] = geometry
-        a = torch.cat((a, torch.zeros(pools, 1, dtype=high)), -1)
-        b = torch.cat((b, torch.ones(pools, 1, dtype=high)), -1)
-        kind = torch.cat((kind, torch.full((pools, 1), 2 * sign, dtype=high)), -1)
-        origin = torch.cat((origin, torch.full((pools, 1), end, dtype=high)), -1)
-        panel_valid = torch.cat((panel_valid, geometry.steep.unsqueeze(-1)), -1)
+        start = geometry.shallow_start()
+        for end_kind, first, valid_panel in ((2 * sign, start, geometry.steep & (start < 1)),
+                                             (3 * sign, torch.zeros(pools, dtype=high), geometry.steep)):
+            end_of_kind[end_kind] = geometry
+            a = torch.cat((a, first.unsqueeze(-1)), -1)
+            b = torch.cat((b, torch.ones(pools, 1, dtype=high)), -1)
+            kind = torch.cat((kind, torch.full((pools, 1), end_kind, dtype=high)), -1)
+            origin = torch.cat((origin, torch.full((pools, 1), end, dtype=high)), -1)
+            panel_valid = torch.cat((panel_valid, valid_panel.unsqueeze(-1)), -1)
 
     gl_t, gl_w = np.polynomial.legendre.leggauss(_GL_ORDER)
     low_t, low_w = np.polynomial.legendre.leggauss(_GL_ORDER - 3)
@@ -1051,7 +1069,8 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
             at_end = (kind == end_kind).unsqueeze(-1)
             if bool(at_end.any()):
                 z_end, log_jac_end = geometry.nodes(rows, origin.unsqueeze(-1), math.copysign(1.0, end_kind),
-                                                    torch.where(at_end, x, 1.0))  # 1: the panel's far end
+                                                    torch.where(at_end, x, 1.0),  # 1: the panel's far end
+                                                    deep=abs(end_kind) == 3)
                 z, log_jac = torch.where(at_end, z_end, z), torch.where(at_end, log_jac_end, log_jac)
         width = torch.where(ok, 0.5 * (b - a), 1.0).log().unsqueeze(-1)
         inside = ok.unsqueeze(-1) & (z > lower) & (z < upper)  # a node rounded onto an end has no mass

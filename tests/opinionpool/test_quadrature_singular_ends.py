@@ -272,3 +272,18 @@ def test_a_pool_that_changes_expert_closer_to_an_end_than_float64_resolves(alpha
              else _reference("beta", params, weights, alpha)[0])
     value, error = float(estimate.value), float(estimate.error)
     assert abs(value - truth) <= error <= 1e-8, (value, truth, error)
+
+
+@pytest.mark.parametrize("alpha, concentrations, weights", [(0.05, ([2.0, 2.0], [3.0, 0.001]), [0.999999, 1e-6]),
+                                                            (0.25, ([2.0, 2.0], [3.0, 0.001]), [0.999999, 1e-6]),
+                                                            (0.1, ([5.0, 1.0], [4.0, 0.002]), [0.99, 0.01])])
+def test_a_regular_pool_beside_a_faint_singular_expert(alpha, concentrations, weights):
+    """A pool that is regular at 1 but for an expert of tiny weight and shape near 0 there: that expert's power
+    sets only the panel below the nearest point (given it for the whole end panel, the nodes crowded towards the
+    end and the pool's mass above the nearest point was lost: -6.324136e-06 +- 3.5e-13 for -6.324128e-06).
+    Checked against the exact pool of alpha = 1/n."""
+    experts = Beta(*(torch.tensor(c, dtype=torch.float64) for c in concentrations))
+    pool = opinionpool.holder(experts, alpha=alpha, weights=torch.tensor(weights, dtype=torch.float64))
+    estimate = pool.estimate(method="quadrature").log_normalizer
+    exact = float(pool.log_normalizer)
+    assert abs(float(estimate.value) - exact) <= float(estimate.error) <= 1e-8, (float(estimate.value), exact)
