@@ -31,7 +31,7 @@ from .files import atomic_write, write_text
 from .sweep import SCALARS, aggregate, mean_std, run_name
 
 __all__ = ["CLAIMS", "Claim", "alpha_runs", "compare", "main_labels", "mass_through_training", "render_study",
-           "write_study"]
+           "variant_labels", "write_study"]
 
 #: a verdict's words
 HOLDS, FAILS, NOT_SEPARABLE, NOT_RUN = "holds", "does not hold", "not separable at this budget", "not run"
@@ -171,6 +171,19 @@ def main_labels(rows: list[dict], folder: Path) -> list[str]:
     return labels
 
 
+def variant_labels(rows: list[dict], folder: Path) -> dict:
+    """``label -> description`` of the variants of a model that are not the alpha study's (``mmvae-k4``: MMVAE with
+    K = 4 importance samples and the DReG estimator), for rows of their own in the table of every model."""
+    labels, variants = main_labels(rows, folder), {}
+    for row in rows:
+        label = row["model"]
+        model = _config(folder / _run_name(row)).model
+        if label in labels or label in variants or model.name in ("helvae", "holder", "holder_mixture"):
+            continue
+        variants[label] = f"{model.name}, K = {model.get('num_samples', 1)}, {model.get('estimator', 'elbo')}"
+    return variants
+
+
 def _run_name(row: dict) -> str:
     return run_name(row["model"], row["beta"], row["seed"])
 
@@ -287,11 +300,13 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
               "cell are the row's unless it names fewer.", "",
               "| model | β | seeds | " + " | ".join(METRIC_NAMES[c] for c in columns) + " |",
               "|---" * (len(columns) + 3) + "|"]
-    for label in labels:
+    named = {label: label for label in labels}
+    named.update((label, f"{label} ({description})") for label, description in variant_labels(rows, folder).items())
+    for label, name in named.items():
         for beta in betas:
             if (label, beta) in summary:
                 entry = summary[label, beta]
-                lines.append(f"| {label} | {beta:g} | {entry['seeds']} | "
+                lines.append(f"| {name} | {beta:g} | {entry['seeds']} | "
                              + " | ".join(_cell(c, entry) for c in columns) + " |")
     lines += [""] + [f"![{name}]({figures[name]})" for name in ("pareto", "synergy") if name in figures] + [""]
     grids = [(key.split(":", 1)[1], path) for key, path in figures.items() if key.startswith("grid:")]

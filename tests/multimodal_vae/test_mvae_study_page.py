@@ -49,7 +49,8 @@ def fake_sweep(folder, runs):
     for label, name, alpha, beta, seed, metrics, masses in runs:
         run = folder / f"{label}-beta{beta}-seed{seed}"
         run.mkdir(parents=True)
-        (run / "config.yaml").write_text(f"model:\n  name: {name}\n  alpha: {alpha}\n")
+        extra = "  num_samples: 4\n  estimator: dreg\n" if label == "mmvae-k4" else ""
+        (run / "config.yaml").write_text(f"model:\n  name: {name}\n  alpha: {alpha}\n{extra}")
         (run / "pooling.csv").write_text("epoch,step,mean_log_bhattacharyya,pairwise_mass,own_cross_mass\n"
                                          + "".join(f"0,{100 * (i + 1)},-1,{p},{o}\n" for i, (p, o) in
                                                    enumerate(masses)))
@@ -78,6 +79,7 @@ def test_the_study_page(tmp_path, capsys):
                  ("holder_mixture-a0.25", "holder_mixture", 0.25, 1.0, seed, {"coherence": 0.6 + 0.01 * seed},
                   [(0.4, 0.5), (0.2, 0.3)]),
                  ("holder-a0.25", "holder", 0.25, 1.0, seed, {"coherence": 0.61 + 0.005 * seed}, [(0.4, ""), (0.2, "")])]
+    runs += [("mmvae-k4", "mmvae", 0.5, 1.0, 0, {"coherence": 0.77}, [(0.0, ""), (0.0, "")])]
     fake_sweep(folder, runs)
     grid = folder / "mopoe-beta2.5-seed1" / "sample_grid.png"  # the first seed's has none: the next one is shown
     rng = np.random.default_rng(0)
@@ -102,8 +104,10 @@ def test_the_study_page(tmp_path, capsys):
     assert ("| helvae: raising β from 1 to 2.5, coherence rises | HELVAE paper §6.3 | 1 → 2.5 | holds | "
             "0.820 ± 0.020 (3) → 0.870 ± 0.020 (3) |") in page  # the evidence reads from beta 1 to 2.5
     assert "| mopoe: raising β from 1 to 2.5, coherence rises | HELVAE paper §6.3 | 1 → 2.5 | not separable" in page
-    # the variants are in the alpha study, not among the models; alpha = 0 stands for both pools
+    # the alpha variants are in the alpha study, not among the models; alpha = 0 stands for both pools; another
+    # variant (MMVAE with K = 4) has its own row in the table of every model, with what it varies
     assert not any(line.startswith("| holder-a0 |") for line in lines)
+    assert "| mmvae-k4 (mmvae, K = 4, dreg) | 1 | 1 | 0.770 ± 0.000 |" in page
     assert "| holder | 0 | 3 | 0.300 ± 0.000 |" in page and "| holder_mixture | 0 | 3 | 0.300 ± 0.000 |" in page
     assert "| holder_mixture | 0.25 | 3 | 0.610 ± 0.010 |" in page and "| 0.300 ± 0.000 |" in page
     assert "| holder | 0.5 | 3 | 0.820 ± 0.020 |" in page  # HELVAE at beta 1
