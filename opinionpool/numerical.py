@@ -770,6 +770,10 @@ class _EndPanel:
         """``(pools,)`` the shallow panel's smallest variable, ``x`` at the deep panel's top."""
         return (self.deep_top() / self.reach) ** self.power
 
+    def log_u_nearest(self) -> torch.Tensor:
+        """``(pools,)`` the pools' ``log u`` at the nearest point, from their experts' values there."""
+        return log_power_mean(self.expert_log_q, self.log_weights, self.alpha)
+
     def nodes(self, rows, end, sign: float, x, deep: bool = False):
         """Points and ``log`` of (Jacobian times the rounding and extrapolation factor) at panel variables ``x``
         ``(len(rows), panels, nodes)`` of the pools ``rows``; ``end`` broadcasts against ``x``. The shallow panel
@@ -789,7 +793,7 @@ class _EndPanel:
             pool_of = torch.arange(len(rows)).reshape(-1, 1, 1).expand(below.shape)[below]
             ell, slope, log_w = (v[rows][pool_of] for v in (self.expert_log_q, self.expert_exponent, self.log_weights))
             depth = (log_d - log_rounded)[below].unsqueeze(-1)  # from the point the experts were evaluated at
-            pooled = log_power_mean(ell + slope * depth, log_w, self.alpha) - log_power_mean(ell, log_w, self.alpha)
+            pooled = log_power_mean(ell + slope * depth, log_w, self.alpha) - self.log_u_nearest()[rows][pool_of]
             factor = factor.masked_scatter(below, torch.nan_to_num(pooled, nan=0.0, posinf=0.0))
         return z, (top / power).log() + (1 / power - 1) * log_x + factor
 
@@ -847,8 +851,9 @@ def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor, top, 
     octaves = (torch.log2(0.25 * gap / nearest) / 3).clamp(max=_FIT_OCTAVES)
     z = end + sign * nearest * 2.0 ** (octaves.clamp_min(1.0).unsqueeze(-1) * torch.arange(4, dtype=torch.float64))
     log_distance = (sign * (z - end)).log()
-    exponent, _ = _exponent_fit(log_u(z), log_distance, octaves)
     expert_values = expert_log_q(z)  # (pools, 4, M)
+    exponent, _ = _exponent_fit(log_power_mean(expert_values, log_weights.unsqueeze(1), float(alpha)), log_distance,
+                                octaves)
     expert_exponent, expert_deviation = _exponent_fit(expert_values, log_distance, octaves)
     fitted = torch.isfinite(exponent) & (octaves >= 1)
     # an expert with no density there neither moves the pool nor bounds its exponent
@@ -897,9 +902,8 @@ def _unseen_errors(end_geometry, g, log_mass, log_z, points, integrands):
             # the nodes' extrapolated mass, or the pool's own power law's below the nearest point if more (exact
             # for a pure power law, which the nodes' sum only approximates)
             mass = torch.where(flags, (log_mass - log_z.unsqueeze(-1)).exp(), 0.0).sum(-1, keepdim=True)
-            log_u_nearest = log_power_mean(geometry.expert_log_q, geometry.log_weights, geometry.alpha)
             distance = sign * (octave[:, :1] - end)
-            law = (log_u_nearest - log_z).exp().unsqueeze(-1) * distance / geometry.power.unsqueeze(-1)
+            law = (geometry.log_u_nearest() - log_z).exp().unsqueeze(-1) * distance / geometry.power.unsqueeze(-1)
             below = torch.maximum(mass, torch.nan_to_num(law, nan=0.0)) * (1 + uncertainty)
             part = below * (values[:, 0].abs() * uncertainty + slope * (1 + uncertainty) / power.unsqueeze(-1))
             error = error + torch.where(extrapolated.unsqueeze(-1), part, 0.0)
