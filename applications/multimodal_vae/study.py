@@ -160,6 +160,10 @@ def _config(run_dir: Path):
     return OmegaConf.load(run_dir / "config.yaml")
 
 
+#: the models of the alpha study (``alpha_runs``)
+_ALPHA_MODELS = ("helvae", "holder", "holder_mixture")
+
+
 def main_labels(rows: list[dict], folder: Path) -> list[str]:
     """The labels that are models of the comparison: a label named after its model (variants such as
     ``holder-a0.25`` or ``mmvae-k4`` are left to their own tables)."""
@@ -171,14 +175,15 @@ def main_labels(rows: list[dict], folder: Path) -> list[str]:
     return labels
 
 
-def variant_labels(rows: list[dict], folder: Path) -> dict:
-    """``label -> description`` of the variants of a model that are not the alpha study's (``mmvae-k4``: MMVAE with
-    K = 4 importance samples and the DReG estimator), for rows of their own in the table of every model."""
-    labels, variants = main_labels(rows, folder), {}
+def variant_labels(rows: list[dict], folder: Path, labels: list[str]) -> dict:
+    """``label -> description`` of the variants of a model (labels not among the ``main_labels`` ``labels``) that are
+    not the alpha study's (``mmvae-k4``: MMVAE with K = 4 importance samples and the DReG estimator), for rows of
+    their own in the table of every model."""
+    variants = {}
     for row in rows:
         label = row["model"]
         model = _config(folder / _run_name(row)).model
-        if label in labels or label in variants or model.name in ("helvae", "holder", "holder_mixture"):
+        if label in labels or label in variants or model.name in _ALPHA_MODELS:
             continue
         variants[label] = f"{model.name}, K = {model.get('num_samples', 1)}, {model.get('estimator', 'elbo')}"
     return variants
@@ -301,7 +306,7 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
               "| model | β | seeds | " + " | ".join(METRIC_NAMES[c] for c in columns) + " |",
               "|---" * (len(columns) + 3) + "|"]
     named = {label: label for label in labels}
-    named.update((label, f"{label} ({description})") for label, description in variant_labels(rows, folder).items())
+    named.update((label, f"{label} ({description})") for label, description in variant_labels(rows, folder, labels).items())
     for label, name in named.items():
         for beta in betas:
             if (label, beta) in summary:
