@@ -43,7 +43,7 @@ import torch.distributed as dist
 from .config import Config, load_config, to_yaml
 from .data import Modality, MultimodalDataset, load_dataset, modality_mask, polymnist_modalities, subset_mask
 from .data.text import ALPHABET, decode_characters, decode_words
-from .evaluation import evaluate_run, pooling_diagnostics, training_notice
+from .evaluation import EVALUATION_FILES, evaluate_run, pooling_diagnostics, training_notice
 from .files import UnreadableFile, atomic_write, load_checked, remove_orphaned_temporaries, save_checked, write_text
 from .models import MultimodalVAE, evaluating
 from .networks import make_networks
@@ -58,7 +58,7 @@ SCALARS = ("loss", "reconstruction", "kl")
 POOLING_FIELDS = ("epoch", "step", "mean_log_bhattacharyya", "pairwise_mass", "own_cross_mass")
 #: the files ``train`` writes in a run folder (and ``evaluate`` beside them), whose orphaned temporaries it removes
 RUN_FILES = ("checkpoint.pt", "config.yaml", "metrics.csv", "pooling.csv", "samples.png", "samples.txt",
-             "metrics.json", "report.md")
+             *EVALUATION_FILES)
 
 
 class TrainingDiverged(RuntimeError):

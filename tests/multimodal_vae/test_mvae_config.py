@@ -207,7 +207,11 @@ def test_a_run_stopped_by_the_wall_clock_guard_says_so(tiny_root, capsys):
     assert metrics["training"] == {"steps": 1, "planned_steps": 6, "stopped_by": "train.max_minutes=1e-09"}
     # evaluating the run again, from the command line, keeps the notice
     (run / "report.md").unlink()
+    leftovers = [run / ".sample_grid.png.abc123.tmp", run / ".metrics.json.abc123.tmp"]  # of a killed evaluation
+    for leftover in leftovers:
+        leftover.write_bytes(b"partial")
     assert main(["evaluate", "--run", str(run)]) == 0
+    assert not [leftover for leftover in leftovers if leftover.exists()]
     assert notice in capsys.readouterr().out and notice[1:] in (run / "report.md").read_text()
     # the evaluation draws the labelled sample grid, and so does the grid command
     from PIL import Image

@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from ..data import batches, load_dataset, subset_mask, subset_tuples
-from ..files import write_text
+from ..files import remove_orphaned_temporaries, write_text
 from .classifiers import (
     CLASSIFIER_EPOCHS,
     DigitClassifier,
@@ -78,11 +78,15 @@ from .labelled import (
 )
 from .likelihood import log_likelihood
 
-__all__ = ["CLASSIFIER_EPOCHS", "DigitClassifier", "EncoderClassifier", "accuracy", "classifier_input",
+__all__ = ["CLASSIFIER_EPOCHS", "DigitClassifier", "EVALUATION_FILES", "EncoderClassifier", "accuracy", "classifier_input",
            "classifiers_for", "coherence", "cross_coherence", "draw_sample_grid", "evaluate_run", "fid_scores",
            "latent_probe", "log_likelihood", "make_classifier", "pooling_diagnostics", "posterior_means",
            "private_latent_probe", "render_report",
            "summarise_coherence", "train_classifiers", "training_notice", "training_status", "unconditional_coherence"]
+
+
+#: the files ``evaluate_run`` writes in a run folder
+EVALUATION_FILES = ("metrics.json", "report.md", GRID_FILE)
 
 
 def _subset_name(subset, names) -> str:
@@ -93,6 +97,8 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
     """Every metric of ``config.eval`` on the test split; writes ``metrics.json`` and ``report.md`` in ``run_dir``.
     ``metrics["training"]`` holds ``training_status(run_dir)`` (when known); the report opens with a notice when
     training stopped short of its planned steps."""
+    # what an evaluation killed while writing left (training removes its own files' temporaries)
+    remove_orphaned_temporaries(Path(run_dir), EVALUATION_FILES)
     settings = config.eval
     train_data, test_data = load_dataset(config, "train"), load_dataset(config, "test")
     device = model.device
