@@ -115,6 +115,11 @@ MODELS: dict[str, ModelSpec] = {
                             "``holder_mixture(alpha)`` on the shared latent",
                             "``holder_plus_objective`` (+ private latents)", exact_alpha=True, weighted=True,
                             multi_sample=True, private=True, components=True),
+    "holderplus_detached_weights": ModelSpec(
+        opf.holder_mixture, functools.partial(objectives.holder_plus_objective, weight_gradient=False), "mixture",
+        "``holder_mixture(alpha)`` on the shared latent",
+        "``holder_plus_objective``, the mixture weights' gradient stopped (an ablation of Hölder+)", exact_alpha=True,
+        weighted=True, multi_sample=True, private=True, components=True),
     "holderplusplus": ModelSpec(opf.holder_mixture, objectives.holder_plus_objective, "mixture",
                                 "``holder_mixture(alpha)`` on the shared latent",
                                 "``holder_plus_objective`` (+ private latents given z)", exact_alpha=True,

@@ -345,7 +345,7 @@ def _detached_call(module: nn.Module, *args):
 
 def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate, beta=1.0, num_samples=1,
                           estimator="elbo", private_dim=1, auxiliary_scale=None, members=None,
-                          top_down=None) -> Terms:
+                          top_down=None, weight_gradient=True) -> Terms:
     """Hölder+ and Hölder++ (the Hölder++ paper): a shared ``z`` (the first ``D - private_dim`` coordinates of the
     encoders' posteriors) pooled by the exact Hölder mixture (``aggregate`` = ``opinionpool.functional.
     holder_mixture``), and a private ``w_n`` per modality (the last ``private_dim``), stratified over the mixture's
@@ -367,12 +367,19 @@ def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregat
     draw weighted by the squared normalised weights; in Hölder++ the draws of ``w`` reach ``z`` through
     ``top_down``, and each path is weighted once); the objective is ``sum_c pi_c bound_c``, so the weights
     ``pi_c`` get their exact gradient. ``reconstruction`` and ``kl`` are the ``pi``-weighted sample means of
-    ``log p(X | z, w)`` and ``log q - log p``. Cost: ``C K`` decoder passes per modality and sample."""
+    ``log p(X | z, w)`` and ``log q - log p``. ``weight_gradient=False`` stops the gradient of the weights
+    ``pi_c`` in that sum (they still enter ``log q(z | X)``): a pair's bound reconstructs two modalities through
+    their posterior private latents and can be far above a unimodal component's, and then the weights' gradient
+    rewards the encoders for raising the Bhattacharyya coefficients, i.e. for moving their shared posteriors
+    together whatever the data (docs/results.md: the ablation's reason). Cost: ``C K`` decoder passes per
+    modality and sample."""
     _check_estimator(estimator, num_samples)
     dreg = estimator == "dreg"
     shared = mu.shape[-1] - private_dim
     mixture = aggregate(mu[..., :shared], logvar[..., :shared], mask=present)
     weights, valid = _component_weights(mixture)  # (C, B)
+    if not weight_gradient:
+        weights = weights.detach()
     members = members.to(mu.device)
     own_mu, own_logvar = mu[..., shared:], logvar[..., shared:]  # (M, B, P)
     z = _component_draws(mixture, num_samples)  # (K, C, B, Ds)

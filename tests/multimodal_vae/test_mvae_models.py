@@ -560,3 +560,40 @@ def test_evaluating_restores_the_previous_mode_also_on_errors():
     with evaluating(model):
         pass
     assert not model.training
+
+
+@pytest.mark.parametrize("weight_gradient", [True, False])
+def test_holder_plus_weight_gradient_is_the_gradient_of_the_weights_alone(weight_gradient):
+    """With bounds that do not depend on the encoders (a constant likelihood per component, beta = 0) the Hölder+
+    objective is sum_c pi_c L_c: its gradient is that of the exact pool's weights (independently from
+    ``holder_mixture``), or none when the weights' gradient is stopped (the ablation)."""
+    torch.manual_seed(0)
+    m, b, shared, private = 3, 4, 2, 2
+    mu = torch.randn(m, b, shared + private, dtype=torch.float64, requires_grad=True)
+    logvar = (0.3 * torch.randn(m, b, shared + private, dtype=torch.float64)).requires_grad_()
+    present = torch.ones(m, b, dtype=torch.bool)
+    present[0, 1] = False
+    per_component = torch.tensor([3.0, -1.0, 2.0, 5.0, -4.0, 0.5], dtype=torch.float64)  # 3 experts, 3 pairs
+
+    def likelihood(x, present, inputs, decoders):
+        k, c, n = inputs[0][0].shape[:-1]
+        return per_component.view(1, c, 1).expand(k, c, n)
+
+    def aggregate(mu, logvar, mask):
+        return opf.holder_mixture(mu, logvar, 0.5, mask=mask)
+
+    terms = objectives.holder_plus_objective(
+        None, present, mu, logvar, None, likelihood, aggregate, beta=0.0, num_samples=2, private_dim=private,
+        auxiliary_scale=torch.ones(m, private, dtype=torch.float64), members=opf.holder_mixture_members(m, 0.5),
+        weight_gradient=weight_gradient)
+    grad_mu, grad_logvar = torch.autograd.grad(terms.objective.sum(), (mu, logvar), allow_unused=True,
+                                               materialize_grads=True)
+    weights = opf.holder_mixture(mu[..., :shared], logvar[..., :shared], 0.5, mask=present).log_weights.exp()
+    expected = (weights * per_component).sum(-1)
+    torch.testing.assert_close(terms.objective, expected.detach())
+    expected_mu, expected_logvar = torch.autograd.grad(expected.sum(), (mu, logvar))
+    assert expected_mu[..., :shared].abs().max() > 0.1  # the weights do depend on the shared means
+    if not weight_gradient:
+        expected_mu, expected_logvar = torch.zeros_like(mu), torch.zeros_like(logvar)
+    torch.testing.assert_close(grad_mu, expected_mu)
+    torch.testing.assert_close(grad_logvar, expected_logvar)

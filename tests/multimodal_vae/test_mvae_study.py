@@ -88,6 +88,8 @@ def test_the_study_preset():
     expected = {0.0, 0.25, round(1 / 3, 6), 0.5, 1.0}
     assert studied["holder"] == expected and studied["holder_mixture"] | {0.0} == expected
     assert all(sum(1 for r in runs if r[0] == label) == 3 for label in labels if "-a" in label)
+    ablation = configs["holderplus_detached_weights", 1.0, 0].model
+    assert (ablation.name, ablation.alpha, ablation.private_dim) == ("holderplus_detached_weights", 0.5, 16)
     k4 = configs["mmvae-k4", 1.0, 0].model
     assert (k4.name, k4.num_samples, k4.estimator) == ("mmvae", 4, "dreg")
     # every run the same nets, latent size, batch, learning rate and steps
@@ -348,7 +350,8 @@ def test_own_cross_mass_against_quadrature():
 @pytest.mark.parametrize("variant, runs", [("polymnist-cpu-study-quick", 15), ("polymnist-cpu-study-alpha", 27),
                                            ("polymnist-cpu-study-claims", 7), ("polymnist-cpu-study-beta1", 15),
                                            ("polymnist-cpu-study-wb", 12), ("polymnist-cpu-study-mmvae-beta1", 4),
-                                           ("polymnist-cpu-study-mmvae-k4", 1), ("polymnist-cpu-study-private", 8)])
+                                           ("polymnist-cpu-study-mmvae-k4", 1), ("polymnist-cpu-study-private", 8),
+                                           ("polymnist-cpu-study-ablation", 1)])
 def test_a_study_variants_runs_are_the_full_studys(variant, runs):
     full, part = load_sweep("polymnist-cpu-study"), load_sweep(variant)
     assert part.name == full.name and len(grid(part)) == runs
@@ -375,7 +378,8 @@ def test_a_run_the_wall_clock_stopped_is_resumed_and_the_study_has_no_wall_clock
 
     for name in ("polymnist-cpu-study", "polymnist-cpu-study-quick", "polymnist-cpu-study-alpha",
                  "polymnist-cpu-study-claims", "polymnist-cpu-study-beta1", "polymnist-cpu-study-wb",
-                 "polymnist-cpu-study-mmvae-beta1", "polymnist-cpu-study-mmvae-k4", "polymnist-cpu-study-private"):
+                 "polymnist-cpu-study-mmvae-beta1", "polymnist-cpu-study-mmvae-k4", "polymnist-cpu-study-private",
+                 "polymnist-cpu-study-ablation"):
         study = load_sweep(name)
         assert {run_config(study, *run).train.max_minutes for run in grid(study)} == {None}
     loads = []
