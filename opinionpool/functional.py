@@ -418,7 +418,8 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
     tensor (default: all non-empty subsets; that none is empty is checked with the other arguments' values, when
     validating). With a per-sample ``mask`` a subset keeps only its present
     experts, and subsets with none present get mixture weight zero. ``prior_on_full_subset=True`` adds a
-    standard-normal expert to the subset of all experts only, as the MoPoE code does (``prior_expert=True`` is
+    standard-normal expert to the subset of all experts only, where every expert is present, as the MoPoE code
+    does (it drops the subsets with an absent expert, the full one among them; ``prior_expert=True`` is
     passed on to ``aggregator`` and adds it to every subset). ``weights`` (in ``kwargs``) must give every subset a
     present expert of positive weight; they broadcast against the subsets' pools, whose batch shape ends with the
     subset axis: one weight per expert ``(M,)``, or per sample ``(B, 1, M)`` (not ``(B, M)``).
@@ -461,6 +462,8 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
     if prior_on_full_subset:  # an extra standard-normal expert, a member of the full subset only
         mu, logvar = _with_prior_expert(mu, logvar)
         full = subsets.all(-1).reshape((1,) * len(batch) + (k, 1)).expand(batch + (k, 1))
+        if mask is not None:  # the MoPoE code drops the subsets with an absent expert: no prior where one is
+            full = full & mask.all(-1).reshape(batch + (1, 1))
         member = torch.cat((member, full), -1)
         m += 1
     empty = ~member.any(-1)

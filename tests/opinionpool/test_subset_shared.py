@@ -21,7 +21,8 @@ def per_subset(aggregator, mu, logvar, mask, weights=None, prior_expert=False, p
     lv = torch.full((b, len(subsets), d), float("nan"))
     for sample, (k, s) in itertools.product(range(b), enumerate(subsets)):
         members = [j for j in s if mask[j, sample]]
-        extra = prior_expert or (prior_on_full_subset and len(s) == m)
+        # MoPoE's prior joins the full subset where no expert is absent
+        extra = prior_expert or (prior_on_full_subset and len(s) == m and bool(mask[:, sample].all()))
         if not members:
             continue
         kwargs = {"prior_expert": extra}
