@@ -2,7 +2,7 @@
 
     python -m applications.multimodal_vae train --preset polymnist-helvae [--set key=value ...] [--resume]
     torchrun --nproc_per_node N -m applications.multimodal_vae train ...   (distributed data parallel)
-    python -m applications.multimodal_vae evaluate --run runs/NAME [--set eval.key=value ...]
+    python -m applications.multimodal_vae evaluate --run runs/NAME [--set eval.key=value ...] [--only log_likelihood]
     python -m applications.multimodal_vae grid --run runs/NAME [--columns 8] [--scale 3] [--seed 0] [--out FILE]
     python -m applications.multimodal_vae sweep --preset polymnist-cpu [--set key=value ...] [--workers N]
         [--train-only] [--stop-after MINUTES] [--summarise-only]   (workers share the grid: one run each at a time)
@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     evaluate.add_argument("--run", required=True, help="the run folder (holding config.yaml and checkpoint.pt)")
     evaluate.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                           help="override evaluation keys, e.g. --set eval.fid_samples=10000 eval.subsets=single")
+    evaluate.add_argument("--only", choices=["log_likelihood"],
+                          help="recompute only this metric of an evaluated run, keeping the others")
     grid = commands.add_parser("grid", help="draw the labelled sample grid of a trained run (sample_grid.png)")
     grid.add_argument("--run", required=True, help="the run folder (holding config.yaml and checkpoint.pt)")
     grid.add_argument("--columns", type=int, default=8, help="test tuples shown (the first ones)")
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
     if args.command == "evaluate":
         from tqdm import tqdm
 
-        from .evaluation import evaluate_run
+        from .evaluation import evaluate_run, reevaluate_likelihood
         from .train import load_run, summary_line
 
         if any(not o.startswith("eval.") for o in args.overrides):
@@ -145,6 +147,16 @@ def main(argv=None) -> int:
             config, model = load_run(args.run, args.overrides)
         except ValueError as error:
             parser.error(str(error))
+        if args.only == "log_likelihood":
+            try:
+                metrics = reevaluate_likelihood(args.run, config, model)
+            except FileNotFoundError as error:
+                parser.error(str(error))
+            likelihood = metrics["log_likelihood"]
+            print(f"{args.run}: log p(X) {likelihood['joint']:.1f} +- {likelihood['joint_std_error']:.1f} "
+                  f"(K = {likelihood['num_samples']}, {likelihood['examples']} tuples), given one modality "
+                  f"{likelihood['given_one_modality']:.1f}")
+            return 0
         print(summary_line(evaluate_run(args.run, config, model, progress=tqdm), args.run))
         return 0
     try:

@@ -194,6 +194,23 @@ def _tiny(root, name, **train):
     return load_config("polymnist-helvae", overrides + [f"train.{k}={v}" for k, v in train.items()])
 
 
+def test_evaluate_only_the_likelihood_keeps_the_other_metrics(tiny_root, capsys):
+    run = train(_tiny(tiny_root, "relik", max_steps=1), show_progress=False)
+    before = json.loads((run / "metrics.json").read_text())
+    assert main(["evaluate", "--run", str(run), "--only", "log_likelihood"]) == 0
+    assert json.loads((run / "metrics.json").read_text()) == before  # seeded: the same estimates
+    assert main(["evaluate", "--run", str(run), "--only", "log_likelihood", "--set", "eval.likelihood_samples=3"]) == 0
+    after = json.loads((run / "metrics.json").read_text())
+    assert after["log_likelihood"]["num_samples"] == 3 and after["log_likelihood"] != before["log_likelihood"]
+    assert {k: v for k, v in after.items() if k != "log_likelihood"} == \
+        {k: v for k, v in before.items() if k != "log_likelihood"}
+    assert "K = 3" in capsys.readouterr().out
+    (run / "metrics.json").unlink()
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--run", str(run), "--only", "log_likelihood"])
+    assert "no metrics.json in" in capsys.readouterr().err
+
+
 def test_a_run_stopped_by_the_wall_clock_guard_says_so(tiny_root, capsys):
     run = train(_tiny(tiny_root, "early", max_minutes=1e-9), show_progress=True)  # over time after one step
     out, err = capsys.readouterr()

@@ -81,7 +81,7 @@ from .likelihood import log_likelihood
 __all__ = ["CLASSIFIER_EPOCHS", "DigitClassifier", "EVALUATION_FILES", "EncoderClassifier", "accuracy", "classifier_input",
            "classifiers_for", "coherence", "cross_coherence", "draw_sample_grid", "evaluate_run", "fid_scores",
            "latent_probe", "log_likelihood", "make_classifier", "pooling_diagnostics", "posterior_means",
-           "private_latent_probe", "render_report",
+           "private_latent_probe", "reevaluate_likelihood", "render_report",
            "summarise_coherence", "train_classifiers", "training_notice", "training_status", "unconditional_coherence"]
 
 
@@ -150,6 +150,25 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
     if bar is not None:
         bar.close()
     write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+    write_text(run_dir / "report.md", render_report(config, metrics))
+    return metrics
+
+
+def reevaluate_likelihood(run_dir, config, model) -> dict:
+    """Recompute only the log-likelihoods of an evaluated run (``metrics["log_likelihood"]``, with ``config.eval``'s
+    ``likelihood_examples``, ``likelihood_samples`` and ``seed``), keeping its other metrics: after a change to the
+    estimator, or to compare ``K``, without the rest of the evaluation. Rewrites ``metrics.json`` and ``report.md``."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.json in {run_dir}: evaluate the run in full first")
+    metrics = json.loads(path.read_text())
+    remove_orphaned_temporaries(run_dir, EVALUATION_FILES)
+    settings = config.eval
+    test_data = load_dataset(config, "test")
+    n = len(test_data) if settings.test_examples is None else min(settings.test_examples, len(test_data))
+    metrics["log_likelihood"] = _likelihoods(model, test_data.head(n).head(settings.likelihood_examples), settings)
+    write_text(path, json.dumps(metrics, indent=1))
     write_text(run_dir / "report.md", render_report(config, metrics))
     return metrics
 

@@ -1,10 +1,15 @@
 """Importance-sampled log-likelihoods of a trained multimodal VAE.
 
-Joint: ``log p(X) ~ log (1/K) sum_k p(X | z_k) p(z_k) / q(z_k | X)`` with ``z_k ~ q(z | X)``, the model's own joint
-posterior; mixture posteriors (MMVAE, MoPoE, MoHELVAE, MWB-VAE) are sampled by component and their density is
-the exact mixture density (``opinionpool.functional.GaussianMixture.log_prob``), not a moment-matched Gaussian.
-The estimate is a stochastic lower bound of ``log p(X)`` in expectation that tightens as ``K`` grows (MoPoE used
-K = 12, MultiVae 1000).
+Joint: ``log p(X) ~ log (1/K) sum_k p(X | z_k) p(z_k) / q(z_k | X)`` with ``z_k ~ q(z | X)``, the posterior the
+evaluation conditions on given every modality (``MultimodalVAE.conditional_posterior``): the model's own joint
+posterior, except for the subset-mixture models (MoPoE, MoHELVAE, MWB-VAE), whose proposal is the aggregate of
+the full subset (MoPoE's with its prior expert), as MoPoE's code estimates it; their training posterior, the
+mixture over every subset, puts most of its mass on components that see fewer modalities and is a far poorer
+proposal at small ``K``. Mixture posteriors (MMVAE, the Hölder mixtures) are sampled by component and their
+density is the exact mixture density (``opinionpool.functional.GaussianMixture.log_prob``), not a moment-matched
+Gaussian. Every proposal gives a stochastic lower bound of ``log p(X)`` in expectation that tightens as ``K``
+grows, by an amount that depends on the proposal (MoPoE used K = 12, MultiVae 1000): compare models at small
+``K`` with that in mind (docs/results.md measures it).
 
 Conditional: ``log p(X_rest | X_S) ~ log (1/K) sum_k p(X_rest | z_k)`` with ``z_k ~ q(z | X_S)``
 (``MultimodalVAE.conditional_posterior``), the encoder of the subset standing in for ``p(z | X_S)``. This is not
@@ -69,9 +74,9 @@ def log_likelihood(model, x, condition: torch.Tensor | None = None,
                          "(or equal, for the joint likelihood)")
     chunks = []
     with evaluating(model):
-        # the joint's proposal is the model's posterior of the modalities scored; a conditional's, q(z | X_S)
+        # the proposal is q(z | X_S) for a conditional, q(z | X) (the full subset's, for subset mixtures) for the joint
         mu, logvar, private = model.encode_with_private(x)
-        proposal = (model.conditional_posterior if conditional else model.pool)(mu, logvar, condition)
+        proposal = model.conditional_posterior(mu, logvar, condition)
         for start in range(0, num_samples, chunk_size):
             count = min(chunk_size, num_samples - start)
             z = proposal.sample((count,), generator=generator)  # (k, B, D)
