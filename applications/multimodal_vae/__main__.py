@@ -7,6 +7,8 @@
     python -m applications.multimodal_vae sweep --preset polymnist-cpu [--set key=value ...] [--workers N]
         [--train-only] [--stop-after MINUTES] [--summarise-only]   (workers share the grid: one run each at a time)
     python -m applications.multimodal_vae study --sweep runs/polymnist-cpu-study [--preset NAME ...] [--docs docs]
+    python -m applications.multimodal_vae likelihood-check --sweep runs/polymnist-cpu-study [--samples 12 1000]
+        [--examples 20] [--out docs/likelihood_check.md]
     python -m applications.multimodal_vae presets
     python -m applications.multimodal_vae build-polymnist [--root data/polymnist] [--seed 0]
 
@@ -59,6 +61,12 @@ def main(argv=None) -> int:
     sweep.add_argument("--workers", type=int, default=1,
                        help="run the grid with this many processes at once (their logs: worker-N.log in the sweep "
                             "folder); give each one thread per core, e.g. --set 'overrides=[train.num_threads=1]'")
+    check = commands.add_parser("likelihood-check",
+                                help="how far below log p(X) a sweep's importance-sampled estimates lie, per model")
+    check.add_argument("--sweep", required=True, help="the sweep folder (runs/NAME, holding results.csv)")
+    check.add_argument("--samples", type=int, nargs="+", default=[12, 1000], help="the numbers of samples K compared")
+    check.add_argument("--examples", type=int, default=20, help="test tuples per run")
+    check.add_argument("--out", default="likelihood_check.md", help="the page to write")
     study = commands.add_parser("study", help="the papers' claims and the alpha study checked on a sweep's runs")
     study.add_argument("--sweep", required=True, help="the sweep folder (runs/NAME, holding results.csv)")
     study.add_argument("--docs", help="also write DOCS/study.md and its figures in DOCS/figures/study/")
@@ -104,6 +112,20 @@ def main(argv=None) -> int:
             print(f"sweep written to {folder}")
         except TrainingInterrupted as stop:
             return _stopped(stop)
+        return 0
+    if args.command == "likelihood-check":
+        from tqdm import tqdm
+
+        from .study import write_likelihood_check
+
+        command = (f"python -m applications.multimodal_vae likelihood-check --sweep {args.sweep} --samples "
+                   f"{' '.join(map(str, args.samples))} --examples {args.examples} --out {args.out}")
+        try:
+            page = write_likelihood_check(args.sweep, args.out, args.samples, args.examples, command,
+                                          progress=tqdm)
+        except ValueError as error:
+            parser.error(str(error))
+        print(f"likelihood check written to {page}")
         return 0
     if args.command == "study":
         from pathlib import Path

@@ -18,6 +18,7 @@ differently are read alike.
 from __future__ import annotations
 
 import csv
+import math
 import platform
 import shutil
 import subprocess
@@ -30,8 +31,8 @@ from PIL import Image
 from .files import atomic_write, write_text
 from .sweep import SCALARS, aggregate, mean_std, run_name
 
-__all__ = ["CLAIMS", "Claim", "alpha_runs", "compare", "main_labels", "mass_through_training", "render_study",
-           "variant_labels", "write_study"]
+__all__ = ["CLAIMS", "Claim", "alpha_runs", "compare", "likelihood_convergence", "main_labels", "mass_through_training",
+           "render_likelihood_check", "render_study", "variant_labels", "write_likelihood_check", "write_study"]
 
 #: a verdict's words
 HOLDS, FAILS, NOT_SEPARABLE, NOT_RUN = "holds", "does not hold", "not separable at this budget", "not run"
@@ -529,3 +530,85 @@ def write_study(folder: Path, docs: Path | None = None, command: str = "") -> Pa
     write_text(page, render_study(folder, rows, linked, command))
     return page
 
+
+
+def _one_run_per_label(rows: list[dict]) -> dict:
+    """``label -> row``: each label's run at beta 1 (else its smallest beta), lowest seed."""
+    chosen = {}
+    for row in sorted(rows, key=lambda r: (r["beta"] != 1.0, r["beta"], r["seed"])):
+        chosen.setdefault(row["model"], row)
+    return chosen
+
+
+def likelihood_convergence(folder: Path, samples=(12, 1000), examples: int = 20, seed: int = 0,
+                           progress=None) -> list[dict]:
+    """How far the importance-sampled ``log p(X)`` at each number of samples ``K`` in ``samples`` lies below the
+    one at the largest ``K``, for one run per label of a sweep (beta 1, lowest seed), on its first ``examples``
+    test tuples, the same tuples and the same seed for every ``K``. The estimate tightens as ``K`` grows, by an
+    amount that depends on how well the model's proposal ``q(z | X)`` covers its posterior: at the study's small
+    ``K`` the models are not equally far below their ``log p(X)``. Returns one dict per label: ``label``, ``run``,
+    ``estimates`` (``K -> mean over the tuples``) and ``gap`` (``K -> (mean, standard error)`` of the per-tuple
+    difference to the largest ``K``)."""
+    import torch
+
+    from .data import batches, load_dataset
+    from .evaluation import log_likelihood
+    from .train import load_run
+
+    samples = sorted({int(k) for k in samples})
+    if len(samples) < 2 or samples[0] < 1:
+        raise ValueError(f"samples must hold at least two positive numbers of samples, got {samples}")
+    if isinstance(examples, bool) or int(examples) != examples or examples < 2:
+        raise ValueError(f"examples must be an integer of at least 2, got {examples!r}")
+    folder = Path(folder)
+    if not (folder / "results.csv").is_file():
+        raise ValueError(f"--sweep {folder} holds no results.csv: run or summarise the sweep first")
+    chosen = _one_run_per_label(_read_rows(folder))
+    results = []
+    for label, row in (progress(chosen.items(), desc="likelihood check", unit="run") if progress else chosen.items()):
+        run_dir = folder / _run_name(row)
+        config, model = load_run(run_dir)
+        data = load_dataset(config, "test").head(examples)
+        (_, x), = batches(data, examples, model.device)
+        per_k = {k: log_likelihood(model, x, num_samples=k, generator=torch.Generator().manual_seed(seed)).double()
+                 for k in samples}
+        top = per_k[samples[-1]]
+        results.append({"label": label, "run": run_dir.name,
+                        "estimates": {k: float(v.mean()) for k, v in per_k.items()},
+                        "gap": {k: (float((top - v).mean()), float((top - v).std() / math.sqrt(len(v))))
+                                for k, v in per_k.items() if k != samples[-1]}})
+    return results
+
+
+def render_likelihood_check(results: list[dict], command: str, seconds: float) -> str:
+    samples = list(results[0]["estimates"]) if results else []
+    top = samples[-1] if samples else None
+    lines = ["# How far below log p(X) the study's importance-sampled estimates lie", "",
+             "The study reports `log p(X)` importance-sampled with each model's own proposal `q(z | X)` at a small "
+             "number of samples K (`eval.likelihood_samples`). Such an estimate lies below `log p(X)` in "
+             "expectation, by an amount that shrinks as K grows and depends on how well the proposal covers the "
+             "model's posterior, so models are not equally far below their `log p(X)` at a given K. This page "
+             f"measures it: one run per model (beta 1, lowest seed), the same test tuples and seed at every K; the "
+             f"gap is the mean per-tuple difference to K = {top} with its standard error over the tuples. Where "
+             "two models' gaps differ by more than the difference of their log p(X) in the study's tables, their "
+             "order there is an artefact of K.", "",
+             f"Written by `{command}` at commit {_commit()} on {_machine()} in {seconds / 60:.0f} min.", "",
+             "| model | run | " + " | ".join(f"log p(X), K = {k}" for k in samples) + " | " +
+             " | ".join(f"gap of K = {k}" for k in samples[:-1]) + " |",
+             "|---|---|" + "---:|" * (2 * len(samples) - 1)]
+    for result in results:
+        estimates = " | ".join(f"{result['estimates'][k]:.1f}" for k in samples)
+        gaps = " | ".join(f"{m:.1f} ± {e:.1f}" for m, e in (result["gap"][k] for k in samples[:-1]))
+        lines.append(f"| {result['label']} | {result['run']} | {estimates} | {gaps} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_likelihood_check(folder: Path, out: Path, samples=(12, 1000), examples: int = 20, command: str = "",
+                           progress=None) -> Path:
+    """``likelihood_convergence`` of the sweep ``folder``, rendered into the page ``out``."""
+    import time
+
+    start = time.monotonic()
+    results = likelihood_convergence(folder, samples, examples, progress=progress)
+    write_text(Path(out), render_likelihood_check(results, command, time.monotonic() - start))
+    return Path(out)

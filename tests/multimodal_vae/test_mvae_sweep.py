@@ -56,6 +56,18 @@ def test_a_sweep_trains_evaluates_and_summarises_once(tiny_root):
     assert len(stamps) == 6 and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert redo.exists() and unreported.exists()
     assert len(checkpoints) == 8 and all(p.stat().st_mtime_ns == t for p, t in checkpoints.items())
+    # how far below log p(X) the estimates lie: one run per model (beta 1, seed 0), K = 1 against K = 200
+    out = tiny_root / "likelihood_check.md"
+    assert main(["likelihood-check", "--sweep", str(folder), "--samples", "200", "1", "--examples", "4",
+                 "--out", str(out)]) == 0
+    table = {line.split(" | ")[0][2:]: line.strip("| ").split(" | ") for line in out.read_text().splitlines()
+             if line.startswith(("| helvae |", "| mopoe |"))}
+    assert sorted(table) == ["helvae", "mopoe"] and table["mopoe"][1] == "mopoe-beta1.0-seed0"
+    for _, _, at_one, at_many, gap in table.values():
+        gap, error = map(float, gap.split(" ± "))
+        assert abs(float(at_many) - float(at_one) - gap) <= 0.11 and gap > 3 * error > 0  # K = 1 lies further below
+    with pytest.raises(SystemExit):
+        main(["likelihood-check", "--sweep", str(folder), "--samples", "12"])
 
 
 def test_pareto_front_and_aggregation_by_hand():
