@@ -527,21 +527,30 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
         count += z.size
         return (out, ell[..., present].cpu().numpy()) if experts else out
 
-    edges, shift = _quadrature_edges(log_u, mu, sd, lower, upper, alpha)
-    # a finite end where u is singular (or not negligible) gets a ladder and an end panel, as in _quadrature_batch
-    end_of_kind = {}
+    edges, shift, outer_switches = _quadrature_edges(log_u, mu, sd, lower, upper, alpha)
+    # a finite end where u is singular (or not negligible) gets a ladder and an end panel, as in _quadrature_batch;
+    # a kink of u between the edges and the end splits the ladder there, or the shallow end panel at its variable
+    end_of_kind, end_splits = {}, {}
+    inner = edges[(edges > lower) & (edges < upper)]
     for sign, end in ((1.0, lower), (-1.0, upper)):
-        inner = edges[(edges > lower) & (edges < upper)]
         if math.isfinite(end) and len(inner):
             gap = sign * ((inner.min() if sign > 0 else inner.max()) - end)
             geometry, ladder = _end_panel_geometry(lambda z: torch.as_tensor(log_u(z.numpy())), sign, end,
                                                    torch.tensor([gap], dtype=torch.float64), shift,
                                                    lambda z: torch.as_tensor(log_u(z.numpy(), experts=True)[1]),
                                                    log_weights[present].unsqueeze(0), alpha)
+            kinks = sign * (outer_switches - end)
+            kinks = kinks[(kinks > 0) & (kinks < gap)]
             if bool(geometry.steep[0]):
                 ladder = ladder[0].numpy()
                 edges = np.unique(np.concatenate((edges[edges != end], ladder[~np.isnan(ladder)])))
                 end_of_kind[2 * sign] = end_of_kind[3 * sign] = (end, geometry)
+                reach, power = float(geometry.reach[0]), float(geometry.power[0])
+                shallow = kinks[(kinks < reach) & (kinks > float(geometry.deep_top()[0]))]
+                end_splits[2 * sign] = np.sort((shallow / reach) ** power)
+                end_splits[3 * sign] = _deep_kinks(geometry) if math.isinf(alpha) else np.zeros(0)
+                kinks = kinks[kinks >= reach]
+            edges = np.unique(np.concatenate((edges, end + sign * kinks)))
     tail_scale = float(sd.max())
     # panels in x-space: kind 0 is z = x; kind +-1 the tail z = origin +- scale x / (1 - x), x in [0, 1); kind +-2
     # the shallow end panel of the lower (upper) end, x in [shallow_start, 1], and +-3 its deep one, x in [0, 1]
@@ -556,8 +565,9 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
             origin = np.concatenate((origin, np.full(4, end)))
     for end_kind, (end, geometry) in end_of_kind.items():
         start = 0.0 if abs(end_kind) == 3 else float(geometry.shallow_start()[0])
-        a, b = np.append(a, start), np.append(b, 1.0)
-        kind, origin = np.append(kind, end_kind), np.append(origin, end)
+        cuts = np.concatenate(([start], end_splits.get(end_kind, np.zeros(0)), [1.0]))
+        a, b = np.append(a, cuts[:-1]), np.append(b, cuts[1:])
+        kind, origin = np.append(kind, np.full(len(cuts) - 1, end_kind)), np.append(origin, np.full(len(cuts) - 1, end))
 
     gl_t, gl_w = np.polynomial.legendre.leggauss(_GL_ORDER)
     low_t, low_w = np.polynomial.legendre.leggauss(_GL_ORDER - 3)
@@ -1191,8 +1201,54 @@ def _interior_point(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
                                                               torch.where(torch.isfinite(upper), upper - 1, 0.0)))
 
 
+def _towards_ends(points, lower, upper):
+    """Points beyond the scanned ``points`` towards each finite end, one per octave of the distance to it down to the
+    nearest point the end panel evaluates (:class:`_EndPanel`)."""
+    out = []
+    for sign, end, edge in ((1.0, lower, points.min()), (-1.0, upper, points.max())):
+        if math.isfinite(end):
+            nearest = _NEAREST_AT_ZERO if end == 0 else _NEAREST_RELATIVE * abs(end)
+            distance = sign * (edge - end)
+            if distance > 2 * nearest:
+                out.append(end + sign * distance * 2.0 ** -np.arange(1, int(math.log2(distance / nearest)) + 1))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _switches(log_u, points, ell, alpha):
+    """Where the largest (``alpha = inf``) or smallest (``-inf``) of the experts' densities ``ell`` at the sorted
+    ``points`` changes hands between neighbouring points: the kinks of ``u``, each located by Brent's method."""
+    active = ell.argmax(-1) if alpha > 0 else ell.argmin(-1)
+    found = []
+    for k in np.nonzero(active[1:] != active[:-1])[0]:
+        i, j = active[k], active[k + 1]
+
+        def gap(z, i=i, j=j):
+            lp = log_u(np.array([z]), experts=True)[1][0]
+            return lp[i] - lp[j]
+
+        if gap(points[k]) * gap(points[k + 1]) <= 0:
+            found.append(optimize.brentq(gap, points[k], points[k + 1], xtol=1e-300, rtol=1e-15))
+    return found
+
+
+def _deep_kinks(geometry: _EndPanel) -> np.ndarray:
+    """The deep panel's variables (of its one pool, ``alpha = +-inf``) where two experts' power laws extrapolated below
+    the nearest point cross: the kinks of their maximum (minimum), which can lie below any float next to the end (at
+    1 - 1e-18 for the maximum of Beta(0.10, 0.052) and Beta(0.19, 0.059))."""
+    ell, slope = geometry.expert_log_q[0].numpy(), geometry.expert_exponent[0].numpy()
+    i, j = np.triu_indices(len(ell), 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        depth = (ell[j] - ell[i]) / (slope[i] - slope[j])  # log(d / nearest) where laws i and j meet
+    depth = depth[np.isfinite(depth) & (depth < 0)]
+    log_top = math.log(float(geometry.deep_top()[0]))
+    x = np.exp(float(geometry.depth_power[0]) * (math.log(geometry.nearest) + depth - log_top))
+    return np.unique(x[(x > 0) & (x < 1)])
+
+
 def _quadrature_edges(log_u, mu, sd, lower, upper, alpha):
-    """The initial panel edges (finite, sorted, inside the support) and the largest ``log u`` found."""
+    """The initial panel edges (finite, sorted, inside the support), the largest ``log u`` found, and for ``alpha =
+    +-inf`` the kinks of ``u`` between the scanned span and the finite ends (sorted; their place depends on the end
+    panels, which the edges decide)."""
     offsets = np.concatenate((-_EXPERT_OFFSETS[::-1], _EXPERT_OFFSETS[1:]))
     expert_points = (mu[:, None] + sd[:, None] * offsets).ravel()
     expert_points = expert_points[(expert_points > lower) & (expert_points < upper)]
@@ -1201,18 +1257,18 @@ def _quadrature_edges(log_u, mu, sd, lower, upper, alpha):
     scan = np.linspace(expert_points.min(), expert_points.max(), _SCAN_POINTS)
     points = np.unique(np.concatenate((expert_points, scan)))
     values, ell = log_u(points, experts=True)
-    switches = []
+    switches, outer_switches = [], np.zeros(0)
     if math.isinf(alpha):  # u = max_j q_j (min_j q_j) has a kink wherever the largest (smallest) expert changes
-        active = ell.argmax(-1) if alpha > 0 else ell.argmin(-1)
-        for k in np.nonzero(active[1:] != active[:-1])[0]:
-            i, j = active[k], active[k + 1]
-
-            def gap(z, i=i, j=j):
-                lp = log_u(np.array([z]), experts=True)[1][0]
-                return lp[i] - lp[j]
-
-            if gap(points[k]) * gap(points[k + 1]) <= 0:
-                switches.append(optimize.brentq(gap, points[k], points[k + 1], xtol=1e-300, rtol=1e-15))
+        switches = _switches(log_u, points, ell, alpha)
+        # next to a singular end the experts' power laws can cross far below the span (at 1 - 1.4e-7 for the maximum
+        # of Beta(0.59, 0.21) and Beta(0.015, 0.03)), inside the end panel, whose rule missed that kink by 1e-7
+        far = _towards_ends(points, lower, upper)
+        if len(far):
+            near_ends = np.concatenate((far, points[[0, -1]]))
+            order = np.argsort(near_ends)
+            far_ell = np.concatenate((log_u(far, experts=True)[1], ell[[0, -1]]))
+            outer_switches = np.sort(_switches(log_u, near_ends[order], far_ell[order], alpha))
+            outer_switches = outer_switches[(outer_switches < points[0]) | (outer_switches > points[-1])]
     best = int(np.argmax(values))
     if not math.isfinite(values[best]):
         raise ValueError("the pooled density vanishes numerically wherever the experts put their mass "
@@ -1247,7 +1303,7 @@ def _quadrature_edges(log_u, mu, sd, lower, upper, alpha):
                                              points[index], points[outer], xtol=1e-300, rtol=1e-13))
     edges = np.concatenate((expert_points, [points[best]], crossings, switches,
                             [x for x in (lower, upper) if math.isfinite(x)]))
-    return np.unique(edges[(edges >= lower) & (edges <= upper)]), top
+    return np.unique(edges[(edges >= lower) & (edges <= upper)]), top, outer_switches
 
 
 def _expert_moments(family, params):

@@ -287,3 +287,52 @@ def test_a_regular_pool_beside_a_faint_singular_expert(alpha, concentrations, we
     estimate = pool.estimate(method="quadrature").log_normalizer
     exact = float(pool.log_normalizer)
     assert abs(float(estimate.value) - exact) <= float(estimate.error) <= 1e-8, (float(estimate.value), exact)
+
+
+def _incomplete_moments(a, b, x):
+    """``int_0^x z^k Beta(z; a, b) dz`` for k = 0, 1, 2 (mpmath), from regularised incomplete beta functions."""
+    return [mp.betainc(a, b, 0, x, regularized=True),
+            a / (a + b) * mp.betainc(a + 1, b, 0, x, regularized=True),
+            a * (a + 1) / ((a + b) * (a + b + 1)) * mp.betainc(a + 2, b, 0, x, regularized=True)]
+
+
+KINKS = [  # (experts' parameters, alpha, an upper bound on the distance of the kink nearest the end at 1)
+    ([(0.5923903546654723, 0.21058017395277331), (0.015465813336762882, 0.02953399797964949)], math.inf, 2e-7),
+    ([(0.5923903546654723, 0.21058017395277331), (0.015465813336762882, 0.02953399797964949)], -math.inf, 2e-7),
+    ([(0.10051673670999398, 0.05235514709606456), (0.18787053464262404, 0.058918313453863336)], math.inf, 1e-18),
+]
+
+
+@pytest.mark.parametrize("params, alpha, distance", KINKS)
+def test_a_kink_between_the_experts_and_a_singular_end(params, alpha, distance):
+    """The maximum (minimum) of Beta(0.59, 0.21) and Beta(0.015, 0.03) changes expert at 0.007 and at 1 - 1.4e-7,
+    beyond the points the experts' span is scanned at: the end panel's rule, across that kink, gave log Z 1.2e-7
+    below the truth with a stated error of 1.3e-11 (alpha = inf; the minimum was right). The maximum of
+    Beta(0.10, 0.052) and Beta(0.19, 0.059) changes at 1 - 1e-18, below every float next to 1, where the experts'
+    laws are extrapolated: 9e-11 off for a stated 9e-12. Reference: the crossings by mpmath's root finder, each
+    piece's mass and moments from incomplete beta functions."""
+    (a1, b1), (a2, b2) = params
+    with mp.workdps(30):
+        def log_ratio(t):  # log q1 - log q2 at z = 1 / (1 + e^-t)
+            return ((a1 - a2) * -mp.log1p(mp.exp(-t)) + (b1 - b2) * -mp.log1p(mp.exp(t))
+                    + mp.log(mp.beta(a2, b2)) - mp.log(mp.beta(a1, b1)))
+
+        grid = [mp.mpf(k) / 2 for k in range(-120, 121)]
+        roots = [mp.findroot(log_ratio, (s, t), solver="anderson") for s, t in zip(grid, grid[1:])
+                 if mp.sign(log_ratio(s)) != mp.sign(log_ratio(t))]
+        assert len(roots) == 2
+        cuts = [mp.mpf(0)] + [1 / (1 + mp.exp(-r)) for r in roots] + [mp.mpf(1)]
+        assert 1 - cuts[2] < distance  # the kink next to the end at 1
+        moments = [mp.mpf(0)] * 3
+        for low, high in zip(cuts, cuts[1:]):
+            first_larger = log_ratio(mp.log((low + high) / 2) - mp.log(1 - (low + high) / 2)) > 0
+            a, b = (a1, b1) if first_larger == (alpha > 0) else (a2, b2)
+            for k, (above, below) in enumerate(zip(_incomplete_moments(a, b, high), _incomplete_moments(a, b, low))):
+                moments[k] += above - below
+        mean = moments[1] / moments[0]
+        reference = [float(mp.log(moments[0])), float(mean), float(moments[2] / moments[0] - mean**2)]
+    est = opinionpool.holder(_experts("beta", params), alpha=alpha).estimate(method="quadrature")
+    for name, expected in zip(("log_normalizer", "mean", "variance"), reference):
+        value, error = float(getattr(est, name).value), float(getattr(est, name).error)
+        assert abs(value - expected) <= error, (name, value, expected, error)
+        assert error <= 1e-9, (name, error)
