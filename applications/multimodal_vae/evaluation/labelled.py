@@ -85,12 +85,13 @@ def posterior_means(model, data, subsets, batch_size: int = 500) -> dict:
     """``subset -> (N, D)`` moment-matched posterior means given that subset, on the CPU."""
     device = model.device
     means = {s: [] for s in subsets}
-    for index, x in batches(data, batch_size, device):
-        mu, logvar = model.encode(x)
-        for s in subsets:
-            mixture = model.conditional_posterior(mu, logvar, subset_mask(s, model.num_modalities, len(index), device))
-            mean, _ = mixture.moments()
-            means[s].append(mean.cpu())
+    with evaluating(model):
+        for index, x in batches(data, batch_size, device):
+            mu, logvar = model.encode(x)
+            for s in subsets:
+                given = subset_mask(s, model.num_modalities, len(index), device)
+                mean, _ = model.conditional_posterior(mu, logvar, given).moments()
+                means[s].append(mean.cpu())
     return {s: torch.cat(v) for s, v in means.items()}
 
 
