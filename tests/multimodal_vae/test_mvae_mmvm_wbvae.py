@@ -307,9 +307,10 @@ def test_subset_mixture_elbo_with_private_latents_against_an_independent_computa
     sd = torch.exp(0.5 * logvar)
 
     def poe(s, b):
-        """The subset's product of present experts, with a N(0, I) expert in the full subset (MoPoE)."""
+        """The subset's product of present experts, with a N(0, I) expert in the full subset where every modality
+        is present (MoPoE: its code drops the subsets with a missing modality, the full one among them)."""
         members = [n for n in s if present[n, b]]
-        precision = sum(1 / sd[n, b, :D] ** 2 for n in members) + (len(s) == M)
+        precision = sum(1 / sd[n, b, :D] ** 2 for n in members) + (len(members) == M)
         mean = sum(mu[n, b, :D] / sd[n, b, :D] ** 2 for n in members) / precision
         return mean, precision ** -0.5
 
