@@ -462,8 +462,9 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
     if prior_on_full_subset:  # an extra standard-normal expert, a member of the full subset only
         mu, logvar = _with_prior_expert(mu, logvar)
         full = subsets.all(-1).reshape((1,) * len(batch) + (k, 1)).expand(batch + (k, 1))
-        if mask is not None:  # the MoPoE code drops the subsets with an absent expert: no prior where one is
-            full = full & mask.all(-1).reshape(batch + (1, 1))
+        if mask is not None:  # the MoPoE code drops the subsets with an absent expert: no prior where one is (a
+            # sample with none present keeps it: its pool is the prior)
+            full = full & (mask.all(-1) | ~mask.any(-1)).reshape(batch + (1, 1))
         member = torch.cat((member, full), -1)
         m += 1
     empty = ~member.any(-1)

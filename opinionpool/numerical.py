@@ -1210,7 +1210,8 @@ def _towards_ends(points, lower, upper):
             nearest = _NEAREST_AT_ZERO if end == 0 else _NEAREST_RELATIVE * abs(end)
             distance = sign * (edge - end)
             if distance > 2 * nearest:
-                out.append(end + sign * distance * 2.0 ** -np.arange(1, int(math.log2(distance / nearest)) + 1))
+                octaves = int(math.log2(distance) - math.log2(nearest))  # the ratio overflows past 1.8e8 at 0
+                out.append(end + sign * distance * 2.0 ** -np.arange(1, octaves + 1))
     return np.concatenate(out) if out else np.zeros(0)
 
 

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     check.add_argument("--sweep", required=True, help="the sweep folder (runs/NAME, holding results.csv)")
     check.add_argument("--samples", type=int, nargs="+", default=[12, 1000], help="the numbers of samples K compared")
     check.add_argument("--examples", type=int, default=20, help="test tuples per run")
-    check.add_argument("--out", default="likelihood_check.md", help="the page to write")
+    check.add_argument("--out", help="the page to write (default: likelihood_check.md in the sweep folder)")
     study = commands.add_parser("study", help="the papers' claims and the alpha study checked on a sweep's runs")
     study.add_argument("--sweep", required=True, help="the sweep folder (runs/NAME, holding results.csv)")
     study.add_argument("--docs", help="also write DOCS/study.md and its figures in DOCS/figures/study/")
@@ -118,18 +118,18 @@ def main(argv=None) -> int:
 
         from .study import write_likelihood_check
 
+        out = args.out or str(Path(args.sweep) / "likelihood_check.md")
         command = (f"python -m applications.multimodal_vae likelihood-check --sweep {args.sweep} --samples "
-                   f"{' '.join(map(str, args.samples))} --examples {args.examples} --out {args.out}")
+                   f"{' '.join(map(str, args.samples))} --examples {args.examples}" + (f" --out {args.out}" if args.out
+                                                                                       else ""))
         try:
-            page = write_likelihood_check(args.sweep, args.out, args.samples, args.examples, command,
+            page = write_likelihood_check(args.sweep, out, args.samples, args.examples, command,
                                           progress=tqdm)
         except ValueError as error:
             parser.error(str(error))
         print(f"likelihood check written to {page}")
         return 0
     if args.command == "study":
-        from pathlib import Path
-
         from .study import write_study
         from .sweep import load_sweep, summarise
 

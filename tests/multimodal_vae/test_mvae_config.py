@@ -202,6 +202,8 @@ def test_evaluate_only_the_likelihood_keeps_the_other_metrics(tiny_root, capsys)
     assert main(["evaluate", "--run", str(run), "--only", "log_likelihood", "--set", "eval.likelihood_samples=3"]) == 0
     after = json.loads((run / "metrics.json").read_text())
     assert after["log_likelihood"]["num_samples"] == 3 and after["log_likelihood"] != before["log_likelihood"]
+    assert after["protocol"]["likelihood_samples"] == 3  # the protocol says so too
+    before["protocol"]["likelihood_samples"] = 3
     assert {k: v for k, v in after.items() if k != "log_likelihood"} == \
         {k: v for k, v in before.items() if k != "log_likelihood"}
     assert "K = 3" in capsys.readouterr().out

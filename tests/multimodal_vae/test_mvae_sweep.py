@@ -66,6 +66,8 @@ def test_a_sweep_trains_evaluates_and_summarises_once(tiny_root):
     for _, _, at_one, at_many, gap in table.values():
         gap, error = map(float, gap.split(" ± "))
         assert abs(float(at_many) - float(at_one) - gap) <= 0.11 and gap > 3 * error > 0  # K = 1 lies further below
+    assert main(["likelihood-check", "--sweep", str(folder), "--samples", "2", "1", "--examples", "2"]) == 0
+    assert "| mopoe | mopoe-beta1.0-seed0 |" in (folder / "likelihood_check.md").read_text()  # the default page
     with pytest.raises(SystemExit):
         main(["likelihood-check", "--sweep", str(folder), "--samples", "12"])
 

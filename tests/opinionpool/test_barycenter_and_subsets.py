@@ -1,6 +1,7 @@
 """Wasserstein barycenters and subset mixtures against independent computations."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -209,3 +210,13 @@ def test_prior_expert_on_the_full_subset_only_as_in_mopoe():
         torch.testing.assert_close(mix.logvar[:, k], ref_lv, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="prior_on_full_subset does not combine with pooling weights"):
         opf.subset_mixture(opf.hellinger, mu, logvar, prior_on_full_subset=True, weights=torch.ones(m))
+    # a sample missing an expert has no prior (the MoPoE code drops the subsets with a missing modality); one
+    # missing every expert keeps it, its pool the prior alone (not a mixture of no components)
+    mask = torch.tensor([[True, False], [False, False], [True, False]])
+    masked = opf.subset_mixture(opf.poe, mu, logvar, mask=mask, prior_on_full_subset=True, validate_args=False)
+    full = len(subsets) - 1
+    ref_loc, ref_lv = opf.poe(mu[[0, 2], 0], logvar[[0, 2], 0])
+    torch.testing.assert_close(masked.loc[0, full], ref_loc, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(masked.logvar[0, full], ref_lv, rtol=1e-12, atol=1e-12)
+    assert masked.log_weights[1].tolist() == [-math.inf] * full + [0.0]
+    assert masked.loc[1, full].abs().max() == 0 and masked.logvar[1, full].abs().max() == 0

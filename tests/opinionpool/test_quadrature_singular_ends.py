@@ -336,3 +336,33 @@ def test_a_kink_between_the_experts_and_a_singular_end(params, alpha, distance):
         value, error = float(getattr(est, name).value), float(getattr(est, name).error)
         assert abs(value - expected) <= error, (name, value, expected, error)
         assert error <= 1e-9, (name, error)
+
+
+@pytest.mark.parametrize("alpha", [math.inf, -math.inf])
+def test_max_and_min_of_gammas_far_from_their_end(alpha):
+    """Gamma experts of mean 1e9: the search for kinks towards the end at 0 spans 2^1000 there (the ratio of the
+    distance to the nearest point overflowed). Reference: the crossings of the log densities by mpmath and each
+    piece's mass from regularised incomplete gamma functions."""
+    (a1, b1), (a2, b2) = params = [(1e4, 1e-5), (2e4, 2e-5)]
+    with mp.workdps(30):
+        def log_ratio(z):  # log q1 - log q2
+            return (a1 * mp.log(b1) - mp.loggamma(a1) + (a1 - 1) * mp.log(z) - b1 * z
+                    - (a2 * mp.log(b2) - mp.loggamma(a2) + (a2 - 1) * mp.log(z) - b2 * z))
+
+        grid = [mp.mpf(1e9) * (1 + k / 200) for k in range(-40, 41)]
+        roots = [mp.findroot(log_ratio, (s, t), solver="anderson") for s, t in zip(grid, grid[1:])
+                 if mp.sign(log_ratio(s)) != mp.sign(log_ratio(t))]
+        assert len(roots) == 2
+        cuts = [mp.mpf(0)] + roots + [mp.inf]
+        mass = mp.mpf(0)
+        for low, high in zip(cuts, cuts[1:]):
+            middle = 2 * low if high == mp.inf else (low + high) / 2
+            a, b = (a1, b1) if (log_ratio(middle) > 0) == (alpha > 0) else (a2, b2)
+            mass += mp.gammainc(a, b * low, b * high, regularized=True)
+        reference = float(mp.log(mass))
+    experts = Gamma(*(torch.tensor(column, dtype=torch.float64) for column in zip(*params)))
+    est = opinionpool.holder(experts, alpha=alpha).estimate(method="quadrature").log_normalizer
+    # plus the rounding of log q itself, whose terms reach 2e5 here (3e-11), which the stated error does not count
+    # (a known limitation, docs/theory.md): the maximum misses by 2.8e-11 with 1.1e-11 stated, as before the search
+    assert abs(float(est.value) - reference) <= float(est.error) + 5e-11, (float(est.value), reference, float(est.error))
+    assert float(est.error) <= 1e-9

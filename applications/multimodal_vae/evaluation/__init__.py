@@ -168,6 +168,7 @@ def reevaluate_likelihood(run_dir, config, model) -> dict:
     test_data = load_dataset(config, "test")
     n = len(test_data) if settings.test_examples is None else min(settings.test_examples, len(test_data))
     metrics["log_likelihood"] = _likelihoods(model, test_data.head(n).head(settings.likelihood_examples), settings)
+    metrics.setdefault("protocol", {})["likelihood_samples"] = settings.likelihood_samples
     write_text(path, json.dumps(metrics, indent=1))
     write_text(run_dir / "report.md", render_report(config, metrics))
     return metrics
