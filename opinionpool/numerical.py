@@ -1201,18 +1201,19 @@ def _interior_point(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
                                                               torch.where(torch.isfinite(upper), upper - 1, 0.0)))
 
 
-def _towards_ends(points, lower, upper):
-    """Points beyond the scanned ``points`` towards each finite end, one per octave of the distance to it down to the
-    nearest point the end panel evaluates (:class:`_EndPanel`)."""
-    out = []
+def _towards_ends(points, lower, upper) -> list[np.ndarray]:
+    """For each finite end, sorted: the outermost of the scanned ``points`` on its side and points beyond it, one per
+    octave of the distance to the end down to the nearest point the end panel evaluates (:class:`_EndPanel`)."""
+    sides = []
     for sign, end, edge in ((1.0, lower, points.min()), (-1.0, upper, points.max())):
         if math.isfinite(end):
             nearest = _NEAREST_AT_ZERO if end == 0 else _NEAREST_RELATIVE * abs(end)
             distance = sign * (edge - end)
             if distance > 2 * nearest:
                 octaves = int(math.log2(distance) - math.log2(nearest))  # the ratio overflows past 1.8e8 at 0
-                out.append(end + sign * distance * 2.0 ** -np.arange(1, octaves + 1))
-    return np.concatenate(out) if out else np.zeros(0)
+                side = np.append(end + sign * distance * 2.0 ** -np.arange(1, octaves + 1), edge)
+                sides.append(np.sort(side))
+    return sides
 
 
 def _switches(log_u, points, ell, alpha):
@@ -1263,13 +1264,8 @@ def _quadrature_edges(log_u, mu, sd, lower, upper, alpha):
         switches = _switches(log_u, points, ell, alpha)
         # next to a singular end the experts' power laws can cross far below the span (at 1 - 1.4e-7 for the maximum
         # of Beta(0.59, 0.21) and Beta(0.015, 0.03)), inside the end panel, whose rule missed that kink by 1e-7
-        far = _towards_ends(points, lower, upper)
-        if len(far):
-            near_ends = np.concatenate((far, points[[0, -1]]))
-            order = np.argsort(near_ends)
-            far_ell = np.concatenate((log_u(far, experts=True)[1], ell[[0, -1]]))
-            outer_switches = np.sort(_switches(log_u, near_ends[order], far_ell[order], alpha))
-            outer_switches = outer_switches[(outer_switches < points[0]) | (outer_switches > points[-1])]
+        outer_switches = np.sort([kink for side in _towards_ends(points, lower, upper)
+                                  for kink in _switches(log_u, side, log_u(side, experts=True)[1], alpha)])
     best = int(np.argmax(values))
     if not math.isfinite(values[best]):
         raise ValueError("the pooled density vanishes numerically wherever the experts put their mass "
