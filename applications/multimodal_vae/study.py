@@ -487,6 +487,8 @@ def _number(cell) -> float:
 
 
 def _read_rows(folder: Path) -> list[dict]:
+    if not (folder / "results.csv").is_file():
+        raise ValueError(f"--sweep {folder} holds no results.csv: run or summarise the sweep first")
     with open(folder / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     for row in rows:
@@ -508,8 +510,6 @@ def write_study(folder: Path, docs: Path | None = None, command: str = "") -> Pa
     """Write ``study.md`` and its figures in the sweep ``folder`` (and, with ``docs``, ``docs/study.md`` with the
     figures in ``docs/figures/study/``). Returns the page written last."""
     folder = Path(folder)
-    if not (folder / "results.csv").is_file():
-        raise ValueError(f"--sweep {folder} holds no results.csv: run or summarise the sweep first")
     rows = _read_rows(folder)
     figures = _plots(folder, rows, folder)
     grids = _sample_grids(folder, rows)
@@ -529,7 +529,6 @@ def write_study(folder: Path, docs: Path | None = None, command: str = "") -> Pa
     page = Path(docs) / "study.md"
     write_text(page, render_study(folder, rows, linked, command))
     return page
-
 
 
 def _one_run_per_label(rows: list[dict]) -> dict:
@@ -561,8 +560,6 @@ def likelihood_convergence(folder: Path, samples=(12, 1000), examples: int = 20,
     if isinstance(examples, bool) or int(examples) != examples or examples < 2:
         raise ValueError(f"examples must be an integer of at least 2, got {examples!r}")
     folder = Path(folder)
-    if not (folder / "results.csv").is_file():
-        raise ValueError(f"--sweep {folder} holds no results.csv: run or summarise the sweep first")
     chosen = _one_run_per_label(_read_rows(folder))
     results = []
     for label, row in (progress(chosen.items(), desc="likelihood check", unit="run") if progress else chosen.items()):

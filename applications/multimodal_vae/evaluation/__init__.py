@@ -89,6 +89,17 @@ __all__ = ["CLASSIFIER_EPOCHS", "DigitClassifier", "EVALUATION_FILES", "EncoderC
 EVALUATION_FILES = ("metrics.json", "report.md", GRID_FILE)
 
 
+def _evaluated(settings, test_data):
+    """The test tuples the evaluation scores: the first ``settings.test_examples`` (all when ``None``)."""
+    n = len(test_data) if settings.test_examples is None else min(settings.test_examples, len(test_data))
+    return test_data.head(n)
+
+
+def _write_metrics(run_dir: Path, config, metrics: dict) -> None:
+    write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+    write_text(run_dir / "report.md", render_report(config, metrics))
+
+
 def _subset_name(subset, names) -> str:
     return "{" + ",".join(names[t] for t in subset) + "}"
 
@@ -102,8 +113,8 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
     settings = config.eval
     train_data, test_data = load_dataset(config, "train"), load_dataset(config, "test")
     device = model.device
-    n = len(test_data) if settings.test_examples is None else min(settings.test_examples, len(test_data))
-    evaluated = test_data.head(n)
+    evaluated = _evaluated(settings, test_data)
+    n = len(evaluated)
     m = model.num_modalities
     names = [modality.name for modality in test_data.modalities]
     subsets = subset_tuples(m) if settings.subsets == "all" else [(s,) for s in range(m)] + [tuple(range(m))]
@@ -149,8 +160,7 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
         done()
     if bar is not None:
         bar.close()
-    write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
-    write_text(run_dir / "report.md", render_report(config, metrics))
+    _write_metrics(run_dir, config, metrics)
     return metrics
 
 
@@ -165,12 +175,10 @@ def reevaluate_likelihood(run_dir, config, model) -> dict:
     metrics = json.loads(path.read_text())
     remove_orphaned_temporaries(run_dir, EVALUATION_FILES)
     settings = config.eval
-    test_data = load_dataset(config, "test")
-    n = len(test_data) if settings.test_examples is None else min(settings.test_examples, len(test_data))
-    metrics["log_likelihood"] = _likelihoods(model, test_data.head(n).head(settings.likelihood_examples), settings)
+    evaluated = _evaluated(settings, load_dataset(config, "test"))
+    metrics["log_likelihood"] = _likelihoods(model, evaluated.head(settings.likelihood_examples), settings)
     metrics.setdefault("protocol", {})["likelihood_samples"] = settings.likelihood_samples
-    write_text(path, json.dumps(metrics, indent=1))
-    write_text(run_dir / "report.md", render_report(config, metrics))
+    _write_metrics(run_dir, config, metrics)
     return metrics
 
 
