@@ -5,8 +5,9 @@ one geometric mean per pair :math:`i < j` (weights :math:`2\lambda_i\lambda_j S_
 Bhattacharyya coefficient), with, per dimension, :math:`\Delta = \mu_j - \mu_i`, :math:`u = v_i + v_j`:
 
 * :math:`\log S_{ij} = -\sum_d [\Delta^2 / (4u) + \tfrac12 \log\cosh((\log v_i - \log v_j)/2)]`, where
-  :math:`\log\cosh(a/2) = a/2 + \operatorname{log1p}(\operatorname{expm1}(-a)/2)` for :math:`a = |\log v_i - \log v_j|`
-  keeps its digits as the experts coincide (no terms of the size of the log-variances cancel);
+  :math:`\log\cosh(a/2) = a/2 - \log(2 v_{\max} / u)` for :math:`a = |\log v_i - \log v_j|`, the second term in
+  :math:`[0, \log 2]` from the pair's ratios :math:`v_i / u = \sigma(\log v_i - \log v_j)` (no terms of the size
+  of the log-variances cancel);
 * the pair's mean :math:`(\mu_i v_j + \mu_j v_i)/u` and variance :math:`2 v_i v_j / u`.
 
 Means are taken relative to one present expert before any difference is squared. The pairs are formed row by
@@ -62,7 +63,7 @@ class _Row(NamedTuple):
 
     neg_log_s: torch.Tensor  # -log S_ij
     loc: torch.Tensor  # the pair's mean offset x_i + r_i Delta
-    log_cosh: torch.Tensor  # log cosh((logvar_i - logvar_j) / 2)
+    log_2big: torch.Tensor  # log(2 v_max / u): the pair's log-variance log(2 v_i v_j / u) is log v_min + log_2big
     delta: torch.Tensor  # Delta = x_j - x_i
     r_i: torch.Tensor  # v_i / u, the weight of x_j in the pair's mean
     r_j: torch.Tensor  # v_j / u
@@ -72,57 +73,61 @@ class _Row(NamedTuple):
     quad: torch.Tensor  # Delta^2 / (4u) = z^2 big
 
 
-def _rows(x, logvar):
+def _rows(x, logvar, log_s=True):
     """The pairs ``i < j`` of experts with offsets ``x`` and log-variances ``logvar`` ``(..., M, D)``, one
-    ``_Row`` per ``i`` (together the pairs in ``pair_indices`` order). Each row broadcasts expert ``i`` against
-    the experts after it: slices, no gathered copies; each pair costs two transcendental functions (``expm1``,
-    ``log1p``) and two sigmoids, the square roots of the variances are taken once per expert. In-place and fused
-    operations (``addcmul``) where a temporary is not kept: on the CPU each pass and each operation's fixed cost
-    count."""
+    ``_Row`` per ``i`` (together the pairs in ``pair_indices`` order), made as they are consumed: the passes keep
+    one row's tensors at a time, not all of them (on the CPU every extra megabyte alive costs cache misses). Each
+    row broadcasts expert ``i`` against the experts after it: slices, no gathered copies. Each pair costs two
+    sigmoids and one logarithm (on the CPU ``expm1`` and ``log1p`` cost several times as much), the square roots
+    of the variances are taken once per expert; in-place and fused operations (``addcmul``) where a temporary is not
+    kept.
+
+    ``log cosh((logvar_i - logvar_j) / 2) = |logvar_i - logvar_j| / 2 - log(2 v_max / u)`` with ``log(2 v_max / u)``
+    in [0, log 2]: each dimension's term is off by about an ulp of one, whatever the log-variances' size (no terms of
+    that size cancel). ``log_s=False`` leaves ``neg_log_s`` and ``log_2big`` out (``None``): the backward passes
+    need neither."""
     g = torch.exp(-0.5 * logvar).mul_(0.5)
-    rows = []
     for i in range(x.shape[-2] - 1):
         here, after = slice(i, i + 1), slice(i + 1, None)
         dlv = logvar[..., here, :] - logvar[..., after, :]
-        a = dlv.abs()
-        em = torch.expm1(-a)
-        big = (em + 2).reciprocal_()
-        # sigmoids rather than a select from big and 1 - big: torch.where is one of the slowest CPU kernels, and
-        # 1 - big loses the digits of a small ratio
+        half_a = dlv.abs().sum(-1).mul_(0.5) if log_s else None
+        # sigmoids rather than a select from big and 1 - big: 1 - big loses the digits of a small ratio
         r_i = torch.sigmoid(dlv)
         r_j = torch.sigmoid(dlv.neg_())
+        big = torch.maximum(r_i, r_j)
+        log_2big = torch.log(2 * big) if log_s else None
         delta = x[..., after, :] - x[..., here, :]
         t = torch.minimum(g[..., here, :], g[..., after, :])
         z = delta * t
         quad = (z * z).mul_(big)
-        log_cosh = torch.log1p(em.mul_(0.5)).add_(a, alpha=0.5)
-        neg_log_s = quad.sum(-1).add_(log_cosh.sum(-1), alpha=0.5)
+        neg_log_s = quad.sum(-1).add_(half_a.sub_(log_2big.sum(-1)), alpha=0.5) if log_s else None
         loc = torch.addcmul(x[..., here, :], r_i, delta)
-        rows.append(_Row(neg_log_s, loc, log_cosh, delta, r_i, r_j, big, t, z, quad))
-    return rows
+        yield _Row(neg_log_s, loc, log_2big, delta, r_i, r_j, big, t, z, quad)
 
 
 def _row_backward(row, d_loc, d_lv, d_neg_log_s):
-    """Chain rule from one row's pair quantities (mean ``d_loc``, log-variance ``d_lv``, ``-log S``
-    ``d_neg_log_s``) to its experts: ``(d x_i, d x_j, d logvar_i, d logvar_j)``, ``(..., D)`` for expert ``i``
-    (summed over its pairs) and ``(..., n, D)`` for the experts after it. Consumes ``row``'s tensors.
+    """Chain rule from one row's pair quantities (mean ``d_loc``, log-variance ``d_lv``, both ``(..., n, D)``, and
+    ``-log S`` ``d_neg_log_s`` ``(..., n)``) to its experts: ``(d x_i, d x_j, d logvar_i, d logvar_j)``, ``(..., D)``
+    for expert ``i`` (summed over its pairs) and ``(..., n, D)`` for the experts after it. Consumes ``row``'s
+    tensors.
 
-    In place only where the tensor written depends on every input the operands depend on: under
-    ``torch.func.vmap`` an unbatched tensor cannot take a batched operand in place (the incoming gradients may be
-    batched where the experts are not, as in ``jacrev``, or the other way round)."""
+    Expert ``i``'s terms come from the sums of the pair's: ``d x_i + d x_j = d_loc`` (the mean moves with both
+    experts) and ``d logvar_i + d logvar_j = d_lv - d_neg quad`` (scaling both variances by ``c`` scales the pair's
+    by ``c`` and ``quad`` by ``1 / c``), so only expert ``j``'s are formed elementwise. In place only where the
+    tensor written depends on every input the operands depend on: under ``torch.func.vmap`` an unbatched tensor
+    cannot take a batched operand in place (the incoming gradients may be batched where the experts are not, as in
+    ``jacrev``, or the other way round)."""
     d_neg = d_neg_log_s.unsqueeze(-1)
     # Delta / (2u) = d(-log S)/d x_j and Delta^2 / (4u) overflow only where S, hence d_neg, is zero
     slope = _finite((row.z * row.t).mul_(row.big).mul_(2))
     quad = _finite(row.quad)
-    push = d_neg * slope
-    dx_i = torch.addcmul(push, d_loc, row.r_j, value=-1).neg_().sum(-2)
-    dx_j = torch.addcmul(push, d_loc, row.r_i)
-    cross = d_loc * row.delta * (row.r_i * row.r_j)  # d loc / d logvar_i = Delta r_i r_j
-    tanh_half = (row.r_i - row.r_j).mul_(0.25)  # d(1/2 log cosh((lv_i - lv_j) / 2)) / d lv_i
-    u_i = torch.addcmul(tanh_half, quad, row.r_i, value=-1)
-    u_j = torch.addcmul(tanh_half, quad, row.r_j)
-    dlv_i = torch.addcmul(torch.addcmul(cross, d_lv, row.r_j), d_neg, u_i).sum(-2)
-    dlv_j = torch.addcmul(torch.addcmul(cross, d_lv, row.r_i, value=-1), d_neg, u_j).neg_()
+    dx_j = torch.addcmul(d_neg * slope, d_loc, row.r_i)
+    # d logvar_j = r_i (d_lv - d_loc Delta r_j) - d_neg ((r_i - r_j) / 4 + quad r_j), the first term from the
+    # pair's mean (d loc / d logvar_j = -Delta r_i r_j) and variance, the second from -log S
+    dlv_j = torch.sub(d_lv, (d_loc * row.delta).mul_(row.r_j)).mul_(row.r_i)
+    dlv_j = torch.addcmul(dlv_j, d_neg, torch.addcmul((row.r_i - row.r_j).mul_(0.25), quad, row.r_j), value=-1)
+    dx_i = d_loc.sum(-2) - dx_j.sum(-2)
+    dlv_i = d_lv.sum(-2) - _mix(d_neg_log_s, quad) - dlv_j.sum(-2)
     return dx_i, dx_j, dlv_i, dlv_j
 
 
@@ -151,9 +156,10 @@ def _mix(pi, values):
     return (pi.unsqueeze(-2) @ values).squeeze(-2)
 
 
-def _pair_variances(v, rows):
-    """The pairs' variances ``2 v_i v_j / u = 2 min(v_i, v_j) v_max / u`` from the experts' ``v``, row by row."""
-    return [torch.minimum(v[..., i:i + 1, :], v[..., i + 1:, :]).mul_(row.big).mul_(2) for i, row in enumerate(rows)]
+def _half_pair_variances(v, i, row):
+    """Half the variances ``2 v_i v_j / u = 2 min(v_i, v_j) v_max / u`` of row ``i``'s pairs, from the experts'
+    ``v``."""
+    return torch.minimum(v[..., i:i + 1, :], v[..., i + 1:, :]).mul_(row.big)
 
 
 def _forward(mu, logvar, log_w):
@@ -161,25 +167,24 @@ def _forward(mu, logvar, log_w):
     mixture weights (experts, then pairs in ``pair_indices`` order)."""
     x, mu_ref = _reference(mu, log_w)
     m = log_w.shape[-1]
-    rows = _rows(x, logvar)
-    logits = torch.cat([2 * log_w] + [log_w[..., i:i + 1] + log_w[..., i + 1:] - row.neg_log_s + _LOG2
-                                      for i, row in enumerate(rows)], -1)
+    scale = _scale(x, logvar, log_w)
+    v = torch.exp(logvar - scale.unsqueeze(-2))  # variances relative to the scale
+    pairs = [(row.neg_log_s, row.loc, _half_pair_variances(v, i, row)) for i, row in enumerate(_rows(x, logvar))]
+    logits = torch.cat([2 * log_w] + [log_w[..., i:i + 1] + log_w[..., i + 1:] - neg_log_s + _LOG2
+                                      for i, (neg_log_s, _, _) in enumerate(pairs)], -1)
     pi = torch.softmax(logits, -1)
     pis = pi.split([m] + _row_sizes(m), -1)
-    offset = sum((_mix(p, row.loc) for p, row in zip(pis[1:], rows)), _mix(pis[0], x))
-    scale = _scale(x, logvar, log_w)
+    offset = sum((_mix(p, loc) for p, (_, loc, _) in zip(pis[1:], pairs)), _mix(pis[0], x))
     h = torch.exp(-0.5 * scale).unsqueeze(-2)
-    v = torch.exp(logvar - scale.unsqueeze(-2))  # variances relative to the scale
     centre = offset.unsqueeze(-2)
 
-    def spread(p, loc, var):
+    def spread(p, loc, var, var_factor):
         dev = (loc - centre).mul_(h)
-        return _mix(p, var.addcmul_(dev, dev))
+        return _mix(p, dev.mul_(dev).add_(var, alpha=var_factor))
 
-    pair_variances = _pair_variances(v, rows)
-    total = spread(pis[0], x, v)
-    for p, row, var in zip(pis[1:], rows, pair_variances):
-        total = total + spread(p, row.loc, var)
+    total = spread(pis[0], x, v, 1)
+    for p, (_, loc, half_var) in zip(pis[1:], pairs):
+        total = total + spread(p, loc, half_var, 2)
     return mu_ref + offset, scale + torch.log(total), offset, pi
 
 
@@ -187,34 +192,37 @@ def _backward(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar)
     """Gradients of ``_forward``'s mean and log-variance with respect to ``mu``, ``logvar`` and ``log_w``."""
     x, _ = _reference(mu, log_w)
     m = log_w.shape[-1]
-    rows = _rows(x, logvar)
     pis = pi.split([m] + _row_sizes(m), -1)
     scale = _scale(x, logvar, log_w)
     v = torch.exp(logvar - scale.unsqueeze(-2))
     q = torch.exp(-0.5 * logvar_out).unsqueeze(-2)
     centre = offset.unsqueeze(-2)
     g_m, g_l = grad_mean.unsqueeze(-2), grad_logvar.unsqueeze(-2)
+    g_l_q2 = (2 * g_l).mul_(q)
     g_l_total = grad_logvar.sum(-1, keepdim=True)
 
-    def component(p, loc, rho):
+    def component(p, loc, rel_var):
         """d/d(mean_c), d/d(logvar_c) and d/d(logit_c) of the loss through components of weights ``p`` ``(..., n)``,
-        means ``loc`` and ``rho = p_c v_c / V`` ``(..., n, D)`` (consumed)."""
+        means ``loc`` and ``rel_var = v_c / V`` ``(..., n, D)`` (consumed). The sums over dimensions are matrix
+        products: ``d logit_c = p_c sum_d (dev_c g_m + g_l dev_c^2 / V - g_l) + sum_d d_lv_c``."""
+        sqrt_p = p.sqrt().unsqueeze(-1)
         dev = loc - centre
-        p_dev = p.unsqueeze(-1) * dev
-        w = (p_dev * q).mul_(q)  # p_c dev_c / V; |p_c dev_c q| <= sqrt(p_c): no overflow where p_c vanishes
-        g_w = g_l * w
-        d_lv = rho * g_l
-        d_logit = torch.addcmul(torch.addcmul(d_lv, g_m, p_dev), g_w, dev).sum(-1) - p * g_l_total
-        return torch.addcmul(2 * g_w, p.unsqueeze(-1), g_m), d_lv, d_logit
+        # sqrt(p_c) dev_c / sqrt(V), at most one in magnitude (p_c dev_c^2 <= V): scaled by sqrt(p_c) first, so
+        # that a component of vanishing weight far from the pool overflows nothing
+        s_dev = (dev * sqrt_p).mul_(q)
+        d_loc = torch.addcmul(g_m * sqrt_p, s_dev, g_l_q2).mul_(sqrt_p)  # p_c (g_m + 2 g_l dev_c / V)
+        d_lv = rel_var.mul_(p.unsqueeze(-1)) * g_l
+        d_logit = (p * ((dev @ grad_mean.unsqueeze(-1)).squeeze(-1) - g_l_total)
+                   + ((s_dev * s_dev) @ grad_logvar.unsqueeze(-1)).squeeze(-1) + d_lv.sum(-1))
+        return d_loc, d_lv, d_logit
 
-    expert_rho = pis[0].unsqueeze(-1) * torch.exp(logvar - logvar_out.unsqueeze(-2))
-    grad_x, grad_lv, d_logit = component(pis[0], x, expert_rho)
+    grad_x, grad_lv, d_logit = component(pis[0], x, torch.exp(logvar - logvar_out.unsqueeze(-2)))
     grad_log_w = 2 * d_logit
-    # the pool's variance relative to the scale (at least p_c v_c for every component: dividing by it never
-    # overflows, where its reciprocal would once it falls below e^-88 in float32)
-    total = torch.exp(logvar_out - scale).unsqueeze(-2)
-    for i, (p, row, var) in enumerate(zip(pis[1:], rows, _pair_variances(v, rows))):
-        d_loc, d_lv, d_logit = component(p, row.loc, var.mul_(p.unsqueeze(-1)).div_(total))
+    # half the pool's variance relative to the scale (at least p_c v_c / 2 for every component: dividing by it
+    # never overflows, where its reciprocal would once it falls below e^-88 in float32)
+    half_total = torch.exp(logvar_out - scale).mul_(0.5).unsqueeze(-2)
+    for i, (p, row) in enumerate(zip(pis[1:], _rows(x, logvar, log_s=False))):
+        d_loc, d_lv, d_logit = component(p, row.loc, _half_pair_variances(v, i, row).div_(half_total))
         dx_i, dx_j, dlv_i, dlv_j = _row_backward(row, d_loc, d_lv, -d_logit)
         if i == 0:
             # row 0 reaches every expert: added out of place, so that the sums carry every input's vmap batching
@@ -341,12 +349,12 @@ class _PairComponents(torch.autograd.Function):
 
     @staticmethod
     def forward(x, logvar):
-        rows = _rows(x, logvar)
+        rows = list(_rows(x, logvar))
         if not rows:
             empty = x.new_zeros(x.shape[:-2] + (0, x.shape[-1]))
             return x.new_zeros(x.shape[:-2] + (0,)), empty, empty.clone()
-        pair_logvar = [0.5 * (logvar[..., i:i + 1, :] + logvar[..., i + 1:, :]) - row.log_cosh
-                       for i, row in enumerate(rows)]  # log(2 v_i v_j / u), without a logarithm per pair
+        pair_logvar = [torch.minimum(logvar[..., i:i + 1, :], logvar[..., i + 1:, :]).add_(row.log_2big)
+                       for i, row in enumerate(rows)]  # log(2 v_i v_j / u) = log v_min + log(2 v_max / u)
         return (torch.cat([row.neg_log_s for row in rows], -1), torch.cat([row.loc for row in rows], -2),
                 torch.cat(pair_logvar, -2))
 
@@ -358,7 +366,7 @@ class _PairComponents(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_neg_log_s, d_loc, d_lv):
         x, logvar = ctx.saved_tensors
-        rows = _rows(x, logvar)
+        rows = _rows(x, logvar, log_s=False)
         sizes = _row_sizes(x.shape[-2])
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         d_locs = [zero] * len(sizes) if d_loc is None else d_loc.split(sizes, -2)
