@@ -707,8 +707,9 @@ class _SubsetSums(torch.autograd.Function):
     the range is under ``2 _span`` (160 nats in float32) none falls below ``e^-_span``, so every subset's sum keeps its
     digits whichever experts it holds (a shift by the largest alone would flush the sums of subsets of flat experts
     to zero once the range passes 87 nats). Log-precisions further below the largest are raised to that floor (no
-    gradient there). The backward pass is analytic and saves the inputs, the mean and ``1 / sum``; outputs and
-    temporaries are written in place (each fresh ``(..., K, D)`` buffer costs as much as a pass over it)."""
+    gradient there). The backward pass is analytic and saves the inputs and the outputs, from which it recomputes
+    ``1 / sum`` slice by slice; outputs and temporaries are written in place (each fresh ``(..., K, D)`` buffer costs
+    as much as a pass over it, or more where its pages are new)."""
 
     generate_vmap_rule = True
 
@@ -726,39 +727,40 @@ class _SubsetSums(torch.autograd.Function):
         # weights scaled to a largest of one per subset: the scale cancels in the mean, its log is added back
         w_top = w.amax(-1, keepdim=True)
         wn = w / w_top
-        # in one pass, not in slices: its (..., K, D) tensors are the outputs and the saved 1 / sum, new memory either
-        # way (slices measured slower); the backward pass's temporaries are not
+        # in one pass, not in slices: its (..., K, D) tensors are the outputs, new memory either way (slices measured
+        # slower); the backward pass's temporaries are not. 1 / sum is not kept: a third such tensor, whose fresh
+        # pages cost more than recomputing it from the log-variance in the backward pass's slices
         total = wn @ p
-        r = total.reciprocal()
-        mean = (wn @ (p * x)).mul_(r).add_(reference)
+        mean = (wn @ (p * x)).div_(total).add_(reference)
         logvar = total.log_().add_(shift).add_(w_top.log()).neg_()
-        return mean, logvar, wn, w_top, p, r, clamped
+        return mean, logvar, wn, w_top, p, shift, clamped
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _, x, _, _, reference = inputs
-        mean, _, wn, w_top, p, r, clamped = output
-        ctx.mark_non_differentiable(wn, w_top, p, r, clamped)
-        ctx.save_for_backward(x, reference, mean, wn, w_top, p, r, clamped)
+        mean, logvar, wn, w_top, p, shift, clamped = output
+        ctx.mark_non_differentiable(wn, w_top, p, shift, clamped)
+        ctx.save_for_backward(x, reference, mean, logvar, wn, w_top, p, shift, clamped)
         ctx.set_materialize_grads(False)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_mean, g_lv, *_):
-        x, reference, mean, wn, w_top, p, r, clamped = ctx.saved_tensors
+        x, reference, mean, logvar, wn, w_top, p, shift, clamped = ctx.saved_tensors
         g_mean, g_lv = _incoming(g_mean, g_lv, mean)
         # in slices of rows on the CPU: fresh (..., K, D) temporaries of many megabytes made every pass several
         # times slower
         batch = mean.shape[:-2]
-        tensors = (g_mean, g_lv, x, reference, mean, wn, w_top, p, r)
+        tensors = (g_mean, g_lv, x, reference, mean, logvar, shift, wn, w_top, p)
         d_w, d_px, d_p = by_rows(_subset_sums_backward, batch, tuple(t.expand(batch + t.shape[-2:]) for t in tensors),
                                  row_elements=mean.shape[-2] * mean.shape[-1])
         d_log_p = torch.where(clamped, 0, d_p.mul_(p))
         return d_w, d_px.mul_(p), d_log_p, None, g_mean.sum(-2, keepdim=True)
 
 
-def _subset_sums_backward(g_mean, g_lv, x, reference, mean, wn, w_top, p, r):
+def _subset_sums_backward(g_mean, g_lv, x, reference, mean, logvar, shift, wn, w_top, p):
     """``(d wn-scaled w, d (p x), d p)`` of ``_SubsetSums`` from the incoming gradients ``g_mean``, ``g_lv``."""
+    r = (logvar + shift).add_(w_top.log()).exp_()  # 1 / sum of the scaled precisions
     d_weighted = g_mean * r
     # d sum = -(g_mean (mean - reference) + g_lv) / sum
     d_total = (g_lv * r).addcmul_(d_weighted, mean).addcmul_(d_weighted, reference, value=-1).neg_()
