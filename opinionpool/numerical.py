@@ -668,10 +668,11 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     g = torch.as_tensor(np.abs(g_half)).reshape(1, -1, diff.shape[-1])  # the last round's, at these nodes
     end_geometry = [(math.copysign(1.0, k), end, geometry) for k, (end, geometry) in end_of_kind.items()
                     if abs(k) == 2]
+    nodes = torch.as_tensor(z_half.reshape(1, -1))
     relative = relative + _unseen_errors(end_geometry, g, torch.as_tensor(lm_half.reshape(1, -1)),
-                                         torch.tensor([shift + math.log(total)]),
-                                         torch.as_tensor(z_half.reshape(1, -1)),
-                                         lambda z: torch.as_tensor(integrands(z.numpy())))[0].numpy()
+                                         torch.tensor([shift + math.log(total)]), nodes,
+                                         lambda z: torch.as_tensor(integrands(z.numpy())),
+                                         _log_q_term_size(family, params, log_weights, nodes))[0].numpy()
     out = {"log_normalizer": (shift + math.log(total), relative[0])}
     _, stats = _point_statistics(family, points, log_mass, wanted, standard_errors=False)
     if "mean" in stats and not family.circular:
@@ -728,6 +729,9 @@ _NEAREST_AT_ZERO = 1e-300
 _NEAREST_RELATIVE = 2.0**-44
 #: the rounding floor of the quadrature's error, per unit of |log mass| of a node
 _ROUNDING = 256 * np.finfo(np.float64).eps
+#: and per unit of the size of the terms of an expert's log q at a node (``log_prob_term_size``): a sum of a few
+#: terms, each rounded to an ulp or two, and lgamma's few ulps
+_TERM_ROUNDING = 8 * np.finfo(np.float64).eps
 #: the end panel's exponent is fitted over blocks of this many octaves above the nearest point
 _FIT_OCTAVES = 6.0
 #: changes of the fitted exponent below this are rounding: the power law is taken as exact
@@ -884,11 +888,22 @@ def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor, top, 
                      depth_power=_depth_power(power, expert_exponent, log_weights, float(alpha))), ladder
 
 
-def _unseen_errors(end_geometry, g, log_mass, log_z, points, integrands):
+def _log_q_term_size(family, params, log_weights, points):
+    """``(pools, N)``: at the nodes ``points`` ``(pools, N)``, the largest over the present experts of the size of
+    the terms their ``log q_j`` adds (``ExponentialFamily.log_prob_term_size``), whose rounding each node's mass
+    carries."""
+    with torch.no_grad():
+        size = family.log_prob_term_size(params, points.T.unsqueeze(-1))  # (N, pools, M)
+    return torch.where(log_weights > -math.inf, size, 0.0).amax(-1).T
+
+
+def _unseen_errors(end_geometry, g, log_mass, log_z, points, integrands, term_size):
     """The errors ``(pools, K)``, relative to the normaliser, that comparing rules cannot see: rounding (a few ulps
-    of each node's ``|log mass|``) and the mass extrapolated next to the ends (the ``(sign, end, _EndPanel)`` of
-    ``end_geometry``). ``g`` ``(pools, N, K)``: the integrands' absolute values at the nodes ``points`` ``(pools, N)``
-    of log-masses ``log_mass``; ``integrands`` gives their signed values ``(pools, n, K)`` at points ``(pools, n)``.
+    of each node's ``|log mass|`` and of the size ``term_size`` ``(pools, N)`` of the terms of the experts' ``log q``
+    there, which cancel to a far smaller log mass where the experts' parameters are large) and the mass extrapolated
+    next to the ends (the ``(sign, end, _EndPanel)`` of ``end_geometry``). ``g`` ``(pools, N, K)``: the integrands'
+    absolute values at the nodes ``points`` ``(pools, N)`` of log-masses ``log_mass``; ``integrands`` gives their
+    signed values ``(pools, n, K)`` at points ``(pools, n)``.
 
     Below the nearest point ``n`` the rule sees every integrand ``f`` at ``n``, while the mass there (the nodes'
     that were extrapolated, at least ``u(n) n / power`` of the pool's own law) spreads down to the end, at a mean
@@ -898,7 +913,8 @@ def _unseen_errors(end_geometry, g, log_mass, log_z, points, integrands):
     over the octave above ``n`` divided by ``log 2`` (at least the slope for either shape). The exponents'
     uncertainty widens the mass and the depth and adds its share of the mass times ``|f(n)|``."""
     share = (log_mass - log_z.unsqueeze(-1)).exp().unsqueeze(-1)
-    error = _ROUNDING * torch.where(share > 0, share * g * (1 + log_mass.abs().unsqueeze(-1)), 0.0).sum(1)
+    rounding = _ROUNDING * (1 + log_mass.abs()) + _TERM_ROUNDING * term_size
+    error = torch.where(share > 0, share * g * rounding.unsqueeze(-1), 0.0).sum(1)
     rows = torch.arange(len(points))
     for sign, end, geometry in end_geometry:
         flags = geometry.extrapolated(rows, end, sign, points)
@@ -1187,7 +1203,8 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
     g = integrands(z_half.unsqueeze(1), centre, spread).squeeze(1).abs()
     rows = torch.arange(pools)  # every pool, for log_u
     relative = relative + _unseen_errors(end_geometry, g, lm_half, log_z, z_half,
-                                         lambda z: integrands(z.unsqueeze(1), centre, spread).squeeze(1))
+                                         lambda z: integrands(z.unsqueeze(1), centre, spread).squeeze(1),
+                                         _log_q_term_size(family, params, log_weights, z_half))
     nodes = (z_half.T, lm_half.T)
     _, stats = _point_statistics(family, nodes[0], nodes[1], wanted, standard_errors=False)
     return log_z, relative, centre, spread, stats, nodes, count, ok

@@ -151,6 +151,16 @@ class ExponentialFamily:
         product = eta * torch.where(edge, torch.zeros((), dtype=stat.dtype, device=stat.device), stat)
         return self.log_base_measure(value) + product.sum(-1) - self.log_normalizer(eta)
 
+    def log_prob_term_size(self, params: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """The size of the terms ``log_prob`` adds at ``value`` (shaped like its result): its rounding is a few ulps of
+        this, however small the sum (the quadrature of ``numerical`` counts it in its stated error). By default the
+        terms of ``log h(z) + <eta, T(z)> - A(eta)``; a family whose ``log_prob`` is written in other terms says so."""
+        eta = self.to_natural(params)
+        stat = self.sufficient_statistic(value)
+        edge = (eta == 0) & ~torch.isfinite(stat)
+        product = eta * torch.where(edge, torch.zeros((), dtype=stat.dtype, device=stat.device), stat)
+        return self.log_base_measure(value).abs() + product.abs().sum(-1) + self.log_normalizer(eta).abs()
+
     @property
     def support_constraint(self) -> constraints.Constraint:
         """The values ``z`` can take, as a ``torch.distributions`` constraint (by default the closed

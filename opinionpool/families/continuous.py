@@ -133,6 +133,11 @@ class GammaFamily(ExponentialFamily):
     def log_prob(self, params, value):
         return _power_terms(params[..., 0], torch.log(value)) + params[..., 1] * value - self.log_normalizer(params)
 
+    def log_prob_term_size(self, params, value):
+        a, rate = params[..., 0], -params[..., 1]
+        normalizer_terms = torch.lgamma(a).abs() + (a * torch.log(rate)).abs()
+        return _power_terms(a, torch.log(value)).abs() + (rate * value).abs() + normalizer_terms
+
     def base_measure_natural(self, natural):
         return torch.stack((torch.full_like(natural[..., 0], -1.0), torch.zeros_like(natural[..., 1])), dim=-1)
 
@@ -176,6 +181,11 @@ class BetaFamily(ExponentialFamily):
     def log_prob(self, params, value):
         return (_power_terms(params[..., 0], torch.log(value)) + _power_terms(params[..., 1], torch.log1p(-value))
                 - self.log_normalizer(params))
+
+    def log_prob_term_size(self, params, value):
+        a, b = params[..., 0], params[..., 1]
+        normalizer_terms = torch.lgamma(a).abs() + torch.lgamma(b).abs() + torch.lgamma(a + b).abs()
+        return _power_terms(a, torch.log(value)).abs() + _power_terms(b, torch.log1p(-value)).abs() + normalizer_terms
 
     def base_measure_natural(self, natural):
         return torch.full_like(natural, -1.0)

@@ -200,6 +200,11 @@ class _DiagonalGaussianBase(ExponentialFamily):
         lp = normal_log_density(value, *self.split(params))
         return lp.sum(-1) if self.num_features else lp
 
+    def log_prob_term_size(self, params, value):
+        loc, logvar = self.split(params)
+        size = 0.5 * ((value - loc) ** 2 * torch.exp(-logvar) + logvar.abs() + LOG_2PI)  # normal_log_density's terms
+        return size.sum(-1) if self.num_features else size
+
 
 class NormalFamily(_DiagonalGaussianBase):
     """Scalar ``torch.distributions.Normal`` experts; params ``(..., 2)`` = ``(loc, log variance)``."""

@@ -1,0 +1,74 @@
+"""``ExponentialFamily.log_prob_term_size``: the rounding of ``log_prob`` in float64 stays within the allowance the
+quadrature states for it (``numerical._TERM_ROUNDING`` times the terms' size), checked against mpmath at 50 digits
+where the terms are large and cancel; and each family's size follows the terms its ``log_prob`` is written in."""
+
+from __future__ import annotations
+
+import mpmath as mp
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Beta, Exponential, Gamma, Normal, VonMises
+
+import opinionpool
+from opinionpool import numerical
+
+mp.mp.dps = 50
+
+
+def _exact_gamma(a, rate, z):
+    return (a - 1) * mp.log(z) - rate * z + a * mp.log(rate) - mp.loggamma(a)
+
+
+def _exact_beta(a, b, z):
+    return (a - 1) * mp.log(z) + (b - 1) * mp.log1p(-z) - (mp.loggamma(a) + mp.loggamma(b) - mp.loggamma(a + b))
+
+
+def _exact_normal(loc, scale, z):
+    return -((z - loc) ** 2) / (2 * scale**2) - mp.log(scale) - mp.log(2 * mp.pi) / 2
+
+
+def _exact_von_mises(loc, kappa, z):
+    return kappa * mp.cos(z - loc) - mp.log(2 * mp.pi * mp.besseli(0, kappa))
+
+
+def _exact_exponential(rate, z):
+    return mp.log(rate) - rate * z
+
+
+# (distribution, its parameters as Python floats, exact log density, points around its mass)
+CASES = [
+    (Gamma, (1e4, 1e-5), _exact_gamma, [9.8e8, 1e9, 1.02e9]),
+    (Gamma, (2.5e6, 3.0), _exact_gamma, [8.3e5, 8.333e5, 8.34e5]),
+    (Beta, (1e5, 3e4), _exact_beta, [0.768, 0.7692, 0.771]),
+    (Normal, (1e6, 1e-3), _exact_normal, [1e6 - 2e-3, 1e6 + 1e-4, 1e6 + 3e-3]),
+    (VonMises, (0.3, 1e6), _exact_von_mises, [0.299, 0.3, 0.3012]),
+    (Exponential, (1e-8,), _exact_exponential, [1e7, 1e8, 5e8]),
+]
+
+
+@pytest.mark.parametrize("dist, params, exact, points", CASES, ids=lambda case: getattr(case, "__name__", None))
+def test_log_prob_rounding_is_within_the_allowance_for_its_terms(dist, params, exact, points):
+    experts = dist(*(torch.tensor([value], dtype=torch.float64) for value in params))
+    experts = opinionpool.as_experts(experts)
+    family, natural = experts.family, experts.params
+    value = torch.tensor(points, dtype=torch.float64).unsqueeze(-1)
+    computed = family.log_prob(natural, value)
+    size = family.log_prob_term_size(natural, value)
+    reference = np.array([float(exact(*(mp.mpf(p) for p in params), mp.mpf(z))) for z in points])
+    error = np.abs(computed.squeeze(-1).numpy() - reference)
+    allowance = numerical._TERM_ROUNDING * size.squeeze(-1).numpy()
+    assert (error <= allowance).all(), (error, allowance)
+
+
+def test_term_sizes_follow_each_family_s_own_terms():
+    """A Gaussian far from zero is written in (z - loc): its terms are its log density's, not those of
+    <eta, T(z)> = loc z / sigma^2 - z^2 / (2 sigma^2), which would state errors a million times too large here."""
+    experts = opinionpool.as_experts(Normal(torch.tensor([1e6], dtype=torch.float64),
+                                            torch.tensor([1.0], dtype=torch.float64)))
+    family, natural = experts.family, experts.params
+    value = torch.tensor([[1e6 + 0.5]], dtype=torch.float64)
+    size = float(family.log_prob_term_size(natural, value))
+    assert size == pytest.approx(0.5 * (0.25 + float(np.log(2 * np.pi))), rel=1e-12)
+    generic = float(opinionpool.families.base.ExponentialFamily.log_prob_term_size(family, natural, value))
+    assert generic > 1e11
