@@ -118,10 +118,10 @@ def _row_backward(row, d_loc, d_lv, d_neg_log_s):
     cannot take a batched operand in place (the incoming gradients may be batched where the experts are not, as in
     ``jacrev``, or the other way round)."""
     d_neg = d_neg_log_s.unsqueeze(-1)
-    # Delta / (2u) = d(-log S)/d x_j and Delta^2 / (4u) overflow only where S, hence d_neg, is zero
-    slope = _finite((row.z * row.t).mul_(row.big).mul_(2))
+    # Delta / (4u) (half of d(-log S)/d x_j) and Delta^2 / (4u) overflow only where S, hence d_neg, is zero
+    half_slope = _finite((row.z * row.t).mul_(row.big))
     quad = _finite(row.quad)
-    dx_j = torch.addcmul(d_neg * slope, d_loc, row.r_i)
+    dx_j = torch.addcmul((2 * d_neg) * half_slope, d_loc, row.r_i)
     # d logvar_j = r_i (d_lv - d_loc Delta r_j) - d_neg ((r_i - r_j) / 4 + quad r_j), the first term from the
     # pair's mean (d loc / d logvar_j = -Delta r_i r_j) and variance, the second from -log S
     dlv_j = torch.sub(d_lv, (d_loc * row.delta).mul_(row.r_j)).mul_(row.r_i)
@@ -196,17 +196,15 @@ def _backward(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar)
     scale = _scale(x, logvar, log_w)
     v = torch.exp(logvar - scale.unsqueeze(-2))
     q = torch.exp(-0.5 * logvar_out).unsqueeze(-2)
-    centre = offset.unsqueeze(-2)
     g_m, g_l = grad_mean.unsqueeze(-2), grad_logvar.unsqueeze(-2)
     g_l_q2 = (2 * g_l).mul_(q)
     g_l_total = grad_logvar.sum(-1, keepdim=True)
 
-    def component(p, loc, rel_var):
+    def component(p, dev, rel_var):
         """d/d(mean_c), d/d(logvar_c) and d/d(logit_c) of the loss through components of weights ``p`` ``(..., n)``,
-        means ``loc`` and ``rel_var = v_c / V`` ``(..., n, D)`` (consumed). The sums over dimensions are matrix
-        products: ``d logit_c = p_c sum_d (dev_c g_m + g_l dev_c^2 / V - g_l) + sum_d d_lv_c``."""
+        means ``dev`` about the pool's and ``rel_var = v_c / V`` ``(..., n, D)`` (consumed). The sums over
+        dimensions are matrix products: ``d logit_c = p_c sum_d (dev_c g_m + g_l dev_c^2 / V - g_l) + sum_d d_lv_c``."""
         sqrt_p = p.sqrt().unsqueeze(-1)
-        dev = loc - centre
         # sqrt(p_c) dev_c / sqrt(V), at most one in magnitude (p_c dev_c^2 <= V): scaled by sqrt(p_c) first, so
         # that a component of vanishing weight far from the pool overflows nothing
         s_dev = (dev * sqrt_p).mul_(q)
@@ -216,12 +214,14 @@ def _backward(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar)
                    + ((s_dev * s_dev) @ grad_logvar.unsqueeze(-1)).squeeze(-1) + d_lv.sum(-1))
         return d_loc, d_lv, d_logit
 
-    grad_x, grad_lv, d_logit = component(pis[0], x, torch.exp(logvar - logvar_out.unsqueeze(-2)))
+    # the rows are formed about the pool's mean: their locations are the components' deviations from it
+    dev_x = x - offset.unsqueeze(-2)
+    grad_x, grad_lv, d_logit = component(pis[0], dev_x, torch.exp(logvar - logvar_out.unsqueeze(-2)))
     grad_log_w = 2 * d_logit
     # half the pool's variance relative to the scale (at least p_c v_c / 2 for every component: dividing by it
     # never overflows, where its reciprocal would once it falls below e^-88 in float32)
     half_total = torch.exp(logvar_out - scale).mul_(0.5).unsqueeze(-2)
-    for i, (p, row) in enumerate(zip(pis[1:], _rows(x, logvar, log_s=False))):
+    for i, (p, row) in enumerate(zip(pis[1:], _rows(dev_x, logvar, log_s=False))):
         d_loc, d_lv, d_logit = component(p, row.loc, _half_pair_variances(v, i, row).div_(half_total))
         dx_i, dx_j, dlv_i, dlv_j = _row_backward(row, d_loc, d_lv, -d_logit)
         if i == 0:
