@@ -1,6 +1,7 @@
-"""``ExponentialFamily.log_prob_term_size``: the rounding of ``log_prob`` in float64 stays within the allowance the
-quadrature states for it (``numerical._TERM_ROUNDING`` times the terms' size), checked against mpmath at 50 digits
-where the terms are large and cancel; and each family's size follows the terms its ``log_prob`` is written in."""
+"""Rounding the quadrature's stated errors must cover, against mpmath at 50 digits: inside the experts' ``log q``
+(``ExponentialFamily.log_prob_term_size`` times ``numerical._TERM_ROUNDING``, where the terms are large and cancel;
+each family's size follows the terms its ``log_prob`` is written in), and in the points of an interval narrow next
+to its ends (``quadrature_log_mass``)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,25 @@ def test_term_sizes_follow_each_family_s_own_terms():
     assert size == pytest.approx(0.5 * (0.25 + float(np.log(2 * np.pi))), rel=1e-12)
     generic = float(opinionpool.families.base.ExponentialFamily.log_prob_term_size(family, natural, value))
     assert generic > 1e11
+
+
+@pytest.mark.parametrize("lower, width", [(0.2, 1e-3), (0.2, 1e-7), (0.7, 3e-8), (0.7, 1e-10), (0.7, 1e-12),
+                                          (0.9, 1e-6), (0.3, 0.4)])
+def test_mass_of_an_interval_narrow_next_to_its_ends_is_within_its_stated_error(lower, width):
+    """``quadrature_log_mass`` on intervals narrow relative to their ends (against mpmath on the float64 ends): the
+    rule's points lose digits of their place there (the old stated errors of about 1e-12 missed by up to 1e-4); the
+    stated error still bounds the result and stays small where the interval is wide."""
+    upper = lower + width
+    experts = opinionpool.as_experts(Beta(torch.tensor([0.5, 3.0], dtype=torch.float64),
+                                          torch.tensor([0.5, 2.0], dtype=torch.float64)))
+    log_weights = torch.log(torch.tensor([0.3, 0.7], dtype=torch.float64))
+    value, error = numerical.quadrature_log_mass(experts.family, experts.params, log_weights, 0.5, lower, upper)
+
+    def root_u(z):  # the square root of the pool's unnormalised density
+        return sum(w * mp.sqrt(z ** (a - 1) * (1 - z) ** (b - 1) / mp.beta(a, b))
+                   for w, a, b in ((mp.mpf(0.3), 0.5, 0.5), (mp.mpf(0.7), 3, 2)))
+
+    reference = float(mp.log(mp.quad(lambda z: root_u(z) ** 2, [mp.mpf(lower), mp.mpf(upper)])))
+    assert abs(value - reference) <= error, (value, reference, error)
+    if width >= 0.1:
+        assert error <= 1e-11
