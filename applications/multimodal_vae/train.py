@@ -262,7 +262,7 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
         torch.set_num_threads(config.train.num_threads)
     rank, world, device = _start_replicas(resolve_device(config.train.device))
     try:
-        with _stop_requests() as requests:
+        with _stop_requests() as requests, _denormals_flushed(device):
             result = _train(config, run_dir, resume, show_progress and rank == 0, rank, world, device, tqdm, requests)
     except BaseException:
         if world > 1:
@@ -296,6 +296,29 @@ class _StopRequests:
             return  # already stopping
         raise TrainingInterrupted(f"{signal.Signals(signum).name}: training stopped at once; the run folder keeps "
                                   "its last checkpoint, if any", signum)
+
+
+def _denormals_are_flushed() -> bool:
+    """Whether the CPU flushes subnormal numbers to zero now (``torch.set_flush_denormal`` has no getter)."""
+    return float(torch.tensor([1e-310], dtype=torch.float64) * 1.0) == 0.0
+
+
+@contextlib.contextmanager
+def _denormals_flushed(device: torch.device):
+    """Subnormal numbers flushed to zero on the CPU while training, the previous mode restored after: once values in
+    the backward pass fell below the smallest normal float32 (1.2e-38), it took several times as long
+    (docs/benchmarks.md). The pools keep their scaled quantities within the normal range and work in log space, so
+    training loses nothing it uses; the mode is restored because the library's float64 numerics rely on gradual
+    underflow elsewhere in the same process."""
+    if device.type != "cpu":
+        yield
+        return
+    previous = _denormals_are_flushed()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(previous)
 
 
 @contextlib.contextmanager

@@ -60,6 +60,26 @@ def test_a_run_resumed_at_its_max_steps_takes_no_further_step(tiny_root):
         assert (again["step"], again["finished"]) == (4, True)
 
 
+def test_subnormals_are_flushed_while_training_on_the_cpu_and_restored_after(tiny_root, monkeypatch):
+    """Values below the smallest normal float32 in the backward pass made CPU steps several times slower: training
+    flushes subnormals to zero, and gives the process back its gradual underflow (the library's float64 numerics use
+    it)."""
+    from applications.multimodal_vae import models
+
+    seen = []
+    original = models.MultimodalVAE.forward
+
+    def watched(self, x, present=None):
+        seen.append(float(torch.tensor([1e-310], dtype=torch.float64) * 1.0))
+        return original(self, x, present)
+
+    monkeypatch.setattr(models.MultimodalVAE, "forward", watched)
+    assert float(torch.tensor([1e-310], dtype=torch.float64) * 1.0) > 0
+    train(tiny_config(tiny_root, "subnormals", max_steps=2), show_progress=False)
+    assert seen and all(value == 0.0 for value in seen)
+    assert float(torch.tensor([1e-310], dtype=torch.float64) * 1.0) > 0
+
+
 def test_nan_loss_stops_without_writing_weights(tiny_root, monkeypatch):
     from applications.multimodal_vae import models
 
