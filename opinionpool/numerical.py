@@ -476,8 +476,7 @@ def quadrature_log_mass(family, params, log_weights, alpha, lower: float, upper:
     except ValueError:  # raised only when u underflows at every point scanned in the interval
         return -math.inf, 0.0
     log_mass, error = row["log_normalizer"]
-    ends = max(abs(end) for end in (lower, upper) if math.isfinite(end)) if any(
-        math.isfinite(end) for end in (lower, upper)) else 0.0
+    ends = max((abs(end) for end in (lower, upper) if math.isfinite(end)), default=0.0)
     return log_mass, error + _NARROW_ROUNDING * np.finfo(np.float64).eps * ends / (upper - lower)
 
 

@@ -142,24 +142,26 @@ class ExponentialFamily:
         return newton_inverse(self, mean_params, init, tol=tol, max_iter=max_iter)
 
     # -------------------------------------------------------------- densities
-    def log_prob(self, params: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def _log_prob_terms(self, params: torch.Tensor, value: torch.Tensor):
+        """``(log h(z), eta * T(z), A(eta))``, the terms of the default ``log_prob``; the products ``(..., p)``."""
         eta = self.to_natural(params)
         stat = self.sufficient_statistic(value)
         # 0 * log(0) = 0 at the edge of the support (e.g. a Beta(1, b) at z = 0), never NaN; a zero natural parameter
         # elsewhere (a concentration of exactly 1, a VonMises loc of 0) keeps its gradient, the statistic
         edge = (eta == 0) & ~torch.isfinite(stat)
         product = eta * torch.where(edge, torch.zeros((), dtype=stat.dtype, device=stat.device), stat)
-        return self.log_base_measure(value) + product.sum(-1) - self.log_normalizer(eta)
+        return self.log_base_measure(value), product, self.log_normalizer(eta)
+
+    def log_prob(self, params: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        log_h, product, log_normalizer = self._log_prob_terms(params, value)
+        return log_h + product.sum(-1) - log_normalizer
 
     def log_prob_term_size(self, params: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """The size of the terms ``log_prob`` adds at ``value`` (shaped like its result): its rounding is a few ulps of
         this, however small the sum (the quadrature of ``numerical`` counts it in its stated error). By default the
         terms of ``log h(z) + <eta, T(z)> - A(eta)``; a family whose ``log_prob`` is written in other terms says so."""
-        eta = self.to_natural(params)
-        stat = self.sufficient_statistic(value)
-        edge = (eta == 0) & ~torch.isfinite(stat)
-        product = eta * torch.where(edge, torch.zeros((), dtype=stat.dtype, device=stat.device), stat)
-        return self.log_base_measure(value).abs() + product.abs().sum(-1) + self.log_normalizer(eta).abs()
+        log_h, product, log_normalizer = self._log_prob_terms(params, value)
+        return log_h.abs() + product.abs().sum(-1) + log_normalizer.abs()
 
     @property
     def support_constraint(self) -> constraints.Constraint:
