@@ -279,12 +279,13 @@ def differentiable_estimates(family, params, log_weights, alpha, est: PoolEstima
 
 
 # --------------------------------------------------------------------- weighted point sets
-def _point_statistics(family, points, log_w, wanted, standard_errors: bool):
+def _point_statistics(family, points, log_w, wanted, standard_errors: bool, residuals=None):
     """Normaliser and moments of the measure ``sum_i exp(log_w_i) delta(points_i)``.
 
     ``points``: ``(P,) + batch + event``; ``log_w``: ``(P,) + batch``. With ``standard_errors`` the
     errors are the self-normalised importance-sampling (delta-method) standard errors for i.i.d.
-    points; otherwise they are zero (the caller supplies them).
+    points; otherwise they are zero (the caller supplies them). ``residuals`` (shaped as ``points``): where the
+    points stand for ``points + residuals``, beyond float64's resolution there (the mean and variance use them).
     """
     log_total = torch.logsumexp(log_w, dim=0)
     pi = torch.exp(log_w - log_total)
@@ -307,8 +308,9 @@ def _point_statistics(family, points, log_w, wanted, standard_errors: bool):
         # digits their spread has
         heaviest = points.gather(0, log_w.argmax(0, keepdim=True).reshape((1,) + pi.shape[1:] + (1,) * event_dims)
                                  .expand((1,) + points.shape[1:]))[0]
-        mean = heaviest + (pi_e * (points - heaviest)).sum(0)
-        dev = points - mean
+        residuals = torch.zeros_like(points) if residuals is None else residuals
+        mean = heaviest + (pi_e * ((points - heaviest) + residuals)).sum(0)
+        dev = (points - mean) + residuals
         sq = dev * dev
         variance = (pi_e * sq).sum(0)
         if standard_errors:
@@ -463,21 +465,15 @@ def quadrature_estimate(family, params, log_weights, alpha, wanted, rtol: float 
 def quadrature_log_mass(family, params, log_weights, alpha, lower: float, upper: float, rtol: float = DEFAULT_RTOL):
     """``log int_lower^upper u`` of one pool (``params`` ``(M,) + param_shape``, float64) and its relative error
     estimate, by the adaptive rule of :func:`_quadrature_one`; ``-inf`` where ``u`` vanishes numerically on the
-    whole interval (a tail far beyond the pool's mass).
-
-    On an interval narrow next to its ends the rule's points, rounded to float64, lose digits of their place in it:
-    against mpmath the result was off by up to about one ulp of ``max(|lower|, |upper|)`` relative to the width
-    (``1e-4`` on ``(0.7, 0.7 + 1e-12)``), which the comparison of rules cannot see; the stated error adds
-    ``_NARROW_ROUNDING`` times that ratio."""
+    whole interval (a tail far beyond the pool's mass). Ends inside the support are ordinary points of ``u``, so an
+    interval narrow next to its ends keeps its digits (its weights sum to ``upper - lower``, a difference of floats)."""
     if not upper > lower:
         return -math.inf, 0.0
     try:
         row = _quadrature_one(family, params, log_weights, alpha, frozenset(), rtol, interval=(lower, upper))[0]
     except ValueError:  # raised only when u underflows at every point scanned in the interval
         return -math.inf, 0.0
-    log_mass, error = row["log_normalizer"]
-    ends = max((abs(end) for end in (lower, upper) if math.isfinite(end)), default=0.0)
-    return log_mass, error + _NARROW_ROUNDING * np.finfo(np.float64).eps * ends / (upper - lower)
+    return row["log_normalizer"]
 
 
 def _pad_nodes(nodes, batch, device):
@@ -520,13 +516,16 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     sd = np.sqrt(np.maximum(var.to(torch.float64).cpu().numpy(), 0.0))
     sd = np.maximum(sd, 1e-12 * (1 + np.abs(mu)))
     fill = _interior_point(*torch.tensor([lower, upper], dtype=torch.float64)).item()
+    # an end of ``interval`` inside the support is an ordinary point of u: the rule's points may round onto it
+    support = family.support_interval or (-math.inf, math.inf)
+    lower_closed, upper_closed = support[0] < lower, upper < support[1]
     count = 0
 
     def log_u(z: np.ndarray, experts: bool = False):
         """``log u(z)``, ``-inf`` outside the open support; with ``experts`` also the present experts' ``log q_j``."""
         nonlocal count
         z = np.asarray(z, dtype=np.float64)
-        inside = (z > lower) & (z < upper)  # endpoints have measure zero and a density may be infinite there
+        inside = ((z >= lower) if lower_closed else (z > lower)) & ((z <= upper) if upper_closed else (z < upper))
         value = torch.as_tensor(np.where(inside, z, fill), device=params.device)
         with torch.no_grad():
             ell = expert_log_probs(family, params, value)
@@ -535,12 +534,14 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
         return (out, ell[..., present].cpu().numpy()) if experts else out
 
     edges, shift, outer_switches = _quadrature_edges(log_u, mu, sd, lower, upper, alpha)
-    # a finite end where u is singular (or not negligible) gets a ladder and an end panel, as in _quadrature_batch;
+    # an end of the support where u is singular (or not negligible) gets a ladder and an end panel, as in
+    # _quadrature_batch (given one at an end of the interval inside the support, the panel's exact reach and its
+    # rounded edge disagreed by up to half an ulp of the end, and its nearest point dropped the mass below it);
     # a kink of u between the edges and the end splits the ladder there, or the shallow end panel at its variable
     end_of_kind, end_splits = {}, {}
     inner = edges[(edges > lower) & (edges < upper)]
     for sign, end in ((1.0, lower), (-1.0, upper)):
-        if math.isfinite(end) and len(inner):
+        if end in support and math.isfinite(end) and len(inner):
             gap = sign * ((inner.min() if sign > 0 else inner.max()) - end)
             geometry, ladder = _end_panel_geometry(lambda z: torch.as_tensor(log_u(z.numpy())), sign, end,
                                                    torch.tensor([gap], dtype=torch.float64), shift,
@@ -581,6 +582,7 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     whole_t, whole_w = np.concatenate((gl_t, low_t)), np.concatenate((gl_w, low_w))
     half_t = np.concatenate((0.5 * gl_t - 0.5, 0.5 * gl_t + 0.5))  # the two halves' nodes on [-1, 1]
     half_w = np.concatenate((0.5 * gl_w, 0.5 * gl_w))
+    both_t = np.concatenate((whole_t, half_t))
 
     def panel_nodes(a, b, kind, origin, t, w):
         x = 0.5 * (a + b)[:, None] + 0.5 * (b - a)[:, None] * t
@@ -600,16 +602,25 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     def evaluate(a, b, kind, origin):
         z_whole, lw_whole = panel_nodes(a, b, kind, origin, whole_t, whole_w)
         z_half, lw_half = panel_nodes(a, b, kind, origin, half_t, half_w)
-        lu = log_u(np.concatenate((z_whole, z_half), axis=1).ravel()).reshape(len(a), -1)
+        z = np.concatenate((z_whole, z_half), axis=1)
+        lu = log_u(z.ravel()).reshape(z.shape)
+        residual = correction = doubt = np.zeros(z.shape)
+        found = _rounding_correction(lambda p: torch.as_tensor(log_u(p.numpy().ravel()).reshape(p.shape)),
+                                     *(torch.as_tensor(v) for v in (a, b, kind, both_t, z, lu)))
+        if found is not None:
+            residual, correction, doubt = (v.numpy() for v in found)
+        lu = lu + correction
         whole = len(whole_t)
-        return z_whole, lw_whole + lu[:, :whole], z_half, lw_half + lu[:, whole:]
+        return (z_whole, lw_whole + lu[:, :whole], z_half, lw_half + lu[:, whole:], residual[:, :whole],
+                residual[:, whole:], correction[:, whole:], doubt[:, whole:])
 
     want_stat = family.circular or "expected_statistic" in wanted
     want_entropy = "entropy" in wanted
 
-    def integrands(z):
-        """``(P, n, K)``: 1, t, t^2 (t standardised by the current estimate), T(z) and log u(z) when asked."""
-        t = (z - centre) / spread
+    def integrands(z, residual):
+        """``(P, n, K)``: 1, t, t^2 (t standardised by the current estimate, at the exact nodes ``z + residual``),
+        T(z) and log u(z) when asked."""
+        t = ((z - centre) + residual) / spread
         parts = [np.stack([np.ones_like(z), t, t * t], -1)]
         if want_stat:
             stat = family.sufficient_statistic(torch.as_tensor(z.ravel())).reshape(z.shape + (-1,))
@@ -621,11 +632,12 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
             parts.append(extra(z.ravel()).reshape(z.shape)[..., None])
         return np.concatenate(parts, -1)
 
-    z_whole, lm_whole, z_half, lm_half = evaluate(a, b, kind, origin)
+    nodes_state = evaluate(a, b, kind, origin)
     w = np.exp(log_weights[present].cpu().numpy())
     centre = float((w * mu).sum() / w.sum())
     spread = float(np.sqrt((w * (sd**2 + (mu - centre) ** 2)).sum() / w.sum()))
     for round_ in itertools.count():
+        z_whole, lm_whole, z_half, lm_half, r_whole, r_half, c_half, doubt_half = nodes_state
         shift = max(shift, float(lm_half.max()), float(lm_whole.max()))
         m_whole, m_half = np.exp(lm_whole - shift), np.exp(lm_half - shift)
         total = m_half.sum()
@@ -633,11 +645,11 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
             raise ValueError("the pooled density vanishes numerically wherever the experts put their mass "
                              f"(alpha={alpha!r}); the pool is not normalisable numerically")
         pi = m_half / total
-        centre_new = float((pi * z_half).sum())
-        spread_sq = float((pi * (z_half - centre_new) ** 2).sum())
+        centre_new = float((pi * (z_half + r_half)).sum())
+        spread_sq = float((pi * ((z_half - centre_new) + r_half) ** 2).sum())
         if spread_sq > 0 and math.isfinite(spread_sq):
             centre, spread = centre_new, math.sqrt(spread_sq)
-        g_whole, g_half = integrands(z_whole), integrands(z_half)
+        g_whole, g_half = integrands(z_whole, r_whole), integrands(z_half, r_half)
         i_whole = m_whole[..., None] * g_whole
         i_high, i_low = i_whole[:, :_GL_ORDER].sum(1), i_whole[:, _GL_ORDER:].sum(1)
         i_half = (m_half[..., None] * g_half).sum(1)
@@ -666,8 +678,7 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
         no = np.concatenate((origin[chosen], origin[chosen]))
         new = evaluate(na, nb, nk, no)
         a, b, kind, origin = (np.concatenate((x[keep], y)) for x, y in ((a, na), (b, nb), (kind, nk), (origin, no)))
-        z_whole, lm_whole, z_half, lm_half = (np.concatenate((x[keep], y)) for x, y in
-                                              zip((z_whole, lm_whole, z_half, lm_half), new))
+        nodes_state = [np.concatenate((x[keep], y)) for x, y in zip(nodes_state, new)]
 
     points = torch.as_tensor(z_half.ravel())
     log_mass = torch.as_tensor(lm_half.ravel())
@@ -678,10 +689,12 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     nodes = torch.as_tensor(z_half.reshape(1, -1))
     relative = relative + _unseen_errors(end_geometry, g, torch.as_tensor(lm_half.reshape(1, -1)),
                                          torch.tensor([shift + math.log(total)]), nodes,
-                                         lambda z: torch.as_tensor(integrands(z.numpy())),
-                                         _log_q_term_size(family, params, log_weights, nodes))[0].numpy()
+                                         lambda z: torch.as_tensor(integrands(z.numpy(), 0.0)),
+                                         _log_q_term_size(family, params, log_weights, nodes),
+                                         torch.as_tensor(doubt_half.reshape(1, -1)))[0].numpy()
     out = {"log_normalizer": (shift + math.log(total), relative[0])}
-    _, stats = _point_statistics(family, points, log_mass, wanted, standard_errors=False)
+    _, stats = _point_statistics(family, points, log_mass, wanted, standard_errors=False,
+                                 residuals=torch.as_tensor(r_half.ravel()))
     if "mean" in stats and not family.circular:
         mean, variance = float(stats["mean"].value), float(stats["variance"].value)
         tbar = (mean - centre) / spread
@@ -698,7 +711,7 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
             out["mean"], out["variance"] = ((float(v), float(e)) for v, e in moments)
     if want_entropy:
         log_z, log_z_error = out["log_normalizer"]
-        lu = log_u(z_half.ravel()).reshape(z_half.shape)
+        lu = log_u(z_half.ravel()).reshape(z_half.shape) + c_half
         mean_log_u = float((pi * np.where(np.isfinite(lu), lu, 0.0)).sum())
         index = -2 if extra is not None else -1
         out["entropy"] = (log_z - mean_log_u, log_z_error + relative[index] + abs(mean_log_u) * relative[0])
@@ -734,13 +747,77 @@ _BISECTION_STEPS = 50
 _NEAREST_AT_ZERO = 1e-300
 #: and from an end elsewhere, relative to it: 256 float64 steps, so a point rounds by at most 1/512 of its distance
 _NEAREST_RELATIVE = 2.0**-44
-#: ulps of the larger finite end, relative to the width, that ``quadrature_log_mass`` adds to its stated error
-_NARROW_ROUNDING = 16
 #: the rounding floor of the quadrature's error, per unit of |log mass| of a node
 _ROUNDING = 256 * np.finfo(np.float64).eps
 #: and per unit of the size of the terms of an expert's log q at a node (``log_prob_term_size``): a sum of a few
 #: terms, each rounded to an ulp or two, and lgamma's few ulps
 _TERM_ROUNDING = 8 * np.finfo(np.float64).eps
+#: panels narrower than this many float64 spacings of their place get their nodes' rounding corrected
+_ROUNDED_PANEL_SPACINGS = 2.0**32
+
+
+def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a + b`` rounded and its rounding error, exactly (Knuth's TwoSum)."""
+    total = a + b
+    b_part = total - a
+    return total, (a - (total - b_part)) + (b - b_part)
+
+
+def _two_product(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a * b`` rounded and its rounding error, exactly for float64 of magnitude below about 1e300 (Dekker)."""
+    product = a * b
+
+    def halves(x):
+        c = (2.0**27 + 1) * x
+        high = c - (c - x)
+        return high, x - high
+
+    (a_high, a_low), (b_high, b_low) = halves(a), halves(b)
+    return product, ((a_high * b_high - product) + a_high * b_low + a_low * b_high) + a_low * b_low
+
+
+def _node_residual(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``exact - rounded`` for the panel nodes ``0.5 (a + b) + 0.5 (b - a) t`` as the rules compute them in float64
+    (panels ``a``, ``b`` ``(..., P)``, nodes ``t`` ``(n,)`` on ``[-1, 1]``): ``(..., P, n)``."""
+    total, total_error = _two_sum(a, b)
+    width, width_error = _two_sum(b, -a)
+    step, step_error = _two_product((0.5 * width).unsqueeze(-1), t)
+    _, node_error = _two_sum((0.5 * total).unsqueeze(-1), step)
+    return node_error + step_error + (0.5 * total_error).unsqueeze(-1) + (0.5 * width_error).unsqueeze(-1) * t
+
+
+def _rounding_correction(log_u, a, b, kind, t, z, lu):
+    """The rounding of the nodes ``z`` ``(..., P, n)`` (``lu`` their ``log u``) of the plain panels (``kind`` 0)
+    narrower than ``_ROUNDED_PANEL_SPACINGS`` float64 spacings of their place, ``None`` where there is none: there a
+    node rounds by a part of the panel the rules see (experts of scale 1e-13 at 0.7 are sampled in steps of a
+    thousandth of their scale, which left log Z 4e-5 off with 7e-6 stated). Returns, shaped as ``z``, the residuals
+    ``exact - rounded``, ``log u(exact) - log u(rounded)`` to second order in them (slope and curvature from the
+    neighbouring floats, by ``log_u`` of points shaped as ``(..., k, n)``), and the size of the second-order term,
+    which the stated error counts for what the expansion leaves out; zeros elsewhere."""
+    narrow = (kind == 0) & (b - a < _ROUNDED_PANEL_SPACINGS * torch.finfo(torch.float64).eps
+                            * torch.maximum(a.abs(), b.abs()))
+    if not bool(narrow.any()):
+        return None
+    # the narrow panels first, as many per row as the row with most: only their nodes are evaluated again
+    pick = (~narrow).to(torch.int8).argsort(dim=-1, stable=True)[..., :int(narrow.sum(-1).max())]
+    nodes = pick.unsqueeze(-1).expand(pick.shape + z.shape[-1:])
+    z, lu = z.gather(-2, nodes), lu.gather(-2, nodes)
+    above, below = torch.nextafter(z, z.new_tensor(math.inf)), torch.nextafter(z, z.new_tensor(-math.inf))
+    lu_above, lu_below = log_u(above), log_u(below)
+    slope = (lu_above - lu_below) / (above - below)
+    curvature = 2 * ((lu_above - lu) / (above - z) - (lu - lu_below) / (z - below)) / (above - below)
+    residual = _node_residual(a.gather(-1, pick), b.gather(-1, pick), t)
+    first, second = slope * residual, 0.5 * curvature * residual**2
+    use = narrow.gather(-1, pick).unsqueeze(-1) & torch.isfinite(first + second)
+    # where one spacing moves log u by a nat or more (or log u's own rounding swamps its differences, experts of
+    # concentration 1e20) the expansion is not trusted: no correction, and the change over the spacing as the doubt
+    trusted = first.abs() <= 1
+    correction = torch.where(use & trusted, first + second, 0.0)
+    doubt = torch.where(use, torch.where(trusted, second.abs(), (lu_above - lu_below).abs()), 0.0)
+    return tuple(torch.zeros(nodes.shape[:-2] + (narrow.shape[-1],) + z.shape[-1:], dtype=z.dtype)
+                 .scatter(-2, nodes, v) for v in (torch.where(use, residual, 0.0), correction, doubt))
+
+
 #: the end panel's exponent is fitted over blocks of this many octaves above the nearest point
 _FIT_OCTAVES = 6.0
 #: changes of the fitted exponent below this are rounding: the power law is taken as exact
@@ -906,10 +983,11 @@ def _log_q_term_size(family, params, log_weights, points):
     return torch.where(log_weights > -math.inf, size, 0.0).amax(-1).T
 
 
-def _unseen_errors(end_geometry, g, log_mass, log_z, points, integrands, term_size):
+def _unseen_errors(end_geometry, g, log_mass, log_z, points, integrands, term_size, placement):
     """The errors ``(pools, K)``, relative to the normaliser, that comparing rules cannot see: rounding (a few ulps
     of each node's ``|log mass|`` and of the size ``term_size`` ``(pools, N)`` of the terms of the experts' ``log q``
-    there, which cancel to a far smaller log mass where the experts' parameters are large) and the mass extrapolated
+    there, which cancel to a far smaller log mass where the experts' parameters are large; and ``placement``
+    ``(pools, N)``, what the correction of ``log u`` for the node's own rounding leaves out) and the mass extrapolated
     next to the ends (the ``(sign, end, _EndPanel)`` of ``end_geometry``). ``g`` ``(pools, N, K)``: the integrands'
     absolute values at the nodes ``points`` ``(pools, N)`` of log-masses ``log_mass``; ``integrands`` gives their
     signed values ``(pools, n, K)`` at points ``(pools, n)``.
@@ -922,7 +1000,7 @@ def _unseen_errors(end_geometry, g, log_mass, log_z, points, integrands, term_si
     over the octave above ``n`` divided by ``log 2`` (at least the slope for either shape). The exponents'
     uncertainty widens the mass and the depth and adds its share of the mass times ``|f(n)|``."""
     share = (log_mass - log_z.unsqueeze(-1)).exp().unsqueeze(-1)
-    rounding = _ROUNDING * (1 + log_mass.abs()) + _TERM_ROUNDING * term_size
+    rounding = _ROUNDING * (1 + log_mass.abs()) + _TERM_ROUNDING * term_size + placement
     error = torch.where(share > 0, share * g * rounding.unsqueeze(-1), 0.0).sum(1)
     rows = torch.arange(len(points))
     for sign, end, geometry in end_geometry:
@@ -1096,6 +1174,7 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
     whole_w = torch.as_tensor(np.concatenate((gl_w, low_w)), dtype=high)
     half_t = torch.as_tensor(np.concatenate((0.5 * gl_t - 0.5, 0.5 * gl_t + 0.5)), dtype=high)
     half_w = torch.as_tensor(np.concatenate((0.5 * gl_w, 0.5 * gl_w)), dtype=high)
+    both_t = torch.cat((whole_t, half_t))
 
     def panel_nodes(a, b, kind, origin, ok, t, w):
         x = 0.5 * (a + b).unsqueeze(-1) + 0.5 * (b - a).unsqueeze(-1) * t
@@ -1119,15 +1198,22 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
         a, b = torch.where(ok, a, 0.0), torch.where(ok, b, 1.0)
         z_whole, lw_whole = panel_nodes(a, b, kind, origin, ok, whole_t, whole_w)
         z_half, lw_half = panel_nodes(a, b, kind, origin, ok, half_t, half_w)
-        lu = log_u(torch.cat((z_whole, z_half), -1))
+        z = torch.cat((z_whole, z_half), -1)
+        lu = log_u(z)
+        residual = doubt = torch.zeros_like(z)
+        found = _rounding_correction(log_u, a, b, kind, both_t, z, lu)
+        if found is not None:
+            residual, correction, doubt = found
+            lu = lu + correction
         empty = torch.where(ok, 0.0, -math.inf).unsqueeze(-1)
         whole = len(whole_t)
-        return z_whole, lw_whole + lu[..., :whole] + empty, z_half, lw_half + lu[..., whole:] + empty
+        return (z_whole, lw_whole + lu[..., :whole] + empty, z_half, lw_half + lu[..., whole:] + empty,
+                residual[..., :whole], residual[..., whole:], doubt[..., whole:])
 
     want_stat = "expected_statistic" in wanted
 
-    def integrands(z, centre, spread):
-        t = (z - centre.reshape(-1, 1, 1)) / spread.reshape(-1, 1, 1)
+    def integrands(z, centre, spread, residual=0.0):
+        t = ((z - centre.reshape(-1, 1, 1)) + residual) / spread.reshape(-1, 1, 1)
         parts = [torch.ones_like(z).unsqueeze(-1), t.unsqueeze(-1), (t * t).unsqueeze(-1)]
         if want_stat:
             parts.append(family.sufficient_statistic(z.reshape(-1)).reshape(z.shape + (-1,)).to(high))
@@ -1140,21 +1226,22 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
     centre = (w * mu).sum(-1) / w.sum(-1)
     spread = ((w * (sd**2 + (mu - centre.unsqueeze(-1)) ** 2)).sum(-1) / w.sum(-1)).sqrt()
     shift = top
-    finished = []  # (rows, log_z, relative, centre, spread, z_half, lm_half, ok) of the pools done so far
+    # (rows, log_z, relative, centre, spread, z_half, lm_half, ok, r_half, doubt_half) of the pools done so far
+    finished = []
     for round_ in itertools.count():
-        a, b, kind, origin, panel_valid, z_whole, lm_whole, z_half, lm_half = state
+        a, b, kind, origin, panel_valid, z_whole, lm_whole, z_half, lm_half, r_whole, r_half, doubt_half = state
         shift = torch.maximum(shift, torch.maximum(lm_half.flatten(1).amax(-1), lm_whole.flatten(1).amax(-1)))
         m_whole = (lm_whole - shift.reshape(-1, 1, 1)).exp()
         m_half = (lm_half - shift.reshape(-1, 1, 1)).exp()
         total = m_half.sum((1, 2))
         ok = total > 0
         pi = m_half / torch.where(ok, total, 1.0).reshape(-1, 1, 1)
-        centre_new = (pi * z_half).sum((1, 2))
-        spread_sq = (pi * (z_half - centre_new.reshape(-1, 1, 1)) ** 2).sum((1, 2))
+        centre_new = (pi * (z_half + r_half)).sum((1, 2))
+        spread_sq = (pi * ((z_half - centre_new.reshape(-1, 1, 1)) + r_half) ** 2).sum((1, 2))
         update = ok & (spread_sq > 0) & torch.isfinite(spread_sq)
         centre = torch.where(update, centre_new, centre)
         spread = torch.where(update, spread_sq.clamp_min(0).sqrt(), spread)
-        g_whole, g_half = integrands(z_whole, centre, spread), integrands(z_half, centre, spread)
+        g_whole, g_half = integrands(z_whole, centre, spread, r_whole), integrands(z_half, centre, spread, r_half)
         i_whole = m_whole.unsqueeze(-1) * g_whole
         i_high, i_low = i_whole[:, :, :_GL_ORDER].sum(2), i_whole[:, :, _GL_ORDER:].sum(2)
         i_half = (m_half.unsqueeze(-1) * g_half).sum(2)
@@ -1176,7 +1263,8 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
         if bool(done.any()):
             total_ok = torch.where(ok, total, 1.0)
             finished.append((rows[done], (shift + total_ok.log())[done], (diff.sum(1) / total_ok.unsqueeze(-1))[done],
-                             centre[done], spread[done], z_half[done].flatten(1), lm_half[done].flatten(1), ok[done]))
+                             centre[done], spread[done], z_half[done].flatten(1), lm_half[done].flatten(1), ok[done],
+                             r_half[done].flatten(1), doubt_half[done].flatten(1)))
         if bool(done.all()):
             break
         # the pools still refined: their panels, with the chosen ones split in two
@@ -1209,13 +1297,15 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
                         for part in finished])[order]
     lm_half = torch.cat([torch.nn.functional.pad(part[6], (0, size - part[6].shape[1]), value=-math.inf)
                          for part in finished])[order]
-    g = integrands(z_half.unsqueeze(1), centre, spread).squeeze(1).abs()
+    r_half, doubt_half = (torch.cat([torch.nn.functional.pad(part[k], (0, size - part[k].shape[1]))
+                                     for part in finished])[order] for k in (8, 9))
+    g = integrands(z_half.unsqueeze(1), centre, spread, r_half.unsqueeze(1)).squeeze(1).abs()
     rows = torch.arange(pools)  # every pool, for log_u
     relative = relative + _unseen_errors(end_geometry, g, lm_half, log_z, z_half,
                                          lambda z: integrands(z.unsqueeze(1), centre, spread).squeeze(1),
-                                         _log_q_term_size(family, params, log_weights, z_half))
+                                         _log_q_term_size(family, params, log_weights, z_half), doubt_half)
     nodes = (z_half.T, lm_half.T)
-    _, stats = _point_statistics(family, nodes[0], nodes[1], wanted, standard_errors=False)
+    _, stats = _point_statistics(family, nodes[0], nodes[1], wanted, standard_errors=False, residuals=r_half.T)
     return log_z, relative, centre, spread, stats, nodes, count, ok
 
 
