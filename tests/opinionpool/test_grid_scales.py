@@ -73,3 +73,28 @@ def test_3d_negative_alpha_pool_narrower_than_a_panel_is_found():
     value, error = float(grid.log_normalizer.value), float(grid.log_normalizer.error)
     assert math.isfinite(value) and 0 < error < 0.01, (value, error)
     assert abs(value - float(sampled.log_normalizer.value)) <= error + 4 * float(sampled.log_normalizer.error)
+
+
+@pytest.mark.parametrize("place, scale", [(0.7, 1e-9), (0.7, 1e-13), (1e3, 1e-10)])
+def test_grid_of_experts_narrow_for_float64_at_their_place(place, scale):
+    """Correlated 2-D Gaussians of scale 1e-13 at (0.7, -0.7) span a thousand floats per axis there: the grid's nodes
+    rounded by a visible part of each panel, and log Z came out outside the certified bracket (an error); of scale
+    1e-9 at 0.7 it was 5e-10 off with 1.6e-10 stated. Reference: the closed forms of the same pool moved to the
+    origin (exactly: the locations' differences are exact), a pool moving with its experts."""
+    from torch.distributions import MultivariateNormal
+
+    offset = torch.tensor([place, -place], dtype=torch.float64)
+    near = torch.tensor([[0.0, 0.0], [1.5 * scale, 0.5 * scale]], dtype=torch.float64)
+    cov = torch.stack([torch.eye(2, dtype=torch.float64),
+                       torch.tensor([[4.0, 0.5], [0.5, 1.0]], dtype=torch.float64)]) * scale**2
+    weights = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    far_loc = near + offset  # rounded: the pool is the one of these locations
+    far = opinionpool.holder(MultivariateNormal(far_loc, cov), alpha=0.5, weights=weights)
+    moved = opinionpool.holder(MultivariateNormal(far_loc - offset, cov), alpha=0.5, weights=weights)
+    est = far.estimate(["mean", "covariance"], method="grid")
+    value, error = float(est.log_normalizer.value), float(est.log_normalizer.error)
+    assert abs(value - float(moved.log_normalizer)) <= error <= 1e-9, (value, float(moved.log_normalizer), error)
+    matched = moved.moment_match()
+    spacing = 2 * torch.finfo(torch.float64).eps * place  # a float's resolution at the mean's place
+    assert torch.allclose(est.mean.value - offset, matched.mean, rtol=0, atol=spacing + 1e-6 * scale)
+    assert torch.allclose(est.covariance.value, matched.covariance_matrix, rtol=1e-6, atol=0)
