@@ -541,8 +541,10 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     end_of_kind, end_splits = {}, {}
     inner = edges[(edges > lower) & (edges < upper)]
     for sign, end in ((1.0, lower), (-1.0, upper)):
-        if end in support and math.isfinite(end) and len(inner):
-            gap = sign * ((inner.min() if sign > 0 else inner.max()) - end)
+        if end in support and math.isfinite(end):
+            # an interval too narrow for any edge inside still needs the end panel: its other end is the edge
+            nearest_edge = (inner.min() if sign > 0 else inner.max()) if len(inner) else (upper if sign > 0 else lower)
+            gap = sign * (nearest_edge - end)
             geometry, ladder = _end_panel_geometry(lambda z: torch.as_tensor(log_u(z.numpy())), sign, end,
                                                    torch.tensor([gap], dtype=torch.float64), shift,
                                                    lambda z: torch.as_tensor(log_u(z.numpy(), experts=True)[1]),
@@ -597,7 +599,8 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
                 z_end, log_jac_end = geometry.nodes(torch.zeros(1, dtype=torch.long), end, math.copysign(1.0, end_kind),
                                                     torch.as_tensor(x[at_end]).unsqueeze(0), deep=abs(end_kind) == 3)
                 z[at_end], log_jac[at_end] = z_end[0].numpy(), log_jac_end[0].numpy()
-        return z, np.log(0.5 * (b - a))[:, None] + np.log(w) + log_jac
+        with np.errstate(divide="ignore"):  # a panel its edges' rounding left empty has no mass
+            return z, np.log(0.5 * (b - a))[:, None] + np.log(w) + log_jac
 
     def evaluate(a, b, kind, origin):
         z_whole, lw_whole = panel_nodes(a, b, kind, origin, whole_t, whole_w)
@@ -747,6 +750,8 @@ _BISECTION_STEPS = 50
 _NEAREST_AT_ZERO = 1e-300
 #: and from an end elsewhere, relative to it: 256 float64 steps, so a point rounds by at most 1/512 of its distance
 _NEAREST_RELATIVE = 2.0**-44
+#: and no nearer than this, relative to the end (4 float64 steps), where the gap to the nearest edge is narrow
+_NEAREST_FLOOR = 2.0**-50
 #: the rounding floor of the quadrature's error, per unit of |log mass| of a node
 _ROUNDING = 256 * np.finfo(np.float64).eps
 #: and per unit of the size of the terms of an expert's log q at a node (``log_prob_term_size``): a sum of a few
@@ -944,9 +949,15 @@ def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor, top, 
     ``(pools, M)``, pooled at ``alpha``); ``top`` is the pools' highest ``log u``. A pool uses the end panel
     (``steep``) where ``u`` grows towards the end or is not negligible next to it (a Gamma or Beta expert of shape
     below one, or of a non-integer shape: a singular derivative)."""
-    probe = log_u(end + sign * gap.unsqueeze(-1) * torch.tensor([1e-6, 1e-3], dtype=torch.float64))
-    steep = (probe[:, 0] > probe[:, 1]) | (probe[:, 0] > top - 50)
     nearest = _NEAREST_AT_ZERO if end == 0 else _NEAREST_RELATIVE * abs(end)
+    if end != 0:  # within a gap of a few thousand floats (a narrow interval at the end), nearer: a fit needs octaves
+        nearest = torch.clamp(gap * 2.0**-12, min=_NEAREST_FLOOR * abs(end), max=nearest).min().item()
+    # probes no nearer than the nearest point: within 1e-6 of a gap of 3e-11 from 1 they rounded onto the end, where
+    # u is not evaluated, and the end panel was left out (a Beta's mass on (1 - 3e-11, 1) came out 2.6e-2 off)
+    probe_distance = (gap.unsqueeze(-1) * torch.tensor([1e-6, 1e-3], dtype=torch.float64)).clamp_min(nearest)
+    probe_distance[:, 1] = torch.maximum(probe_distance[:, 1], 2 * probe_distance[:, 0])
+    probe = log_u(end + sign * probe_distance)
+    steep = (probe[:, 0] > probe[:, 1]) | (probe[:, 0] > top - 50)
     # three blocks of octaves above the nearest point, within a quarter of the gap
     octaves = (torch.log2(0.25 * gap / nearest) / 3).clamp(max=_FIT_OCTAVES)
     z = end + sign * nearest * 2.0 ** (octaves.clamp_min(1.0).unsqueeze(-1) * torch.arange(4, dtype=torch.float64))
@@ -964,6 +975,9 @@ def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor, top, 
     # outside it to be negligible, its own corrected
     shortest = 256 * nearest if end == 0 else 2.0**-8 * abs(end)
     reach = torch.minimum((gap * _LADDER[-1]).clamp_min(shortest), 0.25 * gap)
+    # the float at that distance, whose distance is exact: the ladder's last edge and the panel then meet exactly
+    # (else they left up to half a spacing of the end between them, 1e-8 of the mass next to 1 within 2e-9)
+    reach = sign * ((end + sign * reach) - end)
     exponent = torch.where(fitted, exponent, 0.0)
     ladder = torch.cat((gap.unsqueeze(-1) * _LADDER, reach.unsqueeze(-1)), -1)
     ladder = torch.where(steep.unsqueeze(-1) & (ladder >= reach.unsqueeze(-1)), end + sign * ladder, math.nan)

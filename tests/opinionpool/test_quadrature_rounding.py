@@ -125,3 +125,23 @@ def test_experts_narrow_for_float64_at_their_place(location, scale):
         value, error = float(getattr(est, name).value), float(getattr(est, name).error)
         assert abs(value - float(truth)) <= error, (name, value, float(truth), error)
         assert error <= 1e-6 * (1 if name == "log_normalizer" else abs(float(truth))), (name, error)
+
+
+@pytest.mark.parametrize("distance", [2.0**-20, 2.0**-29, 2.0**-35, 2.0**-44, 2.0**-48])
+def test_mass_of_an_interval_narrow_next_to_a_singular_end(distance):
+    """The mass of Beta(0.26, 0.28) on (1 - d, 1), singular at 1, against mpmath's regularised incomplete beta.
+    The end panel's edge left up to half a spacing of 1 between it and the ladder (1.1e-8 off at d = 2^-29, with
+    1.5e-12 stated); at d = 2^-35 its probes rounded onto the end, so there was no end panel (2.6e-2 off with
+    1.2e-2 stated); where the interval spans a few thousand floats, the nearest point moves closer to the end, down
+    to four floats, so that the power law below it can still be fitted (2^-44: 0.16 off with 0.08 stated). An
+    interval of 16 floats (2^-48) is beyond that: its stated error only has to hold."""
+    a, b = 0.2604652623112795, 0.2821494739751566
+    experts = opinionpool.as_experts(Beta(torch.tensor([a], dtype=torch.float64), torch.tensor([b], dtype=torch.float64)))
+    log_weights = torch.zeros(1, dtype=torch.float64)
+    value, error = numerical.quadrature_log_mass(experts.family, experts.params, log_weights, 1.0, 1 - distance, 1.0)
+    reference = float(mp.log(mp.betainc(b, a, 0, mp.mpf(distance), regularized=True)))
+    assert abs(value - reference) <= error, (value, reference, error)
+    if distance >= 2.0**-35:
+        assert error <= 1e-11, error
+    elif distance >= 2.0**-44:
+        assert error <= 1e-6, error
