@@ -145,3 +145,22 @@ def test_mass_of_an_interval_narrow_next_to_a_singular_end(distance):
         assert error <= 1e-11, error
     elif distance >= 2.0**-44:
         assert error <= 1e-6, error
+
+
+def test_node_residuals_are_exact_minus_rounded_nodes():
+    """``numerical._node_residual`` against exact rational arithmetic: panels from a float step to 1e12 of them
+    wide, at places from 1e-3 to 1e6, at the rule's own nodes."""
+    from fractions import Fraction
+
+    generator = np.random.default_rng(7)
+    place = 10.0 ** generator.uniform(-3, 6, 40)
+    a = place * (1 + generator.uniform(-1e-3, 1e-3, 40))
+    b = a + np.spacing(a) * np.round(10.0 ** generator.uniform(0, 12, 40))
+    t = np.polynomial.legendre.leggauss(10)[0]
+    residual = numerical._node_residual(torch.tensor(a), torch.tensor(b), torch.tensor(t)).numpy()
+    for i in range(len(a)):
+        for j in range(len(t)):
+            rounded = 0.5 * (a[i] + b[i]) + 0.5 * (b[i] - a[i]) * t[j]  # as the rules compute their nodes
+            exact = (Fraction(a[i]) + Fraction(b[i])) / 2 + (Fraction(b[i]) - Fraction(a[i])) / 2 * Fraction(t[j])
+            # to a trillionth of a float step there (the residual itself is a sum of rounded error terms)
+            assert abs(Fraction(residual[i, j]) - (exact - Fraction(rounded))) <= Fraction(1e-12 * np.spacing(rounded))
