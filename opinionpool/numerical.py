@@ -308,9 +308,9 @@ def _point_statistics(family, points, log_w, wanted, standard_errors: bool, resi
         # digits their spread has
         heaviest = points.gather(0, log_w.argmax(0, keepdim=True).reshape((1,) + pi.shape[1:] + (1,) * event_dims)
                                  .expand((1,) + points.shape[1:]))[0]
-        residuals = torch.zeros_like(points) if residuals is None else residuals
-        mean = heaviest + (pi_e * ((points - heaviest) + residuals)).sum(0)
-        dev = (points - mean) + residuals
+        shifted = points - heaviest if residuals is None else (points - heaviest) + residuals
+        mean = heaviest + (pi_e * shifted).sum(0)
+        dev = points - mean if residuals is None else (points - mean) + residuals
         sq = dev * dev
         variance = (pi_e * sq).sum(0)
         if standard_errors:
