@@ -983,7 +983,9 @@ def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor, top, 
     (``steep``) where ``u`` grows towards the end or is not negligible next to it (a Gamma or Beta expert of shape
     below one, or of a non-integer shape: a singular derivative)."""
     nearest = _NEAREST_AT_ZERO if end == 0 else _NEAREST_RELATIVE * abs(end)
-    if end != 0:  # within a gap of a few thousand floats (a narrow interval at the end), nearer: a fit needs octaves
+    # within a gap of a few thousand floats (a narrow interval at the end), nearer: a fit needs octaves (one value for
+    # a batch of pools, from its narrowest gap: the panel stores one)
+    if end != 0:
         nearest = torch.clamp(gap * 2.0**-12, min=_NEAREST_FLOOR * abs(end), max=nearest).min().item()
     # probes no nearer than the nearest point: within 1e-6 of a gap of 3e-11 from 1 they rounded onto the end, where
     # u is not evaluated, and the end panel was left out (a Beta's mass on (1 - 3e-11, 1) came out 2.6e-2 off)
