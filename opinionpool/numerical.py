@@ -521,11 +521,15 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     lower_closed, upper_closed = support[0] < lower, upper < support[1]
     count = 0
 
-    def log_u(z: np.ndarray, experts: bool = False):
-        """``log u(z)``, ``-inf`` outside the open support; with ``experts`` also the present experts' ``log q_j``."""
+    def log_u(z: np.ndarray, experts: bool = False, whole_support: bool = False):
+        """``log u(z)``, ``-inf`` outside the interval (``whole_support``: the open support); with ``experts`` also
+        the present experts' ``log q_j``."""
         nonlocal count
         z = np.asarray(z, dtype=np.float64)
-        inside = ((z >= lower) if lower_closed else (z > lower)) & ((z <= upper) if upper_closed else (z < upper))
+        if whole_support:
+            inside = (z > support[0]) & (z < support[1])
+        else:
+            inside = ((z >= lower) if lower_closed else (z > lower)) & ((z <= upper) if upper_closed else (z < upper))
         value = torch.as_tensor(np.where(inside, z, fill), device=params.device)
         with torch.no_grad():
             ell = expert_log_probs(family, params, value)
@@ -611,7 +615,8 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
         z_half, lw_half, rounding_half = panel_nodes(a, b, kind, origin, half_t, half_w)
         z = np.concatenate((z_whole, z_half), axis=1)
         lu = log_u(z.ravel()).reshape(z.shape)
-        log_u_of = lambda p: torch.as_tensor(log_u(p.numpy().ravel()).reshape(p.shape))  # noqa: E731
+        # the neighbouring floats of a node at an end of the interval lie outside it, not outside the support
+        log_u_of = lambda p: torch.as_tensor(log_u(p.numpy().ravel(), whole_support=True).reshape(p.shape))  # noqa: E731
         residual = correction = doubt = np.zeros(z.shape)
         found = _rounding_correction(log_u_of, *(torch.as_tensor(v) for v in (a, b, kind, both_t, z, lu)))
         if found is not None:
