@@ -690,7 +690,7 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
             break
         keep = np.ones(len(a), dtype=bool)
         keep[chosen] = False
-        mid = 0.5 * (a[chosen] + b[chosen])
+        mid = _split_points(a[chosen], b[chosen], kind[chosen])
         na = np.concatenate((a[chosen], mid))
         nb = np.concatenate((mid, b[chosen]))
         nk = np.concatenate((kind[chosen], kind[chosen]))
@@ -768,6 +768,8 @@ _NEAREST_AT_ZERO = 1e-300
 _NEAREST_RELATIVE = 2.0**-44
 #: and no nearer than this, relative to the end (4 float64 steps), where the gap to the nearest edge is narrow
 _NEAREST_FLOOR = 2.0**-50
+#: a shallow end panel whose ends are further apart than this ratio is split at their geometric mean
+_GEOMETRIC_RATIO = 4.0
 #: the rounding floor of the quadrature's error, per unit of |log mass| of a node
 _ROUNDING = 256 * np.finfo(np.float64).eps
 #: and per unit of the size of the terms of an expert's log q at a node (``log_prob_term_size``): a sum of a few
@@ -943,6 +945,21 @@ class _EndPanel:
     def extrapolated(self, rows, end, sign: float, z):
         """Which of the points ``z`` ``(len(rows), N)`` were extrapolated (they all sit at the nearest point)."""
         return self.steep[rows].unsqueeze(-1) & (z == end + sign * self.nearest)
+
+
+def _split_points(a, b, kind):
+    """Where panels ``(a, b)`` (numpy arrays or tensors) of kinds ``kind`` are split: at their middle, or, for a
+    shallow end panel (kind +-2) reaching from below a quarter of its top towards its variable's 0, at the geometric
+    mean of its ends. There the integrand can hold a fractional power of ``x`` (the other experts' power laws
+    relative to the one the variable follows), and a panel that starts a small fraction of its width from that
+    singular point has halves whose error is not small against the whole's, so their difference understates it (a
+    Beta pool at alpha = 0.3 with powers -0.46 and +0.59 at 1: 8.9e-12 off in log Z where it stated 6.6e-12). Split
+    geometrically, a panel's ends stay within a fixed ratio, the rule converges on each like a smooth integrand's,
+    and the halves' errors are small against the whole's again."""
+    mid = 0.5 * (a + b)
+    geometric = (abs(kind) == 2) & (b > _GEOMETRIC_RATIO * a) & (a > 0)
+    mid[geometric] = a[geometric] ** 0.5 * b[geometric] ** 0.5  # not (a b)^(1/2): a b can underflow
+    return mid
 
 
 def _depth_power(power, expert_exponent, log_weights, alpha: float) -> torch.Tensor:
@@ -1340,7 +1357,7 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
         width = int(chosen.sum(-1).max())
         pick = (~chosen).to(torch.int8).argsort(dim=-1, stable=True)[:, :width]
         ca, cb, ck, co, cv = (x.gather(-1, pick) for x in (a, b, kind, origin, chosen))
-        mid = 0.5 * (ca + cb)
+        mid = _split_points(ca, cb, ck)
         new = [torch.cat(pair, -1) for pair in ((ca, mid), (mid, cb), (ck, ck), (co, co), (cv, cv))]
         new += list(evaluate(*new))
         merged = [torch.cat((x, y), 1) for x, y in zip(state, new)]

@@ -36,18 +36,21 @@ def _reference(family, params, weights, alpha):
             return mp.power(sum(wj * mp.exp(alpha * lq(z, w)) for wj, lq in zip(weights, log_q)), 1 / alpha)
 
         breaks = [-mp.inf, -3000, -700, -200, -50, -10, -2]
-        moments = []
-        for k in range(3):
+
+        def integral(f):
             if family == "gamma":  # z = e^s up to 1, then z itself
-                near = mp.quad(lambda s, k=k: u(mp.exp(s), None) * mp.exp(s * (k + 1)), breaks + [0])
-                far = mp.quad(lambda z, k=k: u(z, None) * z**k, [1, 5, 30, mp.inf])
+                near = mp.quad(lambda s: u(mp.exp(s), None) * mp.exp(s) * f(mp.exp(s)), breaks + [0])
+                far = mp.quad(lambda z: u(z, None) * f(z), [1, 5, 30, mp.inf])
             else:  # z = e^s up to 1/2, and 1 - z = e^s beyond
-                near = mp.quad(lambda s, k=k: u(mp.exp(s), -mp.expm1(s)) * mp.exp(s * (k + 1)), breaks + [mp.log(0.5)])
-                far = mp.quad(lambda s, k=k: u(-mp.expm1(s), mp.exp(s)) * mp.exp(s) * (-mp.expm1(s)) ** k,
-                              breaks + [mp.log(0.5)])
-            moments.append(near + far)
-        mean = moments[1] / moments[0]
-        return float(mp.log(moments[0])), float(mean), float(moments[2] / moments[0] - mean**2)
+                near = mp.quad(lambda s: u(mp.exp(s), -mp.expm1(s)) * mp.exp(s) * f(mp.exp(s)), breaks + [mp.log(0.5)])
+                far = mp.quad(lambda s: u(-mp.expm1(s), mp.exp(s)) * mp.exp(s) * f(-mp.expm1(s)), breaks + [mp.log(0.5)])
+            return near + far
+
+        mass = integral(lambda z: 1)
+        mean = integral(lambda z: z) / mass
+        # centred: E[z^2] - mean^2 cancels digits the 20 of mpmath's rule do not all hold (a variance of 5.4e-4 at a
+        # mean of 0.73 came out 2.8e-10 of itself off)
+        return float(mp.log(mass)), float(mean), float(integral(lambda z: (z - mean) ** 2) / mass)
 
 
 def _experts(family, params):
@@ -76,6 +79,21 @@ def test_pools_singular_at_an_end_lie_within_their_stated_error(family, params, 
         value, error = float(getattr(est, name).value), float(getattr(est, name).error)
         assert abs(value - reference) <= error, (name, value, reference, error)
         assert error <= 1e-4 * (1 + abs(reference)), (name, error)  # and the error says something
+
+
+def test_a_power_law_beside_another_at_the_singular_end():
+    """Next to 1 this pool follows the singular expert (power -0.46) times a power ``d^0.31`` of the distance from
+    the other (+0.59, at alpha = 0.3): in the shallow end panel's variable a fractional power of ``x``, whose panels
+    bisected towards ``x = 0`` had halves about as far off as the whole, and log Z was 8.9e-12 off where it stated
+    6.6e-12 (found among 250 random pools of two Betas)."""
+    params = [(2.4941526511863583, 1.5882828210756101), (2.7510108621685814, 0.5413836818294476)]
+    weights = [0.1802176754128646, 0.8197823245871354]
+    est = opinionpool.holder(_experts("beta", params), alpha=0.3,
+                             weights=torch.tensor(weights, dtype=torch.float64)).estimate(method="quadrature")
+    for name, reference in zip(("log_normalizer", "mean", "variance"), _reference("beta", params, weights, 0.3)):
+        value, error = float(getattr(est, name).value), float(getattr(est, name).error)
+        assert abs(value - reference) <= error, (name, value, reference, error)
+        assert error <= 1e-10, (name, error)
 
 
 @pytest.mark.parametrize("shape", [0.5, 0.1, 0.01])
