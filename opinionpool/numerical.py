@@ -809,6 +809,20 @@ def _node_residual(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.T
     return node_error + step_error + (0.5 * total_error).unsqueeze(-1) + (0.5 * width_error).unsqueeze(-1) * t
 
 
+def _gather_panels(selected, *node_values):
+    """The panels ``selected`` ``(..., P)`` first, as many per row as the row with most, so that only their nodes are
+    evaluated again: the panel indices ``pick`` ``(..., S)``, the node values ``(..., P, n)`` gathered to
+    ``(..., S, n)``, and the function putting values of that shape back in place (zeros elsewhere)."""
+    pick = (~selected).to(torch.int8).argsort(dim=-1, stable=True)[..., :int(selected.sum(-1).max())]
+    nodes = pick.unsqueeze(-1).expand(pick.shape + node_values[0].shape[-1:])
+
+    def scatter(values):
+        return torch.zeros(nodes.shape[:-2] + selected.shape[-1:] + values.shape[-1:],
+                           dtype=values.dtype).scatter(-2, nodes, values)
+
+    return pick, [v.gather(-2, nodes) for v in node_values], scatter
+
+
 def _rounding_correction(log_u, a, b, kind, t, z, lu):
     """The rounding of the nodes ``z`` ``(..., P, n)`` (``lu`` their ``log u``) of the plain panels (``kind`` 0)
     narrower than ``_ROUNDED_PANEL_SPACINGS`` float64 spacings of their place, ``None`` where there is none: there a
@@ -821,10 +835,7 @@ def _rounding_correction(log_u, a, b, kind, t, z, lu):
                             * torch.maximum(a.abs(), b.abs()))
     if not bool(narrow.any()):
         return None
-    # the narrow panels first, as many per row as the row with most: only their nodes are evaluated again
-    pick = (~narrow).to(torch.int8).argsort(dim=-1, stable=True)[..., :int(narrow.sum(-1).max())]
-    nodes = pick.unsqueeze(-1).expand(pick.shape + z.shape[-1:])
-    z, lu = z.gather(-2, nodes), lu.gather(-2, nodes)
+    pick, (z, lu), scatter = _gather_panels(narrow, z, lu)
     above, below = torch.nextafter(z, z.new_tensor(math.inf)), torch.nextafter(z, z.new_tensor(-math.inf))
     lu_above, lu_below = log_u(above), log_u(below)
     slope = (lu_above - lu_below) / (above - below)
@@ -837,8 +848,7 @@ def _rounding_correction(log_u, a, b, kind, t, z, lu):
     trusted = first.abs() <= 1
     correction = torch.where(use & trusted, first + second, 0.0)
     doubt = torch.where(use, torch.where(trusted, second.abs(), (lu_above - lu_below).abs()), 0.0)
-    return tuple(torch.zeros(nodes.shape[:-2] + (narrow.shape[-1],) + z.shape[-1:], dtype=z.dtype)
-                 .scatter(-2, nodes, v) for v in (torch.where(use, residual, 0.0), correction, doubt))
+    return scatter(torch.where(use, residual, 0.0)), scatter(correction), scatter(doubt)
 
 
 def _end_rounding_correction(log_u, z, lu, rounding, away, end, exponent):
@@ -851,14 +861,11 @@ def _end_rounding_correction(log_u, z, lu, rounding, away, end, exponent):
     panels = (rounding != 0).any(-1)
     if not bool(panels.any()):
         return None
-    pick = (~panels).to(torch.int8).argsort(dim=-1, stable=True)[..., :int(panels.sum(-1).max())]
-    nodes = pick.unsqueeze(-1).expand(pick.shape + z.shape[-1:])
-    z, lu, rounding, away, end, exponent = (v.gather(-2, nodes) for v in (z, lu, rounding, away, end, exponent))
+    _, (z, lu, rounding, away, end, exponent), scatter = _gather_panels(panels, z, lu, rounding, away, end, exponent)
     far = torch.nextafter(z, z + away)
     local = (log_u(far) - lu) / ((away * (far - end)).log() - (away * (z - end)).log())
     correction = torch.where((rounding != 0) & torch.isfinite(local), (local - exponent) * rounding, 0.0)
-    return torch.zeros(nodes.shape[:-2] + panels.shape[-1:] + z.shape[-1:], dtype=z.dtype).scatter(-2, nodes,
-                                                                                                    correction)
+    return scatter(correction)
 
 
 #: the end panel's exponent is fitted over blocks of this many octaves above the nearest point
