@@ -521,15 +521,13 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     lower_closed, upper_closed = support[0] < lower, upper < support[1]
     count = 0
 
-    def log_u(z: np.ndarray, experts: bool = False, whole_support: bool = False):
-        """``log u(z)``, ``-inf`` outside the interval (``whole_support``: the open support); with ``experts`` also
-        the present experts' ``log q_j``."""
+    def log_u(z: np.ndarray, experts: bool = False, whole_support=False):
+        """``log u(z)``, ``-inf`` outside the interval (``whole_support``, a flag or one per point: the open
+        support); with ``experts`` also the present experts' ``log q_j``."""
         nonlocal count
         z = np.asarray(z, dtype=np.float64)
-        if whole_support:
-            inside = (z > support[0]) & (z < support[1])
-        else:
-            inside = ((z >= lower) if lower_closed else (z > lower)) & ((z <= upper) if upper_closed else (z < upper))
+        in_interval = ((z >= lower) if lower_closed else (z > lower)) & ((z <= upper) if upper_closed else (z < upper))
+        inside = (z > support[0]) & (z < support[1]) & (whole_support | in_interval)
         value = torch.as_tensor(np.where(inside, z, fill), device=params.device)
         with torch.no_grad():
             ell = expert_log_probs(family, params, value)
@@ -546,18 +544,27 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     inner = edges[(edges > lower) & (edges < upper)]
     for sign, end in ((1.0, lower), (-1.0, upper)):
         if end in support and math.isfinite(end):
-            # an interval too narrow for any edge inside still needs the end panel: its other end is the edge
-            nearest_edge = (inner.min() if sign > 0 else inner.max()) if len(inner) else (upper if sign > 0 else lower)
+            # the power laws are fitted on the support, within the experts' distance to the end, however narrow the
+            # interval (one of two floats next to a Beta's singular end at 1 had no mass; one within 1e-300 of 0 a
+            # law fitted within itself, 0.3 nats off); an interval within four nearest points of the end is all end
+            # panel, the rest as far as the nearest edge inside it
+            width = sign * ((upper if sign > 0 else lower) - end)
+            experts_gap = width if interval is None else sign * (_nearest_expert_point(mu, sd, support, sign) - end)
+            narrow = width <= 4 * _nearest_point(end, torch.tensor([max(width, experts_gap)]))
+            nearest_edge = (inner.min() if sign > 0 else inner.max()) if len(inner) and not narrow else end + sign * width
             gap = sign * (nearest_edge - end)
-            geometry, ladder = _end_panel_geometry(lambda z: torch.as_tensor(log_u(z.numpy())), sign, end,
-                                                   torch.tensor([gap], dtype=torch.float64), shift,
-                                                   lambda z: torch.as_tensor(log_u(z.numpy(), experts=True)[1]),
-                                                   log_weights[present].unsqueeze(0), alpha)
+            fit_gap = torch.tensor([max(gap, experts_gap) if interval is not None else gap], dtype=torch.float64)
+            geometry, ladder = _end_panel_geometry(
+                lambda z: torch.as_tensor(log_u(z.numpy(), whole_support=True)), sign, end,
+                torch.tensor([gap], dtype=torch.float64), shift,
+                lambda z: torch.as_tensor(log_u(z.numpy(), experts=True, whole_support=True)[1]),
+                log_weights[present].unsqueeze(0), alpha, fit_gap=fit_gap)
             kinks = sign * (outer_switches - end)
             kinks = kinks[(kinks > 0) & (kinks < gap)]
             if bool(geometry.steep[0]):
                 ladder = ladder[0].numpy()
-                edges = np.unique(np.concatenate((edges[edges != end], ladder[~np.isnan(ladder)])))
+                edges = edges[sign * (edges - end) >= float(geometry.reach[0])]  # the end panel's part is its own
+                edges = np.unique(np.concatenate((edges, ladder[~np.isnan(ladder)])))
                 end_of_kind[2 * sign] = end_of_kind[3 * sign] = (end, geometry)
                 reach, power = float(geometry.reach[0]), float(geometry.power[0])
                 shallow = kinks[(kinks < reach) & (kinks > float(geometry.deep_top()[0]))]
@@ -614,7 +621,9 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
         z_whole, lw_whole, rounding_whole = panel_nodes(a, b, kind, origin, whole_t, whole_w)
         z_half, lw_half, rounding_half = panel_nodes(a, b, kind, origin, half_t, half_w)
         z = np.concatenate((z_whole, z_half), axis=1)
-        lu = log_u(z.ravel()).reshape(z.shape)
+        # end-panel nodes lie inside the interval or, extrapolated, at the nearest point, which may be outside it
+        at_end = np.broadcast_to((np.abs(kind) >= 2)[:, None], z.shape)
+        lu = log_u(z.ravel(), whole_support=at_end.ravel()).reshape(z.shape)
         # the neighbouring floats of a node at an end of the interval lie outside it, not outside the support
         log_u_of = lambda p: torch.as_tensor(log_u(p.numpy().ravel(), whole_support=True).reshape(p.shape))  # noqa: E731
         residual = correction = doubt = np.zeros(z.shape)
@@ -657,7 +666,10 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     spread = float(np.sqrt((w * (sd**2 + (mu - centre) ** 2)).sum() / w.sum()))
     for round_ in itertools.count():
         z_whole, lm_whole, z_half, lm_half, r_whole, r_half, c_half, doubt_half = nodes_state
-        shift = max(shift, float(lm_half.max()), float(lm_whole.max()))
+        # the nodes' largest log mass, not log u's: an interval of one subnormal float has masses of 1e-84 where u is
+        # 1e259, which exp(log mass - max log u) underflows
+        largest = max(float(lm_half.max()), float(lm_whole.max()))
+        shift = largest if math.isfinite(largest) else shift
         m_whole, m_half = np.exp(lm_whole - shift), np.exp(lm_half - shift)
         total = m_half.sum()
         if not total > 0:
@@ -1002,28 +1014,37 @@ def _exponent_fit(log_values: torch.Tensor, log_distance: torch.Tensor, octaves:
     return slopes[:, 0], deviation
 
 
+def _nearest_point(end: float, fit_gap: torch.Tensor) -> float:
+    """The :class:`_EndPanel`'s nearest point to ``end`` for pools whose power laws are fitted within ``fit_gap``
+    ``(pools,)`` of it: within a gap of a few thousand floats, nearer than the default, since a fit needs octaves
+    (one value for a batch of pools, from its narrowest gap: the panel stores one)."""
+    if end == 0:
+        return _NEAREST_AT_ZERO
+    return torch.clamp(fit_gap * 2.0**-12, min=_NEAREST_FLOOR * abs(end), max=_NEAREST_RELATIVE * abs(end)).min().item()
+
+
 def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor, top, expert_log_q, log_weights,
-                        alpha) -> tuple[_EndPanel, torch.Tensor]:
+                        alpha, fit_gap: torch.Tensor | None = None) -> tuple[_EndPanel, torch.Tensor]:
     """The :class:`_EndPanel` of the end ``end`` (``sign`` +1 for a lower end, -1 for an upper one) of pools whose
     nearest expert edge lies ``gap`` ``(pools,)`` from it, and its ladder: edges ``(pools, len(_LADDER) + 1)`` in
     geometric progression from that edge down to ``reach``, NaN where unused. ``log_u`` evaluates the pools at points
     ``(pools, n)``, ``expert_log_q`` their experts' log-densities ``(pools, n, M)`` (of log-weights ``log_weights``
     ``(pools, M)``, pooled at ``alpha``); ``top`` is the pools' highest ``log u``. A pool uses the end panel
     (``steep``) where ``u`` grows towards the end or is not negligible next to it (a Gamma or Beta expert of shape
-    below one, or of a non-integer shape: a singular derivative)."""
-    nearest = _NEAREST_AT_ZERO if end == 0 else _NEAREST_RELATIVE * abs(end)
-    # within a gap of a few thousand floats (a narrow interval at the end), nearer: a fit needs octaves (one value for
-    # a batch of pools, from its narrowest gap: the panel stores one)
-    if end != 0:
-        nearest = torch.clamp(gap * 2.0**-12, min=_NEAREST_FLOOR * abs(end), max=nearest).min().item()
+    below one, or of a non-integer shape: a singular derivative). The probes and the exponents' fit lie within
+    ``fit_gap`` (by default ``gap``) of the end, which ``log_u`` and ``expert_log_q`` evaluate on the whole support:
+    an interval's end panel (``gap`` its width at the end) follows the power laws of the support. An end panel
+    within four nearest points of the end (``gap`` at most that) reaches the whole gap."""
+    fit_gap = gap if fit_gap is None else fit_gap
+    nearest = _nearest_point(end, fit_gap)
     # probes no nearer than the nearest point: within 1e-6 of a gap of 3e-11 from 1 they rounded onto the end, where
     # u is not evaluated, and the end panel was left out (a Beta's mass on (1 - 3e-11, 1) came out 2.6e-2 off)
-    probe_distance = (gap.unsqueeze(-1) * torch.tensor([1e-6, 1e-3], dtype=torch.float64)).clamp_min(nearest)
+    probe_distance = (fit_gap.unsqueeze(-1) * torch.tensor([1e-6, 1e-3], dtype=torch.float64)).clamp_min(nearest)
     probe_distance[:, 1] = torch.maximum(probe_distance[:, 1], 2 * probe_distance[:, 0])
     probe = log_u(end + sign * probe_distance)
     steep = (probe[:, 0] > probe[:, 1]) | (probe[:, 0] > top - 50)
     # three blocks of octaves above the nearest point, within a quarter of the gap
-    octaves = (torch.log2(0.25 * gap / nearest) / 3).clamp(max=_FIT_OCTAVES)
+    octaves = (torch.log2(0.25 * fit_gap / nearest) / 3).clamp(max=_FIT_OCTAVES)
     z = end + sign * nearest * 2.0 ** (octaves.clamp_min(1.0).unsqueeze(-1) * torch.arange(4, dtype=torch.float64))
     log_distance = (sign * (z - end)).log()
     expert_values = expert_log_q(z)  # (pools, 4, M)
@@ -1039,6 +1060,9 @@ def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor, top, 
     # outside it to be negligible, its own corrected
     shortest = 256 * nearest if end == 0 else 2.0**-8 * abs(end)
     reach = torch.minimum((gap * _LADDER[-1]).clamp_min(shortest), 0.25 * gap)
+    # a gap of a few floats has no float a quarter of the way (the reach rounded to 0 and an interval of two floats
+    # at a Beta's singular end had no mass)
+    reach = torch.where(gap <= 4 * nearest, gap, reach)
     # the float at that distance, whose distance is exact: the ladder's last edge and the panel then meet exactly
     # (else they left up to half a spacing of the end between them, 1e-8 of the mass next to 1 within 2e-9)
     reach = sign * ((end + sign * reach) - end)
@@ -1093,8 +1117,10 @@ def _unseen_errors(end_geometry, g, log_mass, log_z, points, integrands, term_si
             # the nodes' extrapolated mass, or the pool's own power law's below the nearest point if more (exact
             # for a pure power law, which the nodes' sum only approximates)
             mass = torch.where(flags, (log_mass - log_z.unsqueeze(-1)).exp(), 0.0).sum(-1, keepdim=True)
-            distance = sign * (octave[:, :1] - end)
-            law = (geometry.log_u_nearest() - log_z).exp().unsqueeze(-1) * distance / geometry.power.unsqueeze(-1)
+            # (below the deep panel's top: an interval narrower than the nearest point reaches only that far)
+            top = geometry.deep_top()
+            law = (geometry.log_u_nearest() + geometry.exponent * (top / geometry.nearest).log() - log_z + top.log()
+                   - geometry.power.log()).exp().unsqueeze(-1)
             below = torch.maximum(mass, torch.nan_to_num(law, nan=0.0)) * (1 + uncertainty)
             part = below * (values[:, 0].abs() * uncertainty + slope * (1 + uncertainty) / power.unsqueeze(-1))
             error = error + torch.where(extrapolated.unsqueeze(-1), part, 0.0)
@@ -1451,6 +1477,17 @@ def _deep_kinks(geometry: _EndPanel) -> np.ndarray:
     return np.unique(x[(x > 0) & (x < 1)])
 
 
+def _nearest_expert_point(mu: np.ndarray, sd: np.ndarray, support, sign: float) -> float:
+    """The point of the experts' span (their means +- up to 64 standard deviations) inside the ``support`` nearest
+    its lower (``sign`` +1) or upper end: where the pool can stop following the end's power laws."""
+    offsets = np.concatenate((-_EXPERT_OFFSETS[::-1], _EXPERT_OFFSETS[1:]))
+    points = (mu[:, None] + sd[:, None] * offsets).ravel()
+    points = points[(points > support[0]) & (points < support[1])]
+    if len(points) == 0:  # experts far narrower than their distance to a bound
+        points = np.clip(mu, math.nextafter(support[0], support[1]), math.nextafter(support[1], support[0]))
+    return float(points.min() if sign > 0 else points.max())
+
+
 def _quadrature_edges(log_u, mu, sd, lower, upper, alpha):
     """The initial panel edges (finite, sorted, inside the support), the largest ``log u`` found, and for ``alpha =
     +-inf`` the kinks of ``u`` between the scanned span and the finite ends (sorted; their place depends on the end
@@ -1460,6 +1497,8 @@ def _quadrature_edges(log_u, mu, sd, lower, upper, alpha):
     expert_points = expert_points[(expert_points > lower) & (expert_points < upper)]
     if len(expert_points) == 0:  # experts far narrower than their distance to a bound
         expert_points = np.clip(mu, np.nextafter(lower, upper), np.nextafter(upper, lower))
+    if not np.nextafter(lower, upper) < upper:  # no float inside: the ends, one of them inside the support
+        expert_points = np.array([lower, upper])
     scan = np.linspace(expert_points.min(), expert_points.max(), _SCAN_POINTS)
     points = np.unique(np.concatenate((expert_points, scan)))
     values, ell = log_u(points, experts=True)

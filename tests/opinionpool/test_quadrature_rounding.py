@@ -127,7 +127,7 @@ def test_experts_narrow_for_float64_at_their_place(location, scale):
         assert error <= 1e-6 * (1 if name == "log_normalizer" else abs(float(truth))), (name, error)
 
 
-@pytest.mark.parametrize("distance", [2.0**-20, 2.0**-29, 2.0**-35, 2.0**-40, 2.0**-44, 2.0**-48])
+@pytest.mark.parametrize("distance", [2.0**-20, 2.0**-29, 2.0**-35, 2.0**-40, 2.0**-44, 2.0**-48, 2.0**-52, 2.0**-53])
 def test_mass_of_an_interval_narrow_next_to_a_singular_end(distance):
     """The mass of Beta(0.26, 0.28) on (1 - d, 1), singular at 1, against mpmath's regularised incomplete beta.
     The end panel's edge left up to half a spacing of 1 between it and the ladder (1.1e-8 off at d = 2^-29, with
@@ -135,18 +135,16 @@ def test_mass_of_an_interval_narrow_next_to_a_singular_end(distance):
     1.2e-2 stated); where the interval spans a few thousand floats, the nearest point moves closer to the end, down
     to four floats, so that the power law below it can still be fitted (2^-44: 0.16 off with 0.08 stated); a node on
     the interval's own end took its slope from a neighbour outside the interval, where u was -inf, and went
-    uncorrected (2^-40: 1.5e-9 off with 9.5e-10 stated). An interval of 16 floats (2^-48) is beyond all that: its
-    stated error only has to hold."""
+    uncorrected (2^-40: 1.5e-9 off with 9.5e-10 stated). Within four nearest points of 1 (2^-42) the interval is
+    all end panel, on power laws fitted on the support outside it: fitted within the interval, 16 floats (2^-48) had
+    a stated error of 8 % and two floats (2^-52) were 2 nats off with 4 % stated; one float (2^-53) had no mass."""
     a, b = 0.2604652623112795, 0.2821494739751566
     experts = opinionpool.as_experts(Beta(torch.tensor([a], dtype=torch.float64), torch.tensor([b], dtype=torch.float64)))
     log_weights = torch.zeros(1, dtype=torch.float64)
     value, error = numerical.quadrature_log_mass(experts.family, experts.params, log_weights, 1.0, 1 - distance, 1.0)
     reference = float(mp.log(mp.betainc(b, a, 0, mp.mpf(distance), regularized=True)))
     assert abs(value - reference) <= error, (value, reference, error)
-    if distance >= 2.0**-35:
-        assert error <= 1e-11, error
-    elif distance >= 2.0**-44:
-        assert error <= 1e-6, error
+    assert error <= (1e-11 if distance >= 2.0**-35 else 2e-9), error
 
 
 def test_node_residuals_are_exact_minus_rounded_nodes():

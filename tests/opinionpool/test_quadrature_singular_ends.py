@@ -125,6 +125,20 @@ def test_cdf_next_to_a_singular_end_at_one(shape):
     assert pool.cdf(x).tolist() == pytest.approx(betainc(shape, shape, x.numpy()).tolist(), rel=1e-9)
 
 
+def test_cdf_within_a_few_floats_of_a_singular_end():
+    """Within four floats of 1, and below the smallest point the end panel evaluates next to 0 (1e-300), the cdf's
+    interval is integrated on power laws fitted on the support outside it: the fit within the interval left
+    cdf(1 - 2^-52) 3.4e-4 high and cdf(1e-300) 3.4 times too small; the interval of one float next to 1 had no
+    mass (cdf 1), and that of the smallest subnormal at 0 none either (cdf 0)."""
+    shape = 0.2
+    experts = _experts("beta", [(shape, shape)] * 2)
+    pool = opinionpool.holder(experts, alpha=-1.0, weights=torch.tensor([0.3, 0.7], dtype=torch.float64))
+    x = [1 - 2.0**-53, 1 - 2.0**-52, 1 - 2.0**-50, 2.0**-1074, 1e-310, 1e-300, 1e-250]
+    with mp.workdps(40):
+        reference = [float(mp.betainc(shape, shape, 0, mp.mpf(v), regularized=True)) for v in x]
+    assert pool.cdf(torch.tensor(x, dtype=torch.float64)).tolist() == pytest.approx(reference, rel=1e-9)
+
+
 def _beta_on(lower: float, upper: float):
     """The Beta family moved onto ``(lower, upper)``, as a custom family (natural parameters ``(a - 1, b - 1)``)."""
     width = upper - lower
