@@ -97,6 +97,44 @@ def test_cdf_icdf_and_interval_match_scipy_quadrature_of_the_pooled_density(case
         pytest.approx(0.9, abs=1e-7)
 
 
+@pytest.mark.parametrize("alpha", [0.7, 0.5])  # the quadrature's bisection, and an exact pool's on its cdf
+def test_quantiles_next_to_a_singular_end_at_zero(alpha):
+    """Pools of identical Gamma(0.1, 2) experts are that Gamma: its quantiles down to 1e-29 (at 2e-291), against
+    scipy's inverse incomplete gamma. Between nodes orders of magnitude apart the quadrature's
+    quantile of 1e-5 was 2.0e-51 (not 3.0e-51) and those from 1e-8 down stopped at one node (3.6e-67); bisected in
+    z, the exact pool's stopped at 1e-30."""
+    experts = Gamma(torch.tensor([0.1, 0.1], dtype=torch.float64), torch.tensor([2.0, 2.0], dtype=torch.float64))
+    pool = opinionpool.holder(experts, alpha, weights=torch.tensor(WEIGHTS, dtype=torch.float64))
+    levels = [1e-2, 1e-5, 1e-8, 1e-20, 1e-29]
+    expected = special.gammaincinv(0.1, levels) / 2
+    assert pool.icdf(torch.tensor(levels, dtype=torch.float64)).tolist() == pytest.approx(expected.tolist(), rel=1e-11,
+                                                                                           abs=0)
+
+
+def test_quantiles_next_to_a_singular_end_at_one():
+    """A pool of identical Beta(0.2, 0.2) experts (the quadrature's icdf): quantiles down to 1e-60 against scipy's
+    inverse incomplete beta, and next to 1, where a float's step moves the cdf by 7e-4 of the tail, the smallest
+    float whose cdf (mpmath's incomplete beta) reaches the level: 1 - 2.5e-14 for 1 - 1e-3 (it was 1 - 2^-44, the
+    end panel's nearest point, whose cdf is 0.9988); a level above the cdf of the last float below 1 has the
+    quantile 1."""
+    import mpmath as mp
+
+    shape = 0.2
+    experts = Beta(torch.tensor([shape, shape], dtype=torch.float64), torch.tensor([shape, shape], dtype=torch.float64))
+    pool = opinionpool.holder(experts, -1.0, weights=torch.tensor(WEIGHTS, dtype=torch.float64))
+    low = [1e-8, 1e-20, 1e-60]
+    assert pool.icdf(torch.tensor(low, dtype=torch.float64)).tolist() == pytest.approx(
+        special.betaincinv(shape, shape, low).tolist(), rel=1e-9, abs=0)
+    with mp.workdps(40):
+        def cdf(z):
+            return mp.betainc(shape, shape, 0, mp.mpf(z), regularized=True)
+        for q in (1 - 1e-3, 0.99966):
+            z = pool.icdf(torch.tensor(q, dtype=torch.float64)).item()
+            assert cdf(z) >= q > cdf(math.nextafter(z, 0)), (q, z)
+        last = math.nextafter(1.0, 0)
+        assert pool.icdf(torch.tensor(float(cdf(last)) + 1e-6, dtype=torch.float64)).item() == 1.0
+
+
 def test_discrete_cdf_icdf_and_entropy_are_exact_sums():
     rates, alpha = (2.0, 7.0), 0.5
     pool = opinionpool.holder(Poisson(torch.tensor(rates)), alpha, weights=WEIGHTS)
