@@ -914,7 +914,13 @@ class HolderPool(_Pool):
         return _has_method(self._components(), "cdf")
 
     def _mixture_cdf(self, value):
-        cdf = self._components().cdf(value.unsqueeze(-1).clamp(*self.family.support_interval))
+        components = self._components()
+        value = value.unsqueeze(-1).clamp(*self.family.support_interval)
+        if isinstance(components, torch.distributions.Normal):
+            # torch's Normal cdf, (1 + erf) / 2, is 0 below 1e-16 (8 standard deviations): erfc keeps the lower tail
+            cdf = 0.5 * torch.special.erfc((components.loc - value) / (components.scale * math.sqrt(2)))
+        else:
+            cdf = components.cdf(value)
         return (self.log_mixture_weights.exp() * cdf).sum(-1).clamp(0, 1)
 
     @property

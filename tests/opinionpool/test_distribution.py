@@ -111,6 +111,17 @@ def test_quantiles_next_to_a_singular_end_at_zero(alpha):
                                                                                            abs=0)
 
 
+def test_gaussian_mixture_cdf_and_quantiles_far_in_the_lower_tail():
+    """The exact mixture of N(0, 2) and N(1, 3) (alpha = 1) against scipy's ndtr: torch's Normal cdf, (1 + erf) / 2,
+    is 0 below 1e-16, so the cdf at -20 was 0 and the quantile of 1e-30 stopped at -19."""
+    experts = Normal(torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([2.0, 3.0], dtype=torch.float64))
+    pool = opinionpool.holder(experts, 1.0, weights=torch.tensor(WEIGHTS, dtype=torch.float64))
+    x = np.array([-20.0, -60.0, -100.0])
+    expected = WEIGHTS[0] * special.ndtr(x / 2) + WEIGHTS[1] * special.ndtr((x - 1) / 3)
+    assert pool.cdf(torch.tensor(x)).tolist() == pytest.approx(expected.tolist(), rel=1e-12, abs=0)
+    assert pool.icdf(torch.tensor(expected)).tolist() == pytest.approx(x.tolist(), rel=1e-12, abs=0)
+
+
 def test_quantiles_next_to_a_singular_end_at_one():
     """A pool of identical Beta(0.2, 0.2) experts (the quadrature's icdf): quantiles down to 1e-60 against scipy's
     inverse incomplete beta, and next to 1, where a float's step moves the cdf by 7e-4 of the tail, the smallest
