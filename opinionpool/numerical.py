@@ -549,7 +549,10 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
             # law fitted within itself, 0.3 nats off); an interval within four nearest points of the end is all end
             # panel, the rest as far as the nearest edge inside it
             width = sign * ((upper if sign > 0 else lower) - end)
-            experts_gap = width if interval is None else sign * (_nearest_expert_point(mu, sd, support, sign) - end)
+            experts_gap = width
+            if interval is not None:  # the experts' span on the support: where the pool can stop following its laws
+                span = _expert_points(mu, sd, *support)
+                experts_gap = sign * ((span.min() if sign > 0 else span.max()) - end)
             narrow = width <= 4 * _nearest_point(end, torch.tensor([max(width, experts_gap)]))
             nearest_edge = (inner.min() if sign > 0 else inner.max()) if len(inner) and not narrow else end + sign * width
             gap = sign * (nearest_edge - end)
@@ -1477,26 +1480,22 @@ def _deep_kinks(geometry: _EndPanel) -> np.ndarray:
     return np.unique(x[(x > 0) & (x < 1)])
 
 
-def _nearest_expert_point(mu: np.ndarray, sd: np.ndarray, support, sign: float) -> float:
-    """The point of the experts' span (their means +- up to 64 standard deviations) inside the ``support`` nearest
-    its lower (``sign`` +1) or upper end: where the pool can stop following the end's power laws."""
+def _expert_points(mu: np.ndarray, sd: np.ndarray, lower: float, upper: float) -> np.ndarray:
+    """The experts' means +- up to 64 of their standard deviations that lie inside ``(lower, upper)`` (the means
+    clipped inside it where none does)."""
     offsets = np.concatenate((-_EXPERT_OFFSETS[::-1], _EXPERT_OFFSETS[1:]))
     points = (mu[:, None] + sd[:, None] * offsets).ravel()
-    points = points[(points > support[0]) & (points < support[1])]
+    points = points[(points > lower) & (points < upper)]
     if len(points) == 0:  # experts far narrower than their distance to a bound
-        points = np.clip(mu, math.nextafter(support[0], support[1]), math.nextafter(support[1], support[0]))
-    return float(points.min() if sign > 0 else points.max())
+        points = np.clip(mu, np.nextafter(lower, upper), np.nextafter(upper, lower))
+    return points
 
 
 def _quadrature_edges(log_u, mu, sd, lower, upper, alpha):
     """The initial panel edges (finite, sorted, inside the support), the largest ``log u`` found, and for ``alpha =
     +-inf`` the kinks of ``u`` between the scanned span and the finite ends (sorted; their place depends on the end
     panels, which the edges decide)."""
-    offsets = np.concatenate((-_EXPERT_OFFSETS[::-1], _EXPERT_OFFSETS[1:]))
-    expert_points = (mu[:, None] + sd[:, None] * offsets).ravel()
-    expert_points = expert_points[(expert_points > lower) & (expert_points < upper)]
-    if len(expert_points) == 0:  # experts far narrower than their distance to a bound
-        expert_points = np.clip(mu, np.nextafter(lower, upper), np.nextafter(upper, lower))
+    expert_points = _expert_points(mu, sd, lower, upper)
     if not np.nextafter(lower, upper) < upper:  # no float inside: the ends, one of them inside the support
         expert_points = np.array([lower, upper])
     scan = np.linspace(expert_points.min(), expert_points.max(), _SCAN_POINTS)
