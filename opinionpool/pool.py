@@ -82,6 +82,9 @@ __all__ = [
 DEFAULT_MAX_COMPONENTS = 4096
 #: estimates are checked against the bracket from exact pools of at most this many components (a quick check)
 _CHECK_COMPONENTS = 256
+#: a quantile's bracket between quadrature nodes across which the pooled log-density falls by more than this many
+#: nats is solved on the tail's adaptive mass instead of a 32-point rule between the nodes
+_STEEP_NATS = 30.0
 
 
 def exact_order(alpha: float) -> int | None:
@@ -433,15 +436,24 @@ class _Pool(Distribution):
             return self._quadrature_icdf(q)
 
     def _bisect(self, q):
-        """Quantiles by bisection on the exact cdf: in ``z`` on the real line, and in the log of the distance to a
-        finite end of the support (the lower one for ``q <= 1/2`` where both are finite), where the quantiles of a
-        Gamma of shape 0.1 reach 1e-200 (bisected in ``z``, no quantile came out below 1e-30)."""
+        """Quantiles by bisection on the exact cdf, or above the median on the exact survival function against
+        ``1 - q`` (``1 - cdf`` keeps only the digits of 1: the quantile of 1 - 1e-15 was 1e-3 off): in ``z`` on the
+        real line, and in the log of the distance to a finite end of the support (the lower one for ``q <= 1/2``
+        where both are finite), where the quantiles of a Gamma of shape 0.1 reach 1e-200 (bisected in ``z``, no
+        quantile came out below 1e-30)."""
         lower, upper = self.family.support_interval
         mean, sd = self.mean.detach().expand(q.shape), self.stddev.detach().expand(q.shape)
+        # F(z) < q, decided in the smaller tail: S(z) > 1 - q above the median (1 - q is exact there)
+        upper_half = q > 0.5
+        level = torch.where(upper_half, 1 - q, q)
+
+        def below(z):
+            return torch.where(upper_half, self._mixture_cdf(z, upper_tail=True) > level, self._mixture_cdf(z) < level)
+
         lo = torch.full_like(q, lower) if math.isfinite(lower) else mean - 8 * sd
         hi = torch.full_like(q, upper) if math.isfinite(upper) else mean + 8 * sd
         for _ in range(64):  # widen the bracket until it holds every quantile (a no-op at finite support ends)
-            low_bad, high_bad = self.cdf(lo) > q, self.cdf(hi) < q
+            low_bad, high_bad = ~below(lo) & (q > 0), below(hi) & (q < 1)
             if not bool((low_bad | high_bad).any()):
                 break
             lo = torch.where(low_bad, mean - 4 * (mean - lo), lo)
@@ -463,8 +475,7 @@ class _Pool(Distribution):
 
         for _ in range(100):
             middle = 0.5 * (t_lo + t_hi)
-            below = self.cdf(point(middle)) < q
-            up = below == (side >= 0)  # the quantile lies at larger t
+            up = below(point(middle)) == (side >= 0)  # the quantile lies at larger t
             t_lo, t_hi = torch.where(up, middle, t_lo), torch.where(up, t_hi, middle)
         z = point(torch.where(side >= 0, t_hi, t_lo))
         return torch.where(q <= 0, torch.full_like(q, lower), torch.where(q >= 1, torch.full_like(q, upper), z))
@@ -477,7 +488,9 @@ class _Pool(Distribution):
         one point, or none at all), the mass between the end and ``z`` is integrated adaptively instead (the smaller
         tail, against ``q`` or ``1 - q``) and bisected in the log of the distance: next to a Gamma's singular end at
         0 the rule between nodes orders of magnitude apart put the quantile 1e-5 of a shape 0.1 at 2.0e-51, not
-        3.0e-51, and those below 1e-8 at the nearest node."""
+        3.0e-51, and those below 1e-8 at the nearest node. The same where the pooled log-density falls by more than
+        ``_STEEP_NATS`` across the bracket (far tails, towards an infinite end). Above the median all of it runs on
+        the upper tail against ``1 - q``, the anchor found by the mass from the top."""
         lower, upper = self.family.support_interval
         pi, points, _, _ = self._node_expectation("quadrature", 1, 0, DEFAULT_RTOL)
         pools = list(zip(*self._pools()))
@@ -498,57 +511,96 @@ class _Pool(Distribution):
                 return half * (weights * (log_u - log_z).exp()).sum(-1)
 
             target = flat[:, j]
-            i = torch.searchsorted(cumulative, target).clamp(0, len(z) - 1)
+            # above the median in the upper tail: S(z) = S(anchor) - int_anchor^z p against 1 - q (exact there),
+            # the anchor the node where the mass from the top crosses 1 - q (the total rounds off 1 - q's digits)
+            upper_half = target > 0.5
+            level = torch.where(upper_half, 1 - target, target)
+            from_top = len(z) - 1 - torch.searchsorted(torch.cumsum(pi[order, j].flip(0), 0), level)
+            i = torch.where(upper_half, from_top, torch.searchsorted(cumulative, target)).clamp(0, len(z) - 1)
             anchor = z[i]
-            start = self._pool_cdf(params, log_weights, anchor, log_z)
+            start = self._pool_cdf(params, log_weights, anchor, log_z, upper_tail=upper_half)
             span = z[-1] - z[0]
             lo = torch.where(i >= 2, z[(i - 2).clamp_min(0)], torch.full_like(anchor, max(lower, float(z[0] - span))))
             hi = torch.where(i + 2 < len(z), z[(i + 2).clamp_max(len(z) - 1)],
                              torch.full_like(anchor, min(upper, float(z[-1] + span))))
-            # (or reach the outermost node: the extrapolated mass of an end panel sits at one point)
-            near_lower = math.isfinite(lower) & ((lo - lower < 0.5 * (hi - lower)) | (lo <= z[0]))
-            near_upper = math.isfinite(upper) & ((upper - hi < 0.5 * (upper - lo)) | (hi >= z[-1])) & ~near_lower
+            # (or reach the outermost node: the extrapolated mass of an end panel sits at one point); also where the
+            # density falls by more than _STEEP_NATS across the bracket (a far tail's wide panels, or past the
+            # outermost node towards an infinite end): the 32-point rule put a Normal's quantile of 1e-300 2.5e-9 off
+            ends = log_power_mean(expert_log_probs(self.family, params, torch.stack((lo, hi), -1)), log_weights,
+                                  self.alpha)
+            steep = ~((ends[:, 0] - ends[:, 1]).abs() <= _STEEP_NATS)  # (an infinite or NaN difference is steep)
+            near_lower = (steep & ~upper_half) | (math.isfinite(lower) & ((lo - lower < 0.5 * (hi - lower))
+                                                                          | (lo <= z[0])))
+            near_upper = (steep & upper_half) | (math.isfinite(upper) & ((upper - hi < 0.5 * (upper - lo))
+                                                                         | (hi >= z[-1])))
+            near_lower &= ~(near_upper & upper_half) & (target > 0)
+            near_upper &= ~near_lower & (target < 1)
             bracket = lo.clone(), hi.clone()
             for _ in range(100):
                 middle = 0.5 * (lo + hi)
-                below = start + mass(anchor, middle) < target
+                between = mass(anchor, middle)
+                below = torch.where(upper_half, start - between > level, start + between < level)
                 lo, hi = torch.where(below, middle, lo), torch.where(below, hi, middle)
             for k in (near_lower | near_upper).nonzero().flatten().tolist():
                 side = 1.0 if near_lower[k] else -1.0
                 hi[k] = self._tail_quantile(params, log_weights, log_z, float(target[k]), side,
-                                            float(bracket[1][k] if side > 0 else bracket[0][k]))
+                                            float(bracket[1][k] if side > 0 else bracket[0][k]), float(span))
             out[:, j] = torch.where(target <= 0, lower, torch.where(target >= 1, upper, hi))
         return out.reshape(q.shape).to(q.dtype)
 
-    def _tail_quantile(self, params, log_weights, log_z: float, q: float, side: float, far: float) -> float:
+    def _tail_quantile(self, params, log_weights, log_z: float, q: float, side: float, far: float,
+                       step: float) -> float:
         """The smallest ``z`` with ``F(z) >= q`` between the support's lower (``side`` +1) or upper (-1) end and
-        ``far``, where it lies: bisection in the log of the distance to the end, on the adaptive quadrature's mass
-        of the tail between (its log against ``log q``, or ``log(1 - q)`` next to the upper end)."""
+        ``far``, where it lies: bisection on the adaptive quadrature's mass of the tail between the end and ``z``
+        (its log against ``log q``, or ``log(1 - q)`` towards the upper end). Towards a finite end in
+        ``t = log|z - end|``; towards an infinite one in ``t = |z - far|``, out to the first of ``step``,
+        ``2 step``, ``4 step``... past the quantile."""
         lower, upper = self.family.support_interval
         end = lower if side > 0 else upper
         target = math.log(q if side > 0 else 1 - q) + log_z if 0 < q < 1 else -math.inf
-        t_lo, t_hi = math.log(abs(math.nextafter(end, end + side) - end)), math.log(abs(far - end))
-        if side < 0 and quadrature_log_mass(self.family, params, log_weights, self.alpha, upper - math.exp(t_lo),
-                                            upper)[0] > target:
-            return upper  # beyond the last float below the upper end
-        for _ in range(64):  # the span of log distances is at most 1500: 64 halvings reach float64's resolution
-            middle = 0.5 * (t_lo + t_hi)
-            z = end + side * math.exp(middle)
+
+        def feasible(z):
+            """F(z) >= q: the lower tail at least q, or the upper one at most 1 - q."""
             interval = (lower, z) if side > 0 else (z, upper)
             tail = quadrature_log_mass(self.family, params, log_weights, self.alpha, *interval)[0]
-            # F(z) >= q: the lower tail at least q, or the upper one at most 1 - q (z further from the end: larger t)
-            if (tail < target) if side > 0 else (tail <= target):
-                t_lo = middle
-            else:
-                t_hi = middle
-        # the smallest such z: the nearest feasible point to the lower end, the furthest from the upper one
-        return end + side * math.exp(t_hi if side > 0 else t_lo)
+            return tail >= target if side > 0 else tail <= target
 
-    def _pool_cdf(self, params, log_weights, values, log_z):
-        """One pool's cdf at ``values`` (a 1-D float64 tensor) by adaptive quadrature of the smaller tail."""
+        if math.isfinite(end):
+            def point(t):
+                return end + side * math.exp(t)
+
+            t_lo, t_hi = math.log(abs(math.nextafter(end, end + side) - end)), math.log(abs(far - end))
+            feasible_far = side > 0  # larger t is further from the end: F grows with it from the lower end
+            if side < 0 and not feasible(point(t_lo)):
+                return upper  # beyond the last float below the upper end
+        else:
+            def point(t):
+                return far - side * t
+
+            t_lo, t_hi = 0.0, step
+            feasible_far = side < 0  # larger t is further towards the end: F grows with it towards the upper end
+            while feasible(point(t_hi)) != feasible_far and math.isfinite(point(2 * t_hi)):
+                t_lo, t_hi = t_hi, 2 * t_hi
+        for _ in range(100):  # 64 halvings of log distances (at most 1500) reach float64's resolution
+            middle = 0.5 * (t_lo + t_hi)
+            if middle in (t_lo, t_hi):
+                break
+            if feasible(point(middle)) == feasible_far:
+                t_hi = middle
+            else:
+                t_lo = middle
+        return point(t_hi if feasible_far else t_lo)  # the feasible end of the bracket
+
+    def _pool_cdf(self, params, log_weights, values, log_z, upper_tail=None):
+        """One pool's cdf at ``values`` (a 1-D float64 tensor) by adaptive quadrature of the smaller tail; where the
+        boolean tensor ``upper_tail`` is set, its survival function ``1 - cdf`` instead, integrated as such."""
         lower, upper = self.family.support_interval
         out = []
-        for x in values.tolist():
+        for x, survival in zip(values.tolist(), [False] * len(values) if upper_tail is None else upper_tail.tolist()):
+            if survival:
+                right = math.exp(quadrature_log_mass(self.family, params, log_weights, self.alpha, x, upper)[0] - log_z)
+                out.append(min(right, 1.0))
+                continue
             left = math.exp(quadrature_log_mass(self.family, params, log_weights, self.alpha, lower, x)[0] - log_z)
             if left > 0.5:
                 left = 1 - math.exp(quadrature_log_mass(self.family, params, log_weights, self.alpha, x, upper)[0] - log_z)
@@ -913,15 +965,25 @@ class HolderPool(_Pool):
     def _component_cdf_available(self) -> bool:
         return _has_method(self._components(), "cdf")
 
-    def _mixture_cdf(self, value):
+    def _mixture_cdf(self, value, upper_tail: bool = False):
+        """The mixture's cdf at ``value``, or with ``upper_tail`` its survival function ``1 - cdf``, each summed from
+        the components' own tails where they have closed forms (Normal, Gamma, Exponential): ``1 - cdf`` next to 1
+        keeps only the digits of 1 (a tail of 1e-15 came out 1.1e-15)."""
         components = self._components()
         value = value.unsqueeze(-1).clamp(*self.family.support_interval)
         if isinstance(components, torch.distributions.Normal):
             # torch's Normal cdf, (1 + erf) / 2, is 0 below 1e-16 (8 standard deviations): erfc keeps the lower tail
-            cdf = 0.5 * torch.special.erfc((components.loc - value) / (components.scale * math.sqrt(2)))
+            standard = (value - components.loc) / (components.scale * math.sqrt(2))
+            tail = 0.5 * torch.special.erfc(standard if upper_tail else -standard)
+        elif isinstance(components, torch.distributions.Gamma):
+            incomplete = torch.special.gammaincc if upper_tail else torch.special.gammainc
+            tail = incomplete(components.concentration, components.rate * value)
+        elif isinstance(components, torch.distributions.Exponential):
+            tail = torch.exp(-components.rate * value) if upper_tail else -torch.expm1(-components.rate * value)
         else:
-            cdf = components.cdf(value)
-        return (self.log_mixture_weights.exp() * cdf).sum(-1).clamp(0, 1)
+            tail = components.cdf(value)
+            tail = 1 - tail if upper_tail else tail
+        return (self.log_mixture_weights.exp() * tail).sum(-1).clamp(0, 1)
 
     @property
     def has_rsample(self) -> bool:

@@ -122,6 +122,26 @@ def test_gaussian_mixture_cdf_and_quantiles_far_in_the_lower_tail():
     assert pool.icdf(torch.tensor(expected)).tolist() == pytest.approx(x.tolist(), rel=1e-12, abs=0)
 
 
+@pytest.mark.parametrize("alpha", [0.7, 0.5])  # the quadrature's bisection, and an exact pool's on its cdf
+def test_quantiles_far_in_an_infinite_tail(alpha):
+    """Pools of identical experts are that expert: quantiles of N(1, 2) and Gamma(2.5, 1.5) down to levels of 1e-300
+    and up to 1 - 2^-52, against scipy's ndtri and inverse incomplete gamma of the exact tail 1 - q. Read from
+    ``F = 1 - S`` the upper quantiles kept only the digits of 1 (1 - 1e-15: 1e-3 off), and between the quadrature's
+    wide far-tail nodes a 32-point rule put the quantile of 1e-300 2.5e-9 off."""
+    weights = torch.tensor(WEIGHTS, dtype=torch.float64)
+    normal = opinionpool.holder(Normal(t([1.0, 1.0]), t([2.0, 2.0])), alpha, weights=weights)
+    low = np.array([1e-300, 1e-100, 1e-12])
+    levels = 1 - np.array([1e-15, 2.0**-52])
+    high = 1 - levels  # the levels' tails, exact in float64 (1 - 1e-15 rounds to 1 - 9.99e-16)
+    assert normal.icdf(torch.tensor(low)).tolist() == pytest.approx((1 + 2 * special.ndtri(low)).tolist(), rel=1e-14,
+                                                                    abs=0)
+    assert normal.icdf(torch.tensor(levels)).tolist() == pytest.approx((1 - 2 * special.ndtri(high)).tolist(),
+                                                                         rel=1e-14, abs=0)
+    gamma = opinionpool.holder(Gamma(t([2.5, 2.5]), t([1.5, 1.5])), alpha, weights=weights)
+    assert gamma.icdf(torch.tensor(levels)).tolist() == pytest.approx((special.gammainccinv(2.5, high) / 1.5).tolist(),
+                                                                        rel=1e-14, abs=0)
+
+
 def test_quantiles_next_to_a_singular_end_at_one():
     """A pool of identical Beta(0.2, 0.2) experts (the quadrature's icdf): quantiles down to 1e-60 against scipy's
     inverse incomplete beta, and next to 1, where a float's step moves the cdf by 7e-4 of the tail, the smallest
