@@ -400,6 +400,20 @@ def test_fit_weights_prefers_the_mixture_when_the_truth_is_one():
     assert result.log_score > single.max() + result.standard_error
 
 
+def test_fit_weights_is_never_worse_than_the_best_single_expert():
+    """alpha = -1, experts far apart relative to their scales, the data from the third: the log score is not concave
+    in the weights there, and L-BFGS from equal weights ended at the first expert (mean log score -3330); the fit must
+    score at least as well as every expert alone (scipy's log densities), here by choosing the third."""
+    generator = torch.Generator().manual_seed(3)
+    locs = torch.tensor([0.774, -3.245, 2.428], dtype=torch.float64)
+    scales = torch.tensor([0.0202, 0.0475, 0.062], dtype=torch.float64)
+    y = 2.428 + 0.02 * torch.randn(34, generator=generator, dtype=torch.float64)
+    result = op.fit_weights(Normal(locs, scales), y, alpha=-1.0)
+    single = scipy.stats.norm.logpdf(y.numpy()[:, None], locs.numpy(), scales.numpy()).mean(0)
+    assert result.log_score >= single.max() - 1e-9
+    assert float(result.weights[2]) > 0.99
+
+
 def test_fit_weights_learns_alpha_within_its_bounds_and_improves_the_score():
     locs, scales, y = _misspecified_panel(30, 2)
     start = op.holder(Normal(locs, scales), 0.5).log_prob(y).mean()
