@@ -600,11 +600,12 @@ def fit_weights(experts, observations, alpha=0.5, learn_alpha: bool = False, *, 
     # Away from alpha = 0 and 1 the mean log score need not be concave in the weights, and optima on the simplex's
     # boundary lie at infinite logits: each expert alone (the same pool for any alpha) is scored too, and where one
     # beats the fit, L-BFGS starts again next to it (alpha = -1 with experts far apart ended at the wrong vertex:
-    # -3330 against 1.83)
+    # -3330 against 1.83), from weights of 1e-2 beside it: at 1e-6 the logits' gradients were too small to move them
+    # to an optimum next to the vertex (alpha = 0, a weight of 3e-3)
     for vertex in torch.eye(experts.num_experts, dtype=dtype):
         alone = score(vertex, best[2])
-        if alone > best[0]:
-            near = torch.log(torch.where(vertex > 0, 1.0, 1e-6))
+        if alone > best[0] - 1e-9 * (1 + abs(best[0])):  # (also a fit that ended at the vertex itself)
+            near = torch.log(torch.where(vertex > 0, 1.0, 1e-2))
             best = max(best, (alone, vertex, best[2]), fit(near), key=lambda candidate: candidate[0])
     _, weights, fitted_alpha = best
     with torch.no_grad():

@@ -414,6 +414,28 @@ def test_fit_weights_is_never_worse_than_the_best_single_expert():
     assert float(result.weights[2]) > 0.99
 
 
+def test_fit_weights_reaches_an_optimum_next_to_a_vertex():
+    """alpha = 0, Normal experts: the pool is the Normal of precision sum_j w_j / s_j^2 and mean
+    sum_j w_j m_j / s_j^2 over it, so scipy's SLSQP on the simplex finds the best weights of that closed form
+    independently. The optimum lies next to a vertex (a weight of 9e-4): L-BFGS on the logits from equal weights stopped
+    at the vertex itself, 2.6e-5 below it."""
+    generator = torch.Generator().manual_seed(3)
+    locs = torch.tensor([-0.0258, -0.0792, -0.0002, -0.1477], dtype=torch.float64)
+    scales = torch.tensor([0.0106, 2.2007, 0.0142, 0.0130], dtype=torch.float64)
+    y = -0.0258 + 0.012 * torch.randn(45, generator=generator, dtype=torch.float64)
+    m, s, obs = locs.numpy(), scales.numpy(), y.numpy()
+
+    def minus_score(w):
+        precision = (w / s**2).sum()
+        return -scipy.stats.norm.logpdf(obs, (w * m / s**2).sum() / precision, precision**-0.5).mean()
+
+    best = scipy.optimize.minimize(minus_score, np.full(4, 0.25), method="SLSQP", bounds=[(0, 1)] * 4,
+                                   constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
+                                   options={"ftol": 1e-14, "maxiter": 500})
+    result = op.fit_weights(Normal(locs, scales), y, alpha=0.0)
+    assert result.log_score >= -best.fun - 1e-8
+
+
 def test_fit_weights_learns_alpha_within_its_bounds_and_improves_the_score():
     locs, scales, y = _misspecified_panel(30, 2)
     start = op.holder(Normal(locs, scales), 0.5).log_prob(y).mean()
