@@ -569,7 +569,8 @@ def fit_weights(experts, observations, alpha=0.5, learn_alpha: bool = False, *, 
     def objective():
         nonlocal evaluations
         evaluations += 1
-        optimiser.zero_grad()
+        for variable in variables:
+            variable.grad = None
         loss = -build(torch.softmax(logits, 0), current_alpha()).log_prob(y).mean()
         if not bool(torch.isfinite(loss)):
             raise ValueError(f"the mean log score is not finite ({float(loss)}) at weights "
@@ -586,16 +587,13 @@ def fit_weights(experts, observations, alpha=0.5, learn_alpha: bool = False, *, 
         with torch.no_grad():
             logits.copy_(start_logits)
             raw_alpha.fill_(math.log(start / (1 - start)))
-        nonlocal optimiser
-        optimiser = torch.optim.LBFGS(variables, lr=1, max_iter=max_iter, tolerance_grad=tol,
-                                      tolerance_change=tol * 1e-3, line_search_fn="strong_wolfe")
-        optimiser.step(objective)
+        torch.optim.LBFGS(variables, lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=tol * 1e-3,
+                          line_search_fn="strong_wolfe").step(objective)
         with torch.no_grad():
             fitted = float(current_alpha()) if learn_alpha else alpha
         weights = torch.softmax(logits.detach(), 0)
         return score(weights, fitted), weights, fitted
 
-    optimiser = None
     best = fit(torch.zeros_like(logits))
     # Away from alpha = 0 and 1 the mean log score need not be concave in the weights, and optima on the simplex's
     # boundary lie at infinite logits: each expert alone (the same pool for any alpha) is scored too, and where one

@@ -448,7 +448,8 @@ class _Pool(Distribution):
         level = torch.where(upper_half, 1 - q, q)
 
         def below(z):
-            return torch.where(upper_half, self._mixture_cdf(z, upper_tail=True) > level, self._mixture_cdf(z) < level)
+            tail = self._mixture_cdf(z, upper_tail=upper_half)
+            return torch.where(upper_half, tail > level, tail < level)
 
         lo = torch.full_like(q, lower) if math.isfinite(lower) else mean - 8 * sd
         hi = torch.full_like(q, upper) if math.isfinite(upper) else mean + 8 * sd
@@ -595,15 +596,18 @@ class _Pool(Distribution):
         """One pool's cdf at ``values`` (a 1-D float64 tensor) by adaptive quadrature of the smaller tail; where the
         boolean tensor ``upper_tail`` is set, its survival function ``1 - cdf`` instead, integrated as such."""
         lower, upper = self.family.support_interval
+
+        def mass(a, b):
+            return math.exp(quadrature_log_mass(self.family, params, log_weights, self.alpha, a, b)[0] - log_z)
+
         out = []
         for x, survival in zip(values.tolist(), [False] * len(values) if upper_tail is None else upper_tail.tolist()):
             if survival:
-                right = math.exp(quadrature_log_mass(self.family, params, log_weights, self.alpha, x, upper)[0] - log_z)
-                out.append(min(right, 1.0))
+                out.append(min(mass(x, upper), 1.0))
                 continue
-            left = math.exp(quadrature_log_mass(self.family, params, log_weights, self.alpha, lower, x)[0] - log_z)
+            left = mass(lower, x)
             if left > 0.5:
-                left = 1 - math.exp(quadrature_log_mass(self.family, params, log_weights, self.alpha, x, upper)[0] - log_z)
+                left = 1 - mass(x, upper)
             out.append(min(max(left, 0.0), 1.0))
         return torch.tensor(out, dtype=torch.float64)
 
@@ -965,24 +969,27 @@ class HolderPool(_Pool):
     def _component_cdf_available(self) -> bool:
         return _has_method(self._components(), "cdf")
 
-    def _mixture_cdf(self, value, upper_tail: bool = False):
-        """The mixture's cdf at ``value``, or with ``upper_tail`` its survival function ``1 - cdf``, each summed from
-        the components' own tails where they have closed forms (Normal, Gamma, Exponential): ``1 - cdf`` next to 1
-        keeps only the digits of 1 (a tail of 1e-15 came out 1.1e-15)."""
+    def _mixture_cdf(self, value, upper_tail=False):
+        """The mixture's cdf at ``value``, or where ``upper_tail`` (a bool, or a bool tensor broadcasting against
+        ``value``) its survival function ``1 - cdf``, each summed from the components' own tails where they have
+        closed forms (Normal, Gamma, Exponential): ``1 - cdf`` next to 1 keeps only the digits of 1 (a tail of 1e-15
+        came out 1.1e-15)."""
         components = self._components()
         value = value.unsqueeze(-1).clamp(*self.family.support_interval)
+        upper = torch.as_tensor(upper_tail, device=value.device).unsqueeze(-1)
         if isinstance(components, torch.distributions.Normal):
             # torch's Normal cdf, (1 + erf) / 2, is 0 below 1e-16 (8 standard deviations): erfc keeps the lower tail
             standard = (value - components.loc) / (components.scale * math.sqrt(2))
-            tail = 0.5 * torch.special.erfc(standard if upper_tail else -standard)
+            tail = 0.5 * torch.special.erfc(torch.where(upper, standard, -standard))
         elif isinstance(components, torch.distributions.Gamma):
-            incomplete = torch.special.gammaincc if upper_tail else torch.special.gammainc
-            tail = incomplete(components.concentration, components.rate * value)
+            x = components.rate * value
+            tail = torch.where(upper, torch.special.gammaincc(components.concentration, x),
+                               torch.special.gammainc(components.concentration, x))
         elif isinstance(components, torch.distributions.Exponential):
-            tail = torch.exp(-components.rate * value) if upper_tail else -torch.expm1(-components.rate * value)
+            tail = torch.where(upper, torch.exp(-components.rate * value), -torch.expm1(-components.rate * value))
         else:
-            tail = components.cdf(value)
-            tail = 1 - tail if upper_tail else tail
+            cdf = components.cdf(value)
+            tail = torch.where(upper, 1 - cdf, cdf)
         return (self.log_mixture_weights.exp() * tail).sum(-1).clamp(0, 1)
 
     @property
