@@ -54,6 +54,9 @@ _MASS_TOLERANCE = 1e-6
 _TAIL_STEPS = torch.tensor([(2.0**k - 1) / 16 for k in range(1, 13)], dtype=torch.float64)
 #: how far each panel next to a finite end of the support reaches down in the log of the distance to it
 _LADDER_STEPS = torch.tensor([0.0] + [2.0**k for k in range(10)], dtype=torch.float64)
+#: beyond the lowest of those panels, a numerical pool's mass by the power law of the panel above if below this,
+#: else by its cdf (a pool of Gamma experts of shapes 0.002 and 0.02 has 0.075 there; the power law missed 6e-5)
+_EXTRAPOLATED_MASS = 1e-9
 
 
 # ------------------------------------------------------------------------------------------------ input checks
@@ -185,8 +188,7 @@ def _panel_edges(dist: Distribution, shape: torch.Size) -> torch.Tensor:
     """Panel edges ``shape + (K + 1,)`` in float64 covering the forecast's mass: at the quantiles of equally spaced
     log-odds from 1e-13 to 1 - 1e-13 (float32: 2.4e-7) where it has an ``icdf`` (the panels follow a skewed or
     heavy-tailed density, finer towards its tails), else equally spaced over its mean +- 12 standard deviations,
-    cut to its support, and panels of doubling width beyond towards an infinite end (zero width towards a finite
-    one)."""
+    cut to its support, and panels of doubling width beyond, out to 256 times that span or to a finite end."""
     lower, upper = _support(dist)
     if _implements(dist, "icdf") and not isinstance(dist, _Pool):
         dtype = _dtype(dist)
@@ -209,22 +211,24 @@ def _panel_edges(dist: Distribution, shape: torch.Size) -> torch.Tensor:
     steps = torch.linspace(0, 1, _PANELS + 1, dtype=torch.float64)
     span = (hi - lo).unsqueeze(-1)
     grid = lo.unsqueeze(-1) + steps * span
-    # towards an infinite end, panels of doubling width out to 256 spans: a skewed forecast (a Gamma of shape 0.05
-    # has a thousandth of its mass beyond 12 standard deviations) keeps its tail
+    # beyond, panels of doubling width out to 256 spans, cut at a finite end: a skewed forecast keeps its tail (a
+    # Gamma of shape 0.05 has a thousandth of its mass beyond 12 standard deviations, a Beta(2, 0.005) 0.2% below them)
     beyond = span * _TAIL_STEPS
-    grid = torch.cat((torch.where(torch.isinf(lower).unsqueeze(-1), lo.unsqueeze(-1) - beyond.flip(-1), lo.unsqueeze(-1)),
-                      grid, torch.where(torch.isinf(upper).unsqueeze(-1), hi.unsqueeze(-1) + beyond, hi.unsqueeze(-1))),
-                     -1)
-    return grid
+    return torch.cat((torch.maximum(lo.unsqueeze(-1) - beyond.flip(-1), lower.unsqueeze(-1)), grid,
+                      torch.minimum(hi.unsqueeze(-1) + beyond, upper.unsqueeze(-1))), -1)
 
 
-def _end_ladder(bound: torch.Tensor, sign: float, near: torch.Tensor, active: torch.Tensor, y: torch.Tensor):
+def _end_ladder(bound: torch.Tensor, sign: float, near: torch.Tensor, active: torch.Tensor, y: torch.Tensor,
+                dtype: torch.dtype):
     """Log-distance edges ``shape + (J + 1,)`` (increasing) of the panels between a finite end ``bound`` of the
     support and the edge ``near`` of the first equal panel, where ``active``: ``s = log(sign (x - bound))`` from
-    ``log(sign (near - bound))`` down by 1, 2, 4, ... to the nearest distinct point (1e-300 from 0, ``2^-44 |bound|``
-    elsewhere), with the observation's own ``s`` as an edge when it lies there. Zero-width where not ``active``."""
-    top = torch.log((sign * (near - bound)).clamp_min(1e-300))
-    floor = torch.log(torch.clamp(2.0**-44 * bound.abs(), min=1e-300)).expand(top.shape)
+    ``log(sign (near - bound))`` down by 1, 2, 4, ... to the nearest point the forecast's ``dtype`` resolves well
+    (from 0 ``2^25`` times its smallest normal number, float64 ``2^-997``, about 1e-300, float32 ``2^-101``;
+    elsewhere 256 of its spacings at 1, ``2^-44 |bound|`` in float64), with the observation's own ``s`` as an edge
+    when it lies there. Zero-width where not ``active``."""
+    info = torch.finfo(dtype)
+    top = torch.log((sign * (near - bound)).clamp_min(info.tiny * 2.0**25))
+    floor = torch.log(torch.clamp(256 * info.eps * bound.abs(), min=info.tiny * 2.0**25)).expand(top.shape)
     reach = (top - floor).clamp_min(0)
     drops = torch.minimum(_LADDER_STEPS.to(top), reach.unsqueeze(-1))
     edges = top.unsqueeze(-1) - torch.cat((drops, reach.unsqueeze(-1)), -1)
@@ -235,6 +239,63 @@ def _end_ladder(bound: torch.Tensor, sign: float, near: torch.Tensor, active: to
     return torch.where(active.unsqueeze(-1), edges, top.unsqueeze(-1).expand(edges.shape))
 
 
+def _beyond_floor(dist: Distribution, sign: float, bound: torch.Tensor, log_edges: torch.Tensor, y: torch.Tensor):
+    """The mass between a ladder's floor (its lowest log-distance edge) and the end ``bound`` of the support, and of
+    it the mass between the end and ``y``, float64 of the batch shape, zero where the ladder is inactive.
+
+    The log of the density per unit of ``s = log d`` (``d`` the distance to the end) is continued below the floor
+    as ``A + p s + c d``, a power law ``d^(p - 1)`` times the smooth factor a Gamma's ``exp(-rate d)`` or a Beta's
+    ``(1 - d)^(b - 1)`` is there to first order, fitted at the floor and 1 and 2 above it (a power law alone,
+    fitted between the floor and 4 above, put float32 Beta(3, 0.2)'s mass within 2^-15 of 1 0.4% high); zero mass
+    where ``p`` is not positive. A sum of power laws is underestimated so (the shallowest dominates further down):
+    where the forecast has a cdf, that gives the mass instead, if it is vectorised, or, for a numerical pool (whose
+    cdf integrates one pool at a time), if the extrapolated mass exceeds ``_EXTRAPOLATED_MASS``."""
+    floor, top = log_edges[..., 0], log_edges[..., -1]
+    active = top > floor
+    step = torch.where(active, (top - floor).clamp(max=2) / 2, 0.0)
+    s = torch.stack([torch.where(active, floor, top) + k * step for k in range(3)])
+    points = (bound + sign * s.exp()).to(_dtype(dist))
+    distance = sign * (points.to(torch.float64) - bound)  # the distances the rounded points lie at
+    to_y = sign * (y - bound)
+    if not _has_cdf(dist) or isinstance(dist, NumericalHolderPool):
+        log_density = dist.log_prob(points).detach().to(torch.float64) + distance.log()
+        ds, dd, dl = (x[1:] - x[:-1] for x in (distance.log(), distance, log_density))
+        determinant = ds[0] * dd[1] - ds[1] * dd[0]
+        power = (dl[0] * dd[1] - dl[1] * dd[0]) / determinant
+        smooth = (ds[0] * dl[1] - ds[1] * dl[0]) / determinant
+
+        def nearer(d, log_g):  # the mass between the end and distance d, where log g is log_g
+            return torch.exp(log_g - power.log()) * (1 - smooth * d / (power + 1))
+
+        valid = active & torch.isfinite(log_density).all(0) & (power > 0) & torch.isfinite(smooth)
+        mass = torch.where(valid, nearer(distance[0], log_density[0]), 0.0)
+        at_y = log_density[0] + power * (to_y.log() - distance[0].log()) + smooth * (to_y - distance[0])
+        within = valid & (to_y > 0) & (to_y < distance[0])
+        next_to_y = torch.where(within, nearer(to_y, at_y), torch.where(valid & (to_y > 0), mass, 0.0))
+        if not (_has_cdf(dist) and bool((mass > _EXTRAPOLATED_MASS).any())):
+            return mass, next_to_y
+    between = active & (to_y > 0) & (to_y < distance[0])
+    with torch.no_grad():
+        cdf = dist.cdf(torch.stack((points[0], torch.where(between, y.to(points.dtype), points[0]))))
+    mass, next_to_y = (cdf if sign > 0 else 1 - cdf).to(torch.float64).clamp(0, 1)
+    mass = torch.where(active, mass, 0.0)
+    return mass, torch.where(between, next_to_y, torch.where(to_y > 0, mass, 0.0))
+
+
+def _rounding_correction(log_p: torch.Tensor, points: torch.Tensor, log_distance: torch.Tensor, ends: torch.Tensor):
+    """What to add to the log densities ``log_p`` at a ladder's rounded ``points`` (``(..., panels, nodes)``) for
+    them to stand at the exact ``log_distance`` from their ``ends``: next to an end other than 0 a node within a few
+    thousand floats of it lies up to a float spacing away from where its weight belongs (Beta(3, 0.2)'s mass
+    between 1 - 2^-44 and 1 - 2^-20 was 1.3e-7 short). The correction is the local power law's, ``d log f / d log d``
+    by differences over the panel's nodes at their rounded distances; zero off the ladders (``log_distance`` NaN)."""
+    actual = (points - ends).abs().log()
+    earlier = torch.cat((actual[..., :1], actual[..., :-1]), -1), torch.cat((log_p[..., :1], log_p[..., :-1]), -1)
+    later = torch.cat((actual[..., 1:], actual[..., -1:]), -1), torch.cat((log_p[..., 1:], log_p[..., -1:]), -1)
+    power = (later[1] - earlier[1]) / (later[0] - earlier[0])
+    correction = power * (log_distance - actual)
+    return torch.where(torch.isfinite(correction), correction, 0.0)
+
+
 def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
     """``(crps, cdf at y, total mass)`` in float64 by panels of Gauss-Legendre quadrature of the density ``exp(log_prob)``.
 
@@ -243,9 +304,10 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
     between panels); the cdf at each node integrates the density's interpolating polynomial on its panel. Where the
     default panels start at a finite end of the support, the first of them is replaced by panels in the log of the
     distance to that end (:func:`_end_ladder`), on which a power law ``d^(p - 1)``, as a Gamma or Beta of shape
-    below one has there, is smooth. Beyond the panels the density is taken as zero; an observation outside them
-    adds the exact length term ``(y - hi) * F(hi)^2`` (or ``(lo - y) * (1 - F(lo))^2``). By default, a total mass
-    off 1 by more than 1e-6 warns: the panels missed part of the density."""
+    below one has there, is smooth; the mass beyond its lowest panel is :func:`_beyond_floor`'s, and its nodes'
+    rounding is corrected (:func:`_rounding_correction`). Beyond the panels the density is taken as zero; an
+    observation outside them adds the exact length term ``(y - hi) * F(hi)^2`` (or ``(lo - y) * (1 - F(lo))^2``).
+    By default, a total mass off 1 by more than 1e-6 warns: the panels missed part of the density."""
     t, w, integrate = _integration_matrix()
     shape = torch.broadcast_shapes(y.shape, dist.batch_shape)
     y = y.expand(shape).to(torch.float64)
@@ -260,7 +322,7 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
                 # the ladder covers the first panel of positive width, whose far edge is `near`
                 inner = sign * (grid - bound.unsqueeze(-1)) > 0
                 near = torch.where(inner, sign * grid, math.inf).amin(-1) * sign
-                ladders.append((sign, bound, _end_ladder(bound, sign, near, active, y)))
+                ladders.append((sign, bound, _end_ladder(bound, sign, near, active, y, _dtype(dist))))
                 moved = torch.maximum(grid, near.unsqueeze(-1)) if sign > 0 else torch.minimum(grid, near.unsqueeze(-1))
                 grid = torch.where(active.unsqueeze(-1), moved, grid)
     else:
@@ -272,14 +334,16 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
     half, middle = 0.5 * (edges[..., 1:] - edges[..., :-1]), 0.5 * (edges[..., 1:] + edges[..., :-1])
     nodes = middle.unsqueeze(-1) + half.unsqueeze(-1) * t  # shape + (K + 1, G)
     jacobian = half.unsqueeze(-1).expand(nodes.shape)  # dx / dt at each node
-    parts = [(nodes, jacobian, middle)]
+    # (nodes, dx/dt, panel middles, and for ladder nodes the log-distance to their end they stand for, and that end)
+    parts = [(nodes, jacobian, middle, torch.full_like(nodes, math.nan), torch.zeros_like(nodes))]
     for sign, bound, log_edges in ladders:
         s_half = 0.5 * (log_edges[..., 1:] - log_edges[..., :-1])
         s_middle = 0.5 * (log_edges[..., 1:] + log_edges[..., :-1])
         # t runs towards larger x: up in s from the lower end, down in s from the upper one
         s_nodes = s_middle.unsqueeze(-1) + sign * s_half.unsqueeze(-1) * t
-        ladder = (bound.unsqueeze(-1).unsqueeze(-1) + sign * s_nodes.exp(), s_half.unsqueeze(-1) * s_nodes.exp(),
-                  bound.unsqueeze(-1) + sign * s_middle.exp())
+        end = bound.unsqueeze(-1).unsqueeze(-1)
+        ladder = (end + sign * s_nodes.exp(), s_half.unsqueeze(-1) * s_nodes.exp(),
+                  bound.unsqueeze(-1) + sign * s_middle.exp(), s_nodes, end.expand(s_nodes.shape))
         if sign < 0:  # in x order
             ladder = tuple(x.flip(-2 if x.dim() > middle.dim() else -1) for x in ladder)
         parts = [ladder] + parts if sign > 0 else parts + [ladder]
@@ -287,19 +351,29 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
             lo = torch.where(log_edges[..., -1] > log_edges[..., 0], bound, lo)
         else:
             hi = torch.where(log_edges[..., -1] > log_edges[..., 0], bound, hi)
-    nodes, jacobian, middle = (torch.cat(group, -2 if k < 2 else -1) for k, group in enumerate(zip(*parts)))
-    points = nodes.flatten(-2).movedim(-1, 0)  # (P,) + shape, torch's sample layout for log_prob
-    log_p = dist.log_prob(points.to(_dtype(dist))).detach().to(torch.float64)
-    density = torch.where(torch.isfinite(log_p), log_p.exp(), torch.zeros_like(log_p)).movedim(0, -1)
-    mass_density = density.unflatten(-1, nodes.shape[-2:]) * jacobian  # per unit of t
+    # the mass the ladders' floors leave between them and their ends, and of it the part between the end and y: a
+    # Gamma of shape 0.003 has an eighth of its mass below 1e-300
+    beyond_floor, nearer_than_y = zip(*(_beyond_floor(dist, sign, bound, log_edges, y)
+                                        for sign, bound, log_edges in ladders)) if ladders else ((), ())
+    below_floor = beyond_floor[0] if ladders and ladders[0][0] > 0 else torch.zeros(shape, dtype=torch.float64)
+    nodes, jacobian, middle, log_distance, ends = (torch.cat(group, -1 if k == 2 else -2)
+                                                   for k, group in enumerate(zip(*parts)))
+    points = nodes.flatten(-2).movedim(-1, 0).to(_dtype(dist))  # (P,) + shape, torch's sample layout for log_prob
+    log_p = dist.log_prob(points).detach().to(torch.float64).movedim(0, -1).unflatten(-1, nodes.shape[-2:])
+    log_p = log_p + _rounding_correction(log_p, points.to(torch.float64).movedim(0, -1).unflatten(-1, nodes.shape[-2:]),
+                                         log_distance, ends)
+    density = torch.where(torch.isfinite(log_p), log_p.exp(), torch.zeros_like(log_p))
+    mass_density = density * jacobian  # per unit of t
     panel_mass = (mass_density * w).sum(-1)
-    start = torch.cumsum(panel_mass, -1) - panel_mass  # F at each panel's left edge
+    start = below_floor.unsqueeze(-1) + torch.cumsum(panel_mass, -1) - panel_mass  # F at each panel's left edge
     cdf = start.unsqueeze(-1) + mass_density @ integrate.T
     above = (middle >= y.unsqueeze(-1)).to(torch.float64).unsqueeze(-1)
     value = (((cdf - above) ** 2) * jacobian * w).sum((-1, -2))
-    total = panel_mass.sum(-1)
+    total = panel_mass.sum(-1) + sum(beyond_floor, torch.zeros(shape, dtype=torch.float64))
     value = value + (y - hi).clamp_min(0) * total ** 2 + (lo - y).clamp_min(0)
     at_y = (torch.where(middle < y.unsqueeze(-1), panel_mass, torch.zeros_like(panel_mass))).sum(-1)
+    for (sign, _, _), floor_mass, next_to_end in zip(ladders, beyond_floor, nearer_than_y):
+        at_y = at_y + (next_to_end if sign > 0 else floor_mass - next_to_end)
     if window is None:
         defect = (total - 1).abs()
         if not bool((defect <= _MASS_TOLERANCE).all()):
@@ -345,9 +419,12 @@ def crps(forecast, observations) -> torch.Tensor:
     spaced over the forecast's mean +- 12 standard deviations cut to its support (pools; a forecast with neither
     raises a ``ValueError``). Error: for densities smooth on the scale of a panel, about 1e-10 times the scale
     (LogNormal(0, 3): 6e-12 relative; float32 forecasts about 1e-5, their own log density's rounding); the mass
-    beyond the panels is neglected (at most that mass times the distance of the observation). Densities with an
-    integrable singularity (a Gamma of shape below 1 at 0) or narrow modes far apart (much narrower than a panel)
-    are resolved less accurately: a total mass off 1 by more than 1e-6 warns. No gradient on that path.
+    beyond the panels is neglected (at most that mass times the distance of the observation). Next to a finite end
+    of the support the panels are equal in the log of the distance to it, where a singular density (a Gamma or
+    Beta of shape below 1) is a smooth power law, down to about 1e-300 from 0 (2^-44 of the end's size elsewhere;
+    float32: 2^-101 and 2^-15); the mass nearer the end (half of a Gamma(0.001)'s) comes from the forecast's cdf,
+    or where there is none from a power law fitted above it. Narrow modes far apart (much narrower than a panel)
+    are missed: a total mass off 1 by more than 1e-6 warns. No gradient on that path.
 
     Circular forecasts (VonMises experts, pools and mixtures) are rejected with a ``ValueError``: the integral over
     the real line counts the periodic density's mass once per period, and a CRPS of angles is a different score.

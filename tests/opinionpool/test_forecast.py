@@ -3,6 +3,7 @@ CRPS integrand, the closed form of a Normal's CRPS, scipy's cdfs, quadrature of 
 fixed seeds."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -320,8 +321,8 @@ def test_crps_of_gamma_forecasts_singular_at_zero_and_skewed(shape, y):
 
 def test_forecasts_the_quadrature_cannot_place_fail_or_warn_clearly():
     """A Student t of 1.5 degrees of freedom has no standard deviation and torch gives it no icdf: a clear error
-    (it was a NaN CRPS, and a PIT of 0). A Gamma of shape 0.01 has a thousandth of its mass below 1e-300, where no
-    float64 point reaches: a warning that the total mass is off."""
+    (it was a NaN CRPS, and a PIT of 0). Two modes a millionth of a panel wide: a warning that the panels missed
+    the mass."""
     from torch.distributions import StudentT
 
     with pytest.raises(ValueError, match=r"StudentT\) has no finite mean and standard deviation .*inf"):
@@ -329,9 +330,10 @@ def test_forecasts_the_quadrature_cannot_place_fail_or_warn_clearly():
     with pytest.raises(ValueError, match="no finite mean and standard deviation"):
         op.pit(StudentT(torch.tensor(1.5, dtype=torch.float64), validate_args=False),
                torch.tensor(0.5, dtype=torch.float64))
-    with pytest.warns(UserWarning, match="total mass off 1 by up to 0.001"):
-        op.crps(Gamma(torch.tensor(0.01, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)),
-                torch.tensor(0.5, dtype=torch.float64))
+    narrow = op.NumericalHolderPool(Normal(torch.tensor([0.0, 1e3], dtype=torch.float64),
+                                           torch.tensor([1e-3, 1e-3], dtype=torch.float64)), 1.0, [0.5, 0.5])
+    with pytest.warns(UserWarning, match="NumericalHolderPool forecast found a total mass off 1"):
+        op.crps(narrow, torch.tensor(3.0, dtype=torch.float64))
 
 
 def test_pit_of_plain_torch_forecasts_outside_their_support_and_without_a_mean():
@@ -475,11 +477,69 @@ def test_bad_input_errors_name_the_argument_and_value():
 
 def test_pit_of_a_float64_beta_reaches_one_at_its_upper_end():
     """torch's Beta has no cdf and keeps its parameters inside a Dirichlet: its dtype was read as the default
-    float32, so nodes within 6e-8 of 1 rounded to 1 and the PIT at 1 was 0.9607. The mass no float64 point reaches
-    next to 1 cannot be integrated, but F(1) is 1."""
+    float32, so nodes within 6e-8 of 1 rounded to 1 and the PIT at 1 was 0.9607. The 0.3% of its mass within
+    2^-44 of 1, where the log-distance panels stop, comes from their power law (it was missed, with a warning):
+    the PIT at 1 - 2^-50 lies in it. Reference: scipy's beta survival function."""
     forecast = Beta(torch.tensor(3.0, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64))
-    y = torch.tensor([1.0, 0.5, 1 - 1e-9], dtype=torch.float64)
-    with pytest.warns(UserWarning, match="total mass off 1"):  # the mass within 2^-44 of 1
+    y = torch.tensor([1.0, 0.5, 1 - 1e-9, 1 - 2.0**-50], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         got = op.pit(forecast, y)
+        score = op.crps(forecast, y[1:3])
     assert got.dtype == torch.float64
-    assert got.tolist() == pytest.approx(scipy.stats.beta(3.0, 0.2).cdf(y.numpy()).tolist(), rel=1e-8)
+    survival = scipy.stats.beta(3.0, 0.2).sf(y.numpy())
+    assert (1 - got).tolist() == pytest.approx(survival.tolist(), rel=1e-8, abs=0)
+    # CRPS: int_0^y F^2 + int_y^1 (1 - F)^2, above 1/2 in log(1 - x), where F is smooth
+    reference = scipy.stats.beta(3.0, 0.2)
+
+    def quad(f, a, b):
+        return scipy.integrate.quad(f, a, b, limit=1000, epsabs=1e-15, epsrel=1e-12)[0]
+
+    for obs, value in zip(y[1:3].tolist(), score.tolist()):
+        below = (quad(lambda x: reference.cdf(x) ** 2, 0, 0.5)
+                 + quad(lambda s: reference.cdf(1 - math.exp(s)) ** 2 * math.exp(s), math.log1p(-obs), math.log(0.5)))
+        above = quad(lambda s: reference.sf(1 - math.exp(s)) ** 2 * math.exp(s), -745, math.log1p(-obs))
+        assert value == pytest.approx(below + above, rel=1e-9)
+
+
+@pytest.mark.parametrize("shape", [0.01, 0.003, 0.001])
+def test_crps_and_pit_count_the_mass_below_the_smallest_floats(shape):
+    """The log-distance panels next to 0 stop at 1e-300, below which a Gamma of shape 0.01 has a thousandth of its
+    mass and one of shape 0.001 half: the CRPS of Gamma(0.001) at 0.5 was 24.6 against 0.499 (the cdf never
+    reached 1), with a warning. That mass now comes from the forecast's cdf, or, for a numerical pool without
+    mass worth a cdf evaluation there, from the panels' power law. References: the Gamma CRPS's closed form
+    (Scheuerer & Möller 2015, "Probabilistic wind speed forecasting on a grid based on ensemble model output
+    statistics"), and for a mixture pool integrated as a numerical one, scipy's gamma cdfs integrated in log x.
+    Float32 forecasts to their own precision."""
+    y = torch.tensor([1e-305, 1e-5, 0.5, 3.0], dtype=torch.float64)
+    x = y.numpy()
+    expected = (x * (2 * scipy.special.gammainc(shape, x) - 1) - shape * (2 * scipy.special.gammainc(shape + 1, x) - 1)
+                - 1 / scipy.special.beta(0.5, shape))
+    forecast = Gamma(torch.tensor(shape, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = op.crps(forecast, y)
+        # float32: its panels stop at 2^-101 (they stopped at 1e-300, which float32 flushes to 0: 38.8 for 0.49)
+        single = op.crps(Gamma(torch.tensor(shape), torch.tensor(1.0)), y.float())
+    assert got.tolist() == pytest.approx(expected.tolist(), rel=1e-9)
+    assert single[1:].tolist() == pytest.approx(expected[1:].tolist(), rel=1e-4)  # 1e-305 is 0 in float32
+
+    shapes, rates, weights = [shape, 10 * shape], [1.0, 3.0], [0.3, 0.7]
+    experts = Gamma(torch.tensor(shapes, dtype=torch.float64), torch.tensor(rates, dtype=torch.float64))
+    pool = op.NumericalHolderPool(experts, 1.0, weights)
+
+    def cdf(z):
+        return sum(w * scipy.special.gammainc(k, r * z) for w, k, r in zip(weights, shapes, rates))
+
+    def quad(f, a, b):
+        return scipy.integrate.quad(f, a, b, limit=1000, epsabs=1e-16)[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got, transforms = op.crps(pool, y), op.pit(pool, y)
+    for obs, value, transform in zip(x, got.tolist(), transforms.tolist()):
+        below = quad(lambda s: cdf(math.exp(s)) ** 2 * math.exp(s), -745, math.log(obs))
+        above = quad(lambda s: (1 - cdf(math.exp(s))) ** 2 * math.exp(s), math.log(obs), 0) if obs < 1 else 0.0
+        expected = below + above + quad(lambda z: (1 - cdf(z)) ** 2, max(1.0, obs), np.inf)
+        assert value == pytest.approx(expected, rel=1e-9)
+        assert transform == pytest.approx(cdf(obs), rel=1e-9)
