@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import integrate, stats
+from scipy.special import logsumexp
 from torch.distributions import (
     Bernoulli,
     Beta,
@@ -331,6 +332,25 @@ def test_rejection_sampler_matches_the_quadrature_cdf(alpha):
     grid = np.linspace(-12, 12, 2401)
     cdf_values = integrate.cumulative_trapezoid([pooled(z) for z in grid], grid, initial=0) / z0
     assert stats.kstest(samples, lambda x: np.interp(x, grid, cdf_values)).pvalue > 1e-3
+
+
+def test_pools_the_envelope_cannot_sample_invert_their_cdf():
+    """Alpha = -1 with experts far apart relative to their scales: the pool's mass lies between them, where every
+    expert's is tiny, and the log-linear envelope accepts e^-667 of its proposals. Sampling raised after 1000
+    rounds; scalar pools now invert their cdf there. Reference: the pooled density on a dense grid (scipy's normal
+    log-densities), a Kolmogorov-Smirnov test; the same seed gives the same samples."""
+    locs, scales, weights = [-10.3777, 7.6499, 4.8634], [0.2376, 0.1289, 0.3548], [0.2069, 0.6648, 0.1283]
+    experts = Normal(torch.tensor(locs, dtype=torch.float64), torch.tensor(scales, dtype=torch.float64))
+    pool = opinionpool.holder(experts, alpha=-1.0, weights=weights)
+    assert float(pool.log_normalizer - pool.envelope().log_bound) < -600
+    samples = pool.sample((150,), seed=1)
+    assert torch.equal(samples, pool.sample((150,), seed=1))
+    grid = np.linspace(-15, 12, 2_000_001)
+    log_q = stats.norm(np.array(locs)[:, None], np.array(scales)[:, None]).logpdf(grid)
+    log_u = -logsumexp(np.log(weights)[:, None] - log_q, axis=0)  # the weighted harmonic mean
+    cdf_values = integrate.cumulative_trapezoid(np.exp(log_u - log_u.max()), grid, initial=0)
+    cdf_values /= cdf_values[-1]
+    assert stats.kstest(samples.numpy(), lambda x: np.interp(x, grid, cdf_values)).pvalue > 1e-3
 
 
 def test_sampler_errors_are_reported():
