@@ -14,7 +14,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.distributions import Independent, MultivariateNormal, Normal
 
-from ._validation import check_positive_int, check_real, check_weights, validation_enabled
+from ._validation import check_positive_int, check_real, check_weights, describe, validation_enabled
 from .experts import as_experts
 from .families import DiagonalNormalFamily, MultivariateNormalFamily, NormalFamily
 from .families.gaussian import gaussian_barycenter
@@ -59,6 +59,35 @@ def _barycenter_step(sigma, covariances, w):
     return 0.5 * (updated + updated.transpose(-1, -2))
 
 
+def _stable_step(sigma, factors, w):
+    """The same step from Cholesky factors, ``Sigma = L L^T`` and ``Sigma_j = C_j C_j^T`` (``factors``): the
+    transport maps are ``L^-T (L^T Sigma_j L)^1/2 L^-1`` for any such factor, ``(L^T Sigma_j L)^1/2 = V S V^T`` from
+    the singular values of ``C_j^T L`` (never forming ``L^T Sigma_j L``, whose eigenvalues keep only
+    ``eps * condition^2`` of the smallest), and the next ``Sigma = X^T X`` with ``X = K L^-1``,
+    ``K = sum_j w_j V S V^T``: positive semi-definite by construction. The eigenvalue form lost the smallest
+    eigenvalue of covariances of condition 1e8 (it raised, or returned an indefinite matrix at 1e10)."""
+    lower = torch.linalg.cholesky(sigma)
+    _, values, vh = torch.linalg.svd(factors.transpose(-1, -2) @ lower.unsqueeze(-3))
+    inner = (w * (vh.transpose(-1, -2) * values.unsqueeze(-2)) @ vh).sum(-3)
+    half = torch.linalg.solve_triangular(lower.transpose(-1, -2), inner, upper=True).transpose(-1, -2)  # K L^-1
+    updated = half.transpose(-1, -2) @ half
+    return 0.5 * (updated + updated.transpose(-1, -2))
+
+
+def _whitened_change(new, old, tol):
+    """``(change, settled)``: the largest change of ``new`` from ``old`` relative to ``old`` in any direction,
+    ``|L^-1 (new - old) L^-T|`` (``old = L L^T``), over ``tol``, the largest over the rows; and whether in every row
+    it is within ``tol`` or that change's own rounding, ``64 eps`` times ``old``'s condition number. Relative to the
+    largest entry instead, the directions of the smallest eigenvalues converged only to about ``tol`` times the
+    condition number (2.6e-2 off at condition 1e10)."""
+    lower = torch.linalg.cholesky(old)
+    half = torch.linalg.solve_triangular(lower, new - old, upper=False)
+    change = torch.linalg.solve_triangular(lower, half.transpose(-1, -2), upper=False).abs().amax((-1, -2))
+    values = torch.linalg.eigvalsh(old)
+    rounding = 64 * torch.finfo(old.dtype).eps * values[..., -1] / values[..., 0]
+    return float((change / tol).max()), bool((change <= rounding.clamp_min(tol)).all())
+
+
 def _relative_change(new, old):
     """Each row's largest change relative to its own scale, the largest over the rows: one row of large
     covariances must not stop the others."""
@@ -67,53 +96,75 @@ def _relative_change(new, old):
 
 def covariance_barycenter(covariances: torch.Tensor, weights: torch.Tensor, *, tol: float | None = None,
                           max_iter: int = 500) -> torch.Tensor:
-    """Fixed point of the barycenter equation; ``covariances`` ``(..., M, d, d)`` (symmetric positive definite),
-    ``weights`` ``(..., M)`` (non-negative, normalised here to sum to one) broadcasting against each other.
-    Computed in float64 whatever the dtype (a float32 iteration lost the smallest eigenvalue of a covariance of
-    condition number 1e4 and failed to invert). ``tol``: the relative change, row by row, that stops the
-    iteration (default 1e-10 in float64, 1e-5 otherwise).
+    """Fixed point of the barycenter equation; ``covariances`` ``(..., M, d, d)`` (symmetric positive definite, a
+    floating dtype), ``weights`` ``(..., M)`` (non-negative, normalised here to sum to one) broadcasting against
+    each other. Computed in float64 whatever the dtype (a float32 iteration lost the smallest eigenvalue of a
+    covariance of condition number 1e4 and failed to invert), from Cholesky factors (:func:`_stable_step`): the
+    smallest eigenvalue is good to about ``eps`` times the condition number, relative. ``tol``: the largest change
+    relative to the current ``Sigma`` in any direction, row by row, that stops the iteration (default 1e-10, float32
+    inputs included: 1e-5 left them 1e-5 off); an ill-conditioned row whose change falls below its own rounding
+    stops once the change no longer halves each step.
 
-    Gradients are those of the fixed point itself (implicit differentiation): the output is one more step from the
-    fixed point, and the gradient reaching it is replaced by the solution of ``v = g + J^T v`` (``J`` the step's
+    Gradients are those of the fixed point itself (implicit differentiation): the gradient reaching the output is
+    that of one more step from the fixed point, replaced by the solution of ``v = g + J^T v`` (``J`` the step's
     Jacobian in ``Sigma`` there), found by the same iteration. Differentiating through the iterations instead gave
     a gradient of however many steps ran: one, where the commuting start is already the answer (0.13 % off for an
     isotropic expert beside a full one). Not twice differentiable."""
     _check_tolerances(tol, max_iter)
+    if not isinstance(covariances, torch.Tensor) or not isinstance(weights, torch.Tensor):
+        raise TypeError(f"covariances and weights must be tensors, got {type(covariances).__name__} and "
+                        f"{type(weights).__name__}")
+    for name, value in (("covariances", covariances), ("weights", weights)):
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must have a real floating dtype, got {value.dtype}")
     if covariances.dim() < 3 or covariances.shape[-1] != covariances.shape[-2]:
         raise ValueError(f"covariances must be (..., M, d, d), got shape {tuple(covariances.shape)}")
     check_weights("weights", weights, covariances.shape[-3])
-    if tol is None:
-        tol = 1e-10 if covariances.dtype == torch.float64 else 1e-5
+    try:
+        batch = torch.broadcast_shapes(covariances.shape[:-3], weights.shape[:-1])
+    except RuntimeError:
+        raise ValueError(f"weights of shape {tuple(weights.shape)} do not broadcast against covariances of shape "
+                         f"{tuple(covariances.shape)} (batch axes before the last one of weights, the last three of "
+                         "covariances)") from None
     dtype = covariances.dtype
     covariances, weights = covariances.to(torch.float64), weights.to(torch.float64)
+    factors = _check_covariances(covariances.detach())
+    tol = 1e-10 if tol is None else tol
     weights = weights / weights.sum(-1, keepdim=True)
-    batch = torch.broadcast_shapes(covariances.shape[:-3], weights.shape[:-1])
     covariances = covariances.expand(batch + covariances.shape[-3:])
+    factors = factors.expand(covariances.shape)
     w = weights.expand(batch + weights.shape[-1:]).unsqueeze(-1).unsqueeze(-1)
+    if covariances.numel() == 0:  # no rows, or 0 x 0 matrices: nothing to iterate
+        return (w * covariances).sum(-3).to(dtype)
     with torch.no_grad():
         sigma = (w * _sqrtm_psd(covariances)).sum(-3)
         sigma = sigma @ sigma  # the commuting-case answer is a good start
+        previous = float("inf")
         for _ in range(max_iter):
-            updated = _barycenter_step(sigma, covariances, w)
-            change = _relative_change(updated, sigma)
+            updated = _stable_step(sigma, factors, w)
+            change, settled = _whitened_change(updated, sigma, tol)
             sigma = updated
-            if change <= tol:
+            # within tol; or within its rounding (ill-conditioned covariances) and no longer halving each step: the
+            # smallest eigenvalue settles about ten steps after the change first falls below its rounding
+            if change <= 1 or (settled and change > previous / 2):
                 break
+            previous = change
         else:
             raise RuntimeError(f"Wasserstein barycenter fixed point did not converge in {max_iter} iterations "
-                               f"(last relative change {float(change):.3g} > tol={tol})")
+                               f"(the last step's relative change was {change:.3g} times tol={tol})")
     if not torch.is_grad_enabled() or not (covariances.requires_grad or w.requires_grad):
         return sigma.to(dtype)
-    out = _barycenter_step(sigma, covariances, w)  # its graph reaches the covariances and weights only
+    step = _barycenter_step(sigma, covariances, w)  # its graph reaches the covariances and weights only
+    out = sigma + (step - step.detach())  # the fixed point's value, the step's gradient
     fixed = sigma.clone().requires_grad_()
-    step = _barycenter_step(fixed, covariances.detach(), w.detach())  # for J^T v
+    step_in_sigma = _barycenter_step(fixed, covariances.detach(), w.detach())  # for J^T v
 
     def implicit(grad):
         if grad is None:  # no gradient reaches the output
             return None
         v = grad
         for _ in range(max_iter):
-            (vjp,) = torch.autograd.grad(step, fixed, v, retain_graph=True)
+            (vjp,) = torch.autograd.grad(step_in_sigma, fixed, v, retain_graph=True)
             updated = grad + vjp
             if _relative_change(updated, v) <= tol:
                 return updated
@@ -123,6 +174,29 @@ def covariance_barycenter(covariances: torch.Tensor, weights: torch.Tensor, *, t
 
     out.register_hook(implicit)
     return out.to(dtype)
+
+
+def _check_covariances(covariances: torch.Tensor) -> torch.Tensor:
+    """Cholesky factors of ``covariances`` (float64), which must be finite, symmetric to within 64 float64 spacings
+    of their largest entry, and positive definite; a clear error otherwise (an indefinite matrix gave a silent
+    answer, a NaN 500 iterations and a message about convergence)."""
+    if covariances.numel() == 0:
+        return covariances
+    bad = ~torch.isfinite(covariances)
+    if bool(bad.any()):
+        raise ValueError(f"covariances must be finite, got {describe(covariances, bad)}")
+    scale = covariances.abs().amax((-1, -2), keepdim=True)
+    asymmetry = (covariances - covariances.transpose(-1, -2)).abs()
+    if bool((asymmetry > 64 * torch.finfo(torch.float64).eps * scale).any()):
+        worst = float((asymmetry / scale.clamp_min(1e-300)).max())
+        raise ValueError(f"covariances must be symmetric, got one whose entries differ from their transpose by "
+                         f"{worst:.3g} of its largest entry")
+    factors, info = torch.linalg.cholesky_ex(covariances)
+    if bool((info > 0).any()):
+        index = tuple(int(i) for i in (info > 0).nonzero()[0].tolist())
+        raise ValueError(f"covariances must be positive definite, got a matrix at index {index} that is not "
+                         f"(eigenvalues {describe(torch.linalg.eigvalsh(covariances[index]))})")
+    return factors
 
 
 def _check_tolerances(tol, max_iter) -> None:
