@@ -589,7 +589,8 @@ def fit_weights(experts, observations, alpha=0.5, learn_alpha: bool = False, *, 
     maximise the mean log score :math:`\frac1n\sum_t \log q_t(y_t)` of the pooled forecasts, by torch's L-BFGS with
     a strong-Wolfe line search from equal weights and the given ``alpha``. The score is concave in the weights at
     ``alpha`` 0 and 1, not in general: each expert alone is scored too, and where one beats the fit the search starts
-    again next to it, so the result never scores below the best single expert. Optima on the simplex's boundary lie
+    again next to it, so the result never scores below the best single expert; each search keeps the best point it
+    evaluated (a trial step past float64 counts as infinitely bad). Optima on the simplex's boundary lie
     at infinite logits, which the search approaches but does not reach (weights of 1e-9 and below are common there).
 
     ``experts`` have the occasions on their batch axes (``batch_shape = observations.shape``, or one that
@@ -642,16 +643,26 @@ def fit_weights(experts, observations, alpha=0.5, learn_alpha: bool = False, *, 
         return holder(fixed, a, weights, validate_args=False)
 
     evaluations = 0
+    lowest = []  # (loss, variables) of the best point the current fit has evaluated
 
     def objective():
         nonlocal evaluations
         evaluations += 1
         for variable in variables:
             variable.grad = None
+        # a trial step past float64 (NaN logits from L-BFGS's curvature at alpha = -2 with a weight below 1e-200,
+        # which raised deep inside the quadrature) or one scoring an observation -inf is infinitely bad: the line
+        # search steps back, and the fit keeps the best point it evaluated
+        if not all(bool(torch.isfinite(variable).all()) for variable in variables):
+            return torch.tensor(math.inf, dtype=dtype)
         loss = -build(torch.softmax(logits, 0), current_alpha()).log_prob(y).mean()
-        if not bool(torch.isfinite(loss)):
-            raise ValueError(f"the mean log score is not finite ({float(loss)}) at weights "
-                             f"{torch.softmax(logits, 0).detach().tolist()} and alpha={float(current_alpha())}")
+        if bool(torch.isnan(loss)):
+            raise ValueError(f"the mean log score is NaN at weights {torch.softmax(logits, 0).detach().tolist()} and "
+                             f"alpha={float(current_alpha())}")
+        if not lowest or float(loss.detach()) < lowest[0]:
+            lowest[:] = [float(loss.detach()), [variable.detach().clone() for variable in variables]]
+        if bool(torch.isinf(loss)):
+            return loss.detach()
         loss.backward()
         return loss
 
@@ -664,9 +675,13 @@ def fit_weights(experts, observations, alpha=0.5, learn_alpha: bool = False, *, 
         with torch.no_grad():
             logits.copy_(start_logits)
             raw_alpha.fill_(math.log(start / (1 - start)))
+        lowest.clear()
         torch.optim.LBFGS(variables, lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=tol * 1e-3,
                           line_search_fn="strong_wolfe").step(objective)
         with torch.no_grad():
+            if lowest:  # where L-BFGS stopped, or better (it can stop on a step it could not evaluate)
+                for variable, value in zip(variables, lowest[1]):
+                    variable.copy_(value)
             fitted = float(current_alpha()) if learn_alpha else alpha
         weights = torch.softmax(logits.detach(), 0)
         return score(weights, fitted), weights, fitted

@@ -416,6 +416,31 @@ def test_fit_weights_is_never_worse_than_the_best_single_expert():
     assert float(result.weights[2]) > 0.99
 
 
+def test_fit_weights_survives_line_search_steps_past_float64():
+    """alpha = -2: the best weights put 5e-47 on an expert (at alpha < 0 a tiny weight still lowers the pool where
+    that expert is small), and L-BFGS's curvature there sent a trial step to NaN logits, which raised a numpy error
+    from inside the quadrature. Such a step now counts as infinitely bad and the fit keeps the best point it
+    evaluated. Reference: the mean log score at the fitted weights from scipy's normal log densities, the pooled
+    density's normaliser by scipy's quad, and every expert alone."""
+    y = torch.tensor([0.1423, 2.223, 1e-300, 0.3387, 1e-300, 3.192, 9.653, 1e-300, 1e-300, 1e-300, 1e-300, 10.15,
+                      1e-300, 0.2836, 6.484, 8.165, 5.726, 0.1878, 1e-300, 1e-300, 0.888, 4.421, 0.9674, 0.6013, 15.35,
+                      2.611, 0.2023, 0.5449, 2.0, 1e-300], dtype=torch.float64)
+    locs, scales = np.array([0.8019, 0.9023, 0.0769]), np.array([7.9398, 0.5903, 1.4532])
+    experts = Normal(torch.tensor(locs, dtype=torch.float64), torch.tensor(scales, dtype=torch.float64))
+    result = op.fit_weights(experts, y, alpha=-2.0)
+    log_w = np.log(result.weights.numpy())
+
+    def log_u(z):  # (sum_j w_j q_j^-2)^(-1/2) in log space
+        return -0.5 * scipy.special.logsumexp(log_w - 2 * scipy.stats.norm.logpdf(np.asarray(z)[..., None], locs, scales),
+                                              axis=-1)
+
+    log_z = math.log(scipy.integrate.quad(lambda z: math.exp(log_u(z)), -np.inf, np.inf, limit=500,
+                                          epsabs=0, epsrel=1e-12)[0])
+    assert result.log_score == pytest.approx(float(np.mean(log_u(y.numpy()))) - log_z, rel=1e-9)
+    single = scipy.stats.norm.logpdf(y.numpy()[:, None], locs, scales).mean(0)
+    assert result.log_score >= single.max()
+
+
 def test_fit_weights_reaches_an_optimum_next_to_a_vertex():
     """alpha = 0, Normal experts: the pool is the Normal of precision sum_j w_j / s_j^2 and mean
     sum_j w_j m_j / s_j^2 over it, so scipy's SLSQP on the simplex finds the best weights of that closed form
