@@ -241,6 +241,26 @@ def mpmath_moment_match(concentrations, weights):
     return [float(x) for x in mpmath.findroot(equations, start, tol=mpmath.mpf(10) ** -40, maxsteps=200)]
 
 
+@pytest.mark.parametrize("large", [1e6, 1e8])
+def test_moment_matching_large_concentrations_against_mpmath(large):
+    """Beta(3, 1e8) and Beta(5, 1e8): the Newton solve's line search compared the objective A(eta) - eta . m, about
+    1, whose log-gammas of 1e8 round by 1e-8, with a slack of 1e-12 of it, refused every step and raised (at
+    alpha = 1 with 1e8, alpha = 1/2 with 1e6); a step that lowers the relative residual is taken as well."""
+    rows, weights = [[3.0, large], [5.0, large]], [0.3, 0.7]
+    experts = Beta(torch.tensor([r[0] for r in rows], dtype=torch.float64),
+                   torch.tensor([r[1] for r in rows], dtype=torch.float64))
+    matched = opinionpool.holder(experts, alpha=1, weights=weights).moment_match()
+    np.testing.assert_allclose([float(matched.concentration1), float(matched.concentration0)],
+                               mpmath_moment_match(rows, weights), rtol=1e-8)
+    # alpha = 1/2: the matched Beta's E[log z], E[log(1 - z)] are the pool's (its components from its own weights)
+    pool = opinionpool.holder(experts, alpha=0.5, weights=weights)
+    components = pool.component_params
+    component_rows = [[float(components[c, 0]), float(components[c, 1])] for c in range(components.shape[0])]
+    matched = pool.moment_match()
+    np.testing.assert_allclose([float(matched.concentration1), float(matched.concentration0)],
+                               mpmath_moment_match(component_rows, pool.mixture_weights.tolist()), rtol=1e-8)
+
+
 @pytest.mark.parametrize("small", [1e-8, 1e-13, 1e-17])
 def test_moment_matching_tiny_concentrations_against_mpmath(small):
     """E[log(1 - z)] = psi(b) - psi(a + b) of a Beta(1e-13, 0.5) is a difference of digammas near -2 equal to -5e-13:
