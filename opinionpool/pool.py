@@ -1023,7 +1023,9 @@ class HolderPool(_Pool):
     def entropy(self) -> torch.Tensor:
         """Exact for ``alpha = 0`` (one family member); otherwise as :meth:`entropy_estimate` states."""
         if self.num_components == 1 and _has_method(self._components(), "entropy"):
-            return self._components().entropy().squeeze(-1)
+            # torch's Poisson inherits ExponentialFamily.entropy, which raises for want of a carrier measure
+            with contextlib.suppress(NotImplementedError):
+                return self._components().entropy().squeeze(-1)
         return super().entropy()
 
     def expand(self, batch_shape, _instance=None):

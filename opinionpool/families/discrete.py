@@ -124,6 +124,15 @@ class PoissonFamily(ExponentialFamily):
         dtype = torch.promote_types(params.dtype, value.dtype) if value.is_floating_point() else params.dtype
         return super().log_prob(params.to(torch.float64), value.to(torch.float64)).to(dtype)
 
+    def log_prob_term_size(self, params, value):
+        """The terms' size in units of the result's dtype: they round in float64, the result once more when cast."""
+        dtype = torch.promote_types(params.dtype, value.dtype) if value.is_floating_point() else params.dtype
+        size = super().log_prob_term_size(params.to(torch.float64), value.to(torch.float64))
+        if dtype == torch.float64:
+            return size.to(dtype)
+        cast = self.log_prob(params, value).abs().to(torch.float64)
+        return (cast + size * torch.finfo(torch.float64).eps / torch.finfo(dtype).eps).to(dtype)
+
     def support_values(self, params):
         rate = params[..., 0]  # (batch, M)
         largest, smallest = float(rate.max()), float(rate.min())
