@@ -2,21 +2,23 @@ r"""Closed-form affinities and divergences between experts of one exponential fa
 
 For :math:`a \in (0, 1)` the Chernoff coefficient is
 :math:`C_a(p, q) = \int p^a q^{1-a} = \exp(A(a\eta_p + (1-a)\eta_q) - aA(\eta_p) - (1-a)A(\eta_q))`,
-computed by each family's ``combine`` (Gaussians analytically cancel the large terms). Everything
+computed by each family's ``combine`` (Gaussians analytically cancel the large terms; the other families, where
+the log-normalisers cancel to fewer than 8 digits, as :math:`-\sum_j w_j D_A(\eta_j, \sum_k w_k\eta_k)`, Bregman
+divergences of :mod:`opinionpool.families.bregman`). Everything
 is returned in log-space where it can underflow, batched over the experts' batch shapes, and
 differentiable.
 """
 
 from __future__ import annotations
 
-import numpy
 import torch
 from torch.distributions import Distribution, register_kl
 from torch.distributions import kl_divergence as torch_kl
 
-from ._validation import check_real, check_weights, describe, real_tensor, validation_enabled
+from ._validation import check_real, check_weights, real_tensor, validation_enabled
 from .experts import as_experts
 from .families import ExponentialFamilyDistribution, MultivariateNormalFamily, family_of
+from .families.bregman import bregman_divergence
 from .families.gaussian import _DiagonalGaussianBase, normal_kl
 from .pool import HolderPool, NumericalHolderPool, geometric_combination, log_of_weights
 
@@ -112,122 +114,6 @@ def kl_divergence(p, q) -> torch.Tensor:
     wide = params.dtype if params.dtype == torch.float64 else torch.float64
     eta_p, eta_q = family.to_natural(params_p.to(wide)), family.to_natural(params_q.to(wide))
     return bregman_divergence(family, eta_p, eta_q).to(params.dtype)
-
-
-#: Gauss-Legendre rule on [0, 1] for the integral form of Taylor's remainder in ``bregman_divergence``
-_NODES, _WEIGHTS = (torch.from_numpy(x) for x in numpy.polynomial.legendre.leggauss(16))
-_NODES, _WEIGHTS = (_NODES + 1) / 2, _WEIGHTS / 2
-#: below this fraction of the terms it is computed from, the direct Bregman form has lost too many digits
-_CANCELLATION = 1e-3
-
-
-def bregman_divergence(family, eta_p: torch.Tensor, eta_q: torch.Tensor) -> torch.Tensor:
-    r""":math:`A(\eta_q) - A(\eta_p) - \langle\eta_q - \eta_p, \nabla A(\eta_p)\rangle`, accurate also for nearly
-    equal experts.
-
-    The direct form subtracts terms of the size of :math:`A` to get a second-order quantity, so for nearly equal
-    experts it keeps few digits or turns negative. Where it falls below ``1e-3`` of its terms, the integral form
-    of Taylor's remainder :math:`\int_0^1 (1-t)\,\delta^\top\nabla^2A(\eta_p + t\delta)\,\delta\,dt`
-    (:math:`\delta = \eta_q - \eta_p`; 16-point Gauss-Legendre, the curvature by double differentiation of
-    :math:`A`) is used instead: a positive integrand, no cancellation, and on so short a path the rule is exact to
-    rounding.
-
-    The gradients are the analytic ones, :math:`\nabla A(\eta_q) - \nabla A(\eta_p)` in :math:`\eta_q` (on short
-    paths :math:`\int_0^1 \nabla^2A(\eta_p + t\delta)\,\delta\,dt`, again free of cancellation) and
-    :math:`-\nabla^2A(\eta_p)\,\delta` in :math:`\eta_p`: second derivatives of :math:`A` only, where autograd
-    through the remainder form needs third ones, which overflow first (a Gamma concentration below about 1e-103 gave NaN
-    gradients beside a right value). A gradient that still overflows raises rather than turning into NaN."""
-    return _Bregman.apply(family, eta_p, eta_q)
-
-
-def _bregman_value(family, eta_p: torch.Tensor, eta_q: torch.Tensor):
-    """The divergence (no graph) and where it took the remainder form."""
-    # a category p gives probability zero (eta_p = -inf, mean parameter 0) adds nothing to the linear term: inf * 0
-    # would be NaN (and -inf - -inf for KL(p || p)); where only q gives it zero, delta stays -inf (KL = inf)
-    delta = torch.where(torch.isneginf(eta_p), 0, eta_q - eta_p)
-    log_normalizer_p, log_normalizer_q = family.log_normalizer(eta_p), family.log_normalizer(eta_q)
-    linear = (delta * family.mean_parameters(eta_p)).sum(-1)
-    direct = log_normalizer_q - log_normalizer_p - linear
-    scale = log_normalizer_q.abs() + log_normalizer_p.abs() + linear.abs()
-    cancelled = direct.abs() < _CANCELLATION * scale
-    if not bool(cancelled.any()):
-        return direct, cancelled
-    remainder = _taylor_remainder(family, eta_p, delta)
-    overflowed = cancelled & ~torch.isfinite(remainder)
-    if bool(overflowed.any()):
-        # the curvature overflows (a Gamma concentration of 1e-200: 1 / a^2 is infinite in float64); the direct form
-        # serves where it is a million times its rounding (six digits), and nowhere else: a KL of 5e-21 between
-        # concentrations 1e-200 and 1.0000000001e-200 came out -4e-14
-        rounding = torch.finfo(direct.dtype).eps * scale
-        lost = overflowed & (direct.abs() < 1e6 * rounding)
-        if bool(lost.any()):
-            raise ValueError(f"{family.name} KL divergence: neither form is accurate in {direct.dtype} for these "
-                             "experts (the direct form cancels and the curvature of the log-normaliser overflows) "
-                             f"(first natural parameter of p: {describe(eta_p[..., 0], lost)})")
-    short = cancelled & ~overflowed
-    return torch.where(short, remainder, direct), short
-
-
-class _Bregman(torch.autograd.Function):
-    """The Bregman divergence with its analytic gradients (see :func:`bregman_divergence`); twice differentiable
-    through autograd of the backward's own operations."""
-
-    @staticmethod
-    def forward(ctx, family, eta_p, eta_q):
-        with torch.no_grad():
-            value, short = _bregman_value(family, eta_p, eta_q)
-        ctx.family = family
-        ctx.save_for_backward(eta_p, eta_q, value, short)
-        return value
-
-    @staticmethod
-    def backward(ctx, grad):
-        eta_p, eta_q, value, short = ctx.saved_tensors
-        family, create = ctx.family, torch.is_grad_enabled()
-        delta = torch.where(torch.isneginf(eta_p), 0, eta_q - eta_p)
-        with torch.enable_grad():
-            mean_q = family.mean_parameters(eta_q)
-            change = mean_q - family.mean_parameters(eta_p)
-            if bool(short.any()):
-                along = _curvature_times(family, eta_p + _NODES.to(eta_p).reshape((-1,) + (1,) * eta_p.dim()) * delta,
-                                         delta, create)
-                path = (_WEIGHTS.to(eta_p).reshape((-1,) + (1,) * eta_p.dim()) * along).sum(0)
-                change = torch.where(short.unsqueeze(-1), path, change)
-            grad_p = -_curvature_times(family, eta_p, delta, create)
-        # an entry nothing depends on (upstream gradient zero) gets zero, whatever its own gradient
-        upstream = grad.unsqueeze(-1)
-        used = upstream != 0
-        grad_p = torch.where(used, upstream * grad_p, torch.zeros((), dtype=grad_p.dtype, device=grad_p.device))
-        grad_q = torch.where(used, upstream * change, torch.zeros((), dtype=change.dtype, device=change.device))
-        broken = (torch.isfinite(value).unsqueeze(-1) & used) & ~(torch.isfinite(grad_p) & torch.isfinite(grad_q))
-        if bool(broken.any()):
-            raise ValueError(f"{family.name} KL divergence: its gradient overflows in {eta_p.dtype} for these experts "
-                             "(the curvature of the log-normaliser is infinite) (first natural parameter of p: "
-                             f"{describe(eta_p[..., 0], broken.any(-1))})")
-        return None, grad_p, grad_q
-
-
-def _curvature_times(family, eta: torch.Tensor, direction: torch.Tensor, create: bool) -> torch.Tensor:
-    r""":math:`\nabla^2A(\eta)\,d` row by row (``eta`` and ``d`` broadcast), as the derivative of
-    :math:`\nabla A(\eta)` along ``d`` (``eta`` and ``d`` may carry graphs, kept where ``create``: ``d`` enters as
-    the direction, not as a function of ``eta``)."""
-    shape = torch.broadcast_shapes(eta.shape, direction.shape)
-    point = eta.expand(shape) if eta.requires_grad else eta.detach().expand(shape).clone().requires_grad_(True)
-    (slope,) = torch.autograd.grad(family.log_normalizer(point).sum(), point, create_graph=True)
-    (product,) = torch.autograd.grad(slope, point, grad_outputs=direction.expand(shape), create_graph=create)
-    return product
-
-
-def _taylor_remainder(family, eta_p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    nodes = _NODES.to(eta_p).reshape((-1,) + (1,) * eta_p.dim())
-    weights = (_WEIGHTS.to(eta_p) * (1 - _NODES.to(eta_p))).reshape((-1,) + (1,) * (eta_p.dim() - 1))
-    with torch.enable_grad():
-        step = torch.zeros(nodes.shape[:1] + eta_p.shape[:-1] + (1,), dtype=eta_p.dtype, device=eta_p.device,
-                           requires_grad=True)
-        along = family.log_normalizer(eta_p + (nodes + step) * delta)  # A on the path, moved by `step` along delta
-        (slope,) = torch.autograd.grad(along.sum(), step, create_graph=True)
-        (curvature,) = torch.autograd.grad(slope.sum(), step)
-    return (weights * curvature.squeeze(-1)).sum(0)
 
 
 def renyi_divergence(p, q, a: float) -> torch.Tensor:

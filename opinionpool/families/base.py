@@ -25,6 +25,7 @@ import torch
 from torch.distributions import constraints
 
 from .._validation import describe
+from .bregman import _bregman_value
 
 __all__ = ["ExponentialFamily"]
 
@@ -226,7 +227,27 @@ class ExponentialFamily:
         log_weights = log_weights.to(torch.float64)
         combined = weighted_sum(log_weights, eta, dim=-2)
         log_norm = self.log_normalizer(eta)
-        log_c = self.log_normalizer(combined) - weighted_sum(log_weights, log_norm, dim=-1)
+        combined_log_norm = self.log_normalizer(combined)
+        log_c = combined_log_norm - weighted_sum(log_weights, log_norm, dim=-1)
+        # where that keeps under 8 digits (log-normalisers of the size of the parameters cancel: two Poisson experts
+        # of rate 1e8, 1e-9 apart, gave log C = +1.6e-7, a coefficient above one), its value comes from
+        # -sum_s w_s D_A(eta_s, combined) (the linear terms cancel where the weights sum to one), Bregman divergences
+        # free of that cancellation; its gradient stays the direct form's
+        with torch.no_grad():
+            scale = combined_log_norm.abs() + weighted_sum(log_weights, log_norm.abs(), dim=-1)
+            risky = torch.isfinite(log_c) & (log_c.abs() < 1e8 * torch.finfo(torch.float64).eps * scale)
+        if bool(risky.any()):
+            with torch.no_grad():
+                rows_eta, rows_log_w = eta[risky], log_weights[risky]  # (R, S, P), (R, S)
+                weights = (rows_log_w - torch.logsumexp(rows_log_w, -1, keepdim=True)).exp()
+                centre = (weights.unsqueeze(-1) * torch.where(weights.unsqueeze(-1) > 0, rows_eta, 0.0)).sum(-2)
+                divergence, _ = _bregman_value(self, centre.unsqueeze(-2).expand(rows_eta.shape), rows_eta, strict=False)
+                value = -torch.where(weights > 0, weights * divergence, 0.0).sum(-1)
+                accurate = torch.zeros_like(risky)
+                accurate[risky] = torch.isfinite(value)  # (not where the experts rule each other out)
+                values = torch.zeros_like(log_c)
+                values[risky] = torch.where(torch.isfinite(value), value, 0.0)
+            log_c = torch.where(accurate, values + (log_c - log_c.detach()), log_c)
         return self.from_natural(combined).to(dtype), log_c.to(dtype)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:

@@ -173,8 +173,8 @@ def test_bregman_gradient_of_one_expert_against_several():
     """One eta_p against a batch of eta_q: each row's curvature product is its own (they were summed over the rows
     before the upstream gradients weighted them), checked against autograd of the direct form; and a row that
     nothing depends on gets gradient zero, even where its own would overflow."""
-    from opinionpool.affinities import bregman_divergence
     from opinionpool.families import GammaFamily
+    from opinionpool.families.bregman import bregman_divergence
 
     family = GammaFamily()
     eta_p = torch.tensor([1.0, -1.5], dtype=torch.float64, requires_grad=True)
@@ -231,3 +231,31 @@ def test_a_tensor_order_receives_its_gradient(a):
             central = (f(p, q, a + h) - f(p, q, a - h)).item() / (2 * h)
             assert value.item() == pytest.approx(f(p, q, a).item(), rel=1e-14)
             assert grad.item() == pytest.approx(central, rel=1e-6, abs=1e-9), (type(p).__name__, f.__name__)
+
+
+def test_chernoff_coefficients_of_nearly_equal_experts_with_large_parameters():
+    """log C = A(sum_j w_j eta_j) - sum_j w_j A(eta_j) cancelled log-normalisers of the size of the parameters: two
+    Poisson experts of rate 1e8, 1e-9 apart, had log BC = +1.6e-7 (a coefficient above one) for -1.25e-11, two
+    Gamma(1e6) +1.9e-9, and the alpha = 1/3 pool of two identical Poisson(1e6) experts log Z = 8.7e-11 for 0. The
+    value is now the weighted sum of Bregman divergences from the combination. References: 50-digit mpmath."""
+    import mpmath
+
+    mpmath.mp.dps = 50
+    f64 = torch.float64
+    r1, r2 = 1e8, 1e8 * (1 + 1e-9)
+    got = float(op.log_bhattacharyya_coefficient(Poisson(torch.tensor(r1, dtype=f64)),
+                                                 Poisson(torch.tensor(r2, dtype=f64))))
+    assert got == pytest.approx(float(-(mpmath.sqrt(r1) - mpmath.sqrt(r2)) ** 2 / 2), rel=1e-7)
+    a1, a2, b = 1e8, 1e8 * (1 + 1e-9), 1e8
+    expected = (mpmath.log(mpmath.beta((mpmath.mpf(a1) + a2) / 2, b))
+                - (mpmath.log(mpmath.beta(a1, b)) + mpmath.log(mpmath.beta(a2, b))) / 2)
+    got = float(op.log_bhattacharyya_coefficient(Beta(torch.tensor(a1, dtype=f64), torch.tensor(b, dtype=f64)),
+                                                 Beta(torch.tensor(a2, dtype=f64), torch.tensor(b, dtype=f64))))
+    assert got == pytest.approx(float(expected), rel=1e-9)
+    k1, k2 = 1e6, 1e6 * (1 + 1e-7)
+    expected = mpmath.loggamma((mpmath.mpf(k1) + k2) / 2) - (mpmath.loggamma(k1) + mpmath.loggamma(k2)) / 2
+    got = float(op.log_bhattacharyya_coefficient(Gamma(torch.tensor(k1, dtype=f64), torch.tensor(1.0, dtype=f64)),
+                                                 Gamma(torch.tensor(k2, dtype=f64), torch.tensor(1.0, dtype=f64))))
+    assert got == pytest.approx(float(expected), rel=1e-9)
+    same = op.holder([Poisson(torch.tensor(1e6, dtype=f64)), Poisson(torch.tensor(1e6, dtype=f64))], alpha=1 / 3)
+    assert abs(float(same.log_normalizer)) < 1e-14
