@@ -255,6 +255,34 @@ class DirichletFamily(ExponentialFamily):
         return weighted_sum(log_pi, cov + dev.unsqueeze(-1) * dev.unsqueeze(-2), dim=k)
 
 
+def _asymptotic_coefficients(order: int, terms: int) -> list[float]:
+    """``a_k(order)`` of ``I_order(x) ~ e^x / sqrt(2 pi x) sum_k (-1)^k a_k / x^k``, ``k = 0 .. terms - 1``."""
+    coefficients, value = [], 1.0
+    for k in range(terms):
+        coefficients.append(value)
+        value *= (4 * order**2 - (2 * k + 1) ** 2) / ((k + 1) * 8)
+    return coefficients
+
+
+#: above this concentration ``1 - I1/I0`` comes from the two asymptotic series (the direct form keeps
+#: ``log10(2 kappa)`` digits fewer: 8 at 1e8), whose 20 terms are exact to rounding there
+_ASYMPTOTIC_KAPPA = 30.0
+_I0_SERIES, _I1_SERIES = _asymptotic_coefficients(0, 20), _asymptotic_coefficients(1, 20)
+
+
+def _one_minus_bessel_ratio(kappa: torch.Tensor) -> torch.Tensor:
+    """``1 - I1(kappa) / I0(kappa)``, a VonMises' circular variance, without the cancellation of ``1 - A`` for large
+    concentrations: above ``_ASYMPTOTIC_KAPPA`` the difference of the two asymptotic series, term by term."""
+    direct = 1 - torch.special.i1e(kappa) / torch.special.i0e(kappa)
+    inverse = 1 / kappa.clamp_min(_ASYMPTOTIC_KAPPA)
+    i0, difference, power = torch.ones_like(inverse), torch.zeros_like(inverse), torch.ones_like(inverse)
+    for k in range(1, len(_I0_SERIES)):
+        power = -power * inverse
+        i0 = i0 + _I0_SERIES[k] * power
+        difference = difference + (_I0_SERIES[k] - _I1_SERIES[k]) * power
+    return torch.where(kappa > _ASYMPTOTIC_KAPPA, difference / i0, direct)
+
+
 class VonMisesFamily(ExponentialFamily):
     """Circular experts. ``mean`` is the circular mean and ``variance`` the circular variance
     ``1 - |E[exp(i z)]|``, as in ``torch.distributions.VonMises``."""
@@ -321,10 +349,19 @@ class VonMisesFamily(ExponentialFamily):
         return self._polar(params)[0]
 
     def variance(self, params):
-        return self._circular_moments(self.mean_parameters(params))[1]
+        return _one_minus_bessel_ratio(self._polar(params)[1])
 
     def mixture_mean(self, log_pi, params):
         return self._circular_moments(weighted_sum(log_pi, self.mean_parameters(params), dim=log_pi.dim() - 1))[0]
 
     def mixture_variance(self, log_pi, params):
-        return self._circular_moments(weighted_sum(log_pi, self.mean_parameters(params), dim=log_pi.dim() - 1))[1]
+        """``1 - R`` as ``sum_k w_k (1 - A_k cos(mu_k - m))``, ``m`` the mixture's mean direction and ``A_k`` the
+        components' resultant lengths: non-negative terms, where ``1 - |sum_k w_k A_k e^(i mu_k)|`` cancelled
+        (two VonMises(0, 1e8) experts' log-linear pool had a float32 variance of -1.2e-7 for 5e-9)."""
+        k = log_pi.dim() - 1
+        loc, kappa = self._polar(params)
+        direction = self.mixture_mean(log_pi, params).unsqueeze(k)
+        weights = torch.softmax(log_pi.to(torch.float64), dim=k).to(loc.dtype)
+        resultant = 1 - _one_minus_bessel_ratio(kappa)
+        terms = _one_minus_bessel_ratio(kappa) + 2 * resultant * torch.sin(0.5 * (loc - direction)) ** 2
+        return (weights * terms).sum(k)
