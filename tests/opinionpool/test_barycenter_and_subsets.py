@@ -189,7 +189,7 @@ def test_full_covariance_barycenter_of_ill_conditioned_covariances(condition):
     got = covariance_barycenter(torch.tensor(covs), torch.tensor(weights, dtype=torch.float64)).numpy()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-14)
     smallest, expected_smallest = np.linalg.eigvalsh(got)[0], np.linalg.eigvalsh(expected)[0]
-    assert smallest == pytest.approx(expected_smallest, rel=1e-4)
+    assert smallest == pytest.approx(expected_smallest, rel=1e-4, abs=0)
 
 
 def test_float32_barycenters_keep_float32_digits_and_bad_covariances_are_named():

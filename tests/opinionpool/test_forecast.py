@@ -546,8 +546,8 @@ def test_crps_and_pit_count_the_mass_below_the_smallest_floats(shape):
         got = op.crps(forecast, y)
         # float32: its panels stop at 2^-101 (they stopped at 1e-300, which float32 flushes to 0: 38.8 for 0.49)
         single = op.crps(Gamma(torch.tensor(shape), torch.tensor(1.0)), y.float())
-    assert got.tolist() == pytest.approx(expected.tolist(), rel=1e-9)
-    assert single[1:].tolist() == pytest.approx(expected[1:].tolist(), rel=1e-4)  # 1e-305 is 0 in float32
+    assert got.tolist() == pytest.approx(expected.tolist(), rel=1e-9, abs=0)
+    assert single[1:].tolist() == pytest.approx(expected[1:].tolist(), rel=1e-4, abs=0)  # 1e-305 is 0 in float32
 
     shapes, rates, weights = [shape, 10 * shape], [1.0, 3.0], [0.3, 0.7]
     experts = Gamma(torch.tensor(shapes, dtype=torch.float64), torch.tensor(rates, dtype=torch.float64))
@@ -566,5 +566,5 @@ def test_crps_and_pit_count_the_mass_below_the_smallest_floats(shape):
         below = quad(lambda s: cdf(math.exp(s)) ** 2 * math.exp(s), -745, math.log(obs))
         above = quad(lambda s: (1 - cdf(math.exp(s))) ** 2 * math.exp(s), math.log(obs), 0) if obs < 1 else 0.0
         expected = below + above + quad(lambda z: (1 - cdf(z)) ** 2, max(1.0, obs), np.inf)
-        assert value == pytest.approx(expected, rel=1e-9)
-        assert transform == pytest.approx(cdf(obs), rel=1e-9)
+        assert value == pytest.approx(expected, rel=1e-9, abs=0)
+        assert transform == pytest.approx(cdf(obs), rel=1e-9, abs=0)
