@@ -128,7 +128,7 @@ def covariance_barycenter(covariances: torch.Tensor, weights: torch.Tensor, *, t
                          "covariances)") from None
     dtype = covariances.dtype
     covariances, weights = covariances.to(torch.float64), weights.to(torch.float64)
-    factors = _check_covariances(covariances.detach())
+    factors = _check_covariances(covariances.detach(), dtype)
     tol = 1e-10 if tol is None else tol
     weights = weights / weights.sum(-1, keepdim=True)
     covariances = covariances.expand(batch + covariances.shape[-3:])
@@ -176,10 +176,10 @@ def covariance_barycenter(covariances: torch.Tensor, weights: torch.Tensor, *, t
     return out.to(dtype)
 
 
-def _check_covariances(covariances: torch.Tensor) -> torch.Tensor:
-    """Cholesky factors of ``covariances`` (float64), which must be finite, symmetric to within 64 float64 spacings
-    of their largest entry, and positive definite; a clear error otherwise (an indefinite matrix gave a silent
-    answer, a NaN 500 iterations and a message about convergence)."""
+def _check_covariances(covariances: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cholesky factors of ``covariances`` (float64, given in ``dtype``), which must be finite, symmetric to within
+    64 spacings of ``dtype`` at their largest entry, and positive definite; a clear error otherwise (an indefinite
+    matrix gave a silent answer, a NaN 500 iterations and a message about convergence)."""
     if covariances.numel() == 0:
         return covariances
     bad = ~torch.isfinite(covariances)
@@ -187,7 +187,7 @@ def _check_covariances(covariances: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"covariances must be finite, got {describe(covariances, bad)}")
     scale = covariances.abs().amax((-1, -2), keepdim=True)
     asymmetry = (covariances - covariances.transpose(-1, -2)).abs()
-    if bool((asymmetry > 64 * torch.finfo(torch.float64).eps * scale).any()):
+    if bool((asymmetry > 64 * torch.finfo(dtype).eps * scale).any()):
         worst = float((asymmetry / scale.clamp_min(1e-300)).max())
         raise ValueError(f"covariances must be symmetric, got one whose entries differ from their transpose by "
                          f"{worst:.3g} of its largest entry")

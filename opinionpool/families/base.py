@@ -238,7 +238,8 @@ class ExponentialFamily:
             risky = torch.isfinite(log_c) & (log_c.abs() < 1e8 * torch.finfo(torch.float64).eps * scale)
         if bool(risky.any()):
             with torch.no_grad():
-                rows_eta, rows_log_w = eta[risky], log_weights[risky]  # (R, S, P), (R, S)
+                shape = log_c.shape + log_weights.shape[-1:]  # params and weights broadcast against each other
+                rows_eta, rows_log_w = eta.expand(shape + eta.shape[-1:])[risky], log_weights.expand(shape)[risky]
                 weights = (rows_log_w - torch.logsumexp(rows_log_w, -1, keepdim=True)).exp()
                 centre = (weights.unsqueeze(-1) * torch.where(weights.unsqueeze(-1) > 0, rows_eta, 0.0)).sum(-2)
                 divergence, _ = _bregman_value(self, centre.unsqueeze(-2).expand(rows_eta.shape), rows_eta, strict=False)
@@ -352,7 +353,8 @@ def newton_inverse(family: ExponentialFamily, mean_params: torch.Tensor, init: t
         """The residual relative to the target, where the objective's own rounding hides a decrease (A built from
         log-gammas of 1e7 rounds by 1e-9 beside a change of 1e-12: every step was refused)."""
         inside = family.natural_domain(x)
-        relative = (family.mean_parameters(torch.where(inside.unsqueeze(-1), x, eta)) - target) / target.abs()
+        scale = target.abs().clamp_min(torch.finfo(target.dtype).tiny)  # a target of 0 (E[sin z] at loc 0)
+        relative = (family.mean_parameters(torch.where(inside.unsqueeze(-1), x, eta)) - target) / scale
         value = relative.nan_to_num(nan=math.inf).abs().amax(-1)
         return torch.where(inside, value, torch.full_like(value, math.inf))
 
@@ -383,7 +385,7 @@ def newton_inverse(family: ExponentialFamily, mean_params: torch.Tensor, init: t
         for _ in range(60):
             candidate = eta - t.unsqueeze(-1) * step
             accepted = ((objective(candidate) <= f0 - 1e-4 * t * slope + 1e-12 * f0.abs())
-                        | (merit(candidate) <= (1 - 1e-4 * t) * m0))
+                        | (torch.isfinite(m0) & (merit(candidate) <= (1 - 1e-4 * t) * m0)))
             if bool(accepted.all()):
                 break
             t = torch.where(accepted, t, t / 2)

@@ -260,6 +260,23 @@ def test_entropy_of_poisson_and_binomial_pools_against_scipy_sums():
         assert float(opinionpool.holder(experts, alpha=1).entropy()) == pytest.approx(-(p * np.log(p)).sum(), rel=1e-10)
 
 
+def test_von_mises_moment_matching_at_location_zero():
+    """E[sin z] is exactly 0 at location 0: the Newton solve's residual relative to it was 0/0, every trial step was
+    accepted and the iterates diverged to a singular Jacobian. The mixture of VonMises(0, 1) and VonMises(0, 100)
+    matches the VonMises(0, kappa) with I1/I0(kappa) the mixture's mean resultant (scipy's brentq)."""
+    from scipy import optimize, special
+    from torch.distributions import VonMises
+
+    f64 = torch.float64
+    for k1, k2 in ((1.0, 100.0), (0.1, 1000.0), (0.01, 1e5)):
+        pool = opinionpool.holder([VonMises(tensor(0.0, f64), tensor(k1, f64)),
+                                   VonMises(tensor(0.0, f64), tensor(k2, f64))], alpha=1)
+        target = sum(0.5 * special.i1e(k) / special.i0e(k) for k in (k1, k2))
+        expected = optimize.brentq(lambda k, t=target: special.i1e(k) / special.i0e(k) - t, 1e-6, 1e6, xtol=1e-15,
+                                   rtol=1e-15)
+        assert float(pool.moment_match().concentration) == pytest.approx(expected, rel=1e-9)
+
+
 @pytest.mark.parametrize("large", [1e6, 1e8])
 def test_moment_matching_large_concentrations_against_mpmath(large):
     """Beta(3, 1e8) and Beta(5, 1e8): the Newton solve's line search compared the objective A(eta) - eta . m, about

@@ -527,6 +527,22 @@ def test_pit_of_a_float64_beta_reaches_one_at_its_upper_end():
         assert value == pytest.approx(below + above, rel=1e-9)
 
 
+def test_float32_crps_next_to_an_end_other_than_zero():
+    """Float32 panels next to 1 stop at 2^-15 from it, where a Beta(3, 0.2) has 16% of its mass: its CRPS
+    integrand there (5.9e-7) comes from the power law of the stretch (without it the CRPS was 1.2e-5 off at 0.9 and
+    1e-3 at 1 - 1e-5). Reference: the Beta CRPS's closed form (Taillardat et al. 2016) at the float32 values."""
+    forecast = Beta(torch.tensor(3.0), torch.tensor(0.2))
+    y = torch.tensor([0.9, 1 - 1e-5])
+    a, b, x = 3.0, 0.2, y.double().numpy()
+    expected = x * (2 * scipy.special.betainc(a, b, x) - 1) + a / (a + b) * (
+        1 - 2 * scipy.special.betainc(a + 1, b, x)
+        - 2 * np.exp(scipy.special.betaln(2 * a, 2 * b) - np.log(a) - 2 * scipy.special.betaln(a, b)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = op.crps(forecast, y)
+    assert got.double().tolist() == pytest.approx(expected.tolist(), rel=1e-6, abs=0)
+
+
 @pytest.mark.parametrize("shape", [0.01, 0.003, 0.001])
 def test_crps_and_pit_count_the_mass_below_the_smallest_floats(shape):
     """The log-distance panels next to 0 stop at 1e-300, below which a Gamma of shape 0.01 has a thousandth of its
