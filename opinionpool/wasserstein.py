@@ -59,14 +59,13 @@ def _barycenter_step(sigma, covariances, w):
     return 0.5 * (updated + updated.transpose(-1, -2))
 
 
-def _stable_step(sigma, factors, w):
-    """The same step from Cholesky factors, ``Sigma = L L^T`` and ``Sigma_j = C_j C_j^T`` (``factors``): the
-    transport maps are ``L^-T (L^T Sigma_j L)^1/2 L^-1`` for any such factor, ``(L^T Sigma_j L)^1/2 = V S V^T`` from
-    the singular values of ``C_j^T L`` (never forming ``L^T Sigma_j L``, whose eigenvalues keep only
-    ``eps * condition^2`` of the smallest), and the next ``Sigma = X^T X`` with ``X = K L^-1``,
+def _stable_step(lower, factors, w):
+    """The same step from Cholesky factors, ``Sigma = L L^T`` (``lower``) and ``Sigma_j = C_j C_j^T``
+    (``factors``): the transport maps are ``L^-T (L^T Sigma_j L)^1/2 L^-1`` for any such factor,
+    ``(L^T Sigma_j L)^1/2 = V S V^T`` from the singular values of ``C_j^T L`` (never forming ``L^T Sigma_j L``, whose
+    eigenvalues keep only ``eps * condition^2`` of the smallest), and the next ``Sigma = X^T X`` with ``X = K L^-1``,
     ``K = sum_j w_j V S V^T``: positive semi-definite by construction. The eigenvalue form lost the smallest
     eigenvalue of covariances of condition 1e8 (it raised, or returned an indefinite matrix at 1e10)."""
-    lower = torch.linalg.cholesky(sigma)
     _, values, vh = torch.linalg.svd(factors.transpose(-1, -2) @ lower.unsqueeze(-3))
     inner = (w * (vh.transpose(-1, -2) * values.unsqueeze(-2)) @ vh).sum(-3)
     half = torch.linalg.solve_triangular(lower.transpose(-1, -2), inner, upper=True).transpose(-1, -2)  # K L^-1
@@ -74,13 +73,12 @@ def _stable_step(sigma, factors, w):
     return 0.5 * (updated + updated.transpose(-1, -2))
 
 
-def _whitened_change(new, old, tol):
+def _whitened_change(new, old, lower, tol):
     """``(change, settled)``: the largest change of ``new`` from ``old`` relative to ``old`` in any direction,
-    ``|L^-1 (new - old) L^-T|`` (``old = L L^T``), over ``tol``, the largest over the rows; and whether in every row
-    it is within ``tol`` or that change's own rounding, ``64 eps`` times ``old``'s condition number. Relative to the
-    largest entry instead, the directions of the smallest eigenvalues converged only to about ``tol`` times the
-    condition number (2.6e-2 off at condition 1e10)."""
-    lower = torch.linalg.cholesky(old)
+    ``|L^-1 (new - old) L^-T|`` (``old = L L^T``, ``lower``), over ``tol``, the largest over the rows; and whether in
+    every row it is within ``tol`` or that change's own rounding, ``64 eps`` times ``old``'s condition number.
+    Relative to the largest entry instead, the directions of the smallest eigenvalues converged only to about ``tol``
+    times the condition number (2.6e-2 off at condition 1e10)."""
     half = torch.linalg.solve_triangular(lower, new - old, upper=False)
     change = torch.linalg.solve_triangular(lower, half.transpose(-1, -2), upper=False).abs().amax((-1, -2))
     values = torch.linalg.eigvalsh(old)
@@ -141,8 +139,9 @@ def covariance_barycenter(covariances: torch.Tensor, weights: torch.Tensor, *, t
         sigma = sigma @ sigma  # the commuting-case answer is a good start
         previous = float("inf")
         for _ in range(max_iter):
-            updated = _stable_step(sigma, factors, w)
-            change, settled = _whitened_change(updated, sigma, tol)
+            lower = torch.linalg.cholesky(sigma)  # for the step and for the change it makes
+            updated = _stable_step(lower, factors, w)
+            change, settled = _whitened_change(updated, sigma, lower, tol)
             sigma = updated
             # within tol; or within its rounding (ill-conditioned covariances) and no longer halving each step: the
             # smallest eigenvalue settles about ten steps after the change first falls below its rounding
