@@ -240,10 +240,10 @@ class ExponentialFamily:
             with torch.no_grad():
                 shape = log_c.shape + log_weights.shape[-1:]  # params and weights broadcast against each other
                 rows_eta, rows_log_w = eta.expand(shape + eta.shape[-1:])[risky], log_weights.expand(shape)[risky]
-                weights = (rows_log_w - torch.logsumexp(rows_log_w, -1, keepdim=True)).exp()
-                centre = (weights.unsqueeze(-1) * torch.where(weights.unsqueeze(-1) > 0, rows_eta, 0.0)).sum(-2)
+                rows_log_w = rows_log_w - torch.logsumexp(rows_log_w, -1, keepdim=True)
+                centre = weighted_sum(rows_log_w, rows_eta, dim=-2)
                 divergence, _ = _bregman_value(self, centre.unsqueeze(-2).expand(rows_eta.shape), rows_eta, strict=False)
-                value = -torch.where(weights > 0, weights * divergence, 0.0).sum(-1)
+                value = -weighted_sum(rows_log_w, divergence, dim=-1)
                 accurate = torch.zeros_like(risky)
                 accurate[risky] = torch.isfinite(value)  # (not where the experts rule each other out)
                 values = torch.zeros_like(log_c)
@@ -349,13 +349,16 @@ def newton_inverse(family: ExponentialFamily, mean_params: torch.Tensor, init: t
         value = family.log_normalizer(x) - (x * target).sum(-1)
         return torch.where(family.natural_domain(x), value, torch.full_like(value, float("inf")))
 
+    scale = target.abs().clamp_min(torch.finfo(target.dtype).tiny)  # a target of 0 (E[sin z] at loc 0)
+
+    def relative_size(residual):
+        return (residual / scale).nan_to_num(nan=math.inf).abs().amax(-1)
+
     def merit(x):
         """The residual relative to the target, where the objective's own rounding hides a decrease (A built from
         log-gammas of 1e7 rounds by 1e-9 beside a change of 1e-12: every step was refused)."""
         inside = family.natural_domain(x)
-        scale = target.abs().clamp_min(torch.finfo(target.dtype).tiny)  # a target of 0 (E[sin z] at loc 0)
-        relative = (family.mean_parameters(torch.where(inside.unsqueeze(-1), x, eta)) - target) / scale
-        value = relative.nan_to_num(nan=math.inf).abs().amax(-1)
+        value = relative_size(family.mean_parameters(torch.where(inside.unsqueeze(-1), x, eta)) - target)
         return torch.where(inside, value, torch.full_like(value, math.inf))
 
     residual = None
@@ -379,7 +382,7 @@ def newton_inverse(family: ExponentialFamily, mean_params: torch.Tensor, init: t
         settled = ((step.abs() <= _STEP_TOLERANCE * eta.abs()) | (eta == 0)).all(-1)
         if bool((converged | (settled & (residual.abs().amax(-1) <= tol * (1.0 + target.abs().amax(-1))))).all()):
             break
-        f0, m0 = objective(eta), merit(eta)
+        f0, m0 = objective(eta), relative_size(residual)
         slope = (residual * step).sum(-1)
         t = torch.ones(eta.shape[0], dtype=eta.dtype, device=eta.device)
         for _ in range(60):

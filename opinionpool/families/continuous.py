@@ -362,6 +362,6 @@ class VonMisesFamily(ExponentialFamily):
         loc, kappa = self._polar(params)
         direction = self.mixture_mean(log_pi, params).unsqueeze(k)
         weights = torch.softmax(log_pi.to(torch.float64), dim=k).to(loc.dtype)
-        resultant = 1 - _one_minus_bessel_ratio(kappa)
-        terms = _one_minus_bessel_ratio(kappa) + 2 * resultant * torch.sin(0.5 * (loc - direction)) ** 2
+        spread = _one_minus_bessel_ratio(kappa)
+        terms = spread + 2 * (1 - spread) * torch.sin(0.5 * (loc - direction)) ** 2
         return (weights * terms).sum(k)
