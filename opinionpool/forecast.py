@@ -689,20 +689,20 @@ def fit_weights(experts, observations, alpha=0.5, learn_alpha: bool = False, *, 
         return float(build(weights, a).log_prob(y).mean())
 
     def fit(start_logits):
-        """L-BFGS from ``start_logits`` and the given alpha: ``(score, weights, alpha)``."""
+        """L-BFGS from ``start_logits`` and the given alpha: ``(score, weights, alpha)`` of the best point it
+        evaluated (where it stopped, or better: it can stop on a step it could not evaluate)."""
         with torch.no_grad():
             logits.copy_(start_logits)
             raw_alpha.fill_(math.log(start / (1 - start)))
         lowest.clear()
         torch.optim.LBFGS(variables, lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=tol * 1e-3,
                           line_search_fn="strong_wolfe").step(objective)
+        loss, best_variables = lowest  # the first evaluation, at the finite start, always scores
         with torch.no_grad():
-            if lowest:  # where L-BFGS stopped, or better (it can stop on a step it could not evaluate)
-                for variable, value in zip(variables, lowest[1]):
-                    variable.copy_(value)
+            for variable, value in zip(variables, best_variables):
+                variable.copy_(value)
             fitted = float(current_alpha()) if learn_alpha else alpha
-        weights = torch.softmax(logits.detach(), 0)
-        return score(weights, fitted), weights, fitted
+        return -loss, torch.softmax(logits.detach(), 0), fitted
 
     best = fit(torch.zeros_like(logits))
     # Away from alpha = 0 and 1 the mean log score need not be concave in the weights, and optima on the simplex's
