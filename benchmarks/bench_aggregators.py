@@ -7,6 +7,12 @@ Per shape (batch, experts, latent), on the same inputs:
   * the object API: opinionpool.holder(Independent(Normal), alpha=0.5).moment_match()
   * subset_mixture over all 2^M - 1 subsets with poe (MoPoE) and hellinger (MoHELVAE), up to ``--max-subset-experts``
 
+The eager alpha = 1/2 pool leaves out pairs of experts whose components provably cannot change it (far apart in
+every sample, as a trained HELVAE's experts are; see ``opinionpool._hellinger._kept_partners``), so its cost depends
+on the inputs: the standard-normal inputs of each shape are timed as they are, and the value-dependent candidates
+(``hellinger``, ``object API``) again on overlapping experts (each expert's offset from expert 0 shrunk tenfold),
+where every pair is kept; the "pairs left out" column says how many were left out.
+
 Each round runs every candidate once in a fresh random order; a candidate's ratio is taken to PoE's time in the
 same round, and the table gives the median ratio with its interquartile range over rounds (robust to drifting
 machine load). One thread by default. Memory: the bytes of the tensors autograd saves for backward (each storage
@@ -32,11 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import opinionpool  # noqa: E402
 import opinionpool.functional as opf  # noqa: E402
+from opinionpool._hellinger import _kept_partners  # noqa: E402
 
 from doc_tables import splice_file  # noqa: E402
 from measure import saved_tensor_bytes  # noqa: E402
 
-__all__ = ["main", "official_hellinger", "object_api", "saved_bytes", "candidates", "measure"]
+__all__ = ["main", "official_hellinger", "object_api", "saved_bytes", "candidates", "measure", "pairs_left_out"]
 
 SHAPES = ["128,5,64", "256,3,512", "256,5,512", "256,10,512"]
 #: the issue's targets, as ratios to PoE (time) at the shapes they were set for
@@ -91,6 +98,18 @@ def candidates(experts: int, fused: bool, max_subset_experts: int, only=None) ->
     return found
 
 
+#: the candidates whose eager cost depends on the inputs' values (pairs left out), timed on both input sets
+VALUE_DEPENDENT = ["hellinger", "object API"]
+
+
+def pairs_left_out(mu: torch.Tensor, logvar: torch.Tensor) -> str:
+    """How many of the pairs of experts ``(M, B, D)`` the eager alpha = 1/2 pool leaves out, as "n of P"."""
+    m = mu.shape[0]
+    partners = _kept_partners(mu.movedim(0, -2), logvar.movedim(0, -2), torch.zeros(mu.shape[1], m, dtype=mu.dtype))
+    total = m * (m - 1) // 2
+    return f"{0 if partners is None else total - sum(map(len, partners))} of {total}"
+
+
 def _step(fn, mu, logvar) -> float:
     a = mu.detach().requires_grad_(True)
     b = logvar.detach().requires_grad_(True)
@@ -138,6 +157,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-overlapping", action="store_true", help="skip the overlapping-experts rows")
     parser.add_argument("--docs", type=Path, metavar="PAGE",
                         help="also splice the table into PAGE between its <!-- table: bench_aggregators --> markers")
     args = parser.parse_args()
@@ -145,18 +165,28 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     opinionpool.set_validate_args(False)
     rng = random.Random(args.seed)
-    rows = ["| shape (B, M, D) | aggregator | median ms | ratio to PoE (median [IQR]) | saved MB | target |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| shape (B, M, D) | aggregator | median ms | ratio to PoE (median [IQR]) | saved MB | pairs left out | "
+            "target |", "|---|---|---|---|---|---|---|"]
     for shape in args.shapes:
         batch, experts, latent = (int(n) for n in shape.split(","))
         g = torch.Generator().manual_seed(args.seed)
         mu = torch.randn(experts, batch, latent, generator=g).to(args.device, dtype)
         logvar = (torch.randn(experts, batch, latent, generator=g) * 0.5).to(args.device, dtype)
         found = candidates(experts, args.fused, args.max_subset_experts, args.only)
-        for name, (ms, ratio, (q1, q3), mb) in measure(found, mu, logvar, args.rounds, args.warmup, rng).items():
-            target = TARGETS.get((name, experts), "") if (batch, latent) == (256, 512) else ""
-            rows.append(f"| ({batch}, {experts}, {latent}) | {name} | {ms:.2f} | {ratio:.2f} [{q1:.2f}, {q3:.2f}] | "
-                        f"{mb:.2f} | {target} |")
+        runs = [("", found, mu, logvar)]
+        if not args.no_overlapping:
+            shrunk = mu[:1] + 0.1 * (mu - mu[:1])
+            runs.append((", overlapping experts", {name: found[name] for name in VALUE_DEPENDENT + ["poe"]
+                                                   if name in found}, shrunk, logvar))
+        for suffix, chosen, inputs, lv in runs:
+            left_out = pairs_left_out(inputs, lv)
+            for name, (ms, ratio, (q1, q3), mb) in measure(chosen, inputs, lv, args.rounds, args.warmup, rng).items():
+                if suffix and name == "poe":
+                    continue
+                target = TARGETS.get((name, experts), "") if (batch, latent) == (256, 512) else ""
+                rows.append(f"| ({batch}, {experts}, {latent}) | {name}{suffix} | {ms:.2f} | {ratio:.2f} "
+                            f"[{q1:.2f}, {q3:.2f}] | {mb:.2f} | {left_out if name in VALUE_DEPENDENT else ''} | "
+                            f"{target} |")
     header = (f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {args.device}, {args.dtype}, "
               f"{args.rounds} rounds of forward+backward, candidates in random order each round")
     table = header + "\n\n" + "\n".join(rows)

@@ -16,7 +16,10 @@ forward pass keeps only the inputs, the output moments and the mixture weights; 
 rows and applies the analytic derivatives (:math:`\partial\log S/\partial\mu`,
 :math:`\partial m/\partial\log v = \Delta r_i r_j`, ...). Eagerly on the CPU both passes work through the batch
 in slices of about ``_chunks.CPU_CHUNK_BYTES`` per row of pairs, so that temporaries are reused from the allocator
-instead of being faulted in page by page.
+instead of being faulted in page by page. The eager passes also leave out the pairs whose components provably
+change neither the pool nor its gradients at the dtype's resolution in any sample (``_kept_partners``: one Gram
+matrix of the scaled means per sample bounds every ``S_ij``): experts that stopped overlapping, as a trained
+HELVAE's do, then cost about what the moment-matched mixture of the experts does.
 
 ``fused=True`` trades the eager passes for one fused pass per sample. On the CPU that is a C++ kernel
 (``_hellinger_kernel.cpp``, built with ``torch.utils.cpp_extension`` on first use, then cached per machine;
@@ -58,9 +61,11 @@ def pair_indices(num_experts: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Row(NamedTuple):
-    """The pairs ``(i, j)``, ``j > i``, of one expert ``i``: ``neg_log_s`` ``(..., n)``; the others ``(..., n, D)``,
-    ``n = M - 1 - i``."""
+    """The pairs ``(i, j)``, ``j`` in ``after`` (all ``j > i`` unless negligible pairs were left out), of one expert
+    ``i``: ``neg_log_s`` ``(..., n)``; the others ``(..., n, D)``, ``n`` the number of partners."""
 
+    i: int
+    after: slice | torch.Tensor  # the partners j, a slice or (where negligible pairs between them were left out) indices
     neg_log_s: torch.Tensor  # -log S_ij
     loc: torch.Tensor  # the pair's mean offset x_i + r_i Delta
     log_2big: torch.Tensor  # log(2 v_max / u): the pair's log-variance log(2 v_i v_j / u) is log v_min + log_2big
@@ -73,9 +78,10 @@ class _Row(NamedTuple):
     quad: torch.Tensor  # Delta^2 / (4u) = z^2 big
 
 
-def _rows(x, logvar, log_s=True):
+def _rows(x, logvar, log_s=True, partners=None):
     """The pairs ``i < j`` of experts with offsets ``x`` and log-variances ``logvar`` ``(..., M, D)``, one
-    ``_Row`` per ``i`` (together the pairs in ``pair_indices`` order), made as they are consumed: the passes keep
+    ``_Row`` per ``i`` (together the pairs in ``pair_indices`` order; ``partners``, from ``_kept_partners``, keeps
+    only the listed pairs and skips empty rows), made as they are consumed: the passes keep
     one row's tensors at a time, not all of them (on the CPU every extra megabyte alive costs cache misses). Each
     row broadcasts expert ``i`` against the experts after it: slices, no gathered copies. Each pair costs two
     sigmoids and one logarithm (on the CPU ``expm1`` and ``log1p`` cost several times as much), the square roots
@@ -87,8 +93,10 @@ def _rows(x, logvar, log_s=True):
     that size cancel). ``log_s=False`` leaves ``neg_log_s`` and ``log_2big`` out (``None``): the backward passes
     need neither."""
     g = torch.exp(-0.5 * logvar).mul_(0.5)
-    for i in range(x.shape[-2] - 1):
-        here, after = slice(i, i + 1), slice(i + 1, None)
+    for i, after in enumerate(_partner_index(x.shape[-2], partners, x.device)):
+        if after is None:
+            continue
+        here = slice(i, i + 1)
         dlv = logvar[..., here, :] - logvar[..., after, :]
         half_a = dlv.abs().sum(-1).mul_(0.5) if log_s else None
         # sigmoids rather than a select from big and 1 - big: 1 - big loses the digits of a small ratio
@@ -102,7 +110,7 @@ def _rows(x, logvar, log_s=True):
         quad = (z * z).mul_(big)
         neg_log_s = quad.sum(-1).add_(half_a.sub_(log_2big.sum(-1)), alpha=0.5) if log_s else None
         loc = torch.addcmul(x[..., here, :], r_i, delta)
-        yield _Row(neg_log_s, loc, log_2big, delta, r_i, r_j, big, t, z, quad)
+        yield _Row(i, after, neg_log_s, loc, log_2big, delta, r_i, r_j, big, t, z, quad)
 
 
 def _row_backward(row, d_loc, d_lv, d_neg_log_s):
@@ -131,8 +139,70 @@ def _row_backward(row, d_loc, d_lv, d_neg_log_s):
     return dx_i, dx_j, dlv_i, dlv_j
 
 
-def _row_sizes(m):
-    return [m - 1 - i for i in range(m - 1)]
+def _row_sizes(m, partners=None):
+    """The number of pairs in each row that ``_rows`` yields."""
+    if partners is None:
+        return [m - 1 - i for i in range(m - 1)]
+    return [len(row) for row in partners if row]
+
+
+def _partner_index(m, partners, device):
+    """Per expert ``i < m - 1``: its partners as a slice (a contiguous run), an index tensor, or ``None`` (none)."""
+    for i in range(m - 1):
+        row = range(i + 1, m) if partners is None else partners[i]
+        if not row:
+            yield None
+        elif row[-1] - row[0] == len(row) - 1:
+            yield slice(row[0], row[-1] + 1)
+        else:
+            yield torch.tensor(row, device=device)
+
+
+def _kept_partners(mu, logvar, log_w):
+    r"""The pairs of experts ``(..., M, D)`` with log-weights ``log_w`` ``(..., M)`` whose components change the
+    moment-matched pool in some sample, as the partners ``j > i`` of each expert ``i``; ``None`` where that is every
+    pair, or where the pairs cannot be chosen by value (under ``torch.compile`` or ``torch.func`` transforms, or
+    while a CUDA graph is captured).
+
+    A pair is left out where one of its experts is absent (its weight is exactly zero), or where, in every sample,
+    :math:`\log S_{ij} + |\log\lambda_i - \log\lambda_j| + \log(10 P) < 3 \log\epsilon` (:math:`P` pairs,
+    :math:`\epsilon` the dtype's resolution; -48 in float32, -108 in float64). Leaving out a pair changes the pool's
+    mean by at most :math:`4 S_{ij}` of its standard deviation and its variance by at most
+    :math:`5 S_{ij}(\lambda_i / \lambda_j + \lambda_j / \lambda_i)` relative (the pair's weight
+    :math:`2\lambda_i\lambda_j S_{ij}` against the experts' own :math:`\lambda_i^2`, :math:`\lambda_j^2`, whose
+    components are always kept): a threshold of the resolution cubed leaves the gradients' extra factors (powers of
+    :math:`\log S_{ij}`, ratios of the experts' scales) room below the resolution too. :math:`\log S_{ij}` is
+    bounded without forming the pairs: it is at most :math:`-\sum_d \Delta_d^2 / (8 V_d)` with :math:`V_d` the
+    largest present variance at :math:`d`, a squared distance between the experts scaled by :math:`(8 V)^{-1/2}`,
+    from one Gram matrix per sample (its rounding, ``(2D + 16) eps`` of the squared norms, is subtracted). Experts
+    that stopped overlapping, as a trained HELVAE's do, leave every pair out, and the pool costs about what the
+    moment-matched mixture of the experts does."""
+    m = mu.shape[-2]
+    tensors = (mu, logvar, log_w)
+    if (m < 2 or torch.compiler.is_compiling() or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+            or (mu.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+        return None
+    with torch.no_grad():
+        eps = torch.finfo(mu.dtype).eps
+        present = log_w > -math.inf
+        if bool(present.all()):
+            top = logvar.amax(-2, keepdim=True)
+        else:  # absent experts' values are arbitrary: only the present set the scale (their own pairs are left out)
+            hidden = torch.full((), -math.inf, dtype=logvar.dtype, device=logvar.device)
+            top = torch.where(present.unsqueeze(-1), logvar, hidden).amax(-2, keepdim=True)
+        # no common offset is subtracted: it would cost a pass, and only the rounding allowance grows without it
+        y = mu * torch.exp(-0.5 * (top + math.log(8.0)))
+        gram = y @ y.mT
+        norms = gram.diagonal(dim1=-2, dim2=-1)
+        both = norms.unsqueeze(-1) + norms.unsqueeze(-2)
+        # NaN (non-finite inputs) compares false: such a pair is kept, and the pool computes what it did before
+        distance = both - 2 * gram - (2 * mu.shape[-1] + 16) * eps * both
+        spread = (log_w.unsqueeze(-1) - log_w.unsqueeze(-2)).abs()
+        bound = 3 * math.log(eps) - math.log(10 * m * (m - 1) / 2)
+        negligible = (distance - spread > -bound) | ~present.unsqueeze(-1) | ~present.unsqueeze(-2)
+        negligible = negligible.reshape((-1, m, m)).all(0).tolist()
+    partners = tuple(tuple(j for j in range(i + 1, m) if not negligible[i][j]) for i in range(m))
+    return None if all(len(row) == m - 1 - i for i, row in enumerate(partners)) else partners
 
 
 def _reference(mu, log_w):
@@ -156,24 +226,23 @@ def _mix(pi, values):
     return (pi.unsqueeze(-2) @ values).squeeze(-2)
 
 
-def _half_pair_variances(v, i, row):
-    """Half the variances ``2 v_i v_j / u = 2 min(v_i, v_j) v_max / u`` of row ``i``'s pairs, from the experts'
-    ``v``."""
-    return torch.minimum(v[..., i:i + 1, :], v[..., i + 1:, :]).mul_(row.big)
+def _half_pair_variances(v, row):
+    """Half the variances ``2 v_i v_j / u = 2 min(v_i, v_j) v_max / u`` of a row's pairs, from the experts' ``v``."""
+    return torch.minimum(v[..., row.i:row.i + 1, :], v[..., row.after, :]).mul_(row.big)
 
 
-def _forward(mu, logvar, log_w):
+def _forward(mu, logvar, log_w, partners=None):
     """``(mean, logvar, offset, pi)``: the pool's moments, the mean's offset from the reference expert and the
-    mixture weights (experts, then pairs in ``pair_indices`` order)."""
+    mixture weights (experts, then pairs in ``pair_indices`` order, only ``partners``' where given)."""
     x, mu_ref = _reference(mu, log_w)
     m = log_w.shape[-1]
     scale = _scale(x, logvar, log_w)
     v = torch.exp(logvar - scale.unsqueeze(-2))  # variances relative to the scale
-    pairs = [(row.neg_log_s, row.loc, _half_pair_variances(v, i, row)) for i, row in enumerate(_rows(x, logvar))]
-    logits = torch.cat([2 * log_w] + [log_w[..., i:i + 1] + log_w[..., i + 1:] - neg_log_s + _LOG2
-                                      for i, (neg_log_s, _, _) in enumerate(pairs)], -1)
-    pi = torch.softmax(logits, -1)
-    pis = pi.split([m] + _row_sizes(m), -1)
+    rows = _rows(x, logvar, partners=partners)
+    pairs = [(log_w[..., row.i:row.i + 1] + log_w[..., row.after] - row.neg_log_s + _LOG2, row.loc,
+              _half_pair_variances(v, row)) for row in rows]
+    pi = torch.softmax(torch.cat([2 * log_w] + [logit for logit, _, _ in pairs], -1), -1)
+    pis = pi.split([m] + _row_sizes(m, partners), -1)
     offset = sum((_mix(p, loc) for p, (_, loc, _) in zip(pis[1:], pairs)), _mix(pis[0], x))
     h = torch.exp(-0.5 * scale).unsqueeze(-2)
     centre = offset.unsqueeze(-2)
@@ -188,11 +257,11 @@ def _forward(mu, logvar, log_w):
     return mu_ref + offset, scale + torch.log(total), offset, pi
 
 
-def _backward(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar):
+def _backward(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar, partners=None):
     """Gradients of ``_forward``'s mean and log-variance with respect to ``mu``, ``logvar`` and ``log_w``."""
     x, _ = _reference(mu, log_w)
     m = log_w.shape[-1]
-    pis = pi.split([m] + _row_sizes(m), -1)
+    pis = pi.split([m] + _row_sizes(m, partners), -1)
     scale = _scale(x, logvar, log_w)
     v = torch.exp(logvar - scale.unsqueeze(-2))
     q = torch.exp(-0.5 * logvar_out).unsqueeze(-2)
@@ -221,22 +290,24 @@ def _backward(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar)
     # half the pool's variance relative to the scale (at least p_c v_c / 2 for every component: dividing by it
     # never overflows, where its reciprocal would once it falls below e^-88 in float32)
     half_total = torch.exp(logvar_out - scale).mul_(0.5).unsqueeze(-2)
-    for i, (p, row) in enumerate(zip(pis[1:], _rows(dev_x, logvar, log_s=False))):
-        d_loc, d_lv, d_logit = component(p, row.loc, _half_pair_variances(v, i, row).div_(half_total))
+    for p, row in zip(pis[1:], _rows(dev_x, logvar, log_s=False, partners=partners)):
+        i, after = row.i, row.after
+        d_loc, d_lv, d_logit = component(p, row.loc, _half_pair_variances(v, row).div_(half_total))
         dx_i, dx_j, dlv_i, dlv_j = _row_backward(row, d_loc, d_lv, -d_logit)
-        if i == 0:
+        if partners is None and i == 0:
             # row 0 reaches every expert: added out of place, so that the sums carry every input's vmap batching
             # before the other rows are added in place
             grad_log_w = grad_log_w + torch.cat((d_logit.sum(-1, keepdim=True), d_logit), -1)
             grad_x = grad_x + torch.cat((dx_i.unsqueeze(-2), dx_j), -2)
             grad_lv = grad_lv + torch.cat((dlv_i.unsqueeze(-2), dlv_j), -2)
             continue
+        # (partners are distinct, so indexed in-place sums are exact)
         grad_log_w[..., i] += d_logit.sum(-1)
-        grad_log_w[..., i + 1:] += d_logit
+        grad_log_w[..., after] += d_logit
         grad_x[..., i, :] += dx_i
-        grad_x[..., i + 1:, :] += dx_j
+        grad_x[..., after, :] += dx_j
         grad_lv[..., i, :] += dlv_i
-        grad_lv[..., i + 1:, :] += dlv_j
+        grad_lv[..., after, :] += dlv_j
     return grad_x, grad_lv, grad_log_w
 
 
@@ -353,8 +424,8 @@ class _PairComponents(torch.autograd.Function):
         if not rows:
             empty = x.new_zeros(x.shape[:-2] + (0, x.shape[-1]))
             return x.new_zeros(x.shape[:-2] + (0,)), empty, empty.clone()
-        pair_logvar = [torch.minimum(logvar[..., i:i + 1, :], logvar[..., i + 1:, :]).add_(row.log_2big)
-                       for i, row in enumerate(rows)]  # log(2 v_i v_j / u) = log v_min + log(2 v_max / u)
+        pair_logvar = [torch.minimum(logvar[..., row.i:row.i + 1, :], logvar[..., row.after, :]).add_(row.log_2big)
+                       for row in rows]  # log(2 v_i v_j / u) = log v_min + log(2 v_max / u)
         return (torch.cat([row.neg_log_s for row in rows], -1), torch.cat([row.loc for row in rows], -2),
                 torch.cat(pair_logvar, -2))
 
@@ -394,11 +465,11 @@ def pair_components(x: torch.Tensor, logvar: torch.Tensor):
     return _PairComponents.apply(x, logvar)
 
 
-def _by_rows(fn, batch, tensors):
-    """``fn(*tensors)`` through ``by_rows``, in slices of about ``_chunks.CPU_CHUNK_BYTES`` per row of pairs
-    ``(M - 1, D)`` of ``tensors[0]`` ``(..., M, D)``."""
+def _by_rows(fn, batch, tensors, *constants):
+    """``fn(*tensors, *constants)`` through ``by_rows``, in slices of about ``_chunks.CPU_CHUNK_BYTES`` per row of
+    pairs ``(M - 1, D)`` of ``tensors[0]`` ``(..., M, D)``."""
     m, d = tensors[0].shape[-2:]
-    return by_rows(fn, batch, tensors, row_elements=max(1, m - 1) * d)
+    return by_rows(fn, batch, tensors, *constants, row_elements=max(1, m - 1) * d)
 
 
 #: ``fused=True`` unrolls the pairs up to this many experts; beyond, the graph (growing as M^2) takes many minutes
@@ -478,7 +549,7 @@ class _HellingerMoments(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(mu, logvar, log_w, fused):
+    def forward(mu, logvar, log_w, fused, partners):
         path = _fused_path(mu, logvar, log_w) if fused else "eager"
         if path == "kernel":
             inputs = (t.contiguous() for t in flat((mu, logvar, log_w), mu.shape[:-2]))  # the kernel's layout
@@ -487,11 +558,11 @@ class _HellingerMoments(torch.autograd.Function):
             unrolled = mu.shape[-2] <= UNROLL_MAX_EXPERTS
             return _run("forward" if unrolled else "forward_rows", _forward_unrolled if unrolled else _forward, mu,
                         logvar, log_w)
-        return _by_rows(_forward, mu.shape[:-2], (mu, logvar, log_w))
+        return _by_rows(_forward, mu.shape[:-2], (mu, logvar, log_w), partners)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        mu, logvar, log_w, ctx.fused = inputs
+        mu, logvar, log_w, ctx.fused, ctx.partners = inputs
         _, logvar_out, offset, pi = output
         ctx.mark_non_differentiable(offset, pi)
         ctx.save_for_backward(mu, logvar, log_w, offset, logvar_out, pi)
@@ -511,8 +582,8 @@ class _HellingerMoments(torch.autograd.Function):
             grads = _run("backward" if unrolled else "backward_rows", _backward_unrolled if unrolled else _backward,
                          *tensors)
         else:
-            grads = _by_rows(_backward, batch, tensors)
-        return (*grads, None)
+            grads = _by_rows(_backward, batch, tensors, ctx.partners)
+        return (*grads, None, None)
 
 
 def hellinger_moments(mu: torch.Tensor, logvar: torch.Tensor, log_weights: torch.Tensor, fused: bool = False):
@@ -522,4 +593,6 @@ def hellinger_moments(mu: torch.Tensor, logvar: torch.Tensor, log_weights: torch
     mu = mu.expand(batch + mu.shape[-2:])
     logvar = logvar.expand(batch + logvar.shape[-2:])
     log_weights = log_weights.expand(batch + log_weights.shape[-1:])
-    return _HellingerMoments.apply(mu, logvar, log_weights, bool(fused))[:2]
+    # the fused paths form no pair tensors: they gain nothing from leaving pairs out
+    partners = None if fused else _kept_partners(mu, logvar, log_weights)
+    return _HellingerMoments.apply(mu, logvar, log_weights, bool(fused), partners)[:2]

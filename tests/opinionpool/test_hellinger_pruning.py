@@ -1,0 +1,184 @@
+"""The eager order-1/2 pool leaves out pairs of experts whose components cannot change it
+(``opinionpool._hellinger._kept_partners``): results and gradients against the mixture written out pair by pair
+(``reference_hellinger``, every pair kept, differentiated by autograd), every pair left out against its exact
+Bhattacharyya coefficient, and the cases where nothing may be left out."""
+
+import math
+
+import pytest
+import torch
+
+import opinionpool._chunks as chunks_module
+import opinionpool._hellinger as hellinger_module
+import opinionpool.functional as opf
+from tests.opinionpool.test_hellinger_function import reference_hellinger
+
+
+def clustered(dtype=torch.float64, far=60.0, seed=0, batch=3, dim=6):
+    """Five experts ``(M, B, D)`` in two clusters: 0, 1 and 3 overlap, 2 and 4 overlap, the clusters ``far`` apart
+    (in units of about one standard deviation). The pairs that matter are then (0, 1), (0, 3), (1, 3) and (2, 4):
+    expert 0's partners are not a contiguous run (the indexed path)."""
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.tensor([0.0, 0.0, far, 0.0, far]).view(5, 1, 1)
+    mu = (centre + 0.5 * torch.randn(5, batch, dim, generator=g, dtype=torch.float64)).to(dtype)
+    logvar = (0.4 * torch.randn(5, batch, dim, generator=g, dtype=torch.float64)).to(dtype)
+    weights = (torch.rand(batch, 5, generator=g, dtype=torch.float64) + 0.1).to(dtype)
+    return mu, logvar, weights
+
+
+def log_bhattacharyya(mu, logvar):
+    """Exact ``log S_ij`` ``(B, M, M)`` of experts ``(M, B, D)`` in float64, written out."""
+    mu, logvar = mu.double(), logvar.double()
+    vi, vj = logvar.exp().unsqueeze(1), logvar.exp().unsqueeze(0)
+    delta = mu.unsqueeze(1) - mu.unsqueeze(0)
+    terms = 0.5 * torch.log(2 * (vi * vj).sqrt() / (vi + vj)) - delta**2 / (4 * (vi + vj))
+    return terms.sum(-1).permute(2, 0, 1)
+
+
+def kept(mu, logvar, log_w):
+    return hellinger_module._kept_partners(mu.movedim(0, -2), logvar.movedim(0, -2), log_w)
+
+
+def test_clusters_keep_exactly_the_overlapping_pairs():
+    mu, logvar, weights = clustered()
+    assert kept(mu, logvar, weights.log()) == ((1, 3), (3,), (4,), (), ())
+    # an expert absent from every sample has no pairs; one absent from some samples keeps them for the others
+    log_w = weights.log()
+    log_w[:, 4] = -math.inf
+    log_w[0, 1] = -math.inf
+    assert kept(mu, logvar, log_w) == ((1, 3), (3,), (), (), ())
+    # overlapping experts keep every pair: None, the path without index bookkeeping
+    assert kept(0.01 * mu, logvar, weights.log()) is None
+
+
+@pytest.mark.parametrize("case", ["plain", "weights", "mask", "mask-weights-prior"])
+def test_values_and_gradients_equal_the_written_out_mixture(case):
+    """float64, asymmetric per-sample weights, masks (expert 4 absent in one sample) and the prior expert: values to
+    1e-12 and gradients to 1e-10 of the mixture with every pair, whose far pairs weigh about e^-200."""
+    mu, logvar, weights = clustered()
+    mask = torch.ones(5, 3, dtype=torch.bool)
+    mask[4, 1] = False
+    kwargs = {}
+    if "weights" in case:
+        kwargs["weights"] = torch.cat((weights, torch.full((3, 1), 0.3, dtype=torch.float64)), -1) \
+            if "prior" in case else weights
+    if "mask" in case:
+        kwargs["mask"] = mask
+    if "prior" in case:
+        kwargs["prior_expert"] = True
+    inputs = [mu.clone().requires_grad_(True), logvar.clone().requires_grad_(True)]
+    if "weights" in kwargs:
+        inputs.append(kwargs.pop("weights").clone().requires_grad_(True))
+    results = []
+    for pool in (opf.hellinger, reference_hellinger):
+        for t in inputs:
+            t.grad = None
+        loc, lv = pool(*inputs[:2], weights=inputs[2] if len(inputs) > 2 else None, **kwargs)
+        (loc.sin().sum() + (lv * lv).sum()).backward()
+        results.append((loc.detach(), lv.detach(), *(t.grad.clone() for t in inputs)))
+    (loc, lv, *grads), (ref_loc, ref_lv, *ref_grads) = results
+    torch.testing.assert_close(loc, ref_loc, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lv, ref_lv, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_pruned_pool_is_as_accurate_as_every_pair():
+    """float32 against the float64 mixture: leaving pairs out changes nothing at float32's resolution (the same
+    outputs and gradients as the path with every pair, bit for bit here, and both within 1e-5 of float64)."""
+    mu, logvar, weights = clustered(torch.float32, batch=16, dim=32)
+    log_w = weights.log()
+    outputs = []
+    for partners in (kept(mu, logvar, log_w), None):
+        assert partners is None or sum(map(len, partners)) == 4
+        inputs = [t.movedim(0, -2).clone().requires_grad_(True) for t in (mu, logvar)] + [log_w.clone()]
+        inputs[2].requires_grad_(True)
+        mean, lv = hellinger_module._HellingerMoments.apply(*inputs, False, partners)[:2]
+        (mean.sin().sum() + (lv * lv).sum()).backward()
+        outputs.append((mean, lv, *(t.grad for t in inputs)))
+    for pruned, full in zip(*outputs):
+        torch.testing.assert_close(pruned, full, rtol=2e-6, atol=1e-6)
+    ref_loc, ref_lv = reference_hellinger(mu.double(), logvar.double(), weights=weights.double())
+    torch.testing.assert_close(outputs[0][0].double(), ref_loc, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs[0][1].double(), ref_lv, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_pair_left_out_meets_the_bound_with_its_exact_coefficient(dtype):
+    """Random experts at many separations, scales and weight spreads: for each pair left out, in every sample,
+    ``log S + |log w_i - log w_j| + log(10 P) < 3 log eps`` with the exact (float64) ``log S``; and some pairs are
+    left out and some kept across the cases (the check is not vacuous)."""
+    eps = torch.finfo(dtype).eps
+    left_out = kept_somewhere = 0
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        m, batch, dim = 2 + seed % 4, 4, 1 + seed % 40
+        # separations about the threshold: sum_d Delta^2 / (8 v) from 10 to 1000 nats
+        target = 10 ** (1 + 2 * torch.rand((), generator=g).item())
+        spread = math.sqrt(8 * target / dim)
+        scale = 10 ** (6 * torch.rand((), generator=g).item() - 3)
+        mu = (spread * torch.randn(m, batch, dim, generator=g, dtype=torch.float64) * scale + 1e3 * scale).to(dtype)
+        logvar = (2 * math.log(scale) + torch.randn(m, batch, dim, generator=g, dtype=torch.float64)).to(dtype)
+        log_w = (3 * torch.randn(batch, m, generator=g, dtype=torch.float64)).log_softmax(-1).to(dtype)
+        partners = kept(mu, logvar, log_w)
+        if partners is None:
+            kept_somewhere += 1
+            continue
+        log_s = log_bhattacharyya(mu, logvar)
+        lw = log_w.double()
+        for i in range(m):
+            for j in range(i + 1, m):
+                if j in partners[i]:
+                    kept_somewhere += 1
+                    continue
+                left_out += 1
+                criterion = log_s[:, i, j] + (lw[:, i] - lw[:, j]).abs() + math.log(10 * m * (m - 1) / 2)
+                assert (criterion < 3 * math.log(eps)).all(), (seed, i, j, criterion)
+    assert left_out > 20 and kept_somewhere > 20, (left_out, kept_somewhere)
+
+
+def test_nothing_is_left_out_for_non_finite_inputs_or_under_transforms():
+    mu, logvar, weights = clustered()
+    log_w = weights.log()
+    # a NaN keeps every pair of its expert (NaN compares false), so the pool propagates it as with every pair
+    bad = mu.clone()
+    bad[2, 0, 0] = math.nan
+    assert kept(bad, logvar, log_w) == ((1, 2, 3), (2, 3), (3, 4), (), ())
+    pruned = opf.hellinger(bad, logvar, weights=weights, validate_args=False)
+    full = reference_hellinger(bad, logvar, weights=weights)
+    for got, want in zip(pruned, full):
+        assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any()
+    seen = []
+    original = hellinger_module._kept_partners
+
+    def recording(*args):
+        seen.append(original(*args))
+        return seen[-1]
+
+    hellinger_module._kept_partners = recording
+    try:
+        x, lv = mu.movedim(0, -2), logvar.movedim(0, -2)
+        moments = hellinger_module.hellinger_moments
+        torch.func.vmap(lambda m: moments(m, lv[0], log_w[0])[0])(x)
+        torch.func.grad(lambda m: moments(m, lv, log_w)[0].sum())(x)
+        moments(x, lv, log_w)
+    finally:
+        hellinger_module._kept_partners = original
+    assert seen == [None, None, ((1, 3), (3,), (4,), (), ())]
+
+
+def test_pruned_pool_in_slices_of_the_batch_equals_one_pass_and_gradchecks(monkeypatch):
+    """The slices of the batch (``CPU_CHUNK_BYTES``) share one choice of pairs; gradcheck on the pruned pool (the
+    pairs left out carry gradients far below gradcheck's tolerance)."""
+    mu, logvar, weights = clustered(batch=5, dim=3)
+    results = []
+    for chunk in (1 << 40, 2 * 4 * 3 * 8):  # the whole batch; two rows of (M - 1) pairs of float64
+        monkeypatch.setattr(chunks_module, "CPU_CHUNK_BYTES", chunk)
+        inputs = [t.clone().requires_grad_(True) for t in (mu, logvar, weights)]
+        loc, lv = opf.hellinger(*inputs[:2], weights=inputs[2])
+        (loc.sin().sum() + (lv * lv).sum()).backward()
+        results.append((loc, lv, *(t.grad for t in inputs)))
+    for whole, sliced in zip(*results):
+        torch.testing.assert_close(sliced, whole, rtol=1e-13, atol=1e-13)
+    inputs = [t.clone().requires_grad_(True) for t in (mu, logvar, weights)]
+    assert torch.autograd.gradcheck(lambda a, b, w: opf.hellinger(a, b, weights=w), inputs)
