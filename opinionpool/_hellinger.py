@@ -48,7 +48,7 @@ import torch
 
 from ._chunks import by_rows, flat, unflat
 
-__all__ = ["hellinger_moments", "pair_components", "pair_indices"]
+__all__ = ["hellinger_moments", "pair_components", "pair_indices", "pairs_of"]
 
 _LOG2 = math.log(2.0)
 
@@ -144,6 +144,14 @@ def _row_sizes(m, partners=None):
     if partners is None:
         return [m - 1 - i for i in range(m - 1)]
     return [len(row) for row in partners if row]
+
+
+def pairs_of(num_experts, partners=None):
+    """The pairs ``(i, j)``, ``i < j``, that ``partners`` (from ``_kept_partners``; ``None``: all) keeps, in the
+    order of ``_rows`` (``pair_indices``' where all are kept)."""
+    if partners is None:
+        return [(i, j) for i in range(num_experts) for j in range(i + 1, num_experts)]
+    return [(i, j) for i, row in enumerate(partners) for j in row]
 
 
 def _partner_index(m, partners, device):
@@ -413,14 +421,15 @@ def _backward_unrolled(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, gra
 
 class _PairComponents(torch.autograd.Function):
     """``(-log S, loc, logvar)`` of the pairs ``i < j`` of experts given as offsets ``x`` and ``logvar``
-    ``(..., M, D)``: ``(..., P)``, ``(..., P, D)``, ``(..., P, D)``; saves only its inputs."""
+    ``(..., M, D)`` (those ``partners`` keeps, ``pairs_of`` order): ``(..., P)``, ``(..., P, D)``, ``(..., P, D)``;
+    saves only its inputs."""
 
     # forward and backward are plain batched tensor code: torch.func.vmap runs them on its batched tensors
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, logvar):
-        rows = list(_rows(x, logvar))
+    def forward(x, logvar, partners):
+        rows = list(_rows(x, logvar, partners=partners))
         if not rows:
             empty = x.new_zeros(x.shape[:-2] + (0, x.shape[-1]))
             return x.new_zeros(x.shape[:-2] + (0,)), empty, empty.clone()
@@ -431,19 +440,30 @@ class _PairComponents(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        x, logvar, ctx.partners = inputs
+        ctx.save_for_backward(x, logvar)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_neg_log_s, d_loc, d_lv):
         x, logvar = ctx.saved_tensors
-        rows = _rows(x, logvar, log_s=False)
-        sizes = _row_sizes(x.shape[-2])
+        partners = ctx.partners
+        rows = _rows(x, logvar, log_s=False, partners=partners)
+        sizes = _row_sizes(x.shape[-2], partners)
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         d_locs = [zero] * len(sizes) if d_loc is None else d_loc.split(sizes, -2)
         d_lvs = [zero] * len(sizes) if d_lv is None else d_lv.split(sizes, -2)
         d_negs = [torch.zeros(x.shape[:-2] + (n,), dtype=x.dtype, device=x.device) for n in sizes] \
             if d_neg_log_s is None else d_neg_log_s.split(sizes, -1)
+        if partners is not None:  # (never under torch.func transforms: summed in place, partners by index)
+            grad_x, grad_logvar = torch.zeros_like(x), torch.zeros_like(logvar)
+            for row, *grads in zip(rows, d_locs, d_lvs, d_negs):
+                dx_i, dx_j, dlv_i, dlv_j = _row_backward(row, *grads)
+                grad_x[..., row.i, :] += dx_i
+                grad_x[..., row.after, :] += dx_j
+                grad_logvar[..., row.i, :] += dlv_i
+                grad_logvar[..., row.after, :] += dlv_j
+            return grad_x, grad_logvar, None
         grad_x, grad_logvar = [], []
         for i, (row, *grads) in enumerate(zip(rows, d_locs, d_lvs, d_negs)):
             dx_i, dx_j, dlv_i, dlv_j = _row_backward(row, *grads)
@@ -453,16 +473,17 @@ class _PairComponents(torch.autograd.Function):
             grad_x.append(torch.cat((before, dx_i.unsqueeze(-2), dx_j), -2))
             grad_logvar.append(torch.cat((before, dlv_i.unsqueeze(-2), dlv_j), -2))
         if not grad_x:
-            return torch.zeros_like(x), torch.zeros_like(logvar)
+            return torch.zeros_like(x), torch.zeros_like(logvar), None
         grad_x, grad_logvar = sum(grad_x[1:], grad_x[0]), sum(grad_logvar[1:], grad_logvar[0])
-        return grad_x, grad_logvar
+        return grad_x, grad_logvar, None
 
 
-def pair_components(x: torch.Tensor, logvar: torch.Tensor):
-    """``(-log S_ij (..., P), loc_ij (..., P, D), logvar_ij (..., P, D))`` of the pairs ``i < j`` (``pair_indices``)
-    of diagonal Gaussians with means ``x`` (offsets from a common reference) and log-variances ``logvar``
-    ``(..., M, D)``; the backward pass recomputes them instead of saving them."""
-    return _PairComponents.apply(x, logvar)
+def pair_components(x: torch.Tensor, logvar: torch.Tensor, partners=None):
+    """``(-log S_ij (..., P), loc_ij (..., P, D), logvar_ij (..., P, D))`` of the pairs ``i < j`` (``pair_indices``;
+    only ``pairs_of(M, partners)`` where ``partners`` from ``_kept_partners`` is given) of diagonal Gaussians with
+    means ``x`` (offsets from a common reference) and log-variances ``logvar`` ``(..., M, D)``; the backward pass
+    recomputes them instead of saving them."""
+    return _PairComponents.apply(x, logvar, partners)
 
 
 def _by_rows(fn, batch, tensors, *constants):

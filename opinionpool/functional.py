@@ -20,7 +20,7 @@ import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from ._chunks import by_rows
-from ._hellinger import hellinger_moments, pair_components, pair_indices
+from ._hellinger import _kept_partners, hellinger_moments, pair_components, pair_indices, pairs_of
 from ._validation import (
     all_finite,
     check_alpha,
@@ -549,13 +549,15 @@ def _subset_weights(weights, member, dtype):
     return torch.where(member, w, torch.zeros((), dtype=dtype, device=member.device))
 
 
-def _subset_components(rows, num_experts):
+def _subset_components(rows, num_experts, pairs):
     """Per subset, the indices of the shared components it can hold: its experts ``c < M`` and its pairs ``M + p``
-    (``p`` in ``pair_indices`` order); ``rows`` lists each subset's experts, or is ``None`` for all of them."""
+    (``p`` the pair's place in ``pairs``, the shared pairs); ``rows`` lists each subset's experts, or is ``None``
+    for all of them."""
     if rows is None:
-        return (tuple(range(num_experts * (num_experts + 1) // 2)),)
-    index = {pair: num_experts + p for p, pair in enumerate(itertools.combinations(range(num_experts), 2))}
-    return tuple(tuple(row) + tuple(index[pair] for pair in itertools.combinations(row, 2)) for row in rows)
+        return (tuple(range(num_experts + len(pairs))),)
+    index = {pair: num_experts + p for p, pair in enumerate(pairs)}
+    return tuple(tuple(row) + tuple(index[pair] for pair in itertools.combinations(row, 2) if pair in index)
+                 for row in rows)
 
 
 def _subset_hellinger(mu, logvar, member, weights, rows=None):
@@ -566,11 +568,19 @@ def _subset_hellinger(mu, logvar, member, weights, rows=None):
     of ``member``'s, but for the stand-in member of an empty subset), or ``None`` when not known (every component
     is then visited for every subset: the same result, more work)."""
     x, reference = _reference_offsets(mu, member)
-    i, j = pair_indices(x.shape[-2], x.device)
-    neg_log_s, loc_p, lv_p = pair_components(x, logvar)
     log_w = log_of_weights(_subset_weights(weights, member, mu.dtype))  # (..., K, M), -inf outside the subset
+    # a pair left out of the pool of all experts is left out of every subset's: within a subset holding both its
+    # experts it weighs as little against their own components (the criterion reads only the two weights, the
+    # same in every subset; an expert in no subset is absent)
+    partners = _kept_partners(x, logvar, log_w.amax(-2))
+    pairs = pairs_of(x.shape[-2], partners)
+    if partners is None:
+        i, j = pair_indices(x.shape[-2], x.device)
+    else:
+        i, j = torch.tensor(pairs, dtype=torch.long, device=x.device).reshape(-1, 2).unbind(-1)
+    neg_log_s, loc_p, lv_p = pair_components(x, logvar, partners)
     logits = torch.cat((2 * log_w, log_w[..., i] + log_w[..., j] - LOG_HALF - neg_log_s.unsqueeze(-2)), -1)
-    components = _subset_components(rows, x.shape[-2])
+    components = _subset_components(rows, x.shape[-2], pairs)
     if len(components) == 1:
         components = components * member.shape[-2]
     # a subset of one component has no spread (its mean is that component's, exactly): nothing to visit

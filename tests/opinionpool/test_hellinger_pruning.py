@@ -12,6 +12,7 @@ import opinionpool._chunks as chunks_module
 import opinionpool._hellinger as hellinger_module
 import opinionpool.functional as opf
 from tests.opinionpool.test_hellinger_function import reference_hellinger
+from tests.opinionpool.test_subset_shared import per_subset
 
 
 def clustered(dtype=torch.float64, far=60.0, seed=0, batch=3, dim=6):
@@ -182,3 +183,51 @@ def test_pruned_pool_in_slices_of_the_batch_equals_one_pass_and_gradchecks(monke
         torch.testing.assert_close(sliced, whole, rtol=1e-13, atol=1e-13)
     inputs = [t.clone().requires_grad_(True) for t in (mu, logvar, weights)]
     assert torch.autograd.gradcheck(lambda a, b, w: opf.hellinger(a, b, weights=w), inputs)
+
+
+def written_out(mu, logvar, weights=None, prior_expert=False):
+    """``reference_hellinger`` of one sample's experts ``(n, D)``."""
+    loc, lv = reference_hellinger(mu[:, None], logvar[:, None], weights=None if weights is None else weights[None],
+                                  prior_expert=prior_expert)
+    return loc[0], lv[0]
+
+
+@pytest.mark.parametrize("prior_expert", [False, True])
+def test_subset_mixtures_leave_out_pairs_and_match_every_subset_written_out(prior_expert, monkeypatch):
+    """MoHELVAE's shared components (``subset_mixture(hellinger, ...)``) leave out the same pairs as the pool of all
+    experts; every subset's moments and the gradients of a loss over all of them, per-sample weights and a mask,
+    against each subset's mixture written out with every pair (autograd through it)."""
+    mu, logvar, weights = clustered(batch=3, dim=4)
+    mask = torch.ones(5, 3, dtype=torch.bool)
+    mask[1, 2] = False
+    weights = torch.cat((weights, torch.full((3, 1), 0.4, dtype=torch.float64)), -1)[:, :5 + prior_expert]
+    seen = []
+    original = hellinger_module._kept_partners
+
+    def recording(*args):
+        seen.append(original(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(opf, "_kept_partners", recording)
+    results = []
+    for shared in (True, False):
+        inputs = [t.clone().requires_grad_(True) for t in (mu, logvar, weights)]
+        if shared:
+            mix = opf.subset_mixture(opf.hellinger, inputs[0], inputs[1], mask=mask, weights=inputs[2].unsqueeze(-2),
+                                     prior_expert=prior_expert)
+            kept, loc, lv = torch.isfinite(mix.log_weights), mix.loc, mix.logvar
+        else:
+            loc, lv = per_subset(written_out, inputs[0], inputs[1], mask, weights=inputs[2], prior_expert=prior_expert)
+            kept = ~loc[..., 0].isnan()
+            loc, lv = torch.where(kept.unsqueeze(-1), loc, 0), torch.where(kept.unsqueeze(-1), lv, 0)
+        k = kept.unsqueeze(-1)
+        ((loc.sin() * k).sum() + (lv * lv * k).sum()).backward()
+        results.append((kept, loc.detach(), lv.detach(), *(t.grad for t in inputs)))
+    # the prior expert N(0, 1) overlaps the cluster about 0 (experts 0, 1 and 3)
+    assert seen == [((1, 3, 5), (3, 5), (4,), (5,), (), ()) if prior_expert else ((1, 3), (3,), (4,), (), ())]
+    (kept, *shared), (expected_kept, *expected) = results
+    assert torch.equal(kept, expected_kept)
+    torch.testing.assert_close(shared[0][kept], expected[0][kept], rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(shared[1][kept], expected[1][kept], rtol=1e-11, atol=1e-11)
+    for got, want in zip(shared[2:], expected[2:]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
