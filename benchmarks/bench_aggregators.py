@@ -105,7 +105,8 @@ VALUE_DEPENDENT = ["hellinger", "object API"]
 def pairs_left_out(mu: torch.Tensor, logvar: torch.Tensor) -> str:
     """How many of the pairs of experts ``(M, B, D)`` the eager alpha = 1/2 pool leaves out, as "n of P"."""
     m = mu.shape[0]
-    partners = _kept_partners(mu.movedim(0, -2), logvar.movedim(0, -2), torch.zeros(mu.shape[1], m, dtype=mu.dtype))
+    partners = _kept_partners(mu.movedim(0, -2), logvar.movedim(0, -2),
+                              torch.zeros(mu.shape[1], m, dtype=mu.dtype, device=mu.device))
     total = m * (m - 1) // 2
     return f"{0 if partners is None else total - sum(map(len, partners))} of {total}"
 

@@ -178,13 +178,18 @@ def _kept_partners(mu, logvar, log_w):
     mean by at most :math:`4 S_{ij}` of its standard deviation and its variance by at most
     :math:`5 S_{ij}(\lambda_i / \lambda_j + \lambda_j / \lambda_i)` relative (the pair's weight
     :math:`2\lambda_i\lambda_j S_{ij}` against the experts' own :math:`\lambda_i^2`, :math:`\lambda_j^2`, whose
-    components are always kept): a threshold of the resolution cubed leaves the gradients' extra factors (powers of
-    :math:`\log S_{ij}`, ratios of the experts' scales) room below the resolution too. :math:`\log S_{ij}` is
-    bounded without forming the pairs: it is at most :math:`-\sum_d \Delta_d^2 / (8 V_d)` with :math:`V_d` the
-    largest present variance at :math:`d`, a squared distance between the experts scaled by :math:`(8 V)^{-1/2}`,
-    from one Gram matrix per sample (its rounding, ``(2D + 16) eps`` of the squared norms, is subtracted). Experts
-    that stopped overlapping, as a trained HELVAE's do, leave every pair out, and the pool costs about what the
-    moment-matched mixture of the experts does."""
+    components are always kept), and the gradients by about the resolution cubed of their own size (the factors
+    the pair's terms carry, powers of :math:`\log S_{ij}` and ratios of the experts' scales, fit in the margin).
+    Entries that only the left-out pairs reach, such as the derivative of the mean with respect to a log-variance
+    between symmetric experts, become exactly zero, where their exact values are that small.
+
+    :math:`\log S_{ij}` is bounded without forming the pairs: it is at most :math:`-\sum_d \Delta_d^2 / (8 V_d)`
+    for any :math:`V_d \ge \max(v_i, v_j)`, a squared distance between the experts scaled by :math:`V^{-1/2}`,
+    hence one Gram matrix per sample (less its rounding, ``(2D + 16) eps`` of the squared norms). ``V`` is the
+    largest present variance; where that bound leaves pairs, a second one takes ``V`` without each sample's widest
+    expert (the largest sum of log-variances) for the pairs without it, so that one broad expert (a prior) does not
+    keep every pair. Experts that stopped overlapping, as a trained HELVAE's do, leave every pair out, and the pool
+    costs about what the moment-matched mixture of the experts does."""
     m = mu.shape[-2]
     tensors = (mu, logvar, log_w)
     if (m < 2 or torch.compiler.is_compiling() or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
@@ -193,24 +198,39 @@ def _kept_partners(mu, logvar, log_w):
     with torch.no_grad():
         eps = torch.finfo(mu.dtype).eps
         present = log_w > -math.inf
-        if bool(present.all()):
-            top = logvar.amax(-2, keepdim=True)
-        else:  # absent experts' values are arbitrary: only the present set the scale (their own pairs are left out)
-            hidden = torch.full((), -math.inf, dtype=logvar.dtype, device=logvar.device)
-            top = torch.where(present.unsqueeze(-1), logvar, hidden).amax(-2, keepdim=True)
-        # no common offset is subtracted: it would cost a pass, and only the rounding allowance grows without it
-        y = mu * torch.exp(-0.5 * (top + math.log(8.0)))
-        gram = y @ y.mT
-        norms = gram.diagonal(dim1=-2, dim2=-1)
-        both = norms.unsqueeze(-1) + norms.unsqueeze(-2)
-        # NaN (non-finite inputs) compares false: such a pair is kept, and the pool computes what it did before
-        distance = both - 2 * gram - (2 * mu.shape[-1] + 16) * eps * both
+        hidden = torch.full((), -math.inf, dtype=logvar.dtype, device=logvar.device)
+        everyone = bool(present.all())
+        # absent experts' values are arbitrary: only the present set the scale (the others' pairs are left out)
+        top = (logvar if everyone else torch.where(present.unsqueeze(-1), logvar, hidden)).amax(-2, keepdim=True)
         spread = (log_w.unsqueeze(-1) - log_w.unsqueeze(-2)).abs()
-        bound = 3 * math.log(eps) - math.log(10 * m * (m - 1) / 2)
-        negligible = (distance - spread > -bound) | ~present.unsqueeze(-1) | ~present.unsqueeze(-2)
+        # (the diagonal is no pair: marked negligible, so that "every pair left out" reads as all())
+        absent = ~present.unsqueeze(-1) | ~present.unsqueeze(-2) | torch.eye(m, dtype=torch.bool, device=mu.device)
+        threshold = -3 * math.log(eps) + math.log(10 * m * (m - 1) / 2)
+        # NaN (non-finite inputs) compares false: such a pair is kept, and the pool computes what it did before
+        negligible = (_scaled_distances(mu, top, eps) - spread > threshold) | absent
+        if m > 2 and not bool(negligible.all()):
+            widest = torch.where(present, logvar.sum(-1), hidden).argmax(-1, keepdim=True)  # (..., 1)
+            others = present & (torch.arange(m, device=mu.device) != widest)
+            top_others = torch.where(others.unsqueeze(-1), logvar, hidden).amax(-2, keepdim=True)
+            # (a sample with no other present expert: its pairs are all absent ones, any finite scale will do)
+            top_others = torch.where(others.any(-1)[..., None, None], top_others, top)
+            without = (torch.arange(m, device=mu.device) != widest).unsqueeze(-1)  # (..., M, 1)
+            closer = _scaled_distances(mu, top_others, eps) - spread > threshold
+            negligible |= closer & without & without.mT
         negligible = negligible.reshape((-1, m, m)).all(0).tolist()
     partners = tuple(tuple(j for j in range(i + 1, m) if not negligible[i][j]) for i in range(m))
     return None if all(len(row) == m - 1 - i for i, row in enumerate(partners)) else partners
+
+
+def _scaled_distances(mu, top, eps):
+    """``(..., M, M)``: a lower bound of ``sum_d (mu_i - mu_j)^2 / (8 e^top_d)`` for experts ``mu (..., M, D)``,
+    from the Gram matrix of ``mu e^(-top / 2)`` less its rounding. (Halving ``top`` and dividing by 8 are exact;
+    the scale's own rounding is then that of ``exp``.)"""
+    y = mu * torch.exp(-0.5 * top)
+    gram = y @ y.mT
+    norms = gram.diagonal(dim1=-2, dim2=-1)
+    both = norms.unsqueeze(-1) + norms.unsqueeze(-2)
+    return (both - 2 * gram - (2 * mu.shape[-1] + 16) * eps * both) / 8
 
 
 def _reference(mu, log_w):

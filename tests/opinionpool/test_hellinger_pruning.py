@@ -231,3 +231,40 @@ def test_subset_mixtures_leave_out_pairs_and_match_every_subset_written_out(prio
     torch.testing.assert_close(shared[1][kept], expected[1][kept], rtol=1e-11, atol=1e-11)
     for got, want in zip(shared[2:], expected[2:]):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("logvar", [-560.8380179465755, -650.5, -31.7, 0.0, 300.25])
+def test_a_pair_just_short_of_the_criterion_is_kept_at_any_scale(logvar):
+    """Two experts of equal variance ``e^logvar``, ``log S`` 3e-12 nats short of leaving them out (mpmath): kept.
+    The scale ``e^(-(logvar + log 8) / 2)`` once rounded its argument to an ulp of ``|logvar|``, enough at -560 to
+    leave such a pair out."""
+    import mpmath
+
+    mpmath.mp.dps = 50
+    eps = torch.finfo(torch.float64).eps
+    limit = -3 * mpmath.log(eps) + mpmath.log(10)  # -log S must exceed this (P = 1, equal weights)
+    for gap, left_out in ((-3e-12, False), (1e-9, True)):
+        half = float(mpmath.sqrt((limit + gap) * 8 * mpmath.exp(logvar)) / 2)
+        mu = torch.tensor([[-half], [half]], dtype=torch.float64)
+        exact = -(2 * mpmath.mpf(half)) ** 2 / (8 * mpmath.exp(logvar))  # log S, equal variances
+        assert (exact < -limit) == left_out
+        partners = hellinger_module._kept_partners(mu, torch.full((2, 1), logvar, dtype=torch.float64),
+                                                   torch.zeros(2, dtype=torch.float64))
+        assert (partners is not None) == left_out, (gap, partners)
+
+
+def test_a_broad_prior_expert_does_not_keep_the_pairs_of_narrow_separated_experts():
+    """Five narrow experts (sd 0.05) about 2 apart per dimension and the N(0, 1) prior expert, which sets the largest
+    variance everywhere: the pairs between the narrow experts are left out (by the bound without each sample's
+    widest expert), and the pool equals the mixture written out."""
+    g = torch.Generator().manual_seed(0)
+    mu = 2.0 * torch.randn(5, 3, 16, generator=g, dtype=torch.float64)
+    logvar = torch.full((5, 3, 16), 2 * math.log(0.05), dtype=torch.float64)
+    with_prior = (torch.cat((mu, torch.zeros_like(mu[:1]))), torch.cat((logvar, torch.zeros_like(logvar[:1]))))
+    partners = kept(*with_prior, torch.zeros(3, 6, dtype=torch.float64))
+    assert partners is not None
+    assert all(j == 5 for row in partners for j in row), partners  # only pairs with the prior may remain
+    loc, lv = opf.hellinger(mu, logvar, prior_expert=True)
+    ref_loc, ref_lv = reference_hellinger(mu, logvar, prior_expert=True)
+    torch.testing.assert_close(loc, ref_loc, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lv, ref_lv, rtol=1e-12, atol=1e-12)
