@@ -8,7 +8,7 @@ Per shape (batch, experts, latent), on the same inputs:
   * subset_mixture over all 2^M - 1 subsets with poe (MoPoE) and hellinger (MoHELVAE), up to ``--max-subset-experts``
 
 The eager alpha = 1/2 pool leaves out pairs of experts whose components provably cannot change it (far apart in
-every sample, as a trained HELVAE's experts are; see ``opinionpool._hellinger._kept_partners``), so its cost depends
+every sample, as a trained HELVAE's experts are; see ``opinionpool._hellinger.kept_partners``), so its cost depends
 on the inputs: the standard-normal inputs of each shape are timed as they are, and the value-dependent candidates
 (``hellinger``, ``object API``) again on overlapping experts (each expert's offset from expert 0 shrunk tenfold),
 where every pair is kept; the "pairs left out" column says how many were left out.
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import opinionpool  # noqa: E402
 import opinionpool.functional as opf  # noqa: E402
-from opinionpool._hellinger import _kept_partners  # noqa: E402
+from opinionpool._hellinger import kept_partners  # noqa: E402
 
 from doc_tables import splice_file  # noqa: E402
 from measure import saved_tensor_bytes  # noqa: E402
@@ -105,7 +105,7 @@ VALUE_DEPENDENT = ["hellinger", "object API"]
 def pairs_left_out(mu: torch.Tensor, logvar: torch.Tensor) -> str:
     """How many of the pairs of experts ``(M, B, D)`` the eager alpha = 1/2 pool leaves out, as "n of P"."""
     m = mu.shape[0]
-    partners = _kept_partners(mu.movedim(0, -2), logvar.movedim(0, -2),
+    partners = kept_partners(mu.movedim(0, -2), logvar.movedim(0, -2),
                               torch.zeros(mu.shape[1], m, dtype=mu.dtype, device=mu.device))
     total = m * (m - 1) // 2
     return f"{0 if partners is None else total - sum(map(len, partners))} of {total}"

@@ -17,7 +17,7 @@ rows and applies the analytic derivatives (:math:`\partial\log S/\partial\mu`,
 :math:`\partial m/\partial\log v = \Delta r_i r_j`, ...). Eagerly on the CPU both passes work through the batch
 in slices of about ``_chunks.CPU_CHUNK_BYTES`` per row of pairs, so that temporaries are reused from the allocator
 instead of being faulted in page by page. The eager passes also leave out the pairs whose components provably
-change neither the pool nor its gradients at the dtype's resolution in any sample (``_kept_partners``: one Gram
+change neither the pool nor its gradients at the dtype's resolution in any sample (``kept_partners``: one Gram
 matrix of the scaled means per sample bounds every ``S_ij``): experts that stopped overlapping, as a trained
 HELVAE's do, then cost about what the moment-matched mixture of the experts does.
 
@@ -48,16 +48,9 @@ import torch
 
 from ._chunks import by_rows, flat, unflat
 
-__all__ = ["hellinger_moments", "pair_components", "pair_indices", "pairs_of"]
+__all__ = ["hellinger_moments", "kept_partners", "pair_components", "pairs_of"]
 
 _LOG2 = math.log(2.0)
-
-
-def pair_indices(num_experts: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pairs ``i < j`` of ``num_experts`` experts as two index tensors, row by row. Made afresh at each call: a
-    cached tensor made inside a ``torch.func`` transform would outlive the transform's level."""
-    i, j = torch.triu_indices(num_experts, num_experts, 1, device=device)
-    return i, j
 
 
 class _Row(NamedTuple):
@@ -80,8 +73,8 @@ class _Row(NamedTuple):
 
 def _rows(x, logvar, log_s=True, partners=None):
     """The pairs ``i < j`` of experts with offsets ``x`` and log-variances ``logvar`` ``(..., M, D)``, one
-    ``_Row`` per ``i`` (together the pairs in ``pair_indices`` order; ``partners``, from ``_kept_partners``, keeps
-    only the listed pairs and skips empty rows), made as they are consumed: the passes keep
+    ``_Row`` per ``i`` (together the pairs in ``pairs_of`` order, row by row; ``partners``, from ``kept_partners``,
+    keeps only the listed pairs and skips empty rows), made as they are consumed: the passes keep
     one row's tensors at a time, not all of them (on the CPU every extra megabyte alive costs cache misses). Each
     row broadcasts expert ``i`` against the experts after it: slices, no gathered copies. Each pair costs two
     sigmoids and one logarithm (on the CPU ``expm1`` and ``log1p`` cost several times as much), the square roots
@@ -147,8 +140,8 @@ def _row_sizes(m, partners=None):
 
 
 def pairs_of(num_experts, partners=None):
-    """The pairs ``(i, j)``, ``i < j``, that ``partners`` (from ``_kept_partners``; ``None``: all) keeps, in the
-    order of ``_rows`` (``pair_indices``' where all are kept)."""
+    """The pairs ``(i, j)``, ``i < j``, that ``partners`` (from ``kept_partners``; ``None``: all) keeps, row by row
+    (the order of ``_rows``)."""
     if partners is None:
         return [(i, j) for i in range(num_experts) for j in range(i + 1, num_experts)]
     return [(i, j) for i, row in enumerate(partners) for j in row]
@@ -166,11 +159,13 @@ def _partner_index(m, partners, device):
             yield torch.tensor(row, device=device)
 
 
-def _kept_partners(mu, logvar, log_w):
+def kept_partners(mu, logvar, log_w, pools=False):
     r"""The pairs of experts ``(..., M, D)`` with log-weights ``log_w`` ``(..., M)`` whose components change the
     moment-matched pool in some sample, as the partners ``j > i`` of each expert ``i``; ``None`` where that is every
     pair, or where the pairs cannot be chosen by value (under ``torch.compile`` or ``torch.func`` transforms, or
-    while a CUDA graph is captured).
+    while a CUDA graph is captured). ``pools=True``: ``log_w`` ``(..., K, M)`` weighs the experts in each of ``K``
+    pools of the same experts (subsets); a pair is then kept where it changes any of them (its weights' ratio is
+    taken in each pool that holds both experts).
 
     A pair is left out where one of its experts is absent (its weight is exactly zero), or where, in every sample,
     :math:`\log S_{ij} + |\log\lambda_i - \log\lambda_j| + \log(10 P) < 3 \log\epsilon` (:math:`P` pairs,
@@ -197,14 +192,18 @@ def _kept_partners(mu, logvar, log_w):
         return None
     with torch.no_grad():
         eps = torch.finfo(mu.dtype).eps
-        present = log_w > -math.inf
+        held = log_w > -math.inf
+        present = held.any(-2) if pools else held
         hidden = torch.full((), -math.inf, dtype=logvar.dtype, device=logvar.device)
         everyone = bool(present.all())
         # absent experts' values are arbitrary: only the present set the scale (the others' pairs are left out)
         top = (logvar if everyone else torch.where(present.unsqueeze(-1), logvar, hidden)).amax(-2, keepdim=True)
-        spread = (log_w.unsqueeze(-1) - log_w.unsqueeze(-2)).abs()
         # (the diagonal is no pair: marked negligible, so that "every pair left out" reads as all())
         absent = ~present.unsqueeze(-1) | ~present.unsqueeze(-2) | torch.eye(m, dtype=torch.bool, device=mu.device)
+        both = held.unsqueeze(-1) & held.unsqueeze(-2)
+        spread = torch.where(both, (log_w.unsqueeze(-1) - log_w.unsqueeze(-2)).abs(), hidden)
+        if pools:  # the largest ratio over the pools holding both experts (-inf where none does: absent)
+            spread = spread.amax(-3)
         threshold = -3 * math.log(eps) + math.log(10 * m * (m - 1) / 2)
         # NaN (non-finite inputs) compares false: such a pair is kept, and the pool computes what it did before
         negligible = (_scaled_distances(mu, top, eps) - spread > threshold) | absent
@@ -261,7 +260,7 @@ def _half_pair_variances(v, row):
 
 def _forward(mu, logvar, log_w, partners=None):
     """``(mean, logvar, offset, pi)``: the pool's moments, the mean's offset from the reference expert and the
-    mixture weights (experts, then pairs in ``pair_indices`` order, only ``partners``' where given)."""
+    mixture weights (experts, then the pairs ``pairs_of(M, partners)``)."""
     x, mu_ref = _reference(mu, log_w)
     m = log_w.shape[-1]
     scale = _scale(x, logvar, log_w)
@@ -381,7 +380,7 @@ def _unrolled_mixture(xs, v, pairs, terms):
 
 def _forward_unrolled(mu, logvar, log_w):
     """``_forward`` with the pairs unrolled (the body ``fused=True`` compiles): the same outputs, ``pi`` with the
-    pairs in ``pair_indices`` order."""
+    pairs in ``pairs_of`` order."""
     x, mu_ref = _reference(mu, log_w)
     xs, g, v, scale, pairs, terms = _unrolled_components(x, logvar, log_w)
     if pairs:
@@ -475,23 +474,17 @@ class _PairComponents(torch.autograd.Function):
         d_lvs = [zero] * len(sizes) if d_lv is None else d_lv.split(sizes, -2)
         d_negs = [torch.zeros(x.shape[:-2] + (n,), dtype=x.dtype, device=x.device) for n in sizes] \
             if d_neg_log_s is None else d_neg_log_s.split(sizes, -1)
-        if partners is not None:  # (never under torch.func transforms: summed in place, partners by index)
-            grad_x, grad_logvar = torch.zeros_like(x), torch.zeros_like(logvar)
-            for row, *grads in zip(rows, d_locs, d_lvs, d_negs):
-                dx_i, dx_j, dlv_i, dlv_j = _row_backward(row, *grads)
-                grad_x[..., row.i, :] += dx_i
-                grad_x[..., row.after, :] += dx_j
-                grad_logvar[..., row.i, :] += dlv_i
-                grad_logvar[..., row.after, :] += dlv_j
-            return grad_x, grad_logvar, None
         grad_x, grad_logvar = [], []
-        for i, (row, *grads) in enumerate(zip(rows, d_locs, d_lvs, d_negs)):
+        m = x.shape[-2]
+        for row, *grads in zip(rows, d_locs, d_lvs, d_negs):
             dx_i, dx_j, dlv_i, dlv_j = _row_backward(row, *grads)
             # each row as a (..., M, D) term, summed out of place: the incoming gradients may carry a vmap
-            # batching that the inputs do not (jacrev), or the other way round
-            before = x.new_zeros(x.shape[:-2] + (i, x.shape[-1]))
-            grad_x.append(torch.cat((before, dx_i.unsqueeze(-2), dx_j), -2))
-            grad_logvar.append(torch.cat((before, dlv_i.unsqueeze(-2), dlv_j), -2))
+            # batching that the inputs do not (jacrev, is_grads_batched), or the other way round
+            experts = torch.arange(m, device=x.device)
+            experts = torch.cat((experts[row.i:row.i + 1], experts[row.after]))
+            grad_x.append(x.new_zeros(x.shape).index_copy(-2, experts, torch.cat((dx_i.unsqueeze(-2), dx_j), -2)))
+            grad_logvar.append(x.new_zeros(x.shape).index_copy(-2, experts,
+                                                               torch.cat((dlv_i.unsqueeze(-2), dlv_j), -2)))
         if not grad_x:
             return torch.zeros_like(x), torch.zeros_like(logvar), None
         grad_x, grad_logvar = sum(grad_x[1:], grad_x[0]), sum(grad_logvar[1:], grad_logvar[0])
@@ -499,8 +492,8 @@ class _PairComponents(torch.autograd.Function):
 
 
 def pair_components(x: torch.Tensor, logvar: torch.Tensor, partners=None):
-    """``(-log S_ij (..., P), loc_ij (..., P, D), logvar_ij (..., P, D))`` of the pairs ``i < j`` (``pair_indices``;
-    only ``pairs_of(M, partners)`` where ``partners`` from ``_kept_partners`` is given) of diagonal Gaussians with
+    """``(-log S_ij (..., P), loc_ij (..., P, D), logvar_ij (..., P, D))`` of the pairs ``pairs_of(M, partners)``
+    (all ``i < j`` unless ``partners`` from ``kept_partners`` is given) of diagonal Gaussians with
     means ``x`` (offsets from a common reference) and log-variances ``logvar`` ``(..., M, D)``; the backward pass
     recomputes them instead of saving them."""
     return _PairComponents.apply(x, logvar, partners)
@@ -635,5 +628,5 @@ def hellinger_moments(mu: torch.Tensor, logvar: torch.Tensor, log_weights: torch
     logvar = logvar.expand(batch + logvar.shape[-2:])
     log_weights = log_weights.expand(batch + log_weights.shape[-1:])
     # the fused paths form no pair tensors: they gain nothing from leaving pairs out
-    partners = None if fused else _kept_partners(mu, logvar, log_weights)
+    partners = None if fused else kept_partners(mu, logvar, log_weights)
     return _HellingerMoments.apply(mu, logvar, log_weights, bool(fused), partners)[:2]

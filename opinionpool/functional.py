@@ -20,7 +20,7 @@ import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from ._chunks import by_rows
-from ._hellinger import _kept_partners, hellinger_moments, pair_components, pair_indices, pairs_of
+from ._hellinger import hellinger_moments, kept_partners, pair_components, pairs_of
 from ._validation import (
     all_finite,
     check_alpha,
@@ -569,15 +569,11 @@ def _subset_hellinger(mu, logvar, member, weights, rows=None):
     is then visited for every subset: the same result, more work)."""
     x, reference = _reference_offsets(mu, member)
     log_w = log_of_weights(_subset_weights(weights, member, mu.dtype))  # (..., K, M), -inf outside the subset
-    # a pair left out of the pool of all experts is left out of every subset's: within a subset holding both its
-    # experts it weighs as little against their own components (the criterion reads only the two weights, the
-    # same in every subset; an expert in no subset is absent)
-    partners = _kept_partners(x, logvar, log_w.amax(-2))
+    # a pair is left out where it changes no subset's pool (the criterion reads the pair's weights in each subset
+    # that holds both its experts)
+    partners = kept_partners(x, logvar, log_w, pools=True)
     pairs = pairs_of(x.shape[-2], partners)
-    if partners is None:
-        i, j = pair_indices(x.shape[-2], x.device)
-    else:
-        i, j = torch.tensor(pairs, dtype=torch.long, device=x.device).reshape(-1, 2).unbind(-1)
+    i, j = torch.tensor(pairs, dtype=torch.long, device=x.device).reshape(-1, 2).unbind(-1)
     neg_log_s, loc_p, lv_p = pair_components(x, logvar, partners)
     logits = torch.cat((2 * log_w, log_w[..., i] + log_w[..., j] - LOG_HALF - neg_log_s.unsqueeze(-2)), -1)
     components = _subset_components(rows, x.shape[-2], pairs)

@@ -1,5 +1,5 @@
 """The eager order-1/2 pool leaves out pairs of experts whose components cannot change it
-(``opinionpool._hellinger._kept_partners``): results and gradients against the mixture written out pair by pair
+(``opinionpool._hellinger.kept_partners``): results and gradients against the mixture written out pair by pair
 (``reference_hellinger``, every pair kept, differentiated by autograd), every pair left out against its exact
 Bhattacharyya coefficient, and the cases where nothing may be left out."""
 
@@ -37,7 +37,7 @@ def log_bhattacharyya(mu, logvar):
 
 
 def kept(mu, logvar, log_w):
-    return hellinger_module._kept_partners(mu.movedim(0, -2), logvar.movedim(0, -2), log_w)
+    return hellinger_module.kept_partners(mu.movedim(0, -2), logvar.movedim(0, -2), log_w)
 
 
 def test_clusters_keep_exactly_the_overlapping_pairs():
@@ -150,13 +150,13 @@ def test_nothing_is_left_out_for_non_finite_inputs_or_under_transforms():
     for got, want in zip(pruned, full):
         assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any()
     seen = []
-    original = hellinger_module._kept_partners
+    original = hellinger_module.kept_partners
 
-    def recording(*args):
-        seen.append(original(*args))
+    def recording(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
         return seen[-1]
 
-    hellinger_module._kept_partners = recording
+    hellinger_module.kept_partners = recording
     try:
         x, lv = mu.movedim(0, -2), logvar.movedim(0, -2)
         moments = hellinger_module.hellinger_moments
@@ -164,7 +164,7 @@ def test_nothing_is_left_out_for_non_finite_inputs_or_under_transforms():
         torch.func.grad(lambda m: moments(m, lv, log_w)[0].sum())(x)
         moments(x, lv, log_w)
     finally:
-        hellinger_module._kept_partners = original
+        hellinger_module.kept_partners = original
     assert seen == [None, None, ((1, 3), (3,), (4,), (), ())]
 
 
@@ -202,13 +202,13 @@ def test_subset_mixtures_leave_out_pairs_and_match_every_subset_written_out(prio
     mask[1, 2] = False
     weights = torch.cat((weights, torch.full((3, 1), 0.4, dtype=torch.float64)), -1)[:, :5 + prior_expert]
     seen = []
-    original = hellinger_module._kept_partners
+    original = hellinger_module.kept_partners
 
-    def recording(*args):
-        seen.append(original(*args))
+    def recording(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(opf, "_kept_partners", recording)
+    monkeypatch.setattr(opf, "kept_partners", recording)
     results = []
     for shared in (True, False):
         inputs = [t.clone().requires_grad_(True) for t in (mu, logvar, weights)]
@@ -248,7 +248,7 @@ def test_a_pair_just_short_of_the_criterion_is_kept_at_any_scale(logvar):
         mu = torch.tensor([[-half], [half]], dtype=torch.float64)
         exact = -(2 * mpmath.mpf(half)) ** 2 / (8 * mpmath.exp(logvar))  # log S, equal variances
         assert (exact < -limit) == left_out
-        partners = hellinger_module._kept_partners(mu, torch.full((2, 1), logvar, dtype=torch.float64),
+        partners = hellinger_module.kept_partners(mu, torch.full((2, 1), logvar, dtype=torch.float64),
                                                    torch.zeros(2, dtype=torch.float64))
         assert (partners is not None) == left_out, (gap, partners)
 
@@ -268,3 +268,44 @@ def test_a_broad_prior_expert_does_not_keep_the_pairs_of_narrow_separated_expert
     ref_loc, ref_lv = reference_hellinger(mu, logvar, prior_expert=True)
     torch.testing.assert_close(loc, ref_loc, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lv, ref_lv, rtol=1e-12, atol=1e-12)
+
+
+def test_subset_weights_that_differ_between_subsets_keep_a_pair_any_subset_needs():
+    """Weights ``(K, M)`` give each subset its own: experts 0 and 1 (-log S = 120) weigh 1 and e^-150 in subset
+    {0, 1} and the other way round in {0, 1, 2}. Subset {0, 1} needs the pair (its weight ratio is e^150); the
+    gradients of its mean against the subsets pooled one by one with every pair written out."""
+    delta = (8 * 120.0) ** 0.5  # unit variances: -log S_01 = delta^2 / 8
+    mu = torch.tensor([[[0.0]], [[delta]], [[0.5]]], dtype=torch.float64)
+    logvar = torch.zeros(3, 1, 1, dtype=torch.float64)
+    subsets = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    weights = torch.tensor([[1.0, math.exp(-150), 1.0], [math.exp(-150), 1.0, 1.0]], dtype=torch.float64)
+    per_subset_log_w = torch.where(subsets, weights.log(), -math.inf).unsqueeze(0)  # (B, K, M)
+    x, lv = mu.movedim(0, -2), logvar.movedim(0, -2)
+    # each expert's largest weight over the subsets (ratio 1) would leave the pair out; the subsets' own keep it
+    assert hellinger_module.kept_partners(x, lv, per_subset_log_w.amax(-2)) == ((2,), (), ())
+    assert hellinger_module.kept_partners(x, lv, per_subset_log_w, pools=True) == ((1, 2), (), ())
+    inputs = [t.clone().requires_grad_(True) for t in (mu, logvar, weights)]
+    mix = opf.subset_mixture(opf.hellinger, *inputs[:2], subsets=subsets, weights=inputs[2])
+    mix.loc[0, 0, 0].backward()
+    expected = [t.clone().requires_grad_(True) for t in (mu, logvar, weights)]
+    loc, _ = written_out(expected[0][:2, 0], expected[1][:2, 0], weights=expected[2][0, :2])
+    loc[0].backward()
+    torch.testing.assert_close(mix.loc[0, 0, 0], loc[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(inputs[0].grad[:2], expected[0].grad[:2], rtol=1e-10, atol=0)
+    torch.testing.assert_close(inputs[2].grad[0, :2], expected[2].grad[0, :2], rtol=1e-10, atol=0)
+
+
+def test_pair_components_with_left_out_pairs_under_batched_incoming_gradients():
+    """``autograd.grad(..., is_grads_batched=True)`` runs the backward pass under vmap with batched incoming
+    gradients: the pairs' gradients, with pairs left out (expert 0's partners not contiguous), equal a loop."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    logvar = torch.randn(3, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    partners = ((1, 3, 5), (2, 3), (4,), (), (5,), ())
+    _, loc, _ = hellinger_module.pair_components(x, logvar, partners)
+    incoming = torch.randn((4,) + loc.shape, generator=g, dtype=torch.float64)
+    batched = torch.autograd.grad(loc, (x, logvar), incoming, is_grads_batched=True, retain_graph=True)
+    for k in range(4):
+        one = torch.autograd.grad(loc, (x, logvar), incoming[k], retain_graph=True)
+        for got, want in zip(batched, one):
+            torch.testing.assert_close(got[k], want, rtol=1e-13, atol=1e-13)
