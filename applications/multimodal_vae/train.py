@@ -210,7 +210,10 @@ def sample_grid(model: MultimodalVAE, x, modalities, path: Path) -> torch.Tensor
     x = [t[:8] for t in x]
     outputs = [x]
     m = model.num_modalities
-    with torch.random.fork_rng(devices=[]), evaluating(model):
+    # the draws (prior samples of modality-specific latents) leave the training RNGs as they were, so that a run
+    # resumed from this checkpoint continues as the uninterrupted run does
+    x_device = x[0].device
+    with torch.random.fork_rng(devices=[x_device] if x_device.type == "cuda" else []), evaluating(model):
         shared_mu, shared_logvar, private = model.encode_with_private(x)
         for present in (torch.ones(m, x[0].shape[0], dtype=torch.bool, device=x[0].device),
                         subset_mask((0,), m, x[0].shape[0], x[0].device)):
@@ -388,9 +391,9 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, re
             bar.set_postfix(loss=f"{scalars[0]:.1f}", samples_per_s=f"{speed:.0f}")
             over_time, signum, bad_parameters = stops.agree(bad_parameters)
             if bad_parameters:
-                raise TrainingDiverged(f"non-finite parameters after the optimiser step {where} (loss {scalars[0]:.6g}; "
-                                       f"is train.lr {config.train.lr:g} too large?); no weights were written; last "
-                                       f"good checkpoint: {run.last_good()}")
+                raise TrainingDiverged(f"non-finite parameters or optimiser state after the optimiser step {where} "
+                                       f"(loss {scalars[0]:.6g}; is train.lr {config.train.lr:g} too large?); no "
+                                       f"weights were written; last good checkpoint: {run.last_good()}")
             if stops.reached(step, over_time, signum):
                 stop = True
                 break
@@ -467,12 +470,20 @@ def _step(network, model: MultimodalVAE, optimizer, x, present, autocast, world:
     if not math.isfinite(loss_value):
         raise TrainingDiverged(f"non-finite loss {loss_value} {where}; no weights were written; "
                                f"last good checkpoint: {run.last_good()}")
+    for name, value in zip(SCALARS[1:], (reconstruction_value, kl_value)):
+        if not math.isfinite(value):  # a logged term (a diagnostic where the estimator does not use it)
+            raise TrainingDiverged(f"non-finite {name} {value} {where} behind the finite loss {loss_value:.6g}; the "
+                                   f"step was not taken; no weights were written; last good checkpoint: "
+                                   f"{run.last_good()}")
     if bad_gradients:
         raise TrainingDiverged(f"non-finite gradients {where} behind the finite loss {loss_value:.6g}; the "
                                f"step was not taken; no weights were written; last good checkpoint: "
                                f"{run.last_good()}")
     optimizer.step()
-    bad_parameters = not bool(_all_finite(list(model.parameters())))
+    # the optimiser's state too: a finite gradient whose square overflows Adam's second moment freezes those
+    # parameters (their updates become zero) while the weights stay finite
+    state = [t for entry in optimizer.state.values() for t in entry.values() if isinstance(t, torch.Tensor)]
+    bad_parameters = not bool(_all_finite([*model.parameters(), *state]))
     return (loss_value, reconstruction_value, kl_value), bad_parameters
 
 
@@ -555,8 +566,9 @@ class RunWriter:
         # the last line of defence: a checkpoint never holds non-finite weights (every process agrees)
         finite = _all_finite([*model.state_dict().values(), *_tensors(optimizer.state_dict()["state"])])
         if _all_any(not finite, device) if self.world > 1 else not finite:
-            raise TrainingDiverged(f"non-finite weights at step {step} (epoch {epoch + 1}); refusing to save them; "
-                                   f"no weights were written; last good checkpoint: {self.last_good()}")
+            # (epoch counts the finished epochs; position > 0: the step is in the next one)
+            raise TrainingDiverged(f"non-finite weights at step {step} (epoch {epoch + (position > 0)}); refusing to "
+                                   f"save them; no weights were written; last good checkpoint: {self.last_good()}")
         if self.writes:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                      "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
