@@ -164,6 +164,9 @@ def save_checked(path: Path, state: dict) -> None:
     """``torch.save`` the dict ``state`` atomically with the SHA-256 of its contents under ``"sha256"``."""
     if DIGEST_KEY in state:
         raise ValueError(f"state must not hold the key {DIGEST_KEY!r}; save_checked stores the checksum there")
+    where = _first_nonfinite(state)
+    if where is not None:  # never written: loading refuses such a file anyway
+        raise ValueError(f"refusing to save {path}: {where} holds non-finite values")
     checked = {**state, DIGEST_KEY: digest(state)}
     atomic_write(path, lambda tmp: torch.save(checked, tmp))
 

@@ -71,6 +71,9 @@ def train_classifiers(data, epochs: int = CLASSIFIER_EPOCHS, batch_size: int = 1
             for index, x in batches(data, batch_size, "cpu", shuffle=generator):
                 y = data.labels[index]
                 loss = sum(nn.functional.cross_entropy(c(x_m), y) for x_m, c in zip(x, classifiers))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"the digit classifiers diverged: non-finite loss {loss.item()} at "
+                                             f"step {schedule.last_epoch + 1} of {total} (lr {lr:g})")
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -79,6 +82,8 @@ def train_classifiers(data, epochs: int = CLASSIFIER_EPOCHS, batch_size: int = 1
                     bar.update()
         if bar is not None:
             bar.close()
+    if not all(bool(torch.isfinite(w).all()) for w in classifiers.parameters()):
+        raise FloatingPointError(f"the digit classifiers diverged: non-finite weights after training (lr {lr:g})")
     return classifiers.eval()
 
 
