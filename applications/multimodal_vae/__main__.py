@@ -185,15 +185,16 @@ def main(argv=None) -> int:
         config = load_config(args.preset, args.overrides, args.config)
     except ValueError as error:
         parser.error(str(error))
-    from .files import UnreadableFile
-    from .train import TrainingInterrupted
+    from .train import TrainingDiverged, TrainingInterrupted
     from .train import train as run_training
 
     try:
         run_dir = run_training(config, resume=args.resume)
     except TrainingInterrupted as stop:
         return _stopped(stop)
-    except UnreadableFile as error:
+    # what a user can act on, in one line: a missing checkpoint or data, an existing run folder, a changed setting
+    # on --resume, an unreadable file (ValueErrors), a diverged run
+    except (FileNotFoundError, FileExistsError, ValueError, TrainingDiverged) as error:
         parser.exit(1, f"{parser.prog} train: error: {error}\n")
     print(f"run written to {run_dir}")
     return 0

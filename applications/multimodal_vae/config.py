@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .data import DATASETS
@@ -17,7 +17,7 @@ from .models import check_options
 from .networks import check_activation, check_hidden
 
 __all__ = ["PRESETS", "RANGES", "Config", "DataConfig", "EvalConfig", "ModelConfig", "TrainConfig", "available_presets",
-           "load_config", "to_yaml"]
+           "check_name", "load_config", "load_mapping", "merge_checked", "to_yaml"]
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 
@@ -132,22 +132,47 @@ def load_config(preset: str | None = None, overrides=(), path: str | Path | None
         file = PRESETS / f"{preset}.yaml"
         if not file.is_file():
             raise ValueError(f"unknown preset {preset!r}; available: {', '.join(available_presets())}")
-        layers.append(OmegaConf.load(file))
+        layers.append(load_mapping(file, "preset"))
     if path is not None:
-        try:
-            layers.append(OmegaConf.load(path))
-        except FileNotFoundError:
-            raise ValueError(f"no configuration file at {path}") from None
-        except (OSError, OmegaConfBaseException, yaml.YAMLError) as error:
-            raise ValueError(f"cannot read the configuration file {path}: {error}") from None
-    try:
-        config = OmegaConf.merge(*layers, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as error:
-        message = str(error).split("\n    full_key")[0]
-        key = getattr(error, "full_key", None)  # OmegaConf's message alone drops the section (``lr`` of ``train.lr``)
-        raise ValueError(f"invalid configuration: {message}" + (f" (key {key})" if key else "")) from None
+        layers.append(load_mapping(path, "configuration file"))
+    config = merge_checked("configuration", layers, overrides)
     _check(config)
     return OmegaConf.to_object(config)
+
+
+def load_mapping(path, what: str) -> DictConfig:
+    """The YAML file ``path`` as an OmegaConf mapping; a ``ValueError`` naming it (as ``what``) where it is missing,
+    unreadable, not YAML or not a mapping."""
+    try:
+        node = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ValueError(f"no {what} at {path}") from None
+    except (OSError, OmegaConfBaseException, yaml.YAMLError) as error:
+        raise ValueError(f"cannot read the {what} {path}: {error}") from None
+    if not isinstance(node, DictConfig):
+        raise ValueError(f"the {what} {path} must hold a mapping of keys to values, got a {type(node).__name__}")
+    return node
+
+
+def merge_checked(what: str, layers, overrides=()) -> DictConfig:
+    """``layers`` (the structured schema first) merged with the ``key=value`` overrides; a ``ValueError`` naming
+    the key where a value does not fit the schema."""
+    try:
+        return OmegaConf.merge(*layers, OmegaConf.from_dotlist(list(overrides)))
+    except (OmegaConfBaseException, TypeError) as error:  # TypeError: a section given a plain value (train=3)
+        message = str(error).split("\n    full_key")[0]
+        key = getattr(error, "full_key", None)  # OmegaConf's message alone drops the section (``lr`` of ``train.lr``)
+        if not key:  # a section replaced by a value names no key: the first override that fails alone does
+            key = next((o.split("=")[0] for o in overrides if not _merges(layers, o)), None)
+        raise ValueError(f"invalid {what}: {message}" + (f" (key {key})" if key else "")) from None
+
+
+def _merges(layers, override: str) -> bool:
+    try:
+        OmegaConf.merge(*layers, OmegaConf.from_dotlist([override]))
+    except (OmegaConfBaseException, TypeError):
+        return False
+    return True
 
 
 #: The numeric options' ranges, checked before any work: key -> (lowest, highest, ends excluded ("low", "high"),
@@ -205,7 +230,7 @@ def _check_range(key: str, value) -> None:
     raise ValueError(f"{key} must be {allowed}" + (" (or null)" if optional else "") + f", got {value!r}")
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
     """The run folder is ``{output_dir}/{name}``: a name that is not one plain path component (empty, ``.``,
     ``..``, absolute, or with a separator of any platform) would write elsewhere or into ``output_dir`` itself."""
     if name in ("", ".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute():
@@ -213,7 +238,7 @@ def _check_name(name: str) -> None:
 
 
 def _check(config) -> None:
-    _check_name(config.name)
+    check_name(config.name)
     if config.data.dataset not in DATASETS:
         raise ValueError(f"data.dataset must be one of {sorted(DATASETS)}, got {config.data.dataset!r}")
     model = config.model

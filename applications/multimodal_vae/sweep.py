@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from .config import PRESETS, load_config
+from .config import PRESETS, check_name, load_config, load_mapping, merge_checked
 from .data import load_dataset
 from .evaluation import evaluate_run
 from .files import UnreadableFile, atomic_write, write_text
@@ -117,11 +116,9 @@ def load_sweep(preset: str, overrides=()) -> SweepConfig:
     file = Path(preset) if preset.endswith((".yaml", ".yml")) else SWEEPS / f"{preset}.yaml"
     if not file.is_file():
         raise ValueError(f"unknown sweep preset {preset!r}; available: {', '.join(available_sweeps())}")
-    try:
-        sweep = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepConfig), OmegaConf.load(file),
-                                                    OmegaConf.from_dotlist(list(overrides))))
-    except OmegaConfBaseException as error:
-        raise ValueError(f"invalid sweep configuration: {error}".split("\n    full_key")[0]) from None
+    sweep = OmegaConf.to_object(merge_checked("sweep configuration", [OmegaConf.structured(SweepConfig),
+                                                                      load_mapping(file, "sweep file")], overrides))
+    check_name(sweep.name)  # the sweep's folder, as a run's
     for key in ("models", "betas", "seeds"):
         if not getattr(sweep, key):
             raise ValueError(f"sweep {key} must not be empty")
