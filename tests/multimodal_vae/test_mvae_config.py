@@ -157,6 +157,35 @@ def test_missing_or_broken_files_and_bad_seeds_are_command_line_errors(tmp_path,
     assert not (tmp_path / "data").exists()
 
 
+def test_files_that_are_not_mappings_and_bad_sweep_files_name_the_file(tmp_path):
+    """A configuration or sweep file holding a list, or a sweep file that is not YAML, raised raw TypeErrors and
+    parser tracebacks; a section set to a plain value (``--set train=3``) did not name the key."""
+    from applications.multimodal_vae.sweep import load_sweep
+
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("- train\n- model\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("models: [unclosed\n")
+    with pytest.raises(ValueError, match=r"the configuration file .*listed.yaml must hold a mapping of keys to values, "
+                                         r"got a ListConfig"):
+        load_config("polymnist-helvae-cpu", path=listed)
+    with pytest.raises(ValueError, match=r"the sweep file .*listed.yaml must hold a mapping"):
+        load_sweep(str(listed))
+    with pytest.raises(ValueError, match=r"cannot read the sweep file .*broken.yaml"):
+        load_sweep(str(broken))
+    with pytest.raises(ValueError, match=r"invalid configuration: .*\(key train\)"):
+        load_config("polymnist-helvae-cpu", ["train=3"])
+
+
+def test_a_sweep_name_must_be_one_folder_name():
+    """The sweep's folder is ``{output_dir}/{name}``: ``name=../../x`` wrote its results outside ``output_dir``."""
+    from applications.multimodal_vae.sweep import load_sweep
+
+    for name in ("../../escaped", "a/b", ".."):
+        with pytest.raises(ValueError, match=r"name must be one folder name .*got " + re.escape(repr(name))):
+            load_sweep("polymnist-cpu", [f"name={name}"])
+
+
 @pytest.mark.parametrize("override, key", [("model.beta=-1", "model.beta"), ("train.lr=inf", "train.lr"),
                                            ("data.train_subset=0", "data.train_subset"),
                                            ("train.max_steps=0", "train.max_steps")])

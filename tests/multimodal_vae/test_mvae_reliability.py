@@ -22,7 +22,7 @@ from tiny_runs import free_port, losses, tiny_config
 
 from applications.multimodal_vae import files
 from applications.multimodal_vae.__main__ import main
-from applications.multimodal_vae.config import to_yaml
+from applications.multimodal_vae.config import load_config, to_yaml
 from applications.multimodal_vae.data import cached_tensors
 from applications.multimodal_vae.files import UnreadableFile, owner_tag
 from applications.multimodal_vae.train import TrainingDiverged, TrainingInterrupted, load_checkpoint, load_run, train
@@ -196,6 +196,56 @@ def test_a_damaged_classifier_cache_is_trained_again(tiny_root, monkeypatch):
     assert files.load_checked(cache)["test_accuracy"] == accuracy  # rewritten, intact
 
 
+def test_save_checked_refuses_non_finite_values(tmp_path):
+    path = tmp_path / "state.pt"
+    with pytest.raises(ValueError, match=r"refusing to save .*state.pt: weights.b holds non-finite values"):
+        files.save_checked(path, {"weights": {"a": torch.ones(2), "b": torch.tensor([1.0, float("inf")])}})
+    assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_digit_classifiers_that_diverge_raise_and_are_not_cached(tiny_root, monkeypatch):
+    """An infinite learning rate mid-training: the classifiers used to come back NaN (accuracy 0.1 each, no warning)
+    and were written to the cache."""
+    from applications.multimodal_vae.data import PolyMNIST
+    from applications.multimodal_vae.evaluation import classifiers as evaluation
+
+    original = torch.optim.Adam.step
+    steps = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        steps["n"] += 1
+        if steps["n"] == 2:
+            for group in self.param_groups:
+                group["lr"] = float("inf")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    train_data, test_data = (PolyMNIST(tiny_root / "data", split) for split in ("train", "test"))
+    with pytest.raises(FloatingPointError, match="the digit classifiers diverged: non-finite"):
+        evaluation.classifiers_for(tiny_root / "data", "polymnist", train_data, test_data)
+    assert not (tiny_root / "data" / ".digit-classifiers-v3-3m.pt").exists()
+
+
+def test_expected_training_errors_are_one_line_command_line_errors(tiny_root, capsys):
+    """--resume with no checkpoint, a new run into an existing folder: exit status 1 and one line naming the
+    problem, no traceback."""
+    from applications.multimodal_vae.__main__ import main
+
+    argv = ["train", "--preset", "polymnist-helvae", "--set", f"data.root={tiny_root / 'data'}",
+            "data.build_offline=false", "data.num_modalities=3", "model.latent_dim=4", "model.architecture=conv",
+            "model.hidden=32", "train.batch_size=8", "train.epochs=1", "train.device=cpu",
+            f"output_dir={tiny_root / 'runs'}", "name=cli", "train.tensorboard=false", "train.evaluate_at_end=false"]
+    for args, message in ((argv + ["--resume"], "train: error: "), (argv, None), (argv, "train: error: ")):
+        if message is None:
+            assert main(args) == 0
+            capsys.readouterr()
+            continue
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        err = capsys.readouterr().err
+        assert stop.value.code == 1 and message in err and "Traceback" not in err, err
+
+
 # 2. the NaN stop is true
 
 
@@ -244,30 +294,86 @@ def test_an_infinite_learning_rate_mid_run_stops_with_the_last_finite_checkpoint
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
-    with pytest.raises(TrainingDiverged, match=r"non-finite parameters after the optimiser step at step 5 \(epoch 2, "
-                                               r"batch 2\) .*no weights were written; last good checkpoint: "
+    with pytest.raises(TrainingDiverged, match=r"non-finite parameters or optimiser state after the optimiser step at "
+                                               r"step 5 \(epoch 2, batch 2\) .*no weights were written; last good "
+                                               r"checkpoint: "
                                                r".*lr/checkpoint.pt \(step 3\)"):
         train(tiny_config(tiny_root, "lr", tensorboard="false"), show_progress=False)
     assert finite_checkpoint(tiny_root / "runs" / "lr" / "checkpoint.pt")["step"] == 3
 
 
 def test_save_refuses_a_non_finite_optimiser_state(tiny_root, monkeypatch):
-    """What the per-step checks do not see (the optimiser's moments) is still never written."""
-    steps = {"n": 0}
-    original = torch.optim.Adam.step
+    """The last line of defence: a state the per-step checks passed but that is not finite when saved is never
+    written (here the optimiser's moments, spoiled between the step and the checkpoint of step 3, the last step of
+    epoch 1)."""
+    from applications.multimodal_vae.train import RunWriter
 
-    def step(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        steps["n"] += 1
-        if steps["n"] == 3:
-            next(iter(self.state.values()))["exp_avg_sq"].fill_(float("nan"))
-        return result
+    original = RunWriter.save
 
-    monkeypatch.setattr(torch.optim.Adam, "step", step)
-    with pytest.raises(TrainingDiverged, match=r"non-finite weights at step 3 \(epoch 2\); refusing to save them; no "
+    def save(self, model, optimizer, *args, **kwargs):
+        next(iter(optimizer.state.values()))["exp_avg_sq"].fill_(float("nan"))
+        return original(self, model, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(RunWriter, "save", save)
+    with pytest.raises(TrainingDiverged, match=r"non-finite weights at step 3 \(epoch 1\); refusing to save them; no "
                                                r"weights were written; last good checkpoint: none yet"):
         train(tiny_config(tiny_root, "moments", tensorboard="false"), show_progress=False)
     assert not (tiny_root / "runs" / "moments" / "checkpoint.pt").exists()
+
+
+class GradientSpike(torch.autograd.Function):
+    """The identity, with its gradient scaled by 1e25: finite, but its square overflows float32."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1e25
+
+
+def poison_step(monkeypatch, step, change):
+    """``change(out)`` on the model's outputs at training step ``step`` (1-based)."""
+    from applications.multimodal_vae import models
+
+    calls = {"n": 0}
+    original = models.MultimodalVAE.forward
+
+    def poisoned(self, x, present=None):
+        out = original(self, x, present)
+        calls["n"] += 1
+        if calls["n"] == step:
+            change(out)
+        return out
+
+    monkeypatch.setattr(models.MultimodalVAE, "forward", poisoned)
+
+
+def test_a_gradient_whose_square_overflows_adam_stops_at_that_step(tiny_root, monkeypatch):
+    """A finite gradient of 1e25 at step 4 overflows Adam's second moment to inf (its parameters would stay finite
+    and freeze): training stops at step 4, not at the next checkpoint, and the checkpoint of step 3 stays."""
+    poison_step(monkeypatch, 4, lambda out: out.__setitem__("loss", GradientSpike.apply(out["loss"])))
+    with pytest.raises(TrainingDiverged, match=r"non-finite parameters or optimiser state after the optimiser step at "
+                                               r"step 4 \(epoch 2, batch 1\).*last good checkpoint: "
+                                               r".*spike/checkpoint.pt \(step 3\)"):
+        train(tiny_config(tiny_root, "spike", epochs=3, tensorboard="false"), show_progress=False)
+    assert finite_checkpoint(tiny_root / "runs" / "spike" / "checkpoint.pt")["step"] == 3
+
+
+def test_a_non_finite_logged_term_behind_a_finite_loss_stops_training(tiny_root, monkeypatch):
+    """MMVAE with DReG logs its KL term beside a loss that does not use it: a NaN there stops training at that step
+    (it used to reach metrics.csv silently)."""
+    poison_step(monkeypatch, 2, lambda out: out.__setitem__("kl", out["kl"] * float("nan")))
+    config = load_config("polymnist-helvae", [f"data.root={tiny_root / 'data'}", "data.build_offline=false",
+                                              "data.num_modalities=3", "model.latent_dim=4", "model.architecture=conv",
+                                              "model.hidden=32", "train.batch_size=8", "train.device=cpu",
+                                              f"output_dir={tiny_root / 'runs'}", "name=kl", "train.tensorboard=false",
+                                              "model.name=mmvae", "model.num_samples=2", "model.estimator=dreg"])
+    with pytest.raises(TrainingDiverged, match=r"non-finite kl nan at step 2 \(epoch 1, batch 2\) behind the finite "
+                                               r"loss [-0-9.e+]+; the step was not taken"):
+        train(config, show_progress=False)
+    assert not (tiny_root / "runs" / "kl" / "checkpoint.pt").exists()
 
 
 # 6. nothing lost on a kill, a signal or a move
