@@ -10,8 +10,8 @@ Per shape (batch, experts, latent), on the same inputs:
 The eager alpha = 1/2 pool leaves out pairs of experts whose components provably cannot change it (far apart in
 every sample, as a trained HELVAE's experts are; see ``opinionpool._hellinger.kept_partners``), so its cost depends
 on the inputs: the standard-normal inputs of each shape are timed as they are, and the value-dependent candidates
-(``hellinger``, ``object API``) again on overlapping experts (each expert's offset from expert 0 shrunk tenfold),
-where every pair is kept; the "pairs left out" column says how many were left out.
+(``hellinger``, ``object API``, ``MoHELVAE``) again on overlapping experts (each expert's offset from expert 0
+shrunk tenfold), where every pair is kept; the "pairs left out" column says how many were left out.
 
 Each round runs every candidate once in a fresh random order; a candidate's ratio is taken to PoE's time in the
 same round, and the table gives the median ratio with its interquartile range over rounds (robust to drifting
@@ -99,7 +99,7 @@ def candidates(experts: int, fused: bool, max_subset_experts: int, only=None) ->
 
 
 #: the candidates whose eager cost depends on the inputs' values (pairs left out), timed on both input sets
-VALUE_DEPENDENT = ["hellinger", "object API"]
+VALUE_DEPENDENT = ["hellinger", "object API", "MoHELVAE"]
 
 
 def pairs_left_out(mu: torch.Tensor, logvar: torch.Tensor) -> str:
