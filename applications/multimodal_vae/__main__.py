@@ -175,7 +175,8 @@ def main(argv=None) -> int:
             except FileNotFoundError as error:
                 parser.error(str(error))
             likelihood = metrics["log_likelihood"]
-            print(f"{args.run}: log p(X) {likelihood['joint']:.1f} +- {likelihood['joint_std_error']:.1f} "
+            error = likelihood["joint_std_error"]
+            print(f"{args.run}: log p(X) {likelihood['joint']:.1f} +- {'n/a' if error is None else f'{error:.1f}'} "
                   f"(K = {likelihood['num_samples']}, {likelihood['examples']} tuples), given one modality "
                   f"{likelihood['given_one_modality']:.1f}")
             return 0

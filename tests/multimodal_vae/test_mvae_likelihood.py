@@ -207,3 +207,31 @@ def test_modality_specific_latents_are_sampled_from_their_posteriors():
         many = log_likelihood(model, x, num_samples=40_000, chunk_size=10_000,
                               generator=torch.Generator().manual_seed(7))
         assert torch.allclose(many, exact, atol=0.05), (name, many, exact)
+
+
+def test_one_tuple_reports_no_standard_error_rather_than_nan():
+    """``eval.likelihood_examples=1``: the spread over tuples does not exist (it was NaN in metrics.json, not valid
+    strict JSON, and "± nan" in the report); with two tuples it is their sample standard error."""
+    import json
+    import types
+
+    from applications.multimodal_vae.evaluation import _likelihoods, _std_error
+
+    class Tuples:
+        def __init__(self, x):
+            self.x = x
+
+        def __len__(self):
+            return self.x.shape[0]
+
+        def gather(self, index):
+            return list(self.x[index].unbind(1))
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 1, 1, 4, generator=g)
+    settings = types.SimpleNamespace(seed=0, likelihood_samples=12)
+    one = _likelihoods(model("helvae", 0.3), Tuples(x[:1]), settings)
+    assert one["joint_std_error"] is None and _std_error(one) == "n/a"
+    json.dumps(one, allow_nan=False)
+    two = _likelihoods(model("helvae", 0.3), Tuples(x), settings)["joint_std_error"]
+    assert math.isfinite(two) and two > 0

@@ -226,9 +226,17 @@ def _likelihoods(model, data, settings) -> dict:
                                 num_samples=settings.likelihood_samples, generator=generator) for s in range(m)]
         conditional.append(torch.stack(given).mean(0))
     joint, conditional = torch.cat(joint), torch.cat(conditional)
-    return {"joint": float(joint.mean()), "joint_std_error": float(joint.std() / math.sqrt(len(joint))),
+    # the spread over tuples (n - 1 in the variance): none from a single tuple, where it used to be NaN
+    std_error = float(joint.std() / math.sqrt(len(joint))) if len(joint) > 1 else None
+    return {"joint": float(joint.mean()), "joint_std_error": std_error,
             "given_one_modality": float(conditional.mean()), "num_samples": settings.likelihood_samples,
             "examples": len(data)}
+
+
+def _std_error(likelihood: dict) -> str:
+    """The standard error of log p(X) as printed: ``n/a`` for a single tuple."""
+    error = likelihood.get("joint_std_error")
+    return "n/a" if error is None else f"{error:.1f}"
 
 
 def render_report(config, metrics: dict) -> str:
@@ -269,8 +277,9 @@ def render_report(config, metrics: dict) -> str:
     else:
         lines += [f"Not computed: {metrics['not_computed']}.", ""]
     lines += [
-        f"**Log-likelihood** (importance sampling, K = {ll['num_samples']}, {ll['examples']} tuples): "
-        f"log p(X) = {ll['joint']:.1f} ± {ll['joint_std_error']:.1f}; log p(X_rest | one modality) = "
+        f"**Log-likelihood** (importance sampling, K = {ll['num_samples']}, {ll['examples']} tuples; a stochastic "
+        f"lower bound, and the error is the standard error over tuples, which leaves out the bound's bias): "
+        f"log p(X) = {ll['joint']:.1f} ± {_std_error(ll)}; log p(X_rest | one modality) = "
         f"{ll['given_one_modality']:.1f} (mean over the conditioning modalities).", "",
         f"**Pooling diagnostics** (all modalities): mean log Bhattacharyya coefficient between experts "
         f"{pooling['mean_log_bhattacharyya']:.2f}; Hellinger-pool mass in pairwise components "
