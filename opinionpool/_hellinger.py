@@ -209,13 +209,13 @@ def kept_partners(mu, logvar, log_w, pools=False):
         negligible = (_scaled_distances(mu, top, eps) - spread > threshold) | absent
         if m > 2 and not bool(negligible.all()):
             widest = torch.where(present, logvar.sum(-1), hidden).argmax(-1, keepdim=True)  # (..., 1)
-            others = present & (torch.arange(m, device=mu.device) != widest)
+            without = torch.arange(m, device=mu.device) != widest  # (..., M)
+            others = present & without
             top_others = torch.where(others.unsqueeze(-1), logvar, hidden).amax(-2, keepdim=True)
             # (a sample with no other present expert: its pairs are all absent ones, any finite scale will do)
             top_others = torch.where(others.any(-1)[..., None, None], top_others, top)
-            without = (torch.arange(m, device=mu.device) != widest).unsqueeze(-1)  # (..., M, 1)
             closer = _scaled_distances(mu, top_others, eps) - spread > threshold
-            negligible |= closer & without & without.mT
+            negligible |= closer & without.unsqueeze(-1) & without.unsqueeze(-2)
         negligible = negligible.reshape((-1, m, m)).all(0).tolist()
     partners = tuple(tuple(j for j in range(i + 1, m) if not negligible[i][j]) for i in range(m))
     return None if all(len(row) == m - 1 - i for i, row in enumerate(partners)) else partners
@@ -317,16 +317,18 @@ def _backward(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar,
     # half the pool's variance relative to the scale (at least p_c v_c / 2 for every component: dividing by it
     # never overflows, where its reciprocal would once it falls below e^-88 in float32)
     half_total = torch.exp(logvar_out - scale).mul_(0.5).unsqueeze(-2)
-    for p, row in zip(pis[1:], _rows(dev_x, logvar, log_s=False, partners=partners)):
+    experts = torch.arange(m, device=mu.device)
+    for k, (p, row) in enumerate(zip(pis[1:], _rows(dev_x, logvar, log_s=False, partners=partners))):
         i, after = row.i, row.after
         d_loc, d_lv, d_logit = component(p, row.loc, _half_pair_variances(v, row).div_(half_total))
         dx_i, dx_j, dlv_i, dlv_j = _row_backward(row, d_loc, d_lv, -d_logit)
-        if partners is None and i == 0:
-            # row 0 reaches every expert: added out of place, so that the sums carry every input's vmap batching
-            # before the other rows are added in place
-            grad_log_w = grad_log_w + torch.cat((d_logit.sum(-1, keepdim=True), d_logit), -1)
-            grad_x = grad_x + torch.cat((dx_i.unsqueeze(-2), dx_j), -2)
-            grad_lv = grad_lv + torch.cat((dlv_i.unsqueeze(-2), dlv_j), -2)
+        if k == 0:
+            # the first row added out of place, so that the sums carry every input's vmap batching (jacrev,
+            # is_grads_batched) before the other rows are added in place
+            reached = torch.cat((experts[i:i + 1], experts[after]))
+            grad_log_w = grad_log_w.index_add(-1, reached, torch.cat((d_logit.sum(-1, keepdim=True), d_logit), -1))
+            grad_x = grad_x.index_add(-2, reached, torch.cat((dx_i.unsqueeze(-2), dx_j), -2))
+            grad_lv = grad_lv.index_add(-2, reached, torch.cat((dlv_i.unsqueeze(-2), dlv_j), -2))
             continue
         # (partners are distinct, so indexed in-place sums are exact)
         grad_log_w[..., i] += d_logit.sum(-1)
@@ -475,15 +477,14 @@ class _PairComponents(torch.autograd.Function):
         d_negs = [torch.zeros(x.shape[:-2] + (n,), dtype=x.dtype, device=x.device) for n in sizes] \
             if d_neg_log_s is None else d_neg_log_s.split(sizes, -1)
         grad_x, grad_logvar = [], []
-        m = x.shape[-2]
+        experts = torch.arange(x.shape[-2], device=x.device)
         for row, *grads in zip(rows, d_locs, d_lvs, d_negs):
             dx_i, dx_j, dlv_i, dlv_j = _row_backward(row, *grads)
             # each row as a (..., M, D) term, summed out of place: the incoming gradients may carry a vmap
             # batching that the inputs do not (jacrev, is_grads_batched), or the other way round
-            experts = torch.arange(m, device=x.device)
-            experts = torch.cat((experts[row.i:row.i + 1], experts[row.after]))
-            grad_x.append(x.new_zeros(x.shape).index_copy(-2, experts, torch.cat((dx_i.unsqueeze(-2), dx_j), -2)))
-            grad_logvar.append(x.new_zeros(x.shape).index_copy(-2, experts,
+            reached = torch.cat((experts[row.i:row.i + 1], experts[row.after]))
+            grad_x.append(x.new_zeros(x.shape).index_copy(-2, reached, torch.cat((dx_i.unsqueeze(-2), dx_j), -2)))
+            grad_logvar.append(x.new_zeros(x.shape).index_copy(-2, reached,
                                                                torch.cat((dlv_i.unsqueeze(-2), dlv_j), -2)))
         if not grad_x:
             return torch.zeros_like(x), torch.zeros_like(logvar), None

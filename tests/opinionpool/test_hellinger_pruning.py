@@ -309,3 +309,23 @@ def test_pair_components_with_left_out_pairs_under_batched_incoming_gradients():
         one = torch.autograd.grad(loc, (x, logvar), incoming[k], retain_graph=True)
         for got, want in zip(batched, one):
             torch.testing.assert_close(got[k], want, rtol=1e-13, atol=1e-13)
+
+
+def test_pool_with_left_out_pairs_under_batched_incoming_gradients():
+    """The pool's backward pass under ``is_grads_batched`` (vmap over the incoming gradients) of one output, so that
+    the other's incoming gradient is an unbatched zero, with pairs left out (expert 0's partners not contiguous, no
+    row reaching every expert): gradients equal a loop. The first row used to be summed out of place only when it
+    was row 0 in full, and the in-place sums then met batched terms in unbatched tensors."""
+    mu, logvar, weights = clustered()
+    inputs = [t.movedim(0, -2).clone().requires_grad_(True) for t in (mu, logvar)]
+    inputs.append(weights.log().requires_grad_(True))
+    assert hellinger_module.kept_partners(*(t.detach() for t in inputs)) == ((1, 3), (3,), (4,), (), ())
+    g = torch.Generator().manual_seed(3)
+    for output in (0, 1):
+        pooled = hellinger_module.hellinger_moments(*inputs)[output]
+        incoming = torch.randn((4,) + pooled.shape, generator=g, dtype=torch.float64)
+        batched = torch.autograd.grad(pooled, inputs, incoming, is_grads_batched=True, retain_graph=True)
+        for k in range(4):
+            one = torch.autograd.grad(pooled, inputs, incoming[k], retain_graph=True)
+            for got, want in zip(batched, one):
+                torch.testing.assert_close(got[k], want, rtol=1e-13, atol=1e-13)
