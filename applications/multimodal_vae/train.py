@@ -482,8 +482,7 @@ def _step(network, model: MultimodalVAE, optimizer, x, present, autocast, world:
     optimizer.step()
     # the optimiser's state too: a finite gradient whose square overflows Adam's second moment freezes those
     # parameters (their updates become zero) while the weights stay finite
-    state = [t for entry in optimizer.state.values() for t in entry.values() if isinstance(t, torch.Tensor)]
-    bad_parameters = not bool(_all_finite([*model.parameters(), *state]))
+    bad_parameters = not bool(_all_finite([*model.parameters(), *_tensors(optimizer.state)]))
     return (loss_value, reconstruction_value, kl_value), bad_parameters
 
 

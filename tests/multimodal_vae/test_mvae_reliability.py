@@ -249,19 +249,22 @@ def test_expected_training_errors_are_one_line_command_line_errors(tiny_root, ca
 # 2. the NaN stop is true
 
 
-class NanGradient(torch.autograd.Function):
-    """The identity whose backward pass returns NaN: a NaN gradient behind a finite loss."""
+class ScaledGradient(torch.autograd.Function):
+    """The identity whose backward pass scales the gradient by ``factor``: NaN gives a NaN gradient behind a finite
+    loss, 1e25 a finite gradient whose square overflows float32."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, factor):
+        ctx.factor = factor
         return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * float("nan")
+        return grad * ctx.factor, None
 
 
-def test_a_nan_gradient_behind_a_finite_loss_stops_before_the_checkpoint_is_overwritten(tiny_root, monkeypatch):
+def poison_step(monkeypatch, step, change):
+    """``change(out)`` on the model's outputs at training step ``step`` (1-based)."""
     from applications.multimodal_vae import models
 
     calls = {"n": 0}
@@ -270,11 +273,16 @@ def test_a_nan_gradient_behind_a_finite_loss_stops_before_the_checkpoint_is_over
     def poisoned(self, x, present=None):
         out = original(self, x, present)
         calls["n"] += 1
-        if calls["n"] == 6:  # the last step of epoch 2, just before its checkpoint
-            out["loss"] = NanGradient.apply(out["loss"])
+        if calls["n"] == step:
+            change(out)
         return out
 
     monkeypatch.setattr(models.MultimodalVAE, "forward", poisoned)
+
+
+def test_a_nan_gradient_behind_a_finite_loss_stops_before_the_checkpoint_is_overwritten(tiny_root, monkeypatch):
+    # step 6: the last step of epoch 2, just before its checkpoint
+    poison_step(monkeypatch, 6, lambda out: out.__setitem__("loss", ScaledGradient.apply(out["loss"], float("nan"))))
     with pytest.raises(TrainingDiverged, match=r"non-finite gradients at step 6 \(epoch 2, batch 3\) behind the finite "
                                                r"loss [0-9.]+; the step was not taken; no weights were written; last "
                                                r"good checkpoint: .*nan/checkpoint.pt \(step 3\)"):
@@ -321,39 +329,10 @@ def test_save_refuses_a_non_finite_optimiser_state(tiny_root, monkeypatch):
     assert not (tiny_root / "runs" / "moments" / "checkpoint.pt").exists()
 
 
-class GradientSpike(torch.autograd.Function):
-    """The identity, with its gradient scaled by 1e25: finite, but its square overflows float32."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * 1e25
-
-
-def poison_step(monkeypatch, step, change):
-    """``change(out)`` on the model's outputs at training step ``step`` (1-based)."""
-    from applications.multimodal_vae import models
-
-    calls = {"n": 0}
-    original = models.MultimodalVAE.forward
-
-    def poisoned(self, x, present=None):
-        out = original(self, x, present)
-        calls["n"] += 1
-        if calls["n"] == step:
-            change(out)
-        return out
-
-    monkeypatch.setattr(models.MultimodalVAE, "forward", poisoned)
-
-
 def test_a_gradient_whose_square_overflows_adam_stops_at_that_step(tiny_root, monkeypatch):
     """A finite gradient of 1e25 at step 4 overflows Adam's second moment to inf (its parameters would stay finite
     and freeze): training stops at step 4, not at the next checkpoint, and the checkpoint of step 3 stays."""
-    poison_step(monkeypatch, 4, lambda out: out.__setitem__("loss", GradientSpike.apply(out["loss"])))
+    poison_step(monkeypatch, 4, lambda out: out.__setitem__("loss", ScaledGradient.apply(out["loss"], 1e25)))
     with pytest.raises(TrainingDiverged, match=r"non-finite parameters or optimiser state after the optimiser step at "
                                                r"step 4 \(epoch 2, batch 1\).*last good checkpoint: "
                                                r".*spike/checkpoint.pt \(step 3\)"):
