@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     if args.command == "evaluate":
         from tqdm import tqdm
 
-        from .evaluation import evaluate_run, reevaluate_likelihood
+        from .evaluation import evaluate_run, format_std_error, reevaluate_likelihood
         from .train import load_run, summary_line
 
         if any(not o.startswith("eval.") for o in args.overrides):
@@ -175,8 +175,7 @@ def main(argv=None) -> int:
             except FileNotFoundError as error:
                 parser.error(str(error))
             likelihood = metrics["log_likelihood"]
-            error = likelihood["joint_std_error"]
-            print(f"{args.run}: log p(X) {likelihood['joint']:.1f} +- {'n/a' if error is None else f'{error:.1f}'} "
+            print(f"{args.run}: log p(X) {likelihood['joint']:.1f} +- {format_std_error(likelihood)} "
                   f"(K = {likelihood['num_samples']}, {likelihood['examples']} tuples), given one modality "
                   f"{likelihood['given_one_modality']:.1f}")
             return 0

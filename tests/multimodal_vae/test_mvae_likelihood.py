@@ -215,7 +215,7 @@ def test_one_tuple_reports_no_standard_error_rather_than_nan():
     import json
     import types
 
-    from applications.multimodal_vae.evaluation import _likelihoods, _std_error
+    from applications.multimodal_vae.evaluation import _likelihoods, format_std_error
 
     class Tuples:
         def __init__(self, x):
@@ -231,7 +231,7 @@ def test_one_tuple_reports_no_standard_error_rather_than_nan():
     x = torch.randn(2, 2, 1, 1, 4, generator=g)
     settings = types.SimpleNamespace(seed=0, likelihood_samples=12)
     one = _likelihoods(model("helvae", 0.3), Tuples(x[:1]), settings)
-    assert one["joint_std_error"] is None and _std_error(one) == "n/a"
+    assert one["joint_std_error"] is None and format_std_error(one) == "n/a"
     json.dumps(one, allow_nan=False)
     two = _likelihoods(model("helvae", 0.3), Tuples(x), settings)["joint_std_error"]
     assert math.isfinite(two) and two > 0

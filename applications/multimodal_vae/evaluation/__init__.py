@@ -80,8 +80,8 @@ from .likelihood import log_likelihood
 
 __all__ = ["CLASSIFIER_EPOCHS", "DigitClassifier", "EVALUATION_FILES", "EncoderClassifier", "accuracy", "classifier_input",
            "classifiers_for", "coherence", "cross_coherence", "draw_sample_grid", "evaluate_run", "fid_scores",
-           "latent_probe", "log_likelihood", "make_classifier", "pooling_diagnostics", "posterior_means",
-           "private_latent_probe", "reevaluate_likelihood", "render_report",
+           "format_std_error", "latent_probe", "log_likelihood", "make_classifier", "pooling_diagnostics",
+           "posterior_means", "private_latent_probe", "reevaluate_likelihood", "render_report",
            "summarise_coherence", "train_classifiers", "training_notice", "training_status", "unconditional_coherence"]
 
 
@@ -233,7 +233,7 @@ def _likelihoods(model, data, settings) -> dict:
             "examples": len(data)}
 
 
-def _std_error(likelihood: dict) -> str:
+def format_std_error(likelihood: dict) -> str:
     """The standard error of log p(X) as printed: ``n/a`` for a single tuple."""
     error = likelihood.get("joint_std_error")
     return "n/a" if error is None else f"{error:.1f}"
@@ -279,7 +279,7 @@ def render_report(config, metrics: dict) -> str:
     lines += [
         f"**Log-likelihood** (importance sampling, K = {ll['num_samples']}, {ll['examples']} tuples; a stochastic "
         f"lower bound, and the error is the standard error over tuples, which leaves out the bound's bias): "
-        f"log p(X) = {ll['joint']:.1f} ± {_std_error(ll)}; log p(X_rest | one modality) = "
+        f"log p(X) = {ll['joint']:.1f} ± {format_std_error(ll)}; log p(X_rest | one modality) = "
         f"{ll['given_one_modality']:.1f} (mean over the conditioning modalities).", "",
         f"**Pooling diagnostics** (all modalities): mean log Bhattacharyya coefficient between experts "
         f"{pooling['mean_log_bhattacharyya']:.2f}; Hellinger-pool mass in pairwise components "
