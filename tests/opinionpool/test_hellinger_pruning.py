@@ -138,7 +138,20 @@ def test_every_pair_left_out_meets_the_bound_with_its_exact_coefficient(dtype):
     assert left_out > 20 and kept_somewhere > 20, (left_out, kept_somewhere)
 
 
-def test_nothing_is_left_out_for_non_finite_inputs_or_under_transforms():
+def recorded_choices(monkeypatch, module):
+    """Every choice of ``kept_partners`` as ``module`` looks it up, appended to the list returned."""
+    seen = []
+    original = hellinger_module.kept_partners
+
+    def recording(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(module, "kept_partners", recording)
+    return seen
+
+
+def test_nothing_is_left_out_for_non_finite_inputs_or_under_transforms(monkeypatch):
     mu, logvar, weights = clustered()
     log_w = weights.log()
     # a NaN keeps every pair of its expert (NaN compares false), so the pool propagates it as with every pair
@@ -149,22 +162,12 @@ def test_nothing_is_left_out_for_non_finite_inputs_or_under_transforms():
     full = reference_hellinger(bad, logvar, weights=weights)
     for got, want in zip(pruned, full):
         assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any()
-    seen = []
-    original = hellinger_module.kept_partners
-
-    def recording(*args, **kwargs):
-        seen.append(original(*args, **kwargs))
-        return seen[-1]
-
-    hellinger_module.kept_partners = recording
-    try:
-        x, lv = mu.movedim(0, -2), logvar.movedim(0, -2)
-        moments = hellinger_module.hellinger_moments
-        torch.func.vmap(lambda m: moments(m, lv[0], log_w[0])[0])(x)
-        torch.func.grad(lambda m: moments(m, lv, log_w)[0].sum())(x)
-        moments(x, lv, log_w)
-    finally:
-        hellinger_module.kept_partners = original
+    seen = recorded_choices(monkeypatch, hellinger_module)
+    x, lv = mu.movedim(0, -2), logvar.movedim(0, -2)
+    moments = hellinger_module.hellinger_moments
+    torch.func.vmap(lambda m: moments(m, lv[0], log_w[0])[0])(x)
+    torch.func.grad(lambda m: moments(m, lv, log_w)[0].sum())(x)
+    moments(x, lv, log_w)
     assert seen == [None, None, ((1, 3), (3,), (4,), (), ())]
 
 
@@ -201,14 +204,7 @@ def test_subset_mixtures_leave_out_pairs_and_match_every_subset_written_out(prio
     mask = torch.ones(5, 3, dtype=torch.bool)
     mask[1, 2] = False
     weights = torch.cat((weights, torch.full((3, 1), 0.4, dtype=torch.float64)), -1)[:, :5 + prior_expert]
-    seen = []
-    original = hellinger_module.kept_partners
-
-    def recording(*args, **kwargs):
-        seen.append(original(*args, **kwargs))
-        return seen[-1]
-
-    monkeypatch.setattr(opf, "kept_partners", recording)
+    seen = recorded_choices(monkeypatch, opf)
     results = []
     for shared in (True, False):
         inputs = [t.clone().requires_grad_(True) for t in (mu, logvar, weights)]
