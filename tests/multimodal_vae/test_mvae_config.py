@@ -136,6 +136,31 @@ def test_type_errors_name_the_key(override, key, capsys):
     assert f"(key {key})" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["2", "0", "1", "-1", "0.5", "Y", "null"])
+def test_booleans_are_true_or_false_not_numbers(value, tmp_path):
+    """OmegaConf reads any number as a boolean: ``train.tensorboard=2`` was accepted as true, ``0`` as false. Every
+    boolean option, in overrides, configuration files and sweep files."""
+    from applications.multimodal_vae.sweep import load_sweep
+
+    booleans = ["data.build_offline", "model.learnable_weights", "train.compile", "train.tensorboard",
+                "train.evaluate_at_end"]
+    for key in booleans:
+        message = r"^invalid configuration: a boolean must be true or false, got .* \(key " + re.escape(key) + r"\)$"
+        with pytest.raises(ValueError, match=message):
+            load_config("polymnist-helvae-cpu", [f"{key}={value}"])
+        section, option = key.split(".")
+        file = tmp_path / "config.yaml"
+        file.write_text(f"{section}:\n  {option}: {value}\n")
+        with pytest.raises(ValueError, match=message):
+            load_config("polymnist-helvae-cpu", path=file)
+        for word in ("true", "false", "yes", "off"):  # YAML's booleans
+            assert getattr(getattr(load_config(None, [f"{key}={word}"]), section), option) is (word in ("true", "yes"))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"name: s\nbreadth_first: {value}\n")
+    with pytest.raises(ValueError, match=r"^invalid sweep configuration: .*\(key breadth_first\)$"):
+        load_sweep(str(sweep))
+
+
 def test_missing_or_broken_files_and_bad_seeds_are_command_line_errors(tmp_path, capsys):
     """They ended in raw FileNotFoundError or YAML tracebacks; a negative build seed failed inside numpy after
     downloading the build's wheels."""
