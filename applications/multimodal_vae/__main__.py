@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     if args.command == "evaluate":
         from tqdm import tqdm
 
-        from .evaluation import evaluate_run, format_std_error, reevaluate_likelihood
+        from .evaluation import describe_bias, evaluate_run, format_std_error, reevaluate_likelihood
         from .train import load_run, summary_line
 
         if any(not o.startswith("eval.") for o in args.overrides):
@@ -177,7 +177,8 @@ def main(argv=None) -> int:
             likelihood = metrics["log_likelihood"]
             print(f"{args.run}: log p(X) {likelihood['joint']:.1f} +- {format_std_error(likelihood)} "
                   f"(K = {likelihood['num_samples']}, {likelihood['examples']} tuples), given one modality "
-                  f"{likelihood['given_one_modality']:.1f}")
+                  f"{likelihood['given_one_modality']:.1f}" + (f"; {describe_bias(likelihood)}"
+                                                               if describe_bias(likelihood) else ""))
             return 0
         print(summary_line(evaluate_run(args.run, config, model, progress=tqdm), args.run))
         return 0

@@ -41,7 +41,7 @@ import opinionpool.functional as opf
 from ..models import as_modalities, evaluating
 from ..objectives import full_precision, standard_normal_log_prob
 
-__all__ = ["log_likelihood"]
+__all__ = ["log_likelihood", "nested_log_likelihoods"]
 
 
 def _check(num_samples: int, chunk_size: int) -> None:
@@ -63,7 +63,23 @@ def log_likelihood(model, x, condition: torch.Tensor | None = None,
         targets: ``(M, B)`` modalities whose likelihood is estimated (default: all, the joint ``log p(X)``).
         num_samples: ``K``; chunk_size: samples decoded at once.
     """
-    _check(num_samples, chunk_size)
+    return nested_log_likelihoods(model, x, (num_samples,), condition, targets, chunk_size, generator)[0]
+
+
+@torch.no_grad()
+def nested_log_likelihoods(model, x, counts, condition: torch.Tensor | None = None,
+                           targets: torch.Tensor | None = None, chunk_size: int = 100,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(len(counts), B)``: the estimates of ``log_likelihood`` from the first ``n`` of one sequence of
+    ``max(counts)`` draws, for each ``n`` in ``counts``. Nested estimates share their draws, so their difference
+    has far less noise than that of independent ones: the rise from ``K/2`` to ``K`` samples is the evaluation's
+    diagnostic of the bound's bias at ``K`` (``evaluation._likelihoods``)."""
+    counts = list(counts)
+    for n in counts:
+        _check(n, chunk_size)
+    if not counts:
+        raise ValueError("counts must hold at least one number of samples")
+    num_samples = max(counts)
     x = as_modalities(x)
     everything = torch.ones(model.num_modalities, x[0].shape[0], dtype=torch.bool, device=x[0].device)
     condition = everything if condition is None else condition
@@ -72,7 +88,7 @@ def log_likelihood(model, x, condition: torch.Tensor | None = None,
     if conditional and (condition & targets).any():
         raise ValueError("condition and targets must be disjoint for a conditional likelihood "
                          "(or equal, for the joint likelihood)")
-    chunks = []
+    chunks = [[] for _ in counts]  # per count, the log-sum-exp of each chunk's samples below it
     with evaluating(model):
         # the proposal is q(z | X_S) for a conditional, q(z | X) (the full subset's, for subset mixtures) for the joint
         mu, logvar, private = model.encode_with_private(x)
@@ -88,10 +104,12 @@ def log_likelihood(model, x, condition: torch.Tensor | None = None,
                 log_weight = full_precision(log_lik).double() + log_ratio
             if not conditional:
                 log_weight = log_weight + standard_normal_log_prob(z.double()) - proposal.log_prob(z).double()
-            chunks.append(torch.logsumexp(log_weight, 0))
-    estimate = torch.logsumexp(torch.stack(chunks), 0) - math.log(num_samples)
+            for n, kept in zip(counts, chunks):
+                if n > start:
+                    kept.append(torch.logsumexp(log_weight[:n - start], 0))
+    estimate = torch.stack([torch.logsumexp(torch.stack(kept), 0) - math.log(n) for n, kept in zip(counts, chunks)])
     if not torch.isfinite(estimate).all():
-        raise FloatingPointError(f"non-finite log-likelihood estimate for {int((~torch.isfinite(estimate)).sum())} "
+        raise FloatingPointError(f"non-finite log-likelihood estimate for {int((~torch.isfinite(estimate)).any(0).sum())} "
                                  "samples")
     return estimate
 
