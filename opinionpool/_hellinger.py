@@ -38,6 +38,7 @@ or compilation fails it warns once and runs the same bodies eagerly.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -147,16 +148,20 @@ def pairs_of(num_experts, partners=None):
     return [(i, j) for i, row in enumerate(partners) for j in row]
 
 
+@functools.lru_cache(maxsize=256)
 def _partner_index(m, partners, device):
-    """Per expert ``i < m - 1``: its partners as a slice (a contiguous run), an index tensor, or ``None`` (none)."""
-    for i in range(m - 1):
-        row = range(i + 1, m) if partners is None else partners[i]
+    """Per expert ``i < m - 1``: its partners as a slice (a contiguous run), an index tensor, or ``None`` (none).
+    Cached: the passes slice the batch and call this per slice, and on a GPU each new index tensor is a copy from
+    the host. (Made outside inference mode, so that a tensor cached there can index under autograd later.)"""
+    def index(row):
         if not row:
-            yield None
-        elif row[-1] - row[0] == len(row) - 1:
-            yield slice(row[0], row[-1] + 1)
-        else:
-            yield torch.tensor(row, device=device)
+            return None
+        if row[-1] - row[0] == len(row) - 1:
+            return slice(row[0], row[-1] + 1)
+        with torch.inference_mode(False):
+            return torch.tensor(row, device=device)
+
+    return tuple(index(range(i + 1, m) if partners is None else partners[i]) for i in range(m - 1))
 
 
 def kept_partners(mu, logvar, log_w, pools=False):

@@ -325,3 +325,21 @@ def test_pool_with_left_out_pairs_under_batched_incoming_gradients():
             one = torch.autograd.grad(pooled, inputs, incoming[k], retain_graph=True)
             for got, want in zip(batched, one):
                 torch.testing.assert_close(got[k], want, rtol=1e-13, atol=1e-13)
+
+
+def test_partner_indices_are_made_once_and_outside_inference_mode():
+    """The passes call ``_partner_index`` once per slice of the batch (on a GPU a host-to-device copy for each new
+    index tensor): the same objects come back, and one first made under ``inference_mode`` can still index tensors
+    that autograd records."""
+    mu, logvar, weights = clustered()
+    hellinger_module._partner_index.cache_clear()
+    with torch.inference_mode():
+        opf.hellinger(mu, logvar, weights=weights)
+    partners = kept(mu, logvar, weights.log())
+    first = hellinger_module._partner_index(5, partners, mu.device)
+    assert isinstance(first[0], torch.Tensor) and first[0].tolist() == [1, 3] and first[1] == slice(3, 4)
+    assert hellinger_module._partner_index(5, partners, mu.device)[0] is first[0]
+    assert not first[0].is_inference()
+    x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    x[first[0]].sum().backward()
+    assert x.grad[:, 0].tolist() == [0.0, 1.0, 0.0, 1.0, 0.0]
