@@ -451,6 +451,93 @@ def test_a_weights_file_that_would_run_code_is_refused_before_running_it(tmp_pat
         torchscript_tensors(path)
 
 
+class _Pickler:
+    """Writes ``data.pkl`` payloads by hand: objects of a ``__torch__`` class (as TorchScript's) and tensors rebuilt
+    from storage ``"0"`` with any geometry, for files ``torch.jit.save`` would never write."""
+
+    class Module:
+        pass
+
+    class Tensor:
+        def __init__(self, size, stride):
+            self.size, self.stride = size, stride
+
+        def __reduce__(self):
+            import collections
+
+            return torch._utils._rebuild_tensor_v2, (_Pickler.storage, 0, self.size, self.stride, False,
+                                                     collections.OrderedDict())
+
+    storage = object()
+
+    @classmethod
+    def dumps(cls, root, monkeypatch) -> bytes:
+        import io
+        import pickle
+        import types
+
+        module = types.ModuleType("__torch__")
+        cls.Module.__module__, cls.Module.__qualname__, module.M = "__torch__", "M", cls.Module
+        monkeypatch.setitem(__import__("sys").modules, "__torch__", module)
+
+        class Pickler(pickle.Pickler):
+            def persistent_id(self, obj):
+                return ("storage", torch.FloatStorage, "0", "cpu", 1) if obj is cls.storage else None
+
+        buffer = io.BytesIO()
+        Pickler(buffer, protocol=2).dump(root)
+        return buffer.getvalue()
+
+
+def test_crafted_tensors_and_compressed_members_are_refused_before_they_take_memory(tmp_path, monkeypatch):
+    """A stride-0 tensor of 2^40 elements over a one-element storage (a 600-byte file that expanded to any size
+    once ``from_fid_helper`` copied it), a deflated storage (which inflates a small file a thousandfold), and an
+    attribute not named by a string (a ``TypeError`` before)."""
+    import zipfile
+
+    from applications.multimodal_vae.evaluation.inception import torchscript_tensors
+
+    path = tmp_path / "crafted.pt"
+
+    def write(root, compression=zipfile.ZIP_STORED):
+        with zipfile.ZipFile(path, "w", compression=compression) as archive:
+            archive.writestr("archive/data.pkl", _Pickler.dumps(root, monkeypatch))
+            archive.writestr("archive/constants.pkl", b"")
+            archive.writestr("archive/data/0", b"\x00\x00\x80\x3f")
+
+    root = _Pickler.Module()
+    root.weight = _Pickler.Tensor((2**40,), (0,))
+    write(root)
+    with pytest.raises(ValueError, match=r"a tensor of shape \(1099511627776,\) on a storage of 1 elements"):
+        torchscript_tensors(path)
+    root.weight = _Pickler.Tensor((1,), (1,))
+    write(root)
+    assert torchscript_tensors(path)["weight"].tolist() == [1.0]
+    write(root, zipfile.ZIP_DEFLATED)
+    with pytest.raises(ValueError, match="data.pkl is compressed"):
+        torchscript_tensors(path)
+    vars(root)[7] = vars(root).pop("weight")
+    write(root)
+    with pytest.raises(ValueError, match="an attribute named 7, not by a string"):
+        torchscript_tensors(path)
+
+
+def test_pytorch_fid_weights_saved_on_a_gpu_load_on_a_cpu(tmp_path, monkeypatch):
+    """``torch.save`` tags a GPU tensor's storage with its device; the file must load where there is none."""
+    from applications.multimodal_vae.evaluation.inception import FIDInceptionV3
+
+    state = {k: v for k, v in FIDInceptionV3().state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "pt_inception.pth"
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, path)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=True)  # the file is tagged as intended
+    network = InceptionFeatures(path, device="cpu").network
+    assert next(network.parameters()).device.type == "cpu"
+
+
 def test_folding_the_batch_norms_keeps_the_function():
     from applications.multimodal_vae.evaluation.inception import FIDInceptionV3, fold_batch_norms
 

@@ -107,7 +107,7 @@ class InceptionFeatures:
                                  "they carry): pass that file, or a pytorch-fid Inception state dict")
             self.centre, self.scale = 128.0, 128.0
         else:
-            network = load_pytorch_fid(self.weights)
+            network = load_pytorch_fid(self.weights, map_location="cpu")  # saved on a GPU or not
             self.centre, self.scale = 127.5, 127.5
         self.network = fold_batch_norms(network).to(self.device)
         self.batch_size = batch_size

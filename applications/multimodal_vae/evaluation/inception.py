@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -260,7 +261,22 @@ class _ScriptedObject:
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     if not isinstance(storage, torch.Tensor):
         raise pickle.UnpicklingError(f"a tensor is built on a {type(storage).__name__}, not on a storage")
+    # at most as many elements as its storage holds: a tiny file could otherwise expand (stride 0) to any size
+    if math.prod(size) > storage.numel():
+        raise pickle.UnpicklingError(f"a tensor of shape {tuple(size)} on a storage of {storage.numel()} elements")
     return storage.as_strided(size, stride, storage_offset)
+
+
+def _untagged(value, type_tag):
+    return value
+
+
+def _stored(archive: zipfile.ZipFile, name: str) -> str:
+    """``name``, a member ``torch.jit.save`` stores uncompressed: a compressed one could inflate a small file to any
+    size."""
+    if archive.getinfo(name).compress_type != zipfile.ZIP_STORED:
+        raise pickle.UnpicklingError(f"{name} is compressed (torch.jit.save stores it as it is)")
+    return name
 
 
 class _TensorsOnly(pickle.Unpickler):
@@ -269,7 +285,7 @@ class _TensorsOnly(pickle.Unpickler):
     archive's storages, and any other global is an error, so nothing in the file is run."""
 
     def __init__(self, archive: zipfile.ZipFile, folder: str):
-        super().__init__(io.BytesIO(archive.read(f"{folder}data.pkl")))
+        super().__init__(io.BytesIO(archive.read(_stored(archive, f"{folder}data.pkl"))))
         self.archive, self.folder, self.storages = archive, folder, {}
 
     def find_class(self, module, name):
@@ -283,6 +299,8 @@ class _TensorsOnly(pickle.Unpickler):
             return collections.OrderedDict
         if module == "torch.jit._pickle" and name.startswith("build_") and name.endswith("list"):
             return list
+        if (module, name) == ("torch.jit._pickle", "restore_type_tag"):  # a typed list or dict attribute
+            return _untagged
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a weights file")
 
     def persistent_load(self, pid):
@@ -290,16 +308,16 @@ class _TensorsOnly(pickle.Unpickler):
             raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
         _, dtype, key, _, _ = pid
         if key not in self.storages:
-            data = bytearray(self.archive.read(f"{self.folder}data/{key}"))
+            data = bytearray(self.archive.read(_stored(self.archive, f"{self.folder}data/{key}")))
             self.storages[key] = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
         return self.storages[key]
 
 
 def torchscript_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensor attributes of a TorchScript file's module tree (``{"net.layers.conv.weight": ...}``, the names
-    of its ``state_dict()``), read without running the file: the code it carries is never loaded. Raises
-    ``ValueError`` naming ``path`` when the file is not such an archive or holds anything but modules and
-    tensors."""
+    """The tensor attributes of a TorchScript file's module tree (``{"net.layers.conv.weight": ...}``: its
+    parameters and buffers under their ``state_dict()`` names, and any other tensor attribute), read without running
+    the file: the code it carries is never loaded. Raises ``ValueError`` naming ``path`` when the file is not such
+    an archive or holds anything but modules, tensors and plain values."""
     try:
         with zipfile.ZipFile(path) as archive:
             pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1]
@@ -316,6 +334,8 @@ def torchscript_tensors(path: Path) -> dict[str, torch.Tensor]:
     while stack:
         prefix, module = stack.pop()
         for name, value in vars(module).items():
+            if not isinstance(name, str):
+                raise ValueError(f"{path}: an attribute named {name!r}, not by a string")
             if isinstance(value, torch.Tensor):
                 tensors[prefix + name] = value
             elif isinstance(value, _ScriptedObject) and id(value) not in seen:  # a crafted file may hold a cycle
