@@ -159,24 +159,37 @@ def load_mapping(path, what: str) -> DictConfig:
 def merge_checked(what: str, layers, overrides=()) -> DictConfig:
     """``layers`` (the structured schema first) merged with the ``key=value`` overrides; a ``ValueError`` naming
     the key where a value does not fit the schema."""
-    given = [*layers[1:], OmegaConf.from_dotlist(list(overrides))]
-    for key in _boolean_keys(OmegaConf.get_type(layers[0])):
-        # OmegaConf would read any number as a boolean (train.tensorboard=2 as true)
-        for layer in given:
-            try:
-                value = OmegaConf.select(layer, key, default=True)
-            except OmegaConfBaseException:  # its section is not a mapping: the merge below names that
-                continue
-            if not isinstance(value, bool):
-                raise ValueError(f"invalid {what}: a boolean must be true or false, got {value!r} (key {key})")
+    dotlist = OmegaConf.from_dotlist(list(overrides))
+    _check_booleans(what, layers, dotlist)
     try:
-        return OmegaConf.merge(*layers, *given[-1:])
+        return OmegaConf.merge(*layers, dotlist)
     except (OmegaConfBaseException, TypeError) as error:  # TypeError: a section given a plain value (train=3)
         message = str(error).split("\n    full_key")[0]
         key = getattr(error, "full_key", None)  # OmegaConf's message alone drops the section (``lr`` of ``train.lr``)
         if not key:  # a section replaced by a value names no key: the first override that fails alone does
             key = next((o.split("=")[0] for o in overrides if not _merges(layers, o)), None)
         raise ValueError(f"invalid {what}: {message}" + (f" (key {key})" if key else "")) from None
+
+
+#: the strings a boolean option takes (what YAML reads as booleans, and a resolver such as ``oc.env`` may return)
+_BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off")
+
+
+def _check_booleans(what: str, layers, dotlist) -> None:
+    """OmegaConf reads any number as a boolean (``train.tensorboard=2`` as true, ``0`` as false): each boolean
+    option's value, its interpolations resolved over the layers without the schema's conversions, must be true or
+    false."""
+    try:
+        untyped = OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(layers[0])), *layers[1:], dotlist)
+    except (OmegaConfBaseException, TypeError):  # a section given a plain value: the typed merge names it
+        return
+    for key in _boolean_keys(OmegaConf.get_type(layers[0])):
+        try:
+            value = OmegaConf.select(untyped, key, default=True)
+        except OmegaConfBaseException:  # an interpolation that does not resolve: the typed merge names it
+            continue
+        if not (isinstance(value, bool) or isinstance(value, str) and value.lower() in _BOOLEAN_WORDS):
+            raise ValueError(f"invalid {what}: a boolean must be true or false, got {value!r} (key {key})")
 
 
 def _boolean_keys(schema: type, prefix: str = "") -> list[str]:

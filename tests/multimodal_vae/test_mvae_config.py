@@ -161,6 +161,30 @@ def test_booleans_are_true_or_false_not_numbers(value, tmp_path):
         load_sweep(str(sweep))
 
 
+def test_booleans_through_interpolations_are_checked_at_their_source(tmp_path, monkeypatch):
+    """An interpolation to a number (the preset's ``train.epochs``) is a number; a resolver's string that says true
+    or false (``oc.env``) is a boolean, as OmegaConf reads it."""
+    from applications.multimodal_vae.sweep import load_sweep
+
+    with pytest.raises(ValueError, match=r"got 20 \(key train.tensorboard\)$"):
+        load_config("polymnist-helvae-cpu", ["train.tensorboard=${train.epochs}"])
+    file = tmp_path / "config.yaml"
+    file.write_text("train:\n  epochs: 7\n  compile: ${train.epochs}\n")
+    with pytest.raises(ValueError, match=r"got 7 \(key train.compile\)$"):
+        load_config("polymnist-helvae-cpu", path=file)
+    monkeypatch.setenv("MVAE_TEST_BOOLEAN", "TRUE")
+    assert load_config(None, ["train.compile=${oc.env:MVAE_TEST_BOOLEAN}"]).train.compile is True
+    assert load_config(None, ["train.compile=${oc.env:MVAE_TEST_UNSET,false}"]).train.compile is False
+    assert load_config(None, ["train.compile=${train.tensorboard}"]).train.compile is True
+    monkeypatch.setenv("MVAE_TEST_BOOLEAN", "1")
+    with pytest.raises(ValueError, match=r"got '1' \(key train.compile\)$"):
+        load_config(None, ["train.compile=${oc.env:MVAE_TEST_BOOLEAN}"])
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("name: s\nbreadth_first: ${oc.env:MVAE_TEST_BOOLEAN}\n")
+    with pytest.raises(ValueError, match=r"^invalid sweep configuration: .*\(key breadth_first\)$"):
+        load_sweep(str(sweep))
+
+
 def test_missing_or_broken_files_and_bad_seeds_are_command_line_errors(tmp_path, capsys):
     """They ended in raw FileNotFoundError or YAML tracebacks; a negative build seed failed inside numpy after
     downloading the build's wheels."""
