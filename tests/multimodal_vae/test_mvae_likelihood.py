@@ -287,16 +287,24 @@ def test_the_evaluation_reports_the_rise_from_half_the_draws():
 
     from applications.multimodal_vae.evaluation import _likelihoods, describe_bias
 
-    x = Tuples(data(30))
+    x, shifted = Tuples(data(100)), model("helvae", 1.0)  # a poor proposal: a rise well above its noise
     for k in (12, 5):
-        result = _likelihoods(model("helvae", 0.3), x, types.SimpleNamespace(seed=0, likelihood_samples=k))
-        nested = nested_log_likelihoods(model("helvae", 0.3), x.x, (k // 2, k),
+        result = _likelihoods(shifted, x, types.SimpleNamespace(seed=0, likelihood_samples=k))
+        nested = nested_log_likelihoods(shifted, x.x, (k // 2, k),
                                         generator=torch.Generator().manual_seed(0))
         check = result["bias_check"]
         assert check["from_samples"] == k // 2 and result["joint"] == pytest.approx(float(nested[1].mean()), abs=1e-9)
         assert check["rise"] == pytest.approx(float((nested[1] - nested[0]).mean()), abs=1e-9) and check["rise"] > 0
         assert check["bias_at_k"] == pytest.approx(check["rise"] * (k // 2) / (k - k // 2), rel=1e-12)
-        assert check["rise_std_error"] == pytest.approx(float((nested[1] - nested[0]).std()) / math.sqrt(30), rel=1e-9)
+        assert check["rise_std_error"] == pytest.approx(float((nested[1] - nested[0]).std()) / math.sqrt(100), rel=1e-9)
         assert f"from the first {k // 2} of the same draws it is {check['rise']:.1f} ± " in describe_bias(result)
+        assert "the bound lies about" in describe_bias(result)
     one = _likelihoods(model("helvae", 0.3), x, types.SimpleNamespace(seed=0, likelihood_samples=1))
     assert "bias_check" not in one and describe_bias(one) == ""
+    # the estimate is a lower bound in expectation: a rise within two standard errors of zero is noise
+    for rise, error, words in ((-0.3, 0.6, "within two standard errors of zero"), (1.1, 0.6, "within two"),
+                               (2.0, None, "from one tuple")):
+        noisy = {"num_samples": 3, "bias_check": {"from_samples": 1, "rise": rise, "rise_std_error": error,
+                                                  "bias_at_k": rise / 2}}
+        assert words in describe_bias(noisy) and "no bias of the bound is detectable at K = 3" in describe_bias(noisy)
+        assert "lies about" not in describe_bias(noisy)
