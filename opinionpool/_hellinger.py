@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.utils._python_dispatch
 
 from ._chunks import by_rows, flat, unflat
 
@@ -148,20 +149,31 @@ def pairs_of(num_experts, partners=None):
     return [(i, j) for i, row in enumerate(partners) for j in row]
 
 
-@functools.lru_cache(maxsize=256)
 def _partner_index(m, partners, device):
     """Per expert ``i < m - 1``: its partners as a slice (a contiguous run), an index tensor, or ``None`` (none).
     Cached: the passes slice the batch and call this per slice, and on a GPU each new index tensor is a copy from
-    the host. (Made outside inference mode, so that a tensor cached there can index under autograd later.)"""
+    the host. Not while compiling or under a dispatch mode (fake tensors, tracing), whose tensors must not outlive
+    it."""
+    partners = None if partners is None else tuple(tuple(row) for row in partners)
+    if torch.compiler.is_compiling() or torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
+        return _partner_index_uncached(m, partners, device)
+    return _partner_index_cached(m, partners, device)
+
+
+def _partner_index_uncached(m, partners, device):
     def index(row):
         if not row:
             return None
         if row[-1] - row[0] == len(row) - 1:
             return slice(row[0], row[-1] + 1)
+        # made outside inference mode, so that a tensor cached there can index under autograd later
         with torch.inference_mode(False):
             return torch.tensor(row, device=device)
 
     return tuple(index(range(i + 1, m) if partners is None else partners[i]) for i in range(m - 1))
+
+
+_partner_index_cached = functools.lru_cache(maxsize=256)(_partner_index_uncached)
 
 
 def kept_partners(mu, logvar, log_w, pools=False):

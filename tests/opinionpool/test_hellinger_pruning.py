@@ -327,18 +327,25 @@ def test_pool_with_left_out_pairs_under_batched_incoming_gradients():
                 torch.testing.assert_close(got[k], want, rtol=1e-13, atol=1e-13)
 
 
-def test_partner_indices_are_made_once_and_outside_inference_mode():
+def test_partner_indices_are_made_once_and_outside_inference_mode_and_fake_modes():
     """The passes call ``_partner_index`` once per slice of the batch (on a GPU a host-to-device copy for each new
-    index tensor): the same objects come back, and one first made under ``inference_mode`` can still index tensors
-    that autograd records."""
+    index tensor): the same objects come back, for partners given as tuples or lists; one first made under
+    ``inference_mode`` can still index tensors that autograd records; none is cached under a fake-tensor mode
+    (tracing), whose tensors a later plain call cannot use."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     mu, logvar, weights = clustered()
-    hellinger_module._partner_index.cache_clear()
+    hellinger_module._partner_index_cached.cache_clear()
+    partners = kept(mu, logvar, weights.log())
+    x, lv = mu.movedim(0, -2).contiguous(), logvar.movedim(0, -2).contiguous()
+    with FakeTensorMode() as mode:
+        hellinger_module.pair_components(mode.from_tensor(x), mode.from_tensor(lv), partners)
+    assert hellinger_module._partner_index_cached.cache_info().currsize == 0
     with torch.inference_mode():
         opf.hellinger(mu, logvar, weights=weights)
-    partners = kept(mu, logvar, weights.log())
     first = hellinger_module._partner_index(5, partners, mu.device)
     assert isinstance(first[0], torch.Tensor) and first[0].tolist() == [1, 3] and first[1] == slice(3, 4)
-    assert hellinger_module._partner_index(5, partners, mu.device)[0] is first[0]
+    assert hellinger_module._partner_index(5, [list(row) for row in partners], mu.device)[0] is first[0]
     assert not first[0].is_inference()
     x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
     x[first[0]].sum().backward()
