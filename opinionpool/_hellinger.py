@@ -64,7 +64,7 @@ class _Row(NamedTuple):
     neg_log_s: torch.Tensor  # -log S_ij
     loc: torch.Tensor  # the pair's mean offset x_i + r_i Delta
     log_2big: torch.Tensor  # log(2 v_max / u): the pair's log-variance log(2 v_i v_j / u) is log v_min + log_2big
-    delta: torch.Tensor  # Delta = x_j - x_i
+    delta: torch.Tensor  # Delta = mu_j - mu_i
     r_i: torch.Tensor  # v_i / u, the weight of x_j in the pair's mean
     r_j: torch.Tensor  # v_j / u
     big: torch.Tensor  # v_max / u, in [1/2, 1]
@@ -73,7 +73,7 @@ class _Row(NamedTuple):
     quad: torch.Tensor  # Delta^2 / (4u) = z^2 big
 
 
-def _rows(x, logvar, log_s=True, partners=None):
+def _rows(x, logvar, log_s=True, partners=None, mu=None):
     """The pairs ``i < j`` of experts with offsets ``x`` and log-variances ``logvar`` ``(..., M, D)``, one
     ``_Row`` per ``i`` (together the pairs in ``pairs_of`` order, row by row; ``partners``, from ``kept_partners``,
     keeps only the listed pairs and skips empty rows), made as they are consumed: the passes keep
@@ -86,7 +86,11 @@ def _rows(x, logvar, log_s=True, partners=None):
     ``log cosh((logvar_i - logvar_j) / 2) = |logvar_i - logvar_j| / 2 - log(2 v_max / u)`` with ``log(2 v_max / u)``
     in [0, log 2]: each dimension's term is off by about an ulp of one, whatever the log-variances' size (no terms of
     that size cancel). ``log_s=False`` leaves ``neg_log_s`` and ``log_2big`` out (``None``): the backward passes
-    need neither."""
+    need neither.
+
+    ``mu``: the experts' means, of which ``x`` are offsets. The pairs' differences ``Delta`` are taken from them
+    where given: two close experts far from the reference would lose their difference to the rounding of their
+    offsets (in float32, 3e-5 at 1e3 from it), and with it ``S_ij``."""
     g = torch.exp(-0.5 * logvar).mul_(0.5)
     for i, after in enumerate(_partner_index(x.shape[-2], partners, x.device)):
         if after is None:
@@ -99,7 +103,8 @@ def _rows(x, logvar, log_s=True, partners=None):
         r_j = torch.sigmoid(dlv.neg_())
         big = torch.maximum(r_i, r_j)
         log_2big = torch.log(2 * big) if log_s else None
-        delta = x[..., after, :] - x[..., here, :]
+        means = x if mu is None else mu
+        delta = means[..., after, :] - means[..., here, :]
         t = torch.minimum(g[..., here, :], g[..., after, :])
         z = delta * t
         quad = (z * z).mul_(big)
@@ -282,7 +287,7 @@ def _forward(mu, logvar, log_w, partners=None):
     m = log_w.shape[-1]
     scale = _scale(x, logvar, log_w)
     v = torch.exp(logvar - scale.unsqueeze(-2))  # variances relative to the scale
-    rows = _rows(x, logvar, partners=partners)
+    rows = _rows(x, logvar, partners=partners, mu=mu)
     pairs = [(log_w[..., row.i:row.i + 1] + log_w[..., row.after] - row.neg_log_s + _LOG2, row.loc,
               _half_pair_variances(v, row)) for row in rows]
     pi = torch.softmax(torch.cat([2 * log_w] + [logit for logit, _, _ in pairs], -1), -1)
@@ -335,7 +340,7 @@ def _backward(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar,
     # never overflows, where its reciprocal would once it falls below e^-88 in float32)
     half_total = torch.exp(logvar_out - scale).mul_(0.5).unsqueeze(-2)
     experts = torch.arange(m, device=mu.device)
-    for k, (p, row) in enumerate(zip(pis[1:], _rows(dev_x, logvar, log_s=False, partners=partners))):
+    for k, (p, row) in enumerate(zip(pis[1:], _rows(dev_x, logvar, log_s=False, partners=partners, mu=mu))):
         i, after = row.i, row.after
         d_loc, d_lv, d_logit = component(p, row.loc, _half_pair_variances(v, row).div_(half_total))
         dx_i, dx_j, dlv_i, dlv_j = _row_backward(row, d_loc, d_lv, -d_logit)
@@ -364,8 +369,9 @@ def _finite(value):
     return value.clamp(-big, big)
 
 
-def _unrolled_components(x, logvar, log_w):
-    """Per-expert ``(..., D)`` slices of the offsets ``x``, of ``g = exp(-logvar / 2) / 2`` and of the variances
+def _unrolled_components(mu, x, logvar, log_w):
+    """Per-expert ``(..., D)`` slices of the offsets ``x`` (of the means ``mu``, whose differences the pairs take,
+    as in ``_rows``), of ``g = exp(-logvar / 2) / 2`` and of the variances
     relative to ``_scale``, the scale itself, and the pairs ``(i, j)``, ``i < j`` (row by row), each with its
     ``(..., D)`` terms ``(r_i, Delta, z = Delta min(g_i, g_j), v_max / u, log cosh((logvar_i - logvar_j) / 2))``.
 
@@ -375,6 +381,7 @@ def _unrolled_components(x, logvar, log_w):
     m = x.shape[-2]
     scale = _scale(x, logvar, log_w)
     xs = [x[..., k, :] for k in range(m)]
+    means = [mu[..., k, :] for k in range(m)]
     g = [0.5 * torch.exp(-0.5 * logvar[..., k, :]) for k in range(m)]
     v = [torch.exp(logvar[..., k, :] - scale) for k in range(m)]
     pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
@@ -384,7 +391,7 @@ def _unrolled_components(x, logvar, log_w):
         a = dlv.abs()
         em = torch.expm1(-a)
         big = 1 / (2 + em)
-        delta = xs[j] - xs[i]
+        delta = means[j] - means[i]
         lc = 0.5 * a + torch.log1p(0.5 * em)
         terms.append((torch.where(dlv >= 0, big, 1 - big), delta, delta * torch.minimum(g[i], g[j]), big, lc))
     return xs, g, v, scale, pairs, terms
@@ -401,7 +408,7 @@ def _forward_unrolled(mu, logvar, log_w):
     """``_forward`` with the pairs unrolled (the body ``fused=True`` compiles): the same outputs, ``pi`` with the
     pairs in ``pairs_of`` order."""
     x, mu_ref = _reference(mu, log_w)
-    xs, g, v, scale, pairs, terms = _unrolled_components(x, logvar, log_w)
+    xs, g, v, scale, pairs, terms = _unrolled_components(mu, x, logvar, log_w)
     if pairs:
         neg_log_s = torch.stack([(z * z * big + 0.5 * lc).sum(-1) for _, _, z, big, lc in terms], -1)
         i, j = (list(k) for k in zip(*pairs))
@@ -422,7 +429,7 @@ def _backward_unrolled(mu, logvar, log_w, offset, logvar_out, pi, grad_mean, gra
     components' logits, then the gradients of every expert accumulated pair by pair (no ``index_add``)."""
     x, _ = _reference(mu, log_w)
     m = x.shape[-2]
-    xs, g, v, scale, pairs, terms = _unrolled_components(x, logvar, log_w)
+    xs, g, v, scale, pairs, terms = _unrolled_components(mu, x, logvar, log_w)
     locs, var = _unrolled_mixture(xs, v, pairs, terms)
     q = torch.exp(-0.5 * logvar_out)
     w = torch.exp(scale - logvar_out)  # variances relative to the scale -> relative to the pool's
@@ -466,8 +473,8 @@ class _PairComponents(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, logvar, partners):
-        rows = list(_rows(x, logvar, partners=partners))
+    def forward(x, logvar, partners, mu):
+        rows = list(_rows(x, logvar, partners=partners, mu=mu))
         if not rows:
             empty = x.new_zeros(x.shape[:-2] + (0, x.shape[-1]))
             return x.new_zeros(x.shape[:-2] + (0,)), empty, empty.clone()
@@ -478,15 +485,15 @@ class _PairComponents(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, logvar, ctx.partners = inputs
-        ctx.save_for_backward(x, logvar)
+        x, logvar, ctx.partners, mu = inputs
+        ctx.save_for_backward(x, logvar, mu)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_neg_log_s, d_loc, d_lv):
-        x, logvar = ctx.saved_tensors
+        x, logvar, mu = ctx.saved_tensors
         partners = ctx.partners
-        rows = _rows(x, logvar, log_s=False, partners=partners)
+        rows = _rows(x, logvar, log_s=False, partners=partners, mu=mu)
         sizes = _row_sizes(x.shape[-2], partners)
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         d_locs = [zero] * len(sizes) if d_loc is None else d_loc.split(sizes, -2)
@@ -504,17 +511,19 @@ class _PairComponents(torch.autograd.Function):
             grad_logvar.append(x.new_zeros(x.shape).index_copy(-2, reached,
                                                                torch.cat((dlv_i.unsqueeze(-2), dlv_j), -2)))
         if not grad_x:
-            return torch.zeros_like(x), torch.zeros_like(logvar), None
+            return torch.zeros_like(x), torch.zeros_like(logvar), None, None
         grad_x, grad_logvar = sum(grad_x[1:], grad_x[0]), sum(grad_logvar[1:], grad_logvar[0])
-        return grad_x, grad_logvar, None
+        # (the differences Delta taken from mu are those of x: their gradients are x's)
+        return grad_x, grad_logvar, None, None
 
 
-def pair_components(x: torch.Tensor, logvar: torch.Tensor, partners=None):
+def pair_components(x: torch.Tensor, logvar: torch.Tensor, partners=None, mu: torch.Tensor | None = None):
     """``(-log S_ij (..., P), loc_ij (..., P, D), logvar_ij (..., P, D))`` of the pairs ``pairs_of(M, partners)``
     (all ``i < j`` unless ``partners`` from ``kept_partners`` is given) of diagonal Gaussians with
     means ``x`` (offsets from a common reference) and log-variances ``logvar`` ``(..., M, D)``; the backward pass
-    recomputes them instead of saving them."""
-    return _PairComponents.apply(x, logvar, partners)
+    recomputes them instead of saving them. ``mu``: the means the offsets were taken from, whose differences the
+    pairs then use (exact where the offsets' rounding is not; gradients flow through ``x`` alone)."""
+    return _PairComponents.apply(x, logvar, partners, x if mu is None else mu.detach())
 
 
 def _by_rows(fn, batch, tensors, *constants):

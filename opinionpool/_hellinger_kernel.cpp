@@ -32,9 +32,10 @@ using at::vec::Vectorized;
 
 template <typename T>
 struct Sample {
-  // one sample's experts, relative to its reference expert, in padded rows of `stride` numbers
+  // one sample's experts, relative to its reference expert (x) and as given (means: the pairs' differences, which
+  // the offsets' rounding would lose for close experts far from the reference), in padded rows of `stride` numbers
   int64_t m, d, stride, pairs;
-  std::vector<T> x, lv, g, v, rel, scale, r_first, r_second;
+  std::vector<T> x, means, lv, g, v, rel, scale, r_first, r_second;
   std::vector<int64_t> first, second;
   // work space of the passes, allocated once per call and parallel_for chunk, not per sample (fresh large buffers
   // cost page faults); the backward pass's only where it runs
@@ -43,7 +44,7 @@ struct Sample {
 
   Sample(int64_t m_, int64_t d_, bool backward)
       : m(m_), d(d_), stride((d_ + Vectorized<T>::size() - 1) / Vectorized<T>::size() * Vectorized<T>::size()),
-        pairs(m_ * (m_ - 1) / 2), x(m_ * stride), lv(m_ * stride), g(m_ * stride), v(m_ * stride), rel(m_ * stride),
+        pairs(m_ * (m_ - 1) / 2), x(m_ * stride), means(m_ * stride), lv(m_ * stride), g(m_ * stride), v(m_ * stride), rel(m_ * stride),
         scale(stride),
         r_first(pairs * stride), r_second(pairs * stride), logits(m_ + pairs),
         rows_out(backward ? 2 * m_ * stride : 0), d_loc(backward ? pairs * stride : 0),
@@ -69,8 +70,10 @@ struct Sample {
       const V mu_ref = V::loadu(&mu[ref * d + c], count);
       V largest_lv(-inf), spread(-inf);
       for (int64_t k = 0; k < m; ++k) {
-        const V xk = V::loadu(&mu[k * d + c], count) - mu_ref;
+        const V muk = V::loadu(&mu[k * d + c], count);
+        const V xk = muk - mu_ref;
         const V lvk = V::loadu(&logvar[k * d + c], count);
+        muk.store(&means[k * stride + c]);
         xk.store(&x[k * stride + c]);
         lvk.store(&lv[k * stride + c]);
         if (log_w[k] != -inf) {
@@ -145,12 +148,17 @@ C10_ALWAYS_INLINE void ratios(const Sample<T>& s, int64_t p, int64_t c, Vectoriz
 
 // the mean offset x_i + r_i Delta and the variance 2 min(v_i, v_j) v_max / u (relative to the scale) of pair
 // (i, j) at dimensions c, ...
+// Delta = mu_j - mu_i, from the means as given
+template <typename T>
+C10_ALWAYS_INLINE Vectorized<T> difference(const Sample<T>& s, int64_t i, int64_t j, int64_t c) {
+  return Vectorized<T>::loadu(&s.means[j * s.stride + c]) - Vectorized<T>::loadu(&s.means[i * s.stride + c]);
+}
+
 template <typename T>
 C10_ALWAYS_INLINE void pair_moments(const Sample<T>& s, int64_t i, int64_t j, int64_t c, const Vectorized<T>& r_i,
                                     const Vectorized<T>& big, Vectorized<T>& loc, Vectorized<T>& var) {
   using V = Vectorized<T>;
-  const V x_i = V::loadu(&s.x[i * s.stride + c]);
-  loc = x_i + r_i * (V::loadu(&s.x[j * s.stride + c]) - x_i);
+  loc = V::loadu(&s.x[i * s.stride + c]) + r_i * difference(s, i, j, c);
   var = at::vec::minimum(V::loadu(&s.v[i * s.stride + c]), V::loadu(&s.v[j * s.stride + c])) * big * V(2);
 }
 
@@ -176,7 +184,7 @@ void forward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w, 
       const V a = (V::loadu(&s.lv[i * stride + c]) - V::loadu(&s.lv[j * stride + c])).abs();
       V r_i, r_j;
       const V big = store_ratios(s, p, i, j, c, r_i, r_j);
-      const V delta = V::loadu(&s.x[j * stride + c]) - V::loadu(&s.x[i * stride + c]);
+      const V delta = difference(s, i, j, c);
       const V z = delta * at::vec::minimum(V::loadu(&s.g[i * stride + c]), V::loadu(&s.g[j * stride + c]));
       total = total + z * z * big + a * V(0.25);
       product = product * (big * V(2));
@@ -288,7 +296,7 @@ void backward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w,
     for (int64_t c = 0; c < stride; c += vs) {
       V big, r_i, r_j;
       ratios(s, p, c, big, r_i, r_j);
-      const V delta = V::loadu(&s.x[j * stride + c]) - V::loadu(&s.x[i * stride + c]);
+      const V delta = difference(s, i, j, c);
       const V t = at::vec::minimum(V::loadu(&s.g[i * stride + c]), V::loadu(&s.g[j * stride + c]));
       const V z = delta * t;
       const V slope = finite(z * t * big * V(2));  // Delta / (2u)

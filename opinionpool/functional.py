@@ -571,10 +571,10 @@ def _subset_hellinger(mu, logvar, member, weights, rows=None):
     log_w = log_of_weights(_subset_weights(weights, member, mu.dtype))  # (..., K, M), -inf outside the subset
     # a pair is left out where it changes no subset's pool (the criterion reads the pair's weights in each subset
     # that holds both its experts)
-    partners = kept_partners(x, logvar, log_w, pools=True)
+    partners = kept_partners(mu, logvar, log_w, pools=True)
     pairs = pairs_of(x.shape[-2], partners)
     i, j = torch.tensor(pairs, dtype=torch.long, device=x.device).reshape(-1, 2).unbind(-1)
-    neg_log_s, loc_p, lv_p = pair_components(x, logvar, partners)
+    neg_log_s, loc_p, lv_p = pair_components(x, logvar, partners, mu)
     logits = torch.cat((2 * log_w, log_w[..., i] + log_w[..., j] - LOG_HALF - neg_log_s.unsqueeze(-2)), -1)
     components = _subset_components(rows, x.shape[-2], pairs)
     if len(components) == 1:

@@ -12,6 +12,7 @@ import torch
 import opinionpool._chunks as chunks_module
 import opinionpool._hellinger as hellinger_module
 import opinionpool.functional as opf
+from tests.opinionpool.test_subset_shared import per_subset
 
 
 def reference_hellinger(mu, logvar, weights=None, mask=None, prior_expert=False):
@@ -313,3 +314,50 @@ def test_float32_gradients_with_a_far_expert_of_negligible_weight():
     for low, high in zip(*results):
         assert torch.isfinite(low).all()
         torch.testing.assert_close(low.double(), high, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["eager", "fused", "unrolled", "subsets"])
+@pytest.mark.parametrize("apart", [1.0, 3.0, 30.0])
+def test_float32_close_narrow_experts_far_from_the_reference(path, apart, monkeypatch):
+    """float32: experts A and B ``apart`` of their standard deviations (1e-6) from each other, 1 001 from the
+    reference C. Their difference was taken from their offsets to C, whose rounding (6e-5 at
+    1e3) swallowed it: S_AB came out 1 instead of e^-112 at 30 standard deviations (mean -307 for -470), and the
+    gradients were wrong at every separation. Reference: the float64 pool of the same float32 inputs (written out
+    by ``reference_hellinger``; the gradients by autograd through it); the subset path (MoHELVAE) against the same
+    per subset, where the subset of A and B alone is left out: its spread (1e-12) lies below the rounding of its
+    components' offsets from the sample's reference, which the shared components cannot avoid (docs/api.md)."""
+    monkeypatch.setattr(hellinger_module, "_COMPILED", {})
+    monkeypatch.setattr(hellinger_module, "_COMPILE_FAILED", ["compilation disabled by the test"])
+    if path == "unrolled":  # the bodies torch.compile fuses, run eagerly
+        compile_path(monkeypatch)
+    # float32 values (the float64 reference pools exactly these); C first and of the largest weight: the reference
+    # of both the pool and the subsets' shared components
+    mu = torch.tensor([[[-1000.0, 500.0]], [[1.0, -2.0]], [[1.0 + apart * 1e-6, -2.0 + apart * 1e-6]]]).float()
+    logvar = torch.tensor([[[0.0, 1.0]], [[-27.631, -27.0]], [[-27.631, -28.0]]]).float()
+    weights = torch.tensor([[0.45, 0.3, 0.25]]).float()
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        inputs = [t.to(dtype, copy=True).requires_grad_(True) for t in (mu, logvar)]
+        if path == "subsets" and dtype == torch.float32:
+            mix = opf.subset_mixture(opf.hellinger, *inputs, weights=weights.to(dtype))
+            loc, lv = mix.loc, mix.logvar
+        elif path == "subsets":
+            def pool(mu, logvar, weights, prior_expert):  # one sample's experts (M, D)
+                loc, lv = reference_hellinger(mu.unsqueeze(1), logvar.unsqueeze(1), weights=weights,
+                                              prior_expert=prior_expert)
+                return loc[0], lv[0]
+
+            loc, lv = per_subset(pool, *inputs, torch.ones(3, 1, dtype=torch.bool), weights[0].double())
+        elif dtype == torch.float32:
+            loc, lv = opf.hellinger(*inputs, weights=weights.to(dtype), fused=path != "eager")
+        else:
+            loc, lv = reference_hellinger(*inputs, weights=weights.to(dtype))
+        if path == "subsets":  # every subset but {A, B} (the sixth)
+            loc, lv = (torch.cat((t[:, :5], t[:, 6:]), 1) for t in (loc, lv))
+        (loc.sum() + lv.sum()).backward()
+        results.append((loc, lv, *(t.grad for t in inputs)))
+    (loc, lv, *grads), (ref_loc, ref_lv, *ref_grads) = results
+    torch.testing.assert_close(loc.double(), ref_loc.detach(), rtol=1e-6, atol=1e-6 * ref_loc.abs().max().item())
+    torch.testing.assert_close(lv.double(), ref_lv.detach(), rtol=0, atol=2e-5 * ref_lv.abs().max().item())
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4 * want.abs().max().item())
