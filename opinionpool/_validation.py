@@ -17,7 +17,7 @@ import torch
 __all__ = [
     "set_validate_args", "validation_enabled", "checks_enabled", "describe", "all_finite", "check_finite", "check_positive",
     "check_in_open_unit_interval", "check_probabilities", "check_log_probabilities", "check_weights", "check_real",
-    "check_alpha", "check_positive_int", "real_tensor",
+    "check_alpha", "check_positive_int", "check_seed", "real_tensor",
 ]
 
 _VALIDATE = True
@@ -150,6 +150,16 @@ def check_real(name: str, value) -> float:
 def check_alpha(alpha) -> float:
     """Hölder exponents are real numbers or +-inf; NaN and non-numbers are rejected."""
     return check_real("alpha", alpha)
+
+
+def check_seed(seed) -> int | None:
+    """A seed is an integer (numpy's included) or None; a float was truncated and a string failed inside
+    ``torch.manual_seed`` without naming the argument."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an integer or None, got {seed!r} of type {type(seed).__name__}")
+    return int(seed)
 
 
 def check_positive_int(name: str, value) -> int:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from scipy import integrate, optimize
 
+from ._validation import check_seed
 from .families import ExponentialFamily
 
 __all__ = [
@@ -92,7 +93,13 @@ def log_power_mean(log_values: torch.Tensor, log_weights: torch.Tensor, alpha) -
     if isinstance(alpha, torch.Tensor):
         alpha = alpha.reshape(()).to(log_values.dtype)
     scaled = alpha * finite
-    general = torch.logsumexp(log_weights + scaled, dim=-1) / alpha
+    # relative to the largest (alpha > 0) or smallest (alpha < 0) present value, alpha (l - l*) <= 0: no overflow
+    # at |alpha| of 1e300 (the identity holds for any l*, which therefore carries no gradient)
+    fill = torch.full_like(log_values, -math.inf if a > 0 else math.inf)
+    extreme = torch.where(present, log_values, fill)
+    extreme = (extreme.amax(-1, keepdim=True) if a > 0 else extreme.amin(-1, keepdim=True)).detach()
+    extreme = torch.where(torch.isfinite(extreme), extreme, torch.zeros_like(extreme))
+    general = extreme.squeeze(-1) + torch.logsumexp(log_weights + alpha * (finite - extreme), dim=-1) / alpha
     if abs(a) >= SMALL_ALPHA:
         return general
     bounded = scaled.clamp(-0.5, 0.5)  # where |alpha l| is larger the general form is accurate
@@ -193,6 +200,7 @@ def check_quantities(family: ExponentialFamily, quantities) -> frozenset:
 def seeded(seed: int | None, generator: torch.Generator | None, device: torch.device):
     """Run the enclosed sampling on a forked RNG seeded from ``seed`` or drawn from ``generator``
     (``torch.distributions`` samplers take no generator), leaving the global RNG untouched."""
+    seed = check_seed(seed)
     if seed is None and generator is None:
         yield
         return

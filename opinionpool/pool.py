@@ -44,6 +44,7 @@ from ._hellinger import hellinger_moments
 from ._validation import (
     check_alpha,
     check_positive_int,
+    check_seed,
     check_weights,
     describe,
     real_tensor,
@@ -1053,6 +1054,8 @@ class HolderPool(_Pool):
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         """Samples ``sample_shape + batch_shape + event_shape``: a component index, then that component."""
         sample_shape = torch.Size(sample_shape)
+        if sample_shape.numel() == 0:  # as torch.distributions do (the categorical draw refuses no samples)
+            return self.component_params.new_empty(sample_shape + self.batch_shape + self.event_shape)
         index = Categorical(logits=self.log_mixture_weights).sample(sample_shape)
         components = self.component_params.reshape((-1,) + self.component_params.shape[len(self.batch_shape):])
         chosen = components[torch.arange(components.shape[0], device=index.device), index.reshape(-1, components.shape[0])]
@@ -1110,7 +1113,7 @@ class NumericalHolderPool(_Pool):
             num_samples = check_positive_int("num_samples", num_samples)
         self.rtol = check_rtol(rtol)
         self.num_samples = num_samples
-        self.seed = seed
+        self.seed = check_seed(seed)
         self._max_components = max_components
         self._summary: PoolEstimate | None = None
         # weights with a batch shape of their own give one pool per row, as in HolderPool; the engine takes its batch
@@ -1187,8 +1190,10 @@ class NumericalHolderPool(_Pool):
         """Exact samples ``sample_shape + batch_shape + event_shape``."""
         sample_shape = torch.Size(sample_shape)
         count = sample_shape.numel()
-        check_positive_int("sample_shape", count)
         params = self.experts.params
+        if count == 0:  # as torch.distributions do
+            check_seed(seed)
+            return params.new_empty(sample_shape + self.batch_shape + self.event_shape)
         with seeded(seed, generator, params.device), torch.no_grad():
             if self.family.discrete:
                 values, _, log_u, _ = enumerate_support(self.family, params, self.log_weights, self.alpha)

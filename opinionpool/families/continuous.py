@@ -27,7 +27,7 @@ from torch.distributions import Beta, Dirichlet, Exponential, Gamma, VonMises, c
 
 from .._validation import check_positive
 from ..constants import LOG_2PI
-from .base import ExponentialFamily, weighted_sum
+from .base import ExponentialFamily, edge_product, weighted_sum
 
 __all__ = ["ExponentialDistFamily", "GammaFamily", "BetaFamily", "DirichletFamily", "VonMisesFamily"]
 
@@ -54,11 +54,9 @@ def _digamma_drop(x, y):
 
 def _power_terms(concentration, log_value):
     """``(concentration - 1) * log z``, the density's power of ``z``, for ``log_prob``: at the end of the support
-    (``log z = -inf``) ``log h(z) + eta * T(z)`` would add ``+inf`` and ``-inf``, and a concentration of exactly one
-    contributes 0 there, not NaN."""
-    exponent = concentration - 1
-    edge = (exponent == 0) & torch.isinf(log_value)
-    return exponent * torch.where(edge, torch.zeros((), dtype=log_value.dtype, device=log_value.device), log_value)
+    (``log z = -inf``) ``log h(z) + eta * T(z)`` would add ``+inf`` and ``-inf``; ``edge_product`` makes a
+    concentration of exactly one contribute 0 there, and any other no NaN gradient."""
+    return edge_product(concentration - 1, log_value)
 
 
 class ExponentialDistFamily(ExponentialFamily):

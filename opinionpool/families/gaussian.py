@@ -28,8 +28,10 @@ __all__ = ["NormalFamily", "DiagonalNormalFamily", "MultivariateNormalFamily"]
 
 
 def normal_log_density(value: torch.Tensor, loc: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """Elementwise ``log N(value; loc, exp(logvar))`` (not summed; broadcasting): the one place it is written."""
-    return -0.5 * ((value - loc) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI)
+    """Elementwise ``log N(value; loc, exp(logvar))`` (not summed; broadcasting): the one place it is written. The
+    deviation is scaled by the standard deviation before squaring: squared first, or with ``exp(-logvar)`` apart,
+    a float32 scale of 1e-20 or 1e20 overflowed or underflowed (``-inf``, or ``0 * inf``)."""
+    return -0.5 * (((value - loc) * torch.exp(-0.5 * logvar)) ** 2 + logvar + LOG_2PI)
 
 
 def normal_kl(loc_p: torch.Tensor, logvar_p: torch.Tensor, loc_q: torch.Tensor, logvar_q: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,135 @@
+"""Edges of the public API that a review found wrong, each against an independent reference (mpmath, float64,
+finite differences): float32 densities at tiny and huge scales, Chernoff coefficients of orders outside [0, 1],
+gradients at the edge of a support, orders of size 1e300, the last digits of moment matching by Newton's method,
+seeds and empty samples."""
+
+import math
+
+import mpmath
+import pytest
+import torch
+from torch.distributions import Beta, Gamma, MultivariateNormal, Normal, Poisson, VonMises
+
+import opinionpool as op
+from opinionpool.functional import diag_gaussian_log_prob
+from opinionpool.numerical import log_power_mean
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e-30, 1e20])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 2.0])
+def test_float32_densities_at_tiny_and_huge_scales(scale, alpha):
+    """The squared deviation times exp(-logvar) left float32's range (-inf at 1e-20, NaN at 1e-30) although the
+    log-density is about +-50."""
+    loc = torch.tensor([0.0, 0.3 * scale])
+    scales = torch.tensor([scale, 2 * scale])
+    value = torch.tensor(0.1 * scale)
+    got = op.holder(Normal(loc.float(), scales.float()), alpha, torch.tensor([0.6, 0.4])).log_prob(value.float())
+    want = op.holder(Normal(loc, scales), alpha, torch.tensor([0.6, 0.4])).log_prob(value)
+    assert math.isfinite(got.item()) and got.item() == pytest.approx(want.item(), rel=1e-6)
+    z, mu, logvar = value.float().expand(3), loc[:1].float().expand(3), (2 * scales[:1].log()).float().expand(3)
+    expected = Normal(loc[:1], scales[:1]).log_prob(value).item() * 3
+    assert diag_gaussian_log_prob(z, mu, logvar).item() == pytest.approx(expected, rel=1e-6)
+
+
+def _mp_gaussian_log_chernoff(mu_p, cov_p, mu_q, cov_q, a):
+    """log int N(mu_p, cov_p)^a N(mu_q, cov_q)^(1 - a), in mpmath at 50 digits (matrices as lists of rows)."""
+    with mpmath.workdps(50):
+        a = mpmath.mpf(a)
+        cp, cq = mpmath.matrix(cov_p), mpmath.matrix(cov_q)
+        ca = a * cq + (1 - a) * cp
+        delta = mpmath.matrix([mpmath.mpf(x) - mpmath.mpf(y) for x, y in zip(mu_p, mu_q)])
+        quad = (delta.T * mpmath.inverse(ca) * delta)[0]
+        return float(-a * (1 - a) * quad / 2 - mpmath.log(mpmath.det(ca)) / 2
+                     + (1 - a) * mpmath.log(mpmath.det(cp)) / 2 + a * mpmath.log(mpmath.det(cq)) / 2)
+
+
+@pytest.mark.parametrize("a", [2.0, 3.5, -0.5])
+@pytest.mark.parametrize("loc", [0.0, 1e8])
+def test_chernoff_orders_outside_the_unit_interval_do_not_cancel(a, loc):
+    """For a outside [0, 1] the log-normalisers' form cancelled terms of their size: two Gaussians at 1e8 gave a
+    Rényi divergence of order 2 of -0.5 for 0.022. Normal, full-covariance and Gamma experts against mpmath."""
+    p, q = Normal(torch.tensor(loc + 0.0), torch.tensor(1.0)), Normal(torch.tensor(loc + 0.1), torch.tensor(1.05))
+    want = _mp_gaussian_log_chernoff([loc], [[1.0]], [loc + 0.1], [[1.05**2]], a)
+    assert op.log_chernoff_coefficient(p, q, a).item() == pytest.approx(want, rel=1e-8)
+    if a > 0:  # Rényi orders are positive
+        assert op.renyi_divergence(p, q, a).item() == pytest.approx(want / (a - 1), rel=1e-8)
+    cov_p = torch.tensor([[1.0, 0.3], [0.3, 0.8]])
+    cov_q = torch.tensor([[1.1, 0.25], [0.25, 0.9]])
+    mu_p, mu_q = torch.tensor([loc, -loc]), torch.tensor([loc + 0.1, -loc + 0.05])
+    want = _mp_gaussian_log_chernoff(mu_p.tolist(), cov_p.tolist(), mu_q.tolist(), cov_q.tolist(), a)
+    got = op.log_chernoff_coefficient(MultivariateNormal(mu_p, cov_p), MultivariateNormal(mu_q, cov_q), a)
+    assert got.item() == pytest.approx(want, rel=1e-8)
+    # Gamma (shape, rate) of p and q; the order-a member has shape and rate a p + (1 - a) q (both natural)
+    gamma_p, gamma_q = (3.0 + loc * 1e-6, 2.0), (3.5 + loc * 1e-6, 2.2)
+    with mpmath.workdps(50):
+        log_z = [mpmath.loggamma(k) - k * mpmath.log(r) for k, r in (gamma_p, gamma_q)]
+        k_a, r_a = (a * mpmath.mpf(x) + (1 - a) * mpmath.mpf(y) for x, y in zip(gamma_p, gamma_q))
+        want = float(mpmath.loggamma(k_a) - k_a * mpmath.log(r_a) - a * log_z[0] - (1 - a) * log_z[1])
+    got = op.log_chernoff_coefficient(Gamma(*map(torch.tensor, gamma_p)), Gamma(*map(torch.tensor, gamma_q)), a)
+    assert got.item() == pytest.approx(want, rel=1e-8, abs=1e-12)
+
+
+def test_gradients_at_the_edge_of_the_support_are_finite():
+    """A pool's log-density at z = 0 where one expert's density vanishes (Beta(2, 2), Gamma(3, .)) and another's is
+    finite: the value was finite and the gradient NaN (log 0 times a zero incoming gradient). Against central
+    differences of the log-density at the same point."""
+    weights = torch.tensor([0.6, 0.4])
+
+    def beta_pool(c1, alpha):
+        return op.holder(Beta(c1, torch.tensor([2.0, 3.0])), alpha, weights).log_prob(torch.tensor(0.0))
+
+    def gamma_pool(c, alpha):
+        return op.holder(Gamma(c, torch.tensor([1.0, 2.0])), alpha, weights).log_prob(torch.tensor(0.0))
+
+    # the expert whose density vanishes at 0 (the other, of exponent 0 there, cannot be moved either way: its
+    # density at 0 jumps to 0 or infinity)
+    for pool, at, vanishing in ((beta_pool, torch.tensor([2.0, 1.0]), 0), (gamma_pool, torch.tensor([1.0, 3.0]), 1)):
+        for alpha in (0.5, 1.0, 2.0, 1 / 3):
+            x = at.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(pool(x, alpha), x)
+            h = 1e-6 * torch.eye(2)[vanishing]
+            central = (pool(at + h, alpha) - pool(at - h, alpha)) / 2e-6
+            assert torch.isfinite(grad).all(), (pool.__name__, alpha, grad)
+            assert grad[vanishing].item() == pytest.approx(central.item(), rel=1e-6, abs=1e-8), (pool.__name__, alpha)
+
+
+@pytest.mark.parametrize("alpha", [1e300, -1e300])
+def test_orders_of_size_1e300_tend_to_the_max_and_min_pools(alpha):
+    """alpha times log-values of -1e9 overflowed: log_prob was -inf where the +-inf pools give -5e9 and -2e10."""
+    log_values = torch.tensor([[-1e9, -2e9], [-3.0, -1.0]])
+    log_weights = torch.tensor([0.3, 0.7]).log()
+    limit = log_values.amax(-1) if alpha > 0 else log_values.amin(-1)
+    torch.testing.assert_close(log_power_mean(log_values, log_weights, alpha), limit, rtol=1e-12, atol=1e-12)
+    experts = Normal(torch.tensor([0.0, 3.0]), torch.tensor([1.0, 0.5]))
+    far = torch.tensor(1e5)
+    want = op.holder(experts, math.inf if alpha > 0 else -math.inf, torch.tensor([0.3, 0.7])).log_prob(far)
+    got = op.holder(experts, alpha, torch.tensor([0.3, 0.7])).log_prob(far)
+    assert math.isfinite(got.item()) and got.item() == pytest.approx(want.item(), rel=1e-9)
+
+
+def test_moment_matching_by_newton_reaches_float64():
+    """The Newton solve stopped at a relative residual of 1e-11: a VonMises concentration 4e-11 off. Reference:
+    mpmath's root of I1(k) / I0(k) = R for the mixture's resultant length R."""
+    locs, kappas, w = [0.3, 2.8, -2.5], [2.0, 10.0, 0.5], [0.5, 0.3, 0.2]
+    pool = op.holder(VonMises(torch.tensor(locs), torch.tensor(kappas)), 1.0, torch.tensor(w))
+    with mpmath.workdps(40):
+        ratio = [mpmath.besseli(1, k) / mpmath.besseli(0, k) for k in kappas]
+        c = sum(wi * r * mpmath.cos(m) for wi, r, m in zip(w, ratio, locs))
+        s = sum(wi * r * mpmath.sin(m) for wi, r, m in zip(w, ratio, locs))
+        length = mpmath.sqrt(c * c + s * s)
+        want = float(mpmath.findroot(lambda k: mpmath.besseli(1, k) / mpmath.besseli(0, k) - length, 0.5))
+    assert pool.moment_match().concentration.item() == pytest.approx(want, rel=1e-14)
+
+
+def test_seeds_are_integers_and_empty_samples_are_empty():
+    experts = Normal(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.5]))
+    for seed in ("x", 1.5, 1.0, True):
+        with pytest.raises(ValueError, match=r"seed must be an integer or None, got .* of type"):
+            op.holder(experts, 2.0, method="importance", num_samples=1000, seed=seed)
+        with pytest.raises(ValueError, match="seed must be an integer or None"):
+            op.holder(experts, 2.0).sample((3,), seed=seed)
+    assert op.holder(experts, 2.0, seed=3).seed == 3
+    for alpha in (0.5, -1.0):  # the exact pool and the numerical one
+        pool = op.holder(experts, alpha)
+        assert pool.sample((0,)).shape == (0,) and pool.sample((0, 4)).shape == (0, 4)
+    assert op.holder(Poisson(torch.tensor([[1.0, 4.0]])), 0.5).sample((0,)).shape == (0, 1)
