@@ -95,9 +95,9 @@ def _gaussian_log_chernoff(loc_p, logvar_p, loc_q, logvar_q, a):
     ``-a (1 - a) Delta^2 / (2 v_a) - (log1p(a expm1(d)) - a d) / 2`` with ``d = logvar_q - logvar_p`` and
     ``v_a = a v_q + (1 - a) v_p = v_p (1 + a expm1(d))``: no term of the size of the log-variances."""
     d = logvar_q - logvar_p
-    ratio = 1 + a * torch.expm1(d)  # v_a / v_p
-    quad = ((loc_p - loc_q) * torch.exp(-0.5 * logvar_p)) ** 2 / ratio
-    return -0.5 * (a * (1 - a) * quad + torch.log(ratio) - a * d)
+    excess = a * torch.expm1(d)  # v_a / v_p - 1
+    quad = ((loc_p - loc_q) * torch.exp(-0.5 * logvar_p)) ** 2 / (1 + excess)
+    return -0.5 * (a * (1 - a) * quad + torch.log1p(excess) - a * d)
 
 
 def _mvn_log_chernoff(family, params_p, params_q, a):

@@ -92,20 +92,28 @@ def log_power_mean(log_values: torch.Tensor, log_weights: torch.Tensor, alpha) -
         return masked.amax(-1) if a > 0 else masked.amin(-1)
     if isinstance(alpha, torch.Tensor):
         alpha = alpha.reshape(()).to(log_values.dtype)
+    # an expert of density zero here (l = -inf): for alpha > 0 its term w e^(alpha l) is 0, left out (with l kept,
+    # the gradient in a tensor alpha was 0 * -inf = NaN); for alpha < 0 it makes the pool 0
+    vanishing = present & (log_values == -math.inf)
+    finite = torch.where(vanishing, torch.zeros_like(finite), finite)
+    log_weights_kept = torch.where(vanishing, torch.full_like(log_weights, -math.inf), log_weights) if a > 0 \
+        else log_weights
     scaled = alpha * finite
     # relative to the largest (alpha > 0) or smallest (alpha < 0) present value, alpha (l - l*) <= 0: no overflow
     # at |alpha| of 1e300 (the identity holds for any l*, which therefore carries no gradient)
     fill = torch.full_like(log_values, -math.inf if a > 0 else math.inf)
-    extreme = torch.where(present, log_values, fill)
+    extreme = torch.where(present & ~vanishing, log_values, fill)
     extreme = (extreme.amax(-1, keepdim=True) if a > 0 else extreme.amin(-1, keepdim=True)).detach()
     extreme = torch.where(torch.isfinite(extreme), extreme, torch.zeros_like(extreme))
-    general = extreme.squeeze(-1) + torch.logsumexp(log_weights + alpha * (finite - extreme), dim=-1) / alpha
+    general = extreme.squeeze(-1) + torch.logsumexp(log_weights_kept + alpha * (finite - extreme), dim=-1) / alpha
+    if a < 0:
+        general = torch.where(vanishing.any(-1), torch.full_like(general, -math.inf), general)
     if abs(a) >= SMALL_ALPHA:
         return general
     bounded = scaled.clamp(-0.5, 0.5)  # where |alpha l| is larger the general form is accurate
     terms = torch.where(present, log_weights.exp() * torch.expm1(bounded), torch.zeros_like(bounded))
     series = torch.log1p(terms.sum(-1)) / alpha
-    use_series = ((scaled.abs() <= 0.5) | ~present).all(-1)
+    use_series = (((scaled.abs() <= 0.5) | ~present) & ~vanishing).all(-1)
     return torch.where(use_series, series, general)
 
 

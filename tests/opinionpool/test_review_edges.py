@@ -133,3 +133,29 @@ def test_seeds_are_integers_and_empty_samples_are_empty():
         pool = op.holder(experts, alpha)
         assert pool.sample((0,)).shape == (0,) and pool.sample((0, 4)).shape == (0, 4)
     assert op.holder(Poisson(torch.tensor([[1.0, 4.0]])), 0.5).sample((0,)).shape == (0, 1)
+
+
+@pytest.mark.parametrize("a", [-2.0, 1.5, 2.0])
+def test_chernoff_orders_outside_the_unit_interval_for_nearly_equal_variances(a):
+    """log(1 + a expm1(d)) lost the O(d^2) term that log1p keeps: 1e-2 relative error at variances 1e-8 apart."""
+    p, q = Normal(torch.tensor(0.0), torch.tensor(1.0)), Normal(torch.tensor(1e-7), torch.tensor(1.00000001))
+    want = _mp_gaussian_log_chernoff([0.0], [[1.0]], [1e-7], [[1.00000001**2]], a)
+    assert op.log_chernoff_coefficient(p, q, a).item() == pytest.approx(want, rel=1e-8)
+
+
+def test_a_vanishing_expert_leaves_the_order_gradient_finite():
+    """A present expert of density zero (log-value -inf): for alpha > 0 its term is 0 and the gradient in a tensor
+    alpha was NaN (0 * -inf); for alpha < 0 the pool is 0. Against central differences in alpha."""
+    log_values, log_weights = torch.tensor([0.3, -math.inf, 2.0]), torch.tensor([0.2, 0.5, 0.3]).log()
+    for a in (1e-3, 0.3, 2.0):
+        alpha = torch.tensor(a, requires_grad=True)
+        value = log_power_mean(log_values, log_weights, alpha)
+        (grad,) = torch.autograd.grad(value, alpha)
+        h = 1e-6 * a
+        ends = [log_power_mean(log_values, log_weights, a + sign * h) for sign in (1, -1)]
+        central = (ends[0] - ends[1]) / (2 * h)
+        assert math.isfinite(value.item()) and grad.item() == pytest.approx(central.item(), rel=1e-6)
+        # the term is 0: the same as leaving the expert out with its weight
+        kept = log_power_mean(log_values[[0, 2]], log_weights[[0, 2]], a)
+        assert value.item() == pytest.approx(kept.item(), rel=1e-12)
+    assert log_power_mean(log_values, log_weights, -1.5).item() == -math.inf
