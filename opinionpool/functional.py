@@ -54,7 +54,7 @@ __all__ = [
     "GaussianMixture", "holder", "hellinger", "holder_mixture", "holder_mixture_members", "moe", "poe",
     "wasserstein_barycenter",
     "log_bhattacharyya", "subset_mixture", "all_subsets", "exact_order", "DEFAULT_MAX_COMPONENTS",
-    "DEFAULT_MAX_SUBSETS", "diag_gaussian_log_prob", "diag_gaussian_kl",
+    "DEFAULT_MAX_SUBSETS", "OFFSET_ROUNDING", "diag_gaussian_log_prob", "diag_gaussian_kl",
 ]
 
 #: the default cap on the number of subsets of ``subset_mixture`` (``2^M - 1`` for all subsets of ``M`` experts)
@@ -508,7 +508,11 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
                 prior = (member.shape[-1] - 1,) if prior_expert else ()
                 rows = [row + (full if len(row) == experts else ()) + prior for row in rows]
             extra = (rows,)
-        loc, lv = _SHARED[shared](mu, logvar, member, weights, *extra)
+        if _rounded_offsets_matter(mu, logvar, member):
+            wide = (mu.double(), logvar.double(), member, None if weights is None else weights.double(), *extra)
+            loc, lv = (t.to(mu.dtype) for t in _SHARED[shared](*wide))
+        else:
+            loc, lv = _SHARED[shared](mu, logvar, member, weights, *extra)
     log_weights = torch.where(empty, -torch.inf, 0.0).to(mu.dtype)
     return GaussianMixture(torch.log_softmax(log_weights, -1), loc, lv)
 
@@ -531,6 +535,28 @@ def _wide(dtype):
     """float64 for the per-subset sums of float32 (or narrower) terms: the standard deviations of
     ``_subset_barycenter`` keep their digits and range."""
     return torch.float64 if torch.finfo(dtype).bits < 64 else dtype
+
+
+#: the shared subset paths run in float64 where a float32 (or narrower) offset's rounding exceeds this fraction of
+#: its expert's standard deviation
+OFFSET_ROUNDING = 1e-3
+
+
+def _rounded_offsets_matter(mu, logvar, member):
+    """Whether the shared subset paths' offsets from one expert per sample lose what matters: the components' means
+    are offsets in the inputs' dtype, so a subset of narrow experts far from that expert got the offsets' rounding
+    in its mean and variance (float32 experts of standard deviation 1e-6 some 1e3 away: a one-expert subset's mean
+    30 standard deviations off). Not where the values cannot be read (``torch.compile``, ``torch.func``, CUDA-graph
+    capture), nor in float64."""
+    if (mu.dtype == torch.float64 or torch.compiler.is_compiling()
+            or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (mu, logvar))
+            or (mu.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+        return False
+    with torch.no_grad():
+        x, _ = _reference_offsets(mu, member)
+        rounding = x.abs() * torch.finfo(mu.dtype).eps
+        lost = (rounding > OFFSET_ROUNDING * torch.exp(0.5 * logvar)) & member.any(-2).unsqueeze(-1)
+        return bool(lost.any())
 
 
 def _reference_offsets(mu, member):
