@@ -10,7 +10,8 @@ Bhattacharyya coefficient), with, per dimension, :math:`\Delta = \mu_j - \mu_i`,
   of the log-variances cancel);
 * the pair's mean :math:`(\mu_i v_j + \mu_j v_i)/u` and variance :math:`2 v_i v_j / u`.
 
-Means are taken relative to one present expert before any difference is squared. The pairs are formed row by
+The components' means are taken relative to one present expert; the pairs' differences of means come
+from the means as given (offsets rounded far from that expert would lose them). The pairs are formed row by
 row (expert ``i`` against the experts after it, ``_rows``): slices of the inputs, never gathered copies. The
 forward pass keeps only the inputs, the output moments and the mixture weights; the backward pass recomputes the
 rows and applies the analytic derivatives (:math:`\partial\log S/\partial\mu`,
