@@ -51,7 +51,7 @@ import torch.utils._python_dispatch
 
 from ._chunks import by_rows, flat, unflat
 
-__all__ = ["hellinger_moments", "kept_partners", "pair_components", "pairs_of"]
+__all__ = ["hellinger_moments", "kept_partners", "pair_components", "pairs_of", "values_readable"]
 
 _LOG2 = math.log(2.0)
 
@@ -182,6 +182,14 @@ def _partner_index_uncached(m, partners, device):
 _partner_index_cached = functools.lru_cache(maxsize=256)(_partner_index_uncached)
 
 
+def values_readable(*tensors) -> bool:
+    """Whether a choice may read ``tensors``' values on the host: not under ``torch.compile`` or ``torch.func``
+    transforms, nor while a CUDA graph is captured."""
+    return not (torch.compiler.is_compiling()
+                or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+                or any(t.device.type == "cuda" for t in tensors) and torch.cuda.is_current_stream_capturing())
+
+
 def kept_partners(mu, logvar, log_w, pools=False):
     r"""The pairs of experts ``(..., M, D)`` with log-weights ``log_w`` ``(..., M)`` whose components change the
     moment-matched pool in some sample, as the partners ``j > i`` of each expert ``i``; ``None`` where that is every
@@ -209,9 +217,7 @@ def kept_partners(mu, logvar, log_w, pools=False):
     keep every pair. Experts that stopped overlapping, as a trained HELVAE's do, leave every pair out, and the pool
     costs about what the moment-matched mixture of the experts does."""
     m = mu.shape[-2]
-    tensors = (mu, logvar, log_w)
-    if (m < 2 or torch.compiler.is_compiling() or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
-            or (mu.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+    if m < 2 or not values_readable(mu, logvar, log_w):
         return None
     with torch.no_grad():
         eps = torch.finfo(mu.dtype).eps

@@ -20,7 +20,7 @@ import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from ._chunks import by_rows
-from ._hellinger import hellinger_moments, kept_partners, pair_components, pairs_of
+from ._hellinger import hellinger_moments, kept_partners, pair_components, pairs_of, values_readable
 from ._validation import (
     all_finite,
     check_alpha,
@@ -548,9 +548,7 @@ def _rounded_offsets_matter(mu, logvar, member):
     in its mean and variance (float32 experts of standard deviation 1e-6 some 1e3 away: a one-expert subset's mean
     30 standard deviations off). Not where the values cannot be read (``torch.compile``, ``torch.func``, CUDA-graph
     capture), nor in float64."""
-    if (mu.dtype == torch.float64 or torch.compiler.is_compiling()
-            or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (mu, logvar))
-            or (mu.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+    if mu.dtype == torch.float64 or not values_readable(mu, logvar):
         return False
     eps = torch.finfo(mu.dtype).eps
     with torch.no_grad():
