@@ -230,7 +230,13 @@ class ExponentialFamily:
         # -sum_s w_s D_A(eta_s, combined) (the linear terms cancel where the weights sum to one), Bregman divergences
         # free of that cancellation; its gradient stays the direct form's
         with torch.no_grad():
-            scale = combined_log_norm.abs() + weighted_sum(log_weights, log_norm.abs(), dim=-1)
+            # with the terms of <combined, grad A(combined)>, the rounding of A's own terms: a Bernoulli's natural
+            # parameters (log(1 - p), log p) have A = 0, so the log-normalisers alone put the scale of experts 1e-8
+            # apart at 1e-16 and log C came out +1e-16 for -5e-17
+            terms = combined * self.mean_parameters(combined)
+            terms = torch.where(torch.isneginf(combined), torch.zeros((), dtype=terms.dtype, device=terms.device), terms)
+            scale = (combined_log_norm.abs() + weighted_sum(log_weights, log_norm.abs(), dim=-1)
+                     + terms.abs().flatten(combined.dim() - len(self.param_shape)).sum(-1))
             risky = torch.isfinite(log_c) & (log_c.abs() < 1e8 * torch.finfo(torch.float64).eps * scale)
         if bool(risky.any()):
             with torch.no_grad():

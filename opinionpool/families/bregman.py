@@ -45,9 +45,12 @@ def _bregman_value(family, eta_p: torch.Tensor, eta_q: torch.Tensor, strict: boo
     # would be NaN (and -inf - -inf for KL(p || p)); where only q gives it zero, delta stays -inf (KL = inf)
     delta = torch.where(torch.isneginf(eta_p), 0, eta_q - eta_p)
     log_normalizer_p, log_normalizer_q = family.log_normalizer(eta_p), family.log_normalizer(eta_q)
-    linear = (delta * family.mean_parameters(eta_p)).sum(-1)
-    direct = log_normalizer_q - log_normalizer_p - linear
-    scale = log_normalizer_q.abs() + log_normalizer_p.abs() + linear.abs()
+    linear_terms = delta * family.mean_parameters(eta_p)
+    direct = log_normalizer_q - log_normalizer_p - linear_terms.sum(-1)
+    # the size of the terms, not of their sums: log-normalisers that vanish (a Bernoulli's (log(1 - p), log p) gives
+    # A = 0) and a linear term whose entries cancel made the scale of 1e-8 experts apart about 1e-16, so the direct
+    # form's rounding (3e-16 for a KL of 2.4e-16) passed for the value
+    scale = log_normalizer_q.abs() + log_normalizer_p.abs() + linear_terms.abs().sum(-1)
     cancelled = direct.abs() < _CANCELLATION * scale
     if not bool(cancelled.any()):
         return direct, cancelled

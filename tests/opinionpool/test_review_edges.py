@@ -8,7 +8,7 @@ import math
 import mpmath
 import pytest
 import torch
-from torch.distributions import Beta, Gamma, MultivariateNormal, Normal, Poisson, VonMises
+from torch.distributions import Bernoulli, Beta, Categorical, Gamma, MultivariateNormal, Normal, Poisson, VonMises
 
 import opinionpool as op
 from opinionpool.functional import diag_gaussian_log_prob
@@ -159,3 +159,29 @@ def test_a_vanishing_expert_leaves_the_order_gradient_finite():
         kept = log_power_mean(log_values[[0, 2]], log_weights[[0, 2]], a)
         assert value.item() == pytest.approx(kept.item(), rel=1e-12)
     assert log_power_mean(log_values, log_weights, -1.5).item() == -math.inf
+
+
+@pytest.mark.parametrize("a", [0.3, 0.5, 2.0, -1.0])
+@pytest.mark.parametrize("p, gap", [(0.3, 1e-8), (0.7, 1e-9), (0.01, 1e-10)])
+def test_nearly_equal_discrete_experts_keep_their_chernoff_coefficient(p, gap, a):
+    """A Bernoulli's natural parameters (log(1 - p), log p) have log-normaliser 0, so the cancellation checks
+    measured their scale by the rounding of the result (1e-16) and took the direct form's rounding for the value:
+    log C = +1.3e-16 for -5e-17 (a coefficient above one), 140x off at p = 0.7. Against mpmath for the float64
+    inputs; what is left is the rounding of log p (2e-7 relative at p = 0.01, 1e-10 apart)."""
+    q = p + gap
+    bern_p = Bernoulli(probs=torch.tensor(p, dtype=torch.float64))
+    bern_q = Bernoulli(probs=torch.tensor(q, dtype=torch.float64))
+    # three categories, two of them moved
+    cat_p = Categorical(probs=torch.tensor([p / 2, p / 2, 1 - p], dtype=torch.float64))
+    cat_q = Categorical(probs=torch.tensor([q / 2, p / 2, 1 - p / 2 - q / 2], dtype=torch.float64))
+    with mpmath.workdps(50):
+        mp_p, mp_q, mp_a = mpmath.mpf(p), mpmath.mpf(q), mpmath.mpf(a)
+        bernoulli = float(mpmath.log(mp_p**mp_a * mp_q ** (1 - mp_a) + (1 - mp_p) ** mp_a * (1 - mp_q) ** (1 - mp_a)))
+        kl = float(mp_p * mpmath.log(mp_p / mp_q) + (1 - mp_p) * mpmath.log((1 - mp_p) / (1 - mp_q)))
+        probs_p, probs_q = [list(map(mpmath.mpf, d.probs.tolist())) for d in (cat_p, cat_q)]
+        total = sum(x**mp_a * y ** (1 - mp_a) for x, y in zip(probs_p, probs_q))
+        # (their sums differ from one by a rounding, which is of the size of the coefficient's logarithm)
+        categorical = float(mpmath.log(total / (sum(probs_p) ** mp_a * sum(probs_q) ** (1 - mp_a))))
+    assert op.log_chernoff_coefficient(bern_p, bern_q, a).item() == pytest.approx(bernoulli, rel=1e-6, abs=0)
+    assert op.kl_divergence(bern_p, bern_q).item() == pytest.approx(kl, rel=1e-6, abs=0)
+    assert op.log_chernoff_coefficient(cat_p, cat_q, a).item() == pytest.approx(categorical, rel=1e-6, abs=0)
