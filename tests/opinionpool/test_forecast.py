@@ -352,15 +352,49 @@ def test_pit_of_plain_torch_forecasts_outside_their_support_and_without_a_mean()
     assert float(op.pit(lognormal, torch.tensor(2.0, dtype=torch.float64))) == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize("concentration, tolerance", [(1e3, 1e-6), (5e3, 1e-6), (1e4, 1e-5), (1e5, 1e-2)])
-def test_pit_of_a_concentrated_float32_von_mises(concentration, tolerance):
-    """torch's float32 circular variance rounds to 0 from a concentration of about 5e3: the panels had no width and
-    the PIT was NaN (and coverage counted it as not covered). Reference: scipy's vonmises cdf, in float64. At 1e5
-    torch's float32 log density itself is off (1 - cos of a few thousandths rounds), hence the tolerance."""
-    forecast = VonMises(torch.tensor(-1.0, dtype=torch.float32), torch.tensor(concentration, dtype=torch.float32))
-    reference = scipy.stats.vonmises(concentration, loc=-1.0)
-    expected = reference.cdf(-0.99) - reference.cdf(-math.pi)
-    assert float(op.pit(forecast, torch.tensor(-0.99, dtype=torch.float32))) == pytest.approx(expected, abs=tolerance)
+@pytest.mark.parametrize("concentration", [50.0, 1e3, 5e3, 1e4, 1e5, 1e6])
+def test_pit_of_a_concentrated_float32_von_mises(concentration):
+    """torch's float32 circular variance rounds to 0 from a concentration of about 5e3 (the panels had no width and
+    the PIT was NaN), and its float32 log density loses the concentration times float32's rounding (the PIT at the
+    mean of a concentration 1e6 was 0.57; at 50 the total mass was off 1 by 2e-6, which warned): a float32 von Mises
+    is integrated in float64. Reference: scipy quadrature of the density at the float32 angle."""
+    loc, y = torch.tensor(-1.0, dtype=torch.float32), torch.tensor([-0.99, -1.0, 1.0], dtype=torch.float32)
+    forecast = VonMises(loc, torch.tensor(concentration, dtype=torch.float32))
+    expected = [_circular_pit_by_quad(lambda x: _vonmises_pdf(x, -1.0, concentration), angle, points=[-1.0])
+                for angle in y.double().tolist()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = op.pit(forecast, y)
+    np.testing.assert_allclose(got.double().numpy(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_pit_of_a_circular_mixture_keeps_a_far_or_diffuse_component():
+    """The panels covered the mean +- 12 sd of the mixture or pool, which holds one von Mises's mass but not that of a
+    small component at the far side of the circle (1 % at pi: PIT 0 or 1 for 0.0042 and 0.9958) or of a diffuse one
+    beside a concentrated one (0.0135 for 0.0170). The whole period is integrated where the window misses mass."""
+    weights = torch.tensor([0.99, 0.01], dtype=torch.float64)
+    components = VonMises(torch.tensor([0.0, math.pi], dtype=torch.float64), torch.tensor([100.0, 100.0],
+                                                                                             dtype=torch.float64))
+    angles = np.array([-3.0, -1.0, 2.0, 3.0])
+    density = lambda x: 0.99 * _vonmises_pdf(x, 0.0, 100.0) + 0.01 * _vonmises_pdf(x, math.pi, 100.0)  # noqa: E731
+    expected = [_circular_pit_by_quad(density, y, points=[0.0]) for y in angles]
+    for forecast in (op.holder(components, 1.0, weights), MixtureSameFamily(Categorical(weights), components)):
+        np.testing.assert_allclose(op.pit(forecast, torch.tensor(angles)).numpy(), expected, rtol=1e-8, atol=1e-12)
+    weights = torch.tensor([0.05, 0.95], dtype=torch.float64)
+    diffuse = MixtureSameFamily(Categorical(weights), VonMises(torch.zeros(2, dtype=torch.float64),
+                                                               torch.tensor([0.01, 1000.0], dtype=torch.float64)))
+    density = lambda x: 0.05 * _vonmises_pdf(x, 0.0, 0.01) + 0.95 * _vonmises_pdf(x, 0.0, 1000.0)  # noqa: E731
+    expected = [_circular_pit_by_quad(density, y, points=[0.0]) for y in angles]
+    # (torch's von Mises normaliser, good to about 1e-7, weighs the two components slightly differently)
+    np.testing.assert_allclose(op.pit(diffuse, torch.tensor(angles)).numpy(), expected, rtol=1e-6, atol=1e-12)
+
+
+def test_circular_pit_far_in_the_tails_is_exactly_zero_or_one():
+    """The cumulative mass was clamped to 1 before it was divided by the total (torch's von Mises integrates to
+    1 + 3e-7 at concentration 50): F(3) came out 1 - 3e-7 for 1 - 1e-40."""
+    forecast = VonMises(torch.tensor(0.0, dtype=torch.float64), torch.tensor(50.0, dtype=torch.float64))
+    got = op.pit(forecast, torch.tensor([3.0, -3.0], dtype=torch.float64))
+    assert 1 - got[0].item() <= 1e-15 and got[1].item() <= 1e-15
 
 
 # --------------------------------------------------------------------------------------------------- fit_weights
