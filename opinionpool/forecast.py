@@ -656,6 +656,9 @@ def fit_weights(experts, observations, alpha=0.5, learn_alpha: bool = False, *, 
     the weights.
     """
     alpha = check_alpha(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite to fit weights: the pool at alpha = +-inf is the normalised max or min "
+                         f"of the experts, whose score does not depend on the weights, got alpha={alpha!r}")
     if not isinstance(learn_alpha, bool):
         raise TypeError(f"learn_alpha must be a bool, got {learn_alpha!r}")
     max_iter = check_positive_int("max_iter", max_iter)

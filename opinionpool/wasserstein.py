@@ -128,6 +128,8 @@ def covariance_barycenter(covariances: torch.Tensor, weights: torch.Tensor, *, t
     covariances, weights = covariances.to(torch.float64), weights.to(torch.float64)
     factors = _check_covariances(covariances.detach(), dtype)
     tol = 1e-10 if tol is None else tol
+    # over the largest first: weights of 1e308 sum to inf (the normalised weights, and their gradient, are the same)
+    weights = weights / weights.detach().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     weights = weights / weights.sum(-1, keepdim=True)
     covariances = covariances.expand(batch + covariances.shape[-3:])
     factors = factors.expand(covariances.shape)

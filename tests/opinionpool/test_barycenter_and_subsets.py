@@ -92,6 +92,9 @@ def test_full_covariance_barycenter_takes_one_weight_vector_per_batch_row():
         np.testing.assert_allclose(bary.mean[b].numpy(), (w[b][:, None] * locs).sum(0), rtol=1e-12)
     direct = covariance_barycenter(torch.tensor(covs), torch.tensor(w))
     np.testing.assert_allclose(direct.numpy(), bary.covariance_matrix.numpy(), rtol=1e-8, atol=1e-10)
+    # weights are normalised over their largest first: 1e308 each summed to inf (a LinAlgError followed)
+    huge = covariance_barycenter(torch.tensor(covs), torch.tensor(w) * 1e308 / w.max())
+    np.testing.assert_allclose(huge.numpy(), direct.numpy(), rtol=1e-12, atol=0)
 
 
 def test_full_covariance_barycenter_gradients_with_repeated_eigenvalues():

@@ -529,6 +529,8 @@ def test_bad_input_errors_name_the_argument_and_value():
         op.fit_weights(experts, torch.zeros(2), max_iter=0)
     with pytest.raises(ValueError, match="alpha must be a real number"):
         op.fit_weights(experts, torch.zeros(2), alpha=math.nan)
+    with pytest.raises(ValueError, match="alpha must be finite to fit weights.*alpha=inf"):
+        op.fit_weights(experts, torch.zeros(2), alpha=math.inf)
     # a column of observations against a row of occasions scored every observation under every pool, silently
     with pytest.raises(ValueError, match=r"observations of shape \(2, 1\) must hold one observation per occasion.*\(2,\)"):
         op.fit_weights(experts, torch.zeros(2, 1, dtype=torch.float64))
