@@ -281,6 +281,73 @@ def _one_minus_bessel_ratio(kappa: torch.Tensor) -> torch.Tensor:
     return torch.where(kappa > _ASYMPTOTIC_KAPPA, difference / i0, direct)
 
 
+def _bessel_ratio_over_kappa(kappa: torch.Tensor) -> torch.Tensor:
+    """``A(kappa) / kappa`` with ``A = I1 / I0``; its limit ``1/2`` at 0."""
+    safe = kappa.clamp_min(1e-6)
+    ratio = torch.special.i1e(safe) / torch.special.i0e(safe) / safe
+    return torch.where(kappa > 1e-6, ratio, torch.full_like(ratio, 0.5))
+
+
+def _bessel_ratio_slope(kappa: torch.Tensor) -> torch.Tensor:
+    """``A'(kappa) = 1 - A^2 - A / kappa``, the curvature of ``log I0`` (``1/2`` at 0). Above ``kappa = 1`` as
+    ``s (2 - s) - (1 - s) / kappa`` with ``s = 1 - A`` from its asymptotic series: autograd of ``i1e / i0e`` subtracts
+    terms of size one to get ``1 / (2 kappa^2)`` (2 % off at 1e7); this keeps all but ``log10(2 kappa)`` digits."""
+    over_kappa = _bessel_ratio_over_kappa(kappa)
+    ratio = over_kappa * kappa
+    small = 1 - ratio * ratio - over_kappa
+    s = _one_minus_bessel_ratio(kappa.clamp_min(1.0))
+    large = s * (2 - s) - (1 - s) / kappa.clamp_min(1.0)
+    return torch.where(kappa > 1, large, small)
+
+
+class _VonMisesMeanParameters(torch.autograd.Function):
+    """``grad A(eta) = (A(kappa) / kappa) eta`` with the Hessian-vector product assembled from its radial part
+    ``A'(kappa)`` (``_bessel_ratio_slope``) and its tangential part ``A(kappa) / kappa``: autograd of the forward
+    cancels in the radial part (a KL between concentrations 1e7 and 2e7 came out 0.147 for 0.153). The backward is
+    made of differentiable operations, so higher derivatives follow by autograd."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(natural):
+        kappa = torch.linalg.vector_norm(natural, dim=-1, keepdim=True)
+        return _bessel_ratio_over_kappa(kappa) * natural
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (natural,) = ctx.saved_tensors
+        kappa = torch.linalg.vector_norm(natural, dim=-1, keepdim=True)
+        unit = natural / kappa.clamp_min(torch.finfo(natural.dtype).tiny)
+        radial = (unit * grad).sum(-1, keepdim=True)
+        # the tangential and radial parts apart: their sum's cancellation is what the form avoids
+        return _bessel_ratio_over_kappa(kappa) * (grad - radial * unit) + _bessel_ratio_slope(kappa) * radial * unit
+
+
+class _VonMisesLogNormalizer(torch.autograd.Function):
+    """``log(2 pi I0(kappa))``, ``kappa = |eta|``, whose gradient is ``_VonMisesMeanParameters`` (and so its
+    curvature that one's accurate Hessian)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(natural):
+        kappa = torch.linalg.vector_norm(natural, dim=-1)
+        return LOG_2PI + torch.log(torch.special.i0e(kappa)) + kappa
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (natural,) = ctx.saved_tensors
+        return grad.unsqueeze(-1) * _VonMisesMeanParameters.apply(natural)
+
+
 class VonMisesFamily(ExponentialFamily):
     """Circular experts. ``mean`` is the circular mean and ``variance`` the circular variance
     ``1 - |E[exp(i z)]|``, as in ``torch.distributions.VonMises``."""
@@ -312,8 +379,7 @@ class VonMisesFamily(ExponentialFamily):
         return VonMises(loc, kappa, validate_args=validate_args)
 
     def log_normalizer(self, natural):
-        kappa = torch.linalg.vector_norm(natural, dim=-1)
-        return LOG_2PI + torch.log(torch.special.i0e(kappa)) + kappa
+        return _VonMisesLogNormalizer.apply(natural)
 
     def natural_domain(self, natural):
         return torch.isfinite(natural).all(-1)
@@ -325,12 +391,8 @@ class VonMisesFamily(ExponentialFamily):
         return _zeros(value, value.shape)
 
     def mean_parameters(self, natural):
-        kappa = torch.linalg.vector_norm(natural, dim=-1, keepdim=True)
-        safe = kappa.clamp_min(1e-6)
-        ratio = torch.special.i1e(safe) / torch.special.i0e(safe) / safe
         # I1(k)/(k I0(k)) -> 1/2 as k -> 0, where the gradient of A is eta / 2
-        factor = torch.where(kappa > 1e-6, ratio, torch.full_like(ratio, 0.5))
-        return factor * natural
+        return _VonMisesMeanParameters.apply(natural)
 
     @staticmethod
     def _circular_moments(expected_statistic):
