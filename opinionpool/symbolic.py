@@ -31,17 +31,42 @@ __all__ = ["SymbolicFamily", "VerificationReport", "Check", "to_torch"]
 
 
 class _Printer(TorchPrinter):
-    """torch printer that also writes ``polygamma(n, x)`` for n > 0 (mapped in ``_TORCH_FUNCTIONS``)."""
+    """torch printer that also writes ``polygamma(n, x)``, ``besseli(n, x)`` and ``gamma(x)`` with their arguments
+    printed for torch (mapped in ``_TORCH_FUNCTIONS``; sympy's own printer leaves ``besseli`` and its argument as
+    plain text and names a ``torch.special.gamma`` that does not exist)."""
 
     def _print_polygamma(self, expr):
         order, argument = expr.args
         return f"polygamma({self._print(order)}, {self._print(argument)})"
 
+    def _print_besseli(self, expr):
+        order, argument = expr.args
+        return f"besseli({self._print(order)}, {self._print(argument)})"
+
+    def _print_gamma(self, expr):
+        return f"gamma({self._print(expr.args[0])})"
+
+
+def _gamma(x):
+    """Gamma from ``lgamma`` (log of its absolute value) with its sign: negative on ``(-1, 0)``, ``(-3, -2)``, ..."""
+    negative = (x < 0) & (torch.floor(x).remainder(2) == 1)
+    return torch.where(negative, -1.0, 1.0).to(x.dtype) * torch.lgamma(x).exp()
+
 
 _TORCH_FUNCTIONS = {
     "polygamma": lambda n, x: torch.special.polygamma(int(n), x),
     "besseli": lambda n, x: {0: torch.special.i0, 1: torch.special.i1}[int(n)](x),
+    "gamma": _gamma,
 }
+
+
+def _numbers_as_floats(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with every real constant sub-expression (``log(2 pi)``, ``sqrt(2)``, ``besseli(0, 1)``) evaluated to a
+    float: torch's functions take tensors, and ``torch.log(6.28...)`` raised at the family's first use."""
+    def constant(e):
+        return e.is_number and not e.is_Atom and e.is_real is True
+
+    return expr.replace(constant, lambda e: sp.Float(e.evalf(30), 30))
 
 
 def _bessel_orders_0_and_1(expr: sp.Expr) -> sp.Expr:
@@ -63,7 +88,7 @@ def to_torch(symbols: Sequence[sp.Symbol], expr: sp.Expr):
 
     The returned function takes one tensor per symbol and returns a tensor of their broadcast shape.
     """
-    expr = _bessel_orders_0_and_1(sp.sympify(expr))
+    expr = _numbers_as_floats(_bessel_orders_0_and_1(sp.sympify(expr)))
     function = sp.lambdify(list(symbols), expr, modules=[_TORCH_FUNCTIONS, "torch"],
                            printer=_Printer({"strict": False}))
 
@@ -147,6 +172,7 @@ class SymbolicFamily(CustomFamily):
         log_h_fn = to_torch([variable], self.log_base_measure_expr)
         domain_fns = [to_torch(etas, c) for c in self.domain_exprs]
         self._gradient_fn = lambda natural: torch.stack([g(*natural.unbind(-1)) for g in grad_fns], dim=-1)
+        self._log_normalizer_fn, self._statistic_fns, self._log_base_measure_fn = a_fn, stat_fns, log_h_fn
 
         def natural_domain(natural):
             inside = torch.isfinite(a_fn(*natural.unbind(-1))) & torch.isfinite(natural).all(-1)
@@ -185,8 +211,8 @@ class SymbolicFamily(CustomFamily):
     def verify(self, points, *, symbolic: bool = True, rtol: float = 1e-15, dps: int = 30,
                raise_on_failure: bool = True) -> VerificationReport:
         """Check at each natural parameter ``point`` (inside ``domain``) that the density integrates to
-        one, that ``gradient`` equals ``E[T(z)]``, and that the torch function the family runs gives the same
-        gradient in float64 (to 1e-12).
+        one, that ``gradient`` equals ``E[T(z)]``, and that the torch functions the family runs give the same
+        gradient and ``A`` in float64 (to 1e-12), and the same ``T`` and ``log h`` at three points of the support.
 
         Integrals are tried symbolically first (``symbolic=True``) and computed by ``mpmath.quad`` at
         ``dps`` digits where sympy leaves them unevaluated. A failed check raises ``ValueError`` naming
@@ -214,6 +240,7 @@ class SymbolicFamily(CustomFamily):
                 torch_value = float(translated[index])
                 checks.append(Check(f"torch dA/deta_{index + 1}", point, "torch float64", torch_value, float(expected),
                                     abs(torch_value - float(expected)) <= 1e-12 * (1 + abs(float(expected)))))
+            checks.extend(self._translation_checks(point, values, dps))
         report = VerificationReport(tuple(checks))
         if raise_on_failure and not report.passed:
             failed = [c for c in report.checks if not c.passed]
@@ -221,6 +248,39 @@ class SymbolicFamily(CustomFamily):
                 f"  {c.name} at eta={c.point} ({c.method}): got {c.value:.17g}, expected {c.expected:.17g}"
                 for c in failed))
         return report
+
+    def _translation_checks(self, point, values, dps):
+        """The torch functions the family runs for ``A`` (at ``point``), ``T`` and ``log h`` (at three points of the
+        support) against sympy's values, to 1e-12 in float64: a translation that raises or differs fails its check."""
+        def check(name, where, function, args, expr):
+            expected = float(sp.N(expr, dps))
+            try:
+                value = float(function(*(torch.tensor(float(a), dtype=torch.float64) for a in args)))
+            except Exception as error:  # a translation that cannot run is a failed check, reported with the rest
+                return Check(f"{name} ({type(error).__name__}: {error})", where, "torch float64", float("nan"),
+                             expected, False)
+            return Check(name, where, "torch float64", value, expected,
+                         abs(value - expected) <= 1e-12 * (1 + abs(expected)))
+
+        checks = [check("torch A", point, self._log_normalizer_fn, point, self.log_normalizer_expr.subs(values))]
+        z = self.variable
+        for at in self._support_points():
+            checks.append(check(f"torch log h at z={at}", point, self._log_base_measure_fn, (at,),
+                                self.log_base_measure_expr.subs(z, at)))
+            for index, (stat, function) in enumerate(zip(self.statistic_exprs, self._statistic_fns)):
+                checks.append(check(f"torch T_{index + 1} at z={at}", point, function, (at,), stat.subs(z, at)))
+        return checks
+
+    def _support_points(self):
+        """Three points inside the support (its quartiles where it is finite)."""
+        lower, upper = self.support
+        if lower.is_finite and upper.is_finite:
+            return [lower + (upper - lower) * sp.Rational(k, 4) for k in (1, 2, 3)]
+        if lower.is_finite:
+            return [lower + sp.Rational(1, 2), lower + 1, lower + 3]
+        if upper.is_finite:
+            return [upper - 3, upper - 1, upper - sp.Rational(1, 2)]
+        return [sp.Integer(-1), sp.Rational(1, 2), sp.Integer(2)]
 
     def _integral(self, integrand: sp.Expr, symbolic: bool, dps: int):
         z = self.variable

@@ -24,7 +24,6 @@ import math
 import torch
 from torch.distributions import constraints
 
-from .._validation import describe
 from .bregman import _bregman_value
 
 __all__ = ["ExponentialFamily"]
@@ -203,8 +202,13 @@ class ExponentialFamily:
         eta = self.to_natural(params)
         bad = ~self.natural_domain(eta)
         if bool(bad.any()):
-            raise ValueError(f"{name}: natural parameters outside the {self.name} parameter space at "
-                             f"{describe(eta.reshape(bad.shape + (-1,))[..., 0], bad)}")
+            # the whole parameter vector of the first such expert: its first entry alone may be a valid one
+            rows = eta.reshape(bad.shape + (-1,)).detach()
+            first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+            shown = ", ".join(f"{v:.6g}" for v in rows[first].tolist())
+            more = int(bad.sum()) - 1
+            raise ValueError(f"{name}: natural parameters outside the {self.name} parameter space: [{shown}] at index "
+                             f"{first}" + (f" (and {more} more)" if more else ""))
 
     # ---------------------------------------------------------------- pooling
     def combine(self, params: torch.Tensor, log_weights: torch.Tensor):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.distributions import Distribution, constraints
 
-from .._validation import check_finite, validation_enabled
+from .._validation import check_finite, describe, validation_enabled
 from .base import ExponentialFamily
 
 __all__ = ["CustomFamily", "ExponentialFamilyDistribution"]
@@ -77,13 +77,28 @@ class CustomFamily(ExponentialFamily):
         return f"CustomFamily(name={self.name!r}, num_params={self.param_shape[0]})"
 
     def log_normalizer(self, natural):
-        return self._log_normalizer(natural)
+        out = self._log_normalizer(natural)
+        if not isinstance(out, torch.Tensor) or out.shape != natural.shape[:-1]:
+            raise ValueError(f"{self.name}: log_normalizer must map natural parameters of shape "
+                             f"{tuple(natural.shape)} to shape {tuple(natural.shape[:-1])}, got {_shape_of(out)}")
+        return out
 
     def sufficient_statistic(self, value):
-        return self._sufficient_statistic(value)
+        out = self._sufficient_statistic(value)
+        expected = value.shape[: value.dim() - len(self.event_shape)] + self.param_shape
+        if not isinstance(out, torch.Tensor) or out.shape != expected:
+            # (a statistic without its last axis broadcast against every value and summed them all, silently)
+            raise ValueError(f"{self.name}: sufficient_statistic must map values of shape {tuple(value.shape)} to "
+                             f"shape {tuple(expected)} (num_params={self.param_shape[0]} last), got {_shape_of(out)}")
+        return out
 
     def log_base_measure(self, value):
-        return self._log_base_measure(value)
+        out = self._log_base_measure(value)
+        batch = value.shape[: value.dim() - len(self.event_shape)]
+        if not isinstance(out, torch.Tensor) or torch.broadcast_shapes(out.shape, batch) != batch:
+            raise ValueError(f"{self.name}: log_base_measure must map values of shape {tuple(value.shape)} to shape "
+                             f"{tuple(batch)} (or one that broadcasts to it), got {_shape_of(out)}")
+        return out
 
     def base_measure_natural(self, natural):
         if self._base_measure_natural is None:
@@ -118,6 +133,10 @@ class CustomFamily(ExponentialFamily):
         return self._sampler(params, torch.Size(sample_shape))
 
 
+def _shape_of(out) -> str:
+    return f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+
+
 class ExponentialFamilyDistribution(Distribution):
     """A member of any :class:`ExponentialFamily`, as a ``torch.distributions.Distribution``.
 
@@ -135,7 +154,8 @@ class ExponentialFamilyDistribution(Distribution):
         if tuple(params.shape[params.dim() - n:]) != tuple(family.param_shape):
             raise ValueError(f"params must end in the family's parameter shape {tuple(family.param_shape)}, "
                              f"got shape {tuple(params.shape)}")
-        if validation_enabled(validate_args):
+        self._checks_values = validation_enabled(validate_args)
+        if self._checks_values:
             check_finite("params", params)
             family.check_params(params, "params")
         super().__init__(batch_shape=params.shape[: params.dim() - n], event_shape=family.event_shape,
@@ -146,7 +166,22 @@ class ExponentialFamilyDistribution(Distribution):
         return self.family.to_natural(self.params)
 
     def log_prob(self, value):
-        return self.family.log_prob(self.params, value)
+        """``log h(z) + <eta, T(z)> - A(eta)`` in the support; outside it a ``ValueError`` naming the value where the
+        expert validates its arguments, else ``-inf`` (the formula alone extends the density past the support)."""
+        value = torch.as_tensor(value, dtype=self.params.dtype, device=self.params.device)
+        inside = self.family.in_support(value)
+        if bool(inside.all()):
+            return self.family.log_prob(self.params, value)
+        if self._checks_values:
+            raise ValueError(f"value must lie in the support of the {self.family.name} expert "
+                             f"({self.family.support_constraint}), got {describe(value, ~inside)}")
+        event = (...,) + (None,) * len(self.family.event_shape)
+        log_p = self.family.log_prob(self.params, torch.where(inside[event], value, self.family.support_fill(value)))
+        undefined = torch.isnan(value)  # NaN stays NaN, not -inf
+        if self.family.event_shape:
+            undefined = undefined.flatten(-len(self.family.event_shape)).any(-1)
+        outside = torch.where(undefined, torch.nan, -torch.inf).to(log_p.dtype)
+        return torch.where(inside, log_p, outside)
 
     @property
     def mean(self):

@@ -278,7 +278,9 @@ def test_symbolic_family_gradient_matches_autograd_and_verifies():
     assert torch.allclose(family.mean_parameters(eta), builtin.mean_parameters(builtin_eta), rtol=1e-12, atol=0)
     assert torch.allclose(family.log_normalizer(eta), builtin.log_normalizer(builtin_eta), rtol=1e-12, atol=0)
     report = family.verify([(1, -2), (-0.5, -0.3)], symbolic=False)
-    assert report.passed and len(report.checks) == 10
+    # per point: the normalisation, E[T] and the torch gradient for each statistic (5); the torch A, and log h and
+    # both statistics at three points of the support (10)
+    assert report.passed and len(report.checks) == 30
     assert all(c.method.startswith("mpmath") for c in report.checks if not c.name.startswith("torch"))
 
 
@@ -357,3 +359,66 @@ def test_symbolic_family_declaration_errors():
         SymbolicFamily(z, [e], [z, z**2], -sp.log(-e))
     with pytest.raises(ValueError, match=r"log_normalizer may only depend on natural_params, but uses \['z'\]"):
         SymbolicFamily(z, [e], [z], -sp.log(-e) + z)
+
+
+def test_symbolic_families_with_constants_bessel_and_gamma_run_in_torch_and_verify_their_translation():
+    """Constant sub-expressions (log(2 pi), sqrt(2), 2 / sqrt(pi)) printed as torch.log(6.28...) raised at first use,
+    besseli of a non-trivial argument was left as text (NameError: sqrt), and gamma named a torch.special.gamma that
+    does not exist; verify checked only the gradient's translation, so such families passed it. References: scipy."""
+    import scipy.special
+    import scipy.stats
+
+    from opinionpool.symbolic import to_torch
+
+    z, e1, e2 = sp.symbols("z eta1 eta2", real=True)
+    normal = SymbolicFamily(z, [e1, e2], [z, z**2], -e1**2 / (4 * e2) - sp.log(-2 * e2) / 2,
+                            log_base_measure=-sp.log(2 * sp.pi) / 2, domain=[e2 < 0], name="normal")
+    value = normal.expert(torch.tensor([0.5, -0.5], dtype=torch.float64)).log_prob(torch.tensor(0.3, dtype=torch.float64))
+    assert value.item() == pytest.approx(scipy.stats.norm(0.5, 1).logpdf(0.3), rel=1e-13)
+    assert normal.verify([(0.5, -0.5)], symbolic=False).passed
+    log_normalizer = sp.log(2 * sp.pi * sp.besseli(0, sp.sqrt(e1**2 + e2**2)))
+    von_mises = SymbolicFamily(z, [e1, e2], [sp.cos(z), sp.sin(z)], log_normalizer, support=(-sp.pi, sp.pi),
+                               name="von Mises")
+    value = von_mises.expert(torch.tensor([1.0, 0.5], dtype=torch.float64)).log_prob(torch.tensor(0.3, dtype=torch.float64))
+    expected = scipy.stats.vonmises(math.hypot(1.0, 0.5), loc=math.atan2(0.5, 1.0)).logpdf(0.3)
+    assert value.item() == pytest.approx(expected, rel=1e-12)
+    assert von_mises.verify([(1, 0.5)], symbolic=False).passed
+    points = torch.tensor([2.5, 0.3, -0.5, -1.5, -2.5], dtype=torch.float64)
+    np.testing.assert_allclose(to_torch([z], sp.gamma(z))(points).numpy(), scipy.special.gamma(points.numpy()), rtol=1e-13)
+    error_function = to_torch([z], 2 * sp.exp(-z**2) / sp.sqrt(sp.pi) + sp.sqrt(2) * sp.erf(z))(points)
+    want = 2 * np.exp(-points.numpy() ** 2) / math.sqrt(math.pi) + math.sqrt(2) * scipy.special.erf(points.numpy())
+    np.testing.assert_allclose(error_function.numpy(), want, rtol=1e-14)
+    # a translation that cannot run fails verify (here: A replaced by one that raises)
+    normal._log_normalizer_fn = lambda *eta: torch.log(3.0)
+    report = normal.verify([(0.5, -0.5)], symbolic=False, raise_on_failure=False)
+    assert [c.name.split(" (")[0] for c in report.checks if not c.passed] == ["torch A"]
+
+
+def test_custom_experts_refuse_values_outside_their_support_and_statistics_of_the_wrong_shape():
+    """An expert's log_prob extended the formula past the support (a truncated exponential on (0, 1) gave 2.84 at
+    z = 2), a statistic without its last axis summed every value's statistic into each log_prob, and a parameter
+    outside the space was reported by its first (valid) entry."""
+    z, t, e1, e2 = sp.symbols("z t eta1 eta2", real=True)
+    truncated = SymbolicFamily(z, [t], [z], sp.log((sp.exp(t) - 1) / t), support=(0, 1), name="truncated exponential")
+    values = torch.tensor([0.5, 2.0, -3.0, math.nan], dtype=torch.float64)
+    eta = torch.tensor([2.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"value must lie in the support of the truncated exponential.*\[2, -3, nan\]"):
+        truncated.expert(eta, validate_args=True).log_prob(values)
+    got = truncated.expert(eta, validate_args=False).log_prob(values)
+    inside = 2.0 * 0.5 - math.log((math.exp(2.0) - 1) / 2.0)
+    assert got[0].item() == pytest.approx(inside, rel=1e-14) and got[1:3].tolist() == [-math.inf, -math.inf]
+    assert math.isnan(got[3].item())
+    rayleigh = opinionpool.CustomFamily(lambda n: -torch.log(-2 * n[..., 0]), lambda v: v * v, torch.log, num_params=1,
+                                        support_interval=(0, math.inf), name="Rayleigh")
+    with pytest.raises(ValueError, match=r"Rayleigh: sufficient_statistic must map values of shape \(3,\) to shape "
+                                         r"\(3, 1\).*got shape \(3,\)"):
+        rayleigh.expert(torch.tensor([-0.5], dtype=torch.float64)).log_prob(torch.tensor([0.5, 1.0, 2.0]))
+    wide = opinionpool.CustomFamily(lambda n: -torch.log(-2 * n), lambda v: (v * v).unsqueeze(-1), torch.log,
+                                    num_params=1, support_interval=(0, math.inf), name="Rayleigh")
+    with pytest.raises(ValueError, match=r"log_normalizer must map natural parameters of shape \(1,\) to shape \(\), "
+                                         r"got shape \(1,\)"):
+        wide.expert(torch.tensor([-0.5], dtype=torch.float64)).log_prob(torch.tensor(0.5, dtype=torch.float64))
+    inverse_gaussian = SymbolicFamily(z, [e1, e2], [z, 1 / z], -2 * sp.sqrt(e1 * e2) - sp.log(-2 * e2) / 2,
+                                      support=(0, sp.oo), domain=[e1 < 0, e2 < 0], name="inverse Gaussian")
+    with pytest.raises(ValueError, match=r"outside the inverse Gaussian parameter space: \[-0.5, 0\]"):
+        inverse_gaussian.expert(torch.tensor([-0.5, 0.0], dtype=torch.float64))
