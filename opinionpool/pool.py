@@ -1185,6 +1185,11 @@ class NumericalHolderPool(_Pool):
                              "(use variance)")
         return self._moment("covariance")
 
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        raise NotImplementedError(f"a Hölder pool at alpha={self.alpha!r} (the numerical engine) has no reparameterised "
+                                  "sampler (has_rsample is False): sample() draws exact samples without a gradient; "
+                                  "the exact pools (alpha 0 or 1/n) have rsample")
+
     def sample(self, sample_shape=torch.Size(), seed: int | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Exact samples ``sample_shape + batch_shape + event_shape``."""

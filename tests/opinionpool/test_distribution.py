@@ -238,7 +238,10 @@ def test_rsample_is_reparameterised_within_components():
     mixture = opinionpool.holder(Normal(loc, scale), 0.5, weights=WEIGHTS)
     samples = mixture.rsample((3,))
     assert samples.shape == (3,) and samples.requires_grad
-    assert not opinionpool.holder(Normal(loc, scale), 2.0).has_rsample
+    numerical = opinionpool.holder(Normal(loc, scale), 2.0)
+    assert not numerical.has_rsample
+    with pytest.raises(NotImplementedError, match=r"alpha=2.0 .*no reparameterised sampler.*sample\(\)"):
+        numerical.rsample((3,))
 
 
 @pytest.mark.parametrize("separation", [0.7, 40.0])
