@@ -141,14 +141,16 @@ class SymbolicFamily(CustomFamily):
         domain: sympy relations in the natural parameters that define the natural parameter space.
         sampler: optional ``(eta, sample_shape) -> samples`` (needed only to sample pools).
         name: used in messages.
+        mean, variance: optional expressions in the natural parameters for the mean and variance of ``z`` (the
+            numerical engine places its quadrature with them); by default, when ``z`` itself is one of the
+            statistics, the matching entries of ``gradient`` and ``hessian``. ``verify`` checks them by integration.
 
-    ``A``'s gradient and Hessian are derived symbolically (``gradient``, ``hessian``). When ``z`` itself
-    is one of the statistics, the mean and variance of ``z`` are the matching entries of them.
+    ``A``'s gradient and Hessian are derived symbolically (``gradient``, ``hessian``).
     """
 
     def __init__(self, variable: sp.Symbol, natural_params: Sequence[sp.Symbol], sufficient_statistic, log_normalizer,
                  log_base_measure=0, support=(-sp.oo, sp.oo), domain: Sequence = (), sampler=None,
-                 name: str = "symbolic family"):
+                 name: str = "symbolic family", mean=None, variance=None):
         self.variable = variable
         self.natural_symbols = tuple(natural_params)
         self.statistic_exprs = tuple(sp.sympify(t) for t in sufficient_statistic)
@@ -180,11 +182,23 @@ class SymbolicFamily(CustomFamily):
                 inside = inside & condition(*natural.unbind(-1)).to(torch.bool)
             return inside
 
-        mean = variance = None
+        self.mean_expr = self.variance_expr = None
         if variable in self.statistic_exprs:
             k = self.statistic_exprs.index(variable)
-            mean_fn, var_fn = grad_fns[k], to_torch(etas, self.hessian[k, k])
+            self.mean_expr, self.variance_expr = self.gradient[k], self.hessian[k, k]
+        for what, expr in (("mean", mean), ("variance", variance)):
+            if expr is not None:
+                expr = sp.sympify(expr)
+                stray = expr.free_symbols - set(self.natural_symbols)
+                if stray:
+                    raise ValueError(f"{what} may only depend on natural_params, but uses {sorted(map(str, stray))}")
+                setattr(self, f"{what}_expr", expr)
+        mean = variance = None
+        if self.mean_expr is not None:
+            mean_fn = to_torch(etas, self.mean_expr)
             mean = lambda natural: mean_fn(*natural.unbind(-1))  # noqa: E731
+        if self.variance_expr is not None:
+            var_fn = to_torch(etas, self.variance_expr)
             variance = lambda natural: var_fn(*natural.unbind(-1))  # noqa: E731
         super().__init__(
             log_normalizer=lambda natural: a_fn(*natural.unbind(-1)),
@@ -212,7 +226,8 @@ class SymbolicFamily(CustomFamily):
                raise_on_failure: bool = True) -> VerificationReport:
         """Check at each natural parameter ``point`` (inside ``domain``) that the density integrates to
         one, that ``gradient`` equals ``E[T(z)]``, and that the torch functions the family runs give the same
-        gradient and ``A`` in float64 (to 1e-12), and the same ``T`` and ``log h`` at three points of the support.
+        gradient and ``A`` in float64 (to 1e-12), and the same ``T`` and ``log h`` at three points of the support; and
+        that the family's mean and variance of ``z`` (given or derived) are those of the density.
 
         Integrals are tried symbolically first (``symbolic=True``) and computed by ``mpmath.quad`` at
         ``dps`` digits where sympy leaves them unevaluated. A failed check raises ``ValueError`` naming
@@ -241,6 +256,17 @@ class SymbolicFamily(CustomFamily):
                 checks.append(Check(f"torch dA/deta_{index + 1}", point, "torch float64", torch_value, float(expected),
                                     abs(torch_value - float(expected)) <= 1e-12 * (1 + abs(float(expected)))))
             checks.extend(self._translation_checks(point, values, dps))
+            if self.mean_expr is not None:
+                z = self.variable
+                expected_mean = sp.N(self.mean_expr.subs(values), dps)
+                moment, method = self._integral(z * density, symbolic, dps)
+                checks.append(Check("mean = E[z]", point, method, float(moment), float(expected_mean),
+                                    abs(moment - expected_mean) <= rtol * (1 + abs(expected_mean))))
+                if self.variance_expr is not None:
+                    expected = sp.N(self.variance_expr.subs(values), dps)
+                    second, method = self._integral((z - expected_mean) ** 2 * density, symbolic, dps)
+                    checks.append(Check("variance = E[(z - mean)^2]", point, method, float(second), float(expected),
+                                        abs(second - expected) <= rtol * (1 + abs(expected))))
         report = VerificationReport(tuple(checks))
         if raise_on_failure and not report.passed:
             failed = [c for c in report.checks if not c.passed]

@@ -279,8 +279,8 @@ def test_symbolic_family_gradient_matches_autograd_and_verifies():
     assert torch.allclose(family.log_normalizer(eta), builtin.log_normalizer(builtin_eta), rtol=1e-12, atol=0)
     report = family.verify([(1, -2), (-0.5, -0.3)], symbolic=False)
     # per point: the normalisation, E[T] and the torch gradient for each statistic (5); the torch A, and log h and
-    # both statistics at three points of the support (10)
-    assert report.passed and len(report.checks) == 30
+    # both statistics at three points of the support (10); the mean and variance of z (2)
+    assert report.passed and len(report.checks) == 34
     assert all(c.method.startswith("mpmath") for c in report.checks if not c.name.startswith("torch"))
 
 
@@ -422,3 +422,37 @@ def test_custom_experts_refuse_values_outside_their_support_and_statistics_of_th
                                       support=(0, sp.oo), domain=[e1 < 0, e2 < 0], name="inverse Gaussian")
     with pytest.raises(ValueError, match=r"outside the inverse Gaussian parameter space: \[-0.5, 0\]"):
         inverse_gaussian.expert(torch.tensor([-0.5, 0.0], dtype=torch.float64))
+
+
+def test_symbolic_family_takes_a_mean_and_variance_that_verify_checks():
+    """A family whose z is not a statistic (Rayleigh: T = z^2) had no mean, and the numerical engine refused pools
+    of its experts far apart ("no numeric mean"), with no way to give one. Given as expressions, they place the
+    quadrature: log Z and the mean of the alpha = 2 pool of scales 1 and 1e4 against scipy quadrature of the pooled
+    density; verify checks them by integration and fails a wrong one."""
+    import scipy.integrate
+    import scipy.stats
+
+    z, eta = sp.Symbol("z", positive=True), sp.Symbol("eta", real=True)
+    declaration = dict(log_base_measure=sp.log(z), support=(0, sp.oo), domain=[eta < 0], name="Rayleigh")
+    family = SymbolicFamily(z, [eta], [z**2], -sp.log(-2 * eta), mean=sp.sqrt(-sp.pi / (4 * eta)),
+                            variance=-(4 - sp.pi) / (4 * eta), **declaration)
+    assert family.verify([(-0.5,), (-2,)], symbolic=False).passed
+    scales, weights = (1.0, 1e4), torch.tensor([0.7, 0.3], dtype=torch.float64)
+    experts = [family.expert(torch.tensor([-1 / (2 * s**2)], dtype=torch.float64)) for s in scales]
+    pool = opinionpool.holder(experts, 2.0, weights)
+
+    def density(x):
+        return (0.7 * scipy.stats.rayleigh(scale=scales[0]).pdf(x) ** 2
+                + 0.3 * scipy.stats.rayleigh(scale=scales[1]).pdf(x) ** 2) ** 0.5
+
+    def integral(f):
+        return sum(scipy.integrate.quad(f, a, b, limit=500, epsabs=0)[0] for a, b in ((0, 10), (10, 1e6)))
+
+    mass = integral(density)
+    assert pool.log_normalizer.item() == pytest.approx(math.log(mass), rel=1e-10)
+    assert pool.mean.item() == pytest.approx(integral(lambda x: x * density(x)) / mass, rel=1e-10)
+    wrong = SymbolicFamily(z, [eta], [z**2], -sp.log(-2 * eta), mean=sp.sqrt(-1 / (4 * eta)), **declaration)
+    report = wrong.verify([(-0.5,)], symbolic=False, raise_on_failure=False)
+    assert [c.name for c in report.checks if not c.passed] == ["mean = E[z]"]
+    with pytest.raises(ValueError, match=r"mean may only depend on natural_params, but uses \['z'\]"):
+        SymbolicFamily(z, [eta], [z**2], -sp.log(-2 * eta), mean=z, **declaration)
