@@ -172,11 +172,18 @@ def _support(dist: Distribution):
 
 
 @torch.no_grad()
-def _mean_and_sd(dist: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 mean and standard deviation (a float32 VonMises's are recomputed in float64: torch's float32 circular
-    variance rounds to 0 from a concentration of about 5e3)."""
+def _von_mises_in_float64(dist: Distribution) -> Distribution:
+    """A float32 VonMises as a float64 one (any other forecast as it is): torch's float32 circular variance rounds to
+    0 from a concentration of about 5e3, and its float32 density ``kappa (cos(z - loc) - 1)`` loses kappa times
+    float32's rounding (the PIT at the mean of a concentration 1e6 came out 0.57)."""
     if isinstance(dist, VonMises) and dist.loc.dtype != torch.float64:
-        dist = VonMises(dist.loc.double(), dist.concentration.double(), validate_args=False)
+        return VonMises(dist.loc.double(), dist.concentration.double(), validate_args=False)
+    return dist
+
+
+def _mean_and_sd(dist: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 mean and standard deviation (a float32 VonMises's from the float64 one)."""
+    dist = _von_mises_in_float64(dist)
     try:
         return dist.mean.detach().to(torch.float64), dist.stddev.detach().to(torch.float64)
     except NotImplementedError:
@@ -421,10 +428,7 @@ def _circular_pit(dist: Distribution, y: torch.Tensor) -> torch.Tensor:
     :func:`_mass_tolerance`, the whole period is integrated instead, and a total still off (a component much narrower
     than a panel) warns."""
     shape = torch.broadcast_shapes(y.shape, dist.batch_shape)
-    if isinstance(dist, VonMises) and dist.loc.dtype != torch.float64:
-        # torch's float32 density kappa (cos(z - loc) - 1) loses kappa times float32's rounding (the PIT at the mean
-        # of a concentration 1e6 came out 0.57)
-        dist = VonMises(dist.loc.double(), dist.concentration.double(), validate_args=False)
+    dist = _von_mises_in_float64(dist)
     mean, sd = _mean_and_sd(dist)
     mean, sd = mean.expand(shape), sd.expand(shape)
     start = mean - math.pi

@@ -245,28 +245,19 @@ class SymbolicFamily(CustomFamily):
             density = self.density_expr(point)
             total, method = self._integral(density, symbolic, dps)
             checks.append(Check("normalisation", point, method, float(total), 1.0, abs(total - 1) <= rtol))
-            # the torch translation the family runs, against sympy's own value (float64 rounding allowed)
-            translated = self._gradient_fn(torch.tensor([float(p) for p in point], dtype=torch.float64))
-            for index, (stat, grad) in enumerate(zip(self.statistic_exprs, self.gradient)):
-                expected = sp.N(grad.subs(values), dps)
-                moment, method = self._integral(stat * density, symbolic, dps)
-                ok = abs(moment - expected) <= rtol * (1 + abs(expected))
-                checks.append(Check(f"dA/deta_{index + 1} = E[{stat}]", point, method, float(moment), float(expected), ok))
-                torch_value = float(translated[index])
-                checks.append(Check(f"torch dA/deta_{index + 1}", point, "torch float64", torch_value, float(expected),
-                                    abs(torch_value - float(expected)) <= 1e-12 * (1 + abs(float(expected)))))
-            checks.extend(self._translation_checks(point, values, dps))
+            expected = [(f"dA/deta_{index + 1} = E[{stat}]", stat, sp.N(grad.subs(values), dps))
+                        for index, (stat, grad) in enumerate(zip(self.statistic_exprs, self.gradient))]
             if self.mean_expr is not None:
-                z = self.variable
-                expected_mean = sp.N(self.mean_expr.subs(values), dps)
-                moment, method = self._integral(z * density, symbolic, dps)
-                checks.append(Check("mean = E[z]", point, method, float(moment), float(expected_mean),
-                                    abs(moment - expected_mean) <= rtol * (1 + abs(expected_mean))))
+                z, mean = self.variable, sp.N(self.mean_expr.subs(values), dps)
+                expected.append(("mean = E[z]", z, mean))
                 if self.variance_expr is not None:
-                    expected = sp.N(self.variance_expr.subs(values), dps)
-                    second, method = self._integral((z - expected_mean) ** 2 * density, symbolic, dps)
-                    checks.append(Check("variance = E[(z - mean)^2]", point, method, float(second), float(expected),
-                                        abs(second - expected) <= rtol * (1 + abs(expected))))
+                    expected.append(("variance = E[(z - mean)^2]", (z - mean) ** 2,
+                                     sp.N(self.variance_expr.subs(values), dps)))
+            for name, statistic, target in expected:
+                value, method = self._integral(statistic * density, symbolic, dps)
+                checks.append(Check(name, point, method, float(value), float(target),
+                                    abs(value - target) <= rtol * (1 + abs(target))))
+            checks.extend(self._translation_checks(point, values, dps))
         report = VerificationReport(tuple(checks))
         if raise_on_failure and not report.passed:
             failed = [c for c in report.checks if not c.passed]
@@ -276,8 +267,9 @@ class SymbolicFamily(CustomFamily):
         return report
 
     def _translation_checks(self, point, values, dps):
-        """The torch functions the family runs for ``A`` (at ``point``), ``T`` and ``log h`` (at three points of the
-        support) against sympy's values, to 1e-12 in float64: a translation that raises or differs fails its check."""
+        """The torch functions the family runs for ``A`` and its gradient (at ``point``), ``T`` and ``log h`` (at three
+        points of the support) against sympy's values, to 1e-12 in float64 (its rounding allowed): a translation that
+        raises or differs fails its check."""
         def check(name, where, function, args, expr):
             expected = float(sp.N(expr, dps))
             try:
@@ -289,6 +281,10 @@ class SymbolicFamily(CustomFamily):
                          abs(value - expected) <= 1e-12 * (1 + abs(expected)))
 
         checks = [check("torch A", point, self._log_normalizer_fn, point, self.log_normalizer_expr.subs(values))]
+        for index, grad in enumerate(self.gradient):
+            checks.append(check(f"torch dA/deta_{index + 1}", point,
+                                lambda *eta, index=index: self._gradient_fn(torch.stack(eta))[index], point,
+                                grad.subs(values)))
         z = self.variable
         for at in self._support_points():
             checks.append(check(f"torch log h at z={at}", point, self._log_base_measure_fn, (at,),
