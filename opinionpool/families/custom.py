@@ -8,6 +8,7 @@ their inverse from the damped Newton solve of the base class. Experts of such a 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -99,6 +100,23 @@ class CustomFamily(ExponentialFamily):
             raise ValueError(f"{self.name}: log_base_measure must map values of shape {tuple(value.shape)} to shape "
                              f"{tuple(batch)} (or one that broadcasts to it), got {_shape_of(out)}")
         return out
+
+    def log_prob(self, params, value):
+        log_p = super().log_prob(params, value)
+        if self.support_interval is None:
+            return log_p
+        # On a finite end of the support log h(z) and <eta, T(z)> can be infinite with opposite signs (an inverse
+        # Gaussian at z = 0: NaN); the density there is its limit from inside, evaluated one ulp inside.
+        ends = [end for end in self.support_interval if math.isfinite(end)]
+        at_end = torch.zeros_like(value, dtype=torch.bool)
+        for end in ends:
+            at_end |= value == end
+        indeterminate = torch.isnan(log_p) & at_end
+        if not indeterminate.any():
+            return log_p
+        lower, upper = self.support_interval
+        inward = torch.nextafter(value, torch.where(value == lower, upper, lower).to(value.dtype))
+        return super().log_prob(params, torch.where(indeterminate, inward, value))
 
     def base_measure_natural(self, natural):
         if self._base_measure_natural is None:

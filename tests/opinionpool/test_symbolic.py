@@ -424,6 +424,34 @@ def test_custom_experts_refuse_values_outside_their_support_and_statistics_of_th
         inverse_gaussian.expert(torch.tensor([-0.5, 0.0], dtype=torch.float64))
 
 
+def test_a_density_indeterminate_on_the_end_of_its_support_takes_its_limit_from_inside():
+    """An inverse Gaussian's log h(z) = -3/2 log z is +inf at z = 0 and <eta, T(z)> = eta_2 / z is -inf: the formula
+    gave NaN there, for the expert and its pools (the support is closed). The density there is its limit from
+    inside, 0 (scipy's logpdf at 0 is -inf); the pool's gradient in the natural parameters carries no NaN."""
+    import scipy.stats
+
+    z, e1, e2 = sp.Symbol("z", positive=True), *sp.symbols("e1 e2")
+    family = SymbolicFamily(z, [e1, e2], [z, 1 / z], -2 * sp.sqrt(e1 * e2) - sp.log(-2 * e2) / 2,
+                            log_base_measure=-sp.Rational(3, 2) * sp.log(z) - sp.log(2 * sp.pi) / 2,
+                            support=(0, sp.oo), domain=[e1 < 0, e2 < 0], name="inverse Gaussian")
+    natural = torch.tensor([[-0.5, -1.0], [-2.0, -0.5]], dtype=torch.float64, requires_grad=True)
+    values = torch.tensor([0.0, 1e-3, 1.0], dtype=torch.float64)
+    for mean, shape, eta in zip((math.sqrt(2.0), 0.5), (2.0, 1.0), natural.detach()):
+        # eta = (-lambda / (2 mu^2), -lambda / 2)
+        assert eta.tolist() == pytest.approx([-shape / (2 * mean**2), -shape / 2], rel=1e-15)
+        expected = scipy.stats.invgauss(mean / shape, scale=shape).logpdf(values.numpy())
+        got = family.expert(eta).log_prob(values)
+        assert got[0].item() == -math.inf == expected[0]
+        assert got[1:].tolist() == pytest.approx(expected[1:].tolist(), rel=1e-12)
+    for alpha in (0.0, 0.5, 1.0, 2.0):
+        pool = opinionpool.holder([family.expert(natural[0]), family.expert(natural[1])], alpha=alpha,
+                                  weights=torch.tensor([0.3, 0.7], dtype=torch.float64))
+        log_p = pool.log_prob(values)
+        assert log_p[0].item() == -math.inf and torch.isfinite(log_p[1:]).all(), (alpha, log_p)
+        (gradient,) = torch.autograd.grad(log_p[1:].sum(), natural)
+        assert torch.isfinite(gradient).all(), (alpha, gradient)
+
+
 def test_symbolic_family_takes_a_mean_and_variance_that_verify_checks():
     """A family whose z is not a statistic (Rayleigh: T = z^2) had no mean, and the numerical engine refused pools
     of its experts far apart ("no numeric mean"), with no way to give one. Given as expressions, they place the
