@@ -138,15 +138,20 @@ def _gaussian_mixture(dist: Distribution):
 
 
 def _a(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    r""":math:`E|X|` for :math:`X \sim N(m, s^2)`: :math:`m(2\Phi(m/s) - 1) + 2s\varphi(m/s)`."""
-    z = m / s
-    return m * torch.erf(z / math.sqrt(2)) + 2 * s * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    r""":math:`E|X|` for :math:`X \sim N(m, s^2)`: :math:`m(2\Phi(m/s) - 1) + 2s\varphi(m/s)`, which is ``|m|``
+    (to ``exp(-800)``) where ``|m| > 40 s``: taken as such there, so ``m / s`` never overflows (a float32 scale of
+    1e-20 and ``m`` of 1e20 made its gradient NaN)."""
+    far = m.abs() > 40 * s
+    z = torch.where(far, 0.0, m) / s
+    near = m * torch.erf(z / math.sqrt(2)) + 2 * s * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    return torch.where(far, m.abs(), near)
 
 
 def _mixture_crps(weights, locs, scales, y):
     r"""Grimit et al. (2006): :math:`\sum_i w_i A(y - \mu_i, \sigma_i^2) - \frac12\sum_{ij} w_i w_j
     A(\mu_i - \mu_j, \sigma_i^2 + \sigma_j^2)` with :math:`A` the mean absolute value of a Normal."""
-    spread = _a(locs.unsqueeze(-1) - locs.unsqueeze(-2), torch.sqrt(scales.unsqueeze(-1) ** 2 + scales.unsqueeze(-2) ** 2))
+    # hypot: the squared scales under- or overflow (a float32 scale of 1e-25 gave 0 / 0, one of 1e30 inf - inf)
+    spread = _a(locs.unsqueeze(-1) - locs.unsqueeze(-2), torch.hypot(scales.unsqueeze(-1), scales.unsqueeze(-2)))
     pairs = (weights.unsqueeze(-1) * weights.unsqueeze(-2) * spread).sum((-1, -2))
     return (weights * _a(y.unsqueeze(-1) - locs, scales)).sum(-1) - 0.5 * pairs
 

@@ -60,6 +60,30 @@ def test_crps_of_a_normal_matches_its_closed_form():
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_crps_of_tiny_and_huge_normal_scales_and_its_gradient(dtype):
+    """The closed form squared the scales (a float32 scale of 1e-25 gave 0 / 0, one of 1e30 inf - inf: NaN and
+    -inf) and divided by them (a scale of 1e-20 at 1e20 from the mean: NaN gradients). Against the closed form in
+    float64 (scipy) and its derivatives -(2 Phi(z) - 1) in the mean and 2 phi(z) - 1/sqrt(pi) in the scale; a
+    two-component mixture of such scales against its limit, computed by hand."""
+    norm = scipy.stats.norm
+    for scale, y in ((1e-20, 1e20), (1e-25, 1.0), (1e-25, 0.0), (1e-30, 3e-30), (1e30, 1.0), (1.0, -0.3)):
+        loc, sd = (torch.tensor(v, dtype=dtype, requires_grad=True) for v in (0.0, scale))
+        got = op.crps(Normal(loc, sd), torch.tensor(y, dtype=dtype))
+        grad_loc, grad_scale = torch.autograd.grad(got, (loc, sd))
+        z = y / scale
+        expected = scale * (z * (2 * norm.cdf(z) - 1) + 2 * norm.pdf(z) - 1 / math.sqrt(math.pi))
+        rel = 1e-6 if dtype == torch.float32 else 1e-12
+        assert got.item() == pytest.approx(expected, rel=rel, abs=0), (scale, y)
+        assert grad_loc.item() == pytest.approx(-(2 * norm.cdf(z) - 1), rel=rel, abs=1e-7), (scale, y)
+        assert grad_scale.item() == pytest.approx(2 * norm.pdf(z) - 1 / math.sqrt(math.pi), rel=rel, abs=1e-7)
+    mixture = MixtureSameFamily(Categorical(torch.tensor([0.4, 0.6], dtype=dtype)),
+                                Normal(torch.tensor([0.0, 1.0], dtype=dtype), torch.tensor([1e-25, 2e-25], dtype=dtype)))
+    # E|X - y| - E|X - X'| / 2 of point masses 0.4 at 0 and 0.6 at 1: 0.4 |y| + 0.6 |y - 1| - 0.4 * 0.6
+    got = op.crps(mixture, torch.tensor([1.0, 0.0, 0.5], dtype=dtype))
+    assert got.tolist() == pytest.approx([0.16, 0.36, 0.26], rel=1e-6, abs=0)
+
+
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 0.0])
 def test_crps_of_an_exact_gaussian_pool_matches_scipy_quadrature(alpha):
     pool = op.holder(_normal_experts(), alpha, WEIGHTS)
