@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -1584,22 +1585,39 @@ def _expert_moments(family, params):
     lower, upper = family.support_interval
     moments = []
     for p, hint in zip(flat, own):
-        def density(z, k, p=p):
-            value = torch.tensor(z, dtype=p.dtype, device=p.device)
-            return z**k * math.exp(float(family.log_prob(p, value)))
+        def density(z, p=p):
+            return math.exp(float(family.log_prob(p, torch.tensor(z, dtype=p.dtype, device=p.device))))
 
-        points = None if hint is None or not lower < hint < upper or math.isinf(lower - upper) else [hint]
-        mass, first, second = (integrate.quad(density, lower, upper, args=(k,), limit=200, points=points)[0]
-                               for k in range(3))
-        if not mass > 0:  # quad over the whole line can miss a narrow expert far from 0
+        centre = hint
+        if centre is None:
+            with warnings.catch_warnings():  # a first look: the quadrature about the centre below is the one kept
+                warnings.simplefilter("ignore", integrate.IntegrationWarning)
+                mass, first = (integrate.quad(lambda z, k=k: z**k * density(z), lower, upper, limit=200)[0]
+                               for k in range(2))
+            centre = first / mass if mass > 0 else math.nan
+        if not lower <= centre <= upper:  # quad over the whole line can miss a narrow expert far from 0
             raise ValueError(f"{family.name}: quadrature found no mass in the density of an expert "
                              f"(params={p.tolist()!r}); give the family a `mean` (and `variance`) so that the "
                              "numerical engine can place its panels")
-        mean = first / mass if hint is None else hint
-        moments.append((mean, max(second / mass - (first / mass) ** 2, 0.0)))
+        mass, offset, spread = _moments_about(density, lower, upper, centre)
+        if not mass > 0:
+            raise ValueError(f"{family.name}: quadrature found no mass in the density of an expert "
+                             f"(params={p.tolist()!r}) about its mean {centre!r}; give the family a `variance`")
+        moments.append((centre + offset / mass if hint is None else hint, max(spread / mass - (offset / mass) ** 2, 0.0)))
     mean = torch.tensor([m for m, _ in moments], dtype=params.dtype, device=params.device)
     variance = torch.tensor([v for _, v in moments], dtype=params.dtype, device=params.device)
     return mean.reshape(batch), variance.reshape(batch)
+
+
+def _moments_about(density, lower: float, upper: float, centre: float) -> tuple[float, float, float]:
+    """``int (z - centre)^k density(z) dz`` for ``k = 0, 1, 2`` over ``(lower, upper)``, in the variable ``t = (z -
+    centre) / |centre|`` on each side of the centre: the whole line in ``z`` left quad to find an expert of scale 1e5
+    (it warned, or found no mass) even given its mean."""
+    scale = abs(centre) if centre != 0 else 1.0
+    sides = [((lower - centre) / scale, 0.0), (0.0, (upper - centre) / scale)]
+    return tuple(sum(integrate.quad(lambda t, k=k: (scale * t) ** k * density(centre + scale * t) * scale, a, b,
+                                    limit=200)[0] for a, b in sides if a < b)
+                 for k in range(3))
 
 
 # ---------------------------------------------------------------------------------- grid

@@ -3,6 +3,7 @@ implementation (float64, 1e-10 relative), and symbolic families end to end."""
 
 import functools
 import math
+import warnings
 
 import mpmath
 import numpy as np
@@ -484,3 +485,13 @@ def test_symbolic_family_takes_a_mean_and_variance_that_verify_checks():
     assert [c.name for c in report.checks if not c.passed] == ["mean = E[z]"]
     with pytest.raises(ValueError, match=r"mean may only depend on natural_params, but uses \['z'\]"):
         SymbolicFamily(z, [eta], [z**2], -sp.log(-2 * eta), mean=z, **declaration)
+    # a mean without a variance: each expert's variance by quadrature about its mean, which for scales 1e-3 and 1e5
+    # found no mass (the whole line in z) and raised, telling the user to give the mean they had given
+    mean_only = SymbolicFamily(z, [eta], [z**2], -sp.log(-2 * eta), mean=sp.sqrt(-sp.pi / (4 * eta)), **declaration)
+    scales = (1e-3, 1e5)
+    experts = [mean_only.expert(torch.tensor([-1 / (2 * s**2)], dtype=torch.float64)) for s in scales]
+    mass = sum(scipy.integrate.quad(density, a, b, limit=500, epsabs=0)[0]
+               for a, b in ((0, 1e-2), (1e-2, 10), (10, 1e7)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's IntegrationWarning from the engine's own quadrature too
+        assert opinionpool.holder(experts, 2.0, weights).log_normalizer.item() == pytest.approx(math.log(mass), rel=1e-10)
