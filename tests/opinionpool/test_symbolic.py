@@ -453,6 +453,25 @@ def test_a_density_indeterminate_on_the_end_of_its_support_takes_its_limit_from_
         assert torch.isfinite(gradient).all(), (alpha, gradient)
 
 
+def test_verify_integrates_a_concentrated_density_far_from_zero():
+    """mpmath's quadrature over the whole half-line saw no mass in an inverse Gaussian of mean 1e4 and standard
+    deviation 100 (normalisation 0, a correct family failed verify); split at its mean and standard deviations it
+    integrates to one, and a base measure off by a factor sqrt(2) still fails there."""
+    z, e1, e2 = sp.Symbol("z", positive=True), *sp.symbols("e1 e2")
+    declaration = dict(support=(0, sp.oo), domain=[e1 < 0, e2 < 0], name="inverse Gaussian")
+    log_normalizer = -2 * sp.sqrt(e1 * e2) - sp.log(-2 * e2) / 2
+    family = SymbolicFamily(z, [e1, e2], [z, 1 / z], log_normalizer,
+                            log_base_measure=-sp.Rational(3, 2) * sp.log(z) - sp.log(2 * sp.pi) / 2, **declaration)
+    mean, shape = 1e4, 1e8  # eta = (-lambda / (2 mu^2), -lambda / 2)
+    point = (-shape / (2 * mean**2), -shape / 2)
+    report = family.verify([point], symbolic=False)
+    assert report.passed and {c.method for c in report.checks} >= {"mpmath quadrature (30 digits)"}
+    doubled = SymbolicFamily(z, [e1, e2], [z, 1 / z], log_normalizer,
+                             log_base_measure=-sp.Rational(3, 2) * sp.log(z) - sp.log(sp.pi) / 2, **declaration)
+    failed = [c for c in doubled.verify([point], symbolic=False, raise_on_failure=False).checks if not c.passed]
+    assert failed[0].name == "normalisation" and failed[0].value == pytest.approx(math.sqrt(2), rel=1e-12)
+
+
 def test_symbolic_family_takes_a_mean_and_variance_that_verify_checks():
     """A family whose z is not a statistic (Rayleigh: T = z^2) had no mean, and the numerical engine refused pools
     of its experts far apart ("no numeric mean"), with no way to give one. Given as expressions, they place the
