@@ -321,15 +321,25 @@ def shifted_weighted_mean(log_pi: torch.Tensor, values: torch.Tensor, dim: int) 
 
 
 def shifted_mean_along(log_w: torch.Tensor, values: torch.Tensor, dim: int) -> torch.Tensor:
-    """``sum_k w_k values_k / sum_k w_k`` along ``dim``, computed around the first entry.
+    """``sum_k w_k values_k / sum_k w_k`` along ``dim``, computed around the entry of largest weight.
 
     ``log_w`` broadcasts against ``values``. Shifting by a reference value makes a single component
     (or identical components) come out bit-exact, whereas ``sum_k w_k v_k`` rounds through
     ``sum_k w_k != 1``.
     """
-    reference = values.narrow(dim, 0, 1)
+    reference = heaviest_along(log_w, values, dim)
     w = log_w.exp()
     return reference.squeeze(dim) + (w * (values - reference)).sum(dim) / w.sum(dim)
+
+
+def heaviest_along(log_w: torch.Tensor, values: torch.Tensor, dim: int) -> torch.Tensor:
+    """The entry of ``values`` of largest weight along ``dim`` (kept, of size one; ``log_w`` broadcasts against
+    ``values``): the reference of sums computed as offsets. The first entry served before, and an expert of weight
+    zero far away in that slot took the others' digits (a mean of 0.5 came out 0 beside one at 1e20). The choice
+    carries no gradient; the sums do not depend on it."""
+    shape = torch.broadcast_shapes(log_w.shape, values.shape)
+    index = log_w.detach().expand(shape).argmax(dim, keepdim=True)
+    return values.expand(shape).gather(dim, index)
 
 
 #: the Newton inverse's last step is at most this fraction of each natural parameter

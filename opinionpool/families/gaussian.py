@@ -22,7 +22,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 
 from .._validation import check_finite, check_positive
 from ..constants import LOG_2PI
-from .base import ExponentialFamily, shifted_weighted_mean, weighted_sum
+from .base import ExponentialFamily, heaviest_along, shifted_weighted_mean, weighted_sum
 
 __all__ = ["NormalFamily", "DiagonalNormalFamily", "MultivariateNormalFamily"]
 
@@ -49,11 +49,11 @@ def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch
     ``num_features`` trailing feature dimensions (meaningful for weights summing to one; ``None`` unless
     ``need_log_c``).
 
-    Nothing large cancels: means are taken relative to slot 0 before differences are squared, and the
-    log-determinant term ``log sum_j w_j / v_j + sum_j w_j log v_j`` is computed from log-variances relative to the
-    sharpest expert, ``log1p(sum_j w_j expm1(-d_j)) + sum_j w_j d_j`` (``d_j >= 0``), whose error scales with the
-    spread of the log-variances, not with their size (for two experts of weight 1/2 it is
-    ``log cosh((lv_1 - lv_2) / 2)``).
+    Nothing large cancels: means are taken relative to the expert of largest precision weight before differences
+    are squared, and the log-determinant term ``log sum_j w_j / v_j + sum_j w_j log v_j`` is computed from
+    log-variances relative to the sharpest expert, ``log1p(sum_j w_j expm1(-d_j)) + sum_j w_j d_j`` (``d_j >= 0``),
+    whose error scales with the spread of the log-variances, not with their size (for two experts of weight 1/2 it
+    is ``log cosh((lv_1 - lv_2) / 2)``).
     """
     k = loc.dim() - 1 - num_features
     lw = log_weights.reshape(log_weights.shape + (1,) * num_features)
@@ -61,10 +61,11 @@ def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch
     log_precision = torch.logsumexp(log_precision_weight, dim=k)
     log_omega = log_precision_weight - log_precision.unsqueeze(k)
     omega = log_omega.exp()
-    # around slot 0, which every composition uses: the offsets are small when the experts nearly coincide
-    offset = loc - loc.narrow(k, 0, 1)
+    # around the expert of largest precision weight: the offsets are small when the experts nearly coincide
+    reference = heaviest_along(log_omega, loc, k)
+    offset = loc - reference
     mean_offset = (omega * offset).sum(k) / omega.sum(k)
-    mean = loc.select(k, 0) + mean_offset
+    mean = reference.squeeze(k) + mean_offset
     if not need_log_c:
         return mean, -log_precision, None
     dev = (offset - mean_offset.unsqueeze(k)) * torch.exp(0.5 * log_precision).unsqueeze(k)
@@ -367,10 +368,10 @@ class MultivariateNormalFamily(ExponentialFamily):
 
     def combine(self, params, log_weights):
         """As ``ExponentialFamily.combine``, with nothing large cancelling (the full-covariance counterpart of
-        ``gaussian_combine``): means are taken relative to slot 0, and the log-determinants relative to slot 0's
-        precision ``P_0 = L L^T``: with ``E_j = L^-1 (P_j - P_0) L^-T``, ``log det sum_j w_j P_j - sum_j w_j log det
-        P_j = log det (I + sum_j w_j E_j) - sum_j w_j log det (I + E_j)`` for weights summing to one, whose terms
-        vanish as the experts coincide instead of growing with their log-determinants."""
+        ``gaussian_combine``): means are taken relative to the expert of largest weight, and the log-determinants
+        relative to its precision ``P_0 = L L^T``: with ``E_j = L^-1 (P_j - P_0) L^-T``, ``log det sum_j w_j P_j -
+        sum_j w_j log det P_j = log det (I + sum_j w_j E_j) - sum_j w_j log det (I + E_j)`` for weights summing to
+        one, whose terms vanish as the experts coincide instead of growing with their log-determinants."""
         k = params.dim() - 3  # expert axis of (..., C, S, d, d + 1)
         loc, precision = self.split(params)
         w = log_weights.to(params.dtype).exp()
@@ -378,13 +379,15 @@ class MultivariateNormalFamily(ExponentialFamily):
         wp = torch.where(used, w[..., None, None] * precision, torch.zeros_like(precision))
         combined = wp.sum(k)
         chol = torch.linalg.cholesky(combined)
-        # shift by slot 0 so that one expert, or identical ones, come out exactly
-        offset = loc - loc.narrow(k, 0, 1)
+        # shift by the heaviest expert, so that one expert, or identical ones, come out exactly
+        heaviest = log_weights.detach().argmax(-1)[..., None, None].expand(loc.shape[:k] + (1,) + loc.shape[k + 1:])
+        reference = loc.gather(k, heaviest)
+        offset = loc - reference
         shift = torch.cholesky_solve((wp @ offset.unsqueeze(-1)).sum(k), chol).squeeze(-1)
-        mean = loc.select(k, 0) + shift
+        mean = reference.squeeze(k) + shift
         dev = offset - shift.unsqueeze(k)
         quad = (dev.unsqueeze(-2) @ wp @ dev.unsqueeze(-1))[..., 0, 0].sum(-1)
-        precision_0 = precision.narrow(k, 0, 1)
+        precision_0 = precision.gather(k, heaviest.unsqueeze(-1).expand(heaviest.shape + precision.shape[-1:]))
         chol_0 = torch.linalg.cholesky(precision_0)
         # R_j - I = L^-1 (P_j - P_0) L^-T from the differences of the precisions (exact for nearby experts), and
         # log det (I + E) as sum log1p(eigenvalues of E): both keep the digits of the small terms

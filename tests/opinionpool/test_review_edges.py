@@ -211,3 +211,38 @@ def test_concentrated_von_mises_affinities_keep_their_digits(kappa):
     family = op.families.VonMisesFamily()
     curvature = torch.autograd.functional.hessian(family.log_normalizer, torch.zeros(2, dtype=torch.float64))
     torch.testing.assert_close(curvature, torch.eye(2, dtype=torch.float64) / 2, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0])
+def test_an_expert_of_weight_zero_far_away_in_the_first_slot_changes_nothing(alpha, dtype):
+    """Sums of offsets were taken about the first slot whatever its weight: an expert of weight zero at 1e20 there
+    gave the pool of Normal(0.5, 0.01) alone a mean of 0 and a variance of 0.25 (alpha = 1/4 and 1), at 1e4 a mean
+    0.04 sd off; a multivariate normal pool's mean [0, 0] for [0.5, 0]. The pool is the remaining expert; the mean's
+    gradient in its location is one, in the far expert's zero."""
+    far = 1e20 if dtype == torch.float32 else 1e300
+    for first in (far, 1e4):
+        loc = torch.tensor([first, 0.123456789], dtype=dtype, requires_grad=True)
+        pool = op.holder(Normal(loc, torch.tensor([1.0, 0.01], dtype=dtype)), alpha, [0.0, 1.0])
+        matched = pool.moment_match()
+        expected_mean = torch.tensor(0.123456789, dtype=dtype).item()
+        rel = 1e-6 if dtype == torch.float32 else 1e-12
+        for got in (pool.mean, matched.loc):
+            assert got.item() == pytest.approx(expected_mean, rel=rel, abs=0), (first, got)
+        for got in (pool.variance, matched.scale**2):
+            assert got.item() == pytest.approx(1e-4, rel=rel, abs=0), (first, got)
+        (gradient,) = torch.autograd.grad(pool.mean, loc)
+        assert gradient.tolist() == pytest.approx([0.0, 1.0], rel=rel, abs=0)
+        covariance = torch.stack([torch.eye(2, dtype=dtype), 1e-4 * torch.eye(2, dtype=dtype)])
+        loc2 = torch.tensor([[first, 0.0], [0.123456789, -0.3]], dtype=dtype)
+        pool2 = op.holder(MultivariateNormal(loc2, covariance_matrix=covariance), alpha, [0.0, 1.0])
+        assert pool2.mean.tolist() == pytest.approx(loc2[1].tolist(), rel=rel, abs=0), (first, pool2.mean)
+        assert pool2.covariance_matrix.flatten().tolist() == pytest.approx([1e-4, 0, 0, 1e-4], rel=rel, abs=1e-30)
+
+
+def test_an_expert_of_tiny_weight_far_away_in_the_first_slot_weighs_by_its_weight():
+    """With weight 1e-12 at 1e4 the mixture's mean is (1e-12 1e4 + 0.123456789) / (1 + 1e-12) (float64)."""
+    loc = torch.tensor([1e4, 0.123456789], dtype=torch.float64)
+    pool = op.holder(Normal(loc, torch.tensor([1.0, 0.01], dtype=torch.float64)), 1.0, [1e-12, 1.0])
+    expected = mpmath.mpf(1e-12) * mpmath.mpf(1e4) + mpmath.mpf(0.123456789)
+    assert pool.mean.item() == pytest.approx(float(expected / (1 + mpmath.mpf(1e-12))), rel=1e-14, abs=0)
