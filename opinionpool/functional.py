@@ -341,7 +341,8 @@ def poe(mu, logvar, *, dim=0, weights=None, mask=None, prior_expert=False, valid
     w = torch.ones(m, dtype=mu.dtype, device=mu.device) if weights is None else \
         real_tensor("weights", weights, dtype=mu.dtype, device=mu.device)
     log_w = log_of_weights(w, mask).expand(mu.shape[:-1])
-    loc, logvar_p, _ = gaussian_combine(mu, logvar, log_w, 1, need_log_c=False)
+    # _prepare put N(0, 1) in every slot of weight zero: the first slot is as good a reference as any
+    loc, logvar_p, _ = gaussian_combine(mu, logvar, log_w, 1, need_log_c=False, about_first=True)
     return loc, logvar_p
 
 

@@ -335,11 +335,13 @@ def shifted_mean_along(log_w: torch.Tensor, values: torch.Tensor, dim: int) -> t
 def heaviest_along(log_w: torch.Tensor, values: torch.Tensor, dim: int) -> torch.Tensor:
     """The entry of ``values`` of largest weight along ``dim`` (kept, of size one; ``log_w`` broadcasts against
     ``values``): the reference of sums computed as offsets. The first entry served before, and an expert of weight
-    zero far away in that slot took the others' digits (a mean of 0.5 came out 0 beside one at 1e20). The choice
-    carries no gradient; the sums do not depend on it."""
+    zero far away in that slot took the others' digits (a mean of 0.5 came out 0 beside one at 1e20). Ties go to
+    the first. The choice carries no gradient; the sums do not depend on it. The argmax runs over ``log_w`` as
+    given, not broadcast: weights shared over features cost one small reduction."""
     shape = torch.broadcast_shapes(log_w.shape, values.shape)
-    index = log_w.detach().expand(shape).argmax(dim, keepdim=True)
-    return values.expand(shape).gather(dim, index)
+    dim = dim - values.dim() if dim >= 0 else dim  # from the right, where log_w and values are aligned
+    index = log_w.detach().argmax(dim, keepdim=True)
+    return values.expand(shape).gather(dim, index.expand(shape[:dim] + (1,) + shape[dim:][1:]))
 
 
 #: the Newton inverse's last step is at most this fraction of each natural parameter

@@ -42,14 +42,15 @@ def normal_kl(loc_p: torch.Tensor, logvar_p: torch.Tensor, loc_q: torch.Tensor, 
 
 
 def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch.Tensor, num_features: int,
-                     need_log_c: bool = True):
+                     need_log_c: bool = True, about_first: bool = False):
     """Geometric combination of diagonal Gaussians along dim ``-1 - num_features``.
 
     Returns ``(loc, logvar)`` of the combination and the log Chernoff coefficient summed over the
     ``num_features`` trailing feature dimensions (meaningful for weights summing to one; ``None`` unless
-    ``need_log_c``).
+    ``need_log_c``). ``about_first``: offsets from slot 0 instead of the heaviest expert, for callers that put a
+    stand-in near the others in every slot of weight zero (it saves a gather on the VAE hot path).
 
-    Nothing large cancels: means are taken relative to the expert of largest precision weight before differences
+    Nothing large cancels: means are taken relative to the expert of largest weight before differences
     are squared, and the log-determinant term ``log sum_j w_j / v_j + sum_j w_j log v_j`` is computed from
     log-variances relative to the sharpest expert, ``log1p(sum_j w_j expm1(-d_j)) + sum_j w_j d_j`` (``d_j >= 0``),
     whose error scales with the spread of the log-variances, not with their size (for two experts of weight 1/2 it
@@ -61,8 +62,8 @@ def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch
     log_precision = torch.logsumexp(log_precision_weight, dim=k)
     log_omega = log_precision_weight - log_precision.unsqueeze(k)
     omega = log_omega.exp()
-    # around the expert of largest precision weight: the offsets are small when the experts nearly coincide
-    reference = heaviest_along(log_omega, loc, k)
+    # around the expert of largest weight: the offsets are small when the experts nearly coincide
+    reference = loc.narrow(k, 0, 1) if about_first else heaviest_along(lw, loc, k)
     offset = loc - reference
     mean_offset = (omega * offset).sum(k) / omega.sum(k)
     mean = reference.squeeze(k) + mean_offset
