@@ -1802,11 +1802,13 @@ def rejection_sample(family, params, log_weights, alpha, envelope: Envelope, num
                      max_rounds: int = 1000, chunk_size: int = 8192) -> torch.Tensor:
     """Exact samples ``(num_samples,) + batch + event`` by rejection from the envelope.
 
-    Raises ``RuntimeError`` if a proposal violates the envelope bound (which would bias the
+    Accepted draws are independent, so each pool's fill its sample slots in order whatever proposal accepted them
+    (each slot waiting for its own proposal wasted the surplus: an acceptance rate of 6e-3 failed to give 1e4 samples
+    from 1e7 proposals). Raises ``RuntimeError`` if a proposal violates the envelope bound (which would bias the
     samples) or if ``max_rounds`` rounds of ``num_samples`` proposals leave some slots empty.
     """
     batch = params.shape[: params.dim() - len(family.param_shape) - 1]
-    out, filled = None, None
+    out, count = None, None
     for _ in range(max_rounds):
         z = envelope.proposal.sample((num_samples,))
         log_u, log_ratio = _log_target_and_ratio(family, params, log_weights, alpha, envelope, z, chunk_size)
@@ -1815,17 +1817,19 @@ def rejection_sample(family, params, log_weights, alpha, envelope: Envelope, num
             worst = float((log_ratio - slack).max())
             raise RuntimeError(f"rejection sampler: the envelope ({envelope.description}) is exceeded by a factor "
                                f"exp({worst:.3g}) at a proposed point; the samples would be biased")
-        accept = torch.rand_like(log_ratio).log() < log_ratio
+        accept = (torch.rand_like(log_ratio).log() < log_ratio).reshape(num_samples, -1)  # (S, pools)
+        draws = z.reshape(accept.shape + (-1,))  # (S, pools, event numel)
         if out is None:
-            out, filled = z.clone(), accept
-        else:
-            take = accept & ~filled
-            mask = take.reshape(take.shape + (1,) * (z.dim() - take.dim()))
-            out = torch.where(mask, z, out)
-            filled = filled | take
-        if bool(filled.all()):
-            return out
-    rate = float(filled.to(log_ratio.dtype).mean())
+            # one spare slot at the end takes the accepted draws no slot is left for
+            out = draws.new_zeros((num_samples + 1,) + draws.shape[1:])
+            count = torch.zeros(accept.shape[1], dtype=torch.long, device=accept.device)
+        slot = count + accept.cumsum(0) - 1
+        slot = torch.where(accept & (slot < num_samples), slot, num_samples)
+        out.scatter_(0, slot.unsqueeze(-1).expand(draws.shape), draws)
+        count = (count + accept.sum(0)).clamp_max(num_samples)
+        if bool((count == num_samples).all()):
+            return out[:num_samples].reshape(z.shape)
+    rate = float(count.sum()) / (num_samples * count.numel())
     raise RuntimeError(f"rejection sampler: after {max_rounds} rounds only {rate:.1%} of the {num_samples} x "
                        f"{math.prod(batch)} requested samples were accepted; the envelope ({envelope.description}) "
                        "is too loose for these experts")
