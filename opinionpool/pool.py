@@ -771,7 +771,8 @@ class _Pool(Distribution):
         """A normalised exact pool ``p`` of the same experts and ``B`` with ``u <= B p`` (the power-mean
         inequalities): ``M_alpha <= M_(1/n)`` for ``0 < alpha <= 1``, ``n = floor(1/alpha)`` (or the largest
         ``n`` within ``max_components``); ``M_alpha <= lambda_min^(1/alpha - 1) M_1`` for ``alpha > 1``;
-        ``max_j q_j <= sum_j q_j``; ``M_alpha <= M_0`` for ``alpha < 0`` (and ``min_j q_j`` for ``-inf``)."""
+        ``max_j q_j <= sum_j q_j``; for ``alpha < 0`` the better of ``M_alpha <= M_0`` and :meth:`_geometric_bound`
+        (and ``min_j q_j`` for ``-inf``)."""
         a = self.alpha
         lw = self.log_weights
         present = lw > -math.inf
@@ -788,8 +789,48 @@ class _Pool(Distribution):
                                   max_components=self._max_components)
             return Envelope(proposal, proposal.log_normalizer, f"M_{a:g} <= M_(1/{order})")
         weights = uniform if a == -math.inf else lw.exp()
-        proposal = HolderPool(self.experts, 0, weights, validate_args=False)
-        return Envelope(proposal, proposal.log_normalizer, f"M_{a:g} <= M_0 (log-linear pool)")
+        log_bound = HolderPool(self.experts, 0, weights, validate_args=False).log_normalizer
+        fitted, fitted_bound = self._geometric_bound()
+        better = (fitted_bound < log_bound).unsqueeze(-1)
+        proposal = HolderPool(self.experts, 0, torch.where(better, fitted, weights), validate_args=False)
+        return Envelope(proposal, torch.minimum(fitted_bound, log_bound),
+                        f"M_{a:g} <= min(M_0, min_j lambda_j^(1/alpha) q_j <= fitted log-linear pool)")
+
+    def _geometric_bound(self, steps: int = 30):
+        """For ``alpha < 0``: ``u = M_alpha <= min_j c_j q_j`` with ``c_j = lambda_j^(1/alpha)`` (one term of the
+        power sum; ``c_j = 1`` for ``-inf``), and a minimum is at most any weighted geometric mean, so ``u <=
+        prod_j (c_j q_j)^(beta_j) = exp(B(beta)) p_beta`` with ``p_beta`` the log-linear pool of weights ``beta`` and
+        ``B(beta) = sum_j beta_j log c_j + log Z_beta``, convex in ``beta``. Returns the weights ``beta`` that
+        minimise ``B`` (L-BFGS over their logits, from the pool's own) and ``B`` there. With the pool's weights the
+        proposal ``M_0`` sat on the heavier side of experts far apart while the pool lies where their tails cross
+        (4-D experts 30 sd apart: an effective sample size of 1.3 and log Z 28 nats off, its error 0.9)."""
+        lw = self.log_weights.detach()
+        present = lw > -math.inf
+        log_c = torch.zeros_like(lw) if self.alpha == -math.inf else torch.where(present, lw / self.alpha, 0.0)
+        logits = torch.where(present, lw, 0.0).clone().requires_grad_(True)
+        experts = Experts(self.family, self.experts.params.detach())
+
+        def objective():
+            beta = torch.softmax(torch.where(present, logits, -math.inf), -1)
+            return (beta * log_c).sum(-1) + HolderPool(experts, 0, beta, validate_args=False).log_normalizer
+
+        optimizer = torch.optim.LBFGS([logits], max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            value = objective().sum()  # the pools are independent: each logit row moves its own
+            value.backward()
+            return value
+
+        with torch.enable_grad():
+            optimizer.step(closure)
+        beta = torch.softmax(torch.where(present, logits.detach(), -math.inf), -1)
+        # B at the minimiser from the pool's own experts and weights: its gradient is min_beta B's (envelope theorem)
+        log_c = torch.zeros_like(lw) if self.alpha == -math.inf else \
+            torch.where(present, self.log_weights / self.alpha, 0.0)
+        bound = (beta * log_c).sum(-1) + HolderPool(self.experts, 0, beta, validate_args=False).log_normalizer
+        finite = torch.isfinite(bound.detach())
+        return torch.where(finite.unsqueeze(-1), beta, lw.exp()), torch.where(finite, bound, math.inf)
 
     def _envelope_order(self, max_components: int | None = None) -> int:
         """The largest ``n <= 1/alpha`` whose exact pool has at most ``max_components`` components (1 if none),
@@ -825,7 +866,8 @@ class _Pool(Distribution):
         minus_inf = torch.full_like(count, -math.inf)
         if a < 0:
             weights = present.to(lw.dtype) if a == -math.inf else lw.exp()
-            return minus_inf, HolderPool(self.experts, 0, weights, validate_args=False).log_normalizer
+            log_z_0 = HolderPool(self.experts, 0, weights, validate_args=False).log_normalizer
+            return minus_inf, torch.minimum(log_z_0, self._geometric_bound()[1].to(log_z_0.dtype))
         if a > 1:
             log_min = _log_smallest_weight(lw)
             upper = torch.log(count) if a == math.inf else torch.minimum((1 / a - 1) * log_min, torch.log(count))
@@ -1213,8 +1255,9 @@ class NumericalHolderPool(_Pool):
             if self.family.event_shape == torch.Size():
                 acceptance = (self.log_normalizer.detach() - envelope.log_bound).exp()
                 if bool((acceptance < _MIN_ACCEPTANCE).any()):
-                    # alpha < 0 with experts far apart puts the pool's mass where every expert's is tiny (e^-667 of
-                    # the log-linear envelope's in one case): rejection would never finish, the quantiles are exact
+                    # alpha < 0 with experts far apart puts the pool's mass where every expert's is tiny (1.4 % of
+                    # the fitted envelope's in one case, e^-667 of the log-linear pool's): rejection would take
+                    # long or never finish, the quantiles are exact
                     u = torch.rand(sample_shape + self.batch_shape, dtype=params.dtype, device=params.device)
                     return self.icdf(u.clamp_min(torch.finfo(params.dtype).tiny))
             samples = rejection_sample(self.family, params, self.log_weights, self.alpha, envelope, count)
