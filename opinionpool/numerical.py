@@ -54,6 +54,8 @@ _GRID_NODES_PER_DIM = {1: 4000, 2: 800, 3: 140}
 _GRID_CHUNK = 1 << 16
 #: the refined panels span the pool's mean +- this many of its standard deviations
 _CORE_WIDTH = 12.0
+#: at most this many grid passes locate a pool (each on panels split around the last one's core) before the rule
+_LOCATING_PASSES = 3
 #: grid panels are split until they are at most this many standard deviations of the narrowest expert near them wide
 #: (10 Gauss–Legendre nodes integrate a Gaussian on a panel of two standard deviations to about 1e-16 of its mass)
 _GRID_PANEL_WIDTH = 2.0
@@ -1629,10 +1631,12 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
     The box lies along the principal axes of the experts' mean covariance (:func:`_principal_axes`) and spans every
     present expert's mean +- 12 standard deviations along them (outside it the
     pool, bounded by ``max_j q_j`` for ``alpha > 0`` and by ``min_j q_j`` below, has mass < 1e-30), its axes split
-    by expert scale (:func:`_grid_edges`). A first pass locates the pool; the second splits the panels around the
+    by expert scale (:func:`_grid_edges`). A first pass locates the pool; the rule splits the panels around the
     pool's own core (+-12 of its standard deviations) too, which matters for ``alpha < 0`` pools, narrower than
-    every expert. The reported error is the difference from the rule with ``nodes_per_panel - 4`` nodes on the
-    same panels. The rule runs on the experts moved by a float near their centre (:func:`_about_their_centre`).
+    every expert; a core narrower than the locating pass's nodes is located again on panels split around it
+    (up to ``_LOCATING_PASSES`` passes). The reported error is the difference from the rule with
+    ``nodes_per_panel - 4`` nodes on the same panels. The rule runs on the experts moved by a float near their
+    centre (:func:`_about_their_centre`).
     """
     dtype = params.dtype
     batch, pools = _each_pool(family, *_in_float64(params, log_weights))
@@ -1641,22 +1645,25 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
         p, offset = _about_their_centre(family, p, lw)
         directions = _principal_axes(family, p, lw)
         p_axes = _rotated(family, p, directions)
-        first_edges = _grid_edges(family, p_axes, lw)
-        first = _grid_one(family, p, lw, alpha, {"mean", "variance"}, nodes_per_panel, first_edges,
-                          core_width=_CORE_WIDTH, directions=directions)
-        # a pool narrower than the first pass's nodes (alpha < 0 between experts far apart) is located, not resolved:
-        # its core is at least a few of those nodes wide
-        mean = first["core_mean"].reshape(-1).cpu().numpy()
-        spacing = []
-        for edges, m in zip(first_edges, mean):
-            index = int(np.clip(np.searchsorted(edges, m), 1, len(edges) - 1))
-            spacing.append((edges[index] - edges[index - 1]) / nodes_per_panel)
-        core_variance = first["core_variance"]
-        spread = torch.maximum(core_variance.sqrt(), torch.as_tensor(spacing, dtype=p.dtype, device=p.device)
-                               .reshape(core_variance.shape))
-        # all panels on the pool's core when the first pass puts (numerically) no mass outside it
-        core_only = bool(first["log_mass_outside_core"] - first["log_normalizer"] < math.log(1e-16))
-        edges = _grid_edges(family, p_axes, lw, first["core_mean"], spread, core_only=core_only)
+        edges = _grid_edges(family, p_axes, lw)
+        for _ in range(_LOCATING_PASSES):
+            located = _grid_one(family, p, lw, alpha, {"mean", "variance"}, nodes_per_panel, edges,
+                                core_width=_CORE_WIDTH, directions=directions)
+            # a pool narrower than the pass's nodes (alpha < 0 between experts far apart) is located, not resolved:
+            # its core is taken at least a few of those nodes wide, and located again on panels split around it
+            mean = located["core_mean"].reshape(-1).cpu().numpy()
+            spacing = []
+            for axis_edges, m in zip(edges, mean):
+                index = int(np.clip(np.searchsorted(axis_edges, m), 1, len(axis_edges) - 1))
+                spacing.append((axis_edges[index] - axis_edges[index - 1]) / nodes_per_panel)
+            sd = located["core_variance"].sqrt()
+            spacing = torch.as_tensor(spacing, dtype=p.dtype, device=p.device).reshape(sd.shape)
+            spread = torch.maximum(sd, spacing)
+            # all panels on the pool's core when the pass puts (numerically) no mass outside it
+            core_only = bool(located["log_mass_outside_core"] - located["log_normalizer"] < math.log(1e-16))
+            edges = _grid_edges(family, p_axes, lw, located["core_mean"], spread, core_only=core_only)
+            if bool((sd > spacing).all()):
+                break
         fine = _grid_one(family, p, lw, alpha, wanted, nodes_per_panel, edges, offset=offset, directions=directions)
         coarse = _grid_one(family, p, lw, alpha, wanted, nodes_per_panel - 4, edges, offset=offset,
                            directions=directions)

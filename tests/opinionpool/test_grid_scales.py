@@ -100,19 +100,21 @@ def test_grid_of_experts_narrow_for_float64_at_their_place(place, scale):
     assert torch.allclose(est.covariance.value, matched.covariance_matrix, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize(("dim", "rho"), [(2, 0.99), (3, 0.99), (2, 0.999)])
 @pytest.mark.parametrize("alpha", [-1.0, 2.0])
-def test_grid_of_strongly_correlated_experts(dim, alpha):
+def test_grid_of_strongly_correlated_experts(dim, rho, alpha):
     """Panels along the coordinate axes, sized by marginal standard deviations, under-resolved experts of correlation
     0.99 (conditional widths a seventh of the marginal): log Z 2 nats off at alpha = -1 with 0.48 stated, the mean
     1445 stated errors off. The grid now lies along the principal axes of the experts' mean covariance. Reference:
     with a common covariance L L^T the whitened pool is a one-dimensional pool of N(0, 1) and N(delta, 1) along the
-    whitened difference of the means (times unit Gaussians across it), by scipy quadrature."""
+    whitened difference of the means (times unit Gaussians across it), by scipy quadrature. At correlation 0.999
+    the alpha = -1 pool is a thousandth of the experts' conditional width, narrower than the first pass's nodes:
+    log Z was 6 nats off (8.5 stated) until the grid located it again on panels split around it."""
     import numpy as np
     from scipy import integrate, special, stats
     from torch.distributions import MultivariateNormal
 
-    rho, weights = 0.99, [0.3, 0.7]
+    weights = [0.3, 0.7]
     covariance = np.full((dim, dim), rho) + (1 - rho) * np.eye(dim)
     locs = np.zeros((2, dim))
     locs[1, :2] = (3.0, -3.0)
