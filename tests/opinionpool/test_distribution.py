@@ -200,6 +200,24 @@ def test_entropy_and_kl_match_scipy_quadrature(case, alpha):
     assert float(kl_divergence(pool, other)) == pytest.approx(kl, abs=1e-8)
 
 
+@pytest.mark.parametrize(("second", "weights", "alpha"), [((4.0, 0.5), [0.01, 0.99], 8.0), ((10.0, 1.0), [0.5, 0.5], -1.0)])
+def test_importance_errors_of_entropy_and_kl_are_calibrated(second, weights, alpha):
+    """log Z_hat and E_hat[log u] come from the same draws; their errors were added as independent: the z-scores of
+    80 seeds had a spread of 1.4 (82 % coverage of a 95 % interval) in the first case and 0.5 in the second. Against
+    the adaptive quadrature's values (errors below 1e-10), the spread of the z-scores lies within 0.75-1.3 and
+    the coverage of |z| < 1.96 above 85 %."""
+    experts = [Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)),
+               Normal(*(torch.tensor(v, dtype=torch.float64) for v in second))]
+    pool = opinionpool.holder(experts, alpha, weights=weights)
+    other = Normal(torch.tensor(1.0, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64))
+    entropy, kl = pool.entropy_estimate(method="quadrature"), pool.kl_estimate(other, method="quadrature")
+    assert entropy.error < 1e-10 and kl.error < 1e-10
+    for reference, estimate in ((entropy.value, lambda seed: pool.entropy_estimate("importance", 20_000, seed)),
+                                (kl.value, lambda seed: pool.kl_estimate(other, "importance", 20_000, seed))):
+        z = np.array([(float(e.value) - float(reference)) / float(e.error) for e in map(estimate, range(80))])
+        assert 0.75 < z.std() < 1.3 and np.mean(np.abs(z) < 1.96) > 0.85, (z.std(), np.mean(np.abs(z) < 1.96))
+
+
 def test_log_linear_pool_has_closed_form_entropy_kl_and_mode():
     # prod_j Gamma(a_j, b_j)^(w_j) is Gamma(sum_j w_j (a_j - 1) + 1, sum_j w_j b_j)
     shapes, rates = np.array([2.0, 5.0]), np.array([1.0, 2.5])
