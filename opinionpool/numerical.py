@@ -355,14 +355,18 @@ def _point_statistics(family, points, log_w, wanted, standard_errors: bool, resi
     return log_total, out
 
 
-def _finish(method, error_kind, log_z, log_z_err, stats, wanted, **extra) -> PoolEstimate:
-    """The estimate, each error with the rounding of its value to the dtype it is returned in when that is not float64
-    (a float32 result of a float64 computation is off by up to half an ulp, far more than the float64 rule's error)."""
-    def rounded(est: Estimate | None) -> Estimate | None:
-        if est is None or est.value.dtype == torch.float64 or not est.value.is_floating_point():
-            return est
-        return Estimate(est.value, est.error + torch.finfo(est.value.dtype).eps * est.value.abs())
+def rounded(est: Estimate | None, size=None) -> Estimate | None:
+    """``est`` with the rounding of its value to its dtype added to its error where that is not float64 (a float32
+    result of a float64 computation is off by up to half an ulp, far more than the float64 rule's error); ``size``:
+    a larger magnitude whose rounding entered the value (a float32 log-density summed into a small KL)."""
+    if est is None or est.value.dtype == torch.float64 or not est.value.is_floating_point():
+        return est
+    magnitude = est.value.abs() if size is None else torch.maximum(est.value.abs(), size.to(est.value.dtype))
+    return Estimate(est.value, est.error + torch.finfo(est.value.dtype).eps * magnitude)
 
+
+def _finish(method, error_kind, log_z, log_z_err, stats, wanted, **extra) -> PoolEstimate:
+    """The estimate, each error with the rounding of its value to the dtype it is returned in (:func:`rounded`)."""
     return PoolEstimate(method=method, error_kind=error_kind, log_normalizer=rounded(Estimate(log_z, log_z_err)),
                         **{name: rounded(stats.get(name)) for name in ("mean", "variance", "covariance",
                                                                          "expected_statistic") if name in wanted},

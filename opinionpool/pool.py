@@ -73,6 +73,7 @@ from .numerical import (
     quadrature_estimate,
     quadrature_log_mass,
     rejection_sample,
+    rounded,
     seeded,
 )
 
@@ -665,10 +666,10 @@ class _Pool(Distribution):
         if check_method(self.family, method) == "quadrature":
             rows = torch.tensor([quadrature_entropy(self.family, p, lw, self.alpha, check_rtol(rtol))
                                  for p, lw in zip(*self._pools())], dtype=torch.float64)
-            return Estimate(*(rows[:, i].reshape(self.batch_shape).to(dtype) for i in range(2)))
+            return rounded(Estimate(*(rows[:, i].reshape(self.batch_shape).to(dtype) for i in range(2))))
         pi, _, log_u, est = self._node_expectation(method, num_samples, seed, rtol)
         mean, error = self._expectation(pi, log_u, est)
-        return Estimate((est.log_normalizer.value.to(torch.float64) - mean).to(dtype), error.to(dtype))
+        return rounded(Estimate((est.log_normalizer.value.to(torch.float64) - mean).to(dtype), error.to(dtype)))
 
     def entropy(self) -> torch.Tensor:
         """Exact for the log-linear pool (one family member, whose torch entropy is used); otherwise
@@ -706,14 +707,16 @@ class _Pool(Distribution):
 
                 (entropy, entropy_error), (cross, cross_error) = quadrature_entropy(
                     self.family, p, lw, self.alpha, check_rtol(rtol), log_other=log_q)
-                rows.append((-entropy - cross, entropy_error + cross_error))
+                rows.append((-entropy - cross, entropy_error + cross_error, abs(cross)))
             rows = torch.tensor(rows, dtype=torch.float64)
-            return Estimate(*(rows[:, i].reshape(self.batch_shape).to(dtype) for i in range(2)))
+            value, error, size = (rows[:, i].reshape(self.batch_shape) for i in range(3))
+            # other's log-density is evaluated in the pool's dtype: its rounding, of the size of the cross-entropy
+            return rounded(Estimate(value.to(dtype), error.to(dtype)), size)
         pi, points, log_u, est = self._node_expectation(method, num_samples, seed, rtol)
         log_q = other.log_prob(points.to(dtype)).to(torch.float64)
         log_z = est.log_normalizer.value.to(torch.float64)
         mean, error = self._expectation(pi, log_u - log_z - log_q, est)
-        return Estimate(mean.to(dtype), error.to(dtype))
+        return rounded(Estimate(mean.to(dtype), error.to(dtype)), (pi * log_q.abs()).sum(0))
 
     # ------------------------------------------------------------ numerical engine
     def estimate(self, quantities=None, method: str = "auto", num_samples: int = 100_000, seed: int | None = None,
