@@ -17,7 +17,7 @@ import torch
 __all__ = [
     "set_validate_args", "validation_enabled", "checks_enabled", "describe", "all_finite", "check_finite", "check_positive",
     "check_in_open_unit_interval", "check_probabilities", "check_log_probabilities", "check_weights", "check_real",
-    "check_alpha", "check_positive_int", "check_seed", "real_tensor",
+    "check_alpha", "check_num_samples", "check_positive_int", "check_seed", "real_tensor",
 ]
 
 _VALIDATE = True
@@ -159,7 +159,17 @@ def check_seed(seed) -> int | None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an integer or None, got {seed!r} of type {type(seed).__name__}")
+    if not -(2**63) <= seed < 2**64:  # torch.manual_seed's range (it raised "Overflow when unpacking long long")
+        raise ValueError(f"seed must lie in [-2**63, 2**64), got {seed!r}")
     return int(seed)
+
+
+def check_num_samples(value) -> int:
+    """The number of importance samples: at least two, which a standard error needs (one gave a NaN error)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 2:
+        raise ValueError(f"num_samples must be an integer of at least 2 (a standard error needs two draws), "
+                         f"got {value!r}")
+    return int(value)
 
 
 def check_positive_int(name: str, value) -> int:

@@ -43,6 +43,7 @@ from torch.distributions import (
 from ._hellinger import hellinger_moments
 from ._validation import (
     check_alpha,
+    check_num_samples,
     check_positive_int,
     check_seed,
     check_weights,
@@ -627,8 +628,9 @@ class _Pool(Distribution):
         """The engine's weighted points for this pool: ``(pi, points, log_u, estimate)`` with ``pi`` their
         normalised weights ``(P,) + batch`` and ``log_u`` the unnormalised log-density there (float64)."""
         method = check_method(self.family, method)
-        est = self._estimate(frozenset(), method, check_positive_int("num_samples", num_samples), seed, None,
-                             check_rtol(rtol), keep_nodes=True)
+        if method == "importance":
+            num_samples = check_num_samples(num_samples)
+        est = self._estimate(frozenset(), method, num_samples, seed, None, check_rtol(rtol), keep_nodes=True)
         points, log_w = est.nodes
         pi = torch.softmax(log_w.to(torch.float64), dim=0)
         points = points.to(torch.float64) if points.is_floating_point() else points
@@ -663,6 +665,7 @@ class _Pool(Distribution):
         ``1 + sd_pool(log u)``; importance sampling otherwise, with the delta-method standard error of ``log Z`` and
         ``E[log u]`` together (one set of draws gives both). No gradient."""
         dtype = self.experts.params.dtype
+        check_num_samples(num_samples)
         if check_method(self.family, method) == "quadrature":
             rows = torch.tensor([quadrature_entropy(self.family, p, lw, self.alpha, check_rtol(rtol))
                                  for p, lw in zip(*self._pools())], dtype=torch.float64)
@@ -683,6 +686,7 @@ class _Pool(Distribution):
         ``E_pool[log p - log other]`` over the engine's weighted points (errors as :meth:`entropy_estimate`).
         ``torch.distributions.kl_divergence(pool, other)`` gives the value."""
         dtype = self.experts.params.dtype
+        check_num_samples(num_samples)
         if check_method(self.family, method) == "quadrature":
             batch = self.batch_shape
             other_batch = getattr(other, "batch_shape", torch.Size())
@@ -741,7 +745,7 @@ class _Pool(Distribution):
         method = check_method(self.family, method)
         rtol = check_rtol(rtol)
         if method == "importance":
-            num_samples = check_positive_int("num_samples", num_samples)
+            num_samples = check_num_samples(num_samples)
         return self._estimate(wanted, method, num_samples, seed, generator, rtol)
 
     def _estimate(self, wanted, method, num_samples, seed, generator, rtol, keep_nodes: bool = False) -> PoolEstimate:
@@ -1164,7 +1168,7 @@ class NumericalHolderPool(_Pool):
         super().__init__(experts, alpha, weights, validate_args)
         self.method = check_method(self.family, method)
         if self.method == "importance":
-            num_samples = check_positive_int("num_samples", num_samples)
+            num_samples = check_num_samples(num_samples)
         self.rtol = check_rtol(rtol)
         self.num_samples = num_samples
         self.seed = check_seed(seed)

@@ -464,22 +464,29 @@ def test_infinite_alpha_ignores_positive_weights():
 
 # ---------------------------------------------------------------------------- errors
 def test_sample_budgets_are_checked_like_every_other_count():
-    """num_samples goes through the library's one positive-integer check: numpy integers count, bools do not."""
+    """num_samples is an integer of at least 2 (one draw gave a NaN standard error): numpy integers count, bools do
+    not; entropy_estimate and kl_estimate check it on every path (the quadrature's took 0 silently); a seed outside
+    torch's range is named (it raised "Overflow when unpacking long long")."""
     experts = [Normal(torch.tensor(m), torch.tensor(s)) for m, s in zip(NORMAL_MU, NORMAL_SD)]
     pool = opinionpool.holder(experts, alpha=2.0, weights=WEIGHTS)
     estimate = pool.estimate(method="importance", num_samples=np.int64(1000), seed=0)
     assert estimate.num_samples == 1000
-    for bad in (True, 1000.0, -3):
-        with pytest.raises(ValueError, match=f"num_samples must be a positive integer, got {bad!r}"):
+    for bad in (True, 1000.0, -3, 1):
+        with pytest.raises(ValueError, match=f"num_samples must be an integer of at least 2.*got {bad!r}"):
             pool.estimate(method="importance", num_samples=bad)
+    for call in (lambda: pool.entropy_estimate(num_samples=0), lambda: pool.kl_estimate(experts[0], num_samples=0)):
+        with pytest.raises(ValueError, match="num_samples must be an integer of at least 2.*got 0"):
+            call()
+    with pytest.raises(ValueError, match=r"seed must lie in \[-2\*\*63, 2\*\*64\), got 1180591620717411303424"):
+        pool.estimate(method="importance", seed=2**70)
 
 
 def test_engine_errors_name_the_problem():
     experts = [Normal(torch.tensor(m), torch.tensor(s)) for m, s in zip(NORMAL_MU, NORMAL_SD)]
     pool = opinionpool.holder(experts, alpha=2.0, weights=WEIGHTS)
-    with pytest.raises(ValueError, match="num_samples must be a positive integer.*0"):
+    with pytest.raises(ValueError, match="num_samples must be an integer of at least 2.*0"):
         pool.estimate(method="importance", num_samples=0)
-    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+    with pytest.raises(ValueError, match="num_samples must be an integer of at least 2"):
         opinionpool.holder(experts, alpha=2.0, method="importance", num_samples=0)
     with pytest.raises(ValueError, match="method must be 'auto' or one of"):
         pool.estimate(method="magic")
