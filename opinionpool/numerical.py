@@ -1773,8 +1773,9 @@ def _grid_one(family, params, log_weights, alpha, wanted, nodes_per_panel, edges
     grid = torch.cartesian_prod(*axes).reshape(-1, dim).to(params.device)
     log_node_w = torch.cartesian_prod(*[w.log() for w in axis_weights]).reshape(-1, dim).sum(-1).to(params.device)
     value_shape = () if family.event_shape == () else (dim,)
-    if directions is not None:  # the nodes u along the directions are the points z = directions u
-        grid = grid @ directions.transpose(-1, -2)
+    along = grid  # the nodes u along the directions, at the points z = directions u
+    if directions is not None:
+        grid = along @ directions.transpose(-1, -2)
     log_w = torch.cat([
         log_power_mean(expert_log_probs(family, params, chunk.reshape(chunk.shape[:1] + value_shape)),
                        log_weights, alpha)
@@ -1787,8 +1788,8 @@ def _grid_one(family, params, log_weights, alpha, wanted, nodes_per_panel, edges
     out = {"log_normalizer": log_z, **{name: est.value for name, est in stats.items() if name in wanted}}
     out["nodes"] = (points + offset, log_w)
     if core_width is not None:
-        along = grid if directions is None else grid @ directions
-        core = _point_statistics(family, along.reshape(points.shape), log_w, {"mean", "variance"}, False)[1]
+        core = stats if directions is None else \
+            _point_statistics(family, along.reshape(points.shape), log_w, {"mean", "variance"}, False)[1]
         out["core_mean"], out["core_variance"] = core["mean"].value, core["variance"].value
         spread = core_width * out["core_variance"].sqrt().reshape(-1)
         outside = ((along - out["core_mean"].reshape(-1)).abs() > spread).any(-1)

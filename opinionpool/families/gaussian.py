@@ -381,14 +381,13 @@ class MultivariateNormalFamily(ExponentialFamily):
         combined = wp.sum(k)
         chol = torch.linalg.cholesky(combined)
         # shift by the heaviest expert, so that one expert, or identical ones, come out exactly
-        heaviest = log_weights.detach().argmax(-1)[..., None, None].expand(loc.shape[:k] + (1,) + loc.shape[k + 1:])
-        reference = loc.gather(k, heaviest)
+        reference = heaviest_along(log_weights[..., None], loc, k)
         offset = loc - reference
         shift = torch.cholesky_solve((wp @ offset.unsqueeze(-1)).sum(k), chol).squeeze(-1)
         mean = reference.squeeze(k) + shift
         dev = offset - shift.unsqueeze(k)
         quad = (dev.unsqueeze(-2) @ wp @ dev.unsqueeze(-1))[..., 0, 0].sum(-1)
-        precision_0 = precision.gather(k, heaviest.unsqueeze(-1).expand(heaviest.shape + precision.shape[-1:]))
+        precision_0 = heaviest_along(log_weights[..., None, None], precision, k)
         chol_0 = torch.linalg.cholesky(precision_0)
         # R_j - I = L^-1 (P_j - P_0) L^-T from the differences of the precisions (exact for nearby experts), and
         # log det (I + E) as sum log1p(eigenvalues of E): both keep the digits of the small terms
