@@ -691,8 +691,9 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
         if want_entropy:  # log u is singular where u vanishes (z log z at a Gamma's origin): it needs its own control
             lu = log_u(z.ravel()).reshape(z.shape)
             parts.append(np.where(np.isfinite(lu), lu, 0.0)[..., None])
-        if extra is not None:
-            parts.append(extra(z.ravel()).reshape(z.shape)[..., None])
+        if extra is not None:  # -inf (outside other's support) is counted below, by the nodes' mass there
+            values = extra(z.ravel()).reshape(z.shape)
+            parts.append(np.where(values == -np.inf, 0.0, values)[..., None])
         return np.concatenate(parts, -1)
 
     nodes_state = evaluate(a, b, kind, origin)
@@ -788,8 +789,15 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
         mean_log_u = float((pi * np.where(np.isfinite(lu), lu, 0.0)).sum()) + end_shift[index]
         out["entropy"] = (log_z - mean_log_u, log_z_error + relative[index] + abs(mean_log_u) * relative[0])
     if extra is not None:
-        mean_extra = float((pi * extra(z_half.ravel()).reshape(z_half.shape)).sum()) + end_shift[-1]
-        out["extra"] = (mean_extra, relative[-1] + abs(mean_extra) * relative[0])
+        values = extra(z_half.ravel()).reshape(z_half.shape)
+        if np.isnan(values[pi > 0]).any():
+            raise ValueError("other.log_prob returned NaN on the pool's support; the expectation needs other's "
+                             "log-density wherever the pool has mass")
+        if (values[pi > 0] == -np.inf).any():  # other misses some of the pool's mass: E[log other] = -inf
+            out["extra"] = (-math.inf, 0.0)
+        else:
+            mean_extra = float((pi * np.where(pi > 0, values, 0.0)).sum()) + end_shift[-1]
+            out["extra"] = (mean_extra, relative[-1] + abs(mean_extra) * relative[0])
         wanted = wanted | {"extra"}
     out = {k: v for k, v in out.items() if k == "log_normalizer" or k in wanted}
     return out, points, log_mass, count

@@ -688,16 +688,20 @@ class _Pool(Distribution):
         ``torch.distributions.kl_divergence(pool, other)`` gives the value."""
         dtype = self.experts.params.dtype
         check_num_samples(num_samples)
+        batch = self.batch_shape
+        other_batch, other_event = (getattr(other, name, None) for name in ("batch_shape", "event_shape"))
+        if other_event is not None and tuple(other_event) != tuple(self.event_shape):
+            raise ValueError(f"other must have the pool's event shape {tuple(self.event_shape)}, "
+                             f"got event_shape={tuple(other_event)}")
+        other_batch = torch.Size() if other_batch is None else other_batch
+        try:
+            fits = torch.broadcast_shapes(other_batch, batch) == batch
+        except RuntimeError:
+            fits = False
+        if not fits:  # one KL per pool: other's batch must broadcast to the pool's, not widen it
+            raise ValueError(f"other must have a batch shape that broadcasts to the pool's {tuple(batch)}, "
+                             f"got batch_shape={tuple(other_batch)}")
         if check_method(self.family, method) == "quadrature":
-            batch = self.batch_shape
-            other_batch = getattr(other, "batch_shape", torch.Size())
-            try:
-                fits = torch.broadcast_shapes(other_batch, batch) == batch
-            except RuntimeError:
-                fits = False
-            if not fits:  # one KL per pool: other's batch must broadcast to the pool's, not widen it
-                raise ValueError(f"other must have a batch shape that broadcasts to the pool's {tuple(batch)}, "
-                                 f"got batch_shape={tuple(other_batch)}")
             rows = []
             for index, (p, lw) in enumerate(zip(*self._pools())):
                 def log_q(z, index=index):
@@ -716,12 +720,19 @@ class _Pool(Distribution):
             rows = torch.tensor(rows, dtype=torch.float64)
             value, error, size = (rows[:, i].reshape(self.batch_shape) for i in range(3))
             # other's log-density is evaluated in the pool's dtype: its rounding, of the size of the cross-entropy
-            return rounded(Estimate(value.to(dtype), error.to(dtype)), size)
+            return _infinite_where_outside(rounded(Estimate(value.to(dtype), error.to(dtype)), size))
         pi, points, log_u, est = self._node_expectation(method, num_samples, seed, rtol)
-        log_q = other.log_prob(points.to(dtype)).to(torch.float64)
+        with torch.no_grad():
+            log_q = other.log_prob(points.to(dtype)).to(torch.float64)
+        if bool(torch.isnan(log_q[pi > 0]).any()):
+            raise ValueError("other.log_prob returned NaN on the pool's support; KL(pool || other) needs other's "
+                             "log-density wherever the pool has mass")
+        outside = ((pi > 0) & (log_q == -math.inf)).any(0)  # other misses some of the pool's mass
+        log_q = torch.where(log_q == -math.inf, 0.0, log_q)
         log_z = est.log_normalizer.value.to(torch.float64)
         mean, error = self._expectation(pi, log_u - log_z - log_q, est)
-        return rounded(Estimate(mean.to(dtype), error.to(dtype)), (pi * log_q.abs()).sum(0))
+        mean, error = torch.where(outside, math.inf, mean), torch.where(outside, 0.0, error)
+        return _infinite_where_outside(rounded(Estimate(mean.to(dtype), error.to(dtype)), (pi * log_q.abs()).sum(0)))
 
     # ------------------------------------------------------------ numerical engine
     def estimate(self, quantities=None, method: str = "auto", num_samples: int = 100_000, seed: int | None = None,
@@ -1302,6 +1313,11 @@ class NumericalHolderPool(_Pool):
     def __repr__(self) -> str:
         return (f"NumericalHolderPool(family={self.family!r}, alpha={self.alpha!r}, "
                 f"num_experts={self.experts.num_experts}, method={self.method!r}, batch_shape={tuple(self.batch_shape)})")
+
+
+def _infinite_where_outside(est: Estimate) -> Estimate:
+    """A KL estimate whose infinite values (``other`` has no density on part of the pool's mass) are exact."""
+    return Estimate(est.value, torch.where(est.value == math.inf, 0.0, est.error))
 
 
 def _has_method(dist: Distribution, name: str) -> bool:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from scipy import integrate, special
-from torch.distributions import Gamma, Independent, Normal, VonMises
+from torch.distributions import Gamma, Independent, MultivariateNormal, Normal, Uniform, VonMises
 
 import opinionpool
 from opinionpool import CustomFamily
@@ -94,6 +94,41 @@ def test_kl_quadrature_rejects_a_wider_batch_of_other():
     pool = opinionpool.holder([Normal(torch.tensor(LOCS), 1.0), Normal(-torch.tensor(LOCS), 2.0)], alpha=ALPHA)
     with pytest.raises(ValueError, match=r"other must .*batch_shape=\(4,\)"):
         pool.kl_estimate(Normal(torch.zeros(4), 1.0), method="quadrature")
+
+
+@pytest.mark.parametrize("method", ["quadrature", "importance"])
+def test_kl_is_infinite_where_other_misses_part_of_the_pool(method):
+    """KL(pool || other) is +inf, exactly, where other has no density on part of the pool's mass. It came back NaN
+    from the quadrature (0 * -inf in the rule) and as inf +- NaN from the importance samples. The second pool lies
+    inside other's support to float64's resolution, so its KL is log(2 a) - H(pool)."""
+    pool = opinionpool.holder([Normal(torch.zeros(2, dtype=torch.float64), 1.0),
+                               Normal(torch.ones(2, dtype=torch.float64), 2.0)], alpha=0.5,
+                              weights=torch.tensor([0.3, 0.7], dtype=torch.float64))
+    half_width = torch.tensor([1.0, 1e3], dtype=torch.float64)
+    other = Uniform(-half_width, half_width, validate_args=False)
+    result = pool.kl_estimate(other, method=method, num_samples=20_000)
+    assert float(result.value[0]) == math.inf and float(result.error[0]) == 0.0
+    log_z, (mean_log_u,) = quad_pool(lambda z: power_mean((math.exp(-z * z / 2) / math.sqrt(2 * math.pi),
+                                                        math.exp(-(z - 1) ** 2 / 8) / math.sqrt(8 * math.pi)),
+                                                       (0.3, 0.7), 0.5),
+                                  -math.inf, math.inf, functions=(lambda z: log_power_mean(
+                                      (-z * z / 2 - 0.5 * math.log(2 * math.pi),
+                                       -(z - 1) ** 2 / 8 - 0.5 * math.log(8 * math.pi)), (0.3, 0.7), 0.5),))
+    expected = mean_log_u - log_z + math.log(2e3)
+    assert math.isfinite(float(result.error[1]))
+    assert abs(float(result.value[1]) - expected) <= max(4 * float(result.error[1]), 1e-9)
+
+
+@pytest.mark.parametrize("method", ["grid", "importance"])
+def test_kl_names_an_other_of_the_wrong_shape_on_every_path(method):
+    """An other of another event shape, or of a batch wider than the pool's, raised torch's shape errors (or, for
+    a wider batch on these paths, a KL of the wrong shape) without naming other."""
+    experts = MultivariateNormal(torch.zeros(2, 2), torch.eye(2).expand(2, 2, 2))
+    pool = opinionpool.holder(experts, alpha=0.5, weights=torch.tensor([0.3, 0.7]))
+    with pytest.raises(ValueError, match=r"other must have the pool's event shape \(2,\), got event_shape=\(3,\)"):
+        pool.kl_estimate(MultivariateNormal(torch.zeros(3), torch.eye(3)), method=method)
+    with pytest.raises(ValueError, match=r"other must .*batch_shape=\(4,\)"):
+        pool.kl_estimate(MultivariateNormal(torch.zeros(4, 2), torch.eye(2)), method=method)
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["one pool", "a batch of pools"])
