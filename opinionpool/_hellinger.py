@@ -51,7 +51,7 @@ import torch.utils._python_dispatch
 
 from ._chunks import by_rows, flat, unflat
 
-__all__ = ["hellinger_moments", "kept_partners", "pair_components", "pairs_of", "values_readable"]
+__all__ = ["hellinger_moments", "kept_partners", "pair_components", "pairs_of", "standing_in", "values_readable"]
 
 _LOG2 = math.log(2.0)
 
@@ -652,6 +652,14 @@ class _HellingerMoments(torch.autograd.Function):
         else:
             grads = _by_rows(_backward, batch, tensors, ctx.partners)
         return (*grads, None, None)
+
+
+def standing_in(mu: torch.Tensor, logvar: torch.Tensor, present: torch.Tensor):
+    """``(mu, logvar)`` with N(0, 1) in place of the experts not ``present`` (booleans ``(..., M, 1)``): experts
+    absent or of weight zero are no part of the pool, and whatever they hold (an overflow far from the present ones)
+    would otherwise meet its zero weight as inf * 0 = NaN, in the pool or in its gradients."""
+    zero = torch.zeros((), dtype=mu.dtype, device=mu.device)
+    return torch.where(present, mu, zero), torch.where(present, logvar, zero)
 
 
 def hellinger_moments(mu: torch.Tensor, logvar: torch.Tensor, log_weights: torch.Tensor, fused: bool = False):

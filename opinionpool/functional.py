@@ -20,7 +20,7 @@ import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from ._chunks import by_rows
-from ._hellinger import hellinger_moments, kept_partners, pair_components, pairs_of, values_readable
+from ._hellinger import hellinger_moments, kept_partners, pair_components, pairs_of, standing_in, values_readable
 from ._validation import (
     all_finite,
     check_alpha,
@@ -198,9 +198,7 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):
             raise ValueError(f"mask must be a boolean tensor of shape {tuple(mu.movedim(-2, dim).shape[:-1])} "
                              f"(mu without its last axis), got {mask.dtype} of shape {tuple(mask.shape)}")
         mask = mask.movedim(dim, -1)
-    # absent experts, and those of weight zero, are no part of the pool: N(0, 1) stands in for whatever they hold
-    # (an overflow far from the present experts would otherwise meet a zero weight as inf * 0 = NaN, in the pool or
-    # in its gradients)
+    # absent experts, and those of weight zero, are no part of the pool (standing_in)
     keep = None if mask is None else mask.unsqueeze(-1)
     if weights is not None:
         weighted = (weights.to(mu.device)[..., :num_experts] > 0).unsqueeze(-1)
@@ -212,8 +210,7 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):
         if weights is not None:
             check_weights("weights", weights, num_experts + (1 if prior_expert else 0))
     if keep is not None:
-        mu = torch.where(keep, mu, torch.zeros((), dtype=mu.dtype, device=mu.device))
-        logvar = torch.where(keep, logvar, torch.zeros((), dtype=mu.dtype, device=mu.device))
+        mu, logvar = standing_in(mu, logvar, keep)
     if prior_expert:
         mu, logvar = _with_prior_expert(mu, logvar)
         if mask is not None:

@@ -41,7 +41,7 @@ from torch.distributions import (
     Normal,
 )
 
-from ._hellinger import hellinger_moments
+from ._hellinger import hellinger_moments, standing_in
 from ._validation import (
     check_alpha,
     check_num_samples,
@@ -993,11 +993,7 @@ class HolderPool(_Pool):
                 loc, logvar = self.family.split(self.experts.params)
                 if scalar:
                     loc, logvar = loc.unsqueeze(-1), logvar.unsqueeze(-1)
-                # experts of weight zero are no part of the pool: N(0, 1) stands in for them (as in
-                # functional.hellinger), or one far away met its zero weight as inf * 0 = NaN
-                absent = (self.log_weights == -math.inf).unsqueeze(-1)
-                zero = torch.zeros((), dtype=loc.dtype, device=loc.device)
-                loc, logvar = torch.where(absent, zero, loc), torch.where(absent, zero, logvar)
+                loc, logvar = standing_in(loc, logvar, (self.log_weights > -math.inf).unsqueeze(-1))
                 mean, logvar = hellinger_moments(loc, logvar, self.log_weights)
                 self._moments_cache = (mean.squeeze(-1), logvar.squeeze(-1)) if scalar else (mean, logvar)
         return self._moments_cache
