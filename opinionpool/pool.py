@@ -317,6 +317,9 @@ class _Pool(Distribution):
         self.log_weights = normalized_log_weights(weights, self.experts.num_experts, dtype=params.dtype,
                                                   device=params.device, validate=self._validate)
         check_batches_broadcast(self.experts.batch_shape, self.log_weights.shape[:-1])
+        #: the logits :meth:`_geometric_bound` fits (alpha < 0), kept: the envelope and the bracket both use them
+        #: (any weights give a valid bound, so the fit never makes a result wrong, only tighter)
+        self._geometric_logits = None
 
     def _init_distribution(self, batch_shape) -> None:
         """Set torch's shapes; validation follows this pool's own setting (``arg_constraints`` is empty)."""
@@ -845,10 +848,12 @@ class _Pool(Distribution):
                 (grad,) = torch.autograd.grad(value, logits)
             return float(value.detach()), grad.detach().cpu().to(torch.float64).reshape(-1).numpy()
 
-        # scipy's L-BFGS rather than torch.optim's, whose first use imports torch._dynamo (seconds)
-        start = torch.where(present, lw, 0.0).cpu().to(torch.float64).reshape(-1).numpy()
-        fit = optimize.minimize(objective, start, jac=True, method="L-BFGS-B", options={"maxiter": steps})
-        logits = torch.as_tensor(fit.x, device=lw.device).reshape(lw.shape).to(lw.dtype)
+        if self._geometric_logits is None or self._geometric_logits.shape != lw.shape:
+            # scipy's L-BFGS rather than torch.optim's, whose first use imports torch._dynamo (seconds)
+            start = torch.where(present, lw, 0.0).cpu().to(torch.float64).reshape(-1).numpy()
+            fit = optimize.minimize(objective, start, jac=True, method="L-BFGS-B", options={"maxiter": steps})
+            self._geometric_logits = torch.as_tensor(fit.x, device=lw.device).reshape(lw.shape).to(lw.dtype)
+        logits = self._geometric_logits
         # B at the minimiser from the pool's own experts and weights: its gradient is min_beta B's (envelope theorem)
         beta, bound = bound_at(logits, self.experts, log_c)
         finite = torch.isfinite(bound.detach())

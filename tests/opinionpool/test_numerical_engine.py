@@ -380,6 +380,33 @@ def test_rejection_sampler_matches_the_quadrature_cdf(alpha):
     assert stats.kstest(samples, lambda x: np.interp(x, grid, cdf_values)).pvalue > 1e-3
 
 
+def test_the_negative_alpha_envelope_is_fitted_once_per_pool(monkeypatch):
+    """The envelope of an alpha < 0 pool and the bracket an estimate is checked against share one fit of the
+    log-linear bound's weights (L-BFGS, about 0.1 s for a batch): an importance estimate ran it twice. An expanded
+    pool fits its own; the bound and the estimate are the same either way."""
+    import opinionpool.pool as pool_module
+
+    calls = []
+    minimize = pool_module.optimize.minimize
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return minimize(*args, **kwargs)
+
+    monkeypatch.setattr(pool_module.optimize, "minimize", counted)
+    experts = MultivariateNormal(torch.tensor([[0.0, 0.0], [6.0, 1.0]], dtype=torch.float64),
+                                 torch.eye(2, dtype=torch.float64).expand(2, 2, 2))
+    pool = opinionpool.holder(experts, alpha=-1.0, weights=torch.tensor([0.3, 0.7], dtype=torch.float64))
+    first = pool.estimate(method="importance", num_samples=4000, seed=0)
+    assert len(calls) == 1
+    again = pool.estimate(method="importance", num_samples=4000, seed=0)
+    assert len(calls) == 1 and torch.equal(first.log_normalizer.value, again.log_normalizer.value)
+    wide = pool.expand((3,))
+    bound = wide.envelope().log_bound
+    assert len(calls) == 2
+    assert torch.allclose(bound, pool.envelope().log_bound.expand(3), rtol=1e-9, atol=0)
+
+
 def test_pools_the_envelope_cannot_sample_invert_their_cdf():
     """Alpha = -1 with experts far apart relative to their scales: the pool's mass lies between them, where every
     expert's is tiny, and the log-linear envelope accepts e^-667 of its proposals. Sampling raised after 1000
