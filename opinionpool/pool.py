@@ -711,9 +711,8 @@ class _Pool(Distribution):
                     """``other``'s log-density at points ``z`` for pool ``index`` of the flattened batch."""
                     # one singleton per pool batch dimension, so that a smaller batch of other's (e.g. (3,) or
                     # (2, 1) for a (2, 3) pool) broadcasts to the pool's before the flattened pool index is taken
-                    z = torch.as_tensor(z, dtype=dtype).reshape((-1,) + (1,) * len(batch))
-                    with torch.no_grad():
-                        values = other.log_prob(z)
+                    z = torch.as_tensor(z).reshape((-1,) + (1,) * len(batch))
+                    values = _other_log_prob(other, z, dtype)
                     values = values.expand((z.shape[0],) + batch).reshape(z.shape[0], -1)
                     return values[:, index].to(torch.float64).numpy()
 
@@ -722,11 +721,10 @@ class _Pool(Distribution):
                 rows.append((-entropy - cross, entropy_error + cross_error, abs(cross)))
             rows = torch.tensor(rows, dtype=torch.float64)
             value, error, size = (rows[:, i].reshape(self.batch_shape) for i in range(3))
-            # other's log-density is evaluated in the pool's dtype: its rounding, of the size of the cross-entropy
+            # other's log-density may be evaluated in the pool's dtype: its rounding, of the size of the cross-entropy
             return _infinite_where_outside(rounded(Estimate(value.to(dtype), error.to(dtype)), size))
         pi, points, log_u, est = self._node_expectation(method, num_samples, seed, rtol)
-        with torch.no_grad():
-            log_q = other.log_prob(points.to(dtype)).to(torch.float64)
+        log_q = _other_log_prob(other, points, dtype).to(torch.float64)
         if bool(torch.isnan(log_q[pi > 0]).any()):
             raise ValueError("other.log_prob returned NaN on the pool's support; KL(pool || other) needs other's "
                              "log-density wherever the pool has mass")
@@ -1314,6 +1312,19 @@ class NumericalHolderPool(_Pool):
     def __repr__(self) -> str:
         return (f"NumericalHolderPool(family={self.family!r}, alpha={self.alpha!r}, "
                 f"num_experts={self.experts.num_experts}, method={self.method!r}, batch_shape={tuple(self.batch_shape)})")
+
+
+def _other_log_prob(other: Distribution, points: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``other.log_prob`` at the engine's float64 ``points``, or at them rounded to the pool's ``dtype`` where
+    ``other`` takes no float64 points (a dtype mismatch in its own arithmetic): rounded to float32, the nodes of a
+    Beta pool within 2^-25 of 1 landed on 1, where a Beta other singular there has infinite density."""
+    with torch.no_grad():
+        if points.is_floating_point():
+            try:
+                return other.log_prob(points.to(torch.float64))
+            except (RuntimeError, TypeError):
+                pass
+        return other.log_prob(points.to(dtype))
 
 
 def _infinite_where_outside(est: Estimate) -> Estimate:

@@ -16,8 +16,8 @@ import mpmath as mp
 import pytest
 import scipy.stats as stats
 import torch
-from scipy.special import digamma
-from torch.distributions import Beta, Gamma
+from scipy.special import betaln, digamma
+from torch.distributions import Beta, Gamma, Uniform
 
 import opinionpool
 
@@ -249,6 +249,7 @@ def _reference_statistics(family, params, weights, alpha):
     ("gamma", [(0.01, 1.0), (5.0, 1.0)], math.inf),  # the per-pool rule
     ("beta", [(0.01, 0.01), (0.02, 3.0)], math.inf),
     ("beta", [(0.5, 0.5), (5.0, 2.0)], 0.7),
+    ("gamma", [(0.001, 1.0), (5.0, 1.0)], 0.3),  # a seventh of the mass below 1e-300, exponent -0.999
 ])
 def test_statistics_and_entropy_next_to_an_extrapolated_end_lie_within_tight_errors(family, params, alpha):
     """Below the nearest point the rule sees a statistic at that point, while the mass spreads towards the end: a
@@ -441,3 +442,52 @@ def test_log_statistics_and_entropy_of_mass_below_the_nearest_point(family, firs
                       else (matched.concentration, matched.rate))
     for got_param, want in zip(matched_params, (first, second)):
         assert float(got_param) == pytest.approx(want, rel=1e-6)
+
+
+def test_kl_sees_other_miss_mass_closer_to_the_end_than_the_nearest_point():
+    """The quadrature's nodes below the nearest point all sit at it, so an other whose support stops between the
+    end and that point looked as if it covered the pool: a Uniform(0, 1 - 2^-50) against two Beta(3, 0.05), a fifth
+    of whose mass lies above 1 - 2^-50, gave a KL of 17.41 (exactly +inf), and so did a Uniform from 1e-305 against
+    Gamma(0.005) experts (3 % of their mass below it)."""
+    beta = opinionpool.holder(_experts("beta", [(3.0, 0.05), (3.0, 0.05)]), alpha=0.5,
+                              weights=torch.tensor([0.3, 0.7], dtype=torch.float64))
+    gamma = opinionpool.holder(_experts("gamma", [(0.005, 1.0), (0.005, 1.0)]), alpha=0.5,
+                               weights=torch.tensor([0.3, 0.7], dtype=torch.float64))
+    for pool, other in ((beta, Uniform(0.0, 1 - 2.0**-50, validate_args=False)),
+                        (gamma, Uniform(1e-305, 1e3, validate_args=False))):
+        result = pool.kl_estimate(other, method="quadrature")
+        assert float(result.value) == math.inf and float(result.error) == 0.0
+    # other covering the whole support gives a finite KL: log(1) + H(pool) with H the Beta's
+    covered = beta.kl_estimate(Uniform(0.0, 1.0, validate_args=False), method="quadrature")
+    assert abs(float(covered.value) + stats.beta(3.0, 0.05).entropy()) <= float(covered.error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_against_an_other_singular_where_float32_rounds_onto_the_end(dtype):
+    """Rounded to float32 for other's log_prob, the nodes of a Beta(3, 0.05) pool within 2^-25 of 1 landed on 1,
+    where Beta(0.5, 0.05) has infinite density: the KL came back -inf +- NaN. Reference: the closed form of the KL
+    between two Betas (the pool of identical experts is the expert)."""
+    a1, b1, a2, b2 = 3.0, 0.05, 0.5, 0.05
+    truth = (betaln(a2, b2) - betaln(a1, b1) + (a1 - a2) * digamma(a1) + (b1 - b2) * digamma(b1)
+             + (a2 - a1 + b2 - b1) * digamma(a1 + b1))
+    experts = Beta(torch.tensor([a1, a1], dtype=dtype), torch.tensor([b1, b1], dtype=dtype))
+    pool = opinionpool.holder(experts, alpha=0.5, weights=torch.tensor([0.3, 0.7], dtype=dtype))
+    result = pool.kl_estimate(Beta(torch.tensor(a2, dtype=dtype), torch.tensor(b2, dtype=dtype)), method="quadrature")
+    assert abs(float(result.value) - truth) <= float(result.error) <= 1e-4, (float(result.value), truth)
+
+
+def test_the_shift_below_the_nearest_point_is_taken_in_float64_whatever_the_default_dtype():
+    """The one-pool rule passed its log Z to the extrapolation as a tensor of the default dtype: with float32, the
+    default, the shares of the mass below 1e-300 were 2.7e-8 off, and the entropy's shift of 26 nats (exponent
+    -0.999) with them: 7.2e-7 off where 1.4e-7 was stated. Reference: mpmath (the tests run in float64 otherwise)."""
+    params = [(0.001, 1.0), (5.0, 1.0)]
+    first, second, truth = _reference_statistics("gamma", params, [0.3, 0.7], 0.3)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        pool = opinionpool.holder(_experts("gamma", params), alpha=0.3,
+                                  weights=torch.tensor([0.3, 0.7], dtype=torch.float64))
+        entropy = pool.entropy_estimate(method="quadrature")
+    finally:
+        torch.set_default_dtype(previous)
+    assert abs(float(entropy.value) - truth) <= float(entropy.error), (float(entropy.value), truth)
