@@ -732,7 +732,7 @@ class _Pool(Distribution):
         log_q = torch.where(log_q == -math.inf, 0.0, log_q)
         log_z = est.log_normalizer.value.to(torch.float64)
         mean, error = self._expectation(pi, log_u - log_z - log_q, est)
-        mean, error = torch.where(outside, math.inf, mean), torch.where(outside, 0.0, error)
+        mean = torch.where(outside, math.inf, mean)  # its error made 0 by _infinite_where_outside
         return _infinite_where_outside(rounded(Estimate(mean.to(dtype), error.to(dtype)), (pi * log_q.abs()).sum(0)))
 
     # ------------------------------------------------------------ numerical engine
