@@ -85,23 +85,28 @@ def test_values_and_gradients_equal_the_written_out_mixture(case):
 
 
 def test_float32_pruned_pool_is_as_accurate_as_every_pair():
-    """float32 against the float64 mixture: leaving pairs out changes nothing at float32's resolution (the same
-    outputs and gradients as the path with every pair, bit for bit here, and both within 1e-5 of float64)."""
+    """float32 against float64: leaving pairs out changes nothing beyond float32's rounding. The two paths sum the
+    pairs in different orders, so they need not agree bit for bit (on some CPUs they did, on others the gradients
+    differ by 1.3e-6 of their scale); what must hold is that, for every output and gradient, the pruned path is no
+    further from the float64 pool with every pair than the float32 path with every pair, give or take a few float32
+    steps of the output's scale, and that the moments are within 1e-5 of float64."""
     mu, logvar, weights = clustered(torch.float32, batch=16, dim=32)
-    log_w = weights.log()
     outputs = []
-    for partners in (kept(mu, logvar, log_w), None):
+    for dtype, partners in ((torch.float32, kept(mu, logvar, weights.log())), (torch.float32, None),
+                            (torch.float64, None)):
         assert partners is None or sum(map(len, partners)) == 4
-        inputs = [t.movedim(0, -2).clone().requires_grad_(True) for t in (mu, logvar)] + [log_w.clone()]
-        inputs[2].requires_grad_(True)
+        inputs = [t.to(dtype).movedim(0, -2).clone().requires_grad_(True) for t in (mu, logvar, weights.log())]
         mean, lv = hellinger_module._HellingerMoments.apply(*inputs, False, partners)[:2]
         (mean.sin().sum() + (lv * lv).sum()).backward()
-        outputs.append((mean, lv, *(t.grad for t in inputs)))
-    for pruned, full in zip(*outputs):
-        torch.testing.assert_close(pruned, full, rtol=2e-6, atol=1e-6)
-    ref_loc, ref_lv = reference_hellinger(mu.double(), logvar.double(), weights=weights.double())
-    torch.testing.assert_close(outputs[0][0].double(), ref_loc, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(outputs[0][1].double(), ref_lv, rtol=1e-5, atol=1e-5)
+        outputs.append([t.detach().double() for t in (mean, lv, *(t.grad for t in inputs))])
+    for name, pruned, full, exact in zip(("mean", "logvar", "grad mu", "grad logvar", "grad log_w"), *outputs):
+        step = torch.finfo(torch.float32).eps * exact.abs().max().item()
+        assert (pruned - exact).abs().max() <= (full - exact).abs().max() + 4 * step, name
+    ref_loc, ref_lv = reference_hellinger(mu.double(), logvar.double(), weights=weights.log().double().exp())
+    torch.testing.assert_close(outputs[0][0], ref_loc, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs[0][1], ref_lv, rtol=1e-5, atol=1e-5)
+    # the float64 path with every pair is the written-out mixture
+    torch.testing.assert_close(outputs[2][0], ref_loc, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
