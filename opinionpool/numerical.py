@@ -42,7 +42,7 @@ from .families import ExponentialFamily, MultivariateNormalFamily
 
 __all__ = [
     "Estimate", "PoolEstimate", "Envelope", "log_power_mean", "METHODS", "DEFAULT_RTOL", "MAX_GRID_DIM", "SMALL_ALPHA",
-    "quadrature_log_mass", "quadrature_entropy",
+    "quadrature_log_mass", "quadrature_entropy", "check_other_log_prob",
 ]
 
 #: below this ``|alpha|`` the power mean is evaluated as ``log1p(sum w expm1(alpha l)) / alpha``
@@ -355,14 +355,22 @@ def _point_statistics(family, points, log_w, wanted, standard_errors: bool, resi
     return log_total, out
 
 
-def rounded(est: Estimate | None, size=None) -> Estimate | None:
+def check_other_log_prob(values, mass) -> None:
+    """Raises unless ``other``'s log-density ``values`` is a number or ``-inf`` (outside its support) at every
+    point of positive ``mass`` (arrays or tensors of one shape): NaN and ``+inf`` there have no expectation."""
+    values, positive = torch.as_tensor(values), torch.as_tensor(mass) > 0
+    for bad, what in ((torch.isnan(values), "NaN"), (values == math.inf, "+inf")):
+        if bool((bad & positive).any()):
+            raise ValueError(f"other.log_prob returned {what} on the pool's support; the expectation needs other's "
+                             "log-density (a number, or -inf outside its support) wherever the pool has mass")
+
+
+def rounded(est: Estimate | None) -> Estimate | None:
     """``est`` with the rounding of its value to its dtype added to its error where that is not float64 (a float32
-    result of a float64 computation is off by up to half an ulp, far more than the float64 rule's error); ``size``:
-    a larger magnitude whose rounding entered the value (a float32 log-density summed into a small KL)."""
+    result of a float64 computation is off by up to half an ulp, far more than the float64 rule's error)."""
     if est is None or est.value.dtype == torch.float64 or not est.value.is_floating_point():
         return est
-    magnitude = est.value.abs() if size is None else torch.maximum(est.value.abs(), size.to(est.value.dtype))
-    return Estimate(est.value, est.error + torch.finfo(est.value.dtype).eps * magnitude)
+    return Estimate(est.value, est.error + torch.finfo(est.value.dtype).eps * est.value.abs())
 
 
 def _finish(method, error_kind, log_z, log_z_err, stats, wanted, **extra) -> PoolEstimate:
@@ -525,7 +533,8 @@ def _pad_nodes(nodes, batch, device):
 def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=None, extra=None):
     """One pool's normaliser and moments from a positive rule ``sum_i w_i u(z_i)`` built adaptively (over
     ``interval``, a part ``(lower, upper)`` of the support, when given: the mass there, for the cdf; with
-    ``extra``, a function of a float64 array of points, also ``E_pool[extra]`` as ``"extra"``).
+    ``extra``, a function of a float64 array of points returning its values and their absolute errors, also
+    ``E_pool[extra]`` as ``"extra"``, its error gaining the values' expected error).
 
     The line is first split where the pool's mass can be: around every present expert (its mean +- up to
     64 of its standard deviations), where the largest (``alpha = inf``) or smallest (``-inf``) expert
@@ -692,8 +701,10 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
             lu = log_u(z.ravel()).reshape(z.shape)
             parts.append(np.where(np.isfinite(lu), lu, 0.0)[..., None])
         if extra is not None:  # -inf (outside other's support) is counted below, by the nodes' mass there
-            values = extra(z.ravel()).reshape(z.shape)
-            parts.append(np.where(values == -np.inf, 0.0, values)[..., None])
+            values = extra(z.ravel())[0].reshape(z.shape)
+            # NaN or +inf raise after the last round where they have mass (check_other_log_prob); massless, they
+            # would only turn the rules' comparisons into NaN
+            parts.append(np.where(np.isfinite(values), values, 0.0)[..., None])
         return np.concatenate(parts, -1)
 
     nodes_state = evaluate(a, b, kind, origin)
@@ -789,19 +800,18 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
         mean_log_u = float((pi * np.where(np.isfinite(lu), lu, 0.0)).sum()) + end_shift[index]
         out["entropy"] = (log_z - mean_log_u, log_z_error + relative[index] + abs(mean_log_u) * relative[0])
     if extra is not None:
-        values = extra(z_half.ravel()).reshape(z_half.shape)
-        if np.isnan(values[pi > 0]).any():
-            raise ValueError("other.log_prob returned NaN on the pool's support; the expectation needs other's "
-                             "log-density wherever the pool has mass")
+        values, values_error = (v.reshape(z_half.shape) for v in extra(z_half.ravel()))
+        check_other_log_prob(values, pi)
         # where mass was extrapolated below a nearest point, other is asked at the float next to the end too: the
         # nodes all sit at that point (a Uniform(0, 1 - 2^-50) missed a fifth of two Beta(3, 0.05)'s mass there)
         deep = [np.nextafter(end, end + sign) for sign, end, geometry in end_geometry
                 if bool((geometry.extrapolated(torch.arange(1), end, sign, nodes)[0].numpy() & (pi.ravel() > 0)).any())]
-        if (values[pi > 0] == -np.inf).any() or (deep and (extra(np.array(deep)) == -np.inf).any()):
+        if (values[pi > 0] == -np.inf).any() or (deep and (extra(np.array(deep))[0] == -np.inf).any()):
             out["extra"] = (-math.inf, 0.0)  # other misses some of the pool's mass: E[log other] = -inf
         else:
             mean_extra = float((pi * np.where(pi > 0, values, 0.0)).sum()) + end_shift[-1]
-            out["extra"] = (mean_extra, relative[-1] + abs(mean_extra) * relative[0])
+            out["extra"] = (mean_extra, relative[-1] + abs(mean_extra) * relative[0]
+                            + float((pi * np.where(pi > 0, values_error, 0.0)).sum()))
         wanted = wanted | {"extra"}
     out = {k: v for k, v in out.items() if k == "log_normalizer" or k in wanted}
     return out, points, log_mass, count
@@ -810,7 +820,8 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
 def quadrature_entropy(family, params, log_weights, alpha, rtol: float = DEFAULT_RTOL, log_other=None):
     """``(entropy, error)`` of one scalar pool (``params`` ``(M,) + param_shape``, float64): ``log Z - E[log u]``
     with ``int u log u`` among the integrands the adaptive rule of :func:`_quadrature_one` controls; with
-    ``log_other`` (a function of a float64 array) also ``(E_pool[log_other], error)`` from the same rule."""
+    ``log_other`` (a function of a float64 array returning values and their errors) also
+    ``(E_pool[log_other], error)`` from the same rule."""
     row = _quadrature_one(family, params, log_weights, alpha, frozenset({"entropy"}), rtol, extra=log_other)[0]
     return row["entropy"] if log_other is None else (row["entropy"], row["extra"])
 

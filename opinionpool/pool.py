@@ -62,6 +62,7 @@ from .numerical import (
     PoolEstimate,
     _in_float64,
     check_method,
+    check_other_log_prob,
     check_quantities,
     check_rtol,
     differentiable_estimates,
@@ -687,7 +688,9 @@ class _Pool(Distribution):
     def kl_estimate(self, other: Distribution, method: str = "auto", num_samples: int = 100_000, seed: int = 0,
                     rtol: float = DEFAULT_RTOL) -> Estimate:
         """``KL(pool || other)`` for any distribution ``other`` with a ``log_prob`` defined on the pool's support, as
-        ``E_pool[log p - log other]`` over the engine's weighted points (errors as :meth:`entropy_estimate`).
+        ``E_pool[log p - log other]`` over the engine's weighted points (errors as :meth:`entropy_estimate`, plus
+        the rounding of ``other``'s log-density where its dtype is below float64). ``+inf``, error 0, where ``other``
+        has no density on part of the pool's mass; raises where its log-density is NaN or ``+inf`` there.
         ``torch.distributions.kl_divergence(pool, other)`` gives the value."""
         dtype = self.experts.params.dtype
         check_num_samples(num_samples)
@@ -708,32 +711,31 @@ class _Pool(Distribution):
             rows = []
             for index, (p, lw) in enumerate(zip(*self._pools())):
                 def log_q(z, index=index):
-                    """``other``'s log-density at points ``z`` for pool ``index`` of the flattened batch."""
+                    """``other``'s log-density and its error at points ``z`` for pool ``index`` of the flattened
+                    batch."""
                     # one singleton per pool batch dimension, so that a smaller batch of other's (e.g. (3,) or
                     # (2, 1) for a (2, 3) pool) broadcasts to the pool's before the flattened pool index is taken
                     z = torch.as_tensor(z).reshape((-1,) + (1,) * len(batch))
-                    values = _other_log_prob(other, z, dtype)
-                    values = values.expand((z.shape[0],) + batch).reshape(z.shape[0], -1)
-                    return values[:, index].to(torch.float64).numpy()
+                    return tuple(v.expand((z.shape[0],) + batch).reshape(z.shape[0], -1)[:, index]
+                                 .to(torch.float64).numpy() for v in _other_log_prob(other, z, dtype))
 
                 (entropy, entropy_error), (cross, cross_error) = quadrature_entropy(
                     self.family, p, lw, self.alpha, check_rtol(rtol), log_other=log_q)
-                rows.append((-entropy - cross, entropy_error + cross_error, abs(cross)))
+                rows.append((-entropy - cross, entropy_error + cross_error))
             rows = torch.tensor(rows, dtype=torch.float64)
-            value, error, size = (rows[:, i].reshape(self.batch_shape) for i in range(3))
-            # other's log-density may be evaluated in the pool's dtype: its rounding, of the size of the cross-entropy
-            return _infinite_where_outside(rounded(Estimate(value.to(dtype), error.to(dtype)), size))
+            value, error = (rows[:, i].reshape(self.batch_shape) for i in range(2))
+            return _infinite_where_outside(rounded(Estimate(value.to(dtype), error.to(dtype))))
         pi, points, log_u, est = self._node_expectation(method, num_samples, seed, rtol)
-        log_q = _other_log_prob(other, points, dtype).to(torch.float64)
-        if bool(torch.isnan(log_q[pi > 0]).any()):
-            raise ValueError("other.log_prob returned NaN on the pool's support; KL(pool || other) needs other's "
-                             "log-density wherever the pool has mass")
+        log_q, log_q_error = _other_log_prob(other, points, dtype)
+        log_q = log_q.to(torch.float64)
+        check_other_log_prob(log_q, pi)
         outside = ((pi > 0) & (log_q == -math.inf)).any(0)  # other misses some of the pool's mass
         log_q = torch.where(log_q == -math.inf, 0.0, log_q)
         log_z = est.log_normalizer.value.to(torch.float64)
         mean, error = self._expectation(pi, log_u - log_z - log_q, est)
+        error = error + (pi * log_q_error).sum(0)
         mean = torch.where(outside, math.inf, mean)  # its error made 0 by _infinite_where_outside
-        return _infinite_where_outside(rounded(Estimate(mean.to(dtype), error.to(dtype)), (pi * log_q.abs()).sum(0)))
+        return _infinite_where_outside(rounded(Estimate(mean.to(dtype), error.to(dtype))))
 
     # ------------------------------------------------------------ numerical engine
     def estimate(self, quantities=None, method: str = "auto", num_samples: int = 100_000, seed: int | None = None,
@@ -1314,17 +1316,64 @@ class NumericalHolderPool(_Pool):
                 f"num_experts={self.experts.num_experts}, method={self.method!r}, batch_shape={tuple(self.batch_shape)})")
 
 
-def _other_log_prob(other: Distribution, points: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``other.log_prob`` at the engine's float64 ``points``, or at them rounded to the pool's ``dtype`` where
-    ``other`` takes no float64 points (a dtype mismatch in its own arithmetic): rounded to float32, the nodes of a
-    Beta pool within 2^-25 of 1 landed on 1, where a Beta other singular there has infinite density."""
+def _other_log_prob(other: Distribution, points: torch.Tensor, dtype: torch.dtype):
+    """``(log_q, error)`` in float64: ``other.log_prob`` at the engine's float64 ``points``, or at them rounded to
+    the pool's ``dtype`` where ``other`` takes no float64 points (a dtype mismatch in its own arithmetic), and its
+    error (zero except at the points below).
+
+    Rounded to float32, the nodes of a Beta pool within 2^-25 of 1 landed on 1, where a Beta other singular there
+    has infinite density; float64 points avoid that. An ``other`` that rounds points to its own dtype itself (torch's
+    Gamma) still moves those beyond its resolution: below float32's smallest normal float they become subnormal (5 %
+    off at 3e-44) or 0, where a Gamma of shape under 1 is infinite, and near 1 they can land on 1. At such points
+    ``other`` is asked at three floats of its dtype going away from the singular point (0, or where an infinite
+    density landed), and its power law in the distance (the singularity of every exponential family) is extrapolated
+    to the point; the error is the change of slope between the two pairs, plus their rounding, over that distance.
+
+    A log-density computed in a dtype below float64 also carries its rounding, counted as four of that dtype's ulps
+    of its size (torch's float32 log-densities measured within about three of them, on average over points; a point
+    where terms cancel to near zero can be off by more, relative to itself)."""
     with torch.no_grad():
+        log_q = None
         if points.is_floating_point():
             try:
-                return other.log_prob(points.to(torch.float64))
+                points = points.to(torch.float64)
+                log_q = other.log_prob(points)
             except (RuntimeError, TypeError):
                 pass
-        return other.log_prob(points.to(dtype))
+        if log_q is None:
+            points = points.to(dtype)
+            log_q = other.log_prob(points)
+        error = torch.zeros_like(log_q, dtype=torch.float64)
+        if not log_q.is_floating_point() or torch.finfo(log_q.dtype).bits >= torch.finfo(points.dtype).bits:
+            return log_q.to(torch.float64), error
+        low, exact = log_q.dtype, points.to(torch.float64)
+        error = 4 * torch.finfo(low).eps * log_q.abs().to(torch.float64).nan_to_num(posinf=0.0)
+        landed = points.to(low)
+        below_normal = exact.abs() < torch.finfo(low).tiny
+        on_singular = (log_q == math.inf) & (landed.to(torch.float64) != exact) & ~below_normal
+        moved = below_normal | on_singular
+        if not bool(moved.any()):
+            return log_q.to(torch.float64), error
+        anchor = torch.where(below_normal, 0.0, landed.to(torch.float64))
+        side = torch.where(exact > anchor, 1.0, -1.0)
+        spacing = torch.where(below_normal, torch.finfo(low).tiny,
+                              (torch.nextafter(landed, landed + side.to(low)) - landed).abs().to(torch.float64))
+        # three distances 2^step floats apart that stay within 1/256 of a nonzero singular point
+        room = torch.where(anchor == 0, 1.0, anchor.abs() / 256) / spacing
+        step = (room.log2() / 2).floor().clamp(1, 30)
+        distances = [spacing * 2 ** (k * step) for k in range(3)]
+        lq = [other.log_prob(torch.where(moved, anchor + side * d, exact).to(low)).to(torch.float64)
+              for d in distances]
+        log_d = [d.log() for d in distances]
+        slopes = [(lq[k + 1] - lq[k]) / (log_d[k + 1] - log_d[k]) for k in range(2)]
+        depth = (exact - anchor).abs().log() - log_d[0]
+        extrapolated = lq[0] + slopes[0] * depth
+        rounding = 2 * torch.finfo(low).eps * torch.maximum(lq[0].abs(), lq[1].abs()) / (log_d[1] - log_d[0])
+        extrapolation_error = (((slopes[0] - slopes[1]).abs() + rounding) * depth.abs()
+                               + 4 * torch.finfo(low).eps * extrapolated.abs())
+        usable = moved & torch.isfinite(extrapolated) & torch.isfinite(extrapolation_error)
+        return (torch.where(usable, extrapolated, log_q.to(torch.float64)),
+                torch.where(usable, extrapolation_error, error))
 
 
 def _infinite_where_outside(est: Estimate) -> Estimate:
