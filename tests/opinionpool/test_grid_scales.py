@@ -163,3 +163,25 @@ def test_max_and_min_of_gaussians_lie_within_the_grids_stated_error(alpha):
         pool = opinionpool.holder(experts, alpha=alpha, weights=torch.tensor([0.3, 0.7], dtype=torch.float64))
         value, error = pool.estimate(method="grid").log_normalizer
         assert abs(float(value) - truth) <= float(error) <= 1e-3, (float(value), truth, float(error))
+
+
+@pytest.mark.parametrize("alpha", [math.inf, -math.inf])
+def test_max_and_min_of_gaussians_crossing_along_a_panel_edge(alpha):
+    """Two 2-D experts one almost above the other cross along a line almost parallel to an axis, through the pool's
+    core centre, where the grid puts a panel edge: the slivers between it and the line escaped every rule on those
+    edges, halved or not (-3.534434542 +- 2.7e-15 against -3.534436816, 8.5e8 stated errors off). The rule now also
+    runs on shifted edges. Reference: 2 Phi(-delta / 2) as above; the cases tilt the line by about 0.01 rad."""
+    rng = np.random.default_rng(5)
+    cases = [(np.array([[1.35953, -1.28049], [1.35324, 1.39295]]), np.diag([2.5276, 0.3756]))]
+    for _ in range(6):
+        start, tilt, distance = rng.normal(0, 2, 2), rng.normal(0, 0.01), rng.uniform(0.5, 4)
+        cases.append((np.stack((start, start + distance * np.array([math.sin(tilt), math.cos(tilt)]))),
+                      np.diag(rng.uniform(0.2, 3, 2))))
+    for means, cov in cases:
+        delta = math.sqrt((means[0] - means[1]) @ np.linalg.solve(cov, means[0] - means[1]))
+        overlap = 2 * stats.norm.cdf(-delta / 2)
+        truth = math.log(2 - overlap if alpha > 0 else overlap)
+        experts = MultivariateNormal(torch.tensor(means), torch.tensor(cov).expand(2, 2, 2))
+        pool = opinionpool.holder(experts, alpha=alpha, weights=torch.tensor([0.3, 0.7], dtype=torch.float64))
+        value, error = pool.estimate(method="grid").log_normalizer
+        assert abs(float(value) - truth) <= float(error) <= 1e-3, (float(value), truth, float(error))
