@@ -834,17 +834,20 @@ class _Pool(Distribution):
         present = lw > -math.inf
         log_c = torch.zeros_like(self.log_weights) if self.alpha == -math.inf else \
             torch.where(present, self.log_weights / self.alpha, 0.0)
-        fixed = Experts(self.family, self.experts.params.detach())
+        # the fit differentiates B even under torch.inference_mode, on copies that are not inference tensors
+        with torch.inference_mode(False):
+            fixed = Experts(self.family, self.experts.params.detach().clone())
+            fixed_present, fixed_log_c = present.clone(), log_c.detach().clone()
 
-        def bound_at(logits, experts, log_c):
+        def bound_at(logits, experts, log_c, present=present):
             beta = torch.softmax(torch.where(present, logits, -math.inf), -1)
             return beta, (beta * log_c).sum(-1) + HolderPool(experts, 0, beta, validate_args=False).log_normalizer
 
         def objective(x):
             """B summed over the pools (they are independent: each logit row moves its own) and its gradient."""
-            logits = torch.as_tensor(x, device=lw.device).reshape(lw.shape).to(lw.dtype).requires_grad_(True)
-            with torch.enable_grad():
-                value = bound_at(logits, fixed, log_c.detach())[1].sum()
+            with torch.inference_mode(False), torch.enable_grad():
+                logits = torch.as_tensor(x, device=lw.device).reshape(lw.shape).to(lw.dtype).requires_grad_(True)
+                value = bound_at(logits, fixed, fixed_log_c, fixed_present)[1].sum()
                 (grad,) = torch.autograd.grad(value, logits)
             return float(value.detach()), grad.detach().cpu().to(torch.float64).reshape(-1).numpy()
 

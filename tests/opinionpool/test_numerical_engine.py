@@ -407,6 +407,27 @@ def test_the_negative_alpha_envelope_is_fitted_once_per_pool(monkeypatch):
     assert torch.allclose(bound, pool.envelope().log_bound.expand(3), rtol=1e-9, atol=0)
 
 
+def test_the_negative_alpha_envelope_under_inference_mode():
+    """The fit of an alpha < 0 envelope differentiates its bound: under torch.inference_mode it raised ("element 0
+    of tensors does not require grad"), for pools built inside or outside the mode. The bound and bracket must be
+    those computed outside it, and the estimate must lie within that bracket."""
+    def pool():
+        experts = MultivariateNormal(torch.tensor([[0.0, 0.0], [6.0, 1.0]], dtype=torch.float64),
+                                     torch.eye(2, dtype=torch.float64).expand(2, 2, 2))
+        return opinionpool.holder(experts, alpha=-1.0, weights=torch.tensor([0.3, 0.7], dtype=torch.float64))
+
+    outside = pool()
+    want_bound, (want_low, want_high) = outside.envelope().log_bound, outside.normalizer_bounds()
+    built_outside = pool()
+    with torch.inference_mode():
+        for inside in (pool(), built_outside):
+            bound, (low, high) = inside.envelope().log_bound, inside.normalizer_bounds()
+            assert torch.allclose(bound, want_bound, rtol=1e-12, atol=0)
+            assert float(low) == float(want_low) and torch.allclose(high, want_high, rtol=1e-12, atol=0)
+            estimate = inside.estimate(method="importance", num_samples=4000, seed=0).log_normalizer.value
+            assert float(want_low) <= float(estimate) <= float(want_high)
+
+
 def test_pools_the_envelope_cannot_sample_invert_their_cdf():
     """Alpha = -1 with experts far apart relative to their scales: the pool's mass lies between them, where every
     expert's is tiny, and the log-linear envelope accepts e^-667 of its proposals. Sampling raised after 1000
