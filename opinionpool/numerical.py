@@ -373,6 +373,19 @@ def rounded(est: Estimate | None) -> Estimate | None:
     return Estimate(est.value, est.error + torch.finfo(est.value.dtype).eps * est.value.abs())
 
 
+def in_dtype(est: PoolEstimate, dtype: torch.dtype) -> PoolEstimate:
+    """``est``, computed in float64, with its values and errors in ``dtype`` (each error gaining the rounding,
+    :func:`rounded`); the weighted points behind it stay in float64."""
+    if est.log_normalizer.value.dtype == dtype:
+        return est
+    def cast(e):
+        return None if e is None else rounded(Estimate(e.value.to(dtype), e.error.to(dtype)))
+    fields = ("log_normalizer", "mean", "variance", "covariance", "expected_statistic")
+    ess = est.effective_sample_size
+    return replace(est, **{name: cast(getattr(est, name)) for name in fields},
+                   effective_sample_size=None if ess is None else ess.to(dtype))
+
+
 def _finish(method, error_kind, log_z, log_z_err, stats, wanted, **extra) -> PoolEstimate:
     """The estimate, each error with the rounding of its value to the dtype it is returned in (:func:`rounded`)."""
     return PoolEstimate(method=method, error_kind=error_kind, log_normalizer=rounded(Estimate(log_z, log_z_err)),
@@ -1950,15 +1963,16 @@ def _warn_if_clamped(z):
     """torch's Gamma, Beta and Dirichlet samplers clamp draws below the smallest normal float to it: concentrations
     of a few thousandths put a share of a Dirichlet's coordinates there (far more in float32), and the weights and
     statistics (``log z``) at those points bias the estimate far beyond its standard error. Such draws are flagged,
-    not silently used."""
+    not silently used (the pools of these families draw in float64, :meth:`HolderPool._importance_pool`, where
+    concentrations of a few thousandths still reach the clamp)."""
     if not z.is_floating_point():
         return
     clamped = int((z == torch.finfo(z.dtype).tiny).sum())
     if clamped:
         warnings.warn(f"importance sampling: {clamped} coordinates of the {z.shape[0]} proposals were clamped to the "
                       f"smallest normal {z.dtype} by torch's sampler (concentrations this small put mass below it); "
-                      "the estimate is biased beyond its stated error. Float64 experts clamp less; a pool of "
-                      "scalar experts can use method='quadrature'", RuntimeWarning, stacklevel=4)
+                      "the estimate is biased beyond its stated error; a pool of scalar experts can use "
+                      "method='quadrature'", RuntimeWarning, stacklevel=4)
 
 
 def rejection_sample(family, params, log_weights, alpha, envelope: Envelope, num_samples: int,

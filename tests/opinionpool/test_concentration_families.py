@@ -316,6 +316,28 @@ def test_moment_matching_tiny_concentrations_against_mpmath(small):
     np.testing.assert_allclose(matched.concentration.numpy(), mpmath_moment_match(dirichlet_rows, weights), rtol=1e-9)
 
 
+@pytest.mark.parametrize("alpha", [2.0, 0.3, -1.0])
+def test_float32_pools_of_small_concentrations_sample_in_float64(alpha):
+    """torch's float32 Dirichlet sampler clamps coordinates below 1.2e-38 to it: at concentrations 0.03-0.05 about
+    one draw in a hundred, whose weights biased log Z (float32 pools sampled in float32). Importance sampling of
+    non-Gaussian pools now draws in float64. Reference: the float64 pool's estimate from other draws (seed 1), which
+    clamps nothing here; the two must agree within three combined standard errors, for log Z and the mean."""
+    concentrations = [[0.03, 0.05, 0.4], [0.04, 0.3, 0.035]]
+    estimates = []
+    for dtype, seed in ((torch.float32, 0), (torch.float64, 1)):
+        pool = opinionpool.holder(Dirichlet(torch.tensor(concentrations, dtype=dtype)), alpha, [0.4, 0.6],
+                                  method="importance")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no draw clamped, in either
+            estimates.append(pool.estimate(["mean"], method="importance", num_samples=50_000, seed=seed))
+    single, double = estimates
+    assert single.log_normalizer.value.dtype == torch.float32 and single.mean.value.dtype == torch.float32
+    for name in ("log_normalizer", "mean"):
+        got, want = getattr(single, name), getattr(double, name)
+        spread = 3 * (got.error.double() ** 2 + want.error ** 2).sqrt()
+        assert bool(((got.value.double() - want.value).abs() <= spread).all()), (name, got, want)
+
+
 def test_importance_sampling_flags_draws_torch_clamped_to_the_smallest_float():
     """torch's Dirichlet sampler clamps coordinates below the smallest normal float to it: at concentrations of
     0.002-0.05 a third of float32 coordinates and some float64 ones, and the importance estimate (log Z 0.11 for
