@@ -40,6 +40,7 @@ from torch.distributions import (
     MultivariateNormal,
     Normal,
 )
+from torch.distributions.transforms import Transform
 
 from ._hellinger import hellinger_moments, standing_in
 from ._validation import (
@@ -1346,19 +1347,15 @@ class NumericalHolderPool(_Pool):
 def _other_log_prob(other: Distribution, points: torch.Tensor, dtype: torch.dtype):
     """``(log_q, error)`` in float64: ``other.log_prob`` at the engine's float64 ``points``, or at them rounded to
     the pool's ``dtype`` where ``other`` takes no float64 points (a dtype mismatch in its own arithmetic), and its
-    error (zero except at the points below).
+    error.
 
     Rounded to float32, the nodes of a Beta pool within 2^-25 of 1 landed on 1, where a Beta other singular there
-    has infinite density; float64 points avoid that. An ``other`` that rounds points to its own dtype itself (torch's
-    Gamma) still moves those beyond its resolution: below float32's smallest normal float they become subnormal (5 %
-    off at 3e-44) or 0, where a Gamma of shape under 1 is infinite, and near 1 they can land on 1. At such points
-    ``other`` is asked at three floats of its dtype going away from the singular point (0, or where an infinite
-    density landed), and its power law in the distance (the singularity of every exponential family) is extrapolated
-    to the point; the error is the change of slope between the two pairs, plus their rounding, over that distance.
-
-    A log-density computed in a dtype below float64 also carries its rounding, counted as four of that dtype's ulps
-    of its size (torch's float32 log-densities measured within about three of them, on average over points; a point
-    where terms cancel to near zero can be off by more, relative to itself)."""
+    has infinite density; float64 points avoid that. An ``other`` holding parameters of a lower dtype still computes
+    in it: its log-density carries that dtype's rounding, counted as four of its ulps of the log-density's size
+    (torch's float32 log-densities measured within about three, on average over points; where large terms cancel,
+    as in ``lgamma`` of a Gamma of shape 1000, they are off by more, which this does not see). And if it rounds the
+    points to its dtype (torch's Gamma does), those beyond its resolution move: see
+    :func:`_extrapolated_beyond_resolution`."""
     with torch.no_grad():
         log_q = None
         if points.is_floating_point():
@@ -1370,37 +1367,83 @@ def _other_log_prob(other: Distribution, points: torch.Tensor, dtype: torch.dtyp
         if log_q is None:
             points = points.to(dtype)
             log_q = other.log_prob(points)
-        error = torch.zeros_like(log_q, dtype=torch.float64)
-        if not log_q.is_floating_point() or torch.finfo(log_q.dtype).bits >= torch.finfo(points.dtype).bits:
-            return log_q.to(torch.float64), error
-        low, exact = log_q.dtype, points.to(torch.float64)
-        error = 4 * torch.finfo(low).eps * log_q.abs().to(torch.float64).nan_to_num(posinf=0.0)
-        landed = points.to(low)
-        below_normal = exact.abs() < torch.finfo(low).tiny
-        on_singular = (log_q == math.inf) & (landed.to(torch.float64) != exact) & ~below_normal
-        moved = below_normal | on_singular
-        if not bool(moved.any()):
-            return log_q.to(torch.float64), error
-        anchor = torch.where(below_normal, 0.0, landed.to(torch.float64))
-        side = torch.where(exact > anchor, 1.0, -1.0)
-        spacing = torch.where(below_normal, torch.finfo(low).tiny,
-                              (torch.nextafter(landed, landed + side.to(low)) - landed).abs().to(torch.float64))
-        # three distances 2^step floats apart that stay within 1/256 of a nonzero singular point
-        room = torch.where(anchor == 0, 1.0, anchor.abs() / 256) / spacing
-        step = (room.log2() / 2).floor().clamp(1, 30)
-        distances = [spacing * 2 ** (k * step) for k in range(3)]
-        lq = [other.log_prob(torch.where(moved, anchor + side * d, exact).to(low)).to(torch.float64)
-              for d in distances]
-        log_d = [d.log() for d in distances]
-        slopes = [(lq[k + 1] - lq[k]) / (log_d[k + 1] - log_d[k]) for k in range(2)]
-        depth = (exact - anchor).abs().log() - log_d[0]
-        extrapolated = lq[0] + slopes[0] * depth
-        rounding = 2 * torch.finfo(low).eps * torch.maximum(lq[0].abs(), lq[1].abs()) / (log_d[1] - log_d[0])
-        extrapolation_error = (((slopes[0] - slopes[1]).abs() + rounding) * depth.abs()
-                               + 4 * torch.finfo(low).eps * extrapolated.abs())
-        usable = moved & torch.isfinite(extrapolated) & torch.isfinite(extrapolation_error)
-        return (torch.where(usable, extrapolated, log_q.to(torch.float64)),
-                torch.where(usable, extrapolation_error, error))
+        low = min((_working_dtype(other, log_q.dtype), log_q.dtype), key=lambda d: _bits(d))
+        log_q = log_q.to(torch.float64)
+        if _bits(low) >= 64:
+            return log_q, torch.zeros_like(log_q)
+        error = 4 * torch.finfo(low).eps * log_q.abs().nan_to_num(posinf=0.0)
+        if points.is_floating_point() and points.dim() == log_q.dim():  # scalar events: a distance to an end
+            exact = points.to(torch.float64).expand(torch.broadcast_shapes(points.shape, log_q.shape))
+            log_q, error = _extrapolated_beyond_resolution(other, exact, log_q.expand(exact.shape),
+                                                           error.expand(exact.shape), low)
+        return log_q, error
+
+
+def _bits(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits if dtype.is_floating_point else 64
+
+
+def _working_dtype(other, default: torch.dtype) -> torch.dtype:
+    """The lowest floating dtype among the tensors ``other`` holds: its parameters, and those of the distributions
+    and transforms it is built from (a TransformedDistribution of a float32 Gamma returns float64 log-densities,
+    its Jacobian's, but computes the Gamma's in float32)."""
+    found = []
+
+    def visit(item, depth):
+        if isinstance(item, torch.Tensor):
+            if item.is_floating_point():
+                found.append(item.dtype)
+        elif depth < 4 and isinstance(item, (Distribution, Transform)):
+            for value in vars(item).values():
+                visit(value, depth + 1)
+        elif depth < 4 and isinstance(item, (list, tuple)):
+            for value in item:
+                visit(value, depth + 1)
+
+    visit(other, 0)
+    return min(found, key=_bits, default=default)
+
+
+def _extrapolated_beyond_resolution(other, exact, log_q, error, low):
+    """``(log_q, error)`` at scalar points ``exact`` (float64) that ``other``, computing in ``low``, cannot resolve:
+    below ``low``'s smallest normal float they become subnormal (5 % off at 3e-44 in float32) or 0, where a Gamma of
+    shape under 1 is infinite; elsewhere they can land on a singular point (``+inf``). There ``other`` is asked at
+    three floats of ``low`` going away from the singular point (0, or where the point landed), and its power law in
+    the distance (the singularity of every exponential family) is extrapolated to the point; the error is the change
+    of slope between the two pairs, plus their rounding, over that distance. A point where ``other`` is ``-inf`` is
+    left so unless ``other.support`` contains it: a Uniform from 1e-39 does not have the pool's mass below it."""
+    landed = exact.to(low)
+    below_normal = exact.abs() < torch.finfo(low).tiny
+    on_singular = (log_q == math.inf) & (landed.to(torch.float64) != exact) & ~below_normal
+    moved = (below_normal & ((log_q > -math.inf) | _inside_support(other, exact))) | on_singular
+    if not bool(moved.any()):
+        return log_q, error
+    anchor = torch.where(below_normal, 0.0, landed.to(torch.float64))
+    side = torch.where(exact > anchor, 1.0, -1.0)
+    spacing = torch.where(below_normal, torch.finfo(low).tiny,
+                          (torch.nextafter(landed, landed + side.to(low)) - landed).abs().to(torch.float64))
+    # three distances 2^step floats apart that stay within 1/256 of a nonzero singular point
+    room = torch.where(anchor == 0, 1.0, anchor.abs() / 256) / spacing
+    step = (room.log2() / 2).floor().clamp(1, 30)
+    distances = [spacing * 2 ** (k * step) for k in range(3)]
+    lq = [other.log_prob(torch.where(moved, anchor + side * d, exact).to(low)).to(torch.float64) for d in distances]
+    log_d = [d.log() for d in distances]
+    slopes = [(lq[k + 1] - lq[k]) / (log_d[k + 1] - log_d[k]) for k in range(2)]
+    depth = (exact - anchor).abs().log() - log_d[0]
+    extrapolated = lq[0] + slopes[0] * depth
+    rounding = 2 * torch.finfo(low).eps * torch.maximum(lq[0].abs(), lq[1].abs()) / (log_d[1] - log_d[0])
+    extrapolation_error = (((slopes[0] - slopes[1]).abs() + rounding) * depth.abs()
+                           + 4 * torch.finfo(low).eps * extrapolated.abs())
+    usable = moved & torch.isfinite(extrapolated) & torch.isfinite(extrapolation_error)
+    return torch.where(usable, extrapolated, log_q), torch.where(usable, extrapolation_error, error)
+
+
+def _inside_support(other, points: torch.Tensor) -> torch.Tensor:
+    """Whether ``other.support`` contains ``points`` (False where it cannot say)."""
+    try:
+        return torch.as_tensor(other.support.check(points), dtype=torch.bool).expand(points.shape)
+    except (NotImplementedError, AttributeError, RuntimeError, TypeError):
+        return torch.zeros(points.shape, dtype=torch.bool, device=points.device)
 
 
 def _infinite_where_outside(est: Estimate) -> Estimate:
