@@ -185,3 +185,41 @@ def test_max_and_min_of_gaussians_crossing_along_a_panel_edge(alpha):
         pool = opinionpool.holder(experts, alpha=alpha, weights=torch.tensor([0.3, 0.7], dtype=torch.float64))
         value, error = pool.estimate(method="grid").log_normalizer
         assert abs(float(value) - truth) <= float(error) <= 1e-3, (float(value), truth, float(error))
+
+
+def test_3d_ridge_between_experts_of_equal_variances_is_found_along_its_normal():
+    """Correlation 0.999 in 3-D: two of the experts' principal variances are equal (1e-3), which leaves the grid's
+    axes free within their plane, and the alpha = -1 pool of experts apart within it is a ridge 7e-4 wide running
+    across them: its covariance came out 8.6 stated errors off. A scatter of the means turns the axes to the ridge's
+    normal. Reference: whitening gives a 1-D pool along the whitened difference of the means (scipy quadrature)
+    times unit Gaussians across it; the covariance is L (I + (v - 1) d d^T) L^T."""
+    from scipy import integrate, special
+    from torch.distributions import MultivariateNormal
+
+    dim, rho, alpha, weights = 3, 0.999, -1.0, [0.3, 0.7]
+    covariance = np.full((dim, dim), rho) + (1 - rho) * np.eye(dim)
+    locs = np.zeros((2, dim))
+    locs[1, :2] = (3.0, -3.0)
+    chol = np.linalg.cholesky(covariance)
+    white = np.linalg.solve(chol, locs.T).T
+    delta = np.linalg.norm(white[1] - white[0])
+    unit = (white[1] - white[0]) / delta
+
+    def log_u(x):
+        log_q = np.stack([stats.norm.logpdf(x, 0, 1), stats.norm.logpdf(x, delta, 1)])
+        return special.logsumexp(np.log(weights)[:, None] + alpha * log_q, axis=0) / alpha
+
+    xs = np.linspace(-12, delta + 12, 200_001)
+    top, peak = log_u(xs).max(), xs[np.argmax(log_u(xs))]
+    moments = [integrate.quad(lambda x, k=k: x**k * np.exp(log_u(np.atleast_1d(x))[0] - top), -12, delta + 12,
+                              points=[peak, 0.0, delta], limit=500, epsabs=0, epsrel=1e-13)[0] for k in range(3)]
+    along = moments[1] / moments[0]
+    log_z = top + math.log(moments[0])
+    mean = chol @ (white[0] + along * unit)
+    cov = chol @ (np.eye(dim) + (moments[2] / moments[0] - along**2 - 1) * np.outer(unit, unit)) @ chol.T
+    experts = MultivariateNormal(torch.tensor(locs), covariance_matrix=torch.tensor(covariance).expand(2, dim, dim))
+    est = opinionpool.holder(experts, alpha=alpha, weights=weights).estimate(["mean", "covariance"], method="grid")
+    assert abs(float(est.log_normalizer.value) - log_z) <= float(est.log_normalizer.error)
+    assert np.all(np.abs(est.mean.value.numpy() - mean) <= est.mean.error.numpy())
+    assert np.all(np.abs(est.covariance.value.numpy() - cov) <= est.covariance.error.numpy())
+    assert float(est.covariance.error.max()) < 1e-5
