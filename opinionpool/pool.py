@@ -323,7 +323,8 @@ class _Pool(Distribution):
         #: the logits :meth:`_geometric_bound` fits (alpha < 0), kept: the envelope and the bracket both use them
         #: (any weights give a valid bound, so the fit never makes a result wrong, only tighter)
         self._geometric_logits = None
-        #: the float64 copy the importance sampler draws from (:meth:`_importance_pool`), kept with its envelope
+        #: ``(key, pool)``: the float64 copy the importance sampler draws from (:meth:`_importance_pool`), kept with
+        #: its envelope
         self._float64_copy = None
 
     def _init_distribution(self, batch_shape) -> None:
@@ -796,13 +797,14 @@ class _Pool(Distribution):
         params = self.experts.params
         if params.dtype == torch.float64 or self.family.gaussian or not params.is_floating_point():
             return self
-        copy = self._float64_copy
-        if copy is None or copy.batch_shape != self.batch_shape:
+        # rebuilt when the parameters or weights change, in place too (an optimiser's step): the version counters
+        key = tuple((t.data_ptr(), t._version, t.shape) for t in (params, self.log_weights))
+        if self._float64_copy is None or self._float64_copy[0] != key:
             copy = NumericalHolderPool(Experts(self.family, params.detach().to(torch.float64)), self.alpha,
                                        self.log_weights.detach().to(torch.float64).exp(), method="importance",
                                        max_components=self._max_components, validate_args=False)
-            self._float64_copy = copy
-        return copy
+            self._float64_copy = (key, copy)
+        return self._float64_copy[1]
 
     def _check_bounds(self, est: PoolEstimate) -> None:
         """Never return an estimate that contradicts the certified bracket of ``log Z`` (beyond its error)."""
