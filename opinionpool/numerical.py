@@ -56,6 +56,8 @@ _GRID_CHUNK = 1 << 16
 _CORE_WIDTH = 12.0
 #: at most this many grid passes locate a pool (each on panels split around the last one's core) before the rule
 _LOCATING_PASSES = 3
+#: the grid's error at alpha = +-inf (kinks where the experts cross) is this many times the rules' largest difference
+_KINKED_SAFETY = 3.0
 #: grid panels are split until they are at most this many standard deviations of the narrowest expert near them wide
 #: (10 Gauss–Legendre nodes integrate a Gaussian on a panel of two standard deviations to about 1e-16 of its mass)
 _GRID_PANEL_WIDTH = 2.0
@@ -1731,8 +1733,8 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
     ``nodes_per_panel - 4`` nodes on the same panels; at alpha = +-inf, whose kinks cross the panels, the result
     on halved panels, its error the larger of that difference and the one from the unhalved panels (in 3-D, the
     unhalved result, its error the larger difference from ``nodes_per_panel - 4`` and ``- 2`` nodes), and from the
-    rule on panels whose edges are shifted (:func:`_shifted_edges`). The rule runs on the experts moved by a float
-    near their centre (:func:`_about_their_centre`).
+    rule on panels whose edges are shifted (:func:`_shifted_edges`), that error then tripled (``_KINKED_SAFETY``).
+    The rule runs on the experts moved by a float near their centre (:func:`_about_their_centre`).
     """
     dtype = params.dtype
     batch, pools = _each_pool(family, *_in_float64(params, log_weights))
@@ -1782,6 +1784,11 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
             coarse = _grid_one(family, p, lw, alpha, wanted, count, panels, offset=offset,
                                directions=directions)
             error = {name: torch.maximum(error[name], (fine[name] - coarse[name]).abs()) for name in fine}
+        if math.isinf(alpha):
+            # where a kink falls within a panel varies from rule to rule, so their differences scatter about the
+            # error: over 800 random 2-D pairs 2 % were up to 2.2 times their largest difference off, in 3-D 3 of 50
+            # up to 1.5 times
+            error = {name: _KINKED_SAFETY * value for name, value in error.items()}
         rows.append({name: Estimate(fine[name].to(dtype), error[name].to(dtype)) for name in fine})
     est = _stack_pools("grid", rows, batch, wanted)
     return replace(est, nodes=_pad_nodes(nodes, batch, params.device)) if keep_nodes else est

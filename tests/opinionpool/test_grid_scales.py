@@ -162,7 +162,8 @@ def test_max_and_min_of_gaussians_lie_within_the_grids_stated_error(alpha):
         experts = MultivariateNormal(torch.tensor(means), torch.tensor(cov).expand(2, 2, 2))
         pool = opinionpool.holder(experts, alpha=alpha, weights=torch.tensor([0.3, 0.7], dtype=torch.float64))
         value, error = pool.estimate(method="grid").log_normalizer
-        assert abs(float(value) - truth) <= float(error) <= 1e-3, (float(value), truth, float(error))
+        # the bound is loose where a kink lies on a panel edge: the shifted rule's interior kink costs it more
+        assert abs(float(value) - truth) <= float(error) <= 1e-2, (float(value), truth, float(error))
 
 
 @pytest.mark.parametrize("alpha", [math.inf, -math.inf])
@@ -184,7 +185,7 @@ def test_max_and_min_of_gaussians_crossing_along_a_panel_edge(alpha):
         experts = MultivariateNormal(torch.tensor(means), torch.tensor(cov).expand(2, 2, 2))
         pool = opinionpool.holder(experts, alpha=alpha, weights=torch.tensor([0.3, 0.7], dtype=torch.float64))
         value, error = pool.estimate(method="grid").log_normalizer
-        assert abs(float(value) - truth) <= float(error) <= 1e-3, (float(value), truth, float(error))
+        assert abs(float(value) - truth) <= float(error) <= 1e-2, (float(value), truth, float(error))
 
 
 def test_3d_ridge_between_experts_of_equal_variances_is_found_along_its_normal():
@@ -223,3 +224,26 @@ def test_3d_ridge_between_experts_of_equal_variances_is_found_along_its_normal()
     assert np.all(np.abs(est.mean.value.numpy() - mean) <= est.mean.error.numpy())
     assert np.all(np.abs(est.covariance.value.numpy() - cov) <= est.covariance.error.numpy())
     assert float(est.covariance.error.max()) < 1e-5
+
+
+@pytest.mark.parametrize("alpha, first, second, cov", [
+    (-math.inf, [-1.2587547951934233, -7.0976099419958745], [0.6510147739823553, -7.0976099419958745],
+     [[4.854605253261702, 1.6872668294815918], [1.6872668294815918, 0.705720136020009]]),
+    (-math.inf, [1.1550640183806749, -0.7086608840405058], [1.1550640183806749, 0.7396237479380883],
+     [[1.8148589262269013, -2.794124725022515], [-2.794124725022515, 5.826950731836427]]),
+    (math.inf, [-2.8650886414854733, -0.9516156422445387], [1.924623116550563, -0.9516156422445387],
+     [[1.5243110220902714, 0.7307376995510252], [0.7307376995510252, 0.5822838722936524]]),
+    (-math.inf, [-0.6463918515716598, -0.2732991925917683], [0.6463918515716598, 0.2732991925917683],
+     [[0.21458679660093793, 0.1405153531419618], [0.1405153531419618, 0.7532363367950713]]),
+])
+def test_max_and_min_of_gaussians_where_the_rules_differences_understate_the_error(alpha, first, second, cov):
+    """Found by a review over 800 random 2-D pairs: 2 % lay outside the largest difference between the rules, by up
+    to 2.2 times it (these four; where a kink falls within a panel varies between the rules, so their differences
+    scatter about the error). The stated error is now three times that difference. Reference: 2 Phi(-delta / 2)."""
+    means, cov = np.array([first, second]), np.array(cov)
+    delta = math.sqrt((means[1] - means[0]) @ np.linalg.solve(cov, means[1] - means[0]))
+    overlap = 2 * stats.norm.cdf(-delta / 2)
+    truth = math.log(2 - overlap if alpha > 0 else overlap)
+    experts = MultivariateNormal(torch.tensor(means), torch.tensor(cov).expand(2, 2, 2))
+    value, error = opinionpool.holder(experts, alpha=alpha).estimate(method="grid").log_normalizer
+    assert abs(float(value) - truth) <= float(error) <= 1e-3, (float(value), truth, float(error))
