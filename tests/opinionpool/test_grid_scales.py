@@ -102,102 +102,13 @@ def test_grid_of_experts_narrow_for_float64_at_their_place(place, scale):
     assert torch.allclose(est.covariance.value, matched.covariance_matrix, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize(("dim", "rho"), [(2, 0.99), (3, 0.99), (2, 0.999)])
-@pytest.mark.parametrize("alpha", [-1.0, 2.0])
-def test_grid_of_strongly_correlated_experts(dim, rho, alpha):
-    """Panels along the coordinate axes, sized by marginal standard deviations, under-resolved experts of correlation
-    0.99 (conditional widths a seventh of the marginal): log Z 2 nats off at alpha = -1 with 0.48 stated, the mean
-    1445 stated errors off. The grid now lies along the principal axes of the experts' mean covariance. Reference:
-    with a common covariance L L^T the whitened pool is a one-dimensional pool of N(0, 1) and N(delta, 1) along the
-    whitened difference of the means (times unit Gaussians across it), by scipy quadrature. At correlation 0.999
-    the alpha = -1 pool is a thousandth of the experts' conditional width, narrower than the first pass's nodes:
-    log Z was 6 nats off (8.5 stated) until the grid located it again on panels split around it."""
+def correlated_pair_and_its_pool(dim, rho, alpha, weights):
+    """Two experts of the covariance ``rho`` off the diagonal, 1 on it, at 0 and (3, -3, 0, ...), and their pool's
+    ``log Z``, mean and covariance. With a common covariance L L^T the whitened pool is a one-dimensional pool of
+    N(0, 1) and N(delta, 1) along the whitened difference of the means d (times unit Gaussians across it), by scipy
+    quadrature; z = L y, so the covariance is L (I + (v - 1) d d^T) L^T."""
     from scipy import integrate, special
-    from torch.distributions import MultivariateNormal
 
-    weights = [0.3, 0.7]
-    covariance = np.full((dim, dim), rho) + (1 - rho) * np.eye(dim)
-    locs = np.zeros((2, dim))
-    locs[1, :2] = (3.0, -3.0)
-    chol = np.linalg.cholesky(covariance)
-    white = np.linalg.solve(chol, locs.T).T
-    direction = white[1] - white[0]
-    delta = np.linalg.norm(direction)
-
-    def log_u(x):
-        log_q = np.stack([stats.norm.logpdf(x, 0, 1), stats.norm.logpdf(x, delta, 1)])
-        return special.logsumexp(np.log(weights)[:, None] + alpha * log_q, axis=0) / alpha
-
-    xs = np.linspace(-12, delta + 12, 200_001)
-    top, peak = log_u(xs).max(), xs[np.argmax(log_u(xs))]
-    moments = [integrate.quad(lambda x, k=k: x**k * np.exp(log_u(np.atleast_1d(x))[0] - top), -12, delta + 12,
-                              points=[peak, 0.0, delta], limit=500, epsabs=0, epsrel=1e-12)[0] for k in range(2)]
-    log_z = top + math.log(moments[0])  # z = L y: the experts' densities carry 1 / |L|, the measure |L|
-    mean = chol @ (white[0] + moments[1] / moments[0] * direction / delta)
-    experts = MultivariateNormal(torch.tensor(locs), covariance_matrix=torch.tensor(covariance).expand(2, dim, dim))
-    summary = opinionpool.holder(experts, alpha=alpha, weights=weights).summary
-    assert summary.method == "grid"
-    got, error = summary.log_normalizer.value.item(), summary.log_normalizer.error.item()
-    assert abs(got - log_z) <= max(error, 1e-10) and error < 0.1, (got, log_z, error)
-    mean_error = (summary.mean.value.numpy() - mean) / np.sqrt(np.diag(covariance))
-    assert np.abs(summary.mean.value.numpy() - mean).max() <= max(summary.mean.error.max().item(), 1e-9)
-    assert np.abs(mean_error).max() < 1e-3, mean_error
-
-
-@pytest.mark.parametrize("alpha", [math.inf, -math.inf])
-def test_max_and_min_of_gaussians_lie_within_the_grids_stated_error(alpha):
-    """At alpha = +-inf the pool, max_j q_j or min_j q_j, has kinks where the experts cross, through the grid's
-    panels, and rules of 10 and 6 nodes can agree by accident: over random pairs of 2-D Gaussians of a common
-    covariance log Z was up to 11 stated errors off (2.3 with a rule of 8 nodes compared too). The rule now runs on
-    halved panels too. Reference: for a common covariance the experts cross on a hyperplane, and
-    int min(q_1, q_2) = 2 Phi(-delta / 2), delta the Mahalanobis distance between the means."""
-    rng = np.random.default_rng(1)
-    for _ in range(20):
-        means = rng.normal(0, 2.0, (2, 2))
-        factor = rng.normal(0, 1, (2, 2))
-        cov = factor @ factor.T + 0.2 * np.eye(2)
-        delta = math.sqrt((means[0] - means[1]) @ np.linalg.solve(cov, means[0] - means[1]))
-        overlap = 2 * stats.norm.cdf(-delta / 2)
-        truth = math.log(2 - overlap if alpha > 0 else overlap)
-        experts = MultivariateNormal(torch.tensor(means), torch.tensor(cov).expand(2, 2, 2))
-        pool = opinionpool.holder(experts, alpha=alpha, weights=torch.tensor([0.3, 0.7], dtype=torch.float64))
-        value, error = pool.estimate(method="grid").log_normalizer
-        # the bound is loose where a kink lies on a panel edge: the shifted rule's interior kink costs it more
-        assert abs(float(value) - truth) <= float(error) <= 1e-2, (float(value), truth, float(error))
-
-
-@pytest.mark.parametrize("alpha", [math.inf, -math.inf])
-def test_max_and_min_of_gaussians_crossing_along_a_panel_edge(alpha):
-    """Two 2-D experts one almost above the other cross along a line almost parallel to an axis, through the pool's
-    core centre, where the grid puts a panel edge: the slivers between it and the line escaped every rule on those
-    edges, halved or not (-3.534434542 +- 2.7e-15 against -3.534436816, 8.5e8 stated errors off). The rule now also
-    runs on shifted edges. Reference: 2 Phi(-delta / 2) as above; the cases tilt the line by about 0.01 rad."""
-    rng = np.random.default_rng(5)
-    cases = [(np.array([[1.35953, -1.28049], [1.35324, 1.39295]]), np.diag([2.5276, 0.3756]))]
-    for _ in range(6):
-        start, tilt, distance = rng.normal(0, 2, 2), rng.normal(0, 0.01), rng.uniform(0.5, 4)
-        cases.append((np.stack((start, start + distance * np.array([math.sin(tilt), math.cos(tilt)]))),
-                      np.diag(rng.uniform(0.2, 3, 2))))
-    for means, cov in cases:
-        delta = math.sqrt((means[0] - means[1]) @ np.linalg.solve(cov, means[0] - means[1]))
-        overlap = 2 * stats.norm.cdf(-delta / 2)
-        truth = math.log(2 - overlap if alpha > 0 else overlap)
-        experts = MultivariateNormal(torch.tensor(means), torch.tensor(cov).expand(2, 2, 2))
-        pool = opinionpool.holder(experts, alpha=alpha, weights=torch.tensor([0.3, 0.7], dtype=torch.float64))
-        value, error = pool.estimate(method="grid").log_normalizer
-        assert abs(float(value) - truth) <= float(error) <= 1e-2, (float(value), truth, float(error))
-
-
-def test_3d_ridge_between_experts_of_equal_variances_is_found_along_its_normal():
-    """Correlation 0.999 in 3-D: two of the experts' principal variances are equal (1e-3), which leaves the grid's
-    axes free within their plane, and the alpha = -1 pool of experts apart within it is a ridge 7e-4 wide running
-    across them: its covariance came out 8.6 stated errors off. A scatter of the means turns the axes to the ridge's
-    normal. Reference: whitening gives a 1-D pool along the whitened difference of the means (scipy quadrature)
-    times unit Gaussians across it; the covariance is L (I + (v - 1) d d^T) L^T."""
-    from scipy import integrate, special
-    from torch.distributions import MultivariateNormal
-
-    dim, rho, alpha, weights = 3, 0.999, -1.0, [0.3, 0.7]
     covariance = np.full((dim, dim), rho) + (1 - rho) * np.eye(dim)
     locs = np.zeros((2, dim))
     locs[1, :2] = (3.0, -3.0)
@@ -215,11 +126,87 @@ def test_3d_ridge_between_experts_of_equal_variances_is_found_along_its_normal()
     moments = [integrate.quad(lambda x, k=k: x**k * np.exp(log_u(np.atleast_1d(x))[0] - top), -12, delta + 12,
                               points=[peak, 0.0, delta], limit=500, epsabs=0, epsrel=1e-13)[0] for k in range(3)]
     along = moments[1] / moments[0]
-    log_z = top + math.log(moments[0])
+    log_z = top + math.log(moments[0])  # the experts' densities carry 1 / |L|, the measure |L|
     mean = chol @ (white[0] + along * unit)
     cov = chol @ (np.eye(dim) + (moments[2] / moments[0] - along**2 - 1) * np.outer(unit, unit)) @ chol.T
     experts = MultivariateNormal(torch.tensor(locs), covariance_matrix=torch.tensor(covariance).expand(2, dim, dim))
-    est = opinionpool.holder(experts, alpha=alpha, weights=weights).estimate(["mean", "covariance"], method="grid")
+    return experts, log_z, mean, cov
+
+
+@pytest.mark.parametrize(("dim", "rho"), [(2, 0.99), (3, 0.99), (2, 0.999)])
+@pytest.mark.parametrize("alpha", [-1.0, 2.0])
+def test_grid_of_strongly_correlated_experts(dim, rho, alpha):
+    """Panels along the coordinate axes, sized by marginal standard deviations, under-resolved experts of correlation
+    0.99 (conditional widths a seventh of the marginal): log Z 2 nats off at alpha = -1 with 0.48 stated, the mean
+    1445 stated errors off. The grid now lies along the principal axes of the experts' mean covariance. Reference:
+    :func:`correlated_pair_and_its_pool`. At correlation 0.999
+    the alpha = -1 pool is a thousandth of the experts' conditional width, narrower than the first pass's nodes:
+    log Z was 6 nats off (8.5 stated) until the grid located it again on panels split around it."""
+    weights = [0.3, 0.7]
+    experts, log_z, mean, _ = correlated_pair_and_its_pool(dim, rho, alpha, weights)
+    covariance = experts.covariance_matrix[0].numpy()
+    summary = opinionpool.holder(experts, alpha=alpha, weights=weights).summary
+    assert summary.method == "grid"
+    got, error = summary.log_normalizer.value.item(), summary.log_normalizer.error.item()
+    assert abs(got - log_z) <= max(error, 1e-10) and error < 0.1, (got, log_z, error)
+    mean_error = (summary.mean.value.numpy() - mean) / np.sqrt(np.diag(covariance))
+    assert np.abs(summary.mean.value.numpy() - mean).max() <= max(summary.mean.error.max().item(), 1e-9)
+    assert np.abs(mean_error).max() < 1e-3, mean_error
+
+
+def check_max_or_min_of_two(means, cov, alpha, weights, tightness):
+    """The grid's log Z of ``max(q_1, q_2)`` or ``min(q_1, q_2)`` (alpha = +-inf) of two Gaussians of covariance
+    ``cov`` within its stated error, itself at most ``tightness``: for a common covariance the experts cross on a
+    hyperplane, and int min(q_1, q_2) = 2 Phi(-delta / 2), delta the Mahalanobis distance between the means."""
+    delta = math.sqrt((means[0] - means[1]) @ np.linalg.solve(cov, means[0] - means[1]))
+    overlap = 2 * stats.norm.cdf(-delta / 2)
+    truth = math.log(2 - overlap if alpha > 0 else overlap)
+    experts = MultivariateNormal(torch.tensor(means), torch.tensor(cov).expand(2, *cov.shape))
+    pool = opinionpool.holder(experts, alpha=alpha, weights=torch.tensor(weights, dtype=torch.float64))
+    value, error = pool.estimate(method="grid").log_normalizer
+    assert abs(float(value) - truth) <= float(error) <= tightness, (float(value), truth, float(error))
+
+
+@pytest.mark.parametrize("alpha", [math.inf, -math.inf])
+def test_max_and_min_of_gaussians_lie_within_the_grids_stated_error(alpha):
+    """At alpha = +-inf the pool, max_j q_j or min_j q_j, has kinks where the experts cross, through the grid's
+    panels, and rules of 10 and 6 nodes can agree by accident: over random pairs of 2-D Gaussians of a common
+    covariance log Z was up to 11 stated errors off (2.3 with a rule of 8 nodes compared too). The rule now runs on
+    halved panels too. Reference: for a common covariance the experts cross on a hyperplane, and
+    int min(q_1, q_2) = 2 Phi(-delta / 2), delta the Mahalanobis distance between the means."""
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        means = rng.normal(0, 2.0, (2, 2))
+        factor = rng.normal(0, 1, (2, 2))
+        cov = factor @ factor.T + 0.2 * np.eye(2)
+        # the bound is loose where a kink lies on a panel edge: the shifted rule's interior kink costs it more
+        check_max_or_min_of_two(means, cov, alpha, [0.3, 0.7], tightness=1e-2)
+
+
+@pytest.mark.parametrize("alpha", [math.inf, -math.inf])
+def test_max_and_min_of_gaussians_crossing_along_a_panel_edge(alpha):
+    """Two 2-D experts one almost above the other cross along a line almost parallel to an axis, through the pool's
+    core centre, where the grid puts a panel edge: the slivers between it and the line escaped every rule on those
+    edges, halved or not (-3.534434542 +- 2.7e-15 against -3.534436816, 8.5e8 stated errors off). The rule now also
+    runs on shifted edges. Reference: 2 Phi(-delta / 2) as above; the cases tilt the line by about 0.01 rad."""
+    rng = np.random.default_rng(5)
+    cases = [(np.array([[1.35953, -1.28049], [1.35324, 1.39295]]), np.diag([2.5276, 0.3756]))]
+    for _ in range(6):
+        start, tilt, distance = rng.normal(0, 2, 2), rng.normal(0, 0.01), rng.uniform(0.5, 4)
+        cases.append((np.stack((start, start + distance * np.array([math.sin(tilt), math.cos(tilt)]))),
+                      np.diag(rng.uniform(0.2, 3, 2))))
+    for means, cov in cases:
+        check_max_or_min_of_two(means, cov, alpha, [0.3, 0.7], tightness=1e-2)
+
+
+def test_3d_ridge_between_experts_of_equal_variances_is_found_along_its_normal():
+    """Correlation 0.999 in 3-D: two of the experts' principal variances are equal (1e-3), which leaves the grid's
+    axes free within their plane, and the alpha = -1 pool of experts apart within it is a ridge 7e-4 wide running
+    across them: its covariance came out 8.6 stated errors off. A scatter of the means turns the axes to the ridge's
+    normal. Reference: :func:`correlated_pair_and_its_pool`."""
+    weights = [0.3, 0.7]
+    experts, log_z, mean, cov = correlated_pair_and_its_pool(3, 0.999, -1.0, weights)
+    est = opinionpool.holder(experts, alpha=-1.0, weights=weights).estimate(["mean", "covariance"], method="grid")
     assert abs(float(est.log_normalizer.value) - log_z) <= float(est.log_normalizer.error)
     assert np.all(np.abs(est.mean.value.numpy() - mean) <= est.mean.error.numpy())
     assert np.all(np.abs(est.covariance.value.numpy() - cov) <= est.covariance.error.numpy())
@@ -240,10 +227,4 @@ def test_max_and_min_of_gaussians_where_the_rules_differences_understate_the_err
     """Found by a review over 800 random 2-D pairs: 2 % lay outside the largest difference between the rules, by up
     to 2.2 times it (these four; where a kink falls within a panel varies between the rules, so their differences
     scatter about the error). The stated error is now three times that difference. Reference: 2 Phi(-delta / 2)."""
-    means, cov = np.array([first, second]), np.array(cov)
-    delta = math.sqrt((means[1] - means[0]) @ np.linalg.solve(cov, means[1] - means[0]))
-    overlap = 2 * stats.norm.cdf(-delta / 2)
-    truth = math.log(2 - overlap if alpha > 0 else overlap)
-    experts = MultivariateNormal(torch.tensor(means), torch.tensor(cov).expand(2, 2, 2))
-    value, error = opinionpool.holder(experts, alpha=alpha).estimate(method="grid").log_normalizer
-    assert abs(float(value) - truth) <= float(error) <= 1e-3, (float(value), truth, float(error))
+    check_max_or_min_of_two(np.array([first, second]), np.array(cov), alpha, [0.5, 0.5], tightness=1e-3)
