@@ -228,3 +228,13 @@ def test_max_and_min_of_gaussians_where_the_rules_differences_understate_the_err
     to 2.2 times it (these four; where a kink falls within a panel varies between the rules, so their differences
     scatter about the error). The stated error is now three times that difference. Reference: 2 Phi(-delta / 2)."""
     check_max_or_min_of_two(np.array([first, second]), np.array(cov), alpha, [0.5, 0.5], tightness=1e-3)
+
+
+def test_a_float64_estimate_whose_rules_agree_exactly_still_states_its_last_rounding():
+    """Experts far apart at alpha = inf: every rule gives log 2 + 1.1e-16, so the stated error was exactly 0 for a
+    value an ulp off. Every estimate's error now counts an ulp of its value. Reference: log 2 (the maximum of
+    experts that do not overlap integrates to 2)."""
+    experts = MultivariateNormal(torch.tensor([[0.0, 0.0], [200.0, 0.0]], dtype=torch.float64),
+                                 torch.eye(2, dtype=torch.float64).expand(2, 2, 2))
+    value, error = opinionpool.holder(experts, alpha=math.inf).estimate(method="grid").log_normalizer
+    assert abs(float(value) - math.log(2)) <= float(error) <= 1e-15, (float(value), float(error))
