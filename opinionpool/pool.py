@@ -25,6 +25,7 @@ import contextlib
 import math
 import sys
 import warnings
+import weakref
 from dataclasses import replace
 from fractions import Fraction
 from functools import lru_cache
@@ -694,7 +695,8 @@ class _Pool(Distribution):
                     rtol: float = DEFAULT_RTOL) -> Estimate:
         """``KL(pool || other)`` for any distribution ``other`` with a ``log_prob`` defined on the pool's support, as
         ``E_pool[log p - log other]`` over the engine's weighted points (errors as :meth:`entropy_estimate`, plus
-        the rounding of ``other``'s log-density where its dtype is below float64). ``+inf``, error 0, where ``other``
+        the rounding of ``other``'s log-density where its dtype is below float64: such an ``other`` is evaluated
+        through a float64 copy of itself where one computes). ``+inf``, error 0, where ``other``
         has no density on part of the pool's mass; raises where its log-density is NaN or ``+inf`` there.
         ``torch.distributions.kl_divergence(pool, other)`` gives the value."""
         dtype = self.experts.params.dtype
@@ -1353,11 +1355,15 @@ def _other_log_prob(other: Distribution, points: torch.Tensor, dtype: torch.dtyp
 
     Rounded to float32, the nodes of a Beta pool within 2^-25 of 1 landed on 1, where a Beta other singular there
     has infinite density; float64 points avoid that. An ``other`` holding parameters of a lower dtype still computes
-    in it: its log-density carries that dtype's rounding, counted as four of its ulps of the log-density's size
-    (torch's float32 log-densities measured within about three, on average over points; where large terms cancel,
-    as in ``lgamma`` of a Gamma of shape 1000, they are off by more, which this does not see). And if it rounds the
-    points to its dtype (torch's Gamma does), those beyond its resolution move: see
-    :func:`_extrapolated_beyond_resolution`."""
+    in it, and its own terms can cancel far beyond the log-density's size (``lgamma`` of a float32 Gamma of shape
+    1000: 3e-4 off for a log-density of about 3). So such an ``other`` is evaluated through a float64 copy of itself
+    (:func:`_float64_twin`): the density of the distribution its parameters define, to float64's rounding. Its error
+    is four float64 ulps of the log-density, plus the float32 value's distance from it scaled down to float64 (by
+    the ratio of the dtypes' epsilons, four times over): the same cancellation, at float64's resolution. Where no
+    such copy computes, ``other`` is used as it is, its rounding counted as four of its ulps of the log-density's
+    size (torch's float32 log-densities measured within about three, on average over points; this misses their
+    internal cancellation), and if it rounds the points to its dtype (torch's Gamma does), those beyond its
+    resolution move: see :func:`_extrapolated_beyond_resolution`."""
     with torch.no_grad():
         log_q = None
         if points.is_floating_point():
@@ -1373,6 +1379,13 @@ def _other_log_prob(other: Distribution, points: torch.Tensor, dtype: torch.dtyp
         log_q = log_q.to(torch.float64)
         if _bits(low) >= 64:
             return log_q, torch.zeros_like(log_q)
+        twin = _float64_twin(other, points, log_q.shape)
+        if twin is not None:
+            # where other's own value is infinite (a point it rounded onto a singular end), the twin's stands alone
+            both = torch.isfinite(log_q) & torch.isfinite(twin)
+            scaled = 4 * torch.finfo(torch.float64).eps / torch.finfo(low).eps
+            difference = torch.where(both, (twin - log_q).abs(), 0.0)
+            return twin, 4 * torch.finfo(torch.float64).eps * twin.abs().nan_to_num(posinf=0.0) + scaled * difference
         error = 4 * torch.finfo(low).eps * log_q.abs().nan_to_num(posinf=0.0)
         if points.is_floating_point() and points.dim() == log_q.dim():  # scalar events: a distance to an end
             exact = points.to(torch.float64).expand(torch.broadcast_shapes(points.shape, log_q.shape))
@@ -1381,8 +1394,57 @@ def _other_log_prob(other: Distribution, points: torch.Tensor, dtype: torch.dtyp
         return log_q, error
 
 
+def _float64_twin(other: Distribution, points: torch.Tensor, shape: torch.Size):
+    """``other``'s log-density at ``points`` (float64, of ``shape``) computed by a copy of ``other`` whose floating
+    tensors are float64 (:func:`_rebuilt`), or ``None`` where that copy still holds a lower dtype, raises, or
+    returns something else: the parameters are the same numbers, so the copy is the same distribution, without the
+    lower dtype's rounding."""
+    def widened(tensor):
+        return tensor.to(torch.float64) if tensor.is_floating_point() and _bits(tensor.dtype) < 64 else tensor
+
+    try:
+        twin = _rebuilt(other, widened)
+        if _bits(_working_dtype(twin, torch.float64)) < 64:
+            return None
+        log_q = twin.log_prob(points.to(torch.float64))
+    except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError):
+        return None
+    if not isinstance(log_q, torch.Tensor) or log_q.dtype != torch.float64 or log_q.shape != shape:
+        return None
+    return log_q
+
+
 def _bits(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits if dtype.is_floating_point else 64
+
+
+#: how deep :func:`_rebuilt` looks into the distributions, transforms, lists and tuples ``other`` is built from
+_BUILT_FROM_DEPTH = 6
+
+
+def _rebuilt(item, convert, depth: int = 0):
+    """``item`` with every tensor it holds replaced by ``convert(tensor)``, looking through the distributions and
+    transforms it is built from (copied attribute by attribute) and lists and tuples, ``_BUILT_FROM_DEPTH`` levels
+    deep; anything else, and anything ``convert`` leaves unchanged, is kept as it is. A transform's weak reference
+    to its cached inverse is dropped, so that a copy builds its own inverse from its own tensors."""
+    if isinstance(item, torch.Tensor):
+        return convert(item)
+    if depth >= _BUILT_FROM_DEPTH:
+        return item
+    if isinstance(item, (Distribution, Transform)):
+        state = {name: None if isinstance(value, weakref.ref) else _rebuilt(value, convert, depth + 1)
+                 for name, value in vars(item).items()}
+        if all(state[name] is value for name, value in vars(item).items()):
+            return item
+        copy = object.__new__(type(item))
+        copy.__dict__.update(state)
+        return copy
+    if isinstance(item, (list, tuple)):
+        values = [_rebuilt(value, convert, depth + 1) for value in item]
+        if all(new is old for new, old in zip(values, item)):
+            return item
+        return item._make(values) if hasattr(item, "_make") else type(item)(values)
+    return item
 
 
 def _working_dtype(other, default: torch.dtype) -> torch.dtype:
@@ -1391,18 +1453,12 @@ def _working_dtype(other, default: torch.dtype) -> torch.dtype:
     its Jacobian's, but computes the Gamma's in float32)."""
     found = []
 
-    def visit(item, depth):
-        if isinstance(item, torch.Tensor):
-            if item.is_floating_point():
-                found.append(item.dtype)
-        elif depth < 4 and isinstance(item, (Distribution, Transform)):
-            for value in vars(item).values():
-                visit(value, depth + 1)
-        elif depth < 4 and isinstance(item, (list, tuple)):
-            for value in item:
-                visit(value, depth + 1)
+    def record(tensor):
+        if tensor.is_floating_point():
+            found.append(tensor.dtype)
+        return tensor
 
-    visit(other, 0)
+    _rebuilt(other, record)
     return min(found, key=_bits, default=default)
 
 
