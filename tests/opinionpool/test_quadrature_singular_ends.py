@@ -489,7 +489,9 @@ def test_kl_against_a_float32_gamma_that_rounds_the_points_to_its_own_dtype(shap
     must lie within its error. A float64 pool took other's float32 rounding as float64's (1.03 stated errors off).
     Reference: the closed form between two Gammas of one rate (the pool of identical experts is the expert).
     Importance draws of float32 Gammas are clamped at shapes this small (a known, warned-of bias), so that path is
-    checked at the largest shape only."""
+    checked at the largest shape only. The reference takes the shapes as stored (0.3 and 0.2 are not float32 numbers;
+    other is evaluated through a float64 copy of its own parameters)."""
+    shape, other_shape = float(torch.tensor(shape, dtype=pool_dtype)), float(torch.tensor(other_shape).float())
     truth = gammaln(other_shape) - gammaln(shape) + (shape - other_shape) * digamma(shape)
     one = torch.tensor(1.0, dtype=pool_dtype)
     experts = Gamma(torch.tensor([shape, shape], dtype=pool_dtype), one.expand(2))
