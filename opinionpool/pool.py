@@ -1434,7 +1434,8 @@ def _rebuilt(item, convert, depth: int = 0):
     if isinstance(item, (Distribution, Transform)):
         state = {name: None if isinstance(value, weakref.ref) else _rebuilt(value, convert, depth + 1)
                  for name, value in vars(item).items()}
-        if all(state[name] is value for name, value in vars(item).items()):
+        # a dropped weak reference alone is no change: nothing is copied where no tensor is converted
+        if all(state[name] is value for name, value in vars(item).items() if not isinstance(value, weakref.ref)):
             return item
         copy = object.__new__(type(item))
         copy.__dict__.update(state)
