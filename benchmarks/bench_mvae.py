@@ -36,7 +36,7 @@ from applications.multimodal_vae.models import MultimodalVAE  # noqa: E402
 from applications.multimodal_vae.networks import make_networks  # noqa: E402
 
 from doc_tables import splice_file  # noqa: E402
-from measure import saved_tensor_bytes  # noqa: E402
+from measure import provenance, saved_tensor_bytes, verdict  # noqa: E402
 
 __all__ = ["main", "MODELS", "RATIO_TARGETS", "build", "step", "batch", "memory_mib", "sweep_cost"]
 
@@ -180,20 +180,21 @@ def main() -> None:
                 times[label].append(seconds)
     del built
     memory = {label: memory_mib(label, args) for label in tqdm(args.models, desc="memory", unit="model")}
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
     median = {label: statistics.median(t) for label, t in times.items()}
     reference = median.get("helvae")
     kind = "peak CUDA memory" if args.device == "cuda" else "saved activations"
-    lines = [f"{device}; batch {args.batch}, latent {args.latent}, 5 modalities; median of {args.repeats} steps; "
-             f"torch {torch.__version__}", "",
+    threads = "" if args.device == "cuda" else f"{args.threads} threads, "
+    lines = [f"{provenance(args.device)}; {threads}batch {args.batch}, latent {args.latent}, 5 modalities; median of "
+             f"{args.repeats} steps", "",
              f"| model | median s / step | HELVAE / model | {kind} (MiB) |", "|---|---|---|---|"]
     for label in args.models:
         ratio = f"{reference / median[label]:.2f}" if reference else "-"
         lines.append(f"| {label} | {median[label]:.4f} | {ratio} | {memory[label]:.0f} |")
     targets = [(label, f"HELVAE / {title}", target) for label, title, target in RATIO_TARGETS if label in median]
     if reference and targets:
+        ratios = [(title, reference / median[label], target) for label, title, target in targets]
         lines += ["", "| ratio (HELVAE step time / model's) | value | target |", "|---|---|---|",
-                  *(f"| {title} | {reference / median[label]:.2f} | {target} |" for label, title, target in targets)]
+                  *(f"| {title} | {ratio:.2f} | {verdict(ratio, target)} |" for title, ratio, target in ratios)]
     table = "\n".join(lines)
     print("\n" + table)
     if args.docs:

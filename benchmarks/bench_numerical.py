@@ -20,6 +20,7 @@ from torch.distributions import Independent, Normal
 import opinionpool
 
 from doc_tables import splice_file
+from measure import provenance
 
 __all__ = ["main", "diagonal_experts", "median_seconds"]
 
@@ -67,8 +68,9 @@ def main():
     result = pool.estimate(method="quadrature")
     rows.append(("quadrature, 1-D, M=5", 2.0, median_seconds(lambda s: pool.estimate(method="quadrature"), 3),
                  f"error(log Z) {float(result.log_normalizer.error):.2g}"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64\n")
-    table = "\n".join(["| case | alpha | median (s) | accuracy |", "|---|---|---|---|",
+    table = "\n".join([f"{provenance()}; {torch.get_num_threads()} threads, float64, median of {args.repeats} runs "
+                       "(grid and quadrature: of 3)", "",
+                       "| case | alpha | median (s) | accuracy |", "|---|---|---|---|",
                        *(f"| {case} | {alpha:g} | {seconds:.3f} | {note} |" for case, alpha, seconds, note in rows)])
     print(table)
     if args.docs:

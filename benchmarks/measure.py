@@ -1,10 +1,20 @@
-"""Measurements shared by the benchmark scripts."""
+"""Measurements shared by the benchmark scripts: saved-for-backward memory, where a run came from, and targets."""
 
 from __future__ import annotations
 
+import datetime
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
 import torch
 
-__all__ = ["saved_tensor_bytes"]
+__all__ = ["saved_tensor_bytes", "provenance", "verdict"]
+
+_ROOT = Path(__file__).resolve().parents[1]
+_TARGET = re.compile(r"\s*(<=|>=)\s*([0-9.eE+-]+)\s*")
 
 
 def saved_tensor_bytes(forward) -> int:
@@ -23,3 +33,44 @@ def saved_tensor_bytes(forward) -> int:
     if isinstance(output, torch.Tensor) and output.requires_grad:
         output.sum().backward()
     return sum(storages.values())
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=_ROOT, capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _processor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(device: str = "cpu") -> str:
+    """One line saying when, at which commit and on what a table was measured, so that no prose has to retype it:
+    the date (UTC), the commit (marked when tracked files differ from it), the processor and its core count, or
+    the GPU for a CUDA device, and torch's version."""
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown commit"
+    if commit != "unknown commit" and _git("status", "--porcelain", "--untracked-files=no"):
+        commit += " with uncommitted changes"
+    machine = (torch.cuda.get_device_name() if str(device).startswith("cuda")
+               else f"{_processor()}, {os.cpu_count()} cores")
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    return f"run of {date} at commit {commit} on {machine}, torch {torch.__version__}"
+
+
+def verdict(value: float, target: str) -> str:
+    """``target`` ("<= 4", ">= 0.9") followed by whether ``value`` meets it: "<= 4: met" or "<= 4: missed"."""
+    match = _TARGET.fullmatch(target)
+    if match is None:
+        raise ValueError(f"target must read '<= number' or '>= number', got {target!r}")
+    bound = float(match.group(2))
+    met = value <= bound if match.group(1) == "<=" else value >= bound
+    return f"{target}: {'met' if met else 'missed'}"

@@ -68,3 +68,21 @@ def test_benchmark_tables_are_spliced_between_their_markers():
     benchmarks_page = (ROOT / "docs" / "benchmarks.md").read_text()
     for name in ("bench_aggregators", "bench_numerical", "bench_mvae"):
         assert splice(benchmarks_page, name, "| x |").count("| x |") == 1
+
+
+def test_benchmark_tables_say_where_they_come_from_and_whether_targets_are_met():
+    """The tables carry their date, commit and machine and judge their own targets, so the prose need not retype."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from measure import provenance, verdict
+
+    assert verdict(3.99, "<= 4") == "<= 4: met" and verdict(4.01, "<= 4") == "<= 4: missed"
+    assert verdict(0.9, ">= 0.9") == ">= 0.9: met" and verdict(0.89, ">= 0.9") == ">= 0.9: missed"
+    with pytest.raises(ValueError, match="'< 4'"):
+        verdict(1.0, "< 4")
+    line = provenance()
+    assert re.fullmatch(r"run of \d{4}-\d\d-\d\d at commit \S+.* on .+, \d+ cores, torch " + re.escape(torch.__version__),
+                        line), line
