@@ -166,6 +166,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     opinionpool.set_validate_args(False)
     rng = random.Random(args.seed)
+    measured = provenance(args.device)  # the commit whose code runs
     rows = ["| shape (B, M, D) | aggregator | median ms | ratio to PoE (median [IQR]) | saved MB | pairs left out | "
             "target |", "|---|---|---|---|---|---|---|"]
     for shape in args.shapes:
@@ -189,7 +190,7 @@ def main() -> None:
                 rows.append(f"| ({batch}, {experts}, {latent}) | {name}{suffix} | {ms:.2f} | {ratio:.2f} "
                             f"[{q1:.2f}, {q3:.2f}] | {mb:.2f} | {left_out if name in VALUE_DEPENDENT else ''} | "
                             f"{target} |")
-    header = (f"{provenance(args.device)}; {torch.get_num_threads()} thread(s), {args.dtype}, {args.rounds} rounds "
+    header = (f"{measured}; {torch.get_num_threads()} thread(s), {args.dtype}, {args.rounds} rounds "
               "of forward+backward, candidates in random order each round")
     table = header + "\n\n" + "\n".join(rows)
     print(table)

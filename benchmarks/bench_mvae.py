@@ -169,6 +169,7 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
+    measured = provenance(args.device)  # the commit whose code runs
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     built = {label: build(label, args.latent, args.device) for label in args.models}
     x = batch(args.batch, args.device)
@@ -184,7 +185,7 @@ def main() -> None:
     reference = median.get("helvae")
     kind = "peak CUDA memory" if args.device == "cuda" else "saved activations"
     threads = "" if args.device == "cuda" else f"{args.threads} threads, "
-    lines = [f"{provenance(args.device)}; {threads}batch {args.batch}, latent {args.latent}, 5 modalities; median of "
+    lines = [f"{measured}; {threads}batch {args.batch}, latent {args.latent}, 5 modalities; median of "
              f"{args.repeats} steps", "",
              f"| model | median s / step | HELVAE / model | {kind} (MiB) |", "|---|---|---|---|"]
     for label in args.models:

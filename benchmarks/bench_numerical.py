@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.distributions import Independent, Normal
 
-import opinionpool
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from doc_tables import splice_file
-from measure import provenance, verdict
+import opinionpool  # noqa: E402
+
+from doc_tables import splice_file  # noqa: E402
+from measure import provenance, verdict  # noqa: E402
 
 __all__ = ["main", "diagonal_experts", "median_seconds", "IMPORTANCE_TARGET_SECONDS"]
 
@@ -53,6 +56,7 @@ def main():
                         help="also splice the tables into PAGE between its <!-- table: bench_numerical --> markers")
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
+    measured = provenance()  # the commit whose code runs
     rows = []
     experts = diagonal_experts(64, 5)
     for alpha in (2.0, 0.4, -1.0, float("inf")):
@@ -72,7 +76,7 @@ def main():
     rows.append(("quadrature, 1-D, M=5", 2.0, median_seconds(lambda s: pool.estimate(method="quadrature"), 3),
                  f"error(log Z) {float(result.log_normalizer.error):.2g}"))
     target = f"<= {IMPORTANCE_TARGET_SECONDS:g}"
-    table = "\n".join([f"{provenance()}; {torch.get_num_threads()} threads, float64, median of {args.repeats} runs "
+    table = "\n".join([f"{measured}; {torch.get_num_threads()} threads, float64, median of {args.repeats} runs "
                        "(grid and quadrature: of 3)", "",
                        "| case | alpha | median (s) | accuracy | target (s) |", "|---|---|---|---|---|",
                        *(f"| {case} | {alpha:g} | {seconds:.3f} | {note} | "
