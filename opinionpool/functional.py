@@ -740,8 +740,9 @@ class _SubsetSums(torch.autograd.Function):
     the range is under ``2 _span`` (160 nats in float32) none falls below ``e^-_span``, so every subset's sum keeps its
     digits whichever experts it holds (a shift by the largest alone would flush the sums of subsets of flat experts
     to zero once the range passes 87 nats). Log-precisions further below the largest are raised to that floor (no
-    gradient there). The backward pass is analytic and saves the inputs and the outputs, from which it recomputes
-    ``1 / sum`` slice by slice; outputs and temporaries are written in place (each fresh ``(..., K, D)`` buffer costs
+    gradient there). The backward pass is analytic and saves the inputs, the mean and the scaled precisions, from
+    which it recomputes ``1 / sum`` slice by slice (a matrix product, cheaper than ``exp`` of the log-variance);
+    outputs and temporaries are written in place (each fresh ``(..., K, D)`` buffer costs
     as much as a pass over it, or more where its pages are new)."""
 
     generate_vmap_rule = True
@@ -762,46 +763,52 @@ class _SubsetSums(torch.autograd.Function):
         wn = w / w_top
         # in one pass, not in slices: its (..., K, D) tensors are the outputs, new memory either way (slices measured
         # slower); the backward pass's temporaries are not. 1 / sum is not kept: a third such tensor, whose fresh
-        # pages cost more than recomputing it from the log-variance in the backward pass's slices
+        # pages cost more than recomputing it from the scaled precisions in the backward pass's slices
         total = wn @ p
         mean = (wn @ (p * x)).div_(total).add_(reference)
         logvar = total.log_().add_(shift).add_(w_top.log()).neg_()
-        return mean, logvar, wn, w_top, p, shift, clamped
+        return mean, logvar, wn, w_top, p, clamped
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _, x, _, _, reference = inputs
-        mean, logvar, wn, w_top, p, shift, clamped = output
-        ctx.mark_non_differentiable(wn, w_top, p, shift, clamped)
-        ctx.save_for_backward(x, reference, mean, logvar, wn, w_top, p, shift, clamped)
+        mean, _, wn, w_top, p, clamped = output
+        ctx.mark_non_differentiable(wn, w_top, p, clamped)
+        ctx.save_for_backward(x, reference, mean, wn, w_top, p, clamped)
         ctx.set_materialize_grads(False)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_mean, g_lv, *_):
-        x, reference, mean, logvar, wn, w_top, p, shift, clamped = ctx.saved_tensors
+        x, reference, mean, wn, w_top, p, clamped = ctx.saved_tensors
         g_mean, g_lv = _incoming(g_mean, g_lv, mean)
         # in slices of rows on the CPU: fresh (..., K, D) temporaries of many megabytes made every pass several
         # times slower
         batch = mean.shape[:-2]
-        tensors = (g_mean, g_lv, x, reference, mean, logvar, shift, wn, w_top, p)
-        d_w, d_px, d_p = by_rows(_subset_sums_backward, batch, tuple(t.expand(batch + t.shape[-2:]) for t in tensors),
-                                 row_elements=mean.shape[-2] * mean.shape[-1])
+        tensors = (g_mean, g_lv, x, reference, mean, wn, w_top, p)
+        need_w = ctx.needs_input_grad[0]  # MoPoE's membership weights take none: two matrix products fewer
+        d_px, d_p, *d_w = by_rows(_subset_sums_backward, batch, tuple(t.expand(batch + t.shape[-2:]) for t in tensors),
+                                  need_w, row_elements=mean.shape[-2] * mean.shape[-1])
         d_log_p = torch.where(clamped, 0, d_p.mul_(p))
-        return d_w, d_px.mul_(p), d_log_p, None, g_mean.sum(-2, keepdim=True)
+        return d_w[0] if need_w else None, d_px.mul_(p), d_log_p, None, g_mean.sum(-2, keepdim=True)
 
 
-def _subset_sums_backward(g_mean, g_lv, x, reference, mean, logvar, shift, wn, w_top, p):
-    """``(d wn-scaled w, d (p x), d p)`` of ``_SubsetSums`` from the incoming gradients ``g_mean``, ``g_lv``."""
-    r = (logvar + shift).add_(w_top.log()).exp_()  # 1 / sum of the scaled precisions
+def _subset_sums_backward(g_mean, g_lv, x, reference, mean, wn, w_top, p, need_w):
+    """``(d (p x), d p)`` of ``_SubsetSums`` from the incoming gradients ``g_mean``, ``g_lv``, then ``d w`` of the
+    scaled weights ``wn`` where ``need_w``."""
+    # 1 / sum of the scaled precisions, recomputed: a matrix product with the membership costs less than exp of the
+    # saved log-variance over (..., K, D)
+    r = (wn @ p).reciprocal_()
     d_weighted = g_mean * r
     # d sum = -(g_mean (mean - reference) + g_lv) / sum
     d_total = (g_lv * r).addcmul_(d_weighted, mean).addcmul_(d_weighted, reference, value=-1).neg_()
     wt = wn.transpose(-1, -2)
     d_px = wt @ d_weighted
     d_p = (wt @ d_total).addcmul_(d_px, x)
+    if not need_w:
+        return d_px, d_p
     d_w = (d_total @ p.transpose(-1, -2)).add_(d_weighted @ (p * x).transpose(-1, -2)).div_(w_top)
-    return d_w, d_px, d_p
+    return d_px, d_p, d_w
 
 
 def _subset_poe(mu, logvar, member, weights):
