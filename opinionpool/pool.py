@@ -22,6 +22,7 @@ coefficients far below the float range (routine at latent size 512) never underf
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import sys
 import warnings
@@ -1418,14 +1419,15 @@ def _bits(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits if dtype.is_floating_point else 64
 
 
-#: how deep :func:`_rebuilt` looks into the distributions, transforms, lists and tuples ``other`` is built from
+#: how deep :func:`_rebuilt` looks into what ``other`` is built from (distributions, transforms, lists, tuples, dicts)
 _BUILT_FROM_DEPTH = 6
 
 
 def _rebuilt(item, convert, depth: int = 0):
     """``item`` with every tensor it holds replaced by ``convert(tensor)``, looking through the distributions and
-    transforms it is built from (copied attribute by attribute) and lists and tuples, ``_BUILT_FROM_DEPTH`` levels
-    deep; anything else, and anything ``convert`` leaves unchanged, is kept as it is. A transform's weak reference
+    transforms it is built from (copied attribute by attribute), lists, tuples and dicts, ``_BUILT_FROM_DEPTH``
+    levels deep; anything else (other containers, objects of other classes), and anything ``convert`` leaves
+    unchanged, is kept as it is. A transform's weak reference
     to its cached inverse is dropped, so that a copy builds its own inverse from its own tensors."""
     if isinstance(item, torch.Tensor):
         return convert(item)
@@ -1437,14 +1439,21 @@ def _rebuilt(item, convert, depth: int = 0):
         # a dropped weak reference alone is no change: nothing is copied where no tensor is converted
         if all(state[name] is value for name, value in vars(item).items() if not isinstance(value, weakref.ref)):
             return item
-        copy = object.__new__(type(item))
-        copy.__dict__.update(state)
-        return copy
+        duplicate = object.__new__(type(item))
+        duplicate.__dict__.update(state)
+        return duplicate
     if isinstance(item, (list, tuple)):
         values = [_rebuilt(value, convert, depth + 1) for value in item]
         if all(new is old for new, old in zip(values, item)):
             return item
         return item._make(values) if hasattr(item, "_make") else type(item)(values)
+    if isinstance(item, dict):
+        values = {key: _rebuilt(value, convert, depth + 1) for key, value in item.items()}
+        if all(values[key] is value for key, value in item.items()):
+            return item
+        rebuilt = copy.copy(item)  # keeps its type (an OrderedDict, a defaultdict's factory)
+        rebuilt.update(values)
+        return rebuilt
     return item
 
 
