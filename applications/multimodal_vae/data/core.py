@@ -44,16 +44,21 @@ class Modality:
 
     @property
     def size(self) -> int:
-        """Its data dimension, a text as its one-hot array (as MoPoE counts it for reconstruction weights)."""
+        """Its data dimension for the reconstruction weights: the number of pixel values of an image, of tokens of
+        a text (MoPoE's text modalities have ``data_size = [len_sequence]``, MMVAE+'s captions ``maxSentLen``), not
+        of its one-hot array."""
         size = 1
         for n in self.shape:
             size *= n
-        return size * (len(self.vocabulary) if self.is_text else 1)
+        return size
 
 
 def reconstruction_weights(modalities) -> torch.Tensor:
-    """Likelihood weights by relative dimensionality: the largest modality gets 1 and every other one
-    ``largest size / its size`` (MoPoE's ``rec_weights``), so each modality counts as much as the largest."""
+    """Likelihood weights by relative dimensionality, as the HELVAE paper states its setting (appendix B: "the
+    dominant modality is fixed to 1.0 and the others are scaled proportionally to their data dimensions"): the
+    largest modality gets 1 and every other one ``largest size / its size``, so each counts as much as the largest.
+    On MNIST-SVHN-Text these are MoPoE's ``rec_weights``; on CelebA MoPoE divides them all by 3 (its reference is
+    one image channel), on CUB MMVAE+ gives the captions 5 times more (``llik_scaling_sent``)."""
     sizes = torch.tensor([float(m.size) for m in modalities])
     return sizes.max() / sizes
 
