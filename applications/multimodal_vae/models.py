@@ -73,9 +73,10 @@ class ModelSpec:
 
     @property
     def auxiliary(self) -> bool:
-        """With modality-specific latents, the objective reconstructs modalities outside the sampled component
-        (mixtures, subsets) with MMVAE+'s auxiliary ``r_n``; a single Gaussian pool never does."""
-        return self.posterior != "gaussian"
+        """With modality-specific latents, the mixture objectives (MMVAE+, Hölder+, Hölder++) reconstruct the
+        modalities outside the sampled component with MMVAE+'s auxiliary ``r_n``; a Gaussian pool and the subset
+        mixtures (MoPoE's scheme: every modality from its own posterior) never do."""
+        return self.posterior == "mixture"
 
     def make_aggregator(self, alpha: float) -> Callable:
         return functools.partial(self.aggregator, alpha=alpha) if self.exact_alpha else self.aggregator

@@ -145,7 +145,13 @@ def joint_elbo(x, present, mu, logvar, decoders, likelihood, aggregate, private_
     kl = kl_to_standard_normal(joint_mu, joint_logvar)
     if not private_dim:
         return Terms(likelihood(x, present, z, decoders), kl)
-    own_mu, own_logvar = mu[..., shared:], logvar[..., shared:]
+    return _with_own_private_latents(x, present, z, kl, mu[..., shared:], logvar[..., shared:], decoders, likelihood)
+
+
+def _with_own_private_latents(x, present, z, kl, own_mu, own_logvar, decoders, likelihood) -> Terms:
+    """Every present modality ``n`` reconstructed from ``(z, w_n)``, ``w_n ~ q(w_n | x_n)`` (its own posterior
+    ``own_mu``, ``own_logvar`` ``(M, B, P)``), and ``KL(q(w_n | x_n) || N(0, I))`` of the present modalities added
+    to ``kl``."""
     w = reparameterise(own_mu, own_logvar)
     kl_private = torch.where(present, kl_to_standard_normal(own_mu, own_logvar), 0).sum(0)
     return Terms(likelihood(x, present, [(z, w[n]) for n in range(len(decoders))], decoders), kl + kl_private)
@@ -177,19 +183,18 @@ def mvae_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
     return Terms(rec, kl)
 
 
-def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate, private_dim=0,
-                        auxiliary_scale=None) -> Terms:
+def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate, private_dim=0) -> Terms:
     """MoPoE, MoHELVAE, MWB-VAE: the uniform mixture over modality subsets, ``aggregate(mu, logvar, mask=,
     subsets=)`` (``MultimodalVAE.pool_subsets``: ``opinionpool.functional.subset_mixture`` of the model's
     aggregator, MoPoE's with a standard-normal expert in the subset of all modalities). Stratified as in MoPoE: the
     batch is cut into contiguous chunks, one subset per chunk (a sample whose subset has no present modality draws
     from its non-empty subsets instead); the KL is the average of the subset KLs.
 
-    With ``private_dim`` (the last coordinates of each posterior, as in MMVAE+), ``z`` from the chosen subset
-    ``S`` reconstructs each present modality ``n`` from ``(z, w_n)``: ``w_n ~ q(w_n | x_n)`` if ``n`` is in ``S``,
-    else ``w_n`` from the auxiliary ``r_n = N(0, diag(auxiliary_scale[n])^2)``; ``kl`` adds the KLs to
-    ``N(0, I)`` of the private latents drawn from their posteriors, averaged over the subsets as the shared KL
-    is (modality ``n``'s counts with the mixture weight of the subsets that hold it)."""
+    With ``private_dim`` (the last coordinates of each posterior), MoPoE's modality-specific latents: ``z`` from
+    the chosen subset reconstructs each present modality ``n`` from ``(z, w_n)`` with ``w_n ~ q(w_n | x_n)``
+    whether or not ``n`` is in the subset, and ``kl`` adds ``KL(q(w_n | x_n) || N(0, I))`` of every present
+    modality in full (MoPoE's ``BaseMMVae.forward`` and ``calc_style_kld``, which the official HELVAE code keeps on
+    CelebA; not MMVAE+'s auxiliary ``r_n`` for the modalities outside the subset)."""
     shared = mu.shape[-1] - private_dim
     subsets = opf.all_subsets(mu.shape[0], mu.device)  # (K, M), the order of the mixture's components
     mixture = aggregate(mu[..., :shared], logvar[..., :shared], mask=present, subsets=subsets)
@@ -204,13 +209,7 @@ def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate,
     kl = (mixture.log_weights.exp() * torch.where(valid, subset_kl, torch.zeros_like(subset_kl))).sum(-1)
     if not private_dim:
         return Terms(likelihood(x, present, z, decoders), kl)
-    own_mu, own_logvar = mu[..., shared:], logvar[..., shared:]
-    drawn = subsets[chosen].T & present  # (M, B): the modalities whose posterior gives w_n
-    auxiliary = torch.randn_like(own_mu) * auxiliary_scale.unsqueeze(1)
-    w = torch.where(drawn.unsqueeze(-1), reparameterise(own_mu, own_logvar), auxiliary)
-    holding = (mixture.log_weights.exp() @ subsets.to(mixture.log_weights.dtype)).T * present  # (M, B)
-    kl = kl + (holding * kl_to_standard_normal(own_mu, own_logvar)).sum(0)
-    return Terms(likelihood(x, present, [(z, w[n]) for n in range(len(decoders))], decoders), kl)
+    return _with_own_private_latents(x, present, z, kl, mu[..., shared:], logvar[..., shared:], decoders, likelihood)
 
 
 ESTIMATORS = ("elbo", "iwae", "dreg")

@@ -291,12 +291,11 @@ def test_joint_elbo_with_private_latents_against_an_independent_computation():
 
 
 def test_subset_mixture_elbo_with_private_latents_against_an_independent_computation():
-    """MoPoE with modality-specific latents: z from the sample's subset S (contiguous chunks, one subset each);
-    w_n from q(w_n | x_n) for n in S, from r_n otherwise; the KL averages the subsets' KLs, and the private KL of
-    modality n counts with the weight of the subsets that hold it."""
+    """MoPoE with modality-specific latents, as its code has them: z from the sample's subset S (contiguous chunks,
+    one subset each); every present modality's w_n from q(w_n | x_n), in S or not; the KL averages the subsets'
+    KLs and adds every present modality's private KL in full."""
     model = linear_model("mopoe", private_dim=P)
-    with torch.no_grad():
-        model.auxiliary_logits.copy_(torch.linspace(-0.6, 0.5, M * P).reshape(M, P))
+    assert model.auxiliary_logits is None  # no r_n: MoPoE decodes every modality with its own posterior's w_n
     x, present = inputs()
     subsets = [s for k in range(1, M + 1) for s in itertools.combinations(range(M), k)]
     chosen = [subsets[b * len(subsets) // B] for b in range(B)]
@@ -317,7 +316,6 @@ def test_subset_mixture_elbo_with_private_latents_against_an_independent_computa
     torch.manual_seed(9)
     torch.distributions.Categorical(logits=torch.zeros(B, len(subsets))).sample()  # the stratifier's fallback draw
     eps_z = torch.randn(B, D, dtype=torch.float64)
-    eps_auxiliary = torch.randn(M, B, P, dtype=torch.float64)
     eps_private = torch.randn(M, B, P, dtype=torch.float64)
     rec, kl = torch.zeros(B, dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
     for b in range(B):
@@ -326,16 +324,13 @@ def test_subset_mixture_elbo_with_private_latents_against_an_independent_computa
         for n in range(M):
             if not present[n, b]:
                 continue
-            if n in chosen[b]:
-                w = mu[n, b, D:] + sd[n, b, D:] * eps_private[n, b]
-            else:
-                w = eps_auxiliary[n, b] * P * torch.softmax(model.auxiliary_logits[n], -1)
+            w = mu[n, b, D:] + sd[n, b, D:] * eps_private[n, b]
             loc = model.decoders[n].decoder(torch.cat([z, w]))
             rec[b] += WEIGHTS[n] * laplace(x[n][b:b + 1], loc[None])[0]
         valid = [s for s in subsets if any(present[n, b] for n in s)]
         for s in valid:
             kl[b] += kl_standard(*poe(s, b)) / len(valid)
-            kl[b] += sum(kl_standard(mu[n, b, D:], sd[n, b, D:]) for n in s if present[n, b]) / len(valid)
+        kl[b] += sum(kl_standard(mu[n, b, D:], sd[n, b, D:]) for n in range(M) if present[n, b])
     torch.testing.assert_close(terms.reconstruction, rec.detach())
     torch.testing.assert_close(terms.kl, kl.detach())
 
