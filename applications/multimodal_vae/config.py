@@ -62,6 +62,9 @@ class ModelConfig:
     estimator: str = "elbo"
     #: MMVAE+: size of each modality-specific latent (latent_dim is the shared one)
     private_dim: int = 0
+    #: "free" (the encoders give log-variances) or "softmax" (MMVAE's and MMVAE+'s code: standard deviations
+    #: softmax(out) * n + 1e-6 over the n shared and, separately, the n private coordinates)
+    posterior_scale: str = "free"
 
 
 @dataclass
@@ -280,7 +283,7 @@ def _check(config) -> None:
     model = config.model
     try:
         check_options(model.name, model.alpha, model.learnable_weights, model.num_samples, model.estimator,
-                      model.likelihood, model.likelihood_scale, model.private_dim)
+                      model.likelihood, model.likelihood_scale, model.private_dim, model.posterior_scale)
     except ValueError as error:
         raise ValueError(f"invalid model options: {error}") from None
     if model.architecture not in ("conv", "resnet"):

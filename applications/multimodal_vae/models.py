@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -18,8 +19,8 @@ import opinionpool.functional as opf
 from . import objectives
 from .data import reconstruction_weights
 
-__all__ = ["MODELS", "POSTERIORS", "ModelSpec", "MultimodalVAE", "PrivateLatent", "TopDownPrivate", "as_modalities",
-           "check_options", "evaluating"]
+__all__ = ["MODELS", "POSTERIORS", "POSTERIOR_SCALES", "SOFTMAX_SCALE_FLOOR", "ModelSpec", "MultimodalVAE",
+           "PrivateLatent", "TopDownPrivate", "as_modalities", "check_options", "evaluating"]
 
 #: what ``aggregate`` returns and how ``pool`` turns it into the joint posterior
 POSTERIORS = ("gaussian", "mixture", "subsets")
@@ -171,11 +172,22 @@ def evaluating(model: nn.Module):
         model.train(was_training)
 
 
+#: how the encoders' second outputs become posterior log-variances: "free" (they are the log-variances) or
+#: "softmax" (MMVAE's and MMVAE+'s code: standard deviations ``softmax(out) * n + 1e-6`` over the n shared and,
+#: separately, the n private coordinates, so that no posterior narrows in every direction at once)
+POSTERIOR_SCALES = ("free", "softmax")
+#: the ``Constants.eta`` the MMVAE and MMVAE+ code add to those standard deviations
+SOFTMAX_SCALE_FLOOR = 1e-6
+
+
 def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = False, num_samples: int = 1,
                   estimator: str = "elbo", likelihood: str = "laplace",
-                  likelihood_scale: float = objectives.LAPLACE_SCALE, private_dim: int = 0) -> None:
+                  likelihood_scale: float = objectives.LAPLACE_SCALE, private_dim: int = 0,
+                  posterior_scale: str = "free") -> None:
     """Raise ``ValueError`` naming the option when the combination is not a model this module builds."""
     objectives.Likelihood.check(likelihood, likelihood_scale)
+    if posterior_scale not in POSTERIOR_SCALES:
+        raise ValueError(f"posterior_scale must be one of {POSTERIOR_SCALES}, got {posterior_scale!r}")
     if model not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
     spec = MODELS[model]
@@ -199,6 +211,14 @@ def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = Fals
     if not spec.multi_sample and (num_samples != 1 or estimator != "elbo"):
         raise ValueError(f"num_samples and estimator apply to {_models_with('multi_sample')}; model={model!r} got "
                          f"num_samples={num_samples!r}, estimator={estimator!r}")
+
+
+def _softmax_log_variance(out: torch.Tensor) -> torch.Tensor:
+    """``2 log(softmax(out) * n + SOFTMAX_SCALE_FLOOR)`` over the last axis of ``n`` coordinates, from the
+    log-softmax (no ``log`` of an underflowed softmax): the log-variance of the MMVAE code's standard deviations."""
+    n = out.shape[-1]
+    return 2 * torch.logaddexp(torch.log_softmax(out, -1) + math.log(n),
+                               torch.full((), math.log(SOFTMAX_SCALE_FLOOR), dtype=out.dtype, device=out.device))
 
 
 class PrivateLatent(nn.Module):
@@ -264,6 +284,9 @@ class MultimodalVAE(nn.Module):
             ``encode`` and the pooling see the shared part only, ``decode`` draws the private part.
         latent_dim: the shared latent size; models with top-down private posteriors (Hölder++) need it for their
             ``TopDownPrivate`` modules.
+        posterior_scale: ``"free"`` (the encoders' second outputs are log-variances) or ``"softmax"`` (MMVAE's
+            and MMVAE+'s: standard deviations ``softmax(out) * n + 1e-6`` over the shared and, separately, the
+            private coordinates; ``POSTERIOR_SCALES``).
 
     Under autocast the networks run in reduced precision; the aggregation, the KL and the log-likelihoods are
     computed in float32 (or float64 for a float64 model).
@@ -273,10 +296,11 @@ class MultimodalVAE(nn.Module):
                  alpha: float = 0.5, learnable_weights: bool = False, modalities=None,
                  num_samples: int = 1, estimator: str = "elbo", likelihood: str = "laplace",
                  likelihood_scale: float = objectives.LAPLACE_SCALE, private_dim: int = 0,
-                 latent_dim: int | None = None):
+                 latent_dim: int | None = None, posterior_scale: str = "free"):
         super().__init__()
         check_options(model, alpha, learnable_weights, num_samples, estimator, likelihood, likelihood_scale,
-                      private_dim)
+                      private_dim, posterior_scale)
+        self.posterior_scale = posterior_scale
         if len(encoders) != len(decoders):
             raise ValueError(f"{len(encoders)} encoders but {len(decoders)} decoders; they must pair up")
         self.private_dim = int(private_dim)
@@ -403,7 +427,11 @@ class MultimodalVAE(nn.Module):
             raise ValueError(f"x has {len(x)} modalities but the model has {self.num_modalities}")
         stats = [encoder(x_m) for x_m, encoder in zip(x, self.encoders)]
         mu, logvar = torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
-        return objectives.full_precision(mu), objectives.full_precision(logvar)
+        mu, logvar = objectives.full_precision(mu), objectives.full_precision(logvar)
+        if self.posterior_scale == "softmax":
+            parts = logvar.split([logvar.shape[-1] - self.private_dim, self.private_dim], -1)
+            logvar = torch.cat([_softmax_log_variance(part) for part in parts if part.shape[-1]], -1)
+        return mu, logvar
 
     def auxiliary_scale(self) -> torch.Tensor:
         """The standard deviations ``(M, private_dim)`` of the auxiliary ``r_n`` that supply the private latents of

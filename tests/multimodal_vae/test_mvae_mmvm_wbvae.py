@@ -424,3 +424,28 @@ def test_new_models_train_resume_exactly_and_evaluate_from_the_command_line(tiny
     if private:
         assert sorted(metrics["private_latent_probe"]) == ["m0", "m1", "m2"]
     capsys.readouterr()
+
+
+def test_softmax_posterior_scales_are_the_mmvae_codes():
+    """``posterior_scale="softmax"``: the standard deviations of the MMVAE and MMVAE+ code, ``softmax(out) * n +
+    1e-6`` over the shared and, separately, the private coordinates (written out here as that code has it); the
+    means untouched; "free" leaves the encoders' log-variances as they are; a misspelt option names itself."""
+    model = linear_model("mmvaeplus", private_dim=P, posterior_scale="softmax")
+    x, _ = inputs()
+    mu, logvar = model._encode(x)
+    raw_mu, raw = unimodal(model, x)
+    shared_sd = torch.softmax(raw[..., :D], -1) * D + 1e-6
+    private_sd = torch.softmax(raw[..., D:], -1) * P + 1e-6
+    torch.testing.assert_close(torch.exp(0.5 * logvar), torch.cat([shared_sd, private_sd], -1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(mu, raw_mu)
+    # the mean standard deviation of each part is one (plus the floor): no posterior narrows in every direction
+    torch.testing.assert_close(shared_sd.mean(-1), torch.full(shared_sd.shape[:-1], 1 + 1e-6, dtype=torch.float64))
+    free = linear_model("mmvaeplus", private_dim=P)
+    torch.testing.assert_close(free._encode(x)[1], unimodal(free, x)[1])
+    # logits 1e6 apart: the others' softmax underflows, and the log-softmax leaves them the floor's variance
+    with torch.no_grad():
+        model.encoders[0].weight.mul_(1e7)
+        _, logvar = model._encode(x)
+    assert torch.isfinite(logvar).all() and float(logvar.min()) == pytest.approx(2 * math.log(1e-6), rel=1e-9)
+    with pytest.raises(ValueError, match="posterior_scale must be one of .*'softplus'"):
+        linear_model("mmvae", posterior_scale="softplus")

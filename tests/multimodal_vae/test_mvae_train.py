@@ -112,6 +112,9 @@ def test_errors_before_any_work(tiny_root, capsys):
         load_config("polymnist-helvae", ["model.name=jmvae"])
     with pytest.raises(ValueError, match="invalid model options: likelihood must be one of .* got 'gauss'"):
         load_config("polymnist-helvae", ["model.likelihood=gauss"])
+    with pytest.raises(ValueError, match="invalid model options: posterior_scale must be one of .* got 'soft'"):
+        load_config("polymnist-mmvaeplus", ["model.posterior_scale=soft"])
+    assert load_config("polymnist-mmvaeplus", ["model.posterior_scale=softmax"]).model.posterior_scale == "softmax"
     with pytest.raises(ValueError, match="likelihood scale must be positive, got 0.0"):
         load_config("polymnist-helvae", ["model.likelihood_scale=0"])
     with pytest.raises(ValueError, match=r"model.activation must be one of \('leaky_relu',\) for resnet networks, "
