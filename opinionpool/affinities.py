@@ -4,8 +4,10 @@ For :math:`a \in (0, 1)` the Chernoff coefficient is
 :math:`C_a(p, q) = \int p^a q^{1-a} = \exp(A(a\eta_p + (1-a)\eta_q) - aA(\eta_p) - (1-a)A(\eta_q))`,
 computed by each family's ``combine`` (Gaussians analytically cancel the large terms; the other families, where
 the log-normalisers cancel to fewer than 8 digits, as :math:`-\sum_j w_j D_A(\eta_j, \sum_k w_k\eta_k)`, Bregman
-divergences of :mod:`opinionpool.families.bregman`). Outside :math:`[0, 1]`, where the weights have opposite signs,
-Gaussians use their closed form in means and log-variance differences and the other families
+divergences of :mod:`opinionpool.families.bregman`), except that two diagonal Gaussians take their closed form in
+means and log-variance differences for every order (about the expert of the larger weight, accurate as the order
+approaches 0 or 1). Outside :math:`[0, 1]`, where the weights have opposite signs, full-covariance Gaussians use
+their closed form too and the other families
 :math:`-a\,KL(r\|p) - (1-a)\,KL(r\|q)`, :math:`r` the member at :math:`a\eta_p + (1-a)\eta_q`. Everything
 is returned in log-space where it can underflow, batched over the experts' batch shapes, and
 differentiable.
@@ -61,11 +63,13 @@ def log_chernoff_coefficient(p, q, a: float = 0.5) -> torch.Tensor:
     value, a = _order(a)
     experts = as_experts([p, q])  # validates p and q (unless validation is off)
     family, params, k = experts.family, experts.params, experts.expert_dim
+    if value in (0.0, 1.0):
+        return torch.zeros(params.shape[:k], dtype=params.dtype, device=params.device)
+    if isinstance(family, _DiagonalGaussianBase):
+        return _diagonal_gaussian_log_chernoff(family, params.select(k, 0), params.select(k, 1), value, a)
     if 0 < value < 1:  # the weights (a, 1 - a) are valid by construction
         weights = torch.stack((a, 1 - a)).to(params.dtype) if isinstance(a, torch.Tensor) else [a, 1 - a]
         return log_multi_chernoff_coefficient(experts, weights, validate_args=False)
-    if value in (0.0, 1.0):
-        return torch.zeros(params.shape[:k], dtype=params.dtype, device=params.device)
     eta = family.to_natural(params)
     eta_p, eta_q = eta.select(k, 0), eta.select(k, 1)
     combined = a * eta_p + (1 - a) * eta_q
@@ -77,9 +81,6 @@ def log_chernoff_coefficient(p, q, a: float = 0.5) -> torch.Tensor:
     # divergence of -0.5 for 0.022): Gaussians take the closed form without such terms, the other families
     # -a KL(r || p) - (1 - a) KL(r || q), r the member at `combined` (the Bregman form, valid for any affine weights)
     params_p, params_q = params.select(k, 0), params.select(k, 1)
-    if isinstance(family, _DiagonalGaussianBase):
-        log_c = _gaussian_log_chernoff(*family.split(params_p), *family.split(params_q), a)
-        return log_c.sum(-1) if family.num_features else log_c
     if isinstance(family, MultivariateNormalFamily):
         return _mvn_log_chernoff(family, params_p, params_q, a)
     wide = params.dtype if params.dtype == torch.float64 else torch.float64
@@ -88,6 +89,25 @@ def log_chernoff_coefficient(p, q, a: float = 0.5) -> torch.Tensor:
     # (bregman_divergence(family, x, y) is KL(member x || member y))
     log_c = -(a * bregman_divergence(family, combined, eta_p) + (1 - a) * bregman_divergence(family, combined, eta_q))
     return log_c.to(params.dtype)
+
+
+def _diagonal_gaussian_log_chernoff(family, params_p, params_q, value, a):
+    """``log int p^a q^(1 - a)`` of two diagonal Gaussians for any order ``a`` (``value`` its float) but 0 and 1, by
+    the closed form of ``_gaussian_log_chernoff``. For ``a`` in ``(0, 1)`` about the expert of the larger weight
+    (``C_a(p, q) = C_(1 - a)(q, p)``), so that the small weight multiplies ``expm1``: through the geometric
+    combination, the log-determinant cancelled two terms of order one to order ``a`` (``a = 1e-20`` gave a negative
+    Amari divergence). Outside ``[0, 1]`` the integral converges where the combined variance ``v_p (1 + a expm1(d))``
+    is positive; that is checked on the log-variances, not on the natural parameters, which overflow for scales of
+    1e-170 (float64) or 1e-20 (float32)."""
+    (loc_p, logvar_p), (loc_q, logvar_q) = family.split(params_p), family.split(params_q)
+    if 0.5 < value < 1:
+        log_c = _gaussian_log_chernoff(loc_q, logvar_q, loc_p, logvar_p, 1 - a)
+    else:
+        if not 0 < value < 1 and not bool((a * torch.expm1(logvar_q - logvar_p) > -1).all()):
+            raise ValueError(f"the Chernoff integral of order a={value} diverges for these {family.name} experts "
+                             "(a * eta_p + (1 - a) * eta_q leaves the natural parameter space)")
+        log_c = _gaussian_log_chernoff(loc_p, logvar_p, loc_q, logvar_q, a)
+    return log_c.sum(-1) if family.num_features else log_c
 
 
 def _gaussian_log_chernoff(loc_p, logvar_p, loc_q, logvar_q, a):

@@ -36,9 +36,10 @@ def normal_log_density(value: torch.Tensor, loc: torch.Tensor, logvar: torch.Ten
 
 def normal_kl(loc_p: torch.Tensor, logvar_p: torch.Tensor, loc_q: torch.Tensor, logvar_q: torch.Tensor) -> torch.Tensor:
     """Elementwise ``KL(N(loc_p, exp(logvar_p)) || N(loc_q, exp(logvar_q)))`` (not summed; broadcasting), in the
-    form without large cancelling terms: the one place it is written."""
+    form without large cancelling terms: the one place it is written. The difference of means is scaled by ``q``'s
+    standard deviation before squaring (squared first, a float32 scale of 1e-20 gave ``0 * inf``)."""
     ratio = logvar_p - logvar_q
-    return 0.5 * (torch.expm1(ratio) - ratio + (loc_p - loc_q) ** 2 * torch.exp(-logvar_q))
+    return 0.5 * (torch.expm1(ratio) - ratio + ((loc_p - loc_q) * torch.exp(-0.5 * logvar_q)) ** 2)
 
 
 def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch.Tensor, num_features: int,
@@ -69,13 +70,17 @@ def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch
     mean = reference.squeeze(k) + mean_offset
     if not need_log_c:
         return mean, -log_precision, None
-    dev = (offset - mean_offset.unsqueeze(k)) * torch.exp(0.5 * log_precision).unsqueeze(k)
+    zero = torch.zeros((), dtype=logvar.dtype, device=logvar.device)
+    # the deviations in the pool's standard deviations, scaled by the precision's fourth root twice: its square root
+    # alone overflowed float32 for log-variances below -177 (inf * 0 = NaN for coinciding experts); an expert of
+    # weight zero contributes no deviation (far away, its square would meet omega = 0 as inf * 0)
+    root = torch.exp(0.25 * log_precision).unsqueeze(k)
+    dev = torch.where(omega > 0, (offset - mean_offset.unsqueeze(k)) * root * root, zero)
     quad = (omega * dev * dev).sum(k)
     w = lw.exp()
     used = w > 0
     sharpest = torch.where(used, logvar, torch.full((), math.inf, dtype=logvar.dtype, device=logvar.device))
-    spread = torch.where(used, logvar - sharpest.amin(k, keepdim=True), torch.zeros((), dtype=logvar.dtype,
-                                                                                         device=logvar.device))
+    spread = torch.where(used, logvar - sharpest.amin(k, keepdim=True), zero)
     log_det = torch.log1p((w * torch.expm1(-spread)).sum(k)) + (w * spread).sum(k)
     log_c = -0.5 * (quad + log_det)
     if num_features:

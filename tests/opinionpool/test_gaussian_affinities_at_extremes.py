@@ -1,0 +1,113 @@
+"""Gaussian affinities where their natural parameters or the precision's square root leave the float range (scales
+of 1e-20 in float32, 1e-170 in float64) and at orders next to 0 and 1, against mpmath's closed forms at 50 digits
+written from the textbook integrals (``log int p^a q^(1-a)`` of two Normals, their KL). Found by a review."""
+
+import math
+
+import mpmath
+import pytest
+import torch
+from torch.distributions import Independent, Normal
+
+import opinionpool
+import opinionpool.functional as opf
+
+mpmath.mp.dps = 50
+
+
+def _normal(loc, scale, dtype):
+    return Normal(torch.tensor(loc, dtype=dtype), torch.tensor(scale, dtype=dtype))
+
+
+def _log_chernoff(a, mu_p, s_p, mu_q, s_q):
+    """``log int N(mu_p, s_p^2)^a N(mu_q, s_q^2)^(1-a)``: the Gaussian integral with combined precision
+    ``a / v_p + (1 - a) / v_q``."""
+    a, mu_p, s_p, mu_q, s_q = (mpmath.mpf(v) for v in (a, mu_p, s_p, mu_q, s_q))
+    v_p, v_q = s_p**2, s_q**2
+    precision = a / v_p + (1 - a) / v_q
+    mean = (a * mu_p / v_p + (1 - a) * mu_q / v_q) / precision
+    exponent = a * (mean - mu_p) ** 2 / v_p + (1 - a) * (mean - mu_q) ** 2 / v_q
+    return (0.5 * mpmath.log(2 * mpmath.pi / precision) - a / 2 * mpmath.log(2 * mpmath.pi * v_p)
+            - (1 - a) / 2 * mpmath.log(2 * mpmath.pi * v_q) - exponent / 2)
+
+
+def _kl(mu_p, s_p, mu_q, s_q):
+    mu_p, s_p, mu_q, s_q = (mpmath.mpf(v) for v in (mu_p, s_p, mu_q, s_q))
+    return mpmath.log(s_q / s_p) + (s_p**2 + (mu_p - mu_q) ** 2) / (2 * s_q**2) - mpmath.mpf(1) / 2
+
+
+CASES = [(torch.float32, 1e-20), (torch.float32, 1e-30), (torch.float32, 1e25), (torch.float64, 1e-170),
+         (torch.float64, 1e170)]
+
+
+@pytest.mark.parametrize("dtype,scale", CASES)
+def test_kl_of_normals_at_tiny_and_huge_scales(dtype, scale):
+    """The squared difference of means times exp(-logvar_q) was 0 * inf or inf * 0: inf and NaN for KLs of 0.125
+    and 0.44."""
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for (mu_p, s_p, mu_q, s_q) in [(0.0, 1.0, 0.5, 1.0), (0.0, 1.0, 1.0, 2.0), (0.3, 2.5, -0.4, 0.7)]:
+        p, q = _normal(mu_p * scale, s_p * scale, dtype), _normal(mu_q * scale, s_q * scale, dtype)
+        p_stored, q_stored = (float(t) for t in (p.loc, p.scale)), (float(t) for t in (q.loc, q.scale))
+        truth = float(_kl(*p_stored, *q_stored))
+        for value in (opinionpool.kl_divergence(p, q), opinionpool.amari_alpha_divergence(q, p, 0.0),
+                      opf.diag_gaussian_kl(p.loc[None], 2 * p.scale.log()[None], q.loc[None], 2 * q.scale.log()[None])):
+            assert float(value) == pytest.approx(truth, rel=tol), (mu_p, s_p, mu_q, s_q)
+
+
+@pytest.mark.parametrize("dtype,scale", CASES)
+def test_chernoff_of_orders_outside_the_unit_interval_at_extreme_scales(dtype, scale):
+    """Whether the integral converges was judged on natural parameters, which overflow at these scales: a
+    ValueError "diverges" for a Rényi divergence of order 2 of 0.25. It is judged on the combined variance now, and
+    still raises where that is negative."""
+    tol = 1e-5 if dtype == torch.float32 else 1e-11
+    p, q = _normal(0.0, scale, dtype), _normal(0.5 * scale, scale, dtype)
+    stored = [float(t) for t in (p.loc, p.scale, q.loc, q.scale)]
+    assert float(opinionpool.renyi_divergence(p, q, 2.0)) == pytest.approx(float(_log_chernoff(2.0, *stored)),
+                                                                             rel=tol)
+    assert float(opinionpool.log_chernoff_coefficient(p, q, -1.0)) == pytest.approx(
+        float(_log_chernoff(-1.0, *stored)), rel=tol)
+    wide = _normal(0.0, 3 * scale, dtype)  # order 2 of the wider against the narrower: 2 / v_wide - 1 / v_p < 0
+    with pytest.raises(ValueError, match="a=2.0 diverges for these Normal experts"):
+        opinionpool.log_chernoff_coefficient(wide, p, 2.0)
+
+
+@pytest.mark.parametrize("a", [1e-20, 1e-14, 1e-8, 0.3, 0.7, 1 - 1e-8, 1 - 1e-14])
+def test_chernoff_of_orders_next_to_0_and_1(a):
+    """Through the geometric combination, the log-determinant cancelled two terms of order one to order a: the
+    Amari divergence at a = 1e-20 came out -22204 for a limit of KL(q || p) = 4.21. Now each coordinate's closed
+    form about the expert of the larger weight."""
+    loc_p, scale_p = [0.0, 0.0, 2.0], [1.0, 1.0, 0.01]
+    loc_q, scale_q = [1.0, 0.0, 2.5], [2.0, 3.0, 0.05]
+    p = Independent(Normal(torch.tensor(loc_p, dtype=torch.float64), torch.tensor(scale_p, dtype=torch.float64)), 1)
+    q = Independent(Normal(torch.tensor(loc_q, dtype=torch.float64), torch.tensor(scale_q, dtype=torch.float64)), 1)
+    truth = sum(_log_chernoff(a, *args) for args in zip(loc_p, scale_p, loc_q, scale_q))
+    got = opinionpool.log_chernoff_coefficient(p, q, a)
+    assert float(got) == pytest.approx(float(truth), rel=1e-12, abs=1e-300)
+    amari = -mpmath.expm1(truth) / (mpmath.mpf(a) * (1 - mpmath.mpf(a)))
+    assert float(opinionpool.amari_alpha_divergence(p, q, a)) == pytest.approx(float(amari), rel=1e-9)
+    if a < 1e-13:  # its limit at a = 0
+        kl = sum(_kl(*args) for args in zip(loc_q, scale_q, loc_p, scale_p))
+        assert float(opinionpool.amari_alpha_divergence(p, q, a)) == pytest.approx(float(kl), rel=1e-9)
+
+
+def test_geometric_combination_of_far_weightless_experts_and_tiny_variances():
+    """float32: an expert of weight zero at 1e20 made the other weights' gradients NaN (its deviation squared met
+    omega = 0 as inf * 0), and two coinciding experts of log-variance -180 gave a log Bhattacharyya coefficient of
+    NaN (the precision's square root overflowed). References: the pool without the weightless expert, and
+    -log cosh(d / 2) / 2 per coordinate for log-variances d apart."""
+    f32 = torch.float32
+    w = torch.tensor([0.5, 0.0, 0.5], dtype=f32, requires_grad=True)
+    experts = [_normal(0.0, 1.0, f32), _normal(1e20, 1.0, f32), _normal(1.0, 1.0, f32)]
+    value = opinionpool.log_multi_chernoff_coefficient(experts, w)
+    value.backward()
+    w2 = torch.tensor([0.5, 0.5], dtype=torch.float64, requires_grad=True)
+    reference = opinionpool.log_multi_chernoff_coefficient([_normal(0.0, 1.0, torch.float64),
+                                                            _normal(1.0, 1.0, torch.float64)], w2)
+    reference.backward()
+    assert float(value.detach()) == pytest.approx(float(reference.detach()), rel=1e-6)
+    assert torch.isfinite(w.grad).all()
+    torch.testing.assert_close(w.grad[[0, 2]].double(), w2.grad, rtol=1e-5, atol=1e-6)
+    zero, low = torch.zeros(1, dtype=f32), torch.full((1,), -180.0, dtype=f32)
+    assert float(opf.log_bhattacharyya(zero, low, zero, low)) == 0.0
+    assert float(opf.log_bhattacharyya(zero, low, zero, low + 1)) == pytest.approx(-0.5 * math.log(math.cosh(0.5)),
+                                                                                    rel=1e-5)
