@@ -276,8 +276,9 @@ def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate
     if estimator == "dreg":
         mixture = _detached(mixture)
         own_mu, own_logvar = own_mu.detach(), own_logvar.detach()
-    count = present.sum(0).clamp_min(1).float()
-    rec, kl, objective = (torch.zeros(mu.shape[1], device=mu.device) for _ in range(3))
+    # in the posteriors' dtype: float32 accumulators cost a float64 model 1e-8 of its bound
+    count = present.sum(0).clamp_min(1).to(mu.dtype)
+    rec, kl, objective = (torch.zeros(mu.shape[1], dtype=mu.dtype, device=mu.device) for _ in range(3))
     for m in range(mu.shape[0]):
         u = reparameterise(mu[m].expand(num_samples, *mu[m].shape), logvar[m].expand(num_samples, *mu[m].shape))
         z, w = u[..., :shared], u[..., shared:]
@@ -287,7 +288,7 @@ def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate
         log_p = standard_normal_log_prob(z) + standard_normal_log_prob(w)
         log_lik = likelihood(x, present, inputs, decoders)  # (K, B)
         log_w = log_lik + beta * (log_p - log_q)
-        here = present[m].float() / count
+        here = present[m].to(mu.dtype) / count
         rec = rec + here * log_lik.mean(0)
         kl = kl + here * (log_q - log_p).mean(0)
         objective = objective + here * _bound(log_w, estimator, (u,))
