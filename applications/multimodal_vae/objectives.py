@@ -170,7 +170,8 @@ def mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Ter
 def mvae_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
     """MVAE: the joint ELBO of the product with a prior expert plus, for each present modality, the ELBO of its
     own posterior (times the prior) reconstructing that modality alone: only its decoder runs (M + M decoder passes a
-    step, not M + M^2)."""
+    step, not M + M^2). The unimodal terms take no reconstruction weight (MoPoE's ``calc_elbo``: ``rec_weight_mod =
+    1.0``), the joint one the modalities' weights."""
     terms = joint_elbo(x, present, mu, logvar, decoders, likelihood, aggregate)
     rec, kl = terms.reconstruction, terms.kl
     for m in range(mu.shape[0]):
@@ -178,7 +179,7 @@ def mvae_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
         only[m] = present[m]
         uni_mu, uni_logvar = aggregate(mu, logvar, mask=only)
         z = reparameterise(uni_mu, uni_logvar)
-        rec = rec + likelihood.modality(x, present, (z,), decoders[m], m)
+        rec = rec + likelihood.modality(x, present, (z,), decoders[m], m, weighted=False)
         kl = kl + torch.where(present[m], kl_to_standard_normal(uni_mu, uni_logvar), torch.zeros_like(kl))
     return Terms(rec, kl)
 

@@ -415,10 +415,13 @@ def test_mmvae_plus_elbo_against_an_independent_computation():
 
 def test_mvae_elbo_against_an_independent_computation_decoding_each_unimodal_term_once():
     """In float64: the joint ELBO of the product with a prior expert plus each present modality's ELBO under its own
-    posterior times the prior, reconstructing that modality alone; 2M decoder passes, not M + M^2."""
+    posterior times the prior, reconstructing that modality alone; 2M decoder passes, not M + M^2. The joint term
+    weighs the modalities' likelihoods, the unimodal ones do not (MoPoE's calc_elbo: rec_weight_mod = 1.0)."""
     torch.set_default_dtype(torch.float64)
     x, present = batch().double(), present_with_gaps()
     model = make("mvae").double()
+    weights = torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64)
+    model.likelihood.weights.copy_(weights)
     calls = []
     for m, decoder in enumerate(model.decoders):
         decoder.register_forward_hook(lambda module, args, output, m=m: calls.append(m))
@@ -444,7 +447,7 @@ def test_mvae_elbo_against_an_independent_computation_decoding_each_unimodal_ter
     torch.manual_seed(5)
     mean, log_var = product_with_prior(present.double())
     z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
-    rec = sum(torch.where(present[d], laplace(d, z), 0) for d in range(3))
+    rec = sum(weights[d] * torch.where(present[d], laplace(d, z), 0) for d in range(3))
     divergence = kl(mean, log_var)
     for m in range(3):
         only = torch.zeros_like(present, dtype=torch.float64)
