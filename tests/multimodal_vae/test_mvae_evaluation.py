@@ -316,3 +316,29 @@ def test_the_evaluation_conditions_subset_mixtures_on_the_given_modalities_pool(
     log_likelihood(model, x, condition=one, targets=~one, num_samples=2)
     log_likelihood(model, x, num_samples=2)
     assert calls["pool"] == 0 and calls["conditional"] > 0
+
+
+def test_evaluation_scores_a_seeded_random_subset_of_a_split_stored_by_class():
+    """MNIST-SVHN-Text's pairing files and CUB store their test tuples class by class: the evaluation took the
+    first ``test_examples`` in stored order, all of the digit 0 (and FID's real reference with them). It now takes
+    them from the split in an order seeded by ``eval.seed``: every class appears, the same seed gives the same
+    tuples, and a tuple keeps its modalities together."""
+    from types import SimpleNamespace
+
+    from applications.multimodal_vae.evaluation import _evaluated, _shuffled
+
+    labels = torch.arange(10).repeat_interleave(100)  # 1 000 tuples, sorted by class
+    images = (labels.view(1, -1, 1, 1, 1) * 20 + torch.arange(2).view(2, 1, 1, 1, 1)).expand(2, -1, 3, 2, 2)
+    data = MultimodalDataset(polymnist_modalities(2), images.to(torch.uint8).unbind(0), labels, num_classes=10)
+    settings = SimpleNamespace(seed=3, test_examples=50)
+    chosen = _evaluated(settings, _shuffled(settings, data))
+    assert len(chosen) == 50 and len(chosen.labels.unique()) >= 8  # 50 of the first 100 would be class 0 only
+    again = _evaluated(settings, _shuffled(settings, data))
+    assert torch.equal(chosen.labels, again.labels)
+    other = _evaluated(SimpleNamespace(seed=4, test_examples=50), _shuffled(SimpleNamespace(seed=4), data))
+    assert not torch.equal(chosen.labels, other.labels)
+    first, second = chosen.gather(torch.arange(50))
+    torch.testing.assert_close(first * 255 // 20, chosen.labels.view(-1, 1, 1, 1).expand(-1, 3, 2, 2).float())
+    torch.testing.assert_close(second * 255 - first * 255, torch.ones_like(first))
+    everything = _evaluated(SimpleNamespace(seed=3, test_examples=None), _shuffled(settings, data))
+    assert sorted(everything.labels.tolist()) == labels.tolist()  # all tuples, each once

@@ -89,10 +89,21 @@ __all__ = ["CLASSIFIER_EPOCHS", "DigitClassifier", "EVALUATION_FILES", "EncoderC
 EVALUATION_FILES = ("metrics.json", "report.md", GRID_FILE)
 
 
-def _evaluated(settings, test_data):
-    """The test tuples the evaluation scores: the first ``settings.test_examples`` (all when ``None``)."""
-    n = len(test_data) if settings.test_examples is None else min(settings.test_examples, len(test_data))
-    return test_data.head(n)
+def _shuffled(settings, test_data):
+    """The test split in a random order seeded by ``settings.seed``: the evaluation scores its first
+    ``settings.test_examples`` tuples (``_evaluated``), the log-likelihoods the first ``likelihood_examples`` of
+    those, and FID compares against the first ``fid_samples`` real tuples. MNIST-SVHN-Text's pairing files and
+    CUB store their test tuples class by class, so the first ones in stored order were all digit 0 or the first
+    bird classes (MoPoE's evaluation shuffles its test loaders too)."""
+    order = torch.randperm(len(test_data), generator=torch.Generator().manual_seed(settings.seed))
+    return test_data.select(order)
+
+
+def _evaluated(settings, shuffled):
+    """The test tuples the evaluation scores: the first ``settings.test_examples`` (all when ``None``) of the
+    shuffled test split (``_shuffled``)."""
+    n = len(shuffled) if settings.test_examples is None else min(settings.test_examples, len(shuffled))
+    return shuffled.head(n)
 
 
 def _write_metrics(run_dir: Path, config, metrics: dict) -> None:
@@ -113,6 +124,7 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
     settings = config.eval
     train_data, test_data = load_dataset(config, "train"), load_dataset(config, "test")
     device = model.device
+    test_data = _shuffled(settings, test_data)
     evaluated = _evaluated(settings, test_data)
     n = len(evaluated)
     m = model.num_modalities
@@ -175,7 +187,7 @@ def reevaluate_likelihood(run_dir, config, model) -> dict:
     metrics = json.loads(path.read_text())
     remove_orphaned_temporaries(run_dir, EVALUATION_FILES)
     settings = config.eval
-    evaluated = _evaluated(settings, load_dataset(config, "test"))
+    evaluated = _evaluated(settings, _shuffled(settings, load_dataset(config, "test")))
     metrics["log_likelihood"] = _likelihoods(model, evaluated.head(settings.likelihood_examples), settings)
     metrics.setdefault("protocol", {})["likelihood_samples"] = settings.likelihood_samples
     _write_metrics(run_dir, config, metrics)
