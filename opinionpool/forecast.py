@@ -397,9 +397,16 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
     mass_density = density * jacobian  # per unit of t
     panel_mass = (mass_density * w).sum(-1)
     start = below_floor.unsqueeze(-1) + torch.cumsum(panel_mass, -1) - panel_mass  # F at each panel's left edge
-    cdf = start.unsqueeze(-1) + mass_density @ integrate.T
-    above = (middle >= y.unsqueeze(-1)).to(torch.float64).unsqueeze(-1)
-    value = (((cdf - above) ** 2) * jacobian * w).sum((-1, -2)) + sum(stretch_crps, torch.zeros(shape, dtype=torch.float64))
+    within = mass_density @ integrate.T  # each node's mass from its panel's left edge
+    cdf = start.unsqueeze(-1) + within
+    # above y, 1 - F summed from the right (the upper ladder's floor mass beyond every node): summed from the left,
+    # mass the panels missed at the lower end (a Weibull of shape 0.1 singular at 0 lost 1.8e-4) was carried up
+    # the whole upper tail, whose span (5e14 there) multiplied it: a CRPS of 1.85e7 for 3544
+    above_floor = beyond_floor[-1] if ladders and ladders[-1][0] < 0 else torch.zeros(shape, dtype=torch.float64)
+    survival = (above_floor.unsqueeze(-1) + panel_mass.flip(-1).cumsum(-1).flip(-1)).unsqueeze(-1) - within
+    above = (middle >= y.unsqueeze(-1)).unsqueeze(-1)
+    integrand = torch.where(above, survival, cdf) ** 2
+    value = (integrand * jacobian * w).sum((-1, -2)) + sum(stretch_crps, torch.zeros(shape, dtype=torch.float64))
     total = panel_mass.sum(-1) + sum(beyond_floor, torch.zeros(shape, dtype=torch.float64))
     value = value + (y - hi).clamp_min(0) * total ** 2 + (lo - y).clamp_min(0)
     at_y = (torch.where(middle < y.unsqueeze(-1), panel_mass, torch.zeros_like(panel_mass))).sum(-1)
@@ -410,8 +417,9 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
         if not bool((defect <= _mass_tolerance(dist)).all()):
             warnings.warn(f"the density quadrature of the {type(dist).__name__} forecast found a total mass off 1 by "
                           f"up to {float(defect.max()):.3g}: its panels missed part of the density (mass beyond 12 "
-                          "standard deviations, or a density much narrower than a panel), so the CRPS and PIT are "
-                          "off by about as much; a forecast with an icdf gets panels at its quantiles", stacklevel=3)
+                          "standard deviations, or a density much narrower than a panel), so the PIT is off by about "
+                          "as much and the CRPS by up to that mass times the distances it spans; a forecast with an "
+                          "icdf gets panels at its quantiles", stacklevel=3)
     return value, at_y, total
 
 
@@ -477,13 +485,16 @@ def crps(forecast, observations) -> torch.Tensor:
     torch distribution with an ``icdf`` (a LogNormal or a Cauchy: they follow skew and heavy tails), else equally
     spaced over the forecast's mean +- 12 standard deviations cut to its support (pools; a forecast with neither
     raises a ``ValueError``). Error: for densities smooth on the scale of a panel, about 1e-10 times the scale
-    (LogNormal(0, 3): 6e-12 relative; float32 forecasts about 1e-5, their own log density's rounding); the mass
-    beyond the panels is neglected (at most that mass times the distance of the observation). Next to a finite end
-    of the support the panels are equal in the log of the distance to it, where a singular density (a Gamma or
-    Beta of shape below 1) is a smooth power law, down to about 1e-300 from 0 (2^-44 of the end's size elsewhere;
-    float32: 2^-101 and 2^-15); the mass nearer the end (half of a Gamma(0.001)'s) comes from the forecast's cdf,
-    or where there is none from a power law fitted above it. Narrow modes far apart (much narrower than a panel)
-    are missed: a total mass off 1 by more than 1e-6 warns. No gradient on that path.
+    (LogNormal(0, 3): 6e-12 relative; float32 forecasts about 1e-5, their own log density's rounding). Above the
+    observation ``1 - F`` is summed from the right, below it ``F`` from the left, so mass a panel misses at one end
+    is not carried across the other. The mass beyond the panels (1e-13 at each end with an ``icdf``) is neglected:
+    nothing for light tails, but a tail as heavy as ``x^-a`` with ``a`` near 1/2 is cut short there (a Pareto of
+    shape 0.55: 9.94 for 10) and one with ``a <= 1/2``, whose CRPS is infinite, comes out finite, with no warning.
+    Next to a finite end of the support the panels are equal in the log of the distance to it, where a singular
+    density (a Gamma or Beta of shape below 1) is a smooth power law, down to about 1e-300 from 0 (2^-44 of the
+    end's size elsewhere; float32: 2^-101 and 2^-15); the mass nearer the end (half of a Gamma(0.001)'s) comes from
+    the forecast's cdf, or where there is none from a power law fitted above it. Narrow modes far apart (much
+    narrower than a panel) are missed: a total mass off 1 by more than 1e-6 warns. No gradient on that path.
 
     Circular forecasts (VonMises experts, pools and mixtures) are rejected with a ``ValueError``: the integral over
     the real line counts the periodic density's mass once per period, and a CRPS of angles is a different score.
@@ -526,9 +537,33 @@ def pit(forecast, observations) -> torch.Tensor:
     # a plain torch forecast validates its support: F is 0 below it and 1 above it
     lower, upper = (bound.to(y.dtype) for bound in _support(forecast))
     inside = (y > lower) & (y < upper)
-    with torch.no_grad():
+    with torch.no_grad(), _without_validation(forecast):
         cdf = forecast.cdf(torch.where(inside, y, _interior_point(lower, upper).expand(y.shape)))
     return torch.where(inside, cdf, (y >= upper).to(y.dtype)).clamp(0, 1)
+
+
+@contextlib.contextmanager
+def _without_validation(forecast: Distribution):
+    """``forecast`` and the distributions it is built from (a transformed one's base, a mixture's parts) with
+    argument validation off, restored after: a Gumbel's cdf is its base Uniform's at the transformed point, which
+    rounds onto the Uniform's open ends 6 standard deviations out, where validation raised instead of giving 0
+    or 1."""
+    found, stack = [], [forecast]
+    while stack:
+        dist = stack.pop()
+        if isinstance(dist, Distribution) and all(dist is not seen for seen, _ in found):
+            found.append((dist, dist.__dict__.get("_validate_args")))
+            dist._validate_args = False
+            stack += [getattr(dist, name, None) for name in ("base_dist", "mixture_distribution",
+                                                              "component_distribution")]
+    try:
+        yield
+    finally:
+        for dist, flag in found:
+            if flag is None:
+                dist.__dict__.pop("_validate_args", None)
+            else:
+                dist._validate_args = flag
 
 
 def _has_cdf(dist: Distribution) -> bool:
