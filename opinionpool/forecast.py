@@ -198,10 +198,12 @@ def _mean_and_sd(dist: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def _panel_edges(dist: Distribution, shape: torch.Size) -> torch.Tensor:
-    """Panel edges ``shape + (K + 1,)`` in float64 covering the forecast's mass: at the quantiles of equally spaced
-    log-odds from 1e-13 to 1 - 1e-13 (float32: 2.4e-7) where it has an ``icdf`` (the panels follow a skewed or
-    heavy-tailed density, finer towards its tails), else equally spaced over its mean +- 12 standard deviations,
-    cut to its support, and panels of doubling width beyond, out to 256 times that span or to a finite end."""
+    """``(edges, tails)``: panel edges ``shape + (K + 1,)`` in float64 covering the forecast's mass: at the
+    quantiles of equally spaced log-odds from 1e-13 to 1 - 1e-13 (float32: 2.4e-7) where it has an ``icdf`` (the
+    panels follow a skewed or heavy-tailed density, finer towards its tails), else equally spaced over its mean +-
+    12 standard deviations, cut to its support, and panels of doubling width beyond, out to 256 times that span or
+    to a finite end. ``tails``: for quantile panels, ``F`` at the first two edges and ``1 - F`` at the last two
+    (for ``_beyond_panels``), else ``None``."""
     lower, upper = _support(dist)
     if _implements(dist, "icdf") and not isinstance(dist, _Pool):
         dtype = _dtype(dist)
@@ -211,7 +213,8 @@ def _panel_edges(dist: Distribution, shape: torch.Size) -> torch.Tensor:
         edges = dist.icdf(levels.expand((-1,) + shape)).detach().to(torch.float64).movedim(0, -1)
         edges = torch.maximum(torch.minimum(edges, upper.unsqueeze(-1)), lower.unsqueeze(-1))
         if bool(torch.isfinite(edges).all()):
-            return edges
+            levels = levels.flatten().to(torch.float64)
+            return edges, (levels[0], levels[1], 1 - levels[-1], 1 - levels[-2])
     mean, sd = _mean_and_sd(dist)
     bad = ~(torch.isfinite(mean) & torch.isfinite(sd))
     if bool(bad.any()):
@@ -228,7 +231,7 @@ def _panel_edges(dist: Distribution, shape: torch.Size) -> torch.Tensor:
     # Gamma of shape 0.05 has a thousandth of its mass beyond 12 standard deviations, a Beta(2, 0.005) 0.2% below them)
     beyond = span * _TAIL_STEPS
     return torch.cat((torch.maximum(lo.unsqueeze(-1) - beyond.flip(-1), lower.unsqueeze(-1)), grid,
-                      torch.minimum(hi.unsqueeze(-1) + beyond, upper.unsqueeze(-1))), -1)
+                      torch.minimum(hi.unsqueeze(-1) + beyond, upper.unsqueeze(-1))), -1), None
 
 
 def _end_ladder(bound: torch.Tensor, sign: float, near: torch.Tensor, active: torch.Tensor, y: torch.Tensor,
@@ -343,8 +346,9 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
     shape = torch.broadcast_shapes(y.shape, dist.batch_shape)
     y = y.expand(shape).to(torch.float64)
     ladders = []  # (sign, bound, log-distance edges) of the ends the panels start at
+    tails = None
     if window is None:
-        grid = _panel_edges(dist, shape)
+        grid, tails = _panel_edges(dist, shape)
         for sign, bound in zip((1.0, -1.0), _support(dist)):
             bound = bound.expand(shape)
             end = grid[..., 0] if sign > 0 else grid[..., -1]
@@ -387,6 +391,12 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
     beyond_floor, nearer_than_y, stretch_crps = zip(*(_beyond_floor(dist, sign, bound, log_edges, y)
                                                       for sign, bound, log_edges in ladders)) if ladders else ((), (), ())
     below_floor = beyond_floor[0] if ladders and ladders[0][0] > 0 else torch.zeros(shape, dtype=torch.float64)
+    # quantile panels leave known masses beyond their first and last edges (1e-13 each; float32 2.4e-7): F and
+    # 1 - F start from them, not from 0 (a Pareto of shape 0.55 lost 2e-13 E[X] to a tail mass left out of 1 - F)
+    signs = [sign for sign, _, _ in ladders]
+    tail_low, tail_high = ((tails[0] if 1.0 not in signs else 0.0, tails[2] if -1.0 not in signs else 0.0)
+                           if tails is not None else (0.0, 0.0))
+    below_floor = below_floor + tail_low
     nodes, jacobian, middle, log_distance, ends = (torch.cat(group, -1 if k == 2 else -2)
                                                    for k, group in enumerate(zip(*parts)))
     points = nodes.flatten(-2).movedim(-1, 0).to(_dtype(dist))  # (P,) + shape, torch's sample layout for log_prob
@@ -402,14 +412,17 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
     # above y, 1 - F summed from the right (the upper ladder's floor mass beyond every node): summed from the left,
     # mass the panels missed at the lower end (a Weibull of shape 0.1 singular at 0 lost 1.8e-4) was carried up
     # the whole upper tail, whose span (5e14 there) multiplied it: a CRPS of 1.85e7 for 3544
-    above_floor = beyond_floor[-1] if ladders and ladders[-1][0] < 0 else torch.zeros(shape, dtype=torch.float64)
+    above_floor = (beyond_floor[-1] if ladders and ladders[-1][0] < 0 else torch.zeros(shape, dtype=torch.float64))
+    above_floor = above_floor + tail_high
     survival = (above_floor.unsqueeze(-1) + panel_mass.flip(-1).cumsum(-1).flip(-1)).unsqueeze(-1) - within
     above = (middle >= y.unsqueeze(-1)).unsqueeze(-1)
     integrand = torch.where(above, survival, cdf) ** 2
     value = (integrand * jacobian * w).sum((-1, -2)) + sum(stretch_crps, torch.zeros(shape, dtype=torch.float64))
-    total = panel_mass.sum(-1) + sum(beyond_floor, torch.zeros(shape, dtype=torch.float64))
+    total = panel_mass.sum(-1) + sum(beyond_floor, torch.zeros(shape, dtype=torch.float64)) + tail_low + tail_high
     value = value + (y - hi).clamp_min(0) * total ** 2 + (lo - y).clamp_min(0)
-    at_y = (torch.where(middle < y.unsqueeze(-1), panel_mass, torch.zeros_like(panel_mass))).sum(-1)
+    if tails is not None:
+        value = value + _beyond_panels(grid, tails, y, signs)
+    at_y = (torch.where(middle < y.unsqueeze(-1), panel_mass, torch.zeros_like(panel_mass))).sum(-1) + tail_low
     for (sign, _, _), floor_mass, next_to_end in zip(ladders, beyond_floor, nearer_than_y):
         at_y = at_y + (next_to_end if sign > 0 else floor_mass - next_to_end)
     if window is None:
@@ -421,6 +434,31 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
                           "as much and the CRPS by up to that mass times the distances it spans; a forecast with an "
                           "icdf gets panels at its quantiles", stacklevel=3)
     return value, at_y, total
+
+
+def _beyond_panels(grid: torch.Tensor, tails, y: torch.Tensor, laddered) -> torch.Tensor:
+    """The CRPS beyond quantile panels, ``int F^2`` below the first edge and ``int (1 - F)^2`` above the last (from
+    the observation on where it lies beyond them), for tails that fall as a power of ``|x|``: the index ``a`` from
+    the known levels at the last two edges, the integral ``F(x)^2 |x| / (2 a - 1)`` from the edge or observation
+    ``x``, infinite for ``a <= 1/2`` (a Pareto of shape 0.5, whose CRPS diverges, gave 57). Light tails give ``a`` in
+    the hundreds and nothing that counts; an end the panels reach through a ladder (a finite end of the support),
+    or an edge on the other side of 0, adds nothing."""
+    low_levels, high_levels = tails[:2], tails[2:]
+    total = torch.zeros(y.shape, dtype=torch.float64)
+    for sign, (outer, inner), (level_out, level_in) in ((-1.0, (grid[..., 0], grid[..., 1]), low_levels),
+                                                        (1.0, (grid[..., -1], grid[..., -2]), high_levels)):
+        if -sign in laddered:  # (the ladder's sign is +1 at the lower end, -1 at the upper one)
+            continue
+        far, near = sign * outer, sign * inner  # distances from 0 outwards, when the tail lies beyond 0
+        usable = (near > 0) & (far > near)
+        ratio = torch.where(usable, far / torch.where(usable, near, 1.0), 2.0)
+        index = math.log(float(level_in) / float(level_out)) / torch.log(ratio)
+        start = torch.maximum(far, sign * y)
+        level = level_out * (start / torch.where(usable, far, 1.0)) ** -index  # the tail's F or 1 - F at start
+        # (an index within its estimate's rounding of 1/2 diverges too: 0.5 + 1e-13 gave 9e14 for a Pareto of 0.5)
+        tail = torch.where(index > 0.5 + 1e-9, level**2 * start / (2 * index - 1), math.inf)
+        total = total + torch.where(usable, tail, 0.0)
+    return total
 
 
 def _mass_tolerance(dist: Distribution) -> float:
@@ -487,9 +525,10 @@ def crps(forecast, observations) -> torch.Tensor:
     raises a ``ValueError``). Error: for densities smooth on the scale of a panel, about 1e-10 times the scale
     (LogNormal(0, 3): 6e-12 relative; float32 forecasts about 1e-5, their own log density's rounding). Above the
     observation ``1 - F`` is summed from the right, below it ``F`` from the left, so mass a panel misses at one end
-    is not carried across the other. The mass beyond the panels (1e-13 at each end with an ``icdf``) is neglected:
-    nothing for light tails, but a tail as heavy as ``x^-a`` with ``a`` near 1/2 is cut short there (a Pareto of
-    shape 0.55: 9.94 for 10) and one with ``a <= 1/2``, whose CRPS is infinite, comes out finite, with no warning.
+    is not carried across the other. Quantile panels start from the masses they leave beyond their ends (1e-13
+    each), and add the CRPS beyond them as the power law of ``|x|`` their last two levels give (``int (1 - F)^2 = (1
+    - F)^2 x / (2 a - 1)`` for a tail falling as ``x^-a``; infinite for ``a <= 1/2``, a Pareto of shape 1/2, whose
+    CRPS diverges); other panels neglect the mass beyond them.
     Next to a finite end of the support the panels are equal in the log of the distance to it, where a singular
     density (a Gamma or Beta of shape below 1) is a smooth power law, down to about 1e-300 from 0 (2^-44 of the
     end's size elsewhere; float32: 2^-101 and 2^-15); the mass nearer the end (half of a Gamma(0.001)'s) comes from

@@ -692,3 +692,28 @@ def test_pit_of_a_transformed_forecast_far_in_its_tails():
     assert forecast._validate_args and forecast.base_dist._validate_args
     with pytest.raises(ValueError):  # validation itself still works for the user's own calls
         forecast.base_dist.cdf(torch.tensor(2.0, dtype=torch.float64))
+
+
+def test_crps_of_heavy_tails_beyond_the_quantile_panels():
+    """The CRPS beyond the last panel (1 - F = 1e-13 there) was dropped: a Pareto of shape 0.5 or 0.3, whose CRPS
+    diverges, gave 57 and 1.5e17 with no warning, one of shape 0.55 9.94 for 10, and the 1e-13 left out of 1 - F
+    cost 2e-13 E[X] over the panels. References: at the scale, the closed form int_1^inf x^(-2a) dx = 1 / (2a - 1);
+    elsewhere scipy's quad of (F - 1{x >= y})^2 with Pareto's cdf."""
+    from torch.distributions import Cauchy, Pareto
+
+    def t(x):
+        return torch.tensor(x, dtype=torch.float64)
+
+    for a in (0.55, 0.6, 1.0, 2.0):
+        assert float(op.crps(Pareto(t(1.0), t(a)), t(1.0))) == pytest.approx(1 / (2 * a - 1), rel=1e-10), a
+    for a in (0.3, 0.5):
+        assert float(op.crps(Pareto(t(1.0), t(a)), t(1.0))) == math.inf, a
+    a, y = 0.7, 3.0
+    below = scipy.integrate.quad(lambda x: (1 - x**-a) ** 2, 1, y, epsabs=0, epsrel=1e-13)[0]
+    above = y ** (1 - 2 * a) / (2 * a - 1)  # int_y^inf x^(-2a) dx
+    assert float(op.crps(Pareto(t(1.0), t(a)), t(y))) == pytest.approx(below + above, rel=1e-10)
+    # both tails of a Cauchy: the integral of its closed-form cdf
+    cdf = scipy.stats.cauchy(0.2, 1.5).cdf
+    reference = sum(scipy.integrate.quad(f, lo, hi, epsabs=0, epsrel=1e-12, limit=200)[0]
+                    for f, lo, hi in ((lambda x: cdf(x) ** 2, -np.inf, 0.9), (lambda x: (1 - cdf(x)) ** 2, 0.9, np.inf)))
+    assert float(op.crps(Cauchy(t(0.2), t(1.5)), t(0.9))) == pytest.approx(reference, rel=1e-9)
