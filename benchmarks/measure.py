@@ -57,10 +57,11 @@ def provenance(device: str = "cpu") -> str:
     """One line saying when, at which commit and on what a table was measured, so that no prose has to retype it:
     the date (UTC), the commit (marked when tracked files outside docs/ differ from it), the processor and its core
     count, or the GPU for a CUDA device, and torch's version."""
-    commit = _git("rev-parse", "--short", "HEAD") or "unknown commit"
+    commit = _git("rev-parse", "--short", "HEAD")
     # the pages the tables are spliced into do not change what is measured
-    if commit != "unknown commit" and _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"):
+    if commit and _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"):
         commit += " with uncommitted changes"
+    commit = commit or "unknown commit"
     machine = (torch.cuda.get_device_name() if str(device).startswith("cuda")
                else f"{_processor()}, {os.cpu_count()} cores")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")

@@ -74,8 +74,7 @@ def log_chernoff_coefficient(p, q, a: float = 0.5) -> torch.Tensor:
     eta_p, eta_q = eta.select(k, 0), eta.select(k, 1)
     combined = a * eta_p + (1 - a) * eta_q
     if not bool(family.natural_domain(combined).all()):
-        raise ValueError(f"the Chernoff integral of order a={value} diverges for these {family.name} experts "
-                         "(a * eta_p + (1 - a) * eta_q leaves the natural parameter space)")
+        raise _divergent(value, family)
     # outside [0, 1] the weights (a, 1 - a) have opposite signs, so the log-normalisers' form
     # A(combined) - a A(eta_p) - (1 - a) A(eta_q) cancels terms of their size (two Gaussians at 1e8 gave a Rényi
     # divergence of -0.5 for 0.022): Gaussians take the closed form without such terms, the other families
@@ -100,14 +99,18 @@ def _diagonal_gaussian_log_chernoff(family, params_p, params_q, value, a):
     is positive; that is checked on the log-variances, not on the natural parameters, which overflow for scales of
     1e-170 (float64) or 1e-20 (float32)."""
     (loc_p, logvar_p), (loc_q, logvar_q) = family.split(params_p), family.split(params_q)
+    if not 0 < value < 1 and not bool((a * torch.expm1(logvar_q - logvar_p) > -1).all()):
+        raise _divergent(value, family)
     if 0.5 < value < 1:
         log_c = _gaussian_log_chernoff(loc_q, logvar_q, loc_p, logvar_p, 1 - a)
     else:
-        if not 0 < value < 1 and not bool((a * torch.expm1(logvar_q - logvar_p) > -1).all()):
-            raise ValueError(f"the Chernoff integral of order a={value} diverges for these {family.name} experts "
-                             "(a * eta_p + (1 - a) * eta_q leaves the natural parameter space)")
         log_c = _gaussian_log_chernoff(loc_p, logvar_p, loc_q, logvar_q, a)
     return log_c.sum(-1) if family.num_features else log_c
+
+
+def _divergent(value: float, family) -> ValueError:
+    return ValueError(f"the Chernoff integral of order a={value} diverges for these {family.name} experts "
+                      "(a * eta_p + (1 - a) * eta_q leaves the natural parameter space)")
 
 
 def _gaussian_log_chernoff(loc_p, logvar_p, loc_q, logvar_q, a):

@@ -197,7 +197,7 @@ def _mean_and_sd(dist: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def _panel_edges(dist: Distribution, shape: torch.Size) -> torch.Tensor:
+def _panel_edges(dist: Distribution, shape: torch.Size) -> tuple[torch.Tensor, tuple | None]:
     """``(edges, tails)``: panel edges ``shape + (K + 1,)`` in float64 covering the forecast's mass: at the
     quantiles of equally spaced log-odds from 1e-13 to 1 - 1e-13 (float32: 2.4e-7) where it has an ``icdf`` (the
     panels follow a skewed or heavy-tailed density, finer towards its tails), else equally spaced over its mean +-
@@ -390,13 +390,13 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
     # Gamma of shape 0.003 has an eighth of its mass below 1e-300
     beyond_floor, nearer_than_y, stretch_crps = zip(*(_beyond_floor(dist, sign, bound, log_edges, y)
                                                       for sign, bound, log_edges in ladders)) if ladders else ((), (), ())
-    below_floor = beyond_floor[0] if ladders and ladders[0][0] > 0 else torch.zeros(shape, dtype=torch.float64)
-    # quantile panels leave known masses beyond their first and last edges (1e-13 each; float32 2.4e-7): F and
-    # 1 - F start from them, not from 0 (a Pareto of shape 0.55 lost 2e-13 E[X] to a tail mass left out of 1 - F)
-    signs = [sign for sign, _, _ in ladders]
-    tail_low, tail_high = ((tails[0] if 1.0 not in signs else 0.0, tails[2] if -1.0 not in signs else 0.0)
-                           if tails is not None else (0.0, 0.0))
-    below_floor = below_floor + tail_low
+    floors = {sign: floor for (sign, _, _), floor in zip(ladders, beyond_floor)}  # +1: the lower end, -1: the upper
+    # quantile panels leave known masses beyond the ends no ladder reaches (1e-13 each; float32 2.4e-7): F and 1 - F
+    # start from them, not from 0 (a Pareto of shape 0.55 lost 2e-13 E[X] to a tail mass left out of 1 - F)
+    open_low, open_high = (tails is not None and sign not in floors for sign in (1.0, -1.0))
+    tail_low, tail_high = (tails[0] if open_low else 0.0), (tails[2] if open_high else 0.0)
+    zero = torch.zeros(shape, dtype=torch.float64)
+    below_floor, above_floor = floors.get(1.0, zero) + tail_low, floors.get(-1.0, zero) + tail_high
     nodes, jacobian, middle, log_distance, ends = (torch.cat(group, -1 if k == 2 else -2)
                                                    for k, group in enumerate(zip(*parts)))
     points = nodes.flatten(-2).movedim(-1, 0).to(_dtype(dist))  # (P,) + shape, torch's sample layout for log_prob
@@ -409,19 +409,17 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
     start = below_floor.unsqueeze(-1) + torch.cumsum(panel_mass, -1) - panel_mass  # F at each panel's left edge
     within = mass_density @ integrate.T  # each node's mass from its panel's left edge
     cdf = start.unsqueeze(-1) + within
-    # above y, 1 - F summed from the right (the upper ladder's floor mass beyond every node): summed from the left,
+    # above y, 1 - F summed from the right (the mass beyond the last panel beyond every node): summed from the left,
     # mass the panels missed at the lower end (a Weibull of shape 0.1 singular at 0 lost 1.8e-4) was carried up
     # the whole upper tail, whose span (5e14 there) multiplied it: a CRPS of 1.85e7 for 3544
-    above_floor = (beyond_floor[-1] if ladders and ladders[-1][0] < 0 else torch.zeros(shape, dtype=torch.float64))
-    above_floor = above_floor + tail_high
     survival = (above_floor.unsqueeze(-1) + panel_mass.flip(-1).cumsum(-1).flip(-1)).unsqueeze(-1) - within
     above = (middle >= y.unsqueeze(-1)).unsqueeze(-1)
     integrand = torch.where(above, survival, cdf) ** 2
-    value = (integrand * jacobian * w).sum((-1, -2)) + sum(stretch_crps, torch.zeros(shape, dtype=torch.float64))
-    total = panel_mass.sum(-1) + sum(beyond_floor, torch.zeros(shape, dtype=torch.float64)) + tail_low + tail_high
+    value = (integrand * jacobian * w).sum((-1, -2)) + sum(stretch_crps, zero)
+    total = panel_mass.sum(-1) + below_floor + above_floor
     value = value + (y - hi).clamp_min(0) * total ** 2 + (lo - y).clamp_min(0)
     if tails is not None:
-        value = value + _beyond_panels(grid, tails, y, signs)
+        value = value + _beyond_panels(grid, tails, y, open_low, open_high)
     at_y = (torch.where(middle < y.unsqueeze(-1), panel_mass, torch.zeros_like(panel_mass))).sum(-1) + tail_low
     for (sign, _, _), floor_mass, next_to_end in zip(ladders, beyond_floor, nearer_than_y):
         at_y = at_y + (next_to_end if sign > 0 else floor_mass - next_to_end)
@@ -436,18 +434,18 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
     return value, at_y, total
 
 
-def _beyond_panels(grid: torch.Tensor, tails, y: torch.Tensor, laddered) -> torch.Tensor:
+def _beyond_panels(grid: torch.Tensor, tails, y: torch.Tensor, open_low: bool, open_high: bool) -> torch.Tensor:
     """The CRPS beyond quantile panels, ``int F^2`` below the first edge and ``int (1 - F)^2`` above the last (from
     the observation on where it lies beyond them), for tails that fall as a power of ``|x|``: the index ``a`` from
     the known levels at the last two edges, the integral ``F(x)^2 |x| / (2 a - 1)`` from the edge or observation
     ``x``, infinite for ``a <= 1/2`` (a Pareto of shape 0.5, whose CRPS diverges, gave 57). Light tails give ``a`` in
-    the hundreds and nothing that counts; an end the panels reach through a ladder (a finite end of the support),
-    or an edge on the other side of 0, adds nothing."""
-    low_levels, high_levels = tails[:2], tails[2:]
+    the hundreds and nothing that counts; only the ends that are ``open_low`` / ``open_high`` (no ladder reaches
+    them: not a finite end of the support) count, and an edge on the other side of 0 adds nothing."""
     total = torch.zeros(y.shape, dtype=torch.float64)
-    for sign, (outer, inner), (level_out, level_in) in ((-1.0, (grid[..., 0], grid[..., 1]), low_levels),
-                                                        (1.0, (grid[..., -1], grid[..., -2]), high_levels)):
-        if -sign in laddered:  # (the ladder's sign is +1 at the lower end, -1 at the upper one)
+    for sign, (outer, inner), (level_out, level_in), is_open in (
+            (-1.0, (grid[..., 0], grid[..., 1]), tails[:2], open_low),
+            (1.0, (grid[..., -1], grid[..., -2]), tails[2:], open_high)):
+        if not is_open:
             continue
         far, near = sign * outer, sign * inner  # distances from 0 outwards, when the tail lies beyond 0
         usable = (near > 0) & (far > near)
@@ -587,22 +585,19 @@ def _without_validation(forecast: Distribution):
     argument validation off, restored after: a Gumbel's cdf is its base Uniform's at the transformed point, which
     rounds onto the Uniform's open ends 6 standard deviations out, where validation raised instead of giving 0
     or 1."""
-    found, stack = [], [forecast]
+    flags, stack = {}, [forecast]  # id -> (distribution, its setting)
     while stack:
         dist = stack.pop()
-        if isinstance(dist, Distribution) and all(dist is not seen for seen, _ in found):
-            found.append((dist, dist.__dict__.get("_validate_args")))
+        if isinstance(dist, Distribution) and id(dist) not in flags:
+            flags[id(dist)] = dist, dist._validate_args
             dist._validate_args = False
             stack += [getattr(dist, name, None) for name in ("base_dist", "mixture_distribution",
                                                               "component_distribution")]
     try:
         yield
     finally:
-        for dist, flag in found:
-            if flag is None:
-                dist.__dict__.pop("_validate_args", None)
-            else:
-                dist._validate_args = flag
+        for dist, flag in flags.values():
+            dist._validate_args = flag
 
 
 def _has_cdf(dist: Distribution) -> bool:

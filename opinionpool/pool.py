@@ -1427,8 +1427,8 @@ def _rebuilt(item, convert, depth: int = 0):
     """``item`` with every tensor it holds replaced by ``convert(tensor)``, looking through the distributions and
     transforms it is built from (copied attribute by attribute), lists, tuples and dicts, ``_BUILT_FROM_DEPTH``
     levels deep; anything else (other containers, objects of other classes), and anything ``convert`` leaves
-    unchanged, is kept as it is. A transform's weak reference
-    to its cached inverse is dropped, so that a copy builds its own inverse from its own tensors."""
+    unchanged, is kept as it is. A transform's weak reference to its cached inverse is dropped, so that a copy
+    builds its own inverse from its own tensors."""
     if isinstance(item, torch.Tensor):
         return convert(item)
     if depth >= _BUILT_FROM_DEPTH:

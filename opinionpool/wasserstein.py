@@ -172,6 +172,7 @@ def covariance_barycenter(covariances: torch.Tensor, weights: torch.Tensor, *, t
     out = sigma + (step - step.detach())  # the fixed point's value, the step's gradient
     fixed = sigma.clone().requires_grad_()
     step_in_sigma = _barycenter_step(fixed, covariances.detach(), w.detach())  # for J^T v
+
     def implicit(grad):
         if grad is None:  # no gradient reaches the output
             return None
