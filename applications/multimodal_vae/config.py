@@ -65,6 +65,9 @@ class ModelConfig:
     #: "free" (the encoders give log-variances) or "softmax" (MMVAE's and MMVAE+'s code: standard deviations
     #: softmax(out) * n + 1e-6 over the n shared and, separately, the n private coordinates)
     posterior_scale: str = "free"
+    #: with private_dim > 0, one weight per modality of its private latent's KL (MoPoE's style_weights; its CelebA
+    #: code gives image 1, text 2); None: all 1
+    private_kl_weights: list[float] | None = None
 
 
 @dataclass
@@ -283,9 +286,14 @@ def _check(config) -> None:
     model = config.model
     try:
         check_options(model.name, model.alpha, model.learnable_weights, model.num_samples, model.estimator,
-                      model.likelihood, model.likelihood_scale, model.private_dim, model.posterior_scale)
+                      model.likelihood, model.likelihood_scale, model.private_dim, model.posterior_scale,
+                      model.private_kl_weights)
     except ValueError as error:
         raise ValueError(f"invalid model options: {error}") from None
+    weights = model.private_kl_weights
+    if weights is not None and len(weights) != config.data.num_modalities:
+        raise ValueError(f"model.private_kl_weights needs one weight per modality (data.num_modalities = "
+                         f"{config.data.num_modalities}), got {list(weights)!r}")
     if model.architecture not in ("conv", "resnet"):
         raise ValueError(f"model.architecture must be 'conv' or 'resnet', got {model.architecture!r}")
     try:

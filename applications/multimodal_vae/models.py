@@ -183,7 +183,7 @@ SOFTMAX_SCALE_FLOOR = 1e-6
 def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = False, num_samples: int = 1,
                   estimator: str = "elbo", likelihood: str = "laplace",
                   likelihood_scale: float = objectives.LAPLACE_SCALE, private_dim: int = 0,
-                  posterior_scale: str = "free") -> None:
+                  posterior_scale: str = "free", private_kl_weights=None) -> None:
     """Raise ``ValueError`` naming the option when the combination is not a model this module builds."""
     objectives.Likelihood.check(likelihood, likelihood_scale)
     if posterior_scale not in POSTERIOR_SCALES:
@@ -211,6 +211,20 @@ def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = Fals
     if not spec.multi_sample and (num_samples != 1 or estimator != "elbo"):
         raise ValueError(f"num_samples and estimator apply to {_models_with('multi_sample')}; model={model!r} got "
                          f"num_samples={num_samples!r}, estimator={estimator!r}")
+    if private_kl_weights is not None:
+        _check_private_kl_weights(model, spec, private_dim, private_kl_weights)
+
+
+def _check_private_kl_weights(model: str, spec: ModelSpec, private_dim: int, weights) -> None:
+    if not spec.optional_private or private_dim == 0:
+        raise ValueError(f"private_kl_weights go with modality-specific latents (private_dim > 0) of the models "
+                         f"{_models_with('optional_private')}; model={model!r}, private_dim={private_dim!r} got "
+                         f"private_kl_weights={weights!r}")
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+        raise ValueError(f"private_kl_weights must be a list of one number per modality, got {weights!r}")
+    for value in weights:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"private_kl_weights must be finite non-negative numbers, got {list(weights)!r}")
 
 
 def _softmax_log_variance(out: torch.Tensor) -> torch.Tensor:
@@ -287,6 +301,8 @@ class MultimodalVAE(nn.Module):
         posterior_scale: ``"free"`` (the encoders' second outputs are log-variances) or ``"softmax"`` (MMVAE's
             and MMVAE+'s: standard deviations ``softmax(out) * n + 1e-6`` over the shared and, separately, the
             private coordinates; ``POSTERIOR_SCALES``).
+        private_kl_weights: one weight per modality of its modality-specific latent's KL (MoPoE's
+            ``style_weights``; ``None``: all 1), for the models whose spec is ``optional_private``.
 
     Under autocast the networks run in reduced precision; the aggregation, the KL and the log-likelihoods are
     computed in float32 (or float64 for a float64 model).
@@ -296,13 +312,19 @@ class MultimodalVAE(nn.Module):
                  alpha: float = 0.5, learnable_weights: bool = False, modalities=None,
                  num_samples: int = 1, estimator: str = "elbo", likelihood: str = "laplace",
                  likelihood_scale: float = objectives.LAPLACE_SCALE, private_dim: int = 0,
-                 latent_dim: int | None = None, posterior_scale: str = "free"):
+                 latent_dim: int | None = None, posterior_scale: str = "free", private_kl_weights=None):
         super().__init__()
         check_options(model, alpha, learnable_weights, num_samples, estimator, likelihood, likelihood_scale,
-                      private_dim, posterior_scale)
+                      private_dim, posterior_scale, private_kl_weights)
         self.posterior_scale = posterior_scale
         if len(encoders) != len(decoders):
             raise ValueError(f"{len(encoders)} encoders but {len(decoders)} decoders; they must pair up")
+        if private_kl_weights is not None and len(private_kl_weights) != len(encoders):
+            raise ValueError(f"private_kl_weights needs one weight per modality ({len(encoders)}), got "
+                             f"{list(private_kl_weights)!r}")
+        # not in the state dict: a run's config holds them, and checkpoints from before the option still load
+        self.register_buffer("private_kl_weights", None if private_kl_weights is None else
+                             torch.tensor([float(w) for w in private_kl_weights]), persistent=False)
         self.private_dim = int(private_dim)
         self.spec = spec = MODELS[model]
         self.auxiliary_logits = None
@@ -454,6 +476,8 @@ class MultimodalVAE(nn.Module):
         extra = {"auxiliary_scale": self.auxiliary_scale()} if self.auxiliary_logits is not None else {}
         if self.top_down is not None:
             extra["top_down"] = self.top_down
+        if self.private_kl_weights is not None:
+            extra["private_kl_weights"] = self.private_kl_weights
         terms = self.objective(as_modalities(x), present, mu, logvar, self.decoders, self.likelihood, self.pooling,
                                **extra)
         objective = terms.reconstruction - self.beta * terms.kl if terms.objective is None else terms.objective

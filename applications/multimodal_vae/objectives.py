@@ -131,29 +131,36 @@ def reparameterise(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
 
-def joint_elbo(x, present, mu, logvar, decoders, likelihood, aggregate, private_dim=0) -> Terms:
+def joint_elbo(x, present, mu, logvar, decoders, likelihood, aggregate, private_dim=0,
+               private_kl_weights=None) -> Terms:
     """HELVAE, the moment-matched Hölder VAEs and WB-VAE: one ELBO with the aggregated Gaussian posterior.
 
     With ``private_dim`` (the last coordinates of each posterior, as in MMVAE+) every present modality ``n`` is
     reconstructed from ``(z, w_n)`` with ``w_n ~ q(w_n | x_n)``, and ``kl`` adds ``KL(q(w_n | x_n) || N(0, I))``
-    of the present modalities. ``z`` is sampled after aggregation, from every present modality at once, so each
-    private latent only ever reconstructs its own modality: nothing stops ``w_n`` from carrying all of ``x_n``
-    (the shortcut the Hölder++ paper names; a missing modality is not reconstructed, so ``r_n`` is never used)."""
+    of the present modalities (times ``private_kl_weights[n]`` if given). ``z`` is sampled after aggregation, from
+    every present modality at once, so each private latent only ever reconstructs its own modality: nothing stops
+    ``w_n`` from carrying all of ``x_n`` (the shortcut the Hölder++ paper names; a missing modality is not
+    reconstructed, so ``r_n`` is never used)."""
     shared = mu.shape[-1] - private_dim
     joint_mu, joint_logvar = aggregate(mu[..., :shared], logvar[..., :shared], mask=present)
     z = reparameterise(joint_mu, joint_logvar)
     kl = kl_to_standard_normal(joint_mu, joint_logvar)
     if not private_dim:
         return Terms(likelihood(x, present, z, decoders), kl)
-    return _with_own_private_latents(x, present, z, kl, mu[..., shared:], logvar[..., shared:], decoders, likelihood)
+    return _with_own_private_latents(x, present, z, kl, mu[..., shared:], logvar[..., shared:], decoders, likelihood,
+                                     private_kl_weights)
 
 
-def _with_own_private_latents(x, present, z, kl, own_mu, own_logvar, decoders, likelihood) -> Terms:
+def _with_own_private_latents(x, present, z, kl, own_mu, own_logvar, decoders, likelihood,
+                              private_kl_weights=None) -> Terms:
     """Every present modality ``n`` reconstructed from ``(z, w_n)``, ``w_n ~ q(w_n | x_n)`` (its own posterior
     ``own_mu``, ``own_logvar`` ``(M, B, P)``), and ``KL(q(w_n | x_n) || N(0, I))`` of the present modalities added
-    to ``kl``."""
+    to ``kl``, each times ``private_kl_weights[n]`` (``(M,)``; default 1: MoPoE's ``style_weights``)."""
     w = reparameterise(own_mu, own_logvar)
-    kl_private = torch.where(present, kl_to_standard_normal(own_mu, own_logvar), 0).sum(0)
+    kl_private = torch.where(present, kl_to_standard_normal(own_mu, own_logvar), 0)
+    if private_kl_weights is not None:
+        kl_private = kl_private * private_kl_weights.to(kl_private.dtype).unsqueeze(-1)
+    kl_private = kl_private.sum(0)
     return Terms(likelihood(x, present, [(z, w[n]) for n in range(len(decoders))], decoders), kl + kl_private)
 
 
@@ -184,7 +191,8 @@ def mvae_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
     return Terms(rec, kl)
 
 
-def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate, private_dim=0) -> Terms:
+def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate, private_dim=0,
+                        private_kl_weights=None) -> Terms:
     """MoPoE, MoHELVAE, MWB-VAE: the uniform mixture over modality subsets, ``aggregate(mu, logvar, mask=,
     subsets=)`` (``MultimodalVAE.pool_subsets``: ``opinionpool.functional.subset_mixture`` of the model's
     aggregator, MoPoE's with a standard-normal expert in the subset of all modalities). Stratified as in MoPoE: the
@@ -194,8 +202,9 @@ def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate,
     With ``private_dim`` (the last coordinates of each posterior), MoPoE's modality-specific latents: ``z`` from
     the chosen subset reconstructs each present modality ``n`` from ``(z, w_n)`` with ``w_n ~ q(w_n | x_n)``
     whether or not ``n`` is in the subset, and ``kl`` adds ``KL(q(w_n | x_n) || N(0, I))`` of every present
-    modality in full (MoPoE's ``BaseMMVae.forward`` and ``calc_style_kld``, which the official HELVAE code keeps on
-    CelebA; not MMVAE+'s auxiliary ``r_n`` for the modalities outside the subset)."""
+    modality in full, times ``private_kl_weights[n]`` if given (MoPoE's ``BaseMMVae.forward`` and
+    ``calc_style_kld`` with its ``style_weights``, which the official HELVAE code keeps on CelebA; not MMVAE+'s
+    auxiliary ``r_n`` for the modalities outside the subset)."""
     shared = mu.shape[-1] - private_dim
     subsets = opf.all_subsets(mu.shape[0], mu.device)  # (K, M), the order of the mixture's components
     mixture = aggregate(mu[..., :shared], logvar[..., :shared], mask=present, subsets=subsets)
@@ -210,7 +219,8 @@ def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate,
     kl = (mixture.log_weights.exp() * torch.where(valid, subset_kl, torch.zeros_like(subset_kl))).sum(-1)
     if not private_dim:
         return Terms(likelihood(x, present, z, decoders), kl)
-    return _with_own_private_latents(x, present, z, kl, mu[..., shared:], logvar[..., shared:], decoders, likelihood)
+    return _with_own_private_latents(x, present, z, kl, mu[..., shared:], logvar[..., shared:], decoders, likelihood,
+                                     private_kl_weights)
 
 
 ESTIMATORS = ("elbo", "iwae", "dreg")

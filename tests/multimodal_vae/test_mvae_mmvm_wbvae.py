@@ -72,6 +72,8 @@ def terms_of(model, x, present, seed=9):
     likelihood = objectives.Likelihood(WEIGHTS)
     mu, logvar = model._encode(x)
     extra = {"auxiliary_scale": model.auxiliary_scale()} if model.auxiliary_logits is not None else {}
+    if model.private_kl_weights is not None:
+        extra["private_kl_weights"] = model.private_kl_weights
     torch.manual_seed(seed)
     return model.objective(x, present, mu, logvar, model.decoders, likelihood, model.pooling, **extra)
 
@@ -269,10 +271,19 @@ def test_wbvae_elbo_and_weight_gradient_against_an_independent_computation(learn
         assert got.abs().sum() > 0
 
 
-def test_joint_elbo_with_private_latents_against_an_independent_computation():
+#: MoPoE's style_weights: one weight per modality of its private latent's KL (None: all 1)
+PRIVATE_KL_WEIGHTS = [None, (0.5, 2.0, 0.0)]
+
+
+def _private_kl_weight(weights, n):
+    return 1.0 if weights is None else weights[n]
+
+
+@pytest.mark.parametrize("private_kl_weights", PRIVATE_KL_WEIGHTS)
+def test_joint_elbo_with_private_latents_against_an_independent_computation(private_kl_weights):
     """WB-VAE with modality-specific latents: z after aggregation, each present modality decoded with its own
-    posterior's w (no r_n ever), and their KLs added."""
-    model = linear_model("wbvae", private_dim=P)
+    posterior's w (no r_n ever), and their KLs added, each times its weight."""
+    model = linear_model("wbvae", private_dim=P, private_kl_weights=private_kl_weights)
     assert model.auxiliary_logits is None  # a single Gaussian pool never reconstructs from r_n
     x, present = inputs()
     terms = terms_of(model, x, present)
@@ -285,16 +296,18 @@ def test_joint_elbo_with_private_latents_against_an_independent_computation():
     private = mu[..., D:] + sd[..., D:] * torch.randn(M, B, P, dtype=torch.float64)
     rec = sum(present[m] * WEIGHTS[m] * laplace(x[m], model.decoders[m].decoder(torch.cat([z, private[m]], -1)))
               for m in range(M))
-    kl = kl_standard(joint_mu, joint_sd) + (present * kl_standard(mu[..., D:], sd[..., D:])).sum(0)
+    kl = kl_standard(joint_mu, joint_sd) + sum(_private_kl_weight(private_kl_weights, n) * present[n]
+                                               * kl_standard(mu[n, :, D:], sd[n, :, D:]) for n in range(M))
     torch.testing.assert_close(terms.reconstruction, rec.detach())
     torch.testing.assert_close(terms.kl, kl.detach())
 
 
-def test_subset_mixture_elbo_with_private_latents_against_an_independent_computation():
+@pytest.mark.parametrize("private_kl_weights", PRIVATE_KL_WEIGHTS)
+def test_subset_mixture_elbo_with_private_latents_against_an_independent_computation(private_kl_weights):
     """MoPoE with modality-specific latents, as its code has them: z from the sample's subset S (contiguous chunks,
     one subset each); every present modality's w_n from q(w_n | x_n), in S or not; the KL averages the subsets'
-    KLs and adds every present modality's private KL in full."""
-    model = linear_model("mopoe", private_dim=P)
+    KLs and adds every present modality's private KL in full, times its style weight (calc_style_kld)."""
+    model = linear_model("mopoe", private_dim=P, private_kl_weights=private_kl_weights)
     assert model.auxiliary_logits is None  # no r_n: MoPoE decodes every modality with its own posterior's w_n
     x, present = inputs()
     subsets = [s for k in range(1, M + 1) for s in itertools.combinations(range(M), k)]
@@ -330,9 +343,27 @@ def test_subset_mixture_elbo_with_private_latents_against_an_independent_computa
         valid = [s for s in subsets if any(present[n, b] for n in s)]
         for s in valid:
             kl[b] += kl_standard(*poe(s, b)) / len(valid)
-        kl[b] += sum(kl_standard(mu[n, b, D:], sd[n, b, D:]) for n in range(M) if present[n, b])
+        kl[b] += sum(_private_kl_weight(private_kl_weights, n) * kl_standard(mu[n, b, D:], sd[n, b, D:])
+                     for n in range(M) if present[n, b])
     torch.testing.assert_close(terms.reconstruction, rec.detach())
     torch.testing.assert_close(terms.kl, kl.detach())
+
+
+def test_forward_passes_the_private_kl_weights_to_the_objective():
+    """What ``forward`` reports is the weighted objective's (``terms_of`` calls the objective directly); a model's
+    weights are one per modality, and the weights are no part of its state dict (a run's config holds them)."""
+    weights = (0.5, 2.0, 0.0)
+    model = linear_model("mohelvae", private_dim=P, private_kl_weights=weights)
+    x, present = inputs()
+    torch.manual_seed(9)
+    reported = model(x, present)["kl"]
+    torch.testing.assert_close(reported, terms_of(model, x, present).kl.mean())
+    unweighted = linear_model("mohelvae", private_dim=P)
+    torch.manual_seed(9)
+    assert not torch.allclose(unweighted(x, present)["kl"], reported)
+    assert "private_kl_weights" not in model.state_dict()
+    with pytest.raises(ValueError, match=r"private_kl_weights needs one weight per modality \(3\), got \[1, 2\]"):
+        linear_model("mohelvae", private_dim=P, private_kl_weights=[1, 2])
 
 
 def test_decode_draws_private_latents_from_the_posterior_only_for_given_modalities():

@@ -115,6 +115,15 @@ def test_errors_before_any_work(tiny_root, capsys):
     with pytest.raises(ValueError, match="invalid model options: posterior_scale must be one of .* got 'soft'"):
         load_config("polymnist-mmvaeplus", ["model.posterior_scale=soft"])
     assert load_config("polymnist-mmvaeplus", ["model.posterior_scale=softmax"]).model.posterior_scale == "softmax"
+    with pytest.raises(ValueError, match=r"model.private_kl_weights needs one weight per modality "
+                                         r"\(data.num_modalities = 2\), got \[1.0, 2.0, 3.0\]"):
+        load_config("celeba-mohelvae", ["model.private_kl_weights=[1,2,3]"])
+    with pytest.raises(ValueError, match=r"private_kl_weights must be finite non-negative numbers, got \[1.0, -2.0\]"):
+        load_config("celeba-mohelvae", ["model.private_kl_weights=[1,-2]"])
+    with pytest.raises(ValueError, match=r"private_kl_weights go with modality-specific latents .* "
+                                         r"model='helvae', private_dim=0"):
+        load_config("polymnist-helvae", ["model.private_kl_weights=[1,1,1,1,1]"])
+    assert load_config("celeba-mohelvae", ["model.private_kl_weights=[1,2]"]).model.private_kl_weights == [1.0, 2.0]
     with pytest.raises(ValueError, match="likelihood scale must be positive, got 0.0"):
         load_config("polymnist-helvae", ["model.likelihood_scale=0"])
     with pytest.raises(ValueError, match=r"model.activation must be one of \('leaky_relu',\) for resnet networks, "
