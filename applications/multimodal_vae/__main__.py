@@ -98,20 +98,23 @@ def main(argv=None) -> int:
             sweep_config = load_sweep(args.preset, args.overrides)
         except ValueError as error:
             parser.error(str(error))
-        if args.workers > 1 and not args.summarise_only:
-            from .sweep import run_workers
-
-            flags = ["--train-only"] * args.train_only + (["--stop-after", str(args.stop_after)]
-                                                          if args.stop_after is not None else [])
-            return run_workers(sweep_config, args.workers, ["--preset", args.preset, "--set", *args.overrides,
-                                                            *flags] if args.overrides else
-                               ["--preset", args.preset, *flags], train_only=args.train_only)
         try:
+            if args.workers > 1 and not args.summarise_only:
+                from .sweep import run_workers
+
+                flags = ["--train-only"] * args.train_only + (["--stop-after", str(args.stop_after)]
+                                                              if args.stop_after is not None else [])
+                return run_workers(sweep_config, args.workers, ["--preset", args.preset, "--set", *args.overrides,
+                                                                *flags] if args.overrides else
+                                   ["--preset", args.preset, *flags], train_only=args.train_only)
             folder = run_sweep(sweep_config, train_only=args.train_only, stop_after_minutes=args.stop_after,
                                summarise_only=args.summarise_only)
             print(f"sweep written to {folder}")
         except TrainingInterrupted as stop:
             return _stopped(stop)
+        # as for train: runs of another configuration in the sweep's folder, a missing dataset, a bad setting
+        except (FileNotFoundError, ValueError) as error:
+            parser.exit(1, f"{parser.prog} sweep: error: {error}\n")
         return 0
     if args.command == "likelihood-check":
         from tqdm import tqdm

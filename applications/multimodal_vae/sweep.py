@@ -2,8 +2,10 @@
 
 ``python -m applications.multimodal_vae sweep --preset polymnist-cpu [--set key=value ...]`` reads
 ``sweeps/{preset}.yaml``. Every run is an ordinary run folder under ``{output_dir}/{name}/`` named
-``{model}-beta{beta}-seed{seed}``: a run with all its outputs (``RUN_OUTPUTS``) is skipped, an interrupted one
-resumes from its checkpoint, a trained but unevaluated one (or one whose report is missing) is only evaluated.
+``{model}-beta{beta}-seed{seed}``: a run trained and evaluated at its last checkpoint is skipped, an interrupted
+one resumes from its checkpoint, a trained but unevaluated one (or one whose report is missing, or whose metrics
+are of an earlier checkpoint) is only evaluated. A run folder of another configuration (its ``config.yaml``) is an
+error before any work.
 The sweep then writes ``results.csv`` (one row per run), ``report.md`` (mean ± std over seeds) and the figures
 of the HELVAE paper's experiments: coherence vs FID and vs log-likelihood with Pareto fronts (Figure 3), metrics
 vs beta (Figure 6), coherence and FID vs the number of input modalities (Figure 5), and seconds per training
@@ -32,7 +34,7 @@ from .config import PRESETS, check_name, load_config, load_mapping, merge_checke
 from .data import load_dataset
 from .evaluation import evaluate_run
 from .files import UnreadableFile, atomic_write, write_text
-from .train import TrainingDiverged, load_checkpoint, load_run, train
+from .train import TrainingDiverged, configuration_differences, load_checkpoint, load_run, train
 
 __all__ = ["CURVES", "FIELDS", "METRICS", "RUN_OUTPUTS", "SCALARS", "SWEEPS", "SweepConfig", "aggregate",
            "available_sweeps", "grid", "load_sweep", "mean_std", "pareto_front", "plot", "render",
@@ -186,10 +188,16 @@ def run_sweep(sweep: SweepConfig, show_progress: bool = True, *, train_only: boo
     folder.mkdir(parents=True, exist_ok=True)
     deadline = None if stop_after_minutes is None else time.monotonic() + 60 * stop_after_minutes
     runs = [] if summarise_only else grid(sweep)
-    for model, beta, seed in tqdm(runs, desc=f"sweep {sweep.name}", unit="run", disable=not show_progress):
-        config = run_config(sweep, model, beta, seed)
+    configs = [run_config(sweep, *run) for run in runs]
+    _check_existing_runs(folder, configs)
+    unreadable = []
+    for config in tqdm(configs, desc=f"sweep {sweep.name}", unit="run", disable=not show_progress):
         run_dir = folder / config.name
-        if _finished(run_dir) or (train_only and _trained(run_dir)) or (run_dir / DIVERGED).exists():
+        try:
+            if _finished(run_dir) or (train_only and _trained(run_dir)) or (run_dir / DIVERGED).exists():
+                continue
+        except UnreadableFile as error:  # the others go on; the summary lists this run as not finished
+            unreadable.append(f"{config.name}: {error}")
             continue
         if deadline is not None and time.monotonic() > deadline:
             print(f"sweep {sweep.name}: {stop_after_minutes:g} minutes passed; starting no new run")
@@ -213,7 +221,26 @@ def run_sweep(sweep: SweepConfig, show_progress: bool = True, *, train_only: boo
             if not train_only:
                 _, trained = load_run(run_dir)
                 evaluate_run(run_dir, config, trained, progress=tqdm if show_progress else None)
+    for line in unreadable:
+        print(f"sweep {sweep.name}: skipped a run whose checkpoint cannot be read: {line}")
     return summarise(folder, [sweep])
+
+
+def _check_existing_runs(folder: Path, configs) -> None:
+    """A ``ValueError`` listing the runs of ``configs`` whose folder already holds a run of another configuration
+    (its ``config.yaml``; the settings a resumed run must share, ``train.configuration_differences``), before any
+    work: resuming it would fail half way through the sweep, and a finished one would report another
+    configuration's results as this sweep's."""
+    stale = []
+    for config in configs:
+        saved = folder / config.name / "config.yaml"
+        if saved.exists():
+            differences = configuration_differences(OmegaConf.to_container(OmegaConf.load(saved)), config)
+            if differences:
+                stale.append(f"{config.name} ({'; '.join(differences)})")
+    if stale:
+        raise ValueError(f"{folder} holds runs of another configuration than this sweep's: {', '.join(stale)}; move "
+                         "or delete those run folders, or give the sweep another name")
 
 
 def summarise(folder: Path, sweeps: list[SweepConfig]) -> Path:
@@ -249,7 +276,9 @@ def run_workers(sweep: SweepConfig, workers: int, arguments: list[str], train_on
 
     folder = Path(sweep.output_dir) / sweep.name
     folder.mkdir(parents=True, exist_ok=True)
-    load_dataset(run_config(sweep, *grid(sweep)[0]))  # builds the offline PolyMNIST once, not in every worker
+    configs = [run_config(sweep, *run) for run in grid(sweep)]
+    _check_existing_runs(folder, configs)  # here, not in every worker's log
+    load_dataset(configs[0])  # builds the offline PolyMNIST once, not in every worker
     command = [sys.executable, "-m", "applications.multimodal_vae", "sweep", *arguments]
     logs = [open(folder / f"worker-{n}.log", "a") for n in range(workers)]
     processes = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT) for log in logs]
@@ -288,28 +317,44 @@ def _log_tail(log: Path, lines: int = 30) -> str:
 
 
 def _finished(run_dir: Path) -> bool:
-    return all((run_dir / name).exists() for name in RUN_OUTPUTS)
+    """Whether the run is trained (``_trained``) and evaluated at its checkpoint: its outputs (``RUN_OUTPUTS``)
+    exist and ``metrics.json`` was computed at the checkpoint's step (an evaluation of a partly trained run, or a
+    retrained run's old metrics, do not count)."""
+    if not all((run_dir / name).exists() for name in RUN_OUTPUTS):
+        return False
+    trained, step = _checkpoint_status(run_dir)
+    if not trained:
+        return False
+    training = json.loads((run_dir / "metrics.json").read_text()).get("training")
+    # metrics from before they stored the step they were computed at: those of the finished checkpoint
+    return training is None or training["steps"] == step
 
 
 def _trained(run_dir: Path) -> bool:
     """Whether the run has its checkpoint of finished training. A run the wall-clock guard
     (``train.max_minutes``) stopped is not: a later sweep resumes it (with a guard, one more chunk of time)."""
+    return _checkpoint_status(run_dir)[0]
+
+
+def _checkpoint_status(run_dir: Path) -> tuple[bool, int | None]:
+    """``(trained, step)`` of the run's checkpoint (``(False, None)`` without one)."""
     checkpoint = run_dir / "checkpoint.pt"
     try:
         stat = checkpoint.stat()
     except FileNotFoundError:
-        return False
+        return False, None
     # memoised by size and modification time: run_workers asks about every run every few seconds, and each answer
     # would otherwise load and checksum the whole checkpoint
     key = (str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _TRAINED:
+    if key not in _CHECKPOINTS:
         state = load_checkpoint(checkpoint)
-        _TRAINED[key] = bool(state.get("finished", False)) and \
+        trained = bool(state.get("finished", False)) and \
             not str(state.get("stopped_by") or "").startswith("train.max_minutes")
-    return _TRAINED[key]
+        _CHECKPOINTS[key] = (trained, state["step"])
+    return _CHECKPOINTS[key]
 
 
-_TRAINED: dict[tuple, bool] = {}
+_CHECKPOINTS: dict[tuple, tuple[bool, int]] = {}
 
 
 def _trained_or_unreadable(run_dir: Path) -> bool:

@@ -48,16 +48,19 @@ from .files import UnreadableFile, atomic_write, load_checked, remove_orphaned_t
 from .models import MultimodalVAE, evaluating
 from .networks import make_networks
 
-__all__ = ["METRIC_FIELDS", "POOLING_FIELDS", "RUN_FILES", "SCALARS", "RunWriter", "StopConditions", "TrainingDiverged",
-           "TrainingInterrupted", "epoch_order", "load_checkpoint", "load_run", "make_model", "render_text",
-           "resolve_device", "sample_grid", "summary_line", "train"]
+__all__ = ["DIVERGED_LOG", "METRIC_FIELDS", "POOLING_FIELDS", "RESUMABLE_CHANGES", "RUN_FILES", "RunWriter", "SCALARS",
+           "StopConditions", "TrainingDiverged", "TrainingInterrupted", "configuration_differences", "epoch_order",
+           "load_checkpoint", "load_run", "make_model", "render_text", "resolve_device", "sample_grid", "summary_line",
+           "train"]
 
 METRIC_FIELDS = ("epoch", "step", "loss", "reconstruction", "kl", "seconds")
 SCALARS = ("loss", "reconstruction", "kl")
 #: pooling diagnostics at every checkpoint (see ``evaluation.pooling_diagnostics``)
 POOLING_FIELDS = ("epoch", "step", "mean_log_bhattacharyya", "pairwise_mass", "own_cross_mass")
 #: the files ``train`` writes in a run folder (and ``evaluate`` beside them), whose orphaned temporaries it removes
-RUN_FILES = ("checkpoint.pt", "config.yaml", "metrics.csv", "pooling.csv", "samples.png", "samples.txt",
+#: the loss rows of a run up to its divergence (``RunWriter.keep_diverged_log``)
+DIVERGED_LOG = "metrics.diverged.csv"
+RUN_FILES = ("checkpoint.pt", "config.yaml", "metrics.csv", "pooling.csv", "samples.png", "samples.txt", DIVERGED_LOG,
              *EVALUATION_FILES)
 
 
@@ -115,12 +118,27 @@ def _check_replicas_identical(model: torch.nn.Module, rank: int) -> None:
                            f"(max |difference| {float((flat - reference).abs().max()):.3g})")
 
 
+#: the training settings a resumed run may change: its budget, and what it logs and how often it checkpoints.
+#: num_threads is one of them (a sweep switched to one thread per worker resumes), but a run resumed with another
+#: thread count or on another device continues with other rounding: only the same ones give the uninterrupted
+#: run's numbers bit for bit (on the CPU; CUDA kernels are not deterministic)
+RESUMABLE_CHANGES = ("epochs", "max_steps", "max_minutes", "evaluate_at_end", "tensorboard", "checkpoint_every",
+                     "diagnostics_every", "num_threads")
+
+
 def _without_budget(config: dict) -> dict:
-    """The settings a resumed run must share with its checkpoint (not its budget, its evaluation, or where its
-    folder is: a moved or renamed run folder resumes)."""
-    train = {k: v for k, v in config["train"].items()
-             if k not in ("epochs", "max_steps", "max_minutes", "evaluate_at_end")}
+    """The settings a resumed run must share with its checkpoint (not ``RESUMABLE_CHANGES``, its evaluation, or
+    where its folder is: a moved or renamed run folder resumes)."""
+    train = {k: v for k, v in config["train"].items() if k not in RESUMABLE_CHANGES}
     return {**{k: v for k, v in config.items() if k not in ("eval", "output_dir", "name")}, "train": train}
+
+
+def configuration_differences(saved: dict, config: Config) -> list[str]:
+    """``key: saved X, now Y`` for every setting in which ``config`` differs from a run's ``saved`` configuration
+    (a nested dict, as a checkpoint or ``config.yaml`` holds it) and which a resumed run must share with it; an
+    option added after ``saved`` was written counts as the default it ran with."""
+    saved = _with_defaults(saved, asdict(Config()))
+    return _differences(_without_budget(saved), _without_budget(asdict(config)))
 
 
 class _Missing:
@@ -262,6 +280,7 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if config.train.batch_size % world:
         raise ValueError(f"train.batch_size {config.train.batch_size} must be a multiple of the {world} processes")
+    threads = torch.get_num_threads()
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     rank, world, device = _start_replicas(resolve_device(config.train.device))
@@ -272,6 +291,8 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
         if world > 1:
             dist.destroy_process_group()
         raise
+    finally:  # the next run of a sweep process starts from the process's own setting
+        torch.set_num_threads(threads)
     if world > 1:
         # every replica past its last collective before any tears gloo down: a replica that tore down while the
         # other was still in its final steps made that one abort at exit, rarely ("terminate called without an
@@ -347,7 +368,15 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, re
         remove_orphaned_temporaries(run_dir, RUN_FILES)
     batch_size = config.train.batch_size
     data = load_dataset(config).to(device)
-    n = len(data) if config.data.train_subset is None else min(config.data.train_subset, len(data))
+    n = len(data) if config.data.train_subset is None else config.data.train_subset
+    if n > len(data):
+        raise ValueError(f"data.train_subset={n} is more than the {len(data)} training tuples of "
+                         f"{config.data.dataset} at {config.data.root}")
+    # distributed: every batch is complete, so each process takes an equal share
+    batches_per_epoch = n // batch_size if world > 1 else math.ceil(n / batch_size)
+    if batches_per_epoch == 0:
+        raise ValueError(f"train.batch_size={batch_size} is more than the {n} training tuples: with {world} replicas "
+                         "every batch must be complete, so there would be no step")
     torch.manual_seed(config.train.seed)
     model = make_model(config, data.modalities).to(device)
     if config.train.compile:
@@ -357,53 +386,53 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, re
     epoch, position, step = _restore(run_dir / "checkpoint.pt", config, model, optimizer) if resume else (0, 0, 0)
     network = _replicate(model, config.train.seed, step, rank, world)
     run = RunWriter(run_dir, config, data, n, resume, step, writes, world)
-    # distributed: every batch is complete, so each process takes an equal share
-    batches_per_epoch = n // batch_size if world > 1 else math.ceil(n / batch_size)
-    if batches_per_epoch == 0:
-        raise ValueError(f"train.batch_size={batch_size} is more than the {n} training tuples: with {world} replicas "
-                         "every batch must be complete, so there would be no step")
     stops = StopConditions(config.train, batches_per_epoch, requests, world, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.precision == "bf16")
-    # a run resumed at its max_steps (a signal stopped it after its last step) takes no further step
-    stop = config.train.max_steps is not None and step >= config.train.max_steps
+    # a run resumed at its max_steps (a signal stopped it after its last step), or resumed with train.epochs
+    # lowered to where it stands or below, takes no further step: it is finished
+    stop = (config.train.max_steps is not None and step >= config.train.max_steps) or epoch >= config.train.epochs
     if stop:
         run.save(model, optimizer, epoch, position, step, stops.planned, stops.stopped_by, finished=True)
     requests.deferred = True
     model.train()
     # one bar over the planned steps, so that its estimate is the time left for the whole training
     bar = tqdm(total=stops.planned, initial=step, unit="step", disable=not show_progress)
-    while epoch < config.train.epochs and not stop:
-        order = epoch_order(n, config.train.seed, epoch)
-        bar.set_description(f"epoch {epoch + 1}/{math.ceil(stops.planned / max(batches_per_epoch, 1))}")
-        for b in range(position, batches_per_epoch):
-            where = f"at step {step + 1} (epoch {epoch + 1}, batch {b + 1})"
-            x = data.gather(order[b * batch_size:(b + 1) * batch_size][rank::world].to(device))
-            batch = x[0].shape[0]
-            present = modality_mask(batch, model.num_modalities, config.data.drop_rate).to(device)
-            tic = time.perf_counter()
-            scalars, bad_parameters = _step(network, model, optimizer, x, present, autocast, world, where, run)
-            step, position = step + 1, b + 1
-            bar.update()
-            seconds = time.perf_counter() - tic
-            speed = batch * world / seconds  # samples per second, all replicas together
-            run.log_step(epoch + 1, step, scalars, seconds, speed)
-            if config.train.diagnostics_every and step % config.train.diagnostics_every == 0:
-                run.log_pooling(model, epoch, step)
-            bar.set_postfix(loss=f"{scalars[0]:.1f}", samples_per_s=f"{speed:.0f}")
-            over_time, signum, bad_parameters = stops.agree(bad_parameters)
-            if bad_parameters:
-                raise TrainingDiverged(f"non-finite parameters or optimiser state after the optimiser step {where} "
-                                       f"(loss {scalars[0]:.6g}; is train.lr {config.train.lr:g} too large?); no "
-                                       f"weights were written; last good checkpoint: {run.last_good()}")
-            if stops.reached(step, over_time, signum):
-                stop = True
-                break
-        if position == batches_per_epoch:
-            epoch, position = epoch + 1, 0
-        if stop or epoch % config.train.checkpoint_every == 0 or epoch == config.train.epochs:
-            # a run stopped by a signal is not finished: a sweep resumes it
-            run.save(model, optimizer, epoch, position, step, stops.planned, stops.stopped_by,
-                     finished=(stop and requests.signum is None) or epoch == config.train.epochs)
+    try:
+        while epoch < config.train.epochs and not stop:
+            order = epoch_order(n, config.train.seed, epoch)
+            bar.set_description(f"epoch {epoch + 1}/{math.ceil(stops.planned / max(batches_per_epoch, 1))}")
+            for b in range(position, batches_per_epoch):
+                where = f"at step {step + 1} (epoch {epoch + 1}, batch {b + 1})"
+                x = data.gather(order[b * batch_size:(b + 1) * batch_size][rank::world].to(device))
+                batch = x[0].shape[0]
+                present = modality_mask(batch, model.num_modalities, config.data.drop_rate).to(device)
+                tic = time.perf_counter()
+                scalars, bad_parameters = _step(network, model, optimizer, x, present, autocast, world, where, run)
+                step, position = step + 1, b + 1
+                bar.update()
+                seconds = time.perf_counter() - tic
+                speed = batch * world / seconds  # samples per second, all replicas together
+                run.log_step(epoch + 1, step, scalars, seconds, speed)
+                if config.train.diagnostics_every and step % config.train.diagnostics_every == 0:
+                    run.log_pooling(model, epoch, step)
+                bar.set_postfix(loss=f"{scalars[0]:.1f}", samples_per_s=f"{speed:.0f}")
+                over_time, signum, bad_parameters = stops.agree(bad_parameters)
+                if bad_parameters:
+                    raise TrainingDiverged(f"non-finite parameters or optimiser state after the optimiser step {where} "
+                                           f"(loss {scalars[0]:.6g}; is train.lr {config.train.lr:g} too large?); no "
+                                           f"weights were written; last good checkpoint: {run.last_good()}")
+                if stops.reached(step, over_time, signum):
+                    stop = True
+                    break
+            if position == batches_per_epoch:
+                epoch, position = epoch + 1, 0
+            if stop or epoch % config.train.checkpoint_every == 0 or epoch == config.train.epochs:
+                # a run stopped by a signal is not finished: a sweep resumes it
+                run.save(model, optimizer, epoch, position, step, stops.planned, stops.stopped_by,
+                         finished=(stop and requests.signum is None) or epoch == config.train.epochs)
+    except TrainingDiverged:
+        run.keep_diverged_log()
+        raise
     requests.deferred = False
     bar.close()
     notice = training_notice({"steps": step, "planned_steps": stops.planned, "stopped_by": stops.stopped_by})
@@ -426,13 +455,11 @@ def _restore(path: Path, config: Config, model: MultimodalVAE, optimizer) -> tup
     """Load the checkpoint at ``path`` (of the same configuration but for its budget) into the model, the optimiser
     and the RNGs; ``(epoch, position, step)``: where training continues."""
     state = load_checkpoint(path)
-    # an option added after the checkpoint was written is the default it ran with
-    saved = _with_defaults(state["config"], asdict(Config()))
-    differences = _differences(_without_budget(saved), _without_budget(asdict(config)))
+    differences = configuration_differences(state["config"], config)
     if differences:
         raise ValueError(f"--resume: the configuration differs from the one saved in {path}: "
-                         f"{'; '.join(differences)} (only train.epochs, train.max_steps and train.max_minutes "
-                         "may change)")
+                         f"{'; '.join(differences)} (only the train settings {', '.join(RESUMABLE_CHANGES)} may "
+                         "change)")
     _restore_model(model, state["model"], path)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
@@ -604,6 +631,13 @@ class RunWriter:
             for key, value in diagnostics.items():
                 if value is not None:
                     self.board.add_scalar(f"pooling/{key}", value, step)
+
+    def keep_diverged_log(self) -> None:
+        """The loss rows up to a divergence in ``DIVERGED_LOG`` (``metrics.csv`` keeps those of the last checkpoint,
+        as a resumed run needs it): the steps leading into it are what explains it."""
+        if self.writes:
+            _write_csv(self.run_dir / DIVERGED_LOG, self.metrics, METRIC_FIELDS)
+        self.close()
 
     def close(self) -> None:
         if self.board is not None:

@@ -196,3 +196,42 @@ def test_a_sweep_without_coherence_or_probe_is_summarised_with_empty_cells(tmp_p
     assert not list(tmp_path.glob("coherence_vs_*.png"))
     for figure in ("metrics_vs_beta.png", "synergy.png"):
         assert (tmp_path / figure).stat().st_size > 0 and f"]({figure})" in report
+
+
+def one_run_sweep(root, extra=()):
+    """One HELVAE run of three epochs (a sweep of the tiny data)."""
+    sweep = tiny_sweep(root)
+    sweep.models, sweep.betas, sweep.seeds = ["helvae"], [1.0], [0]
+    sweep.overrides = [*sweep.overrides, "train.epochs=3"]
+    sweep.extra_overrides = list(extra)
+    return sweep
+
+
+def test_a_sweep_resumes_a_run_evaluated_before_it_finished(tiny_root):
+    """A run the wall-clock guard stopped after one step, then evaluated by hand, has every output file; the next
+    sweep must still resume it and evaluate it again at its last step."""
+    folder = run_sweep(one_run_sweep(tiny_root, ["train.max_minutes=1e-9"]), show_progress=False)
+    run = folder / "helvae-beta1.0-seed0"
+    assert main(["evaluate", "--run", str(run)]) == 0
+    assert json.loads((run / "metrics.json").read_text())["training"]["steps"] == 1
+    folder = run_sweep(one_run_sweep(tiny_root), show_progress=False)
+    training = json.loads((run / "metrics.json").read_text())["training"]
+    assert training["steps"] == training["planned_steps"] > 1 and training["stopped_by"] is None
+    with open(folder / "results.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 1
+
+
+def test_a_sweep_refuses_runs_of_another_configuration_before_any_work(tiny_root, capsys):
+    """A finished run of other training settings would otherwise be reported as the new sweep's, and an unfinished
+    one would stop the sweep half way when it refuses to resume; settings that change no number may differ."""
+    folder = run_sweep(one_run_sweep(tiny_root), show_progress=False)
+    run = folder / "helvae-beta1.0-seed0"
+    files = {p: p.stat().st_mtime_ns for p in run.iterdir()}
+    changed = one_run_sweep(tiny_root, ["model.latent_dim=8", "train.lr=0.01"])
+    with pytest.raises(ValueError, match=r"holds runs of another configuration than this sweep's: helvae-beta1.0-seed0 "
+                                         r"\(model.latent_dim: saved 4, now 8; train.lr: saved 0.0005, now 0.01\)"):
+        run_sweep(changed, show_progress=False)
+    assert {p: p.stat().st_mtime_ns for p in run.iterdir()} == files
+    assert run_sweep(one_run_sweep(tiny_root, ["train.num_threads=1", "train.checkpoint_every=2"]),
+                     show_progress=False) == folder
+    assert {p: p.stat().st_mtime_ns for p in run.iterdir()} == files  # finished: neither retrained nor evaluated

@@ -13,7 +13,7 @@ from tiny_runs import losses, tiny_config
 from applications.multimodal_vae.__main__ import main
 from applications.multimodal_vae.config import available_presets, load_config
 from applications.multimodal_vae.data import LayoutError
-from applications.multimodal_vae.train import TrainingDiverged, load_run, train
+from applications.multimodal_vae.train import DIVERGED_LOG, TrainingDiverged, load_run, train
 
 pytestmark = pytest.mark.usefixtures("float32_default")
 
@@ -60,6 +60,45 @@ def test_a_run_resumed_at_its_max_steps_takes_no_further_step(tiny_root):
         assert (again["step"], again["finished"]) == (4, True)
 
 
+def test_a_run_resumed_with_fewer_epochs_than_it_stands_at_is_finished(tiny_root):
+    """Lowering train.epochs to where an interrupted run stands (or below) ends it as lowering max_steps does; it
+    returned without a step and left the checkpoint unfinished, so a sweep reported it stopped short forever."""
+    from applications.multimodal_vae.files import load_checked, save_checked
+
+    first = train(tiny_config(tiny_root, "shortened", epochs=3), show_progress=False)
+    state = load_checked(first / "checkpoint.pt", map_location="cpu")
+    assert state["epoch"] == 3
+    state["epoch"], state["step"], state["finished"] = 2, 4, False  # as a signal at the end of epoch 2 leaves it
+    save_checked(first / "checkpoint.pt", state)
+    resumed = train(tiny_config(tiny_root, "shortened", epochs=1), resume=True, show_progress=False)
+    again = load_checked(resumed / "checkpoint.pt", map_location="cpu")
+    assert (again["epoch"], again["step"], again["finished"]) == (2, 4, True)
+
+
+def test_resuming_may_change_what_is_logged_and_the_thread_count_which_is_restored_after(tiny_root):
+    """A sweep switched to one thread per worker resumes its runs (the thread count was compared with the
+    checkpoint's), and train leaves the process's thread count as it found it (it carried over to a sweep's next
+    run)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # whatever the machine: the run's one thread must differ from it
+    try:
+        train(tiny_config(tiny_root, "threads", max_steps=2), show_progress=False)
+        changed = tiny_config(tiny_root, "threads", num_threads=1, tensorboard=False, checkpoint_every=2,
+                              diagnostics_every=1)
+        resumed = train(changed, resume=True, show_progress=False)
+        assert [s for s, _ in losses(resumed)] == list(range(1, 7)) and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_training_subset_larger_than_the_data_is_an_error(tiny_root):
+    config = tiny_config(tiny_root, "subset")
+    config.data.train_subset = 10**6
+    with pytest.raises(ValueError, match=r"data.train_subset=1000000 is more than the \d+ training tuples of polymnist"):
+        train(config, show_progress=False)
+    assert not (tiny_root / "runs" / "subset").exists()
+
+
 def test_subnormals_are_flushed_while_training_on_the_cpu_and_restored_after(tiny_root, monkeypatch):
     """Values below the smallest normal float32 in the backward pass made CPU steps several times slower: training
     flushes subnormals to zero, and gives the process back its gradual underflow (the library's float64 numerics use
@@ -98,7 +137,12 @@ def test_nan_loss_stops_without_writing_weights(tiny_root, monkeypatch):
     with pytest.raises(TrainingDiverged, match=r"non-finite loss nan at step 5 \(epoch 2, batch 2\); no weights were "
                                                r"written; last good checkpoint: .*checkpoint.pt \(step 3\)"):
         train(config, show_progress=False)
-    assert torch.load(tiny_root / "runs" / "nan" / "checkpoint.pt", weights_only=True)["step"] == 3
+    run = tiny_root / "runs" / "nan"
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 3
+    # metrics.csv stays the checkpoint's (a resumed run continues it); the steps into the divergence are kept apart
+    assert [s for s, _ in losses(run)] == [1, 2, 3]
+    with open(run / DIVERGED_LOG) as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == [1, 2, 3, 4]
 
 
 def test_errors_before_any_work(tiny_root, capsys):
