@@ -98,7 +98,8 @@ METRIC_NAMES = {"coherence": "conditional coherence", "unconditional_coherence":
                 "kid_unconditional": "KID x 1000", "fid_unconditional": "FID", "probe_all": "probe (all inputs)",
                 "probe_single": "probe (one input)", "pairwise_mass": "pairwise mass", "own_cross_mass":
                 "cross mass of its own pool", "mean_log_bhattacharyya": "mean log Bhattacharyya coefficient",
-                "seconds_per_batch": "s / step"}
+                "seconds_per_batch": "s / step", "self_coherence": "self coherence (one input)",
+                "conditional_log_likelihood": "conditional log-likelihood (one input)"}
 
 
 def _scaled(metric: str, value: float) -> float:
@@ -250,6 +251,36 @@ def _alpha_difference_rows(summary: dict) -> list[str]:
     return lines
 
 
+def _computed(entry: dict, metric: str) -> bool:
+    """Whether a (model, beta) entry of the summary has the metric (its mean is not NaN)."""
+    return entry[metric][0] == entry[metric][0]
+
+
+def _fronts(summary: dict, labels: list[str]) -> list[str]:
+    """The (model, beta) points on the Pareto front across models of conditional coherence against each of log
+    p(X), KID and FID (every point of every model at once: which settings trade one for the other best)."""
+    from .sweep import pareto_front
+
+    lines = []
+    for metric, lower in (("log_likelihood", False), ("kid_unconditional", True), ("fid_unconditional", True)):
+        keys = [k for k in summary if k[0] in labels and _computed(summary[k], metric)
+                and _computed(summary[k], "coherence")]
+        if not keys:
+            continue
+        points = [(summary[k]["coherence"][0], summary[k][metric][0]) for k in keys]
+        front = ", ".join(f"{keys[i][0]} (β {keys[i][1]:g})" for i in pareto_front(points, maximise_y=not lower))
+        lines.append(f"- conditional coherence against {METRIC_NAMES[metric]}: {front}")
+    return lines
+
+
+def _unfinished(folder: Path) -> list[str]:
+    """The runs of the sweep's grid not finished when it was last summarised (``sweep.UNFINISHED``)."""
+    from .sweep import UNFINISHED
+
+    path = folder / UNFINISHED
+    return path.read_text().splitlines() if path.is_file() else []
+
+
 def _verdict_rows(summary: dict, labels: list[str], betas: list[float]) -> list[str]:
     lines = ["| claim | source | β | verdict | evidence (mean ± std (seeds)) |", "|---|---|---|---|---|"]
     for claim in CLAIMS:
@@ -259,13 +290,15 @@ def _verdict_rows(summary: dict, labels: list[str], betas: list[float]) -> list[
             lines.append(f"| {claim.text} | {claim.source} | {beta:g} | {verdict} | {evidence} |")
     for model, metric, what in EXTREMES:
         for beta in betas:
-            others = [m for m in labels if m != model and (m, beta) in summary]
+            # the models that computed the metric (one without it neither supports nor refutes the claim)
+            others = [m for m in labels if m != model and (m, beta) in summary and _computed(summary[m, beta], metric)]
             # the model is lowest when every other model is above it: "other beats model" on a higher-is-better
             # metric, "model beats other" on a lower-is-better one
             lower_better = metric == "kid_unconditional"
             verdicts = [compare(summary, model if lower_better else other, other if lower_better else model, metric,
                                 beta, lower_better)[0] for other in others]
-            verdict = (NOT_RUN if (model, beta) not in summary or not verdicts or NOT_RUN in set(verdicts)
+            verdict = (NOT_RUN if (model, beta) not in summary or not _computed(summary[model, beta], metric)
+                       or not verdicts
                        else FAILS if FAILS in verdicts else HOLDS if set(verdicts) == {HOLDS} else NOT_SEPARABLE)
             separated = sum(v == HOLDS for v in verdicts)
             lines.append(f"| MVAE has the {what} of all models | {HELVAE_PAPER} | {beta:g} | {verdict} | "
@@ -295,13 +328,22 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
              "± sample standard deviation (n - 1) over seeds, with the number of seeds that computed it in "
              "parentheses (in the tables only where that is fewer than the row's). Machine: "
              f"{_machine()}. Commit: `{_commit()}`. Command: `{command}`.", "", SETTING, ""]
+    unfinished = _unfinished(folder)
+    if unfinished:
+        lines += [f"**Runs of the grid not in these tables** ({len(unfinished)}; diverged, or not finished when the "
+                  f"sweep was last summarised): {', '.join(unfinished)}. Their models' rows count only the seeds "
+                  "that finished.", ""]
     lines += ["## The papers' claims at this scale", "",
               "A claim holds (or does not) when the two means differ by more than the sum of their standard "
               "deviations over seeds and both sides have at least two seeds that computed the metric; otherwise it "
               "is not separable at this budget. A claim that one model is not below another holds unless it is "
-              "separably below.", "", *_verdict_rows(summary, labels, betas), ""]
-    columns = ("coherence", "unconditional_coherence", "cross_coherence", "log_likelihood", "kid_unconditional",
-               "fid_unconditional", "probe_all", "probe_single", "pairwise_mass", "seconds_per_batch")
+              "separably below (with two seeds or more on each side; otherwise it is not separable). A claim that "
+              "MVAE is the lowest (or highest) of all models holds when it is separated from every other model that "
+              "computed the metric, and does not hold when any of them is separably on the wrong side.", "",
+              *_verdict_rows(summary, labels, betas), ""]
+    columns = ("coherence", "unconditional_coherence", "cross_coherence", "self_coherence", "log_likelihood",
+               "conditional_log_likelihood", "kid_unconditional", "fid_unconditional", "probe_all", "probe_single",
+               "pairwise_mass", "seconds_per_batch")
     lines += ["## Every model", "", "s / step: each run's median step time (mean ± std over seeds); the seeds of a "
               "cell are the row's unless it names fewer.", "",
               "| model | β | seeds | " + " | ".join(METRIC_NAMES[c] for c in columns) + " |",
@@ -314,6 +356,10 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
                 entry = summary[label, beta]
                 lines.append(f"| {name} | {beta:g} | {entry['seeds']} | "
                              + " | ".join(_cell(c, entry) for c in columns) + " |")
+    fronts = _fronts(summary, labels)
+    if fronts:
+        lines += ["", "On the Pareto front across models (every model's points at every β at once; higher coherence "
+                  "and log p(X), lower KID and FID are better):", "", *fronts]
     lines += [""] + [f"![{name}]({figures[name]})" for name in ("pareto", "synergy") if name in figures] + [""]
     grids = [(key.split(":", 1)[1], path) for key, path in figures.items() if key.startswith("grid:")]
     if grids:
@@ -391,7 +437,8 @@ def _plots(folder: Path, rows: list[dict], out: Path) -> dict:
         figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
         for axis, (metric, name, lower) in zip(axes[0], panels):
             for label in labels:
-                keys = sorted(k for k in summary if k[0] == label and summary[k][metric][0] == summary[k][metric][0])
+                keys = sorted(k for k in summary if k[0] == label and _computed(summary[k], metric)
+                              and _computed(summary[k], "coherence"))
                 if not keys:
                     continue
                 points = [(summary[k]["coherence"][0], _scaled(metric, summary[k][metric][0])) for k in keys]
@@ -551,7 +598,7 @@ def likelihood_convergence(folder: Path, samples=(12, 1000), examples: int = 20,
     import torch
 
     from .data import batches, load_dataset
-    from .evaluation import log_likelihood
+    from .evaluation import log_likelihood, scored_tuples
     from .train import load_run
 
     samples = sorted({int(k) for k in samples})
@@ -565,7 +612,8 @@ def likelihood_convergence(folder: Path, samples=(12, 1000), examples: int = 20,
     for label, row in (progress(chosen.items(), desc="likelihood check", unit="run") if progress else chosen.items()):
         run_dir = folder / _run_name(row)
         config, model = load_run(run_dir)
-        data = load_dataset(config, "test").head(examples)
+        # the tuples the study's log p(X) scores: the first of the seeded order the evaluation takes them in
+        data = scored_tuples(config.eval, load_dataset(config, "test")).head(examples)
         (_, x), = batches(data, examples, model.device)
         per_k = {k: log_likelihood(model, x, num_samples=k, generator=torch.Generator().manual_seed(seed)).double()
                  for k in samples}

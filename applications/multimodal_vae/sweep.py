@@ -36,7 +36,8 @@ from .evaluation import evaluate_run
 from .files import UnreadableFile, atomic_write, write_text
 from .train import TrainingDiverged, configuration_differences, load_checkpoint, load_run, train
 
-__all__ = ["CURVES", "FIELDS", "METRICS", "RUN_OUTPUTS", "SCALARS", "SWEEPS", "SweepConfig", "aggregate",
+__all__ = ["CURVES", "DIVERGED", "FIELDS", "METRICS", "RUN_OUTPUTS", "SCALARS", "SWEEPS", "SweepConfig", "UNFINISHED",
+           "aggregate",
            "available_sweeps", "grid", "load_sweep", "mean_std", "pareto_front", "plot", "render",
            "result_row", "run_config", "run_name", "run_sweep", "run_workers", "summarise", "write_results"]
 
@@ -168,6 +169,8 @@ def run_config(sweep: SweepConfig, model: str, beta: float, seed: int):
 
 #: written in a run's folder when its training diverged: later sweeps skip it (and the report says so)
 DIVERGED = "diverged.txt"
+#: the runs of the grid a summary found not finished, one per line (" (diverged)" after those that diverged)
+UNFINISHED = "unfinished.txt"
 
 
 def run_sweep(sweep: SweepConfig, show_progress: bool = True, *, train_only: bool = False,
@@ -455,6 +458,7 @@ def write_results(folder: Path, rows: list[dict], missing=()) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text(folder / "results.csv", out.getvalue())
+    write_text(folder / UNFINISHED, "".join(f"{name}\n" for name in missing))
     summary = aggregate(rows)
     figures = plot(folder, summary)
     write_text(folder / "report.md", render(summary, figures, folder, missing))

@@ -58,7 +58,8 @@ def fake_training(monkeypatch):
     monkeypatch.setattr(sweeps, "train", train)
     monkeypatch.setattr(sweeps, "evaluate_run", evaluate_run)
     monkeypatch.setattr(sweeps, "load_run", lambda run_dir: (None, None))
-    monkeypatch.setattr(sweeps, "load_checkpoint", lambda path: {"finished": Path(path).read_text() == "finished"})
+    monkeypatch.setattr(sweeps, "load_checkpoint", lambda path: {"finished": Path(path).read_text() == "finished",
+                                                                 "step": 1})
     return calls
 
 
@@ -144,7 +145,7 @@ def test_a_run_the_wall_clock_guard_stopped_is_resumed_not_evaluated(tiny_root, 
     from applications.multimodal_vae import sweep as sweeps
 
     sweep = tiny(tiny_root, seeds=(0,))
-    guard = {"finished": True, "stopped_by": "train.max_minutes=60.0"}
+    guard = {"finished": True, "stopped_by": "train.max_minutes=60.0", "step": 1}
     monkeypatch.setattr(sweeps, "load_checkpoint", lambda path: guard if Path(path).read_text() == "finished" else {})
     run_sweep(sweep, show_progress=False)
     assert [c[0] for c in fake_training] == ["train"]
@@ -387,7 +388,7 @@ def test_a_run_the_wall_clock_stopped_is_resumed_and_the_study_has_no_wall_clock
                                           ({"finished": True, "stopped_by": "train.max_steps=2"}, True),
                                           ({"finished": True, "stopped_by": None}, True), ({"finished": False}, False))):
         (tmp_path / "checkpoint.pt").write_text("stub" * (n + 1))  # a new checkpoint: its answer is not memoised
-        monkeypatch.setattr(sweeps, "load_checkpoint", lambda path, state=state: loads.append(path) or state)
+        monkeypatch.setattr(sweeps, "load_checkpoint", lambda path, state=state: loads.append(path) or {**state, "step": 1})
         assert sweeps._trained(tmp_path) is trained and sweeps._trained(tmp_path) is trained, state
     assert len(loads) == 4  # each checkpoint loaded once, however often it is asked about
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from applications.multimodal_vae.__main__ import main
-from applications.multimodal_vae.study import FAILS, HOLDS, NOT_RUN, NOT_SEPARABLE, _show, compare
+from applications.multimodal_vae.study import FAILS, HOLDS, NOT_RUN, NOT_SEPARABLE, _show, _verdict_rows, compare
 from applications.multimodal_vae.sweep import FIELDS, SCALARS, write_results
 
 
@@ -41,6 +41,27 @@ def test_verdicts_by_hand():
     assert _show("pairwise_mass", (0.25, 0.01)) == "0.250 ± 0.010"
     assert _show("pairwise_mass", (0.003, 0.00047)) == "3.0e-03 ± 4.7e-04"  # not 0.003 ± 0.000
     assert _show("own_cross_mass", (0.0, 0.0)) == "0.000 ± 0.000"
+
+
+def test_a_model_without_the_metric_neither_supports_nor_refutes_a_claim_over_all_models():
+    """"MVAE has the worst coherence of all models" is refuted by a model separably below it; one that did not compute
+    coherence made the row "not run" whatever the others showed."""
+    nan = (float("nan"), float("nan"))
+    kid = {"kid_unconditional": nan}
+    without = {"coherence": nan, "kid_unconditional": nan, "seeds": 3, "computed": {"coherence": 0}}
+
+    def row(summary):
+        line = next(r for r in _verdict_rows(summary, ["mvae", "below", "above", "without"], [1.0])
+                    if r.startswith("| MVAE has the worst coherence of all models |"))
+        return line.split(" | ")[3:5]
+
+    refuted = {("mvae", 1.0): entry([0.20, 0.21, 0.22], **kid), ("below", 1.0): entry([0.10, 0.11, 0.12], **kid),
+               ("without", 1.0): without}
+    assert row(refuted) == [FAILS, "separated from 0 of 1 models |"]
+    supported = {("mvae", 1.0): entry([0.20, 0.21, 0.22], **kid), ("above", 1.0): entry([0.50, 0.51, 0.52], **kid),
+                 ("without", 1.0): without}
+    assert row(supported) == [HOLDS, "separated from 1 of 1 models |"]
+    assert row({("mvae", 1.0): without, ("above", 1.0): entry([0.5, 0.6], **kid)})[0] == NOT_RUN
 
 
 def fake_sweep(folder, runs):
@@ -100,6 +121,10 @@ def test_the_study_page(tmp_path, capsys):
     assert verdict("MVAE has the worst coherence of all models", "1") == HOLDS
     assert verdict("MVAE has the best quality (lowest KID) of all models", "1") == NOT_SEPARABLE  # vs HELVAE
     assert verdict("MVAE's generations are of better quality (KID) than MoPoE's", "1") == HOLDS
+    # the front across models: HELVAE at beta 2.5 has the most coherence, MVAE the lowest KID; MoPoE neither
+    front = next(line for line in lines if line.startswith("- conditional coherence against KID x 1000: "))
+    assert "helvae (β 2.5)" in front and "mvae (β 1)" in front and "mopoe" not in front and "helvae (β 1)" not in front
+    assert "| self coherence (one input) |" in lines[lines.index("## Every model") + 4]
     # beta: HELVAE's coherence rises by 0.05 against a spread of 0.02 + 0.02; MoPoE's does not move
     assert ("| helvae: raising β from 1 to 2.5, coherence rises | HELVAE paper §6.3 | 1 → 2.5 | holds | "
             "0.820 ± 0.020 (3) → 0.870 ± 0.020 (3) |") in page  # the evidence reads from beta 1 to 2.5
@@ -136,6 +161,9 @@ def test_the_study_page(tmp_path, capsys):
             f"python -m applications.multimodal_vae study --sweep {folder} --preset {' '.join(variants)}`"
             in (folder / "study.md").read_text())
     assert "mvae-beta2.5-seed2" in (folder / "report.md").read_text()  # listed as not finished
+    unfinished = next(line for line in (folder / "study.md").read_text().splitlines()
+                      if line.startswith("**Runs of the grid not in these tables**"))
+    assert "mvae-beta2.5-seed2" in unfinished and "helvae-beta1.0-seed0" in unfinished
     with pytest.raises(SystemExit):
         main(["study", "--sweep", str(tmp_path / "nothing")])
     assert "holds no results.csv" in capsys.readouterr().err

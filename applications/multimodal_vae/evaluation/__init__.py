@@ -82,7 +82,8 @@ __all__ = ["CLASSIFIER_EPOCHS", "DigitClassifier", "EVALUATION_FILES", "EncoderC
            "classifier_input", "classifiers_for", "coherence", "cross_coherence", "describe_bias", "draw_sample_grid",
            "evaluate_run", "fid_scores", "format_std_error", "latent_probe", "log_likelihood", "make_classifier",
            "pooling_diagnostics", "posterior_means", "private_latent_probe", "reevaluate_likelihood", "render_report",
-           "summarise_coherence", "train_classifiers", "training_notice", "training_status", "unconditional_coherence"]
+           "scored_tuples", "summarise_coherence", "train_classifiers", "training_notice", "training_status",
+           "unconditional_coherence"]
 
 
 #: the files ``evaluate_run`` writes in a run folder
@@ -104,6 +105,12 @@ def _evaluated(settings, shuffled):
     shuffled test split (``_shuffled``)."""
     n = len(shuffled) if settings.test_examples is None else min(settings.test_examples, len(shuffled))
     return shuffled.head(n)
+
+
+def scored_tuples(settings, test_data):
+    """The test tuples ``evaluate_run`` scores with the evaluation settings ``settings`` (``config.eval``), in the
+    order it takes them (its log-likelihoods score the first ``likelihood_examples``)."""
+    return _evaluated(settings, _shuffled(settings, test_data))
 
 
 def _write_metrics(run_dir: Path, config, metrics: dict) -> None:
@@ -187,7 +194,7 @@ def reevaluate_likelihood(run_dir, config, model) -> dict:
     metrics = json.loads(path.read_text())
     remove_orphaned_temporaries(run_dir, EVALUATION_FILES)
     settings = config.eval
-    evaluated = _evaluated(settings, _shuffled(settings, load_dataset(config, "test")))
+    evaluated = scored_tuples(settings, load_dataset(config, "test"))
     metrics["log_likelihood"] = _likelihoods(model, evaluated.head(settings.likelihood_examples), settings)
     metrics.setdefault("protocol", {})["likelihood_samples"] = settings.likelihood_samples
     _write_metrics(run_dir, config, metrics)

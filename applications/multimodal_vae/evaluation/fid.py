@@ -212,6 +212,8 @@ def kid_from_features(features_a: np.ndarray, features_b: np.ndarray, subsets: i
     if size < 2:
         raise ValueError(f"KID needs at least 2 features per set, got subsets of {size}")
     d = features_a.shape[1]
+    if size == features_a.shape[0] == features_b.shape[0]:  # every subset is the whole set: one estimate is all
+        subsets = 1
     rng = np.random.default_rng(seed)
     estimates = np.empty(subsets)
     for i in range(subsets):
