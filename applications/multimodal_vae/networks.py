@@ -33,9 +33,10 @@ import functools
 import torch
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "IMAGE_NETWORKS", "PolyMNISTDecoder", "PolyMNISTEncoder", "ResidualBlock", "check_activation",
-           "check_hidden", "image64_decoder", "image64_encoder", "make_networks", "mnist_decoder", "mnist_encoder",
-           "resnet_decoder", "resnet_encoder", "svhn_decoder", "svhn_encoder", "text_decoder", "text_encoder"]
+__all__ = ["ACTIVATIONS", "IMAGE_NETWORKS", "PolyMNISTDecoder", "PolyMNISTEncoder", "ResidualBlock",
+           "SeparatePrivateEncoder", "check_activation", "check_hidden", "image64_decoder", "image64_encoder",
+           "make_networks", "mnist_decoder", "mnist_encoder", "resnet_decoder", "resnet_encoder", "svhn_decoder",
+           "svhn_encoder", "text_decoder", "text_encoder"]
 
 
 class PolyMNISTEncoder(nn.Module):
@@ -267,12 +268,29 @@ def check_hidden(architecture: str, hidden: int | None) -> None:
                          f"{architecture} networks")
 
 
+class SeparatePrivateEncoder(nn.Module):
+    """Two encoders of one input, as the MMVAE+ code's ResNet encoders have: ``shared`` gives the shared latent's
+    ``(mu, logvar)``, ``private`` the modality-specific one's, concatenated in that order (the model takes the last
+    coordinates as the private latent)."""
+
+    def __init__(self, shared: nn.Module, private: nn.Module):
+        super().__init__()
+        self.shared, self.private = shared, private
+
+    def forward(self, x: torch.Tensor):
+        (mu_z, logvar_z), (mu_w, logvar_w) = self.shared(x), self.private(x)
+        return torch.cat([mu_z, mu_w], -1), torch.cat([logvar_z, logvar_w], -1)
+
+
 def make_networks(modalities, latent_dim: int, architecture: str = "conv", activation: str | None = None,
-                  hidden: int | None = None):
+                  hidden: int | None = None, private_dim: int = 0):
     """``(encoders, decoders)`` as ``nn.ModuleList`` s, one pair per ``data.Modality``; ``architecture`` picks the
     image nets (``"conv"`` or ``"resnet"``), ``activation`` their nonlinearity (``None``: the architecture's own,
     see ``ACTIVATIONS``), ``hidden`` the width of the conv nets' features before the heads and after the decoders'
-    first linear layer (``None``: each net's own, as in the MoPoE code: 512, 400 for MNIST, 128 for SVHN)."""
+    first linear layer (``None``: each net's own: 512, 400 for MNIST, 128 for SVHN). ``latent_dim`` counts every
+    encoder output, the last ``private_dim`` of them modality-specific latents: the ResNet image encoders give those
+    a trunk of their own (``SeparatePrivateEncoder``, as the MMVAE+ code does); the conv and text encoders give
+    them heads on their one trunk (as the MoPoE code's encoders with style latents do)."""
     if architecture not in IMAGE_NETWORKS:
         raise ValueError(f"architecture must be one of {sorted(IMAGE_NETWORKS)}, got {architecture!r}")
     check_activation(architecture, activation)
@@ -291,7 +309,15 @@ def make_networks(modalities, latent_dim: int, architecture: str = "conv", activ
                              f"{tuple(modality.shape)}; image shapes with {architecture} networks: {sorted(known)}")
     # every encoder, then every decoder: the order the random initialisation has always been drawn in, so runs
     # (and the numbers in docs/results.md) reproduce across versions
-    encoders = nn.ModuleList(encoder(latent_dim, **width) for encoder, _ in constructors)
+    if not 0 <= private_dim < latent_dim:
+        raise ValueError(f"private_dim must lie in [0, latent_dim = {latent_dim}), got {private_dim!r}")
+
+    def encoder_of(encoder, modality):
+        if private_dim and architecture == "resnet" and not modality.is_text:
+            return SeparatePrivateEncoder(encoder(latent_dim - private_dim), encoder(private_dim))
+        return encoder(latent_dim, **width)
+
+    encoders = nn.ModuleList(encoder_of(encoder, m) for (encoder, _), m in zip(constructors, modalities))
     decoders = nn.ModuleList(decoder(latent_dim, **width) for _, decoder in constructors)
     if activation == "leaky_relu":
         _leaky_relus(encoders)

@@ -88,7 +88,7 @@ def make_model(config: Config, modalities) -> MultimodalVAE:
     """The model of ``config`` for ``modalities`` (a ``data.Modality`` each, from the dataset)."""
     model = config.model
     encoders, decoders = make_networks(modalities, model.latent_dim + model.private_dim, model.architecture,
-                                       model.activation, model.hidden)
+                                       model.activation, model.hidden, model.private_dim)
     return MultimodalVAE(encoders, decoders, model.name, beta=model.beta, alpha=model.alpha,
                          learnable_weights=model.learnable_weights, modalities=modalities,
                          num_samples=model.num_samples, estimator=model.estimator, likelihood=model.likelihood,

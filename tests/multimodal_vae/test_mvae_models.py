@@ -126,6 +126,26 @@ def test_conv_networks_take_a_hidden_width():
             make_networks(polymnist_modalities(1), 8, architecture, None, bad)
 
 
+def test_resnet_encoders_give_private_latents_a_trunk_of_their_own():
+    """The MMVAE+ code's ResNet encoders run two networks, one for the modality-specific latent w and one for the
+    shared z (conv_img_w / resnet_w and conv_img_z / resnet_z); the parameter counts are those of its PolyMNIST
+    (w 32 + z 32) and CUB image (w 16 + z 48) encoders, counted from its module definitions."""
+    (encoder,), _ = make_networks(polymnist_modalities(1), 64, "resnet", private_dim=32)
+    assert sum(p.numel() for p in encoder.parameters()) == 2_946_048
+    (cub,), _ = make_networks([Modality("image", (3, 64, 64))], 64, "resnet", private_dim=16)
+    assert sum(p.numel() for p in cub.parameters()) == 8_552_448
+    x = torch.rand(3, 3, 28, 28)
+    mu, logvar = encoder(x)
+    assert mu.shape == logvar.shape == (3, 64)
+    mu[:, :32].sum().backward()  # the shared latent does not depend on the private trunk
+    assert all(p.grad is None or not p.grad.any() for p in encoder.private.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.shared.parameters())
+    (conv,), _ = make_networks(polymnist_modalities(1), 64, "conv", private_dim=32)
+    assert isinstance(conv, PolyMNISTEncoder)  # MoPoE's encoders: one trunk, heads for both
+    with pytest.raises(ValueError, match=r"private_dim must lie in \[0, latent_dim = 8\), got 8"):
+        make_networks(polymnist_modalities(1), 8, "resnet", private_dim=8)
+
+
 def test_resnet_networks_follow_the_mmvae_plus_layout():
     (encoder,), (decoder,) = make_networks(polymnist_modalities(1), 16, "resnet")
     mu, logvar = encoder(torch.rand(5, 3, 28, 28))
