@@ -3,6 +3,7 @@ and the missing-modality mask. Fixtures are tiny trees written by the tests in t
 
 import gzip
 import io
+import os
 import pickle
 import zipfile
 
@@ -95,9 +96,46 @@ def test_label_mismatch_names_both_files(tmp_path):
     write_png_tree(tmp_path, "train", images, labels)
     wrong = (labels[3] + 1) % 10
     (tmp_path / "train" / "m2" / f"3.{labels[3]}.png").rename(tmp_path / "train" / "m2" / f"3.{wrong}.png")
-    with pytest.raises(LayoutError, match=rf"label mismatch at index 3: .*m0/3\.{labels[3]}\.png says digit "
-                                          rf"{labels[3]} but .*m2/3\.{wrong}\.png says {wrong}"):
+    with pytest.raises(LayoutError, match=rf"m2: files differ from .*m0 \(missing \['3\.{labels[3]}\.png'\], extra "
+                                          rf"\['3\.{wrong}\.png'\]\).* label mismatch"):
         PolyMNIST(tmp_path, "train")
+
+
+def test_the_released_layout_numbers_the_files_of_each_digit_from_zero(tmp_path):
+    """The released PolyMNIST's generator writes m{k}/{i}.{digit}.png for the i-th image of each digit, so index 0
+    names ten files; keyed by index alone, each index kept one of them (about 1 tuple in 9 of the release) or, where
+    the modalities listed them in other orders, raised a false label mismatch."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    per_digit = {0: 3, 1: 2, 7: 4}
+    expected = {}
+    for m in range(3):
+        (tmp_path / "train" / f"m{m}").mkdir(parents=True)
+        for digit, count in per_digit.items():
+            for i in range(count):
+                pixels = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "train" / f"m{m}" / f"{i}.{digit}.png")
+                expected[m, i, digit] = pixels
+    data = PolyMNIST(tmp_path, "train", num_modalities=3)
+    order = sorted((i, digit) for digit, count in per_digit.items() for i in range(count))  # by index, then digit
+    assert len(data) == 9 and data.labels.tolist() == [digit for _, digit in order]
+    for n, (i, digit) in enumerate(order):
+        for m in range(3):
+            assert np.array_equal(data.images[m, n].permute(1, 2, 0).numpy(), expected[m, i, digit])
+
+
+def test_a_rewritten_file_is_decoded_again(tmp_path):
+    """The decoded cache was keyed on the file names alone: rewritten images kept their old pixels."""
+    from PIL import Image
+
+    images, labels = random_tuples(n=4)
+    write_png_tree(tmp_path, "train", images, labels)
+    assert PolyMNIST(tmp_path, "train").images[1, 2].max() > 0
+    path = tmp_path / "train" / "m1" / f"2.{labels[2]}.png"
+    Image.fromarray(np.zeros((28, 28, 3), dtype=np.uint8)).save(path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # whatever the clock's resolution
+    assert PolyMNIST(tmp_path, "train").images[1, 2].max() == 0
 
 
 def test_layout_errors_say_what_was_expected_and_found(tmp_path):
@@ -110,7 +148,7 @@ def test_layout_errors_say_what_was_expected_and_found(tmp_path):
     images, labels = random_tuples(n=3)
     write_png_tree(tmp_path / "b", "train", images, labels)
     (tmp_path / "b" / "train" / "m1" / f"0.{labels[0]}.png").unlink()
-    with pytest.raises(LayoutError, match=r"m1: indices differ from .*m0 \(missing \[0\]"):
+    with pytest.raises(LayoutError, match=rf"m1: files differ from .*m0 \(missing \['0\.{labels[0]}\.png'\], extra \[\]"):
         PolyMNIST(tmp_path / "b", "train")
     write_png_tree(tmp_path / "c", "train", images, labels)
     with pytest.raises(LayoutError, match="holds 3 modalities but the model expects 5"):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .core import LayoutError, Modality, MultimodalDataset, cached_tensors, decode_images
+from .core import LayoutError, Modality, MultimodalDataset, cached_tensors, decode_images, source_listing
 from .text import ALPHABET, encode_characters
 
 __all__ = ["CelebA", "attribute_text", "read_attributes"]
@@ -74,7 +74,8 @@ class CelebA(MultimodalDataset):
             return {"images": decode_images([folder / files[i] for i in chosen], IMAGE_SIZE, CROP, progress,
                                             f"decoding CelebA {split}", "list_attr_celeba.txt")}
 
-        images = cached_tensors(folder, f"{split}\n" + "\n".join(files[i] for i in chosen), build)["images"]
+        recipe = f"CelebA {split}: centre crop {CROP}, bilinear resize to {IMAGE_SIZE}, v2"
+        images = cached_tensors(folder, source_listing(recipe, folder, (files[i] for i in chosen)), build)["images"]
         labels = attributes[chosen]
         texts = torch.stack([encode_characters(attribute_text(names, row)[:TEXT_LENGTH], TEXT_LENGTH)
                              for row in labels]) if chosen else torch.zeros(0, TEXT_LENGTH, dtype=torch.long)

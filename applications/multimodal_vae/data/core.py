@@ -10,6 +10,7 @@ one uint8 tensor file (``cached_tensors``, rebuilt if the file list changes).
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import opinionpool.functional as opf
 from ..files import UnreadableFile, load_checked, remove_orphaned_temporaries, save_checked
 
 __all__ = ["LayoutError", "Modality", "MultimodalDataset", "batches", "cached_tensors", "decode_images", "modality_mask",
-           "reconstruction_weights", "subset_mask", "subset_tuples"]
+           "reconstruction_weights", "source_listing", "subset_mask", "subset_tuples"]
 
 class LayoutError(ValueError):
     """A dataset folder that is not in the layout the loader expects."""
@@ -121,9 +122,23 @@ class MultimodalDataset(Dataset):
         return self.select(torch.arange(min(n, len(self))))
 
 
+def source_listing(recipe: str, root: Path, names) -> str:
+    """What a decoded cache is keyed on: ``recipe`` (how the files are decoded, with a version) and every source
+    file's name (relative to ``root``), size and modification time, so that a changed recipe or a rewritten file
+    rebuilds the cache (a missing file is listed as such: the decoding names it)."""
+    lines = [recipe]
+    for name in names:
+        try:
+            stat = os.stat(Path(root) / name)
+            lines.append(f"{name} {stat.st_size} {stat.st_mtime_ns}")
+        except FileNotFoundError:
+            lines.append(f"{name} missing")
+    return "\n".join(lines)
+
+
 def cached_tensors(folder: Path, listing: str, build) -> dict:
     """``build()`` (a dict of tensors) cached in ``folder`` as ``.decoded-<hash of listing>.pt``, written atomically
-    with its SHA-256; a changed ``listing`` (the source files) rebuilds it, and so does a cache that is truncated,
+    with its SHA-256; a changed ``listing`` (``source_listing``) rebuilds it, and so does a cache that is truncated,
     corrupted or holds more than tensors (with a warning naming it); a read-only folder goes without the cache."""
     cache = Path(folder) / f".decoded-{hashlib.sha256(listing.encode()).hexdigest()[:16]}.pt"
     remove_orphaned_temporaries(folder, [cache.name])  # of a process killed while writing it

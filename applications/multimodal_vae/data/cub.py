@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .core import LayoutError, Modality, MultimodalDataset, cached_tensors, decode_images
+from .core import LayoutError, Modality, MultimodalDataset, cached_tensors, decode_images, source_listing
 from .text import build_vocabulary, encode_words
 
 __all__ = ["CUB", "image_files", "read_captions"]
@@ -59,7 +59,8 @@ class CUB(MultimodalDataset):
         def build():
             return {"images": decode_images(files, IMAGE_SIZE, progress=progress, desc=f"decoding CUB {split}")}
 
-        listing = "\n".join(str(p.relative_to(root)) for p in files)
+        listing = source_listing(f"CUB {split}: bilinear resize to {IMAGE_SIZE}, v2", root,
+                                 (str(p.relative_to(root)) for p in files))
         images = cached_tensors(root / split, listing, build)["images"]
         index = {w: i for i, w in enumerate(self.vocabulary)}
         tokens = torch.stack([encode_words(c, index, CAPTION_LENGTH) for c in captions])

@@ -6,9 +6,12 @@ PolyMNIST is read from either layout in circulation, detected from what is on di
   ``build_polymnist``);
 * tensor files: ``{root}/{split}/m{k}.pt`` (``(N, 3, 28, 28)``, uint8 or float in [0, 1]) and ``labels.pt``.
 
-PNG files are paired by their integer index after sorting (never by the order of a directory listing), and the
-digit in every file name must agree across modalities; a mismatch is an error naming the files. Decoded PNG
-trees are cached next to the images as one uint8 tensor file (rebuilt if the file list changes).
+A tuple is the files of one name ``{index}.{digit}.png`` across the modality folders (never the order of a
+directory listing): the release numbers the images of each digit from 0, so the name, not the index, identifies
+a tuple; every modality must hold the same names, and a difference (a missing file, or a digit that disagrees)
+is an error naming the files. Tuples are ordered by index, then digit. Decoded PNG trees are cached next to the
+images as one uint8 tensor file, rebuilt when a file is added, removed or rewritten (names, sizes and
+modification times: ``core.source_listing``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import LayoutError, Modality, MultimodalDataset, cached_tensors
+from .core import LayoutError, Modality, MultimodalDataset, cached_tensors, source_listing
 
 __all__ = ["PolyMNIST", "detect_layout", "polymnist_modalities", "read_png_tree", "read_tensor_files",
            "store_decoded_png_tree"]
@@ -28,8 +31,10 @@ __all__ = ["PolyMNIST", "detect_layout", "polymnist_modalities", "read_png_tree"
 _PNG_NAME = re.compile(r"^(\d+)\.(\d)\.png$")
 
 
-def _png_index(folder: Path) -> dict[int, tuple[int, str]]:
-    """``index -> (digit, file name)`` for the PNG files of one modality folder."""
+def _png_index(folder: Path) -> dict[tuple[int, int], str]:
+    """``(index, digit) -> file name`` for the PNG files of one modality folder. The released PolyMNIST numbers the
+    files of each digit from 0 (its generator writes ``m{k}/{i}.{digit}.png`` for the i-th image of that digit), so
+    an index alone names up to ten files; the offline build numbers them once over all digits."""
     entries = {}
     for name in os.listdir(folder):
         match = _PNG_NAME.match(name)
@@ -37,7 +42,7 @@ def _png_index(folder: Path) -> dict[int, tuple[int, str]]:
             if name.endswith(".png"):
                 raise LayoutError(f"{folder / name}: PNG name not of the form '{{index}}.{{digit}}.png'")
             continue
-        entries[int(match.group(1))] = (int(match.group(2)), name)
+        entries[int(match.group(1)), int(match.group(2))] = name
     return entries
 
 
@@ -67,8 +72,9 @@ def detect_layout(root: Path, split: str) -> str:
 
 
 def read_png_tree(split_dir: Path, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``(M, N, 3, 28, 28)`` and labels ``(N,)`` from a PNG tree, paired by sorted index (``progress``: a
-    tqdm-like wrapper for the decoding loop)."""
+    """uint8 ``(M, N, 3, 28, 28)`` and labels ``(N,)`` from a PNG tree: a tuple is the files of one name
+    ``{index}.{digit}.png`` in every modality folder, which must all hold the same names (``progress``: a tqdm-like
+    wrapper for the decoding loop). Tuples are ordered by index, then digit."""
     from PIL import Image
 
     folders = _modality_folders(split_dir, "png")
@@ -76,31 +82,33 @@ def read_png_tree(split_dir: Path, progress=None) -> tuple[torch.Tensor, torch.T
     reference = indexes[0]
     for folder, index in zip(folders[1:], indexes[1:]):
         if index.keys() != reference.keys():
-            missing = sorted(reference.keys() - index.keys())[:5]
-            extra = sorted(index.keys() - reference.keys())[:5]
-            raise LayoutError(f"{folder}: indices differ from {folders[0]} (missing {missing}, extra {extra})")
-        for i, (digit, name) in index.items():
-            if digit != reference[i][0]:
-                raise LayoutError(f"label mismatch at index {i}: {folders[0] / reference[i][1]} says digit "
-                                  f"{reference[i][0]} but {folder / name} says {digit}")
+            missing = [reference[k] for k in sorted(reference.keys() - index.keys())[:5]]
+            extra = [index[k] for k in sorted(index.keys() - reference.keys())[:5]]
+            raise LayoutError(f"{folder}: files differ from {folders[0]} (missing {missing}, extra {extra}): every "
+                              "modality must hold the same {index}.{digit}.png names, one per tuple (a file whose "
+                              "digit differs from the other modalities' is a label mismatch)")
     order = sorted(reference)
-    names = [[index[i][1] for i in order] for index in indexes]
     images = torch.empty((len(folders), len(order), 3, 28, 28), dtype=torch.uint8)
     for m, folder in enumerate(folders):
-        files = enumerate(names[m])
+        files = enumerate(indexes[m][key] for key in order)
         for n, name in progress(files, total=len(order), desc=f"decoding {split_dir.name}/{folder.name}",
                                 unit="png") if progress else files:
             array = torch.from_numpy(np.asarray(Image.open(folder / name).convert("RGB")).copy())
             if array.shape != (28, 28, 3):
                 raise LayoutError(f"{folder / name}: expected a 28x28 RGB image, got shape {tuple(array.shape)}")
             images[m, n] = array.permute(2, 0, 1)
-    labels = torch.tensor([reference[i][0] for i in order], dtype=torch.long)
+    labels = torch.tensor([digit for _, digit in order], dtype=torch.long)
     return images, labels
 
 
+#: how a PNG tree is decoded (the cache's key): version 2 pairs the files by their whole name, not by index alone
+_PNG_RECIPE = "PolyMNIST PNG tree, tuples by {index}.{digit} name, v2"
+
+
 def _png_listing(split_dir: Path) -> str:
-    return "\n".join(f"{folder.name}/{name}" for folder in _modality_folders(split_dir, "png")
-                     for name in sorted(os.listdir(folder)))
+    return source_listing(_PNG_RECIPE, split_dir, (f"{folder.name}/{name}" for folder in
+                                                   _modality_folders(split_dir, "png")
+                                                   for name in sorted(os.listdir(folder))))
 
 
 def _cached_png_tree(split_dir: Path, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
