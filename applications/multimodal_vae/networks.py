@@ -5,14 +5,19 @@ to the likelihood's parameter: the raw image location (Laplace or normal, as in 
 the vocabulary per text position ``(..., L, V)``.
 
 - PolyMNIST ``(3, 28, 28)``: the convolutional nets of the MoPoE code (conv 3->32->64->128, kernel 3, stride 2,
-  padding 1, so 28->14->7->4; flatten 2048 -> linear 512 -> ReLU -> linear heads), mirrored by transposed
-  convolutions.
-- MNIST ``(1, 28, 28)``: MoPoE's fully connected nets (784 -> 400 -> heads; 400 -> 784).
+  padding 1, so 28->14->7->4; flatten 2048 -> linear ``hidden`` -> ReLU -> linear heads), mirrored by transposed
+  convolutions. Where they differ from MoPoE's: its encoder's linear layer has the latent size (512 in its runs,
+  where ``hidden`` is 512 too; at the CPU presets' latent 32 these encoders are wider), and its decoder maps the
+  latent to 2048 in one linear layer where this one has two (latent -> ``hidden`` -> 2048).
+- MNIST ``(1, 28, 28)``: MoPoE's fully connected nets (784 -> 400 -> heads; 400 -> 784, then a sigmoid, as its
+  MNIST decoder ends).
 - SVHN ``(3, 32, 32)``: MoPoE's conv nets (3->32->64->64, kernel 4, stride 2, then a 4x4 conv to 128).
 - 64x64 RGB (CelebA, CUB): four stride-2 convolutions 3->32->64->128->256 (64->4), linear 512, mirrored. The
   papers use residual blocks here; these plain nets have the same resolution schedule, not their weights' layout.
 - Text ``(L,)``: one-hot characters or words -> a 1x1 convolution to 128 channels -> stride-2 convolutions down
-  to length <= 8 -> linear heads; the decoder mirrors it and ends in logits.
+  to length <= 8 -> linear heads; the decoder mirrors it and ends in logits. Not MoPoE's text nets (its
+  MNIST-SVHN-Text ones convolve the 8 characters down to 128 features, (4, 2, 1) then (4, 2, 0), about a quarter
+  of these parameters; its alphabet has 71 symbols where ``data.text.ALPHABET`` has fewer).
 - ``architecture="resnet"`` (PolyMNIST and 64x64 images): the residual nets of the MMVAE+ code, which the HELVAE
   paper uses: a 3x3 convolution to 64 channels, a residual block, then (average pool 3/2, residual block doubling
   the channels up to 256) down to 7x7 (PolyMNIST) or 2x2 (64x64), linear heads; the decoder mirrors it with
@@ -107,7 +112,9 @@ def mnist_encoder(latent_dim: int, hidden: int = 400) -> nn.Module:
 
 
 def mnist_decoder(latent_dim: int, hidden: int = 400) -> nn.Module:
-    return _Decoder(nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, 784)), (1, 28, 28))
+    """MoPoE's MNIST decoder, which ends in a sigmoid (its PolyMNIST and SVHN decoders give raw locations)."""
+    return _Decoder(nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, 784), nn.Sigmoid()),
+                    (1, 28, 28))
 
 
 def svhn_encoder(latent_dim: int, hidden: int = 128) -> nn.Module:

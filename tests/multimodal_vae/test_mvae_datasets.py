@@ -196,8 +196,8 @@ def test_text_encodings_are_checked():
         text.encode_characters("smiling", 4)
     with pytest.raises(ValueError, match=r"characters \['é'\]"):
         text.encode_characters("café", 8)
-    vocabulary = text.build_vocabulary(["a b b c c c"] * 3, min_count=4)
-    assert vocabulary == ("<exc>", "<pad>", "<eos>", "c", "b")  # by frequency
+    vocabulary = text.build_vocabulary(["a b b c c c"] * 3, more_than=3)
+    assert vocabulary == ("<exc>", "<pad>", "<eos>", "c", "b")  # by frequency; "a", seen 3 times, is not kept
     ids = text.encode_words("c a b b b", vocabulary, 4)
     assert ids.tolist() == [3, 0, 4, 2]  # three words, unknown as <exc>, then <eos>
     assert text.encode_words("b", vocabulary, 4).tolist() == [4, 2, 1, 1]

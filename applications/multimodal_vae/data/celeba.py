@@ -4,12 +4,12 @@
     {root}/list_attr_celeba.txt              (count; the 40 attribute names; "name.jpg  1 -1 ...")
     {root}/list_eval_partition.txt           ("name.jpg 0|1|2": train, validation, test)
 
-Images: centre crop 148x148, resized to 64x64 (as in the MoPoE code). Text: the names of the attributes a face
-has, lowercased with underscores as spaces, joined by ", " (absent attributes are left out, not negated, so an
-attribute's position in the text varies), as characters, cut at 256 as MoPoE does. Labels: the 40 attributes as
-0/1. Splits: ``train`` is partition 0 (162 770 faces) and ``test`` partition 1 (19 867), the sizes the HELVAE and
-MoPoE papers report. Decoded images are cached next to the files.
-"""
+Images: centre crop 148x148, bicubic resize to 64x64 (as in the MoPoE code). Text: the names of the attributes a
+face has, lowercased with underscores as spaces, joined by ", " (absent attributes are left out, not negated, so an
+attribute's position in the text varies), as characters, cut at 256 as MoPoE does, always starting at position 0
+(MoPoE's files were made with a random start, ``random_text_startindex``, by code it did not release). Labels: the
+40 attributes as 0/1. Splits: ``train`` is partition 0 (162 770 faces) and ``test`` partition 1 (19 867), the sizes
+the HELVAE and MoPoE papers report. Decoded images are cached next to the files."""
 
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ class CelebA(MultimodalDataset):
 
         def build():
             return {"images": decode_images([folder / files[i] for i in chosen], IMAGE_SIZE, CROP, progress,
-                                            f"decoding CelebA {split}", "list_attr_celeba.txt")}
+                                            f"decoding CelebA {split}", "list_attr_celeba.txt", resample="bicubic")}
 
-        recipe = f"CelebA {split}: centre crop {CROP}, bilinear resize to {IMAGE_SIZE}, v2"
+        recipe = f"CelebA {split}: centre crop {CROP}, bicubic resize to {IMAGE_SIZE}, v2"
         images = cached_tensors(folder, source_listing(recipe, folder, (files[i] for i in chosen)), build)["images"]
         labels = attributes[chosen]
         texts = torch.stack([encode_characters(attribute_text(names, row)[:TEXT_LENGTH], TEXT_LENGTH)

@@ -160,9 +160,10 @@ def cached_tensors(folder: Path, listing: str, build) -> dict:
 
 
 def decode_images(paths, size: int, crop: int | None = None, progress=None, desc: str = "decoding",
-                  listed_in: str = "the file list") -> torch.Tensor:
+                  listed_in: str = "the file list", resample: str = "bilinear") -> torch.Tensor:
     """uint8 ``(N, 3, size, size)`` from image files: RGB, optionally a centred ``crop x crop`` square first, then a
-    bilinear resize. A missing file is a ``LayoutError`` naming it and the list (``listed_in``) it came from."""
+    resize by PIL's ``resample`` filter (``"bilinear"``, torchvision's ``Resize`` default, or ``"bicubic"``). A
+    missing file is a ``LayoutError`` naming it and the list (``listed_in``) it came from."""
     from PIL import Image
 
     images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
@@ -173,7 +174,7 @@ def decode_images(paths, size: int, crop: int | None = None, progress=None, desc
         if crop is not None:
             left, top = (image.width - crop) // 2, (image.height - crop) // 2
             image = image.crop((left, top, left + crop, top + crop))
-        image = image.resize((size, size), Image.BILINEAR)
+        image = image.resize((size, size), {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[resample])
         images[k] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
     return images
 

@@ -6,7 +6,7 @@
 Caption ``k`` belongs to image ``k // 10`` of its split, images in sorted class-then-file order (torchvision's
 ``ImageFolder`` order, which the released caption files follow); the counts must agree. A tuple is one caption
 and its image, so each image appears in ten tuples. Images are resized to 64x64; captions are word ids over a
-vocabulary built from the training captions (words seen at least 3 times, MMVAE's ``<exc>``, ``<pad>``, ``<eos>``),
+vocabulary built from the training captions (words seen more than 3 times, MMVAE's ``<exc>``, ``<pad>``, ``<eos>``),
 at most 32 tokens with the end mark, tokenised by a regular expression (no downloaded tokenizer data).
 ``labels`` are the image indices (CUB has no shared label; its coherence needs another protocol).
 """

@@ -8,6 +8,8 @@ Tuple ``i`` is MNIST image ``mnist_idx[i]``, SVHN image ``svhn_idx[i]`` and the 
 (length 8) starting at a random position, as in the MoPoE code; the position is drawn once per tuple from a seeded
 generator (MoPoE redraws it on every access). The pairing files must pair equal digits: a mismatch is an error
 naming the file and the first offending tuples. Modalities: ``mnist`` (1, 28, 28), ``svhn`` (3, 32, 32), ``text``.
+MMVAE's pairing files hold 30 pairs per example (its ``make-mnist-svhn-idx.py``, ``dm = 30``); MoPoE draws its own
+with 20 (``data_multiplications``), so an epoch here is 1.5 of MoPoE's.
 """
 
 from __future__ import annotations

@@ -50,11 +50,12 @@ def tokenise(sentence: str) -> list[str]:
     return _WORD.findall(sentence.lower())
 
 
-def build_vocabulary(sentences, min_count: int = 3) -> tuple[str, ...]:
-    """The special words, then the words occurring at least ``min_count`` times, most frequent first (ties
-    alphabetically, so the vocabulary does not depend on the order of the sentences)."""
+def build_vocabulary(sentences, more_than: int = 3) -> tuple[str, ...]:
+    """The special words, then the words occurring more than ``more_than`` times (the MMVAE and MMVAE+ code's
+    ``occ > min_occ``, ``min_occ = 3``), most frequent first (ties alphabetically, so the vocabulary does not
+    depend on the order of the sentences)."""
     counts = Counter(word for sentence in sentences for word in tokenise(sentence))
-    words = sorted((w for w, c in counts.items() if c >= min_count and w not in (UNKNOWN, PAD, END)),
+    words = sorted((w for w, c in counts.items() if c > more_than and w not in (UNKNOWN, PAD, END)),
                    key=lambda w: (-counts[w], w))
     return (UNKNOWN, PAD, END, *words)
 
