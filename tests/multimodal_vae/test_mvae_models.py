@@ -126,6 +126,12 @@ def test_conv_networks_take_a_hidden_width():
             make_networks(polymnist_modalities(1), 8, architecture, None, bad)
 
 
+def test_the_mnist_decoder_ends_in_a_sigmoid_as_mopoes_does():
+    (_,), (decoder,) = make_networks([Modality("mnist", (1, 28, 28))], 4)
+    out = decoder(100 * torch.randn(6, 4))
+    assert out.shape == (6, 1, 28, 28) and bool(((out >= 0) & (out <= 1)).all()) and out.std() > 0
+
+
 def test_resnet_encoders_give_private_latents_a_trunk_of_their_own():
     """The MMVAE+ code's ResNet encoders run two networks, one for the modality-specific latent w and one for the
     shared z (conv_img_w / resnet_w and conv_img_z / resnet_z); the parameter counts are those of its PolyMNIST
