@@ -655,11 +655,18 @@ class _HellingerMoments(torch.autograd.Function):
 
 
 def standing_in(mu: torch.Tensor, logvar: torch.Tensor, present: torch.Tensor):
-    """``(mu, logvar)`` with N(0, 1) in place of the experts not ``present`` (booleans ``(..., M, 1)``): experts
-    absent or of weight zero are no part of the pool, and whatever they hold (an overflow far from the present ones)
-    would otherwise meet its zero weight as inf * 0 = NaN, in the pool or in its gradients."""
+    """``(mu, logvar)`` with the first present expert's values (detached) in place of the experts not ``present``
+    (booleans ``(..., M, 1)``), N(0, 1) where none is: experts absent or of weight zero are no part of the pool, and
+    whatever they hold (an overflow far from the present ones) would otherwise meet its zero weight as inf * 0 =
+    NaN, in the pool or in its gradients. A fixed stand-in such as N(0, 1) is no better: relative to present experts
+    of log-variance -90 its variance overflows float32 (NaN pools, eager and fused)."""
+    shape = torch.broadcast_shapes(mu.shape, logvar.shape, present.shape)
+    mu, logvar, present = mu.expand(shape), logvar.expand(shape), present.expand(shape[:-1] + (1,))
+    first = present.to(torch.uint8).argmax(-2, keepdim=True).expand(shape[:-2] + (1, shape[-1]))
+    anyone = present.any(-2, keepdim=True)
     zero = torch.zeros((), dtype=mu.dtype, device=mu.device)
-    return torch.where(present, mu, zero), torch.where(present, logvar, zero)
+    stand_in = [torch.where(anyone, value.detach().gather(-2, first), zero) for value in (mu, logvar)]
+    return torch.where(present, mu, stand_in[0]), torch.where(present, logvar, stand_in[1])
 
 
 def hellinger_moments(mu: torch.Tensor, logvar: torch.Tensor, log_weights: torch.Tensor, fused: bool = False):

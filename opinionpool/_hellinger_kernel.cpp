@@ -260,14 +260,17 @@ void backward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w,
     const bool normal = (total < V(std::numeric_limits<T>::min())).zero_mask() == (1 << vs) - 1;
     const V inverse = total.reciprocal();
     auto component = [&](T p_scalar, const V& loc, const V& var, T* d_loc_out, T* d_lv_out, V& d_logit_acc) {
-      const V p(p_scalar);
+      const V p(p_scalar), sqrt_p(std::sqrt(p_scalar));
       const V dev = loc - off;
-      const V dev_q = dev * qq;  // |p dev_q| <= sqrt(p): no overflow where p vanishes
+      // sqrt(p) dev / sqrt(V), at most one in magnitude (p dev^2 <= V): scaled by sqrt(p) first, as in _backward,
+      // so that a component of vanishing weight far from the pool overflows nothing (dev / sqrt(V) alone can,
+      // and then met p = 0 as inf * 0 = NaN)
+      const V s_dev = dev * sqrt_p * qq;
       const V rho = normal ? p * var * inverse : p * var / total;
-      (p * (gm + V(2) * gl * dev_q * qq)).store(d_loc_out);
+      (sqrt_p * (gm * sqrt_p + V(2) * gl * s_dev * qq)).store(d_loc_out);
       const V dlv = gl * rho;
       dlv.store(d_lv_out);
-      d_logit_acc = d_logit_acc + p * (dev * gm + gl * dev_q * dev_q) + dlv;
+      d_logit_acc = d_logit_acc + p * dev * gm + gl * s_dev * s_dev + dlv;
     };
     for (int64_t k = 0; k < m; ++k)
       component(pi[k], V::loadu(&s.x[k * stride + c]), V::loadu(&s.v[k * stride + c]), &gx[k * stride + c],

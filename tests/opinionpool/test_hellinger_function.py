@@ -374,3 +374,23 @@ def test_float32_subsets_of_narrow_experts_far_from_the_reference(aggregator):
     torch.testing.assert_close(mix.loc.double(), ref_loc, rtol=4e-7, atol=1e-8)
     torch.testing.assert_close(mix.logvar.double(), ref_lv, rtol=1e-6, atol=1e-5)
     assert torch.equal(mix.loc[0, 2], mu[2, 0])  # a subset of one expert is that expert
+
+
+@pytest.mark.parametrize("level", [-90.0, -100.0])
+@pytest.mark.parametrize("how", ["mask", "zero weight"])
+def test_float32_an_absent_expert_beside_narrow_present_ones(level, how):
+    """An absent expert (masked, or of weight zero) stood in as N(0, 1), whose variance relative to present experts
+    of log-variance -90 overflows float32: the pool and its gradients were NaN. The pool must be that of the present
+    experts alone."""
+    mu = torch.tensor([[[0.0, 1e-20]], [[1e-20, 0.0]], [[5.0, 5.0]]], dtype=torch.float32)  # (M, B, D)
+    logvar = torch.tensor([[[level, level]], [[level, level]], [[0.0, 0.0]]], dtype=torch.float32)
+    loc64, lv64 = reference_hellinger(mu[:2].double(), logvar[:2].double())
+    options = ({"mask": torch.tensor([[True], [True], [False]])} if how == "mask"
+               else {"weights": torch.tensor([1.0, 1.0, 0.0], dtype=torch.float32)})
+    mu32, lv32 = mu.clone().requires_grad_(True), logvar.clone().requires_grad_(True)
+    loc, lv = opf.hellinger(mu32, lv32, **options)
+    torch.testing.assert_close(loc.double(), loc64, rtol=1e-6, atol=1e-30)
+    torch.testing.assert_close(lv.double(), lv64, rtol=1e-6, atol=0)
+    (loc.sum() + lv.sum()).backward()
+    assert torch.isfinite(mu32.grad).all() and torch.isfinite(lv32.grad).all()
+    assert not mu32.grad[2].any() and not lv32.grad[2].any()  # no part of the pool

@@ -252,3 +252,22 @@ def test_a_kernel_that_cannot_be_built_warns_once_and_runs_eagerly(monkeypatch):
     ref_loc, ref_lv = reference_hellinger(mu, logvar, mask=mask)
     torch.testing.assert_close(loc, ref_loc)
     torch.testing.assert_close(lv, ref_lv)
+
+
+@pytest.mark.parametrize("how", ["mask", "weight 1e-25"])
+def test_kernel_backward_with_a_component_of_vanishing_weight_far_from_the_pool(kernel, how):
+    """Float32 experts of log-variance near -87 beside a broad third one of (nearly) no weight: the kernel formed
+    the components' scaled deviations before their weight, so the third one's overflowed and met p = 0 as NaN (in
+    every weight's gradient); the eager backward scales by sqrt(p) first. Both must agree with float64."""
+    mu = torch.tensor([[[2.0, 2.0]], [[2.0, 2.0]], [[0.0, 0.0]]], dtype=torch.float32)
+    logvar = torch.tensor([[[-87.0, -87.0]], [[-86.5, -87.0]], [[0.0, 0.0]]], dtype=torch.float32)
+    options = {"mask": torch.tensor([[True], [True], [False]])} if how == "mask" else {}
+    weights = torch.tensor([1.0, 2.0, 1.0 if how == "mask" else 1e-25], dtype=torch.float32)
+    eager, fused = both_paths(kernel, mu, logvar, [mu, logvar, weights], **options)
+    (*_, w64), _ = both_paths(kernel, mu.double(), logvar.double(), [mu.double(), logvar.double(), weights.double()],
+                              **options)
+    for got in (eager, fused):
+        assert all(torch.isfinite(t).all() for t in got)
+        torch.testing.assert_close(got[4][:2].double(), w64[:2], rtol=1e-4, atol=0)
+    for want, got in zip(eager[:4], fused[:4]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
