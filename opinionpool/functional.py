@@ -506,7 +506,7 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
                 prior = (member.shape[-1] - 1,) if prior_expert else ()
                 rows = [row + (full if len(row) == experts else ()) + prior for row in rows]
             extra = (rows,)
-        if _rounded_offsets_matter(mu, logvar, member):
+        if _rounded_offsets_matter(mu, logvar, member) or _log_variances_too_spread(logvar, member):
             wide = (mu.double(), logvar.double(), member, None if weights is None else weights.double(), *extra)
             loc, lv = (t.to(mu.dtype) for t in _SHARED[shared](*wide))
         else:
@@ -538,6 +538,24 @@ def _wide(dtype):
 #: the shared subset paths run in float64 where a float32 (or narrower) offset's rounding exceeds this fraction of
 #: its expert's standard deviation
 OFFSET_ROUNDING = 1e-3
+
+
+def _log_variances_too_spread(logvar, member):
+    """Whether the present experts' log-variances span more than the shared subset paths keep in the inputs' dtype at
+    some (sample, dimension): ``2 _span``, 160 nats in float32 (beyond it the flattest experts are floored, so the
+    subset of such an expert alone got the floor: -71.7 for an expert of log-variance -87 beside one of +88). Not
+    where the values cannot be read, nor in float64."""
+    if logvar.dtype == torch.float64 or not values_readable(logvar):
+        return False
+    limit = 2 * _span(logvar.dtype)
+    with torch.no_grad():
+        low, high = torch.aminmax(logvar)
+        if bool(high - low <= limit):  # every expert at once, present or not: the usual case in two reductions
+            return False
+        present = member.any(-2).unsqueeze(-1)
+        top = torch.where(present, logvar, -math.inf).amax(-2)
+        bottom = torch.where(present, logvar, math.inf).amin(-2)
+        return bool((top - bottom > limit).any())
 
 
 def _rounded_offsets_matter(mu, logvar, member):
@@ -740,10 +758,11 @@ class _SubsetSums(torch.autograd.Function):
     the range is under ``2 _span`` (160 nats in float32) none falls below ``e^-_span``, so every subset's sum keeps its
     digits whichever experts it holds (a shift by the largest alone would flush the sums of subsets of flat experts
     to zero once the range passes 87 nats). Log-precisions further below the largest are raised to that floor (no
-    gradient there). The backward pass is analytic and saves the inputs, the mean and the scaled precisions, from
-    which it recomputes ``1 / sum`` slice by slice (a matrix product, cheaper than ``exp`` of the log-variance);
-    outputs and temporaries are written in place (each fresh ``(..., K, D)`` buffer costs
-    as much as a pass over it, or more where its pages are new)."""
+    gradient there; ``subset_mixture`` sends wider ranges through float64, ``_log_variances_too_spread``). The
+    backward pass is analytic and saves the inputs, the mean and the scaled precisions, from which it recomputes
+    ``1 / sum`` slice by slice (a matrix product, cheaper than ``exp`` of the log-variance); outputs and temporaries
+    are written in place (each fresh ``(..., K, D)`` buffer costs as much as a pass over it, or more where its pages
+    are new)."""
 
     generate_vmap_rule = True
 

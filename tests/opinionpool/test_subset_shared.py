@@ -193,16 +193,22 @@ def test_float32_mopoe_over_a_wide_range_of_precisions(weighted):
     assert ((mix.loc.double() - loc).abs() <= 1e-5 * (0.5 * lv).exp() + 1e-5 * loc.abs()).all()
 
 
-def test_float32_mopoe_beyond_the_range_stays_finite():
-    """Log-precisions more than 160 nats below the largest are raised to that floor: finite, and exact for the
-    subsets that hold a sharper expert."""
-    mu = torch.tensor([[[1.0]], [[2.0]]], dtype=torch.float32)
-    logvar = torch.tensor([[[-90.0]], [[100.0]]], dtype=torch.float32)
-    mix = opf.subset_mixture(opf.poe, mu, logvar)
+@pytest.mark.parametrize("aggregator", [opf.poe, opf.hellinger], ids=["poe", "hellinger"])
+@pytest.mark.parametrize("levels", [(-90.0, 100.0, None), (88.0, -87.0, 0.0)])
+def test_float32_subsets_beyond_the_float32_range_are_exact(aggregator, levels):
+    """Present log-variances more than 160 nats apart at a (sample, dimension) go through float64: in float32 the
+    flattest experts were raised to a floor, so a subset of such an expert alone got the floor (MoPoE -71.7 and
+    MoHELVAE 72.7 for experts of log-variance -87 and +88). A one-expert subset's pool is that expert."""
+    levels = [level for level in levels if level is not None]
+    mu = torch.arange(1.0, len(levels) + 1, dtype=torch.float32).reshape(-1, 1, 1)
+    logvar = torch.tensor(levels, dtype=torch.float32).reshape(-1, 1, 1)
+    mix = opf.subset_mixture(aggregator, mu, logvar)
+    assert mix.logvar.dtype == torch.float32
     assert torch.isfinite(mix.loc).all() and torch.isfinite(mix.logvar).all()
-    torch.testing.assert_close(mix.logvar[0, [0, 2]], torch.full((2, 1), -90.0, dtype=torch.float32))
-    torch.testing.assert_close(mix.loc[0], torch.tensor([[1.0], [2.0], [1.0]], dtype=torch.float32))
-    assert 60 <= mix.logvar[0, 1, 0] <= -90.0 + 160.5  # the flat expert alone: its variance capped by the floor
+    singles = [k for k, row in enumerate(opf.all_subsets(len(levels)).tolist()) if sum(row) == 1]
+    ones = [row.index(True) for row in opf.all_subsets(len(levels)).tolist() if sum(row) == 1]
+    torch.testing.assert_close(mix.logvar[0, singles, 0], logvar[ones, 0, 0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(mix.loc[0, singles, 0], mu[ones, 0, 0], rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("aggregator, reference", [(opf.poe, explicit_poe), (opf.hellinger, generic_hellinger)],
