@@ -186,10 +186,17 @@ def _with_prior_expert(mu, logvar):
     return torch.cat((mu, zeros), -2), torch.cat((logvar, zeros), -2)
 
 
-def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):
+def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate,
+             empty_hint: str | None = "pass prior_expert=True to fall back on the prior"):
+    """Experts moved to ``(..., M, D)``, stand-ins for the absent ones, the prior expert appended: ``(mu, logvar,
+    mask, M)``. With ``validate``, a sample without a present expert is an error ending with ``empty_hint`` (``None``:
+    such samples are allowed)."""
     dim, num_experts = _layout(mu, logvar, dim)
     if weights is not None:
         weights = real_tensor("weights", weights)
+    if mu.dtype != logvar.dtype:  # as torch's binary operations promote (the fused paths need one dtype)
+        common = torch.promote_types(mu.dtype, logvar.dtype)
+        mu, logvar = mu.to(common), logvar.to(common)
     mu, logvar = mu.movedim(dim, -2), logvar.movedim(dim, -2)
     if mask is not None:
         mask = torch.as_tensor(mask, device=mu.device)
@@ -216,10 +223,9 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate):
         if mask is not None:
             mask = torch.cat((mask, torch.ones(mask.shape[:-1] + (1,), dtype=torch.bool, device=mask.device)), -1)
         num_experts += 1
-    if validate and mask is not None and not bool(mask.any(-1).all()):
+    if validate and empty_hint is not None and mask is not None and not bool(mask.any(-1).all()):
         empty = (~mask.any(-1)).nonzero()[0].tolist()
-        raise ValueError(f"mask leaves no present expert for the sample at batch index {tuple(empty)}; "
-                         "pass prior_expert=True to fall back on the prior")
+        raise ValueError(f"mask leaves no present expert for the sample at batch index {tuple(empty)}; {empty_hint}")
     if validate and mask is not None and weights is not None:
         _check_present_weights(weights, mask)
     return mu, logvar, mask, num_experts
@@ -438,7 +444,10 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
                              f"weights {describe(weights)}")
         if validate:
             check_weights("weights", weights, m + (1 if prior_expert else 0))
-    mu, logvar, mask, m = _prepare(mu, logvar, dim, None, mask, False, validate)
+    # a sample without a present expert has no subset to draw from, unless the full subset's prior stands for it
+    mu, logvar, mask, m = _prepare(mu, logvar, dim, None, mask, False, validate, None if prior_on_full_subset else
+                                   "subset_mixture keeps only the subsets with a present expert: pass "
+                                   "prior_on_full_subset=True to fall back on the prior")
     # each subset's experts as Python tuples, for the Hellinger pool's per-subset sums: read from a given tensor
     # unless compiling (not traceable; the sums then visit every component)
     rows = _subset_rows(m) if subsets is None else None

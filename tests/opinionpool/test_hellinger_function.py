@@ -394,3 +394,14 @@ def test_float32_an_absent_expert_beside_narrow_present_ones(level, how):
     (loc.sum() + lv.sum()).backward()
     assert torch.isfinite(mu32.grad).all() and torch.isfinite(lv32.grad).all()
     assert not mu32.grad[2].any() and not lv32.grad[2].any()  # no part of the pool
+
+
+@pytest.mark.parametrize("aggregator", [opf.hellinger, opf.poe, opf.moe])
+def test_mixed_dtypes_promote_as_torch_does(aggregator):
+    """float32 means with float64 log-variances: poe promoted, hellinger failed deep inside with a dtype error."""
+    mu, logvar = torch.randn(3, 2, 4, dtype=torch.float32), torch.randn(3, 2, 4, dtype=torch.float64)
+    got, want = aggregator(mu, logvar), aggregator(mu.double(), logvar)
+    for a, b in zip(got if isinstance(got, tuple) else (got.loc, got.logvar),
+                    want if isinstance(want, tuple) else (want.loc, want.logvar)):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -469,3 +469,19 @@ def test_vmap_over_one_argument_equals_a_loop(name, batched):
         torch.testing.assert_close(value[k], value_k)
         for got, want in zip(grads, grads_k):
             torch.testing.assert_close(got[k], want)
+
+
+@pytest.mark.parametrize("aggregator", [opf.poe, opf.hellinger], ids=["poe", "hellinger"])
+def test_a_sample_without_present_experts(aggregator):
+    """With prior_on_full_subset such a sample keeps the full subset, whose pool is the prior, as documented; the
+    check had rejected it (and told to pass prior_expert=True, with which the same error came)."""
+    g = torch.Generator().manual_seed(3)
+    mu, logvar = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    mix = opf.subset_mixture(aggregator, mu, logvar, dim=1, mask=mask, prior_on_full_subset=True)
+    full = opf.all_subsets(3).all(-1)
+    assert torch.equal(mix.log_weights[1], torch.where(full, 0.0, -torch.inf).to(mix.log_weights.dtype))
+    assert not mix.loc[1, full].any() and not mix.logvar[1, full].any()  # N(0, I)
+    with pytest.raises(ValueError, match=r"no present expert for the sample at batch index \(1,\); subset_mixture "
+                                         r"keeps only the subsets with a present expert: pass prior_on_full_subset"):
+        opf.subset_mixture(aggregator, mu, logvar, dim=1, mask=mask, prior_expert=True)
