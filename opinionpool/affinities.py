@@ -57,6 +57,13 @@ def _order(a):
     return value, (a.reshape(()) if isinstance(a, torch.Tensor) and a.requires_grad else value)
 
 
+def _affine(a, eta_p, eta_q):
+    """``a eta_p + (1 - a) eta_q`` for any real ``a``, -inf where both are (an outcome neither expert can give, such
+    as a category of probability zero in both: a (-inf) + (1 - a) (-inf) is NaN once the weights' signs differ)."""
+    combined = a * eta_p + (1 - a) * eta_q
+    return torch.where(torch.isneginf(eta_p) & torch.isneginf(eta_q), -torch.inf, combined)
+
+
 def log_chernoff_coefficient(p, q, a: float = 0.5) -> torch.Tensor:
     r""":math:`\log\int p^a q^{1-a}`. For ``a`` outside ``[0, 1]`` the integral may diverge, which raises. A tensor
     ``a`` that requires grad receives its gradient."""
@@ -72,7 +79,7 @@ def log_chernoff_coefficient(p, q, a: float = 0.5) -> torch.Tensor:
         return log_multi_chernoff_coefficient(experts, weights, validate_args=False)
     eta = family.to_natural(params)
     eta_p, eta_q = eta.select(k, 0), eta.select(k, 1)
-    combined = a * eta_p + (1 - a) * eta_q
+    combined = _affine(a, eta_p, eta_q)
     if not bool(family.natural_domain(combined).all()):
         raise _divergent(value, family)
     # outside [0, 1] the weights (a, 1 - a) have opposite signs, so the log-normalisers' form
@@ -84,7 +91,7 @@ def log_chernoff_coefficient(p, q, a: float = 0.5) -> torch.Tensor:
         return _mvn_log_chernoff(family, params_p, params_q, a)
     wide = params.dtype if params.dtype == torch.float64 else torch.float64
     eta_p, eta_q = family.to_natural(params_p.to(wide)), family.to_natural(params_q.to(wide))
-    combined = a * eta_p + (1 - a) * eta_q
+    combined = _affine(a, eta_p, eta_q)
     # (bregman_divergence(family, x, y) is KL(member x || member y))
     log_c = -(a * bregman_divergence(family, combined, eta_p) + (1 - a) * bregman_divergence(family, combined, eta_q))
     return log_c.to(params.dtype)

@@ -364,10 +364,28 @@ class _Pool(Distribution):
             nan = nan.flatten(-event_dims).any(-1) if event_dims else nan
             value = torch.where(inside.reshape(inside.shape + (1,) * event_dims), value, family.support_fill(value))
         log_u = log_power_mean(expert_log_probs(family, self.experts.params, value), self.log_weights, self._alpha)
+        if self.alpha == 0:
+            # where one expert's density is infinite and another's zero (a Beta at an end), sum_j w_j log q_j is
+            # inf - inf; the log-linear pool is the member at sum_j w_j eta_j, whose density there is 0 or inf
+            unresolved = torch.isnan(log_u) & ~torch.isnan(value.flatten(value.dim() - len(family.event_shape))
+                                                            .any(-1) if family.event_shape else torch.isnan(value))
+            if bool(unresolved.any()):
+                log_u = torch.where(unresolved, self._log_linear_log_u(value), log_u)
         log_p = log_u - self.log_normalizer
         if self._validate:
             return log_p
         return torch.where(inside, log_p, torch.where(nan, math.nan, -math.inf).to(log_p.dtype))
+
+    def _log_linear_log_u(self, value: torch.Tensor) -> torch.Tensor:
+        """``sum_j w_j log q_j(value)`` of the log-linear pool as ``log r(value) + A(eta_r) - sum_j w_j A(eta_j)``, ``r``
+        the member at ``eta_r = sum_j w_j eta_j``: finite, or a definite +-inf (the family's own density of ``r``),
+        where the experts' log-densities are +inf and -inf."""
+        family = self.family
+        weights = self.log_weights.exp()
+        eta = family.to_natural(self.experts.params)
+        eta_r = torch.where((weights > 0).unsqueeze(-1), weights.unsqueeze(-1) * eta, 0).sum(-2)
+        log_norms = torch.where(weights > 0, weights * family.log_normalizer(eta), 0).sum(-1)
+        return family.log_prob(family.from_natural(eta_r), value) + family.log_normalizer(eta_r) - log_norms
 
     # ------------------------------------------------------- scalar events: cdf, quantiles, intervals
     def _require_scalar(self, what: str) -> None:
@@ -1239,13 +1257,14 @@ class NumericalHolderPool(_Pool):
                     wanted.add("covariance")
             if not self.family.gaussian:
                 wanted.add("expected_statistic")
-            self._summary = self._estimate(frozenset(wanted), self.method, self.num_samples, self.seed, None, self.rtol,
-                                           keep_nodes=self._differentiable)
-            log_z = self._summary.log_normalizer.value
+            summary = self._estimate(frozenset(wanted), self.method, self.num_samples, self.seed, None, self.rtol,
+                                     keep_nodes=self._differentiable)
+            log_z = summary.log_normalizer.value
             finite = torch.isfinite(log_z)
-            if not bool(finite.all()):
+            if not bool(finite.all()):  # not cached: every later access raises too, none serves its NaNs
                 raise ValueError(f"the estimated log-normaliser of the alpha={self.alpha!r} pool is not finite, got "
                                  f"{describe(log_z, ~finite)}; the experts may not overlap enough for a numerical estimate")
+            self._summary = summary
         return self._summary
 
     @property

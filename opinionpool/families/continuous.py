@@ -310,6 +310,12 @@ class _FunctionOfNatural(torch.autograd.Function):
         ctx.save_for_backward(inputs[0])
 
 
+
+def _concentration(natural: torch.Tensor) -> torch.Tensor:
+    """``kappa = |eta|`` of von Mises natural parameters ``(..., 2)``, by ``hypot``: the norm of squares flushed
+    concentrations below about 1e-154 to 0 (and then the moment match to an invalid kappa = 0)."""
+    return torch.hypot(natural[..., 0], natural[..., 1])
+
 class _VonMisesMeanParameters(_FunctionOfNatural):
     """``grad A(eta) = (A(kappa) / kappa) eta`` with the Hessian-vector product assembled from its radial part
     ``A'(kappa)`` (``_bessel_ratio_slope``) and its tangential part ``A(kappa) / kappa``: autograd of the forward
@@ -318,13 +324,13 @@ class _VonMisesMeanParameters(_FunctionOfNatural):
 
     @staticmethod
     def forward(natural):
-        kappa = torch.linalg.vector_norm(natural, dim=-1, keepdim=True)
+        kappa = _concentration(natural).unsqueeze(-1)
         return _bessel_ratio_over_kappa(kappa) * natural
 
     @staticmethod
     def backward(ctx, grad):
         (natural,) = ctx.saved_tensors
-        kappa = torch.linalg.vector_norm(natural, dim=-1, keepdim=True)
+        kappa = _concentration(natural).unsqueeze(-1)
         unit = natural / kappa.clamp_min(torch.finfo(natural.dtype).tiny)
         radial = (unit * grad).sum(-1, keepdim=True)
         # the tangential and radial parts apart: their sum's cancellation is what the form avoids
@@ -337,7 +343,7 @@ class _VonMisesLogNormalizer(_FunctionOfNatural):
 
     @staticmethod
     def forward(natural):
-        kappa = torch.linalg.vector_norm(natural, dim=-1)
+        kappa = _concentration(natural)
         return LOG_2PI + torch.log(torch.special.i0e(kappa)) + kappa
 
     @staticmethod
@@ -369,7 +375,7 @@ class VonMisesFamily(ExponentialFamily):
 
     @staticmethod
     def _polar(natural):
-        kappa = torch.linalg.vector_norm(natural, dim=-1)
+        kappa = _concentration(natural)
         return torch.atan2(natural[..., 1], natural[..., 0]), kappa
 
     def distribution(self, params, validate_args: bool = False):

@@ -246,3 +246,41 @@ def test_an_expert_of_tiny_weight_far_away_in_the_first_slot_weighs_by_its_weigh
     pool = op.holder(Normal(loc, torch.tensor([1.0, 0.01], dtype=torch.float64)), 1.0, [1e-12, 1.0])
     expected = mpmath.mpf(1e-12) * mpmath.mpf(1e4) + mpmath.mpf(0.123456789)
     assert pool.mean.item() == pytest.approx(float(expected / (1 + mpmath.mpf(1e-12))), rel=1e-14, abs=0)
+
+
+def test_the_log_linear_pool_at_an_end_where_one_expert_is_infinite_and_another_zero():
+    """sum_j w_j log q_j is inf - inf at an end of a Beta's support where one expert's density is infinite and the
+    other's zero: log_prob gave NaN. The log-linear pool is the Beta at sum_j w_j eta_j (here Beta(1.78, 1.96):
+    weights 0.6 and 0.4 of (2.5, 0.6) and (0.7, 4)), whose density vanishes at both ends."""
+    experts = [Beta(torch.tensor(2.5), torch.tensor(0.6)), Beta(torch.tensor(0.7), torch.tensor(4.0))]
+    pool = op.holder(experts, 0, torch.tensor([0.6, 0.4]))
+    z = torch.tensor([0.0, 1.0, 0.3])
+    want = Beta(torch.tensor(0.6 * 2.5 + 0.4 * 0.7), torch.tensor(0.6 * 0.6 + 0.4 * 4.0)).log_prob(z[2])
+    got = pool.log_prob(z)
+    assert got[:2].tolist() == [-math.inf, -math.inf]
+    assert got[2].item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_a_failed_numerical_estimate_is_not_cached():
+    """The first access raised (the log-normaliser is not finite); the second served the cached NaN mean."""
+    pool = op.holder([Bernoulli(torch.tensor(0.0)), Bernoulli(torch.tensor(1.0))], -1.0, torch.tensor([0.7, 0.3]))
+    for _ in range(2):
+        with pytest.raises(ValueError, match="log-normaliser of the alpha=-1.0 pool is not finite"):
+            pool.mean
+
+
+def test_renyi_divergence_of_order_above_one_with_an_outcome_neither_expert_gives():
+    """a (-inf) + (1 - a) (-inf) is NaN for a > 1: a category of probability zero in both experts made the Rényi
+    divergence raise 'diverges'."""
+    p, q = Categorical(torch.tensor([0.5, 0.5, 0.0])), Categorical(torch.tensor([0.25, 0.75, 0.0]))
+    assert op.renyi_divergence(p, q, 2.0).item() == pytest.approx(math.log(0.5**2 / 0.25 + 0.5**2 / 0.75), rel=1e-12)
+    assert op.log_chernoff_coefficient(p, q, -1.0).item() == pytest.approx(math.log(1.25), rel=1e-12)
+    assert op.renyi_divergence(Bernoulli(torch.tensor(0.0)), Bernoulli(torch.tensor(0.0)), 2.0).item() == 0
+
+
+def test_von_mises_concentrations_below_1e_154():
+    """The norm of the natural parameters squared them: a concentration of 1e-300 came out 0, an invalid kappa."""
+    expert = VonMises(torch.tensor(0.5), torch.tensor(1e-300))
+    matched = op.holder([expert, expert], 0.5).moment_match()
+    assert matched.concentration.item() == pytest.approx(1e-300, rel=1e-12)
+    assert matched.loc.item() == pytest.approx(0.5, rel=1e-12)
