@@ -52,6 +52,28 @@ def _digamma_drop(x, y):
     return torch.where(small, series, direct)
 
 
+def _lgamma_drop(x, y):
+    """``lgamma(x) - lgamma(x + y)`` for ``x > 0`` and ``y >= 0``, keeping its digits where ``y`` is much smaller than
+    ``x`` (the two lgammas are of size ``x log x``, their difference about ``-y log x``: 2.2e11 against 57 for a Beta
+    concentration of 1e10 beside one of 2.5, where the direct form kept four digits)."""
+    direct = torch.lgamma(x) - torch.lgamma(x + y)
+    small = y < _SERIES_RATIO * x
+    if not bool(small.any()):
+        return direct
+    x, y = torch.where(small, x, 1.0), torch.where(small, y, 0.0)  # finite, differentiable values elsewhere
+    series = -sum(y**n / math.factorial(n) * torch.polygamma(n - 1, x) for n in range(1, 6))
+    return torch.where(small, series, direct)
+
+
+def _log_beta(concentrations: torch.Tensor) -> torch.Tensor:
+    """``sum_k lgamma(c_k) - lgamma(sum_k c_k)`` over the last axis, as the telescoping ``sum_{k >= 2} lgamma(c_k) +
+    lgamma(s_{k-1}) - lgamma(s_k)`` with the concentrations in decreasing order and ``s_k`` their running sums
+    (``_lgamma_drop``): each term drops a running sum by a concentration no larger than it."""
+    ordered = concentrations.sort(-1, descending=True).values
+    sums = ordered.cumsum(-1)
+    return (torch.lgamma(ordered[..., 1:]) + _lgamma_drop(sums[..., :-1], ordered[..., 1:])).sum(-1)
+
+
 def _power_terms(concentration, log_value):
     """``(concentration - 1) * log z``, the density's power of ``z``, for ``log_prob``: at the end of the support
     (``log z = -inf``) ``log h(z) + eta * T(z)`` would add ``+inf`` and ``-inf``; ``edge_product`` makes a
@@ -164,8 +186,7 @@ class BetaFamily(ExponentialFamily):
         return Beta(params[..., 0], params[..., 1], validate_args=validate_args)
 
     def log_normalizer(self, natural):
-        a, b = natural[..., 0], natural[..., 1]
-        return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
+        return _log_beta(natural)
 
     def natural_domain(self, natural):
         return ((natural > 0) & torch.isfinite(natural)).all(-1)
@@ -220,7 +241,7 @@ class DirichletFamily(ExponentialFamily):
         return Dirichlet(params, validate_args=validate_args)
 
     def log_normalizer(self, natural):
-        return torch.lgamma(natural).sum(-1) - torch.lgamma(natural.sum(-1))
+        return _log_beta(natural)
 
     def natural_domain(self, natural):
         return ((natural > 0) & torch.isfinite(natural)).all(-1)
