@@ -990,6 +990,13 @@ class HolderPool(_Pool):
             self._alpha = self.alpha
         self._max_components = max_components
         self.order = order
+        # weights with a batch shape of their own give one pool per row: the experts are broadcast to the common
+        # batch (views, no copies), as NumericalHolderPool does, so that the estimates' engine sees it too
+        batch = torch.broadcast_shapes(self.experts.batch_shape, self.log_weights.shape[:-1])
+        if batch != self.experts.batch_shape:
+            self.experts = _expand_experts(self.experts, batch)
+        if batch != self.log_weights.shape[:-1]:
+            self.log_weights = self.log_weights.expand(batch + self.log_weights.shape[-1:])
         self._mixture_cache = None
         self._moments_cache = None
         # what is built later is built as it would have been now: with or without autograd, in inference mode or not

@@ -311,3 +311,21 @@ def test_hellinger_distance_between_nearly_equal_betas_of_large_concentration():
     got = op.hellinger_distance(Beta(torch.tensor(2.5), torch.tensor(1e10)),
                                 Beta(torch.tensor(2.5), torch.tensor(1.00001e10)))
     assert got.item() == pytest.approx(float(mpmath.sqrt(-mpmath.expm1(log_bc))), rel=1e-3)
+
+
+@pytest.mark.parametrize("experts, other", [(Beta(torch.tensor([2.0, 0.7]), torch.tensor([1.0, 3.0])),
+                                             Beta(torch.tensor(1.0), torch.tensor(2.0))),
+                                            (Poisson(torch.tensor([2.0, 7.0])), Poisson(torch.tensor(4.0)))],
+                         ids=["beta", "poisson"])
+def test_exact_pools_whose_weights_carry_a_batch_the_experts_lack(experts, other):
+    """One weight row per pool: the log-normaliser was right, while entropy, cdf and kl_estimate raised IndexError
+    and icdf and estimate a shape error. Each row must be the pool of that row's weights."""
+    weights = torch.tensor([[0.2, 0.8], [0.5, 0.5]])
+    pool = op.holder(experts, 0.5, weights)
+    rows = [op.holder(experts, 0.5, weights[i]) for i in range(2)]
+    z = torch.tensor(0.3) if isinstance(other, Beta) else torch.tensor(3.0)
+    for method in (lambda p: p.entropy(), lambda p: p.cdf(z), lambda p: p.estimate().mean.value,
+                   lambda p: p.kl_estimate(other).value):
+        torch.testing.assert_close(method(pool), torch.stack([method(row) for row in rows]), rtol=1e-9, atol=1e-12)
+    if isinstance(other, Beta):
+        torch.testing.assert_close(pool.icdf(torch.tensor(0.3)), torch.stack([r.icdf(torch.tensor(0.3)) for r in rows]))
