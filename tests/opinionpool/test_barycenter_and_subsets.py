@@ -251,9 +251,10 @@ def test_float32_barycenters_keep_float32_digits_and_bad_covariances_are_named()
     with pytest.raises(ValueError, match=r"weights of shape \(3, 2\) do not broadcast against covariances of shape \(4, 2"):
         covariance_barycenter(eye.expand(4, 2, 2, 2), half.expand(3, 2))
     # float32 sample covariances, symmetric to float32 rounding only, are accepted
-    samples = torch.randn(4, 200, 5, generator=torch.Generator().manual_seed(0))
+    samples = torch.randn(4, 200, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     sampled = torch.stack([torch.cov(x.T) for x in samples])
-    assert covariance_barycenter(sampled, torch.full((4,), 0.25)).shape == (5, 5)
+    assert sampled.dtype == torch.float32 and not torch.equal(sampled, sampled.transpose(-1, -2))
+    assert covariance_barycenter(sampled, torch.full((4,), 0.25, dtype=torch.float32)).shape == (5, 5)
     assert covariance_barycenter(eye.expand(0, 2, 2, 2), half).shape == (0, 2, 2)
     assert covariance_barycenter(torch.zeros(5, 2, 0, 0, dtype=torch.float64), half).shape == (5, 0, 0)
 

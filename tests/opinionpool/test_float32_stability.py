@@ -50,10 +50,10 @@ def test_float32_nearly_agreeing_sharp_experts(alpha):
 
 @pytest.mark.parametrize("alpha", [0, 1 / 3, 1 / 2, 1])
 def test_single_and_identical_experts_exact_in_float32(alpha):
-    mu = torch.tensor([[[30.0, -1e3, 0.5]]])
-    logvar = torch.tensor([[[-10.0, -30.0, 30.0]]])
+    mu = torch.tensor([[[30.0, -1e3, 0.5]]], dtype=torch.float32)  # (the library tests' default is float64)
+    logvar = torch.tensor([[[-10.0, -30.0, 30.0]]], dtype=torch.float32)
     loc, lv = opf.holder(mu, logvar, alpha)
-    assert torch.equal(loc, mu[0])
+    assert loc.dtype == torch.float32 and torch.equal(loc, mu[0])
     torch.testing.assert_close(lv, logvar[0], rtol=0, atol=4 * EPS32 * 30)
     loc3, lv3 = opf.holder(mu.expand(3, 1, 3), logvar.expand(3, 1, 3), alpha, weights=[0.2, 0.3, 0.5])
     assert torch.equal(loc3, mu[0])
@@ -304,5 +304,6 @@ def test_von_mises_variances_of_concentrated_experts_against_mpmath():
     resultant = abs(sum(mpmath.mpf(w) / total * mpmath.besseli(1, k) / mpmath.besseli(0, k)
                         * mpmath.exp(1j * mpmath.mpf(loc)) for w, loc, k in zip(weights, locs, kappas)))
     assert float(pool.variance) == pytest.approx(float(1 - resultant), rel=1e-13, abs=0)
-    single = op.holder([VonMises(torch.tensor(0.0), torch.tensor(1e8))] * 2, alpha=0).variance
-    assert float(single) == pytest.approx(5.0000000125e-09, rel=1e-6, abs=0)
+    single = op.holder([VonMises(torch.tensor(0.0, dtype=torch.float32), torch.tensor(1e8, dtype=torch.float32))] * 2,
+                       alpha=0).variance
+    assert single.dtype == torch.float32 and float(single) == pytest.approx(5.0000000125e-09, rel=1e-6, abs=0)

@@ -591,8 +591,8 @@ def test_float32_crps_next_to_an_end_other_than_zero():
     """Float32 panels next to 1 stop at 2^-15 from it, where a Beta(3, 0.2) has 16% of its mass: its CRPS
     integrand there (5.9e-7) comes from the power law of the stretch (without it the CRPS was 1.2e-5 off at 0.9 and
     1e-3 at 1 - 1e-5). Reference: the Beta CRPS's closed form (Taillardat et al. 2016) at the float32 values."""
-    forecast = Beta(torch.tensor(3.0), torch.tensor(0.2))
-    y = torch.tensor([0.9, 1 - 1e-5])
+    forecast = Beta(torch.tensor(3.0, dtype=torch.float32), torch.tensor(0.2, dtype=torch.float32))
+    y = torch.tensor([0.9, 1 - 1e-5], dtype=torch.float32)  # (the library tests' default dtype is float64)
     a, b, x = 3.0, 0.2, y.double().numpy()
     expected = x * (2 * scipy.special.betainc(a, b, x) - 1) + a / (a + b) * (
         1 - 2 * scipy.special.betainc(a + 1, b, x)
@@ -600,7 +600,8 @@ def test_float32_crps_next_to_an_end_other_than_zero():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = op.crps(forecast, y)
-    assert got.double().tolist() == pytest.approx(expected.tolist(), rel=1e-6, abs=0)
+    assert got.dtype == torch.float32
+    assert got.double().tolist() == pytest.approx(expected.tolist(), rel=2e-6, abs=0)  # a few float32 ulps
 
 
 @pytest.mark.parametrize("shape", [0.01, 0.003, 0.001])
@@ -621,7 +622,8 @@ def test_crps_and_pit_count_the_mass_below_the_smallest_floats(shape):
         warnings.simplefilter("error")
         got = op.crps(forecast, y)
         # float32: its panels stop at 2^-101 (they stopped at 1e-300, which float32 flushes to 0: 38.8 for 0.49)
-        single = op.crps(Gamma(torch.tensor(shape), torch.tensor(1.0)), y.float())
+        single = op.crps(Gamma(torch.tensor(shape, dtype=torch.float32), torch.tensor(1.0, dtype=torch.float32)),
+                         y.float())
     assert got.tolist() == pytest.approx(expected.tolist(), rel=1e-9, abs=0)
     assert single[1:].tolist() == pytest.approx(expected[1:].tolist(), rel=1e-4, abs=0)  # 1e-305 is 0 in float32
 

@@ -119,9 +119,11 @@ def test_kernel_gradcheck_with_mask_weights_and_prior(kernel, m):
 def test_kernel_with_two_batch_axes(kernel):
     """Two batch axes (flattened for the kernel and restored), float32 against the eager float32 function."""
     g = torch.Generator().manual_seed(5)
-    mu, logvar = torch.randn(4, 2, 3, 100, generator=g), torch.randn(4, 2, 3, 100, generator=g) * 2
-    weights = torch.rand(2, 3, 4, generator=g) + 0.1
+    f32 = {"generator": g, "dtype": torch.float32}  # the library tests' default dtype is float64
+    mu, logvar = torch.randn(4, 2, 3, 100, **f32), torch.randn(4, 2, 3, 100, **f32) * 2
+    weights = torch.rand(2, 3, 4, **f32) + 0.1
     eager, fused = both_paths(kernel, mu, logvar, [mu, logvar, weights])
+    assert fused[0].dtype == torch.float32
     for want, got in zip(eager, fused):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
     assert fused[0].shape == (2, 3, 100)

@@ -171,11 +171,17 @@ def test_discrete_pools_match_exact_sums():
     support = np.arange(400)
     log_z, mean, var, _ = sum_moments([stats.poisson(r).pmf for r in rates], WEIGHTS, 2.0, support)
     assert pool.summary.method == "enumeration" and pool.summary.error_kind == "truncation bound"
-    # float32 experts: the stated error (truncation, and the rounding of each point's log u) covers the sum's
     assert abs(float(pool.log_normalizer) - log_z) <= float(pool.summary.log_normalizer.error) < 1e-4
     assert rel(pool.log_normalizer, log_z) < 1e-6
     assert rel(pool.mean, mean) < 1e-12
     assert rel(pool.variance, var) < 1e-12
+    # float32 experts (the library tests' default dtype is float64): the stated error (truncation, and the rounding
+    # of each point's log u) covers the sum's
+    pool = opinionpool.holder([Poisson(torch.tensor(r, dtype=torch.float32)) for r in rates], alpha=2.0,
+                              weights=WEIGHTS)
+    assert pool.log_normalizer.dtype == torch.float32
+    assert abs(float(pool.log_normalizer) - log_z) <= float(pool.summary.log_normalizer.error) < 1e-4
+    assert rel(pool.mean, mean) < 1e-6 and rel(pool.variance, var) < 1e-6
 
     probs = [0.2, 0.7, 0.45]
     pool = opinionpool.holder([Binomial(12, torch.tensor(p)) for p in probs], alpha=-1.0, weights=WEIGHTS)

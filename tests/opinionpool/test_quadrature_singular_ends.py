@@ -523,16 +523,19 @@ def test_kl_against_float32_others_of_every_kind():
     Gammas of one rate, +inf where the pool has mass outside other's support, and the float64 other's KL."""
     w = torch.tensor([0.3, 0.7], dtype=torch.float64)
     same = opinionpool.holder(Normal(torch.zeros(2), torch.full((2,), 1e-6)), alpha=0.5, weights=w.float())
-    result = same.kl_estimate(Normal(torch.tensor(0.0), torch.tensor(1e-6)))
+    f32 = {"dtype": torch.float32}  # the others' (the library tests' default dtype is float64)
+    result = same.kl_estimate(Normal(torch.tensor(0.0, **f32), torch.tensor(1e-6, **f32)))
     assert abs(float(result.value)) <= float(result.error) <= 1e-5
     gamma = opinionpool.holder(_experts("gamma", [(0.3, 1.0), (0.3, 1.0)]), alpha=0.5, weights=w)
-    transformed = TransformedDistribution(Gamma(torch.tensor(0.5), torch.tensor(1.0)), [AffineTransform(0.0, 1.0)])
+    transformed = TransformedDistribution(Gamma(torch.tensor(0.5, **f32), torch.tensor(1.0, **f32)),
+                                          [AffineTransform(0.0, 1.0)])
     result = gamma.kl_estimate(transformed)
     truth = gammaln(0.5) - gammaln(0.3) + (0.3 - 0.5) * digamma(0.3)
     assert abs(float(result.value) - truth) <= float(result.error) <= 1e-5, (float(result.value), truth)
     beta = opinionpool.holder(_experts("beta", [(0.05, 0.5), (0.05, 0.5)]), alpha=-1.0, weights=w)
     for method in ("quadrature", "importance"):
-        result = beta.kl_estimate(Uniform(torch.tensor(1e-39), torch.tensor(1.0), validate_args=False), method=method)
+        result = beta.kl_estimate(Uniform(torch.tensor(1e-39, **f32), torch.tensor(1.0, **f32), validate_args=False),
+                                  method=method)
         assert float(result.value) == math.inf and float(result.error) == 0.0
     dirichlet = opinionpool.holder(Dirichlet(torch.tensor([[2.0, 3.0, 4.0], [3.0, 3.0, 3.0]], dtype=torch.float64)),
                                    alpha=0.5, weights=w)
