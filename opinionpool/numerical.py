@@ -154,6 +154,11 @@ class PoolEstimate:
     #: ``(points, log_w)``: the weighted points ``(P,) + batch + event`` behind the estimate, with
     #: ``log_w`` ``(P,) + batch`` proportional to the pool's mass there (kept on request, for gradients)
     nodes: tuple | None = field(default=None, repr=False, compare=False)
+    #: ``(points, log_w, t, near, far)``, each ``(P',) + batch``: the weighted points of the gradient
+    #: (:func:`differentiable_estimates`) where they are not ``nodes`` (the 1-D quadrature next to a singular end),
+    #: with ``log q_j`` at each ``log q_j(point) + t (log q_j(far) - log q_j(near))`` under the power laws the values
+    #: use (``t = 0`` where the point stands for itself, :meth:`_EndPanel.laws`)
+    gradient_nodes: tuple | None = field(default=None, repr=False, compare=False)
 
 
 def default_method(family: ExponentialFamily) -> str:
@@ -255,8 +260,16 @@ def differentiable_estimates(family, params, log_weights, alpha, est: PoolEstima
     centred outer product or ``T(z)``), the pool's expectations taken over the estimate's own weighted points
     ``est.nodes``: for a quadrature rule, grid or exact sum this is the exact gradient of the estimate (the rule's
     nodes held fixed); for importance samples, the self-normalised estimate from the same samples. The values are
-    the estimate's own, unchanged (in ``params``' dtype); the gradient is computed in float64."""
-    points, log_w = est.nodes
+    the estimate's own, unchanged (in ``params``' dtype); the gradient is computed in float64.
+
+    Next to a singular end the 1-D quadrature's points stand for points nearer the end than themselves
+    (``est.gradient_nodes``): the mass the end panel extrapolates below its nearest point, at ``log(d / nearest)`` down
+    to hundreds of nats, where the values pool the experts' power laws ``log q_j(nearest) + s_j log(d / nearest)``,
+    and, by their rounding, the end panel's other nodes. There ``log u`` and ``T(z)`` are taken under
+    those laws, each exponent ``s_j`` the slope of ``log q_j`` (of ``T``) between the two points it was fitted on, so
+    that the gradient is the values' own: with ``log u`` at the nearest point, a Beta(0.7, 0.1) expert's
+    ``d log Z / d b`` (``E[log(1 - z)]`` there) left out the extrapolated mass's depth, -0.640 for -0.870."""
+    points, log_w = est.nodes if est.gradient_nodes is None else est.gradient_nodes[:2]
     high = torch.float64
     with torch.no_grad():
         pi = torch.softmax(log_w.to(high), dim=0)
@@ -266,6 +279,12 @@ def differentiable_estimates(family, params, log_weights, alpha, est: PoolEstima
         heaviest = torch.gather(points, 0, heaviest.expand((1,) + points.shape[1:]))
         points = torch.where((pi > 0).reshape(pi.shape + (1,) * extra), points, heaviest)
         real = points.to(high)
+        laws = None
+        if est.gradient_nodes is not None:
+            t, near, far = (v.to(high) for v in est.gradient_nodes[2:])
+            t = torch.where(pi > 0, t, 0.0)
+            if bool((t != 0).any()):  # the laws' anchors, the nodes themselves where they stand for themselves
+                laws = (t, torch.where(t != 0, near, real), torch.where(t != 0, far, real))
         flat = real.reshape(pi.shape + (-1,))
         mean = (pi.unsqueeze(-1) * flat).sum(0)
         parts, values, shapes = [], [est.log_normalizer.value.to(high).unsqueeze(-1)], []
@@ -281,6 +300,8 @@ def differentiable_estimates(family, params, log_weights, alpha, est: PoolEstima
                 f = (dev.unsqueeze(-1) * dev.unsqueeze(-2)).flatten(-2)
             elif name == "expected_statistic":
                 f = family.sufficient_statistic(real).to(high)
+                if laws is not None:
+                    f = f + _along_laws(laws, lambda z: family.sufficient_statistic(z).to(high))
             else:
                 raise ValueError(f"names must be among {DIFFERENTIABLE}, got {name!r}")
             value = getattr(est, name).value
@@ -288,6 +309,8 @@ def differentiable_estimates(family, params, log_weights, alpha, est: PoolEstima
             values.append(value.to(high).reshape(pi.shape[1:] + (-1,)))
             shapes.append((name, value.shape, f.shape[-1]))
     ell = expert_log_probs(family, params.to(high), real if points.is_floating_point() else points)
+    if laws is not None:
+        ell = ell + _along_laws(laws, lambda z: expert_log_probs(family, params.to(high), z))
     log_u = log_power_mean(ell, log_weights.to(high), alpha)
     f = torch.cat(parts, -1) if parts else pi.new_zeros(pi.shape + (0,))
     out = _NodeExpectations.apply(log_u, pi, f, torch.cat(values, -1)).to(params.dtype)
@@ -297,6 +320,17 @@ def differentiable_estimates(family, params, log_weights, alpha, est: PoolEstima
         result[name] = out[..., start:start + size].reshape(shape)
         start += size
     return result
+
+
+def _along_laws(laws, function):
+    """``t (function(far) - function(near))`` for the nodes' laws ``(t, near, far)`` (``function`` of points shaped as
+    ``t``, values with one more dimension): the change of a function linear in the log distance to the end from a
+    node to the point it stands for; 0 where either value is not finite (an expert the laws leave out)."""
+    t, near, far = laws
+    at_near, at_far = function(near), function(far)
+    finite = torch.isfinite(at_near) & torch.isfinite(at_far)
+    change = torch.where(finite, at_far, 0.0) - torch.where(finite, at_near, 0.0)
+    return t.unsqueeze(-1) * change
 
 
 # --------------------------------------------------------------------- weighted point sets
@@ -470,15 +504,19 @@ def quadrature_estimate(family, params, log_weights, alpha, wanted, rtol: float 
     ``alpha`` and families with closed-form moments, one pool at a time otherwise."""
     batch, pools = _each_pool(family, *_in_float64(params, log_weights))
     if not _batched_supported(family, alpha):
-        rows, nodes, evaluations = [], [], 0
+        rows, nodes, gradient_nodes, evaluations = [], [], [], 0
         for p, lw in pools:
-            row, points, log_w, count = _quadrature_one(family, p, lw, alpha, wanted, rtol)
+            row, points, log_w, count, gradient = _quadrature_one(family, p, lw, alpha, wanted, rtol)
             rows.append({name: Estimate(*(torch.as_tensor(v, dtype=params.dtype, device=params.device) for v in pair))
                          for name, pair in row.items()})
             nodes.append((points, log_w))
+            gradient_nodes.append(tuple(v.unsqueeze(1) for v in gradient))
             evaluations += count
         est = _stack_pools("quadrature", rows, batch, wanted, num_evaluations=evaluations)
-        return replace(est, nodes=_pad_nodes(nodes, batch, params.device)) if keep_nodes else est
+        if not keep_nodes:
+            return est
+        return replace(est, nodes=_pad_nodes(nodes, batch, params.device),
+                       gradient_nodes=_join_node_sets(gradient_nodes, batch, params.device))
     flat_params = torch.stack([p for p, _ in pools]).cpu()
     flat_lw = torch.stack([lw for _, lw in pools]).cpu()
     parts, nodes, evaluations = [], [], 0
@@ -513,12 +551,13 @@ def quadrature_estimate(family, params, log_weights, alpha, wanted, rtol: float 
                   num_evaluations=evaluations)
     if not keep_nodes:
         return est
-    size = max(points.shape[0] for points, _ in nodes)
-    points = torch.cat([torch.cat((z, z[:1].expand(size - len(z), -1)))for z, _ in nodes], 1)
+    size = max(points.shape[0] for points, _, _ in nodes)
+    points = torch.cat([torch.cat((z, z[:1].expand(size - len(z), -1)))for z, _, _ in nodes], 1)
     log_w = torch.cat([torch.cat((lw, torch.full((size - len(lw), lw.shape[1]), -math.inf, dtype=lw.dtype)))
-                       for _, lw in nodes], 1)
+                       for _, lw, _ in nodes], 1)
     return replace(est, nodes=(points.reshape((size,) + batch).to(params.device),
-                               log_w.reshape((size,) + batch).to(params.device)))
+                               log_w.reshape((size,) + batch).to(params.device)),
+                   gradient_nodes=_join_node_sets([gradient for _, _, gradient in nodes], batch, params.device))
 
 
 def quadrature_log_mass(family, params, log_weights, alpha, lower: float, upper: float, rtol: float = DEFAULT_RTOL):
@@ -533,6 +572,22 @@ def quadrature_log_mass(family, params, log_weights, alpha, lower: float, upper:
     except ValueError:  # raised only when u underflows at every point scanned in the interval
         return -math.inf, 0.0
     return row["log_normalizer"]
+
+
+def _join_node_sets(sets, batch, device):
+    """Gradient node sets ``[(points, log_w, t, near, far)]`` of consecutive pools, each tensor ``(P_i, B_i)``, as one
+    set of ``(P,) + batch`` tensors, padded as :func:`_pad_nodes` pads (the set's first point, weight zero, ``t = 0``)."""
+    size = max(part[0].shape[0] for part in sets)
+    joined = []
+    for k in range(5):
+        pieces = []
+        for part in sets:
+            extra = size - part[0].shape[0]
+            fill = part[0][:1].expand(extra, -1) if k in (0, 3, 4) else \
+                torch.full((extra, part[k].shape[1]), -math.inf if k == 1 else 0.0, dtype=part[k].dtype)
+            pieces.append(torch.cat((part[k], fill)))
+        joined.append(torch.cat(pieces, 1).reshape((size,) + batch).to(device))
+    return tuple(joined)
 
 
 def _pad_nodes(nodes, batch, device):
@@ -660,7 +715,8 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     half_w = np.concatenate((0.5 * gl_w, 0.5 * gl_w))
     both_t = np.concatenate((whole_t, half_t))
 
-    def panel_nodes(a, b, kind, origin, t, w):
+    def panel_nodes(a, b, kind, origin, t, w, laws=False):
+        """The nodes, their log weights and rounding; with ``laws`` instead their :meth:`_EndPanel.laws`."""
         x = 0.5 * (a + b)[:, None] + 0.5 * (b - a)[:, None] * t
         tail = np.abs(kind[:, None]) == 1
         xt = np.where(tail, x, 0.0)
@@ -668,13 +724,18 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
             z = np.where(tail, origin[:, None] + kind[:, None] * tail_scale * xt / (1 - xt), x)
             log_jac = np.where(tail, math.log(tail_scale) - 2 * np.log1p(-xt), 0.0)
         rounding = np.zeros(x.shape)
+        law = [np.zeros(x.shape), z.copy(), z.copy()]
         for end_kind, (end, geometry) in end_of_kind.items():
             at_end = kind == end_kind
             if at_end.any():
-                z_end, log_jac_end, rounding_end = geometry.nodes(
+                z_end, log_jac_end, rounding_end, law_end = geometry.nodes(
                     torch.zeros(1, dtype=torch.long), end, math.copysign(1.0, end_kind),
-                    torch.as_tensor(x[at_end]).unsqueeze(0), deep=abs(end_kind) == 3)
+                    torch.as_tensor(x[at_end]).unsqueeze(0), deep=abs(end_kind) == 3, laws=True)
                 z[at_end], log_jac[at_end], rounding[at_end] = (v[0].numpy() for v in (z_end, log_jac_end, rounding_end))
+                for part, value in zip(law, law_end):
+                    part[at_end] = value[0].numpy()
+        if laws:
+            return law
         with np.errstate(divide="ignore"):  # a panel its edges' rounding left empty has no mass
             return z, np.log(0.5 * (b - a))[:, None] + np.log(w) + log_jac, rounding
 
@@ -833,7 +894,13 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
                             + float((pi * np.where(pi > 0, values_error, 0.0)).sum()))
         wanted = wanted | {"extra"}
     out = {k: v for k, v in out.items() if k == "log_normalizer" or k in wanted}
-    return out, points, log_mass, count
+    # the gradient's points: the end panels' nodes with their laws, the deep panels' mass on the depth rule's nodes
+    laws = [torch.as_tensor(v.reshape(1, -1)) for v in panel_nodes(a, b, kind, origin, half_t, half_w, laws=True)]
+    gradient = _gradient_nodes(end_geometry, nodes, log_mass.unsqueeze(0), laws,
+                               torch.as_tensor(np.broadcast_to(kind[:, None], z_half.shape).reshape(1, -1)),
+                               torch.tensor([out["log_normalizer"][0]], dtype=torch.float64),
+                               {k: end_splits.get(k) for k in end_of_kind if abs(k) == 3})
+    return out, points, log_mass, count, tuple(v[0] for v in gradient)
 
 
 def quadrature_entropy(family, params, log_weights, alpha, rtol: float = DEFAULT_RTOL, log_other=None):
@@ -1006,6 +1073,10 @@ class _EndPanel:
     # at most the pool's local power anywhere below `nearest`: the deep panel's power, and 1 / depth_power bounds
     # the mean depth E[log(nearest / d)] of the extrapolated mass (_depth_power)
     depth_power: torch.Tensor
+    # the points (pools, 2) over which the experts' exponents were fitted (the nearest point and the first block's
+    # top), and the log of their distances' ratio (pools,), 0 where the exponents were not fitted (taken as 0)
+    fit_points: torch.Tensor
+    fit_log_ratio: torch.Tensor
 
     def deep_top(self) -> torch.Tensor:
         """``(pools,)`` where the deep panel ends and the shallow one starts: ``nearest``, or ``reach`` if closer."""
@@ -1019,13 +1090,13 @@ class _EndPanel:
         """``(pools,)`` the pools' ``log u`` at the nearest point, from their experts' values there."""
         return log_power_mean(self.expert_log_q, self.log_weights, self.alpha)
 
-    def nodes(self, rows, end, sign: float, x, deep: bool = False):
+    def nodes(self, rows, end, sign: float, x, deep: bool = False, laws: bool = False):
         """Points, ``log`` of (Jacobian times the rounding and extrapolation factor), and the rounding ``log`` of
         (intended over rounded distance to the end; 0 at extrapolated points) at panel variables ``x``
         ``(len(rows), panels, nodes)`` of the pools ``rows``; ``end`` broadcasts against ``x``. The shallow panel
         (``x`` in ``[shallow_start, 1]``) maps ``d = reach x^(1 / power)`` with the pool's own power; the deep one
         (``deep``, ``x`` in ``[0, 1]``) ``d = deep_top x^(1 / depth_power)``, where every point is the nearest one and
-        the pool of the experts' extrapolated laws gives ``u``."""
+        the pool of the experts' extrapolated laws gives ``u``. With ``laws``, also the nodes' :meth:`laws`."""
         source = (self.deep_top(), self.depth_power) if deep else (self.reach, self.power)
         top, power, exponent = (v[rows].reshape(-1, 1, 1) for v in (*source, self.exponent))
         log_x = x.log()
@@ -1047,7 +1118,44 @@ class _EndPanel:
             pooled = log_power_mean(ell + slope * depth, log_w, self.alpha) - self.log_u_nearest()[rows][pool_of]
             factor = factor.masked_scatter(below, torch.nan_to_num(pooled, nan=0.0, posinf=0.0))
         rounding = torch.where(below, 0.0, log_d - log_rounded) if deep else log_d - log_rounded
-        return z, (top / power).log() + (1 / power - 1) * log_x + factor, rounding
+        out = z, (top / power).log() + (1 / power - 1) * log_x + factor, rounding
+        return (*out, self.laws(rows, log_d - log_rounded)) if laws else out
+
+    def laws(self, rows, depth):
+        """``(t, near, far)``, shaped as ``depth``: nodes at ``log(intended / evaluated distance to the end)`` =
+        ``depth`` ``(len(rows), ...)`` stand for points where the experts' ``log q_j`` is, under the power laws the
+        values use, ``log q_j(node) + t (log q_j(far) - log q_j(near))``: ``t`` is ``depth`` in units of the log
+        ratio of the distances of the points ``near`` and ``far`` the exponents were fitted on (0 where they were not
+        fitted, or the pool uses no end panel). At the deep panel's nodes ``depth`` is the extrapolation below the
+        nearest point, at the others their rounding (what :func:`differentiable_estimates` needs for the gradient
+        at the points the nodes stand for)."""
+        extra = (1,) * (depth.dim() - 1)
+        ratio = self.fit_log_ratio[rows]
+        used = self.steep[rows] & (ratio > 0)
+        t = torch.where(used.reshape(-1, *extra), depth / torch.where(used, ratio, 1.0).reshape(-1, *extra), 0.0)
+        near, far = (self.fit_points[rows, k].reshape(-1, *extra).expand(depth.shape) for k in (0, 1))
+        return t, near, far
+
+    def depth_rule(self, order: int = 16, kinks=None):
+        """The rule of :meth:`below_nearest` with ``order`` nodes per panel (and panels split at the deep panel's
+        variables ``kinks``, if any): ``(depth, change, log_mass)``, each ``(pools, nodes)``: the nodes' depths
+        ``log(nearest / d)``, ``log u(d) - log u(nearest)`` under the experts' pooled laws, and their log-masses up to
+        a constant per pool (``-inf`` where there is none)."""
+        inner = [2.0**-k for k in range(60, 0, -1)]
+        edges = np.array([0.0, *inner, *(1 - v for v in reversed(inner[-20:-1])), 1.0])
+        if kinks is not None and len(kinks):
+            edges = np.unique(np.concatenate((edges, kinks)))
+        t, w = np.polynomial.legendre.leggauss(order)
+        half = 0.5 * np.diff(edges)[:, None]
+        x = torch.as_tensor((edges[:-1, None] + half * (t + 1)).ravel())
+        log_w = torch.as_tensor(np.log(half * w).ravel())
+        # (pools, nodes); the deep panel ends at its top, nearer than the nearest point in an interval narrower
+        depth = (self.nearest / self.deep_top()).log().unsqueeze(-1) - x.log() / self.depth_power.unsqueeze(-1)
+        log_u = log_power_mean(self.expert_log_q.unsqueeze(1) - self.expert_exponent.unsqueeze(1) * depth.unsqueeze(-1),
+                               self.log_weights.unsqueeze(1), self.alpha)
+        change = log_u - self.log_u_nearest().unsqueeze(-1)
+        # the mass per unit of x: u d per unit of log d, and d log d / dx = 1 / (depth_power x)
+        return depth, change, torch.nan_to_num(change - depth - x.log() + log_w, nan=-math.inf)
 
     def below_nearest(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(depth, depth_error, log_u_change, log_u_change_error)``, each ``(pools,)``: over the mass below the
@@ -1055,28 +1163,57 @@ class _EndPanel:
         ``E[log(nearest / d)]`` and the mean of ``log u(d) - log u(nearest)``. Composite Gauss–Legendre in the deep
         panel's variable on panels crowding towards both its ends (the mass sits near 0 where the pool follows its
         most singular expert deep down, near 1 where a least singular one takes over), 16 nodes against 8."""
-        inner = [2.0**-k for k in range(60, 0, -1)]
-        edges = np.array([0.0, *inner, *(1 - v for v in reversed(inner[-20:-1])), 1.0])
         means = []
         for order in (16, 8):
-            t, w = np.polynomial.legendre.leggauss(order)
-            half = 0.5 * np.diff(edges)[:, None]
-            x = torch.as_tensor((edges[:-1, None] + half * (t + 1)).ravel())
-            log_w = torch.as_tensor(np.log(half * w).ravel())
-            # (pools, nodes); the deep panel ends at its top, nearer than the nearest point in an interval narrower
-            depth = (self.nearest / self.deep_top()).log().unsqueeze(-1) - x.log() / self.depth_power.unsqueeze(-1)
-            log_u = log_power_mean(self.expert_log_q.unsqueeze(1) - self.expert_exponent.unsqueeze(1) * depth.unsqueeze(-1),
-                                   self.log_weights.unsqueeze(1), self.alpha)
-            change = log_u - self.log_u_nearest().unsqueeze(-1)
-            # the mass per unit of x: u d per unit of log d, and d log d / dx = 1 / (depth_power x)
-            share = torch.softmax(torch.nan_to_num(change - depth - x.log() + log_w, nan=-math.inf), -1)
+            depth, change, log_mass = self.depth_rule(order)
+            share = torch.softmax(log_mass, -1)
             means.append(torch.stack([(share * depth).sum(-1), (share * change).sum(-1)]))
         error = (means[0] - means[1]).abs()
         return means[0][0], error[0], means[0][1], error[1]
 
+    def deep_gradient_nodes(self, end: float, sign: float, kinks=None):
+        """The mass below the nearest point on the nodes of :meth:`depth_rule` (16 per panel, split at ``kinks``):
+        ``(points, log_share, t, near, far)``, each ``(pools, nodes)``: all at the nearest point, ``log_share`` the log
+        of each node's share of that mass, and :meth:`laws` at their depths."""
+        depth, _, log_mass = self.depth_rule(16, kinks)
+        log_share = torch.nan_to_num(log_mass - torch.logsumexp(log_mass, -1, keepdim=True), nan=-math.inf)
+        t, near, far = self.laws(torch.arange(len(depth)), -depth)
+        return (torch.full_like(depth, end + sign * self.nearest), log_share, torch.nan_to_num(t, nan=0.0), near, far)
+
     def extrapolated(self, rows, end, sign: float, z):
         """Which of the points ``z`` ``(len(rows), N)`` were extrapolated (they all sit at the nearest point)."""
         return self.steep[rows].unsqueeze(-1) & (z == end + sign * self.nearest)
+
+
+#: a deep panel's mass below this share of the pool's keeps its own nodes for the gradient
+_NEGLIGIBLE_DEEP_MASS = 1e-20
+
+
+def _gradient_nodes(end_geometry, points, log_mass, laws, node_kind, log_z, kinks=None):
+    """The gradient's weighted points ``(points, log_mass, t, near, far)``, each ``(pools, N')``, from the rule's nodes
+    ``points`` and ``log_mass`` ``(pools, N)``, their :meth:`_EndPanel.laws` ``laws`` and their panels' kinds
+    ``node_kind``, for the ends ``end_geometry`` (``(sign, end, _EndPanel)``; ``log_z`` ``(pools,)``).
+
+    A deep panel's nodes all sit at the nearest point and stand for points down to hundreds of nats of ``log d``
+    below it; in its variable ``x = (d / top)^depth_power`` a power law's mass is uniform, which its few
+    Gauss–Legendre nodes integrate exactly, but its depth ``log(nearest / d)`` is ``-log(x) / depth_power``, singular
+    at 0, which they do not (the mean depth of a Beta(0.7, 0.1) expert's extrapolated mass came out 9.986 for 10, a
+    third of a thousandth of its ``d log Z / d b``). Where such mass is not negligible its nodes give way, for the
+    gradient, to the same mass spread over :meth:`_EndPanel.deep_gradient_nodes` (split at ``kinks`` ``{kind:
+    variables}``, if given), the rule the values' shifts below the nearest point use."""
+    t, near, far = laws
+    extra = []
+    for sign, end, geometry in end_geometry:
+        deep = node_kind == 3 * sign
+        if not bool(deep.any()):
+            continue
+        log_deep = torch.logsumexp(torch.where(deep, log_mass, -math.inf), -1, keepdim=True)
+        if not bool((log_deep.squeeze(-1) - log_z > math.log(_NEGLIGIBLE_DEEP_MASS)).any()):
+            continue
+        rule = geometry.deep_gradient_nodes(end, sign, None if kinks is None else kinks.get(3 * sign))
+        log_mass = torch.where(deep, -math.inf, log_mass)
+        extra.append((rule[0], log_deep + rule[1], *rule[2:]))
+    return tuple(torch.cat(parts, -1) for parts in zip((points, log_mass, t, near, far), *extra))
 
 
 def _split_points(a, b, kind):
@@ -1186,7 +1323,9 @@ def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor, top, 
     return _EndPanel(reach=reach, power=power, exponent=exponent, deviation=torch.where(fitted, deviation, math.inf),
                      nearest=nearest, steep=steep, expert_log_q=expert_values[:, 0], expert_exponent=expert_exponent,
                      log_weights=log_weights, alpha=float(alpha),
-                     depth_power=_depth_power(power, expert_exponent, log_weights, float(alpha))), ladder
+                     depth_power=_depth_power(power, expert_exponent, log_weights, float(alpha)),
+                     fit_points=z[:, :2].clone(),
+                     fit_log_ratio=torch.where(fitted, log_distance[:, 1] - log_distance[:, 0], 0.0)), ladder
 
 
 def _log_q_term_size(family, params, log_weights, points):
@@ -1271,9 +1410,11 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
     worst panels until the error for ``u``, ``u t``, ``u t^2`` (and ``u T(z)`` when asked) is at most ``rtol`` of
     each integral of ``|.|``, pool by pool; panels are padded to a common count with empty ones (no mass).
 
-    Returns ``(log_z, relative, stats, (points, log_mass), count, ok)``: ``relative`` ``(B, K)`` the per-integrand
-    error relative to the normaliser, ``stats`` the :func:`_point_statistics` of the nodes, the nodes
-    ``(P, B)``, and ``ok`` ``(B,)`` false for pools where ``u`` vanished numerically (to be handled one by one).
+    Returns ``(log_z, relative, centre, spread, stats, (points, log_mass, gradient), count, ok)``: ``relative``
+    ``(B, K)`` the per-integrand error relative to the normaliser, ``centre`` and ``spread`` the standardisation of
+    the integrands, ``stats`` the :func:`_point_statistics` of the nodes, the nodes ``(P, B)`` and the gradient's
+    (:func:`_gradient_nodes`, each ``(P', B)``), and ``ok`` ``(B,)`` false for pools where ``u`` vanished
+    numerically (to be handled one by one).
     """
     lower, upper = family.support_interval
     fill = _interior_point(*torch.tensor([lower, upper], dtype=torch.float64)).item()
@@ -1407,7 +1548,8 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
     half_w = torch.as_tensor(np.concatenate((0.5 * gl_w, 0.5 * gl_w)), dtype=high)
     both_t = torch.cat((whole_t, half_t))
 
-    def panel_nodes(a, b, kind, origin, ok, t, w):
+    def panel_nodes(a, b, kind, origin, ok, t, w, laws=False):
+        """The nodes, their log weights and rounding; with ``laws`` instead their :meth:`_EndPanel.laws`."""
         x = 0.5 * (a + b).unsqueeze(-1) + 0.5 * (b - a).unsqueeze(-1) * t
         tail = (kind.abs() == 1).unsqueeze(-1)
         xt = torch.where(tail, x, 0.0)
@@ -1415,18 +1557,23 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
         z = torch.where(tail, origin.unsqueeze(-1) + kind.unsqueeze(-1) * scale * xt / (1 - xt), x)
         log_jac = torch.where(tail, scale.log() - 2 * torch.log1p(-xt), 0.0)
         rounding = torch.zeros_like(x)
+        law = (torch.zeros_like(x), z, z)
         for end_kind, geometry in end_of_kind.items():
             at_end = (kind == end_kind).unsqueeze(-1)
             if bool(at_end.any()):
-                z_end, log_jac_end, rounding_end = geometry.nodes(rows, origin.unsqueeze(-1),
-                                                                  math.copysign(1.0, end_kind),
-                                                                  torch.where(at_end, x, 1.0),  # 1: the far end
-                                                                  deep=abs(end_kind) == 3)
+                z_end, log_jac_end, rounding_end, law_end = geometry.nodes(rows, origin.unsqueeze(-1),
+                                                                           math.copysign(1.0, end_kind),
+                                                                           torch.where(at_end, x, 1.0),  # 1: far end
+                                                                           deep=abs(end_kind) == 3, laws=True)
                 z, log_jac = torch.where(at_end, z_end, z), torch.where(at_end, log_jac_end, log_jac)
                 rounding = torch.where(at_end, rounding_end, rounding)
+                law = tuple(torch.where(at_end, new, old) for new, old in zip(law_end, law))
         width = torch.where(ok, 0.5 * (b - a), 1.0).log().unsqueeze(-1)
         inside = ok.unsqueeze(-1) & (z > lower) & (z < upper)  # a node rounded onto an end has no mass
-        return torch.where(inside, z, fill), width + w.log() + log_jac, torch.where(inside, rounding, 0.0)
+        z = torch.where(inside, z, fill)
+        if laws:
+            return torch.where(inside, law[0], 0.0), torch.where(inside, law[1], z), torch.where(inside, law[2], z)
+        return z, width + w.log() + log_jac, torch.where(inside, rounding, 0.0)
 
     def evaluate(a, b, kind, origin, ok):
         a, b = torch.where(ok, a, 0.0), torch.where(ok, b, 1.0)
@@ -1503,9 +1650,14 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
         done = done | ~chosen.any(-1)  # nothing left to split: the rule stays at its error
         if bool(done.any()):
             total_ok = torch.where(ok, total, 1.0)
+            # the end panels' nodes' laws (for the gradient at the points they stand for), as evaluate placed them
+            laws = panel_nodes(torch.where(panel_valid, a, 0.0), torch.where(panel_valid, b, 1.0), kind, origin,
+                               panel_valid, half_t, half_w, laws=True)
             finished.append((rows[done], (shift + total_ok.log())[done], (diff.sum(1) / total_ok.unsqueeze(-1))[done],
                              centre[done], spread[done], z_half[done].flatten(1), lm_half[done].flatten(1), ok[done],
-                             r_half[done].flatten(1), doubt_half[done].flatten(1)))
+                             r_half[done].flatten(1), doubt_half[done].flatten(1),
+                             *(law[done].flatten(1) for law in laws),
+                             torch.where(panel_valid, kind, 0.0).unsqueeze(-1).expand(z_half.shape)[done].flatten(1)))
         if bool(done.all()):
             break
         # the pools still refined: their panels, with the chosen ones split in two
@@ -1540,12 +1692,18 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
                          for part in finished])[order]
     r_half, doubt_half = (torch.cat([torch.nn.functional.pad(part[k], (0, size - part[k].shape[1]))
                                      for part in finished])[order] for k in (8, 9))
+    # padded as z_half: t = 0 at the pool's first node, of no kind
+    t_half, node_kind = (torch.cat([torch.nn.functional.pad(part[k], (0, size - part[k].shape[1]))
+                                    for part in finished])[order] for k in (10, 13))
+    near_half, far_half = (torch.cat([torch.cat((part[k], part[5][:, :1].expand(-1, size - part[k].shape[1])), 1)
+                                      for part in finished])[order] for k in (11, 12))
     g = integrands(z_half.unsqueeze(1), centre, spread, r_half.unsqueeze(1)).squeeze(1).abs()
     rows = torch.arange(pools)  # every pool, for log_u
     unseen, end_shift = _unseen_errors(end_geometry, g, lm_half, log_z, z_half,
                                        lambda z: integrands(z.unsqueeze(1), centre, spread).squeeze(1),
                                        _log_q_term_size(family, params, log_weights, z_half), doubt_half)
-    nodes = (z_half.T, lm_half.T)
+    gradient = _gradient_nodes(end_geometry, z_half, lm_half, (t_half, near_half, far_half), node_kind, log_z)
+    nodes = (z_half.T, lm_half.T, tuple(v.T for v in gradient))
     _, stats = _point_statistics(family, nodes[0], nodes[1], wanted, standard_errors=False, residuals=r_half.T)
     if "expected_statistic" in stats:  # shifted as in _quadrature_one
         value = stats["expected_statistic"].value

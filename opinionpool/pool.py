@@ -1567,6 +1567,8 @@ def _expand_estimate(est: PoolEstimate, old: torch.Size, new: torch.Size) -> Poo
         fields["effective_sample_size"] = grow(est.effective_sample_size)
     if est.nodes is not None:
         fields["nodes"] = tuple(grow(t, 1) for t in est.nodes)
+    if est.gradient_nodes is not None:
+        fields["gradient_nodes"] = tuple(grow(t, 1) for t in est.gradient_nodes)
     return replace(est, **fields)
 
 
