@@ -65,21 +65,26 @@ def _lgamma_drop(x, y):
     return torch.where(small, series, direct)
 
 
-def _log_beta(concentrations: torch.Tensor) -> torch.Tensor:
-    """``sum_k lgamma(c_k) - lgamma(sum_k c_k)`` over the last axis, as the telescoping ``sum_{k >= 2} lgamma(c_k) +
-    lgamma(s_{k-1}) - lgamma(s_k)`` with the concentrations in decreasing order and ``s_k`` their running sums
-    (``_lgamma_drop``): each term drops a running sum by a concentration no larger than it."""
+def _log_beta_terms(concentrations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The terms ``(lgamma(c_k), lgamma(s_{k-1}) - lgamma(s_k))``, ``k >= 2``, of ``sum_k lgamma(c_k) - lgamma(sum_k
+    c_k)`` over the last axis as a telescoping sum, the concentrations in decreasing order and ``s_k`` their running
+    sums (``_lgamma_drop``): each term drops a running sum by a concentration no larger than it."""
     ordered = concentrations.sort(-1, descending=True).values
     sums = ordered.cumsum(-1)
-    return (torch.lgamma(ordered[..., 1:]) + _lgamma_drop(sums[..., :-1], ordered[..., 1:])).sum(-1)
+    return torch.lgamma(ordered[..., 1:]), _lgamma_drop(sums[..., :-1], ordered[..., 1:])
+
+
+def _log_beta(concentrations: torch.Tensor) -> torch.Tensor:
+    """``sum_k lgamma(c_k) - lgamma(sum_k c_k)`` over the last axis (``_log_beta_terms``)."""
+    lgammas, drops = _log_beta_terms(concentrations)
+    return (lgammas + drops).sum(-1)
 
 
 def _log_beta_term_size(concentrations: torch.Tensor) -> torch.Tensor:
     """The size of the terms ``_log_beta`` adds (its rounding is a few ulps of it): not the lgammas of the largest
     concentrations, which it no longer subtracts (they made a Beta(2.5, 1e34)'s stated error 3.6e21)."""
-    ordered = concentrations.sort(-1, descending=True).values
-    sums = ordered.cumsum(-1)
-    return (torch.lgamma(ordered[..., 1:]).abs() + _lgamma_drop(sums[..., :-1], ordered[..., 1:]).abs()).sum(-1)
+    lgammas, drops = _log_beta_terms(concentrations)
+    return (lgammas.abs() + drops.abs()).sum(-1)
 
 
 def _power_terms(concentration, log_value):
