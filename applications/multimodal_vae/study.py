@@ -148,7 +148,7 @@ def compare(summary: dict, better: str, worse: str, metric: str, beta: float, lo
     or more), otherwise not separable; not run when a side is missing or did not compute the metric. With
     ``at_least`` the claim is "``better`` is not worse": it fails only when ``better`` is separably worse."""
     a, b = summary.get((better, beta)), summary.get((worse, beta))
-    if a is None or b is None or any(e[metric][0] != e[metric][0] for e in (a, b)):
+    if a is None or b is None or not (_computed(a, metric) and _computed(b, metric)):
         return NOT_RUN, "–"
     (mean_a, std_a), (mean_b, std_b) = a[metric], b[metric]
     evidence = _evidence(metric, a, b)
@@ -434,7 +434,7 @@ def _plots(folder: Path, rows: list[dict], out: Path) -> dict:
     panels = [(m, n, low) for m, n, low in (("log_likelihood", "log p(X) (higher is better)", False),
                                              ("kid_unconditional", "KID x 1000 (lower is better)", True),
                                              ("fid_unconditional", "FID (lower is better)", True))
-              if any(summary[k][m][0] == summary[k][m][0] for k in summary if k[0] in labels)]
+              if any(_computed(summary[k], m) for k in summary if k[0] in labels)]
     if panels:
         figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
         for axis, (metric, name, lower) in zip(axes[0], panels):
