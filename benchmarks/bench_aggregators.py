@@ -114,9 +114,14 @@ def pairs_left_out(mu: torch.Tensor, logvar: torch.Tensor) -> str:
 def _step(fn, mu, logvar) -> float:
     a = mu.detach().requires_grad_(True)
     b = logvar.detach().requires_grad_(True)
+    cuda = mu.device.type == "cuda"
+    if cuda:  # kernels run asynchronously: time from an idle device to the backward's last kernel
+        torch.cuda.synchronize()
     start = time.perf_counter()
     loc, lv = fn(a, b)
     (loc.sum() + lv.sum()).backward()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -160,7 +165,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-overlapping", action="store_true", help="skip the overlapping-experts rows")
     parser.add_argument("--docs", type=Path, metavar="PAGE",
-                        help="also splice the table into PAGE between its <!-- table: bench_aggregators --> markers")
+                        help="also splice the table into PAGE between its <!-- table: NAME --> markers (--table)")
+    parser.add_argument("--table", default="bench_aggregators", metavar="NAME",
+                        help="the markers' name for --docs (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -195,7 +202,7 @@ def main() -> None:
     table = header + "\n\n" + "\n".join(rows)
     print(table)
     if args.docs:
-        splice_file(args.docs, "bench_aggregators", table)
+        splice_file(args.docs, args.table, table)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,18 @@ Usage:
     python benchmarks/bench_mvae.py                              # CPU: batch 128, latent 64, 2 threads
     python benchmarks/bench_mvae.py --device cuda --batch 256 --latent 512
     python benchmarks/bench_mvae.py --sweep polymnist-cpu-study --docs docs/results.md
+    python benchmarks/bench_mvae.py --sweep polymnist-gpu --docs docs/gpu_study.md    # on the preset's device
 Prints Markdown tables (steps, memory, the ratios with their targets); ``--docs docs/benchmarks.md`` also splices
 them into that page. ``--sweep PRESET`` times instead one step of every label of that sweep preset, built from its
-own run configuration (networks, latent split, batch, threads), and what the whole grid costs in hours
-(``study_cost`` table).
+own run configuration (networks, latent split, batch, precision, threads) on its device, and what the whole grid
+costs in hours (``study_cost`` table; ``--set`` overrides the sweep, e.g. its runs' precision).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import statistics
 import sys
@@ -78,9 +81,10 @@ def build(label, latent, device, modalities=5):
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
-def step(model, optimizer, x, sync):
+def step(model, optimizer, x, sync, autocast=None):
     tic = time.perf_counter()
-    loss = model(x)["loss"]
+    with autocast or contextlib.nullcontext():
+        loss = model(x)["loss"]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -106,42 +110,72 @@ def memory_mib(label, args) -> float:
     return saved_tensor_bytes(lambda: model(x)["loss"]) / 2**20
 
 
-def sweep_cost(preset: str, repeats: int, warmup: int) -> str:
-    """The ``study_cost`` table: each label of the sweep ``preset`` timed round-robin on its own configuration,
-    and the grid's hours on one process (runs x max_steps x s / step; evaluation not included)."""
+def _steps_of(config, train_examples: int) -> int:
+    """The training steps of one run of ``config``: its step cap, its epochs of ``train_examples``, or the fewer."""
+    by_epochs = config.train.epochs * math.ceil(train_examples / config.train.batch_size)
+    return min(by_epochs, config.train.max_steps) if config.train.max_steps else by_epochs
+
+
+def sweep_cost(preset: str, repeats: int, warmup: int, overrides=(), train_examples: int = 60_000) -> str:
+    """The ``study_cost`` table: each label of the sweep ``preset`` (with ``key=value`` ``overrides`` of the sweep)
+    timed round-robin on its own configuration and device (its precision too), and the grid's hours on one process
+    (runs x steps x s / step, the steps counted for ``train_examples`` training tuples; evaluation not included).
+    On CUDA also each label's peak memory over a step beyond its weights and Adam's moments."""
     from collections import Counter
 
     from tqdm import tqdm
 
     from applications.multimodal_vae.sweep import grid, load_sweep, run_config
-    from applications.multimodal_vae.train import make_model
+    from applications.multimodal_vae.train import make_model, resolve_device
 
-    sweep = load_sweep(preset)
+    sweep = load_sweep(preset, overrides)
     runs = grid(sweep)
     counts = Counter(label for label, _, _ in runs)
     configs = {label: run_config(sweep, label, beta, seed) for label, beta, seed in reversed(runs)}
     first = next(iter(configs.values()))
-    torch.set_num_threads(first.train.num_threads or torch.get_num_threads())
+    device = resolve_device(first.train.device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if not cuda:
+        torch.set_num_threads(first.train.num_threads or torch.get_num_threads())
+    measured = provenance(str(device))  # the commit whose code runs
     built = {}
     for label in counts:
         torch.manual_seed(0)
-        model = make_model(configs[label], polymnist_modalities(first.data.num_modalities))
-        built[label] = (model, torch.optim.Adam(model.parameters(), lr=configs[label].train.lr))
-    x = batch(first.train.batch_size, "cpu", first.data.num_modalities)
+        model = make_model(configs[label], polymnist_modalities(first.data.num_modalities)).to(device)
+        built[label] = (model, torch.optim.Adam(model.parameters(), lr=configs[label].train.lr),
+                        torch.autocast(device.type, dtype=torch.bfloat16,
+                                       enabled=configs[label].train.precision == "bf16"))
+    x = batch(first.train.batch_size, device, first.data.num_modalities)
     times = {label: [] for label in built}
     for r in tqdm(range(warmup + repeats), desc=f"{preset}: round-robin steps", unit="round"):
-        for label, (model, optimizer) in built.items():
-            seconds = step(model, optimizer, x, lambda: None)
+        for label, (model, optimizer, autocast) in built.items():
+            seconds = step(model, optimizer, x, sync, autocast)
             if r >= warmup:
                 times[label].append(seconds)
     median = {label: statistics.median(t) for label, t in times.items()}
-    hours = {label: counts[label] * configs[label].train.max_steps * median[label] / 3600 for label in built}
-    lines = [f"`{preset}`: CPU, {torch.get_num_threads()} thread(s) per process, batch {first.train.batch_size}; "
-             f"median of {repeats} steps per label (round-robin); torch {torch.__version__}; load average "
-             f"{os.getloadavg()[0]:.1f} when it ended", "",
-             "| label | runs | s / step | hours of training |", "|---|---|---|---|"]
-    lines += [f"| {label} | {counts[label]} | {median[label]:.3f} | {hours[label]:.2f} |" for label in built]
-    lines += [f"| **all** | {len(runs)} | | **{sum(hours.values()):.1f}** |"]
+    steps = {label: _steps_of(configs[label], train_examples) for label in built}
+    hours = {label: counts[label] * steps[label] * median[label] / 3600 for label in built}
+    parameters = {label: sum(p.numel() for p in model.parameters()) for label, (model, _, _) in built.items()}
+    peak = {}
+    if cuda:  # one label at a time: the steps' activations and gradients (the weights and moments are resident)
+        for label, (model, optimizer, autocast) in built.items():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            step(model, optimizer, x, sync, autocast)
+            peak[label] = (torch.cuda.max_memory_allocated() - before) / 2**30
+    where = "" if cuda else f"{torch.get_num_threads()} thread(s) per process, "
+    precisions = sorted({config.train.precision for config in configs.values()})
+    lines = [f"`{preset}`: {measured}; {where}batch {first.train.batch_size}, {'/'.join(precisions)}; median of "
+             f"{repeats} steps per label (round-robin); steps per run for {train_examples} training tuples"
+             + ("" if cuda else f"; load average {os.getloadavg()[0]:.1f} when it ended"), "",
+             "| label | runs | parameters (M) | steps per run | s / step | hours of training |"
+             + (" step memory (GiB) |" if cuda else ""),
+             "|---|---|---|---|---|---|" + ("---|" if cuda else "")]
+    lines += [f"| {label} | {counts[label]} | {parameters[label] / 1e6:.1f} | {steps[label]} | {median[label]:.3f} | "
+              f"{hours[label]:.2f} |" + (f" {peak[label]:.1f} |" if cuda else "") for label in built]
+    lines += [f"| **all** | {len(runs)} | | | | **{sum(hours.values()):.1f}** |" + (" |" if cuda else "")]
     return "\n".join(lines)
 
 
@@ -155,17 +189,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--docs", type=Path, metavar="PAGE",
-                        help="also splice the tables into PAGE between its <!-- table: bench_mvae --> markers "
-                             "(with --sweep: its study_cost markers)")
+                        help="also splice the tables into PAGE between its <!-- table: NAME --> markers (--table)")
+    parser.add_argument("--table", metavar="NAME",
+                        help="the markers' name for --docs (default: bench_mvae, with --sweep study_cost)")
     parser.add_argument("--sweep", metavar="PRESET", help="time the labels of this sweep preset instead")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="with --sweep: overrides of the sweep preset, e.g. 'extra_overrides=[train.precision=bf16]'")
+    parser.add_argument("--train-examples", type=int, default=60_000,
+                        help="with --sweep: training tuples per epoch, for runs limited by epochs (PolyMNIST: 60000)")
     args = parser.parse_args()
     from tqdm import tqdm
 
     if args.sweep:
-        table = sweep_cost(args.sweep, args.repeats, args.warmup)
+        table = sweep_cost(args.sweep, args.repeats, args.warmup, args.overrides, args.train_examples)
         print("\n" + table)
         if args.docs:
-            splice_file(args.docs, "study_cost", table)
+            splice_file(args.docs, args.table or "study_cost", table)
         return
 
     torch.set_num_threads(args.threads)
@@ -199,7 +238,7 @@ def main() -> None:
     table = "\n".join(lines)
     print("\n" + table)
     if args.docs:
-        splice_file(args.docs, "bench_mvae", table)
+        splice_file(args.docs, args.table or "bench_mvae", table)
 
 
 if __name__ == "__main__":

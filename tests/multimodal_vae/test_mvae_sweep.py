@@ -257,3 +257,29 @@ def test_the_likelihood_check_scores_the_tuples_the_evaluation_scores(tiny_root,
     expected = evaluation.scored_tuples(config.eval, test).head(4).gather(torch.arange(4))
     assert len(seen) == 2 and all(torch.equal(a, b) for x in seen for a, b in zip(x, expected))
     assert not all(torch.equal(a, b) for a, b in zip(expected, test.head(4).gather(torch.arange(4))))
+
+
+def test_the_cost_table_counts_each_runs_steps_from_its_epochs_or_its_cap(tmp_path, monkeypatch):
+    """``bench_mvae --sweep``: a run's steps are its epochs of the training tuples or its ``max_steps``, whichever
+    is fewer, and ``--set`` reaches the runs' configurations."""
+    import sys
+    from pathlib import Path
+
+    from applications.multimodal_vae import sweep as sweeps
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import bench_mvae
+
+    (tmp_path / "cost.yaml").write_text(
+        "base: polymnist-helvae-cpu\nmodels: [helvae, mvae]\nbetas: [1.0, 2.5]\nseeds: [0]\n"
+        "overrides: [data.num_modalities=3, model.latent_dim=4, model.hidden=16, train.batch_size=8, "
+        "train.epochs=3, train.max_steps=null, train.device=cpu, train.num_threads=1]\n"
+        "model_overrides:\n  mvae: [train.max_steps=5]\n")
+    monkeypatch.setattr(sweeps, "SWEEPS", tmp_path)
+    table = bench_mvae.sweep_cost("cost", repeats=1, warmup=0, overrides=["extra_overrides=[train.precision=bf16]"],
+                                  train_examples=20)
+    assert "batch 8, bf16;" in table and "steps per run for 20 training tuples" in table
+    rows = {cells[0]: cells for cells in (line.strip("| ").split(" | ") for line in table.splitlines()
+                                          if line.startswith("| helvae") or line.startswith("| mvae"))}
+    assert rows["helvae"][1:2] + rows["helvae"][3:4] == ["2", "9"]  # 3 epochs of ceil(20 / 8) = 3 steps
+    assert rows["mvae"][1:2] + rows["mvae"][3:4] == ["2", "5"]  # capped
