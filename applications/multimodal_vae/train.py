@@ -657,11 +657,18 @@ def _max_across(values, device: torch.device) -> list[float]:
 
 
 def _all_finite(tensors) -> torch.Tensor:
-    """A boolean scalar on the tensors' device: every floating tensor in ``tensors`` is finite. (Their minima and
-    maxima are: NaN propagates into both, an infinity shows in one; one pass each, many times faster than
-    ``isfinite().all()`` on the CPU, and unlike a sum it cannot overflow.)"""
-    extremes = [e.float() for t in tensors if t.is_floating_point() and t.numel() for e in torch.aminmax(t.detach())]
-    return torch.stack(extremes).isfinite().all() if extremes else torch.tensor(True)
+    """A boolean scalar on the first floating tensor's device: every floating tensor in ``tensors`` is finite.
+    (Their minima and maxima are: NaN propagates into both, an infinity shows in one; one pass each, many times
+    faster than ``isfinite().all()`` on the CPU, and unlike a sum it cannot overflow.) The tensors may live on
+    several devices (Adam keeps its step counts on the CPU beside CUDA moments): one flag per device, one copy."""
+    extremes = {}
+    for t in tensors:
+        if t.is_floating_point() and t.numel():
+            extremes.setdefault(t.device, []).extend(e.float() for e in torch.aminmax(t.detach()))
+    flags = [torch.stack(values).isfinite().all() for values in extremes.values()]
+    if not flags:
+        return torch.tensor(True)
+    return torch.stack([flag.to(flags[0].device) for flag in flags]).all()
 
 
 def _tensors(value) -> list[torch.Tensor]:

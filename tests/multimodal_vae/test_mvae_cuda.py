@@ -75,3 +75,15 @@ def test_a_run_resumes_on_cuda_and_is_evaluated(tiny_root):
     assert metrics["training"]["steps"] == 6 and len(metrics["coherence"]["per_subset"]) == 6
     assert all(0 <= value <= 1 for value in metrics["coherence"]["per_subset"].values())
     assert math.isfinite(metrics["log_likelihood"]["joint"])
+
+
+def test_finiteness_checks_tensors_on_several_devices():
+    """Adam keeps its step counts on the CPU beside CUDA moments; the check before a step and before a checkpoint
+    reads both (it failed on the first CUDA step with "Expected all tensors to be on the same device")."""
+    from applications.multimodal_vae.train import _all_finite
+
+    finite = [torch.ones(3, device="cuda"), torch.tensor(2.0), torch.arange(3)]
+    assert _all_finite(finite).item() and _all_finite(finite).device.type == "cuda"
+    for bad in (torch.tensor(float("nan")), torch.tensor([1.0, float("inf")], device="cuda")):
+        assert not _all_finite([*finite, bad]).item()
+    assert _all_finite([]).item()
