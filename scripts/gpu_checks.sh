@@ -27,14 +27,15 @@ check() {  # check NAME SECONDS COMMAND...: run COMMAND with a time limit, its o
 
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, \
 torch.version.cuda, torch.cuda.get_device_name())" || exit 1
-check cuda_tests 240 "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests/
+check cuda_tests 360 "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests/
 check study_cost 75 "$PYTHON" benchmarks/bench_mvae.py --sweep polymnist-gpu --repeats 10 --docs docs/gpu_study.md
 check aggregators 90 "$PYTHON" benchmarks/bench_aggregators.py --device cuda --rounds 30 \
     --docs docs/benchmarks.md --table bench_aggregators_cuda
 check training_steps 90 "$PYTHON" benchmarks/bench_mvae.py --device cuda --batch 256 --latent 512 \
     --docs docs/benchmarks.md --table bench_mvae_cuda
 check aggregators_fused 150 "$PYTHON" benchmarks/bench_aggregators.py --device cuda --fused --only "hellinger fused" \
-    --no-overlapping --rounds 30 --docs docs/benchmarks.md --table bench_aggregators_cuda_fused
+    --no-overlapping --shapes 256,5,512 256,10,512 --rounds 20 --docs docs/benchmarks.md \
+    --table bench_aggregators_cuda_fused
 check study_cost_bf16 60 "$PYTHON" benchmarks/bench_mvae.py --sweep polymnist-gpu --repeats 10 \
     --set 'extra_overrides=[train.precision=bf16]' --docs docs/gpu_study.md --table study_cost_bf16
 if [ ${#failed[@]} -gt 0 ]; then
