@@ -27,7 +27,7 @@ from torch.distributions import Beta, Dirichlet, Exponential, Gamma, VonMises, c
 
 from .._validation import check_positive
 from ..constants import LOG_2PI
-from .base import ExponentialFamily, edge_product, weighted_sum
+from .base import ExponentialFamily, edge_product, newton_inverse, weighted_sum
 
 __all__ = ["ExponentialDistFamily", "GammaFamily", "BetaFamily", "DirichletFamily", "VonMisesFamily"]
 
@@ -177,6 +177,18 @@ class GammaFamily(ExponentialFamily):
     def mean_parameters(self, natural):
         a, rate = natural[..., 0], -natural[..., 1]
         return torch.stack((torch.digamma(a) - torch.log(rate), a / rate), dim=-1)
+
+    def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
+        """The Newton inverse of ``x / E[x]``, whose mean parameters are ``(E[log x] - log E[x], 1)``, then the
+        rate divided by ``E[x]``: a Gamma is a scale family, so the solve is the same at every scale (solved at the
+        experts' scale, the Jacobian's ``a / rate^2`` underflowed beyond rates of 1e154 or so and the solve failed)."""
+        if init is None:
+            raise ValueError(f"{self.name}: natural_from_mean needs an initial natural parameter `init`, got init=None")
+        scale = mean_params[..., 1:]
+        unit = torch.cat((mean_params[..., :1] - torch.log(scale), torch.ones_like(scale)), dim=-1)
+        init = init * torch.cat((torch.ones_like(scale), scale), dim=-1)
+        natural = newton_inverse(self, unit, init, tol=tol, max_iter=max_iter)
+        return torch.cat((natural[..., :1], natural[..., 1:] / scale), dim=-1)
 
 
 class BetaFamily(ExponentialFamily):
