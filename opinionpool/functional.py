@@ -561,9 +561,7 @@ def _log_variances_too_spread(logvar, member):
         low, high = torch.aminmax(logvar)
         if bool(high - low <= limit):  # every expert at once, present or not: the usual case in two reductions
             return False
-        present = member.any(-2).unsqueeze(-1)
-        top = torch.where(present, logvar, -math.inf).amax(-2)
-        bottom = torch.where(present, logvar, math.inf).amin(-2)
+        top, bottom = _present_range(logvar, member.any(-2).unsqueeze(-1))
         return bool((top - bottom > limit).any())
 
 
@@ -747,13 +745,19 @@ def _span(dtype):
     return 0.9 * math.log(torch.finfo(dtype).max)
 
 
+def _present_range(values, present):
+    """The largest and the smallest of ``values (..., M, D)`` over the present experts (``present`` along ``-2``),
+    ``(..., 1, D)`` each."""
+    hidden = torch.full((), math.inf, dtype=values.dtype, device=values.device)
+    return (torch.where(present, values, -hidden).amax(-2, keepdim=True),
+            torch.where(present, values, hidden).amin(-2, keepdim=True))
+
+
 def _present_shift(values, present, span):
     """``(top, shift)`` of the log-scales ``values (..., M, D)`` of the present experts (``present`` along ``-2``):
     their largest and the midpoint of their range, but at least ``top - span``, by which the shared subset paths
     scale each (sample, dimension) so that the present experts' scaled values lie within ``e^(+-span)``."""
-    hidden = torch.full((), math.inf, dtype=values.dtype, device=values.device)
-    top = torch.where(present, values, -hidden).amax(-2, keepdim=True)
-    bottom = torch.where(present, values, hidden).amin(-2, keepdim=True)
+    top, bottom = _present_range(values, present)
     return top, torch.maximum(top - span, 0.5 * (top + bottom))
 
 
