@@ -158,7 +158,7 @@ def sweep_cost(preset: str, repeats: int, warmup: int, overrides=(), train_examp
     hours = {label: counts[label] * steps[label] * median[label] / 3600 for label in built}
     parameters = {label: sum(p.numel() for p in model.parameters()) for label, (model, _, _) in built.items()}
     peak = {}
-    if cuda:  # one label at a time: the steps' activations and gradients (the weights and moments are resident)
+    if cuda:  # one label at a time: a step's activations (its weights, gradients and moments are resident before)
         for label, (model, optimizer, autocast) in built.items():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

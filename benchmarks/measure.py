@@ -55,15 +55,16 @@ def _processor() -> str:
 
 def provenance(device: str = "cpu") -> str:
     """One line saying when, at which commit and on what a table was measured, so that no prose has to retype it:
-    the date (UTC), the commit (marked when tracked files outside docs/ differ from it; in a copy of the tree
-    without its repository, the environment's ``OPINIONPOOL_COMMIT``, marked as stated), the processor and its core
-    count, or the GPU for a CUDA device, and torch's version."""
+    the date (UTC), the commit (marked when tracked files outside docs/ differ from it; the environment's
+    ``OPINIONPOOL_COMMIT`` where set, marked as stated, for a copy of the tree without its repository), the
+    processor and its core count, or the GPU for a CUDA device, and torch's version."""
+    stated = os.environ.get("OPINIONPOOL_COMMIT")
     commit = _git("rev-parse", "--short", "HEAD")
+    if stated:  # a copy of the tree whose .git is missing or stale (a GPU machine's copy)
+        commit = f"{stated} (as stated by OPINIONPOOL_COMMIT)"
     # the pages the tables are spliced into do not change what is measured
-    if commit and _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"):
+    elif commit and _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"):
         commit += " with uncommitted changes"
-    elif not commit and os.environ.get("OPINIONPOOL_COMMIT"):  # a copy of the tree without its repository
-        commit = f"{os.environ['OPINIONPOOL_COMMIT']} (as stated by OPINIONPOOL_COMMIT: a copy without .git)"
     commit = commit or "unknown commit"
     machine = (torch.cuda.get_device_name() if str(device).startswith("cuda")
                else f"{_processor()}, {os.cpu_count()} cores")

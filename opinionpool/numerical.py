@@ -504,15 +504,19 @@ def _stack_pools(method, rows, batch, wanted, **extra) -> PoolEstimate:
 QUADRATURE_RANGE = (1e-100, 1e100)
 
 
-def check_quadrature_range(family, params) -> None:
-    """A ``ValueError`` naming the first expert (``params``, ``batch + param_shape``) outside ``QUADRATURE_RANGE``,
-    for the scalar families whose moments are known without quadrature (the others are not checked)."""
+def check_quadrature_range(family, params, log_weights) -> None:
+    """A ``ValueError`` naming the first present expert (``params`` ``(..., M) + param_shape``, of finite
+    ``log_weights`` ``(..., M)``) outside ``QUADRATURE_RANGE``, for the scalar families whose moments are known
+    without quadrature; an expert of infinite variance (a heavy tail) is not checked: the engine integrates its
+    spread (``_expert_moments``)."""
     if family.circular or not family.has_numeric_moments or not getattr(family, "has_variance", True):
         return
-    mean, variance = family.mean(params), family.variance(params)
+    wide = params.detach().to(torch.float64)
+    mean, variance = family.mean(wide), family.variance(wide)
     sd = variance.sqrt()
     smallest, largest = QUADRATURE_RANGE
-    outside = ~((sd >= smallest) & (mean.abs() + sd <= largest))  # NaN is outside
+    checked = torch.isfinite(log_weights.detach()) & (variance != math.inf)
+    outside = checked & ~((sd >= smallest) & (mean.abs() + sd <= largest))  # NaN is outside
     if bool(outside.any()):
         index = tuple(int(i) for i in outside.nonzero()[0])
         raise ValueError(f"{family.name}: an expert of mean {mean[index].item():.3g} and standard deviation "
@@ -527,7 +531,7 @@ def quadrature_estimate(family, params, log_weights, alpha, wanted, rtol: float 
     results come back in that dtype): every pool of the batch at once (:func:`_quadrature_batch`) for finite
     ``alpha`` and families with closed-form moments, one pool at a time otherwise. Experts outside
     ``QUADRATURE_RANGE`` are refused (``check_quadrature_range``)."""
-    check_quadrature_range(family, params)
+    check_quadrature_range(family, params, log_weights)
     batch, pools = _each_pool(family, *_in_float64(params, log_weights))
     if not _batched_supported(family, alpha):
         rows, nodes, gradient_nodes, evaluations = [], [], [], 0
@@ -934,7 +938,7 @@ def quadrature_entropy(family, params, log_weights, alpha, rtol: float = DEFAULT
     with ``int u log u`` among the integrands the adaptive rule of :func:`_quadrature_one` controls; with
     ``log_other`` (a function of a float64 array returning values and their errors) also
     ``(E_pool[log_other], error)`` from the same rule."""
-    check_quadrature_range(family, params)
+    check_quadrature_range(family, params, log_weights)
     row = _quadrature_one(family, params, log_weights, alpha, frozenset({"entropy"}), rtol, extra=log_other)[0]
     return row["entropy"] if log_other is None else (row["entropy"], row["extra"])
 
@@ -1894,10 +1898,13 @@ def _expert_moments(family, params):
     own_mean = family.has_numeric_moments and not family.circular
     # CustomFamily's mean and variance are optional independently; the built-in families have both
     if own_mean and getattr(family, "has_variance", True):
-        return family.mean(params), family.variance(params)
+        mean, variance = family.mean(params), family.variance(params)
+        # an infinite variance (a heavy tail) places no panels: the experts' spread is integrated below instead
+        if bool(torch.isfinite(variance).all()):
+            return mean, variance
     batch = params.shape[: params.dim() - len(family.param_shape)]
     flat = params.reshape((-1,) + tuple(family.param_shape))
-    own = family.mean(flat).tolist() if own_mean else [None] * len(flat)
+    own = [m if math.isfinite(m) else None for m in family.mean(flat).tolist()] if own_mean else [None] * len(flat)
     lower, upper = family.support_interval
     moments = []
     for p, hint in zip(flat, own):
@@ -1915,7 +1922,11 @@ def _expert_moments(family, params):
             raise ValueError(f"{family.name}: quadrature found no mass in the density of an expert "
                              f"(params={p.tolist()!r}); give the family a `mean` (and `variance`) so that the "
                              "numerical engine can place its panels")
-        mass, offset, spread = _moments_about(density, lower, upper, centre)
+        with warnings.catch_warnings():
+            if hint is not None:  # a family's own mean beside an infinite variance: the spread diverges, and the
+                # integral's finite part places the panels (the pool's own quadrature controls its error)
+                warnings.simplefilter("ignore", integrate.IntegrationWarning)
+            mass, offset, spread = _moments_about(density, lower, upper, centre)
         if not mass > 0:
             raise ValueError(f"{family.name}: quadrature found no mass in the density of an expert "
                              f"(params={p.tolist()!r}) about its mean {centre!r}; give the family a `variance`")

@@ -4,10 +4,16 @@
 # Each step has a time limit, keeps its log in OUTPUT_DIR and goes on when an earlier step failed; the tables are
 # spliced into docs/benchmarks.md and docs/gpu_study.md. Exits non-zero when any step failed.
 #
-# Usage: scripts/gpu_checks.sh [OUTPUT_DIR]       (default runs/gpu_checks; PYTHON picks the interpreter)
+# Usage: scripts/gpu_checks.sh [OUTPUT_DIR]       (default runs/gpu_checks of the repository; PYTHON picks the
+# interpreter; OPINIONPOOL_COMMIT names the commit in the tables where the copy's .git is missing or stale)
 set -u
+out=${1:-}
+case $out in
+    "") out=$(cd "$(dirname "$0")/.." && pwd)/runs/gpu_checks ;;
+    /*) ;;
+    *) out=$PWD/$out ;;  # relative to where the script was called from
+esac
 cd "$(dirname "$0")/.."
-out=${1:-runs/gpu_checks}
 mkdir -p "$out"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -18,7 +24,7 @@ check() {  # check NAME SECONDS COMMAND...: run COMMAND with a time limit, its o
     shift 2
     local start=$SECONDS
     echo "== $name (at most ${limit} s): $*"
-    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    timeout -k 30 "$limit" "$@" >"$out/$name.log" 2>&1
     local rc=$?
     tail -n 25 "$out/$name.log"
     echo "== $name: exit status $rc after $((SECONDS - start)) s"

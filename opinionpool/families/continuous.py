@@ -181,14 +181,22 @@ class GammaFamily(ExponentialFamily):
     def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
         """The Newton inverse of ``x / E[x]``, whose mean parameters are ``(E[log x] - log E[x], 1)``, then the
         rate divided by ``E[x]``: a Gamma is a scale family, so the solve is the same at every scale (solved at the
-        experts' scale, the Jacobian's ``a / rate^2`` underflowed beyond rates of 1e154 or so and the solve failed)."""
+        experts' scale, the Jacobian's ``a / rate^2`` underflowed beyond rates of 1e154 or so and the solve failed).
+        In float64 whatever the dtype (``E[log x] - log E[x]`` cancels); the rate divided in log space, so that its
+        gradient stays finite where ``E[x]^2`` underflows."""
         if init is None:
             raise ValueError(f"{self.name}: natural_from_mean needs an initial natural parameter `init`, got init=None")
-        scale = mean_params[..., 1:]
-        unit = torch.cat((mean_params[..., :1] - torch.log(scale), torch.ones_like(scale)), dim=-1)
-        init = init * torch.cat((torch.ones_like(scale), scale), dim=-1)
+        mean = mean_params[..., 1:].detach()
+        if not bool(((mean > 0) & (mean < math.inf)).all()):
+            raise ValueError(f"{self.name}: natural_from_mean needs a positive finite mean E[x] (mean_params[..., 1]), "
+                             f"got {mean[~((mean > 0) & (mean < math.inf))].flatten()[:3].tolist()}")
+        wide = mean_params.to(torch.float64)
+        log_scale = torch.log(wide[..., 1:])
+        unit = torch.cat((wide[..., :1] - log_scale, torch.ones_like(log_scale)), dim=-1)
+        init = init.to(torch.float64) * torch.cat((torch.ones_like(log_scale), log_scale.detach().exp()), dim=-1)
         natural = newton_inverse(self, unit, init, tol=tol, max_iter=max_iter)
-        return torch.cat((natural[..., :1], natural[..., 1:] / scale), dim=-1)
+        rate = torch.exp(torch.log(-natural[..., 1:]) - log_scale)
+        return torch.cat((natural[..., :1], -rate), dim=-1).to(mean_params.dtype)
 
 
 class BetaFamily(ExponentialFamily):

@@ -262,12 +262,11 @@ def test_the_likelihood_check_scores_the_tuples_the_evaluation_scores(tiny_root,
 def test_the_cost_table_counts_each_runs_steps_from_its_epochs_or_its_cap(tmp_path, monkeypatch):
     """``bench_mvae --sweep``: a run's steps are its epochs of the training tuples or its ``max_steps``, whichever
     is fewer, and ``--set`` reaches the runs' configurations."""
-    import sys
     from pathlib import Path
 
     from applications.multimodal_vae import sweep as sweeps
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import bench_mvae
 
     (tmp_path / "cost.yaml").write_text(
