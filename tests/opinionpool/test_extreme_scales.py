@@ -48,8 +48,8 @@ def test_gamma_moment_matching_holds_at_any_scale(alpha, scale):
 @pytest.mark.parametrize("alpha", [2.0, -1.0])
 @pytest.mark.parametrize("loc, sd", [(0.0, 1e-160), (0.0, 1e150), (1e150, 1e140), (0.0, 1e-100 / 2)])
 def test_the_numerical_engine_refuses_experts_outside_its_range(alpha, loc, sd):
-    """Normal experts of standard deviation 1e-160 gave NaN error bars, 1e150 a 'not normalisable' error, a mean of
-    1e150 with a scale of 1e140 a pool mean wrong by 10 % with a finite error bar."""
+    """Normal experts of standard deviation 1e-160 or 1e150 gave non-finite error bars (1e160 a 'not normalisable'
+    error), a mean of 1e150 with a scale of 1e140 a pool mean wrong by 10 % with a finite error bar."""
     experts = Normal(loc + torch.tensor([0.0, 1.0]) * sd, torch.tensor([1.0, 2.0]) * sd)
     pool = opinionpool.holder(experts, alpha=alpha, weights=torch.tensor(WEIGHTS))
     with pytest.raises(ValueError, match=r"Normal: an expert of mean .* and standard deviation .* is outside what "
