@@ -111,3 +111,46 @@ def test_geometric_combination_of_far_weightless_experts_and_tiny_variances():
     assert float(opf.log_bhattacharyya(zero, low, zero, low)) == 0.0
     assert float(opf.log_bhattacharyya(zero, low, zero, low + 1)) == pytest.approx(-0.5 * math.log(math.cosh(0.5)),
                                                                                     rel=1e-5)
+
+
+# experts whose variances are far apart: v_q / v_p overflows (float64 past e^709, float32 past e^88)
+FAR_APART = [(torch.float64, 1e-100, 1e100), (torch.float64, 1e-170, 1e170), (torch.float32, 1e-10, 1e10),
+             (torch.float32, 1e-20, 1.0)]
+
+
+@pytest.mark.parametrize("dtype,s_p,s_q", FAR_APART)
+@pytest.mark.parametrize("a", [1e-8, 0.3, 0.5, 0.8, 1.5])
+def test_chernoff_of_experts_of_far_apart_scales(dtype, s_p, s_q, a):
+    """The closed form's ``log1p(a expm1(d))`` overflowed where the log-variances lie d = 2 log(s_q / s_p) > 709
+    (float64) or 88 (float32) apart: -inf for log Chernoff coefficients of -199.7 (a = 0.5, scales 1e-100 and 1e100),
+    Rényi divergences of order 1.5 of -inf for 399.6, and NaN in float32 for scales 1e-20 and 1 (the squared
+    difference of means over the variance ratio was inf / inf)."""
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for mu_p, mu_q in [(0.0, 1.0), (0.2 * s_q, -0.7 * s_q)]:
+        pairs = [(_normal(mu_p, s_p, dtype), _normal(mu_q, s_q, dtype))]
+        if a < 1:  # the other way round: the integral converges for orders in (0, 1) only
+            pairs.append(pairs[0][::-1])
+        for p, q in pairs:
+            stored = [float(t) for t in (p.loc, p.scale, q.loc, q.scale)]
+            with mpmath.workdps(800):  # the textbook form cancels 340 digits of the combined mean at these scales
+                truth = float(_log_chernoff(a, *stored))
+            assert float(opinionpool.log_chernoff_coefficient(p, q, a)) == pytest.approx(truth, rel=tol)
+            assert float(opinionpool.renyi_divergence(p, q, a)) == pytest.approx(truth / (a - 1), rel=tol)
+
+
+def test_chernoff_gradients_for_far_apart_scales():
+    """The gradients through the far branch, in the order and the standard deviations, against mpmath's
+    derivatives of the textbook integral (at 800 digits: it cancels 200 digits at these scales)."""
+    a = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    s_p = torch.tensor(1e-100, dtype=torch.float64, requires_grad=True)
+    s_q = torch.tensor(1e100, dtype=torch.float64, requires_grad=True)
+    value = opinionpool.log_chernoff_coefficient(Normal(torch.tensor(0.0, dtype=torch.float64), s_p),
+                                                 Normal(torch.tensor(1.0, dtype=torch.float64), s_q), a)
+    value.backward()
+    with mpmath.workdps(800):
+        exact = [mpmath.diff(lambda x: _log_chernoff(x, 0.0, 1e-100, 1.0, 1e100), 0.3),
+                 # d/ds as d/d(log s) / s: the derivatives are of the size of 1 / s
+                 mpmath.diff(lambda x: _log_chernoff(0.3, 0.0, 1e-100 * mpmath.exp(x), 1.0, 1e100), 0) / 1e-100,
+                 mpmath.diff(lambda x: _log_chernoff(0.3, 0.0, 1e-100, 1.0, 1e100 * mpmath.exp(x)), 0) / 1e100]
+    for got, truth in zip((a.grad, s_p.grad, s_q.grad), exact):
+        assert float(got) == pytest.approx(float(truth), rel=1e-10)
