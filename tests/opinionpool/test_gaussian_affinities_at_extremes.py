@@ -154,3 +154,48 @@ def test_chernoff_gradients_for_far_apart_scales():
                  mpmath.diff(lambda x: _log_chernoff(0.3, 0.0, 1e-100, 1.0, 1e100 * mpmath.exp(x)), 0) / 1e100]
     for got, truth in zip((a.grad, s_p.grad, s_q.grad), exact):
         assert float(got) == pytest.approx(float(truth), rel=1e-10)
+
+
+def _mvn_log_chernoff(a, mu_p, cov_p, mu_q, cov_q):
+    """``log int N(mu_p, S_p)^a N(mu_q, S_q)^(1-a)`` by the textbook form, in mpmath's matrices:
+    ``-(a (1 - a) D^T S_a^-1 D + log det S_a - (1 - a) log det S_p - a log det S_q) / 2``,
+    ``S_a = (1 - a) S_p + a S_q``."""
+    a = mpmath.mpf(a)
+    cov_p, cov_q = (mpmath.matrix(c.tolist()) for c in (cov_p, cov_q))
+    delta = mpmath.matrix((mu_p - mu_q).tolist())
+    cov_a = (1 - a) * cov_p + a * cov_q
+    quad = (delta.T * mpmath.inverse(cov_a) * delta)[0]
+    log_dets = mpmath.log(mpmath.det(cov_a)) - (1 - a) * mpmath.log(mpmath.det(cov_p)) - a * mpmath.log(mpmath.det(cov_q))
+    return -(a * (1 - a) * quad + log_dets) / 2
+
+
+MVN_FAR_APART = [(torch.float32, 1e-2, 1e2), (torch.float32, 1e-4, 1.0), (torch.float64, 1e-8, 1e8),
+                 (torch.float64, 1e-13, 1.0)]
+
+
+@pytest.mark.parametrize("dtype,s_p,s_q", MVN_FAR_APART)
+@pytest.mark.parametrize("a", [0.3, 0.5, 0.8, -0.5])
+def test_full_gaussian_chernoff_of_far_apart_scales(dtype, s_p, s_q, a):
+    """Full-covariance experts whose covariances differ by a factor 1e8 in float32 (standard deviations 1e-2 and
+    1e2) or 1e16 in float64: the log-determinants relative to one expert rounded the other's eigenvalues to -1, for
+    orders in (0, 1) in the geometric combination (NaN, or -7.07 for -8.05), for orders below 0 in the closed form
+    (NaN)."""
+    from torch.distributions import MultivariateNormal
+
+    shape_p = torch.tensor([[2.0, 0.6, 0.1], [0.6, 1.0, -0.3], [0.1, -0.3, 1.5]], dtype=torch.float64)
+    shape_q = torch.tensor([[1.0, -0.4, 0.2], [-0.4, 3.0, 0.5], [0.2, 0.5, 0.8]], dtype=torch.float64)
+    mu_p, mu_q = torch.tensor([0.0, 1.0, -0.5], dtype=dtype), torch.tensor([0.7, -0.2, 0.4], dtype=dtype)
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    narrow_first = ((mu_p, s_p**2 * shape_p), (mu_q, s_q**2 * shape_q))
+    # for a < 0 the integral converges only with the narrower expert as q
+    pairs = [narrow_first, narrow_first[::-1]] if a > 0 else [narrow_first[::-1]]
+    for (m_p, c_p), (m_q, c_q) in pairs:
+        p, q = MultivariateNormal(m_p, c_p.to(dtype)), MultivariateNormal(m_q, c_q.to(dtype))
+        with mpmath.workdps(60):
+            truth = float(_mvn_log_chernoff(a, *(t.double() for t in (p.loc, p.covariance_matrix, q.loc,
+                                                                       q.covariance_matrix))))
+        got = opinionpool.log_chernoff_coefficient(p, q, a)
+        assert got.dtype == dtype
+        assert float(got) == pytest.approx(truth, rel=tol)
+        if a == 0.5:
+            assert float(opinionpool.hellinger_distance(p, q)) == pytest.approx(math.sqrt(-math.expm1(truth)), rel=tol)
