@@ -853,13 +853,17 @@ def _subset_poe(mu, logvar, member, weights):
 
 def _subset_barycenter(mu, logvar, member, weights):
     """Each subset's 2-Wasserstein barycenter: weighted means of the experts' means and standard deviations, so one
-    matrix product of the weighted membership with both."""
+    matrix product of the weighted membership with both. The standard deviations are scaled per (sample, dimension)
+    as ``_SubsetSums`` scales the precisions (``_present_shift``): float64 log-variances beyond +-1418 gave standard
+    deviations of 0 or inf, and log-variances of -inf or inf."""
     x, reference = _reference_offsets(mu, member)
     wide = _wide(mu.dtype)
     w = _subset_weights(weights, member, wide)
-    sums = w @ torch.cat((x.to(wide), (0.5 * logvar.to(wide)).exp()), -1)
+    log_sd = 0.5 * logvar.to(wide)
+    shift = _present_shift(log_sd.detach(), member.any(-2).unsqueeze(-1), _span(wide))[1]
+    sums = w @ torch.cat((x.to(wide), (log_sd - shift).exp()), -1)
     mean, sd = (sums / w.sum(-1, keepdim=True)).chunk(2, -1)
-    return reference + mean.to(mu.dtype), (2 * sd.log()).to(mu.dtype)
+    return reference + mean.to(mu.dtype), (2 * (sd.log() + shift)).to(mu.dtype)
 
 
 _SHARED = {"hellinger": _subset_hellinger, "poe": _subset_poe, "barycenter": _subset_barycenter}

@@ -3,6 +3,7 @@
 import itertools
 import math
 
+import mpmath
 import numpy as np
 import pytest
 import torch
@@ -330,3 +331,25 @@ def test_prior_expert_on_the_full_subset_only_as_in_mopoe():
     torch.testing.assert_close(masked.logvar[0, full], ref_lv, rtol=1e-12, atol=1e-12)
     assert masked.log_weights[1].tolist() == [-math.inf] * full + [0.0]
     assert masked.loc[1, full].abs().max() == 0 and masked.logvar[1, full].abs().max() == 0
+
+
+def test_subset_barycenters_of_standard_deviations_beyond_the_float_range():
+    """float64 log-variances of -1500 and +1500 (standard deviations e^-+750, beyond the float range): the shared
+    subset path averaged the standard deviations themselves, 0 and inf, so a subset's log-variance came out -inf or
+    inf (or -1481.405 for -1480.949) where the barycenter of the same experts is finite; the reference is mpmath's
+    ``2 log(sum_j w_j s_j)`` with the weights normalised within each subset."""
+    for logvars in ([-1500.0, -1480.0, 3.0], [1500.0, 1490.0, -2.0]):
+        weights = [0.2, 0.5, 0.3]
+        mu = torch.tensor([[[0.0, 1.0]], [[2.0, -1.0]], [[0.5, 0.5]]], dtype=torch.float64, requires_grad=True)
+        logvar = torch.tensor(logvars, dtype=torch.float64).reshape(3, 1, 1).expand(3, 1, 2).clone().requires_grad_()
+        mix = opf.subset_mixture(opf.wasserstein_barycenter, mu, logvar, weights=torch.tensor(weights))
+        subsets = [s for r in range(1, 4) for s in itertools.combinations(range(3), r)]
+        for k, s in enumerate(subsets):
+            total = sum(mpmath.mpf(weights[j]) for j in s)
+            truth = 2 * mpmath.log(sum(weights[j] * mpmath.exp(mpmath.mpf(logvars[j]) / 2) for j in s) / total)
+            assert mix.logvar[0, k].tolist() == pytest.approx([float(truth)] * 2, rel=1e-13), s
+            ref_loc, ref_lv = opf.wasserstein_barycenter(mu[list(s), 0], logvar[list(s), 0],
+                                                         weights=torch.tensor([weights[j] for j in s]))
+            torch.testing.assert_close(mix.logvar[0, k], ref_lv, rtol=1e-13, atol=0)
+        mix.logvar.sum().backward()
+        assert torch.isfinite(logvar.grad).all() and torch.isfinite(mu.grad).all()
