@@ -23,7 +23,7 @@ from ._validation import check_real, check_weights, real_tensor, validation_enab
 from .experts import as_experts
 from .families import ExponentialFamilyDistribution, MultivariateNormalFamily, family_of
 from .families.bregman import bregman_divergence
-from .families.gaussian import _DiagonalGaussianBase, normal_kl
+from .families.gaussian import _DiagonalGaussianBase, log_det_whitened, normal_kl, whitened_eigenvalues
 from .pool import HolderPool, NumericalHolderPool, geometric_combination, log_of_weights
 
 
@@ -158,29 +158,19 @@ def _mvn_log_chernoff(family, params_p, params_q, a):
     """The full-covariance counterpart of ``_gaussian_log_chernoff``: with ``Sigma_p = L L^T`` and
     ``E = L^-1 (Sigma_q - Sigma_p) L^-T`` (from the difference of the covariances), the log-determinant term is
     ``sum_i log1p(a e_i) - a log1p(e_i)`` over the eigenvalues ``e_i`` of ``E``, and the quadratic one
-    ``a (1 - a) Delta^T Sigma_a^-1 Delta`` with ``Sigma_a = Sigma_p + a (Sigma_q - Sigma_p)``. Where ``e_i < -1/2``,
-    ``log1p(e_i)`` is the log of ``1 + e_i``, an eigenvalue of ``L^-1 Sigma_q L^-T``: from the difference, ``e_i`` is
-    -1 to rounding once ``Sigma_q`` is 1e-8 (float32) or 1e-16 (float64) of ``Sigma_p`` (NaN, or +inf for 46)."""
+    ``a (1 - a) Delta^T Sigma_a^-1 Delta`` with ``Sigma_a = Sigma_p + a (Sigma_q - Sigma_p)``. ``sum_i log1p(e_i)``
+    is ``log_det_whitened``'s, which keeps its digits where ``Sigma_q`` is far below ``Sigma_p`` (there ``log1p(e_i)``
+    gave NaN, or +inf for 46)."""
     cov_p, cov_q = family.covariance(params_p), family.covariance(params_q)
     delta = (family.mean(params_p) - family.mean(params_q)).unsqueeze(-1)
     change = cov_q - cov_p
     chol_p = torch.linalg.cholesky(cov_p)
-    e = _whitened_eigenvalues(chol_p, change)
-    near = e >= -0.5
-    # the eigenvalues ascend in both: those of L^-1 Sigma_q L^-T are 1 + e_i, in the same order
-    log_ratio = torch.where(near, torch.log1p(torch.where(near, e, 0.0)),
-                            torch.log(torch.where(near, 1.0, _whitened_eigenvalues(chol_p, cov_q))))
+    e = whitened_eigenvalues(chol_p, change)
     chol_a = torch.linalg.cholesky(cov_p + a * change)
     scaled = torch.linalg.solve_triangular(chol_a, delta, upper=False)
     quad = (scaled * scaled).sum((-2, -1))
-    return -0.5 * (a * (1 - a) * quad + (torch.log1p(a * e) - a * log_ratio).sum(-1))
-
-
-def _whitened_eigenvalues(chol, matrix):
-    """The eigenvalues of ``L^-1 M L^-T`` (``chol`` is ``L``), ascending."""
-    half = torch.linalg.solve_triangular(chol, matrix, upper=False)
-    whitened = torch.linalg.solve_triangular(chol, half.transpose(-1, -2), upper=False)
-    return torch.linalg.eigvalsh(0.5 * (whitened + whitened.transpose(-1, -2)))
+    log_det_q = log_det_whitened(chol_p, cov_q, e)  # log det Sigma_q - log det Sigma_p
+    return -0.5 * (a * (1 - a) * quad + torch.log1p(a * e).sum(-1) - a * log_det_q)
 
 
 def log_bhattacharyya_coefficient(p, q) -> torch.Tensor:

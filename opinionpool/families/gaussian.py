@@ -42,6 +42,24 @@ def normal_kl(loc_p: torch.Tensor, logvar_p: torch.Tensor, loc_q: torch.Tensor, 
     return 0.5 * (torch.expm1(ratio) - ratio + ((loc_p - loc_q) * torch.exp(-0.5 * logvar_q)) ** 2)
 
 
+def whitened_eigenvalues(chol: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """The eigenvalues of ``L^-1 M L^-T`` (``chol`` is ``L``), ascending."""
+    half = torch.linalg.solve_triangular(chol, matrix, upper=False)
+    whitened = torch.linalg.solve_triangular(chol, half.transpose(-1, -2), upper=False)
+    return torch.linalg.eigvalsh(0.5 * (whitened + whitened.transpose(-1, -2)))
+
+
+def log_det_whitened(chol: torch.Tensor, matrix: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``log det L^-1 M L^-T`` from ``e``, the eigenvalues of ``L^-1 (M - L L^T) L^-T`` in ascending order (from the
+    difference: exact for nearby matrices), as ``sum_i log1p(e_i)``, except that those below -1/2 are read as the
+    eigenvalues of ``L^-1 M L^-T`` itself (``1 + e_i``, in the same order), which keep their digits where ``M`` is
+    far below ``L L^T``: from the difference they are -1 to rounding once ``M`` is 1e-8 (float32) or 1e-16
+    (float64) of it, which gave log-determinants of -inf or NaN."""
+    near = e >= -0.5
+    direct = whitened_eigenvalues(chol, matrix)
+    return torch.where(near, torch.log1p(torch.where(near, e, 0.0)), torch.log(torch.where(near, 1.0, direct))).sum(-1)
+
+
 def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch.Tensor, num_features: int,
                      need_log_c: bool = True, about_first: bool = False):
     """Geometric combination of diagonal Gaussians along dim ``-1 - num_features``.
@@ -399,7 +417,8 @@ class MultivariateNormalFamily(ExponentialFamily):
         half = torch.linalg.solve_triangular(chol_0, precision - precision_0, upper=False)
         excess = torch.linalg.solve_triangular(chol_0, half.transpose(-1, -2), upper=False)
         excess = torch.where(used, 0.5 * (excess + excess.transpose(-1, -2)), torch.zeros_like(excess))
-        log_det_relative = torch.log1p(torch.linalg.eigvalsh(excess)).sum(-1)
+        log_det_relative = log_det_whitened(chol_0, torch.where(used, precision, precision_0),
+                                            torch.linalg.eigvalsh(excess))
         # the weights sum to one (up to the rounding of exp(log w), which is left out, as gaussian_combine does)
         log_det_mixed = torch.log1p(torch.linalg.eigvalsh((w[..., None, None] * excess).sum(k))).sum(-1)
         weighted = torch.where(w > 0, w * log_det_relative, torch.zeros_like(w)).sum(-1)

@@ -199,3 +199,37 @@ def test_full_gaussian_chernoff_of_far_apart_scales(dtype, s_p, s_q, a):
         assert float(got) == pytest.approx(truth, rel=tol)
         if a == 0.5:
             assert float(opinionpool.hellinger_distance(p, q)) == pytest.approx(math.sqrt(-math.expm1(truth)), rel=tol)
+
+
+def _mvn_log_multi_chernoff(weights, locs, covs):
+    """``log int prod_j N(mu_j, S_j)^(w_j)`` (weights summing to one) by completing the square in mpmath:
+    ``-(sum_j w_j log det S_j + log det P + sum_j w_j mu_j^T P_j mu_j - h^T P^-1 h) / 2`` with ``P_j = S_j^-1``,
+    ``P = sum_j w_j P_j`` and ``h = sum_j w_j P_j mu_j``."""
+    weights = [mpmath.mpf(w) for w in weights]
+    locs = [mpmath.matrix(m.tolist()) for m in locs]
+    covs = [mpmath.matrix(c.tolist()) for c in covs]
+    precisions = [mpmath.inverse(c) for c in covs]
+    total = sum((w * p for w, p in zip(weights[1:], precisions[1:])), weights[0] * precisions[0])
+    h = sum((w * p * m for w, p, m in zip(weights[1:], precisions[1:], locs[1:])), weights[0] * precisions[0] * locs[0])
+    quad = sum(w * (m.T * p * m)[0] for w, p, m in zip(weights, precisions, locs)) - (h.T * mpmath.inverse(total) * h)[0]
+    log_dets = sum(w * mpmath.log(mpmath.det(c)) for w, c in zip(weights, covs)) + mpmath.log(mpmath.det(total))
+    return -(log_dets + quad) / 2
+
+
+@pytest.mark.parametrize("dtype,scales", [(torch.float32, (1e-2, 1.0, 1e2)), (torch.float64, (1e-8, 1.0, 1e8))])
+def test_full_gaussian_multi_chernoff_of_far_apart_scales(dtype, scales):
+    """The geometric combination's log-determinants of full-covariance experts, relative to the heaviest expert's
+    precision, rounded the eigenvalues of a far flatter expert to -1: -inf for -5.79 in float32 (covariances 1e8
+    apart), NaN for -38.5 in float64 (1e16 apart)."""
+    from torch.distributions import MultivariateNormal
+
+    shapes = [[[2.0, 0.5], [0.5, 1.0]], [[1.0, -0.3], [-0.3, 0.5]], [[0.7, 0.2], [0.2, 1.5]]]
+    experts = [MultivariateNormal(torch.tensor([0.3 * j, -0.2 * j], dtype=dtype), s**2 * torch.tensor(shape, dtype=dtype))
+               for j, (s, shape) in enumerate(zip(scales, shapes))]
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    for weights in ([0.2, 0.5, 0.3], [0.6, 0.1, 0.3], [0.1, 0.2, 0.7]):
+        with mpmath.workdps(60):
+            truth = float(_mvn_log_multi_chernoff(weights, [e.loc.double() for e in experts],
+                                                  [e.covariance_matrix.double() for e in experts]))
+        got = opinionpool.log_multi_chernoff_coefficient(experts, torch.tensor(weights, dtype=dtype))
+        assert float(got) == pytest.approx(truth, rel=tol), weights
