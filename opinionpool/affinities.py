@@ -52,8 +52,10 @@ def log_multi_chernoff_coefficient(experts, weights, validate_args=None) -> torc
 
 def _order(a):
     """``(a as a float, a to compute with)``: the tensor itself where one requiring grad is given (its gradient is
-    then carried), else the float."""
+    then carried), else the float. An infinite order is refused: every formula here gave NaN for it."""
     value = check_real("a", a)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"a must be finite, got {value}")
     return value, (a.reshape(()) if isinstance(a, torch.Tensor) and a.requires_grad else value)
 
 

@@ -8,7 +8,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from torch.distributions import MultivariateNormal, Normal
+from torch.distributions import MultivariateNormal, Normal, Poisson
 
 import opinionpool
 import opinionpool.functional as opf
@@ -150,6 +150,20 @@ def test_affinities_check_the_experts_for_every_order():
             opinionpool.renyi_divergence(good, good, a)
         with pytest.raises(ValueError, match=r"a must be a real number, got"):
             opinionpool.amari_alpha_divergence(good, good, a)
+
+
+def test_an_infinite_order_is_refused():
+    """An order of +-inf passed the real-number check and came out as NaN from each of the three functions, for
+    Normal, full-covariance and Poisson experts alike."""
+    pairs = [(Normal(torch.tensor(0.0), torch.tensor(1.0)), Normal(torch.tensor(1.0), torch.tensor(2.0))),
+             (MultivariateNormal(torch.zeros(2), torch.eye(2)), MultivariateNormal(torch.ones(2), 2 * torch.eye(2))),
+             (Poisson(torch.tensor(2.0)), Poisson(torch.tensor(3.0)))]
+    for p, q in pairs:
+        for a in (math.inf, -math.inf, torch.tensor(math.inf, requires_grad=True)):
+            for call in (opinionpool.log_chernoff_coefficient, opinionpool.renyi_divergence,
+                         opinionpool.amari_alpha_divergence):
+                with pytest.raises(ValueError, match=r"a must be finite, got -?inf"):
+                    call(p, q, a)
 
 
 # ------------------------------------------------------------------ argument types
