@@ -4,10 +4,10 @@ For :math:`a \in (0, 1)` the Chernoff coefficient is
 :math:`C_a(p, q) = \int p^a q^{1-a} = \exp(A(a\eta_p + (1-a)\eta_q) - aA(\eta_p) - (1-a)A(\eta_q))`,
 computed by each family's ``combine`` (Gaussians analytically cancel the large terms; the other families, where
 the log-normalisers cancel to fewer than 8 digits, as :math:`-\sum_j w_j D_A(\eta_j, \sum_k w_k\eta_k)`, Bregman
-divergences of :mod:`opinionpool.families.bregman`), except that two diagonal Gaussians take their closed form in
-means and log-variance differences for every order (about the expert of the larger weight, accurate as the order
-approaches 0 or 1). Outside :math:`[0, 1]`, where the weights have opposite signs, full-covariance Gaussians use
-their closed form too and the other families
+divergences of :mod:`opinionpool.families.bregman`), except that two Gaussians take their closed form in means
+and log-variance differences (diagonal) or the eigenvalues of one covariance whitened by the other (full) for
+every order (about the expert of the larger weight, accurate as the order approaches 0 or 1). Outside
+:math:`[0, 1]`, where the weights have opposite signs, the other families
 :math:`-a\,KL(r\|p) - (1-a)\,KL(r\|q)`, :math:`r` the member at :math:`a\eta_p + (1-a)\eta_q`. Everything
 is returned in log-space where it can underflow, batched over the experts' batch shapes, and
 differentiable.
