@@ -335,9 +335,10 @@ def test_prior_expert_on_the_full_subset_only_as_in_mopoe():
 
 def test_subset_barycenters_of_standard_deviations_beyond_the_float_range():
     """float64 log-variances of -1500 and +1500 (standard deviations e^-+750, beyond the float range): the shared
-    subset path averaged the standard deviations themselves, 0 and inf, so a subset's log-variance came out -inf or
-    inf (or -1481.405 for -1480.949) where the barycenter of the same experts is finite; the reference is mpmath's
-    ``2 log(sum_j w_j s_j)`` with the weights normalised within each subset."""
+    subset path averaged the standard deviations themselves (subnormal, 0 or inf), so a subset's log-variance came
+    out -inf, inf or NaN, or -1480.019 for an expert of -1480 alone and -1480.691 for -1480.673, where the
+    barycenter of the same experts is finite; the reference is mpmath's ``2 log(sum_j w_j s_j)`` with the weights
+    normalised within each subset."""
     for logvars in ([-1500.0, -1480.0, 3.0], [1500.0, 1490.0, -2.0]):
         weights = [0.2, 0.5, 0.3]
         mu = torch.tensor([[[0.0, 1.0]], [[2.0, -1.0]], [[0.5, 0.5]]], dtype=torch.float64, requires_grad=True)
