@@ -122,7 +122,7 @@ FAR_APART = [(torch.float64, 1e-100, 1e100), (torch.float64, 1e-170, 1e170), (to
 @pytest.mark.parametrize("a", [1e-8, 0.3, 0.5, 0.8, 1.5])
 def test_chernoff_of_experts_of_far_apart_scales(dtype, s_p, s_q, a):
     """The closed form's ``log1p(a expm1(d))`` overflowed where the log-variances lie d = 2 log(s_q / s_p) > 709
-    (float64) or 88 (float32) apart: -inf for log Chernoff coefficients of -199.7 (a = 0.5, scales 1e-100 and 1e100),
+    (float64) or 88 (float32) apart: -inf for log Chernoff coefficients of -199.7 (a = 0.5, scales e^-200 and e^200),
     Rényi divergences of order 1.5 of -inf for 399.6, and NaN in float32 for scales 1e-20 and 1 (the squared
     difference of means over the variance ratio was inf / inf)."""
     tol = 1e-5 if dtype == torch.float32 else 1e-12
