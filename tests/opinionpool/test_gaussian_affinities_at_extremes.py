@@ -36,7 +36,7 @@ def _kl(mu_p, s_p, mu_q, s_q):
     return mpmath.log(s_q / s_p) + (s_p**2 + (mu_p - mu_q) ** 2) / (2 * s_q**2) - mpmath.mpf(1) / 2
 
 
-CASES = [(torch.float32, 1e-20), (torch.float32, 1e-30), (torch.float32, 1e25), (torch.float64, 1e-170),
+CASES = [(torch.float32, 1e-9), (torch.float32, 1e-30), (torch.float32, 1e25), (torch.float64, 1e-170),
          (torch.float64, 1e170)]
 
 
@@ -233,3 +233,30 @@ def test_full_gaussian_multi_chernoff_of_far_apart_scales(dtype, scales):
                                                   [e.covariance_matrix.double() for e in experts]))
         got = opinionpool.log_multi_chernoff_coefficient(experts, torch.tensor(weights, dtype=dtype))
         assert float(got) == pytest.approx(truth, rel=tol), weights
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e-8), (torch.float64, 1e-12), (torch.float64, 1e-22)])
+def test_multi_chernoff_of_a_far_sharper_lighter_expert(dtype, scale):
+    """The quadratic term took each expert's deviation from the pooled mean as its offset from the heaviest expert
+    minus the pooled one: for a far sharper expert of smaller weight that is pure rounding times its precision. Full
+    covariances at standard deviations 1e-22 and 1e22 gave -7.4e11 for -140.1 (float64), at 1e-8 and 1e8 -62.05 for
+    -49.87 (float32); the diagonal form, whose shared weights round to one there, is checked beside."""
+    from torch.distributions import MultivariateNormal
+
+    shapes = [[[2.0, 0.5], [0.5, 1.0]], [[1.0, -0.3], [-0.3, 0.5]], [[0.7, 0.2], [0.2, 1.5]]]
+    locs = [torch.tensor(m, dtype=dtype) for m in ([0.3, -0.5], [1.2, 0.7], [-0.4, 2.0])]
+    covs = [s**2 * torch.tensor(shape, dtype=dtype) for s, shape in zip((scale, 1 / scale, 1.0), shapes)]
+    tol = 1e-4 if dtype == torch.float32 else 1e-12
+    for weights in ([0.3, 0.7], [0.2, 0.5, 0.3], [0.1, 0.3, 0.6]):
+        n = len(weights)
+        diagonals = [c.diagonal() for c in covs[:n]]
+        with mpmath.workdps(200):  # the textbook form cancels the sharp expert's 1 / scale^2 against the pooled one
+            truth = float(_mvn_log_multi_chernoff(weights, [m.double() for m in locs[:n]], [c.double() for c in covs[:n]]))
+            truth_diagonal = float(_mvn_log_multi_chernoff(weights, [m.double() for m in locs[:n]],
+                                                           [torch.diag(v).double() for v in diagonals]))
+        w = torch.tensor(weights, dtype=dtype)
+        full = opinionpool.log_multi_chernoff_coefficient([MultivariateNormal(m, c) for m, c in zip(locs, covs[:n])], w)
+        diagonal = opinionpool.log_multi_chernoff_coefficient([Independent(Normal(m, v.sqrt()), 1)
+                                                               for m, v in zip(locs, diagonals)], w)
+        assert float(full) == pytest.approx(truth, rel=tol), weights
+        assert float(diagonal) == pytest.approx(truth_diagonal, rel=tol), weights
