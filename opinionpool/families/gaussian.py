@@ -410,7 +410,7 @@ class MultivariateNormalFamily(ExponentialFamily):
         mean = reference.squeeze(k) + shift
         # the deviations from the mean as mu_j - mean = P^-1 sum_i w_i P_i (mu_j - mu_i), from differences of means
         # (O(S^2), S small): as offset - shift, a far sharper expert of smaller weight had one of pure rounding times its
-        # precision (-7.4e11 for -140.6 at standard deviations 1e-22 and 1e22). The symmetric pairwise form
+        # precision (-7.4e11 for -140.1 at standard deviations 1e-22 and 1e22). The symmetric pairwise form
         # 1/2 sum_ij d_ij^T w_i P_i P^-1 w_j P_j d_ij holds only for commuting precisions.
         pair = (w > 0).unsqueeze(-1) & (w > 0).unsqueeze(-2)
         apart = torch.where(pair[..., None], loc.unsqueeze(k) - loc.unsqueeze(k + 1), torch.zeros((), dtype=loc.dtype))
