@@ -27,7 +27,7 @@ from torch.distributions import Beta, Dirichlet, Exponential, Gamma, VonMises, c
 
 from .._validation import check_positive
 from ..constants import LOG_2PI
-from .base import ExponentialFamily, edge_product, newton_inverse, weighted_sum
+from .base import ExponentialFamily, edge_product, weighted_sum
 
 __all__ = ["ExponentialDistFamily", "GammaFamily", "BetaFamily", "DirichletFamily", "VonMisesFamily"]
 
@@ -184,17 +184,17 @@ class GammaFamily(ExponentialFamily):
         experts' scale, the Jacobian's ``a / rate^2`` underflowed beyond rates of 1e154 or so and the solve failed).
         In float64 whatever the dtype (``E[log x] - log E[x]`` cancels); the rate divided in log space, so that its
         gradient stays finite where ``E[x]^2`` underflows."""
-        if init is None:
-            raise ValueError(f"{self.name}: natural_from_mean needs an initial natural parameter `init`, got init=None")
         mean = mean_params[..., 1:].detach()
-        if not bool(((mean > 0) & (mean < math.inf)).all()):
+        invalid = ~((mean > 0) & (mean < math.inf))
+        if bool(invalid.any()):
             raise ValueError(f"{self.name}: natural_from_mean needs a positive finite mean E[x] (mean_params[..., 1]), "
-                             f"got {mean[~((mean > 0) & (mean < math.inf))].flatten()[:3].tolist()}")
+                             f"got {mean[invalid].flatten()[:3].tolist()}")
         wide = mean_params.to(torch.float64)
         log_scale = torch.log(wide[..., 1:])
         unit = torch.cat((wide[..., :1] - log_scale, torch.ones_like(log_scale)), dim=-1)
-        init = init.to(torch.float64) * torch.cat((torch.ones_like(log_scale), log_scale.detach().exp()), dim=-1)
-        natural = newton_inverse(self, unit, init, tol=tol, max_iter=max_iter)
+        if init is not None:  # (the base class names a missing one)
+            init = init.to(torch.float64) * torch.cat((torch.ones_like(log_scale), log_scale.detach().exp()), dim=-1)
+        natural = super().natural_from_mean(unit, init, tol=tol, max_iter=max_iter)
         rate = torch.exp(torch.log(-natural[..., 1:]) - log_scale)
         return torch.cat((natural[..., :1], -rate), dim=-1).to(mean_params.dtype)
 
