@@ -41,7 +41,7 @@ from applications.multimodal_vae.networks import make_networks  # noqa: E402
 from doc_tables import splice_file  # noqa: E402
 from measure import provenance, saved_tensor_bytes, verdict  # noqa: E402
 
-__all__ = ["main", "MODELS", "RATIO_TARGETS", "build", "step", "batch", "memory_mib", "sweep_cost"]
+__all__ = ["main", "MODELS", "RATIO_TARGETS", "build", "step", "batch", "memory_mib", "cuda_peak_bytes", "sweep_cost"]
 
 #: label -> (model, options)
 MODELS = {
@@ -96,17 +96,26 @@ def batch(size, device, modalities=5):
     return torch.rand(size, modalities, 3, 28, 28, generator=torch.Generator().manual_seed(1)).to(device)
 
 
+def cuda_peak_bytes(run) -> int:
+    """The CUDA allocator's peak while ``run()`` runs, beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
 def memory_mib(label, args) -> float:
     """Training memory of ``label`` alone (MiB): CUDA peak, or CPU saved activations."""
     model, optimizer = build(label, args.latent, args.device)
     x = batch(args.batch, args.device)
     if args.device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        for _ in range(3):
-            step(model, optimizer, x, torch.cuda.synchronize)
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
+        def three_steps():
+            for _ in range(3):
+                step(model, optimizer, x, torch.cuda.synchronize)
+
+        return cuda_peak_bytes(three_steps) / 2**20
     return saved_tensor_bytes(lambda: model(x)["loss"]) / 2**20
 
 
@@ -160,11 +169,7 @@ def sweep_cost(preset: str, repeats: int, warmup: int, overrides=(), train_examp
     peak = {}
     if cuda:  # one label at a time: a step's activations (its weights, gradients and moments are resident before)
         for label, (model, optimizer, autocast) in built.items():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            step(model, optimizer, x, sync, autocast)
-            peak[label] = (torch.cuda.max_memory_allocated() - before) / 2**30
+            peak[label] = cuda_peak_bytes(lambda m=model, o=optimizer, a=autocast: step(m, o, x, sync, a)) / 2**30
     where = "" if cuda else f"{torch.get_num_threads()} thread(s) per process, "
     precisions = sorted({config.train.precision for config in configs.values()})
     lines = [f"`{preset}`: {measured}; {where}batch {first.train.batch_size}, {'/'.join(precisions)}; median of "

@@ -59,12 +59,13 @@ def provenance(device: str = "cpu") -> str:
     ``OPINIONPOOL_COMMIT`` where set, marked as stated, for a copy of the tree without its repository), the
     processor and its core count, or the GPU for a CUDA device, and torch's version."""
     stated = os.environ.get("OPINIONPOOL_COMMIT")
-    commit = _git("rev-parse", "--short", "HEAD")
     if stated:  # a copy of the tree whose .git is missing or stale (a GPU machine's copy)
         commit = f"{stated} (as stated by OPINIONPOOL_COMMIT)"
-    # the pages the tables are spliced into do not change what is measured
-    elif commit and _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"):
-        commit += " with uncommitted changes"
+    else:
+        commit = _git("rev-parse", "--short", "HEAD")
+        # the pages the tables are spliced into do not change what is measured
+        if commit and _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"):
+            commit += " with uncommitted changes"
     commit = commit or "unknown commit"
     machine = (torch.cuda.get_device_name() if str(device).startswith("cuda")
                else f"{_processor()}, {os.cpu_count()} cores")
