@@ -6,7 +6,8 @@ axis, broadcastable, may require grad) and a boolean ``mask`` of present experts
 ``mu`` minus its last dimension (``False`` = a missing modality for that sample). ``prior_expert=True``
 appends a standard-normal expert that is always present, so samples with no observed modality are
 allowed. The math is the object API's (``opinionpool.holder``) for diagonal Gaussians, shared code,
-without the wrapping.
+without the wrapping. ``moe`` also mixes diagonal Laplace experts (``LaplaceMixture``), the posteriors of the
+MMVAE and MMVAE+ code.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numbers
 from typing import NamedTuple
 
 import torch
-from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
+from torch.distributions import Categorical, Independent, Laplace, MixtureSameFamily, Normal
 
 from ._chunks import by_rows
 from ._hellinger import hellinger_moments, kept_partners, pair_components, pairs_of, standing_in, values_readable
@@ -51,20 +52,42 @@ from .pool import (
 )
 
 __all__ = [
-    "GaussianMixture", "holder", "hellinger", "holder_mixture", "holder_mixture_members", "moe", "poe",
+    "GaussianMixture", "LaplaceMixture", "MIXTURE_FAMILIES", "holder", "hellinger", "holder_mixture",
+    "holder_mixture_members", "moe", "poe",
     "wasserstein_barycenter",
     "log_bhattacharyya", "subset_mixture", "all_subsets", "exact_order", "DEFAULT_MAX_COMPONENTS",
     "DEFAULT_MAX_SUBSETS", "OFFSET_ROUNDING", "diag_gaussian_log_prob", "diag_gaussian_kl",
+    "diag_laplace_log_prob", "standard_laplace",
 ]
 
 #: the default cap on the number of subsets of ``subset_mixture`` (``2^M - 1`` for all subsets of ``M`` experts)
 DEFAULT_MAX_SUBSETS = 2**16
+#: the component families of ``moe``: ``"normal"`` (``GaussianMixture``) and ``"laplace"`` (``LaplaceMixture``)
+MIXTURE_FAMILIES = ("normal", "laplace")
+SQRT_HALF = math.sqrt(0.5)
 
 
 def diag_gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """``log N(z; mu, diag(exp(logvar)))`` summed over the latent (last) axis; the arguments broadcast. Zeros for
     ``mu`` and ``logvar`` give the standard-normal prior."""
     return normal_log_density(z, mu, logvar).sum(-1)
+
+
+def diag_laplace_log_prob(z: torch.Tensor, loc: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """``log Laplace(z; loc, b)`` summed over the latent (last) axis, the scale given by the log-*variance*
+    ``logvar = log(2 b^2)``: ``-(log 2 + logvar) / 2 - sqrt(2) |z - loc| exp(-logvar / 2)``, with no ``exp`` of
+    ``logvar`` that could overflow before the product. The arguments broadcast."""
+    return (-0.5 * (math.log(2.0) + logvar) - math.sqrt(2.0) * (z - loc).abs() * torch.exp(-0.5 * logvar)).sum(-1)
+
+
+def standard_laplace(shape, *, dtype=None, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draws of ``Laplace(0, 1)`` (variance 2) of ``shape`` by inversion, as ``torch.distributions.Laplace``
+    draws them (one uniform on ``[eps - 1, 1)`` per draw, the same stream for the same seed), with a
+    ``generator``, which that class does not take."""
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    uniform = torch.empty(shape, dtype=dtype, device=device).uniform_(torch.finfo(dtype).eps - 1, 1,
+                                                                        generator=generator)
+    return -uniform.sign() * torch.log1p(-uniform.abs())
 
 
 def diag_gaussian_kl(mu_p: torch.Tensor, logvar_p: torch.Tensor, mu_q: torch.Tensor,
@@ -74,20 +97,26 @@ def diag_gaussian_kl(mu_p: torch.Tensor, logvar_p: torch.Tensor, mu_q: torch.Ten
     return normal_kl(mu_p, logvar_p, mu_q, logvar_q).sum(-1)
 
 
-class GaussianMixture(NamedTuple):
-    """A diagonal-Gaussian mixture: ``log_weights (..., K)``, ``loc`` and ``logvar`` ``(..., K, D)``.
-
-    Components with weight zero (``log_weights = -inf``, e.g. masked experts) are never sampled and add
-    nothing to the density."""
-
+class _MixtureParameters(NamedTuple):
     log_weights: torch.Tensor
     loc: torch.Tensor
     logvar: torch.Tensor
 
+
+class _DiagonalMixture(_MixtureParameters):
+    """What mixtures of diagonal location-scale components share: ``log_weights (..., K)``, each component's
+    ``loc`` and log-variance ``logvar`` ``(..., K, D)``, the density by log-sum-exp over components, the
+    moment-matched Gaussian (which needs only the components' means and variances) and reparameterised draws
+    (``loc + exp(logvar / 2) * noise`` with the family's unit-variance noise). Components with weight zero
+    (``log_weights = -inf``, e.g. masked experts) are never sampled and add nothing to the density. A family
+    defines ``_component_log_prob(z)`` (every component's log-density at ``z`` ``(..., 1, D)``) and
+    ``_unit_noise(shape, dtype, device, generator)``."""
+
+    __slots__ = ()
+
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Log-density at ``z`` ``(sample..., ..., D)`` -> ``(sample..., ...)`` (log-sum-exp over components)."""
-        components = diag_gaussian_log_prob(z.unsqueeze(-2), self.loc, self.logvar)
-        return torch.logsumexp(self.log_weights + components, -1)
+        return torch.logsumexp(self.log_weights + self._component_log_prob(z.unsqueeze(-2)), -1)
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean, logvar)`` ``(..., D)`` of the moment-matched diagonal Gaussian: the mixture's mean and its
@@ -103,6 +132,36 @@ class GaussianMixture(NamedTuple):
     def variance(self) -> torch.Tensor:
         """The mixture's marginal variances ``(..., D)`` (law of total variance)."""
         return self.moments()[1].exp()
+
+    def sample(self, sample_shape=(), generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reparameterised within the chosen component: ``sample_shape + batch + (D,)``."""
+        sample_shape = torch.Size(sample_shape)
+        batch, (k, d) = self.log_weights.shape[:-1], self.loc.shape[-2:]
+        count = max(sample_shape.numel(), 1)
+        probs = torch.softmax(self.log_weights.detach(), -1).reshape(-1, k)
+        index = torch.multinomial(probs, count, replacement=True, generator=generator)  # (prod(batch), S)
+        index = index.T.reshape(sample_shape + batch)
+        gather = index.unsqueeze(-1).unsqueeze(-1).expand(sample_shape + batch + (1, d))
+        loc = self.loc.expand(sample_shape + self.loc.shape).gather(-2, gather).squeeze(-2)
+        logvar = self.logvar.expand(sample_shape + self.logvar.shape).gather(-2, gather).squeeze(-2)
+        noise = self._unit_noise(loc.shape, loc.dtype, loc.device, generator)
+        return loc + torch.exp(0.5 * logvar) * noise
+
+
+class GaussianMixture(_DiagonalMixture):
+    """A diagonal-Gaussian mixture: ``log_weights (..., K)``, ``loc`` and ``logvar`` ``(..., K, D)``.
+
+    Components with weight zero (``log_weights = -inf``, e.g. masked experts) are never sampled and add
+    nothing to the density."""
+
+    __slots__ = ()
+
+    def _component_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return diag_gaussian_log_prob(z, self.loc, self.logvar)
+
+    @staticmethod
+    def _unit_noise(shape, dtype, device, generator) -> torch.Tensor:
+        return torch.randn(shape, dtype=dtype, device=device, generator=generator)
 
     def entropy_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         r"""``(lower, upper)`` bounds ``(...)`` of the mixture's differential entropy (no closed form exists).
@@ -146,19 +205,26 @@ class GaussianMixture(NamedTuple):
         components = Independent(Normal(self.loc, torch.exp(0.5 * self.logvar)), 1)
         return MixtureSameFamily(Categorical(logits=self.log_weights), components)
 
-    def sample(self, sample_shape=(), generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reparameterised within the chosen component: ``sample_shape + batch + (D,)``."""
-        sample_shape = torch.Size(sample_shape)
-        batch, (k, d) = self.log_weights.shape[:-1], self.loc.shape[-2:]
-        count = max(sample_shape.numel(), 1)
-        probs = torch.softmax(self.log_weights.detach(), -1).reshape(-1, k)
-        index = torch.multinomial(probs, count, replacement=True, generator=generator)  # (prod(batch), S)
-        index = index.T.reshape(sample_shape + batch)
-        gather = index.unsqueeze(-1).unsqueeze(-1).expand(sample_shape + batch + (1, d))
-        loc = self.loc.expand(sample_shape + self.loc.shape).gather(-2, gather).squeeze(-2)
-        logvar = self.logvar.expand(sample_shape + self.logvar.shape).gather(-2, gather).squeeze(-2)
-        noise = torch.randn(loc.shape, dtype=loc.dtype, device=loc.device, generator=generator)
-        return loc + torch.exp(0.5 * logvar) * noise
+
+class LaplaceMixture(_DiagonalMixture):
+    """A mixture of diagonal Laplace distributions, parameterised as ``GaussianMixture`` is: ``log_weights
+    (..., K)``, each component's location ``loc`` and log-*variance* ``logvar`` ``(..., K, D)`` (a Laplace of
+    scale ``b`` has variance ``2 b^2``), so that ``moments`` is the same law of total variance. The MMVAE and
+    MMVAE+ code's posteriors are such mixtures (``moe(..., family="laplace")``)."""
+
+    __slots__ = ()
+
+    def _component_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return diag_laplace_log_prob(z, self.loc, self.logvar)
+
+    @staticmethod
+    def _unit_noise(shape, dtype, device, generator) -> torch.Tensor:
+        return standard_laplace(shape, dtype=dtype, device=device, generator=generator) * SQRT_HALF
+
+    def to_distribution(self) -> MixtureSameFamily:
+        """The mixture as a ``torch.distributions.MixtureSameFamily`` of diagonal Laplaces (event ``(D,)``)."""
+        components = Independent(Laplace(self.loc, torch.exp(0.5 * self.logvar) * SQRT_HALF), 1)
+        return MixtureSameFamily(Categorical(logits=self.log_weights), components)
 
 
 def _layout(mu, logvar, dim):
@@ -329,12 +395,19 @@ def hellinger(mu, logvar, **kwargs):
     return holder(mu, logvar, 0.5, **kwargs)
 
 
-def moe(mu, logvar, *, dim=0, weights=None, mask=None, prior_expert=False, validate_args=None) -> GaussianMixture:
-    """The mixture of experts: components are the present experts with the normalised weights."""
+def moe(mu, logvar, *, dim=0, weights=None, mask=None, prior_expert=False, family="normal",
+        validate_args=None) -> GaussianMixture | LaplaceMixture:
+    """The mixture of experts: components are the present experts with the normalised weights. ``family``: the
+    experts' (one of ``MIXTURE_FAMILIES``), ``"normal"`` (a ``GaussianMixture``) or ``"laplace"`` (a
+    ``LaplaceMixture``, ``logvar`` the experts' log-variances); the prior expert is of the experts' family, of
+    location 0 and log-variance 0."""
+    if family not in MIXTURE_FAMILIES:
+        raise ValueError(f"family must be one of {MIXTURE_FAMILIES}, got {family!r}")
     validate = validation_enabled(validate_args)
     mu, logvar, mask, m = _prepare(mu, logvar, dim, weights, mask, prior_expert, validate)
     log_weights = _log_weights(weights, m, mask, mu)
-    return GaussianMixture(log_weights.expand(mu.shape[:-1]), mu, logvar)
+    mixture = GaussianMixture if family == "normal" else LaplaceMixture
+    return mixture(log_weights.expand(mu.shape[:-1]), mu, logvar)
 
 
 def poe(mu, logvar, *, dim=0, weights=None, mask=None, prior_expert=False, validate_args=None):
