@@ -62,9 +62,12 @@ class ModelConfig:
     estimator: str = "elbo"
     #: MMVAE+: size of each modality-specific latent (latent_dim is the shared one)
     private_dim: int = 0
-    #: "free" (the encoders give log-variances) or "softmax" (MMVAE's and MMVAE+'s code: standard deviations
-    #: softmax(out) * n + 1e-6 over the n shared and, separately, the n private coordinates)
+    #: "free" (the encoders give log-variances) or "softmax" (MMVAE's and MMVAE+'s code: scales (standard
+    #: deviations, Laplace b) softmax(out) * n + 1e-6 over the n shared and, separately, the n private coordinates)
     posterior_scale: str = "free"
+    #: the latent posteriors' and prior's family: "normal" (N(0, I) prior) or, for MMVAE and MMVAE+, "laplace" (their
+    #: code's Laplace posteriors and Laplace(0, 1) prior)
+    latent_family: str = "normal"
     #: with private_dim > 0, one weight per modality of its private latent's KL (MoPoE's style_weights; its CelebA
     #: code gives image 1, text 2); None: all 1
     private_kl_weights: list[float] | None = None
@@ -287,7 +290,7 @@ def _check(config) -> None:
     try:
         check_options(model.name, model.alpha, model.learnable_weights, model.num_samples, model.estimator,
                       model.likelihood, model.likelihood_scale, model.private_dim, model.posterior_scale,
-                      model.private_kl_weights)
+                      model.private_kl_weights, model.latent_family)
     except ValueError as error:
         raise ValueError(f"invalid model options: {error}") from None
     weights = model.private_kl_weights

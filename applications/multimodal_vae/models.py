@@ -34,7 +34,8 @@ class ModelSpec:
         aggregator: the pooling of unimodal posteriors ``(mu, logvar, dim=, mask=, ...)``.
         objective: a function of ``objectives`` (``(x, present, mu, logvar, decoders, likelihood, aggregate, ...)``).
         posterior: what the aggregator pools into: ``"gaussian"`` (a mean and log-variance), ``"mixture"`` (a
-            ``GaussianMixture``), ``"subsets"`` (a Gaussian per modality subset, mixed by ``subset_mixture``).
+            ``GaussianMixture``, a ``LaplaceMixture`` for Laplace latents), ``"subsets"`` (a Gaussian per modality
+            subset, mixed by ``subset_mixture``).
         aggregator_doc, objective_doc: the model's row in the module's table.
         exact_alpha: the aggregator takes ``alpha``, which must be 0 or 1/n (an exact pool).
         weighted: the aggregator takes (learnable) pooling weights over the modalities.
@@ -46,6 +47,8 @@ class ModelSpec:
         components: the objective takes ``members``, which experts make each component of the exact pool
             (``opinionpool.functional.holder_mixture_members``; ``exact_alpha`` models).
         top_down: the private posteriors are ``q(w_m | x_m, z)`` (``TopDownPrivate``; ``private`` models).
+        laplace: the model takes ``latent_family="laplace"`` (Laplace posteriors and prior, as in the MMVAE and
+            MMVAE+ code): its aggregator takes the experts' ``family`` and its objective the ``latent`` family.
     """
 
     aggregator: Callable
@@ -61,6 +64,7 @@ class ModelSpec:
     components: bool = False
     top_down: bool = False
     optional_private: bool = False
+    laplace: bool = False
 
     def __post_init__(self):
         if self.posterior not in POSTERIORS:
@@ -79,7 +83,9 @@ class ModelSpec:
         mixtures (MoPoE's scheme: every modality from its own posterior) never do."""
         return self.posterior == "mixture"
 
-    def make_aggregator(self, alpha: float) -> Callable:
+    def make_aggregator(self, alpha: float, latent_family: str = "normal") -> Callable:
+        if self.laplace:
+            return functools.partial(self.aggregator, family=latent_family)
         return functools.partial(self.aggregator, alpha=alpha) if self.exact_alpha else self.aggregator
 
 
@@ -105,10 +111,10 @@ MODELS: dict[str, ModelSpec] = {
                         "``wasserstein_barycenter`` on every subset", "``subset_mixture_elbo``",
                         optional_private=True),
     "mmvae": ModelSpec(opf.moe, objectives.mmvae_objective, "mixture",
-                       "``moe``", "``mmvae_objective`` (ELBO, IWAE, DReG)", multi_sample=True),
+                       "``moe``", "``mmvae_objective`` (ELBO, IWAE, DReG)", multi_sample=True, laplace=True),
     "mmvaeplus": ModelSpec(opf.moe, objectives.mmvae_plus_objective, "mixture",
                            "``moe`` on the shared latent", "``mmvae_plus_objective`` (+ private latents)",
-                           multi_sample=True, private=True),
+                           multi_sample=True, private=True, laplace=True),
     "holder_stratified": ModelSpec(opf.holder_mixture, objectives.stratified_mixture_elbo, "mixture",
                                    "``holder_mixture(alpha)``, the exact pool",
                                    "``stratified_mixture_elbo`` (every component, weighted)", exact_alpha=True,
@@ -183,9 +189,10 @@ SOFTMAX_SCALE_FLOOR = 1e-6
 def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = False, num_samples: int = 1,
                   estimator: str = "elbo", likelihood: str = "laplace",
                   likelihood_scale: float = objectives.LAPLACE_SCALE, private_dim: int = 0,
-                  posterior_scale: str = "free", private_kl_weights=None) -> None:
+                  posterior_scale: str = "free", private_kl_weights=None, latent_family: str = "normal") -> None:
     """Raise ``ValueError`` naming the option when the combination is not a model this module builds."""
     objectives.Likelihood.check(likelihood, likelihood_scale)
+    objectives.LatentFamily(latent_family)
     if posterior_scale not in POSTERIOR_SCALES:
         raise ValueError(f"posterior_scale must be one of {POSTERIOR_SCALES}, got {posterior_scale!r}")
     if model not in MODELS:
@@ -211,6 +218,9 @@ def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = Fals
     if not spec.multi_sample and (num_samples != 1 or estimator != "elbo"):
         raise ValueError(f"num_samples and estimator apply to {_models_with('multi_sample')}; model={model!r} got "
                          f"num_samples={num_samples!r}, estimator={estimator!r}")
+    if latent_family != "normal" and not spec.laplace:
+        raise ValueError(f"latent_family={latent_family!r} goes with the models {_models_with('laplace')} (every other "
+                         f"model pools or bounds normal posteriors in closed form); model={model!r}")
     if private_kl_weights is not None:
         _check_private_kl_weights(model, spec, private_dim, private_kl_weights)
 
@@ -227,25 +237,27 @@ def _check_private_kl_weights(model: str, spec: ModelSpec, private_dim: int, wei
             raise ValueError(f"private_kl_weights must be finite non-negative numbers, got {list(weights)!r}")
 
 
-def _softmax_log_variance(out: torch.Tensor) -> torch.Tensor:
-    """``2 log(softmax(out) * n + SOFTMAX_SCALE_FLOOR)`` over the last axis of ``n`` coordinates, from the
-    log-softmax (no ``log`` of an underflowed softmax): the log-variance of the MMVAE code's standard deviations."""
+def _softmax_log_variance(out: torch.Tensor, latent: objectives.LatentFamily) -> torch.Tensor:
+    """The log-variance of posteriors of the MMVAE code's scales ``softmax(out) * n + SOFTMAX_SCALE_FLOOR`` over the
+    last axis of ``n`` coordinates (standard deviations of a normal, ``b`` of a Laplace), their log from the
+    log-softmax (no ``log`` of an underflowed softmax)."""
     n = out.shape[-1]
-    return 2 * torch.logaddexp(torch.log_softmax(out, -1) + math.log(n),
-                               torch.full((), math.log(SOFTMAX_SCALE_FLOOR), dtype=out.dtype, device=out.device))
+    log_scale = torch.logaddexp(torch.log_softmax(out, -1) + math.log(n),
+                                torch.full((), math.log(SOFTMAX_SCALE_FLOOR), dtype=out.dtype, device=out.device))
+    return latent.log_variance(log_scale)
 
 
 class PrivateLatent(nn.Module):
     """A decoder of ``(z, w)``: the shared latent and a modality-specific one of size ``private_dim``; given ``z``
-    alone (generation), ``w`` is drawn from its standard-normal prior."""
+    alone (generation), ``w`` is drawn from its prior (of the ``latent`` family, default ``N(0, I)``)."""
 
-    def __init__(self, decoder: nn.Module, private_dim: int):
+    def __init__(self, decoder: nn.Module, private_dim: int, latent: objectives.LatentFamily = objectives.NORMAL):
         super().__init__()
-        self.decoder, self.private_dim = decoder, private_dim
+        self.decoder, self.private_dim, self.latent = decoder, private_dim, latent
 
     def forward(self, z: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         if w is None:
-            w = torch.randn(z.shape[:-1] + (self.private_dim,), dtype=z.dtype, device=z.device)
+            w = self.latent.prior_sample(z.shape[:-1] + (self.private_dim,), dtype=z.dtype, device=z.device)
         return self.decoder(torch.cat([z, w], -1))
 
 
@@ -303,6 +315,9 @@ class MultimodalVAE(nn.Module):
             private coordinates; ``POSTERIOR_SCALES``).
         private_kl_weights: one weight per modality of its modality-specific latent's KL (MoPoE's
             ``style_weights``; ``None``: all 1), for the models whose spec is ``optional_private``.
+        latent_family: the posteriors' and prior's family (``objectives.LatentFamily``): ``"normal"``, or for the
+            models whose spec is ``laplace`` (MMVAE, MMVAE+) ``"laplace"``, their code's Laplace posteriors, prior
+            ``Laplace(0, 1)`` and Laplace auxiliary distributions.
 
     Under autocast the networks run in reduced precision; the aggregation, the KL and the log-likelihoods are
     computed in float32 (or float64 for a float64 model).
@@ -312,11 +327,12 @@ class MultimodalVAE(nn.Module):
                  alpha: float = 0.5, learnable_weights: bool = False, modalities=None,
                  num_samples: int = 1, estimator: str = "elbo", likelihood: str = "laplace",
                  likelihood_scale: float = objectives.LAPLACE_SCALE, private_dim: int = 0,
-                 latent_dim: int | None = None, posterior_scale: str = "free", private_kl_weights=None):
+                 latent_dim: int | None = None, posterior_scale: str = "free", private_kl_weights=None,
+                 latent_family: str = "normal"):
         super().__init__()
         check_options(model, alpha, learnable_weights, num_samples, estimator, likelihood, likelihood_scale,
-                      private_dim, posterior_scale, private_kl_weights)
-        self.posterior_scale = posterior_scale
+                      private_dim, posterior_scale, private_kl_weights, latent_family)
+        self.posterior_scale, self.latent = posterior_scale, objectives.LatentFamily(latent_family)
         if len(encoders) != len(decoders):
             raise ValueError(f"{len(encoders)} encoders but {len(decoders)} decoders; they must pair up")
         if private_kl_weights is not None and len(private_kl_weights) != len(encoders):
@@ -329,7 +345,7 @@ class MultimodalVAE(nn.Module):
         self.spec = spec = MODELS[model]
         self.auxiliary_logits = None
         if self.private_dim:
-            decoders = nn.ModuleList(PrivateLatent(decoder, self.private_dim) for decoder in decoders)
+            decoders = nn.ModuleList(PrivateLatent(decoder, self.private_dim, self.latent) for decoder in decoders)
             if spec.auxiliary:  # MMVAE+'s auxiliary distributions of the modality-specific latents
                 self.auxiliary_logits = nn.Parameter(torch.zeros(len(encoders), self.private_dim))
         self.encoders, self.decoders = encoders, decoders
@@ -348,8 +364,10 @@ class MultimodalVAE(nn.Module):
             objective = functools.partial(objective, private_dim=self.private_dim)
         if spec.components:
             objective = functools.partial(objective, members=opf.holder_mixture_members(len(encoders), alpha))
+        if spec.laplace:
+            objective = functools.partial(objective, latent=self.latent)
         self.objective = objective
-        self._aggregator = spec.make_aggregator(alpha)
+        self._aggregator = spec.make_aggregator(alpha, latent_family)
         self.pool_logits = nn.Parameter(torch.zeros(len(encoders))) if learnable_weights else None
         if modalities is None:
             weights, text = torch.ones(len(encoders)), None
@@ -429,11 +447,10 @@ class MultimodalVAE(nn.Module):
         if not self.private_dim:
             return decoder(z)
         shape = z.shape[:-1] + (self.private_dim,)
-        w = torch.randn(shape, generator=generator, dtype=z.dtype, device=z.device)
+        w = self.latent.prior_sample(shape, generator=generator, dtype=z.dtype, device=z.device)
         if given is not None and private is not None:
             mu, logvar = self.private_given(private, target, z)
-            own = mu + torch.exp(0.5 * logvar) * torch.randn(shape, generator=generator, dtype=z.dtype,
-                                                             device=z.device) if sample else mu
+            own = self.latent.rsample(mu, logvar, generator) if sample else mu
             w = torch.where(given[target].unsqueeze(-1), own.to(z.dtype), w)
         return decoder(z, w)
 
@@ -452,7 +469,7 @@ class MultimodalVAE(nn.Module):
         mu, logvar = objectives.full_precision(mu), objectives.full_precision(logvar)
         if self.posterior_scale == "softmax":
             parts = logvar.split([logvar.shape[-1] - self.private_dim, self.private_dim], -1)
-            logvar = torch.cat([_softmax_log_variance(part) for part in parts if part.shape[-1]], -1)
+            logvar = torch.cat([_softmax_log_variance(part, self.latent) for part in parts if part.shape[-1]], -1)
         return mu, logvar
 
     def auxiliary_scale(self) -> torch.Tensor:

@@ -20,10 +20,11 @@ from torch import nn
 import opinionpool.functional as opf
 from opinionpool.constants import LOG_2PI
 
-__all__ = ["ESTIMATORS", "LAPLACE_SCALE", "Likelihood", "Terms", "categorical_log_likelihood", "full_precision",
+__all__ = ["ESTIMATORS", "LAPLACE_SCALE", "LATENT_FAMILIES", "NORMAL", "categorical_log_likelihood", "full_precision",
            "holder_plus_objective", "joint_elbo", "kl_to_standard_normal", "laplace_log_likelihood", "mixture_elbo",
            "mmvae_objective", "mmvae_plus_objective", "mmvm_objective", "mvae_elbo", "normal_image_log_likelihood",
-           "reparameterise", "standard_normal_log_prob", "stratified_mixture_elbo", "subset_mixture_elbo"]
+           "reparameterise", "standard_normal_log_prob", "stratified_mixture_elbo", "subset_mixture_elbo", "LatentFamily",
+           "Likelihood", "Terms"]
 
 LAPLACE_SCALE = 0.75
 
@@ -131,6 +132,56 @@ def reparameterise(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
 
+#: the families of the latent posteriors and prior (``model.latent_family``)
+LATENT_FAMILIES = opf.MIXTURE_FAMILIES
+
+
+class LatentFamily:
+    """The family of the latent posteriors and of the prior: ``"normal"`` (posteriors ``N(mu, exp(logvar))``,
+    prior ``N(0, I)``) or ``"laplace"`` (the MMVAE and MMVAE+ code's: diagonal Laplace posteriors, ``logvar``
+    their log-variances, and the fixed prior ``Laplace(0, 1)``, of variance 2 per coordinate). A *scale* is the
+    unit in which that code states its posteriors' and auxiliary distributions' spreads: the standard deviation
+    of a normal, ``b`` of a Laplace."""
+
+    def __init__(self, name: str = "normal"):
+        if name not in LATENT_FAMILIES:
+            raise ValueError(f"latent_family must be one of {LATENT_FAMILIES}, got {name!r}")
+        self.name = name
+        self._log_prob = opf.diag_gaussian_log_prob if name == "normal" else opf.diag_laplace_log_prob
+        # log(variance / scale^2): 0 for a normal, log 2 for a Laplace
+        self._log_variance_per_scale = 0.0 if name == "normal" else math.log(2.0)
+
+    def __repr__(self) -> str:
+        return f"LatentFamily({self.name!r})"
+
+    def log_prob(self, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """The posterior's log-density, summed over the latent axis; the arguments broadcast."""
+        return self._log_prob(z, mu, logvar)
+
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """The prior's log-density, summed over the latent axis."""
+        return self._log_prob(z, z.new_zeros(()), z.new_full((), self._log_variance_per_scale))
+
+    def prior_sample(self, shape, *, dtype=None, device=None, generator: torch.Generator | None = None):
+        """Draws of the prior (of scale 1) of ``shape``."""
+        if self.name == "normal":
+            return torch.randn(shape, dtype=dtype, device=device, generator=generator)
+        return opf.standard_laplace(shape, dtype=dtype, device=device, generator=generator)
+
+    def rsample(self, mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None):
+        """A reparameterised draw of the posterior of the shape of ``mu``."""
+        noise = self.prior_sample(mu.shape, dtype=mu.dtype, device=mu.device, generator=generator)
+        return mu + torch.exp(0.5 * (logvar - self._log_variance_per_scale)) * noise
+
+    def log_variance(self, log_scale: torch.Tensor) -> torch.Tensor:
+        """The log-variance of a posterior of scale ``exp(log_scale)``."""
+        return 2 * log_scale + self._log_variance_per_scale
+
+
+#: the default family: the normal posteriors and the ``N(0, I)`` prior of every model
+NORMAL = LatentFamily("normal")
+
+
 def joint_elbo(x, present, mu, logvar, decoders, likelihood, aggregate, private_dim=0,
                private_kl_weights=None) -> Terms:
     """HELVAE, the moment-matched Hölder VAEs and WB-VAE: one ELBO with the aggregated Gaussian posterior.
@@ -227,7 +278,7 @@ ESTIMATORS = ("elbo", "iwae", "dreg")
 
 
 def mmvae_objective(x, present, mu, logvar, decoders, likelihood, aggregate, beta=1.0, num_samples=1,
-                    estimator="elbo") -> Terms:
+                    estimator="elbo", latent=NORMAL) -> Terms:
     """MMVAE, stratified: for every present modality ``m``, ``K = num_samples`` draws ``z_k ~ q_m`` reconstruct all
     present modalities, with log-weights ``log w_k = log p(X|z_k) + beta (log p(z_k) - log q(z_k|X))`` where
     ``q(z|X)`` is the mixture of the present unimodal posteriors (``aggregate`` = ``opinionpool.functional.moe``).
@@ -239,9 +290,11 @@ def mmvae_objective(x, present, mu, logvar, decoders, likelihood, aggregate, bet
       inside ``log q``, the decoder gradient is weighted by the normalised weights and the path through ``z`` by
       their square. Its ``objective`` is a surrogate with that gradient; ``reconstruction`` and ``kl`` are the
       sample means of ``log p(X|z)`` and ``log q(z|X) - log p(z)`` in every case.
+
+    ``latent``: the posteriors' and prior's ``LatentFamily`` (``aggregate`` must pool that family).
     """
     return mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate, beta, num_samples, estimator,
-                                private_dim=0)
+                                private_dim=0, latent=latent)
 
 
 def _check_estimator(estimator: str, num_samples: int) -> None:
@@ -271,15 +324,16 @@ def _bound(log_w: torch.Tensor, estimator: str, latents) -> torch.Tensor:
 
 
 def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate, beta=1.0, num_samples=1,
-                         estimator="elbo", private_dim=1, auxiliary_scale=None) -> Terms:
+                         estimator="elbo", private_dim=1, auxiliary_scale=None, latent=NORMAL) -> Terms:
     """MMVAE+ (Palumbo et al., 2023): every posterior is over a shared ``z`` (the first ``D - private_dim``
     coordinates) and a modality-specific ``w_m`` (the last ``private_dim``). For every present modality ``m``,
     ``K`` draws ``(z, w_m) ~ q_m`` reconstruct ``x_m`` from ``(z, w_m)`` and every other present ``x_d`` from
-    ``(z, w~_d)`` with ``w~_d`` drawn from the learnable auxiliary ``N(0, diag(auxiliary_scale[d])^2)``; the
-    log-weights are ``log p(X | ...) + beta (log p(z) + log p(w_m) - log q(z|X) - log q(w_m|x_m))`` with ``q(z|X)``
-    the mixture of the present unimodal ``q(z|x_d)`` (``aggregate`` = ``opinionpool.functional.moe`` on the shared
-    coordinates), bounded as in ``mmvae_objective``. Gaussian posteriors here; the MMVAE+ code uses Laplace ones.
-    With ``private_dim=0`` it is ``mmvae_objective``: the decoders get ``z`` alone."""
+    ``(z, w~_d)`` with ``w~_d`` drawn from the learnable auxiliary distribution, the prior's family of scales
+    ``auxiliary_scale[d]``; the log-weights are ``log p(X | ...) + beta (log p(z) + log p(w_m) - log q(z|X) -
+    log q(w_m|x_m))`` with ``q(z|X)`` the mixture of the present unimodal ``q(z|x_d)`` (``aggregate`` =
+    ``opinionpool.functional.moe`` on the shared coordinates), bounded as in ``mmvae_objective``. ``latent``: the
+    ``LatentFamily`` of posteriors, prior and auxiliary distributions (the MMVAE+ code's: ``"laplace"``). With
+    ``private_dim=0`` it is ``mmvae_objective``: the decoders get ``z`` alone."""
     _check_estimator(estimator, num_samples)
     shared = mu.shape[-1] - private_dim
     mixture = aggregate(mu[..., :shared], logvar[..., :shared], mask=present)
@@ -291,12 +345,13 @@ def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate
     count = present.sum(0).clamp_min(1).to(mu.dtype)
     rec, kl, objective = (torch.zeros(mu.shape[1], dtype=mu.dtype, device=mu.device) for _ in range(3))
     for m in range(mu.shape[0]):
-        u = reparameterise(mu[m].expand(num_samples, *mu[m].shape), logvar[m].expand(num_samples, *mu[m].shape))
+        u = latent.rsample(mu[m].expand(num_samples, *mu[m].shape), logvar[m].expand(num_samples, *mu[m].shape))
         z, w = u[..., :shared], u[..., shared:]
         inputs = z if not private_dim else [
-            (z, w) if d == m else (z, torch.randn_like(w) * auxiliary_scale[d]) for d in range(mu.shape[0])]
-        log_q = mixture.log_prob(z) + opf.diag_gaussian_log_prob(w, own_mu[m], own_logvar[m])
-        log_p = standard_normal_log_prob(z) + standard_normal_log_prob(w)
+            (z, w) if d == m else (z, latent.prior_sample(w.shape, dtype=w.dtype, device=w.device) * auxiliary_scale[d])
+            for d in range(mu.shape[0])]
+        log_q = mixture.log_prob(z) + latent.log_prob(w, own_mu[m], own_logvar[m])
+        log_p = latent.prior_log_prob(z) + latent.prior_log_prob(w)
         log_lik = likelihood(x, present, inputs, decoders)  # (K, B)
         log_w = log_lik + beta * (log_p - log_q)
         here = present[m].to(mu.dtype) / count

@@ -425,7 +425,10 @@ def test_private_latent_probe_reads_what_the_private_latents_hold():
 CLI_MODELS = {"mmvm": ("polymnist-mmvm-cpu", []), "mmvm-holder": ("polymnist-mmvm-holder-cpu", []),
               "wbvae": ("polymnist-wbvae-cpu", ["model.learnable_weights=true"]),
               "helvae-private": ("polymnist-helvae-cpu", ["model.private_dim=2"]),
-              "mopoe-private": ("polymnist-helvae-cpu", ["model.name=mopoe", "model.private_dim=2"])}
+              "mopoe-private": ("polymnist-helvae-cpu", ["model.name=mopoe", "model.private_dim=2"]),
+              "mmvaeplus-private-laplace": ("polymnist-helvae-cpu", [
+                  "model.name=mmvaeplus", "model.private_dim=2", "model.latent_family=laplace",
+                  "model.posterior_scale=softmax"])}
 
 
 @pytest.mark.slow

@@ -105,14 +105,18 @@ def test_sweep_presets_and_errors(capsys):
     assert "sweep betas must not be empty" in capsys.readouterr().err
 
 
-def test_the_gpu_sweep_gives_mmvae_plus_its_latent_split():
+def test_the_gpu_sweep_gives_mmvae_plus_its_latent_split_and_the_mmvae_code_its_laplace_latents():
     sweep = load_sweep("polymnist-gpu")
     assert "mmvaeplus" in sweep.models
     from applications.multimodal_vae.sweep import run_config
 
     config = run_config(sweep, "mmvaeplus", 2.5, 0)
     assert (config.model.latent_dim, config.model.private_dim) == (32, 32)
-    assert run_config(sweep, "helvae", 2.5, 0).model.private_dim == 0
+    for name in ("mmvae", "mmvaeplus"):
+        model = run_config(sweep, name, 2.5, 0).model
+        assert (model.latent_family, model.posterior_scale) == ("laplace", "softmax"), name
+    helvae = run_config(sweep, "helvae", 2.5, 0).model
+    assert (helvae.private_dim, helvae.latent_family, helvae.posterior_scale) == (0, "normal", "free")
     with pytest.raises(ValueError, match=r"model_overrides name models not in the sweep: \[.*'mmvaeplus'\]"):
         load_sweep("polymnist-gpu", ["models=[helvae]"])
 

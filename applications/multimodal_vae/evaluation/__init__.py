@@ -26,7 +26,8 @@ Conventions (stated in every report):
   generations whose predicted digit is the true one; summarised per subset, per subset size (mean and std over
   the subsets of that size) and overall (mean over all (S, t) pairs). The one-input matrix (MMVAE+ cross-
   coherence) has self-reconstruction on its diagonal; its "cross-modal" mean excludes the diagonal.
-* **Unconditional coherence**: the fraction of prior samples ``z ~ N(0, I)`` on which all classifiers agree.
+* **Unconditional coherence**: the fraction of prior samples ``z ~ p(z)`` (``N(0, I)``, ``Laplace(0, 1)`` for
+  Laplace latents) on which all classifiers agree.
 * **Latent probe**: a logistic regression (scikit-learn) on the means of ``q(z | X_S)`` for each subset, fitted on
   ``probe_examples`` random training tuples (500 as in the HELVAE paper; -1: the whole training split), tested
   on the evaluated test tuples. Models with modality-specific latents are also probed on each private ``w_m``
@@ -34,8 +35,8 @@ Conventions (stated in every report):
   ``z``; same tuples): the Hölder++ paper's decoupling measure, high on the
   shared latent and near chance on the private ones.
 * **Modality-specific latents** in generations: a target inside the conditioning subset (a reconstruction)
-  draws its ``w`` from its posterior, any other target (and unconditional generation) from the prior
-  ``N(0, I)``, as MMVAE+ generates (``MultimodalVAE.decode``).
+  draws its ``w`` from its posterior, any other target (and unconditional generation) from the prior, as
+  MMVAE+ generates (``MultimodalVAE.decode``).
 * **Pooling diagnostics** (all modalities present): the mean log Bhattacharyya coefficient between pairs of
   unimodal posteriors, and the fraction of the Hellinger pool's mass in its pairwise components (the first M
   components of ``opinionpool.functional.holder_mixture`` are the experts themselves); for the Hölder VAEs at

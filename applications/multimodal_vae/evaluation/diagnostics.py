@@ -26,7 +26,9 @@ def pooling_diagnostics(model, x) -> dict:
       weights when it learns them (None for other models).
 
     A mass near 0 means the experts no longer overlap: the pool is then the mixture of the experts with weights
-    ``lambda_j^(1/alpha)`` (normalised), whatever ``alpha``."""
+    ``lambda_j^(1/alpha)`` (normalised), whatever ``alpha``. Laplace latents (MMVAE, MMVAE+ with
+    ``latent_family="laplace"``) are read as Gaussians of the same means and variances: the closed forms are the
+    Gaussian ones."""
     m = model.num_modalities
     pairs = list(itertools.combinations(range(m), 2))
     with evaluating(model):

@@ -336,7 +336,7 @@ def fid_scores(model, data, real_data, settings, cache: Path, progress=None, fea
 
     with evaluating(model):
         mu, logvar = model.encode(x)
-        prior = torch.randn(n, mu.shape[-1], generator=generator, device=device)
+        prior = model.latent.prior_sample((n, mu.shape[-1]), generator=generator, device=device)
         for t in progress(targets, desc="FID targets") if progress else targets:
             score("unconditional", model.decode(prior, t, generator=generator), t)
             for k in sizes:

@@ -6,7 +6,7 @@ For a few test tuples (the columns), blocks of rows, one row per image modality 
 * **reconstructed from all**: decoded from the posterior mean given every modality;
 * **generated from m_s**, for every modality ``s`` (text ones too, as conditions): decoded from a sample of
   ``q(z | x_s)``, as coherence is measured; the row of ``s`` itself is its reconstruction from itself alone;
-* **unconditional**: decoded from prior samples ``z ~ N(0, I)``.
+* **unconditional**: decoded from prior samples ``z ~ p(z)`` (``N(0, I)``, or ``Laplace(0, 1)`` for Laplace latents).
 
 Modality-specific latents follow ``MultimodalVAE.decode``: a target among the given modalities takes its own
 posterior (its mean for the reconstruction from all, a draw otherwise), every other target a prior draw. Decoder
@@ -69,7 +69,8 @@ def grid_images(model, x, modalities, seed: int = 0) -> dict[tuple[str, int], to
             z = model.conditional_posterior(shared_mu, shared_logvar, given).sample(generator=generator)
             for t in targets:
                 out[f"from {s}", t] = model.decode(z, t, given, private, generator=generator)
-        prior = torch.randn(b, shared_mu.shape[-1], generator=generator, device=device, dtype=shared_mu.dtype)
+        prior = model.latent.prior_sample((b, shared_mu.shape[-1]), generator=generator, device=device,
+                                          dtype=shared_mu.dtype)
         for t in targets:
             out["prior", t] = model.decode(prior, t, generator=generator)
     return {key: images.float().clamp(0, 1).cpu() for key, images in out.items()}

@@ -73,7 +73,8 @@ def unconditional_coherence(model, classifiers: nn.ModuleList, modalities, laten
     agree = 0
     with evaluating(model):
         for start in range(0, num_samples, batch_size):
-            z = torch.randn(min(batch_size, num_samples - start), latent_dim, generator=generator, device=device)
+            z = model.latent.prior_sample((min(batch_size, num_samples - start), latent_dim), generator=generator,
+                                          device=device)
             predicted = torch.stack([classifiers[t](classifier_input(modalities[t], model.decode(
                 z, t, generator=generator))).argmax(-1) for t in range(model.num_modalities)])
             agree += int((predicted == predicted[0]).all(0).sum())

@@ -36,10 +36,8 @@ import math
 
 import torch
 
-import opinionpool.functional as opf
-
 from ..models import as_modalities, evaluating
-from ..objectives import full_precision, standard_normal_log_prob
+from ..objectives import full_precision
 
 __all__ = ["log_likelihood", "nested_log_likelihoods"]
 
@@ -103,7 +101,7 @@ def nested_log_likelihoods(model, x, counts, condition: torch.Tensor | None = No
                 log_lik = model.likelihood(x, targets, inputs, model.decoders, weighted=False)
                 log_weight = full_precision(log_lik).double() + log_ratio
             if not conditional:
-                log_weight = log_weight + standard_normal_log_prob(z.double()) - proposal.log_prob(z).double()
+                log_weight = log_weight + model.latent.prior_log_prob(z.double()) - proposal.log_prob(z).double()
             for n, kept in zip(counts, chunks):
                 if n > start:
                     kept.append(torch.logsumexp(log_weight[:n - start], 0))
@@ -120,9 +118,9 @@ def _private_draws(model, private, z: torch.Tensor, targets: torch.Tensor, gener
     inputs, log_ratio = [], torch.zeros(z.shape[:-1], dtype=torch.float64, device=z.device)
     for m in range(model.num_modalities):
         mu, logvar = model.private_given(private, m, z)
-        w = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+        w = model.latent.rsample(mu, logvar, generator)
         inputs.append((z, w.to(z.dtype)))
         w, mu, logvar = w.double(), mu.double(), logvar.double()
-        ratio = standard_normal_log_prob(w) - opf.diag_gaussian_log_prob(w, mu, logvar)
+        ratio = model.latent.prior_log_prob(w) - model.latent.log_prob(w, mu, logvar)
         log_ratio = log_ratio + torch.where(targets[m], ratio, 0.0)
     return inputs, log_ratio
