@@ -43,10 +43,18 @@ def normal_kl(loc_p: torch.Tensor, logvar_p: torch.Tensor, loc_q: torch.Tensor, 
 
 
 def whitened_eigenvalues(chol: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """The eigenvalues of ``L^-1 M L^-T`` (``chol`` is ``L``), ascending."""
+    """The eigenvalues of ``L^-1 M L^-T`` (``chol`` is ``L``), ascending. Raises ``ValueError`` where they are not
+    finite: for matrices about the dtype's range apart (covariances 1e-154 and 1e154 in float64) the whitened
+    matrix or its eigen-solver overflows, and the eigenvalues came out NaN (``log_det_whitened`` refuses the
+    underflow on the other side, which gave infinite log-determinants)."""
     half = torch.linalg.solve_triangular(chol, matrix, upper=False)
     whitened = torch.linalg.solve_triangular(chol, half.transpose(-1, -2), upper=False)
-    return torch.linalg.eigvalsh(0.5 * (whitened + whitened.transpose(-1, -2)))
+    eigenvalues = torch.linalg.eigvalsh(0.5 * (whitened + whitened.transpose(-1, -2)))
+    if not bool(torch.isfinite(eigenvalues).all()):
+        raise ValueError(f"the eigenvalues of the whitened matrix L^-1 M L^-T are not finite in {eigenvalues.dtype}: "
+                         f"the experts' covariances are about its range ({torch.finfo(eigenvalues.dtype).max:.1e}) "
+                         f"apart or more, or not finite")
+    return eigenvalues
 
 
 def log_det_whitened(chol: torch.Tensor, matrix: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -57,6 +65,9 @@ def log_det_whitened(chol: torch.Tensor, matrix: torch.Tensor, e: torch.Tensor) 
     (float64) of it, which gave log-determinants of -inf or NaN."""
     near = e >= -0.5
     direct = whitened_eigenvalues(chol, matrix)
+    if not bool((near | (direct > 0)).all()):  # a positive-definite M: zero means it underflowed
+        raise ValueError(f"the eigenvalues of the whitened matrix L^-1 M L^-T underflow {direct.dtype}: the "
+                         f"experts' covariances are about its range apart or more")
     return torch.where(near, torch.log1p(torch.where(near, e, 0.0)), torch.log(torch.where(near, 1.0, direct))).sum(-1)
 
 

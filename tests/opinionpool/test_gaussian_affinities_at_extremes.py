@@ -260,3 +260,24 @@ def test_multi_chernoff_of_a_far_sharper_lighter_expert(dtype, scale):
                                                                for m, v in zip(locs, diagonals)], w)
         assert float(full) == pytest.approx(truth, rel=tol), weights
         assert float(diagonal) == pytest.approx(truth_diagonal, rel=tol), weights
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float64, 1e-77), (torch.float64, 1e-100), (torch.float32, 1e-10),
+                                         (torch.float32, 1e-18)])
+def test_full_gaussian_affinities_beyond_the_dtypes_range_are_refused_not_nan(dtype, scale):
+    """Covariances about the dtype's range apart (standard deviations 1e-77 and 1e77 in float64) overflow the
+    whitened matrix or its eigen-solver (NaN, for -514 or -643 at 1e-80 and 1e-100 by mpmath), or underflow its
+    eigenvalues (+inf for a Chernoff coefficient of order -1/2): a ``ValueError`` that says so instead."""
+    from torch.distributions import MultivariateNormal
+
+    shape = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=dtype)
+    narrow = MultivariateNormal(torch.zeros(2, dtype=dtype), scale**2 * shape)
+    wide = MultivariateNormal(torch.ones(2, dtype=dtype), shape / scale**2)
+    calls = [lambda: opinionpool.log_chernoff_coefficient(narrow, wide, 0.3),
+             lambda: opinionpool.log_multi_chernoff_coefficient([narrow, wide], torch.tensor([0.3, 0.7], dtype=dtype))]
+    if scale in (1e-100, 1e-18):
+        calls += [lambda: opinionpool.log_chernoff_coefficient(wide, narrow, -0.5),
+                  lambda: opinionpool.log_chernoff_coefficient(wide, narrow, 0.5)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"eigenvalues of the whitened matrix .* (not finite|underflow)"):
+            call()
