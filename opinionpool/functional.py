@@ -1,12 +1,12 @@
 """Functional Gaussian pooling on ``(mu, logvar)`` tensors: the hot path of multimodal VAEs.
 
-Every function takes unimodal posteriors as tensors ``mu`` and ``logvar`` of equal shape, the
-experts along ``dim`` and the latent dimension last; optional pooling ``weights`` (along the expert
-axis, broadcastable, may require grad) and a boolean ``mask`` of present experts with the shape of
-``mu`` minus its last dimension (``False`` = a missing modality for that sample). ``prior_expert=True``
-appends a standard-normal expert that is always present, so samples with no observed modality are
-allowed. The math is the object API's (``opinionpool.holder``) for diagonal Gaussians, shared code,
-without the wrapping. ``moe`` also mixes diagonal Laplace experts (``LaplaceMixture``), the posteriors of the
+Every function takes unimodal posteriors as tensors ``mu`` and ``logvar`` of equal shape, the experts along ``dim``
+and the latent dimension last; optional pooling ``weights`` (along the expert axis, broadcastable, may require grad)
+and a boolean ``mask`` of present experts with the shape of ``mu`` minus its last dimension (``False`` = a missing
+modality for that sample). ``prior_expert=True`` appends a standard-normal expert that is always present (for
+``moe(..., family="laplace")`` a Laplace of location 0 and variance 1, not ``Laplace(0, 1)``), so samples with no
+observed modality are allowed. The math is the object API's (``opinionpool.holder``) for diagonal Gaussians, shared
+code, without the wrapping. ``moe`` also mixes diagonal Laplace experts (``LaplaceMixture``), the posteriors of the
 MMVAE and MMVAE+ code.
 """
 

@@ -429,7 +429,7 @@ class MultimodalVAE(nn.Module):
                generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
         """Decoder ``target``'s output for the shared latent ``z`` ``(..., B, D)``, modality-specific latents drawn
         as MMVAE+ generates: ``w`` from its posterior ``private`` (``private_posterior``) when ``given[target]``
-        (``(M, B)``; a reconstruction), else from its prior ``N(0, I)`` (a cross-modal or unconditional
+        (``(M, B)``; a reconstruction), else from its prior (``self.latent``'s) (a cross-modal or unconditional
         generation; ``r_n`` only stands in for it in training). ``sample=False``: the posterior mean instead of a
         draw. Draws use ``generator``. Without modality-specific latents: ``decoders[target](z)``.
 
@@ -473,12 +473,12 @@ class MultimodalVAE(nn.Module):
         return mu, logvar
 
     def auxiliary_scale(self) -> torch.Tensor:
-        """The standard deviations ``(M, private_dim)`` of the auxiliary ``r_n`` that supply the private latents of
-        the modalities a draw does not reconstruct from their posteriors: learnable, but as in the MMVAE+ code
-        (``softmax(logits) * private_dim``) their mean over the coordinates is one, the prior's, from which the
-        evaluation draws the private latents of the modalities it generates. Free scales shrank in training (see
-        docs/results.md), so that the decoders learned private latents near zero and met the prior's wider ones at
-        evaluation."""
+        """The scales ``(M, private_dim)`` (standard deviations, Laplace ``b``) of the auxiliary ``r_n`` that supply
+        the private latents of the modalities a draw does not reconstruct from their posteriors: learnable, but as
+        in the MMVAE+ code (``softmax(logits) * private_dim``) their mean over the coordinates is one, the prior's,
+        from which the evaluation draws the private latents of the modalities it generates. Free scales shrank in
+        training (see docs/results.md), so that the decoders learned private latents near zero and met the prior's
+        wider ones at evaluation."""
         return torch.softmax(self.auxiliary_logits, dim=-1) * self.private_dim
 
     def forward(self, x, present: torch.Tensor | None = None) -> dict:

@@ -5,11 +5,12 @@ evaluation conditions on given every modality (``MultimodalVAE.conditional_poste
 posterior, except for the subset-mixture models (MoPoE, MoHELVAE, MWB-VAE), whose proposal is the aggregate of
 the full subset (MoPoE's with its prior expert), as MoPoE's code estimates it; their training posterior, the
 mixture over every subset, puts most of its mass on components that see fewer modalities and is a far poorer
-proposal at small ``K``. Mixture posteriors (MMVAE, the Hölder mixtures) are sampled by component and their
-density is the exact mixture density (``opinionpool.functional.GaussianMixture.log_prob``), not a moment-matched
-Gaussian. Every proposal gives a stochastic lower bound of ``log p(X)`` in expectation that tightens as ``K``
-grows, by an amount that depends on the proposal (MoPoE used K = 12, MultiVae 1000): compare models at small
-``K`` with that in mind (docs/results.md measures it).
+proposal at small ``K``. Mixture posteriors (MMVAE, the Hölder mixtures) are sampled by component and their density
+is the exact mixture density (``opinionpool.functional.GaussianMixture.log_prob``, ``LaplaceMixture``'s for Laplace
+latents, scored against their prior ``Laplace(0, 1)``), not a moment-matched Gaussian. Every proposal gives a
+stochastic lower bound of ``log p(X)`` in expectation that tightens as ``K`` grows, by an amount that depends on the
+proposal (MoPoE used K = 12, MultiVae 1000): compare models at small ``K`` with that in mind (docs/results.md
+measures it).
 
 Conditional: ``log p(X_rest | X_S) ~ log (1/K) sum_k p(X_rest | z_k)`` with ``z_k ~ q(z | X_S)``
 (``MultimodalVAE.conditional_posterior``), the encoder of the subset standing in for ``p(z | X_S)``. This is not
