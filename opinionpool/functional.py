@@ -4,8 +4,8 @@ Every function takes unimodal posteriors as tensors ``mu`` and ``logvar`` of equ
 and the latent dimension last; optional pooling ``weights`` (along the expert axis, broadcastable, may require grad)
 and a boolean ``mask`` of present experts with the shape of ``mu`` minus its last dimension (``False`` = a missing
 modality for that sample). ``prior_expert=True`` appends a standard-normal expert that is always present (for
-``moe(..., family="laplace")`` a Laplace of location 0 and variance 1, not ``Laplace(0, 1)``), so samples with no
-observed modality are allowed. The math is the object API's (``opinionpool.holder``) for diagonal Gaussians, shared
+``moe(..., family="laplace")`` the standard Laplace, ``Laplace(0, 1)``), so samples with no observed modality are
+allowed. The math is the object API's (``opinionpool.holder``) for diagonal Gaussians, shared
 code, without the wrapping. ``moe`` also mixes diagonal Laplace experts (``LaplaceMixture``), the posteriors of the
 MMVAE and MMVAE+ code.
 """
@@ -246,17 +246,18 @@ def _layout(mu, logvar, dim):
     return axis, mu.shape[axis]
 
 
-def _with_prior_expert(mu, logvar):
-    """``mu``, ``logvar`` ``(..., M, D)`` with a standard-normal expert (mean 0, log-variance 0) appended as expert M."""
+def _with_prior_expert(mu, logvar, prior_logvar: float = 0.0):
+    """``mu``, ``logvar`` ``(..., M, D)`` with a prior expert of mean 0 and log-variance ``prior_logvar`` (0: the
+    standard normal) appended as expert M."""
     zeros = torch.zeros(mu.shape[:-2] + (1, mu.shape[-1]), dtype=mu.dtype, device=mu.device)
-    return torch.cat((mu, zeros), -2), torch.cat((logvar, zeros), -2)
+    return torch.cat((mu, zeros), -2), torch.cat((logvar, zeros + prior_logvar), -2)
 
 
 def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate,
-             empty_hint: str | None = "pass prior_expert=True to fall back on the prior"):
-    """Experts moved to ``(..., M, D)``, stand-ins for the absent ones, the prior expert appended: ``(mu, logvar,
-    mask, M)``. With ``validate``, a sample without a present expert is an error ending with ``empty_hint`` (``None``:
-    such samples are allowed)."""
+             empty_hint: str | None = "pass prior_expert=True to fall back on the prior", prior_logvar: float = 0.0):
+    """Experts moved to ``(..., M, D)``, stand-ins for the absent ones, the prior expert (log-variance
+    ``prior_logvar``) appended: ``(mu, logvar, mask, M)``. With ``validate``, a sample without a present expert is
+    an error ending with ``empty_hint`` (``None``: such samples are allowed)."""
     dim, num_experts = _layout(mu, logvar, dim)
     if weights is not None:
         weights = real_tensor("weights", weights)
@@ -285,7 +286,7 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate,
     if keep is not None:
         mu, logvar = standing_in(mu, logvar, keep)
     if prior_expert:
-        mu, logvar = _with_prior_expert(mu, logvar)
+        mu, logvar = _with_prior_expert(mu, logvar, prior_logvar)
         if mask is not None:
             mask = torch.cat((mask, torch.ones(mask.shape[:-1] + (1,), dtype=torch.bool, device=mask.device)), -1)
         num_experts += 1
@@ -399,12 +400,13 @@ def moe(mu, logvar, *, dim=0, weights=None, mask=None, prior_expert=False, famil
         validate_args=None) -> GaussianMixture | LaplaceMixture:
     """The mixture of experts: components are the present experts with the normalised weights. ``family``: the
     experts' (one of ``MIXTURE_FAMILIES``), ``"normal"`` (a ``GaussianMixture``) or ``"laplace"`` (a
-    ``LaplaceMixture``, ``logvar`` the experts' log-variances); the prior expert is of the experts' family, of
-    location 0 and log-variance 0."""
+    ``LaplaceMixture``, ``logvar`` the experts' log-variances); the prior expert is the family's standard one,
+    ``N(0, 1)`` or ``Laplace(0, 1)`` (of variance 2) per coordinate."""
     if family not in MIXTURE_FAMILIES:
         raise ValueError(f"family must be one of {MIXTURE_FAMILIES}, got {family!r}")
     validate = validation_enabled(validate_args)
-    mu, logvar, mask, m = _prepare(mu, logvar, dim, weights, mask, prior_expert, validate)
+    mu, logvar, mask, m = _prepare(mu, logvar, dim, weights, mask, prior_expert, validate,
+                                   prior_logvar=0.0 if family == "normal" else math.log(2.0))
     log_weights = _log_weights(weights, m, mask, mu)
     mixture = GaussianMixture if family == "normal" else LaplaceMixture
     return mixture(log_weights.expand(mu.shape[:-1]), mu, logvar)

@@ -127,11 +127,11 @@ def test_laplace_mixture_log_prob_gradients():
         lambda a, b, c: opf.moe(a, b, weights=c, family="laplace").log_prob(z), (loc, logvar, weights))
 
 
-def test_laplace_prior_expert_is_a_unit_variance_laplace():
+def test_laplace_prior_expert_is_the_standard_laplace():
     mixture = opf.moe(LOC[:1], LOGVAR[:1], prior_expert=True, family="laplace")
     z = torch.tensor([[[0.2, -0.4, 1.0], [3.0, 0.0, -1.0]]], dtype=torch.float64)
     expert = scipy_component_logpdf(z.numpy()[0], LOC.numpy()[0], LOGVAR.numpy()[0])
-    prior = stats.laplace.logpdf(z.numpy()[0], scale=math.sqrt(0.5)).sum(-1)
+    prior = stats.laplace.logpdf(z.numpy()[0]).sum(-1)  # Laplace(0, 1)
     expected = special.logsumexp(np.stack([expert, prior]), axis=0) - math.log(2)
     np.testing.assert_allclose(mixture.log_prob(z)[0].numpy(), expected, rtol=1e-13)
 
