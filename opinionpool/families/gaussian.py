@@ -64,6 +64,8 @@ def log_det_whitened(chol: torch.Tensor, matrix: torch.Tensor, e: torch.Tensor) 
     far below ``L L^T``: from the difference they are -1 to rounding once ``M`` is 1e-8 (float32) or 1e-16
     (float64) of it, which gave log-determinants of -inf or NaN."""
     near = e >= -0.5
+    if bool(near.all()):  # the common case: no solver on L^-1 M L^-T, whose repeated eigenvalues (M = L L^T for
+        return torch.log1p(e).sum(-1)  # the reference expert) gave NaN second derivatives
     direct = whitened_eigenvalues(chol, matrix)
     if not bool((near | (direct > 0)).all()):  # a positive-definite M: zero means it underflowed
         raise ValueError(f"the eigenvalues of the whitened matrix L^-1 M L^-T underflow {direct.dtype}: the "
@@ -434,8 +436,13 @@ class MultivariateNormalFamily(ExponentialFamily):
         half = torch.linalg.solve_triangular(chol_0, precision - precision_0, upper=False)
         excess = torch.linalg.solve_triangular(chol_0, half.transpose(-1, -2), upper=False)
         excess = torch.where(used, 0.5 * (excess + excess.transpose(-1, -2)), torch.zeros_like(excess))
-        log_det_relative = log_det_whitened(chol_0, torch.where(used, precision, precision_0),
-                                            torch.linalg.eigvalsh(excess))
+        # the reference's excess and those of weightless experts are zero whatever the parameters: a constant of
+        # distinct eigenvalues stands in for them in the solver (at the repeated zeros its second derivative is NaN)
+        reference = torch.arange(w.shape[-1], device=w.device) == log_weights.detach().argmax(-1, keepdim=True)
+        constant = (reference | ~(w > 0))[..., None, None]
+        distinct = torch.diag_embed(torch.arange(excess.shape[-1], dtype=excess.dtype, device=excess.device))
+        e = torch.where(constant[..., 0], 0.0, torch.linalg.eigvalsh(torch.where(constant, distinct, excess)))
+        log_det_relative = log_det_whitened(chol_0, torch.where(used, precision, precision_0), e)
         # the weights sum to one (up to the rounding of exp(log w), which is left out, as gaussian_combine does)
         log_det_mixed = torch.log1p(torch.linalg.eigvalsh((w[..., None, None] * excess).sum(k))).sum(-1)
         weighted = torch.where(w > 0, w * log_det_relative, torch.zeros_like(w)).sum(-1)

@@ -121,3 +121,22 @@ def test_a_natural_parameter_of_exactly_zero_keeps_its_gradient():
     central = (pool_log_prob(torch.tensor(1 + h, dtype=torch.float64))
                - pool_log_prob(torch.tensor(1 - h, dtype=torch.float64))).item() / (2 * h)
     assert grad.item() == pytest.approx(central, rel=1e-6)
+
+
+@pytest.mark.parametrize("weights", [[0.3, 0.5, 0.2], [0.3, 0.7, 0.0]])
+def test_full_covariance_combination_has_finite_second_derivatives(weights):
+    """The log-determinants of the full-covariance combination ran the eigen-solver on the heaviest expert's own
+    excess (a zero matrix) and on weightless experts' (zeros), whose repeated eigenvalues make its second
+    derivative NaN: every Hessian with respect to ``scale_tril`` was NaN. Checked against finite differences."""
+    from torch.distributions import MultivariateNormal
+
+    rows, cols = torch.tril_indices(2, 2)
+    locs = [torch.tensor([0.0, 1.0]), torch.tensor([0.5, -0.3]), torch.tensor([-1.0, 0.2])]
+    entries = [torch.tensor(v, requires_grad=True) for v in ([1.0, 0.3, 0.8], [1.5, -0.2, 0.6], [0.7, 0.1, 1.2])]
+
+    def log_c(*tril_entries):
+        experts = [MultivariateNormal(m, scale_tril=torch.zeros(2, 2).index_put((rows, cols), t))
+                   for m, t in zip(locs, tril_entries)]
+        return opinionpool.log_multi_chernoff_coefficient(experts, torch.tensor(weights))
+
+    assert torch.autograd.gradgradcheck(log_c, tuple(entries))
