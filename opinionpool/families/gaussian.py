@@ -42,14 +42,19 @@ def normal_kl(loc_p: torch.Tensor, logvar_p: torch.Tensor, loc_q: torch.Tensor, 
     return 0.5 * (torch.expm1(ratio) - ratio + ((loc_p - loc_q) * torch.exp(-0.5 * logvar_q)) ** 2)
 
 
+def _whitened(chol: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``L^-1 M L^-T`` (``chol`` is ``L``), symmetrised against the solves' rounding."""
+    half = torch.linalg.solve_triangular(chol, matrix, upper=False)
+    whitened = torch.linalg.solve_triangular(chol, half.transpose(-1, -2), upper=False)
+    return 0.5 * (whitened + whitened.transpose(-1, -2))
+
+
 def whitened_eigenvalues(chol: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """The eigenvalues of ``L^-1 M L^-T`` (``chol`` is ``L``), ascending. Raises ``ValueError`` where they are not
     finite: for matrices about the dtype's range apart (covariances 1e-154 and 1e154 in float64) the whitened
     matrix or its eigen-solver overflows, and the eigenvalues came out NaN (``log_det_whitened`` refuses the
     underflow on the other side, which gave infinite log-determinants)."""
-    half = torch.linalg.solve_triangular(chol, matrix, upper=False)
-    whitened = torch.linalg.solve_triangular(chol, half.transpose(-1, -2), upper=False)
-    eigenvalues = torch.linalg.eigvalsh(0.5 * (whitened + whitened.transpose(-1, -2)))
+    eigenvalues = torch.linalg.eigvalsh(_whitened(chol, matrix))
     if not bool(torch.isfinite(eigenvalues).all()):
         raise ValueError(f"the eigenvalues of the whitened matrix L^-1 M L^-T are not finite in {eigenvalues.dtype}: "
                          f"the experts' covariances are about its range ({torch.finfo(eigenvalues.dtype).max:.1e}) "
@@ -433,13 +438,12 @@ class MultivariateNormalFamily(ExponentialFamily):
         chol_0 = torch.linalg.cholesky(precision_0)
         # R_j - I = L^-1 (P_j - P_0) L^-T from the differences of the precisions (exact for nearby experts), and
         # log det (I + E) as sum log1p(eigenvalues of E): both keep the digits of the small terms
-        half = torch.linalg.solve_triangular(chol_0, precision - precision_0, upper=False)
-        excess = torch.linalg.solve_triangular(chol_0, half.transpose(-1, -2), upper=False)
-        excess = torch.where(used, 0.5 * (excess + excess.transpose(-1, -2)), torch.zeros_like(excess))
+        excess = _whitened(chol_0, precision - precision_0)
+        excess = torch.where(used, excess, torch.zeros_like(excess))
         # the reference's excess and those of weightless experts are zero whatever the parameters: a constant of
         # distinct eigenvalues stands in for them in the solver (at the repeated zeros its second derivative is NaN)
         reference = torch.arange(w.shape[-1], device=w.device) == log_weights.detach().argmax(-1, keepdim=True)
-        constant = (reference | ~(w > 0))[..., None, None]
+        constant = reference[..., None, None] | ~used
         distinct = torch.diag_embed(torch.arange(excess.shape[-1], dtype=excess.dtype, device=excess.device))
         e = torch.where(constant[..., 0], 0.0, torch.linalg.eigvalsh(torch.where(constant, distinct, excess)))
         log_det_relative = log_det_whitened(chol_0, torch.where(used, precision, precision_0), e)
