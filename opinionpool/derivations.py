@@ -20,7 +20,7 @@ __all__ = [
     "gaussian_moment_integrals", "gaussian_hellinger_terms", "exponential_hellinger_terms", "gamma_chernoff",
     "beta_chernoff", "poisson_chernoff", "multinomial_expansion", "dirichlet_kernel", "dirichlet_chernoff",
     "von_mises_kernel", "von_mises_chernoff", "bernoulli_chernoff", "categorical_chernoff", "binomial_chernoff",
-    "bivariate_gaussian_chernoff", "gaussian_kl", "gamma_kl", "poisson_kl", "gaussian_wasserstein_barycenter",
+    "bivariate_gaussian_chernoff", "laplace_chernoff", "gaussian_kl", "gamma_kl", "poisson_kl", "gaussian_wasserstein_barycenter",
 ]
 
 
@@ -262,6 +262,24 @@ def von_mises_chernoff():
     (cx, cy), constant = _split_exponent(a * log_von_mises_density(m1, k1) + (1 - a) * log_von_mises_density(m2, k2),
                                          (cos_t, sin_t))
     return (m1, k1, m2, k2, a), constant + sp.log(kernel.subs({x: cx, y: cy}))
+
+
+@lru_cache(maxsize=None)
+def laplace_chernoff():
+    r""":math:`\log\int q_p(z)^a q_q(z)^{1-a}\,dz` for Laplace experts :math:`q(z) = e^{-|z - m|/b} / (2b)`, the
+    first at 0 and the second at distance ``delta > 0``: sympy integrates the two tails and the stretch between the
+    locations, where the absolute values are linear. Returns ``((b_p, b_q, delta, a), expr)``."""
+    z = sp.Symbol("z", real=True)
+    b_p, b_q, delta = sp.symbols("b_p b_q delta", positive=True)
+    a = sp.Symbol("a", positive=True)
+
+    def integrand(distance_p, distance_q):  # |z| and |z - delta| on one piece
+        return sp.exp(a * (-sp.log(2 * b_p) - distance_p / b_p) + (1 - a) * (-sp.log(2 * b_q) - distance_q / b_q))
+
+    pieces = [(integrand(-z, delta - z), (z, -sp.oo, 0)), (integrand(z, delta - z), (z, 0, delta)),
+              (integrand(z, z - delta), (z, delta, sp.oo))]
+    total = sum(sp.integrate(f, bounds, conds="none") for f, bounds in pieces)
+    return (b_p, b_q, delta, a), sp.log(total)
 
 
 # -------------------------------------------------------------------- discrete

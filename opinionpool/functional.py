@@ -55,7 +55,8 @@ __all__ = [
     "GaussianMixture", "LaplaceMixture", "MIXTURE_FAMILIES", "holder", "hellinger", "holder_mixture",
     "holder_mixture_members", "moe", "poe",
     "wasserstein_barycenter",
-    "log_bhattacharyya", "subset_mixture", "all_subsets", "exact_order", "DEFAULT_MAX_COMPONENTS",
+    "log_bhattacharyya", "hellinger_pairwise_mass", "subset_mixture", "all_subsets", "exact_order",
+    "DEFAULT_MAX_COMPONENTS",
     "DEFAULT_MAX_SUBSETS", "OFFSET_ROUNDING", "diag_gaussian_log_prob", "diag_gaussian_kl",
     "diag_laplace_log_prob", "standard_laplace",
 ]
@@ -64,6 +65,8 @@ __all__ = [
 DEFAULT_MAX_SUBSETS = 2**16
 #: the component families of ``moe``: ``"normal"`` (``GaussianMixture``) and ``"laplace"`` (``LaplaceMixture``)
 MIXTURE_FAMILIES = ("normal", "laplace")
+# the prior expert's log-variance per family: N(0, 1), and Laplace(0, 1) of variance 2
+_PRIOR_LOGVAR = {"normal": 0.0, "laplace": math.log(2.0)}
 SQRT_HALF = math.sqrt(0.5)
 
 
@@ -88,6 +91,37 @@ def standard_laplace(shape, *, dtype=None, device=None, generator: torch.Generat
     uniform = torch.empty(shape, dtype=dtype, device=device).uniform_(torch.finfo(dtype).eps - 1, 1,
                                                                         generator=generator)
     return -uniform.sign() * torch.log1p(-uniform.abs())
+
+
+def _laplace_log_chernoff(loc_p, logvar_p, loc_q, logvar_q, a: float):
+    """Elementwise ``log int p^a q^(1 - a)`` of Laplace experts (log-*variances* ``logvar = log(2 b^2)``) for an
+    order ``0 < a < 1``. With the rates ``r_p = a / b_p``, ``r_q = (1 - a) / b_q`` and ``Delta = |loc_p - loc_q|``
+    the integral of ``exp(-r_p |x - loc_p| - r_q |x - loc_q|)`` is ``(e^(-r_p Delta) + e^(-r_q Delta)) / (r_p +
+    r_q) + (e^(-r_p Delta) - e^(-r_q Delta)) / (r_q - r_p)`` (the tails and the stretch between the locations).
+    With ``R`` the larger rate, ``g = |log r_p - log r_q|``, ``s = R Delta`` and ``t = s (1 - e^-g)`` it is
+    ``e^(-s e^-g) / R * ((1 + e^-t) / (1 + e^-g) + s h(t))``, ``h(t) = (1 - e^-t) / t``: positive terms only, in
+    log space, so no cancellation where the rates coincide and no overflow of a rate or of ``s``."""
+    log_rate_p = math.log(a) + 0.5 * (math.log(2.0) - logvar_p)
+    log_rate_q = math.log1p(-a) + 0.5 * (math.log(2.0) - logvar_q)
+    log_rate = torch.maximum(log_rate_p, log_rate_q)
+    g = (log_rate_p - log_rate_q).abs()
+    distance = (loc_p - loc_q).abs()
+    # safe stand-ins where Delta or g is 0, so that no branch torch.where discards has an infinite gradient
+    apart, t_positive = distance > 0, (distance > 0) & (g > 0)
+    log_s = log_rate + torch.log(torch.where(apart, distance, 1.0))
+    log_t = torch.where(t_positive, log_s + torch.log(-torch.expm1(-torch.where(g > 0, g, 1.0))), 0.0)
+    # t past e^64 changes nothing below (e^-t); capped, it cannot overflow to inf (an inf * 0 gradient)
+    t = torch.where(t_positive, torch.exp(log_t.clamp(max=64.0)), 0.0)
+    # log h(t): its series below t = 0.001 (error below t^4 / 2880), where 1 - e^-t would lose t's digits
+    small = t < 0.001
+    log_h = torch.where(small, t * (-0.5 + t / 24),
+                        torch.log(-torch.expm1(-torch.where(small, 1.0, t))) - torch.where(small, 0.0, log_t))
+    tails = torch.log1p(torch.exp(-t)) - torch.log1p(torch.exp(-g))
+    between = torch.where(apart, log_s + log_h, -math.inf)
+    decay = torch.where(apart, torch.exp(log_s - g), 0.0)  # the smaller rate times Delta
+    log_integral = torch.logaddexp(tails, between) - log_rate - decay
+    # the densities' constants: (2 b_p)^-a (2 b_q)^-(1 - a), log(2 b) = (log 2 + logvar) / 2
+    return log_integral - 0.5 * (math.log(2.0) + a * logvar_p + (1 - a) * logvar_q)
 
 
 def diag_gaussian_kl(mu_p: torch.Tensor, logvar_p: torch.Tensor, mu_q: torch.Tensor,
@@ -402,11 +436,10 @@ def moe(mu, logvar, *, dim=0, weights=None, mask=None, prior_expert=False, famil
     experts' (one of ``MIXTURE_FAMILIES``), ``"normal"`` (a ``GaussianMixture``) or ``"laplace"`` (a
     ``LaplaceMixture``, ``logvar`` the experts' log-variances); the prior expert is the family's standard one,
     ``N(0, 1)`` or ``Laplace(0, 1)`` (of variance 2) per coordinate."""
-    if family not in MIXTURE_FAMILIES:
-        raise ValueError(f"family must be one of {MIXTURE_FAMILIES}, got {family!r}")
+    _check_family(family)
     validate = validation_enabled(validate_args)
     mu, logvar, mask, m = _prepare(mu, logvar, dim, weights, mask, prior_expert, validate,
-                                   prior_logvar=0.0 if family == "normal" else math.log(2.0))
+                                   prior_logvar=_PRIOR_LOGVAR[family])
     log_weights = _log_weights(weights, m, mask, mu)
     mixture = GaussianMixture if family == "normal" else LaplaceMixture
     return mixture(log_weights.expand(mu.shape[:-1]), mu, logvar)
@@ -424,8 +457,11 @@ def poe(mu, logvar, *, dim=0, weights=None, mask=None, prior_expert=False, valid
     return loc, logvar_p
 
 
-def log_bhattacharyya(mu1, logvar1, mu2, logvar2, *, validate_args=None):
-    """Log Bhattacharyya coefficient of two diagonal Gaussians (summed over the last axis)."""
+def log_bhattacharyya(mu1, logvar1, mu2, logvar2, *, family="normal", validate_args=None):
+    """Log Bhattacharyya coefficient ``log int sqrt(p q)`` of two diagonal experts, summed over the last axis.
+    ``family``: the experts' (one of ``MIXTURE_FAMILIES``), ``"normal"`` or ``"laplace"`` (``logvar`` the
+    Laplace experts' log-*variances*, as in ``LaplaceMixture``); both closed forms are computed in log space."""
+    _check_family(family)
     named = {"mu1": mu1, "logvar1": logvar1, "mu2": mu2, "logvar2": logvar2}
     for name, value in named.items():
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
@@ -439,10 +475,40 @@ def log_bhattacharyya(mu1, logvar1, mu2, logvar2, *, validate_args=None):
     if validation_enabled(validate_args):
         for name, value in named.items():
             check_finite(name, value)
+    if family == "laplace":
+        return _laplace_log_chernoff(mu1, logvar1, mu2, logvar2, 0.5).sum(-1)
     mu = torch.stack(torch.broadcast_tensors(mu1, mu2), -2)
     logvar = torch.stack(torch.broadcast_tensors(logvar1, logvar2), -2)
     half = torch.full(mu.shape[:-1], LOG_HALF, dtype=mu.dtype, device=mu.device)
     return gaussian_combine(mu, logvar, half, 1)[2]
+
+
+def hellinger_pairwise_mass(mu, logvar, *, dim=0, weights=None, mask=None, prior_expert=False, family="normal",
+                            validate_args=None) -> torch.Tensor:
+    """The fraction of the Hellinger pool's mass in its pairwise components, per sample (the shape of ``mu`` less
+    the expert and latent axes). The alpha = 1/2 pool ``(sum_j w_j sqrt(q_j))^2`` expands into the experts ``w_j^2
+    q_j`` and the pairs ``w_i w_j sqrt(q_i q_j)``, ``i != j``, of masses ``w_i w_j BC(q_i, q_j)``; the fraction is
+    summed from the pairs' own log-masses, so a tiny one keeps its digits (``1 -`` the experts' share would round
+    it to 0). Near 0 the experts do not overlap and the pool is the mixture of the experts with weights ``w_j^2``
+    (normalised). ``family``: ``"normal"`` or ``"laplace"`` (``log_bhattacharyya``'s); the prior expert is that
+    family's standard one, as in ``moe``. Absent experts (``mask``) and those of weight zero take no part."""
+    _check_family(family)
+    validate = validation_enabled(validate_args)
+    mu, logvar, mask, m = _prepare(mu, logvar, dim, weights, mask, prior_expert, validate,
+                                   prior_logvar=_PRIOR_LOGVAR[family])
+    log_w = _log_weights(weights, m, mask, mu).expand(mu.shape[:-1])
+    log_bc = log_bhattacharyya(mu.unsqueeze(-2), logvar.unsqueeze(-2), mu.unsqueeze(-3), logvar.unsqueeze(-3),
+                               family=family, validate_args=False)
+    log_mass = log_w.unsqueeze(-1) + log_w.unsqueeze(-2) + log_bc
+    distinct = ~torch.eye(m, dtype=torch.bool, device=mu.device)
+    log_pairs = torch.logsumexp(log_mass.masked_fill(~distinct, -math.inf).flatten(-2), -1)
+    log_experts = torch.logsumexp(2 * log_w, -1)
+    return torch.exp(log_pairs - torch.logaddexp(log_pairs, log_experts))
+
+
+def _check_family(family) -> None:
+    if family not in MIXTURE_FAMILIES:
+        raise ValueError(f"family must be one of {MIXTURE_FAMILIES}, got {family!r}")
 
 
 def wasserstein_barycenter(mu, logvar, *, dim=0, weights=None, mask=None, prior_expert=False, validate_args=None):

@@ -27,6 +27,7 @@ from torch.distributions import (
 import opinionpool
 from opinionpool import derivations
 from opinionpool.families import NormalFamily
+from opinionpool.functional import _laplace_log_chernoff
 from opinionpool.pool import compositions
 from opinionpool.symbolic import SymbolicFamily
 
@@ -174,6 +175,17 @@ def test_categorical_chernoff(point):
     symbols, expr = derivations.categorical_chernoff(3)
     p, q = Categorical(logits=torch.tensor(point[:3])), Categorical(logits=torch.tensor(point[3:6]))
     close(opinionpool.log_chernoff_coefficient(p, q, point[6]), evaluate(symbols, expr, point))
+
+
+@pytest.mark.parametrize("point", random_points(6, 9, (0.1, 5), (0.1, 5), (0.01, 8), (0.05, 0.95)))
+def test_laplace_chernoff(point):
+    """Laplace experts at -delta / 3 and 2 delta / 3 (only the distance matters), scales ``b`` given as
+    log-variances ``log(2 b^2)``."""
+    b_p, b_q, delta, a = point
+    symbols, expr = derivations.laplace_chernoff()
+    got = _laplace_log_chernoff(torch.tensor(-delta / 3), torch.tensor(math.log(2 * b_p**2)),
+                                torch.tensor(2 * delta / 3), torch.tensor(math.log(2 * b_q**2)), a)
+    close(got, evaluate(symbols, expr, point))
 
 
 def random_bivariate_gaussian(rng):
