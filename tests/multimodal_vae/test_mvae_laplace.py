@@ -1,11 +1,17 @@
 """Laplace latents (``latent_family="laplace"``): MMVAE's and MMVAE+'s posteriors, prior and auxiliary
 distributions as their code has them, checked against ``torch.distributions.Laplace`` written out independently."""
 
+import itertools
+import math
+
 import pytest
 import torch
+from scipy import integrate
 
+import opinionpool.functional as opf
 from applications.multimodal_vae.config import load_config
 from applications.multimodal_vae.data import polymnist_modalities
+from applications.multimodal_vae.evaluation.diagnostics import pooling_diagnostics
 from applications.multimodal_vae.models import MODELS, MultimodalVAE, check_options
 from applications.multimodal_vae.networks import make_networks
 
@@ -118,3 +124,37 @@ def test_laplace_latents_go_only_with_the_models_that_sample_their_posteriors():
         check_options("mmvae", latent_family="cauchy")
     with pytest.raises(ValueError, match=r"invalid model options: latent_family='laplace' goes with .*'helvae'"):
         load_config("polymnist-helvae-cpu", ["model.latent_family=laplace"])
+
+
+def test_pooling_diagnostics_read_laplace_posteriors_as_laplace():
+    """Three Laplace experts (latent 1, a batch of 2) of unequal scales: the mean log Bhattacharyya coefficient and
+    the Hellinger pool's pairwise mass by quadrature of the Laplace densities, not those of Gaussians of the same
+    moments (which differ by more than the tolerance)."""
+    model = make("mmvae")
+    loc = [[-1.0, 0.0], [0.4, 2.0], [3.0, 0.1]]
+    logvar = [[math.log(0.5), 0.0], [math.log(2.0), 1.0], [math.log(0.1), -0.5]]
+    model.encode = lambda x: (torch.tensor(loc).unsqueeze(-1), torch.tensor(logvar).unsqueeze(-1))
+
+    def density(z, m, v):
+        b = math.sqrt(math.exp(v) / 2)
+        return math.exp(-abs(z - m) / b) / (2 * b)
+
+    def integral(f, points):
+        return integrate.quad(f, -60, 60, points=sorted(points), limit=400, epsabs=1e-14, epsrel=1e-12)[0]
+
+    log_bc, mass = [], []
+    for b in range(2):
+        experts = [(loc[j][b], logvar[j][b]) for j in range(3)]
+        points = [m for m, _ in experts]
+        log_bc += [math.log(integral(lambda z, p=p, q=q: math.sqrt(density(z, *p) * density(z, *q)), points))
+                   for p, q in itertools.combinations(experts, 2)]
+        total = integral(lambda z, experts=experts: sum(density(z, *e) ** 0.5 / 3 for e in experts) ** 2, points)
+        mass.append(1 - 3 / 9 / total)
+    result = pooling_diagnostics(model, torch.zeros(2, 3, 3, 28, 28))
+    assert result["mean_log_bhattacharyya"] == pytest.approx(sum(log_bc) / 6, rel=1e-6)
+    assert result["pairwise_mass"] == pytest.approx(sum(mass) / 2, rel=1e-6)
+    assert result["own_cross_mass"] is None
+    # the same experts read as Gaussians of the same moments (the diagnostics before) give another mass
+    as_gaussians = opf.hellinger_pairwise_mass(torch.tensor(loc, dtype=torch.float64).unsqueeze(-1),
+                                               torch.tensor(logvar, dtype=torch.float64).unsqueeze(-1))
+    assert float(as_gaussians.mean()) != pytest.approx(result["pairwise_mass"], rel=1e-3)

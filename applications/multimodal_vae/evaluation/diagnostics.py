@@ -26,17 +26,19 @@ def pooling_diagnostics(model, x) -> dict:
       weights when it learns them (None for other models).
 
     A mass near 0 means the experts no longer overlap: the pool is then the mixture of the experts with weights
-    ``lambda_j^(1/alpha)`` (normalised), whatever ``alpha``. Laplace latents (MMVAE, MMVAE+ with
-    ``latent_family="laplace"``) are read as Gaussians of the same means and variances: the closed forms are the
-    Gaussian ones."""
+    ``lambda_j^(1/alpha)`` (normalised), whatever ``alpha``. Both affinities are those of the model's latent family:
+    Laplace for MMVAE and MMVAE+ with ``latent_family="laplace"``. ``own_cross_mass`` concerns Gaussian models
+    only (the Hölder VAEs)."""
     m = model.num_modalities
+    family = model.latent.name
     pairs = list(itertools.combinations(range(m), 2))
     with evaluating(model):
         mu, logvar = model.encode(x)
     mu, logvar = mu.double(), logvar.double()
-    log_bc = sum(opf.log_bhattacharyya(mu[i], logvar[i], mu[j], logvar[j]) for i, j in pairs) / len(pairs)
+    log_bc = sum(opf.log_bhattacharyya(mu[i], logvar[i], mu[j], logvar[j], family=family) for i, j in pairs) / len(pairs)
     weights = None if model.pool_logits is None else torch.softmax(model.pool_logits.double(), 0)
-    return {"mean_log_bhattacharyya": float(log_bc.mean()), "pairwise_mass": _cross_mass(mu, logvar, 0.5),
+    return {"mean_log_bhattacharyya": float(log_bc.mean()),
+            "pairwise_mass": float(opf.hellinger_pairwise_mass(mu, logvar, family=family).mean()),
             "own_cross_mass": (_cross_mass(mu, logvar, model.alpha, weights)
                                if model.spec.exact_alpha and 0 < model.alpha < 1 else None)}
 
