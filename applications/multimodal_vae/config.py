@@ -81,6 +81,9 @@ class TrainConfig:
     seed: int = 0
     #: "auto" (CUDA when available), "cpu" or "cuda"
     device: str = "auto"
+    #: KL warm-up: the KL weight grows by step, linearly from beta / (E * batches per epoch) at the first step to
+    #: beta after E = kl_warmup_epochs epochs, the ramp of the MVAE code of Wu & Goodman (0: no warm-up)
+    kl_warmup_epochs: float = 0.0
     #: stop after this many optimiser steps or minutes (None: no limit), checkpointing first
     max_steps: int | None = None
     max_minutes: float | None = None
@@ -239,6 +242,7 @@ RANGES = {
     "model.alpha": (0.0, 1.0, (), False),
     "model.likelihood_scale": (1e-3, 1e3, (), False),
     "train.epochs": (1, math.inf, (), False),
+    "train.kl_warmup_epochs": (0.0, math.inf, (), False),
     "train.batch_size": (1, math.inf, (), False),
     "train.lr": (0.0, 1.0, ("low",), False),
     "train.seed": (0, 2**32, ("high",), False),

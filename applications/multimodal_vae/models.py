@@ -481,23 +481,27 @@ class MultimodalVAE(nn.Module):
         wider ones at evaluation."""
         return torch.softmax(self.auxiliary_logits, dim=-1) * self.private_dim
 
-    def forward(self, x, present: torch.Tensor | None = None) -> dict:
+    def forward(self, x, present: torch.Tensor | None = None, kl_weight: float = 1.0) -> dict:
         """Loss and its terms for a batch ``x`` (a tensor per modality, or stacked ``(B, M, ...)``) with present
-        modalities ``(M, B)`` (default all)."""
+        modalities ``(M, B)`` (default all); the KL term weighted by ``beta * kl_weight`` (a warm-up's
+        ``kl_weight < 1``; in the multi-sample objectives, the weight of ``log p(z) - log q(z | X)``)."""
         present = self._everything(x) if present is None else present
         mu, logvar = self._encode(x)
         # an absent modality's encoder output is no posterior: N(0, I) stands in for it, so that whatever it holds
         # (an overflow) reaches neither the objective, which masks it late (draws, decoders, KLs), nor its gradients
         given = present.unsqueeze(-1)
         mu, logvar = torch.where(given, mu, 0), torch.where(given, logvar, 0)
+        beta = self.beta * kl_weight
         extra = {"auxiliary_scale": self.auxiliary_scale()} if self.auxiliary_logits is not None else {}
+        if self.spec.multi_sample:
+            extra["beta"] = beta
         if self.top_down is not None:
             extra["top_down"] = self.top_down
         if self.private_kl_weights is not None:
             extra["private_kl_weights"] = self.private_kl_weights
         terms = self.objective(as_modalities(x), present, mu, logvar, self.decoders, self.likelihood, self.pooling,
                                **extra)
-        objective = terms.reconstruction - self.beta * terms.kl if terms.objective is None else terms.objective
+        objective = terms.reconstruction - beta * terms.kl if terms.objective is None else terms.objective
         loss = -objective.mean()
         return {"loss": loss, "reconstruction": terms.reconstruction.mean().detach(), "kl": terms.kl.mean().detach()}
 

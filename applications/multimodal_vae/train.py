@@ -407,7 +407,9 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, re
                 batch = x[0].shape[0]
                 present = modality_mask(batch, model.num_modalities, config.data.drop_rate).to(device)
                 tic = time.perf_counter()
-                scalars, bad_parameters = _step(network, model, optimizer, x, present, autocast, world, where, run)
+                kl_weight = kl_warmup_weight(step + 1, config.train.kl_warmup_epochs * batches_per_epoch)
+                scalars, bad_parameters = _step(network, model, optimizer, x, present, kl_weight, autocast, world,
+                                                where, run)
                 step, position = step + 1, b + 1
                 bar.update()
                 seconds = time.perf_counter() - tic
@@ -478,13 +480,20 @@ def _replicate(model: MultimodalVAE, seed: int, step: int, rank: int, world: int
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-def _step(network, model: MultimodalVAE, optimizer, x, present, autocast, world: int, where: str,
+def kl_warmup_weight(step: int, warmup_steps: float) -> float:
+    """The KL weight's factor at the optimiser step ``step`` (counted from 1) of a linear warm-up over
+    ``warmup_steps`` steps: ``min(1, step / warmup_steps)``, 1 without a warm-up (``warmup_steps = 0``)."""
+    return min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def _step(network, model: MultimodalVAE, optimizer, x, present, kl_weight: float, autocast, world: int, where: str,
           run: RunWriter) -> tuple[tuple[float, float, float], bool]:
-    """One optimiser step on the batch ``x``; the loss terms ``SCALARS`` (averaged over the replicas) and whether
-    a parameter became non-finite (this replica). The step is taken only with a finite loss and finite gradients
-    on every replica (else ``TrainingDiverged``, ``where`` saying at which step)."""
+    """One optimiser step on the batch ``x`` with the KL weighted by ``beta * kl_weight``; the loss terms
+    ``SCALARS`` (averaged over the replicas) and whether a parameter became non-finite (this replica). The step is
+    taken only with a finite loss and finite gradients on every replica (else ``TrainingDiverged``, ``where``
+    saying at which step)."""
     with autocast:
-        out = network(x, present)
+        out = network(x, present, kl_weight)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     # the flag of non-finite gradients travels with the loss terms (one collective; summed over the replicas)

@@ -270,8 +270,8 @@ def poison_step(monkeypatch, step, change):
     calls = {"n": 0}
     original = models.MultimodalVAE.forward
 
-    def poisoned(self, x, present=None):
-        out = original(self, x, present)
+    def poisoned(self, x, present=None, kl_weight=1.0):
+        out = original(self, x, present, kl_weight)
         calls["n"] += 1
         if calls["n"] == step:
             change(out)

@@ -108,9 +108,9 @@ def test_subnormals_are_flushed_while_training_on_the_cpu_and_restored_after(tin
     seen = []
     original = models.MultimodalVAE.forward
 
-    def watched(self, x, present=None):
+    def watched(self, x, present=None, kl_weight=1.0):
         seen.append(float(torch.tensor([1e-310], dtype=torch.float64) * 1.0))
-        return original(self, x, present)
+        return original(self, x, present, kl_weight)
 
     monkeypatch.setattr(models.MultimodalVAE, "forward", watched)
     assert float(torch.tensor([1e-310], dtype=torch.float64) * 1.0) > 0
@@ -119,14 +119,41 @@ def test_subnormals_are_flushed_while_training_on_the_cpu_and_restored_after(tin
     assert float(torch.tensor([1e-310], dtype=torch.float64) * 1.0) > 0
 
 
+def test_kl_warmup_weights_the_kl_by_step_and_resumes_on_schedule(tiny_root):
+    """With ``train.kl_warmup_epochs=1.5`` over 3 batches per epoch, step s logs the loss ``-(reconstruction -
+    beta * min(1, s / 4.5) * kl)`` (the logged terms are batch means, and the loss is linear in them); a run
+    stopped inside the warm-up resumes it on the same schedule."""
+    def warm(name, **train_settings):
+        config = tiny_config(tiny_root, name, kl_warmup_epochs=1.5, **train_settings)
+        config.model.beta = 200.0  # a KL term far above the float32 rounding of the loss at initialisation
+        return config
+
+    full, beta = train(warm("warm"), show_progress=False), 200.0
+    with open(full / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]  # 2 epochs of 3 batches
+    for row in rows:
+        weight = min(1.0, int(row["step"]) / 4.5)
+        expected = -(float(row["reconstruction"]) - beta * weight * float(row["kl"]))
+        assert float(row["loss"]) == pytest.approx(expected, rel=1e-6)
+        if weight < 1:  # the check can tell: without the warm-up the loss would lie beyond 10 tolerances
+            unweighted = -(float(row["reconstruction"]) - beta * float(row["kl"]))
+            assert abs(unweighted - float(row["loss"])) > 1e-5 * abs(expected)
+    train(warm("split", max_steps=2), show_progress=False)
+    resumed = train(warm("split"), resume=True, show_progress=False)
+    assert losses(resumed) == losses(full)
+    with pytest.raises(ValueError, match=r"train.kl_warmup_epochs must be at least 0 and finite, got -1.0"):
+        tiny_config(tiny_root, "bad", kl_warmup_epochs=-1.0)
+
+
 def test_nan_loss_stops_without_writing_weights(tiny_root, monkeypatch):
     from applications.multimodal_vae import models
 
     calls = {"n": 0}
     original = models.MultimodalVAE.forward
 
-    def poisoned(self, x, present=None):
-        out = original(self, x, present)
+    def poisoned(self, x, present=None, kl_weight=1.0):
+        out = original(self, x, present, kl_weight)
         calls["n"] += 1
         if calls["n"] == 5:
             out["loss"] = out["loss"] * float("nan")
