@@ -30,6 +30,21 @@ def test_a_failing_check_sets_the_exit_status(tmp_path, monkeypatch):
     assert "**NO**" in (tmp_path / "report.md").read_text()
 
 
+def test_the_laplace_affinity_checks_pass_and_can_fail(monkeypatch):
+    """The diagonal Laplace checks pass at the quick run's 20 000 draws, and fail when the library reads the
+    experts as Gaussians of the same moments (the diagnostics' reading before the Laplace closed form)."""
+    checks = closed_forms.laplace_affinity_checks(20_000, np.random.default_rng(0))
+    assert len(checks) == 2 and all(c.passed for c in checks)
+    import opinionpool.functional as opf
+
+    for name in ("log_bhattacharyya", "hellinger_pairwise_mass"):
+        original = getattr(opf, name)
+        monkeypatch.setattr(opf, name, lambda *args, original=original, family="normal", **kwargs:
+                            original(*args, family="normal", **kwargs))
+    checks = closed_forms.laplace_affinity_checks(20_000, np.random.default_rng(0))
+    assert not any(c.passed for c in checks)
+
+
 def test_the_quadrature_grid_of_the_mixtures_has_converged(monkeypatch):
     """The NLL and Bhattacharyya coefficient of the two mixtures on the sweep's grid equal those on a grid of 2.5x
     finer spacing, with two bad experts (the narrowest components) present."""

@@ -89,7 +89,8 @@ def main(argv=None) -> int:
                "scipy.stats densities (1-D), a dense trapezoid grid (2-D Gaussians), exact sums (discrete); Monte "
                f"Carlo: {samples} draws from the experts' equal-weight mixture, reweighted to the pool (Dirichlet: "
                "Monte Carlo only). Affinities: Bhattacharyya coefficient, KL and log Chernoff(0.7) between the first "
-               "two experts against Monte Carlo under the first.\n\n"
+               "two experts against Monte Carlo under the first; diagonal Laplace experts' Bhattacharyya "
+               "coefficient and Hellinger pairwise mass against Monte Carlo and importance sampling.\n\n"
                "![z-scores](figures/zscores.png)\n\n![errors](figures/quadrature_errors.png)")
 
     sweep_shape = (4, 2) if args.quick else (10, 3)

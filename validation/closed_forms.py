@@ -37,7 +37,8 @@ import opinionpool
 from .reference import power_mean
 from .report import Z_TOLERANCE, Check, compare
 
-__all__ = ["ALPHAS", "WEIGHTS", "Case", "cases", "quadrature_reference", "monte_carlo_reference", "run", "affinity_checks"]
+__all__ = ["ALPHAS", "WEIGHTS", "Case", "cases", "quadrature_reference", "monte_carlo_reference", "run", "affinity_checks",
+           "laplace_affinity_checks"]
 
 ALPHAS = (0.0, 0.25, 1 / 3, 0.5, 1.0, 2.0, -1.0)
 WEIGHTS = np.array([0.2, 0.3, 0.5])
@@ -327,4 +328,46 @@ def affinity_checks(num_samples: int = 200_000, seed: int = 1) -> list[Check]:
                 mean, se = math.log(mean), se / mean
             checks.append(compare(f"affinities, {case.name}", f"{name} vs Monte Carlo", got, mean, "z-score",
                                   Z_TOLERANCE, standard_error=se, seconds=seconds))
-    return checks
+    return checks + laplace_affinity_checks(num_samples, rng)
+
+
+#: three 3-D diagonal Laplace experts (locations, log-variances log(2 b^2)) of unequal scales, and weights
+LAPLACE_LOC = np.array([[0.0, 1.0, -0.5], [0.8, -0.4, 0.3], [2.5, 0.0, 1.5]])
+LAPLACE_LOGVAR = np.array([[0.0, -1.0, 0.5], [1.0, 0.3, -0.7], [-0.5, 0.8, 0.0]])
+LAPLACE_WEIGHTS = np.array([0.5, 0.3, 0.2])
+
+
+def laplace_affinity_checks(num_samples: int, rng: np.random.Generator) -> list[Check]:
+    """The diagonal Laplace experts of the MMVAE code (``functional``'s ``family="laplace"``): the Bhattacharyya
+    coefficient of the first two against Monte Carlo under the first, and the Hellinger pool's pairwise mass
+    ``1 - sum_j w_j^2 / Z``, ``Z = int (sum_j w_j sqrt(q_j))^2``, against ``Z`` by importance sampling from the
+    experts' equal-weight mixture (the integrand is at most 3 times that mixture's density)."""
+    loc, logvar = torch.tensor(LAPLACE_LOC), torch.tensor(LAPLACE_LOGVAR)
+    start = time.perf_counter()
+    log_bc = float(opinionpool.functional.log_bhattacharyya(loc[0], logvar[0], loc[1], logvar[1], family="laplace"))
+    mass = float(opinionpool.functional.hellinger_pairwise_mass(loc.unsqueeze(1), logvar.unsqueeze(1),
+                                                                weights=torch.tensor(LAPLACE_WEIGHTS),
+                                                                family="laplace"))
+    seconds = time.perf_counter() - start
+    experts = [stats.laplace(loc=LAPLACE_LOC[j], scale=np.sqrt(np.exp(LAPLACE_LOGVAR[j]) / 2)) for j in range(3)]
+
+    def log_densities(z):  # (3, n): each expert's log-density at the draws z (n, 3)
+        return np.stack([e.logpdf(z).sum(-1) for e in experts])
+
+    z = experts[0].rvs(size=(num_samples, 3), random_state=rng)
+    log_q = log_densities(z)
+    ratio = np.exp(0.5 * (log_q[1] - log_q[0]))
+    bc, bc_se = ratio.mean(), ratio.std(ddof=1) / math.sqrt(num_samples)
+    which = rng.integers(3, size=num_samples)
+    z = np.stack([e.rvs(size=(num_samples, 3), random_state=rng) for e in experts])[which, np.arange(num_samples)]
+    log_q = log_densities(z)
+    mixture = np.exp(log_q).mean(0)
+    values = (LAPLACE_WEIGHTS @ np.exp(0.5 * log_q)) ** 2 / mixture
+    total, total_se = values.mean(), values.std(ddof=1) / math.sqrt(num_samples)
+    self_mass = float((LAPLACE_WEIGHTS**2).sum())
+    return [compare("affinities, diagonal Laplace (3-D)", "Bhattacharyya coefficient vs Monte Carlo", math.exp(log_bc),
+                    bc, "z-score", Z_TOLERANCE, standard_error=bc_se, seconds=seconds),
+            # delta method: d(1 - s / Z) = s / Z^2 dZ
+            compare("affinities, diagonal Laplace (3-D)", "Hellinger pool's pairwise mass vs importance sampling",
+                    mass, 1 - self_mass / total, "z-score", Z_TOLERANCE, standard_error=self_mass / total**2 * total_se,
+                    seconds=seconds)]
