@@ -71,6 +71,9 @@ class ModelConfig:
     #: with private_dim > 0, one weight per modality of its private latent's KL (MoPoE's style_weights; its CelebA
     #: code gives image 1, text 2); None: all 1
     private_kl_weights: list[float] | None = None
+    #: MMVM (mmvm, mmvm_holder): the weight a of N(0, I) in the prior a N(0, I) + (1 - a) h(z_m | X), the MMVM code's
+    #: alpha (0: its mixture prior; 1 / (M + 1): its mixedpriorstdnorm)
+    normal_prior_weight: float = 0.0
 
 
 @dataclass
@@ -241,6 +244,7 @@ RANGES = {
     "model.beta": (0.0, 1000.0, ("low",), False),
     "model.alpha": (0.0, 1.0, (), False),
     "model.likelihood_scale": (1e-3, 1e3, (), False),
+    "model.normal_prior_weight": (0.0, 1.0, (), False),
     "train.epochs": (1, math.inf, (), False),
     "train.kl_warmup_epochs": (0.0, math.inf, (), False),
     "train.batch_size": (1, math.inf, (), False),
@@ -291,10 +295,12 @@ def _check(config) -> None:
     if config.data.dataset not in DATASETS:
         raise ValueError(f"data.dataset must be one of {sorted(DATASETS)}, got {config.data.dataset!r}")
     model = config.model
+    # named as the configuration spells it (check_options names the constructor's argument)
+    _check_range("model.normal_prior_weight", model.normal_prior_weight)
     try:
         check_options(model.name, model.alpha, model.learnable_weights, model.num_samples, model.estimator,
                       model.likelihood, model.likelihood_scale, model.private_dim, model.posterior_scale,
-                      model.private_kl_weights, model.latent_family)
+                      model.private_kl_weights, model.latent_family, model.normal_prior_weight)
     except ValueError as error:
         raise ValueError(f"invalid model options: {error}") from None
     weights = model.private_kl_weights

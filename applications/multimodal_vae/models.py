@@ -49,6 +49,8 @@ class ModelSpec:
         top_down: the private posteriors are ``q(w_m | x_m, z)`` (``TopDownPrivate``; ``private`` models).
         laplace: the model takes ``latent_family="laplace"`` (Laplace posteriors and prior, as in the MMVAE and
             MMVAE+ code): its aggregator takes the experts' ``family`` and its objective the ``latent`` family.
+        mixed_prior: the objective's prior of each modality's latent is the aggregate of the others (MMVM's), and
+            takes ``normal_prior_weight``, the weight of an ``N(0, I)`` component beside it.
     """
 
     aggregator: Callable
@@ -65,6 +67,7 @@ class ModelSpec:
     top_down: bool = False
     optional_private: bool = False
     laplace: bool = False
+    mixed_prior: bool = False
 
     def __post_init__(self):
         if self.posterior not in POSTERIORS:
@@ -133,10 +136,10 @@ MODELS: dict[str, ModelSpec] = {
                                 "``holder_plus_objective`` (+ private latents given z)", exact_alpha=True,
                                 weighted=True, multi_sample=True, private=True, components=True, top_down=True),
     "mmvm": ModelSpec(opf.moe, objectives.mmvm_objective, "mixture",
-                      "``moe`` as the prior h(z_m | X) of unimodal latents", "``mmvm_objective``"),
+                      "``moe`` as the prior h(z_m | X) of unimodal latents", "``mmvm_objective``", mixed_prior=True),
     "mmvm_holder": ModelSpec(opf.holder_mixture, objectives.mmvm_objective, "mixture",
                              "``holder_mixture(alpha)`` as the prior h(z_m | X)", "``mmvm_objective``",
-                             exact_alpha=True, weighted=True),
+                             exact_alpha=True, weighted=True, mixed_prior=True),
     "wbvae": ModelSpec(opf.wasserstein_barycenter, objectives.joint_elbo, "gaussian",
                        "``wasserstein_barycenter`` of the present experts", "``joint_elbo``", weighted=True,
                        optional_private=True),
@@ -189,7 +192,8 @@ SOFTMAX_SCALE_FLOOR = 1e-6
 def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = False, num_samples: int = 1,
                   estimator: str = "elbo", likelihood: str = "laplace",
                   likelihood_scale: float = objectives.LAPLACE_SCALE, private_dim: int = 0,
-                  posterior_scale: str = "free", private_kl_weights=None, latent_family: str = "normal") -> None:
+                  posterior_scale: str = "free", private_kl_weights=None, latent_family: str = "normal",
+                  normal_prior_weight: float = 0.0) -> None:
     """Raise ``ValueError`` naming the option when the combination is not a model this module builds."""
     objectives.Likelihood.check(likelihood, likelihood_scale)
     objectives.LatentFamily(latent_family)
@@ -223,6 +227,12 @@ def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = Fals
                          f"model pools or bounds normal posteriors in closed form); model={model!r}")
     if private_kl_weights is not None:
         _check_private_kl_weights(model, spec, private_dim, private_kl_weights)
+    if (isinstance(normal_prior_weight, bool) or not isinstance(normal_prior_weight, (int, float))
+            or not 0 <= normal_prior_weight <= 1):
+        raise ValueError(f"normal_prior_weight must be a number in [0, 1], got {normal_prior_weight!r}")
+    if normal_prior_weight and not spec.mixed_prior:
+        raise ValueError(f"normal_prior_weight (an N(0, I) component of the prior h(z_m | X)) goes with the models "
+                         f"{_models_with('mixed_prior')}; model={model!r} got normal_prior_weight={normal_prior_weight!r}")
 
 
 def _check_private_kl_weights(model: str, spec: ModelSpec, private_dim: int, weights) -> None:
@@ -318,6 +328,8 @@ class MultimodalVAE(nn.Module):
         latent_family: the posteriors' and prior's family (``objectives.LatentFamily``): ``"normal"``, or for the
             models whose spec is ``laplace`` (MMVAE, MMVAE+) ``"laplace"``, their code's Laplace posteriors, prior
             ``Laplace(0, 1)`` and Laplace auxiliary distributions.
+        normal_prior_weight: for the models whose spec is ``mixed_prior`` (MMVM), the weight ``a`` of ``N(0, I)``
+            in their prior ``a N(0, I) + (1 - a) h(z_m | X)`` (``objectives.mmvm_objective``; 0: none).
 
     Under autocast the networks run in reduced precision; the aggregation, the KL and the log-likelihoods are
     computed in float32 (or float64 for a float64 model).
@@ -328,10 +340,10 @@ class MultimodalVAE(nn.Module):
                  num_samples: int = 1, estimator: str = "elbo", likelihood: str = "laplace",
                  likelihood_scale: float = objectives.LAPLACE_SCALE, private_dim: int = 0,
                  latent_dim: int | None = None, posterior_scale: str = "free", private_kl_weights=None,
-                 latent_family: str = "normal"):
+                 latent_family: str = "normal", normal_prior_weight: float = 0.0):
         super().__init__()
         check_options(model, alpha, learnable_weights, num_samples, estimator, likelihood, likelihood_scale,
-                      private_dim, posterior_scale, private_kl_weights, latent_family)
+                      private_dim, posterior_scale, private_kl_weights, latent_family, normal_prior_weight)
         self.posterior_scale, self.latent = posterior_scale, objectives.LatentFamily(latent_family)
         if len(encoders) != len(decoders):
             raise ValueError(f"{len(encoders)} encoders but {len(decoders)} decoders; they must pair up")
@@ -366,6 +378,8 @@ class MultimodalVAE(nn.Module):
             objective = functools.partial(objective, members=opf.holder_mixture_members(len(encoders), alpha))
         if spec.laplace:
             objective = functools.partial(objective, latent=self.latent)
+        if spec.mixed_prior:
+            objective = functools.partial(objective, normal_prior_weight=float(normal_prior_weight))
         self.objective = objective
         self._aggregator = spec.make_aggregator(alpha, latent_family)
         self.pool_logits = nn.Parameter(torch.zeros(len(encoders))) if learnable_weights else None

@@ -481,7 +481,7 @@ def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregat
                  _weighted_sum(weights, valid, bound))
 
 
-def mmvm_objective(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
+def mmvm_objective(x, present, mu, logvar, decoders, likelihood, aggregate, normal_prior_weight=0.0) -> Terms:
     """MMVM (Sutter et al., "Unity by Diversity: Improved Representation Learning in Multimodal VAEs", NeurIPS
     2024): one latent ``z_m`` per modality, each decoded by its own decoder, tied by the data-dependent prior
     ``h(z | X) = aggregate`` of the present unimodal posteriors (``opinionpool.functional.moe``: the paper's
@@ -497,8 +497,15 @@ def mmvm_objective(x, present, mu, logvar, decoders, likelihood, aggregate) -> T
     bound grows with the distance, so it keeps aligning the unimodal latent spaces. With learnt pool weights the
     bound is linear in them at alpha = 1 and favours putting the weight on the posterior the others are closest to.
     Missing modalities neither get a term nor enter h; a sample with one present modality has ``h = q(z_m | x_m)``
-    and no KL."""
+    and no KL.
+
+    ``normal_prior_weight`` ``a`` mixes ``N(0, I)`` into the prior, ``a N(0, I) + (1 - a) h``, whose KL is bounded
+    by ``a KL(q(z_m | x_m) || N(0, I)) + (1 - a)`` times the bound above, as the MMVM code's ``MVMixedPriorVAE``
+    weights them (its ``alpha``: 0 is the mixture prior, ``1/(M + 1)`` its ``mixedpriorstdnorm``, 1 unimodal VAEs)."""
     prior = aggregate(mu, logvar, mask=present)
     z = reparameterise(mu, logvar)  # (M, B, D): z_m for every modality
-    kl = torch.where(present, prior.kl_upper_bound(mu, logvar), 0).sum(0)
+    bound = prior.kl_upper_bound(mu, logvar)
+    if normal_prior_weight:
+        bound = (1 - normal_prior_weight) * bound + normal_prior_weight * kl_to_standard_normal(mu, logvar)
+    kl = torch.where(present, bound, 0).sum(0)
     return Terms(likelihood(x, present, [(z[m],) for m in range(len(decoders))], decoders), kl)

@@ -94,7 +94,8 @@ def make_model(config: Config, modalities) -> MultimodalVAE:
                          num_samples=model.num_samples, estimator=model.estimator, likelihood=model.likelihood,
                          likelihood_scale=model.likelihood_scale, private_dim=model.private_dim,
                          latent_dim=model.latent_dim, posterior_scale=model.posterior_scale,
-                         private_kl_weights=model.private_kl_weights, latent_family=model.latent_family)
+                         private_kl_weights=model.private_kl_weights, latent_family=model.latent_family,
+                         normal_prior_weight=model.normal_prior_weight)
 
 
 def _start_replicas(device: torch.device) -> tuple[int, int, torch.device]:

@@ -227,6 +227,29 @@ def test_mmvm_trains_with_the_authors_pairwise_kl_bound():
     assert all(e.weight.grad.abs().sum() > 0 for e in model.encoders)
 
 
+@pytest.mark.parametrize("name", ["mmvm", "mmvm_holder"])
+def test_an_n01_component_of_the_mmvm_prior_weights_the_bound_as_the_authors_code(name):
+    """normal_prior_weight a = 0.3: per sample, sum over present m of a KL(q_m || N(0, I)) + (1 - a) times the
+    bound without it (torch.distributions' KLs; the bound of the model without the component), the convexity bound
+    of KL(q_m || a N(0, I) + (1 - a) h) that the MMVM code's MVMixedPriorVAE minimises; a sample with one present
+    modality keeps a KL term now. Out-of-range weights and other models are rejected, naming the option."""
+    x, present = inputs()
+    weighted = terms_of(linear_model(name, normal_prior_weight=0.3), x, present)
+    without = terms_of(linear_model(name), x, present)
+    mu, sd, _, rec = mmvm_draws(linear_model(name), x, present)
+    standard = torch.distributions.Normal(torch.zeros(()), torch.ones(()))
+    to_normal = kl_divergence(torch.distributions.Normal(mu, sd), standard).sum(-1)  # (M, B)
+    expected = 0.7 * without.kl + 0.3 * (present * to_normal).sum(0)
+    torch.testing.assert_close(weighted.kl, expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(weighted.reconstruction, rec.detach())
+    assert weighted.kl[2] > 0 and without.kl[2] == 0
+    for bad in (-0.1, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match=r"normal_prior_weight must be a number in \[0, 1\], got"):
+            linear_model(name, normal_prior_weight=bad)
+    with pytest.raises(ValueError, match="normal_prior_weight .* goes with the models .*'mmvm'.*model='mmvae'"):
+        linear_model("mmvae", normal_prior_weight=0.3)
+
+
 def test_mmvm_generates_from_the_given_modalitys_encoder_and_its_prior_is_opinionpools():
     model = linear_model("mmvm_holder", alpha=0.5)
     x, present = inputs()
