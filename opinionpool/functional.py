@@ -501,7 +501,12 @@ def hellinger_pairwise_mass(mu, logvar, *, dim=0, weights=None, mask=None, prior
                                family=family, validate_args=False)
     log_mass = log_w.unsqueeze(-1) + log_w.unsqueeze(-2) + log_bc
     distinct = ~torch.eye(m, dtype=torch.bool, device=mu.device)
-    log_pairs = torch.logsumexp(log_mass.masked_fill(~distinct, -math.inf).flatten(-2), -1)
+    pairs = log_mass.masked_fill(~distinct, -math.inf).flatten(-2)
+    # a sample with one weighted present expert has no pair: logsumexp's gradient over entries all -inf is NaN
+    # (exp(-inf + inf)), so those samples take a finite stand-in, and their (zero) mass its zero gradient
+    paired = (pairs > -math.inf).any(-1, keepdim=True)
+    log_pairs = torch.where(paired, torch.logsumexp(torch.where(paired, pairs, 0.0), -1, keepdim=True),
+                            -math.inf).squeeze(-1)
     log_experts = torch.logsumexp(2 * log_w, -1)
     return torch.exp(log_pairs - torch.logaddexp(log_pairs, log_experts))
 

@@ -232,3 +232,38 @@ def test_identical_experts_put_all_but_the_diagonal_in_the_pairs():
         normalised = weights / weights.sum()
         got = opf.hellinger_pairwise_mass(loc, logvar, weights=weights, family=family)
         torch.testing.assert_close(got, (1 - (normalised**2).sum()).expand(2), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("family", ["normal", "laplace"])
+def test_pairwise_mass_with_the_prior_expert_against_quadrature(family):
+    """The prior expert is the family's standard one: N(0, 1), or Laplace(0, 1) of variance 2 (not of variance 1),
+    with its own weight (the last)."""
+    weights = torch.tensor([0.6, 0.3, 0.1, 0.5], dtype=F64)
+    got = opf.hellinger_pairwise_mass(LOC, LOGVAR, weights=weights, prior_expert=True, family=family)
+    prior_logvar = 0.0 if family == "normal" else math.log(2.0)
+    for b in range(2):
+        expected = quadrature_pairwise_mass(family, LOC[:, b, 0].tolist() + [0.0],
+                                            LOGVAR[:, b, 0].tolist() + [prior_logvar], weights.tolist())
+        assert float(got[b]) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("family", ["normal", "laplace"])
+def test_pairwise_mass_without_a_pair_has_finite_gradients(family):
+    """A sample whose only weighted present expert has no partner (the others absent or of weight zero) has mass 0,
+    and gradients 0, not NaN; the other samples' gradients are those they have alone."""
+    generator = torch.Generator().manual_seed(5)
+    loc = torch.randn(3, 2, 4, generator=generator, dtype=F64).requires_grad_()
+    logvar = torch.randn(3, 2, 4, generator=generator, dtype=F64).requires_grad_()
+    mask = torch.tensor([[True, True], [False, True], [False, True]])
+    alone = opf.hellinger_pairwise_mass(loc[:, 1:], logvar[:, 1:], family=family)
+    loc_alone, logvar_alone = torch.autograd.grad(alone.sum(), (loc, logvar))
+    for weights, present in ((None, mask), (torch.tensor([1.0, 0.0, 0.0], dtype=F64), None)):
+        loc.grad = logvar.grad = None
+        mass = opf.hellinger_pairwise_mass(loc, logvar, weights=weights, mask=present, family=family)
+        assert float(mass[0].detach()) == 0
+        mass.sum().backward()
+        assert bool(torch.isfinite(loc.grad).all()) and bool(torch.isfinite(logvar.grad).all())
+        assert not bool(loc.grad[:, 0].any()) and not bool(logvar.grad[:, 0].any())
+        if weights is None:
+            torch.testing.assert_close(loc.grad, loc_alone, rtol=1e-12, atol=0)
+            torch.testing.assert_close(logvar.grad, logvar_alone, rtol=1e-12, atol=0)
