@@ -107,8 +107,12 @@ def _laplace_log_chernoff(loc_p, logvar_p, loc_q, logvar_q, a: float):
     g = (log_rate_p - log_rate_q).abs()
     distance = (loc_p - loc_q).abs()
     # safe stand-ins where Delta or g is 0, so that no branch torch.where discards has an infinite gradient
-    apart, t_positive = distance > 0, (distance > 0) & (g > 0)
-    log_s = log_rate + torch.log(torch.where(apart, distance, 1.0))
+    log_s = log_rate + torch.log(torch.where(distance > 0, distance, 1.0))
+    # s below the smallest normal number counts as Delta = 0 (log C moves by O(s^2)): there the gradients of the
+    # stretch between the locations and of the decay, each about s and cancelling to O(s^2), underflow unevenly
+    # (logaddexp's backward rounds e^(between - tails) to 0, the decay's keeps it), a gradient -R sign(Delta), not ~0
+    apart = (distance > 0) & (log_s > math.log(torch.finfo(log_s.dtype).tiny))
+    t_positive = apart & (g > 0)
     log_t = torch.where(t_positive, log_s + torch.log(-torch.expm1(-torch.where(g > 0, g, 1.0))), 0.0)
     # t past e^64 changes nothing below (e^-t); capped, it cannot overflow to inf (an inf * 0 gradient)
     t = torch.where(t_positive, torch.exp(log_t.clamp(max=64.0)), 0.0)

@@ -267,3 +267,18 @@ def test_pairwise_mass_without_a_pair_has_finite_gradients(family):
         if weights is None:
             torch.testing.assert_close(loc.grad, loc_alone, rtol=1e-12, atol=0)
             torch.testing.assert_close(logvar.grad, logvar_alone, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_gradient_of_subnormal_distances_is_that_of_coinciding_locations(dtype):
+    """Locations a subnormal number of scales apart: d log C / d loc = O(R s), about 0 (the coefficient is flat in
+    Delta at 0), not the -R sign(Delta) left when the two O(s) terms that cancel underflow unevenly."""
+    tiny = torch.finfo(dtype).tiny
+    for log_factor in (-6, -3, -1, 0, 1):
+        for a, logvar_q in ((0.5, 0.0), (0.5, 1e-3), (0.3, 0.0)):
+            distance = tiny * 10.0**log_factor / math.sqrt(0.5)  # s = R Delta = tiny 10^k for a = 1/2, b = 1/sqrt(2)
+            inputs = [torch.tensor(v, dtype=dtype, requires_grad=True) for v in (0.0, 0.0, distance, logvar_q)]
+            if float(inputs[2].detach()) == 0:  # 10^-6 tiny underflows in float32
+                continue
+            _laplace_log_chernoff(*inputs, a).backward()
+            assert abs(float(inputs[0].grad)) < 1e-4 and abs(float(inputs[2].grad)) < 1e-4
