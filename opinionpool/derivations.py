@@ -20,7 +20,8 @@ __all__ = [
     "gaussian_moment_integrals", "gaussian_hellinger_terms", "exponential_hellinger_terms", "gamma_chernoff",
     "beta_chernoff", "poisson_chernoff", "multinomial_expansion", "dirichlet_kernel", "dirichlet_chernoff",
     "von_mises_kernel", "von_mises_chernoff", "bernoulli_chernoff", "categorical_chernoff", "binomial_chernoff",
-    "bivariate_gaussian_chernoff", "laplace_chernoff", "gaussian_kl", "gamma_kl", "poisson_kl", "gaussian_wasserstein_barycenter",
+    "bivariate_gaussian_chernoff", "laplace_chernoff", "gaussian_kl", "gamma_kl", "poisson_kl",
+    "gaussian_wasserstein_barycenter",
 ]
 
 
