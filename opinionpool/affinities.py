@@ -23,7 +23,13 @@ from ._validation import check_real, check_weights, real_tensor, validation_enab
 from .experts import as_experts
 from .families import ExponentialFamilyDistribution, MultivariateNormalFamily, family_of
 from .families.bregman import bregman_divergence
-from .families.gaussian import _DiagonalGaussianBase, log_det_whitened, normal_kl, whitened_eigenvalues
+from .families.gaussian import (
+    _DiagonalGaussianBase,
+    _log_variance_ratio,
+    log_det_whitened,
+    normal_kl,
+    whitened_eigenvalues,
+)
 from .pool import HolderPool, NumericalHolderPool, geometric_combination, log_of_weights
 
 
@@ -140,20 +146,6 @@ def _gaussian_log_chernoff(loc_p, logvar_p, loc_q, logvar_q, a):
     root = torch.exp(-0.25 * (logvar_p + log_ratio))
     quad = ((loc_p - loc_q) * root * root) ** 2
     return -0.5 * (a * (1 - a) * quad + log_ratio - a * d)
-
-
-def _log_variance_ratio(d, a):
-    """``log1p(a expm1(d))``, the log of ``v_a / v_p = 1 + a expm1(d)`` where it is positive. For ``a > 0`` and
-    ``d > 1`` in log space, ``logaddexp(0, log a + d + log(-expm1(-d)))``: ``expm1(d)`` overflows past d = 709
-    (float64) or 88 (float32), which gave log Chernoff coefficients of -inf for -199.7 and NaN in float32. (For
-    ``a <= 0`` it cannot overflow where the integral converges, ``a expm1(d) > -1``.)"""
-    if not (bool(a.detach() > 0) if isinstance(a, torch.Tensor) else a > 0):
-        return torch.log1p(a * torch.expm1(d))
-    far = d > 1
-    d_near, d_far = torch.where(far, 0.0, d), torch.where(far, d, 1.0)  # each branch finite, for the gradient
-    log_a = torch.log(torch.as_tensor(a, dtype=d.dtype, device=d.device))
-    log_far = torch.logaddexp(torch.zeros_like(d_far), log_a + d_far + torch.log(-torch.expm1(-d_far)))
-    return torch.where(far, log_far, torch.log1p(a * torch.expm1(d_near)))
 
 
 def _mvn_log_chernoff(family, params_p, params_q, a):

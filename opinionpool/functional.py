@@ -35,6 +35,7 @@ from ._validation import (
 from .constants import LOG_2PI, LOG_HALF
 from .families.gaussian import (
     DiagonalNormalFamily,
+    _log_variance_ratio,
     gaussian_barycenter,
     gaussian_combine,
     gaussian_mixture_moments,
@@ -100,11 +101,16 @@ def _laplace_log_chernoff(loc_p, logvar_p, loc_q, logvar_q, a: float):
     r_q) + (e^(-r_p Delta) - e^(-r_q Delta)) / (r_q - r_p)`` (the tails and the stretch between the locations).
     With ``R`` the larger rate, ``g = |log r_p - log r_q|``, ``s = R Delta`` and ``t = s (1 - e^-g)`` it is
     ``e^(-s e^-g) / R * ((1 + e^-t) / (1 + e^-g) + s h(t))``, ``h(t) = (1 - e^-t) / t``: positive terms only, in
-    log space, so no cancellation where the rates coincide and no overflow of a rate or of ``s``."""
-    log_rate_p = math.log(a) + 0.5 * (math.log(2.0) - logvar_p)
-    log_rate_q = math.log1p(-a) + 0.5 * (math.log(2.0) - logvar_q)
-    log_rate = torch.maximum(log_rate_p, log_rate_q)
-    g = (log_rate_p - log_rate_q).abs()
+    log space, so no cancellation where the rates coincide and no overflow of a rate or of ``s``. It is computed as
+    ``log C(0) + log(I(Delta) / I(0))``: at ``Delta = 0``, ``log C = a u - log1p(a expm1(u))`` with ``u = log(b_q /
+    b_p)`` (the gap of Jensen's inequality, exactly 0 for equal scales), and the ratio's terms of order ``s``
+    cancel to its ``O(s^2)`` with a relative error of about ``eps / s``, so nearly equal experts keep the digits of
+    their small log C, and log C <= 0 (Hölder's inequality) holds."""
+    d = logvar_p - logvar_q
+    g = (math.log(a) - math.log1p(-a) - 0.5 * d).abs()  # |log r_p - log r_q|
+    # log R as (log r_p + log r_q + g) / 2: where the rates tie, its gradient is split between them as the
+    # symmetric integral's is
+    log_rate = 0.5 * (math.log(a * (1 - a)) + math.log(2.0) - 0.5 * (logvar_p + logvar_q) + g)
     distance = (loc_p - loc_q).abs()
     # safe stand-ins where Delta or g is 0, so that no branch torch.where discards has an infinite gradient
     log_s = log_rate + torch.log(torch.where(distance > 0, distance, 1.0))
@@ -116,16 +122,21 @@ def _laplace_log_chernoff(loc_p, logvar_p, loc_q, logvar_q, a: float):
     log_t = torch.where(t_positive, log_s + torch.log(-torch.expm1(-torch.where(g > 0, g, 1.0))), 0.0)
     # t past e^64 changes nothing below (e^-t); capped, it cannot overflow to inf (an inf * 0 gradient)
     t = torch.where(t_positive, torch.exp(log_t.clamp(max=64.0)), 0.0)
-    # log h(t): its series below t = 0.001 (error below t^4 / 2880), where 1 - e^-t would lose t's digits
+    # log h(t) = log(1 - e^-t) - log t: its series below t = 0.001 (error below t^4 / 2880), where the two logs
+    # cancel to about -t / 2
     small = t < 0.001
-    log_h = torch.where(small, t * (-0.5 + t / 24),
-                        torch.log(-torch.expm1(-torch.where(small, 1.0, t))) - torch.where(small, 0.0, log_t))
-    tails = torch.log1p(torch.exp(-t)) - torch.log1p(torch.exp(-g))
-    between = torch.where(apart, log_s + log_h, -math.inf)
+    log_h = torch.where(small, t * (-0.5 + t / 24), torch.log(-torch.expm1(-torch.where(small, 1.0, t))) - log_t)
+    # I(Delta) / I(0) with I(0) = 2 / (R (1 + e^-g)): (1 + e^-t + (1 + e^-g) s h(t)) e^(-s e^-g) / 2; for s < 1 by
+    # log1p of its small part, else in log space (s h(t) may overflow)
+    log_pair = torch.log1p(torch.exp(-g))
+    between = torch.where(apart, log_s + log_h + log_pair, -math.inf)
     decay = torch.where(apart, torch.exp(log_s - g), 0.0)  # the smaller rate times Delta
-    log_integral = torch.logaddexp(tails, between) - log_rate - decay
-    # the densities' constants: (2 b_p)^-a (2 b_q)^-(1 - a), log(2 b) = (log 2 + logvar) / 2
-    return log_integral - 0.5 * (math.log(2.0) + a * logvar_p + (1 - a) * logvar_q)
+    near = apart & (log_s < 0)
+    small_part = 0.5 * (torch.expm1(-t) + torch.exp(torch.where(near, between, 0.0)))
+    log_ratio = torch.where(near, torch.log1p(small_part),
+                            torch.logaddexp(torch.log1p(torch.exp(-t)), between) - math.log(2.0)) - decay
+    u = -0.5 * d  # log(b_q / b_p)
+    return (a * u - _log_variance_ratio(u, a) + log_ratio).clamp(max=0.0)
 
 
 def diag_gaussian_kl(mu_p: torch.Tensor, logvar_p: torch.Tensor, mu_q: torch.Tensor,

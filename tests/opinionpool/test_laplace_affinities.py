@@ -106,6 +106,20 @@ def test_tiny_and_huge_scales(log_factor):
         assert got == pytest.approx(quadrature_log_chernoff(*case, 0.5), rel=1e-10, abs=1e-13)
 
 
+@pytest.mark.parametrize("a", [0.5, 0.3])
+def test_nearly_equal_experts_keep_the_digits_of_their_small_coefficient(a):
+    """log C of order 1e-12 to 1e-16 (locations 1e-6 scales apart, log-variances 1e-6 or 1e-7 apart, at scales e^0
+    to e^10), relative to mpmath's quadrature at 50 digits: not the absolute 1e-16 that terms of order one leave;
+    identical experts give exactly 0 at every scale (log C <= 0 always)."""
+    cases = [(0.0, 0.0, 2e-6, 0.0), (0.0, 3.0, 1e-5, 3.0 + 1e-7), (5.0, 20.0, 5.001, 20.0), (0.0, -1.0, 0.0, -1.0 + 1e-6)]
+    for case in cases:
+        got = float(_laplace_log_chernoff(*(torch.tensor(v, dtype=F64) for v in case), a))
+        assert got == pytest.approx(quadrature_log_chernoff(*case, a), rel=1e-6, abs=0)
+    for logvar in (-600.0, -30.0, 0.0, 30.0, 600.0):
+        same = torch.tensor([1.5, logvar, 1.5, logvar], dtype=F64)
+        assert float(_laplace_log_chernoff(*same, a)) == 0.0
+
+
 def test_far_apart_experts_keep_their_digits():
     """Equal scales b at distance Delta: BC = (1 + Delta / (2 b)) e^(-Delta / (2 b)) (the integral of
     e^(-|x| / (2b) - |x - Delta| / (2b)) / (2b) on the three pieces), of log -4999.99 at Delta = 10^4 b and -5e10 at
