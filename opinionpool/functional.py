@@ -112,6 +112,9 @@ def _laplace_log_chernoff(loc_p, logvar_p, loc_q, logvar_q, a: float):
     # symmetric integral's is
     log_rate = 0.5 * (math.log(a * (1 - a)) + math.log(2.0) - 0.5 * (logvar_p + logvar_q) + g)
     distance = (loc_p - loc_q).abs()
+    # an infinite distance (finite locations whose difference overflows) has log C = -inf (set at the end)
+    beyond = torch.isinf(distance)
+    distance = torch.where(beyond, 1.0, distance)
     # safe stand-ins where Delta or g is 0, so that no branch torch.where discards has an infinite gradient
     log_s = log_rate + torch.log(torch.where(distance > 0, distance, 1.0))
     # s below the smallest normal number counts as Delta = 0 (log C moves by O(s^2)): there the gradients of the
@@ -136,7 +139,7 @@ def _laplace_log_chernoff(loc_p, logvar_p, loc_q, logvar_q, a: float):
     log_ratio = torch.where(near, torch.log1p(small_part),
                             torch.logaddexp(torch.log1p(torch.exp(-t)), between) - math.log(2.0)) - decay
     u = -0.5 * d  # log(b_q / b_p)
-    return (a * u - _log_variance_ratio(u, a) + log_ratio).clamp(max=0.0)
+    return torch.where(beyond, -math.inf, (a * u - _log_variance_ratio(u, a) + log_ratio).clamp(max=0.0))
 
 
 def diag_gaussian_kl(mu_p: torch.Tensor, logvar_p: torch.Tensor, mu_q: torch.Tensor,

@@ -130,6 +130,14 @@ def test_far_apart_experts_keep_their_digits():
                                           torch.tensor([distance], dtype=F64), torch.tensor([logvar], dtype=F64),
                                           family="laplace"))
         assert got == pytest.approx(math.log1p(distance / 2) - distance / 2, rel=1e-14)
+    # locations whose difference overflows: -inf, not NaN, and a zero gradient
+    for dtype, big in ((F64, 1e308), (torch.float32, 3e38)):
+        loc = torch.tensor([-big, big], dtype=dtype, requires_grad=True)
+        logvar = torch.zeros(2, dtype=dtype, requires_grad=True)
+        value = _laplace_log_chernoff(loc[0], logvar[0], loc[1], logvar[1], 0.5)
+        assert value.item() == -math.inf
+        value.backward()
+        assert bool((loc.grad == 0).all() and (logvar.grad == 0).all())
 
 
 @pytest.mark.parametrize("case", CASES)
