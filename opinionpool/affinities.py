@@ -26,9 +26,11 @@ from .families.bregman import bregman_divergence
 from .families.gaussian import (
     _DiagonalGaussianBase,
     _log_variance_ratio,
+    log_det_of_factor,
     log_det_whitened,
     normal_kl,
     whitened_eigenvalues,
+    with_derivatives_of,
 )
 from .pool import HolderPool, NumericalHolderPool, geometric_combination, log_of_weights
 
@@ -159,12 +161,14 @@ def _mvn_log_chernoff(family, params_p, params_q, a):
     delta = (family.mean(params_p) - family.mean(params_q)).unsqueeze(-1)
     change = cov_q - cov_p
     chol_p = torch.linalg.cholesky(cov_p)
-    e = whitened_eigenvalues(chol_p, change)
+    e = whitened_eigenvalues(chol_p.detach(), change.detach())
     chol_a = torch.linalg.cholesky(cov_p + a * change)
     scaled = torch.linalg.solve_triangular(chol_a, delta, upper=False)
     quad = (scaled * scaled).sum((-2, -1))
     log_det_q = log_det_whitened(chol_p, cov_q, e)  # log det Sigma_q - log det Sigma_p
-    return -0.5 * (a * (1 - a) * quad + torch.log1p(a * e).sum(-1) - a * log_det_q)
+    # log det Sigma_a - log det Sigma_p, with the derivatives of the Cholesky factors (not of the eigen-solver)
+    log_det_a = with_derivatives_of(torch.log1p(a * e).sum(-1), log_det_of_factor(chol_a) - log_det_of_factor(chol_p))
+    return -0.5 * (a * (1 - a) * quad + log_det_a - a * log_det_q)
 
 
 def log_bhattacharyya_coefficient(p, q) -> torch.Tensor:

@@ -67,15 +67,36 @@ def log_det_whitened(chol: torch.Tensor, matrix: torch.Tensor, e: torch.Tensor) 
     difference: exact for nearby matrices), as ``sum_i log1p(e_i)``, except that those below -1/2 are read as the
     eigenvalues of ``L^-1 M L^-T`` itself (``1 + e_i``, in the same order), which keep their digits where ``M`` is
     far below ``L L^T``: from the difference they are -1 to rounding once ``M`` is 1e-8 (float32) or 1e-16
-    (float64) of it, which gave log-determinants of -inf or NaN."""
-    near = e >= -0.5
-    if bool(near.all()):  # the common case: no solver on L^-1 M L^-T, whose repeated eigenvalues (M = L L^T for
-        return torch.log1p(e).sum(-1)  # the reference expert) gave NaN second derivatives
-    direct = whitened_eigenvalues(chol, matrix)
-    if not bool((near | (direct > 0)).all()):  # a positive-definite M: zero means it underflowed
-        raise ValueError(f"the eigenvalues of the whitened matrix L^-1 M L^-T underflow {direct.dtype}: the "
-                         f"experts' covariances are about its range apart or more")
-    return torch.where(near, torch.log1p(torch.where(near, e, 0.0)), torch.log(torch.where(near, 1.0, direct))).sum(-1)
+    (float64) of it, which gave log-determinants of -inf or NaN. The derivatives are those of ``log det M - log det
+    L L^T`` from Cholesky factors (``with_derivatives_of``)."""
+    with torch.no_grad():
+        e = e.detach()
+        near = e >= -0.5
+        if bool(near.all()):
+            value = torch.log1p(e).sum(-1)
+        else:
+            direct = whitened_eigenvalues(chol.detach(), matrix.detach())
+            if not bool((near | (direct > 0)).all()):  # a positive-definite M: zero means it underflowed
+                raise ValueError(f"the eigenvalues of the whitened matrix L^-1 M L^-T underflow {direct.dtype}: the "
+                                 f"experts' covariances are about its range apart or more")
+            value = torch.where(near, torch.log1p(e), torch.log(direct)).sum(-1)
+    if not (torch.is_grad_enabled() and (chol.requires_grad or matrix.requires_grad)):
+        return value
+    return with_derivatives_of(value, log_det_of_factor(torch.linalg.cholesky(matrix)) - log_det_of_factor(chol))
+
+
+def log_det_of_factor(chol: torch.Tensor) -> torch.Tensor:
+    """``log det L L^T`` of a Cholesky factor ``L``."""
+    return 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+
+
+def with_derivatives_of(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """``value`` (computed without gradient) carrying the derivatives of ``surrogate``, an expression equal to it in
+    exact arithmetic: the log-determinants are valued from eigenvalues, which keep the digits of small terms, and
+    differentiated through Cholesky factors, which need no eigenvectors; the eigen-solver's derivatives divide by
+    differences of eigenvalues, and where eigenvalues repeat (a covariance ``4 I`` against ``I``) its second
+    derivatives were NaN."""
+    return value + (surrogate - surrogate.detach())
 
 
 def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch.Tensor, num_features: int,
@@ -438,17 +459,15 @@ class MultivariateNormalFamily(ExponentialFamily):
         chol_0 = torch.linalg.cholesky(precision_0)
         # R_j - I = L^-1 (P_j - P_0) L^-T from the differences of the precisions (exact for nearby experts), and
         # log det (I + E) as sum log1p(eigenvalues of E): both keep the digits of the small terms
-        excess = _whitened(chol_0, precision - precision_0)
-        excess = torch.where(used, excess, torch.zeros_like(excess))
-        # the reference's excess and those of weightless experts are zero whatever the parameters: a constant of
-        # distinct eigenvalues stands in for them in the solver (at the repeated zeros its second derivative is NaN)
-        reference = torch.arange(w.shape[-1], device=w.device) == log_weights.detach().argmax(-1, keepdim=True)
-        constant = reference[..., None, None] | ~used
-        distinct = torch.diag_embed(torch.arange(excess.shape[-1], dtype=excess.dtype, device=excess.device))
-        e = torch.where(constant[..., 0], 0.0, torch.linalg.eigvalsh(torch.where(constant, distinct, excess)))
+        # (valued only: the derivatives come from Cholesky factors, with_derivatives_of)
+        with torch.no_grad():
+            excess = _whitened(chol_0, precision - precision_0)
+            excess = torch.where(used, excess, torch.zeros_like(excess))
+            e = torch.linalg.eigvalsh(excess)
+            # the weights sum to one (up to the rounding of exp(log w), which is left out, as gaussian_combine does)
+            mixed = torch.log1p(torch.linalg.eigvalsh((w[..., None, None] * excess).sum(k))).sum(-1)
         log_det_relative = log_det_whitened(chol_0, torch.where(used, precision, precision_0), e)
-        # the weights sum to one (up to the rounding of exp(log w), which is left out, as gaussian_combine does)
-        log_det_mixed = torch.log1p(torch.linalg.eigvalsh((w[..., None, None] * excess).sum(k))).sum(-1)
+        log_det_mixed = with_derivatives_of(mixed, log_det_of_factor(chol) - log_det_of_factor(chol_0).squeeze(-1))
         weighted = torch.where(w > 0, w * log_det_relative, torch.zeros_like(w)).sum(-1)
         log_c = -0.5 * quad - 0.5 * (log_det_mixed - weighted)
         return self.join(mean, combined), log_c

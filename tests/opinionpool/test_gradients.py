@@ -123,20 +123,36 @@ def test_a_natural_parameter_of_exactly_zero_keeps_its_gradient():
     assert grad.item() == pytest.approx(central, rel=1e-6)
 
 
-@pytest.mark.parametrize("weights", [[0.3, 0.5, 0.2], [0.3, 0.7, 0.0]])
-def test_full_covariance_combination_has_finite_second_derivatives(weights):
-    """The log-determinants of the full-covariance combination ran the eigen-solver on the heaviest expert's own
-    excess (a zero matrix) and on weightless experts' (zeros), whose repeated eigenvalues make its second
-    derivative NaN: every Hessian with respect to ``scale_tril`` was NaN. Checked against finite differences."""
+# scale_tril entries (L11, L21, L22) of three 2-D experts; the isotropic ones have covariances I and 4 I, whose
+# whitened difference is 3 I (a repeated eigenvalue)
+GENERAL = ([1.0, 0.3, 0.8], [1.5, -0.2, 0.6], [0.7, 0.1, 1.2])
+ISOTROPIC = ([1.0, 0.0, 1.0], [2.0, 0.0, 2.0], [0.7, 0.1, 1.2])
+
+
+@pytest.mark.parametrize("weights, scales", [([0.3, 0.5, 0.2], GENERAL), ([0.3, 0.7, 0.0], GENERAL),
+                                             ([0.5, 0.3, 0.2], ISOTROPIC)])
+def test_full_covariance_combination_has_finite_second_derivatives(weights, scales):
+    """The log-determinants of the full-covariance combination and of the two-expert Chernoff coefficient ran the
+    eigen-solver's derivatives, which divide by differences of eigenvalues: on the heaviest expert's own excess
+    (a zero matrix), on weightless experts' (zeros) and on isotropic differences (covariances I and 4 I) their
+    repeated eigenvalues made every Hessian with respect to ``scale_tril`` NaN. Checked against finite
+    differences."""
     from torch.distributions import MultivariateNormal
 
     rows, cols = torch.tril_indices(2, 2)
     locs = [torch.tensor([0.0, 1.0]), torch.tensor([0.5, -0.3]), torch.tensor([-1.0, 0.2])]
-    entries = [torch.tensor(v, requires_grad=True) for v in ([1.0, 0.3, 0.8], [1.5, -0.2, 0.6], [0.7, 0.1, 1.2])]
+    entries = [torch.tensor(v, requires_grad=True) for v in scales]
+
+    def experts(tril_entries):
+        return [MultivariateNormal(m, scale_tril=torch.zeros(2, 2).index_put((rows, cols), t))
+                for m, t in zip(locs, tril_entries)]
 
     def log_c(*tril_entries):
-        experts = [MultivariateNormal(m, scale_tril=torch.zeros(2, 2).index_put((rows, cols), t))
-                   for m, t in zip(locs, tril_entries)]
-        return opinionpool.log_multi_chernoff_coefficient(experts, torch.tensor(weights))
+        return opinionpool.log_multi_chernoff_coefficient(experts(tril_entries), torch.tensor(weights))
+
+    def pair(*tril_entries):
+        first, second = experts(tril_entries + (entries[2],))[:2]
+        return opinionpool.log_chernoff_coefficient(first, second, 0.3)
 
     assert torch.autograd.gradgradcheck(log_c, tuple(entries))
+    assert torch.autograd.gradgradcheck(pair, tuple(entries[:2]))
