@@ -287,9 +287,11 @@ def mmvae_objective(x, present, mu, logvar, decoders, likelihood, aggregate, bet
     - ``"elbo"``: ``mean_k log w_k``;
     - ``"iwae"``: ``log mean_k w_k``;
     - ``"dreg"``: the doubly reparameterised IWAE gradient (Tucker et al., 2019): ``q``'s parameters are detached
-      inside ``log q``, the decoder gradient is weighted by the normalised weights and the path through ``z`` by
-      their square. Its ``objective`` is a surrogate with that gradient; ``reconstruction`` and ``kl`` are the
-      sample means of ``log p(X|z)`` and ``log q(z|X) - log p(z)`` in every case.
+      inside ``log q``, the decoder gradient is weighted by the normalised weights ``w~`` and the path through
+      ``z`` by ``(1 - beta) w~ + beta w~^2`` (their square at ``beta = 1``: the score term of ``beta log q``,
+      which DReG turns into path terms, is ``beta`` times that of ``log q``). Its ``objective`` is a surrogate with
+      that gradient; ``reconstruction`` and ``kl`` are the sample means of ``log p(X|z)`` and ``log q(z|X) -
+      log p(z)`` in every case.
 
     ``latent``: the posteriors' and prior's ``LatentFamily`` (``aggregate`` must pool that family).
     """
@@ -309,17 +311,21 @@ def _detached(mixture):
                             logvar=mixture.logvar.detach())
 
 
-def _bound(log_w: torch.Tensor, estimator: str, latents) -> torch.Tensor:
-    """The per-sample bound from log-weights ``(K, B)``; for DReG, hooks on the reparameterised ``latents``
-    weight their gradient by the squared normalised weights."""
+def _bound(log_w: torch.Tensor, estimator: str, latents, beta: float = 1.0) -> torch.Tensor:
+    """The per-sample bound from log-weights ``(K, B)`` whose ``log p(z) - log q(z | X)`` is weighted by ``beta``;
+    for DReG, the surrogate ``sum_k w~_k log w_k`` (``w~`` the normalised weights, detached), whose path gradient
+    hooks on the reparameterised ``latents`` multiply by ``(1 - beta) + beta w~``: the IWAE path term ``w~`` less
+    ``beta`` times the score term of ``log q``, which DReG's identity makes ``w~ - w~^2`` in the path (``w~^2`` at
+    ``beta = 1``, exactly; ``w~``, the plain reparameterised gradient, at ``beta = 0``)."""
     if estimator == "elbo":
         return log_w.mean(0)
     if estimator == "iwae":
         return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
     normalised = torch.softmax(log_w, 0).detach()
+    factor = (1 - beta) + beta * normalised
     for latent in latents:
         if latent.requires_grad:
-            latent.register_hook(lambda grad, w=normalised: grad * w.unsqueeze(-1))
+            latent.register_hook(lambda grad, w=factor: grad * w.unsqueeze(-1))
     return (normalised * log_w).sum(0)
 
 
@@ -357,7 +363,7 @@ def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate
         here = present[m].to(mu.dtype) / count
         rec = rec + here * log_lik.mean(0)
         kl = kl + here * (log_q - log_p).mean(0)
-        objective = objective + here * _bound(log_w, estimator, (u,))
+        objective = objective + here * _bound(log_w, estimator, (u,), beta)
     return Terms(rec, kl, objective)
 
 
@@ -430,8 +436,9 @@ def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregat
     posteriors (``p`` standard normal). Per component the bound is, as in ``mmvae_objective``, ``"elbo"``
     (``mean_k log w_k``), ``"iwae"`` (``log mean_k w_k``) or ``"dreg"`` (the IWAE value with the doubly
     reparameterised gradient: the posteriors' parameters stopped inside ``log q``, every path gradient of a
-    draw weighted by the squared normalised weights; in Hölder++ the draws of ``w`` reach ``z`` through
-    ``top_down``, and each path is weighted once); the objective is ``sum_c pi_c bound_c``, so the weights
+    draw weighted by ``(1 - beta) w~ + beta w~^2``, ``w~`` the normalised weights (their square at ``beta = 1``);
+    in Hölder++ the draws of ``w`` reach ``z`` through ``top_down``, and each path is weighted once); the
+    objective is ``sum_c pi_c bound_c``, so the weights
     ``pi_c`` get their exact gradient. ``reconstruction`` and ``kl`` are the ``pi``-weighted sample means of
     ``log p(X | z, w)`` and ``log q - log p``. ``weight_gradient=False`` stops the gradient of the weights
     ``pi_c`` in that sum (they still enter ``log q(z | X)``): a pair's bound reconstructs two modalities through
@@ -474,7 +481,7 @@ def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregat
         draws.append(w)
     log_lik = likelihood(x, present, inputs, decoders)  # (K, C, B)
     log_w = log_lik + beta * (log_p - log_q)
-    bound = _bound(log_w, estimator, draws)  # (C, B)
+    bound = _bound(log_w, estimator, draws, beta)  # (C, B)
     if dreg:  # the value is the IWAE bound, the gradient DReG's
         bound = (torch.logsumexp(log_w, 0) - math.log(num_samples)).detach() + bound - bound.detach()
     return Terms(_weighted_sum(weights, valid, log_lik.mean(0)), _weighted_sum(weights, valid, (log_q - log_p).mean(0)),

@@ -162,7 +162,7 @@ def hoelder_plus_reference(x, mu, logvar, decoders, present, auxiliary_scale, to
     """The Hölder+ / Hölder++ objective written out component by component from the sampling rule. With
     ``stop``, a surrogate with DReG's gradient in the encoders' outputs and the top-down nets: ``pi``'s gradient
     times the IWAE value, plus the path gradients (the densities' parameters detached, the draws keeping their
-    paths) weighted by the squared normalised weights."""
+    paths) weighted by ``(1 - beta) w~ + beta w~^2`` (``w~`` the normalised weights; their square at beta = 1)."""
     pi, mean, var = reference_pool(mu[..., :shared], logvar[..., :shared], present)
     k, b = num_samples, mu.shape[1]
     z = mean + var.sqrt() * torch.randn(k, len(COMPONENTS), b, shared)
@@ -195,7 +195,8 @@ def hoelder_plus_reference(x, mu, logvar, decoders, present, auxiliary_scale, to
         iwae = torch.logsumexp(log_w, 0) - math.log(k)
         if stop:
             normalised = torch.softmax(log_w, 0).detach()
-            term = pi[c] * iwae.detach() + pi[c].detach() * (normalised ** 2 * log_w).sum(0)
+            path_weight = (1 - BETA) * normalised + BETA * normalised ** 2  # DReG at beta: w^2 at beta = 1
+            term = pi[c] * iwae.detach() + pi[c].detach() * (path_weight * log_w).sum(0)
         else:
             term = pi[c] * (log_w.mean(0) if estimator == "elbo" else iwae)
         total = total + torch.where(pi[c] > 0, term, 0.0)
@@ -214,11 +215,11 @@ def plus_model(top_down, shared=2, private=1, seed=0):
     return x, mu, logvar, decoders, present, auxiliary_scale, nets
 
 
-def run_plus(model, num_samples, estimator, seed=9, private=1):
+def run_plus(model, num_samples, estimator, seed=9, private=1, beta=BETA):
     x, mu, logvar, decoders, present, auxiliary_scale, nets = model
     torch.manual_seed(seed)
     return objectives.holder_plus_objective(
-        x, present, mu, logvar, decoders, likelihood, aggregate, beta=BETA, num_samples=num_samples,
+        x, present, mu, logvar, decoders, likelihood, aggregate, beta=beta, num_samples=num_samples,
         estimator=estimator, private_dim=private, auxiliary_scale=auxiliary_scale,
         members=opf.holder_mixture_members(3, 0.5), top_down=nets)
 
@@ -245,8 +246,8 @@ def test_hoelder_plus_objective_follows_the_per_component_sampling_rule(top_down
 @pytest.mark.parametrize("top_down", [False, True], ids=["hoelderplus", "hoelderplusplus"])
 def test_hoelder_plus_dreg_gradients(top_down):
     """DReG: the decoders' and the auxiliary scales' gradient is IWAE's; the encoders' outputs and the top-down
-    nets get pi's gradient times the IWAE value plus the path gradients weighted by the squared normalised
-    weights (each path once, also where Hölder++'s private draws reach z through the top-down nets)."""
+    nets get pi's gradient times the IWAE value plus the path gradients weighted by ``(1 - beta) w~ + beta w~^2``
+    (each path once, also where Hölder++'s private draws reach z through the top-down nets)."""
     model = plus_model(top_down)
     x, mu, logvar, decoders, present, auxiliary_scale, nets = model
     iwae, dreg = run_plus(model, 4, "iwae"), run_plus(model, 4, "dreg")
@@ -265,6 +266,19 @@ def test_hoelder_plus_dreg_gradients(top_down):
         torch.testing.assert_close(g, w)
     iwae_grad = torch.autograd.grad(iwae.objective.sum(), [mu])[0]
     assert not torch.allclose(got[0], iwae_grad)
+
+
+@pytest.mark.parametrize("top_down", [False, True], ids=["hoelderplus", "hoelderplusplus"])
+def test_hoelder_plus_dreg_at_beta_zero_is_the_iwae_gradient(top_down):
+    """At beta = 0 (a KL warm-up's start) the log-weights hold no ``log q``, so DReG has no score term to turn into
+    path terms: every gradient is IWAE's on the same draws (the squared normalised weights would differ)."""
+    model = plus_model(top_down)
+    x, mu, logvar, decoders, present, auxiliary_scale, nets = model
+    iwae, dreg = run_plus(model, 4, "iwae", beta=0.0), run_plus(model, 4, "dreg", beta=0.0)
+    parameters = [mu, logvar, auxiliary_scale, *decoders.parameters(), *(nets.parameters() if nets else [])]
+    for g, w in zip(torch.autograd.grad(dreg.objective.sum(), parameters),
+                    torch.autograd.grad(iwae.objective.sum(), parameters)):
+        torch.testing.assert_close(g, w)
 
 
 def test_top_down_private_starts_as_the_encoders_posterior_and_then_depends_on_z():
