@@ -16,9 +16,11 @@ from torch.distributions import kl_divergence
 
 from applications.multimodal_vae import objectives
 from applications.multimodal_vae.__main__ import main
+from applications.multimodal_vae.config import load_config
 from applications.multimodal_vae.data import MultimodalDataset, polymnist_modalities
 from applications.multimodal_vae.evaluation import private_latent_probe
 from applications.multimodal_vae.models import MultimodalVAE, PrivateLatent
+from applications.multimodal_vae.train import make_model
 
 M, B, D, P = 3, 7, 2, 2  # modalities, batch, shared latent, private latent
 SCALE = 0.75
@@ -248,6 +250,10 @@ def test_an_n01_component_of_the_mmvm_prior_weights_the_bound_as_the_authors_cod
             linear_model(name, normal_prior_weight=bad)
     with pytest.raises(ValueError, match="normal_prior_weight .* goes with the models .*'mmvm'.*model='mmvae'"):
         linear_model("mmvae", normal_prior_weight=0.3)
+    # the configuration's option reaches the model a run trains
+    config = load_config(f"polymnist-{name.replace('_', '-')}-cpu", ["model.normal_prior_weight=0.3"])
+    built = make_model(config, polymnist_modalities(config.data.num_modalities))
+    assert built.objective.keywords["normal_prior_weight"] == 0.3
 
 
 def test_mmvm_generates_from_the_given_modalitys_encoder_and_its_prior_is_opinionpools():

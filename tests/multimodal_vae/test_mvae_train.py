@@ -142,6 +142,10 @@ def test_kl_warmup_weights_the_kl_by_step_and_resumes_on_schedule(tiny_root):
     train(warm("split", max_steps=2), show_progress=False)
     resumed = train(warm("split"), resume=True, show_progress=False)
     assert losses(resumed) == losses(full)
+    changed = warm("split")  # the ramp is part of the objective: a resumed run keeps it
+    changed.train.kl_warmup_epochs = 3.0
+    with pytest.raises(ValueError, match=r"configuration differs .*train.kl_warmup_epochs: saved 1.5, now 3.0"):
+        train(changed, resume=True, show_progress=False)
     with pytest.raises(ValueError, match=r"train.kl_warmup_epochs must be at least 0 and finite, got -1.0"):
         tiny_config(tiny_root, "bad", kl_warmup_epochs=-1.0)
 
