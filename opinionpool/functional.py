@@ -944,7 +944,7 @@ class _SubsetSums(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(w, x, log_p, present, reference):
+    def forward(w, x, log_p, present, reference, uniform):
         span = _span(log_p.dtype)
         # (raising the values below the floor leaves the shift as it is: it is at least top - span)
         top, shift = _present_shift(log_p, present, span)
@@ -960,14 +960,17 @@ class _SubsetSums(torch.autograd.Function):
         # in one pass, not in slices: its (..., K, D) tensors are the outputs, new memory either way (slices measured
         # slower); the backward pass's temporaries are not. 1 / sum is not kept: a third such tensor, whose fresh
         # pages cost more than recomputing it from the scaled precisions in the backward pass's slices
+        # (in place: out= has no batching rule under vmap) each pass over them counts: uniform weights, MoPoE's,
+        # have the scale 1, whose log is not added
         total = wn @ p
         mean = (wn @ (p * x)).div_(total).add_(reference)
-        logvar = total.log_().add_(shift).add_(w_top.log()).neg_()
+        log_total = total.log_() if uniform else total.log_().add_(w_top.log())
+        logvar = log_total.add_(shift).neg_()
         return mean, logvar, wn, w_top, p, clamped
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, x, _, _, reference = inputs
+        _, x, _, _, reference, _ = inputs
         mean, _, wn, w_top, p, clamped = output
         ctx.mark_non_differentiable(wn, w_top, p, clamped)
         ctx.save_for_backward(x, reference, mean, wn, w_top, p, clamped)
@@ -986,7 +989,7 @@ class _SubsetSums(torch.autograd.Function):
         d_px, d_p, *d_w = by_rows(_subset_sums_backward, batch, tuple(t.expand(batch + t.shape[-2:]) for t in tensors),
                                   need_w, row_elements=mean.shape[-2] * mean.shape[-1])
         d_log_p = torch.where(clamped, 0, d_p.mul_(p))
-        return d_w[0] if need_w else None, d_px.mul_(p), d_log_p, None, g_mean.sum(-2, keepdim=True)
+        return d_w[0] if need_w else None, d_px.mul_(p), d_log_p, None, g_mean.sum(-2, keepdim=True), None
 
 
 def _subset_sums_backward(g_mean, g_lv, x, reference, mean, wn, w_top, p, need_w):
@@ -996,14 +999,15 @@ def _subset_sums_backward(g_mean, g_lv, x, reference, mean, wn, w_top, p, need_w
     # saved log-variance over (..., K, D)
     r = (wn @ p).reciprocal_()
     d_weighted = g_mean * r
-    # d sum = -(g_mean (mean - reference) + g_lv) / sum
-    d_total = (g_lv * r).addcmul_(d_weighted, mean).addcmul_(d_weighted, reference, value=-1).neg_()
+    # -d sum = (g_mean (mean - reference) + g_lv) / sum: its sign is folded into the products with it, which are
+    # (..., M, D) or (..., K, M), not (..., K, D)
+    minus_d_total = (g_lv * r).addcmul_(d_weighted, mean).addcmul_(d_weighted, reference, value=-1)
     wt = wn.transpose(-1, -2)
     d_px = wt @ d_weighted
-    d_p = (wt @ d_total).addcmul_(d_px, x)
+    d_p = (wt @ minus_d_total).neg_().addcmul_(d_px, x)
     if not need_w:
         return d_px, d_p
-    d_w = (d_total @ p.transpose(-1, -2)).add_(d_weighted @ (p * x).transpose(-1, -2)).div_(w_top)
+    d_w = (d_weighted @ (p * x).transpose(-1, -2)).sub_(minus_d_total @ p.transpose(-1, -2)).div_(w_top)
     return d_px, d_p, d_w
 
 
@@ -1012,7 +1016,7 @@ def _subset_poe(mu, logvar, member, weights):
     ``(..., K, M)`` with the scaled precisions and precision-weighted offsets (``_SubsetSums``)."""
     x, reference = _reference_offsets(mu, member)
     w = _subset_weights(weights, member, mu.dtype)
-    return _SubsetSums.apply(w, x, -logvar, member.any(-2).unsqueeze(-1), reference)[:2]
+    return _SubsetSums.apply(w, x, -logvar, member.any(-2).unsqueeze(-1), reference, weights is None)[:2]
 
 
 def _subset_barycenter(mu, logvar, member, weights):
