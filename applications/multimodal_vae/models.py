@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -227,7 +228,7 @@ def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = Fals
                          f"model pools or bounds normal posteriors in closed form); model={model!r}")
     if private_kl_weights is not None:
         _check_private_kl_weights(model, spec, private_dim, private_kl_weights)
-    if (isinstance(normal_prior_weight, bool) or not isinstance(normal_prior_weight, (int, float))
+    if (isinstance(normal_prior_weight, bool) or not isinstance(normal_prior_weight, numbers.Real)
             or not 0 <= normal_prior_weight <= 1):
         raise ValueError(f"normal_prior_weight must be a number in [0, 1], got {normal_prior_weight!r}")
     if normal_prior_weight and not spec.mixed_prior:

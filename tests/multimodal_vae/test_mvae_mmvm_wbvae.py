@@ -245,6 +245,8 @@ def test_an_n01_component_of_the_mmvm_prior_weights_the_bound_as_the_authors_cod
     torch.testing.assert_close(weighted.kl, expected.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(weighted.reconstruction, rec.detach())
     assert weighted.kl[2] > 0 and without.kl[2] == 0
+    numpy_weight = terms_of(linear_model(name, normal_prior_weight=np.float32(0.3)), x, present)  # any real number
+    torch.testing.assert_close(numpy_weight.kl, weighted.kl, rtol=1e-7, atol=0)
     for bad in (-0.1, 1.5, float("nan"), True):
         with pytest.raises(ValueError, match=r"normal_prior_weight must be a number in \[0, 1\], got"):
             linear_model(name, normal_prior_weight=bad)
