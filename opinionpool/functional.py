@@ -119,7 +119,7 @@ def _laplace_log_chernoff(loc_p, logvar_p, loc_q, logvar_q, a: float):
     log_s = log_rate + torch.log(torch.where(distance > 0, distance, 1.0))
     # s below the smallest normal number counts as Delta = 0 (log C moves by O(s^2)): there the gradients of the
     # stretch between the locations and of the decay, each about s and cancelling to O(s^2), underflow unevenly
-    # (logaddexp's backward rounds e^(between - tails) to 0, the decay's keeps it), a gradient -R sign(Delta), not ~0
+    # (the stretch's rounds to 0, the decay's keeps it), a gradient -R sign(Delta), not ~0
     apart = (distance > 0) & (log_s > math.log(torch.finfo(log_s.dtype).tiny))
     t_positive = apart & (g > 0)
     log_t = torch.where(t_positive, log_s + torch.log(-torch.expm1(-torch.where(g > 0, g, 1.0))), 0.0)
@@ -131,8 +131,8 @@ def _laplace_log_chernoff(loc_p, logvar_p, loc_q, logvar_q, a: float):
     log_h = torch.where(small, t * (-0.5 + t / 24), torch.log(-torch.expm1(-torch.where(small, 1.0, t))) - log_t)
     # I(Delta) / I(0) with I(0) = 2 / (R (1 + e^-g)): (1 + e^-t + (1 + e^-g) s h(t)) e^(-s e^-g) / 2; for s < 1 by
     # log1p of its small part, else in log space (s h(t) may overflow)
-    log_pair = torch.log1p(torch.exp(-g))
-    between = torch.where(apart, log_s + log_h + log_pair, -math.inf)
+    log_rate_sum = torch.log1p(torch.exp(-g))  # log((r_p + r_q) / R)
+    between = torch.where(apart, log_s + log_h + log_rate_sum, -math.inf)
     decay = torch.where(apart, torch.exp(log_s - g), 0.0)  # the smaller rate times Delta
     near = apart & (log_s < 0)
     small_part = 0.5 * (torch.expm1(-t) + torch.exp(torch.where(near, between, 0.0)))
@@ -518,8 +518,7 @@ def hellinger_pairwise_mass(mu, logvar, *, dim=0, weights=None, mask=None, prior
     log_bc = log_bhattacharyya(mu.unsqueeze(-2), logvar.unsqueeze(-2), mu.unsqueeze(-3), logvar.unsqueeze(-3),
                                family=family, validate_args=False)
     log_mass = log_w.unsqueeze(-1) + log_w.unsqueeze(-2) + log_bc
-    distinct = ~torch.eye(m, dtype=torch.bool, device=mu.device)
-    pairs = log_mass.masked_fill(~distinct, -math.inf).flatten(-2)
+    pairs = log_mass.masked_fill(torch.eye(m, dtype=torch.bool, device=mu.device), -math.inf).flatten(-2)
     # a sample with one weighted present expert has no pair: logsumexp's gradient over entries all -inf is NaN
     # (exp(-inf + inf)), so those samples take a finite stand-in, and their (zero) mass its zero gradient
     paired = (pairs > -math.inf).any(-1, keepdim=True)
@@ -960,8 +959,8 @@ class _SubsetSums(torch.autograd.Function):
         # in one pass, not in slices: its (..., K, D) tensors are the outputs, new memory either way (slices measured
         # slower); the backward pass's temporaries are not. 1 / sum is not kept: a third such tensor, whose fresh
         # pages cost more than recomputing it from the scaled precisions in the backward pass's slices
-        # (in place: out= has no batching rule under vmap) each pass over them counts: uniform weights, MoPoE's,
-        # have the scale 1, whose log is not added
+        # Each pass over them counts: uniform weights (MoPoE's) have the scale 1, whose log is not added. (The
+        # passes are in place: fusing them with out= has no batching rule under vmap.)
         total = wn @ p
         mean = (wn @ (p * x)).div_(total).add_(reference)
         log_total = total.log_() if uniform else total.log_().add_(w_top.log())

@@ -38,8 +38,8 @@ Conventions (stated in every report):
   draws its ``w`` from its posterior, any other target (and unconditional generation) from the prior, as
   MMVAE+ generates (``MultimodalVAE.decode``).
 * **Pooling diagnostics** (all modalities present): the mean log Bhattacharyya coefficient between pairs of
-  unimodal posteriors, and the fraction of the Hellinger pool's mass in its pairwise components (the first M
-  components of ``opinionpool.functional.holder_mixture`` are the experts themselves); for the Hölder VAEs at
+  unimodal posteriors, and the fraction of the Hellinger pool's mass in its pairwise components
+  (``opinionpool.functional.hellinger_pairwise_mass``), both for the model's latent family; for the Hölder VAEs at
   alpha = 1/n, 0 < alpha < 1, also the mass of their own pool in components that combine experts. When the
   experts stop overlapping (large latents), these masses vanish and the pool becomes a (moment-matched) mixture of
   the experts. Training logs them at every checkpoint and every ``train.diagnostics_every`` steps (``pooling.csv``).
