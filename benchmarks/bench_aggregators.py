@@ -16,7 +16,9 @@ shrunk tenfold), where every pair is kept; the "pairs left out" column says how 
 Each round runs every candidate once in a fresh random order; a candidate's ratio is taken to PoE's time in the
 same round, and the table gives the median ratio with its interquartile range over rounds (robust to drifting
 machine load). One thread by default. Memory: the bytes of the tensors autograd saves for backward (each storage
-once), via ``torch.autograd.graph.saved_tensors_hooks``.
+once), via ``torch.autograd.graph.saved_tensors_hooks``; "new pages", the median count of minor page faults of the
+process during one forward + backward (memory the kernel hands out and zero-fills anew, 4 KiB a page: what the
+allocator did not reuse).
 
 Usage: python benchmarks/bench_aggregators.py [--shapes 128,5,64 256,3,512 256,5,512 256,10,512 --rounds 30]
 Prints a Markdown table; ``--docs docs/benchmarks.md`` also splices it into that page.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import resource
 import statistics
 import sys
 import time
@@ -111,18 +114,20 @@ def pairs_left_out(mu: torch.Tensor, logvar: torch.Tensor) -> str:
     return f"{0 if partners is None else total - sum(map(len, partners))} of {total}"
 
 
-def _step(fn, mu, logvar) -> float:
+def _step(fn, mu, logvar) -> tuple[float, int]:
+    """Seconds of one forward + backward, and the minor page faults it took (memory the kernel handed out anew)."""
     a = mu.detach().requires_grad_(True)
     b = logvar.detach().requires_grad_(True)
     cuda = mu.device.type == "cuda"
     if cuda:  # kernels run asynchronously: time from an idle device to the backward's last kernel
         torch.cuda.synchronize()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     loc, lv = fn(a, b)
     (loc.sum() + lv.sum()).backward()
     if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
 def saved_bytes(fn, mu, logvar) -> int:
@@ -131,22 +136,25 @@ def saved_bytes(fn, mu, logvar) -> int:
 
 
 def measure(found: dict, mu, logvar, rounds: int, warmup: int, rng: random.Random):
-    """Per candidate: (median ms, median ratio to poe, (q1, q3) of the ratio, saved MB)."""
+    """Per candidate: (median ms, median ratio to poe, (q1, q3) of the ratio, saved MB, median page faults)."""
     names = list(found)
     for _ in range(warmup):
         for name in names:
             _step(found[name], mu, logvar)
     times = {name: [] for name in names}
+    faults = {name: [] for name in names}
     for _ in range(rounds):
         rng.shuffle(names)
         for name in names:
-            times[name].append(_step(found[name], mu, logvar))
+            seconds, new_pages = _step(found[name], mu, logvar)
+            times[name].append(seconds)
+            faults[name].append(new_pages)
     results = {}
     for name in found:
         ratios = [t / p for t, p in zip(times[name], times["poe"])]
         q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
         results[name] = (statistics.median(times[name]) * 1e3, statistics.median(ratios), (q1, q3),
-                         saved_bytes(found[name], mu, logvar) / 2**20)
+                         saved_bytes(found[name], mu, logvar) / 2**20, statistics.median(faults[name]))
     return results
 
 
@@ -174,8 +182,8 @@ def main() -> None:
     opinionpool.set_validate_args(False)
     rng = random.Random(args.seed)
     measured = provenance(args.device)  # the commit whose code runs
-    rows = ["| shape (B, M, D) | aggregator | median ms | ratio to PoE (median [IQR]) | saved MB | pairs left out | "
-            "target |", "|---|---|---|---|---|---|---|"]
+    rows = ["| shape (B, M, D) | aggregator | median ms | ratio to PoE (median [IQR]) | saved MB | new pages | "
+            "pairs left out | target |", "|---|---|---|---|---|---|---|---|"]
     for shape in args.shapes:
         batch, experts, latent = (int(n) for n in shape.split(","))
         g = torch.Generator().manual_seed(args.seed)
@@ -189,14 +197,15 @@ def main() -> None:
                                                    if name in found}, shrunk, logvar))
         for suffix, chosen, inputs, lv in runs:
             left_out = pairs_left_out(inputs, lv)
-            for name, (ms, ratio, (q1, q3), mb) in measure(chosen, inputs, lv, args.rounds, args.warmup, rng).items():
+            results = measure(chosen, inputs, lv, args.rounds, args.warmup, rng)
+            for name, (ms, ratio, (q1, q3), mb, pages) in results.items():
                 if suffix and name == "poe":
                     continue
                 target = TARGETS.get((name, experts)) if (batch, latent) == (256, 512) else None
                 target = verdict(ratio, target) if target else ""
                 rows.append(f"| ({batch}, {experts}, {latent}) | {name}{suffix} | {ms:.2f} | {ratio:.2f} "
-                            f"[{q1:.2f}, {q3:.2f}] | {mb:.2f} | {left_out if name in VALUE_DEPENDENT else ''} | "
-                            f"{target} |")
+                            f"[{q1:.2f}, {q3:.2f}] | {mb:.2f} | {pages:.0f} | "
+                            f"{left_out if name in VALUE_DEPENDENT else ''} | {target} |")
     header = (f"{measured}; {torch.get_num_threads()} thread(s), {args.dtype}, {args.rounds} rounds "
               "of forward+backward, candidates in random order each round")
     table = header + "\n\n" + "\n".join(rows)
