@@ -57,7 +57,7 @@ class ModelConfig:
     #: the decoders' fixed-scale likelihood: "laplace" (the papers') or "normal" (learns digits faster)
     likelihood: str = "laplace"
     likelihood_scale: float = 0.75
-    #: MMVAE, MMVAE+: importance samples per modality and the bound ("elbo", "iwae" or "dreg")
+    #: MMVAE, MMVAE+: importance samples per modality and the bound ("elbo", "iwae", "dreg" or "dreg_unbiased")
     num_samples: int = 1
     estimator: str = "elbo"
     #: MMVAE+: size of each modality-specific latent (latent_dim is the shared one)

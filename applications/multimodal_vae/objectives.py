@@ -20,8 +20,8 @@ from torch import nn
 import opinionpool.functional as opf
 from opinionpool.constants import LOG_2PI
 
-__all__ = ["ESTIMATORS", "LAPLACE_SCALE", "LATENT_FAMILIES", "NORMAL", "LatentFamily", "Likelihood", "Terms",
-           "categorical_log_likelihood", "full_precision", "holder_plus_objective", "joint_elbo",
+__all__ = ["ESTIMATORS", "LAPLACE_SCALE", "LATENT_FAMILIES", "MMVAE_ONLY_ESTIMATORS", "NORMAL", "LatentFamily",
+           "Likelihood", "Terms", "categorical_log_likelihood", "full_precision", "holder_plus_objective", "joint_elbo",
            "kl_to_standard_normal", "laplace_log_likelihood", "mixture_elbo", "mmvae_objective", "mmvae_plus_objective",
            "mmvm_objective", "mvae_elbo", "normal_image_log_likelihood", "reparameterise", "standard_normal_log_prob",
            "stratified_mixture_elbo", "subset_mixture_elbo"]
@@ -274,7 +274,9 @@ def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate,
                                      private_kl_weights)
 
 
-ESTIMATORS = ("elbo", "iwae", "dreg")
+ESTIMATORS = ("elbo", "iwae", "dreg", "dreg_unbiased")
+#: the estimators that only the stratified objectives over one unimodal posterior per stratum compute
+MMVAE_ONLY_ESTIMATORS = ("dreg_unbiased",)
 
 
 def mmvae_objective(x, present, mu, logvar, decoders, likelihood, aggregate, beta=1.0, num_samples=1,
@@ -286,12 +288,22 @@ def mmvae_objective(x, present, mu, logvar, decoders, likelihood, aggregate, bet
 
     - ``"elbo"``: ``mean_k log w_k``;
     - ``"iwae"``: ``log mean_k w_k``;
-    - ``"dreg"``: the doubly reparameterised IWAE gradient (Tucker et al., 2019): ``q``'s parameters are detached
-      inside ``log q``, the decoder gradient is weighted by the normalised weights ``w~`` and the path through
-      ``z`` by ``(1 - beta) w~ + beta w~^2`` (their square at ``beta = 1``: the score term of ``beta log q``,
-      which DReG turns into path terms, is ``beta`` times that of ``log q``). Its ``objective`` is a surrogate with
-      that gradient; ``reconstruction`` and ``kl`` are the sample means of ``log p(X|z)`` and ``log q(z|X) -
-      log p(z)`` in every case.
+    - ``"dreg"``: the doubly reparameterised IWAE gradient (Tucker et al., 2019) as the MMVAE code computes it:
+      every posterior's parameters are detached inside ``log q``, the decoder gradient is weighted by the
+      normalised weights ``w~`` and the path through ``z`` by ``(1 - beta) w~ + beta w~^2`` (their square at
+      ``beta = 1``: the score term of ``beta log q``, which DReG turns into path terms, is ``beta`` times that of
+      ``log q``). With two or more present modalities and ``K >= 2`` its mean is not the bound's gradient: the
+      draws of stratum ``m`` come from ``q_m``, not from the mixture whose score it turns into path terms.
+    - ``"dreg_unbiased"``: DReG for these strata. Of the score of ``log q(z|X)`` at a draw ``z_k ~ q_m``, only
+      ``q_m``'s part, ``rho_m(z) d log q_m(z)`` with ``rho_m = pi_m q_m(z) / q(z|X)``, has the draws' density, and
+      DReG's identity turns ``sum_k w~_k rho_m(z_k)`` times it into path terms: the path of ``log w_k`` weighted by
+      ``w~_k (1 - beta rho_m(z_k) (1 - w~_k))``, less ``beta w~_k`` times the path of ``rho_m(z_k)``. The other
+      posteriors' parameters stay live inside ``log q(z|X)`` (their score is kept as it is). The private
+      latents of MMVAE+ have their own posterior as density and weight ``w~_k (1 - beta (1 - w~_k))``. Its mean is
+      the gradient of the bound (tested by Monte Carlo against ``"iwae"``); at one modality it is ``"dreg"``.
+
+      Either DReG's ``objective`` is a surrogate with that gradient; ``reconstruction`` and ``kl`` are the sample
+      means of ``log p(X|z)`` and ``log q(z|X) - log p(z)`` in every case.
 
     ``latent``: the posteriors' and prior's ``LatentFamily`` (``aggregate`` must pool that family).
     """
@@ -311,21 +323,39 @@ def _detached(mixture):
                             logvar=mixture.logvar.detach())
 
 
-def _bound(log_w: torch.Tensor, estimator: str, latents, beta: float = 1.0) -> torch.Tensor:
+def _with_component_detached(mixture, component: int):
+    """``mixture`` with the parameters of one component (its axis ``-2``) detached, the others' live."""
+    one = torch.arange(mixture.loc.shape[-2], device=mixture.loc.device).unsqueeze(-1) == component
+    return mixture._replace(loc=torch.where(one, mixture.loc.detach(), mixture.loc),
+                            logvar=torch.where(one, mixture.logvar.detach(), mixture.logvar))
+
+
+def _path_copy(draw: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """``draw`` of a location-scale posterior (scale proportional to ``exp(logvar / 2)``) anew from its noise, a
+    tensor of the same value whose gradient reaches ``mu`` and ``logvar`` without passing ``draw``'s hooks."""
+    scale = torch.exp(0.5 * logvar)
+    return mu + ((draw - mu) / scale).detach() * scale
+
+
+def _bound(log_w: torch.Tensor, estimator: str, latents, beta: float = 1.0, share=None) -> torch.Tensor:
     """The per-sample bound from log-weights ``(K, B)`` whose ``log p(z) - log q(z | X)`` is weighted by ``beta``;
     for DReG, the surrogate ``sum_k w~_k log w_k`` (``w~`` the normalised weights, detached), whose path gradient
-    hooks on the reparameterised ``latents`` multiply by ``(1 - beta) + beta w~``: the IWAE path term ``w~`` less
-    ``beta`` times the score term of ``log q``, which DReG's identity makes ``w~ - w~^2`` in the path (``w~^2`` at
-    ``beta = 1``, exactly; ``w~``, the plain reparameterised gradient, at ``beta = 0``)."""
+    hooks on the reparameterised ``latents`` multiply by ``1 - beta share (1 - w~)``: the IWAE path term ``w~``
+    less ``beta`` times the score term of ``log q`` that has the draws' density, which DReG's identity makes
+    ``share (w~ - w~^2)`` in the path. ``share`` (``(K, B, D)`` per coordinate of the latents, default one): that
+    density's share of the score, ``rho`` of ``"dreg_unbiased"`` (whose remaining path term the caller adds); at
+    one, ``(1 - beta) + beta w~`` (``w~^2`` in all at ``beta = 1``; ``w~``, the plain reparameterised gradient,
+    at ``beta = 0``)."""
     if estimator == "elbo":
         return log_w.mean(0)
     if estimator == "iwae":
         return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
     normalised = torch.softmax(log_w, 0).detach()
-    factor = (1 - beta) + beta * normalised
+    others = (1 - normalised).unsqueeze(-1)  # (w~ - w~^2 = w~ (1 - w~))
+    factor = ((1 - beta) + beta * normalised).unsqueeze(-1) if share is None else 1 - beta * share.detach() * others
     for latent in latents:
         if latent.requires_grad:
-            latent.register_hook(lambda grad, w=factor: grad * w.unsqueeze(-1))
+            latent.register_hook(lambda grad, w=factor: grad * w)
     return (normalised * log_w).sum(0)
 
 
@@ -344,8 +374,9 @@ def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate
     shared = mu.shape[-1] - private_dim
     mixture = aggregate(mu[..., :shared], logvar[..., :shared], mask=present)
     own_mu, own_logvar = mu[..., shared:], logvar[..., shared:]
-    if estimator == "dreg":
-        mixture = _detached(mixture)
+    unbiased = estimator == "dreg_unbiased"
+    if estimator.startswith("dreg"):
+        stopped = _detached(mixture)
         own_mu, own_logvar = own_mu.detach(), own_logvar.detach()
     # in the posteriors' dtype: float32 accumulators cost a float64 model 1e-8 of its bound
     count = present.sum(0).clamp_min(1).to(mu.dtype)
@@ -356,14 +387,28 @@ def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate
         inputs = z if not private_dim else [
             (z, w) if d == m else (z, latent.prior_sample(w.shape, dtype=w.dtype, device=w.device) * auxiliary_scale[d])
             for d in range(mu.shape[0])]
-        log_q = mixture.log_prob(z) + latent.log_prob(w, own_mu[m], own_logvar[m])
+        share = None
+        if unbiased:  # q_m's score becomes path terms, the other posteriors' stays (these draws are not theirs)
+            density = _with_component_detached(mixture, m)
+            z_path = _path_copy(u, mu[m], logvar[m])[..., :shared]
+            rho = torch.exp(stopped.log_weights[..., m] + latent.log_prob(z_path, stopped.loc[..., m, :],
+                                                                          stopped.logvar[..., m, :])
+                            - stopped.log_prob(z_path))  # (K, B): pi_m q_m(z) / q(z|X), only the path live
+            share = torch.cat((rho.unsqueeze(-1).expand(z.shape), torch.ones_like(w)), -1)
+        else:
+            density = stopped if estimator == "dreg" else mixture
+        log_q = density.log_prob(z) + latent.log_prob(w, own_mu[m], own_logvar[m])
         log_p = latent.prior_log_prob(z) + latent.prior_log_prob(w)
         log_lik = likelihood(x, present, inputs, decoders)  # (K, B)
         log_w = log_lik + beta * (log_p - log_q)
         here = present[m].to(mu.dtype) / count
         rec = rec + here * log_lik.mean(0)
         kl = kl + here * (log_q - log_p).mean(0)
-        objective = objective + here * _bound(log_w, estimator, (u,), beta)
+        bound = _bound(log_w, estimator, (u,), beta, share)
+        if unbiased:  # less beta w~_k times the path of rho_m(z_k) (no value)
+            path = (torch.softmax(log_w, 0).detach() * rho).sum(0)
+            bound = bound - beta * (path - path.detach())
+        objective = objective + here * bound
     return Terms(rec, kl, objective)
 
 
@@ -447,6 +492,9 @@ def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregat
     together whatever the data (docs/results.md: the ablation's reason). Cost: ``C K`` decoder passes per
     modality and sample."""
     _check_estimator(estimator, num_samples)
+    if estimator in MMVAE_ONLY_ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} applies to mmvae_objective and mmvae_plus_objective; the Hölder+ "
+                         "objective takes 'elbo', 'iwae' or 'dreg'")
     dreg = estimator == "dreg"
     shared = mu.shape[-1] - private_dim
     mixture = aggregate(mu[..., :shared], logvar[..., :shared], mask=present)
