@@ -168,7 +168,12 @@ class _DiagonalMixture(_MixtureParameters):
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Log-density at ``z`` ``(sample..., ..., D)`` -> ``(sample..., ...)`` (log-sum-exp over components)."""
-        return torch.logsumexp(self.log_weights + self._component_log_prob(z.unsqueeze(-2)), -1)
+        return torch.logsumexp(self.log_weights + self.component_log_probs(z), -1)
+
+    def component_log_probs(self, z: torch.Tensor) -> torch.Tensor:
+        """Every component's log-density at ``z`` ``(sample..., ..., D)`` -> ``(sample..., ..., K)`` (without the
+        log-weights)."""
+        return self._component_log_prob(z.unsqueeze(-2))
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean, logvar)`` ``(..., D)`` of the moment-matched diagonal Gaussian: the mixture's mean and its

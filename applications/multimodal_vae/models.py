@@ -223,10 +223,9 @@ def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = Fals
     if not spec.multi_sample and (num_samples != 1 or estimator != "elbo"):
         raise ValueError(f"num_samples and estimator apply to {_models_with('multi_sample')}; model={model!r} got "
                          f"num_samples={num_samples!r}, estimator={estimator!r}")
-    if estimator in objectives.MMVAE_ONLY_ESTIMATORS and spec.objective not in (objectives.mmvae_objective,
-                                                                                objectives.mmvae_plus_objective):
-        raise ValueError(f"estimator={estimator!r} applies to mmvae and mmvaeplus (draws from one unimodal posterior "
-                         f"each); model={model!r} draws from the pool's components: use 'dreg' or 'iwae'")
+    if estimator == "dreg_unbiased" and spec.top_down:
+        raise ValueError(f"estimator='dreg_unbiased' does not apply to model={model!r}, whose private posteriors depend "
+                         "on the shared draw: use 'dreg' or 'iwae'")
     if latent_family != "normal" and not spec.laplace:
         raise ValueError(f"latent_family={latent_family!r} goes with the models {_models_with('laplace')} (every other "
                          f"model pools or bounds normal posteriors in closed form); model={model!r}")
@@ -318,7 +317,7 @@ class MultimodalVAE(nn.Module):
             (``data.reconstruction_weights``) and text modalities get a categorical likelihood (default: images of
             equal size, all weights 1).
         num_samples, estimator: importance samples per modality and the bound (``"elbo"``, ``"iwae"``,
-            ``"dreg"``, and for ``mmvae`` and ``mmvaeplus`` ``"dreg_unbiased"``; ``objectives.mmvae_objective``).
+            ``"dreg"``, ``"dreg_unbiased"`` but for ``holderplusplus``; ``objectives.mmvae_objective``).
         likelihood, likelihood_scale: the decoders' fixed-scale likelihood (``objectives.Likelihood``).
         private_dim: the modality-specific latent size (MMVAE+; optional for the models whose spec is
             ``optional_private``): the encoders' last ``private_dim`` outputs and the decoders' last inputs;

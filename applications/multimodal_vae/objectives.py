@@ -20,7 +20,7 @@ from torch import nn
 import opinionpool.functional as opf
 from opinionpool.constants import LOG_2PI
 
-__all__ = ["ESTIMATORS", "LAPLACE_SCALE", "LATENT_FAMILIES", "MMVAE_ONLY_ESTIMATORS", "NORMAL", "LatentFamily",
+__all__ = ["ESTIMATORS", "LAPLACE_SCALE", "LATENT_FAMILIES", "NORMAL", "LatentFamily",
            "Likelihood", "Terms", "categorical_log_likelihood", "full_precision", "holder_plus_objective", "joint_elbo",
            "kl_to_standard_normal", "laplace_log_likelihood", "mixture_elbo", "mmvae_objective", "mmvae_plus_objective",
            "mmvm_objective", "mvae_elbo", "normal_image_log_likelihood", "reparameterise", "standard_normal_log_prob",
@@ -275,8 +275,6 @@ def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate,
 
 
 ESTIMATORS = ("elbo", "iwae", "dreg", "dreg_unbiased")
-#: the estimators that only the stratified objectives over one unimodal posterior per stratum compute
-MMVAE_ONLY_ESTIMATORS = ("dreg_unbiased",)
 
 
 def mmvae_objective(x, present, mu, logvar, decoders, likelihood, aggregate, beta=1.0, num_samples=1,
@@ -337,26 +335,33 @@ def _path_copy(draw: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> to
     return mu + ((draw - mu) / scale).detach() * scale
 
 
-def _bound(log_w: torch.Tensor, estimator: str, latents, beta: float = 1.0, share=None) -> torch.Tensor:
-    """The per-sample bound from log-weights ``(K, B)`` whose ``log p(z) - log q(z | X)`` is weighted by ``beta``;
-    for DReG, the surrogate ``sum_k w~_k log w_k`` (``w~`` the normalised weights, detached), whose path gradient
-    hooks on the reparameterised ``latents`` multiply by ``1 - beta share (1 - w~)``: the IWAE path term ``w~``
-    less ``beta`` times the score term of ``log q`` that has the draws' density, which DReG's identity makes
-    ``share (w~ - w~^2)`` in the path. ``share`` (``(K, B, D)`` per coordinate of the latents, default one): that
-    density's share of the score, ``rho`` of ``"dreg_unbiased"`` (whose remaining path term the caller adds); at
-    one, ``(1 - beta) + beta w~`` (``w~^2`` in all at ``beta = 1``; ``w~``, the plain reparameterised gradient,
-    at ``beta = 0``)."""
+def _bound(log_w: torch.Tensor, estimator: str, latents, beta: float = 1.0, shares=None) -> torch.Tensor:
+    """The per-sample bound from log-weights ``(K, ...)`` whose ``log p(z) - log q(z | X)`` is weighted by
+    ``beta``; for DReG, the surrogate ``sum_k w~_k log w_k`` (``w~`` the normalised weights, detached), whose path
+    gradient hooks on the reparameterised ``latents`` multiply by ``1 - beta share (1 - w~)``: the IWAE path term
+    ``w~`` less ``beta`` times the score term of ``log q`` that has the draws' density, which DReG's identity makes
+    ``share (w~ - w~^2)`` in the path. ``shares``, one per latent (``None``, the default, for one): that density's
+    share of the score, ``rho`` of ``"dreg_unbiased"`` (whose remaining path term the caller adds); at one,
+    ``(1 - beta) + beta w~`` (``w~^2`` in all at ``beta = 1``; ``w~``, the plain reparameterised gradient, at
+    ``beta = 0``)."""
     if estimator == "elbo":
         return log_w.mean(0)
     if estimator == "iwae":
         return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
     normalised = torch.softmax(log_w, 0).detach()
     others = (1 - normalised).unsqueeze(-1)  # (w~ - w~^2 = w~ (1 - w~))
-    factor = ((1 - beta) + beta * normalised).unsqueeze(-1) if share is None else 1 - beta * share.detach() * others
-    for latent in latents:
+    for latent, share in zip(latents, shares or [None] * len(latents)):
+        factor = ((1 - beta) + beta * normalised).unsqueeze(-1) if share is None else 1 - beta * share.detach() * others
         if latent.requires_grad:
             latent.register_hook(lambda grad, w=factor: grad * w)
     return (normalised * log_w).sum(0)
+
+
+def _responsibilities(mixture, z: torch.Tensor) -> torch.Tensor:
+    """``pi_c q_c(z) / q(z)`` ``(..., C)`` at ``z`` ``(..., D)``, the mixture's parameters stopped (``z``'s path
+    live)."""
+    stopped = _detached(mixture)
+    return torch.softmax(stopped.log_weights + stopped.component_log_probs(z), -1)
 
 
 def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate, beta=1.0, num_samples=1,
@@ -375,8 +380,7 @@ def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate
     mixture = aggregate(mu[..., :shared], logvar[..., :shared], mask=present)
     own_mu, own_logvar = mu[..., shared:], logvar[..., shared:]
     unbiased = estimator == "dreg_unbiased"
-    if estimator.startswith("dreg"):
-        stopped = _detached(mixture)
+    if estimator.startswith("dreg"):  # (the private latents: one density, the draws')
         own_mu, own_logvar = own_mu.detach(), own_logvar.detach()
     # in the posteriors' dtype: float32 accumulators cost a float64 model 1e-8 of its bound
     count = present.sum(0).clamp_min(1).to(mu.dtype)
@@ -387,16 +391,13 @@ def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate
         inputs = z if not private_dim else [
             (z, w) if d == m else (z, latent.prior_sample(w.shape, dtype=w.dtype, device=w.device) * auxiliary_scale[d])
             for d in range(mu.shape[0])]
-        share = None
+        shares = None
         if unbiased:  # q_m's score becomes path terms, the other posteriors' stays (these draws are not theirs)
             density = _with_component_detached(mixture, m)
-            z_path = _path_copy(u, mu[m], logvar[m])[..., :shared]
-            rho = torch.exp(stopped.log_weights[..., m] + latent.log_prob(z_path, stopped.loc[..., m, :],
-                                                                          stopped.logvar[..., m, :])
-                            - stopped.log_prob(z_path))  # (K, B): pi_m q_m(z) / q(z|X), only the path live
-            share = torch.cat((rho.unsqueeze(-1).expand(z.shape), torch.ones_like(w)), -1)
+            rho = _responsibilities(mixture, _path_copy(u, mu[m], logvar[m])[..., :shared])[..., m]  # (K, B)
+            shares = [torch.cat((rho.unsqueeze(-1).expand(z.shape), torch.ones_like(w)), -1)]
         else:
-            density = stopped if estimator == "dreg" else mixture
+            density = _detached(mixture) if estimator == "dreg" else mixture
         log_q = density.log_prob(z) + latent.log_prob(w, own_mu[m], own_logvar[m])
         log_p = latent.prior_log_prob(z) + latent.prior_log_prob(w)
         log_lik = likelihood(x, present, inputs, decoders)  # (K, B)
@@ -404,7 +405,7 @@ def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate
         here = present[m].to(mu.dtype) / count
         rec = rec + here * log_lik.mean(0)
         kl = kl + here * (log_q - log_p).mean(0)
-        bound = _bound(log_w, estimator, (u,), beta, share)
+        bound = _bound(log_w, estimator, (u,), beta, shares)
         if unbiased:  # less beta w~_k times the path of rho_m(z_k) (no value)
             path = (torch.softmax(log_w, 0).detach() * rho).sum(0)
             bound = bound - beta * (path - path.detach())
@@ -482,8 +483,9 @@ def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregat
     (``mean_k log w_k``), ``"iwae"`` (``log mean_k w_k``) or ``"dreg"`` (the IWAE value with the doubly
     reparameterised gradient: the posteriors' parameters stopped inside ``log q``, every path gradient of a
     draw weighted by ``(1 - beta) w~ + beta w~^2``, ``w~`` the normalised weights (their square at ``beta = 1``);
-    in Hölder++ the draws of ``w`` reach ``z`` through ``top_down``, and each path is weighted once); the
-    objective is ``sum_c pi_c bound_c``, so the weights
+    in Hölder++ the draws of ``w`` reach ``z`` through ``top_down``, and each path is weighted once), biased with
+    ``K >= 2`` as ``mmvae_objective``'s, or (Hölder+ only) ``"dreg_unbiased"``, the draws of component ``c``
+    weighted by its share ``rho_c`` as there; the objective is ``sum_c pi_c bound_c``, so the weights
     ``pi_c`` get their exact gradient. ``reconstruction`` and ``kl`` are the ``pi``-weighted sample means of
     ``log p(X | z, w)`` and ``log q - log p``. ``weight_gradient=False`` stops the gradient of the weights
     ``pi_c`` in that sum (they still enter ``log q(z | X)``): a pair's bound reconstructs two modalities through
@@ -492,10 +494,11 @@ def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregat
     together whatever the data (docs/results.md: the ablation's reason). Cost: ``C K`` decoder passes per
     modality and sample."""
     _check_estimator(estimator, num_samples)
-    if estimator in MMVAE_ONLY_ESTIMATORS:
-        raise ValueError(f"estimator={estimator!r} applies to mmvae_objective and mmvae_plus_objective; the Hölder+ "
-                         "objective takes 'elbo', 'iwae' or 'dreg'")
-    dreg = estimator == "dreg"
+    unbiased = estimator == "dreg_unbiased"
+    if unbiased and top_down is not None:
+        raise ValueError("estimator='dreg_unbiased' does not apply to Hölder++ (top_down), whose private posteriors "
+                         "depend on the shared draw: use 'dreg' or 'iwae'")
+    dreg = estimator.startswith("dreg")
     shared = mu.shape[-1] - private_dim
     mixture = aggregate(mu[..., :shared], logvar[..., :shared], mask=present)
     weights, valid = _component_weights(mixture)  # (C, B)
@@ -506,7 +509,18 @@ def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregat
     z = _component_draws(mixture, num_samples)  # (K, C, B, Ds)
     # DReG: the log-weights see a copy of z whose gradient is weighted (once); w's parameters see z itself
     z_in = z.clone() if dreg else z
-    log_q = (_detached(mixture) if dreg else mixture).log_prob(z_in)  # (K, C, B)
+    shares = None
+    if unbiased:  # the draws of component c: its parameters' score becomes path terms, the others' (and the
+        # weights') stays, as in mmvae_plus_objective
+        components = mixture.log_weights.shape[-1]
+        own = torch.eye(components, dtype=torch.bool, device=mu.device).unsqueeze(1)  # (C, 1, C')
+        log_q = torch.logsumexp(mixture.log_weights + torch.where(own, _detached(mixture).component_log_probs(z_in),
+                                                                  mixture.component_log_probs(z_in)), -1)
+        loc, lv = mixture.loc.movedim(-2, 0), mixture.logvar.movedim(-2, 0)  # (C, B, Ds)
+        rho = (_responsibilities(mixture, _path_copy(z, loc, lv)) * own).sum(-1)  # (K, C, B): rho_c at z_c
+        shares = [rho.unsqueeze(-1)] + [None] * mu.shape[0]
+    else:
+        log_q = (_detached(mixture) if dreg else mixture).log_prob(z_in)  # (K, C, B)
     log_p = standard_normal_log_prob(z_in)
     inputs, draws = [], [z_in]
     for n in range(mu.shape[0]):
@@ -529,7 +543,9 @@ def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregat
         draws.append(w)
     log_lik = likelihood(x, present, inputs, decoders)  # (K, C, B)
     log_w = log_lik + beta * (log_p - log_q)
-    bound = _bound(log_w, estimator, draws, beta)  # (C, B)
+    bound = _bound(log_w, estimator, draws, beta, shares)  # (C, B)
+    if unbiased:  # less beta w~_k times the path of rho_c(z_k)
+        bound = bound - beta * (torch.softmax(log_w, 0).detach() * rho).sum(0)
     if dreg:  # the value is the IWAE bound, the gradient DReG's
         bound = (torch.logsumexp(log_w, 0) - math.log(num_samples)).detach() + bound - bound.detach()
     return Terms(_weighted_sum(weights, valid, log_lik.mean(0)), _weighted_sum(weights, valid, (log_q - log_p).mean(0)),

@@ -274,11 +274,28 @@ def test_hoelder_plus_dreg_at_beta_zero_is_the_iwae_gradient(top_down):
     path terms: every gradient is IWAE's on the same draws (the squared normalised weights would differ)."""
     model = plus_model(top_down)
     x, mu, logvar, decoders, present, auxiliary_scale, nets = model
-    iwae, dreg = run_plus(model, 4, "iwae", beta=0.0), run_plus(model, 4, "dreg", beta=0.0)
     parameters = [mu, logvar, auxiliary_scale, *decoders.parameters(), *(nets.parameters() if nets else [])]
-    for g, w in zip(torch.autograd.grad(dreg.objective.sum(), parameters),
-                    torch.autograd.grad(iwae.objective.sum(), parameters)):
+    iwae = torch.autograd.grad(run_plus(model, 4, "iwae", beta=0.0).objective.sum(), parameters)
+    for estimator in ("dreg",) if top_down else ("dreg", "dreg_unbiased"):
+        dreg = run_plus(model, 4, estimator, beta=0.0)
+        for g, w in zip(torch.autograd.grad(dreg.objective.sum(), parameters), iwae):
+            torch.testing.assert_close(g, w)
+
+
+def test_hoelder_plus_unbiased_dreg_has_the_iwae_value_and_decoder_gradient():
+    """``dreg_unbiased`` (Hölder+ only) changes the encoders' gradient alone: the value is the IWAE bound, the
+    decoders' and the auxiliary scales' gradients are IWAE's (masked modalities included)."""
+    model = plus_model(False)
+    x, mu, logvar, decoders, present, auxiliary_scale, nets = model
+    iwae, unbiased = run_plus(model, 4, "iwae"), run_plus(model, 4, "dreg_unbiased")
+    torch.testing.assert_close(unbiased.objective, iwae.objective)
+    decoder_side = [auxiliary_scale, *decoders.parameters()]
+    for g, w in zip(torch.autograd.grad(unbiased.objective.sum(), decoder_side, retain_graph=True),
+                    torch.autograd.grad(iwae.objective.sum(), decoder_side, retain_graph=True)):
         torch.testing.assert_close(g, w)
+    got, want = (torch.autograd.grad(t.objective.sum(), [mu, logvar]) for t in (unbiased, iwae))
+    assert all(torch.isfinite(g).all() for g in got)
+    assert not torch.allclose(got[0], want[0])
 
 
 def test_top_down_private_starts_as_the_encoders_posterior_and_then_depends_on_z():

@@ -1,5 +1,7 @@
 """The functional (mu, logvar) API: agreement with the object API, masks, prior expert, gradients."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -200,6 +202,21 @@ def test_gaussian_mixture_log_prob_matches_torch_distributions():
         torch.distributions.Independent(torch.distributions.Normal(mixture.loc, torch.exp(0.5 * mixture.logvar)), 1))
     z = torch.randn(5, 2, 2) * 3
     assert torch.allclose(mixture.log_prob(z), reference.log_prob(z), rtol=1e-12, atol=1e-12)
+
+
+def test_mixture_component_log_probs_are_each_components_density():
+    """``component_log_probs(z)`` ``(..., K)`` of both families against torch.distributions, component by
+    component (the weights left out), and ``log_prob`` their log-sum-exp with the weights."""
+    gaussian = _mixture()
+    laplace = opf.LaplaceMixture(*gaussian)
+    z = torch.randn(5, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 3
+    for mixture, family in ((gaussian, torch.distributions.Normal), (laplace, torch.distributions.Laplace)):
+        scale = torch.exp(0.5 * mixture.logvar) / (math.sqrt(2) if family is torch.distributions.Laplace else 1)
+        expected = family(mixture.loc, scale).log_prob(z.unsqueeze(-2)).sum(-1)
+        got = mixture.component_log_probs(z)
+        assert got.shape == (5, 2, 3)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(mixture.log_prob(z), torch.logsumexp(mixture.log_weights + expected, -1))
 
 
 def test_diag_gaussian_log_prob_is_the_summed_normal_log_density():
