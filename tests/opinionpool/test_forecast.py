@@ -12,7 +12,19 @@ import scipy.optimize
 import scipy.special
 import scipy.stats
 import torch
-from torch.distributions import Beta, Categorical, Gamma, MixtureSameFamily, Normal, Poisson, Uniform, VonMises
+from torch.distributions import (
+    Beta,
+    Categorical,
+    ExpTransform,
+    Gamma,
+    LogNormal,
+    MixtureSameFamily,
+    Normal,
+    Poisson,
+    TransformedDistribution,
+    Uniform,
+    VonMises,
+)
 
 import opinionpool as op
 
@@ -590,18 +602,39 @@ def test_pit_of_a_float64_beta_reaches_one_at_its_upper_end():
 def test_float32_crps_next_to_an_end_other_than_zero():
     """Float32 panels next to 1 stop at 2^-15 from it, where a Beta(3, 0.2) has 16% of its mass: its CRPS
     integrand there (5.9e-7) comes from the power law of the stretch (without it the CRPS was 1.2e-5 off at 0.9 and
-    1e-3 at 1 - 1e-5). Reference: the Beta CRPS's closed form (Taillardat et al. 2016) at the float32 values."""
-    forecast = Beta(torch.tensor(3.0, dtype=torch.float32), torch.tensor(0.2, dtype=torch.float32))
+    1e-3 at 1 - 1e-5). A float32 pool (two equal experts: that Beta) is integrated in float32; a float32
+    torch Beta as its float64 copy. Reference: the Beta CRPS's closed form (Taillardat et al. 2016) at the float32
+    values."""
+    experts = Beta(torch.tensor([3.0, 3.0], dtype=torch.float32), torch.tensor([0.2, 0.2], dtype=torch.float32))
+    forecasts = [op.NumericalHolderPool(experts, 1.0, [0.4, 0.6]),
+                 Beta(torch.tensor(3.0, dtype=torch.float32), torch.tensor(0.2, dtype=torch.float32))]
     y = torch.tensor([0.9, 1 - 1e-5], dtype=torch.float32)  # (the library tests' default dtype is float64)
     a, b, x = 3.0, 0.2, y.double().numpy()
     expected = x * (2 * scipy.special.betainc(a, b, x) - 1) + a / (a + b) * (
         1 - 2 * scipy.special.betainc(a + 1, b, x)
         - 2 * np.exp(scipy.special.betaln(2 * a, 2 * b) - np.log(a) - 2 * scipy.special.betaln(a, b)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = op.crps(forecast, y)
-    assert got.dtype == torch.float32
-    assert got.double().tolist() == pytest.approx(expected.tolist(), rel=2e-6, abs=0)  # a few float32 ulps
+    for forecast in forecasts:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = op.crps(forecast, y)
+        assert got.dtype == torch.float32
+        assert got.double().tolist() == pytest.approx(expected.tolist(), rel=2e-6, abs=0)  # a few float32 ulps
+
+
+def test_float32_torch_forecasts_are_integrated_as_their_float64_copies():
+    """A float32 LogNormal(0, 6)'s CRPS was 1.3e-4 relative off from its own float32 density and quantiles (the
+    float64 one: 2e-12); its float64 copy (the same parameters) gives the float64 value to float32's rounding, as
+    does a LogNormal built on a float32 TransformedDistribution of a Normal. The PIT likewise."""
+    y = torch.tensor([0.5, 3.0, 100.0], dtype=torch.float64)
+    wide = LogNormal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(6.0, dtype=torch.float64))
+    narrow = LogNormal(torch.tensor(0.0, dtype=torch.float32), torch.tensor(6.0, dtype=torch.float32))
+    built = TransformedDistribution(Normal(torch.tensor(0.0, dtype=torch.float32),
+                                           torch.tensor(6.0, dtype=torch.float32)), [ExpTransform()])
+    for forecast in (narrow, built):
+        got = op.crps(forecast, y.float())
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), op.crps(wide, y), rtol=3e-7, atol=0)
+    assert narrow.loc.dtype == torch.float32  # the forecast itself is left as it is
 
 
 @pytest.mark.parametrize("shape", [0.01, 0.003, 0.001])
@@ -621,11 +654,16 @@ def test_crps_and_pit_count_the_mass_below_the_smallest_floats(shape):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = op.crps(forecast, y)
-        # float32: its panels stop at 2^-101 (they stopped at 1e-300, which float32 flushes to 0: 38.8 for 0.49)
-        single = op.crps(Gamma(torch.tensor(shape, dtype=torch.float32), torch.tensor(1.0, dtype=torch.float32)),
+        # a float32 pool's panels stop at 2^-101 (they stopped at 1e-300, which float32 flushes to 0: 38.8 for
+        # 0.49); a float32 torch Gamma is integrated as its float64 copy
+        single = op.crps(op.NumericalHolderPool(Gamma(torch.tensor([shape, shape], dtype=torch.float32),
+                                                      torch.tensor([1.0, 1.0], dtype=torch.float32)), 1.0, [0.5, 0.5]),
+                         y.float())
+        copied = op.crps(Gamma(torch.tensor(shape, dtype=torch.float32), torch.tensor(1.0, dtype=torch.float32)),
                          y.float())
     assert got.tolist() == pytest.approx(expected.tolist(), rel=1e-9, abs=0)
     assert single[1:].tolist() == pytest.approx(expected[1:].tolist(), rel=1e-4, abs=0)  # 1e-305 is 0 in float32
+    assert copied[1:].tolist() == pytest.approx(expected[1:].tolist(), rel=1e-6, abs=0)
 
     shapes, rates, weights = [shape, 10 * shape], [1.0, 3.0], [0.3, 0.7]
     experts = Gamma(torch.tensor(shapes, dtype=torch.float64), torch.tensor(rates, dtype=torch.float64))
