@@ -53,6 +53,8 @@ _LOG_ODDS = 30.0
 _MASS_TOLERANCE = 1e-6
 #: the panels beyond the equal ones towards an infinite end: their far edges, in units of the equal ones' span
 _TAIL_STEPS = torch.tensor([(2.0**k - 1) / 16 for k in range(1, 13)], dtype=torch.float64)
+#: a panel on one side of 0 whose ends' magnitudes are at least this ratio apart places its nodes in log |x|
+_LOG_PANEL_RATIO = 4.0
 #: how far each panel next to a finite end of the support reaches down in the log of the distance to it
 _LADDER_STEPS = torch.tensor([0.0] + [2.0**k for k in range(10)], dtype=torch.float64)
 #: beyond the lowest of those panels, a numerical pool's mass by the power law of the panel above if below this,
@@ -380,6 +382,20 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
     half, middle = 0.5 * (edges[..., 1:] - edges[..., :-1]), 0.5 * (edges[..., 1:] + edges[..., :-1])
     nodes = middle.unsqueeze(-1) + half.unsqueeze(-1) * t  # shape + (K + 1, G)
     jacobian = half.unsqueeze(-1).expand(nodes.shape)  # dx / dt at each node
+    # a panel spanning a ratio of magnitudes on one side of 0 (quantile panels of a heavy tail, or of a density
+    # singular at 0, span decades) has its nodes in log |x|, where a power law is smooth: equal in x, a Weibull of
+    # shape 0.1's 16 nodes met a density falling by 10^9 across the panel and lost 1.8e-4 of its mass
+    low, high = edges[..., :-1], edges[..., 1:]
+    side = torch.sign(middle)
+    ratio = torch.where(low * high > 0, torch.maximum(low / high, high / low), 1.0)
+    logarithmic = (ratio >= _LOG_PANEL_RATIO).unsqueeze(-1)
+    if bool(logarithmic.any()):
+        safe = lambda x: torch.where(logarithmic.squeeze(-1), x.abs(), 1.0).log()  # noqa: E731
+        s_low, s_high = safe(low), safe(high)
+        s_half, s_middle = (0.5 * (s_high - s_low)).unsqueeze(-1), (0.5 * (s_high + s_low)).unsqueeze(-1)
+        magnitude = (s_middle + s_half * t).exp()  # t runs towards larger x: larger |x| above 0, smaller below
+        nodes = torch.where(logarithmic, side.unsqueeze(-1) * magnitude, nodes)
+        jacobian = torch.where(logarithmic, (s_half * side.unsqueeze(-1)) * magnitude, jacobian)
     # (nodes, dx/dt, panel middles, and for ladder nodes the log-distance to their end they stand for, and that end)
     parts = [(nodes, jacobian, middle, torch.full_like(nodes, math.nan), torch.zeros_like(nodes))]
     for sign, bound, log_edges in ladders:
