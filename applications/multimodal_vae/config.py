@@ -57,7 +57,8 @@ class ModelConfig:
     #: the decoders' fixed-scale likelihood: "laplace" (the papers') or "normal" (learns digits faster)
     likelihood: str = "laplace"
     likelihood_scale: float = 0.75
-    #: MMVAE, MMVAE+: importance samples per modality and the bound ("elbo", "iwae", "dreg" or "dreg_unbiased")
+    #: MMVAE, MMVAE+, Hölder+, Hölder++: importance samples per stratum and the bound ("elbo", "iwae", "dreg" or,
+    #: but for Hölder++, "dreg_unbiased")
     num_samples: int = 1
     estimator: str = "elbo"
     #: MMVAE+: size of each modality-specific latent (latent_dim is the shared one)

@@ -330,9 +330,16 @@ def _with_component_detached(mixture, component: int):
 
 def _path_copy(draw: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """``draw`` of a location-scale posterior (scale proportional to ``exp(logvar / 2)``) anew from its noise, a
-    tensor of the same value whose gradient reaches ``mu`` and ``logvar`` without passing ``draw``'s hooks."""
-    scale = torch.exp(0.5 * logvar)
-    return mu + ((draw - mu) / scale).detach() * scale
+    tensor of the same value whose gradient reaches ``mu`` and ``logvar`` without passing ``draw``'s hooks (no
+    division by the scale, which a tiny variance would make 0 / 0)."""
+    return mu + (draw - mu).detach() * torch.exp(0.5 * (logvar - logvar.detach()))
+
+
+def _share_path(log_w: torch.Tensor, rho: torch.Tensor, beta: float) -> torch.Tensor:
+    """``dreg_unbiased``'s second path term, ``- beta sum_k w~_k rho(z_k)`` with only ``rho``'s path live, as a
+    term of value zero to add to the surrogate."""
+    path = (torch.softmax(log_w, 0).detach() * rho).sum(0)
+    return -beta * (path - path.detach())
 
 
 def _bound(log_w: torch.Tensor, estimator: str, latents, beta: float = 1.0, shares=None) -> torch.Tensor:
@@ -380,7 +387,7 @@ def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate
     mixture = aggregate(mu[..., :shared], logvar[..., :shared], mask=present)
     own_mu, own_logvar = mu[..., shared:], logvar[..., shared:]
     unbiased = estimator == "dreg_unbiased"
-    if estimator.startswith("dreg"):  # (the private latents: one density, the draws')
+    if estimator.startswith("dreg"):  # a private latent's density is its draws' own: stopped in both DReGs
         own_mu, own_logvar = own_mu.detach(), own_logvar.detach()
     # in the posteriors' dtype: float32 accumulators cost a float64 model 1e-8 of its bound
     count = present.sum(0).clamp_min(1).to(mu.dtype)
@@ -406,9 +413,8 @@ def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate
         rec = rec + here * log_lik.mean(0)
         kl = kl + here * (log_q - log_p).mean(0)
         bound = _bound(log_w, estimator, (u,), beta, shares)
-        if unbiased:  # less beta w~_k times the path of rho_m(z_k) (no value)
-            path = (torch.softmax(log_w, 0).detach() * rho).sum(0)
-            bound = bound - beta * (path - path.detach())
+        if unbiased:
+            bound = bound + _share_path(log_w, rho, beta)
         objective = objective + here * bound
     return Terms(rec, kl, objective)
 
@@ -544,8 +550,8 @@ def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregat
     log_lik = likelihood(x, present, inputs, decoders)  # (K, C, B)
     log_w = log_lik + beta * (log_p - log_q)
     bound = _bound(log_w, estimator, draws, beta, shares)  # (C, B)
-    if unbiased:  # less beta w~_k times the path of rho_c(z_k)
-        bound = bound - beta * (torch.softmax(log_w, 0).detach() * rho).sum(0)
+    if unbiased:
+        bound = bound + _share_path(log_w, rho, beta)
     if dreg:  # the value is the IWAE bound, the gradient DReG's
         bound = (torch.logsumexp(log_w, 0) - math.log(num_samples)).detach() + bound - bound.detach()
     return Terms(_weighted_sum(weights, valid, log_lik.mean(0)), _weighted_sum(weights, valid, (log_q - log_p).mean(0)),
