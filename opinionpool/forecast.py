@@ -196,9 +196,19 @@ def _in_float64(dist: Distribution) -> Distribution:
         return VonMises(dist.loc.double(), dist.concentration.double(), validate_args=False)
     try:
         twin = _rebuilt(dist, lambda t: t.double() if t.is_floating_point() else t)
-    except (RuntimeError, TypeError, ValueError, AttributeError):
+        if _working_dtype(twin, torch.float64) != torch.float64:
+            return dist
+        # the copy converts the tensors of the distributions and transforms it is built from, not those of other
+        # objects it holds (a float32 torch Module's weights, which float64 points would meet): its density at a
+        # point inside the support must come out in float64, or the forecast stays as it is
+        probe = _interior_point(*_support(twin)).expand(twin.batch_shape)
+        with _without_validation(twin):  # a mixture's support has no bounds to find its inside by
+            dtype = twin.log_prob(probe).dtype
+        if dtype != torch.float64:
+            return dist
+    except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError):
         return dist
-    return twin if _working_dtype(twin, torch.float64) == torch.float64 else dist
+    return twin
 
 
 def _mean_and_sd(dist: Distribution) -> tuple[torch.Tensor, torch.Tensor]:

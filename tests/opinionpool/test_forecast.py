@@ -698,6 +698,38 @@ def test_float32_torch_forecasts_are_integrated_as_their_float64_copies():
     assert narrow.loc.dtype == torch.float32  # the forecast itself is left as it is
 
 
+def test_a_float32_forecast_whose_float64_copy_fails_is_integrated_as_it_is():
+    """The float64 copy converts the tensors of the distributions and transforms a forecast is built from, not those
+    of other objects it holds: a density from a float32 network (a torch Module) would multiply float64 points by
+    float32 weights and raise. Such a forecast is integrated as it is, in float32, as before the copies: against
+    the Exponential its network leaves unchanged (zero weights), to float32's rounding."""
+    from torch.distributions import Exponential, constraints
+
+    class Networked(torch.distributions.Distribution):
+        arg_constraints, support = {}, constraints.positive
+
+        def __init__(self, rate):
+            self.rate, self.net = rate, torch.nn.Linear(1, 1, dtype=torch.float32)
+            with torch.no_grad():
+                self.net.weight.zero_()
+                self.net.bias.zero_()
+            super().__init__(torch.Size(), validate_args=False)
+
+        def log_prob(self, x):
+            return Exponential(self.rate).log_prob(x) + self.net(x.unsqueeze(-1)).squeeze(-1)
+
+        mean = property(lambda self: 1 / self.rate)
+        stddev = property(lambda self: 1 / self.rate)
+
+    forecast = Networked(torch.tensor(0.5, dtype=torch.float32))
+    y = torch.tensor([0.5, 3.0, 20.0], dtype=torch.float32)
+    exact = y + 4 * torch.exp(-y / 2) - 3  # an Exponential of mean m: y + 2 m exp(-y / m) - 3 m / 2
+    got = op.crps(forecast, y)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, exact, rtol=2e-5, atol=0)
+    torch.testing.assert_close(op.pit(forecast, y), 1 - torch.exp(-y / 2), rtol=2e-5, atol=0)
+
+
 @pytest.mark.parametrize("shape", [0.01, 0.003, 0.001])
 def test_crps_and_pit_count_the_mass_below_the_smallest_floats(shape):
     """The log-distance panels next to 0 stop at 1e-300, below which a Gamma of shape 0.01 has a thousandth of its
