@@ -565,8 +565,8 @@ def crps(forecast, observations) -> torch.Tensor:
     Normals) use the closed form of Grimit et al. (2006), differentiable in their parameters. Everything else is
     integrated in float64 from the density (``log_prob``) on 128 panels of 16-point Gauss-Legendre rules (the
     observation is a panel edge; in ``log |x|`` on a panel whose ends' magnitudes lie 4 or more apart on one side
-    of 0, where a power law is smooth), with the cdf at each node from the density's interpolating polynomial on its
-    panel. The panels lie between the quantiles of equally spaced log-odds (levels 1e-13 to 1 - 1e-13) for a
+    of 0 and whose density is not flat across it, where a power law is smooth), with the cdf at each node from the
+    density's interpolating polynomial on its panel. The panels lie between the quantiles of equally spaced log-odds (levels 1e-13 to 1 - 1e-13) for a
     torch distribution with an ``icdf`` (a LogNormal or a Cauchy: they follow skew and heavy tails), else equally
     spaced over the forecast's mean +- 12 standard deviations cut to its support (pools; a forecast with neither
     raises a ``ValueError``). Error: for densities smooth on the scale of a panel, about 1e-10 times the scale
