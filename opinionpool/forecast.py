@@ -561,27 +561,26 @@ def crps(forecast, observations) -> torch.Tensor:
     under ``forecast`` (lower is better), shape ``broadcast(observations, forecast.batch_shape)``.
 
     ``forecast`` is a pool or any ``torch.distributions`` object of scalar continuous events. Normal forecasts and
-    Gaussian mixtures (exact Hölder pools of Normal experts, ``alpha = 0`` or ``1/n``; ``MixtureSameFamily`` of
-    Normals) use the closed form of Grimit et al. (2006), differentiable in their parameters. Everything else is
-    integrated in float64 from the density (``log_prob``) on 128 panels of 16-point Gauss-Legendre rules (the
-    observation is a panel edge; in ``log |x|`` on a panel whose ends' magnitudes lie 4 or more apart on one side
-    of 0 and whose density is not flat across it, where a power law is smooth), with the cdf at each node from the
-    density's interpolating polynomial on its panel. The panels lie between the quantiles of equally spaced log-odds (levels 1e-13 to 1 - 1e-13) for a
-    torch distribution with an ``icdf`` (a LogNormal or a Cauchy: they follow skew and heavy tails), else equally
-    spaced over the forecast's mean +- 12 standard deviations cut to its support (pools; a forecast with neither
-    raises a ``ValueError``). Error: for densities smooth on the scale of a panel, about 1e-10 times the scale
-    (LogNormal(0, 3): 6e-12 relative). A float32 torch forecast is integrated as its float64 copy (the same
-    parameters); float32 pools to about 1e-5, their own log density's rounding. Above the
-    observation ``1 - F`` is summed from the right, below it ``F`` from the left, so mass a panel misses at one end
-    is not carried across the other. Quantile panels start from the masses they leave beyond their ends (1e-13
-    each), and add the CRPS beyond them as the power law of ``|x|`` their last two levels give (``int (1 - F)^2 = (1
-    - F)^2 x / (2 a - 1)`` for a tail falling as ``x^-a``; infinite for ``a <= 1/2``, a Pareto of shape 1/2, whose
-    CRPS diverges); other panels neglect the mass beyond them.
-    Next to a finite end of the support the panels are equal in the log of the distance to it, where a singular
-    density (a Gamma or Beta of shape below 1) is a smooth power law, down to about 1e-300 from 0 (2^-44 of the
-    end's size elsewhere; float32 pools: 2^-101 and 2^-15); the mass nearer the end (half of a Gamma(0.001)'s) comes from
-    the forecast's cdf, or where there is none from a power law fitted above it. Narrow modes far apart (much
-    narrower than a panel) are missed: a total mass off 1 by more than 1e-6 warns. No gradient on that path.
+    Gaussian mixtures (exact Hölder pools of Normal experts, ``alpha = 0`` or ``1/n``; ``MixtureSameFamily`` of Normals)
+    use the closed form of Grimit et al. (2006), differentiable in their parameters. Everything else is integrated in
+    float64 from the density (``log_prob``) on 128 panels of 16-point Gauss-Legendre rules (the observation is a panel
+    edge; in ``log |x|`` on a panel whose ends' magnitudes lie 4 or more apart on one side of 0 and whose density is not
+    flat across it, where a power law is smooth), with the cdf at each node from the density's interpolating polynomial
+    on its panel. The panels lie between the quantiles of equally spaced log-odds (levels 1e-13 to 1 - 1e-13) for a
+    torch distribution with an ``icdf`` (a LogNormal or a Cauchy: they follow skew and heavy tails), else equally spaced
+    over the forecast's mean +- 12 standard deviations cut to its support (pools; a forecast with neither raises a
+    ``ValueError``). Error: for densities smooth on the scale of a panel, about 1e-10 times the scale (LogNormal(0, 3):
+    6e-12 relative). A float32 torch forecast is integrated as its float64 copy (the same parameters); float32 pools to
+    about 1e-5, their own log density's rounding. Above the observation ``1 - F`` is summed from the right, below it
+    ``F`` from the left, so mass a panel misses at one end is not carried across the other. Quantile panels start from
+    the masses they leave beyond their ends (1e-13 each), and add the CRPS beyond them as the power law of ``|x|`` their
+    last two levels give (``int (1 - F)^2 = (1 - F)^2 x / (2 a - 1)`` for a tail falling as ``x^-a``; infinite for ``a
+    <= 1/2``, a Pareto of shape 1/2, whose CRPS diverges); other panels neglect the mass beyond them. Next to a finite
+    end of the support the panels are equal in the log of the distance to it, where a singular density (a Gamma or Beta
+    of shape below 1) is a smooth power law, down to about 1e-300 from 0 (2^-44 of the end's size elsewhere; float32
+    pools: 2^-101 and 2^-15); the mass nearer the end (half of a Gamma(0.001)'s) comes from the forecast's cdf, or where
+    there is none from a power law fitted above it. Narrow modes far apart (much narrower than a panel) are missed: a
+    total mass off 1 by more than 1e-6 warns. No gradient on that path.
 
     Circular forecasts (VonMises experts, pools and mixtures) are rejected with a ``ValueError``: the integral over
     the real line counts the periodic density's mass once per period, and a CRPS of angles is a different score.
