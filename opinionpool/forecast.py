@@ -31,6 +31,7 @@ from torch.distributions import (
     Normal,
     TransformedDistribution,
     VonMises,
+    constraints,
 )
 
 from ._validation import check_alpha, check_positive_int, describe, real_tensor
@@ -177,8 +178,16 @@ def _support(dist: Distribution):
     """float64 ``(lower, upper)`` bounds of the support, tensors broadcasting against ``batch_shape`` (a Uniform's
     depend on its batched parameters)."""
     support = dist.support
-    return tuple(torch.as_tensor(getattr(support, name, default)).detach().to(torch.float64)
-                 for name, default in (("lower_bound", -math.inf), ("upper_bound", math.inf)))
+    # a MixtureSameFamily's support wraps its components' (it had no bounds, and points below a mixture of
+    # LogNormals' 0 failed its validation): the widest of theirs
+    mixed = isinstance(support, constraints.MixtureSameFamilyConstraint)
+    support = support.base_constraint if mixed else support
+    lower, upper = (torch.as_tensor(getattr(support, name, default)).detach().to(torch.float64)
+                    for name, default in (("lower_bound", -math.inf), ("upper_bound", math.inf)))
+    if mixed:  # bounds batched like the components reach over the component axis
+        lower, upper = (bound if bound.dim() == 0 else reduce(-1)
+                        for bound, reduce in ((lower, lower.amin), (upper, upper.amax)))
+    return lower, upper
 
 
 @torch.no_grad()

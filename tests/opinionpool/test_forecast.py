@@ -682,6 +682,30 @@ def test_a_density_smooth_at_zero_keeps_its_nodes_in_x_on_a_panel_from_next_to_z
     assert pits.tolist() == pytest.approx(reference.cdf(y.numpy()).tolist(), rel=1e-11, abs=0)
 
 
+def test_crps_of_a_mixture_on_a_positive_support():
+    """A MixtureSameFamily's support wraps its components' (``MixtureSameFamilyConstraint``), whose bounds the
+    quadrature did not see: a mixture of LogNormals was integrated over the whole line and its density's
+    validation raised below 0. Reference: scipy's mixture cdf integrated in log x."""
+    weights, locs, scales = [0.3, 0.7], [0.0, 1.0], [0.5, 1.0]
+    components = LogNormal(torch.tensor(locs, dtype=torch.float64), torch.tensor(scales, dtype=torch.float64))
+    forecast = MixtureSameFamily(Categorical(torch.tensor(weights, dtype=torch.float64)), components)
+    parts = [scipy.stats.lognorm(s, scale=math.exp(m)) for m, s in zip(locs, scales)]
+
+    def cdf(x):
+        return sum(w * part.cdf(x) for w, part in zip(weights, parts))
+
+    def quad(f, a, b):
+        return scipy.integrate.quad(f, a, b, limit=2000, epsabs=1e-16, epsrel=1e-13)[0]
+
+    y = torch.tensor([0.5, 2.0, 10.0], dtype=torch.float64)
+    expected = [quad(lambda s: cdf(math.exp(s)) ** 2 * math.exp(s), -745, math.log(obs))
+                + quad(lambda s: (1 - cdf(math.exp(s))) ** 2 * math.exp(s), math.log(obs), 700) for obs in y.tolist()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = op.crps(forecast, y)
+    assert got.tolist() == pytest.approx(expected, rel=1e-10, abs=0)
+
+
 def test_float32_torch_forecasts_are_integrated_as_their_float64_copies():
     """A float32 LogNormal(0, 6)'s CRPS was 1.3e-4 relative off from its own float32 density and quantiles (the
     float64 one: 2e-12); its float64 copy (the same parameters) gives the float64 value to float32's rounding, as
