@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.distributions import (
+    AffineTransform,
     Distribution,
     Independent,
     MixtureSameFamily,
@@ -126,7 +127,14 @@ def _dtype(dist: Distribution) -> torch.dtype:
 
 
 def _implements(dist: Distribution, method: str) -> bool:
-    return getattr(type(dist), method) is not getattr(Distribution, method)
+    """Whether ``dist`` has a ``method`` of its own: a TransformedDistribution's ``cdf`` and ``icdf`` are its
+    base's (a mirrored Beta's cdf raised ``NotImplementedError``)."""
+    own = getattr(type(dist), method)
+    if own is getattr(Distribution, method):
+        return False
+    if method in ("cdf", "icdf") and own is getattr(TransformedDistribution, method):
+        return _implements(dist.base_dist, method)
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------- CRPS
@@ -177,6 +185,14 @@ def _integration_matrix():
 def _support(dist: Distribution):
     """float64 ``(lower, upper)`` bounds of the support, tensors broadcasting against ``batch_shape`` (a Uniform's
     depend on its batched parameters)."""
+    if type(dist) is TransformedDistribution and all(isinstance(t, AffineTransform) for t in dist.transforms):
+        # torch gives it the real line: the image of its base's (a mirrored Gamma's density was evaluated above 0)
+        lower, upper = _support(dist.base_dist)
+        for transform in dist.transforms:
+            loc, scale = (torch.as_tensor(v).detach().to(torch.float64) for v in (transform.loc, transform.scale))
+            ends = [torch.where(scale == 0, loc, loc + scale * end) for end in (lower, upper)]
+            lower, upper = torch.minimum(*ends), torch.maximum(*ends)
+        return lower, upper
     support = dist.support
     # a MixtureSameFamily's support wraps its components' (it had no bounds, and points below a mixture of
     # LogNormals' 0 failed its validation): the widest of theirs
@@ -221,9 +237,16 @@ def _in_float64(dist: Distribution) -> Distribution:
 
 
 def _mean_and_sd(dist: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 mean and standard deviation (a float32 VonMises's from the float64 one)."""
+    """float64 mean and standard deviation (a float32 VonMises's from the float64 one; a TransformedDistribution
+    of affine maps, which torch gives none, from its base's)."""
     dist = _in_float64(dist)
     try:
+        if isinstance(dist, TransformedDistribution) and all(isinstance(t, AffineTransform) for t in dist.transforms):
+            mean, sd = _mean_and_sd(dist.base_dist)
+            for transform in dist.transforms:
+                loc, scale = (torch.as_tensor(v).detach().to(torch.float64) for v in (transform.loc, transform.scale))
+                mean, sd = loc + scale * mean, scale.abs() * sd
+            return mean, sd
         return dist.mean.detach().to(torch.float64), dist.stddev.detach().to(torch.float64)
     except NotImplementedError:
         raise ValueError(f"the forecast ({type(dist).__name__}) implements neither icdf nor mean and stddev, which "
@@ -244,11 +267,12 @@ def _panel_edges(dist: Distribution, shape: torch.Size) -> tuple[torch.Tensor, t
         reach = min(_LOG_ODDS, -math.log(4 * torch.finfo(dtype).eps))  # 1 - level must stay representable
         log_odds = torch.linspace(-reach, reach, _PANELS + 1, dtype=torch.float64)
         levels = torch.sigmoid(log_odds).reshape((-1,) + (1,) * len(shape)).to(dtype)
-        edges = dist.icdf(levels.expand((-1,) + shape)).detach().to(torch.float64).movedim(0, -1)
-        edges = torch.maximum(torch.minimum(edges, upper.unsqueeze(-1)), lower.unsqueeze(-1))
-        if bool(torch.isfinite(edges).all()):
-            levels = levels.flatten().to(torch.float64)
-            return edges, (levels[0], levels[1], 1 - levels[-1], 1 - levels[-2])
+        with contextlib.suppress(NotImplementedError):  # a TransformedDistribution of a base without an icdf
+            edges = dist.icdf(levels.expand((-1,) + shape)).detach().to(torch.float64).movedim(0, -1)
+            edges = torch.maximum(torch.minimum(edges, upper.unsqueeze(-1)), lower.unsqueeze(-1))
+            if bool(torch.isfinite(edges).all()):
+                levels = levels.flatten().to(torch.float64)
+                return edges, (levels[0], levels[1], 1 - levels[-1], 1 - levels[-2])
     mean, sd = _mean_and_sd(dist)
     bad = ~(torch.isfinite(mean) & torch.isfinite(sd))
     if bool(bad.any()):

@@ -706,6 +706,33 @@ def test_crps_of_a_mixture_on_a_positive_support():
     assert got.tolist() == pytest.approx(expected, rel=1e-10, abs=0)
 
 
+@pytest.mark.parametrize("base, observations", [
+    (Gamma(torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)), [0.3, 1.0, 5.0]),
+    (Gamma(torch.tensor(0.3, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)), [1e-3, 0.5, 4.0]),
+    (Beta(torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)), [0.01, 0.5, 0.99]),
+    (StudentT(*(torch.tensor(v, dtype=torch.float64) for v in (3.0, 0.5, 2.0))), [-3.0, 0.5, 10.0]),
+    (Weibull(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)), [0.01, 1.0, 30.0])],
+    ids=["gamma", "gamma-singular", "beta", "student-t", "weibull"])
+def test_an_affine_transform_of_a_forecast_scores_as_the_forecast(base, observations):
+    """``TransformedDistribution(base, AffineTransform(2, -3))``: torch gives it the real line as support and the
+    base's missing cdf or icdf as its own, so a mirrored Gamma's density was evaluated outside its support (a
+    validation error), a mirrored Beta's or Student t's ``icdf``/``cdf`` raised ``NotImplementedError``, and the
+    PIT beyond the support was NaN. Its CRPS is 3 times the base's at the mapped observation, its PIT 1 minus the
+    base's (to 1e-7 and 1e-8: the image's finite end is 2, which the panels resolve to 2^-44 of its size, where the
+    base's end at 0 goes down to 1e-300); beyond its support the PIT is 0 or 1."""
+    forecast = TransformedDistribution(base, [AffineTransform(torch.tensor(2.0, dtype=torch.float64),
+                                                              torch.tensor(-3.0, dtype=torch.float64))])
+    y = torch.tensor(observations, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(op.crps(forecast, 2 - 3 * y), 3 * op.crps(base, y), rtol=1e-7, atol=0)
+        torch.testing.assert_close(op.pit(forecast, 2 - 3 * y), 1 - op.pit(base, y), rtol=0, atol=1e-8)
+    if isinstance(base, (Gamma, Weibull, Beta)):  # support [0, ...): the image's upper end is 2
+        assert op.pit(forecast, torch.tensor([2.5, 1e9], dtype=torch.float64)).tolist() == [1.0, 1.0]
+    if isinstance(base, Beta):  # and its lower end -1
+        assert op.pit(forecast, torch.tensor([-1.5], dtype=torch.float64)).tolist() == [0.0]
+
+
 def test_float32_torch_forecasts_are_integrated_as_their_float64_copies():
     """A float32 LogNormal(0, 6)'s CRPS was 1.3e-4 relative off from its own float32 density and quantiles (the
     float64 one: 2e-12); its float64 copy (the same parameters) gives the float64 value to float32's rounding, as
