@@ -20,8 +20,8 @@ from torch import nn
 import opinionpool.functional as opf
 from opinionpool.constants import LOG_2PI
 
-__all__ = ["ESTIMATORS", "LAPLACE_SCALE", "LATENT_FAMILIES", "NORMAL", "LatentFamily",
-           "Likelihood", "Terms", "categorical_log_likelihood", "full_precision", "holder_plus_objective", "joint_elbo",
+__all__ = ["ESTIMATORS", "LAPLACE_SCALE", "LATENT_FAMILIES", "NORMAL", "LatentFamily", "Likelihood", "Terms",
+           "categorical_log_likelihood", "full_precision", "holder_plus_objective", "joint_elbo",
            "kl_to_standard_normal", "laplace_log_likelihood", "mixture_elbo", "mmvae_objective", "mmvae_plus_objective",
            "mmvm_objective", "mvae_elbo", "normal_image_log_likelihood", "reparameterise", "standard_normal_log_prob",
            "stratified_mixture_elbo", "subset_mixture_elbo"]
