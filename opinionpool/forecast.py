@@ -653,12 +653,15 @@ def pit(forecast, observations) -> torch.Tensor:
     if isinstance(forecast, _Pool):
         with torch.no_grad():
             return forecast.cdf(y).clamp(0, 1)
-    # a plain torch forecast validates its support: F is 0 below it and 1 above it
-    lower, upper = (bound.to(y.dtype) for bound in _support(forecast))
-    inside = (y > lower) & (y < upper)
-    with torch.no_grad(), _without_validation(forecast):
-        cdf = forecast.cdf(torch.where(inside, y, _interior_point(lower, upper).expand(y.shape)))
-    return torch.where(inside, cdf, (y >= upper).to(y.dtype)).clamp(0, 1)
+    # a plain torch forecast validates its support: F is 0 below it and 1 above it; a float32 one's cdf from its
+    # float64 copy (a float32 Normal's 0.5 (1 + erf) kept a few digits of a PIT of 1e-6)
+    wide = _in_float64(forecast)
+    points = y.to(_dtype(wide))
+    lower, upper = (bound.to(points.dtype) for bound in _support(wide))
+    inside = (points > lower) & (points < upper)
+    with torch.no_grad(), _without_validation(wide):
+        cdf = wide.cdf(torch.where(inside, points, _interior_point(lower, upper).expand(points.shape)))
+    return torch.where(inside, cdf, (points >= upper).to(points.dtype)).clamp(0, 1).to(y.dtype)
 
 
 @contextlib.contextmanager

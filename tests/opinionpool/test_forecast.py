@@ -733,6 +733,21 @@ def test_an_affine_transform_of_a_forecast_scores_as_the_forecast(base, observat
         assert op.pit(forecast, torch.tensor([-1.5], dtype=torch.float64)).tolist() == [0.0]
 
 
+def test_float32_pit_through_the_forecasts_cdf_keeps_small_values():
+    """A float32 torch forecast's own cdf loses the digits of a small PIT (a Normal's ``0.5 (1 + erf)`` at -5 kept
+    a few, a Gamma's near 0 likewise): the PIT comes from its float64 copy's cdf, in float32 to its rounding.
+    Reference: scipy's cdfs at the float32 values."""
+    cases = [(Normal(torch.tensor(0.0, dtype=torch.float32), torch.tensor(1.0, dtype=torch.float32)),
+              [-5.0, -3.0, 0.0, 2.0], scipy.stats.norm.cdf),
+             (Gamma(torch.tensor(2.0, dtype=torch.float32), torch.tensor(1.0, dtype=torch.float32)),
+              [1e-4, 0.01, 1.0, 5.0], scipy.stats.gamma(2.0).cdf)]
+    for forecast, observations, cdf in cases:
+        y = torch.tensor(observations, dtype=torch.float32)
+        got = op.pit(forecast, y)
+        assert got.dtype == torch.float32
+        assert got.double().tolist() == pytest.approx(cdf(y.double().numpy()).tolist(), rel=3e-7, abs=0)
+
+
 def test_float32_torch_forecasts_are_integrated_as_their_float64_copies():
     """A float32 LogNormal(0, 6)'s CRPS was 1.3e-4 relative off from its own float32 density and quantiles (the
     float64 one: 2e-12); its float64 copy (the same parameters) gives the float64 value to float32's rounding, as
