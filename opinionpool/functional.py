@@ -830,7 +830,7 @@ class _SubsetMoments(torch.autograd.Function):
     @staticmethod
     def forward(logits, x, logvar, loc_p, lv_p, reference, present, visited, components):
         span = _span(logvar.dtype)
-        _, shift = _present_shift(logvar, present[..., :x.shape[-2], :], span)
+        *_, shift = _present_shift(logvar, present[..., :x.shape[-2], :], span)
         scale = torch.exp2(shift * (-0.5 / _LN2))  # e^(-shift/2); exp2 runs several times faster than exp
         pi = torch.softmax(logits, -1)
         # out of place where the presence (batched under vmap when the weights are) meets unbatched tensors
@@ -924,11 +924,12 @@ def _present_range(values, present):
 
 
 def _present_shift(values, present, span):
-    """``(top, shift)`` of the log-scales ``values (..., M, D)`` of the present experts (``present`` along ``-2``):
-    their largest and the midpoint of their range, but at least ``top - span``, by which the shared subset paths
-    scale each (sample, dimension) so that the present experts' scaled values lie within ``e^(+-span)``."""
+    """``(top, bottom, shift)`` of the log-scales ``values (..., M, D)`` of the present experts (``present`` along
+    ``-2``, ``None`` when all are): their largest, their smallest and the midpoint of their range, but at least
+    ``top - span``, by which the shared subset paths scale each (sample, dimension) so that the present experts'
+    scaled values lie within ``e^(+-span)``."""
     top, bottom = _present_range(values, present)
-    return top, torch.maximum(top - span, 0.5 * (top + bottom))
+    return top, bottom, torch.maximum(top - span, 0.5 * (top + bottom))
 
 
 class _SubsetSums(torch.autograd.Function):
@@ -952,8 +953,7 @@ class _SubsetSums(torch.autograd.Function):
     @staticmethod
     def forward(w, x, log_p, present, reference, uniform):
         span = _span(log_p.dtype)
-        top, bottom = _present_range(log_p, present)
-        shift = torch.maximum(top - span, 0.5 * (top + bottom))
+        top, bottom, shift = _present_shift(log_p, present, span)
         # (raising the values below the floor leaves the shift as it is: it is at least top - span); none is below
         # it where the present values span at most 2 span, the usual case, then known from (..., 1, D) tensors
         clamped = None
@@ -1043,7 +1043,7 @@ def _subset_barycenter(mu, logvar, member, weights):
     wide = _wide(mu.dtype)
     w = _subset_weights(weights, member, wide)
     log_sd = 0.5 * logvar.to(wide)
-    shift = _present_shift(log_sd.detach(), member.any(-2).unsqueeze(-1), _span(wide))[1]
+    *_, shift = _present_shift(log_sd.detach(), member.any(-2).unsqueeze(-1), _span(wide))
     sums = w @ torch.cat((x.to(wide), (log_sd - shift).exp()), -1)
     mean, sd = (sums / w.sum(-1, keepdim=True)).chunk(2, -1)
     return reference + mean.to(mu.dtype), (2 * (sd.log() + shift)).to(mu.dtype)
