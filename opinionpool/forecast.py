@@ -182,14 +182,21 @@ def _integration_matrix():
     return (torch.from_numpy(x) for x in (t, w, antiderivative @ np.linalg.inv(vander)))
 
 
+def _affine_maps(dist: Distribution):
+    """``[(loc, scale), ...]`` in float64 of a TransformedDistribution of affine maps only (torch gives it the real
+    line as support and no mean), else None."""
+    if type(dist) is not TransformedDistribution or not all(isinstance(t, AffineTransform) for t in dist.transforms):
+        return None
+    return [tuple(torch.as_tensor(v).detach().to(torch.float64) for v in (t.loc, t.scale)) for t in dist.transforms]
+
+
 def _support(dist: Distribution):
     """float64 ``(lower, upper)`` bounds of the support, tensors broadcasting against ``batch_shape`` (a Uniform's
     depend on its batched parameters)."""
-    if type(dist) is TransformedDistribution and all(isinstance(t, AffineTransform) for t in dist.transforms):
-        # torch gives it the real line: the image of its base's (a mirrored Gamma's density was evaluated above 0)
+    maps = _affine_maps(dist)
+    if maps is not None:  # the image of its base's (a mirrored Gamma's density was evaluated above 0)
         lower, upper = _support(dist.base_dist)
-        for transform in dist.transforms:
-            loc, scale = (torch.as_tensor(v).detach().to(torch.float64) for v in (transform.loc, transform.scale))
+        for loc, scale in maps:
             ends = [torch.where(scale == 0, loc, loc + scale * end) for end in (lower, upper)]
             lower, upper = torch.minimum(*ends), torch.maximum(*ends)
         return lower, upper
@@ -241,10 +248,10 @@ def _mean_and_sd(dist: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
     of affine maps, which torch gives none, from its base's)."""
     dist = _in_float64(dist)
     try:
-        if isinstance(dist, TransformedDistribution) and all(isinstance(t, AffineTransform) for t in dist.transforms):
+        maps = _affine_maps(dist)
+        if maps is not None:
             mean, sd = _mean_and_sd(dist.base_dist)
-            for transform in dist.transforms:
-                loc, scale = (torch.as_tensor(v).detach().to(torch.float64) for v in (transform.loc, transform.scale))
+            for loc, scale in maps:
                 mean, sd = loc + scale * mean, scale.abs() * sd
             return mean, sd
         return dist.mean.detach().to(torch.float64), dist.stddev.detach().to(torch.float64)
