@@ -321,11 +321,11 @@ def _detached(mixture):
                             logvar=mixture.logvar.detach())
 
 
-def _with_component_detached(mixture, component: int):
-    """``mixture`` with the parameters of one component (its axis ``-2``) detached, the others' live."""
-    one = torch.arange(mixture.loc.shape[-2], device=mixture.loc.device).unsqueeze(-1) == component
-    return mixture._replace(loc=torch.where(one, mixture.loc.detach(), mixture.loc),
-                            logvar=torch.where(one, mixture.logvar.detach(), mixture.logvar))
+def _log_prob_own_stopped(mixture, z: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """The mixture's log-density at ``z`` with the parameters of the components where ``own`` (boolean, broadcasting
+    against ``(..., C)``: the components each draw comes from) stopped, the others' and the weights live."""
+    components = torch.where(own, _detached(mixture).component_log_probs(z), mixture.component_log_probs(z))
+    return torch.logsumexp(mixture.log_weights + components, -1)
 
 
 def _path_copy(draw: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -400,12 +400,13 @@ def mmvae_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregate
             for d in range(mu.shape[0])]
         shares = None
         if unbiased:  # q_m's score becomes path terms, the other posteriors' stays (these draws are not theirs)
-            density = _with_component_detached(mixture, m)
-            rho = _responsibilities(mixture, _path_copy(u, mu[m], logvar[m])[..., :shared])[..., m]  # (K, B)
+            own = torch.arange(mu.shape[0], device=mu.device) == m
+            log_q_z = _log_prob_own_stopped(mixture, z, own)
+            rho = (_responsibilities(mixture, _path_copy(u, mu[m], logvar[m])[..., :shared]) * own).sum(-1)  # (K, B)
             shares = [torch.cat((rho.unsqueeze(-1).expand(z.shape), torch.ones_like(w)), -1)]
         else:
-            density = _detached(mixture) if estimator == "dreg" else mixture
-        log_q = density.log_prob(z) + latent.log_prob(w, own_mu[m], own_logvar[m])
+            log_q_z = (_detached(mixture) if estimator == "dreg" else mixture).log_prob(z)
+        log_q = log_q_z + latent.log_prob(w, own_mu[m], own_logvar[m])
         log_p = latent.prior_log_prob(z) + latent.prior_log_prob(w)
         log_lik = likelihood(x, present, inputs, decoders)  # (K, B)
         log_w = log_lik + beta * (log_p - log_q)
@@ -520,8 +521,7 @@ def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregat
         # weights') stays, as in mmvae_plus_objective
         components = mixture.log_weights.shape[-1]
         own = torch.eye(components, dtype=torch.bool, device=mu.device).unsqueeze(1)  # (C, 1, C')
-        log_q = torch.logsumexp(mixture.log_weights + torch.where(own, _detached(mixture).component_log_probs(z_in),
-                                                                  mixture.component_log_probs(z_in)), -1)
+        log_q = _log_prob_own_stopped(mixture, z_in, own)  # (K, C, B)
         loc, lv = mixture.loc.movedim(-2, 0), mixture.logvar.movedim(-2, 0)  # (C, B, Ds)
         rho = (_responsibilities(mixture, _path_copy(z, loc, lv)) * own).sum(-1)  # (K, C, B): rho_c at z_c
         shares = [rho.unsqueeze(-1)] + [None] * mu.shape[0]
