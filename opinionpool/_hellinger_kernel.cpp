@@ -30,11 +30,24 @@ namespace {
 
 using at::vec::Vectorized;
 
+// The distance between rows, in numbers: at least `width`, an odd number of cache lines and whole vectors. The loops
+// over all pairs at one dimension touch a row per pair and buffer; rows a power of two bytes apart (512 float32
+// dimensions: 2 KiB) fall into a few sets of the L1 cache and evict each other, an odd number of lines apart they
+// spread over all sets.
+template <typename T>
+int64_t row_stride(int64_t width) {
+  constexpr int64_t line = 64 / sizeof(T), vs = Vectorized<T>::size();
+  int64_t lines = (width + line - 1) / line;
+  if (lines % 2 == 0) ++lines;
+  return (lines * line + vs - 1) / vs * vs;
+}
+
 template <typename T>
 struct Sample {
   // one sample's experts, relative to its reference expert (x) and as given (means: the pairs' differences, which
-  // the offsets' rounding would lose for close experts far from the reference), in padded rows of `stride` numbers
-  int64_t m, d, stride, pairs;
+  // the offsets' rounding would lose for close experts far from the reference), in rows of `width` numbers (the
+  // dimensions padded to whole vectors) that start `stride` numbers apart
+  int64_t m, d, width, stride, pairs;
   std::vector<T> x, means, lv, g, v, rel, scale, r_first, r_second;
   std::vector<int64_t> first, second;
   // work space of the passes, allocated once per call and parallel_for chunk, not per sample (fresh large buffers
@@ -43,9 +56,9 @@ struct Sample {
   std::vector<Vectorized<T>> loc, var, d_logit;
 
   Sample(int64_t m_, int64_t d_, bool backward)
-      : m(m_), d(d_), stride((d_ + Vectorized<T>::size() - 1) / Vectorized<T>::size() * Vectorized<T>::size()),
-        pairs(m_ * (m_ - 1) / 2), x(m_ * stride), means(m_ * stride), lv(m_ * stride), g(m_ * stride), v(m_ * stride), rel(m_ * stride),
-        scale(stride),
+      : m(m_), d(d_), width((d_ + Vectorized<T>::size() - 1) / Vectorized<T>::size() * Vectorized<T>::size()),
+        stride(row_stride<T>(width)), pairs(m_ * (m_ - 1) / 2), x(m_ * stride), means(m_ * stride),
+        lv(m_ * stride), g(m_ * stride), v(m_ * stride), rel(m_ * stride), scale(width),
         r_first(pairs * stride), r_second(pairs * stride), logits(m_ + pairs),
         rows_out(backward ? 2 * m_ * stride : 0), d_loc(backward ? pairs * stride : 0),
         d_lv(backward ? pairs * stride : 0), loc(pairs), var(pairs), d_logit(backward ? m_ + pairs : 0) {
@@ -65,7 +78,7 @@ struct Sample {
     for (int64_t k = 1; k < m; ++k)
       if (log_w[k] > log_w[ref]) ref = k;
     const T inf = std::numeric_limits<T>::infinity();
-    for (int64_t c = 0; c < stride; c += V::size()) {
+    for (int64_t c = 0; c < width; c += V::size()) {
       const int64_t count = std::min<int64_t>(V::size(), d - c);  // partial loads fill the padding with zeros
       const V mu_ref = V::loadu(&mu[ref * d + c], count);
       V largest_lv(-inf), spread(-inf);
@@ -83,7 +96,7 @@ struct Sample {
       }
       at::vec::maximum(largest_lv, (spread * V(2)).log() * V(2)).store(&scale[c]);
     }
-    for (int64_t c = 0; c < stride; c += V::size()) {
+    for (int64_t c = 0; c < width; c += V::size()) {
       V largest(-inf);  // over all experts: every pair's larger variance relative to it is at most one
       for (int64_t k = 0; k < m; ++k) largest = at::vec::maximum(largest, V::loadu(&lv[k * stride + c]));
       for (int64_t k = 0; k < m; ++k) {
@@ -94,7 +107,7 @@ struct Sample {
       }
     }
     for (int64_t k = 0; k < m; ++k)
-      for (int64_t c = d; c < stride; ++c) v[k * stride + c] = 0;  // the padding contributes no variance
+      for (int64_t c = d; c < width; ++c) v[k * stride + c] = 0;  // the padding contributes no variance
     return ref;
   }
 };
@@ -166,7 +179,7 @@ template <typename T>
 void forward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w, T* mean, T* logvar_out, T* offset_out,
                     T* pi) {
   using V = Vectorized<T>;
-  const int64_t m = s.m, stride = s.stride, vs = V::size();
+  const int64_t m = s.m, width = s.width, stride = s.stride, vs = V::size();
   const int64_t ref = s.load(mu, logvar, log_w);
   const T inf = std::numeric_limits<T>::infinity();
   // the logits: experts 2 log w_k, pairs log 2 + log w_i + log w_j - (-log S_ij)
@@ -180,7 +193,7 @@ void forward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w, 
     // dimension took the largest share of the pass's time)
     V total(0), product(1);
     int64_t terms = 0;
-    for (int64_t c = 0; c < stride; c += vs) {
+    for (int64_t c = 0; c < width; c += vs) {
       const V a = (V::loadu(&s.lv[i * stride + c]) - V::loadu(&s.lv[j * stride + c])).abs();
       V r_i, r_j;
       const V big = store_ratios(s, p, i, j, c, r_i, r_j);
@@ -206,7 +219,7 @@ void forward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w, 
 
   std::vector<V>& loc = s.loc;
   std::vector<V>& var = s.var;
-  for (int64_t c = 0; c < stride; c += vs) {
+  for (int64_t c = 0; c < width; c += vs) {
     V offset(0);
     for (int64_t k = 0; k < m; ++k) offset = offset + V(pi[k]) * V::loadu(&s.x[k * stride + c]);
     for (int64_t p = 0; p < s.pairs; ++p) {
@@ -238,7 +251,7 @@ void backward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w,
                      const T* logvar_out_in, const T* pi, const T* grad_mean_in, const T* grad_logvar_in, T* grad_mu,
                      T* grad_logvar, T* grad_log_w) {
   using V = Vectorized<T>;
-  const int64_t m = s.m, stride = s.stride, vs = V::size(), d = s.d, n_comp = m + s.pairs;
+  const int64_t m = s.m, width = s.width, stride = s.stride, vs = V::size(), d = s.d, n_comp = m + s.pairs;
   s.load(mu, logvar, log_w);
   T g_l_total = 0;
   for (int64_t c = 0; c < d; ++c) g_l_total += grad_logvar_in[c];
@@ -248,7 +261,7 @@ void backward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w,
   T* glv = gx + m * stride;
   std::vector<V>& d_logit = s.d_logit;
   std::fill(d_logit.begin(), d_logit.end(), V(0));
-  for (int64_t c = 0; c < stride; c += vs) {
+  for (int64_t c = 0; c < width; c += vs) {
     const int64_t count = std::min(vs, d - c);  // zeros in the padding: no contribution to any sum
     const V off = V::loadu(&offset_in[c], count), gm = V::loadu(&grad_mean_in[c], count);
     const V gl = V::loadu(&grad_logvar_in[c], count), out = V::loadu(&logvar_out_in[c], count);
@@ -296,7 +309,7 @@ void backward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w,
   for (int64_t p = 0; p < s.pairs; ++p) {
     const int64_t i = s.first[p], j = s.second[p];
     const V d_neg(-logit_grad[m + p]);
-    for (int64_t c = 0; c < stride; c += vs) {
+    for (int64_t c = 0; c < width; c += vs) {
       V big, r_i, r_j;
       ratios(s, p, c, big, r_i, r_j);
       const V delta = difference(s, i, j, c);
@@ -319,7 +332,7 @@ void backward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w,
     }
   }
   for (int64_t k = 0; k < m; ++k)
-    for (int64_t c = 0; c < stride; c += vs) {
+    for (int64_t c = 0; c < width; c += vs) {
       const int64_t count = std::min(vs, d - c);
       V::loadu(&gx[k * stride + c]).store(&grad_mu[k * d + c], count);
       V::loadu(&glv[k * stride + c]).store(&grad_logvar[k * d + c], count);

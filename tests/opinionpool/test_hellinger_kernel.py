@@ -104,6 +104,21 @@ def test_kernel_equals_eager_and_the_written_out_mixture(kernel, m, case):
         torch.testing.assert_close(fused[1], ref_lv, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [64, 512])
+def test_kernel_with_latents_of_whole_cache_lines(kernel, dtype, dim):
+    """Latent sizes whose rows fill an even number of 64-byte cache lines, where the kernel spaces its rows by one
+    line more than they hold (the loops still stop at the rows' end): ten overlapping experts (every pair in the
+    pool) with masks and weights, against the eager function."""
+    mu, logvar, weights, mask = experts(10, batch=3, dim=dim, seed=dim)
+    mu, logvar, weights = (mu * 0.02).to(dtype), (logvar * 0.1).to(dtype), weights[:, :10].to(dtype)
+    assert (opf.hellinger_pairwise_mass(mu, logvar, weights=weights, mask=mask) > 0.3).all()
+    eager, fused = both_paths(kernel, mu, logvar, [mu, logvar, weights], mask=mask)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    for want, got in zip(eager, fused):
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.parametrize("m", [2, 3])
 def test_kernel_gradcheck_with_mask_weights_and_prior(kernel, m):
     mu, logvar, weights, mask = experts(m, batch=2, dim=3, seed=m + 20)
