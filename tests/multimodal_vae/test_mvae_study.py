@@ -3,6 +3,7 @@ evaluation, a time limit, partial summaries, the study preset, and the pooling d
 training."""
 
 import csv
+import dataclasses
 import fcntl
 import json
 import math
@@ -93,6 +94,9 @@ def test_the_study_preset():
     assert (ablation.name, ablation.alpha, ablation.private_dim) == ("holderplus_detached_weights", 0.5, 16)
     k4 = configs["mmvae-k4", 1.0, 0].model
     assert (k4.name, k4.num_samples, k4.estimator) == ("mmvae", 4, "dreg")
+    twin = configs["mmvae-k4-unbiased", 1.0, 0]
+    assert twin == dataclasses.replace(configs["mmvae-k4", 1.0, 0], name=twin.name,
+                                       model=dataclasses.replace(k4, estimator="dreg_unbiased"))
     # every run the same nets, latent size, batch, learning rate and steps
     assert {(c.model.architecture, c.model.activation, c.model.latent_dim + c.model.private_dim, c.train.batch_size,
              c.train.lr, c.train.max_steps) for c in configs.values()} == {("conv", "leaky_relu", 32, 128, 2e-3, 1870)}
@@ -351,7 +355,8 @@ def test_own_cross_mass_against_quadrature():
 @pytest.mark.parametrize("variant, runs", [("polymnist-cpu-study-quick", 15), ("polymnist-cpu-study-alpha", 27),
                                            ("polymnist-cpu-study-claims", 7), ("polymnist-cpu-study-beta1", 15),
                                            ("polymnist-cpu-study-wb", 12), ("polymnist-cpu-study-mmvae-beta1", 4),
-                                           ("polymnist-cpu-study-mmvae-k4", 1), ("polymnist-cpu-study-private", 8),
+                                           ("polymnist-cpu-study-mmvae-k4", 1),
+                                           ("polymnist-cpu-study-mmvae-k4-unbiased", 1), ("polymnist-cpu-study-private", 8),
                                            ("polymnist-cpu-study-ablation", 1), ("polymnist-cpu-study-rerun", 3)])
 def test_a_study_variants_runs_are_the_full_studys(variant, runs):
     full, part = load_sweep("polymnist-cpu-study"), load_sweep(variant)
@@ -379,7 +384,8 @@ def test_a_run_the_wall_clock_stopped_is_resumed_and_the_study_has_no_wall_clock
 
     for name in ("polymnist-cpu-study", "polymnist-cpu-study-quick", "polymnist-cpu-study-alpha",
                  "polymnist-cpu-study-claims", "polymnist-cpu-study-beta1", "polymnist-cpu-study-wb",
-                 "polymnist-cpu-study-mmvae-beta1", "polymnist-cpu-study-mmvae-k4", "polymnist-cpu-study-private",
+                 "polymnist-cpu-study-mmvae-beta1", "polymnist-cpu-study-mmvae-k4",
+                 "polymnist-cpu-study-mmvae-k4-unbiased", "polymnist-cpu-study-private",
                  "polymnist-cpu-study-ablation", "polymnist-cpu-study-rerun"):
         study = load_sweep(name)
         assert {run_config(study, *run).train.max_minutes for run in grid(study)} == {None}
