@@ -260,6 +260,43 @@ def _mean_and_sd(dist: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
                          "the quadrature needs to place its panels") from None
 
 
+def _quantile_levels(dtype: torch.dtype) -> torch.Tensor:
+    """The levels of quantile panels' edges in ``dtype``: the logistic of ``_PANELS + 1`` equally spaced log-odds
+    from ``-_LOG_ODDS`` to ``_LOG_ODDS``, fewer where ``1 -`` the top level would not be representable."""
+    reach = min(_LOG_ODDS, -math.log(4 * torch.finfo(dtype).eps))
+    return torch.sigmoid(torch.linspace(-reach, reach, _PANELS + 1, dtype=torch.float64)).to(dtype)
+
+
+def _component_quantile_edges(dist: MixtureSameFamily, shape: torch.Size, lower: torch.Tensor, upper: torch.Tensor):
+    """``(edges, tails)`` of a ``MixtureSameFamily`` whose components have an ``icdf`` and a ``cdf``: every
+    component's quantile panel edges, merged in order (each component's panels follow its own skew and tails, and
+    a component's finite ends, where the mixture's density jumps, fall within 1e-13 of its mass of an edge), and
+    ``tails`` as in :func:`_panel_edges` from the mixture's cdf at the outer edges. Beyond four components every
+    component keeps every ``ceil(count / 4)``-th level (and the last), so that the nodes, at which every component's
+    density is evaluated, stay at most four times a single distribution's. None where an edge is not finite."""
+    components = dist.component_distribution
+    count = components.batch_shape[-1]
+    levels = _quantile_levels(_dtype(dist))
+    kept = list(range(0, len(levels), -(-count // 4)))
+    levels = levels[kept + ([len(levels) - 1] if kept[-1] != len(levels) - 1 else [])]
+    levels = levels.reshape((-1,) + (1,) * (len(shape) + 1))
+    points = components.icdf(levels.expand((-1,) + shape + (count,))).detach().to(torch.float64)
+    edges = torch.sort(points.movedim(0, -1).flatten(-2), dim=-1).values  # shape + (count * (_PANELS + 1),)
+    edges = torch.maximum(torch.minimum(edges, upper.unsqueeze(-1)), lower.unsqueeze(-1))
+    if not bool(torch.isfinite(edges).all()):
+        return None
+    # F at the two lowest and two highest edges, summed over the components, each 0 below and 1 above its own
+    # support (with validation off, a Pareto's cdf is negative below its scale)
+    outer = torch.stack((edges[..., 0], edges[..., 1], edges[..., -2], edges[..., -1])).unsqueeze(-1)
+    low, high = _support(components)
+    with _without_validation(components):
+        parts = components.cdf(outer.to(_dtype(dist))).detach().to(torch.float64).clamp(0, 1)
+    parts = torch.where(outer <= low, 0.0, torch.where(outer >= high, 1.0, parts))
+    weights = dist.mixture_distribution.probs.detach().to(torch.float64)
+    first, second, before_last, last = (parts * weights).sum(-1).clamp(0, 1)
+    return edges, (first, second, 1 - last, 1 - before_last)
+
+
 @torch.no_grad()
 def _panel_edges(dist: Distribution, shape: torch.Size) -> tuple[torch.Tensor, tuple | None]:
     """``(edges, tails)``: panel edges ``shape + (K + 1,)`` in float64 covering the forecast's mass: at the
@@ -270,16 +307,19 @@ def _panel_edges(dist: Distribution, shape: torch.Size) -> tuple[torch.Tensor, t
     (for ``_beyond_panels``), else ``None``."""
     lower, upper = _support(dist)
     if _implements(dist, "icdf") and not isinstance(dist, _Pool):
-        dtype = _dtype(dist)
-        reach = min(_LOG_ODDS, -math.log(4 * torch.finfo(dtype).eps))  # 1 - level must stay representable
-        log_odds = torch.linspace(-reach, reach, _PANELS + 1, dtype=torch.float64)
-        levels = torch.sigmoid(log_odds).reshape((-1,) + (1,) * len(shape)).to(dtype)
+        levels = _quantile_levels(_dtype(dist)).reshape((-1,) + (1,) * len(shape))
         with contextlib.suppress(NotImplementedError):  # a TransformedDistribution of a base without an icdf
             edges = dist.icdf(levels.expand((-1,) + shape)).detach().to(torch.float64).movedim(0, -1)
             edges = torch.maximum(torch.minimum(edges, upper.unsqueeze(-1)), lower.unsqueeze(-1))
             if bool(torch.isfinite(edges).all()):
                 levels = levels.flatten().to(torch.float64)
                 return edges, (levels[0], levels[1], 1 - levels[-1], 1 - levels[-2])
+    if isinstance(dist, MixtureSameFamily) and _implements(dist.component_distribution, "icdf") \
+            and _implements(dist.component_distribution, "cdf"):
+        with contextlib.suppress(NotImplementedError):
+            found = _component_quantile_edges(dist, shape, lower, upper)
+            if found is not None:
+                return found
     mean, sd = _mean_and_sd(dist)
     bad = ~(torch.isfinite(mean) & torch.isfinite(sd))
     if bool(bad.any()):
@@ -518,7 +558,8 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
                           f"up to {float(defect.max()):.3g}: its panels missed part of the density (mass beyond 12 "
                           "standard deviations, or a density much narrower than a panel), so the PIT is off by about "
                           "as much and the CRPS by up to that mass times the distances it spans; a forecast with an "
-                          "icdf gets panels at its quantiles", stacklevel=3)
+                          "icdf (a mixture: components with an icdf and a cdf) gets panels at its quantiles",
+                          stacklevel=3)
     return value, at_y, total
 
 
@@ -536,9 +577,12 @@ def _beyond_panels(grid: torch.Tensor, tails, y: torch.Tensor, open_low: bool, o
         if not is_open:
             continue
         far, near = sign * outer, sign * inner  # distances from 0 outwards, when the tail lies beyond 0
-        usable = (near > 0) & (far > near)
+        # (levels are numbers for one distribution's quantile panels, tensors for a mixture's, zero where a
+        # component's support ends before the mixture's)
+        level_in, level_out = (torch.as_tensor(level, dtype=torch.float64) for level in (level_in, level_out))
+        usable = (near > 0) & (far > near) & (level_out > 0)
         ratio = torch.where(usable, far / torch.where(usable, near, 1.0), 2.0)
-        index = math.log(float(level_in) / float(level_out)) / torch.log(ratio)
+        index = torch.log(level_in / torch.where(usable, level_out, 1.0)) / torch.log(ratio)
         start = torch.maximum(far, sign * y)
         level = level_out * (start / torch.where(usable, far, 1.0)) ** -index  # the tail's F or 1 - F at start
         # (an index within its estimate's rounding of 1/2 diverges too: 0.5 + 1e-13 gave 9e14 for a Pareto of 0.5)
@@ -607,10 +651,12 @@ def crps(forecast, observations) -> torch.Tensor:
     edge; in ``log |x|`` on a panel whose ends' magnitudes lie 4 or more apart on one side of 0 and whose density is not
     flat across it, where a power law is smooth), with the cdf at each node from the density's interpolating polynomial
     on its panel. The panels lie between the quantiles of equally spaced log-odds (levels 1e-13 to 1 - 1e-13) for a
-    torch distribution with an ``icdf`` (a LogNormal or a Cauchy: they follow skew and heavy tails), else equally spaced
-    over the forecast's mean +- 12 standard deviations cut to its support (pools; a forecast with neither raises a
-    ``ValueError``). Error: for densities smooth on the scale of a panel, about 1e-10 times the scale (LogNormal(0, 3):
-    6e-12 relative). A float32 torch forecast is integrated as its float64 copy (the same parameters); float32 pools to
+    torch distribution with an ``icdf`` (a LogNormal or a Cauchy: they follow skew and heavy tails), and between every
+    component's for a ``MixtureSameFamily`` whose components have an ``icdf`` and a ``cdf`` (the components' finite ends,
+    where the density jumps, then lie within 1e-13 of their mass of an edge), else equally spaced over the forecast's
+    mean +- 12 standard deviations cut to its support (pools; a forecast with neither raises a ``ValueError``).
+    Error: for densities smooth on the scale of a panel, about 1e-10 times the scale (LogNormal(0, 3): 6e-12
+    relative). A float32 torch forecast is integrated as its float64 copy (the same parameters); float32 pools to
     about 1e-5, their own log density's rounding. Above the observation ``1 - F`` is summed from the right, below it
     ``F`` from the left, so mass a panel misses at one end is not carried across the other. Quantile panels start from
     the masses they leave beyond their ends (1e-13 each), and add the CRPS beyond them as the power law of ``|x|`` their
