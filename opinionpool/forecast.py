@@ -271,30 +271,45 @@ def _component_quantile_edges(dist: MixtureSameFamily, shape: torch.Size, lower:
     """``(edges, tails)`` of a ``MixtureSameFamily`` whose components have an ``icdf`` and a ``cdf``: every
     component's quantile panel edges, merged in order (each component's panels follow its own skew and tails, and
     a component's finite ends, where the mixture's density jumps, fall within 1e-13 of its mass of an edge), and
-    ``tails`` as in :func:`_panel_edges` from the mixture's cdf at the outer edges. Beyond four components every
-    component keeps every ``ceil(count / 4)``-th level (and the last), so that the nodes, at which every component's
-    density is evaluated, stay at most four times a single distribution's. None where an edge is not finite."""
+    ``tails`` as in :func:`_panel_edges`: each component's tail law from its own two outermost levels, exact (the
+    mixture's levels at the two outermost merged edges, from cdfs rounded near 1 at edges of different components
+    that may lie a float apart, made Laplaces 10 apart with weights 0.999 and 0.001 score inf), and the mixture's
+    ``F`` at the first edge and ``1 - F`` at the last summed from those laws (from the components' cdfs for a
+    component whose law does not apply). Beyond four components every component keeps its two ends and every
+    ``ceil(count / 4)``-th level, staggered across the components (component ``j`` the levels congruent to ``j``
+    modulo that step), so that the panels stay at most about four times a single distribution's plus two per
+    component, and components alike still share every level between them (the same levels for all put twenty
+    Laplaces 0.01 apart on panels at 11 levels, 9e-4 off). None where an edge is not finite."""
     components = dist.component_distribution
     count = components.batch_shape[-1]
     levels = _quantile_levels(_dtype(dist))
-    kept = list(range(0, len(levels), -(-count // 4)))
-    levels = levels[kept + ([len(levels) - 1] if kept[-1] != len(levels) - 1 else [])]
-    levels = levels.reshape((-1,) + (1,) * (len(shape) + 1))
-    points = components.icdf(levels.expand((-1,) + shape + (count,))).detach().to(torch.float64)
-    edges = torch.sort(points.movedim(0, -1).flatten(-2), dim=-1).values  # shape + (count * (_PANELS + 1),)
-    edges = torch.maximum(torch.minimum(edges, upper.unsqueeze(-1)), lower.unsqueeze(-1))
-    if not bool(torch.isfinite(edges).all()):
+    index, step = torch.arange(len(levels)), -(-count // 4)
+    kept = (index % step == torch.arange(count).unsqueeze(-1) % step) | (index == 0) | (index == len(levels) - 1)
+    probe = levels.reshape((-1,) + (1,) * (len(shape) + 1)).expand((-1,) + shape + (count,))
+    points = components.icdf(probe).detach().to(torch.float64).movedim(0, -1)  # shape + (count, levels)
+    points = torch.maximum(torch.minimum(points, upper.unsqueeze(-1).unsqueeze(-1)), lower.unsqueeze(-1).unsqueeze(-1))
+    if not bool(torch.isfinite(points).all()):
         return None
-    # F at the two lowest and two highest edges, summed over the components, each 0 below and 1 above its own
-    # support (with validation off, a Pareto's cdf is negative below its scale)
-    outer = torch.stack((edges[..., 0], edges[..., 1], edges[..., -2], edges[..., -1])).unsqueeze(-1)
+    edges = torch.sort(points[..., kept], dim=-1).values  # shape + (kept levels of all components,)
+    # F at the lowest and highest edges, summed over the components, each 0 below and 1 above its own support (with
+    # validation off, a Pareto's cdf is negative below its scale)
+    outer = torch.stack((edges[..., 0], edges[..., -1])).unsqueeze(-1)
     low, high = _support(components)
     with _without_validation(components):
         parts = components.cdf(outer.to(_dtype(dist))).detach().to(torch.float64).clamp(0, 1)
     parts = torch.where(outer <= low, 0.0, torch.where(outer >= high, 1.0, parts))
     weights = dist.mixture_distribution.probs.detach().to(torch.float64)
-    first, second, before_last, last = (parts * weights).sum(-1).clamp(0, 1)
-    return edges, (first, second, 1 - last, 1 - before_last)
+    levels = levels.to(torch.float64)
+    laws = ((weights, levels[0], levels[1], points[..., 0], points[..., 1]),
+            (weights, 1 - levels[-1], 1 - levels[-2], points[..., -1], points[..., -2]))
+    # the masses beyond the outer edges from the components' tail laws where they apply: 1 - F from the cdfs rounds
+    # by 1e-16 on masses of 1e-13, an error the survival summed from the right carries up the whole upper tail
+    # (Paretos of shape 0.6 and scales 1 and 1.001: 1.6e-8 of the CRPS)
+    masses = []
+    for sign, law, edge, cdf in ((-1.0, laws[0], edges[..., :1], parts[0]), (1.0, laws[1], edges[..., -1:], 1 - parts[1])):
+        usable, _, level = _tail_law(law, sign, sign * edge)
+        masses.append(torch.where(usable, level, weights * cdf).sum(-1).clamp(0, 1))
+    return edges, tuple(masses) + laws
 
 
 @torch.no_grad()
@@ -303,8 +318,10 @@ def _panel_edges(dist: Distribution, shape: torch.Size) -> tuple[torch.Tensor, t
     quantiles of equally spaced log-odds from 1e-13 to 1 - 1e-13 (float32: 2.4e-7) where it has an ``icdf`` (the
     panels follow a skewed or heavy-tailed density, finer towards its tails), else equally spaced over its mean +-
     12 standard deviations, cut to its support, and panels of doubling width beyond, out to 256 times that span or
-    to a finite end. ``tails``: for quantile panels, ``F`` at the first two edges and ``1 - F`` at the last two
-    (for ``_beyond_panels``), else ``None``."""
+    to a finite end. ``tails``: for quantile panels, ``F`` at the first edge, ``1 - F`` at the last, and the laws of
+    the lower and upper tails beyond them for ``_beyond_panels``, ``(weights, level_out, level_in, outer, inner)``
+    with a component axis on the right (one component here: the levels at the first two edges, or at the last
+    two), else ``None``."""
     lower, upper = _support(dist)
     if _implements(dist, "icdf") and not isinstance(dist, _Pool):
         levels = _quantile_levels(_dtype(dist)).reshape((-1,) + (1,) * len(shape))
@@ -312,8 +329,10 @@ def _panel_edges(dist: Distribution, shape: torch.Size) -> tuple[torch.Tensor, t
             edges = dist.icdf(levels.expand((-1,) + shape)).detach().to(torch.float64).movedim(0, -1)
             edges = torch.maximum(torch.minimum(edges, upper.unsqueeze(-1)), lower.unsqueeze(-1))
             if bool(torch.isfinite(edges).all()):
-                levels = levels.flatten().to(torch.float64)
-                return edges, (levels[0], levels[1], 1 - levels[-1], 1 - levels[-2])
+                levels, one = levels.flatten().to(torch.float64), torch.ones(1, dtype=torch.float64)
+                laws = ((one, levels[0], levels[1], edges[..., :1], edges[..., 1:2]),
+                        (one, 1 - levels[-1], 1 - levels[-2], edges[..., -1:], edges[..., -2:-1]))
+                return edges, (levels[0], 1 - levels[-1]) + laws
     if isinstance(dist, MixtureSameFamily) and _implements(dist.component_distribution, "icdf") \
             and _implements(dist.component_distribution, "cdf"):
         with contextlib.suppress(NotImplementedError):
@@ -381,7 +400,7 @@ def _beyond_floor(dist: Distribution, sign: float, bound: torch.Tensor, log_edge
     points = (bound + sign * s.exp()).to(_dtype(dist))
     distance = sign * (points.to(torch.float64) - bound)  # the distances the rounded points lie at
     to_y = sign * (y - bound)
-    log_density = dist.log_prob(points).detach().to(torch.float64) + distance.log()
+    log_density = _log_density(dist, points).detach().to(torch.float64) + distance.log()
     ds, dd, dl = (x[1:] - x[:-1] for x in (distance.log(), distance, log_density))
     determinant = ds[0] * dd[1] - ds[1] * dd[0]
     power = (dl[0] * dd[1] - dl[1] * dd[0]) / determinant
@@ -433,6 +452,28 @@ def _rounding_correction(log_p: torch.Tensor, points: torch.Tensor, log_distance
     power = (later[1] - earlier[1]) / (later[0] - earlier[0])
     correction = power * (log_distance - actual)
     return torch.where(torch.isfinite(correction), correction, 0.0)
+
+
+def _log_density(dist: Distribution, points: torch.Tensor) -> torch.Tensor:
+    """``dist.log_prob(points)`` at ``points`` ``(P,) + shape``. A ``MixtureSameFamily``'s as torch sums it, but
+    with each component's log density ``-inf`` outside its own support (torch validates a mixture's points against
+    every component's support, so components of different supports need validation off, and then a Pareto's density
+    below its scale is not 0: Paretos of scales 1 and 5 scored 160 times their CRPS), and a block of points at a
+    time (every component's log density at every point: 64 components at a thousand observations' 9000 nodes took
+    15 GB)."""
+    if type(dist) is not MixtureSameFamily:
+        return dist.log_prob(points)
+    components = dist.component_distribution
+    low, high = _support(components)
+    log_weights = torch.log_softmax(dist.mixture_distribution.logits, -1)
+    rows = max(1, 2**22 // max(1, points[0].numel() * components.batch_shape[-1]))
+    parts = []
+    with _without_validation(components):
+        for block in points.split(rows):
+            x = block.unsqueeze(-1)
+            inside = (x.to(torch.float64) >= low) & (x.to(torch.float64) <= high)
+            parts.append(torch.logsumexp(torch.where(inside, components.log_prob(x), -math.inf) + log_weights, -1))
+    return torch.cat(parts)
 
 
 def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
@@ -488,7 +529,7 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
         # dozens of decades with its mass in the top one, which nodes equal in log |x| miss (a StudentT(3)'s CRPS at
         # 1e-40 was 1.2e-4 off, a Laplace's at 1e-100 1.3e-2); a power law steep enough to need them varies by more
         outer = torch.stack((nodes[..., 0], nodes[..., -1]), -1).flatten(-2).movedim(-1, 0).to(_dtype(dist))
-        log_f = dist.log_prob(outer).detach().to(torch.float64).movedim(0, -1).unflatten(-1, (-1, 2))
+        log_f = _log_density(dist, outer).detach().to(torch.float64).movedim(0, -1).unflatten(-1, (-1, 2))
         flat = (log_f[..., 1] - log_f[..., 0]).abs() <= _FLAT_LOG_DENSITY
         logarithmic = logarithmic & ~flat.unsqueeze(-1)
         safe = lambda x: torch.where(logarithmic.squeeze(-1), x.abs(), 1.0).log()  # noqa: E731
@@ -522,13 +563,13 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
     # quantile panels leave known masses beyond the ends no ladder reaches (1e-13 each; float32 2.4e-7): F and 1 - F
     # start from them, not from 0 (a Pareto of shape 0.55 lost 2e-13 E[X] to a tail mass left out of 1 - F)
     open_low, open_high = (tails is not None and sign not in floors for sign in (1.0, -1.0))
-    tail_low, tail_high = (tails[0] if open_low else 0.0), (tails[2] if open_high else 0.0)
+    tail_low, tail_high = (tails[0] if open_low else 0.0), (tails[1] if open_high else 0.0)
     zero = torch.zeros(shape, dtype=torch.float64)
     below_floor, above_floor = floors.get(1.0, zero) + tail_low, floors.get(-1.0, zero) + tail_high
     nodes, jacobian, middle, log_distance, ends = (torch.cat(group, -1 if k == 2 else -2)
                                                    for k, group in enumerate(zip(*parts)))
     points = nodes.flatten(-2).movedim(-1, 0).to(_dtype(dist))  # (P,) + shape, torch's sample layout for log_prob
-    log_p = dist.log_prob(points).detach().to(torch.float64).movedim(0, -1).unflatten(-1, nodes.shape[-2:])
+    log_p = _log_density(dist, points).detach().to(torch.float64).movedim(0, -1).unflatten(-1, nodes.shape[-2:])
     log_p = log_p + _rounding_correction(log_p, points.to(torch.float64).movedim(0, -1).unflatten(-1, nodes.shape[-2:]),
                                          log_distance, ends)
     density = torch.where(torch.isfinite(log_p), log_p.exp(), torch.zeros_like(log_p))
@@ -563,31 +604,45 @@ def _density_quadrature(dist: Distribution, y: torch.Tensor, window=None):
     return value, at_y, total
 
 
+def _tail_law(law, sign: float, start: torch.Tensor):
+    """``(usable, index, level)`` of each component's tail (a component axis on the right) beyond its outer edge, at
+    the distance ``start`` from 0 (``sign`` -1: the lower tail, whose ``F`` it gives, 1: the upper, ``1 - F``), by
+    the power law of ``|x|`` through its known levels at its outer and inner edge (``law``: ``(weights, level_out,
+    level_in, outer, inner)``), times its weight: ``w L (start / |outer|)^-a``. Not usable (level 0) where its
+    edges lie on the other side of 0 or do not move outwards, or its weight or outer level is 0."""
+    weights, level_out, level_in, outer, inner = (torch.as_tensor(x, dtype=torch.float64) for x in law)
+    far, near = sign * outer, sign * inner  # distances from 0 outwards, when the tail lies beyond 0
+    usable = (near > 0) & (far > near) & (level_out > 0) & (weights > 0)
+    ratio = torch.where(usable, far / torch.where(usable, near, 1.0), 2.0)
+    index = torch.log(level_in / torch.where(usable, level_out, 1.0)) / torch.log(ratio)
+    level = torch.where(usable, weights * level_out * (start / torch.where(usable, far, 1.0)) ** -index, 0.0)
+    return usable, index, level
+
+
 def _beyond_panels(grid: torch.Tensor, tails, y: torch.Tensor, open_low: bool, open_high: bool) -> torch.Tensor:
     """The CRPS beyond quantile panels, ``int F^2`` below the first edge and ``int (1 - F)^2`` above the last (from
-    the observation on where it lies beyond them), for tails that fall as a power of ``|x|``: the index ``a`` from
-    the known levels at the last two edges, the integral ``F(x)^2 |x| / (2 a - 1)`` from the edge or observation
-    ``x``, infinite for ``a <= 1/2`` (a Pareto of shape 0.5, whose CRPS diverges, gave 57). Light tails give ``a`` in
-    the hundreds and nothing that counts; only the ends that are ``open_low`` / ``open_high`` (no ladder reaches
-    them: not a finite end of the support) count, and an edge on the other side of 0 adds nothing."""
+    the observation on where it lies beyond them), for tails that fall as a power of ``|x|``: each component's ``F``
+    (or ``1 - F``) beyond its own outer edge as ``w L (x / outer)^-a``, the index ``a`` from its known levels ``L`` at
+    its outer and inner edge, and the integral of the square of their sum exact, ``sum_ij w_i w_j F_i(x) F_j(x) |x|
+    / (a_i + a_j - 1)`` from the edge or observation ``x``, infinite for ``a_i + a_j <= 1`` (a Pareto of shape 0.5,
+    whose CRPS diverges, gave 57; one distribution has ``F(x)^2 |x| / (2 a - 1)``). Light tails give ``a`` in the
+    hundreds and nothing that counts; only the ends that are ``open_low`` / ``open_high`` (no ladder reaches them:
+    not a finite end of the support) count, and a component whose edges lie on the other side of 0 adds nothing."""
     total = torch.zeros(y.shape, dtype=torch.float64)
-    for sign, (outer, inner), (level_out, level_in), is_open in (
-            (-1.0, (grid[..., 0], grid[..., 1]), tails[:2], open_low),
-            (1.0, (grid[..., -1], grid[..., -2]), tails[2:], open_high)):
+    for sign, edge, law, is_open in ((-1.0, grid[..., 0], tails[2], open_low), (1.0, grid[..., -1], tails[3], open_high)):
         if not is_open:
             continue
-        far, near = sign * outer, sign * inner  # distances from 0 outwards, when the tail lies beyond 0
-        # (levels are numbers for one distribution's quantile panels, tensors for a mixture's, zero where a
-        # component's support ends before the mixture's)
-        level_in, level_out = (torch.as_tensor(level, dtype=torch.float64) for level in (level_in, level_out))
-        usable = (near > 0) & (far > near) & (level_out > 0)
-        ratio = torch.where(usable, far / torch.where(usable, near, 1.0), 2.0)
-        index = torch.log(level_in / torch.where(usable, level_out, 1.0)) / torch.log(ratio)
-        start = torch.maximum(far, sign * y)
-        level = level_out * (start / torch.where(usable, far, 1.0)) ** -index  # the tail's F or 1 - F at start
-        # (an index within its estimate's rounding of 1/2 diverges too: 0.5 + 1e-13 gave 9e14 for a Pareto of 0.5)
-        tail = torch.where(index > 0.5 + 1e-9, level**2 * start / (2 * index - 1), math.inf)
-        total = total + torch.where(usable, tail, 0.0)
+        start = torch.maximum(sign * edge, sign * y).unsqueeze(-1)  # at or beyond every component's outer edge
+        usable, index, level = _tail_law(law, sign, start)
+        # pairs of components a block of rows at a time (a thousand components at a thousand observations: 8 GB)
+        rows = max(1, 2**22 // max(1, level.numel()))
+        for part in range(0, level.shape[-1], rows):
+            pair_index = index[..., part:part + rows].unsqueeze(-1) + index.unsqueeze(-2)
+            both = usable[..., part:part + rows].unsqueeze(-1) & usable.unsqueeze(-2)
+            pair = level[..., part:part + rows].unsqueeze(-1) * level.unsqueeze(-2) * start.unsqueeze(-1)
+            # (an index within its estimate's rounding of 1/2 diverges too: 0.5 + 1e-13 gave 9e14 for a Pareto of 0.5)
+            pair = torch.where(pair_index > 1 + 2e-9, pair / (pair_index - 1), math.inf)
+            total = total + torch.where(both, pair, 0.0).sum((-1, -2))
     return total
 
 
@@ -661,7 +716,8 @@ def crps(forecast, observations) -> torch.Tensor:
     ``F`` from the left, so mass a panel misses at one end is not carried across the other. Quantile panels start from
     the masses they leave beyond their ends (1e-13 each), and add the CRPS beyond them as the power law of ``|x|`` their
     last two levels give (``int (1 - F)^2 = (1 - F)^2 x / (2 a - 1)`` for a tail falling as ``x^-a``; infinite for ``a
-    <= 1/2``, a Pareto of shape 1/2, whose CRPS diverges); other panels neglect the mass beyond them. Next to a finite
+    <= 1/2``, a Pareto of shape 1/2, whose CRPS diverges; a mixture's from each component's own power law, the square
+    of their sum integrated exactly); other panels neglect the mass beyond them. Next to a finite
     end of the support the panels are equal in the log of the distance to it, where a singular density (a Gamma or Beta
     of shape below 1) is a smooth power law, down to about 1e-300 from 0 (2^-44 of the end's size elsewhere; float32
     pools: 2^-101 and 2^-15); the mass nearer the end (half of a Gamma(0.001)'s) comes from the forecast's cdf, or where
