@@ -767,6 +767,27 @@ def test_crps_of_a_mixture_on_its_components_quantile_panels(case):
     assert got.tolist() == pytest.approx(expected, rel=1e-12, abs=0)
 
 
+def test_a_mixture_of_many_components_keeps_the_equal_panels(monkeypatch):
+    """Beyond 64 components the merged quantile panels (two ends kept per component, every component evaluated at
+    every node) cost as the square of the count: such a mixture is integrated on the equal panels, as accurate for
+    light tails (65 LogNormals against scipy), and 64 components still get the quantile panels."""
+    import opinionpool.forecast as forecast_module
+
+    calls = []
+    merged = forecast_module._component_quantile_edges
+    monkeypatch.setattr(forecast_module, "_component_quantile_edges", lambda *a: calls.append(a) or merged(*a))
+    for count in (64, 65):
+        locs, scales = np.linspace(-0.5, 0.5, count).tolist(), np.linspace(0.2, 0.6, count).tolist()
+        weights = (np.arange(1, count + 1) / (count * (count + 1) / 2)).tolist()
+        parts = [scipy.stats.lognorm(s, scale=math.exp(m)) for m, s in zip(locs, scales)]
+        before = len(calls)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = op.crps(_mixture(weights, LogNormal(*f64(locs, scales))), torch.tensor(1.5, dtype=torch.float64))
+        assert len(calls) - before == (1 if count == 64 else 0)
+        assert float(got) == pytest.approx(_scipy_mixture_crps(weights, parts, 1.5, log_x=True), rel=1e-12)
+
+
 def test_crps_of_batched_mixtures_on_their_components_quantile_panels():
     """Two mixtures of Cauchys in one batch, observations broadcast against it, and the float32 mixture (integrated
     as its float64 copy): each occasion's CRPS as the lone mixture's."""
