@@ -57,7 +57,8 @@ _MASS_TOLERANCE = 1e-6
 _TAIL_STEPS = torch.tensor([(2.0**k - 1) / 16 for k in range(1, 13)], dtype=torch.float64)
 #: a MixtureSameFamily of at most this many components (with an icdf and a cdf) gets every component's quantile
 #: panels; beyond, the nodes (every component evaluated at each, two ends kept per component) cost as the square of
-#: the count (300 LogNormals: 7 times the equal panels' time, which are as accurate for light tails)
+#: the count (300 LogNormals: 7 times the equal panels' time, which are as accurate for light tails), and only a
+#: mixture without a finite mean, for which equal panels cannot be placed, gets them
 _QUANTILE_PANEL_COMPONENTS = 64
 #: a panel on one side of 0 whose ends' magnitudes are at least this ratio apart places its nodes in log |x|
 _LOG_PANEL_RATIO = 4.0
@@ -316,6 +317,15 @@ def _component_quantile_edges(dist: MixtureSameFamily, shape: torch.Size, lower:
     return edges, tuple(masses) + laws
 
 
+def _merged_quantile_edges(dist: MixtureSameFamily, shape: torch.Size, lower: torch.Tensor, upper: torch.Tensor):
+    """:func:`_component_quantile_edges`, or None where a component's icdf or cdf raises ``NotImplementedError``
+    (a TransformedDistribution of a base without them)."""
+    try:
+        return _component_quantile_edges(dist, shape, lower, upper)
+    except NotImplementedError:
+        return None
+
+
 @torch.no_grad()
 def _panel_edges(dist: Distribution, shape: torch.Size) -> tuple[torch.Tensor, tuple | None]:
     """``(edges, tails)``: panel edges ``shape + (K + 1,)`` in float64 covering the forecast's mass: at the
@@ -337,16 +347,20 @@ def _panel_edges(dist: Distribution, shape: torch.Size) -> tuple[torch.Tensor, t
                 laws = ((one, levels[0], levels[1], edges[..., :1], edges[..., 1:2]),
                         (one, 1 - levels[-1], 1 - levels[-2], edges[..., -1:], edges[..., -2:-1]))
                 return edges, (levels[0], 1 - levels[-1]) + laws
-    if isinstance(dist, MixtureSameFamily) and _implements(dist.component_distribution, "icdf") \
-            and _implements(dist.component_distribution, "cdf") \
-            and dist.component_distribution.batch_shape[-1] <= _QUANTILE_PANEL_COMPONENTS:
-        with contextlib.suppress(NotImplementedError):
-            found = _component_quantile_edges(dist, shape, lower, upper)
-            if found is not None:
-                return found
+    merged = isinstance(dist, MixtureSameFamily) and _implements(dist.component_distribution, "icdf") \
+        and _implements(dist.component_distribution, "cdf")
+    if merged and dist.component_distribution.batch_shape[-1] <= _QUANTILE_PANEL_COMPONENTS:
+        found = _merged_quantile_edges(dist, shape, lower, upper)
+        if found is not None:
+            return found
     mean, sd = _mean_and_sd(dist)
     bad = ~(torch.isfinite(mean) & torch.isfinite(sd))
     if bool(bad.any()):
+        # more components than the limit, but equal panels need a mean (a mixture of Cauchys): merged panels at
+        # their cost
+        found = _merged_quantile_edges(dist, shape, lower, upper) if merged else None
+        if found is not None:
+            return found
         mean, sd = mean.expand(bad.shape), sd.expand(bad.shape)
         raise ValueError(f"the forecast ({type(dist).__name__}) has no finite mean and standard deviation (mean "
                          f"{describe(mean, bad)}, standard deviation {describe(sd, bad)}) "
@@ -712,9 +726,10 @@ def crps(forecast, observations) -> torch.Tensor:
     flat across it, where a power law is smooth), with the cdf at each node from the density's interpolating polynomial
     on its panel. The panels lie between the quantiles of equally spaced log-odds (levels 1e-13 to 1 - 1e-13) for a
     torch distribution with an ``icdf`` (a LogNormal or a Cauchy: they follow skew and heavy tails), and between every
-    component's for a ``MixtureSameFamily`` of up to 64 components with an ``icdf`` and a ``cdf`` (the components'
-    finite ends, where the density jumps, then lie within 1e-13 of their mass of an edge), else equally spaced over the
-    forecast's mean +- 12 standard deviations cut to its support (pools; a forecast with neither raises a ``ValueError``).
+    component's for a ``MixtureSameFamily`` of up to 64 components with an ``icdf`` and a ``cdf``, or of more without
+    a finite mean (the components' finite ends, where the density jumps, then lie within 1e-13 of their mass of an
+    edge), else equally spaced over the forecast's mean +- 12 standard deviations cut to its support (pools; a
+    forecast with neither raises a ``ValueError``).
     Error: for densities smooth on the scale of a panel, about 1e-10 times the scale (LogNormal(0, 3): 6e-12
     relative). A float32 torch forecast is integrated as its float64 copy (the same parameters); float32 pools to
     about 1e-5, their own log density's rounding. Above the observation ``1 - F`` is summed from the right, below it

@@ -788,6 +788,20 @@ def test_a_mixture_of_many_components_keeps_the_equal_panels(monkeypatch):
         assert float(got) == pytest.approx(_scipy_mixture_crps(weights, parts, 1.5, log_x=True), rel=1e-12)
 
 
+def test_a_mixture_of_many_components_without_a_mean_gets_the_merged_panels():
+    """Beyond 64 components equal panels are used where they can be placed; a mixture of 80 Cauchys has no mean to
+    place them by (it raised): it is integrated on the merged quantile panels. Against scipy."""
+    count = 80
+    locs, scales = np.linspace(-4.0, 4.0, count).tolist(), np.linspace(0.1, 2.0, count).tolist()
+    weights = (np.arange(1, count + 1) / (count * (count + 1) / 2)).tolist()
+    parts = [scipy.stats.cauchy(m, s) for m, s in zip(locs, scales)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = op.crps(_mixture(weights, Cauchy(*f64(locs, scales))), torch.tensor([-10.0, 0.5], dtype=torch.float64))
+    expected = [_scipy_mixture_crps(weights, parts, y) for y in (-10.0, 0.5)]
+    assert got.tolist() == pytest.approx(expected, rel=1e-12, abs=0)
+
+
 def test_crps_of_batched_mixtures_on_their_components_quantile_panels():
     """Two mixtures of Cauchys in one batch, observations broadcast against it, and the float32 mixture (integrated
     as its float64 copy): each occasion's CRPS as the lone mixture's."""
