@@ -41,6 +41,11 @@ WEIGHTS = [0.5, 0.3, 0.2]
 OBS = [0.4, -2.5]
 
 
+def _f64(*values):
+    """float64 tensors of ``values``."""
+    return [torch.tensor(v, dtype=torch.float64) for v in values]
+
+
 def _normal_experts():
     return Normal(torch.tensor(LOCS, dtype=torch.float64), torch.tensor(SCALES, dtype=torch.float64))
 
@@ -659,9 +664,8 @@ def test_a_density_smooth_at_zero_keeps_its_nodes_in_x_on_a_panel_from_next_to_z
     stretch next to 0 that holds no mass (a StudentT(3)'s CRPS at 1e-40 was 1.2e-4 off with a warning, a Laplace's
     with its location at 1e-40 4.3e-4, at 1e-100 1.3e-2). References: a Laplace's closed form
     |y - m| + b exp(-|y - m| / b) - 3 b / 4, and scipy's Student t cdf integrated in log |x|."""
-    double = lambda *v: [torch.tensor(x, dtype=torch.float64) for x in v]  # noqa: E731
     for location in (0.0, 1e-40, 1e-100):
-        forecast = Laplace(*double(location, 1.0))
+        forecast = Laplace(*_f64(location, 1.0))
         y = torch.tensor([0.0, 1e-30, 1e-40, 0.3], dtype=torch.float64)
         expected = ((y - location).abs() + torch.exp(-(y - location).abs()) - 0.75).tolist()
         with warnings.catch_warnings():
@@ -680,7 +684,7 @@ def test_a_density_smooth_at_zero_keeps_its_nodes_in_x_on_a_panel_from_next_to_z
                 + in_log(lambda x: reference.sf(x) ** 2, obs, 1e300) for obs in y.tolist()]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got, pits = op.crps(StudentT(*double(3.0)), y), op.pit(StudentT(*double(3.0)), y)
+        got, pits = op.crps(StudentT(*_f64(3.0)), y), op.pit(StudentT(*_f64(3.0)), y)
     assert got.tolist() == pytest.approx(expected, rel=1e-10, abs=0)
     assert pits.tolist() == pytest.approx(reference.cdf(y.numpy()).tolist(), rel=1e-11, abs=0)
 
@@ -733,10 +737,6 @@ def _scipy_mixture_crps(weights, parts, y, log_x=False, points=()):
     return quad(lambda x: cdf(x) ** 2, min(low, y), y) + quad(lambda x: survival(x) ** 2, y, max(high, y))
 
 
-def f64(*values):
-    return (torch.tensor(v, dtype=torch.float64) for v in values)
-
-
 @pytest.mark.parametrize("case", ["uniforms-apart", "cauchys", "wide-lognormals", "sixteen-lognormals"])
 def test_crps_of_a_mixture_on_its_components_quantile_panels(case):
     """A ``MixtureSameFamily`` whose components have an icdf is integrated on every component's quantile panels:
@@ -746,18 +746,18 @@ def test_crps_of_a_mixture_on_its_components_quantile_panels(case):
     components' cdfs, observations inside and outside."""
     weights = [0.3, 0.7]
     if case == "uniforms-apart":  # torch validates a mixture's points against every component's support: off
-        components = Uniform(*f64([0.0, 2.0], [1.0, 3.0]), validate_args=False)
+        components = Uniform(*_f64([0.0, 2.0], [1.0, 3.0]), validate_args=False)
         parts, observations = [scipy.stats.uniform(0, 1), scipy.stats.uniform(2, 1)], [-1.0, 0.5, 1.5, 2.5, 4.0]
         expected = [_scipy_mixture_crps(weights, parts, y, points=(0.0, 1.0, 2.0, 3.0)) for y in observations]
     elif case == "cauchys":
-        components = Cauchy(*f64([-3.0, 2.0], [0.5, 2.0]))
+        components = Cauchy(*_f64([-3.0, 2.0], [0.5, 2.0]))
         parts, observations = [scipy.stats.cauchy(-3.0, 0.5), scipy.stats.cauchy(2.0, 2.0)], [-30.0, -3.0, 0.0, 10.0]
         expected = [_scipy_mixture_crps(weights, parts, y) for y in observations]
     else:
         locs, scales = ([0.0, 1.0], [0.3, 2.5]) if case == "wide-lognormals" else \
             (np.linspace(-2, 2, 16).tolist(), np.linspace(0.2, 2.2, 16).tolist())
         weights = weights if case == "wide-lognormals" else (np.arange(1, 17) / 136).tolist()
-        components = LogNormal(*f64(locs, scales))
+        components = LogNormal(*_f64(locs, scales))
         parts = [scipy.stats.lognorm(s, scale=math.exp(m)) for m, s in zip(locs, scales)]
         observations = [0.05, 0.5, 2.0, 50.0]
         expected = [_scipy_mixture_crps(weights, parts, y, log_x=True) for y in observations]
@@ -783,7 +783,7 @@ def test_a_mixture_of_many_components_keeps_the_equal_panels(monkeypatch):
         before = len(calls)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            got = op.crps(_mixture(weights, LogNormal(*f64(locs, scales))), torch.tensor(1.5, dtype=torch.float64))
+            got = op.crps(_mixture(weights, LogNormal(*_f64(locs, scales))), torch.tensor(1.5, dtype=torch.float64))
         assert len(calls) - before == (1 if count == 64 else 0)
         assert float(got) == pytest.approx(_scipy_mixture_crps(weights, parts, 1.5, log_x=True), rel=1e-12)
 
@@ -797,7 +797,7 @@ def test_a_mixture_of_many_components_without_a_mean_gets_the_merged_panels():
     parts = [scipy.stats.cauchy(m, s) for m, s in zip(locs, scales)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = op.crps(_mixture(weights, Cauchy(*f64(locs, scales))), torch.tensor([-10.0, 0.5], dtype=torch.float64))
+        got = op.crps(_mixture(weights, Cauchy(*_f64(locs, scales))), torch.tensor([-10.0, 0.5], dtype=torch.float64))
     expected = [_scipy_mixture_crps(weights, parts, y) for y in (-10.0, 0.5)]
     assert got.tolist() == pytest.approx(expected, rel=1e-12, abs=0)
 
@@ -834,13 +834,13 @@ def test_crps_of_a_mixture_beyond_its_components_quantile_panels(case):
     its scale there, each component's is now 0 outside its support. Against scipy's quadrature."""
     weights, kind = [0.5, 0.5], {}
     if case == "laplaces-small-weight":
-        weights, components = [0.999, 0.001], Laplace(*f64([0.0, 10.0], [1.0, 1.0]))
+        weights, components = [0.999, 0.001], Laplace(*_f64([0.0, 10.0], [1.0, 1.0]))
         parts, observations = [scipy.stats.laplace(0, 1), scipy.stats.laplace(10, 1)], [-3.0, 0.5, 10.0, 50.0]
     elif case == "exponentials-small-weight":
-        weights, components, kind = [0.999, 0.001], Exponential(*f64([1.0, 0.1])), {"log_x": True}
+        weights, components, kind = [0.999, 0.001], Exponential(*_f64([1.0, 0.1])), {"log_x": True}
         parts, observations = [scipy.stats.expon(scale=1), scipy.stats.expon(scale=10)], [0.1, 1.0, 50.0, 500.0]
     elif case == "cauchys-of-one-scale":
-        components = Cauchy(*f64([0.0, 10.0], [1.0, 1.0]))
+        components = Cauchy(*_f64([0.0, 10.0], [1.0, 1.0]))
         parts, observations = [scipy.stats.cauchy(0, 1), scipy.stats.cauchy(10, 1)], [-20.0, 0.5, 10.0, 50.0]
     else:
         scales, shapes = {"paretos-alike": ([1.0, 1.0], [0.6, 0.6]),
@@ -848,7 +848,7 @@ def test_crps_of_a_mixture_beyond_its_components_quantile_panels(case):
                           "paretos-of-two-scales": ([1.0, 5.0], [3.0, 1.5])}[case]
         # breakpoints in log x: at the scales, where the density jumps, and every 5 out to e^700
         breaks = tuple(sorted({math.log(m) for m in scales} | set(range(5, 700, 5))))
-        components, kind = Pareto(*f64(scales, shapes), validate_args=False), {"log_x": True, "points": breaks}
+        components, kind = Pareto(*_f64(scales, shapes), validate_args=False), {"log_x": True, "points": breaks}
         parts = [scipy.stats.pareto(a, scale=m) for m, a in zip(scales, shapes)]
         observations = [0.5, 1.5, 3.0, 6.0, 100.0]
     expected = [_scipy_mixture_crps(weights, parts, y, **kind) for y in observations]
@@ -865,8 +865,8 @@ def test_crps_of_a_mixture_of_alike_components(count):
     integrated on 11 levels' panels, 1.5e-7 off the lone LogNormal's CRPS (twenty Laplaces 0.01 apart, their kinks
     inside panels, 9e-4 off with a warning, fifty inf)."""
     y = torch.tensor([0.05, 1.0, 30.0], dtype=torch.float64)
-    lone = LogNormal(*f64(0.3, 1.2))
-    mixture = _mixture([1 / count] * count, LogNormal(*f64([0.3] * count, [1.2] * count)))
+    lone = LogNormal(*_f64(0.3, 1.2))
+    mixture = _mixture([1 / count] * count, LogNormal(*_f64([0.3] * count, [1.2] * count)))
     assert op.crps(mixture, y).tolist() == pytest.approx(op.crps(lone, y).tolist(), rel=1e-12, abs=0)
 
 
