@@ -76,12 +76,40 @@ def _affine(a, eta_p, eta_q):
 
 def log_chernoff_coefficient(p, q, a: float = 0.5) -> torch.Tensor:
     r""":math:`\log\int p^a q^{1-a}`. For ``a`` outside ``[0, 1]`` the integral may diverge, which raises. A tensor
-    ``a`` that requires grad receives its gradient."""
+    ``a`` that requires grad receives its gradient, at 0 and 1 too (-KL(q || p) and KL(p || q), where the value is
+    exactly 0)."""
     value, a = _order(a)
     experts = as_experts([p, q])  # validates p and q (unless validation is off)
-    family, params, k = experts.family, experts.params, experts.expert_dim
+    params, k = experts.params, experts.expert_dim
     if value in (0.0, 1.0):
-        return torch.zeros(params.shape[:k], dtype=params.dtype, device=params.device)
+        zero = torch.zeros(params.shape[:k], dtype=params.dtype, device=params.device)
+        if not (isinstance(a, torch.Tensor) and torch.is_grad_enabled()):
+            return zero
+        return with_derivatives_of(zero, _log_chernoff_at_end(experts, value, a))
+    return _log_chernoff(experts, value, a)
+
+
+def _log_chernoff_at_end(experts, value: float, a: torch.Tensor) -> torch.Tensor:
+    """What carries the derivatives of ``log C_a(p, q)`` at ``a = value``, 0 or 1 (the value itself is exactly 0):
+    ``_log_chernoff``'s forms where every natural parameter is finite (0 there only to rounding, such as the
+    Gaussians' ``log1p(expm1(d)) - d`` at 1); where an expert gives some outcome probability zero (whose natural
+    parameter, -inf, those forms multiply by 0), the first-order term ``(a - value) dC`` with ``dC`` ``-KL(q || p)``
+    at 0 and ``KL(p || q)`` at 1, which exists where that divergence is finite (else ``log C_a`` jumps there)."""
+    family, params, k = experts.family, experts.params, experts.expert_dim
+    if bool(torch.isfinite(family.to_natural(params.detach())).all()):
+        return _log_chernoff(experts, value, a)
+    p, q = family.distribution(params.select(k, 0)), family.distribution(params.select(k, 1))
+    slope = kl_divergence(p, q) if value == 1.0 else -kl_divergence(q, p)
+    if not bool(torch.isfinite(slope).all()):
+        raise ValueError(f"log_chernoff_coefficient has no derivative in a at a={value}: "
+                         f"{'p' if value == 1.0 else 'q'} gives positive probability to outcomes of probability zero "
+                         f"under the other expert, so log C_a jumps there")
+    return (a - value) * slope
+
+
+def _log_chernoff(experts, value: float, a) -> torch.Tensor:
+    """``log_chernoff_coefficient`` of the two ``experts`` (validated) at the order ``a`` (``value`` its float)."""
+    family, params, k = experts.family, experts.params, experts.expert_dim
     if isinstance(family, _DiagonalGaussianBase):
         return _diagonal_gaussian_log_chernoff(family, params.select(k, 0), params.select(k, 1), value, a)
     if isinstance(family, MultivariateNormalFamily) and 0 < value < 1:
@@ -99,10 +127,11 @@ def log_chernoff_coefficient(p, q, a: float = 0.5) -> torch.Tensor:
     combined = _affine(a, eta_p, eta_q)
     if not bool(family.natural_domain(combined).all()):
         raise _divergent(value, family)
-    # outside [0, 1] the weights (a, 1 - a) have opposite signs, so the log-normalisers' form
-    # A(combined) - a A(eta_p) - (1 - a) A(eta_q) cancels terms of their size (two Gaussians at 1e8 gave a Rényi
-    # divergence of -0.5 for 0.022): Gaussians take the closed form without such terms, the other families
-    # -a KL(r || p) - (1 - a) KL(r || q), r the member at `combined` (the Bregman form, valid for any affine weights)
+    # outside [0, 1] (here also at its ends, for their derivatives) the weights (a, 1 - a) have opposite signs, so
+    # the log-normalisers' form A(combined) - a A(eta_p) - (1 - a) A(eta_q) cancels terms of their size (two
+    # Gaussians at 1e8 gave a Rényi divergence of -0.5 for 0.022): Gaussians take the closed form without such
+    # terms, the other families -a KL(r || p) - (1 - a) KL(r || q), r the member at `combined` (the Bregman form,
+    # valid for any affine weights)
     params_p, params_q = params.select(k, 0), params.select(k, 1)
     if isinstance(family, MultivariateNormalFamily):
         return _mvn_log_chernoff(family, params_p, params_q, a)
@@ -115,13 +144,13 @@ def log_chernoff_coefficient(p, q, a: float = 0.5) -> torch.Tensor:
 
 
 def _diagonal_gaussian_log_chernoff(family, params_p, params_q, value, a):
-    """``log int p^a q^(1 - a)`` of two diagonal Gaussians for any order ``a`` (``value`` its float) but 0 and 1, by
-    the closed form of ``_gaussian_log_chernoff``. For ``a`` in ``(0, 1)`` about the expert of the larger weight
-    (``C_a(p, q) = C_(1 - a)(q, p)``), so that the small weight multiplies ``expm1``: through the geometric
-    combination, the log-determinant cancelled two terms of order one to order ``a`` (``a = 1e-20`` gave a negative
-    Amari divergence). Outside ``[0, 1]`` the integral converges where the combined variance ``v_p (1 + a expm1(d))``
-    is positive; that is checked on the log-variances, not on the natural parameters, which overflow for scales of
-    1e-170 (float64) or 1e-20 (float32)."""
+    """``log int p^a q^(1 - a)`` of two diagonal Gaussians for any order ``a`` (``value`` its float; at 0 and 1 for the
+    derivatives only), by the closed form of ``_gaussian_log_chernoff``. For ``a`` in ``(0, 1)`` about the expert of the
+    larger weight (``C_a(p, q) = C_(1 - a)(q, p)``), so that the small weight multiplies ``expm1``: through the
+    geometric combination, the log-determinant cancelled two terms of order one to order ``a`` (``a = 1e-20`` gave a
+    negative Amari divergence). Outside ``[0, 1]`` the integral converges where the combined variance ``v_p (1 + a
+    expm1(d))`` is positive; that is checked on the log-variances, not on the natural parameters, which overflow for
+    scales of 1e-170 (float64) or 1e-20 (float32)."""
     (loc_p, logvar_p), (loc_q, logvar_q) = family.split(params_p), family.split(params_q)
     if not 0 < value < 1 and not bool((a * torch.expm1(logvar_q - logvar_p) > -1).all()):
         raise _divergent(value, family)

@@ -95,8 +95,9 @@ def with_derivatives_of(value: torch.Tensor, surrogate: torch.Tensor) -> torch.T
     exact arithmetic: the log-determinants are valued from eigenvalues, which keep the digits of small terms, and
     differentiated through Cholesky factors, which need no eigenvectors; the eigen-solver's derivatives divide by
     differences of eigenvalues, and where eigenvalues repeat (a covariance ``4 I`` against ``I``) its second
-    derivatives were NaN."""
-    return value + (surrogate - surrogate.detach())
+    derivatives were NaN. ``value`` is detached here: derivatives it carried would be counted twice (an order ``a``
+    requiring grad in ``log1p(a e)`` gave the Chernoff coefficient's derivative in ``a`` off by that term)."""
+    return value.detach() + (surrogate - surrogate.detach())
 
 
 def gaussian_combine(loc: torch.Tensor, logvar: torch.Tensor, log_weights: torch.Tensor, num_features: int,

@@ -219,9 +219,16 @@ def test_kl_of_categoricals_with_zero_probabilities_by_exact_sum():
 @pytest.mark.parametrize("a", [0.3, 1.7])
 def test_a_tensor_order_receives_its_gradient(a):
     """A tensor ``a`` that requires grad was read as a float, its gradient silently dropped: Chernoff, Rényi and
-    Amari against central differences in a, Gaussian (closed form) and Gamma (log-normaliser) experts."""
+    Amari against central differences in a, Gaussian (closed form), Gamma (log-normaliser) and full-covariance
+    Gaussian experts (whose log-determinant's derivative in ``a`` was counted twice; ``p`` the narrower, so that
+    the integral converges at 1.7)."""
+    from torch.distributions import MultivariateNormal
+
+    f64 = torch.float64
     pairs = [(Normal(torch.tensor(0.3), torch.tensor(0.8)), Normal(torch.tensor(-0.5), torch.tensor(1.3))),
-             (Gamma(torch.tensor(2.0), torch.tensor(1.5)), Gamma(torch.tensor(3.5), torch.tensor(2.5)))]
+             (Gamma(torch.tensor(2.0), torch.tensor(1.5)), Gamma(torch.tensor(3.5), torch.tensor(2.5))),
+             (MultivariateNormal(torch.tensor([0.0, 1.0], dtype=f64), torch.tensor([[1.0, 0.2], [0.2, 0.6]], dtype=f64)),
+              MultivariateNormal(torch.tensor([1.0, -1.0], dtype=f64), torch.tensor([[2.0, 0.5], [0.5, 1.5]], dtype=f64)))]
     for p, q in pairs:
         for f in (op.log_chernoff_coefficient, op.renyi_divergence, op.amari_alpha_divergence):
             order = torch.tensor(a, dtype=torch.float64, requires_grad=True)
@@ -231,6 +238,43 @@ def test_a_tensor_order_receives_its_gradient(a):
             central = (f(p, q, a + h) - f(p, q, a - h)).item() / (2 * h)
             assert value.item() == pytest.approx(f(p, q, a).item(), rel=1e-14)
             assert grad.item() == pytest.approx(central, rel=1e-6, abs=1e-9), (type(p).__name__, f.__name__)
+
+
+@pytest.mark.parametrize("a", [0.0, 1.0])
+def test_chernoff_order_at_its_ends_receives_its_gradient(a):
+    """log C_a(p, q) is 0 at a = 0 and 1 whatever the experts, but its derivative in ``a`` is -KL(q || p) at 0 and
+    KL(p || q) at 1; a tensor ``a`` requiring grad there got a constant without gradient (autograd raised). The
+    value stays exactly 0; the derivatives against torch's own KL divergences."""
+    from torch.distributions import MultivariateNormal, kl_divergence
+
+    f64 = torch.float64
+    pairs = [(Normal(torch.tensor(0.3, dtype=f64), torch.tensor(0.8, dtype=f64)),
+              Normal(torch.tensor(-0.5, dtype=f64), torch.tensor(1.3, dtype=f64))),
+             (Gamma(torch.tensor(2.0, dtype=f64), torch.tensor(1.0, dtype=f64)),
+              Gamma(torch.tensor(0.5, dtype=f64), torch.tensor(3.0, dtype=f64))),
+             (MultivariateNormal(torch.tensor([0.0, 1.0], dtype=f64), torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=f64)),
+              MultivariateNormal(torch.tensor([1.0, -1.0], dtype=f64),
+                                 torch.tensor([[1.0, -0.3], [-0.3, 0.5]], dtype=f64)))]
+    for p, q in pairs:
+        order = torch.tensor(a, dtype=f64, requires_grad=True)
+        value = op.log_chernoff_coefficient(p, q, order)
+        assert value.item() == 0
+        (grad,) = torch.autograd.grad(value, order)
+        expected = kl_divergence(p, q) if a == 1 else -kl_divergence(q, p)
+        assert grad.item() == pytest.approx(expected.item(), rel=1e-10), type(p).__name__
+    # a category of probability zero under one expert: the derivative exists where the other expert gives that
+    # category no mass at the end taken (the Bregman form had given NaN), else log C_a jumps there and it raises
+    from torch.distributions import Categorical
+
+    zero = Categorical(probs=torch.tensor([0.5, 0.5, 0.0], dtype=f64))
+    full = Categorical(probs=torch.tensor([0.2, 0.3, 0.5], dtype=f64))
+    smooth, jump = ((zero, full), (full, zero)) if a == 1 else ((full, zero), (zero, full))
+    order = torch.tensor(a, dtype=f64, requires_grad=True)
+    (grad,) = torch.autograd.grad(op.log_chernoff_coefficient(*smooth, order), order)
+    expected = kl_divergence(*smooth) if a == 1 else -kl_divergence(smooth[1], smooth[0])
+    assert grad.item() == pytest.approx(expected.item(), rel=1e-12)
+    with pytest.raises(ValueError, match="no derivative in a"):
+        op.log_chernoff_coefficient(*jump, order)
 
 
 def test_chernoff_coefficients_of_nearly_equal_experts_with_large_parameters():
