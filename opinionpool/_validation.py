@@ -113,13 +113,12 @@ def check_probabilities(name: str, value: torch.Tensor) -> None:
         raise ValueError(f"{name} must lie in [0, 1], got {describe(value, bad)}")
 
 
-def check_weights(name: str, weights: torch.Tensor, num_experts: int) -> None:
-    """Non-negative, finite weights over the last dimension, not all zero, of the right length."""
+def check_weights(name: str, weights: torch.Tensor, num_experts: int, entries: str = "one per expert") -> None:
+    """Non-negative, finite weights over the last dimension, not all zero, of the right length (``entries`` says
+    what they stand for)."""
     if weights.dim() == 0 or weights.shape[-1] != num_experts:
-        raise ValueError(
-            f"{name} must have {num_experts} entries in its last dimension (one per expert), "
-            f"got shape {tuple(weights.shape)}"
-        )
+        raise ValueError(f"{name} must have {num_experts} entries in its last dimension ({entries}), "
+                         f"got shape {tuple(weights.shape)}")
     bad = ~(weights >= 0) | torch.isinf(weights)
     if bool(bad.any()):
         raise ValueError(f"{name} must be non-negative and finite, got {describe(weights, bad)}")
@@ -181,8 +180,15 @@ def check_positive_int(name: str, value) -> int:
 
 def real_tensor(name: str, value, *, dtype=None, device=None) -> torch.Tensor:
     """``torch.as_tensor(value, dtype, device)``, refusing complex input, whose imaginary part the cast
-    would drop with only a warning (a dtype check: no device synchronisation)."""
-    raw = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    would drop with only a warning (a dtype check: no device synchronisation), and values that are no numbers
+    (``None``, strings), for which torch's own error names no argument."""
+    if value is None or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be real numbers (a tensor or a sequence of numbers), got {value!r}")
+    try:
+        raw = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{name} must be real numbers (a tensor or a sequence of numbers), got {value!r}: "
+                        f"{error}") from error
     if raw.is_complex():
         imaginary = raw.imag != 0
         shown = describe(raw, imaginary) if bool(imaginary.any()) else describe(raw)

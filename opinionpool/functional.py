@@ -303,6 +303,10 @@ def _layout(mu, logvar, dim):
     return axis, mu.shape[axis]
 
 
+#: what the entries of ``weights`` stand for, without and with ``prior_expert``
+_WEIGHT_ENTRIES = {False: "one per expert", True: "one per expert, then the prior expert's"}
+
+
 def _with_prior_expert(mu, logvar, prior_logvar: float = 0.0):
     """``mu``, ``logvar`` ``(..., M, D)`` with a prior expert of mean 0 and log-variance ``prior_logvar`` (0: the
     standard normal) appended as expert M."""
@@ -339,7 +343,7 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate,
             if not all_finite(value):  # absent experts may hold anything: then only the present ones are checked
                 check_finite(name, value if keep is None else torch.masked_select(value, keep))
         if weights is not None:
-            check_weights("weights", weights, num_experts + (1 if prior_expert else 0))
+            check_weights("weights", weights, num_experts + (1 if prior_expert else 0), _WEIGHT_ENTRIES[prior_expert])
     if keep is not None:
         mu, logvar = standing_in(mu, logvar, keep)
     if prior_expert:
@@ -611,7 +615,7 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
             raise ValueError(f"prior_on_full_subset does not combine with pooling weights (one per expert), got "
                              f"weights {describe(weights)}")
         if validate:
-            check_weights("weights", weights, m + (1 if prior_expert else 0))
+            check_weights("weights", weights, m + (1 if prior_expert else 0), _WEIGHT_ENTRIES[prior_expert])
     # a sample without a present expert has no subset to draw from, unless the full subset's prior stands for it
     mu, logvar, mask, m = _prepare(mu, logvar, dim, None, mask, False, validate, None if prior_on_full_subset else
                                    "subset_mixture keeps only the subsets with a present expert: pass "

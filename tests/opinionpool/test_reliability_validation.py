@@ -200,6 +200,29 @@ def test_max_components_must_be_a_positive_integer():
             opf.holder_mixture(mu, logvar, 0.5, max_components=bad)
 
 
+@pytest.mark.parametrize("weights", ["ab", None, [1.0, "x"], [[1.0], [1.0, 2.0]]])
+def test_weights_that_are_no_numbers_are_refused_by_name(weights):
+    """A string gave torch's "new(): invalid data type 'str'", None "Could not infer dtype of NoneType": errors
+    naming no argument."""
+    pattern = r"weights must be real numbers \(a tensor or a sequence of numbers\), got "
+    with pytest.raises(TypeError, match=pattern):
+        opinionpool.log_multi_chernoff_coefficient(two_normals(), weights)
+    if weights is not None:  # (None is the pools' "equal weights")
+        with pytest.raises(TypeError, match=pattern):
+            opinionpool.holder(two_normals(), alpha=0.5, weights=weights)
+
+
+def test_weights_of_the_wrong_length_with_a_prior_expert_say_where_its_entry_goes():
+    """With ``prior_expert=True`` the weights have one entry more than the experts: the message said only "one per
+    expert", so four expected entries for three experts read as a miscount."""
+    mu, logvar = latents()
+    pattern = r"weights must have 4 entries in its last dimension \(one per expert, then the prior expert's\)"
+    with pytest.raises(ValueError, match=pattern):
+        opf.holder(mu, logvar, prior_expert=True, weights=torch.ones(3))
+    with pytest.raises(ValueError, match=r"weights must have 3 entries in its last dimension \(one per expert\)"):
+        opf.holder(mu, logvar, weights=torch.ones(4))
+
+
 def test_complex_weights_are_refused():
     mu, logvar = latents()
     weights = [1.0, 1.0 + 0.5j]
