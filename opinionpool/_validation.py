@@ -181,9 +181,7 @@ def check_positive_int(name: str, value) -> int:
 def real_tensor(name: str, value, *, dtype=None, device=None) -> torch.Tensor:
     """``torch.as_tensor(value, dtype, device)``, refusing complex input, whose imaginary part the cast
     would drop with only a warning (a dtype check: no device synchronisation), and values that are no numbers
-    (``None``, strings), for which torch's own error names no argument."""
-    if value is None or isinstance(value, (str, bytes)):
-        raise TypeError(f"{name} must be real numbers (a tensor or a sequence of numbers), got {value!r}")
+    (``None``, strings, ragged lists), whose errors from torch name no argument."""
     try:
         raw = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as error:

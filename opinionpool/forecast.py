@@ -60,6 +60,8 @@ _TAIL_STEPS = torch.tensor([(2.0**k - 1) / 16 for k in range(1, 13)], dtype=torc
 #: the count (300 LogNormals: 7 times the equal panels' time, which are as accurate for light tails), and only a
 #: mixture without a finite mean, for which equal panels cannot be placed, gets them
 _QUANTILE_PANEL_COMPONENTS = 64
+#: elements per block of the temporaries over components (a mixture's log density at every node, its tails' pairs)
+_BLOCK_ELEMENTS = 2**22
 #: a panel on one side of 0 whose ends' magnitudes are at least this ratio apart places its nodes in log |x|
 _LOG_PANEL_RATIO = 4.0
 #: ... unless its log density changes by at most this much between the panel's outermost nodes in x: flat there,
@@ -349,7 +351,8 @@ def _panel_edges(dist: Distribution, shape: torch.Size) -> tuple[torch.Tensor, t
                 return edges, (levels[0], 1 - levels[-1]) + laws
     merged = isinstance(dist, MixtureSameFamily) and _implements(dist.component_distribution, "icdf") \
         and _implements(dist.component_distribution, "cdf")
-    if merged and dist.component_distribution.batch_shape[-1] <= _QUANTILE_PANEL_COMPONENTS:
+    many = merged and dist.component_distribution.batch_shape[-1] > _QUANTILE_PANEL_COMPONENTS
+    if merged and not many:
         found = _merged_quantile_edges(dist, shape, lower, upper)
         if found is not None:
             return found
@@ -358,7 +361,7 @@ def _panel_edges(dist: Distribution, shape: torch.Size) -> tuple[torch.Tensor, t
     if bool(bad.any()):
         # more components than the limit, but equal panels need a mean (a mixture of Cauchys): merged panels at
         # their cost
-        found = _merged_quantile_edges(dist, shape, lower, upper) if merged else None
+        found = _merged_quantile_edges(dist, shape, lower, upper) if many else None  # (the others were tried)
         if found is not None:
             return found
         mean, sd = mean.expand(bad.shape), sd.expand(bad.shape)
@@ -485,12 +488,13 @@ def _log_density(dist: Distribution, points: torch.Tensor) -> torch.Tensor:
     components = dist.component_distribution
     low, high = _support(components)
     log_weights = torch.log_softmax(dist.mixture_distribution.logits, -1)
-    rows = max(1, 2**22 // max(1, points[0].numel() * components.batch_shape[-1]))
+    rows = max(1, _BLOCK_ELEMENTS // max(1, points[0].numel() * components.batch_shape[-1]))
     parts = []
     with _without_validation(components):
         for block in points.split(rows):
             x = block.unsqueeze(-1)
-            inside = (x.to(torch.float64) >= low) & (x.to(torch.float64) <= high)
+            wide = x.to(torch.float64)
+            inside = (wide >= low) & (wide <= high)
             parts.append(torch.logsumexp(torch.where(inside, components.log_prob(x), -math.inf) + log_weights, -1))
     return torch.cat(parts)
 
@@ -654,7 +658,7 @@ def _beyond_panels(grid: torch.Tensor, tails, y: torch.Tensor, open_low: bool, o
         start = torch.maximum(sign * edge, sign * y).unsqueeze(-1)  # at or beyond every component's outer edge
         usable, index, level = _tail_law(law, sign, start)
         # pairs of components a block of rows at a time (a thousand components at a thousand observations: 8 GB)
-        rows = max(1, 2**22 // max(1, level.numel()))
+        rows = max(1, _BLOCK_ELEMENTS // max(1, level.numel()))
         for part in range(0, level.shape[-1], rows):
             pair_index = index[..., part:part + rows].unsqueeze(-1) + index.unsqueeze(-2)
             both = usable[..., part:part + rows].unsqueeze(-1) & usable.unsqueeze(-2)

@@ -514,9 +514,8 @@ QUADRATURE_MIN_RELATIVE_SD = 2.0**-46
 def check_quadrature_range(family, params, log_weights) -> None:
     """A ``ValueError`` naming the first present expert (``params`` ``(..., M) + param_shape``, of finite
     ``log_weights`` ``(..., M)``) outside ``QUADRATURE_RANGE`` or narrower than ``QUADRATURE_MIN_RELATIVE_SD`` of its
-    |mean|, for the scalar families whose moments are known
-    without quadrature; an expert of infinite variance (a heavy tail) is not checked: the engine integrates its
-    spread (``_expert_moments``)."""
+    |mean|, for the scalar families whose moments are known without quadrature; an expert of infinite variance (a
+    heavy tail) is not checked: the engine integrates its spread (``_expert_moments``)."""
     if family.circular or not family.has_numeric_moments or not getattr(family, "has_variance", True):
         return
     wide = params.detach().to(torch.float64)
