@@ -78,10 +78,7 @@ def test_the_numerical_engine_is_accurate_at_the_ends_of_its_range(alpha, sd):
 def test_the_numerical_engine_refuses_experts_narrower_than_its_resolution_at_their_mean(alpha):
     """Identical Normal experts of mean 1e18 and standard deviation 1 (the float64 spacing there is 128) came back
     with log Z = -0.92 +- 2e-16 (true 0) and a variance of 1e7 +- 2e-9 (true 1) for alpha = -1, and a 'certified
-    bracket' error for alpha = 2. Now refused below QUADRATURE_MIN_RELATIVE_SD of the mean. The pool shifted by 2^33
-    standard deviations is the unit pool shifted, within the error bars (two experts, unequal scales, asymmetric
-    weights); closer to the limit it is not yet: at 1e12 and 3.5e13 the alpha = -1 variance was 1.3 and 4 times its
-    stated error off (docs/api.md), where the alpha = 1/2 pools of test_quadrature_rounding hold."""
+    bracket' error for alpha = 2. Now refused below QUADRATURE_MIN_RELATIVE_SD of the mean."""
     from opinionpool.numerical import QUADRATURE_MIN_RELATIVE_SD
 
     f64 = torch.float64
@@ -91,16 +88,34 @@ def test_the_numerical_engine_refuses_experts_narrower_than_its_resolution_at_th
         with pytest.raises(ValueError, match=r"standard deviations from .* of \|mean\|"):
             pool.summary
 
-    def summary(shift):
+
+@pytest.mark.parametrize("alpha", [2.0, -1.0, 0.3])
+def test_a_pool_far_from_zero_is_the_pool_at_zero_shifted_up_to_the_resolution_limit(alpha):
+    """Two Normals of unequal scales and weights shifted by up to 2^45.9 of their standard deviation (just inside
+    QUADRATURE_MIN_RELATIVE_SD), alone and as rows of one batch, have the unshifted pool's log Z and variance and its
+    mean shifted, within the error bars. The variance was taken about the mean rounded to the spacing there, which
+    added that rounding squared: at 1e12 the alpha = -1 variance was 1.3 times its stated error off, at 3.5e13 four
+    times."""
+    from opinionpool.numerical import QUADRATURE_MIN_RELATIVE_SD
+
+    f64 = torch.float64
+    shifts = torch.tensor([0.0, 1e12, 1e13, 2.0**45.9], dtype=f64)
+    assert float(shifts[-1]) * QUADRATURE_MIN_RELATIVE_SD < 1.0  # the last shift is inside the engine's range
+
+    def summary(shift):  # shift (B, 1): a batch of pools
         experts = Normal(torch.tensor([0.0, 0.5], dtype=f64) + shift, torch.tensor([1.0, 2.0], dtype=f64))
         return opinionpool.holder(experts, alpha=alpha, weights=torch.tensor(WEIGHTS, dtype=f64)).summary
 
-    shift = 2.0**33
-    unit, shifted = summary(0.0), summary(shift)
-    for name, offset in (("log_normalizer", 0.0), ("mean", shift), ("variance", 0.0)):
-        got, expected = getattr(shifted, name), getattr(unit, name)
-        assert torch.isfinite(got.error), name
-        assert abs(got.value.item() - offset - expected.value.item()) <= got.error + expected.error, name
+    batch = summary(shifts[:, None])
+    alone = [summary(shift.reshape(1, 1)) for shift in shifts]
+    for name, offset in (("log_normalizer", 0.0 * shifts), ("mean", shifts), ("variance", 0.0 * shifts)):
+        unit = getattr(alone[0], name)
+        one_by_one = [getattr(one, name) for one in alone]
+        for value, error in ((getattr(batch, name).value.reshape(-1), getattr(batch, name).error.reshape(-1)),
+                             (torch.cat([e.value.reshape(-1) for e in one_by_one]),
+                              torch.cat([e.error.reshape(-1) for e in one_by_one]))):
+            assert torch.isfinite(error).all(), name
+            assert ((value - offset - unit.value).abs() <= error + unit.error).all(), (name, value - offset, error)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1 / 3, 0.5, 1.0])
