@@ -418,22 +418,37 @@ class _Pool(Distribution):
         params = self.experts.params
         value = torch.as_tensor(value, dtype=params.dtype, device=params.device)
         shape = torch.broadcast_shapes(value.shape, self.batch_shape)
-        if self._validate and bool(torch.isnan(value).any()):
-            raise ValueError(f"value must not be NaN, got {describe(value, torch.isnan(value))}")
+        nan = torch.isnan(value)
+        if self._validate and bool(nan.any()):
+            raise ValueError(f"value must not be NaN, got {describe(value, nan)}")
+        # without validation a NaN value gets a NaN probability, as log_prob's; the rules see a stand-in
+        value = torch.where(nan, 0.0, value).expand(shape)
         with torch.no_grad():
             if self.family.discrete:
-                return self._discrete_cdf(value.expand(shape))
-            if self._component_cdf_available():
-                return self._mixture_cdf(value.expand(shape))
-            return self._quadrature_cdf(value.expand(shape))
+                out = self._discrete_cdf(value)
+            elif self._component_cdf_available():
+                out = self._mixture_cdf(value)
+            else:
+                out = self._quadrature_cdf(value)
+        return torch.where(nan, math.nan, out)
 
-    def _discrete_cdf(self, value):
+    def _discrete_cumulative(self):
+        """The support ``(K,)`` in increasing order and the pool's cdf there ``(K,) + batch``, ending at exactly 1:
+        one sum that :meth:`cdf` and :meth:`icdf` share, so that the quantile of ``q`` is the smallest point whose
+        cdf is at least ``q`` to the last bit (separate sums differ in their rounding)."""
         values, _, log_u, _ = enumerate_support(self.family, self.experts.params.detach(), self.log_weights.detach(),
                                                 self.alpha)
-        log_z = torch.logsumexp(log_u, dim=0)
-        below = values.reshape(values.shape + (1,) * value.dim()) <= value
-        log_u = log_u.reshape(log_u.shape[:1] + (1,) * (value.dim() - log_u.dim() + 1) + log_u.shape[1:])
-        return torch.logsumexp(torch.where(below, log_u, -math.inf), dim=0).sub(log_z).exp().clamp(0, 1)
+        running = torch.logcumsumexp(log_u, dim=0)
+        return values, running.sub(running[-1]).exp()
+
+    def _discrete_cdf(self, value):
+        values, cumulative = self._discrete_cumulative()
+        # the cdf at the largest support point at or below the value (none: 0)
+        index = (values.reshape(values.shape + (1,) * value.dim()) <= value).sum(0) - 1
+        cumulative = cumulative.reshape(cumulative.shape[:1] + (1,) * (value.dim() - cumulative.dim() + 1)
+                                        + cumulative.shape[1:]).expand(cumulative.shape[:1] + value.shape)
+        at = cumulative.gather(0, index.clamp_min(0).unsqueeze(0)).squeeze(0)
+        return torch.where(index >= 0, at, 0.0)
 
     def _quadrature_cdf(self, value):
         lower, upper = self.family.support_interval
@@ -458,18 +473,20 @@ class _Pool(Distribution):
             if bool(bad.any()):
                 raise ValueError(f"value must be a probability in [0, 1], got {describe(q, bad)}")
         q = q.expand(torch.broadcast_shapes(q.shape, self.batch_shape))
+        # without validation a NaN level gets a NaN quantile; the search sees a stand-in
+        nan = torch.isnan(q)
+        q = torch.where(nan, 0.5, q)
         with torch.no_grad():
             if self.family.discrete:
-                values, _, log_u, _ = enumerate_support(self.family, params.detach(), self.log_weights.detach(),
-                                                        self.alpha)
-                cumulative = torch.logcumsumexp(log_u, dim=0).sub(torch.logsumexp(log_u, dim=0)).exp()
+                values, cumulative = self._discrete_cumulative()
                 cumulative = cumulative.reshape(cumulative.shape[:1] + (1,) * (q.dim() - cumulative.dim() + 1)
                                                 + cumulative.shape[1:])
-                index = (cumulative < q * (1 - 1e-12)).sum(0).clamp_max(len(values) - 1)
-                return values[index]
-            if self._component_cdf_available():
-                return self._bisect(q)
-            return self._quadrature_icdf(q)
+                out = values[(cumulative < q).sum(0).clamp_max(len(values) - 1)]
+            elif self._component_cdf_available():
+                out = self._bisect(q)
+            else:
+                out = self._quadrature_icdf(q)
+        return torch.where(nan, math.nan, out)
 
     def _bisect(self, q):
         """Quantiles by bisection on the exact cdf, or above the median on the exact survival function against

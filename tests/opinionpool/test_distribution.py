@@ -182,6 +182,44 @@ def test_discrete_cdf_icdf_and_entropy_are_exact_sums():
     assert float(pool.entropy()) == pytest.approx(entropy, rel=1e-12)
 
 
+def test_discrete_quantiles_are_the_smallest_points_whose_cdf_reaches_the_level():
+    """icdf(q) of a discrete pool is the smallest support point k with cdf(k) >= q, to the last bit: it compared
+    against q (1 - 1e-12), so that 1 - 1e-13 (tail mass 3e-13 above 37) gave 37 and F(8) (1 + 4e-13) gave 8."""
+    f64 = torch.float64
+    pool = opinionpool.holder(Poisson(torch.tensor([5.0, 9.0], dtype=f64)), 0.5, weights=torch.tensor(WEIGHTS, dtype=f64))
+    support = torch.arange(80, dtype=f64)
+    cdf = pool.cdf(support)
+    assert float(1 - cdf[37]) > 1e-13  # the level below lies above F(37)
+    levels = torch.cat([torch.tensor([1 - 1e-13, 0.0, 1.0], dtype=f64), cdf[[3, 8, 30, 33]],
+                        torch.nextafter(cdf[[3, 8, 30, 33]], torch.tensor(1.0, dtype=f64)), cdf[[8]] * (1 + 4e-13)])
+    quantiles = pool.icdf(levels)
+    expected = torch.stack([support[(cdf >= q).nonzero()[0, 0]] for q in levels])
+    torch.testing.assert_close(quantiles, expected, rtol=0, atol=0)
+    assert quantiles[0] == 38 and (pool.cdf(quantiles) >= levels).all()
+    # the cdf between support points, below the first and beyond the enumerated support
+    torch.testing.assert_close(pool.cdf(torch.tensor([8.5, -0.5, 1e9], dtype=f64)),
+                               torch.tensor([float(cdf[8]), 0.0, 1.0], dtype=f64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("experts, alpha", [
+    (Poisson(torch.tensor([5.0, 9.0], dtype=torch.float64)), 0.5),  # enumeration
+    (Normal(torch.tensor([0.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 0.5], dtype=torch.float64)), 0.5),
+    (Normal(torch.tensor([0.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 0.5], dtype=torch.float64)), -1.0),
+    (Gamma(torch.tensor([2.0, 3.0], dtype=torch.float64), torch.tensor([1.0, 0.5], dtype=torch.float64)), -2.0)])
+def test_cdf_and_icdf_of_nan_without_validation_are_nan(experts, alpha):
+    """With validate_args=False a NaN value or level gives NaN, as log_prob does (the quadrature's cdf returned 0
+    and its icdf 1310.7; the enumeration's icdf 0), and leaves the other entries' results as they are."""
+    pool = opinionpool.holder(experts, alpha, weights=torch.tensor(WEIGHTS, dtype=torch.float64), validate_args=False)
+    checked = opinionpool.holder(experts, alpha, weights=torch.tensor(WEIGHTS, dtype=torch.float64))
+    with_nan = torch.tensor([math.nan, 0.3, 0.8], dtype=torch.float64)
+    for method in ("cdf", "icdf"):
+        got = getattr(pool, method)(with_nan)
+        assert torch.isnan(got[0]), method
+        torch.testing.assert_close(got[1:], getattr(checked, method)(with_nan[1:]), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="value"):
+            getattr(checked, method)(with_nan)
+
+
 @pytest.mark.parametrize("case, alpha", [(NORMALS, 0.5), (GAMMAS, 2.0), (BETAS, -1.0)])
 def test_entropy_and_kl_match_scipy_quadrature(case, alpha):
     experts, pdfs, support = case
