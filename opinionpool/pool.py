@@ -432,22 +432,23 @@ class _Pool(Distribution):
                 out = self._quadrature_cdf(value)
         return torch.where(nan, math.nan, out)
 
-    def _discrete_cumulative(self):
-        """The support ``(K,)`` in increasing order and the pool's cdf there ``(K,) + batch``, ending at exactly 1:
-        one sum that :meth:`cdf` and :meth:`icdf` share, so that the quantile of ``q`` is the smallest point whose
-        cdf is at least ``q`` to the last bit (separate sums differ in their rounding)."""
+    def _discrete_cumulative(self, query_dims: int):
+        """The support ``(K,)`` in increasing order and the pool's cdf there, ending at exactly 1, shaped ``(K,)`` +
+        the batch right-aligned with queries of ``query_dims`` dimensions: one sum that :meth:`cdf` and :meth:`icdf`
+        share, so that the quantile of ``q`` is the smallest point whose cdf is at least ``q`` to the last bit
+        (separate sums differ in their rounding)."""
         values, _, log_u, _ = enumerate_support(self.family, self.experts.params.detach(), self.log_weights.detach(),
                                                 self.alpha)
         running = torch.logcumsumexp(log_u, dim=0)
-        return values, running.sub(running[-1]).exp()
+        cumulative = running.sub(running[-1]).exp()
+        return values, cumulative.reshape(cumulative.shape[:1] + (1,) * (query_dims - cumulative.dim() + 1)
+                                          + cumulative.shape[1:])
 
     def _discrete_cdf(self, value):
-        values, cumulative = self._discrete_cumulative()
+        values, cumulative = self._discrete_cumulative(value.dim())
         # the cdf at the largest support point at or below the value (none: 0)
         index = (values.reshape(values.shape + (1,) * value.dim()) <= value).sum(0) - 1
-        cumulative = cumulative.reshape(cumulative.shape[:1] + (1,) * (value.dim() - cumulative.dim() + 1)
-                                        + cumulative.shape[1:]).expand(cumulative.shape[:1] + value.shape)
-        at = cumulative.gather(0, index.clamp_min(0).unsqueeze(0)).squeeze(0)
+        at = cumulative.expand(cumulative.shape[:1] + value.shape).gather(0, index.clamp_min(0).unsqueeze(0)).squeeze(0)
         return torch.where(index >= 0, at, 0.0)
 
     def _quadrature_cdf(self, value):
@@ -478,9 +479,7 @@ class _Pool(Distribution):
         q = torch.where(nan, 0.5, q)
         with torch.no_grad():
             if self.family.discrete:
-                values, cumulative = self._discrete_cumulative()
-                cumulative = cumulative.reshape(cumulative.shape[:1] + (1,) * (q.dim() - cumulative.dim() + 1)
-                                                + cumulative.shape[1:])
+                values, cumulative = self._discrete_cumulative(q.dim())
                 out = values[(cumulative < q).sum(0).clamp_max(len(values) - 1)]
             elif self._component_cdf_available():
                 out = self._bisect(q)
