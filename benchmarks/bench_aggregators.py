@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import opinionpool  # noqa: E402
 import opinionpool.functional as opf  # noqa: E402
+from applications.multimodal_vae.files import splice_file  # noqa: E402
 from opinionpool._hellinger import kept_partners  # noqa: E402
 
-from doc_tables import splice_file  # noqa: E402
 from measure import provenance, saved_tensor_bytes, verdict  # noqa: E402
 
 __all__ = ["main", "official_hellinger", "object_api", "saved_bytes", "candidates", "measure", "pairs_left_out"]

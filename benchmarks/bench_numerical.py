@@ -21,8 +21,8 @@ from torch.distributions import Independent, Normal
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import opinionpool  # noqa: E402
+from applications.multimodal_vae.files import splice_file  # noqa: E402
 
-from doc_tables import splice_file  # noqa: E402
 from measure import provenance, verdict  # noqa: E402
 
 __all__ = ["main", "diagonal_experts", "median_seconds", "IMPORTANCE_TARGET_SECONDS"]

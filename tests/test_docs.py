@@ -51,10 +51,7 @@ def test_docs_do_not_link_outside_the_repository():
 
 
 def test_benchmark_tables_are_spliced_between_their_markers():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from doc_tables import splice
+    from applications.multimodal_vae.files import splice_table as splice
 
     page = "# B\n\nprose\n<!-- table: t -->\nold\n<!-- end table: t -->\nmore prose\n"
     assert splice(page, "t", "| new |\n") == "# B\n\nprose\n<!-- table: t -->\n| new |\n<!-- end table: t -->\nmore prose\n"

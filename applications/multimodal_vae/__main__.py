@@ -58,6 +58,9 @@ def main(argv=None) -> int:
                        help="start no new run after MINUTES (the run under way completes); rerun to continue")
     sweep.add_argument("--summarise-only", action="store_true",
                        help="only write the summary of the runs finished so far")
+    sweep.add_argument("--docs", metavar="PAGE",
+                       help="also splice the summary's table into PAGE, between the markers <!-- table: sweep_NAME --> "
+                            "and <!-- end table: sweep_NAME --> (NAME: the preset's file name, - as _)")
     sweep.add_argument("--workers", type=int, default=1,
                        help="run the grid with this many processes at once (their logs: worker-N.log in the sweep "
                             "folder); give each one thread per core, e.g. --set 'overrides=[train.num_threads=1]'")
@@ -98,24 +101,40 @@ def main(argv=None) -> int:
             sweep_config = load_sweep(args.preset, args.overrides)
         except ValueError as error:
             parser.error(str(error))
+        if args.docs is not None:  # the page and its markers are checked before any run trains
+            from .files import splice_table
+            from .sweep import table_name
+
+            try:
+                splice_table(Path(args.docs).read_text(), table_name(args.preset), "-")
+            except (OSError, ValueError) as error:
+                parser.error(f"--docs {args.docs!r}: {error}")
         try:
             if args.workers > 1 and not args.summarise_only:
                 from .sweep import run_workers
 
                 flags = ["--train-only"] * args.train_only + (["--stop-after", str(args.stop_after)]
                                                               if args.stop_after is not None else [])
-                return run_workers(sweep_config, args.workers, ["--preset", args.preset, "--set", *args.overrides,
-                                                                *flags] if args.overrides else
-                                   ["--preset", args.preset, *flags], train_only=args.train_only)
-            folder = run_sweep(sweep_config, train_only=args.train_only, stop_after_minutes=args.stop_after,
-                               summarise_only=args.summarise_only)
-            print(f"sweep written to {folder}")
+                status = run_workers(sweep_config, args.workers, ["--preset", args.preset, "--set", *args.overrides,
+                                                                  *flags] if args.overrides else
+                                     ["--preset", args.preset, *flags], train_only=args.train_only)
+            else:
+                folder = run_sweep(sweep_config, train_only=args.train_only, stop_after_minutes=args.stop_after,
+                                   summarise_only=args.summarise_only)
+                print(f"sweep written to {folder}")
+                status = 0
+            if args.docs is not None and status == 0:
+                from .sweep import splice_summary
+
+                splice_summary(args.docs, args.preset, sweep_config,
+                               f"python -m applications.multimodal_vae sweep --preset {args.preset} --summarise-only "
+                               f"--docs {args.docs}" + (f" --set {' '.join(args.overrides)}" if args.overrides else ""))
+            return status
         except TrainingInterrupted as stop:
             return _stopped(stop)
         # as for train: runs of another configuration in the sweep's folder, a missing dataset, a bad setting
         except (FileNotFoundError, ValueError) as error:
             parser.exit(1, f"{parser.prog} sweep: error: {error}\n")
-        return 0
     if args.command == "likelihood-check":
         from tqdm import tqdm
 

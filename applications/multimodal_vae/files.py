@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["UnreadableFile", "atomic_write", "write_text", "sha256", "verified", "fetch_wheel", "owner_tag",
-           "is_orphaned", "remove_orphaned_temporaries", "digest", "save_checked", "load_checked"]
+__all__ = ["UnreadableFile", "atomic_write", "write_text", "splice_table", "splice_file", "sha256", "verified",
+           "fetch_wheel", "owner_tag", "is_orphaned", "remove_orphaned_temporaries", "digest", "save_checked",
+           "load_checked"]
 
 #: the key under which ``save_checked`` stores the SHA-256 of everything else in the file
 DIGEST_KEY = "sha256"
@@ -121,6 +122,35 @@ def write_text(path: Path, text: str) -> None:
             handle.write(text)
 
     atomic_write(path, write)
+
+
+_TABLE_NAME = re.compile(r"[a-z0-9_]+")
+
+
+def splice_table(page: str, name: str, table: str) -> str:
+    """``page`` with the text between its markers ``<!-- table: name -->`` and ``<!-- end table: name -->``
+    replaced by ``table``: measured tables go into the docs by script, and the prose around the markers, written by
+    people, quotes them."""
+    if not _TABLE_NAME.fullmatch(name):
+        raise ValueError(f"name must be lower-case letters, digits and underscores, got {name!r}")
+    if not table.strip():
+        raise ValueError(f"table for {name!r} is empty")
+    begin, end = f"<!-- table: {name} -->\n", f"<!-- end table: {name} -->"
+    if page.count(begin) != 1 or page.count(end) != 1:
+        raise ValueError(f"the page must hold each marker of {name!r} exactly once: found {page.count(begin)} "
+                         f"'{begin.strip()}' and {page.count(end)} '{end}'")
+    if page.index(end) < page.index(begin):
+        raise ValueError(f"'{end}' comes before '{begin.strip()}' for {name!r}")
+    head, rest = page.split(begin)
+    _, tail = rest.split(end)
+    return head + begin + table.strip("\n") + "\n" + end + tail
+
+
+def splice_file(path: Path, name: str, table: str) -> None:
+    """Splice ``table`` into the page at ``path`` (``splice_table``; written atomically)."""
+    path = Path(path)
+    write_text(path, splice_table(path.read_text(), name, table))
+    print(f"wrote table {name!r} into {path}")
 
 
 def sha256(data: bytes) -> str:

@@ -21,7 +21,6 @@ import csv
 import math
 import platform
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from .files import atomic_write, write_text
-from .sweep import SCALARS, aggregate, mean_std, run_name
+from .sweep import SCALARS, aggregate, code_commit, mean_std, run_name
 
 __all__ = ["CLAIMS", "Claim", "alpha_runs", "compare", "likelihood_convergence", "main_labels", "mass_through_training",
            "render_likelihood_check", "render_study", "variant_labels", "write_likelihood_check", "write_study"]
@@ -329,7 +328,7 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
              "Written by `python -m applications.multimodal_vae study` from the sweep's runs; every number is a mean "
              "± sample standard deviation (n - 1) over seeds, with the number of seeds that computed it in "
              "parentheses (in the tables only where that is fewer than the row's). Machine: "
-             f"{_machine()}. Commit: `{_commit()}`. Command: `{command}`.", "", SETTING, ""]
+             f"{_machine()}. Commit: `{code_commit()}`. Command: `{command}`.", "", SETTING, ""]
     unfinished = _unfinished(folder)
     if unfinished:
         lines += [f"**Runs of the grid not in these tables** ({len(unfinished)}; diverged, or not finished when the "
@@ -407,14 +406,6 @@ def _machine() -> str:
     import torch
 
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _plots(folder: Path, rows: list[dict], out: Path) -> dict:
@@ -639,7 +630,7 @@ def render_likelihood_check(results: list[dict], command: str, seconds: float) -
              f"gap is the mean per-tuple difference to K = {top} with its standard error over the tuples. Where "
              "two models' gaps differ by more than the difference of their log p(X) in the study's tables, their "
              "order there is an artefact of K.", "",
-             f"Written by `{command}` at commit {_commit()} on {_machine()} in {seconds / 60:.0f} min.", "",
+             f"Written by `{command}` at commit {code_commit()} on {_machine()} in {seconds / 60:.0f} min.", "",
              "| model | run | " + " | ".join(f"log p(X), K = {k}" for k in samples) + " | " +
              " | ".join(f"gap of K = {k}" for k in samples[:-1]) + " |",
              "|---|---|" + "---:|" * (2 * len(samples) - 1)]

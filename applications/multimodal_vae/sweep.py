@@ -33,13 +33,13 @@ from omegaconf import OmegaConf
 from .config import PRESETS, check_name, load_config, load_mapping, merge_checked
 from .data import load_dataset
 from .evaluation import evaluate_run
-from .files import UnreadableFile, atomic_write, write_text
+from .files import UnreadableFile, atomic_write, splice_file, write_text
 from .train import TrainingDiverged, configuration_differences, load_checkpoint, load_run, train
 
 __all__ = ["CURVES", "DIVERGED", "FIELDS", "METRICS", "RUN_OUTPUTS", "SCALARS", "SWEEPS", "SweepConfig", "UNFINISHED",
-           "aggregate",
-           "available_sweeps", "grid", "load_sweep", "mean_std", "pareto_front", "plot", "render",
-           "result_row", "run_config", "run_name", "run_sweep", "run_workers", "summarise", "write_results"]
+           "aggregate", "available_sweeps", "code_commit", "finished_runs", "grid", "load_sweep", "mean_std",
+           "pareto_front", "plot", "render", "result_row", "run_config", "run_name", "run_sweep", "run_workers",
+           "splice_summary", "summarise", "summary_table", "table_name", "write_results"]
 
 SWEEPS = PRESETS.parent / "sweeps"
 
@@ -246,10 +246,10 @@ def _check_existing_runs(folder: Path, configs) -> None:
                          "or delete those run folders, or give the sweep another name")
 
 
-def summarise(folder: Path, sweeps: list[SweepConfig]) -> Path:
-    """Write in ``folder`` the summary (``results.csv``, ``report.md``, the figures) of the finished runs of the
-    union of the grids of ``sweeps``, variants of one study (the same ``name``, so the same folder); the report
-    lists the runs not finished. Returns the folder."""
+def finished_runs(folder: Path, sweeps: list[SweepConfig]) -> tuple[list[dict], list[str]]:
+    """The rows (``result_row``) of the finished runs of the union of the grids of ``sweeps``, variants of one study
+    (the same ``name``, so the same folder), and the names of the others (" (diverged)" after those that
+    diverged)."""
     names = sorted({sweep.name for sweep in sweeps})
     if len(names) != 1:
         raise ValueError(f"sweeps must be variants of one study (the same name) to be summarised together, got "
@@ -262,8 +262,49 @@ def summarise(folder: Path, sweeps: list[SweepConfig]) -> Path:
             rows.append(result_row(run_dir, model, beta, seed))
         else:
             missing.append(run_dir.name + (" (diverged)" if (run_dir / DIVERGED).exists() else ""))
-    write_results(folder, rows, missing)
-    return folder
+    return rows, missing
+
+
+def summarise(folder: Path, sweeps: list[SweepConfig]) -> Path:
+    """Write in ``folder`` the summary (``results.csv``, ``report.md``, the figures) of the finished runs of the
+    union of the grids of ``sweeps`` (``finished_runs``); the report lists the runs not finished. Returns the
+    folder."""
+    write_results(folder, *finished_runs(folder, sweeps))
+    return Path(folder)
+
+
+def code_commit() -> str:
+    """The short hash of the checked-out commit (``unknown`` outside a git checkout)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def table_name(preset: str) -> str:
+    """The docs' table marker name of a sweep preset (a name or a YAML path): ``sweep_`` and its file name's stem,
+    runs of other characters than letters and digits as ``_``."""
+    return "sweep_" + re.sub(r"[^a-z0-9]+", "_", Path(preset).stem.lower()).strip("_")
+
+
+def splice_summary(page: Path, preset: str, sweep: SweepConfig, command: str) -> None:
+    """Splice the summary table of ``sweep``'s finished runs (``summary_table``, as in its report.md) into the docs
+    ``page``, between the markers of ``table_name(preset)``, with a first line saying when, at which commit and
+    by which command it was written, and which runs of the grid had not finished."""
+    import datetime
+
+    folder = Path(sweep.output_dir) / sweep.name
+    rows, missing = finished_runs(folder, [sweep])
+    if not rows:
+        raise ValueError(f"sweep {sweep.name}: no run of the preset {preset!r} has finished in {folder}: nothing to "
+                         "write into the docs")
+    lines = [f"Written on {datetime.date.today().isoformat()} at commit {code_commit()} by `{command}` from the "
+             f"{len(rows)} finished run(s) of the preset in `{folder}`"
+             + (f"; not finished: {', '.join(missing)}" if missing else "") + ".", ""]
+    splice_file(page, table_name(preset), "\n".join(lines + summary_table(aggregate(rows))))
 
 
 def run_workers(sweep: SweepConfig, workers: int, arguments: list[str], train_only: bool = False) -> int:
@@ -550,20 +591,16 @@ def _cell(value) -> str:
     return "–" if mean != mean else f"{mean:.3f} ± {std:.3f}" if abs(mean) < 10 else f"{mean:.1f} ± {std:.1f}"
 
 
-def render(summary: dict, figures: list[str], folder: Path, missing=()) -> str:
+def summary_table(summary: dict) -> list[str]:
+    """The lines of the summary's tables: every (label, beta) with its mean ± std over seeds, then the seconds per
+    training batch of every label."""
     columns = [("coherence", "coherence (all subsets)"), ("cross_coherence", "one input"),
                ("self_coherence", "self (one input)"),
                ("unconditional_coherence", "unconditional"), ("log_likelihood", "log p(X)"),
                ("conditional_log_likelihood", "log p(X_rest \\| x_m)"), ("probe_all", "probe (all)"),
                ("probe_private", "probe (private w)"),
                ("fid_unconditional", "FID"), ("pairwise_mass", "pairwise mass")]
-    lines = [f"# Sweep `{folder.name}`", "", "Mean ± std over seeds; every metric as defined in "
-             "`applications/multimodal_vae/evaluation/` (see each run's report.md for its protocol).", "",
-             "| model | β | seeds | " + " | ".join(c for _, c in columns) + " |",
-             "|---" * (len(columns) + 3) + "|"]
-    if missing:
-        lines[2:2] = [f"**Partial**: {len(missing)} run(s) of the grid not finished yet (rerun the sweep to continue): "
-                      + ", ".join(missing) + ".", ""]
+    lines = ["| model | β | seeds | " + " | ".join(c for _, c in columns) + " |", "|---" * (len(columns) + 3) + "|"]
     for key in sorted(summary):
         entry = summary[key]
         lines.append(f"| {key[0]} | {key[1]:g} | {entry['seeds']} | "
@@ -580,5 +617,15 @@ def render(summary: dict, figures: list[str], folder: Path, missing=()) -> str:
     lines += ["", "Seconds per training batch (median of the logged step times, same device, one sweep):", "",
               "| model | s / batch |", "|---|---|"]
     lines += [f"| {model} | {statistics.median(values):.4f} |" for model, values in sorted(timing.items())]
+    return lines
+
+
+def render(summary: dict, figures: list[str], folder: Path, missing=()) -> str:
+    lines = [f"# Sweep `{folder.name}`", "", "Mean ± std over seeds; every metric as defined in "
+             "`applications/multimodal_vae/evaluation/` (see each run's report.md for its protocol).", ""]
+    if missing:
+        lines += [f"**Partial**: {len(missing)} run(s) of the grid not finished yet (rerun the sweep to continue): "
+                  + ", ".join(missing) + ".", ""]
+    lines += summary_table(summary)
     lines += [""] + [f"![{name}]({name})" for name in figures] + [""]
     return "\n".join(lines)

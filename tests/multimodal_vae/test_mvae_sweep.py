@@ -6,6 +6,7 @@ import math
 import re
 
 import pytest
+from omegaconf import OmegaConf
 
 from applications.multimodal_vae.__main__ import main
 from applications.multimodal_vae.sweep import (
@@ -15,6 +16,7 @@ from applications.multimodal_vae.sweep import (
     pareto_front,
     result_row,
     run_sweep,
+    table_name,
     write_results,
 )
 
@@ -31,7 +33,7 @@ def tiny_sweep(root):
                        betas=[1.0, 2.5], seeds=[0, 1], output_dir=str(root / "runs"))
 
 
-def test_a_sweep_trains_evaluates_and_summarises_once(tiny_root):
+def test_a_sweep_trains_evaluates_and_summarises_once(tiny_root, capsys):
     folder = run_sweep(tiny_sweep(tiny_root), show_progress=False)
     with open(folder / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -66,6 +68,26 @@ def test_a_sweep_trains_evaluates_and_summarises_once(tiny_root):
     for _, _, at_one, at_many, gap in table.values():
         gap, error = map(float, gap.split(" ± "))
         assert abs(float(at_many) - float(at_one) - gap) <= 0.11 and gap > 3 * error > 0  # K = 1 lies further below
+    # the summary's table spliced into a docs page by the sweep command, from a preset file
+    preset = tiny_root / "tiny-sweep.yaml"
+    OmegaConf.save(OmegaConf.structured(tiny_sweep(tiny_root)), preset)
+    page = tiny_root / "page.md"
+    page.write_text("# R\n\n<!-- table: sweep_tiny_sweep -->\nSTALE\n<!-- end table: sweep_tiny_sweep -->\nprose\n")
+    assert main(["sweep", "--preset", str(preset), "--summarise-only", "--docs", str(page)]) == 0
+    text, report = page.read_text(), (folder / "report.md").read_text()
+    assert text.startswith("# R\n\n<!-- table: sweep_tiny_sweep -->\nWritten on ") and "STALE" not in text
+    assert text.endswith("<!-- end table: sweep_tiny_sweep -->\nprose\n")
+    assert f"`python -m applications.multimodal_vae sweep --preset {preset} --summarise-only --docs {page}`" in text
+    assert "from the 8 finished run(s) of the preset" in text and "not finished" not in text
+    table = [line for line in report.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 4 + 2 + 2 and all(line in text for line in table)  # the report's rows, timing included
+    # runs of the grid not trained yet are named; a page without the markers is refused before any work
+    assert main(["sweep", "--preset", str(preset), "--summarise-only", "--docs", str(page), "--set", "seeds=[0,5]"]) == 0
+    assert "from the 4 finished run(s)" in page.read_text() and "not finished: helvae-beta1.0-seed5, " in page.read_text()
+    page.write_text("# R\n")
+    with pytest.raises(SystemExit):
+        main(["sweep", "--preset", str(preset), "--docs", str(page), "--set", "seeds=[5]"])
+    assert "--docs" in capsys.readouterr().err and not list(folder.glob("*seed5*")) and page.read_text() == "# R\n"
     assert main(["likelihood-check", "--sweep", str(folder), "--samples", "2", "1", "--examples", "2"]) == 0
     assert "| mopoe | mopoe-beta1.0-seed0 |" in (folder / "likelihood_check.md").read_text()  # the default page
     with pytest.raises(SystemExit):
@@ -85,6 +107,11 @@ def test_pareto_front_and_aggregation_by_hand():
     summary = aggregate(rows)[("a", 1.0)]
     assert summary["coherence"] == pytest.approx((0.3, math.sqrt(0.02)))
     assert summary["coherence_by_inputs"][1] == pytest.approx((0.3, math.sqrt(0.02))) and summary["seeds"] == 2
+
+
+def test_a_presets_docs_table_is_named_after_its_file():
+    assert table_name("polymnist-cpu-study-supplement") == "sweep_polymnist_cpu_study_supplement"
+    assert table_name("/tmp/My.Preset--v2.yaml") == "sweep_my_preset_v2"
 
 
 def test_sweep_presets_and_errors(capsys):
