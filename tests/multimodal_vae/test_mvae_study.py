@@ -357,7 +357,8 @@ def test_own_cross_mass_against_quadrature():
                                            ("polymnist-cpu-study-wb", 12), ("polymnist-cpu-study-mmvae-beta1", 4),
                                            ("polymnist-cpu-study-mmvae-k4", 1),
                                            ("polymnist-cpu-study-mmvae-k4-unbiased", 1), ("polymnist-cpu-study-private", 8),
-                                           ("polymnist-cpu-study-ablation", 1), ("polymnist-cpu-study-rerun", 3)])
+                                           ("polymnist-cpu-study-ablation", 1), ("polymnist-cpu-study-rerun", 3),
+                                           ("polymnist-cpu-study-supplement", 6)])
 def test_a_study_variants_runs_are_the_full_studys(variant, runs):
     full, part = load_sweep("polymnist-cpu-study"), load_sweep(variant)
     assert part.name == full.name and len(grid(part)) == runs
@@ -386,7 +387,7 @@ def test_a_run_the_wall_clock_stopped_is_resumed_and_the_study_has_no_wall_clock
                  "polymnist-cpu-study-claims", "polymnist-cpu-study-beta1", "polymnist-cpu-study-wb",
                  "polymnist-cpu-study-mmvae-beta1", "polymnist-cpu-study-mmvae-k4",
                  "polymnist-cpu-study-mmvae-k4-unbiased", "polymnist-cpu-study-private",
-                 "polymnist-cpu-study-ablation", "polymnist-cpu-study-rerun"):
+                 "polymnist-cpu-study-ablation", "polymnist-cpu-study-rerun", "polymnist-cpu-study-supplement"):
         study = load_sweep(name)
         assert {run_config(study, *run).train.max_minutes for run in grid(study)} == {None}
     loads = []
