@@ -1080,3 +1080,34 @@ def test_crps_of_heavy_tails_beyond_the_quantile_panels():
     reference = sum(scipy.integrate.quad(f, lo, hi, epsabs=0, epsrel=1e-12, limit=200)[0]
                     for f, lo, hi in ((lambda x: cdf(x) ** 2, -np.inf, 0.9), (lambda x: (1 - cdf(x)) ** 2, 0.9, np.inf)))
     assert float(op.crps(Cauchy(t(0.2), t(1.5)), t(0.9))) == pytest.approx(reference, rel=1e-9)
+
+
+def test_float64_observations_of_a_float32_forecast_keep_their_digits():
+    """Observations were rounded to the forecast's dtype first: 1e6 + 0.002 became 1e6 under a float32
+    N(1e6, 1e-3) (float32's spacing there is 0.0625), a PIT of 0.5 instead of 0.977 and a CRPS 6 times too small;
+    the same for the Laplace's quadrature. They are scored in the wider dtype now. References: the closed forms at the
+    float32 parameters' values (Normal: s (z (2 Phi(z) - 1) + 2 phi(z) - 1 / sqrt(pi)); Laplace: b (|z| + e^-|z| -
+    3/4), F = 1 - e^-z / 2 for z > 0)."""
+    from torch.distributions import Laplace
+
+    y = torch.tensor(1e6 + 0.002, dtype=torch.float64)
+    loc, scale = torch.tensor(1e6, dtype=torch.float32), torch.tensor(1e-3, dtype=torch.float32)
+    z = (y.item() - loc.item()) / scale.item()
+    normal_crps = scale.item() * (z * (2 * scipy.stats.norm.cdf(z) - 1) + 2 * scipy.stats.norm.pdf(z)
+                                  - 1 / math.sqrt(math.pi))
+    laplace_crps = scale.item() * (abs(z) + math.exp(-abs(z)) - 0.75)
+    # (the quadrature's nodes lie on float64's grid at 1e6, 1.2e-7 of the scale apart)
+    for forecast, crps, pit, rel in ((Normal(loc, scale), normal_crps, scipy.stats.norm.cdf(z), 1e-12),
+                                     (Laplace(loc, scale), laplace_crps, 1 - 0.5 * math.exp(-z), 1e-6)):
+        got_crps, got_pit = op.crps(forecast, y), op.pit(forecast, y)
+        assert got_crps.dtype == got_pit.dtype == torch.float64
+        assert got_crps.item() == pytest.approx(crps, rel=rel) and got_pit.item() == pytest.approx(pit, rel=rel)
+    # a finite float64 observation beyond float32's range is scored, not reported as infinite
+    assert op.pit(Normal(loc, scale), torch.tensor(1e39, dtype=torch.float64)).item() == 1.0
+    # integer observations take the forecast's dtype
+    assert op.crps(Normal(loc, scale), torch.tensor(1000000)).dtype == torch.float32
+
+
+def test_coverage_of_no_observations_is_refused():
+    with pytest.raises(ValueError, match="observations must hold at least one observation"):
+        op.coverage(Normal(0.0, 1.0), torch.tensor([]))
