@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -79,10 +80,20 @@ def _check_distribution(name: str, dist) -> None:
     if not isinstance(dist, Distribution):
         raise TypeError(f"{name} must be a torch.distributions.Distribution (a pool or a forecast), got "
                         f"{type(dist).__name__}")
-    discrete = dist.family.discrete if isinstance(dist, _Pool) else bool(getattr(dist.support, "is_discrete", False))
+    discrete = _discrete(dist)
     if dist.event_shape != torch.Size() or discrete:
         raise ValueError(f"{name} must be a continuous distribution of scalar events, got {type(dist).__name__} with "
                          f"event_shape {tuple(dist.event_shape)}{' and a discrete support' if discrete else ''}")
+
+
+def _discrete(dist: Distribution) -> bool:
+    """Whether ``dist`` has a discrete support: a pool's family's, else its own, else (torch gives a
+    TransformedDistribution the real line as support whatever its base) its base distribution's."""
+    if isinstance(dist, _Pool):
+        return dist.family.discrete
+    if isinstance(dist, (TransformedDistribution, Independent)) and _discrete(dist.base_dist):
+        return True
+    return bool(getattr(dist.support, "is_discrete", False))
 
 
 def _circular(dist: Distribution) -> bool:
@@ -858,12 +869,14 @@ def coverage(forecast, observations, levels=(0.5, 0.8, 0.9, 0.95)) -> CoverageTa
     For circular forecasts ``F`` starts at ``-pi`` (see :func:`pit`), so the "central" arc is central in that cut,
     not around the forecast's mean direction (for a forecast centred near ``+-pi`` it is the arc of low density).
     Under calibration the PIT is uniform for any cut, so the nominal coverage still holds."""
-    if isinstance(levels, (int, float)) and not isinstance(levels, bool):
+    if isinstance(levels, (np.ndarray, torch.Tensor)) and levels.ndim <= 1:  # a numpy or torch vector of levels
+        levels = tuple(levels.tolist()) if levels.ndim else levels.item()
+    if isinstance(levels, numbers.Real):
         levels = (levels,)
     if not isinstance(levels, (tuple, list)) or not levels:
         raise ValueError(f"levels must be a non-empty sequence of probabilities in (0, 1), got {levels!r}")
     for level in levels:
-        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+        if isinstance(level, (bool, np.bool_)) or not isinstance(level, numbers.Real) or not 0 < level < 1:
             raise ValueError(f"levels must be probabilities in (0, 1), got {level!r} in {levels!r}")
     u = pit(forecast, observations).detach().to(torch.float64).flatten()
     if u.numel() == 0:

@@ -1111,3 +1111,32 @@ def test_float64_observations_of_a_float32_forecast_keep_their_digits():
 def test_coverage_of_no_observations_is_refused():
     with pytest.raises(ValueError, match="observations must hold at least one observation"):
         op.coverage(Normal(0.0, 1.0), torch.tensor([]))
+
+
+def test_a_transformed_discrete_forecast_is_refused_up_front():
+    """torch gives a TransformedDistribution the real line as support whatever its base: an affine map of a Poisson
+    passed the check and failed inside the quadrature with torch's message about values like 3.7e-301."""
+    forecast = TransformedDistribution(Poisson(torch.tensor(3.0)), [AffineTransform(0.0, 2.0)])
+    for score in (op.crps, op.pit):
+        with pytest.raises(ValueError, match="forecast must be a continuous distribution.*TransformedDistribution"
+                                             ".*discrete support"):
+            score(forecast, torch.tensor(2.0))
+    # the check looks through the base, not past a continuous one
+    continuous = TransformedDistribution(Normal(torch.tensor(1.0), torch.tensor(2.0)), [AffineTransform(3.0, 0.5)])
+    assert op.pit(continuous, torch.tensor(3.5)).item() == pytest.approx(scipy.stats.norm(3.5, 1.0).cdf(3.5))
+
+
+def test_coverage_takes_numpy_and_torch_levels():
+    """Levels as numpy scalars of any float width, a numpy array or a torch vector give the table of plain floats
+    (a numpy float32 level was refused as not a probability); a numpy boolean is still refused."""
+    torch.manual_seed(3)
+    y = torch.randn(200, dtype=torch.float64)
+    forecast = Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    expected = op.coverage(forecast, y, levels=(0.5, 0.875))
+    for levels in ((np.float32(0.5), np.float64(0.875)), np.array([0.5, 0.875], dtype=np.float32),
+                   torch.tensor([0.5, 0.875])):
+        table = op.coverage(forecast, y, levels=levels)
+        assert table.levels == (0.5, 0.875) and table.empirical == expected.empirical
+    assert op.coverage(forecast, y, levels=np.float32(0.5)).empirical == expected.empirical[:1]
+    with pytest.raises(ValueError, match="levels must be probabilities in \\(0, 1\\), got np.True_"):
+        op.coverage(forecast, y, levels=(np.True_,))
