@@ -6,14 +6,14 @@ import datetime
 import os
 import platform
 import re
-import subprocess
 from pathlib import Path
 
 import torch
 
+from applications.multimodal_vae.files import code_commit
+
 __all__ = ["saved_tensor_bytes", "provenance", "verdict"]
 
-_ROOT = Path(__file__).resolve().parents[1]
 _TARGET = re.compile(r"\s*(<=|>=)\s*([0-9.eE+-]+)\s*")
 
 
@@ -35,14 +35,6 @@ def saved_tensor_bytes(forward) -> int:
     return sum(storages.values())
 
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=_ROOT, capture_output=True, text=True, check=True,
-                              timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def _processor() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -55,18 +47,10 @@ def _processor() -> str:
 
 def provenance(device: str = "cpu") -> str:
     """One line saying when, at which commit and on what a table was measured, so that no prose has to retype it:
-    the date (UTC), the commit (marked when tracked files outside docs/ differ from it; the environment's
-    ``OPINIONPOOL_COMMIT`` where set, marked as stated, for a copy of the tree without its repository), the
+    the date (UTC), the commit (``code_commit``: marked when tracked files outside docs/ differ from it, or as
+    stated by the environment's ``OPINIONPOOL_COMMIT`` for a copy of the tree without its repository), the
     processor and its core count, or the GPU for a CUDA device, and torch's version."""
-    stated = os.environ.get("OPINIONPOOL_COMMIT")
-    if stated:  # a copy of the tree whose .git is missing or stale (a GPU machine's copy)
-        commit = f"{stated} (as stated by OPINIONPOOL_COMMIT)"
-    else:
-        commit = _git("rev-parse", "--short", "HEAD")
-        # the pages the tables are spliced into do not change what is measured
-        if commit and _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"):
-            commit += " with uncommitted changes"
-    commit = commit or "unknown commit"
+    commit = code_commit()
     machine = (torch.cuda.get_device_name() if str(device).startswith("cuda")
                else f"{_processor()}, {os.cpu_count()} cores")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")

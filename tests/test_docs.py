@@ -58,6 +58,17 @@ def test_benchmark_tables_are_spliced_between_their_markers():
     for bad_page in ("# B\n", page + page, "<!-- end table: t -->\n<!-- table: t -->\n"):
         with pytest.raises(ValueError, match="'t'"):
             splice(bad_page, "t", "| new |")
+    # a marker with something after it on its line is not one, and the error says why
+    for ending in ("\r\n", " \n"):
+        with pytest.raises(ValueError, match="found 0 '<!-- table: t -->'.*must end its line"):
+            splice(page.replace("<!-- table: t -->\n", "<!-- table: t -->" + ending), "t", "| new |")
+    # tables must not nest or interleave: splicing the outer one deleted the inner one's markers
+    inner = "<!-- table: u -->\nU\n<!-- end table: u -->\n"
+    for bad_page in (f"<!-- table: t -->\n{inner}<!-- end table: t -->\n",
+                     "<!-- table: t -->\n<!-- table: u -->\nT\n<!-- end table: t -->\nU\n<!-- end table: u -->\n"):
+        with pytest.raises(ValueError, match="enclose another table's marker"):
+            splice(bad_page, "t", "| new |")
+    assert splice(inner + page, "t", "| new |").startswith(inner)
     with pytest.raises(ValueError, match="name"):
         splice(page, "", "| new |")
     with pytest.raises(ValueError, match="empty"):
@@ -83,3 +94,21 @@ def test_benchmark_tables_say_where_they_come_from_and_whether_targets_are_met()
     line = provenance()
     assert re.fullmatch(r"run of \d{4}-\d\d-\d\d at commit \S+.* on .+, \d+ cores, torch " + re.escape(torch.__version__),
                         line), line
+
+
+def test_the_commit_is_the_codes_not_the_working_directorys(tmp_path, monkeypatch):
+    """Tables name the commit of the code that wrote them: git ran in the working directory, which named another
+    repository's commit (or none) when a command ran from elsewhere."""
+    import subprocess
+
+    from applications.multimodal_vae.files import code_commit
+
+    monkeypatch.delenv("OPINIONPOOL_COMMIT", raising=False)
+    here = code_commit()
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.chdir(tmp_path)
+    assert code_commit() == here
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert here.split()[0] == (head.stdout.strip() if head.returncode == 0 else "unknown")  # "unknown": no checkout
+    monkeypatch.setenv("OPINIONPOOL_COMMIT", "abc1234")
+    assert code_commit() == "abc1234 (as stated by OPINIONPOOL_COMMIT)"

@@ -194,7 +194,7 @@ def main(argv=None) -> int:
         if args.only == "log_likelihood":
             try:
                 metrics = reevaluate_likelihood(args.run, config, model)
-            except FileNotFoundError as error:
+            except (FileNotFoundError, ValueError) as error:
                 parser.error(str(error))
             likelihood = metrics["log_likelihood"]
             print(f"{args.run}: log p(X) {likelihood['joint']:.1f} +- {format_std_error(likelihood)} "

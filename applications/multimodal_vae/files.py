@@ -137,13 +137,39 @@ def splice_table(page: str, name: str, table: str) -> str:
         raise ValueError(f"table for {name!r} is empty")
     begin, end = f"<!-- table: {name} -->\n", f"<!-- end table: {name} -->"
     if page.count(begin) != 1 or page.count(end) != 1:
+        # a marker followed by a space or a carriage return (a CRLF page) is not one
+        hint = (f" ('{begin.strip()}' must end its line: nothing, not even a space or a carriage return, after it)"
+                if page.count(begin.strip()) != page.count(begin) else "")
         raise ValueError(f"the page must hold each marker of {name!r} exactly once: found {page.count(begin)} "
-                         f"'{begin.strip()}' and {page.count(end)} '{end}'")
+                         f"'{begin.strip()}' and {page.count(end)} '{end}'{hint}")
     if page.index(end) < page.index(begin):
         raise ValueError(f"'{end}' comes before '{begin.strip()}' for {name!r}")
     head, rest = page.split(begin)
-    _, tail = rest.split(end)
+    replaced, tail = rest.split(end)
+    if "<!-- table: " in replaced or "<!-- end table: " in replaced:  # splicing would delete another table's marker
+        raise ValueError(f"the markers of {name!r} enclose another table's marker: tables must not nest or interleave")
     return head + begin + table.strip("\n") + "\n" + end + tail
+
+
+def code_commit() -> str:
+    """The short hash of the commit of the checkout this code runs from (not the working directory's), with
+    " with uncommitted changes" where tracked files outside docs/ differ from it (the pages tables are spliced into
+    change no number); the environment's ``OPINIONPOOL_COMMIT`` where set, marked as stated, for a copy of the tree
+    without its repository (a GPU machine's copy); ``unknown`` outside a git checkout."""
+    stated = os.environ.get("OPINIONPOOL_COMMIT")
+    if stated:
+        return f"{stated} (as stated by OPINIONPOOL_COMMIT)"
+
+    def git(*arguments):
+        return subprocess.run(["git", *arguments], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, check=True, timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":!/docs")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + (" with uncommitted changes" if changed else "")
 
 
 def splice_file(path: Path, name: str, table: str) -> None:

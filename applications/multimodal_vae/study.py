@@ -27,8 +27,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from PIL import Image
 
-from .files import atomic_write, write_text
-from .sweep import SCALARS, aggregate, code_commit, mean_std, run_name
+from .files import atomic_write, code_commit, write_text
+from .sweep import SCALARS, aggregate, mean_std, run_name
 
 __all__ = ["CLAIMS", "Claim", "alpha_runs", "compare", "likelihood_convergence", "main_labels", "mass_through_training",
            "render_likelihood_check", "render_study", "variant_labels", "write_likelihood_check", "write_study"]

@@ -2,10 +2,11 @@
 
 ``python -m applications.multimodal_vae sweep --preset polymnist-cpu [--set key=value ...]`` reads
 ``sweeps/{preset}.yaml``. Every run is an ordinary run folder under ``{output_dir}/{name}/`` named
-``{model}-beta{beta}-seed{seed}``: a run trained and evaluated at its last checkpoint is skipped, an interrupted
-one resumes from its checkpoint, a trained but unevaluated one (or one whose report is missing, or whose metrics
-are of an earlier checkpoint) is only evaluated. A run folder of another configuration (its ``config.yaml``) is an
-error before any work.
+``{model}-beta{beta}-seed{seed}``: a run trained to its steps and evaluated at its last checkpoint with the sweep's
+eval settings is skipped, an interrupted one (or one trained to fewer epochs or steps than the sweep now asks for)
+resumes from its checkpoint, a trained but unevaluated one (or one whose report is missing, or whose metrics are
+of an earlier checkpoint or other eval settings) is only evaluated. A run folder of another configuration (its
+``config.yaml``) is an error before any work, a summary's too.
 The sweep then writes ``results.csv`` (one row per run), ``report.md`` (mean ± std over seeds) and the figures
 of the HELVAE paper's experiments: coherence vs FID and vs log-likelihood with Pareto fronts (Figure 3), metrics
 vs beta (Figure 6), coherence and FID vs the number of input modalities (Figure 5), and seconds per training
@@ -25,7 +26,7 @@ import re
 import socket
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -33,11 +34,11 @@ from omegaconf import OmegaConf
 from .config import PRESETS, check_name, load_config, load_mapping, merge_checked
 from .data import load_dataset
 from .evaluation import evaluate_run
-from .files import UnreadableFile, atomic_write, splice_file, write_text
-from .train import TrainingDiverged, configuration_differences, load_checkpoint, load_run, train
+from .files import UnreadableFile, atomic_write, code_commit, splice_file, write_text
+from .train import TrainingDiverged, budget_reached, configuration_differences, load_checkpoint, load_run, train
 
 __all__ = ["CURVES", "DIVERGED", "FIELDS", "METRICS", "RUN_OUTPUTS", "SCALARS", "SWEEPS", "SweepConfig", "UNFINISHED",
-           "aggregate", "available_sweeps", "code_commit", "finished_runs", "grid", "load_sweep", "mean_std",
+           "aggregate", "available_sweeps", "finished_runs", "grid", "load_sweep", "mean_std",
            "pareto_front", "plot", "render", "result_row", "run_config", "run_name", "run_sweep", "run_workers",
            "splice_summary", "summarise", "summary_table", "table_name", "write_results"]
 
@@ -190,43 +191,51 @@ def run_sweep(sweep: SweepConfig, show_progress: bool = True, *, train_only: boo
     folder = Path(sweep.output_dir) / sweep.name
     folder.mkdir(parents=True, exist_ok=True)
     deadline = None if stop_after_minutes is None else time.monotonic() + 60 * stop_after_minutes
-    runs = [] if summarise_only else grid(sweep)
-    configs = [run_config(sweep, *run) for run in runs]
+    configs = [run_config(sweep, *run) for run in grid(sweep)]
     _check_existing_runs(folder, configs)
     unreadable = []
-    for config in tqdm(configs, desc=f"sweep {sweep.name}", unit="run", disable=not show_progress):
+    for config in tqdm([] if summarise_only else configs, desc=f"sweep {sweep.name}", unit="run",
+                       disable=not show_progress):
         run_dir = folder / config.name
         try:
-            if _finished(run_dir) or (train_only and _trained(run_dir)) or (run_dir / DIVERGED).exists():
+            if _finished(run_dir, config) or (train_only and _trained(run_dir, config)) or \
+                    (run_dir / DIVERGED).exists():
                 continue
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"sweep {sweep.name}: {stop_after_minutes:g} minutes passed; starting no new run")
+                break
+            _train_and_evaluate(sweep, config, folder, train_only, show_progress)
         except UnreadableFile as error:  # the others go on; the summary lists this run as not finished
             unreadable.append(f"{config.name}: {error}")
-            continue
-        if deadline is not None and time.monotonic() > deadline:
-            print(f"sweep {sweep.name}: {stop_after_minutes:g} minutes passed; starting no new run")
-            break
-        with _claim(folder / f"{config.name}.lock") as claimed:
-            if not claimed or _finished(run_dir) or (run_dir / DIVERGED).exists():  # changed as we looked
-                continue
-            if not _trained(run_dir):
-                try:
-                    train(config, resume=(run_dir / "checkpoint.pt").exists(), show_progress=show_progress)
-                except TrainingDiverged as error:
-                    # a rerun would diverge again at the same step: mark it, and go on with the other runs
-                    write_text(run_dir / DIVERGED, f"{error}\n")
-                    print(f"sweep {sweep.name}: {config.name} diverged and is skipped from now on (delete "
-                          f"{run_dir / DIVERGED} to retry it): {error}")
-                    continue
-            if not _trained(run_dir):  # the wall-clock guard stopped it: a later sweep resumes it
-                print(f"sweep {sweep.name}: {config.name} stopped short of its steps; not evaluated (the next sweep "
-                      "resumes it)")
-                continue
-            if not train_only:
-                _, trained = load_run(run_dir)
-                evaluate_run(run_dir, config, trained, progress=tqdm if show_progress else None)
     for line in unreadable:
         print(f"sweep {sweep.name}: skipped a run whose checkpoint cannot be read: {line}")
     return summarise(folder, [sweep])
+
+
+def _train_and_evaluate(sweep: SweepConfig, config, folder: Path, train_only: bool, show_progress: bool) -> None:
+    """Train (or resume) and evaluate one run of the grid, unless another process holds it."""
+    from tqdm import tqdm
+
+    run_dir = folder / config.name
+    with _claim(folder / f"{config.name}.lock") as claimed:
+        if not claimed or _finished(run_dir, config) or (run_dir / DIVERGED).exists():  # changed as we looked
+            return
+        if not _trained(run_dir, config):
+            try:
+                train(config, resume=(run_dir / "checkpoint.pt").exists(), show_progress=show_progress)
+            except TrainingDiverged as error:
+                # a rerun would diverge again at the same step: mark it, and go on with the other runs
+                write_text(run_dir / DIVERGED, f"{error}\n")
+                print(f"sweep {sweep.name}: {config.name} diverged and is skipped from now on (delete "
+                      f"{run_dir / DIVERGED} to retry it): {error}")
+                return
+        if not _trained(run_dir, config):  # the wall-clock guard stopped it: a later sweep resumes it
+            print(f"sweep {sweep.name}: {config.name} stopped short of its steps; not evaluated (the next sweep "
+                  "resumes it)")
+            return
+        if not train_only:
+            _, trained = load_run(run_dir)
+            evaluate_run(run_dir, config, trained, progress=tqdm if show_progress else None)
 
 
 def _check_existing_runs(folder: Path, configs) -> None:
@@ -249,16 +258,28 @@ def _check_existing_runs(folder: Path, configs) -> None:
 def finished_runs(folder: Path, sweeps: list[SweepConfig]) -> tuple[list[dict], list[str]]:
     """The rows (``result_row``) of the finished runs of the union of the grids of ``sweeps``, variants of one study
     (the same ``name``, so the same folder), and the names of the others (" (diverged)" after those that
-    diverged)."""
+    diverged, " (unreadable checkpoint)" after those whose checkpoint cannot be read). A run folder of another
+    configuration than its sweep's is a ``ValueError`` (``_check_existing_runs``): its results are not the
+    sweep's."""
     names = sorted({sweep.name for sweep in sweeps})
     if len(names) != 1:
         raise ValueError(f"sweeps must be variants of one study (the same name) to be summarised together, got "
                          f"the names {names}")
     folder = Path(folder)
+    runs = {}  # the first sweep naming a run gives its configuration (a study's variants share their runs' settings)
+    for sweep in sweeps:
+        for run in grid(sweep):
+            runs.setdefault(run, run_config(sweep, *run))
+    _check_existing_runs(folder, runs.values())
     rows, missing = [], []
-    for model, beta, seed in dict.fromkeys(run for sweep in sweeps for run in grid(sweep)):
-        run_dir = folder / run_name(model, beta, seed)
-        if _finished(run_dir):
+    for (model, beta, seed), config in runs.items():
+        run_dir = folder / config.name
+        try:
+            finished = _finished(run_dir, config)
+        except UnreadableFile:
+            missing.append(f"{run_dir.name} (unreadable checkpoint)")
+            continue
+        if finished:
             rows.append(result_row(run_dir, model, beta, seed))
         else:
             missing.append(run_dir.name + (" (diverged)" if (run_dir / DIVERGED).exists() else ""))
@@ -271,17 +292,6 @@ def summarise(folder: Path, sweeps: list[SweepConfig]) -> Path:
     folder."""
     write_results(folder, *finished_runs(folder, sweeps))
     return Path(folder)
-
-
-def code_commit() -> str:
-    """The short hash of the checked-out commit (``unknown`` outside a git checkout)."""
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def table_name(preset: str) -> str:
@@ -328,13 +338,12 @@ def run_workers(sweep: SweepConfig, workers: int, arguments: list[str], train_on
     processes = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT) for log in logs]
     print(f"{workers} workers on sweep {sweep.name}; their logs: {folder}/worker-*.log")
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: [p.send_signal(signum) for p in processes])
-    done = _trained_or_unreadable if train_only else _finished
-    runs = [folder / run_name(*run) for run in grid(sweep)]
+    done = _trained if train_only else _finished
     try:
-        with tqdm(total=len(runs), desc=f"sweep {sweep.name}", unit="run") as bar:
+        with tqdm(total=len(configs), desc=f"sweep {sweep.name}", unit="run") as bar:
             while any(p.poll() is None for p in processes):
                 time.sleep(5)
-                bar.update(sum(map(done, runs)) - bar.n)
+                bar.update(sum(_done_or_unreadable(done, folder / c.name, c) for c in configs) - bar.n)
     except KeyboardInterrupt:  # the workers got the SIGINT too: they checkpoint and stop
         pass
     finally:
@@ -360,52 +369,56 @@ def _log_tail(log: Path, lines: int = 30) -> str:
     return "\n".join(kept[-lines:])
 
 
-def _finished(run_dir: Path) -> bool:
-    """Whether the run is trained (``_trained``) and evaluated at its checkpoint: its outputs (``RUN_OUTPUTS``)
-    exist and ``metrics.json`` was computed at the checkpoint's step (an evaluation of a partly trained run, or a
-    retrained run's old metrics, do not count)."""
-    if not all((run_dir / name).exists() for name in RUN_OUTPUTS):
+def _finished(run_dir: Path, config) -> bool:
+    """Whether the run is trained (``_trained``) and evaluated at its checkpoint with ``config``'s eval settings:
+    its outputs (``RUN_OUTPUTS``) exist and ``metrics.json`` was computed at the checkpoint's step (an evaluation
+    of a partly trained run, or a retrained run's old metrics, do not count) with ``config.eval``."""
+    if not all((run_dir / name).exists() for name in RUN_OUTPUTS) or not _trained(run_dir, config):
         return False
-    trained, step = _checkpoint_status(run_dir)
-    if not trained:
-        return False
-    training = json.loads((run_dir / "metrics.json").read_text()).get("training")
-    # metrics from before they stored the step they were computed at: those of the finished checkpoint
-    return training is None or training["steps"] == step
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # metrics from before they stored the step they were computed at (or their settings): those of the finished
+    # checkpoint (with the settings of the sweep that evaluated them)
+    training, settings = metrics.get("training"), metrics.get("eval")
+    return (training is None or training["steps"] == _checkpoint_status(run_dir)[2]) and \
+        (settings is None or settings == asdict(config.eval))
 
 
-def _trained(run_dir: Path) -> bool:
-    """Whether the run has its checkpoint of finished training. A run the wall-clock guard
-    (``train.max_minutes``) stopped is not: a later sweep resumes it (with a guard, one more chunk of time)."""
-    return _checkpoint_status(run_dir)[0]
+def _trained(run_dir: Path, config) -> bool:
+    """Whether the run's checkpoint finished training and stands at the epochs or steps ``config`` asks for. A
+    run the wall-clock guard (``train.max_minutes``) stopped is not: a later sweep resumes it (with a guard, one
+    more chunk of time); nor is one finished at fewer epochs or a lower ``max_steps`` than ``config``'s: it
+    resumes to them."""
+    finished, epoch, step = _checkpoint_status(run_dir)
+    return finished and budget_reached(config.train, epoch, step)
 
 
-def _checkpoint_status(run_dir: Path) -> tuple[bool, int | None]:
-    """``(trained, step)`` of the run's checkpoint (``(False, None)`` without one)."""
+def _checkpoint_status(run_dir: Path) -> tuple[bool, int | None, int | None]:
+    """``(finished, epoch, step)`` of the run's checkpoint (``(False, None, None)`` without one); a run the
+    wall-clock guard stopped is not finished."""
     checkpoint = run_dir / "checkpoint.pt"
     try:
         stat = checkpoint.stat()
     except FileNotFoundError:
-        return False, None
+        return False, None, None
     # memoised by size and modification time: run_workers asks about every run every few seconds, and each answer
     # would otherwise load and checksum the whole checkpoint
-    key = (str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = (str(checkpoint.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key not in _CHECKPOINTS:
         state = load_checkpoint(checkpoint)
-        trained = bool(state.get("finished", False)) and \
+        finished = bool(state.get("finished", False)) and \
             not str(state.get("stopped_by") or "").startswith("train.max_minutes")
-        _CHECKPOINTS[key] = (trained, state["step"])
+        _CHECKPOINTS[key] = (finished, state["epoch"], state["step"])
     return _CHECKPOINTS[key]
 
 
-_CHECKPOINTS: dict[tuple, tuple[bool, int]] = {}
+_CHECKPOINTS: dict[tuple, tuple[bool, int, int]] = {}
 
 
-def _trained_or_unreadable(run_dir: Path) -> bool:
-    """``_trained`` for the progress monitor: a checkpoint it cannot read counts as not trained (the worker training
-    that run reports the error; the monitor must keep waiting for the workers rather than stop)."""
+def _done_or_unreadable(done, run_dir: Path, config) -> bool:
+    """``done(run_dir, config)`` for the progress monitor: a checkpoint it cannot read counts as not done (the
+    worker training that run reports the error; the monitor must keep waiting for the workers rather than stop)."""
     try:
-        return _trained(run_dir)
+        return done(run_dir, config)
     except UnreadableFile:
         return False
 

@@ -49,9 +49,9 @@ from .models import MultimodalVAE, evaluating
 from .networks import make_networks
 
 __all__ = ["DIVERGED_LOG", "METRIC_FIELDS", "POOLING_FIELDS", "RESUMABLE_CHANGES", "RUN_FILES", "RunWriter", "SCALARS",
-           "StopConditions", "TrainingDiverged", "TrainingInterrupted", "configuration_differences", "epoch_order",
-           "load_checkpoint", "load_run", "make_model", "render_text", "resolve_device", "sample_grid", "summary_line",
-           "train"]
+           "StopConditions", "TrainingDiverged", "TrainingInterrupted", "budget_reached", "configuration_differences",
+           "epoch_order", "load_checkpoint", "load_run", "make_model", "render_text", "resolve_device", "sample_grid",
+           "summary_line", "train"]
 
 METRIC_FIELDS = ("epoch", "step", "loss", "reconstruction", "kl", "seconds")
 SCALARS = ("loss", "reconstruction", "kl")
@@ -132,6 +132,12 @@ def _without_budget(config: dict) -> dict:
     where its folder is: a moved or renamed run folder resumes)."""
     train = {k: v for k, v in config["train"].items() if k not in RESUMABLE_CHANGES}
     return {**{k: v for k, v in config.items() if k not in ("eval", "output_dir", "name")}, "train": train}
+
+
+def budget_reached(settings, epoch: int, step: int) -> bool:
+    """Whether a run standing at ``epoch`` (the epochs it finished) and ``step`` has taken the steps the training
+    ``settings`` (a config's ``train``) ask for: its epochs, or its ``max_steps``."""
+    return (settings.max_steps is not None and step >= settings.max_steps) or epoch >= settings.epochs
 
 
 def configuration_differences(saved: dict, config: Config) -> list[str]:
@@ -391,7 +397,7 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, re
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.precision == "bf16")
     # a run resumed at its max_steps (a signal stopped it after its last step), or resumed with train.epochs
     # lowered to where it stands or below, takes no further step: it is finished
-    stop = (config.train.max_steps is not None and step >= config.train.max_steps) or epoch >= config.train.epochs
+    stop = budget_reached(config.train, epoch, step)
     if stop:
         run.save(model, optimizer, epoch, position, step, stops.planned, stops.stopped_by, finished=True)
     requests.deferred = True

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -59,8 +60,9 @@ def fake_training(monkeypatch):
     monkeypatch.setattr(sweeps, "train", train)
     monkeypatch.setattr(sweeps, "evaluate_run", evaluate_run)
     monkeypatch.setattr(sweeps, "load_run", lambda run_dir: (None, None))
+    # a stub checkpoint stands at its run's last epoch (one epoch in these tests)
     monkeypatch.setattr(sweeps, "load_checkpoint", lambda path: {"finished": Path(path).read_text() == "finished",
-                                                                 "step": 1})
+                                                                 "epoch": 1, "step": 1})
     return calls
 
 
@@ -149,8 +151,10 @@ def test_a_run_the_wall_clock_guard_stopped_is_resumed_not_evaluated(tiny_root, 
     from applications.multimodal_vae import sweep as sweeps
 
     sweep = tiny(tiny_root, seeds=(0,))
-    guard = {"finished": True, "stopped_by": "train.max_minutes=60.0", "step": 1}
-    monkeypatch.setattr(sweeps, "load_checkpoint", lambda path: guard if Path(path).read_text() == "finished" else {})
+    guard = {"finished": True, "stopped_by": "train.max_minutes=60.0", "epoch": 1, "step": 1}
+    unfinished = {"finished": False, "epoch": 0, "step": 0}
+    monkeypatch.setattr(sweeps, "load_checkpoint",
+                        lambda path: guard if Path(path).read_text() == "finished" else unfinished)
     run_sweep(sweep, show_progress=False)
     assert [c[0] for c in fake_training] == ["train"]
     run_sweep(sweep, show_progress=False)
@@ -391,22 +395,34 @@ def test_a_run_the_wall_clock_stopped_is_resumed_and_the_study_has_no_wall_clock
         study = load_sweep(name)
         assert {run_config(study, *run).train.max_minutes for run in grid(study)} == {None}
     loads = []
-    for n, (state, trained) in enumerate((({"finished": True, "stopped_by": "train.max_minutes=60.0"}, False),
-                                          ({"finished": True, "stopped_by": "train.max_steps=2"}, True),
-                                          ({"finished": True, "stopped_by": None}, True), ({"finished": False}, False))):
+
+    def settings(epochs=4, max_steps=None):
+        return SimpleNamespace(train=SimpleNamespace(epochs=epochs, max_steps=max_steps))
+
+    # (checkpoint, the run's settings now, trained): a run finished at fewer epochs or steps than now asked resumes
+    cases = (({"finished": True, "stopped_by": "train.max_minutes=60.0", "epoch": 1, "step": 9}, settings(), False),
+             ({"finished": True, "stopped_by": "train.max_steps=2", "epoch": 0, "step": 2}, settings(max_steps=2), True),
+             ({"finished": True, "stopped_by": "train.max_steps=2", "epoch": 0, "step": 2}, settings(max_steps=5), False),
+             ({"finished": True, "stopped_by": None, "epoch": 4, "step": 40}, settings(), True),
+             ({"finished": True, "stopped_by": None, "epoch": 4, "step": 40}, settings(epochs=8), False),
+             ({"finished": True, "stopped_by": None, "epoch": 4, "step": 40}, settings(epochs=2), True),
+             ({"finished": False, "epoch": 4, "step": 40}, settings(), False))
+    for n, (state, config, trained) in enumerate(cases):
         (tmp_path / "checkpoint.pt").write_text("stub" * (n + 1))  # a new checkpoint: its answer is not memoised
-        monkeypatch.setattr(sweeps, "load_checkpoint", lambda path, state=state: loads.append(path) or {**state, "step": 1})
-        assert sweeps._trained(tmp_path) is trained and sweeps._trained(tmp_path) is trained, state
-    assert len(loads) == 4  # each checkpoint loaded once, however often it is asked about
+        monkeypatch.setattr(sweeps, "load_checkpoint", lambda path, state=state: loads.append(path) or state)
+        assert sweeps._trained(tmp_path, config) is trained and sweeps._trained(tmp_path, config) is trained, state
+    assert len(loads) == len(cases)  # each checkpoint loaded once, however often it is asked about
 
 
 def test_the_progress_monitor_survives_a_damaged_checkpoint(tmp_path):
     """run_workers asks every few seconds whether each run is trained; an unreadable checkpoint raised out of its
     loop, which then waited for every worker before reporting."""
     from applications.multimodal_vae.files import UnreadableFile
-    from applications.multimodal_vae.sweep import _trained, _trained_or_unreadable
+    from applications.multimodal_vae.sweep import _done_or_unreadable, _finished, _trained
 
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    config = SimpleNamespace(train=SimpleNamespace(epochs=1, max_steps=None))
     with pytest.raises(UnreadableFile):
-        _trained(tmp_path)
-    assert _trained_or_unreadable(tmp_path) is False
+        _trained(tmp_path, config)
+    assert _done_or_unreadable(_trained, tmp_path, config) is False
+    assert _done_or_unreadable(_finished, tmp_path, config) is False

@@ -268,6 +268,50 @@ def test_a_sweep_refuses_runs_of_another_configuration_before_any_work(tiny_root
     assert {p: p.stat().st_mtime_ns for p in run.iterdir()} == files  # finished: neither retrained nor evaluated
 
 
+def test_a_sweep_follows_its_presets_budget_and_eval_settings_and_goes_past_damaged_checkpoints(tiny_root, capsys):
+    """A finished run was reused as it stood when the preset raised train.epochs or changed eval settings (the
+    summary reported the old results under the new settings); a summary alone never checked the runs'
+    configuration; a damaged checkpoint stopped the whole sweep or its summary."""
+    folder = run_sweep(one_run_sweep(tiny_root), show_progress=False)
+    run = folder / "helvae-beta1.0-seed0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["eval"]["probe_examples"] == 10 and metrics["training"]["steps"] == 9  # 3 epochs of 3 batches
+    checkpoint = (run / "checkpoint.pt").stat().st_mtime_ns
+    # other eval settings: evaluated again, not retrained
+    run_sweep(one_run_sweep(tiny_root, ["eval.probe_examples=12"]), show_progress=False)
+    assert json.loads((run / "metrics.json").read_text())["eval"]["probe_examples"] == 12
+    assert (run / "checkpoint.pt").stat().st_mtime_ns == checkpoint
+    # more epochs: resumed from its checkpoint to them, then evaluated at the new step
+    run_sweep(one_run_sweep(tiny_root, ["eval.probe_examples=12", "train.epochs=4"]), show_progress=False)
+    assert json.loads((run / "metrics.json").read_text())["training"]["steps"] == 12
+    with open(run / "metrics.csv") as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == list(range(1, 13))  # continued, not restarted
+    # a summary alone refuses runs of another configuration, as a sweep does
+    with pytest.raises(ValueError, match=r"another configuration.*train.lr: saved 0.0005, now 0.01"):
+        run_sweep(one_run_sweep(tiny_root, ["eval.probe_examples=12", "train.epochs=4", "train.lr=0.01"]),
+                  show_progress=False, summarise_only=True)
+    # a damaged checkpoint, evaluated or not: the other runs are trained and summarised, it is listed as unreadable
+    two = one_run_sweep(tiny_root, ["eval.probe_examples=12", "train.epochs=4"])
+    two.seeds = [0, 1]
+    (run / "checkpoint.pt").write_bytes(b"damaged")
+    run_sweep(two, show_progress=False)
+    assert (folder / "helvae-beta1.0-seed1" / "metrics.json").exists()
+    assert (folder / "unfinished.txt").read_text() == "helvae-beta1.0-seed0 (unreadable checkpoint)\n"
+    (run / "metrics.json").unlink()
+    two.seeds = [0, 1, 2]
+    run_sweep(two, show_progress=False)
+    assert (folder / "helvae-beta1.0-seed2" / "metrics.json").exists()
+    with open(folder / "results.csv") as handle:
+        assert sorted(int(row["seed"]) for row in csv.DictReader(handle)) == [1, 2]
+    # the log-likelihoods alone are computed again with other likelihood settings only, and say so in the record
+    other = folder / "helvae-beta1.0-seed1"
+    assert main(["evaluate", "--run", str(other), "--only", "log_likelihood", "--set", "eval.likelihood_samples=3"]) == 0
+    assert json.loads((other / "metrics.json").read_text())["eval"]["likelihood_samples"] == 3
+    with pytest.raises(SystemExit):  # other tuples than the rest of the metrics were scored on
+        main(["evaluate", "--run", str(other), "--only", "log_likelihood", "--set", "eval.seed=5"])
+    assert "evaluate the run in full" in capsys.readouterr().err
+
+
 def test_the_likelihood_check_scores_the_tuples_the_evaluation_scores(tiny_root, monkeypatch):
     """It took the first test tuples in stored order, the evaluation those of its seeded order: on data stored class
     by class (MNIST-SVHN-Text, CUB) the check's gaps were those of digit 0."""

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -145,7 +146,9 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
     bar = progress(total=len(steps), desc="evaluation", unit="metric") if progress else None
     metrics = {"test_examples": n, "modalities": names, "protocol": {
         "generations": "samples of q(z|X_S), seeded", "probe_examples": settings.probe_examples,
-        "likelihood_samples": settings.likelihood_samples, "subsets": settings.subsets}}
+        "likelihood_samples": settings.likelihood_samples, "subsets": settings.subsets},
+        # every setting of the evaluation: a sweep evaluates a run again when its eval settings change
+        "eval": asdict(settings)}
     training = training_status(run_dir)
     if training is not None:
         metrics["training"] = training
@@ -184,6 +187,10 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
     return metrics
 
 
+#: the eval settings ``reevaluate_likelihood`` may change: those of the log-likelihoods alone
+_LIKELIHOOD_SETTINGS = ("likelihood_examples", "likelihood_samples")
+
+
 def reevaluate_likelihood(run_dir, config, model) -> dict:
     """Recompute only the log-likelihoods of an evaluated run (``metrics["log_likelihood"]``, with ``config.eval``'s
     ``likelihood_examples``, ``likelihood_samples`` and ``seed``), keeping its other metrics: after a change to the
@@ -193,8 +200,18 @@ def reevaluate_likelihood(run_dir, config, model) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.json in {run_dir}: evaluate the run in full first")
     metrics = json.loads(path.read_text())
-    remove_orphaned_temporaries(run_dir, EVALUATION_FILES)
     settings = config.eval
+    recorded = metrics.get("eval")  # None: metrics from before they recorded their settings
+    if recorded is not None:
+        others = sorted(k for k, v in asdict(settings).items()
+                        if k not in _LIKELIHOOD_SETTINGS and recorded.get(k) != v)
+        if others:
+            raise ValueError(f"{run_dir}'s metrics were computed with other eval settings than these in {others} "
+                             f"(saved {[recorded.get(k) for k in others]}, now "
+                             f"{[getattr(settings, k) for k in others]}): the log-likelihoods alone would not match "
+                             "the other metrics; evaluate the run in full")
+        recorded.update({k: getattr(settings, k) for k in _LIKELIHOOD_SETTINGS})
+    remove_orphaned_temporaries(run_dir, EVALUATION_FILES)
     evaluated = scored_tuples(settings, load_dataset(config, "test"))
     metrics["log_likelihood"] = _likelihoods(model, evaluated.head(settings.likelihood_examples), settings)
     metrics.setdefault("protocol", {})["likelihood_samples"] = settings.likelihood_samples
