@@ -19,6 +19,7 @@ SIGINT or SIGTERM during training saves a checkpoint at the next step and exits 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -126,9 +127,10 @@ def main(argv=None) -> int:
             if args.docs is not None and status == 0:
                 from .sweep import splice_summary
 
-                splice_summary(args.docs, args.preset, sweep_config,
-                               f"python -m applications.multimodal_vae sweep --preset {args.preset} --summarise-only "
-                               f"--docs {args.docs}" + (f" --set {' '.join(args.overrides)}" if args.overrides else ""))
+                # quoted as a shell needs it: an override such as "overrides=['eval.fid_sizes=[]']" pastes back
+                splice_summary(args.docs, args.preset, sweep_config, shlex.join(
+                    ["python", "-m", "applications.multimodal_vae", "sweep", "--preset", args.preset,
+                     "--summarise-only", "--docs", args.docs, *(["--set", *args.overrides] if args.overrides else [])]))
             return status
         except TrainingInterrupted as stop:
             return _stopped(stop)

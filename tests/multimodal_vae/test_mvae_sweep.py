@@ -84,6 +84,7 @@ def test_a_sweep_trains_evaluates_and_summarises_once(tiny_root, capsys):
     # runs of the grid not trained yet are named; a page without the markers is refused before any work
     assert main(["sweep", "--preset", str(preset), "--summarise-only", "--docs", str(page), "--set", "seeds=[0,5]"]) == 0
     assert "from the 4 finished run(s)" in page.read_text() and "not finished: helvae-beta1.0-seed5, " in page.read_text()
+    assert f"--docs {page} --set 'seeds=[0,5]'`" in page.read_text()  # quoted for a shell: it pastes back
     page.write_text("# R\n")
     with pytest.raises(SystemExit):
         main(["sweep", "--preset", str(preset), "--docs", str(page), "--set", "seeds=[5]"])
