@@ -282,6 +282,7 @@ def test_evaluate_only_the_likelihood_keeps_the_other_metrics(tiny_root, capsys)
     assert after["log_likelihood"]["num_samples"] == 3 and after["log_likelihood"] != before["log_likelihood"]
     assert after["protocol"]["likelihood_samples"] == 3  # the protocol says so too
     before["protocol"]["likelihood_samples"] = 3
+    before["eval"]["likelihood_samples"] = 3  # and the record of the eval settings
     assert {k: v for k, v in after.items() if k != "log_likelihood"} == \
         {k: v for k, v in before.items() if k != "log_likelihood"}
     assert "K = 3" in capsys.readouterr().out
