@@ -612,12 +612,13 @@ def summary_table(summary: dict) -> list[str]:
                ("unconditional_coherence", "unconditional"), ("log_likelihood", "log p(X)"),
                ("conditional_log_likelihood", "log p(X_rest \\| x_m)"), ("probe_all", "probe (all)"),
                ("probe_private", "probe (private w)"),
-               ("fid_unconditional", "FID"), ("pairwise_mass", "pairwise mass")]
+               ("fid_unconditional", "FID"), ("kid_unconditional", "KID x 1000"), ("pairwise_mass", "pairwise mass")]
+    scale = {"kid_unconditional": 1000}  # KID in the units the papers and torch-fidelity print
     lines = ["| model | β | seeds | " + " | ".join(c for _, c in columns) + " |", "|---" * (len(columns) + 3) + "|"]
     for key in sorted(summary):
         entry = summary[key]
-        lines.append(f"| {key[0]} | {key[1]:g} | {entry['seeds']} | "
-                     + " | ".join(_cell(entry[f]) for f, _ in columns) + " |")
+        lines.append(f"| {key[0]} | {key[1]:g} | {entry['seeds']} | " + " | ".join(
+            _cell(tuple(scale.get(f, 1) * v for v in entry[f])) for f, _ in columns) + " |")
     missing = [label for f, label in columns if f != "probe_private" and not _computed(summary, summary, f)]
     if missing:
         lines += ["", f"Not computed by any run (–): {', '.join(missing)}; coherence and the latent probe need class "

@@ -185,7 +185,7 @@ def fake_run(folder, seed, log_likelihood, conditional, pairwise_mass, fid, seco
                "log_likelihood": {"joint": log_likelihood, "joint_std_error": 1.0, "given_one_modality": conditional,
                                   "num_samples": 2, "examples": 10},
                "pooling": {"mean_log_bhattacharyya": -0.25, "pairwise_mass": pairwise_mass},
-               "fid": {"unconditional": fid, "per_size": {"1": fid + 10}}}
+               "fid": {"unconditional": fid, "kid_unconditional": fid / 4000, "per_size": {"1": fid + 10}}}
     (run / "metrics.json").write_text(json.dumps(metrics))
     rows = [{"epoch": 1, "step": s + 1, "loss": 1.0, "reconstruction": 1.0, "kl": 0.0, "seconds": t}
             for s, t in enumerate(seconds)]
@@ -220,6 +220,7 @@ def test_a_sweep_without_coherence_or_probe_is_summarised_with_empty_cells(tmp_p
     # mean and sample standard deviation over the two seeds, by hand: (-123.4, -121.4) -> -122.4 ± sqrt(2)
     assert cells["log p(X)"] == "-122.4 ± 1.4" and cells["log p(X_rest \\| x_m)"] == "-59.5 ± 1.4"
     assert cells["FID"] == "82.0 ± 2.8" and cells["pairwise mass"] == "0.600 ± 0.141"
+    assert cells["KID x 1000"] == "20.5 ± 0.7"  # 0.020 and 0.021, in thousandths
     assert all(cells[c] == "–" for c in ("coherence (all subsets)", "one input", "self (one input)", "unconditional",
                                           "probe (all)"))
     assert ("Not computed by any run (–): coherence (all subsets), one input, self (one input), unconditional, "
