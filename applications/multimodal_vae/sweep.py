@@ -400,7 +400,7 @@ def _checkpoint_status(run_dir: Path) -> tuple[bool, int | None, int | None]:
         stat = checkpoint.stat()
     except FileNotFoundError:
         return False, None, None
-    # memoised by size and modification time: run_workers asks about every run every few seconds, and each answer
+    # memoised by inode, size and modification time: run_workers asks about every run every few seconds, and each answer
     # would otherwise load and checksum the whole checkpoint
     key = (str(checkpoint.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key not in _CHECKPOINTS:
