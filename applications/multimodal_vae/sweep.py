@@ -274,8 +274,8 @@ def finished_runs(folder: Path, sweeps: list[SweepConfig]) -> tuple[list[dict], 
     rows, missing = [], []
     for (model, beta, seed), config in runs.items():
         run_dir = folder / config.name
-        try:
-            finished = _finished(run_dir, config)
+        try:  # the checkpoint is read whether or not the run was evaluated, so that a damaged one is named
+            finished = _trained(run_dir, config) and _finished(run_dir, config)
         except UnreadableFile:
             missing.append(f"{run_dir.name} (unreadable checkpoint)")
             continue

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -63,7 +64,7 @@ def finite_checkpoint(path) -> dict:
 # 1. loading files never runs code; damaged files are caught
 
 
-def test_a_checkpoint_that_would_run_code_is_refused_everywhere(tiny_root):
+def test_a_checkpoint_that_would_run_code_is_refused_everywhere(tiny_root, capsys):
     from applications.multimodal_vae.sweep import SweepConfig, run_sweep
 
     marker = tiny_root / "pwned"
@@ -82,8 +83,11 @@ def test_a_checkpoint_that_would_run_code_is_refused_everywhere(tiny_root):
     sweep_run = tiny_root / "sweeps" / "s" / "helvae-beta1.0-seed0"
     sweep_run.mkdir(parents=True)
     shutil.copy(run / "checkpoint.pt", sweep_run / "checkpoint.pt")
-    with pytest.raises(UnreadableFile, match=refused.replace("hostile", "helvae-beta1.0-seed0")):
-        run_sweep(sweep, show_progress=False)
+    # a sweep refuses it, says why, and goes on with its other runs; the summary lists it as not finished
+    folder = run_sweep(sweep, show_progress=False)
+    assert re.search("skipped a run whose checkpoint cannot be read: helvae-beta1.0-seed0: "
+                     + refused.replace("hostile", "helvae-beta1.0-seed0"), capsys.readouterr().out)
+    assert (folder / "unfinished.txt").read_text() == "helvae-beta1.0-seed0 (unreadable checkpoint)\n"
     assert not marker.exists()
     # the file is live: unpickling its payload without the safe loader creates the marker
     with zipfile.ZipFile(run / "checkpoint.pt") as archive:

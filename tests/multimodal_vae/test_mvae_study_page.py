@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from applications.multimodal_vae.__main__ import main
+from applications.multimodal_vae.config import load_config, to_yaml
 from applications.multimodal_vae.study import FAILS, HOLDS, NOT_RUN, NOT_SEPARABLE, _show, _verdict_rows, compare
-from applications.multimodal_vae.sweep import FIELDS, SCALARS, write_results
+from applications.multimodal_vae.sweep import FIELDS, SCALARS, load_sweep, run_config, write_results
 
 
 def entry(values, **others):
@@ -67,11 +68,15 @@ def test_a_model_without_the_metric_neither_supports_nor_refutes_a_claim_over_al
 def fake_sweep(folder, runs):
     """``runs``: (label, model name, alpha, beta, seed, metrics, masses through training)."""
     rows = []
+    study = load_sweep("polymnist-cpu-study")
     for label, name, alpha, beta, seed, metrics, masses in runs:
         run = folder / f"{label}-beta{beta}-seed{seed}"
         run.mkdir(parents=True)
-        extra = "  num_samples: 4\n  estimator: dreg\n" if label == "mmvae-k4" else ""
-        (run / "config.yaml").write_text(f"model:\n  name: {name}\n  alpha: {alpha}\n{extra}")
+        # the study's own configuration of the run where the label is in its grid (a summary checks it)
+        config = (run_config(study, label, beta, seed) if label in study.models else
+                  load_config(study.base, [f"model.name={name}", f"model.alpha={alpha}"]))
+        assert (config.model.name, config.model.alpha) == (name, alpha), label
+        (run / "config.yaml").write_text(to_yaml(config))
         (run / "pooling.csv").write_text("epoch,step,mean_log_bhattacharyya,pairwise_mass,own_cross_mass\n"
                                          + "".join(f"0,{100 * (i + 1)},-1,{p},{o}\n" for i, (p, o) in
                                                    enumerate(masses)))
