@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["UnreadableFile", "atomic_write", "write_text", "splice_table", "splice_file", "sha256", "verified",
-           "fetch_wheel", "owner_tag", "is_orphaned", "remove_orphaned_temporaries", "digest", "save_checked",
-           "load_checked"]
+__all__ = ["UnreadableFile", "atomic_write", "code_commit", "write_text", "splice_table", "splice_file", "sha256",
+           "verified", "fetch_wheel", "owner_tag", "is_orphaned", "remove_orphaned_temporaries", "digest",
+           "save_checked", "load_checked"]
 
 #: the key under which ``save_checked`` stores the SHA-256 of everything else in the file
 DIGEST_KEY = "sha256"
