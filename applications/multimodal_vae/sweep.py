@@ -274,8 +274,8 @@ def finished_runs(folder: Path, sweeps: list[SweepConfig]) -> tuple[list[dict], 
     rows, missing = [], []
     for (model, beta, seed), config in runs.items():
         run_dir = folder / config.name
-        try:  # the checkpoint is read whether or not the run was evaluated, so that a damaged one is named
-            finished = _trained(run_dir, config) and _finished(run_dir, config)
+        try:
+            finished = _finished(run_dir, config)
         except UnreadableFile:
             missing.append(f"{run_dir.name} (unreadable checkpoint)")
             continue
@@ -373,7 +373,8 @@ def _finished(run_dir: Path, config) -> bool:
     """Whether the run is trained (``_trained``) and evaluated at its checkpoint with ``config``'s eval settings:
     its outputs (``RUN_OUTPUTS``) exist and ``metrics.json`` was computed at the checkpoint's step (an evaluation
     of a partly trained run, or a retrained run's old metrics, do not count) with ``config.eval``."""
-    if not all((run_dir / name).exists() for name in RUN_OUTPUTS) or not _trained(run_dir, config):
+    # the checkpoint first, whether or not the run was evaluated: a damaged one is named wherever it is asked about
+    if not _trained(run_dir, config) or not all((run_dir / name).exists() for name in RUN_OUTPUTS):
         return False
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # metrics from before they stored the step they were computed at (or their settings): those of the finished
