@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -96,16 +97,22 @@ def _fsync(path, flags: int) -> None:
 def atomic_write(path: Path, write) -> None:
     """Call ``write(temporary_path)``, flush the temporary file to the disk, rename it to ``path`` and flush the
     folder, so that after a crash ``path`` holds either its old or its complete new contents (the temporary file
-    is removed on any failure)."""
-    path = Path(path)
+    is removed on any failure). A symbolic link at ``path`` stays one: its target is rewritten. An existing file
+    keeps its permissions; a new one gets the default's (0666 less the umask)."""
+    # the rename replaces what it lands on: a link would become a plain file, and the file it named stay as it was
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files
+        os.chmod(tmp, mode)  # mkstemp creates 0600 files
         _fsync(tmp, os.O_RDWR)  # the data is on the disk before the rename can be
         os.replace(tmp, path)
     except BaseException:

@@ -574,6 +574,33 @@ def test_atomic_write_flushes_the_file_then_the_rename(tmp_path, monkeypatch):
         assert events[0][1] == events[1][1] and events[2][1] == str(tmp_path)
 
 
+
+@posix_only
+def test_atomic_write_keeps_a_links_target_and_a_files_permissions(tmp_path):
+    """A page rewritten through a symbolic link (docs kept elsewhere) stays a link, its target gets the text; an
+    executable or read-only-for-others file keeps its mode (the rename used to leave the umask's defaults)."""
+    target = tmp_path / "elsewhere" / "results.md"
+    target.parent.mkdir()
+    target.write_text("old")
+    target.chmod(0o640)
+    link = tmp_path / "results.md"
+    link.symlink_to(target)
+    files.write_text(link, "new")
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_text() == "new" and (target.stat().st_mode & 0o777) == 0o640
+    script = tmp_path / "run.sh"
+    script.write_text("old")
+    script.chmod(0o751)
+    files.write_text(script, "new")
+    assert script.read_text() == "new" and (script.stat().st_mode & 0o777) == 0o751
+    umask = os.umask(0o022)
+    try:
+        files.write_text(tmp_path / "fresh.txt", "x")
+    finally:
+        os.umask(umask)
+    assert ((tmp_path / "fresh.txt").stat().st_mode & 0o777) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "fresh.txt", "results.md", "run.sh"]
+
 @posix_only
 def test_orphaned_temporaries_and_builds_are_removed_and_live_ones_kept(tmp_path):
     from applications.multimodal_vae.data.build_polymnist import build
