@@ -21,6 +21,7 @@ import csv
 import fcntl
 import io
 import json
+import math
 import os
 import re
 import socket
@@ -114,6 +115,9 @@ def available_sweeps() -> list[str]:
     return sorted(p.stem for p in SWEEPS.glob("*.yaml"))
 
 
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
 def load_sweep(preset: str, overrides=()) -> SweepConfig:
     """The sweep preset ``preset`` (a name in ``SWEEPS``, or the path of a YAML file of the same keys) with the
     ``key=value`` overrides, checked: every run's configuration is valid before anything trains."""
@@ -126,6 +130,11 @@ def load_sweep(preset: str, overrides=()) -> SweepConfig:
     for key in ("models", "betas", "seeds"):
         if not getattr(sweep, key):
             raise ValueError(f"sweep {key} must not be empty")
+    # a label names run folders and table rows: a space or a "|" would break the summary's Markdown tables
+    unreadable = [label for label in sweep.models if not _LABEL.fullmatch(label)]
+    if unreadable:
+        raise ValueError(f"sweep models must be labels of letters, digits, '.', '_', '+' and '-' (starting with a "
+                         f"letter or digit), got {unreadable}")
     if len(set(sweep.models)) != len(sweep.models):
         raise ValueError(f"sweep models must not repeat a label, got {sweep.models}")
     for key in ("model_overrides", "model_seeds", "model_betas"):
@@ -471,10 +480,13 @@ def _is_value(value) -> bool:
 
 
 def mean_std(values) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value) of the values that were computed; NaN for none."""
+    """Mean and sample standard deviation (0 for one value) of the values that were computed; NaN for none. An
+    infinite value (a metric that overflowed) makes the mean infinite (NaN for both signs) and the deviation NaN."""
     values = [v for v in values if _is_value(v)]
     if not values:
         return float("nan"), float("nan")
+    if not all(math.isfinite(v) for v in values):  # (statistics' exact arithmetic raises on infinities)
+        return sum(values) / len(values), 0.0 if len(values) == 1 else float("nan")
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 

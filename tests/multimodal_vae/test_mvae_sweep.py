@@ -13,6 +13,7 @@ from applications.multimodal_vae.sweep import (
     SweepConfig,
     aggregate,
     load_sweep,
+    mean_std,
     pareto_front,
     result_row,
     run_sweep,
@@ -110,6 +111,17 @@ def test_pareto_front_and_aggregation_by_hand():
     assert summary["coherence_by_inputs"][1] == pytest.approx((0.3, math.sqrt(0.02))) and summary["seeds"] == 2
 
 
+def test_an_infinite_metric_is_summarised_not_a_crash():
+    """statistics.stdev raises on infinities (its exact arithmetic): an overflowed metric of one seed crashed the
+    whole summary."""
+    inf, nan = math.inf, math.nan
+    assert mean_std([1.0, None, nan, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    assert mean_std([inf]) == (inf, 0.0)
+    mean, std = mean_std([-inf, 2.0])
+    assert mean == -inf and math.isnan(std)
+    assert all(math.isnan(v) for v in mean_std([inf, -inf])) and all(math.isnan(v) for v in mean_std([None]))
+
+
 def test_a_presets_docs_table_is_named_after_its_file():
     assert table_name("polymnist-cpu-study-supplement") == "sweep_polymnist_cpu_study_supplement"
     assert table_name("/tmp/My.Preset--v2.yaml") == "sweep_my_preset_v2"
@@ -172,6 +184,9 @@ def test_a_sweep_label_can_be_a_variant_of_a_model_with_its_own_seeds(tmp_path, 
         load_sweep("variants", ["model_seeds={helvae: []}"])
     with pytest.raises(ValueError, match="must not repeat a label"):
         load_sweep("variants", ["models=[helvae,helvae,mmvae-k4]"])
+    for label in ("a|b", "my model", "-x", "a:b"):  # table cells and run folders
+        with pytest.raises(ValueError, match=re.escape(f"got [{label!r}]")):
+            load_sweep("variants", [f"models=[helvae,'{label}']"])
 
 
 def fake_run(folder, seed, log_likelihood, conditional, pairwise_mass, fid, seconds):
