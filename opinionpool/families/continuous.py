@@ -14,8 +14,8 @@ Gamma, Beta and Dirichlet take their concentrations themselves as natural parame
 carrying the ``z^-1``: the usual ``(a - 1, ...)`` would store a concentration of 1e-8 as ``-1`` in float32 (an
 expert outside the family) and cost a float64 concentration of 1e-8 half its digits. The pools combine experts
 with weights summing to one, where a base measure other than 1 cancels from the normalisers; a product with other
-weights (``poe``) absorbs the extra powers of ``h`` through ``base_measure_natural``. None of these families has a
-closed-form inverse mean map; it is solved by the damped Newton iteration of the base class.
+weights (``poe``) absorbs the extra powers of ``h`` through ``base_measure_natural``. The Exponential's inverse mean
+map is closed-form (``eta = -1 / mean``); the others' are solved by the damped Newton iteration of the base class.
 """
 
 from __future__ import annotations
