@@ -362,7 +362,7 @@ def test_own_cross_mass_against_quadrature():
                                            ("polymnist-cpu-study-mmvae-k4", 1),
                                            ("polymnist-cpu-study-mmvae-k4-unbiased", 1), ("polymnist-cpu-study-private", 8),
                                            ("polymnist-cpu-study-ablation", 1), ("polymnist-cpu-study-rerun", 3),
-                                           ("polymnist-cpu-study-supplement", 6)])
+                                           ("polymnist-cpu-study-supplement", 10)])
 def test_a_study_variants_runs_are_the_full_studys(variant, runs):
     full, part = load_sweep("polymnist-cpu-study"), load_sweep(variant)
     assert part.name == full.name and len(grid(part)) == runs
