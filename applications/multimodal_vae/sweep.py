@@ -299,8 +299,22 @@ def summarise(folder: Path, sweeps: list[SweepConfig]) -> Path:
     """Write in ``folder`` the summary (``results.csv``, ``report.md``, the figures) of the finished runs of the
     union of the grids of ``sweeps`` (``finished_runs``); the report lists the runs not finished. Returns the
     folder."""
-    write_results(folder, *finished_runs(folder, sweeps))
+    with _summary_lock(folder):
+        write_results(folder, *finished_runs(folder, sweeps))
     return Path(folder)
+
+
+@contextlib.contextmanager
+def _summary_lock(folder: Path):
+    """Hold the sweep folder's summary lock (``summary.lock``, a blocking exclusive ``flock``) while a summary reads
+    the runs and writes what it makes of them: two sweeps started by hand on one folder may finish together, and
+    without it one that read the runs first could write its summary, without the other's last run, last."""
+    handle = os.open(Path(folder) / "summary.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def table_name(preset: str) -> str:
@@ -316,14 +330,15 @@ def splice_summary(page: Path, preset: str, sweep: SweepConfig, command: str) ->
     import datetime
 
     folder = Path(sweep.output_dir) / sweep.name
-    rows, missing = finished_runs(folder, [sweep])
-    if not rows:
-        raise ValueError(f"sweep {sweep.name}: no run of the preset {preset!r} has finished in {folder}: nothing to "
-                         "write into the docs")
-    lines = [f"Written on {datetime.date.today().isoformat()} at commit {code_commit()} by `{command}` from the "
-             f"{len(rows)} finished run(s) of the preset in `{folder}`"
-             + (f"; not finished: {', '.join(missing)}" if missing else "") + ".", ""]
-    splice_file(page, table_name(preset), "\n".join(lines + summary_table(aggregate(rows))))
+    with _summary_lock(folder):  # the runs read and the page written as one step (sweeps of one folder, one page)
+        rows, missing = finished_runs(folder, [sweep])
+        if not rows:
+            raise ValueError(f"sweep {sweep.name}: no run of the preset {preset!r} has finished in {folder}: nothing "
+                             "to write into the docs")
+        lines = [f"Written on {datetime.date.today().isoformat()} at commit {code_commit()} by `{command}` from the "
+                 f"{len(rows)} finished run(s) of the preset in `{folder}`"
+                 + (f"; not finished: {', '.join(missing)}" if missing else "") + ".", ""]
+        splice_file(page, table_name(preset), "\n".join(lines + summary_table(aggregate(rows))))
 
 
 def run_workers(sweep: SweepConfig, workers: int, arguments: list[str], train_only: bool = False) -> int:

@@ -217,6 +217,33 @@ def test_variants_of_one_study_are_summarised_together(tiny_root, fake_training)
         summarise(folder, [first, other])
 
 
+def test_a_summary_waits_for_another_and_reads_the_runs_after_it(tiny_root, fake_training):
+    """Two sweeps started by hand on one folder may finish together: a summary that read the runs before the other
+    sweep's last run finished could write last, without it. A summary now reads and writes under the folder's
+    summary lock, so one that waited reads the runs as they are once it holds the lock."""
+    import threading
+
+    from applications.multimodal_vae import sweep as sweeps
+
+    sweep = tiny(tiny_root)
+    folder = tiny_root / "runs" / "tiny"
+    run_sweep(tiny(tiny_root, seeds=(0,)), show_progress=False)
+    (folder / "results.csv").unlink()
+    with open(folder / "summary.lock", "a") as other:  # another sweep's summary holds the lock
+        fcntl.flock(other, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=summarise, args=(folder, [sweep]))
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and not (folder / "results.csv").exists()
+        config = run_config(sweep, "helvae", 1.0, 1)  # the other sweep's last run finishes before it summarises
+        sweeps.train(config, False, False)
+        sweeps.evaluate_run(folder / config.name, config, None)
+    waiting.join(timeout=60)
+    assert not waiting.is_alive()
+    with open(folder / "results.csv") as handle:
+        assert [row["seed"] for row in csv.DictReader(handle)] == ["0", "1"]
+
+
 def test_train_only_then_evaluate_and_the_time_limit(tiny_root, fake_training):
     sweep = tiny(tiny_root)
     folder = tiny_root / "runs" / "tiny"
