@@ -182,6 +182,13 @@ def real_tensor(name: str, value, *, dtype=None, device=None) -> torch.Tensor:
     """``torch.as_tensor(value, dtype, device)``, refusing complex input, whose imaginary part the cast
     would drop with only a warning (a dtype check: no device synchronisation), and values that are no numbers
     (``None``, strings, ragged lists), whose errors from torch name no argument."""
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) and v.requires_grad for v in value):
+        # torch.as_tensor would detach them, with only a warning: stacked, they keep their gradient
+        try:
+            value = torch.stack([torch.as_tensor(v) for v in value])
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"{name}: a sequence of tensors that require grad must stack into one tensor, got "
+                            f"{value!r}: {error}") from error
     try:
         raw = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as error:

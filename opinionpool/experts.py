@@ -36,14 +36,33 @@ class Experts:
 def as_experts(experts, validate_args: bool | None = None) -> Experts:
     """Accept a list of distributions of one family, or one distribution whose rightmost batch
     dimension indexes the experts (as for ``MixtureSameFamily``)."""
-    if isinstance(experts, Experts):
-        return experts
     validate = validation_enabled(validate_args)
+    if isinstance(experts, Experts):
+        _check_layout(experts)
+        if validate:
+            experts.family.check_params(experts.params, "experts")
+        return experts
     with checks_enabled(validate):
         family, params = _convert(experts)
     if validate:
         family.check_params(params, "experts")
     return Experts(family, params)
+
+
+def _check_layout(experts: Experts) -> None:
+    """``ValueError`` unless ``experts.params`` is a floating tensor of shape ``batch_shape + (num_experts,) +
+    family.param_shape`` with at least one expert (an ``Experts`` built by hand skips ``_convert``'s checks)."""
+    params, param_shape = experts.params, tuple(experts.family.param_shape)
+    if not isinstance(params, torch.Tensor) or not params.is_floating_point():
+        raise ValueError(f"experts.params must be a floating-point tensor, got "
+                         f"{params.dtype if isinstance(params, torch.Tensor) else type(params).__name__}")
+    n = len(param_shape)
+    if params.dim() < n + 1 or tuple(params.shape[params.dim() - n:]) != param_shape:
+        raise ValueError(f"experts.params must have shape batch_shape + (num_experts,) + {param_shape} (the "
+                         f"{experts.family.name} family's parameter shape), got {tuple(params.shape)}")
+    if params.shape[params.dim() - n - 1] == 0:
+        raise ValueError(f"experts must not be empty: experts.params has shape {tuple(params.shape)}, with no "
+                         "experts")
 
 
 def _convert(experts):

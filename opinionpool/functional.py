@@ -291,6 +291,8 @@ def _layout(mu, logvar, dim):
                          f"logvar {tuple(logvar.shape)}")
     if mu.dim() < 2:
         raise ValueError(f"mu must have an expert axis and a latent axis, got shape {tuple(mu.shape)}")
+    if not (mu.is_floating_point() and logvar.is_floating_point()):
+        raise ValueError(f"mu and logvar must be floating-point tensors, got mu {mu.dtype} and logvar {logvar.dtype}")
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
         raise ValueError(f"dim must be an integer axis of mu, got {dim!r}")
     if not -mu.dim() <= dim < mu.dim():  # an out-of-range dim would otherwise wrap round onto another axis
@@ -322,6 +324,8 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate,
     dim, num_experts = _layout(mu, logvar, dim)
     if weights is not None:
         weights = real_tensor("weights", weights)
+        _check_weights_shape(weights, [n for axis, n in enumerate(mu.shape[:-1]) if axis != dim],
+                             num_experts + (1 if prior_expert else 0), _WEIGHT_ENTRIES[prior_expert])
     if mu.dtype != logvar.dtype:  # as torch's binary operations promote (the fused paths need one dtype)
         common = torch.promote_types(mu.dtype, logvar.dtype)
         mu, logvar = mu.to(common), logvar.to(common)
@@ -357,6 +361,19 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate,
     if validate and mask is not None and weights is not None:
         _check_present_weights(weights, mask)
     return mu, logvar, mask, num_experts
+
+
+def _check_weights_shape(weights, batch, entries: int, meaning: str) -> None:
+    """``weights``: ``entries`` entries in the last axis, the rest broadcasting against the experts' ``batch``
+    shape (``mu``'s without the expert and latent axes); checked before any work, whether or not values are."""
+    if weights.dim() == 0 or weights.shape[-1] != entries:
+        raise ValueError(f"weights must have {entries} entries in its last dimension ({meaning}), got shape "
+                         f"{tuple(weights.shape)}")
+    try:
+        torch.broadcast_shapes(weights.shape[:-1], tuple(batch))
+    except RuntimeError:
+        raise ValueError(f"weights with batch shape {tuple(weights.shape[:-1])} do not broadcast against the "
+                         f"experts' batch shape {tuple(batch)} (mu without its expert and latent axes)") from None
 
 
 def _check_present_weights(weights, present):

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from scipy import integrate, optimize
 
-from ._validation import check_seed
+from ._validation import check_alpha, check_seed
 from .families import ExponentialFamily, MultivariateNormalFamily
 
 __all__ = [
@@ -84,7 +84,7 @@ def log_power_mean(log_values: torch.Tensor, log_weights: torch.Tensor, alpha) -
     tensor, which then carries its gradient (except at 0 and +-inf, where the result does not depend on it).
     """
     # the branch; the arithmetic below uses ``alpha`` itself, so that a tensor keeps its gradient
-    a = float(alpha.detach() if isinstance(alpha, torch.Tensor) else alpha)
+    a = check_alpha(alpha)
     present = log_weights > -math.inf
     # an absent expert contributes nothing: where its q_j = 0, w_j * log q_j (alpha = 0) or log w_j + alpha log q_j
     # (alpha < 0: -inf + inf) would be NaN, and so would their gradients, however masked afterwards
@@ -202,6 +202,9 @@ def check_rtol(rtol) -> float:
 
 def check_quantities(family: ExponentialFamily, quantities) -> frozenset:
     known = {"mean", "variance", "covariance", "expected_statistic"}
+    if isinstance(quantities, str):  # frozenset would split it into its letters
+        raise ValueError(f"quantities must be a collection of names among {sorted(known)}, got the string "
+                         f"{quantities!r} (write ({quantities!r},))")
     wanted = frozenset(quantities)
     unknown = wanted - known
     if unknown:

@@ -49,6 +49,7 @@ from ._validation import (
     check_alpha,
     check_num_samples,
     check_positive_int,
+    check_real,
     check_seed,
     check_weights,
     describe,
@@ -665,9 +666,13 @@ class _Pool(Distribution):
 
     def interval(self, level: float = 0.9):
         """The central interval ``(icdf((1 - level) / 2), icdf((1 + level) / 2))`` of probability ``level``."""
-        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+        try:
+            probability = check_real("level", level)  # numpy scalars and one-element tensors too
+        except ValueError:
+            probability = math.nan
+        if not 0 < probability < 1:
             raise ValueError(f"level must be a probability in (0, 1), got {level!r}")
-        return self.icdf((1 - level) / 2), self.icdf((1 + level) / 2)
+        return self.icdf((1 - probability) / 2), self.icdf((1 + probability) / 2)
 
     # ------------------------------------------------------------------ entropy and expectations
     def _node_expectation(self, method, num_samples, seed, rtol):
@@ -734,6 +739,9 @@ class _Pool(Distribution):
         through a float64 copy of itself where one computes). ``+inf``, error 0, where ``other``
         has no density on part of the pool's mass; raises where its log-density is NaN or ``+inf`` there.
         ``torch.distributions.kl_divergence(pool, other)`` gives the value."""
+        if not callable(getattr(other, "log_prob", None)):
+            raise ValueError(f"other must be a distribution with a log_prob method, got {other!r} of type "
+                             f"{type(other).__name__}")
         dtype = self.experts.params.dtype
         check_num_samples(num_samples)
         batch = self.batch_shape

@@ -111,3 +111,75 @@ def test_switching_validation_off_skips_distribution_checks():
     assert torch.isnan(pool.mean)
     with pytest.raises(ValueError, match="Normal scale"):
         opinionpool.holder([bad] + normals(1))  # the switch was local to that call
+
+
+def test_experts_built_by_hand_are_checked():
+    """An ``Experts`` passed in skipped every check, even with validate_args=True: a NaN gave a NaN mean, and
+    parameters of the wrong shape pooled silently."""
+    family = opinionpool.as_experts(normals(2)).family
+    nan = opinionpool.Experts(family, torch.tensor([[0.0, 0.0], [math.nan, 0.0]]))
+    with pytest.raises(ValueError, match=r"experts loc must be finite.*nan"):
+        opinionpool.holder(nan, alpha=0.5, validate_args=True)
+    assert torch.isnan(opinionpool.holder(nan, alpha=0.5, validate_args=False).mean)  # the caller's choice
+    with pytest.raises(ValueError, match=r"experts.params must have shape .*\(2,\).*got \(2, 3\)"):
+        opinionpool.holder(opinionpool.Experts(family, torch.zeros(2, 3)), alpha=0.5)
+    with pytest.raises(ValueError, match=r"experts must not be empty.*\(0, 2\)"):
+        opinionpool.holder(opinionpool.Experts(family, torch.zeros(0, 2)), alpha=0.5)
+    with pytest.raises(ValueError, match=r"floating-point tensor, got torch.int64"):
+        opinionpool.holder(opinionpool.Experts(family, torch.zeros(2, 2, dtype=torch.long)), alpha=0.5)
+
+
+def test_functional_weights_of_the_wrong_shape_are_named():
+    """Scalar weights raised an IndexError, weights of another batch a broadcasting error from torch, in
+    ``hellinger``, ``poe`` and ``moe`` alike; integer means failed inside torch (or, for ``poe``, passed)."""
+    mu, logvar = torch.randn(3, 4, 2), torch.zeros(3, 4, 2)
+    for pool in (opf.hellinger, opf.poe, opf.moe):
+        with pytest.raises(ValueError, match=r"weights must have 3 entries.*got shape \(\)"):
+            pool(mu, logvar, weights=torch.tensor(1.0))
+        with pytest.raises(ValueError, match=r"weights with batch shape \(5,\) do not broadcast.*\(4,\)"):
+            pool(mu, logvar, weights=torch.rand(5, 3))
+        with pytest.raises(ValueError, match=r"4 entries.*prior expert"):
+            pool(mu, logvar, weights=torch.rand(4, 3), prior_expert=True)
+        with pytest.raises(ValueError, match=r"mu and logvar must be floating-point.*torch.int64"):
+            pool(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long))
+    assert opf.poe(mu, logvar, weights=torch.rand(4, 3))[0].shape == (4, 2)  # per-sample weights still work
+
+
+def test_scalar_arguments_are_checked_as_numbers():
+    """``log_power_mean`` took NaN (a NaN result), True (as 1) and a string (a TypeError); ``interval`` refused a
+    numpy or tensor level that ``coverage`` accepts; ``quantities="mean"`` was split into letters and
+    ``kl_estimate`` of a number failed with an AttributeError."""
+    import numpy as np
+
+    log_values, log_weights = torch.tensor([-1.0, -3.0]), torch.log(torch.tensor([0.3, 0.7]))
+    for alpha in (math.nan, True, "0.5"):
+        with pytest.raises(ValueError, match="alpha must be a real number"):
+            opinionpool.log_power_mean(log_values, log_weights, alpha)
+    pool = opinionpool.holder([Normal(torch.tensor(0.0), torch.tensor(1.0)),
+                               Normal(torch.tensor(2.0), torch.tensor(0.5))], alpha=0.5)
+    expected = pool.interval(0.9)
+    for level in (np.float32(0.9), torch.tensor(0.9), np.float64(0.9)):
+        got = pool.interval(level)
+        assert all(torch.allclose(a, b, rtol=1e-6) for a, b in zip(got, expected))
+    for level in (1.5, True, "0.9", torch.tensor([0.5, 0.9])):
+        with pytest.raises(ValueError, match="level must be a probability in"):
+            pool.interval(level)
+    with pytest.raises(ValueError, match=r"the string 'mean'"):
+        pool.estimate(quantities="mean")
+    with pytest.raises(ValueError, match=r"other must be a distribution with a log_prob method, got 3.0"):
+        pool.kl_estimate(3.0)
+
+
+def test_weights_given_as_tensors_keep_their_gradient():
+    """A list of tensors that require grad was converted with ``torch.as_tensor``, which detached them: the pool
+    carried no gradient to the weights."""
+    experts = [Normal(torch.tensor(0.0), torch.tensor(1.0)), Normal(torch.tensor(2.0), torch.tensor(0.5))]
+    first, second = torch.tensor(1.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+    from_list = opinionpool.holder(experts, alpha=0.5, weights=[first, second]).mean
+    (grad_list,) = torch.autograd.grad(from_list, first)
+    stacked = torch.stack([first, second])
+    (grad_stacked,) = torch.autograd.grad(opinionpool.holder(experts, alpha=0.5, weights=stacked).mean, first)
+    assert grad_list.abs() > 0 and torch.equal(grad_list, grad_stacked)
+    mu, logvar = torch.tensor([[0.0], [2.0]]), torch.tensor([[0.0], [-1.0]])
+    (grad_functional,) = torch.autograd.grad(opf.hellinger(mu, logvar, weights=[first, second])[0].sum(), second)
+    assert grad_functional.abs() > 0
