@@ -308,13 +308,15 @@ def summarise(folder: Path, sweeps: list[SweepConfig]) -> Path:
 def _summary_lock(folder: Path):
     """Hold the sweep folder's summary lock (``summary.lock``, a blocking exclusive ``flock``) while a summary reads
     the runs and writes what it makes of them: two sweeps started by hand on one folder may finish together, and
-    without it one that read the runs first could write its summary, without the other's last run, last."""
-    handle = os.open(Path(folder) / "summary.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    without it one that read the runs first could write its summary, without the other's last run, last. Removed
+    by its holder, as the runs' locks are."""
+    lock = Path(folder) / "summary.lock"
+    handle = _lock_file(lock, blocking=True)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(handle)  # releases the lock
+        lock.unlink(missing_ok=True)  # still holding it: nobody else can have it yet
+        os.close(handle)
 
 
 def table_name(preset: str) -> str:
@@ -448,27 +450,36 @@ def _done_or_unreadable(done, run_dir: Path, config) -> bool:
         return False
 
 
+def _lock_file(lock: Path, blocking: bool) -> int | None:
+    """An open descriptor of ``lock`` holding its exclusive ``flock`` (``None`` if another holds it and not
+    ``blocking``). Its holder removes the file before releasing it, so a lock taken on a file removed meanwhile
+    is dropped and taken again on the file now at the path."""
+    while True:
+        handle = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            return None
+        try:
+            current = os.stat(lock).st_ino == os.fstat(handle).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return handle
+        os.close(handle)
+
+
 @contextlib.contextmanager
 def _claim(lock: Path):
     """Yields whether this process holds ``lock``: an exclusive advisory lock (``flock``) on the file, which the
     kernel releases when its holder dies, so a dead process's lock is free and two processes cannot both take it
     over. The file names its holder (process id and host) for people; the holder removes it on exit, and a process
     that locked the file just as it was removed locks the new one instead."""
-    while True:
-        handle = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(handle)
-            yield False
-            return
-        try:
-            current = os.stat(lock).st_ino == os.fstat(handle).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
-            break
-        os.close(handle)
+    handle = _lock_file(lock, blocking=False)
+    if handle is None:
+        yield False
+        return
     try:
         os.ftruncate(handle, 0)
         os.write(handle, f"{os.getpid()} {socket.gethostname()}\n".encode())

@@ -239,7 +239,7 @@ def test_a_summary_waits_for_another_and_reads_the_runs_after_it(tiny_root, fake
         sweeps.train(config, False, False)
         sweeps.evaluate_run(folder / config.name, config, None)
     waiting.join(timeout=60)
-    assert not waiting.is_alive()
+    assert not waiting.is_alive() and not (folder / "summary.lock").exists()  # removed by its last holder
     with open(folder / "results.csv") as handle:
         assert [row["seed"] for row in csv.DictReader(handle)] == ["0", "1"]
 
