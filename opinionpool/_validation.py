@@ -16,8 +16,9 @@ import torch
 
 __all__ = [
     "set_validate_args", "validation_enabled", "checks_enabled", "describe", "all_finite", "check_finite", "check_positive",
-    "check_in_open_unit_interval", "check_probabilities", "check_log_probabilities", "check_weights", "check_real",
-    "check_alpha", "check_num_samples", "check_positive_int", "check_seed", "real_tensor",
+    "check_in_open_unit_interval", "check_probabilities", "check_log_probabilities", "check_weights",
+    "check_weights_length", "check_real", "check_alpha", "check_num_samples", "check_positive_int", "check_seed",
+    "real_tensor",
 ]
 
 _VALIDATE = True
@@ -116,9 +117,7 @@ def check_probabilities(name: str, value: torch.Tensor) -> None:
 def check_weights(name: str, weights: torch.Tensor, num_experts: int, entries: str = "one per expert") -> None:
     """Non-negative, finite weights over the last dimension, not all zero, of the right length (``entries`` says
     what they stand for)."""
-    if weights.dim() == 0 or weights.shape[-1] != num_experts:
-        raise ValueError(f"{name} must have {num_experts} entries in its last dimension ({entries}), "
-                         f"got shape {tuple(weights.shape)}")
+    check_weights_length(name, weights, num_experts, entries)
     bad = ~(weights >= 0) | torch.isinf(weights)
     if bool(bad.any()):
         raise ValueError(f"{name} must be non-negative and finite, got {describe(weights, bad)}")
@@ -126,6 +125,13 @@ def check_weights(name: str, weights: torch.Tensor, num_experts: int, entries: s
     if bool(all_zero.any()):
         first = tuple(int(i) for i in all_zero.nonzero()[0].tolist()) if all_zero.dim() else ()
         raise ValueError(f"{name} must not be all zero (all-zero weight vector at batch index {first})")
+
+
+def check_weights_length(name: str, weights: torch.Tensor, num_experts: int, entries: str = "one per expert") -> None:
+    """``num_experts`` entries in the last dimension (a shape check: no values are read)."""
+    if weights.dim() == 0 or weights.shape[-1] != num_experts:
+        raise ValueError(f"{name} must have {num_experts} entries in its last dimension ({entries}), "
+                         f"got shape {tuple(weights.shape)}")
 
 
 def check_real(name: str, value) -> float:

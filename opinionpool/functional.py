@@ -28,6 +28,7 @@ from ._validation import (
     check_finite,
     check_positive_int,
     check_weights,
+    check_weights_length,
     describe,
     real_tensor,
     validation_enabled,
@@ -44,6 +45,7 @@ from .families.gaussian import (
 )
 from .pool import (
     DEFAULT_MAX_COMPONENTS,
+    check_batches_broadcast,
     check_max_components,
     component_counts,
     exact_order,
@@ -324,8 +326,11 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate,
     dim, num_experts = _layout(mu, logvar, dim)
     if weights is not None:
         weights = real_tensor("weights", weights)
-        _check_weights_shape(weights, [n for axis, n in enumerate(mu.shape[:-1]) if axis != dim],
-                             num_experts + (1 if prior_expert else 0), _WEIGHT_ENTRIES[prior_expert])
+        # shapes only, before any work, whether or not values are checked
+        check_weights_length("weights", weights, num_experts + (1 if prior_expert else 0),
+                             _WEIGHT_ENTRIES[prior_expert])
+        check_batches_broadcast(torch.Size(n for axis, n in enumerate(mu.shape[:-1]) if axis != dim),
+                                weights.shape[:-1])
     if mu.dtype != logvar.dtype:  # as torch's binary operations promote (the fused paths need one dtype)
         common = torch.promote_types(mu.dtype, logvar.dtype)
         mu, logvar = mu.to(common), logvar.to(common)
@@ -361,19 +366,6 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate,
     if validate and mask is not None and weights is not None:
         _check_present_weights(weights, mask)
     return mu, logvar, mask, num_experts
-
-
-def _check_weights_shape(weights, batch, entries: int, meaning: str) -> None:
-    """``weights``: ``entries`` entries in the last axis, the rest broadcasting against the experts' ``batch``
-    shape (``mu``'s without the expert and latent axes); checked before any work, whether or not values are."""
-    if weights.dim() == 0 or weights.shape[-1] != entries:
-        raise ValueError(f"weights must have {entries} entries in its last dimension ({meaning}), got shape "
-                         f"{tuple(weights.shape)}")
-    try:
-        torch.broadcast_shapes(weights.shape[:-1], tuple(batch))
-    except RuntimeError:
-        raise ValueError(f"weights with batch shape {tuple(weights.shape[:-1])} do not broadcast against the "
-                         f"experts' batch shape {tuple(batch)} (mu without its expert and latent axes)") from None
 
 
 def _check_present_weights(weights, present):
