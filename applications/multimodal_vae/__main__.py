@@ -61,7 +61,8 @@ def main(argv=None) -> int:
                        help="only write the summary of the runs finished so far")
     sweep.add_argument("--docs", metavar="PAGE",
                        help="also splice the summary's table into PAGE, between the markers <!-- table: sweep_NAME --> "
-                            "and <!-- end table: sweep_NAME --> (NAME: the preset's file name, - as _)")
+                            "and <!-- end table: sweep_NAME --> (NAME: the preset's file name, lower-case letters "
+                            "and digits joined by single hyphens, - as _)")
     sweep.add_argument("--workers", type=int, default=1,
                        help="run the grid with this many processes at once (their logs: worker-N.log in the sweep "
                             "folder); give each one thread per core, e.g. --set 'overrides=[train.num_threads=1]'")

@@ -319,10 +319,19 @@ def _summary_lock(folder: Path):
         os.close(handle)
 
 
+_PRESET_STEM = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
+
+
 def table_name(preset: str) -> str:
-    """The docs' table marker name of a sweep preset (a name or a YAML path): ``sweep_`` and its file name's stem,
-    runs of other characters than letters and digits as ``_``."""
-    return "sweep_" + re.sub(r"[^a-z0-9]+", "_", Path(preset).stem.lower()).strip("_")
+    """The docs' table marker name of a sweep preset (a name or a YAML path): ``sweep_`` and its file name's stem
+    with ``-`` as ``_``. The stem must be lower-case letters and digits joined by single hyphens, as the bundled
+    presets' are, so that two presets never share a table (``a-b`` and ``a_b`` would)."""
+    stem = Path(preset).stem
+    if not _PRESET_STEM.fullmatch(stem):
+        raise ValueError(f"a sweep whose table goes into the docs needs a preset file named in lower-case letters and "
+                         f"digits joined by single hyphens (its table's marker is made from the name), got {stem!r} "
+                         f"from {preset!r}")
+    return "sweep_" + stem.replace("-", "_")
 
 
 def splice_summary(page: Path, preset: str, sweep: SweepConfig, command: str) -> None:

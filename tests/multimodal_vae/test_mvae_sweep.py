@@ -12,6 +12,7 @@ from applications.multimodal_vae.__main__ import main
 from applications.multimodal_vae.sweep import (
     SweepConfig,
     aggregate,
+    available_sweeps,
     load_sweep,
     mean_std,
     pareto_front,
@@ -90,6 +91,11 @@ def test_a_sweep_trains_evaluates_and_summarises_once(tiny_root, capsys):
     with pytest.raises(SystemExit):
         main(["sweep", "--preset", str(preset), "--docs", str(page), "--set", "seeds=[5]"])
     assert "--docs" in capsys.readouterr().err and not list(folder.glob("*seed5*")) and page.read_text() == "# R\n"
+    underscored = tiny_root / "tiny_sweep.yaml"  # its marker would be tiny-sweep.yaml's: refused, before any work
+    underscored.write_text(preset.read_text())
+    with pytest.raises(SystemExit):
+        main(["sweep", "--preset", str(underscored), "--docs", str(page), "--set", "seeds=[5]"])
+    assert "single hyphens" in capsys.readouterr().err and not list(folder.glob("*seed5*"))
     assert main(["likelihood-check", "--sweep", str(folder), "--samples", "2", "1", "--examples", "2"]) == 0
     assert "| mopoe | mopoe-beta1.0-seed0 |" in (folder / "likelihood_check.md").read_text()  # the default page
     with pytest.raises(SystemExit):
@@ -124,7 +130,13 @@ def test_an_infinite_metric_is_summarised_not_a_crash():
 
 def test_a_presets_docs_table_is_named_after_its_file():
     assert table_name("polymnist-cpu-study-supplement") == "sweep_polymnist_cpu_study_supplement"
-    assert table_name("/tmp/My.Preset--v2.yaml") == "sweep_my_preset_v2"
+    assert table_name("/tmp/my-preset-v2.yaml") == "sweep_my_preset_v2"
+    # names that would share a marker with another preset's ("a_b" and "a-b", "A-b" and "a-b") are refused by name
+    for preset in ("/tmp/a_b.yaml", "/tmp/A-b.yaml", "/tmp/My.Preset--v2.yaml", "a--b", "-a", "a-"):
+        with pytest.raises(ValueError, match="single hyphens"):
+            table_name(preset)
+    names = [table_name(name) for name in available_sweeps()]
+    assert len(set(names)) == len(names)
 
 
 def test_sweep_presets_and_errors(capsys):
