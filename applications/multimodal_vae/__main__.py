@@ -19,6 +19,7 @@ SIGINT or SIGTERM during training saves a checkpoint at the next step and exits 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 from pathlib import Path
@@ -183,35 +184,24 @@ def main(argv=None) -> int:
     if args.command == "grid":
         return _grid(parser, args)
     if args.command == "evaluate":
-        from tqdm import tqdm
-
-        from .evaluation import describe_bias, evaluate_run, format_std_error, reevaluate_likelihood
-        from .train import load_run, summary_line
+        from .files import claim
+        from .train import RUN_LOCK
 
         if any(not o.startswith("eval.") for o in args.overrides):
             parser.error(f"evaluate --set takes eval.* keys only, got {args.overrides}")
-        try:
-            config, model = load_run(args.run, args.overrides)
-        except ValueError as error:
-            parser.error(str(error))
-        if args.only == "log_likelihood":
-            try:
-                metrics = reevaluate_likelihood(args.run, config, model)
-            except (FileNotFoundError, ValueError) as error:
-                parser.error(str(error))
-            likelihood = metrics["log_likelihood"]
-            print(f"{args.run}: log p(X) {likelihood['joint']:.1f} +- {format_std_error(likelihood)} "
-                  f"(K = {likelihood['num_samples']}, {likelihood['examples']} tuples), given one modality "
-                  f"{likelihood['given_one_modality']:.1f}" + (f"; {describe_bias(likelihood)}"
-                                                               if describe_bias(likelihood) else ""))
-            return 0
-        print(summary_line(evaluate_run(args.run, config, model, progress=tqdm), args.run))
-        return 0
+        lock = Path(args.run) / RUN_LOCK
+        # held while evaluating: a train of the folder is refused meanwhile, as an evaluation during one is
+        with claim(lock) if lock.parent.is_dir() else contextlib.nullcontext(True) as free:
+            if not free:
+                parser.error(f"--run {args.run!r} is being trained by another process (pid and host: "
+                             f"{lock.read_text().strip() if lock.exists() else 'unknown'}); evaluate it once that "
+                             "has stopped")
+            return _evaluate(parser, args)
     try:
         config = load_config(args.preset, args.overrides, args.config)
     except ValueError as error:
         parser.error(str(error))
-    from .train import TrainingDiverged, TrainingInterrupted
+    from .train import RunFolderBusy, TrainingDiverged, TrainingInterrupted
     from .train import train as run_training
 
     try:
@@ -220,9 +210,34 @@ def main(argv=None) -> int:
         return _stopped(stop)
     # what a user can act on, in one line: a missing checkpoint or data, an existing run folder, a changed setting
     # on --resume, an unreadable file (ValueErrors), a diverged run
-    except (FileNotFoundError, FileExistsError, ValueError, TrainingDiverged) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, TrainingDiverged, RunFolderBusy) as error:
         parser.exit(1, f"{parser.prog} train: error: {error}\n")
     print(f"run written to {run_dir}")
+    return 0
+
+
+def _evaluate(parser, args) -> int:
+    from tqdm import tqdm
+
+    from .evaluation import describe_bias, evaluate_run, format_std_error, reevaluate_likelihood
+    from .train import load_run, summary_line
+
+    try:
+        config, model = load_run(args.run, args.overrides)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.only == "log_likelihood":
+        try:
+            metrics = reevaluate_likelihood(args.run, config, model)
+        except (FileNotFoundError, ValueError) as error:
+            parser.error(str(error))
+        likelihood = metrics["log_likelihood"]
+        print(f"{args.run}: log p(X) {likelihood['joint']:.1f} +- {format_std_error(likelihood)} "
+              f"(K = {likelihood['num_samples']}, {likelihood['examples']} tuples), given one modality "
+              f"{likelihood['given_one_modality']:.1f}" + (f"; {describe_bias(likelihood)}"
+                                                           if describe_bias(likelihood) else ""))
+        return 0
+    print(summary_line(evaluate_run(args.run, config, model, progress=tqdm), args.run))
     return 0
 
 

@@ -88,7 +88,8 @@ class TrainConfig:
     #: KL warm-up: the KL weight grows by step, linearly from beta / (E * batches per epoch) at the first step to
     #: beta after E = kl_warmup_epochs epochs, the ramp of the MVAE code of Wu & Goodman (0: no warm-up)
     kl_warmup_epochs: float = 0.0
-    #: stop after this many optimiser steps or minutes (None: no limit), checkpointing first
+    #: stop after this many optimiser steps or minutes (None: no limit), checkpointing first; the minutes are those of
+    #: each invocation (a resumed run gets them again: a sweep trains in such chunks)
     max_steps: int | None = None
     max_minutes: float | None = None
     checkpoint_every: int = 1

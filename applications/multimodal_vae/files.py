@@ -8,6 +8,8 @@ left behind is told apart from what a live one (another rank, a concurrent build
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import hashlib
 import math
@@ -26,7 +28,7 @@ import torch
 
 __all__ = ["UnreadableFile", "atomic_write", "code_commit", "write_text", "splice_table", "splice_file", "sha256",
            "verified", "fetch_wheel", "owner_tag", "is_orphaned", "remove_orphaned_temporaries", "digest",
-           "save_checked", "load_checked"]
+           "save_checked", "load_checked", "lock_file", "claim"]
 
 #: the key under which ``save_checked`` stores the SHA-256 of everything else in the file
 DIGEST_KEY = "sha256"
@@ -308,3 +310,42 @@ def fetch_wheel(requirement: str, cache: Path) -> Path:
     if not found:
         raise FileNotFoundError(f"pip download of {requirement} left no wheel in {cache}")
     return found[-1]
+
+
+def lock_file(lock: Path, blocking: bool) -> int | None:
+    """An open descriptor of ``lock`` holding its exclusive ``flock`` (``None`` if another holds it and not
+    ``blocking``). Its holder removes the file before releasing it, so a lock taken on a file removed meanwhile
+    is dropped and taken again on the file now at the path."""
+    while True:
+        handle = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            return None
+        try:
+            current = os.stat(lock).st_ino == os.fstat(handle).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return handle
+        os.close(handle)
+
+
+@contextlib.contextmanager
+def claim(lock: Path):
+    """Yields whether this process holds ``lock``: an exclusive advisory lock (``flock``) on the file, which the
+    kernel releases when its holder dies, so a dead process's lock is free and two processes cannot both take it
+    over. The file names its holder (process id and host) for people; the holder removes it on exit, and a process
+    that locked the file just as it was removed locks the new one instead."""
+    handle = lock_file(lock, blocking=False)
+    if handle is None:
+        yield False
+        return
+    try:
+        os.ftruncate(handle, 0)
+        os.write(handle, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)  # still holding it: nobody else can have it yet
+        os.close(handle)

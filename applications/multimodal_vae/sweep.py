@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import io
 import json
 import math
 import os
 import re
-import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,8 +33,16 @@ from omegaconf import OmegaConf
 from .config import PRESETS, check_name, load_config, load_mapping, merge_checked
 from .data import load_dataset
 from .evaluation import evaluate_run
-from .files import UnreadableFile, atomic_write, code_commit, splice_file, write_text
-from .train import TrainingDiverged, budget_reached, configuration_differences, load_checkpoint, load_run, train
+from .files import UnreadableFile, atomic_write, claim, code_commit, lock_file, splice_file, write_text
+from .train import (
+    RunFolderBusy,
+    TrainingDiverged,
+    budget_reached,
+    configuration_differences,
+    load_checkpoint,
+    load_run,
+    train,
+)
 
 __all__ = ["CURVES", "DIVERGED", "FIELDS", "METRICS", "RUN_OUTPUTS", "SCALARS", "SWEEPS", "SweepConfig", "UNFINISHED",
            "aggregate", "available_sweeps", "finished_runs", "grid", "load_sweep", "mean_std",
@@ -226,12 +232,15 @@ def _train_and_evaluate(sweep: SweepConfig, config, folder: Path, train_only: bo
     from tqdm import tqdm
 
     run_dir = folder / config.name
-    with _claim(folder / f"{config.name}.lock") as claimed:
+    with claim(folder / f"{config.name}.lock") as claimed:
         if not claimed or _finished(run_dir, config) or (run_dir / DIVERGED).exists():  # changed as we looked
             return
         if not _trained(run_dir, config):
             try:
                 train(config, resume=(run_dir / "checkpoint.pt").exists(), show_progress=show_progress)
+            except RunFolderBusy as error:  # trained by hand meanwhile: a later sweep takes it up
+                print(f"sweep {sweep.name}: skipped {config.name}: {error}")
+                return
             except TrainingDiverged as error:
                 # a rerun would diverge again at the same step: mark it, and go on with the other runs
                 write_text(run_dir / DIVERGED, f"{error}\n")
@@ -311,7 +320,7 @@ def _summary_lock(folder: Path):
     without it one that read the runs first could write its summary, without the other's last run, last. Removed
     by its holder, as the runs' locks are."""
     lock = Path(folder) / "summary.lock"
-    handle = _lock_file(lock, blocking=True)
+    handle = lock_file(lock, blocking=True)
     try:
         yield
     finally:
@@ -457,45 +466,6 @@ def _done_or_unreadable(done, run_dir: Path, config) -> bool:
         return done(run_dir, config)
     except UnreadableFile:
         return False
-
-
-def _lock_file(lock: Path, blocking: bool) -> int | None:
-    """An open descriptor of ``lock`` holding its exclusive ``flock`` (``None`` if another holds it and not
-    ``blocking``). Its holder removes the file before releasing it, so a lock taken on a file removed meanwhile
-    is dropped and taken again on the file now at the path."""
-    while True:
-        handle = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(handle)
-            return None
-        try:
-            current = os.stat(lock).st_ino == os.fstat(handle).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
-            return handle
-        os.close(handle)
-
-
-@contextlib.contextmanager
-def _claim(lock: Path):
-    """Yields whether this process holds ``lock``: an exclusive advisory lock (``flock``) on the file, which the
-    kernel releases when its holder dies, so a dead process's lock is free and two processes cannot both take it
-    over. The file names its holder (process id and host) for people; the holder removes it on exit, and a process
-    that locked the file just as it was removed locks the new one instead."""
-    handle = _lock_file(lock, blocking=False)
-    if handle is None:
-        yield False
-        return
-    try:
-        os.ftruncate(handle, 0)
-        os.write(handle, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        yield True
-    finally:
-        lock.unlink(missing_ok=True)  # still holding it: nobody else can have it yet
-        os.close(handle)
 
 
 def result_row(run_dir: Path, model: str, beta: float, seed: int) -> dict:

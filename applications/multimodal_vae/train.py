@@ -44,24 +44,30 @@ from .config import Config, load_config, to_yaml
 from .data import Modality, MultimodalDataset, load_dataset, modality_mask, polymnist_modalities, subset_mask
 from .data.text import ALPHABET, decode_characters, decode_words
 from .evaluation import EVALUATION_FILES, evaluate_run, pooling_diagnostics, training_notice
-from .files import UnreadableFile, atomic_write, load_checked, remove_orphaned_temporaries, save_checked, write_text
+from .files import UnreadableFile, atomic_write, claim, load_checked, remove_orphaned_temporaries, save_checked, write_text
 from .models import MultimodalVAE, evaluating
 from .networks import make_networks
 
-__all__ = ["DIVERGED_LOG", "METRIC_FIELDS", "POOLING_FIELDS", "RESUMABLE_CHANGES", "RUN_FILES", "RunWriter", "SCALARS",
-           "StopConditions", "TrainingDiverged", "TrainingInterrupted", "budget_reached", "configuration_differences",
-           "epoch_order", "load_checkpoint", "load_run", "make_model", "render_text", "resolve_device", "sample_grid",
-           "summary_line", "train"]
+__all__ = ["DIVERGED_LOG", "METRIC_FIELDS", "POOLING_FIELDS", "RESUMABLE_CHANGES", "RUN_FILES", "RUN_LOCK",
+           "RunFolderBusy", "RunWriter", "SCALARS", "StopConditions", "TrainingDiverged", "TrainingInterrupted",
+           "budget_reached", "configuration_differences", "epoch_order", "load_checkpoint", "load_run", "make_model",
+           "render_text", "resolve_device", "sample_grid", "summary_line", "train"]
 
 METRIC_FIELDS = ("epoch", "step", "loss", "reconstruction", "kl", "seconds")
 SCALARS = ("loss", "reconstruction", "kl")
 #: pooling diagnostics at every checkpoint (see ``evaluation.pooling_diagnostics``)
 POOLING_FIELDS = ("epoch", "step", "mean_log_bhattacharyya", "pairwise_mass", "own_cross_mass")
-#: the files ``train`` writes in a run folder (and ``evaluate`` beside them), whose orphaned temporaries it removes
 #: the loss rows of a run up to its divergence (``RunWriter.keep_diverged_log``)
 DIVERGED_LOG = "metrics.diverged.csv"
+#: the lock a run folder holds while a process trains it (its holder's pid and host; removed by it)
+RUN_LOCK = "train.lock"
+#: the files ``train`` writes in a run folder (and ``evaluate`` beside them), whose orphaned temporaries it removes
 RUN_FILES = ("checkpoint.pt", "config.yaml", "metrics.csv", "pooling.csv", "samples.png", "samples.txt", DIVERGED_LOG,
              *EVALUATION_FILES)
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process holds the run folder's lock (``RUN_LOCK``): it is training or evaluating the run."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -100,7 +106,7 @@ def make_model(config: Config, modalities) -> MultimodalVAE:
 
 def _start_replicas(device: torch.device) -> tuple[int, int, torch.device]:
     """``(rank, world_size, device)``; joins the process group when launched by ``torchrun``."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if _launch_variable("WORLD_SIZE") == 1:
         return 0, 1, device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -275,25 +281,64 @@ def render_text(ids: torch.Tensor, modality: Modality) -> str:
 
 
 def train(config: Config, resume: bool = False, show_progress: bool = True) -> Path:
-    """Train ``config``; returns the run folder. ``resume=True`` continues from its checkpoint."""
-    from tqdm import tqdm
-
+    """Train ``config``; returns the run folder. ``resume=True`` continues from its checkpoint. One process trains
+    a run folder at a time (with replicas, their first holds its lock, ``RUN_LOCK``)."""
     run_dir = Path(config.output_dir) / config.name
     checkpoint_path = run_dir / "checkpoint.pt"
-    if checkpoint_path.exists() and not resume:
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another name")
-    if resume and not checkpoint_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _check_start(checkpoint_path, resume)
+    world = _launch_variable("WORLD_SIZE")
     if config.train.batch_size % world:
         raise ValueError(f"train.batch_size {config.train.batch_size} must be a multiple of the {world} processes")
+    created = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # the deepest first
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / RUN_LOCK
+    try:
+        with claim(lock) if _launch_variable("RANK", 0) == 0 else contextlib.nullcontext(True) as held:
+            if not held:
+                holder = lock.read_text().strip() if lock.exists() else "unknown"
+                raise RunFolderBusy(f"{run_dir} is being trained by another process (pid and host: {holder}); wait "
+                                    "for it or stop it, then continue the run with --resume")
+            _check_start(checkpoint_path, resume)  # again: another may have saved its first checkpoint meanwhile
+            # the checkpoint and its configuration checked before any data is built or loaded
+            state = _resumable_state(checkpoint_path, config) if resume else None
+            return _train_replicas(config, run_dir, state, show_progress, world)
+    except BaseException:
+        for folder in created:  # refused before writing anything: no trace of the run (rmdir keeps a folder in use)
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _check_start(checkpoint_path: Path, resume: bool) -> None:
+    if checkpoint_path.exists() and not resume:
+        raise FileExistsError(f"{checkpoint_path.parent} already holds a run; pass --resume to continue it or choose "
+                              "another name")
+    if resume and not checkpoint_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
+
+
+def _launch_variable(name: str, default: int = 1) -> int:
+    """The integer environment variable ``name`` that ``torchrun`` sets (``default`` without it)."""
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"the environment variable {name} must be an integer (torchrun sets it), got {value!r}") \
+            from None
+
+
+def _train_replicas(config: Config, run_dir: Path, state: dict | None, show_progress: bool, world: int) -> Path:
+    from tqdm import tqdm
+
     threads = torch.get_num_threads()
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     rank, world, device = _start_replicas(resolve_device(config.train.device))
     try:
         with _stop_requests() as requests, _denormals_flushed(device):
-            result = _train(config, run_dir, resume, show_progress and rank == 0, rank, world, device, tqdm, requests)
+            result = _train(config, run_dir, state, show_progress and rank == 0, rank, world, device, tqdm, requests)
     except BaseException:
         if world > 1:
             dist.destroy_process_group()
@@ -369,7 +414,8 @@ def _stop_requests():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
-def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, requests) -> Path:
+def _train(config, run_dir, state, show_progress, rank, world, device, tqdm, requests) -> Path:
+    resume = state is not None
     writes = rank == 0
     if writes:  # what a killed run left
         remove_orphaned_temporaries(run_dir, RUN_FILES)
@@ -390,7 +436,7 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, re
         for net in (*model.encoders, *model.decoders):
             net.compile()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
-    epoch, position, step = _restore(run_dir / "checkpoint.pt", config, model, optimizer) if resume else (0, 0, 0)
+    epoch, position, step = _restore(state, run_dir / "checkpoint.pt", model, optimizer) if resume else (0, 0, 0)
     network = _replicate(model, config.train.seed, step, rank, world)
     run = RunWriter(run_dir, config, data, n, resume, step, writes, world)
     stops = StopConditions(config.train, batches_per_epoch, requests, world, device)
@@ -422,14 +468,15 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, re
                 seconds = time.perf_counter() - tic
                 speed = batch * world / seconds  # samples per second, all replicas together
                 run.log_step(epoch + 1, step, scalars, seconds, speed)
-                if config.train.diagnostics_every and step % config.train.diagnostics_every == 0:
-                    run.log_pooling(model, epoch, step)
                 bar.set_postfix(loss=f"{scalars[0]:.1f}", samples_per_s=f"{speed:.0f}")
                 over_time, signum, bad_parameters = stops.agree(bad_parameters)
                 if bad_parameters:
                     raise TrainingDiverged(f"non-finite parameters or optimiser state after the optimiser step {where} "
                                            f"(loss {scalars[0]:.6g}; is train.lr {config.train.lr:g} too large?); no "
                                            f"weights were written; last good checkpoint: {run.last_good()}")
+                # after the parameters' check: diagnostics of non-finite weights would fail on their encodings
+                if config.train.diagnostics_every and step % config.train.diagnostics_every == 0:
+                    run.log_pooling(model, epoch + 1, step)
                 if stops.reached(step, over_time, signum):
                     stop = True
                     break
@@ -441,6 +488,9 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, re
                          finished=(stop and requests.signum is None) or epoch == config.train.epochs)
     except TrainingDiverged:
         run.keep_diverged_log()
+        raise
+    except BaseException:
+        run.close()
         raise
     requests.deferred = False
     bar.close()
@@ -460,15 +510,20 @@ def _train(config, run_dir, resume, show_progress, rank, world, device, tqdm, re
     return run_dir
 
 
-def _restore(path: Path, config: Config, model: MultimodalVAE, optimizer) -> tuple[int, int, int]:
-    """Load the checkpoint at ``path`` (of the same configuration but for its budget) into the model, the optimiser
-    and the RNGs; ``(epoch, position, step)``: where training continues."""
+def _resumable_state(path: Path, config: Config) -> dict:
+    """The checkpoint at ``path``, whose configuration ``config`` may differ from in its budget only."""
     state = load_checkpoint(path)
     differences = configuration_differences(state["config"], config)
     if differences:
         raise ValueError(f"--resume: the configuration differs from the one saved in {path}: "
                          f"{'; '.join(differences)} (only the train settings {', '.join(RESUMABLE_CHANGES)} may "
                          "change)")
+    return state
+
+
+def _restore(state: dict, path: Path, model: MultimodalVAE, optimizer) -> tuple[int, int, int]:
+    """Load the checkpoint ``state`` (``_resumable_state``, read from ``path``) into the model, the optimiser and
+    the RNGs; ``(epoch, position, step)``: where training continues."""
     _restore_model(model, state["model"], path)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
@@ -578,8 +633,11 @@ class RunWriter:
         self.board = None
         if writes:
             write_text(run_dir / "config.yaml", to_yaml(config))
-            if not resume:  # the events of a run killed before its first checkpoint
+            if not resume:  # the events of a run killed before its first checkpoint, the files of one trained before
+                # it whose checkpoint was removed (its evaluation would pass for this run's)
                 shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+                for stale in (DIVERGED_LOG, *EVALUATION_FILES):
+                    (run_dir / stale).unlink(missing_ok=True)
             if config.train.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -622,7 +680,7 @@ class RunWriter:
             # a resumed run drops, never a checkpoint whose rows are missing
             _write_csv(self.run_dir / "metrics.csv", self.metrics, METRIC_FIELDS)
             grid = sample_grid(model, self._shown(device), self.data.modalities, self.run_dir / "samples.png")
-            self.log_pooling(model, epoch, step)
+            self.log_pooling(model, epoch + (position > 0), step)
             _write_csv(self.run_dir / "pooling.csv", self.pooling, POOLING_FIELDS)
             if self.board is not None and grid.numel():
                 self.board.add_image("samples", grid, step, dataformats="HWC")
@@ -636,11 +694,15 @@ class RunWriter:
         return self.data.gather(torch.arange(min(self.n, 500), device=device))
 
     def log_pooling(self, model: MultimodalVAE, epoch: int, step: int) -> None:
-        """The pooling diagnostics at ``step`` (in memory and TensorBoard; ``pooling.csv`` at the next ``save``),
-        once per step."""
+        """The pooling diagnostics at ``step``, of the ``epoch`` (from 1) that holds it, as ``metrics.csv``'s (in
+        memory and TensorBoard; ``pooling.csv`` at the next ``save``), once per step."""
         if not self.writes or (self.pooling and int(self.pooling[-1]["step"]) == step):
             return
-        diagnostics = pooling_diagnostics(model, self._shown(model.device))
+        try:
+            diagnostics = pooling_diagnostics(model, self._shown(model.device))
+        except FloatingPointError as error:  # finite weights whose encodings overflow: as diverged as NaN weights
+            raise TrainingDiverged(f"at step {step}: {error}; no weights were written; last good checkpoint: "
+                                   f"{self.last_good()}") from None
         self.pooling.append({"epoch": epoch, "step": step,
                              **{k: "" if v is None else f"{v:.6g}" for k, v in diagnostics.items()}})
         if self.board is not None:
@@ -707,12 +769,21 @@ def summary_line(metrics: dict, run_dir: Path) -> str:
 
 def load_run(run_dir: Path, overrides=()):
     """``(config, model)`` of a finished or interrupted run, from its ``config.yaml`` (with ``key=value``
-    ``overrides``) and checkpoint."""
-    config = load_config(path=Path(run_dir) / "config.yaml", overrides=overrides)
+    ``overrides``) and checkpoint, which must share the configuration of ``config.yaml`` as written (but for the
+    budget, the evaluation settings and ``data.root``): one from another run would load, if its shapes fit, and
+    be reported as this run's."""
+    path = Path(run_dir) / "config.yaml"
+    config = load_config(path=path, overrides=overrides)
     checkpoint_path = Path(run_dir) / "checkpoint.pt"
     if not checkpoint_path.is_file():
         raise ValueError(f"{run_dir} holds no checkpoint.pt: not a run, or one that has not saved yet")
     state = load_checkpoint(checkpoint_path)
+    # (data.root may differ: where the data now lies, edited by hand for a moved dataset)
+    differences = [d for d in configuration_differences(state["config"], load_config(path=path))
+                   if not d.startswith("data.root:")]
+    if differences:
+        raise UnreadableFile(f"{path} does not describe the run of {checkpoint_path}: {'; '.join(differences)} "
+                             "(restore the run's own config.yaml)")
     modalities = ([Modality(m["name"], tuple(m["shape"]), m["vocabulary"] and tuple(m["vocabulary"]))
                    for m in state["modalities"]] if "modalities" in state
                   else polymnist_modalities(config.data.num_modalities))  # checkpoints from before heterogeneous data

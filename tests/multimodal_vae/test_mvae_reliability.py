@@ -314,6 +314,48 @@ def test_an_infinite_learning_rate_mid_run_stops_with_the_last_finite_checkpoint
     assert finite_checkpoint(tiny_root / "runs" / "lr" / "checkpoint.pt")["step"] == 3
 
 
+def test_a_divergence_on_a_diagnostics_step_is_a_divergence(tiny_root, monkeypatch):
+    """The pooling diagnostics of a diagnostics step ran before the parameters' check: NaN weights at step 5 (here
+    every step logs them) raised a ValueError from the diagnostics (non-finite encodings), so no
+    metrics.diverged.csv was written and a sweep stopped instead of marking the run. And finite weights whose
+    encodings overflow are a divergence too."""
+    from applications.multimodal_vae import models
+    from applications.multimodal_vae.train import DIVERGED_LOG
+
+    steps = {"n": 0}
+    original = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        steps["n"] += 1
+        if steps["n"] == 5:
+            for group in self.param_groups:
+                group["lr"] = float("inf")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    with pytest.raises(TrainingDiverged, match=r"non-finite parameters or optimiser state after the optimiser step at "
+                                               r"step 5 .*last good checkpoint: .*every/checkpoint.pt \(step 3\)"):
+        train(tiny_config(tiny_root, "every", diagnostics_every=1, tensorboard="false"), show_progress=False)
+    run = tiny_root / "runs" / "every"
+    assert finite_checkpoint(run / "checkpoint.pt")["step"] == 3
+    assert [s for s, _ in losses(run)] == [1, 2, 3]
+    with open(run / DIVERGED_LOG) as handle:
+        assert [int(r["step"]) for r in csv.DictReader(handle)] == [1, 2, 3, 4, 5]
+    monkeypatch.undo()
+
+    encode = models.MultimodalVAE.encode
+
+    def overflowing(self, *args, **kwargs):  # in eval mode only: the diagnostics', not the training steps'
+        mu, logvar = encode(self, *args, **kwargs)
+        return mu, logvar if self.training else logvar.detach() * float("inf")
+
+    monkeypatch.setattr(models.MultimodalVAE, "encode", overflowing)
+    with pytest.raises(TrainingDiverged, match=r"at step 2: the pooling diagnostics found non-finite encodings .*last "
+                                               r"good checkpoint: none yet"):
+        train(tiny_config(tiny_root, "overflow", diagnostics_every=2, tensorboard="false"), show_progress=False)
+    assert (tiny_root / "runs" / "overflow" / DIVERGED_LOG).exists()
+
+
 def test_save_refuses_a_non_finite_optimiser_state(tiny_root, monkeypatch):
     """The last line of defence: a state the per-step checks passed but that is not finite when saved is never
     written (here the optimiser's moments, spoiled between the step and the checkpoint of step 3, the last step of
@@ -392,6 +434,69 @@ def test_a_moved_run_resumes_and_a_changed_setting_is_named(tiny_root):
     files.save_checked(checkpoint, state)
     with pytest.raises(ValueError, match=r"differs from the one saved .*: model.hidden: saved None, now 32 \(only"):
         train(config, resume=True, show_progress=False)
+
+
+def test_a_wrong_resume_is_refused_before_any_data_is_built(tiny_root):
+    """The checkpoint's configuration was compared after the data was loaded: a resume with another data.root
+    first built a whole dataset there."""
+    train(tiny_config(tiny_root, "early", max_steps=1, tensorboard="false"), show_progress=False)
+    config = tiny_config(tiny_root, "early", tensorboard="false")
+    config.data.root = str(tiny_root / "typo")
+    config.data.build_offline = True
+    with pytest.raises(ValueError, match=r"the configuration differs .*data.root: saved .*, now .*typo"):
+        train(config, resume=True, show_progress=False)
+    assert not (tiny_root / "typo").exists()
+
+
+def test_one_process_trains_a_run_folder_at_a_time(tiny_root, capsys):
+    """Nothing stopped a second process training the same run folder: two resumes could interleave their
+    metrics and checkpoints and lose rows for good. Now the second is refused before any work, naming the holder."""
+    from applications.multimodal_vae.files import claim
+    from applications.multimodal_vae.train import RUN_LOCK
+
+    run = tiny_root / "runs" / "busy"
+    run.mkdir(parents=True)
+    with claim(run / RUN_LOCK) as held:
+        assert held
+        with pytest.raises(RuntimeError, match=rf"busy is being trained by another process \(pid and host: "
+                                               rf"{os.getpid()} .*--resume"):
+            train(tiny_config(tiny_root, "busy", max_steps=1, tensorboard="false"), show_progress=False)
+        assert sorted(p.name for p in run.iterdir()) == [RUN_LOCK]
+    train(tiny_config(tiny_root, "busy", max_steps=1, tensorboard="false"), show_progress=False)
+    assert (run / "checkpoint.pt").exists() and not (run / RUN_LOCK).exists()  # its holder removed it
+    # from the command line: one-line errors, for train and for evaluate (which holds the lock itself)
+    args = ["train", "--preset", "polymnist-helvae", "--resume", "--set", *[
+        f"{k}={v}" for k, v in (("data.root", tiny_root / "data"), ("data.build_offline", "false"),
+                                ("data.num_modalities", 3), ("model.latent_dim", 4), ("model.architecture", "conv"),
+                                ("model.hidden", 32), ("train.batch_size", 8), ("train.device", "cpu"),
+                                ("output_dir", tiny_root / "runs"), ("name", "busy"), ("data.drop_rate", 0.3),
+                                ("train.max_steps", 2), ("train.tensorboard", "false"))]]
+    with claim(run / RUN_LOCK):
+        with pytest.raises(SystemExit):
+            main(args)
+        assert "train: error: " in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            main(["evaluate", "--run", str(run)])
+        assert f"is being trained by another process (pid and host: {os.getpid()} " in capsys.readouterr().err
+    assert main(args) == 0 and [s for s, _ in losses(run)] == [1, 2]
+
+
+def test_a_config_yaml_of_another_run_is_not_evaluated_as_this_ones(tiny_root):
+    """load_run built the model from config.yaml and checked only the checkpoint's shapes: a config.yaml of other
+    settings loaded and would have been reported as the run's. Where the data now lies may differ."""
+    run = train(tiny_config(tiny_root, "mixed", max_steps=1, tensorboard="false"), show_progress=False)
+    written = (run / "config.yaml").read_text()
+    config, _ = load_run(run)
+    (run / "config.yaml").write_text(to_yaml(load_config(path=run / "config.yaml", overrides=[
+        f"data.root={tiny_root / 'moved'}"])))
+    assert load_run(run)[0].data.root == str(tiny_root / "moved")
+    (run / "config.yaml").write_text(to_yaml(load_config(path=run / "config.yaml", overrides=[
+        f"model.beta={config.model.beta + 1.5}"])))
+    with pytest.raises(UnreadableFile, match=rf"config.yaml does not describe the run of .*checkpoint.pt: model.beta: "
+                                             rf"saved {config.model.beta}, now {config.model.beta + 1.5}"):
+        load_run(run)
+    (run / "config.yaml").write_text(written)
+    assert load_run(run)[0].model.beta == config.model.beta
 
 
 @pytest.fixture
@@ -655,6 +760,11 @@ def test_train_removes_what_a_killed_run_left(tiny_root):
     (run / "tensorboard").mkdir(parents=True)
     (run / "tensorboard" / "events.out.tfevents.0.old").write_bytes(b"stale")
     (run / ".checkpoint.pt.abc123.tmp").write_bytes(b"partial")
-    train(tiny_config(tiny_root, "leftovers", max_steps=1), show_progress=False)
+    # the evaluation and divergence log of a run trained before, whose checkpoint was removed to train it again: a
+    # sweep took that metrics.json for the new run's evaluation
+    for stale in ("metrics.json", "report.md", "metrics.diverged.csv"):
+        (run / stale).write_text("stale")
+    train(tiny_config(tiny_root, "leftovers", max_steps=1, evaluate_at_end="false"), show_progress=False)
     assert not (run / ".checkpoint.pt.abc123.tmp").exists()
     assert not (run / "tensorboard" / "events.out.tfevents.0.old").exists()
+    assert not any((run / stale).exists() for stale in ("metrics.json", "report.md", "metrics.diverged.csv"))

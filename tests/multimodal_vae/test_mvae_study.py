@@ -133,7 +133,7 @@ def test_a_lock_is_held_by_one_claimant_and_freed_by_the_kernel(tmp_path):
     """Two claimants of a free lock (a file a dead worker left, empty because it died before writing it): one
     holds it, the other is refused. Before, both could unlink the stale file and claim the run, and an empty file
     was taken for a lock being written, so the run was skipped for ever."""
-    from applications.multimodal_vae.sweep import _claim
+    from applications.multimodal_vae.files import claim as _claim
 
     lock = tmp_path / "run.lock"
     lock.write_text("")
@@ -188,6 +188,28 @@ def test_a_diverging_run_is_marked_and_the_sweep_goes_on(tiny_root, fake_trainin
     folder = tiny_root / "runs" / "tiny"
     assert "step 3" in (folder / "helvae-beta1.0-seed0" / "diverged.txt").read_text()
     assert "helvae-beta1.0-seed0 (diverged)" in (folder / "report.md").read_text()
+
+
+def test_a_run_trained_by_hand_meanwhile_is_skipped_not_a_crash(tiny_root, fake_training, monkeypatch):
+    """A run folder whose training another process (a train command) holds: the sweep skips it and goes on, and a
+    later sweep takes it up."""
+    from applications.multimodal_vae import sweep as sweeps
+    from applications.multimodal_vae.train import RunFolderBusy
+
+    stub, busy = sweeps.train, {"helvae-beta1.0-seed0"}
+
+    def train(config, resume, show_progress):
+        if config.name in busy:
+            raise RunFolderBusy(f"{config.name} is being trained by another process")
+        stub(config, resume, show_progress)
+
+    monkeypatch.setattr(sweeps, "train", train)
+    sweep = tiny(tiny_root)
+    run_sweep(sweep, show_progress=False)
+    assert [c[:2] for c in fake_training] == [("train", "helvae-beta1.0-seed1"), ("evaluate", "helvae-beta1.0-seed1")]
+    busy.clear()
+    run_sweep(sweep, show_progress=False)
+    assert [c[:2] for c in fake_training[2:]] == [("train", "helvae-beta1.0-seed0"), ("evaluate", "helvae-beta1.0-seed0")]
 
 
 def test_variants_of_one_study_are_summarised_together(tiny_root, fake_training):

@@ -282,6 +282,18 @@ def test_evaluation_writes_a_report(tiny_root, capsys):
     assert "evaluate --set takes eval.* keys only" in capsys.readouterr().err
 
 
+def test_pooling_rows_name_the_epoch_of_their_step_as_the_loss_rows_do(tiny_root):
+    """pooling.csv's rows logged between checkpoints counted the epochs finished (0 in the first), those at a
+    checkpoint the epoch just ended: the last step of epoch 1 read 0 or 1 depending on diagnostics_every."""
+    run = train(tiny_config(tiny_root, "epochs", diagnostics_every=1, tensorboard="false", evaluate_at_end="false"),
+                show_progress=False)
+    with open(run / "metrics.csv") as handle:
+        losses_by_step = {int(r["step"]): r["epoch"] for r in csv.DictReader(handle)}
+    with open(run / "pooling.csv") as handle:
+        pooling_by_step = {int(r["step"]): r["epoch"] for r in csv.DictReader(handle)}
+    assert pooling_by_step == losses_by_step and sorted(set(losses_by_step.values())) == ["1", "2"]
+
+
 @pytest.mark.slow
 def test_compiled_networks_train_like_eager_ones(tiny_root):
     eager = train(tiny_config(tiny_root, "eager", max_steps=2, tensorboard="false"), show_progress=False)

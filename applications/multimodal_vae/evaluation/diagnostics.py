@@ -28,12 +28,14 @@ def pooling_diagnostics(model, x) -> dict:
     A mass near 0 means the experts no longer overlap: the pool is then the mixture of the experts with weights
     ``lambda_j^(1/alpha)`` (normalised), whatever ``alpha``. Both affinities are those of the model's latent family:
     Laplace for MMVAE and MMVAE+ with ``latent_family="laplace"``. ``own_cross_mass`` concerns Gaussian models
-    only (the Hölder VAEs)."""
+    only (the Hölder VAEs). ``FloatingPointError`` where the encodings are not finite (a diverged model)."""
     m = model.num_modalities
     family = model.latent.name
     pairs = list(itertools.combinations(range(m), 2))
     with evaluating(model):
         mu, logvar = model.encode(x)
+    if not bool(torch.isfinite(mu).all() and torch.isfinite(logvar).all()):
+        raise FloatingPointError("the pooling diagnostics found non-finite encodings of the training tuples shown")
     mu, logvar = mu.double(), logvar.double()
     log_bc = sum(opf.log_bhattacharyya(mu[i], logvar[i], mu[j], logvar[j], family=family) for i, j in pairs) / len(pairs)
     weights = None if model.pool_logits is None else torch.softmax(model.pool_logits.double(), 0)
