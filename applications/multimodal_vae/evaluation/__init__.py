@@ -344,8 +344,9 @@ def render_report(config, metrics: dict) -> str:
         f"**Log-likelihood** (importance sampling, K = {ll['num_samples']}, {ll['examples']} tuples; a stochastic "
         f"lower bound, and the error is the standard error over tuples, which leaves out the bound's bias): "
         f"log p(X) = {ll['joint']:.1f} ± {format_std_error(ll)}"
-        + (f" ({describe_bias(ll)})" if describe_bias(ll) else "") + "; log p(X_rest | one modality) = "
-        f"{ll['given_one_modality']:.1f} (mean over the conditioning modalities).", "",
+        + (f" ({describe_bias(ll)})" if describe_bias(ll) else "") + "; the plug-in conditional log p(X_rest | one "
+        f"modality) = log E_q(z | x_m) p(X_rest | z) = {ll['given_one_modality']:.1f} (mean over the conditioning "
+        "modalities; no bound: the encoder stands in for the posterior).", "",
         f"**Pooling diagnostics** (all modalities): mean log Bhattacharyya coefficient between experts "
         f"{pooling['mean_log_bhattacharyya']:.2f}; Hellinger-pool mass in pairwise components "
         f"{pooling['pairwise_mass']:.3f}"

@@ -13,9 +13,11 @@ proposal (MoPoE used K = 12, MultiVae 1000): compare models at small ``K`` with 
 measures it).
 
 Conditional: ``log p(X_rest | X_S) ~ log (1/K) sum_k p(X_rest | z_k)`` with ``z_k ~ q(z | X_S)``
-(``MultimodalVAE.conditional_posterior``), the encoder of the subset standing in for ``p(z | X_S)``. This is not
-the figure MoPoE's code reports per subset (``calc_log_likelihood_batch``): that is ``log p(X)`` of every
-modality with ``q(z | X_S)`` as the proposal, so the two are not to be compared.
+(``MultimodalVAE.conditional_posterior``), the encoder of the subset standing in for ``p(z | X_S)``: a plug-in
+predictive, not importance-sampled and no bound on ``log p(X_rest | X_S)`` (above or below it, as the encoder
+differs from the posterior). This is not the figure MoPoE's code reports per subset
+(``calc_log_likelihood_batch``): that is ``log p(X)`` of every modality with ``q(z | X_S)`` as the proposal, so the
+two are not to be compared.
 
 Models with modality-specific latents (MMVAE+, Hölder+/++, ``model.private_dim > 0``): ``z`` is the shared
 latent, and each target modality's ``w_m`` is sampled from its own posterior ``q(w_m | x_m)`` (Hölder++:
