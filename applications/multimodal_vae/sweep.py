@@ -35,6 +35,7 @@ from .data import load_dataset
 from .evaluation import evaluate_run
 from .files import UnreadableFile, atomic_write, claim, code_commit, lock_file, splice_file, write_text
 from .train import (
+    RUN_LOCK,
     RunFolderBusy,
     TrainingDiverged,
     budget_reached,
@@ -252,8 +253,12 @@ def _train_and_evaluate(sweep: SweepConfig, config, folder: Path, train_only: bo
                   "resumes it)")
             return
         if not train_only:
-            _, trained = load_run(run_dir)
-            evaluate_run(run_dir, config, trained, progress=tqdm if show_progress else None)
+            with claim(run_dir / RUN_LOCK) as free:  # as the evaluate command: not while a train holds the folder
+                if not free:
+                    print(f"sweep {sweep.name}: skipped evaluating {config.name}: another process is training it")
+                    return
+                _, trained = load_run(run_dir)
+                evaluate_run(run_dir, config, trained, progress=tqdm if show_progress else None)
 
 
 def _check_existing_runs(folder: Path, configs) -> None:

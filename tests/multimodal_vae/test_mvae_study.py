@@ -191,10 +191,11 @@ def test_a_diverging_run_is_marked_and_the_sweep_goes_on(tiny_root, fake_trainin
 
 
 def test_a_run_trained_by_hand_meanwhile_is_skipped_not_a_crash(tiny_root, fake_training, monkeypatch):
-    """A run folder whose training another process (a train command) holds: the sweep skips it and goes on, and a
-    later sweep takes it up."""
+    """A run folder whose training another process (a train command) holds: the sweep skips it (its training, or
+    its evaluation) and goes on, and a later sweep takes it up."""
     from applications.multimodal_vae import sweep as sweeps
-    from applications.multimodal_vae.train import RunFolderBusy
+    from applications.multimodal_vae.files import claim
+    from applications.multimodal_vae.train import RUN_LOCK, RunFolderBusy
 
     stub, busy = sweeps.train, {"helvae-beta1.0-seed0"}
 
@@ -208,8 +209,14 @@ def test_a_run_trained_by_hand_meanwhile_is_skipped_not_a_crash(tiny_root, fake_
     run_sweep(sweep, show_progress=False)
     assert [c[:2] for c in fake_training] == [("train", "helvae-beta1.0-seed1"), ("evaluate", "helvae-beta1.0-seed1")]
     busy.clear()
+    # trained now, but its folder's lock held (a train started by hand just then): not evaluated until it is free
+    run = tiny_root / "runs" / "tiny" / "helvae-beta1.0-seed0"
+    run.mkdir(parents=True, exist_ok=True)
+    with claim(run / RUN_LOCK):
+        run_sweep(sweep, show_progress=False)
+    assert [c[:2] for c in fake_training[2:]] == [("train", "helvae-beta1.0-seed0")]
     run_sweep(sweep, show_progress=False)
-    assert [c[:2] for c in fake_training[2:]] == [("train", "helvae-beta1.0-seed0"), ("evaluate", "helvae-beta1.0-seed0")]
+    assert [c[:2] for c in fake_training[3:]] == [("evaluate", "helvae-beta1.0-seed0")]
 
 
 def test_variants_of_one_study_are_summarised_together(tiny_root, fake_training):
