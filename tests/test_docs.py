@@ -78,6 +78,28 @@ def test_benchmark_tables_are_spliced_between_their_markers():
         assert splice(benchmarks_page, name, "| x |").count("| x |") == 1
 
 
+def test_two_tables_spliced_into_one_page_at_once_are_both_kept(tmp_path, capsys):
+    """Each splice read the page and wrote it back with its table: two at once (two sweeps' summaries, two
+    benchmarks) each wrote the page as it had read it, and the first one's table was lost. Now a splice waits for
+    the page's lock, held here by another writer until it has written its table."""
+    import threading
+
+    from applications.multimodal_vae.files import held_lock, splice_file, splice_table, write_text
+
+    page = tmp_path / "page.md"
+    page.write_text("<!-- table: a -->\nA\n<!-- end table: a -->\n<!-- table: b -->\nB\n<!-- end table: b -->\n")
+    lock = tmp_path / ".page.md.lock"
+    with held_lock(lock):
+        before = page.read_text()  # the other writer has read the page
+        splicing = threading.Thread(target=splice_file, args=(page, "b", "new B"))
+        splicing.start()
+        splicing.join(0.5)
+        assert splicing.is_alive()  # waiting for the lock, the page not read yet
+        write_text(page, splice_table(before, "a", "new A"))
+    splicing.join(10)
+    assert "new A" in page.read_text() and "new B" in page.read_text() and not lock.exists()
+
+
 def test_benchmark_tables_say_where_they_come_from_and_whether_targets_are_met():
     """The tables carry their date, commit and machine and judge their own targets, so the prose need not retype."""
     import sys

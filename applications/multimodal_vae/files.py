@@ -28,7 +28,7 @@ import torch
 
 __all__ = ["UnreadableFile", "atomic_write", "code_commit", "write_text", "splice_table", "splice_file", "sha256",
            "verified", "fetch_wheel", "owner_tag", "is_orphaned", "remove_orphaned_temporaries", "digest",
-           "save_checked", "load_checked", "lock_file", "claim"]
+           "save_checked", "load_checked", "lock_file", "claim", "held_lock"]
 
 #: the key under which ``save_checked`` stores the SHA-256 of everything else in the file
 DIGEST_KEY = "sha256"
@@ -182,9 +182,12 @@ def code_commit() -> str:
 
 
 def splice_file(path: Path, name: str, table: str) -> None:
-    """Splice ``table`` into the page at ``path`` (``splice_table``; written atomically)."""
+    """Splice ``table`` into the page at ``path`` (``splice_table``; written atomically), read and written under the
+    page's lock (``.NAME.lock`` beside it, ``held_lock``): two scripts splicing their tables into one page at once
+    would otherwise each write the page as it read it, and the first one's table would be lost."""
     path = Path(path)
-    write_text(path, splice_table(path.read_text(), name, table))
+    with held_lock(path.with_name(f".{path.name}.lock")):
+        write_text(path, splice_table(path.read_text(), name, table))
     print(f"wrote table {name!r} into {path}")
 
 
@@ -346,6 +349,17 @@ def claim(lock: Path):
         os.ftruncate(handle, 0)
         os.write(handle, f"{os.getpid()} {socket.gethostname()}\n".encode())
         yield True
+    finally:
+        lock.unlink(missing_ok=True)  # still holding it: nobody else can have it yet
+        os.close(handle)
+
+
+@contextlib.contextmanager
+def held_lock(lock: Path):
+    """Hold the exclusive ``flock`` of ``lock``, waiting for it (``lock_file``); the holder removes the file."""
+    handle = lock_file(lock, blocking=True)
+    try:
+        yield
     finally:
         lock.unlink(missing_ok=True)  # still holding it: nobody else can have it yet
         os.close(handle)

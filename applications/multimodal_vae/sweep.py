@@ -21,7 +21,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import statistics
 import time
@@ -33,7 +32,7 @@ from omegaconf import OmegaConf
 from .config import PRESETS, check_name, load_config, load_mapping, merge_checked
 from .data import load_dataset
 from .evaluation import evaluate_run
-from .files import UnreadableFile, atomic_write, claim, code_commit, lock_file, splice_file, write_text
+from .files import UnreadableFile, atomic_write, claim, code_commit, held_lock, splice_file, write_text
 from .train import (
     RUN_LOCK,
     RunFolderBusy,
@@ -324,13 +323,8 @@ def _summary_lock(folder: Path):
     the runs and writes what it makes of them: two sweeps started by hand on one folder may finish together, and
     without it one that read the runs first could write its summary, without the other's last run, last. Removed
     by its holder, as the runs' locks are."""
-    lock = Path(folder) / "summary.lock"
-    handle = lock_file(lock, blocking=True)
-    try:
+    with held_lock(Path(folder) / "summary.lock"):
         yield
-    finally:
-        lock.unlink(missing_ok=True)  # still holding it: nobody else can have it yet
-        os.close(handle)
 
 
 _PRESET_STEM = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
