@@ -218,7 +218,10 @@ def _with_own_private_latents(x, present, z, kl, own_mu, own_logvar, decoders, l
 def mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate) -> Terms:
     """The Hölder VAE with the exact pool as its posterior (``aggregate`` = ``opinionpool.functional.holder_mixture``):
     ``z`` is sampled by component (a component by its weight, reparameterised within it; the choice itself carries
-    no gradient), and ``kl`` is the single-sample estimate ``log q(z|X) - log p(z)`` with the exact mixture density."""
+    no gradient), and ``kl`` is the single-sample estimate ``log q(z|X) - log p(z)`` with the exact mixture density.
+    The value is unbiased, the gradient in the mixture weights is not: with the choice detached, their only path is
+    ``log q(z|X)``, whose expected gradient in them is zero, so they train as if stopped
+    (``stratified_mixture_elbo`` gives them their exact gradient)."""
     mixture = aggregate(mu, logvar, mask=present)
     z = mixture.sample()
     log_p = standard_normal_log_prob(z)

@@ -309,3 +309,37 @@ def test_top_down_private_starts_as_the_encoders_posterior_and_then_depends_on_z
     hidden = torch.nn.functional.leaky_relu(net.net[0](torch.cat([mu.expand(5, 4, 2), logvar.expand(5, 4, 2), z + 1],
                                                                  -1)), 0.2)
     torch.testing.assert_close(moved, mu + hidden @ net.net[-1].weight[:2].T + net.net[-1].bias[:2])
+
+
+def test_the_component_draw_leaves_the_mixture_weights_without_gradient_and_stratification_gives_it():
+    """What the docs say of holder_mixture: with the component's draw detached, the weights' one path is the density
+    in log q(z|X), whose expected gradient in them is zero, so they get zero-mean noise; the stratified estimator of
+    the same ELBO gives them their gradient. Float64, three experts at alpha = 1/2, 20 batches of 2 000 samples."""
+    mu0 = torch.tensor([[-1.0, 0.5], [1.5, 0.0], [0.3, -1.0]], dtype=torch.float64)
+    logvar0 = torch.tensor([[0.0, -0.5], [-0.3, 0.2], [0.1, 0.0]], dtype=torch.float64)
+    target = torch.tensor([2.0, 1.0], dtype=torch.float64)
+
+    def likelihood(x, present, z, decoders):
+        return -3.0 * ((z - target) ** 2).sum(-1)
+
+    batches, n = 20, 2000
+    present = torch.ones(3, n, dtype=torch.bool)
+    mu, logvar = mu0[:, None].expand(3, n, 2), logvar0[:, None].expand(3, n, 2)
+    means = {}
+    for objective in (objectives.mixture_elbo, objectives.stratified_mixture_elbo):
+        torch.manual_seed(0)
+        logits = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
+
+        def pool(m, lv, mask, logits=logits):
+            return opf.holder_mixture(m, lv, 0.5, mask=mask, weights=torch.softmax(logits, 0))
+
+        grads = []
+        for _ in range(batches):
+            terms = objective(None, present, mu, logvar, None, likelihood, pool)
+            grads.append(torch.autograd.grad((terms.reconstruction - terms.kl).mean(), logits)[0])
+        grads = torch.stack(grads)
+        means[objective.__name__] = (grads.mean(0), grads.std(0) / math.sqrt(batches))
+    mean, error = means["mixture_elbo"]
+    assert (mean.abs() < 4 * error).all() and (error < 0.02).all()
+    mean, error = means["stratified_mixture_elbo"]
+    assert (mean.abs() > 1.0).sum() >= 2 and (mean.abs() > 20 * error).sum() >= 2
