@@ -347,13 +347,13 @@ def _share_path(log_w: torch.Tensor, rho: torch.Tensor, beta: float) -> torch.Te
 
 def _bound(log_w: torch.Tensor, estimator: str, latents, beta: float = 1.0, shares=None) -> torch.Tensor:
     """The per-sample bound from log-weights ``(K, ...)`` whose ``log p(z) - log q(z | X)`` is weighted by
-    ``beta``; for DReG, the surrogate ``sum_k w~_k log w_k`` (``w~`` the normalised weights, detached), whose path
-    gradient hooks on the reparameterised ``latents`` multiply by ``1 - beta share (1 - w~)``: the IWAE path term
-    ``w~`` less ``beta`` times the score term of ``log q`` that has the draws' density, which DReG's identity makes
-    ``share (w~ - w~^2)`` in the path. ``shares``, one per latent (``None``, the default, for one): that density's
-    share of the score, ``rho`` of ``"dreg_unbiased"`` (whose remaining path term the caller adds); at one,
-    ``(1 - beta) + beta w~`` (``w~^2`` in all at ``beta = 1``; ``w~``, the plain reparameterised gradient, at
-    ``beta = 0``)."""
+    ``beta``; for DReG, the IWAE bound's value with the gradient of the surrogate ``sum_k w~_k log w_k`` (``w~`` the
+    normalised weights, detached), whose path gradient hooks on the reparameterised ``latents`` multiply by
+    ``1 - beta share (1 - w~)``: the IWAE path term ``w~`` less ``beta`` times the score term of ``log q`` that has
+    the draws' density, which DReG's identity makes ``share (w~ - w~^2)`` in the path. ``shares``, one per latent
+    (``None``, the default, for one): that density's share of the score, ``rho`` of ``"dreg_unbiased"`` (whose
+    remaining path term the caller adds); at one, ``(1 - beta) + beta w~`` (``w~^2`` in all at ``beta = 1``;
+    ``w~``, the plain reparameterised gradient, at ``beta = 0``)."""
     if estimator == "elbo":
         return log_w.mean(0)
     if estimator == "iwae":
@@ -364,7 +364,9 @@ def _bound(log_w: torch.Tensor, estimator: str, latents, beta: float = 1.0, shar
         factor = ((1 - beta) + beta * normalised).unsqueeze(-1) if share is None else 1 - beta * share.detach() * others
         if latent.requires_grad:
             latent.register_hook(lambda grad, w=factor: grad * w)
-    return (normalised * log_w).sum(0)
+    # the value is the IWAE bound (the surrogate lies above it by up to log K), the gradient the surrogate's
+    surrogate = (normalised * log_w).sum(0)
+    return (torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])).detach() + surrogate - surrogate.detach()
 
 
 def _responsibilities(mixture, z: torch.Tensor) -> torch.Tensor:
@@ -555,8 +557,6 @@ def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregat
     bound = _bound(log_w, estimator, draws, beta, shares)  # (C, B)
     if unbiased:
         bound = bound + _share_path(log_w, rho, beta)
-    if dreg:  # the value is the IWAE bound, the gradient DReG's
-        bound = (torch.logsumexp(log_w, 0) - math.log(num_samples)).detach() + bound - bound.detach()
     return Terms(_weighted_sum(weights, valid, log_lik.mean(0)), _weighted_sum(weights, valid, (log_q - log_p).mean(0)),
                  _weighted_sum(weights, valid, bound))
 
