@@ -84,12 +84,12 @@ def test_two_tables_spliced_into_one_page_at_once_are_both_kept(tmp_path, capsys
     the page's lock, held here by another writer until it has written its table."""
     import threading
 
-    from applications.multimodal_vae.files import held_lock, splice_file, splice_table, write_text
+    from applications.multimodal_vae.files import claim, splice_file, splice_table, write_text
 
     page = tmp_path / "page.md"
     page.write_text("<!-- table: a -->\nA\n<!-- end table: a -->\n<!-- table: b -->\nB\n<!-- end table: b -->\n")
     lock = tmp_path / ".page.md.lock"
-    with held_lock(lock):
+    with claim(lock, wait=True):
         before = page.read_text()  # the other writer has read the page
         splicing = threading.Thread(target=splice_file, args=(page, "b", "new B"))
         splicing.start()

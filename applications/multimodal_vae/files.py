@@ -28,7 +28,7 @@ import torch
 
 __all__ = ["UnreadableFile", "atomic_write", "code_commit", "write_text", "splice_table", "splice_file", "sha256",
            "verified", "fetch_wheel", "owner_tag", "is_orphaned", "remove_orphaned_temporaries", "digest",
-           "save_checked", "load_checked", "lock_file", "claim", "held_lock"]
+           "save_checked", "load_checked", "claim"]
 
 #: the key under which ``save_checked`` stores the SHA-256 of everything else in the file
 DIGEST_KEY = "sha256"
@@ -183,10 +183,10 @@ def code_commit() -> str:
 
 def splice_file(path: Path, name: str, table: str) -> None:
     """Splice ``table`` into the page at ``path`` (``splice_table``; written atomically), read and written under the
-    page's lock (``.NAME.lock`` beside it, ``held_lock``): two scripts splicing their tables into one page at once
+    page's lock (``.NAME.lock`` beside it, ``claim``): two scripts splicing their tables into one page at once
     would otherwise each write the page as it read it, and the first one's table would be lost."""
     path = Path(path)
-    with held_lock(path.with_name(f".{path.name}.lock")):
+    with claim(path.with_name(f".{path.name}.lock"), wait=True):
         write_text(path, splice_table(path.read_text(), name, table))
     print(f"wrote table {name!r} into {path}")
 
@@ -315,7 +315,7 @@ def fetch_wheel(requirement: str, cache: Path) -> Path:
     return found[-1]
 
 
-def lock_file(lock: Path, blocking: bool) -> int | None:
+def _lock_file(lock: Path, blocking: bool) -> int | None:
     """An open descriptor of ``lock`` holding its exclusive ``flock`` (``None`` if another holds it and not
     ``blocking``). Its holder removes the file before releasing it, so a lock taken on a file removed meanwhile
     is dropped and taken again on the file now at the path."""
@@ -336,12 +336,13 @@ def lock_file(lock: Path, blocking: bool) -> int | None:
 
 
 @contextlib.contextmanager
-def claim(lock: Path):
+def claim(lock: Path, wait: bool = False):
     """Yields whether this process holds ``lock``: an exclusive advisory lock (``flock``) on the file, which the
     kernel releases when its holder dies, so a dead process's lock is free and two processes cannot both take it
-    over. The file names its holder (process id and host) for people; the holder removes it on exit, and a process
-    that locked the file just as it was removed locks the new one instead."""
-    handle = lock_file(lock, blocking=False)
+    over. ``wait=True`` waits for it (and yields True); otherwise a lock another process holds yields False at once.
+    The file names its holder (process id and host) for people; the holder removes it on exit, and a process that
+    locked the file just as it was removed locks the new one instead."""
+    handle = _lock_file(lock, blocking=wait)
     if handle is None:
         yield False
         return
@@ -349,17 +350,6 @@ def claim(lock: Path):
         os.ftruncate(handle, 0)
         os.write(handle, f"{os.getpid()} {socket.gethostname()}\n".encode())
         yield True
-    finally:
-        lock.unlink(missing_ok=True)  # still holding it: nobody else can have it yet
-        os.close(handle)
-
-
-@contextlib.contextmanager
-def held_lock(lock: Path):
-    """Hold the exclusive ``flock`` of ``lock``, waiting for it (``lock_file``); the holder removes the file."""
-    handle = lock_file(lock, blocking=True)
-    try:
-        yield
     finally:
         lock.unlink(missing_ok=True)  # still holding it: nobody else can have it yet
         os.close(handle)

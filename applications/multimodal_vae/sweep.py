@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from .config import PRESETS, check_name, load_config, load_mapping, merge_checked
 from .data import load_dataset
 from .evaluation import evaluate_run
-from .files import UnreadableFile, atomic_write, claim, code_commit, held_lock, splice_file, write_text
+from .files import UnreadableFile, atomic_write, claim, code_commit, splice_file, write_text
 from .train import (
     RUN_LOCK,
     RunFolderBusy,
@@ -323,7 +323,7 @@ def _summary_lock(folder: Path):
     the runs and writes what it makes of them: two sweeps started by hand on one folder may finish together, and
     without it one that read the runs first could write its summary, without the other's last run, last. Removed
     by its holder, as the runs' locks are."""
-    with held_lock(Path(folder) / "summary.lock"):
+    with claim(Path(folder) / "summary.lock", wait=True):
         yield
 
 
