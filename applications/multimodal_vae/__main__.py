@@ -184,19 +184,18 @@ def main(argv=None) -> int:
     if args.command == "grid":
         return _grid(parser, args)
     if args.command == "evaluate":
-        from .files import claim
-        from .train import RUN_LOCK
+        from .train import RunFolderBusy, run_folder_lock
 
         if any(not o.startswith("eval.") for o in args.overrides):
             parser.error(f"evaluate --set takes eval.* keys only, got {args.overrides}")
-        lock = Path(args.run) / RUN_LOCK
         # held while evaluating: a train of the folder is refused meanwhile, as an evaluation during one is
-        with claim(lock) if lock.parent.is_dir() else contextlib.nullcontext(True) as free:
-            if not free:
-                parser.error(f"--run {args.run!r} is being trained by another process (pid and host: "
-                             f"{lock.read_text().strip() if lock.exists() else 'unknown'}); evaluate it once that "
-                             "has stopped")
-            return _evaluate(parser, args)
+        held = run_folder_lock(args.run, "evaluate it once that has stopped") if Path(args.run).is_dir() \
+            else contextlib.nullcontext()
+        try:
+            with held:
+                return _evaluate(parser, args)
+        except RunFolderBusy as error:
+            parser.error(f"--run {args.run!r}: {error}")
     try:
         config = load_config(args.preset, args.overrides, args.config)
     except ValueError as error:

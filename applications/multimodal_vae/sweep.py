@@ -34,13 +34,13 @@ from .data import load_dataset
 from .evaluation import evaluate_run
 from .files import UnreadableFile, atomic_write, claim, code_commit, splice_file, write_text
 from .train import (
-    RUN_LOCK,
     RunFolderBusy,
     TrainingDiverged,
     budget_reached,
     configuration_differences,
     load_checkpoint,
     load_run,
+    run_folder_lock,
     train,
 )
 
@@ -252,12 +252,12 @@ def _train_and_evaluate(sweep: SweepConfig, config, folder: Path, train_only: bo
                   "resumes it)")
             return
         if not train_only:
-            with claim(run_dir / RUN_LOCK) as free:  # as the evaluate command: not while a train holds the folder
-                if not free:
-                    print(f"sweep {sweep.name}: skipped evaluating {config.name}: another process is training it")
-                    return
-                _, trained = load_run(run_dir)
-                evaluate_run(run_dir, config, trained, progress=tqdm if show_progress else None)
+            try:  # as the evaluate command: not while a train holds the folder
+                with run_folder_lock(run_dir, "the next sweep evaluates it"):
+                    _, trained = load_run(run_dir)
+                    evaluate_run(run_dir, config, trained, progress=tqdm if show_progress else None)
+            except RunFolderBusy as error:
+                print(f"sweep {sweep.name}: skipped evaluating {config.name}: {error}")
 
 
 def _check_existing_runs(folder: Path, configs) -> None:

@@ -51,7 +51,7 @@ from .networks import make_networks
 __all__ = ["DIVERGED_LOG", "METRIC_FIELDS", "POOLING_FIELDS", "RESUMABLE_CHANGES", "RUN_FILES", "RUN_LOCK",
            "RunFolderBusy", "RunWriter", "SCALARS", "StopConditions", "TrainingDiverged", "TrainingInterrupted",
            "budget_reached", "configuration_differences", "epoch_order", "load_checkpoint", "load_run", "make_model",
-           "render_text", "resolve_device", "sample_grid", "summary_line", "train"]
+           "render_text", "resolve_device", "run_folder_lock", "sample_grid", "summary_line", "train"]
 
 METRIC_FIELDS = ("epoch", "step", "loss", "reconstruction", "kl", "seconds")
 SCALARS = ("loss", "reconstruction", "kl")
@@ -291,13 +291,9 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
         raise ValueError(f"train.batch_size {config.train.batch_size} must be a multiple of the {world} processes")
     created = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # the deepest first
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / RUN_LOCK
     try:
-        with claim(lock) if _launch_variable("RANK", 0) == 0 else contextlib.nullcontext(True) as held:
-            if not held:
-                holder = lock.read_text().strip() if lock.exists() else "unknown"
-                raise RunFolderBusy(f"{run_dir} is being trained by another process (pid and host: {holder}); wait "
-                                    "for it or stop it, then continue the run with --resume")
+        with run_folder_lock(run_dir, "wait for it or stop it, then continue the run with --resume") \
+                if _launch_variable("RANK", 0) == 0 else contextlib.nullcontext():
             _check_start(checkpoint_path, resume)  # again: another may have saved its first checkpoint meanwhile
             # the checkpoint and its configuration checked before any data is built or loaded
             state = _resumable_state(checkpoint_path, config) if resume else None
@@ -309,6 +305,21 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
             except OSError:
                 break
         raise
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path, advice: str):
+    """Hold the run folder's lock (``RUN_LOCK``) while training or evaluating the run; ``RunFolderBusy``, naming
+    the holder and ending with ``advice``, where another process holds it."""
+    lock = Path(run_dir) / RUN_LOCK
+    with claim(lock) as held:
+        if not held:
+            try:
+                holder = lock.read_text().strip()
+            except FileNotFoundError:
+                holder = "unknown"
+            raise RunFolderBusy(f"{run_dir} is being trained by another process (pid and host: {holder}); {advice}")
+        yield
 
 
 def _check_start(checkpoint_path: Path, resume: bool) -> None:
