@@ -207,23 +207,28 @@ def test_save_checked_refuses_non_finite_values(tmp_path):
     assert not path.exists() and not list(tmp_path.iterdir())
 
 
+def infinite_learning_rate_at(monkeypatch, at):
+    """Adam's learning rate set to infinity at its ``at``-th step (1-based), as a config check would not see."""
+    steps = {"n": 0}
+    original = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        steps["n"] += 1
+        if steps["n"] == at:
+            for group in self.param_groups:
+                group["lr"] = float("inf")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+
+
 def test_digit_classifiers_that_diverge_raise_and_are_not_cached(tiny_root, monkeypatch):
     """An infinite learning rate mid-training: the classifiers used to come back NaN (accuracy 0.1 each, no warning)
     and were written to the cache."""
     from applications.multimodal_vae.data import PolyMNIST
     from applications.multimodal_vae.evaluation import classifiers as evaluation
 
-    original = torch.optim.Adam.step
-    steps = {"n": 0}
-
-    def step(self, *args, **kwargs):
-        steps["n"] += 1
-        if steps["n"] == 2:
-            for group in self.param_groups:
-                group["lr"] = float("inf")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    infinite_learning_rate_at(monkeypatch, 2)
     train_data, test_data = (PolyMNIST(tiny_root / "data", split) for split in ("train", "test"))
     with pytest.raises(FloatingPointError, match="the digit classifiers diverged: non-finite"):
         evaluation.classifiers_for(tiny_root / "data", "polymnist", train_data, test_data)
@@ -295,17 +300,7 @@ def test_a_nan_gradient_behind_a_finite_loss_stops_before_the_checkpoint_is_over
 
 
 def test_an_infinite_learning_rate_mid_run_stops_with_the_last_finite_checkpoint(tiny_root, monkeypatch):
-    steps = {"n": 0}
-    original = torch.optim.Adam.step
-
-    def step(self, *args, **kwargs):
-        steps["n"] += 1
-        if steps["n"] == 5:  # as a config check would not see: the learning rate blows up mid-run
-            for group in self.param_groups:
-                group["lr"] = float("inf")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    infinite_learning_rate_at(monkeypatch, 5)
     with pytest.raises(TrainingDiverged, match=r"non-finite parameters or optimiser state after the optimiser step at "
                                                r"step 5 \(epoch 2, batch 2\) .*no weights were written; last good "
                                                r"checkpoint: "
@@ -322,17 +317,7 @@ def test_a_divergence_on_a_diagnostics_step_is_a_divergence(tiny_root, monkeypat
     from applications.multimodal_vae import models
     from applications.multimodal_vae.train import DIVERGED_LOG
 
-    steps = {"n": 0}
-    original = torch.optim.Adam.step
-
-    def step(self, *args, **kwargs):
-        steps["n"] += 1
-        if steps["n"] == 5:
-            for group in self.param_groups:
-                group["lr"] = float("inf")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    infinite_learning_rate_at(monkeypatch, 5)
     with pytest.raises(TrainingDiverged, match=r"non-finite parameters or optimiser state after the optimiser step at "
                                                r"step 5 .*last good checkpoint: .*every/checkpoint.pt \(step 3\)"):
         train(tiny_config(tiny_root, "every", diagnostics_every=1, tensorboard="false"), show_progress=False)
