@@ -105,15 +105,18 @@ def _scaled(metric: str, value: float) -> float:
     return 1000 * value if metric == "kid_unconditional" else value
 
 
-def _show(metric: str, entry) -> str:
+def _show(metric: str, entry, seeds: int) -> str:
+    """``mean ± std`` over ``seeds`` runs; the mean alone for one run (its spread over seeds is unknown, not 0)."""
     mean, std = (_scaled(metric, v) for v in entry)
     if mean != mean:
         return "–"
     if metric == "kid_unconditional":
-        return f"{mean:.2f} ± {std:.2f}"
-    if metric in ("pairwise_mass", "own_cross_mass") and 0 < abs(mean) < 1e-2:  # masses fall to 1e-30 and below
-        return f"{mean:.1e} ± {std:.1e}"
-    return f"{mean:.3f} ± {std:.3f}" if abs(mean) < 10 else f"{mean:.1f} ± {std:.1f}"
+        form = ".2f"
+    elif metric in ("pairwise_mass", "own_cross_mass") and 0 < abs(mean) < 1e-2:  # masses fall to 1e-30 and below
+        form = ".1e"
+    else:
+        form = ".3f" if abs(mean) < 10 else ".1f"
+    return f"{mean:{form}}" if seeds == 1 else f"{mean:{form}} ± {std:{form}}"
 
 
 #: how the CPU study differs from the papers' PolyMNIST setting (the study preset's; a GPU sweep states its own)
@@ -131,14 +134,15 @@ SETTING = ("**Not the papers' setting.** This project's offline PolyMNIST (backg
 
 def _evidence(metric: str, first: dict, second: dict, between: str = "vs") -> str:
     """Both sides' mean ± std with, in parentheses, the number of seeds that computed the metric."""
-    return " ".join((f"{_show(metric, first[metric])} ({first['computed'][metric]})", between,
-                     f"{_show(metric, second[metric])} ({second['computed'][metric]})"))
+    return " ".join((f"{_show(metric, first[metric], first['computed'][metric])} ({first['computed'][metric]})",
+                     between,
+                     f"{_show(metric, second[metric], second['computed'][metric])} ({second['computed'][metric]})"))
 
 
 def _cell(metric: str, entry: dict) -> str:
     """A table cell: mean ± std, with the number of seeds that computed it where that is fewer than the row's."""
     n = entry["computed"][metric]
-    return _show(metric, entry[metric]) + (f" ({n})" if 0 < n < entry["seeds"] else "")
+    return _show(metric, entry[metric], n) + (f" ({n})" if 0 < n < entry["seeds"] else "")
 
 
 def compare(summary: dict, better: str, worse: str, metric: str, beta: float, lower_is_better: bool = False,
@@ -328,7 +332,8 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
     lines = [f"# The study `{folder.name}`", "",
              "Written by `python -m applications.multimodal_vae study` from the sweep's runs; every number is a mean "
              "± sample standard deviation (n - 1) over seeds, with the number of seeds that computed it in "
-             "parentheses (in the tables only where that is fewer than the row's). Machine: "
+             "parentheses (in the tables only where that is fewer than the row's); a value from one seed is its mean "
+             "alone. Machine: "
              f"{_machine()}. Commit: `{code_commit()}`. Command: `{command}`.", "", SETTING, ""]
     unfinished = _unfinished(folder)
     if unfinished:
@@ -389,7 +394,7 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
             finals = []
             for column in ("own_cross_mass", "mean_log_bhattacharyya"):
                 steps, series = mass_through_training(folder, members, column)
-                finals.append(_show(column, series[-1]) if steps else "–")
+                finals.append(_show(column, series[-1], len(members)) if steps else "–")
             lines.append(f"| {family} | {value:g} | {entry['seeds']} | "
                          + " | ".join(_cell(c, entry) for c in ("coherence", "log_likelihood",
                                                                 "kid_unconditional", "pairwise_mass"))

@@ -356,7 +356,8 @@ def splice_summary(page: Path, preset: str, sweep: SweepConfig, command: str) ->
                              "to write into the docs")
         lines = [f"Written on {datetime.date.today().isoformat()} at commit {code_commit()} by `{command}` from the "
                  f"{len(rows)} finished run(s) of the preset in `{folder}`"
-                 + (f"; not finished: {', '.join(missing)}" if missing else "") + ".", ""]
+                 + (f"; not finished: {', '.join(missing)}" if missing else "")
+                 + "; mean ± std over seeds, the value alone where one seed computed it.", ""]
         splice_file(page, table_name(preset), "\n".join(lines + summary_table(aggregate(rows))))
 
 
@@ -616,9 +617,16 @@ def plot(folder: Path, summary: dict) -> list[str]:
     return written
 
 
-def _cell(value) -> str:
+def _cell(metric: str, value, seeds: int) -> str:
+    """``mean ± std`` over ``seeds`` runs; the mean alone for one run (its spread over seeds is unknown, not 0)."""
     mean, std = value
-    return "–" if mean != mean else f"{mean:.3f} ± {std:.3f}" if abs(mean) < 10 else f"{mean:.1f} ± {std:.1f}"
+    if mean != mean:
+        return "–"
+    if metric == "pairwise_mass" and 0 < abs(mean) < 1e-2:  # masses fall to 1e-30 and below
+        form = ".1e"
+    else:
+        form = ".3f" if abs(mean) < 10 else ".1f"
+    return f"{mean:{form}}" if seeds == 1 else f"{mean:{form}} ± {std:{form}}"
 
 
 def summary_table(summary: dict) -> list[str]:
@@ -635,7 +643,7 @@ def summary_table(summary: dict) -> list[str]:
     for key in sorted(summary):
         entry = summary[key]
         lines.append(f"| {key[0]} | {key[1]:g} | {entry['seeds']} | " + " | ".join(
-            _cell(tuple(scale.get(f, 1) * v for v in entry[f])) for f, _ in columns) + " |")
+            _cell(f, tuple(scale.get(f, 1) * v for v in entry[f]), entry["computed"][f]) for f, _ in columns) + " |")
     missing = [label for f, label in columns if f != "probe_private" and not _computed(summary, summary, f)]
     if missing:
         lines += ["", f"Not computed by any run (–): {', '.join(missing)}; coherence and the latent probe need class "
@@ -652,8 +660,9 @@ def summary_table(summary: dict) -> list[str]:
 
 
 def render(summary: dict, figures: list[str], folder: Path, missing=()) -> str:
-    lines = [f"# Sweep `{folder.name}`", "", "Mean ± std over seeds; every metric as defined in "
-             "`applications/multimodal_vae/evaluation/` (see each run's report.md for its protocol).", ""]
+    lines = [f"# Sweep `{folder.name}`", "", "Mean ± std over seeds (the value alone where one seed computed it); "
+             "every metric as defined in `applications/multimodal_vae/evaluation/` (see each run's report.md for its "
+             "protocol).", ""]
     if missing:
         lines += [f"**Partial**: {len(missing)} run(s) of the grid not finished yet (rerun the sweep to continue): "
                   + ", ".join(missing) + ".", ""]

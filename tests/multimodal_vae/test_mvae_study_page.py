@@ -36,12 +36,15 @@ def test_verdicts_by_hand():
     assert compare(summary, "a", "b", "coherence", 1.0, at_least=True)[0] == HOLDS
     assert compare(summary, "a", "d", "coherence", 1.0, at_least=True)[0] == NOT_SEPARABLE
     assert compare(summary, "a", "b", "coherence", 2.5)[0] == NOT_RUN  # not in the sweep
-    assert compare(summary, "a", "f", "coherence", 1.0) == (NOT_SEPARABLE, "0.820 ± 0.020 (3) vs 0.100 ± 0.000 (1)")
+    assert compare(summary, "a", "f", "coherence", 1.0) == (NOT_SEPARABLE, "0.820 ± 0.020 (3) vs 0.100 (1)")
     # masses that fell to nearly nothing keep their size instead of printing as 0.000
-    assert _show("pairwise_mass", (4.8e-27, 1.2e-27)) == "4.8e-27 ± 1.2e-27"
-    assert _show("pairwise_mass", (0.25, 0.01)) == "0.250 ± 0.010"
-    assert _show("pairwise_mass", (0.003, 0.00047)) == "3.0e-03 ± 4.7e-04"  # not 0.003 ± 0.000
-    assert _show("own_cross_mass", (0.0, 0.0)) == "0.000 ± 0.000"
+    assert _show("pairwise_mass", (4.8e-27, 1.2e-27), 2) == "4.8e-27 ± 1.2e-27"
+    assert _show("pairwise_mass", (0.25, 0.01), 2) == "0.250 ± 0.010"
+    assert _show("pairwise_mass", (0.003, 0.00047), 3) == "3.0e-03 ± 4.7e-04"  # not 0.003 ± 0.000
+    assert _show("own_cross_mass", (0.0, 0.0), 2) == "0.000 ± 0.000"
+    # one seed has no spread over seeds to show (not a spread of 0)
+    assert _show("kid_unconditional", (0.1851, 0.0), 1) == "185.10"
+    assert _show("pairwise_mass", (3e-27, 0.0), 1) == "3.0e-27"
 
 
 def test_a_model_without_the_metric_neither_supports_nor_refutes_a_claim_over_all_models():
@@ -137,7 +140,7 @@ def test_the_study_page(tmp_path, capsys):
     # the alpha variants are in the alpha study, not among the models; alpha = 0 stands for both pools; another
     # variant (MMVAE with K = 4) has its own row in the table of every model, with what it varies
     assert not any(line.startswith("| holder-a0 |") for line in lines)
-    assert "| mmvae-k4 (mmvae, K = 4, dreg) | 1 | 1 | 0.770 ± 0.000 |" in page
+    assert "| mmvae-k4 (mmvae, K = 4, dreg) | 1 | 1 | 0.770 |" in page
     assert "| holder | 0 | 3 | 0.300 ± 0.000 |" in page and "| holder_mixture | 0 | 3 | 0.300 ± 0.000 |" in page
     assert "| holder_mixture | 0.25 | 3 | 0.610 ± 0.010 |" in page and "| 0.300 ± 0.000 |" in page
     assert "| holder | 0.5 | 3 | 0.820 ± 0.020 |" in page  # HELVAE at beta 1

@@ -227,6 +227,7 @@ def test_a_sweep_without_coherence_or_probe_is_summarised_with_empty_cells(tmp_p
     runs = [fake_run(tmp_path, 0, -123.4, -60.5, 0.7, 80.0, [9.0, 0.5, 0.25, 0.75]),
             fake_run(tmp_path, 1, -121.4, -58.5, 0.5, 84.0, [9.0, 1.0, 2.0])]
     rows = [result_row(run, "helvae", 1.0, seed) for seed, run in enumerate(runs)]
+    one_seed = result_row(fake_run(tmp_path, 2, -130.0, -61.0, 3e-27, 90.0, [9.0, 1.0]), "mopoe", 1.0, 0)
     missing = ("coherence", "cross_coherence", "self_coherence", "unconditional_coherence", "probe_all",
                "probe_single")
     assert all(rows[0][f] is None for f in missing)
@@ -235,21 +236,30 @@ def test_a_sweep_without_coherence_or_probe_is_summarised_with_empty_cells(tmp_p
     # the first step (compilation, warm-up) is left out of the median
     assert (rows[0]["seconds_per_batch"], rows[1]["seconds_per_batch"]) == (0.5, 1.5)
     assert json.loads(rows[0]["coherence_by_inputs"]) == {} and json.loads(rows[0]["fid_by_inputs"]) == {"1": 90.0}
-    write_results(tmp_path, rows)
+    write_results(tmp_path, rows + [one_seed])
     with open(tmp_path / "results.csv") as handle:
         saved = list(csv.DictReader(handle))
-    assert [r["seed"] for r in saved] == ["0", "1"] and all(r[f] == "" for r in saved for f in missing)
+    assert [r["seed"] for r in saved] == ["0", "1", "0"] and all(r[f] == "" for r in saved for f in missing)
     assert float(saved[1]["fid_unconditional"]) == 84.0
     report = (tmp_path / "report.md").read_text()
     header = next(line for line in report.splitlines() if line.startswith("| model |"))
-    row = next(line for line in report.splitlines() if line.startswith("| helvae |"))
-    cells = dict(zip(*([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in (header, row)), strict=True))
+
+    def cells_of(model):
+        row = next(line for line in report.splitlines() if line.startswith(f"| {model} |"))
+        return dict(zip(*([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in (header, row)),
+                        strict=True))
+
+    cells = cells_of("helvae")
     # mean and sample standard deviation over the two seeds, by hand: (-123.4, -121.4) -> -122.4 ± sqrt(2)
     assert cells["log p(X)"] == "-122.4 ± 1.4" and cells["plug-in log p(X_rest \\| x_m)"] == "-59.5 ± 1.4"
     assert cells["FID"] == "82.0 ± 2.8" and cells["pairwise mass"] == "0.600 ± 0.141"
     assert cells["KID x 1000"] == "20.5 ± 0.7"  # 0.020 and 0.021, in thousandths
     assert all(cells[c] == "–" for c in ("coherence (all subsets)", "one input", "self (one input)", "unconditional",
                                           "probe (all)"))
+    # one seed: the value alone (its spread over seeds is unknown, not 0)
+    alone = cells_of("mopoe")
+    assert (alone["seeds"], alone["log p(X)"], alone["KID x 1000"]) == ("1", "-130.0", "22.5")
+    assert alone["pairwise mass"] == "3.0e-27"  # a mass that fell to nearly nothing keeps its size, not 0.000
     assert ("Not computed by any run (–): coherence (all subsets), one input, self (one input), unconditional, "
             "probe (all);") in report
     # no coherence, so no coherence-vs-X figure; the metrics and the FID curve are drawn
