@@ -189,7 +189,7 @@ def main(argv=None) -> int:
         if any(not o.startswith("eval.") for o in args.overrides):
             parser.error(f"evaluate --set takes eval.* keys only, got {args.overrides}")
         # held while evaluating: a train of the folder is refused meanwhile, as an evaluation during one is
-        held = run_folder_lock(args.run, "evaluate it once that has stopped") if Path(args.run).is_dir() \
+        held = run_folder_lock(args.run, "evaluate it once that has stopped", "evaluated") if Path(args.run).is_dir() \
             else contextlib.nullcontext()
         try:
             with held:

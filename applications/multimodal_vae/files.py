@@ -336,19 +336,19 @@ def _lock_file(lock: Path, blocking: bool) -> int | None:
 
 
 @contextlib.contextmanager
-def claim(lock: Path, wait: bool = False):
+def claim(lock: Path, wait: bool = False, purpose: str = ""):
     """Yields whether this process holds ``lock``: an exclusive advisory lock (``flock``) on the file, which the
     kernel releases when its holder dies, so a dead process's lock is free and two processes cannot both take it
     over. ``wait=True`` waits for it (and yields True); otherwise a lock another process holds yields False at once.
-    The file names its holder (process id and host) for people; the holder removes it on exit, and a process that
-    locked the file just as it was removed locks the new one instead."""
+    The file names its holder (process id and host, then ``purpose`` on a second line) for people; the holder
+    removes it on exit, and a process that locked the file just as it was removed locks the new one instead."""
     handle = _lock_file(lock, blocking=wait)
     if handle is None:
         yield False
         return
     try:
         os.ftruncate(handle, 0)
-        os.write(handle, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        os.write(handle, f"{os.getpid()} {socket.gethostname()}\n{purpose}\n".encode())
         yield True
     finally:
         lock.unlink(missing_ok=True)  # still holding it: nobody else can have it yet

@@ -253,7 +253,7 @@ def _train_and_evaluate(sweep: SweepConfig, config, folder: Path, train_only: bo
             return
         if not train_only:
             try:  # as the evaluate command: not while a train holds the folder
-                with run_folder_lock(run_dir, "the next sweep evaluates it"):
+                with run_folder_lock(run_dir, "the next sweep evaluates it", "evaluated"):
                     _, trained = load_run(run_dir)
                     evaluate_run(run_dir, config, trained, progress=tqdm if show_progress else None)
             except RunFolderBusy as error:

@@ -308,17 +308,19 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
 
 
 @contextlib.contextmanager
-def run_folder_lock(run_dir: Path, advice: str):
-    """Hold the run folder's lock (``RUN_LOCK``) while training or evaluating the run; ``RunFolderBusy``, naming
-    the holder and ending with ``advice``, where another process holds it."""
+def run_folder_lock(run_dir: Path, advice: str, purpose: str = "trained"):
+    """Hold the run folder's lock (``RUN_LOCK``) while the run is ``purpose`` ("trained" or "evaluated");
+    ``RunFolderBusy``, naming the holder and what it does and ending with ``advice``, where another process holds
+    it."""
     lock = Path(run_dir) / RUN_LOCK
-    with claim(lock) as held:
+    with claim(lock, purpose=purpose) as held:
         if not held:
             try:
-                holder = lock.read_text().strip()
-            except FileNotFoundError:
-                holder = "unknown"
-            raise RunFolderBusy(f"{run_dir} is being trained by another process (pid and host: {holder}); {advice}")
+                holder, _, theirs = lock.read_text().strip().partition("\n")
+            except FileNotFoundError:  # released as we looked
+                holder, theirs = "unknown", ""
+            raise RunFolderBusy(f"{run_dir} is being {theirs.strip() or 'used'} by another process (pid and host: "
+                                f"{holder}); {advice}")
         yield
 
 

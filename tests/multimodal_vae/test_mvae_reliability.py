@@ -441,12 +441,15 @@ def test_one_process_trains_a_run_folder_at_a_time(tiny_root, capsys):
 
     run = tiny_root / "runs" / "busy"
     run.mkdir(parents=True)
-    with claim(run / RUN_LOCK) as held:
+    with claim(run / RUN_LOCK, purpose="trained") as held:
         assert held
         with pytest.raises(RuntimeError, match=rf"busy is being trained by another process \(pid and host: "
                                                rf"{os.getpid()} .*--resume"):
             train(tiny_config(tiny_root, "busy", max_steps=1, tensorboard="false"), show_progress=False)
         assert sorted(p.name for p in run.iterdir()) == [RUN_LOCK]
+    with claim(run / RUN_LOCK, purpose="evaluated"):  # the refusal says what the holder does
+        with pytest.raises(RuntimeError, match=r"busy is being evaluated by another process \(pid and host: "):
+            train(tiny_config(tiny_root, "busy", max_steps=1, tensorboard="false"), show_progress=False)
     train(tiny_config(tiny_root, "busy", max_steps=1, tensorboard="false"), show_progress=False)
     assert (run / "checkpoint.pt").exists() and not (run / RUN_LOCK).exists()  # its holder removed it
     # from the command line: one-line errors, for train and for evaluate (which holds the lock itself)
@@ -456,7 +459,7 @@ def test_one_process_trains_a_run_folder_at_a_time(tiny_root, capsys):
                                 ("model.hidden", 32), ("train.batch_size", 8), ("train.device", "cpu"),
                                 ("output_dir", tiny_root / "runs"), ("name", "busy"), ("data.drop_rate", 0.3),
                                 ("train.max_steps", 2), ("train.tensorboard", "false"))]]
-    with claim(run / RUN_LOCK):
+    with claim(run / RUN_LOCK, purpose="trained"):
         with pytest.raises(SystemExit):
             main(args)
         assert "train: error: " in capsys.readouterr().err
