@@ -1,6 +1,8 @@
 """The validation command itself: it writes its report, figures and CSV, and its exit status reports failures."""
 
 import csv
+import math
+import re
 
 import numpy as np
 import pytest
@@ -31,10 +33,11 @@ def test_a_failing_check_sets_the_exit_status(tmp_path, monkeypatch):
 
 
 def test_the_laplace_affinity_checks_pass_and_can_fail(monkeypatch):
-    """The diagonal Laplace checks pass at the quick run's 20 000 draws, and fail when the library reads the
-    experts as Gaussians of the same moments (the diagnostics' reading before the Laplace closed form)."""
+    """The diagonal Laplace checks (quadrature and Monte Carlo) pass at the quick run's 20 000 draws, and fail
+    when the library reads the experts as Gaussians of the same moments (the diagnostics' reading before the
+    Laplace closed form)."""
     checks = closed_forms.laplace_affinity_checks(20_000, np.random.default_rng(0))
-    assert len(checks) == 2 and all(c.passed for c in checks)
+    assert len(checks) == 4 and all(c.passed for c in checks)
     import opinionpool.functional as opf
 
     for name in ("log_bhattacharyya", "hellinger_pairwise_mass"):
@@ -75,3 +78,83 @@ def test_report_helpers_reject_bad_input_and_write_atomically(tmp_path):
     target = tmp_path / "sub" / "out.txt"
     write_text_atomic(target, "hello")
     assert target.read_text() == "hello" and list(target.parent.iterdir()) == [target]
+
+
+def test_the_affinity_checks_catch_a_few_percent_and_a_swapped_convention(monkeypatch):
+    """Against Monte Carlo alone, a Bhattacharyya coefficient 3 % off passed for four families and the Chernoff
+    order a <-> 1 - a passed at most seeds; against quadrature (or exact sums) both fail for every family."""
+    import opinionpool
+
+    def failed(checks, name):
+        return {c.group for c in checks if c.name == f"{name} vs quadrature" and not c.passed}
+
+    checks = closed_forms.affinity_checks(20_000)
+    assert all(c.passed for c in checks) and len(failed(checks, "KL(p || q)")) == 0
+    families = {f"affinities, {case.name}" for case in closed_forms.cases()}
+    assert {c.group for c in checks if c.name.endswith("vs quadrature")} >= families
+    bc, chernoff = opinionpool.bhattacharyya_coefficient, opinionpool.log_chernoff_coefficient
+    monkeypatch.setattr(opinionpool, "bhattacharyya_coefficient", lambda p, q: 1.03 * bc(p, q))
+    monkeypatch.setattr(opinionpool, "log_chernoff_coefficient", lambda p, q, a: chernoff(p, q, 1 - a))
+    checks = closed_forms.affinity_checks(20_000)
+    assert failed(checks, "Bhattacharyya coefficient") == families
+    assert failed(checks, "log Chernoff(0.7)") == families
+    assert not failed(checks, "KL(p || q)")
+
+
+def test_a_wrong_log_density_a_lost_statistic_or_a_cut_shape_fails(monkeypatch):
+    """Nothing compared the pools' log_prob (an offset of 0.05 passed every check), a statistic the library did
+    not report was skipped, and a result with fewer values than the reference was compared on the overlap."""
+    def run(family="Independent(Normal) 2-D", alpha=0.5):
+        checks, _ = closed_forms.run(2_000, families=(family,), alphas=(alpha,))
+        return [c for c in checks if not c.passed]
+
+    assert run() == [] and run("Dirichlet K=3", 2.0) == [] and run("Gamma") == []
+    library = closed_forms._library
+
+    def doctored(change):
+        def patched(case, alpha, points):
+            values, errors, note = library(case, alpha, points)
+            return change(values), errors, note
+        return patched
+
+    with monkeypatch.context() as patch:
+        patch.setattr(closed_forms, "_library", doctored(lambda v: {**v, "log density": v["log density"] + 0.05}))
+        assert {c.name for c in run()} == {f"log density[{i}] vs quadrature" for i in range(5)}
+        assert {c.name for c in run("Dirichlet K=3", 2.0)} == {f"log density[{i}] vs quadrature" for i in range(5)}
+    with monkeypatch.context() as patch:
+        patch.setattr(closed_forms, "_library", doctored(lambda v: {k: x for k, x in v.items() if k != "variance"}))
+        assert [c.name for c in run("Gamma")] == ["variance: not reported by the library"]
+    with monkeypatch.context() as patch:
+        patch.setattr(closed_forms, "_library", doctored(lambda v: {**v, "mean": v["mean"][:1]}))
+        assert [c.name for c in run()] == ["mean: 1 values for quadrature's 2", "mean: 1 values for Monte Carlo's 2"]
+
+
+def test_the_report_escapes_bars_in_its_table():
+    from validation.report import Report
+
+    report = Report("r", checks=[compare("affinities, Normal", "KL(p || q) vs quadrature", 1.0, 1.0, "absolute", 1e-8)])
+    row = report.markdown().splitlines()[-1]
+    assert row.startswith("| affinities, Normal | KL(p \\|\\| q) vs quadrature |")
+    assert len(re.split(r"(?<!\\)\|", row)) == len(re.split(r"(?<!\\)\|", report.markdown().splitlines()[-3]))
+
+
+def test_a_metric_that_is_not_finite_fails_the_claims():
+    """A NaN NLL of PoE passed "PoE has the highest NLL" (NaN < x is False, so no exception was recorded)."""
+    rows = paper.expert_sweep(3, [0, 1])
+    doctored = [r[:3] + (math.nan,) + r[4:] if r[2] == "PoE" and r[1] == 1 else r for r in rows]
+    verdicts = dict((c, ok) for c, ok, _ in paper.claims(doctored))
+    assert verdicts["every metric is finite"] is False and dict(
+        (c, ok) for c, ok, _ in paper.claims(rows))["every metric is finite"] is True
+    assert not verdicts["PoE has the highest NLL once a bad expert is present"]
+    assert not verdicts["WB is more stable than PoE (lower NLL with bad experts)"]
+
+
+def test_a_mixture_density_that_does_not_integrate_to_one_stops_the_sweep(monkeypatch):
+    import opinionpool
+
+    pool = paper.pools(paper.diagonal_experts([paper.GOOD_MEAN, paper.BAD_MEAN], [paper.GOOD_VAR, paper.BAD_VAR]))["MoE"]
+    assert paper.metrics(pool)[3].startswith("dense-grid")
+    log_prob = opinionpool.HolderPool.log_prob
+    monkeypatch.setattr(opinionpool.HolderPool, "log_prob", lambda self, value: log_prob(self, value) + 0.05)
+    with pytest.raises(ValueError, match="integrates to 1.05.* not 1"):
+        paper.metrics(pool)

@@ -1,5 +1,6 @@
-"""Every family and alpha in {0, 1/4, 1/3, 1/2, 1, 2, -1}: the library's normaliser, mean, variance and
-moment-matched statistics against (a) independent quadrature or exact sums and (b) Monte Carlo.
+"""Every family and alpha in {0, 1/4, 1/3, 1/2, 1, 2, -1}: the library's normaliser, mean, variance,
+moment-matched statistics and log density against (a) independent quadrature or exact sums and (b) Monte
+Carlo; the affinities between two experts against the same two references.
 
 The references never call opinionpool: densities come from scipy.stats, quadrature from scipy, and the
 Monte Carlo draws from the equal-weight mixture of the experts (numpy), reweighted to the pool by the power
@@ -37,8 +38,8 @@ import opinionpool
 from .reference import power_mean
 from .report import Z_TOLERANCE, Check, compare
 
-__all__ = ["ALPHAS", "WEIGHTS", "Case", "cases", "quadrature_reference", "monte_carlo_reference", "run", "affinity_checks",
-           "laplace_affinity_checks"]
+__all__ = ["ALPHAS", "WEIGHTS", "Case", "cases", "quadrature_reference", "monte_carlo_reference", "run",
+           "affinity_reference", "affinity_checks", "laplace_affinity_checks"]
 
 ALPHAS = (0.0, 0.25, 1 / 3, 0.5, 1.0, 2.0, -1.0)
 WEIGHTS = np.array([0.2, 0.3, 0.5])
@@ -57,6 +58,8 @@ class Case:
     domain: str  # "real", "positive", "unit", "circle", "discrete", "plane", "simplex"
     support: np.ndarray | None = None  # discrete support
     statistic: Callable | None = None  # T(z) for the moment-matching check (numpy)
+    #: reference statistics the library does not report for this family (any other one it lacks fails a check)
+    unreported: tuple = ()
 
     def logpdf(self, z):
         if self.domain == "discrete":
@@ -109,71 +112,75 @@ def cases() -> list[Case]:
                                                                         (0.05, 0.15, 0.8))],
              [stats.rv_discrete(values=(np.arange(3), p)) for p in ((0.1, 0.6, 0.3), (0.5, 0.2, 0.3),
                                                                    (0.05, 0.15, 0.8))],
-             "discrete", np.arange(3), statistic=lambda z: [z == 0, z == 1, z == 2]),
+             # the categories are labels: the library reports no numeric mean or variance (E[T] is checked)
+             "discrete", np.arange(3), statistic=lambda z: [z == 0, z == 1, z == 2], unreported=("mean", "variance")),
+        # its moment-matched Gaussian is diagonal: the pool's covariance (not 0 for alpha != 0) is not reported
         Case("Independent(Normal) 2-D", lambda: [Independent(Normal(_t(m), _t(s)), 1) for m, s in zip(diag_loc, diag_sd)],
-             [stats.multivariate_normal(m, np.diag(s**2)) for m, s in zip(diag_loc, diag_sd)], "plane"),
+             [stats.multivariate_normal(m, np.diag(s**2)) for m, s in zip(diag_loc, diag_sd)], "plane",
+             unreported=("covariance",)),
         Case("MultivariateNormal 2-D", lambda: [MultivariateNormal(_t(m), _t(c)) for m, c in zip(mvn_loc, mvn_cov)],
              [stats.multivariate_normal(m, c) for m, c in zip(mvn_loc, mvn_cov)], "plane"),
         Case("Dirichlet K=3", lambda: [Dirichlet(_t(c)) for c in ((2.0, 3.0, 4.0), (6.0, 2.0, 2.0), (3.0, 3.0, 9.0))],
-             [stats.dirichlet(c) for c in ((2.0, 3.0, 4.0), (6.0, 2.0, 2.0), (3.0, 3.0, 9.0))], "simplex"),
+             [stats.dirichlet(c) for c in ((2.0, 3.0, 4.0), (6.0, 2.0, 2.0), (3.0, 3.0, 9.0))], "simplex",
+             statistic=lambda z: list(np.log(z).T)),
     ]
 
 
 # ----------------------------------------------------------------------------- references
-def _simplex_quadrature(case: Case, alpha: float, nodes: int = 160):
-    """log Z, mean, variance and E[log z] of a pool of 3-category Dirichlet experts by a tensor Gauss-Legendre rule
-    on the square mapped onto the simplex (z1 = u, z2 = (1 - u) v, z3 = (1 - u)(1 - v), Jacobian 1 - u): the
-    experts' concentrations are at least 2, so the pooled density is smooth and vanishes on the edges."""
-    t, w = np.polynomial.legendre.leggauss(nodes)
-    t, w = (t + 1) / 2, w / 2
-    u, v = np.meshgrid(t, t, indexing="ij")
-    cell = np.outer(w, w) * (1 - u)
-    pts = np.stack((u, (1 - u) * v, (1 - u) * (1 - v)), -1).reshape(-1, 3)
-    mass = power_mean(np.exp(case.logpdf(pts)), WEIGHTS, alpha) * cell.ravel()
-    total = mass.sum()
-    p = mass / total
-    mean = p @ pts
-    return {"log Z": math.log(total), "mean": mean, "variance": p @ (pts - mean) ** 2, "E[T]": p @ np.log(pts)}
-
-
-def quadrature_reference(case: Case, alpha: float):
-    """log Z, mean, variance (or E[T] for circular/categorical) of the pool by quadrature or exact sums."""
-    if case.domain == "simplex":
-        return _simplex_quadrature(case, alpha)
+def _nodes(case: Case):
+    """Points and weights of the rule over a discrete, planar or simplex support (``None`` for 1-D supports, which
+    ``scipy.integrate.quad`` integrates): exact sums; a dense trapezoid grid on a box 12 standard deviations
+    beyond every expert (the integrands vanish on its edges); a tensor Gauss-Legendre rule on the square mapped
+    onto the simplex (z1 = u, z2 = (1 - u) v, z3 = (1 - u)(1 - v), Jacobian 1 - u; the Dirichlet experts'
+    concentrations are at least 2, so the integrands are smooth and vanish on the edges)."""
     if case.domain == "discrete":
-        z = case.support
-        u = power_mean(np.exp(case.logpdf(z)), WEIGHTS, alpha)
-        total = u.sum()
-        p = u / total
-        mean = (p * z).sum()
-        out = {"log Z": math.log(total), "mean": mean, "variance": (p * (z - mean) ** 2).sum()}
-        out["E[T]"] = [(p * t).sum() for t in case.statistic(z)]
-        return out
+        return case.support, np.ones(len(case.support))
     if case.domain == "plane":
         sd = np.array([np.sqrt(np.diag(d.cov)) for d in case.scipy])
         loc = np.array([d.mean for d in case.scipy])
         lo, hi = (loc - 12 * sd).min(0), (loc + 12 * sd).max(0)
         x, y = np.meshgrid(np.linspace(lo[0], hi[0], 1201), np.linspace(lo[1], hi[1], 1201), indexing="ij")
         cell = (x[1, 0] - x[0, 0]) * (y[0, 1] - y[0, 0])
-        pts = np.stack((x.ravel(), y.ravel()), -1)
-        u = power_mean(np.exp(case.logpdf(pts)), WEIGHTS, alpha)
-        total = u.sum() * cell  # trapezoid rule; the integrand vanishes on the box edges
-        p = u * cell / total
-        mean = p @ pts
-        var = p @ (pts - mean) ** 2
-        covariance = p @ ((pts[:, 0] - mean[0]) * (pts[:, 1] - mean[1]))
-        return {"log Z": math.log(total), "mean": mean, "variance": var, "covariance": covariance}
-    lower, upper = {"real": (-np.inf, np.inf), "positive": (0, np.inf), "unit": (0, 1), "circle": (-np.pi, np.pi)}[
-        case.domain]
-    points = [float(d.mean()) for d in case.scipy] if case.domain in ("unit",) else None
+        return np.stack((x.ravel(), y.ravel()), -1), np.full(x.size, cell)
+    if case.domain == "simplex":
+        t, w = np.polynomial.legendre.leggauss(400)  # KL's p log(p / q) ~ z log z at the edges: error ~ nodes^-4
+        t, w = (t + 1) / 2, w / 2
+        u, v = np.meshgrid(t, t, indexing="ij")
+        cell = np.outer(w, w) * (1 - u)
+        return np.stack((u, (1 - u) * v, (1 - u) * (1 - v)), -1).reshape(-1, 3), cell.ravel()
+    return None
+
+
+def _quadrature_setup(case: Case):
+    """Limits and options of ``scipy.integrate.quad`` over a 1-D support (breakpoints at the experts' means)."""
+    lower, upper = {"real": (-60.0, 60.0), "positive": (0, np.inf), "unit": (0, 1), "circle": (-np.pi, np.pi)}[
+        case.domain]  # the real line cut at +-60 (30 standard deviations of the widest expert), so that quad
+    # takes the breakpoints
+    points = [float(d.mean()) for d in case.scipy] if case.domain in ("real", "unit") else None
+    return lower, upper, dict(epsabs=0, epsrel=1e-12, limit=400, points=points)
+
+
+def quadrature_reference(case: Case, alpha: float):
+    """log Z, mean, variance (E[T] where the case has a statistic; the covariance in the plane) of the pool by
+    quadrature or exact sums."""
+    rule = _nodes(case)
+    if rule is not None:
+        z, cell = rule
+        mass = power_mean(np.exp(case.logpdf(z)), WEIGHTS, alpha) * cell
+        total = mass.sum()
+        p = mass / total
+        mean = p @ z
+        out = {"log Z": math.log(total), "mean": mean, "variance": p @ (z - mean) ** 2}
+        if case.domain == "plane":
+            out["covariance"] = p @ ((z[:, 0] - mean[0]) * (z[:, 1] - mean[1]))
+        if case.statistic is not None:
+            out["E[T]"] = [p @ t for t in case.statistic(z)]
+        return out
+    lower, upper, opts = _quadrature_setup(case)
 
     def pooled(z):
         return float(power_mean(np.exp(case.logpdf(np.array([z])))[:, 0], WEIGHTS, alpha))
 
-    opts = dict(epsabs=0, epsrel=1e-12, limit=400, points=points)
-    if case.domain == "real":  # finite limits so the breakpoints can be used
-        lower, upper = -60.0, 60.0
-        opts["points"] = [float(d.mean()) for d in case.scipy]
     z0 = integrate.quad(pooled, lower, upper, **opts)[0]
     out = {"log Z": math.log(z0)}
     if case.domain != "circle":
@@ -182,8 +189,33 @@ def quadrature_reference(case: Case, alpha: float):
         out["variance"] = integrate.quad(lambda z: (z - mean) ** 2 * pooled(z), lower, upper, **opts)[0] / z0
     if case.statistic is not None:
         out["E[T]"] = [integrate.quad(lambda z, k=k: case.statistic(z)[k] * pooled(z), lower, upper, **opts)[0] / z0
-                       for k in range(len(case.statistic(1.0)))]
+                       for k in range(len(case.statistic(0.5)))]
     return out
+
+
+def _integral(case: Case, integrand) -> float:
+    """The integral over the case's support of ``integrand(log_densities)``, a function of the experts' log
+    densities (M, N) at N points, by the rule of ``quadrature_reference``."""
+    rule = _nodes(case)
+    if rule is not None:
+        z, cell = rule
+        return float(integrand(case.logpdf(z)) @ cell)
+    lower, upper, opts = _quadrature_setup(case)
+    return integrate.quad(lambda z: float(integrand(case.logpdf(np.array([z])))[0]), lower, upper, **opts)[0]
+
+
+def _kl_integrand(log_q):
+    """p log(p / q) of the first two experts, 0 where p is (p log p -> 0)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isfinite(log_q[0]), np.exp(log_q[0]) * (log_q[0] - log_q[1]), 0.0)
+
+
+def affinity_reference(case: Case) -> dict:
+    """Bhattacharyya coefficient int sqrt(p q), KL(p || q) and log Chernoff(0.7) log int p^0.7 q^0.3 between the
+    case's first two experts p and q, by the rule of ``quadrature_reference``."""
+    return {"Bhattacharyya coefficient": _integral(case, lambda log_q: np.exp(0.5 * (log_q[0] + log_q[1]))),
+            "KL(p || q)": _integral(case, _kl_integrand),
+            "log Chernoff(0.7)": math.log(_integral(case, lambda log_q: np.exp(0.7 * log_q[0] + 0.3 * log_q[1])))}
 
 
 def monte_carlo_reference(case: Case, alpha: float, num_samples: int, seed: int):
@@ -224,11 +256,14 @@ def monte_carlo_reference(case: Case, alpha: float, num_samples: int, seed: int)
 
 
 # --------------------------------------------------------------------------------- checks
-def _library(case: Case, alpha: float):
-    """The library's values, and the standard errors of those that are themselves Monte Carlo estimates."""
+def _library(case: Case, alpha: float, points: np.ndarray):
+    """The library's values (its log density at ``points`` among them), and the standard errors of those that are
+    themselves Monte Carlo estimates."""
     pool = opinionpool.holder(case.experts(), alpha=alpha, weights=WEIGHTS.tolist())
     family = pool.family
     out = {"log Z": float(pool.log_normalizer)}
+    value = torch.as_tensor(points, dtype=torch.long if case.name == "Categorical" else torch.float64)
+    out["log density"] = pool.log_prob(value).detach().numpy()
     if family.has_numeric_moments and not family.circular:
         out["mean"] = pool.mean.detach().numpy()
         out["variance"] = pool.variance.detach().numpy()
@@ -248,6 +283,8 @@ def _library(case: Case, alpha: float):
     if summary is not None and summary.error_kind == "standard error":
         errors = {"log Z": summary.log_normalizer.error.numpy(), "mean": summary.mean.error.numpy(),
                   "variance": summary.variance.error.numpy()}
+        # log q(z) = log of the power mean - log Z: the estimate of log Z carries the error at every point
+        errors["log density"] = np.full(len(points), float(errors["log Z"]))
         if "E[T]" in out:  # the moment-matched statistic is the estimate's own expected statistic
             statistic = summary.expected_statistic or pool.estimate(["expected_statistic"]).expected_statistic
             errors["E[T]"] = statistic.error.numpy()
@@ -261,16 +298,27 @@ def run(num_samples: int = 200_000, seed: int = 0, families=None, alphas=ALPHAS,
     jobs = [(case, alpha) for case in selected for alpha in alphas]
     for case, alpha in (progress(jobs) if progress else jobs):
         group = f"{case.name}, alpha={alpha:.4g}"
+        points = case.sample_mixture(5, np.random.default_rng(seed))  # where the log density is compared
         start = time.perf_counter()
-        lib, lib_errors, note = _library(case, alpha)
+        lib, lib_errors, note = _library(case, alpha, points)
         lib_seconds = time.perf_counter() - start
         quad = quadrature_reference(case, alpha)
-        mc = monte_carlo_reference(case, alpha, num_samples, seed)
+        quad["log density"] = np.log(power_mean(np.exp(case.logpdf(points)), WEIGHTS, alpha)) - quad["log Z"]
+        mc = {name: (np.array([v for v, _ in entry]), np.array([e for _, e in entry])) if name == "E[T]"
+              else tuple(np.atleast_1d(v) for v in entry) for name, entry in
+              monte_carlo_reference(case, alpha, num_samples, seed).items()}  # name -> (values, standard errors)
+        reported = {name.removeprefix("matched ") for name in lib}
+        for name in sorted(set(quad) - reported - set(case.unreported)):  # a statistic the library lost fails
+            checks.append(compare(group, f"{name}: not reported by the library", math.nan,
+                                  np.ravel(quad[name])[0], "absolute", QUAD_TOLERANCE, note=note))
         for name, value in lib.items():
             got = np.atleast_1d(value)
             reference_name = name.removeprefix("matched ")  # the moment-matched Gaussian against the pool's moments
-            if quad is not None and reference_name in quad:
+            if reference_name in quad:
                 ref = np.atleast_1d(quad[reference_name])
+                if len(ref) != len(got):  # a shape the library got wrong fails (zip would compare the overlap)
+                    checks.append(compare(group, f"{name}: {len(got)} values for quadrature's {len(ref)}", math.nan,
+                                          math.nan, "absolute", QUAD_TOLERANCE, note=note))
                 for i, (g, r) in enumerate(zip(got, ref)):
                     label = f"{name}[{i}]" if len(got) > 1 else name
                     if name in lib_errors:  # the library's value is itself a Monte Carlo estimate: its z-score
@@ -283,10 +331,10 @@ def run(num_samples: int = 200_000, seed: int = 0, families=None, alphas=ALPHAS,
                     checks.append(compare(group, f"{label} vs quadrature", g, r, rel_kind, tolerance,
                                           seconds=lib_seconds, note=note))
             if name in mc:
-                if name == "E[T]":
-                    ref, se = np.array([v for v, _ in mc[name]]), np.array([s for _, s in mc[name]])
-                else:
-                    ref, se = np.atleast_1d(mc[name][0]), np.atleast_1d(mc[name][1])
+                ref, se = mc[name]
+                if len(ref) != len(got):
+                    checks.append(compare(group, f"{name}: {len(got)} values for Monte Carlo's {len(ref)}", math.nan,
+                                          math.nan, "absolute", QUAD_TOLERANCE, note=note))
                 # an importance-sampling library value carries its own standard error: combine both
                 se = np.hypot(se, np.atleast_1d(lib_errors.get(name, 0.0)))
                 for i, (g, r, s) in enumerate(zip(got, ref, se)):
@@ -300,8 +348,8 @@ def run(num_samples: int = 200_000, seed: int = 0, families=None, alphas=ALPHAS,
 
 # ----------------------------------------------------------------------------- affinities
 def affinity_checks(num_samples: int = 200_000, seed: int = 1) -> list[Check]:
-    """Bhattacharyya coefficient, KL and Renyi(0.7) between the first two experts of each family vs Monte Carlo
-    under the first expert."""
+    """Bhattacharyya coefficient, KL and log Chernoff(0.7) between the first two experts of each family against
+    (a) quadrature or exact sums (``affinity_reference``) and (b) Monte Carlo under the first expert."""
     checks = []
     rng = np.random.default_rng(seed)
     for case in cases():
@@ -310,24 +358,28 @@ def affinity_checks(num_samples: int = 200_000, seed: int = 1) -> list[Check]:
         start = time.perf_counter()
         library = {
             "Bhattacharyya coefficient": float(opinionpool.bhattacharyya_coefficient(p, q)),
-            "KL(p||q)": float(opinionpool.kl_divergence(p, q)),
+            "KL(p || q)": float(opinionpool.kl_divergence(p, q)),
             "log Chernoff(0.7)": float(opinionpool.log_chernoff_coefficient(p, q, 0.7)),
         }
         seconds = time.perf_counter() - start
+        group = f"affinities, {case.name}"
+        for name, reference in affinity_reference(case).items():
+            checks.append(compare(group, f"{name} vs quadrature", library[name], reference, "absolute",
+                                  QUAD_TOLERANCE, seconds=seconds))
         z = np.asarray(case.scipy[0].rvs(size=num_samples, random_state=rng))
         if case.domain == "circle":
             z = np.mod(z + np.pi, 2 * np.pi) - np.pi
         log_q = case.logpdf(z)
         log_ratio = log_q[1] - log_q[0]
-        samples = {"Bhattacharyya coefficient": np.exp(0.5 * log_ratio), "KL(p||q)": -log_ratio,
+        samples = {"Bhattacharyya coefficient": np.exp(0.5 * log_ratio), "KL(p || q)": -log_ratio,
                    "log Chernoff(0.7)": np.exp(0.3 * log_ratio)}
         for name, values in samples.items():
             mean, se = values.mean(), values.std(ddof=1) / math.sqrt(num_samples)
             got = library[name]
             if name.startswith("log"):  # delta method on the log of a mean
                 mean, se = math.log(mean), se / mean
-            checks.append(compare(f"affinities, {case.name}", f"{name} vs Monte Carlo", got, mean, "z-score",
-                                  Z_TOLERANCE, standard_error=se, seconds=seconds))
+            checks.append(compare(group, f"{name} vs Monte Carlo", got, mean, "z-score", Z_TOLERANCE,
+                                  standard_error=se, seconds=seconds))
     return checks + laplace_affinity_checks(num_samples, rng)
 
 
@@ -339,9 +391,11 @@ LAPLACE_WEIGHTS = np.array([0.5, 0.3, 0.2])
 
 def laplace_affinity_checks(num_samples: int, rng: np.random.Generator) -> list[Check]:
     """The diagonal Laplace experts of the MMVAE code (``functional``'s ``family="laplace"``): the Bhattacharyya
-    coefficient of the first two against Monte Carlo under the first, and the Hellinger pool's pairwise mass
-    ``1 - sum_j w_j^2 / Z``, ``Z = int (sum_j w_j sqrt(q_j))^2``, against ``Z`` by importance sampling from the
-    experts' equal-weight mixture (the integrand is at most 3 times that mixture's density)."""
+    coefficient of the first two, and the Hellinger pool's pairwise mass ``1 - sum_j w_j^2 / Z``,
+    ``Z = int (sum_j w_j sqrt(q_j))^2 = sum_ij w_i w_j BC_ij``, against (a) quadrature (each ``BC_ij`` a product
+    over coordinates of 1-D integrals of scipy's Laplace densities) and (b) Monte Carlo under the first expert
+    and ``Z`` by importance sampling from the experts' equal-weight mixture (the integrand is at most 3 times
+    that mixture's density)."""
     loc, logvar = torch.tensor(LAPLACE_LOC), torch.tensor(LAPLACE_LOGVAR)
     start = time.perf_counter()
     log_bc = float(opinionpool.functional.log_bhattacharyya(loc[0], logvar[0], loc[1], logvar[1], family="laplace"))
@@ -350,6 +404,16 @@ def laplace_affinity_checks(num_samples: int, rng: np.random.Generator) -> list[
                                                                 family="laplace"))
     seconds = time.perf_counter() - start
     experts = [stats.laplace(loc=LAPLACE_LOC[j], scale=np.sqrt(np.exp(LAPLACE_LOGVAR[j]) / 2)) for j in range(3)]
+    scales = np.sqrt(np.exp(LAPLACE_LOGVAR) / 2)
+
+    def coefficient(i, j):  # int sqrt(q_i q_j) over R^3, coordinate by coordinate, kinks at both locations
+        return math.prod(integrate.quad(
+            lambda z, d=d: math.sqrt(stats.laplace.pdf(z, LAPLACE_LOC[i, d], scales[i, d])
+                                     * stats.laplace.pdf(z, LAPLACE_LOC[j, d], scales[j, d])),
+            -80.0, 80.0, points=sorted({LAPLACE_LOC[i, d], LAPLACE_LOC[j, d]}), epsabs=0, epsrel=1e-12, limit=400)[0]
+            for d in range(3))
+
+    quad_z = sum(LAPLACE_WEIGHTS[i] * LAPLACE_WEIGHTS[j] * coefficient(i, j) for i in range(3) for j in range(3))
 
     def log_densities(z):  # (3, n): each expert's log-density at the draws z (n, 3)
         return np.stack([e.logpdf(z).sum(-1) for e in experts])
@@ -365,7 +429,11 @@ def laplace_affinity_checks(num_samples: int, rng: np.random.Generator) -> list[
     values = (LAPLACE_WEIGHTS @ np.exp(0.5 * log_q)) ** 2 / mixture
     total, total_se = values.mean(), values.std(ddof=1) / math.sqrt(num_samples)
     self_mass = float((LAPLACE_WEIGHTS**2).sum())
-    return [compare("affinities, diagonal Laplace (3-D)", "Bhattacharyya coefficient vs Monte Carlo", math.exp(log_bc),
+    return [compare("affinities, diagonal Laplace (3-D)", "Bhattacharyya coefficient vs quadrature", math.exp(log_bc),
+                    coefficient(0, 1), "absolute", QUAD_TOLERANCE, seconds=seconds),
+            compare("affinities, diagonal Laplace (3-D)", "Hellinger pool's pairwise mass vs quadrature", mass,
+                    1 - self_mass / quad_z, "absolute", QUAD_TOLERANCE, seconds=seconds),
+            compare("affinities, diagonal Laplace (3-D)", "Bhattacharyya coefficient vs Monte Carlo", math.exp(log_bc),
                     bc, "z-score", Z_TOLERANCE, standard_error=bc_se, seconds=seconds),
             # delta method: d(1 - s / Z) = s / Z^2 dZ
             compare("affinities, diagonal Laplace (3-D)", "Hellinger pool's pairwise mass vs importance sampling",

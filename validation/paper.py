@@ -75,6 +75,10 @@ def metrics(dist) -> tuple[float, float, float, str]:
     cell = (_GRID[1] - _GRID[0]) ** 2
     log_q = dist.log_prob(points)
     log_t = truth.log_prob(points)
+    mass = float(log_q.exp().sum() * cell)
+    if not abs(mass - 1) <= 1e-8:  # the grid integrates these densities to 1e-12: a log_prob off by a constant
+        raise ValueError(f"the density of {type(dist).__name__} integrates to {mass!r} on the grid, not 1: its "
+                         "log_prob is not normalised, and its NLL and Bhattacharyya coefficient would be wrong")
     nll = -(log_t.exp() * log_q).sum() * cell
     bc = torch.exp(0.5 * (log_t + log_q)).sum() * cell
     return float(nll), float(bc), float(torch.trace(dist.covariance_matrix)), "dense-grid quadrature (NLL, BC)"
@@ -111,8 +115,12 @@ def claims(rows):
     def nll(g, b, a):
         return table[g, b, a][0]
 
+    broken = [(g, b, a) for (g, b, a), values in table.items() if not all(map(math.isfinite, values))]
+    out.append(("every metric is finite", not broken, f"not finite (n_good, n_bad, aggregator): {broken}" if broken
+                else f"all {len(table)} pools"))
+    # written so that a NaN is an exception (NaN < x is False)
     worst = [(g, b) for b in bads if b > 0 for g in goods
-             if nll(g, b, "PoE") < max(nll(g, b, a) for a in AGGREGATORS)]
+             if not all(nll(g, b, "PoE") >= nll(g, b, a) for a in AGGREGATORS)]
     out.append(("PoE has the highest NLL once a bad expert is present", not worst,
                 f"exceptions (n_good, n_bad): {worst}" if worst else "all settings with n_bad >= 1"))
 

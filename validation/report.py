@@ -74,7 +74,8 @@ class Report:
                   "| group | check | library (how) | library | reference | kind | error | tolerance | s | ok |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for c in self.checks:
-            lines.append(f"| {c.group} | {c.name} | {c.note} | {c.got:.10g} | {c.reference:.10g} | {c.kind} | "
+            group, name, note = (text.replace("|", "\\|") for text in (c.group, c.name, c.note))  # "KL(p || q)"
+            lines.append(f"| {group} | {name} | {note} | {c.got:.10g} | {c.reference:.10g} | {c.kind} | "
                          f"{c.error:.2e} | {c.tolerance:.1e} | {c.seconds:.2f} | {'yes' if c.passed else '**NO**'} |")
         return "\n".join(lines) + "\n"
 
