@@ -676,16 +676,21 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
     if weights is not None:  # an expert of weight zero takes no part, as in the pools themselves
         member = member & positive
     shared = _shared_kind(aggregator, kwargs)
+    if shared is not None:
+        own_mu, own_logvar, own_member = mu, logvar, member
+        if prior_expert:  # the aggregator's own prior expert: a member of every subset but the empty ones, whose
+            # discarded aggregates are their stand-in's alone (one component: no spread, which the Hellinger sums
+            # rely on, as they visit only each subset's own components)
+            own_mu, own_logvar = _with_prior_expert(mu, logvar)
+            own_member = torch.cat((member, ~empty.unsqueeze(-1)), -1)
+        room = _log_variance_room(own_logvar, own_member)
+        if room == "none":  # beyond one scale per (sample, dimension) even in float64: every subset on its own
+            shared = None
     if shared is None:
         expand = batch + (k,) + mu.shape[-2:]
         loc, lv = aggregator(mu.unsqueeze(-3).expand(expand), logvar.unsqueeze(-3).expand(expand), dim=-2,
                              mask=member, validate_args=False, **kwargs)
     else:
-        if prior_expert:  # the aggregator's own prior expert: a member of every subset but the empty ones, whose
-            # discarded aggregates are their stand-in's alone (one component: no spread, which the Hellinger sums
-            # rely on, as they visit only each subset's own components)
-            mu, logvar = _with_prior_expert(mu, logvar)
-            member = torch.cat((member, ~empty.unsqueeze(-1)), -1)
         extra = ()
         if shared == "hellinger":
             if rows is None and not torch.compiler.is_compiling():
@@ -693,14 +698,15 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
             if rows is not None:  # the added experts: the full subset's prior (column M), then the prior expert
                 experts = subsets.shape[1]
                 full = (experts,) if prior_on_full_subset else ()
-                prior = (member.shape[-1] - 1,) if prior_expert else ()
+                prior = (own_member.shape[-1] - 1,) if prior_expert else ()
                 rows = [row + (full if len(row) == experts else ()) + prior for row in rows]
             extra = (rows,)
-        if _rounded_offsets_matter(mu, logvar, member) or _log_variances_too_spread(logvar, member):
-            wide = (mu.double(), logvar.double(), member, None if weights is None else weights.double(), *extra)
+        if room == "float64" or _rounded_offsets_matter(own_mu, own_logvar, own_member):
+            wide = (own_mu.double(), own_logvar.double(), own_member, None if weights is None else weights.double(),
+                    *extra)
             loc, lv = (t.to(mu.dtype) for t in _SHARED[shared](*wide))
         else:
-            loc, lv = _SHARED[shared](mu, logvar, member, weights, *extra)
+            loc, lv = _SHARED[shared](own_mu, own_logvar, own_member, weights, *extra)
     log_weights = torch.where(empty, -torch.inf, 0.0).to(mu.dtype)
     return GaussianMixture(torch.log_softmax(log_weights, -1), loc, lv)
 
@@ -730,20 +736,27 @@ def _wide(dtype):
 OFFSET_ROUNDING = 1e-3
 
 
-def _log_variances_too_spread(logvar, member):
-    """Whether the present experts' log-variances span more than the shared subset paths keep in the inputs' dtype at
-    some (sample, dimension): ``2 _span``, 160 nats in float32 (beyond it the flattest experts are floored, so the
-    subset of such an expert alone got the floor: -71.7 for an expert of log-variance -87 beside one of +88). Not
-    where the values cannot be read, nor in float64."""
-    if logvar.dtype == torch.float64 or not values_readable(logvar):
-        return False
+def _log_variance_room(logvar, member) -> str:
+    """Where the shared subset paths can take the present experts' log-variances: ``"inputs"`` (their dtype),
+    ``"float64"`` where they span more than the inputs' dtype keeps at some (sample, dimension) (``2 _span``, 160
+    nats in float32: beyond it the flattest experts are floored, so the subset of such an expert alone got the floor,
+    -71.7 for an expert of log-variance -87 beside one of +88) or one lies below ``-2 _span`` (the Hellinger
+    subsets of float32 experts of log-variance -200 were NaN), or ``"none"`` where they span more than float64 keeps
+    too (1 277 nats: a subset of the flattest expert alone got the floor, or a standard deviation of 0 and NaN
+    gradients), and only the aggregator on each subset is right. ``"inputs"`` where the values cannot be read."""
+    if not values_readable(logvar):
+        return "inputs"
     limit = 2 * _span(logvar.dtype)
     with torch.no_grad():
         low, high = torch.aminmax(logvar)
+        if logvar.dtype != torch.float64 and bool(low < -limit):  # standard deviations below e^-80 in float32
+            return "float64"
         if bool(high - low <= limit):  # every expert at once, present or not: the usual case in two reductions
-            return False
+            return "inputs"
         top, bottom = _present_range(logvar, member.any(-2).unsqueeze(-1))
-        return bool((top - bottom > limit).any())
+        if bool((top - bottom > 2 * _span(torch.float64)).any()):
+            return "none"
+        return "float64" if bool((top - bottom > limit).any()) else "inputs"
 
 
 def _rounded_offsets_matter(mu, logvar, member):
@@ -955,7 +968,7 @@ class _SubsetSums(torch.autograd.Function):
     the range is under ``2 _span`` (160 nats in float32) none falls below ``e^-_span``, so every subset's sum keeps its
     digits whichever experts it holds (a shift by the largest alone would flush the sums of subsets of flat experts
     to zero once the range passes 87 nats). Log-precisions further below the largest are raised to that floor (no
-    gradient there; ``subset_mixture`` sends wider ranges through float64, ``_log_variances_too_spread``). The
+    gradient there; ``subset_mixture`` sends wider ranges through float64, ``_log_variance_room``). The
     backward pass is analytic and saves the inputs, the mean and the scaled precisions, from which it recomputes
     ``1 / sum`` slice by slice (a matrix product, cheaper than ``exp`` of the log-variance); outputs and temporaries
     are written in place (each fresh ``(..., K, D)`` buffer costs as much as a pass over it, or more where its pages

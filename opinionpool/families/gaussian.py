@@ -172,7 +172,10 @@ def gaussian_mixture_moments(log_pi: torch.Tensor, loc: torch.Tensor, logvar: to
     largest_logvar = torch.where(present, logvar, none).amax(dim=k, keepdim=True)
     largest_offset = torch.where(present, offset.abs(), torch.zeros_like(offset)).amax(dim=k, keepdim=True)
     scale = torch.maximum(largest_logvar, 2 * torch.log(largest_offset)).detach()
-    dev = torch.where(present, offset * torch.exp(-0.5 * scale), torch.zeros_like(offset))
+    # e^(-scale / 2) in two factors: one overflows float32 below a scale of -177 (standard deviations under e^-88.7,
+    # subnormal), where inf * 0 gave NaN; each of two lasts to -355
+    quarter = torch.exp(-0.25 * scale)
+    dev = torch.where(present, offset * quarter * quarter, torch.zeros_like(offset))
     within = torch.where(present, torch.exp(logvar - scale), torch.zeros_like(logvar))
     scaled = (lp.exp() * (within + dev * dev)).sum(k)
     return mean, scale.squeeze(k) + torch.log(scaled)

@@ -353,4 +353,5 @@ def test_subset_barycenters_of_standard_deviations_beyond_the_float_range():
                                                          weights=torch.tensor([weights[j] for j in s]))
             torch.testing.assert_close(mix.logvar[0, k], ref_lv, rtol=1e-13, atol=0)
         mix.logvar.sum().backward()
-        assert torch.isfinite(logvar.grad).all() and torch.isfinite(mu.grad).all()
+        assert torch.isfinite(logvar.grad).all()
+        assert mu.grad is None or (mu.grad == 0).all()  # (beyond the shared path's range: each subset on its own)

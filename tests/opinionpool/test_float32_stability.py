@@ -77,6 +77,41 @@ def test_tiny_log_variances_do_not_become_nan(alpha):
     torch.testing.assert_close(lv.double(), lv64, rtol=0, atol=1e-4)
 
 
+SUBNORMAL_AGGREGATORS = {
+    "poe": opf.poe, "wasserstein_barycenter": opf.wasserstein_barycenter, "hellinger": opf.hellinger,
+    "hellinger, fused": lambda mu, logvar: opf.hellinger(mu, logvar, fused=True),
+    "holder 1/3": lambda mu, logvar: opf.holder(mu, logvar, 1 / 3), "holder 1/4": lambda mu, logvar: opf.holder(
+        mu, logvar, 1 / 4), "moe moments": lambda mu, logvar: opf.moe(mu, logvar).moments()}
+
+
+@pytest.mark.parametrize("name", list(SUBNORMAL_AGGREGATORS) + ["subset hellinger", "subset poe", "subset barycenter"])
+@pytest.mark.parametrize("centre", [-200.0, -300.0])
+def test_standard_deviations_below_float32s_normal_range_do_not_become_nan(name, centre):
+    """float32 log-variances below -177 (standard deviations under e^-88.7, subnormal): e^(-scale / 2) overflowed
+    in the Hellinger pool, the exact Hölder pools' moments and the Hellinger subsets, whose pools came out NaN (one
+    expert of log-variance -200 gave NaN). Now finite, with finite gradients, and float64's to float32's rounding."""
+    if name.startswith("subset"):
+        aggregator = {"hellinger": opf.hellinger, "poe": opf.poe, "barycenter": opf.wasserstein_barycenter}[
+            name.split()[1]]
+
+        def pooled(mu, logvar):
+            mixture = opf.subset_mixture(aggregator, mu, logvar)
+            return mixture.loc, mixture.logvar
+    else:
+        pooled = SUBNORMAL_AGGREGATORS[name]
+    g = torch.Generator().manual_seed(3)
+    logvar = centre + torch.randn(3, 2, 4, generator=g, dtype=torch.float64)
+    lv32 = logvar.float().requires_grad_(True)
+    mu32 = torch.zeros(3, 2, 4, dtype=torch.float32, requires_grad=True)
+    loc, lv = pooled(mu32, lv32)
+    assert torch.isfinite(loc).all() and torch.isfinite(lv).all()
+    (loc.sum() + lv.sum()).backward()
+    assert torch.isfinite(mu32.grad).all() and torch.isfinite(lv32.grad).all()
+    loc64, lv64 = pooled(torch.zeros(3, 2, 4, dtype=torch.float64), lv32.detach().double())
+    assert torch.isfinite(lv64).all() and (loc.double() == loc64).all()
+    torch.testing.assert_close(lv.double(), lv64, rtol=0, atol=8 * EPS32 * abs(centre))
+
+
 def _coinciding_experts(num_experts=3, batch=2, dim=512, seed=11):
     """float32 experts that nearly coincide: |mu| about 1e3, log-variances across [-30, 30] shared up to 1e-3,
     means apart by a tenth of a standard deviation, rounded to multiples of the float32 spacing near the centre
