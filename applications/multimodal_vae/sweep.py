@@ -76,6 +76,8 @@ METRICS = {
     "probe_private": _optional("private_latent_probe", lambda p: statistics.mean(p.values())),
     "fid_unconditional": _optional("fid", lambda f: f["unconditional"]),
     "kid_unconditional": _optional("fid", lambda f: f.get("kid_unconditional")),
+    # the run's own jackknife standard error of it (over test tuples; not in runs evaluated before 2026-12-06)
+    "kid_unconditional_standard_error": _optional("fid", lambda f: f.get("kid_unconditional_standard_error")),
     "pairwise_mass": lambda metrics: metrics["pooling"]["pairwise_mass"],
 }
 #: curves over the number of input modalities, as JSON objects (empty when not computed)
@@ -503,13 +505,14 @@ def aggregate(rows: list[dict]) -> dict:
         groups.setdefault((row["model"], row["beta"]), []).append(row)
     summary = {}
     for key, members in groups.items():
-        entry = {f: mean_std([m[f] for m in members]) for f in SCALARS}
+        # (m.get: a results.csv written before a column was added lacks it)
+        entry = {f: mean_std([m.get(f) for m in members]) for f in SCALARS}
         for curve in CURVES:
             per_run = [json.loads(m[curve]) for m in members]
             sizes = sorted({k for run in per_run for k in run}, key=int)
             entry[curve] = {int(k): mean_std([run[k] for run in per_run if k in run]) for k in sizes}
         entry["seeds"] = len(members)
-        entry["computed"] = {f: sum(_is_value(m[f]) for m in members) for f in SCALARS}
+        entry["computed"] = {f: sum(_is_value(m.get(f)) for m in members) for f in SCALARS}
         summary[key] = entry
     return summary
 

