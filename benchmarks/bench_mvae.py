@@ -2,11 +2,13 @@
 
 Every model gets the same encoders/decoders (the MoPoE PolyMNIST nets, ``--latent`` outputs; MMVAE+ splits them
 into a shared and a modality-specific half), batch and device. Times are medians of
-forward + backward + Adam step, measured round-robin (one step of each model in turn) so that machine noise hits
-every model alike; ratios are to HELVAE. Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over a
+forward + backward + Adam step, measured in rounds (one step of each model per round, in a new random order each
+round, ``--seed``) so that machine noise hits every model alike; ratios to HELVAE are the medians of the per-round
+ratios, with their interquartile range. Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over a
 few steps of that model alone, minus what it held before; on the CPU (whose allocator gives no peak) the bytes of
-the distinct tensors autograd saves for the backward pass in one step (the activation memory, which dominates
-and grows with the batch), counted with ``torch.autograd.graph.saved_tensors_hooks``.
+the distinct tensors autograd saves for the backward pass in one step, the model's weights and the input batch
+left out (the activation memory, which grows with the batch), counted with
+``torch.autograd.graph.saved_tensors_hooks``.
 
 Usage:
     python benchmarks/bench_mvae.py                              # CPU: batch 128, latent 64, 2 threads
@@ -25,6 +27,7 @@ import argparse
 import contextlib
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -39,7 +42,7 @@ from applications.multimodal_vae.files import splice_file  # noqa: E402
 from applications.multimodal_vae.models import MultimodalVAE  # noqa: E402
 from applications.multimodal_vae.networks import make_networks  # noqa: E402
 
-from measure import provenance, saved_tensor_bytes, verdict  # noqa: E402
+from measure import provenance, quartiles, saved_tensor_bytes, verdict  # noqa: E402
 
 __all__ = ["main", "MODELS", "RATIO_TARGETS", "build", "step", "batch", "memory_mib", "cuda_peak_bytes", "sweep_cost"]
 
@@ -116,7 +119,7 @@ def memory_mib(label, args) -> float:
                 step(model, optimizer, x, torch.cuda.synchronize)
 
         return cuda_peak_bytes(three_steps) / 2**20
-    return saved_tensor_bytes(lambda: model(x)["loss"]) / 2**20
+    return saved_tensor_bytes(lambda: model(x)["loss"], exclude=(*model.parameters(), x)) / 2**20
 
 
 def _steps_of(config, train_examples: int) -> int:
@@ -157,8 +160,11 @@ def sweep_cost(preset: str, repeats: int, warmup: int, overrides=(), train_examp
                                        enabled=configs[label].train.precision == "bf16"))
     x = batch(first.train.batch_size, device, first.data.num_modalities)
     times = {label: [] for label in built}
-    for r in tqdm(range(warmup + repeats), desc=f"{preset}: round-robin steps", unit="round"):
-        for label, (model, optimizer, autocast) in built.items():
+    order, labels = random.Random(0), list(built)
+    for r in tqdm(range(warmup + repeats), desc=f"{preset}: rounds of steps", unit="round"):
+        order.shuffle(labels)  # each label once per round, in a new order each round
+        for label in labels:
+            model, optimizer, autocast = built[label]
             seconds = step(model, optimizer, x, sync, autocast)
             if r >= warmup:
                 times[label].append(seconds)
@@ -192,6 +198,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the order of the models in each round")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--docs", type=Path, metavar="PAGE",
                         help="also splice the tables into PAGE between its <!-- table: NAME --> markers (--table)")
@@ -218,28 +225,34 @@ def main() -> None:
     built = {label: build(label, args.latent, args.device) for label in args.models}
     x = batch(args.batch, args.device)
     times = {label: [] for label in args.models}
-    for r in tqdm(range(args.warmup + args.repeats), desc="round-robin steps", unit="round"):
-        for label, (model, optimizer) in built.items():
-            seconds = step(model, optimizer, x, sync)
+    order, labels = random.Random(args.seed), list(built)
+    for r in tqdm(range(args.warmup + args.repeats), desc="rounds of steps", unit="round"):
+        order.shuffle(labels)  # no model always runs right after the same other one
+        for label in labels:
+            seconds = step(*built[label], x, sync)
             if r >= args.warmup:
                 times[label].append(seconds)
     del built
     memory = {label: memory_mib(label, args) for label in tqdm(args.models, desc="memory", unit="model")}
     median = {label: statistics.median(t) for label, t in times.items()}
-    reference = median.get("helvae")
+    # HELVAE's step time over the model's, round by round (one round's noise hits both)
+    ratios = ({label: quartiles([h / t for h, t in zip(times["helvae"], times[label])]) for label in args.models}
+              if "helvae" in times else {})
     kind = "peak CUDA memory" if args.device == "cuda" else "saved activations"
     threads = "" if args.device == "cuda" else f"{args.threads} threads, "
-    lines = [f"{measured}; {threads}batch {args.batch}, latent {args.latent}, 5 modalities; median of "
-             f"{args.repeats} steps", "",
-             f"| model | median s / step | HELVAE / model | {kind} (MiB) |", "|---|---|---|---|"]
+    lines = [f"{measured}; {threads}batch {args.batch}, latent {args.latent}, 5 modalities; medians of "
+             f"{args.repeats} rounds, each model once per round in a random order (seed {args.seed})", "",
+             f"| model | median s / step | HELVAE / model, median of rounds (IQR) | {kind} (MiB) |",
+             "|---|---|---|---|"]
     for label in args.models:
-        ratio = f"{reference / median[label]:.2f}" if reference else "-"
+        ratio = f"{ratios[label][1]:.2f} ({ratios[label][0]:.2f}-{ratios[label][2]:.2f})" if ratios else "-"
         lines.append(f"| {label} | {median[label]:.4f} | {ratio} | {memory[label]:.0f} |")
-    targets = [(label, f"HELVAE / {title}", target) for label, title, target in RATIO_TARGETS if label in median]
-    if reference and targets:
-        ratios = [(title, reference / median[label], target) for label, title, target in targets]
-        lines += ["", "| ratio (HELVAE step time / model's) | value | target |", "|---|---|---|",
-                  *(f"| {title} | {ratio:.2f} | {verdict(ratio, target)} |" for title, ratio, target in ratios)]
+    targets = [(label, f"HELVAE / {title}", target) for label, title, target in RATIO_TARGETS if label in ratios]
+    if targets:
+        lines += ["", "| ratio (HELVAE step time / model's), median of rounds | value (IQR) | target |",
+                  "|---|---|---|",
+                  *(f"| {title} | {ratios[label][1]:.2f} ({ratios[label][0]:.2f}-{ratios[label][2]:.2f}) | "
+                    f"{verdict(ratios[label][1], target)} |" for label, title, target in targets)]
     table = "\n".join(lines)
     print("\n" + table)
     if args.docs:

@@ -51,10 +51,14 @@ def median_seconds(fn, repeats: int) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the targets are for 2 cores)")
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--docs", type=Path, metavar="PAGE",
                         help="also splice the tables into PAGE between its <!-- table: bench_numerical --> markers")
     args = parser.parse_args()
+    if args.threads < 1:
+        parser.error(f"--threads must be a positive integer, got {args.threads}")
+    torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float64)
     measured = provenance()  # the commit whose code runs
     rows = []

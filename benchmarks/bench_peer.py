@@ -44,7 +44,7 @@ from applications.multimodal_vae.files import splice_file  # noqa: E402
 from applications.multimodal_vae.models import MultimodalVAE  # noqa: E402
 from applications.multimodal_vae.networks import PolyMNISTDecoder, PolyMNISTEncoder, make_networks  # noqa: E402
 
-from measure import provenance, verdict  # noqa: E402
+from measure import provenance, quartiles, verdict  # noqa: E402
 
 __all__ = ["main", "MODELS", "PEER_TARGET"]
 
@@ -140,11 +140,6 @@ def timed_step(optimizer: torch.optim.Optimizer, loss_fn) -> float:
     loss.backward()
     optimizer.step()
     return time.perf_counter() - tic
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    q1, q2, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
-    return q1, q2, q3
 
 
 def main() -> None:

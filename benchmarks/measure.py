@@ -6,26 +6,30 @@ import datetime
 import os
 import platform
 import re
+import statistics
 from pathlib import Path
 
 import torch
 
 from applications.multimodal_vae.files import code_commit
 
-__all__ = ["saved_tensor_bytes", "provenance", "verdict"]
+__all__ = ["saved_tensor_bytes", "quartiles", "provenance", "verdict"]
 
 _TARGET = re.compile(r"\s*(<=|>=)\s*([0-9.eE+-]+)\s*")
 
 
-def saved_tensor_bytes(forward) -> int:
+def saved_tensor_bytes(forward, exclude=()) -> int:
     """Bytes of the tensors autograd saves for the backward pass of ``forward()`` (each storage counted once; the
-    activation memory, which the CPU allocator cannot report as a peak). ``forward`` returns a scalar, which is
-    then backpropagated so the graph is freed."""
+    activation memory, which the CPU allocator cannot report as a peak), leaving out the storages of the tensors
+    ``exclude`` (a model's weights and its input, which layers save too but which exist whatever the batch).
+    ``forward`` returns a scalar, which is then backpropagated so the graph is freed."""
     storages = {}
+    excluded = {tensor.untyped_storage().data_ptr() for tensor in exclude}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -33,6 +37,12 @@ def saved_tensor_bytes(forward) -> int:
     if isinstance(output, torch.Tensor) and output.requires_grad:
         output.sum().backward()
     return sum(storages.values())
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """First quartile, median and third quartile (all three the value itself for one value)."""
+    q1, q2, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return q1, q2, q3
 
 
 def _processor() -> str:
