@@ -1150,13 +1150,21 @@ class HolderPool(_Pool):
 
     @property
     def has_rsample(self) -> bool:
-        return self._components().has_rsample
+        """True for the one-component pool (``alpha = 0``) of a family with ``rsample``: only there is ``rsample``'s
+        gradient the gradient of the expectation. A mixture's (``alpha = 1/n``) misses the path through its component
+        weights, which depend on the experts' parameters too (as ``MixtureSameFamily``, which has none)."""
+        return self.num_components == 1 and self._components().has_rsample
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         """Samples reparameterised within their component: a component is drawn by its weight (no gradient
         flows through that discrete choice, nor to the mixture weights), then the component's own ``rsample``.
-        For ``alpha = 0`` (one component) this is the full reparameterisation gradient."""
-        shape = torch.Size(sample_shape) + self.batch_shape
+        For ``alpha = 0`` (one component) this is the full reparameterisation gradient; for a mixture the gradient
+        of an expectation is biased (the weights' path is missing, and they depend on the experts' parameters), so
+        ``has_rsample`` is False there."""
+        sample_shape = torch.Size(sample_shape)
+        if sample_shape.numel() == 0:  # as sample() (the categorical draw refuses no samples)
+            return self.component_params.new_empty(sample_shape + self.batch_shape + self.event_shape)
+        shape = sample_shape + self.batch_shape
         index = Categorical(logits=self.log_mixture_weights.detach()).sample(torch.Size(sample_shape))
         params = self.component_params
         param_dims = len(self.family.param_shape)
@@ -1400,6 +1408,50 @@ class NumericalHolderPool(_Pool):
 
 
 def _other_log_prob(other: Distribution, points: torch.Tensor, dtype: torch.dtype):
+    """``(log_q, error)`` in float64 of ``other`` at the engine's ``points`` (:func:`_log_prob_in_support`): ``-inf``
+    (exactly) at points outside ``other.support``, where ``other.log_prob`` is not called (with validation it
+    raises there, and without it returns what its formula gives: a finite KL where it is infinite)."""
+    inside = _support_check(other, points)
+    if inside is None or bool(inside.all()):
+        return _log_prob_in_support(other, points, dtype)
+    if not bool(inside.any()):
+        outside = torch.full(inside.shape, -math.inf, dtype=torch.float64, device=points.device)
+        return outside, torch.zeros_like(outside)
+    event = points.shape[points.dim() - len(other.event_shape):]
+    points = points.expand(inside.shape + event)  # (the check broadcasts the points over other's batch)
+    safe = torch.where(inside.reshape(inside.shape + (1,) * len(event)), points, _stand_in(other, points, inside))
+    log_q, error = _log_prob_in_support(other, safe, dtype)
+    return torch.where(inside, log_q, -math.inf), torch.where(inside, error, 0.0)
+
+
+def _stand_in(other: Distribution, points: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """For each element of ``other``'s batch (the trailing axes of ``inside``), a point of its support
+    (``batch + event``): the first of ``points`` inside it, or, for an element that no point falls inside, one drawn
+    from it (the random state restored)."""
+    event = points.shape[inside.dim():]
+    tail = inside.shape[inside.dim() - len(other.batch_shape):]
+    flat_inside, flat_points = inside.reshape((-1,) + tail), points.reshape((-1,) + tail + event)
+    first = flat_inside.to(torch.uint8).argmax(0).reshape((1,) + tail + (1,) * len(event))
+    anchor = flat_points.gather(0, first.expand((1,) + tail + event))[0]
+    covered = flat_inside.any(0)
+    if not bool(covered.all()):
+        devices = [points.device] if points.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            drawn = other.sample().to(points.dtype).expand(tail + event)
+        anchor = torch.where(covered.reshape(tail + (1,) * len(event)), anchor, drawn)
+    return anchor
+
+
+def _support_check(other: Distribution, points: torch.Tensor):
+    """Whether ``other.support`` contains each of ``points`` (the batch of its events), or ``None`` where
+    ``other`` cannot say."""
+    try:
+        return torch.as_tensor(other.support.check(points), dtype=torch.bool, device=points.device)
+    except (NotImplementedError, AttributeError, RuntimeError, TypeError):
+        return None
+
+
+def _log_prob_in_support(other: Distribution, points: torch.Tensor, dtype: torch.dtype):
     """``(log_q, error)`` in float64: ``other.log_prob`` at the engine's float64 ``points``, or at them rounded to
     the pool's ``dtype`` where ``other`` takes no float64 points (a dtype mismatch in its own arithmetic), and its
     error.
@@ -1581,8 +1633,9 @@ def _expand_experts(experts: Experts, batch_shape: torch.Size) -> Experts:
 
 def _expand_estimate(est: PoolEstimate, old: torch.Size, new: torch.Size) -> PoolEstimate:
     """Each tensor ``old + rest`` of the estimate as ``new + rest`` (nodes: ``(P,) + old + rest``)."""
-    def grow(t, lead=0):
-        return t.expand(t.shape[:lead] + new + t.shape[lead + len(old):])
+    def grow(t, lead=0):  # the new batch axes go in front of the old ones, after the nodes' leading axis
+        t = t.reshape(t.shape[:lead] + (1,) * (len(new) - len(old)) + t.shape[lead:])
+        return t.expand(t.shape[:lead] + new + t.shape[lead + len(new):])
 
     fields = {name: Estimate(grow(e.value), grow(e.error)) for name in
               ("log_normalizer", "mean", "variance", "covariance", "expected_statistic")

@@ -302,6 +302,23 @@ def test_kl_divergence_between_custom_family_members_reaches_the_bregman_form():
     torch.testing.assert_close(kl_divergence(p, q), kl_divergence(Exponential(0.5), Exponential(2.0)))
 
 
+@pytest.mark.parametrize("batch, expanded", [((), (3,)), ((2,), (4, 2))])
+def test_a_differentiable_numerical_pool_expands_after_its_summary(batch, expanded):
+    """expand() grew the summary's nodes (P,) + batch + rest by expanding on the left, which cannot add axes after
+    P: a pool with gradients whose summary was computed (its nodes kept for the backward pass) raised."""
+    loc = (torch.tensor([0.0, 2.0]) + torch.zeros(batch + (1,))).requires_grad_()
+    pool = opinionpool.holder(Normal(loc, torch.tensor([1.0, 0.5])), alpha=2.0)
+    mean = pool.mean
+    copies = torch.Size(expanded).numel() // torch.Size(batch).numel()
+    by_hand = copies * torch.autograd.grad(mean.sum(), loc, retain_graph=True)[0]
+    grown = pool.expand(expanded)
+    assert grown.batch_shape == expanded
+    torch.testing.assert_close(grown.mean, mean.expand(expanded))
+    torch.testing.assert_close(grown.variance, pool.variance.expand(expanded))
+    grown.mean.sum().backward()
+    torch.testing.assert_close(loc.grad, by_hand)
+
+
 def test_rsample_is_reparameterised_within_components():
     loc = torch.tensor([0.0, 2.0], requires_grad=True)
     scale = torch.tensor([1.0, 0.5])
@@ -315,6 +332,10 @@ def test_rsample_is_reparameterised_within_components():
     mixture = opinionpool.holder(Normal(loc, scale), 0.5, weights=WEIGHTS)
     samples = mixture.rsample((3,))
     assert samples.shape == (3,) and samples.requires_grad
+    # but not the gradient of an expectation: the path through the component weights, which depend on loc, is
+    # missing (torch's MixtureSameFamily has no rsample for that reason)
+    assert not mixture.has_rsample
+    assert mixture.rsample((0,)).shape == (0,) == mixture.sample((0,)).shape
     numerical = opinionpool.holder(Normal(loc, scale), 2.0)
     assert not numerical.has_rsample
     with pytest.raises(NotImplementedError, match=r"alpha=2.0 .*no reparameterised sampler.*sample\(\)"):

@@ -119,6 +119,33 @@ def test_kl_is_infinite_where_other_misses_part_of_the_pool(method):
     assert abs(float(result.value[1]) - expected) <= max(4 * float(result.error[1]), 1e-9)
 
 
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_kl_to_an_other_whose_support_misses_part_of_the_pool_is_infinite(alpha):
+    """other.log_prob was called on the pool's whole support: a validated Exponential raised there, an unvalidated
+    one gave its formula's value (a finite KL, 1.469, where it is +inf), an unvalidated Gamma NaN. Points outside
+    other.support now count as -inf without calling it; inside, nothing changes."""
+    from torch.distributions import Exponential, kl_divergence
+
+    pool = opinionpool.holder([Normal(0.0, 1.0), Normal(3.0, 0.4)], alpha=alpha, weights=[0.3, 0.7])
+    for other in (Exponential(1.0), Exponential(1.0, validate_args=False), Gamma(2.0, 1.0, validate_args=False)):
+        assert float(kl_divergence(pool, other)) == math.inf
+    wide = Uniform(-50.0, 50.0)  # covers the pool's mass to float64's resolution: log 100 - H(pool)
+    log_z, (mean_log_u,) = quad_pool(lambda z: power_mean((math.exp(-z * z / 2) / math.sqrt(2 * math.pi),
+                                                        math.exp(-(z - 3) ** 2 / 0.32) / math.sqrt(0.32 * math.pi)),
+                                                       (0.3, 0.7), alpha),
+                                  -math.inf, math.inf, functions=(lambda z: log_power_mean(
+                                      (-z * z / 2 - 0.5 * math.log(2 * math.pi),
+                                       -(z - 3) ** 2 / 0.32 - 0.5 * math.log(0.32 * math.pi)), (0.3, 0.7), alpha),))
+    assert float(kl_divergence(pool, wide)) == pytest.approx(mean_log_u - log_z + math.log(100.0), abs=1e-8)
+    # a batch of validated others, one of which holds none of the pool's points: each element scored on its own
+    # support (the stand-in drawn for the empty one leaves the random state as it was)
+    state = torch.get_rng_state()
+    batched = kl_divergence(pool.expand((2,)), Uniform(torch.tensor([100.0, -50.0]), torch.tensor([100.5, 50.0])))
+    assert torch.equal(state, torch.get_rng_state())
+    assert float(batched[0]) == math.inf and float(batched[1]) == pytest.approx(float(kl_divergence(pool, wide)),
+                                                                              abs=1e-8)
+
+
 @pytest.mark.parametrize("method", ["grid", "importance"])
 def test_kl_names_an_other_of_the_wrong_shape_on_every_path(method):
     """An other of another event shape, or of a batch wider than the pool's, raised torch's shape errors (or, for
