@@ -368,8 +368,8 @@ class _Pool(Distribution):
         if self.alpha == 0:
             # where one expert's density is infinite and another's zero (a Beta at an end), sum_j w_j log q_j is
             # inf - inf; the log-linear pool is the member at sum_j w_j eta_j, whose density there is 0 or inf
-            unresolved = torch.isnan(log_u) & ~torch.isnan(value.flatten(value.dim() - len(family.event_shape))
-                                                            .any(-1) if family.event_shape else torch.isnan(value))
+            # (NaN values are no cause: they raised above, or stand at a point of the support)
+            unresolved = torch.isnan(log_u)
             if bool(unresolved.any()):
                 log_u = torch.where(unresolved, self._log_linear_log_u(value), log_u)
         log_p = log_u - self.log_normalizer
