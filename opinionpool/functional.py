@@ -749,14 +749,14 @@ def _log_variance_room(logvar, member) -> str:
     limit = 2 * _span(logvar.dtype)
     with torch.no_grad():
         low, high = torch.aminmax(logvar)
-        if logvar.dtype != torch.float64 and bool(low < -limit):  # standard deviations below e^-80 in float32
-            return "float64"
-        if bool(high - low <= limit):  # every expert at once, present or not: the usual case in two reductions
+        tiny = low < -limit if logvar.dtype != torch.float64 else torch.zeros((), dtype=torch.bool)
+        if bool((high - low <= limit) & ~tiny):  # every expert at once, present or not: the usual case, one read
             return "inputs"
         top, bottom = _present_range(logvar, member.any(-2).unsqueeze(-1))
         if bool((top - bottom > 2 * _span(torch.float64)).any()):
             return "none"
-        return "float64" if bool((top - bottom > limit).any()) else "inputs"
+        # (below -limit: standard deviations under e^-80 in float32, whose Hellinger subsets were NaN)
+        return "float64" if bool(tiny | (top - bottom > limit).any()) else "inputs"
 
 
 def _rounded_offsets_matter(mu, logvar, member):

@@ -222,6 +222,20 @@ def test_float64_subsets_beyond_the_float64_range_are_each_subsets_pool(aggregat
             assert (mix.logvar[:, k] == logvar.detach()[members[0]]).all()
 
 
+@pytest.mark.parametrize("aggregator", [opf.poe, opf.hellinger, opf.wasserstein_barycenter],
+                         ids=["poe", "hellinger", "barycenter"])
+def test_float32_subsets_both_tiny_and_beyond_the_float64_range_are_each_subsets_pool(aggregator):
+    """float32 log-variances below -160 went to float64 before the range was looked at, so a range beyond even
+    float64's (here 1 400 nats) still got the floor: the subset of the flattest expert alone 1077.6 for 1200."""
+    logvar = torch.tensor([-200.0, 0.0, 1200.0], dtype=torch.float32).reshape(3, 1, 1)
+    mix = opf.subset_mixture(aggregator, torch.zeros(3, 1, 1, dtype=torch.float32), logvar)
+    exact = opf.subset_mixture(aggregator, torch.zeros(3, 1, 1, dtype=torch.float64), logvar.double())
+    assert mix.logvar.dtype == torch.float32 and torch.isfinite(mix.logvar).all()
+    torch.testing.assert_close(mix.logvar.double(), exact.logvar, rtol=1e-6, atol=0)
+    singles = [k for k, row in enumerate(opf.all_subsets(3).tolist()) if sum(row) == 1]
+    assert mix.logvar[0, singles, 0].tolist() == [-200.0, 0.0, 1200.0]
+
+
 @pytest.mark.parametrize("aggregator", [opf.poe, opf.hellinger], ids=["poe", "hellinger"])
 @pytest.mark.parametrize("levels", [(-90.0, 100.0, None), (88.0, -87.0, 0.0)])
 def test_float32_subsets_beyond_the_float32_range_are_exact(aggregator, levels):

