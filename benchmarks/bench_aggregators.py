@@ -44,7 +44,7 @@ import opinionpool.functional as opf  # noqa: E402
 from applications.multimodal_vae.files import splice_file  # noqa: E402
 from opinionpool._hellinger import kept_partners  # noqa: E402
 
-from measure import provenance, saved_tensor_bytes, verdict  # noqa: E402
+from measure import provenance, quartiles, saved_tensor_bytes, verdict  # noqa: E402
 
 __all__ = ["main", "official_hellinger", "object_api", "saved_bytes", "candidates", "measure", "pairs_left_out"]
 
@@ -152,7 +152,7 @@ def measure(found: dict, mu, logvar, rounds: int, warmup: int, rng: random.Rando
     results = {}
     for name in found:
         ratios = [t / p for t, p in zip(times[name], times["poe"])]
-        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        q1, _, q3 = quartiles(ratios)
         results[name] = (statistics.median(times[name]) * 1e3, statistics.median(ratios), (q1, q3),
                          saved_bytes(found[name], mu, logvar) / 2**20, statistics.median(faults[name]))
     return results

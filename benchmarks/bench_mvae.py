@@ -244,15 +244,19 @@ def main() -> None:
              f"{args.repeats} rounds, each model once per round in a random order (seed {args.seed})", "",
              f"| model | median s / step | HELVAE / model, median of rounds (IQR) | {kind} (MiB) |",
              "|---|---|---|---|"]
+    def spread(label):  # the median ratio and its interquartile range
+        q1, q2, q3 = ratios[label]
+        return f"{q2:.2f} ({q1:.2f}-{q3:.2f})"
+
     for label in args.models:
-        ratio = f"{ratios[label][1]:.2f} ({ratios[label][0]:.2f}-{ratios[label][2]:.2f})" if ratios else "-"
+        ratio = spread(label) if ratios else "-"
         lines.append(f"| {label} | {median[label]:.4f} | {ratio} | {memory[label]:.0f} |")
     targets = [(label, f"HELVAE / {title}", target) for label, title, target in RATIO_TARGETS if label in ratios]
     if targets:
         lines += ["", "| ratio (HELVAE step time / model's), median of rounds | value (IQR) | target |",
                   "|---|---|---|",
-                  *(f"| {title} | {ratios[label][1]:.2f} ({ratios[label][0]:.2f}-{ratios[label][2]:.2f}) | "
-                    f"{verdict(ratios[label][1], target)} |" for label, title, target in targets)]
+                  *(f"| {title} | {spread(label)} | {verdict(ratios[label][1], target)} |"
+                    for label, title, target in targets)]
     table = "\n".join(lines)
     print("\n" + table)
     if args.docs:

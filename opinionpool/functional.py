@@ -749,7 +749,7 @@ def _log_variance_room(logvar, member) -> str:
     limit = 2 * _span(logvar.dtype)
     with torch.no_grad():
         low, high = torch.aminmax(logvar)
-        tiny = low < -limit if logvar.dtype != torch.float64 else torch.zeros((), dtype=torch.bool)
+        tiny = (low < -limit) & (logvar.dtype != torch.float64)
         if bool((high - low <= limit) & ~tiny):  # every expert at once, present or not: the usual case, one read
             return "inputs"
         top, bottom = _present_range(logvar, member.any(-2).unsqueeze(-1))

@@ -1609,11 +1609,10 @@ def _extrapolated_beyond_resolution(other, exact, log_q, error, low):
 
 
 def _inside_support(other, points: torch.Tensor) -> torch.Tensor:
-    """Whether ``other.support`` contains ``points`` (False where it cannot say)."""
-    try:
-        return torch.as_tensor(other.support.check(points), dtype=torch.bool).expand(points.shape)
-    except (NotImplementedError, AttributeError, RuntimeError, TypeError):
-        return torch.zeros(points.shape, dtype=torch.bool, device=points.device)
+    """Whether ``other.support`` contains the scalar ``points`` (False where it cannot say)."""
+    inside = _support_check(other, points)
+    return torch.zeros(points.shape, dtype=torch.bool, device=points.device) if inside is None \
+        else inside.expand(points.shape)
 
 
 def _infinite_where_outside(est: Estimate) -> Estimate:

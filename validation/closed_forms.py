@@ -193,15 +193,18 @@ def quadrature_reference(case: Case, alpha: float):
     return out
 
 
-def _integral(case: Case, integrand) -> float:
-    """The integral over the case's support of ``integrand(log_densities)``, a function of the experts' log
-    densities (M, N) at N points, by the rule of ``quadrature_reference``."""
+def _integrals(case: Case, integrands) -> list[float]:
+    """The integrals over the case's support of each ``integrand(log_densities)``, a function of the experts' log
+    densities (M, N) at N points, by the rule of ``quadrature_reference`` (the densities at its nodes computed
+    once)."""
     rule = _nodes(case)
     if rule is not None:
         z, cell = rule
-        return float(integrand(case.logpdf(z)) @ cell)
+        log_q = case.logpdf(z)
+        return [float(integrand(log_q) @ cell) for integrand in integrands]
     lower, upper, opts = _quadrature_setup(case)
-    return integrate.quad(lambda z: float(integrand(case.logpdf(np.array([z])))[0]), lower, upper, **opts)[0]
+    return [integrate.quad(lambda z, f=integrand: float(f(case.logpdf(np.array([z])))[0]), lower, upper, **opts)[0]
+            for integrand in integrands]
 
 
 def _kl_integrand(log_q):
@@ -213,9 +216,9 @@ def _kl_integrand(log_q):
 def affinity_reference(case: Case) -> dict:
     """Bhattacharyya coefficient int sqrt(p q), KL(p || q) and log Chernoff(0.7) log int p^0.7 q^0.3 between the
     case's first two experts p and q, by the rule of ``quadrature_reference``."""
-    return {"Bhattacharyya coefficient": _integral(case, lambda log_q: np.exp(0.5 * (log_q[0] + log_q[1]))),
-            "KL(p || q)": _integral(case, _kl_integrand),
-            "log Chernoff(0.7)": math.log(_integral(case, lambda log_q: np.exp(0.7 * log_q[0] + 0.3 * log_q[1])))}
+    coefficient, kl, chernoff = _integrals(case, (lambda log_q: np.exp(0.5 * (log_q[0] + log_q[1])), _kl_integrand,
+                                                   lambda log_q: np.exp(0.7 * log_q[0] + 0.3 * log_q[1])))
+    return {"Bhattacharyya coefficient": coefficient, "KL(p || q)": kl, "log Chernoff(0.7)": math.log(chernoff)}
 
 
 def monte_carlo_reference(case: Case, alpha: float, num_samples: int, seed: int):
@@ -413,7 +416,8 @@ def laplace_affinity_checks(num_samples: int, rng: np.random.Generator) -> list[
             -80.0, 80.0, points=sorted({LAPLACE_LOC[i, d], LAPLACE_LOC[j, d]}), epsabs=0, epsrel=1e-12, limit=400)[0]
             for d in range(3))
 
-    quad_z = sum(LAPLACE_WEIGHTS[i] * LAPLACE_WEIGHTS[j] * coefficient(i, j) for i in range(3) for j in range(3))
+    pairs = {(i, j): coefficient(i, j) for i in range(3) for j in range(i, 3)}  # BC_ij = BC_ji
+    quad_z = sum(LAPLACE_WEIGHTS[i] * LAPLACE_WEIGHTS[j] * pairs[min(i, j), max(i, j)] for i in range(3) for j in range(3))
 
     def log_densities(z):  # (3, n): each expert's log-density at the draws z (n, 3)
         return np.stack([e.logpdf(z).sum(-1) for e in experts])
@@ -430,7 +434,7 @@ def laplace_affinity_checks(num_samples: int, rng: np.random.Generator) -> list[
     total, total_se = values.mean(), values.std(ddof=1) / math.sqrt(num_samples)
     self_mass = float((LAPLACE_WEIGHTS**2).sum())
     return [compare("affinities, diagonal Laplace (3-D)", "Bhattacharyya coefficient vs quadrature", math.exp(log_bc),
-                    coefficient(0, 1), "absolute", QUAD_TOLERANCE, seconds=seconds),
+                    pairs[0, 1], "absolute", QUAD_TOLERANCE, seconds=seconds),
             compare("affinities, diagonal Laplace (3-D)", "Hellinger pool's pairwise mass vs quadrature", mass,
                     1 - self_mass / quad_z, "absolute", QUAD_TOLERANCE, seconds=seconds),
             compare("affinities, diagonal Laplace (3-D)", "Bhattacharyya coefficient vs Monte Carlo", math.exp(log_bc),

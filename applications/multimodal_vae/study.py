@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from .files import atomic_write, code_commit, write_text
-from .sweep import SCALARS, aggregate, mean_std, run_name
+from .sweep import SCALARS, aggregate, mean_std, mean_std_text, number_format, run_name
 
 __all__ = ["CLAIMS", "Claim", "alpha_runs", "compare", "likelihood_convergence", "main_labels", "mass_through_training",
            "render_likelihood_check", "render_study", "variant_labels", "write_likelihood_check", "write_study"]
@@ -106,17 +106,11 @@ def _scaled(metric: str, value: float) -> float:
 
 
 def _show(metric: str, entry, seeds: int) -> str:
-    """``mean ± std`` over ``seeds`` runs; the mean alone for one run (its spread over seeds is unknown, not 0)."""
+    """``mean ± std`` over ``seeds`` runs (``sweep.mean_std_text``), KID x 1000 to two decimals."""
     mean, std = (_scaled(metric, v) for v in entry)
     if mean != mean:
         return "–"
-    if metric == "kid_unconditional":
-        form = ".2f"
-    elif metric in ("pairwise_mass", "own_cross_mass") and 0 < abs(mean) < 1e-2:  # masses fall to 1e-30 and below
-        form = ".1e"
-    else:
-        form = ".3f" if abs(mean) < 10 else ".1f"
-    return f"{mean:{form}}" if seeds == 1 else f"{mean:{form}} ± {std:{form}}"
+    return mean_std_text(mean, std, seeds, ".2f" if metric == "kid_unconditional" else number_format(metric, mean))
 
 
 #: how the CPU study differs from the papers' PolyMNIST setting (the study preset's; a GPU sweep states its own)

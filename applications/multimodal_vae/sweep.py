@@ -45,9 +45,9 @@ from .train import (
 )
 
 __all__ = ["CURVES", "DIVERGED", "FIELDS", "METRICS", "RUN_OUTPUTS", "SCALARS", "SWEEPS", "SweepConfig", "UNFINISHED",
-           "aggregate", "available_sweeps", "finished_runs", "grid", "load_sweep", "mean_std",
-           "pareto_front", "plot", "render", "result_row", "run_config", "run_name", "run_sweep", "run_workers",
-           "splice_summary", "summarise", "summary_table", "table_name", "write_results"]
+           "aggregate", "available_sweeps", "finished_runs", "grid", "load_sweep", "mean_std", "mean_std_text",
+           "number_format", "pareto_front", "plot", "render", "result_row", "run_config", "run_name", "run_sweep",
+           "run_workers", "splice_summary", "summarise", "summary_table", "table_name", "write_results"]
 
 SWEEPS = PRESETS.parent / "sweeps"
 
@@ -620,16 +620,21 @@ def plot(folder: Path, summary: dict) -> list[str]:
     return written
 
 
-def _cell(metric: str, value, seeds: int) -> str:
+def number_format(metric: str, mean: float) -> str:
+    """The format of a metric's mean and std in the tables: masses fall to 1e-30 and below, and keep their size."""
+    if metric in ("pairwise_mass", "own_cross_mass") and 0 < abs(mean) < 1e-2:
+        return ".1e"
+    return ".3f" if abs(mean) < 10 else ".1f"
+
+
+def mean_std_text(mean: float, std: float, seeds: int, form: str) -> str:
     """``mean ± std`` over ``seeds`` runs; the mean alone for one run (its spread over seeds is unknown, not 0)."""
-    mean, std = value
-    if mean != mean:
-        return "–"
-    if metric == "pairwise_mass" and 0 < abs(mean) < 1e-2:  # masses fall to 1e-30 and below
-        form = ".1e"
-    else:
-        form = ".3f" if abs(mean) < 10 else ".1f"
     return f"{mean:{form}}" if seeds == 1 else f"{mean:{form}} ± {std:{form}}"
+
+
+def _cell(metric: str, value, seeds: int) -> str:
+    mean, std = value
+    return "–" if mean != mean else mean_std_text(mean, std, seeds, number_format(metric, mean))
 
 
 def summary_table(summary: dict) -> list[str]:

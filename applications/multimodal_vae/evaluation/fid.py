@@ -203,6 +203,12 @@ def fid_from_features(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return max(distance, 0.0)
 
 
+def _cubic_kernels(a: np.ndarray, b: np.ndarray):
+    """KID's kernel ``(x . y / d + 1)^3`` within ``a``, within ``b`` and between them."""
+    d = a.shape[1]
+    return ((x @ y.T / d + 1) ** 3 for x, y in ((a, a), (b, b), (a, b)))
+
+
 def kid_from_features(features_a: np.ndarray, features_b: np.ndarray, subsets: int = 100, subset_size: int = 1000,
                       seed: int = 0) -> tuple[float, float]:
     """Kernel Inception Distance: ``(mean, std)`` over ``subsets`` random subsets of ``min(subset_size, n, m)``
@@ -216,7 +222,6 @@ def kid_from_features(features_a: np.ndarray, features_b: np.ndarray, subsets: i
     size = min(subset_size, features_a.shape[0], features_b.shape[0])
     if size < 2:
         raise ValueError(f"KID needs at least 2 features per set, got subsets of {size}")
-    d = features_a.shape[1]
     if size == features_a.shape[0] == features_b.shape[0]:  # every subset is the whole set: one estimate is all
         subsets = 1
     rng = np.random.default_rng(seed)
@@ -224,7 +229,7 @@ def kid_from_features(features_a: np.ndarray, features_b: np.ndarray, subsets: i
     for i in range(subsets):
         a = features_a[rng.choice(features_a.shape[0], size, replace=False)]
         b = features_b[rng.choice(features_b.shape[0], size, replace=False)]
-        k_aa, k_bb, k_ab = ((x @ y.T / d + 1) ** 3 for x, y in ((a, a), (b, b), (a, b)))
+        k_aa, k_bb, k_ab = _cubic_kernels(a, b)
         within = (k_aa.sum() - np.trace(k_aa) + k_bb.sum() - np.trace(k_bb)) / (size * (size - 1))
         estimates[i] = within - 2 * k_ab.mean()
     if not np.isfinite(estimates).all():
@@ -237,12 +242,11 @@ def kid_leave_one_out(features_a: np.ndarray, features_b: np.ndarray) -> np.ndar
     out, for every ``i``: ``(n,)``, for sets of equal size ``n >= 3`` whose ``i``-th features form a pair (the
     real tuple and the generation drawn for it), from the kernel matrices' row sums."""
     _check_feature_sets(features_a, features_b)
-    n, d = features_a.shape
+    n = features_a.shape[0]
     if features_b.shape[0] != n or n < 3:
         raise ValueError(f"leave-one-out KID needs two sets of the same size, at least 3, got {n} and "
                          f"{features_b.shape[0]}")
-    k_aa, k_bb, k_ab = ((x @ y.T / d + 1) ** 3 for x, y in ((features_a, features_a), (features_b, features_b),
-                                                           (features_a, features_b)))
+    k_aa, k_bb, k_ab = _cubic_kernels(features_a, features_b)
     rows_aa, rows_bb = k_aa.sum(1) - np.diag(k_aa), k_bb.sum(1) - np.diag(k_bb)  # off-diagonal row sums
     within = k_aa.sum() - np.trace(k_aa) - 2 * rows_aa + k_bb.sum() - np.trace(k_bb) - 2 * rows_bb
     across = k_ab.sum() - k_ab.sum(1) - k_ab.sum(0) + np.diag(k_ab)
