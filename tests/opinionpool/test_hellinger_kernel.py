@@ -271,6 +271,29 @@ def test_a_kernel_that_cannot_be_built_warns_once_and_runs_eagerly(monkeypatch):
     torch.testing.assert_close(lv, ref_lv)
 
 
+def test_the_benchmark_labels_a_fused_row_that_ran_eagerly(monkeypatch, capsys):
+    """``bench_aggregators --fused`` where the kernel does not build timed the eager code as "hellinger fused" and
+    judged it against the fused targets; now the row says it fell back, why, and carries no verdict."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import bench_aggregators
+
+    monkeypatch.setattr(hellinger_module, "_KERNEL", [])
+    monkeypatch.setattr(hellinger_module, "_KERNEL_FAILED", ["RuntimeError('no compiler here')"])
+    mu, logvar = torch.randn(2, 3, 4, dtype=torch.float32), torch.randn(2, 3, 4, dtype=torch.float32)
+    assert bench_aggregators.fused_fallback(mu, logvar) == "RuntimeError('no compiler here')"
+    assert bench_aggregators.fused_fallback(mu.bfloat16(), logvar.bfloat16()) == "no fused path for torch.bfloat16 on cpu"
+    monkeypatch.setattr(sys, "argv", ["bench_aggregators.py", "--shapes", "256,5,512", "--rounds", "1", "--warmup", "0",
+                                      "--fused", "--only", "hellinger fused", "--no-overlapping"])
+    bench_aggregators.main()
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if line.startswith("| (256, 5, 512) | hellinger fused"))
+    assert "| hellinger fused (fell back to eager) |" in row and row.endswith("|  |")  # no target, no verdict
+    assert "hellinger fused (fell back to eager): RuntimeError('no compiler here')" in lines
+
+
 @pytest.mark.parametrize("how", ["mask", "weight 1e-25"])
 def test_kernel_backward_with_a_component_of_vanishing_weight_far_from_the_pool(kernel, how):
     """Float32 experts of log-variance near -87 beside a broad third one of (nearly) no weight: the kernel formed
