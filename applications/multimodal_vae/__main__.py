@@ -2,7 +2,7 @@
 
     python -m applications.multimodal_vae train --preset polymnist-helvae [--set key=value ...] [--resume]
     torchrun --nproc_per_node N -m applications.multimodal_vae train ...   (distributed data parallel)
-    python -m applications.multimodal_vae evaluate --run runs/NAME [--set eval.key=value ...] [--only log_likelihood]
+    python -m applications.multimodal_vae evaluate --run runs/NAME [--set eval.key=value ...] [--only log_likelihood|fid]
     python -m applications.multimodal_vae grid --run runs/NAME [--columns 8] [--scale 3] [--seed 0] [--out FILE]
     python -m applications.multimodal_vae sweep --preset polymnist-cpu [--set key=value ...] [--workers N]
         [--train-only] [--stop-after MINUTES] [--summarise-only]   (workers share the grid: one run each at a time)
@@ -43,8 +43,8 @@ def main(argv=None) -> int:
     evaluate.add_argument("--run", required=True, help="the run folder (holding config.yaml and checkpoint.pt)")
     evaluate.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                           help="override evaluation keys, e.g. --set eval.fid_samples=10000 eval.subsets=single")
-    evaluate.add_argument("--only", choices=["log_likelihood"],
-                          help="recompute only this metric of an evaluated run, keeping the others")
+    evaluate.add_argument("--only", choices=["log_likelihood", "fid"],
+                          help="recompute only this metric of an evaluated run (fid: FID and KID), keeping the others")
     grid = commands.add_parser("grid", help="draw the labelled sample grid of a trained run (sample_grid.png)")
     grid.add_argument("--run", required=True, help="the run folder (holding config.yaml and checkpoint.pt)")
     grid.add_argument("--columns", type=int, default=8, help="test tuples shown (the first ones)")
@@ -218,25 +218,31 @@ def main(argv=None) -> int:
 def _evaluate(parser, args) -> int:
     from tqdm import tqdm
 
-    from .evaluation import describe_bias, evaluate_run, format_std_error, reevaluate_likelihood
+    from .evaluation import describe_bias, evaluate_run, format_std_error, reevaluate
     from .train import load_run, summary_line
 
     try:
         config, model = load_run(args.run, args.overrides)
     except ValueError as error:
         parser.error(str(error))
+    if args.only is None:
+        print(summary_line(evaluate_run(args.run, config, model, progress=tqdm), args.run))
+        return 0
+    try:
+        metrics = reevaluate(args.run, config, model, args.only, progress=tqdm)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
     if args.only == "log_likelihood":
-        try:
-            metrics = reevaluate_likelihood(args.run, config, model)
-        except (FileNotFoundError, ValueError) as error:
-            parser.error(str(error))
         likelihood = metrics["log_likelihood"]
         print(f"{args.run}: log p(X) {likelihood['joint']:.1f} +- {format_std_error(likelihood)} "
               f"(K = {likelihood['num_samples']}, {likelihood['examples']} tuples), given one modality "
               f"{likelihood['given_one_modality']:.1f}" + (f"; {describe_bias(likelihood)}"
                                                            if describe_bias(likelihood) else ""))
-        return 0
-    print(summary_line(evaluate_run(args.run, config, model, progress=tqdm), args.run))
+    else:
+        fid = metrics["fid"]
+        error = fid.get("kid_unconditional_standard_error")
+        print(f"{args.run}: unconditional FID {fid['unconditional']:.1f}, KID x 1000 {1000 * fid['kid_unconditional']:.2f}"
+              + ("" if error is None else f" +- {1000 * error:.2f}") + f" ({fid['samples']} samples)")
     return 0
 
 

@@ -632,9 +632,15 @@ def mean_std_text(mean: float, std: float, seeds: int, form: str) -> str:
     return f"{mean:{form}}" if seeds == 1 else f"{mean:{form}} ± {std:{form}}"
 
 
+#: columns whose cell is the mean over seeds alone: each run's own error of a metric, not a metric to spread
+PER_RUN_ERRORS = ("kid_unconditional_standard_error",)
+
+
 def _cell(metric: str, value, seeds: int) -> str:
     mean, std = value
-    return "–" if mean != mean else mean_std_text(mean, std, seeds, number_format(metric, mean))
+    if mean != mean:
+        return "–"
+    return mean_std_text(mean, std, 1 if metric in PER_RUN_ERRORS else seeds, number_format(metric, mean))
 
 
 def summary_table(summary: dict) -> list[str]:
@@ -645,19 +651,24 @@ def summary_table(summary: dict) -> list[str]:
                ("unconditional_coherence", "unconditional"), ("log_likelihood", "log p(X)"),
                ("conditional_log_likelihood", "plug-in log p(X_rest \\| x_m)"), ("probe_all", "probe (all)"),
                ("probe_private", "probe (private w)"),
-               ("fid_unconditional", "FID"), ("kid_unconditional", "KID x 1000"), ("pairwise_mass", "pairwise mass")]
-    scale = {"kid_unconditional": 1000}  # KID in the units the papers and torch-fidelity print
+               ("fid_unconditional", "FID"), ("kid_unconditional", "KID x 1000"),
+               ("kid_unconditional_standard_error", "KID s.e. x 1000"), ("pairwise_mass", "pairwise mass")]
+    # KID in the units the papers and torch-fidelity print
+    scale = {"kid_unconditional": 1000, "kid_unconditional_standard_error": 1000}
     lines = ["| model | β | seeds | " + " | ".join(c for _, c in columns) + " |", "|---" * (len(columns) + 3) + "|"]
     for key in sorted(summary):
         entry = summary[key]
         lines.append(f"| {key[0]} | {key[1]:g} | {entry['seeds']} | " + " | ".join(
             _cell(f, tuple(scale.get(f, 1) * v for v in entry[f]), entry["computed"][f]) for f, _ in columns) + " |")
-    missing = [label for f, label in columns if f != "probe_private" and not _computed(summary, summary, f)]
+    missing = [label for f, label in columns
+               if f not in ("probe_private", *PER_RUN_ERRORS) and not _computed(summary, summary, f)]
     if missing:
         lines += ["", f"Not computed by any run (–): {', '.join(missing)}; coherence and the latent probe need class "
                   "labels, FID image modalities and eval.fid_samples > 0 (each run's metrics.json says which)."]
     lines += ["", "probe (private w): the latent probe on the modality-specific latents, mean over modalities (models "
-              "with model.private_dim > 0 only; low is good: the private latents hold no label)."]
+              "with model.private_dim > 0 only; low is good: the private latents hold no label).", "",
+              "KID s.e.: each run's jackknife standard error of its KID over the test tuples (the mean over seeds, not a "
+              "spread; – for runs evaluated before it was computed: `evaluate --run RUN --only fid` adds it)."]
     timing = {}
     for (model, _), entry in summary.items():
         timing.setdefault(model, []).append(entry["seconds_per_batch"][0])

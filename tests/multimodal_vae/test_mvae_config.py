@@ -292,6 +292,44 @@ def test_evaluate_only_the_likelihood_keeps_the_other_metrics(tiny_root, capsys)
     assert "no metrics.json in" in capsys.readouterr().err
 
 
+def test_evaluate_only_the_fid_adds_kid_errors_to_an_older_evaluation(tiny_root, capsys):
+    """A run evaluated before KID had its standard error gets it from ``--only fid``: the same seeded FID and KID,
+    the error added, every other metric kept; other FID settings are recorded, other tuples refused."""
+    from tiny_runs import WHEEL_CACHE
+
+    from applications.multimodal_vae.evaluation.fid import default_weights
+
+    config = _tiny(tiny_root, "refid", max_steps=1)
+    config.eval.fid_samples, config.eval.fid_sizes = 4, [1]
+    config.eval.fid_weights = str(default_weights(WHEEL_CACHE))
+    run = train(config, show_progress=False)
+    path = run / "metrics.json"
+    before = json.loads(path.read_text())
+    error = before["fid"].pop("kid_unconditional_standard_error")
+    before["fid"].pop("kid_per_size_standard_error")
+    assert error > 0
+    path.write_text(json.dumps(before))  # as an evaluation from before the error was computed wrote it
+    assert main(["evaluate", "--run", str(run), "--only", "fid"]) == 0
+    after = json.loads(path.read_text())
+    assert after["fid"].pop("kid_unconditional_standard_error") == error
+    assert set(after["fid"].pop("kid_per_size_standard_error")) == {"1"}
+    assert after == before
+    assert f"+- {1000 * error:.2f} (4 samples)" in capsys.readouterr().out
+    assert "jackknife standard error" in (run / "report.md").read_text()
+    assert main(["evaluate", "--run", str(run), "--only", "fid", "--set", "eval.fid_samples=3", "eval.fid_sizes=[]"]) == 0
+    after = json.loads(path.read_text())
+    assert after["fid"]["samples"] == 3 and after["fid"]["per_size"] == {}
+    assert after["eval"]["fid_samples"] == 3 and after["eval"]["fid_sizes"] == []
+    assert after["log_likelihood"] == before["log_likelihood"] and after["coherence"] == before["coherence"]
+    for overrides, message in ((["eval.seed=5"], "evaluate the run in full"),
+                               (["eval.fid_samples=0"], "eval.fid_samples=0 and 3 image modalities: no FID")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            main(["evaluate", "--run", str(run), "--only", "fid", "--set", *overrides])
+        assert message in capsys.readouterr().err
+    assert json.loads(path.read_text()) == after  # a refusal changes nothing
+
+
 def test_a_run_stopped_by_the_wall_clock_guard_says_so(tiny_root, capsys):
     run = train(_tiny(tiny_root, "early", max_minutes=1e-9), show_progress=True)  # over time after one step
     out, err = capsys.readouterr()

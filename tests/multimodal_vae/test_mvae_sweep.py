@@ -201,9 +201,9 @@ def test_a_sweep_label_can_be_a_variant_of_a_model_with_its_own_seeds(tmp_path, 
             load_sweep("variants", [f"models=[helvae,'{label}']"])
 
 
-def fake_run(folder, seed, log_likelihood, conditional, pairwise_mass, fid, seconds):
+def fake_run(folder, seed, log_likelihood, conditional, pairwise_mass, fid, seconds, kid_error=None):
     """A run folder as a sweep reads it, for a dataset without class labels (CelebA, CUB): its metrics.json has
-    no coherence and no latent probe."""
+    no coherence and no latent probe (and KID's standard error where ``kid_error`` is given)."""
     run = folder / f"helvae-beta1.0-seed{seed}"
     run.mkdir(parents=True)
     metrics = {"test_examples": 10, "modalities": ["image", "text"], "protocol": {"probe_examples": 10},
@@ -213,6 +213,8 @@ def fake_run(folder, seed, log_likelihood, conditional, pairwise_mass, fid, seco
                                   "num_samples": 2, "examples": 10},
                "pooling": {"mean_log_bhattacharyya": -0.25, "pairwise_mass": pairwise_mass},
                "fid": {"unconditional": fid, "kid_unconditional": fid / 4000, "per_size": {"1": fid + 10}}}
+    if kid_error is not None:
+        metrics["fid"]["kid_unconditional_standard_error"] = kid_error
     (run / "metrics.json").write_text(json.dumps(metrics))
     rows = [{"epoch": 1, "step": s + 1, "loss": 1.0, "reconstruction": 1.0, "kl": 0.0, "seconds": t}
             for s, t in enumerate(seconds)]
@@ -224,8 +226,8 @@ def fake_run(folder, seed, log_likelihood, conditional, pairwise_mass, fid, seco
 
 
 def test_a_sweep_without_coherence_or_probe_is_summarised_with_empty_cells(tmp_path):
-    runs = [fake_run(tmp_path, 0, -123.4, -60.5, 0.7, 80.0, [9.0, 0.5, 0.25, 0.75]),
-            fake_run(tmp_path, 1, -121.4, -58.5, 0.5, 84.0, [9.0, 1.0, 2.0])]
+    runs = [fake_run(tmp_path, 0, -123.4, -60.5, 0.7, 80.0, [9.0, 0.5, 0.25, 0.75], kid_error=0.002),
+            fake_run(tmp_path, 1, -121.4, -58.5, 0.5, 84.0, [9.0, 1.0, 2.0], kid_error=0.0035)]
     rows = [result_row(run, "helvae", 1.0, seed) for seed, run in enumerate(runs)]
     one_seed = result_row(fake_run(tmp_path, 2, -130.0, -61.0, 3e-27, 90.0, [9.0, 1.0]), "mopoe", 1.0, 0)
     missing = ("coherence", "cross_coherence", "self_coherence", "unconditional_coherence", "probe_all",
@@ -254,11 +256,13 @@ def test_a_sweep_without_coherence_or_probe_is_summarised_with_empty_cells(tmp_p
     assert cells["log p(X)"] == "-122.4 ± 1.4" and cells["plug-in log p(X_rest \\| x_m)"] == "-59.5 ± 1.4"
     assert cells["FID"] == "82.0 ± 2.8" and cells["pairwise mass"] == "0.600 ± 0.141"
     assert cells["KID x 1000"] == "20.5 ± 0.7"  # 0.020 and 0.021, in thousandths
+    assert cells["KID s.e. x 1000"] == "2.750"  # each run's own error: their mean, no spread over seeds
     assert all(cells[c] == "–" for c in ("coherence (all subsets)", "one input", "self (one input)", "unconditional",
                                           "probe (all)"))
     # one seed: the value alone (its spread over seeds is unknown, not 0)
     alone = cells_of("mopoe")
     assert (alone["seeds"], alone["log p(X)"], alone["KID x 1000"]) == ("1", "-130.0", "22.5")
+    assert alone["KID s.e. x 1000"] == "–"  # evaluated before the error was computed
     assert alone["pairwise mass"] == "3.0e-27"  # a mass that fell to nearly nothing keeps its size, not 0.000
     assert ("Not computed by any run (–): coherence (all subsets), one input, self (one input), unconditional, "
             "probe (all);") in report

@@ -80,10 +80,10 @@ from .labelled import (
 )
 from .likelihood import log_likelihood, nested_log_likelihoods
 
-__all__ = ["CLASSIFIER_EPOCHS", "DigitClassifier", "EVALUATION_FILES", "EncoderClassifier", "accuracy",
+__all__ = ["CLASSIFIER_EPOCHS", "DigitClassifier", "EVALUATION_FILES", "EncoderClassifier", "REEVALUABLE", "accuracy",
            "classifier_input", "classifiers_for", "coherence", "cross_coherence", "describe_bias", "draw_sample_grid",
            "evaluate_run", "fid_scores", "format_std_error", "latent_probe", "log_likelihood", "make_classifier",
-           "pooling_diagnostics", "posterior_means", "private_latent_probe", "reevaluate_likelihood", "render_report",
+           "pooling_diagnostics", "posterior_means", "private_latent_probe", "reevaluate", "render_report",
            "scored_tuples", "summarise_coherence", "train_classifiers", "training_notice", "training_status",
            "unconditional_coherence"]
 
@@ -168,11 +168,7 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
         torch.arange(min(n, 1000)))])
     done()
     if settings.fid_samples and images:
-        cache = Path(config.data.root).parent / ".wheels"
-        # the real features are stored beside the data: every run of a sweep on it shares them
-        metrics["fid"] = fid_scores(model, evaluated, test_data, settings, cache, progress,
-                                    feature_cache=Path(config.data.root),
-                                    source=f"{config.data.dataset} at {Path(config.data.root).resolve()}, test split")
+        metrics["fid"] = _fid(model, config, evaluated, test_data, progress)
         done()
     run_dir = Path(run_dir)
     if images:
@@ -187,36 +183,58 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
     return metrics
 
 
-#: the eval settings ``reevaluate_likelihood`` may change: those of the log-likelihoods alone
-_LIKELIHOOD_SETTINGS = ("likelihood_examples", "likelihood_samples")
+#: the metrics ``reevaluate`` recomputes alone, each with the eval settings it may change: its own
+REEVALUABLE = {"log_likelihood": ("likelihood_examples", "likelihood_samples"),
+               "fid": ("fid_samples", "fid_weights", "fid_sizes")}
 
 
-def reevaluate_likelihood(run_dir, config, model) -> dict:
-    """Recompute only the log-likelihoods of an evaluated run (``metrics["log_likelihood"]``, with ``config.eval``'s
-    ``likelihood_examples``, ``likelihood_samples`` and ``seed``), keeping its other metrics: after a change to the
-    estimator, or to compare ``K``, without the rest of the evaluation. Rewrites ``metrics.json`` and ``report.md``."""
+def reevaluate(run_dir, config, model, metric: str, progress=None) -> dict:
+    """Recompute only ``metric`` (a key of ``REEVALUABLE``) of an evaluated run with ``config.eval``, keeping its
+    other metrics: after a change to the estimator (e.g. KID's standard error, which runs evaluated before it lack),
+    or to compare settings (K, the number of FID samples), without the rest of the evaluation. The other eval
+    settings must be those the metrics were computed with (the same seeded tuples and generations). Rewrites
+    ``metrics.json`` and ``report.md``."""
+    if metric not in REEVALUABLE:
+        raise ValueError(f"metric must be one of {sorted(REEVALUABLE)}, got {metric!r}")
     run_dir = Path(run_dir)
     path = run_dir / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.json in {run_dir}: evaluate the run in full first")
     metrics = json.loads(path.read_text())
-    settings = config.eval
+    settings, changeable = config.eval, REEVALUABLE[metric]
     recorded = metrics.get("eval")  # None: metrics from before they recorded their settings
     if recorded is not None:
-        others = sorted(k for k, v in asdict(settings).items()
-                        if k not in _LIKELIHOOD_SETTINGS and recorded.get(k) != v)
+        others = sorted(k for k, v in asdict(settings).items() if k not in changeable and recorded.get(k) != v)
         if others:
             raise ValueError(f"{run_dir}'s metrics were computed with other eval settings than these in {others} "
                              f"(saved {[recorded.get(k) for k in others]}, now "
-                             f"{[getattr(settings, k) for k in others]}): the log-likelihoods alone would not match "
+                             f"{[getattr(settings, k) for k in others]}): the {metric} alone would not match "
                              "the other metrics; evaluate the run in full")
-        recorded.update({k: getattr(settings, k) for k in _LIKELIHOOD_SETTINGS})
+    test_data = _shuffled(settings, load_dataset(config, "test"))
+    evaluated = _evaluated(settings, test_data)
+    if metric == "fid":
+        images = [modality for modality in test_data.modalities if not modality.is_text]
+        if not settings.fid_samples or not images:
+            raise ValueError(f"eval.fid_samples={settings.fid_samples} and {len(images)} image modalities: no FID to "
+                             "compute (set eval.fid_samples to a positive number)")
     remove_orphaned_temporaries(run_dir, EVALUATION_FILES)
-    evaluated = scored_tuples(settings, load_dataset(config, "test"))
-    metrics["log_likelihood"] = _likelihoods(model, evaluated.head(settings.likelihood_examples), settings)
-    metrics.setdefault("protocol", {})["likelihood_samples"] = settings.likelihood_samples
+    if metric == "log_likelihood":
+        metrics["log_likelihood"] = _likelihoods(model, evaluated.head(settings.likelihood_examples), settings)
+        metrics.setdefault("protocol", {})["likelihood_samples"] = settings.likelihood_samples
+    else:
+        metrics["fid"] = _fid(model, config, evaluated, test_data, progress)
+    if recorded is not None:
+        recorded.update({k: getattr(settings, k) for k in changeable})
     _write_metrics(run_dir, config, metrics)
     return metrics
+
+
+def _fid(model, config, evaluated, test_data, progress) -> dict:
+    """``fid_scores`` of the run with the real features cached beside the data (every run of a sweep on it shares
+    them) and the default weights beside the data's folder."""
+    cache = Path(config.data.root).parent / ".wheels"
+    return fid_scores(model, evaluated, test_data, config.eval, cache, progress, feature_cache=Path(config.data.root),
+                      source=f"{config.data.dataset} at {Path(config.data.root).resolve()}, test split")
 
 
 def _label_metrics(metrics, model, config, train_data, test_data, evaluated, subsets, progress, done) -> None:
