@@ -145,6 +145,11 @@ def sweep_cost(preset: str, repeats: int, warmup: int, overrides=(), train_examp
     counts = Counter(label for label, _, _ in runs)
     configs = {label: run_config(sweep, label, beta, seed) for label, beta, seed in reversed(runs)}
     first = next(iter(configs.values()))
+    for key in ("device", "num_threads"):  # one process times every label: they must share these
+        found = {label: getattr(config.train, key) for label, config in configs.items()}
+        if len(set(found.values())) > 1:
+            raise ValueError(f"sweep {preset!r}: the labels' train.{key} differ ({found}); one process times them all "
+                             "on one setting: time such labels in separate sweeps")
     device = resolve_device(first.train.device)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -154,18 +159,20 @@ def sweep_cost(preset: str, repeats: int, warmup: int, overrides=(), train_examp
     built = {}
     for label in counts:
         torch.manual_seed(0)
-        model = make_model(configs[label], polymnist_modalities(first.data.num_modalities)).to(device)
+        model = make_model(configs[label], polymnist_modalities(configs[label].data.num_modalities)).to(device)
         built[label] = (model, torch.optim.Adam(model.parameters(), lr=configs[label].train.lr),
                         torch.autocast(device.type, dtype=torch.bfloat16,
                                        enabled=configs[label].train.precision == "bf16"))
-    x = batch(first.train.batch_size, device, first.data.num_modalities)
+    # each label on a batch of its own size and modalities (a label's overrides may change them)
+    shapes = {label: (config.train.batch_size, config.data.num_modalities) for label, config in configs.items()}
+    inputs = {(size, modalities): batch(size, device, modalities) for size, modalities in set(shapes.values())}
     times = {label: [] for label in built}
     order, labels = random.Random(0), list(built)
     for r in tqdm(range(warmup + repeats), desc=f"{preset}: rounds of steps", unit="round"):
         order.shuffle(labels)  # each label once per round, in a new order each round
         for label in labels:
             model, optimizer, autocast = built[label]
-            seconds = step(model, optimizer, x, sync, autocast)
+            seconds = step(model, optimizer, inputs[shapes[label]], sync, autocast)
             if r >= warmup:
                 times[label].append(seconds)
     median = {label: statistics.median(t) for label, t in times.items()}
@@ -175,10 +182,12 @@ def sweep_cost(preset: str, repeats: int, warmup: int, overrides=(), train_examp
     peak = {}
     if cuda:  # one label at a time: a step's activations (its weights, gradients and moments are resident before)
         for label, (model, optimizer, autocast) in built.items():
-            peak[label] = cuda_peak_bytes(lambda m=model, o=optimizer, a=autocast: step(m, o, x, sync, a)) / 2**30
+            peak[label] = cuda_peak_bytes(lambda m=model, o=optimizer, a=autocast, x=inputs[shapes[label]]:
+                                          step(m, o, x, sync, a)) / 2**30
     where = "" if cuda else f"{torch.get_num_threads()} thread(s) per process, "
     precisions = sorted({config.train.precision for config in configs.values()})
-    lines = [f"`{preset}`: {measured}; {where}batch {first.train.batch_size}, {'/'.join(precisions)}; median of "
+    sizes = "/".join(str(b) for b in sorted({b for b, _ in shapes.values()}))
+    lines = [f"`{preset}`: {measured}; {where}batch {sizes}, {'/'.join(precisions)}; median of "
              f"{repeats} steps per label (round-robin); steps per run for {train_examples} training tuples"
              + ("" if cuda else f"; load average {os.getloadavg()[0]:.1f} when it ended"), "",
              "| label | runs | parameters (M) | steps per run | s / step | hours of training |"

@@ -400,3 +400,17 @@ def test_the_cost_table_counts_each_runs_steps_from_its_epochs_or_its_cap(tmp_pa
                                           if line.startswith("| helvae") or line.startswith("| mvae"))}
     assert rows["helvae"][1:2] + rows["helvae"][3:4] == ["2", "9"]  # 3 epochs of ceil(20 / 8) = 3 steps
     assert rows["mvae"][1:2] + rows["mvae"][3:4] == ["2", "5"]  # capped
+    # a label's own batch size: its steps are counted and timed on it (MVAE was timed on HELVAE's batch of 8)
+    seen = []
+    monkeypatch.setattr(bench_mvae, "step", lambda model, optimizer, x, *rest: seen.append(len(x)) or 0.5)
+    (tmp_path / "cost.yaml").write_text((tmp_path / "cost.yaml").read_text().replace(
+        "mvae: [train.max_steps=5]", "mvae: [train.max_steps=null, train.batch_size=4]"))
+    table = bench_mvae.sweep_cost("cost", repeats=1, warmup=0, train_examples=20)
+    assert "batch 4/8," in table and sorted(set(seen)) == [4, 8] and seen.count(4) == seen.count(8) == 1
+    rows = {cells[0]: cells for cells in (line.strip("| ").split(" | ") for line in table.splitlines()
+                                          if line.startswith("| helvae") or line.startswith("| mvae"))}
+    assert rows["mvae"][3] == "15"  # 3 epochs of 20 / 4 steps
+    (tmp_path / "cost.yaml").write_text((tmp_path / "cost.yaml").read_text().replace(
+        "train.batch_size=4]", "train.num_threads=2]"))
+    with pytest.raises(ValueError, match="the labels' train.num_threads differ"):
+        bench_mvae.sweep_cost("cost", repeats=1, warmup=0, train_examples=20)
