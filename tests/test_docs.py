@@ -111,6 +111,8 @@ def test_benchmark_tables_say_where_they_come_from_and_whether_targets_are_met()
 
     assert verdict(3.99, "<= 4") == "<= 4: met" and verdict(4.01, "<= 4") == "<= 4: missed"
     assert verdict(0.9, ">= 0.9") == ">= 0.9: met" and verdict(0.89, ">= 0.9") == ">= 0.9: missed"
+    # printed with two decimals as the bound itself: the verdict says by how much
+    assert verdict(2.003, "<= 2") == "<= 2: missed by 0.003" and verdict(0.8951, ">= 0.9") == ">= 0.9: missed by 0.005"
     with pytest.raises(ValueError, match="'< 4'"):
         verdict(1.0, "< 4")
     line = provenance()
