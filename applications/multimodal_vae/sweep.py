@@ -636,11 +636,15 @@ def mean_std_text(mean: float, std: float, seeds: int, form: str) -> str:
 PER_RUN_ERRORS = ("kid_unconditional_standard_error",)
 
 
-def _cell(metric: str, value, seeds: int) -> str:
+def _cell(metric: str, value, computed: int, seeds: int) -> str:
+    """A table cell: the mean ± std over the ``computed`` of ``seeds`` runs that computed ``metric``; a per-run error
+    as its mean (one decimal: an error's own precision), with the count where some runs lack it."""
     mean, std = value
     if mean != mean:
         return "–"
-    return mean_std_text(mean, std, 1 if metric in PER_RUN_ERRORS else seeds, number_format(metric, mean))
+    if metric in PER_RUN_ERRORS:
+        return f"{mean:.1f}" + ("" if computed == seeds else f" ({computed} of {seeds} runs)")
+    return mean_std_text(mean, std, computed, number_format(metric, mean))
 
 
 def summary_table(summary: dict) -> list[str]:
@@ -659,16 +663,19 @@ def summary_table(summary: dict) -> list[str]:
     for key in sorted(summary):
         entry = summary[key]
         lines.append(f"| {key[0]} | {key[1]:g} | {entry['seeds']} | " + " | ".join(
-            _cell(f, tuple(scale.get(f, 1) * v for v in entry[f]), entry["computed"][f]) for f, _ in columns) + " |")
+            _cell(f, tuple(scale.get(f, 1) * v for v in entry[f]), entry["computed"][f], entry["seeds"])
+            for f, _ in columns) + " |")
     missing = [label for f, label in columns
                if f not in ("probe_private", *PER_RUN_ERRORS) and not _computed(summary, summary, f)]
     if missing:
         lines += ["", f"Not computed by any run (–): {', '.join(missing)}; coherence and the latent probe need class "
                   "labels, FID image modalities and eval.fid_samples > 0 (each run's metrics.json says which)."]
     lines += ["", "probe (private w): the latent probe on the modality-specific latents, mean over modalities (models "
-              "with model.private_dim > 0 only; low is good: the private latents hold no label).", "",
-              "KID s.e.: each run's jackknife standard error of its KID over the test tuples (the mean over seeds, not a "
-              "spread; – for runs evaluated before it was computed: `evaluate --run RUN --only fid` adds it)."]
+              "with model.private_dim > 0 only; low is good: the private latents hold no label)."]
+    if _computed(summary, summary, "kid_unconditional"):
+        lines += ["", "KID s.e.: each run's jackknife standard error of its KID over the test tuples (the mean over the "
+                  "runs that have it, not a spread; none below 3 or above 1 000 FID samples, nor for runs evaluated "
+                  "before it was computed: `evaluate --run RUN --only fid` adds it)."]
     timing = {}
     for (model, _), entry in summary.items():
         timing.setdefault(model, []).append(entry["seconds_per_batch"][0])

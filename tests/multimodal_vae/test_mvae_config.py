@@ -294,7 +294,8 @@ def test_evaluate_only_the_likelihood_keeps_the_other_metrics(tiny_root, capsys)
 
 def test_evaluate_only_the_fid_adds_kid_errors_to_an_older_evaluation(tiny_root, capsys):
     """A run evaluated before KID had its standard error gets it from ``--only fid``: the same seeded FID and KID,
-    the error added, every other metric kept; other FID settings are recorded, other tuples refused."""
+    the error added, every other metric kept; other FID settings are recorded; other tuples, a checkpoint trained
+    since, or (metrics without a record of their settings) any setting but config.yaml's are refused."""
     from tiny_runs import WHEEL_CACHE
 
     from applications.multimodal_vae.evaluation.fid import default_weights
@@ -303,31 +304,45 @@ def test_evaluate_only_the_fid_adds_kid_errors_to_an_older_evaluation(tiny_root,
     config.eval.fid_samples, config.eval.fid_sizes = 4, [1]
     config.eval.fid_weights = str(default_weights(WHEEL_CACHE))
     run = train(config, show_progress=False)
-    path = run / "metrics.json"
+    path, report = run / "metrics.json", run / "report.md"
     before = json.loads(path.read_text())
     error = before["fid"].pop("kid_unconditional_standard_error")
     before["fid"].pop("kid_per_size_standard_error")
     assert error > 0
     path.write_text(json.dumps(before))  # as an evaluation from before the error was computed wrote it
+    report.write_text(report.read_text().replace("jackknife standard error", ""))
     assert main(["evaluate", "--run", str(run), "--only", "fid"]) == 0
     after = json.loads(path.read_text())
     assert after["fid"].pop("kid_unconditional_standard_error") == error
     assert set(after["fid"].pop("kid_per_size_standard_error")) == {"1"}
     assert after == before
     assert f"+- {1000 * error:.2f} (4 samples)" in capsys.readouterr().out
-    assert "jackknife standard error" in (run / "report.md").read_text()
+    assert "jackknife standard error" in report.read_text()  # the report is written again
     assert main(["evaluate", "--run", str(run), "--only", "fid", "--set", "eval.fid_samples=3", "eval.fid_sizes=[]"]) == 0
     after = json.loads(path.read_text())
     assert after["fid"]["samples"] == 3 and after["fid"]["per_size"] == {}
     assert after["eval"]["fid_samples"] == 3 and after["eval"]["fid_sizes"] == []
     assert after["log_likelihood"] == before["log_likelihood"] and after["coherence"] == before["coherence"]
-    for overrides, message in ((["eval.seed=5"], "evaluate the run in full"),
-                               (["eval.fid_samples=0"], "eval.fid_samples=0 and 3 image modalities: no FID")):
+
+    def refused(overrides, message):
+        kept = path.read_text()
         capsys.readouterr()
         with pytest.raises(SystemExit):
-            main(["evaluate", "--run", str(run), "--only", "fid", "--set", *overrides])
+            main(["evaluate", "--run", str(run), "--only", "fid", *(["--set", *overrides] if overrides else [])])
         assert message in capsys.readouterr().err
-    assert json.loads(path.read_text()) == after  # a refusal changes nothing
+        assert path.read_text() == kept  # a refusal changes nothing
+
+    refused(["eval.seed=5"], "evaluate the run in full")
+    refused(["eval.fid_samples=0"], "eval.fid_samples=0: no FID to compute")
+    # a checkpoint trained further than the evaluated one
+    path.write_text(json.dumps({**after, "training": {**after["training"], "steps": 7}}))
+    refused([], "its metrics were computed at step 7")
+    # metrics without a record of their settings: config.yaml's (fid_samples 4), and no change that none would record
+    path.write_text(json.dumps({**after, "eval": None}))
+    refused(["eval.fid_samples=3"], "record no eval settings")
+    refused(["eval.seed=5"], "record no eval settings")
+    assert main(["evaluate", "--run", str(run), "--only", "fid"]) == 0
+    assert json.loads(path.read_text())["fid"]["samples"] == 4
 
 
 def test_a_run_stopped_by_the_wall_clock_guard_says_so(tiny_root, capsys):

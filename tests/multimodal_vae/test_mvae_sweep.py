@@ -8,6 +8,7 @@ import re
 import pytest
 from omegaconf import OmegaConf
 
+from applications.multimodal_vae import sweep as sweep_module
 from applications.multimodal_vae.__main__ import main
 from applications.multimodal_vae.sweep import (
     SweepConfig,
@@ -256,13 +257,16 @@ def test_a_sweep_without_coherence_or_probe_is_summarised_with_empty_cells(tmp_p
     assert cells["log p(X)"] == "-122.4 ± 1.4" and cells["plug-in log p(X_rest \\| x_m)"] == "-59.5 ± 1.4"
     assert cells["FID"] == "82.0 ± 2.8" and cells["pairwise mass"] == "0.600 ± 0.141"
     assert cells["KID x 1000"] == "20.5 ± 0.7"  # 0.020 and 0.021, in thousandths
-    assert cells["KID s.e. x 1000"] == "2.750"  # each run's own error: their mean, no spread over seeds
+    assert cells["KID s.e. x 1000"] == "2.8"  # each run's own error: their mean, no spread over seeds
     assert all(cells[c] == "–" for c in ("coherence (all subsets)", "one input", "self (one input)", "unconditional",
                                           "probe (all)"))
     # one seed: the value alone (its spread over seeds is unknown, not 0)
     alone = cells_of("mopoe")
     assert (alone["seeds"], alone["log p(X)"], alone["KID x 1000"]) == ("1", "-130.0", "22.5")
     assert alone["KID s.e. x 1000"] == "–"  # evaluated before the error was computed
+    assert "KID s.e.: each run's jackknife standard error" in report
+    # a group where only some runs have the error says how many
+    assert sweep_module._cell("kid_unconditional_standard_error", (3.1, 0.0), 1, 3) == "3.1 (1 of 3 runs)"
     assert alone["pairwise mass"] == "3.0e-27"  # a mass that fell to nearly nothing keeps its size, not 0.000
     assert ("Not computed by any run (–): coherence (all subsets), one input, self (one input), unconditional, "
             "probe (all);") in report

@@ -273,7 +273,8 @@ def test_a_kernel_that_cannot_be_built_warns_once_and_runs_eagerly(monkeypatch):
 
 def test_the_benchmark_labels_a_fused_row_that_ran_eagerly(monkeypatch, capsys):
     """``bench_aggregators --fused`` where the kernel does not build timed the eager code as "hellinger fused" and
-    judged it against the fused targets; now the row says it fell back, why, and carries no verdict."""
+    judged it against the fused targets; now the row says it fell back, why, and carries no verdict. On the
+    torch.compile path (other devices) a backward body that does not compile is caught before the timing."""
     import sys
     from pathlib import Path
 
@@ -285,13 +286,29 @@ def test_the_benchmark_labels_a_fused_row_that_ran_eagerly(monkeypatch, capsys):
     mu, logvar = torch.randn(2, 3, 4, dtype=torch.float32), torch.randn(2, 3, 4, dtype=torch.float32)
     assert bench_aggregators.fused_fallback(mu, logvar) == "RuntimeError('no compiler here')"
     assert bench_aggregators.fused_fallback(mu.bfloat16(), logvar.bfloat16()) == "no fused path for torch.bfloat16 on cpu"
+    # (at the session's own thread count: the script sets it for the process)
     monkeypatch.setattr(sys, "argv", ["bench_aggregators.py", "--shapes", "256,5,512", "--rounds", "1", "--warmup", "0",
-                                      "--fused", "--only", "hellinger fused", "--no-overlapping"])
+                                      "--fused", "--only", "hellinger fused", "--no-overlapping",
+                                      "--threads", str(torch.get_num_threads())])
     bench_aggregators.main()
     lines = capsys.readouterr().out.splitlines()
     row = next(line for line in lines if line.startswith("| (256, 5, 512) | hellinger fused"))
     assert "| hellinger fused (fell back to eager) |" in row and row.endswith("|  |")  # no target, no verdict
     assert "hellinger fused (fell back to eager): RuntimeError('no compiler here')" in lines
+
+    def compiled(name, fn):
+        if not name.startswith("backward"):
+            return fn
+
+        def failing(*args):
+            raise RuntimeError("the backward graph did not compile")
+        return failing
+
+    monkeypatch.setattr(hellinger_module, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(hellinger_module, "_fused_path", lambda *tensors: "compile")
+    monkeypatch.setattr(hellinger_module, "_compiled", compiled)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        assert "the backward graph did not compile" in bench_aggregators.fused_fallback(mu, logvar)
 
 
 @pytest.mark.parametrize("how", ["mask", "weight 1e-25"])

@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import load_config
 from ..data import batches, load_dataset, subset_mask, subset_tuples
 from ..files import remove_orphaned_temporaries, write_text
 from .classifiers import (
@@ -191,9 +192,15 @@ REEVALUABLE = {"log_likelihood": ("likelihood_examples", "likelihood_samples"),
 def reevaluate(run_dir, config, model, metric: str, progress=None) -> dict:
     """Recompute only ``metric`` (a key of ``REEVALUABLE``) of an evaluated run with ``config.eval``, keeping its
     other metrics: after a change to the estimator (e.g. KID's standard error, which runs evaluated before it lack),
-    or to compare settings (K, the number of FID samples), without the rest of the evaluation. The other eval
-    settings must be those the metrics were computed with (the same seeded tuples and generations). Rewrites
-    ``metrics.json`` and ``report.md``."""
+    or to compare settings (K, the number of FID samples), without the rest of the evaluation. Rewrites
+    ``metrics.json`` and ``report.md``.
+
+    Refused, before any work, where the result would not match the other metrics: other eval settings than those
+    the metrics were computed with (the same seeded tuples and generations), or a checkpoint trained further since.
+    Metrics from before they recorded their settings are taken to have been computed with the run's ``config.yaml``
+    (as a sweep takes them), and only those settings are accepted: nothing would record a change. A run whose
+    recorded settings now differ from its sweep's is evaluated again in full by the next sweep: change the
+    settings of a sweep's runs through the sweep (``sweep --set eval.KEY=VALUE``)."""
     if metric not in REEVALUABLE:
         raise ValueError(f"metric must be one of {sorted(REEVALUABLE)}, got {metric!r}")
     run_dir = Path(run_dir)
@@ -203,20 +210,26 @@ def reevaluate(run_dir, config, model, metric: str, progress=None) -> dict:
     metrics = json.loads(path.read_text())
     settings, changeable = config.eval, REEVALUABLE[metric]
     recorded = metrics.get("eval")  # None: metrics from before they recorded their settings
-    if recorded is not None:
-        others = sorted(k for k, v in asdict(settings).items() if k not in changeable and recorded.get(k) != v)
-        if others:
-            raise ValueError(f"{run_dir}'s metrics were computed with other eval settings than these in {others} "
-                             f"(saved {[recorded.get(k) for k in others]}, now "
-                             f"{[getattr(settings, k) for k in others]}): the {metric} alone would not match "
-                             "the other metrics; evaluate the run in full")
+    known = recorded if recorded is not None else asdict(load_config(path=run_dir / "config.yaml").eval)
+    differing = sorted(k for k, v in asdict(settings).items()
+                       if known.get(k) != v and (k not in changeable or recorded is None))
+    if differing:
+        source = "were computed with" if recorded is not None else \
+            "record no eval settings (an evaluation from before they were recorded), so only its config.yaml's count:"
+        raise ValueError(f"{run_dir}'s metrics {source} other eval settings than these in {differing} "
+                         f"(saved {[known.get(k) for k in differing]}, now {[getattr(settings, k) for k in differing]}):"
+                         f" the {metric} alone would not match the other metrics; evaluate the run in full")
+    trained, evaluated_at = training_status(run_dir), metrics.get("training")
+    if trained is not None and evaluated_at is not None and trained["steps"] != evaluated_at["steps"]:
+        raise ValueError(f"{run_dir}'s checkpoint stands at step {trained['steps']}, its metrics were computed at step "
+                         f"{evaluated_at['steps']}: the {metric} alone would not match the other metrics; evaluate "
+                         "the run in full")
+    if metric == "fid" and not settings.fid_samples:
+        raise ValueError("eval.fid_samples=0: no FID to compute (set eval.fid_samples to a positive number)")
     test_data = _shuffled(settings, load_dataset(config, "test"))
     evaluated = _evaluated(settings, test_data)
-    if metric == "fid":
-        images = [modality for modality in test_data.modalities if not modality.is_text]
-        if not settings.fid_samples or not images:
-            raise ValueError(f"eval.fid_samples={settings.fid_samples} and {len(images)} image modalities: no FID to "
-                             "compute (set eval.fid_samples to a positive number)")
+    if metric == "fid" and all(modality.is_text for modality in test_data.modalities):
+        raise ValueError(f"{config.data.dataset} has no image modality: no FID to compute")
     remove_orphaned_temporaries(run_dir, EVALUATION_FILES)
     if metric == "log_likelihood":
         metrics["log_likelihood"] = _likelihoods(model, evaluated.head(settings.likelihood_examples), settings)
