@@ -47,7 +47,8 @@ def main(argv=None) -> int:
                           help="recompute only this metric of an evaluated run (fid: FID and KID), keeping the others")
     grid = commands.add_parser("grid", help="draw the labelled sample grid of a trained run (sample_grid.png)")
     grid.add_argument("--run", required=True, help="the run folder (holding config.yaml and checkpoint.pt)")
-    grid.add_argument("--columns", type=int, default=8, help="test tuples shown (the first ones)")
+    grid.add_argument("--columns", type=int, default=8,
+                      help="test tuples shown (the first the evaluation scores, as its own grid)")
     grid.add_argument("--scale", type=int, default=3, help="figure pixels per image pixel")
     grid.add_argument("--out", help="the PNG to write (default: sample_grid.png in the run folder)")
     grid.add_argument("--seed", type=int, default=0, help="seed of the generations")
@@ -250,6 +251,7 @@ def _grid(parser, args) -> int:
     import torch
 
     from .data import load_dataset
+    from .evaluation import scored_tuples
     from .evaluation.grids import GRID_FILE, draw_sample_grid
     from .train import load_run
 
@@ -260,7 +262,8 @@ def _grid(parser, args) -> int:
         config, model = load_run(args.run)
     except ValueError as error:
         parser.error(str(error))
-    data = load_dataset(config, "test")
+    # the tuples the evaluation scores, in its seeded order (the stored order of some test splits is class by class)
+    data = scored_tuples(config.eval, load_dataset(config, "test"))
     out = args.out or str(Path(args.run) / GRID_FILE)
     shown = data.gather(torch.arange(min(args.columns, len(data))))
     title = f"{config.name}: {config.model.name}, beta {config.model.beta:g}"

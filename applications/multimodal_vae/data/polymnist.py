@@ -129,15 +129,28 @@ def store_decoded_png_tree(split_dir: Path, images: torch.Tensor, labels: torch.
 
 def read_tensor_files(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     files = _modality_folders(split_dir, "pt")
-    labels = torch.load(split_dir / "labels.pt", weights_only=True).long().reshape(-1)
+    labels = torch.load(split_dir / "labels.pt", weights_only=True)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise LayoutError(f"{split_dir / 'labels.pt'}: expected integer digits, got {labels.dtype}")
+    labels = labels.long().reshape(-1)
+    if labels.numel() and (labels.min() < 0 or labels.max() > 9):
+        raise LayoutError(f"{split_dir / 'labels.pt'}: digits must lie in 0..9, found {int(labels.min())}.."
+                          f"{int(labels.max())}")
     modalities = []
     for path in files:
         tensor = torch.load(path, weights_only=True)
         if tensor.dim() != 4 or tuple(tensor.shape[1:]) != (3, 28, 28) or tensor.shape[0] != labels.shape[0]:
             raise LayoutError(f"{path}: expected shape ({labels.shape[0]}, 3, 28, 28) to match labels.pt, "
                               f"got {tuple(tensor.shape)}")
+        # uint8 bytes, or floats in [0, 1] (as torchvision's ToTensor gives): floats of 0..255 would be clamped to
+        # white, other integer types would reach the model as raw bytes
         if tensor.is_floating_point():
-            tensor = (tensor.clamp(0, 1) * 255).round().to(torch.uint8)
+            if tensor.numel() and not bool(((tensor >= 0) & (tensor <= 1)).all()):
+                raise LayoutError(f"{path}: float images must lie in [0, 1], found {float(tensor.min()):g}.."
+                                  f"{float(tensor.max()):g} (store uint8 bytes, or divide by 255)")
+            tensor = (tensor * 255).round().to(torch.uint8)
+        elif tensor.dtype != torch.uint8:
+            raise LayoutError(f"{path}: expected uint8 bytes or floats in [0, 1], got {tensor.dtype}")
         modalities.append(tensor)
     return torch.stack(modalities), labels
 
