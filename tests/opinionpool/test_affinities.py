@@ -303,3 +303,36 @@ def test_chernoff_coefficients_of_nearly_equal_experts_with_large_parameters():
     assert got == pytest.approx(float(expected), rel=1e-9, abs=0)
     same = op.holder([Poisson(torch.tensor(1e6, dtype=f64)), Poisson(torch.tensor(1e6, dtype=f64))], alpha=1 / 3)
     assert abs(float(same.log_normalizer)) < 1e-14
+
+
+@pytest.mark.parametrize("a", [1e-12, 1e-6, 0.5, 1 - 1e-6])
+def test_chernoff_coefficients_of_nearly_equal_discrete_experts(a):
+    """Bernoulli, Binomial and Categorical experts 1e-10 apart: their log-normalisers are 0 up to the rounding of
+    terms of about 1, which the direct form took for the divergence (log C = +1.2e-16 at a = 1e-6, a coefficient
+    above one, for -2.4e-26). References: 50-digit mpmath sums of p^a q^(1-a)."""
+    import mpmath
+    from torch.distributions import Bernoulli, Binomial, Categorical
+
+    mpmath.mp.dps = 50
+    f64 = torch.float64
+
+    def log_sum(ps, qs):
+        order = mpmath.mpf(a)  # (1 - a in float64 is rounded: the exponents would not sum to one)
+        return float(mpmath.log(mpmath.fsum(p ** order * q ** (1 - order) for p, q in zip(ps, qs))))
+
+    p1, p2 = 0.3, 0.3 + 1e-10
+    bernoulli = [[1 - mpmath.mpf(x), mpmath.mpf(x)] for x in (p1, p2)]
+    binomial = [[mpmath.binomial(17, k) * mpmath.mpf(x) ** k * (1 - mpmath.mpf(x)) ** (17 - k) for k in range(18)]
+                for x in (p1, p2)]
+    probs = ([0.2, 0.5, 0.3], [0.2, 0.5 - 1e-10, 0.3 + 1e-10])
+    categorical = [[mpmath.mpf(x) / mpmath.fsum(map(mpmath.mpf, row)) for x in row] for row in probs]
+    cases = [(Bernoulli(torch.tensor(p1, dtype=f64)), Bernoulli(torch.tensor(p2, dtype=f64)), bernoulli),
+             (Binomial(17, torch.tensor(p1, dtype=f64)), Binomial(17, torch.tensor(p2, dtype=f64)), binomial),
+             (Categorical(torch.tensor(probs[0], dtype=f64)), Categorical(torch.tensor(probs[1], dtype=f64)),
+              categorical)]
+    for p, q, (ps, qs) in cases:
+        expected = log_sum(ps, qs)
+        got = float(op.log_chernoff_coefficient(p, q, a))
+        # (abs: the combination a eta_p + (1 - a) eta_q is stored in float64, a rounding of about eps |eta| in
+        # each of its offsets, whose square scales the divergence: 1e-32 at the order 1e-12)
+        assert got <= 0 and got == pytest.approx(expected, rel=1e-4, abs=1e-31), type(p).__name__
