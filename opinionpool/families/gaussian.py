@@ -374,7 +374,11 @@ class MultivariateNormalFamily(ExponentialFamily):
         return cls(dist.event_shape[-1]) if type(dist) is MultivariateNormal else None
 
     def params_from_distribution(self, dist):
-        precision = dist.precision_matrix
+        try:
+            precision = dist.precision_matrix
+        except torch.linalg.LinAlgError as error:  # torch's own message names no argument
+            raise ValueError(f"a MultivariateNormal expert's covariance is singular: its precision matrix cannot be "
+                             f"formed ({error})") from None
         loc = dist.loc.expand(precision.shape[:-1])
         return self.join(loc, precision)
 

@@ -378,3 +378,15 @@ def test_full_gaussian_kl_of_nearly_equal_experts_keeps_its_digits():
     torch.testing.assert_close(loc_grad, torch_loc_grad, rtol=1e-10, atol=1e-12)
     # (the factor's upper triangle is no parameter: torch's formula reads the lower one only)
     torch.testing.assert_close(tril_grad.tril(), torch_tril_grad.tril(), rtol=1e-10, atol=1e-12)
+
+
+def test_a_singular_full_gaussian_expert_is_refused_by_name():
+    """A MultivariateNormal of singular scale_tril reached torch's raw _LinAlgError ("cholesky_inverse: ...")."""
+    from torch.distributions import MultivariateNormal
+
+    f64 = torch.float64
+    singular = MultivariateNormal(torch.zeros(2, dtype=f64), scale_tril=torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=f64),
+                                  validate_args=False)
+    other = MultivariateNormal(torch.zeros(2, dtype=f64), torch.eye(2, dtype=f64))
+    with pytest.raises(ValueError, match="a MultivariateNormal expert's covariance is singular"):
+        op.kl_divergence(singular, other)
