@@ -162,8 +162,11 @@ def _diagonal_gaussian_log_chernoff(family, params_p, params_q, value, a):
 
 
 def _divergent(value: float, family) -> ValueError:
-    return ValueError(f"the Chernoff integral of order a={value} diverges for these {family.name} experts "
-                      "(a * eta_p + (1 - a) * eta_q leaves the natural parameter space)")
+    # (a finite parameter whose log-normaliser overflows looks the same: Poisson(1e-300) against Poisson(1) at a = -2
+    # converges to about e^1381)
+    return ValueError(f"the Chernoff integral of order a={value} diverges for these {family.name} experts, or its "
+                      "value overflows: the log-normaliser at a * eta_p + (1 - a) * eta_q is not finite (outside the "
+                      "natural parameter space, or beyond the dtype's range)")
 
 
 def _gaussian_log_chernoff(loc_p, logvar_p, loc_q, logvar_q, a):

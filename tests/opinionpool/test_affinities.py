@@ -390,3 +390,11 @@ def test_a_singular_full_gaussian_expert_is_refused_by_name():
     other = MultivariateNormal(torch.zeros(2, dtype=f64), torch.eye(2, dtype=f64))
     with pytest.raises(ValueError, match="a MultivariateNormal expert's covariance is singular"):
         op.kl_divergence(singular, other)
+
+
+def test_a_chernoff_coefficient_beyond_float64_is_not_called_divergent_only():
+    """Poisson(1e-300) against Poisson(1) at a = -2: sum_k p^-2 q^3 converges (to about e^(e^1381)), but its log
+    overflows float64; the error said only that the integral diverges."""
+    f64 = torch.float64
+    with pytest.raises(ValueError, match="diverges for these Poisson experts, or its value overflows"):
+        op.log_chernoff_coefficient(Poisson(torch.tensor(1e-300, dtype=f64)), Poisson(torch.tensor(1.0, dtype=f64)), -2.0)
