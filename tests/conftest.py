@@ -15,6 +15,18 @@ def _seed_and_dtype():
     torch.set_default_dtype(previous)
 
 
+@pytest.fixture(autouse=True)
+def _mpmath_precision():
+    """Every test starts at mpmath's default precision (15 digits) and leaves it there: tests that set
+    ``mpmath.mp.dps`` (two at import) changed it for every test after them. Tests that need more digits set them
+    (a module's own autouse fixture, or ``mpmath.mp.dps`` inside the test)."""
+    import mpmath
+
+    mpmath.mp.dps = 15
+    yield
+    mpmath.mp.dps = 15
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -12,7 +12,12 @@ from torch.distributions import Independent, Normal
 import opinionpool
 import opinionpool.functional as opf
 
-mpmath.mp.dps = 50
+
+@pytest.fixture(autouse=True)
+def _fifty_digits():
+    """The references are mpmath's at 50 digits (set per test: the session's tests start at the default)."""
+    mpmath.mp.dps = 50
+    yield
 
 
 def _normal(loc, scale, dtype):

@@ -15,7 +15,12 @@ from torch.distributions import Beta, Exponential, Gamma, Normal, VonMises
 import opinionpool
 from opinionpool import numerical
 
-mp.mp.dps = 50
+
+@pytest.fixture(autouse=True)
+def _fifty_digits():
+    """The references are mpmath's at 50 digits (set per test: the session's tests start at the default)."""
+    mp.mp.dps = 50
+    yield
 
 
 def _exact_gamma(a, rate, z):
