@@ -77,8 +77,10 @@ def log_det_whitened(chol: torch.Tensor, matrix: torch.Tensor, e: torch.Tensor) 
         else:
             direct = whitened_eigenvalues(chol.detach(), matrix.detach())
             if not bool((near | (direct > 0)).all()):  # a positive-definite M: zero means it underflowed
-                raise ValueError(f"the eigenvalues of the whitened matrix L^-1 M L^-T underflow {direct.dtype}: the "
-                                 f"experts' covariances are about its range apart or more")
+                raise ValueError(f"the eigenvalues of the whitened matrix L^-1 M L^-T are not all positive in "
+                                 f"{direct.dtype}: the experts' covariances are about its range apart or more, or too "
+                                 "ill-conditioned for it (condition numbers of about 1e12 and more in float64, "
+                                 "differently oriented: their rounding exceeds the smallest eigenvalues)")
             value = torch.where(near, torch.log1p(e), torch.log(direct)).sum(-1)
     if not (torch.is_grad_enabled() and (chol.requires_grad or matrix.requires_grad)):
         return value
