@@ -209,22 +209,20 @@ def _mvn_kl(family, params_p, params_q):
     Delta^T Sigma_q^-1 Delta) / 2`` with ``e - log1p(e)`` from its series for small ``e``: torch's formula (trace,
     dimension and log-determinants apart) gave 0 for the KL of nearly equal experts (1.1e-20) and negative values
     (-6.7e-16). Its derivatives are torch's formula's (``with_derivatives_of``)."""
-    dist_p, dist_q = family.distribution(params_p), family.distribution(params_q)
-    cov_p, cov_q = family.covariance(params_p), family.covariance(params_q)
-    chol_q = torch.linalg.cholesky(cov_q)
-    delta = (family.mean(params_p) - family.mean(params_q)).unsqueeze(-1)
-    scaled = torch.linalg.solve_triangular(chol_q, delta, upper=False)
-    quad = (scaled * scaled).sum((-2, -1))
     with torch.no_grad():
-        e = whitened_eigenvalues(chol_q.detach(), (cov_p - cov_q).detach())
+        cov_p, cov_q = family.covariance(params_p), family.covariance(params_q)
+        chol_q = torch.linalg.cholesky(cov_q)
+        delta = (family.mean(params_p) - family.mean(params_q)).unsqueeze(-1)
+        scaled = torch.linalg.solve_triangular(chol_q, delta, upper=False)
+        e = whitened_eigenvalues(chol_q, cov_p - cov_q)
         if bool((e.abs() <= _SERIES_BELOW).all()):
             excess = _minus_log1p_excess(e).sum(-1)
         else:  # terms of at least 5e-4 among them: the others' rounding is below its digits
-            excess = e.sum(-1) - log_det_whitened(chol_q.detach(), cov_p.detach(), e)
-    value = 0.5 * (excess + quad.detach())
+            excess = e.sum(-1) - log_det_whitened(chol_q, cov_p, e)
+        value = 0.5 * (excess + (scaled * scaled).sum((-2, -1)))
     if not torch.is_grad_enabled() or not (params_p.requires_grad or params_q.requires_grad):
         return value
-    return with_derivatives_of(value, torch_kl(dist_p, dist_q))
+    return with_derivatives_of(value, torch_kl(family.distribution(params_p), family.distribution(params_q)))
 
 
 #: ``e - log1p(e)`` is summed from its series where ``|e|`` is at most this (16 terms: to rounding)

@@ -48,7 +48,8 @@ def _bregman_value(family, eta_p: torch.Tensor, eta_q: torch.Tensor, strict: boo
     # would be NaN (and -inf - -inf for KL(p || p)); where only q gives it zero, delta stays -inf (KL = inf)
     delta = torch.where(torch.isneginf(eta_p), 0, eta_q - eta_p)
     log_normalizer_p, log_normalizer_q = family.log_normalizer(eta_p), family.log_normalizer(eta_q)
-    linear_terms = delta * family.mean_parameters(eta_p)
+    mean_p = family.mean_parameters(eta_p)
+    linear_terms = delta * mean_p
     direct = log_normalizer_q - log_normalizer_p - linear_terms.sum(-1)
     # the size of the terms, not of their sums: log-normalisers that vanish (a Bernoulli's (log(1 - p), log p) gives
     # A = 0) and a linear term whose entries cancel made the scale of 1e-8 experts apart about 1e-16, so the direct
@@ -57,9 +58,8 @@ def _bregman_value(family, eta_p: torch.Tensor, eta_q: torch.Tensor, strict: boo
     # and the size of the terms inside the log-normalisers: a Bernoulli's A = log(e^log(1 - p) + e^log p) is 0 up to
     # the rounding of terms of about 0.6, which the direct form of experts 1e-10 apart took for a divergence
     # (-1.2e-16 against 2e-21); <eta, mu> measures them (a category of probability zero adds nothing)
-    for eta in (eta_p, eta_q):
-        inner = eta * family.mean_parameters(eta)
-        scale = scale + torch.where(torch.isneginf(eta), 0, inner).abs().sum(-1)
+    for eta, mean in ((eta_p, mean_p), (eta_q, family.mean_parameters(eta_q))):
+        scale = scale + torch.where(torch.isneginf(eta), 0, eta * mean).abs().sum(-1)
     cancelled = direct.abs() < _CANCELLATION * scale
     if not bool(cancelled.any()):
         return direct, cancelled
@@ -148,8 +148,8 @@ def _taylor_remainder(family, eta_p: torch.Tensor, delta: torch.Tensor):
     shape = (-1,) + (1,) * (eta_p.dim() - 1)
     half_weights = (torch.cat((weights, weights)) / 2 * (1 - halves)).reshape(shape)
     whole_weights = (weights * (1 - _NODES.to(eta_p))).reshape(shape)
-    split = (half_weights * curvature[:32]).sum(0)
-    whole = (whole_weights * curvature[32:]).sum(0)
+    split = (half_weights * curvature[:len(halves)]).sum(0)
+    whole = (whole_weights * curvature[len(halves):]).sum(0)
     moving = (delta != 0).any(-1)
     underflowed = moving & (curvature.abs() < torch.finfo(curvature.dtype).tiny).any(0)
     return split, (split - whole).abs(), underflowed
