@@ -452,7 +452,7 @@ def _train(config, run_dir, state, show_progress, rank, world, device, tqdm, req
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     epoch, position, step = _restore(state, run_dir / "checkpoint.pt", model, optimizer) if resume else (0, 0, 0)
     network = _replicate(model, config.train.seed, step, rank, world)
-    run = RunWriter(run_dir, config, data, n, resume, step, writes, world)
+    run = RunWriter(run_dir, config, data, resume, step, writes, world)
     stops = StopConditions(config.train, batches_per_epoch, requests, world, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.precision == "bf16")
     # a run resumed at its max_steps (a signal stopped it after its last step), or resumed with train.epochs
@@ -640,10 +640,13 @@ class RunWriter:
     At each ``save`` the logs are written first and the checkpoint last: it is the commit point (a resumed run drops
     the log rows past its step), and it never holds non-finite weights."""
 
-    def __init__(self, run_dir: Path, config: Config, data: MultimodalDataset, n: int, resume: bool, step: int,
+    def __init__(self, run_dir: Path, config: Config, data: MultimodalDataset, resume: bool, step: int,
                  writes: bool, world: int):
         self.run_dir, self.checkpoint_path = run_dir, run_dir / "checkpoint.pt"
-        self.config, self.data, self.n, self.writes, self.world = config, data, n, writes, world
+        self.config, self.data, self.writes, self.world = config, data, writes, world
+        # what the samples and the pooling diagnostics show: 500 training tuples, a fixed random choice (the first
+        # 500 of a dataset stored class by class were all of one class)
+        self.shown = data.choose(500)
         self.board = None
         if writes:
             write_text(run_dir / "config.yaml", to_yaml(config))
@@ -704,10 +707,7 @@ class RunWriter:
         self.saved_step = step
 
     def _shown(self, device):
-        """500 training tuples (all where there are fewer), a fixed random choice: what the samples and the pooling
-        diagnostics show (the first 500 of a dataset stored class by class were all of one class)."""
-        shown = self.data.choose(500)
-        return shown.gather(torch.arange(len(shown), device=device))
+        return self.shown.gather(torch.arange(len(self.shown), device=device))
 
     def log_pooling(self, model: MultimodalVAE, epoch: int, step: int) -> None:
         """The pooling diagnostics at ``step``, of the ``epoch`` (from 1) that holds it, as ``metrics.csv``'s (in
