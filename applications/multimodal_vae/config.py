@@ -296,6 +296,10 @@ def _check(config) -> None:
     check_name(config.name)
     if config.data.dataset not in DATASETS:
         raise ValueError(f"data.dataset must be one of {sorted(DATASETS)}, got {config.data.dataset!r}")
+    fixed = DATASETS[config.data.dataset].NUM_MODALITIES
+    if fixed is not None and config.data.num_modalities != fixed:
+        raise ValueError(f"data.num_modalities must be {fixed} for data.dataset {config.data.dataset!r}, got "
+                         f"{config.data.num_modalities}")
     model = config.model
     # named as the configuration spells it (check_options names the constructor's argument)
     _check_range("model.normal_prior_weight", model.normal_prior_weight)

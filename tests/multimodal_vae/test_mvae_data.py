@@ -183,8 +183,18 @@ def test_layout_errors_say_what_was_expected_and_found(tmp_path):
     with pytest.raises(LayoutError, match=rf"m1: files differ from .*m0 \(missing \['0\.{labels[0]}\.png'\], extra \[\]"):
         PolyMNIST(tmp_path / "b", "train")
     write_png_tree(tmp_path / "c", "train", images, labels)
-    with pytest.raises(LayoutError, match="holds 3 modalities but the model expects 5"):
-        PolyMNIST(tmp_path / "c", "train", num_modalities=5)
+
+    def progress(iterable, **_):
+        raise AssertionError("a wrong modality count should be refused before the decoding")
+
+    with pytest.raises(LayoutError, match="c/train holds 3 modalities but num_modalities is 5"):
+        PolyMNIST(tmp_path / "c", "train", num_modalities=5, progress=progress)
+    (tmp_path / "d" / "test").mkdir(parents=True)  # the tensor layout too
+    for m in range(2):
+        torch.save(torch.zeros(3, 3, 28, 28, dtype=torch.uint8), tmp_path / "d" / "test" / f"m{m}.pt")
+    torch.save(torch.tensor([0, 1, 2]), tmp_path / "d" / "test" / "labels.pt")
+    with pytest.raises(LayoutError, match="d/test holds 2 modalities but num_modalities is 3"):
+        PolyMNIST(tmp_path / "d", "test", num_modalities=3)
     with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
         PolyMNIST(tmp_path / "c", "valid")
 

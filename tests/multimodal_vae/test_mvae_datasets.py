@@ -71,6 +71,7 @@ def test_mnist_svhn_text_pairs_files_as_released(tmp_path):
         mnist, labels, svhn, mnist_index, svhn_index = stored[split]
         data = MNISTSVHNText(tmp_path, split)
         assert [m.name for m in data.modalities] == ["mnist", "svhn", "text"] and len(data) == len(mnist_index)
+        assert data.num_modalities == MNISTSVHNText.NUM_MODALITIES  # what the configuration is checked against
         x = data.gather(torch.arange(len(data)))
         assert x[0].shape == (len(data), 1, 28, 28) and x[1].shape == (len(data), 3, 32, 32)
         np.testing.assert_array_equal((x[0][:, 0] * 255).round().numpy(), mnist[mnist_index])
@@ -133,6 +134,7 @@ def test_celeba_reads_the_released_files(tmp_path):
     data = CelebA(tmp_path, "train")
     chosen = [0, 3]  # partition 0
     assert len(data) == 2 and data.labels.tolist() == attributes[chosen].tolist()
+    assert data.num_modalities == CelebA.NUM_MODALITIES
     image, tokens = data.gather(torch.arange(2))
     assert image.shape == (2, 3, 64, 64) and tokens.shape == (2, 256)
     # the centre crop holds only the inner colour (JPEG-level error)
@@ -141,8 +143,10 @@ def test_celeba_reads_the_released_files(tmp_path):
         expected = ", ".join(name.lower().replace("_", " ") for name, on in zip(ATTRIBUTES, attrs) if on)
         assert text.decode_characters(row) == expected
     assert len(CelebA(tmp_path, "test")) == 2  # partition 1, the split the papers evaluate on
-    assert list((tmp_path / "img_align_celeba").glob(".decoded-*.pt"))
+    caches = sorted((tmp_path / "img_align_celeba").glob(".decoded-*.pt"))
+    assert [p.name.rpartition("-")[0] for p in caches] == [".decoded-celeba_test", ".decoded-celeba_train"]
     assert torch.equal(CelebA(tmp_path, "train").arrays[0], data.arrays[0])  # from the cache
+    assert sorted((tmp_path / "img_align_celeba").glob(".decoded-*.pt")) == caches  # the splits keep each other's
     for cache in (tmp_path / "img_align_celeba").glob(".decoded-*.pt"):
         cache.unlink()
     (tmp_path / "img_align_celeba" / "000005.jpg").unlink()
@@ -178,6 +182,7 @@ def test_cub_builds_its_vocabulary_from_the_training_captions(tmp_path):
     captions["train"][1] += " thrice thrice thrice fourfold fourfold fourfold fourfold"
     (tmp_path / "text_trainvalclasses.txt").write_text("\n".join(captions["train"]) + "\n")
     data = CUB(tmp_path, "train")
+    assert data.num_modalities == CUB.NUM_MODALITIES
     counts = {}
     for line in captions["train"]:
         for word in text.tokenise(line):
@@ -270,8 +275,7 @@ def test_each_dataset_trains_from_the_command_line(tmp_path, dataset, capsys):
         assert "coherence" not in metrics and f"{dataset} has none" in metrics["not_computed"]
         assert "Not computed: coherence and the latent probe" in report
     capsys.readouterr()
-    with pytest.raises(SystemExit):  # a one-line command-line error (CelebA's two private KL weights dropped: the
-        # configuration would name their count first)
+    with pytest.raises(SystemExit):  # a one-line command-line error, before the data is read
         main(["train", "--preset", f"{dataset}-helvae", "--set", f"data.root={root}", "data.num_modalities=5",
-              "model.private_kl_weights=null", f"output_dir={tmp_path / 'runs'}", "name=other"])
-    assert f"holds {m} modalities but data.num_modalities is 5" in capsys.readouterr().err
+              f"output_dir={tmp_path / 'runs'}", "name=other"])
+    assert f"data.num_modalities must be {m} for data.dataset '{dataset}', got 5" in capsys.readouterr().err

@@ -159,9 +159,9 @@ def test_a_damaged_data_cache_is_rebuilt(tmp_path):
 
     expected = build()
     built.clear()
-    assert all(torch.equal(cached_tensors(tmp_path, "listing", build)[k], v) for k, v in expected.items())
+    assert all(torch.equal(cached_tensors(tmp_path, "test", "listing", build)[k], v) for k, v in expected.items())
     (cache,) = tmp_path.glob(".decoded-*.pt")
-    assert len(built) == 1 and torch.equal(cached_tensors(tmp_path, "listing", build)["images"], expected["images"])
+    assert len(built) == 1 and torch.equal(cached_tensors(tmp_path, "test", "listing", build)["images"], expected["images"])
     assert len(built) == 1  # loaded, not rebuilt
     good = cache.read_bytes()
     offset = good.find(expected["images"].numpy().tobytes())
@@ -171,10 +171,37 @@ def test_a_damaged_data_cache_is_rebuilt(tmp_path):
                          (bytes(flipped), "is corrupted: its contents do not match the SHA-256")):
         cache.write_bytes(damaged)
         with pytest.warns(UserWarning, match=rf"{cache.name} {why}.*; rebuilding it"):
-            again = cached_tensors(tmp_path, "listing", build)
+            again = cached_tensors(tmp_path, "test", "listing", build)
         assert all(torch.equal(again[k], v) for k, v in expected.items())
-        assert cache.read_bytes() != damaged and cached_tensors(tmp_path, "listing", build)["labels"].tolist() == [0, 1]
+        assert cache.read_bytes() != damaged
+        assert cached_tensors(tmp_path, "test", "listing", build)["labels"].tolist() == [0, 1]
     assert len(built) == 3
+
+
+def test_a_data_cache_replaces_only_its_own_earlier_listings(tmp_path):
+    def build():
+        return {"images": torch.zeros(2, dtype=torch.uint8)}
+
+    def caches():
+        return {p.name for p in tmp_path.glob(".decoded-*.pt")}
+
+    (tmp_path / ".decoded-0123456789abcdef.pt").write_bytes(b"a cache named before keys")
+    (tmp_path / ".decoded-notes.pt").write_bytes(b"not a cache")
+    cached_tensors(tmp_path, "train", "listing 1", build)
+    (train_1,) = caches() - {".decoded-notes.pt"}
+    cached_tensors(tmp_path, "test", "listing 1", build)
+    (test_1,) = caches() - {".decoded-notes.pt", train_1}
+    assert train_1.startswith(".decoded-train-") and test_1.startswith(".decoded-test-")
+    cached_tensors(tmp_path, "train", "listing 2", build)  # the tree was rewritten
+    (train_2,) = caches() - {".decoded-notes.pt", test_1}
+    assert train_2 not in (train_1, test_1)
+    # a stale copy left by a process killed between the writing and the removal goes on the next hit
+    (tmp_path / train_1).write_bytes((tmp_path / train_2).read_bytes())
+    built = []
+    assert cached_tensors(tmp_path, "train", "listing 2", lambda: built.append(1))["images"].shape == (2,)
+    assert not built and caches() == {".decoded-notes.pt", test_1, train_2}
+    with pytest.raises(ValueError, match="key must be letters, digits and '_', got 'a-b'"):
+        cached_tensors(tmp_path, "a-b", "listing", build)
 
 
 def test_a_damaged_classifier_cache_is_trained_again(tiny_root, monkeypatch):

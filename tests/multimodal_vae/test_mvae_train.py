@@ -193,6 +193,9 @@ def test_errors_before_any_work(tiny_root, capsys):
     with pytest.raises(ValueError, match=r"model.private_kl_weights needs one weight per modality "
                                          r"\(data.num_modalities = 2\), got \[1.0, 2.0, 3.0\]"):
         load_config("celeba-mohelvae", ["model.private_kl_weights=[1,2,3]"])
+    with pytest.raises(ValueError, match=r"data.num_modalities must be 2 for data.dataset 'cub', got 3"):
+        load_config("cub-helvae", ["data.num_modalities=3"])  # refused before the data is read
+    assert load_config("polymnist-helvae", ["data.num_modalities=3"]).data.num_modalities == 3  # PolyMNIST: any
     with pytest.raises(ValueError, match=r"private_kl_weights must be finite non-negative numbers, got \[1.0, -2.0\]"):
         load_config("celeba-mohelvae", ["model.private_kl_weights=[1,-2]"])
     with pytest.raises(ValueError, match=r"private_kl_weights go with modality-specific latents .* "
@@ -210,7 +213,7 @@ def test_errors_before_any_work(tiny_root, capsys):
         train(config, show_progress=False)
     config = tiny_config(tiny_root, "count")
     config.data.num_modalities = 5
-    with pytest.raises(LayoutError, match=r"\(polymnist\) holds 3 modalities but data.num_modalities is 5"):
+    with pytest.raises(LayoutError, match=r"train holds 3 modalities but num_modalities is 5"):
         train(config, show_progress=False)
     assert not (tiny_root / "runs").exists()  # nothing was written
     with pytest.raises(SystemExit):

@@ -41,11 +41,17 @@ __all__ = ["CUB", "DATASETS", "CelebA", "LayoutError", "MNISTSVHNText", "Modalit
 DATASETS = {"polymnist": PolyMNIST, "mnist_svhn_text": MNISTSVHNText, "celeba": CelebA, "cub": CUB}
 
 
-def open_dataset(name: str, root, split: str, progress=None) -> MultimodalDataset:
-    """The ``split`` of dataset ``name`` (a key of ``DATASETS``) read from ``root``."""
+def open_dataset(name: str, root, split: str, progress=None, num_modalities: int | None = None) -> MultimodalDataset:
+    """The ``split`` of dataset ``name`` (a key of ``DATASETS``) read from ``root``; ``num_modalities``, where
+    given, is checked before anything is read or decoded."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {name!r}")
     loader = DATASETS[name]
+    fixed = loader.NUM_MODALITIES
+    if num_modalities is not None and fixed is not None and num_modalities != fixed:
+        raise ValueError(f"{name} has {fixed} modalities, not num_modalities = {num_modalities}")
+    if loader is PolyMNIST:
+        return loader(root, split, num_modalities=num_modalities, progress=progress)
     # MNIST-SVHN-Text decodes nothing, so it takes no progress bar
     return loader(root, split) if loader is MNISTSVHNText else loader(root, split, progress=progress)
 
@@ -64,8 +70,4 @@ def load_dataset(config, split: str = "train") -> MultimodalDataset:
         from .build_polymnist import build
 
         build(root, progress=tqdm)
-    data = open_dataset(config.data.dataset, root, split, progress=tqdm)
-    if data.num_modalities != config.data.num_modalities:
-        raise LayoutError(f"{root} ({config.data.dataset}) holds {data.num_modalities} modalities but "
-                          f"data.num_modalities is {config.data.num_modalities}")
-    return data
+    return open_dataset(config.data.dataset, root, split, progress=tqdm, num_modalities=config.data.num_modalities)

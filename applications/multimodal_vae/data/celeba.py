@@ -52,6 +52,9 @@ def attribute_text(names, attributes: torch.Tensor) -> str:
 class CelebA(MultimodalDataset):
     """Faces and their attribute texts; ``labels`` ``(N, 40)``, ``attribute_names`` their names."""
 
+    #: image and attribute text
+    NUM_MODALITIES = 2
+
     def __init__(self, root, split: str = "train", progress=None):
         if split not in PARTITIONS:
             raise ValueError(f"split must be one of {sorted(PARTITIONS)}, got {split!r}")
@@ -75,7 +78,9 @@ class CelebA(MultimodalDataset):
                                             f"decoding CelebA {split}", "list_attr_celeba.txt", resample="bicubic")}
 
         recipe = f"CelebA {split}: centre crop {CROP}, bicubic resize to {IMAGE_SIZE}, v2"
-        images = cached_tensors(folder, source_listing(recipe, folder, (files[i] for i in chosen)), build)["images"]
+        # one cache per split: the three share the image folder
+        listing = source_listing(recipe, folder, (files[i] for i in chosen))
+        images = cached_tensors(folder, f"celeba_{split}", listing, build)["images"]
         labels = attributes[chosen]
         texts = torch.stack([encode_characters(attribute_text(names, row)[:TEXT_LENGTH], TEXT_LENGTH)
                              for row in labels]) if chosen else torch.zeros(0, TEXT_LENGTH, dtype=torch.long)

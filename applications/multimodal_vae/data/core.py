@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,9 @@ class MultimodalDataset(Dataset):
         num_classes: when ``labels`` is one class per tuple shared by every modality (a digit), the number of
             classes; what coherence and the latent probe need. ``None`` otherwise (CelebA's attributes, CUB).
     """
+
+    #: the number of modalities every copy of the dataset has, or ``None`` where it is read from the files
+    NUM_MODALITIES: int | None = None
 
     def __init__(self, modalities, arrays, labels: torch.Tensor, rows=None, num_classes: int | None = None):
         self.modalities = tuple(modalities)
@@ -149,16 +153,22 @@ def source_listing(recipe: str, root: Path, names) -> str:
     return "\n".join(lines)
 
 
-def cached_tensors(folder: Path, listing: str, build) -> dict:
-    """``build()`` (a dict of tensors) cached in ``folder`` as ``.decoded-<hash of listing>.pt``, written atomically
-    with its SHA-256; a changed ``listing`` (``source_listing``) rebuilds it, and so does a cache that is truncated,
-    corrupted or holds more than tensors (with a warning naming it); a read-only folder goes without the cache."""
-    cache = Path(folder) / f".decoded-{hashlib.sha256(listing.encode()).hexdigest()[:16]}.pt"
+def cached_tensors(folder: Path, key: str, listing: str, build) -> dict:
+    """``build()`` (a dict of tensors) cached in ``folder`` as ``.decoded-<key>-<hash of listing>.pt``, written
+    atomically with its SHA-256; a changed ``listing`` (``source_listing``) rebuilds it, and so does a cache that is
+    truncated, corrupted or holds more than tensors (with a warning naming it); a read-only folder goes without the
+    cache. ``key`` (letters, digits, ``_``) names what is cached, one cache per key and folder: the caches of the
+    key's earlier listings are removed (a rewritten tree would otherwise leave a copy of itself per listing), and so
+    are those named before keys were added (``.decoded-<hash>.pt``), which nothing reads."""
+    if not re.fullmatch(r"\w+", key, re.ASCII):
+        raise ValueError(f"key must be letters, digits and '_', got {key!r}")
+    cache = Path(folder) / f".decoded-{key}-{hashlib.sha256(listing.encode()).hexdigest()[:16]}.pt"
     remove_orphaned_temporaries(folder, [cache.name])  # of a process killed while writing it
     if cache.exists():
         try:
             stored = load_checked(cache)
             if stored and all(isinstance(v, torch.Tensor) for v in stored.values()):
+                _remove_stale_caches(folder, key, cache)
                 return stored
             problem = f"{cache} holds {sorted(stored)}, not a dict of tensors"
         except UnreadableFile as error:
@@ -168,8 +178,21 @@ def cached_tensors(folder: Path, listing: str, build) -> dict:
     try:
         save_checked(cache, tensors)
     except OSError:
-        pass
+        return tensors
+    _remove_stale_caches(folder, key, cache)
     return tensors
+
+
+def _remove_stale_caches(folder: Path, key: str, current: Path) -> None:
+    stale = re.compile(rf"\.decoded-({re.escape(key)}-)?[0-9a-f]{{16}}\.pt")
+    for path in Path(folder).glob(".decoded-*.pt"):
+        if path != current and stale.fullmatch(path.name):
+            try:
+                path.unlink()
+            except FileNotFoundError:  # another process removed it first
+                continue
+            except OSError:  # a read-only folder keeps them
+                return
 
 
 def decode_images(paths, size: int, crop: int | None = None, progress=None, desc: str = "decoding",

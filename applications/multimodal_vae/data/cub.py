@@ -45,6 +45,9 @@ def image_files(folder: Path) -> list[Path]:
 class CUB(MultimodalDataset):
     """Caption-image tuples; ``vocabulary`` the word list (from the training captions, whatever the split)."""
 
+    #: image and caption
+    NUM_MODALITIES = 2
+
     def __init__(self, root, split: str = "train", progress=None):
         if split not in CAPTION_FILES:
             raise ValueError(f"split must be one of {sorted(CAPTION_FILES)}, got {split!r}")
@@ -61,7 +64,7 @@ class CUB(MultimodalDataset):
 
         listing = source_listing(f"CUB {split}: bilinear resize to {IMAGE_SIZE}, v2", root,
                                  (str(p.relative_to(root)) for p in files))
-        images = cached_tensors(root / split, listing, build)["images"]
+        images = cached_tensors(root / split, "cub", listing, build)["images"]
         index = {w: i for i, w in enumerate(self.vocabulary)}
         tokens = torch.stack([encode_words(c, index, CAPTION_LENGTH) for c in captions])
         image_of = torch.arange(len(captions)) // CAPTIONS_PER_IMAGE

@@ -82,6 +82,9 @@ def digit_texts(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
 class MNISTSVHNText(MultimodalDataset):
     """The tuples of one split; ``labels`` are the digits."""
 
+    #: MNIST, SVHN and text
+    NUM_MODALITIES = 3
+
     def __init__(self, root, split: str = "train", text_seed: int = 0):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")

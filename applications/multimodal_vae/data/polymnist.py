@@ -116,7 +116,7 @@ def _cached_png_tree(split_dir: Path, progress=None) -> tuple[torch.Tensor, torc
         images, labels = read_png_tree(split_dir, progress)
         return {"images": images, "labels": labels}
 
-    stored = cached_tensors(split_dir, _png_listing(split_dir), build)
+    stored = cached_tensors(split_dir, "polymnist", _png_listing(split_dir), build)
     return stored["images"], stored["labels"]
 
 
@@ -124,7 +124,7 @@ def store_decoded_png_tree(split_dir: Path, images: torch.Tensor, labels: torch.
     """Cache ``images`` uint8 ``(M, N, 3, 28, 28)`` and ``labels`` ``(N,)`` as the decoding of the PNG tree at
     ``split_dir``, which must have been written from exactly them (PNG is lossless): the offline builder saves the
     loader its first decoding."""
-    cached_tensors(split_dir, _png_listing(split_dir), lambda: {"images": images, "labels": labels.long()})
+    cached_tensors(split_dir, "polymnist", _png_listing(split_dir), lambda: {"images": images, "labels": labels.long()})
 
 
 def read_tensor_files(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,11 +176,12 @@ class PolyMNIST(MultimodalDataset):
         self.root = Path(root)
         self.layout = detect_layout(self.root, split)
         split_dir = self.root / split
+        if num_modalities is not None:  # before the decoding, which takes minutes on a fresh PNG tree
+            found = len(_modality_folders(split_dir, self.layout))
+            if found != num_modalities:
+                raise LayoutError(f"{split_dir} holds {found} modalities but num_modalities is {num_modalities}")
         images, labels = (_cached_png_tree(split_dir, progress) if self.layout == "png"
                           else read_tensor_files(split_dir))
-        if num_modalities is not None and images.shape[0] != num_modalities:
-            raise LayoutError(f"{split_dir} holds {images.shape[0]} modalities but the model expects "
-                              f"{num_modalities}")
         super().__init__(polymnist_modalities(images.shape[0]), images.unbind(0), labels, num_classes=10)
         self.images = images
 
