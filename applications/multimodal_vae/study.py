@@ -29,6 +29,7 @@ from PIL import Image
 
 from .files import atomic_write, code_commit, write_text
 from .sweep import SCALARS, aggregate, mean_std, mean_std_text, number_format, run_name
+from .train import _without_budget
 
 __all__ = ["CLAIMS", "Claim", "alpha_runs", "compare", "likelihood_convergence", "main_labels", "mass_through_training",
            "render_likelihood_check", "render_study", "variant_labels", "write_likelihood_check", "write_study"]
@@ -144,7 +145,9 @@ def compare(summary: dict, better: str, worse: str, metric: str, beta: float, lo
     """``(verdict, evidence)`` for "``better`` beats ``worse`` on ``metric`` at ``beta``": holds or does not hold
     when the means differ by more than the sum of their standard deviations over seeds (both sides with two seeds
     or more), otherwise not separable; not run when a side is missing or did not compute the metric. With
-    ``at_least`` the claim is "``better`` is not worse": it fails only when ``better`` is separably worse."""
+    ``at_least`` the claim is "``better`` is not worse": it fails only when ``better`` is separably worse. A side
+    whose mean or spread is not finite (a seed's metric overflowed: ``sweep.mean_std``) is not separable: its
+    spread is unknown."""
     a, b = summary.get((better, beta)), summary.get((worse, beta))
     if a is None or b is None or not (_computed(a, metric) and _computed(b, metric)):
         return NOT_RUN, "–"
@@ -152,6 +155,8 @@ def compare(summary: dict, better: str, worse: str, metric: str, beta: float, lo
     evidence = _evidence(metric, a, b)
     difference = (mean_b - mean_a) if lower_is_better else (mean_a - mean_b)
     if min(a["computed"][metric], b["computed"][metric]) < 2:  # seeds that computed the metric, not runs
+        return NOT_SEPARABLE, evidence
+    if not all(math.isfinite(v) for v in (mean_a, std_a, mean_b, std_b)):
         return NOT_SEPARABLE, evidence
     if abs(difference) <= std_a + std_b:
         return (HOLDS if at_least else NOT_SEPARABLE), evidence
@@ -197,23 +202,66 @@ def _run_name(row: dict) -> str:
 
 def alpha_runs(rows: list[dict], folder: Path) -> dict:
     """``(family, alpha) -> [row, ...]`` for the alpha study's runs at beta 1 (family ``holder`` holds HELVAE at
-    1/2, ``holder_mixture`` the moment-matched alpha = 0, the same model)."""
-    runs = {}
+    1/2, ``holder_mixture`` the moment-matched alpha = 0, the same model); those ``_alpha_groups`` leaves out are
+    not in it."""
+    return _alpha_groups(rows, folder)[0]
+
+
+def _alpha_groups(rows: list[dict], folder: Path) -> tuple[dict, list[str]]:
+    """``alpha_runs`` and the runs left out of it, each with the reason: the alpha study varies the pool and alpha
+    alone, so a run whose other settings differ from its first HELVAE run's (else its first run's) is not pooled
+    with it, and a seed already in a group (HELVAE and ``holder`` at 1/2 are one model under two labels) is not
+    counted twice."""
+    runs, left_out, reference = {}, [], None
+    candidates = []
     for row in rows:
         if float(row["beta"]) != 1.0:
             continue
-        model = _config(folder / _run_name(row)).model
-        if model.name in ("helvae", "holder"):
-            key = ("holder", 0.5 if model.name == "helvae" else round(model.alpha, 4))
-        elif model.name == "holder_mixture":
-            key = ("holder_mixture", round(model.alpha, 4))
+        config = OmegaConf.to_container(_config(folder / _run_name(row)))
+        model = config["model"]
+        if model["name"] in ("helvae", "holder"):
+            key = ("holder", 0.5 if model["name"] == "helvae" else round(model["alpha"], 4))
+        elif model["name"] == "holder_mixture":
+            key = ("holder_mixture", round(model["alpha"], 4))
         else:
             continue
-        runs.setdefault(key, []).append(row)
+        candidates.append((model["name"] != "helvae", key, row, _alpha_study_settings(config)))
+    for _, key, row, settings in sorted(candidates, key=lambda c: c[0]):  # HELVAE's runs first (a stable sort)
+        if reference is None:
+            reference = (_run_name(row), settings)
+        first, this = _flat(reference[1]), _flat(settings)
+        differences = [f"{k} {this.get(k)!r} against {first.get(k)!r}" for k in sorted(first.keys() | this.keys())
+                       if first.get(k) != this.get(k)]
+        same_seed = next((r for r in runs.get(key, []) if r["seed"] == row["seed"]), None)
+        if differences:
+            left_out.append(f"{_run_name(row)} (settings other than {reference[0]}'s: {'; '.join(differences[:3])}"
+                            f"{'; ...' if len(differences) > 3 else ''})")
+        elif same_seed is not None:
+            left_out.append(f"{_run_name(row)} (seed {row['seed']} of the same model as {_run_name(same_seed)})")
+        else:
+            runs.setdefault(key, []).append(row)
     for (family, alpha), members in list(runs.items()):
         if family == "holder" and alpha == 0.0:
             runs.setdefault(("holder_mixture", 0.0), members)
-    return runs
+    return runs, left_out
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    """``dotted.key -> value`` of nested dicts."""
+    flat = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        flat.update(_flat(value, name + ".") if isinstance(value, dict) else {name: value})
+    return flat
+
+
+def _alpha_study_settings(config: dict) -> dict:
+    """What runs of the alpha study share: the settings of a run (those a resumed run must share) but its pool,
+    alpha and seed."""
+    settings = _without_budget(config)
+    settings["model"] = {k: v for k, v in settings["model"].items() if k not in ("name", "alpha")}
+    settings["train"] = {k: v for k, v in settings["train"].items() if k != "seed"}
+    return settings
 
 
 def mass_through_training(folder: Path, rows: list[dict], column: str) -> tuple[list[int], list[tuple]]:
@@ -307,14 +355,14 @@ def _verdict_rows(summary: dict, labels: list[str], betas: list[float]) -> list[
         low, high = min(betas), max(betas)
         for model in labels:
             for metric, what in (("coherence", "coherence rises"), ("kid_unconditional", "quality falls (KID rises)")):
-                if (model, low) in summary and (model, high) in summary:
-                    # both read "the metric is larger at the higher beta"; the evidence reads from low to high
-                    pair = {("high", 0.0): summary[model, high], ("low", 0.0): summary[model, low]}
-                    verdict, evidence = compare(pair, "high", "low", metric, 0.0)
-                    if verdict != NOT_RUN:
-                        evidence = _evidence(metric, summary[model, low], summary[model, high], "→")
-                    lines.append(f"| {model}: raising β from {low:g} to {high:g}, {what} | HELVAE paper §6.3 | "
-                                 f"{low:g} → {high:g} | {verdict} | {evidence} |")
+                # both read "the metric is larger at the higher beta"; the evidence reads from low to high
+                pair = {("high", 0.0): summary.get((model, high)), ("low", 0.0): summary.get((model, low))}
+                verdict, evidence = compare({k: v for k, v in pair.items() if v is not None}, "high", "low", metric,
+                                            0.0)
+                if verdict != NOT_RUN:
+                    evidence = _evidence(metric, summary[model, low], summary[model, high], "→")
+                lines.append(f"| {model}: raising β from {low:g} to {high:g}, {what} | HELVAE paper §6.3 | "
+                             f"{low:g} → {high:g} | {verdict} | {evidence} |")
     return lines
 
 
@@ -352,11 +400,10 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
     named = {label: label for label in labels}
     named.update((label, f"{label} ({description})") for label, description in variant_labels(rows, folder, labels).items())
     for label, name in named.items():
-        for beta in betas:
-            if (label, beta) in summary:
-                entry = summary[label, beta]
-                lines.append(f"| {name} | {beta:g} | {entry['seeds']} | "
-                             + " | ".join(_cell(c, entry) for c in columns) + " |")
+        for beta in sorted(b for key, b in summary if key == label):  # a variant's own betas too
+            entry = summary[label, beta]
+            lines.append(f"| {name} | {beta:g} | {entry['seeds']} | "
+                         + " | ".join(_cell(c, entry) for c in columns) + " |")
     fronts = _fronts(summary, labels)
     if fronts:
         lines += ["", "On the Pareto front across models (every model's points at every β at once; higher coherence "
@@ -369,13 +416,14 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
                   "unconditional generations.", ""]
         for label, path in grids:
             lines += [f"**{label}**", "", f"![{label}]({path})", ""]
-    alpha = alpha_runs(rows, folder)
+    alpha, left_out = _alpha_groups(rows, folder)
     if alpha:
         lines += ["## The alpha study (β = 1)", "",
                   "The moment-matched Hölder VAE (alpha = 1/2: HELVAE) and the exact-mixture Hölder VAE (one draw "
                   "from the exact pool; alpha = 0 is the product, the same model as the moment-matched one). "
                   "Pairwise mass: the share of the Hellinger pool of the trained experts in its pairwise components; "
                   "own cross mass: the share of the model's own pool in components that combine experts.", "",
+                  *([f"Left out ({len(left_out)}): {', '.join(left_out)}.", ""] if left_out else []),
                   "| pool | alpha | seeds | " + " | ".join(METRIC_NAMES[c] for c in (
                       "coherence", "log_likelihood", "kid_unconditional", "pairwise_mass")) + " | final "
                   + METRIC_NAMES["own_cross_mass"] + " | final " + METRIC_NAMES["mean_log_bhattacharyya"] + " |",
@@ -425,7 +473,7 @@ def _plots(folder: Path, rows: list[dict], out: Path) -> dict:
     panels = [(m, n, low) for m, n, low in (("log_likelihood", "log p(X) (higher is better)", False),
                                              ("kid_unconditional", "KID x 1000 (lower is better)", True),
                                              ("fid_unconditional", "FID (lower is better)", True))
-              if any(_computed(summary[k], m) for k in summary if k[0] in labels)]
+              if any(_computed(summary[k], m) and _computed(summary[k], "coherence") for k in summary if k[0] in labels)]
     if panels:
         figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
         for axis, (metric, name, lower) in zip(axes[0], panels):
@@ -467,23 +515,24 @@ def _plots(folder: Path, rows: list[dict], out: Path) -> dict:
     alpha = alpha_runs(rows, folder)
     if alpha:
         metrics = [m for m in ("coherence", "log_likelihood", "kid_unconditional", "pairwise_mass")
-                   if any(r[m] not in (None, "") for members in alpha.values() for r in members)]
-        figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
-        for axis, metric in zip(axes[0], metrics):
-            for family, marker in (("holder", "o"), ("holder_mixture", "s")):
-                values = sorted((a, mean_std([_number(r[metric]) for r in members]))
-                                for (f, a), members in alpha.items() if f == family)
-                if values:
-                    axis.errorbar([a for a, _ in values], [_scaled(metric, v[0]) for _, v in values],
-                                  yerr=[_scaled(metric, v[1]) for _, v in values], marker=marker, capsize=2,
-                                  label="moment-matched" if family == "holder" else "exact mixture")
-            axis.set(xlabel="α", ylabel=METRIC_NAMES[metric])
-            if metric == "pairwise_mass":  # from about 0.1 down to 1e-40
-                axis.set_yscale("log")
-        axes[0, 0].legend(fontsize=7)
-        _save(figure, out / "study_alpha.png")
-        plt.close(figure)
-        drawn["alpha"] = "study_alpha.png"
+                   if any(_is_number(r[m]) for members in alpha.values() for r in members)]
+        if metrics:
+            figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
+            for axis, metric in zip(axes[0], metrics):
+                for family, marker in (("holder", "o"), ("holder_mixture", "s")):
+                    values = sorted((a, mean_std([_number(r[metric]) for r in members]))
+                                    for (f, a), members in alpha.items() if f == family)
+                    if values:
+                        axis.errorbar([a for a, _ in values], [_scaled(metric, v[0]) for _, v in values],
+                                      yerr=[_scaled(metric, v[1]) for _, v in values], marker=marker, capsize=2,
+                                      label="moment-matched" if family == "holder" else "exact mixture")
+                axis.set(xlabel="α", ylabel=METRIC_NAMES[metric])
+                if metric == "pairwise_mass":  # from about 0.1 down to 1e-40
+                    axis.set_yscale("log")
+            axes[0, 0].legend(fontsize=7)
+            _save(figure, out / "study_alpha.png")
+            plt.close(figure)
+            drawn["alpha"] = "study_alpha.png"
         # masses fall by tens of orders of magnitude as the experts drift apart: log axes (the log Bhattacharyya
         # coefficient, negative and spanning decades, on a symmetric-log one)
         columns = ("pairwise_mass", "own_cross_mass", "mean_log_bhattacharyya")
@@ -520,6 +569,11 @@ def _sample_grids(folder: Path, rows: list[dict]) -> dict:
                 and (folder / _run_name(row) / "sample_grid.png").is_file():
             chosen[row["model"]] = _run_name(row)
     return chosen
+
+
+def _is_number(value) -> bool:
+    """Whether a cell read by ``_read_rows`` holds a number (not computed: NaN)."""
+    return isinstance(value, (int, float)) and value == value
 
 
 def _number(cell) -> float:
@@ -564,6 +618,10 @@ def write_study(folder: Path, docs: Path | None = None, command: str = "") -> Pa
         atomic_write(target / name, lambda tmp, source=folder / name: shutil.copyfile(source, tmp))
     for label, run in grids.items():
         _publish_grid(folder / run / "sample_grid.png", target / f"grid_{label}.png")
+    written = set(figures.values()) | {f"grid_{label}.png" for label in grids}
+    for stale in [*target.glob("study_*.png"), *target.glob("grid_*.png")]:  # of models or plots no longer drawn
+        if stale.name not in written:
+            stale.unlink()
     linked = {key: f"figures/study/{name}" for key, name in figures.items()}
     linked.update({f"grid:{label}": f"figures/study/grid_{label}.png" for label in grids})
     page = Path(docs) / "study.md"

@@ -264,19 +264,37 @@ def _train_and_evaluate(sweep: SweepConfig, config, folder: Path, train_only: bo
 
 def _check_existing_runs(folder: Path, configs) -> None:
     """A ``ValueError`` listing the runs of ``configs`` whose folder already holds a run of another configuration
-    (its ``config.yaml``; the settings a resumed run must share, ``train.configuration_differences``), before any
-    work: resuming it would fail half way through the sweep, and a finished one would report another
-    configuration's results as this sweep's."""
+    (its ``config.yaml``; the settings a resumed run must share, ``train.configuration_differences``) or one trained
+    past the budget ``config`` asks for, before any work: resuming it would fail half way through the sweep, and a
+    finished one would report another configuration's results, or those of a longer training, as this sweep's."""
     stale = []
     for config in configs:
         saved = folder / config.name / "config.yaml"
         if saved.exists():
             differences = configuration_differences(OmegaConf.to_container(OmegaConf.load(saved)), config)
-            if differences:
-                stale.append(f"{config.name} ({'; '.join(differences)})")
+            past = _past_budget(folder / config.name, config)
+            if differences or past:
+                stale.append(f"{config.name} ({'; '.join(differences + past)})")
     if stale:
         raise ValueError(f"{folder} holds runs of another configuration than this sweep's: {', '.join(stale)}; move "
                          "or delete those run folders, or give the sweep another name")
+
+
+def _past_budget(run_dir: Path, config) -> list[str]:
+    """How the run's checkpoint stands past the steps or epochs ``config`` asks for (none where it does not, has
+    no checkpoint or one that cannot be read: that is reported where the run is trained or summarised)."""
+    try:
+        _, epoch, step = _checkpoint_status(run_dir)
+    except UnreadableFile:
+        return []
+    if step is None:
+        return []
+    past = []
+    if config.train.max_steps is not None and step > config.train.max_steps:
+        past.append(f"trained to step {step}, past train.max_steps = {config.train.max_steps}")
+    if epoch > config.train.epochs:
+        past.append(f"trained for {epoch} epochs, past train.epochs = {config.train.epochs}")
+    return past
 
 
 def finished_runs(folder: Path, sweeps: list[SweepConfig]) -> tuple[list[dict], list[str]]:

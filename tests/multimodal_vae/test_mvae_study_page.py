@@ -1,6 +1,7 @@
 """The study page from a sweep's results: verdicts by hand, the alpha study's grouping, figures and the docs copy."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -37,6 +38,13 @@ def test_verdicts_by_hand():
     assert compare(summary, "a", "d", "coherence", 1.0, at_least=True)[0] == NOT_SEPARABLE
     assert compare(summary, "a", "b", "coherence", 2.5)[0] == NOT_RUN  # not in the sweep
     assert compare(summary, "a", "f", "coherence", 1.0) == (NOT_SEPARABLE, "0.820 ± 0.020 (3) vs 0.100 (1)")
+    # a seed whose metric overflowed: the mean is infinite and the spread unknown (sweep.mean_std), whichever side
+    # (it gave "holds" on one side and, inf - inf, "does not hold" on both)
+    overflowed = {"coherence": (-math.inf, math.nan), "seeds": 3, "computed": {"coherence": 3}}
+    summary.update({("g", 1.0): overflowed, ("h", 1.0): overflowed})
+    for first, second in (("a", "g"), ("g", "a"), ("g", "h")):
+        for at_least in (False, True):
+            assert compare(summary, first, second, "coherence", 1.0, at_least=at_least)[0] == NOT_SEPARABLE
     # masses that fell to nearly nothing keep their size instead of printing as 0.000
     assert _show("pairwise_mass", (4.8e-27, 1.2e-27), 2) == "4.8e-27 ± 1.2e-27"
     assert _show("pairwise_mass", (0.25, 0.01), 2) == "0.250 ± 0.010"
@@ -68,8 +76,9 @@ def test_a_model_without_the_metric_neither_supports_nor_refutes_a_claim_over_al
     assert row({("mvae", 1.0): without, ("above", 1.0): entry([0.5, 0.6], **kid)})[0] == NOT_RUN
 
 
-def fake_sweep(folder, runs):
-    """``runs``: (label, model name, alpha, beta, seed, metrics, masses through training)."""
+def fake_sweep(folder, runs, overrides=None):
+    """``runs``: (label, model name, alpha, beta, seed, metrics, masses through training); ``overrides``: label ->
+    settings of a label outside the study's grid."""
     rows = []
     study = load_sweep("polymnist-cpu-study")
     for label, name, alpha, beta, seed, metrics, masses in runs:
@@ -77,7 +86,8 @@ def fake_sweep(folder, runs):
         run.mkdir(parents=True)
         # the study's own configuration of the run where the label is in its grid (a summary checks it)
         config = (run_config(study, label, beta, seed) if label in study.models else
-                  load_config(study.base, [f"model.name={name}", f"model.alpha={alpha}"]))
+                  load_config(study.base, [f"model.name={name}", f"model.alpha={alpha}",
+                                           *(overrides or {}).get(label, [])]))
         assert (config.model.name, config.model.alpha) == (name, alpha), label
         (run / "config.yaml").write_text(to_yaml(config))
         (run / "pooling.csv").write_text("epoch,step,mean_log_bhattacharyya,pairwise_mass,own_cross_mass\n"
@@ -182,15 +192,56 @@ def test_the_study_page(tmp_path, capsys):
 
 
 def test_the_alpha_table_pools_every_label_of_one_alpha_and_counts_the_seeds_that_computed_a_metric(tmp_path):
+    """HELVAE's runs and the moment-matched alpha = 1/2 under another label are one model: pooled, each seed once (a
+    seed of both was counted twice, as if independent); a run of other settings than HELVAE's is left out, named
+    (it was pooled with its alpha's runs)."""
     folder = tmp_path / "runs" / "polymnist-cpu-study"
     masses = [(0.2, ""), (0.1, "")]
-    runs = [("helvae", "helvae", 0.5, 1.0, seed, {"coherence": 0.8 + 0.02 * seed}, masses) for seed in range(3)]
-    runs += [("holder-a0.5", "holder", 0.5, 1.0, 0, {"coherence": 0.86}, masses)]  # HELVAE under another label
+    runs = [("holder-a0.5", "holder", 0.5, 1.0, seed, {"coherence": c}, masses) for seed, c in ((0, 0.1), (3, 0.86))]
+    runs += [("helvae", "helvae", 0.5, 1.0, seed, {"coherence": 0.8 + 0.02 * seed}, masses) for seed in range(3)]
     runs += [("holder-a0.25", "holder", 0.25, 1.0, seed, {"coherence": 0.5, "kid_unconditional": 0.002 if seed else None},
               masses) for seed in range(3)]
-    fake_sweep(folder, runs)
+    runs += [("holder-a0.25-big", "holder", 0.25, 1.0, 0, {"coherence": 0.9}, masses)]
+    fake_sweep(folder, runs, {"holder-a0.25-big": ["model.latent_dim=64"]})
     assert main(["study", "--sweep", str(folder)]) == 0
     page = (folder / "study.md").read_text()
-    assert "| holder | 0.5 | 4 | 0.830 ± 0.026 |" in page  # stdev of 0.80, 0.82, 0.84, 0.86
+    assert "| holder | 0.5 | 4 | 0.830 ± 0.026 |" in page  # stdev of 0.80, 0.82, 0.84, 0.86: seed 0 is HELVAE's
+    assert ("Left out (2): holder-a0.5-beta1.0-seed0 (seed 0 of the same model as helvae-beta1.0-seed0), "
+            "holder-a0.25-big-beta1.0-seed0 (settings other than helvae-beta1.0-seed0's: model.latent_dim 64 "
+            "against 32).") in page
     assert "| holder | 0.25 | 3 | 0.500 ± 0.000 |" in page and "| 2.00 ± 0.00 (2) |" in page  # KID of two of three
     assert "| moment-matched alpha = 0.25 vs 1/2 (HELVAE) | lower: 0.500 ± 0.000 (3) vs 0.830 ± 0.026 (4) |" in page
+
+
+def test_the_page_shows_what_was_run_and_draws_only_what_was_computed(tmp_path, monkeypatch):
+    """A variant at a beta the models lack had no row; a beta trend a model cannot show was left out (the claims say
+    "not run"); figures got panels for metrics no run computed (the alpha figure read NaN as a value) and a Pareto
+    figure without coherence; --docs kept the figures of an earlier page."""
+    import matplotlib.pyplot as plt
+
+    folder = tmp_path / "runs" / "polymnist-cpu-study"
+    runs = [("helvae", "helvae", 0.5, beta, seed, {"coherence": 0.8 + 0.02 * seed}, [(0.2, ""), (0.1, "")])
+            for beta in (1.0, 2.5) for seed in range(2)]
+    runs += [("mvae", "mvae", 0.5, 1.0, seed, {"coherence": 0.2 + 0.02 * seed}, [(0.5, ""), (0.4, "")])
+             for seed in range(2)]
+    runs += [("mmvae-k4", "mmvae", 0.5, 5.0, 0, {"coherence": 0.7}, [(0.0, ""), (0.0, "")])]
+    fake_sweep(folder, runs)
+    figures = tmp_path / "docs" / "figures" / "study"
+    figures.mkdir(parents=True)
+    for stale in ("grid_oldmodel.png", "study_old.png"):
+        (figures / stale).write_bytes(b"an earlier page's figure")
+    (figures / "notes.txt").write_text("not a figure of the page")
+    panels = []
+    subplots = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda rows, columns, **kw: panels.append(columns) or
+                        subplots(rows, columns, **kw))
+    assert main(["study", "--sweep", str(folder), "--docs", str(tmp_path / "docs")]) == 0
+    page = (tmp_path / "docs" / "study.md").read_text()
+    assert "| mmvae-k4 (mmvae, K = 4, dreg) | 5 | 1 | 0.700 |" in page
+    assert "| mvae: raising β from 1 to 2.5, coherence rises | HELVAE paper §6.3 | 1 → 2.5 | not run | – |" in page
+    assert "| helvae: raising β from 1 to 2.5, coherence rises | HELVAE paper §6.3 | 1 → 2.5 | not separable" in page
+    # no run computed log p(X), KID, FID or masses: no Pareto figure, the alpha figure with coherence alone
+    assert "pareto" not in page and not (figures / "study_pareto.png").exists()
+    assert panels == [2, 1, 3]  # coherence by inputs at two betas, the alpha figure, the masses in training
+    assert sorted(p.name for p in figures.iterdir()) == ["notes.txt", "study_alpha.png", "study_mass.png",
+                                                         "study_synergy.png"]

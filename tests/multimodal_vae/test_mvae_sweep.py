@@ -313,6 +313,12 @@ def test_a_sweep_refuses_runs_of_another_configuration_before_any_work(tiny_root
     assert run_sweep(one_run_sweep(tiny_root, ["train.num_threads=1", "train.checkpoint_every=2"]),
                      show_progress=False) == folder
     assert {p: p.stat().st_mtime_ns for p in run.iterdir()} == files  # finished: neither retrained nor evaluated
+    # a run trained past the sweep's budget (9 steps of 3 epochs) would be reported as the shorter training's
+    for shorter, why in ((["train.max_steps=5"], "trained to step 9, past train.max_steps = 5"),
+                         (["train.epochs=2"], "trained for 3 epochs, past train.epochs = 2")):
+        with pytest.raises(ValueError, match=rf"another configuration than this sweep's: helvae-beta1.0-seed0 \({why}\)"):
+            run_sweep(one_run_sweep(tiny_root, shorter), show_progress=False, summarise_only=True)
+    assert {p: p.stat().st_mtime_ns for p in run.iterdir()} == files
 
 
 def test_a_sweep_follows_its_presets_budget_and_eval_settings_and_goes_past_damaged_checkpoints(tiny_root, capsys):
