@@ -149,15 +149,16 @@ def image64_decoder(latent_dim: int, hidden: int = 512) -> nn.Module:
 
 
 class _OneHot(nn.Module):
-    """Token ids ``(B, L)`` -> one-hot channels ``(B, V, L)`` in the default float type."""
+    """Token ids ``(B, L)`` -> one-hot channels ``(B, V, L)`` in the module's float type (rows of an identity matrix
+    kept as a buffer, so that ``.double()`` or ``.to(device)`` moves them with the network's weights; not saved)."""
 
     def __init__(self, vocabulary_size: int):
         super().__init__()
         self.vocabulary_size = vocabulary_size
+        self.register_buffer("identity", torch.eye(vocabulary_size), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        one_hot = nn.functional.one_hot(ids, self.vocabulary_size).to(torch.get_default_dtype())
-        return one_hot.transpose(1, 2)
+        return self.identity[ids].transpose(1, 2)
 
 
 def _halvings(length: int) -> int:
@@ -302,6 +303,8 @@ def make_networks(modalities, latent_dim: int, architecture: str = "conv", activ
         raise ValueError(f"architecture must be one of {sorted(IMAGE_NETWORKS)}, got {architecture!r}")
     check_activation(architecture, activation)
     check_hidden(architecture, hidden)
+    # the architecture's own, which the text nets take too: the ResNets' leaky ReLUs make theirs leaky
+    activation = ACTIVATIONS[architecture][0] if activation is None else activation
     width = {} if hidden is None else {"hidden": hidden}
     known = IMAGE_NETWORKS[architecture]
     constructors = []

@@ -549,7 +549,9 @@ def holder_plus_objective(x, present, mu, logvar, decoders, likelihood, aggregat
             post_mu, post_logvar = post_mu.detach(), post_logvar.detach()
         elif dreg:
             post_mu, post_logvar = _detached_call(top_down[n], own_mu[n].detach(), own_logvar[n].detach(), z_in)
-        member = members[:, n].view(-1, 1)  # (C, 1): modality n is one of component c's experts
+        # (C, B): modality n is one of component c's experts, and present (alpha = 0's one component lists every
+        # modality; an absent one's private posterior through the top-down net is not the prior, as Hölder+'s is)
+        member = members[:, n].view(-1, 1) & present[n]
         zero = torch.zeros((), dtype=mu.dtype, device=mu.device)
         log_q = log_q + torch.where(member, opf.diag_gaussian_log_prob(w, post_mu, post_logvar), zero)
         log_p = log_p + torch.where(member, standard_normal_log_prob(w), zero)

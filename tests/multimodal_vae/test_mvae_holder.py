@@ -343,3 +343,43 @@ def test_the_component_draw_leaves_the_mixture_weights_without_gradient_and_stra
     assert (mean.abs() < 4 * error).all() and (error < 0.02).all()
     mean, error = means["stratified_mixture_elbo"]
     assert (mean.abs() > 1.0).sum() >= 2 and (mean.abs() > 20 * error).sum() >= 2
+
+
+@pytest.mark.parametrize("top_down", [False, True], ids=["hoelderplus", "hoelderplusplus"])
+def test_an_absent_modality_takes_no_part_in_the_hoelder_plus_objective_at_alpha_0(top_down):
+    """At alpha = 0 the pool's one component lists every modality, absent ones too: Hölder++ scored an absent
+    modality's private draw through its top-down net (not the prior, unlike Hölder+'s N(0, I) stand-in), so that
+    sample's KL depended on the absent modality's net and trained it."""
+    x, mu, logvar, decoders, present, auxiliary_scale, nets = plus_model(top_down)
+    product = functools.partial(opf.holder_mixture, alpha=0.0, dim=0, validate_args=False)
+    absent = [(0, 0), (2, 1)]  # (modality, sample) pairs tiny() leaves out
+
+    def objective(nets):
+        torch.manual_seed(9)
+        return objectives.holder_plus_objective(
+            x, present, mu, logvar, decoders, likelihood, product, beta=BETA, num_samples=2, estimator="iwae",
+            private_dim=1, auxiliary_scale=auxiliary_scale, members=opf.holder_mixture_members(3, 0.0),
+            top_down=nets)
+
+    terms = objective(nets)
+    for modality, sample in absent:
+        # the absent modality's private mean and log-variance are anything at all: the sample's terms stay
+        moved_mu, moved_logvar = mu.detach().clone(), logvar.detach().clone()
+        moved_mu[modality, sample, 2:] += 3.0
+        moved_logvar[modality, sample, 2:] -= 2.0
+        torch.manual_seed(9)
+        moved = objectives.holder_plus_objective(
+            x, present, moved_mu, moved_logvar, decoders, likelihood, product, beta=BETA, num_samples=2,
+            estimator="iwae", private_dim=1, auxiliary_scale=auxiliary_scale,
+            members=opf.holder_mixture_members(3, 0.0), top_down=nets)
+        for got, want in zip(moved, terms):
+            torch.testing.assert_close(got[sample], want[sample].detach())
+        if top_down:  # nor its top-down net, in value or gradient
+            other = copy.deepcopy(nets)
+            with torch.no_grad():
+                other[modality].net[-1].bias.add_(2.0)
+            changed = objective(other)
+            torch.testing.assert_close(changed.kl[sample], terms.kl[sample].detach())
+            gradient = torch.autograd.grad(terms.objective[sample], list(nets[modality].parameters()),
+                                           retain_graph=True, allow_unused=True)
+            assert all(g is None or not g.any() for g in gradient)

@@ -10,7 +10,13 @@ import opinionpool.functional as opf
 from applications.multimodal_vae import objectives
 from applications.multimodal_vae.data import Modality, polymnist_modalities
 from applications.multimodal_vae.models import MODELS, MultimodalVAE
-from applications.multimodal_vae.networks import PolyMNISTDecoder, PolyMNISTEncoder, ResidualBlock, make_networks
+from applications.multimodal_vae.networks import (
+    ACTIVATIONS,
+    PolyMNISTDecoder,
+    PolyMNISTEncoder,
+    ResidualBlock,
+    make_networks,
+)
 
 pytestmark = pytest.mark.usefixtures("float32_default")
 
@@ -98,6 +104,37 @@ def test_leaky_relu_conv_networks_keep_the_initialisation_and_pass_negative_inpu
         make_networks(polymnist_modalities(1), 8, "resnet", "relu")
     with pytest.raises(ValueError, match="activation must be one of .* got 'gelu'"):
         make_networks(polymnist_modalities(1), 8, "conv", "gelu")
+
+
+def test_an_architectures_own_activation_is_the_one_it_names_text_nets_included():
+    """activation None is the architecture's own: for the ResNets leaky ReLUs, yet their text nets kept ReLUs
+    unless leaky_relu was named (CelebA's and CUB's presets name none)."""
+    modalities = [Modality("face", (3, 64, 64)), Modality("text", (16,), tuple("abcdefgh"))]
+    for architecture in ("conv", "resnet"):
+        torch.manual_seed(0)
+        default = make_networks(modalities, 8, architecture)
+        torch.manual_seed(0)
+        named = make_networks(modalities, 8, architecture, ACTIVATIONS[architecture][0])
+        for a, b in zip(default, named):
+            assert [type(m) for m in a.modules()] == [type(m) for m in b.modules()], architecture
+            for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+                torch.testing.assert_close(p, q, msg=name)
+    encoders, decoders = default  # the ResNets'
+    assert not any(isinstance(m, torch.nn.ReLU) for net in (encoders, decoders) for m in net.modules())
+
+
+def test_text_networks_run_in_the_networks_float_type():
+    """The one-hot input was made in the default float type: a float64 text encoder refused it."""
+    modalities = [*polymnist_modalities(1), Modality("text", (16,), tuple("abcdefgh"))]
+    encoders, decoders = make_networks(modalities, 8)
+    ids = torch.randint(0, 8, (3, 16))
+    for dtype in (torch.float64, torch.float32):
+        encoder = encoders[1].to(dtype)
+        mu, logvar = encoder(ids)
+        assert mu.dtype == logvar.dtype == dtype and decoders[1].to(dtype)(mu).dtype == dtype
+        one_hot = next(m for m in encoder.modules() if type(m).__name__ == "_OneHot")(ids)  # (B, V, L)
+        assert one_hot.dtype == dtype and torch.equal(one_hot.argmax(1), ids) and one_hot.sum(1).eq(1).all()
+    assert not any("identity" in key for key in encoders.state_dict())  # checkpoints unchanged
 
 
 def test_conv_networks_take_a_hidden_width():
