@@ -29,7 +29,7 @@ from PIL import Image
 
 from .files import atomic_write, code_commit, write_text
 from .sweep import SCALARS, aggregate, mean_std, mean_std_text, number_format, run_name
-from .train import _without_budget
+from .train import shared_settings
 
 __all__ = ["CLAIMS", "Claim", "alpha_runs", "compare", "likelihood_convergence", "main_labels", "mass_through_training",
            "render_likelihood_check", "render_study", "variant_labels", "write_likelihood_check", "write_study"]
@@ -258,7 +258,7 @@ def _flat(settings: dict, prefix: str = "") -> dict:
 def _alpha_study_settings(config: dict) -> dict:
     """What runs of the alpha study share: the settings of a run (those a resumed run must share) but its pool,
     alpha and seed."""
-    settings = _without_budget(config)
+    settings = shared_settings(config)
     settings["model"] = {k: v for k, v in settings["model"].items() if k not in ("name", "alpha")}
     settings["train"] = {k: v for k, v in settings["train"].items() if k != "seed"}
     return settings

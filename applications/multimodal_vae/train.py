@@ -51,7 +51,7 @@ from .networks import make_networks
 __all__ = ["DIVERGED_LOG", "METRIC_FIELDS", "POOLING_FIELDS", "RESUMABLE_CHANGES", "RUN_FILES", "RUN_LOCK",
            "RunFolderBusy", "RunWriter", "SCALARS", "StopConditions", "TrainingDiverged", "TrainingInterrupted",
            "budget_reached", "configuration_differences", "epoch_order", "load_checkpoint", "load_run", "make_model",
-           "render_text", "resolve_device", "run_folder_lock", "sample_grid", "summary_line", "train"]
+           "render_text", "resolve_device", "run_folder_lock", "sample_grid", "shared_settings", "summary_line", "train"]
 
 METRIC_FIELDS = ("epoch", "step", "loss", "reconstruction", "kl", "seconds")
 SCALARS = ("loss", "reconstruction", "kl")
@@ -133,7 +133,7 @@ RESUMABLE_CHANGES = ("epochs", "max_steps", "max_minutes", "evaluate_at_end", "t
                      "diagnostics_every", "num_threads")
 
 
-def _without_budget(config: dict) -> dict:
+def shared_settings(config: dict) -> dict:
     """The settings a resumed run must share with its checkpoint (not ``RESUMABLE_CHANGES``, its evaluation, or
     where its folder is: a moved or renamed run folder resumes)."""
     train = {k: v for k, v in config["train"].items() if k not in RESUMABLE_CHANGES}
@@ -151,7 +151,7 @@ def configuration_differences(saved: dict, config: Config) -> list[str]:
     (a nested dict, as a checkpoint or ``config.yaml`` holds it) and which a resumed run must share with it; an
     option added after ``saved`` was written counts as the default it ran with."""
     saved = _with_defaults(saved, asdict(Config()))
-    return _differences(_without_budget(saved), _without_budget(asdict(config)))
+    return _differences(shared_settings(saved), shared_settings(asdict(config)))
 
 
 class _Missing:
