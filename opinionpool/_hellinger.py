@@ -679,7 +679,8 @@ def hellinger_moments(mu: torch.Tensor, logvar: torch.Tensor, log_weights: torch
     # a standard deviation below e^-88.7 in float32 (subnormal): the scaled deviations' factor e^(-scale / 2)
     # overflowed, and the pool came out NaN (one expert of log-variance -200); float64 keeps its range. Not checked
     # on the fused CUDA path, which reads no values on the host (the check would wait for the GPU every call).
-    if (logvar.dtype != torch.float64 and values_readable(logvar) and not (fused and logvar.device.type == "cuda")
+    if (logvar.dtype != torch.float64 and logvar.numel() and values_readable(logvar)
+            and not (fused and logvar.device.type == "cuda")
             and bool(logvar.detach().amin() < -2 * math.log(torch.finfo(logvar.dtype).max))):
         return tuple(t.to(mu.dtype) for t in hellinger_moments(mu.double(), logvar.double(), log_weights.double(),
                                                                  fused))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -338,7 +339,7 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate,
     if mask is not None:
         mask = torch.as_tensor(mask, device=mu.device)
         expected = tuple(mu.shape[:-2]) + (num_experts,)
-        if mask.dtype != torch.bool or tuple(mask.movedim(dim, -1).shape) != expected:
+        if mask.dtype != torch.bool or mask.dim() != mu.dim() - 1 or tuple(mask.movedim(dim, -1).shape) != expected:
             raise ValueError(f"mask must be a boolean tensor of shape {tuple(mu.movedim(-2, dim).shape[:-1])} "
                              f"(mu without its last axis), got {mask.dtype} of shape {tuple(mask.shape)}")
         mask = mask.movedim(dim, -1)
@@ -353,13 +354,19 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate,
                 check_finite(name, value if keep is None else torch.masked_select(value, keep))
         if weights is not None:
             check_weights("weights", weights, num_experts + (1 if prior_expert else 0), _WEIGHT_ENTRIES[prior_expert])
-    if keep is not None:
-        mu, logvar = standing_in(mu, logvar, keep)
     if prior_expert:
         mu, logvar = _with_prior_expert(mu, logvar, prior_logvar)
         if mask is not None:
             mask = torch.cat((mask, torch.ones(mask.shape[:-1] + (1,), dtype=torch.bool, device=mask.device)), -1)
+        if keep is not None:  # a prior of weight zero is no part of the pool either (its N(0, 1) beside experts of
+            # log-variance -90 overflowed float32)
+            prior_kept = (torch.ones((1, 1), dtype=torch.bool, device=mu.device) if weights is None
+                          else (weights.to(mu.device)[..., num_experts:] > 0).unsqueeze(-1))
+            batch = torch.broadcast_shapes(keep.shape[:-2], prior_kept.shape[:-2])
+            keep = torch.cat((keep.expand(*batch, -1, -1), prior_kept.expand(*batch, 1, 1)), -2)
         num_experts += 1
+    if keep is not None:
+        mu, logvar = standing_in(mu, logvar, keep)
     if validate and empty_hint is not None and mask is not None and not bool(mask.any(-1).all()):
         empty = (~mask.any(-1)).nonzero()[0].tolist()
         raise ValueError(f"mask leaves no present expert for the sample at batch index {tuple(empty)}; {empty_hint}")
@@ -388,7 +395,12 @@ def _log_weights(weights, num_experts, mask, like):
 def _holder_setup(mu, logvar, alpha, dim, weights, mask, prior_expert, max_components, validate):
     """The checks and preparation shared by ``holder_mixture`` and ``holder``: ``(order, mu, logvar, log_weights)``
     with the experts along ``-2``."""
+    differentiable = isinstance(alpha, torch.Tensor) and alpha.requires_grad
     alpha = check_alpha(alpha)
+    if differentiable:  # its gradient was silently none
+        warnings.warn(f"alpha={alpha!r} requires grad, but the exact pools of alpha = 0 and 1/n carry no gradient "
+                      "with respect to alpha; opinionpool.NumericalHolderPool(experts, alpha) differentiates in alpha",
+                      stacklevel=3)
     check_positive_int("max_components", max_components)
     order = exact_order(alpha)
     if order is None:
@@ -488,7 +500,8 @@ def poe(mu, logvar, *, dim=0, weights=None, mask=None, prior_expert=False, valid
     w = torch.ones(m, dtype=mu.dtype, device=mu.device) if weights is None else \
         real_tensor("weights", weights, dtype=mu.dtype, device=mu.device)
     log_w = log_of_weights(w, mask).expand(mu.shape[:-1])
-    # _prepare put N(0, 1) in every slot of weight zero: the first slot is as good a reference as any
+    # _prepare put the first kept expert in every slot of weight zero (N(0, 1) where none is kept): the first slot
+    # is as good a reference as any
     loc, logvar_p, _ = gaussian_combine(mu, logvar, log_w, 1, need_log_c=False, about_first=True)
     return loc, logvar_p
 
@@ -602,12 +615,14 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
     ``wasserstein_barycenter``), called once on all subsets at once. ``subsets`` is a boolean ``(K, M)``
     tensor (default: all non-empty subsets; that none is empty is checked with the other arguments' values, when
     validating). With a per-sample ``mask`` a subset keeps only its present
-    experts, and subsets with none present get mixture weight zero. ``prior_on_full_subset=True`` adds a
+    experts, and subsets with none present get mixture weight zero (a sample whose subsets all have none is an
+    error, when validating). ``prior_on_full_subset=True`` adds a
     standard-normal expert to the subset of all experts only, where every expert is present, as the MoPoE code
     does (it drops the subsets with an absent expert, the full one among them; ``prior_expert=True`` is
     passed on to ``aggregator`` and adds it to every subset). ``weights`` (in ``kwargs``) must give every subset a
     present expert of positive weight; they broadcast against the subsets' pools, whose batch shape ends with the
-    subset axis: one weight per expert ``(M,)``, or per sample ``(B, 1, M)`` (not ``(B, M)``).
+    subset axis: one weight per expert ``(M,)``, per sample ``(B, 1, M)`` (not ``(B, M)``: refused unless ``B`` is 1
+    or the number of subsets, where it reads as per subset) or per subset ``(K, M)``.
 
     The work and memory grow with the number of subsets, ``2^M - 1`` by default: more than ``max_subsets``
     (default ``DEFAULT_MAX_SUBSETS = 2**16``, i.e. up to 16 experts) raises ``ValueError`` before any work; pass
@@ -642,6 +657,10 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
                          f"of shape {tuple(subsets.shape)}")
     _check_subset_count(f"subsets of shape {tuple(subsets.shape)}", subsets.shape[0], max_subsets)
     k = subsets.shape[0]
+    if weights is not None and weights.dim() >= 2 and weights.shape[-2] not in (1, k):
+        raise ValueError(f"weights of shape {tuple(weights.shape)} do not broadcast against the {k} subsets' pools "
+                         f"(their batch shape ends with the subset axis): per-sample weights are (B, 1, "
+                         f"{weights.shape[-1]}), per-subset ones ({k}, {weights.shape[-1]})")
     batch = mu.shape[:-2]
     member = subsets.reshape((1,) * len(batch) + subsets.shape)
     if mask is not None:
@@ -656,6 +675,11 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
         member = torch.cat((member, full), -1)
         m += 1
     empty = ~member.any(-1)
+    if validate and bool(empty.all(-1).any()):  # a mixture of no component: NaN
+        index = tuple(empty.all(-1).nonzero()[0].tolist())
+        present = "every expert" if mask is None else f"mask {mask[index].tolist()}"
+        raise ValueError(f"the {k} subsets hold none of the present experts ({present}) of the sample at batch index "
+                         f"{index}: its mixture has no component; add a subset that holds one")
     if weights is not None:
         positive = weights.to(mu.device)[..., :m] > 0
         if validate:
@@ -682,7 +706,8 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
             # discarded aggregates are their stand-in's alone (one component: no spread, which the Hellinger sums
             # rely on, as they visit only each subset's own components)
             own_mu, own_logvar = _with_prior_expert(mu, logvar)
-            own_member = torch.cat((member, ~empty.unsqueeze(-1)), -1)
+            # (and of an empty subset whose stand-in was of weight zero: a subset of no member is 0 / 0)
+            own_member = torch.cat((member, (~empty | ~member.any(-1)).unsqueeze(-1)), -1)
         room = _log_variance_room(own_logvar, own_member)
         if room == "none":  # beyond one scale per (sample, dimension) even in float64: every subset on its own
             shared = None
@@ -701,7 +726,7 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
                 prior = (own_member.shape[-1] - 1,) if prior_expert else ()
                 rows = [row + (full if len(row) == experts else ()) + prior for row in rows]
             extra = (rows,)
-        if room == "float64" or _rounded_offsets_matter(own_mu, own_logvar, own_member):
+        if room == "float64" or _offsets_need_float64(own_mu, own_logvar, own_member):
             wide = (own_mu.double(), own_logvar.double(), own_member, None if weights is None else weights.double(),
                     *extra)
             loc, lv = (t.to(mu.dtype) for t in _SHARED[shared](*wide))
@@ -744,7 +769,7 @@ def _log_variance_room(logvar, member) -> str:
     subsets of float32 experts of log-variance -200 were NaN), or ``"none"`` where they span more than float64 keeps
     too (1 277 nats: a subset of the flattest expert alone got the floor, or a standard deviation of 0 and NaN
     gradients), and only the aggregator on each subset is right. ``"inputs"`` where the values cannot be read."""
-    if not values_readable(logvar):
+    if not logvar.numel() or not values_readable(logvar):  # (no values: an empty batch)
         return "inputs"
     limit = 2 * _span(logvar.dtype)
     with torch.no_grad():
@@ -759,13 +784,15 @@ def _log_variance_room(logvar, member) -> str:
         return "float64" if bool(tiny | (top - bottom > limit).any()) else "inputs"
 
 
-def _rounded_offsets_matter(mu, logvar, member):
+def _offsets_need_float64(mu, logvar, member):
     """Whether the shared subset paths' offsets from one expert per sample lose what matters: the components' means
     are offsets in the inputs' dtype, so a subset of narrow experts far from that expert got the offsets' rounding
     in its mean and variance (float32 experts of standard deviation 1e-6 some 1e3 away: a one-expert subset's mean
-    30 standard deviations off). Not where the values cannot be read (``torch.compile``, ``torch.func``, CUDA-graph
-    capture), nor in float64."""
-    if mu.dtype == torch.float64 or not values_readable(mu, logvar):
+    30 standard deviations off); or whether their squares, in units of the narrowest present expert's standard
+    deviation (the Hellinger subsets' spread is scaled by at most it), could overflow (beyond about e^36 in float32:
+    experts 4e19 apart, of log-variances -79 and 79, gave a subset a log-variance of inf). Not where the values
+    cannot be read (``torch.compile``, ``torch.func``, CUDA-graph capture), nor in float64."""
+    if mu.dtype == torch.float64 or not mu.numel() or not values_readable(mu, logvar):
         return False
     eps = torch.finfo(mu.dtype).eps
     with torch.no_grad():
@@ -775,8 +802,12 @@ def _rounded_offsets_matter(mu, logvar, member):
         if bool(2 * eps * torch.maximum(-low, high) <= OFFSET_ROUNDING * torch.exp(0.5 * logvar.amin())):
             return False
         x, _ = _reference_offsets(mu, member)
-        lost = (x.abs() * eps > OFFSET_ROUNDING * torch.exp(0.5 * logvar)) & member.any(-2).unsqueeze(-1)
-        return bool(lost.any())
+        present = member.any(-2).unsqueeze(-1)
+        lost = (x.abs() * eps > OFFSET_ROUNDING * torch.exp(0.5 * logvar)) & present
+        # (a margin of e^8 for the sums of squares over a subset's components)
+        limit = 0.5 * math.log(torch.finfo(mu.dtype).max) - 8
+        overflow = (torch.log(x.abs()) - 0.5 * _present_range(logvar, present)[1] > limit) & present
+        return bool((lost | overflow).any())
 
 
 def _reference_offsets(mu, member):

@@ -1,6 +1,7 @@
 """Bad input raises a ValueError naming the argument and the value, before any work is done."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -71,6 +72,10 @@ def test_shapes():
         opinionpool.holder([])
     with pytest.raises(ValueError, match="mask must be a boolean tensor of shape"):
         opf.hellinger(torch.zeros(3, 2, 4), torch.zeros(3, 2, 4), mask=torch.ones(2, 3, dtype=torch.bool))
+    for mask in (torch.ones(2, dtype=torch.bool), torch.ones(1, 2, 3, dtype=torch.bool)):  # an IndexError before
+        with pytest.raises(ValueError, match=rf"mask must be a boolean tensor of shape \(2, 3\) .* of shape "
+                                             rf"{re.escape(str(tuple(mask.shape)))}"):
+            opf.hellinger(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), dim=1, mask=mask)
 
 
 def test_functional_non_finite_inputs():

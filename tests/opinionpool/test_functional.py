@@ -1,6 +1,7 @@
 """The functional (mu, logvar) API: agreement with the object API, masks, prior expert, gradients."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -159,6 +160,20 @@ def test_learnable_weights_receive_gradients():
     loc, lv = opf.hellinger(mu, logvar, weights=torch.softmax(raw, 0))
     (loc.sum() + lv.sum()).backward()
     assert raw.grad is not None and torch.isfinite(raw.grad).all() and raw.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("pool", [opf.holder, opf.holder_mixture])
+def test_an_alpha_that_requires_grad_is_told_it_gets_none(pool):
+    """The exact pools take alpha as a number: a learnable alpha's gradient stayed None without a word (the object
+    API warns)."""
+    mu, logvar = random_experts()
+    alpha = torch.tensor(1 / 3, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(UserWarning, match=r"alpha=0.333.* requires grad, but the exact pools .* carry no gradient "
+                                         r"with respect to alpha; opinionpool.NumericalHolderPool"):
+        pool(mu, logvar, alpha=alpha)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pool(mu, logvar, alpha=alpha.detach())  # a tensor without grad: no warning
 
 
 def test_holder_mixture_is_normalised_and_matches_object_components():

@@ -377,16 +377,19 @@ def test_float32_subsets_of_narrow_experts_far_from_the_reference(aggregator):
 
 
 @pytest.mark.parametrize("level", [-90.0, -100.0])
-@pytest.mark.parametrize("how", ["mask", "zero weight"])
+@pytest.mark.parametrize("how", ["mask", "zero weight", "prior expert of zero weight"])
 def test_float32_an_absent_expert_beside_narrow_present_ones(level, how):
     """An absent expert (masked, or of weight zero) stood in as N(0, 1), whose variance relative to present experts
     of log-variance -90 overflows float32: the pool and its gradients were NaN. The pool must be that of the present
-    experts alone."""
+    experts alone. The prior expert of weight zero, appended after the stand-ins were chosen, kept its N(0, 1)."""
     mu = torch.tensor([[[0.0, 1e-20]], [[1e-20, 0.0]], [[5.0, 5.0]]], dtype=torch.float32)  # (M, B, D)
     logvar = torch.tensor([[[level, level]], [[level, level]], [[0.0, 0.0]]], dtype=torch.float32)
     loc64, lv64 = reference_hellinger(mu[:2].double(), logvar[:2].double())
-    options = ({"mask": torch.tensor([[True], [True], [False]])} if how == "mask"
-               else {"weights": torch.tensor([1.0, 1.0, 0.0], dtype=torch.float32)})
+    options = {"mask": {"mask": torch.tensor([[True], [True], [False]])},
+               "zero weight": {"weights": torch.tensor([1.0, 1.0, 0.0], dtype=torch.float32)},
+               "prior expert of zero weight": {"weights": torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float32),
+                                               "mask": torch.tensor([[True], [True], [False]]),
+                                               "prior_expert": True}}[how]
     mu32, lv32 = mu.clone().requires_grad_(True), logvar.clone().requires_grad_(True)
     loc, lv = opf.hellinger(mu32, lv32, **options)
     torch.testing.assert_close(loc.double(), loc64, rtol=1e-6, atol=1e-30)

@@ -528,3 +528,78 @@ def test_a_sample_without_present_experts(aggregator):
     with pytest.raises(ValueError, match=r"no present expert for the sample at batch index \(1,\); subset_mixture "
                                          r"keeps only the subsets with a present expert: pass prior_on_full_subset"):
         opf.subset_mixture(aggregator, mu, logvar, dim=1, mask=mask, prior_expert=True)
+
+
+@pytest.mark.parametrize("aggregator", [opf.poe, opf.hellinger, opf.wasserstein_barycenter])
+def test_a_sample_whose_present_experts_are_in_no_subset_is_refused(aggregator):
+    """Its mixture had no component: NaN weights and moments, without a word (the check asked only whether some
+    expert was present, and prior_on_full_subset turned it off even without the full subset)."""
+    mu, logvar = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    mask = torch.tensor([[True, True, True], [False, False, True]]).T
+    subsets = torch.tensor([[True, False, False], [True, True, False]])
+    with pytest.raises(ValueError, match=r"the 2 subsets hold none of the present experts \(mask \[False, False, "
+                                         r"True\]\) of the sample at batch index \(1,\)"):
+        opf.subset_mixture(aggregator, mu, logvar, mask=mask, subsets=subsets)
+    nobody = torch.tensor([[True, True, True], [False, False, False]]).T
+    with pytest.raises(ValueError, match=r"the 2 subsets hold none of the present experts"):  # no full subset
+        opf.subset_mixture(aggregator, mu, logvar, mask=nobody, subsets=subsets, prior_on_full_subset=True)
+    mix = opf.subset_mixture(aggregator, mu, logvar, mask=nobody, prior_on_full_subset=True)  # its prior stands in
+    assert torch.isfinite(mix.moments()[0]).all() and torch.isfinite(mix.moments()[1]).all()
+
+
+@pytest.mark.parametrize("aggregator", [opf.poe, opf.hellinger, opf.wasserstein_barycenter])
+def test_the_prior_covers_an_empty_subset_whose_stand_in_has_weight_zero(aggregator):
+    """Every present expert of the sample of weight zero, the prior's positive, an expert masked: the empty subset's
+    stand-in (an expert of weight zero) was dropped and the prior not added to it, a subset of no member (0 / 0),
+    whose NaN reached the mixture's moments and every gradient. The live subsets are the prior alone."""
+    mu = torch.randn(2, 1, 2, dtype=torch.float64, requires_grad=True)
+    logvar = torch.randn(2, 1, 2, dtype=torch.float64, requires_grad=True)
+    weights = torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64, requires_grad=True)
+    mix = opf.subset_mixture(aggregator, mu, logvar, mask=torch.tensor([[True], [False]]), weights=weights,
+                             prior_expert=True)
+    mean, log_variance = mix.moments()
+    torch.testing.assert_close(mean, torch.zeros(1, 2, dtype=torch.float64), rtol=0, atol=0)
+    torch.testing.assert_close(log_variance, torch.log(weights[2]).detach().neg().expand(1, 2) if aggregator is opf.poe
+                               else torch.zeros(1, 2, dtype=torch.float64), rtol=0, atol=1e-15)
+    for gradient in torch.autograd.grad(mean.sum() + log_variance.sum(), (mu, logvar, weights)):
+        assert torch.isfinite(gradient).all()
+
+
+@pytest.mark.parametrize("aggregator", [opf.poe, opf.hellinger, opf.wasserstein_barycenter])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_empty_batch_gives_empty_pools(aggregator, dtype):
+    """A batch of no samples: hellinger failed in float32 (amin of no values), the shared subset paths in every
+    dtype (aminmax)."""
+    mu, logvar = torch.randn(3, 0, 2, dtype=dtype), torch.randn(3, 0, 2, dtype=dtype)
+    mask = torch.ones(3, 0, dtype=torch.bool)
+    loc, lv = aggregator(mu, logvar, mask=mask)
+    assert loc.shape == lv.shape == (0, 2)
+    mix = opf.subset_mixture(aggregator, mu, logvar, mask=mask)
+    assert mix.loc.shape == (0, 7, 2) and mix.moments()[0].shape == (0, 2)
+
+
+def test_per_sample_weights_of_shape_b_m_are_refused_where_they_are_not_per_subset():
+    """(B, M) weights read as one row per subset: with B not the number of subsets a bare broadcasting error, now
+    one naming the shapes; (B, 1, M) are the per-sample weights."""
+    mu, logvar = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match=r"weights of shape \(4, 2\) do not broadcast against the 3 subsets' pools .* "
+                                         r"per-sample weights are \(B, 1, 2\), per-subset ones \(3, 2\)"):
+        opf.subset_mixture(opf.hellinger, mu, logvar, weights=torch.rand(4, 2) + 0.1)
+    weights = torch.rand(4, 1, 2) + 0.1
+    mix = opf.subset_mixture(opf.hellinger, mu, logvar, weights=weights)
+    full = opf.hellinger(mu, logvar, weights=weights[:, 0])
+    torch.testing.assert_close((mix.loc[:, 2], mix.logvar[:, 2]), full)  # the full subset: every expert
+
+
+@pytest.mark.parametrize("aggregator", [opf.hellinger, opf.poe, opf.wasserstein_barycenter])
+def test_float32_subsets_of_experts_far_apart_in_the_narrowest_ones_units(aggregator):
+    """Experts 4e19 apart of log-variances -79 and 79: the Hellinger subsets' spread, scaled by the midpoint of
+    the log-variances, squared an offset of 4e19 (inf in float32); each subset must be its pool (float64)."""
+    mu = torch.tensor([[[0.0]], [[300 * math.exp(39.5)]]], dtype=torch.float32)
+    logvar = torch.tensor([[[-79.0]], [[79.0]]], dtype=torch.float32)
+    mix = opf.subset_mixture(aggregator, mu, logvar)
+    assert mix.logvar.dtype == torch.float32
+    reference = opf.subset_mixture(aggregator, mu.double(), logvar.double())
+    assert torch.isfinite(mix.logvar).all()
+    torch.testing.assert_close(mix.logvar.double(), reference.logvar, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mix.loc.double(), reference.loc, rtol=1e-6, atol=0)
