@@ -296,7 +296,7 @@ def _component_quantile_edges(dist: MixtureSameFamily, shape: torch.Size, lower:
     mixture's levels at the two outermost merged edges, from cdfs rounded near 1 at edges of different components
     that may lie a float apart, made Laplaces 10 apart with weights 0.999 and 0.001 score inf), and the mixture's
     ``F`` at the first edge and ``1 - F`` at the last summed from those laws (from the components' cdfs for a
-    component whose law does not apply). Beyond four components every component keeps its two ends and every
+    component whose law does not apply). Beyond four components every component keeps its two ends, its median and every
     ``ceil(count / 4)``-th level, staggered across the components (component ``j`` the levels congruent to ``j``
     modulo that step), so that the panels stay at most about four times a single distribution's plus two per
     component, and components alike still share every level between them (the same levels for all put twenty
@@ -305,7 +305,9 @@ def _component_quantile_edges(dist: MixtureSameFamily, shape: torch.Size, lower:
     count = components.batch_shape[-1]
     levels = _quantile_levels(_dtype(dist))
     index, step = torch.arange(len(levels)), -(-count // 4)
-    kept = (index % step == torch.arange(count).unsqueeze(-1) % step) | (index == 0) | (index == len(levels) - 1)
+    # (and its median, where a Laplace's density has its kink: five Laplaces were 6e-6 off without it)
+    kept = ((index % step == torch.arange(count).unsqueeze(-1) % step) | (index == 0) | (index == len(levels) - 1)
+            | (index == len(levels) // 2))
     probe = levels.reshape((-1,) + (1,) * (len(shape) + 1)).expand((-1,) + shape + (count,))
     points = components.icdf(probe).detach().to(torch.float64).movedim(0, -1)  # shape + (count, levels)
     points = torch.maximum(torch.minimum(points, upper.unsqueeze(-1).unsqueeze(-1)), lower.unsqueeze(-1).unsqueeze(-1))
@@ -760,7 +762,8 @@ def crps(forecast, observations) -> torch.Tensor:
     of shape below 1) is a smooth power law, down to about 1e-300 from 0 (2^-44 of the end's size elsewhere; float32
     pools: 2^-101 and 2^-15); the mass nearer the end (half of a Gamma(0.001)'s) comes from the forecast's cdf, or where
     there is none from a power law fitted above it. Narrow modes far apart (much narrower than a panel) are missed: a
-    total mass off 1 by more than 1e-6 warns. No gradient on that path.
+    total mass off 1 by more than 1e-6 warns. No gradient in the forecast's parameters on that path; in the
+    observations, ``2 F(y) - 1``.
 
     Circular forecasts (VonMises experts, pools and mixtures) are rejected with a ``ValueError``: the integral over
     the real line counts the periodic density's mass once per period, and a CRPS of angles is a different score.
@@ -773,7 +776,11 @@ def crps(forecast, observations) -> torch.Tensor:
     mixture = _gaussian_mixture(forecast)
     if mixture is not None:
         return _mixture_crps(*(part.to(y.dtype) for part in mixture), y)
-    return _density_quadrature(forecast, y)[0].to(y.dtype)
+    # the observation is a panel edge: its gradient through the nodes was NaN or off; d CRPS / dy = 2 F(y) - 1
+    value, at_y = _density_quadrature(forecast, y.detach())[:2]
+    if y.requires_grad:
+        value = value + (2 * at_y.clamp(0, 1) - 1) * (y - y.detach()).to(value.dtype)
+    return value.to(y.dtype)
 
 
 # ------------------------------------------------------------------------------------------------- calibration
@@ -787,9 +794,11 @@ def pit(forecast, observations) -> torch.Tensor:
 
     Circular forecasts (VonMises experts, pools and mixtures): ``F(y)`` is the mass of ``[-pi, y)`` with ``y`` taken
     modulo ``2 pi`` into the period ``[-pi, pi)`` (so ``y = pi`` gives 0), by the same quadrature over one
-    period."""
+    period.
+
+    No gradient (the quadrature's through the observation, a panel edge, was NaN)."""
     _check_distribution("forecast", forecast)
-    y = _observations(observations, forecast.batch_shape, _dtype(forecast))
+    y = _observations(observations, forecast.batch_shape, _dtype(forecast)).detach()
     if _circular(forecast):
         return _circular_pit(forecast, y).to(y.dtype)
     if isinstance(forecast, NumericalHolderPool) or not _has_cdf(forecast):
@@ -797,7 +806,13 @@ def pit(forecast, observations) -> torch.Tensor:
         upper = _support(forecast)[1]  # F = 1 there, whatever mass the panels could not reach next to it
         return torch.where(y.to(torch.float64) >= upper, 1.0, at_y).to(y.dtype)
     y = y.expand(torch.broadcast_shapes(y.shape, forecast.batch_shape))
-    if isinstance(forecast, _Pool):  # a pool computes in its own dtype
+    if isinstance(forecast, _Pool):  # a pool computes in its own dtype: a float32 one's float64 copy takes a float64
+        # observation (rounded to float32, 1e6 + 0.002 under a pool of N(1e6, 1e-3) experts had a PIT of 0.5)
+        if isinstance(forecast, HolderPool) and y.dtype == torch.float64 and _dtype(forecast) != torch.float64:
+            params = forecast.experts.params.detach().to(torch.float64)
+            forecast = HolderPool(Experts(forecast.family, params), forecast.alpha,
+                                  forecast.log_weights.detach().to(torch.float64).exp(),
+                                  max_components=forecast._max_components, validate_args=False)
         with torch.no_grad():
             return forecast.cdf(y.to(_dtype(forecast))).clamp(0, 1).to(y.dtype)
     # a plain torch forecast validates its support: F is 0 below it and 1 above it; a float32 one's cdf from its

@@ -81,7 +81,8 @@ def log_power_mean(log_values: torch.Tensor, log_weights: torch.Tensor, alpha) -
     experts with positive weight. For ``0 < |alpha| < SMALL_ALPHA`` the form
     ``log1p(sum_j w_j expm1(alpha l_j)) / alpha`` keeps the ``O(alpha)`` terms that ``logsumexp``
     would round away, so the pool tends continuously to the log-linear pool. ``alpha`` may be a one-element
-    tensor, which then carries its gradient (except at 0 and +-inf, where the result does not depend on it).
+    tensor, which then carries its gradient: at 0 half the weighted variance of the ``l_j`` (the series' first
+    order in ``alpha``), none at +-inf, where the result does not depend on it.
     """
     # the branch; the arithmetic below uses ``alpha`` itself, so that a tensor keeps its gradient
     a = check_alpha(alpha)
@@ -91,7 +92,17 @@ def log_power_mean(log_values: torch.Tensor, log_weights: torch.Tensor, alpha) -
     finite = torch.where(present, log_values, torch.zeros_like(log_values))
     if a == 0:
         w = log_weights.exp()
-        return torch.where(present, w * finite, torch.zeros_like(log_values)).sum(-1)
+        geometric = torch.where(present, w * finite, torch.zeros_like(log_values)).sum(-1)
+        if not (isinstance(alpha, torch.Tensor) and alpha.requires_grad):
+            return geometric
+        # d/dalpha at 0 is Var_w(l) / 2: added as alpha times it, which changes no value (a fit of alpha started
+        # at 0 saw a gradient of 0 and never moved); left out where some present l is -inf (the mean is -inf)
+        usable = present & torch.isfinite(log_values)
+        l_kept = torch.where(usable, log_values, torch.zeros_like(log_values))
+        mean = torch.where(usable, w * l_kept, torch.zeros_like(l_kept)).sum(-1, keepdim=True)
+        variance = torch.where(usable, w * (l_kept - mean) ** 2, torch.zeros_like(l_kept)).sum(-1)
+        variance = torch.where((usable | ~present).all(-1), variance, torch.zeros_like(variance))
+        return geometric + alpha.reshape(()).to(log_values.dtype) * 0.5 * variance
     if math.isinf(a):
         fill = torch.full_like(log_values, -math.inf if a > 0 else math.inf)
         masked = torch.where(present, log_values, fill)

@@ -211,3 +211,36 @@ def test_float32_pools_state_errors_that_cover_their_rounding(case):
         assert value.dtype == torch.float32
         off = (value.double() - getattr(double, name).value).abs()
         assert bool((off <= error.double()).all()), (name, off, error)
+
+
+def test_the_gradient_in_alpha_at_the_log_linear_pool():
+    """At alpha = 0 the power mean took the geometric branch without alpha, so a fit of alpha started there saw a
+    gradient of 0 and never moved. d/dalpha log M_alpha = Var_w(l) / 2 at 0 (its series), and the pool's log density
+    follows its finite differences."""
+    from opinionpool.numerical import log_power_mean
+
+    log_values = torch.tensor([0.3, -1.2, 2.0, -math.inf], dtype=torch.float64)
+    log_weights = torch.log(torch.tensor([0.2, 0.5, 0.3, 0.0], dtype=torch.float64))  # the last expert absent
+    alpha = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    value = log_power_mean(log_values, log_weights, alpha)
+    (gradient,) = torch.autograd.grad(value, alpha)
+    mean = 0.2 * 0.3 + 0.5 * -1.2 + 0.3 * 2.0
+    assert value.item() == pytest.approx(mean, rel=1e-15)
+    variance = 0.2 * (0.3 - mean) ** 2 + 0.5 * (-1.2 - mean) ** 2 + 0.3 * (2.0 - mean) ** 2
+    assert gradient.item() == pytest.approx(variance / 2, rel=1e-14)
+    h = 1e-6
+    finite = (log_power_mean(log_values, log_weights, h) - log_power_mean(log_values, log_weights, -h)) / (2 * h)
+    assert gradient.item() == pytest.approx(finite.item(), rel=1e-8)
+    # an expert of density zero at the point: the log-linear pool is -inf there, no NaN in the gradient
+    zero = log_power_mean(log_values, torch.log(torch.tensor([0.2, 0.5, 0.2, 0.1], dtype=torch.float64)), alpha)
+    assert zero.item() == -math.inf and torch.autograd.grad(zero, alpha)[0].item() == 0.0
+    # the pool's log density: its log-normaliser's gradient in alpha at 0 too
+    experts = Normal(torch.tensor([[-1.5, 1.5]], dtype=torch.float64), torch.tensor([[1.0, 0.6]], dtype=torch.float64))
+    weights = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    y = torch.tensor([0.1, -0.4, 0.7], dtype=torch.float64).unsqueeze(-1)
+    score = opinionpool.NumericalHolderPool(experts, alpha, weights, validate_args=False).log_prob(y).mean()
+    (gradient,) = torch.autograd.grad(score, alpha)
+    h = 1e-5
+    finite = (opinionpool.NumericalHolderPool(experts, h, weights).log_prob(y).mean()
+              - opinionpool.NumericalHolderPool(experts, -h, weights).log_prob(y).mean()) / (2 * h)
+    assert gradient.item() == pytest.approx(finite.item(), rel=1e-6)
