@@ -244,3 +244,76 @@ def test_the_gradient_in_alpha_at_the_log_linear_pool():
     finite = (opinionpool.NumericalHolderPool(experts, h, weights).log_prob(y).mean()
               - opinionpool.NumericalHolderPool(experts, -h, weights).log_prob(y).mean()) / (2 * h)
     assert gradient.item() == pytest.approx(finite.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [1e-6, 1e-16, 1e-20, 1e-100, -1e-18])
+def test_the_gradient_in_a_tiny_alpha(alpha):
+    """The small-alpha form log1p(S) / alpha was differentiated as it stands, whose two terms of size |l| / alpha
+    cancel: the log-normaliser's gradient was 8 at alpha = 1e-16 and 32768 at 1e-20 for 2.0034. Reference: the
+    derivative of the power mean at 40 digits beyond alpha's (mpmath), and the pool's finite differences at alpha = 1e-6."""
+    import mpmath
+
+    from opinionpool.numerical import log_power_mean
+
+    log_values = torch.tensor([-3.0, -40.0, -2.5], dtype=torch.float64)
+    weights = [0.2, 0.5, 0.3]
+    tensor = torch.tensor(alpha, dtype=torch.float64, requires_grad=True)
+    value = log_power_mean(log_values, torch.log(torch.tensor(weights, dtype=torch.float64)), tensor)
+    (gradient,) = torch.autograd.grad(value, tensor)
+    with mpmath.workdps(40 + round(-math.log10(abs(alpha)))):  # 40 digits beyond alpha's own
+        def power_mean(a):
+            terms = (mpmath.mpf(w) * mpmath.exp(a * mpmath.mpf(v)) for w, v in zip(weights, [-3, -40, -2.5]))
+            return mpmath.log(sum(terms)) / a
+
+        assert value.item() == pytest.approx(float(power_mean(mpmath.mpf(alpha))), rel=1e-15)
+        assert gradient.item() == pytest.approx(float(mpmath.diff(power_mean, mpmath.mpf(alpha))), rel=1e-12)
+    experts = Normal(torch.tensor([0.0, 3.0], dtype=torch.float64), torch.tensor([1.0, 0.5], dtype=torch.float64))
+    pool = opinionpool.NumericalHolderPool(experts, tensor, torch.tensor([0.3, 0.7], dtype=torch.float64))
+    (gradient,) = torch.autograd.grad(pool.log_normalizer, tensor)
+    h = 1e-6  # the derivative hardly moves between 1e-6 and 0 (its change is of order alpha times the next cumulant)
+    finite = (opinionpool.NumericalHolderPool(experts, h, torch.tensor([0.3, 0.7])).log_normalizer
+              - opinionpool.NumericalHolderPool(experts, -h, torch.tensor([0.3, 0.7])).log_normalizer) / (2 * h)
+    assert gradient.item() == pytest.approx(finite.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [9.99e-4, 1e-3, 2e-3, 1e-2])
+def test_float32_pools_of_small_alpha_integrate_to_one(alpha):
+    """Above 1e-3 the power mean took logsumexp's form, whose float32 rounding is divided by alpha: the pool's
+    density integrated to 1 - 1.5e-5 at alpha = 1e-3 (5e-8 just below it). Reference: scipy's quadrature of the
+    float32 pool's density."""
+    loc = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5], dtype=torch.float32)
+    scale = torch.tensor([1.0, 0.7, 1.3, 0.9, 1.1], dtype=torch.float32)
+    pool = opinionpool.holder(Normal(loc, scale), alpha, torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25]))
+    mass = integrate.quad(lambda z: math.exp(pool.log_prob(torch.tensor(z, dtype=torch.float32)).item()), -30, 30,
+                          points=[0.0], limit=200)[0]
+    assert mass == pytest.approx(1.0, abs=1e-6)
+
+
+def test_enumeration_errors_with_an_outcome_of_probability_zero_and_far_from_zero():
+    """An expert of probability zero at an outcome made every error NaN (its term size inf or NaN, times a mass of
+    zero), which the bracket check let through; the mean's error was the log-normaliser's rounding times (1 +
+    |mean|)^2 (49171 for Poisson rates of 1e6) and E T's the bare rounding (3 times too small). References: exact
+    sums in mpmath."""
+    import mpmath
+
+    from torch.distributions import Bernoulli, Categorical, Poisson
+
+    for pool in (opinionpool.holder(Bernoulli(probs=torch.tensor([0.0, 0.3], dtype=torch.float64)), -1.0),
+                 opinionpool.holder(Bernoulli(probs=torch.tensor([0.0, 0.3], dtype=torch.float64)), 0.5),
+                 opinionpool.holder(Categorical(probs=torch.tensor([[0.0, 0.3, 0.7], [0.2, 0.3, 0.5]],
+                                                                   dtype=torch.float64)), 2.0)):
+        estimate = pool.estimate()
+        for part in (estimate.log_normalizer, estimate.mean):
+            if part is not None:
+                assert torch.isfinite(part.error).all() and (part.error < 1e-12).all()
+    rates = (1e6, 1.001e6)
+    pool = opinionpool.holder(Poisson(torch.tensor(rates, dtype=torch.float64)), 2.0)
+    estimate = pool.estimate()
+    with mpmath.workdps(40):
+        lo, hi = int(1e6 - 8000), int(1.001e6 + 8000)
+        u = [mpmath.sqrt(sum(mpmath.mpf(0.5) * mpmath.exp(2 * (k * mpmath.log(r) - r - mpmath.loggamma(k + 1)))
+                             for r in rates)) for k in range(lo, hi)]
+        total = mpmath.fsum(u)
+        mean = mpmath.fsum(k * v for k, v in zip(range(lo, hi), u)) / total
+    error = abs(estimate.mean.value.item() - float(mean))
+    assert error <= estimate.mean.error.item() <= 1e-3  # was 49171
