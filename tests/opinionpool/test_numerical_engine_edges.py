@@ -295,7 +295,6 @@ def test_enumeration_errors_with_an_outcome_of_probability_zero_and_far_from_zer
     |mean|)^2 (49171 for Poisson rates of 1e6) and E T's the bare rounding (3 times too small). References: exact
     sums in mpmath."""
     import mpmath
-
     from torch.distributions import Bernoulli, Categorical, Poisson
 
     for pool in (opinionpool.holder(Bernoulli(probs=torch.tensor([0.0, 0.3], dtype=torch.float64)), -1.0),
