@@ -67,7 +67,7 @@ def main(argv=None) -> int:
                             "and digits joined by single hyphens, - as _)")
     sweep.add_argument("--workers", type=int, default=1,
                        help="run the grid with this many processes at once (their logs: worker-N.log in the sweep "
-                            "folder); give each one thread per core, e.g. --set 'overrides=[train.num_threads=1]'")
+                            "folder); give each one thread per core, e.g. --set 'extra_overrides=[train.num_threads=1]'")
     check = commands.add_parser("likelihood-check",
                                 help="how far below log p(X) a sweep's importance-sampled estimates lie, per model")
     check.add_argument("--sweep", required=True, help="the sweep folder (runs/NAME, holding results.csv)")
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
             from .sweep import table_name
 
             try:
-                splice_table(Path(args.docs).read_text(), table_name(args.preset), "-")
+                splice_table(Path(args.docs).read_text(encoding="utf-8"), table_name(args.preset), "-")
             except (OSError, ValueError) as error:
                 parser.error(f"--docs {args.docs!r}: {error}")
         try:
@@ -220,14 +220,20 @@ def _evaluate(parser, args) -> int:
     from tqdm import tqdm
 
     from .evaluation import describe_bias, evaluate_run, format_std_error, reevaluate
-    from .train import load_run, summary_line
+    from .evaluation.fid import check_weights_file
+    from .train import RunFolderBusy, load_run, summary_line
 
     try:
         config, model = load_run(args.run, args.overrides)
     except ValueError as error:
         parser.error(str(error))
     if args.only is None:
-        print(summary_line(evaluate_run(args.run, config, model, progress=tqdm), args.run))
+        try:
+            check_weights_file(config.eval)
+            metrics = evaluate_run(args.run, config, model, progress=tqdm)
+        except (FileNotFoundError, ValueError, RunFolderBusy) as error:  # a missing file or data, in one line
+            parser.exit(1, f"{parser.prog} evaluate: error: {error}\n")
+        print(summary_line(metrics, args.run))
         return 0
     try:
         metrics = reevaluate(args.run, config, model, args.only, progress=tqdm)
@@ -258,12 +264,14 @@ def _grid(parser, args) -> int:
     for name in ("columns", "scale"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**63:  # a generator's seed
+        parser.error(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     try:
         config, model = load_run(args.run)
-    except ValueError as error:
-        parser.error(str(error))
-    # the tuples the evaluation scores, in its seeded order (the stored order of some test splits is class by class)
-    data = scored_tuples(config.eval, load_dataset(config, "test"))
+        # the tuples the evaluation scores, in its seeded order (some test splits are stored class by class)
+        data = scored_tuples(config.eval, load_dataset(config, "test"))
+    except (FileNotFoundError, ValueError) as error:
+        parser.exit(1, f"{parser.prog} grid: error: {error}\n")
     out = args.out or str(Path(args.run) / GRID_FILE)
     shown = data.gather(torch.arange(min(args.columns, len(data))))
     title = f"{config.name}: {config.model.name}, beta {config.model.beta:g}"

@@ -127,7 +127,7 @@ def atomic_write(path: Path, write) -> None:
 
 def write_text(path: Path, text: str) -> None:
     def write(tmp):
-        with open(tmp, "w") as handle:
+        with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
 
     atomic_write(path, write)
@@ -187,7 +187,7 @@ def splice_file(path: Path, name: str, table: str) -> None:
     would otherwise each write the page as it read it, and the first one's table would be lost."""
     path = Path(path)
     with claim(path.with_name(f".{path.name}.lock"), wait=True):
-        write_text(path, splice_table(path.read_text(), name, table))
+        write_text(path, splice_table(path.read_text(encoding="utf-8"), name, table))
     print(f"wrote table {name!r} into {path}")
 
 
@@ -298,10 +298,13 @@ def fetch_wheel(requirement: str, cache: Path) -> Path:
     pip writes into a private temporary folder and the complete wheel is renamed into ``cache``, so a concurrent
     process (another sweep worker) never finds a wheel that is still being written."""
     cache.mkdir(parents=True, exist_ok=True)
-    name = requirement.split("==")[0].replace("-", "_").lower()
+    name, _, version = requirement.partition("==")
+    # a wheel's name is {distribution}-{version}-...: with a pinned version, only that version's (a cached 0.1.2
+    # stood for 0.1.3, and "the latest" by text order put 0.1.2 after 0.1.10)
+    prefix = name.strip().replace("-", "_").lower() + "-" + (f"{version.strip().lower()}-" if version else "")
 
     def wheels(folder: Path) -> list[Path]:
-        return sorted(p for p in folder.glob("*.whl") if p.name.lower().startswith(name + "-"))
+        return sorted(p for p in folder.glob("*.whl") if p.name.lower().startswith(prefix))
 
     if not wheels(cache):
         with tempfile.TemporaryDirectory(dir=cache, prefix=f".download.{owner_tag()}.") as download:

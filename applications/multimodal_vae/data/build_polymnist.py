@@ -167,7 +167,7 @@ def _build(root: Path, seed: int, cache: Path | None, progress) -> Path:
     remove_orphaned_builds(root)
     info_path = root / "BUILD_INFO.json"
     if info_path.exists():
-        existing = json.loads(info_path.read_text())
+        existing = json.loads(info_path.read_text(encoding="utf-8"))
         if existing == info:
             return root
         raise FileExistsError(f"{root} holds a different PolyMNIST build ({existing}); remove it or choose another root")

@@ -31,7 +31,7 @@ def read_attributes(path: Path) -> tuple[list[str], list[str], torch.Tensor]:
     """``(attribute names, file names, (N, A) 0/1 attributes)`` from ``list_attr_celeba.txt``."""
     if not path.is_file():
         raise LayoutError(f"CelebA: expected {path} (the released attribute list)")
-    lines = path.read_text().split("\n")
+    lines = path.read_text(encoding="utf-8").split("\n")
     names = lines[1].split()
     files, rows = [], []
     for number, line in enumerate(lines[2:], start=3):
@@ -63,7 +63,7 @@ class CelebA(MultimodalDataset):
         partition_file = root / "list_eval_partition.txt"
         if not partition_file.is_file():
             raise LayoutError(f"CelebA: expected {partition_file} (the released split list)")
-        partition = dict(line.split() for line in partition_file.read_text().split("\n") if line.strip())
+        partition = dict(line.split() for line in partition_file.read_text(encoding="utf-8").split("\n") if line.strip())
         missing = [f for f in files if f not in partition][:5]
         if missing:
             raise LayoutError(f"{partition_file} does not list {missing}")

@@ -33,7 +33,7 @@ def read_captions(path: Path) -> list[str]:
         raise LayoutError(f"CUB: expected the caption file {path} (MMVAE's layout: text_trainvalclasses.txt, "
                           f"text_testclasses.txt, train/, test/); {path.parent} contains "
                           f"{sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else 'nothing'}")
-    return [line.strip() for line in path.read_text().split("\n") if line.strip()]
+    return [line.strip() for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def image_files(folder: Path) -> list[Path]:

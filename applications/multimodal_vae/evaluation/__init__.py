@@ -207,7 +207,7 @@ def reevaluate(run_dir, config, model, metric: str, progress=None) -> dict:
     path = run_dir / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.json in {run_dir}: evaluate the run in full first")
-    metrics = json.loads(path.read_text())
+    metrics = json.loads(path.read_text(encoding="utf-8"))
     settings, changeable = config.eval, REEVALUABLE[metric]
     recorded = metrics.get("eval")  # None: metrics from before they recorded their settings
     known = recorded if recorded is not None else asdict(load_config(path=run_dir / "config.yaml").eval)

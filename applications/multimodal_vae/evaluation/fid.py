@@ -51,7 +51,8 @@ from ..files import (
 from ..models import evaluating
 from .inception import fold_batch_norms, from_fid_helper, load_pytorch_fid, torchscript_tensors
 
-__all__ = ["FIDError", "InceptionFeatures", "JACKKNIFE_MAX_SAMPLES", "conditioning_sizes", "default_weights",
+__all__ = ["FIDError", "InceptionFeatures", "JACKKNIFE_MAX_SAMPLES", "check_weights_file", "conditioning_sizes",
+           "default_weights",
            "fid_from_features", "fid_scores", "frechet_distance", "is_torchscript", "jackknife_standard_error",
            "kid_from_features", "kid_leave_one_out", "quantise", "random_subsets", "real_features", "statistics",
            "weights_digest"]
@@ -87,6 +88,14 @@ def is_torchscript(path: Path) -> bool:
         return False
     with zipfile.ZipFile(path) as archive:
         return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def check_weights_file(settings) -> None:
+    """A ``FileNotFoundError`` naming ``eval.fid_weights`` where FID is asked for (``settings``: a configuration's
+    ``eval``) from a weights file that is not there: before the training and the other metrics it would follow."""
+    if settings.fid_samples > 0 and settings.fid_weights and not Path(settings.fid_weights).is_file():
+        raise FileNotFoundError(f"eval.fid_weights: no Inception weights file (TorchScript or pytorch-fid) at "
+                                f"{settings.fid_weights}")
 
 
 class InceptionFeatures:
