@@ -177,6 +177,7 @@ def merge_checked(what: str, layers, overrides=()) -> DictConfig:
     """``layers`` (the structured schema first) merged with the ``key=value`` overrides; a ``ValueError`` naming
     the key where a value does not fit the schema."""
     dotlist = OmegaConf.from_dotlist(list(overrides))
+    _keep_text(dotlist, overrides, _typed_keys(OmegaConf.get_type(layers[0]), str))
     _check_booleans(what, layers, dotlist)
     try:
         return OmegaConf.merge(*layers, dotlist)
@@ -209,15 +210,34 @@ def _check_booleans(what: str, layers, dotlist) -> None:
             raise ValueError(f"invalid {what}: a boolean must be true or false, got {value!r} (key {key})")
 
 
-def _boolean_keys(schema: type, prefix: str = "") -> list[str]:
+def _boolean_keys(schema: type) -> list[str]:
     """The dotted keys of the boolean options of the dataclass ``schema``, its sections' included."""
+    return _typed_keys(schema, bool)
+
+
+def _typed_keys(schema: type, kind: type, prefix: str = "") -> list[str]:
+    """The dotted keys of the options of the dataclass ``schema`` (its sections' included) of type ``kind`` (or
+    ``kind | None``)."""
     keys = []
-    for name, kind in typing.get_type_hints(schema).items():
-        if kind is bool:
+    for name, hint in typing.get_type_hints(schema).items():
+        if hint is kind or hint == (kind | None):
             keys.append(prefix + name)
-        elif dataclasses.is_dataclass(kind):
-            keys += _boolean_keys(kind, f"{prefix}{name}.")
+        elif dataclasses.is_dataclass(hint):
+            keys += _typed_keys(hint, kind, f"{prefix}{name}.")
     return keys
+
+
+def _keep_text(dotlist: DictConfig, overrides, keys: list[str]) -> None:
+    """Text options given as ``key=value`` keep the value's text: YAML reads ``name=007`` as the number 7,
+    ``1e3`` as 1000.0, ``12:30`` as 750 and ``yes`` as true, which the schema then turned into other names (a run
+    written to runs/7 that ``--run runs/007`` could not find). ``null`` and quoted values are read as YAML."""
+    for override in overrides:
+        key, _, text = override.partition("=")
+        key = key.strip()
+        if key in keys:
+            value = OmegaConf.select(dotlist, key, default=None)
+            if value is not None and not isinstance(value, str):
+                OmegaConf.update(dotlist, key, text, force_add=True)
 
 
 def _merges(layers, override: str) -> bool:

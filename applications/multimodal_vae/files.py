@@ -187,6 +187,7 @@ def splice_file(path: Path, name: str, table: str) -> None:
     would otherwise each write the page as it read it, and the first one's table would be lost."""
     path = Path(path)
     with claim(path.with_name(f".{path.name}.lock"), wait=True):
+        remove_orphaned_temporaries(path.parent, [path.name])  # of a splice killed while writing
         write_text(path, splice_table(path.read_text(encoding="utf-8"), name, table))
     print(f"wrote table {name!r} into {path}")
 

@@ -33,7 +33,7 @@ from .config import PRESETS, check_name, load_config, load_mapping, merge_checke
 from .data import load_dataset
 from .evaluation import evaluate_run
 from .evaluation.fid import check_weights_file
-from .files import UnreadableFile, atomic_write, claim, code_commit, splice_file, write_text
+from .files import UnreadableFile, atomic_write, claim, code_commit, remove_orphaned_temporaries, splice_file, write_text
 from .train import (
     RunFolderBusy,
     TrainingDiverged,
@@ -257,6 +257,7 @@ def _train_and_evaluate(sweep: SweepConfig, config, folder: Path, train_only: bo
                 return
             except TrainingDiverged as error:
                 # a rerun would diverge again at the same step: mark it, and go on with the other runs
+                remove_orphaned_temporaries(run_dir, [DIVERGED])
                 write_text(run_dir / DIVERGED, f"{error}\n")
                 print(f"sweep {sweep.name}: {config.name} diverged and is skipped from now on (delete "
                       f"{run_dir / DIVERGED} to retry it): {error}")
@@ -558,7 +559,9 @@ def pareto_front(points: list[tuple[float, float]], maximise_y: bool) -> list[in
 
 def write_results(folder: Path, rows: list[dict], missing=()) -> None:
     """``results.csv``, the figures and ``report.md`` of the finished runs ``rows``; ``missing`` names the runs of
-    the grid not finished yet (the report lists them)."""
+    the grid not finished yet (the report lists them). The temporary files of a summary killed while writing are
+    removed first."""
+    remove_orphaned_temporaries(folder, ["results.csv", UNFINISHED, "report.md", *(p.name for p in folder.glob("*.png"))])
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=FIELDS)
     writer.writeheader()

@@ -387,3 +387,17 @@ def test_a_run_that_completes_its_steps_has_no_notice(tiny_root, capsys, train_b
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["training"] == {"steps": steps, "planned_steps": steps, "stopped_by": None}
     assert math.isfinite(metrics["log_likelihood"]["joint"])
+
+
+def test_text_options_keep_the_text_they_are_given(tmp_path):
+    """YAML read name=007 as the number 7 (runs/7, which --run runs/007 could not find), 1e3 as 1000.0, 12:30 as
+    750 and yes as true; the schema then made them other text."""
+    for text in ("007", "1e3", "12:30", "yes", "0x1F"):
+        config = load_config("polymnist-helvae-cpu", [f"name={text}", f"data.root={text}", f"output_dir={text}"])
+        assert (config.name, config.data.root, config.output_dir) == (text, text, text)
+    assert load_config("polymnist-helvae-cpu", ["name='42'"]).name == "42"  # quoted: YAML's string
+    with pytest.raises(ValueError, match="key name"):
+        load_config("polymnist-helvae-cpu", ["name=null"])  # not text: refused, as before
+    from applications.multimodal_vae.sweep import load_sweep
+
+    assert load_sweep("polymnist-cpu", ["name=2024"]).name == "2024"

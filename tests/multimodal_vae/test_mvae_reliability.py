@@ -803,3 +803,26 @@ def test_train_removes_what_a_killed_run_left(tiny_root):
     assert not (run / ".checkpoint.pt.abc123.tmp").exists()
     assert not (run / "tensorboard" / "events.out.tfevents.0.old").exists()
     assert not any((run / stale).exists() for stale in ("metrics.json", "report.md", "metrics.diverged.csv"))
+
+
+def test_a_summary_and_a_splice_remove_what_a_killed_writer_left(tmp_path):
+    """Only run folders were cleaned: the temporary files of a sweep summary, a study page or a docs splice killed
+    while writing stayed in the sweep folder and docs/ for good."""
+    from applications.multimodal_vae.sweep import write_results
+
+    dead = f"{dead_pid()}@{socket.gethostname()}"
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    (folder / "sweep_pareto.png").write_bytes(b"a figure")
+    left = [f".results.csv.{dead}.a.tmp", f".report.md.{dead}.b.tmp", f".sweep_pareto.png.{dead}.c.tmp"]
+    live = f".report.md.{owner_tag()}.d.tmp"
+    for name in (*left, live):
+        (folder / name).write_text("partial")
+    write_results(folder, [])
+    assert (folder / "results.csv").exists() and not [n for n in left if (folder / n).exists()]
+    assert (folder / live).exists()  # a live writer's
+    page = tmp_path / "page.md"
+    page.write_text("<!-- table: t -->\nold\n<!-- end table: t -->\n")
+    (tmp_path / f".page.md.{dead}.e.tmp").write_text("partial")
+    files.splice_file(page, "t", "new")
+    assert "new" in page.read_text() and not (tmp_path / f".page.md.{dead}.e.tmp").exists()
