@@ -155,9 +155,13 @@ class ExponentialFamily:
     def log_prob_term_size(self, params: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """The size of the terms ``log_prob`` adds at ``value`` (shaped like its result): its rounding is a few ulps of
         this, however small the sum (the quadrature of ``numerical`` counts it in its stated error). By default the
-        terms of ``log h(z) + <eta, T(z)> - A(eta)``; a family whose ``log_prob`` is written in other terms says so."""
+        terms of ``log h(z) + <eta, T(z)> - A(eta)``; a family whose ``log_prob`` is written in other terms says so.
+        A term that is not finite counts 0: an infinite natural parameter (a Bernoulli of probability 0) with a zero
+        statistic adds nothing (its product was NaN), and with another makes ``log_prob`` ``-inf``, which rounds to
+        nothing."""
         log_h, product, log_normalizer = self._log_prob_terms(params, value)
-        return log_h.abs() + product.abs().sum(-1) + log_normalizer.abs()
+        size = log_h.abs() + product.abs().nan_to_num(nan=0.0, posinf=0.0).sum(-1) + log_normalizer.abs()
+        return torch.where(torch.isfinite(size), size, torch.zeros_like(size))
 
     @property
     def support_constraint(self) -> constraints.Constraint:

@@ -116,7 +116,7 @@ class ExponentialDistFamily(ExponentialFamily):
         return -torch.log(-natural[..., 0])
 
     def natural_domain(self, natural):
-        return natural[..., 0] < 0
+        return (natural[..., 0] < 0) & torch.isfinite(natural[..., 0])  # (-inf: a rate of inf, a point mass at 0)
 
     def sufficient_statistic(self, value):
         return value.unsqueeze(-1)
@@ -178,25 +178,79 @@ class GammaFamily(ExponentialFamily):
         a, rate = natural[..., 0], -natural[..., 1]
         return torch.stack((torch.digamma(a) - torch.log(rate), a / rate), dim=-1)
 
+    def variance(self, params):
+        # a / rate / rate: rate^2 underflowed (float32 Gamma(1e-30, 1e-23): inf for 1e16)
+        return params[..., 0] / -params[..., 1] / -params[..., 1]
+
     def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
-        """The Newton inverse of ``x / E[x]``, whose mean parameters are ``(E[log x] - log E[x], 1)``, then the
-        rate divided by ``E[x]``: a Gamma is a scale family, so the solve is the same at every scale (solved at the
-        experts' scale, the Jacobian's ``a / rate^2`` underflowed beyond rates of 1e154 or so and the solve failed).
-        In float64 whatever the dtype (``E[log x] - log E[x]`` cancels); the rate divided in log space, so that its
-        gradient stays finite where ``E[x]^2`` underflows."""
+        """The shape ``a`` from ``log a - psi(a) = s = log E[x] - E[log x]`` (one unknown: a Gamma is a scale family),
+        then the rate ``a / E[x]``, in float64 whatever the dtype (``s`` cancels). Newton in ``log a`` from Minka's
+        closed-form start, with ``log a - psi(a)`` from its asymptotic series from ``a = 8`` on (the difference of
+        ``log a`` and ``psi(a)``, each of about 11.5 at ``a = 1e5``, keeps no digit of ``1 / (2 a) = 5e-6``: the
+        two-parameter Newton solve of nearly equal experts stopped at its rounding and raised). Gradients by the
+        implicit function theorem, ``da / ds = 1 / (d/da (log a - psi(a)))``; the rate divided in log space, so that
+        its gradient stays finite where ``E[x]^2`` underflows. ``init`` and ``tol`` are not used: the solve runs to
+        rounding."""
         mean = mean_params[..., 1:].detach()
         invalid = ~((mean > 0) & (mean < math.inf))
         if bool(invalid.any()):
             raise ValueError(f"{self.name}: natural_from_mean needs a positive finite mean E[x] (mean_params[..., 1]), "
                              f"got {mean[invalid].flatten()[:3].tolist()}")
         wide = mean_params.to(torch.float64)
-        log_scale = torch.log(wide[..., 1:])
-        unit = torch.cat((wide[..., :1] - log_scale, torch.ones_like(log_scale)), dim=-1)
-        if init is not None:  # (the base class names a missing one)
-            init = init.to(torch.float64) * torch.cat((torch.ones_like(log_scale), log_scale.detach().exp()), dim=-1)
-        natural = super().natural_from_mean(unit, init, tol=tol, max_iter=max_iter)
-        rate = torch.exp(torch.log(-natural[..., 1:]) - log_scale)
-        return torch.cat((natural[..., :1], -rate), dim=-1).to(mean_params.dtype)
+        log_scale = torch.log(wide[..., 1])
+        s = log_scale - wide[..., 0]  # log E[x] - E[log x] > 0 (Jensen), 0 only for a point mass
+        bad = ~(s.detach() > 0) | ~torch.isfinite(s.detach())
+        if bool(bad.any()):
+            raise ValueError(f"{self.name}: natural_from_mean needs E[log x] < log E[x] (mean_params[..., 0] below the "
+                             f"log of mean_params[..., 1], as for every distribution that is not a point mass), got "
+                             f"log E[x] - E[log x] = {s.detach()[bad].flatten()[:3].tolist()}")
+        shape = _gamma_shape(s.detach(), max_iter)
+        # one Newton step with the graph attached: its value is the solution, its derivative da/ds
+        value, log_slope = _log_minus_digamma(shape)
+        shape = shape - (value - s) * shape / log_slope
+        rate = torch.exp(torch.log(shape) - log_scale)
+        return torch.stack((shape, -rate), dim=-1).to(mean_params.dtype)
+
+
+#: ``B_2k / (2k)``, k = 1 .. 8: ``log a - psi(a) = 1 / (2a) + sum_k B_2k / (2k a^2k)``
+_DIGAMMA_SERIES = (1 / 12, -1 / 120, 1 / 252, -1 / 240, 1 / 132, -691 / 32760, 1 / 12, -3617 / 8160)
+
+
+def _log_minus_digamma(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log a - psi(a)`` and its derivative in ``log a``, ``1 - a psi'(a)``, from their asymptotic series from ``a =
+    10`` on (the next term is 3e-18 of the value there); below it directly (``log a`` and ``psi(a)`` then cancel at
+    most 2 a log a of their digits, and torch's trigamma has some 1e-10 relative error, which only slows Newton),
+    the derivative as ``1 - a psi'(a + 1) - 1 / a`` (``psi'(a)`` overflows below ``a = 1e-154``)."""
+    large = a >= 10
+    x = torch.where(large, a, torch.full_like(a, 10.0))
+    inverse_square = 1 / (x * x)
+    series, derivative = torch.zeros_like(x), torch.zeros_like(x)
+    for k, coefficient in reversed(list(enumerate(_DIGAMMA_SERIES, start=1))):  # Horner, from the smallest term
+        series = inverse_square * (coefficient + series)
+        derivative = inverse_square * (2 * k * coefficient + derivative)
+    series = series + 1 / (2 * x)
+    derivative = -derivative - 1 / (2 * x)
+    y = torch.where(large, torch.ones_like(a), a)
+    direct = torch.log(y) - torch.digamma(y)
+    direct_derivative = 1 - y * torch.special.polygamma(1, y + 1) - 1 / y
+    return torch.where(large, series, direct), torch.where(large, derivative, direct_derivative)
+
+
+def _gamma_shape(s: torch.Tensor, max_iter: int) -> torch.Tensor:
+    """The ``a`` with ``log a - psi(a) = s`` (float64, ``s > 0``): Newton in ``log a`` from Minka's start ``(3 - s +
+    sqrt((s - 3)^2 + 24 s)) / (12 s)``, within a few percent (``1 / s`` beyond ``s = 1e3``, where ``log a - psi(a)
+    = 1 / a + O(log a)`` and the start overflowed); ``log a - psi(a)`` falls monotonically from infinity to 0, and is
+    convex in ``log a``, so the steps converge."""
+    moderate = s.clamp(max=1e3)
+    minka = (3 - moderate + torch.sqrt((moderate - 3) ** 2 + 24 * moderate)) / (12 * moderate)
+    log_a = torch.where(s > 1e3, -torch.log(s), torch.log(minka))
+    for _ in range(max_iter):
+        value, log_slope = _log_minus_digamma(torch.exp(log_a))
+        step = (value - s) / log_slope
+        log_a = log_a - step
+        if bool((step.abs() <= 4 * torch.finfo(s.dtype).eps * (1 + log_a.abs())).all()):
+            break
+    return torch.exp(log_a)
 
 
 class BetaFamily(ExponentialFamily):
@@ -245,6 +299,9 @@ class BetaFamily(ExponentialFamily):
     def mean_parameters(self, natural):
         a, b = natural[..., 0], natural[..., 1]
         return torch.stack((_digamma_drop(a, b), _digamma_drop(b, a)), dim=-1)
+
+    def variance(self, params):
+        return _simplex_variance(params, params.flip(-1))[..., 0]
 
 
 class DirichletFamily(ExponentialFamily):
@@ -296,15 +353,32 @@ class DirichletFamily(ExponentialFamily):
         others = 1 - torch.eye(self.num_categories, dtype=natural.dtype, device=natural.device)
         return _digamma_drop(natural, (natural.unsqueeze(-2) * others).sum(-1))
 
+    def variance(self, params):
+        return _simplex_variance(params, self._others(params))
+
+    def _others(self, params):
+        """Each concentration's complement, summed from the others (``total - alpha_k`` cancels)."""
+        others = 1 - torch.eye(self.num_categories, dtype=params.dtype, device=params.device)
+        return (params.unsqueeze(-2) * others).sum(-1)
+
     def mixture_covariance(self, log_pi, params):
         k = log_pi.dim() - 1
-        dist = self.distribution(params)
-        mean = dist.mean
         total = params.sum(-1, keepdim=True)
-        cov = (torch.diag_embed(mean) - mean.unsqueeze(-1) * mean.unsqueeze(-2)) / (total + 1).unsqueeze(-1)
+        mean = params / total
+        # off the diagonal -m_i m_j / (t + 1); on it the variance, not m (1 - m) / (t + 1), whose 1 - m cancels
+        cov = torch.diagonal_scatter(-mean.unsqueeze(-1) * mean.unsqueeze(-2) / (total + 1).unsqueeze(-1),
+                                     _simplex_variance(params, self._others(params)), dim1=-2, dim2=-1)
         mixture_mean = weighted_sum(log_pi, mean, dim=k)
         dev = mean - mixture_mean.unsqueeze(k)
         return weighted_sum(log_pi, cov + dev.unsqueeze(-1) * dev.unsqueeze(-2), dim=k)
+
+
+def _simplex_variance(concentration: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """``Var z_k = (c_k / t) (others_k / t) / (t + 1)`` of a Beta or Dirichlet (``t`` the total, ``others_k`` the other
+    concentrations' sum): as ``c_k others_k / (t^2 (t + 1))``, torch's form, the product overflowed or underflowed
+    (float32 Beta(1e-25, 1e-25): NaN for 1/4; Beta(1e13, 1e13): 0 for 1.25e-14)."""
+    total = concentration.sum(-1, keepdim=True)
+    return (concentration / total) * (others / total) / (total + 1)
 
 
 def _asymptotic_coefficients(order: int, terms: int) -> list[float]:
@@ -433,8 +507,11 @@ class VonMisesFamily(ExponentialFamily):
         return torch.atan2(natural[..., 1], natural[..., 0]), kappa
 
     def distribution(self, params, validate_args: bool = False):
+        """torch's ``VonMises``; a concentration of 0 (the uniform distribution, in the natural domain) or below the
+        smallest normal number is given that number, which is as uniform: torch's sampler proposes with scale
+        ``1 / kappa`` and never returned there, and its validation refuses 0."""
         loc, kappa = self._polar(params)
-        return VonMises(loc, kappa, validate_args=validate_args)
+        return VonMises(loc, kappa.clamp_min(torch.finfo(kappa.dtype).tiny), validate_args=validate_args)
 
     def log_normalizer(self, natural):
         return _VonMisesLogNormalizer.apply(natural)

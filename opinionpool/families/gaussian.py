@@ -349,6 +349,14 @@ class DiagonalNormalFamily(_DiagonalGaussianBase):
         return weighted_sum(log_pi, within + dev.unsqueeze(-1) * dev.unsqueeze(-2), dim=k)
 
 
+def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    """Whether each matrix equals its transpose to a few ulps of its largest entry (products of symmetric matrices,
+    such as a pool's combined precision, round asymmetrically)."""
+    scale = matrix.abs().amax((-2, -1))
+    tolerance = 64 * torch.finfo(matrix.dtype).eps * scale
+    return ((matrix - matrix.mT).abs().amax((-2, -1)) <= tolerance) | ~torch.isfinite(scale)
+
+
 class MultivariateNormalFamily(ExponentialFamily):
     """Full-covariance Gaussians of dimension ``dim``; params ``(..., dim, dim + 1)`` = ``[loc | precision]``."""
 
@@ -393,9 +401,10 @@ class MultivariateNormalFamily(ExponentialFamily):
         check_finite(f"{name} loc", loc)
         check_finite(f"{name} precision", precision)
         _, info = torch.linalg.cholesky_ex(precision)
-        if bool((info != 0).any()):
+        bad = (info != 0) | ~_symmetric(precision)  # (the factorisation reads the lower triangle only)
+        if bool(bad.any()):
             raise ValueError(f"{name}: covariance matrices must be symmetric positive definite; the one at index "
-                             f"{tuple((info != 0).nonzero()[0].tolist())} is not")
+                             f"{tuple(bad.nonzero()[0].tolist())} is not")
 
     def to_natural(self, params):
         loc, precision = self.split(params)
@@ -419,7 +428,7 @@ class MultivariateNormalFamily(ExponentialFamily):
         d = self.dim
         precision = -2 * natural[..., d:].unflatten(-1, (d, d))
         _, info = torch.linalg.cholesky_ex(precision)
-        return (info == 0) & torch.isfinite(natural).all(-1)
+        return (info == 0) & torch.isfinite(natural).all(-1) & _symmetric(precision)
 
     def sufficient_statistic(self, value):
         return torch.cat((value, (value.unsqueeze(-1) * value.unsqueeze(-2)).flatten(-2)), dim=-1)

@@ -406,3 +406,56 @@ def test_importance_sampling_flags_draws_torch_clamped_to_the_smallest_float():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.isfinite(ordinary.log_normalizer)
+
+
+@pytest.mark.parametrize("dtype, shape, gap", [(torch.float64, 1e5, 1e-6), (torch.float32, 1e5, 1e-4),
+                                               (torch.float64, 3e6, 1e-4)])
+def test_moment_matching_nearly_equal_gammas_of_large_shape(dtype, shape, gap):
+    """The two-parameter Newton solve stopped at the rounding of E[log x] - log E[x] (about -1/(2a), beside terms of
+    11.5) and raised "did not converge" for Gamma(1e5) experts 1e-6 apart. Reference: the mixture's E[x] and E[log
+    x] from the experts' own (E[log x] = psi(a) - log b), and the shape solving log a - psi(a) = log E[x] - E[log
+    x] by mpmath's root finder at 40 digits."""
+    import mpmath
+
+    experts = [Gamma(tensor(shape, dtype), tensor(shape, dtype)), Gamma(tensor(shape * (1 + gap), dtype),
+                                                                        tensor(shape, dtype))]
+    weights = [0.3, 0.7]
+    matched = opinionpool.holder(experts, alpha=1, weights=weights).moment_match()
+    with mpmath.workdps(40):
+        shapes = [mpmath.mpf(float(e.concentration)) for e in experts]
+        rate = mpmath.mpf(float(experts[0].rate))
+        mean = sum(w * a / rate for w, a in zip(weights, shapes))
+        mean_log = sum(w * (mpmath.digamma(a) - mpmath.log(rate)) for w, a in zip(weights, shapes))
+        s = mpmath.log(mean) - mean_log
+        a = mpmath.findroot(lambda x: mpmath.log(x) - mpmath.digamma(x) - s, shapes[1])
+    # float64: the mean parameters' own rounding (terms of 11.5 for a difference of 5e-6) bounds the shape's digits
+    assert float(matched.concentration) == pytest.approx(float(a), rel=1e-9 if dtype == torch.float64 else 1e-4)
+    assert float(matched.rate) == pytest.approx(float(a / mean), rel=1e-9 if dtype == torch.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("dtype, a, b", [(torch.float32, 1e-25, 1e-25), (torch.float32, 1e13, 1e13),
+                                         (torch.float32, 1e13, 1.0), (torch.float64, 1e-170, 1e-170),
+                                         (torch.float64, 1e8, 1e-9), (torch.float64, 2.0, 3.0)])
+def test_beta_and_dirichlet_variances_at_extreme_concentrations(dtype, a, b):
+    """torch's a b / (t^2 (t + 1)) overflowed or underflowed: NaN for float32 Beta(1e-25, 1e-25) (1/4), 0 for
+    Beta(1e13, 1e13) (1.25e-14); the Dirichlet covariance's diagonal m (1 - m) / (t + 1) cancelled (0 for 1e-25).
+    Reference: the exact value at 40 digits."""
+    import mpmath
+
+    with mpmath.workdps(40):
+        ca, cb = mpmath.mpf(a), mpmath.mpf(b)
+        exact = float(ca * cb / ((ca + cb) ** 2 * (ca + cb + 1)))
+    beta = opinionpool.holder(Beta(tensor([a, a], dtype), tensor([b, b], dtype)), 0.5)  # the expert itself
+    assert float(beta.experts.family.variance(beta.experts.params)[0]) == pytest.approx(exact, rel=1e-6)
+    assert float(beta.variance) == pytest.approx(exact, rel=1e-5 if dtype == torch.float32 else 1e-10)
+    dirichlet = opinionpool.holder(Dirichlet(tensor([[a, b], [a, b]], dtype)), 0.5)
+    family, params = dirichlet.experts.family, dirichlet.experts.params
+    assert family.variance(params)[0].tolist() == pytest.approx([exact, exact], rel=1e-6)
+    covariance = family.mixture_covariance(torch.zeros(1, dtype=dtype), params[:1])
+    assert covariance.flatten().tolist() == pytest.approx([exact, -exact, -exact, exact], rel=1e-6)
+
+
+def test_gamma_variance_of_tiny_rates():
+    """a / rate^2 with rate^2 underflowing: inf for float32 Gamma(1e-30, 1e-23), whose variance is 1e16."""
+    pool = opinionpool.holder(Gamma(tensor([1e-30, 1e-30], torch.float32), tensor([1e-23, 1e-23], torch.float32)), 0.5)
+    assert float(pool.experts.family.variance(pool.experts.params)[0]) == pytest.approx(1e16, rel=1e-6)

@@ -363,3 +363,37 @@ def test_moment_matching_gradient_with_a_category_every_expert_rules_out():
         step[index] = h
         central = (matched_log_prob(probs.detach() + step) - matched_log_prob(probs.detach() - step)) / (2 * h)
         assert float(gradient[index]) == pytest.approx(float(central), rel=1e-6, abs=1e-9), index
+
+
+def test_term_sizes_of_experts_with_outcomes_of_probability_zero_are_finite():
+    """An infinite natural parameter (probability 0) times a zero statistic made the size of the log density's terms
+    NaN where the density itself is exact (log 1 = 0), and inf where it is 0: every error the numerical engine
+    derives from them was NaN. Reference: the terms by hand (log(1 - p) for a Bernoulli's 0, log p for its 1)."""
+    from opinionpool.experts import as_experts
+
+    experts = as_experts(torch.distributions.Bernoulli(probs=torch.tensor([0.0, 0.3], dtype=torch.float64)))
+    values = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    size = experts.family.log_prob_term_size(experts.params, values)
+    assert torch.isfinite(size).all()
+    # expert 0: nothing to round at 0 (log_prob exactly 0) nor at 1 (-inf); expert 1: |log 0.7| and |logit 0.3| +
+    # |log(1 - 0.3)| (its <eta, T> and A), each computed once
+    assert size[:, 0].tolist() == [0.0, 0.0]
+    assert size[0, 1].item() == pytest.approx(-math.log(0.7), rel=1e-12)
+    assert size[1, 1].item() == pytest.approx(abs(math.log(0.3 / 0.7)) - math.log(0.7), rel=1e-12)
+
+
+@pytest.mark.parametrize("total, value", [(10**6, 300_000), (10**7, 2_999_000), (10**7, 3_000_000)])
+def test_float32_binomial_log_densities_of_large_counts(total, value):
+    """The binomial coefficient's log-gammas are about 1e7 at n = 1e6: float32 gave -7.31 for -7.05 and -11.0 for
+    -8.20. Reference: scipy's log pmf at the probability the float32 expert holds."""
+    from scipy import stats
+
+    from opinionpool.experts import as_experts
+
+    experts = as_experts(Binomial(total, probs=torch.tensor([0.3], dtype=torch.float32)))
+    # the natural parameters (log(1 - p), log p) as stored, normalised (the family's A does it)
+    probability = torch.softmax(experts.params.double(), -1)[..., 1].item()
+    got = experts.family.log_prob(experts.params, torch.tensor([float(value)], dtype=torch.float32))
+    assert got.dtype == torch.float32
+    expected = stats.binom(total, probability).logpmf(value)
+    assert got.item() == pytest.approx(expected, rel=3e-7, abs=1e-6)

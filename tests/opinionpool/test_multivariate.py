@@ -131,3 +131,20 @@ def test_batched_experts_match_per_element_pools():
     listed = opinionpool.holder([Independent(Normal(mu[:, 0], sd[:, 0]), 1),
                                  Independent(Normal(torch.zeros(5), torch.ones(5)), 1)], alpha=0.5)
     assert listed.batch_shape == (4,)
+
+
+def test_an_asymmetric_precision_and_an_infinite_natural_parameter_are_refused_by_name():
+    """The Cholesky check reads the lower triangle only: [[1, 100], [0, 1]] passed as "symmetric positive definite"
+    and the pool failed later with a NaN log-normaliser; an Exponential's natural parameter -inf (an infinite rate)
+    was in its domain."""
+    from opinionpool.experts import Experts
+    from opinionpool.families import ExponentialDistFamily, MultivariateNormalFamily
+
+    family = MultivariateNormalFamily(2)
+    precision = torch.tensor([[[1.0, 100.0], [0.0, 1.0]], [[2.0, 0.5], [0.5, 1.0]]], dtype=torch.float64)
+    params = family.join(torch.zeros(2, 2, dtype=torch.float64), precision)
+    with pytest.raises(ValueError, match=r"must be symmetric positive definite; the one at index \(0,\) is not"):
+        opinionpool.holder(Experts(family, params), 0.5)
+    assert family.natural_domain(family.to_natural(params)).tolist() == [False, True]
+    natural = torch.tensor([[-math.inf], [-2.0]], dtype=torch.float64)
+    assert ExponentialDistFamily().natural_domain(natural).tolist() == [False, True]

@@ -330,3 +330,21 @@ def test_exact_pools_whose_weights_carry_a_batch_the_experts_lack(experts, other
         torch.testing.assert_close(method(pool), torch.stack([method(row) for row in rows]), rtol=1e-9, atol=1e-12)
     if isinstance(other, Beta):
         torch.testing.assert_close(pool.icdf(torch.tensor(0.3)), torch.stack([r.icdf(torch.tensor(0.3)) for r in rows]))
+
+
+def test_a_von_mises_of_concentration_zero_samples_the_uniform_distribution():
+    """Concentration 0 (natural parameters 0: in the family's domain, the uniform distribution) went to torch's
+    VonMises, whose sampler proposes with scale 1 / kappa and never returned; its validation refused 0. Against
+    the uniform distribution on the circle by a Kolmogorov-Smirnov test, and the log-linear pool of two opposite
+    experts of equal concentration, which is that uniform distribution."""
+    from scipy import stats
+
+    from opinionpool.experts import Experts
+    from opinionpool.families.continuous import VonMisesFamily
+
+    torch.manual_seed(0)
+    draws = VonMisesFamily().sample(torch.tensor([0.0, 0.0], dtype=torch.float64), torch.Size([4000]))
+    assert stats.kstest(draws.numpy(), stats.uniform(-math.pi, 2 * math.pi).cdf).pvalue > 1e-3
+    pool = op.holder(Experts(VonMisesFamily(), torch.tensor([[2.0, 0.0], [-2.0, 0.0]], dtype=torch.float64)), 0.0)
+    assert pool.sample(torch.Size([5])).shape == (5,)
+    assert float(pool.moment_match().concentration) == torch.finfo(torch.float64).tiny
