@@ -1962,7 +1962,13 @@ def _expert_moments(family, params):
             return mean, variance
     batch = params.shape[: params.dim() - len(family.param_shape)]
     flat = params.reshape((-1,) + tuple(family.param_shape))
-    own = [m if math.isfinite(m) else None for m in family.mean(flat).tolist()] if own_mean else [None] * len(flat)
+    means = family.mean(flat).tolist() if own_mean else [None] * len(flat)
+    infinite = [p for p, m in zip(flat, means) if m is not None and math.isinf(m)]
+    if infinite:  # (it was told to give the family a mean, which it has)
+        raise ValueError(f"{family.name}: an expert's mean is infinite (params={infinite[0].tolist()!r}): a pool of it "
+                         "has no finite mean or variance to place the quadrature's panels by; pool experts with finite "
+                         "means")
+    own = [m if m is not None and math.isfinite(m) else None for m in means]
     lower, upper = family.support_interval
     moments = []
     for p, hint in zip(flat, own):

@@ -316,3 +316,20 @@ def test_enumeration_errors_with_an_outcome_of_probability_zero_and_far_from_zer
         mean = mpmath.fsum(k * v for k, v in zip(range(lo, hi), u)) / total
     error = abs(estimate.mean.value.item() - float(mean))
     assert error <= estimate.mean.error.item() <= 1e-3  # was 49171
+
+
+def test_an_expert_of_infinite_mean_is_named_as_such():
+    """A family whose mean is infinite for an expert (a Pareto of shape 0.6) was told to "give the family a `mean`",
+    which it has."""
+    shape = lambda eta: -eta[..., 0] - 1  # noqa: E731
+    pareto = CustomFamily(log_normalizer=lambda eta: -torch.log(-eta[..., 0] - 1),
+                          sufficient_statistic=lambda z: torch.log(z).unsqueeze(-1),
+                          log_base_measure=lambda z: torch.zeros_like(z), num_params=1,
+                          natural_domain=lambda eta: eta[..., 0] < -1,
+                          mean=lambda eta: torch.where(shape(eta) > 1, shape(eta) / (shape(eta) - 1), math.inf),
+                          variance=lambda eta: torch.where(shape(eta) > 2, shape(eta) / ((shape(eta) - 1) ** 2
+                                                                                         * (shape(eta) - 2)), math.inf),
+                          support_interval=(1.0, math.inf), name="Pareto")
+    experts = opinionpool.Experts(pareto, torch.tensor([[-1.6], [-1.6]], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"Pareto: an expert's mean is infinite \(params=\[-1.6\]\)"):
+        opinionpool.NumericalHolderPool(experts, 2.0, torch.tensor([0.5, 0.5], dtype=torch.float64)).estimate()
