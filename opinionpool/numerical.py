@@ -102,7 +102,10 @@ def log_power_mean(log_values: torch.Tensor, log_weights: torch.Tensor, alpha) -
         l_kept = torch.where(usable, log_values, torch.zeros_like(log_values))
         mean = torch.where(usable, w * l_kept, torch.zeros_like(l_kept)).sum(-1, keepdim=True)
         variance = torch.where(usable, w * (l_kept - mean) ** 2, torch.zeros_like(l_kept)).sum(-1)
-        variance = torch.where((usable | ~present).all(-1), variance, torch.zeros_like(variance))
+        # (none where the variance is not finite: 0 * inf made the value NaN; its squares overflow float32 beyond
+        # spreads of about 1e19)
+        variance = torch.where((usable | ~present).all(-1) & torch.isfinite(variance), variance,
+                               torch.zeros_like(variance))
         return geometric + alpha.reshape(()).to(log_values.dtype) * 0.5 * variance
     if math.isinf(a):
         fill = torch.full_like(log_values, -math.inf if a > 0 else math.inf)
@@ -133,9 +136,12 @@ def log_power_mean(log_values: torch.Tensor, log_weights: torch.Tensor, alpha) -
     applicable = ~vanishing.any(-1)
     terms = w * torch.expm1((alpha * deviation).clamp(-0.5, 0.5))
     series = mean.squeeze(-1) + torch.log1p(terms.sum(-1)) / alpha
-    second, third, fourth = ((w * deviation ** k).sum(-1) for k in (2, 3, 4))
-    cumulants = mean.squeeze(-1) + alpha * (second / 2 + alpha * (third / 6 + alpha * (fourth - 3 * second ** 2) / 24))
     use_cumulants = applicable & (reach <= 1e-4)
+    # from deviations zeroed where the series is not used: their powers overflowed float32 there (spreads of 4e9),
+    # and inf - inf in an unused branch still made the gradient NaN
+    small = torch.where(use_cumulants.unsqueeze(-1), deviation, torch.zeros_like(deviation))
+    second, third, fourth = ((w * small ** k).sum(-1) for k in (2, 3, 4))
+    cumulants = mean.squeeze(-1) + alpha * (second / 2 + alpha * (third / 6 + alpha * (fourth - 3 * second ** 2) / 24))
     if bool(use_cumulants.all()):  # (the other forms' derivatives in a tiny alpha divide by alpha^2: 0 / 0 = NaN)
         return cumulants
     return torch.where(use_cumulants, cumulants, torch.where(applicable & (reach <= 0.5), series, general))

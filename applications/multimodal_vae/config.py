@@ -230,11 +230,14 @@ def _typed_keys(schema: type, kind: type, prefix: str = "") -> list[str]:
 def _keep_text(dotlist: DictConfig, overrides, keys: list[str]) -> None:
     """Text options given as ``key=value`` keep the value's text: YAML reads ``name=007`` as the number 7,
     ``1e3`` as 1000.0, ``12:30`` as 750 and ``yes`` as true, which the schema then turned into other names (a run
-    written to runs/7 that ``--run runs/007`` could not find). ``null`` and quoted values are read as YAML."""
-    for override in overrides:
+    written to runs/7 that ``--run runs/007`` could not find). ``null`` and quoted values are read as YAML. A key
+    given more than once takes its last text, as the merge does."""
+    seen = set()
+    for override in reversed(list(overrides)):
         key, _, text = override.partition("=")
         key = key.strip()
-        if key in keys:
+        if key in keys and key not in seen:
+            seen.add(key)
             value = OmegaConf.select(dotlist, key, default=None)
             if value is not None and not isinstance(value, str):
                 OmegaConf.update(dotlist, key, text, force_add=True)

@@ -21,15 +21,16 @@ import csv
 import math
 import platform
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from PIL import Image
 
+from .config import Config
 from .files import atomic_write, code_commit, remove_orphaned_temporaries, write_text
 from .sweep import SCALARS, aggregate, mean_std, mean_std_text, number_format, run_name
-from .train import shared_settings
+from .train import shared_settings, with_defaults
 
 __all__ = ["CLAIMS", "Claim", "alpha_runs", "compare", "likelihood_convergence", "main_labels", "mass_through_training",
            "render_likelihood_check", "render_study", "variant_labels", "write_likelihood_check", "write_study"]
@@ -217,7 +218,8 @@ def _alpha_groups(rows: list[dict], folder: Path) -> tuple[dict, list[str]]:
     for row in rows:
         if float(row["beta"]) != 1.0:
             continue
-        config = OmegaConf.to_container(_config(folder / _run_name(row)))
+        # (with the defaults of options added after the run was written, as a resumed run counts them)
+        config = with_defaults(OmegaConf.to_container(_config(folder / _run_name(row))), asdict(Config()))
         model = config["model"]
         if model["name"] in ("helvae", "holder"):
             key = ("holder", 0.5 if model["name"] == "helvae" else round(model["alpha"], 4))

@@ -52,7 +52,8 @@ from .networks import make_networks
 __all__ = ["DIVERGED_LOG", "METRIC_FIELDS", "POOLING_FIELDS", "RESUMABLE_CHANGES", "RUN_FILES", "RUN_LOCK",
            "RunFolderBusy", "RunWriter", "SCALARS", "StopConditions", "TrainingDiverged", "TrainingInterrupted",
            "budget_reached", "configuration_differences", "epoch_order", "load_checkpoint", "load_run", "make_model",
-           "render_text", "resolve_device", "run_folder_lock", "sample_grid", "shared_settings", "summary_line", "train"]
+           "render_text", "resolve_device", "run_folder_lock", "sample_grid", "shared_settings", "summary_line", "train",
+           "with_defaults"]
 
 METRIC_FIELDS = ("epoch", "step", "loss", "reconstruction", "kl", "seconds")
 SCALARS = ("loss", "reconstruction", "kl")
@@ -151,7 +152,7 @@ def configuration_differences(saved: dict, config: Config) -> list[str]:
     """``key: saved X, now Y`` for every setting in which ``config`` differs from a run's ``saved`` configuration
     (a nested dict, as a checkpoint or ``config.yaml`` holds it) and which a resumed run must share with it; an
     option added after ``saved`` was written counts as the default it ran with."""
-    saved = _with_defaults(saved, asdict(Config()))
+    saved = with_defaults(saved, asdict(Config()))
     return _differences(shared_settings(saved), shared_settings(asdict(config)))
 
 
@@ -173,11 +174,11 @@ def _differences(saved, new, prefix: str = "") -> list[str]:
     return found
 
 
-def _with_defaults(saved, defaults):
+def with_defaults(saved, defaults):
     """``saved`` (a nested dict) with the keys it lacks taken from ``defaults``."""
     if not (isinstance(saved, dict) and isinstance(defaults, dict)):
         return saved
-    return {**defaults, **{key: _with_defaults(value, defaults.get(key)) for key, value in saved.items()}}
+    return {**defaults, **{key: with_defaults(value, defaults.get(key)) for key, value in saved.items()}}
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -185,7 +185,7 @@ class GammaFamily(ExponentialFamily):
     def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
         """The shape ``a`` from ``log a - psi(a) = s = log E[x] - E[log x]`` (one unknown: a Gamma is a scale family),
         then the rate ``a / E[x]``, in float64 whatever the dtype (``s`` cancels). Newton in ``log a`` from Minka's
-        closed-form start, with ``log a - psi(a)`` from its asymptotic series from ``a = 8`` on (the difference of
+        closed-form start, with ``log a - psi(a)`` from its asymptotic series from ``a = 10`` on (the difference of
         ``log a`` and ``psi(a)``, each of about 11.5 at ``a = 1e5``, keeps no digit of ``1 / (2 a) = 5e-6``: the
         two-parameter Newton solve of nearly equal experts stopped at its rounding and raised). Gradients by the
         implicit function theorem, ``da / ds = 1 / (d/da (log a - psi(a)))``; the rate divided in log space, so that

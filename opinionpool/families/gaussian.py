@@ -350,10 +350,10 @@ class DiagonalNormalFamily(_DiagonalGaussianBase):
 
 
 def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
-    """Whether each matrix equals its transpose to a few ulps of its largest entry (products of symmetric matrices,
-    such as a pool's combined precision, round asymmetrically)."""
+    """Whether each matrix equals its transpose to 1e-6 of its largest entry, about torch's own check (inverses of
+    covariances of condition 1e6 are asymmetric by 1e-12 of their entries in float64, and valid)."""
     scale = matrix.abs().amax((-2, -1))
-    tolerance = 64 * torch.finfo(matrix.dtype).eps * scale
+    tolerance = 1e-6 * scale
     return ((matrix - matrix.mT).abs().amax((-2, -1)) <= tolerance) | ~torch.isfinite(scale)
 
 

@@ -401,3 +401,10 @@ def test_text_options_keep_the_text_they_are_given(tmp_path):
     from applications.multimodal_vae.sweep import load_sweep
 
     assert load_sweep("polymnist-cpu", ["name=2024"]).name == "2024"
+
+
+def test_a_text_option_given_twice_takes_its_last_value():
+    """Keeping the text read every occurrence: an earlier text replaced a later number-like one (name=run then
+    name=007 gave 'run'); run_config and --set chain overrides by design."""
+    assert load_config("polymnist-helvae-cpu", ["name=run", "name=007"]).name == "007"
+    assert load_config("polymnist-helvae-cpu", ["name=12", "name=abc"]).name == "abc"

@@ -245,3 +245,20 @@ def test_the_page_shows_what_was_run_and_draws_only_what_was_computed(tmp_path, 
     assert panels == [2, 1, 3]  # coherence by inputs at two betas, the alpha figure, the masses in training
     assert sorted(p.name for p in figures.iterdir()) == ["notes.txt", "study_alpha.png", "study_mass.png",
                                                          "study_synergy.png"]
+
+
+def test_the_alpha_study_counts_options_added_since_a_run_as_their_defaults(tmp_path):
+    """A run whose config.yaml predates an option (it resumes as the option's default) was left out of the alpha
+    study for "model.posterior_scale None against 'free'"."""
+    folder = tmp_path / "runs" / "polymnist-cpu-study"
+    masses = [(0.2, ""), (0.1, "")]
+    runs = [("helvae", "helvae", 0.5, 1.0, seed, {"coherence": 0.8}, masses) for seed in range(2)]
+    runs += [("holder-a0", "holder", 0.0, 1.0, seed, {"coherence": 0.3}, masses) for seed in range(2)]
+    fake_sweep(folder, runs)
+    saved = folder / "holder-a0-beta1.0-seed0" / "config.yaml"
+    lines = saved.read_text().splitlines()
+    assert any(line.strip().startswith("posterior_scale:") for line in lines)
+    saved.write_text("\n".join(line for line in lines if not line.strip().startswith("posterior_scale:")) + "\n")
+    assert main(["study", "--sweep", str(folder)]) == 0
+    page = (folder / "study.md").read_text()
+    assert "Left out" not in page and "| holder | 0 | 2 |" in page

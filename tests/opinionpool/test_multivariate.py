@@ -148,3 +148,17 @@ def test_an_asymmetric_precision_and_an_infinite_natural_parameter_are_refused_b
     assert family.natural_domain(family.to_natural(params)).tolist() == [False, True]
     natural = torch.tensor([[-math.inf], [-2.0]], dtype=torch.float64)
     assert ExponentialDistFamily().natural_domain(natural).tolist() == [False, True]
+
+
+def test_precisions_asymmetric_by_their_inversions_rounding_are_pooled():
+    """The symmetry check refused inverses of covariances of condition 1e6 (asymmetric by 1e-12 of their entries in
+    float64), which torch's own check accepts."""
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=torch.float64))
+    covariance = basis @ torch.diag(torch.logspace(0, 6, 10, dtype=torch.float64)) @ basis.T
+    precision = torch.linalg.inv(covariance)
+    assert (precision - precision.T).abs().max() > 0  # the rounding this is about
+    experts = MultivariateNormal(torch.zeros(2, 10, dtype=torch.float64),
+                                 precision_matrix=precision.expand(2, 10, 10), validate_args=True)
+    pool = opinionpool.holder(experts, 0.5)
+    torch.testing.assert_close(pool.moment_match().covariance_matrix, covariance, rtol=1e-6, atol=1e-9)

@@ -333,3 +333,24 @@ def test_an_expert_of_infinite_mean_is_named_as_such():
     experts = opinionpool.Experts(pareto, torch.tensor([[-1.6], [-1.6]], dtype=torch.float64))
     with pytest.raises(ValueError, match=r"Pareto: an expert's mean is infinite \(params=\[-1.6\]\)"):
         opinionpool.NumericalHolderPool(experts, 2.0, torch.tensor([0.5, 0.5], dtype=torch.float64)).estimate()
+
+
+def test_the_power_means_gradient_in_alpha_stays_finite_for_widely_spread_log_densities():
+    """The cumulant series, computed where it is not used, overflowed float32 for log densities spread by 1e10
+    (inf - inf): a NaN gradient in alpha through the form that was used; at alpha = 0 the variance's overflow made
+    the value itself NaN (0 * inf). References: finite differences (float64), and the geometric mean's value."""
+    from opinionpool.numerical import log_power_mean
+
+    log_values = torch.tensor([[-1.0, -1e10], [-1.0, -2.0]], dtype=torch.float32)
+    log_weights = torch.log(torch.tensor([0.5, 0.5], dtype=torch.float32))
+    alpha = torch.tensor(0.5, requires_grad=True)
+    (gradient,) = torch.autograd.grad(log_power_mean(log_values, log_weights, alpha).sum(), alpha)
+    wide = log_values.double()
+    h = 1e-6
+    finite = ((log_power_mean(wide, log_weights.double(), 0.5 + h) - log_power_mean(wide, log_weights.double(),
+                                                                                    0.5 - h)) / (2 * h)).sum()
+    assert gradient.item() == pytest.approx(finite.item(), rel=1e-4)
+    zero = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    spread = torch.tensor([[1e200, -1e200]], dtype=torch.float64)
+    value = log_power_mean(spread, torch.log(torch.tensor([0.5, 0.5], dtype=torch.float64)), zero)
+    assert value.item() == 0.0 and torch.isfinite(torch.autograd.grad(value.sum(), zero)[0])
