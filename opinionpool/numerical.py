@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from scipy import integrate, optimize
 
+from ._hellinger import values_readable
 from ._validation import check_alpha, check_seed
 from .families import ExponentialFamily, MultivariateNormalFamily
 
@@ -142,7 +143,9 @@ def log_power_mean(log_values: torch.Tensor, log_weights: torch.Tensor, alpha) -
     small = torch.where(use_cumulants.unsqueeze(-1), deviation, torch.zeros_like(deviation))
     second, third, fourth = ((w * small ** k).sum(-1) for k in (2, 3, 4))
     cumulants = mean.squeeze(-1) + alpha * (second / 2 + alpha * (third / 6 + alpha * (fourth - 3 * second ** 2) / 24))
-    if bool(use_cumulants.all()):  # (the other forms' derivatives in a tiny alpha divide by alpha^2: 0 / 0 = NaN)
+    # (the other forms' derivatives in a tiny alpha divide by alpha^2: 0 / 0 = NaN; not read under torch.func or
+    # torch.compile, which cannot branch on values)
+    if values_readable(use_cumulants) and bool(use_cumulants.all()):
         return cumulants
     return torch.where(use_cumulants, cumulants, torch.where(applicable & (reach <= 0.5), series, general))
 

@@ -354,3 +354,15 @@ def test_the_power_means_gradient_in_alpha_stays_finite_for_widely_spread_log_de
     spread = torch.tensor([[1e200, -1e200]], dtype=torch.float64)
     value = log_power_mean(spread, torch.log(torch.tensor([0.5, 0.5], dtype=torch.float64)), zero)
     assert value.item() == 0.0 and torch.isfinite(torch.autograd.grad(value.sum(), zero)[0])
+
+
+@pytest.mark.parametrize("alpha", [1e-8, 0.5])
+def test_the_power_mean_under_vmap_equals_the_batched_call(alpha):
+    """Choosing the cumulant form read the values (bool of a tensor), which torch.func.vmap cannot."""
+    from opinionpool.numerical import log_power_mean
+
+    g = torch.Generator().manual_seed(0)
+    log_values = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    log_weights = torch.log(torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64))
+    mapped = torch.func.vmap(lambda row: log_power_mean(row, log_weights, alpha))(log_values)
+    torch.testing.assert_close(mapped, log_power_mean(log_values, log_weights, alpha), rtol=1e-15, atol=0)
