@@ -30,7 +30,7 @@ from PIL import Image
 from .config import Config
 from .files import atomic_write, code_commit, remove_orphaned_temporaries, write_text
 from .sweep import SCALARS, aggregate, mean_std, mean_std_text, number_format, run_name
-from .train import shared_settings, with_defaults
+from .train import setting_differences, shared_settings, with_defaults
 
 __all__ = ["CLAIMS", "Claim", "alpha_runs", "compare", "likelihood_convergence", "main_labels", "mass_through_training",
            "render_likelihood_check", "render_study", "variant_labels", "write_likelihood_check", "write_study"]
@@ -231,9 +231,8 @@ def _alpha_groups(rows: list[dict], folder: Path) -> tuple[dict, list[str]]:
     for _, key, row, settings in sorted(candidates, key=lambda c: c[0]):  # HELVAE's runs first (a stable sort)
         if reference is None:
             reference = (_run_name(row), settings)
-        first, this = _flat(reference[1]), _flat(settings)
-        differences = [f"{k} {this.get(k)!r} against {first.get(k)!r}" for k in sorted(first.keys() | this.keys())
-                       if first.get(k) != this.get(k)]
+        differences = [f"{key} {this!r} against {first!r}"
+                       for key, first, this in setting_differences(reference[1], settings)]
         same_seed = next((r for r in runs.get(key, []) if r["seed"] == row["seed"]), None)
         if differences:
             left_out.append(f"{_run_name(row)} (settings other than {reference[0]}'s: {'; '.join(differences[:3])}"
@@ -246,15 +245,6 @@ def _alpha_groups(rows: list[dict], folder: Path) -> tuple[dict, list[str]]:
         if family == "holder" and alpha == 0.0:
             runs.setdefault(("holder_mixture", 0.0), members)
     return runs, left_out
-
-
-def _flat(settings: dict, prefix: str = "") -> dict:
-    """``dotted.key -> value`` of nested dicts."""
-    flat = {}
-    for key, value in settings.items():
-        name = f"{prefix}{key}"
-        flat.update(_flat(value, name + ".") if isinstance(value, dict) else {name: value})
-    return flat
 
 
 def _alpha_study_settings(config: dict) -> dict:

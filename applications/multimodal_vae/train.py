@@ -52,8 +52,8 @@ from .networks import make_networks
 __all__ = ["DIVERGED_LOG", "METRIC_FIELDS", "POOLING_FIELDS", "RESUMABLE_CHANGES", "RUN_FILES", "RUN_LOCK",
            "RunFolderBusy", "RunWriter", "SCALARS", "StopConditions", "TrainingDiverged", "TrainingInterrupted",
            "budget_reached", "configuration_differences", "epoch_order", "load_checkpoint", "load_run", "make_model",
-           "render_text", "resolve_device", "run_folder_lock", "sample_grid", "shared_settings", "summary_line", "train",
-           "with_defaults"]
+           "render_text", "resolve_device", "run_folder_lock", "sample_grid", "setting_differences", "shared_settings",
+           "summary_line", "train", "with_defaults"]
 
 METRIC_FIELDS = ("epoch", "step", "loss", "reconstruction", "kl", "seconds")
 SCALARS = ("loss", "reconstruction", "kl")
@@ -153,7 +153,8 @@ def configuration_differences(saved: dict, config: Config) -> list[str]:
     (a nested dict, as a checkpoint or ``config.yaml`` holds it) and which a resumed run must share with it; an
     option added after ``saved`` was written counts as the default it ran with."""
     saved = with_defaults(saved, asdict(Config()))
-    return _differences(shared_settings(saved), shared_settings(asdict(config)))
+    return [f"{key}: saved {old!r}, now {new!r}"
+            for key, old, new in setting_differences(shared_settings(saved), shared_settings(asdict(config)))]
 
 
 class _Missing:
@@ -164,13 +165,15 @@ class _Missing:
 _MISSING = _Missing()
 
 
-def _differences(saved, new, prefix: str = "") -> list[str]:
-    """``key: saved X, now Y`` for every dotted key whose value differs between two nested dicts."""
-    if not (isinstance(saved, dict) and isinstance(new, dict)):
-        return [] if saved == new else [f"{prefix}: saved {saved!r}, now {new!r}"]
+def setting_differences(first, second, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, first's value, second's value)`` for every key whose value differs between two nested dicts
+    (a value one lacks shows as ``(missing)``), in key order."""
+    if not (isinstance(first, dict) and isinstance(second, dict)):
+        return [] if first == second else [(prefix, first, second)]
     found = []
-    for key in sorted(saved.keys() | new.keys(), key=str):
-        found += _differences(saved.get(key, _MISSING), new.get(key, _MISSING), f"{prefix}.{key}" if prefix else str(key))
+    for key in sorted(first.keys() | second.keys(), key=str):
+        found += setting_differences(first.get(key, _MISSING), second.get(key, _MISSING),
+                                     f"{prefix}.{key}" if prefix else str(key))
     return found
 
 
