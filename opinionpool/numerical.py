@@ -520,7 +520,7 @@ def enumeration_estimate(family, params, log_weights, alpha, wanted, keep_nodes:
             weight = per_point.reshape(per_point.shape + (1,) * (deviations[name].dim() - per_point.dim()))
             tail_part = tail.reshape(tail.shape + (1,) * (est.value.dim() - tail.dim()))
             bound = tail_part * (spread if name != "expected_statistic" else (1 + est.value.abs()) ** 2) \
-                + torch.nan_to_num((weight * deviations[name]).sum(0), nan=0.0)
+                + torch.where(weight > 0, weight * deviations[name], 0.0).sum(0)
         else:
             bound = relative * spread if name in ("mean", "variance") else relative
         extra = est.value.dim() - bound.dim()

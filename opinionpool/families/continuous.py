@@ -349,9 +349,7 @@ class DirichletFamily(ExponentialFamily):
         return torch.full_like(natural, -1.0)
 
     def mean_parameters(self, natural):
-        # each concentration's complement summed from the others, not as total - alpha_k (which cancels)
-        others = 1 - torch.eye(self.num_categories, dtype=natural.dtype, device=natural.device)
-        return _digamma_drop(natural, (natural.unsqueeze(-2) * others).sum(-1))
+        return _digamma_drop(natural, self._others(natural))
 
     def variance(self, params):
         return _simplex_variance(params, self._others(params))
@@ -367,7 +365,7 @@ class DirichletFamily(ExponentialFamily):
         mean = params / total
         # off the diagonal -m_i m_j / (t + 1); on it the variance, not m (1 - m) / (t + 1), whose 1 - m cancels
         cov = torch.diagonal_scatter(-mean.unsqueeze(-1) * mean.unsqueeze(-2) / (total + 1).unsqueeze(-1),
-                                     _simplex_variance(params, self._others(params)), dim1=-2, dim2=-1)
+                                     self.variance(params), dim1=-2, dim2=-1)
         mixture_mean = weighted_sum(log_pi, mean, dim=k)
         dev = mean - mixture_mean.unsqueeze(k)
         return weighted_sum(log_pi, cov + dev.unsqueeze(-1) * dev.unsqueeze(-2), dim=k)
