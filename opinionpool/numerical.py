@@ -135,6 +135,9 @@ def log_power_mean(log_values: torch.Tensor, log_weights: torch.Tensor, alpha) -
     deviation = torch.where(present, finite - mean, torch.zeros_like(finite))
     reach = (alpha * deviation).abs().masked_fill(~present, 0).amax(-1).detach()
     applicable = ~vanishing.any(-1)
+    # (the quadrature's nodes call this many times: where no element takes the other forms, they are not formed)
+    if values_readable(reach) and not bool((applicable & (reach <= 0.5)).any()):
+        return general
     terms = w * torch.expm1((alpha * deviation).clamp(-0.5, 0.5))
     series = mean.squeeze(-1) + torch.log1p(terms.sum(-1)) / alpha
     use_cumulants = applicable & (reach <= 1e-4)
