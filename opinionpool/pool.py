@@ -553,7 +553,10 @@ class _Pool(Distribution):
         out = torch.empty_like(flat)
         nodes, weights = (torch.as_tensor(x) for x in np.polynomial.legendre.leggauss(32))
         for j, (params, log_weights) in enumerate(pools):
+            # the nodes with mass: the mapped tails' reach far beyond it (1e100 of the experts' scale), and a bracket
+            # or bisection step spanning them would lose every digit of the quantile
             order = torch.argsort(points[:, j])
+            order = order[pi[order, j] > 0]
             z, cumulative = points[order, j], torch.cumsum(pi[order, j], 0)
             log_z = quadrature_log_mass(self.family, params, log_weights, self.alpha, lower, upper)[0]
 
@@ -583,8 +586,10 @@ class _Pool(Distribution):
             ends = log_power_mean(expert_log_probs(self.family, params, torch.stack((lo, hi), -1)), log_weights,
                                   self.alpha)
             steep = ~((ends[:, 0] - ends[:, 1]).abs() <= _STEEP_NATS)  # (an infinite or NaN difference is steep)
-            near_lower = (steep & ~upper_half) | (math.isfinite(lower) & ((lo - lower < 0.5 * (hi - lower))
-                                                                          | (lo <= z[0])))
+            # (not above the median towards an infinite upper end: the lower tail's mass against q would lose the
+            # digits of 1 - q where a power-law tail's sparse nodes bracket more than an octave of z - lower)
+            near_lower = (steep & ~upper_half) | (math.isfinite(lower) & ~(upper_half & math.isinf(upper))
+                                                  & ((lo - lower < 0.5 * (hi - lower)) | (lo <= z[0])))
             near_upper = (steep & upper_half) | (math.isfinite(upper) & ((upper - hi < 0.5 * (upper - lo))
                                                                          | (hi >= z[-1])))
             near_lower &= ~(near_upper & upper_half) & (target > 0)
