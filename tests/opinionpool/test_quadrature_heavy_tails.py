@@ -142,9 +142,9 @@ def test_a_mean_whose_two_tails_diverge_is_undefined_and_said_so():
     assert mean.value[1] == 0.5 and variance.value[1] == 0.5 and variance.error[1] == 1e-12
 
 
-def test_a_density_that_cannot_be_normalised_is_refused():
-    """A custom family whose stated normaliser and moments are wrong (``z^-1/2`` on ``(1, inf)`` has none) is
-    refused by name rather than integrated to a finite number."""
+def unnormalisable_pool():
+    """A custom family whose stated normaliser and moments are wrong: ``z^eta`` on ``(1, inf)`` with ``eta`` of -0.5
+    and -0.7 has no normaliser."""
     family = CustomFamily(log_normalizer=lambda eta: torch.zeros_like(eta[..., 0]),
                           mean=lambda eta: torch.full_like(eta[..., 0], 2.0),
                           variance=lambda eta: torch.ones_like(eta[..., 0]),
@@ -153,7 +153,13 @@ def test_a_density_that_cannot_be_normalised_is_refused():
                           natural_domain=lambda eta: eta[..., 0] < 0, support_interval=(1.0, math.inf),
                           name="unnormalisable")
     experts = opinionpool.Experts(family, torch.tensor([[-0.5], [-0.7]], dtype=torch.float64))
-    pool = opinionpool.NumericalHolderPool(experts, 0.5, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    return opinionpool.NumericalHolderPool(experts, 0.5, torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+def test_a_density_that_cannot_be_normalised_is_refused():
+    """A custom family whose stated normaliser and moments are wrong (``z^-1/2`` on ``(1, inf)`` has none) is
+    refused by name rather than integrated to a finite number."""
+    pool = unnormalisable_pool()
     with pytest.raises(ValueError, match="not normalisable"):
         pool.estimate(method="quadrature")
 
@@ -213,15 +219,7 @@ def test_a_narrow_pool_of_experts_of_very_different_scales_keeps_finite_errors()
 
 def test_an_unnormalisable_pool_has_no_cdf():
     """The refusal is not taken for an interval without mass (which the cdf's tail integrals may meet): it raises."""
-    family = CustomFamily(log_normalizer=lambda eta: torch.zeros_like(eta[..., 0]),
-                          mean=lambda eta: torch.full_like(eta[..., 0], 2.0),
-                          variance=lambda eta: torch.ones_like(eta[..., 0]),
-                          sufficient_statistic=lambda z: torch.log(z).unsqueeze(-1),
-                          log_base_measure=lambda z: torch.zeros_like(z), num_params=1,
-                          natural_domain=lambda eta: eta[..., 0] < 0, support_interval=(1.0, math.inf),
-                          name="unnormalisable")
-    experts = opinionpool.Experts(family, torch.tensor([[-0.5], [-0.7]], dtype=torch.float64))
-    pool = opinionpool.NumericalHolderPool(experts, 0.5, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    pool = unnormalisable_pool()
     with pytest.raises(ValueError, match="not normalisable"):
         pool.cdf(torch.tensor(3.0, dtype=torch.float64))
 
