@@ -611,7 +611,7 @@ def check_quadrature_range(family, params, log_weights) -> None:
     """A ``ValueError`` naming the first present expert (``params`` ``(..., M) + param_shape``, of finite
     ``log_weights`` ``(..., M)``) outside ``QUADRATURE_RANGE`` or narrower than ``QUADRATURE_MIN_RELATIVE_SD`` of its
     |mean|, for the scalar families whose moments are known without quadrature; an expert of infinite variance (a
-    heavy tail) is not checked: the engine integrates its spread (``_expert_moments``)."""
+    heavy tail) is not checked: the engine places it by its density at the mean (``_expert_moments``)."""
     if family.circular or not family.has_numeric_moments or not getattr(family, "has_variance", True):
         return
     wide = params.detach().to(torch.float64)
@@ -1420,7 +1420,9 @@ def _tail_remainders(tails, log_u, integrands, log_z):
         near, far = (-log_g.diff(dim=1) / log_d.diff(dim=1)).unbind(1)
         power = torch.minimum(far, 2 * far - near)
         vanished = log_g[:, -1] == -math.inf
-        diverges = ~vanished & ~(power > 1)
+        # a power within its own rounding of 1 is 1 (a Cauchy's mean: 1 +- 1.4e-14, a remainder of 1e13 else)
+        rounding = 64 * torch.finfo(log_g.dtype).eps * log_g.abs().amax(1) / step
+        diverges = ~vanished & ~(power > 1 + rounding)
         beyond = 2 * (log_g[:, -1] + log_d[:, -1] - log_z.unsqueeze(-1)).exp() / torch.where(diverges, 1.0, power - 1)
         remainder = remainder + torch.where(vanished, 0.0, torch.where(diverges, math.inf, beyond))
         limit = limit + torch.where(diverges, f[:, -1].sign() * math.inf, 0.0)
@@ -2106,12 +2108,13 @@ def _quadrature_edges(log_u, mu, sd, lower, upper, alpha):
 def _expert_moments(family, params):
     """Means and variances of scalar experts ``batch + param_shape``: the family's where it gives them, otherwise (a
     ``CustomFamily`` without ``mean`` or ``variance``, a circular family) by quadrature of each expert's density; a
-    family's own mean is kept when only its variance is missing. They place the pool's panels."""
+    family's own mean is kept when only its variance is missing, and where its variance is infinite, the variance of
+    a Gaussian of the same density at the mean stands in for it. They place the pool's panels."""
     own_mean = family.has_numeric_moments and not family.circular
     # CustomFamily's mean and variance are optional independently; the built-in families have both
     if own_mean and getattr(family, "has_variance", True):
         mean, variance = family.mean(params), family.variance(params)
-        # an infinite variance (a heavy tail) places no panels: the experts' spread is integrated below instead
+        # an infinite variance (a heavy tail) places no panels: a width from the density at the mean, below
         if bool(torch.isfinite(variance).all()):
             return mean, variance
     batch = params.shape[: params.dim() - len(family.param_shape)]
@@ -2140,15 +2143,17 @@ def _expert_moments(family, params):
             raise ValueError(f"{family.name}: quadrature found no mass in the density of an expert "
                              f"(params={p.tolist()!r}); give the family a `mean` (and `variance`) so that the "
                              "numerical engine can place its panels")
-        with warnings.catch_warnings():
-            if hint is not None:  # a family's own mean beside an infinite variance: the spread diverges, and the
-                # integral's finite part places the panels (the pool's own quadrature controls its error)
-                warnings.simplefilter("ignore", integrate.IntegrationWarning)
-            mass, offset, spread = _moments_about(density, lower, upper, centre)
+        if hint is not None and density(hint) > 0:
+            # a family's own mean beside an infinite variance: the spread diverges (a quadrature's "finite part" of
+            # it was 0 for a Cauchy-like expert at 0, whose tails then reached 2e-208), so the panels are placed by
+            # the width of a Gaussian of the same density at the mean (the pool's own quadrature controls its error)
+            moments.append((hint, 1 / (2 * math.pi * density(hint) ** 2)))
+            continue
+        mass, offset, spread = _moments_about(density, lower, upper, centre)
         if not mass > 0:
             raise ValueError(f"{family.name}: quadrature found no mass in the density of an expert "
                              f"(params={p.tolist()!r}) about its mean {centre!r}; give the family a `variance`")
-        moments.append((centre + offset / mass if hint is None else hint, max(spread / mass - (offset / mass) ** 2, 0.0)))
+        moments.append((centre + offset / mass, max(spread / mass - (offset / mass) ** 2, 0.0)))
     mean = torch.tensor([m for m, _ in moments], dtype=params.dtype, device=params.device)
     variance = torch.tensor([v for _, v in moments], dtype=params.dtype, device=params.device)
     return mean.reshape(batch), variance.reshape(batch)

@@ -130,16 +130,24 @@ def test_two_heavy_tails():
 
 
 def test_a_mean_whose_two_tails_diverge_is_undefined_and_said_so():
-    """Where the two halves of the mean diverge with opposite signs (the limits ``-inf + inf`` of
-    ``_tail_remainders``), the mean is NaN with a warning, never silently, and the variance infinite."""
-    from opinionpool.numerical import Estimate, _diverged_moments
+    """A Cauchy pool (``eta = -1``): the two halves of its mean diverge with opposite signs, so the mean is NaN with
+    a warning, never silently, and the variance infinite; with ``eta = -1.2`` the mean is 0 and the variance
+    infinite. Identical experts pool to themselves: log Z = 0. (The experts' infinite variance placed the panels by
+    a quadrature's "finite part" of it, 0 at mean 0: the tails reached 2e-208 and the pool was refused.)"""
+    family = student_like_family()
 
-    finite = Estimate(torch.tensor([0.5, 0.5]), torch.tensor([1e-12, 1e-12]))
-    limit_t, limit_t2 = torch.tensor([math.nan, 0.0]), torch.tensor([math.inf, 0.0])
+    def estimate(eta):
+        experts = opinionpool.Experts(family, torch.tensor([[eta], [eta]], dtype=torch.float64))
+        return opinionpool.NumericalHolderPool(experts, 0.5, torch.tensor([0.3, 0.7], dtype=torch.float64)).estimate(
+            method="quadrature")
+
     with pytest.warns(RuntimeWarning, match="mean is undefined"):
-        mean, variance = _diverged_moments(finite, finite, limit_t, limit_t2)
-    assert math.isnan(mean.value[0]) and mean.error[0] == math.inf and variance.value[0] == math.inf
-    assert mean.value[1] == 0.5 and variance.value[1] == 0.5 and variance.error[1] == 1e-12
+        cauchy = estimate(-1.0)
+    assert abs(float(cauchy.log_normalizer.value)) <= float(cauchy.log_normalizer.error) < 1e-9
+    assert math.isnan(float(cauchy.mean.value)) and float(cauchy.variance.value) == math.inf
+    heavy = estimate(-1.2)
+    assert abs(float(heavy.mean.value)) <= float(heavy.mean.error) < 1e-9
+    assert float(heavy.variance.value) == math.inf
 
 
 def unnormalisable_pool():
