@@ -45,13 +45,15 @@ from applications.multimodal_vae.files import splice_file  # noqa: E402
 from opinionpool import _hellinger  # noqa: E402
 from opinionpool._hellinger import kept_partners  # noqa: E402
 
-from measure import provenance, quartiles, saved_tensor_bytes, verdict  # noqa: E402
+from measure import check_docs_page, non_negative_int, positive_int, provenance, quartiles, saved_tensor_bytes, verdict  # noqa: E402
 
 __all__ = ["main", "official_hellinger", "object_api", "saved_bytes", "candidates", "fused_fallback", "measure",
            "pairs_left_out"]
 
 SHAPES = ["128,5,64", "256,3,512", "256,5,512", "256,10,512"]
 FUSED = "hellinger fused"
+#: every candidate's name, as ``--only`` takes them
+CANDIDATES = ["poe", "hellinger", FUSED, "official port", "object API", "MoPoE", "MoHELVAE"]
 #: the issue's targets, as ratios to PoE (time) at the shapes they were set for; the table says whether each is met
 TARGETS = {("hellinger", 5): "<= 4", ("hellinger", 3): "<= 2.5", (FUSED, 5): "<= 1.6", (FUSED, 10): "<= 2",
            ("MoHELVAE", 5): "<= 25", ("MoPoE", 5): "<= 4"}
@@ -125,6 +127,15 @@ def fused_fallback(mu: torch.Tensor, logvar: torch.Tensor) -> str:
 VALUE_DEPENDENT = ["hellinger", "object API", "MoHELVAE"]
 
 
+def shape_of(text: str) -> tuple[int, int, int]:
+    """An ``argparse`` type: ``B,M,D`` as three positive integers."""
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"a shape is B,M,D (batch, experts, latent), got {text!r}")
+    return tuple(positive_int(part) for part in parts)
+
+
+
 def pairs_left_out(mu: torch.Tensor, logvar: torch.Tensor) -> str:
     """How many of the pairs of experts ``(M, B, D)`` the eager alpha = 1/2 pool leaves out, as "n of P"."""
     m = mu.shape[0]
@@ -180,14 +191,15 @@ def measure(found: dict, mu, logvar, rounds: int, warmup: int, rng: random.Rando
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=SHAPES, metavar="B,M,D")
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shapes", nargs="+", default=[shape_of(text) for text in SHAPES], metavar="B,M,D", type=shape_of)
+    parser.add_argument("--rounds", type=positive_int, default=30)
+    parser.add_argument("--warmup", type=non_negative_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--fused", action="store_true", help="also time hellinger(fused=True) (compiles first)")
-    parser.add_argument("--max-subset-experts", type=int, default=5,
+    parser.add_argument("--max-subset-experts", type=non_negative_int, default=5,
                         help="time the subset mixtures (2^M - 1 subsets) up to this many experts")
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="time only these candidates (and poe), e.g. MoPoE")
+    parser.add_argument("--only", nargs="+", metavar="NAME", choices=CANDIDATES,
+                        help="time only these candidates (and poe), e.g. MoPoE; not into the default table")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -197,6 +209,11 @@ def main() -> None:
     parser.add_argument("--table", default="bench_aggregators", metavar="NAME",
                         help="the markers' name for --docs (default: %(default)s)")
     args = parser.parse_args()
+    if args.only and FUSED in args.only and not args.fused:
+        parser.error(f"--only {FUSED!r} needs --fused")
+    if args.only and args.docs and args.table == parser.get_default("table"):
+        parser.error("--only times some candidates: its table would replace the full one; give --table another name")
+    check_docs_page(parser, args.docs, args.table)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     opinionpool.set_validate_args(False)
@@ -205,8 +222,7 @@ def main() -> None:
     notes = set()  # why a fused row ran eagerly
     rows = ["| shape (B, M, D) | aggregator | median ms | ratio to PoE (median [IQR]) | saved MB | new pages | "
             "pairs left out | target |", "|---|---|---|---|---|---|---|---|"]
-    for shape in args.shapes:
-        batch, experts, latent = (int(n) for n in shape.split(","))
+    for batch, experts, latent in args.shapes:
         g = torch.Generator().manual_seed(args.seed)
         mu = torch.randn(experts, batch, latent, generator=g).to(args.device, dtype)
         logvar = (torch.randn(experts, batch, latent, generator=g) * 0.5).to(args.device, dtype)
@@ -218,7 +234,7 @@ def main() -> None:
                 found = {label if name == FUSED else name: fn for name, fn in found.items()}
                 notes.add(f"{label}: {reason}")
         runs = [("", found, mu, logvar)]
-        if not args.no_overlapping:
+        if not args.no_overlapping and any(name in found for name in VALUE_DEPENDENT):
             shrunk = mu[:1] + 0.1 * (mu - mu[:1])
             runs.append((", overlapping experts", {name: found[name] for name in VALUE_DEPENDENT + ["poe"]
                                                    if name in found}, shrunk, logvar))

@@ -42,7 +42,7 @@ from applications.multimodal_vae.files import splice_file  # noqa: E402
 from applications.multimodal_vae.models import MultimodalVAE  # noqa: E402
 from applications.multimodal_vae.networks import make_networks  # noqa: E402
 
-from measure import provenance, quartiles, saved_tensor_bytes, verdict  # noqa: E402
+from measure import check_docs_page, non_negative_int, positive_int, provenance, quartiles, saved_tensor_bytes, verdict  # noqa: E402
 
 __all__ = ["main", "MODELS", "RATIO_TARGETS", "build", "step", "batch", "memory_mib", "cuda_peak_bytes", "sweep_cost"]
 
@@ -128,9 +128,11 @@ def _steps_of(config, train_examples: int) -> int:
     return min(by_epochs, config.train.max_steps) if config.train.max_steps else by_epochs
 
 
-def sweep_cost(preset: str, repeats: int, warmup: int, overrides=(), train_examples: int = 60_000) -> str:
+def sweep_cost(preset: str, repeats: int, warmup: int, overrides=(), train_examples: int = 60_000,
+               seed: int = 0) -> str:
     """The ``study_cost`` table: each label of the sweep ``preset`` (with ``key=value`` ``overrides`` of the sweep)
-    timed round-robin on its own configuration and device (its precision too), and the grid's hours on one process
+    timed round-robin on its own configuration and device (its precision too), in an order shuffled each round from
+    ``seed``, and the grid's hours on one process
     (runs x steps x s / step, the steps counted for ``train_examples`` training tuples; evaluation not included).
     On CUDA also each label's peak memory over a step beyond its weights and Adam's moments."""
     from collections import Counter
@@ -167,7 +169,7 @@ def sweep_cost(preset: str, repeats: int, warmup: int, overrides=(), train_examp
     shapes = {label: (config.train.batch_size, config.data.num_modalities) for label, config in configs.items()}
     inputs = {(size, modalities): batch(size, device, modalities) for size, modalities in set(shapes.values())}
     times = {label: [] for label in built}
-    order, labels = random.Random(0), list(built)
+    order, labels = random.Random(seed), list(built)
     for r in tqdm(range(warmup + repeats), desc=f"{preset}: rounds of steps", unit="round"):
         order.shuffle(labels)  # each label once per round, in a new order each round
         for label in labels:
@@ -202,11 +204,11 @@ def sweep_cost(preset: str, repeats: int, warmup: int, overrides=(), train_examp
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--latent", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=positive_int, default=128)
+    parser.add_argument("--latent", type=positive_int, default=64)
+    parser.add_argument("--repeats", type=positive_int, default=15)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="seed of the order of the models in each round")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--docs", type=Path, metavar="PAGE",
@@ -216,13 +218,25 @@ def main() -> None:
     parser.add_argument("--sweep", metavar="PRESET", help="time the labels of this sweep preset instead")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="with --sweep: overrides of the sweep preset, e.g. 'extra_overrides=[train.precision=bf16]'")
-    parser.add_argument("--train-examples", type=int, default=60_000,
+    parser.add_argument("--train-examples", type=positive_int, default=60_000,
                         help="with --sweep: training tuples per epoch, for runs limited by epochs (PolyMNIST: 60000)")
     args = parser.parse_args()
+    if args.sweep:
+        # (the preset sets the device, batch, latent size, threads and models of its runs)
+        ignored = [f"--{name}" for name in ("device", "batch", "latent", "threads", "models")
+                   if getattr(args, name) != parser.get_default(name)]
+        if ignored:
+            parser.error(f"{', '.join(ignored)}: not taken with --sweep, whose preset sets them")
+    else:
+        given = [flag for flag, name in (("--set", "overrides"), ("--train-examples", "train_examples"))
+                 if getattr(args, name) != parser.get_default(name)]
+        if given:
+            parser.error(f"{', '.join(given)}: taken only with --sweep")
+    check_docs_page(parser, args.docs, args.table or ("study_cost" if args.sweep else "bench_mvae"))
     from tqdm import tqdm
 
     if args.sweep:
-        table = sweep_cost(args.sweep, args.repeats, args.warmup, args.overrides, args.train_examples)
+        table = sweep_cost(args.sweep, args.repeats, args.warmup, args.overrides, args.train_examples, args.seed)
         print("\n" + table)
         if args.docs:
             splice_file(args.docs, args.table or "study_cost", table)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import opinionpool  # noqa: E402
 from applications.multimodal_vae.files import splice_file  # noqa: E402
 
-from measure import provenance, verdict  # noqa: E402
+from measure import check_docs_page, positive_int, provenance, verdict  # noqa: E402
 
 __all__ = ["main", "diagonal_experts", "median_seconds", "IMPORTANCE_TARGET_SECONDS"]
 
@@ -50,14 +50,13 @@ def median_seconds(fn, repeats: int) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (the targets are for 2 cores)")
-    parser.add_argument("--samples", type=int, default=100_000)
+    parser.add_argument("--repeats", type=positive_int, default=7)
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (the targets are for 2 cores)")
+    parser.add_argument("--samples", type=positive_int, default=100_000)
     parser.add_argument("--docs", type=Path, metavar="PAGE",
                         help="also splice the tables into PAGE between its <!-- table: bench_numerical --> markers")
     args = parser.parse_args()
-    if args.threads < 1:
-        parser.error(f"--threads must be a positive integer, got {args.threads}")
+    check_docs_page(parser, args.docs, "bench_numerical")
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float64)
     measured = provenance()  # the commit whose code runs
@@ -75,7 +74,8 @@ def main():
         result = pool.estimate(method="grid")
         rows.append((f"grid, D={dim}, M=5", 2.0, median_seconds(lambda s, p=pool: p.estimate(method="grid"), 3),
                      f"error(log Z) {float(result.log_normalizer.error):.2g}"))
-    pool = opinionpool.holder(Normal(torch.randn(5), 0.5 + torch.rand(5)), alpha=2.0)
+    g = torch.Generator().manual_seed(0)  # the row's experts, as every other row's, from a fixed seed
+    pool = opinionpool.holder(Normal(torch.randn(5, generator=g), 0.5 + torch.rand(5, generator=g)), alpha=2.0)
     result = pool.estimate(method="quadrature")
     rows.append(("quadrature, 1-D, M=5", 2.0, median_seconds(lambda s: pool.estimate(method="quadrature"), 3),
                  f"error(log Z) {float(result.log_normalizer.error):.2g}"))

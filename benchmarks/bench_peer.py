@@ -44,7 +44,7 @@ from applications.multimodal_vae.files import splice_file  # noqa: E402
 from applications.multimodal_vae.models import MultimodalVAE  # noqa: E402
 from applications.multimodal_vae.networks import PolyMNISTDecoder, PolyMNISTEncoder, make_networks  # noqa: E402
 
-from measure import provenance, quartiles, verdict  # noqa: E402
+from measure import check_docs_page, non_negative_int, positive_int, provenance, quartiles, verdict  # noqa: E402
 
 __all__ = ["main", "MODELS", "PEER_TARGET"]
 
@@ -144,16 +144,17 @@ def timed_step(optimizer: torch.optim.Optimizer, loss_fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--latent", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=positive_int, default=128)
+    parser.add_argument("--latent", type=positive_int, default=64)
+    parser.add_argument("--rounds", type=positive_int, default=15)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="seed of the order of the candidates in each round")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--docs", type=Path, metavar="PAGE",
                         help="also splice the table into PAGE between its <!-- table: bench_peer --> markers")
     args = parser.parse_args()
+    check_docs_page(parser, args.docs, "bench_peer")
     try:
         import multivae  # noqa: F401
     except Exception as error:  # ImportError, or torchvision's RuntimeError on a CPU-only torch

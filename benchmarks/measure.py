@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from applications.multimodal_vae.files import code_commit
+from applications.multimodal_vae.files import check_page, code_commit
 
-__all__ = ["saved_tensor_bytes", "quartiles", "provenance", "verdict"]
+__all__ = ["saved_tensor_bytes", "quartiles", "provenance", "verdict", "positive_int", "non_negative_int",
+           "check_docs_page"]
 
 _TARGET = re.compile(r"\s*(<=|>=)\s*([0-9.eE+-]+)\s*")
 
@@ -79,3 +81,34 @@ def verdict(value: float, target: str) -> str:
     if not met and f"{value:.2f}" == f"{bound:.2f}":
         return f"{target}: missed by {abs(value - bound):.1g}"
     return f"{target}: {'met' if met else 'missed'}"
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer of at least 1 (rounds, repeats, threads, sizes), refused by its text before
+    any work (0 rounds failed after the warm-up, 0 threads in torch)."""
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An ``argparse`` type: an integer of at least 0 (warm-up rounds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
+def check_docs_page(parser: argparse.ArgumentParser, page, name: str) -> None:
+    """``parser.error`` unless ``--docs`` ``page`` (if given) can take the table ``name``: checked before the work,
+    not after it (a missing page or marker lost a whole run's measurements)."""
+    if page is None:
+        return
+    try:
+        check_page(page, name)
+    except (OSError, ValueError) as error:
+        parser.error(f"--docs {str(page)!r}: {error}")

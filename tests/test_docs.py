@@ -120,6 +120,39 @@ def test_benchmark_tables_say_where_they_come_from_and_whether_targets_are_met()
                         line), line
 
 
+@pytest.mark.parametrize("script, arguments, message", [
+    ("bench_aggregators", ["--rounds", "0"], "--rounds: must be a positive integer, got '0'"),
+    ("bench_aggregators", ["--shapes", "4,2"], "a shape is B,M,D"),
+    ("bench_aggregators", ["--only", "mopoe"], "invalid choice: 'mopoe'"),
+    ("bench_aggregators", ["--only", "hellinger fused"], "needs --fused"),
+    ("bench_aggregators", ["--only", "MoPoE", "--docs", "docs/benchmarks.md"], "would replace the full one"),
+    ("bench_aggregators", ["--docs", "docs/missing.md"], "--docs 'docs/missing.md'"),
+    ("bench_mvae", ["--repeats", "0"], "--repeats: must be a positive integer"),
+    ("bench_mvae", ["--warmup", "-1"], "--warmup: must be a non-negative integer"),
+    ("bench_mvae", ["--sweep", "polymnist-cpu", "--batch", "4"], "--batch: not taken with --sweep"),
+    ("bench_mvae", ["--train-examples", "5"], "--train-examples: taken only with --sweep"),
+    ("bench_mvae", ["--docs", "docs/api.md"], "marker of 'bench_mvae' exactly once"),
+    ("bench_numerical", ["--threads", "0"], "--threads: must be a positive integer"),
+    ("bench_numerical", ["--docs", "docs/api.md"], "marker of 'bench_numerical' exactly once"),
+    ("bench_peer", ["--batch", "x"], "--batch: must be an integer, got 'x'"),
+])
+def test_benchmarks_refuse_bad_options_before_any_work(script, arguments, message, monkeypatch, capsys):
+    """Options are checked when parsed, and the page a table goes into before the measurements: 0 rounds failed after
+    the warm-up, a misspelt ``--only`` timed PoE alone and spliced that table over the real one, and a missing page
+    or marker lost a whole run."""
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.chdir(ROOT)
+    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *arguments])
+    with pytest.raises(SystemExit) as raised:
+        module.main()
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_the_commit_is_the_codes_not_the_working_directorys(tmp_path, monkeypatch):
     """Tables name the commit of the code that wrote them: git ran in the working directory, which named another
     repository's commit (or none) when a command ran from elsewhere."""

@@ -106,11 +106,11 @@ def main(argv=None) -> int:
         except ValueError as error:
             parser.error(str(error))
         if args.docs is not None:  # the page and its markers are checked before any run trains
-            from .files import splice_table
+            from .files import check_page
             from .sweep import table_name
 
             try:
-                splice_table(Path(args.docs).read_text(encoding="utf-8"), table_name(args.preset), "-")
+                check_page(args.docs, table_name(args.preset))
             except (OSError, ValueError) as error:
                 parser.error(f"--docs {args.docs!r}: {error}")
         try:

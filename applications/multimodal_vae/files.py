@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["UnreadableFile", "atomic_write", "code_commit", "write_text", "splice_table", "splice_file", "sha256",
-           "verified", "fetch_wheel", "owner_tag", "is_orphaned", "remove_orphaned_temporaries", "digest",
+__all__ = ["UnreadableFile", "atomic_write", "code_commit", "write_text", "splice_table", "check_page", "splice_file",
+           "sha256", "verified", "fetch_wheel", "owner_tag", "is_orphaned", "remove_orphaned_temporaries", "digest",
            "save_checked", "load_checked", "claim"]
 
 #: the key under which ``save_checked`` stores the SHA-256 of everything else in the file
@@ -158,6 +158,12 @@ def splice_table(page: str, name: str, table: str) -> str:
     if "<!-- table: " in replaced or "<!-- end table: " in replaced:  # splicing would delete another table's marker
         raise ValueError(f"the markers of {name!r} enclose another table's marker: tables must not nest or interleave")
     return head + begin + table.strip("\n") + "\n" + end + tail
+
+
+def check_page(path: Path, name: str) -> None:
+    """Raises (``OSError``, ``ValueError``) unless the page at ``path`` can take the table ``name``
+    (:func:`splice_table`'s checks): a script checks it before the work whose table it splices."""
+    splice_table(Path(path).read_text(encoding="utf-8"), name, "-")
 
 
 def code_commit() -> str:
