@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import sys
 import warnings
@@ -575,7 +576,9 @@ class _Pool(Distribution):
             from_top = len(z) - 1 - torch.searchsorted(torch.cumsum(pi[order, j].flip(0), 0), level)
             i = torch.where(upper_half, from_top, torch.searchsorted(cumulative, target)).clamp(0, len(z) - 1)
             anchor = z[i]
-            start = self._pool_cdf(params, log_weights, anchor, log_z, upper_tail=upper_half)
+            # each anchor's cdf (or survival function) once: sampling by quantiles puts many levels on one node
+            pairs, inverse = torch.unique(torch.stack((i, upper_half.long()), -1), dim=0, return_inverse=True)
+            start = self._pool_cdf(params, log_weights, z[pairs[:, 0]], log_z, upper_tail=pairs[:, 1].bool())[inverse]
             span = z[-1] - z[0]
             lo = torch.where(i >= 2, z[(i - 2).clamp_min(0)], torch.full_like(anchor, max(lower, float(z[0] - span))))
             hi = torch.where(i + 2 < len(z), z[(i + 2).clamp_max(len(z) - 1)],
@@ -870,10 +873,16 @@ class _Pool(Distribution):
                 f"{f' at batch index {index}' if index else ''}; the {est.method} missed part of the pool's mass "
                 "(try another method, or a smaller rtol)")
 
+    def _float64_parts(self):
+        """The experts and weights in float64, without gradient: what ``_in_float64`` builds the same pool from."""
+        return (Experts(self.family, self.experts.params.detach().to(torch.float64)),
+                self.log_weights.detach().to(torch.float64).exp())
+
     def envelope(self) -> Envelope:
         """A normalised exact pool ``p`` of the same experts and ``B`` with ``u <= B p`` (the power-mean
         inequalities): ``M_alpha <= M_(1/n)`` for ``0 < alpha <= 1``, ``n = floor(1/alpha)`` (or the largest
-        ``n`` within ``max_components``); ``M_alpha <= lambda_min^(1/alpha - 1) M_1`` for ``alpha > 1``;
+        ``n`` within ``max_components``); for ``alpha > 1`` the better of ``M_alpha <= lambda_min^(1/alpha - 1) M_1``
+        and ``M_alpha <= max_j q_j <= sum_j q_j``;
         ``max_j q_j <= sum_j q_j``; for ``alpha < 0`` the better of ``M_alpha <= M_0`` and :meth:`_geometric_bound`
         (and ``min_j q_j`` for ``-inf``)."""
         a = self.alpha
@@ -884,8 +893,14 @@ class _Pool(Distribution):
             proposal = HolderPool(self.experts, 1, uniform, validate_args=False)
             return Envelope(proposal, torch.log(uniform.sum(-1)), "max_j q_j <= sum_j q_j")
         if a >= 1:
-            proposal = HolderPool(self.experts, 1, lw.exp(), validate_args=False)
-            return Envelope(proposal, (1 / a - 1) * _log_smallest_weight(lw), f"M_{a:g} <= lambda_min^(1/alpha - 1) M_1")
+            # the better of the two, per pool: with one small weight the first bound is huge (lambda_min = 1e-6 at
+            # alpha = 20: e^13), and the weighted mixture puts almost nothing where the pool has half its mass
+            mixture_bound = (1 / a - 1) * _log_smallest_weight(lw)
+            count_bound = torch.log(uniform.sum(-1))
+            better = (count_bound < mixture_bound).unsqueeze(-1)
+            proposal = HolderPool(self.experts, 1, torch.where(better, uniform, lw.exp()), validate_args=False)
+            return Envelope(proposal, torch.minimum(count_bound, mixture_bound),
+                            f"M_{a:g} <= min(lambda_min^(1/alpha - 1) M_1, max_j q_j <= sum_j q_j)")
         if a > 0:
             order = self._envelope_order()
             proposal = HolderPool(self.experts, 1 / order, lw.exp(), validate_args=False,
@@ -1211,6 +1226,11 @@ class HolderPool(_Pool):
         return new
 
     # -------------------------------------------------------------- densities
+    def _in_float64(self) -> HolderPool:
+        """The same pool built again from float64 experts and weights (no gradient, no validation)."""
+        experts, weights = self._float64_parts()
+        return HolderPool(experts, self.alpha, weights, max_components=self._max_components, validate_args=False)
+
     def as_mixture(self) -> MixtureSameFamily:
         """The pool as a ``torch.distributions.MixtureSameFamily`` (one component for ``alpha=0``)."""
         components = self.family.distribution(self.component_params)
@@ -1395,6 +1415,13 @@ class NumericalHolderPool(_Pool):
         new._init_distribution(batch_shape)
         return new
 
+    def _in_float64(self) -> NumericalHolderPool:
+        """The same pool built again from float64 experts and weights (no gradient, no validation)."""
+        experts, weights = self._float64_parts()
+        return NumericalHolderPool(experts, self.alpha, weights, method=self.method, num_samples=self.num_samples,
+                                   seed=self.seed, max_components=self._max_components, rtol=self.rtol,
+                                   validate_args=False)
+
     def moment_match(self, family: str | None = None):
         """As :meth:`HolderPool.moment_match`, from the estimated moments (``E[T(z)]`` for non-Gaussian families)."""
         if family is not None or self.family.gaussian:
@@ -1511,7 +1538,9 @@ def _float64_twin(other: Distribution, points: torch.Tensor, shape: torch.Size):
         return tensor.to(torch.float64) if tensor.is_floating_point() and _bits(tensor.dtype) < 64 else tensor
 
     try:
-        twin = _rebuilt(other, widened)
+        # a pool of this library is built again from float64 experts: a copy attribute by attribute would keep its
+        # caches, computed in the lower dtype (its log-normaliser, rounded to float32, charged at float64's eps)
+        twin = other._in_float64() if isinstance(other, _Pool) else _rebuilt(other, widened)
         if _bits(_working_dtype(twin, torch.float64)) < 64:
             return None
         log_q = twin.log_prob(points.to(torch.float64))
@@ -1533,7 +1562,8 @@ _BUILT_FROM_DEPTH = 6
 def _rebuilt(item, convert, depth: int = 0):
     """``item`` with every tensor it holds replaced by ``convert(tensor)``, looking through the distributions and
     transforms it is built from (copied attribute by attribute), lists, tuples and dicts, ``_BUILT_FROM_DEPTH``
-    levels deep; anything else (other containers, objects of other classes), and anything ``convert`` leaves
+    dataclasses (``Experts``), ``_BUILT_FROM_DEPTH`` levels deep; anything else (other containers, objects of other
+    classes), and anything ``convert`` leaves
     unchanged, is kept as it is. A transform's weak reference to its cached inverse is dropped, so that a copy
     builds its own inverse from its own tensors."""
     if isinstance(item, torch.Tensor):
@@ -1549,6 +1579,11 @@ def _rebuilt(item, convert, depth: int = 0):
         duplicate = object.__new__(type(item))
         duplicate.__dict__.update(state)
         return duplicate
+    if dataclasses.is_dataclass(item) and not isinstance(item, type):  # Experts: its parameters
+        values = {f.name: _rebuilt(getattr(item, f.name), convert, depth + 1) for f in dataclasses.fields(item)}
+        if all(values[name] is getattr(item, name) for name in values):
+            return item
+        return dataclasses.replace(item, **values)
     if isinstance(item, (list, tuple)):
         values = [_rebuilt(value, convert, depth + 1) for value in item]
         if all(new is old for new, old in zip(values, item)):
