@@ -158,3 +158,57 @@ def test_a_mixture_density_that_does_not_integrate_to_one_stops_the_sweep(monkey
     monkeypatch.setattr(opinionpool.HolderPool, "log_prob", lambda self, value: log_prob(self, value) + 0.05)
     with pytest.raises(ValueError, match="integrates to 1.05.* not 1"):
         paper.metrics(pool)
+
+
+@pytest.mark.parametrize("family", ["Normal", "Poisson", "Independent(Normal) 2-D"])
+def test_the_engines_stated_errors_are_checked_and_can_fail(family, monkeypatch):
+    """Each value of the numerical engine (quadrature, exact sums, grid) is checked to lie within its own stated
+    error of the reference, beside the fixed tolerance (an engine that understated its errors a millionfold still
+    passed). Shrunk a billionfold, the stated errors fail."""
+    checks, _ = closed_forms.run(2000, families=(family,), alphas=(2.0,))
+    stated = [c for c in checks if "within its stated" in c.name]
+    assert stated and all(c.passed for c in stated)
+    library = closed_forms._library
+
+    def understated(*args):
+        out, errors, kind, note = library(*args)
+        return out, {name: np.asarray(value) * 1e-9 for name, value in errors.items()}, kind, note
+
+    monkeypatch.setattr(closed_forms, "_library", understated)
+    monkeypatch.setattr(closed_forms, "_reference_allowance", lambda case, reference: 0.0)
+    checks, _ = closed_forms.run(2000, families=(family,), alphas=(2.0,))
+    assert any(not c.passed for c in checks if "within its stated" in c.name)
+
+
+def test_bad_options_are_refused_before_any_work(tmp_path, capsys):
+    """One Monte Carlo sample crashed the run inside numpy, an ``--out`` that is a file failed after the closed-form
+    stage: both are refused by name first."""
+    with pytest.raises(SystemExit):
+        main(["--quick", "--samples", "1", "--out", str(tmp_path)])
+    assert "--samples must be at least" in capsys.readouterr().err
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(SystemExit):
+        main(["--quick", "--out", str(afile)])
+    assert f"--out '{afile}'" in capsys.readouterr().err
+
+
+def test_written_files_are_readable_as_plain_writes_are(tmp_path):
+    """``mkstemp`` makes owner-only files, which the rename kept: reports nobody else could read."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "report.md", "x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644
+
+
+def test_the_forecast_example_checks_its_page_first():
+    from validation.forecast_example import BEGIN, END, _splice
+
+    assert _splice(f"a\n{BEGIN}\nold\n{END}\nb", "new") == f"a\n{BEGIN}\nnew\n{END}\nb"
+    for broken in ("no markers", f"{END}\n{BEGIN}", f"{BEGIN}{BEGIN}{END}"):
+        with pytest.raises(ValueError, match="exactly once"):
+            _splice(broken, "new")

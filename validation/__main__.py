@@ -24,6 +24,8 @@ from .report import Z_TOLERANCE, Report, save_figure_atomic, write_text_atomic
 __all__ = ["main", "zscore_figure", "error_figure"]
 
 HERE = Path(__file__).resolve().parent
+#: the fewest Monte Carlo samples per check whose standard errors mean something
+MIN_SAMPLES = 1000
 
 
 def zscore_figure(zscores):
@@ -69,8 +71,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="three families, 20k samples, 1-4 good and 0-2 bad experts in the sweep (smoke test)")
     args = parser.parse_args(argv)
-    if args.samples is not None and args.samples < 1:
-        parser.error(f"--samples must be a positive integer, got {args.samples}")
+    if args.samples is not None and args.samples < MIN_SAMPLES:
+        # (one draw crashed the Monte Carlo, two made its standard errors meaningless)
+        parser.error(f"--samples must be at least {MIN_SAMPLES} (a standard error needs them), got {args.samples}")
+    try:  # checked before the work, not after it
+        (args.out / "figures").mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out {str(args.out)!r}: {error}")
     matplotlib.use("Agg")
     torch.set_default_dtype(torch.float64)
     samples = args.samples or (20_000 if args.quick else 200_000)

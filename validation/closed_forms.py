@@ -160,6 +160,20 @@ def _quadrature_setup(case: Case):
     return lower, upper, dict(epsabs=0, epsrel=1e-12, limit=400, points=points)
 
 
+def _reference_allowance(case: Case, reference: float) -> float:
+    """How far ``quadrature_reference``'s value may itself be off: scipy's adaptive quadrature at a relative
+    tolerance of 1e-12, the 1201 x 1201 grid of the plane and the 400 x 400 rule of the simplex to about 1e-10 of
+    their values' size, exact sums to their rounding."""
+    rule = _nodes(case)
+    if case.domain == "discrete":
+        size = 1e-13
+    elif rule is None:
+        size = 1e-11
+    else:
+        size = 1e-10
+    return size * (1 + abs(reference))
+
+
 def quadrature_reference(case: Case, alpha: float):
     """log Z, mean, variance (E[T] where the case has a statistic; the covariance in the plane) of the pool by
     quadrature or exact sums."""
@@ -225,7 +239,8 @@ def monte_carlo_reference(case: Case, alpha: float, num_samples: int, seed: int)
     """Importance sampling from the experts' equal-weight mixture: estimates with standard errors. Where the pool
     lies away from the mixture (alpha < 0) few draws carry the weight, and the standard errors themselves come out
     too small (at an effective sample size of 1 % of 20 000 draws the z-scores had a standard deviation of 1.4):
-    draws are added, up to 16 times ``num_samples``, until the effective sample size reaches ``MIN_ESS``."""
+    draws are added, up to 16 times ``num_samples``, until the effective sample size reaches ``MIN_ESS``; where it
+    does not, the returned ``"ESS"`` says so (the checks against these estimates carry it in their note)."""
     rng = np.random.default_rng(seed)
     draws, weights = [], []
     for _ in range(16):
@@ -242,7 +257,8 @@ def monte_carlo_reference(case: Case, alpha: float, num_samples: int, seed: int)
     z = np.concatenate(draws)
     num_samples = len(w)
     z_hat = w.mean()
-    out = {"log Z": (math.log(z_hat), w.std(ddof=1) / (z_hat * math.sqrt(num_samples)))}
+    out = {"log Z": (math.log(z_hat), w.std(ddof=1) / (z_hat * math.sqrt(num_samples))),
+           "ESS": (w.sum() ** 2 / (w**2).sum(), 0.0)}
     p = w / w.sum()
     zz = z.astype(float)
     pw = p if zz.ndim == 1 else p[:, None]
@@ -283,15 +299,21 @@ def _library(case: Case, alpha: float, points: np.ndarray):
             out["E[T]"] = matched.probs.detach().numpy()
     errors = {}
     summary = getattr(pool, "summary", None)
-    if summary is not None and summary.error_kind == "standard error":
-        errors = {"log Z": summary.log_normalizer.error.numpy(), "mean": summary.mean.error.numpy(),
-                  "variance": summary.variance.error.numpy()}
+    if summary is not None:  # the engine's stated errors: standard errors, or bounds (quadrature, grid, sums)
+        errors = {"log Z": summary.log_normalizer.error.numpy()}
+        for name in ("mean", "variance"):
+            if getattr(summary, name) is not None:
+                errors[name] = errors[f"matched {name}"] = getattr(summary, name).error.numpy()
+        if summary.covariance is not None:
+            errors["matched covariance"] = summary.covariance.error.numpy()[..., 0, 1]
         # log q(z) = log of the power mean - log Z: the estimate of log Z carries the error at every point
         errors["log density"] = np.full(len(points), float(errors["log Z"]))
         if "E[T]" in out:  # the moment-matched statistic is the estimate's own expected statistic
-            statistic = summary.expected_statistic or pool.estimate(["expected_statistic"]).expected_statistic
+            statistic = summary.expected_statistic or pool.estimate(["expected_statistic"],
+                                                                    seed=0).expected_statistic
             errors["E[T]"] = statistic.error.numpy()
-    return out, errors, "HolderPool" if summary is None else f"numerical engine ({summary.method})"
+    kind = None if summary is None else summary.error_kind
+    return out, errors, kind, "HolderPool" if summary is None else f"numerical engine ({summary.method})"
 
 
 def run(num_samples: int = 200_000, seed: int = 0, families=None, alphas=ALPHAS, progress=None) -> tuple[list, list]:
@@ -303,13 +325,16 @@ def run(num_samples: int = 200_000, seed: int = 0, families=None, alphas=ALPHAS,
         group = f"{case.name}, alpha={alpha:.4g}"
         points = case.sample_mixture(5, np.random.default_rng(seed))  # where the log density is compared
         start = time.perf_counter()
-        lib, lib_errors, note = _library(case, alpha, points)
+        lib, lib_errors, error_kind, note = _library(case, alpha, points)
         lib_seconds = time.perf_counter() - start
         quad = quadrature_reference(case, alpha)
         quad["log density"] = np.log(power_mean(np.exp(case.logpdf(points)), WEIGHTS, alpha)) - quad["log Z"]
         mc = {name: (np.array([v for v, _ in entry]), np.array([e for _, e in entry])) if name == "E[T]"
               else tuple(np.atleast_1d(v) for v in entry) for name, entry in
               monte_carlo_reference(case, alpha, num_samples, seed).items()}  # name -> (values, standard errors)
+        ess = float(mc.pop("ESS")[0][0])
+        # (standard errors from fewer effective draws come out too small: said beside every z-score they give)
+        mc_note = note if ess >= MIN_ESS else f"{note}; Monte Carlo ESS {ess:.0f} < {MIN_ESS}: its errors optimistic"
         reported = {name.removeprefix("matched ") for name in lib}
         for name in sorted(set(quad) - reported - set(case.unreported)):  # a statistic the library lost fails
             checks.append(compare(group, f"{name}: not reported by the library", math.nan,
@@ -324,26 +349,31 @@ def run(num_samples: int = 200_000, seed: int = 0, families=None, alphas=ALPHAS,
                                           math.nan, "absolute", QUAD_TOLERANCE, note=note))
                 for i, (g, r) in enumerate(zip(got, ref)):
                     label = f"{name}[{i}]" if len(got) > 1 else name
-                    if name in lib_errors:  # the library's value is itself a Monte Carlo estimate: its z-score
+                    stated = float(np.atleast_1d(lib_errors[name])[i]) if name in lib_errors else None
+                    if error_kind == "standard error":  # the library's value is itself a Monte Carlo estimate
                         checks.append(compare(group, f"{label} vs quadrature", g, r, "z-score", Z_TOLERANCE,
-                                              standard_error=float(np.atleast_1d(lib_errors[name])[i]),
-                                              seconds=lib_seconds, note=note))
+                                              standard_error=stated, seconds=lib_seconds, note=note))
                         continue
                     rel_kind = "relative" if reference_name == "variance" else "absolute"
                     tolerance = QUAD_TOLERANCE if name != "E[T]" else 1e-7
                     checks.append(compare(group, f"{label} vs quadrature", g, r, rel_kind, tolerance,
                                           seconds=lib_seconds, note=note))
+                    if stated is not None:  # a bound the engine states: the reference must lie within it
+                        checks.append(compare(group, f"{label} within its stated {error_kind}", g, r, "absolute",
+                                              stated + _reference_allowance(case, r), seconds=lib_seconds,
+                                              note=note))
             if name in mc:
                 ref, se = mc[name]
                 if len(ref) != len(got):
                     checks.append(compare(group, f"{name}: {len(got)} values for Monte Carlo's {len(ref)}", math.nan,
                                           math.nan, "absolute", QUAD_TOLERANCE, note=note))
                 # an importance-sampling library value carries its own standard error: combine both
-                se = np.hypot(se, np.atleast_1d(lib_errors.get(name, 0.0)))
+                if error_kind == "standard error":
+                    se = np.hypot(se, np.atleast_1d(lib_errors.get(name, 0.0)))
                 for i, (g, r, s) in enumerate(zip(got, ref, se)):
                     label = f"{name}[{i}]" if len(got) > 1 else name
                     check = compare(group, f"{label} vs Monte Carlo", g, r, "z-score", Z_TOLERANCE,
-                                    standard_error=float(s), seconds=lib_seconds, note=note)
+                                    standard_error=float(s), seconds=lib_seconds, note=mc_note)
                     checks.append(check)
                     zscores.append((case.name, alpha, label, check.error))
     return checks, zscores

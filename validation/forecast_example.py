@@ -21,6 +21,8 @@ from torch.distributions import Normal
 
 import opinionpool as op
 
+from .report import save_figure_atomic, write_text_atomic
+
 __all__ = ["forecasters", "main", "run"]
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -114,11 +116,19 @@ def _plot(rows, pits, out: pathlib.Path) -> pathlib.Path:
     right.set_xlabel("PIT of the test outcomes")
     right.legend(fontsize=8)
     fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "forecast_example.png"
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path)
     plt.close(fig)
     return path
+
+
+def _splice(text: str, table: str) -> str:
+    """``text`` with the table between its markers replaced by ``table``; raises unless each marker is there once,
+    in order."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(END) < text.index(BEGIN):
+        raise ValueError(f"the page must hold {BEGIN!r} and then {END!r}, each exactly once")
+    head, rest = text.split(BEGIN)
+    return f"{head}{BEGIN}\n{table}\n{END}{rest.split(END)[1]}"
 
 
 def main(argv=None) -> None:
@@ -126,6 +136,13 @@ def main(argv=None) -> None:
     parser.add_argument("--docs", action="store_true", help="write the table into docs/forecasting.md")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "validation" / "figures")
     args = parser.parse_args(argv)
+    page = ROOT / "docs" / "forecasting.md"
+    try:  # the page and the output folder are checked before the work, not after it
+        if args.docs:
+            _splice(page.read_text(encoding="utf-8"), "-")
+        args.out.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as error:
+        parser.error(f"{'--out ' + repr(str(args.out)) if isinstance(error, OSError) and args.out else page}: {error}")
     torch.set_default_dtype(torch.float64)
     start = time.perf_counter()
     rows, pits = run()
@@ -133,10 +150,7 @@ def main(argv=None) -> None:
     print(table)
     print(f"plot: {_plot(rows, pits, args.out)}  ({time.perf_counter() - start:.0f} s)")
     if args.docs:
-        page = ROOT / "docs" / "forecasting.md"
-        text = page.read_text()
-        head, rest = text.split(BEGIN)
-        page.write_text(f"{head}{BEGIN}\n{table}\n{END}{rest.split(END)[1]}")
+        write_text_atomic(page, _splice(page.read_text(encoding="utf-8"), table))
 
 
 if __name__ == "__main__":

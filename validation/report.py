@@ -81,12 +81,19 @@ class Report:
 
 
 def _atomic(path: Path, write) -> None:
-    """``write(temporary_path)`` in the same folder, then rename: never a truncated file."""
+    """``write(temporary_path)`` in the same folder, flushed to disk, then renamed: never a truncated file. The file
+    gets the permissions a plain write would (``mkstemp``'s are owner-only: reports and figures nobody else could
+    read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -94,7 +101,7 @@ def _atomic(path: Path, write) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_figure_atomic(figure, path: Path) -> None:
