@@ -273,6 +273,8 @@ def seeded(seed: int | None, generator: torch.Generator | None, device: torch.de
     """Run the enclosed sampling on a forked RNG seeded from ``seed`` or drawn from ``generator``
     (``torch.distributions`` samplers take no generator), leaving the global RNG untouched."""
     seed = check_seed(seed)
+    if seed is not None and generator is not None:  # (the seed was silently ignored)
+        raise ValueError(f"give seed or generator, not both: got seed={seed!r} and a generator")
     if seed is None and generator is None:
         yield
         return

@@ -432,6 +432,11 @@ class _Pool(Distribution):
                 out = self._mixture_cdf(value)
             else:
                 out = self._quadrature_cdf(value)
+            if not self.family.discrete:
+                # at and beyond the support's ends exactly 0 and 1 (a mixture's weights need not sum to 1 to the
+                # bit: cdf(+inf) was 1 - 2e-16)
+                lower, upper = self.family.support_interval or (-math.inf, math.inf)
+                out = torch.where(value >= upper, 1.0, torch.where(value <= lower, 0.0, out))
         return torch.where(nan, math.nan, out)
 
     def _discrete_cumulative(self, query_dims: int):

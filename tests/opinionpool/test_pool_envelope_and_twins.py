@@ -47,3 +47,24 @@ def test_kl_against_a_float32_pool_is_within_its_stated_error(alpha):
                               weights=low.log_weights.to(torch.float64).exp())
     estimate, reference = pooled.kl_estimate(low), pooled.kl_estimate(same)
     assert abs(float(estimate.value) - float(reference.value)) <= float(estimate.error) + float(reference.error)
+
+
+def test_the_cdf_at_the_ends_of_the_support_is_exact():
+    """A mixture's weights need not sum to one to the bit: an exact pool's cdf(+inf) was 1 - 2e-16."""
+    from torch.distributions import Gamma
+
+    normal = opinionpool.holder(Normal(torch.tensor([0.0, 3.0], dtype=torch.float64),
+                                       torch.tensor([1.0, 0.5], dtype=torch.float64)), alpha=0.5,
+                                weights=torch.tensor([0.3, 0.7], dtype=torch.float64))
+    assert normal.cdf(torch.tensor([-math.inf, math.inf], dtype=torch.float64)).tolist() == [0.0, 1.0]
+    gamma = opinionpool.holder(Gamma(torch.tensor([2.0, 3.0], dtype=torch.float64),
+                                     torch.tensor([1.0, 0.5], dtype=torch.float64)), alpha=0.7)
+    assert gamma.cdf(torch.tensor([-1.0, 0.0, math.inf], dtype=torch.float64)).tolist() == [0.0, 0.0, 1.0]
+
+
+def test_a_seed_and_a_generator_together_are_refused():
+    """The seed was silently ignored when a generator was given too."""
+    pool = opinionpool.holder(Normal(torch.tensor([0.0, 3.0], dtype=torch.float64),
+                                     torch.tensor([1.0, 0.5], dtype=torch.float64)), alpha=0.7)
+    with pytest.raises(ValueError, match="seed or generator, not both"):
+        pool.sample((3,), seed=1, generator=torch.Generator().manual_seed(0))
