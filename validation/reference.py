@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import integrate, special, stats
 
-__all__ = ["power_mean", "quad_moments", "sum_moments", "gauss_pdf", "log_bc_diag_gauss", "log_binom"]
+__all__ = ["power_mean", "log_power_mean", "quad_moments", "sum_moments", "gauss_pdf", "log_bc_diag_gauss", "log_binom"]
 
 
 def power_mean(densities: np.ndarray, weights: np.ndarray, alpha: float) -> np.ndarray:
@@ -24,6 +24,19 @@ def power_mean(densities: np.ndarray, weights: np.ndarray, alpha: float) -> np.n
             return np.exp((w * np.log(densities)).sum(0))
     with np.errstate(divide="ignore", over="ignore"):  # q = 0 with alpha < 0: inf, whose power -> 0 is right
         return ((w * densities**alpha).sum(0)) ** (1 / alpha)
+
+
+def log_power_mean(log_densities: np.ndarray, weights: np.ndarray, alpha: float) -> np.ndarray:
+    """``log`` of :func:`power_mean` from the experts' log-densities (first axis), in log space: far from every
+    expert the densities underflow to 0 while their logarithms are finite."""
+    w = np.asarray(weights, dtype=float).reshape((-1,) + (1,) * (log_densities.ndim - 1))
+    w = w / w.sum()
+    if np.isinf(alpha):
+        present = log_densities[np.asarray(weights).ravel() > 0]
+        return present.max(0) if alpha > 0 else present.min(0)
+    if alpha == 0:
+        return (w * log_densities).sum(0)
+    return special.logsumexp(alpha * log_densities + np.log(w), axis=0) / alpha
 
 
 def quad_moments(pdfs, weights, alpha, lower, upper, points=None):
