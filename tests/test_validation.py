@@ -15,7 +15,7 @@ from validation.report import compare, write_text_atomic
 def test_quick_validation_writes_report_figures_and_csv(tmp_path):
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
-    assert "0 failed" in report and "The paper's claims, checked" in report
+    assert re.search(r"\b0 failed", report) and "The paper's claims, checked" in report
     for name in ("zscores.png", "quadrature_errors.png", "figure1.png", "figures2_7.png"):
         assert (tmp_path / "figures" / name).stat().st_size > 10_000
     rows = list(csv.DictReader((tmp_path / "figures" / "expert_sweep.csv").read_text().splitlines()))
@@ -55,11 +55,11 @@ def test_the_quadrature_grid_of_the_mixtures_has_converged(monkeypatch):
     variances = [paper.GOOD_VAR] * 2 + [paper.BAD_VAR] * 2
     pools = paper.pools(paper.diagonal_experts(means, variances))
     for name in ("MoE", "Hölder α=1/2"):
-        nll, bc, trace, _ = paper.metrics(pools[name])
+        nll, bc, _, _ = paper.metrics(pools[name])
         with monkeypatch.context() as patch:
             patch.setattr(paper, "_GRID", np.linspace(paper._GRID[0], paper._GRID[-1], 1001))
             fine = paper.metrics(pools[name])
-        assert abs(nll - fine[0]) < 1e-10 and abs(bc - fine[1]) < 1e-10 and trace == fine[2]
+        assert abs(nll - fine[0]) < 1e-10 and abs(bc - fine[1]) < 1e-10  # (the trace does not use the grid)
         assert 0 < bc < 1 and nll > 0
 
 
