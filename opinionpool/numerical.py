@@ -993,7 +993,7 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     unseen, end_shift = _unseen_errors(end_geometry, g, torch.as_tensor(lm_half.reshape(1, -1)),
                                        torch.tensor([shift + math.log(total)], dtype=torch.float64), nodes,
                                        lambda z: torch.as_tensor(integrands(z.numpy(), 0.0)),
-                                       _log_q_term_size(family, params, log_weights, nodes),
+                                       _log_q_term_size(family, params, log_weights, alpha, nodes),
                                        torch.as_tensor(doubt_half.reshape(1, -1)),
                                        log_u_column=(-2 if extra is not None else -1) if want_entropy else None)
     log_z = shift + math.log(total)
@@ -1566,13 +1566,28 @@ def _end_panel_geometry(log_u, sign: float, end: float, gap: torch.Tensor, top, 
                      fit_log_ratio=torch.where(fitted, log_distance[:, 1] - log_distance[:, 0], 0.0)), ladder
 
 
-def _log_q_term_size(family, params, log_weights, points):
-    """``(pools, N)``: at the nodes ``points`` ``(pools, N)``, the largest over the present experts of the size of
-    the terms their ``log q_j`` adds (``ExponentialFamily.log_prob_term_size``), whose rounding each node's mass
-    carries."""
+def _log_q_term_size(family, params, log_weights, alpha, points):
+    """``(pools, N)``: at the nodes ``points`` ``(pools, N)``, the size of the terms the experts' ``log q_j`` add
+    (``ExponentialFamily.log_prob_term_size``), whose rounding each node's mass carries, weighted by how much each
+    ``log q_j`` moves ``log u`` there: ``d log u / d log q_j = lambda_j q_j^alpha / sum_k lambda_k q_k^alpha`` (the
+    weights at alpha = 0, the largest or smallest expert at +-inf). Unweighted, an expert of scale 1e-20 beside one
+    of 1e40 had terms of 1e120 where its density is 0 and moves nothing: log Z = log 1/2 came with an error of
+    4e104."""
+    present = log_weights > -math.inf
     with torch.no_grad():
-        size = family.log_prob_term_size(params, points.T.unsqueeze(-1))  # (N, pools, M)
-    return torch.where(log_weights > -math.inf, size, 0.0).amax(-1).T
+        value = points.T.unsqueeze(-1)
+        size = torch.where(present, family.log_prob_term_size(params, value), 0.0)  # (N, pools, M)
+        ell = family.log_prob(params, value).to(size.dtype)
+        if alpha == 0:
+            share = torch.where(present, log_weights.exp(), 0.0).expand(size.shape)
+        elif math.isinf(alpha):
+            extreme = torch.where(present, ell, -alpha)
+            pick = extreme.argmax(-1) if alpha > 0 else extreme.argmin(-1)
+            share = torch.nn.functional.one_hot(pick, size.shape[-1]).to(size.dtype)
+        else:
+            # (NaN where u = 0 because an expert vanishes at alpha < 0: that node has no mass to carry it)
+            share = torch.softmax(torch.where(present, log_weights + alpha * ell, -math.inf), -1).nan_to_num(0.0)
+    return (share * size).sum(-1).T
 
 
 def _unseen_errors(end_geometry, g, log_mass, log_z, points, integrands, term_size, placement, log_u_column=None):
@@ -1946,7 +1961,7 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
     rows = torch.arange(pools)  # every pool, for log_u
     unseen, end_shift = _unseen_errors(end_geometry, g, lm_half, log_z, z_half,
                                        lambda z: integrands(z.unsqueeze(1), centre, spread).squeeze(1),
-                                       _log_q_term_size(family, params, log_weights, z_half), doubt_half)
+                                       _log_q_term_size(family, params, log_weights, alpha, z_half), doubt_half)
     remainder, limit = _tail_remainders(tails, log_u, lambda z: integrands(z.unsqueeze(1), centre, spread).squeeze(1),
                                         log_z)
     gradient = _gradient_nodes(end_geometry, z_half, lm_half, (t_half, near_half, far_half), node_kind, log_z)
@@ -2149,7 +2164,12 @@ def _expert_moments(family, params):
             # a family's own mean beside an infinite variance: the spread diverges (a quadrature's "finite part" of
             # it was 0 for a Cauchy-like expert at 0, whose tails then reached 2e-208), so the panels are placed by
             # the width of a Gaussian of the same density at the mean (the pool's own quadrature controls its error)
-            moments.append((hint, 1 / (2 * math.pi * density(hint) ** 2)))
+            width = 1 / (math.sqrt(2 * math.pi) * density(hint))
+            if not width <= QUADRATURE_RANGE[1]:  # (a variance that overflowed, not a heavy tail: a Normal of scale 1e200)
+                raise ValueError(f"{family.name}: an expert (params={p.tolist()!r}) is about {width:.3g} wide at its "
+                                 f"mean {hint!r}, outside what the numerical engine resolves in float64 (widths up to "
+                                 f"{QUADRATURE_RANGE[1]:g})")
+            moments.append((hint, width**2))
             continue
         mass, offset, spread = _moments_about(density, lower, upper, centre)
         if not mass > 0:

@@ -253,3 +253,31 @@ def test_an_infinite_moment_has_no_gradient():
         down[j] -= h
         # eta = -(k + 1): d/d eta = -d/dk
         assert float(gradient[j, 0]) == pytest.approx(-(mean(up) - mean(down)) / (2 * h), rel=1e-6)
+
+
+def test_an_expert_whose_variance_overflows_is_refused_by_name():
+    """A Normal of scale 1e200 has an infinite variance in float64 without a heavy tail: the width from its density
+    at the mean (1e200) is beyond what the engine resolves, and it is refused by name (it was a ZeroDivisionError)."""
+    from torch.distributions import Normal
+
+    experts = Normal(torch.tensor([0.0, 0.0], dtype=torch.float64), torch.tensor([1e200, 1e199], dtype=torch.float64))
+    pool = opinionpool.NumericalHolderPool(experts, -1.0, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    with pytest.raises(ValueError, match="1e\\+200 wide at its mean"):
+        pool.estimate(method="quadrature")
+
+
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_an_expert_whose_density_vanishes_carries_no_rounding(alpha):
+    """Experts of scales 1e40 and 1e-20 at 0: where the narrow one's density is 0 its log-density's terms (1e120)
+    move nothing, yet their rounding was charged in full: log Z = log(1/2) +- 4e104 at alpha = 1/2. The errors now
+    cover the closed form and are small."""
+    from torch.distributions import Normal
+
+    experts = Normal(torch.tensor([0.0, 0.0], dtype=torch.float64), torch.tensor([1e40, 1e-20], dtype=torch.float64))
+    pool = opinionpool.NumericalHolderPool(experts, alpha, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    est = pool.estimate(method="quadrature")
+    # u = (sum_j 0.5 q_j^alpha)^(1/alpha) is 0.5^(1/alpha) q_j wherever one expert's density dominates, which each
+    # does over all but a relative 1e-30 of its own mass: Z = 2 * 0.5^(1/alpha)
+    expected = math.log(2 * 0.5 ** (1 / alpha))
+    assert abs(float(est.log_normalizer.value) - expected) <= float(est.log_normalizer.error) < 1e-10
+    assert float(est.variance.error) < 1e-9 * float(est.variance.value)
