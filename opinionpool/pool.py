@@ -1445,6 +1445,16 @@ class NumericalHolderPool(_Pool):
 
 
 def _other_log_prob(other: Distribution, points: torch.Tensor, dtype: torch.dtype):
+    """``(log_q, error)`` in float64 of ``other`` at the engine's ``points`` (:func:`_other_log_prob_values`); a
+    numerical pool's log-density is its ``log u`` less its estimated ``log Z``, whose error it carries at every point
+    (it was left out of a KL against such a pool)."""
+    log_q, error = _other_log_prob_values(other, points, dtype)
+    if isinstance(other, NumericalHolderPool):
+        error = error + other.summary.log_normalizer.error.to(device=error.device, dtype=torch.float64)
+    return log_q, error
+
+
+def _other_log_prob_values(other: Distribution, points: torch.Tensor, dtype: torch.dtype):
     """``(log_q, error)`` in float64 of ``other`` at the engine's ``points`` (:func:`_log_prob_in_support`): ``-inf``
     (exactly) at points outside ``other.support``, where ``other.log_prob`` is not called (with validation it
     raises there, and without it returns what its formula gives: a finite KL where it is infinite)."""
