@@ -113,8 +113,8 @@ def test_a_wrong_log_density_a_lost_statistic_or_a_cut_shape_fails(monkeypatch):
 
     def doctored(change):
         def patched(case, alpha, points):
-            values, errors, note = library(case, alpha, points)
-            return change(values), errors, note
+            values, errors, kind, note = library(case, alpha, points)
+            return change(values), errors, kind, note
         return patched
 
     with monkeypatch.context() as patch:
