@@ -384,7 +384,7 @@ def _panel_edges(dist: Distribution, shape: torch.Size) -> tuple[torch.Tensor, t
         raise ValueError(f"the forecast ({type(dist).__name__}) has no finite mean and standard deviation (mean "
                          f"{describe(mean, bad)}, standard deviation {describe(sd, bad)}) "
                          "and no icdf, which the quadrature needs to place its panels (a Student t of 2 degrees of "
-                         "freedom or fewer)")
+                         "freedom or fewer, or a pool of heavy-tailed experts whose variance is infinite)")
     lo, hi = torch.maximum(mean - _WIDTH * sd, lower).expand(shape), torch.minimum(mean + _WIDTH * sd, upper).expand(shape)
     steps = torch.linspace(0, 1, _PANELS + 1, dtype=torch.float64)
     span = (hi - lo).unsqueeze(-1)

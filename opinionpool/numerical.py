@@ -831,21 +831,25 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
                 end_splits[3 * sign] = _deep_kinks(geometry) if math.isinf(alpha) else np.zeros(0)
                 kinks = kinks[kinks >= reach]
             edges = np.unique(np.concatenate((edges, end + sign * kinks)))
-    tail_scale = float(sd.max())
-    tail_reach = float(_tail_reach(torch.tensor([tail_scale], dtype=torch.float64))[0])
+    expert_weights = np.exp(log_weights[present].cpu().numpy())
+    expert_centre = float((expert_weights * mu).sum() / expert_weights.sum())
     # panels in x-space: kind 0 is z = x; kind +-1 the tail z = origin +- scale expm1(reach x), x in [0, 1]; kind
     # +-2 the shallow end panel of the lower (upper) end, x in [shallow_start, 1], and +-3 its deep one, x in [0, 1]
     a, b = edges[:-1], edges[1:]
     kind, origin = np.zeros(a.shape), np.zeros(a.shape)
-    tail_x = np.unique(_tail_edges(torch.tensor([tail_reach], dtype=torch.float64))[0].numpy())
-    tails = []
+    tails, tail_map = [], {}  # tail_map: kind -> (scale, reach)
     for sign, bound, end in ((-1.0, lower, edges[0]), (1.0, upper, edges[-1])):
         if math.isinf(bound):
+            scale = _tail_scale(*(torch.tensor([v], dtype=torch.float64) for v in (sd.max(), end, expert_centre)))
+            reach = _tail_reach(scale)
+            tail_x = np.unique(_tail_edges(reach)[0].numpy())
             a = np.concatenate((a, tail_x[:-1]))
             b = np.concatenate((b, tail_x[1:]))
             kind = np.concatenate((kind, np.full(len(tail_x) - 1, sign)))
             origin = np.concatenate((origin, np.full(len(tail_x) - 1, end)))
-            tails.append(tuple(torch.tensor([v], dtype=torch.float64) for v in (sign, end, tail_scale, tail_reach)))
+            tail_map[sign] = (float(scale[0]), float(reach[0]))
+            tails.append((torch.tensor([sign], dtype=torch.float64), torch.tensor([end], dtype=torch.float64),
+                          scale, reach, torch.tensor([expert_centre], dtype=torch.float64)))
     for end_kind, (end, geometry) in end_of_kind.items():
         start = 0.0 if abs(end_kind) == 3 else float(geometry.shallow_start()[0])
         cuts = np.concatenate(([start], end_splits.get(end_kind, np.zeros(0)), [1.0]))
@@ -863,9 +867,10 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
         """The nodes, their log weights and rounding; with ``laws`` instead their :meth:`_EndPanel.laws`."""
         x = 0.5 * (a + b)[:, None] + 0.5 * (b - a)[:, None] * t
         tail = np.abs(kind[:, None]) == 1
-        y = np.where(tail, tail_reach * x, 0.0)
-        z = np.where(tail, origin[:, None] + kind[:, None] * tail_scale * np.expm1(y), x)
-        log_jac = np.where(tail, math.log(tail_scale * tail_reach) + y, 0.0)
+        scale, reach = (np.array([tail_map.get(k, (1.0, 1.0))[i] for k in kind])[:, None] for i in range(2))
+        y = np.where(tail, reach * x, 0.0)
+        z = np.where(tail, origin[:, None] + kind[:, None] * scale * np.expm1(y), x)
+        log_jac = np.where(tail, np.log(scale * reach) + y, 0.0)
         rounding = np.zeros(x.shape)
         law = [np.zeros(x.shape), z.copy(), z.copy()]
         for end_kind, (end, geometry) in end_of_kind.items():
@@ -1375,6 +1380,13 @@ def _gradient_nodes(end_geometry, points, log_mass, laws, node_kind, log_z, kink
     return tuple(torch.cat(parts, -1) for parts in zip((points, log_mass, t, near, far), *extra))
 
 
+def _tail_scale(widest: torch.Tensor, edge: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """The scale of a mapped tail from ``edge`` (all ``(pools,)``): the experts' widest standard deviation, or a
+    millionth of the edge's distance from their weighted mean where that is larger (the tail of an interval far out,
+    for the cdf: from 1e150, one of scale 1 never left the edge's float and its power law could not be fitted)."""
+    return torch.maximum(widest, (edge - centre).abs() * 2.0**-20)
+
+
 def _tail_reach(scale: torch.Tensor) -> torch.Tensor:
     """The ``y`` at which the mapped tails ``z = edge +- scale expm1(y)`` of scales ``scale`` ``(pools,)`` end:
     ``_TAIL_REACH``, or less where they would pass ``_TAIL_LIMIT``."""
@@ -1392,11 +1404,11 @@ def _tail_edges(reach: torch.Tensor) -> torch.Tensor:
 def _tail_remainders(tails, log_u, integrands, log_z):
     """``(remainder, limit)``, each ``(pools, K)``: the integrals of the integrands beyond the mapped tails' reach,
     bounded relative to the normaliser, and where one diverges the value the expectation takes (``+-inf``; NaN where
-    both tails diverge with opposite signs), elsewhere 0. ``tails``: ``(sign, origin, scale, reach)``, each
-    ``(pools,)``; ``log_u`` ``(pools, n) -> (pools, n)`` and ``integrands`` ``(pools, n) -> (pools, n, K)`` at points
-    ``(pools, n)``; ``log_z`` ``(pools,)``.
+    both tails diverge with opposite signs), elsewhere 0. ``tails``: ``(sign, origin, scale, reach, centre)``, each
+    ``(pools,)`` (``centre`` the experts' weighted mean); ``log_u`` ``(pools, n) -> (pools, n)`` and ``integrands``
+    ``(pools, n) -> (pools, n, K)`` at points ``(pools, n)``; ``log_z`` ``(pools,)``.
 
-    Beyond the reach, at distance ``D`` from the tail's origin, an integrand ``g = u f`` is taken to keep decaying as
+    Beyond the reach, at distance ``D`` from the experts' centre, an integrand ``g = u f`` is taken to keep decaying as
     the power law ``|g(D)| (d / D)^-q`` it follows there: its integral is ``|g(D)| D / (q - 1)``, infinite for
     ``q <= 1``. ``q`` is fitted over the last step of ``_TAIL_FIT_STEP`` e-folds before ``D`` and, where it is
     smaller than over the step before (a pool of power laws with different exponents, still turning from the
@@ -1406,12 +1418,13 @@ def _tail_remainders(tails, log_u, integrands, log_z):
     quarter of its variance beyond 1e13 of its scale, where the earlier tail map ``x / (1 - x)`` stopped: 31.3 +-
     0.49 for 37.2.)"""
     remainder = limit = 0.0
-    for sign, origin, scale, reach in tails:
+    for sign, origin, scale, reach, centre in tails:
         # (steps of a third of the reach where it is shorter than three: experts of scales near _TAIL_LIMIT)
         step = (reach / 3).clamp_max(_TAIL_FIT_STEP).unsqueeze(-1)
         y = reach.unsqueeze(-1) + step * torch.tensor([-2.0, -1.0, 0.0], dtype=reach.dtype)
-        distance = scale.unsqueeze(-1) * torch.expm1(y)
-        z = origin.unsqueeze(-1) + sign.unsqueeze(-1) * distance
+        z = origin.unsqueeze(-1) + sign.unsqueeze(-1) * scale.unsqueeze(-1) * torch.expm1(y)
+        # the power laws in the distance from the experts' centre (from the edge of a tail far out they are not)
+        distance = (z - centre.unsqueeze(-1)).abs()
         f = integrands(z)
         # an integrand that overflowed (t^2 of a pool far narrower than its widest expert) as the largest float, and
         # nothing where u itself vanished (-inf + inf is NaN)
@@ -1769,21 +1782,25 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
     panel_valid = b > a  # False at NaN and at repeated edges
     kind = torch.zeros_like(a)
     origin = torch.zeros_like(a)
-    tail_scale = torch.where(present, sd, 0).amax(-1)
-    tail_reach = _tail_reach(tail_scale)
-    tail_x = _tail_edges(tail_reach)
+    widest = torch.where(present, sd, 0).amax(-1)
+    expert_weights = torch.where(present, log_weights.exp(), 0)
+    expert_centre = (expert_weights * mu).sum(-1) / expert_weights.sum(-1)
     first_edge = edges[:, 0]
     last_edge = torch.where(torch.isnan(edges), -math.inf, edges).amax(-1)
-    tails = []
+    tails, tail_map = [], {}  # tail_map: kind -> (scale, reach), each (pools,)
     for sign, bound, end in ((-1.0, lower, first_edge), (1.0, upper, last_edge)):
         if math.isinf(bound):
+            scale = _tail_scale(widest, end, expert_centre)
+            reach = _tail_reach(scale)
+            tail_x = _tail_edges(reach)
             a = torch.cat((a, tail_x[:, :-1]), -1)
             b = torch.cat((b, tail_x[:, 1:]), -1)
             count_tail = tail_x.shape[-1] - 1
             kind = torch.cat((kind, torch.full((pools, count_tail), sign, dtype=high)), -1)
             origin = torch.cat((origin, end.unsqueeze(-1).expand(-1, count_tail)), -1)
             panel_valid = torch.cat((panel_valid, tail_x[:, 1:] > tail_x[:, :-1]), -1)
-            tails.append((torch.full((pools,), sign, dtype=high), end, tail_scale, tail_reach))
+            tail_map[sign] = (scale, reach)
+            tails.append((torch.full((pools,), sign, dtype=high), end, scale, reach, expert_centre))
     # kind +-2: the shallow end panel of the lower (upper) end, x in [shallow_start, 1]; +-3 its deep one, x in [0, 1]
     end_of_kind = {}
     for sign, end, geometry in end_geometry:
@@ -1809,7 +1826,9 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
         """The nodes, their log weights and rounding; with ``laws`` instead their :meth:`_EndPanel.laws`."""
         x = 0.5 * (a + b).unsqueeze(-1) + 0.5 * (b - a).unsqueeze(-1) * t
         tail = (kind.abs() == 1).unsqueeze(-1)
-        scale, reach = (v[rows].reshape(-1, 1, 1) for v in (tail_scale, tail_reach))
+        ones = torch.ones(pools, dtype=high)
+        scale, reach = (torch.where(kind.unsqueeze(-1) > 0, tail_map.get(1.0, (ones, ones))[i][rows].reshape(-1, 1, 1),
+                                    tail_map.get(-1.0, (ones, ones))[i][rows].reshape(-1, 1, 1)) for i in range(2))
         y = torch.where(tail, reach * x, 0.0)
         z = torch.where(tail, origin.unsqueeze(-1) + kind.unsqueeze(-1) * scale * torch.expm1(y), x)
         log_jac = torch.where(tail, (scale * reach).log() + y, 0.0)

@@ -281,3 +281,20 @@ def test_an_expert_whose_density_vanishes_carries_no_rounding(alpha):
     expected = math.log(2 * 0.5 ** (1 / alpha))
     assert abs(float(est.log_normalizer.value) - expected) <= float(est.log_normalizer.error) < 1e-10
     assert float(est.variance.error) < 1e-9 * float(est.variance.value)
+
+
+def test_the_cdf_far_beyond_the_experts():
+    """The tail integral from 1e150 mapped with the experts' scale never left that float, so its power law could
+    not be fitted and the pool was refused as not normalisable; the tails of intervals far out now scale with their
+    distance from the experts, and their power laws are fitted about the experts' centre."""
+    from torch.distributions import Normal
+
+    normal = opinionpool.NumericalHolderPool(Normal(torch.tensor([0.0, 3.0], dtype=torch.float64),
+                                                    torch.tensor([1.0, 2.0], dtype=torch.float64)), 2.0,
+                                             torch.tensor([0.4, 0.6], dtype=torch.float64))
+    pareto = pareto_pool((2.05, 3.0), (0.3, 0.7), 0.5)
+    far = torch.tensor([1e101, 1e150, -1e150], dtype=torch.float64)
+    assert normal.cdf(far).tolist() == [1.0, 1.0, 0.0]
+    values = pareto.cdf(far[:2])
+    # 1 - F(z) = sum of the pairs' z^-a, below 1e-200 here
+    assert values.tolist() == [1.0, 1.0]
