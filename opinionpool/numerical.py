@@ -850,6 +850,7 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
             tail_map[sign] = (float(scale[0]), float(reach[0]))
             tails.append((torch.tensor([sign], dtype=torch.float64), torch.tensor([end], dtype=torch.float64),
                           scale, reach, torch.tensor([expert_centre], dtype=torch.float64)))
+    (lower_scale, lower_reach), (upper_scale, upper_reach) = (tail_map.get(sign, (1.0, 1.0)) for sign in (-1.0, 1.0))
     for end_kind, (end, geometry) in end_of_kind.items():
         start = 0.0 if abs(end_kind) == 3 else float(geometry.shallow_start()[0])
         cuts = np.concatenate(([start], end_splits.get(end_kind, np.zeros(0)), [1.0]))
@@ -867,7 +868,8 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
         """The nodes, their log weights and rounding; with ``laws`` instead their :meth:`_EndPanel.laws`."""
         x = 0.5 * (a + b)[:, None] + 0.5 * (b - a)[:, None] * t
         tail = np.abs(kind[:, None]) == 1
-        scale, reach = (np.array([tail_map.get(k, (1.0, 1.0))[i] for k in kind])[:, None] for i in range(2))
+        upper_side = kind[:, None] > 0
+        scale, reach = np.where(upper_side, upper_scale, lower_scale), np.where(upper_side, upper_reach, lower_reach)
         y = np.where(tail, reach * x, 0.0)
         z = np.where(tail, origin[:, None] + kind[:, None] * scale * np.expm1(y), x)
         log_jac = np.where(tail, np.log(scale * reach) + y, 0.0)
@@ -938,8 +940,7 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
         return np.concatenate(parts, -1)
 
     nodes_state = evaluate(a, b, kind, origin)
-    w = np.exp(log_weights[present].cpu().numpy())
-    centre = float((w * mu).sum() / w.sum())
+    w, centre = expert_weights, expert_centre
     spread = float(np.sqrt((w * (sd**2 + (mu - centre) ** 2)).sum() / w.sum()))
     for round_ in itertools.count():
         z_whole, lm_whole, z_half, lm_half, r_whole, r_half, c_half, doubt_half = nodes_state
@@ -1801,6 +1802,8 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
             panel_valid = torch.cat((panel_valid, tail_x[:, 1:] > tail_x[:, :-1]), -1)
             tail_map[sign] = (scale, reach)
             tails.append((torch.full((pools,), sign, dtype=high), end, scale, reach, expert_centre))
+    ones = torch.ones(pools, dtype=high)
+    (lower_scale, lower_reach), (upper_scale, upper_reach) = (tail_map.get(sign, (ones, ones)) for sign in (-1.0, 1.0))
     # kind +-2: the shallow end panel of the lower (upper) end, x in [shallow_start, 1]; +-3 its deep one, x in [0, 1]
     end_of_kind = {}
     for sign, end, geometry in end_geometry:
@@ -1826,9 +1829,9 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
         """The nodes, their log weights and rounding; with ``laws`` instead their :meth:`_EndPanel.laws`."""
         x = 0.5 * (a + b).unsqueeze(-1) + 0.5 * (b - a).unsqueeze(-1) * t
         tail = (kind.abs() == 1).unsqueeze(-1)
-        ones = torch.ones(pools, dtype=high)
-        scale, reach = (torch.where(kind.unsqueeze(-1) > 0, tail_map.get(1.0, (ones, ones))[i][rows].reshape(-1, 1, 1),
-                                    tail_map.get(-1.0, (ones, ones))[i][rows].reshape(-1, 1, 1)) for i in range(2))
+        upper_side = kind.unsqueeze(-1) > 0
+        scale, reach = (torch.where(upper_side, up[rows].reshape(-1, 1, 1), low[rows].reshape(-1, 1, 1))
+                        for up, low in ((upper_scale, lower_scale), (upper_reach, lower_reach)))
         y = torch.where(tail, reach * x, 0.0)
         z = torch.where(tail, origin.unsqueeze(-1) + kind.unsqueeze(-1) * scale * torch.expm1(y), x)
         log_jac = torch.where(tail, (scale * reach).log() + y, 0.0)
@@ -1889,8 +1892,7 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
     pick = (~panel_valid).to(torch.int8).argsort(dim=-1, stable=True)[:, :int(panel_valid.sum(-1).max())]
     a, b, kind, origin, panel_valid = (x.gather(-1, pick) for x in (a, b, kind, origin, panel_valid))
     state = [a, b, kind, origin, panel_valid, *evaluate(a, b, kind, origin, panel_valid)]
-    w = torch.where(present, log_weights.exp(), 0)
-    centre = (w * mu).sum(-1) / w.sum(-1)
+    w, centre = expert_weights, expert_centre
     spread = ((w * (sd**2 + (mu - centre.unsqueeze(-1)) ** 2)).sum(-1) / w.sum(-1)).sqrt()
     shift = top
     # (rows, log_z, relative, centre, spread, z_half, lm_half, ok, r_half, doubt_half) of the pools done so far
@@ -2179,22 +2181,26 @@ def _expert_moments(family, params):
             raise ValueError(f"{family.name}: quadrature found no mass in the density of an expert "
                              f"(params={p.tolist()!r}); give the family a `mean` (and `variance`) so that the "
                              "numerical engine can place its panels")
-        if hint is not None and density(hint) > 0:
+        at_mean = density(hint) if hint is not None else 0.0
+        if at_mean > 0:
             # a family's own mean beside an infinite variance: the spread diverges (a quadrature's "finite part" of
             # it was 0 for a Cauchy-like expert at 0, whose tails then reached 2e-208), so the panels are placed by
             # the width of a Gaussian of the same density at the mean (the pool's own quadrature controls its error)
-            width = 1 / (math.sqrt(2 * math.pi) * density(hint))
+            width = 1 / (math.sqrt(2 * math.pi) * at_mean)
             if not width <= QUADRATURE_RANGE[1]:  # (a variance that overflowed, not a heavy tail: a Normal of scale 1e200)
                 raise ValueError(f"{family.name}: an expert (params={p.tolist()!r}) is about {width:.3g} wide at its "
                                  f"mean {hint!r}, outside what the numerical engine resolves in float64 (widths up to "
                                  f"{QUADRATURE_RANGE[1]:g})")
             moments.append((hint, width**2))
             continue
-        mass, offset, spread = _moments_about(density, lower, upper, centre)
+        with warnings.catch_warnings():
+            if hint is not None:  # (a family's own mean where its density is 0: the divergent spread's finite part)
+                warnings.simplefilter("ignore", integrate.IntegrationWarning)
+            mass, offset, spread = _moments_about(density, lower, upper, centre)
         if not mass > 0:
             raise ValueError(f"{family.name}: quadrature found no mass in the density of an expert "
                              f"(params={p.tolist()!r}) about its mean {centre!r}; give the family a `variance`")
-        moments.append((centre + offset / mass, max(spread / mass - (offset / mass) ** 2, 0.0)))
+        moments.append((centre + offset / mass if hint is None else hint, max(spread / mass - (offset / mass) ** 2, 0.0)))
     mean = torch.tensor([m for m, _ in moments], dtype=params.dtype, device=params.device)
     variance = torch.tensor([v for _, v in moments], dtype=params.dtype, device=params.device)
     return mean.reshape(batch), variance.reshape(batch)

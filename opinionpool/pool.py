@@ -858,8 +858,8 @@ class _Pool(Distribution):
         # rebuilt when the parameters or weights change, in place too (an optimiser's step): the version counters
         key = tuple((t.data_ptr(), t._version, t.shape) for t in (params, self.log_weights))
         if self._float64_copy is None or self._float64_copy[0] != key:
-            copy = NumericalHolderPool(Experts(self.family, params.detach().to(torch.float64)), self.alpha,
-                                       self.log_weights.detach().to(torch.float64).exp(), method="importance",
+            experts, weights = self._float64_parts()
+            copy = NumericalHolderPool(experts, self.alpha, weights, method="importance",
                                        max_components=self._max_components, validate_args=False)
             self._float64_copy = (key, copy)
         return self._float64_copy[1]
@@ -887,9 +887,8 @@ class _Pool(Distribution):
         """A normalised exact pool ``p`` of the same experts and ``B`` with ``u <= B p`` (the power-mean
         inequalities): ``M_alpha <= M_(1/n)`` for ``0 < alpha <= 1``, ``n = floor(1/alpha)`` (or the largest
         ``n`` within ``max_components``); for ``alpha > 1`` the better of ``M_alpha <= lambda_min^(1/alpha - 1) M_1``
-        and ``M_alpha <= max_j q_j <= sum_j q_j``;
-        ``max_j q_j <= sum_j q_j``; for ``alpha < 0`` the better of ``M_alpha <= M_0`` and :meth:`_geometric_bound`
-        (and ``min_j q_j`` for ``-inf``)."""
+        and ``M_alpha <= max_j q_j <= sum_j q_j``, the second alone for ``+inf``; for ``alpha < 0`` the better of
+        ``M_alpha <= M_0`` and :meth:`_geometric_bound` (and ``min_j q_j`` for ``-inf``)."""
         a = self.alpha
         lw = self.log_weights
         present = lw > -math.inf
@@ -1576,11 +1575,10 @@ _BUILT_FROM_DEPTH = 6
 
 def _rebuilt(item, convert, depth: int = 0):
     """``item`` with every tensor it holds replaced by ``convert(tensor)``, looking through the distributions and
-    transforms it is built from (copied attribute by attribute), lists, tuples and dicts, ``_BUILT_FROM_DEPTH``
-    dataclasses (``Experts``), ``_BUILT_FROM_DEPTH`` levels deep; anything else (other containers, objects of other
-    classes), and anything ``convert`` leaves
-    unchanged, is kept as it is. A transform's weak reference to its cached inverse is dropped, so that a copy
-    builds its own inverse from its own tensors."""
+    transforms it is built from (copied attribute by attribute), lists, tuples, dicts and dataclasses
+    (``Experts``), ``_BUILT_FROM_DEPTH`` levels deep; anything else (other containers, objects of other classes),
+    and anything ``convert`` leaves unchanged, is kept as it is. A transform's weak reference to its cached inverse
+    is dropped, so that a copy builds its own inverse from its own tensors."""
     if isinstance(item, torch.Tensor):
         return convert(item)
     if depth >= _BUILT_FROM_DEPTH:

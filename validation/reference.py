@@ -14,16 +14,8 @@ __all__ = ["power_mean", "log_power_mean", "quad_moments", "sum_moments", "gauss
 def power_mean(densities: np.ndarray, weights: np.ndarray, alpha: float) -> np.ndarray:
     """(sum_j w_j q_j^alpha)^(1/alpha) over the first axis (alpha = 0: weighted geometric mean;
     +-inf: max / min over experts with positive weight)."""
-    w = np.asarray(weights, dtype=float).reshape((-1,) + (1,) * (densities.ndim - 1))
-    w = w / w.sum()
-    if np.isinf(alpha):
-        present = densities[np.asarray(weights).ravel() > 0]
-        return present.max(0) if alpha > 0 else present.min(0)
-    if alpha == 0:
-        with np.errstate(divide="ignore"):
-            return np.exp((w * np.log(densities)).sum(0))
-    with np.errstate(divide="ignore", over="ignore"):  # q = 0 with alpha < 0: inf, whose power -> 0 is right
-        return ((w * densities**alpha).sum(0)) ** (1 / alpha)
+    with np.errstate(divide="ignore"):  # q = 0: log q = -inf, which log_power_mean takes
+        return np.exp(log_power_mean(np.log(densities), weights, alpha))
 
 
 def log_power_mean(log_densities: np.ndarray, weights: np.ndarray, alpha: float) -> np.ndarray:
