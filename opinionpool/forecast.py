@@ -40,7 +40,7 @@ from ._validation import check_alpha, check_positive_int, describe, real_tensor
 from .affinities import hellinger_of, log_multi_chernoff_coefficient
 from .experts import Experts, as_experts
 from .families import NormalFamily, family_of
-from .numerical import _interior_point
+from .numerical import DEFAULT_RTOL, _interior_point
 from .pool import HolderPool, NumericalHolderPool, _Pool, _rebuilt, _working_dtype, component_counts, holder
 
 __all__ = ["crps", "pit", "coverage", "CoverageTable", "disagreement", "Disagreement", "fit_weights", "FitResult"]
@@ -344,13 +344,80 @@ def _merged_quantile_edges(dist: MixtureSameFamily, shape: torch.Size, lower: to
         return None
 
 
+def _node_quantile_edges(dist: _Pool, shape: torch.Size, lower: torch.Tensor, upper: torch.Tensor):
+    """``(edges, tails)`` as :func:`_panel_edges` gives them for a pool without a finite mean or standard deviation
+    (experts with power-law tails), or None where its quadrature has no nodes: the quantile panels' levels placed at
+    the quadrature's own nodes, the first node whose cumulative weight reaches each level (below the median; above
+    it, counted from the top), so that the panels follow the pool's mass out along its tails at the cost of one
+    batched quadrature (the pool's own ``icdf`` bisects adaptive masses one level at a time: over ten minutes for
+    the 129 levels). A finite end of the support is the first or last edge (its ladder then takes over there). The
+    tails beyond the outer edges, whose levels the node sums give only to about a node's weight, follow the power
+    law of ``|x|`` through the density at the two outermost distinct edges (``1 - F = x f / a`` for ``f`` falling as
+    ``x^-(a + 1)``; exact for a power law, and vanishing for a light tail, whose ``a`` is large), or the node sums
+    where that does not apply (edges on both sides of 0, a density not falling outwards)."""
+    try:
+        pi, points, _, _ = dist._node_expectation("quadrature", 1, 0, DEFAULT_RTOL)
+    except (ValueError, RuntimeError):
+        return None
+    batch = pi.shape[1:]
+    pi, points = pi.reshape(pi.shape[0], -1).T, points.reshape(points.shape[0], -1).T  # (pools, nodes)
+    if pi.shape[-1] == 0:
+        return None
+    # nodes without mass (padding, or a density that underflows) sort to the end, out of every count
+    points = torch.where(pi > 0, points, math.inf)
+    points, order = torch.sort(points, -1)
+    pi = pi.gather(-1, order)
+    below = torch.cumsum(pi, -1)  # the weight up to and including each node
+    beyond = pi.flip(-1).cumsum(-1).flip(-1)  # from each node up
+    levels = _quantile_levels(torch.float64)
+    low, high = levels <= 0.5, levels > 0.5
+    count = (pi > 0).sum(-1, keepdim=True).clamp_min(1)
+    first = torch.searchsorted(below.contiguous(), levels[low].expand(len(pi), -1).contiguous())
+    # the last node whose weight from it up is at least 1 - level
+    last = beyond.shape[-1] - 1 - torch.searchsorted(beyond.flip(-1).contiguous(),
+                                                       (1 - levels[high]).expand(len(pi), -1).contiguous())
+    index = torch.minimum(torch.cat((first, last), -1).clamp_min(0), count - 1)
+    edges = torch.sort(points.gather(-1, index), -1).values
+    edges = edges.reshape(batch + edges.shape[-1:])
+    edges = torch.maximum(torch.minimum(edges, upper.unsqueeze(-1)), lower.unsqueeze(-1)).expand(shape + edges.shape[-1:])
+    ends = torch.stack((torch.isfinite(lower).expand(shape), torch.isfinite(upper).expand(shape)), -1)
+    edges = torch.cat((torch.where(ends[..., :1], lower.unsqueeze(-1).expand(shape + (1,)), edges[..., :1]),
+                       edges[..., 1:-1],
+                       torch.where(ends[..., 1:], upper.unsqueeze(-1).expand(shape + (1,)), edges[..., -1:])), -1)
+    if not bool(torch.isfinite(edges).all()):
+        return None
+    # the node sums beyond the outer edges
+    nodes = points.reshape(batch + points.shape[-1:])
+    weights = pi.reshape(batch + pi.shape[-1:])
+    node_low = torch.where(nodes < edges[..., :1], weights, 0.0).sum(-1)
+    node_high = torch.where(nodes > edges[..., -1:], weights, 0.0).sum(-1)
+    one, masses, laws = torch.ones(1, dtype=torch.float64), [], []
+    for sign, outer, rest, nodes_beyond in ((-1.0, edges[..., 0], edges, node_low),
+                                            (1.0, edges[..., -1], edges.flip(-1), node_high)):
+        # the outermost edge distinct from the outer one
+        inner = rest.gather(-1, (rest != outer.unsqueeze(-1)).to(torch.int64).argmax(-1, keepdim=True)).squeeze(-1)
+        log_f = _log_density(dist, torch.stack((outer, inner)).to(_dtype(dist))).detach().to(torch.float64)
+        far, near = sign * outer, sign * inner
+        fits = (near > 0) & (far > near) & torch.isfinite(log_f).all(0)
+        ratio = torch.where(fits, far / torch.where(fits, near, 1.0), 2.0).log()
+        index = -(log_f[0] - log_f[1]) / ratio - 1  # f falls as |x|^-(index + 1)
+        fits = fits & (index > 0)
+        safe = torch.where(fits, index, 1.0)
+        level_out = torch.where(fits, (log_f[0] + far.clamp_min(1e-300).log()).exp() / safe, 0.0)
+        level_in = torch.where(fits, (log_f[1] + near.clamp_min(1e-300).log()).exp() / safe, 0.0)
+        masses.append(torch.where(fits, level_out, nodes_beyond).clamp(0, 1))
+        laws.append((one, level_out.unsqueeze(-1), level_in.unsqueeze(-1), outer.unsqueeze(-1), inner.unsqueeze(-1)))
+    return edges, tuple(masses) + tuple(laws)
+
+
 @torch.no_grad()
 def _panel_edges(dist: Distribution, shape: torch.Size) -> tuple[torch.Tensor, tuple | None]:
     """``(edges, tails)``: panel edges ``shape + (K + 1,)`` in float64 covering the forecast's mass: at the
     quantiles of equally spaced log-odds from 1e-13 to 1 - 1e-13 (float32: 2.4e-7) where it has an ``icdf`` (the
     panels follow a skewed or heavy-tailed density, finer towards its tails), else equally spaced over its mean +-
     12 standard deviations, cut to its support, and panels of doubling width beyond, out to 256 times that span or
-    to a finite end. ``tails``: for quantile panels, ``F`` at the first edge, ``1 - F`` at the last, and the laws of
+    to a finite end (a pool without a finite mean or standard deviation: :func:`_node_quantile_edges`). ``tails``:
+    for quantile panels, ``F`` at the first edge, ``1 - F`` at the last, and the laws of
     the lower and upper tails beyond them for ``_beyond_panels``, ``(weights, level_out, level_in, outer, inner)``
     with a component axis on the right (one component here: the levels at the first two edges, or at the last
     two), else ``None``."""
@@ -372,19 +439,24 @@ def _panel_edges(dist: Distribution, shape: torch.Size) -> tuple[torch.Tensor, t
         found = _merged_quantile_edges(dist, shape, lower, upper)
         if found is not None:
             return found
-    mean, sd = _mean_and_sd(dist)
+    with warnings.catch_warnings():
+        # a pool whose mean is undefined says so; its panels come from its nodes below, and nobody asked for the mean
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, sd = _mean_and_sd(dist)
     bad = ~(torch.isfinite(mean) & torch.isfinite(sd))
     if bool(bad.any()):
         # more components than the limit, but equal panels need a mean (a mixture of Cauchys): merged panels at
-        # their cost
+        # their cost; a pool of experts with power-law tails: panels at its quadrature's nodes
         found = _merged_quantile_edges(dist, shape, lower, upper) if many else None  # (the others were tried)
+        if found is None and isinstance(dist, _Pool):
+            found = _node_quantile_edges(dist, shape, lower, upper)
         if found is not None:
             return found
         mean, sd = mean.expand(bad.shape), sd.expand(bad.shape)
         raise ValueError(f"the forecast ({type(dist).__name__}) has no finite mean and standard deviation (mean "
                          f"{describe(mean, bad)}, standard deviation {describe(sd, bad)}) "
                          "and no icdf, which the quadrature needs to place its panels (a Student t of 2 degrees of "
-                         "freedom or fewer, or a pool of heavy-tailed experts whose variance is infinite)")
+                         "freedom or fewer)")
     lo, hi = torch.maximum(mean - _WIDTH * sd, lower).expand(shape), torch.minimum(mean + _WIDTH * sd, upper).expand(shape)
     steps = torch.linspace(0, 1, _PANELS + 1, dtype=torch.float64)
     span = (hi - lo).unsqueeze(-1)
@@ -749,7 +821,9 @@ def crps(forecast, observations) -> torch.Tensor:
     component's for a ``MixtureSameFamily`` of up to 64 components with an ``icdf`` and a ``cdf``, or of more without
     a finite mean (the components' finite ends, where the density jumps, then lie within 1e-13 of their mass of an
     edge), else equally spaced over the forecast's mean +- 12 standard deviations cut to its support (pools; a
-    forecast with neither raises a ``ValueError``).
+    pool without a finite mean or standard deviation, of experts with power-law tails, gets panels at those levels
+    placed at its quadrature's nodes, with the tails beyond them the power laws of the density at the outermost
+    edges; any other forecast with neither raises a ``ValueError``).
     Error: for densities smooth on the scale of a panel, about 1e-10 times the scale (LogNormal(0, 3): 6e-12
     relative). A float32 torch forecast is integrated as its float64 copy (the same parameters); float32 pools to
     about 1e-5, their own log density's rounding. Above the observation ``1 - F`` is summed from the right, below it

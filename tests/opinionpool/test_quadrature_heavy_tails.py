@@ -7,6 +7,7 @@ mixture of the power laws ``sqrt(k_i k_j) z^-((k_i + k_j) / 2 + 1)``, each of wh
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -309,3 +310,95 @@ def test_the_cdf_far_beyond_the_experts():
     values = pareto.cdf(far[:2])
     # 1 - F(z) = sum of the pairs' z^-a, below 1e-200 here
     assert values.tolist() == [1.0, 1.0]
+
+
+# ------------------------------------------------------------------ forecast scores of pools with infinite variance
+def pareto_half_pool_scores(shapes, weights, y):
+    """``(crps, cdf)`` at ``y`` of the Pareto pool of order 1/2 from its closed form: ``1 - F(z) = sum_ij b_ij
+    z^-a_ij``, ``b_ij = c_ij / (a_ij Z)`` for the pair's power law ``c_ij z^-(a_ij + 1)``; the CRPS is ``(1 - y) +
+    int_1^inf S^2`` below the support and ``(y - 1) - 2 int_1^y S + int_1^inf S^2`` on it."""
+    z0 = half_pool_integral(shapes, weights)
+    laws = [(wi * wj * math.sqrt(ki * kj) / ((ki + kj) / 2) / z0, (ki + kj) / 2)
+            for wi, ki in zip(weights, shapes) for wj, kj in zip(weights, shapes)]
+    squared = math.fsum(bi * bj / (ai + aj - 1) for bi, ai in laws for bj, aj in laws)
+    if y <= 1:
+        return (1 - y) + squared, 0.0
+    survival_integral = math.fsum(b * (1 - y ** (1 - a)) / (a - 1) for b, a in laws)
+    return (y - 1) - 2 * survival_integral + squared, 1 - math.fsum(b * y**-a for b, a in laws)
+
+
+@pytest.mark.parametrize("shapes, weights", [((1.5, 3.0), (0.4, 0.6)), ((1.2, 1.8), (0.3, 0.7))])
+def test_crps_and_pit_of_a_pool_of_infinite_variance(shapes, weights):
+    """The forecast tools placed their panels at the mean +- 12 standard deviations, so a pool whose variance is
+    infinite raised a ValueError (before the heavy-tail quadrature it had a wrong finite variance, whose panels
+    happened to cover it). Its panels now come from the quadrature's nodes: the CRPS and PIT against the closed form,
+    from below the support to far in the tail."""
+    pool = pareto_pool(shapes, weights, 0.5)
+    assert math.isinf(float(pool.variance))
+    ys = [0.5, 1.0 + 1e-9, 1.2, 2.0, 10.0, 1e3, 1e8]
+    scores = opinionpool.crps(pool, torch.tensor(ys, dtype=torch.float64))
+    transforms = opinionpool.pit(pool, torch.tensor(ys, dtype=torch.float64))
+    for y, score, transform in zip(ys, scores.tolist(), transforms.tolist()):
+        expected_score, expected_cdf = pareto_half_pool_scores(shapes, weights, y)
+        assert score == pytest.approx(expected_score, rel=1e-12), y
+        assert transform == pytest.approx(expected_cdf, rel=1e-12, abs=1e-15), y
+    table = opinionpool.coverage(pool, torch.tensor(ys, dtype=torch.float64), levels=(0.5,))
+    assert table.empirical == (pytest.approx(sum(abs(pareto_half_pool_scores(shapes, weights, y)[1] - 0.5) <= 0.25
+                                                 for y in ys) / len(ys)),)
+
+
+@pytest.mark.parametrize("eta", [-1.2, -1.0, -0.8])
+def test_crps_and_pit_of_two_sided_power_laws(eta):
+    """Identical Student-like experts pool to themselves, a Student t of ``-2 eta - 1`` degrees of freedom and scale
+    ``(-2 eta - 1)^(-1/2)``: of infinite variance (-1.2), a Cauchy (-1, whose mean is undefined: no warning about it
+    either, since nobody asked for the mean) and without a mean (-0.8). Against scipy's t."""
+    stats = pytest.importorskip("scipy.stats")
+    integrate = pytest.importorskip("scipy.integrate")
+    freedom = -2 * eta - 1
+    reference = stats.t(freedom, scale=freedom**-0.5)
+    experts = opinionpool.Experts(student_like_family(), torch.tensor([[eta], [eta]], dtype=torch.float64))
+    pool = opinionpool.NumericalHolderPool(experts, 0.5, torch.tensor([0.3, 0.7], dtype=torch.float64))
+    ys = [-3.0, 0.0, 0.7, 50.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = opinionpool.crps(pool, torch.tensor(ys, dtype=torch.float64))
+        transforms = opinionpool.pit(pool, torch.tensor(ys, dtype=torch.float64))
+    for y, score, transform in zip(ys, scores.tolist(), transforms.tolist()):
+        expected = (integrate.quad(lambda x: reference.cdf(x) ** 2, -math.inf, y, epsabs=0, epsrel=1e-12, limit=500)[0]
+                    + integrate.quad(lambda x: reference.sf(x) ** 2, y, math.inf, epsabs=0, epsrel=1e-12, limit=500)[0])
+        assert score == pytest.approx(expected, rel=1e-10), y
+        assert transform == pytest.approx(reference.cdf(y), rel=1e-12, abs=1e-15), y
+
+
+def test_a_crps_that_diverges_is_infinite_and_a_batch_is_its_pools():
+    """A tail ``1 - F ~ z^-0.4`` (``eta = -0.7``) has an infinite CRPS (``int (1 - F)^2`` diverges) but a PIT; a
+    batch of pools of different experts scores each as it scores alone, and its PIT agrees with scipy's quadrature of
+    the pool's density, ``(sum_j w_j q_j^(1/2))^2``."""
+    integrate = pytest.importorskip("scipy.integrate")
+    family = student_like_family()
+    divergent = opinionpool.NumericalHolderPool(
+        opinionpool.Experts(family, torch.tensor([[-0.7], [-0.7]], dtype=torch.float64)), 0.5, [0.3, 0.7])
+    assert math.isinf(float(opinionpool.crps(divergent, torch.tensor(0.5, dtype=torch.float64))))
+    assert float(opinionpool.pit(divergent, torch.tensor(0.0, dtype=torch.float64))) == pytest.approx(0.5, rel=1e-12)
+
+    params = torch.tensor([[[-1.2], [-3.0]], [[-1.1], [-1.4]], [[-2.0], [-1.3]]], dtype=torch.float64)
+    weights = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    pool = opinionpool.NumericalHolderPool(opinionpool.Experts(family, params), 0.5, weights)
+    ys = torch.tensor([[-1.0], [0.3], [10.0], [1e4]], dtype=torch.float64)
+    scores, transforms = opinionpool.crps(pool, ys), opinionpool.pit(pool, ys)
+    for j in range(3):
+        alone = opinionpool.NumericalHolderPool(opinionpool.Experts(family, params[j]), 0.5, weights)
+        assert torch.allclose(opinionpool.crps(alone, ys[:, 0]), scores[:, j], rtol=1e-13, atol=0)
+        etas = params[j, :, 0].tolist()
+
+        def density(z, etas=etas):
+            return math.fsum(w * math.exp(0.5 * (eta * math.log1p(z * z) - family.log_normalizer(
+                torch.tensor([eta], dtype=torch.float64)).item())) for w, eta in zip(weights.tolist(), etas)) ** 2
+
+        total = integrate.quad(density, -math.inf, math.inf, epsabs=0, epsrel=1e-13, limit=500)[0]
+        for i, y in enumerate(ys[:, 0].tolist()):
+            if y < 0:
+                expected = integrate.quad(density, -math.inf, y, epsabs=0, epsrel=1e-13, limit=500)[0] / total
+            else:
+                expected = 1 - integrate.quad(density, y, math.inf, epsabs=0, epsrel=1e-13, limit=500)[0] / total
+            assert float(transforms[i, j]) == pytest.approx(expected, rel=1e-12, abs=1e-15), (j, y)
