@@ -594,6 +594,9 @@ class _Pool(Distribution):
             ends = log_power_mean(expert_log_probs(self.family, params, torch.stack((lo, hi), -1)), log_weights,
                                   self.alpha)
             steep = ~((ends[:, 0] - ends[:, 1]).abs() <= _STEEP_NATS)  # (an infinite or NaN difference is steep)
+            # and where the quantile lies beyond the outermost node with mass: the rule's bracket stops a span past
+            # it (a power law's quantile of 1e-200 at -2.9e100 for -2.9e142)
+            steep |= torch.where(upper_half, hi > z[-1], lo < z[0])
             # (not above the median towards an infinite upper end: the lower tail's mass against q would lose the
             # digits of 1 - q where a power-law tail's sparse nodes bracket more than an octave of z - lower)
             near_lower = (steep & ~upper_half) | (math.isfinite(lower) & ~(upper_half & math.isinf(upper))
@@ -620,7 +623,7 @@ class _Pool(Distribution):
         """The smallest ``z`` with ``F(z) >= q`` between the support's lower (``side`` +1) or upper (-1) end and
         ``far``, where it lies: bisection on the adaptive quadrature's mass of the tail between the end and ``z``
         (its log against ``log q``, or ``log(1 - q)`` towards the upper end). Towards a finite end in
-        ``t = log|z - end|``; towards an infinite one in ``t = |z - far|``, out to the first of ``step``,
+        ``t = log|z - end|``; towards an infinite one in ``t = log|z - far|``, out to the first of ``step``,
         ``2 step``, ``4 step``... past the quantile."""
         lower, upper = self.family.support_interval
         end = lower if side > 0 else upper
@@ -641,13 +644,17 @@ class _Pool(Distribution):
             if side < 0 and not feasible(point(t_lo)):
                 return upper  # beyond the last float below the upper end
         else:
-            def point(t):
-                return far - side * t
-
-            t_lo, t_hi = 0.0, step
-            feasible_far = side < 0  # larger t is further towards the end: F grows with it towards the upper end
-            while feasible(point(t_hi)) != feasible_far and math.isfinite(point(2 * t_hi)):
+            t_lo, t_hi = 0.0, step  # the distance from far, bracketed first
+            feasible_far = side < 0  # further towards the end: F grows with it towards the upper end
+            while feasible(far - side * t_hi) != feasible_far and math.isfinite(far - side * 2 * t_hi):
                 t_lo, t_hi = t_hi, 2 * t_hi
+
+            # then bisected in its log: the nodes' span, the first step, reaches 1e65 and more on power-law tails,
+            # and halving that in z a hundred times left 1e35 (a quantile of 1e-80 at -1.3e14 for -7.0e15)
+            def point(t):
+                return far - side * math.exp(t)
+
+            t_lo, t_hi = math.log(t_lo) if t_lo > 0 else math.log(math.ulp(far)), math.log(t_hi)
         for _ in range(100):  # 64 halvings of log distances (at most 1500) reach float64's resolution
             middle = 0.5 * (t_lo + t_hi)
             if middle in (t_lo, t_hi):

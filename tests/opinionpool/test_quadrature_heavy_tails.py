@@ -402,3 +402,22 @@ def test_a_crps_that_diverges_is_infinite_and_a_batch_is_its_pools():
             else:
                 expected = 1 - integrate.quad(density, y, math.inf, epsabs=0, epsrel=1e-13, limit=500)[0] / total
             assert float(transforms[i, j]) == pytest.approx(expected, rel=1e-12, abs=1e-15), (j, y)
+
+
+@pytest.mark.parametrize("eta", [-3.0, -1.2])
+def test_far_quantiles_of_a_power_law_tail(eta):
+    """Beyond the outermost node the quantile is bisected on the tail's adaptive mass; towards an infinite end that
+    bisection halved a bracket as wide as the nodes' span (1e65 and more on a power-law tail) in ``z``, which left
+    1e35: the quantile of 1e-80 of a Student t of 5 degrees of freedom came out at -1.3e14 for -7.0e15. It is now
+    halved in the log of the distance; and a quantile beyond the outermost node with mass (1e-200 for 1.4 degrees of
+    freedom, -2.9e142) stopped a span of the nodes past it (-2.9e100). Against scipy's t (identical experts pool to
+    themselves), to the tail mass's tolerance (1e-11 relative) over the tail's index."""
+    stats = pytest.importorskip("scipy.stats")
+    freedom = -2 * eta - 1
+    reference = stats.t(freedom, scale=freedom**-0.5)
+    experts = opinionpool.Experts(student_like_family(), torch.tensor([[eta], [eta]], dtype=torch.float64))
+    pool = opinionpool.NumericalHolderPool(experts, 0.5, torch.tensor([0.3, 0.7], dtype=torch.float64))
+    levels = [1e-200, 1e-80, 1e-20, 1 - 1e-15]
+    for level, quantile in zip(levels, pool.icdf(torch.tensor(levels, dtype=torch.float64)).tolist()):
+        expected = reference.ppf(level) if level < 0.5 else reference.isf(1 - level)
+        assert quantile == pytest.approx(expected, rel=1e-10), level
