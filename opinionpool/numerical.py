@@ -1005,9 +1005,8 @@ def _quadrature_one(family, params, log_weights, alpha, wanted, rtol, interval=N
     log_z = shift + math.log(total)
     remainder, limit = _tail_remainders(tails, lambda z: torch.as_tensor(log_u(z.numpy())),
                                         lambda z: torch.as_tensor(integrands(z.numpy(), 0.0)),
-                                        torch.tensor([log_z], dtype=torch.float64))
-    relative = relative + unseen[0].numpy() + (remainder + torch.zeros(1, diff.shape[-1], dtype=torch.float64))[0].numpy()
-    limit = limit + torch.zeros(1, diff.shape[-1], dtype=torch.float64)
+                                        torch.tensor([log_z], dtype=torch.float64), diff.shape[-1])
+    relative = relative + unseen[0].numpy() + remainder[0].numpy()
     _check_normalisable(limit[:, 0])
     # the extrapolated mass's shift of the statistic, log u and extra; z and z^2 (mean and variance) shift by about
     # that mass times the nearest point's distance, below their rounding
@@ -1402,12 +1401,12 @@ def _tail_edges(reach: torch.Tensor) -> torch.Tensor:
     return torch.cat((x, torch.ones_like(x[:, :1])), -1)
 
 
-def _tail_remainders(tails, log_u, integrands, log_z):
-    """``(remainder, limit)``, each ``(pools, K)``: the integrals of the integrands beyond the mapped tails' reach,
+def _tail_remainders(tails, log_u, integrands, log_z, count: int):
+    """``(remainder, limit)``, each ``(pools, count)``: the integrals of the integrands beyond the mapped tails' reach,
     bounded relative to the normaliser, and where one diverges the value the expectation takes (``+-inf``; NaN where
     both tails diverge with opposite signs), elsewhere 0. ``tails``: ``(sign, origin, scale, reach, centre)``, each
     ``(pools,)`` (``centre`` the experts' weighted mean); ``log_u`` ``(pools, n) -> (pools, n)`` and ``integrands``
-    ``(pools, n) -> (pools, n, K)`` at points ``(pools, n)``; ``log_z`` ``(pools,)``.
+    ``(pools, n) -> (pools, n, count)`` at points ``(pools, n)``; ``log_z`` ``(pools,)``.
 
     Beyond the reach, at distance ``D`` from the experts' centre, an integrand ``g = u f`` is taken to keep decaying as
     the power law ``|g(D)| (d / D)^-q`` it follows there: its integral is ``|g(D)| D / (q - 1)``, infinite for
@@ -1418,7 +1417,7 @@ def _tail_remainders(tails, log_u, integrands, log_z):
     truth lies inside them even where the power law is still turning. (A pool of Pareto experts of shape 2.05 has a
     quarter of its variance beyond 1e13 of its scale, where the earlier tail map ``x / (1 - x)`` stopped: 31.3 +-
     0.49 for 37.2.)"""
-    remainder = limit = 0.0
+    remainder = limit = torch.zeros(len(log_z), count, dtype=torch.float64)
     for sign, origin, scale, reach, centre in tails:
         # (steps of a third of the reach where it is shorter than three: experts of scales near _TAIL_LIMIT)
         step = (reach / 3).clamp_max(_TAIL_FIT_STEP).unsqueeze(-1)
@@ -1984,14 +1983,14 @@ def _quadrature_batch(family, params, log_weights, alpha, wanted, rtol):
                                        lambda z: integrands(z.unsqueeze(1), centre, spread).squeeze(1),
                                        _log_q_term_size(family, params, log_weights, alpha, z_half), doubt_half)
     remainder, limit = _tail_remainders(tails, log_u, lambda z: integrands(z.unsqueeze(1), centre, spread).squeeze(1),
-                                        log_z)
+                                        log_z, relative.shape[-1])
     gradient = _gradient_nodes(end_geometry, z_half, lm_half, (t_half, near_half, far_half), node_kind, log_z)
     nodes = (z_half.T, lm_half.T, tuple(v.T for v in gradient))
     _, stats = _point_statistics(family, nodes[0], nodes[1], wanted, standard_errors=False, residuals=r_half.T)
     if "expected_statistic" in stats:  # shifted as in _quadrature_one
         value = stats["expected_statistic"].value
         stats["expected_statistic"] = stats["expected_statistic"]._replace(value=value + end_shift[:, 3:])
-    return log_z, relative + unseen + remainder, limit + torch.zeros_like(relative), centre, spread, stats, nodes, count, ok
+    return log_z, relative + unseen + remainder, limit, centre, spread, stats, nodes, count, ok
 
 
 def _interior_point(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
