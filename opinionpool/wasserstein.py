@@ -168,10 +168,16 @@ def covariance_barycenter(covariances: torch.Tensor, weights: torch.Tensor, *, t
                                f"(the last step's relative change was {change:.3g} times tol={tol})")
     if not torch.is_grad_enabled() or not (covariances.requires_grad or w.requires_grad):
         return sigma.to(dtype)
-    step = _barycenter_step(sigma, covariances, w)  # its graph reaches the covariances and weights only
+    # the step forms Sigma^1/2 Sigma_j Sigma^1/2, of the covariances' scale squared: it overflowed above 1e154 (a
+    # NaN barycenter) and underflowed below 1e-160 (a zero gradient). The step is homogeneous of degree one in
+    # (Sigma, Sigma_j) together, so it is taken on them over each row's trace of Sigma and scaled back; its Jacobian
+    # in Sigma is the same at both scales.
+    scale = sigma.diagonal(dim1=-2, dim2=-1).sum(-1).unsqueeze(-1).unsqueeze(-1)
+    scaled = covariances / scale.unsqueeze(-3)
+    step = scale * _barycenter_step(sigma / scale, scaled, w)  # its graph reaches the covariances and weights only
     out = sigma + (step - step.detach())  # the fixed point's value, the step's gradient
-    fixed = sigma.clone().requires_grad_()
-    step_in_sigma = _barycenter_step(fixed, covariances.detach(), w.detach())  # for J^T v
+    fixed = (sigma / scale).requires_grad_()
+    step_in_sigma = _barycenter_step(fixed, scaled.detach(), w.detach())  # for J^T v
 
     def implicit(grad):
         if grad is None:  # no gradient reaches the output

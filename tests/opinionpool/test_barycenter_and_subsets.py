@@ -131,6 +131,37 @@ def test_full_covariance_barycenter_gradients_with_repeated_eigenvalues():
         lambda w: covariance_barycenter(torch.stack([2 * torch.eye(3), torch.eye(3), full]), w), (weights,))
 
 
+def test_full_covariance_barycenter_gradients_at_extreme_scales():
+    """The gradient's step formed ``Sigma^1/2 Sigma_j Sigma^1/2``, of the scale squared: covariances of 1e160 gave a
+    NaN barycenter (with a misleading error about its condition number) and of 1e-170 a zero gradient, while the
+    value without gradients was exact. The barycenter is homogeneous of degree one, so ``trace(B(s C)) / s`` and its
+    gradients in ``C`` and the weights are those at ``s = 1`` (checked there by central differences); rows of
+    different scales in one batch."""
+    full = torch.tensor([[[2.0, 0.5], [0.5, 1.0]], [[1.0, -0.3], [-0.3, 0.5]]], dtype=torch.float64)
+
+    def trace(c, w, s):
+        return covariance_barycenter(s * c, w).diagonal(dim1=-2, dim2=-1).sum(-1) / torch.as_tensor(s).flatten()
+
+    c = full.clone().requires_grad_()
+    w = torch.tensor([0.7, 0.3], dtype=torch.float64, requires_grad=True)
+    expected = torch.autograd.grad(trace(c, w, 1.0).sum(), (c, w))
+    h = 1e-6
+    shifted = full.clone()
+    shifted[0, 0, 0] += h
+    below = full.clone()
+    below[0, 0, 0] -= h
+    central = float(trace(shifted, w.detach(), 1.0) - trace(below, w.detach(), 1.0)) / (2 * h)
+    assert float(expected[0][0, 0, 0]) == pytest.approx(central, rel=1e-7)
+    scales = torch.tensor([1e160, 1e-170, 1e300, 1e-300], dtype=torch.float64).reshape(-1, 1, 1, 1)
+    c = full.expand(4, 2, 2, 2).clone().requires_grad_()
+    values = trace(c, w, scales)
+    assert values.tolist() == pytest.approx([float(trace(full, w.detach(), 1.0))] * 4, rel=1e-13)
+    grad_c, grad_w = torch.autograd.grad(values.sum(), (c, w))
+    for row in range(4):
+        assert torch.allclose(grad_c[row], expected[0], rtol=1e-12, atol=0), row
+    assert torch.allclose(grad_w, 4 * expected[1], rtol=1e-12, atol=0)
+
+
 def test_full_covariance_barycenter_rows_converge_each_and_float32_keeps_its_digits():
     """The stopping test compared the change with the largest entry of the whole batch: beside a row of covariances
     of 1e9 a row of order one stopped at a relative error of 6e-3. Float32 ran the iteration in float32 and failed
