@@ -269,17 +269,25 @@ def von_mises_chernoff():
 def laplace_chernoff():
     r""":math:`\log\int q_p(z)^a q_q(z)^{1-a}\,dz` for Laplace experts :math:`q(z) = e^{-|z - m|/b} / (2b)`, the
     first at 0 and the second at distance ``delta > 0``: sympy integrates the two tails and the stretch between the
-    locations, where the absolute values are linear. Returns ``((b_p, b_q, delta, a), expr)``."""
+    locations, where the absolute values are linear. On that stretch the integrand is ``C e^(-k z)`` with ``k = a /
+    b_p - (1 - a) / b_q``, which is 0 for equal scales at ``a = 1/2``: it is integrated for a real ``k`` of either
+    sign, a ``Piecewise`` whose ``k = 0`` branch is ``C delta`` (integrated for positive symbols, the result divided
+    by ``k`` and was NaN there). Returns ``((b_p, b_q, delta, a), expr)``."""
     z = sp.Symbol("z", real=True)
     b_p, b_q, delta = sp.symbols("b_p b_q delta", positive=True)
     a = sp.Symbol("a", positive=True)
+    slope = sp.Symbol("k", real=True)
 
     def integrand(distance_p, distance_q):  # |z| and |z - delta| on one piece
         return sp.exp(a * (-sp.log(2 * b_p) - distance_p / b_p) + (1 - a) * (-sp.log(2 * b_q) - distance_q / b_q))
 
-    pieces = [(integrand(-z, delta - z), (z, -sp.oo, 0)), (integrand(z, delta - z), (z, 0, delta)),
-              (integrand(z, z - delta), (z, delta, sp.oo))]
-    total = sum(sp.integrate(f, bounds, conds="none") for f, bounds in pieces)
+    tails = [(integrand(-z, delta - z), (z, -sp.oo, 0)), (integrand(z, z - delta), (z, delta, sp.oo))]
+    between = integrand(z, delta - z)
+    rate = sp.simplify(-sp.diff(sp.log(between), z))
+    if rate.has(z):
+        raise AssertionError(f"the integrand between the locations is not exponential in z: rate {rate}")
+    stretch = between.subs(z, 0) * sp.integrate(sp.exp(-slope * z), (z, 0, delta)).subs(slope, rate)
+    total = sum(sp.integrate(f, bounds, conds="none") for f, bounds in tails) + stretch
     return (b_p, b_q, delta, a), sp.log(total)
 
 

@@ -188,6 +188,21 @@ def test_laplace_chernoff(point):
     close(got, evaluate(symbols, expr, point))
 
 
+@pytest.mark.parametrize("point", [(1.0, 1.0, 2.0, 0.5), (0.6, 0.4, 1.0, 0.6), (1.3, 0.7, 2.5, 0.3)])
+def test_laplace_chernoff_where_the_stretch_between_the_locations_is_flat(point):
+    """Where ``a / b_p = (1 - a) / b_q`` (equal scales at ``a = 1/2``, the Hellinger case) the integrand is constant
+    between the two locations; integrated for positive symbols the expression divided by that difference and was NaN
+    there. Against mpmath's quadrature of ``q_p^a q_q^(1 - a)``, and a generic point beside them."""
+    b_p, b_q, delta, a = point
+    symbols, expr = derivations.laplace_chernoff()
+
+    def integrand(z):
+        return ((mpmath.exp(-abs(z) / b_p) / (2 * b_p)) ** a * (mpmath.exp(-abs(z - delta) / b_q) / (2 * b_q)) ** (1 - a))
+
+    expected = float(mpmath.log(mpmath.quad(integrand, [-mpmath.inf, 0, delta, mpmath.inf])))
+    assert float(evaluate(symbols, expr, point)) == pytest.approx(expected, rel=1e-12, abs=1e-14)
+
+
 def random_bivariate_gaussian(rng):
     factor = rng.normal(size=(2, 2))
     return rng.uniform(-3, 3, size=2), factor @ factor.T + rng.uniform(0.05, 1) * np.eye(2)
