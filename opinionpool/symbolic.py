@@ -31,9 +31,10 @@ __all__ = ["SymbolicFamily", "VerificationReport", "Check", "to_torch"]
 
 
 class _Printer(TorchPrinter):
-    """torch printer that also writes ``polygamma(n, x)``, ``besseli(n, x)`` and ``gamma(x)`` with their arguments
-    printed for torch (mapped in ``_TORCH_FUNCTIONS``; sympy's own printer leaves ``besseli`` and its argument as
-    plain text and names a ``torch.special.gamma`` that does not exist)."""
+    """torch printer that also writes ``polygamma(n, x)``, ``besseli(n, x)``, ``gamma(x)``, ``erfc(x)``, ``Max`` and
+    ``Min`` with their arguments printed for torch (mapped in ``_TORCH_FUNCTIONS``; sympy's own printer leaves
+    ``besseli`` and its argument as plain text, names a ``torch.special.gamma`` that does not exist, has no
+    ``erfc``, and writes ``Max(0, x)`` as ``torch.max(0, x)``, which raises)."""
 
     def _print_polygamma(self, expr):
         order, argument = expr.args
@@ -46,6 +47,15 @@ class _Printer(TorchPrinter):
     def _print_gamma(self, expr):
         return f"gamma({self._print(expr.args[0])})"
 
+    def _print_erfc(self, expr):
+        return f"erfc({self._print(expr.args[0])})"
+
+    def _print_Max(self, expr):  # torch.max takes no plain number beside a tensor, nor more than two arguments
+        return f"maximum({', '.join(self._print(a) for a in expr.args)})"
+
+    def _print_Min(self, expr):
+        return f"minimum({', '.join(self._print(a) for a in expr.args)})"
+
 
 def _gamma(x):
     """Gamma from ``lgamma`` (log of its absolute value) with its sign: negative on ``(-1, 0)``, ``(-3, -2)``, ..."""
@@ -53,10 +63,27 @@ def _gamma(x):
     return torch.where(negative, -1.0, 1.0).to(x.dtype) * torch.lgamma(x).exp()
 
 
+def _elementwise(combine):
+    """``combine`` (``torch.maximum``, ``torch.minimum``) over any number of tensors and numbers, broadcast."""
+    def reduce(*values):
+        like = next((v for v in values if isinstance(v, torch.Tensor)), None)
+        tensors = [torch.as_tensor(v, dtype=None if like is None else like.dtype,
+                                   device=None if like is None else like.device) for v in values]
+        out = tensors[0]
+        for other in tensors[1:]:
+            out = combine(out, other)
+        return out
+
+    return reduce
+
+
 _TORCH_FUNCTIONS = {
     "polygamma": lambda n, x: torch.special.polygamma(int(n), x),
     "besseli": lambda n, x: {0: torch.special.i0, 1: torch.special.i1}[int(n)](x),
     "gamma": _gamma,
+    "erfc": torch.special.erfc,
+    "maximum": _elementwise(torch.maximum),
+    "minimum": _elementwise(torch.minimum),
 }
 
 
@@ -194,11 +221,12 @@ class SymbolicFamily(CustomFamily):
                     raise ValueError(f"{what} may only depend on natural_params, but uses {sorted(map(str, stray))}")
                 setattr(self, f"{what}_expr", expr)
         mean = variance = None
+        self._moment_fns = {}  # what the family runs for each given or derived moment, for verify
         if self.mean_expr is not None:
-            mean_fn = to_torch(etas, self.mean_expr)
+            mean_fn = self._moment_fns["mean"] = to_torch(etas, self.mean_expr)
             mean = lambda natural: mean_fn(*natural.unbind(-1))  # noqa: E731
         if self.variance_expr is not None:
-            var_fn = to_torch(etas, self.variance_expr)
+            var_fn = self._moment_fns["variance"] = to_torch(etas, self.variance_expr)
             variance = lambda natural: var_fn(*natural.unbind(-1))  # noqa: E731
         super().__init__(
             log_normalizer=lambda natural: a_fn(*natural.unbind(-1)),
@@ -226,8 +254,9 @@ class SymbolicFamily(CustomFamily):
                raise_on_failure: bool = True) -> VerificationReport:
         """Check at each natural parameter ``point`` (inside ``domain``) that the density integrates to
         one, that ``gradient`` equals ``E[T(z)]``, and that the torch functions the family runs give the same
-        gradient and ``A`` in float64 (to 1e-12), and the same ``T`` and ``log h`` at three points of the support; and
-        that the family's mean and variance of ``z`` (given or derived) are those of the density.
+        gradient, ``A``, mean and variance in float64 (to 1e-12), and the same ``T`` and ``log h`` at three points of
+        the support; and that the family's mean and variance of ``z`` (given or derived; a variance given without a
+        mean about the density's own) are those of the density.
 
         Integrals are tried symbolically first (``symbolic=True``) and computed by ``mpmath.quad`` at
         ``dps`` digits where sympy leaves them unevaluated. A failed check raises ``ValueError`` naming
@@ -248,12 +277,15 @@ class SymbolicFamily(CustomFamily):
             checks.append(Check("normalisation", point, method, float(total), 1.0, abs(total - 1) <= rtol))
             expected = [(f"dA/deta_{index + 1} = E[{stat}]", stat, sp.N(grad.subs(values), dps))
                         for index, (stat, grad) in enumerate(zip(self.statistic_exprs, self.gradient))]
+            z = self.variable
             if self.mean_expr is not None:
-                z, mean = self.variable, sp.N(self.mean_expr.subs(values), dps)
+                mean = sp.N(self.mean_expr.subs(values), dps)
                 expected.append(("mean = E[z]", z, mean))
-                if self.variance_expr is not None:
-                    expected.append(("variance = E[(z - mean)^2]", (z - mean) ** 2,
-                                     sp.N(self.variance_expr.subs(values), dps)))
+            elif self.variance_expr is not None:  # a variance given alone is checked about the density's own mean
+                mean = sp.N(self._integral(z * density, symbolic, dps, around)[0], dps)
+            if self.variance_expr is not None:
+                expected.append(("variance = E[(z - mean)^2]", (z - mean) ** 2,
+                                 sp.N(self.variance_expr.subs(values), dps)))
             for name, statistic, target in expected:
                 value, method = self._integral(statistic * density, symbolic, dps, around)
                 checks.append(Check(name, point, method, float(value), float(target),
@@ -268,9 +300,9 @@ class SymbolicFamily(CustomFamily):
         return report
 
     def _translation_checks(self, point, values, dps):
-        """The torch functions the family runs for ``A`` and its gradient (at ``point``), ``T`` and ``log h`` (at three
-        points of the support) against sympy's values, to 1e-12 in float64 (its rounding allowed): a translation that
-        raises or differs fails its check."""
+        """The torch functions the family runs for ``A``, its gradient, its mean and variance (at ``point``), ``T`` and
+        ``log h`` (at three points of the support) against sympy's values, to 1e-12 in float64 (its rounding
+        allowed): a translation that raises or differs fails its check."""
         def check(name, where, function, args, expr):
             expected = float(sp.N(expr, dps))
             try:
@@ -282,6 +314,9 @@ class SymbolicFamily(CustomFamily):
                          abs(value - expected) <= 1e-12 * (1 + abs(expected)))
 
         checks = [check("torch A", point, self._log_normalizer_fn, point, self.log_normalizer_expr.subs(values))]
+        for what, function in self._moment_fns.items():
+            checks.append(check(f"torch {what}", point, function, point,
+                                getattr(self, f"{what}_expr").subs(values)))
         for index, grad in enumerate(self.gradient):
             checks.append(check(f"torch dA/deta_{index + 1}", point,
                                 lambda *eta, index=index: self._gradient_fn(torch.stack(eta))[index], point,

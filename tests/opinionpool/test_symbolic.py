@@ -29,7 +29,7 @@ from opinionpool import derivations
 from opinionpool.families import NormalFamily
 from opinionpool.functional import _laplace_log_chernoff
 from opinionpool.pool import compositions
-from opinionpool.symbolic import SymbolicFamily
+from opinionpool.symbolic import SymbolicFamily, to_torch
 
 RTOL = 1e-10
 
@@ -307,8 +307,8 @@ def test_symbolic_family_gradient_matches_autograd_and_verifies():
     assert torch.allclose(family.log_normalizer(eta), builtin.log_normalizer(builtin_eta), rtol=1e-12, atol=0)
     report = family.verify([(1, -2), (-0.5, -0.3)], symbolic=False)
     # per point: the normalisation, E[T] and the torch gradient for each statistic (5); the torch A, and log h and
-    # both statistics at three points of the support (10); the mean and variance of z (2)
-    assert report.passed and len(report.checks) == 34
+    # both statistics at three points of the support (10); the mean and variance of z and their torch values (4)
+    assert report.passed and len(report.checks) == 38
     assert all(c.method.startswith("mpmath") for c in report.checks if not c.name.startswith("torch"))
 
 
@@ -541,3 +541,37 @@ def test_symbolic_family_takes_a_mean_and_variance_that_verify_checks():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # scipy's IntegrationWarning from the engine's own quadrature too
         assert opinionpool.holder(experts, 2.0, weights).log_normalizer.item() == pytest.approx(math.log(mass), rel=1e-10)
+
+
+def test_verify_checks_a_variance_given_alone_and_the_torch_moments():
+    """A variance given without a mean was never checked (the check sat under the mean's), so a half-normal family
+    declared with a variance of 123 passed and its pools used it; a mean or variance whose torch translation cannot
+    run passed too and raised at the pool's first use. The variance is now checked about the density's own mean
+    (1/2 - 1/pi at eta = -1/2, ``T = z^2``: a half-normal of scale 1), and the torch moments like A's. ``Max``,
+    ``Min`` and ``erfc`` now translate (``torch.max(0, x)`` raised, ``erfc`` was undefined)."""
+    z, eta = sp.Symbol("z", real=True), sp.Symbol("eta", real=True)
+    declaration = dict(support=(0, sp.oo), domain=[eta < 0], name="half-normal")
+    log_normalizer = -sp.log(-eta) / 2 + sp.log(sp.sqrt(sp.pi) / 2)
+    wrong = SymbolicFamily(z, [eta], [z**2], log_normalizer, variance=sp.Integer(123), **declaration)
+    report = wrong.verify([(-0.5,)], symbolic=False, raise_on_failure=False)
+    assert [c.name for c in report.checks if not c.passed] == ["variance = E[(z - mean)^2]"]
+    assert [c.expected for c in report.checks if not c.passed] == [123.0]
+    right = SymbolicFamily(z, [eta], [z**2], log_normalizer, variance=1 / (-2 * eta) - 1 / (-sp.pi * eta),
+                           **declaration)
+    assert right.verify([(-0.5,), (-3,)], symbolic=False).passed
+    # the right mean, times gamma(1 - eta) / factorial(-eta) = 1, written with a factorial torch has no name for
+    untranslatable = SymbolicFamily(z, [eta], [z**2], log_normalizer,
+                                    mean=sp.gamma(1 - eta) / (sp.sqrt(-sp.pi * eta) * sp.factorial(-eta)), **declaration)
+    report = untranslatable.verify([(-0.5,)], symbolic=False, raise_on_failure=False)
+    assert [c.name.split(" (")[0] for c in report.checks if not c.passed] == ["torch mean"]
+    clipped = SymbolicFamily(z, [eta], [z**2], log_normalizer, mean=sp.Max(1 / sp.sqrt(-sp.pi * eta), 0),
+                             **declaration)
+    assert clipped.verify([(-0.5,)], symbolic=False).passed
+    x, y = sp.symbols("x y", real=True)
+    values = torch.tensor([-0.5, 0.25, 2.0], dtype=torch.float64)
+    other = torch.tensor([0.1, 3.0, -1.0], dtype=torch.float64)
+    assert torch.equal(to_torch([x, y], sp.Max(x, 0))(values, other), values.clamp_min(0))
+    assert torch.equal(to_torch([x, y], sp.Min(x, y, 1))(values, other), torch.minimum(torch.minimum(values, other),
+                                                                                        torch.ones(3, dtype=torch.float64)))
+    erfc = to_torch([x], sp.erfc(x))(values)
+    assert erfc.tolist() == pytest.approx([float(sp.erfc(v)) for v in (-0.5, 0.25, 2.0)], rel=1e-15)
