@@ -122,6 +122,49 @@ def test_unconditional_coherence_counts_agreement():
     assert disagreeing < 0.01  # only when every z is negative do all decoders show nothing (p = 2^-10)
 
 
+def test_evaluation_counts_subsets_and_data_are_checked_before_any_work():
+    """A negative batch size gave an unconditional coherence of 0, a negative number of samples -0.0 and none a
+    ZeroDivisionError; an empty dataset gave NaN coherences and accuracies; a subset naming a modality the model
+    does not have was refused only after a batch was encoded, and a coherence result without the one-input subsets
+    gave cross_coherence a KeyError."""
+    model, modalities = code_model(), polymnist_modalities(3)
+    for name, value in (("batch_size", -5), ("batch_size", 0), ("num_samples", -5), ("num_samples", 0),
+                        ("num_samples", 2.5)):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer, got {value}"):
+            unconditional_coherence(model, CLASSIFIERS, modalities, latent_dim=10, **{name: value})
+    empty = coded_data(LABELS[:0])
+    with pytest.raises(ValueError, match="data must hold at least one tuple"):
+        coherence(model, CLASSIFIERS, empty)
+    with pytest.raises(ValueError, match="data must hold at least one tuple"):
+        accuracy(CLASSIFIERS, empty)
+
+    class Untouchable(nn.Module):  # an encoder that must not run
+        def forward(self, x):
+            raise AssertionError("encoded before the subsets were checked")
+
+    untouchable = code_model()
+    untouchable.encoders[0].forward = Untouchable().forward
+    with pytest.raises(ValueError, match=r"subset must hold distinct modality indices in \[0, 3\), got \[5\]"):
+        coherence(untouchable, CLASSIFIERS, coded_data(LABELS), subsets=[(5,)])
+    with pytest.raises(ValueError, match=r"no row for the one-input subsets \[\(1,\), \(2,\)\]"):
+        cross_coherence({"subsets": [(0,), (0, 1)], "accuracy": torch.ones(2, 3)}, 3)
+
+
+def test_training_the_classifiers_leaves_every_random_generator_alone(monkeypatch):
+    """``torch.manual_seed`` inside a fork of the CPU generator reseeded every CUDA device too, for good: on a GPU the
+    first evaluation that trained its classifiers reset CUDA's random state to seed 0 for the rest of the process.
+    Only the CPU generator is seeded now (and restored)."""
+    from applications.multimodal_vae.evaluation import train_classifiers
+
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    before = torch.get_rng_state()
+    first = train_classifiers(coded_data(LABELS[:20], 2), epochs=1, batch_size=10)
+    assert seeded == [] and torch.equal(torch.get_rng_state(), before)
+    second = train_classifiers(coded_data(LABELS[:20], 2), epochs=1, batch_size=10)
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+
+
 class DivergedDecoder(CodeDecoder):
     """A decoder that has diverged off the posterior: NaN wherever |z| is large (prior samples reach it)."""
 

@@ -61,7 +61,8 @@ def train_classifiers(data, epochs: int = CLASSIFIER_EPOCHS, batch_size: int = 1
     returned in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # the CPU generator only, the one forked (torch.manual_seed reseeded every CUDA device too, for good)
+        torch.default_generator.manual_seed(seed)
         classifiers = nn.ModuleList(make_classifier(m, data.num_classes) for m in data.modalities)
         optimizer = torch.optim.Adam(classifiers.parameters(), lr=lr)
         total = epochs * math.ceil(len(data) / batch_size)
@@ -89,7 +90,9 @@ def train_classifiers(data, epochs: int = CLASSIFIER_EPOCHS, batch_size: int = 1
 
 @torch.no_grad()
 def accuracy(classifiers: nn.ModuleList, data, batch_size: int = 1000) -> torch.Tensor:
-    """Per-modality accuracy of the classifiers on ``data``."""
+    """Per-modality accuracy of the classifiers on ``data`` (at least one tuple)."""
+    if len(data) == 0:
+        raise ValueError("data must hold at least one tuple, got an empty dataset (an accuracy over it would be NaN)")
     classifiers.eval()
     correct = torch.zeros(len(classifiers))
     for index, x in batches(data, batch_size, "cpu"):

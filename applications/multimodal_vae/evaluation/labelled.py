@@ -17,14 +17,32 @@ from .classifiers import classifier_input
 __all__ = ["coherence", "cross_coherence", "latent_probe", "posterior_means", "private_latent_probe", "private_means",
            "summarise_coherence", "unconditional_coherence"]
 
+
+def _check_counts(**counts) -> None:
+    """Each count a positive integer, named in the error (a negative batch size gave a coherence of 0, a negative
+    number of samples -0.0, zero samples a ZeroDivisionError)."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_not_empty(data) -> None:
+    """A rate over no tuples is 0 / 0: refused rather than returned as NaN."""
+    if len(data) == 0:
+        raise ValueError("data must hold at least one tuple, got an empty dataset (a rate over it would be NaN)")
+
 @torch.no_grad()
 def coherence(model, classifiers: nn.ModuleList, data, subsets: list[tuple[int, ...]] | None = None,
               batch_size: int = 500, seed: int = 0) -> dict:
     """``accuracy[i, t]``: how often modality ``t`` generated from ``subsets[i]`` shows the true label of the
     tuple of ``data`` (targets inside the subset are reconstructions)."""
-    classifiers.eval()
+    _check_counts(batch_size=batch_size)
+    _check_not_empty(data)
     m = model.num_modalities
-    subsets = subset_tuples(m) if subsets is None else subsets
+    subsets = subset_tuples(m) if subsets is None else [tuple(subset) for subset in subsets]
+    for subset in subsets:  # before the first batch is encoded
+        subset_mask(subset, m, 0)
+    classifiers.eval()
     device = model.device
     generator = torch.Generator(device=device).manual_seed(seed)
     hits = torch.zeros(len(subsets), m)
@@ -59,7 +77,11 @@ def summarise_coherence(result: dict, num_modalities: int) -> dict:
 
 def cross_coherence(result: dict, num_modalities: int) -> torch.Tensor:
     """The one-input ``(M, M)`` matrix ``[source, target]`` from a coherence result."""
-    rows = {s: r for s, r in zip(result["subsets"], result["accuracy"])}
+    rows = {tuple(s): r for s, r in zip(result["subsets"], result["accuracy"])}
+    missing = [(s,) for s in range(num_modalities) if (s,) not in rows]
+    if missing:
+        raise ValueError(f"the coherence result has no row for the one-input subsets {missing}: compute it with "
+                         "subsets that include every single modality")
     return torch.stack([rows[(s,)] for s in range(num_modalities)])
 
 
@@ -67,6 +89,7 @@ def cross_coherence(result: dict, num_modalities: int) -> torch.Tensor:
 def unconditional_coherence(model, classifiers: nn.ModuleList, modalities, latent_dim: int, num_samples: int = 1000,
                             batch_size: int = 500, seed: int = 0) -> float:
     """Fraction of prior samples whose generated modalities all get the same predicted label."""
+    _check_counts(latent_dim=latent_dim, num_samples=num_samples, batch_size=batch_size)
     classifiers.eval()
     device = model.device
     generator = torch.Generator(device=device).manual_seed(seed)
