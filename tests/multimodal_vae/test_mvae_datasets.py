@@ -216,6 +216,13 @@ def test_text_encodings_are_checked():
     ids = text.encode_words("c a b b b", vocabulary, 4)
     assert ids.tolist() == [3, 0, 4, 2]  # three words, unknown as <exc>, then <eos>
     assert text.encode_words("b", vocabulary, 4).tolist() == [4, 2, 1, 1]
+    # a length of 0 gave every word and <eos> (5 ids for "(length,)"); negative ids read from the end
+    with pytest.raises(ValueError, match="length must be a positive integer .* got 0"):
+        text.encode_words("c a b b b", vocabulary, 0)
+    with pytest.raises(ValueError, match=r"ids must be integers in \[0, 5\), got \[-1\]"):
+        text.decode_words(torch.tensor([-1, 3]), vocabulary)
+    with pytest.raises(ValueError, match=r"ids must be integers in \[0, \d+\), got \[-1\]"):
+        text.decode_characters(torch.tensor([-1, 1, 2]))
 
 
 def test_categorical_likelihood_and_weights_by_relative_dimensionality():

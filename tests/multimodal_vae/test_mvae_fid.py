@@ -385,6 +385,30 @@ def test_other_torchscript_files_are_refused_not_run(tmp_path):
         InceptionFeatures(path)
 
 
+def test_fid_helper_tensors_of_the_wrong_shape_are_not_that_layout():
+    """``from_fid_helper`` returns None for tensors not in the fid-helper layout; with the right names but a tensor
+    of another shape it raised load_state_dict's size mismatch (so the weights file got no clear refusal). The
+    layout is built from the network's own state under the fid-helper names, which round-trips exactly."""
+    from applications.multimodal_vae.evaluation import inception
+
+    state = inception.FIDInceptionV3().float().eval().state_dict()
+    names = {ours: theirs for theirs, ours in inception._FID_HELPER_TENSORS.items()}
+    tensors = {}
+    for path, name in inception._FID_HELPER_STEM.items():
+        tensors.update({f"net.layers.{path}.{theirs}": state[f"{name}.{ours}"] for ours, theirs in names.items()})
+    for block, (ours_block, layers) in inception._FID_HELPER_BLOCKS.items():
+        for layer, branch in layers.items():
+            tensors.update({f"net.layers.{block}.{layer}.{theirs}": state[f"{ours_block}.{branch}.{ours}"]
+                            for ours, theirs in names.items()})
+    network = inception.from_fid_helper(tensors)
+    assert network is not None
+    assert all(torch.equal(value, network.state_dict()[key]) for key, value in state.items()
+               if not key.endswith(("num_batches_tracked", "bn.weight")))
+    key = next(k for k in tensors if k.endswith(".weight") and tensors[k].dim() == 4)
+    tensors[key] = tensors[key][..., :1, :1].clone()
+    assert inception.from_fid_helper(tensors) is None
+
+
 class _Nested(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -35,8 +35,18 @@ def encode_characters(text: str, length: int) -> torch.Tensor:
     return ids
 
 
+def _check_ids(ids: torch.Tensor, count: int) -> list[int]:
+    """``ids`` as a list of integers, each in ``[0, count)``: a negative id indexed from the end (-1 read as the
+    last character or word)."""
+    values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    bad = [i for i in values if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < count]
+    if bad:
+        raise ValueError(f"ids must be integers in [0, {count}), got {bad[:5]}")
+    return values
+
+
 def decode_characters(ids: torch.Tensor) -> str:
-    return "".join(ALPHABET[i] for i in ids.tolist()).replace(PAD_CHARACTER, "")
+    return "".join(ALPHABET[i] for i in _check_ids(ids, len(ALPHABET))).replace(PAD_CHARACTER, "")
 
 
 _WORD = re.compile(r"[a-z0-9]+|'[a-z]+|[^\sa-z0-9]")
@@ -62,6 +72,8 @@ def build_vocabulary(sentences, more_than: int = 3) -> tuple[str, ...]:
 
 def encode_words(sentence: str, vocabulary, length: int) -> torch.Tensor:
     """``(length,)`` word ids: the first ``length - 1`` words (unknown ones as ``<exc>``), ``<eos>``, padding."""
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:  # (0 gave every word and <eos>)
+        raise ValueError(f"length must be a positive integer (the words and <eos>), got {length!r}")
     index = {w: i for i, w in enumerate(vocabulary)} if not isinstance(vocabulary, dict) else vocabulary
     words = tokenise(sentence)[: length - 1]
     ids = [index.get(w, index[UNKNOWN]) for w in words] + [index[END]]
@@ -70,7 +82,7 @@ def encode_words(sentence: str, vocabulary, length: int) -> torch.Tensor:
 
 def decode_words(ids: torch.Tensor, vocabulary) -> str:
     words = []
-    for i in ids.tolist():
+    for i in _check_ids(ids, len(vocabulary)):
         if vocabulary[i] == END:
             break
         if vocabulary[i] != PAD:

