@@ -173,13 +173,16 @@ def as_modalities(x) -> list[torch.Tensor]:
 
 @contextlib.contextmanager
 def evaluating(model: nn.Module):
-    """``model`` in eval mode for the block, back in its previous mode afterwards (also on an error)."""
-    was_training = model.training
+    """``model`` in eval mode for the block, every submodule back in its own previous mode afterwards (also on an
+    error): ``model.train(flag)`` would set them all to the model's, undoing a submodule a caller had put in eval
+    mode (a frozen encoder's batch norm statistics would then move in training)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, mode in modes:
+            module.training = mode
 
 
 #: how the encoders' second outputs become posterior log-variances: "free" (they are the log-variances) or

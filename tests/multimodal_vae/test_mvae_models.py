@@ -808,6 +808,14 @@ def test_evaluating_restores_the_previous_mode_also_on_errors():
     with evaluating(model):
         pass
     assert not model.training
+    # each submodule back in its own mode: a frozen (eval-mode) encoder inside a training model stayed frozen only
+    # until the first evaluation, which put it back in training
+    model.train()
+    model.encoders[0].eval()
+    with evaluating(model):
+        assert not any(module.training for module in model.modules())
+    assert model.training and not model.encoders[0].training and model.encoders[1].training
+    assert not any(module.training for module in model.encoders[0].modules())
 
 
 @pytest.mark.parametrize("weight_gradient", [True, False])
