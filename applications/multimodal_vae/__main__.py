@@ -3,7 +3,7 @@
     python -m applications.multimodal_vae train --preset polymnist-helvae [--set key=value ...] [--resume]
     torchrun --nproc_per_node N -m applications.multimodal_vae train ...   (distributed data parallel)
     python -m applications.multimodal_vae evaluate --run runs/NAME [--set eval.key=value ...] [--only log_likelihood|fid]
-    python -m applications.multimodal_vae grid --run runs/NAME [--columns 8] [--scale 3] [--seed 0] [--out FILE]
+    python -m applications.multimodal_vae grid --run runs/NAME [--columns 8] [--scale 3] [--seed N] [--out FILE]
     python -m applications.multimodal_vae sweep --preset polymnist-cpu [--set key=value ...] [--workers N]
         [--train-only] [--stop-after MINUTES] [--summarise-only]   (workers share the grid: one run each at a time)
     python -m applications.multimodal_vae study --sweep runs/polymnist-cpu-study [--preset NAME ...] [--docs docs]
@@ -51,7 +51,8 @@ def main(argv=None) -> int:
                       help="test tuples shown (the first the evaluation scores, as its own grid)")
     grid.add_argument("--scale", type=int, default=3, help="figure pixels per image pixel")
     grid.add_argument("--out", help="the PNG to write (default: sample_grid.png in the run folder)")
-    grid.add_argument("--seed", type=int, default=0, help="seed of the generations")
+    grid.add_argument("--seed", type=int, default=None,
+                      help="seed of the generations (default: the run's eval.seed, as the evaluation's own grid)")
     sweep = commands.add_parser("sweep", help="train and evaluate a grid of models x beta x seeds, then summarise")
     sweep.add_argument("--preset", required=True, help="a sweep preset (sweeps/*.yaml)")
     sweep.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -264,7 +265,7 @@ def _grid(parser, args) -> int:
     for name in ("columns", "scale"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if not 0 <= args.seed < 2**63:  # a generator's seed
+    if args.seed is not None and not 0 <= args.seed < 2**63:  # a generator's seed
         parser.error(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     try:
         config, model = load_run(args.run)
@@ -275,7 +276,8 @@ def _grid(parser, args) -> int:
     out = args.out or str(Path(args.run) / GRID_FILE)
     shown = data.gather(torch.arange(min(args.columns, len(data))))
     title = f"{config.name}: {config.model.name}, beta {config.model.beta:g}"
-    if not draw_sample_grid(model, shown, data.modalities, out, args.columns, args.scale, args.seed, title):
+    seed = config.eval.seed if args.seed is None else args.seed
+    if not draw_sample_grid(model, shown, data.modalities, out, args.columns, args.scale, seed, title):
         parser.exit(1, f"{parser.prog} grid: error: {config.data.dataset} has no image modality to draw\n")
     print(f"sample grid written to {out}")
     return 0

@@ -345,7 +345,7 @@ def test_evaluate_only_the_fid_adds_kid_errors_to_an_older_evaluation(tiny_root,
     assert json.loads(path.read_text())["fid"]["samples"] == 4
 
 
-def test_a_run_stopped_by_the_wall_clock_guard_says_so(tiny_root, capsys):
+def test_a_run_stopped_by_the_wall_clock_guard_says_so(tiny_root, capsys, monkeypatch):
     run = train(_tiny(tiny_root, "early", max_minutes=1e-9), show_progress=True)  # over time after one step
     out, err = capsys.readouterr()
     notice = "training stopped early at train.max_minutes=1e-09 (wall-clock limit): 1 of 6 planned steps"
@@ -375,6 +375,18 @@ def test_a_run_stopped_by_the_wall_clock_guard_says_so(tiny_root, capsys):
     with Image.open(out) as png:
         assert 3 * 6 * 28 * 2 <= png.size[1] < 3 * 6 * 28 * 3
     assert str(out) in capsys.readouterr().out
+    # the grid command draws with the run's eval.seed, as the evaluation's grid, unless told otherwise (its default
+    # of 0 overwrote the evaluation's grid with differently seeded generations)
+    from applications.multimodal_vae.evaluation import grids
+
+    stored = OmegaConf.load(run / "config.yaml")
+    stored.eval.seed = 7
+    OmegaConf.save(stored, run / "config.yaml")
+    seeds = []
+    monkeypatch.setattr(grids, "draw_sample_grid", lambda *args: seeds.append(args[6]) or True)
+    assert main(["grid", "--run", str(run), "--out", str(out)]) == 0
+    assert main(["grid", "--run", str(run), "--out", str(out), "--seed", "3"]) == 0
+    assert seeds == [7, 3]
 
 
 @pytest.mark.parametrize("train_budget, steps", [({"epochs": 1}, 3), ({"max_steps": 2}, 2)])
