@@ -77,9 +77,38 @@ def _elementwise(combine):
     return reduce
 
 
+#: below |x| = n + _SERIES_MARGIN, I_n(x) from its power series, of positive terms, summed to _SERIES_TERMS terms
+_SERIES_MARGIN, _SERIES_TERMS = 20.0, 80
+
+
+def _besseli(order, x: torch.Tensor) -> torch.Tensor:
+    """The modified Bessel function ``I_n(x)`` of integer order ``n >= 0``, differentiable: torch's ``i0`` and ``i1``,
+    and for higher orders the power series ``sum_k (x/2)^(2k+n) / (k! (k+n)!)`` where ``|x| < n + 20`` (every term
+    positive up to the sign of ``x^n``) and the upward recurrence ``I_(m+1) = I_(m-1) - 2m / x I_m`` beyond, where
+    it is stable. The recurrence alone cancels next to 0 (``I_2(1e-5)`` 3.5e-4 off, ``I_2(1e-7)`` 6.6 %)."""
+    n = int(order)
+    if n <= 1:
+        return (torch.special.i0, torch.special.i1)[n](x)
+    x = torch.as_tensor(x)
+    wide = x.to(torch.float64)  # (the series' terms in float32 lose digits to the cancellation of their logs)
+    limit = n + _SERIES_MARGIN
+    near = wide.abs() < limit
+    # the series in log space, at a stand-in where x is 0 (I_n(0) = 0, and log 0 would make the gradient NaN)
+    zero = wide == 0
+    small = torch.where(near & ~zero, wide, 1.0)
+    k = torch.arange(_SERIES_TERMS, dtype=torch.float64, device=x.device)
+    log_terms = (2 * k + n) * torch.log(small.abs() / 2).unsqueeze(-1) - torch.lgamma(k + 1) - torch.lgamma(k + n + 1)
+    series = torch.where(zero, 0.0, torch.exp(log_terms).sum(-1) * torch.sign(small) ** n)
+    large = torch.where(near, limit, wide)  # (the recurrence divides by x)
+    below, current = torch.special.i0(large), torch.special.i1(large)
+    for m in range(1, n):
+        below, current = current, below - 2 * m / large * current
+    return torch.where(near, series, current).to(x.dtype)
+
+
 _TORCH_FUNCTIONS = {
     "polygamma": lambda n, x: torch.special.polygamma(int(n), x),
-    "besseli": lambda n, x: {0: torch.special.i0, 1: torch.special.i1}[int(n)](x),
+    "besseli": _besseli,
     "gamma": _gamma,
     "erfc": torch.special.erfc,
     "maximum": _elementwise(torch.maximum),
@@ -96,18 +125,16 @@ def _numbers_as_floats(expr: sp.Expr) -> sp.Expr:
     return expr.replace(constant, lambda e: sp.Float(e.evalf(30), 30))
 
 
-def _bessel_orders_0_and_1(expr: sp.Expr) -> sp.Expr:
-    """``expr`` with every ``besseli(n, x)`` of integer order written with orders 0 and 1 only (torch has no other;
-    ``I_n = I_(n-2) - 2 (n - 1) / x I_(n-1)``, and ``I_-n = I_n``): the derivatives of ``log I_0`` bring in
-    ``I_2``. A non-integer order raises: mapping it to an integer one would be silently wrong."""
-    def lower(order, x):
+def _integer_bessel_orders(expr: sp.Expr) -> sp.Expr:
+    """``expr``, whose every ``besseli(n, x)`` must have an integer order (torch's :func:`_besseli` computes those;
+    mapping another order to an integer one would be silently wrong), with ``I_-n`` written ``I_n``."""
+    def checked(order, x):
         if not order.is_integer:
             raise ValueError(f"besseli of order {order} has no torch counterpart (torch has orders 0 and 1; "
-                             "integer orders are rewritten with them)")
-        n = abs(int(order))
-        return sp.besseli(n, x) if n <= 1 else lower(sp.Integer(n - 2), x) - 2 * (n - 1) / x * lower(sp.Integer(n - 1), x)
+                             "other integer orders are computed from them)")
+        return sp.besseli(abs(int(order)), x)
 
-    return expr.replace(sp.besseli, lower)
+    return expr.replace(sp.besseli, checked)
 
 
 def to_torch(symbols: Sequence[sp.Symbol], expr: sp.Expr):
@@ -115,7 +142,7 @@ def to_torch(symbols: Sequence[sp.Symbol], expr: sp.Expr):
 
     The returned function takes one tensor per symbol and returns a tensor of their broadcast shape.
     """
-    expr = _numbers_as_floats(_bessel_orders_0_and_1(sp.sympify(expr)))
+    expr = _numbers_as_floats(_integer_bessel_orders(sp.sympify(expr)))
     function = sp.lambdify(list(symbols), expr, modules=[_TORCH_FUNCTIONS, "torch"],
                            printer=_Printer({"strict": False}))
 

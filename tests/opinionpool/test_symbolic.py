@@ -334,6 +334,18 @@ def test_bessel_functions_of_higher_order_reach_torch_and_fractional_orders_rais
         assert float(to_torch([x], sp.besseli(order, x))(point)) == pytest.approx(scipy.special.iv(order, 1.3), rel=1e-13)
     with pytest.raises(ValueError, match="besseli of order 1/2 has no torch counterpart"):
         to_torch([x], sp.besseli(sp.Rational(1, 2), x))
+    # next to 0 (the upward recurrence from I_0 and I_1 cancelled: I_2(1e-5) 3.5e-4 off, I_2(1e-7) 6.6 %) and on both
+    # sides of where the power series hands over to the recurrence (|x| = n + 20); the gradient is (I_n-1 + I_n+1) / 2
+    points = torch.tensor([1e-7, 1e-5, 0.3, 21.9, 22.1, 25.0, 60.0, -3.0], dtype=torch.float64, requires_grad=True)
+    for order in (2, 3, 5):
+        function = to_torch([x], sp.besseli(order, x))
+        values = function(points)
+        expected = scipy.special.iv(order, points.detach().numpy())
+        assert values.tolist() == pytest.approx(expected.tolist(), rel=1e-13)
+        (gradient,) = torch.autograd.grad(values.sum(), points)
+        where = points.detach().numpy()
+        slope = (scipy.special.iv(order - 1, where) + scipy.special.iv(order + 1, where)) / 2
+        assert gradient.tolist() == pytest.approx(slope.tolist(), rel=1e-12)
     z, eta = sp.Symbol("z", real=True), sp.Symbol("eta", positive=True)
     family = SymbolicFamily(z, [eta], [sp.cos(z)], sp.log(2 * sp.pi * sp.besseli(0, eta)), support=(-sp.pi, sp.pi),
                             domain=[eta > 0], name="cosine")
