@@ -335,7 +335,10 @@ def finished_runs(folder: Path, sweeps: list[SweepConfig]) -> tuple[list[dict], 
             missing.append(f"{run_dir.name} (unreadable checkpoint)")
             continue
         if finished:
-            rows.append(result_row(run_dir, model, beta, seed))
+            try:
+                rows.append(result_row(run_dir, model, beta, seed))
+            except (ValueError, KeyError, TypeError) as error:  # a damaged metrics.csv: named, the others go on
+                missing.append(f"{run_dir.name} (unreadable metrics.csv: {error})")
         else:
             missing.append(run_dir.name + (" (diverged)" if (run_dir / DIVERGED).exists() else ""))
     return rows, missing
@@ -454,12 +457,17 @@ def _finished(run_dir: Path, config) -> bool:
     # the checkpoint first, whether or not the run was evaluated: a damaged one is named wherever it is asked about
     if not _trained(run_dir, config) or not all((run_dir / name).exists() for name in RUN_OUTPUTS):
         return False
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    # metrics from before they stored the step they were computed at (or their settings): those of the finished
-    # checkpoint (with the settings of the sweep that evaluated them)
-    training, settings = metrics.get("training"), metrics.get("eval")
-    return (training is None or training["steps"] == _checkpoint_status(run_dir)[2]) and \
-        (settings is None or settings == asdict(config.eval))
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        # metrics from before they stored the step they were computed at (or their settings): those of the finished
+        # checkpoint (with the settings of the sweep that evaluated them)
+        training, settings = metrics.get("training"), metrics.get("eval")
+        return (training is None or training["steps"] == _checkpoint_status(run_dir)[2]) and \
+            (settings is None or settings == asdict(config.eval))
+    except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+        # damaged metrics (a truncated file stopped the whole sweep with a JSON error naming no file): the run is
+        # evaluated again
+        return False
 
 
 def _trained(run_dir: Path, config) -> bool:

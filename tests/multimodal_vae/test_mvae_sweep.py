@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from applications.multimodal_vae import sweep as sweep_module
 from applications.multimodal_vae.__main__ import main
+from applications.multimodal_vae.config import load_config
 from applications.multimodal_vae.sweep import (
     SweepConfig,
     aggregate,
@@ -303,6 +304,36 @@ def test_a_sweep_resumes_a_run_evaluated_before_it_finished(tiny_root):
     folder = run_sweep(one_run_sweep(tiny_root), show_progress=False)
     training = json.loads((run / "metrics.json").read_text())["training"]
     assert training["steps"] == training["planned_steps"] > 1 and training["stopped_by"] is None
+    with open(folder / "results.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 1
+
+
+def test_a_reevaluation_killed_before_its_report_or_damaged_metrics_are_evaluated_again(tiny_root, monkeypatch):
+    """An evaluation writes metrics.json, then report.md. Killed between them when the run had been evaluated
+    before, it left the old report beside the new metrics, and the sweep counted the run as evaluated for good (its
+    report showed the old step's numbers); a truncated metrics.json stopped the whole sweep with a JSON error that
+    named no file. Both runs are now evaluated again."""
+    import applications.multimodal_vae.evaluation as evaluation
+
+    folder = run_sweep(one_run_sweep(tiny_root), show_progress=False)
+    run = folder / "helvae-beta1.0-seed0"
+    render = evaluation.render_report
+
+    def killed(config, metrics):
+        raise KeyboardInterrupt("killed between metrics.json and report.md")
+
+    monkeypatch.setattr(evaluation, "render_report", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(one_run_sweep(tiny_root, ["train.epochs=4"]), show_progress=False)
+    assert json.loads((run / "metrics.json").read_text())["training"]["steps"] == 12
+    assert not (run / "report.md").exists()  # not the report of step 9
+    monkeypatch.setattr(evaluation, "render_report", render)
+    run_sweep(one_run_sweep(tiny_root, ["train.epochs=4"]), show_progress=False)
+    config = load_config(path=run / "config.yaml")
+    assert (run / "report.md").read_text() == render(config, json.loads((run / "metrics.json").read_text()))
+    (run / "metrics.json").write_text('{"test_examples": 10, "trunc')
+    run_sweep(one_run_sweep(tiny_root, ["train.epochs=4"]), show_progress=False)
+    assert json.loads((run / "metrics.json").read_text())["training"]["steps"] == 12
     with open(folder / "results.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 1
 

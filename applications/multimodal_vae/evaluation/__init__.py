@@ -117,6 +117,10 @@ def scored_tuples(settings, test_data):
 
 
 def _write_metrics(run_dir: Path, config, metrics: dict) -> None:
+    """``metrics.json``, then ``report.md`` from it; an earlier evaluation's report is removed first, so that an
+    evaluation killed between the two leaves no report beside metrics it does not show (a sweep counts a run with
+    both as evaluated, and skipped it for good)."""
+    (Path(run_dir) / "report.md").unlink(missing_ok=True)
     write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     write_text(run_dir / "report.md", render_report(config, metrics))
 
