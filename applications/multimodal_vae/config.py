@@ -253,6 +253,8 @@ def _merges(layers, override: str) -> bool:
 
 #: The numeric options' ranges, checked before any work: key -> (lowest, highest, ends excluded ("low", "high"),
 #: None allowed). Every float must also be finite. Bounds beyond plain positivity, and why:
+#: - data.num_modalities at least 2: the models pool the modalities' experts (one modality trained a full epoch and
+#:   then failed in the pooling diagnostics, which average over pairs of experts).
 #: - data.drop_rate below 1: at least one modality of each sample is kept.
 #: - model.beta in (0, 1000]: beta = 0 drops the KL term, and with it what keeps the posterior variances from
 #:   collapsing and the prior meaningful for unconditional generation; the papers use 1-10.
@@ -262,7 +264,7 @@ def _merges(layers, override: str) -> bool:
 #: - train.lr in (0, 1]: Adam moves every weight by about lr per step, so an lr above 1 exceeds the weights' scale.
 #: - seeds in [0, 2**32): train.seed times 1 000 003 plus the epoch must stay a valid 64-bit generator seed.
 RANGES = {
-    "data.num_modalities": (1, math.inf, (), False),
+    "data.num_modalities": (2, math.inf, (), False),
     "data.drop_rate": (0.0, 1.0, ("high",), False),
     "data.train_subset": (1, math.inf, (), True),
     "model.latent_dim": (1, math.inf, (), False),
