@@ -249,10 +249,11 @@ def _alpha_groups(rows: list[dict], folder: Path) -> tuple[dict, list[str]]:
 
 def _alpha_study_settings(config: dict) -> dict:
     """What runs of the alpha study share: the settings of a run (those a resumed run must share) but its pool,
-    alpha and seed."""
+    alpha and seed, and its training budget (epochs and step cap: a run of 300 epochs was pooled with runs of 3)."""
     settings = shared_settings(config)
     settings["model"] = {k: v for k, v in settings["model"].items() if k not in ("name", "alpha")}
     settings["train"] = {k: v for k, v in settings["train"].items() if k != "seed"}
+    settings["train"].update({k: config["train"][k] for k in ("epochs", "max_steps")})
     return settings
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -262,3 +263,19 @@ def test_the_alpha_study_counts_options_added_since_a_run_as_their_defaults(tmp_
     assert main(["study", "--sweep", str(folder)]) == 0
     page = (folder / "study.md").read_text()
     assert "Left out" not in page and "| holder | 0 | 2 |" in page
+
+
+def test_the_alpha_study_leaves_out_runs_of_another_training_budget(tmp_path):
+    """The settings the alpha study compares dropped everything a resumed run may change, the training budget
+    included: a run of 300 epochs was pooled with runs of a few."""
+    folder = tmp_path / "runs" / "polymnist-cpu-study"
+    masses = [(0.2, ""), (0.1, "")]
+    runs = [("helvae", "helvae", 0.5, 1.0, seed, {"coherence": 0.8}, masses) for seed in range(2)]
+    runs += [("holder-a0", "holder", 0.0, 1.0, seed, {"coherence": 0.3}, masses) for seed in range(2)]
+    runs += [("holder-a0-long", "holder", 0.0, 1.0, 2, {"coherence": 0.9}, masses)]
+    fake_sweep(folder, runs, {"holder-a0-long": ["train.epochs=300"]})
+    assert main(["study", "--sweep", str(folder)]) == 0
+    page = (folder / "study.md").read_text()
+    assert re.search(r"Left out \(1\): holder-a0-long-beta1\.0-seed2 \(settings other than helvae-beta1\.0-seed0's: "
+                     r"train\.epochs 300 against \d+\)\.", page)
+    assert "| holder | 0 | 2 | 0.300 ± 0.000 |" in page
