@@ -441,6 +441,13 @@ def _train(config, run_dir, state, show_progress, rank, world, device, tqdm, req
         remove_orphaned_temporaries(run_dir, RUN_FILES)
     batch_size = config.train.batch_size
     data = load_dataset(config).to(device)
+    probe = config.eval.probe_examples
+    if config.train.evaluate_at_end and data.num_classes is not None and probe != -1 and probe > len(data):
+        # (the probe draws from the whole training split; found short only after training, the run was left
+        # unevaluated)
+        raise ValueError(f"eval.probe_examples={probe} is more than the {len(data)} training tuples of "
+                         f"{config.data.dataset} at {config.data.root} the latent probe draws from: set it to at "
+                         "most that, or -1 (all)")
     n = len(data) if config.data.train_subset is None else config.data.train_subset
     if n > len(data):
         raise ValueError(f"data.train_subset={n} is more than the {len(data)} training tuples of "

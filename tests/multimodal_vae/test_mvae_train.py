@@ -97,6 +97,12 @@ def test_a_training_subset_larger_than_the_data_is_an_error(tiny_root):
     with pytest.raises(ValueError, match=r"data.train_subset=1000000 is more than the \d+ training tuples of polymnist"):
         train(config, show_progress=False)
     assert not (tiny_root / "runs" / "subset").exists()
+    # a latent probe larger than the training split was found only by the evaluation after training
+    config = tiny_config(tiny_root, "probe")
+    config.train.evaluate_at_end, config.eval.probe_examples = True, 500
+    with pytest.raises(ValueError, match=r"eval.probe_examples=500 is more than the 24 training tuples of polymnist"):
+        train(config, show_progress=False)
+    assert not (tiny_root / "runs" / "probe").exists()
 
 
 def test_subnormals_are_flushed_while_training_on_the_cpu_and_restored_after(tiny_root, monkeypatch):
