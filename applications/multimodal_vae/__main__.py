@@ -174,6 +174,9 @@ def main(argv=None) -> int:
             print(f"study written to {write_study(folder, args.docs, command)}")
         except ValueError as error:
             parser.error(str(error))
+        except FileNotFoundError as error:  # (a traceback)
+            parser.error(f"{error}: the sweep's results.csv lists a run that is no longer there; summarise the runs "
+                         "there are again (study --preset PRESET, or the sweep command)")
         return 0
     if args.command == "build-polymnist":
         from .data.build_polymnist import main as build_main

@@ -265,7 +265,7 @@ def test_the_alpha_study_counts_options_added_since_a_run_as_their_defaults(tmp_
     assert "Left out" not in page and "| holder | 0 | 2 |" in page
 
 
-def test_the_alpha_study_leaves_out_runs_of_another_training_budget(tmp_path):
+def test_the_alpha_study_leaves_out_runs_of_another_training_budget(tmp_path, capsys):
     """The settings the alpha study compares dropped everything a resumed run may change, the training budget
     included: a run of 300 epochs was pooled with runs of a few."""
     folder = tmp_path / "runs" / "polymnist-cpu-study"
@@ -279,3 +279,10 @@ def test_the_alpha_study_leaves_out_runs_of_another_training_budget(tmp_path):
     assert re.search(r"Left out \(1\): holder-a0-long-beta1\.0-seed2 \(settings other than helvae-beta1\.0-seed0's: "
                      r"train\.epochs 300 against \d+\)\.", page)
     assert "| holder | 0 | 2 | 0.300 ± 0.000 |" in page
+    # a run removed since the summary: a clear error naming it (it was a FileNotFoundError traceback)
+    import shutil
+
+    shutil.rmtree(folder / "holder-a0-beta1.0-seed1")
+    with pytest.raises(SystemExit):
+        main(["study", "--sweep", str(folder)])
+    assert "holder-a0-beta1.0-seed1" in capsys.readouterr().err
