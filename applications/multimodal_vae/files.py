@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import glob
 import hashlib
 import math
@@ -27,8 +28,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["UnreadableFile", "atomic_write", "code_commit", "write_text", "splice_table", "check_page", "splice_file",
-           "sha256", "verified", "fetch_wheel", "owner_tag", "is_orphaned", "remove_orphaned_temporaries", "digest",
-           "save_checked", "load_checked", "claim"]
+           "sha256", "verified", "fetch_wheel", "owner_tag", "is_orphaned", "remove_orphaned_temporaries",
+           "temporary_targets", "digest", "save_checked", "load_checked", "claim"]
 
 #: the key under which ``save_checked`` stores the SHA-256 of everything else in the file
 DIGEST_KEY = "sha256"
@@ -66,6 +67,20 @@ def is_orphaned(tag: str, path: Path) -> bool:
     except OSError:  # alive, owned by another user
         return False
     return False
+
+
+def temporary_targets(folder: Path, pattern: str) -> list[str]:
+    """The names matching ``pattern`` (a glob, such as ``*.png``) that ``atomic_write`` temporaries in ``folder`` are
+    for, whether or not the file itself exists yet (a summary killed while writing a figure for the first time left
+    its temporary for good when only the existing figures were looked at)."""
+    names = {candidate.name[1:].rpartition(".tmp")[0] for candidate in Path(folder).glob(".*.tmp")}
+    # ".{name}.{owner}.{random}": the name is the longest prefix that matches the pattern
+    found = set()
+    for name in names:
+        parts = name.split(".")
+        found.update(".".join(parts[:k]) for k in range(1, len(parts) + 1)
+                     if fnmatch.fnmatchcase(".".join(parts[:k]), pattern))
+    return sorted(found)
 
 
 def remove_orphaned_temporaries(folder: Path, names) -> list[Path]:

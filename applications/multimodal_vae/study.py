@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from .config import Config
-from .files import atomic_write, code_commit, remove_orphaned_temporaries, write_text
+from .files import atomic_write, code_commit, remove_orphaned_temporaries, temporary_targets, write_text
 from .sweep import SCALARS, aggregate, mean_std, mean_std_text, number_format, run_name
 from .train import setting_differences, shared_settings, with_defaults
 
@@ -598,7 +598,7 @@ def write_study(folder: Path, docs: Path | None = None, command: str = "") -> Pa
     figures in ``docs/figures/study/``). Returns the page written last."""
     folder = Path(folder)
     rows = _read_rows(folder)
-    remove_orphaned_temporaries(folder, ["study.md", *(p.name for p in folder.glob("study_*.png"))])
+    remove_orphaned_temporaries(folder, ["study.md", *temporary_targets(folder, "study_*.png")])
     figures = _plots(folder, rows, folder)
     grids = _sample_grids(folder, rows)
     page = folder / "study.md"

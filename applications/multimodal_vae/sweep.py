@@ -33,7 +33,16 @@ from .config import PRESETS, check_name, load_config, load_mapping, merge_checke
 from .data import load_dataset
 from .evaluation import evaluate_run
 from .evaluation.fid import check_weights_file
-from .files import UnreadableFile, atomic_write, claim, code_commit, remove_orphaned_temporaries, splice_file, write_text
+from .files import (
+    UnreadableFile,
+    atomic_write,
+    claim,
+    code_commit,
+    remove_orphaned_temporaries,
+    splice_file,
+    temporary_targets,
+    write_text,
+)
 from .train import (
     RunFolderBusy,
     TrainingDiverged,
@@ -569,7 +578,7 @@ def write_results(folder: Path, rows: list[dict], missing=()) -> None:
     """``results.csv``, the figures and ``report.md`` of the finished runs ``rows``; ``missing`` names the runs of
     the grid not finished yet (the report lists them). The temporary files of a summary killed while writing are
     removed first."""
-    remove_orphaned_temporaries(folder, ["results.csv", UNFINISHED, "report.md", *(p.name for p in folder.glob("*.png"))])
+    remove_orphaned_temporaries(folder, ["results.csv", UNFINISHED, "report.md", *temporary_targets(folder, "*.png")])
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=FIELDS)
     writer.writeheader()

@@ -814,7 +814,9 @@ def test_a_summary_and_a_splice_remove_what_a_killed_writer_left(tmp_path):
     folder = tmp_path / "sweep"
     folder.mkdir()
     (folder / "sweep_pareto.png").write_bytes(b"a figure")
-    left = [f".results.csv.{dead}.a.tmp", f".report.md.{dead}.b.tmp", f".sweep_pareto.png.{dead}.c.tmp"]
+    # (and of a figure drawn for the first time, which does not exist yet: only existing figures were looked at)
+    left = [f".results.csv.{dead}.a.tmp", f".report.md.{dead}.b.tmp", f".sweep_pareto.png.{dead}.c.tmp",
+            f".synergy.png.{dead}.f.tmp"]
     live = f".report.md.{owner_tag()}.d.tmp"
     for name in (*left, live):
         (folder / name).write_text("partial")
