@@ -232,7 +232,9 @@ def _check_tolerances(tol, max_iter) -> None:
 
 def wasserstein_barycenter(experts, weights=None, *, tol: float | None = None, max_iter: int = 500,
                            validate_args: bool | None = None):
-    """The 2-Wasserstein barycenter of Gaussian experts, as a ``torch.distributions`` object."""
+    """The 2-Wasserstein barycenter of Gaussian experts, as a ``torch.distributions`` object. ``weights`` are
+    normalised in log space as the pools' are: a zero weight removes its expert, and its gradient is 0 there (as a
+    pool's; :func:`covariance_barycenter`, given the weights themselves, gives the one-sided derivative)."""
     _check_tolerances(tol, max_iter)
     experts = as_experts(experts, validate_args)
     family, params = experts.family, experts.params
