@@ -379,8 +379,12 @@ def newton_inverse(family: ExponentialFamily, mean_params: torch.Tensor, init: t
         tol = 1e-11
 
     def objective(x):
+        # A evaluated at in-domain points only: outside, the first full step of a Beta of concentrations 1e5 landed
+        # at -1e10, where the log-gammas' polygamma corrections take minutes per call
+        inside = family.natural_domain(x)
+        x = torch.where(inside.unsqueeze(-1), x, eta)
         value = family.log_normalizer(x) - (x * target).sum(-1)
-        return torch.where(family.natural_domain(x), value, torch.full_like(value, float("inf")))
+        return torch.where(inside, value, torch.full_like(value, float("inf")))
 
     scale = target.abs().clamp_min(torch.finfo(target.dtype).tiny)  # a target of 0 (E[sin z] at loc 0)
 
