@@ -326,6 +326,11 @@ class CategoricalFamily(_LogProbabilityFamily):
         return safe_log(dist.probs)
 
     def distribution(self, params, validate_args: bool = False):
+        # an empty combination (every logit -inf: experts that rule out each other's categories, weight exactly 0 in a
+        # pool) gets uniform placeholder logits: torch normalised it to NaN, which the zero weight did not hide (the
+        # pool's mixture form scored and sampled NaN)
+        empty = torch.isneginf(params).all(-1, keepdim=True)
+        params = torch.where(empty, torch.zeros((), dtype=params.dtype, device=params.device), params)
         return Categorical(logits=params, validate_args=validate_args)
 
     def log_normalizer(self, natural):

@@ -397,3 +397,20 @@ def test_float32_binomial_log_densities_of_large_counts(total, value):
     assert got.dtype == torch.float32
     expected = stats.binom(total, probability).logpmf(value)
     assert got.item() == pytest.approx(expected, rel=3e-7, abs=1e-6)
+
+
+def test_the_mixture_form_of_categorical_experts_that_rule_out_each_others_categories():
+    """The pairwise combination of experts without a common category has every logit -inf (and weight 0): torch
+    normalised it to NaN, so the pool's mixture form scored NaN everywhere and could not sample. The alpha = 1/2 pool
+    by hand: u = (0.3 q_1^(1/2) + 0.7 q_2^(1/2))^2 = (0.09, 0.245, 0.245), of mass 0.58."""
+    experts = [Categorical(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)),
+               Categorical(torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64))]
+    mixture = opinionpool.holder(experts, 0.5, weights=[0.3, 0.7]).as_mixture()
+    values = torch.tensor([0, 1, 2])
+    expected = [math.log(0.09 / 0.58), math.log(0.245 / 0.58), math.log(0.245 / 0.58)]
+    assert mixture.log_prob(values).tolist() == pytest.approx(expected, rel=1e-14)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        draws = mixture.sample((4000,))
+    counts = torch.bincount(draws, minlength=3).to(torch.float64) / 4000
+    assert torch.allclose(counts, torch.tensor([0.09, 0.245, 0.245], dtype=torch.float64) / 0.58, atol=0.03)
