@@ -59,6 +59,7 @@ from ._validation import (
 )
 from .experts import Experts, as_experts
 from .families import DiagonalNormalFamily, ExponentialFamily, NormalFamily
+from .families.continuous import DirichletFamily
 from .families.base import safe_log
 from .numerical import (
     DEFAULT_RTOL,
@@ -1714,6 +1715,13 @@ def gaussian_projection(pool, family: str):
         raise ValueError(f"family must be None, 'gaussian' or 'diag_gaussian', got {family!r}")
     if not pool.family.has_numeric_moments:
         raise ValueError(f"family={family!r} needs numeric moments, but {pool.family.name} experts have none")
+    if pool.family.circular:  # (the Gaussian had half the angle's variance)
+        raise ValueError(f"family={family!r} is not defined for circular ({pool.family.name}) experts: their variance "
+                         "is the circular variance 1 - R, not a variance of the angle; moment_match() gives the "
+                         "von Mises with the pool's mean resultant")
+    if family == "gaussian" and isinstance(pool.family, DirichletFamily):  # (torch's check failed, or cholesky)
+        raise ValueError(f"family='gaussian' has no density for {pool.family.name} experts: their coordinates sum to "
+                         "one, so the covariance is singular; use 'diag_gaussian', or moment_match() for a Dirichlet")
     mean, validate = pool.mean, pool._validate
     if not pool.family.multivariate:
         return Normal(mean, pool.variance.sqrt(), validate_args=validate)

@@ -188,3 +188,25 @@ def test_weights_given_as_tensors_keep_their_gradient():
     mu, logvar = torch.tensor([[0.0], [2.0]]), torch.tensor([[0.0], [-1.0]])
     (grad_functional,) = torch.autograd.grad(opf.hellinger(mu, logvar, weights=[first, second])[0].sum(), second)
     assert grad_functional.abs() > 0
+
+
+def test_a_gaussian_projection_that_has_no_meaning_is_refused():
+    """A von Mises pool's Gaussian took the circular variance 1 - R as the angle's variance (about half of it under
+    the pooled density); a Dirichlet pool's full-covariance Gaussian failed torch's positive-definite check (its
+    coordinates sum to one) or, without validation, in a Cholesky factorisation. Both are refused by name; the
+    Dirichlet's marginal Gaussian stays."""
+    from torch.distributions import Dirichlet, VonMises
+
+    angles = [VonMises(torch.tensor(0.2, dtype=torch.float64), torch.tensor(100.0, dtype=torch.float64)),
+              VonMises(torch.tensor(-0.1, dtype=torch.float64), torch.tensor(50.0, dtype=torch.float64))]
+    for alpha in (0.5, 0.3):
+        for family in ("gaussian", "diag_gaussian"):
+            with pytest.raises(ValueError, match=rf"family='{family}' is not defined for circular \(VonMises\)"):
+                opinionpool.holder(angles, alpha, weights=[0.3, 0.7]).moment_match(family)
+    simplex = [Dirichlet(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)),
+               Dirichlet(torch.tensor([3.0, 0.5, 1.0], dtype=torch.float64))]
+    for validate in (True, False):
+        pool = opinionpool.holder(simplex, 0.5, weights=[0.3, 0.7], validate_args=validate)
+        with pytest.raises(ValueError, match="family='gaussian' has no density for Dirichlet experts"):
+            pool.moment_match("gaussian")
+        assert torch.allclose(pool.moment_match("diag_gaussian").mean, pool.mean)
