@@ -59,8 +59,8 @@ from ._validation import (
 )
 from .experts import Experts, as_experts
 from .families import DiagonalNormalFamily, ExponentialFamily, NormalFamily
-from .families.continuous import DirichletFamily
 from .families.base import safe_log
+from .families.continuous import DirichletFamily
 from .numerical import (
     DEFAULT_RTOL,
     Envelope,
