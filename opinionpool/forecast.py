@@ -346,7 +346,8 @@ def _merged_quantile_edges(dist: MixtureSameFamily, shape: torch.Size, lower: to
 
 def _node_quantile_edges(dist: _Pool, shape: torch.Size, lower: torch.Tensor, upper: torch.Tensor):
     """``(edges, tails)`` as :func:`_panel_edges` gives them for a pool without a finite mean or standard deviation
-    (experts with power-law tails), or None where its quadrature has no nodes: the quantile panels' levels placed at
+    (experts with power-law tails), or None where its quadrature has no nodes or an edge is not finite: the quantile
+    panels' levels placed at
     the quadrature's own nodes, the first node whose cumulative weight reaches each level (below the median; above
     it, counted from the top), so that the panels follow the pool's mass out along its tails at the cost of one
     batched quadrature (the pool's own ``icdf`` bisects adaptive masses one level at a time: over ten minutes for
@@ -355,10 +356,7 @@ def _node_quantile_edges(dist: _Pool, shape: torch.Size, lower: torch.Tensor, up
     law of ``|x|`` through the density at the two outermost distinct edges (``1 - F = x f / a`` for ``f`` falling as
     ``x^-(a + 1)``; exact for a power law, and vanishing for a light tail, whose ``a`` is large), or the node sums
     where that does not apply (edges on both sides of 0, a density not falling outwards)."""
-    try:
-        pi, points, _, _ = dist._node_expectation("quadrature", 1, 0, DEFAULT_RTOL)
-    except (ValueError, RuntimeError):
-        return None
+    pi, points, _, _ = dist._node_expectation("quadrature", 1, 0, DEFAULT_RTOL)  # (its errors name their cause)
     batch = pi.shape[1:]
     pi, points = pi.reshape(pi.shape[0], -1).T, points.reshape(points.shape[0], -1).T  # (pools, nodes)
     if pi.shape[-1] == 0:
@@ -369,7 +367,9 @@ def _node_quantile_edges(dist: _Pool, shape: torch.Size, lower: torch.Tensor, up
     pi = pi.gather(-1, order)
     below = torch.cumsum(pi, -1)  # the weight up to and including each node
     beyond = pi.flip(-1).cumsum(-1).flip(-1)  # from each node up
-    levels = _quantile_levels(torch.float64)
+    # (a float32 pool's levels stop at 2.4e-7: at 1e-13 the edges of a tail of index 0.6 lay where its float32
+    # density is 0, and the tail beyond them was dropped)
+    levels = _quantile_levels(_dtype(dist)).to(torch.float64)
     low, high = levels <= 0.5, levels > 0.5
     count = (pi > 0).sum(-1, keepdim=True).clamp_min(1)
     first = torch.searchsorted(below.contiguous(), levels[low].expand(len(pi), -1).contiguous())
@@ -440,8 +440,9 @@ def _panel_edges(dist: Distribution, shape: torch.Size) -> tuple[torch.Tensor, t
         if found is not None:
             return found
     with warnings.catch_warnings():
-        # a pool whose mean is undefined says so; its panels come from its nodes below, and nobody asked for the mean
-        warnings.simplefilter("ignore", RuntimeWarning)
+        if isinstance(dist, _Pool):
+            # a pool whose mean is undefined says so; its panels come from its nodes below, and nobody asked for it
+            warnings.filterwarnings("ignore", "the pool's mean is undefined", RuntimeWarning)
         mean, sd = _mean_and_sd(dist)
     bad = ~(torch.isfinite(mean) & torch.isfinite(sd))
     if bool(bad.any()):

@@ -97,6 +97,8 @@ _CHECK_COMPONENTS = 256
 #: a quantile's bracket between quadrature nodes across which the pooled log-density falls by more than this many
 #: nats is solved on the tail's adaptive mass instead of a 32-point rule between the nodes
 _STEEP_NATS = 30.0
+#: the factor by which a quantile's bracket towards an infinite end grows until it holds the quantile
+_BRACKET_GROWTH = 2.0**16
 #: scalar numerical pools sample by inverting their cdf where the rejection envelope accepts less than this share
 #: of its proposals (1000 rounds at 5% leave a slot empty with probability 5e-23)
 _MIN_ACCEPTANCE = 0.05
@@ -625,7 +627,7 @@ class _Pool(Distribution):
         ``far``, where it lies: bisection on the adaptive quadrature's mass of the tail between the end and ``z``
         (its log against ``log q``, or ``log(1 - q)`` towards the upper end). Towards a finite end in
         ``t = log|z - end|``; towards an infinite one in ``t = log|z - far|``, out to the first of ``step``,
-        ``2 step``, ``4 step``... past the quantile."""
+        ``2^16 step``, ``2^32 step``... past the quantile."""
         lower, upper = self.family.support_interval
         end = lower if side > 0 else upper
         target = math.log(q if side > 0 else 1 - q) + log_z if 0 < q < 1 else -math.inf
@@ -647,8 +649,9 @@ class _Pool(Distribution):
         else:
             t_lo, t_hi = 0.0, step  # the distance from far, bracketed first
             feasible_far = side < 0  # further towards the end: F grows with it towards the upper end
-            while feasible(far - side * t_hi) != feasible_far and math.isfinite(far - side * 2 * t_hi):
-                t_lo, t_hi = t_hi, 2 * t_hi
+            # (by factors of 2^16: doubling from the nodes' span, 1e100, took 245 adaptive quadratures to 1e174)
+            while feasible(far - side * t_hi) != feasible_far and math.isfinite(far - side * _BRACKET_GROWTH * t_hi):
+                t_lo, t_hi = t_hi, _BRACKET_GROWTH * t_hi
 
             # then bisected in its log: the nodes' span, the first step, reaches 1e65 and more on power-law tails,
             # and halving that in z a hundred times left 1e35 (a quantile of 1e-80 at -1.3e14 for -7.0e15)

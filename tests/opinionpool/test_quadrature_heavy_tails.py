@@ -421,3 +421,22 @@ def test_far_quantiles_of_a_power_law_tail(eta):
     for level, quantile in zip(levels, pool.icdf(torch.tensor(levels, dtype=torch.float64)).tolist()):
         expected = reference.ppf(level) if level < 0.5 else reference.isf(1 - level)
         assert quantile == pytest.approx(expected, rel=1e-10), level
+
+
+def test_a_float32_pool_of_very_heavy_tails_keeps_its_tails_in_the_crps():
+    """A float32 pool's node panels reached the float64 levels (1e-13), whose edges for a tail of index near 1/2 lie
+    where the float32 density is 0: the tail beyond them was dropped (7.25 for 8.592; a divergent CRPS finite).
+    They now stop at float32's levels, as torch distributions' quantile panels do. Against the float64 pool, itself
+    checked against scipy above."""
+    family = student_like_family()
+    for eta, finite in ((-0.76, True), (-0.7, False)):
+        scores = []
+        for dtype in (torch.float64, torch.float32):
+            experts = opinionpool.Experts(family, torch.tensor([[eta], [eta]], dtype=dtype))
+            pool = opinionpool.NumericalHolderPool(experts, 0.5, torch.tensor([0.3, 0.7], dtype=dtype))
+            scores.append(float(opinionpool.crps(pool, torch.tensor([-3.0], dtype=dtype))))
+        if finite:
+            assert scores[0] == pytest.approx(8.592413873277, rel=1e-9)
+            assert scores[1] == pytest.approx(scores[0], rel=1e-4)
+        else:
+            assert scores == [math.inf, math.inf]
