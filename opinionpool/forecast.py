@@ -347,14 +347,13 @@ def _merged_quantile_edges(dist: MixtureSameFamily, shape: torch.Size, lower: to
 def _node_quantile_edges(dist: _Pool, shape: torch.Size, lower: torch.Tensor, upper: torch.Tensor):
     """``(edges, tails)`` as :func:`_panel_edges` gives them for a pool without a finite mean or standard deviation
     (experts with power-law tails), or None where its quadrature has no nodes or an edge is not finite: the quantile
-    panels' levels placed at
-    the quadrature's own nodes, the first node whose cumulative weight reaches each level (below the median; above
-    it, counted from the top), so that the panels follow the pool's mass out along its tails at the cost of one
-    batched quadrature (the pool's own ``icdf`` bisects adaptive masses one level at a time: over ten minutes for
-    the 129 levels). A finite end of the support is the first or last edge (its ladder then takes over there). The
-    tails beyond the outer edges, whose levels the node sums give only to about a node's weight, follow the power
-    law of ``|x|`` through the density at the two outermost distinct edges (``1 - F = x f / a`` for ``f`` falling as
-    ``x^-(a + 1)``; exact for a power law, and vanishing for a light tail, whose ``a`` is large), or the node sums
+    panels' levels placed at the quadrature's own nodes, the first node whose cumulative weight reaches each level
+    (below the median; above it, counted from the top), so that the panels follow the pool's mass out along its tails at
+    the cost of one batched quadrature (the pool's own ``icdf`` bisects adaptive masses one level at a time: over ten
+    minutes for the 129 levels). A finite end of the support is the first or last edge (its ladder then takes over
+    there). The tails beyond the outer edges, whose levels the node sums give only to about a node's weight, follow the
+    power law of ``|x|`` through the density at the two outermost distinct edges (``1 - F = x f / a`` for ``f`` falling
+    as ``x^-(a + 1)``; exact for a power law, and vanishing for a light tail, whose ``a`` is large), or the node sums
     where that does not apply (edges on both sides of 0, a density not falling outwards)."""
     pi, points, _, _ = dist._node_expectation("quadrature", 1, 0, DEFAULT_RTOL)  # (its errors name their cause)
     batch = pi.shape[1:]
@@ -379,11 +378,10 @@ def _node_quantile_edges(dist: _Pool, shape: torch.Size, lower: torch.Tensor, up
     index = torch.minimum(torch.cat((first, last), -1).clamp_min(0), count - 1)
     edges = torch.sort(points.gather(-1, index), -1).values
     edges = edges.reshape(batch + edges.shape[-1:])
-    edges = torch.maximum(torch.minimum(edges, upper.unsqueeze(-1)), lower.unsqueeze(-1)).expand(shape + edges.shape[-1:])
-    ends = torch.stack((torch.isfinite(lower).expand(shape), torch.isfinite(upper).expand(shape)), -1)
-    edges = torch.cat((torch.where(ends[..., :1], lower.unsqueeze(-1).expand(shape + (1,)), edges[..., :1]),
-                       edges[..., 1:-1],
-                       torch.where(ends[..., 1:], upper.unsqueeze(-1).expand(shape + (1,)), edges[..., -1:])), -1)
+    edges = torch.maximum(torch.minimum(edges, upper.unsqueeze(-1)), lower.unsqueeze(-1))
+    edges = edges.expand(shape + edges.shape[-1:]).clone()
+    edges[..., 0] = torch.where(torch.isfinite(lower), lower, edges[..., 0])
+    edges[..., -1] = torch.where(torch.isfinite(upper), upper, edges[..., -1])
     if not bool(torch.isfinite(edges).all()):
         return None
     # the node sums beyond the outer edges

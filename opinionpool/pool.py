@@ -552,7 +552,8 @@ class _Pool(Distribution):
         tail, against ``q`` or ``1 - q``) and bisected in the log of the distance: next to a Gamma's singular end at
         0 the rule between nodes orders of magnitude apart put the quantile 1e-5 of a shape 0.1 at 2.0e-51, not
         3.0e-51, and those below 1e-8 at the nearest node. The same where the pooled log-density falls by more than
-        ``_STEEP_NATS`` across the bracket (far tails, towards an infinite end). Above the median all of it runs on
+        ``_STEEP_NATS`` across the bracket (far tails, towards an infinite end), and where the quantile lies beyond the
+        outermost node with mass (the bracket stops a span of the nodes past it). Above the median all of it runs on
         the upper tail against ``1 - q``, the anchor found by the mass from the top."""
         lower, upper = self.family.support_interval
         pi, points, _, _ = self._node_expectation("quadrature", 1, 0, DEFAULT_RTOL)

@@ -43,14 +43,21 @@ class _LogProbabilityFamily(ExponentialFamily):
         keeps its value and its gradient, where the probability-space mean and its ``log`` made it exactly zero. An
         empty combination (every entry ``-inf``, weight zero) contributes nothing, not NaN."""
         log_pi, natural = log_pi.to(torch.float64), params.to(torch.float64)
-        empty = torch.isneginf(natural).all(-1, keepdim=True)
-        log_probs = torch.log_softmax(torch.where(empty, torch.zeros((), dtype=natural.dtype), natural), dim=-1)
+        log_probs = torch.log_softmax(_without_empty(natural), dim=-1)
         terms = log_pi.unsqueeze(-1) + log_probs
         k = log_pi.dim() - 1
         # a category every expert rules out: logsumexp's backward would compute exp(-inf - -inf) = NaN there
         ruled_out = torch.isneginf(terms).all(k, keepdim=True)
         pooled = torch.logsumexp(torch.where(ruled_out, torch.zeros((), dtype=terms.dtype), terms), dim=k)
         return torch.where(ruled_out.squeeze(k), -math.inf, pooled).to(params.dtype)
+
+
+def _without_empty(natural: torch.Tensor) -> torch.Tensor:
+    """``natural`` with each empty combination (every entry ``-inf``: experts that rule out each other's outcomes,
+    whose combination has weight exactly zero in a pool) replaced by the uniform placeholder 0: normalised, it would
+    be NaN, which the zero weight does not hide."""
+    empty = torch.isneginf(natural).all(-1, keepdim=True)
+    return torch.where(empty, torch.zeros((), dtype=natural.dtype, device=natural.device), natural)
 
 
 def _probs_given(dist, binary: bool) -> bool:
@@ -190,9 +197,7 @@ class _CountFamily(_LogProbInFloat64, _LogProbabilityFamily):
         """``(1 - p, p)``, exact also where one of them is zero. An empty combination (``eta = (-inf, -inf)``: experts
         that rule out each other's outcomes, whose combination has Chernoff coefficient zero and so weight exactly
         zero in a pool) gets the placeholder ``(1/2, 1/2)`` rather than NaN, which the zero weight would not hide."""
-        empty = torch.isneginf(natural).all(-1, keepdim=True)
-        return torch.softmax(torch.where(empty, torch.zeros((), dtype=natural.dtype, device=natural.device), natural),
-                             dim=-1)
+        return torch.softmax(_without_empty(natural), dim=-1)
 
     def _largest_logit(self, dtype) -> float:
         """How ``distribution`` writes p = 0 or 1: a finite logit whose products with the counts (torch's Binomial
@@ -326,12 +331,8 @@ class CategoricalFamily(_LogProbabilityFamily):
         return safe_log(dist.probs)
 
     def distribution(self, params, validate_args: bool = False):
-        # an empty combination (every logit -inf: experts that rule out each other's categories, weight exactly 0 in a
-        # pool) gets uniform placeholder logits: torch normalised it to NaN, which the zero weight did not hide (the
-        # pool's mixture form scored and sampled NaN)
-        empty = torch.isneginf(params).all(-1, keepdim=True)
-        params = torch.where(empty, torch.zeros((), dtype=params.dtype, device=params.device), params)
-        return Categorical(logits=params, validate_args=validate_args)
+        # (torch normalised an empty combination to NaN: the pool's mixture form scored and sampled NaN)
+        return Categorical(logits=_without_empty(params), validate_args=validate_args)
 
     def log_normalizer(self, natural):
         return torch.logsumexp(natural, dim=-1)
