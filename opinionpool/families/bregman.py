@@ -47,19 +47,11 @@ def _bregman_value(family, eta_p: torch.Tensor, eta_q: torch.Tensor, strict: boo
     # a category p gives probability zero (eta_p = -inf, mean parameter 0) adds nothing to the linear term: inf * 0
     # would be NaN (and -inf - -inf for KL(p || p)); where only q gives it zero, delta stays -inf (KL = inf)
     delta = torch.where(torch.isneginf(eta_p), 0, eta_q - eta_p)
-    log_normalizer_p, log_normalizer_q = family.log_normalizer(eta_p), family.log_normalizer(eta_q)
-    mean_p = family.mean_parameters(eta_p)
-    linear_terms = delta * mean_p
-    direct = log_normalizer_q - log_normalizer_p - linear_terms.sum(-1)
-    # the size of the terms, not of their sums: log-normalisers that vanish (a Bernoulli's (log(1 - p), log p) gives
-    # A = 0) and a linear term whose entries cancel made the scale of 1e-8 experts apart about 1e-16, so the direct
-    # form's rounding (3e-16 for a KL of 2.4e-16) passed for the value
-    scale = log_normalizer_q.abs() + log_normalizer_p.abs() + linear_terms.abs().sum(-1)
-    # and the size of the terms inside the log-normalisers: a Bernoulli's A = log(e^log(1 - p) + e^log p) is 0 up to
-    # the rounding of terms of about 0.6, which the direct form of experts 1e-10 apart took for a divergence
-    # (-1.2e-16 against 2e-21); <eta, mu> measures them (a category of probability zero adds nothing)
-    for eta, mean in ((eta_p, mean_p), (eta_q, family.mean_parameters(eta_q))):
-        scale = scale + torch.where(torch.isneginf(eta), 0, eta * mean).abs().sum(-1)
+    direct, scale = _direct_form(family, eta_p, eta_q, delta)
+    if family.splits_log_normalizer:  # the form of the smaller rounding, row by row
+        split, split_scale = _split_direct_form(family, eta_p, eta_q, delta)
+        better = split_scale < scale
+        direct, scale = torch.where(better, split, direct), torch.where(better, split_scale, scale)
     cancelled = direct.abs() < _CANCELLATION * scale
     if not bool(cancelled.any()):
         return direct, cancelled
@@ -77,6 +69,40 @@ def _bregman_value(family, eta_p: torch.Tensor, eta_q: torch.Tensor, strict: boo
                          "underflows or changes too much along the path for the remainder's rule) "
                          f"(first natural parameter of p: {describe(eta_p[..., 0], lost)})")
     return torch.where(short, remainder, direct), short
+
+
+def _direct_form(family, eta_p, eta_q, delta):
+    """``A(q) - A(p) - <delta, grad A(p)>`` and the size of its terms (its rounding is a few ulps of it)."""
+    log_normalizer_p, log_normalizer_q = family.log_normalizer(eta_p), family.log_normalizer(eta_q)
+    mean_p = family.mean_parameters(eta_p)
+    linear_terms = delta * mean_p
+    direct = log_normalizer_q - log_normalizer_p - linear_terms.sum(-1)
+    # the size of the terms, not of their sums: log-normalisers that vanish (a Bernoulli's (log(1 - p), log p) gives
+    # A = 0) and a linear term whose entries cancel made the scale of 1e-8 experts apart about 1e-16, so the direct
+    # form's rounding (3e-16 for a KL of 2.4e-16) passed for the value
+    scale = log_normalizer_q.abs() + log_normalizer_p.abs() + linear_terms.abs().sum(-1)
+    # and the size of the terms inside the log-normalisers: a Bernoulli's A = log(e^log(1 - p) + e^log p) is 0 up to
+    # the rounding of terms of about 0.6, which the direct form of experts 1e-10 apart took for a divergence
+    # (-1.2e-16 against 2e-21); <eta, mu> measures them (a category of probability zero adds nothing)
+    for eta, mean in ((eta_p, mean_p), (eta_q, family.mean_parameters(eta_q))):
+        scale = scale + torch.where(torch.isneginf(eta), 0, eta * mean).abs().sum(-1)
+    return direct, scale
+
+
+def _split_direct_form(family, eta_p, eta_q, delta):
+    """The direct form of a log-normaliser split into ``H + R`` (``ExponentialFamily.splits_log_normalizer``): ``H``'s
+    divergence as the family computes it, plus ``R(q) - R(p) - <delta, grad R(p)>``, whose terms are of the size of
+    ``log eta``, not of ``eta`` (the whole ``A`` of Beta(1e16, 1e16) is -1.4e16: its direct form kept no digit of a
+    KL divergence of 17)."""
+    with torch.enable_grad():
+        point = eta_p.detach().requires_grad_(True)
+        remainder_p, size_p = family.log_normalizer_remainder(point)
+        (slope_p,) = torch.autograd.grad(remainder_p.sum(), point)
+    remainder_q, size_q = family.log_normalizer_remainder(eta_q)
+    linear_terms = delta * slope_p
+    value, size = family.homogeneous_divergence(eta_p, eta_q)
+    direct = value + remainder_q - remainder_p.detach() - linear_terms.sum(-1)
+    return direct, size + size_p.detach() + size_q + linear_terms.abs().sum(-1)
 
 
 class _Bregman(torch.autograd.Function):

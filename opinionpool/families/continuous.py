@@ -87,6 +87,134 @@ def _log_beta_term_size(concentrations: torch.Tensor) -> torch.Tensor:
     return (lgammas.abs() + drops.abs()).sum(-1)
 
 
+#: ``B_2k / (2k (2k - 1))``, k = 1 .. 8: Stirling's series ``lgamma(x) = (x - 1/2) log x - x + log(2 pi) / 2 + sum_k
+#: B_2k / (2k (2k - 1) x^(2k - 1))``, whose ninth term is 2e-18 at x = 10
+_STIRLING_SERIES = (1 / 12, -1 / 360, 1 / 1260, -1 / 1680, 1 / 1188, -691 / 360360, 1 / 156, -3617 / 122400)
+#: above this total concentration the Beta, Dirichlet and Gamma densities are written relative to their mean
+#: (``_log_density_near_mean``): below it the log-gammas are under 1e5 and round by 1e-11
+_LARGE_CONCENTRATION = 1e4
+#: Loader's series for ``_deviance`` where ``|x - y| < 0.1 (x + y)``: ``v^2 < 0.01``, ten terms reach rounding
+_DEVIANCE_NEAR, _DEVIANCE_TERMS = 0.1, 10
+
+
+def _stirling_remainder(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lgamma(x) - ((x - 1/2) log x - x + log(2 pi) / 2)`` for ``x > 0`` and the size of its terms: from its series
+    from ``x = 10`` on (the two forms are of size ``x log x`` and cancel: 3.6e17 each at 1e16, for a remainder of
+    8e-18), directly below."""
+    large = x >= 10
+    inverse = 1 / torch.where(large, x, 10.0)
+    inverse_square = inverse * inverse
+    series = torch.zeros_like(inverse)
+    for coefficient in reversed(_STIRLING_SERIES):  # Horner in 1 / x^2, from the smallest term
+        series = series * inverse_square + coefficient
+    series = series * inverse
+    small = torch.where(large, 1.0, x)
+    lgamma, power = torch.lgamma(small), (small - 0.5) * torch.log(small)
+    direct = lgamma - (power - small + 0.5 * LOG_2PI)
+    direct_size = lgamma.abs() + power.abs() + small + 0.5 * LOG_2PI
+    return torch.where(large, series, direct), torch.where(large, series.abs(), direct_size)
+
+
+def _deviance(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x log(x / y) - x + y >= 0`` for positive ``x``, ``y``, without cancellation, and the size of its terms (Loader's
+    ``bd0``, as R's dbinom and dpois compute it): where ``x`` and ``y`` are close, ``(x - y) v + 2 x sum_j v^(2j + 1) /
+    (2j + 1)`` with ``v = (x - y) / (x + y)``, whose second part is under a fifteenth of the first; directly elsewhere
+    (its terms then differ by a fifth or more), the log of the ratio taken whole where it is a normal number."""
+    near = (x - y).abs() < _DEVIANCE_NEAR * (x + y)
+    x_near, y_near = torch.where(near, x, 1.0), torch.where(near, y, 1.0)
+    v = (x_near - y_near) / (x_near + y_near)
+    v_square = v * v
+    odd_terms = torch.zeros_like(v)
+    for j in reversed(range(1, _DEVIANCE_TERMS + 1)):  # sum_j v^(2j - 2) / (2j + 1), Horner from the smallest term
+        odd_terms = odd_terms * v_square + 1 / (2 * j + 1)
+    leading, higher = (x_near - y_near) * v, 2 * x_near * v * v_square * odd_terms
+    x_far, y_far = torch.where(near, 1.0, x), torch.where(near, 2.0, y)
+    ratio = x_far / y_far
+    normal = torch.isfinite(ratio) & (ratio >= torch.finfo(ratio.dtype).tiny)
+    log_ratio = torch.where(normal, torch.log(torch.where(normal, ratio, 1.0)), torch.log(x_far) - torch.log(y_far))
+    product = x_far * log_ratio
+    value = torch.where(near, leading + higher, product - x_far + y_far)
+    return value, torch.where(near, leading.abs() + higher.abs(), product.abs() + x_far + y_far)
+
+
+def _log_beta_remainder(concentrations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``R(c) = log B(c) - sum_k c_k log(c_k / t)`` (``t`` the total) and the size of its terms: by Stirling's formula
+    ``-1/2 sum_k log c_k + 1/2 log t + (K - 1)/2 log(2 pi) + sum_k delta(c_k) - delta(t)`` (``delta`` the formula's
+    error), of the size of ``log c``, where ``log B`` is of the size of ``t``. The subtracted part is homogeneous of
+    degree one, so its Bregman divergence is a sum of ``_deviance`` terms (``_simplex_divergence``)."""
+    total = concentrations.sum(-1)
+    constant = 0.5 * (concentrations.shape[-1] - 1) * LOG_2PI
+    half_logs, half_log_total = 0.5 * torch.log(concentrations), 0.5 * torch.log(total)
+    (remainders, remainder_sizes), (total_remainder, total_size) = (_stirling_remainder(concentrations),
+                                                                    _stirling_remainder(total))
+    value = -half_logs.sum(-1) + half_log_total + constant + remainders.sum(-1) - total_remainder
+    size = (half_logs.abs() + remainder_sizes).sum(-1) + half_log_total.abs() + constant + total_size
+    return value, size
+
+
+def _simplex_divergence(eta_p: torch.Tensor, eta_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Bregman divergence of ``H(c) = sum_k c_k log(c_k / t)``, ``H(q) - <q, grad H(p)> = sum_k q_k log(q_k t_p /
+    (p_k t_q))`` (``H`` is homogeneous of degree one), as ``sum_k _deviance(q_k, p_k t_q / t_p)``: ``t_q`` times the
+    KL divergence between the two means, every term non-negative; and the size of its terms."""
+    ratio = eta_q.sum(-1, keepdim=True) / eta_p.sum(-1, keepdim=True)
+    value, size = _deviance(eta_q, eta_p * ratio)
+    return value.sum(-1), size.sum(-1)
+
+
+def _log_density_near_mean(concentrations, value, log_value, unnormalised=None):
+    """``(log density, size of its terms)`` of a Beta or Dirichlet at interior points, written relative to its mean
+    ``c / t``: ``sum_k (c_k - 1) log z_k - log B(c) = -sum_k _deviance(c_k, t z_k) - sum_k log z_k - R(c)``
+    (``_log_beta_remainder``), plus ``t (sum_k z_k - 1)`` where ``unnormalised`` gives that sum minus one (a
+    Dirichlet's values sum to one only to rounding, and the formula is the density's at the values given). The
+    log-gamma form adds terms of the size of ``t log t`` and keeps nothing of a density at 1e16 (70 for 18.54)."""
+    total = concentrations.sum(-1, keepdim=True)
+    scaled = total * value
+    deviances, deviance_sizes = _deviance(concentrations, scaled)
+    remainder, remainder_size = _log_beta_remainder(concentrations)
+    log_density = -deviances.sum(-1) - log_value.sum(-1) - remainder
+    # with the rounding of t z_k, which moves a deviance by |t z_k - c_k| ulps
+    size = (deviance_sizes + (scaled - concentrations).abs() + log_value.abs()).sum(-1) + remainder_size
+    if unnormalised is not None:
+        log_density = log_density + total.squeeze(-1) * unnormalised
+        size = size + (total.squeeze(-1) * unnormalised).abs()
+    return log_density, size
+
+
+def _sum_minus_one(values: torch.Tensor) -> torch.Tensor:
+    """``sum_k z_k - 1`` over the last axis by compensated (Neumaier) summation: a plain sum rounds by 1e-16, which a
+    Dirichlet of total concentration 1e16 turns into an error of one in its log density (``t (sum_k z_k - 1)``)."""
+    total = torch.full_like(values[..., 0], -1.0)
+    compensation = torch.zeros_like(total)
+    for value in values.unbind(-1):
+        moved = total + value
+        compensation = compensation + torch.where(total.abs() >= value.abs(), (total - moved) + value,
+                                                  (value - moved) + total)
+        total = moved
+    return total + compensation
+
+
+def _simplex_log_prob(concentrations, value, log_value, unnormalised=None):
+    """``(log density, size of its terms)`` of Betas or Dirichlets (``value`` and ``log_value``: the points and their
+    logs, ``(..., K)``): relative to the mean (``_log_density_near_mean``) from a total concentration of
+    ``_LARGE_CONCENTRATION`` on, at points inside the support; from the log-gammas elsewhere (at an end of the support
+    the power terms decide between 0, infinity and a finite density)."""
+    lgamma_form = _power_terms(concentrations, log_value)
+    lgamma_log_density = lgamma_form.sum(-1) - _log_beta(concentrations)
+    lgamma_size = lgamma_form.abs().sum(-1) + _log_beta_term_size(concentrations)
+    total = concentrations.sum(-1, keepdim=True)
+    near = ((total >= _LARGE_CONCENTRATION) & (total * value > torch.finfo(value.dtype).tiny)
+            & torch.isfinite(log_value)).all(-1)
+    if not bool(near.any()):
+        return lgamma_log_density, lgamma_size
+    inside = near.unsqueeze(-1)
+    concentrations = torch.where(inside, concentrations, 1.0)  # finite values and gradients where not taken
+    value, log_value = torch.where(inside, value, 0.5), torch.where(inside, log_value, math.log(0.5))
+    if unnormalised is not None:
+        unnormalised = torch.where(near, unnormalised, 0.0)
+    log_density, size = _log_density_near_mean(concentrations, value, log_value, unnormalised)
+    return torch.where(near, log_density, lgamma_log_density), torch.where(near, size, lgamma_size)
+
+
 def _power_terms(concentration, log_value):
     """``(concentration - 1) * log z``, the density's power of ``z``, for ``log_prob``: at the end of the support
     (``log z = -inf``) ``log h(z) + eta * T(z)`` would add ``+inf`` and ``-inf``; ``edge_product`` makes a
@@ -154,6 +282,15 @@ class GammaFamily(ExponentialFamily):
         a, rate = natural[..., 0], -natural[..., 1]
         return torch.lgamma(a) - a * torch.log(rate)
 
+    def homogeneous_divergence(self, eta_p, eta_q):
+        """Of ``H = a log(a / rate) - a``: ``_deviance(a_q, a_p rate_q / rate_p)`` (with the size of its terms)."""
+        return _deviance(eta_q[..., 0], eta_p[..., 0] * (eta_q[..., 1] / eta_p[..., 1]))
+
+    def log_normalizer_remainder(self, natural):
+        """``R = lgamma(a) - a log a + a = -1/2 log a + 1/2 log(2 pi) + delta(a)`` (Stirling's formula and its error)."""
+        half_log, (remainder, remainder_size) = 0.5 * torch.log(natural[..., 0]), _stirling_remainder(natural[..., 0])
+        return -half_log + 0.5 * LOG_2PI + remainder, half_log.abs() + 0.5 * LOG_2PI + remainder_size
+
     def natural_domain(self, natural):
         return (natural[..., 0] > 0) & (natural[..., 1] < 0) & torch.isfinite(natural).all(-1)
 
@@ -164,12 +301,33 @@ class GammaFamily(ExponentialFamily):
         return -torch.log(value)
 
     def log_prob(self, params, value):
-        return _power_terms(params[..., 0], torch.log(value)) + params[..., 1] * value - self.log_normalizer(params)
+        return self._log_prob_and_size(params, value)[0]
 
     def log_prob_term_size(self, params, value):
+        return self._log_prob_and_size(params, value)[1]
+
+    def _log_prob_and_size(self, params, value):
+        """From the log-gammas, or, from a shape of ``_LARGE_CONCENTRATION`` on and where ``rate z`` is a normal
+        number, relative to the mean (as Loader's Poisson density): ``-_deviance(a, rate z) - log z + 1/2 log a -
+        1/2 log(2 pi) - delta(a)`` (``delta`` Stirling's error), whose terms are not of the size of ``a log a``."""
         a, rate = params[..., 0], -params[..., 1]
-        normalizer_terms = torch.lgamma(a).abs() + (a * torch.log(rate)).abs()
-        return _power_terms(a, torch.log(value)).abs() + (rate * value).abs() + normalizer_terms
+        log_value = torch.log(value)
+        power, exponential = _power_terms(a, log_value), rate * value
+        normalizer_terms = (torch.lgamma(a), a * torch.log(rate))
+        lgamma_form = power - exponential - normalizer_terms[0] + normalizer_terms[1]
+        lgamma_size = power.abs() + exponential.abs() + normalizer_terms[0].abs() + normalizer_terms[1].abs()
+        near = (a >= _LARGE_CONCENTRATION) & (exponential > torch.finfo(exponential.dtype).tiny) & torch.isfinite(
+            exponential) & torch.isfinite(log_value)
+        if not bool(near.any()):
+            return lgamma_form, lgamma_size
+        a, exponential = torch.where(near, a, 1.0), torch.where(near, exponential, 1.0)  # finite where not taken
+        log_value = torch.where(near, log_value, 0.0)
+        (deviance, deviance_size), half_log_a = _deviance(a, exponential), 0.5 * torch.log(a)
+        remainder, remainder_size = _stirling_remainder(a)
+        log_density = -deviance - log_value + half_log_a - 0.5 * LOG_2PI - remainder
+        size = (deviance_size + (exponential - a).abs() + log_value.abs() + half_log_a.abs() + 0.5 * LOG_2PI
+                + remainder_size)
+        return torch.where(near, log_density, lgamma_form), torch.where(near, size, lgamma_size)
 
     def base_measure_natural(self, natural):
         return torch.stack((torch.full_like(natural[..., 0], -1.0), torch.zeros_like(natural[..., 1])), dim=-1)
@@ -275,6 +433,12 @@ class BetaFamily(ExponentialFamily):
     def log_normalizer(self, natural):
         return _log_beta(natural)
 
+    def homogeneous_divergence(self, eta_p, eta_q):
+        return _simplex_divergence(eta_p, eta_q)
+
+    def log_normalizer_remainder(self, natural):
+        return _log_beta_remainder(natural)
+
     def natural_domain(self, natural):
         return ((natural > 0) & torch.isfinite(natural)).all(-1)
 
@@ -285,13 +449,14 @@ class BetaFamily(ExponentialFamily):
         return -torch.log(value) - torch.log1p(-value)
 
     def log_prob(self, params, value):
-        return (_power_terms(params[..., 0], torch.log(value)) + _power_terms(params[..., 1], torch.log1p(-value))
-                - self.log_normalizer(params))
+        return self._log_prob_and_size(params, value)[0]
 
     def log_prob_term_size(self, params, value):
-        a, b = params[..., 0], params[..., 1]
-        return (_power_terms(a, torch.log(value)).abs() + _power_terms(b, torch.log1p(-value)).abs()
-                + _log_beta_term_size(params))
+        return self._log_prob_and_size(params, value)[1]
+
+    def _log_prob_and_size(self, params, value):
+        points = torch.stack((value, 1 - value), dim=-1)
+        return _simplex_log_prob(params, points, torch.stack((torch.log(value), torch.log1p(-value)), dim=-1))
 
     def base_measure_natural(self, natural):
         return torch.full_like(natural, -1.0)
@@ -333,6 +498,12 @@ class DirichletFamily(ExponentialFamily):
     def log_normalizer(self, natural):
         return _log_beta(natural)
 
+    def homogeneous_divergence(self, eta_p, eta_q):
+        return _simplex_divergence(eta_p, eta_q)
+
+    def log_normalizer_remainder(self, natural):
+        return _log_beta_remainder(natural)
+
     def natural_domain(self, natural):
         return ((natural > 0) & torch.isfinite(natural)).all(-1)
 
@@ -343,7 +514,13 @@ class DirichletFamily(ExponentialFamily):
         return -torch.log(value).sum(-1)
 
     def log_prob(self, params, value):
-        return _power_terms(params, torch.log(value)).sum(-1) - self.log_normalizer(params)
+        return self._log_prob_and_size(params, value)[0]
+
+    def log_prob_term_size(self, params, value):
+        return self._log_prob_and_size(params, value)[1]
+
+    def _log_prob_and_size(self, params, value):
+        return _simplex_log_prob(params, value, torch.log(value), unnormalised=_sum_minus_one(value))
 
     def base_measure_natural(self, natural):
         return torch.full_like(natural, -1.0)
