@@ -274,7 +274,8 @@ def _scale(x, logvar, log_w):
     variances do not underflow and deviations of many standard deviations do not overflow."""
     absent = torch.zeros_like(log_w).masked_fill(log_w == -math.inf, -math.inf).unsqueeze(-1)
     spread = (x.abs() + absent).amax(-2)
-    return torch.maximum((logvar + absent).amax(-2), 2 * torch.log(2 * spread))
+    # log(2 spread) as log(spread) + log 2: 2 spread overflows for offsets above half the largest float (a NaN pool)
+    return torch.maximum((logvar + absent).amax(-2), 2 * (torch.log(spread) + _LOG2))
 
 
 def _mix(pi, values):

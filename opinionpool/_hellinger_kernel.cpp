@@ -94,7 +94,8 @@ struct Sample {
           spread = at::vec::maximum(spread, xk.abs());
         }
       }
-      at::vec::maximum(largest_lv, (spread * V(2)).log() * V(2)).store(&scale[c]);
+      // log(2 spread) as log(spread) + log 2: 2 spread overflows for offsets above half the largest float
+      at::vec::maximum(largest_lv, (spread.log() + V(T(0.69314718055994530942))) * V(2)).store(&scale[c]);
     }
     for (int64_t c = 0; c < width; c += V::size()) {
       V largest(-inf);  // over all experts: every pair's larger variance relative to it is at most one

@@ -526,10 +526,14 @@ def log_bhattacharyya(mu1, logvar1, mu2, logvar2, *, family="normal", validate_a
             check_finite(name, value)
     if family == "laplace":
         return _laplace_log_chernoff(mu1, logvar1, mu2, logvar2, 0.5).sum(-1)
-    mu = torch.stack(torch.broadcast_tensors(mu1, mu2), -2)
+    # means whose difference overflows the dtype share no mass (-inf, as the Laplace form gives): their offsets
+    # were inf - inf = NaN; a coinciding stand-in keeps the value and gradient finite where it is not taken
+    apart = torch.isinf(mu1 - mu2)
+    mu = torch.stack(torch.broadcast_tensors(mu1, torch.where(apart, mu1, mu2)), -2)
     logvar = torch.stack(torch.broadcast_tensors(logvar1, logvar2), -2)
     half = torch.full(mu.shape[:-1], LOG_HALF, dtype=mu.dtype, device=mu.device)
-    return gaussian_combine(mu, logvar, half, 1)[2]
+    log_c = gaussian_combine(mu, logvar, half, 1)[2]
+    return torch.where(apart.expand(mu.shape[:-2] + mu.shape[-1:]).any(-1), -torch.inf, log_c)
 
 
 def hellinger_pairwise_mass(mu, logvar, *, dim=0, weights=None, mask=None, prior_expert=False, family="normal",
@@ -709,7 +713,9 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
             # (and of an empty subset whose stand-in was of weight zero: a subset of no member is 0 / 0)
             own_member = torch.cat((member, (~empty | ~member.any(-1)).unsqueeze(-1)), -1)
         room = _log_variance_room(own_logvar, own_member)
-        if room == "none":  # beyond one scale per (sample, dimension) even in float64: every subset on its own
+        # beyond one scale per (sample, dimension) even in float64, or offsets whose squares overflow it (float64
+        # experts 1e10 apart of log-variance -700 gave a subset the log-variance inf): every subset on its own
+        if room == "none" or _offsets_overflow(own_mu, own_logvar, own_member, torch.float64):
             shared = None
     if shared is None:
         expand = batch + (k,) + mu.shape[-2:]
@@ -790,8 +796,8 @@ def _offsets_need_float64(mu, logvar, member):
     in its mean and variance (float32 experts of standard deviation 1e-6 some 1e3 away: a one-expert subset's mean
     30 standard deviations off); or whether their squares, in units of the narrowest present expert's standard
     deviation (the Hellinger subsets' spread is scaled by at most it), could overflow (beyond about e^36 in float32:
-    experts 4e19 apart, of log-variances -79 and 79, gave a subset a log-variance of inf). Not where the values
-    cannot be read (``torch.compile``, ``torch.func``, CUDA-graph capture), nor in float64."""
+    experts 4e19 apart, of log-variances -79 and 79, gave a subset a log-variance of inf; ``_offsets_overflow``).
+    Not where the values cannot be read (``torch.compile``, ``torch.func``, CUDA-graph capture), nor in float64."""
     if mu.dtype == torch.float64 or not mu.numel() or not values_readable(mu, logvar):
         return False
     eps = torch.finfo(mu.dtype).eps
@@ -804,10 +810,23 @@ def _offsets_need_float64(mu, logvar, member):
         x, _ = _reference_offsets(mu, member)
         present = member.any(-2).unsqueeze(-1)
         lost = (x.abs() * eps > OFFSET_ROUNDING * torch.exp(0.5 * logvar)) & present
-        # (a margin of e^8 for the sums of squares over a subset's components)
-        limit = 0.5 * math.log(torch.finfo(mu.dtype).max) - 8
-        overflow = (torch.log(x.abs()) - 0.5 * _present_range(logvar, present)[1] > limit) & present
-        return bool((lost | overflow).any())
+    return bool(lost.any()) or _offsets_overflow(mu, logvar, member, mu.dtype)
+
+
+def _offsets_overflow(mu, logvar, member, dtype) -> bool:
+    """Whether the squares of the offsets from one expert per sample, in units of the narrowest present expert's
+    standard deviation (the Hellinger subsets' spread is scaled by at most it), could overflow ``dtype``, with a
+    margin of e^8 for the sums over a subset's components. Not where the values cannot be read."""
+    if not mu.numel() or not values_readable(mu, logvar):
+        return False
+    limit = 0.5 * math.log(torch.finfo(dtype).max) - 8
+    with torch.no_grad():
+        low, high = torch.aminmax(mu)  # first a bound: every offset is at most twice the largest |mu|
+        if bool(torch.log(torch.maximum(-low, high)) + math.log(2) - 0.5 * logvar.amin() <= limit):
+            return False
+        x, _ = _reference_offsets(mu, member)
+        present = member.any(-2).unsqueeze(-1)
+        return bool(((torch.log(x.abs()) - 0.5 * _present_range(logvar, present)[1] > limit) & present).any())
 
 
 def _reference_offsets(mu, member):

@@ -328,3 +328,19 @@ def test_kernel_backward_with_a_component_of_vanishing_weight_far_from_the_pool(
         torch.testing.assert_close(got[4][:2].double(), w64[:2], rtol=1e-4, atol=0)
     for want, got in zip(eager[:4], fused[:4]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, offset", [(torch.float32, 1.8e38), (torch.float64, 1e308)])
+def test_experts_more_than_half_the_largest_float_apart(kernel, dtype, offset):
+    """Two experts of unit variance ``offset`` apart share no mass: the pool is their mixture with weights 1/4 and
+    3/4 (``w_j^2`` normalised), of mean ``3/4 offset`` and variance ``1 + 3/16 offset^2``; the scale's ``log(2 *
+    spread)`` overflowed to inf above half the largest float, and the log-variance came out NaN on both paths."""
+    mu = torch.tensor([[0.0], [offset]], dtype=dtype)
+    logvar = torch.zeros(2, 1, dtype=dtype)
+    weights = torch.tensor([1.0, math.sqrt(3.0)], dtype=dtype)
+    expected_lv = math.log(3 / 16) + 2 * math.log(offset)  # (the 1 is below the rounding)
+    for fused in (False, True):
+        loc, lv = opf.hellinger(mu, logvar, weights=weights, fused=fused)
+        assert math.isclose(float(loc), 0.75 * offset, rel_tol=1e-6), (fused, float(loc))
+        assert math.isclose(float(lv), expected_lv, rel_tol=1e-6), (fused, float(lv))
+    assert kernel.calls["forward"] == 1
