@@ -368,6 +368,8 @@ class MultimodalVAE(nn.Module):
             if spec.auxiliary:  # MMVAE+'s auxiliary distributions of the modality-specific latents
                 self.auxiliary_logits = nn.Parameter(torch.zeros(len(encoders), self.private_dim))
         self.encoders, self.decoders = encoders, decoders
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 < beta < math.inf:
+            raise ValueError(f"beta must be a positive finite number, got {beta!r}")
         self.model, self.beta, self.alpha = model, float(beta), float(alpha)
         self.top_down = None
         if spec.top_down:
@@ -421,6 +423,29 @@ class MultimodalVAE(nn.Module):
         """All modalities present, ``(M, B)``."""
         first = as_modalities(x)[0]
         return torch.ones(self.num_modalities, first.shape[0], dtype=torch.bool, device=first.device)
+
+    def _modalities(self, x) -> list[torch.Tensor]:
+        """``as_modalities(x)``, one per encoder."""
+        x = as_modalities(x)
+        if len(x) != self.num_modalities:
+            raise ValueError(f"x has {len(x)} modalities but the model has {self.num_modalities}")
+        return x
+
+    def _checked_present(self, x, present) -> torch.Tensor:
+        """``present`` if it is a boolean ``(M, B)`` mask keeping a modality of every sample: a sample of none has no
+        posterior, and the objectives gave NaN losses, a finite one or an unrelated error, model by model."""
+        first = as_modalities(x)[0]
+        expected = (self.num_modalities, first.shape[0])
+        if not isinstance(present, torch.Tensor) or present.dtype != torch.bool or tuple(present.shape) != expected:
+            shown = (f"{present.dtype} tensor of shape {tuple(present.shape)}" if isinstance(present, torch.Tensor)
+                     else type(present).__name__)
+            raise ValueError(f"present must be a boolean tensor of shape {expected} (modalities, batch), got {shown}")
+        empty = ~present.any(0)
+        if bool(empty.any()):
+            samples = empty.nonzero().flatten().tolist()
+            raise ValueError(f"present must keep at least one modality of every sample; samples {samples[:5]}"
+                             + (f" (and {len(samples) - 5} more)" if len(samples) > 5 else "") + " have none")
+        return present
 
     def private_posterior(self, x):
         """The encoders' ``(mu, logvar)`` of the modality-specific latents, each ``(M, B, private_dim)`` (None
@@ -482,9 +507,7 @@ class MultimodalVAE(nn.Module):
 
     def _encode(self, x):
         """Every encoder output, modality-specific latents included."""
-        x = as_modalities(x)
-        if len(x) != self.num_modalities:
-            raise ValueError(f"x has {len(x)} modalities but the model has {self.num_modalities}")
+        x = self._modalities(x)
         stats = [encoder(x_m) for x_m, encoder in zip(x, self.encoders)]
         mu, logvar = torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
         mu, logvar = objectives.full_precision(mu), objectives.full_precision(logvar)
@@ -506,7 +529,12 @@ class MultimodalVAE(nn.Module):
         """Loss and its terms for a batch ``x`` (a tensor per modality, or stacked ``(B, M, ...)``) with present
         modalities ``(M, B)`` (default all); the KL term weighted by ``beta * kl_weight`` (a warm-up's
         ``kl_weight < 1``; in the multi-sample objectives, the weight of ``log p(z) - log q(z | X)``)."""
-        present = self._everything(x) if present is None else present
+        x = self._modalities(x)
+        present = self._everything(x) if present is None else self._checked_present(x, present)
+        # an absent modality's input is no data: zeros stand in for it before the encoders, so that a NaN placeholder
+        # (masked from the loss below) does not make the encoders' weight gradients NaN through 0 * NaN
+        x = [torch.where(present[m].reshape((-1,) + (1,) * (x_m.dim() - 1)), x_m,
+                         torch.zeros((), dtype=x_m.dtype, device=x_m.device)) for m, x_m in enumerate(x)]
         mu, logvar = self._encode(x)
         # an absent modality's encoder output is no posterior: N(0, I) stands in for it, so that whatever it holds
         # (an overflow) reaches neither the objective, which masks it late (draws, decoders, KLs), nor its gradients

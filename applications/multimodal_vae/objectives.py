@@ -12,6 +12,7 @@ ones afterwards: their ``mu`` and ``logvar`` must be finite, as ``MultimodalVAE.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -86,8 +87,8 @@ class Likelihood(nn.Module):
     def check(cls, family: str, scale: float) -> None:
         if family not in cls.FAMILIES:
             raise ValueError(f"likelihood must be one of {sorted(cls.FAMILIES)}, got {family!r}")
-        if not scale > 0:
-            raise ValueError(f"likelihood scale must be positive, got {scale!r}")
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < math.inf:
+            raise ValueError(f"likelihood scale must be a positive finite number, got {scale!r}")
 
     def log_prob(self, x: torch.Tensor, output: torch.Tensor, modality: int = 0) -> torch.Tensor:
         """``log p(x_m | decoder output)`` summed over the modality's axes."""

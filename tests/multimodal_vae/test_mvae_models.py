@@ -67,6 +67,51 @@ def test_absent_modalities_encoder_outputs_reach_neither_the_loss_nor_its_gradie
             torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("name", ["helvae", "mmvae", "mopoe", "mvae"])
+def test_absent_modalities_inputs_reach_no_gradient(name):
+    """A NaN or inf placeholder in an absent modality's input gives the loss and gradients of a finite one: the
+    encoders ran on it before their outputs were masked, and the weight gradients were NaN beside a finite loss."""
+    model = make(name)
+    present = torch.ones(3, 6, dtype=torch.bool)
+    present[0, 1] = present[2, 3] = False
+    results = []
+    for placeholder in (0.0, math.nan, math.inf):
+        x = batch()
+        x[1, 0], x[3, 2] = placeholder, placeholder
+        model.zero_grad()
+        torch.manual_seed(5)
+        loss = model(x, present)["loss"]
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss, grads), *others = results
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
+    for other_loss, other_grads in others:
+        torch.testing.assert_close(other_loss, loss)
+        for got, expected in zip(other_grads, grads):
+            torch.testing.assert_close(got, expected)
+
+
+def test_present_masks_are_checked():
+    model, x = make("helvae"), batch()
+    present = torch.ones(3, 6, dtype=torch.bool)
+    present[:, 4] = False
+    with pytest.raises(ValueError, match=r"at least one modality of every sample; samples \[4\] have none"):
+        model(x, present)
+    with pytest.raises(ValueError, match=r"boolean tensor of shape \(3, 6\).*torch.int64 tensor of shape \(3, 6\)"):
+        model(x, torch.ones(3, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"boolean tensor of shape \(3, 6\).*shape \(6, 3\)"):
+        model(x, torch.ones(6, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("option, value", [("beta", math.nan), ("beta", math.inf), ("beta", -1.0), ("beta", 0.0),
+                                           ("beta", True), ("likelihood_scale", math.inf),
+                                           ("likelihood_scale", True), ("likelihood_scale", math.nan)])
+def test_beta_and_likelihood_scale_are_checked(option, value):
+    name = "beta" if option == "beta" else "likelihood scale"
+    with pytest.raises(ValueError, match=f"{name} must be a positive finite number, got {value!r}"):
+        make("helvae", **{option: value})
+
+
 def test_networks_shapes():
     mu, logvar = PolyMNISTEncoder(16)(torch.rand(5, 3, 28, 28))
     assert mu.shape == logvar.shape == (5, 16)
