@@ -328,6 +328,7 @@ def _check(config) -> None:
     model = config.model
     # named as the configuration spells it (check_options names the constructor's argument)
     _check_range("model.normal_prior_weight", model.normal_prior_weight)
+    _check_range("model.likelihood_scale", model.likelihood_scale)
     try:
         check_options(model.name, model.alpha, model.learnable_weights, model.num_samples, model.estimator,
                       model.likelihood, model.likelihood_scale, model.private_dim, model.posterior_scale,

@@ -208,7 +208,7 @@ def test_errors_before_any_work(tiny_root, capsys):
                                          r"model='helvae', private_dim=0"):
         load_config("polymnist-helvae", ["model.private_kl_weights=[1,1,1,1,1]"])
     assert load_config("celeba-mohelvae", ["model.private_kl_weights=[1,2]"]).model.private_kl_weights == [1.0, 2.0]
-    with pytest.raises(ValueError, match="likelihood scale must be positive, got 0.0"):
+    with pytest.raises(ValueError, match=r"model.likelihood_scale must be .*, got 0.0"):
         load_config("polymnist-helvae", ["model.likelihood_scale=0"])
     with pytest.raises(ValueError, match=r"model.activation must be one of \('leaky_relu',\) for resnet networks, "
                                          r"got 'relu'"):
