@@ -93,8 +93,8 @@ _STIRLING_SERIES = (1 / 12, -1 / 360, 1 / 1260, -1 / 1680, 1 / 1188, -691 / 3603
 #: above this total concentration the Beta, Dirichlet and Gamma densities are written relative to their mean
 #: (``_log_density_near_mean``): below it the log-gammas are under 1e5 and round by 1e-11
 _LARGE_CONCENTRATION = 1e4
-#: Loader's series for ``_deviance`` where ``|x - y| < 0.1 (x + y)``: ``v^2 < 0.01``, ten terms reach rounding
-_DEVIANCE_NEAR, _DEVIANCE_TERMS = 0.1, 10
+#: Loader's series for ``_deviance`` where ``|x - y| < 0.1 (x + y)``: ``v^2 < 0.01``, the ninth term is 1e-16 of the first
+_DEVIANCE_NEAR, _DEVIANCE_TERMS = 0.1, 8
 
 
 def _stirling_remainder(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,26 +115,68 @@ def _stirling_remainder(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(large, series, direct), torch.where(large, series.abs(), direct_size)
 
 
-def _deviance(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x log(x / y) - x + y >= 0`` for positive ``x``, ``y``, without cancellation, and the size of its terms (Loader's
-    ``bd0``, as R's dbinom and dpois compute it): where ``x`` and ``y`` are close, ``(x - y) v + 2 x sum_j v^(2j + 1) /
-    (2j + 1)`` with ``v = (x - y) / (x + y)``, whose second part is under a fifteenth of the first; directly elsewhere
-    (its terms then differ by a fifth or more), the log of the ratio taken whole where it is a normal number."""
+def _product(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a b`` and its rounding error, exactly (Dekker's product, Veltkamp's split): ``a b = p + e``. The error is 0
+    where a factor is too large to split (beyond 1e300 in float64) or the product is not finite."""
+    p = a * b
+    precision = 1 - math.log2(torch.finfo(p.dtype).eps)  # significand bits: 53 in float64
+    splitter = 2.0 ** math.ceil(precision / 2) + 1  # 2^27 + 1 in float64
+
+    def halves(x):
+        scaled = splitter * x
+        high = scaled - (scaled - x)
+        return high, x - high
+
+    (a_high, a_low), (b_high, b_low) = halves(a), halves(b)
+    e = ((a_high * b_high - p) + a_high * b_low + a_low * b_high) + a_low * b_low
+    splittable = torch.isfinite(splitter * a) & torch.isfinite(splitter * b) & torch.isfinite(p)
+    return p, torch.where(splittable, e, 0.0)
+
+
+def _deviance(x: torch.Tensor, y: torch.Tensor, with_size: bool = True, y_error: torch.Tensor | None = None):
+    """``x log(x / y) - x + y >= 0`` for positive ``x``, ``y``, without cancellation, and the size of its terms (None
+    unless ``with_size``) (Loader's ``bd0``, as R's dbinom and dpois compute it): where ``x`` and ``y`` are close,
+    ``(x - y) v + 2 x sum_j v^(2j + 1) / (2j + 1)`` with ``v = (x - y) / (x + y)``, whose second part is under a
+    fifteenth of the first; directly elsewhere (its terms then differ by a fifth or more), the log of the ratio taken
+    whole where it is a normal number (its gradient from the difference of the logs: autograd of the ratio's ``-x /
+    y^2`` overflowed for ``y`` below 1e-154). ``y`` is the callers' product (``t z``): with ``y_error``, the exact
+    ``y_true - y``, the value is ``y_true``'s (for concentrations of 1e34 a rounding of ``y`` onto ``x`` alone moves
+    the value by up to ``eps^2 y / 8``, 60); without it the size counts that rounding, ``eps |x - y|`` and ``eps^2
+    y``. A subnormal ``y`` has lost digits (size inf)."""
     near = (x - y).abs() < _DEVIANCE_NEAR * (x + y)
     x_near, y_near = torch.where(near, x, 1.0), torch.where(near, y, 1.0)
-    v = (x_near - y_near) / (x_near + y_near)
+    # the exact error enters the differences (x - y, exact where x and y are this close) before they are used:
+    # a correction afterwards needed third-order terms at 1e39
+    y_error = None if y_error is None else y_error.detach()  # (autograd of the error terms is not their derivative)
+    shift = 0.0 if y_error is None else torch.where(near, y_error, 0.0)
+    difference = (x_near - y_near) - shift
+    v = difference / ((x_near + y_near) + shift)
     v_square = v * v
     odd_terms = torch.zeros_like(v)
     for j in reversed(range(1, _DEVIANCE_TERMS + 1)):  # sum_j v^(2j - 2) / (2j + 1), Horner from the smallest term
         odd_terms = odd_terms * v_square + 1 / (2 * j + 1)
-    leading, higher = (x_near - y_near) * v, 2 * x_near * v * v_square * odd_terms
+    leading, higher = difference * v, 2 * x_near * v * v_square * odd_terms
     x_far, y_far = torch.where(near, 1.0, x), torch.where(near, 2.0, y)
     ratio = x_far / y_far
     normal = torch.isfinite(ratio) & (ratio >= torch.finfo(ratio.dtype).tiny)
-    log_ratio = torch.where(normal, torch.log(torch.where(normal, ratio, 1.0)), torch.log(x_far) - torch.log(y_far))
+    log_ratio = torch.log(torch.where(normal, ratio, 1.0))
+    graph = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    if graph or not bool(normal.all()):
+        difference = torch.log(x_far) - torch.log(y_far)
+        log_ratio = torch.where(normal, difference + (log_ratio - difference).detach() if graph else log_ratio,
+                                difference)
     product = x_far * log_ratio
-    value = torch.where(near, leading + higher, product - x_far + y_far)
-    return value, torch.where(near, leading.abs() + higher.abs(), product.abs() + x_far + y_far)
+    far = product - x_far + y_far
+    if y_error is not None:  # to second order, beside a value at least a fiftieth of x + y (no gradient)
+        error_far = torch.where(near, 0.0, y_error)
+        far = far + ((y_far - x_far) / y_far * error_far + 0.5 * x_far * (error_far / y_far) ** 2).detach()
+    value = torch.where(near, leading + higher, far)
+    if not with_size:
+        return value, None
+    size = torch.where(near, leading.abs() + higher.abs(), product.abs() + x_far + y_far)
+    tiny, eps = torch.finfo(y.dtype).tiny, torch.finfo(y.dtype).eps
+    unknown = 0.0 if y_error is not None else eps * y
+    return value, size + torch.where(y >= tiny, (x - y).abs() + unknown, math.inf)
 
 
 def _log_beta_remainder(concentrations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,58 +203,81 @@ def _simplex_divergence(eta_p: torch.Tensor, eta_q: torch.Tensor) -> tuple[torch
     return value.sum(-1), size.sum(-1)
 
 
-def _log_density_near_mean(concentrations, value, log_value, unnormalised=None):
-    """``(log density, size of its terms)`` of a Beta or Dirichlet at interior points, written relative to its mean
-    ``c / t``: ``sum_k (c_k - 1) log z_k - log B(c) = -sum_k _deviance(c_k, t z_k) - sum_k log z_k - R(c)``
+def _log_density_near_mean(concentrations, value, log_value, unnormalised=None, with_size=True, value_error=None):
+    """``(log density, size of its terms or None)`` of a Beta or Dirichlet at interior points, written relative to its
+    mean ``c / t``: ``sum_k (c_k - 1) log z_k - log B(c) = -sum_k _deviance(c_k, t z_k) - sum_k log z_k - R(c)``
     (``_log_beta_remainder``), plus ``t (sum_k z_k - 1)`` where ``unnormalised`` gives that sum minus one (a
-    Dirichlet's values sum to one only to rounding, and the formula is the density's at the values given). The
-    log-gamma form adds terms of the size of ``t log t`` and keeps nothing of a density at 1e16 (70 for 18.54)."""
-    total = concentrations.sum(-1, keepdim=True)
-    scaled = total * value
-    deviances, deviance_sizes = _deviance(concentrations, scaled)
+    Dirichlet's values sum to one only to rounding, and the formula is the density's at the values given);
+    ``value_error``: the exact error of computed values (a Beta's ``1 - z``). The log-gamma form adds terms of the
+    size of ``t log t`` and keeps nothing of a density at 1e16 (70 for 18.54)."""
+    # t z_k, with its exact rounding error: of the product, of the total (the identity needs t = sum_k c_k; its
+    # rounding cost 9e-11 at Beta(1e22, 9e22)) and of the values (a Beta's 1 - z)
+    total, total_error = (part.unsqueeze(-1) for part in _compensated_sum(concentrations))
+    scaled, error = _product(total, value)
+    error = error + total_error * value
+    if value_error is not None:
+        error = error + total * value_error
+    deviances, deviance_sizes = _deviance(concentrations, scaled, with_size, error)
     remainder, remainder_size = _log_beta_remainder(concentrations)
     log_density = -deviances.sum(-1) - log_value.sum(-1) - remainder
-    # with the rounding of t z_k, which moves a deviance by |t z_k - c_k| ulps
-    size = (deviance_sizes + (scaled - concentrations).abs() + log_value.abs()).sum(-1) + remainder_size
     if unnormalised is not None:
         log_density = log_density + total.squeeze(-1) * unnormalised
+    if not with_size:
+        return log_density, None
+    size = (deviance_sizes + log_value.abs()).sum(-1) + remainder_size
+    if unnormalised is not None:
         size = size + (total.squeeze(-1) * unnormalised).abs()
     return log_density, size
 
 
-def _sum_minus_one(values: torch.Tensor) -> torch.Tensor:
-    """``sum_k z_k - 1`` over the last axis by compensated (Neumaier) summation: a plain sum rounds by 1e-16, which a
-    Dirichlet of total concentration 1e16 turns into an error of one in its log density (``t (sum_k z_k - 1)``)."""
-    total = torch.full_like(values[..., 0], -1.0)
+def _compensated_sum(values: torch.Tensor, start: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``start + sum_k values_k`` over the last axis by Neumaier's compensated summation: the rounded sum and the
+    error it left out (exact for two terms, to ``eps^2`` of the terms beyond)."""
+    total = torch.full_like(values[..., 0], start)
     compensation = torch.zeros_like(total)
     for value in values.unbind(-1):
         moved = total + value
         compensation = compensation + torch.where(total.abs() >= value.abs(), (total - moved) + value,
                                                   (value - moved) + total)
         total = moved
+    return total, compensation
+
+
+def _sum_minus_one(values: torch.Tensor) -> torch.Tensor:
+    """``sum_k z_k - 1`` over the last axis, compensated: a plain sum rounds by 1e-16, which a Dirichlet of total
+    concentration 1e16 turns into an error of one in its log density (``t (sum_k z_k - 1)``)."""
+    total, compensation = _compensated_sum(values, -1.0)
     return total + compensation
 
 
-def _simplex_log_prob(concentrations, value, log_value, unnormalised=None):
-    """``(log density, size of its terms)`` of Betas or Dirichlets (``value`` and ``log_value``: the points and their
-    logs, ``(..., K)``): relative to the mean (``_log_density_near_mean``) from a total concentration of
+def _simplex_log_prob(concentrations, value, log_value, unnormalised=None, with_size=True, value_error=None):
+    """``(log density, size of its terms or None)`` of Betas or Dirichlets (``value`` and ``log_value``: the points
+    and their logs, ``(..., K)``): relative to the mean (``_log_density_near_mean``) from a total concentration of
     ``_LARGE_CONCENTRATION`` on, at points inside the support; from the log-gammas elsewhere (at an end of the support
     the power terms decide between 0, infinity and a finite density)."""
-    lgamma_form = _power_terms(concentrations, log_value)
-    lgamma_log_density = lgamma_form.sum(-1) - _log_beta(concentrations)
-    lgamma_size = lgamma_form.abs().sum(-1) + _log_beta_term_size(concentrations)
     total = concentrations.sum(-1, keepdim=True)
     near = ((total >= _LARGE_CONCENTRATION) & (total * value > torch.finfo(value.dtype).tiny)
             & torch.isfinite(log_value)).all(-1)
-    if not bool(near.any()):
-        return lgamma_log_density, lgamma_size
-    inside = near.unsqueeze(-1)
-    concentrations = torch.where(inside, concentrations, 1.0)  # finite values and gradients where not taken
-    value, log_value = torch.where(inside, value, 0.5), torch.where(inside, log_value, math.log(0.5))
-    if unnormalised is not None:
-        unnormalised = torch.where(near, unnormalised, 0.0)
-    log_density, size = _log_density_near_mean(concentrations, value, log_value, unnormalised)
-    return torch.where(near, log_density, lgamma_log_density), torch.where(near, size, lgamma_size)
+    everywhere = bool(near.all())
+    if not everywhere:
+        lgamma_form = _power_terms(concentrations, log_value)
+        lgamma_log_density = lgamma_form.sum(-1) - _log_beta(concentrations)
+        lgamma_size = lgamma_form.abs().sum(-1) + _log_beta_term_size(concentrations) if with_size else None
+        if not bool(near.any()):
+            return lgamma_log_density, lgamma_size
+        # finite values and gradients where not taken: valid concentrations at an interior point (the remainder
+        # R(c) stays on the parameters' own shape, not spread over the points: a quadrature evaluates many per expert)
+        inside = near.unsqueeze(-1)
+        value, log_value = torch.where(inside, value, 0.5), torch.where(inside, log_value, math.log(0.5))
+        if unnormalised is not None:
+            unnormalised = torch.where(near, unnormalised, 0.0)
+        if value_error is not None:
+            value_error = torch.where(inside, value_error, 0.0)
+    log_density, size = _log_density_near_mean(concentrations, value, log_value, unnormalised, with_size, value_error)
+    if everywhere:
+        return log_density, size
+    return (torch.where(near, log_density, lgamma_log_density),
+            torch.where(near, size, lgamma_size) if with_size else None)
 
 
 def _power_terms(concentration, log_value):
@@ -301,12 +366,12 @@ class GammaFamily(ExponentialFamily):
         return -torch.log(value)
 
     def log_prob(self, params, value):
-        return self._log_prob_and_size(params, value)[0]
+        return self._log_prob_and_size(params, value, with_size=False)[0]
 
     def log_prob_term_size(self, params, value):
         return self._log_prob_and_size(params, value)[1]
 
-    def _log_prob_and_size(self, params, value):
+    def _log_prob_and_size(self, params, value, with_size=True):
         """From the log-gammas, or, from a shape of ``_LARGE_CONCENTRATION`` on and where ``rate z`` is a normal
         number, relative to the mean (as Loader's Poisson density): ``-_deviance(a, rate z) - log z + 1/2 log a -
         1/2 log(2 pi) - delta(a)`` (``delta`` Stirling's error), whose terms are not of the size of ``a log a``."""
@@ -315,19 +380,22 @@ class GammaFamily(ExponentialFamily):
         power, exponential = _power_terms(a, log_value), rate * value
         normalizer_terms = (torch.lgamma(a), a * torch.log(rate))
         lgamma_form = power - exponential - normalizer_terms[0] + normalizer_terms[1]
-        lgamma_size = power.abs() + exponential.abs() + normalizer_terms[0].abs() + normalizer_terms[1].abs()
+        lgamma_size = (power.abs() + exponential.abs() + normalizer_terms[0].abs() + normalizer_terms[1].abs()
+                       if with_size else None)
         near = (a >= _LARGE_CONCENTRATION) & (exponential > torch.finfo(exponential.dtype).tiny) & torch.isfinite(
             exponential) & torch.isfinite(log_value)
         if not bool(near.any()):
             return lgamma_form, lgamma_size
-        a, exponential = torch.where(near, a, 1.0), torch.where(near, exponential, 1.0)  # finite where not taken
-        log_value = torch.where(near, log_value, 0.0)
-        (deviance, deviance_size), half_log_a = _deviance(a, exponential), 0.5 * torch.log(a)
+        # finite where not taken (a valid shape beside rate z = a); Stirling's terms on the parameters' own shape
+        exponential, log_value = torch.where(near, exponential, a), torch.where(near, log_value, 0.0)
+        error = torch.where(near, _product(rate, value)[1], 0.0)  # rate z's rounding (the error of the product)
+        (deviance, deviance_size), half_log_a = _deviance(a, exponential, with_size, error), 0.5 * torch.log(a)
         remainder, remainder_size = _stirling_remainder(a)
-        log_density = -deviance - log_value + half_log_a - 0.5 * LOG_2PI - remainder
-        size = (deviance_size + (exponential - a).abs() + log_value.abs() + half_log_a.abs() + 0.5 * LOG_2PI
-                + remainder_size)
-        return torch.where(near, log_density, lgamma_form), torch.where(near, size, lgamma_size)
+        log_density = torch.where(near, -deviance - log_value + half_log_a - 0.5 * LOG_2PI - remainder, lgamma_form)
+        if not with_size:
+            return log_density, None
+        size = deviance_size + log_value.abs() + half_log_a.abs() + 0.5 * LOG_2PI + remainder_size
+        return log_density, torch.where(near, size, lgamma_size)
 
     def base_measure_natural(self, natural):
         return torch.stack((torch.full_like(natural[..., 0], -1.0), torch.zeros_like(natural[..., 1])), dim=-1)
@@ -449,14 +517,19 @@ class BetaFamily(ExponentialFamily):
         return -torch.log(value) - torch.log1p(-value)
 
     def log_prob(self, params, value):
-        return self._log_prob_and_size(params, value)[0]
+        return self._log_prob_and_size(params, value, with_size=False)[0]
 
     def log_prob_term_size(self, params, value):
         return self._log_prob_and_size(params, value)[1]
 
-    def _log_prob_and_size(self, params, value):
-        points = torch.stack((value, 1 - value), dim=-1)
-        return _simplex_log_prob(params, points, torch.stack((torch.log(value), torch.log1p(-value)), dim=-1))
+    def _log_prob_and_size(self, params, value, with_size=True):
+        complement = 1 - value
+        # 1 - z rounds (exactly representable error: |1| >= |z|), which the density of concentrations of 1e20
+        # and more feels through t (1 - z)
+        errors = torch.stack((torch.zeros_like(value), (1 - complement) - value), dim=-1)
+        points = torch.stack((value, complement), dim=-1)
+        log_points = torch.stack((torch.log(value), torch.log1p(-value)), dim=-1)
+        return _simplex_log_prob(params, points, log_points, with_size=with_size, value_error=errors)
 
     def base_measure_natural(self, natural):
         return torch.full_like(natural, -1.0)
@@ -514,13 +587,13 @@ class DirichletFamily(ExponentialFamily):
         return -torch.log(value).sum(-1)
 
     def log_prob(self, params, value):
-        return self._log_prob_and_size(params, value)[0]
+        return self._log_prob_and_size(params, value, with_size=False)[0]
 
     def log_prob_term_size(self, params, value):
         return self._log_prob_and_size(params, value)[1]
 
-    def _log_prob_and_size(self, params, value):
-        return _simplex_log_prob(params, value, torch.log(value), unnormalised=_sum_minus_one(value))
+    def _log_prob_and_size(self, params, value, with_size=True):
+        return _simplex_log_prob(params, value, torch.log(value), _sum_minus_one(value), with_size)
 
     def base_measure_natural(self, natural):
         return torch.full_like(natural, -1.0)

@@ -97,9 +97,50 @@ def test_density_gradients_of_large_concentrations():
         assert abs(got - float(want)) <= 1e-13, (got, float(want))
 
 
+@pytest.mark.parametrize("a, b, z", [(5e3, 5e3, 1e-200), (10.0, 9990.0, 1e-160), (1e8, 1e8, 1e-300)])
+def test_density_gradients_deep_in_a_tail(a, b, z):
+    """``d/da log p = log z - psi(a) + psi(a + b)``, ``d/dz = (a - 1) / z - (b - 1) / (1 - z)``: the deviance's
+    ``log(x / y)`` gave autograd ``-x / y^2``, infinite for ``y`` below 1e-154."""
+    params, point = torch.tensor([a, b], requires_grad=True), torch.tensor(z, requires_grad=True)
+    grads = torch.autograd.grad(BetaFamily().log_prob(params, point), (params, point))
+    total = mpmath.digamma(mp(a) + mp(b))
+    expected = [mpmath.log(mp(z)) - mpmath.digamma(mp(a)) + total, mpmath.log(1 - mp(z)) - mpmath.digamma(mp(b)) + total]
+    for got, want in zip(grads[0].tolist(), expected):
+        assert abs(got - float(want)) <= 1e-12 * max(1.0, abs(float(want))), (got, float(want))
+    want = (mp(a) - 1) / mp(z) - (mp(b) - 1) / (1 - mp(z))
+    assert abs(grads[1].item() - float(want)) <= 1e-12 * abs(float(want))
+    shape = torch.tensor([1e4, -1.0], requires_grad=True)
+    (gradient,) = torch.autograd.grad(GammaFamily().log_prob(shape, torch.tensor(1e-300)), shape)
+    assert gradient[1].item() == pytest.approx(-1e4, rel=1e-12)  # d/d(-rate) = z - a / rate
+
+
+@pytest.mark.parametrize("a, b, z", [(1e22, 9e22, 0.1), (3e20, 7e20, 0.3), (1.4069374005134007e36, 1.038148362282746e36,
+                                                                          0.5754143359390624),
+                                     (3.281740607239377e39, 3.687959287055253e39, 0.470858237371999)])
+def test_densities_of_enormous_concentrations_within_their_stated_rounding(a, b, z):
+    """``t z`` (and ``t``, and ``1 - z``) round: the deviance of ``c`` from the rounded ``t z`` was off by about
+    ``eps^2 t z`` (9e-11 at 1e22; 2048 at 1e36 with the error corrected after the series); the exact errors now
+    enter the series. Within the stated rounding, and far below the density's own sensitivity to ``z``'s last bit."""
+    params, point = torch.tensor([a, b]), torch.tensor(z)
+    error = abs(float(BetaFamily().log_prob(params, point)) - float(dirichlet_log_density((a, b), (z, 1 - mp(z)))))
+    assert error <= 8 * EPS * float(BetaFamily().log_prob_term_size(params, point))
+    assert error <= 1e-8
+
+
+def test_gamma_density_of_an_enormous_shape():
+    shape, rate, z = 1.7702269785759908e39, 44522947.95804508, 3.9759877990202117e31
+    params, point = torch.tensor([shape, -rate]), torch.tensor(z)
+    error = abs(float(GammaFamily().log_prob(params, point)) - float(gamma_log_density(shape, rate, z)))
+    assert error <= 8 * EPS * float(GammaFamily().log_prob_term_size(params, point))
+    assert error <= 1e-8  # (8.4e6 before rate z's rounding error entered the deviance)
+
+
 @pytest.mark.parametrize("p, q, rtol", [
     ((1e16, 1e16), (2.0, 2.0), 1e-13), ((2.0, 2.0), (1e16, 1e16), 1e-13), ((1e16, 3e16), (1e16 + 1e8, 3e16), 1e-13),
     ((1e14, 2.5), (3.0, 7e13), 1e-13), ((1e16, 3e15, 0.5), (2e15, 7e15, 4.0), 1e-13),
+    # nearby experts, whose divergence of the means rounds in its argument p_k t_q / t_p (a review: 8 digits lost)
+    ((1e12, 1e10), (1e12, 1.00001e10), 1e-13), ((1e17, 4e15), (1e17 + 2.4e7, 4e15 + 4e8), 1e-13),
+    ((1e-7, 9.9), (500.0, 2.6e16), 1e-12),
 ])
 def test_beta_and_dirichlet_kl(p, q, rtol):
     make = (lambda c: Beta(torch.tensor(c[0]), torch.tensor(c[1]))) if len(p) == 2 else (
@@ -109,7 +150,8 @@ def test_beta_and_dirichlet_kl(p, q, rtol):
     assert abs(value - reference) <= rtol * reference, (value, reference)
 
 
-@pytest.mark.parametrize("p, q", [((1e16, 1e16), (2.0, 3.0)), ((4.0, 1e-3), (1e15, 1e15)), ((1e16, 5.0), (1.1e16, 5.0))])
+@pytest.mark.parametrize("p, q", [((1e16, 1e16), (2.0, 3.0)), ((4.0, 1e-3), (1e15, 1e15)), ((1e16, 5.0), (1.1e16, 5.0)),
+                                  ((1e16, 1.0), (1e16, 1.00000001)), ((0.0027, 1.3e16), (9.99, 1e-300))])
 def test_gamma_kl(p, q):
     value = float(opinionpool.kl_divergence(Gamma(torch.tensor(p[0]), torch.tensor(p[1])),
                                             Gamma(torch.tensor(q[0]), torch.tensor(q[1]))))
@@ -127,10 +169,11 @@ def beta_pair(a, b, weights):
 
 
 @pytest.mark.parametrize("huge", [1e4, 1e8, 1e12, 1e16])
-def test_log_linear_pool_normaliser(huge):
+@pytest.mark.parametrize("other", [(2.0, 3.0), (1.0, 1.00000002)], ids=["far", "near"])
+def test_log_linear_pool_normaliser(huge, other):
     """Order 0: ``log Z = log B(sum_j w_j c_j) - sum_j w_j log B(c_j)`` (concentrations are natural parameters, the
     base measures cancel), at most 0; it came out +1.0 at 1e16 (of Beta(2, 2) with weights 0.3 and 0.7, for -8.7)."""
-    (a, b), w = ((huge, huge), (2.0, 3.0)), WEIGHTS
+    (a, b), w = ((huge, huge), tuple(huge * x if x < 2 else x for x in other)), WEIGHTS
     experts, weights = beta_pair(a, b, list(w))
     pool = opinionpool.holder(experts, alpha=0.0, weights=weights)
     combined = [w[0] * mp(x) + w[1] * mp(y) for x, y in zip(a, b)]
