@@ -423,6 +423,22 @@ def test_far_quantiles_of_a_power_law_tail(eta):
         assert quantile == pytest.approx(expected, rel=1e-10), level
 
 
+@pytest.mark.parametrize("eta", [-0.65, -0.8])
+def test_quantiles_of_very_heavy_tails_between_nodes_decades_apart(eta):
+    """Tails of index 0.3 and 0.6: the nodes around a quantile lie decades apart, and the 32-point rule between them
+    in ``z`` put the quantile 1e-20 of a t of 0.6 degrees of freedom at -1.09e36 for -4.03e32; in ``log|z|`` it is
+    exact to rounding. Against scipy's t."""
+    stats = pytest.importorskip("scipy.stats")
+    freedom = -2 * eta - 1
+    reference = stats.t(freedom, scale=freedom**-0.5)
+    experts = opinionpool.Experts(student_like_family(), torch.tensor([[eta], [eta]], dtype=torch.float64))
+    pool = opinionpool.NumericalHolderPool(experts, 0.5, torch.tensor([0.3, 0.7], dtype=torch.float64))
+    levels = [1e-20, 1e-12, 1e-6, 0.02, 0.3, 0.98, 1 - 1e-6, 1 - 1e-12]
+    for level, quantile in zip(levels, pool.icdf(torch.tensor(levels, dtype=torch.float64)).tolist()):
+        expected = reference.ppf(level) if level < 0.5 else reference.isf(1 - level)
+        assert quantile == pytest.approx(expected, rel=1e-10), level
+
+
 def test_a_float32_pool_of_very_heavy_tails_keeps_its_tails_in_the_crps():
     """A float32 pool's node panels reached the float64 levels (1e-13), whose edges for a tail of index near 1/2 lie
     where the float32 density is 0: the tail beyond them was dropped (7.25 for 8.592; a divergent CRPS finite).
