@@ -12,7 +12,7 @@ from torch import nn
 
 from ..data import batches, subset_mask, subset_tuples
 from ..models import evaluating
-from .classifiers import classifier_input
+from .classifiers import check_not_empty, classifier_input
 
 __all__ = ["coherence", "cross_coherence", "latent_probe", "posterior_means", "private_latent_probe", "private_means",
            "summarise_coherence", "unconditional_coherence"]
@@ -26,18 +26,13 @@ def _check_counts(**counts) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_not_empty(data) -> None:
-    """A rate over no tuples is 0 / 0: refused rather than returned as NaN."""
-    if len(data) == 0:
-        raise ValueError("data must hold at least one tuple, got an empty dataset (a rate over it would be NaN)")
-
 @torch.no_grad()
 def coherence(model, classifiers: nn.ModuleList, data, subsets: list[tuple[int, ...]] | None = None,
               batch_size: int = 500, seed: int = 0) -> dict:
     """``accuracy[i, t]``: how often modality ``t`` generated from ``subsets[i]`` shows the true label of the
     tuple of ``data`` (targets inside the subset are reconstructions)."""
     _check_counts(batch_size=batch_size)
-    _check_not_empty(data)
+    check_not_empty(data)
     m = model.num_modalities
     subsets = subset_tuples(m) if subsets is None else [tuple(subset) for subset in subsets]
     for subset in subsets:  # before the first batch is encoded
