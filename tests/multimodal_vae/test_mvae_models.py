@@ -36,6 +36,25 @@ def batch(n=6, modalities=3, seed=1):
     return torch.rand(n, modalities, 3, 28, 28, generator=g)
 
 
+def loss_and_gradients(model, x, present):
+    """The loss and every parameter gradient of one seeded step."""
+    model.zero_grad()
+    torch.manual_seed(5)
+    loss = model(x, present)["loss"]
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def assert_all_equal_and_finite(results):
+    (loss, grads), *others = results
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
+    for other_loss, other_grads in others:
+        torch.testing.assert_close(other_loss, loss)
+        assert len(other_grads) == len(grads)
+        for got, expected in zip(other_grads, grads):
+            torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize("name, private", [(name, False) for name in MODELS]
                          + [(name, True) for name, spec in MODELS.items() if spec.optional_private])
 def test_absent_modalities_encoder_outputs_reach_neither_the_loss_nor_its_gradients(name, private):
@@ -53,18 +72,8 @@ def test_absent_modalities_encoder_outputs_reach_neither_the_loss_nor_its_gradie
             return (mu.masked_fill(~present[..., None], absent_mu), logvar.masked_fill(~present[..., None], absent_logvar))
 
         model._encode = wild
-        model.zero_grad()
-        torch.manual_seed(5)
-        loss = model(x, present)["loss"]
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (loss, grads), *others = results
-    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
-    for other_loss, other_grads in others:
-        torch.testing.assert_close(other_loss, loss)
-        assert len(other_grads) == len(grads)
-        for got, expected in zip(other_grads, grads):
-            torch.testing.assert_close(got, expected)
+        results.append(loss_and_gradients(model, x, present))
+    assert_all_equal_and_finite(results)
 
 
 @pytest.mark.parametrize("name", ["helvae", "mmvae", "mopoe", "mvae"])
@@ -78,17 +87,8 @@ def test_absent_modalities_inputs_reach_no_gradient(name):
     for placeholder in (0.0, math.nan, math.inf):
         x = batch()
         x[1, 0], x[3, 2] = placeholder, placeholder
-        model.zero_grad()
-        torch.manual_seed(5)
-        loss = model(x, present)["loss"]
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (loss, grads), *others = results
-    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
-    for other_loss, other_grads in others:
-        torch.testing.assert_close(other_loss, loss)
-        for got, expected in zip(other_grads, grads):
-            torch.testing.assert_close(got, expected)
+        results.append(loss_and_gradients(model, x, present))
+    assert_all_equal_and_finite(results)
 
 
 def test_present_masks_are_checked():
