@@ -172,7 +172,7 @@ def beta_pair(a, b, weights):
 @pytest.mark.parametrize("other", [(2.0, 3.0), (1.0, 1.00000002)], ids=["far", "near"])
 def test_log_linear_pool_normaliser(huge, other):
     """Order 0: ``log Z = log B(sum_j w_j c_j) - sum_j w_j log B(c_j)`` (concentrations are natural parameters, the
-    base measures cancel), at most 0; it came out +1.0 at 1e16 (of Beta(2, 2) with weights 0.3 and 0.7, for -8.7)."""
+    base measures cancel), at most 0; it came out +1.0 at 1e16 (beside Beta(2, 2) with equal weights, for -8.72)."""
     (a, b), w = ((huge, huge), tuple(huge * x if x < 2 else x for x in other)), WEIGHTS
     experts, weights = beta_pair(a, b, list(w))
     pool = opinionpool.holder(experts, alpha=0.0, weights=weights)
