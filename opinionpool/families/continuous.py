@@ -169,7 +169,8 @@ def _deviance(x: torch.Tensor, y: torch.Tensor, with_size: bool = True, y_error:
     far = product - x_far + y_far
     if y_error is not None:  # to second order, beside a value at least a fiftieth of x + y (no gradient)
         error_far = torch.where(near, 0.0, y_error)
-        far = far + ((y_far - x_far) / y_far * error_far + 0.5 * x_far * (error_far / y_far) ** 2).detach()
+        relative = error_far / y_far  # at most eps: nothing overflows where x / y does (a shape of 1e5 at 1e-304)
+        far = far + (error_far - x_far * relative + 0.5 * x_far * relative * relative).detach()
     value = torch.where(near, leading + higher, far)
     if not with_size:
         return value, None

@@ -127,6 +127,18 @@ def test_densities_of_enormous_concentrations_within_their_stated_rounding(a, b,
     assert error <= 1e-8
 
 
+@pytest.mark.parametrize("family, params, z, reference", [
+    (GammaFamily(), (1e5, -1.0), 1e-304, lambda: gamma_log_density(1e5, 1.0, 1e-304)),
+    (GammaFamily(), (1e4, -3.0), 1e-305, lambda: gamma_log_density(1e4, 3.0, 1e-305)),
+    (BetaFamily(), (1e4, 1e4), 1e-309, lambda: dirichlet_log_density((1e4, 1e4), (1e-309, 1 - mp(1e-309)))),
+])
+def test_densities_where_the_ratio_of_the_deviance_overflows(family, params, z, reference):
+    """``c / (t z)`` beyond the largest float: the correction for ``t z``'s rounding divided by it (NaN or -inf where
+    the log density is -7e7; a review)."""
+    value = float(family.log_prob(torch.tensor(params), torch.tensor(z)))
+    assert value == pytest.approx(float(reference()), rel=1e-13)
+
+
 def test_gamma_density_of_an_enormous_shape():
     shape, rate, z = 1.7702269785759908e39, 44522947.95804508, 3.9759877990202117e31
     params, point = torch.tensor([shape, -rate]), torch.tensor(z)
