@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from scipy import integrate, optimize
 
+from ._exact import two_product, two_sum
 from ._hellinger import values_readable
 from ._validation import check_alpha, check_seed
 from .families import ExponentialFamily, MultivariateNormalFamily
@@ -1105,33 +1106,13 @@ _TERM_ROUNDING = 8 * np.finfo(np.float64).eps
 _ROUNDED_PANEL_SPACINGS = 2.0**32
 
 
-def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``a + b`` rounded and its rounding error, exactly (Knuth's TwoSum)."""
-    total = a + b
-    b_part = total - a
-    return total, (a - (total - b_part)) + (b - b_part)
-
-
-def _two_product(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``a * b`` rounded and its rounding error, exactly for float64 of magnitude below about 1e300 (Dekker)."""
-    product = a * b
-
-    def halves(x):
-        c = (2.0**27 + 1) * x
-        high = c - (c - x)
-        return high, x - high
-
-    (a_high, a_low), (b_high, b_low) = halves(a), halves(b)
-    return product, ((a_high * b_high - product) + a_high * b_low + a_low * b_high) + a_low * b_low
-
-
 def _node_residual(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``exact - rounded`` for the panel nodes ``0.5 (a + b) + 0.5 (b - a) t`` as the rules compute them in float64
     (panels ``a``, ``b`` ``(..., P)``, nodes ``t`` ``(n,)`` on ``[-1, 1]``): ``(..., P, n)``."""
-    total, total_error = _two_sum(a, b)
-    width, width_error = _two_sum(b, -a)
-    step, step_error = _two_product((0.5 * width).unsqueeze(-1), t)
-    _, node_error = _two_sum((0.5 * total).unsqueeze(-1), step)
+    total, total_error = two_sum(a, b)
+    width, width_error = two_sum(b, -a)
+    step, step_error = two_product((0.5 * width).unsqueeze(-1), t)
+    _, node_error = two_sum((0.5 * total).unsqueeze(-1), step)
     return node_error + step_error + (0.5 * total_error).unsqueeze(-1) + (0.5 * width_error).unsqueeze(-1) * t
 
 

@@ -25,6 +25,7 @@ import math
 import torch
 from torch.distributions import Beta, Dirichlet, Exponential, Gamma, VonMises, constraints
 
+from .._exact import two_product, two_sum
 from .._validation import check_positive
 from ..constants import LOG_2PI
 from .base import ExponentialFamily, edge_product, weighted_sum
@@ -115,24 +116,6 @@ def _stirling_remainder(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(large, series, direct), torch.where(large, series.abs(), direct_size)
 
 
-def _product(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``a b`` and its rounding error, exactly (Dekker's product, Veltkamp's split): ``a b = p + e``. The error is 0
-    where a factor is too large to split (beyond 1e300 in float64) or the product is not finite."""
-    p = a * b
-    precision = 1 - math.log2(torch.finfo(p.dtype).eps)  # significand bits: 53 in float64
-    splitter = 2.0 ** math.ceil(precision / 2) + 1  # 2^27 + 1 in float64
-
-    def halves(x):
-        scaled = splitter * x
-        high = scaled - (scaled - x)
-        return high, x - high
-
-    (a_high, a_low), (b_high, b_low) = halves(a), halves(b)
-    e = ((a_high * b_high - p) + a_high * b_low + a_low * b_high) + a_low * b_low
-    splittable = torch.isfinite(splitter * a) & torch.isfinite(splitter * b) & torch.isfinite(p)
-    return p, torch.where(splittable, e, 0.0)
-
-
 def _deviance(x: torch.Tensor, y: torch.Tensor, with_size: bool = True, y_error: torch.Tensor | None = None):
     """``x log(x / y) - x + y >= 0`` for positive ``x``, ``y``, without cancellation, and the size of its terms (None
     unless ``with_size``) (Loader's ``bd0``, as R's dbinom and dpois compute it): where ``x`` and ``y`` are close,
@@ -214,7 +197,7 @@ def _log_density_near_mean(concentrations, value, log_value, unnormalised=None, 
     # t z_k, with its exact rounding error: of the product, of the total (the identity needs t = sum_k c_k; its
     # rounding cost 9e-11 at Beta(1e22, 9e22)) and of the values (a Beta's 1 - z)
     total, total_error = (part.unsqueeze(-1) for part in _compensated_sum(concentrations))
-    scaled, error = _product(total, value)
+    scaled, error = two_product(total, value)
     error = error + total_error * value
     if value_error is not None:
         error = error + total * value_error
@@ -232,15 +215,13 @@ def _log_density_near_mean(concentrations, value, log_value, unnormalised=None, 
 
 
 def _compensated_sum(values: torch.Tensor, start: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``start + sum_k values_k`` over the last axis by Neumaier's compensated summation: the rounded sum and the
-    error it left out (exact for two terms, to ``eps^2`` of the terms beyond)."""
+    """``start + sum_k values_k`` over the last axis, compensated (each addition's exact error, ``two_sum``, summed
+    apart): the rounded sum and the error it left out (exact for two terms, to ``eps^2`` of the terms beyond)."""
     total = torch.full_like(values[..., 0], start)
     compensation = torch.zeros_like(total)
     for value in values.unbind(-1):
-        moved = total + value
-        compensation = compensation + torch.where(total.abs() >= value.abs(), (total - moved) + value,
-                                                  (value - moved) + total)
-        total = moved
+        total, error = two_sum(total, value)
+        compensation = compensation + error
     return total, compensation
 
 
@@ -389,7 +370,7 @@ class GammaFamily(ExponentialFamily):
             return lgamma_form, lgamma_size
         # finite where not taken (a valid shape beside rate z = a); Stirling's terms on the parameters' own shape
         exponential, log_value = torch.where(near, exponential, a), torch.where(near, log_value, 0.0)
-        error = torch.where(near, _product(rate, value)[1], 0.0)  # rate z's rounding (the error of the product)
+        error = torch.where(near, two_product(rate, value)[1], 0.0)  # rate z's rounding (the error of the product)
         (deviance, deviance_size), half_log_a = _deviance(a, exponential, with_size, error), 0.5 * torch.log(a)
         remainder, remainder_size = _stirling_remainder(a)
         log_density = torch.where(near, -deviance - log_value + half_log_a - 0.5 * LOG_2PI - remainder, lgamma_form)
