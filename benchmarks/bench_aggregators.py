@@ -8,10 +8,12 @@ Per shape (batch, experts, latent), on the same inputs:
   * subset_mixture over all 2^M - 1 subsets with poe (MoPoE) and hellinger (MoHELVAE), up to ``--max-subset-experts``
 
 The eager alpha = 1/2 pool leaves out pairs of experts whose components provably cannot change it (far apart in
-every sample, as a trained HELVAE's experts are; see ``opinionpool._hellinger.kept_partners``), so its cost depends
-on the inputs: the standard-normal inputs of each shape are timed as they are, and the value-dependent candidates
-(``hellinger``, ``object API``, ``MoHELVAE``) again on overlapping experts (each expert's offset from expert 0
-shrunk tenfold), where every pair is kept; the "pairs left out" column says how many were left out.
+every sample, as a trained HELVAE's experts are; see ``opinionpool._hellinger.kept_partners``), and the CPU kernel
+of ``fused=True`` skips, sample by sample, the pairs whose mixture weight is exactly zero, so their cost depends on
+the inputs: the standard-normal inputs of each shape are timed as they are, and the value-dependent candidates
+(``hellinger``, ``hellinger fused``, ``object API``, ``MoHELVAE``) again on overlapping experts (each expert's
+offset from expert 0 shrunk tenfold), where every pair is kept; the "pairs left out" column says how many were
+left out (for the kernel: of zero weight, median per sample).
 
 Each round runs every candidate once in a fresh random order; a candidate's ratio is taken to PoE's time in the
 same round, and the table gives the median ratio with its interquartile range over rounds (robust to drifting
@@ -27,6 +29,7 @@ Prints a Markdown table; ``--docs docs/benchmarks.md`` also splices it into that
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import resource
 import statistics
@@ -48,7 +51,7 @@ from opinionpool._hellinger import kept_partners  # noqa: E402
 from measure import check_docs_page, non_negative_int, positive_int, provenance, quartiles, saved_tensor_bytes, verdict  # noqa: E402
 
 __all__ = ["main", "official_hellinger", "object_api", "saved_bytes", "candidates", "fused_fallback", "measure",
-           "pairs_left_out"]
+           "pairs_left_out", "zero_weight_pairs"]
 
 SHAPES = ["128,5,64", "256,3,512", "256,5,512", "256,10,512"]
 FUSED = "hellinger fused"
@@ -123,8 +126,9 @@ def fused_fallback(mu: torch.Tensor, logvar: torch.Tensor) -> str:
     return f"no fused path for {mu.dtype} on {mu.device.type}"
 
 
-#: the candidates whose eager cost depends on the inputs' values (pairs left out), timed on both input sets
-VALUE_DEPENDENT = ["hellinger", "object API", "MoHELVAE"]
+#: the candidates whose cost depends on the inputs' values (pairs left out), timed on both input sets; the CPU
+#: kernel of ``FUSED`` skips, sample by sample, the pairs of zero mixture weight
+VALUE_DEPENDENT = ["hellinger", FUSED, "object API", "MoHELVAE"]
 
 
 def shape_of(text: str) -> tuple[int, int, int]:
@@ -143,6 +147,16 @@ def pairs_left_out(mu: torch.Tensor, logvar: torch.Tensor) -> str:
                               torch.zeros(mu.shape[1], m, dtype=mu.dtype, device=mu.device))
     total = m * (m - 1) // 2
     return f"{0 if partners is None else total - sum(map(len, partners))} of {total}"
+
+
+def zero_weight_pairs(mu: torch.Tensor, logvar: torch.Tensor) -> str:
+    """How many of the pairs of experts ``(M, B, D)`` have a mixture weight of exactly zero (the CPU kernel skips
+    them), as "n of P per sample", n the median over samples."""
+    m = mu.shape[0]
+    log_w = torch.full((mu.shape[1], m), -math.log(m), dtype=mu.dtype, device=mu.device)
+    with torch.no_grad():
+        pi = _hellinger._forward(mu.movedim(0, -2), logvar.movedim(0, -2), log_w)[3][:, m:]
+    return f"{int((pi == 0).sum(-1).median())} of {m * (m - 1) // 2} per sample"
 
 
 def _step(fn, mu, logvar) -> tuple[float, int]:
@@ -239,7 +253,11 @@ def main() -> None:
             runs.append((", overlapping experts", {name: found[name] for name in VALUE_DEPENDENT + ["poe"]
                                                    if name in found}, shrunk, logvar))
         for suffix, chosen, inputs, lv in runs:
-            left_out = pairs_left_out(inputs, lv)
+            left_out = {name: pairs_left_out(inputs, lv) for name in VALUE_DEPENDENT}
+            if FUSED in chosen and _hellinger._fused_path(inputs, lv) == "kernel":
+                left_out[FUSED] = zero_weight_pairs(inputs, lv)
+            else:  # compiled bodies and the eager fallback of fused=True compute every pair
+                left_out[FUSED] = ""
             results = measure(chosen, inputs, lv, args.rounds, args.warmup, rng)
             for name, (ms, ratio, (q1, q3), mb, pages) in results.items():
                 if suffix and name == "poe":
@@ -248,7 +266,7 @@ def main() -> None:
                 target = verdict(ratio, target) if target else ""
                 rows.append(f"| ({batch}, {experts}, {latent}) | {name}{suffix} | {ms:.2f} | {ratio:.2f} "
                             f"[{q1:.2f}, {q3:.2f}] | {mb:.2f} | {pages:.0f} | "
-                            f"{left_out if name in VALUE_DEPENDENT else ''} | {target} |")
+                            f"{left_out.get(name, '')} | {target} |")
     header = (f"{measured}; {torch.get_num_threads()} thread(s), {args.dtype}, {args.rounds} rounds "
               "of forward+backward, candidates in random order each round")
     table = header + "\n\n" + "\n".join(rows + ([""] + sorted(notes) if notes else []))

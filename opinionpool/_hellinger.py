@@ -685,6 +685,7 @@ def hellinger_moments(mu: torch.Tensor, logvar: torch.Tensor, log_weights: torch
             and bool(logvar.detach().amin() < -2 * math.log(torch.finfo(logvar.dtype).max))):
         return tuple(t.to(mu.dtype) for t in hellinger_moments(mu.double(), logvar.double(), log_weights.double(),
                                                                  fused))
-    # the fused paths form no pair tensors: they gain nothing from leaving pairs out
+    # the fused paths form no pair tensors, so a choice by bound gains them little; the CPU kernel skips the pairs
+    # of exactly zero weight itself, sample by sample
     partners = None if fused else kept_partners(mu, logvar, log_weights)
     return _HellingerMoments.apply(mu, logvar, log_weights, bool(fused), partners)[:2]

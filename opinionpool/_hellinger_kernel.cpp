@@ -3,7 +3,8 @@
 // the order of operations follow _forward and _backward in _hellinger.py (read that file first); here the pairs
 // are never materialised as tensors. Per sample and pass, each pair costs a division per dimension (no
 // transcendental function, see store_ratios); its ratios r_i = v_i / u and r_j = v_j / u are kept in two buffers
-// of P rows for the later loop of the same pass. Where the eager formulas differ:
+// of P rows for the later loop of the same pass. Pairs of zero mixture weight are skipped once the weights are
+// known (Sample::weighed). Where the eager formulas differ:
 // - the ratios come from the experts' variances relative to the largest at each dimension (the eager path uses
 //   sigmoids of the log-variance differences; this kernel falls back to expm1 where those underflow);
 // - sum_d log((1 + e^-a) / 2) is the logarithm of a running product (see forward_sample), whose rounding error is
@@ -49,7 +50,7 @@ struct Sample {
   // dimensions padded to whole vectors) that start `stride` numbers apart
   int64_t m, d, width, stride, pairs;
   std::vector<T> x, means, lv, g, v, rel, scale, r_first, r_second;
-  std::vector<int64_t> first, second;
+  std::vector<int64_t> first, second, live;
   // work space of the passes, allocated once per call and parallel_for chunk, not per sample (fresh large buffers
   // cost page faults); the backward pass's only where it runs
   std::vector<T> logits, rows_out, d_loc, d_lv;
@@ -67,6 +68,16 @@ struct Sample {
         first.push_back(i);
         second.push_back(j);
       }
+  }
+
+  // the pairs of non-zero mixture weight in pi (experts first): the others add exactly zero to the pool's moments
+  // and to every gradient (their weight multiplies each of their terms, all finite), so the passes skip them; where
+  // experts stopped overlapping, as a trained HELVAE's do, that is every pair (NaN weights are kept)
+  const std::vector<int64_t>& weighed(const T* pi) {
+    live.clear();
+    for (int64_t p = 0; p < pairs; ++p)
+      if (pi[m + p] != T(0)) live.push_back(p);
+    return live;
   }
 
   // loads one sample: offsets from the expert of largest weight, the scale of _scale, g = exp(-logvar / 2) / 2,
@@ -220,10 +231,11 @@ void forward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w, 
 
   std::vector<V>& loc = s.loc;
   std::vector<V>& var = s.var;
+  const std::vector<int64_t>& live = s.weighed(pi);
   for (int64_t c = 0; c < width; c += vs) {
     V offset(0);
     for (int64_t k = 0; k < m; ++k) offset = offset + V(pi[k]) * V::loadu(&s.x[k * stride + c]);
-    for (int64_t p = 0; p < s.pairs; ++p) {
+    for (const int64_t p : live) {
       const int64_t i = s.first[p], j = s.second[p];
       V big, r_i, r_j;
       ratios(s, p, c, big, r_i, r_j);
@@ -236,7 +248,7 @@ void forward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w, 
       const V dev = (V::loadu(&s.x[k * stride + c]) - offset) * h;
       spread = spread + V(pi[k]) * (V::loadu(&s.v[k * stride + c]) + dev * dev);
     }
-    for (int64_t p = 0; p < s.pairs; ++p) {
+    for (const int64_t p : live) {
       const V dev = (loc[p] - offset) * h;
       spread = spread + V(pi[m + p]) * (var[p] + dev * dev);
     }
@@ -262,6 +274,7 @@ void backward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w,
   T* glv = gx + m * stride;
   std::vector<V>& d_logit = s.d_logit;
   std::fill(d_logit.begin(), d_logit.end(), V(0));
+  const std::vector<int64_t>& live = s.weighed(pi);
   for (int64_t c = 0; c < width; c += vs) {
     const int64_t count = std::min(vs, d - c);  // zeros in the padding: no contribution to any sum
     const V off = V::loadu(&offset_in[c], count), gm = V::loadu(&grad_mean_in[c], count);
@@ -289,7 +302,7 @@ void backward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w,
     for (int64_t k = 0; k < m; ++k)
       component(pi[k], V::loadu(&s.x[k * stride + c]), V::loadu(&s.v[k * stride + c]), &gx[k * stride + c],
                 &glv[k * stride + c], d_logit[k]);
-    for (int64_t p = 0; p < s.pairs; ++p) {
+    for (const int64_t p : live) {
       const int64_t i = s.first[p], j = s.second[p];
       V r_i, r_j;
       const V big = store_ratios(s, p, i, j, c, r_i, r_j);
@@ -307,7 +320,7 @@ void backward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w,
     grad_log_w[s.second[p]] += logit_grad[m + p];
   }
   // second loop: through each pair's mean, log-variance and -log S to its two experts (_row_backward)
-  for (int64_t p = 0; p < s.pairs; ++p) {
+  for (const int64_t p : live) {
     const int64_t i = s.first[p], j = s.second[p];
     const V d_neg(-logit_grad[m + p]);
     for (int64_t c = 0; c < width; c += vs) {

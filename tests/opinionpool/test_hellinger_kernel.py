@@ -344,3 +344,33 @@ def test_experts_more_than_half_the_largest_float_apart(kernel, dtype, offset):
         assert math.isclose(float(loc), 0.75 * offset, rel_tol=1e-6), (fused, float(loc))
         assert math.isclose(float(lv), expected_lv, rel_tol=1e-6), (fused, float(lv))
     assert kernel.calls["forward"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_skips_pairs_of_zero_weight_sample_by_sample(kernel, dtype):
+    """The kernel leaves out, per sample, the pairs whose mixture weight is exactly zero (experts that share no
+    mass at the dtype's range). Five experts in four samples, each sample with its own group of overlapping
+    experts and the others 15 standard deviations apart in each of 37 dimensions (their pairs' weights underflow
+    to zero in both dtypes), with weights and a mask: values and gradients against the eager function and, in
+    float64, the mixture written out pair by pair."""
+    mu, logvar, weights, mask = experts(5, batch=4, dim=37, seed=7)
+    groups = [(0, 1), (1, 2, 3), (2, 4), (0, 3, 4)]
+    far = torch.tensor([[0.0 if k in group else 15.0 * (k + 1) for group in groups] for k in range(5)])
+    mu = (0.2 * mu + far.unsqueeze(-1)).to(dtype)
+    logvar, weights = (0.3 * logvar).to(dtype), weights[:, :5].to(dtype)
+    mask = torch.ones(5, 4, dtype=torch.bool)
+    mask[3, 0] = False  # an absent expert too
+    log_w = (weights.log() + torch.where(mask.T, 0.0, -math.inf).to(dtype)).expand(4, 5)
+    pi = hellinger_module._forward(mu.movedim(0, -2), logvar.movedim(0, -2), log_w)[3][:, 5:]
+    zero = pi == 0
+    assert zero.any(-1).all() and (~zero).any(-1).all(), pi  # every sample has both kinds of pairs
+    assert not (zero == zero[:1]).all(), "the samples' zero-weight pairs must differ"
+    eager, fused = both_paths(kernel, mu, logvar, [mu, logvar, weights], mask=mask)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    for want, got in zip(eager, fused):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+    if dtype == torch.float64:
+        ref_loc, ref_lv = reference_hellinger(mu, logvar, weights=weights, mask=mask)
+        torch.testing.assert_close(fused[0], ref_loc, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fused[1], ref_lv, rtol=1e-12, atol=1e-12)
