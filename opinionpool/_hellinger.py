@@ -592,6 +592,14 @@ def _fused_path(*tensors):
     return "kernel" if first.dtype in (torch.float32, torch.float64) and _cpu_kernel() is not None else "eager"
 
 
+def _kernel_layout(mu, logvar, *others):
+    """The kernel's operands: ``mu`` and ``logvar`` ``(..., M, D)`` with their batch axes flattened, copied only
+    where ``D`` is not their innermost axis (the experts-first tensors of the functional API are read where they
+    lie), the ``others`` contiguous."""
+    mu, logvar, *others = flat((mu, logvar) + others, mu.shape[:-2])
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in (mu, logvar)] + [t.contiguous() for t in others]
+
+
 def _compiled(name, fn):
     if name not in _COMPILED:
         _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
@@ -621,8 +629,7 @@ class _HellingerMoments(torch.autograd.Function):
     def forward(mu, logvar, log_w, fused, partners):
         path = _fused_path(mu, logvar, log_w) if fused else "eager"
         if path == "kernel":
-            inputs = (t.contiguous() for t in flat((mu, logvar, log_w), mu.shape[:-2]))  # the kernel's layout
-            return unflat(_KERNEL[0].forward(*inputs), mu.shape[:-2])
+            return unflat(_KERNEL[0].forward(*_kernel_layout(mu, logvar, log_w)), mu.shape[:-2])
         if path == "compile":
             unrolled = mu.shape[-2] <= UNROLL_MAX_EXPERTS
             return _run("forward" if unrolled else "forward_rows", _forward_unrolled if unrolled else _forward, mu,
@@ -645,7 +652,7 @@ class _HellingerMoments(torch.autograd.Function):
         path = _fused_path(*tensors) if ctx.fused else "eager"
         batch = mu.shape[:-2]
         if path == "kernel":
-            grads = unflat(_KERNEL[0].backward(*(t.contiguous() for t in flat(tensors, batch))), batch)
+            grads = unflat(_KERNEL[0].backward(*_kernel_layout(*tensors)), batch)
         elif path == "compile":
             unrolled = mu.shape[-2] <= UNROLL_MAX_EXPERTS
             grads = _run("backward" if unrolled else "backward_rows", _backward_unrolled if unrolled else _backward,

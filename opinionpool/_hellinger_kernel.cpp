@@ -12,7 +12,10 @@
 // - in the backward pass an expert's share of the pool's variance is p v / V from the variances relative to the
 //   scale, not p exp(logvar - logvar_out).
 //
-// Layout: mu, logvar (N, M, D), log_w (N, M), contiguous; pi (N, M + P) with the pairs i < j row by row.
+// Layout: mu, logvar (N, M, D) with unit stride along D and any strides along N and M (the functional API's
+// experts-first (M, N, D) tensors, viewed as (N, M, D), are read and their gradients written in that layout,
+// without transposed copies), log_w (N, M) and the other tensors contiguous; pi (N, M + P) with the pairs i < j
+// row by row.
 // Dimensions run in SIMD vectors (ATen's Vectorized: AVX2 / AVX-512 with SLEEF's transcendental functions when
 // built with their flags); rows are padded with zeros, which contribute nothing to any sum over dimensions.
 
@@ -83,7 +86,7 @@ struct Sample {
   // loads one sample: offsets from the expert of largest weight, the scale of _scale, g = exp(-logvar / 2) / 2,
   // the variances relative to the scale (v) and to the largest of the experts' at each dimension (rel, for the
   // pairs' ratios); returns the reference expert
-  int64_t load(const T* mu, const T* logvar, const T* log_w) {
+  int64_t load(const T* mu, int64_t mu_step, const T* logvar, int64_t lv_step, const T* log_w) {
     using V = Vectorized<T>;
     int64_t ref = 0;
     for (int64_t k = 1; k < m; ++k)
@@ -91,12 +94,12 @@ struct Sample {
     const T inf = std::numeric_limits<T>::infinity();
     for (int64_t c = 0; c < width; c += V::size()) {
       const int64_t count = std::min<int64_t>(V::size(), d - c);  // partial loads fill the padding with zeros
-      const V mu_ref = V::loadu(&mu[ref * d + c], count);
+      const V mu_ref = V::loadu(&mu[ref * mu_step + c], count);
       V largest_lv(-inf), spread(-inf);
       for (int64_t k = 0; k < m; ++k) {
-        const V muk = V::loadu(&mu[k * d + c], count);
+        const V muk = V::loadu(&mu[k * mu_step + c], count);
         const V xk = muk - mu_ref;
-        const V lvk = V::loadu(&logvar[k * d + c], count);
+        const V lvk = V::loadu(&logvar[k * lv_step + c], count);
         muk.store(&means[k * stride + c]);
         xk.store(&x[k * stride + c]);
         lvk.store(&lv[k * stride + c]);
@@ -188,11 +191,11 @@ C10_ALWAYS_INLINE void pair_moments(const Sample<T>& s, int64_t i, int64_t j, in
 }
 
 template <typename T>
-void forward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w, T* mean, T* logvar_out, T* offset_out,
-                    T* pi) {
+void forward_sample(Sample<T>& s, const T* mu, int64_t mu_step, const T* logvar, int64_t lv_step, const T* log_w,
+                    T* mean, T* logvar_out, T* offset_out, T* pi) {
   using V = Vectorized<T>;
   const int64_t m = s.m, width = s.width, stride = s.stride, vs = V::size();
-  const int64_t ref = s.load(mu, logvar, log_w);
+  const int64_t ref = s.load(mu, mu_step, logvar, lv_step, log_w);
   const T inf = std::numeric_limits<T>::infinity();
   // the logits: experts 2 log w_k, pairs log 2 + log w_i + log w_j - (-log S_ij)
   std::vector<T>& logits = s.logits;
@@ -253,19 +256,20 @@ void forward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w, 
       spread = spread + V(pi[m + p]) * (var[p] + dev * dev);
     }
     const int64_t count = std::min(vs, s.d - c);
-    (V::loadu(&mu[ref * s.d + c], count) + offset).store(&mean[c], count);
+    (V::loadu(&mu[ref * mu_step + c], count) + offset).store(&mean[c], count);
     (V::loadu(&s.scale[c]) + spread.log()).store(&logvar_out[c], count);
     offset.store(&offset_out[c], count);
   }
 }
 
 template <typename T>
-void backward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w, const T* offset_in,
-                     const T* logvar_out_in, const T* pi, const T* grad_mean_in, const T* grad_logvar_in, T* grad_mu,
-                     T* grad_logvar, T* grad_log_w) {
+void backward_sample(Sample<T>& s, const T* mu, int64_t mu_step, const T* logvar, int64_t lv_step, const T* log_w,
+                     const T* offset_in, const T* logvar_out_in, const T* pi, const T* grad_mean_in,
+                     const T* grad_logvar_in, T* grad_mu, int64_t grad_mu_step, T* grad_logvar,
+                     int64_t grad_lv_step, T* grad_log_w) {
   using V = Vectorized<T>;
   const int64_t m = s.m, width = s.width, stride = s.stride, vs = V::size(), d = s.d, n_comp = m + s.pairs;
-  s.load(mu, logvar, log_w);
+  s.load(mu, mu_step, logvar, lv_step, log_w);
   T g_l_total = 0;
   for (int64_t c = 0; c < d; ++c) g_l_total += grad_logvar_in[c];
   // first loop: each component's d/d(mean) and d/d(logvar) (the pairs' kept for the second loop) and the sums
@@ -348,8 +352,8 @@ void backward_sample(Sample<T>& s, const T* mu, const T* logvar, const T* log_w,
   for (int64_t k = 0; k < m; ++k)
     for (int64_t c = 0; c < width; c += vs) {
       const int64_t count = std::min(vs, d - c);
-      V::loadu(&gx[k * stride + c]).store(&grad_mu[k * d + c], count);
-      V::loadu(&glv[k * stride + c]).store(&grad_logvar[k * d + c], count);
+      V::loadu(&gx[k * stride + c]).store(&grad_mu[k * grad_mu_step + c], count);
+      V::loadu(&glv[k * stride + c]).store(&grad_logvar[k * grad_lv_step + c], count);
     }
 }
 
@@ -357,7 +361,9 @@ void check(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& log
   TORCH_CHECK(mu.dim() == 3 && logvar.sizes() == mu.sizes(), "mu and logvar must be (N, M, D) of one shape");
   TORCH_CHECK(log_w.dim() == 2 && log_w.size(0) == mu.size(0) && log_w.size(1) == mu.size(1),
               "log_w must be (N, M)");
-  TORCH_CHECK(mu.is_contiguous() && logvar.is_contiguous() && log_w.is_contiguous(), "inputs must be contiguous");
+  TORCH_CHECK((mu.size(2) <= 1 || mu.stride(2) == 1) && (logvar.size(2) <= 1 || logvar.stride(2) == 1) &&
+                  log_w.is_contiguous(),
+              "mu and logvar must have unit stride along D, log_w must be contiguous");
   TORCH_CHECK(mu.scalar_type() == logvar.scalar_type() && mu.scalar_type() == log_w.scalar_type(),
               "inputs must share one dtype");
   TORCH_CHECK(mu.size(1) >= 1, "at least one expert");
@@ -373,7 +379,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const at::Ten
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       Sample<scalar_t> s(m, d, false);
       for (int64_t b = begin; b < end; ++b)
-        forward_sample(s, mu.data_ptr<scalar_t>() + b * m * d, logvar.data_ptr<scalar_t>() + b * m * d,
+        forward_sample(s, mu.data_ptr<scalar_t>() + b * mu.stride(0), mu.stride(1),
+                       logvar.data_ptr<scalar_t>() + b * logvar.stride(0), logvar.stride(1),
                        log_w.data_ptr<scalar_t>() + b * m, mean.data_ptr<scalar_t>() + b * d,
                        logvar_out.data_ptr<scalar_t>() + b * d, offset.data_ptr<scalar_t>() + b * d,
                        pi.data_ptr<scalar_t>() + b * pi.size(1));
@@ -391,16 +398,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& mu, co
     TORCH_CHECK(t.is_contiguous() && t.scalar_type() == mu.scalar_type() && t.size(0) == mu.size(0),
                 "saved tensors and incoming gradients must be contiguous, of the inputs' dtype and batch");
   const int64_t n = mu.size(0), m = mu.size(1), d = mu.size(2);
+  // laid out as the inputs where they are dense (a permuted (M, N, D) tensor: its gradient needs no copy either)
   auto grad_mu = at::empty_like(mu), grad_lv = at::empty_like(logvar), grad_log_w = at::empty_like(log_w);
+  TORCH_CHECK(d <= 1 || (grad_mu.stride(2) == 1 && grad_lv.stride(2) == 1), "gradients with unit stride along D");
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "hellinger_backward", [&] {
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       Sample<scalar_t> s(m, d, true);
       for (int64_t b = begin; b < end; ++b)
-        backward_sample(s, mu.data_ptr<scalar_t>() + b * m * d, logvar.data_ptr<scalar_t>() + b * m * d,
+        backward_sample(s, mu.data_ptr<scalar_t>() + b * mu.stride(0), mu.stride(1),
+                        logvar.data_ptr<scalar_t>() + b * logvar.stride(0), logvar.stride(1),
                         log_w.data_ptr<scalar_t>() + b * m, offset.data_ptr<scalar_t>() + b * d,
                         logvar_out.data_ptr<scalar_t>() + b * d, pi.data_ptr<scalar_t>() + b * pi.size(1),
                         grad_mean.data_ptr<scalar_t>() + b * d, grad_logvar.data_ptr<scalar_t>() + b * d,
-                        grad_mu.data_ptr<scalar_t>() + b * m * d, grad_lv.data_ptr<scalar_t>() + b * m * d,
+                        grad_mu.data_ptr<scalar_t>() + b * grad_mu.stride(0), grad_mu.stride(1),
+                        grad_lv.data_ptr<scalar_t>() + b * grad_lv.stride(0), grad_lv.stride(1),
                         grad_log_w.data_ptr<scalar_t>() + b * m);
     });
   });

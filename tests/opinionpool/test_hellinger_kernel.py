@@ -374,3 +374,61 @@ def test_kernel_skips_pairs_of_zero_weight_sample_by_sample(kernel, dtype):
         ref_loc, ref_lv = reference_hellinger(mu, logvar, weights=weights, mask=mask)
         torch.testing.assert_close(fused[0], ref_loc, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(fused[1], ref_lv, rtol=1e-12, atol=1e-12)
+
+
+class RecordingKernel(CountingKernel):
+    """A counting kernel that also keeps the operands and results of its calls."""
+
+    def __init__(self, operators):
+        super().__init__(operators)
+        self.seen = {"forward": [], "backward": []}
+
+    def forward(self, *args):
+        result = super().forward(*args)
+        self.seen["forward"].append((args, result))
+        return result
+
+    def backward(self, *args):
+        result = super().backward(*args)
+        self.seen["backward"].append((args, result))
+        return result
+
+
+@pytest.mark.parametrize("layout", ["experts first", "batch first", "latent strided", "latent of one"])
+def test_kernel_reads_and_writes_the_callers_layout(built_kernel, monkeypatch, layout):
+    """The kernel reads ``mu`` and ``logvar`` with any batch and expert strides where the latent axis has unit
+    stride: the functional API's experts-first ``(M, B, D)`` tensors are not transposed on the way in nor their
+    gradients on the way out; a strided latent axis is copied first, and a latent of size one may have any stride.
+    Values and gradients as the eager function's in every layout."""
+    recording = RecordingKernel(built_kernel)
+    monkeypatch.setattr(hellinger_module, "_KERNEL", [recording])
+    g = torch.Generator().manual_seed(3)
+    m, batch, dim = 4, 5, 1 if layout == "latent of one" else 19
+    source = torch.randn(2, m, batch, 2 * dim, generator=g, dtype=torch.float64)
+    source[1] *= 0.3  # log-variances
+    axis = 0
+    if layout == "experts first":  # (M, B, D)
+        mu, logvar = (t[..., :dim].contiguous() for t in source)
+    elif layout == "batch first":  # (B, M, D)
+        (mu, logvar), axis = (t[..., :dim].transpose(0, 1).contiguous() for t in source), 1
+    elif layout == "latent strided":  # (M, B, D), every other latent
+        mu, logvar = source[0, ..., ::2], source[1, ..., ::2]
+    else:  # (B, M, 1) whose latent stride is M: a transposed (B, 1, M)
+        (mu, logvar), axis = (t[..., :1].permute(1, 2, 0).contiguous().transpose(1, 2) for t in source), 1
+        assert mu.stride(-1) == m
+    weights = torch.rand(m, generator=g, dtype=torch.float64) + 0.5
+    results = []
+    for fused in (False, True):
+        a, b, w = (t.detach().requires_grad_(True) for t in (mu, logvar, weights))  # views: strides kept
+        loc, lv = opf.hellinger(a, b, weights=w, dim=axis, fused=fused)
+        (loc.sin().sum() + (lv * lv).sum()).backward()
+        results.append((loc, lv, a.grad, b.grad, w.grad))
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert recording.calls == {"forward": 1, "backward": 1}
+    (kernel_mu, kernel_lv, *_), _ = recording.seen["forward"][0]
+    _, (grad_mu, grad_lv, _) = recording.seen["backward"][0]
+    if layout == "experts first":  # no transposed copies: operands and gradients in the caller's (M, B, D) order
+        read_as = mu.movedim(0, -2).stride()
+        assert kernel_mu.stride() == kernel_lv.stride() == grad_mu.stride() == grad_lv.stride() == read_as
+    assert kernel_mu.size(-1) == 1 or kernel_mu.stride(-1) == 1
