@@ -431,21 +431,22 @@ class MultimodalVAE(nn.Module):
             raise ValueError(f"x has {len(x)} modalities but the model has {self.num_modalities}")
         return x
 
-    def _checked_present(self, x, present) -> torch.Tensor:
-        """``present`` if it is a boolean ``(M, B)`` mask keeping a modality of every sample: a sample of none has no
-        posterior, and the objectives gave NaN losses, a finite one or an unrelated error, model by model."""
+    def checked_mask(self, x, mask, name: str = "present") -> torch.Tensor:
+        """``mask`` if it is a boolean ``(M, B)`` mask of the batch ``x`` marking a modality of every sample (else a
+        ValueError naming it ``name``): a sample of none has no posterior, and the objectives gave NaN losses, a
+        finite one or an unrelated error, model by model; a likelihood of no targets was 0."""
         first = as_modalities(x)[0]
         expected = (self.num_modalities, first.shape[0])
-        if not isinstance(present, torch.Tensor) or present.dtype != torch.bool or tuple(present.shape) != expected:
-            shown = (f"{present.dtype} tensor of shape {tuple(present.shape)}" if isinstance(present, torch.Tensor)
-                     else type(present).__name__)
-            raise ValueError(f"present must be a boolean tensor of shape {expected} (modalities, batch), got {shown}")
-        empty = ~present.any(0)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != expected:
+            shown = (f"{mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
+                     else type(mask).__name__)
+            raise ValueError(f"{name} must be a boolean tensor of shape {expected} (modalities, batch), got {shown}")
+        empty = ~mask.any(0)
         if bool(empty.any()):
             samples = empty.nonzero().flatten().tolist()
-            raise ValueError(f"present must keep at least one modality of every sample; samples {samples[:5]}"
+            raise ValueError(f"{name} must mark at least one modality of every sample; samples {samples[:5]}"
                              + (f" (and {len(samples) - 5} more)" if len(samples) > 5 else "") + " have none")
-        return present
+        return mask
 
     def private_posterior(self, x):
         """The encoders' ``(mu, logvar)`` of the modality-specific latents, each ``(M, B, private_dim)`` (None
@@ -530,7 +531,7 @@ class MultimodalVAE(nn.Module):
         modalities ``(M, B)`` (default all); the KL term weighted by ``beta * kl_weight`` (a warm-up's
         ``kl_weight < 1``; in the multi-sample objectives, the weight of ``log p(z) - log q(z | X)``)."""
         x = self._modalities(x)
-        present = self._everything(x) if present is None else self._checked_present(x, present)
+        present = self._everything(x) if present is None else self.checked_mask(x, present)
         # an absent modality's input is no data: zeros stand in for it before the encoders, so that a NaN placeholder
         # (masked from the loss below) does not make the encoders' weight gradients NaN through 0 * NaN
         x = [torch.where(present[m].reshape((-1,) + (1,) * (x_m.dim() - 1)), x_m,

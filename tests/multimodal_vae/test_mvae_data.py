@@ -347,12 +347,32 @@ def test_a_chosen_subset_spreads_over_data_stored_class_by_class(tiny_root, monk
     assert calls[0] == 16 and 500 in calls[1:]
 
 
+def test_datasets_refuse_bad_sizes_and_arrays_of_the_wrong_length():
+    """``head`` and ``choose`` take a number of tuples (``choose(-2)`` took 4 of 6 silently, ``head(-2)`` raised an
+    unrelated error); a modality with fewer rows than labels was found at the first batch that reached past it."""
+    from applications.multimodal_vae.data import MultimodalDataset, polymnist_modalities
+
+    images = torch.zeros(6, 3, 28, 28, dtype=torch.uint8)
+    data = MultimodalDataset(polymnist_modalities(2), [images, images], torch.arange(6), num_classes=10)
+    assert len(data.head(0)) == 0 and len(data.head(4)) == 4 and len(data.choose(4)) == 4
+    for bad in (-2, 2.0, True):
+        for method in (data.head, data.choose):
+            with pytest.raises(ValueError, match=f"n must be a non-negative integer .*got {bad}"):
+                method(bad)
+    with pytest.raises(ValueError, match="modality 'm1' has 3 rows for 6 labels"):
+        MultimodalDataset(polymnist_modalities(2), [images, images[:3]], torch.arange(6), num_classes=10)
+    with pytest.raises(ValueError, match="modality 'm0' has 2 entries in its row map for 6 labels"):
+        MultimodalDataset(polymnist_modalities(2), [images, images], torch.arange(6), rows=[torch.arange(2), None])
+
+
 def test_subsets_masks_and_batches_as_written_out_and_bad_arguments_refused():
     from applications.multimodal_vae.data import batches, subset_mask, subset_tuples
 
     assert subset_tuples(3) == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
     assert subset_mask((0, 2), 3, 2).tolist() == [[True, True], [False, False], [True, True]]
-    for bad in ((-1,), (), (0, 0), (3,)):  # (-1,) marked the last modality, () none
+    assert torch.equal(subset_mask((np.int64(2), torch.tensor(0)), 3, 2), subset_mask((0, 2), 3, 2))
+    # (-1,) marked the last modality, () none, (1.5,) modality 1, (True,) an unrelated IndexError
+    for bad in ((-1,), (), (0, 0), (3,), (1.5,), (True,), (0, 0.0)):
         with pytest.raises(ValueError, match=r"subset must hold distinct modality indices in \[0, 3\)"):
             subset_mask(bad, 3, 2)
     for size in (0, -1):  # -1 gave no batch at all, 0 a bare range() error

@@ -96,6 +96,10 @@ def test_the_real_inception_weights_load_offline_and_are_deterministic():
     assert not np.allclose(features[0], features[1])
     floats = images.float() / 255  # float images are quantised to the same bytes
     np.testing.assert_allclose(inception(floats), features, rtol=1e-5, atol=1e-6)
+    floats[1, 0, 3, 4] = float("nan")  # was quantised to a black pixel, and the features came out finite
+    with pytest.raises(ValueError, match=r"images must be finite, got 1 non-finite pixel\(s\) in a tensor of shape "
+                                         r"\(3, 3, 28, 28\)"):
+        inception(floats)
 
 
 def _copying_model_and_data(count=6):

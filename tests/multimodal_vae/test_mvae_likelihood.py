@@ -161,9 +161,22 @@ def test_bad_arguments_are_rejected():
     x = data()
     with pytest.raises(ValueError, match="num_samples must be a positive integer, got 0"):
         log_likelihood(model("mvae"), x, num_samples=0)
+    for name, value in (("num_samples", 5.0), ("chunk_size", 2.0)):  # 5.0 passed the check, then range() raised
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer, got {value}"):
+            log_likelihood(model("mvae"), x, **{name: value})
     both = torch.ones(2, 5, dtype=torch.bool)
     with pytest.raises(ValueError, match="condition and targets must be disjoint"):
         log_likelihood(model("mvae"), x, condition=both, targets=torch.tensor([[True] * 5, [False] * 5]))
+    first = torch.tensor([[True] * 5, [False] * 5])
+    none = torch.zeros(2, 5, dtype=torch.bool)
+    # no observed modality looked like a diverged model (a non-finite estimate); no target gave log p = 0
+    with pytest.raises(ValueError, match=r"condition must mark at least one modality of every sample; samples "
+                                         r"\[0, 1, 2, 3, 4\] have none"):
+        log_likelihood(model("mvae"), x, condition=none, targets=~first)
+    with pytest.raises(ValueError, match="targets must mark at least one modality of every sample"):
+        log_likelihood(model("mvae"), x, condition=first, targets=none)
+    with pytest.raises(ValueError, match=r"condition must be a boolean tensor of shape \(2, 5\)"):
+        log_likelihood(model("mvae"), x, condition=first.float(), targets=~first)
     assert math.isfinite(float(log_likelihood(model("mvae"), x, num_samples=1).sum()))
 
 

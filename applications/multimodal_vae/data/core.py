@@ -10,6 +10,8 @@ one uint8 tensor file (``cached_tensors``, rebuilt if the file list changes).
 from __future__ import annotations
 
 import hashlib
+import numbers
+import operator
 import os
 import re
 import warnings
@@ -90,6 +92,12 @@ class MultimodalDataset(Dataset):
         if not len(self.modalities) == len(self.arrays) == len(self.rows):
             raise ValueError(f"{len(self.modalities)} modalities, {len(self.arrays)} arrays and {len(self.rows)} row "
                              "maps; they must pair up")
+        for modality, array, rows in zip(self.modalities, self.arrays, self.rows):
+            # (a short array surfaced as an IndexError in the middle of training, at the first batch that reached it)
+            count, what = (array.shape[0], "rows") if rows is None else (rows.shape[0], "entries in its row map")
+            if count != labels.shape[0]:
+                raise ValueError(f"modality {getattr(modality, 'name', modality)!r} has {count} {what} for "
+                                 f"{labels.shape[0]} labels; each tuple needs one")
 
     @property
     def num_modalities(self) -> int:
@@ -127,12 +135,15 @@ class MultimodalDataset(Dataset):
                                  self.num_classes)
 
     def head(self, n: int) -> "MultimodalDataset":
+        """The first ``n`` tuples (all where there are fewer)."""
+        _check_size(n)
         return self.select(torch.arange(min(n, len(self))))
 
     def choose(self, n: int, seed: int = 0) -> "MultimodalDataset":
         """``n`` tuples (all where there are fewer) chosen at random by ``seed``, in stored order: a spread of the
         data where the first ``n`` would not be one (MNIST-SVHN-Text's pairs and CUB's captions are stored class by
         class, so their first tuples are all of the first class)."""
+        _check_size(n)
         if n >= len(self):
             return self
         chosen = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
@@ -227,6 +238,13 @@ def modality_mask(batch_size: int, num_modalities: int, drop_rate: float,
     return present
 
 
+def _check_size(n) -> None:
+    """A number of tuples: a non-negative integer (a negative one took all but the last tuples, or raised an
+    unrelated error)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"n must be a non-negative integer (a number of tuples), got {n!r}")
+
+
 def subset_tuples(num_modalities: int) -> list[tuple[int, ...]]:
     """Non-empty subsets of the modalities as tuples of indices, in ``opinionpool.functional.all_subsets``'s order
     (by size, then lexicographically; that function returns them as a boolean mask)."""
@@ -237,12 +255,25 @@ def subset_mask(subset, num_modalities: int, batch: int, device=None) -> torch.T
     """Boolean ``(num_modalities, batch)`` mask of present modalities: those of ``subset`` (a non-empty collection of
     distinct indices in ``[0, num_modalities)``) in every sample."""
     subset = list(subset)
-    if not subset or len(set(subset)) != len(subset) or any(not 0 <= t < num_modalities for t in subset):
-        # (a negative index marked the last modalities, an empty subset no modality at all)
+    indices = [_modality_index(t) for t in subset]
+    if not indices or None in indices or len(set(indices)) != len(indices) or any(
+            not 0 <= t < num_modalities for t in indices):
+        # (a negative index marked the last modalities, an empty subset no modality at all, 1.5 modality 1)
         raise ValueError(f"subset must hold distinct modality indices in [0, {num_modalities}), got {subset}")
     present = torch.zeros(num_modalities, batch, dtype=torch.bool, device=device)
-    present[subset] = True
+    present[indices] = True
     return present
+
+
+def _modality_index(value) -> int | None:
+    """``value`` as an integer index (a Python or NumPy integer, a 0-d integer tensor); ``None`` for anything else
+    (a float, a boolean)."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def batches(data, batch_size: int, device, shuffle: torch.Generator | None = None):

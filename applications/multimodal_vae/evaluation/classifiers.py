@@ -13,8 +13,9 @@ from torch import nn
 from ..data import batches
 from ..files import UnreadableFile, load_checked, remove_orphaned_temporaries, save_checked
 from ..networks import make_networks
+from .checks import check_not_empty
 
-__all__ = ["CLASSIFIER_EPOCHS", "DigitClassifier", "EncoderClassifier", "accuracy", "check_not_empty", "classifier_input",
+__all__ = ["CLASSIFIER_EPOCHS", "DigitClassifier", "EncoderClassifier", "accuracy", "classifier_input",
            "classifiers_for", "make_classifier", "train_classifiers"]
 
 CLASSIFIER_EPOCHS = 5
@@ -89,12 +90,6 @@ def train_classifiers(data, epochs: int = CLASSIFIER_EPOCHS, batch_size: int = 1
 
 
 @torch.no_grad()
-def check_not_empty(data) -> None:
-    """A rate over no tuples (an accuracy, a coherence) is 0 / 0: refused rather than returned as NaN."""
-    if len(data) == 0:
-        raise ValueError("data must hold at least one tuple, got an empty dataset (a rate over it would be NaN)")
-
-
 def accuracy(classifiers: nn.ModuleList, data, batch_size: int = 1000) -> torch.Tensor:
     """Per-modality accuracy of the classifiers on ``data`` (at least one tuple)."""
     check_not_empty(data)

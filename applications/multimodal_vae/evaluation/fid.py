@@ -147,7 +147,11 @@ class InceptionFeatures:
 
 
 def quantise(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [0, 1] to uint8, as saving them as PNG would."""
+    """Float images in [0, 1] to uint8, as saving them as PNG would; non-finite pixels are refused (a NaN became a
+    black pixel, and the features of such images a finite FID)."""
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"images must be finite, got {int((~torch.isfinite(images)).sum())} non-finite pixel(s) "
+                         f"in a tensor of shape {tuple(images.shape)}")
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 

@@ -12,18 +12,11 @@ from torch import nn
 
 from ..data import batches, subset_mask, subset_tuples
 from ..models import evaluating
-from .classifiers import check_not_empty, classifier_input
+from .checks import check_counts, check_not_empty
+from .classifiers import classifier_input
 
 __all__ = ["coherence", "cross_coherence", "latent_probe", "posterior_means", "private_latent_probe", "private_means",
            "summarise_coherence", "unconditional_coherence"]
-
-
-def _check_counts(**counts) -> None:
-    """Each count a positive integer, named in the error (a negative batch size gave a coherence of 0, a negative
-    number of samples -0.0, zero samples a ZeroDivisionError)."""
-    for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @torch.no_grad()
@@ -31,7 +24,7 @@ def coherence(model, classifiers: nn.ModuleList, data, subsets: list[tuple[int, 
               batch_size: int = 500, seed: int = 0) -> dict:
     """``accuracy[i, t]``: how often modality ``t`` generated from ``subsets[i]`` shows the true label of the
     tuple of ``data`` (targets inside the subset are reconstructions)."""
-    _check_counts(batch_size=batch_size)
+    check_counts(batch_size=batch_size)
     check_not_empty(data)
     m = model.num_modalities
     subsets = subset_tuples(m) if subsets is None else [tuple(subset) for subset in subsets]
@@ -84,7 +77,7 @@ def cross_coherence(result: dict, num_modalities: int) -> torch.Tensor:
 def unconditional_coherence(model, classifiers: nn.ModuleList, modalities, latent_dim: int, num_samples: int = 1000,
                             batch_size: int = 500, seed: int = 0) -> float:
     """Fraction of prior samples whose generated modalities all get the same predicted label."""
-    _check_counts(latent_dim=latent_dim, num_samples=num_samples, batch_size=batch_size)
+    check_counts(latent_dim=latent_dim, num_samples=num_samples, batch_size=batch_size)
     classifiers.eval()
     device = model.device
     generator = torch.Generator(device=device).manual_seed(seed)

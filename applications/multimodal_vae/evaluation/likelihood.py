@@ -41,15 +41,9 @@ import torch
 
 from ..models import as_modalities, evaluating
 from ..objectives import full_precision
+from .checks import check_counts
 
 __all__ = ["log_likelihood", "nested_log_likelihoods"]
-
-
-def _check(num_samples: int, chunk_size: int) -> None:
-    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
 
 @torch.no_grad()
@@ -76,15 +70,16 @@ def nested_log_likelihoods(model, x, counts, condition: torch.Tensor | None = No
     has far less noise than that of independent ones: the rise from ``K/2`` to ``K`` samples is the evaluation's
     diagnostic of the bound's bias at ``K`` (``evaluation._likelihoods``)."""
     counts = list(counts)
+    check_counts(chunk_size=chunk_size)
     for n in counts:
-        _check(n, chunk_size)
+        check_counts(num_samples=n)
     if not counts:
         raise ValueError("counts must hold at least one number of samples")
     num_samples = max(counts)
     x = as_modalities(x)
     everything = torch.ones(model.num_modalities, x[0].shape[0], dtype=torch.bool, device=x[0].device)
-    condition = everything if condition is None else condition
-    targets = everything if targets is None else targets
+    condition = everything if condition is None else model.checked_mask(x, condition, "condition")
+    targets = everything if targets is None else model.checked_mask(x, targets, "targets")
     conditional = not torch.equal(condition, targets)
     if conditional and (condition & targets).any():
         raise ValueError("condition and targets must be disjoint for a conditional likelihood "
