@@ -41,7 +41,7 @@ from .affinities import hellinger_of, log_multi_chernoff_coefficient
 from .experts import Experts, as_experts
 from .families import NormalFamily, family_of
 from .numerical import DEFAULT_RTOL, _interior_point
-from .pool import HolderPool, NumericalHolderPool, _Pool, _rebuilt, _working_dtype, component_counts, holder
+from .pool import HolderPool, NumericalHolderPool, _Pool, _rebuilt, _working_dtype, holder
 
 __all__ = ["crps", "pit", "coverage", "CoverageTable", "disagreement", "Disagreement", "fit_weights", "FitResult"]
 
@@ -1003,11 +1003,15 @@ def disagreement(experts, weights=None, validate_args: bool | None = None) -> Di
     log_bc = log_multi_chernoff_coefficient(pairs, [0.5, 0.5], validate_args=False).clamp_max(0)
     bhattacharyya = log_bc.exp()
     hellinger = hellinger_of(log_bc)
-    pool = HolderPool(experts, alpha=0.5, weights=weights, validate_args=validate_args)
-    counts = component_counts(2, m, device=params.device)
-    # components of two distinct experts (one expert's pool is its single component, counted [1], not a pair)
-    pairwise = (counts > 0).sum(-1) == 2
-    pairwise_mass = torch.where(pairwise, pool.mixture_weights, torch.zeros_like(pool.mixture_weights)).sum(-1)
+    # the pool's weights only (its M (M + 1) / 2 components are never built: the limit on them does not apply)
+    pool = HolderPool(experts, alpha=0.5, weights=weights, max_components=m * (m + 1) // 2, validate_args=validate_args)
+    log_w = pool.log_weights
+    # the component of experts (i, j) has weight lambda_i lambda_j BC_ij counted for (i, j) and (j, i): its mass is
+    # that of the ordered pairs i != j among all ordered pairs (BC_ii = 1)
+    terms = log_w.unsqueeze(-1) + log_w.unsqueeze(-2) + log_bc
+    off_diagonal = ~torch.eye(m, dtype=torch.bool, device=params.device)
+    pairwise = torch.where(off_diagonal, terms, -math.inf).flatten(-2).logsumexp(-1)
+    pairwise_mass = (pairwise - terms.flatten(-2).logsumexp(-1)).exp()
     return Disagreement(bhattacharyya, hellinger, pairwise_mass)
 
 
@@ -1064,8 +1068,9 @@ def fit_weights(experts, observations, alpha=0.5, learn_alpha: bool = False, *, 
     if not isinstance(learn_alpha, bool):
         raise TypeError(f"learn_alpha must be a bool, got {learn_alpha!r}")
     max_iter = check_positive_int("max_iter", max_iter)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
+        # (inf stopped L-BFGS at once: the starting weights came back as fitted)
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
     low, high = _bounds(alpha_bounds)
     if learn_alpha and not low < alpha < high:
         raise ValueError(f"alpha must lie inside alpha_bounds={alpha_bounds!r} to start learning it, got "

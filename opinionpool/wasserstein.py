@@ -132,6 +132,8 @@ def covariance_barycenter(covariances: torch.Tensor, weights: torch.Tensor, *, t
             raise TypeError(f"{name} must have a real floating dtype, got {value.dtype}")
     if covariances.dim() < 3 or covariances.shape[-1] != covariances.shape[-2]:
         raise ValueError(f"covariances must be (..., M, d, d), got shape {tuple(covariances.shape)}")
+    if covariances.shape[-3] == 0:  # (checked before the weights, whose complaint would be that they are all zero)
+        raise ValueError(f"covariances must hold at least one expert (M >= 1), got shape {tuple(covariances.shape)}")
     check_weights("weights", weights, covariances.shape[-3])
     try:
         batch = torch.broadcast_shapes(covariances.shape[:-3], weights.shape[:-1])

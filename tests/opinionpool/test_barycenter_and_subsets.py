@@ -291,6 +291,13 @@ def test_float32_barycenters_keep_float32_digits_and_bad_covariances_are_named()
     assert covariance_barycenter(torch.zeros(5, 2, 0, 0, dtype=torch.float64), half).shape == (5, 0, 0)
 
 
+def test_a_barycenter_of_no_experts_is_refused_as_such():
+    """M = 0 covariances: the error said the weights were all zero."""
+    for batch in ((), (2,)):
+        with pytest.raises(ValueError, match=r"covariances must hold at least one expert \(M >= 1\), got shape"):
+            covariance_barycenter(torch.zeros(batch + (0, 3, 3)), torch.zeros(batch + (0,)))
+
+
 def test_barycenter_non_convergence_is_an_error():
     rng = np.random.default_rng(1)
     covs = np.array([(lambda a: a @ a.T + 0.1 * np.eye(3))(rng.normal(size=(3, 3))) for _ in range(2)])

@@ -296,6 +296,25 @@ def test_disagreement_of_gamma_experts_matches_quadrature():
     assert float(result.pairwise_mass) == pytest.approx(2 * 0.25 * bc / (0.5 + 2 * 0.25 * bc), rel=1e-10)
 
 
+def test_disagreement_of_more_experts_than_the_pools_component_limit():
+    """100 Normal experts (unequal scales, asymmetric weights): their alpha = 1/2 pool has 5050 components, more
+    than ``DEFAULT_MAX_COMPONENTS``, which ``disagreement`` does not take and never builds (from 91 experts on it
+    raised about that limit). Against the closed form BC = sqrt(2 s_i s_j / (s_i^2 + s_j^2))
+    exp(-(m_i - m_j)^2 / (4 (s_i^2 + s_j^2))) and the pairs' share of the mass in NumPy."""
+    m = 100
+    assert m * (m + 1) // 2 > op.DEFAULT_MAX_COMPONENTS
+    rng = np.random.default_rng(5)
+    loc, scale, lam = rng.uniform(0, 8, m), rng.uniform(0.5, 2, m), rng.uniform(0.1, 1, m)
+    lam = lam / lam.sum()
+    result = op.disagreement(Normal(torch.tensor(loc), torch.tensor(scale)), weights=torch.tensor(lam))
+    var = scale[:, None] ** 2 + scale[None, :] ** 2
+    bc = np.sqrt(2 * scale[:, None] * scale[None, :] / var) * np.exp(-((loc[:, None] - loc[None, :]) ** 2) / (4 * var))
+    np.testing.assert_allclose(result.bhattacharyya.numpy(), bc, rtol=1e-12)
+    weighted = lam[:, None] * lam[None, :] * bc
+    cross = weighted.sum() - np.trace(weighted)
+    assert float(result.pairwise_mass) == pytest.approx(cross / weighted.sum(), rel=1e-12)
+
+
 def test_disagreement_of_one_expert_has_no_pairwise_mass():
     """One expert has no pairs: 1 - sum lambda^2 = 0, with or without batch axes."""
     for loc, scale in (([0.3], [1.2]), ([[0.3], [-1.0]], [[1.2], [0.5]])):
@@ -575,6 +594,9 @@ def test_bad_input_errors_name_the_argument_and_value():
         op.fit_weights(experts, torch.zeros(2), alpha_bounds=(1.0, 0.0))
     with pytest.raises(ValueError, match="max_iter must be a positive integer, got 0"):
         op.fit_weights(experts, torch.zeros(2), max_iter=0)
+    for tol in (0.0, math.inf, math.nan):  # inf stopped the optimiser at once, returning the starting weights
+        with pytest.raises(ValueError, match=f"tol must be a positive finite number, got {tol}"):
+            op.fit_weights(experts, torch.zeros(2), tol=tol)
     with pytest.raises(ValueError, match="alpha must be a real number"):
         op.fit_weights(experts, torch.zeros(2), alpha=math.nan)
     with pytest.raises(ValueError, match="alpha must be finite to fit weights.*alpha=inf"):
