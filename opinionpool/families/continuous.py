@@ -116,7 +116,8 @@ def _stirling_remainder(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(large, series, direct), torch.where(large, series.abs(), direct_size)
 
 
-def _deviance(x: torch.Tensor, y: torch.Tensor, with_size: bool = True, y_error: torch.Tensor | None = None):
+def _deviance(x: torch.Tensor, y: torch.Tensor, with_size: bool = True, y_error: torch.Tensor | None = None,
+              log_y: torch.Tensor | None = None):
     """``x log(x / y) - x + y >= 0`` for positive ``x``, ``y``, without cancellation, and the size of its terms (None
     unless ``with_size``) (Loader's ``bd0``, as R's dbinom and dpois compute it): where ``x`` and ``y`` are close,
     ``(x - y) v + 2 x sum_j v^(2j + 1) / (2j + 1)`` with ``v = (x - y) / (x + y)``, whose second part is under a
@@ -125,7 +126,9 @@ def _deviance(x: torch.Tensor, y: torch.Tensor, with_size: bool = True, y_error:
     y^2`` overflowed for ``y`` below 1e-154). ``y`` is the callers' product (``t z``): with ``y_error``, the exact
     ``y_true - y``, the value is ``y_true``'s (for concentrations of 1e34 a rounding of ``y`` onto ``x`` alone moves
     the value by up to ``eps^2 y / 8``, 60); without it the size counts that rounding, ``eps |x - y|`` and ``eps^2
-    y``. A subnormal ``y`` has lost digits (size inf)."""
+    y``. A subnormal ``y`` has lost digits (size inf). ``log_y``: ``log y`` as the sum of its factors' logs, whose
+    gradient the far form takes (the value stays ``log y``'s): through the product, ``x / y`` overflows where ``y``
+    is tiny, and ``d/dt`` of ``y = t z`` came out infinite for a finite ``-x / t + z``."""
     near = (x - y).abs() < _DEVIANCE_NEAR * (x + y)
     x_near, y_near = torch.where(near, x, 1.0), torch.where(near, y, 1.0)
     # the exact error enters the differences (x - y, exact where x and y are this close) before they are used:
@@ -145,7 +148,11 @@ def _deviance(x: torch.Tensor, y: torch.Tensor, with_size: bool = True, y_error:
     log_ratio = torch.log(torch.where(normal, ratio, 1.0))
     graph = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
     if graph or not bool(normal.all()):
-        difference = torch.log(x_far) - torch.log(y_far)
+        log_y_far = torch.log(y_far)
+        if graph and log_y is not None:
+            factors = torch.where(near, 0.0, log_y)
+            log_y_far = log_y_far.detach() + (factors - factors.detach())
+        difference = torch.log(x_far) - log_y_far
         log_ratio = torch.where(normal, difference + (log_ratio - difference).detach() if graph else log_ratio,
                                 difference)
     product = x_far * log_ratio
@@ -201,7 +208,7 @@ def _log_density_near_mean(concentrations, value, log_value, unnormalised=None, 
     error = error + total_error * value
     if value_error is not None:
         error = error + total * value_error
-    deviances, deviance_sizes = _deviance(concentrations, scaled, with_size, error)
+    deviances, deviance_sizes = _deviance(concentrations, scaled, with_size, error, torch.log(total) + log_value)
     remainder, remainder_size = _log_beta_remainder(concentrations)
     log_density = -deviances.sum(-1) - log_value.sum(-1) - remainder
     if unnormalised is not None:
@@ -371,7 +378,9 @@ class GammaFamily(ExponentialFamily):
         # finite where not taken (a valid shape beside rate z = a); Stirling's terms on the parameters' own shape
         exponential, log_value = torch.where(near, exponential, a), torch.where(near, log_value, 0.0)
         error = torch.where(near, two_product(rate, value)[1], 0.0)  # rate z's rounding (the error of the product)
-        (deviance, deviance_size), half_log_a = _deviance(a, exponential, with_size, error), 0.5 * torch.log(a)
+        log_exponential = torch.log(rate) + log_value  # (its gradient only: _deviance)
+        (deviance, deviance_size), half_log_a = (_deviance(a, exponential, with_size, error, log_exponential),
+                                                 0.5 * torch.log(a))
         remainder, remainder_size = _stirling_remainder(a)
         log_density = torch.where(near, -deviance - log_value + half_log_a - 0.5 * LOG_2PI - remainder, lgamma_form)
         if not with_size:

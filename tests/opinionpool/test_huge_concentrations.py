@@ -139,6 +139,31 @@ def test_densities_where_the_ratio_of_the_deviance_overflows(family, params, z, 
     assert value == pytest.approx(float(reference()), rel=1e-13)
 
 
+@pytest.mark.parametrize("family, params, z", [
+    (GammaFamily(), (1e5, -2.0), 1e-306), (GammaFamily(), (1e5, -0.5), 1e-305), (BetaFamily(), (1e5, 1e5), 1e-309),
+    (DirichletFamily(3), (1e5, 3e4, 2.5), (1e-309, 0.6, None)),
+])
+def test_gradients_where_the_ratio_of_the_deviance_overflows(family, params, z):
+    """There ``-c / (t z)``, the deviance's slope in ``y = t z``, overflows before autograd multiplies it by ``z``:
+    the gradients with respect to the rate and the concentrations came out infinite. Against ``d/d(-rate) = z -
+    a / rate``, ``d/da = log(rate z) - psi(a)`` and ``d/dc_k = log z_k - psi(c_k) + psi(sum c)``, in mpmath."""
+    params = torch.tensor(params, requires_grad=True)
+    if isinstance(z, tuple):
+        z = z[:-1] + (1 - mp(z[0]) - mp(z[1]),)
+    point = torch.tensor([float(c) for c in z]) if isinstance(z, tuple) else torch.tensor(z)
+    (gradient,) = torch.autograd.grad(family.log_prob(params, point), params)
+    values = [mp(float(c)) for c in params.detach().tolist()]
+    if isinstance(family, GammaFamily):
+        shape, rate = values[0], -values[1]
+        expected = [mpmath.log(rate * mp(z)) - mpmath.digamma(shape), mp(z) - shape / rate]
+    else:
+        points = [mp(float(c)) for c in point.tolist()] if point.dim() else [mp(z), 1 - mp(z)]
+        total = mpmath.digamma(sum(values))
+        expected = [mpmath.log(p) - mpmath.digamma(c) + total for c, p in zip(values, points)]
+    for got, want in zip(gradient.tolist(), expected):
+        assert abs(got - float(want)) <= 1e-12 * max(1.0, abs(float(want))), (got, float(want))
+
+
 def test_gamma_density_of_an_enormous_shape():
     shape, rate, z = 1.7702269785759908e39, 44522947.95804508, 3.9759877990202117e31
     params, point = torch.tensor([shape, -rate]), torch.tensor(z)
