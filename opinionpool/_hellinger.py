@@ -50,6 +50,7 @@ import torch
 import torch.utils._python_dispatch
 
 from ._chunks import by_rows, flat, unflat
+from .families.gaussian import gaussian_mixture_moments
 
 __all__ = ["hellinger_moments", "kept_partners", "pair_components", "pairs_of", "standing_in", "values_readable"]
 
@@ -692,7 +693,41 @@ def hellinger_moments(mu: torch.Tensor, logvar: torch.Tensor, log_weights: torch
             and bool(logvar.detach().amin() < -2 * math.log(torch.finfo(logvar.dtype).max))):
         return tuple(t.to(mu.dtype) for t in hellinger_moments(mu.double(), logvar.double(), log_weights.double(),
                                                                  fused))
+    if not (fused and mu.device.type == "cuda") and _weights_underflow(log_weights):
+        return _mixture_moments(mu, logvar, log_weights)
     # the fused paths form no pair tensors, so a choice by bound gains them little; the CPU kernel skips the pairs
     # of exactly zero weight itself, sample by sample
     partners = None if fused else kept_partners(mu, logvar, log_weights)
     return _HellingerMoments.apply(mu, logvar, log_weights, bool(fused), partners)[:2]
+
+
+def _weights_underflow(log_w) -> bool:
+    """Whether some present expert's mixture weight can fall below the dtype's smallest normal number: it is at
+    least ``(lambda_k / lambda_max)^2 / M^2``. The fast paths scale every variance by the largest present one and
+    weigh it afterwards, so such an expert's share of the pool's variance is lost however large its variance (a
+    weight of 1e-200 beside a log-variance of 1000: a log-variance of -inf for 79). Not where the values cannot be
+    read (and not on the fused CUDA path, which reads none)."""
+    m = log_w.shape[-1]
+    if m < 2 or not log_w.numel() or not values_readable(log_w):
+        return False
+    with torch.no_grad():
+        relative = 2 * (log_w - log_w.amax(-1, keepdim=True)) - 2 * math.log(m)
+        return bool(((relative < math.log(torch.finfo(log_w.dtype).tiny)) & (log_w > -math.inf)).any())
+
+
+def _mixture_moments(mu, logvar, log_w):
+    """``(mean, logvar)`` of the order-1/2 pool from its mixture written out, the experts (weights ``lambda_k^2``)
+    and their pairs (``2 lambda_i lambda_j S_ij``), moment-matched with every weight kept in log space
+    (``gaussian_mixture_moments``): where ``_weights_underflow``. Slower than the fast paths (the pairs'
+    components are formed), exact where they lose an expert's share."""
+    x, mu_ref = _reference(mu, log_w)
+    neg_log_s, pair_loc, pair_logvar = pair_components(x, logvar, mu=mu)
+    first, second = (torch.tensor(index, dtype=torch.long, device=mu.device)
+                     for index in zip(*pairs_of(mu.shape[-2]))) if mu.shape[-2] > 1 else (None, None)
+    logits = 2 * log_w
+    if first is not None:
+        logits = torch.cat((logits, _LOG2 + log_w[..., first] + log_w[..., second] - neg_log_s), -1)
+    log_pi = torch.log_softmax(logits, -1)
+    mean, pooled_logvar = gaussian_mixture_moments(log_pi, torch.cat((x, pair_loc), -2),
+                                                   torch.cat((logvar, pair_logvar), -2), 1)
+    return mu_ref + mean, pooled_logvar

@@ -160,10 +160,13 @@ def gaussian_barycenter(loc: torch.Tensor, logvar: torch.Tensor, log_weights: to
 def gaussian_mixture_moments(log_pi: torch.Tensor, loc: torch.Tensor, logvar: torch.Tensor, num_features: int):
     """Mean and log variance of a mixture of diagonal Gaussians (components along dim ``log_pi.dim()-1``).
 
-    Variance as within-plus-between, rescaled by the larger of the largest component variance and the largest
-    squared deviation of a component's mean (components of weight zero left out), so that neither tiny variances
-    underflow nor deviations of many standard deviations overflow. The rescaling cancels exactly, so it carries no
-    gradient.
+    Variance as within-plus-between, rescaled by the largest of the components' weighted terms, ``log pi + logvar``
+    and ``log pi + 2 log |loc - mean|`` (components of weight zero left out), with each component's weight taken
+    into its term in log space: neither tiny variances underflow nor deviations of many standard deviations
+    overflow, and a component of tiny weight and huge variance keeps its share (weight 1e-200 beside a
+    log-variance of 1000: its weight squared, 1e-400, and its variance relative to the others, e^1000, are beyond
+    float64 apart, and the variance came out 0, a log-variance of -inf, for 79). The rescaling cancels exactly, so
+    it carries no gradient.
     """
     k = log_pi.dim() - 1
     lp = log_pi.reshape(log_pi.shape + (1,) * num_features)
@@ -171,15 +174,17 @@ def gaussian_mixture_moments(log_pi: torch.Tensor, loc: torch.Tensor, logvar: to
     present = lp > -math.inf
     offset = loc - mean.unsqueeze(k)
     none = torch.full((), -math.inf, dtype=logvar.dtype, device=logvar.device)
-    largest_logvar = torch.where(present, logvar, none).amax(dim=k, keepdim=True)
-    largest_offset = torch.where(present, offset.abs(), torch.zeros_like(offset)).amax(dim=k, keepdim=True)
-    scale = torch.maximum(largest_logvar, 2 * torch.log(largest_offset)).detach()
-    # e^(-scale / 2) in two factors: one overflows float32 below a scale of -177 (standard deviations under e^-88.7,
-    # subnormal), where inf * 0 gave NaN; each of two lasts to -355
-    quarter = torch.exp(-0.25 * scale)
+    weighted_logvar = torch.where(present, lp + logvar, none)
+    weighted_offset = torch.where(present, lp + 2 * torch.log(offset.abs()), none)
+    scale = torch.maximum(weighted_logvar.amax(dim=k, keepdim=True), weighted_offset.amax(dim=k, keepdim=True))
+    # (-inf where every present component has variance zero at the mean: the log-variance is then -inf)
+    scale = torch.where(torch.isfinite(scale), scale, 0.0).detach()
+    # sqrt(pi) e^(-scale / 2) in two factors: one overflows float32 below a scale of -177 (standard deviations under
+    # e^-88.7, subnormal), where inf * 0 gave NaN; each of two lasts to -355
+    quarter = torch.exp(0.25 * (lp - scale))
     dev = torch.where(present, offset * quarter * quarter, torch.zeros_like(offset))
-    within = torch.where(present, torch.exp(logvar - scale), torch.zeros_like(logvar))
-    scaled = (lp.exp() * (within + dev * dev)).sum(k)
+    within = torch.where(present, torch.exp(weighted_logvar - scale), torch.zeros_like(logvar))
+    scaled = (within + dev * dev).sum(k)
     return mean, scale.squeeze(k) + torch.log(scaled)
 
 

@@ -408,3 +408,66 @@ def test_mixed_dtypes_promote_as_torch_does(aggregator):
                     want if isinstance(want, tuple) else (want.loc, want.logvar)):
         assert a.dtype == torch.float64
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _mpmath_hellinger_moments(means, log_variances, weights):
+    """Mean and log-variance of the order-1/2 pool of one-dimensional Gaussians, its mixture written out in
+    mpmath at 50 digits (an independent reference)."""
+    import mpmath
+
+    with mpmath.workdps(50):
+        m = [mpmath.mpf(float(x)) for x in means]
+        v = [mpmath.exp(mpmath.mpf(float(x))) for x in log_variances]
+        lam = [mpmath.mpf(float(x)) for x in weights]
+        parts = []
+        for i, j in itertools.product(range(len(m)), repeat=2):
+            s = mpmath.sqrt(2 * mpmath.sqrt(v[i] * v[j]) / (v[i] + v[j])) * mpmath.exp(
+                -(m[i] - m[j]) ** 2 / (4 * (v[i] + v[j])))
+            parts.append((lam[i] * lam[j] * s, (m[i] * v[j] + m[j] * v[i]) / (v[i] + v[j]), 2 * v[i] * v[j] / (v[i] + v[j])))
+        total = sum(p[0] for p in parts)
+        mean = sum(p[0] * p[1] for p in parts) / total
+        variance = sum(p[0] * (p[2] + (p[1] - mean) ** 2) for p in parts) / total
+        return float(mean), float(mpmath.log(variance))
+
+
+@pytest.mark.parametrize("dtype, small, huge", [(torch.float64, 1e-300, 1000.0), (torch.float64, 1e-200, 1000.0),
+                                                (torch.float64, 1e-100, 1000.0), (torch.float32, 1e-25, 100.0),
+                                                (torch.float32, 1e-20, 60.0)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_expert_of_tiny_weight_and_huge_variance_keeps_its_share(dtype, small, huge, fused):
+    """An expert whose squared weight relative to the largest underflows (1e-200 squared is 1e-400) set the scale
+    of every variance with its own (e^1000) and was then weighed by zero: the pool's variance came out 0 (a
+    log-variance of -inf for 79.2) or lost the expert's share to the others' (finite and wrong). Such pools are
+    moment-matched from their written-out mixture with the weights in log space; against mpmath, with finite
+    gradients, and the same through ``holder_mixture(...).moments()``."""
+    mu = torch.tensor([[0.5], [39.8], [-1.0]], dtype=dtype)
+    logvar = torch.tensor([[0.3], [huge], [-0.2]], dtype=dtype)
+    weights = torch.tensor([0.47, small, 0.48], dtype=dtype)
+    want_mean, want_lv = _mpmath_hellinger_moments(mu.flatten(), logvar.flatten(), weights)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    a, b = mu.clone().requires_grad_(True), logvar.clone().requires_grad_(True)
+    loc, lv = opf.hellinger(a, b, weights=weights, fused=fused)
+    assert abs(loc.item() - want_mean) <= tolerance * (1 + abs(want_mean)), (loc.item(), want_mean)
+    assert abs(lv.item() - want_lv) <= tolerance * (1 + abs(want_lv)), (lv.item(), want_lv)
+    (loc.sum() + lv.sum()).backward()
+    assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+    mixture_mean, mixture_lv = opf.holder_mixture(mu, logvar, 0.5, weights=weights).moments()
+    assert abs(mixture_lv.item() - want_lv) <= tolerance * (1 + abs(want_lv)), (mixture_lv.item(), want_lv)
+    assert abs(mixture_mean.item() - want_mean) <= tolerance * (1 + abs(want_mean))
+
+
+def test_the_written_out_route_has_the_fast_paths_gradients():
+    """The route taken where weights underflow (``_mixture_moments``) against the fast autograd function on
+    ordinary inputs (weights, a masked expert), and gradcheck."""
+    g = torch.Generator().manual_seed(11)
+    mu = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    logvar = 0.5 * torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    log_w = torch.rand(3, 4, generator=g, dtype=torch.float64).log()
+    log_w[1, 2] = -float("inf")
+    inputs = (mu.movedim(0, -2), logvar.movedim(0, -2))
+    fast = hellinger_module._HellingerMoments.apply(*inputs, log_w, False, None)[:2]
+    slow = hellinger_module._mixture_moments(*inputs, log_w)
+    for want, got in zip(fast, slow):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: hellinger_module._mixture_moments(a, b, log_w),
+                                    tuple(t.clone().requires_grad_(True) for t in inputs))
