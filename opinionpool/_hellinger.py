@@ -598,7 +598,9 @@ def _kernel_layout(mu, logvar, *others):
     where ``D`` is not their innermost axis (the experts-first tensors of the functional API are read where they
     lie), the ``others`` contiguous."""
     mu, logvar, *others = flat((mu, logvar) + others, mu.shape[:-2])
-    return [t if t.stride(-1) == 1 else t.contiguous() for t in (mu, logvar)] + [t.contiguous() for t in others]
+    # (a copy that really copies: contiguous() hands back an empty tensor as it is, whatever its strides)
+    return ([t if t.size(-1) <= 1 or t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
+             for t in (mu, logvar)] + [t.contiguous() for t in others])
 
 
 def _compiled(name, fn):

@@ -396,7 +396,7 @@ class RecordingKernel(CountingKernel):
         return result
 
 
-@pytest.mark.parametrize("layout", ["experts first", "batch first", "latent strided", "latent of one"])
+@pytest.mark.parametrize("layout", ["experts first", "batch first", "latent strided", "latent of one", "empty batch"])
 def test_kernel_reads_and_writes_the_callers_layout(built_kernel, monkeypatch, layout):
     """The kernel reads ``mu`` and ``logvar`` with any batch and expert strides where the latent axis has unit
     stride: the functional API's experts-first ``(M, B, D)`` tensors are not transposed on the way in nor their
@@ -405,7 +405,7 @@ def test_kernel_reads_and_writes_the_callers_layout(built_kernel, monkeypatch, l
     recording = RecordingKernel(built_kernel)
     monkeypatch.setattr(hellinger_module, "_KERNEL", [recording])
     g = torch.Generator().manual_seed(3)
-    m, batch, dim = 4, 5, 1 if layout == "latent of one" else 19
+    m, batch, dim = 4, 0 if layout == "empty batch" else 5, 1 if layout == "latent of one" else 19
     source = torch.randn(2, m, batch, 2 * dim, generator=g, dtype=torch.float64)
     source[1] *= 0.3  # log-variances
     axis = 0
@@ -415,6 +415,9 @@ def test_kernel_reads_and_writes_the_callers_layout(built_kernel, monkeypatch, l
         (mu, logvar), axis = (t[..., :dim].transpose(0, 1).contiguous() for t in source), 1
     elif layout == "latent strided":  # (M, B, D), every other latent
         mu, logvar = source[0, ..., ::2], source[1, ..., ::2]
+    elif layout == "empty batch":  # (M, 0, D) with the latent not innermost: contiguous() does not copy it
+        mu, logvar = (torch.randn(dim, m, 0, generator=g, dtype=torch.float64).movedim(0, -1) for _ in range(2))
+        assert mu.stride(-1) != 1
     else:  # (B, M, 1) whose latent stride is M: a transposed (B, 1, M)
         (mu, logvar), axis = (t[..., :1].permute(1, 2, 0).contiguous().transpose(1, 2) for t in source), 1
         assert mu.stride(-1) == m
