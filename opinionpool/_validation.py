@@ -87,7 +87,9 @@ def check_log_probabilities(name: str, value: torch.Tensor) -> None:
         return
     bad = torch.isnan(value) | torch.isposinf(value)
     if bool(bad.any()):
-        raise ValueError(f"{name} must be finite or -inf, got {describe(value, bad)}")
+        # torch normalises logits as it builds the distribution: a +inf logit given becomes NaN (inf - inf)
+        hint = " (a +inf logit becomes NaN in torch's normalisation)" if bool(torch.isnan(value).any()) else ""
+        raise ValueError(f"{name} must be finite or -inf, got {describe(value, bad)}{hint}")
 
 
 def check_positive(name: str, value: torch.Tensor) -> None:

@@ -152,7 +152,7 @@ class PoissonFamily(_LogProbInFloat64, ExponentialFamily):
         last = math.ceil(largest + 50 * math.sqrt(largest) + 80)
         if last >= 2 / torch.finfo(params.dtype).eps:  # consecutive integers stop being representable
             raise ValueError(f"Poisson experts in {params.dtype} with a rate of {largest:.4g}: their support reaches "
-                             f"{last}, beyond the integers {params.dtype} represents; use float64 experts")
+                             f"{float(last):.4g}, beyond the integers {params.dtype} represents; use float64 experts")
         # E[(1+z)^2; z > K] = P(z > K) + 3 r P(z >= K) + r^2 P(z >= K - 1) <= (1 + 3r + r^2) P(z >= K - 1)
         tail = torch.special.gammainc(torch.full_like(rate, last - 1.0), rate)
         bound = ((1 + 3 * rate + rate * rate) * tail).sum(-1)
@@ -247,6 +247,9 @@ class _CountFamily(_LogProbInFloat64, _LogProbabilityFamily):
         return self.total_count * probs[..., 0] * probs[..., 1]
 
     def support_values(self, params):
+        if self.total_count > 2 / torch.finfo(params.dtype).eps:  # consecutive integers stop being representable
+            raise ValueError(f"{self.name} experts in {params.dtype} with total_count={self.total_count}: their support "
+                             f"reaches beyond the integers {params.dtype} represents; use float64 experts")
         return _listed(torch.arange(self.total_count + 1, dtype=params.dtype, device=params.device), params)
 
 

@@ -423,7 +423,8 @@ def _mpmath_hellinger_moments(means, log_variances, weights):
         for i, j in itertools.product(range(len(m)), repeat=2):
             s = mpmath.sqrt(2 * mpmath.sqrt(v[i] * v[j]) / (v[i] + v[j])) * mpmath.exp(
                 -(m[i] - m[j]) ** 2 / (4 * (v[i] + v[j])))
-            parts.append((lam[i] * lam[j] * s, (m[i] * v[j] + m[j] * v[i]) / (v[i] + v[j]), 2 * v[i] * v[j] / (v[i] + v[j])))
+            parts.append((lam[i] * lam[j] * s, (m[i] * v[j] + m[j] * v[i]) / (v[i] + v[j]),
+                          2 * v[i] * v[j] / (v[i] + v[j])))
         total = sum(p[0] for p in parts)
         mean = sum(p[0] * p[1] for p in parts) / total
         variance = sum(p[0] * (p[2] + (p[1] - mean) ** 2) for p in parts) / total

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from scipy import integrate, special
-from torch.distributions import Gamma, Independent, MultivariateNormal, Normal, Uniform, VonMises
+from torch.distributions import Gamma, Independent, MultivariateNormal, Normal, Poisson, Uniform, VonMises
 
 import opinionpool
 from opinionpool import CustomFamily
@@ -366,3 +366,29 @@ def test_the_power_mean_under_vmap_equals_the_batched_call(alpha):
     log_weights = torch.log(torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64))
     mapped = torch.func.vmap(lambda row: log_power_mean(row, log_weights, alpha))(log_values)
     torch.testing.assert_close(mapped, log_power_mean(log_values, log_weights, alpha), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("alpha", [-2.0, -0.5])
+def test_enumeration_errors_of_a_normaliser_below_the_smallest_float(alpha):
+    """Poisson experts of rates 1 and 1e4 pool, at alpha < 0, to a normaliser near e^-6500, below float64's range:
+    the relative tail bound was 0 / 0 and every stated error NaN (and with it the check of the certified bracket);
+    the log-linear pool's entropy too. Against the sum over 0 ... 30000 of the pool's unnormalised masses from
+    scipy's log-pmfs, with asymmetric weights: finite errors that cover the difference."""
+    import numpy as np
+    from scipy.special import logsumexp
+    from scipy.stats import poisson
+
+    rates, weights = (1.0, 1e4), (0.375, 0.625)
+    z = np.arange(30001)
+    logs = np.stack([poisson.logpmf(z, rate) for rate in rates])
+    log_u = logsumexp(np.log(weights)[:, None] + alpha * logs, axis=0) / alpha
+    log_z = logsumexp(log_u)
+    mean = float(np.exp(logsumexp(log_u, b=z) - log_z))
+    experts = Poisson(torch.tensor(rates, dtype=torch.float64))
+    estimate = opinionpool.holder(experts, alpha=alpha, weights=torch.tensor(weights, dtype=torch.float64)).estimate()
+    assert log_z < -745
+    for value, want in ((estimate.log_normalizer, log_z), (estimate.mean, mean)):
+        assert math.isfinite(float(value.error)), value
+        assert abs(float(value.value) - want) <= float(value.error) + 1e-12 * abs(want), (value, want)
+    entropy = opinionpool.holder(experts, alpha=0.0).entropy_estimate()
+    assert math.isfinite(float(entropy.error)) and math.isfinite(float(entropy.value))
