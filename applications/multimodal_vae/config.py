@@ -238,7 +238,8 @@ def _keep_text(dotlist: DictConfig, overrides, keys: list[str]) -> None:
         key = key.strip()
         if key in keys and key not in seen:
             seen.add(key)
-            value = OmegaConf.select(dotlist, key, default=None)
+            # (unresolved: an interpolation such as ${train.seed} resolves over the merged layers, not these alone)
+            value = OmegaConf.select(dotlist, key, default=None, throw_on_resolution_failure=False)
             if value is not None and not isinstance(value, str):
                 OmegaConf.update(dotlist, key, text, force_add=True)
 
@@ -329,6 +330,7 @@ def _check(config) -> None:
     # named as the configuration spells it (check_options names the constructor's argument)
     _check_range("model.normal_prior_weight", model.normal_prior_weight)
     _check_range("model.likelihood_scale", model.likelihood_scale)
+    _check_range("model.alpha", model.alpha)
     try:
         check_options(model.name, model.alpha, model.learnable_weights, model.num_samples, model.estimator,
                       model.likelihood, model.likelihood_scale, model.private_dim, model.posterior_scale,

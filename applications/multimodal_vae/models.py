@@ -210,6 +210,9 @@ def check_options(model: str, alpha: float = 0.5, learnable_weights: bool = Fals
         raise ValueError(f"learnable_weights needs one of {_models_with('weighted')}, got model={model!r}")
     if spec.exact_alpha and opf.exact_order(alpha) is None:
         raise ValueError(f"model={model!r} needs alpha = 0 or 1/n (exact pools), got alpha={alpha!r}")
+    if not spec.exact_alpha and alpha != 0.5:  # (ignored otherwise: runs of different alphas were one model)
+        raise ValueError(f"alpha applies to {_models_with('exact_alpha')} (the others' pools are fixed); "
+                         f"model={model!r} got alpha={alpha!r}")
     if estimator not in objectives.ESTIMATORS:
         raise ValueError(f"estimator must be one of {objectives.ESTIMATORS}, got {estimator!r}")
     if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:

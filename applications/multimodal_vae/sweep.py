@@ -165,10 +165,14 @@ def load_sweep(preset: str, overrides=()) -> SweepConfig:
             raise ValueError(f"sweep {key} must not be empty, got none for {empty}")
     # what run_config sets after every override would silently win over them
     own = {"model.beta": "betas", "train.seed": "seeds", "name": "the run's label", "output_dir": "the sweep",
-           "train.evaluate_at_end": "the sweep (it evaluates every run itself)"}
+           "train.evaluate_at_end": "the sweep (it evaluates every run itself)",
+           "model.name": "the run's label or its model_overrides"}
     for key, given in [("overrides", sweep.overrides), ("extra_overrides", sweep.extra_overrides),
                        *((f"model_overrides.{label}", items) for label, items in sweep.model_overrides.items())]:
-        claimed = [item for item in given if item.partition("=")[0].strip() in own]
+        # (a label's own overrides may name its model: that is what they are for)
+        refused = {name: owner for name, owner in own.items()
+                   if not (key.startswith("model_overrides") and name == "model.name")}
+        claimed = [item for item in given if item.partition("=")[0].strip() in refused]
         if claimed:
             setting = claimed[0].partition("=")[0].strip()
             raise ValueError(f"sweep {key} must not set {setting}, which is set by {own[setting]}, got {claimed}")

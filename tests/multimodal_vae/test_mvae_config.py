@@ -104,7 +104,8 @@ def test_fid_sizes_must_be_distinct_numbers_of_inputs_below_the_number_of_modali
 ])
 def test_values_at_the_documented_bounds_are_accepted(override):
     key, value = override.split("=", 1)
-    config = load_config("polymnist-helvae-cpu", [override])
+    model = ["model.name=holder"] if key == "model.alpha" else []  # (a model that takes alpha)
+    config = load_config("polymnist-helvae-cpu", [*model, override])
     section, option = key.split(".") if "." in key else (None, key)
     got = getattr(getattr(config, section) if section else config, option)
     if value == "null":
@@ -414,6 +415,17 @@ def test_text_options_keep_the_text_they_are_given(tmp_path):
     from applications.multimodal_vae.sweep import load_sweep
 
     assert load_sweep("polymnist-cpu", ["name=2024"]).name == "2024"
+
+
+def test_interpolations_in_text_options_resolve_over_the_whole_configuration():
+    """Keeping the text resolved the value over the overrides alone: ``name=run-${train.seed}`` raised "key
+    'train.seed' not found", where the same line in a file resolves (to run-0)."""
+    config = load_config("polymnist-helvae-cpu", ["name=run-${train.seed}", "train.seed=3",
+                                                  "output_dir=${data.root}/runs"])
+    assert config.name == "run-3" and config.output_dir == f"{config.data.root}/runs"
+    from applications.multimodal_vae.sweep import load_sweep
+
+    assert load_sweep("polymnist-cpu", ["output_dir=${name}-out"]).output_dir == "polymnist-cpu-out"
 
 
 def test_a_text_option_given_twice_takes_its_last_value():

@@ -414,6 +414,9 @@ def test_bad_configurations_are_rejected():
         MultimodalVAE(encoders, decoders, "jmvae")
     with pytest.raises(ValueError, match=r"alpha = 0 or 1/n .* got alpha=0.3"):
         MultimodalVAE(encoders, decoders, "holder", alpha=0.3)
+    for model in ("helvae", "mopoe", "mvae"):  # alpha was accepted and ignored: runs of two alphas, one model
+        with pytest.raises(ValueError, match=rf"alpha applies to \('holder', .*\); model='{model}' got alpha=0.3"):
+            MultimodalVAE(encoders, decoders, model, alpha=0.3)
     with pytest.raises(ValueError, match="learnable_weights needs one of"):
         MultimodalVAE(encoders, decoders, "mvae", learnable_weights=True)
     with pytest.raises(ValueError, match="2 encoders but 1 decoders"):

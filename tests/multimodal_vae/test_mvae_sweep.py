@@ -160,9 +160,17 @@ def test_sweep_presets_and_errors(capsys):
     # what the runs' own settings set last was silently ignored where an override set it
     for given, setting, by in (("extra_overrides=[model.beta=5.0]", "model.beta", "betas"),
                                ("overrides=[train.seed=7]", "train.seed", "seeds"),
-                               ("extra_overrides=[output_dir=/elsewhere]", "output_dir", "the sweep")):
+                               ("extra_overrides=[output_dir=/elsewhere]", "output_dir", "the sweep"),
+                               # extra_overrides' model.name trained every run as that model under its own label;
+                               # overrides' lost to the label silently
+                               ("extra_overrides=[model.name=mopoe]", "model.name", "the run's label"),
+                               ("overrides=[model.name=mopoe]", "model.name", "the run's label")):
         with pytest.raises(ValueError, match=rf"must not set {setting}, which is set by {by}"):
             load_sweep("polymnist-cpu", [given])
+    # a label's own overrides may name its model (the alpha study's labels do)
+    labelled = load_sweep("polymnist-cpu", ["models=[helvae,holderplus,holderplusplus,other]",
+                                            "model_overrides={other: [model.name=mopoe]}"])
+    assert run_config(labelled, "other", 1.0, 0).model.name == "mopoe"
     assert run_config(load_sweep("polymnist-cpu", ["extra_overrides=[train.num_threads=1]"]), "helvae", 1.0, 0) \
         .train.max_steps == 190  # what --workers' help suggests keeps the preset's own overrides
 
