@@ -52,7 +52,8 @@ import torch.utils._python_dispatch
 from ._chunks import by_rows, flat, unflat
 from .families.gaussian import gaussian_mixture_moments
 
-__all__ = ["hellinger_moments", "kept_partners", "pair_components", "pairs_of", "standing_in", "values_readable"]
+__all__ = ["hellinger_moments", "kept_partners", "pair_components", "pairs_of", "standing_in", "values_readable",
+           "weights_underflow"]
 
 _LOG2 = math.log(2.0)
 
@@ -695,7 +696,7 @@ def hellinger_moments(mu: torch.Tensor, logvar: torch.Tensor, log_weights: torch
             and bool(logvar.detach().amin() < -2 * math.log(torch.finfo(logvar.dtype).max))):
         return tuple(t.to(mu.dtype) for t in hellinger_moments(mu.double(), logvar.double(), log_weights.double(),
                                                                  fused))
-    if not (fused and mu.device.type == "cuda") and _weights_underflow(log_weights):
+    if not (fused and mu.device.type == "cuda") and weights_underflow(log_weights):
         return _mixture_moments(mu, logvar, log_weights)
     # the fused paths form no pair tensors, so a choice by bound gains them little; the CPU kernel skips the pairs
     # of exactly zero weight itself, sample by sample
@@ -703,7 +704,7 @@ def hellinger_moments(mu: torch.Tensor, logvar: torch.Tensor, log_weights: torch
     return _HellingerMoments.apply(mu, logvar, log_weights, bool(fused), partners)[:2]
 
 
-def _weights_underflow(log_w) -> bool:
+def weights_underflow(log_w) -> bool:
     """Whether some present expert's mixture weight can fall below the dtype's smallest normal number: it is at
     least ``(lambda_k / lambda_max)^2 / M^2``. The fast paths scale every variance by the largest present one and
     weigh it afterwards, so such an expert's share of the pool's variance is lost however large its variance (a
@@ -720,7 +721,7 @@ def _weights_underflow(log_w) -> bool:
 def _mixture_moments(mu, logvar, log_w):
     """``(mean, logvar)`` of the order-1/2 pool from its mixture written out, the experts (weights ``lambda_k^2``)
     and their pairs (``2 lambda_i lambda_j S_ij``), moment-matched with every weight kept in log space
-    (``gaussian_mixture_moments``): where ``_weights_underflow``. Slower than the fast paths (the pairs'
+    (``gaussian_mixture_moments``): where ``weights_underflow``. Slower than the fast paths (the pairs'
     components are formed), exact where they lose an expert's share."""
     x, mu_ref = _reference(mu, log_w)
     neg_log_s, pair_loc, pair_logvar = pair_components(x, logvar, mu=mu)

@@ -22,7 +22,15 @@ import torch
 from torch.distributions import Categorical, Independent, Laplace, MixtureSameFamily, Normal
 
 from ._chunks import by_rows
-from ._hellinger import hellinger_moments, kept_partners, pair_components, pairs_of, standing_in, values_readable
+from ._hellinger import (
+    hellinger_moments,
+    kept_partners,
+    pair_components,
+    pairs_of,
+    standing_in,
+    values_readable,
+    weights_underflow,
+)
 from ._validation import (
     all_finite,
     check_alpha,
@@ -714,8 +722,12 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
             own_member = torch.cat((member, (~empty | ~member.any(-1)).unsqueeze(-1)), -1)
         room = _log_variance_room(own_logvar, own_member)
         # beyond one scale per (sample, dimension) even in float64, or offsets whose squares overflow it (float64
-        # experts 1e10 apart of log-variance -700 gave a subset the log-variance inf): every subset on its own
-        if room == "none" or _offsets_overflow(own_mu, own_logvar, own_member, torch.float64):
+        # experts 1e10 apart of log-variance -700 gave a subset the log-variance inf), or Hellinger weights whose
+        # squares can underflow (the shared components lose such an expert's share as hellinger's fast paths do,
+        # weights_underflow; per subset, hellinger takes the written-out mixture): every subset on its own
+        if room == "none" or _offsets_overflow(own_mu, own_logvar, own_member, torch.float64) or (
+                shared == "hellinger" and weights is not None
+                and weights_underflow(torch.log(torch.as_tensor(weights, dtype=mu.dtype, device=mu.device)))):
             shared = None
     if shared is None:
         expand = batch + (k,) + mu.shape[-2:]

@@ -472,3 +472,20 @@ def test_the_written_out_route_has_the_fast_paths_gradients():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda a, b: hellinger_module._mixture_moments(a, b, log_w),
                                     tuple(t.clone().requires_grad_(True) for t in inputs))
+
+
+@pytest.mark.parametrize("small", [1e-200, 1e-100])
+def test_subset_mixtures_keep_an_expert_of_tiny_weight_and_huge_variance(small):
+    """MoHELVAE's shared components lost the share of an expert whose squared weight underflows as the fast pool
+    did: the subset {0, 1} pooled to a log-variance of 0.3 for 80.5. Every subset against mpmath."""
+    mu = torch.tensor([[[0.5]], [[39.8]], [[-1.0]]], dtype=torch.float64)
+    logvar = torch.tensor([[[0.3]], [[1000.0]], [[-0.2]]], dtype=torch.float64)
+    weights = torch.tensor([0.47, small, 0.48], dtype=torch.float64)
+    mixture = opf.subset_mixture(opf.hellinger, mu, logvar, weights=weights)
+    for k, row in enumerate(opf.all_subsets(3)):
+        members = row.nonzero().flatten()
+        want_mean, want_lv = _mpmath_hellinger_moments(mu[members].flatten(), logvar[members].flatten(),
+                                                      weights[members])
+        got_mean, got_lv = mixture.loc[0, k, 0].item(), mixture.logvar[0, k, 0].item()
+        assert abs(got_lv - want_lv) <= 1e-12 * (1 + abs(want_lv)), (row.tolist(), got_lv, want_lv)
+        assert abs(got_mean - want_mean) <= 1e-12 * (1 + abs(want_mean)), (row.tolist(), got_mean, want_mean)

@@ -223,7 +223,7 @@ def test_float32_kernel_with_log_variances_far_below_the_largest(kernel):
 def test_float32_kernel_gradients_with_a_far_expert_of_negligible_weight(kernel):
     """The eager test of the same name, through the kernel: float32 against float64 to 1e-4. (A log-weight of -40,
     not the eager test's -50: from about -43 the squared weight can fall below float32's smallest normal number,
-    and such pools are moment-matched from their written-out mixture instead, ``_weights_underflow``.)"""
+    and such pools are moment-matched from their written-out mixture instead, ``weights_underflow``.)"""
     results = []
     for dtype in (torch.float32, torch.float64):
         mu = torch.tensor([[0.0, 0.0], [1e19, 1e19]], dtype=dtype, requires_grad=True)
