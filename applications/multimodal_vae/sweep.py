@@ -155,6 +155,13 @@ def load_sweep(preset: str, overrides=()) -> SweepConfig:
                          f"letter or digit), got {unreadable}")
     if len(set(sweep.models)) != len(sweep.models):
         raise ValueError(f"sweep models must not repeat a label, got {sweep.models}")
+    # a repeated beta or seed names one run twice: counted twice in the progress, run once
+    for key, values in [("betas", sweep.betas), ("seeds", sweep.seeds),
+                        *((f"model_betas.{label}", items) for label, items in sweep.model_betas.items()),
+                        *((f"model_seeds.{label}", items) for label, items in sweep.model_seeds.items())]:
+        names = [float(v) for v in values] if "betas" in key else [int(v) for v in values]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sweep {key} must not repeat a value, got {list(values)}")
     for key in ("model_overrides", "model_seeds", "model_betas"):
         unknown = sorted(set(getattr(sweep, key)) - set(sweep.models))
         if unknown:

@@ -167,6 +167,10 @@ def test_sweep_presets_and_errors(capsys):
                                ("overrides=[model.name=mopoe]", "model.name", "the run's label")):
         with pytest.raises(ValueError, match=rf"must not set {setting}, which is set by {by}"):
             load_sweep("polymnist-cpu", [given])
+    for given, key in (("betas=[1.0,2.5,1]", "betas"), ("seeds=[0,1,0]", "seeds"),
+                       ("model_seeds={helvae: [2,2]}", "model_seeds.helvae")):  # one run counted twice
+        with pytest.raises(ValueError, match=rf"sweep {key} must not repeat a value, got \["):
+            load_sweep("polymnist-cpu", [given])
     # a label's own overrides may name its model (the alpha study's labels do)
     labelled = load_sweep("polymnist-cpu", ["models=[helvae,holderplus,holderplusplus,other]",
                                             "model_overrides={other: [model.name=mopoe]}"])
