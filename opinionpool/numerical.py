@@ -43,7 +43,7 @@ from ._validation import check_alpha, check_seed
 from .families import ExponentialFamily, MultivariateNormalFamily
 
 __all__ = [
-    "Estimate", "PoolEstimate", "Envelope", "log_power_mean", "METHODS", "DEFAULT_RTOL", "MAX_GRID_DIM",
+    "Estimate", "PoolEstimate", "Envelope", "log_power_mean", "METHODS", "DEFAULT_RTOL", "MAX_GRID_DIM", "MAX_ENUMERATED",
     "quadrature_log_mass", "quadrature_entropy", "check_other_log_prob", "QUADRATURE_RANGE", "QUADRATURE_MIN_RELATIVE_SD",
     "check_quadrature_range",
 ]
@@ -64,6 +64,9 @@ _KINKED_SAFETY = 3.0
 _GRID_PANEL_WIDTH = 2.0
 #: default relative tolerance of the 1-D quadrature (reached in float64 whatever the experts' dtype)
 DEFAULT_RTOL = 1e-11
+#: the most values (support points x pools x experts) a discrete pool enumerates at once: each costs about 100 bytes
+#: across the passes (13 GB here); more raises ValueError before the work rather than exhausting the memory
+MAX_ENUMERATED = 2**27
 _GL_ORDER = 10
 _MAX_ROUNDS = 200
 _MAX_PANELS = 20_000
@@ -516,6 +519,12 @@ def enumerate_support(family, params, log_weights, alpha):
     family's tail bound (see ``support_values``)."""
     values, tail_bound = family.support_values(params)
     batch = params.shape[: params.dim() - len(family.param_shape) - 1]
+    pools, experts = math.prod(batch), params.shape[len(batch)]
+    if values.shape[0] * pools * experts > MAX_ENUMERATED:
+        raise ValueError(f"the pools' support spans {values.shape[0]} points (from {float(values[0].min()):.6g} to "
+                         f"{float(values[-1].max()):.6g}), for {pools} pool(s) of {experts} {family.name} experts: "
+                         f"{values.shape[0] * pools * experts} values, more than opinionpool.numerical.MAX_ENUMERATED "
+                         f"= {MAX_ENUMERATED} (about 100 bytes each); pool fewer at once or raise the limit")
     points = values.reshape(values.shape[:1] + (1,) * len(batch) + values.shape[1:])
     points = points.expand(values.shape[:1] + batch + values.shape[1:])
     log_u = log_power_mean(expert_log_probs(family, params, points), log_weights, alpha)

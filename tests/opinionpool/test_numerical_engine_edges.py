@@ -392,3 +392,24 @@ def test_enumeration_errors_of_a_normaliser_below_the_smallest_float(alpha):
         assert abs(float(value.value) - want) <= float(value.error) + 1e-12 * abs(want), (value, want)
     entropy = opinionpool.holder(experts, alpha=0.0).entropy_estimate()
     assert math.isfinite(float(entropy.error)) and math.isfinite(float(entropy.value))
+
+
+def test_an_enumeration_beyond_its_limit_is_refused_before_the_work(monkeypatch):
+    """Poisson experts of rate 1e12 enumerate 1e8 points (about 20 GB across the passes: the process was killed
+    for memory). ``MAX_ENUMERATED`` values (points x pools x experts) at most, else a ValueError that says how
+    many; here with the limit lowered around a small pool's count (every point in 0 ... about 10 600, two experts,
+    two pools)."""
+    import opinionpool.numerical as numerical
+
+    experts = Poisson(torch.tensor([[1.0, 1e4], [2.0, 9e3]], dtype=torch.float64))
+    expected = opinionpool.holder(experts, alpha=-0.5).log_normalizer
+    values = numerical.enumerate_support(opinionpool.family_of(experts), opinionpool.as_experts(experts).params,
+                                         torch.zeros(2), -0.5)[0]
+    count = values.shape[0] * 2 * 2
+    monkeypatch.setattr(numerical, "MAX_ENUMERATED", count)
+    assert torch.equal(opinionpool.holder(experts, alpha=-0.5).log_normalizer, expected)  # at the limit: as before
+    monkeypatch.setattr(numerical, "MAX_ENUMERATED", count - 1)
+    with pytest.raises(ValueError, match=rf"support spans {values.shape[0]} points \(from 0 to 1\d{{4}}\), for 2 "
+                                         rf"pool\(s\) of 2 Poisson experts: {count} values, more than "
+                                         r"opinionpool.numerical.MAX_ENUMERATED"):
+        opinionpool.holder(experts, alpha=-0.5).log_normalizer
