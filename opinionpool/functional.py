@@ -466,7 +466,11 @@ def holder(mu, logvar, alpha=0.5, *, dim=0, weights=None, mask=None, prior_exper
     components saved). ``fused=True`` runs it as one fused pass per sample: on the CPU a C++ kernel built on first
     use (then cached per machine), elsewhere its forward and backward bodies through
     ``torch.compile`` (the first call for each number of experts, dtype, device and shape compiles); where neither
-    works it warns once and runs eagerly. Other orders ignore ``fused``.
+    works it warns once and runs eagerly. Other orders ignore ``fused``. Where a present expert's squared weight
+    relative to the largest can fall below the dtype's smallest normal number (weight ratios under about 1e-19 in
+    float32, 1e-154 in float64), the fast paths would lose that expert's share of the variance, and ``alpha=0.5``
+    moment-matches the written-out mixture instead (slower, exact); not under ``torch.compile``, ``torch.func``
+    transforms or on the fused CUDA path, which read no values.
     """
     order, mu, logvar, log_weights = _holder_setup(mu, logvar, alpha, dim, weights, mask, prior_expert,
                                                    max_components, validation_enabled(validate_args))

@@ -548,7 +548,7 @@ def enumeration_estimate(family, params, log_weights, alpha, wanted, keep_nodes:
         per_point = torch.where(mass > 0, mass * precision * _TERM_ROUNDING * (1 + log_u.abs() + term_size), 0.0)
         rounding = per_point.sum(0)
         # (relative to Z in log space: Z below e^-745 gave 0 / 0, and every stated error NaN)
-        tail = torch.where(tail_bound > 0, (torch.log(tail_bound) - log_z).exp(), 0.0)
+        tail = torch.where(tail_bound > 0, (torch.log(tail_bound) - log_z).exp(), tail_bound)  # (NaN stays NaN)
         # a relative rounding r_k of point k's weight moves an expectation E f by sum_k pi_k r_k |f_k - E f|, not by
         # the rounding of log Z scaled by (1 + |mean|)^2 (49171 for a true 1.6e-7 at Poisson rates of 1e6; E T was
         # given the bare relative rounding, 3 times too small there)

@@ -173,17 +173,18 @@ def gaussian_mixture_moments(log_pi: torch.Tensor, loc: torch.Tensor, logvar: to
     mean = shifted_weighted_mean(log_pi, loc, dim=k)
     present = lp > -math.inf
     offset = loc - mean.unsqueeze(k)
-    none = torch.full((), -math.inf, dtype=logvar.dtype, device=logvar.device)
-    weighted_logvar = torch.where(present, lp + logvar, none)
-    weighted_offset = torch.where(present, lp + 2 * torch.log(offset.abs()), none)
-    scale = torch.maximum(weighted_logvar.amax(dim=k, keepdim=True), weighted_offset.amax(dim=k, keepdim=True))
+    weighted_logvar = torch.where(present, lp + logvar, -math.inf)
+    root_weight = torch.exp(0.5 * lp)  # sqrt(pi), on the weights' own shape
+    weighted_offset = torch.where(present, offset.abs() * root_weight, 0.0)
+    scale = torch.maximum(weighted_logvar.amax(dim=k, keepdim=True), 2 * torch.log(weighted_offset.amax(dim=k,
+                                                                                                     keepdim=True)))
     # (-inf where every present component has variance zero at the mean: the log-variance is then -inf)
     scale = torch.where(torch.isfinite(scale), scale, 0.0).detach()
-    # sqrt(pi) e^(-scale / 2) in two factors: one overflows float32 below a scale of -177 (standard deviations under
-    # e^-88.7, subnormal), where inf * 0 gave NaN; each of two lasts to -355
-    quarter = torch.exp(0.25 * (lp - scale))
-    dev = torch.where(present, offset * quarter * quarter, torch.zeros_like(offset))
-    within = torch.where(present, torch.exp(weighted_logvar - scale), torch.zeros_like(logvar))
+    # e^(-scale / 2) in two factors, each at most the largest float: one overflows float32 below a scale of -177
+    # (standard deviations under e^-88.7, subnormal), where inf * 0 gave NaN; each of two lasts to -355
+    quarter = torch.exp(-0.25 * scale).clamp_max(torch.finfo(scale.dtype).max)
+    dev = torch.where(present, offset * root_weight * quarter * quarter, 0.0)
+    within = torch.exp(weighted_logvar - scale)
     scaled = (within + dev * dev).sum(k)
     return mean, scale.squeeze(k) + torch.log(scaled)
 

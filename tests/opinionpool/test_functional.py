@@ -346,3 +346,14 @@ def test_holder_mixture_members_rejects_bad_arguments():
         opf.holder_mixture_members(3, 0.3)
     with pytest.raises(ValueError, match="max_components=10"):
         opf.holder_mixture_members(5, 1 / 2, max_components=10)
+
+
+@pytest.mark.parametrize("dtype, light", [(torch.float32, -400.0), (torch.float64, -3000.0)])
+def test_mixture_moments_of_a_point_mass_beside_a_light_broad_component(dtype, light):
+    """A component of weight about one and variance zero at the mean, beside one of log-weight ``light`` and unit
+    variance: the variance is e^light exactly (to the rounding of the weights). The scaled deviations' factor
+    e^(-scale / 2) overflowed and met the point mass's zero deviation as NaN (before the weighted scale: -inf)."""
+    mixture = opf.GaussianMixture(torch.tensor([0.0, light], dtype=dtype), torch.zeros(2, 1, dtype=dtype),
+                                  torch.tensor([[-math.inf], [0.0]], dtype=dtype))
+    mean, logvar = mixture.moments()
+    assert mean.item() == 0.0 and logvar.item() == pytest.approx(light, rel=1e-6)
