@@ -36,12 +36,21 @@ from torch.distributions import (
     constraints,
 )
 
-from ._validation import check_alpha, check_positive_int, describe, real_tensor
+from ._validation import check_alpha, check_positive_int, describe, real_tensor, validation_enabled
 from .affinities import hellinger_of, log_multi_chernoff_coefficient
 from .experts import Experts, as_experts
 from .families import NormalFamily, family_of
 from .numerical import DEFAULT_RTOL, _interior_point
-from .pool import HolderPool, NumericalHolderPool, _Pool, _rebuilt, _working_dtype, holder
+from .pool import (
+    HolderPool,
+    NumericalHolderPool,
+    _Pool,
+    _rebuilt,
+    _working_dtype,
+    check_batches_broadcast,
+    holder,
+    normalized_log_weights,
+)
 
 __all__ = ["crps", "pit", "coverage", "CoverageTable", "disagreement", "Disagreement", "fit_weights", "FitResult"]
 
@@ -1003,9 +1012,10 @@ def disagreement(experts, weights=None, validate_args: bool | None = None) -> Di
     log_bc = log_multi_chernoff_coefficient(pairs, [0.5, 0.5], validate_args=False).clamp_max(0)
     bhattacharyya = log_bc.exp()
     hellinger = hellinger_of(log_bc)
-    # the pool's weights only (its M (M + 1) / 2 components are never built: the limit on them does not apply)
-    pool = HolderPool(experts, alpha=0.5, weights=weights, max_components=m * (m + 1) // 2, validate_args=validate_args)
-    log_w = pool.log_weights
+    # the pool's normalised weights, as HolderPool takes them (its M (M + 1) / 2 components are not needed)
+    log_w = normalized_log_weights(weights, m, dtype=params.dtype, device=params.device,
+                                   validate=validation_enabled(validate_args))
+    check_batches_broadcast(batch, log_w.shape[:-1])
     # the component of experts (i, j) has weight lambda_i lambda_j BC_ij counted for (i, j) and (j, i): its mass is
     # that of the ordered pairs i != j among all ordered pairs (BC_ii = 1)
     terms = log_w.unsqueeze(-1) + log_w.unsqueeze(-2) + log_bc
