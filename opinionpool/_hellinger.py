@@ -725,11 +725,9 @@ def _mixture_moments(mu, logvar, log_w):
     components are formed), exact where they lose an expert's share."""
     x, mu_ref = _reference(mu, log_w)
     neg_log_s, pair_loc, pair_logvar = pair_components(x, logvar, mu=mu)
-    first, second = (torch.tensor(index, dtype=torch.long, device=mu.device)
-                     for index in zip(*pairs_of(mu.shape[-2]))) if mu.shape[-2] > 1 else (None, None)
-    logits = 2 * log_w
-    if first is not None:
-        logits = torch.cat((logits, _LOG2 + log_w[..., first] + log_w[..., second] - neg_log_s), -1)
+    # (weights_underflow sends no pool of one expert here: there is at least one pair)
+    first, second = (torch.tensor(index, dtype=torch.long, device=mu.device) for index in zip(*pairs_of(mu.shape[-2])))
+    logits = torch.cat((2 * log_w, _LOG2 + log_w[..., first] + log_w[..., second] - neg_log_s), -1)
     log_pi = torch.log_softmax(logits, -1)
     mean, pooled_logvar = gaussian_mixture_moments(log_pi, torch.cat((x, pair_loc), -2),
                                                    torch.cat((logvar, pair_logvar), -2), 1)

@@ -65,7 +65,7 @@ _GRID_PANEL_WIDTH = 2.0
 #: default relative tolerance of the 1-D quadrature (reached in float64 whatever the experts' dtype)
 DEFAULT_RTOL = 1e-11
 #: the most values (support points x pools x experts) a discrete pool enumerates at once: each costs about 100 bytes
-#: across the passes (13 GB here); more raises ValueError before the work rather than exhausting the memory
+#: across the passes (13 GB at the limit); more raises ValueError before the work rather than exhausting the memory
 MAX_ENUMERATED = 2**27
 _GL_ORDER = 10
 _MAX_ROUNDS = 200
