@@ -326,11 +326,12 @@ def _check(config) -> None:
     if fixed is not None and config.data.num_modalities != fixed:
         raise ValueError(f"data.num_modalities must be {fixed} for data.dataset {config.data.dataset!r}, got "
                          f"{config.data.num_modalities}")
+    # first: a value out of range is named as the configuration spells it (check_options names the constructor's
+    # argument)
+    for key in RANGES:
+        section, option = key.split(".")
+        _check_range(key, getattr(getattr(config, section), option))
     model = config.model
-    # named as the configuration spells it (check_options names the constructor's argument)
-    _check_range("model.normal_prior_weight", model.normal_prior_weight)
-    _check_range("model.likelihood_scale", model.likelihood_scale)
-    _check_range("model.alpha", model.alpha)
     try:
         check_options(model.name, model.alpha, model.learnable_weights, model.num_samples, model.estimator,
                       model.likelihood, model.likelihood_scale, model.private_dim, model.posterior_scale,
@@ -348,9 +349,6 @@ def _check(config) -> None:
         check_hidden(model.architecture, model.hidden)
     except ValueError as error:
         raise ValueError(f"model.{error}") from None
-    for key in RANGES:
-        section, option = key.split(".")
-        _check_range(key, getattr(getattr(config, section), option))
     if config.train.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {config.train.device!r}")
     if config.train.precision not in ("fp32", "bf16"):
