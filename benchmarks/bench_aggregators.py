@@ -253,11 +253,11 @@ def main() -> None:
             runs.append((", overlapping experts", {name: found[name] for name in VALUE_DEPENDENT + ["poe"]
                                                    if name in found}, shrunk, logvar))
         for suffix, chosen, inputs, lv in runs:
-            left_out = {name: pairs_left_out(inputs, lv) for name in VALUE_DEPENDENT}
-            if FUSED in chosen and _hellinger._fused_path(inputs, lv) == "kernel":
-                left_out[FUSED] = zero_weight_pairs(inputs, lv)
-            else:  # compiled bodies and the eager fallback of fused=True compute every pair
-                left_out[FUSED] = ""
+            eager_left_out = pairs_left_out(inputs, lv)
+            left_out = {name: eager_left_out for name in VALUE_DEPENDENT}
+            # (compiled bodies and the eager fallback of fused=True compute every pair)
+            kernel = FUSED in chosen and _hellinger._fused_path(inputs, lv) == "kernel"
+            left_out[FUSED] = zero_weight_pairs(inputs, lv) if kernel else ""
             results = measure(chosen, inputs, lv, args.rounds, args.warmup, rng)
             for name, (ms, ratio, (q1, q3), mb, pages) in results.items():
                 if suffix and name == "poe":
