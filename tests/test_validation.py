@@ -1,12 +1,15 @@
 """The validation command itself: it writes its report, figures and CSV, and its exit status reports failures."""
 
 import csv
+import dataclasses
 import math
 import re
 
 import numpy as np
 import pytest
 
+import opinionpool
+from opinionpool.numerical import Estimate
 from validation import closed_forms, paper
 from validation.__main__ import main
 from validation.report import compare, write_text_atomic
@@ -220,3 +223,30 @@ def test_experts_far_apart_of_very_different_scales_are_resolved():
     expert underflowed to -inf. Now the library and the reference agree (both independent) at both orders."""
     checks, _ = closed_forms.run(2000, families=("Normal, far apart",), alphas=(0.5, -1.0))
     assert checks and all(c.passed for c in checks if "Monte Carlo" not in c.name)
+
+
+def test_the_engines_importance_errors_are_checked_against_their_spread(monkeypatch):
+    """The importance engine's stated standard errors were only divided by (a z-score with an error stated a
+    hundredfold too large passes): they are checked against the spread of its estimates over seeds, and fail when
+    overstated or understated eightfold."""
+    case = next(c for c in closed_forms.cases() if c.name == "Dirichlet K=3")
+    checks = closed_forms.stated_error_checks(case, 2.0, "Dirichlet", repeats=12)
+    assert len(checks) == 10 and all(c.kind == "log ratio" for c in checks)  # log Z, mean, variance, E[T] (3 each)
+    assert all(c.passed for c in checks), [(c.name, c.error) for c in checks]
+    pool_type = type(opinionpool.holder(case.experts(), alpha=2.0))
+    estimate = pool_type.estimate
+    for factor in (8.0, 0.125):
+        def scaled(self, *args, factor=factor, **kwargs):
+            est = estimate(self, *args, **kwargs)
+            fields = ("log_normalizer", "mean", "variance", "expected_statistic")
+            return dataclasses.replace(est, **{f: Estimate(getattr(est, f).value, factor * getattr(est, f).error)
+                                               for f in fields if getattr(est, f) is not None})
+
+        monkeypatch.setattr(pool_type, "estimate", scaled)
+        assert not any(c.passed for c in closed_forms.stated_error_checks(case, 2.0, "Dirichlet", repeats=12))
+
+
+def test_a_log_ratio_check_passes_within_its_tolerance_only():
+    assert compare("g", "n", 1.1, 1.0, "log ratio", 4.5, standard_error=0.2).passed
+    assert not compare("g", "n", 4.0, 1.0, "log ratio", 4.5, standard_error=0.2).passed
+    assert not compare("g", "n", 0.0, 1.0, "log ratio", 4.5, standard_error=0.2).passed

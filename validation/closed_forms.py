@@ -39,13 +39,15 @@ from .reference import log_power_mean
 from .report import Z_TOLERANCE, Check, compare
 
 __all__ = ["ALPHAS", "WEIGHTS", "Case", "cases", "quadrature_reference", "monte_carlo_reference", "run",
-           "affinity_reference", "affinity_checks", "laplace_affinity_checks"]
+           "affinity_reference", "affinity_checks", "laplace_affinity_checks", "stated_error_checks"]
 
 ALPHAS = (0.0, 0.25, 1 / 3, 0.5, 1.0, 2.0, -1.0)
 WEIGHTS = np.array([0.2, 0.3, 0.5])
 QUAD_TOLERANCE = 1e-8
 #: the Monte Carlo reference draws more until its effective sample size reaches this
 MIN_ESS = 10_000
+#: seeds of the engine's importance estimates whose spread checks their stated standard errors
+STATED_ERROR_REPEATS = 30
 #: (mean, standard deviation) of experts far apart and of very different scales
 FAR_APART = ((0.0, 1e-3), (25.0, 8.0), (-1.0, 1.0))
 
@@ -328,6 +330,35 @@ def _library(case: Case, alpha: float, points: np.ndarray):
     return out, errors, kind, "HolderPool" if summary is None else f"numerical engine ({summary.method})"
 
 
+def stated_error_checks(case: Case, alpha: float, group: str, note: str = "",
+                        repeats: int = STATED_ERROR_REPEATS) -> list[Check]:
+    """The engine's stated standard errors (its importance estimates') against the spread of its estimates over
+    ``repeats`` seeds: the checks against quadrature and Monte Carlo divide by the stated error, so an error stated
+    too large would pass them all. ``log(spread / stated)`` has about the standard error ``1 / sqrt(2 (repeats -
+    1))`` where the estimates are about normal (the stated error taken as the root mean square of the seeds')."""
+    pool = opinionpool.holder(case.experts(), alpha=alpha, weights=WEIGHTS.tolist())
+    # what _library compares: the moments where the family has them, E[T] where it is not Gaussian
+    quantities = (("mean", "variance") if pool.family.has_numeric_moments else ()) \
+        + (() if pool.family.gaussian else ("expected_statistic",))
+    start = time.perf_counter()
+    estimates = [pool.estimate(quantities, seed=seed) for seed in range(1, repeats + 1)]
+    seconds = (time.perf_counter() - start) / repeats
+    checks = []
+    for label, field in (("log Z", "log_normalizer"), ("mean", "mean"), ("variance", "variance"),
+                         ("E[T]", "expected_statistic")):
+        if getattr(estimates[0], field) is None:
+            continue
+        values = np.stack([np.ravel(getattr(e, field).value.numpy()) for e in estimates])
+        errors = np.stack([np.ravel(getattr(e, field).error.numpy()) for e in estimates])
+        for i in range(values.shape[1]):
+            name = f"{label}[{i}]" if values.shape[1] > 1 else label
+            checks.append(compare(group, f"{name}: spread over {repeats} seeds vs its stated standard error",
+                                  values[:, i].std(ddof=1), math.sqrt(np.mean(errors[:, i] ** 2)), "log ratio",
+                                  Z_TOLERANCE, standard_error=1 / math.sqrt(2 * (repeats - 1)), seconds=seconds,
+                                  note=note))
+    return checks
+
+
 def run(num_samples: int = 200_000, seed: int = 0, families=None, alphas=ALPHAS, progress=None) -> tuple[list, list]:
     """All closed-form checks; returns the checks and the per-case z-scores (for the figure)."""
     checks, zscores = [], []
@@ -347,6 +378,8 @@ def run(num_samples: int = 200_000, seed: int = 0, families=None, alphas=ALPHAS,
         ess = float(mc.pop("ESS")[0][0])
         # (standard errors from fewer effective draws come out too small: said beside every z-score they give)
         mc_note = note if ess >= MIN_ESS else f"{note}; Monte Carlo ESS {ess:.0f} < {MIN_ESS}: its errors optimistic"
+        if error_kind == "standard error":  # checked against its value's spread, not only divided by
+            checks += stated_error_checks(case, alpha, group, note)
         reported = {name.removeprefix("matched ") for name in lib}
         for name in sorted(set(quad) - reported - set(case.unreported)):  # a statistic the library lost fails
             checks.append(compare(group, f"{name}: not reported by the library", math.nan,

@@ -18,8 +18,9 @@ Z_TOLERANCE = 4.5
 class Check:
     """One comparison of a library value with an independent reference.
 
-    ``kind`` is ``"relative"`` (``error`` = |got - ref| / |ref| against ``tolerance``), ``"absolute"``, or
-    ``"z-score"`` (``error`` = (got - ref) / standard error of the Monte Carlo reference).
+    ``kind`` is ``"relative"`` (``error`` = |got - ref| / |ref| against ``tolerance``), ``"absolute"``,
+    ``"z-score"`` (``error`` = (got - ref) / standard error of the Monte Carlo reference) or ``"log ratio"``
+    (``error`` = log(got / ref) / standard error of that logarithm: a spread against a stated error).
     """
 
     group: str
@@ -45,8 +46,10 @@ def compare(group, name, got, reference, kind, tolerance, *, standard_error=None
         error = abs(got - reference)
     elif kind == "z-score":
         error = (got - reference) / standard_error if standard_error > 0 else (0.0 if got == reference else math.inf)
+    elif kind == "log ratio":
+        error = math.log(got / reference) / standard_error if got > 0 and reference > 0 else math.inf
     else:
-        raise ValueError(f"kind must be 'relative', 'absolute' or 'z-score', got {kind!r}")
+        raise ValueError(f"kind must be 'relative', 'absolute', 'z-score' or 'log ratio', got {kind!r}")
     return Check(group, name, got, reference, kind, error, tolerance, seconds, note)
 
 
@@ -67,7 +70,8 @@ class Report:
         lines = [f"# {self.title}", "",
                  f"{len(self.checks)} checks, {len(self.failed)} failed. Relative and absolute errors are against "
                  f"independent quadrature or exact sums; z-scores are (library - Monte Carlo) / standard error, "
-                 f"failing beyond {Z_TOLERANCE}.", ""]
+                 f"failing beyond {Z_TOLERANCE}, and so are log ratios (the spread of repeated Monte Carlo "
+                 f"estimates against their stated standard error, over the logarithm's own).", ""]
         for heading, text in self.sections:
             lines += [f"## {heading}", "", text, ""]
         lines += ["## Every check", "",
@@ -96,8 +100,15 @@ def _atomic(path: Path, write) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):  # (gone where the rename happened: the original error, not FileNotFoundError)
+            os.unlink(tmp)
         raise
+    # the rename itself on disk: the folder's entry, not only the file's data
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
