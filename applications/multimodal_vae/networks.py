@@ -34,6 +34,7 @@ way.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import torch
 from torch import nn
@@ -299,6 +300,9 @@ def make_networks(modalities, latent_dim: int, architecture: str = "conv", activ
     encoder output, the last ``private_dim`` of them modality-specific latents: the ResNet image encoders give those
     a trunk of their own (``SeparatePrivateEncoder``, as the MMVAE+ code does); the conv and text encoders give
     them heads on their one trunk (as the MoPoE code's encoders with style latents do)."""
+    for name, value, least in (("latent_dim", latent_dim, 1), ("private_dim", private_dim, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
     if architecture not in IMAGE_NETWORKS:
         raise ValueError(f"architecture must be one of {sorted(IMAGE_NETWORKS)}, got {architecture!r}")
     check_activation(architecture, activation)

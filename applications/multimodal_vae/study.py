@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import math
+import numbers
 import platform
 import shutil
 from dataclasses import asdict, dataclass
@@ -258,13 +259,19 @@ def _alpha_study_settings(config: dict) -> dict:
 
 
 def mass_through_training(folder: Path, rows: list[dict], column: str) -> tuple[list[int], list[tuple]]:
-    """Steps and ``(mean, std)`` over the runs ``rows`` of a ``pooling.csv`` column at the steps all runs logged."""
+    """Steps and ``(mean, std, n)`` over the runs ``rows`` of a ``pooling.csv`` column at the steps all runs logged,
+    ``n`` the runs whose value there is a number (``sweep.mean_std`` leaves NaN out)."""
     series = []
     for row in rows:
-        with open(folder / _run_name(row) / "pooling.csv", encoding="utf-8") as handle:
+        path = folder / _run_name(row) / "pooling.csv"
+        if not path.is_file():
+            raise ValueError(f"{path} is missing: the alpha study reads the pooling statistics each run logs in "
+                             "training (a run trained before they were logged has none; retrain it)")
+        with open(path, encoding="utf-8") as handle:
             series.append({int(r["step"]): float(r[column]) for r in csv.DictReader(handle) if r.get(column)})
     steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
-    return steps, [mean_std([s[step] for s in series]) for step in steps]
+    return steps, [(*mean_std([s[step] for s in series]), sum(s[step] == s[step] for s in series))
+                   for step in steps]
 
 
 #: ``compare``'s verdict read as the direction of a difference (the metric of the first side against the second's)
@@ -429,7 +436,7 @@ def render_study(folder: Path, rows: list[dict], figures: dict, command: str) ->
             finals = []
             for column in ("own_cross_mass", "mean_log_bhattacharyya"):
                 steps, series = mass_through_training(folder, members, column)
-                finals.append(_show(column, series[-1], len(members)) if steps else "–")
+                finals.append(_show(column, series[-1][:2], series[-1][2]) if steps else "–")
             lines.append(f"| {family} | {value:g} | {entry['seeds']} | "
                          + " | ".join(_cell(c, entry) for c in ("coherence", "log_likelihood",
                                                                 "kid_unconditional", "pairwise_mass"))
@@ -531,14 +538,14 @@ def _plots(folder: Path, rows: list[dict], out: Path) -> dict:
         columns = ("pairwise_mass", "own_cross_mass", "mean_log_bhattacharyya")
         # one colour per alpha, the same in every panel; the line style tells the pool (alpha = 0's runs once)
         values = sorted({value for _, value in alpha})
-        colours = dict(zip(values, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+        colours = {value: plt.cm.plasma(0.85 * i / max(1, len(values) - 1)) for i, value in enumerate(values)}
         figure, axes = plt.subplots(1, len(columns), figsize=(15, 3.8), squeeze=False)
         for axis, column in zip(axes[0], columns):
             for (family, value), members in sorted(alpha.items()):
                 steps, series = mass_through_training(folder, members, column)
-                if (family, value) == ("holder_mixture", 0.0) or not steps or not any(m == m for m, _ in series):
+                if (family, value) == ("holder_mixture", 0.0) or not steps or not any(m == m for m, *_ in series):
                     continue
-                axis.plot(steps, [m for m, _ in series], marker="o" if family == "holder" else "s", ms=2,
+                axis.plot(steps, [m for m, *_ in series], marker="o" if family == "holder" else "s", ms=2,
                           ls="-" if family == "holder" else ":", color=colours[value],
                           label=f"{'moment-matched' if family == 'holder' else 'exact mixture'} α={value:g}")
             axis.set(xlabel="training step", ylabel=METRIC_NAMES[column], title=METRIC_NAMES[column] + " in training")
@@ -646,6 +653,9 @@ def likelihood_convergence(folder: Path, samples=(12, 1000), examples: int = 20,
     from .evaluation import log_likelihood, scored_tuples
     from .train import load_run
 
+    if any(isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k) or k != int(k)
+           for k in samples):  # (12.7 ran as 12)
+        raise ValueError(f"samples must be whole numbers of samples, got {list(samples)}")
     samples = sorted({int(k) for k in samples})
     if len(samples) < 2 or samples[0] < 1:
         raise ValueError(f"samples must hold at least two positive numbers of samples, got {samples}")

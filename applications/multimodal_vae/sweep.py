@@ -547,14 +547,17 @@ def _is_value(value) -> bool:
 
 
 def mean_std(values) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value) of the values that were computed; NaN for none. An
-    infinite value (a metric that overflowed) makes the mean infinite (NaN for both signs) and the deviation NaN."""
+    """Mean and sample standard deviation of the values that were computed; NaN for none, and NaN for the deviation
+    of one value (its spread over seeds is unknown, not 0: a plot draws no error bar for it, and a table shows the
+    mean alone). An infinite value (a metric that overflowed) makes the mean infinite (NaN for both signs) and the
+    deviation NaN."""
     values = [v for v in values if _is_value(v)]
     if not values:
         return float("nan"), float("nan")
-    if not all(math.isfinite(v) for v in values):  # (statistics' exact arithmetic raises on infinities)
-        return sum(values) / len(values), 0.0 if len(values) == 1 else float("nan")
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    if len(values) == 1 or not all(math.isfinite(v) for v in values):  # (statistics' exact arithmetic raises on
+        # infinities)
+        return sum(values) / len(values), float("nan")
+    return statistics.mean(values), statistics.stdev(values)
 
 
 def aggregate(rows: list[dict]) -> dict:

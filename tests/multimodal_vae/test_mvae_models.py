@@ -233,6 +233,13 @@ def test_resnet_encoders_give_private_latents_a_trunk_of_their_own():
     assert isinstance(conv, PolyMNISTEncoder)  # MoPoE's encoders: one trunk, heads for both
     with pytest.raises(ValueError, match=r"private_dim must lie in \[0, latent_dim = 8\), got 8"):
         make_networks(polymnist_modalities(1), 8, "resnet", private_dim=8)
+    # named after the argument that is wrong (latent_dim = 0 was blamed on private_dim), before any work; a bool
+    # private_dim read as 1
+    for kwargs, name in (({"latent_dim": 0}, "latent_dim"), ({"latent_dim": 2.0}, "latent_dim"),
+                         ({"latent_dim": 8, "private_dim": True}, "private_dim"),
+                         ({"latent_dim": 8, "private_dim": -1}, "private_dim")):
+        with pytest.raises(ValueError, match=f"{name} must be an integer of at least"):
+            make_networks(polymnist_modalities(1), **kwargs)
 
 
 def test_resnet_networks_follow_the_mmvae_plus_layout():

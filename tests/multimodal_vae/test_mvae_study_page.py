@@ -286,3 +286,30 @@ def test_the_alpha_study_leaves_out_runs_of_another_training_budget(tmp_path, ca
     with pytest.raises(SystemExit):
         main(["study", "--sweep", str(folder)])
     assert "holder-a0-beta1.0-seed1" in capsys.readouterr().err
+
+
+def test_the_pooling_mass_counts_the_runs_that_logged_a_number_and_names_a_missing_log(tmp_path):
+    """A run whose last logged mass is NaN made the alpha table's cell "x ± 0.000" as if two seeds agreed; a run
+    without its pooling log was reported as a run missing from the sweep."""
+    from applications.multimodal_vae.study import _read_rows, mass_through_training
+
+    folder = tmp_path / "sweep"
+    fake_sweep(folder, [("holder-a0.25", "holder", 0.25, 1.0, seed, {"coherence": 0.6}, [(0.4, 0.5), (0.2, mass)])
+                        for seed, mass in ((0, 0.3), (1, "nan"))])
+    rows = _read_rows(folder)
+    steps, series = mass_through_training(folder, rows, "own_cross_mass")
+    assert steps == [100, 200] and series[0][2] == 2 and series[-1][0] == 0.3 and series[-1][2] == 1
+    assert math.isnan(series[-1][1]) and _show("own_cross_mass", series[-1][:2], series[-1][2]) == "0.300"
+    (folder / "holder-a0.25-beta1.0-seed1" / "pooling.csv").unlink()
+    with pytest.raises(ValueError, match="holder-a0.25-beta1.0-seed1/pooling.csv is missing"):
+        mass_through_training(folder, rows, "own_cross_mass")
+
+
+def test_the_mass_figure_takes_more_alphas_than_the_colour_cycle(tmp_path):
+    """One colour per alpha came from the default cycle of ten: an eleventh alpha raised KeyError."""
+    folder = tmp_path / "runs" / "polymnist-cpu-study"
+    alphas = [("holder", 0.0)] + [("holder", 1 / n) for n in range(1, 11)]  # (exact pools: 0 or 1/n)
+    fake_sweep(folder, [(f"{name}-a{a:.3f}", name, a, 1.0, 0, {"coherence": 0.5}, [(0.4, 0.3), (0.2, 0.1)])
+                        for name, a in alphas])
+    assert main(["study", "--sweep", str(folder), "--docs", str(tmp_path / "docs")]) == 0
+    assert (tmp_path / "docs" / "figures" / "study" / "study_mass.png").stat().st_size > 0

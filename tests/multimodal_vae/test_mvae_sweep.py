@@ -124,7 +124,10 @@ def test_an_infinite_metric_is_summarised_not_a_crash():
     whole summary."""
     inf, nan = math.inf, math.nan
     assert mean_std([1.0, None, nan, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
-    assert mean_std([inf]) == (inf, 0.0)
+    mean, std = mean_std([inf])
+    assert mean == inf and math.isnan(std)
+    mean, std = mean_std([2.5, nan])  # one seed computed it: its spread is unknown (a zero-width bar said 0)
+    assert mean == 2.5 and math.isnan(std)
     mean, std = mean_std([-inf, 2.0])
     assert mean == -inf and math.isnan(std)
     assert all(math.isnan(v) for v in mean_std([inf, -inf])) and all(math.isnan(v) for v in mean_std([None]))
@@ -430,6 +433,9 @@ def test_the_likelihood_check_scores_the_tuples_the_evaluation_scores(tiny_root,
     seen = []
     monkeypatch.setattr(evaluation, "log_likelihood",
                         lambda model, x, num_samples, generator: seen.append(x) or torch.zeros(len(x[0])))
+    for bad in ((12.7, 1000), (True, 2), (2, float("inf"))):  # (12.7 ran as 12)
+        with pytest.raises(ValueError, match="samples must be whole numbers"):
+            likelihood_convergence(folder, samples=bad, examples=4)
     likelihood_convergence(folder, samples=(1, 2), examples=4)
     config, _ = load_run(folder / "helvae-beta1.0-seed0")
     test = load_dataset(config, "test")
