@@ -533,6 +533,8 @@ class MultimodalVAE(nn.Module):
         """Loss and its terms for a batch ``x`` (a tensor per modality, or stacked ``(B, M, ...)``) with present
         modalities ``(M, B)`` (default all); the KL term weighted by ``beta * kl_weight`` (a warm-up's
         ``kl_weight < 1``; in the multi-sample objectives, the weight of ``log p(z) - log q(z | X)``)."""
+        if isinstance(kl_weight, bool) or not isinstance(kl_weight, numbers.Real) or not 0 <= kl_weight < math.inf:
+            raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
         x = self._modalities(x)
         present = self._everything(x) if present is None else self.checked_mask(x, present)
         # an absent modality's input is no data: zeros stand in for it before the encoders, so that a NaN placeholder

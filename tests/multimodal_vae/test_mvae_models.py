@@ -101,6 +101,9 @@ def test_present_masks_are_checked():
         model(x, torch.ones(3, 6, dtype=torch.long))
     with pytest.raises(ValueError, match=r"boolean tensor of shape \(3, 6\).*shape \(6, 3\)"):
         model(x, torch.ones(6, 3, dtype=torch.bool))
+    for bad in (-0.5, math.nan, math.inf, True):  # (a negative or NaN weight flipped or poisoned beta silently)
+        with pytest.raises(ValueError, match=f"kl_weight must be a finite number >= 0, got {bad!r}"):
+            model(x, kl_weight=bad)
 
 
 @pytest.mark.parametrize("option, value", [("beta", math.nan), ("beta", math.inf), ("beta", -1.0), ("beta", 0.0),
