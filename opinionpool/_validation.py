@@ -17,8 +17,8 @@ import torch
 __all__ = [
     "set_validate_args", "validation_enabled", "checks_enabled", "describe", "all_finite", "check_finite", "check_positive",
     "check_in_open_unit_interval", "check_probabilities", "check_log_probabilities", "check_weights",
-    "check_weights_length", "check_real", "check_alpha", "check_num_samples", "check_positive_int", "check_seed",
-    "real_tensor",
+    "check_weights_length", "check_real", "check_alpha", "check_num_samples", "check_positive_int", "check_sample_shape",
+    "check_seed", "real_tensor",
 ]
 
 _VALIDATE = True
@@ -184,6 +184,18 @@ def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def check_sample_shape(sample_shape) -> torch.Size:
+    """``torch.Size(sample_shape)``, whose sizes must be non-negative integers: ``torch.Size`` takes -1, and a
+    negative count failed inside the sampler ("cannot sample n_sample <= 0 samples") without naming the argument."""
+    try:
+        shape = torch.Size(sample_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"sample_shape must be a sequence of non-negative integers, got {sample_shape!r}") from None
+    if any(size < 0 for size in shape):
+        raise ValueError(f"sample_shape must be a sequence of non-negative integers, got {sample_shape!r}")
+    return shape
 
 
 def real_tensor(name: str, value, *, dtype=None, device=None) -> torch.Tensor:

@@ -36,6 +36,7 @@ from ._validation import (
     check_alpha,
     check_finite,
     check_positive_int,
+    check_sample_shape,
     check_weights,
     check_weights_length,
     describe,
@@ -203,11 +204,14 @@ class _DiagonalMixture(_MixtureParameters):
 
     def sample(self, sample_shape=(), generator: torch.Generator | None = None) -> torch.Tensor:
         """Reparameterised within the chosen component: ``sample_shape + batch + (D,)``."""
-        sample_shape = torch.Size(sample_shape)
+        sample_shape = check_sample_shape(sample_shape)
         batch, (k, d) = self.log_weights.shape[:-1], self.loc.shape[-2:]
-        count = max(sample_shape.numel(), 1)
+        count = sample_shape.numel()
         probs = torch.softmax(self.log_weights.detach(), -1).reshape(-1, k)
-        index = torch.multinomial(probs, count, replacement=True, generator=generator)  # (prod(batch), S)
+        if count:  # (multinomial refuses no draws: sample((0,)) failed in the reshape below)
+            index = torch.multinomial(probs, count, replacement=True, generator=generator)  # (prod(batch), S)
+        else:
+            index = torch.zeros(probs.shape[0], 0, dtype=torch.long, device=probs.device)
         index = index.T.reshape(sample_shape + batch)
         gather = index.unsqueeze(-1).unsqueeze(-1).expand(sample_shape + batch + (1, d))
         loc = self.loc.expand(sample_shape + self.loc.shape).gather(-2, gather).squeeze(-2)

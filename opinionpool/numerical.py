@@ -43,7 +43,8 @@ from ._validation import check_alpha, check_seed
 from .families import ExponentialFamily, MultivariateNormalFamily
 
 __all__ = [
-    "Estimate", "PoolEstimate", "Envelope", "log_power_mean", "METHODS", "DEFAULT_RTOL", "MAX_GRID_DIM", "MAX_ENUMERATED",
+    "Estimate", "PoolEstimate", "Envelope", "log_power_mean", "METHODS", "DEFAULT_RTOL", "MIN_RTOL", "MAX_GRID_DIM",
+    "MAX_ENUMERATED",
     "quadrature_log_mass", "quadrature_entropy", "check_other_log_prob", "QUADRATURE_RANGE", "QUADRATURE_MIN_RELATIVE_SD",
     "check_quadrature_range",
 ]
@@ -243,14 +244,21 @@ def check_method(family: ExponentialFamily, method: str) -> str:
     return method
 
 
+#: the smallest relative tolerance the adaptive quadrature takes: below, float64's rounding (1.1e-16 a step) keeps
+#: its rules' differences from falling under it, and the refinement ran to its cap (seconds for a 1-D pool) to
+#: return the error that 1e-15 gives
+MIN_RTOL = 1e-15
+
+
 def check_rtol(rtol) -> float:
-    """A relative tolerance: a real number in (0, 1)."""
+    """A relative tolerance: a real number in [``MIN_RTOL``, 1)."""
     try:
         value = float(rtol)
     except (TypeError, ValueError):
-        raise ValueError(f"rtol must be a real number in (0, 1), got {rtol!r}") from None
-    if isinstance(rtol, bool) or not 0 < value < 1:
-        raise ValueError(f"rtol must be a real number in (0, 1), got {rtol!r}")
+        raise ValueError(f"rtol must be a real number in [{MIN_RTOL:g}, 1), got {rtol!r}") from None
+    if isinstance(rtol, bool) or not MIN_RTOL <= value < 1:
+        raise ValueError(f"rtol must be a real number in [{MIN_RTOL:g}, 1) (below, float64's rounding keeps the "
+                         f"quadrature from reaching it), got {rtol!r}")
     return value
 
 

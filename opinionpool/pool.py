@@ -51,6 +51,7 @@ from ._validation import (
     check_num_samples,
     check_positive_int,
     check_real,
+    check_sample_shape,
     check_seed,
     check_weights,
     describe,
@@ -1208,11 +1209,11 @@ class HolderPool(_Pool):
         For ``alpha = 0`` (one component) this is the full reparameterisation gradient; for a mixture the gradient
         of an expectation is biased (the weights' path is missing, and they depend on the experts' parameters), so
         ``has_rsample`` is False there."""
-        sample_shape = torch.Size(sample_shape)
+        sample_shape = check_sample_shape(sample_shape)
         if sample_shape.numel() == 0:  # as sample() (the categorical draw refuses no samples)
             return self.component_params.new_empty(sample_shape + self.batch_shape + self.event_shape)
         shape = sample_shape + self.batch_shape
-        index = Categorical(logits=self.log_mixture_weights.detach()).sample(torch.Size(sample_shape))
+        index = Categorical(logits=self.log_mixture_weights.detach()).sample(sample_shape)
         params = self.component_params
         param_dims = len(self.family.param_shape)
         params = params.expand(shape + params.shape[len(self.batch_shape):])
@@ -1265,7 +1266,7 @@ class HolderPool(_Pool):
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         """Samples ``sample_shape + batch_shape + event_shape``: a component index, then that component."""
-        sample_shape = torch.Size(sample_shape)
+        sample_shape = check_sample_shape(sample_shape)
         if sample_shape.numel() == 0:  # as torch.distributions do (the categorical draw refuses no samples)
             return self.component_params.new_empty(sample_shape + self.batch_shape + self.event_shape)
         index = Categorical(logits=self.log_mixture_weights).sample(sample_shape)
@@ -1406,7 +1407,7 @@ class NumericalHolderPool(_Pool):
     def sample(self, sample_shape=torch.Size(), seed: int | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Exact samples ``sample_shape + batch_shape + event_shape``."""
-        sample_shape = torch.Size(sample_shape)
+        sample_shape = check_sample_shape(sample_shape)
         count = sample_shape.numel()
         params = self.experts.params
         if count == 0:  # as torch.distributions do

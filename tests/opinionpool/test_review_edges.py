@@ -348,3 +348,24 @@ def test_a_von_mises_of_concentration_zero_samples_the_uniform_distribution():
     pool = op.holder(Experts(VonMisesFamily(), torch.tensor([[2.0, 0.0], [-2.0, 0.0]], dtype=torch.float64)), 0.0)
     assert pool.sample(torch.Size([5])).shape == (5,)
     assert float(pool.moment_match().concentration) == torch.finfo(torch.float64).tiny
+
+
+def test_an_unreachable_quadrature_tolerance_and_a_negative_sample_count_are_refused():
+    """rtol = 1e-20 ran the refinement to its cap (seconds) and returned the error 1e-15 gives; sample((-1,))
+    failed inside torch ("cannot sample n_sample <= 0 samples") without naming sample_shape."""
+    from opinionpool.numerical import MIN_RTOL
+
+    experts = Normal(torch.tensor([0.0, 2.0, 5.0]), torch.tensor([1.0, 0.5, 3.0]))
+    pool = op.holder(experts, alpha=-0.7, weights=[0.2, 0.3, 0.5])
+    for bad in (1e-20, 2e-16):
+        with pytest.raises(ValueError, match=r"rtol must be a real number in \[1e-15, 1\)"):
+            pool.estimate(rtol=bad)
+    assert float(pool.estimate(rtol=MIN_RTOL).log_normalizer.error) < 1e-11
+    exact = op.holder(experts, alpha=0.5)
+    for distribution in (pool, exact, op.functional.GaussianMixture(torch.zeros(2), torch.zeros(2, 1),
+                                                                             torch.zeros(2, 1))):
+        with pytest.raises(ValueError, match=r"sample_shape must be a sequence of non-negative integers, got \(-1,\)"):
+            distribution.sample((-1,))
+        assert distribution.sample((0,)).shape[0] == 0
+    with pytest.raises(ValueError, match="sample_shape must be a sequence of non-negative integers"):
+        exact.rsample((2, -3))
