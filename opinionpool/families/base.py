@@ -73,6 +73,9 @@ class ExponentialFamily:
     #: whether z is an angle (mean and variance are then the circular ones, derived from E[T(z)] by
     #: ``moments_from_statistic``)
     circular = False
+    #: whether the natural parameters are defined up to a common shift, ``A(eta + c) = A(eta) + c s`` with ``s`` the
+    #: sum of the mean parameters (log-probabilities): the log-normaliser has no curvature along the shift
+    shift_invariant = False
 
     def __init__(self, event_shape=(), param_shape=(1,)):
         self.event_shape = torch.Size(event_shape)

@@ -43,7 +43,25 @@ def bregman_divergence(family, eta_p: torch.Tensor, eta_q: torch.Tensor) -> torc
 
 def _bregman_value(family, eta_p: torch.Tensor, eta_q: torch.Tensor, strict: bool = True):
     """The divergence (no graph) and where it took the remainder form; where neither form is accurate, a
-    ``ValueError`` if ``strict``, else the direct form."""
+    ``ValueError`` if ``strict``, else the direct form. ``shift_invariant`` families retry such rows with the shift
+    taken out of ``eta_q`` (only there: elsewhere the shift's own rounding would cost digits of nearly equal
+    experts)."""
+    value, short, lost = _both_forms(family, eta_p, eta_q)
+    if family.shift_invariant and bool(lost.any()):
+        shifted, shifted_short, still_lost = _both_forms(family, eta_p, _without_shift(family, eta_p, eta_q))
+        value, short = torch.where(lost, shifted, value), torch.where(lost, shifted_short, short)
+        lost = lost & still_lost
+    if strict and bool(lost.any()):
+        raise ValueError(f"{family.name} KL divergence: neither form is accurate in {value.dtype} for these "
+                         "experts (the direct form cancels, and the curvature of the log-normaliser overflows, "
+                         "underflows or changes too much along the path for the remainder's rule) "
+                         f"(first natural parameter of p: {describe(eta_p[..., 0], lost)})")
+    return value, short
+
+
+def _both_forms(family, eta_p: torch.Tensor, eta_q: torch.Tensor):
+    """The divergence by the direct form or, where that cancels, the remainder form, where it took the remainder
+    form, and where neither is accurate (the direct form there)."""
     # a category p gives probability zero (eta_p = -inf, mean parameter 0) adds nothing to the linear term: inf * 0
     # would be NaN (and -inf - -inf for KL(p || p)); where only q gives it zero, delta stays -inf (KL = inf)
     delta = torch.where(torch.isneginf(eta_p), 0, eta_q - eta_p)
@@ -54,7 +72,7 @@ def _bregman_value(family, eta_p: torch.Tensor, eta_q: torch.Tensor, strict: boo
         direct, scale = torch.where(better, split, direct), torch.where(better, split_scale, scale)
     cancelled = direct.abs() < _CANCELLATION * scale
     if not bool(cancelled.any()):
-        return direct, cancelled
+        return direct, cancelled, cancelled
     remainder, error, underflowed = _taylor_remainder(family, eta_p, delta)
     rounding = torch.finfo(direct.dtype).eps * scale
     # the remainder where its rule has converged to better than the direct form's rounding; not where the
@@ -63,12 +81,19 @@ def _bregman_value(family, eta_p: torch.Tensor, eta_q: torch.Tensor, strict: boo
     # elsewhere the direct form serves where it is a million times its rounding (six digits), and nowhere else: a KL
     # of 5e-21 between concentrations 1e-200 and 1.0000000001e-200 came out -4e-14
     lost = cancelled & ~short & (direct.abs() < 1e6 * rounding)
-    if strict and bool(lost.any()):
-        raise ValueError(f"{family.name} KL divergence: neither form is accurate in {direct.dtype} for these "
-                         "experts (the direct form cancels, and the curvature of the log-normaliser overflows, "
-                         "underflows or changes too much along the path for the remainder's rule) "
-                         f"(first natural parameter of p: {describe(eta_p[..., 0], lost)})")
-    return torch.where(short, remainder, direct), short
+    return torch.where(short, remainder, direct), short, lost
+
+
+def _without_shift(family, eta_p, eta_q):
+    """``eta_q`` less the common shift of its difference from ``eta_p`` (``shift_invariant`` families, whose divergence
+    it does not change): the mean difference under ``p``. Along the shift the log-normaliser has no curvature, so the
+    remainder form of a difference that is (nearly) a shift read as underflowed, and the divergence of two
+    representatives of one distribution (logits 0 and 5 for both categories) raised instead of giving 0."""
+    mean_p = family.mean_parameters(eta_p)
+    difference = torch.where(torch.isneginf(eta_p), 0, eta_q - eta_p)
+    shift = (difference * mean_p).sum(-1, keepdim=True) / mean_p.sum(-1, keepdim=True)
+    # (q ruling out a category p gives mass: KL = inf, which no shift changes)
+    return eta_q - torch.where(torch.isfinite(shift), shift, 0)
 
 
 def _direct_form(family, eta_p, eta_q, delta):

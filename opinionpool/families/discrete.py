@@ -33,6 +33,8 @@ class _LogProbabilityFamily(ExponentialFamily):
     Binomial through ``(log(1 - p), log p)``): the mean parameters are (multiples of) the probabilities, and moment
     matching mixes them in log space."""
 
+    shift_invariant = True
+
     def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
         # the representative with logsumexp(eta) = 0; a zero mean parameter (probability 0) gives an exact -inf
         return safe_log(mean_params / mean_params.sum(-1, keepdim=True))

@@ -1,5 +1,6 @@
 """Affinities and divergences against quadrature, with unequal scales and both argument orders."""
 
+import functools
 import math
 
 import numpy as np
@@ -398,3 +399,47 @@ def test_a_chernoff_coefficient_beyond_float64_is_not_called_divergent_only():
     f64 = torch.float64
     with pytest.raises(ValueError, match="diverges for these Poisson experts, or its value overflows"):
         op.log_chernoff_coefficient(Poisson(torch.tensor(1e-300, dtype=f64)), Poisson(torch.tensor(1.0, dtype=f64)), -2.0)
+
+
+def _log_sum_of_powers(p, q, a):
+    """log sum_z p(z)^a q(z)^(1 - a) over a finite support, term by term (0^a = 0 for a > 0)."""
+    p, q = np.asarray(p, dtype=float), np.asarray(q, dtype=float)
+    with np.errstate(divide="ignore"):
+        terms = np.where(p > 0, p ** a * q ** (1 - a), 0.0)
+    return math.log(terms.sum())
+
+
+def _binomial_pmf(n, p):
+    return stats.binom(n, p).pmf(np.arange(n + 1))
+
+
+def test_log_probability_experts_that_differ_by_a_shift_have_divergence_zero():
+    """Categorical, Bernoulli and Binomial natural parameters are log-probabilities up to a common shift, along
+    which the log-normaliser has no curvature: KL between two representatives of one distribution (logits 0 and 5)
+    raised "neither form is accurate", and so did Chernoff and Rényi orders above 1 where an expert has a
+    probability of zero (the member r at the combined parameters is then a shift of p on p's support). Against exact
+    sums."""
+    from torch.distributions import Bernoulli, Binomial, Categorical
+
+    t = functools.partial(torch.tensor, dtype=torch.float64)
+    inf = math.inf
+    for p, q in (([0.0, 0.0], [5.0, 5.0]), ([-inf, 0.0, 1.0], [-inf, 3.0, 4.0]), ([0.5, 0.0, 1.0], [3.5, 3.0, 4.0])):
+        assert float(op.kl_divergence(Categorical(logits=t(p)), Categorical(logits=t(q)))) == 0.0
+    p, q = [0.0, 0.5, 0.5], [0.2, 0.4, 0.4]
+    for a in (1.5, 2.0, 3.0):
+        log_c = op.log_chernoff_coefficient(Categorical(probs=t(p)), Categorical(probs=t(q)), a)
+        assert float(log_c) == pytest.approx(_log_sum_of_powers(p, q, a), rel=1e-14, abs=1e-15)
+        renyi = op.renyi_divergence(Categorical(probs=t(p)), Categorical(probs=t(q)), a)
+        assert float(renyi) == pytest.approx(_log_sum_of_powers(p, q, a) / (a - 1), rel=1e-14)
+    for probability in (0.0, 1.0):
+        bernoulli = op.log_chernoff_coefficient(Bernoulli(probs=t(probability)), Bernoulli(probs=t(0.3)), 1.5)
+        exact = _log_sum_of_powers([1 - probability, probability], [0.7, 0.3], 1.5)
+        assert float(bernoulli) == pytest.approx(exact, rel=1e-14)
+        binomial = op.log_chernoff_coefficient(Binomial(5, probs=t(probability)), Binomial(5, probs=t(0.3)), 1.5)
+        exact = _log_sum_of_powers(_binomial_pmf(5, probability), _binomial_pmf(5, 0.3), 1.5)
+        assert float(binomial) == pytest.approx(exact, rel=1e-13)
+    # the gradient is the same as before the shift was taken out (it has no component along the shift)
+    logits_p = t([0.5, 0.0, 1.0]).requires_grad_(True)
+    logits_q = t([3.5, 3.0, 4.1]).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, y: op.kl_divergence(Categorical(logits=x), Categorical(logits=y)),
+                                    (logits_p, logits_q))
