@@ -168,8 +168,10 @@ class _MixtureParameters(NamedTuple):
 
 
 class _DiagonalMixture(_MixtureParameters):
-    """What mixtures of diagonal location-scale components share: ``log_weights (..., K)``, each component's
-    ``loc`` and log-variance ``logvar`` ``(..., K, D)``, the density by log-sum-exp over components, the
+    """What mixtures of diagonal location-scale components share: ``log_weights (..., K)`` (normalised: log-sum-exp
+    0 over the components, as every function here returns them; from logits, ``torch.log_softmax(logits, -1)``:
+    the density, moments and bounds take them as given, while ``sample`` and ``to_distribution`` normalise), each
+    component's ``loc`` and log-variance ``logvar`` ``(..., K, D)``, the density by log-sum-exp over components, the
     moment-matched Gaussian (which needs only the components' means and variances) and reparameterised draws
     (``loc + exp(logvar / 2) * noise`` with the family's unit-variance noise). Components with weight zero
     (``log_weights = -inf``, e.g. masked experts) are never sampled and add nothing to the density. A family
@@ -320,6 +322,14 @@ def _layout(mu, logvar, dim):
     return axis, mu.shape[axis]
 
 
+def _check_some_experts(mu, dim, num_experts, prior_expert) -> None:
+    """Raises where ``mu`` has no experts along ``dim`` and no prior expert is added: a barycentre of none was a
+    point mass, a pairwise mass NaN, the other pools failed inside torch."""
+    if not num_experts and not prior_expert:
+        raise ValueError(f"mu has no experts along dim={dim} (shape {tuple(mu.shape)}): pool at least one, or pass "
+                         "prior_expert=True to pool the prior alone")
+
+
 #: what the entries of ``weights`` stand for, without and with ``prior_expert``
 _WEIGHT_ENTRIES = {False: "one per expert", True: "one per expert, then the prior expert's"}
 
@@ -337,6 +347,7 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate,
     ``prior_logvar``) appended: ``(mu, logvar, mask, M)``. With ``validate``, a sample without a present expert is
     an error ending with ``empty_hint`` (``None``: such samples are allowed)."""
     dim, num_experts = _layout(mu, logvar, dim)
+    _check_some_experts(mu, dim, num_experts, prior_expert)
     if weights is not None:
         weights = real_tensor("weights", weights)
         # shapes only, before any work, whether or not values are checked
@@ -417,7 +428,9 @@ def _holder_setup(mu, logvar, alpha, dim, weights, mask, prior_expert, max_compo
     order = exact_order(alpha)
     if order is None:
         raise NotImplementedError(f"alpha={alpha!r} has no closed form (exact for alpha = 0 and 1/n only)")
-    check_max_components(alpha, order, _layout(mu, logvar, dim)[1] + (1 if prior_expert else 0), max_components)
+    num_experts = _layout(mu, logvar, dim)[1]
+    _check_some_experts(mu, dim, num_experts, prior_expert)
+    check_max_components(alpha, order, num_experts + (1 if prior_expert else 0), max_components)
     mu, logvar, mask, m = _prepare(mu, logvar, dim, weights, mask, prior_expert, validate)
     return order, mu, logvar, _log_weights(weights, m, mask, mu)
 
@@ -677,6 +690,10 @@ def subset_mixture(aggregator, mu, logvar, *, dim=0, mask=None, subsets=None, pr
                          f"of shape {tuple(subsets.shape)}")
     _check_subset_count(f"subsets of shape {tuple(subsets.shape)}", subsets.shape[0], max_subsets)
     k = subsets.shape[0]
+    if weights is not None and weights.dim() > mu.dim():  # (the subsets' axis stands in for the experts' in mu)
+        raise ValueError(f"weights of shape {tuple(weights.shape)} have batch axes beyond the experts' "
+                         f"{tuple(mu.shape[:-2])}: subset_mixture takes weights per expert (M,), per sample "
+                         f"(B, 1, M) or per subset (K, M), with no axes beyond mu's batch; give mu the extra axis")
     if weights is not None and weights.dim() >= 2 and weights.shape[-2] not in (1, k):
         raise ValueError(f"weights of shape {tuple(weights.shape)} do not broadcast against the {k} subsets' pools "
                          f"(their batch shape ends with the subset axis): per-sample weights are (B, 1, "

@@ -369,3 +369,25 @@ def test_an_unreachable_quadrature_tolerance_and_a_negative_sample_count_are_ref
         assert distribution.sample((0,)).shape[0] == 0
     with pytest.raises(ValueError, match="sample_shape must be a sequence of non-negative integers"):
         exact.rsample((2, -3))
+
+
+def test_no_experts_and_weights_beyond_the_batch_are_refused_by_name():
+    """Zero experts along dim gave a point mass (barycentre), NaN (pairwise mass) or unrelated errors; weights with
+    an axis beyond the experts' batch failed inside subset_mixture's indexing (or blamed a mask nobody passed)."""
+    import opinionpool.functional as opf
+
+    none = torch.zeros(0, 2, 2)
+    for pool in (opf.poe, opf.moe, opf.hellinger, opf.wasserstein_barycenter, opf.hellinger_pairwise_mass,
+                 lambda m, v: opf.holder(m, v, 1 / 3), lambda m, v: opf.subset_mixture(opf.poe, m, v)):
+        with pytest.raises(ValueError, match=r"mu has no experts along dim=0 \(shape \(0, 2, 2\)\)"):
+            pool(none, none)
+    prior_only = opf.poe(none, none, prior_expert=True)  # the prior alone is a pool
+    assert torch.equal(prior_only[0], torch.zeros(2, 2)) and torch.equal(prior_only[1], torch.zeros(2, 2))
+    mu, logvar = torch.randn(3, 2, 2), torch.randn(3, 2, 2)
+    weights = torch.rand(4, 2, 1, 3) + 0.1
+    for aggregator in (opf.poe, opf.hellinger, lambda m, v, **k: opf.holder(m, v, 1 / 3, **k)):
+        with pytest.raises(ValueError, match=r"weights of shape \(4, 2, 1, 3\) have batch axes beyond the experts' "
+                                             r"\(2,\)"):
+            opf.subset_mixture(aggregator, mu, logvar, weights=weights)
+    per_sample = opf.subset_mixture(opf.poe, mu, logvar, weights=weights[0])  # (B, 1, M) still works
+    assert per_sample.loc.shape == (2, 7, 2)
