@@ -49,6 +49,7 @@ from typing import NamedTuple
 import torch
 import torch.utils._python_dispatch
 
+from ._autograd import first_order_only, second_order_requested
 from ._chunks import by_rows, flat, unflat
 from .families.gaussian import gaussian_mixture_moments
 
@@ -499,7 +500,7 @@ class _PairComponents(torch.autograd.Function):
         ctx.save_for_backward(x, logvar, mu)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("the Hellinger pool's pair components")
     def backward(ctx, d_neg_log_s, d_loc, d_lv):
         x, logvar, mu = ctx.saved_tensors
         partners = ctx.partners
@@ -648,8 +649,14 @@ class _HellingerMoments(torch.autograd.Function):
         ctx.save_for_backward(mu, logvar, log_w, offset, logvar_out, pi)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_mean, grad_logvar, _grad_offset, _grad_pi):
+        if second_order_requested(grad_mean, grad_logvar):
+            return (*_differentiable_gradients(ctx, grad_mean, grad_logvar), None, None)
+        return _HellingerMoments.analytic_backward(ctx, grad_mean, grad_logvar)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def analytic_backward(ctx, grad_mean, grad_logvar):
         mu, logvar, log_w, offset, logvar_out, pi = ctx.saved_tensors
         grad_mean, grad_logvar = grad_mean.contiguous(), grad_logvar.contiguous()
         tensors = (mu, logvar, log_w, offset, logvar_out, pi, grad_mean, grad_logvar)
@@ -664,6 +671,43 @@ class _HellingerMoments(torch.autograd.Function):
         else:
             grads = _by_rows(_backward, batch, tensors, ctx.partners)
         return (*grads, None, None)
+
+
+def _plain_mixture_moments(mu, logvar, log_w):
+    """``_mixture_moments`` from ordinary differentiable operations (no ``_PairComponents``), its pairs' terms in the
+    direct form: ``log S_ij = -sum_d [Delta^2 / (4 u) + (log u - log 2 - (log v_i + log v_j) / 2) / 2]``, mean
+    ``x_i + (v_i / u) Delta``, log-variance ``log 2 + log v_i + log v_j - log u``, ``log u`` by log-sum-exp."""
+    x, mu_ref = _reference(mu, log_w)
+    first, second = (torch.tensor(index, dtype=torch.long, device=mu.device) for index in zip(*pairs_of(mu.shape[-2])))
+    delta = x[..., second, :] - x[..., first, :]
+    lv_i, lv_j = logvar[..., first, :], logvar[..., second, :]
+    log_u = torch.logaddexp(lv_i, lv_j)
+    neg_log_s = (delta**2 / (4 * log_u.exp()) + 0.5 * (log_u - _LOG2 - 0.5 * (lv_i + lv_j))).sum(-1)
+    pair_loc = x[..., first, :] + torch.exp(lv_i - log_u) * delta
+    pair_logvar = _LOG2 + lv_i + lv_j - log_u
+    logits = torch.cat((2 * log_w, _LOG2 + log_w[..., first] + log_w[..., second] - neg_log_s), -1)
+    mean, pooled_logvar = gaussian_mixture_moments(torch.log_softmax(logits, -1), torch.cat((x, pair_loc), -2),
+                                                   torch.cat((logvar, pair_logvar), -2), 1)
+    return mu_ref + mean, pooled_logvar
+
+
+def _differentiable_gradients(ctx, grad_mean, grad_logvar):
+    """The gradients of ``_HellingerMoments`` with a graph (``create_graph=True``: Hessians, gradient penalties),
+    from the pool's mixture written out (``_mixture_moments``, ordinary differentiable operations) recomputed from
+    the saved inputs: the analytic backward is not itself differentiable. Slower; the same values."""
+    mu, logvar, log_w = ctx.saved_tensors[:3]
+    inputs = [(k, t) for k, t in enumerate((mu, logvar, log_w)) if ctx.needs_input_grad[k]]
+    with torch.enable_grad():
+        if mu.shape[-2] == 1:  # one expert: the pool is that expert, whatever its weight
+            outputs = mu[..., 0, :], logvar[..., 0, :]
+        else:
+            outputs = _plain_mixture_moments(mu, logvar, log_w)
+        found = torch.autograd.grad(outputs, [t for _, t in inputs], (grad_mean, grad_logvar), create_graph=True,
+                                    allow_unused=True, materialize_grads=True)
+    grads = [None, None, None]
+    for (k, _), grad in zip(inputs, found):
+        grads[k] = grad
+    return grads
 
 
 def standing_in(mu: torch.Tensor, logvar: torch.Tensor, present: torch.Tensor):

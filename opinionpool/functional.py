@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 from torch.distributions import Categorical, Independent, Laplace, MixtureSameFamily, Normal
 
+from ._autograd import first_order_only
 from ._chunks import by_rows
 from ._hellinger import (
     hellinger_moments,
@@ -971,7 +972,7 @@ class _SubsetMoments(torch.autograd.Function):
         ctx.save_for_backward(pi, loc_c, var_c, clamped, mean, logvar_out, shift, scale)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("subset_mixture of the Hellinger pool (its shared components)")
     def backward(ctx, g_mean, g_lv, *_):
         pi, loc_c, var_c, clamped, mean, logvar_out, shift, scale = ctx.saved_tensors
         g_mean, g_lv = _incoming(g_mean, g_lv, mean)
@@ -1102,7 +1103,7 @@ class _SubsetSums(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("subset_mixture of products of experts (its shared sums)")
     def backward(ctx, g_mean, g_lv, *_):
         x, reference, mean, wn, w_top, p, clamped = ctx.saved_tensors
         g_mean, g_lv = _incoming(g_mean, g_lv, mean)

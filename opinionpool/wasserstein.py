@@ -11,9 +11,9 @@ Full covariances use the Álvarez-Esteban et al. (2016) iteration
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.distributions import Independent, MultivariateNormal, Normal
 
+from ._autograd import first_order_only
 from ._validation import check_positive_int, check_real, check_weights, describe, validation_enabled
 from .experts import as_experts
 from .families import DiagonalNormalFamily, MultivariateNormalFamily, NormalFamily
@@ -37,7 +37,7 @@ class _PSDSquareRoot(torch.autograd.Function):
         return (vectors * roots.unsqueeze(-2)) @ vectors.transpose(-1, -2)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("the Wasserstein barycentre's matrix square root")
     def backward(ctx, grad):
         roots, vectors = ctx.saved_tensors
         inner = vectors.transpose(-1, -2) @ (0.5 * (grad + grad.transpose(-1, -2))) @ vectors

@@ -489,3 +489,46 @@ def test_subset_mixtures_keep_an_expert_of_tiny_weight_and_huge_variance(small):
         got_mean, got_lv = mixture.loc[0, k, 0].item(), mixture.logvar[0, k, 0].item()
         assert abs(got_lv - want_lv) <= 1e-12 * (1 + abs(want_lv)), (row.tolist(), got_lv, want_lv)
         assert abs(got_mean - want_mean) <= 1e-12 * (1 + abs(want_mean)), (row.tolist(), got_mean, want_mean)
+
+
+def test_second_derivatives_through_the_pool_are_right_or_refused():
+    """The analytic backward passes are not differentiable, and ``once_differentiable`` alone handed back gradients
+    without a graph under ``create_graph=True``: the Hessian of an alpha = 1/2 pool's mean came out zero. The
+    alpha = 1/2 pool now differentiates its mixture written out there (against central differences of its first
+    gradient; gradgradcheck with weights, a mask, M = 2, eager and fused); the other analytic backward passes raise."""
+    from torch.distributions import Normal
+
+    import opinionpool
+    from opinionpool.wasserstein import covariance_barycenter
+
+    log_scale, weights = torch.tensor([0.0, -1.0, 0.5]), torch.tensor([0.2, 0.5, 0.3])
+    loc = torch.tensor([0.0, 2.0, -1.0])
+    for moment in ("mean", "variance"):
+        def pooled(at, moment=moment):
+            return getattr(opinionpool.holder(Normal(at, log_scale.exp()), alpha=0.5, weights=weights), moment)
+
+        def first(at):
+            at = at.clone().requires_grad_(True)
+            return torch.autograd.grad(pooled(at), at)[0]
+
+        hessian = torch.autograd.functional.hessian(pooled, loc)
+        central = torch.stack([(first(loc + 1e-5 * e) - first(loc - 1e-5 * e)) / 2e-5 for e in torch.eye(3)])
+        assert hessian.abs().max() > 0.01
+        torch.testing.assert_close(hessian, central, rtol=0, atol=1e-8)
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = (torch.randn(3, 2, 4, generator=g).requires_grad_(True) for _ in range(2))
+    w = (torch.rand(2, 3, generator=g) + 0.2).requires_grad_(True)
+    mask = torch.tensor([[True, False], [True, True], [True, True]])
+    assert torch.autograd.gradgradcheck(lambda a, b, c: opf.hellinger(a, b, weights=c, mask=mask), (mu, logvar, w))
+    assert torch.autograd.gradgradcheck(lambda a, b: opf.hellinger(a[:2], b[:2], fused=True), (mu, logvar))
+    assert torch.autograd.gradgradcheck(lambda a, b: opf.hellinger(a[:1], b[:1]), (mu, logvar))
+    factor = torch.randn(3, 2, 2, generator=g, dtype=torch.float64)
+    covariances = (factor @ factor.transpose(-1, -2) + torch.eye(2)).requires_grad_(True)
+    for refused, leaf in ((lambda: opf.subset_mixture(opf.poe, mu, logvar).loc, mu),
+                          (lambda: opf.subset_mixture(opf.hellinger, mu, logvar).loc, mu),
+                          (lambda: covariance_barycenter(covariances, torch.ones(3) / 3), covariances)):
+        with pytest.raises(RuntimeError, match="has no second derivative here"):
+            torch.autograd.grad(refused().sum(), leaf, create_graph=True)
+    # first derivatives under torch.func take the analytic passes, as before
+    grad = torch.func.grad(lambda a: opf.hellinger(a, logvar.detach())[0].sum())(mu.detach())
+    torch.testing.assert_close(grad, torch.autograd.grad(opf.hellinger(mu, logvar)[0].sum(), mu)[0])
