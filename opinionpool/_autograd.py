@@ -18,9 +18,10 @@ __all__ = ["first_order_only", "second_order_requested"]
 def second_order_requested(*grads) -> bool:
     """Whether the running backward pass records a graph for a second derivative (``create_graph=True``) in plain
     autograd. Under ``torch.func`` transforms (wrapped incoming gradients) the grad mode is on for first
-    derivatives too, so they are not counted."""
-    wrapped = any(g is not None and torch._C._functorch.is_functorch_wrapped_tensor(g) for g in grads)
-    return torch.is_grad_enabled() and not wrapped
+    derivatives too, so they are not counted, nor is a backward pass ``torch.compile`` traces."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return False
+    return not any(g is not None and torch._C._functorch.is_functorch_wrapped_tensor(g) for g in grads)
 
 
 def first_order_only(what: str):
