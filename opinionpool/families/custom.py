@@ -9,6 +9,7 @@ their inverse from the damped Newton solve of the base class. Experts of such a 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -45,7 +46,10 @@ class CustomFamily(ExponentialFamily):
                  mean: Callable | None = None, variance: Callable | None = None,
                  sampler: Callable | None = None, support_interval: tuple[float, float] | None = None,
                  name: str = "custom exponential family", base_measure_natural: Sequence[float] | None = None):
-        super().__init__(event_shape=event_shape, param_shape=(num_params,))
+        if isinstance(num_params, bool) or not isinstance(num_params, numbers.Integral) or num_params < 1:
+            raise ValueError(f"num_params must be a positive integer (the length of the natural parameter vector), "
+                             f"got {num_params!r}")
+        super().__init__(event_shape=event_shape, param_shape=(int(num_params),))
         self._log_normalizer = log_normalizer
         self._sufficient_statistic = sufficient_statistic
         self._log_base_measure = log_base_measure
@@ -166,6 +170,10 @@ class ExponentialFamilyDistribution(Distribution):
     has_rsample = False
 
     def __init__(self, family: ExponentialFamily, params: torch.Tensor, validate_args=None):
+        if not (isinstance(params, torch.Tensor) and params.is_floating_point()):  # (integer parameters made
+            # log_prob round the values it was asked about: 0.5 was read as 0)
+            raise ValueError(f"params must be a floating-point tensor, got "
+                             f"{params.dtype if isinstance(params, torch.Tensor) else type(params).__name__}")
         self.family = family
         self.params = params
         n = len(family.param_shape)

@@ -89,3 +89,22 @@ def test_custom_family_errors():
         pool.variance
     with pytest.raises(NotImplementedError, match="no `sampler`"):
         pool.sample()
+
+
+def test_num_params_and_integer_parameters_are_refused_by_name():
+    """num_params = 0 built a family, -1 and 1.5 failed later in torch; an expert of integer parameters rounded the
+    values log_prob was asked about (an Exponential(1) density at 0.5 came out exp(0), read at 0)."""
+    import math
+
+    def family(num_params):
+        return CustomFamily(lambda e: -torch.log(-e[..., 0]), lambda z: z.unsqueeze(-1), lambda z: torch.zeros_like(z),
+                            num_params, support_interval=(0.0, math.inf))
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=f"num_params must be a positive integer .*, got {bad!r}"):
+            family(bad)
+    exponential = family(1)
+    with pytest.raises(ValueError, match="params must be a floating-point tensor, got torch.int64"):
+        exponential.expert(torch.tensor([-1]), validate_args=True)
+    value = exponential.expert(torch.tensor([-1.0])).log_prob(torch.tensor(0.5))
+    assert float(value) == pytest.approx(float(Exponential(1.0).log_prob(torch.tensor(0.5))), rel=1e-12)
