@@ -138,8 +138,12 @@ def _log_chernoff(experts, value: float, a) -> torch.Tensor:
     wide = params.dtype if params.dtype == torch.float64 else torch.float64
     eta_p, eta_q = family.to_natural(params_p.to(wide)), family.to_natural(params_q.to(wide))
     combined = _affine(a, eta_p, eta_q)
-    # (bregman_divergence(family, x, y) is KL(member x || member y))
-    log_c = -(a * bregman_divergence(family, combined, eta_p) + (1 - a) * bregman_divergence(family, combined, eta_q))
+    # (bregman_divergence(family, x, y) is KL(member x || member y); eta_p - combined = -(1 - a) d and
+    # eta_q - combined = a d, d = eta_q - eta_p from the family where it knows it better)
+    d = family.natural_difference(params_p.to(wide), params_q.to(wide))
+    to_p, to_q = (None, None) if d is None else (-(1 - a) * d, a * d)
+    log_c = -(a * bregman_divergence(family, combined, eta_p, to_p)
+              + (1 - a) * bregman_divergence(family, combined, eta_q, to_q))
     return log_c.to(params.dtype)
 
 
@@ -278,7 +282,8 @@ def kl_divergence(p, q) -> torch.Tensor:
     # float64 inside: the natural parameters of nearly equal float32 experts would differ by rounding noise
     wide = params.dtype if params.dtype == torch.float64 else torch.float64
     eta_p, eta_q = family.to_natural(params_p.to(wide)), family.to_natural(params_q.to(wide))
-    return bregman_divergence(family, eta_p, eta_q).to(params.dtype)
+    delta = family.natural_difference(params_p.to(wide), params_q.to(wide))
+    return bregman_divergence(family, eta_p, eta_q, delta).to(params.dtype)
 
 
 def renyi_divergence(p, q, a: float) -> torch.Tensor:

@@ -19,7 +19,8 @@ _NODES, _WEIGHTS = (_NODES + 1) / 2, _WEIGHTS / 2
 _CANCELLATION = 1e-3
 
 
-def bregman_divergence(family, eta_p: torch.Tensor, eta_q: torch.Tensor) -> torch.Tensor:
+def bregman_divergence(family, eta_p: torch.Tensor, eta_q: torch.Tensor, delta: torch.Tensor | None = None
+                       ) -> torch.Tensor:
     r""":math:`A(\eta_q) - A(\eta_p) - \langle\eta_q - \eta_p, \nabla A(\eta_p)\rangle`, accurate also for nearly
     equal experts.
 
@@ -37,16 +38,19 @@ def bregman_divergence(family, eta_p: torch.Tensor, eta_q: torch.Tensor) -> torc
     paths :math:`\int_0^1 \nabla^2A(\eta_p + t\delta)\,\delta\,dt`, again free of cancellation) and
     :math:`-\nabla^2A(\eta_p)\,\delta` in :math:`\eta_p`: second derivatives of :math:`A` only, where autograd
     through the remainder form needs third ones, which overflow first (a Gamma concentration below about 1e-103 gave NaN
-    gradients beside a right value). A gradient that still overflows raises rather than turning into NaN."""
-    return _Bregman.apply(family, eta_p, eta_q)
+    gradients beside a right value). A gradient that still overflows raises rather than turning into NaN.
+
+    ``delta``: :math:`\eta_q - \eta_p` where the caller knows it better than the difference of the rounded natural
+    parameters (``ExponentialFamily.natural_difference``); the value takes it, the gradients the difference."""
+    return _Bregman.apply(family, eta_p, eta_q, delta)
 
 
-def _bregman_value(family, eta_p: torch.Tensor, eta_q: torch.Tensor, strict: bool = True):
+def _bregman_value(family, eta_p: torch.Tensor, eta_q: torch.Tensor, strict: bool = True, delta=None):
     """The divergence (no graph) and where it took the remainder form; where neither form is accurate, a
     ``ValueError`` if ``strict``, else the direct form. ``shift_invariant`` families retry such rows with the shift
     taken out of ``eta_q`` (only there: elsewhere the shift's own rounding would cost digits of nearly equal
-    experts)."""
-    value, short, lost = _both_forms(family, eta_p, eta_q)
+    experts). ``delta``: as ``bregman_divergence``'s."""
+    value, short, lost = _both_forms(family, eta_p, eta_q, delta)
     if family.shift_invariant and bool(lost.any()):
         shifted, shifted_short, still_lost = _both_forms(family, eta_p, _without_shift(family, eta_p, eta_q))
         value, short = torch.where(lost, shifted, value), torch.where(lost, shifted_short, short)
@@ -59,12 +63,12 @@ def _bregman_value(family, eta_p: torch.Tensor, eta_q: torch.Tensor, strict: boo
     return value, short
 
 
-def _both_forms(family, eta_p: torch.Tensor, eta_q: torch.Tensor):
+def _both_forms(family, eta_p: torch.Tensor, eta_q: torch.Tensor, delta=None):
     """The divergence by the direct form or, where that cancels, the remainder form, where it took the remainder
     form, and where neither is accurate (the direct form there)."""
     # a category p gives probability zero (eta_p = -inf, mean parameter 0) adds nothing to the linear term: inf * 0
     # would be NaN (and -inf - -inf for KL(p || p)); where only q gives it zero, delta stays -inf (KL = inf)
-    delta = torch.where(torch.isneginf(eta_p), 0, eta_q - eta_p)
+    delta = torch.where(torch.isneginf(eta_p), 0, eta_q - eta_p if delta is None else delta)
     direct, scale = _direct_form(family, eta_p, eta_q, delta)
     if family.splits_log_normalizer:  # the form of the smaller rounding, row by row
         split, split_scale = _split_direct_form(family, eta_p, eta_q, delta)
@@ -135,9 +139,9 @@ class _Bregman(torch.autograd.Function):
     through autograd of the backward's own operations."""
 
     @staticmethod
-    def forward(ctx, family, eta_p, eta_q):
+    def forward(ctx, family, eta_p, eta_q, delta):
         with torch.no_grad():
-            value, short = _bregman_value(family, eta_p, eta_q)
+            value, short = _bregman_value(family, eta_p, eta_q, delta=delta)
         ctx.family = family
         ctx.save_for_backward(eta_p, eta_q, value, short)
         return value
@@ -166,7 +170,7 @@ class _Bregman(torch.autograd.Function):
             raise ValueError(f"{family.name} KL divergence: its gradient overflows in {eta_p.dtype} for these experts "
                              "(the curvature of the log-normaliser is infinite) (first natural parameter of p: "
                              f"{describe(eta_p[..., 0], broken.any(-1))})")
-        return None, grad_p, grad_q
+        return None, grad_p, grad_q, None
 
 
 def _curvature_times(family, eta: torch.Tensor, direction: torch.Tensor, create: bool) -> torch.Tensor:

@@ -443,3 +443,30 @@ def test_log_probability_experts_that_differ_by_a_shift_have_divergence_zero():
     logits_q = t([3.5, 3.0, 4.1]).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x, y: op.kl_divergence(Categorical(logits=x), Categorical(logits=y)),
                                     (logits_p, logits_q))
+
+
+def test_poisson_affinities_of_nearly_equal_large_rates_keep_their_digits():
+    """The natural parameters' difference log r_q - log r_p of rates 1e15 apart by 1e-9 kept only the digits the
+    logs' rounding (about 35 eps) leaves: KL, Bhattacharyya and Chernoff 7e-6 off (the problem's conditioning allows
+    about 2e-7). The Poisson family gives the difference as log1p((r_q - r_p) / r_p). Against 60-digit mpmath."""
+    import mpmath
+
+    mpmath.mp.dps = 60
+    f64 = torch.float64
+    for rate in (1e6, 1e15, 1e100):
+        p, q = rate, rate * (1 + 1e-9)
+        rp, rq = mpmath.mpf(p), mpmath.mpf(q)
+        order = mpmath.mpf(1.5)
+        expected = {"kl": rp * mpmath.log(rp / rq) - rp + rq, "bc": -(mpmath.sqrt(rp) - mpmath.sqrt(rq)) ** 2 / 2,
+                    "chernoff": rp**order * rq ** (1 - order) - order * rp - (1 - order) * rq}
+        experts = Poisson(torch.tensor(p, dtype=f64)), Poisson(torch.tensor(q, dtype=f64))
+        got = {"kl": op.kl_divergence(*experts), "bc": op.log_bhattacharyya_coefficient(*experts),
+               "chernoff": op.log_chernoff_coefficient(*experts, 1.5)}
+        for name, value in got.items():
+            assert float(value) == pytest.approx(float(expected[name]), rel=1e-12), (rate, name)
+        # the alpha = 1/2 pool's normaliser, lambda_1^2 + lambda_2^2 + 2 lambda_1 lambda_2 BC, through combine (its
+        # log-sum-exp of terms summing to about one rounds to about eps: absolute)
+        pool = op.holder(list(experts), alpha=0.5, weights=[0.25, 0.75])
+        log_z = mpmath.log(mpmath.mpf(0.25) ** 2 + mpmath.mpf(0.75) ** 2
+                           + 2 * mpmath.mpf(0.25) * mpmath.mpf(0.75) * mpmath.exp(expected["bc"]))
+        assert abs(float(pool.log_normalizer) - float(log_z)) < 1e-15
