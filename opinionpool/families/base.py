@@ -240,6 +240,18 @@ class ExponentialFamily:
         difference serves."""
         return None
 
+    def _log_normalizer_of_combination(self, combined: torch.Tensor) -> torch.Tensor:
+        """``log_normalizer(combined)``; for log-probability families (``shift_invariant``) ``-inf`` for an empty
+        combination (every entry ``-inf``: experts that rule out each other's outcomes) from a finite stand-in, so
+        that its gradient is zero: the log-sum-exp of no finite term has a NaN backward pass, which reached every
+        gradient of the pool through its mixture, beside right values."""
+        if not self.shift_invariant:
+            return self.log_normalizer(combined)
+        empty = torch.isneginf(combined).all(-1)
+        stand_in = torch.where(empty.unsqueeze(-1), torch.zeros((), dtype=combined.dtype, device=combined.device),
+                               combined)
+        return torch.where(empty, -math.inf, self.log_normalizer(stand_in))
+
     # ---------------------------------------------------------------- pooling
     def combine(self, params: torch.Tensor, log_weights: torch.Tensor):
         r"""Geometric combinations of experts.
@@ -257,7 +269,7 @@ class ExponentialFamily:
         log_weights = log_weights.to(torch.float64)
         combined = weighted_sum(log_weights, eta, dim=-2)
         log_norm = self.log_normalizer(eta)
-        combined_log_norm = self.log_normalizer(combined)
+        combined_log_norm = self._log_normalizer_of_combination(combined)
         log_c = combined_log_norm - weighted_sum(log_weights, log_norm, dim=-1)
         # where that keeps under 8 digits (log-normalisers of the size of the parameters cancel: two Poisson experts
         # of rate 1e8, 1e-9 apart, gave log C = +1.6e-7, a coefficient above one), its value comes from

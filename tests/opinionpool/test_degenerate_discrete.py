@@ -425,3 +425,36 @@ def test_float32_binomial_experts_beyond_float32s_integers_are_refused():
         opinionpool.holder(experts, alpha=1.0).cdf(torch.tensor(16777218.0))
     experts64 = Binomial(n, probs=torch.tensor([1 - 1e-7, 1 - 2e-7], dtype=torch.float64))
     assert math.isfinite(float(opinionpool.holder(experts64, alpha=1.0).cdf(torch.tensor(16777218.0, dtype=torch.float64))))
+
+
+def test_gradients_are_finite_where_a_combination_of_experts_is_empty():
+    """Experts that rule out each other's outcomes make an empty geometric combination (weight zero in the pool):
+    its log-sum-exp of no finite term had a NaN backward pass, which reached every gradient of the pool beside right
+    values. Bernoulli: d mean / d q against a central difference of the two-point formula
+    (sum_j lambda_j q_j(z)^(1/3))^3; Categorical: every gradient finite, one entry against a central difference."""
+    weights = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+
+    def exact_mean(q):
+        u = [sum(w * p ** (1 / 3) for w, p in zip(weights.tolist(), probs)) ** 3
+             for probs in ([1.0, 0.0, 1 - q], [0.0, 1.0, q])]
+        return u[1] / (u[0] + u[1])
+
+    q = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    experts = [Bernoulli(torch.tensor(0.0, dtype=torch.float64)), Bernoulli(torch.tensor(1.0, dtype=torch.float64)),
+               Bernoulli(q)]
+    mean = opinionpool.holder(experts, alpha=1 / 3, weights=weights).mean
+    (grad,) = torch.autograd.grad(mean, q)
+    assert float(mean) == pytest.approx(exact_mean(0.6), rel=1e-12)
+    assert float(grad) == pytest.approx((exact_mean(0.6 + 1e-6) - exact_mean(0.6 - 1e-6)) / 2e-6, rel=1e-6)
+    probs = torch.tensor([[0.0, 0.2, 0.8], [0.3, 0.0, 0.7], [0.5, 0.5, 0.0]], dtype=torch.float64)
+
+    def log_z(p):
+        return opinionpool.holder([Categorical(probs=p[i]) for i in range(3)], alpha=1 / 3, weights=weights).log_normalizer
+
+    leaf = probs.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(log_z(leaf), leaf)
+    assert torch.isfinite(grad).all(), grad
+    step = torch.zeros(3, 3, dtype=torch.float64)
+    step[0, 1] = 1e-6
+    central = (float(log_z(probs + step)) - float(log_z(probs - step))) / 2e-6
+    assert float(grad[0, 1]) == pytest.approx(central, rel=1e-6)
