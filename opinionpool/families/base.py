@@ -467,12 +467,17 @@ def newton_inverse(family: ExponentialFamily, mean_params: torch.Tensor, init: t
         if bool((converged | (settled & (residual.abs().amax(-1) <= tol * (1.0 + target.abs().amax(-1))))).all()):
             break
         f0, m0 = objective(eta), relative_size(residual)
+        # the objective's rounding, about eps times its terms A and <eta, m> (f0 itself may be far smaller): a step
+        # the merit accepts may raise the objective by that much, no more (a merit falling while the convex
+        # objective rose let a von Mises solve climb from 3 to 1e88 until its Jacobian was singular)
+        rounding = 1e-10 * (family.log_normalizer(eta).abs() + (eta * target).sum(-1).abs())
         slope = (residual * step).sum(-1)
         t = torch.ones(eta.shape[0], dtype=eta.dtype, device=eta.device)
         for _ in range(60):
             candidate = eta - t.unsqueeze(-1) * step
-            accepted = ((objective(candidate) <= f0 - 1e-4 * t * slope + 1e-12 * f0.abs())
-                        | (torch.isfinite(m0) & (merit(candidate) <= (1 - 1e-4 * t) * m0)))
+            value = objective(candidate)
+            accepted = ((value <= f0 - 1e-4 * t * slope + 1e-12 * f0.abs())
+                        | (torch.isfinite(m0) & (merit(candidate) <= (1 - 1e-4 * t) * m0) & (value <= f0 + rounding)))
             if bool(accepted.all()):
                 break
             t = torch.where(accepted, t, t / 2)
