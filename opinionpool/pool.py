@@ -106,7 +106,9 @@ _MIN_ACCEPTANCE = 0.05
 
 
 def exact_order(alpha: float) -> int | None:
-    """``0`` for the log-linear pool, ``n`` for ``alpha = 1/n``, ``None`` when there is no closed form."""
+    """``0`` for the log-linear pool, ``n`` for ``alpha = 1/n``, ``None`` when there is no closed form. An alpha whose
+    inverse lies within ``1e-9 n`` of ``n`` counts as ``1/n`` (``1 / 3`` as a float is not exactly a third): its pool
+    is the exact ``1/n`` pool, the order off by at most that much."""
     if alpha == 0:
         return 0
     if not (0 < alpha <= 1) or math.isinf(alpha):
