@@ -21,7 +21,7 @@ from torch.distributions import kl_divergence as torch_kl
 
 from ._validation import check_real, check_weights, real_tensor, validation_enabled
 from .experts import as_experts
-from .families import ExponentialFamilyDistribution, MultivariateNormalFamily, family_of
+from .families import ExponentialFamilyDistribution, MultivariateNormalFamily, family_of, params_of
 from .families.bregman import bregman_divergence
 from .families.gaussian import (
     _DiagonalGaussianBase,
@@ -328,11 +328,17 @@ def _kl_custom(p, q):
 @register_kl(NumericalHolderPool, Distribution)
 def _kl_pool(p, q):
     """Closed form for the log-linear pool (one family member) against an expert of its family; otherwise the
-    estimate of :meth:`HolderPool.kl_estimate` (its error there)."""
+    estimate of :meth:`HolderPool.kl_estimate` (its error there), without a gradient (a warning says so where the
+    pool's parameters require grad)."""
     if isinstance(p, HolderPool) and p.num_components == 1:
-        member = p.family.distribution(p.component_params.select(len(p.batch_shape), 0))
-        if _same_family(member, q):
-            return kl_divergence(member, q)
+        params = p.component_params.select(len(p.batch_shape), 0)
+        if _same_family(p.family.distribution(params), q):
+            # in the wider of the two dtypes, as torch's KL divergences promote (the experts of one pool must share
+            # one, which a float32 other beside a float64 pool was refused for)
+            other = params_of(q, p.family)
+            wide = torch.promote_types(params.dtype, other.dtype)
+            return kl_divergence(p.family.distribution(params.to(wide)), p.family.distribution(other.to(wide)))
+    p._warn_detached("kl_divergence(pool, other)")
     return p.kl_estimate(q).value
 
 

@@ -323,6 +323,9 @@ class _Pool(Distribution):
         self.alpha = check_alpha(alpha)
         #: the alpha the pooled density is computed with: the tensor itself when one requiring grad is given
         self._alpha = alpha if isinstance(alpha, torch.Tensor) and alpha.requires_grad else self.alpha
+        # (a flag, not ``_alpha is not alpha``: pickling makes two objects of one float, and the unpickled pool took
+        # the differentiable path its saved summary had no nodes for)
+        self._alpha_requires_grad = self._alpha is not self.alpha
         self._validate = validation_enabled(validate_args)
         self.experts: Experts = as_experts(experts, validate_args=self._validate)
         self.family = self.experts.family
@@ -769,8 +772,19 @@ class _Pool(Distribution):
     def entropy(self) -> torch.Tensor:
         """Exact for the log-linear pool (one family member, whose torch entropy is used); otherwise
         ``entropy_estimate().value`` (deterministic: quadrature, grid or exact sums, or importance sampling with
-        seed 0); call :meth:`entropy_estimate` for its error."""
+        seed 0), without a gradient (a warning says so where the pool's parameters require grad); call
+        :meth:`entropy_estimate` for its error."""
+        self._warn_detached("entropy()")
         return self.entropy_estimate().value
+
+    def _warn_detached(self, what: str) -> None:
+        """Warns that ``what``, an estimate, carries no gradient where one could be expected: a loss adding it gets
+        none from it, silently."""
+        wanted = self.experts.params.requires_grad or self.log_weights.requires_grad or self._alpha_requires_grad
+        if torch.is_grad_enabled() and wanted:
+            warnings.warn(f"{what} of the alpha={self.alpha!r} pool is a numerical estimate without a gradient (its "
+                          "value is detached): a loss that adds it gets no gradient from it. Exact with a gradient at "
+                          "alpha = 0 (one family member)", stacklevel=3)
 
     def kl_estimate(self, other: Distribution, method: str = "auto", num_samples: int = 100_000, seed: int = 0,
                     rtol: float = DEFAULT_RTOL) -> Estimate:
@@ -778,8 +792,8 @@ class _Pool(Distribution):
         ``E_pool[log p - log other]`` over the engine's weighted points (errors as :meth:`entropy_estimate`, plus
         the rounding of ``other``'s log-density where its dtype is below float64: such an ``other`` is evaluated
         through a float64 copy of itself where one computes). ``+inf``, error 0, where ``other``
-        has no density on part of the pool's mass; raises where its log-density is NaN or ``+inf`` there.
-        ``torch.distributions.kl_divergence(pool, other)`` gives the value."""
+        has no density on part of the pool's mass; raises where its log-density is NaN or ``+inf`` there. No
+        gradient. ``torch.distributions.kl_divergence(pool, other)`` gives the value."""
         if not callable(getattr(other, "log_prob", None)):
             raise ValueError(f"other must be a distribution with a log_prob method, got {other!r} of type "
                              f"{type(other).__name__}")
@@ -1365,7 +1379,7 @@ class NumericalHolderPool(_Pool):
 
     @property
     def _differentiable(self) -> bool:
-        return self.experts.params.requires_grad or self.log_weights.requires_grad or self._alpha is not self.alpha
+        return self.experts.params.requires_grad or self.log_weights.requires_grad or self._alpha_requires_grad
 
     def _values(self, name: str) -> torch.Tensor:
         """The summary's ``name`` (a field of :class:`PoolEstimate`), with its gradient when one is wanted."""

@@ -188,7 +188,16 @@ class ExponentialFamily:
         """The values ``z`` can take, as a ``torch.distributions`` constraint (by default the closed
         ``support_interval``, or every real vector)."""
         if self.support_interval is not None:
-            return constraints.interval(*self.support_interval)
+            # torch's own constraint for an infinite end: an interval with one maps through an infinite affine
+            # transform (transform_to gave NaN on the real line, inf on the half-line)
+            lower, upper = self.support_interval
+            if math.isinf(lower) and math.isinf(upper):
+                return constraints.real
+            if math.isinf(upper):
+                return constraints.greater_than_eq(lower)  # (closed, as the interval was; nonnegative at 0)
+            if math.isinf(lower):
+                return constraints.less_than(upper)
+            return constraints.interval(lower, upper)
         return constraints.independent(constraints.real, len(self.event_shape)) if self.event_shape else constraints.real
 
     def in_support(self, value: torch.Tensor) -> torch.Tensor:

@@ -438,3 +438,41 @@ def test_exact_order_past_max_components_warns_with_the_count():
     with pytest.warns(UserWarning, match="5151 mixture components"):  # binom(100 + 2, 2)
         pool = opinionpool.holder(experts, 1 / 100, max_components=10)
     assert isinstance(pool, opinionpool.NumericalHolderPool)
+
+
+def test_torch_conventions_a_user_relies_on():
+    """A pickled numerical pool whose estimate was computed failed on every method (an identity test of alpha,
+    which pickling breaks); unbounded supports were intervals with infinite ends (transform_to gave NaN, inf);
+    the alpha = 0 closed-form KL refused an other of another dtype; the estimated KL and entropy carried no gradient
+    without a word."""
+    import pickle
+    import warnings
+
+    from torch.distributions import transform_to
+
+    f64 = torch.float64
+    pool = opinionpool.holder(Normal(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 2.0])), 0.7)
+    value = pool.log_prob(torch.tensor(0.3))
+    assert torch.equal(pickle.loads(pickle.dumps(pool)).log_prob(torch.tensor(0.3)), value)
+    normal = opinionpool.holder(Normal(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 2.0])), 0.5)
+    gamma = opinionpool.holder(Gamma(torch.tensor([2.0, 3.0]), torch.tensor([1.0, 2.0])), 0.5)
+    point = torch.tensor([-2.0, 0.0, 3.0])
+    assert torch.equal(transform_to(normal.support)(point), point)
+    torch.testing.assert_close(transform_to(gamma.support)(point), point.exp())
+    assert gamma.support.check(torch.tensor(0.0)) and not gamma.support.check(torch.tensor(-1e-30))
+    # the closed form in the wider dtype, against torch's KL of the pool's one member
+    product = opinionpool.holder(Normal(torch.tensor([0.0, 1.0], dtype=f64), torch.tensor([1.0, 2.0], dtype=f64)), 0.0)
+    other = Normal(torch.tensor(0.5), torch.tensor(1.5))
+    member = Normal(product.mean, product.stddev)
+    expected = kl_divergence(member, Normal(torch.tensor(0.5, dtype=f64), torch.tensor(1.5, dtype=f64)))
+    torch.testing.assert_close(kl_divergence(product, other), expected)
+    loc = torch.tensor([0.0, 1.0], dtype=f64, requires_grad=True)
+    pooled = opinionpool.holder(Normal(loc, torch.tensor([1.0, 2.0], dtype=f64)), 0.5)
+    prior = Normal(torch.tensor(0.0, dtype=f64), torch.tensor(1.0, dtype=f64))
+    for what, compute in (("kl_divergence", lambda: kl_divergence(pooled, prior)), ("entropy", pooled.entropy)):
+        with pytest.warns(UserWarning, match="numerical estimate without a gradient"):
+            assert not compute().requires_grad, what
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():  # no gradient wanted: no warning
+            kl_divergence(pooled, prior)
