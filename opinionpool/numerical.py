@@ -2275,16 +2275,23 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
         # alpha = -1: the 10- and 6-node rules agreed on a mean 31 of their differences off): there the rule also runs
         # on shifted edges, and where that disagrees by more than _KINKED_SAFETY times their difference, the pool is
         # taken as kinked
+        panels = _panel_variants(edges)
+        done = {}  # (nodes per panel, panels' name) -> the rule's result: none runs twice
         kinked = math.isinf(alpha)
-        results = [rule(nodes_per_panel, edges), rule(nodes_per_panel - 4, edges)]
+        rules = [(nodes_per_panel, "edges"), (nodes_per_panel - 4, "edges")]
         if not kinked and not 0 <= alpha <= 1:
-            results.append(rule(nodes_per_panel, [_shifted_edges(e) for e in edges]))
-            fine, coarse, shifted = results
+            for key in rules + [(nodes_per_panel, "shifted")]:
+                done[key] = rule(key[0], panels[key[1]])
+            fine, coarse, shifted = done.values()
             kinked = any(bool(((fine[name] - shifted[name]).abs()
                                > _KINKED_SAFETY * (fine[name] - coarse[name]).abs() + 1e-12 * fine[name].abs()).any())
                          for name in ("log_normalizer", "mean", "variance") if name in fine)
         if kinked:
-            results = [rule(count, panels) for count, panels in _kinked_rules(edges, nodes_per_panel)]
+            rules = _kinked_rules(len(edges), nodes_per_panel)
+        for key in rules:
+            if key not in done:
+                done[key] = rule(key[0], panels[key[1]])
+        results = [done[key] for key in rules]
         fine = results[0]
         nodes.append(fine.pop("nodes"))
         error = {name: torch.zeros_like(value) for name, value in fine.items()}
@@ -2300,18 +2307,24 @@ def grid_estimate(family, params, log_weights, alpha, wanted, nodes_per_panel: i
     return replace(est, nodes=_pad_nodes(nodes, batch, params.device)) if keep_nodes else est
 
 
-def _kinked_rules(edges, nodes_per_panel):
-    """The rules ``(nodes per panel, edges)`` of a kinked pool, the first the result: in 2-D the rule on halved
-    panels, compared with the unhalved one and with fewer nodes on the halved panels; in 3-D (halving costs eight
-    times the nodes) the rule compared with 6 and 8 nodes; and in both with the rule on edges shifted off a kink along
-    an edge."""
-    if len(edges) <= 2:
-        halved = [np.sort(np.concatenate((e, 0.5 * (e[1:] + e[:-1])))) for e in edges]
-        rules = [(nodes_per_panel, halved), (nodes_per_panel, edges), (nodes_per_panel - 4, halved)]
-        edges = halved
-    else:
-        rules = [(nodes_per_panel, edges), (nodes_per_panel - 4, edges), (nodes_per_panel - 2, edges)]
-    return rules + [(nodes_per_panel, [_shifted_edges(e) for e in edges])]
+def _panel_variants(edges) -> dict:
+    """The grid's panel edges by name: as located (``"edges"``), every inner edge shifted (``"shifted"``), halved
+    (``"halved"``) and halved then shifted (``"halved, shifted"``)."""
+    halved = [np.sort(np.concatenate((e, 0.5 * (e[1:] + e[:-1])))) for e in edges]
+    return {"edges": edges, "shifted": [_shifted_edges(e) for e in edges], "halved": halved,
+            "halved, shifted": [_shifted_edges(e) for e in halved]}
+
+
+def _kinked_rules(dim: int, nodes_per_panel: int) -> list:
+    """The rules ``(nodes per panel, panels' name)`` of a kinked pool, the first the result: in 2-D the rule on
+    halved panels, compared with the unhalved one and with fewer nodes on the halved panels; in 3-D (halving costs
+    eight times the nodes) the rule compared with 6 and 8 nodes; and in both with the rule on edges shifted off a
+    kink along an edge."""
+    if dim <= 2:
+        return [(nodes_per_panel, "halved"), (nodes_per_panel, "edges"), (nodes_per_panel - 4, "halved"),
+                (nodes_per_panel, "halved, shifted")]
+    return [(nodes_per_panel, "edges"), (nodes_per_panel - 4, "edges"), (nodes_per_panel - 2, "edges"),
+            (nodes_per_panel, "shifted")]
 
 
 def _shifted_edges(edges, fraction: float = 0.37):
