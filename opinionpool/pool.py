@@ -777,11 +777,14 @@ class _Pool(Distribution):
         self._warn_detached("entropy()")
         return self.entropy_estimate().value
 
+    @property
+    def _differentiable(self) -> bool:
+        return self.experts.params.requires_grad or self.log_weights.requires_grad or self._alpha_requires_grad
+
     def _warn_detached(self, what: str) -> None:
         """Warns that ``what``, an estimate, carries no gradient where one could be expected: a loss adding it gets
         none from it, silently."""
-        wanted = self.experts.params.requires_grad or self.log_weights.requires_grad or self._alpha_requires_grad
-        if torch.is_grad_enabled() and wanted:
+        if torch.is_grad_enabled() and self._differentiable:
             warnings.warn(f"{what} of the alpha={self.alpha!r} pool is a numerical estimate without a gradient (its "
                           "value is detached): a loss that adds it gets no gradient from it. Exact with a gradient at "
                           "alpha = 0 (one family member)", stacklevel=3)
@@ -1376,10 +1379,6 @@ class NumericalHolderPool(_Pool):
                                  f"{describe(log_z, ~finite)}; the experts may not overlap enough for a numerical estimate")
             self._summary = summary
         return self._summary
-
-    @property
-    def _differentiable(self) -> bool:
-        return self.experts.params.requires_grad or self.log_weights.requires_grad or self._alpha_requires_grad
 
     def _values(self, name: str) -> torch.Tensor:
         """The summary's ``name`` (a field of :class:`PoolEstimate`), with its gradient when one is wanted."""
