@@ -250,16 +250,9 @@ class ExponentialFamily:
         return None
 
     def _log_normalizer_of_combination(self, combined: torch.Tensor) -> torch.Tensor:
-        """``log_normalizer(combined)``; for log-probability families (``shift_invariant``) ``-inf`` for an empty
-        combination (every entry ``-inf``: experts that rule out each other's outcomes) from a finite stand-in, so
-        that its gradient is zero: the log-sum-exp of no finite term has a NaN backward pass, which reached every
-        gradient of the pool through its mixture, beside right values."""
-        if not self.shift_invariant:
-            return self.log_normalizer(combined)
-        empty = torch.isneginf(combined).all(-1)
-        stand_in = torch.where(empty.unsqueeze(-1), torch.zeros((), dtype=combined.dtype, device=combined.device),
-                               combined)
-        return torch.where(empty, -math.inf, self.log_normalizer(stand_in))
+        """``log_normalizer`` of a geometric combination's natural parameters (families whose combinations can be
+        empty give it from a stand-in there)."""
+        return self.log_normalizer(combined)
 
     # ---------------------------------------------------------------- pooling
     def combine(self, params: torch.Tensor, log_weights: torch.Tensor):
@@ -304,9 +297,11 @@ class ExponentialFamily:
                 centre = weighted_sum(rows_log_w, rows_eta, dim=-2)
                 # each expert's offset from the centre, sum_t w_t (eta_s - eta_t), from the family's differences
                 # where it has them (rates' logs of 1e15 rates 1e-9 apart lost 7e-6 of a Bhattacharyya coefficient)
-                rows = params.to(torch.float64).expand(shape + eta.shape[-1:])[risky]
-                pairwise = self.natural_difference(rows.unsqueeze(-2), rows.unsqueeze(-3))  # [t, s]: eta_s - eta_t
-                offsets = None if pairwise is None else weighted_sum(rows_log_w, pairwise, dim=-3)
+                offsets = None
+                if type(self).natural_difference is not ExponentialFamily.natural_difference:
+                    rows = params.to(torch.float64).expand(shape + params.shape[-1:])[risky]
+                    pairwise = self.natural_difference(rows.unsqueeze(-2), rows.unsqueeze(-3))  # [t, s]: eta_s - eta_t
+                    offsets = weighted_sum(rows_log_w, pairwise, dim=-3)
                 divergence, _ = _bregman_value(self, centre.unsqueeze(-2).expand(rows_eta.shape), rows_eta, strict=False,
                                                delta=offsets)
                 value = -weighted_sum(rows_log_w, divergence, dim=-1)

@@ -35,6 +35,12 @@ class _LogProbabilityFamily(ExponentialFamily):
 
     shift_invariant = True
 
+    def _log_normalizer_of_combination(self, combined):
+        # -inf for an empty combination, from a finite stand-in so that its gradient is zero: the log-sum-exp of no
+        # finite term has a NaN backward pass, which reached every gradient of the pool through its mixture
+        empty = torch.isneginf(combined).all(-1)
+        return torch.where(empty, -math.inf, self.log_normalizer(_without_empty(combined)))
+
     def natural_from_mean(self, mean_params, init=None, tol=None, max_iter=100):
         # the representative with logsumexp(eta) = 0; a zero mean parameter (probability 0) gives an exact -inf
         return safe_log(mean_params / mean_params.sum(-1, keepdim=True))
