@@ -673,22 +673,16 @@ class _HellingerMoments(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def _plain_mixture_moments(mu, logvar, log_w):
-    """``_mixture_moments`` from ordinary differentiable operations (no ``_PairComponents``), its pairs' terms in the
-    direct form: ``log S_ij = -sum_d [Delta^2 / (4 u) + (log u - log 2 - (log v_i + log v_j) / 2) / 2]``, mean
+def _plain_pair_components(x, logvar):
+    """``pair_components`` from ordinary differentiable operations (no ``_PairComponents``) in the direct form:
+    ``-log S_ij = sum_d [Delta^2 / (4 u) + (log u - log 2 - (log v_i + log v_j) / 2) / 2]``, mean
     ``x_i + (v_i / u) Delta``, log-variance ``log 2 + log v_i + log v_j - log u``, ``log u`` by log-sum-exp."""
-    x, mu_ref = _reference(mu, log_w)
-    first, second = (torch.tensor(index, dtype=torch.long, device=mu.device) for index in zip(*pairs_of(mu.shape[-2])))
+    first, second = (torch.tensor(index, dtype=torch.long, device=x.device) for index in zip(*pairs_of(x.shape[-2])))
     delta = x[..., second, :] - x[..., first, :]
     lv_i, lv_j = logvar[..., first, :], logvar[..., second, :]
     log_u = torch.logaddexp(lv_i, lv_j)
     neg_log_s = (delta**2 / (4 * log_u.exp()) + 0.5 * (log_u - _LOG2 - 0.5 * (lv_i + lv_j))).sum(-1)
-    pair_loc = x[..., first, :] + torch.exp(lv_i - log_u) * delta
-    pair_logvar = _LOG2 + lv_i + lv_j - log_u
-    logits = torch.cat((2 * log_w, _LOG2 + log_w[..., first] + log_w[..., second] - neg_log_s), -1)
-    mean, pooled_logvar = gaussian_mixture_moments(torch.log_softmax(logits, -1), torch.cat((x, pair_loc), -2),
-                                                   torch.cat((logvar, pair_logvar), -2), 1)
-    return mu_ref + mean, pooled_logvar
+    return neg_log_s, x[..., first, :] + torch.exp(lv_i - log_u) * delta, _LOG2 + lv_i + lv_j - log_u
 
 
 def _differentiable_gradients(ctx, grad_mean, grad_logvar):
@@ -701,7 +695,7 @@ def _differentiable_gradients(ctx, grad_mean, grad_logvar):
         if mu.shape[-2] == 1:  # one expert: the pool is that expert, whatever its weight
             outputs = mu[..., 0, :], logvar[..., 0, :]
         else:
-            outputs = _plain_mixture_moments(mu, logvar, log_w)
+            outputs = _mixture_moments(mu, logvar, log_w, differentiable=True)
         found = torch.autograd.grad(outputs, [t for _, t in inputs], (grad_mean, grad_logvar), create_graph=True,
                                     allow_unused=True, materialize_grads=True)
     grads = [None, None, None]
@@ -762,14 +756,16 @@ def weights_underflow(log_w) -> bool:
         return bool(((relative < math.log(torch.finfo(log_w.dtype).tiny)) & (log_w > -math.inf)).any())
 
 
-def _mixture_moments(mu, logvar, log_w):
+def _mixture_moments(mu, logvar, log_w, differentiable: bool = False):
     """``(mean, logvar)`` of the order-1/2 pool from its mixture written out, the experts (weights ``lambda_k^2``)
     and their pairs (``2 lambda_i lambda_j S_ij``), moment-matched with every weight kept in log space
     (``gaussian_mixture_moments``): where ``weights_underflow``. Slower than the fast paths (the pairs'
-    components are formed), exact where they lose an expert's share."""
+    components are formed), exact where they lose an expert's share. ``differentiable``: the pairs from ordinary
+    operations (``_plain_pair_components``), twice differentiable, for second derivatives."""
     x, mu_ref = _reference(mu, log_w)
-    neg_log_s, pair_loc, pair_logvar = pair_components(x, logvar, mu=mu)
-    # (weights_underflow sends no pool of one expert here: there is at least one pair)
+    neg_log_s, pair_loc, pair_logvar = (_plain_pair_components(x, logvar) if differentiable
+                                        else pair_components(x, logvar, mu=mu))
+    # (no caller sends a pool of one expert here: there is at least one pair)
     first, second = (torch.tensor(index, dtype=torch.long, device=mu.device) for index in zip(*pairs_of(mu.shape[-2])))
     logits = torch.cat((2 * log_w, _LOG2 + log_w[..., first] + log_w[..., second] - neg_log_s), -1)
     log_pi = torch.log_softmax(logits, -1)
