@@ -473,6 +473,7 @@ def _gamma_shape(s: torch.Tensor, max_iter: int) -> torch.Tensor:
 class BetaFamily(ExponentialFamily):
     name = "Beta"
     support_interval = (0.0, 1.0)
+    positive_natural = True
 
     def __init__(self):
         super().__init__(event_shape=(), param_shape=(2,))
@@ -537,6 +538,7 @@ class DirichletFamily(ExponentialFamily):
     name = "Dirichlet"
     multivariate = True
     support_constraint = constraints.simplex
+    positive_natural = True
 
     def __init__(self, num_categories: int):
         super().__init__(event_shape=(num_categories,), param_shape=(num_categories,))
