@@ -23,7 +23,9 @@ numbers only with each other.
 KID (Binkowski et al., 2018, "Demystifying MMD GANs") is reported beside FID: the unbiased estimate of the squared
 MMD between the two feature sets under the cubic polynomial kernel ``k(x, y) = (x . y / d + 1)^3``, averaged over
 random subsets as torch-fidelity and clean-fid compute it. Unlike FID it has no small-sample bias, so KIDs from a
-few hundred samples can be compared with each other and, within their spread, with larger runs.
+few hundred samples can be compared with each other and, within their spread, with larger runs. Conditional
+generations are scored against the real tuples they were drawn for, so their cross term leaves out those dependent
+pairs (the paired estimator: with them the estimate is biased low by ``O(1/n)``).
 """
 
 from __future__ import annotations
@@ -226,12 +228,19 @@ def _cubic_kernels(a: np.ndarray, b: np.ndarray):
 
 
 def kid_from_features(features_a: np.ndarray, features_b: np.ndarray, subsets: int = 100, subset_size: int = 1000,
-                      seed: int = 0) -> tuple[float, float]:
+                      seed: int = 0, paired: bool = False) -> tuple[float, float]:
     """Kernel Inception Distance: ``(mean, std)`` over ``subsets`` random subsets of ``min(subset_size, n, m)``
     features drawn without replacement from each set, of the unbiased squared MMD under ``(x . y / d + 1)^3``
     (the estimate can be slightly negative when the sets are alike). With ``subset_size >= n = m`` every subset is
-    the whole set and the result is the single unbiased estimate (std 0)."""
+    the whole set and the result is the single unbiased estimate (std 0).
+
+    ``paired``: the ``i``-th features of the two sets (of one size) are dependent, a generation and the real tuple
+    it was conditioned on. The cross term then leaves out the pairs ``k(a_i, b_i)`` (Gretton et al.'s ``MMD_u``),
+    which bias the mean of all ``n^2`` terms low by ``O(1/n)``, and the subsets take the same indices from both."""
     _check_feature_sets(features_a, features_b)
+    if paired and features_a.shape[0] != features_b.shape[0]:
+        raise ValueError(f"paired KID needs two sets of the same size, got {features_a.shape[0]} and "
+                         f"{features_b.shape[0]}")
     for name, value in (("subsets", subsets), ("subset_size", subset_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -243,20 +252,22 @@ def kid_from_features(features_a: np.ndarray, features_b: np.ndarray, subsets: i
     rng = np.random.default_rng(seed)
     estimates = np.empty(subsets)
     for i in range(subsets):
-        a = features_a[rng.choice(features_a.shape[0], size, replace=False)]
-        b = features_b[rng.choice(features_b.shape[0], size, replace=False)]
-        k_aa, k_bb, k_ab = _cubic_kernels(a, b)
+        index_a = rng.choice(features_a.shape[0], size, replace=False)
+        index_b = index_a if paired else rng.choice(features_b.shape[0], size, replace=False)
+        k_aa, k_bb, k_ab = _cubic_kernels(features_a[index_a], features_b[index_b])
         within = (k_aa.sum() - np.trace(k_aa) + k_bb.sum() - np.trace(k_bb)) / (size * (size - 1))
-        estimates[i] = within - 2 * k_ab.mean()
+        across = (k_ab.sum() - np.trace(k_ab)) / (size * (size - 1)) if paired else k_ab.mean()
+        estimates[i] = within - 2 * across
     if not np.isfinite(estimates).all():
         raise FIDError("the KID estimate is not finite")
     return float(estimates.mean()), float(estimates.std())
 
 
-def kid_leave_one_out(features_a: np.ndarray, features_b: np.ndarray) -> np.ndarray:
-    """The unbiased squared MMD of ``kid_from_features`` (whole sets) with the ``i``-th feature of both sets left
-    out, for every ``i``: ``(n,)``, for sets of equal size ``n >= 3`` whose ``i``-th features form a pair (the
-    real tuple and the generation drawn for it), from the kernel matrices' row sums."""
+def kid_leave_one_out(features_a: np.ndarray, features_b: np.ndarray, paired: bool = False) -> np.ndarray:
+    """The unbiased squared MMD of ``kid_from_features(..., paired=paired)`` (whole sets) with the ``i``-th feature
+    of both sets left out, for every ``i``: ``(n,)``, for sets of equal size ``n >= 3`` (a real tuple and the
+    generation drawn for it, or for the same prior draw, are left out together), from the kernel matrices' row
+    sums."""
     _check_feature_sets(features_a, features_b)
     n = features_a.shape[0]
     if features_b.shape[0] != n or n < 3:
@@ -265,8 +276,11 @@ def kid_leave_one_out(features_a: np.ndarray, features_b: np.ndarray) -> np.ndar
     k_aa, k_bb, k_ab = _cubic_kernels(features_a, features_b)
     rows_aa, rows_bb = k_aa.sum(1) - np.diag(k_aa), k_bb.sum(1) - np.diag(k_bb)  # off-diagonal row sums
     within = k_aa.sum() - np.trace(k_aa) - 2 * rows_aa + k_bb.sum() - np.trace(k_bb) - 2 * rows_bb
-    across = k_ab.sum() - k_ab.sum(1) - k_ab.sum(0) + np.diag(k_ab)
-    return within / ((n - 1) * (n - 2)) - 2 * across / (n - 1) ** 2
+    across = k_ab.sum() - k_ab.sum(1) - k_ab.sum(0) + np.diag(k_ab)  # without row and column i
+    if not paired:
+        return within / ((n - 1) * (n - 2)) - 2 * across / (n - 1) ** 2
+    across_pairs = across - np.trace(k_ab) + np.diag(k_ab)  # the off-diagonal ones
+    return (within - 2 * across_pairs) / ((n - 1) * (n - 2))
 
 
 def jackknife_standard_error(leave_one_out: np.ndarray) -> float:
@@ -279,6 +293,10 @@ def jackknife_standard_error(leave_one_out: np.ndarray) -> float:
 def random_subsets(num_modalities: int, count: int, size: int, exclude: int, generator=None) -> torch.Tensor:
     """``(M, count)`` mask: for each tuple a uniformly random ``size``-subset of the modalities other than
     ``exclude`` (the first ``size`` of a random permutation)."""
+    for name, value, low, high in (("exclude", exclude, 0, num_modalities - 1), ("size", size, 1, num_modalities - 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+            raise ValueError(f"{name} must be an integer in [{low}, {high}] for {num_modalities} modalities, "
+                             f"got {value!r}")
     others = torch.tensor([s for s in range(num_modalities) if s != exclude])
     chosen = others[torch.rand(count, num_modalities - 1, generator=generator).argsort(-1)[:, :size]]
     return torch.zeros(count, num_modalities, dtype=torch.bool).scatter_(1, chosen, True).T
@@ -382,10 +400,11 @@ def fid_scores(model, data, real_data, settings, cache: Path, progress=None, fea
 
     def score(key, images, target):
         features = inception(images.float())
+        paired = key != "unconditional"  # conditional generations depend on their real tuple; prior draws do not
         scores[key].append(fid_from_features(features, real[target]))
-        kids[key].append(kid_from_features(features, real[target], seed=settings.seed)[0])
+        kids[key].append(kid_from_features(features, real[target], seed=settings.seed, paired=paired)[0])
         if 3 <= n <= JACKKNIFE_MAX_SAMPLES:
-            left_out[key].append(kid_leave_one_out(real[target], features))
+            left_out[key].append(kid_leave_one_out(real[target], features, paired=paired))
 
     def kid_error(key):  # over tuples, the unit the targets share (the same tuples and prior draws for every target)
         return jackknife_standard_error(np.mean(left_out[key], 0)) if left_out[key] else None
