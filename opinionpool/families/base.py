@@ -22,11 +22,26 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributions import constraints
+from torch.distributions import biject_to, constraints, transform_to
+from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform
 
 from .bregman import _bregman_value
 
 __all__ = ["ExponentialFamily"]
+
+
+class _LessThanEq(constraints.less_than):
+    """``z <= upper``: the closed half-line torch lacks (its ``less_than`` is open, and a support's finite end
+    belongs to it, as ``greater_than_eq``'s and ``interval``'s do)."""
+
+    def check(self, value):
+        return value <= self.upper_bound
+
+
+@biject_to.register(_LessThanEq)
+@transform_to.register(_LessThanEq)
+def _transform_to_less_than_eq(constraint):
+    return ComposeTransform([ExpTransform(), AffineTransform(constraint.upper_bound, -1)])
 
 
 def _expand_weights(log_weights: torch.Tensor, num_trailing: int) -> torch.Tensor:
@@ -199,7 +214,7 @@ class ExponentialFamily:
             if math.isinf(upper):
                 return constraints.greater_than_eq(lower)  # (closed, as the interval was; nonnegative at 0)
             if math.isinf(lower):
-                return constraints.less_than(upper)
+                return _LessThanEq(upper)
             return constraints.interval(lower, upper)
         return constraints.independent(constraints.real, len(self.event_shape)) if self.event_shape else constraints.real
 

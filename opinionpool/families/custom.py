@@ -141,12 +141,12 @@ class CustomFamily(ExponentialFamily):
 
     def mean(self, params):
         if self._mean is None:
-            raise ValueError(f"{self.name}: no `mean` function was given to CustomFamily")
+            raise NotImplementedError(f"{self.name}: no `mean` function was given to CustomFamily")
         return self._mean(params)
 
     def variance(self, params):
         if self._variance is None:
-            raise ValueError(f"{self.name}: no `variance` function was given to CustomFamily")
+            raise NotImplementedError(f"{self.name}: no `variance` function was given to CustomFamily")
         return self._variance(params)
 
     def sample(self, params, sample_shape=torch.Size()):
@@ -188,6 +188,10 @@ class ExponentialFamilyDistribution(Distribution):
                          validate_args=False)
 
     @property
+    def support(self):
+        return self.family.support_constraint
+
+    @property
     def natural_params(self):
         return self.family.to_natural(self.params)
 
@@ -222,8 +226,12 @@ class ExponentialFamilyDistribution(Distribution):
             return self.family.sample(self.params, sample_shape)
 
     def expand(self, batch_shape, _instance=None):
-        shape = torch.Size(batch_shape) + self.family.param_shape
-        return ExponentialFamilyDistribution(self.family, self.params.expand(shape), validate_args=False)
+        new = self._get_checked_instance(ExponentialFamilyDistribution, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.family, new.params = self.family, self.params.expand(batch_shape + self.family.param_shape)
+        new._checks_values = self._checks_values  # (the parameters were checked already)
+        super(ExponentialFamilyDistribution, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        return new
 
     def __repr__(self):
         return f"ExponentialFamilyDistribution(family={self.family!r}, batch_shape={tuple(self.batch_shape)})"

@@ -85,7 +85,7 @@ def test_custom_family_errors():
     no_moments = gamma_family()
     no_moments._variance = None
     pool = opinionpool.holder([no_moments.expert(torch.tensor([1.0, -1.0]))] * 2)
-    with pytest.raises(ValueError, match="no `variance` function"):
+    with pytest.raises(NotImplementedError, match="no `variance` function"):  # as torch's distributions
         pool.variance
     with pytest.raises(NotImplementedError, match="no `sampler`"):
         pool.sample()
@@ -108,3 +108,37 @@ def test_num_params_and_integer_parameters_are_refused_by_name():
         exponential.expert(torch.tensor([-1]), validate_args=True)
     value = exponential.expert(torch.tensor([-1.0])).log_prob(torch.tensor(0.5))
     assert float(value) == pytest.approx(float(Exponential(1.0).log_prob(torch.tensor(0.5))), rel=1e-12)
+
+
+def test_a_custom_expert_at_its_support_ends_in_forecasts_and_expanded():
+    """The finite upper end of a half-line support was open (torch's ``less_than``): the density there came out
+    -inf, or a ValueError with validation, while a lower end was closed; crps and pit of one custom expert raised a
+    bare NotImplementedError (the expert had no ``support``); ``expand`` dropped ``validate_args``."""
+    import math
+
+    from torch.distributions import transform_to
+
+    f64 = torch.float64
+    mirrored = CustomFamily(lambda e: -torch.log(e[..., 0]), lambda z: z.unsqueeze(-1), lambda z: torch.zeros_like(z),
+                            1, natural_domain=lambda e: e[..., 0] > 0, support_interval=(-math.inf, 0.0))
+    expert = mirrored.expert(torch.tensor([2.0], dtype=f64), validate_args=True)  # density 2 exp(2 z), z <= 0
+    assert float(expert.log_prob(torch.tensor(0.0, dtype=f64))) == pytest.approx(math.log(2), rel=1e-15)
+    assert expert.support.check(torch.tensor(0.0)) and not expert.support.check(torch.tensor(1e-300))
+    point = torch.tensor([-3.0, 0.0, 2.0], dtype=f64)
+    torch.testing.assert_close(transform_to(expert.support)(point), -point.exp())
+    # an Exponential(2) written as a custom family: crps and pit against their closed forms
+    exponential = CustomFamily(lambda e: -torch.log(-e[..., 0]), lambda z: z.unsqueeze(-1),
+                               lambda z: torch.zeros_like(z), 1, natural_domain=lambda e: e[..., 0] < 0,
+                               mean=lambda e: -1 / e[..., 0], variance=lambda e: 1 / e[..., 0] ** 2,
+                               support_interval=(0.0, math.inf))
+    rate, y = 2.0, torch.tensor([0.1, 0.3, 2.5], dtype=f64)
+    expert = exponential.expert(torch.tensor([-rate], dtype=f64))
+    torch.testing.assert_close(opinionpool.crps(expert, y), y + 2 / rate * torch.exp(-rate * y) - 1.5 / rate,
+                               rtol=1e-9, atol=0)
+    torch.testing.assert_close(opinionpool.pit(expert, y), -torch.expm1(-rate * y), rtol=1e-9, atol=0)
+    # expand keeps the argument validation, and fills a given instance as torch's expand does
+    checked = exponential.expert(torch.tensor([-rate], dtype=f64), validate_args=True)
+    for expanded in (checked.expand((3,)), checked.expand((3,), _instance=checked.__new__(type(checked)))):
+        assert expanded.batch_shape == (3,)
+        with pytest.raises(ValueError, match="value must lie in the support"):
+            expanded.log_prob(torch.tensor(-1.0, dtype=f64))
