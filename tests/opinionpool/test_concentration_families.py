@@ -281,6 +281,45 @@ def mpmath_moment_match(concentrations, weights):
     return [float(x) for x in mpmath.findroot(equations, start, tol=mpmath.mpf(10) ** -40, maxsteps=200)]
 
 
+@pytest.mark.parametrize(("rate", "value"), [(1e8, 1e8), (1e12, 1e12 + 1e6), (1e15, 1e15), (1e20, 1e20 + 3e10),
+                                             (3.0, 0.0), (3.0, 7.0), (0.5, 40.0), (1e-8, 3.0), (50.0, 10.0)])
+def test_poisson_log_prob_at_large_rates_against_mpmath(rate, value):
+    """z log r - r - log z! has terms of r log r: float64 kept 7 digits at a rate of 1e8 and none at 1e15 (-18.875
+    for -18.188). Loader's deviance form keeps them all; its stated term size bounds the error; the gradient in the
+    rate is z / r - 1."""
+    import mpmath
+
+    mpmath.mp.dps = 40
+    expected = mpmath.mpf(value) * mpmath.log(rate) - rate - mpmath.loggamma(mpmath.mpf(value) + 1)
+    family = opinionpool.families.PoissonFamily()
+    params = torch.tensor([rate], dtype=torch.float64, requires_grad=True)
+    got = family.log_prob(params, torch.tensor(value, dtype=torch.float64))
+    assert float(got) == pytest.approx(float(expected), rel=1e-14, abs=1e-300)
+    size = family.log_prob_term_size(params.detach(), torch.tensor(value, dtype=torch.float64))
+    assert abs(float(got) - float(expected)) <= 4 * torch.finfo(torch.float64).eps * float(size)
+    (gradient,) = torch.autograd.grad(got, params)
+    assert float(gradient) == pytest.approx(float(mpmath.mpf(value) / rate - 1), rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize(("count", "probability", "value"), [
+    (10**12, 0.3, 3 * 10**11 + 5 * 10**5), (10**8, 0.5, 5 * 10**7), (10**15, 1e-12, 1000), (10, 0.3, 0), (10, 0.3, 10),
+    (10, 0.3, 4), (1000, 1e-9, 2), (1000, 1 - 1e-9, 998), (2, 0.5, 1)])
+def test_binomial_log_prob_at_large_counts_against_mpmath(count, probability, value):
+    """The binomial coefficient's log-gammas are of size n log n: float64 kept 3 digits at n = 1e12 (-14.5502 for
+    -14.5494). Loader's form keeps them, up to the rounding of p (from the parameters, which are exact), to which the
+    log-probability is sensitive by z - n p. The reference takes p from the float64 parameters themselves."""
+    import mpmath
+
+    mpmath.mp.dps = 40
+    params = torch.tensor([math.log1p(-probability), math.log(probability)], dtype=torch.float64)
+    log_q, log_p = (mpmath.mpf(float(x)) for x in params)
+    p = mpmath.exp(log_p) / (mpmath.exp(log_p) + mpmath.exp(log_q))
+    expected = mpmath.log(mpmath.binomial(count, value)) + value * mpmath.log(p) + (count - value) * mpmath.log1p(-p)
+    got = opinionpool.families.BinomialFamily(count).log_prob(params, torch.tensor(float(value), dtype=torch.float64))
+    tolerance = 1e-14 * abs(float(expected)) + 4 * torch.finfo(torch.float64).eps * abs(float(value - count * p))
+    assert abs(float(got) - float(expected)) <= tolerance
+
+
 def test_entropy_of_poisson_and_binomial_pools_against_scipy_sums():
     """The log-linear pool of Poissons is one Poisson, whose torch entropy raises NotImplementedError (it has no
     carrier measure): the pool's entropy raised too instead of falling back to the numerical estimate. Mixtures with
