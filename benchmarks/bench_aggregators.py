@@ -181,7 +181,7 @@ def saved_bytes(fn, mu, logvar) -> int:
 
 
 def measure(found: dict, mu, logvar, rounds: int, warmup: int, rng: random.Random):
-    """Per candidate: (median ms, median ratio to poe, (q1, q3) of the ratio, saved MB, median page faults)."""
+    """Per candidate: (median ms, median ratio to poe, (q1, q3) of the ratio, saved MiB, median page faults)."""
     names = list(found)
     for _ in range(warmup):
         for name in names:
@@ -234,7 +234,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     measured = provenance(args.device)  # the commit whose code runs
     notes = set()  # why a fused row ran eagerly
-    rows = ["| shape (B, M, D) | aggregator | median ms | ratio to PoE (median [IQR]) | saved MB | new pages | "
+    rows = ["| shape (B, M, D) | aggregator | median ms | ratio to PoE (median [IQR]) | saved MiB | new pages | "
             "pairs left out | target |", "|---|---|---|---|---|---|---|---|"]
     for batch, experts, latent in args.shapes:
         g = torch.Generator().manual_seed(args.seed)

@@ -42,8 +42,14 @@ def saved_tensor_bytes(forward, exclude=()) -> int:
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
-    """First quartile, median and third quartile (all three the value itself for one value)."""
-    q1, q2, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    """First quartile, median and third quartile by ``statistics``' default (exclusive) method, which keeps them
+    within the values from 3 values on; all three the value itself for one value, and the two values and their mean
+    for two (where the method put the interquartile range outside the measured values)."""
+    if len(values) == 1:
+        return (values[0],) * 3
+    if len(values) == 2:
+        return min(values), statistics.fmean(values), max(values)
+    q1, q2, q3 = statistics.quantiles(values, n=4)
     return q1, q2, q3
 
 

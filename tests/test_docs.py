@@ -115,6 +115,21 @@ def test_benchmark_tables_say_where_they_come_from_and_whether_targets_are_met()
     assert verdict(2.003, "<= 2") == "<= 2: missed by 0.003" and verdict(0.8951, ">= 0.9") == ">= 0.9: missed by 0.005"
     with pytest.raises(ValueError, match="'< 4'"):
         verdict(1.0, "< 4")
+    # quartiles: statistics' exclusive method (Type 6, numpy's "weibull"), within the values, two values included
+    import numpy as np
+
+    from measure import quartiles
+
+    values = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6, 5.0, 3.5, 8.0]
+    np.testing.assert_allclose(quartiles(values), np.percentile(values, [25, 50, 75], method="weibull"), rtol=1e-15)
+    for few in ([2.0, 1.0], [1.0, 3.0, 2.0]):
+        q1, q2, q3 = quartiles(few)
+        assert min(few) <= q1 <= q2 <= q3 <= max(few) and q2 == np.median(few)
+    # the importance target is for 1e5 samples on 2 threads: other runs state none
+    from bench_numerical import judged_verdict
+
+    assert judged_verdict(0.5, "<= 1", True) == "<= 1: met"
+    assert judged_verdict(0.5, "<= 1", False).startswith("n/a (the target is for N=1e+05, 2 threads)")
     line = provenance()
     assert re.fullmatch(r"run of \d{4}-\d\d-\d\d at commit \S+.* on .+, \d+ cores, torch " + re.escape(torch.__version__),
                         line), line
