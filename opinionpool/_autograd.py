@@ -1,4 +1,5 @@
-"""Backward passes of custom autograd functions that are analytic and not themselves differentiable.
+"""Backward passes of custom autograd functions: analytic ones that are not themselves differentiable, and the
+implicit function theorem's, which is.
 
 ``torch.autograd.function.once_differentiable`` raises only where the incoming gradients require grad; under
 ``create_graph=True`` with plain incoming gradients (``torch.autograd.grad(y.sum(), x, create_graph=True)``,
@@ -12,7 +13,7 @@ import functools
 
 import torch
 
-__all__ = ["first_order_only", "second_order_requested"]
+__all__ = ["ImplicitSolution", "first_order_only", "second_order_requested"]
 
 
 def second_order_requested(*grads) -> bool:
@@ -39,3 +40,23 @@ def first_order_only(what: str):
             return once(ctx, *grads)
         return checked
     return decorate
+
+
+class ImplicitSolution(torch.autograd.Function):
+    """``ImplicitSolution.apply(x, y, vjp)``: the root ``y`` of ``F(y, x) = 0``, found without a graph (a Newton
+    solve), as a function of ``x``. The backward pass is ``vjp(y, g) = -(dF/dx)^T (dF/dy)^-T g``, which must be
+    written in differentiable operations of ``y`` and ``g``: under ``create_graph=True`` the saved ``y`` carries
+    this function's graph, so second derivatives differentiate the product through the solution again (one Newton
+    step with the solution detached gives the first derivative, but second derivatives of zero or partial ones)."""
+
+    @staticmethod
+    def forward(ctx, x, y, vjp):
+        solution = y.detach().clone()
+        ctx.vjp = vjp
+        ctx.save_for_backward(solution)
+        return solution
+
+    @staticmethod
+    def backward(ctx, grad):
+        (solution,) = ctx.saved_tensors
+        return ctx.vjp(solution, grad), None, None

@@ -19,12 +19,14 @@ Everything pooling needs is derived from the log-normaliser:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch.distributions import biject_to, constraints, transform_to
 from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform
 
+from .._autograd import ImplicitSolution
 from .bregman import _bregman_value
 
 __all__ = ["ExponentialFamily"]
@@ -525,14 +527,22 @@ def newton_inverse(family: ExponentialFamily, mean_params: torch.Tensor, init: t
     polished = eta - step.squeeze(-1)
     better = (info == 0) & torch.isfinite(polished).all(-1) & (merit(polished) < relative_size(residual))
     eta = torch.where(better.unsqueeze(-1), polished, eta)
-    eta = eta.reshape(shape)
     if not mean_params.requires_grad:
-        return eta
-    # One Newton step with the graph attached gives d eta / d m = (Hessian of A)^-1.
+        return eta.reshape(shape)
+    # d eta / d m = (Hessian of A)^-1, by the implicit function theorem (twice differentiable)
+    return ImplicitSolution.apply(mean_params.reshape(-1, p), eta, functools.partial(_mean_map_vjp, family)).reshape(
+        shape)
+
+
+def _mean_map_vjp(family: ExponentialFamily, eta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``H(eta)^-1 grad`` (``H`` the Hessian of ``A``, symmetric), ``(n, p)``: the mean map's inverse's
+    vector-Jacobian product, differentiable in ``eta`` and ``grad`` where a graph is recorded."""
+    create = torch.is_grad_enabled()  # (in a backward pass: create_graph=True)
     with torch.enable_grad():
-        x = eta.detach().reshape(-1, p).requires_grad_(True)
-        grad = family.mean_parameters(x)
-        jac = torch.stack([torch.autograd.grad(grad[:, i].sum(), x, retain_graph=True)[0]
-                           for i in range(p)], dim=-2)
-    correction = torch.linalg.solve(jac.detach(), (grad.detach() - mean_params.reshape(-1, p)).unsqueeze(-1))
-    return (x.detach() - correction.squeeze(-1)).reshape(shape)
+        x = eta if create and eta.requires_grad else eta.detach().requires_grad_(True)
+        mean = family.mean_parameters(x)
+        hessian = torch.stack([torch.autograd.grad(mean[:, i].sum(), x, retain_graph=True, create_graph=create)[0]
+                               for i in range(eta.shape[-1])], dim=-2)
+    if not create:
+        hessian = hessian.detach()
+    return torch.linalg.solve(hessian, grad.unsqueeze(-1)).squeeze(-1)

@@ -25,6 +25,7 @@ import math
 import torch
 from torch.distributions import Beta, Dirichlet, Exponential, Gamma, VonMises, constraints
 
+from .._autograd import ImplicitSolution
 from .._exact import two_product, two_sum
 from .._validation import check_positive
 from ..constants import LOG_2PI
@@ -422,9 +423,8 @@ class GammaFamily(ExponentialFamily):
                              f"log of mean_params[..., 1], as for every distribution that is not a point mass), got "
                              f"log E[x] - E[log x] = {s.detach()[bad].flatten()[:3].tolist()}")
         shape = _gamma_shape(s.detach(), max_iter)
-        # one Newton step with the graph attached: its value is the solution, its derivative da/ds
-        value, log_slope = _log_minus_digamma(shape)
-        shape = shape - (value - s) * shape / log_slope
+        if s.requires_grad:  # da/ds = a / (d/d log a of log a - psi(a)), twice differentiable
+            shape = ImplicitSolution.apply(s, shape, _gamma_shape_vjp)
         rate = torch.exp(torch.log(shape) - log_scale)
         return torch.stack((shape, -rate), dim=-1).to(mean_params.dtype)
 
@@ -451,6 +451,11 @@ def _log_minus_digamma(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     direct = torch.log(y) - torch.digamma(y)
     direct_derivative = 1 - y * torch.special.polygamma(1, y + 1) - 1 / y
     return torch.where(large, series, direct), torch.where(large, derivative, direct_derivative)
+
+
+def _gamma_shape_vjp(shape: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The implicit derivative of the ``a`` with ``log a - psi(a) = s``: ``grad * a / (1 - a psi'(a))``."""
+    return grad * shape / _log_minus_digamma(shape)[1]
 
 
 def _gamma_shape(s: torch.Tensor, max_iter: int) -> torch.Tensor:
