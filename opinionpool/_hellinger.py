@@ -500,32 +500,55 @@ class _PairComponents(torch.autograd.Function):
         ctx.save_for_backward(x, logvar, mu)
 
     @staticmethod
-    @first_order_only("the Hellinger pool's pair components")
     def backward(ctx, d_neg_log_s, d_loc, d_lv):
-        x, logvar, mu = ctx.saved_tensors
-        partners = ctx.partners
-        rows = _rows(x, logvar, log_s=False, partners=partners, mu=mu)
-        sizes = _row_sizes(x.shape[-2], partners)
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        d_locs = [zero] * len(sizes) if d_loc is None else d_loc.split(sizes, -2)
-        d_lvs = [zero] * len(sizes) if d_lv is None else d_lv.split(sizes, -2)
-        d_negs = [torch.zeros(x.shape[:-2] + (n,), dtype=x.dtype, device=x.device) for n in sizes] \
-            if d_neg_log_s is None else d_neg_log_s.split(sizes, -1)
-        grad_x, grad_logvar = [], []
-        experts = torch.arange(x.shape[-2], device=x.device)
-        for row, *grads in zip(rows, d_locs, d_lvs, d_negs):
-            dx_i, dx_j, dlv_i, dlv_j = _row_backward(row, *grads)
-            # each row as a (..., M, D) term, summed out of place: the incoming gradients may carry a vmap
-            # batching that the inputs do not (jacrev, is_grads_batched), or the other way round
-            reached = torch.cat((experts[row.i:row.i + 1], experts[row.after]))
-            grad_x.append(x.new_zeros(x.shape).index_copy(-2, reached, torch.cat((dx_i.unsqueeze(-2), dx_j), -2)))
-            grad_logvar.append(x.new_zeros(x.shape).index_copy(-2, reached,
-                                                               torch.cat((dlv_i.unsqueeze(-2), dlv_j), -2)))
-        if not grad_x:
-            return torch.zeros_like(x), torch.zeros_like(logvar), None, None
-        grad_x, grad_logvar = sum(grad_x[1:], grad_x[0]), sum(grad_logvar[1:], grad_logvar[0])
-        # (the differences Delta taken from mu are those of x: their gradients are x's)
-        return grad_x, grad_logvar, None, None
+        if ctx.partners is None and second_order_requested(d_neg_log_s, d_loc, d_lv):
+            return _plain_pair_gradients(ctx, d_neg_log_s, d_loc, d_lv)
+        return _analytic_pair_gradients(ctx, d_neg_log_s, d_loc, d_lv)
+
+
+def _plain_pair_gradients(ctx, d_neg_log_s, d_loc, d_lv):
+    """``_PairComponents``' gradients with a graph (``create_graph=True``), through ``_plain_pair_components`` of
+    the saved inputs: the analytic backward is not itself differentiable. Every pair (no ``partners``)."""
+    x, logvar, _ = ctx.saved_tensors
+    wanted = [k for k in range(2) if ctx.needs_input_grad[k]]
+    grads = [None, None, None, None]
+    with torch.enable_grad():
+        outputs = _plain_pair_components(x, logvar)
+        pairs = [(out, grad) for out, grad in zip(outputs, (d_neg_log_s, d_loc, d_lv))
+                 if grad is not None and out.requires_grad]  # (the pairs' log-variances do not depend on x)
+        found = torch.autograd.grad([o for o, _ in pairs], [(x, logvar)[k] for k in wanted], [g for _, g in pairs],
+                                    create_graph=True, allow_unused=True, materialize_grads=True)
+    for k, grad in zip(wanted, found):
+        grads[k] = grad
+    return tuple(grads)
+
+
+@first_order_only("the Hellinger pool's pair components (of pruned pairs)")
+def _analytic_pair_gradients(ctx, d_neg_log_s, d_loc, d_lv):
+    x, logvar, mu = ctx.saved_tensors
+    partners = ctx.partners
+    rows = _rows(x, logvar, log_s=False, partners=partners, mu=mu)
+    sizes = _row_sizes(x.shape[-2], partners)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    d_locs = [zero] * len(sizes) if d_loc is None else d_loc.split(sizes, -2)
+    d_lvs = [zero] * len(sizes) if d_lv is None else d_lv.split(sizes, -2)
+    d_negs = [torch.zeros(x.shape[:-2] + (n,), dtype=x.dtype, device=x.device) for n in sizes] \
+        if d_neg_log_s is None else d_neg_log_s.split(sizes, -1)
+    grad_x, grad_logvar = [], []
+    experts = torch.arange(x.shape[-2], device=x.device)
+    for row, *grads in zip(rows, d_locs, d_lvs, d_negs):
+        dx_i, dx_j, dlv_i, dlv_j = _row_backward(row, *grads)
+        # each row as a (..., M, D) term, summed out of place: the incoming gradients may carry a vmap
+        # batching that the inputs do not (jacrev, is_grads_batched), or the other way round
+        reached = torch.cat((experts[row.i:row.i + 1], experts[row.after]))
+        grad_x.append(x.new_zeros(x.shape).index_copy(-2, reached, torch.cat((dx_i.unsqueeze(-2), dx_j), -2)))
+        grad_logvar.append(x.new_zeros(x.shape).index_copy(-2, reached,
+                                                           torch.cat((dlv_i.unsqueeze(-2), dlv_j), -2)))
+    if not grad_x:
+        return torch.zeros_like(x), torch.zeros_like(logvar), None, None
+    grad_x, grad_logvar = sum(grad_x[1:], grad_x[0]), sum(grad_logvar[1:], grad_logvar[0])
+    # (the differences Delta taken from mu are those of x: their gradients are x's)
+    return grad_x, grad_logvar, None, None
 
 
 def pair_components(x: torch.Tensor, logvar: torch.Tensor, partners=None, mu: torch.Tensor | None = None):

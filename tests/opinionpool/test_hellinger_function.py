@@ -495,7 +495,8 @@ def test_second_derivatives_through_the_pool_are_right_or_refused():
     """The analytic backward passes are not differentiable, and ``once_differentiable`` alone handed back gradients
     without a graph under ``create_graph=True``: the Hessian of an alpha = 1/2 pool's mean came out zero. The
     alpha = 1/2 pool now differentiates its mixture written out there (against central differences of its first
-    gradient; gradgradcheck with weights, a mask, M = 2, eager and fused); the other analytic backward passes raise."""
+    gradient; gradgradcheck with weights, a mask, M = 2, eager and fused, weights beyond the float's range); the other
+    analytic backward passes raise."""
     from torch.distributions import Normal
 
     import opinionpool
@@ -522,6 +523,11 @@ def test_second_derivatives_through_the_pool_are_right_or_refused():
     assert torch.autograd.gradgradcheck(lambda a, b, c: opf.hellinger(a, b, weights=c, mask=mask), (mu, logvar, w))
     assert torch.autograd.gradgradcheck(lambda a, b: opf.hellinger(a[:2], b[:2], fused=True), (mu, logvar))
     assert torch.autograd.gradgradcheck(lambda a, b: opf.hellinger(a[:1], b[:1]), (mu, logvar))
+    # a weight ratio below the float's range takes the mixture written out with the analytic pair components, whose
+    # backward pass raised here; it differentiates the plain pair components now (only mu requiring grad too)
+    tiny = torch.tensor([1.0, 0.5, 1e-170])
+    assert torch.autograd.gradgradcheck(lambda a, b: opf.hellinger(a, b, weights=tiny), (mu, logvar))
+    assert torch.autograd.gradgradcheck(lambda a: opf.hellinger(a, logvar.detach(), weights=tiny), (mu,))
     factor = torch.randn(3, 2, 2, generator=g, dtype=torch.float64)
     covariances = (factor @ factor.transpose(-1, -2) + torch.eye(2)).requires_grad_(True)
     for refused, leaf in ((lambda: opf.subset_mixture(opf.poe, mu, logvar).loc, mu),
