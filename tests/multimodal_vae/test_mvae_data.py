@@ -5,6 +5,7 @@ import gzip
 import io
 import os
 import pickle
+import shutil
 import zipfile
 
 import numpy as np
@@ -59,6 +60,11 @@ def test_png_tree_is_paired_by_integer_index(tmp_path):
     again = PolyMNIST(tmp_path, "train", progress=progress)
     assert torch.equal(again.images, data.images) and list((tmp_path / "train").glob(".decoded-*.pt"))
     assert len(shown) == 3  # nothing decoded again
+    # two names of one image (1.3.png beside 01.3.png): one was dropped, whichever the listing gave last
+    first = next(name for name in os.listdir(tmp_path / "train" / "m0") if name.endswith(".png"))
+    shutil.copy(tmp_path / "train" / "m0" / first, tmp_path / "train" / "m0" / f"0{first}")
+    with pytest.raises(LayoutError, match=rf"m0: .* are both image {int(first.split('.')[0])} of digit"):
+        PolyMNIST(tmp_path, "train")
 
 
 def test_builder_stores_the_decoding_the_loader_would_make(tmp_path):
@@ -115,6 +121,16 @@ def test_tensor_layout_refuses_images_and_labels_it_would_misread(tmp_path):
         PolyMNIST(tmp_path, "test")
     save(torch.from_numpy(images[0]), torch.tensor([0.0, 1.0, 2.0, 3.0]))
     with pytest.raises(LayoutError, match="labels.pt: expected integer digits, got torch.float"):
+        PolyMNIST(tmp_path, "test")
+    # a file holding something other than a tensor, or not a tensor file at all: named, not an AttributeError
+    for what in ([0, 1, 2, 3], {"labels": torch.from_numpy(labels)}):
+        save(torch.from_numpy(images[0]))
+        torch.save(what, split / "labels.pt")
+        with pytest.raises(LayoutError, match=f"labels.pt: expected a tensor, got a {type(what).__name__}"):
+            PolyMNIST(tmp_path, "test")
+    save(torch.from_numpy(images[0]))
+    (split / "m1.pt").write_bytes(b"not a tensor file")
+    with pytest.raises(LayoutError, match="m1.pt: not a readable tensor file"):
         PolyMNIST(tmp_path, "test")
     save(torch.from_numpy(images[0]))
     data = PolyMNIST(tmp_path, "test")
@@ -215,6 +231,30 @@ def test_recipe_shares_the_digit_not_the_writer():
     assert (sources[0] != sources[1]).mean() > 0.8  # by different writers
     assert np.array_equal(out, builder.make_polymnist(digits, labels, backgrounds, np.random.default_rng(1)))
     assert not np.array_equal(out, builder.make_polymnist(digits, labels, backgrounds, np.random.default_rng(2)))
+
+
+def test_backgrounds_whose_decoding_differs_from_the_reference_are_flagged(tmp_path, monkeypatch):
+    """The backgrounds' digests fix the files' bytes, not the pixels a JPEG decoder makes of them (another inverse
+    DCT gives pixels a few levels apart, another dataset from the same seed): the decoded pixels are compared with
+    the reference decoding's digests, and a difference is a warning naming the image."""
+    import hashlib
+    import warnings
+
+    pixels = np.random.default_rng(4).integers(0, 256, size=(6, 7, 3), dtype=np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, format="PNG")
+    wheel = tmp_path / "backgrounds.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("skimage/data/one.png", encoded.getvalue())
+    monkeypatch.setattr(builder, "BACKGROUNDS", {"one.png": hashlib.sha256(encoded.getvalue()).hexdigest()})
+    monkeypatch.setattr(builder, "DECODED_BACKGROUNDS", {"one.png": hashlib.sha256(pixels.tobytes()).hexdigest()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (loaded,) = builder.load_backgrounds(wheel)
+    assert np.array_equal(loaded, pixels)
+    monkeypatch.setattr(builder, "DECODED_BACKGROUNDS", {"one.png": hashlib.sha256(b"other pixels").hexdigest()})
+    with pytest.warns(UserWarning, match="decodes the background one.png to other pixels than the reference"):
+        builder.load_backgrounds(wheel)
 
 
 def test_recipe_crops_the_background_and_inverts_under_the_digit():

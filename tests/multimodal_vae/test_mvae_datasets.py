@@ -93,6 +93,16 @@ def test_mnist_svhn_text_rejects_pairs_of_different_digits_and_missing_files(tmp
     torch.save(torch.tensor([other] + mnist_index[1:]), tmp_path / "test-ms-mnist-idx.pt")
     with pytest.raises(LayoutError, match=r"test-ms-svhn-idx.pt: 1 pairs join different digits .*\[\(0, "):
         MNISTSVHNText(tmp_path, "test")
+    # row numbers that are not 1-D integers: floats were truncated (2.9 read as 2), booleans read as 0 and 1
+    for bad in (torch.tensor(mnist_index, dtype=torch.float64) + 0.9, torch.ones(len(mnist_index), dtype=torch.bool),
+                torch.tensor(mnist_index).reshape(1, -1)):
+        torch.save(bad, tmp_path / "test-ms-mnist-idx.pt")
+        with pytest.raises(LayoutError, match=r"test-ms-mnist-idx.pt: expected a 1-D tensor of integer row numbers, "
+                                              rf"got {bad.dtype} of shape \({bad.shape[0]},"):
+            MNISTSVHNText(tmp_path, "test")
+    torch.save(list(mnist_index), tmp_path / "test-ms-mnist-idx.pt")
+    with pytest.raises(LayoutError, match="test-ms-mnist-idx.pt: expected a tensor, got a list"):
+        MNISTSVHNText(tmp_path, "test")
     (tmp_path / "SVHN" / "train_32x32.mat").unlink()
     with pytest.raises(LayoutError, match="expected the SVHN file .*train_32x32.mat"):
         MNISTSVHNText(tmp_path, "train")

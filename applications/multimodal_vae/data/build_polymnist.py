@@ -26,12 +26,14 @@ from __future__ import annotations
 import argparse
 import glob
 import gzip
+import hashlib
 import importlib
 import io
 import json
 import pickle
 import secrets
 import shutil
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -54,6 +56,16 @@ BACKGROUNDS = {  # skimage/data member -> SHA-256
     "coffee.png": "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7",
     "rocket.jpg": "c2dd0de7c538df8d111e479619b129464d0269d0ae5fd18ca91d33a7fdfea95c",
     "hubble_deep_field.jpg": "3a19c5dd8a927a9334bb1229a6d63711b1c0c767fb27e2286e7c84a3e2c2f5f4",
+}
+#: SHA-256 of each background's decoded uint8 pixels (C order), as Pillow 13.0 with its libjpeg-turbo decodes them:
+#: the files' digests above fix their bytes, not the pixels a JPEG decoder makes of them (a decoder with another
+#: inverse DCT gives pixels a few levels apart, and so another dataset from the same seed)
+DECODED_BACKGROUNDS = {
+    "astronaut.png": "a8c429c18afa7b0fd5673e598d73a21225d94c864a71bbb3885126fdecb41071",
+    "chelsea.png": "416b729128bfb2c3d1eb69bf9b1734a796293abc17939267b2dc94f8a5784031",
+    "coffee.png": "0ce2b51640b9c95f19617f03eabf40c3f0368589cc1ee1190b70966165ac184f",
+    "rocket.jpg": "3d4435cc745752b7f9724df88c6e18817de3ce7e3d2d71c55f85f7831e68f197",
+    "hubble_deep_field.jpg": "9a3ea9548188f81e63435188456e74de45a981ebeb791e265abe79a26d3b528b",
 }
 RECIPE_VERSION = 1
 
@@ -88,14 +100,21 @@ def load_mnist(wheel: Path):
 
 
 def load_backgrounds(wheel: Path) -> list[np.ndarray]:
-    """The five RGB background photographs, uint8 ``(H, W, 3)``."""
+    """The five RGB background photographs, uint8 ``(H, W, 3)``; a warning where the decoder made other pixels of
+    them than ``DECODED_BACKGROUNDS`` (the build then differs from the reference build of the same seed)."""
+    import PIL
     from PIL import Image
 
     images = []
     with zipfile.ZipFile(wheel) as archive:
         for member, digest in BACKGROUNDS.items():
             data = verified(archive.read(f"skimage/data/{member}"), digest, f"{wheel.name}:skimage/data/{member}")
-            images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+            pixels = np.ascontiguousarray(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+            if hashlib.sha256(pixels.tobytes()).hexdigest() != DECODED_BACKGROUNDS[member]:
+                warnings.warn(f"Pillow {PIL.__version__} decodes the background {member} to other pixels than the "
+                              "reference decoding: this PolyMNIST build will differ from others built with the same "
+                              "seed (still a valid dataset; compare results only within one build)", stacklevel=2)
+            images.append(pixels)
     return images
 
 

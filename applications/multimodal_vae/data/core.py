@@ -26,11 +26,25 @@ import opinionpool.functional as opf
 
 from ..files import UnreadableFile, load_checked, remove_orphaned_temporaries, save_checked
 
-__all__ = ["LayoutError", "Modality", "MultimodalDataset", "batches", "cached_tensors", "decode_images", "modality_mask",
-           "reconstruction_weights", "source_listing", "subset_mask", "subset_tuples"]
+__all__ = ["LayoutError", "load_tensor_file", "Modality", "MultimodalDataset", "batches", "cached_tensors", "decode_images",
+           "modality_mask", "reconstruction_weights", "source_listing", "subset_mask", "subset_tuples"]
+
 
 class LayoutError(ValueError):
     """A dataset folder that is not in the layout the loader expects."""
+
+
+def load_tensor_file(path: Path) -> torch.Tensor:
+    """The tensor a user's ``.pt`` file holds (``weights_only``: loading runs no code), or a ``LayoutError`` naming
+    the file where it cannot be read or holds something else (a list gave an ``AttributeError`` naming nothing)."""
+    try:
+        value = torch.load(path, weights_only=True)
+    except Exception as error:  # (torch raises RuntimeError, pickle's UnpicklingError, EOFError, ...)
+        first_line = (str(error).splitlines() or [""])[0]  # (torch's refusals run to a page)
+        raise LayoutError(f"{path}: not a readable tensor file ({type(error).__name__}: {first_line})") from error
+    if not isinstance(value, torch.Tensor):
+        raise LayoutError(f"{path}: expected a tensor, got a {type(value).__name__}")
+    return value
 
 
 @dataclass(frozen=True)

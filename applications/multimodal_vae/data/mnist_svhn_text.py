@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import LayoutError, Modality, MultimodalDataset
+from .core import LayoutError, Modality, MultimodalDataset, load_tensor_file
 from .text import ALPHABET, encode_characters
 
 __all__ = ["DIGIT_NAMES", "MNISTSVHNText", "digit_texts", "read_idx", "read_svhn"]
@@ -102,7 +102,12 @@ class MNISTSVHNText(MultimodalDataset):
             if not path.is_file():
                 raise LayoutError(f"MNIST-SVHN-Text: expected MMVAE's pairing file {path}; {root} contains "
                                   f"{sorted(p.name for p in root.iterdir())}")
-            index = torch.load(path, weights_only=True).long().reshape(-1)
+            index = load_tensor_file(path)
+            # row numbers: floats were truncated (2.9 read as 2), booleans read as 0 and 1, a matrix flattened
+            if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool or index.dim() != 1:
+                raise LayoutError(f"{path}: expected a 1-D tensor of integer row numbers, got {index.dtype} of shape "
+                                  f"{tuple(index.shape)}")
+            index = index.long()
             if index.numel() and (index.min() < 0 or index.max() >= size):
                 raise LayoutError(f"{path}: indices must lie in [0, {size}), found {int(index.min())}..{int(index.max())}")
             pairs.append(index)

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import LayoutError, Modality, MultimodalDataset, cached_tensors, source_listing
+from .core import LayoutError, Modality, MultimodalDataset, cached_tensors, load_tensor_file, source_listing
 
 __all__ = ["PolyMNIST", "detect_layout", "polymnist_modalities", "read_png_tree", "read_tensor_files",
            "store_decoded_png_tree"]
 
-_PNG_NAME = re.compile(r"^(\d+)\.(\d)\.png$")
+_PNG_NAME = re.compile(r"^(\d+)\.(\d)\.png$", re.ASCII)  # (\d alone takes other scripts' digits too)
 
 
 def _png_index(folder: Path) -> dict[tuple[int, int], str]:
@@ -42,7 +42,10 @@ def _png_index(folder: Path) -> dict[tuple[int, int], str]:
             if name.endswith(".png"):
                 raise LayoutError(f"{folder / name}: PNG name not of the form '{{index}}.{{digit}}.png'")
             continue
-        entries[int(match.group(1)), int(match.group(2))] = name
+        key = int(match.group(1)), int(match.group(2))
+        if key in entries:  # 1.3.png and 01.3.png: one would be dropped, whichever the listing gave first
+            raise LayoutError(f"{folder}: {entries[key]!r} and {name!r} are both image {key[0]} of digit {key[1]}")
+        entries[key] = name
     return entries
 
 
@@ -129,7 +132,7 @@ def store_decoded_png_tree(split_dir: Path, images: torch.Tensor, labels: torch.
 
 def read_tensor_files(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     files = _modality_folders(split_dir, "pt")
-    labels = torch.load(split_dir / "labels.pt", weights_only=True)
+    labels = load_tensor_file(split_dir / "labels.pt")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise LayoutError(f"{split_dir / 'labels.pt'}: expected integer digits, got {labels.dtype}")
     labels = labels.long().reshape(-1)
@@ -138,7 +141,7 @@ def read_tensor_files(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
                           f"{int(labels.max())}")
     modalities = []
     for path in files:
-        tensor = torch.load(path, weights_only=True)
+        tensor = load_tensor_file(path)
         if tensor.dim() != 4 or tuple(tensor.shape[1:]) != (3, 28, 28) or tensor.shape[0] != labels.shape[0]:
             raise LayoutError(f"{path}: expected shape ({labels.shape[0]}, 3, 28, 28) to match labels.pt, "
                               f"got {tuple(tensor.shape)}")
