@@ -771,6 +771,24 @@ class VonMisesFamily(ExponentialFamily):
     def log_base_measure(self, value):
         return _zeros(value, value.shape)
 
+    def log_prob(self, params, value):
+        """``kappa (cos(z - mu) - 1) - log(2 pi i0e(kappa))``, whose terms are of the size of the result, with the
+        gradient of ``<eta, T(z)> - A(eta)``: that form's terms are of size ``kappa`` and cancel (float32 was 3.5e-4
+        off a log-density of 3.7 at a concentration of 1e4). ``kappa (cos(z - mu) - 1)`` is ``<eta, T> - kappa``
+        without ``mu``: ``-(eta_1 sin z - eta_2 cos z)^2 / (<eta, T> + kappa)`` where ``<eta, T> >= 0``."""
+        log_h, product, log_normalizer = self._log_prob_terms(params, value)
+        plain = log_h + product.sum(-1) - log_normalizer
+        with torch.no_grad():
+            eta = self.to_natural(params)
+            cos, sin = torch.cos(value), torch.sin(value)
+            along = eta[..., 0] * cos + eta[..., 1] * sin
+            across = eta[..., 0] * sin - eta[..., 1] * cos
+            kappa = _concentration(eta)
+            near = (along >= 0) & (along + kappa > 0)  # (kappa = 0: across = 0, the difference 0)
+            drop = torch.where(near, -across * across / torch.where(near, along + kappa, 1.0), along - kappa)
+            exact = drop - LOG_2PI - torch.log(torch.special.i0e(kappa))
+        return plain + (exact - plain.detach()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
     def mean_parameters(self, natural):
         # I1(k)/(k I0(k)) -> 1/2 as k -> 0, where the gradient of A is eta / 2
         return _VonMisesMeanParameters.apply(natural)
