@@ -1255,7 +1255,11 @@ class HolderPool(_Pool):
         if self.num_components == 1 and _has_method(self._components(), "entropy"):
             # torch's Poisson inherits ExponentialFamily.entropy, which raises for want of a carrier measure
             with contextlib.suppress(NotImplementedError):
-                return self._components().entropy().squeeze(-1)
+                # in float64, cast back: torch's float32 entropies of concentrated Gamma, Beta and Dirichlet
+                # cancel log-gammas of 1e5 (6.0234 for 6.0223 at shapes of 1.5e4)
+                params = self.component_params
+                wide = self.family.distribution(params.to(torch.promote_types(params.dtype, torch.float64)))
+                return wide.entropy().squeeze(-1).to(params.dtype)
         return super().entropy()
 
     def expand(self, batch_shape, _instance=None):

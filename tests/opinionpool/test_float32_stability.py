@@ -368,3 +368,30 @@ def test_von_mises_log_prob_of_concentrated_experts_against_mpmath(dtype):
     params = torch.tensor([2.0, -1.0], dtype=torch.float64, requires_grad=True)
     value = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(family.log_prob, (params, value))
+
+
+def test_entropy_of_concentrated_log_linear_pools_in_float32_against_scipy():
+    """The alpha = 0 pool is one family member whose entropy torch gives; in float32 torch cancels log-gammas of
+    about 1e5 (Gamma: 6.0234 for 6.0223 at shapes of 1.5e4; Beta, Dirichlet 3e-2 off). The entropy is computed in
+    float64 and cast back. Reference: scipy's entropies of the pooled member, whose parameters are the weighted sums
+    of the experts' natural parameters (in float64, from the same float32 inputs)."""
+    import numpy as np
+    from scipy import stats
+    from torch.distributions import Beta, Dirichlet, Gamma
+
+    import opinionpool
+
+    weights = np.array([0.7, 0.2, 0.1])
+    shapes, rates = np.array([1e4, 2e4, 1.5e4], np.float32), np.array([1.0, 1.5, 1.2], np.float32)
+    pool = opinionpool.holder(Gamma(torch.from_numpy(shapes), torch.from_numpy(rates)), 0.0, weights=weights.tolist())
+    expected = stats.gamma(weights @ (shapes.astype(float) - 1) + 1, scale=1 / (weights @ rates.astype(float))).entropy()
+    assert pool.entropy().dtype == torch.float32
+    assert float(pool.entropy()) == pytest.approx(expected, rel=2e-7)
+    a, b = np.array([1e4, 2e4, 1.5e4], np.float32), np.array([2e4, 1e4, 1.5e4], np.float32)
+    pool = opinionpool.holder(Beta(torch.from_numpy(a), torch.from_numpy(b)), 0.0, weights=weights.tolist())
+    expected = stats.beta(weights @ (a.astype(float) - 1) + 1, weights @ (b.astype(float) - 1) + 1).entropy()
+    assert float(pool.entropy()) == pytest.approx(expected, abs=4e-7 * abs(expected) + 1e-6)
+    concentrations = np.array([[1e4, 2e4, 3e4], [2e4, 1e4, 1.5e4], [1.5e4, 1.5e4, 1e4]], np.float32)
+    pool = opinionpool.holder(Dirichlet(torch.from_numpy(concentrations)), 0.0, weights=weights.tolist())
+    expected = stats.dirichlet(weights @ (concentrations.astype(float) - 1) + 1).entropy()
+    assert float(pool.entropy()) == pytest.approx(expected, abs=4e-7 * abs(expected) + 1e-6)
