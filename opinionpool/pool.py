@@ -374,7 +374,14 @@ class _Pool(Distribution):
             nan = torch.isnan(value)
             nan = nan.flatten(-event_dims).any(-1) if event_dims else nan
             value = torch.where(inside.reshape(inside.shape + (1,) * event_dims), value, family.support_fill(value))
-        log_u = log_power_mean(expert_log_probs(family, self.experts.params, value), self.log_weights, self._alpha)
+        log_q = expert_log_probs(family, self.experts.params, value)
+        if family.discrete and self.alpha != 0 and log_q.dtype != torch.float64:
+            # in float64, cast back (as log Z): sum_j lambda_j q_j^alpha near 1 rounds in float32 by 6e-8, all of a
+            # log-probability near 0 (Bernoulli experts of probability 1e-6 at 0: -1.40e-6 for -1.32e-6 at alpha =
+            # 1/3); continuous log-densities are not pinned near 0
+            log_u = log_power_mean(log_q.double(), self.log_weights.double(), self._alpha).to(log_q.dtype)
+        else:
+            log_u = log_power_mean(log_q, self.log_weights, self._alpha)
         if self.alpha == 0:
             # where one expert's density is infinite and another's zero (a Beta at an end), sum_j w_j log q_j is
             # inf - inf; the log-linear pool is the member at sum_j w_j eta_j, whose density there is 0 or inf
@@ -875,8 +882,9 @@ class _Pool(Distribution):
         params = self.experts.params
         args = (self.family, params, self.log_weights, self.alpha, wanted)
         with torch.no_grad():
-            if method == "enumeration":
-                est = enumeration_estimate(*args, keep_nodes=keep_nodes)
+            if method == "enumeration":  # in float64, as the other rules (log Z of tiny probabilities is near 0)
+                est = in_dtype(enumeration_estimate(self.family, *_in_float64(params, self.log_weights), self.alpha,
+                                                    wanted, keep_nodes=keep_nodes), params.dtype)
             elif method == "quadrature":
                 est = quadrature_estimate(*args, rtol=rtol, keep_nodes=keep_nodes)
             elif method == "grid":
@@ -1117,10 +1125,20 @@ class HolderPool(_Pool):
     def _mixture(self):
         """``(log_normalizer, log_mixture_weights, component_params)``, built on first use."""
         if self._mixture_cache is None:
+            params, log_weights = self.experts.params, self.log_weights
+            # discrete pools in float64, cast back: their log Z and log-probabilities may be near 0, where float32
+            # rounds the sums by 6e-8 (log Z 0 for -8.3e-8 with Bernoulli experts of probability 1e-6)
+            wide = self.family.discrete and params.dtype != torch.float64
+            if wide:  # (the weights renormalised there: float32 weights sum to one only to 3e-8)
+                params, log_weights = params.double(), log_weights.double()
+                log_weights = log_weights - torch.logsumexp(log_weights, -1, keepdim=True)
             with self._built_modes():
-                log_mix, params = holder_components(self.family, self.experts.params, self.log_weights, self.order)
+                log_mix, params = holder_components(self.family, params, log_weights, self.order)
                 log_normalizer = torch.logsumexp(log_mix, dim=-1)
                 log_mix = log_mix - log_normalizer.unsqueeze(-1)
+            if wide:
+                dtype = self.experts.params.dtype
+                log_normalizer, log_mix, params = log_normalizer.to(dtype), log_mix.to(dtype), params.to(dtype)
             finite = torch.isfinite(log_normalizer)
             if self._validate and not bool(finite.all()):
                 raise ValueError("experts: the pool's log-normaliser is not finite, got "
