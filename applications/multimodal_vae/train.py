@@ -419,6 +419,21 @@ def _denormals_flushed(device: torch.device):
 
 
 @contextlib.contextmanager
+def _gradual_underflow(device: torch.device):
+    """Subnormal numbers kept (the previous mode restored after) for the evaluation at the end of training, inside
+    ``_denormals_flushed``: the likelihoods and pooling diagnostics use the library's float64 numerics."""
+    if device.type != "cpu":
+        yield
+        return
+    previous = _denormals_are_flushed()
+    torch.set_flush_denormal(False)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(previous)
+
+
+@contextlib.contextmanager
 def _stop_requests():
     requests = _StopRequests()
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
@@ -533,7 +548,8 @@ def _train(config, run_dir, state, show_progress, rank, world, device, tqdm, req
         raise TrainingInterrupted(f"{name}: training stopped after step {step}; {run.checkpoint_path} holds it; "
                                   "continue with --resume", requests.signum)
     if config.train.evaluate_at_end and writes:
-        result = evaluate_run(run_dir, config, model, progress=tqdm if show_progress else None)
+        with _gradual_underflow(device):  # as `evaluate --run` evaluates the checkpoint
+            result = evaluate_run(run_dir, config, model, progress=tqdm if show_progress else None)
         print(summary_line(result, run_dir))
     return run_dir
 

@@ -123,6 +123,18 @@ def test_subnormals_are_flushed_while_training_on_the_cpu_and_restored_after(tin
     train(tiny_config(tiny_root, "subnormals", max_steps=2), show_progress=False)
     assert seen and all(value == 0.0 for value in seen)
     assert float(torch.tensor([1e-310], dtype=torch.float64) * 1.0) > 0
+    # the evaluation at the end keeps gradual underflow, as `evaluate --run` on the checkpoint has it (it ran
+    # flushed, inside the training's mode)
+    from applications.multimodal_vae import train as training
+
+    evaluated = []
+    monkeypatch.setattr(training, "evaluate_run", lambda *args, **kwargs: evaluated.append(
+        float(torch.tensor([1e-310], dtype=torch.float64) * 1.0)) or {})
+    monkeypatch.setattr(training, "summary_line", lambda result, run_dir: "")
+    config = tiny_config(tiny_root, "subnormals_evaluated", max_steps=2, evaluate_at_end="true")
+    config.eval.probe_examples = -1
+    train(config, show_progress=False)
+    assert evaluated and evaluated[0] > 0
 
 
 def test_kl_warmup_weights_the_kl_by_step_and_resumes_on_schedule(tiny_root):
