@@ -726,7 +726,8 @@ class RunWriter:
             # the logs first, the checkpoint last: a kill in between leaves rows past the checkpoint's step, which
             # a resumed run drops, never a checkpoint whose rows are missing
             _write_csv(self.run_dir / "metrics.csv", self.metrics, METRIC_FIELDS)
-            grid = sample_grid(model, self._shown(device), self.data.modalities, self.run_dir / "samples.png")
+            with self._overflow_is_divergence(step):
+                grid = sample_grid(model, self._shown(device), self.data.modalities, self.run_dir / "samples.png")
             self.log_pooling(model, epoch + (position > 0), step)
             _write_csv(self.run_dir / "pooling.csv", self.pooling, POOLING_FIELDS)
             if self.board is not None and grid.numel():
@@ -744,17 +745,24 @@ class RunWriter:
         memory and TensorBoard; ``pooling.csv`` at the next ``save``), once per step."""
         if not self.writes or (self.pooling and int(self.pooling[-1]["step"]) == step):
             return
-        try:
+        with self._overflow_is_divergence(step):
             diagnostics = pooling_diagnostics(model, self._shown(model.device))
-        except FloatingPointError as error:  # finite weights whose encodings overflow: as diverged as NaN weights
-            raise TrainingDiverged(f"at step {step}: {error}; no weights were written; last good checkpoint: "
-                                   f"{self.last_good()}") from None
         self.pooling.append({"epoch": epoch, "step": step,
                              **{k: "" if v is None else f"{v:.6g}" for k, v in diagnostics.items()}})
         if self.board is not None:
             for key, value in diagnostics.items():
                 if value is not None:
                     self.board.add_scalar(f"pooling/{key}", value, step)
+
+    @contextlib.contextmanager
+    def _overflow_is_divergence(self, step: int):
+        """A ``FloatingPointError`` of the evaluation passes on the shown tuples (finite weights whose encodings or
+        decodings overflow) as ``TrainingDiverged``: as diverged as NaN weights, and logged as such."""
+        try:
+            yield
+        except FloatingPointError as error:
+            raise TrainingDiverged(f"at step {step}: {error}; no weights were written; last good checkpoint: "
+                                   f"{self.last_good()}") from None
 
     def keep_diverged_log(self) -> None:
         """The loss rows up to a divergence in ``DIVERGED_LOG`` (``metrics.csv`` keeps those of the last checkpoint,

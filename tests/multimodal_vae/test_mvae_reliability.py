@@ -366,6 +366,19 @@ def test_a_divergence_on_a_diagnostics_step_is_a_divergence(tiny_root, monkeypat
                                                r"good checkpoint: none yet"):
         train(tiny_config(tiny_root, "overflow", diagnostics_every=2, tensorboard="false"), show_progress=False)
     assert (tiny_root / "runs" / "overflow" / DIVERGED_LOG).exists()
+    monkeypatch.undo()
+    # decodings of the sample grid that overflow at a checkpoint: a FloatingPointError escaped, no diverged log
+    decode = models.MultimodalVAE._decode
+
+    def overflowing_decode(self, *args, **kwargs):  # (decode raises FloatingPointError on what this gives)
+        out = decode(self, *args, **kwargs)
+        return out if self.training else out * float("inf")
+
+    monkeypatch.setattr(models.MultimodalVAE, "_decode", overflowing_decode)
+    with pytest.raises(TrainingDiverged, match=r"at step 3: decoder 0 gave .* non-finite outputs .*last good "
+                                               r"checkpoint: none yet"):
+        train(tiny_config(tiny_root, "overflow_decoded", tensorboard="false"), show_progress=False)
+    assert (tiny_root / "runs" / "overflow_decoded" / DIVERGED_LOG).exists()
 
 
 def test_save_refuses_a_non_finite_optimiser_state(tiny_root, monkeypatch):
