@@ -32,7 +32,8 @@ __all__ = ["main", "diagonal_experts", "median_seconds", "judged_verdict", "IMPO
 #: the issue's target for the 64-dimensional importance-sampled estimate on 2 CPU cores
 IMPORTANCE_TARGET_SECONDS = 1.0
 #: the settings the target is stated for
-TARGET_SAMPLES, TARGET_THREADS = 100_000, 2
+TARGET_SAMPLES = 100_000
+TARGET_THREADS = 2
 
 
 def judged_verdict(seconds: float, target: str, judged: bool) -> str:
