@@ -401,32 +401,18 @@ def _denormals_are_flushed() -> bool:
 
 
 @contextlib.contextmanager
-def _denormals_flushed(device: torch.device):
+def _denormals_flushed(device: torch.device, flushed: bool = True):
     """Subnormal numbers flushed to zero on the CPU while training, the previous mode restored after: once values in
     the backward pass fell below the smallest normal float32 (1.2e-38), it took several times as long
     (docs/benchmarks.md). The pools keep their scaled quantities within the normal range and work in log space, so
     training loses nothing it uses; the mode is restored because the library's float64 numerics rely on gradual
-    underflow elsewhere in the same process."""
+    underflow elsewhere in the same process. ``flushed=False``: gradual underflow inside training's mode, for the
+    evaluation at its end (likelihoods and pooling diagnostics use those numerics)."""
     if device.type != "cpu":
         yield
         return
     previous = _denormals_are_flushed()
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(previous)
-
-
-@contextlib.contextmanager
-def _gradual_underflow(device: torch.device):
-    """Subnormal numbers kept (the previous mode restored after) for the evaluation at the end of training, inside
-    ``_denormals_flushed``: the likelihoods and pooling diagnostics use the library's float64 numerics."""
-    if device.type != "cpu":
-        yield
-        return
-    previous = _denormals_are_flushed()
-    torch.set_flush_denormal(False)
+    torch.set_flush_denormal(flushed)
     try:
         yield
     finally:
@@ -548,7 +534,7 @@ def _train(config, run_dir, state, show_progress, rank, world, device, tqdm, req
         raise TrainingInterrupted(f"{name}: training stopped after step {step}; {run.checkpoint_path} holds it; "
                                   "continue with --resume", requests.signum)
     if config.train.evaluate_at_end and writes:
-        with _gradual_underflow(device):  # as `evaluate --run` evaluates the checkpoint
+        with _denormals_flushed(device, flushed=False):  # as `evaluate --run` evaluates the checkpoint
             result = evaluate_run(run_dir, config, model, progress=tqdm if show_progress else None)
         print(summary_line(result, run_dir))
     return run_dir
