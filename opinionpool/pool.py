@@ -1255,10 +1255,16 @@ class HolderPool(_Pool):
         flows through that discrete choice, nor to the mixture weights), then the component's own ``rsample``.
         For ``alpha = 0`` (one component) this is the full reparameterisation gradient; for a mixture the gradient
         of an expectation is biased (the weights' path is missing, and they depend on the experts' parameters), so
-        ``has_rsample`` is False there."""
+        ``has_rsample`` is False there, and a call whose samples carry a gradient warns."""
         sample_shape = check_sample_shape(sample_shape)
         if sample_shape.numel() == 0:  # as sample() (the categorical draw refuses no samples)
             return self.component_params.new_empty(sample_shape + self.batch_shape + self.event_shape)
+        if self.num_components != 1 and torch.is_grad_enabled() and self._differentiable:
+            warnings.warn(f"rsample of the alpha={self.alpha!r} pool, a mixture of {self.num_components} components, "
+                          "carries only the gradient within the drawn component: the gradient of an expectation "
+                          "over its samples is biased, as the component weights depend on the experts' parameters "
+                          "too (has_rsample is False). Unbiased: alpha = 0, or moment_match().rsample() for the "
+                          "moment-matched pool", stacklevel=2)
         shape = sample_shape + self.batch_shape
         index = Categorical(logits=self.log_mixture_weights.detach()).sample(sample_shape)
         params = self.component_params

@@ -2,6 +2,7 @@
 against independent float64 computations (scipy quadrature of the pooled density written out here, exact sums)."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -330,12 +331,20 @@ def test_rsample_is_reparameterised_within_components():
     tau = np.array(WEIGHTS) / scale.numpy() ** 2
     torch.testing.assert_close(loc.grad, torch.tensor(tau / tau.sum()), rtol=1e-10, atol=1e-12)
     mixture = opinionpool.holder(Normal(loc, scale), 0.5, weights=WEIGHTS)
-    samples = mixture.rsample((3,))
-    assert samples.shape == (3,) and samples.requires_grad
     # but not the gradient of an expectation: the path through the component weights, which depend on loc, is
-    # missing (torch's MixtureSameFamily has no rsample for that reason)
+    # missing (torch's MixtureSameFamily has no rsample for that reason), so a call with a gradient warns
+    with pytest.warns(UserWarning, match=r"alpha=0.5 pool, a mixture of 3 components.*biased"):
+        samples = mixture.rsample((3,))
+    assert samples.shape == (3,) and samples.requires_grad
     assert not mixture.has_rsample
-    assert mixture.rsample((0,)).shape == (0,) == mixture.sample((0,)).shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mixture.rsample((0,)).shape == (0,) == mixture.sample((0,)).shape
+        # no gradient, no bias to warn of: under no_grad, or with experts that need none, or at alpha = 0
+        with torch.no_grad():
+            mixture.rsample((2,))
+        opinionpool.holder(Normal(loc.detach(), scale), 0.5, weights=WEIGHTS).rsample((2,))
+        pool.rsample((2,))
     numerical = opinionpool.holder(Normal(loc, scale), 2.0)
     assert not numerical.has_rsample
     with pytest.raises(NotImplementedError, match=r"alpha=2.0 .*no reparameterised sampler.*sample\(\)"):
