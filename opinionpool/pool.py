@@ -375,10 +375,8 @@ class _Pool(Distribution):
             nan = nan.flatten(-event_dims).any(-1) if event_dims else nan
             value = torch.where(inside.reshape(inside.shape + (1,) * event_dims), value, family.support_fill(value))
         log_q = expert_log_probs(family, self.experts.params, value)
-        if family.discrete and self.alpha != 0 and log_q.dtype != torch.float64:
-            # in float64, cast back (as log Z): sum_j lambda_j q_j^alpha near 1 rounds in float32 by 6e-8, all of a
-            # log-probability near 0 (Bernoulli experts of probability 1e-6 at 0: -1.40e-6 for -1.32e-6 at alpha =
-            # 1/3); continuous log-densities are not pinned near 0
+        if self._sums_in_float64 and self.alpha != 0:
+            # (Bernoulli experts of probability 1e-6 at 0 in float32: -1.40e-6 for -1.32e-6 at alpha = 1/3)
             log_u = log_power_mean(log_q.double(), self.log_weights.double(), self._alpha).to(log_q.dtype)
         else:
             log_u = log_power_mean(log_q, self.log_weights, self._alpha)
@@ -793,6 +791,13 @@ class _Pool(Distribution):
         return self.entropy_estimate().value
 
     @property
+    def _sums_in_float64(self) -> bool:
+        """Discrete pools below float64 sum their densities in float64, cast back: their log-normaliser and
+        log-probabilities may lie near 0, where float32 rounds a sum near 1 by 6e-8 (log Z 0 for -8.3e-8 with
+        Bernoulli experts of probability 1e-6); continuous log-densities are not pinned near 0."""
+        return self.family.discrete and self.experts.params.dtype != torch.float64
+
+    @property
     def _differentiable(self) -> bool:
         return self.experts.params.requires_grad or self.log_weights.requires_grad or self._alpha_requires_grad
 
@@ -1134,9 +1139,7 @@ class HolderPool(_Pool):
         """``(log_normalizer, log_mixture_weights, component_params)``, built on first use."""
         if self._mixture_cache is None:
             params, log_weights = self.experts.params, self.log_weights
-            # discrete pools in float64, cast back: their log Z and log-probabilities may be near 0, where float32
-            # rounds the sums by 6e-8 (log Z 0 for -8.3e-8 with Bernoulli experts of probability 1e-6)
-            wide = self.family.discrete and params.dtype != torch.float64
+            wide = self._sums_in_float64
             if wide:  # (the weights renormalised there: float32 weights sum to one only to 3e-8)
                 params, log_weights = params.double(), log_weights.double()
                 log_weights = log_weights - torch.logsumexp(log_weights, -1, keepdim=True)
