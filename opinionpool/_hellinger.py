@@ -510,17 +510,25 @@ def _plain_pair_gradients(ctx, d_neg_log_s, d_loc, d_lv):
     """``_PairComponents``' gradients with a graph (``create_graph=True``), through ``_plain_pair_components`` of
     the saved inputs: the analytic backward is not itself differentiable. Every pair (no ``partners``)."""
     x, logvar, _ = ctx.saved_tensors
-    wanted = [k for k in range(2) if ctx.needs_input_grad[k]]
-    grads = [None, None, None, None]
+    return (*_recomputed_gradients(_plain_pair_components, (x, logvar), ctx.needs_input_grad,
+                                   (d_neg_log_s, d_loc, d_lv)), None, None)
+
+
+def _recomputed_gradients(function, inputs, needs_input_grad, grad_outputs):
+    """The gradients of ``function(*inputs)`` (ordinary differentiable operations) with a graph, for the inputs
+    that need them (``None`` for the others): the second-order backward of a function whose analytic backward is
+    not itself differentiable. Outputs that do not depend on a wanted input (or get no gradient) are left out."""
+    wanted = [k for k in range(len(inputs)) if needs_input_grad[k]]
     with torch.enable_grad():
-        outputs = _plain_pair_components(x, logvar)
-        pairs = [(out, grad) for out, grad in zip(outputs, (d_neg_log_s, d_loc, d_lv))
-                 if grad is not None and out.requires_grad]  # (the pairs' log-variances do not depend on x)
-        found = torch.autograd.grad([o for o, _ in pairs], [(x, logvar)[k] for k in wanted], [g for _, g in pairs],
-                                    create_graph=True, allow_unused=True, materialize_grads=True)
+        outputs = function(*inputs)
+        used = [(out, grad) for out, grad in zip(outputs, grad_outputs) if grad is not None and out.requires_grad]
+        found = torch.autograd.grad([out for out, _ in used], [inputs[k] for k in wanted], [g for _, g in used],
+                                    create_graph=True, allow_unused=True, materialize_grads=True) if used else \
+            [torch.zeros_like(inputs[k]) for k in wanted]
+    grads = [None] * len(inputs)
     for k, grad in zip(wanted, found):
         grads[k] = grad
-    return tuple(grads)
+    return grads
 
 
 @first_order_only("the Hellinger pool's pair components (of pruned pairs)")
@@ -712,19 +720,14 @@ def _differentiable_gradients(ctx, grad_mean, grad_logvar):
     """The gradients of ``_HellingerMoments`` with a graph (``create_graph=True``: Hessians, gradient penalties),
     from the pool's mixture written out (``_mixture_moments``, ordinary differentiable operations) recomputed from
     the saved inputs: the analytic backward is not itself differentiable. Slower; the same values."""
-    mu, logvar, log_w = ctx.saved_tensors[:3]
-    inputs = [(k, t) for k, t in enumerate((mu, logvar, log_w)) if ctx.needs_input_grad[k]]
-    with torch.enable_grad():
-        if mu.shape[-2] == 1:  # one expert: the pool is that expert, whatever its weight
-            outputs = mu[..., 0, :], logvar[..., 0, :]
-        else:
-            outputs = _mixture_moments(mu, logvar, log_w, differentiable=True)
-        found = torch.autograd.grad(outputs, [t for _, t in inputs], (grad_mean, grad_logvar), create_graph=True,
-                                    allow_unused=True, materialize_grads=True)
-    grads = [None, None, None]
-    for (k, _), grad in zip(inputs, found):
-        grads[k] = grad
-    return grads
+    return _recomputed_gradients(_written_out_moments, ctx.saved_tensors[:3], ctx.needs_input_grad,
+                                 (grad_mean, grad_logvar))
+
+
+def _written_out_moments(mu, logvar, log_w):
+    if mu.shape[-2] == 1:  # one expert: the pool is that expert, whatever its weight
+        return mu[..., 0, :], logvar[..., 0, :]
+    return _mixture_moments(mu, logvar, log_w, differentiable=True)
 
 
 def standing_in(mu: torch.Tensor, logvar: torch.Tensor, present: torch.Tensor):

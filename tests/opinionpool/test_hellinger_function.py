@@ -523,6 +523,10 @@ def test_second_derivatives_through_the_pool_are_right_or_refused():
     assert torch.autograd.gradgradcheck(lambda a, b, c: opf.hellinger(a, b, weights=c, mask=mask), (mu, logvar, w))
     assert torch.autograd.gradgradcheck(lambda a, b: opf.hellinger(a[:2], b[:2], fused=True), (mu, logvar))
     assert torch.autograd.gradgradcheck(lambda a, b: opf.hellinger(a[:1], b[:1]), (mu, logvar))
+    # one input requiring grad: the other's outputs have no graph (one expert's mean raised "does not require grad")
+    assert torch.autograd.gradgradcheck(lambda b: opf.hellinger(mu.detach()[:1], b[:1]), (logvar,))
+    assert torch.autograd.gradgradcheck(lambda b: opf.hellinger(mu.detach(), b), (logvar,))
+    assert torch.autograd.gradgradcheck(lambda c: opf.hellinger(mu.detach(), logvar.detach(), weights=c), (w,))
     # a weight ratio below the float's range takes the mixture written out with the analytic pair components, whose
     # backward pass raised here; it differentiates the plain pair components now (only mu requiring grad too)
     tiny = torch.tensor([1.0, 0.5, 1e-170])
