@@ -1253,14 +1253,17 @@ class HolderPool(_Pool):
         weights, which depend on the experts' parameters too (as ``MixtureSameFamily``, which has none)."""
         return self.num_components == 1 and self._components().has_rsample
 
-    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape=torch.Size(), seed: int | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
         """Samples reparameterised within their component: a component is drawn by its weight (no gradient
         flows through that discrete choice, nor to the mixture weights), then the component's own ``rsample``.
         For ``alpha = 0`` (one component) this is the full reparameterisation gradient; for a mixture the gradient
         of an expectation is biased (the weights' path is missing, and they depend on the experts' parameters), so
-        ``has_rsample`` is False there, and a call whose samples carry a gradient warns."""
+        ``has_rsample`` is False there, and a call whose samples carry a gradient warns. ``seed`` or ``generator``
+        as in :meth:`sample`."""
         sample_shape = check_sample_shape(sample_shape)
         if sample_shape.numel() == 0:  # as sample() (the categorical draw refuses no samples)
+            check_seed(seed)
             return self.component_params.new_empty(sample_shape + self.batch_shape + self.event_shape)
         if self.num_components != 1 and torch.is_grad_enabled() and self._differentiable:
             warnings.warn(f"rsample of the alpha={self.alpha!r} pool, a mixture of {self.num_components} components, "
@@ -1269,13 +1272,14 @@ class HolderPool(_Pool):
                           "too (has_rsample is False). Unbiased: alpha = 0, or moment_match().rsample() for the "
                           "moment-matched pool", stacklevel=2)
         shape = sample_shape + self.batch_shape
-        index = Categorical(logits=self.log_mixture_weights.detach()).sample(sample_shape)
         params = self.component_params
-        param_dims = len(self.family.param_shape)
-        params = params.expand(shape + params.shape[len(self.batch_shape):])
-        index = index.reshape(shape + (1,) * (param_dims + 1)).expand(shape + (1,) + params.shape[len(shape) + 1:])
-        chosen = torch.gather(params, len(shape), index).squeeze(len(shape))
-        return self.family.distribution(chosen).rsample()
+        with seeded(seed, generator, params.device):
+            index = Categorical(logits=self.log_mixture_weights.detach()).sample(sample_shape)
+            param_dims = len(self.family.param_shape)
+            params = params.expand(shape + params.shape[len(self.batch_shape):])
+            index = index.reshape(shape + (1,) * (param_dims + 1)).expand(shape + (1,) + params.shape[len(shape) + 1:])
+            chosen = torch.gather(params, len(shape), index).squeeze(len(shape))
+            return self.family.distribution(chosen).rsample()
 
     @property
     def mode(self) -> torch.Tensor:
@@ -1324,15 +1328,21 @@ class HolderPool(_Pool):
         components = self.family.distribution(self.component_params)
         return MixtureSameFamily(Categorical(logits=self.log_mixture_weights), components, validate_args=False)
 
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        """Samples ``sample_shape + batch_shape + event_shape``: a component index, then that component."""
+    def sample(self, sample_shape=torch.Size(), seed: int | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Samples ``sample_shape + batch_shape + event_shape``: a component index, then that component. ``seed``
+        (or a ``generator`` to draw one from) samples on a forked RNG, leaving the global one untouched, as
+        :meth:`NumericalHolderPool.sample` does."""
         sample_shape = check_sample_shape(sample_shape)
         if sample_shape.numel() == 0:  # as torch.distributions do (the categorical draw refuses no samples)
+            check_seed(seed)
             return self.component_params.new_empty(sample_shape + self.batch_shape + self.event_shape)
-        index = Categorical(logits=self.log_mixture_weights).sample(sample_shape)
         components = self.component_params.reshape((-1,) + self.component_params.shape[len(self.batch_shape):])
-        chosen = components[torch.arange(components.shape[0], device=index.device), index.reshape(-1, components.shape[0])]
-        return self.family.sample(chosen.reshape(sample_shape + self.batch_shape + self.family.param_shape))
+        with seeded(seed, generator, components.device):
+            index = Categorical(logits=self.log_mixture_weights).sample(sample_shape)
+            chosen = components[torch.arange(components.shape[0], device=index.device),
+                                index.reshape(-1, components.shape[0])]
+            return self.family.sample(chosen.reshape(sample_shape + self.batch_shape + self.family.param_shape))
 
     def moment_match(self, family: str | None = None):
         """Project the pool onto one distribution by matching moments (the KL M-projection).

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from torch.distributions import MultivariateNormal, Normal
+from torch.distributions import MultivariateNormal, Normal, Poisson
 
 import opinionpool
 from opinionpool import Experts
@@ -68,6 +68,38 @@ def test_a_seed_and_a_generator_together_are_refused():
                                      torch.tensor([1.0, 0.5], dtype=torch.float64)), alpha=0.7)
     with pytest.raises(ValueError, match="seed or generator, not both"):
         pool.sample((3,), seed=1, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 0.7])
+def test_every_pool_samples_from_a_seed_or_a_generator(alpha):
+    """The exact pools (alpha = 0, 1/n) took no seed: code seeding its samples broke exactly there. Every pool's
+    ``sample`` (and the exact pool's ``rsample``) now draws the same values from the same seed, on a forked RNG."""
+    experts = Normal(torch.tensor([0.0, 3.0, -1.0], dtype=torch.float64),
+                     torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64))
+    discrete = Poisson(torch.tensor([[1.0, 4.0], [0.5, 9.0]], dtype=torch.float64))
+    discrete_pool = opinionpool.holder(discrete, alpha)
+    for pool in (opinionpool.holder(experts, alpha, weights=[0.2, 0.5, 0.3]), discrete_pool):
+        # (torch's Poisson has no rsample)
+        exact = isinstance(pool, opinionpool.HolderPool) and pool is not discrete_pool
+        samplers = [pool.sample] + ([pool.rsample] if exact else [])
+        for draw in samplers:
+            torch.manual_seed(11)
+            first = draw((500,), seed=3)
+            after = torch.rand(())
+            torch.manual_seed(11)
+            assert torch.rand(()) == after  # the global stream untouched
+            torch.testing.assert_close(draw((500,), seed=3), first, rtol=0, atol=0)
+            assert not torch.equal(draw((500,), seed=4), first)
+            twins = [draw((500,), generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+            torch.testing.assert_close(*twins, rtol=0, atol=0)
+            with pytest.raises(ValueError, match="seed or generator, not both"):
+                draw((3,), seed=1, generator=torch.Generator())
+            with pytest.raises(ValueError, match="seed must be an integer or None"):
+                draw((0,), seed=1.5)
+        # seeded draws are draws of the pool: the sample mean within 5 standard errors of the pool's
+        samples = pool.sample((4000,), seed=0)
+        error = (pool.variance / 4000).sqrt()
+        assert bool(((samples.mean(0) - pool.mean).abs() < 5 * error).all())
 
 
 @pytest.mark.parametrize("seed", range(3))
