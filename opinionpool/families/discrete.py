@@ -134,9 +134,12 @@ class PoissonFamily(_LogProbInFloat64, ExponentialFamily):
 
     def natural_difference(self, params_p, params_q):
         # log(r_q / r_p) from the rates: their logs, of about 35 at 1e15, round to 1e-14, which a difference of 1e-9
-        # inherits (a KL divergence of 1e15 rates 1e-9 apart 7e-6 off); where the ratio overflows, the logs' difference
+        # inherits (a KL divergence of 1e15 rates 1e-9 apart 7e-6 off). Only near a ratio of 1, though: far below
+        # it (r_q << r_p) the relative difference rounds to -1 + eps, and log1p gave log(eps) for log(1e-15), -inf
+        # for log(1e-300); there, and where it overflows, the logs' difference keeps every digit
         ratio = (params_q - params_p) / params_p
-        return torch.where(torch.isfinite(ratio), torch.log1p(ratio), torch.log(params_q) - torch.log(params_p))
+        near = ratio.abs() <= 0.5
+        return torch.where(near, torch.log1p(torch.where(near, ratio, 0.0)), torch.log(params_q) - torch.log(params_p))
 
     def distribution(self, params, validate_args: bool = False):
         return Poisson(params[..., 0], validate_args=validate_args)
