@@ -9,7 +9,7 @@ import torch
 
 from .._validation import describe
 
-__all__ = ["bregman_divergence"]
+__all__ = ["bregman_divergence", "lost_rounding"]
 
 
 #: Gauss-Legendre rule on [0, 1] for the integral form of Taylor's remainder in ``bregman_divergence``
@@ -19,8 +19,8 @@ _NODES, _WEIGHTS = (_NODES + 1) / 2, _WEIGHTS / 2
 _CANCELLATION = 1e-3
 
 
-def bregman_divergence(family, eta_p: torch.Tensor, eta_q: torch.Tensor, delta: torch.Tensor | None = None
-                       ) -> torch.Tensor:
+def bregman_divergence(family, eta_p: torch.Tensor, eta_q: torch.Tensor, delta: torch.Tensor | None = None,
+                       strict: bool = True) -> torch.Tensor:
     r""":math:`A(\eta_q) - A(\eta_p) - \langle\eta_q - \eta_p, \nabla A(\eta_p)\rangle`, accurate also for nearly
     equal experts.
 
@@ -41,20 +41,37 @@ def bregman_divergence(family, eta_p: torch.Tensor, eta_q: torch.Tensor, delta: 
     gradients beside a right value). A gradient that still overflows raises rather than turning into NaN.
 
     ``delta``: :math:`\eta_q - \eta_p` where the caller knows it better than the difference of the rounded natural
-    parameters (``ExponentialFamily.natural_difference``); the value takes it, the gradients the difference."""
-    return _Bregman.apply(family, eta_p, eta_q, delta)
+    parameters (``ExponentialFamily.natural_difference``); the value takes it, the gradients the difference.
+    ``strict=False``: where neither form is accurate, the direct form instead of a ``ValueError``, for a caller that
+    checks :func:`lost_rounding` against a larger sum the divergence enters."""
+    return _Bregman.apply(family, eta_p, eta_q, delta, strict)
+
+
+def lost_rounding(family, eta_p: torch.Tensor, eta_q: torch.Tensor, delta: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """The rounding of the direct form (the machine epsilon times its terms) where neither form is accurate, 0
+    elsewhere: the error of ``bregman_divergence(..., strict=False)`` there. No graph."""
+    with torch.no_grad():
+        return _forms(family, eta_p, eta_q, delta)[3]
+
+
+def _forms(family, eta_p, eta_q, delta):
+    """``_both_forms``, where ``shift_invariant`` families retry the rows of neither form with the shift taken out
+    of ``eta_q`` (only there: elsewhere the shift's own rounding would cost digits of nearly equal experts)."""
+    value, short, lost, rounding = _both_forms(family, eta_p, eta_q, delta)
+    if family.shift_invariant and bool(lost.any()):
+        shifted, shifted_short, still_lost, shifted_rounding = _both_forms(family, eta_p,
+                                                                           _without_shift(family, eta_p, eta_q))
+        value, short = torch.where(lost, shifted, value), torch.where(lost, shifted_short, short)
+        rounding = torch.where(lost, shifted_rounding, rounding)
+        lost = lost & still_lost
+    return value, short, lost, torch.where(lost, rounding, 0)
 
 
 def _bregman_value(family, eta_p: torch.Tensor, eta_q: torch.Tensor, strict: bool = True, delta=None):
     """The divergence (no graph) and where it took the remainder form; where neither form is accurate, a
-    ``ValueError`` if ``strict``, else the direct form. ``shift_invariant`` families retry such rows with the shift
-    taken out of ``eta_q`` (only there: elsewhere the shift's own rounding would cost digits of nearly equal
-    experts). ``delta``: as ``bregman_divergence``'s."""
-    value, short, lost = _both_forms(family, eta_p, eta_q, delta)
-    if family.shift_invariant and bool(lost.any()):
-        shifted, shifted_short, still_lost = _both_forms(family, eta_p, _without_shift(family, eta_p, eta_q))
-        value, short = torch.where(lost, shifted, value), torch.where(lost, shifted_short, short)
-        lost = lost & still_lost
+    ``ValueError`` if ``strict``, else the direct form. ``delta``: as ``bregman_divergence``'s."""
+    value, short, lost, _ = _forms(family, eta_p, eta_q, delta)
     if strict and bool(lost.any()):
         raise ValueError(f"{family.name} KL divergence: neither form is accurate in {value.dtype} for these "
                          "experts (the direct form cancels, and the curvature of the log-normaliser overflows, "
@@ -65,7 +82,7 @@ def _bregman_value(family, eta_p: torch.Tensor, eta_q: torch.Tensor, strict: boo
 
 def _both_forms(family, eta_p: torch.Tensor, eta_q: torch.Tensor, delta=None):
     """The divergence by the direct form or, where that cancels, the remainder form, where it took the remainder
-    form, and where neither is accurate (the direct form there)."""
+    form, where neither is accurate (the direct form there), and the direct form's rounding."""
     # a category p gives probability zero (eta_p = -inf, mean parameter 0) adds nothing to the linear term: inf * 0
     # would be NaN (and -inf - -inf for KL(p || p)); where only q gives it zero, delta stays -inf (KL = inf)
     delta = torch.where(torch.isneginf(eta_p), 0, eta_q - eta_p if delta is None else delta)
@@ -75,17 +92,17 @@ def _both_forms(family, eta_p: torch.Tensor, eta_q: torch.Tensor, delta=None):
         better = split_scale < scale
         direct, scale = torch.where(better, split, direct), torch.where(better, split_scale, scale)
     cancelled = direct.abs() < _CANCELLATION * scale
-    if not bool(cancelled.any()):
-        return direct, cancelled, cancelled
-    remainder, error, underflowed = _taylor_remainder(family, eta_p, delta)
     rounding = torch.finfo(direct.dtype).eps * scale
+    if not bool(cancelled.any()):
+        return direct, cancelled, cancelled, rounding
+    remainder, error, underflowed = _taylor_remainder(family, eta_p, delta)
     # the remainder where its rule has converged to better than the direct form's rounding; not where the
     # curvature overflows (a Gamma concentration of 1e-200: 1 / a^2 is infinite in float64) or underflows
     short = cancelled & torch.isfinite(remainder) & ~underflowed & (error <= rounding)
     # elsewhere the direct form serves where it is a million times its rounding (six digits), and nowhere else: a KL
     # of 5e-21 between concentrations 1e-200 and 1.0000000001e-200 came out -4e-14
     lost = cancelled & ~short & (direct.abs() < 1e6 * rounding)
-    return torch.where(short, remainder, direct), short, lost
+    return torch.where(short, remainder, direct), short, lost, rounding
 
 
 def _without_shift(family, eta_p, eta_q):
@@ -139,9 +156,9 @@ class _Bregman(torch.autograd.Function):
     through autograd of the backward's own operations."""
 
     @staticmethod
-    def forward(ctx, family, eta_p, eta_q, delta):
+    def forward(ctx, family, eta_p, eta_q, delta, strict):
         with torch.no_grad():
-            value, short = _bregman_value(family, eta_p, eta_q, delta=delta)
+            value, short = _bregman_value(family, eta_p, eta_q, strict=strict, delta=delta)
         ctx.family = family
         ctx.save_for_backward(eta_p, eta_q, value, short)
         return value
@@ -170,7 +187,7 @@ class _Bregman(torch.autograd.Function):
             raise ValueError(f"{family.name} KL divergence: its gradient overflows in {eta_p.dtype} for these experts "
                              "(the curvature of the log-normaliser is infinite) (first natural parameter of p: "
                              f"{describe(eta_p[..., 0], broken.any(-1))})")
-        return None, grad_p, grad_q, None
+        return None, grad_p, grad_q, None, None
 
 
 def _curvature_times(family, eta: torch.Tensor, direction: torch.Tensor, create: bool) -> torch.Tensor:

@@ -492,3 +492,29 @@ def test_poisson_affinities_of_rates_far_apart_against_mpmath(rates):
     got.backward()
     assert float(p.grad) == pytest.approx(float(mpmath.log(rp / rq)), rel=1e-13)
     assert float(q.grad) == pytest.approx(float(1 - rp / rq), rel=1e-13)
+
+
+@pytest.mark.parametrize(("probability", "a"), [(1e-200, 2.0), (1e-300, 1.5), (1e-300, 3.0), (1e-100, 2.0)])
+def test_orders_above_one_with_a_tiny_probability_against_mpmath(probability, a):
+    """Bernoulli(1e-200) against Bernoulli(0.5) at a = 2 raised "neither form is accurate" (a review helper): the
+    member r at 2 eta_p - eta_q has probability e^-920, whose curvature underflows, so KL(r || p), about 1e-200,
+    has neither form; but its rounding is nothing beside log C = log 2. Categorical too; against 50-digit mpmath.
+    A divergence whose rounding does matter still raises."""
+    import mpmath
+    from torch.distributions import Bernoulli, Categorical
+
+    mpmath.mp.dps = 50
+    t = functools.partial(torch.tensor, dtype=torch.float64)
+    small, half = mpmath.mpf(probability), mpmath.mpf(0.5)
+    want = mpmath.log(small**a * half ** (1 - a) + (1 - small) ** a * half ** (1 - a))
+    got = op.log_chernoff_coefficient(Bernoulli(probs=t(probability)), Bernoulli(probs=t(0.5)), a)
+    assert float(got) == pytest.approx(float(want), rel=1e-14)
+    renyi = op.renyi_divergence(Bernoulli(probs=t(probability)), Bernoulli(probs=t(0.5)), a)
+    assert float(renyi) == pytest.approx(float(want / (a - 1)), rel=1e-14)
+    p = [small, (1 - small) / 2, (1 - small) / 2]
+    want = mpmath.log(sum(x**a * mpmath.mpf(1 / 3) ** (1 - a) for x in p))
+    got = op.log_chernoff_coefficient(Categorical(probs=t([probability, 0.5, 0.5])), Categorical(probs=t([1 / 3] * 3)), a)
+    assert float(got) == pytest.approx(float(want), rel=1e-13)
+    close = Gamma(t(1e-200), t(1.0)), Gamma(t(1.0000000001e-200), t(1.0))  # log C about 1e-21: every digit lost
+    with pytest.raises(ValueError, match=r"order a=2.0 of these Gamma experts: neither form .* torch.float64"):
+        op.log_chernoff_coefficient(*close, 2.0)
