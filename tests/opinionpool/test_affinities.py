@@ -518,3 +518,45 @@ def test_orders_above_one_with_a_tiny_probability_against_mpmath(probability, a)
     close = Gamma(t(1e-200), t(1.0)), Gamma(t(1.0000000001e-200), t(1.0))  # log C about 1e-21: every digit lost
     with pytest.raises(ValueError, match=r"order a=2.0 of these Gamma experts: neither form .* torch.float64"):
         op.log_chernoff_coefficient(*close, 2.0)
+
+
+@pytest.mark.parametrize("a", [1e-12, 1e-6, 0.3, 1 - 1e-12])
+def test_orders_near_zero_and_one_of_nearly_equal_experts_against_mpmath(a):
+    """The geometric combination's Bregman form took each expert's offset as eta_s less the rounded centre
+    a eta_p + (1 - a) eta_q, whose rounding (eps |eta|) the divergences squared: log C of Gamma experts 1e-12 apart
+    at a = 1e-12 came out -3.9e-32 for -1.5e-36, Beta 3 000x off, and the Amari divergence with them (a review
+    helper). The offsets are now sums of the experts' differences. Against 80-digit mpmath."""
+    import mpmath
+
+    mpmath.mp.dps = 80
+    t = functools.partial(torch.tensor, dtype=torch.float64)
+    order = mpmath.mpf(a)
+
+    def combined(log_normalizer, p, q):
+        mixed = [order * x + (1 - order) * y for x, y in zip(p, q)]
+        return log_normalizer(*mixed) - order * log_normalizer(*p) - (1 - order) * log_normalizer(*q)
+
+    def gamma_a(k, r):  # log Gamma(k) - k log r
+        return mpmath.loggamma(k) - k * mpmath.log(r)
+
+    def beta_a(x, y):
+        return mpmath.loggamma(x) + mpmath.loggamma(y) - mpmath.loggamma(x + y)
+
+    def dirichlet_a(*c):
+        return sum(mpmath.loggamma(x) for x in c) - mpmath.loggamma(sum(c))
+
+    cases = [(Gamma, (3.0, 1.0), (3.0, 1 + 1e-12), gamma_a), (Gamma, (1e5, 1.0), (1e5, 1 + 1e-10), gamma_a),
+             (Beta, (0.5, 0.5), (0.5 + 1e-12, 0.5), beta_a)]
+    for family, p, q, log_normalizer in cases:
+        want = combined(log_normalizer, [mpmath.mpf(x) for x in p], [mpmath.mpf(x) for x in q])
+        got = op.log_chernoff_coefficient(family(*map(t, p)), family(*map(t, q)), a)
+        # (Beta's curvature, torch's trigamma, holds about ten digits)
+        assert float(got) == pytest.approx(float(want), rel=1e-9, abs=0), (family.__name__, p)
+        amari = op.amari_alpha_divergence(family(*map(t, p)), family(*map(t, q)), a)
+        assert float(amari) == pytest.approx(float(-mpmath.expm1(want) / (order * (1 - order))), rel=1e-9, abs=0)
+    from torch.distributions import Dirichlet
+
+    p, q = [2.0, 3.0, 0.7], [2.0, 3.0 + 1e-12, 0.7]
+    want = combined(dirichlet_a, [mpmath.mpf(x) for x in p], [mpmath.mpf(x) for x in q])
+    got = op.log_chernoff_coefficient(Dirichlet(t(p)), Dirichlet(t(q)), a)
+    assert float(got) == pytest.approx(float(want), rel=1e-9, abs=0)
