@@ -338,8 +338,8 @@ def _kl_custom(p, q):
 @register_kl(NumericalHolderPool, Distribution)
 def _kl_pool(p, q):
     """Closed form for the log-linear pool (one family member) against an expert of its family; otherwise the
-    estimate of :meth:`HolderPool.kl_estimate` (its error there), without a gradient (a warning says so where the
-    pool's parameters require grad)."""
+    estimate of :meth:`HolderPool.kl_estimate` (its error there) with the gradient of the engine's weighted points
+    for it (:meth:`HolderPool.kl_divergence_to`)."""
     if isinstance(p, HolderPool) and p.num_components == 1:
         params = p.component_params.select(len(p.batch_shape), 0)
         if _same_family(p.family.distribution(params), q):
@@ -348,8 +348,7 @@ def _kl_pool(p, q):
             other = params_of(q, p.family)
             wide = torch.promote_types(params.dtype, other.dtype)
             return kl_divergence(p.family.distribution(params.to(wide)), p.family.distribution(other.to(wide)))
-    p._warn_detached("kl_divergence(pool, other)")
-    return p.kl_estimate(q).value
+    return p.kl_divergence_to(q)
 
 
 __all__ = [

@@ -350,22 +350,10 @@ def differentiable_estimates(family, params, log_weights, alpha, est: PoolEstima
     those laws, each exponent ``s_j`` the slope of ``log q_j`` (of ``T``) between the two points it was fitted on, so
     that the gradient is the values' own: with ``log u`` at the nearest point, a Beta(0.7, 0.1) expert's
     ``d log Z / d b`` (``E[log(1 - z)]`` there) left out the extrapolated mass's depth, -0.640 for -0.870."""
-    points, log_w = est.nodes if est.gradient_nodes is None else est.gradient_nodes[:2]
     high = torch.float64
+    pi, points, laws = _nodes_for_gradient(est)
+    real = points.to(high)
     with torch.no_grad():
-        pi = torch.softmax(log_w.to(high), dim=0)
-        # points of zero weight are moved to the heaviest one, so that log u and its gradient are finite everywhere
-        extra = points.dim() - pi.dim()
-        heaviest = pi.argmax(0, keepdim=True).reshape((1,) + pi.shape[1:] + (1,) * extra)
-        heaviest = torch.gather(points, 0, heaviest.expand((1,) + points.shape[1:]))
-        points = torch.where((pi > 0).reshape(pi.shape + (1,) * extra), points, heaviest)
-        real = points.to(high)
-        laws = None
-        if est.gradient_nodes is not None:
-            t, near, far = (v.to(high) for v in est.gradient_nodes[2:])
-            t = torch.where(pi > 0, t, 0.0)
-            if bool((t != 0).any()):  # the laws' anchors, the nodes themselves where they stand for themselves
-                laws = (t, torch.where(t != 0, near, real), torch.where(t != 0, far, real))
         flat = real.reshape(pi.shape + (-1,))
         mean = (pi.unsqueeze(-1) * flat).sum(0)
         parts, values, shapes = [], [est.log_normalizer.value.to(high).unsqueeze(-1)], []
@@ -389,10 +377,7 @@ def differentiable_estimates(family, params, log_weights, alpha, est: PoolEstima
             parts.append(f)
             values.append(value.to(high).reshape(pi.shape[1:] + (-1,)))
             shapes.append((name, value.shape, f.shape[-1]))
-    ell = expert_log_probs(family, params.to(high), real if points.is_floating_point() else points)
-    if laws is not None:
-        ell = ell + _along_laws(laws, lambda z: expert_log_probs(family, params.to(high), z))
-    log_u = log_power_mean(ell, log_weights.to(high), alpha)
+    log_u = _log_u_at(family, params, log_weights, alpha, points, laws)
     f = torch.cat(parts, -1) if parts else pi.new_zeros(pi.shape + (0,))
     values = torch.cat(values, -1)
     out = _NodeExpectations.apply(log_u, pi, f, values)
@@ -404,6 +389,76 @@ def differentiable_estimates(family, params, log_weights, alpha, est: PoolEstima
         result[name] = out[..., start:start + size].reshape(shape)
         start += size
     return result
+
+
+def _nodes_for_gradient(est: PoolEstimate):
+    """``(pi, points, laws)`` of the estimate's weighted points for a gradient (no graph): ``pi`` their normalised
+    weights in float64, the points (float64 where real) with those of zero weight moved to the heaviest one, so that
+    ``log u`` and its gradient are finite everywhere, and the power laws of the points next to a singular end that
+    stand for points nearer it (``None`` where there are none; see :func:`differentiable_estimates`)."""
+    points, log_w = est.nodes if est.gradient_nodes is None else est.gradient_nodes[:2]
+    high = torch.float64
+    with torch.no_grad():
+        pi = torch.softmax(log_w.to(high), dim=0)
+        extra = points.dim() - pi.dim()
+        heaviest = pi.argmax(0, keepdim=True).reshape((1,) + pi.shape[1:] + (1,) * extra)
+        heaviest = torch.gather(points, 0, heaviest.expand((1,) + points.shape[1:]))
+        points = torch.where((pi > 0).reshape(pi.shape + (1,) * extra), points, heaviest)
+        if points.is_floating_point():
+            points = points.to(high)
+        laws = None
+        if est.gradient_nodes is not None:
+            t, near, far = (v.to(high) for v in est.gradient_nodes[2:])
+            t = torch.where(pi > 0, t, 0.0)
+            if bool((t != 0).any()):  # the laws' anchors, the nodes themselves where they stand for themselves
+                laws = (t, torch.where(t != 0, near, points), torch.where(t != 0, far, points))
+    return pi, points, laws
+
+
+def _log_u_at(family, params, log_weights, alpha, points, laws):
+    """The pool's unnormalised log-density at the gradient nodes, in float64, with its graph to ``params``,
+    ``log_weights`` and a tensor ``alpha``."""
+    high = torch.float64
+    ell = expert_log_probs(family, params.to(high), points)
+    if laws is not None:
+        ell = ell + _along_laws(laws, lambda z: expert_log_probs(family, params.to(high), z))
+    return log_power_mean(ell, log_weights.to(high), alpha)
+
+
+class _NodeDivergence(torch.autograd.Function):
+    r"""Passes ``value``, an estimate of ``E_pool[log u - log r] - log Z`` (``KL(pool || r)`` for a density ``r``;
+    the negative entropy for ``log r = 0``), through unchanged and gives it the gradient of the weighted point set
+    behind it: with ``pi_i`` the pool's normalised mass at node ``i`` (rule weights and nodes held fixed) and
+    ``d_i = log u_i - log r_i``, ``d value / d log u_i = pi_i (d_i - E_pool[d])`` and ``d value / d log r_i = -pi_i``."""
+
+    @staticmethod
+    def forward(ctx, log_u, log_r, pi, value):
+        difference = log_u.detach() - log_r.detach()
+        ctx.save_for_backward(pi, torch.where(pi > 0, difference, 0.0))
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        pi, difference = ctx.saved_tensors
+        centred = difference - (pi * difference).sum(0)
+        return grad * pi * centred, -grad * pi, None, None
+
+
+def divergence_at_nodes(family, params, log_weights, alpha, est: PoolEstimate, value: torch.Tensor,
+                        log_other=None) -> torch.Tensor:
+    r"""``value``, an estimate of ``KL(pool || other)`` (``log_other`` a function of points giving ``other``'s
+    log-density, with its graph) or of the pool's negative entropy (``log_other=None``), carrying the gradient of
+    the same quantity over the estimate's weighted points ``est.nodes`` (rule weights and nodes held fixed):
+    :math:`\nabla(-H) = \mathrm{Cov}_{pool}(\log u, \nabla\log u)` and :math:`\nabla KL = \mathrm{Cov}_{pool}(\log u -
+    \log r, \nabla\log u) - E_{pool}[\nabla\log r]`, as :func:`differentiable_estimates` gives its expectations.
+    The value is unchanged (in ``value``'s dtype); the gradient is computed in float64."""
+    pi, points, laws = _nodes_for_gradient(est)
+    log_u = _log_u_at(family, params, log_weights, alpha, points, laws)
+    log_r = torch.zeros_like(pi) if log_other is None else log_other(points).to(torch.float64)
+    with torch.no_grad():
+        log_r_values = torch.where(pi > 0, log_r, 0.0)  # (outside the pool's mass other may have no density)
+    log_r = log_r_values + (log_r - log_r.detach()) if log_r.requires_grad else log_r_values
+    return _NodeDivergence.apply(log_u, log_r, pi, value.to(torch.float64)).to(value.dtype)
 
 
 def _along_laws(laws, function):

@@ -73,6 +73,7 @@ from .numerical import (
     check_quantities,
     check_rtol,
     differentiable_estimates,
+    divergence_at_nodes,
     enumerate_support,
     enumeration_estimate,
     expert_log_probs,
@@ -771,7 +772,7 @@ class _Pool(Distribution):
         adaptive quadrature with :math:`\int u \log u` among the integrands whose error it controls (an error
         estimate, to ``rtol``); on the grid (Gaussians up to dimension 3) the normaliser's error estimate scaled by
         ``1 + sd_pool(log u)``; importance sampling otherwise, with the delta-method standard error of ``log Z`` and
-        ``E[log u]`` together (one set of draws gives both). No gradient."""
+        ``E[log u]`` together (one set of draws gives both). No gradient: :meth:`entropy` carries one."""
         dtype = self.experts.params.dtype
         check_num_samples(num_samples)
         if check_method(self.family, method) == "quadrature":
@@ -785,10 +786,25 @@ class _Pool(Distribution):
     def entropy(self) -> torch.Tensor:
         """Exact for the log-linear pool (one family member, whose torch entropy is used); otherwise
         ``entropy_estimate().value`` (deterministic: quadrature, grid or exact sums, or importance sampling with
-        seed 0), without a gradient (a warning says so where the pool's parameters require grad); call
+        seed 0) with the gradient of the engine's weighted points for it (:meth:`_with_node_gradient`); call
         :meth:`entropy_estimate` for its error."""
-        self._warn_detached("entropy()")
-        return self.entropy_estimate().value
+        value = self.entropy_estimate().value
+        return -self._with_node_gradient(-value)
+
+    def _with_node_gradient(self, value: torch.Tensor, log_other=None, other_requires_grad: bool = False,
+                            method: str = "auto", num_samples: int = 100_000, seed: int = 0,
+                            rtol: float = DEFAULT_RTOL) -> torch.Tensor:
+        """``value``, an estimate of ``KL(pool || other)`` or (``log_other=None``) of the negative entropy, with the
+        gradient of that quantity over the engine's weighted points for the same arguments (rule weights and nodes
+        held fixed; the self-normalised estimate for importance samples): ``Cov_pool(log u - log r, grad log u) -
+        E_pool[grad log r]`` (:func:`opinionpool.numerical.divergence_at_nodes`). Only where a gradient is wanted:
+        the points are computed again (the adaptive quadrature's entropy controls its own integrand, not theirs)."""
+        if not (torch.is_grad_enabled() and (self._differentiable or other_requires_grad)):
+            return value
+        est = self._estimate(frozenset(), check_method(self.family, method), num_samples, seed, None,
+                             check_rtol(rtol), keep_nodes=True)
+        return divergence_at_nodes(self.family, self.experts.params, self.log_weights, self._alpha, est, value,
+                                   log_other)
 
     @property
     def _sums_in_float64(self) -> bool:
@@ -801,14 +817,6 @@ class _Pool(Distribution):
     def _differentiable(self) -> bool:
         return self.experts.params.requires_grad or self.log_weights.requires_grad or self._alpha_requires_grad
 
-    def _warn_detached(self, what: str) -> None:
-        """Warns that ``what``, an estimate, carries no gradient where one could be expected: a loss adding it gets
-        none from it, silently."""
-        if torch.is_grad_enabled() and self._differentiable:
-            warnings.warn(f"{what} of the alpha={self.alpha!r} pool is a numerical estimate without a gradient (its "
-                          "value is detached): a loss that adds it gets no gradient from it. Exact with a gradient at "
-                          "alpha = 0 (one family member)", stacklevel=3)
-
     def kl_estimate(self, other: Distribution, method: str = "auto", num_samples: int = 100_000, seed: int = 0,
                     rtol: float = DEFAULT_RTOL) -> Estimate:
         """``KL(pool || other)`` for any distribution ``other`` with a ``log_prob`` defined on the pool's support, as
@@ -816,7 +824,7 @@ class _Pool(Distribution):
         the rounding of ``other``'s log-density where its dtype is below float64: such an ``other`` is evaluated
         through a float64 copy of itself where one computes). ``+inf``, error 0, where ``other``
         has no density on part of the pool's mass; raises where its log-density is NaN or ``+inf`` there. No
-        gradient. ``torch.distributions.kl_divergence(pool, other)`` gives the value."""
+        gradient: :meth:`kl_divergence_to` (``torch.distributions.kl_divergence(pool, other)``) carries one."""
         if not callable(getattr(other, "log_prob", None)):
             raise ValueError(f"other must be a distribution with a log_prob method, got {other!r} of type "
                              f"{type(other).__name__}")
@@ -864,6 +872,29 @@ class _Pool(Distribution):
         error = error + (pi * log_q_error).sum(0)
         mean = torch.where(outside, math.inf, mean)  # its error made 0 by _infinite_where_outside
         return _infinite_where_outside(rounded(Estimate(mean.to(dtype), error.to(dtype))))
+
+    def kl_divergence_to(self, other: Distribution) -> torch.Tensor:
+        """``kl_estimate(other).value`` with the gradient of the engine's weighted points for it, to the pool's
+        parameters and to ``other``'s (through ``other.log_prob`` at those points, in the pool's dtype); what
+        ``torch.distributions.kl_divergence(pool, other)`` returns away from a closed form."""
+        value = self.kl_estimate(other).value
+        dtype = self.experts.params.dtype
+
+        def log_other(points):
+            points = points.to(dtype) if points.is_floating_point() else points
+            inside = _support_check(other, points)
+            if inside is None or bool(inside.all()):
+                return other.log_prob(points)
+            event = points.shape[points.dim() - len(self.event_shape):]
+            points = points.expand(inside.shape + event)
+            safe = torch.where(inside.reshape(inside.shape + (1,) * len(event)), points,
+                               _stand_in(other, points, inside))
+            return torch.where(inside, other.log_prob(safe), 0.0)
+
+        finite = torch.isfinite(value)  # (an infinite KL has no gradient; other may have no density at the points)
+        if not bool(finite.all()):
+            return value
+        return self._with_node_gradient(value, log_other, other_requires_grad=_requires_grad(other))
 
     # ------------------------------------------------------------ numerical engine
     def estimate(self, quantities=None, method: str = "auto", num_samples: int = 100_000, seed: int | None = None,
@@ -1769,6 +1800,11 @@ def _inside_support(other, points: torch.Tensor) -> torch.Tensor:
 def _infinite_where_outside(est: Estimate) -> Estimate:
     """A KL estimate whose infinite values (``other`` has no density on part of the pool's mass) are exact."""
     return Estimate(est.value, torch.where(est.value == math.inf, 0.0, est.error))
+
+
+def _requires_grad(dist: Distribution) -> bool:
+    """Whether a tensor ``dist`` holds (among its attributes) requires grad."""
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in vars(dist).values())
 
 
 def _has_method(dist: Distribution, name: str) -> bool:
