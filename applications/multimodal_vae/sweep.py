@@ -297,17 +297,25 @@ def _train_and_evaluate(sweep: SweepConfig, config, folder: Path, train_only: bo
 
 def _check_existing_runs(folder: Path, configs) -> None:
     """A ``ValueError`` listing the runs of ``configs`` whose folder already holds a run of another configuration
-    (its ``config.yaml``; the settings a resumed run must share, ``train.configuration_differences``) or one trained
-    past the budget ``config`` asks for, before any work: resuming it would fail half way through the sweep, and a
-    finished one would report another configuration's results, or those of a longer training, as this sweep's."""
+    (its ``config.yaml``, or without one its checkpoint's; the settings a resumed run must share,
+    ``train.configuration_differences``) or one trained past the budget ``config`` asks for, before any work:
+    resuming it would fail half way through the sweep, and a finished one would report another configuration's
+    results, or those of a longer training, as this sweep's."""
     stale = []
     for config in configs:
-        saved = folder / config.name / "config.yaml"
+        run_dir = folder / config.name
+        saved = run_dir / "config.yaml"
         if saved.exists():
             differences = configuration_differences(OmegaConf.to_container(OmegaConf.load(saved)), config)
-            past = _past_budget(folder / config.name, config)
-            if differences or past:
-                stale.append(f"{config.name} ({'; '.join(differences + past)})")
+        else:  # (a run folder copied without it; an unreadable checkpoint is reported where the run is trained)
+            try:
+                saved_config = _checkpoint_state(run_dir)[3]
+            except UnreadableFile:
+                saved_config = None
+            differences = [] if saved_config is None else configuration_differences(saved_config, config)
+        past = _past_budget(run_dir, config)
+        if differences or past:
+            stale.append(f"{config.name} ({'; '.join(differences + past)})")
     if stale:
         raise ValueError(f"{folder} holds runs of another configuration than this sweep's: {', '.join(stale)}; move "
                          "or delete those run folders, or give the sweep another name")
@@ -502,11 +510,16 @@ def _trained(run_dir: Path, config) -> bool:
 def _checkpoint_status(run_dir: Path) -> tuple[bool, int | None, int | None]:
     """``(finished, epoch, step)`` of the run's checkpoint (``(False, None, None)`` without one); a run the
     wall-clock guard stopped is not finished."""
+    return _checkpoint_state(run_dir)[:3]
+
+
+def _checkpoint_state(run_dir: Path) -> tuple[bool, int | None, int | None, dict | None]:
+    """``_checkpoint_status`` and the checkpoint's configuration (``None`` without one)."""
     checkpoint = run_dir / "checkpoint.pt"
     try:
         stat = checkpoint.stat()
     except FileNotFoundError:
-        return False, None, None
+        return False, None, None, None
     # memoised by inode, size and modification time: run_workers asks about every run every few seconds, and each answer
     # would otherwise load and checksum the whole checkpoint
     key = (str(checkpoint.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
@@ -514,11 +527,11 @@ def _checkpoint_status(run_dir: Path) -> tuple[bool, int | None, int | None]:
         state = load_checkpoint(checkpoint)
         finished = bool(state.get("finished", False)) and \
             not str(state.get("stopped_by") or "").startswith("train.max_minutes")
-        _CHECKPOINTS[key] = (finished, state["epoch"], state["step"])
+        _CHECKPOINTS[key] = (finished, state["epoch"], state["step"], state["config"])
     return _CHECKPOINTS[key]
 
 
-_CHECKPOINTS: dict[tuple, tuple[bool, int, int]] = {}
+_CHECKPOINTS: dict[tuple, tuple[bool, int, int, dict]] = {}
 
 
 def _done_or_unreadable(done, run_dir: Path, config) -> bool:

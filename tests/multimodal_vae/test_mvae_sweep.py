@@ -373,6 +373,10 @@ def test_a_sweep_refuses_runs_of_another_configuration_before_any_work(tiny_root
         with pytest.raises(ValueError, match=rf"another configuration than this sweep's: helvae-beta1.0-seed0 \({why}\)"):
             run_sweep(one_run_sweep(tiny_root, shorter), show_progress=False, summarise_only=True)
     assert {p: p.stat().st_mtime_ns for p in run.iterdir()} == files
+    # a run folder without its config.yaml (copied by hand): its checkpoint's configuration is compared instead
+    (run / "config.yaml").unlink()
+    with pytest.raises(ValueError, match=r"helvae-beta1.0-seed0 \(model.latent_dim: saved 4, now 8; train.lr"):
+        run_sweep(changed, show_progress=False)
 
 
 def test_a_sweep_follows_its_presets_budget_and_eval_settings_and_goes_past_damaged_checkpoints(tiny_root, capsys):
