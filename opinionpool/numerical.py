@@ -308,14 +308,27 @@ class _NodeExpectations(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, log_u, pi, f, outputs):
-        ctx.save_for_backward(pi, f)
+        ctx.save_for_backward(log_u, pi, f)
         return outputs.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        pi, f = ctx.saved_tensors
+        log_u, pi, f = ctx.saved_tensors
+        pi = _live_masses(log_u, pi)
         centred = f - (pi.unsqueeze(-1) * f).sum(0)
         return pi * (grad[..., 0] + (grad[..., 1:] * centred).sum(-1)), None, None, None
+
+
+def _live_masses(log_u, pi):
+    """The normalised masses ``pi`` as functions of ``log u`` (the rule's weights fixed), where a second derivative is
+    asked for (``create_graph=True``: ``log_u`` then carries its graph): ``pi_i e^(l_i - l_i) / sum_j ...``, the same
+    values. Saved as constants, the backward passes' second derivatives missed every term through ``pi`` (an
+    entropy's Hessian entry 1.40 for -0.031)."""
+    if not (torch.is_grad_enabled() and log_u.requires_grad):
+        return pi
+    live = pi * torch.exp(log_u - log_u.detach())
+    total = live.sum(0)
+    return live / torch.where(total > 0, total, 1.0)  # (no mass: an infinite value's, whose gradient is NaN)
 
 
 class _WithoutGradient(torch.autograd.Function):
@@ -433,13 +446,14 @@ class _NodeDivergence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, log_u, log_r, pi, value):
-        difference = log_u.detach() - log_r.detach()
-        ctx.save_for_backward(pi, torch.where(pi > 0, difference, 0.0))
+        ctx.save_for_backward(log_u, log_r, pi)
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        pi, difference = ctx.saved_tensors
+        log_u, log_r, pi = ctx.saved_tensors
+        pi = _live_masses(log_u, pi)
+        difference = torch.where(pi > 0, log_u - log_r, 0.0)
         centred = difference - (pi * difference).sum(0)
         return grad * pi * centred, -grad * pi, None, None
 
@@ -453,12 +467,17 @@ def divergence_at_nodes(family, params, log_weights, alpha, est: PoolEstimate, v
     \log r, \nabla\log u) - E_{pool}[\nabla\log r]`, as :func:`differentiable_estimates` gives its expectations.
     The value is unchanged (in ``value``'s dtype); the gradient is computed in float64."""
     pi, points, laws = _nodes_for_gradient(est)
+    dtype, value = value.dtype, value.to(torch.float64)
+    finite = torch.isfinite(value)
+    # an infinite value (other without density on part of the pool's mass) has no gradient: NaN, and its points no
+    # part in the others' (they are kept finite below)
+    pi = torch.where(finite, pi, 0.0)
     log_u = _log_u_at(family, params, log_weights, alpha, points, laws)
     log_r = torch.zeros_like(pi) if log_other is None else log_other(points).to(torch.float64)
-    with torch.no_grad():
-        log_r_values = torch.where(pi > 0, log_r, 0.0)  # (outside the pool's mass other may have no density)
-    log_r = log_r_values + (log_r - log_r.detach()) if log_r.requires_grad else log_r_values
-    return _NodeDivergence.apply(log_u, log_r, pi, value.to(torch.float64)).to(value.dtype)
+    keep = (pi > 0) & torch.isfinite(log_r.detach())
+    log_r = torch.where(keep, log_r, 0.0)
+    out = _NodeDivergence.apply(log_u, log_r, pi, value)
+    return torch.where(finite, out, _WithoutGradient.apply(out)).to(dtype)
 
 
 def _along_laws(laws, function):

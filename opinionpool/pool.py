@@ -773,36 +773,42 @@ class _Pool(Distribution):
         estimate, to ``rtol``); on the grid (Gaussians up to dimension 3) the normaliser's error estimate scaled by
         ``1 + sd_pool(log u)``; importance sampling otherwise, with the delta-method standard error of ``log Z`` and
         ``E[log u]`` together (one set of draws gives both). No gradient: :meth:`entropy` carries one."""
+        return self._entropy(method, num_samples, seed, rtol)[0]
+
+    def _entropy(self, method, num_samples, seed, rtol):
+        """``(entropy_estimate(...), the engine's weighted points behind it)`` (``None`` for the adaptive quadrature,
+        whose entropy controls its own integrand)."""
         dtype = self.experts.params.dtype
         check_num_samples(num_samples)
         if check_method(self.family, method) == "quadrature":
             rows = torch.tensor([quadrature_entropy(self.family, p, lw, self.alpha, check_rtol(rtol))
                                  for p, lw in zip(*self._pools())], dtype=torch.float64)
-            return rounded(Estimate(*(rows[:, i].reshape(self.batch_shape).to(dtype) for i in range(2))))
+            return rounded(Estimate(*(rows[:, i].reshape(self.batch_shape).to(dtype) for i in range(2)))), None
         pi, _, log_u, est = self._node_expectation(method, num_samples, seed, rtol)
         mean, error = self._expectation(pi, log_u, est)
-        return rounded(Estimate((self._float64_log_normalizer(est) - mean).to(dtype), error.to(dtype)))
+        return rounded(Estimate((self._float64_log_normalizer(est) - mean).to(dtype), error.to(dtype))), est
 
     def entropy(self) -> torch.Tensor:
         """Exact for the log-linear pool (one family member, whose torch entropy is used); otherwise
         ``entropy_estimate().value`` (deterministic: quadrature, grid or exact sums, or importance sampling with
         seed 0) with the gradient of the engine's weighted points for it (:meth:`_with_node_gradient`); call
         :meth:`entropy_estimate` for its error."""
-        value = self.entropy_estimate().value
-        return -self._with_node_gradient(-value)
+        estimate, est = self._entropy("auto", 100_000, 0, DEFAULT_RTOL)
+        return -self._with_node_gradient(-estimate.value, est=est)
 
     def _with_node_gradient(self, value: torch.Tensor, log_other=None, other_requires_grad: bool = False,
-                            method: str = "auto", num_samples: int = 100_000, seed: int = 0,
-                            rtol: float = DEFAULT_RTOL) -> torch.Tensor:
+                            est: PoolEstimate | None = None) -> torch.Tensor:
         """``value``, an estimate of ``KL(pool || other)`` or (``log_other=None``) of the negative entropy, with the
         gradient of that quantity over the engine's weighted points for the same arguments (rule weights and nodes
         held fixed; the self-normalised estimate for importance samples): ``Cov_pool(log u - log r, grad log u) -
-        E_pool[grad log r]`` (:func:`opinionpool.numerical.divergence_at_nodes`). Only where a gradient is wanted:
-        the points are computed again (the adaptive quadrature's entropy controls its own integrand, not theirs)."""
+        E_pool[grad log r]`` (:func:`opinionpool.numerical.divergence_at_nodes`), over ``est``'s points, or, only
+        where a gradient is wanted, those of the default estimate (the adaptive quadrature's entropy controls its own
+        integrand, not the points)."""
         if not (torch.is_grad_enabled() and (self._differentiable or other_requires_grad)):
             return value
-        est = self._estimate(frozenset(), check_method(self.family, method), num_samples, seed, None,
-                             check_rtol(rtol), keep_nodes=True)
+        if est is None:
+            est = self._estimate(frozenset(), check_method(self.family, "auto"), 100_000, 0, None, DEFAULT_RTOL,
+                                 keep_nodes=True)
         return divergence_at_nodes(self.family, self.experts.params, self.log_weights, self._alpha, est, value,
                                    log_other)
 
@@ -825,6 +831,10 @@ class _Pool(Distribution):
         through a float64 copy of itself where one computes). ``+inf``, error 0, where ``other``
         has no density on part of the pool's mass; raises where its log-density is NaN or ``+inf`` there. No
         gradient: :meth:`kl_divergence_to` (``torch.distributions.kl_divergence(pool, other)``) carries one."""
+        return self._kl(other, method, num_samples, seed, rtol)[0]
+
+    def _kl(self, other, method, num_samples, seed, rtol):
+        """``(kl_estimate(...), the engine's weighted points behind it)`` (``None`` for the adaptive quadrature)."""
         if not callable(getattr(other, "log_prob", None)):
             raise ValueError(f"other must be a distribution with a log_prob method, got {other!r} of type "
                              f"{type(other).__name__}")
@@ -860,7 +870,7 @@ class _Pool(Distribution):
                 rows.append((-entropy - cross, entropy_error + cross_error))
             rows = torch.tensor(rows, dtype=torch.float64)
             value, error = (rows[:, i].reshape(self.batch_shape) for i in range(2))
-            return _infinite_where_outside(rounded(Estimate(value.to(dtype), error.to(dtype))))
+            return _infinite_where_outside(rounded(Estimate(value.to(dtype), error.to(dtype)))), None
         pi, points, log_u, est = self._node_expectation(method, num_samples, seed, rtol)
         log_q, log_q_error = _other_log_prob(other, points, dtype)
         log_q = log_q.to(torch.float64)
@@ -871,30 +881,42 @@ class _Pool(Distribution):
         mean, error = self._expectation(pi, log_u - log_z - log_q, est)
         error = error + (pi * log_q_error).sum(0)
         mean = torch.where(outside, math.inf, mean)  # its error made 0 by _infinite_where_outside
-        return _infinite_where_outside(rounded(Estimate(mean.to(dtype), error.to(dtype))))
+        return _infinite_where_outside(rounded(Estimate(mean.to(dtype), error.to(dtype)))), est
 
     def kl_divergence_to(self, other: Distribution) -> torch.Tensor:
         """``kl_estimate(other).value`` with the gradient of the engine's weighted points for it, to the pool's
         parameters and to ``other``'s (through ``other.log_prob`` at those points, in the pool's dtype); what
         ``torch.distributions.kl_divergence(pool, other)`` returns away from a closed form."""
-        value = self.kl_estimate(other).value
-        dtype = self.experts.params.dtype
+        estimate, est = self._kl(other, "auto", 100_000, 0, DEFAULT_RTOL)
+        value, dtype = estimate.value, self.experts.params.dtype
+
+        def log_prob(points):
+            # at the float64 points, through other's float64 copy where it holds a lower dtype, as the value's
+            # (rounded to float32, nodes next to a singular end land on it: an infinite log-density, a NaN gradient)
+            log_q = None
+            if points.is_floating_point():
+                with contextlib.suppress(RuntimeError, TypeError):
+                    log_q = other.log_prob(points)
+            if log_q is None:
+                log_q = other.log_prob(points.to(dtype) if points.is_floating_point() else points)
+            if log_q.dtype != torch.float64:
+                twin = _float64_twin(other, points, log_q.shape)
+                if twin is not None and (twin.requires_grad or not log_q.requires_grad):
+                    return twin
+            return log_q
 
         def log_other(points):
-            points = points.to(dtype) if points.is_floating_point() else points
             inside = _support_check(other, points)
             if inside is None or bool(inside.all()):
-                return other.log_prob(points)
+                return log_prob(points)
             event = points.shape[points.dim() - len(self.event_shape):]
             points = points.expand(inside.shape + event)
             safe = torch.where(inside.reshape(inside.shape + (1,) * len(event)), points,
                                _stand_in(other, points, inside))
-            return torch.where(inside, other.log_prob(safe), 0.0)
+            return torch.where(inside, log_prob(safe), 0.0)
 
-        finite = torch.isfinite(value)  # (an infinite KL has no gradient; other may have no density at the points)
-        if not bool(finite.all()):
-            return value
-        return self._with_node_gradient(value, log_other, other_requires_grad=_requires_grad(other))
+        other_requires_grad = torch.is_grad_enabled() and not self._differentiable and _requires_grad(other)
+        return self._with_node_gradient(value, log_other, other_requires_grad=other_requires_grad, est=est)
 
     # ------------------------------------------------------------ numerical engine
     def estimate(self, quantities=None, method: str = "auto", num_samples: int = 100_000, seed: int | None = None,
@@ -1296,7 +1318,7 @@ class HolderPool(_Pool):
         if sample_shape.numel() == 0:  # as sample() (the categorical draw refuses no samples)
             check_seed(seed)
             return self.component_params.new_empty(sample_shape + self.batch_shape + self.event_shape)
-        if self.num_components != 1 and torch.is_grad_enabled() and self._differentiable:
+        if self.num_components != 1 and torch.is_grad_enabled() and self.component_params.requires_grad:
             warnings.warn(f"rsample of the alpha={self.alpha!r} pool, a mixture of {self.num_components} components, "
                           "carries only the gradient within the drawn component: the gradient of an expectation "
                           "over its samples is biased, as the component weights depend on the experts' parameters "
@@ -1803,8 +1825,11 @@ def _infinite_where_outside(est: Estimate) -> Estimate:
 
 
 def _requires_grad(dist: Distribution) -> bool:
-    """Whether a tensor ``dist`` holds (among its attributes) requires grad."""
-    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in vars(dist).values())
+    """Whether a tensor ``dist`` holds requires grad, looking through what it is built from as :func:`_rebuilt` does
+    (a Beta's parameters live in its ``_dirichlet``, a LogNormal's in its ``base_dist``)."""
+    found = []
+    _rebuilt(dist, lambda tensor: found.append(tensor.requires_grad) or tensor)
+    return any(found)
 
 
 def _has_method(dist: Distribution, name: str) -> bool:

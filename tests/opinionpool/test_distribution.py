@@ -344,6 +344,9 @@ def test_rsample_is_reparameterised_within_components():
         with torch.no_grad():
             mixture.rsample((2,))
         opinionpool.holder(Normal(loc.detach(), scale), 0.5, weights=WEIGHTS).rsample((2,))
+        # weights requiring grad: the components do not depend on them, nor do the samples
+        weights = torch.tensor(WEIGHTS, requires_grad=True)
+        assert not opinionpool.holder(Normal(loc.detach(), scale), 0.5, weights=weights).rsample((2,)).requires_grad
         pool.rsample((2,))
     numerical = opinionpool.holder(Normal(loc, scale), 2.0)
     assert not numerical.has_rsample
@@ -524,6 +527,17 @@ def test_entropy_and_kl_of_estimated_pools_carry_their_gradients(alpha):
             (kl,) = torch.autograd.grad(kl_divergence(make(x), other), x)
             want = _central_difference(lambda p, make=make: make(p).kl_estimate(other).value, at)
             torch.testing.assert_close(kl, want, rtol=0, atol=1e-8, msg=name)
+    # float32 experts and other: other at the float64 nodes (rounded to float32, nodes next to 0 landed on it, where
+    # a Gamma of shape 2 has log-density -inf: a NaN gradient), through its float64 copy
+    shape = torch.tensor([1.0, 4.0])
+    grads = []
+    for dtype in (torch.float32, f64):
+        x = shape.to(dtype).requires_grad_(True)
+        pool = opinionpool.holder(Gamma(x, torch.ones(2, dtype=dtype)), alpha)
+        target = Gamma(torch.tensor(2.0, dtype=dtype), torch.tensor(1.0, dtype=dtype))
+        grads.append(torch.autograd.grad(kl_divergence(pool, target), x)[0])
+    assert grads[0].dtype == torch.float32
+    torch.testing.assert_close(grads[0].double(), grads[1], rtol=1e-5, atol=1e-6)
     # other's parameters: -E_pool[d log r / d m] = (m - E z) / s^2
     m = torch.tensor(0.3, dtype=f64, requires_grad=True)
     pool = cases["normal loc"][0](torch.tensor([0.0, 2.0, -1.0], dtype=f64))
@@ -573,3 +587,63 @@ def test_entropy_gradient_of_a_grid_and_an_importance_sampled_pool():
     # 1e5 self-normalised samples: about 1e-3 here (a 1 % relative bias would be 1e-3 too, at the largest entry)
     torch.testing.assert_close(grad, want, rtol=0, atol=5e-3)
     assert grad.abs().max() > 0.05
+
+
+def test_gradients_of_estimated_kl_and_entropy_at_their_edges():
+    """(a review helper) other's parameters inside a distribution it is built from (a LogNormal's base_dist) got no
+    gradient where the pool needed none; one infinite KL in a batch took the gradient from every element; second
+    derivatives (create_graph=True) missed every term through the pool's masses: an entropy's Hessian entry 1.40 for
+    -0.031. Against central differences."""
+    from torch.distributions import LogNormal, Uniform
+
+    f64 = torch.float64
+    pool = opinionpool.holder(Gamma(torch.tensor([1.5, 3.0, 2.0], dtype=f64), torch.tensor([1.0, 2.0, 0.5], dtype=f64)),
+                              2.0, weights=torch.tensor([0.2, 0.5, 0.3], dtype=f64))
+    m = torch.tensor(0.7, dtype=f64, requires_grad=True)
+    (grad,) = torch.autograd.grad(kl_divergence(pool, LogNormal(m, torch.tensor(1.0, dtype=f64))), m)
+    want = _central_difference(lambda x: pool.kl_estimate(LogNormal(x, torch.tensor(1.0, dtype=f64))).value,
+                               m.detach())
+    assert grad.item() == pytest.approx(want.item(), rel=1e-7)
+    shapes = torch.tensor([[1.5, 3.0], [2.0, 2.5]], dtype=f64, requires_grad=True)
+    rates = torch.tensor([1.0, 2.0], dtype=f64)
+    uniform = Uniform(torch.tensor([0.0, 0.0], dtype=f64), torch.tensor([1e3, 5.0], dtype=f64))
+    kl = kl_divergence(opinionpool.holder(Gamma(shapes, rates), 2.0), uniform)
+    assert math.isfinite(kl[0].item()) and kl[1].item() == math.inf
+    (grad,) = torch.autograd.grad(kl[0], shapes, retain_graph=True)
+    (alone,) = torch.autograd.grad(kl_divergence(opinionpool.holder(Gamma(shapes[0], rates), 2.0),
+                                                 Uniform(torch.tensor(0.0, dtype=f64), torch.tensor(1e3, dtype=f64))),
+                                   shapes)
+    torch.testing.assert_close(grad, alone, rtol=1e-12, atol=0)
+    assert grad[0].abs().min() > 0 and bool(torch.isnan(torch.autograd.grad(kl[1], shapes)[0][1]).all())
+    scale = torch.tensor([1.0, 0.5, 2.0], dtype=f64)
+    weights = torch.tensor([0.2, 0.5, 0.3], dtype=f64)
+    target = Normal(torch.tensor(0.3, dtype=f64), torch.tensor(1.7, dtype=f64))
+    loc = torch.tensor([0.0, 2.0, -1.0], dtype=f64)
+    for what in ("entropy", "kl"):
+        def first(at, what=what):
+            at = at.clone().requires_grad_(True)
+            pool = opinionpool.holder(Normal(at, scale), 2.0, weights=weights)
+            value = pool.entropy() if what == "entropy" else kl_divergence(pool, target)
+            return torch.autograd.grad(value, at, create_graph=True)[0]
+
+        x = loc.clone().requires_grad_(True)
+        pool = opinionpool.holder(Normal(x, scale), 2.0, weights=weights)
+        value = pool.entropy() if what == "entropy" else kl_divergence(pool, target)
+        (gradient,) = torch.autograd.grad(value, x, create_graph=True)
+        hessian = torch.stack([torch.autograd.grad(gradient[i], x, retain_graph=True)[0] for i in range(3)])
+        central = torch.stack([(first(loc + 1e-5 * e) - first(loc - 1e-5 * e)) / 2e-5 for e in torch.eye(3, dtype=f64)])
+        torch.testing.assert_close(hessian, central.detach(), rtol=0, atol=1e-6, msg=what)
+        # and of the normaliser, through the same masses
+        log_z = lambda at: opinionpool.holder(Normal(at, scale), 2.0, weights=weights).log_normalizer  # noqa: E731
+        torch.testing.assert_close(torch.autograd.functional.hessian(log_z, loc),
+                                   _central_difference_jacobian(log_z, loc), rtol=0, atol=1e-6)
+
+
+def _central_difference_jacobian(function, at, step=1e-5):
+    """Central differences of the gradient of the scalar ``function``."""
+    def gradient(point):
+        point = point.clone().requires_grad_(True)
+        return torch.autograd.grad(function(point), point)[0]
+
+    return torch.stack([(gradient(at + step * e) - gradient(at - step * e)) / (2 * step)
+                        for e in torch.eye(at.numel(), dtype=at.dtype)])
