@@ -208,13 +208,21 @@ def test_written_files_are_readable_as_plain_writes_are(tmp_path):
     assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644
 
 
-def test_the_forecast_example_checks_its_page_first():
+def test_the_forecast_example_checks_its_page_first(tmp_path, monkeypatch, capsys):
+    import validation.forecast_example as example
     from validation.forecast_example import BEGIN, END, _splice
 
     assert _splice(f"a\n{BEGIN}\nold\n{END}\nb", "new") == f"a\n{BEGIN}\nnew\n{END}\nb"
     for broken in ("no markers", f"{END}\n{BEGIN}", f"{BEGIN}{BEGIN}{END}"):
         with pytest.raises(ValueError, match="exactly once"):
             _splice(broken, "new")
+    # a page that cannot be read is named, not the output folder (any OSError blamed --out)
+    monkeypatch.setattr(example, "ROOT", tmp_path)
+    with pytest.raises(SystemExit):
+        example.main(["--docs", "--out", str(tmp_path / "figures")])
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'docs' / 'forecasting.md'}: " in error and "--out" not in error.split("error:")[-1]
+    assert not (tmp_path / "figures").exists()
 
 
 def test_experts_far_apart_of_very_different_scales_are_resolved():
@@ -250,3 +258,17 @@ def test_a_log_ratio_check_passes_within_its_tolerance_only():
     assert compare("g", "n", 1.1, 1.0, "log ratio", 4.5, standard_error=0.2).passed
     assert not compare("g", "n", 4.0, 1.0, "log ratio", 4.5, standard_error=0.2).passed
     assert not compare("g", "n", 0.0, 1.0, "log ratio", 4.5, standard_error=0.2).passed
+
+
+def test_stated_errors_overstated_in_every_case_fail_the_pooled_check():
+    """An error stated 1.2 times too large in every case: each case's check passes (z about -3.6 at 200 seeds), their
+    mean over cases does not. A case's quantities count once (they share their draws); one case alone is not pooled."""
+    z = math.log(1 / 1.2) * math.sqrt(2 * (closed_forms.STATED_ERROR_REPEATS - 1))
+    checks = [compare(f"case {k}", f"{q}: spread over 200 seeds vs its stated standard error", 1.0, 1.2, "log ratio",
+                      4.5, standard_error=1 / math.sqrt(2 * 199)) for k in range(4) for q in ("log Z", "mean")]
+    assert all(c.passed for c in checks) and checks[0].error == pytest.approx(z)
+    (pooled,) = closed_forms.pooled_stated_error_check(checks)
+    assert not pooled.passed and pooled.error == pytest.approx(2 * z) and pooled.got == pytest.approx(1 / 1.2)
+    assert closed_forms.pooled_stated_error_check(checks[:2]) == []
+    honest = [compare(c.group, c.name, 1.0, 1.0, "log ratio", 4.5, standard_error=0.05) for c in checks]
+    assert all(c.passed for c in closed_forms.pooled_stated_error_check(honest))

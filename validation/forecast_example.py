@@ -137,12 +137,16 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "validation" / "figures")
     args = parser.parse_args(argv)
     page = ROOT / "docs" / "forecasting.md"
-    try:  # the page and the output folder are checked before the work, not after it
-        if args.docs:
+    # the page and the output folder are checked before the work, not after it, each error naming its own
+    if args.docs:
+        try:
             _splice(page.read_text(encoding="utf-8"), "-")
+        except (OSError, ValueError) as error:
+            parser.error(f"{page}: {error}")
+    try:
         args.out.mkdir(parents=True, exist_ok=True)
-    except (OSError, ValueError) as error:
-        parser.error(f"{'--out ' + repr(str(args.out)) if isinstance(error, OSError) and args.out else page}: {error}")
+    except OSError as error:
+        parser.error(f"--out {str(args.out)!r}: {error}")
     torch.set_default_dtype(torch.float64)
     start = time.perf_counter()
     rows, pits = run()

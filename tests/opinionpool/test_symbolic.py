@@ -297,7 +297,7 @@ def symbolic_gamma():
                           support=(0, sp.oo), domain=[e1 > -1, e2 < 0], name="symbolic Gamma")
 
 
-def test_symbolic_family_gradient_matches_autograd_and_verifies():
+def test_symbolic_family_mean_parameters_match_the_builtin_gamma_and_verify():
     family = symbolic_gamma()
     eta = torch.tensor([[1.0, -2.0], [-0.5, -0.3], [4.0, -7.0]])
     # the builtin Gamma takes the concentration itself (with base measure 1 / z), this one concentration - 1: the same
