@@ -885,7 +885,7 @@ class _Pool(Distribution):
 
     def kl_divergence_to(self, other: Distribution) -> torch.Tensor:
         """``kl_estimate(other).value`` with the gradient of the engine's weighted points for it, to the pool's
-        parameters and to ``other``'s (through ``other.log_prob`` at those points, in the pool's dtype); what
+        parameters and to ``other``'s (through ``other.log_prob`` at those float64 points, or its float64 copy); what
         ``torch.distributions.kl_divergence(pool, other)`` returns away from a closed form."""
         estimate, est = self._kl(other, "auto", 100_000, 0, DEFAULT_RTOL)
         value, dtype = estimate.value, self.experts.params.dtype
