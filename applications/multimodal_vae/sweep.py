@@ -527,7 +527,7 @@ def _checkpoint_state(run_dir: Path) -> tuple[bool, int | None, int | None, dict
         state = load_checkpoint(checkpoint)
         finished = bool(state.get("finished", False)) and \
             not str(state.get("stopped_by") or "").startswith("train.max_minutes")
-        _CHECKPOINTS[key] = (finished, state["epoch"], state["step"], state["config"])
+        _CHECKPOINTS[key] = (finished, state["epoch"], state["step"], state.get("config"))
     return _CHECKPOINTS[key]
 
 
