@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import io
 import math
 import os
@@ -359,8 +360,14 @@ def _train_replicas(config: Config, run_dir: Path, state: dict | None, show_prog
     try:
         with _stop_requests() as requests, _denormals_flushed(device):
             result = _train(config, run_dir, state, show_progress and rank == 0, rank, world, device, tqdm, requests)
-    except BaseException:
+    except BaseException as error:
         if world > 1:
+            if isinstance(error, TrainingInterrupted):
+                # a signal stops every replica at the same step: they meet before the teardown, as a finished run's
+                # do (torn down at once, one replica aborted at exit now and then, "terminate called without an
+                # active exception"); bounded, for a second signal that stopped one replica alone
+                with contextlib.suppress(RuntimeError):
+                    dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
             dist.destroy_process_group()
         raise
     finally:  # the next run of a sweep process starts from the process's own setting
