@@ -891,29 +891,18 @@ class _Pool(Distribution):
         value, dtype = estimate.value, self.experts.params.dtype
 
         def log_prob(points):
-            # at the float64 points, through other's float64 copy where it holds a lower dtype, as the value's
-            # (rounded to float32, nodes next to a singular end land on it: an infinite log-density, a NaN gradient)
-            log_q = None
-            if points.is_floating_point():
-                with contextlib.suppress(RuntimeError, TypeError):
-                    log_q = other.log_prob(points)
-            if log_q is None:
-                log_q = other.log_prob(points.to(dtype) if points.is_floating_point() else points)
+            # at the points the value took it at, through other's float64 copy where it holds a lower dtype, as the
+            # value's (rounded to float32, nodes next to a singular end land on it: an infinite log-density, a NaN
+            # gradient)
+            log_q, points = _other_log_prob_at(other, points, dtype)
             if log_q.dtype != torch.float64:
                 twin = _float64_twin(other, points, log_q.shape)
                 if twin is not None and (twin.requires_grad or not log_q.requires_grad):
-                    return twin
-            return log_q
+                    return (twin,)
+            return (log_q,)
 
         def log_other(points):
-            inside = _support_check(other, points)
-            if inside is None or bool(inside.all()):
-                return log_prob(points)
-            event = points.shape[points.dim() - len(self.event_shape):]
-            points = points.expand(inside.shape + event)
-            safe = torch.where(inside.reshape(inside.shape + (1,) * len(event)), points,
-                               _stand_in(other, points, inside))
-            return torch.where(inside, log_prob(safe), 0.0)
+            return _in_support(other, points, log_prob, (0.0,))[0]
 
         other_requires_grad = torch.is_grad_enabled() and not self._differentiable and _requires_grad(other)
         return self._with_node_gradient(value, log_other, other_requires_grad=other_requires_grad, est=est)
@@ -1608,17 +1597,22 @@ def _other_log_prob_values(other: Distribution, points: torch.Tensor, dtype: tor
     """``(log_q, error)`` in float64 of ``other`` at the engine's ``points`` (:func:`_log_prob_in_support`): ``-inf``
     (exactly) at points outside ``other.support``, where ``other.log_prob`` is not called (with validation it
     raises there, and without it returns what its formula gives: a finite KL where it is infinite)."""
+    return _in_support(other, points, lambda z: _log_prob_in_support(other, z, dtype), (-math.inf, 0.0))
+
+
+def _in_support(other: Distribution, points: torch.Tensor, evaluate, fills):
+    """``evaluate(points)`` (a tuple of tensors over the points, batched as ``other``) at the points inside
+    ``other.support`` and ``fills`` (one value per tensor) at the others, where ``evaluate`` sees a point of the
+    support instead (:func:`_stand_in`); not called where no point is inside."""
     inside = _support_check(other, points)
     if inside is None or bool(inside.all()):
-        return _log_prob_in_support(other, points, dtype)
+        return evaluate(points)
     if not bool(inside.any()):
-        outside = torch.full(inside.shape, -math.inf, dtype=torch.float64, device=points.device)
-        return outside, torch.zeros_like(outside)
+        return tuple(torch.full(inside.shape, fill, dtype=torch.float64, device=points.device) for fill in fills)
     event = points.shape[points.dim() - len(other.event_shape):]
     points = points.expand(inside.shape + event)  # (the check broadcasts the points over other's batch)
     safe = torch.where(inside.reshape(inside.shape + (1,) * len(event)), points, _stand_in(other, points, inside))
-    log_q, error = _log_prob_in_support(other, safe, dtype)
-    return torch.where(inside, log_q, -math.inf), torch.where(inside, error, 0.0)
+    return tuple(torch.where(inside, value, fill) for value, fill in zip(evaluate(safe), fills))
 
 
 def _stand_in(other: Distribution, points: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
@@ -1665,16 +1659,7 @@ def _log_prob_in_support(other: Distribution, points: torch.Tensor, dtype: torch
     internal cancellation), and if it rounds the points to its dtype (torch's Gamma does), those beyond its
     resolution move: see :func:`_extrapolated_beyond_resolution`."""
     with torch.no_grad():
-        log_q = None
-        if points.is_floating_point():
-            try:
-                points = points.to(torch.float64)
-                log_q = other.log_prob(points)
-            except (RuntimeError, TypeError):
-                pass
-        if log_q is None:
-            points = points.to(dtype)
-            log_q = other.log_prob(points)
+        log_q, points = _other_log_prob_at(other, points, dtype)
         low = min((_working_dtype(other, log_q.dtype), log_q.dtype), key=lambda d: _bits(d))
         log_q = log_q.to(torch.float64)
         if _bits(low) >= 64:
@@ -1692,6 +1677,17 @@ def _log_prob_in_support(other: Distribution, points: torch.Tensor, dtype: torch
             log_q, error = _extrapolated_beyond_resolution(other, exact, log_q.expand(exact.shape),
                                                            error.expand(exact.shape), low)
         return log_q, error
+
+
+def _other_log_prob_at(other: Distribution, points: torch.Tensor, dtype: torch.dtype):
+    """``(other.log_prob(z), z)`` at ``z`` the float64 ``points``, or, where ``other`` takes no float64 points (a
+    dtype mismatch in its own arithmetic), them rounded to the pool's ``dtype``."""
+    if points.is_floating_point():
+        wide = points.to(torch.float64)
+        with contextlib.suppress(RuntimeError, TypeError):
+            return other.log_prob(wide), wide
+    points = points.to(dtype)
+    return other.log_prob(points), points
 
 
 def _float64_twin(other: Distribution, points: torch.Tensor, shape: torch.Size):

@@ -434,17 +434,16 @@ def pooled_stated_error_check(checks) -> list[Check]:
     check alone passes (one of 1.2 at ``STATED_ERROR_REPEATS`` seeds). A case's quantities share their seeds'
     draws, so each case counts once, by its mean z-score (a unit variance at most); the cases' draws are
     independent. Empty for fewer than two cases."""
-    by_case: dict[str, list[float]] = {}
+    by_case: dict[str, list[Check]] = {}
     for check in checks:
         if check.kind == "log ratio" and "spread over" in check.name:
-            by_case.setdefault(check.group, []).append(check.error)
+            by_case.setdefault(check.group, []).append(check)
     if len(by_case) < 2:
         return []
-    means = [float(np.mean(errors)) for errors in by_case.values()]
-    z = float(np.sum(means) / math.sqrt(len(means)))
-    log_ratio = float(np.mean(means)) / math.sqrt(2 * (STATED_ERROR_REPEATS - 1))
+    means = [float(np.mean([c.error for c in case])) for case in by_case.values()]
+    log_ratio = float(np.mean([np.mean([math.log(c.got / c.reference) for c in case]) for case in by_case.values()]))
     return [Check("stated errors, pooled", f"spread vs stated standard error, mean over {len(means)} cases",
-                  math.exp(log_ratio), 1.0, "log ratio", z, Z_TOLERANCE)]
+                  math.exp(log_ratio), 1.0, "log ratio", float(np.sum(means) / math.sqrt(len(means))), Z_TOLERANCE)]
 
 
 # ----------------------------------------------------------------------------- affinities
