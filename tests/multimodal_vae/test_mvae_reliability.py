@@ -227,6 +227,41 @@ def test_a_damaged_classifier_cache_is_trained_again(tiny_root, monkeypatch):
     assert files.load_checked(cache)["test_accuracy"] == accuracy  # rewritten, intact
 
 
+def test_a_classifier_cache_of_other_data_is_trained_again(tiny_root, monkeypatch):
+    """Files replaced at the same root (another build, the original backgrounds) scored generations with the
+    classifiers and accuracy cached for the old ones; the test split shuffled by the evaluation's seed must not
+    retrain them."""
+    from applications.multimodal_vae.data import PolyMNIST
+    from applications.multimodal_vae.evaluation import classifiers as evaluation
+
+    root = tiny_root / "data"
+    train_data, test_data = (PolyMNIST(root, split) for split in ("train", "test"))
+    trained = []
+    original = evaluation.train_classifiers
+    monkeypatch.setattr(evaluation, "train_classifiers",
+                        lambda *a, **k: trained.append(1) or original(*a, **k, epochs=1))
+    evaluation.classifiers_for(root, "polymnist", train_data, test_data)
+    shuffled = test_data.select(torch.randperm(len(test_data), generator=torch.Generator().manual_seed(3)))
+    evaluation.classifiers_for(root, "polymnist", train_data, shuffled)
+    assert len(trained) == 1
+    # one modality's training images replaced by other images of the same shape, the labels kept
+    images = torch.load(root / "train" / "m1.pt", weights_only=True)
+    torch.save(255 - images, root / "train" / "m1.pt")
+    replaced = PolyMNIST(root, "train")
+    with pytest.warns(UserWarning, match=r"digit-classifiers-v3-3m.pt does not hold them .*trained on other data.*"
+                                         r"training the classifiers again"):
+        evaluation.classifiers_for(root, "polymnist", replaced, test_data)
+    assert len(trained) == 2
+    # the test labels changed: the cached test accuracy is not theirs
+    labels = torch.load(root / "test" / "labels.pt", weights_only=True)
+    torch.save((labels + 1) % 10, root / "test" / "labels.pt")
+    with pytest.warns(UserWarning, match="trained on other data"):
+        evaluation.classifiers_for(root, "polymnist", replaced, PolyMNIST(root, "test"))
+    assert len(trained) == 3
+    evaluation.classifiers_for(root, "polymnist", replaced, PolyMNIST(root, "test"))
+    assert len(trained) == 3
+
+
 def test_save_checked_refuses_non_finite_values(tmp_path):
     path = tmp_path / "state.pt"
     with pytest.raises(ValueError, match=r"refusing to save .*state.pt: weights.b holds non-finite values"):

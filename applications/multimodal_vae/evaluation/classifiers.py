@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..data import batches
-from ..files import UnreadableFile, load_checked, remove_orphaned_temporaries, save_checked
+from ..files import UnreadableFile, load_checked, remove_orphaned_temporaries, save_checked, sha256
 from ..networks import make_networks
 from .checks import check_not_empty
 
@@ -19,6 +19,8 @@ __all__ = ["CLASSIFIER_EPOCHS", "DigitClassifier", "EncoderClassifier", "accurac
            "classifiers_for", "make_classifier", "train_classifiers"]
 
 CLASSIFIER_EPOCHS = 5
+#: stored rows per modality that the classifier cache's fingerprint of the data reads
+_FINGERPRINT_ROWS = 64
 
 
 class DigitClassifier(nn.Module):
@@ -103,15 +105,19 @@ def accuracy(classifiers: nn.ModuleList, data, batch_size: int = 1000) -> torch.
 
 def classifiers_for(root, dataset: str, train_data, test_data, progress=None) -> tuple[nn.ModuleList, list[float]]:
     """The digit classifiers for the dataset at ``root`` and their test accuracies, trained once and cached
-    beside the data (atomically)."""
+    beside the data (atomically) with a fingerprint of the data they were trained and scored on (``_fingerprint``):
+    a cache of other data is trained again."""
     m = train_data.num_modalities
     name = f".digit-classifiers-v3-{m}m.pt" if dataset == "polymnist" else f".digit-classifiers-{dataset}-v1.pt"
     cache = Path(root) / name
     classifiers = nn.ModuleList(make_classifier(modality, train_data.num_classes) for modality in train_data.modalities)
     remove_orphaned_temporaries(root, [name])  # of a process killed while writing the cache
+    data = _fingerprint(train_data, test_data)
     if cache.exists():
-        try:  # a truncated, corrupted or unsafe cache is trained again
+        try:  # a truncated, corrupted or unsafe cache is trained again, and so is one trained on other data
             stored = load_checked(cache)
+            if stored.get("data") != data:
+                raise KeyError(f"trained on other data (fingerprint {stored.get('data')}, this data's {data})")
             classifiers.load_state_dict(stored["state"])
             return classifiers.eval(), list(stored["test_accuracy"])
         except (UnreadableFile, KeyError, TypeError, RuntimeError) as error:
@@ -120,7 +126,23 @@ def classifiers_for(root, dataset: str, train_data, test_data, progress=None) ->
     classifiers = train_classifiers(train_data, progress=progress)
     test_accuracy = accuracy(classifiers, test_data).tolist()
     try:
-        save_checked(cache, {"state": classifiers.state_dict(), "test_accuracy": test_accuracy})
+        save_checked(cache, {"state": classifiers.state_dict(), "test_accuracy": test_accuracy, "data": data})
     except OSError:  # a read-only data folder: keep the classifiers in memory only
         pass
     return classifiers, test_accuracy
+
+
+def _fingerprint(*datasets) -> str:
+    """What the classifier cache is keyed on besides its name: per dataset, each stored tensor's shape and evenly
+    spaced rows of it, and the multiset of labels, so that files replaced at the same root (another build's seed,
+    the original backgrounds) retrain the classifiers rather than score generations with stale ones, and shuffling
+    or selecting tuples of the same stored tensors (the evaluation shuffles the test split by its seed) does not."""
+    parts = []
+    for data in datasets:
+        for array in data.arrays:
+            rows = torch.linspace(0, array.shape[0] - 1, min(_FINGERPRINT_ROWS, array.shape[0])).long()
+            parts += [repr((tuple(array.shape), str(array.dtype))).encode(),
+                      array[rows.to(array.device)].cpu().contiguous().numpy().tobytes()]
+        labels, counts = torch.unique(data.labels.cpu().reshape(len(data), -1), dim=0, return_counts=True)
+        parts += [labels.contiguous().numpy().tobytes(), counts.numpy().tobytes()]
+    return sha256(b"".join(parts))
