@@ -22,7 +22,7 @@ from torch.distributions import kl_divergence as torch_kl
 from ._validation import check_real, check_weights, describe, real_tensor, validation_enabled
 from .experts import as_experts
 from .families import ExponentialFamilyDistribution, MultivariateNormalFamily, family_of, params_of
-from .families.bregman import bregman_divergence, lost_rounding
+from .families.bregman import bregman_divergence, bregman_divergence_and_rounding
 from .families.gaussian import (
     _DiagonalGaussianBase,
     _log_variance_ratio,
@@ -145,10 +145,10 @@ def _log_chernoff(experts, value: float, a) -> torch.Tensor:
     # a divergence that neither of its forms computes accurately (its remainder's curvature underflows: r of
     # probability e^-920 beside a Bernoulli of 1e-200, KL(r || p) about 1e-200) is an error only where its rounding
     # matters to the sum: log C of that pair at a = 2 is log 2 (it raised); six digits, as bregman_divergence asks
-    log_c = -(a * bregman_divergence(family, combined, eta_p, to_p, strict=False)
-              + (1 - a) * bregman_divergence(family, combined, eta_q, to_q, strict=False))
-    rounding = (abs(a) * lost_rounding(family, combined, eta_p, to_p)
-                + abs(1 - a) * lost_rounding(family, combined, eta_q, to_q))
+    to_p_value, to_p_rounding = bregman_divergence_and_rounding(family, combined, eta_p, to_p)
+    to_q_value, to_q_rounding = bregman_divergence_and_rounding(family, combined, eta_q, to_q)
+    log_c = -(a * to_p_value + (1 - a) * to_q_value)
+    rounding = abs(a) * to_p_rounding + abs(1 - a) * to_q_rounding
     lost = rounding > 1e-6 * log_c.detach().abs()
     if bool(lost.any()):
         raise ValueError(f"log_chernoff_coefficient of order a={value} of these {family.name} experts: neither form "

@@ -327,8 +327,8 @@ class ExponentialFamily:
                 offsets = weighted_sum(rows_log_w, pairwise, dim=-3)
                 # (the rounded centre's where an infinite parameter leaves no difference: a category of probability 0)
                 offsets = torch.where(torch.isfinite(offsets), offsets, rows_eta - centre.unsqueeze(-2))
-                divergence, _ = _bregman_value(self, centre.unsqueeze(-2).expand(rows_eta.shape), rows_eta, strict=False,
-                                               delta=offsets)
+                divergence = _bregman_value(self, centre.unsqueeze(-2).expand(rows_eta.shape), rows_eta, strict=False,
+                                            delta=offsets)[0]
                 value = -weighted_sum(rows_log_w, divergence, dim=-1)
                 accurate = torch.zeros_like(risky)
                 accurate[risky] = torch.isfinite(value)  # (not where the experts rule each other out)

@@ -9,7 +9,7 @@ import torch
 
 from .._validation import describe
 
-__all__ = ["bregman_divergence", "lost_rounding"]
+__all__ = ["bregman_divergence", "bregman_divergence_and_rounding"]
 
 
 #: Gauss-Legendre rule on [0, 1] for the integral form of Taylor's remainder in ``bregman_divergence``
@@ -43,16 +43,16 @@ def bregman_divergence(family, eta_p: torch.Tensor, eta_q: torch.Tensor, delta: 
     ``delta``: :math:`\eta_q - \eta_p` where the caller knows it better than the difference of the rounded natural
     parameters (``ExponentialFamily.natural_difference``); the value takes it, the gradients the difference.
     ``strict=False``: where neither form is accurate, the direct form instead of a ``ValueError``, for a caller that
-    checks :func:`lost_rounding` against a larger sum the divergence enters."""
-    return _Bregman.apply(family, eta_p, eta_q, delta, strict)
+    checks its rounding (:func:`bregman_divergence_and_rounding`) against a larger sum the divergence enters."""
+    return _Bregman.apply(family, eta_p, eta_q, delta, strict)[0]
 
 
-def lost_rounding(family, eta_p: torch.Tensor, eta_q: torch.Tensor, delta: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-    """The rounding of the direct form (the machine epsilon times its terms) where neither form is accurate, 0
-    elsewhere: the error of ``bregman_divergence(..., strict=False)`` there. No graph."""
-    with torch.no_grad():
-        return _forms(family, eta_p, eta_q, delta)[3]
+def bregman_divergence_and_rounding(family, eta_p: torch.Tensor, eta_q: torch.Tensor,
+                                    delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bregman_divergence(..., strict=False)`` and, without a graph, its error where neither form is accurate
+    (the rounding of the direct form: the machine epsilon times its terms), 0 elsewhere; one evaluation of both
+    forms for the two."""
+    return _Bregman.apply(family, eta_p, eta_q, delta, False)
 
 
 def _forms(family, eta_p, eta_q, delta):
@@ -69,15 +69,16 @@ def _forms(family, eta_p, eta_q, delta):
 
 
 def _bregman_value(family, eta_p: torch.Tensor, eta_q: torch.Tensor, strict: bool = True, delta=None):
-    """The divergence (no graph) and where it took the remainder form; where neither form is accurate, a
-    ``ValueError`` if ``strict``, else the direct form. ``delta``: as ``bregman_divergence``'s."""
-    value, short, lost, _ = _forms(family, eta_p, eta_q, delta)
+    """The divergence (no graph), where it took the remainder form and the direct form's rounding where neither
+    form is accurate (0 elsewhere); there a ``ValueError`` if ``strict``, else the direct form. ``delta``: as
+    ``bregman_divergence``'s."""
+    value, short, lost, rounding = _forms(family, eta_p, eta_q, delta)
     if strict and bool(lost.any()):
         raise ValueError(f"{family.name} KL divergence: neither form is accurate in {value.dtype} for these "
                          "experts (the direct form cancels, and the curvature of the log-normaliser overflows, "
                          "underflows or changes too much along the path for the remainder's rule) "
                          f"(first natural parameter of p: {describe(eta_p[..., 0], lost)})")
-    return value, short
+    return value, short, rounding
 
 
 def _both_forms(family, eta_p: torch.Tensor, eta_q: torch.Tensor, delta=None):
@@ -153,18 +154,20 @@ def _split_direct_form(family, eta_p, eta_q, delta):
 
 class _Bregman(torch.autograd.Function):
     """The Bregman divergence with its analytic gradients (see :func:`bregman_divergence`); twice differentiable
-    through autograd of the backward's own operations."""
+    through autograd of the backward's own operations. Its second output, the rounding where neither form is
+    accurate, carries no gradient."""
 
     @staticmethod
     def forward(ctx, family, eta_p, eta_q, delta, strict):
         with torch.no_grad():
-            value, short = _bregman_value(family, eta_p, eta_q, strict=strict, delta=delta)
+            value, short, rounding = _bregman_value(family, eta_p, eta_q, strict=strict, delta=delta)
         ctx.family = family
         ctx.save_for_backward(eta_p, eta_q, value, short)
-        return value
+        ctx.mark_non_differentiable(rounding)
+        return value, rounding
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _rounding_grad):
         eta_p, eta_q, value, short = ctx.saved_tensors
         family, create = ctx.family, torch.is_grad_enabled()
         delta = torch.where(torch.isneginf(eta_p), 0, eta_q - eta_p)
