@@ -30,7 +30,7 @@ from PIL import Image
 
 from .config import Config
 from .files import atomic_write, code_commit, remove_orphaned_temporaries, temporary_targets, write_text
-from .sweep import SCALARS, aggregate, mean_std, mean_std_text, number_format, run_name
+from .sweep import NOT_FINITE, SCALARS, aggregate, mean_std, mean_std_text, number_format, run_name
 from .train import setting_differences, shared_settings, with_defaults
 
 __all__ = ["CLAIMS", "Claim", "alpha_runs", "compare", "likelihood_convergence", "main_labels", "mass_through_training",
@@ -112,7 +112,7 @@ def _show(metric: str, entry, seeds: int) -> str:
     """``mean ± std`` over ``seeds`` runs (``sweep.mean_std_text``), KID x 1000 to two decimals."""
     mean, std = (_scaled(metric, v) for v in entry)
     if mean != mean:
-        return "–"
+        return NOT_FINITE if seeds else "–"
     return mean_std_text(mean, std, seeds, ".2f" if metric == "kid_unconditional" else number_format(metric, mean))
 
 
@@ -300,8 +300,14 @@ def _alpha_difference_rows(summary: dict) -> list[str]:
 
 
 def _computed(entry: dict, metric: str) -> bool:
-    """Whether a (model, beta) entry of the summary has the metric (its mean is not NaN)."""
-    return entry[metric][0] == entry[metric][0]
+    """Whether some seed of a (model, beta) entry of the summary computed the metric (its mean may still be NaN:
+    seeds that overflowed to both infinities; ``compare`` reads that as not separable, not as not run)."""
+    return entry["computed"].get(metric, 0) > 0
+
+
+def _plottable(entry: dict, metric: str) -> bool:
+    """Whether a (model, beta) entry is a point of coherence against ``metric``: both means finite."""
+    return all(math.isfinite(entry[f][0]) for f in (metric, "coherence"))
 
 
 def _fronts(summary: dict, labels: list[str]) -> list[str]:
@@ -311,8 +317,7 @@ def _fronts(summary: dict, labels: list[str]) -> list[str]:
 
     lines = []
     for metric, lower in (("log_likelihood", False), ("kid_unconditional", True), ("fid_unconditional", True)):
-        keys = [k for k in summary if k[0] in labels and _computed(summary[k], metric)
-                and _computed(summary[k], "coherence")]
+        keys = [k for k in summary if k[0] in labels and _plottable(summary[k], metric)]
         if not keys:
             continue
         points = [(summary[k]["coherence"][0], summary[k][metric][0]) for k in keys]
@@ -473,13 +478,12 @@ def _plots(folder: Path, rows: list[dict], out: Path) -> dict:
     panels = [(m, n, low) for m, n, low in (("log_likelihood", "log p(X) (higher is better)", False),
                                              ("kid_unconditional", "KID x 1000 (lower is better)", True),
                                              ("fid_unconditional", "FID (lower is better)", True))
-              if any(_computed(summary[k], m) and _computed(summary[k], "coherence") for k in summary if k[0] in labels)]
+              if any(_plottable(summary[k], m) for k in summary if k[0] in labels)]
     if panels:
         figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
         for axis, (metric, name, lower) in zip(axes[0], panels):
             for label in labels:
-                keys = sorted(k for k in summary if k[0] == label and _computed(summary[k], metric)
-                              and _computed(summary[k], "coherence"))
+                keys = sorted(k for k in summary if k[0] == label and _plottable(summary[k], metric))
                 if not keys:
                     continue
                 points = [(summary[k]["coherence"][0], _scaled(metric, summary[k][metric][0])) for k in keys]

@@ -623,8 +623,8 @@ def _save(figure, path: Path) -> None:
 
 
 def _computed(summary: dict, keys, metric: str) -> bool:
-    """Whether some run computed ``metric`` (its mean over seeds is not NaN for one of ``keys``)."""
-    return any(summary[k][metric][0] == summary[k][metric][0] for k in keys)
+    """Whether some run of one of ``keys`` computed ``metric``."""
+    return any(summary[k]["computed"][metric] for k in keys)
 
 
 def plot(folder: Path, summary: dict) -> list[str]:
@@ -710,19 +710,23 @@ def mean_std_text(mean: float, std: float, seeds: int, form: str) -> str:
     return f"{mean:{form}}" if seeds == 1 else f"{mean:{form}} ± {std:{form}}"
 
 
+#: a cell whose runs computed the metric but whose mean is NaN (seeds that overflowed to +inf and to -inf)
+NOT_FINITE = "not finite"
+
 #: columns whose cell is the mean over seeds alone: each run's own error of a metric, not a metric to spread
 PER_RUN_ERRORS = ("kid_unconditional_standard_error",)
 
 
 def _cell(metric: str, value, computed: int, seeds: int) -> str:
-    """A table cell: the mean ± std over the ``computed`` of ``seeds`` runs that computed ``metric``; a per-run error
-    as its mean (one decimal: an error's own precision), with the count where some runs lack it."""
+    """A table cell: the mean ± std over the ``computed`` of ``seeds`` runs that computed ``metric``, with that
+    count where some runs lack it; a per-run error as its mean (one decimal: an error's own precision)."""
     mean, std = value
     if mean != mean:
-        return "–"
+        return NOT_FINITE if computed else "–"
     if metric in PER_RUN_ERRORS:
         return f"{mean:.1f}" + ("" if computed == seeds else f" ({computed} of {seeds} runs)")
-    return mean_std_text(mean, std, computed, number_format(metric, mean))
+    return mean_std_text(mean, std, computed, number_format(metric, mean)) + (f" ({computed})" if computed < seeds
+                                                                              else "")
 
 
 def summary_table(summary: dict) -> list[str]:
@@ -764,9 +768,9 @@ def summary_table(summary: dict) -> list[str]:
 
 
 def render(summary: dict, figures: list[str], folder: Path, missing=()) -> str:
-    lines = [f"# Sweep `{folder.name}`", "", "Mean ± std over seeds (the value alone where one seed computed it); "
-             "every metric as defined in `applications/multimodal_vae/evaluation/` (see each run's report.md for its "
-             "protocol).", ""]
+    lines = [f"# Sweep `{folder.name}`", "", "Mean ± std over seeds (the value alone where one seed computed it; "
+             "(n): the n seeds that computed it, where fewer than the row's); every metric as defined in "
+             "`applications/multimodal_vae/evaluation/` (see each run's report.md for its protocol).", ""]
     if missing:
         lines += [f"**Partial**: {len(missing)} run(s) of the grid not finished yet (rerun the sweep to continue): "
                   + ", ".join(missing) + ".", ""]

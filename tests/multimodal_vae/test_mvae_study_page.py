@@ -46,6 +46,13 @@ def test_verdicts_by_hand():
     for first, second in (("a", "g"), ("g", "a"), ("g", "h")):
         for at_least in (False, True):
             assert compare(summary, first, second, "coherence", 1.0, at_least=at_least)[0] == NOT_SEPARABLE
+    # seeds that overflowed to +inf and to -inf: a NaN mean of a computed metric is not separable, not "not run"
+    both_signs = {"coherence": (math.nan, math.nan), "seeds": 3, "computed": {"coherence": 3}}
+    summary[("i", 1.0)] = both_signs
+    assert compare(summary, "a", "i", "coherence", 1.0)[0] == NOT_SEPARABLE
+    assert compare(summary, "i", "a", "coherence", 1.0, at_least=True)[0] == NOT_SEPARABLE
+    assert _show("coherence", both_signs["coherence"], 3) == "not finite"
+    assert _show("coherence", (math.nan, math.nan), 0) == "–"
     # masses that fell to nearly nothing keep their size instead of printing as 0.000
     assert _show("pairwise_mass", (4.8e-27, 1.2e-27), 2) == "4.8e-27 ± 1.2e-27"
     assert _show("pairwise_mass", (0.25, 0.01), 2) == "0.250 ± 0.010"

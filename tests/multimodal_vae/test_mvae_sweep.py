@@ -291,6 +291,11 @@ def test_a_sweep_without_coherence_or_probe_is_summarised_with_empty_cells(tmp_p
     assert "KID s.e.: each run's jackknife standard error" in report
     # a group where only some runs have the error says how many
     assert sweep_module._cell("kid_unconditional_standard_error", (3.1, 0.0), 1, 3) == "3.1 (1 of 3 runs)"
+    # a metric two of three seeds computed says so; one whose seeds overflowed to both infinities is no "–"
+    assert sweep_module._cell("coherence", (0.5, 0.1), 2, 3) == "0.500 ± 0.100 (2)"
+    assert sweep_module._cell("coherence", (0.5, 0.1), 3, 3) == "0.500 ± 0.100"
+    assert sweep_module._cell("coherence", (math.nan, math.nan), 3, 3) == "not finite"
+    assert sweep_module._cell("coherence", (math.nan, math.nan), 0, 3) == "–"
     assert alone["pairwise mass"] == "3.0e-27"  # a mass that fell to nearly nothing keeps its size, not 0.000
     assert ("Not computed by any run (–): coherence (all subsets), one input, self (one input), unconditional, "
             "probe (all);") in report
