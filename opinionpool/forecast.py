@@ -126,7 +126,8 @@ def _observations(observations, batch_shape: torch.Size, dtype) -> torch.Tensor:
     the forecast's ``dtype`` or the observations' own floating dtype where that is wider: a float64 observation of a
     float32 forecast keeps its digits (rounded to float32, 1e6 + 0.002 was 1e6, a PIT of 0.5 instead of 0.977 under
     N(1e6, 1e-3))."""
-    if not isinstance(observations, (torch.Tensor, np.ndarray, list, tuple, int, float)) or isinstance(observations, bool):
+    if not isinstance(observations, (torch.Tensor, np.ndarray, list, tuple, numbers.Real)) \
+            or isinstance(observations, (bool, np.bool_)):
         raise TypeError(f"observations must be a tensor of real numbers, got {type(observations).__name__}")
     y = real_tensor("observations", observations)
     if not (y.is_floating_point() or y.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)):
@@ -1011,6 +1012,9 @@ def coverage(forecast, observations, levels=(0.5, 0.8, 0.9, 0.95)) -> CoverageTa
         levels = (levels,)
     if not isinstance(levels, (tuple, list)) or not levels:
         raise ValueError(f"levels must be a non-empty sequence of probabilities in (0, 1), got {levels!r}")
+    # torch scalars in a sequence as a single one is taken (a bool or complex one stays, and is refused)
+    levels = tuple(level.item() if isinstance(level, torch.Tensor) and level.ndim == 0 and level.dtype != torch.bool
+                   and not level.is_complex() else level for level in levels)
     for level in levels:
         if isinstance(level, (bool, np.bool_)) or not isinstance(level, numbers.Real) or not 0 < level < 1:
             raise ValueError(f"levels must be probabilities in (0, 1), got {level!r} in {levels!r}")
@@ -1067,7 +1071,8 @@ def disagreement(experts, weights=None, validate_args: bool | None = None) -> Di
 # ------------------------------------------------------------------------------------------------- fit weights
 def _bounds(alpha_bounds):
     if (not isinstance(alpha_bounds, (tuple, list)) or len(alpha_bounds) != 2
-            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in alpha_bounds)
+            or not all(isinstance(b, numbers.Real) and not isinstance(b, (bool, np.bool_)) and math.isfinite(b)
+                       for b in alpha_bounds)
             or not alpha_bounds[0] < alpha_bounds[1]):
         raise ValueError(f"alpha_bounds must be two finite numbers (low, high) with low < high, got {alpha_bounds!r}")
     return float(alpha_bounds[0]), float(alpha_bounds[1])
@@ -1164,10 +1169,16 @@ def fit_weights(experts, observations, alpha=0.5, learn_alpha: bool = False, *, 
         # search steps back, and the fit keeps the best point it evaluated
         if not all(bool(torch.isfinite(variable).all()) for variable in variables):
             return torch.tensor(math.inf, dtype=dtype)
-        loss = -build(torch.softmax(logits, 0), current_alpha()).log_prob(y).mean()
+        scores = build(torch.softmax(logits, 0), current_alpha()).log_prob(y)
+        loss = -scores.mean()
         if bool(torch.isnan(loss)):
             raise ValueError(f"the mean log score is NaN at weights {torch.softmax(logits, 0).detach().tolist()} and "
                              f"alpha={float(current_alpha())}")
+        unbounded = torch.isposinf(scores.detach())
+        if bool(unbounded.any()):  # (a loss of -inf read as the best point there is)
+            raise ValueError(f"the log score is +inf at observations {describe(y.expand(scores.shape), unbounded)}: "
+                             "the forecasts' density is unbounded there (a Gamma or Beta expert of shape below 1 at "
+                             "its end), so the mean log score has no maximum")
         if not lowest or float(loss.detach()) < lowest[0]:
             lowest[:] = [float(loss.detach()), [variable.detach().clone() for variable in variables]]
         if bool(torch.isinf(loss)):

@@ -1223,12 +1223,38 @@ def test_coverage_takes_numpy_and_torch_levels():
     forecast = Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
     expected = op.coverage(forecast, y, levels=(0.5, 0.875))
     for levels in ((np.float32(0.5), np.float64(0.875)), np.array([0.5, 0.875], dtype=np.float32),
-                   torch.tensor([0.5, 0.875])):
+                   torch.tensor([0.5, 0.875]), [torch.tensor(0.5), torch.tensor(0.875, dtype=torch.float64)]):
         table = op.coverage(forecast, y, levels=levels)
         assert table.levels == (0.5, 0.875) and table.empirical == expected.empirical
     assert op.coverage(forecast, y, levels=np.float32(0.5)).empirical == expected.empirical[:1]
     with pytest.raises(ValueError, match="levels must be probabilities in \\(0, 1\\), got np.True_"):
         op.coverage(forecast, y, levels=(np.True_,))
+    with pytest.raises(ValueError, match="levels must be probabilities in \\(0, 1\\), got tensor\\(True\\)"):
+        op.coverage(forecast, y, levels=[torch.tensor(True)])
+
+
+def test_numpy_scalar_observations_and_bounds_are_numbers():
+    """np.float32 and np.int64 observations raised 'must be a tensor of real numbers' (np.float64 passed only as a
+    subclass of float), and np.float32 alpha bounds 'must be two finite numbers'."""
+    forecast = Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    for y in (np.float32(0.25), np.int64(1), np.float16(-2.0)):
+        assert float(op.crps(forecast, y)) == float(op.crps(forecast, float(y)))
+        assert float(op.pit(forecast, y)) == pytest.approx(scipy.stats.norm.cdf(float(y)), rel=1e-12)
+    with pytest.raises(TypeError, match="observations must be a tensor of real numbers, got bool"):
+        op.pit(forecast, np.True_)
+    experts = Normal(torch.tensor([0.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 1.5], dtype=torch.float64))
+    y = torch.tensor([0.1, 1.9, -0.4, 2.6, 1.0], dtype=torch.float64)
+    fitted = op.fit_weights(experts, y, 0.5, learn_alpha=True, alpha_bounds=(np.float32(-2), np.float32(2)))
+    reference = op.fit_weights(experts, y, 0.5, learn_alpha=True, alpha_bounds=(-2.0, 2.0))
+    assert fitted.log_score == reference.log_score
+
+
+def test_fit_weights_names_observations_where_the_density_is_unbounded():
+    """A Gamma of shape 0.5 has an infinite density at 0: the log score there is +inf, which the fit took as the best
+    point there is and then reported as 'an observation outside the support of every pool'."""
+    experts = Gamma(torch.tensor([0.5, 3.0], dtype=torch.float64), torch.tensor([1.0, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"log score is \+inf at observations \[0\] .*density is unbounded"):
+        op.fit_weights(experts, torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64), 0.5)
 
 
 @pytest.mark.parametrize("forecast, cdf", [(Gamma(torch.tensor(2.0), torch.tensor(1.0)), scipy.stats.gamma(2).cdf),
