@@ -1082,7 +1082,11 @@ def _bounds(alpha_bounds):
 class FitResult:
     """A pool fitted by :func:`fit_weights`: ``pool``, ``weights`` ``(M,)``, ``alpha``, ``log_score`` (the mean log
     score of the observations, higher is better), ``standard_error`` (the standard deviation of the per-occasion
-    log scores over ``sqrt(n)``), ``scores`` (per occasion), ``iterations`` (objective evaluations)."""
+    log scores over ``sqrt(n)``), ``scores`` (per occasion), ``iterations`` (objective evaluations), ``converged``
+    (the gradient of the mean log score in the free logits, and alpha's, is at most ``sqrt(tol)`` at the result: the
+    optimality condition on the simplex, met also next to a vertex, where a weight's logit gradient carries the
+    weight; at a vertex, the largest slope of moving weight off it; False, with a warning, where ``max_iter``
+    stopped the search short, or where the gradient is not finite)."""
 
     pool: Distribution
     weights: torch.Tensor
@@ -1091,6 +1095,7 @@ class FitResult:
     standard_error: float
     scores: torch.Tensor
     iterations: int
+    converged: bool
 
 
 def fit_weights(experts, observations, alpha=0.5, learn_alpha: bool = False, *, alpha_bounds=(-4.0, 4.0),
@@ -1191,8 +1196,10 @@ def fit_weights(experts, observations, alpha=0.5, learn_alpha: bool = False, *, 
         return float(build(weights, a).log_prob(y).mean())
 
     def fit(start_logits):
-        """L-BFGS from ``start_logits`` and the given alpha: ``(score, weights, alpha)`` of the best point it
-        evaluated (where it stopped, or better: it can stop on a step it could not evaluate)."""
+        """L-BFGS from ``start_logits`` and the given alpha: ``(score, weights, alpha, steepest)`` of the best point
+        it evaluated (where it stopped, or better: it can stop on a step it could not evaluate), ``steepest`` the
+        largest gradient of the score in the free variables there (the optimizer's own stop says less: a search
+        whose trial steps overflowed runs out of evaluations beside an optimum)."""
         with torch.no_grad():
             logits.copy_(start_logits)
             raw_alpha.fill_(math.log(start / (1 - start)))
@@ -1204,7 +1211,11 @@ def fit_weights(experts, observations, alpha=0.5, learn_alpha: bool = False, *, 
             for variable, value in zip(variables, best_variables):
                 variable.copy_(value)
             fitted = float(current_alpha()) if learn_alpha else alpha
-        return -loss, torch.softmax(logits.detach(), 0), fitted
+        for variable in variables:
+            variable.grad = None
+        (-build(torch.softmax(logits, 0), current_alpha()).log_prob(y).mean()).backward()
+        steepest = max(float(variable.grad.abs().max()) for variable in variables)  # (NaN where any is)
+        return -loss, torch.softmax(logits.detach(), 0), fitted, steepest
 
     best = fit(torch.zeros_like(logits))
     # Away from alpha = 0 and 1 the mean log score need not be concave in the weights, and optima on the simplex's
@@ -1212,18 +1223,36 @@ def fit_weights(experts, observations, alpha=0.5, learn_alpha: bool = False, *, 
     # beats the fit, L-BFGS starts again next to it (alpha = -1 with experts far apart ended at the wrong vertex:
     # -3330 against 1.83), from weights of 1e-2 beside it: at 1e-6 the logits' gradients were too small to move them
     # to an optimum next to the vertex (alpha = 0, a weight of 3e-3)
+    def rise_off(vertex, a, alone, step=1e-6):
+        """The largest slope of the score moving ``step`` of the weight off ``vertex`` to another expert (0 where
+        every move lowers it: the vertex is optimal), the ``steepest`` of a vertex."""
+        slopes = [(score((1 - step) * vertex + step * other, a) - alone) / step
+                  for other in torch.eye(len(vertex), dtype=dtype) if not bool(torch.equal(other, vertex))]
+        return max([0.0, *slopes])
+
     for vertex in torch.eye(experts.num_experts, dtype=dtype):
         alone = score(vertex, best[2])
         if alone > best[0] - 1e-9 * (1 + abs(best[0])):  # (also a fit that ended at the vertex itself)
             near = torch.log(torch.where(vertex > 0, 1.0, 1e-2))
-            best = max(best, (alone, vertex, best[2]), fit(near), key=lambda candidate: candidate[0])
+            best = max(best, (alone, vertex, best[2], None), fit(near), key=lambda candidate: candidate[0])
+            if best[3] is None:
+                best = best[:3] + (rise_off(vertex, best[2], alone),)
     if not math.isfinite(best[0]):  # every pool tried gives some observation no density
         raise ValueError(f"no weights fit: the mean log score is {best[0]} at every point tried (an observation "
                          "outside the support of every pool of these experts)")
-    _, weights, fitted_alpha = best
+    _, weights, fitted_alpha, steepest = best
+    converged = steepest <= math.sqrt(tol)
+    if not math.isfinite(steepest):
+        warnings.warn(f"fit_weights: the gradient of the mean log score is not finite at the result (weights "
+                      f"{weights.tolist()}): next to the simplex's boundary the score may rise without a maximum "
+                      "(alpha < 0 and a vanishing weight)", RuntimeWarning, stacklevel=2)
+    elif not converged:
+        warnings.warn(f"fit_weights: the gradient of the mean log score at the result is {steepest:.3g}, above "
+                      f"sqrt(tol) = {math.sqrt(tol):.3g}, after max_iter={max_iter} iterations: the weights may not "
+                      "maximise the score; raise max_iter", RuntimeWarning, stacklevel=2)
     with torch.no_grad():
         pool = build(weights, fitted_alpha)
         scores = pool.log_prob(y).detach()
     flat = scores.flatten().to(torch.float64)
     return FitResult(pool, weights, fitted_alpha, float(flat.mean()), float(flat.std() / math.sqrt(flat.numel())),
-                     scores, evaluations)
+                     scores, evaluations, converged)

@@ -589,7 +589,10 @@ def test_fit_weights_survives_line_search_steps_past_float64():
                       2.611, 0.2023, 0.5449, 2.0, 1e-300], dtype=torch.float64)
     locs, scales = np.array([0.8019, 0.9023, 0.0769]), np.array([7.9398, 0.5903, 1.4532])
     experts = Normal(torch.tensor(locs, dtype=torch.float64), torch.tensor(scales, dtype=torch.float64))
-    result = op.fit_weights(experts, y, alpha=-2.0)
+    # the score rises as a weight falls to 0 without reaching its limit there: no maximum, and the fit says so
+    with pytest.warns(RuntimeWarning, match="gradient of the mean log score is not finite at the result"):
+        result = op.fit_weights(experts, y, alpha=-2.0)
+    assert not result.converged
     log_w = np.log(result.weights.numpy())
 
     def log_u(z):  # (sum_j w_j q_j^-2)^(-1/2) in log space
@@ -631,6 +634,21 @@ def test_fit_weights_learns_alpha_within_its_bounds_and_improves_the_score():
     result = op.fit_weights(Normal(locs, scales), y, alpha=0.5, learn_alpha=True, alpha_bounds=(-2.0, 3.0), max_iter=3)
     assert -2.0 < result.alpha < 3.0 and isinstance(result.pool, op.NumericalHolderPool)
     assert result.log_score > float(start)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_fit_weights_says_when_max_iter_stopped_it_short(alpha):
+    """A search cut short by max_iter returned its weights as any other, unreported. Judged by the gradient of the
+    score at the result (at a vertex, the slope of moving weight off it), not by the optimizer's stop."""
+    locs, scales, y = _misspecified_panel(400, 5)
+    with pytest.warns(RuntimeWarning, match=r"gradient of the mean log score at the result is .*, above sqrt\(tol\) = "
+                                            r"3.16e-05, after max_iter=1 iterations"):
+        short = op.fit_weights(Normal(locs, scales), y, alpha=alpha, max_iter=1)
+    assert not short.converged
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        full = op.fit_weights(Normal(locs, scales), y, alpha=alpha)
+    assert full.converged and full.log_score > short.log_score
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
