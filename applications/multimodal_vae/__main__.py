@@ -137,7 +137,7 @@ def main(argv=None) -> int:
                      "--summarise-only", "--docs", args.docs, *(["--set", *args.overrides] if args.overrides else [])]))
             return status
         except TrainingInterrupted as stop:
-            return _stopped(stop)
+            return _stopped(stop, "rerun the same sweep command to continue")
         # as for train: runs of another configuration in the sweep's folder, a missing dataset, a bad setting
         except (FileNotFoundError, ValueError) as error:
             parser.exit(1, f"{parser.prog} sweep: error: {error}\n")
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     try:
         run_dir = run_training(config, resume=args.resume)
     except TrainingInterrupted as stop:
-        return _stopped(stop)
+        return _stopped(stop, "continue with --resume")
     # what a user can act on, in one line: a missing checkpoint or data, an existing run folder, a changed setting
     # on --resume, an unreadable file (ValueErrors), a diverged run
     except (FileNotFoundError, FileExistsError, ValueError, TrainingDiverged, RunFolderBusy) as error:
@@ -286,9 +286,10 @@ def _grid(parser, args) -> int:
     return 0
 
 
-def _stopped(stop) -> int:
-    """A ``TrainingInterrupted`` (SIGINT or SIGTERM): say where the run stands; exit with 128 + the signal."""
-    print(stop, file=sys.stderr)
+def _stopped(stop, to_continue: str) -> int:
+    """A ``TrainingInterrupted`` (SIGINT or SIGTERM): say where the run stands and how the command continues it
+    (``to_continue``); exit with 128 + the signal."""
+    print(f"{stop}; {to_continue}", file=sys.stderr)
     return 128 + stop.signum
 
 

@@ -518,10 +518,13 @@ def _train(config, run_dir, state, show_progress, rank, world, device, tqdm, req
                     break
             if position == batches_per_epoch:
                 epoch, position = epoch + 1, 0
-            if stop or epoch % config.train.checkpoint_every == 0 or epoch == config.train.epochs:
-                # a run stopped by a signal is not finished: a sweep resumes it
+            scheduled = position == 0 and (epoch % config.train.checkpoint_every == 0 or epoch == config.train.epochs)
+            if stop or scheduled:
+                # a run stopped by a signal is not finished: a sweep resumes it; its diagnostics wait for the
+                # steps an uninterrupted run logs them at (a resumed run's pooling.csv had a row at the signal's step)
                 run.save(model, optimizer, epoch, position, step, stops.planned, stops.stopped_by,
-                         finished=(stop and requests.signum is None) or epoch == config.train.epochs)
+                         finished=(stop and requests.signum is None) or epoch == config.train.epochs,
+                         diagnostics=scheduled or requests.signum is None)
     except TrainingDiverged:
         run.keep_diverged_log()
         raise
@@ -538,8 +541,8 @@ def _train(config, run_dir, state, show_progress, rank, world, device, tqdm, req
     run.close()
     if requests.signum is not None:
         name = signal.Signals(requests.signum).name
-        raise TrainingInterrupted(f"{name}: training stopped after step {step}; {run.checkpoint_path} holds it; "
-                                  "continue with --resume", requests.signum)
+        raise TrainingInterrupted(f"{name}: training stopped after step {step}; {run.checkpoint_path} holds it",
+                                  requests.signum)
     if config.train.evaluate_at_end and writes:
         with _denormals_flushed(device, flushed=False):  # as `evaluate --run` evaluates the checkpoint
             result = evaluate_run(run_dir, config, model, progress=tqdm if show_progress else None)
@@ -701,8 +704,9 @@ class RunWriter:
             self.board.add_scalar("train/samples_per_second", samples_per_second, step)
 
     def save(self, model: MultimodalVAE, optimizer, epoch: int, position: int, step: int, planned: int,
-             stopped_by: str | None, finished: bool) -> None:
-        """The logs, the samples, the pooling diagnostics, then the checkpoint of training at ``step``."""
+             stopped_by: str | None, finished: bool, diagnostics: bool = True) -> None:
+        """The logs, the samples, the pooling diagnostics (unless not ``diagnostics``), then the checkpoint of
+        training at ``step``."""
         device = model.device
         # the last line of defence: a checkpoint never holds non-finite weights (every process agrees)
         finite = _all_finite([*model.state_dict().values(), *_tensors(optimizer.state_dict()["state"])])
@@ -721,7 +725,8 @@ class RunWriter:
             _write_csv(self.run_dir / "metrics.csv", self.metrics, METRIC_FIELDS)
             with self._overflow_is_divergence(step):
                 grid = sample_grid(model, self._shown(device), self.data.modalities, self.run_dir / "samples.png")
-            self.log_pooling(model, epoch + (position > 0), step)
+            if diagnostics:
+                self.log_pooling(model, epoch + (position > 0), step)
             _write_csv(self.run_dir / "pooling.csv", self.pooling, POOLING_FIELDS)
             if self.board is not None and grid.numel():
                 self.board.add_image("samples", grid, step, dataformats="HWC")

@@ -599,11 +599,16 @@ def test_sigterm_and_sigint_save_at_the_next_step_then_stop(tiny_root, monkeypat
     args = ["train", "--preset", "polymnist-helvae", "--set", *overrides_of(tiny_root, "term", epochs=2)]
     assert main(args) == 128 + signal.SIGTERM
     run = tiny_root / "runs" / "term"
-    assert "SIGTERM: training stopped after step 2; " in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "SIGTERM: training stopped after step 2; " in error and "checkpoint.pt holds it; continue with --resume" in error
     state = finite_checkpoint(run / "checkpoint.pt")
     assert (state["step"], state["finished"]) == (2, False) and [s for s, _ in losses(run)] == [1, 2]
     monkeypatch.undo()
     assert main(args + ["--resume"]) == 0 and [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
+    # the diagnostics at the steps an uninterrupted run logs them (the checkpoints at the epochs' ends): the
+    # signal's save at step 2 logged a row of its own
+    with open(run / "pooling.csv") as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == [3, 6]
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
 
     signal_at_step(monkeypatch, signal.SIGINT, 4)
