@@ -429,7 +429,8 @@ def run_workers(sweep: SweepConfig, workers: int, arguments: list[str], train_on
     """Run ``workers`` processes of ``python -m applications.multimodal_vae sweep *arguments`` on the same grid
     (they share it through the runs' locks; each writes ``worker-N.log`` in the sweep folder), show the runs done,
     then write the summary. Returns 0, or the first non-zero exit status of a worker (SIGINT or SIGTERM reaches
-    every worker: each saves its run's checkpoint and stops)."""
+    every worker: each saves its run's checkpoint and stops; a SIGTERM to this process, or a SIGINT to it alone, is
+    sent on to them as SIGTERM, which a worker already stopping on the terminal's SIGINT ignores)."""
     import signal
     import subprocess
     import sys
@@ -452,8 +453,12 @@ def run_workers(sweep: SweepConfig, workers: int, arguments: list[str], train_on
             while any(p.poll() is None for p in processes):
                 time.sleep(5)
                 bar.update(sum(_done_or_unreadable(done, folder / c.name, c) for c in configs) - bar.n)
-    except KeyboardInterrupt:  # the workers got the SIGINT too: they checkpoint and stop
-        pass
+    except KeyboardInterrupt:
+        # Ctrl-C reached the workers too; a SIGINT sent to this process alone (kill -INT) did not, and the grid went
+        # on to its end with exit status 0: they get a SIGTERM (ignored by one already stopping)
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
     finally:
         statuses = [p.wait() for p in processes]
         signal.signal(signal.SIGTERM, previous)

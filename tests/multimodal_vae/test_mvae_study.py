@@ -470,6 +470,40 @@ def test_a_run_the_wall_clock_stopped_is_resumed_and_the_study_has_no_wall_clock
     assert len(loads) == len(cases)  # each checkpoint loaded once, however often it is asked about
 
 
+def test_a_sigint_to_the_sweep_alone_reaches_its_workers(tmp_path, monkeypatch, capsys):
+    """`kill -INT` of the parent (not Ctrl-C, which reaches the whole process group) was swallowed: the workers
+    trained the grid to its end and the sweep exited 0. They now get a SIGTERM, and the sweep their status."""
+    import signal
+
+    import applications.multimodal_vae.sweep as sweep_module
+
+    sweep = SweepConfig(name="interrupted", output_dir=str(tmp_path), models=["helvae"], betas=[1.0], seeds=[0])
+    sent = []
+
+    class Worker:
+        def __init__(self, command, **kwargs):
+            self.status = None
+
+        def poll(self):
+            return self.status
+
+        def send_signal(self, signum):
+            sent.append(signum)
+            self.status = 128 + signum
+
+        def wait(self):
+            return self.status if self.status is not None else 0
+
+    def sleep(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_module, "load_dataset", lambda config: None)
+    monkeypatch.setattr(sweep_module.time, "sleep", sleep)
+    monkeypatch.setattr(subprocess, "Popen", Worker)
+    assert sweep_module.run_workers(sweep, 2, []) == 128 + signal.SIGTERM
+    assert sent == [signal.SIGTERM, signal.SIGTERM]
+
+
 def test_the_progress_monitor_survives_a_damaged_checkpoint(tmp_path):
     """run_workers asks every few seconds whether each run is trained; an unreadable checkpoint raised out of its
     loop, which then waited for every worker before reporting."""
