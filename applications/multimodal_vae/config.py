@@ -180,7 +180,11 @@ def merge_checked(what: str, layers, overrides=()) -> DictConfig:
     _keep_text(dotlist, overrides, _typed_keys(OmegaConf.get_type(layers[0]), str))
     _check_booleans(what, layers, dotlist)
     try:
-        return OmegaConf.merge(*layers, dotlist)
+        merged = OmegaConf.merge(*layers, dotlist)
+        # interpolations resolved here, where their errors are named as the others (the checks after resolved
+        # them, and ${nope} came out as OmegaConf's three-line message without the setting)
+        OmegaConf.resolve(merged)
+        return merged
     except (OmegaConfBaseException, TypeError) as error:  # TypeError: a section given a plain value (train=3)
         message = str(error).split("\n    full_key")[0]
         key = getattr(error, "full_key", None)  # OmegaConf's message alone drops the section (``lr`` of ``train.lr``)

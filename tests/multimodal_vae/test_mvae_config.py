@@ -163,6 +163,18 @@ def test_booleans_are_true_or_false_not_numbers(value, tmp_path):
         load_sweep(str(sweep))
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=${nope}", r"^invalid configuration: Interpolation key 'nope' not found \(key train.lr\)$"),
+    ("train.epochs=${train.lr}", r"^invalid configuration: .*could not be converted to Integer \(key train.epochs\)$"),
+    ("model.name=${oc.env:MVAE_TEST_UNSET_NAME}", r"^invalid configuration: .*MVAE_TEST_UNSET_NAME.* \(key model.name\)$")])
+def test_an_interpolation_that_does_not_resolve_is_a_one_line_error_naming_the_setting(override, message):
+    """The checks after the merge resolved interpolations outside its error handling: OmegaConf's message of three
+    lines, the first naming no setting."""
+    with pytest.raises(ValueError, match=message) as raised:
+        load_config("polymnist-helvae-cpu", [override])
+    assert "\n" not in str(raised.value)
+
+
 def test_booleans_through_interpolations_are_checked_at_their_source(tmp_path, monkeypatch):
     """An interpolation to a number (the preset's ``train.epochs``) is a number; a resolver's string that says true
     or false (``oc.env``) is a boolean, as OmegaConf reads it."""
