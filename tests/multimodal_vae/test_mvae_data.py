@@ -5,6 +5,7 @@ import gzip
 import io
 import os
 import pickle
+import re
 import shutil
 import zipfile
 
@@ -184,6 +185,19 @@ def test_a_rewritten_file_is_decoded_again(tmp_path):
     Image.fromarray(np.zeros((28, 28, 3), dtype=np.uint8)).save(path)
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # whatever the clock's resolution
     assert PolyMNIST(tmp_path, "train").images[1, 2].max() == 0
+
+
+def test_an_image_cut_short_is_a_layout_error_naming_it(tmp_path):
+    """An interrupted copy of a tree: PIL's "image file is truncated" named no file."""
+    images, labels = random_tuples(n=4)
+    write_png_tree(tmp_path, "train", images, labels)
+    path = tmp_path / "train" / "m1" / f"3.{labels[3]}.png"
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    with pytest.raises(LayoutError, match=re.escape(str(path)) + r": cannot decode the image \(image file is truncated"):
+        PolyMNIST(tmp_path, "train")
+    path.write_bytes(b"not an image")
+    with pytest.raises(LayoutError, match=re.escape(str(path)) + r": cannot decode the image"):
+        PolyMNIST(tmp_path, "train")
 
 
 def test_layout_errors_say_what_was_expected_and_found(tmp_path):

@@ -86,6 +86,33 @@ def test_mnist_svhn_text_pairs_files_as_released(tmp_path):
     assert torch.equal(again.gather(torch.arange(len(again)))[2], MNISTSVHNText(tmp_path, "train").arrays[2])
 
 
+def test_mnist_svhn_text_files_of_the_wrong_shape_or_digits_name_the_file(tmp_path):
+    """MNIST images of 32 x 32 loaded as (N, 1, 32, 32) for a (1, 28, 28) modality; an SVHN label 11 read as the digit
+    1 (% 10); MNIST labels in the images' place, or an IDX file cut inside its header, raised errors naming no file."""
+    write_mnist_svhn(tmp_path, np.random.default_rng(2))
+    raw = tmp_path / "MNIST" / "raw"
+    images, labels = raw / "t10k-images-idx3-ubyte", raw / "t10k-labels-idx1-ubyte"
+    good_images, good_labels = images.read_bytes(), labels.read_bytes()
+    images.write_bytes(_idx(np.zeros((9, 32, 32))))
+    with pytest.raises(LayoutError, match=r"images-idx3-ubyte: expected \(N, 28, 28\) images, got shape \(9, 32, 32\)"):
+        MNISTSVHNText(tmp_path, "test")
+    images.write_bytes(good_images)
+    labels.write_bytes(good_images)
+    with pytest.raises(LayoutError, match=r"t10k-labels-idx1-ubyte: expected \(N,\) digits, got shape \(9, 28, 28\)"):
+        MNISTSVHNText(tmp_path, "test")
+    labels.write_bytes(_idx(np.full(9, 12)))
+    with pytest.raises(LayoutError, match=r"t10k-labels-idx1-ubyte: digits must lie in 0..9, found 12"):
+        MNISTSVHNText(tmp_path, "test")
+    labels.write_bytes(good_images[:6])
+    with pytest.raises(LayoutError, match=r"t10k-labels-idx1-ubyte: cut short inside its header \(6 bytes"):
+        MNISTSVHNText(tmp_path, "test")
+    labels.write_bytes(good_labels)
+    scipy.io.savemat(tmp_path / "SVHN" / "test_32x32.mat",
+                     {"X": np.zeros((32, 32, 3, 11), dtype=np.uint8), "y": np.full((11, 1), 11)})
+    with pytest.raises(LayoutError, match=r"test_32x32.mat: y must hold digits 1..10 \(10 for 0\), found \[11, 11"):
+        MNISTSVHNText(tmp_path, "test")
+
+
 def test_mnist_svhn_text_rejects_pairs_of_different_digits_and_missing_files(tmp_path):
     stored = write_mnist_svhn(tmp_path, np.random.default_rng(1))
     _, labels, _, mnist_index, svhn_index = stored["test"]

@@ -27,7 +27,7 @@ import opinionpool.functional as opf
 from ..files import UnreadableFile, load_checked, remove_orphaned_temporaries, save_checked
 
 __all__ = ["LayoutError", "load_tensor_file", "Modality", "MultimodalDataset", "batches", "cached_tensors", "decode_images",
-           "modality_mask", "reconstruction_weights", "source_listing", "subset_mask", "subset_tuples"]
+           "modality_mask", "read_rgb", "reconstruction_weights", "source_listing", "subset_mask", "subset_tuples"]
 
 
 class LayoutError(ValueError):
@@ -164,6 +164,18 @@ class MultimodalDataset(Dataset):
         return self.select(chosen.sort().values)
 
 
+def read_rgb(path):
+    """The image file at ``path`` decoded to RGB (a PIL image); a file PIL cannot decode (cut short by an interrupted
+    copy: "image file is truncated", without the path) is a ``LayoutError`` naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:  # (PIL's UnidentifiedImageError is one)
+        raise LayoutError(f"{path}: cannot decode the image ({error})") from None
+
+
 def source_listing(recipe: str, root: Path, names) -> str:
     """What a decoded cache is keyed on: ``recipe`` (how the files are decoded, with a version) and every source
     file's name (relative to ``root``), size and modification time, so that a changed recipe or a rewritten file
@@ -231,7 +243,7 @@ def decode_images(paths, size: int, crop: int | None = None, progress=None, desc
     for k, path in enumerate(progress(paths, desc=desc, unit="image") if progress else paths):
         if not Path(path).is_file():
             raise LayoutError(f"{path} is listed in {listed_in} but missing")
-        image = Image.open(path).convert("RGB")
+        image = read_rgb(path)
         if crop is not None:
             left, top = (image.width - crop) // 2, (image.height - crop) // 2
             image = image.crop((left, top, left + crop, top + crop))

@@ -46,6 +46,8 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
         raise LayoutError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
     rank = data[3]
+    if len(data) < 4 + 4 * rank:
+        raise LayoutError(f"{path}: cut short inside its header ({len(data)} bytes for {rank} dimensions)")
     shape = tuple(int.from_bytes(data[4 + 4 * k: 8 + 4 * k], "big") for k in range(rank))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank)
     if body.size != int(np.prod(shape)):
@@ -63,6 +65,9 @@ def read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
     images, labels = mat["X"], mat["y"].reshape(-1).astype(np.int64)
     if images.shape[:3] != (32, 32, 3) or images.shape[3] != labels.shape[0]:
         raise LayoutError(f"{path}: expected X of shape (32, 32, 3, N) matching y, got {images.shape}")
+    bad = (labels < 1) | (labels > 10)
+    if bad.any():  # (% 10 read an 11 as the digit 1)
+        raise LayoutError(f"{path}: y must hold digits 1..10 (10 for 0), found {labels[bad][:5].tolist()}")
     return np.ascontiguousarray(images.transpose(3, 2, 0, 1)), labels % 10
 
 
@@ -92,6 +97,13 @@ class MNISTSVHNText(MultimodalDataset):
         prefix = _MNIST_FILES[split]
         mnist = read_idx(root / "MNIST" / "raw" / f"{prefix}-images-idx3-ubyte")
         mnist_labels = read_idx(root / "MNIST" / "raw" / f"{prefix}-labels-idx1-ubyte").astype(np.int64)
+        for name, array, rank, what in ((f"{prefix}-images-idx3-ubyte", mnist, 3, "(N, 28, 28) images"),
+                                        (f"{prefix}-labels-idx1-ubyte", mnist_labels, 1, "(N,) digits")):
+            if array.ndim != rank or (rank == 3 and array.shape[1:] != (28, 28)):
+                raise LayoutError(f"{root / 'MNIST' / 'raw' / name}: expected {what}, got shape {array.shape}")
+        if mnist_labels.size and mnist_labels.max() > 9:
+            raise LayoutError(f"{root / 'MNIST' / 'raw'}/{prefix}-labels-idx1-ubyte: digits must lie in 0..9, found "
+                              f"{int(mnist_labels.max())}")
         svhn, svhn_labels = read_svhn(root / "SVHN" / f"{split}_32x32.mat")
         if len(mnist) != len(mnist_labels):  # an index past the images would fail mid-training, in some batch
             raise LayoutError(f"{root / 'MNIST' / 'raw'}: {prefix}-images-idx3-ubyte holds {len(mnist)} images but "

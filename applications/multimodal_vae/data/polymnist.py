@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import LayoutError, Modality, MultimodalDataset, cached_tensors, load_tensor_file, source_listing
+from .core import LayoutError, Modality, MultimodalDataset, cached_tensors, load_tensor_file, read_rgb, source_listing
 
 __all__ = ["PolyMNIST", "detect_layout", "polymnist_modalities", "read_png_tree", "read_tensor_files",
            "store_decoded_png_tree"]
@@ -78,8 +78,6 @@ def read_png_tree(split_dir: Path, progress=None) -> tuple[torch.Tensor, torch.T
     """uint8 ``(M, N, 3, 28, 28)`` and labels ``(N,)`` from a PNG tree: a tuple is the files of one name
     ``{index}.{digit}.png`` in every modality folder, which must all hold the same names (``progress``: a tqdm-like
     wrapper for the decoding loop). Tuples are ordered by index, then digit."""
-    from PIL import Image
-
     folders = _modality_folders(split_dir, "png")
     indexes = [_png_index(folder) for folder in folders]
     reference = indexes[0]
@@ -96,7 +94,7 @@ def read_png_tree(split_dir: Path, progress=None) -> tuple[torch.Tensor, torch.T
         files = enumerate(indexes[m][key] for key in order)
         for n, name in progress(files, total=len(order), desc=f"decoding {split_dir.name}/{folder.name}",
                                 unit="png") if progress else files:
-            array = torch.from_numpy(np.asarray(Image.open(folder / name).convert("RGB")).copy())
+            array = torch.from_numpy(np.asarray(read_rgb(folder / name)).copy())
             if array.shape != (28, 28, 3):
                 raise LayoutError(f"{folder / name}: expected a 28x28 RGB image, got shape {tuple(array.shape)}")
             images[m, n] = array.permute(2, 0, 1)
