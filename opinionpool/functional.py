@@ -367,10 +367,11 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate,
             raise ValueError(f"mask must be a boolean tensor of shape {tuple(mu.movedim(-2, dim).shape[:-1])} "
                              f"(mu without its last axis), got {mask.dtype} of shape {tuple(mask.shape)}")
         mask = mask.movedim(dim, -1)
-    # absent experts, and those of weight zero, are no part of the pool (standing_in)
+    # absent experts, and those of weight zero, are no part of the pool (standing_in); an unvalidated NaN weight is
+    # (its NaN reaches the outputs instead of a pool without it)
     keep = None if mask is None else mask.unsqueeze(-1)
     if weights is not None:
-        weighted = (weights.to(mu.device)[..., :num_experts] > 0).unsqueeze(-1)
+        weighted = ~(weights.to(mu.device)[..., :num_experts] <= 0).unsqueeze(-1)
         keep = weighted if keep is None else keep & weighted
     if validate:
         for name, value in (("mu", mu), ("logvar", logvar)):
@@ -385,7 +386,7 @@ def _prepare(mu, logvar, dim, weights, mask, prior_expert, validate,
         if keep is not None:  # a prior of weight zero is no part of the pool either (its N(0, 1) beside experts of
             # log-variance -90 overflowed float32)
             prior_kept = (torch.ones((1, 1), dtype=torch.bool, device=mu.device) if weights is None
-                          else (weights.to(mu.device)[..., num_experts:] > 0).unsqueeze(-1))
+                          else ~(weights.to(mu.device)[..., num_experts:] <= 0).unsqueeze(-1))
             batch = torch.broadcast_shapes(keep.shape[:-2], prior_kept.shape[:-2])
             keep = torch.cat((keep.expand(*batch, -1, -1), prior_kept.expand(*batch, 1, 1)), -2)
         num_experts += 1

@@ -51,9 +51,11 @@ def _expand_weights(log_weights: torch.Tensor, num_trailing: int) -> torch.Tenso
 
 
 def safe_log(x: torch.Tensor) -> torch.Tensor:
-    """``log(x)`` with ``-inf`` for ``x <= 0``, never evaluating ``log(0)`` (whose gradient would be infinite)."""
+    """``log(x)`` with ``-inf`` for ``x <= 0``, never evaluating ``log(0)`` (whose gradient would be infinite); NaN
+    stays NaN (an unvalidated NaN weight read as -inf left its expert out of the pool, a finite result)."""
     positive = x > 0
-    return torch.where(positive, torch.log(torch.where(positive, x, torch.ones_like(x))), -math.inf)
+    return torch.where(positive, torch.log(torch.where(positive, x, torch.ones_like(x))),
+                       torch.where(torch.isnan(x), x, -math.inf))
 
 
 def weighted_sum(log_weights: torch.Tensor, values: torch.Tensor, dim: int) -> torch.Tensor:

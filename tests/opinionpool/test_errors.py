@@ -210,3 +210,26 @@ def test_a_gaussian_projection_that_has_no_meaning_is_refused():
         with pytest.raises(ValueError, match="family='gaussian' has no density for Dirichlet experts"):
             pool.moment_match("gaussian")
         assert torch.allclose(pool.moment_match("diag_gaussian").mean, pool.mean)
+
+
+@pytest.mark.parametrize("pool", ["poe", "hellinger", "holder", "wasserstein_barycenter", "moe",
+                                  "hellinger_pairwise_mass", "poe with prior"])
+def test_an_unvalidated_nan_weight_reaches_the_outputs(pool):
+    """With validation off a NaN weight compared as not positive: its expert was left out and the pool came out
+    finite, the pool of the other experts. NaN in, NaN out, as a NaN mean or a subset mixture's weights give."""
+    mu = torch.tensor([[5.0], [0.0], [1.0]], dtype=torch.float64)
+    logvar = torch.zeros(3, 1, dtype=torch.float64)
+    weights = torch.tensor([math.nan, 1.0, 1.0], dtype=torch.float64)
+    if pool == "poe with prior":
+        outputs = opf.poe(mu, logvar, weights=torch.tensor([1.0, 1.0, 1.0, math.nan], dtype=torch.float64),
+                          prior_expert=True, validate_args=False)
+    elif pool == "holder":
+        outputs = opf.holder(mu, logvar, alpha=1 / 3, weights=weights, validate_args=False)[:1]
+    elif pool == "moe":
+        outputs = (opf.moe(mu, logvar, weights=weights, validate_args=False).log_weights,)
+    else:
+        outputs = getattr(opf, pool)(mu, logvar, weights=weights, validate_args=False)
+    for output in outputs if isinstance(outputs, tuple) else (outputs,):
+        assert bool(torch.isnan(output).all()), output
+    with pytest.raises(ValueError, match="weights"):
+        opf.poe(mu, logvar, weights=weights)
