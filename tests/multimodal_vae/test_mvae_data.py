@@ -200,6 +200,21 @@ def test_an_image_cut_short_is_a_layout_error_naming_it(tmp_path):
         PolyMNIST(tmp_path, "train")
 
 
+def test_labels_of_the_wrong_shape_name_labels_pt(tmp_path):
+    """A (N, 2) labels.pt was flattened to 2N digits, and the error blamed m0.pt's count."""
+    from applications.multimodal_vae.data.polymnist import read_tensor_files
+
+    split = tmp_path / "train"
+    split.mkdir()
+    torch.save(torch.zeros(5, 3, 28, 28, dtype=torch.uint8), split / "m0.pt")
+    torch.save(torch.zeros(5, 2, dtype=torch.long), split / "labels.pt")
+    with pytest.raises(LayoutError, match=r"labels.pt: expected one digit per tuple, shape \(N,\) or \(N, 1\), got "
+                                          r"\(5, 2\)"):
+        read_tensor_files(split)
+    torch.save(torch.zeros(5, 1, dtype=torch.long), split / "labels.pt")  # a column of digits is read as such
+    assert read_tensor_files(split)[1].shape == (5,)
+
+
 def test_layout_errors_say_what_was_expected_and_found(tmp_path):
     with pytest.raises(LayoutError, match=r"expected a folder .*train holding m0/"):
         PolyMNIST(tmp_path, "train")

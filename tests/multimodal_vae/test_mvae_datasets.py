@@ -194,6 +194,27 @@ def test_celeba_reads_the_released_files(tmp_path):
         CelebA(tmp_path, "train")
 
 
+def test_celeba_lists_that_are_malformed_or_cut_short_name_the_file(tmp_path):
+    """A partition line of three fields or a non-number raised Python's own errors (no file), an empty attribute list
+    an IndexError, and an attribute list cut at a line's end loaded fewer faces without complaint."""
+    write_celeba(tmp_path, np.random.default_rng(3))
+    attributes, partition = tmp_path / "list_attr_celeba.txt", tmp_path / "list_eval_partition.txt"
+    good_attributes, good_partition = attributes.read_text(), partition.read_text()
+    partition.write_text(good_partition + "000009.jpg 0 extra\n")
+    with pytest.raises(LayoutError, match=r"list_eval_partition.txt:7: expected a file name and a partition number"):
+        CelebA(tmp_path, "train")
+    partition.write_text(good_partition.replace("000002.jpg 1", "000002.jpg a"))
+    with pytest.raises(LayoutError, match=r"list_eval_partition.txt:2: expected .*'000002.jpg a'"):
+        CelebA(tmp_path, "train")
+    partition.write_text(good_partition)
+    attributes.write_text("")
+    with pytest.raises(LayoutError, match=r"list_attr_celeba.txt: expected the count of faces on line 1"):
+        CelebA(tmp_path, "train")
+    attributes.write_text("\n".join(good_attributes.split("\n")[:-2]) + "\n")  # the last face's line gone
+    with pytest.raises(LayoutError, match=r"list_attr_celeba.txt: line 1 gives 6 faces, the file lists 5"):
+        CelebA(tmp_path, "train")
+
+
 CAPTIONS = ["this bird is red with a short beak.", "a small bird with red wings.", "the bird's beak is short.",
             "red bird, black tail.", "a bird with a black crown."]
 

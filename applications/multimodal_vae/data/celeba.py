@@ -32,6 +32,8 @@ def read_attributes(path: Path) -> tuple[list[str], list[str], torch.Tensor]:
     if not path.is_file():
         raise LayoutError(f"CelebA: expected {path} (the released attribute list)")
     lines = path.read_text(encoding="utf-8").split("\n")
+    if len(lines) < 2 or not lines[0].strip().isdigit() or not lines[1].split():
+        raise LayoutError(f"{path}: expected the count of faces on line 1 and the attribute names on line 2")
     names = lines[1].split()
     files, rows = [], []
     for number, line in enumerate(lines[2:], start=3):
@@ -42,6 +44,8 @@ def read_attributes(path: Path) -> tuple[list[str], list[str], torch.Tensor]:
             raise LayoutError(f"{path}:{number}: expected a file name and {len(names)} values of 1 or -1, got {line!r}")
         files.append(fields[0])
         rows.append([v == "1" for v in fields[1:]])
+    if len(files) != int(lines[0]):  # (a file cut at a line's end lost faces without a malformed line)
+        raise LayoutError(f"{path}: line 1 gives {int(lines[0])} faces, the file lists {len(files)}")
     return names, files, torch.tensor(rows, dtype=torch.long)
 
 
@@ -63,7 +67,14 @@ class CelebA(MultimodalDataset):
         partition_file = root / "list_eval_partition.txt"
         if not partition_file.is_file():
             raise LayoutError(f"CelebA: expected {partition_file} (the released split list)")
-        partition = dict(line.split() for line in partition_file.read_text(encoding="utf-8").split("\n") if line.strip())
+        partition = {}
+        for number, line in enumerate(partition_file.read_text(encoding="utf-8").split("\n"), start=1):
+            fields = line.split()
+            if fields and (len(fields) != 2 or not fields[1].lstrip("-").isdigit()):
+                raise LayoutError(f"{partition_file}:{number}: expected a file name and a partition number, got "
+                                  f"{line!r}")
+            if fields:
+                partition[fields[0]] = fields[1]
         missing = [f for f in files if f not in partition][:5]
         if missing:
             raise LayoutError(f"{partition_file} does not list {missing}")

@@ -133,6 +133,10 @@ def read_tensor_files(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     labels = load_tensor_file(split_dir / "labels.pt")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise LayoutError(f"{split_dir / 'labels.pt'}: expected integer digits, got {labels.dtype}")
+    if labels.dim() != 1 and not (labels.dim() == 2 and labels.shape[1] == 1):  # (flattened, its count blamed
+        # the first modality's file)
+        raise LayoutError(f"{split_dir / 'labels.pt'}: expected one digit per tuple, shape (N,) or (N, 1), got "
+                          f"{tuple(labels.shape)}")
     labels = labels.long().reshape(-1)
     if labels.numel() and (labels.min() < 0 or labels.max() > 9):
         raise LayoutError(f"{split_dir / 'labels.pt'}: digits must lie in 0..9, found {int(labels.min())}.."
