@@ -171,7 +171,7 @@ def gaussian_mixture_moments(log_pi: torch.Tensor, loc: torch.Tensor, logvar: to
     k = log_pi.dim() - 1
     lp = log_pi.reshape(log_pi.shape + (1,) * num_features)
     mean = shifted_weighted_mean(log_pi, loc, dim=k)
-    present = lp > -math.inf
+    present = lp != -math.inf  # (a NaN weight is present: a NaN input's NaN reaches the log-variance, not -inf)
     offset = loc - mean.unsqueeze(k)
     weighted_logvar = torch.where(present, lp + logvar, -math.inf)
     root_weight = torch.exp(0.5 * lp)  # sqrt(pi), on the weights' own shape

@@ -233,3 +233,16 @@ def test_an_unvalidated_nan_weight_reaches_the_outputs(pool):
         assert bool(torch.isnan(output).all()), output
     with pytest.raises(ValueError, match="weights"):
         opf.poe(mu, logvar, weights=weights)
+
+
+@pytest.mark.parametrize("alpha", [1 / 3, 1 / 4, 1 / 2, 1.0])
+@pytest.mark.parametrize("where", ["mu", "logvar"])
+def test_an_unvalidated_nan_expert_gives_a_nan_log_variance(alpha, where):
+    """At alpha = 1/3 and 1/4 a NaN mean or log-variance gave the pool a NaN mean beside a log-variance of -inf: the
+    mixture's moments read components of NaN weight as absent."""
+    mu, logvar = torch.zeros(3, 1, dtype=torch.float64), torch.zeros(3, 1, dtype=torch.float64)
+    {"mu": mu, "logvar": logvar}[where][0, 0] = math.nan
+    mean, log_variance = opf.holder(mu, logvar, alpha=alpha, validate_args=False)
+    assert bool(torch.isnan(log_variance).all())
+    # (the mixture's mean, sum_j w_j mu_j, does not depend on the variances)
+    assert bool(torch.isnan(mean).all()) or (alpha == 1.0 and where == "logvar")
