@@ -5,8 +5,8 @@ PYTHON ?= python3
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
 
-# The main job: build the offline PolyMNIST (cached in data/), train HELVAE on the CPU within its budget and
-# write runs/polymnist-helvae-cpu-<time>/ (checkpoint, metrics.csv, samples.png, report.md with coherence).
+# The main job: build the offline PolyMNIST (cached in data/), train HELVAE within its budget (on a GPU where
+# torch sees one, else the CPU) and write runs/polymnist-helvae-cpu-<time>/ (checkpoint, metrics.csv, samples.png, report.md with coherence).
 demo: setup
 	$(PYTHON) -m applications.multimodal_vae train --preset polymnist-helvae-cpu \
 		--set name=polymnist-helvae-cpu-$$(date +%Y%m%d-%H%M%S)
