@@ -413,3 +413,15 @@ def test_an_enumeration_beyond_its_limit_is_refused_before_the_work(monkeypatch)
                                          rf"pool\(s\) of 2 Poisson experts: {count} values, more than "
                                          r"opinionpool.numerical.MAX_ENUMERATED"):
         opinionpool.holder(experts, alpha=-0.5).log_normalizer
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_importance_log_normalizer_states_its_rounding(seed):
+    """Two experts 30 sd apart at alpha = 2: the weights u / p are nearly constant, their spread nearly 0, and the
+    stated error (under 2 ulps) missed the rounding of the weights' logs and their sum (16 ulps off). Truth: the
+    pool's normaliser is sqrt(1/2) per expert, log Z = log(2) / 2 (the cross terms are below e^-112)."""
+    double = torch.float64
+    experts = Normal(torch.tensor([0.0, 30.0], dtype=double), torch.tensor([1.0, 1.0], dtype=double))
+    pool = opinionpool.holder(experts, alpha=2.0, weights=torch.tensor([0.5, 0.5], dtype=double))
+    estimate = pool.estimate(method="importance", seed=seed).log_normalizer
+    assert abs(float(estimate.value) - 0.5 * math.log(2)) <= float(estimate.error) < 1e-12
