@@ -1195,6 +1195,13 @@ def fit_weights(experts, observations, alpha=0.5, learn_alpha: bool = False, *, 
     def score(weights, a):
         return float(build(weights, a).log_prob(y).mean())
 
+    def rise_off(vertex, a, alone, step=1e-6):
+        """The largest slope of the score moving ``step`` of the weight off ``vertex`` to another expert (0 where
+        every move lowers it: the vertex is optimal), the ``steepest`` of a vertex."""
+        slopes = [(score((1 - step) * vertex + step * other, a) - alone) / step
+                  for other in torch.eye(len(vertex), dtype=dtype) if not bool(torch.equal(other, vertex))]
+        return max([0.0, *slopes])
+
     def fit(start_logits):
         """L-BFGS from ``start_logits`` and the given alpha: ``(score, weights, alpha, steepest)`` of the best point
         it evaluated (where it stopped, or better: it can stop on a step it could not evaluate), ``steepest`` the
@@ -1223,13 +1230,6 @@ def fit_weights(experts, observations, alpha=0.5, learn_alpha: bool = False, *, 
     # beats the fit, L-BFGS starts again next to it (alpha = -1 with experts far apart ended at the wrong vertex:
     # -3330 against 1.83), from weights of 1e-2 beside it: at 1e-6 the logits' gradients were too small to move them
     # to an optimum next to the vertex (alpha = 0, a weight of 3e-3)
-    def rise_off(vertex, a, alone, step=1e-6):
-        """The largest slope of the score moving ``step`` of the weight off ``vertex`` to another expert (0 where
-        every move lowers it: the vertex is optimal), the ``steepest`` of a vertex."""
-        slopes = [(score((1 - step) * vertex + step * other, a) - alone) / step
-                  for other in torch.eye(len(vertex), dtype=dtype) if not bool(torch.equal(other, vertex))]
-        return max([0.0, *slopes])
-
     for vertex in torch.eye(experts.num_experts, dtype=dtype):
         alone = score(vertex, best[2])
         if alone > best[0] - 1e-9 * (1 + abs(best[0])):  # (also a fit that ended at the vertex itself)
