@@ -215,6 +215,21 @@ def test_labels_of_the_wrong_shape_name_labels_pt(tmp_path):
     assert read_tensor_files(split)[1].shape == (5,)
 
 
+def test_an_empty_polymnist_split_is_refused_when_loaded(tmp_path):
+    """Empty modality folders (or tensor files of no tuples) loaded as a dataset of 0 tuples; training then blamed
+    the batch size and evaluation averaged over nothing."""
+    for folder in ("m0", "m1"):
+        (tmp_path / "png" / "train" / folder).mkdir(parents=True)
+    with pytest.raises(LayoutError, match=r"m0: no images named \{index\}\.\{digit\}\.png; the PNG tree is empty"):
+        PolyMNIST(tmp_path / "png", "train")
+    split = tmp_path / "pt" / "train"
+    split.mkdir(parents=True)
+    torch.save(torch.zeros(0, 3, 28, 28, dtype=torch.uint8), split / "m0.pt")
+    torch.save(torch.zeros(0, dtype=torch.long), split / "labels.pt")
+    with pytest.raises(LayoutError, match=r"labels.pt: holds no labels; the dataset is empty"):
+        PolyMNIST(tmp_path / "pt", "train")
+
+
 def test_layout_errors_say_what_was_expected_and_found(tmp_path):
     with pytest.raises(LayoutError, match=r"expected a folder .*train holding m0/"):
         PolyMNIST(tmp_path, "train")

@@ -89,6 +89,8 @@ def read_png_tree(split_dir: Path, progress=None) -> tuple[torch.Tensor, torch.T
                               "modality must hold the same {index}.{digit}.png names, one per tuple (a file whose "
                               "digit differs from the other modalities' is a label mismatch)")
     order = sorted(reference)
+    if not order:  # (an empty dataset fails later, blaming the batch size or giving evaluations of nothing)
+        raise LayoutError(f"{folders[0]}: no images named {{index}}.{{digit}}.png; the PNG tree is empty")
     images = torch.empty((len(folders), len(order), 3, 28, 28), dtype=torch.uint8)
     for m, folder in enumerate(folders):
         files = enumerate(indexes[m][key] for key in order)
@@ -138,7 +140,9 @@ def read_tensor_files(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
         raise LayoutError(f"{split_dir / 'labels.pt'}: expected one digit per tuple, shape (N,) or (N, 1), got "
                           f"{tuple(labels.shape)}")
     labels = labels.long().reshape(-1)
-    if labels.numel() and (labels.min() < 0 or labels.max() > 9):
+    if not labels.numel():
+        raise LayoutError(f"{split_dir / 'labels.pt'}: holds no labels; the dataset is empty")
+    if (labels.min() < 0 or labels.max() > 9):
         raise LayoutError(f"{split_dir / 'labels.pt'}: digits must lie in 0..9, found {int(labels.min())}.."
                           f"{int(labels.max())}")
     modalities = []
