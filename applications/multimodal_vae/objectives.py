@@ -253,9 +253,11 @@ def subset_mixture_elbo(x, present, mu, logvar, decoders, likelihood, aggregate,
     aggregator, MoPoE's with a standard-normal expert in the subset of all modalities). Stratified as in MoPoE: the
     batch is cut into contiguous chunks, one subset per chunk (a sample whose subset has no present modality draws
     from its non-empty subsets instead); the KL is the average of the subset KLs. Chunks hold the floor or the
-    ceiling of ``B / K`` samples, as MoPoE's (at batch 128 and 31 subsets, four chunks of 5 and 27 of 4): the same
-    subsets' reconstructions weigh 25 % more in every batch's term (a fixed bias of this stratification, which the
-    published models trained with; a random offset per batch would remove it).
+    ceiling of ``B / K`` samples, spread evenly (at batch 128 and 31 subsets, four chunks of 5 and 27 of 4): the
+    same subsets' reconstructions weigh 25 % more in every batch's term. MoPoE's ``mixture_component_selection``
+    gives each subset the floor and the last, the subset of all modalities, the remainder (8 at batch 128: twice
+    the others' weight). Both are fixed biases of the stratification, which the published models trained with
+    (theirs the larger); a random offset per batch would remove them.
 
     With ``private_dim`` (the last coordinates of each posterior), MoPoE's modality-specific latents: ``z`` from
     the chosen subset reconstructs each present modality ``n`` from ``(z, w_n)`` with ``w_n ~ q(w_n | x_n)``
