@@ -12,6 +12,7 @@ import opinionpool
 from opinionpool.numerical import Estimate
 from validation import closed_forms, paper
 from validation.__main__ import main
+from validation.reference import log_power_mean
 from validation.report import compare, write_text_atomic
 
 
@@ -74,6 +75,19 @@ def test_claims_detect_a_violation():
     assert not verdicts["PoE has the highest NLL once a bad expert is present"]
 
 
+def test_claims_on_poe_bc_and_wb_nll_can_fail():
+    """The paper's Figure 7 text: PoE's Bhattacharyya coefficient the lowest with bad experts, WB's NLL rising
+    with every bad expert added."""
+    rows = paper.expert_sweep(3, [0, 1, 2])
+    verdicts = dict((c, ok) for c, ok, _ in paper.claims(rows))
+    poe, wb = "PoE has the lowest BC once a bad expert is present", "WB's NLL rises with every bad expert added"
+    assert verdicts[poe] and verdicts[wb]
+    doctored = [r[:4] + (1.0,) + r[5:] if r[2] == "PoE" and r[1] == 2 else r for r in rows]
+    assert not dict((c, ok) for c, ok, _ in paper.claims(doctored))[poe]
+    doctored = [r[:3] + (0.0,) + r[4:] if r[2] == "WB" and r[1] == 2 and r[0] == 3 else r for r in rows]
+    assert dict((c, ok) for c, ok, _ in paper.claims(doctored))[wb] is False
+
+
 def test_report_helpers_reject_bad_input_and_write_atomically(tmp_path):
     with pytest.raises(ValueError, match="kind must be"):
         compare("g", "n", 1.0, 1.0, "percent", 0.1)
@@ -130,6 +144,55 @@ def test_a_wrong_log_density_a_lost_statistic_or_a_cut_shape_fails(monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(closed_forms, "_library", doctored(lambda v: {**v, "mean": v["mean"][:1]}))
         assert [c.name for c in run()] == ["mean: 1 values for quadrature's 2", "mean: 1 values for Monte Carlo's 2"]
+
+
+def test_the_pools_own_covariance_is_checked(monkeypatch):
+    """Only the matched Gaussian's covariance was compared (its name, less "matched ", stood for the pool's): the
+    exact pools' covariance_matrix, another code path, off by 1e-3 passed every check."""
+    def failures(family, alpha):
+        checks, _ = closed_forms.run(2_000, families=(family,), alphas=(alpha,))
+        return {c.name for c in checks if not c.passed}
+
+    assert failures("MultivariateNormal 2-D", 0.5) == set()
+    original = opinionpool.HolderPool.covariance_matrix
+    with monkeypatch.context() as patch:
+        patch.setattr(opinionpool.HolderPool, "covariance_matrix", property(lambda self: original.fget(self) * 1.001))
+        assert failures("MultivariateNormal 2-D", 0.5) == {"covariance vs quadrature"}
+    numerical = opinionpool.pool.NumericalHolderPool.covariance_matrix
+    with monkeypatch.context() as patch:
+        patch.setattr(opinionpool.pool.NumericalHolderPool, "covariance_matrix",
+                      property(lambda self: numerical.fget(self) * 1.01))
+        assert failures("Independent(Normal) 2-D", 2.0) == {"covariance vs quadrature",
+                                                            "covariance within its stated quadrature error estimate"}
+
+
+def test_the_reference_power_mean_leaves_out_experts_of_weight_zero():
+    """An expert of weight 0 and density 0 gave NaN at alpha <= 0 (0 * -inf, inf - inf) instead of the pool of
+    the others."""
+    log_q = np.array([[-np.inf, -3.0], [0.5, -1.0]])
+    for alpha in (-1.0, 0.0, 0.5, 2.0, math.inf, -math.inf):
+        np.testing.assert_allclose(log_power_mean(log_q, [0.0, 1.0], alpha), [0.5, -1.0], rtol=1e-15)
+    # two experts of weights 1/4 and 3/4 at alpha = -1: the weighted harmonic mean
+    expected = -np.log(0.25 / np.exp(-3.0) + 0.75 / np.exp(-1.0))
+    np.testing.assert_allclose(log_power_mean(np.array([[-3.0], [-1.0], [-np.inf]]), [1.0, 3.0, 0.0], -1.0),
+                               [expected], rtol=1e-14)
+
+
+def test_an_unwritable_out_folder_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """An existing folder that cannot be written to passed ``mkdir``; the run failed at its first figure, after
+    minutes of checks."""
+    from validation import forecast_example, report
+
+    def refuse(*args, dir=None, **kwargs):
+        raise PermissionError(13, "Permission denied", str(dir))
+
+    monkeypatch.setattr(report.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(closed_forms, "run", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(forecast_example, "run", lambda *a, **k: pytest.fail("work started"))
+    for command in (main, forecast_example.main):
+        with pytest.raises(SystemExit):
+            command(["--out", str(tmp_path)])
+        assert f"--out '{tmp_path}'" in capsys.readouterr().err
 
 
 def test_the_report_escapes_bars_in_its_table():

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import closed_forms, paper
-from .report import Z_TOLERANCE, Report, save_figure_atomic, write_text_atomic
+from .report import Z_TOLERANCE, Report, prepare_folder, save_figure_atomic, write_text_atomic
 
 __all__ = ["main", "zscore_figure", "error_figure"]
 
@@ -82,7 +82,8 @@ def main(argv=None) -> int:
         # (one draw crashed the Monte Carlo, two made its standard errors meaningless)
         parser.error(f"--samples must be at least {MIN_SAMPLES} (a standard error needs them), got {args.samples}")
     try:  # checked before the work, not after it
-        (args.out / "figures").mkdir(parents=True, exist_ok=True)
+        for folder in (args.out, args.out / "figures"):
+            prepare_folder(folder)
     except OSError as error:
         parser.error(f"--out {str(args.out)!r}: {error}")
     matplotlib.use("Agg")

@@ -303,6 +303,8 @@ def _library(case: Case, alpha: float, points: np.ndarray):
     if family.has_numeric_moments and not family.circular:
         out["mean"] = pool.mean.detach().numpy()
         out["variance"] = pool.variance.detach().numpy()
+        if family.multivariate:  # the pool's own, not only the matched Gaussian's (exact pools: another code path)
+            out["covariance"] = pool.covariance_matrix.detach().numpy()[..., 0, 1]
     matched = pool.moment_match()
     if family.gaussian:  # the moment-matched Gaussian (the Hellinger aggregator at alpha = 1/2) has the pool's moments
         out["matched mean"] = matched.mean.detach().numpy()
@@ -322,7 +324,7 @@ def _library(case: Case, alpha: float, points: np.ndarray):
             if getattr(summary, name) is not None:
                 errors[name] = errors[f"matched {name}"] = getattr(summary, name).error.numpy()
         if summary.covariance is not None:
-            errors["matched covariance"] = summary.covariance.error.numpy()[..., 0, 1]
+            errors["covariance"] = errors["matched covariance"] = summary.covariance.error.numpy()[..., 0, 1]
         # log q(z) = log of the power mean - log Z: the estimate of log Z carries the error at every point
         errors["log density"] = np.full(len(points), float(errors["log Z"]))
         if "E[T]" in out:  # the moment-matched statistic is the estimate's own expected statistic

@@ -21,7 +21,7 @@ from torch.distributions import Normal
 
 import opinionpool as op
 
-from .report import save_figure_atomic, write_text_atomic
+from .report import prepare_folder, save_figure_atomic, write_text_atomic
 
 __all__ = ["forecasters", "main", "run"]
 
@@ -144,7 +144,7 @@ def main(argv=None) -> None:
         except (OSError, ValueError) as error:
             parser.error(f"{page}: {error}")
     try:
-        args.out.mkdir(parents=True, exist_ok=True)
+        prepare_folder(args.out)
     except OSError as error:
         parser.error(f"--out {str(args.out)!r}: {error}")
     torch.set_default_dtype(torch.float64)

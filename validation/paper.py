@@ -123,6 +123,10 @@ def claims(rows):
              if not all(nll(g, b, "PoE") >= nll(g, b, a) for a in AGGREGATORS)]
     out.append(("PoE has the highest NLL once a bad expert is present", not worst,
                 f"exceptions (n_good, n_bad): {worst}" if worst else "all settings with n_bad >= 1"))
+    lowest = [(g, b) for b in bads if b > 0 for g in goods
+              if not all(table[g, b, "PoE"][1] <= table[g, b, a][1] for a in AGGREGATORS)]
+    out.append(("PoE has the lowest BC once a bad expert is present", not lowest,
+                f"exceptions (n_good, n_bad): {lowest}" if lowest else "all settings with n_bad >= 1"))
 
     def beats_moe(g, b, name):
         return nll(g, b, name) < nll(g, b, "MoE") and table[g, b, name][1] > table[g, b, "MoE"][1]
@@ -159,6 +163,10 @@ def claims(rows):
     bad = [(g, b) for b in bads if b > 0 for g in goods if not nll(g, b, "WB") < nll(g, b, "PoE")]
     out.append(("WB is more stable than PoE (lower NLL with bad experts)", not bad,
                 f"exceptions: {bad}" if bad else "all settings with n_bad >= 1"))
+    steps = [(g, b) for b in bads if b - 1 in bads for g in goods]
+    bad = [(g, b) for g, b in steps if not nll(g, b, "WB") > nll(g, b - 1, "WB")]
+    out.append(("WB's NLL rises with every bad expert added", not bad,
+                f"exceptions (n_good, n_bad): {bad}" if bad else f"all {len(steps)} steps"))
     return out
 
 

@@ -20,12 +20,16 @@ def power_mean(densities: np.ndarray, weights: np.ndarray, alpha: float) -> np.n
 
 def log_power_mean(log_densities: np.ndarray, weights: np.ndarray, alpha: float) -> np.ndarray:
     """``log`` of :func:`power_mean` from the experts' log-densities (first axis), in log space: far from every
-    expert the densities underflow to 0 while their logarithms are finite."""
-    w = np.asarray(weights, dtype=float).reshape((-1,) + (1,) * (log_densities.ndim - 1))
+    expert the densities underflow to 0 while their logarithms are finite. Experts of weight 0 are left out."""
+    weights = np.asarray(weights, dtype=float).ravel()
+    # an expert of weight 0 takes no part (at alpha <= 0 its zero density would otherwise give 0 * -inf or
+    # inf - inf: NaN)
+    present = weights > 0
+    log_densities = np.asarray(log_densities)[present]
+    w = weights[present].reshape((-1,) + (1,) * (log_densities.ndim - 1))
     w = w / w.sum()
     if np.isinf(alpha):
-        present = log_densities[np.asarray(weights).ravel() > 0]
-        return present.max(0) if alpha > 0 else present.min(0)
+        return log_densities.max(0) if alpha > 0 else log_densities.min(0)
     if alpha == 0:
         return (w * log_densities).sum(0)
     return special.logsumexp(alpha * log_densities + np.log(w), axis=0) / alpha

@@ -8,7 +8,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Z_TOLERANCE", "Check", "compare", "Report", "write_text_atomic", "save_figure_atomic"]
+__all__ = ["Z_TOLERANCE", "Check", "compare", "Report", "prepare_folder", "write_text_atomic", "save_figure_atomic"]
 
 #: a Monte Carlo check fails beyond this many standard errors (about 7e-6 two-sided for a normal z-score)
 Z_TOLERANCE = 4.5
@@ -109,6 +109,16 @@ def _atomic(path: Path, write) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def prepare_folder(folder: Path) -> None:
+    """Create ``folder`` and write and remove a temporary file in it, as the atomic writes will: an ``OSError``
+    before any work where the outputs could not be written (an existing read-only folder passed ``mkdir``, and
+    the run failed after minutes of checks)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write-test.")
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
