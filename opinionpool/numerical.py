@@ -473,7 +473,13 @@ def divergence_at_nodes(family, params, log_weights, alpha, est: PoolEstimate, v
     # part in the others' (they are kept finite below)
     pi = torch.where(finite, pi, 0.0)
     log_u = _log_u_at(family, params, log_weights, alpha, points, laws)
-    log_r = torch.zeros_like(pi) if log_other is None else log_other(points).to(torch.float64)
+    if log_other is None:
+        log_r = torch.zeros_like(pi)
+    else:  # at the points the nodes stand for, as log u (at the nodes themselves, d KL / d b of Beta(a, b) left out
+        # the extrapolated mass's depth below a singular end: 2.790 for 2.982)
+        log_r = log_other(points).to(torch.float64)
+        if laws is not None:
+            log_r = log_r + _along_laws(laws, lambda z: log_other(z).to(torch.float64).unsqueeze(-1)).squeeze(-1)
     keep = (pi > 0) & torch.isfinite(log_r.detach())
     log_r = torch.where(keep, log_r, 0.0)
     out = _NodeDivergence.apply(log_u, log_r, pi, value)

@@ -644,6 +644,82 @@ def test_gradients_next_to_a_singular_end(family, params, alpha):
         assert gradient.tolist() == pytest.approx(list(row), rel=1e-8, abs=1e-10), name
 
 
+def _divergence_reference_mp(family, params, weights, alpha, entropy_only=False):
+    """``(entropy, E[log z], E[log(1 - z)] (Gamma: E[z]))`` of the pool, by mpmath (20 digits), in the variables of
+    :func:`_reference_mp` (``(entropy,)`` with ``entropy_only``)."""
+    with mp.workdps(20):
+        log_q = [_log_density(family, a, b) for a, b in params]
+
+        def log_u(z, w):
+            return mp.log(sum(wj * mp.exp(alpha * lq(z, w)) for wj, lq in zip(weights, log_q))) / alpha
+
+        breaks = [-mp.inf, -3000, -700, -200, -50, -10, -2]
+
+        def integral(f):  # f(z, 1 - z, log u)
+            if family == "gamma":
+                def g(z, w):
+                    lu = log_u(z, w)
+                    return mp.exp(lu) * f(z, w, lu)
+                return (mp.quad(lambda s: g(mp.exp(s), None) * mp.exp(s), breaks + [0])
+                        + mp.quad(lambda z: g(z, None), [1, 5, 30, mp.inf]))
+
+            def g(z, w):
+                lu = log_u(z, w)
+                return mp.exp(lu) * f(z, w, lu)
+            return (mp.quad(lambda s: g(mp.exp(s), -mp.expm1(s)) * mp.exp(s), breaks + [mp.log(0.5)])
+                    + mp.quad(lambda s: g(-mp.expm1(s), mp.exp(s)) * mp.exp(s), breaks + [mp.log(0.5)]))
+
+        mass = integral(lambda z, w, lu: 1)
+        entropy = mp.log(mass) - integral(lambda z, w, lu: lu) / mass
+        if entropy_only:
+            return (entropy,)
+        log_z = integral(lambda z, w, lu: mp.log(z)) / mass
+        second = integral(lambda z, w, lu: z if family == "gamma" else mp.log(w)) / mass
+        return entropy, log_z, second
+
+
+@pytest.mark.parametrize("family, params, alpha, other", [
+    ("beta", [(0.7, 0.1), (2.0, 3.0)], 2.0, (0.5, 0.5)),  # 3 % of the mass within 1e-15 of 1
+    ("gamma", [(0.02, 1.0), (3.0, 2.0)], 0.3, (0.5, 1.0)),  # E[log z] of -6.26, down to 1e-300 and below
+])
+def test_entropy_and_kl_gradients_next_to_a_singular_end(family, params, alpha, other):
+    """KL(pool || other)'s gradient in other's parameters is ``-E_pool[grad log r]``, exact from the pool's
+    E[log z] and E[log(1 - z)] (E[z]); the entropy's in the experts' parameters, the weights and alpha against
+    mpmath's central differences. ``log r`` was taken at the gradient's nodes, not at the depths below the nearest
+    point they stand for (``d KL / d b`` 2.790 for 2.982), and the nodes were those of a rule refined for log Z
+    alone, whose E[log z] of the Gamma pool was 5e-3 off (``d KL / d a`` 4.2925 for 4.2980)."""
+    weights = [0.3, 0.7]
+    theta = torch.tensor([v for pair in params for v in pair], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor(weights, dtype=torch.float64, requires_grad=True)
+    a = torch.tensor(alpha, dtype=torch.float64, requires_grad=True)
+    first, second = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in other)
+    experts = (Gamma if family == "gamma" else Beta)(theta[0::2], theta[1::2])
+    pool = opinionpool.holder(experts, alpha=a, weights=w)
+    kl = torch.distributions.kl_divergence(pool, (Gamma if family == "gamma" else Beta)(first, second))
+    got_other = [float(g) for g in torch.autograd.grad(kl, (first, second))]
+    _, log_z, moment = (float(v) for v in _divergence_reference_mp(family, params, weights, alpha))
+    r1, r2 = other
+    if family == "gamma":  # log r = a log b - lgamma(a) + (a - 1) log z - b z
+        expected = [-(math.log(r2) - digamma(r1) + log_z), -(r1 / r2 - moment)]
+    else:  # log r = (a - 1) log z + (b - 1) log(1 - z) - log B(a, b)
+        expected = [-(log_z - digamma(r1) + digamma(r1 + r2)), -(moment - digamma(r2) + digamma(r1 + r2))]
+    assert got_other == pytest.approx(expected, rel=1e-8, abs=1e-10)
+
+    got = torch.cat([g.reshape(-1) for g in torch.autograd.grad(pool.entropy(), (theta, w, a))])
+
+    def entropy(shift):
+        moved = [mp.mpf(v) + d for v, d in zip([*theta.tolist(), *weights, alpha], shift)]
+        total = moved[4] + moved[5]
+        return _divergence_reference_mp(family, [(moved[0], moved[1]), (moved[2], moved[3])],
+                                        [moved[4] / total, moved[5] / total], moved[6], entropy_only=True)[0]
+
+    step = mp.mpf("1e-7")
+    with mp.workdps(20):
+        expected = [float((entropy([step if i == k else 0 for i in range(7)])
+                           - entropy([-step if i == k else 0 for i in range(7)])) / (2 * step)) for k in range(7)]
+    assert got.tolist() == pytest.approx(expected, rel=1e-7, abs=1e-9)
+
+
 @pytest.mark.parametrize("alpha", [math.inf, -math.inf])
 @pytest.mark.parametrize("family, params", [("beta", [(0.7, 0.1), (2.0, 0.05)]), ("gamma", [(0.005, 1.0), (0.01, 2.0)])])
 def test_gradients_of_the_maximum_and_minimum_next_to_a_singular_end(family, params, alpha):
