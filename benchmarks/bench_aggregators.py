@@ -48,10 +48,19 @@ from applications.multimodal_vae.files import splice_file  # noqa: E402
 from opinionpool import _hellinger  # noqa: E402
 from opinionpool._hellinger import kept_partners  # noqa: E402
 
-from measure import check_docs_page, non_negative_int, positive_int, provenance, quartiles, saved_tensor_bytes, verdict  # noqa: E402
+from measure import (  # noqa: E402
+    check_docs_page,
+    device_arg,
+    non_negative_int,
+    positive_int,
+    provenance,
+    quartiles,
+    saved_tensor_bytes,
+    verdict,
+)
 
 __all__ = ["main", "official_hellinger", "object_api", "saved_bytes", "candidates", "fused_fallback", "measure",
-           "pairs_left_out", "zero_weight_pairs"]
+           "pairs_left_out", "zero_weight_pairs", "reference_outputs", "check_agreement"]
 
 SHAPES = ["128,5,64", "256,3,512", "256,5,512", "256,10,512"]
 FUSED = "hellinger fused"
@@ -132,11 +141,15 @@ VALUE_DEPENDENT = ["hellinger", FUSED, "object API", "MoHELVAE"]
 
 
 def shape_of(text: str) -> tuple[int, int, int]:
-    """An ``argparse`` type: ``B,M,D`` as three positive integers."""
+    """An ``argparse`` type: ``B,M,D`` as three positive integers, at least two experts (a pool of one expert is
+    that expert: the official port has no pair to form)."""
     parts = text.split(",")
     if len(parts) != 3:
         raise argparse.ArgumentTypeError(f"a shape is B,M,D (batch, experts, latent), got {text!r}")
-    return tuple(positive_int(part) for part in parts)
+    shape = tuple(positive_int(part) for part in parts)
+    if shape[1] < 2:
+        raise argparse.ArgumentTypeError(f"a shape needs at least 2 experts (M), got {text!r}")
+    return shape
 
 
 
@@ -157,6 +170,46 @@ def zero_weight_pairs(mu: torch.Tensor, logvar: torch.Tensor) -> str:
     with torch.no_grad():
         pi = _hellinger._forward(mu.movedim(0, -2), logvar.movedim(0, -2), log_w)[3][:, m:]
     return f"{int((pi == 0).sum(-1).median())} of {m * (m - 1) // 2} per sample"
+
+
+#: how far a float32 candidate's pool may lie from the float64 reference: in its standard deviations (means) and in
+#: log-variance (the candidates agree to a few 1e-6 on the benchmark's inputs)
+AGREEMENT = 1e-4
+
+
+def reference_outputs(name: str, mu: torch.Tensor, logvar: torch.Tensor):
+    """What candidate ``name`` computes on experts ``(M, B, D)``, in float64 by a route of its own: the alpha = 1/2
+    pool by the official formula (all ordered pairs; experts alone where a subset has one), the products by
+    precision-weighted sums, the subset mixtures subset by subset (``opinionpool.functional.all_subsets``' order)."""
+    mu, logvar = mu.double(), logvar.double()
+
+    def product(m, lv):
+        precision = torch.exp(-lv)
+        return (precision * m).sum(0) / precision.sum(0), -torch.log(precision.sum(0))
+
+    def pool(m, lv):
+        return (m[0], lv[0]) if m.shape[0] == 1 else official_hellinger(m, lv)
+
+    if name == "poe":
+        return product(mu, logvar)
+    if name in ("MoPoE", "MoHELVAE"):
+        rule = product if name == "MoPoE" else pool
+        parts = [rule(mu[members], logvar[members]) for members in opf.all_subsets(mu.shape[0], mu.device)]
+        return tuple(torch.stack(column, -2) for column in zip(*parts))
+    return pool(mu, logvar)
+
+
+def check_agreement(found: dict, mu: torch.Tensor, logvar: torch.Tensor, where: str) -> None:
+    """Stop before timing where a candidate's outputs differ from :func:`reference_outputs` by more than
+    ``AGREEMENT``: a fast wrong candidate would otherwise meet its target."""
+    for name, fn in found.items():
+        with torch.no_grad():
+            loc, lv = (t.double() for t in fn(mu, logvar))
+        ref_loc, ref_lv = reference_outputs(name.removesuffix(" (fell back to eager)"), mu, logvar)
+        off = max(float(((loc - ref_loc) * torch.exp(-0.5 * ref_lv)).abs().max()), float((lv - ref_lv).abs().max()))
+        if not off <= AGREEMENT:
+            raise SystemExit(f"bench_aggregators: {name} at {where} differs from the float64 reference by {off:.3g} "
+                             f"(more than {AGREEMENT:g}): not timed")
 
 
 def _step(fn, mu, logvar) -> tuple[float, int]:
@@ -215,7 +268,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=CANDIDATES,
                         help="time only these candidates (and poe), e.g. MoPoE; not into the default table")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", type=device_arg)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-overlapping", action="store_true", help="skip the overlapping-experts rows")
     parser.add_argument("--docs", type=Path, metavar="PAGE",
@@ -258,6 +311,7 @@ def main() -> None:
             # (compiled bodies and the eager fallback of fused=True compute every pair)
             kernel = FUSED in chosen and _hellinger._fused_path(inputs, lv) == "kernel"
             left_out[FUSED] = zero_weight_pairs(inputs, lv) if kernel else ""
+            check_agreement(chosen, inputs, lv, f"({batch}, {experts}, {latent}){suffix}")
             results = measure(chosen, inputs, lv, args.rounds, args.warmup, rng)
             for name, (ms, ratio, (q1, q3), mb, pages) in results.items():
                 if suffix and name == "poe":
@@ -267,6 +321,7 @@ def main() -> None:
                 rows.append(f"| ({batch}, {experts}, {latent}) | {name}{suffix} | {ms:.2f} | {ratio:.2f} "
                             f"[{q1:.2f}, {q3:.2f}] | {mb:.2f} | {pages:.0f} | "
                             f"{left_out.get(name, '')} | {target} |")
+                print(rows[-1], flush=True)  # (a run stopped at its time limit keeps the shapes it finished)
     header = (f"{measured}; {torch.get_num_threads()} thread(s), {args.dtype}, {args.rounds} rounds "
               "of forward+backward, candidates in random order each round")
     table = header + "\n\n" + "\n".join(rows + ([""] + sorted(notes) if notes else []))

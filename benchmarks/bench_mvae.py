@@ -42,7 +42,16 @@ from applications.multimodal_vae.files import splice_file  # noqa: E402
 from applications.multimodal_vae.models import MultimodalVAE  # noqa: E402
 from applications.multimodal_vae.networks import make_networks  # noqa: E402
 
-from measure import check_docs_page, non_negative_int, positive_int, provenance, quartiles, saved_tensor_bytes, verdict  # noqa: E402
+from measure import (  # noqa: E402
+    check_docs_page,
+    device_arg,
+    non_negative_int,
+    positive_int,
+    provenance,
+    quartiles,
+    saved_tensor_bytes,
+    verdict,
+)
 
 __all__ = ["main", "MODELS", "RATIO_TARGETS", "build", "step", "batch", "memory_mib", "cuda_peak_bytes", "sweep_cost"]
 
@@ -113,7 +122,7 @@ def memory_mib(label, args) -> float:
     """Training memory of ``label`` alone (MiB): CUDA peak, or CPU saved activations."""
     model, optimizer = build(label, args.latent, args.device)
     x = batch(args.batch, args.device)
-    if args.device == "cuda":
+    if args.device.startswith("cuda"):
         def three_steps():
             for _ in range(3):
                 step(model, optimizer, x, torch.cuda.synchronize)
@@ -203,7 +212,7 @@ def sweep_cost(preset: str, repeats: int, warmup: int, overrides=(), train_examp
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--device", default="cpu", type=device_arg)
     parser.add_argument("--batch", type=positive_int, default=128)
     parser.add_argument("--latent", type=positive_int, default=64)
     parser.add_argument("--repeats", type=positive_int, default=15)
@@ -232,7 +241,16 @@ def main() -> None:
                  if getattr(args, name) != parser.get_default(name)]
         if given:
             parser.error(f"{', '.join(given)}: taken only with --sweep")
+    if not args.sweep and args.docs and not args.table and args.models != parser.get_default("models"):
+        parser.error("--models times some models: its table would replace the full one; give --table another name")
     check_docs_page(parser, args.docs, args.table or ("study_cost" if args.sweep else "bench_mvae"))
+    if args.sweep:  # an unknown preset or override named before any work
+        from applications.multimodal_vae.sweep import load_sweep
+
+        try:
+            load_sweep(args.sweep, args.overrides)
+        except ValueError as error:
+            parser.error(f"--sweep {args.sweep!r}: {error}")
     from tqdm import tqdm
 
     if args.sweep:
@@ -244,7 +262,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     measured = provenance(args.device)  # the commit whose code runs
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     built = {label: build(label, args.latent, args.device) for label in args.models}
     x = batch(args.batch, args.device)
     times = {label: [] for label in args.models}
@@ -261,8 +279,8 @@ def main() -> None:
     # HELVAE's step time over the model's, round by round (one round's noise hits both)
     ratios = ({label: quartiles([h / t for h, t in zip(times["helvae"], times[label])]) for label in args.models}
               if "helvae" in times else {})
-    kind = "peak CUDA memory" if args.device == "cuda" else "saved activations"
-    threads = "" if args.device == "cuda" else f"{args.threads} threads, "
+    kind = "peak CUDA memory" if args.device.startswith("cuda") else "saved activations"
+    threads = "" if args.device.startswith("cuda") else f"{args.threads} threads, "
     lines = [f"{measured}; {threads}batch {args.batch}, latent {args.latent}, 5 modalities; medians of "
              f"{args.repeats} rounds, each model once per round in a random order (seed {args.seed})", "",
              f"| model | median s / step | HELVAE / model, median of rounds (IQR) | {kind} (MiB) |",

@@ -15,7 +15,7 @@ import torch
 from applications.multimodal_vae.files import check_page, code_commit
 
 __all__ = ["saved_tensor_bytes", "quartiles", "provenance", "verdict", "positive_int", "non_negative_int",
-           "check_docs_page"]
+           "device_arg", "check_docs_page"]
 
 _TARGET = re.compile(r"\s*(<=|>=)\s*([0-9.eE+-]+)\s*")
 
@@ -92,7 +92,10 @@ def verdict(value: float, target: str) -> str:
 def positive_int(text: str) -> int:
     """An ``argparse`` type: an integer of at least 1 (rounds, repeats, threads, sizes), refused by its text before
     any work (0 rounds failed after the warm-up, 0 threads in torch)."""
-    value = non_negative_int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
@@ -107,6 +110,23 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
     return value
+
+
+def device_arg(text: str) -> str:
+    """An ``argparse`` type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``), refused by its text
+    before any work (a typo, or CUDA without a GPU, raised a traceback from the first tensor moved)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"must be a torch device such as cpu or cuda, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu or cuda, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: torch sees no CUDA device here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return text
 
 
 def check_docs_page(parser: argparse.ArgumentParser, page, name: str) -> None:

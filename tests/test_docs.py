@@ -4,6 +4,7 @@ import pathlib
 import re
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -142,6 +143,11 @@ def test_benchmark_tables_say_where_they_come_from_and_whether_targets_are_met()
     ("bench_aggregators", ["--only", "hellinger fused"], "needs --fused"),
     ("bench_aggregators", ["--only", "MoPoE", "--docs", "docs/benchmarks.md"], "would replace the full one"),
     ("bench_aggregators", ["--docs", "docs/missing.md"], "--docs 'docs/missing.md'"),
+    ("bench_aggregators", ["--shapes", "8,1,4"], "a shape needs at least 2 experts (M), got '8,1,4'"),
+    ("bench_aggregators", ["--device", "cpux"], "--device: must be a torch device such as cpu or cuda, got 'cpux'"),
+    ("bench_aggregators", ["--rounds", "-1"], "--rounds: must be a positive integer, got '-1'"),
+    ("bench_mvae", ["--sweep", "nosuch"], "--sweep 'nosuch': unknown sweep preset 'nosuch'"),
+    ("bench_mvae", ["--models", "helvae", "--docs", "docs/benchmarks.md"], "would replace the full one"),
     ("bench_mvae", ["--repeats", "0"], "--repeats: must be a positive integer"),
     ("bench_mvae", ["--warmup", "-1"], "--warmup: must be a non-negative integer"),
     ("bench_mvae", ["--sweep", "polymnist-cpu", "--batch", "4"], "--batch: not taken with --sweep"),
@@ -166,6 +172,29 @@ def test_benchmarks_refuse_bad_options_before_any_work(script, arguments, messag
         module.main()
     assert raised.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_benchmark_candidate_that_computes_something_else_is_not_timed(monkeypatch):
+    """Nothing compared the candidates' outputs: a fused path returning PoE's pool was timed and met its target. Each
+    candidate is checked against a float64 reference of its own before the rounds."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_aggregators
+
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(3, 8, 4, generator=g), torch.randn(3, 8, 4, generator=g) * 0.5
+    found = bench_aggregators.candidates(3, False, 5)
+    assert set(found) == {"poe", "hellinger", "official port", "object API", "MoPoE", "MoHELVAE"}
+    bench_aggregators.check_agreement(found, mu, logvar, "here")  # the real candidates agree
+    for name, wrong in (("hellinger", bench_aggregators.opf.poe),
+                        ("MoHELVAE", bench_aggregators._subsets(bench_aggregators.opf.poe)),
+                        ("poe", lambda m, lv: (m.mean(0), lv.mean(0)))):
+        with pytest.raises(SystemExit, match=f"{name} at here differs from the float64 reference"):
+            bench_aggregators.check_agreement({**found, name: wrong}, mu, logvar, "here")
+    # the reference itself: one expert's subset is that expert, the product of two the precision-weighted pool
+    loc, lv = bench_aggregators.reference_outputs("MoPoE", mu[:2], logvar[:2])
+    torch.testing.assert_close(loc[:, 0], mu[0].double())
+    precision = torch.exp(-logvar[:2].double())
+    torch.testing.assert_close(lv[:, 2], -torch.log(precision.sum(0)))
 
 
 def test_the_commit_is_the_codes_not_the_working_directorys(tmp_path, monkeypatch):
