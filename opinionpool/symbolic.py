@@ -298,6 +298,12 @@ class SymbolicFamily(CustomFamily):
             for condition in self.domain_exprs:
                 if not bool(condition.subs(values)):
                     raise ValueError(f"verify: point eta={point} is outside the natural parameter space ({condition})")
+            # a family without a declared domain: outside the space its normaliser is not a finite real number, and
+            # the density's integral diverges (sympy's search for a Gamma's at eta = -3/2 did not return)
+            normaliser = sp.N(self.log_normalizer_expr.subs(values), dps)
+            if not (normaliser.is_real and normaliser.is_finite):
+                raise ValueError(f"verify: point eta={point} is outside the natural parameter space: the log-normaliser "
+                                 f"{self.log_normalizer_expr} is {normaliser} there, not a finite real number")
             density = self.density_expr(point)
             around = self._location(values, dps)
             total, method = self._integral(density, symbolic, dps, around)

@@ -373,6 +373,17 @@ def test_symbolic_verify_says_where_a_normaliser_is_wrong():
         wrong.verify([(-2, -1)])
 
 
+def test_symbolic_verify_refuses_a_point_where_the_normaliser_is_not_real():
+    """Without a declared domain, a point outside the natural parameter space reached the integrals: sympy's search
+    for the divergent integral of a Gamma's density at eta = -3/2 did not return (and mpmath's was complex)."""
+    z, eta = sp.symbols("z eta", real=True)
+    family = SymbolicFamily(z, [eta], [sp.log(z)], sp.loggamma(eta + 1), log_base_measure=-z, support=(0, sp.oo))
+    with pytest.raises(ValueError, match=r"eta=\(-3/2,\) is outside the natural parameter space: the log-normaliser "
+                                         r"loggamma\(eta \+ 1\) is .*I there"):
+        family.verify([(-sp.Rational(3, 2),)])
+    assert family.verify([(sp.Rational(1, 2),)], symbolic=False).passed  # inside it, the same family verifies
+
+
 def test_symbolic_experts_pool_like_builtin_ones():
     family = symbolic_gamma()
     shapes, rates = (2.0, 4.0, 0.7), (2.0, 1.0, 0.5)
