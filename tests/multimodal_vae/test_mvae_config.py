@@ -286,6 +286,21 @@ def _tiny(root, name, **train):
     return load_config("polymnist-helvae", overrides + [f"train.{k}={v}" for k, v in train.items()])
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.25])
+def test_mmvms_unconditional_metrics_say_when_its_objective_does_not_fit_the_prior(tiny_root, weight):
+    """MMVM without an N(0, I) component in its prior trains each latent towards the other modalities' posteriors,
+    never towards N(0, I); its unconditional coherence (and FID, KID) decode N(0, I) samples all the same, and the
+    report printed them as any other model's."""
+    config = _tiny(tiny_root, f"mmvm{weight}", max_steps=1)
+    config.model.name, config.model.normal_prior_weight = "mmvm", weight
+    run = train(config, show_progress=False)
+    metrics = json.loads((run / "metrics.json").read_text())
+    report = (run / "report.md").read_text()
+    assert metrics["prior_fitted"] is (weight > 0)
+    line = next(line for line in report.splitlines() if line.startswith("**Unconditional coherence**"))
+    assert ("which this model's objective does not fit" in line) is (weight == 0)
+
+
 def test_evaluate_only_the_likelihood_keeps_the_other_metrics(tiny_root, capsys):
     run = train(_tiny(tiny_root, "relik", max_steps=1), show_progress=False)
     before = json.loads((run / "metrics.json").read_text())

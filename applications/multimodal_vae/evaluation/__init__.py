@@ -86,7 +86,7 @@ __all__ = ["CLASSIFIER_EPOCHS", "DigitClassifier", "EVALUATION_FILES", "EncoderC
            "evaluate_run", "fid_scores", "format_std_error", "latent_probe", "log_likelihood", "make_classifier",
            "pooling_diagnostics", "posterior_means", "private_latent_probe", "reevaluate", "render_report",
            "scored_tuples", "summarise_coherence", "train_classifiers", "training_notice", "training_status",
-           "unconditional_coherence"]
+           "unconditional_coherence", "prior_fitted", "UNFITTED_PRIOR_NOTE"]
 
 
 #: the files ``evaluate_run`` writes in a run folder
@@ -153,7 +153,7 @@ def evaluate_run(run_dir, config, model, progress=None) -> dict:
         "generations": "samples of q(z|X_S), seeded", "probe_examples": settings.probe_examples,
         "likelihood_samples": settings.likelihood_samples, "subsets": settings.subsets},
         # every setting of the evaluation: a sweep evaluates a run again when its eval settings change
-        "eval": asdict(settings)}
+        "eval": asdict(settings), "prior_fitted": prior_fitted(model, config)}
     training = training_status(run_dir)
     if training is not None:
         metrics["training"] = training
@@ -252,6 +252,19 @@ def _fid(model, config, evaluated, test_data, progress) -> dict:
     cache = Path(config.data.root).parent / ".wheels"
     return fid_scores(model, evaluated, test_data, config.eval, cache, progress, feature_cache=Path(config.data.root),
                       source=f"{config.data.dataset} at {Path(config.data.root).resolve()}, test split")
+
+
+def prior_fitted(model, config) -> bool:
+    """Whether the model's objective fits its latents to the N(0, I) prior that unconditional generation samples:
+    not MMVM's without an N(0, I) component in its prior (``model.normal_prior_weight = 0``), whose prior of each
+    modality's latent is the others' posteriors, so that its prior samples decode from a region it never trains."""
+    return not (model.spec.mixed_prior and config.model.normal_prior_weight == 0)
+
+
+#: beside unconditional metrics of a model whose objective does not fit N(0, I) (:func:`prior_fitted`)
+UNFITTED_PRIOR_NOTE = ("prior samples from N(0, I), which this model's objective does not fit (MMVM's prior is the "
+                       "other modalities' posteriors; model.normal_prior_weight = 0): not comparable with the other "
+                       "models'")
 
 
 def _label_metrics(metrics, model, config, train_data, test_data, evaluated, subsets, progress, done) -> None:
@@ -370,7 +383,8 @@ def render_report(config, metrics: dict) -> str:
             f"{metrics['cross_coherence']['with_self']:.3f}); chance 0.1.", "",
             *sizes, "", "One input (rows) to each output (columns):", "", *rows, "",
             f"**Unconditional coherence** (all classifiers agree on a prior sample): "
-            f"{metrics['unconditional_coherence']:.3f}.", "",
+            f"{metrics['unconditional_coherence']:.3f}"
+            + ("" if metrics.get("prior_fitted", True) else f" ({UNFITTED_PRIOR_NOTE})") + ".", "",
             f"**Latent probe** (logistic regression on posterior means, {metrics['protocol']['probe_examples']} "
             "training tuples; -1 = all), on the shared latent z given each subset:", "", *probe, ""]
     else:
@@ -394,8 +408,9 @@ def render_report(config, metrics: dict) -> str:
                        "subset of that size, not a mean of per-subset FIDs): "
                        + ", ".join(f"{k}: {v:.1f}" for k, v in fid["per_size"].items())
                        if fid["per_size"] else " (conditional generations not scored: eval.fid_sizes)")
+        unfitted = "" if metrics.get("prior_fitted", True) else f" ({UNFITTED_PRIOR_NOTE})"
         lines += [f"**FID** ({fid['samples']} samples per image modality, {fid['weights']}): unconditional "
-                  f"{fid['unconditional']:.1f}{conditional}.", ""]
+                  f"{fid['unconditional']:.1f}{unfitted}{conditional}.", ""]
         if "kid_unconditional" in fid:
             conditional = ("; conditional by number of inputs: "
                            + ", ".join(f"{k}: {1000 * v:.2f}" for k, v in fid["kid_per_size"].items())
@@ -404,7 +419,7 @@ def render_report(config, metrics: dict) -> str:
             error = "" if error is None else (f" ± {1000 * error:.2f} (jackknife standard error over the test "
                                               "tuples, each left out in turn with its generations)")
             lines += [f"**KID** (x 1000, same samples): unconditional {1000 * fid['kid_unconditional']:.2f}"
-                      f"{error}{conditional}.", ""]
+                      f"{error}{unfitted}{conditional}.", ""]
     if "classifier_accuracy" in metrics:
         lines += ["Digit classifiers (eval mode), test accuracy per modality: "
                   + ", ".join(f"{name} {a:.3f}" for name, a in zip(names, metrics["classifier_accuracy"])) + ".", ""]
