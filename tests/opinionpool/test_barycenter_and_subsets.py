@@ -162,6 +162,46 @@ def test_full_covariance_barycenter_gradients_at_extreme_scales():
     assert torch.allclose(grad_w, 4 * expected[1], rtol=1e-12, atol=0)
 
 
+def test_full_covariance_barycenter_gradient_at_a_condition_number_of_a_million():
+    """The implicit gradient's iteration stopped only at a change of 1e-10, below the rounding of its Jacobian's
+    products (eps times the condition number, 1.3e-10 here): covariances of condition 1e6 raised "did not converge"
+    although the iteration contracts by 0.24 a step. It now stops where the change stalls within that rounding after
+    a fast contraction. Central differences of the barycenter (its value good to about eps times the condition)."""
+    rng = np.random.default_rng(9)  # (one of its four pairs raised)
+
+    def conditioned(d, condition):
+        q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+        return q @ np.diag(np.logspace(0, math.log10(condition), d)) @ q.T
+
+    direction = torch.tensor((lambda a: a + a.T)(rng.normal(size=(3, 3))))
+    weights = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    failures = 0
+    for _ in range(4):  # (whether the old stop raised depended on the rounding of each pair)
+        covariances = torch.tensor(np.stack([conditioned(3, 1e6), conditioned(3, 1e6)]))
+
+        def value(c):
+            return float((covariance_barycenter(c, weights) * direction).sum())
+
+        c = covariances.clone().requires_grad_()
+        experts = [MultivariateNormal(torch.zeros(3, dtype=torch.float64), covariance_matrix=m) for m in c]
+        try:
+            barycenter = opinionpool.wasserstein_barycenter(experts, weights).covariance_matrix
+            (gradient,) = torch.autograd.grad((barycenter * direction).sum(), c)
+        except RuntimeError:
+            failures += 1
+            continue
+        # along eigenvectors of the experts (symmetric moves that keep them positive definite), a thousandth of
+        # the eigenvalue: the value's rounding, 1e-10 of 1e6, is then 1e-7 of the difference or less
+        for expert, k in [(0, 2), (1, 2), (0, 1)]:
+            values, vectors = torch.linalg.eigh(covariances[expert])
+            move = torch.zeros_like(covariances)
+            move[expert] = torch.outer(vectors[:, k], vectors[:, k])
+            h = 1e-3 * float(values[k])
+            central = (value(covariances + h * move) - value(covariances - h * move)) / (2 * h)
+            assert float((gradient * move).sum()) == pytest.approx(central, rel=1e-5), (expert, k)
+    assert failures == 0
+
+
 def test_full_covariance_barycenter_rows_converge_each_and_float32_keeps_its_digits():
     """The stopping test compared the change with the largest entry of the whole batch: beside a row of covariances
     of 1e9 a row of order one stopped at a relative error of 6e-3. Float32 ran the iteration in float32 and failed
