@@ -272,7 +272,7 @@ def hellinger_of(log_bc: torch.Tensor) -> torch.Tensor:
     """The Hellinger distance ``sqrt(1 - BC)`` from ``log BC``. Where ``BC = 1`` its gradient is zero: the square
     root's infinite slope at 0 times a zero would be NaN, and NaN spreads to every input sharing the backward
     pass (the diagonal of a pairwise matrix made all its gradients NaN)."""
-    gap = (-torch.expm1(log_bc)).clamp_min(0)
+    gap = _one_minus_exp(log_bc).clamp_min(0)
     positive = gap > 0
     return torch.where(positive, torch.sqrt(torch.where(positive, gap, 1.0)), 0.0)
 
@@ -316,7 +316,15 @@ def amari_alpha_divergence(p, q, a: float) -> torch.Tensor:
         return kl_divergence(p, q)
     if value == 0.0:
         return kl_divergence(q, p)
-    return -torch.expm1(log_chernoff_coefficient(p, q, a)) / (a * (1 - a))
+    return _one_minus_exp(log_chernoff_coefficient(p, q, a)) / (a * (1 - a))
+
+
+def _one_minus_exp(x: torch.Tensor) -> torch.Tensor:
+    """``1 - e^x`` (``-expm1(x)``, exact next to 0) with the derivatives ``-e^x``: torch's ``expm1`` differentiates as
+    ``expm1(x) + 1``, which keeps no digit where ``e^x`` is far below one (the Hellinger distance of two unit Normals
+    20 apart had the gradient 0 for 4.8e-22, and lost digits from 15 apart)."""
+    exp = torch.exp(x)
+    return (-torch.expm1(x)).detach() - (exp - exp.detach())
 
 
 def _same_family(p, q) -> bool:
