@@ -180,12 +180,14 @@ class _Bregman(torch.autograd.Function):
                 path = (_WEIGHTS.to(eta_p).reshape((-1,) + (1,) * eta_p.dim()) * along).sum(0)
                 change = torch.where(short.unsqueeze(-1), path, change)
             grad_p = -_curvature_times(family, eta_p, delta, create)
-        # an entry nothing depends on (upstream gradient zero) gets zero, whatever its own gradient
+        # an entry nothing depends on (upstream gradient zero) gets zero, whatever its own gradient; the product with
+        # the upstream gradient is kept, so that the second derivative through it is the divergence's gradient (a
+        # zero constant there gave d^2 (w KL) / dw dtheta = 0 at w = 0, for dKL / dtheta)
         upstream = grad.unsqueeze(-1)
         used = upstream != 0
-        grad_p = torch.where(used, upstream * grad_p, torch.zeros((), dtype=grad_p.dtype, device=grad_p.device))
-        grad_q = torch.where(used, upstream * change, torch.zeros((), dtype=change.dtype, device=change.device))
-        broken = (torch.isfinite(value).unsqueeze(-1) & used) & ~(torch.isfinite(grad_p) & torch.isfinite(grad_q))
+        broken = (torch.isfinite(value).unsqueeze(-1) & used) & ~(torch.isfinite(grad_p) & torch.isfinite(change))
+        grad_p = upstream * torch.where(used | torch.isfinite(grad_p), grad_p, 0.0)
+        grad_q = upstream * torch.where(used | torch.isfinite(change), change, 0.0)
         if bool(broken.any()):
             raise ValueError(f"{family.name} KL divergence: its gradient overflows in {eta_p.dtype} for these experts "
                              "(the curvature of the log-normaliser is infinite) (first natural parameter of p: "

@@ -583,3 +583,19 @@ def test_hellinger_and_amari_gradients_of_experts_far_apart(gap):
     if gap < 10:
         assert torch.autograd.gradgradcheck(lambda m: op.hellinger_distance(*experts(m)), (loc,))
         assert torch.autograd.gradgradcheck(lambda m: op.amari_alpha_divergence(*experts(m), a), (loc,))
+
+
+@pytest.mark.parametrize("make", [lambda t: Gamma(t, torch.tensor(1.0, dtype=torch.float64)),
+                                  lambda t: Beta(t, torch.tensor(0.7, dtype=torch.float64))])
+def test_second_derivatives_of_kl_through_a_zero_upstream_gradient(make):
+    """The Bregman divergence's backward gave an entry of zero upstream gradient a zero constant, so that the
+    derivative of its gradient in whatever made the upstream zero was lost: d^2 (w KL) / dw dtheta at w = 0 came out
+    0 for dKL / dtheta. Reference: torch's own KL of the same family."""
+    theta = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    other = make(torch.tensor(3.0, dtype=torch.float64))
+    (expected,) = torch.autograd.grad(torch.distributions.kl_divergence(make(theta), other), theta)
+    for weight in (0.0, 0.5):
+        w = torch.tensor(weight, dtype=torch.float64, requires_grad=True)
+        (gradient,) = torch.autograd.grad(w * op.kl_divergence(make(theta), other), theta, create_graph=True)
+        (mixed,) = torch.autograd.grad(gradient, w)
+        assert float(mixed) == pytest.approx(float(expected), rel=1e-10)
