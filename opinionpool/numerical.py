@@ -381,9 +381,7 @@ def differentiable_estimates(family, params, log_weights, alpha, est: PoolEstima
                 dev = flat - mean
                 f = (dev.unsqueeze(-1) * dev.unsqueeze(-2)).flatten(-2)
             elif name == "expected_statistic":
-                f = family.sufficient_statistic(real).to(high)
-                if laws is not None:
-                    f = f + _along_laws(laws, lambda z: family.sufficient_statistic(z).to(high))
+                f = _where_nodes_stand(lambda z: family.sufficient_statistic(z).to(high), real, laws)
             else:
                 raise ValueError(f"names must be among {DIFFERENTIABLE}, got {name!r}")
             value = getattr(est, name).value
@@ -432,9 +430,7 @@ def _log_u_at(family, params, log_weights, alpha, points, laws):
     """The pool's unnormalised log-density at the gradient nodes, in float64, with its graph to ``params``,
     ``log_weights`` and a tensor ``alpha``."""
     high = torch.float64
-    ell = expert_log_probs(family, params.to(high), points)
-    if laws is not None:
-        ell = ell + _along_laws(laws, lambda z: expert_log_probs(family, params.to(high), z))
+    ell = _where_nodes_stand(lambda z: expert_log_probs(family, params.to(high), z), points, laws)
     return log_power_mean(ell, log_weights.to(high), alpha)
 
 
@@ -477,24 +473,26 @@ def divergence_at_nodes(family, params, log_weights, alpha, est: PoolEstimate, v
         log_r = torch.zeros_like(pi)
     else:  # at the points the nodes stand for, as log u (at the nodes themselves, d KL / d b of Beta(a, b) left out
         # the extrapolated mass's depth below a singular end: 2.790 for 2.982)
-        log_r = log_other(points).to(torch.float64)
-        if laws is not None:
-            log_r = log_r + _along_laws(laws, lambda z: log_other(z).to(torch.float64).unsqueeze(-1)).squeeze(-1)
+        log_r = _where_nodes_stand(lambda z: log_other(z).to(torch.float64).unsqueeze(-1), points, laws).squeeze(-1)
     keep = (pi > 0) & torch.isfinite(log_r.detach())
     log_r = torch.where(keep, log_r, 0.0)
     out = _NodeDivergence.apply(log_u, log_r, pi, value)
     return torch.where(finite, out, _WithoutGradient.apply(out)).to(dtype)
 
 
-def _along_laws(laws, function):
-    """``t (function(far) - function(near))`` for the nodes' laws ``(t, near, far)`` (``function`` of points shaped as
-    ``t``, values with one more dimension): the change of a function linear in the log distance to the end from a
-    node to the point it stands for; 0 where either value is not finite (an expert the laws leave out)."""
+def _where_nodes_stand(function, points, laws):
+    """``function`` (of points shaped as the nodes, values with one more dimension) at the points the gradient nodes
+    ``points`` stand for: its value at each node, plus, where the nodes' laws ``(t, near, far)`` (``None``: none)
+    carry it nearer a singular end, ``t (function(far) - function(near))``, the change of a function linear in the
+    log distance to that end; no change where either value is not finite (an expert the laws leave out)."""
+    values = function(points)
+    if laws is None:
+        return values
     t, near, far = laws
     at_near, at_far = function(near), function(far)
     finite = torch.isfinite(at_near) & torch.isfinite(at_far)
     change = torch.where(finite, at_far, 0.0) - torch.where(finite, at_near, 0.0)
-    return t.unsqueeze(-1) * change
+    return values + t.unsqueeze(-1) * change
 
 
 # --------------------------------------------------------------------- weighted point sets
