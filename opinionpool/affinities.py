@@ -122,12 +122,11 @@ def _log_chernoff(experts, value: float, a) -> torch.Tensor:
     if 0 < value < 1:  # the weights (a, 1 - a) are valid by construction
         if (isinstance(a, torch.Tensor) and a.requires_grad
                 and bool(torch.isfinite(family.to_natural(params.detach())).all())):
-            # the derivative in a from the Bregman form, KL(r || q) - KL(r || p), r the member at the combination:
-            # through the log-normalisers it cancels terms of their size (Gamma(5, 2) against Gamma(5.000005, 2)
-            # at a = 1/2: -4.4e-16 for -2.5e-19)
-            # (the value and the parameters' derivatives at the order held fixed; the order's first and second
-            # derivatives, and the mixed ones, from the quadratic in a - a0 that has them. Not where an expert gives
-            # an outcome probability zero: its natural parameter -inf has no curvature)
+            # the value and the parameters' derivatives at the order held fixed; the order's first, second and
+            # mixed derivatives from the quadratic in a - a0 that has them, its slope from the Bregman form
+            # KL(r || q) - KL(r || p): through the log-normalisers it cancels terms of their size (Gamma(5, 2)
+            # against Gamma(5.000005, 2) at a = 1/2: -4.4e-16 for -2.5e-19). Not where an expert gives an outcome
+            # probability zero: its natural parameter -inf has no curvature
             fixed = torch.stack((a.detach(), 1 - a.detach())).to(params.dtype)
             log_c = log_multi_chernoff_coefficient(experts, fixed, validate_args=False)
             slope, curvature = _order_slope(family, params.select(k, 0), params.select(k, 1), a.detach())
@@ -148,13 +147,8 @@ def _log_chernoff(experts, value: float, a) -> torch.Tensor:
     params_p, params_q = params.select(k, 0), params.select(k, 1)
     if isinstance(family, MultivariateNormalFamily):
         return _mvn_log_chernoff(family, params_p, params_q, a)
-    wide = params.dtype if params.dtype == torch.float64 else torch.float64
-    eta_p, eta_q = family.to_natural(params_p.to(wide)), family.to_natural(params_q.to(wide))
-    combined = _affine(a, eta_p, eta_q)
-    # (bregman_divergence(family, x, y) is KL(member x || member y); eta_p - combined = -(1 - a) d and
-    # eta_q - combined = a d, d = eta_q - eta_p from the family where it knows it better)
-    d = family.natural_difference(params_p.to(wide), params_q.to(wide))
-    to_p, to_q = (None, None) if d is None else (-(1 - a) * d, a * d)
+    eta_p, eta_q, combined, _, to_p, to_q = _bregman_legs(family, params_p, params_q, a)
+    wide = combined.dtype
     # a divergence that neither of its forms computes accurately (its remainder's curvature underflows: r of
     # probability e^-920 beside a Bernoulli of 1e-200, KL(r || p) about 1e-200) is an error only where its rounding
     # matters to the sum: log C of that pair at a = 2 is log 2 (it raised); six digits, as bregman_divergence asks
@@ -175,17 +169,23 @@ def _order_slope(family, params_p, params_q, a: torch.Tensor):
     p)``, ``r`` the member at ``a eta_p + (1 - a) eta_q``, in float64 from the Bregman form (each divergence from its
     own natural difference, without terms of the log-normalisers' size), with its graph to the parameters; and
     ``d^T (grad^2 A)(eta_r) d``, ``d = eta_q - eta_p``, without one."""
-    wide = params_p.dtype if params_p.dtype == torch.float64 else torch.float64
+    eta_p, eta_q, combined, d, to_p, to_q = _bregman_legs(family, params_p, params_q, a.to(torch.float64))
+    slope = bregman_divergence(family, combined, eta_q, to_q) - bregman_divergence(family, combined, eta_p, to_p)
+    direction = (eta_q - eta_p if d is None else d).detach()
+    curvature = (direction * _curvature_times(family, combined.detach(), direction, False)).sum(-1)
+    return slope, curvature
+
+
+def _bregman_legs(family, params_p, params_q, a):
+    """``(eta_p, eta_q, combined, d, to_p, to_q)`` in float64: the experts' natural parameters, their combination
+    ``a eta_p + (1 - a) eta_q`` (the member ``r``), ``d = eta_q - eta_p`` from the family where it knows it better
+    (``None`` where it does not, and then ``to_p``, ``to_q`` too), and ``eta_p - combined = -(1 - a) d`` and
+    ``eta_q - combined = a d``, for ``bregman_divergence(family, combined, eta_x, to_x) = KL(r || x)``."""
+    wide = torch.float64
     eta_p, eta_q = family.to_natural(params_p.to(wide)), family.to_natural(params_q.to(wide))
-    a = a.to(wide)
-    combined = _affine(a, eta_p, eta_q)
     d = family.natural_difference(params_p.to(wide), params_q.to(wide))
     to_p, to_q = (None, None) if d is None else (-(1 - a) * d, a * d)
-    slope = bregman_divergence(family, combined, eta_q, to_q) - bregman_divergence(family, combined, eta_p, to_p)
-    with torch.no_grad():
-        direction = (eta_q - eta_p) if d is None else d
-    curvature = (direction * _curvature_times(family, combined.detach(), direction.detach(), False)).sum(-1)
-    return slope, curvature.detach()
+    return eta_p, eta_q, _affine(a, eta_p, eta_q), d, to_p, to_q
 
 
 def _diagonal_gaussian_log_chernoff(family, params_p, params_q, value, a):
