@@ -64,6 +64,8 @@ __all__ = ["main", "official_hellinger", "object_api", "saved_bytes", "candidate
 
 SHAPES = ["128,5,64", "256,3,512", "256,5,512", "256,10,512"]
 FUSED = "hellinger fused"
+#: added to a fused row's name where it ran the eager code (``fused_fallback``)
+FELL_BACK = " (fell back to eager)"
 #: every candidate's name, as ``--only`` takes them
 CANDIDATES = ["poe", "hellinger", FUSED, "official port", "object API", "MoPoE", "MoHELVAE"]
 #: the issue's targets, as ratios to PoE (time) at the shapes they were set for; the table says whether each is met
@@ -205,7 +207,7 @@ def check_agreement(found: dict, mu: torch.Tensor, logvar: torch.Tensor, where: 
     for name, fn in found.items():
         with torch.no_grad():
             loc, lv = (t.double() for t in fn(mu, logvar))
-        ref_loc, ref_lv = reference_outputs(name.removesuffix(" (fell back to eager)"), mu, logvar)
+        ref_loc, ref_lv = reference_outputs(name.removesuffix(FELL_BACK), mu, logvar)
         off = max(float(((loc - ref_loc) * torch.exp(-0.5 * ref_lv)).abs().max()), float((lv - ref_lv).abs().max()))
         if not off <= AGREEMENT:
             raise SystemExit(f"bench_aggregators: {name} at {where} differs from the float64 reference by {off:.3g} "
@@ -297,7 +299,7 @@ def main() -> None:
         if FUSED in found:
             reason = fused_fallback(mu, logvar)
             if reason:
-                label = f"{FUSED} (fell back to eager)"
+                label = FUSED + FELL_BACK
                 found = {label if name == FUSED else name: fn for name, fn in found.items()}
                 notes.add(f"{label}: {reason}")
         runs = [("", found, mu, logvar)]

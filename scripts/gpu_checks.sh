@@ -25,7 +25,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-# step name, its limit in seconds, its command
+# the steps in their default order and each one's limit in seconds (their commands: run_step below)
 steps=(study_cost aggregators training_steps aggregators_fused study_cost_bf16 cuda_tests)
 declare -A limit=([study_cost]=75 [aggregators]=90 [training_steps]=90 [aggregators_fused]=150
                   [study_cost_bf16]=75 [cuda_tests]=360)

@@ -142,7 +142,7 @@ def read_tensor_files(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     labels = labels.long().reshape(-1)
     if not labels.numel():
         raise LayoutError(f"{split_dir / 'labels.pt'}: holds no labels; the dataset is empty")
-    if (labels.min() < 0 or labels.max() > 9):
+    if labels.min() < 0 or labels.max() > 9:
         raise LayoutError(f"{split_dir / 'labels.pt'}: digits must lie in 0..9, found {int(labels.min())}.."
                           f"{int(labels.max())}")
     modalities = []

@@ -354,6 +354,8 @@ def describe_bias(likelihood: dict) -> str:
 def render_report(config, metrics: dict) -> str:
     names = metrics["modalities"]
     ll, pooling = metrics["log_likelihood"], metrics["pooling"]
+    # beside every metric of prior samples (metrics from before the field: fitted)
+    unfitted = "" if metrics.get("prior_fitted", True) else f" ({UNFITTED_PRIOR_NOTE})"
     nets = config.model.architecture + (f", {config.model.activation}" if config.model.activation else "")
     lines = [
         f"# {config.name}", "",
@@ -383,8 +385,7 @@ def render_report(config, metrics: dict) -> str:
             f"{metrics['cross_coherence']['with_self']:.3f}); chance 0.1.", "",
             *sizes, "", "One input (rows) to each output (columns):", "", *rows, "",
             f"**Unconditional coherence** (all classifiers agree on a prior sample): "
-            f"{metrics['unconditional_coherence']:.3f}"
-            + ("" if metrics.get("prior_fitted", True) else f" ({UNFITTED_PRIOR_NOTE})") + ".", "",
+            f"{metrics['unconditional_coherence']:.3f}{unfitted}.", "",
             f"**Latent probe** (logistic regression on posterior means, {metrics['protocol']['probe_examples']} "
             "training tuples; -1 = all), on the shared latent z given each subset:", "", *probe, ""]
     else:
@@ -408,7 +409,6 @@ def render_report(config, metrics: dict) -> str:
                        "subset of that size, not a mean of per-subset FIDs): "
                        + ", ".join(f"{k}: {v:.1f}" for k, v in fid["per_size"].items())
                        if fid["per_size"] else " (conditional generations not scored: eval.fid_sizes)")
-        unfitted = "" if metrics.get("prior_fitted", True) else f" ({UNFITTED_PRIOR_NOTE})"
         lines += [f"**FID** ({fid['samples']} samples per image modality, {fid['weights']}): unconditional "
                   f"{fid['unconditional']:.1f}{unfitted}{conditional}.", ""]
         if "kid_unconditional" in fid:
